@@ -1,0 +1,48 @@
+# edgesplit developer entry points. Every target sets up its own virtualenv.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.installed
+
+PROTO_SRC := $(wildcard protos/edgesplit/v1/*.proto)
+PROTO_OUT := runtime/proto
+
+.PHONY: install demo test proto proto-check bench clean
+
+# The constraints file pins the CPU torch wheel (an unpinned torch pulls a multi-GB CUDA build).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/edgesplit demo
+
+test: $(STAMP) proto-check
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(VENV)/bin/edgesplit bench
+
+# Regenerate the checked-in gRPC/protobuf modules (pinned grpcio-tools, see constraints.txt).
+proto: $(STAMP)
+	rm -rf $(PROTO_OUT)/edgesplit
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+	    --grpc_python_out=$(PROTO_OUT) $(PROTO_SRC)
+	# protoc writes absolute imports of the proto package; make them imports of ours.
+	sed -i -E 's/^from edgesplit\.v1 import/from runtime.proto.edgesplit.v1 import/' $(PROTO_OUT)/edgesplit/v1/*.py $(PROTO_OUT)/edgesplit/v1/*.pyi
+	touch $(PROTO_OUT)/edgesplit/__init__.py $(PROTO_OUT)/edgesplit/v1/__init__.py
+
+# Fails when the checked-in generated code differs from what the .proto files give.
+proto-check: $(STAMP)
+	@tmp=$$(mktemp -d) && cp -r $(PROTO_OUT) $$tmp/before && $(MAKE) -s proto >/dev/null && \
+	  if diff -r $$tmp/before $(PROTO_OUT) >/dev/null; then echo "generated protobuf code is up to date"; rm -rf $$tmp; \
+	  else echo "generated protobuf code is stale: run 'make proto' and commit" >&2; diff -r $$tmp/before $(PROTO_OUT) | head -20 >&2; rm -rf $$tmp; exit 1; fi
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,91 @@
+"""One exception hierarchy for edgesplit, with the gRPC status each maps to.
+
+Servers raise these and translate them to a status at the RPC boundary; clients map every
+``grpc.RpcError`` back into them with :func:`from_rpc_error`, so callers catch one family.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class EdgesplitError(Exception):
+    """Base class. ``code`` is the gRPC status the error is reported with."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class InvalidInput(EdgesplitError):
+    """Malformed request: bad shape, dtype, size or encoding."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TooLarge(EdgesplitError):
+    """A tensor or payload above a configured cap."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Overloaded(EdgesplitError):
+    """The server's queue is full; retry later or elsewhere."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class NotFound(EdgesplitError):
+    """Unknown model or split point."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class PreconditionFailed(EdgesplitError):
+    """The request names something this server cannot serve as asked (weights differ, TL missing)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(EdgesplitError):
+    """The peer cannot be reached or is shutting down."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(EdgesplitError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[EdgesplitError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: PreconditionFailed,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+}
+
+# google.rpc.Code numbering, used for per-frame status on streams.
+CODE_NUMBERS: dict[grpc.StatusCode, int] = {c: c.value[0] for c in grpc.StatusCode}
+CODES_BY_NUMBER: dict[int, grpc.StatusCode] = {c.value[0]: c for c in grpc.StatusCode}
+
+
+def from_status(code: grpc.StatusCode, message: str) -> EdgesplitError:
+    """The exception for a status code and message."""
+    cls = _BY_CODE.get(code, EdgesplitError)
+    return cls(message, code)
+
+
+def from_rpc_error(err: grpc.RpcError) -> EdgesplitError:
+    """Map a client-side ``grpc.RpcError`` (sync or aio) into the hierarchy."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    return from_status(code, details or code.name)

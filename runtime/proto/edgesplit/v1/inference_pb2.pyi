@@ -1,0 +1,77 @@
+from runtime.proto.edgesplit.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class FrameHeader(_message.Message):
+    __slots__ = ("agent_id", "stream_epoch", "seq", "model_id", "split_id", "plan_version", "model_digest", "tl_id")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    STREAM_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_ID_FIELD_NUMBER: _ClassVar[int]
+    PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    TL_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    stream_epoch: int
+    seq: int
+    model_id: str
+    split_id: str
+    plan_version: int
+    model_digest: str
+    tl_id: str
+    def __init__(self, agent_id: _Optional[str] = ..., stream_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., tl_id: _Optional[str] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("header", "tensor")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    header: FrameHeader
+    tensor: _tensor_pb2.Tensor
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., tensor: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
+
+class FrameChunk(_message.Message):
+    __slots__ = ("seq", "index", "data")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    index: int
+    data: bytes
+    def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StreamRequest(_message.Message):
+    __slots__ = ("frame", "chunk")
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    frame: InferRequest
+    chunk: FrameChunk
+    def __init__(self, frame: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[_Union[FrameChunk, _Mapping]] = ...) -> None: ...
+
+class StageTimes(_message.Message):
+    __slots__ = ("queue_seconds", "decode_seconds", "tail_seconds")
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    queue_seconds: float
+    decode_seconds: float
+    tail_seconds: float
+    def __init__(self, queue_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., tail_seconds: _Optional[float] = ...) -> None: ...
+
+class InferResult(_message.Message):
+    __slots__ = ("header", "output", "times", "code", "message")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    header: FrameHeader
+    output: _tensor_pb2.Tensor
+    times: StageTimes
+    code: int
+    message: str
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
