@@ -1,7 +1,8 @@
 from runtime.proto.edgesplit.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -75,3 +76,21 @@ class InferResult(_message.Message):
     code: int
     message: str
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class PrepareRequest(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: FrameHeader
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
+
+class PrepareResult(_message.Message):
+    __slots__ = ("input_shape", "input_dtype", "model_digest", "load_seconds")
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    input_dtype: str
+    model_digest: str
+    load_seconds: float
+    def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., model_digest: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...

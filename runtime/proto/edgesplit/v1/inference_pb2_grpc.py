@@ -34,6 +34,11 @@ class InferenceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Prepare = channel.unary_unary(
+                '/edgesplit.v1.Inference/Prepare',
+                request_serializer=edgesplit_dot_v1_dot_inference__pb2.PrepareRequest.SerializeToString,
+                response_deserializer=edgesplit_dot_v1_dot_inference__pb2.PrepareResult.FromString,
+                _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/edgesplit.v1.Inference/Infer',
                 request_serializer=edgesplit_dot_v1_dot_inference__pb2.InferRequest.SerializeToString,
@@ -48,6 +53,13 @@ class InferenceStub:
 
 class InferenceServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Prepare(self, request, context):
+        """Load (model, split) now; FAILED_PRECONDITION / NOT_FOUND when it cannot be served.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def Infer(self, request, context):
         """Single frame; errors are returned as gRPC status.
@@ -66,6 +78,11 @@ class InferenceServicer:
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Prepare': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=edgesplit_dot_v1_dot_inference__pb2.PrepareRequest.FromString,
+                    response_serializer=edgesplit_dot_v1_dot_inference__pb2.PrepareResult.SerializeToString,
+            ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
                     request_deserializer=edgesplit_dot_v1_dot_inference__pb2.InferRequest.FromString,
@@ -86,6 +103,33 @@ def add_InferenceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Inference:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgesplit.v1.Inference/Prepare',
+            edgesplit_dot_v1_dot_inference__pb2.PrepareRequest.SerializeToString,
+            edgesplit_dot_v1_dot_inference__pb2.PrepareResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Infer(request,

@@ -1,0 +1,34 @@
+"""Device agent configuration (defaults < TOML [agent] < EDGESPLIT_AGENT_* < flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.config import field
+from runtime.transport import TransportOptions
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    worker: str = field("127.0.0.1:50051", "edge worker address HOST:PORT (empty: run every frame locally)")
+    model: str = field("efficientnet_lite0", "bundled model name or path/to/file.py:factory")
+    split: str = field("", "split point index or name (see 'edgesplit models MODEL'); empty = the model's default")
+    codec: str = field("int8+lz4", "wire codec: raw, raw+lz4, fp16, fp16+lz4, int8, int8+lz4")
+    source: str = field("samples", "frames: samples, synthetic, a folder of PNG/JPEG, or a video file")
+    frames: int = field(0, "frames to process (0 = one pass over the source; synthetic: 100); finite sources repeat")
+    output: str = field("-", "where to write one JSON line per result: a file path, or - for stdout")
+    agent_id: str = field("", "stable id of this device (default: hostname-pid)")
+    window: int = field(4, "frames in flight on the stream, so board compute overlaps transfer and edge compute")
+    deadline_seconds: float = field(2.0, "a frame without an edge result after this long runs locally")
+    reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream (doubles to 30 s)")
+    connect_timeout_seconds: float = field(2.0, "how long to wait for the worker when opening a stream")
+    torch_threads: int = field(1, "torch intra-op threads for head and local fallback (0 = torch default)")
+    metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
+    metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
+    serve: str = field("", "also serve the local API here (127.0.0.1:PORT or unix:/path.sock) and keep running")
+    max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
+    chunk_bytes: int = field(2 * 2**20, "payload bytes per stream message")
+    summary: bool = field(True, "print a latency/bytes summary to stderr at the end")
+
+    def transport(self) -> TransportOptions:
+        return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes)

@@ -1,0 +1,81 @@
+"""The agent's local API: other programs on the board submit frames over gRPC.
+
+Listen on loopback (``127.0.0.1:PORT``) or a Unix socket (``unix:/run/edgesplit/agent.sock``);
+never on a public interface: the API has no authentication.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from runtime.agent.client import Agent
+from runtime.agent.sources import load_image
+from runtime.codec import decode_tensor, encode_output
+from runtime.errors import EdgesplitError, InvalidInput
+from runtime.models import preprocess
+from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_IMAGE_BYTES = 32 * 2**20
+
+
+class AgentService(agent_pb2_grpc.AgentServicer):
+    def __init__(self, agent: Agent):
+        self.agent = agent
+
+    def _input(self, request: agent_pb2.SubmitRequest) -> torch.Tensor:
+        kind = request.WhichOneof("input")
+        if kind == "image":
+            if len(request.image) > MAX_IMAGE_BYTES:
+                raise InvalidInput(f"image of {len(request.image)} bytes exceeds {MAX_IMAGE_BYTES}")
+            return preprocess(self.agent.loaded.spec, load_image(request.image))
+        if kind == "tensor":
+            want = list(self.agent.loaded.input_shape)
+            if list(request.tensor.shape) != want or request.tensor.dtype != "float32":
+                raise InvalidInput(f"tensor must be float32 of shape {want}, got {request.tensor.dtype} {list(request.tensor.shape)}")
+            return decode_tensor(request.tensor, max_bytes=4 * 2**20 * 16)
+        raise InvalidInput("SubmitRequest needs 'image' (PNG/JPEG bytes) or 'tensor'")
+
+    async def Submit(self, request, context):
+        try:
+            x = self._input(request)
+        except EdgesplitError as e:
+            await context.abort(e.code, str(e))
+        r = await self.agent.infer(x, "local-api")
+        idx, score = r.top1()
+        labels = self.agent.loaded.spec.labels
+        t = r.times
+        return agent_pb2.SubmitResult(
+            seq=r.seq, class_index=idx, label=labels[idx] if labels and idx < len(labels) else "",
+            score=score, where=r.where, fallback_reason=r.fallback_reason, plan_version=r.plan_version,
+            split_id=r.split, head_seconds=t.get("head", 0.0), encode_seconds=t.get("encode", 0.0),
+            transfer_edge_seconds=t.get("transfer_edge", 0.0), total_seconds=t.get("total", 0.0),
+            wire_bytes=r.wire_bytes, output=encode_output(r.output),
+        )
+
+
+@dataclass
+class LocalApi:
+    server: grpc.aio.Server
+    address: str
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace)
+
+
+async def serve_local_api(agent: Agent, address: str) -> LocalApi:
+    server = grpc.aio.server(options=agent.transport.server_options())
+    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    bound = address if address.startswith("unix:") else f"{address.rsplit(':', 1)[0]}:{port}"
+    return LocalApi(server, bound)

@@ -1,0 +1,24 @@
+"""Prometheus metrics of the device agent (one registry per agent instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from runtime.worker.metrics import STAGE_BUCKETS
+
+STAGES = ("head", "encode", "transfer_edge", "local_tail", "total")
+
+
+class AgentMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("edgesplit_agent_frames", "Frames with a result, by where they ran", ["where"], registry=r)
+        self.fallbacks = Counter("edgesplit_agent_fallbacks", "Frames run locally instead of on the edge", ["reason"], registry=r)
+        self.stage_seconds = Histogram(
+            "edgesplit_agent_stage_seconds", "Per-frame time by stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
+        )
+        self.sent_bytes = Counter("edgesplit_agent_sent_bytes", "Payload bytes sent to the worker", registry=r)
+        self.inflight = Gauge("edgesplit_agent_inflight_frames", "Frames sent and not yet answered", registry=r)
+        self.stream_up = Gauge("edgesplit_agent_stream_up", "1 while a stream to the worker is open", registry=r)
+        self.reconnects = Counter("edgesplit_agent_stream_opens", "Streams opened to the worker", registry=r)

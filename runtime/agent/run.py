@@ -1,0 +1,129 @@
+"""The ``edgesplit agent`` process: source -> head/encode -> worker, JSON results, summary."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from contextlib import nullcontext
+from typing import IO
+
+from runtime.agent.client import Agent, FrameResult
+from runtime.agent.config import AgentConfig
+from runtime.agent.local_api import serve_local_api
+from runtime.agent.metrics import AgentMetrics
+from runtime.agent.sources import open_source
+from runtime.agent.summary import summarize
+from runtime.codec import get_codec
+from runtime.metrics_http import MetricsEndpoint
+from runtime.models.loader import LoadedModel, load_model
+from runtime.models.slicing import INPUT, OUTPUT, SplitPoint
+
+logger = logging.getLogger(__name__)
+
+
+def default_split(loaded: LoadedModel) -> SplitPoint:
+    """A sensible default cut: the smallest tensor within the first half of the network."""
+    points = loaded.sliced.split_points
+    inner = [sp for sp in points if sp.name not in (INPUT, OUTPUT)]
+    if not inner:
+        return points[-1]
+    first_half = inner[: max(1, len(inner) // 2)]
+    return min(first_half, key=lambda sp: (sp.fp32_bytes, sp.index))
+
+
+def choose_split(loaded: LoadedModel, key: str) -> SplitPoint:
+    return loaded.split(key) if key else default_split(loaded)
+
+
+async def run_agent(config: AgentConfig, out: IO[str] | None = None) -> list[FrameResult]:
+    """Process the source (and serve the local API if asked); returns the results in order."""
+    import torch
+
+    if config.torch_threads > 0:
+        torch.set_num_threads(config.torch_threads)
+    loop = asyncio.get_running_loop()
+    loaded = await loop.run_in_executor(None, load_model, config.model)
+    split = choose_split(loaded, config.split)
+    codec = get_codec(config.codec)
+    metrics = AgentMetrics()
+    endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
+    agent = Agent(loaded, split, codec, worker=config.worker, agent_id=config.agent_id, transport=config.transport(),
+                  deadline_seconds=config.deadline_seconds, connect_timeout=config.connect_timeout_seconds,
+                  reconnect=config.reconnect_seconds, metrics=metrics)
+    logger.info("agent: model %s split %s (%s) codec %s worker %s", loaded.name, split.index, split.name,
+                codec.name, config.worker or "none")
+    await agent.start()
+    local_api = await serve_local_api(agent, config.serve) if config.serve else None
+    if local_api is not None:
+        print(f"edgesplit agent local API on {local_api.address}", file=sys.stderr, flush=True)
+    if endpoint is not None:
+        print(f"metrics on http://{config.metrics_host}:{endpoint.port}/metrics", file=sys.stderr, flush=True)
+    results: list[FrameResult] = []
+    try:
+        with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
+            sink = out or sink
+            if config.source:
+                results = await _stream_source(agent, config, sink)
+            if config.summary and results:
+                print(summarize(results, split, codec.name, loaded.name), file=sys.stderr, flush=True)
+        if local_api is not None:
+            await _wait_for_signal()
+    finally:
+        if local_api is not None:
+            await local_api.stop(1.0)
+        await agent.close()
+        if endpoint is not None:
+            endpoint.close()
+    return results
+
+
+async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str]) -> list[FrameResult]:
+    """Keep ``window`` frames in flight; write results in frame order as they complete."""
+    loop = asyncio.get_running_loop()
+    frames = open_source(agent.loaded.spec, config.source, config.frames)
+    window = asyncio.Semaphore(max(1, config.window))
+    done: dict[int, FrameResult] = {}
+    ordered: list[FrameResult] = []
+    labels = agent.loaded.spec.labels
+    tasks: set[asyncio.Task] = set()
+
+    def flush() -> None:
+        while len(ordered) in done:
+            r = done.pop(len(ordered))
+            ordered.append(r)
+            sink.write(json.dumps(r.to_json(labels)) + "\n")
+        sink.flush()
+
+    async def one(index: int, frame) -> None:
+        try:
+            r = await agent.infer(frame.tensor, frame.name)
+            done[index] = r
+            flush()
+        finally:
+            window.release()
+
+    index = 0
+    while True:
+        await window.acquire()
+        frame = await loop.run_in_executor(None, next, frames, None)
+        if frame is None:
+            window.release()
+            break
+        task = asyncio.create_task(one(index, frame))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        index += 1
+    if tasks:
+        await asyncio.gather(*tasks)
+    return ordered
+
+
+async def _wait_for_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

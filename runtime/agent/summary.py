@@ -1,0 +1,50 @@
+"""Per-run summary: stage latency percentiles, bytes per frame, compression ratio, overhead."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Sequence
+
+from runtime.agent.client import FrameResult
+from runtime.models.slicing import SplitPoint
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
+    data = sorted(values)
+    k = max(0, min(len(data) - 1, int(round(q / 100 * (len(data) - 1)))))
+    return data[k]
+
+
+def stage_stats(results: Sequence[FrameResult]) -> dict[str, dict[str, float]]:
+    """p50/p95 in milliseconds for every stage seen, plus the runtime overhead of edge frames."""
+    stages: dict[str, list[float]] = {}
+    for r in results:
+        for k, v in r.times.items():
+            stages.setdefault(k, []).append(v * 1e3)
+        if r.where == "edge" and "edge_tail" in r.times:
+            overhead = r.times["total"] - r.times["head"] - r.times["edge_tail"]
+            stages.setdefault("overhead", []).append(overhead * 1e3)
+    return {k: {"p50": percentile(v, 50), "p95": percentile(v, 95), "n": len(v)} for k, v in stages.items()}
+
+
+def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, model: str) -> str:
+    edge = [r for r in results if r.where == "edge"]
+    wire = [r.wire_bytes for r in results if r.wire_bytes]
+    lines = [
+        f"== edgesplit summary: {model} split {split.index} ({split.name}, {list(split.out_shape)}) codec {codec}",
+        f"frames {len(results)}: {len(edge)} on the edge, {len(results) - len(edge)} local",
+    ]
+    if wire:
+        mean = statistics.fmean(wire)
+        lines.append(
+            f"bytes/frame {mean:,.0f} (raw fp32 at split {split.fp32_bytes:,}; compression {split.fp32_bytes / mean:.2f}x)"
+        )
+    lines.append(f"{'stage':<14}{'p50 ms':>10}{'p95 ms':>10}{'n':>6}")
+    order = ["head", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "local_tail", "overhead", "total"]
+    stats = stage_stats(results)
+    for stage in order:
+        if stage in stats:
+            s = stats[stage]
+            lines.append(f"{stage:<14}{s['p50']:>10.2f}{s['p95']:>10.2f}{s['n']:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,28 @@
+"""Edge worker configuration (defaults < TOML [worker] < EDGESPLIT_WORKER_* < flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.codec import DEFAULT_MAX_BYTES
+from runtime.config import field
+from runtime.transport import TransportOptions
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    listen: str = field("127.0.0.1:50051", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
+    metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
+    metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
+    models: tuple[str, ...] = field((), "user models this worker may serve, as path/to/file.py:factory or .pt2 (bundled ones always)")
+    preload: tuple[str, ...] = field((), "MODEL or MODEL@SPLIT tails to load at start instead of on first use")
+    max_concurrency: int = field(1, "frames computed at once (tail executor threads)")
+    max_queue: int = field(8, "frames allowed to wait for a free slot; beyond this RESOURCE_EXHAUSTED at once")
+    torch_threads: int = field(0, "torch intra-op threads per tail (0 = torch default)")
+    max_tensor_bytes: int = field(DEFAULT_MAX_BYTES, "largest decoded tensor or payload accepted, in bytes")
+    max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
+    grace_seconds: float = field(10.0, "on SIGTERM, how long frames in flight may take to finish")
+    port_file: str = field("", "write the bound port to this file once serving (for supervisors and tests)")
+
+    def transport(self) -> TransportOptions:
+        return TransportOptions(max_message_bytes=self.max_message_bytes)

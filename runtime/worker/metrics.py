@@ -1,0 +1,24 @@
+"""Prometheus metrics of the edge worker (one registry per server instance)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Sub-millisecond resolution, with a boundary at a 100 ms per-frame latency target.
+STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.frames = Counter("edgesplit_worker_frames", "Frames answered successfully", ["model", "split"], registry=r)
+        self.errors = Counter("edgesplit_worker_errors", "Frames or calls refused, by gRPC status code", ["code"], registry=r)
+        self.received_bytes = Counter("edgesplit_worker_received_bytes", "Payload bytes received", registry=r)
+        self.decode_seconds = Histogram("edgesplit_worker_decode_seconds", "Wire tensor decode time", buckets=STAGE_BUCKETS, registry=r)
+        self.tail_seconds = Histogram("edgesplit_worker_tail_seconds", "Tail compute time", buckets=STAGE_BUCKETS, registry=r)
+        self.queue_seconds = Histogram("edgesplit_worker_queue_seconds", "Time waiting for a free executor slot", buckets=STAGE_BUCKETS, registry=r)
+        self.queue_depth = Gauge("edgesplit_worker_queue_depth", "Frames admitted and waiting for a slot", registry=r)
+        self.inflight = Gauge("edgesplit_worker_inflight_frames", "Frames being computed", registry=r)
+        self.loaded_tails = Gauge("edgesplit_worker_loaded_tails", "Tails held in memory", registry=r)
+        self.streams = Gauge("edgesplit_worker_open_streams", "Open InferStream calls", registry=r)

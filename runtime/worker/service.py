@@ -1,0 +1,302 @@
+"""The Inference servicer: admission control, tail cache, decode + tail in an executor."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import grpc
+import torch
+
+from runtime.codec import decode_tensor, encode_output
+from runtime.errors import (
+    CODE_NUMBERS,
+    EdgesplitError,
+    InvalidInput,
+    NotFound,
+    Overloaded,
+    PreconditionFailed,
+    Unavailable,
+)
+from runtime.models import get_spec, list_models
+from runtime.models.loader import LoadedModel, load_model
+from runtime.models.slicing import SplitPoint
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.transport import FrameAssembler
+from runtime.worker.config import WorkerConfig
+from runtime.worker.metrics import WorkerMetrics
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_LEN = 256
+MAX_BATCH = 64
+
+
+@dataclass
+class Tail:
+    model: LoadedModel
+    split: SplitPoint
+    module: torch.nn.Module
+
+
+class TailCache:
+    """Tails loaded on first use per (model, split) and kept; each model is built once."""
+
+    def __init__(self, config: WorkerConfig, executor: ThreadPoolExecutor, metrics: WorkerMetrics):
+        self._executor = executor
+        self._metrics = metrics
+        self._bundled = set(list_models())
+        # user models are addressed by their id ("stem:factory"); only those configured may load
+        self._user: dict[str, str] = {get_spec(s).name: s for s in config.models}
+        self._models: dict[str, LoadedModel] = {}
+        self._tails: dict[tuple[str, str], Tail] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def known(self) -> list[str]:
+        return sorted(self._bundled | set(self._user))
+
+    async def get(self, model_id: str, split_id: str) -> Tail:
+        tail = self._tails.get((model_id, split_id))
+        if tail is not None:
+            return tail
+        loaded = await self._model(model_id)
+        sp = loaded.split(split_id)  # NotFound with the valid range
+        key = (model_id, sp.name)
+        if key not in self._tails:
+            module = await asyncio.get_running_loop().run_in_executor(self._executor, loaded.tail, sp.name)
+            self._tails[key] = Tail(loaded, sp, module)
+            self._metrics.loaded_tails.set(len(self._tails))
+            logger.info("loaded tail %s@%s", model_id, sp.name)
+        self._tails[(model_id, split_id)] = self._tails[key]
+        return self._tails[key]
+
+    async def _model(self, model_id: str) -> LoadedModel:
+        if model_id in self._models:
+            return self._models[model_id]
+        if model_id in self._bundled:
+            source = model_id
+        elif model_id in self._user:
+            source = self._user[model_id]
+        else:
+            raise NotFound(
+                f"model {model_id!r} is not served here; bundled: {', '.join(sorted(self._bundled))}"
+                + (f"; user models: {', '.join(sorted(self._user))}" if self._user else "")
+                + ". Start the worker with --model path/to/file.py:factory to serve a user model"
+            )
+        lock = self._locks.setdefault(model_id, asyncio.Lock())
+        async with lock:
+            if model_id not in self._models:
+                loop = asyncio.get_running_loop()
+                try:
+                    self._models[model_id] = await loop.run_in_executor(self._executor, load_model, source)
+                except EdgesplitError:
+                    raise
+                except Exception as e:
+                    logger.exception("could not load model %s", model_id)
+                    raise PreconditionFailed(f"model {model_id!r} failed to load on this worker: {e}") from e
+        return self._models[model_id]
+
+
+def _check_header(h: pb.FrameHeader) -> None:
+    if not h.model_id:
+        raise InvalidInput("header.model_id is empty; name a model (see 'edgesplit models')")
+    if not h.split_id:
+        raise InvalidInput("header.split_id is empty; name a split point (see 'edgesplit models MODEL')")
+    for name in ("agent_id", "model_id", "split_id", "model_digest", "tl_id"):
+        if len(getattr(h, name)) > MAX_ID_LEN:
+            raise InvalidInput(f"header.{name} is longer than {MAX_ID_LEN} characters")
+
+
+def _check_shape(tail: Tail, shape: list[int], dtype: str) -> None:
+    want = tail.split.out_shape
+    if len(shape) != len(want) or list(shape[1:]) != list(want[1:]) or not 1 <= (shape[0] if shape else 0) <= MAX_BATCH:
+        raise InvalidInput(
+            f"tensor shape {list(shape)} does not fit split {tail.split.name!r} of {tail.model.name}: "
+            f"expected [N, {', '.join(map(str, want[1:]))}] with 1 <= N <= {MAX_BATCH}"
+        )
+    want_dtype = str(tail.split.dtype).replace("torch.", "")
+    if dtype != want_dtype:
+        raise InvalidInput(f"tensor dtype {dtype!r} does not fit split {tail.split.name!r}: expected {want_dtype!r}")
+
+
+class InferenceService(pb_grpc.InferenceServicer):
+    def __init__(self, config: WorkerConfig, metrics: WorkerMetrics):
+        self.config = config
+        self.metrics = metrics
+        self.executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="tail")
+        self.tails = TailCache(config, self.executor, metrics)
+        self._admitted = 0
+        self._waiting = 0  # admitted frames not yet started; changed from the loop and tail threads
+        self._count_lock = threading.Lock()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise Unavailable("worker is shutting down; send this frame to another worker or run it locally")
+        limit = self.config.max_concurrency + self.config.max_queue
+        if self._admitted >= limit:
+            raise Overloaded(
+                f"worker queue is full ({self._admitted} frames admitted, limit {limit}); retry later, "
+                "lower the agent's window or add workers"
+            )
+        self._admitted += 1
+        self._idle.clear()
+
+    def _release(self) -> None:
+        self._admitted -= 1
+        if self._admitted == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- one frame ---------------------------------------------------------------------------
+
+    async def resolve(self, h: pb.FrameHeader) -> Tail:
+        """The tail a header names, after every check that does not need the tensor."""
+        _check_header(h)
+        if h.tl_id:
+            raise PreconditionFailed(
+                f"frame was encoded with Transfer Layer {h.tl_id!r}, which this worker does not hold; "
+                "start the worker with that TL artifact or send frames without a TL"
+            )
+        tail = await self.tails.get(h.model_id, h.split_id)
+        if h.model_digest and h.model_digest != tail.model.digest:
+            raise PreconditionFailed(
+                f"model {h.model_id!r} weights differ: agent has {h.model_digest}, worker has {tail.model.digest}; "
+                "deploy the same weights on both"
+            )
+        return tail
+
+    async def process(self, req: pb.InferRequest) -> pb.InferResult:
+        """Admit, load the tail, decode and compute one frame. Raises EdgesplitError."""
+        self._admit()
+        try:
+            tail = await self.resolve(req.header)
+            _check_shape(tail, list(req.tensor.shape), req.tensor.dtype)
+            self.metrics.received_bytes.inc(len(req.tensor.buffer))
+            with self._count_lock:
+                self._waiting += 1
+                self.metrics.queue_depth.set(self._waiting)
+            admitted_at = time.perf_counter()
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(self.executor, self._compute, tail, req, admitted_at)
+            self.metrics.frames.labels(tail.model.name, tail.split.name).inc()
+            return result
+        finally:
+            self._release()
+
+    def _compute(self, tail: Tail, req: pb.InferRequest, admitted_at: float) -> pb.InferResult:
+        t0 = time.perf_counter()
+        with self._count_lock:
+            self._waiting -= 1
+            self.metrics.queue_depth.set(self._waiting)
+        self.metrics.inflight.inc()
+        try:
+            x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                y = tail.module(x)
+            t2 = time.perf_counter()
+        finally:
+            self.metrics.inflight.dec()
+        self.metrics.queue_seconds.observe(t0 - admitted_at)
+        self.metrics.decode_seconds.observe(t1 - t0)
+        self.metrics.tail_seconds.observe(t2 - t1)
+        return pb.InferResult(
+            header=req.header,
+            output=encode_output(y),
+            times=pb.StageTimes(queue_seconds=t0 - admitted_at, decode_seconds=t1 - t0, tail_seconds=t2 - t1),
+        )
+
+    def _error_result(self, header: pb.FrameHeader | None, err: EdgesplitError) -> pb.InferResult:
+        self.metrics.errors.labels(err.code.name).inc()
+        logger.debug("frame refused: %s %s", err.code.name, err)
+        return pb.InferResult(header=header, code=CODE_NUMBERS[err.code], message=str(err))
+
+    # -- RPCs --------------------------------------------------------------------------------
+
+    async def Prepare(self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext) -> pb.PrepareResult:
+        t0 = time.perf_counter()
+        try:
+            tail = await self.resolve(request.header)
+        except EdgesplitError as e:
+            self.metrics.errors.labels(e.code.name).inc()
+            await context.abort(e.code, str(e))
+        return pb.PrepareResult(
+            input_shape=list(tail.split.out_shape),
+            input_dtype=str(tail.split.dtype).replace("torch.", ""),
+            model_digest=tail.model.digest,
+            load_seconds=time.perf_counter() - t0,
+        )
+
+    async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResult:
+        try:
+            if request.tensor.chunks > 1:
+                raise InvalidInput("Infer takes a whole frame (chunks <= 1); send larger tensors on InferStream")
+            return await self.process(request)
+        except EdgesplitError as e:
+            self.metrics.errors.labels(e.code.name).inc()
+            await context.abort(e.code, str(e))
+        except Exception as e:  # a bug: report it as INTERNAL, keep serving
+            logger.exception("Infer failed")
+            self.metrics.errors.labels("INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    async def InferStream(self, request_iterator, context: grpc.aio.ServicerContext):
+        """One result per frame, in completion order; a bad frame gets an error result, not a dead stream."""
+        assembler = FrameAssembler(self.config.max_tensor_bytes)
+        out: asyncio.Queue[pb.InferResult | None] = asyncio.Queue()
+        tasks: set[asyncio.Task] = set()
+        self.metrics.streams.inc()
+
+        async def one(frame: pb.InferRequest) -> None:
+            try:
+                await out.put(await self.process(frame))
+            except EdgesplitError as e:
+                await out.put(self._error_result(frame.header, e))
+            except Exception as e:
+                logger.exception("frame %d failed", frame.header.seq)
+                await out.put(self._error_result(frame.header, EdgesplitError(f"internal error: {type(e).__name__}: {e}")))
+
+        async def reader() -> None:
+            try:
+                async for msg in request_iterator:
+                    try:
+                        frame = assembler.feed(msg)
+                    except EdgesplitError as e:
+                        header = pb.FrameHeader(seq=msg.chunk.seq if msg.HasField("chunk") else msg.frame.header.seq)
+                        await out.put(self._error_result(header, e))
+                        continue
+                    if frame is not None:
+                        task = asyncio.create_task(one(frame))
+                        tasks.add(task)
+                        task.add_done_callback(tasks.discard)
+            finally:
+                if tasks:
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                await out.put(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while True:
+                result = await out.get()
+                if result is None:
+                    break
+                yield result
+        finally:
+            read_task.cancel()
+            self.metrics.streams.dec()
