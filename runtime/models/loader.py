@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.models.registry import ModelSpec, build_model, get_spec
-from runtime.models.slicing import SlicedModel, SplitPoint, model_digest
+from runtime.models.registry import ModelSpec, build_model, get_spec, state_dict_digest
+from runtime.models.slicing import SlicedModel, SplitPoint
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,6 @@ def load_model(name: str) -> LoadedModel:
     model = build_model(spec)
     h, w = spec.input_size
     sliced = SlicedModel(model, torch.zeros(1, 3, h, w), name=spec.name)
-    digest = model_digest(model)
+    digest = state_dict_digest(model)[:16]
     logger.info("loaded model %s (%d split points, weights %s)", spec.name, len(sliced.split_points), digest)
     return LoadedModel(spec=spec, sliced=sliced, digest=digest)

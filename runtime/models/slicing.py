@@ -11,7 +11,6 @@ Each layer's geometry (kind, kernel, stride, padding, dilation, output shape) is
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -99,16 +98,6 @@ def _layer_info(gm: fx.GraphModule, node: fx.Node) -> LayerInfo:
         fn = getattr(node.target, "__name__", str(node.target))
         return LayerInfo(name=node.name, target=fn, kind=fn, out_shape=shape)
     return LayerInfo(name=node.name, target=str(node.target), kind=node.op, out_shape=shape)
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """Fingerprint of a model's parameters and buffers (names, shapes, dtypes and values)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().contiguous().cpu()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
 
 
 class SlicedModel:

@@ -1,0 +1,12 @@
+"""Bundled model zoo and user-model loading; see :mod:`runtime.models.registry`."""
+
+from runtime.models.registry import (
+    ModelSpec,
+    build_model,
+    get_spec,
+    list_models,
+    load_labels,
+    preprocess,
+)
+
+__all__ = ["ModelSpec", "build_model", "get_spec", "list_models", "load_labels", "preprocess"]
