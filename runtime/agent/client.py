@@ -136,7 +136,8 @@ class EdgeStream:
     def _broken(self, call, reason: str) -> None:
         if self._call is not call:
             return
-        logger.warning("stream %d to %s ended: %s", self.epoch, self.address, reason)
+        level = logging.INFO if reason == "agent closing" else logging.WARNING
+        logger.log(level, "stream %d to %s ended: %s", self.epoch, self.address, reason)
         self._call = None
         self.metrics.stream_up.set(0)
         self._retry_at = time.monotonic() + self._backoff

@@ -8,7 +8,7 @@ import logging
 import signal
 import sys
 from contextlib import nullcontext
-from typing import IO
+from typing import IO, Callable
 
 from runtime.agent.client import Agent, FrameResult
 from runtime.agent.config import AgentConfig
@@ -38,8 +38,13 @@ def choose_split(loaded: LoadedModel, key: str) -> SplitPoint:
     return loaded.split(key) if key else default_split(loaded)
 
 
-async def run_agent(config: AgentConfig, out: IO[str] | None = None) -> list[FrameResult]:
-    """Process the source (and serve the local API if asked); returns the results in order."""
+async def run_agent(config: AgentConfig, out: IO[str] | None = None,
+                    fmt: Callable[[FrameResult, tuple[str, ...] | None], str] | None = None) -> list[FrameResult]:
+    """Process the source (and serve the local API if asked); returns the results in order.
+
+    Each result is written to ``out`` (default: ``config.output``) as ``fmt(result, labels)``,
+    by default one JSON line.
+    """
     import torch
 
     if config.torch_threads > 0:
@@ -66,7 +71,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None) -> list[Fra
         with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
             sink = out or sink
             if config.source:
-                results = await _stream_source(agent, config, sink)
+                results = await _stream_source(agent, config, sink, fmt or _json_line)
             if config.summary and results:
                 print(summarize(results, split, codec.name, loaded.name), file=sys.stderr, flush=True)
         if local_api is not None:
@@ -80,7 +85,11 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None) -> list[Fra
     return results
 
 
-async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str]) -> list[FrameResult]:
+def _json_line(result: FrameResult, labels: tuple[str, ...] | None) -> str:
+    return json.dumps(result.to_json(labels))
+
+
+async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt) -> list[FrameResult]:
     """Keep ``window`` frames in flight; write results in frame order as they complete."""
     loop = asyncio.get_running_loop()
     frames = open_source(agent.loaded.spec, config.source, config.frames)
@@ -94,7 +103,7 @@ async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str]) -> li
         while len(ordered) in done:
             r = done.pop(len(ordered))
             ordered.append(r)
-            sink.write(json.dumps(r.to_json(labels)) + "\n")
+            sink.write(fmt(r, labels) + "\n")
         sink.flush()
 
     async def one(index: int, frame) -> None:

@@ -1,0 +1,35 @@
+"""``edgesplit demo``: an edge worker and a device agent on loopback, on a bundled default."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from runtime.agent.client import FrameResult
+from runtime.agent.config import AgentConfig
+from runtime.agent.run import run_agent
+from runtime.worker.process import spawn_worker
+
+
+def _line(r: FrameResult, labels: tuple[str, ...] | None) -> str:
+    j = r.to_json(labels)
+    label = j["label"] if j["label"] is not None else f"class {j['class_index']}"
+    where = j["where"] if not r.fallback_reason else f"local ({r.fallback_reason})"
+    return (f"frame {j['seq']:>3}  {j['frame']:<16} {label:<22} {j['score']:.3f}  {where:<6} "
+            f"{r.times['total'] * 1e3:7.1f} ms  {r.wire_bytes:>8,} B")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    print("starting an edge worker on 127.0.0.1 ...", file=sys.stderr, flush=True)
+    worker = spawn_worker(["--torch-threads", "1", "--metrics-port", "-1"])
+    try:
+        print(f"worker SERVING on {worker.address}; streaming {args.frames} frames of {args.model}", file=sys.stderr,
+              flush=True)
+        config = AgentConfig(worker=worker.address, model=args.model, split=args.split, codec=args.codec,
+                             source=args.source, frames=args.frames, window=2, torch_threads=1)
+        results = asyncio.run(run_agent(config, out=sys.stdout, fmt=_line))
+    finally:
+        code = worker.stop()
+        print(f"worker drained and exited with code {code}", file=sys.stderr)
+    return 0 if results and all(r.where == "edge" for r in results) else 1
