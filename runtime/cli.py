@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.agent.config import AgentConfig
     from runtime.worker.config import WorkerConfig
 
-    p = sub.add_parser("worker", help="run the edge worker daemon", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("worker", help="run the edge worker daemon")
     _add_config_flags(p, WorkerConfig)
     p.set_defaults(func=cmd_worker)
 

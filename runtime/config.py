@@ -38,6 +38,8 @@ def _coerce(name: str, typ: Any, value: Any, origin: str) -> Any:
         if "tuple" in type_name or "list" in type_name:
             if isinstance(value, str):
                 value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise TypeError(value)  # a list of strings, or one comma-separated string
             return tuple(value)
         if type_name.startswith("bool"):
             if isinstance(value, str):
@@ -47,10 +49,17 @@ def _coerce(name: str, typ: Any, value: Any, origin: str) -> Any:
                 if low in ("0", "false", "no", "off"):
                     return False
                 raise ValueError(value)
-            return bool(value)
+            if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+                return bool(value)
+            raise TypeError(value)
         if value is None or (isinstance(value, str) and value == "" and "None" in type_name):
             return None
+        # TOML gives typed values: refuse true for a number, 3.7 for an int, a list for a string
+        if isinstance(value, (bool, list, dict, tuple)):
+            raise TypeError(value)
         if type_name.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
             return int(value)
         if type_name.startswith("float"):
             return float(value)

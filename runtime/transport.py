@@ -80,6 +80,11 @@ class FrameAssembler:
     def pending_seq(self) -> int | None:
         return self._frame.header.seq if self._frame is not None else None
 
+    @property
+    def pending_header(self) -> pb.FrameHeader | None:
+        """Header of the frame whose chunks are still arriving (the frame an error then concerns)."""
+        return self._frame.header if self._frame is not None else None
+
     def feed(self, msg: pb.StreamRequest) -> pb.InferRequest | None:
         """Take one message; return a complete frame when it has arrived, else None.
 

@@ -62,6 +62,9 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
                 codec.name, config.worker or "none")
     await agent.start()
     local_api = await serve_local_api(agent, config.serve) if config.serve else None
+    # Handle SIGTERM/SIGINT before announcing the API, so a supervisor that signals right after
+    # the announcement gets a clean shutdown rather than the default (kill) action.
+    stop = _stop_on_signal() if local_api is not None else None
     if local_api is not None:
         print(f"edgesplit agent local API on {local_api.address}", file=sys.stderr, flush=True)
     if endpoint is not None:
@@ -74,8 +77,8 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
                 results = await _stream_source(agent, config, sink, fmt or _json_line)
             if config.summary and results:
                 print(summarize(results, split, codec.name, loaded.name), file=sys.stderr, flush=True)
-        if local_api is not None:
-            await _wait_for_signal()
+        if stop is not None:
+            await stop.wait()
     finally:
         if local_api is not None:
             await local_api.stop(1.0)
@@ -130,9 +133,10 @@ async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt) 
     return ordered
 
 
-async def _wait_for_signal() -> None:
+def _stop_on_signal() -> asyncio.Event:
+    """An event set by SIGTERM/SIGINT (installed now, on the running loop)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    return stop

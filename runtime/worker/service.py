@@ -182,8 +182,14 @@ class InferenceService(pb_grpc.InferenceServicer):
         return tail
 
     async def process(self, req: pb.InferRequest) -> pb.InferResult:
-        """Admit, load the tail, decode and compute one frame. Raises EdgesplitError."""
+        """Admit, load the tail, decode and compute one frame. Raises EdgesplitError.
+
+        The admission slot is held until the executor job ends, not until this coroutine does:
+        a caller that cancels or times out cannot pile work up past the queue bound, and a
+        drain waits for every job actually running.
+        """
         self._admit()
+        job = None
         try:
             tail = await self.resolve(req.header)
             _check_shape(tail, list(req.tensor.shape), req.tensor.dtype)
@@ -192,12 +198,19 @@ class InferenceService(pb_grpc.InferenceServicer):
                 self._waiting += 1
                 self.metrics.queue_depth.set(self._waiting)
             admitted_at = time.perf_counter()
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(self.executor, self._compute, tail, req, admitted_at)
+            job = asyncio.get_running_loop().run_in_executor(self.executor, self._compute, tail, req, admitted_at)
+            job.add_done_callback(self._job_done)
+            result = await asyncio.shield(job)
             self.metrics.frames.labels(tail.model.name, tail.split.name).inc()
             return result
         finally:
-            self._release()
+            if job is None:
+                self._release()
+
+    def _job_done(self, job: asyncio.Future) -> None:
+        self._release()
+        if not job.cancelled():
+            job.exception()  # retrieved here too, so an abandoned job's error is not reported as lost
 
     def _compute(self, tail: Tail, req: pb.InferRequest, admitted_at: float) -> pb.InferResult:
         t0 = time.perf_counter()
@@ -273,14 +286,36 @@ class InferenceService(pb_grpc.InferenceServicer):
                 await out.put(self._error_result(frame.header, EdgesplitError(f"internal error: {type(e).__name__}: {e}")))
 
         async def reader() -> None:
+            dropped_seq: int | None = None  # the last frame refused part-way; its late chunks are ignored
             try:
                 async for msg in request_iterator:
+                    kind = msg.WhichOneof("kind")
+                    pending = assembler.pending_header
+                    if kind == "chunk" and pending is None and msg.chunk.seq == dropped_seq:
+                        continue  # rest of a frame that already got its error result
                     try:
                         frame = assembler.feed(msg)
                     except EdgesplitError as e:
-                        header = pb.FrameHeader(seq=msg.chunk.seq if msg.HasField("chunk") else msg.frame.header.seq)
+                        # An error while a frame is open is about that frame: answer it under its own
+                        # header (agent_id, stream_epoch, seq) so the agent can match the result.
+                        if pending is not None:
+                            header = pending
+                        elif kind == "frame":
+                            header = msg.frame.header
+                        else:
+                            header = pb.FrameHeader(seq=msg.chunk.seq)
+                        if kind is not None:
+                            dropped_seq = header.seq
                         await out.put(self._error_result(header, e))
-                        continue
+                        if kind != "frame" or pending is None:
+                            continue
+                        # a new frame cut the open one short: the new frame itself starts afresh
+                        try:
+                            frame = assembler.feed(msg)
+                        except EdgesplitError as e2:
+                            dropped_seq = msg.frame.header.seq
+                            await out.put(self._error_result(msg.frame.header, e2))
+                            continue
                     if frame is not None:
                         task = asyncio.create_task(one(frame))
                         tasks.add(task)
