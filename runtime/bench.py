@@ -19,6 +19,7 @@ import torch
 
 from runtime.agent.client import Agent
 from runtime.agent.run import choose_split
+from runtime.agent.summary import runtime_overhead
 from runtime.agent.sources import open_source
 from runtime.codec import codec_names, get_codec
 from runtime.models.loader import load_model
@@ -56,7 +57,7 @@ async def _bench_one(loaded, split, codec, address, frames, warmup, window):
         "frames": len(edge), "bytes_per_frame": _median([r.wire_bytes for r in edge]),
         "raw_fp32_bytes": split.fp32_bytes,
         "p50_ms": {k: stage(k) for k in ("head", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "total")},
-        "overhead_p50_ms": _median([(r.times["total"] - r.times["head"] - r.times["edge_tail"]) * 1e3 for r in edge]),
+        "overhead_p50_ms": _median([runtime_overhead(r) * 1e3 for r in edge]),
         "network_p50_ms": _median([(r.times["transfer_edge"] - r.times["edge_tail"] - r.times["edge_decode"]
                                     - r.times["edge_queue"]) * 1e3 for r in edge]),
         "throughput_fps": len(edge) / wall,
@@ -102,7 +103,7 @@ def run_bench(args: argparse.Namespace) -> int:
               f"| {r['bytes_per_frame']:,.0f} | {r['raw_fp32_bytes'] / r['bytes_per_frame']:.2f}x | {p['head']:.2f} "
               f"| {p['encode']:.2f} | {p['transfer_edge']:.2f} | {p['edge_decode']:.2f} | {p['edge_tail']:.2f} "
               f"| {r['network_p50_ms']:.2f} | {r['overhead_p50_ms']:.2f} | {p['total']:.2f} | {r['throughput_fps']:.1f} |")
-    print("\nAll times are p50 in ms. overhead = total - (head + edge tail); network = transfer+edge - "
+    print("\nAll times are p50 in ms. overhead = total - (head + edge tail) - queueing; network = transfer+edge - "
           "(edge queue + decode + tail).")
     if args.json:
         with open(args.json, "w") as f:

@@ -22,6 +22,8 @@ chunks does so around :meth:`Codec.encode` / :func:`decode_tensor`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import lz4.block
 import torch
 
@@ -81,7 +83,7 @@ def _as_3d(x: torch.Tensor, axis: int) -> torch.Tensor:
     return x.reshape(x.shape[:axis].numel(), x.shape[axis], x.shape[axis + 1 :].numel())
 
 
-class Codec:
+class Codec(ABC):
     """Base class: subclasses implement ``_encode_values`` / ``_decode_values``."""
 
     name: str = ""
@@ -111,8 +113,9 @@ class Codec:
         msg.payload_size = len(msg.buffer)
         return msg
 
+    @abstractmethod
     def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
-        raise NotImplementedError
+        """The codec's values as bytes; sets the codec's own fields of ``msg``."""
 
     # -- decoding ---------------------------------------------------------------------------
     def decode(self, msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
@@ -149,8 +152,9 @@ class Codec:
             raise InvalidInput(f"lz4 buffer decompressed to {len(out)} bytes; encoded_size={size}")
         return out
 
+    @abstractmethod
     def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The tensor from the (decompressed) payload."""
 
     # -- estimates --------------------------------------------------------------------------
     def estimate_ratio(self, x: torch.Tensor | None = None) -> float:

@@ -22,7 +22,7 @@ from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.transport import TransportOptions, frame_messages
-from runtime.agent.metrics import AgentMetrics
+from runtime.agent.metrics import STAGES, AgentMetrics
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ class Agent:
             h = self.head(x)
         t1 = time.perf_counter()
         msg = self.codec.encode(h) if self.stream is not None else None
-        return h, msg, t1 - t0, time.perf_counter() - t1
+        return h, msg, t0, t1 - t0, time.perf_counter() - t1
 
     def _run_local_tail(self, h: torch.Tensor):
         t0 = time.perf_counter()
@@ -254,10 +254,11 @@ class Agent:
         seq = next(self._seq)
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        h, msg, t_head, t_enc = await loop.run_in_executor(self.executor, self._head_encode, x)
+        h, msg, t_start, t_head, t_enc = await loop.run_in_executor(self.executor, self._head_encode, x)
         result = FrameResult(seq, frame or f"frame-{seq}", torch.empty(0), "edge", self.split.name,
                              self.codec.name, self.plan_version)
-        result.times.update(head=t_head, encode=t_enc)
+        # board_queue: waiting for the board thread (other frames' head or local tail)
+        result.times.update(board_queue=t_start - t0, head=t_head, encode=t_enc)
         reason = "no worker configured"
         if self.stream is not None:
             req = pb.InferRequest(header=self._header(seq), tensor=msg)
@@ -293,7 +294,7 @@ class Agent:
         result.times["total"] = time.perf_counter() - t0
         self.metrics.frames.labels(result.where).inc()
         for stage, seconds in result.times.items():
-            if stage in ("head", "encode", "transfer_edge", "local_tail", "total"):
+            if stage in STAGES:
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
         return result
 

@@ -16,6 +16,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return data[k]
 
 
+def runtime_overhead(r: FrameResult) -> float:
+    """What the runtime adds to an edge frame, in seconds: end-to-end minus head and tail
+    compute, minus time spent queueing behind other frames (board thread, edge executor)."""
+    t = r.times
+    return t["total"] - t["head"] - t["edge_tail"] - t.get("board_queue", 0.0) - t.get("edge_queue", 0.0)
+
+
 def stage_stats(results: Sequence[FrameResult]) -> dict[str, dict[str, float]]:
     """p50/p95 in milliseconds for every stage seen, plus the runtime overhead of edge frames."""
     stages: dict[str, list[float]] = {}
@@ -23,7 +30,7 @@ def stage_stats(results: Sequence[FrameResult]) -> dict[str, dict[str, float]]:
         for k, v in r.times.items():
             stages.setdefault(k, []).append(v * 1e3)
         if r.where == "edge" and "edge_tail" in r.times:
-            overhead = r.times["total"] - r.times["head"] - r.times["edge_tail"]
+            overhead = runtime_overhead(r)
             stages.setdefault("overhead", []).append(overhead * 1e3)
     return {k: {"p50": percentile(v, 50), "p95": percentile(v, 95), "n": len(v)} for k, v in stages.items()}
 
@@ -41,7 +48,7 @@ def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, mod
             f"bytes/frame {mean:,.0f} (raw fp32 at split {split.fp32_bytes:,}; compression {split.fp32_bytes / mean:.2f}x)"
         )
     lines.append(f"{'stage':<14}{'p50 ms':>10}{'p95 ms':>10}{'n':>6}")
-    order = ["head", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "local_tail", "overhead", "total"]
+    order = ["board_queue", "head", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "local_tail", "overhead", "total"]
     stats = stage_stats(results)
     for stage in order:
         if stage in stats:
