@@ -129,3 +129,27 @@ def test_untraceable_and_multi_output_models_are_refused():
         SlicedModel(DataDependent(), torch.zeros(1, 3, 4, 4), "dd")
     with pytest.raises(InvalidInput, match="single tensor"):
         SlicedModel(TwoOutputs(), torch.zeros(1, 3, 4, 4), "two")
+
+
+def test_saved_torch_export_program_is_sliced_like_any_model(tmp_path):
+    import importlib.util
+
+    from runtime.models.loader import load_model
+
+    spec = importlib.util.spec_from_file_location("tiny_net_for_export", "tests/data/tiny_net.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    model = mod.build().eval()
+    path = tmp_path / "tiny.pt2"
+    torch.export.save(torch.export.export(model, (torch.zeros(1, 3, 64, 64),)), str(path))
+
+    loaded = load_model(str(path))
+    assert loaded.input_shape == (1, 3, 64, 64)  # taken from the exported program
+    names = [sp.name for sp in loaded.sliced.split_points]
+    assert names[0] == INPUT and names[-1] == OUTPUT and len(names) >= 6
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        ref = model(x)
+        assert torch.equal(loaded.full(x), ref)
+        for sp in loaded.sliced.split_points:
+            assert torch.equal(loaded.tail(sp.name)(loaded.head(sp.name)(x)), ref), sp.name

@@ -23,8 +23,9 @@ A model is named by a string that travels on the wire and on the command line:
   To be split, the module must be traceable by ``torch.fx.symbolic_trace``.
 
 * a saved ``torch.export`` program, ``path/to/prog.pt2`` (written by ``torch.export.save``).
-  It is loaded with ``torch.export.load(path).module()``; its name is the file stem; input size
-  and normalisation are the defaults above. Export it from a model already in eval mode: the
+  It is loaded with ``torch.export.load(path).module()``; its name is the file stem; the input
+  size is the one it was exported with and the normalisation is the default above. Like a .py
+  model, a .pt2 file is code the operator chose to run: never load one a remote peer names. Export it from a model already in eval mode: the
   loaded module cannot be switched with ``.eval()`` (batch norm and dropout keep the mode they
   were exported in).
 
@@ -318,6 +319,17 @@ def _python_spec(name: str) -> ModelSpec:
     )
 
 
+def _exported_input_size(path: Path) -> tuple[int, int]:
+    """(H, W) of the (N, C, H, W) input the program was exported with (its shapes are static)."""
+    ep = torch.export.load(str(path))
+    names = set(ep.graph_signature.user_inputs)
+    for node in ep.graph.nodes:
+        val = node.meta.get("val")
+        if node.op == "placeholder" and node.name in names and val is not None and len(val.shape) == 4:
+            return int(val.shape[2]), int(val.shape[3])
+    raise InvalidInput(f"exported program {str(path)!r} must take one (N, C, H, W) image tensor")
+
+
 def _pt2_spec(name: str) -> ModelSpec:
     path = Path(name).expanduser()
     if not path.is_file():
@@ -337,7 +349,7 @@ def _pt2_spec(name: str) -> ModelSpec:
     return ModelSpec(
         name=path.stem,
         factory=build,
-        input_size=DEFAULT_INPUT_SIZE,
+        input_size=_exported_input_size(path),
         mean=IMAGENET_MEAN,
         std=IMAGENET_STD,
         labels=None,

@@ -100,6 +100,22 @@ def _layer_info(gm: fx.GraphModule, node: fx.Node) -> LayerInfo:
     return LayerInfo(name=node.name, target=str(node.target), kind=node.op, out_shape=shape)
 
 
+def _result_node(output: fx.Node) -> fx.Node | None:
+    """The single tensor an output node returns; torch.export graphs wrap it in a 1-tuple."""
+    arg = output.args[0]
+    if isinstance(arg, (tuple, list)) and len(arg) == 1:
+        arg = arg[0]
+    return arg if isinstance(arg, fx.Node) else None
+
+
+def _eval(module: torch.nn.Module) -> None:
+    """eval() where allowed: a torch.export module refuses it (its mode was fixed at export)."""
+    try:
+        module.eval()
+    except NotImplementedError:
+        pass
+
+
 class SlicedModel:
     """A traced model with its valid split points; builds head and tail modules on demand."""
 
@@ -112,7 +128,7 @@ class SlicedModel:
                 f"model {name!r} cannot be traced by torch.fx ({type(e).__name__}: {e}); "
                 "remove Python control flow that depends on tensor values"
             ) from e
-        gm.eval()
+        _eval(gm)
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
         self.graph_module = gm
@@ -163,12 +179,13 @@ class SlicedModel:
             layer = str(n.target) if n.op == "call_module" else n.name
             points.append(SplitPoint(len(points), n.name, layer, tuple(meta.shape), meta.dtype, i))
         out = next(n for n in self.nodes if n.op == "output")
-        out_meta = out.args[0].meta.get("tensor_meta") if isinstance(out.args[0], fx.Node) else None
+        result = _result_node(out)
+        out_meta = result.meta.get("tensor_meta") if result is not None else None
         if not isinstance(out_meta, TensorMetadata):
             raise InvalidInput(f"model {self.name!r} must return a single tensor")
         # "output": everything runs on the device; what crosses is the model output.
         last = SplitPoint(len(points), OUTPUT, OUTPUT, tuple(out_meta.shape), out_meta.dtype, pos[out])
-        if points[-1].position == pos[out.args[0]]:
+        if points[-1].position == pos[result]:
             points[-1] = SplitPoint(points[-1].index, OUTPUT, OUTPUT, last.out_shape, last.dtype, last.position)
         else:
             points.append(last)
@@ -195,7 +212,7 @@ class SlicedModel:
         if sp.name == INPUT:
             return self._input
         node = self.nodes[sp.position]
-        return node.args[0] if node.op == "output" else node
+        return _result_node(node) if node.op == "output" else node
 
     def head(self, key: str | int) -> fx.GraphModule:
         """Module from the model input to the tensor at the split point."""
@@ -226,7 +243,7 @@ class SlicedModel:
 
         for n in self.nodes[start:]:
             if n.op == "output":
-                g.output(fx.node.map_arg(n.args[0], lookup))
+                g.output(lookup(_result_node(n)))
                 break
             env[n] = g.node_copy(n, lookup)
         return self._module(g)
@@ -235,7 +252,7 @@ class SlicedModel:
         gm = fx.GraphModule(self.graph_module, graph)
         gm.graph.eliminate_dead_code()
         gm.recompile()
-        gm.eval()
+        _eval(gm)
         return gm
 
     def table(self) -> list[dict[str, Any]]:
