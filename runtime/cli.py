@@ -86,11 +86,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 0
     default = default_split(loaded).index
     print(f"{loaded.name}: {len(table)} valid split points (weights {loaded.digest}); * = default")
-    print(f"{'index':>5}  {'name':<28}{'layer':<28}{'output shape':<22}{'fp32 bytes':>12}")
+    wn = max(4, *(len(r["name"]) for r in table)) + 2
+    wl = max(5, *(len(r["layer"]) for r in table)) + 2
+    print(f"{'index':>5}  {'name':<{wn}}{'layer':<{wl}}{'output shape':<22}{'fp32 bytes':>12}")
     for row in table:
         mark = "*" if row["index"] == default else " "
         shape = "x".join(map(str, row["out_shape"]))
-        print(f"{row['index']:>4}{mark}  {row['name']:<28}{row['layer'][:27]:<28}{shape:<22}{row['fp32_bytes']:>12,}")
+        print(f"{row['index']:>4}{mark}  {row['name']:<{wn}}{row['layer']:<{wl}}{shape:<22}{row['fp32_bytes']:>12,}")
     return 0
 
 
