@@ -73,7 +73,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     try:
         with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
             sink = out or sink
-            if config.source:
+            if config.source not in ("", "none"):
                 results = await _stream_source(agent, config, sink, fmt or _json_line)
             if config.summary and results:
                 print(summarize(results, split, codec.name, loaded.name), file=sys.stderr, flush=True)
