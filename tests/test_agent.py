@@ -1,0 +1,125 @@
+"""Agent semantics in-process: every frame gets exactly one result, whatever the worker does."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from runtime.agent.client import Agent
+from runtime.agent.sources import open_source
+from runtime.codec import get_codec
+from runtime.models.loader import load_model
+from runtime.worker.config import WorkerConfig
+from runtime.worker.server import serve
+
+SPLIT = "add"  # early split of resnet18: most compute is in the tail, so frames stay in flight
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model("resnet18")
+
+
+@pytest.fixture(scope="module")
+def frames(loaded):
+    return [f.tensor for f in open_source(loaded.spec, "synthetic", 12)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _expected(loaded, frames):
+    with torch.inference_mode():
+        return [loaded.full(x) for x in frames]
+
+
+async def _run_all(agent: Agent, frames, on_result=None):
+    async def one(x):
+        r = await agent.infer(x)
+        if on_result:
+            await on_result(r)
+        return r
+
+    return await asyncio.gather(*(one(x) for x in frames))
+
+
+@pytest.mark.timeout(120)
+def test_worker_stopping_with_frames_in_flight(loaded, frames):
+    expected = _expected(loaded, frames)
+
+    async def scenario():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_queue=64))
+        agent = Agent(loaded, loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}",
+                      deadline_seconds=30, reconnect=60)
+        await agent.start()
+        stopped = asyncio.Event()
+
+        async def kill_after_first_edge_result(r):
+            if r.where == "edge" and not stopped.is_set():
+                stopped.set()
+                await ws.server.stop(0)  # cancels the stream with frames still queued on the worker
+
+        try:
+            results = await _run_all(agent, frames, kill_after_first_edge_result)
+        finally:
+            await agent.close()
+            await ws.server.stop(0)
+        return results
+
+    results = asyncio.run(scenario())
+    assert sorted(r.seq for r in results) == list(range(len(frames)))  # one each, no duplicates
+    edge = [r for r in results if r.where == "edge"]
+    local = [r for r in results if r.where == "local"]
+    assert edge and local, [(r.where, r.fallback_reason) for r in results]
+    assert any("stream failed" in r.fallback_reason or "stream closed" in r.fallback_reason for r in local), \
+        [r.fallback_reason for r in local]
+    for r, x_ref in zip(sorted(results, key=lambda r: r.seq), expected):
+        assert torch.equal(r.output, x_ref), (r.seq, r.where)
+
+
+@pytest.mark.timeout(120)
+def test_missed_deadline_runs_locally_and_late_results_are_dropped(loaded, frames):
+    expected = _expected(loaded, frames[:4])
+
+    async def scenario():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_queue=64))
+        agent = Agent(loaded, loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}",
+                      deadline_seconds=0.001)
+        await agent.start()
+        try:
+            results = await _run_all(agent, frames[:4])
+            await ws.service.wait_idle(30)  # the worker finishes the abandoned frames; their results arrive late
+            assert not agent.stream._pending  # nothing left waiting, nothing resolved twice
+        finally:
+            await agent.close()
+            await ws.drain_and_stop(1)
+        return results
+
+    results = asyncio.run(scenario())
+    assert sorted(r.seq for r in results) == [0, 1, 2, 3]
+    for r, want in zip(sorted(results, key=lambda r: r.seq), expected):
+        assert r.where == "local" and r.fallback_reason.startswith("deadline")
+        assert torch.equal(r.output, want)
+
+
+@pytest.mark.timeout(60)
+def test_no_worker_configured_runs_everything_locally(loaded, frames):
+    async def scenario():
+        agent = Agent(loaded, loaded.split(SPLIT), get_codec("int8+lz4"))
+        await agent.start()
+        try:
+            return await _run_all(agent, frames[:2])
+        finally:
+            await agent.close()
+
+    results = asyncio.run(scenario())
+    expected = _expected(loaded, frames[:2])
+    assert [r.fallback_reason for r in results] == ["no worker configured"] * 2
+    assert all(torch.equal(r.output, e) for r, e in zip(results, expected))
