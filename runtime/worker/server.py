@@ -74,7 +74,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
         if split:
             await service.tails.get(model, split)
         else:
-            await service.tails._model(model)
+            await service.tails.model(model)
     await server.start()
     endpoint = None
     if config.metrics_port >= 0:
