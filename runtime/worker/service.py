@@ -64,7 +64,7 @@ class TailCache:
         tail = self._tails.get((model_id, split_id))
         if tail is not None:
             return tail
-        loaded = await self._model(model_id)
+        loaded = await self.model(model_id)
         sp = loaded.split(split_id)  # NotFound with the valid range
         key = (model_id, sp.name)
         if key not in self._tails:
@@ -75,7 +75,8 @@ class TailCache:
         self._tails[(model_id, split_id)] = self._tails[key]
         return self._tails[key]
 
-    async def _model(self, model_id: str) -> LoadedModel:
+    async def model(self, model_id: str) -> LoadedModel:
+        """The loaded model, built once on first use; NotFound unless bundled or configured."""
         if model_id in self._models:
             return self._models[model_id]
         if model_id in self._bundled:
