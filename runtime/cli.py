@@ -7,6 +7,7 @@
     edgesplit print-config worker|agent [flags]
     edgesplit demo                      worker + agent on loopback on a bundled default
     edgesplit bench                     loopback latency/bytes benchmark per codec
+    edgesplit tl train|eval|list        Transfer Layers (runtime/transfer)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from runtime.errors import EdgesplitError
 logger = logging.getLogger("edgesplit")
 
 # repeatable flags whose field names are plural
-_FLAG_NAMES = {"models": "model"}
+_FLAG_NAMES = {"models": "model", "tls": "tl"}
 
 
 def _components() -> dict[str, tuple[type, str]]:
@@ -199,6 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads on each side (default: 1)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
     p.set_defaults(func=cmd_bench)
+
+    from runtime.transfer.cli import add_parser as add_tl_parser
+
+    add_tl_parser(sub)  # edgesplit tl train|eval|list
     return parser
 
 

@@ -16,7 +16,7 @@ import grpc
 import torch
 
 from runtime.codec import Codec, decode_tensor
-from runtime.errors import CODES_BY_NUMBER, EdgesplitError, Unavailable, from_rpc_error
+from runtime.errors import CODES_BY_NUMBER, EdgesplitError, InvalidInput, Unavailable, from_rpc_error
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
@@ -201,7 +201,7 @@ class Agent:
     def __init__(self, loaded: LoadedModel, split: SplitPoint, codec: Codec, *, worker: str = "",
                  agent_id: str = "", transport: TransportOptions | None = None,
                  deadline_seconds: float = 2.0, connect_timeout: float = 2.0, reconnect: float = 1.0,
-                 metrics: AgentMetrics | None = None, plan_version: int = 0):
+                 metrics: AgentMetrics | None = None, plan_version: int = 0, tl=None):
         self.loaded = loaded
         self.split = split
         self.codec = codec
@@ -214,12 +214,20 @@ class Agent:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="board")
         self.head = loaded.head(split.name)
         self._local_tail = loaded.tail(split.name)
+        # Transfer Layer (a runtime.transfer.artifact.LoadedTL): its encoder runs after the head, on
+        # the board thread, timed as stage "tl_encode"; local fallback still uses the raw head output.
+        self.tl = tl
+        self.encoder = tl.tl.encoder if tl is not None else None
+        if tl is not None and (tl.model.name != loaded.name or tl.split.name != split.name):
+            raise InvalidInput(f"Transfer Layer {tl.tl_id} is for {tl.model.name}@{tl.split.name}, "
+                               f"not {loaded.name}@{split.name}")
         self.stream = EdgeStream(worker, self.transport, self.metrics, connect_timeout, reconnect) if worker else None
         self._seq = itertools.count()
 
     def _header(self, seq: int = 0) -> pb.FrameHeader:
         return pb.FrameHeader(agent_id=self.agent_id, seq=seq, model_id=self.loaded.name, split_id=self.split.name,
-                              plan_version=self.plan_version, model_digest=self.loaded.digest)
+                              plan_version=self.plan_version, model_digest=self.loaded.digest,
+                              tl_id=self.tl.tl_id if self.tl is not None else "")
 
     async def start(self, timeout: float = 120.0) -> None:
         """Open the stream and have the worker load the tail, so the first frame does not wait for it.
@@ -236,12 +244,20 @@ class Agent:
                            self.split.name, e.code.name, e)
 
     def _head_encode(self, x: torch.Tensor):
+        """Head, then (with a TL and a worker) the TL encoder, then the wire codec.
+        Returns (h, message, start, head s, codec s, tl_encode s or None); h is the raw head output."""
         t0 = time.perf_counter()
         with torch.inference_mode():
             h = self.head(x)
         t1 = time.perf_counter()
-        msg = self.codec.encode(h) if self.stream is not None else None
-        return h, msg, t0, t1 - t0, time.perf_counter() - t1
+        z, t_tl = h, None
+        if self.encoder is not None and self.stream is not None:
+            with torch.inference_mode():
+                z = self.encoder(h)
+            t_tl = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        msg = self.codec.encode(z) if self.stream is not None else None
+        return h, msg, t0, t1 - t0, time.perf_counter() - t2, t_tl
 
     def _run_local_tail(self, h: torch.Tensor):
         t0 = time.perf_counter()
@@ -254,11 +270,13 @@ class Agent:
         seq = next(self._seq)
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        h, msg, t_start, t_head, t_enc = await loop.run_in_executor(self.executor, self._head_encode, x)
+        h, msg, t_start, t_head, t_enc, t_tl = await loop.run_in_executor(self.executor, self._head_encode, x)
         result = FrameResult(seq, frame or f"frame-{seq}", torch.empty(0), "edge", self.split.name,
                              self.codec.name, self.plan_version)
         # board_queue: waiting for the board thread (other frames' head or local tail)
         result.times.update(board_queue=t_start - t0, head=t_head, encode=t_enc)
+        if t_tl is not None:
+            result.times["tl_encode"] = t_tl
         reason = "no worker configured"
         if self.stream is not None:
             req = pb.InferRequest(header=self._header(seq), tensor=msg)

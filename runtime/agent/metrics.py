@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from runtime.worker.metrics import STAGE_BUCKETS
 
-STAGES = ("board_queue", "head", "encode", "transfer_edge", "local_tail", "total")  # label values of stage_seconds
+STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "total")  # label values of stage_seconds
 
 
 class AgentMetrics:

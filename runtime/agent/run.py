@@ -51,15 +51,20 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
         torch.set_num_threads(config.torch_threads)
     loop = asyncio.get_running_loop()
     loaded = await loop.run_in_executor(None, load_model, config.model)
-    split = choose_split(loaded, config.split)
+    tl = None
+    if config.tl:
+        from runtime.transfer.artifact import load_tl
+
+        tl = await loop.run_in_executor(None, lambda: load_tl(config.tl, loaded=loaded))
+    split = choose_split(loaded, config.split or (tl.split.name if tl is not None else ""))
     codec = get_codec(config.codec)
     metrics = AgentMetrics()
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     agent = Agent(loaded, split, codec, worker=config.worker, agent_id=config.agent_id, transport=config.transport(),
                   deadline_seconds=config.deadline_seconds, connect_timeout=config.connect_timeout_seconds,
-                  reconnect=config.reconnect_seconds, metrics=metrics)
-    logger.info("agent: model %s split %s (%s) codec %s worker %s", loaded.name, split.index, split.name,
-                codec.name, config.worker or "none")
+                  reconnect=config.reconnect_seconds, metrics=metrics, tl=tl)
+    logger.info("agent: model %s split %s (%s) codec %s TL %s worker %s", loaded.name, split.index, split.name,
+                codec.name, tl.tl_id if tl is not None else "none", config.worker or "none")
     await agent.start()
     local_api = await serve_local_api(agent, config.serve) if config.serve else None
     # Handle SIGTERM/SIGINT before announcing the API, so a supervisor that signals right after

@@ -48,7 +48,7 @@ def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, mod
             f"bytes/frame {mean:,.0f} (raw fp32 at split {split.fp32_bytes:,}; compression {split.fp32_bytes / mean:.2f}x)"
         )
     lines.append(f"{'stage':<14}{'p50 ms':>10}{'p95 ms':>10}{'n':>6}")
-    order = ["board_queue", "head", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "local_tail", "overhead", "total"]
+    order = ["board_queue", "head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "local_tail", "overhead", "total"]
     stats = stage_stats(results)
     for stage in order:
         if stage in stats:

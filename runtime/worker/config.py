@@ -16,6 +16,7 @@ class WorkerConfig:
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     models: tuple[str, ...] = field((), "user models this worker may serve, as path/to/file.py:factory or .pt2 (bundled ones always)")
     preload: tuple[str, ...] = field((), "MODEL or MODEL@SPLIT tails to load at start instead of on first use")
+    tls: tuple[str, ...] = field((), "Transfer Layer artifacts (.json written by 'edgesplit tl train') whose decoders this worker serves")
     max_concurrency: int = field(1, "frames computed at once (tail executor threads)")
     max_queue: int = field(8, "frames allowed to wait for a free slot; beyond this RESOURCE_EXHAUSTED at once")
     torch_threads: int = field(0, "torch intra-op threads per tail (0 = torch default)")

@@ -69,6 +69,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"could not bind {config.listen}")
+    await service.tails.load_tls(config.tls)
     for item in config.preload:
         model, _, split = item.partition("@")
         if split:

@@ -42,6 +42,13 @@ class Tail:
     model: LoadedModel
     split: SplitPoint
     module: torch.nn.Module
+    decoder: torch.nn.Module | None = None  # a Transfer Layer's decoder, run before the tail
+    tl_id: str = ""
+    encoded_shape: tuple[int, ...] | None = None  # the TL's wire shape (batch 1); None: the split's
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.encoded_shape or self.split.out_shape
 
 
 class TailCache:
@@ -56,6 +63,20 @@ class TailCache:
         self._models: dict[str, LoadedModel] = {}
         self._tails: dict[tuple[str, str], Tail] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.tls: dict[str, Tail] = {}  # by TL id: decoder + tail (see load_tls)
+
+    async def load_tls(self, paths) -> None:
+        """Load Transfer Layer artifacts (their models first); each is checked against the weights here."""
+        from runtime.transfer.artifact import load_tl, read_manifest, resolve_path
+
+        loop = asyncio.get_running_loop()
+        for path in paths:
+            manifest = read_manifest(resolve_path(path))
+            loaded = await self.model(manifest["model"])
+            art = await loop.run_in_executor(self._executor, lambda: load_tl(path, loaded=loaded))
+            self.tls[art.tl_id] = Tail(loaded, art.split, art.tail, art.tl.decoder, art.tl_id, art.encoded_shape)
+            logger.info("loaded Transfer Layer %s (%s x%s) for %s@%s", art.tl_id, art.tl.kind, art.tl.ratio,
+                        loaded.name, art.split.name)
 
     def known(self) -> list[str]:
         return sorted(self._bundled | set(self._user))
@@ -114,7 +135,7 @@ def _check_header(h: pb.FrameHeader) -> None:
 
 
 def _check_shape(tail: Tail, shape: list[int], dtype: str) -> None:
-    want = tail.split.out_shape
+    want = tail.input_shape
     if len(shape) != len(want) or list(shape[1:]) != list(want[1:]) or not 1 <= (shape[0] if shape else 0) <= MAX_BATCH:
         raise InvalidInput(
             f"tensor shape {list(shape)} does not fit split {tail.split.name!r} of {tail.model.name}: "
@@ -170,11 +191,19 @@ class InferenceService(pb_grpc.InferenceServicer):
         """The tail a header names, after every check that does not need the tensor."""
         _check_header(h)
         if h.tl_id:
-            raise PreconditionFailed(
-                f"frame was encoded with Transfer Layer {h.tl_id!r}, which this worker does not hold; "
-                "start the worker with that TL artifact or send frames without a TL"
-            )
-        tail = await self.tails.get(h.model_id, h.split_id)
+            tail = self.tails.tls.get(h.tl_id)
+            if tail is None:
+                raise PreconditionFailed(
+                    f"frame was encoded with Transfer Layer {h.tl_id!r}, which this worker does not hold; "
+                    "start the worker with that TL artifact (--tl PATH) or send frames without a TL"
+                )
+            if h.model_id != tail.model.name or h.split_id not in (tail.split.name, str(tail.split.index)):
+                raise PreconditionFailed(
+                    f"Transfer Layer {h.tl_id} belongs to {tail.model.name}@{tail.split.name}, but the frame "
+                    f"names {h.model_id}@{h.split_id}; use the TL trained for this model and split"
+                )
+        else:
+            tail = await self.tails.get(h.model_id, h.split_id)
         if h.model_digest and h.model_digest != tail.model.digest:
             raise PreconditionFailed(
                 f"model {h.model_id!r} weights differ: agent has {h.model_digest}, worker has {tail.model.digest}; "
@@ -221,8 +250,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.metrics.inflight.inc()
         try:
             x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes)
-            t1 = time.perf_counter()
             with torch.inference_mode():
+                if tail.decoder is not None:  # TL decoding counts as decode: wire -> feature at the split
+                    x = tail.decoder(x)
+                t1 = time.perf_counter()
                 y = tail.module(x)
             t2 = time.perf_counter()
         finally:
@@ -251,7 +282,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.metrics.errors.labels(e.code.name).inc()
             await context.abort(e.code, str(e))
         return pb.PrepareResult(
-            input_shape=list(tail.split.out_shape),
+            input_shape=list(tail.input_shape),
             input_dtype=str(tail.split.dtype).replace("torch.", ""),
             model_digest=tail.model.digest,
             load_seconds=time.perf_counter() - t0,

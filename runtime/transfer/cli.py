@@ -1,0 +1,134 @@
+"""``edgesplit tl train|eval|list``: train, measure and list Transfer Layer artifacts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from runtime.transfer.layers import KINDS, RATIOS
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime.models.loader import load_model
+    from runtime.transfer.artifact import save_tl
+    from runtime.transfer.evaluate import evaluate
+    from runtime.transfer.train import train_tl
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    split = loaded.split(args.split)
+    t0 = time.perf_counter()
+    tl, report = train_tl(loaded, split, args.kind, args.ratio, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, seed=args.seed, data=args.data or None, finetune_tail=args.finetune_tail,
+                          progress=not args.no_progress, holdout_images=args.holdout_images)
+    seconds = time.perf_counter() - t0
+    costs = evaluate(tl, loaded, split, images=min(args.holdout_images, 8), seed=args.seed,
+                     data=args.data or None)["bytes_per_frame"]
+    tl_id, path = save_tl(tl, loaded, split, args.out, fidelity=report["fidelity"], bytes_per_frame=costs,
+                          training=report["training"])
+    fid = report["fidelity"]
+    print(f"{tl_id} {path}")
+    print(f"trained {args.kind} x{tl.ratio} for {loaded.name}@{split.name} {list(split.out_shape)} -> "
+          f"{[1, *tl.encoded_shape]} in {seconds:.1f} s; loss {report['training']['loss_first']} -> "
+          f"{report['training']['loss_last']}; hold-out: top-1 agreement {fid['top1_agreement']:.3f}, "
+          f"KL {fid['kl_divergence']:.4f}, feature rel. MSE {fid['feature_rel_mse']:.4f}; "
+          f"{costs['tl_' + costs['codec']]:,.0f} B/frame with {costs['codec']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime.transfer.artifact import load_tl
+    from runtime.transfer.evaluate import evaluate
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    art = load_tl(args.tl)
+    report = evaluate(art.tl, art.model, art.split, images=args.images, seed=args.seed, data=args.data or None)
+    report = {"tl_id": art.tl_id, "model": art.model.name, "split": art.split.name, "kind": art.tl.kind,
+              "ratio": art.tl.ratio, "input_shape": list(art.split.out_shape),
+              "encoded_shape": list(art.encoded_shape), **report}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    f, b = report["fidelity"], report["bytes_per_frame"]
+    c = b["codec"]
+    print(f"{art.tl_id}: {art.tl.kind} x{art.tl.ratio} for {art.model.name}@{art.split.name} "
+          f"{report['input_shape']} -> {report['encoded_shape']}")
+    print(f"hold-out: {report['holdout']}")
+    print(f"top-1 agreement with the unsplit model  {f['top1_agreement']:.3f}")
+    print(f"KL(unsplit || TL)                       {f['kl_divergence']:.5f}")
+    print(f"feature relative MSE at the split       {f['feature_rel_mse']:.5f}")
+    print(f"bytes/frame TL + {c:<22} {b['tl_' + c]:>10,.0f}")
+    print(f"bytes/frame TL + raw fp32               {b['tl_raw_fp32']:>10,}")
+    print(f"bytes/frame raw fp32 at split, no TL    {b['raw_fp32_at_split']:>10,}")
+    print(f"bytes/frame {c} at split, no TL     {b[c + '_at_split_without_tl']:>10,.0f}")
+    print(f"encode ms (board, 1 thread, median)     {b['encode_ms']:>10.3f}")
+    print(f"decode ms (edge, 1 thread, median)      {b['decode_ms']:>10.3f}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from runtime.transfer.artifact import list_tls
+
+    rows = list_tls(args.dir)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    if not rows:
+        print(f"no Transfer Layers in {args.dir}")
+        return 0
+    print(f"{'id':<17}{'model':<20}{'split':<18}{'kind':<12}{'ratio':>5}  {'top-1':>6}  {'KL':>8}  {'B/frame':>9}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['tl_id']:<17}unreadable: {r['error']}")
+            continue
+        f, b = r.get("fidelity", {}), r.get("bytes_per_frame", {})
+        bytes_ = b.get("tl_" + b.get("codec", ""), "")
+        print(f"{r['tl_id']:<17}{r['model']:<20}{r['split']:<18}{r['kind']:<12}{r['ratio']:>5}  "
+              f"{f.get('top1_agreement', float('nan')):>6.3f}  {f.get('kl_divergence', float('nan')):>8.4f}  "
+              f"{bytes_:>9}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    """The ``tl`` command group, added to ``edgesplit``'s subparsers."""
+    p = sub.add_parser("tl", help="Transfer Layers: train, evaluate and list TL artifacts")
+    tsub = p.add_subparsers(dest="tl_command", required=True)
+
+    t = tsub.add_parser("train", help="train a TL by distillation from the unsplit model and save it")
+    t.add_argument("--model", required=True, help="bundled model or path/to/file.py:factory")
+    t.add_argument("--split", required=True, help="split point index or name")
+    t.add_argument("--kind", choices=KINDS, default="bottleneck", help="TL kind (default: bottleneck)")
+    t.add_argument("--ratio", type=int, choices=RATIOS, default=None,
+                   help="values in / values out (bottleneck default 16; reference is always 4)")
+    t.add_argument("--steps", type=int, default=200, help="optimiser steps (default: 200)")
+    t.add_argument("--batch-size", type=int, default=16, help="crops per step (default: 16)")
+    t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    t.add_argument("--seed", type=int, default=0, help="seed for weights, crops and batches (default: 0)")
+    t.add_argument("--finetune-tail", action="store_true", help="also train the tail (stored in the artifact)")
+    t.add_argument("--data", default="", help="folder of PNG/JPEG for crops (default: the bundled samples)")
+    t.add_argument("--holdout-images", type=int, default=16, help="hold-out crops measured after training")
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--out", required=True, help="directory for <tl_id>.safetensors and <tl_id>.json")
+    t.set_defaults(func=cmd_train)
+
+    e = tsub.add_parser("eval", help="fidelity, bytes per frame and encode/decode time on hold-out crops")
+    e.add_argument("--tl", required=True, help="the artifact's .json (or .safetensors) path")
+    e.add_argument("--images", type=int, default=32, help="hold-out crops (default: 32)")
+    e.add_argument("--seed", type=int, default=0, help="hold-out crop seed (default: 0)")
+    e.add_argument("--data", default="", help="image folder (default: the bundled samples; held-out files only)")
+    e.add_argument("--threads", type=int, default=0, help="torch threads for fidelity (timings always use 1)")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.set_defaults(func=cmd_eval)
+
+    ls = tsub.add_parser("list", help="TL artifacts in a directory")
+    ls.add_argument("dir", help="directory written by 'edgesplit tl train --out'")
+    ls.add_argument("--json", action="store_true", help="machine-readable output")
+    ls.set_defaults(func=cmd_list)

@@ -1,0 +1,155 @@
+"""Transfer Layer (TL) kinds: an Encoder that runs on the board after the head and a Decoder
+that runs on the edge before the tail, restoring the exact feature shape at the split.
+
+Two kinds:
+
+* ``reference`` -- ScissionLite's parameter-free TL: 2x2 max-pool (``ceil_mode=True``, so odd
+  sizes keep their last row/column) on the board, nearest x2 up-sampling cropped to the exact
+  ``(H, W)`` on the edge. ``C * ceil(H/2) * ceil(W/2)`` values are sent: about 4x fewer.
+* ``bottleneck`` -- a learned one. The overall reduction ratio ``R`` (values in / values out,
+  one of :data:`RATIOS`) is split into a spatial factor (4, i.e. 2x2 average pooling, when
+  ``R >= 8``; else 1) and a channel factor ``r_c = R / spatial``: the encoder is
+  ``[avg-pool 2x2] -> 1x1 conv C -> ceil(C / r_c)`` (linear: no activation, so negative features
+  survive; one MAC per value and output channel, a few % of the head at worst), the decoder is
+  ``[nearest up-sample to (H, W)] -> 3x3 conv -> ReLU -> 1x1 conv back to C``.
+
+Every TL is built for one feature shape ``(C, H, W)`` (the split point's, batch excluded): the
+decoder needs the exact ``(H, W)`` to restore. Only rank-4 ``(N, C, H, W)`` features are
+supported; other ranks raise :class:`~runtime.errors.InvalidInput`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.errors import InvalidInput
+
+KINDS = ("reference", "bottleneck")
+RATIOS = (2, 4, 8, 16, 32, 64)
+REFERENCE_RATIO = 4
+
+
+def _check_rank4(x: torch.Tensor, what: str) -> None:
+    if x.dim() != 4:
+        raise InvalidInput(f"{what} takes an (N, C, H, W) feature, got a rank-{x.dim()} tensor of shape "
+                           f"{list(x.shape)}; Transfer Layers work only at splits with a rank-4 output")
+
+
+def feature_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``(C, H, W)`` from a split's ``(N, C, H, W)`` or ``(C, H, W)`` shape; InvalidInput otherwise."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) == 4:
+        shape = shape[1:]
+    if len(shape) != 3 or min(shape) <= 0:
+        raise InvalidInput(f"a Transfer Layer needs an (N, C, H, W) feature at the split; this split's tensor "
+                           f"has shape {list(shape)}; choose an earlier split with a 4-d (convolutional) output")
+    return shape  # type: ignore[return-value]
+
+
+def bottleneck_factors(channels: int, ratio: int) -> tuple[int, int]:
+    """``(spatial, reduced_channels)``: spatial is 4 (2x2 pooling) when ``ratio >= 8``, else 1."""
+    if ratio not in RATIOS:
+        raise InvalidInput(f"bottleneck ratio must be one of {', '.join(map(str, RATIOS))}, got {ratio!r}")
+    spatial = 4 if ratio >= 8 else 1
+    return spatial, max(1, math.ceil(channels / (ratio // spatial)))
+
+
+# -- reference ---------------------------------------------------------------------------------
+
+
+class MaxPoolEncoder(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_rank4(x, "the reference TL encoder")
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+
+
+class NearestDecoder(nn.Module):
+    """Nearest x2, cropped to the exact ``(H, W)`` (for odd sizes the last row/column is dropped)."""
+
+    def __init__(self, size: tuple[int, int]):
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        _check_rank4(z, "the reference TL decoder")
+        h, w = self.size
+        return F.interpolate(z, scale_factor=2, mode="nearest")[:, :, :h, :w]
+
+
+# -- bottleneck ---------------------------------------------------------------------------------
+
+
+class BottleneckEncoder(nn.Module):
+    def __init__(self, channels: int, reduced: int, spatial: int):
+        super().__init__()
+        self.spatial = spatial
+        self.proj = nn.Conv2d(channels, reduced, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_rank4(x, "the bottleneck TL encoder")
+        if self.spatial > 1:
+            x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
+        return self.proj(x)
+
+
+class BottleneckDecoder(nn.Module):
+    def __init__(self, channels: int, reduced: int, size: tuple[int, int], spatial: int):
+        super().__init__()
+        self.size = (int(size[0]), int(size[1]))
+        self.spatial = spatial
+        self.expand = nn.Conv2d(reduced, channels, 3, padding=1)
+        self.out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        _check_rank4(z, "the bottleneck TL decoder")
+        if self.spatial > 1:
+            z = F.interpolate(z, scale_factor=2, mode="nearest")[:, :, : self.size[0], : self.size[1]]
+        return self.out(F.relu(self.expand(z)))
+
+
+# -- the pair ----------------------------------------------------------------------------------
+
+
+class TransferLayer(nn.Module):
+    """Encoder (board) + decoder (edge) for one feature shape. ``state_dict`` keys start with
+    ``encoder.`` / ``decoder.``; the reference kind has none."""
+
+    def __init__(self, kind: str, in_shape: Sequence[int], ratio: int | None = None):
+        super().__init__()
+        c, h, w = feature_shape(in_shape)
+        self.kind = kind
+        self.in_shape = (c, h, w)
+        hh, ww = (h + 1) // 2, (w + 1) // 2
+        if kind == "reference":
+            if ratio not in (None, REFERENCE_RATIO):
+                raise InvalidInput(f"the reference TL has a fixed ratio of {REFERENCE_RATIO} (2x2 max-pool), "
+                                   f"got --ratio {ratio}; omit it or use --kind bottleneck")
+            self.ratio = REFERENCE_RATIO
+            self.encoder: nn.Module = MaxPoolEncoder()
+            self.decoder: nn.Module = NearestDecoder((h, w))
+            self.encoded_shape = (c, hh, ww)
+        elif kind == "bottleneck":
+            ratio = 16 if ratio is None else int(ratio)
+            spatial, reduced = bottleneck_factors(c, ratio)
+            self.ratio = ratio
+            self.encoder = BottleneckEncoder(c, reduced, spatial)
+            self.decoder = BottleneckDecoder(c, reduced, (h, w), spatial)
+            self.encoded_shape = (reduced, hh, ww) if spatial > 1 else (reduced, h, w)
+        else:
+            raise InvalidInput(f"unknown Transfer Layer kind {kind!r}; known kinds: {', '.join(KINDS)}")
+
+    @property
+    def trainable(self) -> bool:
+        return any(True for _ in self.parameters())
+
+    def values_ratio(self) -> float:
+        """Values out / values in (e.g. 0.0625 for 16x fewer values)."""
+        return math.prod(self.encoded_shape) / math.prod(self.in_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))
