@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from runtime.errors import InvalidInput, NotFound
+from runtime.models.slicing import eval_mode
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -188,12 +189,7 @@ def build_model(spec: ModelSpec) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise InvalidInput(f"model {spec.name!r}: factory returned {type(model).__name__}, "
                            "expected a torch.nn.Module")
-    try:
-        model.eval()
-    except NotImplementedError:
-        # A torch.export program's module refuses train()/eval(): its mode was fixed when it was
-        # exported (export it from a model in eval mode).
-        pass
+    eval_mode(model)
     model.requires_grad_(False)
     return model
 

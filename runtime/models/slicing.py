@@ -108,8 +108,9 @@ def _result_node(output: fx.Node) -> fx.Node | None:
     return arg if isinstance(arg, fx.Node) else None
 
 
-def _eval(module: torch.nn.Module) -> None:
-    """eval() where allowed: a torch.export module refuses it (its mode was fixed at export)."""
+def eval_mode(module: torch.nn.Module) -> None:
+    """eval() where allowed: a torch.export program's module refuses it (its mode was fixed when it
+    was exported: export from a model in eval mode)."""
     try:
         module.eval()
     except NotImplementedError:
@@ -128,7 +129,7 @@ class SlicedModel:
                 f"model {name!r} cannot be traced by torch.fx ({type(e).__name__}: {e}); "
                 "remove Python control flow that depends on tensor values"
             ) from e
-        _eval(gm)
+        eval_mode(gm)
         with torch.no_grad():
             ShapeProp(gm).propagate(example_input)
         self.graph_module = gm
@@ -252,7 +253,7 @@ class SlicedModel:
         gm = fx.GraphModule(self.graph_module, graph)
         gm.graph.eliminate_dead_code()
         gm.recompile()
-        _eval(gm)
+        eval_mode(gm)
         return gm
 
     def table(self) -> list[dict[str, Any]]:
