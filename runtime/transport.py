@@ -48,18 +48,23 @@ class TransportOptions:
 
 
 def frame_messages(request: pb.InferRequest, chunk_bytes: int) -> list[pb.StreamRequest]:
-    """Split one frame into stream messages of at most ``chunk_bytes`` of payload each."""
+    """Split one frame into stream messages of at most ``chunk_bytes`` of payload each.
+
+    The payload is copied once into the messages (protobuf owns its bytes); ``request`` is
+    left as it was.
+    """
     buf = request.tensor.buffer
     n = max(1, -(-len(buf) // chunk_bytes))
-    first = pb.InferRequest()
-    first.CopyFrom(request)
+    msg = pb.StreamRequest()
+    first = msg.frame
+    first.CopyFrom(request)  # the one copy of the payload (the old code copied it twice)
     first.tensor.payload_size = len(buf)
     first.tensor.chunks = n
     if n == 1:
-        return [pb.StreamRequest(frame=first)]
+        return [msg]
     view = memoryview(buf)
     first.tensor.buffer = bytes(view[:chunk_bytes])
-    msgs = [pb.StreamRequest(frame=first)]
+    msgs = [msg]
     seq = request.header.seq
     for i in range(1, n):
         msgs.append(pb.StreamRequest(chunk=pb.FrameChunk(seq=seq, index=i, data=bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes]))))
