@@ -7,7 +7,7 @@
     edgesplit print-config worker|agent [flags]
     edgesplit demo                      worker + agent on loopback on a bundled default
     edgesplit bench                     loopback latency/bytes benchmark per codec
-    edgesplit tl train|eval|list        Transfer Layers (runtime/transfer)
+    edgesplit tl train|eval|list|sweep  Transfer Layers (runtime/transfer)
 """
 
 from __future__ import annotations

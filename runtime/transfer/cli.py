@@ -1,9 +1,10 @@
-"""``edgesplit tl train|eval|list``: train, measure and list Transfer Layer artifacts."""
+"""``edgesplit tl train|eval|list|sweep``: train, measure, list and compare Transfer Layers."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import time
 
 from runtime.transfer.layers import KINDS, RATIOS
@@ -96,6 +97,58 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_command(args: argparse.Namespace) -> str:
+    """The ``edgesplit tl sweep`` command line that reproduces ``args`` (written atop the table)."""
+    parts = ["edgesplit", "tl", "sweep", "--model", args.model]
+    parts += [a for s in args.split for a in ("--split", s)]
+    parts += [a for k in args.kind or ["reference", "bottleneck"] for a in ("--kind", k)]
+    parts += [a for r in args.ratio or [8, 16, 32] for a in ("--ratio", str(r))]
+    if args.codec:
+        parts += [a for c in args.codec for a in ("--codec", c)]
+    parts += ["--steps", str(args.steps), "--images", str(args.images), "--seed", str(args.seed)]
+    if args.data:
+        parts += ["--data", args.data]
+    if args.threads > 0:
+        parts += ["--threads", str(args.threads)]
+    for flag, value in (("--out", args.out), ("--table", args.table), ("--plot", args.plot)):
+        if value:
+            parts += [flag, value]
+    return shlex.join(parts)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import torch
+
+    from runtime.transfer.sweep import CODECS, sweep, write_plot, write_table
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if args.plot:  # fail before the (long) sweep when matplotlib is missing
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            from runtime.errors import InvalidInput
+
+            raise InvalidInput("--plot needs matplotlib: pip install 'edgesplit[train]'") from None
+    result = sweep(args.model, args.split, kinds=args.kind or ["reference", "bottleneck"],
+                   ratios=args.ratio or [8, 16, 32], codecs=args.codec or CODECS, steps=args.steps,
+                   data=args.data or None, images=args.images, seed=args.seed, out=args.out or None,
+                   progress=not args.no_progress)
+    command = sweep_command(args)
+    if args.table:
+        write_table(result, args.table, command)
+    if args.plot:
+        write_plot(result, args.plot)
+    print(f"{'split':<24}{'TL':<11}{'ratio':>5}  {'codec':<10}{'B/frame':>10}  {'top-1':>6}  {'KL':>8}  {'enc %':>6}")
+    for r in result["rows"]:
+        print(f"{r['split']:<24}{'no TL' if r['kind'] == 'none' else r['kind']:<11}{r['ratio'] or '':>5}  "
+              f"{r['codec']:<10}{r['bytes']:>10,.0f}  {r['top1']:>6.3f}  {r['kl']:>8.4f}  "
+              f"{100 * r['encode_ms'] / r['head_ms']:>6.1f}")
+    print(f"{len(result['rows'])} rows in {result['seconds']:.0f} s"
+          + (f"; table {args.table}" if args.table else "") + (f"; plot {args.plot}" if args.plot else ""))
+    return 0
+
+
 def add_parser(sub) -> None:
     """The ``tl`` command group, added to ``edgesplit``'s subparsers."""
     p = sub.add_parser("tl", help="Transfer Layers: train, evaluate and list TL artifacts")
@@ -112,7 +165,8 @@ def add_parser(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights, crops and batches (default: 0)")
     t.add_argument("--finetune-tail", action="store_true", help="also train the tail (stored in the artifact)")
-    t.add_argument("--data", default="", help="folder of PNG/JPEG for crops (default: the bundled samples)")
+    t.add_argument("--data", default="", help="folder of PNG/JPEG for crops, or \"skimage\" (scikit-image's "
+                   "photos; needs edgesplit[train]); default: the bundled samples")
     t.add_argument("--holdout-images", type=int, default=16, help="hold-out crops measured after training")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -123,7 +177,7 @@ def add_parser(sub) -> None:
     e.add_argument("--tl", required=True, help="the artifact's .json (or .safetensors) path")
     e.add_argument("--images", type=int, default=32, help="hold-out crops (default: 32)")
     e.add_argument("--seed", type=int, default=0, help="hold-out crop seed (default: 0)")
-    e.add_argument("--data", default="", help="image folder (default: the bundled samples; held-out files only)")
+    e.add_argument("--data", default="", help="image folder or \"skimage\" (default: the bundled samples; held-out files only)")
     e.add_argument("--threads", type=int, default=0, help="torch threads for fidelity (timings always use 1)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_eval)
@@ -132,3 +186,21 @@ def add_parser(sub) -> None:
     ls.add_argument("dir", help="directory written by 'edgesplit tl train --out'")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
+
+    sw = tsub.add_parser("sweep", help="bytes per frame vs fidelity for no TL / reference / bottleneck x codecs")
+    sw.add_argument("--model", required=True, help="bundled model or path/to/file.py:factory")
+    sw.add_argument("--split", action="append", required=True, help="split point index or name (repeatable)")
+    sw.add_argument("--kind", action="append", choices=KINDS, help="TL kinds (repeatable; default: both)")
+    sw.add_argument("--ratio", action="append", type=int, choices=RATIOS,
+                    help="bottleneck ratios (repeatable; default: 8, 16, 32)")
+    sw.add_argument("--codec", action="append", help="wire codecs (repeatable; default: raw, fp16, int8+lz4)")
+    sw.add_argument("--steps", type=int, default=150, help="training steps per bottleneck TL (default: 150)")
+    sw.add_argument("--images", type=int, default=64, help="hold-out crops per row (default: 64)")
+    sw.add_argument("--seed", type=int, default=0, help="seed for training and hold-out crops (default: 0)")
+    sw.add_argument("--data", default="", help="image folder, or \"skimage\" (default: the bundled samples)")
+    sw.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default; timings use 1)")
+    sw.add_argument("--out", default="", help="directory for the trained TL artifacts (default: not saved)")
+    sw.add_argument("--table", default="", help="markdown table to write")
+    sw.add_argument("--plot", default="", help="PNG plot to write (needs matplotlib)")
+    sw.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sw.set_defaults(func=cmd_sweep)

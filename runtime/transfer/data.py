@@ -9,12 +9,19 @@ crops come from photos training never saw:
 
 A user folder (``data=DIR``) is divided the same way: every 4th image (sorted) is held out, at
 least one. With a single image both sets use it (documented in the report's ``data`` field).
+
+``data="skimage"`` uses the 16 natural photos bundled in the scikit-image wheel (no download;
+``pip install 'edgesplit[train]'``): :data:`SKIMAGE_IMAGES`, in that order. The hold-out is the
+four photos the bundled samples were made from (camera, chelsea, coffee, rocket; see
+``runtime/models/samples/LICENSE.md``), so training sees 12 photos and never the hold-out ones,
+and the bundled samples stay hold-out images under either data source.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -25,6 +32,51 @@ from runtime.errors import InvalidInput
 from runtime.models.registry import ModelSpec
 
 HOLDOUT_SEED_OFFSET = 1_000_003  # hold-out crops draw from a different seed stream
+
+# Natural photos shipped inside the scikit-image wheel (skimage/data/*), loaded without pooch.
+# Left out: synthetic or binary images (horse, phantom, logo, chessboard, cell, ...), the right
+# half of the stereo motorcycle pair (a near-duplicate of the left) and the multi-page TIFFs.
+SKIMAGE_IMAGES = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
+                  "hubble_deep_field", "immunohistochemistry", "moon", "motorcycle", "page", "retina",
+                  "rocket", "text")
+SKIMAGE_HOLDOUT = ("camera", "chelsea", "coffee", "rocket")  # the bundled samples' originals
+
+
+@dataclass(frozen=True)
+class SkimageImage:
+    """One photo from ``skimage.data``; ``name`` is e.g. ``skimage:astronaut``."""
+
+    key: str
+
+    @property
+    def name(self) -> str:
+        return f"skimage:{self.key}"
+
+    def open(self) -> Image.Image:
+        import skimage.data as sd
+
+        arr = sd.stereo_motorcycle()[0] if self.key == "motorcycle" else getattr(sd, self.key)()
+        return Image.fromarray(np.asarray(arr, dtype=np.uint8)).convert("RGB")
+
+
+Source = Union[Path, SkimageImage]
+
+
+def skimage_images() -> tuple[list[SkimageImage], list[SkimageImage]]:
+    """(training, hold-out) photos from scikit-image; InvalidInput when it is not installed."""
+    try:
+        import skimage.data  # noqa: F401
+    except ImportError:
+        raise InvalidInput("--data skimage needs scikit-image: pip install 'edgesplit[train]'") from None
+    train = [SkimageImage(k) for k in SKIMAGE_IMAGES if k not in SKIMAGE_HOLDOUT]
+    return train, [SkimageImage(k) for k in SKIMAGE_IMAGES if k in SKIMAGE_HOLDOUT]
+
+
+def train_holdout(data=None) -> tuple[list[Source], list[Source]]:
+    """(training, hold-out) images for ``data``: None/"samples", "skimage", a folder, a file or a list."""
+    if isinstance(data, str) and data == "skimage":
+        return skimage_images()  # type: ignore[return-value]
+    return split_holdout(image_paths(data))  # type: ignore[return-value]
 
 
 def image_paths(data: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
@@ -88,14 +140,14 @@ def _random_resized_crop(img: Image.Image, rng: np.random.Generator, size: tuple
     return out
 
 
-def augmented_crops(spec: ModelSpec, paths: Sequence[str | Path], n: int, seed: int) -> torch.Tensor:
+def augmented_crops(spec: ModelSpec, paths: Sequence[str | Path | SkimageImage], n: int, seed: int) -> torch.Tensor:
     """``n`` seeded augmented crops of ``paths`` (cycled in order) as model inputs ``(n, 3, H, W)``.
 
     Deterministic: the same (paths, n, seed) gives the same tensor in every process.
     """
     if not paths:
         raise InvalidInput("no images to crop")
-    images = [load_image(Path(p)) for p in paths]
+    images = [p.open() if isinstance(p, SkimageImage) else load_image(Path(p)) for p in paths]
     rng = np.random.default_rng(seed)
     out = torch.empty((n, 3, *spec.input_size), dtype=torch.float32)
     for i in range(n):
@@ -103,6 +155,6 @@ def augmented_crops(spec: ModelSpec, paths: Sequence[str | Path], n: int, seed: 
     return out
 
 
-def holdout_crops(spec: ModelSpec, paths: Sequence[str | Path], n: int, seed: int = 0) -> torch.Tensor:
+def holdout_crops(spec: ModelSpec, paths: Sequence[str | Path | SkimageImage], n: int, seed: int = 0) -> torch.Tensor:
     """Hold-out crops: same augmentation, a seed stream disjoint from training's."""
     return augmented_crops(spec, paths, n, seed + HOLDOUT_SEED_OFFSET)

@@ -106,7 +106,7 @@ def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
 def evaluate(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, *, images: int = 32, seed: int = 0,
              data=None, codec: str = "int8+lz4", timing: bool = True) -> dict:
     """Fidelity (and, with ``timing``, bytes and ms) on ``images`` hold-out crops."""
-    _, holdout = tl_data.split_holdout(tl_data.image_paths(data))
+    _, holdout = tl_data.train_holdout(data)
     x = tl_data.holdout_crops(loaded.spec, holdout, images, seed)
     report = {"holdout": f"{images} crops of {', '.join(p.name for p in holdout)} (seed stream {seed}+"
                          f"{tl_data.HOLDOUT_SEED_OFFSET})", "fidelity": fidelity(tl, loaded, split, x)}

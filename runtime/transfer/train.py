@@ -58,7 +58,7 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
             raise InvalidInput(f"{name} must be {'>= 0' if name == 'steps' else '>= 1'}, got {value}")
     if not lr > 0:
         raise InvalidInput(f"lr must be > 0, got {lr}")
-    train_paths, holdout_paths = tl_data.split_holdout(tl_data.image_paths(data))
+    train_paths, holdout_paths = tl_data.train_holdout(data)
     t_start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -1,0 +1,199 @@
+"""``edgesplit tl sweep``: bytes per frame against fidelity for TL kinds x ratios x wire codecs.
+
+For every split: the split without a TL, the reference TL and a bottleneck TL per ratio (trained
+with :func:`runtime.transfer.train.train_tl`, saved under ``out``), each with every codec. A row
+is measured on the same hold-out crops, frame by frame as on the wire: head -> TL encoder ->
+codec encode (``runtime.codec``) -> codec decode -> TL decoder -> tail, so fidelity includes the
+codec's error. Bytes per frame is the serialized ``Tensor`` message (payload plus shape, int8
+scales and zero points), the mean over the hold-out crops. Top-1 agreement and KL(unsplit || row)
+compare against the unsplit model. ``encode_ms`` is the board's extra work per frame (TL encoder
++ codec encode, 1 torch thread, batch 1, median); ``head_ms`` the head itself, measured the same way.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from runtime.codec import get_codec
+from runtime.errors import InvalidInput
+from runtime.transfer import data as tl_data
+from runtime.transfer.evaluate import CHUNK, features_and_outputs, tail_of
+from runtime.transfer.layers import TransferLayer
+
+CODECS = ("raw", "fp16", "int8+lz4")
+CODEC_LABEL = {"raw": "fp32 (raw)"}
+TIMED_FRAMES = 8
+COLUMNS = ("split", "TL", "ratio", "codec", "bytes/frame", "x below raw fp32", "top-1 agreement",
+           "top-1 loss (pp)", "KL", "board encode ms", "encode % of head")
+
+
+def _median_ms(fn, xs) -> float:
+    fn(xs[0])  # warm-up
+    times = []
+    for x in xs:
+        t0 = time.perf_counter()
+        fn(x)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor) -> dict:
+    """One row: every frame of ``h`` through encoder, codec, decoder and ``tail``; vs outputs ``y``."""
+    enc = get_codec(codec)
+    sizes, rec = [], []
+    for i in range(h.shape[0]):
+        msg = enc.encode(encoder(h[i:i + 1]))
+        sizes.append(msg.ByteSize())
+        rec.append(enc.decode(msg))
+    z = torch.cat(rec)
+    yt = torch.cat([tail(decoder(z[i:i + CHUNK])).flatten(1) for i in range(0, z.shape[0], CHUNK)])
+    kl = F.kl_div(F.log_softmax(yt, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        frames = [h[i:i + 1] for i in range(min(TIMED_FRAMES, h.shape[0]))]
+        encode_ms = _median_ms(lambda f: enc.encode(encoder(f)), frames)
+    finally:
+        torch.set_num_threads(threads)
+    return {"codec": codec, "bytes": statistics.mean(sizes), "top1": float((yt.argmax(1) == y.argmax(1)).float().mean()),
+            "kl": float(kl), "encode_ms": encode_ms}
+
+
+def _head_ms(head, x: torch.Tensor) -> float:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _median_ms(head, [x[i:i + 1] for i in range(min(TIMED_FRAMES, x.shape[0]))])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("reference", "bottleneck"),
+          ratios: Sequence[int] = (8, 16, 32), codecs: Sequence[str] = CODECS, steps: int = 150,
+          batch_size: int = 16, data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
+          progress: bool = False, loaded=None) -> dict:
+    """Measure every (split, TL, ratio, codec) row; returns ``{"rows", "holdout", "train", "seconds"}``."""
+    from runtime.models.loader import load_model
+    from runtime.transfer.artifact import save_tl
+    from runtime.transfer.train import train_tl
+
+    if images < 1:
+        raise InvalidInput(f"--images must be >= 1, got {images}")
+    for c in codecs:
+        get_codec(c)  # unknown codec -> InvalidInput before any work
+    t0 = time.perf_counter()
+    loaded = loaded or load_model(model)
+    train, holdout = tl_data.train_holdout(data)
+    x = tl_data.holdout_crops(loaded.spec, holdout, images, seed)
+    rows: list[dict] = []
+    for s in splits:
+        split = loaded.split(s)
+        h, y = features_and_outputs(loaded, split, x)
+        head_ms = _head_ms(loaded.head(split.name), x)
+        raw_bytes = None
+        variants: list[tuple[str, int | None, TransferLayer | None]] = [("none", None, None)]
+        if "reference" in kinds:
+            variants.append(("reference", 4, TransferLayer("reference", split.out_shape).eval()))
+        if "bottleneck" in kinds:
+            for r in ratios:
+                tl, _ = train_tl(loaded, split, "bottleneck", r, steps=steps, batch_size=batch_size, seed=seed,
+                                 data=data, progress=progress, holdout_images=1)
+                variants.append(("bottleneck", r, tl))
+        for kind, ratio, tl in variants:
+            tl_rows = []
+            for c in codecs:
+                if tl is None:
+                    m = measure(torch.nn.Identity(), torch.nn.Identity(), loaded.tail(split.name), c, h, y)
+                else:
+                    m = measure(tl.encoder, tl.decoder, tail_of(tl, loaded, split), c, h, y)
+                if kind == "none" and c == "raw":
+                    raw_bytes = m["bytes"]
+                tl_rows.append({"split": split.name, "split_index": split.index, "kind": kind, "ratio": ratio,
+                                "head_ms": head_ms, **m})
+            if tl is not None and tl.trainable and out is not None:
+                fid = {"top1_agreement": tl_rows[0]["top1"], "kl_divergence": tl_rows[0]["kl"],
+                       "holdout": f"{images} crops of {', '.join(p.name for p in holdout)}"}
+                best = tl_rows[-1]
+                save_tl(tl, loaded, split, out, fidelity=fid,
+                        bytes_per_frame={"codec": best["codec"], f"tl_{best['codec']}": round(best["bytes"], 1)},
+                        training={"steps": steps, "batch_size": batch_size, "seed": seed,
+                                  "data": tl_data.describe(train, holdout)})
+            rows.extend(tl_rows)
+        for r in rows:
+            if r["split"] == split.name:
+                r["raw_fp32_bytes"] = raw_bytes if raw_bytes is not None else 4 * math.prod(split.out_shape)
+    return {"rows": rows, "model": loaded.name, "train": ", ".join(p.name for p in train),
+            "holdout": f"{images} seeded crops of {', '.join(p.name for p in holdout)} (never trained on)",
+            "seconds": time.perf_counter() - t0}
+
+
+def _fmt_row(r: dict) -> list[str]:
+    return [f"{r['split_index']} `{r['split']}`", "no TL" if r["kind"] == "none" else r["kind"],
+            "" if r["ratio"] is None else f"{r['ratio']}", CODEC_LABEL.get(r["codec"], r["codec"]),
+            f"{r['bytes']:,.0f}", f"{r['raw_fp32_bytes'] / r['bytes']:.1f}", f"{r['top1']:.3f}",
+            f"{100 * (1 - r['top1']):.1f}", f"{max(r['kl'], 0.0):.4f}", f"{r['encode_ms']:.3f}",
+            f"{100 * r['encode_ms'] / r['head_ms']:.1f}"]
+
+
+def write_table(result: dict, path: str | Path, command: str) -> None:
+    """A markdown table of every row, the command that made it at the top."""
+    rows = result["rows"]
+    heads = sorted({(r["split_index"], r["split"], r["head_ms"]) for r in rows})
+    lines = [f"# Transfer Layer sweep: {result['model']}", "", "```sh", command, "```", "",
+             f"Training photos: {result['train']}. Hold-out: {result['holdout']}. "
+             f"Sweep time {result['seconds']:.0f} s (training included).", "",
+             "Fidelity is measured after the codec (head -> TL encoder -> codec -> TL decoder -> tail) against "
+             "the unsplit model; bytes/frame is the whole serialized Tensor message; board encode ms is TL "
+             "encoder + codec encode at batch 1 on 1 thread; head ms (same conditions): "
+             + "; ".join(f"split {i} {ms:.2f} ms" for i, _, ms in heads) + ".", "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt_row(r)) + " |" for r in rows]
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def write_plot(result: dict, path: str | Path) -> None:
+    """Top-1 agreement against bytes per frame (log x): a panel per split, marker per TL kind,
+    colour per codec; bottleneck points are labelled with their ratio."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise InvalidInput("--plot needs matplotlib: pip install 'edgesplit[train]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    splits = list(dict.fromkeys((r["split_index"], r["split"]) for r in rows))
+    markers = {"none": "o", "reference": "s", "bottleneck": "^"}
+    codecs = list(dict.fromkeys(r["codec"] for r in rows))
+    colours = dict(zip(codecs, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.2), squeeze=False, sharey=True)
+    for ax, (idx, name) in zip(axes[0], splits):
+        for r in (r for r in rows if r["split"] == name):
+            ax.scatter(r["bytes"], r["top1"], marker=markers.get(r["kind"], "x"), color=colours[r["codec"]],
+                       s=46, edgecolors="black", linewidths=0.4, zorder=3)
+            if r["kind"] == "bottleneck":
+                ax.annotate(f"x{r['ratio']}", (r["bytes"], r["top1"]), textcoords="offset points",
+                            xytext=(4, -10), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_title(f"{result['model']} split {idx} ({name})", fontsize=9)
+        ax.set_xlabel("bytes per frame on the wire (log)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel("top-1 agreement with the unsplit model")
+    handles = [plt.Line2D([], [], ls="", marker=m, color="grey", label="no TL" if k == "none" else f"{k} TL")
+               for k, m in markers.items() if any(r["kind"] == k for r in rows)]
+    handles += [plt.Line2D([], [], ls="", marker="o", color=colours[c], label=CODEC_LABEL.get(c, c)) for c in codecs]
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
