@@ -64,7 +64,9 @@ def fidelity(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, x: torch
     }
 
 
-def _median_ms(fn, xs) -> float:
+def median_ms(fn, xs) -> float:
+    """Median wall time of ``fn(x)`` over ``xs`` in ms, after one untimed warm-up call."""
+    fn(xs[0])
     times = []
     for x in xs:
         t0 = time.perf_counter()
@@ -86,8 +88,8 @@ def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
     torch.set_num_threads(1)
     try:
         tl.encoder(frames[0]), tl.decoder(zs[0])  # warm-up
-        encode_ms = _median_ms(tl.encoder, frames)
-        decode_ms = _median_ms(tl.decoder, zs)
+        encode_ms = median_ms(tl.encoder, frames)
+        decode_ms = median_ms(tl.decoder, zs)
     finally:
         torch.set_num_threads(threads)
     tl_raw = 4 * math.prod(tl.encoded_shape)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from runtime.codec import get_codec
 from runtime.errors import InvalidInput
 from runtime.transfer import data as tl_data
-from runtime.transfer.evaluate import CHUNK, features_and_outputs, tail_of
+from runtime.transfer.evaluate import CHUNK, features_and_outputs, median_ms, tail_of
 from runtime.transfer.layers import TransferLayer
 
 CODECS = ("raw", "fp16", "int8+lz4")
@@ -32,16 +32,6 @@ CODEC_LABEL = {"raw": "fp32 (raw)"}
 TIMED_FRAMES = 8
 COLUMNS = ("split", "TL", "ratio", "codec", "bytes/frame", "x below raw fp32", "top-1 agreement",
            "top-1 loss (pp)", "KL", "board encode ms", "encode % of head")
-
-
-def _median_ms(fn, xs) -> float:
-    fn(xs[0])  # warm-up
-    times = []
-    for x in xs:
-        t0 = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -60,7 +50,7 @@ def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor
     torch.set_num_threads(1)
     try:
         frames = [h[i:i + 1] for i in range(min(TIMED_FRAMES, h.shape[0]))]
-        encode_ms = _median_ms(lambda f: enc.encode(encoder(f)), frames)
+        encode_ms = median_ms(lambda f: enc.encode(encoder(f)), frames)
     finally:
         torch.set_num_threads(threads)
     return {"codec": codec, "bytes": statistics.mean(sizes), "top1": float((yt.argmax(1) == y.argmax(1)).float().mean()),
@@ -72,7 +62,7 @@ def _head_ms(head, x: torch.Tensor) -> float:
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            return _median_ms(head, [x[i:i + 1] for i in range(min(TIMED_FRAMES, x.shape[0]))])
+            return median_ms(head, [x[i:i + 1] for i in range(min(TIMED_FRAMES, x.shape[0]))])
     finally:
         torch.set_num_threads(threads)
 
