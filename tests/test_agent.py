@@ -78,8 +78,9 @@ def test_worker_stopping_with_frames_in_flight(loaded, frames):
     edge = [r for r in results if r.where == "edge"]
     local = [r for r in results if r.where == "local"]
     assert edge and local, [(r.where, r.fallback_reason) for r in results]
-    assert any("stream failed" in r.fallback_reason or "stream closed" in r.fallback_reason for r in local), \
-        [r.fallback_reason for r in local]
+    # frames waiting on the stream when it broke say so (the reader or a concurrent write noticed first)
+    broken = ("stream failed", "stream closed", "write failed")
+    assert any(any(b in r.fallback_reason for b in broken) for r in local), [r.fallback_reason for r in local]
     for r, x_ref in zip(sorted(results, key=lambda r: r.seq), expected):
         assert torch.equal(r.output, x_ref), (r.seq, r.where)
 
