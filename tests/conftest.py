@@ -196,3 +196,15 @@ def terminate(proc: subprocess.Popen, timeout: float) -> int:
     """SIGTERM and wait (bounded); returns the exit code."""
     proc.send_signal(signal.SIGTERM)
     return proc.wait(timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one thread for a module: bit-identical comparisons need a fixed thread count
+    (the workers in these tests run with torch_threads=1 too)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -14,6 +14,8 @@ from runtime.models.loader import load_model
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import serve
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
 SPLIT = "add"  # early split of resnet18: most compute is in the tail, so frames stay in flight
 
 
@@ -26,13 +28,6 @@ def loaded():
 def frames(loaded):
     return [f.tensor for f in open_source(loaded.spec, "synthetic", 12)]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _expected(loaded, frames):

@@ -12,6 +12,8 @@ from runtime.models import build_model, get_spec, list_models, preprocess
 from runtime.models.slicing import INPUT, OUTPUT, SlicedModel
 from runtime.agent.sources import SAMPLES_DIR, load_image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
 # Small inputs keep the sweep fast; the graph (and so the split points) does not depend on size.
 SIZE = 64
 
@@ -21,13 +23,6 @@ FP16_REL_TOL = 0.05
 INT8_REL_TOL = {"efficientnet_lite0": 0.05, "vgg16": 0.05, "resnet18": 0.1}
 INT8_REL_TOL_DEFAULT = 0.6
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # bit-identical comparisons need a fixed thread count
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.timeout(240)

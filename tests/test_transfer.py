@@ -18,6 +18,8 @@ from runtime.transfer.artifact import load_tl, save_tl
 from runtime.transfer.layers import RATIOS, TransferLayer
 from runtime.transfer.train import train_tl
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
 
 def small_model(name: str, hw: tuple[int, int]) -> LoadedModel:
     """A bundled model traced at a small input (same weights and digest as the full-size one)."""
@@ -26,13 +28,6 @@ def small_model(name: str, hw: tuple[int, int]) -> LoadedModel:
     sliced = SlicedModel(model, torch.zeros(1, 3, *hw), name=spec.name)
     return LoadedModel(spec=spec, sliced=sliced, digest=state_dict_digest(model)[:16])
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

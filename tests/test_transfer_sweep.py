@@ -12,13 +12,8 @@ from runtime.errors import InvalidInput
 from runtime.transfer import data as tl_data
 from runtime.transfer.sweep import COLUMNS
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_tiny_sweep_writes_the_table(tmp_path, capsys):

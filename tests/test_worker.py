@@ -29,6 +29,8 @@ from runtime.transport import frame_messages
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import SERVICE_NAME, serve
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
 MODEL = "resnet18"
 SPLIT = "add_6"  # [1, 512, 7, 7], 100,352 bytes raw
 HEAVY = "input"  # the whole network on the edge, for admission and drain
@@ -79,14 +81,6 @@ class Worker:
             await self.ws.drain_and_stop(1)
         await self.channel.close()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # the workers run with torch_threads=1 (process-wide): the local reference uses the same kernels
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
