@@ -1,0 +1,292 @@
+"""Scission-grade split search: rank every configuration of blocks over tiers, under constraints.
+
+A configuration gives each tier a contiguous range of blocks (device first, then edge, cloud ...;
+any tier but the device's origin role may be empty), picks one machine per tier, and for every
+cut between consecutive non-empty tiers one transfer (codec, optionally after a Transfer Layer).
+
+The search is exhaustive but vectorised: for each machine combination and each pattern of
+non-empty tiers, the latency of every cut vector is one numpy expression over a grid of
+(n+1)^k cells (k = tiers after the device), built from prefix sums of block times and per-cut
+link costs. Per cut, the transfer is the cheapest one that passes the constraints (upload cap,
+fidelity floor): link costs are additive and one cut's choice does not touch another's, so for
+latency this is exact; for the throughput objective it is the same choice (a heuristic there).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from planner.costmodel import OBJECTIVES, Configuration, Constraints, Hop, Network, Stage, Tier
+from planner.profile import Profile, Transfer
+from runtime.errors import InvalidInput
+
+MAX_GRID_CELLS = 30_000_000  # (n+1)^k cells per machine combination and pattern
+
+
+@dataclass
+class _LinkCost:
+    """Per cut a in 0..n: the chosen transfer and its parts (inf where no transfer is allowed)."""
+
+    choice: np.ndarray  # index into options[a], -1 = none
+    encode: np.ndarray
+    rtt: float
+    xfer: np.ndarray
+    decode: np.ndarray
+    ret: np.ndarray
+    options: list[tuple[Transfer, ...]]
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.encode + self.rtt + self.xfer + self.decode + self.ret
+
+
+def _check_profiles(tiers: Sequence[Tier]) -> tuple[str, list[str]]:
+    first = None
+    for t in tiers:
+        for p in t.profiles:
+            if first is None:
+                first = p
+            elif p.model != first.model or [b.name for b in p.blocks] != [b.name for b in first.blocks]:
+                raise InvalidInput(f"profiles disagree: {p.machine} has {p.model} with {p.n_blocks} blocks, "
+                                   f"{first.machine} has {first.model} with {first.n_blocks}; all tiers need "
+                                   f"profiles of the same model with the same blocks")
+    if first is None:
+        raise InvalidInput("no profiles to plan with")
+    return first.model, [b.name for b in first.blocks]
+
+
+def _decode_seconds(receiver: Profile, cut: int, t: Transfer) -> float:
+    """The receiver's measured decode time for this transfer; the sender's figure if it has none."""
+    for r in receiver.transfers_after(cut):
+        if r.name == t.name:
+            return r.decode_seconds
+    return t.decode_seconds
+
+
+def _link_cost(sender: Profile, receiver: Profile, src_tier: str, dst_tier: str, network: Network,
+               constraints: Constraints, include_return: bool, result_bytes: int) -> _LinkCost:
+    n = sender.n_blocks
+    link = network.link(sender.machine, receiver.machine, src_tier, dst_tier)
+    bw = link.bandwidth_bytes_per_second
+    cap = constraints.max_upload_bytes.get(src_tier)
+    choice = np.full(n + 1, -1)
+    enc, xfer, dec = (np.full(n + 1, np.inf) for _ in range(3))
+    ret = np.full(n + 1, result_bytes / bw if include_return else 0.0)
+    options = []
+    for a in range(n + 1):
+        opts = sender.transfers_after(a)
+        options.append(opts)
+        best = np.inf
+        for i, t in enumerate(opts):
+            if cap is not None and t.bytes > cap:
+                continue
+            if t.tl_id and constraints.min_fidelity > 0 and (t.fidelity is None or t.fidelity < constraints.min_fidelity):
+                continue
+            d = _decode_seconds(receiver, a, t)
+            cost = t.encode_seconds + t.bytes / bw + d
+            if cost < best:
+                best, choice[a], enc[a], xfer[a], dec[a] = cost, i, t.encode_seconds, t.bytes / bw, d
+    return _LinkCost(choice, enc, link.rtt_seconds, xfer, dec, ret, options)
+
+
+def _axis(v: np.ndarray, axis: int, k: int) -> np.ndarray:
+    shape = [1] * k
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+class _Candidate:
+    __slots__ = ("key", "combo", "chain", "cuts")
+
+    def __init__(self, key, combo, chain, cuts):
+        self.key, self.combo, self.chain, self.cuts = key, combo, chain, cuts
+
+
+def search(tiers: Sequence[Tier], network: Network, constraints: Constraints = Constraints(),
+           objective: str = "latency", top_n: int = 5, include_return: bool = True) -> list[Configuration]:
+    """The ``top_n`` best configurations, best first ([] when none satisfies the constraints)."""
+    if objective not in OBJECTIVES:
+        raise InvalidInput(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+    if not tiers:
+        raise InvalidInput("at least one tier (the device) is needed")
+    names = [t.name for t in tiers]
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"tier names repeat: {names}")
+    _, block_names = _check_profiles(tiers)
+    for b, tier in constraints.pin_blocks.items():
+        if tier not in names:
+            raise InvalidInput(f"block {b} is pinned to tier {tier!r}, which is not one of {names}")
+    n = len(block_names)
+    machines = []
+    for t in tiers:
+        ms = tuple(p for p in t.profiles if (not constraints.include_machines or p.machine in constraints.include_machines)
+                   and p.machine not in constraints.exclude_machines)
+        if not ms and t.required:
+            return []
+        machines.append(ms)
+    if not machines[0]:
+        raise InvalidInput(f"the device tier {tiers[0].name!r} needs a profile (frames start there)")
+    device_required = tiers[0].required or constraints.raw_input_stays or constraints.pin_blocks.get(0) == tiers[0].name
+
+    found: list[_Candidate] = []
+    cache: dict[tuple, _LinkCost] = {}
+    later = range(1, len(tiers))
+    for k in range(0, len(tiers)):
+        for subset in itertools.combinations(later, k):
+            chain = (0, *subset)
+            if any(tiers[i].required and i not in chain for i in range(len(tiers))):
+                continue
+            if k > 0 and (n + 1) ** k > MAX_GRID_CELLS:
+                raise InvalidInput(f"{n} blocks over {k + 1} non-empty tiers is {(n + 1) ** k} configurations per "
+                                   f"machine set, above the {MAX_GRID_CELLS} this search evaluates at once")
+            for combo in itertools.product(*(machines[i] for i in chain)):
+                found.extend(_evaluate(tiers, chain, combo, n, network, constraints, objective, include_return,
+                                       device_required, top_n, cache))
+    found.sort(key=lambda c: c.key)
+    return [_build(tiers, c, n, objective, include_return, cache) for c in found[:top_n]]
+
+
+def _prefix(p: Profile, attr: str = "seconds") -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum([getattr(b, attr) for b in p.blocks], dtype=np.float64)])
+
+
+def _links(tiers, chain, combo, network, constraints, include_return, cache):
+    out = []
+    result_bytes = combo[0].blocks[-1].output_bytes
+    for j in range(1, len(chain)):
+        key = (id(combo[j - 1]), id(combo[j]), chain[j - 1], chain[j])
+        if key not in cache:
+            cache[key] = _link_cost(combo[j - 1], combo[j], tiers[chain[j - 1]].name, tiers[chain[j]].name,
+                                    network, constraints, include_return, result_bytes)
+        out.append(cache[key])
+    return out
+
+
+def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_return, device_required, top_n, cache):
+    k = len(chain) - 1
+    prefix = [_prefix(p) for p in combo]
+    if k == 0:  # everything on the device
+        for b, tier in constraints.pin_blocks.items():
+            if tier != tiers[0].name:
+                return []
+        if any(tiers[0].name in f for f in constraints.forbid_blocks.values()):
+            return []
+        total = float(prefix[0][n])
+        if not _caps_ok_scalar(tiers, constraints, combo[0], total):
+            return []
+        return [_Candidate((total if objective == "latency" else total, total, 0, ()), combo, chain, ())]
+    links = _links(tiers, chain, combo, network, constraints, include_return, cache)
+    idx = np.arange(n + 1)
+    ax = [_axis(idx, j, k) for j in range(k)]  # ax[j]: cut where chain[j+1] starts
+    # tier seconds (compute + its encode and decode) and link seconds
+    tier_sec = []
+    for j in range(k + 1):  # chain[j] runs [start_j, end_j): start_0 = 0, start_j = ax[j-1], end_k = n
+        end = _axis(prefix[j], j, k) if j < k else prefix[j][n]
+        s = end - (_axis(prefix[j], j - 1, k) if j > 0 else 0.0)
+        if j > 0:
+            s = s + _axis(links[j - 1].decode, j - 1, k)
+        if j < k:
+            s = s + _axis(links[j].encode, j, k)
+        tier_sec.append(s)
+    link_sec = [_axis(links[j].rtt + links[j].xfer + links[j].ret, j, k) for j in range(k)]
+    total = sum(tier_sec) + sum(link_sec)
+    total = np.broadcast_to(total, (n + 1,) * k).copy()
+    # feasibility: later tiers non-empty and in order; the device runs block 0 when it must
+    ok = np.ones_like(total, dtype=bool)
+    if device_required:
+        ok &= ax[0] >= 1
+    for j in range(1, k):
+        ok &= ax[j] > ax[j - 1]
+    ok &= ax[k - 1] < n
+    # pins: block b runs on tier t <=> start(t) <= b < end(t)
+    pos = {tiers[i].name: j for j, i in enumerate(chain)}
+    for b, tname in constraints.pin_blocks.items():
+        if tname not in pos:
+            return []
+        j = pos[tname]
+        if j > 0:
+            ok &= ax[j - 1] <= b
+        if j < k:
+            ok &= ax[j] > b
+    for b, forbidden in constraints.forbid_blocks.items():
+        for tname in forbidden:
+            if tname in pos:
+                j = pos[tname]
+                inside = np.ones_like(ok)
+                if j > 0:
+                    inside = inside & (ax[j - 1] <= b)
+                if j < k:
+                    inside = inside & (ax[j] > b)
+                ok &= ~inside
+    for j, i in enumerate(chain):
+        tname = tiers[i].name
+        cap = constraints.max_tier_seconds.get(tname)
+        if cap is not None:
+            ok &= tier_sec[j] <= cap
+        share = constraints.max_tier_share.get(tname)
+        if share is not None:
+            ok &= tier_sec[j] <= share * total
+        mem = constraints.max_memory_bytes.get(tname)
+        if mem is not None:
+            pm = _prefix(combo[j], "param_bytes")
+            used = (_axis(pm, j, k) if j < k else pm[n]) - (_axis(pm, j - 1, k) if j > 0 else 0.0)
+            ok &= used <= mem
+    ok &= np.isfinite(total)
+    if objective == "latency":
+        value = np.where(ok, total, np.inf)
+    else:
+        stages = np.maximum.reduce([np.broadcast_to(s, total.shape) for s in tier_sec]
+                                   + [np.broadcast_to(_axis(link.xfer, j, k), total.shape) for j, link in enumerate(links)])
+        value = np.where(ok, stages, np.inf)
+    flat = value.ravel()
+    m = min(top_n, flat.size)
+    picks = np.argpartition(flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
+    out = []
+    tflat = total.ravel()
+    for p in picks:
+        if not np.isfinite(flat[p]):
+            continue
+        cuts = np.unravel_index(p, total.shape)
+        out.append(_Candidate((float(flat[p]), float(tflat[p]), k, tuple(int(c) for c in cuts)), combo, chain,
+                              tuple(int(c) for c in cuts)))
+    return out
+
+
+def _caps_ok_scalar(tiers, constraints, profile, total):
+    name = tiers[0].name
+    if name in constraints.max_tier_seconds and total > constraints.max_tier_seconds[name]:
+        return False
+    if name in constraints.max_memory_bytes and sum(b.param_bytes for b in profile.blocks) > constraints.max_memory_bytes[name]:
+        return False
+    return True
+
+
+def _build(tiers, c: _Candidate, n: int, objective: str, include_return: bool, cache) -> Configuration:
+    """The full breakdown of one candidate (only the top N get built)."""
+    chain, combo, cuts = c.chain, c.combo, c.cuts
+    k = len(chain) - 1
+    starts = (0, *cuts)
+    ends = (*cuts, n)
+    links = [cache[(id(combo[j - 1]), id(combo[j]), chain[j - 1], chain[j])] for j in range(1, k + 1)]
+    hops = []
+    for j, link in enumerate(links):
+        a = cuts[j]
+        t = link.options[a][int(link.choice[a])]
+        src, dst = combo[j], combo[j + 1]
+        split = "input" if a == 0 else src.blocks[a - 1].name
+        hops.append(Hop(tiers[chain[j]].name, src.machine, tiers[chain[j + 1]].name, dst.machine, a, split, t,
+                        float(link.encode[a]), link.rtt, float(link.xfer[a]), float(link.decode[a]), float(link.ret[a])))
+    stages = []
+    for j in range(k + 1):
+        p = combo[j]
+        compute = float(sum(b.seconds for b in p.blocks[starts[j]:ends[j]]))
+        extra = (hops[j - 1].decode_seconds if j > 0 else 0.0) + (hops[j].encode_seconds if j < k else 0.0)
+        stages.append(Stage(tiers[chain[j]].name, p.machine, starts[j], ends[j], compute, compute + extra))
+    total = sum(s.seconds for s in stages) + sum(h.rtt_seconds + h.transfer_seconds + h.return_seconds for h in hops)
+    slowest = max([s.seconds for s in stages] + [h.transfer_seconds for h in hops])
+    return Configuration(seconds=total, fps=1.0 / slowest if slowest > 0 else float("inf"), stages=tuple(stages),
+                         hops=tuple(hops), objective=objective)
