@@ -153,6 +153,7 @@ class Configuration:
         return out
 
     def describe(self) -> str:
-        parts = [f"{s.tier}({s.machine})=blocks {s.first_block}-{s.end_block - 1}" for s in self.stages]
+        parts = [f"{s.tier}({s.machine})=" + (f"blocks {s.first_block}-{s.end_block - 1}" if s.end_block > s.first_block
+                                              else "no blocks") for s in self.stages]
         via = ", ".join(f"{h.split}:{h.transfer.name}" for h in self.hops)
         return "; ".join(parts) + (f" via {via}" if via else "")

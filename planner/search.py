@@ -59,12 +59,55 @@ def _check_profiles(tiers: Sequence[Tier]) -> tuple[str, list[str]]:
     return first.model, [b.name for b in first.blocks]
 
 
-def _decode_seconds(receiver: Profile, cut: int, t: Transfer) -> float:
-    """The receiver's measured decode time for this transfer; the sender's figure if it has none."""
-    for r in receiver.transfers_after(cut):
-        if r.name == t.name:
-            return r.decode_seconds
-    return t.decode_seconds
+@dataclass
+class _Table:
+    """A profile's transfers as arrays: row a = the tensor after a blocks, column = option slot."""
+
+    names: list[tuple[str, ...]]
+    options: list[tuple[Transfer, ...]]
+    nbytes: np.ndarray  # (n+1, K), inf where a row has fewer options
+    encode: np.ndarray
+    decode: np.ndarray
+    fidelity: np.ndarray  # nan = not measured
+    is_tl: np.ndarray
+    seconds: np.ndarray  # prefix sums of block times, length n+1
+    params: np.ndarray  # prefix sums of param_bytes
+
+
+_TABLES: dict[int, tuple[Profile, _Table]] = {}  # id -> (profile kept alive, table); live re-planning reuses it
+
+
+def _table(p: Profile) -> _Table:
+    hit = _TABLES.get(id(p))
+    if hit is not None and hit[0] is p:
+        return hit[1]
+    options = [p.transfers_after(a) for a in range(p.n_blocks + 1)]
+    width = max(len(o) for o in options)
+    missing = (np.inf, 0.0, 0.0, np.nan, 0.0)
+    cells = np.array([[(t.bytes, t.encode_seconds, t.decode_seconds,
+                        np.nan if t.fidelity is None else t.fidelity, 1.0 if t.tl_id else 0.0) for t in o]
+                      + [missing] * (width - len(o)) for o in options], dtype=np.float64)
+    nbytes, enc, dec, fid = cells[..., 0], cells[..., 1], cells[..., 2], cells[..., 3]
+    tl = cells[..., 4] > 0
+    table = _Table([tuple(t.name for t in o) for o in options], options, nbytes, enc, dec, fid, tl,
+                   _prefix(p, "seconds"), _prefix(p, "param_bytes"))
+    if len(_TABLES) > 256:
+        _TABLES.clear()
+    _TABLES[id(p)] = (p, table)
+    return table
+
+
+def _receiver_decode(sender: _Table, receiver: _Table) -> np.ndarray:
+    """The receiver's measured decode time per option; the sender's figure where it has none."""
+    if sender.names == receiver.names:
+        return receiver.decode
+    dec = sender.decode.copy()
+    for a, names in enumerate(sender.names):
+        theirs = dict(zip(receiver.names[a], receiver.decode[a])) if a < len(receiver.names) else {}
+        for i, name in enumerate(names):
+            if name in theirs:
+                dec[a, i] = theirs[name]
+    return dec
 
 
 def _link_cost(sender: Profile, receiver: Profile, src_tier: str, dst_tier: str, network: Network,
@@ -72,25 +115,24 @@ def _link_cost(sender: Profile, receiver: Profile, src_tier: str, dst_tier: str,
     n = sender.n_blocks
     link = network.link(sender.machine, receiver.machine, src_tier, dst_tier)
     bw = link.bandwidth_bytes_per_second
+    st, rt = _table(sender), _table(receiver)
+    dec = _receiver_decode(st, rt)
+    xfer = st.nbytes / bw
+    cost = st.encode + xfer + dec
+    allowed = np.isfinite(st.nbytes)
     cap = constraints.max_upload_bytes.get(src_tier)
-    choice = np.full(n + 1, -1)
-    enc, xfer, dec = (np.full(n + 1, np.inf) for _ in range(3))
+    if cap is not None:
+        allowed &= st.nbytes <= cap
+    if constraints.min_fidelity > 0:
+        allowed &= ~st.is_tl | (st.fidelity >= constraints.min_fidelity)  # nan (unmeasured) fails
+    cost = np.where(allowed, cost, np.inf)
+    choice = np.argmin(cost, axis=1)
+    rows = np.arange(n + 1)
+    none = ~np.isfinite(cost[rows, choice])
+    pick = lambda m: np.where(none, np.inf, m[rows, choice])  # noqa: E731
     ret = np.full(n + 1, result_bytes / bw if include_return else 0.0)
-    options = []
-    for a in range(n + 1):
-        opts = sender.transfers_after(a)
-        options.append(opts)
-        best = np.inf
-        for i, t in enumerate(opts):
-            if cap is not None and t.bytes > cap:
-                continue
-            if t.tl_id and constraints.min_fidelity > 0 and (t.fidelity is None or t.fidelity < constraints.min_fidelity):
-                continue
-            d = _decode_seconds(receiver, a, t)
-            cost = t.encode_seconds + t.bytes / bw + d
-            if cost < best:
-                best, choice[a], enc[a], xfer[a], dec[a] = cost, i, t.encode_seconds, t.bytes / bw, d
-    return _LinkCost(choice, enc, link.rtt_seconds, xfer, dec, ret, options)
+    return _LinkCost(np.where(none, -1, choice), pick(st.encode), link.rtt_seconds, pick(xfer), pick(dec), ret,
+                     st.options)
 
 
 def _axis(v: np.ndarray, axis: int, k: int) -> np.ndarray:
@@ -125,10 +167,10 @@ def search(tiers: Sequence[Tier], network: Network, constraints: Constraints = C
     for t in tiers:
         ms = tuple(p for p in t.profiles if (not constraints.include_machines or p.machine in constraints.include_machines)
                    and p.machine not in constraints.exclude_machines)
-        if not ms and t.required:
-            return []
+        if not ms and (t.required or t is tiers[0]):
+            return []  # the constraints leave no machine for a tier that must run
         machines.append(ms)
-    if not machines[0]:
+    if not tiers[0].profiles:
         raise InvalidInput(f"the device tier {tiers[0].name!r} needs a profile (frames start there)")
     device_required = tiers[0].required or constraints.raw_input_stays or constraints.pin_blocks.get(0) == tiers[0].name
 
@@ -168,7 +210,7 @@ def _links(tiers, chain, combo, network, constraints, include_return, cache):
 
 def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_return, device_required, top_n, cache):
     k = len(chain) - 1
-    prefix = [_prefix(p) for p in combo]
+    prefix = [_table(p).seconds for p in combo]
     if k == 0:  # everything on the device
         for b, tier in constraints.pin_blocks.items():
             if tier != tiers[0].name:
@@ -232,7 +274,7 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
             ok &= tier_sec[j] <= share * total
         mem = constraints.max_memory_bytes.get(tname)
         if mem is not None:
-            pm = _prefix(combo[j], "param_bytes")
+            pm = _table(combo[j]).params
             used = (_axis(pm, j, k) if j < k else pm[n]) - (_axis(pm, j - 1, k) if j > 0 else 0.0)
             ok &= used <= mem
     ok &= np.isfinite(total)
@@ -260,6 +302,8 @@ def _caps_ok_scalar(tiers, constraints, profile, total):
     name = tiers[0].name
     if name in constraints.max_tier_seconds and total > constraints.max_tier_seconds[name]:
         return False
+    if name in constraints.max_tier_share and constraints.max_tier_share[name] < 1.0:
+        return False
     if name in constraints.max_memory_bytes and sum(b.param_bytes for b in profile.blocks) > constraints.max_memory_bytes[name]:
         return False
     return True
@@ -283,7 +327,8 @@ def _build(tiers, c: _Candidate, n: int, objective: str, include_return: bool, c
     stages = []
     for j in range(k + 1):
         p = combo[j]
-        compute = float(sum(b.seconds for b in p.blocks[starts[j]:ends[j]]))
+        prefix = _table(p).seconds
+        compute = float(prefix[ends[j]] - prefix[starts[j]])
         extra = (hops[j - 1].decode_seconds if j > 0 else 0.0) + (hops[j].encode_seconds if j < k else 0.0)
         stages.append(Stage(tiers[chain[j]].name, p.machine, starts[j], ends[j], compute, compute + extra))
     total = sum(s.seconds for s in stages) + sum(h.rtt_seconds + h.transfer_seconds + h.return_seconds for h in hops)

@@ -1,0 +1,320 @@
+"""The cost model and split search: hand-computed examples, the peers' published results, every
+constraint, and agreement with a brute-force enumeration on random instances."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from planner.costmodel import Constraints, Link, Network, Tier, pin_layers
+from planner.peers import import_network, import_profiles, load_network, network_to_json
+from planner.profile import Block, Profile, Transfer
+from planner.search import search
+from runtime.errors import InvalidInput
+
+PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
+needs_peers = pytest.mark.skipif(not (PEERS / "scission_benchmarks.json").exists(),
+                                 reason=f"peer benchmark data not at {PEERS}")
+
+
+def _profile(machine, role, seconds, out_bytes, transfers=None, params=None, input_bytes=1000):
+    blocks = []
+    for i, (s, b) in enumerate(zip(seconds, out_bytes)):
+        tr = transfers[i] if transfers else ()
+        blocks.append(Block(i, "output" if i == len(seconds) - 1 else f"b{i}", s, b,
+                            param_bytes=params[i] if params else 0, transfers=tuple(tr)))
+    return Profile(machine, role, "m", tuple(blocks), input_bytes)
+
+
+def test_hand_computed_two_tiers():
+    # 3 blocks; device 1 s each, edge 0.1 s each; link 0.05 s RTT, 1000 B/s
+    dev = _profile("pi", "device", [1.0, 1.0, 1.0], [500, 100, 10])
+    edge = _profile("srv", "edge", [0.1, 0.1, 0.1], [500, 100, 10])
+    net = Network({("pi", "srv"): Link(0.05, 1000.0)})
+    ranked = search([Tier("device", (dev,)), Tier("edge", (edge,))], net, top_n=10, include_return=False)
+    got = {c.device_blocks: c.seconds for c in ranked}
+    # cut after a blocks: a*1.0 + 0.05 + bytes/1000 + (3-a)*0.1 ; a=0 sends the 1000-byte input
+    assert got[0] == pytest.approx(0.05 + 1.0 + 0.3)
+    assert got[1] == pytest.approx(1.0 + 0.05 + 0.5 + 0.2)
+    assert got[2] == pytest.approx(2.0 + 0.05 + 0.1 + 0.1)
+    assert got[3] == pytest.approx(3.0)  # all local
+    assert ranked[0].device_blocks == 0 and [c.seconds for c in ranked] == sorted(c.seconds for c in ranked)
+    # with the result's 10 bytes coming back: + 10/1000 s on every configuration that used the link
+    back = search([Tier("device", (dev,)), Tier("edge", (edge,))], net, top_n=10, include_return=True)
+    assert {c.device_blocks: c.seconds for c in back}[1] == pytest.approx(1.75 + 0.01)
+    assert {c.device_blocks: c.seconds for c in back}[3] == pytest.approx(3.0)
+    best = ranked[0]
+    assert best.breakdown()["transfer:device->edge"] == pytest.approx(1.0)
+    assert best.hops[0].split == "input" and best.upload_bytes == 1000
+
+
+def test_codec_and_tl_choice_per_cut():
+    tr = [[Transfer("raw", 4000, codec="raw"), Transfer("int8+lz4", 1000, 0.1, 0.1, codec="int8+lz4"),
+           Transfer("tl-a+int8+lz4", 100, 0.2, 0.2, codec="int8+lz4", tl_id="tl-a", fidelity=0.9)],
+          [Transfer("raw", 40, codec="raw")]]
+    dev = _profile("pi", "device", [0.1, 5.0], [4000, 40], tr)
+    edge = _profile("srv", "edge", [0.1, 0.1], [4000, 40], tr)
+    net = Network({("device", "edge"): Link(0.0, 1000.0)})
+    tiers = [Tier("device", (dev,), required=True), Tier("edge", (edge,))]
+    best = search(tiers, net, include_return=False)[0]
+    assert best.hops[0].transfer.tl_id == "tl-a" and best.seconds == pytest.approx(0.1 + 0.2 + 0.1 + 0.2 + 0.1)
+    # a fidelity floor above the TL's measured 0.9 leaves int8+lz4
+    best = search(tiers, net, Constraints(min_fidelity=0.95), include_return=False)[0]
+    assert best.hops[0].transfer.name == "int8+lz4" and best.seconds == pytest.approx(0.1 + 0.1 + 1.0 + 0.1 + 0.1)
+    # an upload cap below every transfer of block 0 forces the other cut
+    best = search(tiers, net, Constraints(max_upload_bytes={"device": 50}), include_return=False)[0]
+    assert best.device_blocks == 2 or best.hops[0].transfer.bytes <= 50
+
+
+@needs_peers
+def test_reproduces_scission_vgg19_query():
+    profiles = import_profiles(PEERS / "scission_benchmarks.json")
+    net = import_network(PEERS / "scission_benchmarks.json", "default")
+    by_role: dict[str, list[Profile]] = {}
+    for (machine, model), p in sorted(profiles.items()):
+        if model == "vgg19":
+            by_role.setdefault(p.role, []).append(p)
+    tiers = [Tier("device", tuple(by_role["device"]), required=True), Tier("edge", tuple(by_role["edge"])),
+             Tier("cloud", tuple(by_role["cloud"]))]
+    pins = pin_layers(by_role["device"][0], {10: "edge", 16: "cloud"})
+    best = search(tiers, net, Constraints(pin_blocks=pins), top_n=3, include_return=False)[0]
+    assert round(best.seconds, 4) == 9.0106
+    assert round(best.upload_bytes / 1e6, 4) == 2.4087
+    assert [(s.tier, s.machine, s.first_block, s.end_block - 1) for s in best.stages] == [
+        ("device", "raspi4", 0, 5), ("edge", "vm2Core", 6, 10), ("cloud", "6700k(GPU)", 11, 24)]
+
+
+@needs_peers
+def test_reproduces_scissiontl_densenet169():
+    path = PEERS / "scissiontl_benchmarks.json"
+    profiles = import_profiles(path)
+    net = import_network(path)
+    tiers = [Tier("device", (profiles[("tx2_gpu", "densenet169")],), required=True),
+             Tier("edge", (profiles[("ampere", "densenet169")],))]
+    with_tl = search(tiers, net, include_return=False)[0]
+    assert round(with_tl.seconds, 4) == 0.1261 and with_tl.hops[0].transfer.tl_id
+    # the imported TL has no measured fidelity, so any fidelity floor leaves plain transfers
+    without = search(tiers, net, Constraints(min_fidelity=0.5), include_return=False)[0]
+    assert round(without.seconds, 3) == 0.190 and not without.hops[0].transfer.tl_id
+
+
+# -- brute force ---------------------------------------------------------------------------------
+
+def _brute(tiers, net, cons, objective, include_return):
+    """Every machine set, cut vector and transfer choice, straight from the definitions."""
+    n = tiers[0].profiles[0].n_blocks
+    out, seen = [], set()
+    for combo in itertools.product(*(t.profiles for t in tiers)):
+        for cuts in itertools.combinations_with_replacement(range(n + 1), len(tiers) - 1):
+            bounds = [0, *cuts, n]
+            ranges = [(bounds[i], bounds[i + 1]) for i in range(len(tiers))]
+            chain = [0] + [i for i in range(1, len(tiers)) if ranges[i][0] < ranges[i][1]]
+            if any(t.required and i not in chain for i, t in enumerate(tiers)):
+                continue
+            if (tiers[0].required or cons.raw_input_stays) and ranges[0][1] == 0:
+                continue
+            if any(combo[i].machine in cons.exclude_machines for i in chain):
+                continue
+            key = tuple((combo[i].machine, ranges[i]) for i in chain)
+            if key in seen:  # the same configuration through a machine of a tier that runs nothing
+                continue
+            seen.add(key)
+            runs = {b: tiers[i].name for i in chain for b in range(*ranges[i])}
+            if any(runs.get(b) != t for b, t in cons.pin_blocks.items()):
+                continue
+            if any(runs.get(b) in f for b, f in cons.forbid_blocks.items()):
+                continue
+            hop_opts = []
+            for j in range(1, len(chain)):
+                s, d = combo[chain[j - 1]], combo[chain[j]]
+                a = ranges[chain[j]][0]
+                opts = [t for t in s.transfers_after(a)
+                        if t.bytes <= cons.max_upload_bytes.get(tiers[chain[j - 1]].name, math.inf)
+                        and (not t.tl_id or not cons.min_fidelity or (t.fidelity or 0) >= cons.min_fidelity)]
+                dec = {t.name: t.decode_seconds for t in d.transfers_after(a)}
+                link = net.link(s.machine, d.machine, tiers[chain[j - 1]].name, tiers[chain[j]].name)
+                hop_opts.append([(t, dec.get(t.name, t.decode_seconds), link) for t in opts])
+            best = math.inf  # one configuration per machine set and cut vector: its best transfers
+            for choice in itertools.product(*hop_opts):
+                tier_s = {}
+                for j, i in enumerate(chain):
+                    p = combo[i]
+                    s = sum(b.seconds for b in p.blocks[ranges[i][0]:ranges[i][1]])
+                    if j > 0:
+                        s += choice[j - 1][1]
+                    if j < len(chain) - 1:
+                        s += choice[j][0].encode_seconds
+                    tier_s[tiers[i].name] = s
+                links = [c[2].rtt_seconds + c[0].bytes / c[2].bandwidth_bytes_per_second
+                         + (combo[0].blocks[-1].output_bytes / c[2].bandwidth_bytes_per_second if include_return else 0)
+                         for c in choice]
+                total = sum(tier_s.values()) + sum(links)
+                if any(tier_s[t] > cap for t, cap in cons.max_tier_seconds.items() if t in tier_s):
+                    continue
+                if any(tier_s[t] > sh * total for t, sh in cons.max_tier_share.items() if t in tier_s):
+                    continue
+                mem_ok = all(sum(b.param_bytes for b in combo[i].blocks[ranges[i][0]:ranges[i][1]])
+                             <= cons.max_memory_bytes.get(tiers[i].name, math.inf) for i in chain)
+                if not mem_ok:
+                    continue
+                stages = list(tier_s.values()) + [c[0].bytes / c[2].bandwidth_bytes_per_second for c in choice]
+                best = min(best, total if objective == "latency" else max(stages))
+            if best < math.inf:
+                out.append(best)
+    return sorted(out)
+
+
+def _random_instance(rng: random.Random, n: int, options: int):
+    tiers = []
+    for t, (role, speed) in enumerate((("device", 1.0), ("edge", 4.0), ("cloud", 10.0))):
+        profs = []
+        for m in range(rng.choice((1, 2))):
+            seconds = [rng.uniform(0.01, 0.2) / speed for _ in range(n)]
+            outs = [rng.randint(100, 5000) for _ in range(n)]
+            trs = []
+            for i in range(n):
+                opts = [Transfer("raw", outs[i], codec="raw")]
+                if options > 1:
+                    opts.append(Transfer("int8+lz4", outs[i] // 4, rng.uniform(0, 0.01), rng.uniform(0, 0.01), codec="int8+lz4"))
+                if options > 2:
+                    opts.append(Transfer("tl+int8", outs[i] // 16, rng.uniform(0, 0.02), rng.uniform(0, 0.02),
+                                         codec="int8", tl_id="tl", fidelity=rng.choice((None, 0.8, 0.99))))
+                trs.append(opts)
+            params = [rng.randint(0, 1000) for _ in range(n)]
+            p = _profile(f"{role}{m}", role, seconds, outs, trs, params, input_bytes=6000)
+            profs.append(p)
+        tiers.append(Tier(role, tuple(profs)))
+    # identical block outputs across tiers (the same model): reuse the device's sizes and transfers' bytes
+    ref = tiers[0].profiles[0]
+    fixed = []
+    for t in tiers:
+        fixed.append(replace(t, profiles=tuple(
+            replace(p, blocks=tuple(replace(b, output_bytes=rb.output_bytes, transfers=tuple(
+                replace(x, bytes=rx.bytes) for x, rx in zip(b.transfers, rb.transfers))) for b, rb in zip(p.blocks, ref.blocks)))
+            for p in t.profiles)))
+    links = {}
+    names = [p.machine for t in fixed for p in t.profiles]
+    for a, b in itertools.combinations(names, 2):
+        links[(a, b)] = Link(rng.uniform(0, 0.05), rng.uniform(2e3, 1e5))
+    return fixed, Network(links)
+
+
+def _random_constraints(rng, tiers, n, options):
+    names = [t.name for t in tiers]
+    kw = {}
+    pick = rng.randrange(9)
+    if pick == 0:
+        kw["pin_blocks"] = {rng.randrange(n): rng.choice(names)}
+    elif pick == 1:
+        kw["forbid_blocks"] = {rng.randrange(n): frozenset({rng.choice(names)})}
+    elif pick == 2:
+        kw["raw_input_stays"] = True
+    elif pick == 3:
+        kw["max_upload_bytes"] = {"device": rng.randint(200, 3000)}
+    elif pick == 4 and options == 1:  # tier caps: exact only where there is no transfer choice
+        kw["max_tier_seconds"] = {rng.choice(names): rng.uniform(0.05, 0.5)}
+    elif pick == 5 and options == 1:
+        kw["max_tier_share"] = {"device": rng.uniform(0.2, 0.8)}
+    elif pick == 6:
+        kw["max_memory_bytes"] = {"device": rng.randint(0, 3000)}
+    elif pick == 7:
+        kw["exclude_machines"] = frozenset({rng.choice([p.machine for t in tiers for p in t.profiles])})
+    elif pick == 8:
+        kw["min_fidelity"] = 0.9
+    return Constraints(**kw)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_matches_brute_force(seed):
+    rng = random.Random(seed)
+    n, options = rng.randint(1, 6), rng.choice((1, 2, 3))
+    tiers, net = _random_instance(rng, n, options)
+    if rng.random() < 0.3:
+        tiers = [replace(tiers[0], required=True), *tiers[1:]]
+    cons = _random_constraints(rng, tiers, n, options)
+    objective = "latency" if seed % 3 else "throughput"
+    include_return = bool(seed % 2)
+    ranked = search(tiers, net, cons, objective=objective, top_n=5, include_return=include_return)
+    want = _brute(tiers, net, cons, objective, include_return)
+    if objective == "latency":
+        assert [round(c.seconds, 9) for c in ranked] == [round(v, 9) for v in want[:5]]
+    else:  # the search picks the per-cut transfer by latency; its best is still feasible and close
+        if options == 1:
+            assert [round(1 / c.fps, 9) for c in ranked][:1] == [round(v, 9) for v in want[:1]]
+        assert bool(ranked) == bool(want)
+
+
+def test_every_configuration_honours_its_constraints():
+    rng = random.Random(7)
+    tiers, net = _random_instance(rng, 6, 2)
+    cons = Constraints(pin_blocks={2: "edge"}, forbid_blocks={4: frozenset({"device"})}, raw_input_stays=True,
+                       max_upload_bytes={"device": 4000}, max_memory_bytes={"device": 2500},
+                       exclude_machines=frozenset({"cloud1"}))
+    ranked = search(tiers, net, cons, top_n=50)
+    assert ranked
+    for c in ranked:
+        runs = {b: s.tier for s in c.stages for b in range(s.first_block, s.end_block)}
+        assert runs[2] == "edge" and runs.get(4) != "device" and c.stages[0].end_block >= 1
+        assert all(h.transfer.bytes <= 4000 for h in c.hops if h.src_tier == "device")
+        dev = next(p for t in tiers for p in t.profiles if p.machine == c.stages[0].machine)
+        assert sum(b.param_bytes for b in dev.blocks[: c.stages[0].end_block]) <= 2500
+        assert all(s.machine != "cloud1" for s in c.stages)
+
+
+def test_empty_middle_tier_sends_straight_to_the_cloud():
+    dev = _profile("pi", "device", [1.0, 1.0], [100, 10])
+    edge = _profile("e", "edge", [0.9, 0.9], [100, 10])
+    cloud = _profile("c", "cloud", [0.01, 0.01], [100, 10])
+    net = Network({("pi", "e"): Link(0.5, 1e6), ("e", "c"): Link(0.5, 1e6), ("pi", "c"): Link(0.1, 1e6)})
+    best = search([Tier("device", (dev,)), Tier("edge", (edge,)), Tier("cloud", (cloud,))], net, include_return=False)[0]
+    assert [s.tier for s in best.stages] == ["device", "cloud"] and best.hops[0].dst_machine == "c"
+
+
+def test_bad_inputs_are_refused_with_reasons():
+    dev = _profile("pi", "device", [1.0, 1.0], [100, 10])
+    other = replace(_profile("e", "edge", [1.0], [10]), model="m")
+    net = Network({("pi", "e"): Link(0.1, 1e3)})
+    with pytest.raises(InvalidInput, match="same model with the same blocks"):
+        search([Tier("device", (dev,)), Tier("edge", (other,))], net)
+    edge = _profile("e", "edge", [1.0, 1.0], [100, 10])
+    with pytest.raises(InvalidInput, match="no link between pi"):
+        search([Tier("device", (dev,)), Tier("edge", (edge,))], Network({}))
+    with pytest.raises(InvalidInput, match="pinned to tier 'cloud'"):
+        search([Tier("device", (dev,)), Tier("edge", (edge,))], net, Constraints(pin_blocks={0: "cloud"}))
+    with pytest.raises(InvalidInput, match="objective"):
+        search([Tier("device", (dev,))], net, objective="fastest")
+    with pytest.raises(InvalidInput, match="bandwidth > 0"):
+        Link(0.1, 0)
+    assert search([Tier("device", (dev,)), Tier("edge", (edge,), required=True)], net,
+                  Constraints(exclude_machines=frozenset({"e"}))) == []
+
+
+def test_network_file_round_trip(tmp_path):
+    net = Network({("pi", "e"): Link.from_mbps(20.0, 1.6)})
+    p = tmp_path / "net.json"
+    p.write_text(network_to_json(net))
+    got = load_network(p).links[("pi", "e")]
+    assert got.rtt_seconds == pytest.approx(0.02) and got.bandwidth_bytes_per_second == pytest.approx(200_000)
+    p.write_text('{"links": [{"source": "pi"}]}')
+    with pytest.raises(InvalidInput, match="needs source, destination"):
+        load_network(p)
+
+
+@needs_peers
+def test_importer_refuses_bad_peer_data(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text('{"machines": {"pi": {"tier": "device", "models": {"m": [{"block": 1}]}}}}')
+    with pytest.raises(InvalidInput, match="numbered 0, 1"):
+        import_profiles(p)
+    p.write_text('{"machines": {"pi": {"tier": "fog", "models": {}}}}')
+    with pytest.raises(InvalidInput, match="tier 'fog'"):
+        import_profiles(p)
+    # TL entries marked -1 (no TL after the classifier) are left out, not turned into free transfers
+    profiles = import_profiles(PEERS / "scissiontl_benchmarks.json")
+    last = profiles[("tx2_gpu", "densenet169")].blocks[-1]
+    assert [t.name for t in last.transfers] == ["raw"]
