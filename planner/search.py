@@ -222,68 +222,66 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
             return []
         return [_Candidate((total if objective == "latency" else total, total, 0, ()), combo, chain, ())]
     links = _links(tiers, chain, combo, network, constraints, include_return, cache)
+    # Each term of the latency depends on one cut only: tier j's compute is P_j[end] - P_j[start],
+    # so the total is a sum of one vector per axis (h[j] for the cut where chain[j+1] starts).
+    h = []
+    for j in range(k):
+        link = links[j]
+        h.append(prefix[j] - prefix[j + 1] + link.encode + link.rtt + link.xfer + link.decode + link.ret)
+    const = prefix[k][n]
+    # constraints on one cut each: masks of the per-axis vectors
     idx = np.arange(n + 1)
-    ax = [_axis(idx, j, k) for j in range(k)]  # ax[j]: cut where chain[j+1] starts
-    # tier seconds (compute + its encode and decode) and link seconds
-    tier_sec = []
-    for j in range(k + 1):  # chain[j] runs [start_j, end_j): start_0 = 0, start_j = ax[j-1], end_k = n
-        end = _axis(prefix[j], j, k) if j < k else prefix[j][n]
-        s = end - (_axis(prefix[j], j - 1, k) if j > 0 else 0.0)
-        if j > 0:
-            s = s + _axis(links[j - 1].decode, j - 1, k)
-        if j < k:
-            s = s + _axis(links[j].encode, j, k)
-        tier_sec.append(s)
-    link_sec = [_axis(links[j].rtt + links[j].xfer + links[j].ret, j, k) for j in range(k)]
-    total = sum(tier_sec) + sum(link_sec)
-    total = np.broadcast_to(total, (n + 1,) * k).copy()
-    # feasibility: later tiers non-empty and in order; the device runs block 0 when it must
-    ok = np.ones_like(total, dtype=bool)
+    allowed = [np.ones(n + 1, dtype=bool) for _ in range(k)]
     if device_required:
-        ok &= ax[0] >= 1
-    for j in range(1, k):
-        ok &= ax[j] > ax[j - 1]
-    ok &= ax[k - 1] < n
-    # pins: block b runs on tier t <=> start(t) <= b < end(t)
+        allowed[0] &= idx >= 1
+    allowed[k - 1] &= idx < n
     pos = {tiers[i].name: j for j, i in enumerate(chain)}
-    for b, tname in constraints.pin_blocks.items():
+    coupled_forbid = []
+    for b, tname in constraints.pin_blocks.items():  # block b runs on tier t <=> start(t) <= b < end(t)
         if tname not in pos:
             return []
         j = pos[tname]
         if j > 0:
-            ok &= ax[j - 1] <= b
+            allowed[j - 1] &= idx <= b
         if j < k:
-            ok &= ax[j] > b
+            allowed[j] &= idx > b
     for b, forbidden in constraints.forbid_blocks.items():
-        for tname in forbidden:
-            if tname in pos:
-                j = pos[tname]
-                inside = np.ones_like(ok)
-                if j > 0:
-                    inside = inside & (ax[j - 1] <= b)
-                if j < k:
-                    inside = inside & (ax[j] > b)
-                ok &= ~inside
-    for j, i in enumerate(chain):
-        tname = tiers[i].name
-        cap = constraints.max_tier_seconds.get(tname)
-        if cap is not None:
-            ok &= tier_sec[j] <= cap
-        share = constraints.max_tier_share.get(tname)
-        if share is not None:
-            ok &= tier_sec[j] <= share * total
-        mem = constraints.max_memory_bytes.get(tname)
-        if mem is not None:
-            pm = _table(combo[j]).params
-            used = (_axis(pm, j, k) if j < k else pm[n]) - (_axis(pm, j - 1, k) if j > 0 else 0.0)
-            ok &= used <= mem
-    ok &= np.isfinite(total)
-    if objective == "latency":
-        value = np.where(ok, total, np.inf)
-    else:
-        stages = np.maximum.reduce([np.broadcast_to(s, total.shape) for s in tier_sec]
-                                   + [np.broadcast_to(_axis(link.xfer, j, k), total.shape) for j, link in enumerate(links)])
-        value = np.where(ok, stages, np.inf)
+        for tname in forbidden & pos.keys():
+            j = pos[tname]
+            if j == 0:
+                allowed[0] &= idx <= b
+            elif j == k:
+                allowed[k - 1] &= idx > b
+            else:
+                coupled_forbid.append((j, b))
+    h = [np.where(allowed[j], h[j], np.inf) for j in range(k)]
+    total = h[0] + const if k == 1 else _grid_sum(h, const)
+    coupled = (coupled_forbid or objective != "latency" or any(
+        tiers[i].name in d for i in chain for d in (constraints.max_tier_seconds, constraints.max_tier_share,
+                                                    constraints.max_memory_bytes)))
+    value = total
+    if coupled:
+        ax = [_axis(idx, j, k) for j in range(k)]
+        tier_sec = _tier_seconds(prefix, links, k, n)
+        ok = np.ones(total.shape, dtype=bool)
+        for j, b in coupled_forbid:
+            ok &= ~((ax[j - 1] <= b) & (ax[j] > b))
+        for j, i in enumerate(chain):
+            tname = tiers[i].name
+            if tname in constraints.max_tier_seconds:
+                ok &= tier_sec[j] <= constraints.max_tier_seconds[tname]
+            if tname in constraints.max_tier_share:
+                ok &= tier_sec[j] <= constraints.max_tier_share[tname] * total
+            if tname in constraints.max_memory_bytes:
+                pm = _table(combo[j]).params
+                used = (_axis(pm, j, k) if j < k else pm[n]) - (_axis(pm, j - 1, k) if j > 0 else 0.0)
+                ok &= used <= constraints.max_memory_bytes[tname]
+        if objective == "latency":
+            value = np.where(ok, total, np.inf)
+        else:
+            stages = np.maximum.reduce([np.broadcast_to(t, total.shape) for t in tier_sec]
+                                       + [np.broadcast_to(_axis(link.xfer, j, k), total.shape) for j, link in enumerate(links)])
+            value = np.where(ok & np.isfinite(total), stages, np.inf)
     flat = value.ravel()
     m = min(top_n, flat.size)
     picks = np.argpartition(flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
@@ -292,9 +290,42 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
     for p in picks:
         if not np.isfinite(flat[p]):
             continue
-        cuts = np.unravel_index(p, total.shape)
-        out.append(_Candidate((float(flat[p]), float(tflat[p]), k, tuple(int(c) for c in cuts)), combo, chain,
-                              tuple(int(c) for c in cuts)))
+        cuts = tuple(int(c) for c in np.unravel_index(p, total.shape))
+        out.append(_Candidate((float(flat[p]), float(tflat[p]), k, cuts), combo, chain, cuts))
+    return out
+
+
+_ORDER: dict[int, np.ndarray] = {}
+
+
+def _grid_sum(h: list[np.ndarray], const: float) -> np.ndarray:
+    """sum_j h[j][a_j] + const over the grid, inf where the cuts are not strictly increasing."""
+    k, size = len(h), h[0].shape[0]
+    if size not in _ORDER:  # 0 where a < b, inf elsewhere
+        tri = np.full((size, size), np.inf)
+        tri[np.triu_indices(size, 1)] = 0.0
+        _ORDER.clear()
+        _ORDER[size] = tri
+    tri = _ORDER[size]
+    total = h[0][:, None] + (h[1] + const)[None, :]
+    total += tri
+    for j in range(2, k):
+        total = total[..., None] + h[j].reshape((1,) * j + (size,))
+        total += tri.reshape((1,) * (j - 1) + (size, size))
+    return total
+
+
+def _tier_seconds(prefix, links, k, n):
+    """Each non-empty tier's time (compute + its encode and decode) over the grid."""
+    out = []
+    for j in range(k + 1):  # chain[j] runs [start_j, end_j): start_0 = 0, start_j = cut j-1, end_k = n
+        end = _axis(prefix[j], j, k) if j < k else prefix[j][n]
+        t = end - (_axis(prefix[j], j - 1, k) if j > 0 else 0.0)
+        if j > 0:
+            t = t + _axis(links[j - 1].decode, j - 1, k)
+        if j < k:
+            t = t + _axis(links[j].encode, j, k)
+        out.append(t)
     return out
 
 

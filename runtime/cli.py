@@ -204,6 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     from runtime.transfer.cli import add_parser as add_tl_parser
 
     add_tl_parser(sub)  # edgesplit tl train|eval|list
+
+    from planner.plan_cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)  # edgesplit plan, edgesplit import-peers
+
+    from runtime.profile_cli import add_parser as add_profile_parser
+
+    add_profile_parser(sub)  # edgesplit profile
     return parser
 
 

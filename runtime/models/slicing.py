@@ -249,6 +249,38 @@ class SlicedModel:
             env[n] = g.node_copy(n, lookup)
         return self._module(g)
 
+    def span(self, a: str | int, b: str | int) -> tuple[int, int]:
+        """Graph positions (in :attr:`nodes`) of the first node after the cut at ``a`` and of the
+        node whose tensor crosses at ``b``: the nodes :meth:`segment` may run lie between them."""
+        sa, sb = self.split(a), self.split(b)
+        if sa.index >= sb.index:
+            raise InvalidInput(f"a segment runs from an earlier split point to a later one; got "
+                               f"{sa.index} ({sa.name}) -> {sb.index} ({sb.name})")
+        return self.nodes.index(self._crossing_node(sa)) + 1, self.nodes.index(self._crossing_node(sb))
+
+    def segment(self, a: str | int, b: str | int) -> fx.GraphModule:
+        """Module from the tensor at split point ``a`` to the tensor at split point ``b`` (``a < b``).
+
+        ``segment(0, k)`` computes what ``head(k)`` does and ``segment(k, last)`` what ``tail(k)``
+        does; chaining segments over increasing split points gives the full model.
+        """
+        start, stop = self.span(a, b)
+        crossing = self.nodes[start - 1]
+        g = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {crossing: g.placeholder("x")}
+
+        def lookup(n: fx.Node) -> fx.Node:
+            if n not in env:
+                if n.op != "get_attr":  # cannot happen for a valid split point
+                    raise InvalidInput(f"split {self.split(a).name!r} is not a valid cut: {n.name} crosses it")
+                env[n] = g.node_copy(n)
+            return env[n]
+
+        for n in self.nodes[start: stop + 1]:
+            env[n] = g.node_copy(n, lookup)
+        g.output(env[self.nodes[stop]])
+        return self._module(g)
+
     def _module(self, graph: fx.Graph) -> fx.GraphModule:
         gm = fx.GraphModule(self.graph_module, graph)
         gm.graph.eliminate_dead_code()

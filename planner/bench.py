@@ -1,0 +1,68 @@
+"""Planner decision time against model size: ``python -m planner.bench`` (``make bench-planner``).
+
+Synthetic profiles (random block times and sizes, four transfers per block: raw, fp16+lz4,
+int8+lz4, a TL) on device, edge and cloud; constraints on (raw input stays, upload cap, fidelity
+floor). "warm" re-plans with profiles already seen (what live re-planning does when only the
+network changes); "cold" includes building the per-profile transfer tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import random
+import statistics
+import time
+
+from planner import search as search_mod
+from planner.costmodel import Constraints, Link, Network, Tier
+from planner.profile import Block, Profile, Transfer
+
+
+def synthetic(machine: str, role: str, n: int, speed: float, seed: int = 0) -> Profile:
+    rnd = random.Random(seed)
+    blocks = []
+    for i in range(n):
+        out = rnd.randint(10_000, 2_000_000)
+        tr = (Transfer("raw", out, codec="raw"), Transfer("fp16+lz4", out // 2, 1e-4, 1e-4, codec="fp16+lz4"),
+              Transfer("int8+lz4", out // 4, 2e-4, 2e-4, codec="int8+lz4"),
+              Transfer("tl-x+int8+lz4", out // 16, 3e-4, 3e-4, codec="int8+lz4", tl_id="tl-x", fidelity=0.99))
+        blocks.append(Block(i, f"b{i}", rnd.uniform(1e-4, 5e-3) / speed, out, param_bytes=rnd.randint(0, 10**6),
+                            transfers=tr))
+    return Profile(machine, role, "synthetic", tuple(blocks), 600_000)
+
+
+def measure(n: int, machines: int, repeats: int) -> tuple[float, float]:
+    tiers = [Tier(role, tuple(synthetic(f"{role}{m}", role, n, speed, seed=m) for m in range(machines if role != "device" else 1)))
+             for role, speed in (("device", 1.0), ("edge", 5.0), ("cloud", 20.0))]
+    net = Network({("device", "edge"): Link(0.01, 2e6), ("edge", "cloud"): Link(0.02, 1e7), ("device", "cloud"): Link(0.03, 2e6)})
+    cons = Constraints(raw_input_stays=True, max_upload_bytes={"device": 500_000}, min_fidelity=0.95)
+    cold, warm = [], []
+    for _ in range(repeats):
+        search_mod._TABLES.clear()
+        t = time.perf_counter()
+        search_mod.search(tiers, net, cons, top_n=5)
+        cold.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        search_mod.search(tiers, net, cons, top_n=5)
+        warm.append(time.perf_counter() - t)
+    return statistics.median(warm) * 1e3, statistics.median(cold) * 1e3
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, action="append", help="model sizes (default 25 100 200 400 600 1000)")
+    ap.add_argument("--repeats", type=int, default=15)
+    args = ap.parse_args(argv)
+    print(f"# planner decision time ({platform.processor() or platform.machine()}, python {platform.python_version()})")
+    print("| blocks | tiers | machines per tier | warm median ms | cold median ms |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in args.blocks or (25, 100, 200, 400, 600, 1000):
+        for machines in ((1, 2) if n == 600 else (1,)):
+            warm, cold = measure(n, machines, args.repeats)
+            print(f"| {n} | 3 | {machines} | {warm:.2f} | {cold:.2f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
