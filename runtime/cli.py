@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_parser(sub)  # edgesplit plan, edgesplit import-peers
 
+    from planner.validate import add_parser as add_plan_check_parser
+
+    add_plan_check_parser(sub)  # edgesplit plan-check
+
     from runtime.profile_cli import add_parser as add_profile_parser
 
     add_profile_parser(sub)  # edgesplit profile
