@@ -11,18 +11,24 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
-from runtime.codec import Codec, decode_tensor
-from runtime.errors import CODES_BY_NUMBER, EdgesplitError, InvalidInput, Unavailable, from_rpc_error
+from runtime.codec import Codec, decode_tensor, get_codec
+from runtime.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, InvalidInput, PreconditionFailed,
+                            Unavailable, from_rpc_error)
 from runtime.models.loader import LoadedModel
-from runtime.models.slicing import SplitPoint
+from runtime.models.slicing import OUTPUT, SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.transport import TransportOptions, frame_messages
 from runtime.agent.metrics import STAGES, AgentMetrics
+from runtime.agent.telemetry import LinkEstimator, time_health_check
+
+if TYPE_CHECKING:
+    from runtime.transfer.artifact import LoadedTL
 
 logger = logging.getLogger(__name__)
 
@@ -86,10 +92,32 @@ class EdgeStream:
         self._pending: dict[int, asyncio.Future] = {}
         self._open_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
+        self.closed = False  # after close(): never reopened; frames still holding it run locally
+        self.users = 0  # frames that captured a plan using this stream and have not finished
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def is_open(self) -> bool:
         return self._call is not None
+
+    def hold(self) -> None:
+        """A frame starts using this stream (its plan names it)."""
+        self.users += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no frame holds the stream; False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
 
     async def _ensure_open(self) -> None:
         if self._call is not None:
@@ -97,6 +125,8 @@ class EdgeStream:
         async with self._open_lock:
             if self._call is not None:
                 return
+            if self.closed:
+                raise Unavailable(f"stream to {self.address} was closed (the plan moved off this worker)")
             now = time.monotonic()
             if now < self._retry_at:
                 raise Unavailable(f"worker {self.address} unreachable; next try in {self._retry_at - now:.1f}s")
@@ -136,7 +166,7 @@ class EdgeStream:
     def _broken(self, call, reason: str) -> None:
         if self._call is not call:
             return
-        level = logging.INFO if reason == "agent closing" else logging.WARNING
+        level = logging.INFO if reason == "agent closing" or self.closed else logging.WARNING
         logger.log(level, "stream %d to %s ended: %s", self.epoch, self.address, reason)
         self._call = None
         self.metrics.stream_up.set(0)
@@ -176,10 +206,19 @@ class EdgeStream:
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
 
+    async def probe_rtt(self, timeout: float) -> float:
+        """Seconds of one grpc.health.v1 Health/Check on the channel the frames use (same
+        connection, negligible server work). Never opens a stream: raises Unavailable when none is open."""
+        channel = self._channel
+        if channel is None:
+            raise Unavailable(f"no open channel to {self.address}")
+        return await time_health_check(channel, timeout)
+
     def abandon(self, seq: int) -> None:
         self._pending.pop(seq, None)
 
     async def close(self) -> None:
+        self.closed = True
         call = self._call
         if call is not None:
             try:
@@ -195,136 +234,354 @@ class EdgeStream:
             self._channel = None
 
 
+@dataclass(frozen=True)
+class ActivePlan:
+    """Everything one frame needs, switched as a whole.
+
+    A frame reads ``Agent.active`` once, before its first ``await``, and uses only that object
+    until it has its result: head, TL encoder, wire codec, header (split, plan version, TL id),
+    stream, and the local tail for fallback. ``Agent.apply_plan`` builds a new ActivePlan in full
+    and then replaces ``Agent.active`` in one assignment, so a frame never mixes two plans.
+    """
+
+    version: int
+    split: SplitPoint
+    codec: Codec
+    head: torch.nn.Module
+    local_tail: torch.nn.Module
+    tl: LoadedTL | None = None
+    stream: EdgeStream | None = None  # None: every frame runs on the board
+
+    @property
+    def encoder(self) -> torch.nn.Module | None:
+        return self.tl.tl.encoder if self.tl is not None else None
+
+    @property
+    def tl_id(self) -> str:
+        return self.tl.tl_id if self.tl is not None else ""
+
+    @property
+    def worker(self) -> str:
+        return self.stream.address if self.stream is not None else ""
+
+
 class Agent:
-    """Runs the head on the board and the tail on the edge (or locally when it must)."""
+    """Runs the head on the board and the tail on the edge (or locally when it must).
+
+    Plans switch at frame boundaries: :meth:`infer` takes its sequence number and the active plan
+    in the same synchronous step, so frames started before :meth:`apply_plan` swaps the plan
+    finish under the old one (old stream, old split, old ``plan_version`` in their results) and
+    every later frame runs the new one. Sequence numbers keep counting across switches; every
+    frame still gets exactly one result.
+    """
 
     def __init__(self, loaded: LoadedModel, split: SplitPoint, codec: Codec, *, worker: str = "",
                  agent_id: str = "", transport: TransportOptions | None = None,
                  deadline_seconds: float = 2.0, connect_timeout: float = 2.0, reconnect: float = 1.0,
-                 metrics: AgentMetrics | None = None, plan_version: int = 0, tl=None):
+                 metrics: AgentMetrics | None = None, plan_version: int = 0, tl=None, tl_dir: str = "",
+                 prepare_timeout: float = 60.0):
         self.loaded = loaded
-        self.split = split
-        self.codec = codec
         self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}"
         self.deadline_seconds = deadline_seconds
-        self.plan_version = plan_version
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.prepare_timeout = prepare_timeout  # how long apply_plan waits for the worker's Prepare
+        self.worker_address = worker  # the configured worker: used by plans that name none
+        self.tl_dir = tl_dir  # where Transfer Layer ids in plans are resolved
         self.metrics = metrics or AgentMetrics()
         self.transport = transport or TransportOptions()
+        self.link = LinkEstimator(self.metrics)
         # One thread: the board's compute (head, encode, local tail) runs one frame at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="board")
-        self.head = loaded.head(split.name)
-        self._local_tail = loaded.tail(split.name)
         # Transfer Layer (a runtime.transfer.artifact.LoadedTL): its encoder runs after the head, on
         # the board thread, timed as stage "tl_encode"; local fallback still uses the raw head output.
-        self.tl = tl
-        self.encoder = tl.tl.encoder if tl is not None else None
         if tl is not None and (tl.model.name != loaded.name or tl.split.name != split.name):
             raise InvalidInput(f"Transfer Layer {tl.tl_id} is for {tl.model.name}@{tl.split.name}, "
                                f"not {loaded.name}@{split.name}")
-        self.stream = EdgeStream(worker, self.transport, self.metrics, connect_timeout, reconnect) if worker else None
+        stream = self._new_stream(worker) if worker and split.name != OUTPUT else None
+        self._streams: dict[str, EdgeStream] = {worker: stream} if stream is not None else {}
+        self.active = ActivePlan(plan_version, split, codec, loaded.head(split.name), loaded.tail(split.name), tl,
+                                 stream)
+        self.metrics.plan_version.set(plan_version)
+        self._plan_lock = asyncio.Lock()  # one apply_plan at a time
+        self._retiring: set[asyncio.Task] = set()
+        self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)
         self._seq = itertools.count()
 
-    def _header(self, seq: int = 0) -> pb.FrameHeader:
-        return pb.FrameHeader(agent_id=self.agent_id, seq=seq, model_id=self.loaded.name, split_id=self.split.name,
-                              plan_version=self.plan_version, model_digest=self.loaded.digest,
-                              tl_id=self.tl.tl_id if self.tl is not None else "")
+    # The active plan's parts, for callers that predate ActivePlan (read-only).
+    split = property(lambda self: self.active.split)
+    codec = property(lambda self: self.active.codec)
+    tl = property(lambda self: self.active.tl)
+    plan_version = property(lambda self: self.active.version)
+    head = property(lambda self: self.active.head)
+    encoder = property(lambda self: self.active.encoder)
+    stream = property(lambda self: self.active.stream)
+
+    def _new_stream(self, address: str) -> EdgeStream:
+        return EdgeStream(address, self.transport, self.metrics, self.connect_timeout, self.reconnect)
+
+    def _header(self, plan: ActivePlan, seq: int = 0) -> pb.FrameHeader:
+        return pb.FrameHeader(agent_id=self.agent_id, seq=seq, model_id=self.loaded.name, split_id=plan.split.name,
+                              plan_version=plan.version, model_digest=self.loaded.digest, tl_id=plan.tl_id)
 
     async def start(self, timeout: float = 120.0) -> None:
         """Open the stream and have the worker load the tail, so the first frame does not wait for it.
 
         A worker that cannot serve this model/split is reported here; frames then run locally.
         """
-        if self.stream is None:
+        plan = self.active
+        if plan.stream is None:
             return
         try:
-            res = await self.stream.prepare(self._header(), timeout)
-            logger.info("worker ready for %s@%s (loaded in %.2fs)", self.loaded.name, self.split.name, res.load_seconds)
+            res = await plan.stream.prepare(self._header(plan), timeout)
+            logger.info("worker ready for %s@%s (loaded in %.2fs)", self.loaded.name, plan.split.name, res.load_seconds)
         except EdgesplitError as e:
-            logger.warning("worker %s cannot serve %s@%s yet: %s: %s", self.stream.address, self.loaded.name,
-                           self.split.name, e.code.name, e)
+            logger.warning("worker %s cannot serve %s@%s yet: %s: %s", plan.stream.address, self.loaded.name,
+                           plan.split.name, e.code.name, e)
 
-    def _head_encode(self, x: torch.Tensor):
+    # -- plans -------------------------------------------------------------------------------
+
+    async def apply_plan(self, split: str | int, codec: str | Codec, tl=None, version: int = 0,
+                         worker_address: str | None = None, *, model_id: str = "") -> None:
+        """Switch to a new plan at the next frame boundary, or refuse it and keep the current one.
+
+        ``tl``: None/"" for none, a TL id (resolved in ``tl_dir``), a manifest path, or a LoadedTL.
+        ``worker_address``: None keeps the current worker (or the configured one), "" runs every
+        frame on the board; split ``"output"`` always runs locally with no worker traffic.
+
+        Checked before anything changes: the model (``model_id``, when given) is this agent's,
+        ``version`` is newer than the current one, the split exists, the codec is known, the TL
+        loads and belongs to this model and split, and the worker's Prepare accepts the new
+        split (a refusal there refuses the plan; an unreachable *current* worker does not, since the
+        old plan needs it as much). Head, tail and TL are built off the event loop. Then
+        ``self.active`` is replaced in one assignment: frames already started finish under the
+        old plan, later frames use the new one. A stream the new plan no longer uses is closed
+        once the frames holding it are done.
+
+        Raises an EdgesplitError (NotFound, InvalidInput, PreconditionFailed, Unavailable, ...)
+        whose message starts with ``plan vN refused:``; the old plan then stays in effect.
+        """
+        async with self._plan_lock:
+            current = self.active
+            try:
+                plan, fresh = await self._build_plan(current, split, codec, tl, int(version), worker_address, model_id)
+            except EdgesplitError as e:
+                self.metrics.plan_refusals.labels(e.code.name).inc()
+                logger.warning("plan v%s refused (keeping v%d): %s", version, current.version, e)
+                raise type(e)(f"plan v{version} refused: {e}", e.code) from None
+            self.active = plan  # the switch: frames that start from here on use the new plan
+            if fresh:
+                self._streams[plan.stream.address] = plan.stream
+            if current.stream is not None and current.stream is not plan.stream:
+                self._retire(current.stream)
+            self.metrics.plan_switches.inc()
+            self.metrics.plan_version.set(plan.version)
+            logger.info("plan v%d in effect: %s@%s (%s) codec %s TL %s worker %s", plan.version, self.loaded.name,
+                        plan.split.index, plan.split.name, plan.codec.name, plan.tl_id or "none", plan.worker or "none")
+
+    async def _build_plan(self, current: ActivePlan, split, codec, tl, version: int, worker_address: str | None,
+                          model_id: str) -> tuple[ActivePlan, bool]:
+        """The new plan, fully built and accepted by its worker; and whether its stream is new."""
+        if model_id and model_id != self.loaded.name:
+            raise PreconditionFailed(f"the plan is for model {model_id!r}, but this agent runs {self.loaded.name!r}")
+        if version <= current.version:
+            raise PreconditionFailed(f"stale plan: version {version} is not newer than the current v{current.version}")
+        sp = self.loaded.split(split)  # NotFound with the valid range
+        cod = codec if isinstance(codec, Codec) else get_codec(codec)  # InvalidInput with the valid names
+        art = await self._resolve_tl(current, tl, sp)
+        loop = asyncio.get_running_loop()
+        # Not on the board thread: frames keep running while the new head and tail are built.
+        head, tail = await loop.run_in_executor(None, lambda: (self.loaded.head(sp.name), self.loaded.tail(sp.name)))
+        address = worker_address if worker_address is not None else (current.worker or self.worker_address)
+        if sp.name == OUTPUT or not address:
+            return ActivePlan(version, sp, cod, head, tail, art, None), False
+        stream = self._streams.get(address)
+        fresh = stream is None
+        if fresh:
+            stream = self._new_stream(address)
+        plan = ActivePlan(version, sp, cod, head, tail, art, stream)
+        try:
+            await stream.prepare(self._header(plan), self.prepare_timeout)
+        except (Unavailable, DeadlineExceeded) as e:
+            if fresh:
+                await stream.close()
+                raise Unavailable(f"worker {address} did not answer: {e}") from None
+            logger.warning("worker %s unreachable while switching to plan v%d; switching anyway (frames fall "
+                           "back locally until it answers): %s", address, version, e)
+        except EdgesplitError as e:
+            if fresh:
+                await stream.close()
+            raise type(e)(f"worker {address} refused {self.loaded.name}@{sp.name}"
+                          f"{' with TL ' + plan.tl_id if plan.tl_id else ''}: {e}", e.code) from None
+        except BaseException:
+            if fresh:
+                await stream.close()
+            raise
+        return plan, fresh
+
+    async def _resolve_tl(self, current: ActivePlan, tl, sp: SplitPoint):
+        if tl is None or tl == "":
+            return None
+        from runtime.transfer.artifact import LoadedTL, load_tl
+
+        if isinstance(tl, LoadedTL):
+            art = tl
+        elif current.tl is not None and str(tl) in (current.tl.tl_id, str(current.tl.path)):
+            art = current.tl
+        else:
+            loop = asyncio.get_running_loop()
+            try:
+                art = await loop.run_in_executor(None, lambda: load_tl(tl, self.tl_dir or None, loaded=self.loaded))
+            except EdgesplitError as e:
+                raise type(e)(f"Transfer Layer {str(tl)!r} (tl_dir {self.tl_dir or '.'!r}): {e}", e.code) from None
+        if art.model.name != self.loaded.name or art.model.digest != self.loaded.digest:
+            raise PreconditionFailed(f"Transfer Layer {art.tl_id} is for {art.model.name} weights {art.model.digest}, "
+                                     f"not {self.loaded.name} weights {self.loaded.digest}")
+        if art.split.name != sp.name:
+            raise PreconditionFailed(f"Transfer Layer {art.tl_id} is for split {art.split.name!r}, "
+                                     f"but the plan names split {sp.name!r}")
+        return art
+
+    def _retire(self, stream: EdgeStream) -> None:
+        """Close ``stream`` once the frames that hold it finish (bounded; stragglers then run locally)."""
+        if self._streams.get(stream.address) is stream:
+            del self._streams[stream.address]
+        self._retired.append(stream)
+        bound = max(30.0, 4 * self.deadline_seconds)
+
+        async def close_when_idle() -> None:
+            if not await stream.wait_idle(bound):
+                logger.warning("%d frames still hold the stream to %s after %.0fs; closing it", stream.users,
+                               stream.address, bound)
+            await stream.close()
+            self._retired.remove(stream)
+
+        task = asyncio.get_running_loop().create_task(close_when_idle())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def probe_rtt(self, timeout: float = 1.0) -> float | None:
+        """One RTT probe over the active plan's stream (folded into ``self.link``); None without one."""
+        stream = self.active.stream
+        if stream is None or not stream.is_open:
+            return None
+        return await self.link.probe_rtt(stream, timeout)
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def _head_encode(self, plan: ActivePlan, x: torch.Tensor):
         """Head, then (with a TL and a worker) the TL encoder, then the wire codec.
         Returns (h, message, start, head s, codec s, tl_encode s or None); h is the raw head output."""
         t0 = time.perf_counter()
         with torch.inference_mode():
-            h = self.head(x)
+            h = plan.head(x)
         t1 = time.perf_counter()
         z, t_tl = h, None
-        if self.encoder is not None and self.stream is not None:
+        if plan.encoder is not None and plan.stream is not None:
             with torch.inference_mode():
-                z = self.encoder(h)
+                z = plan.encoder(h)
             t_tl = time.perf_counter() - t1
         t2 = time.perf_counter()
-        msg = self.codec.encode(z) if self.stream is not None else None
+        msg = plan.codec.encode(z) if plan.stream is not None else None
         return h, msg, t0, t1 - t0, time.perf_counter() - t2, t_tl
 
-    def _run_local_tail(self, h: torch.Tensor):
+    @staticmethod
+    def _run_local_tail(plan: ActivePlan, h: torch.Tensor):
         t0 = time.perf_counter()
         with torch.inference_mode():
-            y = self._local_tail(h)
+            y = plan.local_tail(h)
         return y, time.perf_counter() - t0
 
     async def infer(self, x: torch.Tensor, frame: str = "") -> FrameResult:
-        """One frame, start to finish. Never raises for network trouble: it falls back locally."""
+        """One frame, start to finish. Never raises for network trouble: it falls back locally.
+
+        The sequence number and the plan are taken together before the first ``await``: this
+        frame runs entirely under that plan, whatever apply_plan does meanwhile.
+        """
         seq = next(self._seq)
+        plan = self.active
+        stream = plan.stream
+        if stream is not None:
+            stream.hold()
+        try:
+            return await self._infer(plan, seq, x, frame)
+        finally:
+            if stream is not None:
+                stream.release()
+
+    async def _infer(self, plan: ActivePlan, seq: int, x: torch.Tensor, frame: str) -> FrameResult:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        h, msg, t_start, t_head, t_enc, t_tl = await loop.run_in_executor(self.executor, self._head_encode, x)
-        result = FrameResult(seq, frame or f"frame-{seq}", torch.empty(0), "edge", self.split.name,
-                             self.codec.name, self.plan_version)
+        h, msg, t_start, t_head, t_enc, t_tl = await loop.run_in_executor(self.executor, self._head_encode, plan, x)
+        result = FrameResult(seq, frame or f"frame-{seq}", torch.empty(0), "edge", plan.split.name,
+                             plan.codec.name, plan.version)
         # board_queue: waiting for the board thread (other frames' head or local tail)
         result.times.update(board_queue=t_start - t0, head=t_head, encode=t_enc)
         if t_tl is not None:
             result.times["tl_encode"] = t_tl
-        reason = "no worker configured"
-        if self.stream is not None:
-            req = pb.InferRequest(header=self._header(seq), tensor=msg)
-            result.wire_bytes = len(msg.buffer)
-            t_send = time.perf_counter()
-            try:
-                fut = await self.stream.send(req)
-                self.metrics.sent_bytes.inc(result.wire_bytes)
-                self.metrics.inflight.inc()
-                try:
-                    res = await asyncio.wait_for(fut, self.deadline_seconds)
-                finally:
-                    self.metrics.inflight.dec()
-                if res.code != 0:
-                    code = CODES_BY_NUMBER.get(res.code, grpc.StatusCode.UNKNOWN)
-                    raise EdgesplitError(f"worker refused: {code.name}: {res.message}", code)
-                result.output = decode_tensor(res.output)
-                result.times.update(transfer_edge=time.perf_counter() - t_send, edge_queue=res.times.queue_seconds,
-                                    edge_decode=res.times.decode_seconds, edge_tail=res.times.tail_seconds)
-            except asyncio.TimeoutError:
-                self.stream.abandon(seq)
-                reason = f"deadline: no edge result within {self.deadline_seconds:g}s"
-            except EdgesplitError as e:
-                reason = str(e) if str(e).startswith("worker refused") else f"worker unavailable: {e}"
-            else:
-                reason = ""
+        if plan.stream is not None:
+            reason = await self._on_edge(plan.stream, self._header(plan, seq), msg, result)
+        elif plan.split.name == OUTPUT:
+            reason = "plan runs every layer on the device (split 'output')"
+        else:
+            reason = "no worker configured"
         if reason:
             result.where, result.fallback_reason = "local", reason
             self.metrics.fallbacks.labels(_reason_label(reason)).inc()
             logger.debug("frame %d runs locally: %s", seq, reason)
-            result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, h)
+            result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
             result.times["local_tail"] = t_tail
         result.times["total"] = time.perf_counter() - t0
         self.metrics.frames.labels(result.where).inc()
         for stage, seconds in result.times.items():
             if stage in STAGES:
                 self.metrics.stage_seconds.labels(stage).observe(seconds)
+        self.link.observe(result)
         return result
 
+    async def _on_edge(self, stream: EdgeStream, header: pb.FrameHeader, msg, result: FrameResult) -> str:
+        """Send one frame and wait (bounded) for its result; returns "" or why it must run locally."""
+        seq = header.seq
+        req = pb.InferRequest(header=header, tensor=msg)
+        result.wire_bytes = len(msg.buffer)
+        t_send = time.perf_counter()
+        try:
+            fut = await stream.send(req)
+            self.metrics.sent_bytes.inc(result.wire_bytes)
+            self.metrics.inflight.inc()
+            try:
+                res = await asyncio.wait_for(fut, self.deadline_seconds)
+            finally:
+                self.metrics.inflight.dec()
+            if res.code != 0:
+                code = CODES_BY_NUMBER.get(res.code, grpc.StatusCode.UNKNOWN)
+                raise EdgesplitError(f"worker refused: {code.name}: {res.message}", code)
+            result.output = decode_tensor(res.output)
+            result.times.update(transfer_edge=time.perf_counter() - t_send, edge_queue=res.times.queue_seconds,
+                                edge_decode=res.times.decode_seconds, edge_tail=res.times.tail_seconds)
+        except asyncio.TimeoutError:
+            stream.abandon(seq)
+            return f"deadline: no edge result within {self.deadline_seconds:g}s"
+        except EdgesplitError as e:
+            return str(e) if str(e).startswith("worker refused") else f"worker unavailable: {e}"
+        return ""
+
     async def close(self) -> None:
-        if self.stream is not None:
-            await self.stream.close()
+        for task in list(self._retiring):
+            task.cancel()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
+        streams = {id(s): s for s in (*self._retired, *self._streams.values())}
+        if self.active.stream is not None:
+            streams[id(self.active.stream)] = self.active.stream
+        for stream in streams.values():
+            await stream.close()
         self.executor.shutdown(wait=False)
 
 
 def _reason_label(reason: str) -> str:
     """Bounded label values for the fallback counter."""
-    for prefix, label in (("deadline", "deadline"), ("worker refused", "refused"), ("worker unavailable", "unavailable")):
+    for prefix, label in (("deadline", "deadline"), ("worker refused", "refused"),
+                          ("worker unavailable", "unavailable"), ("plan runs", "local_plan")):
         if reason.startswith(prefix):
             return label
     return "no_worker"

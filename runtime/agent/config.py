@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from runtime.config import field
+from runtime.errors import InvalidInput
 from runtime.transport import TransportOptions
 
 
@@ -30,6 +31,17 @@ class AgentConfig:
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
     chunk_bytes: int = field(256 * 1024, "payload bytes per stream message (large single messages are slow in gRPC)")
     summary: bool = field(True, "print a latency/bytes summary to stderr at the end")
+    planner: str = field("", "planner address HOST:PORT: register, follow its plans, send telemetry (empty: none)")
+    profile: str = field("", "device profile JSON of the model on this board ('edgesplit profile'); required with --planner")
+    tl_dir: str = field("", "directory where Transfer Layer ids (in plans, or --tl) are resolved")
+    telemetry_interval_seconds: float = field(1.0, "at most one telemetry message to the planner per this many seconds")
+
+    def __post_init__(self) -> None:
+        if self.planner and not self.profile:
+            raise InvalidInput("planner is set but profile is not: give the device profile JSON of this model on "
+                               "this board (--profile, written by 'edgesplit profile')")
+        if not self.telemetry_interval_seconds > 0:
+            raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes)

@@ -22,3 +22,12 @@ class AgentMetrics:
         self.inflight = Gauge("edgesplit_agent_inflight_frames", "Frames sent and not yet answered", registry=r)
         self.stream_up = Gauge("edgesplit_agent_stream_up", "1 while a stream to the worker is open", registry=r)
         self.reconnects = Counter("edgesplit_agent_stream_opens", "Streams opened to the worker", registry=r)
+        # link estimates (runtime.agent.telemetry.LinkEstimator) and the plan in effect
+        self.link_bandwidth = Gauge("edgesplit_agent_link_bandwidth_bytes_per_second",
+                                    "Smoothed bandwidth to the worker, from real frame transfers (0: unknown)", registry=r)
+        self.link_rtt = Gauge("edgesplit_agent_link_rtt_seconds",
+                              "Smoothed round trip of small probes on the stream's channel (0: unknown)", registry=r)
+        self.plan_version = Gauge("edgesplit_agent_plan_version", "Version of the plan the agent runs now", registry=r)
+        self.plan_switches = Counter("edgesplit_agent_plan_switches", "Plans applied (switched to)", registry=r)
+        self.plan_refusals = Counter("edgesplit_agent_plan_refusals", "Plans refused, by status code of the reason",
+                                     ["code"], registry=r)

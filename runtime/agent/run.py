@@ -55,17 +55,34 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     if config.tl:
         from runtime.transfer.artifact import load_tl
 
-        tl = await loop.run_in_executor(None, lambda: load_tl(config.tl, loaded=loaded))
+        tl = await loop.run_in_executor(None, lambda: load_tl(config.tl, config.tl_dir or None, loaded=loaded))
     split = choose_split(loaded, config.split or (tl.split.name if tl is not None else ""))
     codec = get_codec(config.codec)
     metrics = AgentMetrics()
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     agent = Agent(loaded, split, codec, worker=config.worker, agent_id=config.agent_id, transport=config.transport(),
                   deadline_seconds=config.deadline_seconds, connect_timeout=config.connect_timeout_seconds,
-                  reconnect=config.reconnect_seconds, metrics=metrics, tl=tl)
+                  reconnect=config.reconnect_seconds, metrics=metrics, tl=tl, tl_dir=config.tl_dir)
+    link = None
+    if config.planner:
+        from runtime.agent.planner_link import PlannerLink
+
+        # built before the agent starts, so a bad profile file is an error before any frame
+        try:
+            link = PlannerLink(agent, config.planner, config.profile, agent.agent_id,
+                               telemetry_interval_seconds=config.telemetry_interval_seconds,
+                               transport=config.transport())
+        except BaseException:
+            await agent.close()
+            if endpoint is not None:
+                endpoint.close()
+            raise
     logger.info("agent: model %s split %s (%s) codec %s TL %s worker %s", loaded.name, split.index, split.name,
                 codec.name, tl.tl_id if tl is not None else "none", config.worker or "none")
     await agent.start()
+    if link is not None:
+        await link.start()
+        logger.info("following plans from %s", config.planner)
     local_api = await serve_local_api(agent, config.serve) if config.serve else None
     # Handle SIGTERM/SIGINT before announcing the API, so a supervisor that signals right after
     # the announcement gets a clean shutdown rather than the default (kill) action.
@@ -81,12 +98,14 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
             if config.source not in ("", "none"):
                 results = await _stream_source(agent, config, sink, fmt or _json_line)
             if config.summary and results:
-                print(summarize(results, split, codec.name, loaded.name), file=sys.stderr, flush=True)
+                print(summarize(results, agent.split, agent.codec.name, loaded.name), file=sys.stderr, flush=True)
         if stop is not None:
             await stop.wait()
     finally:
         if local_api is not None:
             await local_api.stop(1.0)
+        if link is not None:
+            await link.close()
         await agent.close()
         if endpoint is not None:
             endpoint.close()

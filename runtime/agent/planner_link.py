@@ -1,0 +1,250 @@
+"""The agent's side of the planner: register, follow the plan, report measurements.
+
+One task per link. Each connection ("session"):
+
+1. ``RegisterAgent`` with the device profile, model id/digest, allowed workers, TLs held and
+   constraints; the plan in the reply (version > 0) is applied at once.
+2. ``WatchPlan`` stays open; each new plan goes to :meth:`Agent.apply_plan` (which switches at
+   a frame boundary or refuses and keeps the old plan) and is answered with ``ReportPlanStatus``
+   (applied, or refused with the reason).
+3. ``ReportTelemetry`` carries at most one message per ``telemetry_interval_seconds`` (the bound
+   holds across reconnects too): smoothed bandwidth, an RTT probe made for that message, device
+   stage medians and the frame count since the last message, the plan version in effect.
+
+When the planner cannot be reached or a stream breaks, the agent keeps its last plan and keeps
+serving frames; the link waits (0.5 s doubling to 30 s by default, reset after a successful
+registration) and starts a new session, registering again. Every RPC has a deadline: unary
+calls ``rpc_timeout``; the two long-lived streams ``stream_seconds``, after which they are
+reopened within the same session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import grpc
+
+from runtime.errors import EdgesplitError, InvalidInput, Unavailable
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.transport import TransportOptions
+
+logger = logging.getLogger(__name__)
+
+
+class PlannerLink:
+    """Keeps one agent registered with the planner, its plan current and its telemetry flowing."""
+
+    def __init__(self, agent, planner_address: str, profile: Any, agent_id: str = "",
+                 workers: Iterable[str] = (), constraints: ppb.Constraints | Mapping[str, Any] | None = None,
+                 telemetry_interval_seconds: float = 1.0, *, tl_ids: Iterable[str] | None = None,
+                 rpc_timeout: float = 5.0, connect_timeout: float = 5.0, backoff_initial: float = 0.5,
+                 backoff_max: float = 30.0, stream_seconds: float = 300.0, probe_timeout: float = 1.0,
+                 transport: TransportOptions | None = None):
+        """``profile``: a ``planner.profile.Profile`` or the path of its JSON (loaded and checked now,
+        so a bad file is an error at start, not a silent link failure later)."""
+        from planner.profile import Profile, load
+
+        if not planner_address:
+            raise InvalidInput("planner address is empty; give HOST:PORT of the planner")
+        if not telemetry_interval_seconds > 0 or not math.isfinite(telemetry_interval_seconds):
+            raise InvalidInput("telemetry interval must be a positive number of seconds, "
+                               f"got {telemetry_interval_seconds!r}")
+        if isinstance(profile, (str, os.PathLike)):
+            if not str(profile):
+                raise InvalidInput("a planner needs the device profile: set 'profile' to the JSON written by "
+                                   "'edgesplit profile' on this board")
+            profile = load(Path(profile))
+        if not isinstance(profile, Profile):
+            raise InvalidInput(f"profile must be a planner.profile.Profile or a path, not {type(profile).__name__}")
+        if profile.model != agent.loaded.name:
+            logger.warning("device profile is for model %r, the agent runs %r", profile.model, agent.loaded.name)
+        if profile.model_digest and profile.model_digest != agent.loaded.digest:
+            logger.warning("device profile was measured on weights %s, the agent has %s", profile.model_digest,
+                           agent.loaded.digest)
+        self.agent = agent
+        self.address = planner_address
+        self.profile_json = profile.to_json()
+        self.agent_id = agent_id or agent.agent_id
+        self.workers = tuple(workers)
+        if constraints is None:
+            constraints = ppb.Constraints()
+        elif not isinstance(constraints, ppb.Constraints):
+            constraints = ppb.Constraints(**dict(constraints))
+        self.constraints = constraints
+        self.tl_ids = tuple(tl_ids) if tl_ids is not None else None
+        self.interval = float(telemetry_interval_seconds)
+        self.rpc_timeout = rpc_timeout
+        self.connect_timeout = connect_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.stream_seconds = stream_seconds
+        self.probe_timeout = probe_timeout
+        self.transport = transport or TransportOptions()
+        # state, for logs, tests and `status`-style introspection
+        self.connected = False  # registered and streams open
+        self.registrations = 0
+        self.telemetry_sent = 0
+        self.plans_applied = 0
+        self.plans_refused = 0
+        self.last_error = ""
+        self._worker_id = ""  # worker id of the plan in effect (telemetry is about that link)
+        self._last_sent = -math.inf  # monotonic time of the last telemetry message
+        self._task: asyncio.Task | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the link in the background; returns at once (the agent serves frames meanwhile)."""
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"planner-link-{self.agent_id}")
+
+    async def close(self) -> None:
+        """Stop the link: cancel its task, close its channel. The agent keeps its current plan."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        backoff = self.backoff_initial
+        while True:
+            channel = grpc.aio.insecure_channel(self.address, options=self.transport.channel_options())
+            try:
+                await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
+                stub = ppb_grpc.PlannerStub(channel)
+                reply = await stub.RegisterAgent(self._register_request(), timeout=self.rpc_timeout)
+                self.registrations += 1
+                self.connected = True
+                backoff = self.backoff_initial
+                logger.info("registered with planner %s as %s (plan v%d offered)", self.address, self.agent_id,
+                            reply.plan.version)
+                if reply.plan.version:
+                    await self._on_plan(stub, reply.plan)
+                await self._session(stub)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # network trouble or a planner bug: keep the plan, retry later
+                self.last_error = _describe(e)
+                logger.warning("planner %s: %s; keeping plan v%d, retrying in %.1fs", self.address, self.last_error,
+                               self.agent.plan_version, backoff)
+            finally:
+                self.connected = False
+                await channel.close(grace=None)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self.backoff_max)
+
+    def _register_request(self) -> ppb.RegisterAgentRequest:
+        return ppb.RegisterAgentRequest(
+            agent_id=self.agent_id, model_id=self.agent.loaded.name, model_digest=self.agent.loaded.digest,
+            profile_json=self.profile_json, workers=list(self.workers), tl_ids=self._held_tls(),
+            constraints=self.constraints)
+
+    def _held_tls(self) -> list[str]:
+        if self.tl_ids is not None:
+            return list(self.tl_ids)
+        ids = {self.agent.tl.tl_id} if self.agent.tl is not None else set()
+        if self.agent.tl_dir:
+            from runtime.transfer.artifact import list_tls
+
+            ids |= {m["tl_id"] for m in list_tls(self.agent.tl_dir)
+                    if "error" not in m and m.get("model") == self.agent.loaded.name}
+        return sorted(ids)
+
+    async def _session(self, stub: ppb_grpc.PlannerStub) -> None:
+        """Watch plans and send telemetry until either stream fails (then raise)."""
+        tasks = {asyncio.create_task(self._watch(stub)), asyncio.create_task(self._telemetry(stub))}
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                t.result()
+            raise Unavailable("planner session ended")
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- plans -------------------------------------------------------------------------------
+
+    async def _watch(self, stub: ppb_grpc.PlannerStub) -> None:
+        while True:
+            call = stub.WatchPlan(ppb.WatchPlanRequest(agent_id=self.agent_id, known_version=self.agent.plan_version),
+                                  timeout=self.stream_seconds)
+            try:
+                async for plan in call:
+                    await self._on_plan(stub, plan)
+            except grpc.aio.AioRpcError as e:
+                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise
+                continue  # the stream's own deadline: reopen it
+            finally:
+                call.cancel()
+            raise Unavailable("the planner ended the plan stream")
+
+    async def _on_plan(self, stub: ppb_grpc.PlannerStub, plan: ppb.Plan) -> None:
+        if plan.version == self.agent.plan_version:
+            return  # already in effect (the watch starts with the current plan)
+        applied, message = True, ""
+        try:
+            if plan.agent_id and plan.agent_id != self.agent_id:
+                raise InvalidInput(f"plan v{plan.version} is for agent {plan.agent_id!r}, not {self.agent_id!r}")
+            # An empty address with no worker id means "run locally"; with a worker id, keep the current worker.
+            address = plan.worker_address or ("" if not plan.worker_id else None)
+            await self.agent.apply_plan(plan.split_id or plan.split_index, plan.codec, plan.tl_id or None,
+                                        plan.version, address, model_id=plan.model_id)
+            self._worker_id = plan.worker_id
+            self.plans_applied += 1
+        except EdgesplitError as e:
+            applied, message = False, str(e)
+            self.plans_refused += 1
+        except Exception as e:  # a bug while building the plan: refuse it rather than drop the session
+            logger.exception("applying plan v%d failed", plan.version)
+            applied, message = False, f"plan v{plan.version} refused: internal error: {type(e).__name__}: {e}"
+            self.plans_refused += 1
+        await stub.ReportPlanStatus(ppb.PlanStatus(agent_id=self.agent_id, version=plan.version, applied=applied,
+                                                   message=message), timeout=self.rpc_timeout)
+
+    # -- telemetry ---------------------------------------------------------------------------
+
+    async def _telemetry(self, stub: ppb_grpc.PlannerStub) -> None:
+        while True:
+            call = stub.ReportTelemetry(timeout=self.stream_seconds + 2 * self.rpc_timeout)
+            opened = time.monotonic()
+            try:
+                while time.monotonic() - opened < self.stream_seconds:
+                    delay = self._last_sent + self.interval - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    msg = await self._telemetry_message()
+                    await asyncio.wait_for(call.write(msg), self.rpc_timeout)
+                    self._last_sent = time.monotonic()
+                    self.telemetry_sent += 1
+                await asyncio.wait_for(call.done_writing(), self.rpc_timeout)
+                await asyncio.wait_for(call, self.rpc_timeout)  # the ack; then a fresh stream
+            finally:
+                call.cancel()
+
+    async def _telemetry_message(self) -> ppb.Telemetry:
+        await self.agent.probe_rtt(self.probe_timeout)
+        link = self.agent.link
+        stages, frames = link.take_report()
+        return ppb.Telemetry(agent_id=self.agent_id, worker=self._worker_id or self.agent.active.worker,
+                             bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
+                             rtt_seconds=link.rtt_seconds, stage_seconds=stages, frames=frames,
+                             plan_version=self.agent.plan_version, sent_unix=time.time())
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, grpc.aio.AioRpcError):
+        return f"{e.code().name}: {e.details()}"
+    if isinstance(e, asyncio.TimeoutError):
+        return "timed out"
+    return f"{type(e).__name__}: {e}"

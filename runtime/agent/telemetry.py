@@ -1,0 +1,141 @@
+"""What the agent measures about its link to the worker, for the planner.
+
+* Bandwidth (bytes/s) from real frame transfers, not from synthetic bulk tests: for an edge frame
+  of ``b`` wire bytes, the time the bytes spent on the network is the whole send-to-result time
+  minus what the worker reports it spent (queue, decode, tail) minus one round trip of latency::
+
+      network = transfer_edge - edge_queue - edge_decode - edge_tail - rtt
+      sample  = b / network        (only when network > 0 and b >= min_bytes)
+
+  Frames under ``min_bytes`` (default 8 KiB) are skipped: on them the transfer takes about one
+  round trip plus gRPC's per-message overhead, so ``network`` is mostly timer noise and a single
+  small frame would report an absurd figure. The result message (a few hundred bytes of logits)
+  is ignored. Under a window of concurrent frames ``transfer_edge`` also holds the wait for the
+  stream's write lock, so the figure is the share of the link one frame gets, slightly below the
+  raw link rate.
+* RTT (seconds) from small probes on the same channel (``grpc.health.v1.Health/Check``, which
+  every worker serves): same connection, same HTTP/2 path, negligible server work.
+* Both are smoothed with an exponentially weighted moving average, ``est = a * sample + (1 - a) *
+  est`` with ``a = alpha`` (default 0.3: a step change is 90 % absorbed after ~7 samples, one
+  slow frame moves the estimate by 30 %); the first sample initialises the estimate.
+* Stage medians and the frame count since the last report (``take_report``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict, deque
+from typing import Any
+
+import grpc
+
+from runtime.errors import EdgesplitError, from_rpc_error
+from runtime.agent.metrics import AgentMetrics
+
+MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)
+ALPHA = 0.3  # EWMA weight of a new sample
+MAX_STAGE_SAMPLES = 4096  # per stage between reports; beyond that the oldest are dropped
+
+
+async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
+    """Seconds one ``grpc.health.v1.Health/Check`` takes on ``channel``. Raises EdgesplitError."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    t0 = time.perf_counter()
+    try:
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    return time.perf_counter() - t0
+
+
+class Ewma:
+    """Exponentially weighted moving average; ``value`` is 0.0 until the first sample."""
+
+    def __init__(self, alpha: float = ALPHA):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.value = 0.0
+        self.samples = 0
+
+    def add(self, sample: float) -> float:
+        self.value = sample if self.samples == 0 else self.alpha * sample + (1 - self.alpha) * self.value
+        self.samples += 1
+        return self.value
+
+
+class LinkEstimator:
+    """Bandwidth and RTT of the link to the worker, and per-stage medians since the last report."""
+
+    def __init__(self, metrics: AgentMetrics | None = None, *, alpha: float = ALPHA,
+                 min_bytes: int = MIN_BANDWIDTH_BYTES):
+        self.metrics = metrics
+        self.min_bytes = min_bytes
+        self._bandwidth = Ewma(alpha)
+        self._rtt = Ewma(alpha)
+        self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
+        self._frames = 0
+
+    @property
+    def bandwidth_bytes_per_second(self) -> float:
+        """Smoothed bandwidth; 0.0 = unknown (no frame big enough yet)."""
+        return self._bandwidth.value
+
+    @property
+    def rtt_seconds(self) -> float:
+        """Smoothed probe round trip; 0.0 = unknown (no probe answered yet)."""
+        return self._rtt.value
+
+    def observe(self, result: Any) -> None:
+        """Take one finished frame (a FrameResult): its stage times, and a bandwidth sample if it
+        ran on the edge with enough bytes and a positive network time."""
+        self._frames += 1
+        for stage, seconds in result.times.items():
+            self._stages[stage].append(seconds)
+        t = result.times
+        if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
+            return
+        network = (t["transfer_edge"] - t.get("edge_queue", 0.0) - t.get("edge_decode", 0.0)
+                   - t.get("edge_tail", 0.0) - self._rtt.value)
+        if network > 0:
+            self.add_bandwidth_sample(result.wire_bytes / network)
+
+    def add_bandwidth_sample(self, bytes_per_second: float) -> None:
+        value = self._bandwidth.add(bytes_per_second)
+        if self.metrics is not None:
+            self.metrics.link_bandwidth.set(value)
+
+    def add_rtt_sample(self, seconds: float) -> None:
+        value = self._rtt.add(seconds)
+        if self.metrics is not None:
+            self.metrics.link_rtt.set(value)
+
+    async def probe_rtt(self, target: Any, timeout: float = 1.0) -> float | None:
+        """Time one small unary call and fold it into the RTT estimate; returns the sample, or
+        None when the peer did not answer (the estimate is then left as it was).
+
+        ``target``: a ``grpc.aio.Channel``, or an object with ``async probe_rtt(timeout)`` (the
+        agent's EdgeStream, which probes over the channel its frames use).
+        """
+        try:
+            if isinstance(target, grpc.aio.Channel):
+                seconds = await time_health_check(target, timeout)
+            else:
+                seconds = await target.probe_rtt(timeout)
+        except (EdgesplitError, grpc.RpcError):
+            return None
+        if seconds is None:
+            return None
+        self.add_rtt_sample(seconds)
+        return seconds
+
+    def take_report(self) -> tuple[dict[str, float], int]:
+        """``(median seconds by stage, frames)`` since the previous call; resets both."""
+        medians = {stage: statistics.median(v) for stage, v in self._stages.items() if v}
+        frames, self._frames = self._frames, 0
+        self._stages.clear()
+        return medians, frames
+
