@@ -213,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_plan_check_parser(sub)  # edgesplit plan-check
 
+    from planner.cli import add_parser as add_planner_parser
+
+    add_planner_parser(sub)  # edgesplit planner serve|query|agents|print-config
+
     from runtime.profile_cli import add_parser as add_profile_parser
 
     add_profile_parser(sub)  # edgesplit profile

@@ -1,0 +1,54 @@
+"""Planner daemon configuration (defaults < TOML [planner] < EDGESPLIT_PLANNER_* < flags)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.config import field
+from runtime.errors import InvalidInput
+from runtime.transport import TransportOptions
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    listen: str = field("127.0.0.1:50061", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
+    db: str = field("edgesplit-planner.sqlite", "SQLite file holding workers, agents, links and the plan history")
+    metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
+    metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
+    default_rtt_seconds: float = field(0.005, "link RTT assumed for an agent/worker pair until telemetry arrives")
+    default_bandwidth_bytes_per_second: float = field(12_500_000.0, "link bandwidth assumed until telemetry arrives (100 Mbit/s)")
+    switch_gain: float = field(0.10, "relative predicted gain over the running plan needed to switch (0.10 = 10 %)")
+    switch_min_gain_seconds: float = field(0.002, "absolute predicted gain per frame needed to switch, in seconds")
+    hold_seconds: float = field(3.0, "the gain must hold this long, continuously, before the plan changes")
+    replan_interval_seconds: float = field(0.5, "how often agents with fresh telemetry or a pending switch are re-planned")
+    telemetry_max_rate_hz: float = field(10.0, "per agent, telemetry messages acted on per second (the rest only update the link estimate)")
+    top_n: int = field(5, "candidates QueryPlan returns when the query sets no top_n")
+    max_top_n: int = field(50, "largest top_n a QueryPlan may ask for")
+    max_profiles_per_worker: int = field(64, "models one worker may register profiles for")
+    max_agents: int = field(10_000, "registered agents accepted; beyond this RegisterAgent answers RESOURCE_EXHAUSTED")
+    max_workers: int = field(1_000, "registered workers accepted; beyond this RegisterWorker answers RESOURCE_EXHAUSTED")
+    include_return: bool = field(True, "model the result's trip back from the worker in predicted latency")
+    max_message_bytes: int = field(16 * 2**20, "gRPC message size limit, both directions (profiles travel in RegisterWorker)")
+    grace_seconds: float = field(5.0, "on SIGTERM, how long calls in flight may take to finish")
+    port_file: str = field("", "write the bound port to this file once serving (for supervisors and tests)")
+
+    def __post_init__(self):
+        checks = [
+            (self.default_rtt_seconds >= 0, "default_rtt_seconds must be >= 0"),
+            (self.default_bandwidth_bytes_per_second > 0, "default_bandwidth_bytes_per_second must be > 0"),
+            (self.switch_gain >= 0, "switch_gain must be >= 0 (0.10 = switch on a 10 % predicted gain)"),
+            (self.switch_min_gain_seconds >= 0, "switch_min_gain_seconds must be >= 0"),
+            (self.hold_seconds >= 0, "hold_seconds must be >= 0"),
+            (self.replan_interval_seconds > 0, "replan_interval_seconds must be > 0"),
+            (self.telemetry_max_rate_hz > 0, "telemetry_max_rate_hz must be > 0"),
+            (1 <= self.top_n <= self.max_top_n, "top_n must be between 1 and max_top_n"),
+            (self.max_profiles_per_worker >= 1, "max_profiles_per_worker must be >= 1"),
+            (self.max_agents >= 1 and self.max_workers >= 1, "max_agents and max_workers must be >= 1"),
+            (self.grace_seconds >= 0, "grace_seconds must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InvalidInput(f"planner configuration: {message}")
+
+    def transport(self) -> TransportOptions:
+        return TransportOptions(max_message_bytes=self.max_message_bytes)

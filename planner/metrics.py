@@ -1,0 +1,40 @@
+"""Prometheus metrics of the planner (one registry per server instance; no agent ids as labels)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# A decision on a small profile takes tens of microseconds; a 600-block one, tens of milliseconds.
+DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+# Telemetry delay (planner clock - agent's sent_unix) and age: sub-second to minutes.
+AGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+PLAN_REASONS = ("registration", "telemetry", "infeasible", "worker", "refusal", "restart")
+
+
+class PlannerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.agents = Gauge("edgesplit_planner_agents", "Registered agents", registry=r)
+        self.workers = Gauge("edgesplit_planner_workers", "Registered workers", registry=r)
+        self.watchers = Gauge("edgesplit_planner_watchers", "Open WatchPlan streams", registry=r)
+        self.plan_changes = Counter("edgesplit_planner_plan_changes", "Plans issued, by what caused them",
+                                    ["reason"], registry=r)
+        self.decision_seconds = Histogram("edgesplit_planner_decision_seconds",
+                                          "Time to rank the configurations for one agent", buckets=DECISION_BUCKETS,
+                                          registry=r)
+        self.telemetry = Counter("edgesplit_planner_telemetry_messages", "Telemetry messages received", registry=r)
+        self.telemetry_unknown_worker = Counter("edgesplit_planner_telemetry_unknown_worker",
+                                                "Telemetry whose worker is not registered (its link is ignored)",
+                                                registry=r)
+        self.telemetry_delay_seconds = Histogram("edgesplit_planner_telemetry_delay_seconds",
+                                                 "Planner receive time minus the agent's send time",
+                                                 buckets=AGE_BUCKETS, registry=r)
+        self.telemetry_age_seconds = Gauge("edgesplit_planner_telemetry_max_age_seconds",
+                                           "Age of the stalest link estimate among agents that sent telemetry",
+                                           registry=r)
+        self.refusals = Counter("edgesplit_planner_refusals", "Plans an agent refused", registry=r)
+        self.errors = Counter("edgesplit_planner_errors", "Calls refused, by gRPC status code", ["code"], registry=r)
+        for reason in PLAN_REASONS:
+            self.plan_changes.labels(reason)

@@ -1,0 +1,745 @@
+"""The Planner gRPC service: registrations, telemetry, plan decisions and their distribution.
+
+State lives in memory (parsed profiles, link estimates, the plan each agent runs, WatchPlan
+streams) and in :class:`planner.store.Store` (everything that must survive a restart). Every
+decision ranks configurations with :func:`planner.search.search`, once per candidate worker (a
+Transfer Layer is usable only where both the agent and that worker hold it), in a one-thread
+executor so the event loop stays responsive. A change of plan for a running agent goes through
+:class:`planner.hysteresis.Hysteresis`; a first plan, a re-registration and a running plan that
+became infeasible are decided at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import logging
+import math
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from planner import profile as profiles
+from planner.config import PlannerConfig
+from planner.costmodel import Configuration, Constraints, Link, Network, Tier
+from planner.hysteresis import Hysteresis
+from planner.metrics import PlannerMetrics
+from planner.profile import Profile
+from planner.search import search
+from planner.store import APPLIED, REFUSED, AgentRecord, LinkRecord, Store, WorkerRecord
+from runtime.errors import EdgesplitError, InvalidInput, NotFound, Overloaded, PreconditionFailed
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_ID_CHARS = 128
+MAX_LIST = 256  # workers, TL ids or excluded workers one request may name
+MAX_MESSAGE_CHARS = 4096
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+TIERS = ("edge", "cloud")
+
+PlanKey = tuple[str, int, str, str]  # worker id ("" = local), split index, codec, TL id
+
+
+def plan_key(plan: pb.Plan) -> PlanKey:
+    return (plan.worker_id, plan.split_index, plan.codec, plan.tl_id)
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def _check_id(value: str, what: str) -> str:
+    if not _ID.match(value):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InvalidInput(f"{what} {shown!r} is not a valid id: 1-{MAX_ID_CHARS} characters of letters, digits and "
+                           f"._:@- starting with a letter or digit")
+    return value
+
+
+def _check_ids(values, what: str) -> tuple[str, ...]:
+    if len(values) > MAX_LIST:
+        raise InvalidInput(f"{len(values)} {what} is more than the {MAX_LIST} one request may name")
+    out = tuple(_check_id(v, what.rstrip("s")) for v in values)
+    if len(set(out)) != len(out):
+        raise InvalidInput(f"{what} repeat: {list(out)}")
+    return out
+
+
+def _check_address(address: str) -> str:
+    if address.startswith("unix:") and 5 < len(address) <= 256:
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"worker address {address[:80]!r} is not HOST:PORT (or unix:/path.sock): give the address "
+                           "agents dial, e.g. 10.0.0.5:50051")
+    return address
+
+
+def _check_seconds(value: float, what: str) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidInput(f"{what} must be a finite number >= 0, not {value}")
+    return value
+
+
+def _check_constraints(c: pb.Constraints) -> None:
+    if not (0.0 <= c.min_fidelity <= 1.0):
+        raise InvalidInput(f"constraints.min_fidelity is top-1 agreement in [0, 1], not {c.min_fidelity}")
+    _check_seconds(c.max_device_seconds, "constraints.max_device_seconds")
+    if c.objective not in ("", "latency", "throughput"):
+        raise InvalidInput(f"constraints.objective must be 'latency' or 'throughput', not {c.objective[:40]!r}")
+    _check_ids(c.exclude_workers, "constraints.exclude_workers")
+
+
+def _search_constraints(c: pb.Constraints, pins: dict[int, str] | None = None) -> Constraints:
+    return Constraints(
+        pin_blocks=pins or {},
+        raw_input_stays=c.raw_input_stays,
+        min_fidelity=c.min_fidelity,
+        max_upload_bytes={"device": c.max_upload_bytes} if c.max_upload_bytes else {},
+        max_tier_seconds={"device": c.max_device_seconds} if c.max_device_seconds else {},
+        max_memory_bytes={"device": c.device_memory_bytes} if c.device_memory_bytes else {},
+    )
+
+
+def _incompatibility(agent: AgentRecord, device: Profile, worker: WorkerState) -> str:
+    """Why ``worker`` cannot take frames of ``agent`` ("" when it can)."""
+    theirs = worker.profiles.get(agent.model)
+    if theirs is None:
+        return f"worker {worker.record.id} has no profile of {agent.model} (it serves {sorted(worker.profiles)})"
+    ours = [b.name for b in device.blocks]
+    names = [b.name for b in theirs.blocks]
+    if names != ours:
+        first = next((i for i, (a, b) in enumerate(zip(ours, names)) if a != b), min(len(ours), len(names)))
+        return (f"worker {worker.record.id}'s profile of {agent.model} has {len(names)} blocks and the agent's has "
+                f"{len(ours)}; they first differ at block {first}: profile both with the same edgesplit version")
+    if agent.digest and theirs.model_digest and agent.digest != theirs.model_digest:
+        return (f"worker {worker.record.id} profiled {agent.model} with weights {theirs.model_digest} but the agent runs "
+                f"{agent.digest}: give both the same weights")
+    return ""
+
+
+# -- state ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerState:
+    record: WorkerRecord
+    profiles: dict[str, Profile]  # model -> profile with machine = worker id
+    generation: int = 0
+
+
+@dataclass(eq=False)
+class _Watcher:
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    latest: pb.Plan | None = None
+    closed: bool = False
+
+
+@dataclass
+class AgentState:
+    record: AgentRecord
+    device: Profile
+    plan: pb.Plan | None = None  # what the planner believes runs (the last plan not refused)
+    links: dict[str, LinkRecord] = field(default_factory=dict)  # worker id -> last estimate
+    unsaved_links: set[str] = field(default_factory=set)
+    last_acted: float = -math.inf  # monotonic time telemetry last triggered a decision
+    dirty: bool = False  # conditions changed since the last decision
+    cause: str = "telemetry"  # what changed them (a metrics label of PLAN_REASONS)
+    refused_key: PlanKey | None = None  # not proposed again until conditions change
+    refused_conditions: dict = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    watchers: set[_Watcher] = field(default_factory=set)
+    _derived: dict = field(default_factory=dict)  # cached device profiles (stable ids for the search's cache)
+
+    def device_for(self, tl_ids: frozenset[str], cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
+        """The device profile limited to TLs held on both ends, optionally to one transfer at one cut."""
+        key = (tl_ids, cut_transfer)
+        if key in self._derived:
+            return self._derived[key]
+        p = self.device
+        usable = lambda t: not t.tl_id or t.tl_id in tl_ids  # noqa: E731
+        if any(not usable(t) for b in p.blocks for t in b.transfers) or any(not usable(t) for t in p.input_transfers):
+            p = dataclasses.replace(p, input_transfers=tuple(filter(usable, p.input_transfers)),
+                                    blocks=tuple(dataclasses.replace(b, transfers=tuple(filter(usable, b.transfers)))
+                                                 for b in p.blocks))
+        if cut_transfer is not None:
+            cut, codec, tl_id = cut_transfer
+            match = tuple(t for t in p.transfers_after(cut) if t.codec == codec and t.tl_id == tl_id)
+            if not match:
+                p = None
+            elif cut == 0:
+                p = dataclasses.replace(p, input_transfers=match)
+            else:
+                blocks = list(p.blocks)
+                blocks[cut - 1] = dataclasses.replace(blocks[cut - 1], transfers=match)
+                p = dataclasses.replace(p, blocks=tuple(blocks))
+        if len(self._derived) > 64:
+            self._derived.clear()
+        self._derived[key] = p
+        return p
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """One worker the agent may use, with the inputs of its search."""
+
+    worker_id: str
+    address: str
+    tier: str
+    profile: Profile
+    tl_ids: frozenset[str]
+    link: Link
+
+
+@dataclass(frozen=True)
+class Ranked:
+    config: Configuration
+    worker_id: str = ""  # "" = local
+    address: str = ""
+
+
+# -- the service ---------------------------------------------------------------------------------
+
+
+def _rpc(fn):
+    """Map EdgesplitError to its status (with its message); anything else to INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: PlannerService, request, context: grpc.aio.ServicerContext):
+        try:
+            return await fn(self, request, context)
+        except EdgesplitError as e:
+            self.metrics.errors.labels(e.code.name).inc()
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: log it, answer INTERNAL instead of UNKNOWN
+            logger.exception("%s failed", fn.__name__)
+            self.metrics.errors.labels("INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper
+
+
+class PlannerService(pb_grpc.PlannerServicer):
+    def __init__(self, config: PlannerConfig, store: Store, metrics: PlannerMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.store = store
+        self.metrics = metrics or PlannerMetrics()
+        self.clock = clock
+        self.hysteresis = Hysteresis(config.switch_gain, config.switch_min_gain_seconds, config.hold_seconds, clock)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="planner-search")
+        self.workers: dict[str, WorkerState] = {}
+        self.agents: dict[str, AgentState] = {}
+        self.generation = 0  # counts worker registrations (each worker remembers the one that made it)
+        self._ticker: asyncio.Task | None = None
+        self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
+        self._load()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        """Resume from the store: workers, agents, their plans, links and refusals."""
+        for wid, rec in self.store.workers().items():
+            self.workers[wid] = WorkerState(rec, self._parse_worker_profiles(rec.id, list(rec.profiles.values())))
+        plans, links = self.store.current_plans(), self.store.links()
+        for aid, rec in self.store.agents().items():
+            st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
+            st.plan = plans[aid].plan if aid in plans else None
+            st.links = links.get(aid, {})
+            if rec.refused_version and (st.plan is None or rec.refused_version > st.plan.version):
+                refused = self.store.plan(aid, rec.refused_version)
+                if refused is not None:
+                    st.refused_key = plan_key(refused.plan)
+                    st.refused_conditions = self._conditions(st)
+            st.dirty, st.cause = True, "restart"  # re-check once: a worker may have changed meanwhile
+            self.agents[aid] = st
+        self.metrics.agents.set(len(self.agents))
+        self.metrics.workers.set(len(self.workers))
+        if self.agents or self.workers:
+            logger.info("resumed %d agents and %d workers from %s (last plan version %d)", len(self.agents),
+                        len(self.workers), self.store.path, self.store.last_version())
+
+    def start(self) -> None:
+        if self._ticker is None:
+            self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="planner-replan")
+
+    async def close(self) -> None:
+        """Stop re-planning and end every WatchPlan stream (agents reconnect to the next planner)."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+            try:
+                await self._ticker
+            except asyncio.CancelledError:
+                pass
+            self._ticker = None
+        for st in self.agents.values():
+            self._save_links(st)
+            for w in st.watchers:
+                w.closed = True
+                w.event.set()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _tick_loop(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.config.replan_interval_seconds)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:
+                logger.exception("periodic re-planning failed")
+
+    async def tick(self) -> None:
+        """Decide for every agent with new conditions or a switch on hold; refresh the age gauge."""
+        now = time.time()
+        ages = [now - max(lk.updated_unix for lk in st.links.values()) for st in self.agents.values() if st.links]
+        self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
+        for aid, st in list(self.agents.items()):
+            if st.dirty or self.hysteresis.holding(aid):
+                await self._decide(st)
+
+    # -- candidates and ranking ----------------------------------------------------------------
+
+    def _parse_worker_profiles(self, worker_id: str, texts: list[str]) -> dict[str, Profile]:
+        out: dict[str, Profile] = {}
+        for i, text in enumerate(texts):
+            p = profiles.loads(text, f"profiles_json[{i}]")
+            if p.role == "device":
+                raise InvalidInput(f"profiles_json[{i}] ({p.model}) was measured as a device (role 'device'); a worker "
+                                   "registers profiles measured on itself, with role edge or cloud")
+            if p.model in out:
+                raise InvalidInput(f"profiles_json[{i}]: a second profile of {p.model}; send one profile per model")
+            out[p.model] = dataclasses.replace(p, machine=worker_id) if p.machine != worker_id else p
+        return out
+
+    def _link(self, st: AgentState, worker_id: str) -> LinkRecord:
+        lk = st.links.get(worker_id)
+        if lk is None:
+            return LinkRecord(self.config.default_rtt_seconds, self.config.default_bandwidth_bytes_per_second, 0.0)
+        return lk
+
+    def _candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0) -> list[_Candidate]:
+        rec = st.record
+        allowed = set(rec.workers)
+        excluded = set(rec.constraints.exclude_workers)
+        out = []
+        for wid, w in sorted(self.workers.items()):
+            if (allowed and wid not in allowed) or wid in excluded or _incompatibility(rec, st.device, w):
+                continue
+            lk = self._link(st, wid)
+            link = Link(rtt or lk.rtt_seconds, bandwidth or lk.bandwidth_bytes_per_second)
+            out.append(_Candidate(wid, w.record.address, w.record.tier, w.profiles[rec.model],
+                                  frozenset(rec.tl_ids) & frozenset(w.record.tl_ids), link))
+        return out
+
+    def _objective(self, st: AgentState) -> str:
+        return st.record.constraints.objective or "latency"
+
+    @staticmethod
+    def _score(cfg: Configuration, objective: str) -> float:
+        if objective == "throughput":
+            return 0.0 if math.isinf(cfg.fps) else 1.0 / cfg.fps
+        return cfg.seconds
+
+    def _rank_sync(self, st: AgentState, cands: list[_Candidate], devices: list[Profile], top_n: int,
+                   exclude: PlanKey | None = None) -> tuple[list[Ranked], float]:
+        """Runs in the executor: one search per candidate worker, merged best first."""
+        t0 = time.perf_counter()
+        objective = self._objective(st)
+        cons = _search_constraints(st.record.constraints)
+        found = [Ranked(c) for c in search([Tier("device", (st.device,))], Network({}), cons, objective, 1,
+                                           self.config.include_return)]
+        per_worker = top_n + 1 + (exclude is not None)  # room for the local one and an excluded one
+        for cand, dev in zip(cands, devices):
+            net = Network({(dev.machine, cand.profile.machine): cand.link})
+            tiers = [Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))]
+            for cfg in search(tiers, net, cons, objective, per_worker, self.config.include_return):
+                if cfg.hops:  # local configurations come from the device-only search above
+                    found.append(Ranked(cfg, cand.worker_id, cand.address))
+        found.sort(key=lambda r: (self._score(r.config, objective), r.config.seconds, len(r.config.hops)))
+        if exclude is not None:
+            found = [r for r in found if self._key(st, r) != exclude]
+        return found[:top_n], time.perf_counter() - t0
+
+    def _predict_sync(self, st: AgentState, plan: pb.Plan, cand: _Candidate | None,
+                      dev: Profile | None) -> Configuration | None:
+        """Runs in the executor: the predicted configuration of ``plan`` now, None when infeasible.
+
+        ``cand`` is the plan's worker as a candidate now (None: not one), ``dev`` the device
+        profile limited to the plan's transfer at its cut (None: that transfer is gone)."""
+        objective = self._objective(st)
+        if plan.model_id != st.record.model:
+            return None
+        if not plan.worker_id:
+            got = search([Tier("device", (st.device,))], Network({}), _search_constraints(st.record.constraints),
+                         objective, 1, self.config.include_return)
+            return got[0] if got else None
+        if cand is None or dev is None or cand.address != plan.worker_address:
+            return None
+        n = st.device.n_blocks
+        pins = {b: ("device" if b < plan.split_index else cand.tier) for b in range(n)}
+        net = Network({(dev.machine, cand.profile.machine): cand.link})
+        got = search([Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))], net,
+                     _search_constraints(st.record.constraints, pins), objective, 1, self.config.include_return)
+        return got[0] if got and got[0].hops else None
+
+    def _key(self, st: AgentState, r: Ranked) -> PlanKey:
+        if not r.config.hops:
+            return ("", st.device.n_blocks, "", "")
+        hop = r.config.hops[0]
+        return (r.worker_id, hop.cut, hop.transfer.codec, hop.transfer.tl_id)
+
+    async def _rank(self, st: AgentState, top_n: int, rtt: float = 0.0, bandwidth: float = 0.0,
+                    exclude: PlanKey | None = None, predict: pb.Plan | None = None):
+        """Rank now (and predict ``predict`` under the same conditions); profiles are derived here,
+        on the event loop, and only the searches run in the executor."""
+        cands = self._candidates(st, rtt, bandwidth)
+        devices = [st.device_for(c.tl_ids) for c in cands]
+        cand = pinned = None
+        if predict is not None and predict.worker_id:
+            cand = next((c for c in cands if c.worker_id == predict.worker_id), None)
+            usable = not predict.tl_id or (cand is not None and predict.tl_id in cand.tl_ids)
+            if cand is not None and usable and 0 <= predict.split_index < st.device.n_blocks:
+                pinned = st.device_for(cand.tl_ids, (predict.split_index, predict.codec, predict.tl_id))
+
+        def work():
+            ranked, seconds = self._rank_sync(st, cands, devices, top_n, exclude)
+            current = self._predict_sync(st, predict, cand, pinned) if predict is not None else None
+            return ranked, seconds, current
+
+        ranked, seconds, current = await asyncio.get_running_loop().run_in_executor(self.executor, work)
+        self.metrics.decision_seconds.observe(seconds)
+        return ranked, seconds, current
+
+    def _plan(self, st: AgentState, r: Ranked, reason: str) -> pb.Plan:
+        cfg = r.config
+        plan = pb.Plan(agent_id=st.record.id, model_id=st.record.model, predicted_seconds=cfg.seconds,
+                       predicted_fps=cfg.fps, predicted_bytes=cfg.upload_bytes, reason=reason,
+                       created_unix=time.time())
+        plan.breakdown_seconds.update(cfg.breakdown())
+        if not cfg.hops:
+            plan.split_id, plan.split_index = "output", st.device.n_blocks
+        else:
+            hop = cfg.hops[0]
+            plan.split_id, plan.split_index = hop.split, hop.cut
+            plan.codec, plan.tl_id = hop.transfer.codec, hop.transfer.tl_id
+            plan.worker_id, plan.worker_address = r.worker_id, r.address
+        return plan
+
+    # -- decisions -----------------------------------------------------------------------------
+
+    def _conditions(self, st: AgentState) -> dict[str, tuple[int, float, float]]:
+        """What a refusal is remembered against: per candidate worker, its registration and link."""
+        return {c.worker_id: (self.workers[c.worker_id].generation, c.link.rtt_seconds, c.link.bandwidth_bytes_per_second)
+                for c in self._candidates(st)}
+
+    def _refusal_stands(self, st: AgentState) -> bool:
+        """A refused plan stays out while the workers and links are (nearly) as they were at the refusal."""
+        if st.refused_key is None:
+            return False
+        then, now = st.refused_conditions, self._conditions(st)
+        tol = max(self.config.switch_gain, 0.01)
+        moved = lambda a, b: abs(a - b) > tol * max(abs(b), 1e-9)  # noqa: E731
+        if then.keys() != now.keys() or any(
+                now[w][0] != then[w][0] or moved(now[w][1], then[w][1]) or moved(now[w][2], then[w][2]) for w in now):
+            logger.info("agent %s: conditions changed since it refused %s; that plan may be proposed again",
+                        st.record.id, st.refused_key)
+            st.refused_key, st.refused_conditions = None, {}
+            return False
+        return True
+
+    def _issue(self, st: AgentState, r: Ranked, reason: str, label: str) -> pb.Plan:
+        plan = self.store.issue_plan(self._plan(st, r, reason))
+        st.plan = plan
+        self.hysteresis.reset(st.record.id)
+        st.cause = "telemetry"
+        self.metrics.plan_changes.labels(label).inc()
+        logger.info("agent %s: plan v%d %s@%s via %s (%.2f ms predicted): %s", st.record.id, plan.version,
+                    plan.worker_id or "local", plan.split_id, plan.codec or "-", plan.predicted_seconds * 1e3, reason)
+        for w in st.watchers:
+            w.latest = plan
+            w.event.set()
+        return plan
+
+    def _save_links(self, st: AgentState) -> None:
+        for wid in sorted(st.unsaved_links):
+            if wid in st.links:
+                self.store.put_link(st.record.id, wid, st.links[wid])
+        if st.unsaved_links:
+            self.store.touch_agent(st.record.id, st.record.last_seen)
+        st.unsaved_links.clear()
+
+    async def _decide(self, st: AgentState) -> None:
+        """Re-plan one running agent under its current conditions, through the hysteresis."""
+        async with st.lock:
+            if self.agents.get(st.record.id) is not st:  # re-registered meanwhile
+                return
+            st.dirty = False
+            cause = st.cause
+            self._save_links(st)
+            aid = st.record.id
+            exclude = st.refused_key if self._refusal_stands(st) else None
+            ranked, _, current = await self._rank(st, 1, exclude=exclude, predict=st.plan)
+            if not ranked:
+                if st.plan is not None and current is None:
+                    logger.warning("agent %s: plan v%d is no longer feasible and nothing else is", aid, st.plan.version)
+                return
+            best = ranked[0]
+            if st.plan is None:
+                self._issue(st, best, f"{cause}: first feasible configuration", cause)
+                return
+            objective = self._objective(st)
+            if current is not None and self._key(st, best) == plan_key(st.plan):
+                self.hysteresis.reset(aid)
+                return
+            cur = None if current is None else self._score(current, objective)
+            verdict = self.hysteresis.update(aid, cur, self._score(best.config, objective))
+            if not verdict.switch:
+                return
+            if cur is None:
+                reason = f"plan v{st.plan.version} is no longer feasible (worker gone, moved or excluded, or constraints)"
+                label = "infeasible"
+            else:
+                lk = st.links.get(best.worker_id) if best.worker_id else None
+                link = f"; link to {best.worker_id}: {lk.bandwidth_bytes_per_second / 1e6:.2f} MB/s, " \
+                       f"{lk.rtt_seconds * 1e3:.1f} ms RTT" if lk else ""
+                reason = (f"{cause}: predicted {self._score(best.config, objective) * 1e3:.2f} ms vs {cur * 1e3:.2f} ms "
+                          f"for v{st.plan.version}, gain held {verdict.held_seconds:.1f} s{link}")
+                label = cause
+            self._issue(st, best, reason, label)
+
+    # -- RPCs ----------------------------------------------------------------------------------
+
+    @_rpc
+    async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context) -> pb.RegisterWorkerReply:
+        wid = _check_id(request.worker_id, "worker_id")
+        address = _check_address(request.address)
+        tier = request.tier or "edge"
+        if tier not in TIERS:
+            raise InvalidInput(f"tier must be one of {', '.join(TIERS)}, not {request.tier[:40]!r}")
+        n = len(request.profiles_json)
+        if n == 0:
+            raise InvalidInput(f"worker {wid} sent no profiles: profile each model it serves ('edgesplit profile') and "
+                               "send the documents in profiles_json")
+        if n > self.config.max_profiles_per_worker:
+            raise InvalidInput(f"{n} profiles is more than the {self.config.max_profiles_per_worker} a worker may "
+                               "register (planner setting max_profiles_per_worker)")
+        tl_ids = _check_ids(request.tl_ids, "tl_ids")
+        if wid not in self.workers and len(self.workers) >= self.config.max_workers:
+            raise Overloaded(f"the planner holds {len(self.workers)} workers, its max_workers limit")
+        parsed = self._parse_worker_profiles(wid, list(request.profiles_json))
+        now = time.time()
+        old = self.workers.get(wid)
+        rec = WorkerRecord(wid, address, tier, tl_ids, {m: t for m, t in zip(parsed, request.profiles_json)},
+                           old.record.registered if old else now, now)
+        self.store.put_worker(rec)
+        self.generation += 1
+        self.workers[wid] = WorkerState(rec, parsed, self.generation)
+        self.metrics.workers.set(len(self.workers))
+        logger.info("worker %s at %s (%s): %s", wid, address, tier, ", ".join(sorted(parsed)))
+        for st in self.agents.values():  # decided by the periodic pass, woken now
+            if st.record.model in parsed or (old and st.record.model in old.profiles):
+                st.dirty, st.cause = True, "worker"
+        self._wake.set()
+        return pb.RegisterWorkerReply(profiles=len(parsed))
+
+    @_rpc
+    async def RegisterAgent(self, request: pb.RegisterAgentRequest, context) -> pb.RegisterAgentReply:
+        aid = _check_id(request.agent_id, "agent_id")
+        model = request.model_id
+        if not model or len(model) > MAX_ID_CHARS:
+            raise InvalidInput(f"model_id must be 1-{MAX_ID_CHARS} characters (the model the agent runs)")
+        if len(request.model_digest) > MAX_ID_CHARS:
+            raise InvalidInput(f"model_digest is longer than {MAX_ID_CHARS} characters")
+        device = profiles.loads(request.profile_json, "profile_json")
+        if device.role != "device":
+            raise InvalidInput(f"profile_json was measured as role {device.role!r}; an agent registers the profile "
+                               "measured on its own board (role device)")
+        if device.model != model:
+            raise InvalidInput(f"profile_json is a profile of {device.model!r} but model_id is {model!r}: send the "
+                               "profile of the model this agent runs")
+        if request.model_digest and device.model_digest and request.model_digest != device.model_digest:
+            raise InvalidInput(f"profile_json was measured with weights {device.model_digest} but model_digest is "
+                               f"{request.model_digest}: re-profile the board with the weights it runs")
+        workers = _check_ids(request.workers, "workers")
+        tl_ids = _check_ids(request.tl_ids, "tl_ids")
+        _check_constraints(request.constraints)
+        if aid not in self.agents and len(self.agents) >= self.config.max_agents:
+            raise Overloaded(f"the planner holds {len(self.agents)} agents, its max_agents limit")
+        constraints = pb.Constraints()
+        constraints.CopyFrom(request.constraints)
+        now = time.time()
+        old = self.agents.get(aid)
+        rec = AgentRecord(aid, model, request.model_digest or device.model_digest, request.profile_json, workers,
+                          tl_ids, constraints, old.record.registered if old else now, now)
+        named = [wid for wid in workers if wid in self.workers]
+        problems = [why for why in (_incompatibility(rec, device, self.workers[wid]) for wid in named) if why]
+        if problems and len(problems) == len(named):
+            raise PreconditionFailed("none of the workers this agent names can take its frames: " + "; ".join(problems))
+        for why in problems:
+            logger.warning("agent %s: %s", aid, why)
+        lock = old.lock if old is not None else asyncio.Lock()
+        async with lock:
+            old = self.agents.get(aid)
+            st = AgentState(rec, device, lock=lock)
+            if old is not None:  # same board, new registration: keep what it runs, its links and watchers
+                st.plan, st.links, st.watchers = old.plan, old.links, old.watchers
+                st.unsaved_links, st.last_acted = old.unsaved_links, old.last_acted
+            self.store.put_agent(rec)
+            self.agents[aid] = st
+            self.hysteresis.reset(aid)
+            self.metrics.agents.set(len(self.agents))
+            ranked, _, current = await self._rank(st, 1, predict=st.plan)
+            if not ranked:
+                reason = ("no configuration satisfies this agent's constraints with the workers registered now; a plan "
+                          "follows on WatchPlan when one does (relax the constraints or register a worker)")
+                logger.warning("agent %s: %s", aid, reason)
+                return pb.RegisterAgentReply(plan=pb.Plan(agent_id=aid, model_id=model, reason=reason))
+            best = ranked[0]
+            if st.plan is not None and current is not None and self._key(st, best) == plan_key(st.plan):
+                return pb.RegisterAgentReply(plan=st.plan)
+            plan = self._issue(st, best, "registration" if old is None else "re-registration", "registration")
+        return pb.RegisterAgentReply(plan=plan)
+
+    def _agent(self, agent_id: str) -> AgentState:
+        st = self.agents.get(agent_id)
+        if st is None:
+            shown = agent_id if len(agent_id) <= 40 else agent_id[:40] + "..."
+            raise NotFound(f"agent {shown!r} is not registered with this planner: call RegisterAgent first")
+        return st
+
+    def _resolve_worker(self, name: str) -> str:
+        """A worker id, or the id of the worker at that address (an agent may only know the address); "" if none."""
+        if not name or name in self.workers:
+            return name
+        return next((wid for wid, w in self.workers.items() if w.record.address == name), "")
+
+    @_rpc
+    async def ReportTelemetry(self, request_iterator, context) -> pb.TelemetryAck:
+        received = 0
+        min_gap = 1.0 / self.config.telemetry_max_rate_hz
+        async for t in request_iterator:
+            st = self._agent(t.agent_id)
+            received += 1
+            self.metrics.telemetry.inc()
+            worker = self._resolve_worker(t.worker)
+            bw = _check_seconds(t.bandwidth_bytes_per_second, "bandwidth_bytes_per_second")
+            rtt = _check_seconds(t.rtt_seconds, "rtt_seconds")
+            if not math.isfinite(t.sent_unix):
+                raise InvalidInput("sent_unix must be a finite time")
+            if len(t.stage_seconds) > 1024 or not all(math.isfinite(v) and v >= 0 for v in t.stage_seconds.values()):
+                raise InvalidInput("stage_seconds holds at most 1024 stages, each a finite number of seconds >= 0")
+            now = time.time()
+            if t.sent_unix > 0:
+                self.metrics.telemetry_delay_seconds.observe(max(0.0, now - t.sent_unix))
+            st.record.last_seen = now
+            if worker and (bw > 0 or rtt > 0):
+                old = self._link(st, worker)
+                st.links[worker] = LinkRecord(rtt or old.rtt_seconds, bw or old.bandwidth_bytes_per_second, now)
+                st.unsaved_links.add(worker)
+                st.dirty, st.cause = True, "telemetry"
+            elif t.worker and not worker:
+                self.metrics.telemetry_unknown_worker.inc()
+                logger.debug("agent %s: telemetry for %r, which is no registered worker; link ignored", st.record.id,
+                             t.worker[:80])
+            mono = self.clock()
+            if st.dirty and mono - st.last_acted >= min_gap:  # the rest wait for the periodic pass
+                st.last_acted = mono
+                await self._decide(st)
+        return pb.TelemetryAck(received=received)
+
+    @_rpc
+    async def ReportPlanStatus(self, request: pb.PlanStatus, context) -> pb.PlanStatusAck:
+        st = self._agent(request.agent_id)
+        if request.version == 0:
+            raise InvalidInput("version must name a plan (> 0)")
+        if len(request.message) > MAX_MESSAGE_CHARS:
+            raise InvalidInput(f"message is longer than {MAX_MESSAGE_CHARS} characters")
+        async with st.lock:
+            status = APPLIED if request.applied else REFUSED
+            if not self.store.set_plan_status(st.record.id, request.version, status, request.message):
+                raise NotFound(f"agent {st.record.id} has no plan version {request.version}"
+                               + (f" (its current plan is v{st.plan.version})" if st.plan else ""))
+            if request.applied:
+                return pb.PlanStatusAck()
+            st.dirty, st.cause = True, "refusal"  # decide again, without the refused plan
+            self._wake.set()
+            self.metrics.refusals.inc()
+            st.record.refused_version, st.record.refused_message = request.version, request.message
+            refused = self.store.plan(st.record.id, request.version).plan
+            logger.warning("agent %s refused plan v%d: %s", st.record.id, request.version, request.message or "(no reason)")
+            if st.plan is not None and st.plan.version == request.version:
+                back = self.store.current_plan(st.record.id)
+                st.plan = back.plan if back else None
+                st.refused_key = plan_key(refused)
+                st.refused_conditions = self._conditions(st)
+                self.hysteresis.reset(st.record.id)
+        return pb.PlanStatusAck()
+
+    async def WatchPlan(self, request: pb.WatchPlanRequest, context):
+        try:
+            st = self._agent(request.agent_id)
+        except EdgesplitError as e:
+            self.metrics.errors.labels(e.code.name).inc()
+            await context.abort(e.code, str(e))
+        w = _Watcher(latest=st.plan)
+        if st.plan is not None:
+            w.event.set()
+        st.watchers.add(w)
+        self.metrics.watchers.inc()
+        sent = request.known_version
+        try:
+            while True:
+                await w.event.wait()
+                w.event.clear()
+                if w.closed:
+                    return
+                plan = w.latest
+                if plan is not None and plan.version > sent:
+                    sent = plan.version
+                    yield plan
+        finally:
+            st.watchers.discard(w)
+            self.agents.get(request.agent_id, st).watchers.discard(w)
+            self.metrics.watchers.dec()
+
+    @_rpc
+    async def QueryPlan(self, request: pb.PlanQuery, context) -> pb.PlanQueryReply:
+        st = self._agent(request.agent_id)
+        top_n = request.top_n or self.config.top_n
+        if top_n > self.config.max_top_n:
+            raise InvalidInput(f"top_n {top_n} is above the planner's max_top_n ({self.config.max_top_n})")
+        bw = _check_seconds(request.bandwidth_bytes_per_second, "bandwidth_bytes_per_second")
+        rtt = _check_seconds(request.rtt_seconds, "rtt_seconds")
+        ranked, seconds, _ = await self._rank(st, top_n, rtt=rtt, bandwidth=bw)
+        reply = pb.PlanQueryReply(decision_seconds=seconds)
+        for i, r in enumerate(ranked):
+            reply.candidates.append(self._plan(st, r, f"candidate {i + 1} of {len(ranked)}: {r.config.describe()}"))
+        return reply
+
+    @_rpc
+    async def ListAgents(self, request: pb.ListAgentsRequest, context) -> pb.ListAgentsReply:
+        reply = pb.ListAgentsReply()
+        now = time.time()
+        for aid, st in sorted(self.agents.items()):
+            info = pb.AgentInfo(agent_id=aid, model_id=st.record.model, refused_version=st.record.refused_version,
+                                refused_message=st.record.refused_message, telemetry_age_seconds=-1.0)
+            if st.plan is not None:
+                info.plan.CopyFrom(st.plan)
+            lk = st.links.get(st.plan.worker_id) if st.plan is not None and st.plan.worker_id else None
+            if lk is not None:
+                info.bandwidth_bytes_per_second, info.rtt_seconds = lk.bandwidth_bytes_per_second, lk.rtt_seconds
+            if st.links:
+                info.telemetry_age_seconds = max(0.0, now - max(x.updated_unix for x in st.links.values()))
+            reply.agents.append(info)
+        return reply
