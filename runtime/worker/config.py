@@ -24,6 +24,12 @@ class WorkerConfig:
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
     grace_seconds: float = field(10.0, "on SIGTERM, how long frames in flight may take to finish")
     port_file: str = field("", "write the bound port to this file once serving (for supervisors and tests)")
+    planner: str = field("", "planner address HOST:PORT to register with (empty: none)")
+    worker_id: str = field("", "this worker's name at the planner (default: the host name)")
+    advertise: str = field("", "address agents should dial, HOST:PORT (default: the listen address, 0.0.0.0 -> FQDN)")
+    tier: str = field("edge", "tier this worker serves at the planner: edge or cloud")
+    profiles: tuple[str, ...] = field((), "profiles of the models served, measured here ('edgesplit profile --role edge')")
+    planner_refresh_seconds: float = field(30.0, "register again this often (a restarted planner learns the worker back)")
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +17,7 @@ from runtime.metrics_http import MetricsEndpoint
 from runtime.proto.edgesplit.v1 import inference_pb2, inference_pb2_grpc
 from runtime.worker.config import WorkerConfig
 from runtime.worker.metrics import WorkerMetrics
+from runtime.worker.registration import PlannerRegistration, advertised_address, load_profiles
 from runtime.worker.service import InferenceService
 
 logger = logging.getLogger(__name__)
@@ -30,6 +32,7 @@ class WorkerServer:
     service: InferenceService
     health: health.aio.HealthServicer
     metrics_endpoint: MetricsEndpoint | None
+    registration: PlannerRegistration | None = None
 
     @property
     def metrics_port(self) -> int | None:
@@ -44,6 +47,8 @@ class WorkerServer:
         logger.info("draining: health NOT_SERVING, waiting up to %.1fs for frames in flight", grace)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.service.draining = True
+        if self.registration is not None:
+            await self.registration.close()
         if not await self.service.wait_idle(grace):
             logger.warning("frames still in flight after %.1fs; stopping anyway", grace)
         await self.server.stop(min(1.0, grace))
@@ -66,6 +71,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
+    docs = load_profiles(config.profiles, config.tier) if config.planner else []
     port = server.add_insecure_port(config.listen)
     if port == 0:
         raise OSError(f"could not bind {config.listen}")
@@ -82,6 +88,11 @@ async def serve(config: WorkerConfig) -> WorkerServer:
         endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port)
     ws = WorkerServer(server, port, service, health_servicer, endpoint)
     await ws._set_health(health_pb2.HealthCheckResponse.SERVING)
+    if config.planner:
+        ws.registration = PlannerRegistration(
+            config.planner, config.worker_id or socket.gethostname(), advertised_address(config.listen, port, config.advertise),
+            config.tier, docs, sorted(service.tails.tls), config.planner_refresh_seconds)
+        ws.registration.start()
     logger.info(
         "worker serving on port %d (metrics %s)", port, f"http://{config.metrics_host}:{endpoint.port}/metrics" if endpoint else "off"
     )

@@ -1,0 +1,85 @@
+"""The worker announces itself to the planner: its address, tier, the profiles of the models it
+serves and the Transfer Layers it holds; again every ``planner_refresh_seconds`` (so a planner
+that restarted or lost it learns it back) and with back-off while the planner is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import grpc
+
+from planner import profile as profiles
+from runtime.errors import InvalidInput
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+
+logger = logging.getLogger(__name__)
+
+RPC_TIMEOUT_SECONDS = 10.0
+MAX_BACKOFF_SECONDS = 30.0
+
+
+def load_profiles(paths, tier: str) -> list[str]:
+    """The profile documents to send, validated here so a bad file stops the worker at start."""
+    if not paths:
+        raise InvalidInput("a worker that registers with a planner needs --profiles: one profile per model it serves, "
+                           "measured on this machine ('edgesplit profile --role edge --out FILE')")
+    docs = []
+    for path in paths:
+        p = profiles.load(path)
+        if p.role == "device":
+            raise InvalidInput(f"{path} was measured as role device; profile this machine with --role {tier}")
+        docs.append(p.to_json())
+    return docs
+
+
+def advertised_address(listen: str, port: int, advertise: str) -> str:
+    if advertise:
+        return advertise
+    host = listen.rsplit(":", 1)[0]
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+class PlannerRegistration:
+    def __init__(self, planner: str, worker_id: str, address: str, tier: str, profile_docs: list[str],
+                 tl_ids: list[str], refresh_seconds: float):
+        self.planner, self.worker_id, self.address, self.tier = planner, worker_id, address, tier
+        self.request = ppb.RegisterWorkerRequest(worker_id=worker_id, address=address, tier=tier,
+                                                 profiles_json=profile_docs, tl_ids=tl_ids)
+        self.refresh_seconds = refresh_seconds
+        self.registered = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        backoff = 0.5
+        async with grpc.aio.insecure_channel(self.planner) as channel:
+            stub = ppb_grpc.PlannerStub(channel)
+            while True:
+                try:
+                    reply = await stub.RegisterWorker(self.request, timeout=RPC_TIMEOUT_SECONDS)
+                except grpc.aio.AioRpcError as e:
+                    level = logging.ERROR if e.code() in (grpc.StatusCode.INVALID_ARGUMENT,
+                                                          grpc.StatusCode.FAILED_PRECONDITION) else logging.WARNING
+                    logger.log(level, "planner %s did not register worker %s: %s: %s (retry in %.1fs)", self.planner,
+                               self.worker_id, e.code().name, e.details(), backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                    continue
+                if not self.registered.is_set():
+                    logger.info("registered with planner %s as %s at %s (%d profiles)", self.planner, self.worker_id,
+                                self.address, reply.profiles)
+                self.registered.set()
+                backoff = 0.5
+                await asyncio.sleep(self.refresh_seconds)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
