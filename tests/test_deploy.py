@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from planner.config import PlannerConfig
 from runtime.agent.config import AgentConfig
 from runtime.config import load_config
 from runtime.worker.config import WorkerConfig
@@ -20,13 +21,16 @@ def test_example_configs_load_with_every_key_known():
     assert worker.listen == "0.0.0.0:50051" and worker.preload == ("efficientnet_lite0",)
     agent = load_config(AgentConfig, "agent", config_file=DEPLOY / "config" / "agent.toml", env={})
     assert agent.codec == "int8+lz4" and agent.serve.startswith("unix:")
+    assert agent.planner and agent.profile.endswith(".json") and worker.profiles and worker.tier == "edge"
+    planner = load_config(PlannerConfig, "planner", config_file=DEPLOY / "config" / "planner.toml", env={})
+    assert planner.db.endswith(".sqlite") and planner.hold_seconds == 3.0
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for 'kubectl kustomize') is not installed")
 def test_kustomization_builds():
     out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "kind: Deployment" in out.stdout and "grpc:" in out.stdout
+    assert "kind: Deployment" in out.stdout and "grpc:" in out.stdout and "kind: StatefulSet" in out.stdout
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package 'prometheus') is not installed")
