@@ -299,7 +299,11 @@ def test_cli_tl_eval_and_list(artifact_224, capsys):
 
 
 def test_worker_refuses_tl_for_another_model_or_split(full_r18, artifact_224):
+    import grpc
+
+    from runtime.errors import EdgesplitError
     from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+    from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
 
@@ -318,7 +322,15 @@ def test_worker_refuses_tl_for_another_model_or_split(full_r18, artifact_224):
                                                             model_digest=digest))
             with pytest.raises(PreconditionFailed, match="does not hold"):
                 await ws.service.resolve(pb.FrameHeader(model_id="resnet18", split_id="add_6", tl_id="tl-000000000000"))
+            # Prepare says which TL's decoder will run and the shape it takes off the wire
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as channel:
+                res = await pb_grpc.InferenceStub(channel).Prepare(pb.PrepareRequest(header=pb.FrameHeader(
+                    model_id="resnet18", split_id="add_6", tl_id=tl_id, model_digest=full_r18.digest)), timeout=30)
+            assert res.tl_id == tl_id and tuple(res.input_shape) == (1, 128, 4, 4)
         finally:
             await ws.drain_and_stop(1.0)
+        # a TL the worker cannot load stops it at start, rather than being skipped
+        with pytest.raises(EdgesplitError, match="tl-000000000000"):
+            await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=(str(path.parent / "tl-000000000000.json"),)))
 
     asyncio.run(run())

@@ -609,7 +609,7 @@ def test_metrics_endpoint(aio, worker, feat, expected):
         assert key in after, (key, sorted(k for k in after if k[0].startswith(name)))
         return after[key] - before.get(key, 0.0)
 
-    assert delta("edgesplit_worker_frames_total", model=MODEL, split=SPLIT) == 2
+    assert delta("edgesplit_worker_frames_total", model=MODEL, split=SPLIT, tl="none") == 2
     assert delta("edgesplit_worker_errors_total", code="INVALID_ARGUMENT") == 1
     # only frames that got past the header and shape checks count their payload
     assert delta("edgesplit_worker_received_bytes_total") == 2 * feat.numel() * 4

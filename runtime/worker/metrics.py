@@ -12,7 +12,8 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.frames = Counter("edgesplit_worker_frames", "Frames answered successfully", ["model", "split"], registry=r)
+        self.frames = Counter("edgesplit_worker_frames", "Frames answered successfully, by Transfer Layer (tl=none without)",
+                              ["model", "split", "tl"], registry=r)
         self.errors = Counter("edgesplit_worker_errors", "Frames or calls refused, by gRPC status code", ["code"], registry=r)
         self.received_bytes = Counter("edgesplit_worker_received_bytes", "Payload bytes received", registry=r)
         self.decode_seconds = Histogram("edgesplit_worker_decode_seconds", "Wire tensor decode time", buckets=STAGE_BUCKETS, registry=r)

@@ -231,7 +231,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             job = asyncio.get_running_loop().run_in_executor(self.executor, self._compute, tail, req, admitted_at)
             job.add_done_callback(self._job_done)
             result = await asyncio.shield(job)
-            self.metrics.frames.labels(tail.model.name, tail.split.name).inc()
+            self.metrics.frames.labels(tail.model.name, tail.split.name, tail.tl_id or "none").inc()
             return result
         finally:
             if job is None:
@@ -286,6 +286,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             input_dtype=str(tail.split.dtype).replace("torch.", ""),
             model_digest=tail.model.digest,
             load_seconds=time.perf_counter() - t0,
+            tl_id=tail.tl_id or "",
         )
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResult:

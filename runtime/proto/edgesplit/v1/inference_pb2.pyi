@@ -84,13 +84,15 @@ class PrepareRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
 
 class PrepareResult(_message.Message):
-    __slots__ = ("input_shape", "input_dtype", "model_digest", "load_seconds")
+    __slots__ = ("input_shape", "input_dtype", "model_digest", "load_seconds", "tl_id")
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TL_ID_FIELD_NUMBER: _ClassVar[int]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     input_dtype: str
     model_digest: str
     load_seconds: float
-    def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., model_digest: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    tl_id: str
+    def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., model_digest: _Optional[str] = ..., load_seconds: _Optional[float] = ..., tl_id: _Optional[str] = ...) -> None: ...
