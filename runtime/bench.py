@@ -22,6 +22,7 @@ from runtime.agent.run import choose_split
 from runtime.agent.summary import runtime_overhead
 from runtime.agent.sources import open_source
 from runtime.codec import codec_names, get_codec
+from runtime.errors import InvalidInput
 from runtime.models.loader import load_model
 from runtime.worker.process import spawn_worker
 
@@ -30,8 +31,8 @@ def _median(values):
     return statistics.median(values) if values else float("nan")
 
 
-async def _bench_one(loaded, split, codec, address, frames, warmup, window):
-    agent = Agent(loaded, split, get_codec(codec), worker=address, deadline_seconds=30.0)
+async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=None):
+    agent = Agent(loaded, split, get_codec(codec), worker=address, deadline_seconds=30.0, tl=tl)
     await agent.start()
     inputs = [f.tensor for f in open_source(loaded.spec, "synthetic", 8)]
     results = []
@@ -53,10 +54,12 @@ async def _bench_one(loaded, split, codec, address, frames, warmup, window):
         raise RuntimeError(f"{len(results) - len(edge)} frames ran locally during the benchmark: {reasons}")
     stage = lambda k: _median([r.times[k] * 1e3 for r in edge])  # noqa: E731
     return {
+        "tl": tl.tl_id if tl is not None else "",
         "split": split.name, "split_index": split.index, "shape": list(split.out_shape), "codec": codec,
         "frames": len(edge), "bytes_per_frame": _median([r.wire_bytes for r in edge]),
         "raw_fp32_bytes": split.fp32_bytes,
-        "p50_ms": {k: stage(k) for k in ("head", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "total")},
+        "p50_ms": {k: stage(k) for k in ("head", *(("tl_encode",) if tl is not None else ()), "encode", "transfer_edge",
+                                         "edge_queue", "edge_decode", "edge_tail", "total")},
         "overhead_p50_ms": _median([runtime_overhead(r) * 1e3 for r in edge]),
         "network_p50_ms": _median([(r.times["transfer_edge"] - r.times["edge_tail"] - r.times["edge_decode"]
                                     - r.times["edge_queue"]) * 1e3 for r in edge]),
@@ -79,15 +82,23 @@ def _local_full_ms(loaded, n=20):
 def run_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
-    splits = [choose_split(loaded, s) for s in (args.split or [""])]
+    tl = None
+    if args.tl:
+        from runtime.transfer.artifact import load_tl
+
+        tl = load_tl(args.tl, loaded=loaded)
+        if args.split and any(choose_split(loaded, s).name != tl.split.name for s in args.split):
+            raise InvalidInput(f"--tl {tl.tl_id} is for split {tl.split.index} ({tl.split.name}); drop --split or match it")
+    splits = [choose_split(loaded, s) for s in (args.split or [tl.split.name if tl is not None else ""])]
     codecs = args.codec or codec_names()
-    worker = spawn_worker(["--torch-threads", str(args.threads), "--max-queue", "64"])
+    worker = spawn_worker(["--torch-threads", str(args.threads), "--max-queue", "64", *(["--tl", args.tl] if tl else [])])
     rows = []
     try:
         for split in splits:
             for codec in codecs:
                 print(f"... {loaded.name} split {split.index} ({split.name}) codec {codec}", file=sys.stderr, flush=True)
-                rows.append(asyncio.run(_bench_one(loaded, split, codec, worker.address, args.frames, args.warmup, args.window)))
+                rows.append(asyncio.run(_bench_one(loaded, split, codec, worker.address, args.frames, args.warmup,
+                                                   args.window, tl)))
     finally:
         worker.stop()
     local_ms = _local_full_ms(loaded)
@@ -99,7 +110,8 @@ def run_bench(args: argparse.Namespace) -> int:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         p = r["p50_ms"]
-        print(f"| {r['split_index']} {r['split']} {'x'.join(map(str, r['shape'][1:]))} | {r['codec']} "
+        print(f"| {r['split_index']} {r['split']} {'x'.join(map(str, r['shape'][1:]))} | "
+              f"{r['tl'] + '+' if r['tl'] else ''}{r['codec']} "
               f"| {r['bytes_per_frame']:,.0f} | {r['raw_fp32_bytes'] / r['bytes_per_frame']:.2f}x | {p['head']:.2f} "
               f"| {p['encode']:.2f} | {p['transfer_edge']:.2f} | {p['edge_decode']:.2f} | {p['edge_tail']:.2f} "
               f"| {r['network_p50_ms']:.2f} | {r['overhead_p50_ms']:.2f} | {p['total']:.2f} | {r['throughput_fps']:.1f} |")

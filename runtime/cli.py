@@ -188,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="int8+lz4", help="wire codec (default: int8+lz4)")
     p.add_argument("--frames", type=int, default=50, help="frames to stream (default: 50)")
     p.add_argument("--source", default="samples", help="frame source (default: the bundled sample photos)")
+    p.add_argument("--tl", default="", help="Transfer Layer artifact .json: the agent encodes with it, the worker decodes (default: none)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="loopback benchmark: latency by stage, bytes per frame and overhead per codec")
@@ -199,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1, help="frames in flight (default: 1, for clean stage times)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on each side (default: 1)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
+    p.add_argument("--tl", default="", help="Transfer Layer artifact .json: benchmark its split with it (default: none)")
     p.set_defaults(func=cmd_bench)
 
     from runtime.transfer.cli import add_parser as add_tl_parser

@@ -22,12 +22,13 @@ def _line(r: FrameResult, labels: tuple[str, ...] | None) -> str:
 
 def run_demo(args: argparse.Namespace) -> int:
     print("starting an edge worker on 127.0.0.1 ...", file=sys.stderr, flush=True)
-    worker = spawn_worker(["--torch-threads", "1", "--metrics-port", "-1"])
+    tl_flags = ["--tl", args.tl] if args.tl else []
+    worker = spawn_worker(["--torch-threads", "1", "--metrics-port", "-1", *tl_flags])
     try:
         print(f"worker SERVING on {worker.address}; streaming {args.frames} frames of {args.model}", file=sys.stderr,
               flush=True)
         config = AgentConfig(worker=worker.address, model=args.model, split=args.split, codec=args.codec,
-                             source=args.source, frames=args.frames, window=2, torch_threads=1)
+                             source=args.source, frames=args.frames, window=2, torch_threads=1, tl=args.tl or "")
         results = asyncio.run(run_agent(config, out=sys.stdout, fmt=_line))
     finally:
         code = worker.stop()

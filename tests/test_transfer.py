@@ -334,3 +334,17 @@ def test_worker_refuses_tl_for_another_model_or_split(full_r18, artifact_224):
             await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=(str(path.parent / "tl-000000000000.json"),)))
 
     asyncio.run(run())
+
+
+def test_bench_with_a_tl_reports_its_stage_and_bytes(artifact_224, tmp_path, capsys):
+    from runtime.cli import main
+
+    tl_id, path = artifact_224
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--model", "resnet18", "--tl", str(path), "--codec", "int8+lz4", "--frames", "2",
+                 "--warmup", "1", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["tl"] == tl_id and row["split"] == "add_6" and row["p50_ms"]["tl_encode"] > 0
+    assert row["bytes_per_frame"] < 4 * 128 * 4 * 4 < row["raw_fp32_bytes"]  # int8 of the TL's (1, 128, 4, 4)
+    assert f"{tl_id}+int8+lz4" in capsys.readouterr().out
+    assert main(["bench", "--model", "resnet18", "--tl", str(path), "--split", "add_5", "--frames", "1"]) == 2
