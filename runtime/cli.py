@@ -43,7 +43,8 @@ def _add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + _FLAG_NAMES.get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        # argparse %-formats help strings: a literal % (as in "10 %") must be doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
         typ = str(hints[f.name])
         if "tuple" in typ:
             p.add_argument(flag, dest=f.name, action="append", metavar="VALUE", help=help_text + "; repeatable")

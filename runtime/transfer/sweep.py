@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from runtime.codec import get_codec
 from runtime.errors import InvalidInput
 from runtime.transfer import data as tl_data
-from runtime.transfer.evaluate import CHUNK, features_and_outputs, median_ms, tail_of
+from runtime.transfer.evaluate import codec_outputs, features_and_outputs, median_ms, tail_of, top1_accuracy
 from runtime.transfer.layers import TransferLayer
 
 CODECS = ("raw", "fp16", "int8+lz4")
@@ -32,19 +32,16 @@ CODEC_LABEL = {"raw": "fp32 (raw)"}
 TIMED_FRAMES = 8
 COLUMNS = ("split", "TL", "ratio", "codec", "bytes/frame", "x below raw fp32", "top-1 agreement",
            "top-1 loss (pp)", "KL", "board encode ms", "encode % of head")
+ACCURACY_COLUMNS = ("top-1 accuracy", "accuracy drop (pp)")  # appended on a labelled hold-out
 
 
 @torch.no_grad()
-def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor) -> dict:
-    """One row: every frame of ``h`` through encoder, codec, decoder and ``tail``; vs outputs ``y``."""
+def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor,
+            labels: torch.Tensor | None = None) -> dict:
+    """One row: every frame of ``h`` through encoder, codec, decoder and ``tail``; vs outputs ``y``
+    (and, given ``labels``, top-1 accuracy against them)."""
     enc = get_codec(codec)
-    sizes, rec = [], []
-    for i in range(h.shape[0]):
-        msg = enc.encode(encoder(h[i:i + 1]))
-        sizes.append(msg.ByteSize())
-        rec.append(enc.decode(msg))
-    z = torch.cat(rec)
-    yt = torch.cat([tail(decoder(z[i:i + CHUNK])).flatten(1) for i in range(0, z.shape[0], CHUNK)])
+    yt, sizes = codec_outputs(encoder, decoder, tail, codec, h)
     kl = F.kl_div(F.log_softmax(yt, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -53,8 +50,11 @@ def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor
         encode_ms = median_ms(lambda f: enc.encode(encoder(f)), frames)
     finally:
         torch.set_num_threads(threads)
-    return {"codec": codec, "bytes": statistics.mean(sizes), "top1": float((yt.argmax(1) == y.argmax(1)).float().mean()),
-            "kl": float(kl), "encode_ms": encode_ms}
+    row = {"codec": codec, "bytes": statistics.mean(sizes), "top1": float((yt.argmax(1) == y.argmax(1)).float().mean()),
+           "kl": float(kl), "encode_ms": encode_ms}
+    if labels is not None:
+        row["accuracy"] = top1_accuracy(yt, labels)
+    return row
 
 
 def _head_ms(head, x: torch.Tensor) -> float:
@@ -69,9 +69,12 @@ def _head_ms(head, x: torch.Tensor) -> float:
 
 def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("reference", "bottleneck"),
           ratios: Sequence[int] = (8, 16, 32), codecs: Sequence[str] = CODECS, steps: int = 150,
-          batch_size: int = 16, data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
+          batch_size: int = 16, lr: float = 1e-3, pool_size: int = 256, kl_weight: float = 1.0,
+          data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
           progress: bool = False, loaded=None) -> dict:
-    """Measure every (split, TL, ratio, codec) row; returns ``{"rows", "holdout", "train", "seconds"}``."""
+    """Measure every (split, TL, ratio, codec) row; returns ``{"rows", "holdout", "train", "seconds",
+    "accuracy", "training"}``. On a labelled hold-out (``data="digits"``) every row has an
+    ``accuracy`` and ``result["accuracy"]`` is the unsplit model's; else it is None."""
     from runtime.models.loader import load_model
     from runtime.transfer.artifact import save_tl
     from runtime.transfer.train import train_tl
@@ -84,10 +87,18 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
     loaded = loaded or load_model(model)
     train, holdout = tl_data.train_holdout(data)
     x = tl_data.holdout_crops(loaded.spec, holdout, images, seed)
+    labels = tl_data.holdout_labels(loaded.spec, holdout, images)
+    unsplit_accuracy = None
+    training = {"steps": steps, "batch_size": batch_size, "lr": lr, "pool_size": pool_size, "kl_weight": kl_weight,
+                "seed": seed}
     rows: list[dict] = []
     for s in splits:
         split = loaded.split(s)
         h, y = features_and_outputs(loaded, split, x)
+        if labels is not None and y.shape[1] != tl_data.DIGITS_CLASSES:
+            labels = None  # another task's outputs: agreement only
+        if labels is not None:
+            unsplit_accuracy = top1_accuracy(y, labels)
         head_ms = _head_ms(loaded.head(split.name), x)
         raw_bytes = None
         variants: list[tuple[str, int | None, TransferLayer | None]] = [("none", None, None)]
@@ -95,58 +106,74 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
             variants.append(("reference", 4, TransferLayer("reference", split.out_shape).eval()))
         if "bottleneck" in kinds:
             for r in ratios:
-                tl, _ = train_tl(loaded, split, "bottleneck", r, steps=steps, batch_size=batch_size, seed=seed,
-                                 data=data, progress=progress, holdout_images=1)
+                tl, _ = train_tl(loaded, split, "bottleneck", r, steps=steps, batch_size=batch_size, lr=lr,
+                                 seed=seed, data=data, progress=progress, holdout_images=1, pool_size=pool_size,
+                                 kl_weight=kl_weight)
                 variants.append(("bottleneck", r, tl))
         for kind, ratio, tl in variants:
             tl_rows = []
             for c in codecs:
                 if tl is None:
-                    m = measure(torch.nn.Identity(), torch.nn.Identity(), loaded.tail(split.name), c, h, y)
+                    m = measure(torch.nn.Identity(), torch.nn.Identity(), loaded.tail(split.name), c, h, y, labels)
                 else:
-                    m = measure(tl.encoder, tl.decoder, tail_of(tl, loaded, split), c, h, y)
+                    m = measure(tl.encoder, tl.decoder, tail_of(tl, loaded, split), c, h, y, labels)
                 if kind == "none" and c == "raw":
                     raw_bytes = m["bytes"]
                 tl_rows.append({"split": split.name, "split_index": split.index, "kind": kind, "ratio": ratio,
                                 "head_ms": head_ms, **m})
             if tl is not None and tl.trainable and out is not None:
                 fid = {"top1_agreement": tl_rows[0]["top1"], "kl_divergence": tl_rows[0]["kl"],
-                       "holdout": f"{images} crops of {', '.join(p.name for p in holdout)}"}
+                       "holdout": tl_data.holdout_description(holdout, images, seed)}
+                if labels is not None:
+                    fid["accuracy"] = {"images": images, "unsplit": unsplit_accuracy,
+                                       "split_tl": tl_rows[0]["accuracy"], "split_tl_codec": tl_rows[-1]["accuracy"],
+                                       "codec": tl_rows[-1]["codec"],
+                                       "drop_pp": round(100 * (unsplit_accuracy - tl_rows[-1]["accuracy"]), 2)}
                 best = tl_rows[-1]
                 save_tl(tl, loaded, split, out, fidelity=fid,
                         bytes_per_frame={"codec": best["codec"], f"tl_{best['codec']}": round(best["bytes"], 1)},
-                        training={"steps": steps, "batch_size": batch_size, "seed": seed,
-                                  "data": tl_data.describe(train, holdout)})
+                        training={**training, "data": tl_data.describe(train, holdout)})
             rows.extend(tl_rows)
         for r in rows:
             if r["split"] == split.name:
                 r["raw_fp32_bytes"] = raw_bytes if raw_bytes is not None else 4 * math.prod(split.out_shape)
     return {"rows": rows, "model": loaded.name, "train": ", ".join(p.name for p in train),
-            "holdout": f"{images} seeded crops of {', '.join(p.name for p in holdout)} (never trained on)",
-            "seconds": time.perf_counter() - t0}
+            "holdout": (tl_data.holdout_description(holdout, images, seed) if labels is not None
+                        else f"{images} seeded crops of {', '.join(p.name for p in holdout)} (never trained on)"),
+            "seconds": time.perf_counter() - t0, "accuracy": unsplit_accuracy, "training": training}
 
 
-def _fmt_row(r: dict) -> list[str]:
+def _fmt_row(r: dict, unsplit_accuracy: float | None = None) -> list[str]:
+    extra = ([f"{r['accuracy']:.3f}", f"{100 * (unsplit_accuracy - r['accuracy']):.1f}"]
+             if unsplit_accuracy is not None else [])
     return [f"{r['split_index']} `{r['split']}`", "no TL" if r["kind"] == "none" else r["kind"],
             "" if r["ratio"] is None else f"{r['ratio']}", CODEC_LABEL.get(r["codec"], r["codec"]),
             f"{r['bytes']:,.0f}", f"{r['raw_fp32_bytes'] / r['bytes']:.1f}", f"{r['top1']:.3f}",
             f"{100 * (1 - r['top1']):.1f}", f"{max(r['kl'], 0.0):.4f}", f"{r['encode_ms']:.3f}",
-            f"{100 * r['encode_ms'] / r['head_ms']:.1f}"]
+            f"{100 * r['encode_ms'] / r['head_ms']:.1f}", *extra]
 
 
 def write_table(result: dict, path: str | Path, command: str) -> None:
     """A markdown table of every row, the command that made it at the top."""
     rows = result["rows"]
+    acc = result.get("accuracy")
+    columns = COLUMNS + (ACCURACY_COLUMNS if acc is not None else ())
+    t = result.get("training") or {}
     heads = sorted({(r["split_index"], r["split"], r["head_ms"]) for r in rows})
     lines = [f"# Transfer Layer sweep: {result['model']}", "", "```sh", command, "```", "",
-             f"Training photos: {result['train']}. Hold-out: {result['holdout']}. "
+             f"Training images: {result['train']}. Hold-out: {result['holdout']}. "
              f"Sweep time {result['seconds']:.0f} s (training included).", "",
              "Fidelity is measured after the codec (head -> TL encoder -> codec -> TL decoder -> tail) against "
              "the unsplit model; bytes/frame is the whole serialized Tensor message; board encode ms is TL "
              "encoder + codec encode at batch 1 on 1 thread; head ms (same conditions): "
-             + "; ".join(f"split {i} {ms:.2f} ms" for i, _, ms in heads) + ".", "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt_row(r)) + " |" for r in rows]
+             + "; ".join(f"split {i} {ms:.2f} ms" for i, _, ms in heads) + ".", ""]
+    if t:
+        lines += ["Bottleneck training: " + ", ".join(f"{k} {v}" for k, v in t.items()) + ".", ""]
+    if acc is not None:
+        lines += [f"Labelled hold-out: the unsplit model's top-1 accuracy is {acc:.3f}; \"top-1 accuracy\" is each "
+                  "row's against the labels (after the codec) and the drop is in percentage points.", ""]
+    lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt_row(r, acc)) + " |" for r in rows]
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
 

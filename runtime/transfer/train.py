@@ -1,6 +1,7 @@
 """Train a Transfer Layer by distillation from the unsplit model (no labels).
 
-The model is frozen. Inputs are seeded augmented crops of unlabelled photos (see
+The model is frozen. Inputs are seeded augmented crops of unlabelled photos, or with
+``data="digits"`` seeded draws of the MNIST training digits, their labels unused (see
 :mod:`runtime.transfer.data`); their head features ``h`` at the split and the unsplit outputs
 ``y`` are computed once into a pool (``pool_size`` crops, capped at 512 MiB of features), and
 each step draws a seeded batch from it. The loss per batch is
@@ -90,7 +91,7 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
         },
         "losses": losses,
         "fidelity": {**fidelity(tl, loaded, split, x),
-                     "holdout": f"{holdout_images} crops of {', '.join(p.name for p in holdout_paths)}"},
+                     "holdout": tl_data.holdout_description(holdout_paths, holdout_images, seed)},
     }
     return tl, report
 
