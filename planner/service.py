@@ -7,16 +7,18 @@ Transfer Layer is usable only where both the agent and that worker hold it), in 
 executor so the event loop stays responsive. A change of plan for a running agent goes through
 :class:`planner.hysteresis.Hysteresis`; a first plan, a re-registration and a running plan that
 became infeasible are decided at once.
+
+Requests are checked by :mod:`planner.requests`; the ranking, the re-costing of a running plan and
+the Configuration -> Plan mapping are in :mod:`planner.decide`. This module holds the state and
+the servicer: who is registered, what each agent runs, when to decide, and who is told.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 import logging
 import math
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,105 +26,20 @@ from typing import Callable
 
 import grpc
 
+from planner import decide
 from planner import profile as profiles
+from planner import requests
 from planner.config import PlannerConfig
-from planner.costmodel import Configuration, Constraints, Link, Network, Tier
+from planner.decide import Candidate, PlanKey, Ranked, plan_key
 from planner.hysteresis import Hysteresis
 from planner.metrics import PlannerMetrics
 from planner.profile import Profile
-from planner.search import search
 from planner.store import APPLIED, REFUSED, AgentRecord, LinkRecord, Store, WorkerRecord
-from runtime.errors import EdgesplitError, InvalidInput, NotFound, Overloaded, PreconditionFailed
+from runtime.errors import EdgesplitError, NotFound, Overloaded, PreconditionFailed
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
-
-MAX_ID_CHARS = 128
-MAX_LIST = 256  # workers, TL ids or excluded workers one request may name
-MAX_MESSAGE_CHARS = 4096
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-TIERS = ("edge", "cloud")
-
-PlanKey = tuple[str, int, str, str]  # worker id ("" = local), split index, codec, TL id
-
-
-def plan_key(plan: pb.Plan) -> PlanKey:
-    return (plan.worker_id, plan.split_index, plan.codec, plan.tl_id)
-
-
-# -- validation ----------------------------------------------------------------------------------
-
-
-def _check_id(value: str, what: str) -> str:
-    if not _ID.match(value):
-        shown = value if len(value) <= 40 else value[:40] + "..."
-        raise InvalidInput(f"{what} {shown!r} is not a valid id: 1-{MAX_ID_CHARS} characters of letters, digits and "
-                           f"._:@- starting with a letter or digit")
-    return value
-
-
-def _check_ids(values, what: str) -> tuple[str, ...]:
-    if len(values) > MAX_LIST:
-        raise InvalidInput(f"{len(values)} {what} is more than the {MAX_LIST} one request may name")
-    out = tuple(_check_id(v, what.rstrip("s")) for v in values)
-    if len(set(out)) != len(out):
-        raise InvalidInput(f"{what} repeat: {list(out)}")
-    return out
-
-
-def _check_address(address: str) -> str:
-    if address.startswith("unix:") and 5 < len(address) <= 256:
-        return address
-    host, _, port = address.rpartition(":")
-    if not host or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidInput(f"worker address {address[:80]!r} is not HOST:PORT (or unix:/path.sock): give the address "
-                           "agents dial, e.g. 10.0.0.5:50051")
-    return address
-
-
-def _check_seconds(value: float, what: str) -> float:
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidInput(f"{what} must be a finite number >= 0, not {value}")
-    return value
-
-
-def _check_constraints(c: pb.Constraints) -> None:
-    if not (0.0 <= c.min_fidelity <= 1.0):
-        raise InvalidInput(f"constraints.min_fidelity is top-1 agreement in [0, 1], not {c.min_fidelity}")
-    _check_seconds(c.max_device_seconds, "constraints.max_device_seconds")
-    if c.objective not in ("", "latency", "throughput"):
-        raise InvalidInput(f"constraints.objective must be 'latency' or 'throughput', not {c.objective[:40]!r}")
-    _check_ids(c.exclude_workers, "constraints.exclude_workers")
-
-
-def _search_constraints(c: pb.Constraints, pins: dict[int, str] | None = None) -> Constraints:
-    return Constraints(
-        pin_blocks=pins or {},
-        raw_input_stays=c.raw_input_stays,
-        min_fidelity=c.min_fidelity,
-        max_upload_bytes={"device": c.max_upload_bytes} if c.max_upload_bytes else {},
-        max_tier_seconds={"device": c.max_device_seconds} if c.max_device_seconds else {},
-        max_memory_bytes={"device": c.device_memory_bytes} if c.device_memory_bytes else {},
-    )
-
-
-def _incompatibility(agent: AgentRecord, device: Profile, worker: WorkerState) -> str:
-    """Why ``worker`` cannot take frames of ``agent`` ("" when it can)."""
-    theirs = worker.profiles.get(agent.model)
-    if theirs is None:
-        return f"worker {worker.record.id} has no profile of {agent.model} (it serves {sorted(worker.profiles)})"
-    ours = [b.name for b in device.blocks]
-    names = [b.name for b in theirs.blocks]
-    if names != ours:
-        first = next((i for i, (a, b) in enumerate(zip(ours, names)) if a != b), min(len(ours), len(names)))
-        return (f"worker {worker.record.id}'s profile of {agent.model} has {len(names)} blocks and the agent's has "
-                f"{len(ours)}; they first differ at block {first}: profile both with the same edgesplit version")
-    if agent.digest and theirs.model_digest and agent.digest != theirs.model_digest:
-        return (f"worker {worker.record.id} profiled {agent.model} with weights {theirs.model_digest} but the agent runs "
-                f"{agent.digest}: give both the same weights")
-    return ""
-
 
 # -- state ---------------------------------------------------------------------------------------
 
@@ -162,46 +79,11 @@ class AgentState:
         key = (tl_ids, cut_transfer)
         if key in self._derived:
             return self._derived[key]
-        p = self.device
-        usable = lambda t: not t.tl_id or t.tl_id in tl_ids  # noqa: E731
-        if any(not usable(t) for b in p.blocks for t in b.transfers) or any(not usable(t) for t in p.input_transfers):
-            p = dataclasses.replace(p, input_transfers=tuple(filter(usable, p.input_transfers)),
-                                    blocks=tuple(dataclasses.replace(b, transfers=tuple(filter(usable, b.transfers)))
-                                                 for b in p.blocks))
-        if cut_transfer is not None:
-            cut, codec, tl_id = cut_transfer
-            match = tuple(t for t in p.transfers_after(cut) if t.codec == codec and t.tl_id == tl_id)
-            if not match:
-                p = None
-            elif cut == 0:
-                p = dataclasses.replace(p, input_transfers=match)
-            else:
-                blocks = list(p.blocks)
-                blocks[cut - 1] = dataclasses.replace(blocks[cut - 1], transfers=match)
-                p = dataclasses.replace(p, blocks=tuple(blocks))
+        p = decide.limit_device(self.device, tl_ids, cut_transfer)
         if len(self._derived) > 64:
             self._derived.clear()
         self._derived[key] = p
         return p
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    """One worker the agent may use, with the inputs of its search."""
-
-    worker_id: str
-    address: str
-    tier: str
-    profile: Profile
-    tl_ids: frozenset[str]
-    link: Link
-
-
-@dataclass(frozen=True)
-class Ranked:
-    config: Configuration
-    worker_id: str = ""  # "" = local
-    address: str = ""
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -248,7 +130,7 @@ class PlannerService(pb_grpc.PlannerServicer):
     def _load(self) -> None:
         """Resume from the store: workers, agents, their plans, links and refusals."""
         for wid, rec in self.store.workers().items():
-            self.workers[wid] = WorkerState(rec, self._parse_worker_profiles(rec.id, list(rec.profiles.values())))
+            self.workers[wid] = WorkerState(rec, requests.parse_worker_profiles(rec.id, list(rec.profiles.values())))
         plans, links = self.store.current_plans(), self.store.links()
         for aid, rec in self.store.agents().items():
             st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
@@ -310,94 +192,18 @@ class PlannerService(pb_grpc.PlannerServicer):
 
     # -- candidates and ranking ----------------------------------------------------------------
 
-    def _parse_worker_profiles(self, worker_id: str, texts: list[str]) -> dict[str, Profile]:
-        out: dict[str, Profile] = {}
-        for i, text in enumerate(texts):
-            p = profiles.loads(text, f"profiles_json[{i}]")
-            if p.role == "device":
-                raise InvalidInput(f"profiles_json[{i}] ({p.model}) was measured as a device (role 'device'); a worker "
-                                   "registers profiles measured on itself, with role edge or cloud")
-            if p.model in out:
-                raise InvalidInput(f"profiles_json[{i}]: a second profile of {p.model}; send one profile per model")
-            out[p.model] = dataclasses.replace(p, machine=worker_id) if p.machine != worker_id else p
-        return out
-
     def _link(self, st: AgentState, worker_id: str) -> LinkRecord:
         lk = st.links.get(worker_id)
         if lk is None:
             return LinkRecord(self.config.default_rtt_seconds, self.config.default_bandwidth_bytes_per_second, 0.0)
         return lk
 
-    def _candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0) -> list[_Candidate]:
-        rec = st.record
-        allowed = set(rec.workers)
-        excluded = set(rec.constraints.exclude_workers)
-        out = []
-        for wid, w in sorted(self.workers.items()):
-            if (allowed and wid not in allowed) or wid in excluded or _incompatibility(rec, st.device, w):
-                continue
-            lk = self._link(st, wid)
-            link = Link(rtt or lk.rtt_seconds, bandwidth or lk.bandwidth_bytes_per_second)
-            out.append(_Candidate(wid, w.record.address, w.record.tier, w.profiles[rec.model],
-                                  frozenset(rec.tl_ids) & frozenset(w.record.tl_ids), link))
-        return out
-
-    def _objective(self, st: AgentState) -> str:
-        return st.record.constraints.objective or "latency"
-
-    @staticmethod
-    def _score(cfg: Configuration, objective: str) -> float:
-        if objective == "throughput":
-            return 0.0 if math.isinf(cfg.fps) else 1.0 / cfg.fps
-        return cfg.seconds
-
-    def _rank_sync(self, st: AgentState, cands: list[_Candidate], devices: list[Profile], top_n: int,
-                   exclude: PlanKey | None = None) -> tuple[list[Ranked], float]:
-        """Runs in the executor: one search per candidate worker, merged best first."""
-        t0 = time.perf_counter()
-        objective = self._objective(st)
-        cons = _search_constraints(st.record.constraints)
-        found = [Ranked(c) for c in search([Tier("device", (st.device,))], Network({}), cons, objective, 1,
-                                           self.config.include_return)]
-        per_worker = top_n + 1 + (exclude is not None)  # room for the local one and an excluded one
-        for cand, dev in zip(cands, devices):
-            net = Network({(dev.machine, cand.profile.machine): cand.link})
-            tiers = [Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))]
-            for cfg in search(tiers, net, cons, objective, per_worker, self.config.include_return):
-                if cfg.hops:  # local configurations come from the device-only search above
-                    found.append(Ranked(cfg, cand.worker_id, cand.address))
-        found.sort(key=lambda r: (self._score(r.config, objective), r.config.seconds, len(r.config.hops)))
-        if exclude is not None:
-            found = [r for r in found if self._key(st, r) != exclude]
-        return found[:top_n], time.perf_counter() - t0
-
-    def _predict_sync(self, st: AgentState, plan: pb.Plan, cand: _Candidate | None,
-                      dev: Profile | None) -> Configuration | None:
-        """Runs in the executor: the predicted configuration of ``plan`` now, None when infeasible.
-
-        ``cand`` is the plan's worker as a candidate now (None: not one), ``dev`` the device
-        profile limited to the plan's transfer at its cut (None: that transfer is gone)."""
-        objective = self._objective(st)
-        if plan.model_id != st.record.model:
-            return None
-        if not plan.worker_id:
-            got = search([Tier("device", (st.device,))], Network({}), _search_constraints(st.record.constraints),
-                         objective, 1, self.config.include_return)
-            return got[0] if got else None
-        if cand is None or dev is None or cand.address != plan.worker_address:
-            return None
-        n = st.device.n_blocks
-        pins = {b: ("device" if b < plan.split_index else cand.tier) for b in range(n)}
-        net = Network({(dev.machine, cand.profile.machine): cand.link})
-        got = search([Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))], net,
-                     _search_constraints(st.record.constraints, pins), objective, 1, self.config.include_return)
-        return got[0] if got and got[0].hops else None
+    def _candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0) -> list[Candidate]:
+        workers = [(w.record, w.profiles) for _, w in sorted(self.workers.items())]
+        return decide.candidates(st.record, st.device, workers, lambda wid: self._link(st, wid), rtt, bandwidth)
 
     def _key(self, st: AgentState, r: Ranked) -> PlanKey:
-        if not r.config.hops:
-            return ("", st.device.n_blocks, "", "")
-        hop = r.config.hops[0]
-        return (r.worker_id, hop.cut, hop.transfer.codec, hop.transfer.tl_id)
+        return decide.config_key(st.device, r)
 
     async def _rank(self, st: AgentState, top_n: int, rtt: float = 0.0, bandwidth: float = 0.0,
                     exclude: PlanKey | None = None, predict: pb.Plan | None = None):
@@ -412,29 +218,16 @@ class PlannerService(pb_grpc.PlannerServicer):
             if cand is not None and usable and 0 <= predict.split_index < st.device.n_blocks:
                 pinned = st.device_for(cand.tl_ids, (predict.split_index, predict.codec, predict.tl_id))
 
+        rec, device, include_return = st.record, st.device, self.config.include_return
+
         def work():
-            ranked, seconds = self._rank_sync(st, cands, devices, top_n, exclude)
-            current = self._predict_sync(st, predict, cand, pinned) if predict is not None else None
+            ranked, seconds = decide.rank(rec, device, cands, devices, top_n, include_return, exclude)
+            current = decide.predict(rec, device, predict, cand, pinned, include_return) if predict is not None else None
             return ranked, seconds, current
 
         ranked, seconds, current = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         self.metrics.decision_seconds.observe(seconds)
         return ranked, seconds, current
-
-    def _plan(self, st: AgentState, r: Ranked, reason: str) -> pb.Plan:
-        cfg = r.config
-        plan = pb.Plan(agent_id=st.record.id, model_id=st.record.model, predicted_seconds=cfg.seconds,
-                       predicted_fps=cfg.fps, predicted_bytes=cfg.upload_bytes, reason=reason,
-                       created_unix=time.time())
-        plan.breakdown_seconds.update(cfg.breakdown())
-        if not cfg.hops:
-            plan.split_id, plan.split_index = "output", st.device.n_blocks
-        else:
-            hop = cfg.hops[0]
-            plan.split_id, plan.split_index = hop.split, hop.cut
-            plan.codec, plan.tl_id = hop.transfer.codec, hop.transfer.tl_id
-            plan.worker_id, plan.worker_address = r.worker_id, r.address
-        return plan
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -459,7 +252,7 @@ class PlannerService(pb_grpc.PlannerServicer):
         return True
 
     def _issue(self, st: AgentState, r: Ranked, reason: str, label: str) -> pb.Plan:
-        plan = self.store.issue_plan(self._plan(st, r, reason))
+        plan = self.store.issue_plan(decide.to_plan(st.record, st.device, r, reason))
         st.plan = plan
         self.hysteresis.reset(st.record.id)
         st.cause = "telemetry"
@@ -498,12 +291,12 @@ class PlannerService(pb_grpc.PlannerServicer):
             if st.plan is None:
                 self._issue(st, best, f"{cause}: first feasible configuration", cause)
                 return
-            objective = self._objective(st)
+            objective = decide.objective(st.record)
             if current is not None and self._key(st, best) == plan_key(st.plan):
                 self.hysteresis.reset(aid)
                 return
-            cur = None if current is None else self._score(current, objective)
-            verdict = self.hysteresis.update(aid, cur, self._score(best.config, objective))
+            cur = None if current is None else decide.score(current, objective)
+            verdict = self.hysteresis.update(aid, cur, decide.score(best.config, objective))
             if not verdict.switch:
                 return
             if cur is None:
@@ -513,7 +306,7 @@ class PlannerService(pb_grpc.PlannerServicer):
                 lk = st.links.get(best.worker_id) if best.worker_id else None
                 link = f"; link to {best.worker_id}: {lk.bandwidth_bytes_per_second / 1e6:.2f} MB/s, " \
                        f"{lk.rtt_seconds * 1e3:.1f} ms RTT" if lk else ""
-                reason = (f"{cause}: predicted {self._score(best.config, objective) * 1e3:.2f} ms vs {cur * 1e3:.2f} ms "
+                reason = (f"{cause}: predicted {decide.score(best.config, objective) * 1e3:.2f} ms vs {cur * 1e3:.2f} ms "
                           f"for v{st.plan.version}, gain held {verdict.held_seconds:.1f} s{link}")
                 label = cause
             self._issue(st, best, reason, label)
@@ -522,22 +315,11 @@ class PlannerService(pb_grpc.PlannerServicer):
 
     @_rpc
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context) -> pb.RegisterWorkerReply:
-        wid = _check_id(request.worker_id, "worker_id")
-        address = _check_address(request.address)
-        tier = request.tier or "edge"
-        if tier not in TIERS:
-            raise InvalidInput(f"tier must be one of {', '.join(TIERS)}, not {request.tier[:40]!r}")
-        n = len(request.profiles_json)
-        if n == 0:
-            raise InvalidInput(f"worker {wid} sent no profiles: profile each model it serves ('edgesplit profile') and "
-                               "send the documents in profiles_json")
-        if n > self.config.max_profiles_per_worker:
-            raise InvalidInput(f"{n} profiles is more than the {self.config.max_profiles_per_worker} a worker may "
-                               "register (planner setting max_profiles_per_worker)")
-        tl_ids = _check_ids(request.tl_ids, "tl_ids")
+        req = requests.check_worker_request(request, self.config)
+        wid, address, tier, tl_ids = req.worker_id, req.address, req.tier, req.tl_ids
         if wid not in self.workers and len(self.workers) >= self.config.max_workers:
             raise Overloaded(f"the planner holds {len(self.workers)} workers, its max_workers limit")
-        parsed = self._parse_worker_profiles(wid, list(request.profiles_json))
+        parsed = requests.parse_worker_profiles(wid, list(request.profiles_json))
         now = time.time()
         old = self.workers.get(wid)
         rec = WorkerRecord(wid, address, tier, tl_ids, {m: t for m, t in zip(parsed, request.profiles_json)},
@@ -555,25 +337,8 @@ class PlannerService(pb_grpc.PlannerServicer):
 
     @_rpc
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context) -> pb.RegisterAgentReply:
-        aid = _check_id(request.agent_id, "agent_id")
-        model = request.model_id
-        if not model or len(model) > MAX_ID_CHARS:
-            raise InvalidInput(f"model_id must be 1-{MAX_ID_CHARS} characters (the model the agent runs)")
-        if len(request.model_digest) > MAX_ID_CHARS:
-            raise InvalidInput(f"model_digest is longer than {MAX_ID_CHARS} characters")
-        device = profiles.loads(request.profile_json, "profile_json")
-        if device.role != "device":
-            raise InvalidInput(f"profile_json was measured as role {device.role!r}; an agent registers the profile "
-                               "measured on its own board (role device)")
-        if device.model != model:
-            raise InvalidInput(f"profile_json is a profile of {device.model!r} but model_id is {model!r}: send the "
-                               "profile of the model this agent runs")
-        if request.model_digest and device.model_digest and request.model_digest != device.model_digest:
-            raise InvalidInput(f"profile_json was measured with weights {device.model_digest} but model_digest is "
-                               f"{request.model_digest}: re-profile the board with the weights it runs")
-        workers = _check_ids(request.workers, "workers")
-        tl_ids = _check_ids(request.tl_ids, "tl_ids")
-        _check_constraints(request.constraints)
+        req = requests.check_agent_request(request)
+        aid, model, device, workers, tl_ids = req.agent_id, req.model, req.device, req.workers, req.tl_ids
         if aid not in self.agents and len(self.agents) >= self.config.max_agents:
             raise Overloaded(f"the planner holds {len(self.agents)} agents, its max_agents limit")
         constraints = pb.Constraints()
@@ -583,7 +348,8 @@ class PlannerService(pb_grpc.PlannerServicer):
         rec = AgentRecord(aid, model, request.model_digest or device.model_digest, request.profile_json, workers,
                           tl_ids, constraints, old.record.registered if old else now, now)
         named = [wid for wid in workers if wid in self.workers]
-        problems = [why for why in (_incompatibility(rec, device, self.workers[wid]) for wid in named) if why]
+        problems = [why for why in (decide.incompatibility(rec, device, wid, self.workers[wid].profiles)
+                                    for wid in named) if why]
         if problems and len(problems) == len(named):
             raise PreconditionFailed("none of the workers this agent names can take its frames: " + "; ".join(problems))
         for why in problems:
@@ -633,12 +399,7 @@ class PlannerService(pb_grpc.PlannerServicer):
             received += 1
             self.metrics.telemetry.inc()
             worker = self._resolve_worker(t.worker)
-            bw = _check_seconds(t.bandwidth_bytes_per_second, "bandwidth_bytes_per_second")
-            rtt = _check_seconds(t.rtt_seconds, "rtt_seconds")
-            if not math.isfinite(t.sent_unix):
-                raise InvalidInput("sent_unix must be a finite time")
-            if len(t.stage_seconds) > 1024 or not all(math.isfinite(v) and v >= 0 for v in t.stage_seconds.values()):
-                raise InvalidInput("stage_seconds holds at most 1024 stages, each a finite number of seconds >= 0")
+            bw, rtt = requests.check_telemetry(t)
             now = time.time()
             if t.sent_unix > 0:
                 self.metrics.telemetry_delay_seconds.observe(max(0.0, now - t.sent_unix))
@@ -661,10 +422,7 @@ class PlannerService(pb_grpc.PlannerServicer):
     @_rpc
     async def ReportPlanStatus(self, request: pb.PlanStatus, context) -> pb.PlanStatusAck:
         st = self._agent(request.agent_id)
-        if request.version == 0:
-            raise InvalidInput("version must name a plan (> 0)")
-        if len(request.message) > MAX_MESSAGE_CHARS:
-            raise InvalidInput(f"message is longer than {MAX_MESSAGE_CHARS} characters")
+        requests.check_plan_status(request)
         async with st.lock:
             status = APPLIED if request.applied else REFUSED
             if not self.store.set_plan_status(st.record.id, request.version, status, request.message):
@@ -716,15 +474,12 @@ class PlannerService(pb_grpc.PlannerServicer):
     @_rpc
     async def QueryPlan(self, request: pb.PlanQuery, context) -> pb.PlanQueryReply:
         st = self._agent(request.agent_id)
-        top_n = request.top_n or self.config.top_n
-        if top_n > self.config.max_top_n:
-            raise InvalidInput(f"top_n {top_n} is above the planner's max_top_n ({self.config.max_top_n})")
-        bw = _check_seconds(request.bandwidth_bytes_per_second, "bandwidth_bytes_per_second")
-        rtt = _check_seconds(request.rtt_seconds, "rtt_seconds")
+        top_n, bw, rtt = requests.check_query(request, self.config)
         ranked, seconds, _ = await self._rank(st, top_n, rtt=rtt, bandwidth=bw)
         reply = pb.PlanQueryReply(decision_seconds=seconds)
         for i, r in enumerate(ranked):
-            reply.candidates.append(self._plan(st, r, f"candidate {i + 1} of {len(ranked)}: {r.config.describe()}"))
+            reply.candidates.append(decide.to_plan(st.record, st.device, r,
+                                                   f"candidate {i + 1} of {len(ranked)}: {r.config.describe()}"))
         return reply
 
     @_rpc

@@ -14,9 +14,17 @@
   stream's write lock, so the figure is the share of the link one frame gets, slightly below the
   raw link rate.
 * RTT (seconds) from small probes on the same channel (``grpc.health.v1.Health/Check``, which
-  every worker serves): same connection, same HTTP/2 path, negligible server work.
-* Both are smoothed with an exponentially weighted moving average, ``est = a * sample + (1 - a) *
-  est`` with ``a = alpha`` (default 0.3: a step change is 90 % absorbed after ~7 samples, one
+  every worker serves): same connection, same HTTP/2 path, negligible server work. The estimate is
+  the *base* RTT, the smallest of the last ``rtt_window`` probes (default 8), not their average:
+  on a busy link a probe waits in the link's queue behind the frames still being sent, so a
+  probe measures the agent's own queueing as well. Subtracting that from ``transfer_edge`` made
+  the bandwidth of a saturated slow link look several times faster than it was (and unbounded as
+  the probe's wait approached the frame's), and the planner, which prices the transfer as
+  ``bytes / bandwidth`` already, would count the queueing twice. Queueing only ever adds to a
+  probe, so the minimum is the propagation part (as in BBR's min-RTT filter); a lasting change of
+  the path shows after ``rtt_window`` probes.
+* Bandwidth is smoothed with an exponentially weighted moving average, ``est = a * sample + (1 -
+  a) * est`` with ``a = alpha`` (default 0.3: a step change is 90 % absorbed after ~7 samples, one
   slow frame moves the estimate by 30 %); the first sample initialises the estimate.
 * Stage medians and the frame count since the last report (``take_report``).
 """
@@ -35,6 +43,7 @@ from runtime.agent.metrics import AgentMetrics
 
 MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)
 ALPHA = 0.3  # EWMA weight of a new sample
+RTT_WINDOW = 8  # probes the base RTT is the minimum of
 MAX_STAGE_SAMPLES = 4096  # per stage between reports; beyond that the oldest are dropped
 
 
@@ -71,11 +80,11 @@ class LinkEstimator:
     """Bandwidth and RTT of the link to the worker, and per-stage medians since the last report."""
 
     def __init__(self, metrics: AgentMetrics | None = None, *, alpha: float = ALPHA,
-                 min_bytes: int = MIN_BANDWIDTH_BYTES):
+                 min_bytes: int = MIN_BANDWIDTH_BYTES, rtt_window: int = RTT_WINDOW):
         self.metrics = metrics
         self.min_bytes = min_bytes
         self._bandwidth = Ewma(alpha)
-        self._rtt = Ewma(alpha)
+        self._rtt: deque[float] = deque(maxlen=rtt_window)
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
 
@@ -86,8 +95,8 @@ class LinkEstimator:
 
     @property
     def rtt_seconds(self) -> float:
-        """Smoothed probe round trip; 0.0 = unknown (no probe answered yet)."""
-        return self._rtt.value
+        """Base round trip: the smallest of the last ``rtt_window`` probes; 0.0 = unknown (none answered yet)."""
+        return min(self._rtt, default=0.0)
 
     def observe(self, result: Any) -> None:
         """Take one finished frame (a FrameResult): its stage times, and a bandwidth sample if it
@@ -99,7 +108,7 @@ class LinkEstimator:
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
         network = (t["transfer_edge"] - t.get("edge_queue", 0.0) - t.get("edge_decode", 0.0)
-                   - t.get("edge_tail", 0.0) - self._rtt.value)
+                   - t.get("edge_tail", 0.0) - self.rtt_seconds)
         if network > 0:
             self.add_bandwidth_sample(result.wire_bytes / network)
 
@@ -109,12 +118,12 @@ class LinkEstimator:
             self.metrics.link_bandwidth.set(value)
 
     def add_rtt_sample(self, seconds: float) -> None:
-        value = self._rtt.add(seconds)
+        self._rtt.append(seconds)
         if self.metrics is not None:
-            self.metrics.link_rtt.set(value)
+            self.metrics.link_rtt.set(self.rtt_seconds)
 
     async def probe_rtt(self, target: Any, timeout: float = 1.0) -> float | None:
-        """Time one small unary call and fold it into the RTT estimate; returns the sample, or
+        """Time one small unary call and add it to the RTT window; returns the sample, or
         None when the peer did not answer (the estimate is then left as it was).
 
         ``target``: a ``grpc.aio.Channel``, or an object with ``async probe_rtt(timeout)`` (the

@@ -1,0 +1,175 @@
+"""What the Planner's requests must look like: ids, addresses, numbers, constraints and profiles.
+
+Every check raises :class:`runtime.errors.InvalidInput` (INVALID_ARGUMENT on the wire) with a
+message a person can act on. Checks that need the planner's state (capacity limits, which
+workers are registered) stay in :mod:`planner.service`, between these, in the same order as
+before, so a request with several faults is answered with the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass
+
+from planner import profile as profiles
+from planner.config import PlannerConfig
+from planner.profile import Profile
+from runtime.errors import InvalidInput
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+MAX_ID_CHARS = 128
+MAX_LIST = 256  # workers, TL ids or excluded workers one request may name
+MAX_MESSAGE_CHARS = 4096
+MAX_STAGES = 1024  # stage medians one telemetry message may carry
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+TIERS = ("edge", "cloud")
+
+
+def check_id(value: str, what: str) -> str:
+    if not _ID.match(value):
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InvalidInput(f"{what} {shown!r} is not a valid id: 1-{MAX_ID_CHARS} characters of letters, digits and "
+                           f"._:@- starting with a letter or digit")
+    return value
+
+
+def check_ids(values, what: str) -> tuple[str, ...]:
+    if len(values) > MAX_LIST:
+        raise InvalidInput(f"{len(values)} {what} is more than the {MAX_LIST} one request may name")
+    out = tuple(check_id(v, what.rstrip("s")) for v in values)
+    if len(set(out)) != len(out):
+        raise InvalidInput(f"{what} repeat: {list(out)}")
+    return out
+
+
+def check_address(address: str) -> str:
+    if address.startswith("unix:") and 5 < len(address) <= 256:
+        return address
+    host, _, port = address.rpartition(":")
+    if not host or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidInput(f"worker address {address[:80]!r} is not HOST:PORT (or unix:/path.sock): give the address "
+                           "agents dial, e.g. 10.0.0.5:50051")
+    return address
+
+
+def check_seconds(value: float, what: str) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidInput(f"{what} must be a finite number >= 0, not {value}")
+    return value
+
+
+def check_constraints(c: pb.Constraints) -> None:
+    if not (0.0 <= c.min_fidelity <= 1.0):
+        raise InvalidInput(f"constraints.min_fidelity is top-1 agreement in [0, 1], not {c.min_fidelity}")
+    check_seconds(c.max_device_seconds, "constraints.max_device_seconds")
+    if c.objective not in ("", "latency", "throughput"):
+        raise InvalidInput(f"constraints.objective must be 'latency' or 'throughput', not {c.objective[:40]!r}")
+    check_ids(c.exclude_workers, "constraints.exclude_workers")
+
+
+# -- registrations ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerRequest:
+    worker_id: str
+    address: str
+    tier: str
+    tl_ids: tuple[str, ...]
+
+
+def check_worker_request(request: pb.RegisterWorkerRequest, config: PlannerConfig) -> WorkerRequest:
+    """Everything about a RegisterWorker but its profiles (parsed by :func:`parse_worker_profiles`)."""
+    wid = check_id(request.worker_id, "worker_id")
+    address = check_address(request.address)
+    tier = request.tier or "edge"
+    if tier not in TIERS:
+        raise InvalidInput(f"tier must be one of {', '.join(TIERS)}, not {request.tier[:40]!r}")
+    n = len(request.profiles_json)
+    if n == 0:
+        raise InvalidInput(f"worker {wid} sent no profiles: profile each model it serves ('edgesplit profile') and "
+                           "send the documents in profiles_json")
+    if n > config.max_profiles_per_worker:
+        raise InvalidInput(f"{n} profiles is more than the {config.max_profiles_per_worker} a worker may "
+                           "register (planner setting max_profiles_per_worker)")
+    return WorkerRequest(wid, address, tier, check_ids(request.tl_ids, "tl_ids"))
+
+
+def parse_worker_profiles(worker_id: str, texts: list[str]) -> dict[str, Profile]:
+    """model -> profile, each renamed to machine ``worker_id`` (the name the search links by)."""
+    out: dict[str, Profile] = {}
+    for i, text in enumerate(texts):
+        p = profiles.loads(text, f"profiles_json[{i}]")
+        if p.role == "device":
+            raise InvalidInput(f"profiles_json[{i}] ({p.model}) was measured as a device (role 'device'); a worker "
+                               "registers profiles measured on itself, with role edge or cloud")
+        if p.model in out:
+            raise InvalidInput(f"profiles_json[{i}]: a second profile of {p.model}; send one profile per model")
+        out[p.model] = dataclasses.replace(p, machine=worker_id) if p.machine != worker_id else p
+    return out
+
+
+@dataclass(frozen=True)
+class AgentRequest:
+    agent_id: str
+    model: str
+    device: Profile
+    workers: tuple[str, ...]
+    tl_ids: tuple[str, ...]
+
+
+def check_agent_request(request: pb.RegisterAgentRequest) -> AgentRequest:
+    """A RegisterAgent's ids, its device profile (of the model it names, with the same weights) and
+    its constraints."""
+    aid = check_id(request.agent_id, "agent_id")
+    model = request.model_id
+    if not model or len(model) > MAX_ID_CHARS:
+        raise InvalidInput(f"model_id must be 1-{MAX_ID_CHARS} characters (the model the agent runs)")
+    if len(request.model_digest) > MAX_ID_CHARS:
+        raise InvalidInput(f"model_digest is longer than {MAX_ID_CHARS} characters")
+    device = profiles.loads(request.profile_json, "profile_json")
+    if device.role != "device":
+        raise InvalidInput(f"profile_json was measured as role {device.role!r}; an agent registers the profile "
+                           "measured on its own board (role device)")
+    if device.model != model:
+        raise InvalidInput(f"profile_json is a profile of {device.model!r} but model_id is {model!r}: send the "
+                           "profile of the model this agent runs")
+    if request.model_digest and device.model_digest and request.model_digest != device.model_digest:
+        raise InvalidInput(f"profile_json was measured with weights {device.model_digest} but model_digest is "
+                           f"{request.model_digest}: re-profile the board with the weights it runs")
+    workers = check_ids(request.workers, "workers")
+    tl_ids = check_ids(request.tl_ids, "tl_ids")
+    check_constraints(request.constraints)
+    return AgentRequest(aid, model, device, workers, tl_ids)
+
+
+# -- measurements and status -------------------------------------------------------------------------
+
+
+def check_telemetry(t: pb.Telemetry) -> tuple[float, float]:
+    """``(bandwidth, rtt)`` of one telemetry message, after checking every number in it."""
+    bw = check_seconds(t.bandwidth_bytes_per_second, "bandwidth_bytes_per_second")
+    rtt = check_seconds(t.rtt_seconds, "rtt_seconds")
+    if not math.isfinite(t.sent_unix):
+        raise InvalidInput("sent_unix must be a finite time")
+    if len(t.stage_seconds) > MAX_STAGES or not all(math.isfinite(v) and v >= 0 for v in t.stage_seconds.values()):
+        raise InvalidInput(f"stage_seconds holds at most {MAX_STAGES} stages, each a finite number of seconds >= 0")
+    return bw, rtt
+
+
+def check_plan_status(request: pb.PlanStatus) -> None:
+    if request.version == 0:
+        raise InvalidInput("version must name a plan (> 0)")
+    if len(request.message) > MAX_MESSAGE_CHARS:
+        raise InvalidInput(f"message is longer than {MAX_MESSAGE_CHARS} characters")
+
+
+def check_query(request: pb.PlanQuery, config: PlannerConfig) -> tuple[int, float, float]:
+    """``(top_n, bandwidth, rtt)`` of a QueryPlan (0 for bandwidth or RTT: the measured one)."""
+    top_n = request.top_n or config.top_n
+    if top_n > config.max_top_n:
+        raise InvalidInput(f"top_n {top_n} is above the planner's max_top_n ({config.max_top_n})")
+    return (top_n, check_seconds(request.bandwidth_bytes_per_second, "bandwidth_bytes_per_second"),
+            check_seconds(request.rtt_seconds, "rtt_seconds"))

@@ -1,0 +1,58 @@
+"""The agent's link estimates (runtime.agent.telemetry.LinkEstimator), on synthetic frame timings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from runtime.agent.client import FrameResult
+from runtime.agent.telemetry import LinkEstimator
+
+RATE = 62_500.0  # bytes/s: 0.5 Mbit/s
+BASE_RTT = 0.004
+FRAME_BYTES = 32768
+
+
+def _frame(seq: int, transfer_edge: float, wire_bytes: int = FRAME_BYTES) -> FrameResult:
+    return FrameResult(seq, f"f{seq}", torch.empty(0), "edge", "stem", "raw", 1, wire_bytes=wire_bytes,
+                       times={"transfer_edge": transfer_edge, "edge_queue": 0.0, "edge_decode": 0.0, "edge_tail": 0.0})
+
+
+def test_saturated_link_bandwidth_is_not_inflated_by_probe_queueing():
+    """Frames back to back on a slow link: each takes bytes / rate plus one base RTT, and an RTT
+    probe sent meanwhile waits behind what is left of the frame being sent. Subtracting that
+    (queueing included) from the transfer time made the link look ~2x faster on average and
+    unboundedly faster on some frames; the estimate must stay near the real rate."""
+    link = LinkEstimator()
+    seconds = FRAME_BYTES / RATE
+    link.add_rtt_sample(BASE_RTT)  # one probe on the idle link
+    for i in range(40):
+        waited = seconds * ((0.37 * i) % 1.0)  # how much of the frame was still in the queue
+        link.add_rtt_sample(BASE_RTT + waited)
+        link.observe(_frame(i, seconds + BASE_RTT))
+    assert link.bandwidth_bytes_per_second == pytest.approx(RATE, rel=0.15)
+    assert link.rtt_seconds < BASE_RTT + 0.15 * seconds  # the base RTT, not the queueing
+
+
+def test_rtt_is_the_smallest_recent_probe_and_follows_a_lasting_change():
+    link = LinkEstimator(rtt_window=4)
+    assert link.rtt_seconds == 0.0  # unknown
+    for rtt in (0.010, 0.030, 0.012, 0.050):
+        link.add_rtt_sample(rtt)
+    assert link.rtt_seconds == 0.010
+    for _ in range(4):  # the path got longer: after a window of probes the estimate follows
+        link.add_rtt_sample(0.040)
+    assert link.rtt_seconds == 0.040
+
+
+def test_small_frames_and_local_frames_give_no_bandwidth_sample():
+    link = LinkEstimator()
+    link.add_rtt_sample(BASE_RTT)
+    link.observe(_frame(0, 0.010, wire_bytes=64))
+    local = _frame(1, 0.010)
+    local.where = "local"
+    link.observe(local)
+    assert link.bandwidth_bytes_per_second == 0.0
+    link.observe(_frame(2, BASE_RTT + FRAME_BYTES / RATE))
+    assert link.bandwidth_bytes_per_second == pytest.approx(RATE)
+    assert link.take_report()[1] == 3 and link.take_report() == ({}, 0)
