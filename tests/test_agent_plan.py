@@ -481,8 +481,9 @@ def test_run_agent_follows_the_planner(loaded, workers, tmp_path):
         try:
             with pytest.raises(InvalidInput, match="cannot read profile"):
                 await run_agent(AgentConfig(**base, profile=str(tmp_path / "missing.json"), source="none"))
-            task = asyncio.create_task(run_agent(AgentConfig(**base, profile=str(profile), source="none", serve=sock),
-                                                 out=io.StringIO()))
+            task = asyncio.create_task(run_agent(AgentConfig(**base, profile=str(profile), source="none", serve=sock,
+                                                             raw_input_stays=True, max_upload_bytes=4096,
+                                                             planner_workers=("edge-a",)), out=io.StringIO()))
             await until(lambda: fake.status(3), 20, "plan v3 applied by the agent process")
             deadline = time.monotonic() + 20
             while not await serving():  # the stop handler is installed once the local API serves
@@ -498,3 +499,7 @@ def test_run_agent_follows_the_planner(loaded, workers, tmp_path):
     fake = asyncio.run(scenario())
     assert fake.status(3).applied, fake.status(3).message
     assert json.loads(fake.registers[0].profile_json)["machine"] == "test-board"
+    # the agent's plan constraints and allowed workers travel with its registration
+    reg = fake.registers[-1]
+    assert reg.constraints.raw_input_stays and reg.constraints.max_upload_bytes == 4096
+    assert reg.constraints.objective == "latency" and list(reg.workers) == ["edge-a"]

@@ -35,13 +35,29 @@ class AgentConfig:
     profile: str = field("", "device profile JSON of the model on this board ('edgesplit profile'); required with --planner")
     tl_dir: str = field("", "directory where Transfer Layer ids (in plans, or --tl) are resolved")
     telemetry_interval_seconds: float = field(1.0, "at most one telemetry message to the planner per this many seconds")
+    planner_workers: tuple[str, ...] = field((), "worker ids the planner may assign (empty: any that serves the model)")
+    raw_input_stays: bool = field(False, "plans must run at least the first block here: raw frames never leave the board")
+    min_fidelity: float = field(0.0, "plans use only Transfer Layers with measured top-1 agreement >= this (0: any)")
+    max_upload_bytes: int = field(0, "plans send at most this many bytes per frame (0: no cap)")
+    max_device_seconds: float = field(0.0, "plans keep device compute per frame under this (0: no cap)")
+    objective: str = field("latency", "what plans optimise: latency, or throughput (frames pipelined)")
 
     def __post_init__(self) -> None:
         if self.planner and not self.profile:
             raise InvalidInput("planner is set but profile is not: give the device profile JSON of this model on "
                                "this board (--profile, written by 'edgesplit profile')")
+        if self.objective not in ("latency", "throughput"):
+            raise InvalidInput(f"objective must be latency or throughput, got {self.objective!r}")
+        if not 0.0 <= self.min_fidelity <= 1.0 or self.max_upload_bytes < 0 or self.max_device_seconds < 0:
+            raise InvalidInput("min_fidelity must be in [0, 1]; max_upload_bytes and max_device_seconds must be >= 0")
         if not self.telemetry_interval_seconds > 0:
             raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")
+
+    def constraints(self) -> dict:
+        """The plan constraints sent to the planner (planner.proto Constraints)."""
+        return {"raw_input_stays": self.raw_input_stays, "min_fidelity": self.min_fidelity,
+                "max_upload_bytes": self.max_upload_bytes, "max_device_seconds": self.max_device_seconds,
+                "objective": self.objective}
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes)

@@ -70,6 +70,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
         # built before the agent starts, so a bad profile file is an error before any frame
         try:
             link = PlannerLink(agent, config.planner, config.profile, agent.agent_id,
+                               workers=config.planner_workers, constraints=config.constraints(),
                                telemetry_interval_seconds=config.telemetry_interval_seconds,
                                transport=config.transport())
         except BaseException:
