@@ -79,3 +79,18 @@ def test_plan_errors_are_actionable(capsys, tmp_path):
     assert main(["plan", "--profile", str(bad)]) == 2
     assert "blocks/0/seconds" in capsys.readouterr().err
     assert main(["plan", "--profile", str(bad), "--pin-block", "oops"]) == 2
+
+
+def test_published_schema_is_valid_and_matches_what_the_code_writes():
+    import jsonschema
+
+    from planner.profile import Block, Profile, Transfer, schema
+
+    jsonschema.Draft202012Validator.check_schema(schema())
+    p = Profile("pi", "device", "m", (Block(0, "a", 0.1, 100, p95_seconds=0.2, first_layer=0, last_layer=3, param_bytes=8,
+                                            transfers=(Transfer("int8+lz4", 30, 1e-4, 2e-4, codec="int8+lz4"),
+                                                       Transfer("tl-x+raw", 10, tl_id="tl-x", fidelity=0.97))),),
+                input_bytes=400, model_digest="abc", source="hand", created="2026-11-26T00:00:00+00:00",
+                settings={"runs": 3})
+    jsonschema.validate(json.loads(p.to_json()), schema())
+    assert profiles.loads(p.to_json()) == p
