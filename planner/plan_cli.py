@@ -174,7 +174,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("import-peers", formatter_class=fmt,
                        help="convert Scission/ScissionTL benchmark data into edgesplit profile and network files")
-    p.add_argument("file", help="e.g. ../shared/peers/scission_benchmarks.json")
+    p.add_argument("file", help="e.g. planner/peers/scission_benchmarks.json")
     p.add_argument("--out", required=True, help="directory for MODEL--MACHINE.json and network-NAME.json")
     p.add_argument("--model", action="append", help="only these models (repeat)")
     p.set_defaults(func=cmd_import_peers)

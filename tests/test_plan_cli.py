@@ -10,12 +10,9 @@ import pytest
 from planner import profile as profiles
 from runtime.cli import main
 
-PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
-needs_peers = pytest.mark.skipif(not (PEERS / "scission_benchmarks.json").exists(),
-                                 reason=f"peer benchmark data not at {PEERS}")
+PEERS = Path(__file__).resolve().parents[1] / "planner" / "peers"  # the peers' published data, bundled
 
 
-@needs_peers
 def test_plan_from_peer_data_prints_the_published_result(capsys, tmp_path):
     png = tmp_path / "vgg19.png"
     rc = main(["plan", "--peers", str(PEERS / "scission_benchmarks.json"), "--model", "vgg19", "--require", "device",
@@ -28,7 +25,6 @@ def test_plan_from_peer_data_prints_the_published_result(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-@needs_peers
 def test_import_peers_then_plan_from_files(capsys, tmp_path):
     assert main(["import-peers", str(PEERS / "scissiontl_benchmarks.json"), "--out", str(tmp_path),
                  "--model", "densenet169"]) == 0

@@ -17,9 +17,7 @@ from planner.profile import Block, Profile, Transfer
 from planner.search import search
 from runtime.errors import InvalidInput
 
-PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
-needs_peers = pytest.mark.skipif(not (PEERS / "scission_benchmarks.json").exists(),
-                                 reason=f"peer benchmark data not at {PEERS}")
+PEERS = Path(__file__).resolve().parents[1] / "planner" / "peers"  # the peers' published data, bundled
 
 
 def _profile(machine, role, seconds, out_bytes, transfers=None, params=None, input_bytes=1000):
@@ -71,7 +69,6 @@ def test_codec_and_tl_choice_per_cut():
     assert best.device_blocks == 2 or best.hops[0].transfer.bytes <= 50
 
 
-@needs_peers
 def test_reproduces_scission_vgg19_query():
     profiles = import_profiles(PEERS / "scission_benchmarks.json")
     net = import_network(PEERS / "scission_benchmarks.json", "default")
@@ -89,7 +86,6 @@ def test_reproduces_scission_vgg19_query():
         ("device", "raspi4", 0, 5), ("edge", "vm2Core", 6, 10), ("cloud", "6700k(GPU)", 11, 24)]
 
 
-@needs_peers
 def test_reproduces_scissiontl_densenet169():
     path = PEERS / "scissiontl_benchmarks.json"
     profiles = import_profiles(path)
@@ -305,7 +301,6 @@ def test_network_file_round_trip(tmp_path):
         load_network(p)
 
 
-@needs_peers
 def test_importer_refuses_bad_peer_data(tmp_path):
     p = tmp_path / "bad.json"
     p.write_text('{"machines": {"pi": {"tier": "device", "models": {"m": [{"block": 1}]}}}}')
