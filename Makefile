@@ -23,10 +23,10 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edgesplit demo
 
-# One pytest process per test module: grpc.aio keeps process-wide state tied to the event loop
-# that first used it, and modules that run their servers on different loops (a loop thread in
-# one module, asyncio.run in the next) could leave a later module waiting forever (seen about
-# 1 run in 6 for test_planner_service + test_worker_registration in one process).
+# One pytest process per test module, so a hang or crash in one module cannot take the rest of
+# the run with it and each module's time shows. (What prompted it was a hang: the planner's
+# drain waited forever on a cancelled re-plan task, a Python 3.11 wait_for race, now fixed and
+# covered by test_close_returns_while_registrations_keep_waking_the_planner.)
 test: $(STAMP) proto-check
 	@failed=""; start=$$(date +%s); \
 	for f in tests/test_*.py; do \

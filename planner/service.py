@@ -122,6 +122,7 @@ class PlannerService(pb_grpc.PlannerServicer):
         self.agents: dict[str, AgentState] = {}
         self.generation = 0  # counts worker registrations (each worker remembers the one that made it)
         self._ticker: asyncio.Task | None = None
+        self._closing = False
         self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
         self._load()
 
@@ -155,12 +156,17 @@ class PlannerService(pb_grpc.PlannerServicer):
 
     async def close(self) -> None:
         """Stop re-planning and end every WatchPlan stream (agents reconnect to the next planner)."""
+        # A flag, not only cancel(): on Python 3.11 asyncio.wait_for loses a cancellation that
+        # races with the awaited event being set, and RegisterWorker/telemetry set it all the
+        # time, so a cancelled ticker could keep running and close() wait for it forever.
+        self._closing = True
+        self._wake.set()
         if self._ticker is not None:
-            self._ticker.cancel()
             try:
-                await self._ticker
-            except asyncio.CancelledError:
-                pass
+                await asyncio.wait_for(asyncio.shield(self._ticker), 5.0)
+            except asyncio.TimeoutError:
+                self._ticker.cancel()
+                await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
         for st in self.agents.values():
             self._save_links(st)
@@ -170,11 +176,13 @@ class PlannerService(pb_grpc.PlannerServicer):
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def _tick_loop(self) -> None:
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.config.replan_interval_seconds)
             except asyncio.TimeoutError:
                 pass
+            if self._closing:
+                break
             self._wake.clear()
             try:
                 await self.tick()

@@ -590,3 +590,37 @@ def test_store_reopen_restores_everything(tmp_path):
     assert [h.plan.version for h in s.history("a1")] == [2, 1]
     assert s.issue_plan(pb.Plan(agent_id="b")).version == 3  # the counter survives
     s.close()
+
+
+def test_close_returns_while_registrations_keep_waking_the_planner(tmp_path):
+    """Regression: RegisterWorker/telemetry set the re-plan event all the time; on Python 3.11
+    asyncio.wait_for could swallow the ticker's cancellation in that race and close() (and so a
+    SIGTERM drain) waited forever. close() must return promptly however busy the event is."""
+    from planner.service import PlannerService
+
+    async def main():
+        service = PlannerService(PlannerConfig(db=str(tmp_path / "p.sqlite"), replan_interval_seconds=0.001),
+                                 Store(tmp_path / "p.sqlite"))
+        service.start()
+        stop = asyncio.Event()
+
+        async def poke():
+            while not stop.is_set():
+                service._wake.set()
+                await asyncio.sleep(0)
+
+        poker = asyncio.create_task(poke())
+        await asyncio.sleep(0.2)
+        try:
+            for _ in range(3):  # several tries: the race is timing-dependent
+                await asyncio.wait_for(service.close(), 10)
+                service._closing, service._ticker = False, None
+                service.start()
+                await asyncio.sleep(0.05)
+            await asyncio.wait_for(service.close(), 10)
+        finally:
+            stop.set()
+            await poker
+            service.store.close()
+
+    asyncio.run(main())
