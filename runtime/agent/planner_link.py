@@ -34,6 +34,7 @@ from runtime.errors import EdgesplitError, InvalidInput, Unavailable
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.transport import TransportOptions
+from runtime.asyncutil import cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,7 @@ class PlannerLink:
     async def close(self) -> None:
         """Stop the link: cancel its task, close its channel. The agent keeps its current plan."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        await cancel_and_wait(task)
 
     # -- sessions ----------------------------------------------------------------------------
 

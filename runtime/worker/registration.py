@@ -11,6 +11,7 @@ import socket
 import grpc
 
 from planner import profile as profiles
+from runtime.asyncutil import cancel_and_wait
 from runtime.errors import InvalidInput
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
@@ -80,6 +81,4 @@ class PlannerRegistration:
                 await asyncio.sleep(self.refresh_seconds)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await cancel_and_wait(self._task)
