@@ -59,6 +59,13 @@ def test_worker_stopping_with_frames_in_flight(loaded, frames):
         async def kill_after_first_edge_result(r):
             if r.where == "edge" and not stopped.is_set():
                 stopped.set()
+                # stop only once a frame is on the wire (waiting for its result): on a slow, busy
+                # machine the worker can otherwise have answered every frame sent so far
+                stream = agent.active.stream
+                for _ in range(2000):  # bounded: at most ~2 s
+                    if stream._pending:
+                        break
+                    await asyncio.sleep(0.001)
                 await ws.server.stop(0)  # cancels the stream with frames still queued on the worker
 
         try:
