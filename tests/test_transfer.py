@@ -118,6 +118,58 @@ def test_training_is_deterministic(r18):
     assert not torch.equal(a.state_dict()["encoder.proj.weight"], c.state_dict()["encoder.proj.weight"])
 
 
+def _low_rank(n, c, k, hw, seed=0):
+    """(n, c, *hw) features whose per-pixel channel vectors lie in a k-dim affine subspace."""
+    g = torch.Generator().manual_seed(seed)
+    basis, mean = torch.randn(c, k, generator=g), torch.randn(c, generator=g)
+    z = torch.randn(n, *hw, k, generator=g)
+    return (z @ basis.T + mean).permute(0, 3, 1, 2).contiguous()
+
+
+def test_pca_init_reconstructs_a_low_rank_tensor_exactly():
+    h = _low_rank(6, 24, 6, (5, 7))
+    tl = TransferLayer("bottleneck", (1, 24, 5, 7), 4)  # channel-only: 24 -> 6 channels
+    info = tl.init_pca(h)
+    assert info["components"] == 6 and info["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(tl(h), h, atol=1e-4), float((tl(h) - h).abs().max())
+        z = tl.encoder(h)  # centred PCA coefficients, ordered by decreasing variance
+        assert z.mean((0, 2, 3)).abs().max() < 1e-4
+        var = z.var((0, 2, 3))
+        assert torch.all(var[:-1] >= var[1:] - 1e-5)
+    # with 2x2 pooling (ratio >= 8) it is exact on features constant over 2x2 blocks
+    hp = torch.nn.functional.interpolate(_low_rank(4, 24, 6, (3, 4), seed=1), scale_factor=2, mode="nearest")
+    tlp = TransferLayer("bottleneck", (1, 24, 6, 8), 8)  # 24 / 2 = 12 channels >= rank 6
+    tlp.init_pca(hp)
+    with torch.no_grad():
+        assert torch.allclose(tlp(hp), hp, atol=1e-4)
+    # fewer components than the rank: the best rank-3 code, strictly worse but far better than nothing
+    tl3 = TransferLayer("bottleneck", (1, 24, 5, 7), 32)  # 24 / (32 / 4) = 3 channels at half size
+    assert tl3.init_pca(h)["explained_variance"] < 1.0
+    with pytest.raises(InvalidInput, match="bottleneck"):
+        TransferLayer("reference", (1, 24, 5, 7)).init_pca(h)
+    with pytest.raises(InvalidInput, match="shape"):
+        tl.init_pca(h[:, :, :4])
+
+
+def test_train_with_pca_init(r18):
+    pure, rp = train_tl(r18, "add_3", "bottleneck", 4, steps=0, batch_size=4, progress=False, pool_size=8,
+                        holdout_images=2, init="pca")
+    rand, rr = train_tl(r18, "add_3", "bottleneck", 4, steps=0, batch_size=4, progress=False, pool_size=8,
+                        holdout_images=2)
+    t = rp["training"]
+    assert t["init"] == "pca" and t["pool_size"] == 8 and t["steps"] == 0 and rp["losses"] == []
+    assert t["pca"]["components"] == 32 and 0 < t["pca"]["explained_variance"] <= 1
+    assert rp["fidelity"]["feature_rel_mse"] < rr["fidelity"]["feature_rel_mse"]
+    tuned, rt = train_tl(r18, "add_3", "bottleneck", 4, steps=3, batch_size=4, progress=False, pool_size=8,
+                         holdout_images=2, init="pca")
+    assert len(rt["losses"]) == 3 and rt["training"]["init"] == "pca"
+    with pytest.raises(InvalidInput, match="init"):
+        train_tl(r18, "add_3", "bottleneck", 4, steps=0, progress=False, init="svd")
+    with pytest.raises(InvalidInput, match="bottleneck"):
+        train_tl(r18, "add_3", "reference", steps=0, progress=False, init="pca")
+
+
 def test_reference_trains_nothing_but_evaluates(r18):
     tl, report = train_tl(r18, "add_1", "reference", steps=50, progress=False, holdout_images=2)
     assert report["losses"] == [] and report["training"]["steps"] == 0

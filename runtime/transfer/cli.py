@@ -26,7 +26,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     tl, report = train_tl(loaded, split, args.kind, args.ratio, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, data=args.data or None, finetune_tail=args.finetune_tail,
                           progress=not args.no_progress, holdout_images=args.holdout_images,
-                          pool_size=args.pool_size, kl_weight=args.kl_weight)
+                          pool_size=args.pool_size, kl_weight=args.kl_weight, init=args.init)
     seconds = time.perf_counter() - t0
     costs = evaluate(tl, loaded, split, images=min(args.holdout_images, 8), seed=args.seed,
                      data=args.data or None)["bytes_per_frame"]
@@ -132,7 +132,8 @@ def sweep_command(args: argparse.Namespace) -> str:
         parts += [a for c in args.codec for a in ("--codec", c)]
     parts += ["--steps", str(args.steps)]
     for flag, value, default in (("--batch-size", args.batch_size, 16), ("--lr", args.lr, 1e-3),
-                                 ("--pool-size", args.pool_size, 256), ("--kl-weight", args.kl_weight, 1.0)):
+                                 ("--pool-size", args.pool_size, 256), ("--kl-weight", args.kl_weight, 1.0),
+                                 ("--init", getattr(args, "init", "random"), "random")):
         if value != default:
             parts += [flag, str(value)]
     parts += ["--images", str(args.images), "--seed", str(args.seed)]
@@ -163,7 +164,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     result = sweep(args.model, args.split, kinds=args.kind or ["reference", "bottleneck"],
                    ratios=args.ratio or [8, 16, 32], codecs=args.codec or CODECS, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size, kl_weight=args.kl_weight,
-                   data=args.data or None, images=args.images, seed=args.seed, out=args.out or None,
+                   init=args.init, data=args.data or None, images=args.images, seed=args.seed, out=args.out or None,
                    progress=not args.no_progress)
     command = sweep_command(args)
     if args.table:
@@ -204,6 +205,9 @@ def add_parser(sub) -> None:
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     t.add_argument("--seed", type=int, default=0, help="seed for weights, crops and batches (default: 0)")
     t.add_argument("--finetune-tail", action="store_true", help="also train the tail (stored in the artifact)")
+    t.add_argument("--init", choices=("random", "pca"), default="random",
+                   help="bottleneck start: random weights, or the closed-form PCA code of the training pool's "
+                   "features (with --steps 0 a pure PCA TL) (default: random)")
     t.add_argument("--data", default="", help="folder of PNG/JPEG for crops, \"skimage\" (scikit-image's "
                    "photos) or \"digits\" (MNIST training digits; both need edgesplit[train]); default: the "
                    "bundled samples")
@@ -245,6 +249,8 @@ def add_parser(sub) -> None:
     sw.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")
     sw.add_argument("--pool-size", type=int, default=256, help="training pool of images (default: 256)")
     sw.add_argument("--kl-weight", type=float, default=1.0, help="weight of the distillation KL term (default: 1)")
+    sw.add_argument("--init", choices=("random", "pca"), default="random",
+                    help="bottleneck start: random or closed-form PCA (default: random)")
     sw.add_argument("--images", type=int, default=64, help="hold-out crops per row (default: 64)")
     sw.add_argument("--seed", type=int, default=0, help="seed for training and hold-out crops (default: 0)")
     sw.add_argument("--data", default="", help="image folder, \"skimage\", or \"digits\" (labelled: adds "

@@ -13,6 +13,15 @@ Two kinds:
   survive; one MAC per value and output channel, a few % of the head at worst), the decoder is
   ``[nearest up-sample to (H, W)] -> 3x3 conv -> ReLU -> 1x1 conv back to C``.
 
+A bottleneck can start from a closed-form PCA initialisation (:meth:`TransferLayer.init_pca`):
+the encoder's 1x1 conv becomes the top-``k`` principal directions of the (pooled) per-pixel
+channel vectors of some training features, mean-centred; the decoder's 3x3 conv becomes their
+transpose plus the mean on its centre tap, shifted by a per-channel offset that keeps the ReLU in
+its linear range on those features, and its 1x1 conv the identity minus that offset. Without
+pooling the TL then reproduces any feature whose channel vectors lie in a ``k``-dimensional affine
+subspace (and inside the offset range) exactly; otherwise it is the best rank-``k`` linear
+channel code of the training features, a starting point for distillation.
+
 Every TL is built for one feature shape ``(C, H, W)`` (the split point's, batch excluded): the
 decoder needs the exact ``(H, W)`` to restore. Only rank-4 ``(N, C, H, W)`` features are
 supported; other ranks raise :class:`~runtime.errors.InvalidInput`.
@@ -30,7 +39,7 @@ from torch import nn
 from runtime.errors import InvalidInput
 
 KINDS = ("reference", "bottleneck")
-RATIOS = (2, 4, 8, 16, 32, 64)
+RATIOS = (2, 4, 5, 6, 8, 12, 16, 20, 24, 32, 64)  # >= 8: 2x2 pooling, channels / (R / 4)
 REFERENCE_RATIO = 4
 
 
@@ -153,3 +162,42 @@ class TransferLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+    @torch.no_grad()
+    def init_pca(self, features: torch.Tensor, margin: float = 1.0) -> dict:
+        """Closed-form PCA initialisation of a bottleneck from ``features`` ``(N, C, H, W)`` (see the
+        module docstring); returns ``{"components", "explained_variance"}`` (the fraction of the
+        per-pixel channel variance the kept components carry, on ``features``). ``margin`` (in
+        channel standard deviations) widens the ReLU's linear range beyond the features' minimum."""
+        if self.kind != "bottleneck":
+            raise InvalidInput(f"PCA initialisation needs a bottleneck TL, not {self.kind!r}")
+        _check_rank4(features, "PCA initialisation")
+        if tuple(features.shape[1:]) != self.in_shape:
+            raise InvalidInput(f"PCA initialisation features have shape {list(features.shape[1:])}, "
+                               f"this TL takes {list(self.in_shape)}")
+        enc, dec = self.encoder, self.decoder
+        x = features.to(torch.float64)
+        if enc.spatial > 1:
+            x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
+        c, k = x.shape[1], enc.proj.out_channels
+        v = x.permute(0, 2, 3, 1).reshape(-1, c)
+        mean = v.mean(0)
+        vc = v - mean
+        cov = vc.T @ vc / max(1, v.shape[0])
+        evals, evecs = torch.linalg.eigh(cov)  # ascending
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        basis = evecs[:, :k]  # (C, k), orthonormal columns; k may exceed C only when C is tiny
+        if basis.shape[1] < k:
+            basis = torch.cat([basis, basis.new_zeros(c, k - basis.shape[1])], 1)
+        recon = (vc @ basis) @ basis.T + mean  # what the decoder's 3x3 conv must output (before the shift)
+        shift = (-recon.min(0).values).clamp_min(0) + margin * v.std(0, unbiased=False) + 1e-3
+        enc.proj.weight.copy_(basis.T.reshape(k, c, 1, 1))
+        enc.proj.bias.copy_(-(basis.T @ mean))
+        dec.expand.weight.zero_()
+        dec.expand.weight[:, :, 1, 1] = basis
+        dec.expand.bias.copy_(mean + shift)
+        dec.out.weight.copy_(torch.eye(c, dtype=torch.float64).reshape(c, c, 1, 1))
+        dec.out.bias.copy_(-shift)
+        total = float(evals.sum())
+        return {"components": k,
+                "explained_variance": round(float(evals[:k].sum()) / total, 6) if total > 0 else 1.0}

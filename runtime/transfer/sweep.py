@@ -70,7 +70,7 @@ def _head_ms(head, x: torch.Tensor) -> float:
 def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("reference", "bottleneck"),
           ratios: Sequence[int] = (8, 16, 32), codecs: Sequence[str] = CODECS, steps: int = 150,
           batch_size: int = 16, lr: float = 1e-3, pool_size: int = 256, kl_weight: float = 1.0,
-          data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
+          init: str = "random", data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
           progress: bool = False, loaded=None) -> dict:
     """Measure every (split, TL, ratio, codec) row; returns ``{"rows", "holdout", "train", "seconds",
     "accuracy", "training"}``. On a labelled hold-out (``data="digits"``) every row has an
@@ -90,7 +90,7 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
     labels = tl_data.holdout_labels(loaded.spec, holdout, images)
     unsplit_accuracy = None
     training = {"steps": steps, "batch_size": batch_size, "lr": lr, "pool_size": pool_size, "kl_weight": kl_weight,
-                "seed": seed}
+                "seed": seed, **({"init": init} if init != "random" else {})}
     rows: list[dict] = []
     for s in splits:
         split = loaded.split(s)
@@ -108,7 +108,7 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
             for r in ratios:
                 tl, _ = train_tl(loaded, split, "bottleneck", r, steps=steps, batch_size=batch_size, lr=lr,
                                  seed=seed, data=data, progress=progress, holdout_images=1, pool_size=pool_size,
-                                 kl_weight=kl_weight)
+                                 kl_weight=kl_weight, init=init)
                 variants.append(("bottleneck", r, tl))
         for kind, ratio, tl in variants:
             tl_rows = []

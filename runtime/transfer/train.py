@@ -10,7 +10,9 @@ each step draws a seeded batch from it. The loss per batch is
 
 (Var over the whole pool; KL is the usual distillation direction, teacher first, batch mean).
 With ``finetune_tail`` the tail (a private copy, BatchNorm statistics frozen) trains too and
-becomes part of the TL (``tl.tail``). Same seed, same data and same thread count give
+becomes part of the TL (``tl.tail``). With ``init="pca"`` a bottleneck starts from the closed-form
+PCA initialisation of its pool's features (:meth:`TransferLayer.init_pca`; with ``steps=0`` that
+is the whole TL: a pure PCA code). Same seed, same data and same thread count give
 bit-identical weights; the global RNG state is left as it was.
 """
 
@@ -35,6 +37,7 @@ from runtime.transfer.layers import TransferLayer
 logger = logging.getLogger(__name__)
 
 POOL_BYTES = 512 * 2**20
+INITS = ("random", "pca")
 
 
 def _pool(loaded: LoadedModel, split: SplitPoint, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +49,8 @@ def _pool(loaded: LoadedModel, split: SplitPoint, x: torch.Tensor) -> tuple[torc
 def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, ratio: int | None = None, *,
              steps: int = 200, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
              data: str | Sequence[str] | None = None, finetune_tail: bool = False, progress: bool = True,
-             kl_weight: float = 1.0, pool_size: int = 256, holdout_images: int = 16) -> tuple[TransferLayer, dict]:
+             kl_weight: float = 1.0, pool_size: int = 256, holdout_images: int = 16,
+             init: str = "random") -> tuple[TransferLayer, dict]:
     """Build and train a TL for ``loaded`` at ``split``; returns ``(tl, report)``.
 
     The report holds the settings, the loss curve (first / last / every step), the wall time and
@@ -59,6 +63,10 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
             raise InvalidInput(f"{name} must be {'>= 0' if name == 'steps' else '>= 1'}, got {value}")
     if not lr > 0:
         raise InvalidInput(f"lr must be > 0, got {lr}")
+    if init not in INITS:
+        raise InvalidInput(f"init must be one of {', '.join(INITS)}, got {init!r}")
+    if init == "pca" and kind != "bottleneck":
+        raise InvalidInput(f"--init pca needs --kind bottleneck, not {kind!r}")
     train_paths, holdout_paths = tl_data.train_holdout(data)
     t_start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -72,19 +80,33 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
             tail = loaded.tail(split.name)
         params = [p for p in tl.parameters() if p.requires_grad]
         losses: list[float] = []
+        pool = None
+        pca = None
+        if init == "pca":
+            pool = _training_pool(loaded, split, train_paths, steps=steps, batch_size=batch_size, seed=seed,
+                                  pool_size=pool_size)
+            pca = tl.init_pca(pool[0])
+            logger.info("PCA init: %d components carry %.3f of the channel variance", pca["components"],
+                        pca["explained_variance"])
         if steps and not params:
             logger.info("TL kind %r has no parameters: nothing to train", kind)
         if steps and params:
-            losses = _fit(tl, tail, params, loaded, split, train_paths, steps=steps, batch_size=batch_size, lr=lr,
-                          seed=seed, kl_weight=kl_weight, pool_size=pool_size, progress=progress)
+            if pool is None:
+                pool = _training_pool(loaded, split, train_paths, steps=steps, batch_size=batch_size, seed=seed,
+                                      pool_size=pool_size)
+            losses = _fit(tl, tail, params, pool, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                          kl_weight=kl_weight, progress=progress)
+        pool_used = 0 if pool is None else int(pool[0].shape[0])
+        del pool
     tl.eval()
     train_seconds = time.perf_counter() - t_start
     x = tl_data.holdout_crops(loaded.spec, holdout_paths, holdout_images, seed)
     report = {
         "training": {
             "steps": steps if params else 0, "batch_size": batch_size, "lr": lr, "seed": seed,
-            "finetune_tail": bool(finetune_tail), "kl_weight": kl_weight,
-            "pool_size": min(pool_size, max(batch_size, steps * batch_size)) if params and steps else 0,
+            "finetune_tail": bool(finetune_tail), "kl_weight": kl_weight, "init": init,
+            **({"pca": pca} if pca is not None else {}),
+            "pool_size": pool_used,
             "data": tl_data.describe(train_paths, holdout_paths), "seconds": round(train_seconds, 2),
             "loss_first": round(losses[0], 6) if losses else None,
             "loss_last": round(losses[-1], 6) if losses else None,
@@ -96,13 +118,19 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
     return tl, report
 
 
-def _fit(tl, tail, params, loaded, split, train_paths, *, steps, batch_size, lr, seed, kl_weight, pool_size,
-         progress) -> list[float]:
+def _training_pool(loaded, split, train_paths, *, steps, batch_size, seed,
+                   pool_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Head features and unsplit outputs of the training crops: ``pool_size`` of them, no more than
+    ``steps * batch_size`` (all of ``pool_size`` when ``steps`` is 0) nor 512 MiB of features."""
     per_item = 4 * math.prod(split.out_shape[1:])
-    n = max(batch_size, min(pool_size, steps * batch_size, POOL_BYTES // max(1, per_item)))
+    n = max(batch_size, min(pool_size, steps * batch_size if steps else pool_size, POOL_BYTES // max(1, per_item)))
     x = tl_data.augmented_crops(loaded.spec, train_paths, n, seed)
-    feats, teacher = _pool(loaded, split, x)
-    del x
+    return _pool(loaded, split, x)
+
+
+def _fit(tl, tail, params, pool, *, steps, batch_size, lr, seed, kl_weight, progress) -> list[float]:
+    feats, teacher = pool
+    n = feats.shape[0]
     var = feats.var().clamp_min(1e-12)
     log_teacher = F.log_softmax(teacher, 1)
     gen = torch.Generator().manual_seed(seed)
