@@ -7,9 +7,15 @@ cut between consecutive non-empty tiers one transfer (codec, optionally after a 
 The search is exhaustive but vectorised: for each machine combination and each pattern of
 non-empty tiers, the latency of every cut vector is one numpy expression over a grid of
 (n+1)^k cells (k = tiers after the device), built from prefix sums of block times and per-cut
-link costs. Per cut, the transfer is the cheapest one that passes the constraints (upload cap,
-fidelity floor): link costs are additive and one cut's choice does not touch another's, so for
-latency this is exact; for the throughput objective it is the same choice (a heuristic there).
+link costs. Per cut, the transfer is the cheapest one that passes the constraints that involve
+that cut's transfer alone (upload cap, fidelity floor, and the time cap of the first and the last
+non-empty tier: the device's time is its blocks plus its encode, the last tier's its blocks plus
+its decode): link costs are additive and one cut's choice does not touch another's, so for
+latency this is exact. A share cap, or a time cap on a middle tier (decode of one cut plus encode
+of the next), couples the transfer choices with each other and with the cuts; there, every
+combination of transfer slots is scored over the grid (one grid at a time) and each cut vector
+keeps its best feasible combination, which is exact too. For the throughput objective without
+such caps the per-cut choice is the latency one (a heuristic there; with them it is exact).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ MAX_GRID_CELLS = 30_000_000  # (n+1)^k cells per machine combination and pattern
 
 @dataclass
 class _LinkCost:
-    """Per cut a in 0..n: the chosen transfer and its parts (inf where no transfer is allowed)."""
+    """Per cut a in 0..n: the chosen transfer and its parts (inf where no transfer is allowed).
+
+    ``choice``/``encode``/``xfer``/``decode`` are the per-cut cheapest allowed option; the ``*_all``
+    matrices (n+1, K) hold every option slot (``xfer_all`` is inf where the option is not allowed)."""
 
     choice: np.ndarray  # index into options[a], -1 = none
     encode: np.ndarray
@@ -38,10 +47,26 @@ class _LinkCost:
     decode: np.ndarray
     ret: np.ndarray
     options: list[tuple[Transfer, ...]]
+    enc_all: np.ndarray
+    xfer_all: np.ndarray
+    dec_all: np.ndarray
 
     @property
     def total(self) -> np.ndarray:
         return self.encode + self.rtt + self.xfer + self.decode + self.ret
+
+    @property
+    def multi(self) -> bool:
+        """Some cut has more than one allowed transfer."""
+        return bool((np.isfinite(self.xfer_all).sum(axis=1) > 1).any())
+
+    def columns(self, expand: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(encode, xfer, decode, slot per cut) vectors: the cheapest option only, or every option slot."""
+        if not (expand and self.multi):
+            return [(self.encode, self.xfer, self.decode, self.choice)]
+        rows = self.xfer_all.shape[0]
+        return [(self.enc_all[:, s], self.xfer_all[:, s], self.dec_all[:, s], np.full(rows, s))
+                for s in range(self.xfer_all.shape[1]) if np.isfinite(self.xfer_all[:, s]).any()]
 
 
 def _check_profiles(tiers: Sequence[Tier]) -> tuple[str, list[str]]:
@@ -111,28 +136,35 @@ def _receiver_decode(sender: _Table, receiver: _Table) -> np.ndarray:
 
 
 def _link_cost(sender: Profile, receiver: Profile, src_tier: str, dst_tier: str, network: Network,
-               constraints: Constraints, include_return: bool, result_bytes: int) -> _LinkCost:
+               constraints: Constraints, include_return: bool, result_bytes: int,
+               sender_cap: float | None = None, receiver_cap: float | None = None) -> _LinkCost:
+    """``sender_cap``: the time cap of a sender that runs blocks [0, a) (the device); ``receiver_cap``:
+    that of a receiver that runs [a, n) (the last tier). Each involves this cut's transfer only."""
     n = sender.n_blocks
     link = network.link(sender.machine, receiver.machine, src_tier, dst_tier)
     bw = link.bandwidth_bytes_per_second
     st, rt = _table(sender), _table(receiver)
     dec = _receiver_decode(st, rt)
     xfer = st.nbytes / bw
-    cost = st.encode + xfer + dec
     allowed = np.isfinite(st.nbytes)
     cap = constraints.max_upload_bytes.get(src_tier)
     if cap is not None:
         allowed &= st.nbytes <= cap
     if constraints.min_fidelity > 0:
         allowed &= ~st.is_tl | (st.fidelity >= constraints.min_fidelity)  # nan (unmeasured) fails
-    cost = np.where(allowed, cost, np.inf)
+    if sender_cap is not None:  # same arithmetic as _tier_seconds, so the grid agrees
+        allowed &= st.seconds[:, None] + st.encode <= sender_cap
+    if receiver_cap is not None:
+        allowed &= (rt.seconds[n] - rt.seconds)[:, None] + dec <= receiver_cap
+    xfer = np.where(allowed, xfer, np.inf)
+    cost = st.encode + xfer + dec
     choice = np.argmin(cost, axis=1)
     rows = np.arange(n + 1)
     none = ~np.isfinite(cost[rows, choice])
     pick = lambda m: np.where(none, np.inf, m[rows, choice])  # noqa: E731
     ret = np.full(n + 1, result_bytes / bw if include_return else 0.0)
     return _LinkCost(np.where(none, -1, choice), pick(st.encode), link.rtt_seconds, pick(xfer), pick(dec), ret,
-                     st.options)
+                     st.options, st.encode, xfer, dec)
 
 
 def _axis(v: np.ndarray, axis: int, k: int) -> np.ndarray:
@@ -142,10 +174,11 @@ def _axis(v: np.ndarray, axis: int, k: int) -> np.ndarray:
 
 
 class _Candidate:
-    __slots__ = ("key", "combo", "chain", "cuts")
+    __slots__ = ("key", "combo", "chain", "cuts", "links", "slots")
 
-    def __init__(self, key, combo, chain, cuts):
+    def __init__(self, key, combo, chain, cuts, links=(), slots=()):
         self.key, self.combo, self.chain, self.cuts = key, combo, chain, cuts
+        self.links, self.slots = links, slots  # per cut: its _LinkCost and the chosen option slot
 
 
 def search(tiers: Sequence[Tier], network: Network, constraints: Constraints = Constraints(),
@@ -189,7 +222,7 @@ def search(tiers: Sequence[Tier], network: Network, constraints: Constraints = C
                 found.extend(_evaluate(tiers, chain, combo, n, network, constraints, objective, include_return,
                                        device_required, top_n, cache))
     found.sort(key=lambda c: c.key)
-    return [_build(tiers, c, n, objective, include_return, cache) for c in found[:top_n]]
+    return [_build(tiers, c, n, objective) for c in found[:top_n]]
 
 
 def _prefix(p: Profile, attr: str = "seconds") -> np.ndarray:
@@ -199,11 +232,16 @@ def _prefix(p: Profile, attr: str = "seconds") -> np.ndarray:
 def _links(tiers, chain, combo, network, constraints, include_return, cache):
     out = []
     result_bytes = combo[0].blocks[-1].output_bytes
+    k = len(chain) - 1
+    caps = constraints.max_tier_seconds
     for j in range(1, len(chain)):
-        key = (id(combo[j - 1]), id(combo[j]), chain[j - 1], chain[j])
+        # the first tier's and the last tier's time caps involve this cut's transfer only: masked per option
+        scap = caps.get(tiers[chain[0]].name) if j == 1 else None
+        rcap = caps.get(tiers[chain[k]].name) if j == k else None
+        key = (id(combo[j - 1]), id(combo[j]), chain[j - 1], chain[j], scap, rcap)
         if key not in cache:
             cache[key] = _link_cost(combo[j - 1], combo[j], tiers[chain[j - 1]].name, tiers[chain[j]].name,
-                                    network, constraints, include_return, result_bytes)
+                                    network, constraints, include_return, result_bytes, scap, rcap)
         out.append(cache[key])
     return out
 
@@ -222,13 +260,6 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
             return []
         return [_Candidate((total if objective == "latency" else total, total, 0, ()), combo, chain, ())]
     links = _links(tiers, chain, combo, network, constraints, include_return, cache)
-    # Each term of the latency depends on one cut only: tier j's compute is P_j[end] - P_j[start],
-    # so the total is a sum of one vector per axis (h[j] for the cut where chain[j+1] starts).
-    h = []
-    for j in range(k):
-        link = links[j]
-        h.append(prefix[j] - prefix[j + 1] + link.encode + link.rtt + link.xfer + link.decode + link.ret)
-    const = prefix[k][n]
     # constraints on one cut each: masks of the per-axis vectors
     idx = np.arange(n + 1)
     allowed = [np.ones(n + 1, dtype=bool) for _ in range(k)]
@@ -254,34 +285,82 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
                 allowed[k - 1] &= idx > b
             else:
                 coupled_forbid.append((j, b))
-    h = [np.where(allowed[j], h[j], np.inf) for j in range(k)]
-    total = h[0] + const if k == 1 else _grid_sum(h, const)
-    coupled = (coupled_forbid or objective != "latency" or any(
-        tiers[i].name in d for i in chain for d in (constraints.max_tier_seconds, constraints.max_tier_share,
-                                                    constraints.max_memory_bytes)))
-    value = total
-    if coupled:
+    const = prefix[k][n]
+    # constraints over the grid that do not depend on the transfers
+    fixed_bad = None
+    if coupled_forbid or any(tiers[i].name in constraints.max_memory_bytes for i in chain):
         ax = [_axis(idx, j, k) for j in range(k)]
-        tier_sec = _tier_seconds(prefix, links, k, n)
-        ok = np.ones(total.shape, dtype=bool)
+        fixed_ok = np.ones((n + 1,) * k, dtype=bool)
         for j, b in coupled_forbid:
-            ok &= ~((ax[j - 1] <= b) & (ax[j] > b))
+            fixed_ok &= ~((ax[j - 1] <= b) & (ax[j] > b))
         for j, i in enumerate(chain):
             tname = tiers[i].name
-            if tname in constraints.max_tier_seconds:
-                ok &= tier_sec[j] <= constraints.max_tier_seconds[tname]
-            if tname in constraints.max_tier_share:
-                ok &= tier_sec[j] <= constraints.max_tier_share[tname] * total
             if tname in constraints.max_memory_bytes:
                 pm = _table(combo[j]).params
                 used = (_axis(pm, j, k) if j < k else pm[n]) - (_axis(pm, j - 1, k) if j > 0 else 0.0)
-                ok &= used <= constraints.max_memory_bytes[tname]
-        if objective == "latency":
-            value = np.where(ok, total, np.inf)
-        else:
-            stages = np.maximum.reduce([np.broadcast_to(t, total.shape) for t in tier_sec]
-                                       + [np.broadcast_to(_axis(link.xfer, j, k), total.shape) for j, link in enumerate(links)])
-            value = np.where(ok & np.isfinite(total), stages, np.inf)
+                fixed_ok &= used <= constraints.max_memory_bytes[tname]
+        fixed_bad = ~fixed_ok
+    # caps over the grid that depend on the transfers (end tiers' time caps are already masked per option)
+    checks = []
+    for j, i in enumerate(chain):
+        tname = tiers[i].name
+        if 0 < j < k and tname in constraints.max_tier_seconds:
+            checks.append((j, None, constraints.max_tier_seconds[tname]))
+        if tname in constraints.max_tier_share:
+            checks.append((j, constraints.max_tier_share[tname], None))
+    plain = fixed_bad is None and not checks and objective == "latency"
+
+    def score(cols, keep_bound=False):
+        """(value, total) over the grid with the transfer vectors ``cols`` (one per cut); for latency with
+        ``keep_bound``, total is the latency before the caps."""
+        # Each term of the latency depends on one cut only: tier j's compute is P_j[end] - P_j[start],
+        # so the total is a sum of one vector per axis (h[j] for the cut where chain[j+1] starts).
+        h = [np.where(allowed[j], prefix[j] - prefix[j + 1] + enc + links[j].rtt + xfer + dec + links[j].ret, np.inf)
+             for j, (enc, xfer, dec, _) in enumerate(cols)]
+        total = h[0] + const if k == 1 else _grid_sum(h, const)
+        if plain:
+            return total, total
+        need = None if objective != "latency" else {j for j, _, _ in checks}
+        tier_sec = _tier_seconds(prefix, [c[0] for c in cols], [c[2] for c in cols], k, n, need)
+        bad = fixed_bad
+        for j, share, cap in checks:
+            over = tier_sec[j] > (cap if share is None else share * total)
+            bad = over if bad is None else bad | over
+        if objective == "latency":  # the value is the total where feasible (total is a fresh array)
+            bound = total.copy() if keep_bound else total
+            if bad is not None:
+                np.copyto(total, np.inf, where=bad)
+            return total, bound
+        stages = np.maximum.reduce([np.broadcast_to(t, total.shape) for t in tier_sec]
+                                   + [np.broadcast_to(_axis(c[1], j, k), total.shape) for j, c in enumerate(cols)])
+        return np.where(np.isfinite(total) if bad is None else ~bad & np.isfinite(total), stages, np.inf), total
+
+    # the coupled caps make the best transfer of a cut depend on the others and on the cuts: score every
+    # combination of option slots (only the cuts with a choice expand) and keep each cut vector's best
+    per_cut = [link.columns(bool(checks)) for link in links]
+    combos = list(itertools.product(*per_cut))
+    if len(combos) > 1 and objective == "latency":
+        # the cheapest transfer per cut first: where it passes the caps nothing does better; elsewhere another
+        # choice reaches at best the cap-free latency, so the others are scored only if that could enter the top N
+        cheapest = tuple(link.columns(False)[0] for link in links)
+        value, bound = score(cheapest, keep_bound=True)
+        flat = value.ravel()
+        m = min(top_n, flat.size)
+        worst = np.partition(flat, m - 1)[m - 1]
+        combos = [cheapest, *combos] if np.any((bound < worst) & np.isinf(value)) else [cheapest]
+        total = value
+    else:
+        value, total = score(combos[0])
+    which = np.zeros(value.shape, dtype=np.int32) if len(combos) > 1 else None
+    for c, cols in enumerate(combos[1:], 1):
+        v, t = score(cols)
+        if objective == "latency":  # value is total: the lower one wins
+            better = v < value
+            np.copyto(value, v, where=better)
+        else:  # the lower value, then the lower latency
+            better = (v < value) | ((v == value) & (t < total))
+            value, total = np.where(better, v, value), np.where(better, t, total)
+        np.copyto(which, c, where=better)
     flat = value.ravel()
     m = min(top_n, flat.size)
     picks = np.argpartition(flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
@@ -290,8 +369,10 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
     for p in picks:
         if not np.isfinite(flat[p]):
             continue
-        cuts = tuple(int(c) for c in np.unravel_index(p, total.shape))
-        out.append(_Candidate((float(flat[p]), float(tflat[p]), k, cuts), combo, chain, cuts))
+        cuts = tuple(int(c) for c in np.unravel_index(p, value.shape))
+        cols = combos[0 if which is None else int(which.ravel()[p])]
+        slots = tuple(int(col[3][a]) for col, a in zip(cols, cuts))
+        out.append(_Candidate((float(flat[p]), float(tflat[p]), k, cuts), combo, chain, cuts, links, slots))
     return out
 
 
@@ -315,16 +396,23 @@ def _grid_sum(h: list[np.ndarray], const: float) -> np.ndarray:
     return total
 
 
-def _tier_seconds(prefix, links, k, n):
-    """Each non-empty tier's time (compute + its encode and decode) over the grid."""
+def _tier_seconds(prefix, encode, decode, k, n, only=None):
+    """Each non-empty tier's time (compute + its encode and decode) over the grid; ``encode[j]`` and
+    ``decode[j]`` are cut j's transfer vectors. With ``only``, the other tiers' entries are None."""
     out = []
     for j in range(k + 1):  # chain[j] runs [start_j, end_j): start_0 = 0, start_j = cut j-1, end_k = n
+        if only is not None and j not in only:
+            out.append(None)
+            continue
+        if 0 < j < k:  # (P[end] + encode) - (P[start] - decode): one vector per cut, one pass over the grid
+            out.append(_axis(prefix[j] + encode[j], j, k) - _axis(prefix[j] - decode[j - 1], j - 1, k))
+            continue
         end = _axis(prefix[j], j, k) if j < k else prefix[j][n]
         t = end - (_axis(prefix[j], j - 1, k) if j > 0 else 0.0)
         if j > 0:
-            t = t + _axis(links[j - 1].decode, j - 1, k)
+            t = t + _axis(decode[j - 1], j - 1, k)
         if j < k:
-            t = t + _axis(links[j].encode, j, k)
+            t = t + _axis(encode[j], j, k)
         out.append(t)
     return out
 
@@ -340,21 +428,21 @@ def _caps_ok_scalar(tiers, constraints, profile, total):
     return True
 
 
-def _build(tiers, c: _Candidate, n: int, objective: str, include_return: bool, cache) -> Configuration:
+def _build(tiers, c: _Candidate, n: int, objective: str) -> Configuration:
     """The full breakdown of one candidate (only the top N get built)."""
     chain, combo, cuts = c.chain, c.combo, c.cuts
     k = len(chain) - 1
     starts = (0, *cuts)
     ends = (*cuts, n)
-    links = [cache[(id(combo[j - 1]), id(combo[j]), chain[j - 1], chain[j])] for j in range(1, k + 1)]
     hops = []
-    for j, link in enumerate(links):
-        a = cuts[j]
-        t = link.options[a][int(link.choice[a])]
+    for j, link in enumerate(c.links):
+        a, s = cuts[j], c.slots[j]
+        t = link.options[a][s]
         src, dst = combo[j], combo[j + 1]
         split = "input" if a == 0 else src.blocks[a - 1].name
         hops.append(Hop(tiers[chain[j]].name, src.machine, tiers[chain[j + 1]].name, dst.machine, a, split, t,
-                        float(link.encode[a]), link.rtt, float(link.xfer[a]), float(link.decode[a]), float(link.ret[a])))
+                        float(link.enc_all[a, s]), link.rtt, float(link.xfer_all[a, s]), float(link.dec_all[a, s]),
+                        float(link.ret[a])))
     stages = []
     for j in range(k + 1):
         p = combo[j]

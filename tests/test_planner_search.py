@@ -116,6 +116,8 @@ def _brute(tiers, net, cons, objective, include_return):
                 continue
             if any(combo[i].machine in cons.exclude_machines for i in chain):
                 continue
+            if cons.include_machines and any(combo[i].machine not in cons.include_machines for i in chain):
+                continue
             key = tuple((combo[i].machine, ranges[i]) for i in chain)
             if key in seen:  # the same configuration through a machine of a tier that runs nothing
                 continue
@@ -165,7 +167,9 @@ def _brute(tiers, net, cons, objective, include_return):
     return sorted(out)
 
 
-def _random_instance(rng: random.Random, n: int, options: int):
+def _random_instance(rng: random.Random, n: int, options: int, codec_scale: float = 1.0):
+    """``codec_scale`` stretches encode/decode times (x10: comparable to block times, so time caps
+    decide between transfers)."""
     tiers = []
     for t, (role, speed) in enumerate((("device", 1.0), ("edge", 4.0), ("cloud", 10.0))):
         profs = []
@@ -176,9 +180,11 @@ def _random_instance(rng: random.Random, n: int, options: int):
             for i in range(n):
                 opts = [Transfer("raw", outs[i], codec="raw")]
                 if options > 1:
-                    opts.append(Transfer("int8+lz4", outs[i] // 4, rng.uniform(0, 0.01), rng.uniform(0, 0.01), codec="int8+lz4"))
+                    opts.append(Transfer("int8+lz4", outs[i] // 4, rng.uniform(0, 0.01 * codec_scale),
+                                         rng.uniform(0, 0.01 * codec_scale), codec="int8+lz4"))
                 if options > 2:
-                    opts.append(Transfer("tl+int8", outs[i] // 16, rng.uniform(0, 0.02), rng.uniform(0, 0.02),
+                    opts.append(Transfer("tl+int8", outs[i] // 16, rng.uniform(0, 0.02 * codec_scale),
+                                         rng.uniform(0, 0.02 * codec_scale),
                                          codec="int8", tl_id="tl", fidelity=rng.choice((None, 0.8, 0.99))))
                 trs.append(opts)
             params = [rng.randint(0, 1000) for _ in range(n)]
@@ -203,7 +209,7 @@ def _random_instance(rng: random.Random, n: int, options: int):
 def _random_constraints(rng, tiers, n, options):
     names = [t.name for t in tiers]
     kw = {}
-    pick = rng.randrange(9)
+    pick = rng.randrange(10)
     if pick == 0:
         kw["pin_blocks"] = {rng.randrange(n): rng.choice(names)}
     elif pick == 1:
@@ -212,17 +218,30 @@ def _random_constraints(rng, tiers, n, options):
         kw["raw_input_stays"] = True
     elif pick == 3:
         kw["max_upload_bytes"] = {"device": rng.randint(200, 3000)}
-    elif pick == 4 and options == 1:  # tier caps: exact only where there is no transfer choice
+    elif pick == 4:  # tier caps, with one or several transfers per cut
         kw["max_tier_seconds"] = {rng.choice(names): rng.uniform(0.05, 0.5)}
-    elif pick == 5 and options == 1:
-        kw["max_tier_share"] = {"device": rng.uniform(0.2, 0.8)}
+    elif pick == 5:
+        kw["max_tier_share"] = {rng.choice(names): rng.uniform(0.2, 0.8)}
     elif pick == 6:
         kw["max_memory_bytes"] = {"device": rng.randint(0, 3000)}
     elif pick == 7:
         kw["exclude_machines"] = frozenset({rng.choice([p.machine for t in tiers for p in t.profiles])})
     elif pick == 8:
         kw["min_fidelity"] = 0.9
+    elif pick == 9:
+        machines = [p.machine for t in tiers for p in t.profiles]
+        kw["include_machines"] = frozenset(rng.sample(machines, rng.randint(1, len(machines))))
     return Constraints(**kw)
+
+
+def _honours_caps(c, cons):
+    """A configuration's tier times (blocks + the encode/decode they do) within the time and share caps."""
+    for s in c.stages:
+        if s.seconds > cons.max_tier_seconds.get(s.tier, math.inf) + 1e-9:
+            return False
+        if s.seconds > cons.max_tier_share.get(s.tier, math.inf) * c.seconds + 1e-9:
+            return False
+    return True
 
 
 @pytest.mark.parametrize("seed", range(60))
@@ -237,12 +256,140 @@ def test_matches_brute_force(seed):
     include_return = bool(seed % 2)
     ranked = search(tiers, net, cons, objective=objective, top_n=5, include_return=include_return)
     want = _brute(tiers, net, cons, objective, include_return)
+    assert all(_honours_caps(c, cons) for c in ranked)
     if objective == "latency":
         assert [round(c.seconds, 9) for c in ranked] == [round(v, 9) for v in want[:5]]
     else:  # the search picks the per-cut transfer by latency; its best is still feasible and close
         if options == 1:
             assert [round(1 / c.fps, 9) for c in ranked][:1] == [round(v, 9) for v in want[:1]]
         assert bool(ranked) == bool(want)
+
+
+def _coupled_caps(rng, tiers):
+    """One to three of: a time cap on the device, on the edge or cloud, a share cap on any tier."""
+    names = [t.name for t in tiers]
+    kw: dict = {"max_tier_seconds": {}, "max_tier_share": {}}
+    while not (kw["max_tier_seconds"] or kw["max_tier_share"]):
+        if rng.random() < 0.5:
+            kw["max_tier_seconds"]["device"] = rng.uniform(0.02, 0.3)
+        if rng.random() < 0.4:
+            kw["max_tier_seconds"][rng.choice(names[1:])] = rng.uniform(0.005, 0.08)
+        if rng.random() < 0.4:
+            kw["max_tier_share"][rng.choice(names)] = rng.uniform(0.1, 0.6)
+    if rng.random() < 0.3:
+        kw["max_upload_bytes"] = {"device": rng.randint(200, 3000)}
+    if rng.random() < 0.3:
+        kw["min_fidelity"] = 0.9
+    if rng.random() < 0.3:
+        kw["raw_input_stays"] = True
+    return Constraints(**kw)
+
+
+@pytest.mark.parametrize("seed", range(150))
+def test_tier_caps_with_transfer_choice_match_brute_force(seed):
+    # encode/decode comparable to block times: the caps decide which transfer a cut may use
+    rng = random.Random(1000 + seed)
+    n, options = rng.randint(1, 6), rng.choice((2, 3))
+    tiers, net = _random_instance(rng, n, options, codec_scale=4.0)
+    cons = _coupled_caps(rng, tiers)
+    objective = "throughput" if seed % 4 == 0 else "latency"
+    include_return = bool(seed % 2)
+    ranked = search(tiers, net, cons, objective=objective, top_n=5, include_return=include_return)
+    want = _brute(tiers, net, cons, objective, include_return)
+    assert all(_honours_caps(c, cons) for c in ranked)
+    assert bool(ranked) == bool(want)
+    if objective == "latency":
+        assert [round(c.seconds, 9) for c in ranked] == [round(v, 9) for v in want[:5]]
+        for top in (1, 2):  # the search skips transfer combinations that cannot enter the top N
+            assert [round(c.seconds, 9) for c in search(tiers, net, cons, top_n=top, include_return=include_return)] \
+                == [round(v, 9) for v in want[:top]]
+    elif ranked:  # never better than the optimum (exact where a share or middle-tier cap couples the cuts)
+        assert 1 / ranked[0].fps >= want[0] - 1e-9
+
+
+def test_brute_force_cases_exercise_a_non_fastest_transfer():
+    # guard for the test above: in enough seeds a cap rules out the fastest transfer of a ranked cut vector
+    def plan(c):
+        return tuple((s.machine, s.first_block, s.end_block) for s in c.stages)
+
+    forced = 0
+    for seed in range(150):
+        rng = random.Random(1000 + seed)
+        n, options = rng.randint(1, 6), rng.choice((2, 3))
+        tiers, net = _random_instance(rng, n, options, codec_scale=4.0)
+        cons = _coupled_caps(rng, tiers)
+        fastest = {plan(c): [h.transfer.name for h in c.hops] for c in search(
+            tiers, net, replace(cons, max_tier_seconds={}, max_tier_share={}), top_n=10_000, include_return=False)}
+        forced += any(fastest[plan(c)] != [h.transfer.name for h in c.hops]
+                      for c in search(tiers, net, cons, top_n=5, include_return=False))
+    assert forced >= 15, forced
+
+
+def _two_transfer_profile(machine, role, seconds):
+    # after block 0: raw (1000 B, free to encode) or a TL (100 B, 0.2 s to encode, 0.05 s to decode)
+    tr = (Transfer("raw", 1000, codec="raw"), Transfer("tl+int8", 100, 0.2, 0.05, codec="int8", tl_id="tl", fidelity=0.99))
+    return _profile(machine, role, seconds, [1000] * len(seconds), [tr] * len(seconds))
+
+
+def test_tier_time_cap_picks_the_slower_transfer_that_fits():
+    # device 0.1 s + block 1 5 s; edge 0.1 s each; 1000 B/s, no RTT, no return
+    dev = _two_transfer_profile("pi", "device", [0.1, 5.0])
+    edge = _two_transfer_profile("srv", "edge", [0.1, 0.1])
+    tiers = [Tier("device", (dev,), required=True), Tier("edge", (edge,))]
+    net = Network({("pi", "srv"): Link(0.0, 1000.0)})
+    best = search(tiers, net, include_return=False)[0]  # TL: 0.1 + 0.2 + 0.1 + 0.05 + 0.1; the device works 0.3 s
+    assert best.hops[0].transfer.name == "tl+int8" and best.seconds == pytest.approx(0.55)
+    # the device may work 0.2 s: raw after block 0 (device 0.1 s), 0.1 + 1.0 + 0.1 = 1.2 s (all local: 5.1 s)
+    for cons in (Constraints(max_tier_seconds={"device": 0.2}), Constraints(max_tier_share={"device": 0.2}),
+                 Constraints(max_tier_seconds={"edge": 0.12})):  # the edge's decode counts on the edge
+        ranked = search(tiers, net, cons, include_return=False)
+        assert ranked[0].hops[0].transfer.name == "raw" and ranked[0].seconds == pytest.approx(1.2)
+        assert ranked[0].stages[0].seconds == pytest.approx(0.1) and all(_honours_caps(c, cons) for c in ranked)
+    ranked = search(tiers, net, Constraints(max_tier_seconds={"device": 0.2}), include_return=False, top_n=5)
+    assert [round(c.seconds, 9) for c in ranked] == [1.2]  # 5.1 s all local breaks the cap too
+
+
+def test_middle_tier_cap_couples_both_cuts():
+    # blocks 0, 1, 2 cheap (0.1 s) on device, edge, cloud respectively, 10 s elsewhere; both cuts offer raw / TL
+    big = 10.0
+    dev = _two_transfer_profile("pi", "device", [0.1, big, big])
+    edge = _two_transfer_profile("e", "edge", [big, 0.1, big])
+    cloud = _two_transfer_profile("c", "cloud", [big, big, 0.1])
+    tiers = [Tier("device", (dev,)), Tier("edge", (edge,)), Tier("cloud", (cloud,))]
+    net = Network({("device", "edge"): Link(0.0, 1000.0), ("edge", "cloud"): Link(0.0, 1000.0),
+                   ("device", "cloud"): Link(0.0, 1000.0)})
+    best = search(tiers, net, include_return=False)[0]  # TL twice: 3 x 0.1 + 2 x (0.2 + 0.1 + 0.05); edge 0.35 s
+    assert [h.transfer.name for h in best.hops] == ["tl+int8", "tl+int8"] and best.seconds == pytest.approx(1.0)
+    # edge <= 0.2 s: its decode of cut 1 + block 1 + its encode of cut 2; only TL in, raw out fits (0.15 s)
+    best = search(tiers, net, Constraints(max_tier_seconds={"edge": 0.2}), include_return=False)[0]
+    assert [h.transfer.name for h in best.hops] == ["tl+int8", "raw"]
+    assert best.seconds == pytest.approx(0.1 + 0.35 + 0.1 + 1.0 + 0.1)
+    assert best.stages[1].seconds == pytest.approx(0.15)
+
+
+def test_include_machines_keeps_only_the_named_machines():
+    dev = _profile("pi", "device", [1.0, 1.0], [100, 10])
+    fast = _profile("fast", "edge", [0.1, 0.1], [100, 10])
+    slow = _profile("slow", "edge", [0.4, 0.4], [100, 10])
+    cloud = _profile("c", "cloud", [0.01, 0.01], [100, 10])
+    tiers = [Tier("device", (dev,)), Tier("edge", (fast, slow)), Tier("cloud", (cloud,))]
+    net = Network({("device", "edge"): Link(0.0, 1000.0), ("edge", "cloud"): Link(1.0, 1000.0),
+                   ("device", "cloud"): Link(5.0, 1000.0)})
+    best = search(tiers, net, include_return=False)[0]  # block 0 on pi, its 100 B (0.1 s), block 1 on fast
+    assert best.stages[1].machine == "fast" and best.seconds == pytest.approx(1.0 + 0.1 + 0.1)
+    cons = Constraints(include_machines=frozenset({"pi", "slow"}))
+    ranked = search(tiers, net, cons, top_n=50, include_return=False)
+    assert ranked and all(s.machine in {"pi", "slow"} for c in ranked for s in c.stages)
+    # the same cut on slow: 1.0 + 0.1 + 0.4 (raw input to slow: 1.0 + 0.8; all on pi: 2.0); the cloud is not named
+    assert ranked[0].describe() == "device(pi)=blocks 0-0; edge(slow)=blocks 1-1 via b0:raw"
+    assert ranked[0].seconds == pytest.approx(1.5)
+    assert [c.seconds for c in ranked] == [c.seconds for c in search(
+        tiers, net, Constraints(exclude_machines=frozenset({"fast", "c"})), top_n=50, include_return=False)]
+    # the device is a machine too: leaving it out leaves nothing to start frames on
+    assert search(tiers, net, Constraints(include_machines=frozenset({"fast", "c"}))) == []
+    # a required tier none of whose machines is named
+    req = [tiers[0], tiers[1], replace(tiers[2], required=True)]
+    assert search(req, net, cons) == []
 
 
 def test_every_configuration_honours_its_constraints():
