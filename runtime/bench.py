@@ -32,7 +32,8 @@ def _median(values):
 
 
 async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=None):
-    agent = Agent(loaded, split, get_codec(codec), worker=address, deadline_seconds=30.0, tl=tl)
+    model = tl.tl.entropy_model if tl is not None else None
+    agent = Agent(loaded, split, get_codec(codec, model=model), worker=address, deadline_seconds=30.0, tl=tl)
     await agent.start()
     inputs = [f.tensor for f in open_source(loaded.spec, "synthetic", 8)]
     results = []
@@ -90,7 +91,7 @@ def run_bench(args: argparse.Namespace) -> int:
         if args.split and any(choose_split(loaded, s).name != tl.split.name for s in args.split):
             raise InvalidInput(f"--tl {tl.tl_id} is for split {tl.split.index} ({tl.split.name}); drop --split or match it")
     splits = [choose_split(loaded, s) for s in (args.split or [tl.split.name if tl is not None else ""])]
-    codecs = args.codec or codec_names()
+    codecs = args.codec or codec_names(tl.tl.entropy_model if tl is not None else None)
     worker = spawn_worker(["--torch-threads", str(args.threads), "--max-queue", "64", *(["--tl", args.tl] if tl else [])])
     rows = []
     try:

@@ -16,6 +16,13 @@ Six codecs, named ``raw``, ``fp16``, ``int8`` and each of those with ``+lz4``:
   decompressed size is ``encoded_size``, which :func:`validate_tensor` checks against the shape and
   ``max_bytes`` before anything is decompressed.
 
+Two codecs take a model and are not in the plain registry:
+
+* ``ans`` -- integer coefficients of a *transform* Transfer Layer, rANS-coded against the TL's
+  static per-(channel, band) model (:mod:`runtime.entropy`); lossless for integers in the
+  model's range. ``get_codec("ans", model=tl.entropy_model)`` builds it; a worker decodes it
+  with the model of the TL the frame names (``decode_tensor`` alone refuses it).
+
 Every codec puts the whole payload in ``buffer`` (``chunks = 1``); a caller that splits or joins
 chunks does so around :meth:`Codec.encode` / :func:`decode_tensor`.
 """
@@ -27,7 +34,7 @@ from abc import ABC, abstractmethod
 import lz4.block
 import torch
 
-from runtime.errors import InvalidInput
+from runtime.errors import InvalidInput, PreconditionFailed
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.validation import (
     DEFAULT_MAX_BYTES,
@@ -264,26 +271,82 @@ class Int8Codec(Codec):
         return out.mul_(scale).add_(zero).reshape(shape)
 
 
+class AnsCodec(Codec):
+    """``ans``: integer coefficients coded with an :class:`runtime.entropy.EntropyModel`."""
+
+    name = "ans"
+    lossless = False  # lossless for integers in the model's range; other values are rounded/clipped
+    codec = tensor_pb2.CODEC_ANS
+    nominal_ratio = 4.0  # a guess before measuring (the real ratio depends on the data)
+
+    def __init__(self, model):
+        super().__init__(False)
+        self.model = model
+
+    def encode(self, x: torch.Tensor) -> tensor_pb2.Tensor:
+        x = _require_float(_prepare(x), "ans")
+        r = self.model.range
+        q = torch.clamp(torch.round(x), -r, r)
+        msg = tensor_pb2.Tensor(shape=list(x.shape), dtype="float32", codec=self.codec,
+                                compression=self.compression)
+        msg.buffer = self.model.encode(q)
+        msg.encoded_size = len(msg.buffer)
+        msg.chunks = 1
+        msg.payload_size = len(msg.buffer)
+        return msg
+
+    def _encode_values(self, x, msg):  # pragma: no cover - encode() is overridden
+        raise NotImplementedError
+
+    def _decode_values(self, payload, msg):
+        shape = list(msg.shape)
+        if len(shape) != 4 or tuple(shape[1:]) != self.model.shape:
+            raise InvalidInput(f"ans tensor shape {shape} does not match this model's coefficients "
+                               f"[N, {', '.join(map(str, self.model.shape))}]")
+        return self.model.decode(payload, shape[0])
+
+    def estimate_ratio(self, x: torch.Tensor | None = None) -> float:
+        if x is None or x.numel() == 0:
+            return self.nominal_ratio
+        return x.numel() * 4 / max(1, len(self.encode(x).buffer))
+
+
 _CODECS: dict[str, Codec] = {
     c.name: c for cls in (RawCodec, Fp16Codec, Int8Codec) for c in (cls(False), cls(True))
 }
 _BY_ENUM: dict[tuple[int, int], Codec] = {(c.codec, c.compression): c for c in _CODECS.values()}
 
 
-def codec_names() -> list[str]:
-    return list(_CODECS)
+MODEL_CODECS = ("ans",)  # codecs that need a Transfer Layer's entropy model
 
 
-def get_codec(name: str) -> Codec:
+def codec_names(model=None) -> list[str]:
+    """The codec names; with a TL's entropy model also those that code with it."""
+    return list(_CODECS) + (list(MODEL_CODECS) if model is not None else [])
+
+
+def get_codec(name: str, model=None) -> Codec:
+    """The codec called ``name``. ``ans`` needs ``model`` (a transform TL's ``entropy_model``)."""
+    if name in MODEL_CODECS:
+        if model is None:
+            raise InvalidInput(f"codec {name!r} entropy-codes with a transform Transfer Layer's model: use it with "
+                               "a TL of kind 'transform' (--tl), or choose one of " + ", ".join(_CODECS))
+        return AnsCodec(model)
     try:
         return _CODECS[name]
     except (KeyError, TypeError):
-        raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join(_CODECS)}") from None
+        raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join([*_CODECS, *MODEL_CODECS])}") from None
 
 
-def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-    """Validate and decode a wire tensor, whatever its codec (what the server calls)."""
+def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES, model=None) -> torch.Tensor:
+    """Validate and decode a wire tensor, whatever its codec (what the server calls). A
+    ``CODEC_ANS`` tensor needs ``model``, the entropy model of the TL the frame names."""
     validate_tensor(msg, max_bytes=max_bytes)
+    if msg.codec == tensor_pb2.CODEC_ANS:
+        if model is None:
+            raise PreconditionFailed("the tensor is entropy-coded (CODEC_ANS) but names no transform Transfer Layer "
+                                     "this side holds: send it with the tl_id of the TL that coded it")
+        return AnsCodec(model)._decode_validated(msg)
     return _BY_ENUM[(msg.codec, msg.compression)]._decode_validated(msg)
 
 

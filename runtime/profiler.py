@@ -107,8 +107,11 @@ def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, war
     """One :class:`Transfer` per codec for the tensors ``ys`` (through ``tl``'s encoder/decoder if given)."""
     out = []
     zs = [tl.tl.encoder(y) for y in ys] if tl is not None else list(ys)
+    model = tl.tl.entropy_model if tl is not None else None
+    if model is not None:  # a transform TL is also measured with its own entropy coder
+        codecs = [*codecs, *(["ans"] if "ans" not in codecs else [])]
     for name in codecs:
-        codec = get_codec(name)
+        codec = get_codec(name, model=model)
         try:
             msgs = [codec.encode(z) for z in zs]
         except InvalidInput as e:  # e.g. a lossy codec on an integer tensor

@@ -45,6 +45,7 @@ CODEC_ENUM_NAMES = {
     tensor_pb2.CODEC_RAW: "CODEC_RAW",
     tensor_pb2.CODEC_FP16: "CODEC_FP16",
     tensor_pb2.CODEC_INT8: "CODEC_INT8",
+    tensor_pb2.CODEC_ANS: "CODEC_ANS",
 }
 COMPRESSION_ENUM_NAMES = {
     tensor_pb2.COMPRESSION_NONE: "COMPRESSION_NONE",
@@ -52,6 +53,12 @@ COMPRESSION_ENUM_NAMES = {
 }
 #: bytes per element of the codec output (before compression); None = that of the dtype.
 _WIRE_ITEMSIZE = {tensor_pb2.CODEC_RAW: None, tensor_pb2.CODEC_FP16: 2, tensor_pb2.CODEC_INT8: 1}
+
+
+def ans_bound(n: int) -> int:
+    """Most bytes an ANS stream of ``n`` symbols may take: 24-bit model precision bounds a
+    symbol's cost at 3 bytes, plus the coder's final state (one more word)."""
+    return 3 * n + 8
 
 
 def lz4_bound(n: int) -> int:
@@ -69,7 +76,10 @@ def channel_count(shape, axis: int) -> int:
 
 
 def expected_encoded_size(msg: tensor_pb2.Tensor) -> int:
-    """Bytes the codec output must have for this header (assumes codec and dtype are valid)."""
+    """Bytes the codec output must have for this header (assumes codec and dtype are valid).
+    CODEC_ANS has no fixed size: its ``encoded_size`` is checked by :func:`_check_ans`."""
+    if msg.codec == tensor_pb2.CODEC_ANS:
+        return msg.encoded_size
     item = _WIRE_ITEMSIZE[msg.codec] or ITEMSIZE[msg.dtype]
     return numel(msg.shape) * item
 
@@ -110,6 +120,8 @@ def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTE
             f"decoded tensor shape={shape} dtype={msg.dtype} is {decoded} bytes; "
             f"the limit is max_bytes={max_bytes}"
         )
+    if msg.codec == tensor_pb2.CODEC_ANS:
+        _check_ans(msg, n)
     expected = expected_encoded_size(msg)
     if msg.encoded_size != expected:
         raise InvalidInput(
@@ -124,6 +136,15 @@ def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTE
             "but only CODEC_INT8 uses them"
         )
     _check_payload(msg, expected)
+
+
+def _check_ans(msg: tensor_pb2.Tensor, n: int) -> None:
+    if msg.compression != tensor_pb2.COMPRESSION_NONE:
+        raise InvalidInput("CODEC_ANS is already entropy-coded: compression must be COMPRESSION_NONE")
+    bound = ans_bound(n)
+    if msg.encoded_size % 4 or msg.encoded_size > bound or (n and not msg.encoded_size):
+        raise InvalidInput(f"encoded_size={msg.encoded_size} is invalid for CODEC_ANS of shape {list(msg.shape)}: "
+                           f"must be a non-zero multiple of 4 and <= {bound}")
 
 
 def _check_int8(msg: tensor_pb2.Tensor, shape: list[int]) -> None:

@@ -48,9 +48,11 @@ def test_exact_shape_restoration_at_every_split(name):
             with pytest.raises(InvalidInput, match="rank-4|N, C, H, W"):
                 TransferLayer("reference", sp.out_shape)
             continue
-        for kind, ratio in (("reference", None), ("bottleneck", 4), ("bottleneck", 16)):
+        for kind, ratio in (("reference", None), ("bottleneck", 4), ("bottleneck", 16), ("transform", None)):
             tl = TransferLayer(kind, sp.out_shape, ratio).eval()
             h = torch.randn(2, *sp.out_shape[1:])
+            if kind == "transform":
+                tl.fit_transform(h, 0.5)
             with torch.no_grad():
                 z = tl.encoder(h)
                 assert tuple(z.shape[1:]) == tl.encoded_shape, (name, sp.name, kind)

@@ -224,8 +224,9 @@ class Agent:
         if version <= current.version:
             raise PreconditionFailed(f"stale plan: version {version} is not newer than the current v{current.version}")
         sp = self.loaded.split(split)  # NotFound with the valid range
-        cod = codec if isinstance(codec, Codec) else get_codec(codec)  # InvalidInput with the valid names
         art = await self._resolve_tl(current, tl, sp)
+        # InvalidInput with the valid names; "ans" codes with the plan's (transform) TL's model
+        cod = codec if isinstance(codec, Codec) else get_codec(codec, model=art.tl.entropy_model if art else None)
         loop = asyncio.get_running_loop()
         # Not on the board thread: frames keep running while the new head and tail are built.
         head, tail = await loop.run_in_executor(None, lambda: (self.loaded.head(sp.name), self.loaded.tail(sp.name)))

@@ -26,7 +26,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     tl, report = train_tl(loaded, split, args.kind, args.ratio, steps=args.steps, batch_size=args.batch_size,
                           lr=args.lr, seed=args.seed, data=args.data or None, finetune_tail=args.finetune_tail,
                           progress=not args.no_progress, holdout_images=args.holdout_images,
-                          pool_size=args.pool_size, kl_weight=args.kl_weight, init=args.init)
+                          pool_size=args.pool_size, kl_weight=args.kl_weight, init=args.init,
+                          step=args.step)
     seconds = time.perf_counter() - t0
     costs = evaluate(tl, loaded, split, images=min(args.holdout_images, 8), seed=args.seed,
                      data=args.data or None)["bytes_per_frame"]
@@ -34,12 +35,22 @@ def cmd_train(args: argparse.Namespace) -> int:
                           training=report["training"])
     fid = report["fidelity"]
     print(f"{tl_id} {path}")
-    print(f"trained {args.kind} x{tl.ratio} for {loaded.name}@{split.name} {list(split.out_shape)} -> "
+    print(f"trained {args.kind} {_size_label(tl)} for {loaded.name}@{split.name} {list(split.out_shape)} -> "
           f"{[1, *tl.encoded_shape]} in {seconds:.1f} s; loss {report['training']['loss_first']} -> "
           f"{report['training']['loss_last']}; hold-out: top-1 agreement {fid['top1_agreement']:.3f}, "
           f"KL {fid['kl_divergence']:.4f}, feature rel. MSE {fid['feature_rel_mse']:.4f}; "
           f"{costs['tl_' + costs['codec']]:,.0f} B/frame with {costs['codec']}")
     return 0
+
+
+def _size_label(tl, manifest: dict | None = None) -> str:
+    """``x16`` for a bottleneck; ``step 1 (2.07 abs)`` for a transform TL."""
+    if tl.kind == "transform":
+        rel = getattr(tl, "step_setting", None)
+        if rel is None and manifest:
+            rel = ((manifest.get("training") or {}).get("transform") or {}).get("step")
+        return (f"step {rel:g} " if isinstance(rel, (int, float)) else "step ") + f"({tl.encoder.step[0].item():.4g} abs)"
+    return f"x{tl.ratio}"
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -56,7 +67,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     art = load_tl(args.tl)
     data = args.data or None
     images = args.images or tl_data.default_holdout_images(data)
-    report = evaluate(art.tl, art.model, art.split, images=images, seed=args.seed, data=data, codec=args.codec)
+    report = evaluate(art.tl, art.model, art.split, images=images, seed=args.seed, data=data,
+                      codec=args.codec or None)
     report = {"tl_id": art.tl_id, "model": art.model.name, "split": art.split.name, "kind": art.tl.kind,
               "ratio": art.tl.ratio, "input_shape": list(art.split.out_shape),
               "encoded_shape": list(art.encoded_shape), **report, "recorded": None}
@@ -75,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     f, b = report["fidelity"], report["bytes_per_frame"]
     c = b["codec"]
-    print(f"{art.tl_id}: {art.tl.kind} x{art.tl.ratio} for {art.model.name}@{art.split.name} "
+    print(f"{art.tl_id}: {art.tl.kind} {_size_label(art.tl, art.manifest)} for {art.model.name}@{art.split.name} "
           f"{report['input_shape']} -> {report['encoded_shape']}")
     print(f"hold-out: {report['holdout']}")
     print(f"top-1 agreement with the unsplit model  {f['top1_agreement']:.3f}")
@@ -91,9 +103,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"bytes/frame TL + {c:<22} {b['tl_' + c]:>10,.0f}")
     print(f"bytes/frame TL + raw fp32               {b['tl_raw_fp32']:>10,}")
     print(f"bytes/frame raw fp32 at split, no TL    {b['raw_fp32_at_split']:>10,}")
-    print(f"bytes/frame {c} at split, no TL     {b[c + '_at_split_without_tl']:>10,.0f}")
+    plain = "int8+lz4" if c == "ans" else c
+    print(f"bytes/frame {plain} at split, no TL     {b[plain + '_at_split_without_tl']:>10,.0f}")
     print(f"encode ms (board, 1 thread, median)     {b['encode_ms']:>10.3f}")
     print(f"decode ms (edge, 1 thread, median)      {b['decode_ms']:>10.3f}")
+    print(f"codec {c} encode / decode ms           {b['codec_encode_ms']:>7.3f} / {b['codec_decode_ms']:.3f}")
     if report["recorded"]:
         print(f"figures written to {report['recorded']} (fidelity, bytes_per_frame)")
     return 0
@@ -128,6 +142,8 @@ def sweep_command(args: argparse.Namespace) -> str:
     parts += [a for s in args.split for a in ("--split", s)]
     parts += [a for k in args.kind or ["reference", "bottleneck"] for a in ("--kind", k)]
     parts += [a for r in args.ratio or [8, 16, 32] for a in ("--ratio", str(r))]
+    if "transform" in (args.kind or []):
+        parts += [a for q in args.step or [0.5, 1.0, 2.0] for a in ("--step", f"{q:g}")]
     if args.codec:
         parts += [a for c in args.codec for a in ("--codec", c)]
     parts += ["--steps", str(args.steps)]
@@ -163,6 +179,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise InvalidInput("--plot needs matplotlib: pip install 'edgesplit[train]'") from None
     result = sweep(args.model, args.split, kinds=args.kind or ["reference", "bottleneck"],
                    ratios=args.ratio or [8, 16, 32], codecs=args.codec or CODECS, steps=args.steps,
+                   quant_steps=args.step or [0.5, 1.0, 2.0],
                    batch_size=args.batch_size, lr=args.lr, pool_size=args.pool_size, kl_weight=args.kl_weight,
                    init=args.init, data=args.data or None, images=args.images, seed=args.seed, out=args.out or None,
                    progress=not args.no_progress)
@@ -175,7 +192,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     print(f"{'split':<24}{'TL':<11}{'ratio':>5}  {'codec':<10}{'B/frame':>10}  {'top-1':>6}  {'KL':>8}  {'enc %':>6}"
           + (f"  {'acc.':>6}  {'drop pp':>7}" if acc is not None else ""))
     for r in result["rows"]:
-        print(f"{r['split']:<24}{'no TL' if r['kind'] == 'none' else r['kind']:<11}{r['ratio'] or '':>5}  "
+        size = f"q{r['step']:g}" if r.get("step") is not None else (r["ratio"] or "")
+        print(f"{r['split']:<24}{'no TL' if r['kind'] == 'none' else r['kind']:<11}{size:>5}  "
               f"{r['codec']:<10}{r['bytes']:>10,.0f}  {r['top1']:>6.3f}  {r['kl']:>8.4f}  "
               f"{100 * r['encode_ms'] / r['head_ms']:>6.1f}"
               + (f"  {r['accuracy']:>6.3f}  {100 * (acc - r['accuracy']):>7.1f}" if acc is not None else ""))
@@ -196,7 +214,10 @@ def add_parser(sub) -> None:
     t.add_argument("--split", required=True, help="split point index or name")
     t.add_argument("--kind", choices=KINDS, default="bottleneck", help="TL kind (default: bottleneck)")
     t.add_argument("--ratio", type=int, choices=RATIOS, default=None,
-                   help="values in / values out (bottleneck default 16; reference is always 4)")
+                   help="values in / values out (bottleneck default 16; reference is always 4; transform 1)")
+    t.add_argument("--step", type=float, default=1.0,
+                   help="transform TL: quantisation step in channel standard deviations; larger is fewer bytes, "
+                   "lower fidelity (default: 1.0)")
     t.add_argument("--steps", type=int, default=200, help="optimiser steps (default: 200)")
     t.add_argument("--batch-size", type=int, default=16, help="crops per step (default: 16)")
     t.add_argument("--pool-size", type=int, default=256,
@@ -225,7 +246,8 @@ def add_parser(sub) -> None:
     e.add_argument("--data", default="", help="image folder, \"skimage\", or \"digits\" (labelled MNIST test "
                    "digits: adds top-1 accuracy; needs edgesplit[train]) (default: the bundled samples; held-out "
                    "files only)")
-    e.add_argument("--codec", default="int8+lz4", help="wire codec between TL encoder and decoder (default: int8+lz4)")
+    e.add_argument("--codec", default="", help="wire codec between TL encoder and decoder (default: ans for a "
+                   "transform TL, else int8+lz4)")
     e.add_argument("--no-record", action="store_true",
                    help="do not write the figures back into the manifest's fidelity and bytes_per_frame")
     e.add_argument("--threads", type=int, default=0, help="torch threads for fidelity (timings always use 1)")
@@ -243,7 +265,10 @@ def add_parser(sub) -> None:
     sw.add_argument("--kind", action="append", choices=KINDS, help="TL kinds (repeatable; default: both)")
     sw.add_argument("--ratio", action="append", type=int, choices=RATIOS,
                     help="bottleneck ratios (repeatable; default: 8, 16, 32)")
-    sw.add_argument("--codec", action="append", help="wire codecs (repeatable; default: raw, fp16, int8+lz4)")
+    sw.add_argument("--step", action="append", type=float,
+                    help="transform TL quantisation steps (repeatable; default: 0.5, 1, 2)")
+    sw.add_argument("--codec", action="append", help="wire codecs (repeatable; default: raw, fp16, int8+lz4; "
+                    "transform TLs also get ans)")
     sw.add_argument("--steps", type=int, default=150, help="training steps per bottleneck TL (default: 150)")
     sw.add_argument("--batch-size", type=int, default=16, help="training batch (default: 16)")
     sw.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 0.001)")

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from runtime.codec import get_codec
+from runtime.codec import MODEL_CODECS, get_codec
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import SplitPoint
 from runtime.transfer import data as tl_data
@@ -70,11 +70,12 @@ def tl_outputs(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint,
 
 
 @torch.no_grad()
-def codec_outputs(encoder, decoder, tail, codec: str, h: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+def codec_outputs(encoder, decoder, tail, codec: str, h: torch.Tensor,
+                  model=None) -> tuple[torch.Tensor, list[int]]:
     """Outputs (N, K) with ``codec`` on the wire, frame by frame (batch 1, as sent): head features
     ``h`` -> encoder -> codec encode -> codec decode -> decoder -> tail; and each frame's serialized
-    ``Tensor`` message size in bytes."""
-    enc = get_codec(codec)
+    ``Tensor`` message size in bytes. ``model``: the TL's entropy model (codec ``ans``)."""
+    enc = get_codec(codec, model=model)
     sizes, rec = [], []
     for i in range(h.shape[0]):
         msg = enc.encode(encoder(h[i:i + 1]))
@@ -112,13 +113,15 @@ def median_ms(fn, xs) -> float:
 
 @torch.no_grad()
 def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
-    """Bytes per frame and encode/decode ms (1 thread, batch 1, median) over the features ``h``."""
-    enc = get_codec(codec)
+    """Bytes per frame and encode/decode ms (1 thread, batch 1, median) over the features ``h``.
+    Without the TL, codec ``ans`` (which needs the TL) is compared with int8+lz4."""
+    enc = get_codec(codec, model=tl.entropy_model)
+    plain = enc if codec not in MODEL_CODECS else get_codec("int8+lz4")
     frames = [h[i:i + 1] for i in range(h.shape[0])]
     zs = [tl.encoder(f) for f in frames]
     raw_split = 4 * math.prod(h.shape[1:])
     tl_codec = statistics.mean(len(enc.encode(z).buffer) for z in zs)
-    no_tl_codec = statistics.mean(len(enc.encode(f).buffer) for f in frames)
+    no_tl_codec = statistics.mean(len(plain.encode(f).buffer) for f in frames)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -133,16 +136,34 @@ def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
         f"tl_{codec}": round(tl_codec, 1),
         "tl_raw_fp32": tl_raw,
         "raw_fp32_at_split": raw_split,
-        f"{codec}_at_split_without_tl": round(no_tl_codec, 1),
+        f"{plain.name}_at_split_without_tl": round(no_tl_codec, 1),
         "reduction_vs_raw_fp32": round(raw_split / tl_codec, 2),
         "encode_ms": round(encode_ms, 3),
         "decode_ms": round(decode_ms, 3),
+        **_codec_ms(enc, zs),
     }
+
+
+def _codec_ms(enc, zs) -> dict:
+    """Median ms of the wire codec's encode and decode of the TL's output (1 thread, batch 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        msgs = [enc.encode(z) for z in zs]
+        return {"codec_encode_ms": round(median_ms(enc.encode, zs), 3),
+                "codec_decode_ms": round(median_ms(lambda m: enc.decode(m), msgs), 3)}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def default_codec(tl: TransferLayer) -> str:
+    """The wire codec a TL is measured and served with by default: ``ans`` for a transform TL."""
+    return "ans" if tl.kind == "transform" else "int8+lz4"
 
 
 @torch.no_grad()
 def evaluate(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, *, images: int = 32, seed: int = 0,
-             data=None, codec: str = "int8+lz4", timing: bool = True) -> dict:
+             data=None, codec: str | None = None, timing: bool = True) -> dict:
     """Fidelity (without and with ``codec``), accuracy on a labelled hold-out and, with ``timing``,
     bytes and ms, on ``images`` hold-out images.
 
@@ -150,13 +171,14 @@ def evaluate(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, *, image
     the labels have classes: ``{"images", "unsplit", "split_tl", "split_tl_codec", "codec",
     "drop_pp"}`` (drop = unsplit - split + TL + codec, in percentage points).
     """
-    get_codec(codec)  # unknown codec -> InvalidInput before any work
+    codec = codec or default_codec(tl)
+    get_codec(codec, model=tl.entropy_model)  # unknown codec -> InvalidInput before any work
     _, holdout = tl_data.train_holdout(data)
     x = tl_data.holdout_crops(loaded.spec, holdout, images, seed)
     labels = tl_data.holdout_labels(loaded.spec, holdout, images)
     h, y = features_and_outputs(loaded, split, x)
     fid = fidelity(tl, loaded, split, x, features=(h, y))
-    yc, _ = codec_outputs(tl.encoder, tl.decoder, tail_of(tl, loaded, split), codec, h)
+    yc, _ = codec_outputs(tl.encoder, tl.decoder, tail_of(tl, loaded, split), codec, h, model=tl.entropy_model)
     fid["with_codec"] = {"codec": codec, **_agreement_kl(yc, y)}
     report = {"holdout": tl_data.holdout_description(holdout, images, seed), "fidelity": fid}
     if labels is not None and y.shape[1] != tl_data.DIGITS_CLASSES:

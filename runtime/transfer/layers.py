@@ -1,7 +1,7 @@
 """Transfer Layer (TL) kinds: an Encoder that runs on the board after the head and a Decoder
 that runs on the edge before the tail, restoring the exact feature shape at the split.
 
-Two kinds:
+Three kinds:
 
 * ``reference`` -- ScissionLite's parameter-free TL: 2x2 max-pool (``ceil_mode=True``, so odd
   sizes keep their last row/column) on the board, nearest x2 up-sampling cropped to the exact
@@ -12,6 +12,14 @@ Two kinds:
   ``[avg-pool 2x2] -> 1x1 conv C -> ceil(C / r_c)`` (linear: no activation, so negative features
   survive; one MAC per value and output channel, a few % of the head at worst), the decoder is
   ``[nearest up-sample to (H, W)] -> 3x3 conv -> ReLU -> 1x1 conv back to C``.
+* ``transform`` -- transform coding, fitted in closed form (:meth:`TransferLayer.fit_transform`):
+  the encoder rotates the channels onto their principal components, takes an orthonormal 2-D
+  DCT of each component plane and rounds to a uniform quantisation step; the decoder inverts
+  both. It keeps every value (ratio 1): the bytes go down because the integer coefficients are
+  very skewed and codec ``ans`` entropy-codes them with the TL's own per-(channel, frequency
+  band) model (``TransferLayer.tables``, :mod:`runtime.entropy`). ``--step`` trades bytes for
+  fidelity. Distillation cannot train it (rounding has no gradient); ``--finetune-tail`` can
+  adapt the tail to its quantisation error.
 
 A bottleneck can start from a closed-form PCA initialisation (:meth:`TransferLayer.init_pca`):
 the encoder's 1x1 conv becomes the top-``k`` principal directions of the (pooled) per-pixel
@@ -38,7 +46,7 @@ from torch import nn
 
 from runtime.errors import InvalidInput
 
-KINDS = ("reference", "bottleneck")
+KINDS = ("reference", "bottleneck", "transform")
 RATIOS = (2, 4, 5, 6, 8, 12, 16, 20, 24, 32, 64)  # >= 8: 2x2 pooling, channels / (R / 4)
 REFERENCE_RATIO = 4
 
@@ -121,12 +129,58 @@ class BottleneckDecoder(nn.Module):
         return self.out(F.relu(self.expand(z)))
 
 
+# -- transform ---------------------------------------------------------------------------------
+
+
+def dct_matrix(n: int) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``(n, n)`` (rows: frequencies)."""
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    m = torch.cos(math.pi * (i + 0.5) * k / n) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m.float()
+
+
+class _Transform(nn.Module):
+    """The shared parameters of a transform TL's encoder and decoder (buffers, no gradients)."""
+
+    def __init__(self, channels: int, size: tuple[int, int]):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(channels))
+        self.register_buffer("basis", torch.eye(channels))  # (C, C): columns are the components
+        self.register_buffer("step", torch.ones(channels))  # quantisation step per component
+        self.register_buffer("dct_h", dct_matrix(size[0]), persistent=False)
+        self.register_buffer("dct_w", dct_matrix(size[1]), persistent=False)
+
+
+class TransformEncoder(_Transform):
+    """``x -> round(DCT_hw(basis^T (x - mean)) / step)``: integer coefficients, same shape."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_rank4(x, "the transform TL encoder")
+        z = torch.einsum("nchw,ck->nkhw", x - self.mean[None, :, None, None], self.basis)
+        z = torch.einsum("ah,nkhw,bw->nkab", self.dct_h, z, self.dct_w)
+        return torch.round(z / self.step[None, :, None, None])
+
+
+class TransformDecoder(_Transform):
+    """Inverse of :class:`TransformEncoder` up to the rounding; its input is snapped to integers
+    first, so a codec that carries integers approximately (int8 with a fine scale) stays exact."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        _check_rank4(z, "the transform TL decoder")
+        z = torch.round(z) * self.step[None, :, None, None]
+        z = torch.einsum("ah,nkab,bw->nkhw", self.dct_h, z, self.dct_w)
+        return torch.einsum("nkhw,ck->nchw", z, self.basis) + self.mean[None, :, None, None]
+
+
 # -- the pair ----------------------------------------------------------------------------------
 
 
 class TransferLayer(nn.Module):
     """Encoder (board) + decoder (edge) for one feature shape. ``state_dict`` keys start with
-    ``encoder.`` / ``decoder.``; the reference kind has none."""
+    ``encoder.`` / ``decoder.`` (plus ``tables``, the transform kind's entropy model); the
+    reference kind has none."""
 
     def __init__(self, kind: str, in_shape: Sequence[int], ratio: int | None = None):
         super().__init__()
@@ -149,6 +203,20 @@ class TransferLayer(nn.Module):
             self.encoder = BottleneckEncoder(c, reduced, spatial)
             self.decoder = BottleneckDecoder(c, reduced, (h, w), spatial)
             self.encoded_shape = (reduced, hh, ww) if spatial > 1 else (reduced, h, w)
+        elif kind == "transform":
+            if ratio not in (None, 1):
+                raise InvalidInput("the transform TL keeps every value (ratio 1) and sets its size with the "
+                                   f"quantisation step (--step), got --ratio {ratio}")
+            from runtime.entropy import BANDS, CLUSTERS, MAX_RANGE
+
+            self.ratio = 1
+            self.encoder = TransformEncoder(c, (h, w))
+            self.decoder = TransformDecoder(c, (h, w))
+            self.encoded_shape = (c, h, w)
+            # the entropy model of codec "ans": P(symbol | table), symbols -R..R, a table per (channel, band)
+            self.register_buffer("tables", torch.full((CLUSTERS, 2 * MAX_RANGE + 1), 1.0 / (2 * MAX_RANGE + 1)))
+            self.register_buffer("table_of", torch.zeros(c, BANDS, dtype=torch.long))
+            self._entropy = None
         else:
             raise InvalidInput(f"unknown Transfer Layer kind {kind!r}; known kinds: {', '.join(KINDS)}")
 
@@ -162,6 +230,62 @@ class TransferLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+    @property
+    def entropy_model(self):
+        """The :class:`runtime.entropy.EntropyModel` of codec ``ans`` (transform kind), else None.
+        Built on first use and rebuilt whenever the tables change (fit, load_state_dict)."""
+        if self.kind != "transform":
+            return None
+        key = (self.tables.data_ptr(), self.tables._version, self.table_of.data_ptr(), self.table_of._version)
+        if self._entropy is None or self._entropy[0] != key:
+            from runtime.entropy import EntropyModel
+
+            self._entropy = (key, EntropyModel(self.tables, self.table_of, self.encoded_shape))
+        return self._entropy[1]
+
+    @torch.no_grad()
+    def fit_transform(self, features: torch.Tensor, step: float = 1.0) -> dict:
+        """Closed-form fit of a transform TL on ``features`` ``(N, C, H, W)``: PCA of the per-pixel
+        channel vectors (the rotation), one quantisation step for every component of ``step``
+        times the features' mean channel standard deviation (a uniform step is the MSE-optimal
+        choice after an orthonormal transform), and the entropy tables from the training
+        coefficients. Returns what was fitted."""
+        from runtime.entropy import MAX_RANGE, band_map, fit_tables
+
+        if self.kind != "transform":
+            raise InvalidInput(f"fit_transform needs a transform TL, not {self.kind!r}")
+        _check_rank4(features, "the transform fit")
+        if tuple(features.shape[1:]) != self.in_shape:
+            raise InvalidInput(f"transform fit features have shape {list(features.shape[1:])}, "
+                               f"this TL takes {list(self.in_shape)}")
+        if not step > 0 or not math.isfinite(step):
+            raise InvalidInput(f"--step must be a finite number > 0, got {step}")
+        c = self.in_shape[0]
+        v = features.to(torch.float64).permute(0, 2, 3, 1).reshape(-1, c)
+        mean = v.mean(0)
+        vc = v - mean
+        evals, evecs = torch.linalg.eigh(vc.T @ vc / max(1, v.shape[0]))
+        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        std = float(v.std(0, unbiased=False).mean())
+        delta = step * (std if std > 0 else 1.0)
+        for part in (self.encoder, self.decoder):
+            part.mean.copy_(mean)
+            part.basis.copy_(evecs)
+            part.step.fill_(delta)
+        z = self.encoder(features)
+        clipped = float((z.abs() > MAX_RANGE).double().mean())
+        q = z.clamp(-MAX_RANGE, MAX_RANGE)
+        tables, table_of = fit_tables(q, band_map(*self.in_shape[1:], self.table_of.shape[1]), MAX_RANGE,
+                                      clusters=self.tables.shape[0], nbands=self.table_of.shape[1])
+        self.tables.copy_(tables)
+        self.table_of.copy_(table_of)
+        self._entropy = None
+        self.step_setting = step  # for reports; the artifact keeps it in training.transform
+        total = float(evals.sum())
+        return {"step": step, "step_abs": round(delta, 6), "channel_std": round(std, 6),
+                "features": int(features.shape[0]), "clipped": clipped,
+                "explained_variance_half": round(float(evals[: max(1, c // 2)].sum()) / total, 6) if total else 1.0}
 
     @torch.no_grad()
     def init_pca(self, features: torch.Tensor, margin: float = 1.0) -> dict:

@@ -27,7 +27,7 @@ from runtime.transfer import data as tl_data
 from runtime.transfer.evaluate import codec_outputs, features_and_outputs, median_ms, tail_of, top1_accuracy
 from runtime.transfer.layers import TransferLayer
 
-CODECS = ("raw", "fp16", "int8+lz4")
+CODECS = ("raw", "fp16", "int8+lz4")  # a transform TL is measured with "ans" too
 CODEC_LABEL = {"raw": "fp32 (raw)"}
 TIMED_FRAMES = 8
 COLUMNS = ("split", "TL", "ratio", "codec", "bytes/frame", "x below raw fp32", "top-1 agreement",
@@ -37,11 +37,11 @@ ACCURACY_COLUMNS = ("top-1 accuracy", "accuracy drop (pp)")  # appended on a lab
 
 @torch.no_grad()
 def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor,
-            labels: torch.Tensor | None = None) -> dict:
+            labels: torch.Tensor | None = None, model=None) -> dict:
     """One row: every frame of ``h`` through encoder, codec, decoder and ``tail``; vs outputs ``y``
-    (and, given ``labels``, top-1 accuracy against them)."""
-    enc = get_codec(codec)
-    yt, sizes = codec_outputs(encoder, decoder, tail, codec, h)
+    (and, given ``labels``, top-1 accuracy against them). ``model``: a transform TL's entropy model."""
+    enc = get_codec(codec, model=model)
+    yt, sizes = codec_outputs(encoder, decoder, tail, codec, h, model=model)
     kl = F.kl_div(F.log_softmax(yt, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -57,6 +57,13 @@ def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor
     return row
 
 
+def _step_of(tl) -> float | None:
+    """A transform TL's ``--step`` (in channel standard deviations), else None."""
+    if tl is None or tl.kind != "transform":
+        return None
+    return getattr(tl, "step_setting", None)
+
+
 def _head_ms(head, x: torch.Tensor) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -70,7 +77,7 @@ def _head_ms(head, x: torch.Tensor) -> float:
 def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("reference", "bottleneck"),
           ratios: Sequence[int] = (8, 16, 32), codecs: Sequence[str] = CODECS, steps: int = 150,
           batch_size: int = 16, lr: float = 1e-3, pool_size: int = 256, kl_weight: float = 1.0,
-          init: str = "random", data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
+          init: str = "random", quant_steps: Sequence[float] = (0.5, 1.0, 2.0), data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
           progress: bool = False, loaded=None) -> dict:
     """Measure every (split, TL, ratio, codec) row; returns ``{"rows", "holdout", "train", "seconds",
     "accuracy", "training"}``. On a labelled hold-out (``data="digits"``) every row has an
@@ -110,18 +117,24 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
                                  seed=seed, data=data, progress=progress, holdout_images=1, pool_size=pool_size,
                                  kl_weight=kl_weight, init=init)
                 variants.append(("bottleneck", r, tl))
+        if "transform" in kinds:
+            for q in quant_steps:
+                tl, _ = train_tl(loaded, split, "transform", steps=0, batch_size=batch_size, seed=seed, data=data,
+                                 progress=progress, holdout_images=1, pool_size=pool_size, step=q)
+                variants.append(("transform", None, tl))
         for kind, ratio, tl in variants:
             tl_rows = []
-            for c in codecs:
+            model = tl.entropy_model if tl is not None else None
+            for c in [*codecs, *(["ans"] if model is not None and "ans" not in codecs else [])]:
                 if tl is None:
                     m = measure(torch.nn.Identity(), torch.nn.Identity(), loaded.tail(split.name), c, h, y, labels)
                 else:
-                    m = measure(tl.encoder, tl.decoder, tail_of(tl, loaded, split), c, h, y, labels)
+                    m = measure(tl.encoder, tl.decoder, tail_of(tl, loaded, split), c, h, y, labels, model=model)
                 if kind == "none" and c == "raw":
                     raw_bytes = m["bytes"]
                 tl_rows.append({"split": split.name, "split_index": split.index, "kind": kind, "ratio": ratio,
-                                "head_ms": head_ms, **m})
-            if tl is not None and tl.trainable and out is not None:
+                                "step": _step_of(tl), "head_ms": head_ms, **m})
+            if tl is not None and (tl.trainable or tl.kind == "transform") and out is not None:
                 fid = {"top1_agreement": tl_rows[0]["top1"], "kl_divergence": tl_rows[0]["kl"],
                        "holdout": tl_data.holdout_description(holdout, images, seed)}
                 if labels is not None:
@@ -147,7 +160,8 @@ def _fmt_row(r: dict, unsplit_accuracy: float | None = None) -> list[str]:
     extra = ([f"{r['accuracy']:.3f}", f"{100 * (unsplit_accuracy - r['accuracy']):.1f}"]
              if unsplit_accuracy is not None else [])
     return [f"{r['split_index']} `{r['split']}`", "no TL" if r["kind"] == "none" else r["kind"],
-            "" if r["ratio"] is None else f"{r['ratio']}", CODEC_LABEL.get(r["codec"], r["codec"]),
+            (f"step {r['step']:g}" if r.get("step") is not None else "" if r["ratio"] is None else f"{r['ratio']}"),
+            CODEC_LABEL.get(r["codec"], r["codec"]),
             f"{r['bytes']:,.0f}", f"{r['raw_fp32_bytes'] / r['bytes']:.1f}", f"{r['top1']:.3f}",
             f"{100 * (1 - r['top1']):.1f}", f"{max(r['kl'], 0.0):.4f}", f"{r['encode_ms']:.3f}",
             f"{100 * r['encode_ms'] / r['head_ms']:.1f}", *extra]
@@ -190,7 +204,7 @@ def write_plot(result: dict, path: str | Path) -> None:
 
     rows = result["rows"]
     splits = list(dict.fromkeys((r["split_index"], r["split"]) for r in rows))
-    markers = {"none": "o", "reference": "s", "bottleneck": "^"}
+    markers = {"none": "o", "reference": "s", "bottleneck": "^", "transform": "D"}
     codecs = list(dict.fromkeys(r["codec"] for r in rows))
     colours = dict(zip(codecs, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
     fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.2), squeeze=False, sharey=True)
@@ -201,6 +215,9 @@ def write_plot(result: dict, path: str | Path) -> None:
             if r["kind"] == "bottleneck":
                 ax.annotate(f"x{r['ratio']}", (r["bytes"], r["top1"]), textcoords="offset points",
                             xytext=(4, -10), fontsize=7)
+            elif r["kind"] == "transform" and r.get("step") is not None:
+                ax.annotate(f"q{r['step']:g}", (r["bytes"], r["top1"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7)
         ax.set_xscale("log")
         ax.set_title(f"{result['model']} split {idx} ({name})", fontsize=9)
         ax.set_xlabel("bytes per frame on the wire (log)")

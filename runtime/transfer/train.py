@@ -50,11 +50,13 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
              steps: int = 200, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
              data: str | Sequence[str] | None = None, finetune_tail: bool = False, progress: bool = True,
              kl_weight: float = 1.0, pool_size: int = 256, holdout_images: int = 16,
-             init: str = "random") -> tuple[TransferLayer, dict]:
+             init: str = "random", step: float = 1.0) -> tuple[TransferLayer, dict]:
     """Build and train a TL for ``loaded`` at ``split``; returns ``(tl, report)``.
 
     The report holds the settings, the loss curve (first / last / every step), the wall time and
-    the hold-out fidelity (see :func:`runtime.transfer.evaluate.fidelity`).
+    the hold-out fidelity (see :func:`runtime.transfer.evaluate.fidelity`). A ``transform`` TL is
+    fitted in closed form on the pool (``step``: its quantisation step in channel standard
+    deviations); only its ``finetune_tail`` trains, for ``steps`` steps.
     """
     if not isinstance(split, SplitPoint):
         split = loaded.split(split)
@@ -82,6 +84,13 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
         losses: list[float] = []
         pool = None
         pca = None
+        fitted = None
+        if kind == "transform":
+            pool = _training_pool(loaded, split, train_paths, steps=0, batch_size=batch_size, seed=seed,
+                                  pool_size=pool_size)
+            fitted = tl.fit_transform(pool[0], step)
+            logger.info("transform TL fitted on %d crops: step %.4g (%.3g x channel std)", fitted["features"],
+                        fitted["step_abs"], step)
         if init == "pca":
             pool = _training_pool(loaded, split, train_paths, steps=steps, batch_size=batch_size, seed=seed,
                                   pool_size=pool_size)
@@ -106,6 +115,7 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
             "steps": steps if params else 0, "batch_size": batch_size, "lr": lr, "seed": seed,
             "finetune_tail": bool(finetune_tail), "kl_weight": kl_weight, "init": init,
             **({"pca": pca} if pca is not None else {}),
+            **({"transform": fitted} if fitted is not None else {}),
             "pool_size": pool_used,
             "data": tl_data.describe(train_paths, holdout_paths), "seconds": round(train_seconds, 2),
             "loss_first": round(losses[0], 6) if losses else None,

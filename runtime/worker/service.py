@@ -27,6 +27,7 @@ from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.transport import FrameAssembler
 from runtime.worker.config import WorkerConfig
 from runtime.worker.metrics import WorkerMetrics
@@ -45,6 +46,7 @@ class Tail:
     decoder: torch.nn.Module | None = None  # a Transfer Layer's decoder, run before the tail
     tl_id: str = ""
     encoded_shape: tuple[int, ...] | None = None  # the TL's wire shape (batch 1); None: the split's
+    entropy: object | None = None  # a transform TL's entropy model: decodes CODEC_ANS frames
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -74,7 +76,8 @@ class TailCache:
             manifest = read_manifest(resolve_path(path))
             loaded = await self.model(manifest["model"])
             art = await loop.run_in_executor(self._executor, lambda: load_tl(path, loaded=loaded))
-            self.tls[art.tl_id] = Tail(loaded, art.split, art.tail, art.tl.decoder, art.tl_id, art.encoded_shape)
+            self.tls[art.tl_id] = Tail(loaded, art.split, art.tail, art.tl.decoder, art.tl_id, art.encoded_shape,
+                                       art.tl.entropy_model)
             logger.info("loaded Transfer Layer %s (%s x%s) for %s@%s", art.tl_id, art.tl.kind, art.tl.ratio,
                         loaded.name, art.split.name)
 
@@ -223,6 +226,11 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             tail = await self.resolve(req.header)
             _check_shape(tail, list(req.tensor.shape), req.tensor.dtype)
+            if req.tensor.codec == tensor_pb2.CODEC_ANS and tail.entropy is None:
+                raise PreconditionFailed(
+                    "the frame is entropy-coded (codec ans), which needs the transform Transfer Layer that coded "
+                    f"it; this frame names {('TL ' + tail.tl_id) if tail.tl_id else 'no TL'}: send tl_id with it"
+                )
             self.metrics.received_bytes.inc(len(req.tensor.buffer))
             with self._count_lock:
                 self._waiting += 1
@@ -249,7 +257,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.metrics.queue_depth.set(self._waiting)
         self.metrics.inflight.inc()
         try:
-            x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes)
+            x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes, model=tail.entropy)
             with torch.inference_mode():
                 if tail.decoder is not None:  # TL decoding counts as decode: wire -> feature at the split
                     x = tail.decoder(x)

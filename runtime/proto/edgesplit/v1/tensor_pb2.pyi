@@ -13,6 +13,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_RAW: _ClassVar[Codec]
     CODEC_FP16: _ClassVar[Codec]
     CODEC_INT8: _ClassVar[Codec]
+    CODEC_ANS: _ClassVar[Codec]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -22,6 +23,7 @@ CODEC_UNSPECIFIED: Codec
 CODEC_RAW: Codec
 CODEC_FP16: Codec
 CODEC_INT8: Codec
+CODEC_ANS: Codec
 COMPRESSION_NONE: Compression
 COMPRESSION_LZ4: Compression
 

@@ -1,0 +1,215 @@
+"""Codec ``ans`` and the transform Transfer Layer: exact round trips, bytes near the entropy,
+refusal of malformed payloads, fitting, artifacts, and frames through a worker on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from runtime.codec import decode_tensor, get_codec
+from runtime.entropy import MAX_RANGE, EntropyModel, band_map, fit_tables
+from runtime.errors import InvalidInput, PreconditionFailed, TooLarge
+from runtime.models.loader import load_model
+from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.transfer.artifact import load_tl, save_tl
+from runtime.transfer.layers import TransferLayer
+from runtime.transfer.train import train_tl
+from runtime.validation import validate_tensor
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
+
+def _laplace_ints(shape, scale, seed=0, r=40):
+    g = torch.Generator().manual_seed(seed)
+    u = torch.rand(shape, generator=g) - 0.5
+    x = -scale * torch.sign(u) * torch.log1p(-2 * u.abs())
+    return torch.clamp(torch.round(x), -r, r)
+
+
+def _model(q: torch.Tensor, r: int = 40, clusters: int = 8) -> EntropyModel:
+    tables, table_of = fit_tables(q, band_map(*q.shape[2:]), r, clusters=clusters)
+    return EntropyModel(tables, table_of, tuple(q.shape[1:]))
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 7, 9), (3, 6, 7, 9), (2, 4, 1, 1), (1, 5, 14, 14)])
+def test_ans_round_trip_is_exact(shape):
+    scales = torch.linspace(0.3, 6, shape[1])[None, :, None, None]
+    q = _laplace_ints(shape, scales)
+    model = _model(_laplace_ints((64, *shape[1:]), scales, seed=1))
+    codec = get_codec("ans", model=model)
+    msg = codec.encode(q)
+    assert msg.codec == tensor_pb2.CODEC_ANS and msg.encoded_size == len(msg.buffer) and len(msg.buffer) % 4 == 0
+    out = decode_tensor(msg, model=model)
+    assert out.dtype == torch.float32 and torch.equal(out, q)
+    # values off the integer grid or outside the model's range are rounded and clipped, never refused
+    wild = q + 0.3
+    wild.view(-1)[0] = 1e6
+    back = decode_tensor(codec.encode(wild), model=model)
+    assert back.view(-1)[0] == 40 and torch.equal(back.view(-1)[1:], torch.round(wild).view(-1)[1:])
+
+
+def test_ans_all_zero_and_bytes_near_the_entropy():
+    shape = (1, 8, 14, 14)
+    scales = torch.tensor([0.05, 0.2, 0.5, 1, 2, 4, 8, 16])[None, :, None, None]
+    train = _laplace_ints((256, *shape[1:]), scales, seed=2)
+    model = _model(train, clusters=16)
+    codec = get_codec("ans", model=model)
+    zero = torch.zeros(shape)
+    assert torch.equal(decode_tensor(codec.encode(zero), model=model), zero)
+    assert len(codec.encode(zero).buffer) < zero.numel() / 2  # zeros are likely symbols: well below a byte each
+    # on data from the training distribution the coded size is close to the empirical entropy
+    test = _laplace_ints((16, *shape[1:]), scales, seed=3)
+    bits = 0.0
+    for c in range(shape[1]):
+        _, counts = np.unique(train[:, c].numpy(), return_counts=True)
+        p = counts / counts.sum()
+        bits += -(p * np.log2(p)).sum() * test[:, c].numel()
+    coded = 8 * len(codec.encode(test).buffer)
+    assert coded < 1.06 * bits + 64, (coded, bits)
+
+
+def test_ans_payload_checks():
+    q = _laplace_ints((1, 4, 5, 5), 2.0)
+    model = _model(_laplace_ints((32, 4, 5, 5), 2.0, seed=4))
+    msg = get_codec("ans", model=model).encode(q)
+
+    def with_buffer(buf):
+        m = tensor_pb2.Tensor()
+        m.CopyFrom(msg)
+        m.buffer, m.encoded_size, m.payload_size = buf, len(buf), len(buf)
+        return m
+
+    with pytest.raises(InvalidInput, match="ans payload|left"):
+        decode_tensor(with_buffer(msg.buffer + b"\x01\x02\x03\x04"), model=model)
+    with pytest.raises(InvalidInput, match="multiple of 4|invalid"):
+        decode_tensor(with_buffer(msg.buffer[:-1]), model=model)
+    with pytest.raises(InvalidInput):
+        decode_tensor(with_buffer(b""), model=model)
+    with pytest.raises(PreconditionFailed, match="tl_id"):
+        decode_tensor(msg)  # no model: the caller must name the TL
+    huge = tensor_pb2.Tensor()
+    huge.CopyFrom(msg)
+    huge.encoded_size = 3 * q.numel() + 12  # beyond any ANS stream of this many symbols
+    with pytest.raises(InvalidInput, match="<="):
+        validate_tensor(huge)
+    lz = tensor_pb2.Tensor()
+    lz.CopyFrom(msg)
+    lz.compression = tensor_pb2.COMPRESSION_LZ4
+    with pytest.raises(InvalidInput, match="COMPRESSION_NONE"):
+        validate_tensor(lz)
+    big = tensor_pb2.Tensor()
+    big.CopyFrom(msg)
+    big.shape[:] = [2**20, 4, 64, 64]
+    with pytest.raises(TooLarge):
+        validate_tensor(big)
+    other = tensor_pb2.Tensor()
+    other.CopyFrom(msg)
+    other.shape[:] = [1, 4, 6, 5]
+    with pytest.raises(InvalidInput, match="does not match"):
+        get_codec("ans", model=model).decode(other)
+    with pytest.raises(InvalidInput, match="transform"):
+        get_codec("ans")
+    with pytest.raises(InvalidInput, match="> 0"):
+        EntropyModel(torch.zeros(2, 9), torch.zeros(4, 6, dtype=torch.long), (4, 5, 5))
+
+
+def test_transform_tl_fit_bounds_the_error_and_is_exact_through_every_codec():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(12, 12, generator=g)
+    feats = torch.einsum("dc,nchw->ndhw", mix, torch.randn(48, 12, 7, 9, generator=g)) + 3.0
+    tl = TransferLayer("transform", (1, 12, 7, 9))
+    info = tl.fit_transform(feats, 0.5)
+    step = info["step_abs"]
+    assert info["clipped"] == 0 and step == pytest.approx(0.5 * info["channel_std"], rel=1e-5)
+    test = feats[:5]
+    with torch.no_grad():
+        z = tl.encoder(test)
+        assert torch.equal(z, torch.round(z)) and tuple(z.shape) == (5, 12, 7, 9)
+        rec = tl.decoder(z)
+        # orthonormal transforms: the mean squared error is that of the rounding, <= step^2 / 4
+        assert float(((rec - test) ** 2).mean()) <= step**2 / 4 + 1e-6
+        for name in ("ans", "int8+lz4", "int8", "fp16", "raw"):  # the decoder snaps to the grid
+            codec = get_codec(name, model=tl.entropy_model)
+            out = tl.decoder(decode_tensor(codec.encode(z), model=tl.entropy_model))
+            assert torch.allclose(out, rec, atol=1e-5), name
+    smaller = TransferLayer("transform", (1, 12, 7, 9))
+    smaller.fit_transform(feats, 2.0)
+    ans = get_codec("ans", model=tl.entropy_model)
+    ans_coarse = get_codec("ans", model=smaller.entropy_model)
+    with torch.no_grad():
+        assert len(ans_coarse.encode(smaller.encoder(test)).buffer) < len(ans.encode(z).buffer)
+    with pytest.raises(InvalidInput, match="step"):
+        tl.fit_transform(feats, 0.0)
+    with pytest.raises(InvalidInput, match="ratio 1"):
+        TransferLayer("transform", (1, 12, 7, 9), 16)
+    with pytest.raises(InvalidInput, match="transform"):
+        TransferLayer("bottleneck", (1, 12, 7, 9), 4).fit_transform(feats)
+
+
+@pytest.fixture(scope="module")
+def r18():
+    return load_model("resnet18")
+
+
+@pytest.fixture(scope="module")
+def transform_art(r18, tmp_path_factory):
+    split = r18.split("add_6")
+    tl, report = train_tl(r18, split, "transform", steps=0, batch_size=2, progress=False, pool_size=6,
+                          holdout_images=2, step=1.0)
+    assert report["training"]["transform"]["features"] == 6 and report["training"]["steps"] == 0
+    out = tmp_path_factory.mktemp("tlq")
+    tl_id, path = save_tl(tl, r18, split, out, fidelity=report["fidelity"], training=report["training"])
+    return tl, tl_id, path
+
+
+def test_transform_artifact_round_trip_codes_the_same_bytes(r18, transform_art):
+    tl, tl_id, path = transform_art
+    art = load_tl(path, loaded=r18)
+    assert art.tl.kind == "transform" and art.tl_id == tl_id
+    h = torch.relu(torch.randn(2, 512, 7, 7, generator=torch.Generator().manual_seed(5)))
+    with torch.no_grad():
+        assert torch.equal(art.tl(h), tl(h))
+        z = tl.encoder(h)
+    a = get_codec("ans", model=tl.entropy_model).encode(z)
+    b = get_codec("ans", model=art.tl.entropy_model).encode(z)
+    assert a.buffer == b.buffer  # both ends build the same model from the artifact
+    assert torch.equal(decode_tensor(a, model=art.tl.entropy_model), z)
+
+
+def test_agent_and_worker_serve_frames_with_codec_ans(r18, transform_art):
+    from runtime.agent.client import Agent
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    _, tl_id, path = transform_art
+    art = load_tl(path, loaded=r18)
+    xs = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    async def scenario(tls):
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=tuple(tls)))
+        agent = Agent(r18, art.split, get_codec("ans", model=art.tl.entropy_model), worker=f"127.0.0.1:{ws.port}",
+                      deadline_seconds=30.0, tl=art)
+        try:
+            await agent.start()
+            return [await agent.infer(x) for x in xs]
+        finally:
+            await agent.close()
+            await ws.drain_and_stop(1.0)
+
+    results = asyncio.run(scenario([str(path)]))
+    head, tail = r18.head("add_6"), r18.tail("add_6")
+    for x, r in zip(xs, results):
+        assert r.where == "edge", r.fallback_reason
+        assert r.codec == "ans" and 0 < r.wire_bytes < 512 * 7 * 7  # below what int8 alone would send
+        with torch.no_grad():
+            expect = tail(art.tl(head(x)))
+        assert torch.allclose(r.output, expect, atol=1e-4, rtol=1e-4)  # ans is exact on the coefficients
+    # a worker without the TL refuses (FAILED_PRECONDITION) and the frame runs on the board, exactly
+    (r,) = asyncio.run(scenario([]))[:1]
+    assert r.where == "local" and "FAILED_PRECONDITION" in r.fallback_reason and tl_id in r.fallback_reason
+    with torch.no_grad():
+        assert torch.equal(r.output, r18.full(xs[0]))
