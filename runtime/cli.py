@@ -26,7 +26,7 @@ from runtime.errors import EdgesplitError
 logger = logging.getLogger("edgesplit")
 
 # repeatable flags whose field names are plural
-_FLAG_NAMES = {"models": "model", "tls": "tl"}
+_FLAG_NAMES = {"models": "model", "tls": "tl", "next_tiers": "next_tier", "next_hops": "next_hop"}
 
 
 def _components() -> dict[str, tuple[type, str]]:

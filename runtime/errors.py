@@ -54,6 +54,12 @@ class PreconditionFailed(EdgesplitError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class PermissionDenied(EdgesplitError):
+    """The request asks for something this server was not configured to allow (a next tier not in --next-tier)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unavailable(EdgesplitError):
     """The peer cannot be reached or is shutting down."""
 
@@ -69,6 +75,7 @@ _BY_CODE: dict[grpc.StatusCode, type[EdgesplitError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: PreconditionFailed,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }

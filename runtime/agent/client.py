@@ -11,20 +11,21 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import grpc
 import torch
 
+from runtime.chain import Hop, check_route
 from runtime.codec import Codec, decode_tensor, get_codec
 from runtime.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, InvalidInput, PreconditionFailed,
                             Unavailable)
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT, SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.stream import EdgeStream
 from runtime.transport import TransportOptions
 from runtime.agent.metrics import STAGES, AgentMetrics
-from runtime.agent.stream import EdgeStream
 from runtime.agent.telemetry import LinkEstimator
 
 if TYPE_CHECKING:
@@ -88,6 +89,9 @@ class ActivePlan:
     local_tail: torch.nn.Module
     tl: LoadedTL | None = None
     stream: EdgeStream | None = None  # None: every frame runs on the board
+    # Worker chaining (runtime.chain): the worker runs [split, end_split) and forwards to next_hops.
+    end_split: str = ""  # where the worker's slice ends; "" = the worker runs the whole tail
+    next_hops: tuple[Hop, ...] = ()  # the tiers after the worker, in order (none: its first --next-tier)
 
     @property
     def encoder(self) -> torch.nn.Module | None:
@@ -100,6 +104,13 @@ class ActivePlan:
     @property
     def worker(self) -> str:
         return self.stream.address if self.stream is not None else ""
+
+    @property
+    def chain(self) -> str:
+        """The chain after the worker, for logs ("" when the worker runs the whole tail)."""
+        if not self.end_split:
+            return ""
+        return f" (slice ..{self.end_split}, then " + " -> ".join(map(str, self.next_hops or (Hop(),))) + ")"
 
 
 class Agent:
@@ -116,7 +127,7 @@ class Agent:
                  agent_id: str = "", transport: TransportOptions | None = None,
                  deadline_seconds: float = 2.0, connect_timeout: float = 2.0, reconnect: float = 1.0,
                  metrics: AgentMetrics | None = None, plan_version: int = 0, tl=None, tl_dir: str = "",
-                 prepare_timeout: float = 60.0):
+                 prepare_timeout: float = 60.0, end_split: str = "", next_hops: Sequence[Hop | str] = ()):
         self.loaded = loaded
         self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}"
         self.deadline_seconds = deadline_seconds
@@ -136,9 +147,10 @@ class Agent:
             raise InvalidInput(f"Transfer Layer {tl.tl_id} is for {tl.model.name}@{tl.split.name}, "
                                f"not {loaded.name}@{split.name}")
         stream = self._new_stream(worker) if worker and split.name != OUTPUT else None
+        end, hops = self._check_route(split, end_split, next_hops, stream is not None)
         self._streams: dict[str, EdgeStream] = {worker: stream} if stream is not None else {}
         self.active = ActivePlan(plan_version, split, codec, loaded.head(split.name), loaded.tail(split.name), tl,
-                                 stream)
+                                 stream, end, hops)
         self.metrics.plan_version.set(plan_version)
         self._plan_lock = asyncio.Lock()  # one apply_plan at a time
         self._retiring: set[asyncio.Task] = set()
@@ -157,9 +169,20 @@ class Agent:
     def _new_stream(self, address: str) -> EdgeStream:
         return EdgeStream(address, self.transport, self.metrics, self.connect_timeout, self.reconnect)
 
+    def _check_route(self, split: SplitPoint, end_split: str, next_hops: Sequence[Hop | str],
+                     has_worker: bool) -> tuple[str, tuple[Hop, ...]]:
+        """(end split name or "", hops) of a chained plan, checked against the model. Raises EdgesplitError."""
+        hops = tuple(h if isinstance(h, Hop) else Hop.parse(h) for h in next_hops)
+        end = check_route(self.loaded, split, end_split, hops)  # NotFound / InvalidInput
+        if end is not None and not has_worker:
+            raise InvalidInput(f"end split {end_split!r} names a slice for the worker, but the plan has no worker "
+                               "(or runs every layer here): give a worker, or drop end_split")
+        return (end.name if end is not None else ""), hops
+
     def _header(self, plan: ActivePlan, seq: int = 0) -> pb.FrameHeader:
         return pb.FrameHeader(agent_id=self.agent_id, seq=seq, model_id=self.loaded.name, split_id=plan.split.name,
-                              plan_version=plan.version, model_digest=self.loaded.digest, tl_id=plan.tl_id)
+                              plan_version=plan.version, model_digest=self.loaded.digest, tl_id=plan.tl_id,
+                              end_split=plan.end_split, next_hops=[h.to_pb() for h in plan.next_hops])
 
     async def start(self, timeout: float = 120.0) -> None:
         """Open the stream and have the worker load the tail, so the first frame does not wait for it.
@@ -179,12 +202,16 @@ class Agent:
     # -- plans -------------------------------------------------------------------------------
 
     async def apply_plan(self, split: str | int, codec: str | Codec, tl=None, version: int = 0,
-                         worker_address: str | None = None, *, model_id: str = "") -> None:
+                         worker_address: str | None = None, *, model_id: str = "", end_split: str = "",
+                         next_hops: Sequence[Hop | str] = ()) -> None:
         """Switch to a new plan at the next frame boundary, or refuse it and keep the current one.
 
         ``tl``: None/"" for none, a TL id (resolved in ``tl_dir``), a manifest path, or a LoadedTL.
         ``worker_address``: None keeps the current worker (or the configured one), "" runs every
         frame on the board; split ``"output"`` always runs locally with no worker traffic.
+        ``end_split`` / ``next_hops``: a chained plan (runtime.chain) in which the worker runs only
+        [split, end_split) and forwards the rest along ``next_hops`` (Hop or "ADDRESS[@END_SPLIT]");
+        a plan names its whole route, so the defaults ("", ()) mean the worker runs the whole tail.
 
         Checked before anything changes: the model (``model_id``, when given) is this agent's,
         ``version`` is newer than the current one, the split exists, the codec is known, the TL
@@ -201,7 +228,8 @@ class Agent:
         async with self._plan_lock:
             current = self.active
             try:
-                plan, fresh = await self._build_plan(current, split, codec, tl, int(version), worker_address, model_id)
+                plan, fresh = await self._build_plan(current, split, codec, tl, int(version), worker_address, model_id,
+                                                     end_split, next_hops)
             except EdgesplitError as e:
                 self.metrics.plan_refusals.labels(e.code.name).inc()
                 logger.warning("plan v%s refused (keeping v%d): %s", version, current.version, e)
@@ -213,11 +241,12 @@ class Agent:
                 self._retire(current.stream)
             self.metrics.plan_switches.inc()
             self.metrics.plan_version.set(plan.version)
-            logger.info("plan v%d in effect: %s@%s (%s) codec %s TL %s worker %s", plan.version, self.loaded.name,
-                        plan.split.index, plan.split.name, plan.codec.name, plan.tl_id or "none", plan.worker or "none")
+            logger.info("plan v%d in effect: %s@%s (%s) codec %s TL %s worker %s%s", plan.version, self.loaded.name,
+                        plan.split.index, plan.split.name, plan.codec.name, plan.tl_id or "none", plan.worker or "none",
+                        plan.chain)
 
     async def _build_plan(self, current: ActivePlan, split, codec, tl, version: int, worker_address: str | None,
-                          model_id: str) -> tuple[ActivePlan, bool]:
+                          model_id: str, end_split: str = "", next_hops: Sequence = ()) -> tuple[ActivePlan, bool]:
         """The new plan, fully built and accepted by its worker; and whether its stream is new."""
         if model_id and model_id != self.loaded.name:
             raise PreconditionFailed(f"the plan is for model {model_id!r}, but this agent runs {self.loaded.name!r}")
@@ -231,13 +260,14 @@ class Agent:
         # Not on the board thread: frames keep running while the new head and tail are built.
         head, tail = await loop.run_in_executor(None, lambda: (self.loaded.head(sp.name), self.loaded.tail(sp.name)))
         address = worker_address if worker_address is not None else (current.worker or self.worker_address)
+        end, hops = self._check_route(sp, end_split, next_hops, sp.name != OUTPUT and bool(address))
         if sp.name == OUTPUT or not address:
             return ActivePlan(version, sp, cod, head, tail, art, None), False
         stream = self._streams.get(address)
         fresh = stream is None
         if fresh:
             stream = self._new_stream(address)
-        plan = ActivePlan(version, sp, cod, head, tail, art, stream)
+        plan = ActivePlan(version, sp, cod, head, tail, art, stream, end, hops)
         try:
             await stream.prepare(self._header(plan), self.prepare_timeout)
         except (Unavailable, DeadlineExceeded) as e:
@@ -397,6 +427,13 @@ class Agent:
             result.output = decode_tensor(res.output)
             result.times.update(transfer_edge=time.perf_counter() - t_send, edge_queue=res.times.queue_seconds,
                                 edge_decode=res.times.decode_seconds, edge_tail=res.times.tail_seconds)
+            if res.hops:  # a chained frame: the worker's wait on its next tier, then each later tier's stages
+                result.times["edge_forward"] = res.times.forward_seconds
+                for i, hop in enumerate(res.hops, 1):
+                    stages = {"encode": hop.encode_seconds, "round_trip": hop.round_trip_seconds,
+                              "queue": hop.times.queue_seconds, "decode": hop.times.decode_seconds,
+                              "tail": hop.times.tail_seconds}
+                    result.times.update({f"next{i}_{k}": v for k, v in stages.items()})
         except asyncio.TimeoutError:
             stream.abandon(seq)
             return f"deadline: no edge result within {self.deadline_seconds:g}s"

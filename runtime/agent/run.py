@@ -16,6 +16,7 @@ from runtime.agent.local_api import serve_local_api
 from runtime.agent.metrics import AgentMetrics
 from runtime.agent.sources import open_source
 from runtime.agent.summary import summarize
+from runtime.chain import Hop
 from runtime.codec import get_codec
 from runtime.metrics_http import MetricsEndpoint
 from runtime.models.loader import LoadedModel, load_model
@@ -36,6 +37,14 @@ def default_split(loaded: LoadedModel) -> SplitPoint:
 
 def choose_split(loaded: LoadedModel, key: str) -> SplitPoint:
     return loaded.split(key) if key else default_split(loaded)
+
+
+def next_hops(config: AgentConfig) -> tuple[Hop, ...]:
+    """The chain after the worker from --next-hop / --forward-codec (runtime.chain)."""
+    hops = tuple(Hop.parse(text, config.forward_codec) for text in config.next_hops)
+    if config.end_split and not hops and config.forward_codec:
+        hops = (Hop(codec=config.forward_codec),)  # the worker's first --next-tier, with this codec
+    return hops
 
 
 async def run_agent(config: AgentConfig, out: IO[str] | None = None,
@@ -62,7 +71,8 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     agent = Agent(loaded, split, codec, worker=config.worker, agent_id=config.agent_id, transport=config.transport(),
                   deadline_seconds=config.deadline_seconds, connect_timeout=config.connect_timeout_seconds,
-                  reconnect=config.reconnect_seconds, metrics=metrics, tl=tl, tl_dir=config.tl_dir)
+                  reconnect=config.reconnect_seconds, metrics=metrics, tl=tl, tl_dir=config.tl_dir,
+                  end_split=config.end_split, next_hops=next_hops(config))
     link = None
     if config.planner:
         from runtime.agent.planner_link import PlannerLink
@@ -78,8 +88,8 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
             if endpoint is not None:
                 endpoint.close()
             raise
-    logger.info("agent: model %s split %s (%s) codec %s TL %s worker %s", loaded.name, split.index, split.name,
-                codec.name, tl.tl_id if tl is not None else "none", config.worker or "none")
+    logger.info("agent: model %s split %s (%s) codec %s TL %s worker %s%s", loaded.name, split.index, split.name,
+                codec.name, tl.tl_id if tl is not None else "none", config.worker or "none", agent.active.chain)
     await agent.start()
     if link is not None:
         await link.start()

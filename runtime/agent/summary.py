@@ -18,9 +18,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def runtime_overhead(r: FrameResult) -> float:
     """What the runtime adds to an edge frame, in seconds: end-to-end minus head and tail
-    compute, minus time spent queueing behind other frames (board thread, edge executor)."""
+    compute, minus time spent queueing behind other frames (board thread, edge executor), minus a
+    chained frame's wait on the worker's next tier."""
     t = r.times
-    return t["total"] - t["head"] - t["edge_tail"] - t.get("board_queue", 0.0) - t.get("edge_queue", 0.0)
+    return (t["total"] - t["head"] - t["edge_tail"] - t.get("board_queue", 0.0) - t.get("edge_queue", 0.0)
+            - t.get("edge_forward", 0.0))
 
 
 def stage_stats(results: Sequence[FrameResult]) -> dict[str, dict[str, float]]:
@@ -48,7 +50,7 @@ def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, mod
             f"bytes/frame {mean:,.0f} (raw fp32 at split {split.fp32_bytes:,}; compression {split.fp32_bytes / mean:.2f}x)"
         )
     lines.append(f"{'stage':<14}{'p50 ms':>10}{'p95 ms':>10}{'n':>6}")
-    order = ["board_queue", "head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "local_tail", "overhead", "total"]
+    order = ["board_queue", "head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "edge_forward", "local_tail", "overhead", "total"]
     stats = stage_stats(results)
     for stage in order:
         if stage in stats:

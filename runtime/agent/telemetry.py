@@ -2,9 +2,10 @@
 
 * Bandwidth (bytes/s) from real frame transfers, not from synthetic bulk tests: for an edge frame
   of ``b`` wire bytes, the time the bytes spent on the network is the whole send-to-result time
-  minus what the worker reports it spent (queue, decode, tail) minus one round trip of latency::
+  minus what the worker reports it spent (queue, decode, tail, and for a chained frame the wait on
+  its next tier) minus one round trip of latency::
 
-      network = transfer_edge - edge_queue - edge_decode - edge_tail - rtt
+      network = transfer_edge - edge_queue - edge_decode - edge_tail - edge_forward - rtt
       sample  = b / network        (only when network > 0 and b >= min_bytes)
 
   Frames under ``min_bytes`` (default 8 KiB) are skipped: on them the transfer takes about one
@@ -32,32 +33,19 @@
 from __future__ import annotations
 
 import statistics
-import time
 from collections import defaultdict, deque
 from typing import Any
 
 import grpc
 
-from runtime.errors import EdgesplitError, from_rpc_error
+from runtime.errors import EdgesplitError
+from runtime.stream import time_health_check
 from runtime.agent.metrics import AgentMetrics
 
 MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)
 ALPHA = 0.3  # EWMA weight of a new sample
 RTT_WINDOW = 8  # probes the base RTT is the minimum of
 MAX_STAGE_SAMPLES = 4096  # per stage between reports; beyond that the oldest are dropped
-
-
-async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
-    """Seconds one ``grpc.health.v1.Health/Check`` takes on ``channel``. Raises EdgesplitError."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(channel)
-    t0 = time.perf_counter()
-    try:
-        await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
-    return time.perf_counter() - t0
 
 
 class Ewma:
@@ -108,7 +96,7 @@ class LinkEstimator:
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
         network = (t["transfer_edge"] - t.get("edge_queue", 0.0) - t.get("edge_decode", 0.0)
-                   - t.get("edge_tail", 0.0) - self.rtt_seconds)
+                   - t.get("edge_tail", 0.0) - t.get("edge_forward", 0.0) - self.rtt_seconds)
         if network > 0:
             self.add_bandwidth_sample(result.wire_bytes / network)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.codec import DEFAULT_MAX_BYTES
+from runtime.codec import DEFAULT_MAX_BYTES, get_codec
 from runtime.config import field
+from runtime.errors import InvalidInput
 from runtime.transport import TransportOptions
 
 
@@ -30,6 +31,20 @@ class WorkerConfig:
     tier: str = field("edge", "tier this worker serves at the planner: edge or cloud")
     profiles: tuple[str, ...] = field((), "profiles of the models served, measured here ('edgesplit profile --role edge')")
     planner_refresh_seconds: float = field(30.0, "register again this often (a restarted planner learns the worker back)")
+    # worker chaining: run a middle slice of a frame and forward its output to a next-tier worker
+    next_tiers: tuple[str, ...] = field((), "workers this one may forward chained frames to, HOST:PORT matched exactly (the first when a frame names none); others are refused PERMISSION_DENIED")
+    forward_codec: str = field("raw+lz4", "codec of tensors forwarded to a next tier when the frame's hop names none")
+    forward_deadline_seconds: float = field(2.0, "a forwarded frame with no next-tier result after this long is answered DEADLINE_EXCEEDED")
+    forward_connect_timeout_seconds: float = field(1.0, "how long to wait for a next tier when opening the stream to it")
+    forward_reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream to a next tier (doubles to 30 s)")
+
+    def __post_init__(self) -> None:
+        get_codec(self.forward_codec)  # InvalidInput with the valid names ("ans" needs a TL: not for forwarding)
+        for name in ("forward_deadline_seconds", "forward_connect_timeout_seconds", "forward_reconnect_seconds"):
+            if not getattr(self, name) > 0:
+                raise InvalidInput(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if any(not t.strip() for t in self.next_tiers):
+            raise InvalidInput("next_tiers holds an empty address; give each as HOST:PORT")
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes)

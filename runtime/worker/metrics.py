@@ -23,3 +23,16 @@ class WorkerMetrics:
         self.inflight = Gauge("edgesplit_worker_inflight_frames", "Frames being computed", registry=r)
         self.loaded_tails = Gauge("edgesplit_worker_loaded_tails", "Tails held in memory", registry=r)
         self.streams = Gauge("edgesplit_worker_open_streams", "Open InferStream calls", registry=r)
+        # worker chaining (label next_tier: one of the configured --next-tier addresses, so bounded)
+        self.forwarded = Counter("edgesplit_worker_forwarded_frames", "Chained frames whose slice output was forwarded "
+                                 "to a next tier, by its outcome (gRPC status name)", ["next_tier", "code"], registry=r)
+        self.forwarded_bytes = Counter("edgesplit_worker_forwarded_bytes", "Payload bytes sent to next tiers",
+                                       ["next_tier"], registry=r)
+        self.forward_encode_seconds = Histogram("edgesplit_worker_forward_encode_seconds",
+                                                "Encoding a slice output for the next tier", buckets=STAGE_BUCKETS, registry=r)
+        self.forward_seconds = Histogram("edgesplit_worker_forward_seconds", "Send to a next tier until its result",
+                                         ["next_tier"], buckets=STAGE_BUCKETS, registry=r)
+        self.next_tier_up = Gauge("edgesplit_worker_next_tier_stream_up", "1 while the stream to a next tier is open",
+                                  ["next_tier"], registry=r)
+        self.next_tier_opens = Counter("edgesplit_worker_next_tier_stream_opens", "Streams opened to a next tier",
+                                       ["next_tier"], registry=r)

@@ -52,6 +52,7 @@ class WorkerServer:
         if not await self.service.wait_idle(grace):
             logger.warning("frames still in flight after %.1fs; stopping anyway", grace)
         await self.server.stop(min(1.0, grace))
+        await self.service.next.close()
         self.service.executor.shutdown(wait=False, cancel_futures=True)
         if self.metrics_endpoint:
             self.metrics_endpoint.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -12,7 +13,8 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from runtime.codec import decode_tensor, encode_output
+from runtime.chain import MAX_HOPS, check_route
+from runtime.codec import Codec, decode_tensor, encode_output
 from runtime.errors import (
     CODE_NUMBERS,
     EdgesplitError,
@@ -30,6 +32,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.transport import FrameAssembler
 from runtime.worker.config import WorkerConfig
+from runtime.worker.forward import NextTiers, Route
 from runtime.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ class Tail:
     tl_id: str = ""
     encoded_shape: tuple[int, ...] | None = None  # the TL's wire shape (batch 1); None: the split's
     entropy: object | None = None  # a transform TL's entropy model: decodes CODEC_ANS frames
+    end: SplitPoint | None = None  # chained frames: the slice ends here and is forwarded; None: the whole tail
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -64,6 +68,7 @@ class TailCache:
         self._user: dict[str, str] = {get_spec(s).name: s for s in config.models}
         self._models: dict[str, LoadedModel] = {}
         self._tails: dict[tuple[str, str], Tail] = {}
+        self._slices: dict[tuple[str, str, str, str], Tail] = {}  # (model, split, end, TL id): middle slices
         self._locks: dict[str, asyncio.Lock] = {}
         self.tls: dict[str, Tail] = {}  # by TL id: decoder + tail (see load_tls)
 
@@ -94,10 +99,21 @@ class TailCache:
         if key not in self._tails:
             module = await asyncio.get_running_loop().run_in_executor(self._executor, loaded.tail, sp.name)
             self._tails[key] = Tail(loaded, sp, module)
-            self._metrics.loaded_tails.set(len(self._tails))
+            self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
             logger.info("loaded tail %s@%s", model_id, sp.name)
         self._tails[(model_id, split_id)] = self._tails[key]
         return self._tails[key]
+
+    async def sliced(self, tail: Tail, end: SplitPoint) -> Tail:
+        """``tail`` cut short: [its split, ``end``), for a chained frame; built once per (model, split, end, TL)."""
+        key = (tail.model.name, tail.split.name, end.name, tail.tl_id)
+        if key not in self._slices:
+            loop = asyncio.get_running_loop()
+            module = await loop.run_in_executor(self._executor, tail.model.segment, tail.split.name, end.name)
+            self._slices[key] = dataclasses.replace(tail, module=module, end=end)
+            self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
+            logger.info("loaded slice %s@%s..%s", tail.model.name, tail.split.name, end.name)
+        return self._slices[key]
 
     async def model(self, model_id: str) -> LoadedModel:
         """The loaded model, built once on first use; NotFound unless bundled or configured."""
@@ -132,9 +148,15 @@ def _check_header(h: pb.FrameHeader) -> None:
         raise InvalidInput("header.model_id is empty; name a model (see 'edgesplit models')")
     if not h.split_id:
         raise InvalidInput("header.split_id is empty; name a split point (see 'edgesplit models MODEL')")
-    for name in ("agent_id", "model_id", "split_id", "model_digest", "tl_id"):
+    for name in ("agent_id", "model_id", "split_id", "model_digest", "tl_id", "end_split"):
         if len(getattr(h, name)) > MAX_ID_LEN:
             raise InvalidInput(f"header.{name} is longer than {MAX_ID_LEN} characters")
+    if len(h.next_hops) > MAX_HOPS:
+        raise InvalidInput(f"header.next_hops names {len(h.next_hops)} hops; at most {MAX_HOPS} are allowed")
+    for i, hop in enumerate(h.next_hops):
+        for name in ("address", "end_split", "codec"):
+            if len(getattr(hop, name)) > MAX_ID_LEN:
+                raise InvalidInput(f"header.next_hops[{i}].{name} is longer than {MAX_ID_LEN} characters")
 
 
 def _check_shape(tail: Tail, shape: list[int], dtype: str) -> None:
@@ -155,6 +177,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="tail")
         self.tails = TailCache(config, self.executor, metrics)
+        self.next = NextTiers(config, metrics)  # worker chaining: where middle slices are forwarded
         self._admitted = 0
         self._waiting = 0  # admitted frames not yet started; changed from the loop and tail threads
         self._count_lock = threading.Lock()
@@ -191,7 +214,8 @@ class InferenceService(pb_grpc.InferenceServicer):
     # -- one frame ---------------------------------------------------------------------------
 
     async def resolve(self, h: pb.FrameHeader) -> Tail:
-        """The tail a header names, after every check that does not need the tensor."""
+        """The tail (or, with ``end_split``, the middle slice) a header names, after every check that
+        does not need the tensor."""
         _check_header(h)
         if h.tl_id:
             tail = self.tails.tls.get(h.tl_id)
@@ -212,7 +236,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                 f"model {h.model_id!r} weights differ: agent has {h.model_digest}, worker has {tail.model.digest}; "
                 "deploy the same weights on both"
             )
-        return tail
+        end = check_route(tail.model, tail.split, h.end_split, h.next_hops)  # NotFound / InvalidInput
+        return tail if end is None else await self.tails.sliced(tail, end)
 
     async def process(self, req: pb.InferRequest) -> pb.InferResult:
         """Admit, load the tail, decode and compute one frame. Raises EdgesplitError.
@@ -225,6 +250,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         job = None
         try:
             tail = await self.resolve(req.header)
+            route = self.next.route(req.header, tail.end) if tail.end is not None else None
             _check_shape(tail, list(req.tensor.shape), req.tensor.dtype)
             if req.tensor.codec == tensor_pb2.CODEC_ANS and tail.entropy is None:
                 raise PreconditionFailed(
@@ -236,21 +262,50 @@ class InferenceService(pb_grpc.InferenceServicer):
                 self._waiting += 1
                 self.metrics.queue_depth.set(self._waiting)
             admitted_at = time.perf_counter()
-            job = asyncio.get_running_loop().run_in_executor(self.executor, self._compute, tail, req, admitted_at)
-            job.add_done_callback(self._job_done)
-            result = await asyncio.shield(job)
+            job = asyncio.get_running_loop().run_in_executor(self.executor, self._compute, tail, req, admitted_at,
+                                                             route.codec if route is not None else None)
+            if route is None:
+                job.add_done_callback(self._job_done)
+                result = await asyncio.shield(job)
+            else:
+                result = await self._forward(job, route, req.header)
             self.metrics.frames.labels(tail.model.name, tail.split.name, tail.tl_id or "none").inc()
             return result
         finally:
             if job is None:
                 self._release()
 
+    async def _forward(self, job: asyncio.Future, route: Route, header: pb.FrameHeader) -> pb.InferResult:
+        """Wait for the slice, send its output to the next tier and answer with the final result.
+
+        The admission slot is held until the forward ends too: the queue bound covers frames
+        waiting on a next tier, and a drain waits for them.
+        """
+        try:
+            times, tensor, t_enc = await asyncio.shield(job)
+        except BaseException:
+            job.add_done_callback(self._job_done)  # release once the compute has really ended
+            raise
+        try:
+            res, rt = await self.next.forward(route, tensor)
+        finally:
+            self._release()
+        times.forward_seconds = t_enc + rt
+        result = pb.InferResult(header=header, output=res.output, times=times)
+        hop = result.hops.add(address=route.address, split_id=route.header.split_id, end_split=route.header.end_split,
+                              encode_seconds=t_enc, round_trip_seconds=rt, wire_bytes=len(tensor.buffer))
+        hop.times.CopyFrom(res.times)
+        result.hops.extend(res.hops)  # the stages after the next tier, as it reported them
+        return result
+
     def _job_done(self, job: asyncio.Future) -> None:
         self._release()
         if not job.cancelled():
             job.exception()  # retrieved here too, so an abandoned job's error is not reported as lost
 
-    def _compute(self, tail: Tail, req: pb.InferRequest, admitted_at: float) -> pb.InferResult:
+    def _compute(self, tail: Tail, req: pb.InferRequest, admitted_at: float, forward_codec: Codec | None = None):
+        """Decode and run the tail: an InferResult. With ``forward_codec`` (a chained frame) the slice
+        output is encoded for the next tier instead: (StageTimes, wire tensor, encode seconds)."""
         t0 = time.perf_counter()
         with self._count_lock:
             self._waiting -= 1
@@ -269,11 +324,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.metrics.queue_seconds.observe(t0 - admitted_at)
         self.metrics.decode_seconds.observe(t1 - t0)
         self.metrics.tail_seconds.observe(t2 - t1)
-        return pb.InferResult(
-            header=req.header,
-            output=encode_output(y),
-            times=pb.StageTimes(queue_seconds=t0 - admitted_at, decode_seconds=t1 - t0, tail_seconds=t2 - t1),
-        )
+        times = pb.StageTimes(queue_seconds=t0 - admitted_at, decode_seconds=t1 - t0, tail_seconds=t2 - t1)
+        if forward_codec is not None:
+            msg = forward_codec.encode(y)
+            t_enc = time.perf_counter() - t2
+            self.metrics.forward_encode_seconds.observe(t_enc)
+            return times, msg, t_enc
+        return pb.InferResult(header=req.header, output=encode_output(y), times=times)
 
     def _error_result(self, header: pb.FrameHeader | None, err: EdgesplitError) -> pb.InferResult:
         self.metrics.errors.labels(err.code.name).inc()
@@ -284,8 +341,14 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def Prepare(self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext) -> pb.PrepareResult:
         t0 = time.perf_counter()
+        next_tier = ""
         try:
             tail = await self.resolve(request.header)
+            if tail.end is not None:  # chained: the next tier must accept the rest of the route too
+                route = self.next.route(request.header, tail.end)
+                remaining = context.time_remaining()
+                await self.next.prepare(route, None if remaining is None else remaining - 0.05)
+                next_tier = route.address
         except EdgesplitError as e:
             self.metrics.errors.labels(e.code.name).inc()
             await context.abort(e.code, str(e))
@@ -295,6 +358,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             model_digest=tail.model.digest,
             load_seconds=time.perf_counter() - t0,
             tl_id=tail.tl_id or "",
+            next_tier=next_tier,
         )
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResult:

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FrameHeader(_message.Message):
-    __slots__ = ("agent_id", "stream_epoch", "seq", "model_id", "split_id", "plan_version", "model_digest", "tl_id")
+    __slots__ = ("agent_id", "stream_epoch", "seq", "model_id", "split_id", "plan_version", "model_digest", "tl_id", "end_split", "next_hops")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     STREAM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,8 @@ class FrameHeader(_message.Message):
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TL_ID_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     stream_epoch: int
     seq: int
@@ -25,7 +27,19 @@ class FrameHeader(_message.Message):
     plan_version: int
     model_digest: str
     tl_id: str
-    def __init__(self, agent_id: _Optional[str] = ..., stream_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., tl_id: _Optional[str] = ...) -> None: ...
+    end_split: str
+    next_hops: _containers.RepeatedCompositeFieldContainer[Hop]
+    def __init__(self, agent_id: _Optional[str] = ..., stream_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., tl_id: _Optional[str] = ..., end_split: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+
+class Hop(_message.Message):
+    __slots__ = ("address", "end_split", "codec")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    end_split: str
+    codec: str
+    def __init__(self, address: _Optional[str] = ..., end_split: _Optional[str] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("header", "tensor")
@@ -54,28 +68,50 @@ class StreamRequest(_message.Message):
     def __init__(self, frame: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[_Union[FrameChunk, _Mapping]] = ...) -> None: ...
 
 class StageTimes(_message.Message):
-    __slots__ = ("queue_seconds", "decode_seconds", "tail_seconds")
+    __slots__ = ("queue_seconds", "decode_seconds", "tail_seconds", "forward_seconds")
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TAIL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     queue_seconds: float
     decode_seconds: float
     tail_seconds: float
-    def __init__(self, queue_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., tail_seconds: _Optional[float] = ...) -> None: ...
+    forward_seconds: float
+    def __init__(self, queue_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., tail_seconds: _Optional[float] = ..., forward_seconds: _Optional[float] = ...) -> None: ...
+
+class HopTimes(_message.Message):
+    __slots__ = ("address", "split_id", "end_split", "times", "encode_seconds", "round_trip_seconds", "wire_bytes")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_ID_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TRIP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    split_id: str
+    end_split: str
+    times: StageTimes
+    encode_seconds: float
+    round_trip_seconds: float
+    wire_bytes: int
+    def __init__(self, address: _Optional[str] = ..., split_id: _Optional[str] = ..., end_split: _Optional[str] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., encode_seconds: _Optional[float] = ..., round_trip_seconds: _Optional[float] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
 
 class InferResult(_message.Message):
-    __slots__ = ("header", "output", "times", "code", "message")
+    __slots__ = ("header", "output", "times", "code", "message", "hops")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    HOPS_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     output: _tensor_pb2.Tensor
     times: StageTimes
     code: int
     message: str
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    hops: _containers.RepeatedCompositeFieldContainer[HopTimes]
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[HopTimes, _Mapping]]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("header",)
@@ -84,15 +120,17 @@ class PrepareRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ...) -> None: ...
 
 class PrepareResult(_message.Message):
-    __slots__ = ("input_shape", "input_dtype", "model_digest", "load_seconds", "tl_id")
+    __slots__ = ("input_shape", "input_dtype", "model_digest", "load_seconds", "tl_id", "next_tier")
     INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TL_ID_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TIER_FIELD_NUMBER: _ClassVar[int]
     input_shape: _containers.RepeatedScalarFieldContainer[int]
     input_dtype: str
     model_digest: str
     load_seconds: float
     tl_id: str
-    def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., model_digest: _Optional[str] = ..., load_seconds: _Optional[float] = ..., tl_id: _Optional[str] = ...) -> None: ...
+    next_tier: str
+    def __init__(self, input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[str] = ..., model_digest: _Optional[str] = ..., load_seconds: _Optional[float] = ..., tl_id: _Optional[str] = ..., next_tier: _Optional[str] = ...) -> None: ...

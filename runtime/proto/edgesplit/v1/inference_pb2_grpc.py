@@ -55,7 +55,8 @@ class InferenceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prepare(self, request, context):
-        """Load (model, split) now; FAILED_PRECONDITION / NOT_FOUND when it cannot be served.
+        """Load (model, split) now; FAILED_PRECONDITION / NOT_FOUND when it cannot be served. A chained
+        header is prepared along the whole route (each worker asks its next tier in turn).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

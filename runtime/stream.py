@@ -1,5 +1,9 @@
-"""One bidirectional gRPC stream from the agent to a worker, reopened with back-off after a failure;
-results are matched to frames by sequence number and stream epoch."""
+"""One bidirectional gRPC stream to a worker, reopened with back-off after a failure; results are
+matched to frames by sequence number and stream epoch.
+
+Shared by both roles that send frames: the device agent (to its edge worker) and a worker that
+runs a middle slice and forwards to its next tier (runtime.worker.forward). It imports neither.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +13,42 @@ import time
 
 import grpc
 
+from typing import Any, Protocol
+
 from runtime.errors import Unavailable, from_rpc_error
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.transport import TransportOptions, frame_messages
-from runtime.agent.metrics import AgentMetrics
-from runtime.agent.telemetry import time_health_check
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 30.0
 
 
+class StreamMetrics(Protocol):
+    """What a stream reports (the agent's AgentMetrics has these; a worker passes per-tier children)."""
+
+    stream_up: Any  # a prometheus Gauge: 1 while the stream is open
+    reconnects: Any  # a prometheus Counter: streams opened
+
+
+async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
+    """Seconds one ``grpc.health.v1.Health/Check`` takes on ``channel``. Raises EdgesplitError."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    t0 = time.perf_counter()
+    try:
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    return time.perf_counter() - t0
+
+
 class EdgeStream:
     """One bidirectional stream to a worker; reopened with exponential back-off after a failure."""
 
-    def __init__(self, address: str, transport: TransportOptions, metrics: AgentMetrics,
+    def __init__(self, address: str, transport: TransportOptions, metrics: StreamMetrics,
                  connect_timeout: float, reconnect: float):
         self.address = address
         self.transport = transport
@@ -74,7 +98,7 @@ class EdgeStream:
             if self._call is not None:
                 return
             if self.closed:
-                raise Unavailable(f"stream to {self.address} was closed (the plan moved off this worker)")
+                raise Unavailable(f"stream to {self.address} was closed (its sender moved off this worker)")
             now = time.monotonic()
             if now < self._retry_at:
                 raise Unavailable(f"worker {self.address} unreachable; next try in {self._retry_at - now:.1f}s")
