@@ -50,11 +50,33 @@ def _plan_dict(plan) -> dict:
     return json_format.MessageToDict(plan, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+_QUERY_TEXT = {"pin_blocks": "pin_block", "pin_layers": "pin_layer", "forbid_blocks": "forbid_block",
+               "max_tier_seconds": "max_tier_seconds", "max_tier_share": "max_tier_share",
+               "max_link_upload_bytes": "max_upload", "max_memory_bytes": "max_memory"}  # wire field -> argument
+_QUERY_PLAIN = ("raw_input_stays", "min_fidelity", "objective", "include", "exclude")
+
+
+def query_constraints(args: argparse.Namespace):
+    """The constraints a query's flags give (None: none given, the agent's registered ones hold)."""
+    from planner.constraints import check_fields, from_text
+    from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+    if not any(getattr(args, a) for a in (*_QUERY_TEXT.values(), *_QUERY_PLAIN)):
+        return None
+    text = from_text(**{f: getattr(args, a) or () for f, a in _QUERY_TEXT.items()},
+                     names={f: "--" + a.replace("_", "-") for f, a in _QUERY_TEXT.items()})
+    c = pb.Constraints(raw_input_stays=args.raw_input_stays, min_fidelity=args.min_fidelity or 0.0,
+                       objective=args.objective or "", include_workers=args.include or (),
+                       exclude_workers=args.exclude or (), **text)
+    check_fields(c)
+    return c
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
     request = pb.PlanQuery(agent_id=args.agent, bandwidth_bytes_per_second=args.bandwidth_mbps * 125_000.0,
-                           rtt_seconds=args.rtt_ms / 1e3, top_n=args.top)
+                           rtt_seconds=args.rtt_ms / 1e3, top_n=args.top, constraints=query_constraints(args))
     reply = _call(args.planner, "QueryPlan", request, args.timeout)
     if args.json:
         print(json.dumps({"decision_seconds": reply.decision_seconds,
@@ -115,6 +137,20 @@ def add_parser(sub) -> None:
     q.add_argument("--bandwidth-mbps", type=float, default=0.0, help="link bandwidth in Mbit/s (default: measured)")
     q.add_argument("--rtt-ms", type=float, default=0.0, help="link RTT in ms (default: measured)")
     q.add_argument("--top", type=int, default=0, help="candidates to show (default: the planner's top_n)")
+    g = q.add_argument_group("constraints", "any of these replaces the agent's registered constraints for this "
+                             "query (as in 'edgesplit plan'; tiers: device, edge, cloud)")
+    g.add_argument("--pin-layer", action="append", metavar="LAYER=TIER", help="the block holding this layer runs on TIER")
+    g.add_argument("--pin-block", action="append", metavar="BLOCK=TIER", help="this block (index or name) runs on TIER")
+    g.add_argument("--forbid-block", action="append", metavar="BLOCK=TIER", help="this block must not run on TIER")
+    g.add_argument("--raw-input-stays", action="store_true", help="the device runs the first block (privacy)")
+    g.add_argument("--max-upload", action="append", metavar="TIER=BYTES", help="cap on bytes a tier sends per frame")
+    g.add_argument("--max-tier-seconds", action="append", metavar="TIER=S", help="cap on a tier's time per frame")
+    g.add_argument("--max-tier-share", action="append", metavar="TIER=F", help="cap on a tier's share of the total")
+    g.add_argument("--max-memory", action="append", metavar="TIER=BYTES", help="cap on weights a tier holds")
+    g.add_argument("--include", action="append", metavar="WORKER", help="use only these workers")
+    g.add_argument("--exclude", action="append", metavar="WORKER", help="never use this worker")
+    g.add_argument("--min-fidelity", type=float, help="TLs below this measured fidelity are not used")
+    g.add_argument("--objective", choices=("latency", "throughput"), help="what to rank by (default: latency)")
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
     q.set_defaults(func=cmd_query)

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
+from planner.constraints import resolve
 from planner.costmodel import Configuration, Constraints, Link, Network, Tier
 from planner.profile import Profile
 from planner.search import search
@@ -47,15 +48,21 @@ class Ranked:
     address: str = ""
 
 
-def search_constraints(c: pb.Constraints, pins: dict[int, str] | None = None) -> Constraints:
-    return Constraints(
-        pin_blocks=pins or {},
-        raw_input_stays=c.raw_input_stays,
-        min_fidelity=c.min_fidelity,
-        max_upload_bytes={"device": c.max_upload_bytes} if c.max_upload_bytes else {},
-        max_tier_seconds={"device": c.max_device_seconds} if c.max_device_seconds else {},
-        max_memory_bytes={"device": c.device_memory_bytes} if c.device_memory_bytes else {},
-    )
+def search_constraints(c: pb.Constraints, device: Profile, pins: dict[int, str] | None = None) -> Constraints | None:
+    """The search's constraints for wire constraints ``c`` (checked at registration), with ``pins``
+    added; None when ``pins`` place a block on another tier than ``c`` does."""
+    cons = resolve(c, device)
+    if not pins:
+        return cons
+    if any(pins.get(b, t) != t for b, t in cons.pin_blocks.items()):
+        return None
+    return dataclasses.replace(cons, pin_blocks={**cons.pin_blocks, **pins})
+
+
+def _searchable(cons: Constraints, tiers: list[Tier]) -> bool:
+    """Whether a search over ``tiers`` can honour the pins (the search refuses a pin to an absent tier)."""
+    names = {t.name for t in tiers}
+    return all(t in names for t in cons.pin_blocks.values())
 
 
 def incompatibility(agent: AgentRecord, device: Profile, worker_id: str, worker_profiles: Mapping[str, Profile]) -> str:
@@ -77,14 +84,16 @@ def incompatibility(agent: AgentRecord, device: Profile, worker_id: str, worker_
 
 def candidates(agent: AgentRecord, device: Profile, workers: Iterable[tuple[WorkerRecord, Mapping[str, Profile]]],
                link_for: Callable[[str], LinkRecord], rtt: float = 0.0, bandwidth: float = 0.0) -> list[Candidate]:
-    """The ``workers`` (in the order given) that ``agent`` may use: allowed by it, not excluded, and
+    """The ``workers`` (in the order given) that ``agent`` may use: allowed and included by it, not excluded, and
     able to take its frames; each with its link (``rtt``/``bandwidth`` > 0 override the measured)."""
     allowed = set(agent.workers)
+    included = set(agent.constraints.include_workers)
     excluded = set(agent.constraints.exclude_workers)
     out = []
     for rec, worker_profiles in workers:
         wid = rec.id
-        if (allowed and wid not in allowed) or wid in excluded or incompatibility(agent, device, wid, worker_profiles):
+        if ((allowed and wid not in allowed) or (included and wid not in included) or wid in excluded
+                or incompatibility(agent, device, wid, worker_profiles)):
             continue
         lk = link_for(wid)
         link = Link(rtt or lk.rtt_seconds, bandwidth or lk.bandwidth_bytes_per_second)
@@ -142,12 +151,15 @@ def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: l
     merged best first; returns the ``top_n`` best but ``exclude``, and the seconds it took."""
     t0 = time.perf_counter()
     goal = objective(agent)
-    cons = search_constraints(agent.constraints)
-    found = [Ranked(c) for c in search([Tier("device", (device,))], Network({}), cons, goal, 1, include_return)]
+    cons = search_constraints(agent.constraints, device)
+    local = [Tier("device", (device,))]
+    found = [Ranked(c) for c in search(local, Network({}), cons, goal, 1, include_return)] if _searchable(cons, local) else []
     per_worker = top_n + 1 + (exclude is not None)  # room for the local one and an excluded one
     for cand, dev in zip(cands, devices):
         net = Network({(dev.machine, cand.profile.machine): cand.link})
         tiers = [Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))]
+        if not _searchable(cons, tiers):  # pins to the other worker tier
+            continue
         for cfg in search(tiers, net, cons, goal, per_worker, include_return):
             if cfg.hops:  # local configurations come from the device-only search above
                 found.append(Ranked(cfg, cand.worker_id, cand.address))
@@ -167,15 +179,18 @@ def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate 
     if plan.model_id != agent.model:
         return None
     if not plan.worker_id:
-        got = search([Tier("device", (device,))], Network({}), search_constraints(agent.constraints), goal, 1,
-                     include_return)
+        tiers = [Tier("device", (device,))]
+        cons = search_constraints(agent.constraints, device)
+        got = search(tiers, Network({}), cons, goal, 1, include_return) if _searchable(cons, tiers) else []
         return got[0] if got else None
     if cand is None or dev is None or cand.address != plan.worker_address:
         return None
     pins = {b: ("device" if b < plan.split_index else cand.tier) for b in range(device.n_blocks)}
+    cons = search_constraints(agent.constraints, device, pins)
+    if cons is None:  # the agent's pins put a block elsewhere
+        return None
     net = Network({(dev.machine, cand.profile.machine): cand.link})
-    got = search([Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))], net,
-                 search_constraints(agent.constraints, pins), goal, 1, include_return)
+    got = search([Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))], net, cons, goal, 1, include_return)
     return got[0] if got and got[0].hops else None
 
 

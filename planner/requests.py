@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from planner import constraints
 from planner import profile as profiles
 from planner.config import PlannerConfig
 from planner.profile import Profile
@@ -60,13 +61,11 @@ def check_seconds(value: float, what: str) -> float:
     return value
 
 
-def check_constraints(c: pb.Constraints) -> None:
-    if not (0.0 <= c.min_fidelity <= 1.0):
-        raise InvalidInput(f"constraints.min_fidelity is top-1 agreement in [0, 1], not {c.min_fidelity}")
-    check_seconds(c.max_device_seconds, "constraints.max_device_seconds")
-    if c.objective not in ("", "latency", "throughput"):
-        raise InvalidInput(f"constraints.objective must be 'latency' or 'throughput', not {c.objective[:40]!r}")
+def check_constraints(c: pb.Constraints, device: Profile) -> None:
+    """Every field of ``c``, the blocks it names against the agent's ``device`` profile."""
     check_ids(c.exclude_workers, "constraints.exclude_workers")
+    check_ids(c.include_workers, "constraints.include_workers")
+    constraints.resolve(c, device)
 
 
 # -- registrations ---------------------------------------------------------------------------------
@@ -141,7 +140,7 @@ def check_agent_request(request: pb.RegisterAgentRequest) -> AgentRequest:
                            f"{request.model_digest}: re-profile the board with the weights it runs")
     workers = check_ids(request.workers, "workers")
     tl_ids = check_ids(request.tl_ids, "tl_ids")
-    check_constraints(request.constraints)
+    check_constraints(request.constraints, device)
     return AgentRequest(aid, model, device, workers, tl_ids)
 
 
@@ -166,10 +165,13 @@ def check_plan_status(request: pb.PlanStatus) -> None:
         raise InvalidInput(f"message is longer than {MAX_MESSAGE_CHARS} characters")
 
 
-def check_query(request: pb.PlanQuery, config: PlannerConfig) -> tuple[int, float, float]:
-    """``(top_n, bandwidth, rtt)`` of a QueryPlan (0 for bandwidth or RTT: the measured one)."""
+def check_query(request: pb.PlanQuery, config: PlannerConfig, device: Profile) -> tuple[int, float, float]:
+    """``(top_n, bandwidth, rtt)`` of a QueryPlan (0 for bandwidth or RTT: the measured one); its
+    constraints, when set, are checked against the agent's ``device`` profile."""
     top_n = request.top_n or config.top_n
     if top_n > config.max_top_n:
         raise InvalidInput(f"top_n {top_n} is above the planner's max_top_n ({config.max_top_n})")
+    if request.HasField("constraints"):
+        check_constraints(request.constraints, device)
     return (top_n, check_seconds(request.bandwidth_bytes_per_second, "bandwidth_bytes_per_second"),
             check_seconds(request.rtt_seconds, "rtt_seconds"))

@@ -16,6 +16,7 @@ the servicer: who is registered, what each agent runs, when to decide, and who i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import math
@@ -206,18 +207,21 @@ class PlannerService(pb_grpc.PlannerServicer):
             return LinkRecord(self.config.default_rtt_seconds, self.config.default_bandwidth_bytes_per_second, 0.0)
         return lk
 
-    def _candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0) -> list[Candidate]:
+    def _candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0,
+                    record: AgentRecord | None = None) -> list[Candidate]:
         workers = [(w.record, w.profiles) for _, w in sorted(self.workers.items())]
-        return decide.candidates(st.record, st.device, workers, lambda wid: self._link(st, wid), rtt, bandwidth)
+        return decide.candidates(record or st.record, st.device, workers, lambda wid: self._link(st, wid), rtt,
+                                 bandwidth)
 
     def _key(self, st: AgentState, r: Ranked) -> PlanKey:
         return decide.config_key(st.device, r)
 
     async def _rank(self, st: AgentState, top_n: int, rtt: float = 0.0, bandwidth: float = 0.0,
-                    exclude: PlanKey | None = None, predict: pb.Plan | None = None):
-        """Rank now (and predict ``predict`` under the same conditions); profiles are derived here,
-        on the event loop, and only the searches run in the executor."""
-        cands = self._candidates(st, rtt, bandwidth)
+                    exclude: PlanKey | None = None, predict: pb.Plan | None = None, record: AgentRecord | None = None):
+        """Rank now (and predict ``predict`` under the same conditions), for ``record`` (default: the
+        agent's; a query may bring other constraints); profiles are derived here, on the event loop,
+        and only the searches run in the executor."""
+        cands = self._candidates(st, rtt, bandwidth, record)
         devices = [st.device_for(c.tl_ids) for c in cands]
         cand = pinned = None
         if predict is not None and predict.worker_id:
@@ -226,7 +230,7 @@ class PlannerService(pb_grpc.PlannerServicer):
             if cand is not None and usable and 0 <= predict.split_index < st.device.n_blocks:
                 pinned = st.device_for(cand.tl_ids, (predict.split_index, predict.codec, predict.tl_id))
 
-        rec, device, include_return = st.record, st.device, self.config.include_return
+        rec, device, include_return = record or st.record, st.device, self.config.include_return
 
         def work():
             ranked, seconds = decide.rank(rec, device, cands, devices, top_n, include_return, exclude)
@@ -482,8 +486,9 @@ class PlannerService(pb_grpc.PlannerServicer):
     @_rpc
     async def QueryPlan(self, request: pb.PlanQuery, context) -> pb.PlanQueryReply:
         st = self._agent(request.agent_id)
-        top_n, bw, rtt = requests.check_query(request, self.config)
-        ranked, seconds, _ = await self._rank(st, top_n, rtt=rtt, bandwidth=bw)
+        top_n, bw, rtt = requests.check_query(request, self.config, st.device)
+        record = dataclasses.replace(st.record, constraints=request.constraints) if request.HasField("constraints") else None
+        ranked, seconds, _ = await self._rank(st, top_n, rtt=rtt, bandwidth=bw, record=record)
         reply = pb.PlanQueryReply(decision_seconds=seconds)
         for i, r in enumerate(ranked):
             reply.candidates.append(decide.to_plan(st.record, st.device, r,

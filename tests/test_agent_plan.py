@@ -483,7 +483,14 @@ def test_run_agent_follows_the_planner(loaded, workers, tmp_path):
                 await run_agent(AgentConfig(**base, profile=str(tmp_path / "missing.json"), source="none"))
             task = asyncio.create_task(run_agent(AgentConfig(**base, profile=str(profile), source="none", serve=sock,
                                                              raw_input_stays=True, max_upload_bytes=4096,
-                                                             planner_workers=("edge-a",)), out=io.StringIO()))
+                                                             planner_workers=("edge-a",), pin_blocks=("stem=device",),
+                                                             forbid_blocks=("3=edge",), max_tier_seconds=("edge=0.5",),
+                                                             max_tier_share=("device=0.9",),
+                                                             max_link_upload_bytes=("device=8192",),
+                                                             max_memory_bytes=("edge=1000000",),
+                                                             device_memory_bytes=2**20,
+                                                             planner_exclude_workers=("edge-z",)),
+                                            out=io.StringIO()))
             await until(lambda: fake.status(3), 20, "plan v3 applied by the agent process")
             deadline = time.monotonic() + 20
             while not await serving():  # the stop handler is installed once the local API serves
@@ -503,3 +510,9 @@ def test_run_agent_follows_the_planner(loaded, workers, tmp_path):
     reg = fake.registers[-1]
     assert reg.constraints.raw_input_stays and reg.constraints.max_upload_bytes == 4096
     assert reg.constraints.objective == "latency" and list(reg.workers) == ["edge-a"]
+    c = reg.constraints
+    assert [(e.name, e.tier) for e in c.pin_blocks] == [("stem", "device")]
+    assert [(e.index, e.tier) for e in c.forbid_blocks] == [(3, "edge")]
+    assert (dict(c.max_tier_seconds), dict(c.max_tier_share)) == ({"edge": 0.5}, {"device": 0.9})
+    assert (dict(c.max_link_upload_bytes), dict(c.max_memory_bytes)) == ({"device": 8192}, {"edge": 1_000_000})
+    assert c.device_memory_bytes == 2**20 and list(c.exclude_workers) == ["edge-z"]

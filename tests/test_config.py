@@ -169,3 +169,49 @@ def test_cli_reports_config_errors_exit_2(toml, monkeypatch, capsys):
     monkeypatch.setenv("EDGESPLIT_WORKER_NOPE", "1")
     assert main(["print-config", "worker"]) == 2
     assert "EDGESPLIT_WORKER_NOPE" in capsys.readouterr().err
+
+
+def test_agent_plan_constraints_precedence_and_wire(toml, capsys):
+    from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+
+    f = toml('[agent]\npin_blocks = ["0=device", "conv3=edge"]\nforbid_blocks = ["4=cloud"]\n'
+             'max_tier_seconds = ["device=0.05", "edge=0.01"]\nmax_tier_share = ["device=0.6"]\n'
+             'max_link_upload_bytes = ["device=65536"]\nmax_memory_bytes = ["edge=1000000"]\n'
+             'device_memory_bytes = 2000000\nplanner_exclude_workers = ["w9"]\npin_layers = ["12=device"]\n')
+    env = {"EDGESPLIT_AGENT_MAX_TIER_SHARE": "device=0.5,edge=0.4", "EDGESPLIT_AGENT_DEVICE_MEMORY_BYTES": "3000000"}
+    a = load_config(AgentConfig, "agent", config_file=f, env=env, overrides={"max_tier_seconds": ("cloud=2",)})
+    assert a.pin_blocks == ("0=device", "conv3=edge") and a.pin_layers == ("12=device",)  # TOML
+    assert a.max_tier_share == ("device=0.5", "edge=0.4") and a.device_memory_bytes == 3_000_000  # env over TOML
+    assert a.max_tier_seconds == ("cloud=2",)  # flag over TOML
+    c = ppb.Constraints(**a.constraints())  # what the registration carries
+    assert [(e.WhichOneof("block"), getattr(e, e.WhichOneof("block")), e.tier) for e in c.pin_blocks] == \
+           [("index", 0, "device"), ("name", "conv3", "edge"), ("layer", 12, "device")]
+    assert [(e.index, e.tier) for e in c.forbid_blocks] == [(4, "cloud")]
+    assert dict(c.max_tier_seconds) == {"cloud": 2.0} and dict(c.max_tier_share) == {"device": 0.5, "edge": 0.4}
+    assert dict(c.max_link_upload_bytes) == {"device": 65536} and dict(c.max_memory_bytes) == {"edge": 1_000_000}
+    assert c.device_memory_bytes == 3_000_000 and list(c.exclude_workers) == ["w9"]
+    # print-config shows them and its output loads back to the same configuration
+    assert main(["print-config", "agent", "--config", str(f), "--max-tier-seconds", "edge=0.02",
+                 "--max-tier-seconds", "device=0.1"]) == 0
+    out = capsys.readouterr().out
+    assert tomllib.loads(out)["agent"]["max_tier_seconds"] == ["edge=0.02", "device=0.1"]
+    back = load_config(AgentConfig, "agent", config_file=toml(out), env={})
+    assert back.constraints() == load_config(AgentConfig, "agent", config_file=f, env={},
+                                             overrides={"max_tier_seconds": ("edge=0.02", "device=0.1")}).constraints()
+
+
+@pytest.mark.parametrize("kw, phrase", [
+    ({"max_tier_share": ("edge=1.5",)}, r"max_tier_share\[edge\] is a share"),
+    ({"max_tier_seconds": ("edge=-1",)}, "a cap must be > 0"),
+    ({"max_tier_seconds": ("edge=fast",)}, "'fast' is not a number of seconds"),
+    ({"max_memory_bytes": ("device=0",)}, r"max_memory_bytes\[device\] is 0"),
+    ({"max_link_upload_bytes": ("fog=10",)}, "'fog' is not a tier"),
+    ({"pin_blocks": ("conv3",)}, "pin_blocks takes BLOCK=TIER"),
+    ({"pin_layers": ("first=edge",)}, "layer index >= 0"),
+    ({"forbid_blocks": ("2=gpu",)}, "'gpu' is not a tier"),
+    ({"device_memory_bytes": -1}, "device_memory_bytes must be >= 0"),
+    ({"max_tier_share": ("edge=0.5", "edge=0.6")}, "names tier edge twice"),
+])
+def test_agent_plan_constraints_refused_at_start(kw, phrase):
+    with pytest.raises(InvalidInput, match=phrase):
+        AgentConfig(**kw)

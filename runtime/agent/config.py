@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from runtime.codec import get_codec
 from runtime.config import field
 from runtime.errors import InvalidInput
 from runtime.transport import TransportOptions
+
+
+_TEXT_CONSTRAINTS = ("pin_blocks", "pin_layers", "forbid_blocks", "max_tier_seconds", "max_tier_share",
+                     "max_link_upload_bytes", "max_memory_bytes")  # KEY=VALUE settings, read by planner.constraints
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,19 @@ class AgentConfig:
     max_upload_bytes: int = field(0, "plans send at most this many bytes per frame (0: no cap)")
     max_device_seconds: float = field(0.0, "plans keep device compute per frame under this (0: no cap)")
     objective: str = field("latency", "what plans optimise: latency, or throughput (frames pipelined)")
+    device_memory_bytes: int = field(0, "plans keep at most this many bytes of weights on the device (0: no cap)")
+    planner_exclude_workers: tuple[str, ...] = field((), "worker ids the planner must never assign")
+    pin_blocks: tuple[str, ...] = field((), "BLOCK=TIER (index or name; tiers: device, edge, cloud): plans run it there")
+    pin_layers: tuple[str, ...] = field((), "LAYER=TIER: plans run the block holding that profile layer on TIER")
+    forbid_blocks: tuple[str, ...] = field((), "BLOCK=TIER (block index or name): plans never run that block on TIER")
+    max_tier_seconds: tuple[str, ...] = field((), "TIER=SECONDS: cap on a tier's time per frame (compute + encode/decode)")
+    max_tier_share: tuple[str, ...] = field((), "TIER=SHARE: cap on a tier's share of the end-to-end latency, in (0, 1]")
+    max_link_upload_bytes: tuple[str, ...] = field((), "TIER=BYTES: cap on bytes the tier sends per frame over its link")
+    max_memory_bytes: tuple[str, ...] = field((), "TIER=BYTES: cap on the weights a tier holds")
+    # worker chaining (device -> edge -> cloud): the worker runs a middle slice and forwards the rest
+    end_split: str = field("", "where the worker's slice ends; it forwards the rest to its next tier (empty: the worker runs the whole tail)")
+    next_hops: tuple[str, ...] = field((), "tiers after the worker, in order, as ADDRESS or ADDRESS@END_SPLIT (each in the previous worker's --next-tier; none: the worker's first)")
+    forward_codec: str = field("", "codec of the tensors the workers forward along the chain (empty: each worker's --forward-codec)")
 
     def __post_init__(self) -> None:
         if self.planner and not self.profile:
@@ -50,14 +68,28 @@ class AgentConfig:
             raise InvalidInput(f"objective must be latency or throughput, got {self.objective!r}")
         if not 0.0 <= self.min_fidelity <= 1.0 or self.max_upload_bytes < 0 or self.max_device_seconds < 0:
             raise InvalidInput("min_fidelity must be in [0, 1]; max_upload_bytes and max_device_seconds must be >= 0")
+        if self.next_hops and not self.end_split:
+            raise InvalidInput("next_hops is set but end_split is not: give --end-split, where the worker's slice ends")
+        if self.forward_codec:
+            get_codec(self.forward_codec)  # InvalidInput with the valid names
         if not self.telemetry_interval_seconds > 0:
             raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")
+        if self.device_memory_bytes < 0:
+            raise InvalidInput(f"device_memory_bytes must be >= 0 (0: no cap), got {self.device_memory_bytes}")
+        from planner.constraints import check_fields
+        from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+
+        check_fields(ppb.Constraints(**self.constraints()))  # what needs no profile; the planner checks the blocks
 
     def constraints(self) -> dict:
         """The plan constraints sent to the planner (planner.proto Constraints)."""
+        from planner.constraints import from_text
+
+        text = from_text(**{k: getattr(self, k) for k in _TEXT_CONSTRAINTS})
         return {"raw_input_stays": self.raw_input_stays, "min_fidelity": self.min_fidelity,
                 "max_upload_bytes": self.max_upload_bytes, "max_device_seconds": self.max_device_seconds,
-                "objective": self.objective}
+                "device_memory_bytes": self.device_memory_bytes, "objective": self.objective,
+                "exclude_workers": list(self.planner_exclude_workers), **text}
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes)

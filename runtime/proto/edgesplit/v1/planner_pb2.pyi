@@ -26,8 +26,48 @@ class RegisterWorkerReply(_message.Message):
     profiles: int
     def __init__(self, profiles: _Optional[int] = ...) -> None: ...
 
+class BlockTier(_message.Message):
+    __slots__ = ("index", "name", "layer", "tier")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    name: str
+    layer: int
+    tier: str
+    def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., layer: _Optional[int] = ..., tier: _Optional[str] = ...) -> None: ...
+
 class Constraints(_message.Message):
-    __slots__ = ("raw_input_stays", "min_fidelity", "max_upload_bytes", "max_device_seconds", "device_memory_bytes", "objective", "exclude_workers")
+    __slots__ = ("raw_input_stays", "min_fidelity", "max_upload_bytes", "max_device_seconds", "device_memory_bytes", "objective", "exclude_workers", "include_workers", "pin_blocks", "forbid_blocks", "max_tier_seconds", "max_tier_share", "max_link_upload_bytes", "max_memory_bytes")
+    class MaxTierSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class MaxTierShareEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class MaxLinkUploadBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class MaxMemoryBytesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     RAW_INPUT_STAYS_FIELD_NUMBER: _ClassVar[int]
     MIN_FIDELITY_FIELD_NUMBER: _ClassVar[int]
     MAX_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +75,13 @@ class Constraints(_message.Message):
     DEVICE_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     OBJECTIVE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    PIN_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    FORBID_BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TIER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_TIER_SHARE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LINK_UPLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     raw_input_stays: bool
     min_fidelity: float
     max_upload_bytes: int
@@ -42,7 +89,14 @@ class Constraints(_message.Message):
     device_memory_bytes: int
     objective: str
     exclude_workers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, raw_input_stays: _Optional[bool] = ..., min_fidelity: _Optional[float] = ..., max_upload_bytes: _Optional[int] = ..., max_device_seconds: _Optional[float] = ..., device_memory_bytes: _Optional[int] = ..., objective: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ...) -> None: ...
+    include_workers: _containers.RepeatedScalarFieldContainer[str]
+    pin_blocks: _containers.RepeatedCompositeFieldContainer[BlockTier]
+    forbid_blocks: _containers.RepeatedCompositeFieldContainer[BlockTier]
+    max_tier_seconds: _containers.ScalarMap[str, float]
+    max_tier_share: _containers.ScalarMap[str, float]
+    max_link_upload_bytes: _containers.ScalarMap[str, int]
+    max_memory_bytes: _containers.ScalarMap[str, int]
+    def __init__(self, raw_input_stays: _Optional[bool] = ..., min_fidelity: _Optional[float] = ..., max_upload_bytes: _Optional[int] = ..., max_device_seconds: _Optional[float] = ..., device_memory_bytes: _Optional[int] = ..., objective: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., include_workers: _Optional[_Iterable[str]] = ..., pin_blocks: _Optional[_Iterable[_Union[BlockTier, _Mapping]]] = ..., forbid_blocks: _Optional[_Iterable[_Union[BlockTier, _Mapping]]] = ..., max_tier_seconds: _Optional[_Mapping[str, float]] = ..., max_tier_share: _Optional[_Mapping[str, float]] = ..., max_link_upload_bytes: _Optional[_Mapping[str, int]] = ..., max_memory_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
     __slots__ = ("agent_id", "model_id", "model_digest", "profile_json", "workers", "tl_ids", "constraints")
@@ -167,16 +221,18 @@ class PlanStatusAck(_message.Message):
     def __init__(self) -> None: ...
 
 class PlanQuery(_message.Message):
-    __slots__ = ("agent_id", "bandwidth_bytes_per_second", "rtt_seconds", "top_n")
+    __slots__ = ("agent_id", "bandwidth_bytes_per_second", "rtt_seconds", "top_n", "constraints")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     RTT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOP_N_FIELD_NUMBER: _ClassVar[int]
+    CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     bandwidth_bytes_per_second: float
     rtt_seconds: float
     top_n: int
-    def __init__(self, agent_id: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., top_n: _Optional[int] = ...) -> None: ...
+    constraints: Constraints
+    def __init__(self, agent_id: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., top_n: _Optional[int] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ...) -> None: ...
 
 class PlanQueryReply(_message.Message):
     __slots__ = ("candidates", "decision_seconds")
