@@ -186,10 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="start a worker and an agent on loopback and stream frames of a bundled model")
     p.add_argument("--model", default="efficientnet_lite0", help="model (default: efficientnet_lite0)")
     p.add_argument("--split", default="", help="split point (default: the model's default)")
-    p.add_argument("--codec", default="int8+lz4", help="wire codec (default: int8+lz4)")
+    p.add_argument("--codec", default="auto", help="wire codec (default: auto = ans with a transform TL, else int8+lz4)")
     p.add_argument("--frames", type=int, default=50, help="frames to stream (default: 50)")
     p.add_argument("--source", default="samples", help="frame source (default: the bundled sample photos)")
-    p.add_argument("--tl", default="", help="Transfer Layer artifact .json: the agent encodes with it, the worker decodes (default: none)")
+    p.add_argument("--tl", default="bundled", help="Transfer Layer artifact .json or id: the agent encodes with it, the "
+                   "worker decodes; 'bundled' = the TL shipped for the model (EfficientNet-Lite0 split 45, transform), "
+                   "'none' = no TL (default: bundled)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="loopback benchmark: latency by stage, bytes per frame and overhead per codec")

@@ -20,15 +20,39 @@ def _line(r: FrameResult, labels: tuple[str, ...] | None) -> str:
             f"{r.times['total'] * 1e3:7.1f} ms  {r.wire_bytes:>8,} B")
 
 
+def _choose_tl(args: argparse.Namespace) -> tuple[str, str]:
+    """(TL manifest path or "", codec): ``--tl bundled`` is the TL shipped for the model, if any,
+    and ``--codec auto`` is ``ans`` with a transform TL, else int8+lz4."""
+    tl = "" if args.tl in ("", "none") else args.tl
+    if tl == "bundled":
+        from runtime.transfer.artifact import bundled_tl
+
+        path = bundled_tl(args.model)
+        tl = str(path) if path is not None and not args.split else ""
+        if path is not None and args.split:
+            print("--split given: running without the bundled Transfer Layer (it is for its own split)",
+                  file=sys.stderr)
+    codec = args.codec
+    if codec == "auto":
+        kind = ""
+        if tl:
+            from runtime.transfer.artifact import read_manifest, resolve_path
+
+            kind = read_manifest(resolve_path(tl))["kind"]
+        codec = "ans" if kind == "transform" else "int8+lz4"
+    return tl, codec
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    tl, codec = _choose_tl(args)
     print("starting an edge worker on 127.0.0.1 ...", file=sys.stderr, flush=True)
-    tl_flags = ["--tl", args.tl] if args.tl else []
+    tl_flags = ["--tl", tl] if tl else []
     worker = spawn_worker(["--torch-threads", "1", "--metrics-port", "-1", *tl_flags])
     try:
-        print(f"worker SERVING on {worker.address}; streaming {args.frames} frames of {args.model}", file=sys.stderr,
-              flush=True)
-        config = AgentConfig(worker=worker.address, model=args.model, split=args.split, codec=args.codec,
-                             source=args.source, frames=args.frames, window=2, torch_threads=1, tl=args.tl or "")
+        print(f"worker SERVING on {worker.address}; streaming {args.frames} frames of {args.model} with codec "
+              f"{codec}{' through Transfer Layer ' + tl if tl else ''}", file=sys.stderr, flush=True)
+        config = AgentConfig(worker=worker.address, model=args.model, split=args.split, codec=codec,
+                             source=args.source, frames=args.frames, window=2, torch_threads=1, tl=tl)
         results = asyncio.run(run_agent(config, out=sys.stdout, fmt=_line))
     finally:
         code = worker.stop()

@@ -239,3 +239,24 @@ def test_cli_trains_and_evaluates_a_transform_tl(tmp_path, capsys):
                                                                               abs=1e-6)
     assert main(args[:-2] + ["--ratio", "4", "--out", str(out)]) == 2
     assert "ratio 1" in capsys.readouterr().err
+
+
+def test_bundled_transform_tl_loads_by_id_and_is_the_demo_default():
+    import argparse
+
+    from runtime.demo import _choose_tl
+    from runtime.transfer.artifact import bundled_tl, read_manifest
+
+    path = bundled_tl("efficientnet_lite0")
+    assert path is not None and bundled_tl("resnet18") is None
+    manifest = read_manifest(path)
+    assert manifest["kind"] == "transform" and manifest["split"] == "conv2d_17"
+    art = load_tl(manifest["tl_id"], "/nonexistent-dir")  # an id alone finds the bundled artifact
+    assert art.tl_id == manifest["tl_id"] and art.tl.entropy_model is not None
+    demo = lambda **kw: _choose_tl(argparse.Namespace(**{"model": "efficientnet_lite0", "split": "",  # noqa: E731
+                                                         "tl": "bundled", "codec": "auto", **kw}))
+    assert demo() == (str(path), "ans")
+    assert demo(tl="none") == ("", "int8+lz4")
+    assert demo(codec="int8+lz4") == (str(path), "int8+lz4")
+    assert demo(split="35") == ("", "int8+lz4")  # the bundled TL is for split 45 only
+    assert demo(model="resnet18") == ("", "int8+lz4")

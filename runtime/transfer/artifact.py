@@ -26,6 +26,7 @@ from runtime.models.loader import LoadedModel
 from runtime.models.slicing import SplitPoint
 from runtime.transfer.layers import KINDS, TransferLayer
 
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # TLs shipped in the package (see bundled_tl)
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 _IDENTITY = ("format_version", "model", "model_digest", "split", "input_shape", "kind", "ratio", "finetune_tail")
@@ -125,13 +126,27 @@ def record_measurements(path: str | os.PathLike, **sections: dict) -> dict:
     return manifest
 
 
+def bundled_tl(model: str) -> Path | None:
+    """The manifest of the TL shipped with edgesplit for ``model`` (the demo's default), or None."""
+    for p in sorted(BUNDLED_DIR.glob("tl-*.json")):
+        try:
+            if read_manifest(p)["model"] == model:
+                return p
+        except InvalidInput:
+            continue
+    return None
+
+
 def resolve_path(path_or_id: str | os.PathLike, directory: str | os.PathLike | None = None) -> Path:
-    """The manifest path for a manifest/weights path, a directory + id, or an id in ``directory``."""
+    """The manifest path for a manifest/weights path, a directory + id, or an id in ``directory``
+    (an id found nowhere else is looked up among the bundled TLs)."""
     p = Path(path_or_id)
     if p.suffix == ".safetensors":
         p = p.with_suffix(".json")
     elif p.suffix != ".json":
         p = Path(directory or ".") / f"{path_or_id}.json"
+        if not p.is_file() and (BUNDLED_DIR / f"{path_or_id}.json").is_file():
+            p = BUNDLED_DIR / f"{path_or_id}.json"
     if not p.is_file():
         raise InvalidInput(f"Transfer Layer manifest {str(p)!r} not found; give the .json (or .safetensors) path "
                            "written by 'edgesplit tl train', or an id with its directory")
