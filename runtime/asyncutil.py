@@ -26,3 +26,12 @@ async def cancel_and_wait(task: asyncio.Task | None, timeout: float = 10.0, inte
         return
     if not task.cancelled() and task.exception() is not None:
         logger.debug("task %s ended with %r", task.get_name(), task.exception())
+
+
+async def wait_set(event: asyncio.Event, timeout: float) -> bool:
+    """Wait (bounded) until ``event`` is set; False on timeout."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False

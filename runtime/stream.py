@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from runtime.errors import Unavailable, from_rpc_error
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.asyncutil import wait_set
 from runtime.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
@@ -85,11 +86,7 @@ class EdgeStream:
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait (bounded) until no frame holds the stream; False on timeout."""
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        return await wait_set(self._idle, timeout)
 
     async def _ensure_open(self) -> None:
         if self._call is not None:

@@ -174,6 +174,17 @@ class TransformDecoder(_Transform):
         return torch.einsum("nkhw,ck->nchw", z, self.basis) + self.mean[None, :, None, None]
 
 
+def _channel_pca(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA of the per-pixel channel vectors of ``x`` ``(N, C, H, W)``: ``(vectors (N*H*W, C), mean,
+    eigenvalues descending (>= 0), eigenvectors as columns in the same order)``."""
+    c = x.shape[1]
+    v = x.permute(0, 2, 3, 1).reshape(-1, c)
+    mean = v.mean(0)
+    vc = v - mean
+    evals, evecs = torch.linalg.eigh(vc.T @ vc / max(1, v.shape[0]))  # ascending
+    return v, mean, evals.flip(0).clamp_min(0), evecs.flip(1)
+
+
 # -- the pair ----------------------------------------------------------------------------------
 
 
@@ -253,20 +264,11 @@ class TransferLayer(nn.Module):
         coefficients. Returns what was fitted."""
         from runtime.entropy import MAX_RANGE, band_map, fit_tables
 
-        if self.kind != "transform":
-            raise InvalidInput(f"fit_transform needs a transform TL, not {self.kind!r}")
-        _check_rank4(features, "the transform fit")
-        if tuple(features.shape[1:]) != self.in_shape:
-            raise InvalidInput(f"transform fit features have shape {list(features.shape[1:])}, "
-                               f"this TL takes {list(self.in_shape)}")
+        self._check_fit(features, "transform", "the transform fit")
         if not step > 0 or not math.isfinite(step):
             raise InvalidInput(f"--step must be a finite number > 0, got {step}")
         c = self.in_shape[0]
-        v = features.to(torch.float64).permute(0, 2, 3, 1).reshape(-1, c)
-        mean = v.mean(0)
-        vc = v - mean
-        evals, evecs = torch.linalg.eigh(vc.T @ vc / max(1, v.shape[0]))
-        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
+        v, mean, evals, evecs = _channel_pca(features.to(torch.float64))
         std = float(v.std(0, unbiased=False).mean())
         delta = step * (std if std > 0 else 1.0)
         for part in (self.encoder, self.decoder):
@@ -287,29 +289,28 @@ class TransferLayer(nn.Module):
                 "features": int(features.shape[0]), "clipped": clipped,
                 "explained_variance_half": round(float(evals[: max(1, c // 2)].sum()) / total, 6) if total else 1.0}
 
+    def _check_fit(self, features: torch.Tensor, kind: str, what: str) -> None:
+        if self.kind != kind:
+            raise InvalidInput(f"{what} needs a {kind} TL, not {self.kind!r}")
+        _check_rank4(features, what)
+        if tuple(features.shape[1:]) != self.in_shape:
+            raise InvalidInput(f"{what}: features have shape {list(features.shape[1:])}, "
+                               f"this TL takes {list(self.in_shape)}")
+
     @torch.no_grad()
     def init_pca(self, features: torch.Tensor, margin: float = 1.0) -> dict:
         """Closed-form PCA initialisation of a bottleneck from ``features`` ``(N, C, H, W)`` (see the
         module docstring); returns ``{"components", "explained_variance"}`` (the fraction of the
         per-pixel channel variance the kept components carry, on ``features``). ``margin`` (in
         channel standard deviations) widens the ReLU's linear range beyond the features' minimum."""
-        if self.kind != "bottleneck":
-            raise InvalidInput(f"PCA initialisation needs a bottleneck TL, not {self.kind!r}")
-        _check_rank4(features, "PCA initialisation")
-        if tuple(features.shape[1:]) != self.in_shape:
-            raise InvalidInput(f"PCA initialisation features have shape {list(features.shape[1:])}, "
-                               f"this TL takes {list(self.in_shape)}")
+        self._check_fit(features, "bottleneck", "PCA initialisation")
         enc, dec = self.encoder, self.decoder
         x = features.to(torch.float64)
         if enc.spatial > 1:
             x = F.avg_pool2d(x, 2, 2, ceil_mode=True)
         c, k = x.shape[1], enc.proj.out_channels
-        v = x.permute(0, 2, 3, 1).reshape(-1, c)
-        mean = v.mean(0)
+        v, mean, evals, evecs = _channel_pca(x)
         vc = v - mean
-        cov = vc.T @ vc / max(1, v.shape[0])
-        evals, evecs = torch.linalg.eigh(cov)  # ascending
-        evals, evecs = evals.flip(0).clamp_min(0), evecs.flip(1)
         basis = evecs[:, :k]  # (C, k), orthonormal columns; k may exceed C only when C is tiny
         if basis.shape[1] < k:
             basis = torch.cat([basis, basis.new_zeros(c, k - basis.shape[1])], 1)

@@ -33,6 +33,7 @@ from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.transport import FrameAssembler
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
+from runtime.asyncutil import wait_set
 from runtime.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -205,11 +206,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-            return True
-        except asyncio.TimeoutError:
-            return False
+        """Wait (bounded) until no admitted frame is left; False on timeout."""
+        return await wait_set(self._idle, timeout)
 
     # -- one frame ---------------------------------------------------------------------------
 
