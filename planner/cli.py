@@ -50,6 +50,13 @@ def _plan_dict(plan) -> dict:
     return json_format.MessageToDict(plan, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _route(plan) -> tuple[str, str]:
+    """(workers, split) cells of a plan: a chain shows each worker and where each slice ends."""
+    workers = " > ".join([plan.worker_id or "(local)", *(h.worker_id for h in plan.next_hops)])
+    ends = [plan.end_split, *(h.end_split for h in plan.next_hops[:-1])] if plan.next_hops else []
+    return workers, "..".join([plan.split_id or "-", *ends])
+
+
 _QUERY_TEXT = {"pin_blocks": "pin_block", "pin_layers": "pin_layer", "forbid_blocks": "forbid_block",
                "max_tier_seconds": "max_tier_seconds", "max_tier_share": "max_tier_share",
                "max_link_upload_bytes": "max_upload", "max_memory_bytes": "max_memory"}  # wire field -> argument
@@ -89,7 +96,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     for i, p in enumerate(reply.candidates, 1):
         parts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in sorted(p.breakdown_seconds.items()) if v)
         fps = f"{p.predicted_fps:.1f}" if p.predicted_fps < 1e9 else "inf"
-        print(f"{i:>4}  {p.worker_id or '(local)':<16}{p.split_id:<18}{p.codec or '-':<12}{p.tl_id or '-':<14}"
+        workers, split = _route(p)
+        print(f"{i:>4}  {workers:<16}{split:<18}{p.codec or '-':<12}{p.tl_id or '-':<14}"
               f"{p.predicted_seconds * 1e3:>9.2f}{fps:>9}{p.predicted_bytes:>12,}  {parts}")
     print(f"decided in {reply.decision_seconds * 1e3:.2f} ms")
     return 0
@@ -110,8 +118,9 @@ def cmd_agents(args: argparse.Namespace) -> int:
         p = a.plan
         refused = f"v{a.refused_version}: {a.refused_message}" if a.refused_version else "-"
         age = f"{a.telemetry_age_seconds:.1f}" if a.telemetry_age_seconds >= 0 else "-"
-        print(f"{a.agent_id:<20}{a.model_id:<20}{p.version:>6}  {(p.worker_id or '(local)') if p.version else '-':<16}"
-              f"{p.split_id or '-':<18}{p.codec or '-':<12}{p.predicted_seconds * 1e3:>8.2f}"
+        workers, split = _route(p) if p.version else ("-", "-")
+        print(f"{a.agent_id:<20}{a.model_id:<20}{p.version:>6}  {workers:<16}"
+              f"{split:<18}{p.codec or '-':<12}{p.predicted_seconds * 1e3:>8.2f}"
               f"{a.bandwidth_bytes_per_second / 1e6:>9.2f}{a.rtt_seconds * 1e3:>8.1f}{age:>8}  {refused}")
     return 0
 

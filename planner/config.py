@@ -17,6 +17,10 @@ class PlannerConfig:
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     default_rtt_seconds: float = field(0.005, "link RTT assumed for an agent/worker pair until telemetry arrives")
     default_bandwidth_bytes_per_second: float = field(12_500_000.0, "link bandwidth assumed until telemetry arrives (100 Mbit/s)")
+    # Worker-to-worker links (an edge worker forwarding to a cloud worker) carry no telemetry: agents
+    # measure only their own link, so a chained plan's edge -> cloud hop is costed with these.
+    worker_link_rtt_seconds: float = field(0.010, "RTT assumed between a worker and the next-tier worker it forwards to")
+    worker_link_bandwidth_bytes_per_second: float = field(12_500_000.0, "bandwidth assumed between a worker and the next-tier worker it forwards to (100 Mbit/s)")
     switch_gain: float = field(0.10, "relative predicted gain over the running plan needed to switch (0.10 = 10 %)")
     switch_min_gain_seconds: float = field(0.002, "absolute predicted gain per frame needed to switch, in seconds")
     hold_seconds: float = field(3.0, "the gain must hold this long, continuously, before the plan changes")
@@ -36,6 +40,8 @@ class PlannerConfig:
         checks = [
             (self.default_rtt_seconds >= 0, "default_rtt_seconds must be >= 0"),
             (self.default_bandwidth_bytes_per_second > 0, "default_bandwidth_bytes_per_second must be > 0"),
+            (self.worker_link_rtt_seconds >= 0, "worker_link_rtt_seconds must be >= 0"),
+            (self.worker_link_bandwidth_bytes_per_second > 0, "worker_link_bandwidth_bytes_per_second must be > 0"),
             (self.switch_gain >= 0, "switch_gain must be >= 0 (0.10 = switch on a 10 % predicted gain)"),
             (self.switch_min_gain_seconds >= 0, "switch_min_gain_seconds must be >= 0"),
             (self.hold_seconds >= 0, "hold_seconds must be >= 0"),

@@ -5,6 +5,15 @@ Pure functions over profiles, links and constraints (no service state, no I/O): 
 both the agent and the worker hold it, so the device profile each search sees is limited to those
 (:func:`limit_device`), and the ranking runs one search per candidate worker (a local-only search
 gives the configurations without a worker) and merges them best first.
+
+Chained plans (device -> edge -> cloud, the runtime's worker chaining): for every edge-tier
+worker that registered the address of a cloud-tier worker among its next tiers (its
+``--next-tier`` allowlist; the planner cannot change it, so it never routes a frame to an address
+the edge would refuse), both of them workers the agent may use, one more search runs over the three tiers with both workers required
+(:class:`Chain`); the configurations with fewer tiers come from the searches above. The edge ->
+cloud hop uses codecs only (a forwarding worker drops Transfer Layers, :func:`forwarding`), and
+its link is the planner's configured worker-to-worker link (no agent measures it). Chains are
+edge -> cloud only: the search names tiers, and a frame crosses each tier once.
 """
 
 from __future__ import annotations
@@ -22,11 +31,18 @@ from planner.search import search
 from planner.store import AgentRecord, LinkRecord, WorkerRecord
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
-PlanKey = tuple[str, int, str, str]  # worker id ("" = local), split index, codec, TL id
+Route = tuple[tuple[int, str, str, str], ...]  # per later worker: (cut before it, worker id, codec, TL id)
+PlanKey = tuple[str, int, str, str, Route]  # worker id ("" = local), split index, codec, TL id, route
+
+
+def plan_route(plan: pb.Plan) -> Route:
+    """The chained part of ``plan`` as a key: () when its worker runs the whole tail."""
+    cuts = [plan.end_split_index, *(h.end_split_index for h in plan.next_hops[:-1])]
+    return tuple((cut, h.worker_id, h.codec, h.tl_id) for cut, h in zip(cuts, plan.next_hops))
 
 
 def plan_key(plan: pb.Plan) -> PlanKey:
-    return (plan.worker_id, plan.split_index, plan.codec, plan.tl_id)
+    return (plan.worker_id, plan.split_index, plan.codec, plan.tl_id, plan_route(plan))
 
 
 @dataclass(frozen=True)
@@ -39,6 +55,16 @@ class Candidate:
     profile: Profile
     tl_ids: frozenset[str]
     link: Link
+    next_tiers: frozenset[str] = frozenset()  # addresses it forwards chained frames to
+
+
+@dataclass(frozen=True)
+class Chain:
+    """An edge worker that forwards to a cloud worker: the inputs of one device -> edge -> cloud search."""
+
+    first: Candidate  # the edge worker (the agent's link is first.link)
+    second: Candidate  # the cloud worker; second.address is one of first.next_tiers
+    link: Link  # first -> second (the planner's worker-to-worker link)
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,7 @@ class Ranked:
     config: Configuration
     worker_id: str = ""  # "" = local
     address: str = ""
+    next_hops: tuple[tuple[str, str], ...] = ()  # (worker id, address) of each worker after the first
 
 
 def search_constraints(c: pb.Constraints, device: Profile, pins: dict[int, str] | None = None) -> Constraints | None:
@@ -98,8 +125,69 @@ def candidates(agent: AgentRecord, device: Profile, workers: Iterable[tuple[Work
         lk = link_for(wid)
         link = Link(rtt or lk.rtt_seconds, bandwidth or lk.bandwidth_bytes_per_second)
         out.append(Candidate(wid, rec.address, rec.tier, worker_profiles[agent.model],
-                             frozenset(agent.tl_ids) & frozenset(rec.tl_ids), link))
+                             frozenset(agent.tl_ids) & frozenset(rec.tl_ids), link, frozenset(rec.next_tiers)))
     return out
+
+
+def chains(cands: Iterable[Candidate], link: Link) -> list[Chain]:
+    """Every (edge, cloud) pair of ``cands`` in which the edge worker forwards to the cloud worker's address."""
+    cands = list(cands)
+    return [Chain(f, s, link) for f in cands if f.tier == "edge"
+            for s in cands if s.tier == "cloud" and s.address in f.next_tiers]
+
+
+_MEMO: dict[tuple, tuple[tuple, Profile]] = {}  # derived profiles, kept stable for the search's table cache
+
+
+def _memo(kind: str, inputs: tuple[Profile, ...], make: Callable[[], Profile]) -> Profile:
+    key = (kind, *map(id, inputs))
+    hit = _MEMO.get(key)
+    if hit is not None and all(a is b for a, b in zip(hit[0], inputs)):
+        return hit[1]
+    out = make()
+    if len(_MEMO) > 256:
+        _MEMO.clear()
+    _MEMO[key] = (inputs, out)
+    return out
+
+
+def forwarding(worker: Profile) -> Profile:
+    """``worker``'s profile as a sender to the next tier: its codec transfers only (a forwarding
+    worker sends with a codec and drops Transfer Layers; runtime.worker.forward)."""
+    return _memo("forwarding", (worker,), lambda: limit_device(worker, frozenset()))
+
+
+def _receiving(device: Profile, worker: Profile) -> Profile:
+    """``device`` with each transfer's decode time as ``worker`` measured it.
+
+    In a chained search the edge's profile is :func:`forwarding`'s, which lacks the Transfer
+    Layers the device may send it; the search then takes the sender's decode figure, so the
+    device's figures are replaced by the edge's own here."""
+
+    def make() -> Profile:
+        def patch(own: tuple, theirs: tuple) -> tuple:
+            dec = {t.name: t.decode_seconds for t in theirs}
+            return tuple(dataclasses.replace(t, decode_seconds=dec[t.name]) if t.name in dec else t for t in own)
+
+        blocks = tuple(dataclasses.replace(b, transfers=patch(b.transfers, worker.transfers_after(b.index + 1)))
+                       for b in device.blocks)
+        return dataclasses.replace(device, blocks=blocks,
+                                   input_transfers=patch(device.input_transfers, worker.transfers_after(0)))
+
+    if forwarding(worker) is worker:  # nothing removed: the search finds the edge's figures itself
+        return device
+    return _memo("receiving", (device, worker), make)
+
+
+def chain_inputs(chain: Chain, device: Profile, forward: Profile | None = None) -> tuple[list[Tier], Network]:
+    """The tiers and network of ``chain``'s search (``forward``: the edge's sending profile, default
+    :func:`forwarding`'s); both workers are required (fewer tiers are searched elsewhere)."""
+    edge = forward if forward is not None else forwarding(chain.first.profile)
+    dev = _receiving(device, chain.first.profile)
+    tiers = [Tier("device", (dev,)), Tier(chain.first.tier, (edge,), required=True),
+             Tier(chain.second.tier, (chain.second.profile,), required=True)]
+    net = Network({(dev.machine, edge.machine): chain.first.link, (edge.machine, chain.second.profile.machine): chain.link})
+    return tiers, net
 
 
 def limit_device(device: Profile, tl_ids: frozenset[str],
@@ -140,15 +228,18 @@ def score(cfg: Configuration, objective: str) -> float:
 def config_key(device: Profile, r: Ranked) -> PlanKey:
     """The :data:`PlanKey` a ranked configuration would have as a plan."""
     if not r.config.hops:
-        return ("", device.n_blocks, "", "")
+        return ("", device.n_blocks, "", "", ())
     hop = r.config.hops[0]
-    return (r.worker_id, hop.cut, hop.transfer.codec, hop.transfer.tl_id)
+    route = tuple((h.cut, wid, h.transfer.codec, h.transfer.tl_id) for h, (wid, _) in zip(r.config.hops[1:], r.next_hops))
+    return (r.worker_id, hop.cut, hop.transfer.codec, hop.transfer.tl_id, route)
 
 
 def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: list[Profile], top_n: int,
-         include_return: bool, exclude: PlanKey | None = None) -> tuple[list[Ranked], float]:
-    """One search per candidate worker (with ``devices[i]`` for ``cands[i]``) and one local search,
-    merged best first; returns the ``top_n`` best but ``exclude``, and the seconds it took."""
+         include_return: bool, exclude: PlanKey | None = None, chained: Iterable[tuple[Chain, Profile]] = ()
+         ) -> tuple[list[Ranked], float]:
+    """One search per candidate worker (with ``devices[i]`` for ``cands[i]``), one per chain (with its
+    device profile) and one local search, merged best first; returns the ``top_n`` best but
+    ``exclude``, and the seconds it took."""
     t0 = time.perf_counter()
     goal = objective(agent)
     cons = search_constraints(agent.constraints, device)
@@ -163,6 +254,13 @@ def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: l
         for cfg in search(tiers, net, cons, goal, per_worker, include_return):
             if cfg.hops:  # local configurations come from the device-only search above
                 found.append(Ranked(cfg, cand.worker_id, cand.address))
+    for chain, dev in chained:
+        tiers, net = chain_inputs(chain, dev)
+        if not _searchable(cons, tiers):
+            continue
+        nxt = ((chain.second.worker_id, chain.second.address),)
+        found.extend(Ranked(cfg, chain.first.worker_id, chain.first.address, nxt)
+                     for cfg in search(tiers, net, cons, goal, per_worker, include_return))
     found.sort(key=lambda r: (score(r.config, goal), r.config.seconds, len(r.config.hops)))
     if exclude is not None:
         found = [r for r in found if config_key(device, r) != exclude]
@@ -170,14 +268,18 @@ def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: l
 
 
 def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate | None, dev: Profile | None,
-            include_return: bool) -> Configuration | None:
+            include_return: bool, chain: Chain | None = None, forward: Profile | None = None) -> Configuration | None:
     """The predicted configuration of ``plan`` now, None when infeasible.
 
     ``cand`` is the plan's worker as a candidate now (None: not one), ``dev`` the device profile
-    limited to the plan's transfer at its cut (None: that transfer is gone)."""
+    limited to the plan's transfer at its cut (None: that transfer is gone). A chained plan needs
+    ``chain`` (its two workers now, the edge still forwarding to the cloud) and ``forward``
+    (:func:`forwarding_at` its hop's transfer; None: that transfer is gone)."""
     goal = objective(agent)
     if plan.model_id != agent.model:
         return None
+    if plan.next_hops:
+        return _predict_chain(agent, device, plan, dev, include_return, chain, forward)
     if not plan.worker_id:
         tiers = [Tier("device", (device,))]
         cons = search_constraints(agent.constraints, device)
@@ -194,6 +296,30 @@ def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate 
     return got[0] if got and got[0].hops else None
 
 
+def forwarding_at(worker: Profile, cut: int, codec: str) -> Profile | None:
+    """:func:`forwarding`'s profile limited to one codec at one cut (None: it has no such transfer)."""
+    return _memo(f"forwarding@{cut}:{codec}", (worker,),
+                 lambda: limit_device(forwarding(worker), frozenset(), (cut, codec, "")))
+
+
+def _predict_chain(agent: AgentRecord, device: Profile, plan: pb.Plan, dev: Profile | None, include_return: bool,
+                   chain: Chain | None, forward: Profile | None) -> Configuration | None:
+    hop = plan.next_hops[0]
+    if (chain is None or dev is None or forward is None or len(plan.next_hops) != 1 or hop.tl_id
+            or chain.first.address != plan.worker_address or chain.second.address != hop.address
+            or hop.address not in chain.first.next_tiers or not plan.split_index < plan.end_split_index < device.n_blocks):
+        return None
+    split, end = plan.split_index, plan.end_split_index
+    pins = {b: ("device" if b < split else chain.first.tier if b < end else chain.second.tier)
+            for b in range(device.n_blocks)}
+    cons = search_constraints(agent.constraints, device, pins)
+    if cons is None:
+        return None
+    tiers, net = chain_inputs(chain, dev, forward)
+    got = search(tiers, net, cons, objective(agent), 1, include_return)
+    return got[0] if got and len(got[0].hops) == 2 else None
+
+
 def to_plan(agent: AgentRecord, device: Profile, r: Ranked, reason: str) -> pb.Plan:
     """The Plan message for a ranked configuration (no version yet: the store assigns it)."""
     cfg = r.config
@@ -208,4 +334,12 @@ def to_plan(agent: AgentRecord, device: Profile, r: Ranked, reason: str) -> pb.P
         plan.split_id, plan.split_index = hop.split, hop.cut
         plan.codec, plan.tl_id = hop.transfer.codec, hop.transfer.tl_id
         plan.worker_id, plan.worker_address = r.worker_id, r.address
+        later = cfg.hops[1:]
+        if later:
+            plan.end_split, plan.end_split_index = later[0].split, later[0].cut
+        for i, (h, (wid, address)) in enumerate(zip(later, r.next_hops)):
+            end = later[i + 1] if i + 1 < len(later) else None
+            plan.next_hops.add(worker_id=wid, address=address, end_split=end.split if end else "",
+                               end_split_index=end.cut if end else device.n_blocks, codec=h.transfer.codec,
+                               tl_id=h.transfer.tl_id)
     return plan

@@ -77,6 +77,17 @@ class WorkerRequest:
     address: str
     tier: str
     tl_ids: tuple[str, ...]
+    next_tiers: tuple[str, ...] = ()  # addresses it forwards chained frames to
+
+
+def check_next_tiers(values) -> tuple[str, ...]:
+    """A worker's --next-tier allowlist: HOST:PORT addresses, each once."""
+    if len(values) > MAX_LIST:
+        raise InvalidInput(f"{len(values)} next_tiers is more than the {MAX_LIST} one request may name")
+    out = tuple(check_address(v) for v in values)
+    if len(set(out)) != len(out):
+        raise InvalidInput(f"next_tiers repeat: {list(out)}")
+    return out
 
 
 def check_worker_request(request: pb.RegisterWorkerRequest, config: PlannerConfig) -> WorkerRequest:
@@ -93,7 +104,7 @@ def check_worker_request(request: pb.RegisterWorkerRequest, config: PlannerConfi
     if n > config.max_profiles_per_worker:
         raise InvalidInput(f"{n} profiles is more than the {config.max_profiles_per_worker} a worker may "
                            "register (planner setting max_profiles_per_worker)")
-    return WorkerRequest(wid, address, tier, check_ids(request.tl_ids, "tl_ids"))
+    return WorkerRequest(wid, address, tier, check_ids(request.tl_ids, "tl_ids"), check_next_tiers(request.next_tiers))
 
 
 def parse_worker_profiles(worker_id: str, texts: list[str]) -> dict[str, Profile]:

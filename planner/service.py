@@ -8,6 +8,13 @@ executor so the event loop stays responsive. A change of plan for a running agen
 :class:`planner.hysteresis.Hysteresis`; a first plan, a re-registration and a running plan that
 became infeasible are decided at once.
 
+Chained plans (device -> edge -> cloud): an edge worker registers its ``--next-tier`` allowlist
+(``RegisterWorkerRequest.next_tiers``), and each decision also ranks every (edge, cloud) pair in
+which the edge forwards to the cloud worker's registered address (:func:`planner.decide.chains`),
+with the configured worker-to-worker link (``worker_link_*``: agents measure only their own link).
+A chained plan carries its route (``Plan.end_split``, ``next_hops``); its key includes the route,
+so hysteresis, refusals and versions treat it like any other plan.
+
 Requests are checked by :mod:`planner.requests`; the ranking, the re-costing of a running plan and
 the Configuration -> Plan mapping are in :mod:`planner.decide`. This module holds the state and
 the servicer: who is registered, what each agent runs, when to decide, and who is told.
@@ -31,7 +38,8 @@ from planner import decide
 from planner import profile as profiles
 from planner import requests
 from planner.config import PlannerConfig
-from planner.decide import Candidate, PlanKey, Ranked, plan_key
+from planner.costmodel import Link
+from planner.decide import Candidate, Chain, PlanKey, Ranked, plan_key
 from planner.hysteresis import Hysteresis
 from planner.metrics import PlannerMetrics
 from planner.profile import Profile
@@ -223,23 +231,42 @@ class PlannerService(pb_grpc.PlannerServicer):
         and only the searches run in the executor."""
         cands = self._candidates(st, rtt, bandwidth, record)
         devices = [st.device_for(c.tl_ids) for c in cands]
-        cand = pinned = None
+        chains = decide.chains(cands, self._worker_link())
+        chained = [(ch, st.device_for(ch.first.tl_ids)) for ch in chains]
+        cand = pinned = chain = forward = None
         if predict is not None and predict.worker_id:
             cand = next((c for c in cands if c.worker_id == predict.worker_id), None)
             usable = not predict.tl_id or (cand is not None and predict.tl_id in cand.tl_ids)
             if cand is not None and usable and 0 <= predict.split_index < st.device.n_blocks:
                 pinned = st.device_for(cand.tl_ids, (predict.split_index, predict.codec, predict.tl_id))
+            if predict.next_hops:
+                chain, forward = self._chain_of(predict, chains)
 
         rec, device, include_return = record or st.record, st.device, self.config.include_return
 
         def work():
-            ranked, seconds = decide.rank(rec, device, cands, devices, top_n, include_return, exclude)
-            current = decide.predict(rec, device, predict, cand, pinned, include_return) if predict is not None else None
+            ranked, seconds = decide.rank(rec, device, cands, devices, top_n, include_return, exclude, chained)
+            current = (decide.predict(rec, device, predict, cand, pinned, include_return, chain, forward)
+                       if predict is not None else None)
             return ranked, seconds, current
 
         ranked, seconds, current = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         self.metrics.decision_seconds.observe(seconds)
         return ranked, seconds, current
+
+    def _worker_link(self) -> Link:
+        return Link(self.config.worker_link_rtt_seconds, self.config.worker_link_bandwidth_bytes_per_second)
+
+    @staticmethod
+    def _chain_of(plan: pb.Plan, chains: list[Chain]):
+        """The chain a chained ``plan`` runs over now and the edge's profile limited to its hop's
+        transfer ((None, None): the pair no longer chains, or the hop is not one it can run)."""
+        hop = plan.next_hops[0]
+        chain = next((c for c in chains if c.first.worker_id == plan.worker_id
+                      and c.second.worker_id == hop.worker_id), None)
+        if chain is None or len(plan.next_hops) != 1 or hop.tl_id or not 0 < plan.end_split_index:
+            return None, None
+        return chain, decide.forwarding_at(chain.first.profile, plan.end_split_index, hop.codec)
 
     # -- decisions -----------------------------------------------------------------------------
 
@@ -269,8 +296,10 @@ class PlannerService(pb_grpc.PlannerServicer):
         self.hysteresis.reset(st.record.id)
         st.cause = "telemetry"
         self.metrics.plan_changes.labels(label).inc()
-        logger.info("agent %s: plan v%d %s@%s via %s (%.2f ms predicted): %s", st.record.id, plan.version,
-                    plan.worker_id or "local", plan.split_id, plan.codec or "-", plan.predicted_seconds * 1e3, reason)
+        route = "".join(f" -> {h.worker_id}@{h.end_split or 'output'} via {h.codec or '-'}" for h in plan.next_hops)
+        logger.info("agent %s: plan v%d %s@%s via %s%s (%.2f ms predicted): %s", st.record.id, plan.version,
+                    plan.worker_id or "local", plan.split_id, plan.codec or "-",
+                    f" (slice ..{plan.end_split}{route})" if plan.end_split else "", plan.predicted_seconds * 1e3, reason)
         for w in st.watchers:
             w.latest = plan
             w.event.set()
@@ -328,19 +357,20 @@ class PlannerService(pb_grpc.PlannerServicer):
     @_rpc
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context) -> pb.RegisterWorkerReply:
         req = requests.check_worker_request(request, self.config)
-        wid, address, tier, tl_ids = req.worker_id, req.address, req.tier, req.tl_ids
+        wid, address, tier, tl_ids, next_tiers = req.worker_id, req.address, req.tier, req.tl_ids, req.next_tiers
         if wid not in self.workers and len(self.workers) >= self.config.max_workers:
             raise Overloaded(f"the planner holds {len(self.workers)} workers, its max_workers limit")
         parsed = requests.parse_worker_profiles(wid, list(request.profiles_json))
         now = time.time()
         old = self.workers.get(wid)
         rec = WorkerRecord(wid, address, tier, tl_ids, {m: t for m, t in zip(parsed, request.profiles_json)},
-                           old.record.registered if old else now, now)
+                           old.record.registered if old else now, now, next_tiers)
         self.store.put_worker(rec)
         self.generation += 1
         self.workers[wid] = WorkerState(rec, parsed, self.generation)
         self.metrics.workers.set(len(self.workers))
-        logger.info("worker %s at %s (%s): %s", wid, address, tier, ", ".join(sorted(parsed)))
+        logger.info("worker %s at %s (%s): %s%s", wid, address, tier, ", ".join(sorted(parsed)),
+                    f"; forwards to {', '.join(next_tiers)}" if next_tiers else "")
         for st in self.agents.values():  # decided by the periodic pass, woken now
             if st.record.model in parsed or (old and st.record.model in old.profiles):
                 st.dirty, st.cause = True, "worker"

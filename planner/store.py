@@ -1,10 +1,13 @@
 """The planner's embedded database (stdlib ``sqlite3``, WAL): what must survive a restart.
 
-Tables: ``workers`` (address, tier, TL ids, one profile document per model), ``agents`` (model,
+Tables: ``workers`` (address, tier, TL ids, one profile document per model, the next tiers it
+forwards to), ``agents`` (model,
 digest, device profile, allowed workers, TL ids, constraints, the last refusal), ``links`` (the
 last link estimate per agent and worker), ``plans`` (every plan ever issued, as serialized
 ``Plan`` protos; an agent's current plan is its highest version that it did not refuse) and
-``counters`` (the global plan version, which only increases, restarts included). Every write is
+``counters`` (the global plan version, which only increases, restarts included). A chained
+plan's route (``Plan.end_split``, ``next_hops``) is part of the stored proto, so it survives a
+restart as it is. Schema 1 (before workers reported next tiers) is migrated in place. Every write is
 one transaction. The connection belongs to the thread that opened it (the planner's event loop).
 """
 
@@ -21,14 +24,15 @@ from google.protobuf import json_format
 from runtime.errors import EdgesplitError
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: workers.next_tiers
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY, address TEXT NOT NULL, tier TEXT NOT NULL, tl_ids TEXT NOT NULL,
-    profiles TEXT NOT NULL, registered REAL NOT NULL, last_seen REAL NOT NULL);
+    profiles TEXT NOT NULL, registered REAL NOT NULL, last_seen REAL NOT NULL,
+    next_tiers TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, digest TEXT NOT NULL, profile TEXT NOT NULL,
     workers TEXT NOT NULL, tl_ids TEXT NOT NULL, constraints TEXT NOT NULL,
@@ -56,6 +60,7 @@ class WorkerRecord:
     profiles: dict[str, str]  # model -> profile JSON text (validated before it was stored)
     registered: float = 0.0
     last_seen: float = 0.0
+    next_tiers: tuple[str, ...] = ()  # addresses it forwards chained frames to (its --next-tier)
 
 
 @dataclass
@@ -103,6 +108,9 @@ class Store:
                 row = self.db.execute("SELECT version FROM schema_version").fetchone()
                 if row is None:
                     self.db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
+                elif row[0] == 1:  # additive: workers gained next_tiers (none known for those stored)
+                    self.db.execute("ALTER TABLE workers ADD COLUMN next_tiers TEXT NOT NULL DEFAULT '[]'")
+                    self.db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
                 elif row[0] != SCHEMA_VERSION:
                     raise StoreError(f"{self.path}: planner database schema {row[0]} is not {SCHEMA_VERSION}; "
                                      "use the edgesplit version that wrote it, or start with a new --db file")
@@ -121,13 +129,17 @@ class Store:
     def put_worker(self, w: WorkerRecord) -> None:
         with self._tx():
             self.db.execute(
-                "INSERT INTO workers VALUES (?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET address=excluded.address, "
-                "tier=excluded.tier, tl_ids=excluded.tl_ids, profiles=excluded.profiles, last_seen=excluded.last_seen",
-                (w.id, w.address, w.tier, json.dumps(list(w.tl_ids)), json.dumps(w.profiles), w.registered, w.last_seen))
+                "INSERT INTO workers (id, address, tier, tl_ids, profiles, registered, last_seen, next_tiers) "
+                "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET address=excluded.address, "
+                "tier=excluded.tier, tl_ids=excluded.tl_ids, profiles=excluded.profiles, last_seen=excluded.last_seen, "
+                "next_tiers=excluded.next_tiers",
+                (w.id, w.address, w.tier, json.dumps(list(w.tl_ids)), json.dumps(w.profiles), w.registered, w.last_seen,
+                 json.dumps(list(w.next_tiers))))
 
     def workers(self) -> dict[str, WorkerRecord]:
-        rows = self.db.execute("SELECT id, address, tier, tl_ids, profiles, registered, last_seen FROM workers")
-        return {r[0]: WorkerRecord(r[0], r[1], r[2], tuple(json.loads(r[3])), json.loads(r[4]), r[5], r[6]) for r in rows}
+        rows = self.db.execute("SELECT id, address, tier, tl_ids, profiles, registered, last_seen, next_tiers FROM workers")
+        return {r[0]: WorkerRecord(r[0], r[1], r[2], tuple(json.loads(r[3])), json.loads(r[4]), r[5], r[6],
+                                   tuple(json.loads(r[7]))) for r in rows}
 
     # -- agents ------------------------------------------------------------------------------
 

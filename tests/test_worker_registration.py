@@ -41,12 +41,13 @@ def test_worker_registers_and_comes_back_after_a_planner_restart(edge_profile, t
         planner = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite")))
         port = planner.port
         cfg = WorkerConfig(listen="127.0.0.1:0", models=(TINY,), planner=f"127.0.0.1:{port}", worker_id="edge-1",
-                           profiles=(str(edge_profile),), planner_refresh_seconds=0.2)
+                           profiles=(str(edge_profile),), planner_refresh_seconds=0.2, next_tiers=("127.0.0.1:1",))
         worker = await serve_worker(cfg)
         try:
             await _until(lambda: "edge-1" in planner.service.workers, 10, "the worker's registration")
             rec = planner.service.workers["edge-1"].record
             assert rec.address == f"127.0.0.1:{worker.port}" and rec.tier == "edge"
+            assert rec.next_tiers == ("127.0.0.1:1",)  # its --next-tier allowlist: the planner chains only there
             assert list(planner.service.workers["edge-1"].profiles) == [load(edge_profile).model]
             await planner.drain_and_stop(0.1)
             # a new planner on a new database knows nothing; the worker's refresh tells it

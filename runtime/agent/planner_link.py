@@ -6,7 +6,11 @@ One task per link. Each connection ("session"):
    constraints; the plan in the reply (version > 0) is applied at once.
 2. ``WatchPlan`` stays open; each new plan goes to :meth:`Agent.apply_plan` (which switches at
    a frame boundary or refuses and keeps the old plan) and is answered with ``ReportPlanStatus``
-   (applied, or refused with the reason).
+   (applied, or refused with the reason). A chained plan's route (``Plan.end_split`` and
+   ``next_hops``: which later worker runs which slice) goes to ``apply_plan`` with it; a plan
+   names its whole route, so one without a route ends a chain given on the command line. A route
+   the agent cannot apply (a Transfer Layer on a worker-to-worker hop, a slice that does not
+   exist, a next tier the worker refuses at Prepare) refuses the plan and the last good one stays.
 3. ``ReportTelemetry`` carries at most one message per ``telemetry_interval_seconds`` (the bound
    holds across reconnects too): smoothed bandwidth, an RTT probe made for that message, device
    stage medians and the frame count since the last message, the plan version in effect.
@@ -35,6 +39,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.transport import TransportOptions
 from runtime.asyncutil import cancel_and_wait
+from runtime.chain import Hop
 
 logger = logging.getLogger(__name__)
 
@@ -197,8 +202,11 @@ class PlannerLink:
                 raise InvalidInput(f"plan v{plan.version} is for agent {plan.agent_id!r}, not {self.agent_id!r}")
             # An empty address with no worker id means "run locally"; with a worker id, keep the current worker.
             address = plan.worker_address or ("" if not plan.worker_id else None)
-            await self.agent.apply_plan(plan.split_id or plan.split_index, plan.codec, plan.tl_id or None,
-                                        plan.version, address, model_id=plan.model_id)
+            # A local plan names no codec (nothing crosses a link): keep the current one.
+            await self.agent.apply_plan(plan.split_id or plan.split_index, plan.codec or self.agent.codec,
+                                        plan.tl_id or None,
+                                        plan.version, address, model_id=plan.model_id, end_split=plan.end_split,
+                                        next_hops=_route(plan))
             self._worker_id = plan.worker_id
             self.plans_applied += 1
         except EdgesplitError as e:
@@ -239,6 +247,19 @@ class PlannerLink:
                              bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
                              rtt_seconds=link.rtt_seconds, stage_seconds=stages, frames=frames,
                              plan_version=self.agent.plan_version, sent_unix=time.time())
+
+
+def _route(plan: ppb.Plan) -> list[Hop]:
+    """The hops after the plan's worker, as the agent's chain takes them. InvalidInput for one it cannot run."""
+    hops = []
+    for i, h in enumerate(plan.next_hops, 1):
+        if h.tl_id:
+            raise InvalidInput(f"plan v{plan.version} refused: next hop {i} ({h.worker_id or h.address}) names Transfer "
+                               f"Layer {h.tl_id!r}, but workers forward with a codec only")
+        if not h.address:
+            raise InvalidInput(f"plan v{plan.version} refused: next hop {i} ({h.worker_id or '?'}) has no address")
+        hops.append(Hop(h.address, h.end_split, h.codec))
+    return hops
 
 
 def _describe(e: BaseException) -> str:

@@ -1,5 +1,6 @@
 """The worker announces itself to the planner: its address, tier, the profiles of the models it
-serves and the Transfer Layers it holds; again every ``planner_refresh_seconds`` (so a planner
+serves, the Transfer Layers it holds and the next tiers it forwards chained frames to (its
+``--next-tier`` allowlist: the planner chains it only to those); again every ``planner_refresh_seconds`` (so a planner
 that restarted or lost it learns it back) and with back-off while the planner is unreachable."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Sequence
 
 import grpc
 
@@ -47,10 +49,11 @@ def advertised_address(listen: str, port: int, advertise: str) -> str:
 
 class PlannerRegistration:
     def __init__(self, planner: str, worker_id: str, address: str, tier: str, profile_docs: list[str],
-                 tl_ids: list[str], refresh_seconds: float):
+                 tl_ids: list[str], refresh_seconds: float, next_tiers: Sequence[str] = ()):
         self.planner, self.worker_id, self.address, self.tier = planner, worker_id, address, tier
         self.request = ppb.RegisterWorkerRequest(worker_id=worker_id, address=address, tier=tier,
-                                                 profiles_json=profile_docs, tl_ids=tl_ids)
+                                                 profiles_json=profile_docs, tl_ids=tl_ids,
+                                                 next_tiers=[a.strip() for a in next_tiers])
         self.refresh_seconds = refresh_seconds
         self.registered = asyncio.Event()
         self._task: asyncio.Task | None = None

@@ -92,7 +92,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
     if config.planner:
         ws.registration = PlannerRegistration(
             config.planner, config.worker_id or socket.gethostname(), advertised_address(config.listen, port, config.advertise),
-            config.tier, docs, sorted(service.tails.tls), config.planner_refresh_seconds)
+            config.tier, docs, sorted(service.tails.tls), config.planner_refresh_seconds, config.next_tiers)
         ws.registration.start()
     logger.info(
         "worker serving on port %d (metrics %s)", port, f"http://{config.metrics_host}:{endpoint.port}/metrics" if endpoint else "off"

@@ -7,18 +7,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "tier", "profiles_json", "tl_ids")
+    __slots__ = ("worker_id", "address", "tier", "profiles_json", "tl_ids", "next_tiers")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PROFILES_JSON_FIELD_NUMBER: _ClassVar[int]
     TL_IDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TIERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     tier: str
     profiles_json: _containers.RepeatedScalarFieldContainer[str]
     tl_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., profiles_json: _Optional[_Iterable[str]] = ..., tl_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    next_tiers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., profiles_json: _Optional[_Iterable[str]] = ..., tl_ids: _Optional[_Iterable[str]] = ..., next_tiers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterWorkerReply(_message.Message):
     __slots__ = ("profiles",)
@@ -156,7 +158,7 @@ class TelemetryAck(_message.Message):
     def __init__(self, received: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("agent_id", "version", "model_id", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address", "predicted_seconds", "predicted_fps", "predicted_bytes", "breakdown_seconds", "reason", "created_unix")
+    __slots__ = ("agent_id", "version", "model_id", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address", "predicted_seconds", "predicted_fps", "predicted_bytes", "breakdown_seconds", "reason", "created_unix", "end_split", "end_split_index", "next_hops")
     class BreakdownSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +181,9 @@ class Plan(_message.Message):
     BREAKDOWN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     version: int
     model_id: str
@@ -194,7 +199,26 @@ class Plan(_message.Message):
     breakdown_seconds: _containers.ScalarMap[str, float]
     reason: str
     created_unix: float
-    def __init__(self, agent_id: _Optional[str] = ..., version: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., split_index: _Optional[int] = ..., codec: _Optional[str] = ..., tl_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., predicted_fps: _Optional[float] = ..., predicted_bytes: _Optional[int] = ..., breakdown_seconds: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., created_unix: _Optional[float] = ...) -> None: ...
+    end_split: str
+    end_split_index: int
+    next_hops: _containers.RepeatedCompositeFieldContainer[PlanHop]
+    def __init__(self, agent_id: _Optional[str] = ..., version: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., split_index: _Optional[int] = ..., codec: _Optional[str] = ..., tl_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., predicted_fps: _Optional[float] = ..., predicted_bytes: _Optional[int] = ..., breakdown_seconds: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., created_unix: _Optional[float] = ..., end_split: _Optional[str] = ..., end_split_index: _Optional[int] = ..., next_hops: _Optional[_Iterable[_Union[PlanHop, _Mapping]]] = ...) -> None: ...
+
+class PlanHop(_message.Message):
+    __slots__ = ("worker_id", "address", "end_split", "end_split_index", "codec", "tl_id")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    TL_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    end_split: str
+    end_split_index: int
+    codec: str
+    tl_id: str
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., end_split: _Optional[str] = ..., end_split_index: _Optional[int] = ..., codec: _Optional[str] = ..., tl_id: _Optional[str] = ...) -> None: ...
 
 class WatchPlanRequest(_message.Message):
     __slots__ = ("agent_id", "known_version")
