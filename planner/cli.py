@@ -1,4 +1,8 @@
-"""``edgesplit planner serve|query|agents|print-config``: run the planner and ask it questions."""
+"""``edgesplit planner serve|query|agents|print-config``: run the planner and ask it questions.
+
+``edgesplit planner --listen HOST:PORT [serve flags]`` (the issue's form) is ``edgesplit planner
+serve --listen HOST:PORT [serve flags]``.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import sys
 
 from planner.config import PlannerConfig
 from runtime.config import load_config, to_toml
@@ -125,12 +130,25 @@ def cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
+class _ServeByDefault(argparse.ArgumentParser):
+    """A command group whose arguments, when they start with a flag (not -h/--help), go to ``serve``."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
+            args.insert(0, "serve")
+        return super().parse_known_args(args, namespace)
+
+
 def add_parser(sub) -> None:
     """The ``planner`` command group, added to ``edgesplit``'s subparsers."""
     from runtime.cli import _add_config_flags
 
-    p = sub.add_parser("planner", help="the planner: ranks split configurations and pushes plans to agents")
-    psub = p.add_subparsers(dest="planner_command", required=True)
+    p = sub.add_parser("planner", help="the planner: ranks split configurations and pushes plans to agents",
+                       description="'edgesplit planner --listen HOST:PORT [flags]' is short for "
+                       "'edgesplit planner serve --listen HOST:PORT [flags]'.")
+    p.__class__ = _ServeByDefault  # add_parser builds every subparser from one class; this one adds no state
+    psub = p.add_subparsers(dest="planner_command", required=True, parser_class=argparse.ArgumentParser)
 
     s = psub.add_parser("serve", help="run the planner daemon")
     _add_config_flags(s, PlannerConfig)

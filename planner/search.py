@@ -14,14 +14,19 @@ its decode): link costs are additive and one cut's choice does not touch another
 latency this is exact. A share cap, or a time cap on a middle tier (decode of one cut plus encode
 of the next), couples the transfer choices with each other and with the cuts; there, every
 combination of transfer slots is scored over the grid (one grid at a time) and each cut vector
-keeps its best feasible combination, which is exact too. For the throughput objective without
-such caps the per-cut choice is the latency one (a heuristic there; with them it is exact).
+keeps its best feasible combination, which is exact too. The throughput objective (the slowest
+stage: a tier's compute plus its encode and decode, or a link's transfer) is not additive, so a
+slower but smaller transfer can lower it: there the per-cut latency choice only gives an upper
+bound on the top N, a lower bound per cut vector (each stage with its own cheapest option) drops
+the cut vectors that cannot reach it, and the combinations are scored over the rest (over the
+whole grid where few drop), which is exact.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence
 
 import numpy as np
@@ -31,6 +36,7 @@ from planner.profile import Profile, Transfer
 from runtime.errors import InvalidInput
 
 MAX_GRID_CELLS = 30_000_000  # (n+1)^k cells per machine combination and pattern
+SPARSE_SHARE = 1.0  # throughput: combinations x kept cut vectors up to this x grid cells are scored at those alone
 
 
 @dataclass
@@ -59,6 +65,13 @@ class _LinkCost:
     def multi(self) -> bool:
         """Some cut has more than one allowed transfer."""
         return bool((np.isfinite(self.xfer_all).sum(axis=1) > 1).any())
+
+    @cached_property
+    def floors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per cut, the least encode, transfer and decode over its allowed options (inf where none)."""
+        ok = np.isfinite(self.xfer_all)
+        return (np.where(ok, self.enc_all, np.inf).min(axis=1), self.xfer_all.min(axis=1),
+                np.where(ok, self.dec_all, np.inf).min(axis=1))
 
     def columns(self, expand: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
         """(encode, xfer, decode, slot per cut) vectors: the cheapest option only, or every option slot."""
@@ -310,19 +323,25 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
             checks.append((j, constraints.max_tier_share[tname], None))
     plain = fixed_bad is None and not checks and objective == "latency"
 
-    def score(cols, keep_bound=False):
-        """(value, total) over the grid with the transfer vectors ``cols`` (one per cut); for latency with
-        ``keep_bound``, total is the latency before the caps."""
+    def score(cols, keep_bound=False, cells=None):
+        """(value, total) over the grid with the transfer vectors ``cols`` (one per cut), or at the cut vectors
+        ``cells`` (one index array per cut) alone; for latency with ``keep_bound``, total is the latency before
+        the caps."""
         # Each term of the latency depends on one cut only: tier j's compute is P_j[end] - P_j[start],
         # so the total is a sum of one vector per axis (h[j] for the cut where chain[j+1] starts).
         h = [np.where(allowed[j], prefix[j] - prefix[j + 1] + enc + links[j].rtt + xfer + dec + links[j].ret, np.inf)
              for j, (enc, xfer, dec, _) in enumerate(cols)]
-        total = h[0] + const if k == 1 else _grid_sum(h, const)
+        if cells is None:
+            at = lambda v, j: _axis(v, j, k)  # noqa: E731
+            total = h[0] + const if k == 1 else _grid_sum(h, const)
+        else:
+            at = lambda v, j: v[cells[j]]  # noqa: E731
+            total = _cell_sum(h, const, cells)
         if plain:
             return total, total
         need = None if objective != "latency" else {j for j, _, _ in checks}
-        tier_sec = _tier_seconds(prefix, [c[0] for c in cols], [c[2] for c in cols], k, n, need)
-        bad = fixed_bad
+        tier_sec = _tier_seconds(prefix, [c[0] for c in cols], [c[2] for c in cols], k, n, need, at)
+        bad = fixed_bad if cells is None else None  # the cells given are ones the fixed constraints allow
         for j, share, cap in checks:
             over = tier_sec[j] > (cap if share is None else share * total)
             bad = over if bad is None else bad | over
@@ -331,36 +350,55 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
             if bad is not None:
                 np.copyto(total, np.inf, where=bad)
             return total, bound
-        stages = np.maximum.reduce([np.broadcast_to(t, total.shape) for t in tier_sec]
-                                   + [np.broadcast_to(_axis(c[1], j, k), total.shape) for j, c in enumerate(cols)])
-        return np.where(np.isfinite(total) if bad is None else ~bad & np.isfinite(total), stages, np.inf), total
+        stages = _max_of([*tier_sec, *(at(c[1], j) for j, c in enumerate(cols))])
+        np.copyto(stages, np.inf, where=~np.isfinite(total) if bad is None else bad | ~np.isfinite(total))
+        return stages, total
 
-    # the coupled caps make the best transfer of a cut depend on the others and on the cuts: score every
-    # combination of option slots (only the cuts with a choice expand) and keep each cut vector's best
-    per_cut = [link.columns(bool(checks)) for link in links]
+    # the coupled caps (and, for throughput, the max over stages) make the best transfer of a cut depend on the
+    # others and on the cuts: score every combination of option slots (only the cuts with a choice expand)
+    per_cut = [link.columns(bool(checks) or objective != "latency") for link in links]
     combos = list(itertools.product(*per_cut))
-    if len(combos) > 1 and objective == "latency":
-        # the cheapest transfer per cut first: where it passes the caps nothing does better; elsewhere another
-        # choice reaches at best the cap-free latency, so the others are scored only if that could enter the top N
+    cells = None  # throughput: the cut vectors where another combination may do better than the first
+    if len(combos) > 1:
+        # the cheapest transfer per cut first: for latency, where it passes the caps nothing does better;
+        # elsewhere another choice reaches at best the cap-free latency, so the others are scored only if that
+        # could enter the top N. For throughput its values bound the top N from above.
         cheapest = tuple(link.columns(False)[0] for link in links)
         value, bound = score(cheapest, keep_bound=True)
         flat = value.ravel()
         m = min(top_n, flat.size)
         worst = np.partition(flat, m - 1)[m - 1]
-        combos = [cheapest, *combos] if np.any((bound < worst) & np.isinf(value)) else [cheapest]
-        total = value
+        if objective == "latency":
+            combos = [cheapest, *combos] if np.any((bound < worst) & np.isinf(value)) else [cheapest]
+            total = value
+        else:
+            total = bound
+            combos = [cheapest, *combos]
+            keep = np.isfinite(total) if fixed_bad is None else np.isfinite(total) & ~fixed_bad
+            _floor_within(links, prefix, k, n, worst, keep)  # one whose floor is above cannot enter the top N
+            if np.count_nonzero(keep) * (len(combos) - 1) <= SPARSE_SHARE * keep.size:
+                cells = np.nonzero(keep)
     else:
         value, total = score(combos[0])
-    which = np.zeros(value.shape, dtype=np.int32) if len(combos) > 1 else None
-    for c, cols in enumerate(combos[1:], 1):
-        v, t = score(cols)
-        if objective == "latency":  # value is total: the lower one wins
-            better = v < value
-            np.copyto(value, v, where=better)
-        else:  # the lower value, then the lower latency
+    if cells is not None:  # the lower value, then the lower latency, at the kept cut vectors: the top N is there
+        value, total, which = value[cells], total[cells], np.zeros(len(cells[0]), dtype=np.int32)
+        for c, cols in enumerate(combos[1:], 1):
+            v, t = score(cols, cells=cells)
             better = (v < value) | ((v == value) & (t < total))
-            value, total = np.where(better, v, value), np.where(better, t, total)
-        np.copyto(which, c, where=better)
+            value, total, which = np.where(better, v, value), np.where(better, t, total), np.where(better, c, which)
+        at_pick = lambda p: tuple(int(a[p]) for a in cells)  # noqa: E731
+    else:
+        which = np.zeros(value.shape, dtype=np.int32) if len(combos) > 1 else None
+        for c, cols in enumerate(combos[1:], 1):
+            v, t = score(cols)
+            if objective == "latency":  # value is total: the lower one wins
+                better = v < value
+                np.copyto(value, v, where=better)
+            else:  # the lower value, then the lower latency
+                better = (v < value) | ((v == value) & (t < total))
+                value, total = np.where(better, v, value), np.where(better, t, total)
+            np.copyto(which, c, where=better)
+        at_pick = lambda p: tuple(int(a) for a in np.unravel_index(p, value.shape))  # noqa: E731
     flat = value.ravel()
     m = min(top_n, flat.size)
     picks = np.argpartition(flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
@@ -369,7 +407,7 @@ def _evaluate(tiers, chain, combo, n, network, constraints, objective, include_r
     for p in picks:
         if not np.isfinite(flat[p]):
             continue
-        cuts = tuple(int(c) for c in np.unravel_index(p, value.shape))
+        cuts = at_pick(p)
         cols = combos[0 if which is None else int(which.ravel()[p])]
         slots = tuple(int(col[3][a]) for col, a in zip(cols, cuts))
         out.append(_Candidate((float(flat[p]), float(tflat[p]), k, cuts), combo, chain, cuts, links, slots))
@@ -396,23 +434,63 @@ def _grid_sum(h: list[np.ndarray], const: float) -> np.ndarray:
     return total
 
 
-def _tier_seconds(prefix, encode, decode, k, n, only=None):
+def _cell_sum(h: list[np.ndarray], const: float, cells: tuple[np.ndarray, ...]) -> np.ndarray:
+    """:func:`_grid_sum` at the cut vectors ``cells`` alone (in the same order of additions)."""
+    if len(h) == 1:
+        return h[0][cells[0]] + const
+    total = h[0][cells[0]] + (h[1] + const)[cells[1]]
+    for j in range(2, len(h)):
+        total = total + h[j][cells[j]]
+    return total
+
+
+def _max_of(parts: list) -> np.ndarray:
+    """The elementwise max of arrays that broadcast together, as a new array: those of one shape first, then
+    one pass each into a single array of the full shape (allocating a grid costs more than a pass over it)."""
+    by_shape: dict[tuple, np.ndarray] = {}
+    for p in parts:
+        p = np.asarray(p)
+        by_shape[p.shape] = np.maximum(by_shape[p.shape], p) if p.shape in by_shape else p
+    arrays = sorted(by_shape.values(), key=np.size, reverse=True)
+    out = np.empty(np.broadcast_shapes(*(a.shape for a in arrays)))
+    if len(arrays) == 1:
+        out[...] = arrays[0]
+    else:
+        np.maximum(arrays[0], arrays[1], out=out)
+    for a in arrays[2:]:
+        np.maximum(out, a, out=out)
+    return out
+
+
+def _floor_within(links, prefix, k, n, bound: float, keep: np.ndarray) -> None:
+    """Clears ``keep`` (a grid, in place) where the slowest stage exceeds ``bound`` under any transfers: its
+    floor takes each stage with the cheapest option of each cut it involves, in the scores' arithmetic, so
+    it never exceeds a score."""
+    enc, xfer, dec = zip(*(link.floors for link in links))
+    for part in [*_tier_seconds(prefix, enc, dec, k, n), *(_axis(x, j, k) for j, x in enumerate(xfer))]:
+        keep &= part <= bound
+
+
+def _tier_seconds(prefix, encode, decode, k, n, only=None, at=None):
     """Each non-empty tier's time (compute + its encode and decode) over the grid; ``encode[j]`` and
-    ``decode[j]`` are cut j's transfer vectors. With ``only``, the other tiers' entries are None."""
+    ``decode[j]`` are cut j's transfer vectors. With ``only``, the other tiers' entries are None;
+    ``at(v, j)`` places a per-cut vector of cut j (default: along axis j of the grid)."""
+    if at is None:
+        at = lambda v, j: _axis(v, j, k)  # noqa: E731
     out = []
     for j in range(k + 1):  # chain[j] runs [start_j, end_j): start_0 = 0, start_j = cut j-1, end_k = n
         if only is not None and j not in only:
             out.append(None)
             continue
         if 0 < j < k:  # (P[end] + encode) - (P[start] - decode): one vector per cut, one pass over the grid
-            out.append(_axis(prefix[j] + encode[j], j, k) - _axis(prefix[j] - decode[j - 1], j - 1, k))
+            out.append(at(prefix[j] + encode[j], j) - at(prefix[j] - decode[j - 1], j - 1))
             continue
-        end = _axis(prefix[j], j, k) if j < k else prefix[j][n]
-        t = end - (_axis(prefix[j], j - 1, k) if j > 0 else 0.0)
+        end = at(prefix[j], j) if j < k else prefix[j][n]
+        t = end - (at(prefix[j], j - 1) if j > 0 else 0.0)
         if j > 0:
-            t = t + _axis(decode[j - 1], j - 1, k)
+            t = t + at(decode[j - 1], j - 1)
         if j < k:
-            t = t + _axis(encode[j], j, k)
+            t = t + at(encode[j], j)
         out.append(t)
     return out
 

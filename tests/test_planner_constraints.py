@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import sys
 import time
 
 import grpc
 import pytest
 
+from conftest import terminate, wait_for, wait_serving
 from planner_helpers import *  # noqa: F401,F403 (profiles, loop, Planner, fixtures, checks)
 from planner_helpers import aio, planner  # noqa: F401 (fixtures)
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -31,6 +33,43 @@ def test_constraints_shape_the_plan(aio, planner):
         assert none.version == 0 and "no configuration satisfies" in none.reason
 
     aio.run(scenario())
+
+
+def test_throughput_objective_gets_its_own_plan(aio, tmp_path):
+    # at 1 MB/s (OUT[2] = 50 kB: 50 ms on the link) the latency is best local: 90 ms, against 60 + 5 + 50 + 3 + 4 =
+    # 122 ms for a cut after conv3. Pipelined, that cut's slowest stage is the device's 60 ms (link 50 ms, edge
+    # 3 ms): 16.7 fps against 11.1 local, and the next best, after conv4, is the device's 80 ms.
+    assert min(range(6), key=lambda a: expected_seconds(a, SLOW)) == 5
+    stages = {a: max(sum(DEVICE_S[:a]), ((INPUT,) + OUT)[a] / SLOW if a < 5 else 0, sum(EDGE_S[a:]) if a < 5 else 0)
+              for a in range(6)}
+    assert min(stages, key=stages.get) == 3 and stages[3] == pytest.approx(0.060)
+
+    async def scenario():
+        p = await Planner.start(tmp_path / "planner.sqlite", default_bandwidth_bytes_per_second=SLOW)
+        try:
+            fast = await p.register("a1", constraints=pb.Constraints(objective="latency"))
+            pipelined = await p.register("a2", constraints=pb.Constraints(objective="throughput"))
+            # the other objective for one query each: the registered one holds otherwise
+            q_fast = await p.stub.QueryPlan(pb.PlanQuery(agent_id="a2", top_n=3, constraints=pb.Constraints(
+                objective="latency")), timeout=RPC)
+            q_pipe = await p.stub.QueryPlan(pb.PlanQuery(agent_id="a1", top_n=3, constraints=pb.Constraints(
+                objective="throughput")), timeout=RPC)
+            q_own = await p.stub.QueryPlan(pb.PlanQuery(agent_id="a2", top_n=3), timeout=RPC)
+        finally:
+            await p.stop()
+        return fast, pipelined, q_fast, q_pipe, q_own
+
+    fast, pipelined, q_fast, q_pipe, q_own = aio.run(scenario())
+    assert (fast.worker_id, fast.split_index) == ("", 5)
+    assert fast.predicted_seconds == pytest.approx(0.090) and fast.predicted_fps == pytest.approx(1 / 0.090)
+    assert (pipelined.worker_id, pipelined.split_index, pipelined.split_id) == ("w1", 3, "conv3")
+    assert pipelined.predicted_fps == pytest.approx(1 / 0.060)
+    assert pipelined.predicted_seconds == pytest.approx(expected_seconds(3, SLOW))
+    assert expected_seconds(3, SLOW) == pytest.approx(0.122)
+    assert [(c.worker_id, c.split_index) for c in q_fast.candidates][:2] == [("", 5), ("w1", 4)]
+    for q in (q_pipe, q_own):
+        assert [(c.worker_id, c.split_index) for c in q.candidates] == [("w1", 3), ("w1", 4), ("", 5)]
+        assert [c.predicted_fps for c in q.candidates] == pytest.approx([1 / 0.060, 1 / 0.080, 1 / 0.090])
 
 
 # -- the full constraint set -----------------------------------------------------------------------
@@ -211,6 +250,39 @@ def test_cli_query_takes_constraints(aio, planner, capsys):
         with pytest.raises(InvalidInput, match=phrase):
             args = parser.parse_args(base + bad)
             args.func(args)
+
+
+def test_planner_listen_is_planner_serve(capsys):
+    from runtime.cli import build_parser, main
+
+    parser = build_parser()
+    flags = ["--listen", "127.0.0.1:0", "--db", "p.sqlite", "--grace-seconds", "1", "--no-include-return"]
+    short, full = parser.parse_args(["planner", *flags]), parser.parse_args(["planner", "serve", *flags])
+    assert vars(short) == vars(full) and short.listen == "127.0.0.1:0" and short.include_return is False
+    with pytest.raises(SystemExit) as e:  # the flags are serve's: so is the help
+        main(["planner", "--listen", "127.0.0.1:0", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "usage: edgesplit planner serve" in out and "--listen LISTEN" in out
+    assert "(default: '127.0.0.1:50061')" in out
+    with pytest.raises(SystemExit) as e:  # the group's own help still lists its subcommands
+        main(["planner", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "{serve,print-config,query,agents}" in out and "is short for 'edgesplit planner serve" in out
+
+
+def test_planner_listen_command_answers_health_and_drains_on_sigterm(reaper, tmp_path):
+    # as test_planner_service.py's serve test, in the form the issue gives: edgesplit planner --listen HOST:PORT
+    port_file = tmp_path / "port"
+    proc = reaper.spawn([sys.executable, "-m", "runtime.cli", "planner", "--listen", "127.0.0.1:0",
+                         "--port-file", str(port_file), "--db", str(tmp_path / "p.sqlite"), "--grace-seconds", "1"],
+                        log=tmp_path / "log")
+    port = wait_for(lambda: port_file.exists() and port_file.read_text().endswith("\n")
+                    and port_file.read_text().strip(), 30, "the planner's port file", proc)
+    wait_serving(f"127.0.0.1:{port}", proc, timeout=30)
+    assert terminate(proc, timeout=15) == 0
+    assert (tmp_path / "p.sqlite").exists()
 
 
 # -- hysteresis (pure) -----------------------------------------------------------------------------
