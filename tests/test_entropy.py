@@ -260,3 +260,25 @@ def test_bundled_transform_tl_loads_by_id_and_is_the_demo_default():
     assert demo(codec="int8+lz4") == (str(path), "int8+lz4")
     assert demo(split="35") == ("", "int8+lz4")  # the bundled TL is for split 45 only
     assert demo(model="resnet18") == ("", "int8+lz4")
+
+
+def test_ans_random_payloads_never_crash_or_overrun():
+    model = _model(_laplace_ints((32, 4, 5, 5), 2.0, seed=6))
+    codec = get_codec("ans", model=model)
+    msg = codec.encode(_laplace_ints((1, 4, 5, 5), 2.0, seed=7))
+    g = np.random.default_rng(0)
+    outcomes = set()
+    for i in range(60):  # bounded: random words of plausible lengths
+        n = 4 * int(g.integers(1, 40))
+        bad = tensor_pb2.Tensor()
+        bad.CopyFrom(msg)
+        bad.buffer = g.integers(0, 256, n, dtype=np.uint8).tobytes()
+        bad.encoded_size = bad.payload_size = n
+        try:
+            out = decode_tensor(bad, model=model)
+        except InvalidInput:
+            outcomes.add("refused")
+            continue
+        assert out.shape == (1, 4, 5, 5) and float(out.abs().max()) <= model.range  # garbage, but bounded
+        outcomes.add("decoded")
+    assert "refused" in outcomes
