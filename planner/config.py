@@ -24,6 +24,7 @@ class PlannerConfig:
     switch_gain: float = field(0.10, "relative predicted gain over the running plan needed to switch (0.10 = 10 %)")
     switch_min_gain_seconds: float = field(0.002, "absolute predicted gain per frame needed to switch, in seconds")
     hold_seconds: float = field(3.0, "the gain must hold this long, continuously, before the plan changes")
+    compute_telemetry: bool = field(True, "scale the device profile's block times by the board's measured compute (telemetry head times over the profile's, smoothed); false: plan with the profile as measured")
     replan_interval_seconds: float = field(0.5, "how often agents with fresh telemetry or a pending switch are re-planned")
     telemetry_max_rate_hz: float = field(10.0, "per agent, telemetry messages acted on per second (the rest only update the link estimate)")
     top_n: int = field(5, "candidates QueryPlan returns when the query sets no top_n")

@@ -9,7 +9,8 @@ DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 # Telemetry delay (planner clock - agent's sent_unix) and age: sub-second to minutes.
 AGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
-PLAN_REASONS = ("registration", "telemetry", "infeasible", "worker", "refusal", "restart")
+PLAN_REASONS = ("registration", "telemetry", "compute", "infeasible", "worker", "refusal", "restart")
+COMPUTE_OUTCOMES = ("used", "ignored")  # a device compute sample from telemetry was smoothed in, or implausible
 
 
 class PlannerMetrics:
@@ -34,7 +35,18 @@ class PlannerMetrics:
         self.telemetry_age_seconds = Gauge("edgesplit_planner_telemetry_max_age_seconds",
                                            "Age of the stalest link estimate among agents that sent telemetry",
                                            registry=r)
+        # Per-agent slowdown factors would need agent ids as labels; the largest one is what an alert needs
+        # (a plan it causes gives the agent's factor in its reason).
+        self.device_slowdown_max = Gauge("edgesplit_planner_device_slowdown_max_ratio",
+                                         "Largest smoothed device slowdown factor among agents (measured / profiled "
+                                         "device compute; 1 = as profiled)", registry=r)
+        self.compute_samples = Counter("edgesplit_planner_compute_samples",
+                                       "Device compute samples from telemetry, by outcome (ignored: implausible ratio)",
+                                       ["outcome"], registry=r)
         self.refusals = Counter("edgesplit_planner_refusals", "Plans an agent refused", registry=r)
         self.errors = Counter("edgesplit_planner_errors", "Calls refused, by gRPC status code", ["code"], registry=r)
         for reason in PLAN_REASONS:
             self.plan_changes.labels(reason)
+        for outcome in COMPUTE_OUTCOMES:
+            self.compute_samples.labels(outcome)
+        self.device_slowdown_max.set(1.0)

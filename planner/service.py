@@ -15,6 +15,12 @@ with the configured worker-to-worker link (``worker_link_*``: agents measure onl
 A chained plan carries its route (``Plan.end_split``, ``next_hops``); its key includes the route,
 so hysteresis, refusals and versions treat it like any other plan.
 
+Device compute telemetry (the ``head`` stage median against the profile's prediction for the
+split the agent runs) keeps a smoothed slowdown factor per agent (:mod:`planner.compute`); the
+device profile every decision and query uses is the registered one with its block times scaled
+by it, so a board that slows down moves work to a worker through the same hysteresis as a
+slower link. The factor is stored (``device_speed``) with the agent's links.
+
 Requests are checked by :mod:`planner.requests`; the ranking, the re-costing of a running plan and
 the Configuration -> Plan mapping are in :mod:`planner.decide`. This module holds the state and
 the servicer: who is registered, what each agent runs, when to decide, and who is told.
@@ -34,16 +40,17 @@ from typing import Callable
 
 import grpc
 
-from planner import decide
+from planner import compute, decide
 from planner import profile as profiles
 from planner import requests
+from planner.compute import DeviceSpeed
 from planner.config import PlannerConfig
 from planner.costmodel import Link
 from planner.decide import Candidate, Chain, PlanKey, Ranked, plan_key
 from planner.hysteresis import Hysteresis
 from planner.metrics import PlannerMetrics
 from planner.profile import Profile
-from planner.store import APPLIED, REFUSED, AgentRecord, LinkRecord, Store, WorkerRecord
+from planner.store import APPLIED, REFUSED, AgentRecord, LinkRecord, SpeedRecord, Store, WorkerRecord
 from runtime.errors import EdgesplitError, NotFound, Overloaded, PreconditionFailed
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
@@ -70,7 +77,7 @@ class _Watcher:
 @dataclass
 class AgentState:
     record: AgentRecord
-    device: Profile
+    device: Profile  # what decisions use: the registered profile scaled by speed.applied
     plan: pb.Plan | None = None  # what the planner believes runs (the last plan not refused)
     links: dict[str, LinkRecord] = field(default_factory=dict)  # worker id -> last estimate
     unsaved_links: set[str] = field(default_factory=set)
@@ -82,6 +89,22 @@ class AgentState:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     watchers: set[_Watcher] = field(default_factory=set)
     _derived: dict = field(default_factory=dict)  # cached device profiles (stable ids for the search's cache)
+    speed: DeviceSpeed = field(default_factory=DeviceSpeed)  # measured / profiled device compute
+    benchmark: Profile | None = None  # the device profile as registered (default: device)
+
+    def __post_init__(self):
+        if self.benchmark is None:
+            self.benchmark = self.device
+
+    def apply_speed(self, force: bool = False) -> bool:
+        """Scale the device profile decisions use by the slowdown factor, if it moved (or ``force``);
+        True when it did."""
+        if not (force or self.speed.moved()):
+            return False
+        self.speed.applied = self.speed.factor
+        self.device = compute.scaled(self.benchmark, self.speed.factor)
+        self._derived.clear()
+        return True
 
     def device_for(self, tl_ids: frozenset[str], cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
         """The device profile limited to TLs held on both ends, optionally to one transfer at one cut."""
@@ -141,11 +164,14 @@ class PlannerService(pb_grpc.PlannerServicer):
         """Resume from the store: workers, agents, their plans, links and refusals."""
         for wid, rec in self.store.workers().items():
             self.workers[wid] = WorkerState(rec, requests.parse_worker_profiles(rec.id, list(rec.profiles.values())))
-        plans, links = self.store.current_plans(), self.store.links()
+        plans, links, speeds = self.store.current_plans(), self.store.links(), self.store.speeds()
         for aid, rec in self.store.agents().items():
             st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
             st.plan = plans[aid].plan if aid in plans else None
             st.links = links.get(aid, {})
+            if aid in speeds and self.config.compute_telemetry:
+                st.speed = DeviceSpeed(speeds[aid].slowdown, speeds[aid].samples)
+                st.apply_speed()
             if rec.refused_version and (st.plan is None or rec.refused_version > st.plan.version):
                 refused = self.store.plan(aid, rec.refused_version)
                 if refused is not None:
@@ -203,6 +229,7 @@ class PlannerService(pb_grpc.PlannerServicer):
         now = time.time()
         ages = [now - max(lk.updated_unix for lk in st.links.values()) for st in self.agents.values() if st.links]
         self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
+        self.metrics.device_slowdown_max.set(max((st.speed.factor for st in self.agents.values()), default=1.0))
         for aid, st in list(self.agents.items()):
             if st.dirty or self.hysteresis.holding(aid):
                 await self._decide(st)
@@ -312,6 +339,9 @@ class PlannerService(pb_grpc.PlannerServicer):
         if st.unsaved_links:
             self.store.touch_agent(st.record.id, st.record.last_seen)
         st.unsaved_links.clear()
+        if st.speed.unsaved:
+            self.store.put_speed(st.record.id, SpeedRecord(st.speed.factor, st.speed.samples, time.time()))
+            st.speed.unsaved = False
 
     async def _decide(self, st: AgentState) -> None:
         """Re-plan one running agent under its current conditions, through the hysteresis."""
@@ -347,6 +377,8 @@ class PlannerService(pb_grpc.PlannerServicer):
                 lk = st.links.get(best.worker_id) if best.worker_id else None
                 link = f"; link to {best.worker_id}: {lk.bandwidth_bytes_per_second / 1e6:.2f} MB/s, " \
                        f"{lk.rtt_seconds * 1e3:.1f} ms RTT" if lk else ""
+                if st.speed.applied != 1.0:
+                    link += f"; device compute {st.speed.applied:.2f}x its profile"
                 reason = (f"{cause}: predicted {decide.score(best.config, objective) * 1e3:.2f} ms vs {cur * 1e3:.2f} ms "
                           f"for v{st.plan.version}, gain held {verdict.held_seconds:.1f} s{link}")
                 label = cause
@@ -403,6 +435,11 @@ class PlannerService(pb_grpc.PlannerServicer):
             if old is not None:  # same board, new registration: keep what it runs, its links and watchers
                 st.plan, st.links, st.watchers = old.plan, old.links, old.watchers
                 st.unsaved_links, st.last_acted = old.unsaved_links, old.last_acted
+                if old.record.profile == rec.profile:  # the same benchmark: its slowdown factor still holds
+                    st.speed = old.speed
+                    st.apply_speed(force=True)
+                elif old.speed.samples:  # re-profiled: measured against the new profile from scratch
+                    self.store.put_speed(aid, SpeedRecord(1.0, 0, now))
             self.store.put_agent(rec)
             self.agents[aid] = st
             self.hysteresis.reset(aid)
@@ -455,11 +492,31 @@ class PlannerService(pb_grpc.PlannerServicer):
                 self.metrics.telemetry_unknown_worker.inc()
                 logger.debug("agent %s: telemetry for %r, which is no registered worker; link ignored", st.record.id,
                              t.worker[:80])
+            if self.config.compute_telemetry and t.stage_seconds and self._observe_compute(st, t):
+                st.dirty, st.cause = True, "compute"
             mono = self.clock()
             if st.dirty and mono - st.last_acted >= min_gap:  # the rest wait for the periodic pass
                 st.last_acted = mono
                 await self._decide(st)
         return pb.TelemetryAck(received=received)
+
+    def _observe_compute(self, st: AgentState, t: pb.Telemetry) -> bool:
+        """Take one report's device stage times into the agent's slowdown factor; True when the
+        factor decisions use moved. A report under no plan of this agent (version 0: the agent's own
+        split; a version this planner never issued to it) gives no sample."""
+        plan = st.plan if st.plan is not None and st.plan.version == t.plan_version else None
+        if plan is None and t.plan_version:
+            stored = self.store.plan(st.record.id, t.plan_version)
+            plan = stored.plan if stored is not None else None
+        if plan is None or plan.model_id != st.record.model:
+            return False
+        outcome = st.speed.observe(t.stage_seconds, st.benchmark, plan.split_index)
+        if outcome is not None:
+            self.metrics.compute_samples.labels(outcome).inc()
+        if outcome != "used" or not st.apply_speed():
+            return False
+        logger.debug("agent %s: device compute now %.2fx its profile", st.record.id, st.speed.factor)
+        return True
 
     @_rpc
     async def ReportPlanStatus(self, request: pb.PlanStatus, context) -> pb.PlanStatusAck:

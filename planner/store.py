@@ -3,11 +3,14 @@
 Tables: ``workers`` (address, tier, TL ids, one profile document per model, the next tiers it
 forwards to), ``agents`` (model,
 digest, device profile, allowed workers, TL ids, constraints, the last refusal), ``links`` (the
-last link estimate per agent and worker), ``plans`` (every plan ever issued, as serialized
+last link estimate per agent and worker), ``device_speed`` (per agent, the smoothed device
+slowdown factor from its compute telemetry, :mod:`planner.compute`), ``plans`` (every plan ever issued, as serialized
 ``Plan`` protos; an agent's current plan is its highest version that it did not refuse) and
 ``counters`` (the global plan version, which only increases, restarts included). A chained
 plan's route (``Plan.end_split``, ``next_hops``) is part of the stored proto, so it survives a
-restart as it is. Schema 1 (before workers reported next tiers) is migrated in place. Every write is
+restart as it is. Schema 1 (before workers reported next tiers) is migrated in place;
+``device_speed`` is a table of its own, created where missing, so it needs no migration (and a
+planner without it ignores it). Every write is
 one transaction. The connection belongs to the thread that opened it (the planner's event loop).
 """
 
@@ -42,6 +45,8 @@ CREATE TABLE IF NOT EXISTS links (
     agent_id TEXT NOT NULL, worker_id TEXT NOT NULL, rtt_seconds REAL NOT NULL,
     bandwidth_bytes_per_second REAL NOT NULL, updated_unix REAL NOT NULL,
     PRIMARY KEY (agent_id, worker_id));
+CREATE TABLE IF NOT EXISTS device_speed (
+    agent_id TEXT PRIMARY KEY, slowdown REAL NOT NULL, samples INTEGER NOT NULL, updated_unix REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS plans (
     agent_id TEXT NOT NULL, version INTEGER NOT NULL, plan BLOB NOT NULL, reason TEXT NOT NULL,
     created REAL NOT NULL, status TEXT NOT NULL DEFAULT 'issued',
@@ -82,6 +87,13 @@ class AgentRecord:
 class LinkRecord:
     rtt_seconds: float
     bandwidth_bytes_per_second: float
+    updated_unix: float
+
+
+@dataclass
+class SpeedRecord:
+    slowdown: float  # measured / profiled device compute, smoothed (1.0 = as profiled)
+    samples: int
     updated_unix: float
 
 
@@ -180,6 +192,17 @@ class Store:
                                                 "updated_unix FROM links"):
             out.setdefault(a, {})[w] = LinkRecord(rtt, bw, t)
         return out
+
+    # -- device speed ------------------------------------------------------------------------
+
+    def put_speed(self, agent_id: str, speed: SpeedRecord) -> None:
+        with self._tx():
+            self.db.execute("INSERT OR REPLACE INTO device_speed VALUES (?,?,?,?)",
+                            (agent_id, speed.slowdown, speed.samples, speed.updated_unix))
+
+    def speeds(self) -> dict[str, SpeedRecord]:
+        rows = self.db.execute("SELECT agent_id, slowdown, samples, updated_unix FROM device_speed")
+        return {a: SpeedRecord(f, n, t) for a, f, n, t in rows}
 
     # -- plans -------------------------------------------------------------------------------
 

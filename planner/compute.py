@@ -1,0 +1,106 @@
+"""How fast the board runs now, from its telemetry: a smoothed device slowdown factor.
+
+A device profile is a benchmark, made once; a board in service can be slower (thermal
+throttling, another process, a CPU quota) or faster. Every telemetry message carries the device
+stage medians since the previous one, among them ``head`` (the blocks before the split the agent
+runs, timed on the board) and, for frames that fell back to the device, ``local_tail``. One report
+gives one sample::
+
+    sample = head / sum(profile block medians before the split)
+
+For a plan with no head to time (split 0, everything on the worker) a report can still compare the
+whole model when frames ran locally: ``(head + local_tail) / sum(all block medians)``; otherwise
+it holds no sample and the factor stays as it was. A local plan ("output") is the first case with
+the head covering every block.
+
+Samples are smoothed with an EWMA, ``f = ALPHA * sample + (1 - ALPHA) * f`` (ALPHA = 0.3, as the
+agent smooths bandwidth: a step change is 90 % absorbed after ~7 reports, ~7 s at the agent's
+default 1 s telemetry interval, and one odd report moves the factor by 30 % of its distance); the
+first sample sets the factor. A sample outside ``[1 / MAX_SAMPLE_RATIO, MAX_SAMPLE_RATIO]`` is
+no measurement of a board (a head of 0 s, a clock jump) and is ignored; the others are clamped to
+``[MIN_FACTOR, MAX_FACTOR]`` before smoothing, so the factor always stays in that range.
+
+The planner scales the device tier's block times (median and p95) by the factor
+(:func:`scaled`); transfer encode/decode times stay as profiled. So that every report does not
+re-derive profiles (and empty the search's table cache) the scaled profile is remade only when
+the factor moved by more than ``APPLY_TOLERANCE`` from the one it was made with; whether the
+plan then changes is the hysteresis's call, as for a link change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Mapping
+
+from planner.profile import Profile
+
+ALPHA = 0.3  # EWMA weight of a new sample
+MIN_FACTOR, MAX_FACTOR = 0.1, 50.0  # the factor's range: 10x faster to 50x slower than profiled
+MAX_SAMPLE_RATIO = 1000.0  # a sample beyond 1000x either way is no measurement: ignored
+MIN_PREDICTED_SECONDS = 1e-4  # a predicted head under 0.1 ms is timer noise: no sample
+APPLY_TOLERANCE = 0.02  # remake the scaled device profile when the factor moved by over 2 %
+
+
+def head_ratio(stages: Mapping[str, float], profile: Profile, split_index: int) -> float | None:
+    """Measured over predicted device compute for one report's ``stages`` (seconds by stage) under
+    a plan cutting after ``split_index`` blocks; None when the report holds nothing to compare."""
+    head = stages.get("head")
+    if head is None:
+        return None
+    n = min(max(split_index, 0), profile.n_blocks)
+    predicted = sum(b.seconds for b in profile.blocks[:n])
+    measured = head
+    if predicted < MIN_PREDICTED_SECONDS:  # no head to compare: the whole model, if frames ran locally
+        tail = stages.get("local_tail")
+        predicted = sum(b.seconds for b in profile.blocks)
+        if tail is None or predicted < MIN_PREDICTED_SECONDS:
+            return None
+        measured = head + tail
+    return measured / predicted
+
+
+def plausible(ratio: float) -> bool:
+    return math.isfinite(ratio) and 1.0 / MAX_SAMPLE_RATIO <= ratio <= MAX_SAMPLE_RATIO
+
+
+@dataclass
+class DeviceSpeed:
+    """One agent's smoothed slowdown factor (1.0 = as profiled) and the factor decisions use."""
+
+    factor: float = 1.0  # smoothed, in [MIN_FACTOR, MAX_FACTOR]
+    samples: int = 0  # samples taken (persisted, so a restart keeps smoothing instead of starting over)
+    applied: float = 1.0  # the factor the agent's device profile is scaled by now
+    unsaved: bool = False  # changed since it was last written to the store
+
+    def add(self, ratio: float) -> bool:
+        """Take one sample; False (and no change) when it is not plausible."""
+        if not plausible(ratio):
+            return False
+        r = min(max(ratio, MIN_FACTOR), MAX_FACTOR)
+        self.factor = r if self.samples == 0 else ALPHA * r + (1 - ALPHA) * self.factor
+        self.samples += 1
+        self.unsaved = True
+        return True
+
+    def observe(self, stages: Mapping[str, float], profile: Profile, split_index: int) -> str | None:
+        """Take one report (see :func:`head_ratio`): "used", "ignored" (implausible) or None (nothing to compare)."""
+        ratio = head_ratio(stages, profile, split_index)
+        if ratio is None:
+            return None
+        return "used" if self.add(ratio) else "ignored"
+
+    def moved(self) -> bool:
+        """The factor is far enough from the applied one to remake the scaled profile."""
+        return abs(self.factor - self.applied) > APPLY_TOLERANCE * self.applied
+
+
+def scaled(profile: Profile, factor: float) -> Profile:
+    """``profile`` with every block's median and p95 times ``factor`` (``profile`` itself at 1.0)."""
+    if factor == 1.0:
+        return profile
+    blocks = tuple(dataclasses.replace(b, seconds=b.seconds * factor,
+                                       p95_seconds=None if b.p95_seconds is None else b.p95_seconds * factor)
+                   for b in profile.blocks)
+    return dataclasses.replace(profile, blocks=blocks)

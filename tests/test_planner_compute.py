@@ -1,0 +1,347 @@
+"""Device compute telemetry drives re-planning: a board that slows down moves work to the edge.
+
+The planner keeps per agent a smoothed slowdown factor, the telemetry's ``head`` median over the
+device profile's prediction for the split the agent runs (planner.compute), and scales the device's
+block times by it. The profiles are planner_helpers' hand-written ones (5 blocks, the board 10x
+slower than the edge, RTT 5 ms, 10 MB/s), so with the board ``f`` times slower than profiled a cut
+after ``a`` blocks takes ``expected_seconds(a, FAST) + (f - 1) * sum(DEVICE_S[:a])``:
+
+    f = 1: input 74.4 ms, conv1 112.4, conv2 70.4 (the plan), conv3 73.4, conv4 87.4, local 90 ms
+    f = 5: input 74.4 ms, conv1 192.4, conv2 230.4, conv3 313.4, conv4 407.4, local 450 ms
+
+so at 5x the best plan sends the raw input (no device work), or with the raw input kept on the
+board, a cut after one block. conv2 and input break even at f = 1.1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import math
+import time
+
+import grpc
+import pytest
+from conftest import REPO, TINY_NET
+from planner_helpers import (DEVICE_PROFILE, DEVICE_S, FAST, MODEL, RPC, Planner, check_status, expected_seconds,
+                             next_plan, profile, rpc_error)
+from planner_helpers import aio, planner  # noqa: F401 (fixtures)
+
+from planner import compute
+from planner.compute import DeviceSpeed
+from planner.config import PlannerConfig
+from planner.profile import Block, Profile, loads
+from planner.server import serve
+from planner.store import SpeedRecord, Store
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.timeout(60)
+
+AT_5X = [0.0744, 0.1924, 0.2304, 0.3134, 0.4074, 0.450]  # by cut (5 = local), worked out by hand above
+
+
+def seconds_at(cut: int, f: float) -> float:
+    return expected_seconds(cut, FAST) + (f - 1) * sum(DEVICE_S[:cut])
+
+
+async def report(p: Planner, head: float | None, version: int, agent: str = "a1", tail: float | None = None,
+                 frames: int = 10) -> int:
+    """One telemetry message with device stage medians only (no link figures: the link stays as it is)."""
+    stages = {} if head is None else {"head": head}
+    if tail is not None:
+        stages["local_tail"] = tail
+
+    async def messages():
+        yield pb.Telemetry(agent_id=agent, worker="w1", stage_seconds=stages, frames=frames, plan_version=version,
+                           sent_unix=time.time())
+
+    return (await p.stub.ReportTelemetry(messages(), timeout=RPC)).received
+
+
+async def ranked(p: Planner, agent: str = "a1", top_n: int = 6) -> dict[str, float]:
+    reply = await p.stub.QueryPlan(pb.PlanQuery(agent_id=agent, top_n=top_n), timeout=RPC)
+    return {c.split_id: c.predicted_seconds for c in reply.candidates}
+
+
+def sample(p: Planner, name: str, labels: dict | None = None) -> float:
+    return p.ps.service.metrics.registry.get_sample_value(name, labels or {})
+
+
+def test_hand_computed_figures():
+    assert [seconds_at(a, 5.0) for a in range(6)] == pytest.approx(AT_5X)
+    assert min(range(6), key=lambda a: seconds_at(a, 1.0)) == 2
+    assert min(range(6), key=lambda a: seconds_at(a, 5.0)) == 0
+    assert min(range(1, 6), key=lambda a: seconds_at(a, 5.0)) == 1  # the raw input stays on the board
+    assert seconds_at(2, 1.1) == pytest.approx(seconds_at(0, 1.1))  # the break-even of the jitter test
+
+
+# -- (a) a slow board moves work to the edge ---------------------------------------------------------
+
+
+def test_head_five_times_the_profile_moves_work_off_the_board(aio, planner):
+    async def scenario():
+        v1 = await planner.register()
+        k1 = await planner.register(agent="k1", constraints=pb.Constraints(raw_input_stays=True))
+        assert (v1.split_id, k1.split_id) == ("conv2", "conv2")
+        watches = {a: planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id=a), timeout=RPC) for a in ("a1", "k1")}
+        for w in watches.values():
+            await next_plan(w)
+        t0 = time.monotonic()
+        # conv2's head is 2 x 20 ms in the profile; the board reports 200 ms
+        assert await report(planner, 0.200, v1.version) == 1
+        assert await report(planner, 0.200, k1.version, agent="k1") == 1
+        assert planner.ps.service.agents["a1"].speed.factor == pytest.approx(5.0)
+        assert await ranked(planner) == pytest.approx(dict(zip(("input", "conv1", "conv2", "conv3", "conv4", "output"),
+                                                               AT_5X)))
+        new = await next_plan(watches["a1"])
+        kept = await next_plan(watches["k1"])
+        assert time.monotonic() - t0 >= 0.3 - 0.01  # through the hysteresis's hold, as for a link change
+        for w in watches.values():
+            w.cancel()
+        assert (new.split_id, new.split_index, new.worker_id) == ("input", 0, "w1") and new.version > v1.version
+        assert new.predicted_seconds == pytest.approx(0.0744)
+        assert new.breakdown_seconds["compute:device"] == 0
+        assert new.reason.startswith("compute: predicted 74.40 ms vs 230.40 ms"), new.reason
+        assert "device compute 5.00x its profile" in new.reason
+        assert (kept.split_id, kept.predicted_seconds) == ("conv1", pytest.approx(0.1924))
+        assert kept.breakdown_seconds["compute:device"] == pytest.approx(0.100)
+        assert sample(planner, "edgesplit_planner_plan_changes_total", {"reason": "compute"}) == 2
+        assert sample(planner, "edgesplit_planner_compute_samples_total", {"outcome": "used"}) == 2
+        await planner.ps.service.tick()
+        assert sample(planner, "edgesplit_planner_device_slowdown_max_ratio") == pytest.approx(5.0)
+        # under the new plan the board runs nothing: no head to compare, the factor stays
+        await report(planner, 0.00001, new.version)
+        assert sample(planner, "edgesplit_planner_compute_samples_total", {"outcome": "used"}) == 2
+        assert planner.ps.service.agents["a1"].speed.factor == pytest.approx(5.0)
+        assert (await planner.agents())["a1"].plan.version == new.version
+
+    aio.run(scenario())
+
+
+# -- (b) jitter does not flap -------------------------------------------------------------------------
+
+
+def test_factor_jitter_across_a_boundary_does_not_flap(aio, tmp_path):
+    async def until(predicate, timeout: float = 0.5):
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+    async def scenario(p: Planner):
+        v1 = await p.register()
+        service = p.ps.service
+        bests, factors = set(), []
+        # heads of 0.7x and 1.45x the profile in turn: smoothed, the factor swings between ~1.01 and
+        # ~1.14, across the 1.1 break-even, and the best plan with it (by at most ~1.6 ms)
+        for i in range(24):
+            await report(p, 0.040 * (0.7 if i % 2 == 0 else 1.45), v1.version)
+            factors.append(service.agents["a1"].speed.factor)
+            bests.add(next(iter(await ranked(p, top_n=1))))
+            await asyncio.sleep(0.05)  # 1.2 s in all, past hold_seconds
+        assert min(factors[-6:]) < 1.1 < max(factors[-6:])
+        assert {"conv2", "input"} <= bests
+        assert not service.hysteresis.holding("a1")  # never a gain above the threshold
+        # a spike above the switch threshold starts the hold; shorter than hold_seconds, it switches nothing
+        await report(p, 0.040 * 3.0, v1.version)
+        await until(lambda: service.hysteresis.holding("a1"))
+        for _ in range(3):
+            await report(p, 0.040 * 0.7, v1.version)
+        await until(lambda: not service.hysteresis.holding("a1"))
+        await asyncio.sleep(1.1)
+        assert [h.plan.version for h in service.store.history("a1")] == [v1.version]
+        # a lasting slowdown (1.6x: conv2 94.4 ms vs input 74.4 ms) switches once
+        watch = p.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1", known_version=v1.version), timeout=RPC)
+        read = asyncio.ensure_future(next_plan(watch, 10.0))
+        for _ in range(100):
+            if read.done():
+                break
+            await report(p, 0.040 * 1.6, v1.version)
+            await asyncio.sleep(0.05)
+        new = await read
+        watch.cancel()
+        assert (new.split_id, new.worker_id) == ("input", "w1") and new.reason.startswith("compute")
+        await asyncio.sleep(0.2)
+        assert [h.plan.version for h in service.store.history("a1")] == [new.version, v1.version]
+
+    async def main():
+        p = await Planner.start(tmp_path / "planner.sqlite", hold_seconds=1.0)
+        try:
+            await scenario(p)
+        finally:
+            await p.stop()
+
+    aio.run(main())
+
+
+# -- (c) a restart keeps the factor ------------------------------------------------------------------
+
+
+def test_restart_keeps_the_factor(aio, tmp_path):
+    db = tmp_path / "planner.sqlite"
+
+    async def first_life():
+        p = await Planner.start(db)
+        try:
+            v1 = await p.register()
+            watch = p.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1", known_version=v1.version), timeout=RPC)
+            await report(p, 0.200, v1.version)
+            v2 = await next_plan(watch)
+            watch.cancel()
+            return v2
+        finally:
+            await p.stop()
+
+    async def second_life(v2):
+        p = await Planner.start(db)
+        try:
+            st = p.ps.service.agents["a1"]
+            assert (st.speed.factor, st.speed.samples, st.speed.applied) == (pytest.approx(5.0), 1, pytest.approx(5.0))
+            assert (await p.agents())["a1"].plan.version == v2.version
+            assert list((await ranked(p)).values()) == pytest.approx(sorted(AT_5X))
+            # smoothing carries on from the stored factor: a local fallback under the input plan
+            # compares the whole model, 90 ms measured as profiled (1x): 0.3 x 1 + 0.7 x 5
+            await report(p, 0.0, v2.version, tail=0.090)
+            assert st.speed.factor == pytest.approx(3.8) and st.speed.samples == 2
+            await p.register()  # the same board and profile registering again keeps it
+            assert p.ps.service.agents["a1"].speed.factor == pytest.approx(3.8)
+            assert (await ranked(p))["output"] == pytest.approx(3.8 * sum(DEVICE_S))
+            slower = profile("board", "device", tuple(2 * s for s in DEVICE_S))
+            await p.stub.RegisterAgent(pb.RegisterAgentRequest(agent_id="a1", model_id=MODEL, model_digest="w1",
+                                                               profile_json=slower), timeout=RPC)
+            assert p.ps.service.agents["a1"].speed == DeviceSpeed()  # re-profiled: starts over
+            assert p.ps.service.store.speeds()["a1"].slowdown == 1.0
+        finally:
+            await p.stop()
+
+    aio.run(second_life(aio.run(first_life())))
+
+
+# -- (d) bad values ------------------------------------------------------------------------------------
+
+
+def test_bad_compute_values_are_refused_or_ignored(aio, planner):
+    async def scenario():
+        v1 = await planner.register()
+        service = planner.ps.service
+        for bad in (-0.04, math.nan, math.inf):  # as for every other number in a telemetry message
+            err = await rpc_error(report(planner, bad, v1.version))
+            check_status(err, grpc.StatusCode.INVALID_ARGUMENT, "stage_seconds .* finite number of seconds >= 0")
+        # finite but no measurement of a board (a head of 0 s, 1e6 s): counted and ignored, the stream lives on
+        assert await report(planner, 0.0, v1.version) == 1
+        assert await report(planner, 1e6, v1.version) == 1
+        assert sample(planner, "edgesplit_planner_compute_samples_total", {"outcome": "ignored"}) == 2
+        # a plan this agent does not run (never issued, or none) and a report without a head give no sample
+        for version, head in ((999, 0.2), (0, 0.2), (v1.version, None)):
+            assert await report(planner, head, version) == 1
+        assert sample(planner, "edgesplit_planner_compute_samples_total", {"outcome": "used"}) == 0
+        assert service.agents["a1"].speed == DeviceSpeed()
+        await asyncio.sleep(0.4)
+        assert [h.plan.version for h in service.store.history("a1")] == [v1.version]
+        # 200x is a board under real trouble, not noise: used, and clamped to the factor's range
+        assert await report(planner, 8.0, v1.version) == 1
+        assert service.agents["a1"].speed.factor == compute.MAX_FACTOR
+
+    aio.run(scenario())
+
+
+def test_compute_telemetry_can_be_turned_off(aio, tmp_path):
+    async def scenario():
+        p = await Planner.start(tmp_path / "planner.sqlite", compute_telemetry=False)
+        try:
+            v1 = await p.register()
+            await report(p, 0.200, v1.version)
+            assert p.ps.service.agents["a1"].speed == DeviceSpeed()
+            assert (await ranked(p, top_n=1)) == {"conv2": pytest.approx(seconds_at(2, 1.0))}
+        finally:
+            await p.stop()
+
+    aio.run(scenario())
+
+
+# -- the pure parts ---------------------------------------------------------------------------------
+
+
+def test_head_ratio_and_smoothing():
+    dev = loads(DEVICE_PROFILE)
+    assert compute.head_ratio({"head": 0.080}, dev, 2) == pytest.approx(2.0)
+    assert compute.head_ratio({"head": 0.045}, dev, 5) == pytest.approx(0.5)  # local: the whole model
+    assert compute.head_ratio({"head": 0.0, "local_tail": 0.180}, dev, 0) == pytest.approx(2.0)  # fell back
+    assert compute.head_ratio({"head": 0.0}, dev, 0) is None  # nothing ran on the board
+    assert compute.head_ratio({"encode": 0.01}, dev, 2) is None
+    s = DeviceSpeed()
+    assert s.add(2.0) and s.factor == 2.0 and s.moved()  # the first sample sets it
+    assert s.add(1.0) and s.factor == pytest.approx(0.3 * 1.0 + 0.7 * 2.0)
+    assert not s.add(0.0) and not s.add(5000.0) and s.samples == 2
+    assert s.add(0.0011) and s.factor == pytest.approx(0.3 * compute.MIN_FACTOR + 0.7 * 1.7)
+    s.applied = s.factor * 1.01
+    assert not s.moved()  # within APPLY_TOLERANCE: the scaled profile is kept
+    p = Profile("b", "device", "m", (Block(0, "x", 0.010, 4, p95_seconds=0.012), Block(1, "y", 0.020, 4)), 8)
+    q = compute.scaled(p, 3.0)
+    assert [(b.seconds, b.p95_seconds) for b in q.blocks] == [(pytest.approx(0.030), pytest.approx(0.036)),
+                                                              (pytest.approx(0.060), None)]
+    assert compute.scaled(p, 1.0) is p
+
+
+def test_store_keeps_device_speed(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    s.put_speed("a1", SpeedRecord(2.5, 7, 3.0))
+    s.close()
+    s = Store(tmp_path / "s.sqlite")
+    assert s.speeds() == {"a1": SpeedRecord(2.5, 7, 3.0)}
+    s.close()
+
+
+# -- a real agent's telemetry ------------------------------------------------------------------------
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_a_real_agents_head_times_set_the_factor(tmp_path):
+    """An Agent with its PlannerLink, running the tiny model locally (no worker), reports its head
+    times; the planner's factor is measured from them and its predictions use it."""
+    from runtime.agent.client import Agent
+    from runtime.agent.planner_link import PlannerLink
+    from runtime.agent.sources import open_source
+    from runtime.codec import get_codec
+    from runtime.models.loader import load_model
+
+    loaded = load_model(str(REPO / TINY_NET))
+    points = loaded.sliced.split_points[1:]
+    dev = Profile("board", "device", loaded.name, tuple(Block(i, sp.name, 0.001, sp.fp32_bytes)
+                                                         for i, sp in enumerate(points)),
+                  loaded.sliced.split_points[0].fp32_bytes, model_digest=loaded.digest)
+    frames = [f.tensor for f in open_source(loaded.spec, "synthetic", 4)]
+
+    async def scenario():
+        ps = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite"), metrics_port=-1))
+        agent = Agent(loaded, loaded.split("output"), get_codec("raw"), agent_id="board-1", connect_timeout=2.0)
+        link = PlannerLink(agent, f"127.0.0.1:{ps.port}", dev, "board-1", telemetry_interval_seconds=0.1,
+                           rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1)
+        closed = False
+        try:
+            await link.start()
+            deadline = time.monotonic() + 30
+            while ps.service.agents.get("board-1") is None or ps.service.agents["board-1"].speed.samples < 2:
+                assert time.monotonic() < deadline, "no compute samples from the agent"
+                await agent.infer(frames[0])
+                await asyncio.sleep(0.005)
+            st = ps.service.agents["board-1"]
+            await link.close()  # no more telemetry: the factor cannot move between the snapshot and the query
+            closed = True
+            snapshot = dataclasses.replace(st.speed) if dataclasses.is_dataclass(st.speed) else copy.copy(st.speed)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}") as channel:
+                q = await pb_grpc.PlannerStub(channel).QueryPlan(pb.PlanQuery(agent_id="board-1", top_n=1), timeout=RPC)
+            return snapshot, q.candidates[0]
+        finally:
+            if not closed:
+                await link.close()
+            await agent.close()
+            await ps.drain_and_stop(1.0)
+
+    speed, local = asyncio.run(scenario())
+    print(f"tiny model on this machine: {speed.factor:.3f}x a 1 ms-per-block profile")
+    assert compute.MIN_FACTOR <= speed.factor <= compute.MAX_FACTOR and speed.samples >= 2
+    assert local.split_id == "output"
+    assert local.breakdown_seconds["compute:device"] == pytest.approx(speed.applied * 0.001 * len(points))
