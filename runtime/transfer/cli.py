@@ -141,16 +141,21 @@ def sweep_command(args: argparse.Namespace) -> str:
     parts = ["edgesplit", "tl", "sweep", "--model", args.model]
     parts += [a for s in args.split for a in ("--split", s)]
     parts += [a for k in args.kind or ["reference", "bottleneck"] for a in ("--kind", k)]
-    parts += [a for r in args.ratio or [8, 16, 32] for a in ("--ratio", str(r))]
+    kinds = args.kind or ["reference", "bottleneck"]
+    if "bottleneck" in kinds:
+        parts += [a for r in args.ratio or [8, 16, 32] for a in ("--ratio", str(r))]
     if "transform" in (args.kind or []):
         parts += [a for q in args.step or [0.5, 1.0, 2.0] for a in ("--step", f"{q:g}")]
     if args.codec:
         parts += [a for c in args.codec for a in ("--codec", c)]
-    parts += ["--steps", str(args.steps)]
-    for flag, value, default in (("--batch-size", args.batch_size, 16), ("--lr", args.lr, 1e-3),
-                                 ("--pool-size", args.pool_size, 256), ("--kl-weight", args.kl_weight, 1.0),
-                                 ("--init", getattr(args, "init", "random"), "random")):
-        if value != default:
+    trains = "bottleneck" in kinds
+    if trains:
+        parts += ["--steps", str(args.steps)]
+    for flag, value, default, used in (("--batch-size", args.batch_size, 16, trains), ("--lr", args.lr, 1e-3, trains),
+                                       ("--pool-size", args.pool_size, 256, True),
+                                       ("--kl-weight", args.kl_weight, 1.0, trains),
+                                       ("--init", getattr(args, "init", "random"), "random", trains)):
+        if used and value != default:
             parts += [flag, str(value)]
     parts += ["--images", str(args.images), "--seed", str(args.seed)]
     if args.data:
