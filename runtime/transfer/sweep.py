@@ -181,7 +181,7 @@ def write_table(result: dict, path: str | Path, command: str) -> None:
              "the unsplit model; bytes/frame is the whole serialized Tensor message; board encode ms is TL "
              "encoder + codec encode at batch 1 on 1 thread; head ms (same conditions): "
              + "; ".join(f"split {i} {ms:.2f} ms" for i, _, ms in heads) + ".", ""]
-    if t:
+    if t and any(r["kind"] == "bottleneck" for r in rows):
         lines += ["Bottleneck training: " + ", ".join(f"{k} {v}" for k, v in t.items()) + ".", ""]
     if acc is not None:
         lines += [f"Labelled hold-out: the unsplit model's top-1 accuracy is {acc:.3f}; \"top-1 accuracy\" is each "
