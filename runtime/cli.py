@@ -237,6 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgesplitError as e:
         print(f"edgesplit: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a file the command reads or writes (missing directory, permissions, disk full)
+        where = f": {e.filename}" if e.filename else ""
+        print(f"edgesplit: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -25,6 +25,15 @@ def test_plan_from_peer_data_prints_the_published_result(capsys, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_unwritable_output_is_a_clear_error(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = main(["plan", "--peers", str(PEERS / "scission_benchmarks.json"), "--model", "vgg19", "--top", "1",
+               "--plot", str(blocker / "plot.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "edgesplit: error:" in err and "Traceback" not in err and str(blocker) in err
+
+
 def test_import_peers_then_plan_from_files(capsys, tmp_path):
     assert main(["import-peers", str(PEERS / "scissiontl_benchmarks.json"), "--out", str(tmp_path),
                  "--model", "densenet169"]) == 0
