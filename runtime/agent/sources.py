@@ -14,12 +14,11 @@ from PIL import Image
 
 from runtime.errors import InvalidInput
 from runtime.models import ModelSpec, preprocess
+from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, load_image  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm"}
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "models" / "samples"
 SYNTHETIC_FRAMES = 100
 
 
@@ -34,18 +33,6 @@ def _images(folder: Path) -> list[Path]:
     if not files:
         raise InvalidInput(f"no PNG or JPEG images in {folder}")
     return files
-
-
-def load_image(data: bytes | Path) -> Image.Image:
-    """Decode a PNG/JPEG from bytes or a path; InvalidInput when it is not an image."""
-    import io
-
-    try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
-        img.load()
-    except Exception as e:
-        raise InvalidInput(f"could not decode the image ({type(e).__name__}: {e}); send a PNG or JPEG") from e
-    return img.convert("RGB")
 
 
 def _folder(spec: ModelSpec, folder: Path) -> Iterator[Frame]:

@@ -59,6 +59,7 @@ RANDOM_SEED = 0
 
 _DATA_DIR = Path(__file__).resolve().parent / "data"
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
 @dataclass(frozen=True)
@@ -200,6 +201,20 @@ def build_model(spec: ModelSpec) -> nn.Module:
     eval_mode(model)
     model.requires_grad_(False)
     return model
+
+
+def load_image(data: bytes | Path):
+    """Decode a PNG/JPEG from bytes or a path to an RGB PIL image; InvalidInput when it is not one."""
+    import io
+
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+        img.load()
+    except Exception as e:
+        raise InvalidInput(f"could not decode the image ({type(e).__name__}: {e}); send a PNG or JPEG") from e
+    return img.convert("RGB")
 
 
 def preprocess(spec: ModelSpec, image) -> torch.Tensor:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.agent.sources import IMAGE_SUFFIXES, SAMPLES_DIR, load_image
+from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, load_image
 from runtime.errors import InvalidInput
 from runtime.models.registry import ModelSpec
 
