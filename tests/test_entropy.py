@@ -282,3 +282,49 @@ def test_ans_random_payloads_never_crash_or_overrun():
         assert out.shape == (1, 4, 5, 5) and float(out.abs().max()) <= model.range  # garbage, but bounded
         outcomes.add("decoded")
     assert "refused" in outcomes
+
+
+def test_refine_margin_reruns_ambiguous_edge_results_on_the_board(r18, transform_art):
+    """Results too close to call are replaced by the board's exact tail: margin 1 refines every
+    frame (outputs equal the unsplit model exactly), margin 0 none."""
+    from runtime.agent.client import Agent
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    _, _, path = transform_art
+    art = load_tl(path, loaded=r18)
+    xs = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(20 + i)) for i in range(3)]
+
+    async def scenario(margin):
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=(str(path),)))
+        agent = Agent(r18, art.split, get_codec("ans", model=art.tl.entropy_model), worker=f"127.0.0.1:{ws.port}",
+                      deadline_seconds=30.0, tl=art, refine_margin=margin)
+        try:
+            await agent.start()
+            results = [await agent.infer(x) for x in xs]
+            return results, agent.metrics.refined._value.get()
+        finally:
+            await agent.close()
+            await ws.drain_and_stop(1.0)
+
+    always, n_always = asyncio.run(scenario(1.0))
+    never, n_never = asyncio.run(scenario(0.0))
+    with torch.no_grad():
+        full = [r18.full(x) for x in xs]
+    assert n_always == 3 and n_never == 0
+    for r, rn, y in zip(always, never, full):
+        assert r.where == "edge" and r.refined and "refine" in r.times and r.to_json(None)["refined"] is True
+        assert torch.equal(r.output, y)  # the board's exact tail on the raw head output
+        assert not rn.refined and rn.wire_bytes == r.wire_bytes  # same bytes on the wire either way
+    with pytest.raises(InvalidInput, match="refine_margin"):
+        Agent(r18, art.split, get_codec("raw"), refine_margin=1.5)
+
+
+def test_refine_figures():
+    from runtime.transfer.evaluate import refine_figures
+
+    y = torch.tensor([[5.0, 0.0], [0.0, 5.0], [1.0, 0.9]])
+    yc = torch.tensor([[5.0, 0.0], [2.0, 0.0], [0.9, 1.0]])  # frame 1 flipped with a clear margin, frame 2 a near tie
+    f = refine_figures(yc, y, 0.1)
+    assert f["refined_share"] == pytest.approx(1 / 3) and f["top1_agreement"] == pytest.approx(2 / 3)
+    assert refine_figures(yc, y, 1.0)["top1_agreement"] == 1.0

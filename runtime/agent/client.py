@@ -48,6 +48,7 @@ class FrameResult:
     fallback_reason: str = ""
     wire_bytes: int = 0
     times: dict[str, float] = field(default_factory=dict)  # seconds by stage
+    refined: bool = False  # an ambiguous edge result replaced by the board's exact tail (see refine_margin)
 
     def top1(self) -> tuple[int, float]:
         probs = torch.softmax(self.output.reshape(-1).float(), dim=0)
@@ -68,6 +69,7 @@ class FrameResult:
             "codec": self.codec,
             "plan_version": self.plan_version,
             "wire_bytes": self.wire_bytes,
+            "refined": self.refined,
             "times_ms": {k: round(v * 1e3, 3) for k, v in self.times.items()},
         }
 
@@ -127,13 +129,20 @@ class Agent:
                  agent_id: str = "", transport: TransportOptions | None = None,
                  deadline_seconds: float = 2.0, connect_timeout: float = 2.0, reconnect: float = 1.0,
                  metrics: AgentMetrics | None = None, plan_version: int = 0, tl=None, tl_dir: str = "",
-                 prepare_timeout: float = 60.0, end_split: str = "", next_hops: Sequence[Hop | str] = ()):
+                 prepare_timeout: float = 60.0, end_split: str = "", next_hops: Sequence[Hop | str] = (),
+                 refine_margin: float = 0.0):
         self.loaded = loaded
         self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}"
         self.deadline_seconds = deadline_seconds
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
         self.prepare_timeout = prepare_timeout  # how long apply_plan waits for the worker's Prepare
+        if not 0.0 <= refine_margin <= 1.0:
+            raise InvalidInput(f"refine_margin must be in [0, 1] (a softmax probability margin), got {refine_margin}")
+        # An edge result whose top-1 softmax margin (p1 - p2) is below this is an ambiguous frame, where
+        # a lossy codec or TL is most likely to have flipped the class: the board runs its tail again
+        # on the exact head output and that result is used (0: never).
+        self.refine_margin = refine_margin
         self.worker_address = worker  # the configured worker: used by plans that name none
         self.tl_dir = tl_dir  # where Transfer Layer ids in plans are resolved
         self.metrics = metrics or AgentMetrics()
@@ -399,6 +408,12 @@ class Agent:
             logger.debug("frame %d runs locally: %s", seq, reason)
             result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
             result.times["local_tail"] = t_tail
+        elif self.refine_margin > 0 and _top1_margin(result.output) < self.refine_margin:
+            result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
+            result.refined = True
+            result.times["refine"] = t_tail
+            self.metrics.refined.inc()
+            logger.debug("frame %d: ambiguous edge result, tail re-run on the board", seq)
         result.times["total"] = time.perf_counter() - t0
         self.metrics.frames.labels(result.where).inc()
         for stage, seconds in result.times.items():
@@ -451,6 +466,15 @@ class Agent:
         for stream in streams.values():
             await stream.close()
         self.executor.shutdown(wait=False)
+
+
+def _top1_margin(output: torch.Tensor) -> float:
+    """p1 - p2 of the softmax over a result's scores (1.0 when there is a single score)."""
+    scores = output.reshape(-1).float()
+    if scores.numel() < 2:
+        return 1.0
+    top = torch.softmax(scores, 0).topk(2).values
+    return float(top[0] - top[1])
 
 
 def _reason_label(reason: str) -> str:

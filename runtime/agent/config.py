@@ -27,6 +27,7 @@ class AgentConfig:
     agent_id: str = field("", "stable id of this device (default: hostname-pid)")
     window: int = field(4, "frames in flight on the stream, so board compute overlaps transfer and edge compute")
     deadline_seconds: float = field(2.0, "a frame without an edge result after this long runs locally")
+    refine_margin: float = field(0.0, "an edge result whose top-1 softmax margin (p1 - p2) is below this has its tail re-run on the board on the exact head output (0: never); catches the frames a lossy codec or TL flips")
     reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream (doubles to 30 s)")
     connect_timeout_seconds: float = field(2.0, "how long to wait for the worker when opening a stream")
     torch_threads: int = field(1, "torch intra-op threads for head and local fallback (0 = torch default)")
@@ -68,6 +69,8 @@ class AgentConfig:
             raise InvalidInput(f"objective must be latency or throughput, got {self.objective!r}")
         if not 0.0 <= self.min_fidelity <= 1.0 or self.max_upload_bytes < 0 or self.max_device_seconds < 0:
             raise InvalidInput("min_fidelity must be in [0, 1]; max_upload_bytes and max_device_seconds must be >= 0")
+        if not 0.0 <= self.refine_margin <= 1.0:
+            raise InvalidInput(f"refine_margin must be in [0, 1] (a softmax probability margin), got {self.refine_margin}")
         if self.next_hops and not self.end_split:
             raise InvalidInput("next_hops is set but end_split is not: give --end-split, where the worker's slice ends")
         if self.forward_codec:

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from runtime.worker.metrics import STAGE_BUCKETS
 
-STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "total")  # label values of stage_seconds
+STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine", "total")  # label values of stage_seconds
 
 
 class AgentMetrics:
@@ -15,6 +15,8 @@ class AgentMetrics:
         r = self.registry
         self.frames = Counter("edgesplit_agent_frames", "Frames with a result, by where they ran", ["where"], registry=r)
         self.fallbacks = Counter("edgesplit_agent_fallbacks", "Frames run locally instead of on the edge", ["reason"], registry=r)
+        self.refined = Counter("edgesplit_agent_refined_frames", "Edge results too close to call (top-1 margin below "
+                               "refine_margin) whose tail was re-run on the board", registry=r)
         self.stage_seconds = Histogram(
             "edgesplit_agent_stage_seconds", "Per-frame time by stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
         )

@@ -70,7 +70,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     metrics = AgentMetrics()
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     agent = Agent(loaded, split, codec, worker=config.worker, agent_id=config.agent_id, transport=config.transport(),
-                  deadline_seconds=config.deadline_seconds, connect_timeout=config.connect_timeout_seconds,
+                  deadline_seconds=config.deadline_seconds, refine_margin=config.refine_margin, connect_timeout=config.connect_timeout_seconds,
                   reconnect=config.reconnect_seconds, metrics=metrics, tl=tl, tl_dir=config.tl_dir,
                   end_split=config.end_split, next_hops=next_hops(config))
     link = None

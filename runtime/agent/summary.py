@@ -42,7 +42,9 @@ def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, mod
     wire = [r.wire_bytes for r in results if r.wire_bytes]
     lines = [
         f"== edgesplit summary: {model} split {split.index} ({split.name}, {list(split.out_shape)}) codec {codec}",
-        f"frames {len(results)}: {len(edge)} on the edge, {len(results) - len(edge)} local",
+        f"frames {len(results)}: {len(edge)} on the edge, {len(results) - len(edge)} local"
+        + (f"; {sum(r.refined for r in edge)} ambiguous edge results re-run on the board"
+           if any(r.refined for r in edge) else ""),
     ]
     if wire:
         mean = statistics.fmean(wire)

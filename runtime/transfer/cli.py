@@ -68,7 +68,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = args.data or None
     images = args.images or tl_data.default_holdout_images(data)
     report = evaluate(art.tl, art.model, art.split, images=images, seed=args.seed, data=data,
-                      codec=args.codec or None)
+                      codec=args.codec or None, refine_margin=args.refine_margin)
     report = {"tl_id": art.tl_id, "model": art.model.name, "split": art.split.name, "kind": art.tl.kind,
               "ratio": art.tl.ratio, "input_shape": list(art.split.out_shape),
               "encoded_shape": list(art.encoded_shape), **report, "recorded": None}
@@ -92,6 +92,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"hold-out: {report['holdout']}")
     print(f"top-1 agreement with the unsplit model  {f['top1_agreement']:.3f}")
     print(f"  ... with {c:<29}{f['with_codec']['top1_agreement']:.3f}")
+    if "refine" in f["with_codec"]:
+        rf = f["with_codec"]["refine"]
+        print(f"  ... refining margin < {rf['margin']:<18g}{rf['top1_agreement']:.3f}  "
+              f"({100 * rf['refined_share']:.1f} % of frames re-run their tail on the board)")
     print(f"KL(unsplit || TL)                       {f['kl_divergence']:.5f}")
     print(f"  ... with {c:<29}{f['with_codec']['kl_divergence']:.5f}")
     print(f"feature relative MSE at the split       {f['feature_rel_mse']:.5f}")
@@ -253,6 +257,9 @@ def add_parser(sub) -> None:
                    "files only)")
     e.add_argument("--codec", default="", help="wire codec between TL encoder and decoder (default: ans for a "
                    "transform TL, else int8+lz4)")
+    e.add_argument("--refine-margin", type=float, default=0.0,
+                   help="also report the agreement an agent with --refine-margin M delivers (ambiguous edge results "
+                   "re-run on the board) and the share of frames that costs (default: 0, off)")
     e.add_argument("--no-record", action="store_true",
                    help="do not write the figures back into the manifest's fidelity and bytes_per_frame")
     e.add_argument("--threads", type=int, default=0, help="torch threads for fidelity (timings always use 1)")

@@ -144,6 +144,16 @@ def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
     }
 
 
+def refine_figures(yc: torch.Tensor, y: torch.Tensor, margin: float) -> dict:
+    """What the agent's ``refine_margin`` would deliver: results ``yc`` (after TL and codec) whose
+    top-1 softmax margin is below ``margin`` are replaced by the exact ``y`` (the board re-runs the
+    tail on the raw head output). Returns the refined share and the delivered agreement."""
+    top = F.softmax(yc, 1).topk(2, 1).values if yc.shape[1] > 1 else torch.ones(yc.shape[0], 2)
+    low = (top[:, 0] - top[:, 1]) < margin
+    agree = (yc.argmax(1) == y.argmax(1)) | low
+    return {"margin": margin, "refined_share": float(low.float().mean()), "top1_agreement": float(agree.float().mean())}
+
+
 def _codec_ms(enc, zs) -> dict:
     """Median ms of the wire codec's encode and decode of the TL's output (1 thread, batch 1)."""
     threads = torch.get_num_threads()
@@ -163,7 +173,7 @@ def default_codec(tl: TransferLayer) -> str:
 
 @torch.no_grad()
 def evaluate(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, *, images: int = 32, seed: int = 0,
-             data=None, codec: str | None = None, timing: bool = True) -> dict:
+             data=None, codec: str | None = None, timing: bool = True, refine_margin: float = 0.0) -> dict:
     """Fidelity (without and with ``codec``), accuracy on a labelled hold-out and, with ``timing``,
     bytes and ms, on ``images`` hold-out images.
 
@@ -180,6 +190,8 @@ def evaluate(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, *, image
     fid = fidelity(tl, loaded, split, x, features=(h, y))
     yc, _ = codec_outputs(tl.encoder, tl.decoder, tail_of(tl, loaded, split), codec, h, model=tl.entropy_model)
     fid["with_codec"] = {"codec": codec, **_agreement_kl(yc, y)}
+    if refine_margin > 0:
+        fid["with_codec"]["refine"] = refine_figures(yc, y, refine_margin)
     report = {"holdout": tl_data.holdout_description(holdout, images, seed), "fidelity": fid}
     if labels is not None and y.shape[1] != tl_data.DIGITS_CLASSES:
         logger.warning("%s has %d outputs, not the hold-out's %d classes: no accuracy", loaded.name, y.shape[1],
