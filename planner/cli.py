@@ -13,6 +13,7 @@ import json
 import sys
 
 from planner.config import PlannerConfig
+from planner.plan_cli import add_constraint_arguments
 from runtime.config import load_config, to_toml
 
 SECTION = "planner"
@@ -166,18 +167,7 @@ def add_parser(sub) -> None:
     q.add_argument("--top", type=int, default=0, help="candidates to show (default: the planner's top_n)")
     g = q.add_argument_group("constraints", "any of these replaces the agent's registered constraints for this "
                              "query (as in 'edgesplit plan'; tiers: device, edge, cloud)")
-    g.add_argument("--pin-layer", action="append", metavar="LAYER=TIER", help="the block holding this layer runs on TIER")
-    g.add_argument("--pin-block", action="append", metavar="BLOCK=TIER", help="this block (index or name) runs on TIER")
-    g.add_argument("--forbid-block", action="append", metavar="BLOCK=TIER", help="this block must not run on TIER")
-    g.add_argument("--raw-input-stays", action="store_true", help="the device runs the first block (privacy)")
-    g.add_argument("--max-upload", action="append", metavar="TIER=BYTES", help="cap on bytes a tier sends per frame")
-    g.add_argument("--max-tier-seconds", action="append", metavar="TIER=S", help="cap on a tier's time per frame")
-    g.add_argument("--max-tier-share", action="append", metavar="TIER=F", help="cap on a tier's share of the total")
-    g.add_argument("--max-memory", action="append", metavar="TIER=BYTES", help="cap on weights a tier holds")
-    g.add_argument("--include", action="append", metavar="WORKER", help="use only these workers")
-    g.add_argument("--exclude", action="append", metavar="WORKER", help="never use this worker")
-    g.add_argument("--min-fidelity", type=float, help="TLs below this measured fidelity are not used")
-    g.add_argument("--objective", choices=("latency", "throughput"), help="what to rank by (default: latency)")
+    add_constraint_arguments(g, "worker", overriding=True)
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
     q.set_defaults(func=cmd_query)

@@ -143,6 +143,27 @@ def cmd_import_peers(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
+    """The Scission constraint flags, shared by ``edgesplit plan`` and ``edgesplit planner query``.
+    ``names``: what --include/--exclude name ("machine" or "worker"); ``overriding``: every default is
+    None (a flag given replaces the registered value, one left out keeps it)."""
+    upper = names.upper()
+    p.add_argument("--pin-layer", action="append", metavar="LAYER=TIER", help="the block holding this layer runs on TIER")
+    p.add_argument("--pin-block", action="append", metavar="BLOCK=TIER", help="this block (index or name) runs on TIER")
+    p.add_argument("--forbid-block", action="append", metavar="BLOCK=TIER", help="this block must not run on TIER")
+    p.add_argument("--raw-input-stays", action="store_true", help="the device runs the first block (privacy)")
+    p.add_argument("--max-upload", action="append", metavar="TIER=BYTES", help="cap on bytes a tier sends per frame")
+    p.add_argument("--max-tier-seconds", action="append", metavar="TIER=S", help="cap on a tier's time per frame")
+    p.add_argument("--max-tier-share", action="append", metavar="TIER=F", help="cap on a tier's share of the total")
+    p.add_argument("--max-memory", action="append", metavar="TIER=BYTES", help="cap on weights a tier holds")
+    p.add_argument("--include", action="append", metavar=upper, help=f"use only these {names}s")
+    p.add_argument("--exclude", action="append", metavar=upper, help=f"never use this {names}")
+    p.add_argument("--min-fidelity", type=float, default=None if overriding else 0.0,
+                   help="TLs below this measured fidelity are not used")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None if overriding else "latency",
+                   help="what to rank by (default: latency)")
+
+
 def add_parser(sub) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("plan", formatter_class=fmt,
@@ -154,18 +175,7 @@ def add_parser(sub) -> None:
     p.add_argument("--network", metavar="FILE", help='network file: {"links": [{"source", "destination", "rtt_ms", "bandwidth_mbps"}]}')
     p.add_argument("--link", action="append", metavar="SRC,DST,RTT_MS,MBPS", help="a link (machine or tier names); repeat")
     p.add_argument("--require", action="append", metavar="TIER", help="this tier must run at least one block")
-    p.add_argument("--pin-layer", action="append", metavar="LAYER=TIER", help="the block holding this layer runs on TIER")
-    p.add_argument("--pin-block", action="append", metavar="BLOCK=TIER", help="this block runs on TIER")
-    p.add_argument("--forbid-block", action="append", metavar="BLOCK=TIER", help="this block must not run on TIER")
-    p.add_argument("--raw-input-stays", action="store_true", help="the device runs the first block (privacy)")
-    p.add_argument("--max-upload", action="append", metavar="TIER=BYTES", help="cap on bytes a tier sends per frame")
-    p.add_argument("--max-tier-seconds", action="append", metavar="TIER=S", help="cap on a tier's time per frame")
-    p.add_argument("--max-tier-share", action="append", metavar="TIER=F", help="cap on a tier's share of the total")
-    p.add_argument("--max-memory", action="append", metavar="TIER=BYTES", help="cap on weights a tier holds")
-    p.add_argument("--include", action="append", metavar="MACHINE", help="use only these machines")
-    p.add_argument("--exclude", action="append", metavar="MACHINE", help="never use this machine")
-    p.add_argument("--min-fidelity", type=float, default=0.0, help="TLs below this measured fidelity are not used")
-    p.add_argument("--objective", choices=OBJECTIVES, default="latency")
+    add_constraint_arguments(p, "machine")
     p.add_argument("--top", type=int, default=5, help="how many configurations to print")
     p.add_argument("--no-return", action="store_true", help="leave out the result's trip back (as Scission does)")
     p.add_argument("--json", action="store_true", help="print JSON")

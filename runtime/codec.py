@@ -283,20 +283,11 @@ class AnsCodec(Codec):
         super().__init__(False)
         self.model = model
 
-    def encode(self, x: torch.Tensor) -> tensor_pb2.Tensor:
-        x = _require_float(_prepare(x), "ans")
+    def _encode_values(self, x, msg):
+        x = _require_float(x, "ans")
+        msg.dtype = "float32"
         r = self.model.range
-        q = torch.clamp(torch.round(x), -r, r)
-        msg = tensor_pb2.Tensor(shape=list(x.shape), dtype="float32", codec=self.codec,
-                                compression=self.compression)
-        msg.buffer = self.model.encode(q)
-        msg.encoded_size = len(msg.buffer)
-        msg.chunks = 1
-        msg.payload_size = len(msg.buffer)
-        return msg
-
-    def _encode_values(self, x, msg):  # pragma: no cover - encode() is overridden
-        raise NotImplementedError
+        return memoryview(self.model.encode(torch.clamp(torch.round(x), -r, r)))
 
     def _decode_values(self, payload, msg):
         shape = list(msg.shape)

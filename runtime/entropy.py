@@ -128,7 +128,7 @@ class EntropyModel:
         decode to exactly ``n`` frames of symbols."""
         if len(payload) % 4:
             raise InvalidInput(f"ans payload of {len(payload)} bytes is not a whole number of 32-bit words")
-        words = np.frombuffer(bytes(payload), dtype="<u4").astype(np.uint32)
+        words = np.frombuffer(payload, dtype=np.uint32)  # no copy (the wire is little-endian, as the host)
         if words.size == 0 and n * math.prod(self.shape):
             raise InvalidInput("ans payload is empty but the shape has elements")
         try:

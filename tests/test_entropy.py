@@ -181,27 +181,33 @@ def test_transform_artifact_round_trip_codes_the_same_bytes(r18, transform_art):
     assert torch.equal(decode_tensor(a, model=art.tl.entropy_model), z)
 
 
-def test_agent_and_worker_serve_frames_with_codec_ans(r18, transform_art):
+def _through_worker(r18, art, tls, xs, **agent_kw):
+    """Frames ``xs`` from an Agent with codec ans and TL ``art`` through a worker holding ``tls``, on
+    loopback; returns (results, the agent's refined-frames count)."""
     from runtime.agent.client import Agent
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
 
-    _, tl_id, path = transform_art
-    art = load_tl(path, loaded=r18)
-    xs = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(3)]
-
-    async def scenario(tls):
+    async def scenario():
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=tuple(tls)))
         agent = Agent(r18, art.split, get_codec("ans", model=art.tl.entropy_model), worker=f"127.0.0.1:{ws.port}",
-                      deadline_seconds=30.0, tl=art)
+                      deadline_seconds=30.0, tl=art, **agent_kw)
         try:
             await agent.start()
-            return [await agent.infer(x) for x in xs]
+            return [await agent.infer(x) for x in xs], agent.metrics.refined._value.get()
         finally:
             await agent.close()
             await ws.drain_and_stop(1.0)
 
-    results = asyncio.run(scenario([str(path)]))
+    return asyncio.run(scenario())
+
+
+def test_agent_and_worker_serve_frames_with_codec_ans(r18, transform_art):
+    _, tl_id, path = transform_art
+    art = load_tl(path, loaded=r18)
+    xs = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    results, _ = _through_worker(r18, art, [str(path)], xs)
     head, tail = r18.head("add_6"), r18.tail("add_6")
     for x, r in zip(xs, results):
         assert r.where == "edge", r.fallback_reason
@@ -210,7 +216,7 @@ def test_agent_and_worker_serve_frames_with_codec_ans(r18, transform_art):
             expect = tail(art.tl(head(x)))
         assert torch.allclose(r.output, expect, atol=1e-4, rtol=1e-4)  # ans is exact on the coefficients
     # a worker without the TL refuses (FAILED_PRECONDITION) and the frame runs on the board, exactly
-    (r,) = asyncio.run(scenario([]))[:1]
+    (r,) = _through_worker(r18, art, [], xs[:1])[0]
     assert r.where == "local" and "FAILED_PRECONDITION" in r.fallback_reason and tl_id in r.fallback_reason
     with torch.no_grad():
         assert torch.equal(r.output, r18.full(xs[0]))
@@ -288,27 +294,13 @@ def test_refine_margin_reruns_ambiguous_edge_results_on_the_board(r18, transform
     """Results too close to call are replaced by the board's exact tail: margin 1 refines every
     frame (outputs equal the unsplit model exactly), margin 0 none."""
     from runtime.agent.client import Agent
-    from runtime.worker.config import WorkerConfig
-    from runtime.worker.server import serve
 
     _, _, path = transform_art
     art = load_tl(path, loaded=r18)
     xs = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(20 + i)) for i in range(3)]
 
-    async def scenario(margin):
-        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=(str(path),)))
-        agent = Agent(r18, art.split, get_codec("ans", model=art.tl.entropy_model), worker=f"127.0.0.1:{ws.port}",
-                      deadline_seconds=30.0, tl=art, refine_margin=margin)
-        try:
-            await agent.start()
-            results = [await agent.infer(x) for x in xs]
-            return results, agent.metrics.refined._value.get()
-        finally:
-            await agent.close()
-            await ws.drain_and_stop(1.0)
-
-    always, n_always = asyncio.run(scenario(1.0))
-    never, n_never = asyncio.run(scenario(0.0))
+    always, n_always = _through_worker(r18, art, [str(path)], xs, refine_margin=1.0)
+    never, n_never = _through_worker(r18, art, [str(path)], xs, refine_margin=0.0)
     with torch.no_grad():
         full = [r18.full(x) for x in xs]
     assert n_always == 3 and n_never == 0
