@@ -23,7 +23,6 @@ from runtime.errors import InvalidInput
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 TIERS = ("device", "edge", "cloud")  # in the order frames cross them
-WORKER_TIERS = TIERS[1:]
 MAX_PLACEMENTS = 4096  # pins or forbids one message may carry
 
 
