@@ -8,14 +8,14 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/edgesplit/v1/*.proto)
 PROTO_OUT := runtime/proto
 
-.PHONY: install demo test proto proto-check bench bench-planner clean
+.PHONY: install demo test lint proto proto-check bench bench-planner clean
 
 # The constraints file pins the CPU torch wheel (an unpinned torch pulls a multi-GB CUDA build).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q -c constraints.txt -e '.[test,lint]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -34,6 +34,13 @@ test: $(STAMP) proto-check
 	done; \
 	echo "== all test modules ran in $$(( $$(date +%s) - start )) s"; \
 	if [ -n "$$failed" ]; then echo "FAILED:$$failed"; exit 1; fi
+
+# ruff (rules in pyproject.toml), mypy (strict on runtime.contracts and runtime.wire) and the
+# import contracts (import-linter: the runtime never imports the planner; layers flow one way).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check runtime planner tests
+	$(VENV)/bin/mypy runtime/contracts runtime/wire
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(VENV)/bin/edgesplit bench

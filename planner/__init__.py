@@ -1,1 +1,4 @@
-"""edgesplit planner: split search and plan distribution (see issue 4). Nothing here yet."""
+"""edgesplit planner: ranks split configurations from profiles and pushes plans to agents.
+
+Imports runtime.contracts, runtime.wire and runtime.daemon; nothing of the agent or the worker.
+"""

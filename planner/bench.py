@@ -17,8 +17,9 @@ import statistics
 import time
 
 from planner import search as search_mod
-from planner.costmodel import Constraints, Link, Network, Tier
-from planner.profile import Block, Profile, Transfer
+from runtime.contracts.costmodel import Constraints, Link, Network, Tier
+from runtime.contracts.profile import Block, Profile, Transfer
+from runtime.contracts.tiers import CLOUD, DEVICE, EDGE
 
 
 def synthetic(machine: str, role: str, n: int, speed: float, seed: int = 0) -> Profile:
@@ -35,10 +36,10 @@ def synthetic(machine: str, role: str, n: int, speed: float, seed: int = 0) -> P
 
 
 def measure(n: int, machines: int, repeats: int, objective: str = "latency") -> tuple[float, float]:
-    tiers = [Tier(role, tuple(synthetic(f"{role}{m}", role, n, speed, seed=m) for m in range(machines if role != "device" else 1)))
-             for role, speed in (("device", 1.0), ("edge", 5.0), ("cloud", 20.0))]
-    net = Network({("device", "edge"): Link(0.01, 2e6), ("edge", "cloud"): Link(0.02, 1e7), ("device", "cloud"): Link(0.03, 2e6)})
-    cons = Constraints(raw_input_stays=True, max_upload_bytes={"device": 500_000}, min_fidelity=0.95)
+    tiers = [Tier(role, tuple(synthetic(f"{role}{m}", role, n, speed, seed=m) for m in range(machines if role != DEVICE else 1)))
+             for role, speed in ((DEVICE, 1.0), (EDGE, 5.0), (CLOUD, 20.0))]
+    net = Network({(DEVICE, EDGE): Link(0.01, 2e6), (EDGE, CLOUD): Link(0.02, 1e7), (DEVICE, CLOUD): Link(0.03, 2e6)})
+    cons = Constraints(raw_input_stays=True, max_upload_bytes={DEVICE: 500_000}, min_fidelity=0.95)
     cold, warm = [], []
     for _ in range(repeats):
         search_mod._TABLES.clear()

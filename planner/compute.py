@@ -34,7 +34,7 @@ import math
 from dataclasses import dataclass
 from typing import Mapping
 
-from planner.profile import Profile
+from runtime.contracts.profile import Profile
 
 ALPHA = 0.3  # EWMA weight of a new sample
 MIN_FACTOR, MAX_FACTOR = 0.1, 50.0  # the factor's range: 10x faster to 50x slower than profiled

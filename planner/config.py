@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.config import field
-from runtime.errors import InvalidInput
-from runtime.transport import TransportOptions
+from runtime.contracts.config import field
+from runtime.contracts.errors import InvalidInput
+from runtime.wire.transport import TransportOptions
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Mapping
 
-from planner.constraints import resolve
-from planner.costmodel import Configuration, Constraints, Link, Network, Tier
-from planner.profile import Profile
+from runtime.contracts.constraints import resolve
+from runtime.contracts.costmodel import Configuration, Constraints, Link, Network, Tier
+from runtime.contracts.profile import Profile
 from planner.search import search
 from planner.store import AgentRecord, LinkRecord, WorkerRecord
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.contracts.tiers import CLOUD, DEVICE, EDGE
 
 Route = tuple[tuple[int, str, str, str], ...]  # per later worker: (cut before it, worker id, codec, TL id)
 PlanKey = tuple[str, int, str, str, Route]  # worker id ("" = local), split index, codec, TL id, route
@@ -132,8 +133,8 @@ def candidates(agent: AgentRecord, device: Profile, workers: Iterable[tuple[Work
 def chains(cands: Iterable[Candidate], link: Link) -> list[Chain]:
     """Every (edge, cloud) pair of ``cands`` in which the edge worker forwards to the cloud worker's address."""
     cands = list(cands)
-    return [Chain(f, s, link) for f in cands if f.tier == "edge"
-            for s in cands if s.tier == "cloud" and s.address in f.next_tiers]
+    return [Chain(f, s, link) for f in cands if f.tier == EDGE
+            for s in cands if s.tier == CLOUD and s.address in f.next_tiers]
 
 
 _MEMO: dict[tuple, tuple[tuple, Profile]] = {}  # derived profiles, kept stable for the search's table cache
@@ -184,7 +185,7 @@ def chain_inputs(chain: Chain, device: Profile, forward: Profile | None = None) 
     :func:`forwarding`'s); both workers are required (fewer tiers are searched elsewhere)."""
     edge = forward if forward is not None else forwarding(chain.first.profile)
     dev = _receiving(device, chain.first.profile)
-    tiers = [Tier("device", (dev,)), Tier(chain.first.tier, (edge,), required=True),
+    tiers = [Tier(DEVICE, (dev,)), Tier(chain.first.tier, (edge,), required=True),
              Tier(chain.second.tier, (chain.second.profile,), required=True)]
     net = Network({(dev.machine, edge.machine): chain.first.link, (edge.machine, chain.second.profile.machine): chain.link})
     return tiers, net
@@ -243,12 +244,12 @@ def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: l
     t0 = time.perf_counter()
     goal = objective(agent)
     cons = search_constraints(agent.constraints, device)
-    local = [Tier("device", (device,))]
+    local = [Tier(DEVICE, (device,))]
     found = [Ranked(c) for c in search(local, Network({}), cons, goal, 1, include_return)] if _searchable(cons, local) else []
     per_worker = top_n + 1 + (exclude is not None)  # room for the local one and an excluded one
     for cand, dev in zip(cands, devices):
         net = Network({(dev.machine, cand.profile.machine): cand.link})
-        tiers = [Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))]
+        tiers = [Tier(DEVICE, (dev,)), Tier(cand.tier, (cand.profile,))]
         if not _searchable(cons, tiers):  # pins to the other worker tier
             continue
         for cfg in search(tiers, net, cons, goal, per_worker, include_return):
@@ -281,18 +282,18 @@ def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate 
     if plan.next_hops:
         return _predict_chain(agent, device, plan, dev, include_return, chain, forward)
     if not plan.worker_id:
-        tiers = [Tier("device", (device,))]
+        tiers = [Tier(DEVICE, (device,))]
         cons = search_constraints(agent.constraints, device)
         got = search(tiers, Network({}), cons, goal, 1, include_return) if _searchable(cons, tiers) else []
         return got[0] if got else None
     if cand is None or dev is None or cand.address != plan.worker_address:
         return None
-    pins = {b: ("device" if b < plan.split_index else cand.tier) for b in range(device.n_blocks)}
+    pins = {b: (DEVICE if b < plan.split_index else cand.tier) for b in range(device.n_blocks)}
     cons = search_constraints(agent.constraints, device, pins)
     if cons is None:  # the agent's pins put a block elsewhere
         return None
     net = Network({(dev.machine, cand.profile.machine): cand.link})
-    got = search([Tier("device", (dev,)), Tier(cand.tier, (cand.profile,))], net, cons, goal, 1, include_return)
+    got = search([Tier(DEVICE, (dev,)), Tier(cand.tier, (cand.profile,))], net, cons, goal, 1, include_return)
     return got[0] if got and got[0].hops else None
 
 
@@ -310,7 +311,7 @@ def _predict_chain(agent: AgentRecord, device: Profile, plan: pb.Plan, dev: Prof
             or hop.address not in chain.first.next_tiers or not plan.split_index < plan.end_split_index < device.n_blocks):
         return None
     split, end = plan.split_index, plan.end_split_index
-    pins = {b: ("device" if b < split else chain.first.tier if b < end else chain.second.tier)
+    pins = {b: (DEVICE if b < split else chain.first.tier if b < end else chain.second.tier)
             for b in range(device.n_blocks)}
     cons = search_constraints(agent.constraints, device, pins)
     if cons is None:

@@ -13,9 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from planner.costmodel import Link, Network
-from planner.profile import Block, Profile, Transfer
-from runtime.errors import InvalidInput
+from runtime.contracts.costmodel import Link, Network
+from runtime.contracts.profile import Block, Profile, Transfer
+from runtime.contracts.errors import InvalidInput
+from runtime.contracts.tiers import TIERS
 
 RAW_INPUT_BYTES = 150_000  # Scission: "when the device runs nothing, the raw input counts as 0.15 MB"
 TL_NAME = "tl:maxpool2x2"
@@ -71,7 +72,7 @@ def import_profiles(path: str | Path) -> dict[tuple[str, str], Profile]:
     out: dict[tuple[str, str], Profile] = {}
     for machine, m in d["machines"].items():
         tier = m.get("tier")
-        if tier not in ("device", "edge", "cloud"):
+        if tier not in TIERS:
             raise InvalidInput(f"{path}: machine {machine!r} has tier {tier!r}; expected device, edge or cloud")
         for model, blocks in m.get("models", {}).items():
             where = f"{path}: {machine}/{model}"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from planner.costmodel import Constraints, Network, Tier
+from runtime.contracts.costmodel import Constraints, Network, Tier
 from planner.search import search
-from runtime.errors import InvalidInput
+from runtime.contracts.errors import InvalidInput
+from runtime.contracts.tiers import CLOUD, DEVICE, EDGE
 
 
 def per_split(tiers: list[Tier], network: Network, constraints: Constraints = Constraints(),
@@ -27,7 +28,7 @@ def per_split(tiers: list[Tier], network: Network, constraints: Constraints = Co
         if not best:
             continue
         c = best[0]
-        parts = {"device": c.stages[0].seconds}
+        parts = {DEVICE: c.stages[0].seconds}
         parts["network"] = sum(h.rtt_seconds + h.transfer_seconds + h.return_seconds for h in c.hops)
         for s in c.stages[1:]:
             parts[s.tier] = parts.get(s.tier, 0.0) + s.seconds
@@ -47,8 +48,8 @@ def plot_splits(tiers: list[Tier], network: Network, constraints: Constraints, p
     rows = per_split(tiers, network, constraints, include_return)
     if not rows:
         raise InvalidInput("no split satisfies the constraints; nothing to plot")
-    parts = ["device", "network"] + [t.name for t in tiers[1:]]
-    colors = {"device": "#4c72b0", "network": "#dd8452", "edge": "#55a868", "cloud": "#8172b3"}
+    parts = [DEVICE, "network"] + [t.name for t in tiers[1:]]
+    colors = {DEVICE: "#4c72b0", "network": "#dd8452", EDGE: "#55a868", CLOUD: "#8172b3"}
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(rows) + 2), 4.2))
     x = list(range(len(rows)))
     bottom = [0.0] * len(rows)

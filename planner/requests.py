@@ -1,6 +1,6 @@
 """What the Planner's requests must look like: ids, addresses, numbers, constraints and profiles.
 
-Every check raises :class:`runtime.errors.InvalidInput` (INVALID_ARGUMENT on the wire) with a
+Every check raises :class:`runtime.contracts.errors.InvalidInput` (INVALID_ARGUMENT on the wire) with a
 message a person can act on. Checks that need the planner's state (capacity limits, which
 workers are registered) stay in :mod:`planner.service`, between these, in the same order as
 before, so a request with several faults is answered with the same one.
@@ -13,19 +13,19 @@ import math
 import re
 from dataclasses import dataclass
 
-from planner import constraints
-from planner import profile as profiles
+from runtime.contracts import constraints
+from runtime.contracts import profile as profiles
 from planner.config import PlannerConfig
-from planner.profile import Profile
-from runtime.errors import InvalidInput
+from runtime.contracts.profile import Profile
+from runtime.contracts.errors import InvalidInput
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.contracts.tiers import DEVICE, EDGE, WORKER_TIERS
 
 MAX_ID_CHARS = 128
 MAX_LIST = 256  # workers, TL ids or excluded workers one request may name
 MAX_MESSAGE_CHARS = 4096
 MAX_STAGES = 1024  # stage medians one telemetry message may carry
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
-TIERS = ("edge", "cloud")
 
 
 def check_id(value: str, what: str) -> str:
@@ -94,9 +94,9 @@ def check_worker_request(request: pb.RegisterWorkerRequest, config: PlannerConfi
     """Everything about a RegisterWorker but its profiles (parsed by :func:`parse_worker_profiles`)."""
     wid = check_id(request.worker_id, "worker_id")
     address = check_address(request.address)
-    tier = request.tier or "edge"
-    if tier not in TIERS:
-        raise InvalidInput(f"tier must be one of {', '.join(TIERS)}, not {request.tier[:40]!r}")
+    tier = request.tier or EDGE
+    if tier not in WORKER_TIERS:
+        raise InvalidInput(f"tier must be one of {', '.join(WORKER_TIERS)}, not {request.tier[:40]!r}")
     n = len(request.profiles_json)
     if n == 0:
         raise InvalidInput(f"worker {wid} sent no profiles: profile each model it serves ('edgesplit profile') and "
@@ -112,7 +112,7 @@ def parse_worker_profiles(worker_id: str, texts: list[str]) -> dict[str, Profile
     out: dict[str, Profile] = {}
     for i, text in enumerate(texts):
         p = profiles.loads(text, f"profiles_json[{i}]")
-        if p.role == "device":
+        if p.role == DEVICE:
             raise InvalidInput(f"profiles_json[{i}] ({p.model}) was measured as a device (role 'device'); a worker "
                                "registers profiles measured on itself, with role edge or cloud")
         if p.model in out:
@@ -140,7 +140,7 @@ def check_agent_request(request: pb.RegisterAgentRequest) -> AgentRequest:
     if len(request.model_digest) > MAX_ID_CHARS:
         raise InvalidInput(f"model_digest is longer than {MAX_ID_CHARS} characters")
     device = profiles.loads(request.profile_json, "profile_json")
-    if device.role != "device":
+    if device.role != DEVICE:
         raise InvalidInput(f"profile_json was measured as role {device.role!r}; an agent registers the profile "
                            "measured on its own board (role device)")
     if device.model != model:

@@ -31,9 +31,9 @@ from typing import Sequence
 
 import numpy as np
 
-from planner.costmodel import OBJECTIVES, Configuration, Constraints, Hop, Network, Stage, Tier
-from planner.profile import Profile, Transfer
-from runtime.errors import InvalidInput
+from runtime.contracts.costmodel import OBJECTIVES, Configuration, Constraints, Hop, Network, Stage, Tier
+from runtime.contracts.profile import Profile, Transfer
+from runtime.contracts.errors import InvalidInput
 
 MAX_GRID_CELLS = 30_000_000  # (n+1)^k cells per machine combination and pattern
 SPARSE_SHARE = 1.0  # throughput: combinations x kept cut vectors up to this x grid cells are scored at those alone

@@ -15,7 +15,7 @@ from planner.config import PlannerConfig
 from planner.metrics import PlannerMetrics
 from planner.service import PlannerService
 from planner.store import Store
-from runtime.metrics_http import MetricsEndpoint
+from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.proto.edgesplit.v1 import planner_pb2, planner_pb2_grpc
 
 logger = logging.getLogger(__name__)

@@ -41,17 +41,17 @@ from typing import Callable
 import grpc
 
 from planner import compute, decide
-from planner import profile as profiles
+from runtime.contracts import profile as profiles
 from planner import requests
 from planner.compute import DeviceSpeed
 from planner.config import PlannerConfig
-from planner.costmodel import Link
+from runtime.contracts.costmodel import Link
 from planner.decide import Candidate, Chain, PlanKey, Ranked, plan_key
 from planner.hysteresis import Hysteresis
 from planner.metrics import PlannerMetrics
-from planner.profile import Profile
+from runtime.contracts.profile import Profile
 from planner.store import APPLIED, REFUSED, AgentRecord, LinkRecord, SpeedRecord, Store, WorkerRecord
-from runtime.errors import EdgesplitError, NotFound, Overloaded, PreconditionFailed
+from runtime.contracts.errors import EdgesplitError, NotFound, Overloaded, PreconditionFailed
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from runtime.errors import EdgesplitError
+from runtime.contracts.errors import EdgesplitError
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 SCHEMA_VERSION = 2  # 2: workers.next_tiers

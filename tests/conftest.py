@@ -37,7 +37,7 @@ def child_env() -> dict[str, str]:
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "runtime.cli", *args]
+    return [sys.executable, "-m", "runtime.cli.main", *args]
 
 
 class Reaper:

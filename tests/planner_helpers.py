@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from planner.config import PlannerConfig
-from planner.profile import Block, Profile
+from runtime.contracts.profile import Block, Profile
 from planner.server import serve
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc

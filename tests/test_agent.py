@@ -9,7 +9,7 @@ import torch
 
 from runtime.agent.client import Agent
 from runtime.agent.sources import open_source
-from runtime.codec import get_codec
+from runtime.wire.codec import get_codec
 from runtime.models.loader import load_model
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import serve

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_NET, free_port
-from planner.profile import Block, Profile
+from runtime.contracts.profile import Block, Profile
 from runtime.agent.client import Agent
 from runtime.agent.planner_link import PlannerLink
 from runtime.agent.sources import open_source
-from runtime.codec import get_codec
-from runtime.errors import InvalidInput, NotFound, PreconditionFailed, Unavailable
+from runtime.wire.codec import get_codec
+from runtime.contracts.errors import InvalidInput, NotFound, PreconditionFailed, Unavailable
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from runtime.asyncutil import cancel_and_wait
+from runtime.wire.asyncutil import cancel_and_wait
 
 
 def test_cancel_and_wait_recancels_a_task_that_swallowed_a_cancellation():

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from runtime.agent.client import Agent
-from runtime.chain import Hop
-from runtime.codec import get_codec
-from runtime.errors import InvalidInput, NotFound, PermissionDenied
+from runtime.wire.chain import Hop
+from runtime.wire.codec import get_codec
+from runtime.contracts.errors import InvalidInput, NotFound, PermissionDenied
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc

@@ -1,4 +1,4 @@
-"""Properties of the wire codecs and the header validation (runtime.codec, runtime.validation)."""
+"""Properties of the wire codecs and the header validation (runtime.wire.codec, runtime.wire.validation)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import lz4.block
 import pytest
 import torch
 
-from runtime import codec as codec_mod
-from runtime.codec import (
+from runtime.wire import codec as codec_mod
+from runtime.wire.codec import (
     DEFAULT_MAX_BYTES,
     codec_names,
     decode_tensor,
@@ -18,7 +18,7 @@ from runtime.codec import (
     get_codec,
     validate_tensor,
 )
-from runtime.errors import EdgesplitError, InvalidInput, TooLarge
+from runtime.contracts.errors import EdgesplitError, InvalidInput, TooLarge
 from runtime.proto.edgesplit.v1 import tensor_pb2
 
 ALL = ["raw", "raw+lz4", "fp16", "fp16+lz4", "int8", "int8+lz4"]

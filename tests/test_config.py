@@ -8,9 +8,9 @@ import sys
 import pytest
 
 from runtime.agent.config import AgentConfig
-from runtime.cli import main
-from runtime.config import load_config, to_toml
-from runtime.errors import InvalidInput
+from runtime.cli.main import main
+from runtime.contracts.config import load_config, to_toml
+from runtime.contracts.errors import InvalidInput
 from runtime.worker.config import WorkerConfig
 
 if sys.version_info >= (3, 11):

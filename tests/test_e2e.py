@@ -171,7 +171,7 @@ def test_unreachable_worker_runs_everything_locally(run_agent, ref):
 @pytest.mark.timeout(150)
 def test_user_model_from_file(start_worker, worker, run_agent, capsys):
     from runtime.agent.sources import open_source
-    from runtime.cli import main
+    from runtime.cli.main import main
     from runtime.models.loader import load_model
 
     assert main(["models", TINY_NET, "--json"]) == 0
@@ -231,7 +231,7 @@ def test_agent_local_api(worker, spawn_agent, ref, tmp_path):
     import grpc
     from PIL import Image
 
-    from runtime.codec import decode_tensor
+    from runtime.wire.codec import decode_tensor
     from runtime.models import preprocess
     from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
 

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.codec import decode_tensor, get_codec
-from runtime.entropy import MAX_RANGE, EntropyModel, band_map, fit_tables
-from runtime.errors import InvalidInput, PreconditionFailed, TooLarge
+from runtime.wire.codec import decode_tensor, get_codec
+from runtime.wire.entropy import MAX_RANGE, EntropyModel, band_map, fit_tables
+from runtime.contracts.errors import InvalidInput, PreconditionFailed, TooLarge
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.transfer.artifact import load_tl, save_tl
 from runtime.transfer.layers import TransferLayer
-from runtime.transfer.train import train_tl
-from runtime.validation import validate_tensor
+from runtime.tools.tl.train import train_tl
+from runtime.wire.validation import validate_tensor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -223,7 +223,7 @@ def test_agent_and_worker_serve_frames_with_codec_ans(r18, transform_art):
 
 
 def test_cli_trains_and_evaluates_a_transform_tl(tmp_path, capsys):
-    from runtime.cli import main
+    from runtime.cli.main import main
 
     out = tmp_path / "tls"
     args = ["tl", "train", "--model", "resnet18", "--split", "add_6", "--kind", "transform", "--step", "1.5",
@@ -250,7 +250,7 @@ def test_cli_trains_and_evaluates_a_transform_tl(tmp_path, capsys):
 def test_bundled_transform_tl_loads_by_id_and_is_the_demo_default():
     import argparse
 
-    from runtime.demo import _choose_tl
+    from runtime.measure.demo import _choose_tl
     from runtime.transfer.artifact import bundled_tl, read_manifest
 
     path = bundled_tl("efficientnet_lite0")
@@ -313,7 +313,7 @@ def test_refine_margin_reruns_ambiguous_edge_results_on_the_board(r18, transform
 
 
 def test_refine_figures():
-    from runtime.transfer.evaluate import refine_figures
+    from runtime.tools.tl.evaluate import refine_figures
 
     y = torch.tensor([[5.0, 0.0], [0.0, 5.0], [1.0, 0.9]])
     yc = torch.tensor([[5.0, 0.0], [2.0, 0.0], [0.9, 1.0]])  # frame 1 flipped with a clear margin, frame 2 a near tie

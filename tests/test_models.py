@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.errors import InvalidInput, NotFound
+from runtime.contracts.errors import InvalidInput, NotFound
 from runtime.models import ModelSpec, build_model, get_spec, list_models, load_labels, preprocess
 from runtime.models.registry import SAMPLES_DIR, state_dict_digest
 

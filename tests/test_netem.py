@@ -1,4 +1,4 @@
-"""The user-space link emulator (runtime.netem): delay, rate, runtime changes, bounded buffers, CLI.
+"""The user-space link emulator (runtime.tools.netem): delay, rate, runtime changes, bounded buffers, CLI.
 
 Times are measured at the receiver and only bounded loosely from above (a busy 2-core machine
 is slower, never faster): the lower bounds are what the relay guarantees by construction.
@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import cli, terminate, wait_for
-from runtime.netem import DelayProxy, LinkShape, main
+from runtime.tools.netem import DelayProxy, LinkShape, main
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -159,7 +159,7 @@ def test_command_line_relays_and_stops_on_sigterm(reaper, tmp_path):
     async def scenario():
         server = await asyncio.start_server(_echo, "127.0.0.1", 0)
         target = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        proc = reaper.spawn([*cli()[:2], "runtime.netem", "--listen", "127.0.0.1:0", "--target", target,
+        proc = reaper.spawn([*cli()[:2], "runtime.tools.netem", "--listen", "127.0.0.1:0", "--target", target,
                              "--delay-ms", "10", "--rate-mbps", "8"], log=log)
         found = await asyncio.to_thread(wait_for, lambda: re.search(r"listening on (127\.0\.0\.1:\d+) ->",
                                                                       log.read_text()), 30, "netem to listen", proc)

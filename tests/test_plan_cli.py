@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from planner import profile as profiles
-from runtime.cli import main
+from runtime.contracts import profile as profiles
+from runtime.cli.main import main
 
 PEERS = Path(__file__).resolve().parents[1] / "planner" / "peers"  # the peers' published data, bundled
 
@@ -89,7 +89,7 @@ def test_plan_errors_are_actionable(capsys, tmp_path):
 def test_published_schema_is_valid_and_matches_what_the_code_writes():
     import jsonschema
 
-    from planner.profile import Block, Profile, Transfer, schema
+    from runtime.contracts.profile import Block, Profile, Transfer, schema
 
     jsonschema.Draft202012Validator.check_schema(schema())
     p = Profile("pi", "device", "m", (Block(0, "a", 0.1, 100, p95_seconds=0.2, first_layer=0, last_layer=3, param_bytes=8,

@@ -26,14 +26,14 @@ import torch
 from conftest import REPO, TINY_NET
 from planner import decide
 from planner.config import PlannerConfig
-from planner.costmodel import Link
-from planner.profile import Block, Profile
+from runtime.contracts.costmodel import Link
+from runtime.contracts.profile import Block, Profile
 from planner.server import serve as serve_planner
 from planner.store import AgentRecord, Store, WorkerRecord
 from runtime.agent.client import Agent
 from runtime.agent.planner_link import PlannerLink
 from runtime.agent.sources import open_source
-from runtime.codec import get_codec
+from runtime.wire.codec import get_codec
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
@@ -142,7 +142,7 @@ def test_no_chain_when_the_edge_does_not_forward_to_the_cloud():
 
 def test_the_worker_to_worker_hop_uses_codecs_only():
     """A forwarding worker drops Transfer Layers: the edge -> cloud hop never picks one, however small."""
-    from planner.profile import Transfer
+    from runtime.contracts.profile import Transfer
 
     tl = Transfer("tl-x+raw", 10, codec="raw", tl_id="tl-x")
     blocks = tuple(Block(b.index, b.name, b.seconds, b.output_bytes, transfers=(Transfer("raw", b.output_bytes, codec="raw"), tl))
@@ -188,7 +188,7 @@ async def _plan_of(stub, agent="a1") -> pb.Plan:
 
 
 def _cli(*argv: str) -> None:
-    from runtime.cli import build_parser
+    from runtime.cli.main import build_parser
 
     args = build_parser().parse_args(["planner", *argv])  # every call has --timeout's deadline (10 s)
     assert args.func(args) == 0

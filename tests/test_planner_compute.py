@@ -31,7 +31,7 @@ from planner_helpers import aio, planner  # noqa: F401 (fixtures)
 from planner import compute
 from planner.compute import DeviceSpeed
 from planner.config import PlannerConfig
-from planner.profile import Block, Profile, loads
+from runtime.contracts.profile import Block, Profile, loads
 from planner.server import serve
 from planner.store import SpeedRecord, Store
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -304,7 +304,7 @@ def test_a_real_agents_head_times_set_the_factor(tmp_path):
     from runtime.agent.client import Agent
     from runtime.agent.planner_link import PlannerLink
     from runtime.agent.sources import open_source
-    from runtime.codec import get_codec
+    from runtime.wire.codec import get_codec
     from runtime.models.loader import load_model
 
     loaded = load_model(str(REPO / TINY_NET))

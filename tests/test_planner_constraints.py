@@ -230,8 +230,8 @@ def test_bad_constraints_are_invalid_argument(aio, planner):
 
 
 def test_cli_query_takes_constraints(aio, planner, capsys):
-    from runtime.cli import build_parser
-    from runtime.errors import InvalidInput
+    from runtime.cli.main import build_parser
+    from runtime.contracts.errors import InvalidInput
 
     aio.run(planner.register())
     parser = build_parser()
@@ -253,7 +253,7 @@ def test_cli_query_takes_constraints(aio, planner, capsys):
 
 
 def test_planner_listen_is_planner_serve(capsys):
-    from runtime.cli import build_parser, main
+    from runtime.cli.main import build_parser, main
 
     parser = build_parser()
     flags = ["--listen", "127.0.0.1:0", "--db", "p.sqlite", "--grace-seconds", "1", "--no-include-return"]
@@ -275,7 +275,7 @@ def test_planner_listen_is_planner_serve(capsys):
 def test_planner_listen_command_answers_health_and_drains_on_sigterm(reaper, tmp_path):
     # as test_planner_service.py's serve test, in the form the issue gives: edgesplit planner --listen HOST:PORT
     port_file = tmp_path / "port"
-    proc = reaper.spawn([sys.executable, "-m", "runtime.cli", "planner", "--listen", "127.0.0.1:0",
+    proc = reaper.spawn([sys.executable, "-m", "runtime.cli.main", "planner", "--listen", "127.0.0.1:0",
                          "--port-file", str(port_file), "--db", str(tmp_path / "p.sqlite"), "--grace-seconds", "1"],
                         log=tmp_path / "log")
     port = wait_for(lambda: port_file.exists() and port_file.read_text().endswith("\n")

@@ -1,7 +1,7 @@
 """Planner + worker + agent on loopback, with the link between agent and worker emulated.
 
 The worker is a real process serving the tiny user model; the agent dials it through a
-:class:`runtime.netem.DelayProxy`, whose rate the test changes; the planner and the agent (with
+:class:`runtime.tools.netem.DelayProxy`, whose rate the test changes; the planner and the agent (with
 its :class:`PlannerLink`) run in the test's event loop. Nothing is scripted between them: the
 agent measures the link from its own frames, the planner decides from that telemetry, and the
 plan reaches the agent over ``WatchPlan``.
@@ -30,14 +30,14 @@ import torch
 
 from conftest import REPO, TINY_NET, cli, wait_for, wait_serving
 from planner.config import PlannerConfig
-from planner.profile import Block, Profile
+from runtime.contracts.profile import Block, Profile
 from planner.server import serve as serve_planner
 from runtime.agent.client import Agent
 from runtime.agent.planner_link import PlannerLink
 from runtime.agent.sources import open_source
-from runtime.codec import get_codec
+from runtime.wire.codec import get_codec
 from runtime.models.loader import load_model
-from runtime.netem import DelayProxy, LinkShape
+from runtime.tools.netem import DelayProxy, LinkShape
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from planner.costmodel import Constraints, Link, Network, Tier, pin_layers
+from runtime.contracts.costmodel import Constraints, Link, Network, Tier, pin_layers
 from planner.peers import import_network, import_profiles, load_network, network_to_json
-from planner.profile import Block, Profile, Transfer
+from runtime.contracts.profile import Block, Profile, Transfer
 from planner import search as search_mod
 from planner.search import search
-from runtime.errors import InvalidInput
+from runtime.contracts.errors import InvalidInput
 
 PEERS = Path(__file__).resolve().parents[1] / "planner" / "peers"  # the peers' published data, bundled
 

@@ -27,7 +27,7 @@ from planner_helpers import aio, planner  # noqa: F401 (fixtures)
 
 from planner.config import PlannerConfig
 from planner.hysteresis import Hysteresis
-from planner.profile import Block, Profile
+from runtime.contracts.profile import Block, Profile
 from planner.server import SERVICE_NAME, serve
 from planner.store import REFUSED, AgentRecord, LinkRecord, Store, WorkerRecord
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -357,7 +357,7 @@ def test_health_reflection_and_metrics(aio, tmp_path):
 
 def test_serve_command_answers_health_and_drains_on_sigterm(reaper, tmp_path):
     port_file = tmp_path / "port"
-    proc = reaper.spawn([sys.executable, "-m", "runtime.cli", "planner", "serve", "--listen", "127.0.0.1:0", "--port-file",
+    proc = reaper.spawn([sys.executable, "-m", "runtime.cli.main", "planner", "serve", "--listen", "127.0.0.1:0", "--port-file",
                          str(port_file), "--db", str(tmp_path / "p.sqlite"), "--grace-seconds", "1"], log=tmp_path / "log")
     port = wait_for(lambda: port_file.exists() and port_file.read_text().endswith("\n") and port_file.read_text().strip(), 30, "the planner's port file", proc)
     wait_serving(f"127.0.0.1:{port}", proc, timeout=30)
@@ -366,7 +366,7 @@ def test_serve_command_answers_health_and_drains_on_sigterm(reaper, tmp_path):
 
 
 def test_cli_query_and_agents(aio, planner, capsys):
-    from runtime.cli import build_parser
+    from runtime.cli.main import build_parser
 
     aio.run(planner.register())
     parser = build_parser()

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_NET
-from planner.profile import load, loads
+from runtime.contracts.profile import load, loads
 from runtime.agent.sources import open_source
-from runtime.codec import get_codec
-from runtime.errors import InvalidInput
+from runtime.wire.codec import get_codec
+from runtime.contracts.errors import InvalidInput
 from runtime.models import build_model, get_spec
 from runtime.models.loader import load_model
 from runtime.models.slicing import SlicedModel
-from runtime.profile_cli import add_parser
-from runtime.profiler import profile_model
+from runtime.cli.profile import add_parser
+from runtime.measure.profiler import profile_model
 from runtime.transfer.artifact import save_tl
-from runtime.transfer.train import train_tl
+from runtime.tools.tl.train import train_tl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from runtime.codec import decode_tensor, get_codec
-from runtime.errors import InvalidInput, NotFound
+from runtime.wire.codec import decode_tensor, get_codec
+from runtime.contracts.errors import InvalidInput, NotFound
 from runtime.models import build_model, get_spec, list_models, preprocess
 from runtime.models.slicing import INPUT, OUTPUT, SlicedModel
 from runtime.agent.sources import SAMPLES_DIR, load_image

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from runtime.agent.sources import open_source
-from runtime.errors import InvalidInput
+from runtime.contracts.errors import InvalidInput
 from runtime.models import get_spec, preprocess
 
 SPEC = get_spec("resnet18")

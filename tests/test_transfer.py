@@ -10,13 +10,13 @@ import math
 import pytest
 import torch
 
-from runtime.errors import InvalidInput, PreconditionFailed
+from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.registry import build_model, get_spec, list_models, state_dict_digest
 from runtime.models.slicing import SlicedModel
 from runtime.transfer.artifact import load_tl, save_tl
 from runtime.transfer.layers import RATIOS, TransferLayer
-from runtime.transfer.train import train_tl
+from runtime.tools.tl.train import train_tl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -292,7 +292,7 @@ def artifact_224(full_r18, tmp_path_factory):
 
 async def _serve_and_run(loaded, tls, tl_art, xs):
     from runtime.agent.client import Agent
-    from runtime.codec import get_codec
+    from runtime.wire.codec import get_codec
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
 
@@ -335,7 +335,7 @@ def test_worker_without_tl_refuses_and_agent_falls_back_exactly(full_r18, artifa
 
 
 def test_cli_tl_eval_and_list(artifact_224, capsys):
-    from runtime.cli import main
+    from runtime.cli.main import main
 
     tl_id, path = artifact_224
     assert main(["tl", "eval", "--tl", str(path), "--images", "2", "--json"]) == 0
@@ -355,7 +355,7 @@ def test_cli_tl_eval_and_list(artifact_224, capsys):
 def test_worker_refuses_tl_for_another_model_or_split(full_r18, artifact_224):
     import grpc
 
-    from runtime.errors import EdgesplitError
+    from runtime.contracts.errors import EdgesplitError
     from runtime.proto.edgesplit.v1 import inference_pb2 as pb
     from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
     from runtime.worker.config import WorkerConfig
@@ -391,7 +391,7 @@ def test_worker_refuses_tl_for_another_model_or_split(full_r18, artifact_224):
 
 
 def test_bench_with_a_tl_reports_its_stage_and_bytes(artifact_224, tmp_path, capsys):
-    from runtime.cli import main
+    from runtime.cli.main import main
 
     tl_id, path = artifact_224
     out = tmp_path / "bench.json"

@@ -7,10 +7,10 @@ import importlib.util
 import pytest
 import torch
 
-from runtime.cli import main
-from runtime.errors import InvalidInput
-from runtime.transfer import data as tl_data
-from runtime.transfer.sweep import COLUMNS
+from runtime.cli.main import main
+from runtime.contracts.errors import InvalidInput
+from runtime.tools.tl import data as tl_data
+from runtime.tools.tl.sweep import COLUMNS
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 

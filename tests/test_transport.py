@@ -1,4 +1,4 @@
-"""Frame chunking on the stream: runtime.transport.frame_messages and FrameAssembler (no server)."""
+"""Frame chunking on the stream: runtime.wire.transport.frame_messages and FrameAssembler (no server)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from runtime.errors import InvalidInput, TooLarge
+from runtime.contracts.errors import InvalidInput, TooLarge
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import tensor_pb2
-from runtime.transport import FrameAssembler, TransportOptions, frame_messages
+from runtime.wire.transport import FrameAssembler, TransportOptions, frame_messages
 
 CHUNK = 1000
 CAP = 1 << 20

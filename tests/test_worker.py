@@ -20,12 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.codec import decode_tensor, get_codec
-from runtime.errors import CODE_NUMBERS
+from runtime.wire.codec import decode_tensor, get_codec
+from runtime.contracts.errors import CODE_NUMBERS
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
-from runtime.transport import frame_messages
+from runtime.wire.transport import frame_messages
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import SERVICE_NAME, serve
 

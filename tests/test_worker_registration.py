@@ -10,10 +10,10 @@ import pytest
 
 from conftest import REPO, TINY_NET
 from planner.config import PlannerConfig
-from planner.profile import load
+from runtime.contracts.profile import load
 from planner.server import serve as serve_planner
-from runtime.errors import InvalidInput
-from runtime.profiler import profile_model
+from runtime.contracts.errors import InvalidInput
+from runtime.measure.profiler import profile_model
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import serve as serve_worker
 

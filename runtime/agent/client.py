@@ -16,15 +16,15 @@ from typing import TYPE_CHECKING, Sequence
 import grpc
 import torch
 
-from runtime.chain import Hop, check_route
-from runtime.codec import Codec, decode_tensor, get_codec
-from runtime.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, InvalidInput, PreconditionFailed,
+from runtime.wire.chain import Hop, check_route
+from runtime.wire.codec import Codec, decode_tensor, get_codec
+from runtime.contracts.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, InvalidInput, PreconditionFailed,
                             Unavailable)
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT, SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
-from runtime.stream import EdgeStream
-from runtime.transport import TransportOptions
+from runtime.wire.stream import EdgeStream
+from runtime.wire.transport import TransportOptions
 from runtime.agent.metrics import STAGES, AgentMetrics
 from runtime.agent.telemetry import LinkEstimator
 
@@ -91,7 +91,7 @@ class ActivePlan:
     local_tail: torch.nn.Module
     tl: LoadedTL | None = None
     stream: EdgeStream | None = None  # None: every frame runs on the board
-    # Worker chaining (runtime.chain): the worker runs [split, end_split) and forwards to next_hops.
+    # Worker chaining (runtime.wire.chain): the worker runs [split, end_split) and forwards to next_hops.
     end_split: str = ""  # where the worker's slice ends; "" = the worker runs the whole tail
     next_hops: tuple[Hop, ...] = ()  # the tiers after the worker, in order (none: its first --next-tier)
 
@@ -218,7 +218,7 @@ class Agent:
         ``tl``: None/"" for none, a TL id (resolved in ``tl_dir``), a manifest path, or a LoadedTL.
         ``worker_address``: None keeps the current worker (or the configured one), "" runs every
         frame on the board; split ``"output"`` always runs locally with no worker traffic.
-        ``end_split`` / ``next_hops``: a chained plan (runtime.chain) in which the worker runs only
+        ``end_split`` / ``next_hops``: a chained plan (runtime.wire.chain) in which the worker runs only
         [split, end_split) and forwards the rest along ``next_hops`` (Hop or "ADDRESS[@END_SPLIT]");
         a plan names its whole route, so the defaults ("", ()) mean the worker runs the whole tail.
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.codec import get_codec
-from runtime.config import field
-from runtime.errors import InvalidInput
-from runtime.transport import TransportOptions
+from runtime.wire.codec import get_codec
+from runtime.contracts.config import field
+from runtime.contracts.errors import InvalidInput
+from runtime.wire.transport import TransportOptions
 
 
 _TEXT_CONSTRAINTS = ("pin_blocks", "pin_layers", "forbid_blocks", "max_tier_seconds", "max_tier_share",
-                     "max_link_upload_bytes", "max_memory_bytes")  # KEY=VALUE settings, read by planner.constraints
+                     "max_link_upload_bytes", "max_memory_bytes")  # KEY=VALUE settings, read by runtime.contracts.constraints
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,14 @@ class AgentConfig:
             raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")
         if self.device_memory_bytes < 0:
             raise InvalidInput(f"device_memory_bytes must be >= 0 (0: no cap), got {self.device_memory_bytes}")
-        from planner.constraints import check_fields
+        from runtime.contracts.constraints import check_fields
         from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 
         check_fields(ppb.Constraints(**self.constraints()))  # what needs no profile; the planner checks the blocks
 
     def constraints(self) -> dict:
         """The plan constraints sent to the planner (planner.proto Constraints)."""
-        from planner.constraints import from_text
+        from runtime.contracts.constraints import from_text
 
         text = from_text(**{k: getattr(self, k) for k in _TEXT_CONSTRAINTS})
         return {"raw_input_stays": self.raw_input_stays, "min_fidelity": self.min_fidelity,

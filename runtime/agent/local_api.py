@@ -15,8 +15,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.agent.client import Agent
 from runtime.agent.sources import load_image
-from runtime.codec import decode_tensor, encode_output
-from runtime.errors import EdgesplitError, InvalidInput
+from runtime.wire.codec import decode_tensor, encode_output
+from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.models import preprocess
 from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
 

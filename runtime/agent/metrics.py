@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from runtime.worker.metrics import STAGE_BUCKETS
+from runtime.daemon.metrics_http import STAGE_BUCKETS
 
 STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine", "total")  # label values of stage_seconds
 

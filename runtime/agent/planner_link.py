@@ -34,12 +34,12 @@ from typing import Any, Iterable, Mapping
 
 import grpc
 
-from runtime.errors import EdgesplitError, InvalidInput, Unavailable
+from runtime.contracts.errors import EdgesplitError, InvalidInput, Unavailable
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
-from runtime.transport import TransportOptions
-from runtime.asyncutil import cancel_and_wait
-from runtime.chain import Hop
+from runtime.wire.transport import TransportOptions
+from runtime.wire.asyncutil import cancel_and_wait
+from runtime.wire.chain import Hop
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class PlannerLink:
                  rpc_timeout: float = 5.0, connect_timeout: float = 5.0, backoff_initial: float = 0.5,
                  backoff_max: float = 30.0, stream_seconds: float = 300.0, probe_timeout: float = 1.0,
                  transport: TransportOptions | None = None):
-        """``profile``: a ``planner.profile.Profile`` or the path of its JSON (loaded and checked now,
+        """``profile``: a ``runtime.contracts.profile.Profile`` or the path of its JSON (loaded and checked now,
         so a bad file is an error at start, not a silent link failure later)."""
-        from planner.profile import Profile, load
+        from runtime.contracts.profile import Profile, load
 
         if not planner_address:
             raise InvalidInput("planner address is empty; give HOST:PORT of the planner")
@@ -68,7 +68,7 @@ class PlannerLink:
                                    "'edgesplit profile' on this board")
             profile = load(Path(profile))
         if not isinstance(profile, Profile):
-            raise InvalidInput(f"profile must be a planner.profile.Profile or a path, not {type(profile).__name__}")
+            raise InvalidInput(f"profile must be a runtime.contracts.profile.Profile or a path, not {type(profile).__name__}")
         if profile.model != agent.loaded.name:
             logger.warning("device profile is for model %r, the agent runs %r", profile.model, agent.loaded.name)
         if profile.model_digest and profile.model_digest != agent.loaded.digest:

@@ -16,9 +16,9 @@ from runtime.agent.local_api import serve_local_api
 from runtime.agent.metrics import AgentMetrics
 from runtime.agent.sources import open_source
 from runtime.agent.summary import summarize
-from runtime.chain import Hop
-from runtime.codec import get_codec
-from runtime.metrics_http import MetricsEndpoint
+from runtime.wire.chain import Hop
+from runtime.wire.codec import get_codec
+from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import INPUT, OUTPUT, SplitPoint
 
@@ -40,7 +40,7 @@ def choose_split(loaded: LoadedModel, key: str) -> SplitPoint:
 
 
 def next_hops(config: AgentConfig) -> tuple[Hop, ...]:
-    """The chain after the worker from --next-hop / --forward-codec (runtime.chain)."""
+    """The chain after the worker from --next-hop / --forward-codec (runtime.wire.chain)."""
     hops = tuple(Hop.parse(text, config.forward_codec) for text in config.next_hops)
     if config.end_split and not hops and config.forward_codec:
         hops = (Hop(codec=config.forward_codec),)  # the worker's first --next-tier, with this codec

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from runtime.errors import InvalidInput
+from runtime.contracts.errors import InvalidInput
 from runtime.models import ModelSpec, preprocess
 from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, load_image  # noqa: F401 (re-exported)
 

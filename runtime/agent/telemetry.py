@@ -38,8 +38,8 @@ from typing import Any
 
 import grpc
 
-from runtime.errors import EdgesplitError
-from runtime.stream import time_health_check
+from runtime.contracts.errors import EdgesplitError
+from runtime.wire.stream import time_health_check
 from runtime.agent.metrics import AgentMetrics
 
 MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)

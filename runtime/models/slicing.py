@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
-from runtime.errors import InvalidInput, NotFound
+from runtime.contracts.errors import InvalidInput, NotFound
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from runtime.errors import EdgesplitError, InvalidInput, PreconditionFailed
+from runtime.contracts.errors import EdgesplitError, InvalidInput, PreconditionFailed
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import SplitPoint
 from runtime.transfer.layers import KINDS, TransferLayer

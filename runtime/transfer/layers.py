@@ -17,7 +17,7 @@ Three kinds:
   DCT of each component plane and rounds to a uniform quantisation step; the decoder inverts
   both. It keeps every value (ratio 1): the bytes go down because the integer coefficients are
   very skewed and codec ``ans`` entropy-codes them with the TL's own per-(channel, frequency
-  band) model (``TransferLayer.tables``, :mod:`runtime.entropy`). ``--step`` trades bytes for
+  band) model (``TransferLayer.tables``, :mod:`runtime.wire.entropy`). ``--step`` trades bytes for
   fidelity. Distillation cannot train it (rounding has no gradient); ``--finetune-tail`` can
   adapt the tail to its quantisation error.
 
@@ -32,7 +32,7 @@ channel code of the training features, a starting point for distillation.
 
 Every TL is built for one feature shape ``(C, H, W)`` (the split point's, batch excluded): the
 decoder needs the exact ``(H, W)`` to restore. Only rank-4 ``(N, C, H, W)`` features are
-supported; other ranks raise :class:`~runtime.errors.InvalidInput`.
+supported; other ranks raise :class:`~runtime.contracts.errors.InvalidInput`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.errors import InvalidInput
+from runtime.contracts.errors import InvalidInput
 
 KINDS = ("reference", "bottleneck", "transform")
 RATIOS = (2, 4, 5, 6, 8, 12, 16, 20, 24, 32, 64)  # >= 8: 2x2 pooling, channels / (R / 4)
@@ -218,7 +218,7 @@ class TransferLayer(nn.Module):
             if ratio not in (None, 1):
                 raise InvalidInput("the transform TL keeps every value (ratio 1) and sets its size with the "
                                    f"quantisation step (--step), got --ratio {ratio}")
-            from runtime.entropy import BANDS, CLUSTERS, MAX_RANGE
+            from runtime.wire.entropy import BANDS, CLUSTERS, MAX_RANGE
 
             self.ratio = 1
             self.encoder = TransformEncoder(c, (h, w))
@@ -244,13 +244,13 @@ class TransferLayer(nn.Module):
 
     @property
     def entropy_model(self):
-        """The :class:`runtime.entropy.EntropyModel` of codec ``ans`` (transform kind), else None.
+        """The :class:`runtime.wire.entropy.EntropyModel` of codec ``ans`` (transform kind), else None.
         Built on first use and rebuilt whenever the tables change (fit, load_state_dict)."""
         if self.kind != "transform":
             return None
         key = (self.tables.data_ptr(), self.tables._version, self.table_of.data_ptr(), self.table_of._version)
         if self._entropy is None or self._entropy[0] != key:
-            from runtime.entropy import EntropyModel
+            from runtime.wire.entropy import EntropyModel
 
             self._entropy = (key, EntropyModel(self.tables, self.table_of, self.encoded_shape))
         return self._entropy[1]
@@ -262,7 +262,7 @@ class TransferLayer(nn.Module):
         times the features' mean channel standard deviation (a uniform step is the MSE-optimal
         choice after an orthonormal transform), and the entropy tables from the training
         coefficients. Returns what was fitted."""
-        from runtime.entropy import MAX_RANGE, band_map, fit_tables
+        from runtime.wire.entropy import MAX_RANGE, band_map, fit_tables
 
         self._check_fit(features, "transform", "the transform fit")
         if not step > 0 or not math.isfinite(step):

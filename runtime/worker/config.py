@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.codec import DEFAULT_MAX_BYTES, get_codec
-from runtime.config import field
-from runtime.errors import InvalidInput
-from runtime.transport import TransportOptions
+from runtime.wire.codec import DEFAULT_MAX_BYTES, get_codec
+from runtime.contracts.config import field
+from runtime.contracts.errors import InvalidInput
+from runtime.wire.transport import TransportOptions
+from runtime.contracts.tiers import EDGE
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,7 @@ class WorkerConfig:
     planner: str = field("", "planner address HOST:PORT to register with (empty: none)")
     worker_id: str = field("", "this worker's name at the planner (default: the host name)")
     advertise: str = field("", "address agents should dial, HOST:PORT (default: the listen address, 0.0.0.0 -> FQDN)")
-    tier: str = field("edge", "tier this worker serves at the planner: edge or cloud")
+    tier: str = field(EDGE, "tier this worker serves at the planner: edge or cloud")
     profiles: tuple[str, ...] = field((), "profiles of the models served, measured here ('edgesplit profile --role edge')")
     planner_refresh_seconds: float = field(30.0, "register again this often (a restarted planner learns the worker back)")
     # worker chaining: run a middle slice of a frame and forward its output to a next-tier worker

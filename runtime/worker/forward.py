@@ -1,13 +1,13 @@
 """Worker chaining: forward a frame's slice output to a next-tier worker and relay its answer.
 
 A frame whose header sets ``end_split`` asks this worker to run only [split_id, end_split) and to
-send the result on to the worker named by the header's first hop (see runtime.chain), which runs
+send the result on to the worker named by the header's first hop (see runtime.wire.chain), which runs
 the rest of the route; the final result comes back here and goes back to the sender.
 
 * Only the addresses this worker was started with (``--next-tier``, matched exactly) are dialled.
   A frame naming any other is refused PERMISSION_DENIED before any compute; a chained frame sent
   to a worker with no next tier is refused FAILED_PRECONDITION. A client never picks the target.
-* One long-lived stream per next tier (runtime.stream.EdgeStream, the agent's own): opened on
+* One long-lived stream per next tier (runtime.wire.stream.EdgeStream, the agent's own): opened on
   first use within ``forward_connect_timeout_seconds``, reopened with exponential back-off after a
   failure. Forwarded frames are renumbered on it (many senders share one stream).
 * Every forward is bounded by ``forward_deadline_seconds`` (DEADLINE_EXCEEDED); an unreachable
@@ -26,12 +26,12 @@ from typing import Any
 
 import grpc
 
-from runtime.codec import Codec, get_codec
-from runtime.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, PermissionDenied, PreconditionFailed,
+from runtime.wire.codec import Codec, get_codec
+from runtime.contracts.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, PermissionDenied, PreconditionFailed,
                             Unavailable, from_status)
 from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
-from runtime.stream import EdgeStream
+from runtime.wire.stream import EdgeStream
 from runtime.worker.config import WorkerConfig
 from runtime.worker.metrics import WorkerMetrics
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from runtime.daemon.metrics_http import STAGE_BUCKETS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-# Sub-millisecond resolution, with a boundary at a 100 ms per-frame latency target.
-STAGE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 
 class WorkerMetrics:

@@ -15,7 +15,7 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from runtime.errors import Unavailable
+from runtime.contracts.errors import Unavailable
 
 
 def wait_serving(address: str, timeout: float) -> None:
@@ -60,7 +60,7 @@ def spawn_worker(flags: Sequence[str] = (), timeout: float = 60.0, log: Path | N
     port_file = Path(tempfile.mkdtemp(prefix="edgesplit-")) / "port"
     out = open(log, "w") if log else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli", "worker", "--listen", "127.0.0.1:0", "--port-file", str(port_file), *flags],
+        [sys.executable, "-m", "runtime.cli.main", "worker", "--listen", "127.0.0.1:0", "--port-file", str(port_file), *flags],
         stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=os.environ.copy(),
     )
     deadline = time.monotonic() + timeout

@@ -12,11 +12,12 @@ from typing import Sequence
 
 import grpc
 
-from planner import profile as profiles
-from runtime.asyncutil import cancel_and_wait
-from runtime.errors import InvalidInput
+from runtime.contracts import profile as profiles
+from runtime.wire.asyncutil import cancel_and_wait
+from runtime.contracts.errors import InvalidInput
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.contracts.tiers import DEVICE
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def load_profiles(paths, tier: str) -> list[str]:
     docs = []
     for path in paths:
         p = profiles.load(path)
-        if p.role == "device":
+        if p.role == DEVICE:
             raise InvalidInput(f"{path} was measured as role device; profile this machine with --role {tier}")
         docs.append(p.to_json())
     return docs

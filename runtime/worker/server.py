@@ -13,7 +13,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from runtime.metrics_http import MetricsEndpoint
+from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.proto.edgesplit.v1 import inference_pb2, inference_pb2_grpc
 from runtime.worker.config import WorkerConfig
 from runtime.worker.metrics import WorkerMetrics

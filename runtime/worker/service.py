@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from runtime.chain import MAX_HOPS, check_route
-from runtime.codec import Codec, decode_tensor, encode_output
-from runtime.errors import (
+from runtime.wire.chain import MAX_HOPS, check_route
+from runtime.wire.codec import Codec, decode_tensor, encode_output
+from runtime.contracts.errors import (
     CODE_NUMBERS,
     EdgesplitError,
     InvalidInput,
@@ -30,10 +30,10 @@ from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
-from runtime.transport import FrameAssembler
+from runtime.wire.transport import FrameAssembler
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
-from runtime.asyncutil import wait_set
+from runtime.wire.asyncutil import wait_set
 from runtime.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)

@@ -1,0 +1,1 @@
+"""Device agent: runs the head slice on the board, streams features to a worker, follows plans."""

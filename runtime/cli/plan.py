@@ -1,0 +1,190 @@
+"""``edgesplit plan``: rank split configurations from profile files, without any daemon;
+``edgesplit import-peers``: turn Scission/ScissionTL benchmark data into profile files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from runtime.contracts import profile as profiles
+from runtime.contracts.costmodel import OBJECTIVES, Configuration, Constraints, Link, Network, Tier, pin_layers
+from planner.peers import import_network, import_profiles, load_network, network_to_json
+from planner.search import search
+from runtime.contracts.errors import InvalidInput
+from runtime.contracts.tiers import DEVICE, TIERS
+
+
+
+def _pairs(values: list[str], flag: str, conv) -> dict:
+    out = {}
+    for v in values or ():
+        key, sep, val = v.partition("=")
+        if not sep:
+            raise InvalidInput(f"{flag} takes KEY=VALUE, got {v!r}")
+        try:
+            out[conv[0](key)] = conv[1](val)
+        except ValueError:
+            raise InvalidInput(f"{flag}: cannot read {v!r}") from None
+    return out
+
+
+def _links(values: list[str]) -> dict:
+    out = {}
+    for v in values or ():
+        parts = v.split(",")
+        if len(parts) != 4:
+            raise InvalidInput(f"--link takes SRC,DST,RTT_MS,MBPS (machine or tier names), got {v!r}")
+        try:
+            out[(parts[0], parts[1])] = Link.from_mbps(float(parts[2]), float(parts[3]))
+        except ValueError:
+            raise InvalidInput(f"--link: RTT and bandwidth must be numbers in {v!r}") from None
+    return out
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[list[Tier], Network]:
+    """Profiles grouped into tiers by role (device, edge, cloud), and the network."""
+    loaded: list[profiles.Profile] = [profiles.load(p) for p in args.profile or ()]
+    links: dict = {}
+    if args.peers:
+        if not args.model:
+            raise InvalidInput("--peers needs --model (e.g. vgg19)")
+        peer = import_profiles(args.peers)
+        loaded += [p for (_, model), p in sorted(peer.items()) if model == args.model]
+        if not loaded:
+            raise InvalidInput(f"{args.peers} has no model {args.model!r}")
+        links.update(import_network(args.peers, args.network_name).links)
+    if args.network:
+        links.update(load_network(args.network).links)
+    links.update(_links(args.link))
+    if not loaded:
+        raise InvalidInput("give profiles with --profile FILE (from 'edgesplit profile') or --peers FILE --model M")
+    by_role: dict[str, list] = {}
+    for p in loaded:
+        by_role.setdefault(p.role, []).append(p)
+    if DEVICE not in by_role:
+        raise InvalidInput("one profile must have role 'device' (frames start on the device)")
+    required = set(args.require or ())
+    tiers = [Tier(r, tuple(by_role[r]), required=r in required) for r in TIERS if r in by_role]
+    return tiers, Network(links)
+
+
+def constraints_from(args: argparse.Namespace, tiers: list[Tier]) -> Constraints:
+    pins = _pairs(args.pin_block, "--pin-block", (int, str))
+    if args.pin_layer:
+        pins.update(pin_layers(tiers[0].profiles[0], _pairs(args.pin_layer, "--pin-layer", (int, str))))
+    forbid: dict[int, frozenset[str]] = {}
+    for b, t in _pairs(args.forbid_block, "--forbid-block", (int, str)).items():
+        forbid[b] = forbid.get(b, frozenset()) | {t}
+    return Constraints(
+        pin_blocks=pins, forbid_blocks=forbid, raw_input_stays=args.raw_input_stays,
+        max_upload_bytes=_pairs(args.max_upload, "--max-upload", (str, int)),
+        max_tier_seconds=_pairs(args.max_tier_seconds, "--max-tier-seconds", (str, float)),
+        max_tier_share=_pairs(args.max_tier_share, "--max-tier-share", (str, float)),
+        max_memory_bytes=_pairs(args.max_memory, "--max-memory", (str, int)),
+        include_machines=frozenset(args.include or ()), exclude_machines=frozenset(args.exclude or ()),
+        min_fidelity=args.min_fidelity)
+
+
+def to_json(c: Configuration, rank: int) -> dict:
+    return {
+        "rank": rank, "seconds": c.seconds, "fps": c.fps, "upload_bytes": c.upload_bytes, "plan": c.describe(),
+        "stages": [{"tier": s.tier, "machine": s.machine, "blocks": [s.first_block, s.end_block],
+                    "compute_seconds": s.compute_seconds, "seconds": s.seconds} for s in c.stages],
+        "hops": [{"from": h.src_machine, "to": h.dst_machine, "split": h.split, "transfer": h.transfer.name,
+                  "bytes": h.transfer.bytes, "encode_seconds": h.encode_seconds, "rtt_seconds": h.rtt_seconds,
+                  "transfer_seconds": h.transfer_seconds, "decode_seconds": h.decode_seconds,
+                  "return_seconds": h.return_seconds} for h in c.hops],
+        "breakdown_seconds": c.breakdown(),
+    }
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    tiers, network = load_inputs(args)
+    cons = constraints_from(args, tiers)
+    t0 = time.perf_counter()
+    ranked = search(tiers, network, cons, objective=args.objective, top_n=args.top, include_return=not args.no_return)
+    decision = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"decision_seconds": decision, "configurations": [to_json(c, i + 1) for i, c in enumerate(ranked)]},
+                         indent=1))
+    else:
+        n = tiers[0].profiles[0].n_blocks
+        print(f"{tiers[0].profiles[0].model}: {n} blocks, tiers {', '.join(t.name for t in tiers)}; "
+              f"objective {args.objective}; searched in {decision * 1e3:.2f} ms")
+        if not ranked:
+            print("no configuration satisfies the constraints")
+        print(f"{'rank':>4} {'seconds':>10} {'fps':>8} {'upload MB':>10}  plan")
+        for i, c in enumerate(ranked, 1):
+            print(f"{i:>4} {c.seconds:>10.4f} {c.fps:>8.2f} {c.upload_bytes / 1e6:>10.4f}  {c.describe()}")
+    if args.plot:
+        from planner.plot import plot_splits
+
+        plot_splits(tiers, network, cons, args.plot, include_return=not args.no_return)
+        print(f"plot written to {args.plot}", file=sys.stderr)
+    return 0 if ranked else 1
+
+
+def cmd_import_peers(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for (machine, model), p in sorted(import_profiles(args.file).items()):
+        if args.model and model not in args.model:
+            continue
+        p.save(out / f"{model}--{machine}.json".replace("/", "_"))
+        written += 1
+    d = json.loads(Path(args.file).read_text())
+    for name in d.get("networks", {}) or ({"default": 0} if "network" in d else {}):
+        (out / f"network-{name}.json").write_text(network_to_json(import_network(args.file, name)) + "\n")
+    print(f"wrote {written} profiles and the network files to {out}")
+    return 0
+
+
+def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
+    """The Scission constraint flags, shared by ``edgesplit plan`` and ``edgesplit planner query``.
+    ``names``: what --include/--exclude name ("machine" or "worker"); ``overriding``: every default is
+    None (a flag given replaces the registered value, one left out keeps it)."""
+    upper = names.upper()
+    p.add_argument("--pin-layer", action="append", metavar="LAYER=TIER", help="the block holding this layer runs on TIER")
+    p.add_argument("--pin-block", action="append", metavar="BLOCK=TIER", help="this block (index or name) runs on TIER")
+    p.add_argument("--forbid-block", action="append", metavar="BLOCK=TIER", help="this block must not run on TIER")
+    p.add_argument("--raw-input-stays", action="store_true", help="the device runs the first block (privacy)")
+    p.add_argument("--max-upload", action="append", metavar="TIER=BYTES", help="cap on bytes a tier sends per frame")
+    p.add_argument("--max-tier-seconds", action="append", metavar="TIER=S", help="cap on a tier's time per frame")
+    p.add_argument("--max-tier-share", action="append", metavar="TIER=F", help="cap on a tier's share of the total")
+    p.add_argument("--max-memory", action="append", metavar="TIER=BYTES", help="cap on weights a tier holds")
+    p.add_argument("--include", action="append", metavar=upper, help=f"use only these {names}s")
+    p.add_argument("--exclude", action="append", metavar=upper, help=f"never use this {names}")
+    p.add_argument("--min-fidelity", type=float, default=None if overriding else 0.0,
+                   help="TLs below this measured fidelity are not used")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None if overriding else "latency",
+                   help="what to rank by (default: latency)")
+
+
+def add_parser(sub) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = sub.add_parser("plan", formatter_class=fmt,
+                       help="rank split configurations from profile files and a network description (no daemon)")
+    p.add_argument("--profile", action="append", metavar="FILE", help="a profile (its role says its tier); repeat")
+    p.add_argument("--peers", metavar="FILE", help="plan from Scission/ScissionTL benchmark data instead (with --model)")
+    p.add_argument("--model", help="model in the --peers file")
+    p.add_argument("--network-name", default="default", help="which network of the --peers file")
+    p.add_argument("--network", metavar="FILE", help='network file: {"links": [{"source", "destination", "rtt_ms", "bandwidth_mbps"}]}')
+    p.add_argument("--link", action="append", metavar="SRC,DST,RTT_MS,MBPS", help="a link (machine or tier names); repeat")
+    p.add_argument("--require", action="append", metavar="TIER", help="this tier must run at least one block")
+    add_constraint_arguments(p, "machine")
+    p.add_argument("--top", type=int, default=5, help="how many configurations to print")
+    p.add_argument("--no-return", action="store_true", help="leave out the result's trip back (as Scission does)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="draw per-split latency stacked into device/transfer/edge")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("import-peers", formatter_class=fmt,
+                       help="convert Scission/ScissionTL benchmark data into edgesplit profile and network files")
+    p.add_argument("file", help="e.g. planner/peers/scission_benchmarks.json")
+    p.add_argument("--out", required=True, help="directory for MODEL--MACHINE.json and network-NAME.json")
+    p.add_argument("--model", action="append", help="only these models (repeat)")
+    p.set_defaults(func=cmd_import_peers)

@@ -1,0 +1,172 @@
+"""The benchmark profile: what one machine measured for one model, block by block.
+
+A profile is a versioned JSON document (schema: ``runtime/contracts/schema/profile-v1.schema.json``) that
+``edgesplit profile`` writes, the Scission importer converts into, and a person may write or edit
+by hand. Block ``i`` runs from split point ``i`` to split point ``i + 1``; cutting after block ``i``
+sends that block's output, in one of the ``transfers`` listed for it (a wire codec, optionally
+after a Transfer Layer), with the bytes and encode/decode times measured on this machine.
+
+This module is pure Python (no torch), so the planner can load profiles anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from runtime.contracts.errors import InvalidInput
+from runtime.contracts.tiers import TIERS
+
+FORMAT = "edgesplit-profile"
+VERSION = 1
+ROLES = TIERS  # a profile is measured on one tier
+MAX_PROFILE_BYTES = 64 * 2**20  # a 600-block profile with a dozen transfers each is ~1 MB
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One way to ship a tensor across a link: a codec, optionally after a Transfer Layer."""
+
+    name: str  # unique within the block, e.g. "int8+lz4" or "tl-ab12cd34+int8+lz4"
+    bytes: int  # bytes on the wire per frame, measured on real inputs
+    encode_seconds: float = 0.0  # on this machine, when it is the sender (TL encoder + codec)
+    decode_seconds: float = 0.0  # on this machine, when it is the receiver (codec + TL decoder)
+    codec: str = ""  # wire codec name ("" for a transfer imported from a peer system)
+    tl_id: str = ""  # Transfer Layer artifact id, "" for none
+    fidelity: float | None = None  # top-1 agreement with the unsplit model; None = not measured
+
+
+@dataclass(frozen=True)
+class Block:
+    """The layers between two consecutive split points."""
+
+    index: int
+    name: str  # split point after this block (the split id the runtime uses for a cut here)
+    seconds: float  # median compute time on this machine
+    output_bytes: int  # fp32 bytes of the block's output (the tensor a cut here sends, uncompressed)
+    p95_seconds: float | None = None
+    first_layer: int = -1  # layer indices (Keras numbering for imported profiles; graph positions otherwise)
+    last_layer: int = -1
+    param_bytes: int = 0  # weights this block needs in memory
+    transfers: tuple[Transfer, ...] = ()
+
+
+@dataclass(frozen=True)
+class Profile:
+    machine: str  # name of the machine (or machine class) that was measured
+    role: str  # device | edge | cloud
+    model: str
+    blocks: tuple[Block, ...]
+    input_bytes: int  # what the device sends when it runs no block (raw input)
+    input_transfers: tuple[Transfer, ...] = ()  # ways to send the input (empty: raw input_bytes)
+    model_digest: str = ""
+    source: str = ""  # how the profile was made (tool and host, or the peer data it came from)
+    created: str = ""  # ISO 8601
+    settings: dict[str, Any] = field(default_factory=dict)  # warm-up, runs, threads, torch version...
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+    def block(self, key: int | str) -> Block:
+        for b in self.blocks:
+            if b.index == key or b.name == key:
+                return b
+        raise InvalidInput(f"profile {self.machine}/{self.model} has no block {key!r}")
+
+    def transfers_after(self, n_run: int) -> tuple[Transfer, ...]:
+        """Transfers for the tensor that crosses after ``n_run`` blocks (0 = the raw input)."""
+        if n_run == 0:
+            return self.input_transfers or (Transfer("raw", self.input_bytes, codec="raw"),)
+        b = self.blocks[n_run - 1]
+        return b.transfers or (Transfer("raw", b.output_bytes, codec="raw"),)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {"format": FORMAT, "version": VERSION, **d}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    """The published JSON Schema of profile documents."""
+    text = resources.files("runtime.contracts").joinpath("schema/profile-v1.schema.json").read_text()
+    return json.loads(text)
+
+
+def _transfer(d: dict[str, Any]) -> Transfer:
+    return Transfer(name=d["name"], bytes=int(d["bytes"]), encode_seconds=float(d.get("encode_seconds", 0.0)),
+                    decode_seconds=float(d.get("decode_seconds", 0.0)), codec=d.get("codec", ""),
+                    tl_id=d.get("tl_id", ""), fidelity=d.get("fidelity"))
+
+
+def from_dict(d: Any, where: str = "profile") -> Profile:
+    """Validate a decoded JSON document against the schema and the rules it cannot express."""
+    import jsonschema
+
+    if not isinstance(d, dict):
+        raise InvalidInput(f"{where}: a profile is a JSON object, not {type(d).__name__}")
+    if d.get("format") != FORMAT:
+        raise InvalidInput(f"{where}: not an edgesplit profile (format is {d.get('format')!r}, expected {FORMAT!r})")
+    if d.get("version") != VERSION:
+        raise InvalidInput(f"{where}: profile version {d.get('version')!r} is not supported (this edgesplit reads "
+                           f"version {VERSION}); re-run 'edgesplit profile' or convert the file")
+    try:
+        jsonschema.validate(d, schema())
+    except jsonschema.ValidationError as e:
+        path = "/".join(str(p) for p in e.absolute_path) or "(top level)"
+        raise InvalidInput(f"{where}: {path}: {e.message}") from None
+    blocks = []
+    for i, b in enumerate(d["blocks"]):
+        if b["index"] != i:
+            raise InvalidInput(f"{where}: blocks/{i}: index is {b['index']}, expected {i} (blocks are in order from 0)")
+        names = [t["name"] for t in b.get("transfers", [])]
+        if len(set(names)) != len(names):
+            raise InvalidInput(f"{where}: blocks/{i}: transfer names repeat: {names}")
+        blocks.append(Block(index=i, name=b["name"], seconds=float(b["seconds"]), output_bytes=int(b["output_bytes"]),
+                            p95_seconds=b.get("p95_seconds"), first_layer=int(b.get("first_layer", -1)),
+                            last_layer=int(b.get("last_layer", -1)), param_bytes=int(b.get("param_bytes", 0)),
+                            transfers=tuple(_transfer(t) for t in b.get("transfers", []))))
+    names = [b.name for b in blocks]
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"{where}: block names must be unique (they are the split ids)")
+    for b in blocks:
+        for v in (b.seconds, *(t.encode_seconds for t in b.transfers), *(t.decode_seconds for t in b.transfers)):
+            if not math.isfinite(v):
+                raise InvalidInput(f"{where}: block {b.index}: times must be finite")
+    return Profile(machine=d["machine"], role=d["role"], model=d["model"], blocks=tuple(blocks),
+                   input_bytes=int(d["input_bytes"]),
+                   input_transfers=tuple(_transfer(t) for t in d.get("input_transfers", [])),
+                   model_digest=d.get("model_digest", ""), source=d.get("source", ""), created=d.get("created", ""),
+                   settings=dict(d.get("settings", {})))
+
+
+def loads(text: str | bytes, where: str = "profile") -> Profile:
+    if len(text) > MAX_PROFILE_BYTES:
+        raise InvalidInput(f"{where}: {len(text)} bytes is above the {MAX_PROFILE_BYTES}-byte profile limit")
+    try:
+        d = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InvalidInput(f"{where}: not valid JSON: {e}") from None
+    return from_dict(d, where)
+
+
+def load(path: str | Path) -> Profile:
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as e:
+        raise InvalidInput(f"cannot read profile {p}: {e.strerror}") from None
+    if size > MAX_PROFILE_BYTES:
+        raise InvalidInput(f"{p}: {size} bytes is above the {MAX_PROFILE_BYTES}-byte profile limit")
+    return loads(p.read_bytes(), str(p))

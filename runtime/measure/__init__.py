@@ -1,0 +1,1 @@
+"""Measurement that ships with the runtime: the block profiler, the loopback bench and the demo."""

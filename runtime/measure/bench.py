@@ -1,0 +1,124 @@
+"""``edgesplit bench``: per-frame latency by stage, bytes per frame and runtime overhead per codec.
+
+A worker runs as a child process on loopback; the agent runs in this process with one frame
+in flight, so every stage time is clean. Overhead = end-to-end - (head + tail compute): what
+the runtime itself adds (encode, decode, gRPC, scheduling).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from runtime.agent.client import Agent
+from runtime.agent.run import choose_split
+from runtime.agent.summary import runtime_overhead
+from runtime.agent.sources import open_source
+from runtime.wire.codec import codec_names, get_codec
+from runtime.contracts.errors import InvalidInput
+from runtime.models.loader import load_model
+from runtime.worker.process import spawn_worker
+
+
+def _median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=None):
+    model = tl.tl.entropy_model if tl is not None else None
+    agent = Agent(loaded, split, get_codec(codec, model=model), worker=address, deadline_seconds=30.0, tl=tl)
+    await agent.start()
+    inputs = [f.tensor for f in open_source(loaded.spec, "synthetic", 8)]
+    results = []
+    sem = asyncio.Semaphore(window)
+
+    async def one(i):
+        async with sem:
+            return await agent.infer(inputs[i % len(inputs)])
+
+    for i in range(warmup):
+        await one(i)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(one(i) for i in range(frames)))
+    wall = time.perf_counter() - t0
+    await agent.close()
+    edge = [r for r in results if r.where == "edge"]
+    if len(edge) != len(results):
+        reasons = {r.fallback_reason for r in results if r.where != "edge"}
+        raise RuntimeError(f"{len(results) - len(edge)} frames ran locally during the benchmark: {reasons}")
+    stage = lambda k: _median([r.times[k] * 1e3 for r in edge])  # noqa: E731
+    return {
+        "tl": tl.tl_id if tl is not None else "",
+        "split": split.name, "split_index": split.index, "shape": list(split.out_shape), "codec": codec,
+        "frames": len(edge), "bytes_per_frame": _median([r.wire_bytes for r in edge]),
+        "raw_fp32_bytes": split.fp32_bytes,
+        "p50_ms": {k: stage(k) for k in ("head", *(("tl_encode",) if tl is not None else ()), "encode", "transfer_edge",
+                                         "edge_queue", "edge_decode", "edge_tail", "total")},
+        "overhead_p50_ms": _median([runtime_overhead(r) * 1e3 for r in edge]),
+        "network_p50_ms": _median([(r.times["transfer_edge"] - r.times["edge_tail"] - r.times["edge_decode"]
+                                    - r.times["edge_queue"]) * 1e3 for r in edge]),
+        "throughput_fps": len(edge) / wall,
+    }
+
+
+def _local_full_ms(loaded, n=20):
+    x = next(iter(open_source(loaded.spec, "synthetic", 1))).tensor
+    times = []
+    with torch.inference_mode():
+        for i in range(n + 3):
+            t = time.perf_counter()
+            loaded.full(x)
+            if i >= 3:
+                times.append((time.perf_counter() - t) * 1e3)
+    return _median(times)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    tl = None
+    if args.tl:
+        from runtime.transfer.artifact import load_tl
+
+        tl = load_tl(args.tl, loaded=loaded)
+        if args.split and any(choose_split(loaded, s).name != tl.split.name for s in args.split):
+            raise InvalidInput(f"--tl {tl.tl_id} is for split {tl.split.index} ({tl.split.name}); drop --split or match it")
+    splits = [choose_split(loaded, s) for s in (args.split or [tl.split.name if tl is not None else ""])]
+    codecs = args.codec or codec_names(tl.tl.entropy_model if tl is not None else None)
+    worker = spawn_worker(["--torch-threads", str(args.threads), "--max-queue", "64", *(["--tl", args.tl] if tl else [])])
+    rows = []
+    try:
+        for split in splits:
+            for codec in codecs:
+                print(f"... {loaded.name} split {split.index} ({split.name}) codec {codec}", file=sys.stderr, flush=True)
+                rows.append(asyncio.run(_bench_one(loaded, split, codec, worker.address, args.frames, args.warmup,
+                                                   args.window, tl)))
+    finally:
+        worker.stop()
+    local_ms = _local_full_ms(loaded)
+    cmd = "edgesplit bench " + " ".join(a for a in sys.argv[2:])
+    print(f"\n`{cmd.strip()}` on {platform.machine()} {torch.get_num_threads()} torch thread(s) per side, "
+          f"{args.frames} frames, window {args.window}; local full model p50 {local_ms:.2f} ms\n")
+    print("| split | codec | bytes/frame | vs fp32 | head | encode | transfer+edge | edge decode | edge tail "
+          "| network | overhead | total | fps |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        p = r["p50_ms"]
+        print(f"| {r['split_index']} {r['split']} {'x'.join(map(str, r['shape'][1:]))} | "
+              f"{r['tl'] + '+' if r['tl'] else ''}{r['codec']} "
+              f"| {r['bytes_per_frame']:,.0f} | {r['raw_fp32_bytes'] / r['bytes_per_frame']:.2f}x | {p['head']:.2f} "
+              f"| {p['encode']:.2f} | {p['transfer_edge']:.2f} | {p['edge_decode']:.2f} | {p['edge_tail']:.2f} "
+              f"| {r['network_p50_ms']:.2f} | {r['overhead_p50_ms']:.2f} | {p['total']:.2f} | {r['throughput_fps']:.1f} |")
+    print("\nAll times are p50 in ms. overhead = total - (head + edge tail) - queueing; network = transfer+edge - "
+          "(edge queue + decode + tail).")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": cmd, "model": loaded.name, "local_full_ms": local_ms, "rows": rows}, f, indent=1)
+    return 0

@@ -1,0 +1,1 @@
+"""Transfer Layer training, evaluation and sweeps (the layers themselves live in runtime.transfer)."""

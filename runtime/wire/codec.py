@@ -1,0 +1,346 @@
+"""Wire codecs for split-point feature tensors (in the spirit of hivemind's compression classes).
+
+Six codecs, named ``raw``, ``fp16``, ``int8`` and each of those with ``+lz4``:
+
+* ``raw`` -- the tensor's own dtype bytes, little-endian, C order; bit-exact.
+* ``fp16`` -- floating input is sent as IEEE half and decoded to float32 (``dtype`` on the wire
+  stays ``"float32"``). Relative error <= 2^-11 in the normal range (absolute <= 2^-25 below
+  2^-14). Finite values beyond the half range, and +-inf, are *saturated* to +-65504 rather than
+  becoming inf; NaN stays NaN.
+* ``int8`` -- per-channel affine uint8 along ``quant_axis`` (1 for rank >= 2, i.e. NCHW channels;
+  0 for rank 1; a scalar is one channel). Per channel ``lo = min``, ``hi = max``,
+  ``scale = (hi - lo) / 255`` (1.0 for a constant channel, which then decodes exactly to ``lo``),
+  ``q = clip(round((x - lo) / scale), 0, 255)``, decoded as ``q * scale + zero_point`` with
+  ``zero_point = lo``. Error <= scale/2 (plus float rounding) per element. NaN/inf input is refused.
+* ``+lz4`` -- the codec output compressed as one lz4 block (fast level, no size header); the
+  decompressed size is ``encoded_size``, which :func:`validate_tensor` checks against the shape and
+  ``max_bytes`` before anything is decompressed.
+
+Two codecs take a model and are not in the plain registry:
+
+* ``ans`` -- integer coefficients of a *transform* Transfer Layer, rANS-coded against the TL's
+  static per-(channel, band) model (:mod:`runtime.wire.entropy`); lossless for integers in the
+  model's range. ``get_codec("ans", model=tl.entropy_model)`` builds it; a worker decodes it
+  with the model of the TL the frame names (``decode_tensor`` alone refuses it).
+
+Every codec puts the whole payload in ``buffer`` (``chunks = 1``); a caller that splits or joins
+chunks does so around :meth:`Codec.encode` / :func:`decode_tensor`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import lz4.block
+import torch
+
+from runtime.contracts.errors import InvalidInput, PreconditionFailed
+from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.validation import (
+    DEFAULT_MAX_BYTES,
+    DTYPE_NAMES,
+    DTYPES,
+    channel_count,
+    validate_tensor,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "Codec",
+    "codec_names",
+    "decode_tensor",
+    "encode_output",
+    "get_codec",
+    "validate_tensor",
+]
+
+FP16_MAX = 65504.0
+
+
+def _tensor_bytes(x: torch.Tensor) -> memoryview:
+    """The C-order bytes of ``x`` as a buffer (no copy beyond ``contiguous()``)."""
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bit pattern
+        x = x.view(torch.int16)
+    if x.numel() == 0:
+        return memoryview(b"")
+    return memoryview(x.reshape(-1).numpy()).cast("B")
+
+
+def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A writable tensor over ``buf`` (taken over, not copied)."""
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInput(f"expected a torch.Tensor, got {type(x).__name__}")
+    return x.detach().cpu().contiguous()
+
+
+def _quant_axis(rank: int) -> int:
+    return 1 if rank >= 2 else 0
+
+
+def _as_3d(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """View ``x`` as (before, channels, after) around ``axis``; a scalar is (1, 1, 1)."""
+    if x.dim() == 0:
+        return x.reshape(1, 1, 1)
+    return x.reshape(x.shape[:axis].numel(), x.shape[axis], x.shape[axis + 1 :].numel())
+
+
+class Codec(ABC):
+    """Base class: subclasses implement ``_encode_values`` / ``_decode_values``."""
+
+    name: str = ""
+    lossless: bool = True
+    codec: int = tensor_pb2.CODEC_UNSPECIFIED
+    nominal_ratio: float = 1.0  # raw float32 bytes / codec bytes, before compression
+
+    def __init__(self, lz4: bool = False):
+        self.lz4 = lz4
+        self.compression = tensor_pb2.COMPRESSION_LZ4 if lz4 else tensor_pb2.COMPRESSION_NONE
+        self.name = type(self).name + ("+lz4" if lz4 else "")
+
+    def __repr__(self) -> str:
+        return f"<Codec {self.name}>"
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tensor_pb2.Tensor:
+        x = _prepare(x)
+        msg = tensor_pb2.Tensor(shape=list(x.shape), codec=self.codec, compression=self.compression)
+        values = self._encode_values(x, msg)  # a buffer of the codec output
+        msg.encoded_size = values.nbytes
+        if self.lz4:
+            msg.buffer = lz4.block.compress(values, mode="default", store_size=False)
+        else:
+            msg.buffer = values.tobytes()
+        msg.chunks = 1
+        msg.payload_size = len(msg.buffer)
+        return msg
+
+    @abstractmethod
+    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
+        """The codec's values as bytes; sets the codec's own fields of ``msg``."""
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+        if msg.codec != self.codec or msg.compression != self.compression:
+            raise InvalidInput(
+                f"codec={msg.codec} compression={msg.compression} cannot be decoded by {self.name} "
+                f"(expects codec={self.codec} compression={self.compression})"
+            )
+        validate_tensor(msg, max_bytes=max_bytes)
+        return self._decode_validated(msg)
+
+    def _decode_validated(self, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        if msg.chunks > 1 and len(msg.buffer) != msg.payload_size:
+            raise InvalidInput(
+                f"len(buffer)={len(msg.buffer)} but payload_size={msg.payload_size} over "
+                f"chunks={msg.chunks}: join all chunks into buffer before decoding"
+            )
+        if self.lz4:
+            payload = self._decompress(msg)
+        else:
+            payload = bytearray(msg.buffer)  # one copy, writable
+        return self._decode_values(payload, msg)
+
+    @staticmethod
+    def _decompress(msg: tensor_pb2.Tensor) -> bytearray:
+        size = msg.encoded_size  # already checked == expected size <= max_bytes
+        if size == 0:
+            return bytearray()
+        try:
+            out = lz4.block.decompress(msg.buffer, uncompressed_size=size, return_bytearray=True)
+        except lz4.block.LZ4BlockError as e:
+            raise InvalidInput(f"buffer is not a valid lz4 block of encoded_size={size}: {e}") from e
+        if len(out) != size:
+            raise InvalidInput(f"lz4 buffer decompressed to {len(out)} bytes; encoded_size={size}")
+        return out
+
+    @abstractmethod
+    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        """The tensor from the (decompressed) payload."""
+
+    # -- estimates --------------------------------------------------------------------------
+    def estimate_ratio(self, x: torch.Tensor | None = None) -> float:
+        """Raw float32 bytes / wire bytes: nominal without ``x``, measured on ``x`` with lz4."""
+        if x is None or x.numel() == 0:
+            return self.nominal_ratio
+        if not self.lz4:
+            return self.nominal_ratio if self.codec != tensor_pb2.CODEC_RAW else 4 / x.element_size()
+        msg = self.encode(x)
+        return x.numel() * 4 / max(1, len(msg.buffer) + 8 * len(msg.scale))
+
+
+class RawCodec(Codec):
+    name = "raw"
+    lossless = True
+    codec = tensor_pb2.CODEC_RAW
+    nominal_ratio = 1.0
+
+    def _encode_values(self, x, msg):
+        if x.dtype not in DTYPE_NAMES:
+            raise InvalidInput(f"dtype {x.dtype} is not supported by raw; allowed: {sorted(DTYPES)}")
+        msg.dtype = DTYPE_NAMES[x.dtype]
+        return _tensor_bytes(x)
+
+    def _decode_values(self, payload, msg):
+        shape = list(msg.shape)
+        if msg.dtype == "bool" and len(payload):
+            raw = torch.frombuffer(payload, dtype=torch.uint8)
+            if bool((raw > 1).any()):
+                raise InvalidInput("dtype='bool' buffer holds bytes other than 0 and 1")
+        if msg.dtype == "bfloat16":
+            return _from_bytes(payload, torch.int16, shape).view(torch.bfloat16)
+        return _from_bytes(payload, DTYPES[msg.dtype], shape)
+
+
+def _require_float(x: torch.Tensor, name: str) -> torch.Tensor:
+    if not x.is_floating_point():
+        raise InvalidInput(f"codec {name} needs a floating-point tensor, got dtype {x.dtype}; use raw")
+    return x if x.dtype == torch.float32 else x.float()
+
+
+class Fp16Codec(Codec):
+    name = "fp16"
+    lossless = False
+    codec = tensor_pb2.CODEC_FP16
+    nominal_ratio = 2.0
+
+    def _encode_values(self, x, msg):
+        x = _require_float(x, self.name)
+        msg.dtype = "float32"
+        h = x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)  # saturate instead of overflowing to inf
+        return _tensor_bytes(h)
+
+    def _decode_values(self, payload, msg):
+        return _from_bytes(payload, torch.float16, list(msg.shape)).float()
+
+
+class Int8Codec(Codec):
+    name = "int8"
+    lossless = False
+    codec = tensor_pb2.CODEC_INT8
+    nominal_ratio = 4.0
+
+    def _encode_values(self, x, msg):
+        x = _require_float(x, self.name)
+        msg.dtype = "float32"
+        axis = _quant_axis(x.dim())
+        msg.quant_axis = axis
+        if x.numel() == 0:  # no values: neutral parameters, one per channel
+            c = channel_count(x.shape, axis)
+            msg.scale.extend([1.0] * c)
+            msg.zero_point.extend([0.0] * c)
+            return memoryview(b"")
+        x3 = _as_3d(x, axis)
+        lo = x3.amin(dim=(0, 2))
+        hi = x3.amax(dim=(0, 2))
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        if not bool(finite.all()):
+            c = int((~finite).nonzero()[0])
+            kind = "NaN" if bool(torch.isnan(x3[:, c]).any()) else "inf"
+            raise InvalidInput(f"int8 cannot encode non-finite values: channel {c} contains {kind}")
+        span = hi - lo
+        if not bool(torch.isfinite(span).all()):
+            c = int((~torch.isfinite(span)).nonzero()[0])
+            raise InvalidInput(
+                f"int8 cannot encode channel {c}: range max-min = {float(hi[c]) - float(lo[c]):.3g} "
+                "exceeds the float32 range; use fp16 or raw"
+            )
+        scale = torch.where(span > 0, span / 255, torch.ones_like(span))
+        scale = torch.where(scale > 0, scale, torch.full_like(scale, 2**-149))  # span/255 underflow
+        q = (x3 - lo[None, :, None]).div_(scale[None, :, None]).round_().clamp_(0, 255)
+        msg.scale.extend(scale.tolist())
+        msg.zero_point.extend(lo.tolist())
+        return _tensor_bytes(q.to(torch.uint8))
+
+    def _decode_values(self, payload, msg):
+        shape = list(msg.shape)
+        if len(payload) == 0:
+            return torch.empty(shape, dtype=torch.float32)
+        q = torch.frombuffer(payload, dtype=torch.uint8)
+        axis = msg.quant_axis
+        c = channel_count(shape, axis)
+        before = torch.Size(shape[:axis]).numel()
+        scale = torch.tensor(msg.scale, dtype=torch.float32)[None, :, None]
+        zero = torch.tensor(msg.zero_point, dtype=torch.float32)[None, :, None]
+        out = q.to(torch.float32).reshape(before, c, -1)
+        return out.mul_(scale).add_(zero).reshape(shape)
+
+
+class AnsCodec(Codec):
+    """``ans``: integer coefficients coded with an :class:`runtime.wire.entropy.EntropyModel`."""
+
+    name = "ans"
+    lossless = False  # lossless for integers in the model's range; other values are rounded/clipped
+    codec = tensor_pb2.CODEC_ANS
+    nominal_ratio = 4.0  # a guess before measuring (the real ratio depends on the data)
+
+    def __init__(self, model):
+        super().__init__(False)
+        self.model = model
+
+    def _encode_values(self, x, msg):
+        x = _require_float(x, "ans")
+        msg.dtype = "float32"
+        r = self.model.range
+        return memoryview(self.model.encode(torch.clamp(torch.round(x), -r, r)))
+
+    def _decode_values(self, payload, msg):
+        shape = list(msg.shape)
+        if len(shape) != 4 or tuple(shape[1:]) != self.model.shape:
+            raise InvalidInput(f"ans tensor shape {shape} does not match this model's coefficients "
+                               f"[N, {', '.join(map(str, self.model.shape))}]")
+        return self.model.decode(payload, shape[0])
+
+    def estimate_ratio(self, x: torch.Tensor | None = None) -> float:
+        if x is None or x.numel() == 0:
+            return self.nominal_ratio
+        return x.numel() * 4 / max(1, len(self.encode(x).buffer))
+
+
+_CODECS: dict[str, Codec] = {
+    c.name: c for cls in (RawCodec, Fp16Codec, Int8Codec) for c in (cls(False), cls(True))
+}
+_BY_ENUM: dict[tuple[int, int], Codec] = {(c.codec, c.compression): c for c in _CODECS.values()}
+
+
+MODEL_CODECS = ("ans",)  # codecs that need a Transfer Layer's entropy model
+
+
+def codec_names(model=None) -> list[str]:
+    """The codec names; with a TL's entropy model also those that code with it."""
+    return list(_CODECS) + (list(MODEL_CODECS) if model is not None else [])
+
+
+def get_codec(name: str, model=None) -> Codec:
+    """The codec called ``name``. ``ans`` needs ``model`` (a transform TL's ``entropy_model``)."""
+    if name in MODEL_CODECS:
+        if model is None:
+            raise InvalidInput(f"codec {name!r} entropy-codes with a transform Transfer Layer's model: use it with "
+                               "a TL of kind 'transform' (--tl), or choose one of " + ", ".join(_CODECS))
+        return AnsCodec(model)
+    try:
+        return _CODECS[name]
+    except (KeyError, TypeError):
+        raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join([*_CODECS, *MODEL_CODECS])}") from None
+
+
+def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES, model=None) -> torch.Tensor:
+    """Validate and decode a wire tensor, whatever its codec (what the server calls). A
+    ``CODEC_ANS`` tensor needs ``model``, the entropy model of the TL the frame names."""
+    validate_tensor(msg, max_bytes=max_bytes)
+    if msg.codec == tensor_pb2.CODEC_ANS:
+        if model is None:
+            raise PreconditionFailed("the tensor is entropy-coded (CODEC_ANS) but names no transform Transfer Layer "
+                                     "this side holds: send it with the tl_id of the TL that coded it")
+        return AnsCodec(model)._decode_validated(msg)
+    return _BY_ENUM[(msg.codec, msg.compression)]._decode_validated(msg)
+
+
+def encode_output(x: torch.Tensor) -> tensor_pb2.Tensor:
+    """Encode a result tensor losslessly (raw, uncompressed)."""
+    return _CODECS["raw"].encode(x)

@@ -1,0 +1,203 @@
+"""One bidirectional gRPC stream to a worker, reopened with back-off after a failure; results are
+matched to frames by sequence number and stream epoch.
+
+Shared by both roles that send frames: the device agent (to its edge worker) and a worker that
+runs a middle slice and forwards to its next tier (runtime.worker.forward). It imports neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from typing import Any, Protocol
+
+from runtime.contracts.errors import Unavailable, from_rpc_error
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.wire.asyncutil import wait_set
+from runtime.wire.transport import TransportOptions, frame_messages
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 30.0
+
+
+class StreamMetrics(Protocol):
+    """What a stream reports (the agent's AgentMetrics has these; a worker passes per-tier children)."""
+
+    stream_up: Any  # a prometheus Gauge: 1 while the stream is open
+    reconnects: Any  # a prometheus Counter: streams opened
+
+
+async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
+    """Seconds one ``grpc.health.v1.Health/Check`` takes on ``channel``. Raises EdgesplitError."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(channel)
+    t0 = time.perf_counter()
+    try:
+        await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+    except grpc.aio.AioRpcError as e:
+        raise from_rpc_error(e) from None
+    return time.perf_counter() - t0
+
+
+class EdgeStream:
+    """One bidirectional stream to a worker; reopened with exponential back-off after a failure."""
+
+    def __init__(self, address: str, transport: TransportOptions, metrics: StreamMetrics,
+                 connect_timeout: float, reconnect: float):
+        self.address = address
+        self.transport = transport
+        self.metrics = metrics
+        self.connect_timeout = connect_timeout
+        self.reconnect = reconnect
+        self.epoch = 0
+        self._backoff = reconnect
+        self._retry_at = 0.0
+        self._channel: grpc.aio.Channel | None = None
+        self._call = None
+        self._reader: asyncio.Task | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._open_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self.closed = False  # after close(): never reopened; frames still holding it run locally
+        self.users = 0  # frames that captured a plan using this stream and have not finished
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def is_open(self) -> bool:
+        return self._call is not None
+
+    def hold(self) -> None:
+        """A frame starts using this stream (its plan names it)."""
+        self.users += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.users == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait (bounded) until no frame holds the stream; False on timeout."""
+        return await wait_set(self._idle, timeout)
+
+    async def _ensure_open(self) -> None:
+        if self._call is not None:
+            return
+        async with self._open_lock:
+            if self._call is not None:
+                return
+            if self.closed:
+                raise Unavailable(f"stream to {self.address} was closed (its sender moved off this worker)")
+            now = time.monotonic()
+            if now < self._retry_at:
+                raise Unavailable(f"worker {self.address} unreachable; next try in {self._retry_at - now:.1f}s")
+            channel = grpc.aio.insecure_channel(self.address, options=self.transport.channel_options())
+            try:
+                await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
+            except (asyncio.TimeoutError, grpc.RpcError) as e:
+                await channel.close()
+                self._retry_at = time.monotonic() + self._backoff
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
+                raise Unavailable(f"worker {self.address} unreachable ({type(e).__name__})") from None
+            self._channel = channel
+            self._call = pb_grpc.InferenceStub(channel).InferStream()
+            self.epoch += 1
+            self._backoff = self.reconnect
+            self._reader = asyncio.create_task(self._read(self._call, self.epoch))
+            self.metrics.stream_up.set(1)
+            self.metrics.reconnects.inc()
+            logger.info("stream %d open to %s", self.epoch, self.address)
+
+    async def _read(self, call, epoch: int) -> None:
+        reason = "stream closed by the worker"
+        try:
+            async for res in call:
+                if res.header.stream_epoch != epoch:
+                    continue
+                fut = self._pending.pop(res.header.seq, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(res)  # a result for an abandoned frame is dropped here
+        except grpc.aio.AioRpcError as e:
+            reason = f"stream failed: {e.code().name} {e.details()}"
+        except asyncio.CancelledError:
+            reason = "agent closing"
+        finally:
+            self._broken(call, reason)
+
+    def _broken(self, call, reason: str) -> None:
+        if self._call is not call:
+            return
+        level = logging.INFO if reason == "agent closing" or self.closed else logging.WARNING
+        logger.log(level, "stream %d to %s ended: %s", self.epoch, self.address, reason)
+        self._call = None
+        self.metrics.stream_up.set(0)
+        self._retry_at = time.monotonic() + self._backoff
+        self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_exception(Unavailable(reason))
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            asyncio.get_running_loop().create_task(channel.close(grace=None))
+
+    async def send(self, request: pb.InferRequest) -> asyncio.Future:
+        """Send one frame; returns a future for its result. Raises Unavailable."""
+        await self._ensure_open()
+        call = self._call
+        request.header.stream_epoch = self.epoch
+        seq = request.header.seq
+        fut = asyncio.get_running_loop().create_future()
+        self._pending[seq] = fut
+        try:
+            async with self._write_lock:
+                for msg in frame_messages(request, self.transport.chunk_bytes):
+                    await call.write(msg)
+        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as e:
+            self._pending.pop(seq, None)
+            self._broken(call, f"write failed: {type(e).__name__}")
+            raise Unavailable(f"could not send frame {seq}: {e}") from None
+        return fut
+
+    async def prepare(self, header: pb.FrameHeader, timeout: float) -> pb.PrepareResult:
+        """Have the worker load the tail now (unary, with a deadline). Raises EdgesplitError."""
+        await self._ensure_open()
+        try:
+            return await pb_grpc.InferenceStub(self._channel).Prepare(pb.PrepareRequest(header=header), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def probe_rtt(self, timeout: float) -> float:
+        """Seconds of one grpc.health.v1 Health/Check on the channel the frames use (same
+        connection, negligible server work). Never opens a stream: raises Unavailable when none is open."""
+        channel = self._channel
+        if channel is None:
+            raise Unavailable(f"no open channel to {self.address}")
+        return await time_health_check(channel, timeout)
+
+    def abandon(self, seq: int) -> None:
+        self._pending.pop(seq, None)
+
+    async def close(self) -> None:
+        self.closed = True
+        call = self._call
+        if call is not None:
+            try:
+                await asyncio.wait_for(call.done_writing(), 1.0)
+            except Exception:
+                pass
+            call.cancel()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._channel is not None:
+            await self._channel.close(grace=None)
+            self._channel = None

@@ -1,0 +1,196 @@
+"""Header checks for wire tensors, run before anything is allocated or decompressed.
+
+:func:`validate_tensor` looks only at the message's scalar fields, the scale lists and the
+length of ``buffer``: it never touches the payload bytes, so a hostile header (a 1 GiB LZ4
+claim, a shape whose product overflows, mismatched scale lists) costs nothing to refuse.
+Sizes are computed with Python ints, so they cannot overflow.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import torch
+
+from runtime.contracts.errors import InvalidInput, TooLarge
+from runtime.proto.edgesplit.v1 import tensor_pb2
+
+if sys.byteorder != "little":  # the wire is little-endian and the codecs use native views
+    raise ImportError("edgesplit codecs support little-endian hosts only")
+
+DEFAULT_MAX_BYTES = 256 * 2**20
+"""Cap on a decoded tensor and on any decompressed buffer (bytes)."""
+
+MAX_RANK = 8
+MAX_DIM = 2**31
+
+#: dtype name on the wire -> torch dtype. bfloat16 travels as its own 2-byte pattern.
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {k: torch.empty(0, dtype=v).element_size() for k, v in DTYPES.items()}
+
+CODEC_ENUM_NAMES = {
+    tensor_pb2.CODEC_RAW: "CODEC_RAW",
+    tensor_pb2.CODEC_FP16: "CODEC_FP16",
+    tensor_pb2.CODEC_INT8: "CODEC_INT8",
+    tensor_pb2.CODEC_ANS: "CODEC_ANS",
+}
+COMPRESSION_ENUM_NAMES = {
+    tensor_pb2.COMPRESSION_NONE: "COMPRESSION_NONE",
+    tensor_pb2.COMPRESSION_LZ4: "COMPRESSION_LZ4",
+}
+#: bytes per element of the codec output (before compression); None = that of the dtype.
+_WIRE_ITEMSIZE = {tensor_pb2.CODEC_RAW: None, tensor_pb2.CODEC_FP16: 2, tensor_pb2.CODEC_INT8: 1}
+
+
+def ans_bound(n: int) -> int:
+    """Most bytes an ANS stream of ``n`` symbols may take: 24-bit model precision bounds a
+    symbol's cost at 3 bytes, plus the coder's final state (one more word)."""
+    return 3 * n + 8
+
+
+def lz4_bound(n: int) -> int:
+    """LZ4_compressBound: the largest block lz4 can produce from ``n`` input bytes."""
+    return n + n // 255 + 16
+
+
+def numel(shape) -> int:
+    return math.prod(int(d) for d in shape)
+
+
+def channel_count(shape, axis: int) -> int:
+    """Number of quantisation channels: ``shape[axis]``, or 1 for a scalar."""
+    return 1 if len(shape) == 0 else int(shape[axis])
+
+
+def expected_encoded_size(msg: tensor_pb2.Tensor) -> int:
+    """Bytes the codec output must have for this header (assumes codec and dtype are valid).
+    CODEC_ANS has no fixed size: its ``encoded_size`` is checked by :func:`_check_ans`."""
+    if msg.codec == tensor_pb2.CODEC_ANS:
+        return msg.encoded_size
+    item = _WIRE_ITEMSIZE[msg.codec] or ITEMSIZE[msg.dtype]
+    return numel(msg.shape) * item
+
+
+def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    """Check a wire tensor's header; raise :class:`InvalidInput` or :class:`TooLarge`.
+
+    Works on a complete message and on the first chunk of a chunked one (``chunks > 1``:
+    ``buffer`` may then hold any prefix of the ``payload_size`` bytes).
+    """
+    if msg.codec not in CODEC_ENUM_NAMES:
+        raise InvalidInput(
+            f"codec={msg.codec} is not supported; allowed: "
+            + ", ".join(f"{n} ({v})" for v, n in CODEC_ENUM_NAMES.items())
+        )
+    if msg.compression not in COMPRESSION_ENUM_NAMES:
+        raise InvalidInput(
+            f"compression={msg.compression} is not supported; allowed: "
+            + ", ".join(f"{n} ({v})" for v, n in COMPRESSION_ENUM_NAMES.items())
+        )
+    if msg.dtype not in DTYPES:
+        raise InvalidInput(f"dtype={msg.dtype!r} is not supported; allowed: {sorted(DTYPES)}")
+    if msg.codec != tensor_pb2.CODEC_RAW and msg.dtype != "float32":
+        raise InvalidInput(
+            f"dtype={msg.dtype!r} with codec={CODEC_ENUM_NAMES[msg.codec]}: "
+            "lossy codecs decode to 'float32' only"
+        )
+    shape = list(msg.shape)
+    if len(shape) > MAX_RANK:
+        raise InvalidInput(f"shape has rank {len(shape)}; allowed rank is 0..{MAX_RANK}")
+    for i, d in enumerate(shape):
+        if d > MAX_DIM:
+            raise InvalidInput(f"shape[{i}]={d} is out of range; allowed 0..{MAX_DIM}")
+    n = numel(shape)
+    decoded = n * ITEMSIZE[msg.dtype]
+    if decoded > max_bytes:
+        raise TooLarge(
+            f"decoded tensor shape={shape} dtype={msg.dtype} is {decoded} bytes; "
+            f"the limit is max_bytes={max_bytes}"
+        )
+    if msg.codec == tensor_pb2.CODEC_ANS:
+        _check_ans(msg, n)
+    expected = expected_encoded_size(msg)
+    if msg.encoded_size != expected:
+        raise InvalidInput(
+            f"encoded_size={msg.encoded_size} does not match shape={shape} with "
+            f"codec={CODEC_ENUM_NAMES[msg.codec]} dtype={msg.dtype}: expected {expected}"
+        )
+    if msg.codec == tensor_pb2.CODEC_INT8:
+        _check_int8(msg, shape)
+    elif len(msg.scale) or len(msg.zero_point):
+        raise InvalidInput(
+            f"scale/zero_point are set ({len(msg.scale)}/{len(msg.zero_point)} values) "
+            "but only CODEC_INT8 uses them"
+        )
+    _check_payload(msg, expected)
+
+
+def _check_ans(msg: tensor_pb2.Tensor, n: int) -> None:
+    if msg.compression != tensor_pb2.COMPRESSION_NONE:
+        raise InvalidInput("CODEC_ANS is already entropy-coded: compression must be COMPRESSION_NONE")
+    bound = ans_bound(n)
+    if msg.encoded_size % 4 or msg.encoded_size > bound or (n and not msg.encoded_size):
+        raise InvalidInput(f"encoded_size={msg.encoded_size} is invalid for CODEC_ANS of shape {list(msg.shape)}: "
+                           f"must be a non-zero multiple of 4 and <= {bound}")
+
+
+def _check_int8(msg: tensor_pb2.Tensor, shape: list[int]) -> None:
+    rank = len(shape)
+    if msg.quant_axis >= max(rank, 1):
+        raise InvalidInput(
+            f"quant_axis={msg.quant_axis} is out of range for rank {rank}; "
+            f"allowed 0..{max(rank, 1) - 1}"
+        )
+    c = channel_count(shape, msg.quant_axis)
+    if len(msg.scale) != c or len(msg.zero_point) != c:
+        raise InvalidInput(
+            f"len(scale)={len(msg.scale)} and len(zero_point)={len(msg.zero_point)} must both "
+            f"equal shape[quant_axis={msg.quant_axis}]={c}"
+        )
+    if c:
+        s = torch.tensor(msg.scale, dtype=torch.float32)
+        bad = ~(torch.isfinite(s) & (s > 0))
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise InvalidInput(f"scale[{i}]={msg.scale[i]} is invalid; must be finite and > 0")
+        z = torch.tensor(msg.zero_point, dtype=torch.float32)
+        bad = ~torch.isfinite(z)
+        if bad.any():
+            i = int(bad.nonzero()[0])
+            raise InvalidInput(f"zero_point[{i}]={msg.zero_point[i]} is invalid; must be finite")
+
+
+def _check_payload(msg: tensor_pb2.Tensor, expected: int) -> None:
+    lz4 = msg.compression == tensor_pb2.COMPRESSION_LZ4
+    bound = lz4_bound(expected) if lz4 else expected
+    what = f"<= {bound} (lz4 bound of encoded_size)" if lz4 else f"== encoded_size={expected}"
+    if msg.chunks <= 1:
+        if msg.payload_size and msg.payload_size != len(msg.buffer):
+            raise InvalidInput(
+                f"payload_size={msg.payload_size} but len(buffer)={len(msg.buffer)} "
+                f"with chunks={msg.chunks}; they must match (or payload_size be 0)"
+            )
+        size = len(msg.buffer)
+        ok = size <= bound if lz4 else size == bound
+        if not ok:
+            raise InvalidInput(f"len(buffer)={size} is invalid; must be {what}")
+        return
+    size = msg.payload_size
+    ok = size <= bound if lz4 else size == bound
+    if not ok:
+        raise InvalidInput(f"payload_size={size} with chunks={msg.chunks} is invalid; must be {what}")
+    if len(msg.buffer) > size:
+        raise InvalidInput(f"len(buffer)={len(msg.buffer)} exceeds payload_size={size}")
