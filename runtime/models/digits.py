@@ -11,7 +11,7 @@ split after every node and spatial feature maps up to pool3. The global pool mak
 size work (the weights were trained at 28x28).
 
 Input follows the registry's convention: an RGB image (a grey digit repeated in the three
-channels) through :func:`runtime.models.registry.preprocess`, normalised with MNIST's mean and
+channels) through :func:`runtime.models.spec.preprocess`, normalised with MNIST's mean and
 std over [0, 255] pixels. The weights (``data/digits_cnn.safetensors``, read with safetensors,
 never pickle) are made by ``python -m runtime.tools.train_digits``; ``data/digits_cnn.json``
 records the data split, the settings and the held-out accuracy.
@@ -138,7 +138,7 @@ def to_inputs(spec, images: np.ndarray) -> torch.Tensor:
     """Grey uint8 digits ``(n, h, w)`` as model inputs ``(n, 3, H, W)``, through ``preprocess``."""
     from PIL import Image
 
-    from runtime.models.registry import preprocess
+    from runtime.models.spec import preprocess
 
     if len(images) == 0:
         return torch.empty((0, 3, *spec.input_size))

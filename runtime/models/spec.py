@@ -1,0 +1,78 @@
+"""A model's spec and the image preprocessing that feeds it: shared by the registry and the
+bundled models that need it (:mod:`runtime.models.digits`), so imports go one way
+(registry -> digits -> spec, registry -> spec). :mod:`runtime.models.registry` re-exports all of it.
+
+Normalisation convention: ``mean``/``std`` apply to pixel values in [0, 255]:
+``(x - mean) / std``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.contracts.errors import InvalidInput
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model and feed it images."""
+
+    name: str                          # id used on the wire, e.g. "vgg16" or "mynet:build"
+    factory: Callable[[], nn.Module]   # builds the model with its weights; deterministic
+    input_size: tuple[int, int]        # (H, W) the model expects
+    mean: tuple[float, float, float]   # per-channel normalisation of [0, 255] pixels: (x - mean) / std
+    std: tuple[float, float, float]
+    labels: tuple[str, ...] | None     # class names, or None
+    weights: str                       # human description of the weights
+    description: str = ""
+
+
+def load_image(data: bytes | Path):
+    """Decode a PNG/JPEG from bytes or a path to an RGB PIL image; InvalidInput when it is not one."""
+    import io
+
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
+        img.load()
+    except Exception as e:
+        raise InvalidInput(f"could not decode the image ({type(e).__name__}: {e}); send a PNG or JPEG") from e
+    return img.convert("RGB")
+
+
+def preprocess(spec: ModelSpec, image) -> torch.Tensor:
+    """A PIL image as the model's input: float32 tensor of shape (1, 3, H, W).
+
+    RGB conversion; bilinear resize so the short side is ``round(H * 256 / 224)``; centre crop
+    to ``spec.input_size``; ``(pixel - mean) / std`` with pixels in [0, 255].
+    """
+    from PIL import Image
+
+    h, w = spec.input_size
+    img = image.convert("RGB")
+    short = round(h * 256 / 224)
+    iw, ih = img.size
+    if iw <= ih:
+        nw, nh = short, max(1, round(ih * short / iw))
+    else:
+        nw, nh = max(1, round(iw * short / ih)), short
+    if (nw, nh) != (iw, ih):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    # Centre crop (pad with black if the crop is larger than the image, as torchvision does).
+    left = int(round((nw - w) / 2.0))
+    top = int(round((nh - h) / 2.0))
+    img = img.crop((left, top, left + w, top + h))
+    data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    x = data.reshape(h, w, 3).permute(2, 0, 1).to(torch.float32)
+    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+    return ((x - mean) / std).unsqueeze(0).contiguous()
