@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from runtime.agent.client import Agent
+
+from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.sources import open_source
 from runtime.wire.codec import get_codec
 from runtime.models.loader import load_model
@@ -51,8 +53,8 @@ def test_worker_stopping_with_frames_in_flight(loaded, frames):
 
     async def scenario():
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_queue=64))
-        agent = Agent(loaded, loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}",
-                      deadline_seconds=30, reconnect=60)
+        agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}"),
+                      AgentOptions(deadline_seconds=30, reconnect=60))
         await agent.start()
         stopped = asyncio.Event()
 
@@ -93,8 +95,8 @@ def test_missed_deadline_runs_locally_and_late_results_are_dropped(loaded, frame
 
     async def scenario():
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_queue=64))
-        agent = Agent(loaded, loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}",
-                      deadline_seconds=0.001)
+        agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}"),
+                      AgentOptions(deadline_seconds=0.001))
         await agent.start()
         try:
             results = await _run_all(agent, frames[:4])
@@ -120,7 +122,7 @@ def test_missed_deadline_runs_locally_and_late_results_are_dropped(loaded, frame
 @pytest.mark.timeout(60)
 def test_no_worker_configured_runs_everything_locally(loaded, frames):
     async def scenario():
-        agent = Agent(loaded, loaded.split(SPLIT), get_codec("int8+lz4"))
+        agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("int8+lz4")))
         await agent.start()
         try:
             return await _run_all(agent, frames[:2])

@@ -17,6 +17,7 @@ import torch
 from conftest import REPO, TINY_NET, free_port
 from runtime.contracts.profile import Block, Profile
 from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.planner_link import PlannerLink
 from runtime.agent.sources import open_source
 from runtime.wire.codec import get_codec
@@ -138,10 +139,10 @@ class Pump:
             _check_output(r, expected[k])
 
 
-def _agent(loaded, worker: str, **kw) -> Agent:
+def _agent(loaded, worker: str, plan_version: int = 0, **kw) -> Agent:
     kw.setdefault("deadline_seconds", 30)
-    return Agent(loaded, loaded.split(kw.pop("split", "stem")), get_codec(kw.pop("codec", "raw")), worker=worker,
-                 connect_timeout=1.0, **kw)
+    return Agent(loaded, InitialPlan(loaded.split(kw.pop("split", "stem")), get_codec(kw.pop("codec", "raw")), worker=worker,
+                                     version=plan_version), AgentOptions(connect_timeout=1.0, **kw))
 
 
 # -- (a) switching at frame boundaries ---------------------------------------------------------

@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from runtime.agent.client import Agent
+
+from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.wire.chain import Hop
 from runtime.wire.codec import get_codec
 from runtime.contracts.errors import InvalidInput, NotFound, PermissionDenied
@@ -105,7 +107,8 @@ def tiers(aio, refusing_address):
 
 
 async def run_agent(loaded, worker: str, images, codec="raw", **kw):
-    agent = Agent(loaded, loaded.split(SPLIT), get_codec(codec), worker=worker, deadline_seconds=60.0, **kw)
+    agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec(codec), worker=worker, **kw),
+                  AgentOptions(deadline_seconds=60.0))
     try:
         await agent.start()
         return await asyncio.gather(*(agent.infer(x) for x in images))
@@ -222,7 +225,7 @@ def test_forward_to_an_address_not_allowed_is_refused(aio, tiers, loaded, images
                                                                     timeout=RPC_TIMEOUT))
             assert err.code() == grpc.StatusCode.FAILED_PRECONDITION and "--next-tier" in err.details()
         # on the agent: a plan naming that hop is refused; frames sent that way run locally
-        agent = Agent(loaded, loaded.split(SPLIT), get_codec("raw"), worker=addr(edge), deadline_seconds=60.0)
+        agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("raw"), worker=addr(edge)), AgentOptions(deadline_seconds=60.0))
         try:
             await agent.start()
             with pytest.raises(PermissionDenied, match="plan v1 refused"):
@@ -267,7 +270,7 @@ def test_mismatched_end_split_is_refused(aio, tiers, loaded, images, end_split, 
     assert results[2].code == 0 and len(results[2].hops) == 1 and results[2].hops[0].split_id == END
     # the agent refuses such a route before sending anything
     with pytest.raises(InvalidInput if code == grpc.StatusCode.INVALID_ARGUMENT else NotFound, match=phrase):
-        Agent(loaded, loaded.split(SPLIT), get_codec("raw"), worker=addr(tiers["edge"]), end_split=end_split)
+        Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("raw"), worker=addr(tiers["edge"]), end_split=end_split))
 
 
 def test_hops_without_an_end_split_are_invalid(aio, tiers, loaded):

@@ -185,13 +185,14 @@ def _through_worker(r18, art, tls, xs, **agent_kw):
     """Frames ``xs`` from an Agent with codec ans and TL ``art`` through a worker holding ``tls``, on
     loopback; returns (results, the agent's refined-frames count)."""
     from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
 
     async def scenario():
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=tuple(tls)))
-        agent = Agent(r18, art.split, get_codec("ans", model=art.tl.entropy_model), worker=f"127.0.0.1:{ws.port}",
-                      deadline_seconds=30.0, tl=art, **agent_kw)
+        agent = Agent(r18, InitialPlan(art.split, get_codec("ans", model=art.tl.entropy_model),
+                                       worker=f"127.0.0.1:{ws.port}", tl=art), AgentOptions(deadline_seconds=30.0, **agent_kw))
         try:
             await agent.start()
             return [await agent.infer(x) for x in xs], agent.metrics.refined._value.get()
@@ -294,6 +295,7 @@ def test_refine_margin_reruns_ambiguous_edge_results_on_the_board(r18, transform
     """Results too close to call are replaced by the board's exact tail: margin 1 refines every
     frame (outputs equal the unsplit model exactly), margin 0 none."""
     from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
 
     _, _, path = transform_art
     art = load_tl(path, loaded=r18)
@@ -309,7 +311,7 @@ def test_refine_margin_reruns_ambiguous_edge_results_on_the_board(r18, transform
         assert torch.equal(r.output, y)  # the board's exact tail on the raw head output
         assert not rn.refined and rn.wire_bytes == r.wire_bytes  # same bytes on the wire either way
     with pytest.raises(InvalidInput, match="refine_margin"):
-        Agent(r18, art.split, get_codec("raw"), refine_margin=1.5)
+        Agent(r18, InitialPlan(art.split, get_codec("raw")), AgentOptions(refine_margin=1.5))
 
 
 def test_refine_figures():

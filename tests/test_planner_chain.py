@@ -31,6 +31,7 @@ from runtime.contracts.profile import Block, Profile
 from planner.server import serve as serve_planner
 from planner.store import AgentRecord, Store, WorkerRecord
 from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.planner_link import PlannerLink
 from runtime.agent.sources import open_source
 from runtime.wire.codec import get_codec
@@ -308,7 +309,7 @@ def test_agent_refuses_a_route_it_cannot_apply_and_keeps_its_plan(loaded):
     device = tiny_profile(loaded, "device", "board")
 
     async def scenario():
-        agent = Agent(loaded, loaded.split("output"), get_codec("raw"), agent_id="a1")
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), AgentOptions(agent_id="a1"))
         link = PlannerLink(agent, "127.0.0.1:1", device, "a1")
         stub = _Stub()
         try:
@@ -380,8 +381,8 @@ def test_agent_runs_the_chain_the_planner_pushes(loaded, tmp_path):
         cloud_addr = f"127.0.0.1:{cloud.port}"
         edge = await serve_worker(WorkerConfig(worker_id=EDGE, tier="edge", profiles=(str(paths["edge"]),),
                                                next_tiers=(cloud_addr,), **common))
-        agent = Agent(loaded, loaded.split("output"), get_codec("raw"), agent_id="board-1", deadline_seconds=30.0,
-                      connect_timeout=2.0)
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
+                      AgentOptions(agent_id="board-1", deadline_seconds=30.0, connect_timeout=2.0))
         link = PlannerLink(agent, planner, tiny_profile(loaded, "device", "board"), "board-1", constraints=constraints,
                            telemetry_interval_seconds=0.2, rpc_timeout=5.0, connect_timeout=2.0, backoff_initial=0.1,
                            backoff_max=0.5)

@@ -33,6 +33,7 @@ from planner.config import PlannerConfig
 from runtime.contracts.profile import Block, Profile
 from planner.server import serve as serve_planner
 from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.planner_link import PlannerLink
 from runtime.agent.sources import open_source
 from runtime.wire.codec import get_codec
@@ -96,8 +97,8 @@ def make_profile(loaded, role: str, machine: str) -> Profile:
 
 def make_agent(loaded) -> Agent:
     # Starts local with no worker: the worker's address comes from the planner's plan.
-    return Agent(loaded, loaded.split("output"), get_codec("raw"), agent_id=AGENT, deadline_seconds=30.0,
-                 connect_timeout=2.0)
+    return Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
+                 AgentOptions(agent_id=AGENT, deadline_seconds=30.0, connect_timeout=2.0))
 
 
 def make_link(agent, loaded, planner: str) -> PlannerLink:

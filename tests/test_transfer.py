@@ -292,13 +292,14 @@ def artifact_224(full_r18, tmp_path_factory):
 
 async def _serve_and_run(loaded, tls, tl_art, xs):
     from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
     from runtime.wire.codec import get_codec
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
 
     ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, tls=tuple(tls)))
-    agent = Agent(loaded, tl_art.split, get_codec("int8+lz4"), worker=f"127.0.0.1:{ws.port}",
-                  deadline_seconds=30.0, tl=tl_art)
+    agent = Agent(loaded, InitialPlan(tl_art.split, get_codec("int8+lz4"), worker=f"127.0.0.1:{ws.port}", tl=tl_art),
+                  AgentOptions(deadline_seconds=30.0))
     try:
         await agent.start()
         return [await agent.infer(x) for x in xs]

@@ -9,24 +9,31 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import grpc
 import torch
 
-from runtime.wire.chain import Hop, check_route
-from runtime.wire.codec import Codec, decode_tensor, get_codec
-from runtime.contracts.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, InvalidInput, PreconditionFailed,
-                            Unavailable)
+from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.metrics import STAGES, AgentMetrics
+from runtime.agent.telemetry import LinkEstimator
+from runtime.contracts.errors import (
+    CODES_BY_NUMBER,
+    DeadlineExceeded,
+    EdgesplitError,
+    InvalidInput,
+    PreconditionFailed,
+    Unavailable,
+)
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT, SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.wire.chain import Hop, check_route
+from runtime.wire.codec import Codec, decode_tensor, get_codec
 from runtime.wire.stream import EdgeStream
-from runtime.wire.transport import TransportOptions
-from runtime.agent.metrics import STAGES, AgentMetrics
-from runtime.agent.telemetry import LinkEstimator
 
 if TYPE_CHECKING:
     from runtime.transfer.artifact import LoadedTL
@@ -125,28 +132,22 @@ class Agent:
     frame still gets exactly one result.
     """
 
-    def __init__(self, loaded: LoadedModel, split: SplitPoint, codec: Codec, *, worker: str = "",
-                 agent_id: str = "", transport: TransportOptions | None = None,
-                 deadline_seconds: float = 2.0, connect_timeout: float = 2.0, reconnect: float = 1.0,
-                 metrics: AgentMetrics | None = None, plan_version: int = 0, tl=None, tl_dir: str = "",
-                 prepare_timeout: float = 60.0, end_split: str = "", next_hops: Sequence[Hop | str] = (),
-                 refine_margin: float = 0.0):
+    def __init__(self, loaded: LoadedModel, plan: InitialPlan, options: AgentOptions | None = None,
+                 metrics: AgentMetrics | None = None):
+        options = options or AgentOptions()
+        split, codec, worker, tl = plan.split, plan.codec, plan.worker, plan.tl
         self.loaded = loaded
-        self.agent_id = agent_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.deadline_seconds = deadline_seconds
-        self.connect_timeout = connect_timeout
-        self.reconnect = reconnect
-        self.prepare_timeout = prepare_timeout  # how long apply_plan waits for the worker's Prepare
-        if not 0.0 <= refine_margin <= 1.0:
-            raise InvalidInput(f"refine_margin must be in [0, 1] (a softmax probability margin), got {refine_margin}")
-        # An edge result whose top-1 softmax margin (p1 - p2) is below this is an ambiguous frame, where
-        # a lossy codec or TL is most likely to have flipped the class: the board runs its tail again
-        # on the exact head output and that result is used (0: never).
-        self.refine_margin = refine_margin
+        self.options = options
+        self.agent_id = options.agent_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.deadline_seconds = options.deadline_seconds
+        self.connect_timeout = options.connect_timeout
+        self.reconnect = options.reconnect
+        self.prepare_timeout = options.prepare_timeout
+        self.refine_margin = options.refine_margin  # checked in [0, 1] by AgentOptions
         self.worker_address = worker  # the configured worker: used by plans that name none
-        self.tl_dir = tl_dir  # where Transfer Layer ids in plans are resolved
+        self.tl_dir = options.tl_dir
         self.metrics = metrics or AgentMetrics()
-        self.transport = transport or TransportOptions()
+        self.transport = options.transport
         self.link = LinkEstimator(self.metrics)
         # One thread: the board's compute (head, encode, local tail) runs one frame at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="board")
@@ -156,11 +157,11 @@ class Agent:
             raise InvalidInput(f"Transfer Layer {tl.tl_id} is for {tl.model.name}@{tl.split.name}, "
                                f"not {loaded.name}@{split.name}")
         stream = self._new_stream(worker) if worker and split.name != OUTPUT else None
-        end, hops = self._check_route(split, end_split, next_hops, stream is not None)
+        end, hops = self._check_route(split, plan.end_split, plan.next_hops, stream is not None)
         self._streams: dict[str, EdgeStream] = {worker: stream} if stream is not None else {}
-        self.active = ActivePlan(plan_version, split, codec, loaded.head(split.name), loaded.tail(split.name), tl,
+        self.active = ActivePlan(plan.version, split, codec, loaded.head(split.name), loaded.tail(split.name), tl,
                                  stream, end, hops)
-        self.metrics.plan_version.set(plan_version)
+        self.metrics.plan_version.set(plan.version)
         self._plan_lock = asyncio.Lock()  # one apply_plan at a time
         self._retiring: set[asyncio.Task] = set()
         self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)

@@ -2,16 +2,57 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from runtime.wire.codec import get_codec
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
+from runtime.wire.chain import Hop
+from runtime.wire.codec import Codec, get_codec
 from runtime.wire.transport import TransportOptions
+
+if TYPE_CHECKING:
+    from runtime.models.slicing import SplitPoint
+    from runtime.transfer.artifact import LoadedTL
 
 
 _TEXT_CONSTRAINTS = ("pin_blocks", "pin_layers", "forbid_blocks", "max_tier_seconds", "max_tier_share",
                      "max_link_upload_bytes", "max_memory_bytes")  # KEY=VALUE settings, read by runtime.contracts.constraints
+
+
+@dataclass(frozen=True)
+class InitialPlan:
+    """What the agent is told to run until a plan replaces it (``Agent.apply_plan``)."""
+
+    split: SplitPoint  # where the model is cut: the board runs the head, the worker the tail
+    codec: Codec  # wire codec of the head's (or the TL encoder's) output
+    worker: str = ""  # edge worker address HOST:PORT; "" runs every frame on the board
+    tl: LoadedTL | None = None  # Transfer Layer whose encoder runs after the head (must match model and split)
+    version: int = 0  # plan version reported in results and headers; a plan must be newer to replace it
+    end_split: str = ""  # where the worker's slice ends (runtime.wire.chain); "" = the worker runs the whole tail
+    next_hops: tuple[Hop | str, ...] = ()  # tiers after the worker, in order, as Hop or "ADDRESS[@END_SPLIT]"
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How the agent behaves, whatever plan it runs."""
+
+    agent_id: str = ""  # stable id of this device; "" = hostname-pid
+    transport: TransportOptions = dataclasses.field(default_factory=TransportOptions)  # gRPC limits, chunking
+    deadline_seconds: float = 2.0  # a frame without an edge result after this long runs locally
+    connect_timeout: float = 2.0  # how long to wait for the worker when opening a stream
+    reconnect: float = 1.0  # first back-off before reopening a failed stream
+    prepare_timeout: float = 60.0  # how long apply_plan waits for the worker's Prepare
+    # An edge result whose top-1 softmax margin (p1 - p2) is below this is an ambiguous frame, where
+    # a lossy codec or TL is most likely to have flipped the class: the board runs its tail again
+    # on the exact head output and that result is used (0: never).
+    refine_margin: float = 0.0
+    tl_dir: str = ""  # where Transfer Layer ids in plans (or --tl) are resolved
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.refine_margin <= 1.0:
+            raise InvalidInput(f"refine_margin must be in [0, 1] (a softmax probability margin), got {self.refine_margin}")
 
 
 @dataclass(frozen=True)
@@ -96,3 +137,8 @@ class AgentConfig:
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes)
+
+    def agent_options(self) -> AgentOptions:
+        return AgentOptions(agent_id=self.agent_id, transport=self.transport(), deadline_seconds=self.deadline_seconds,
+                            connect_timeout=self.connect_timeout_seconds, reconnect=self.reconnect_seconds,
+                            refine_margin=self.refine_margin, tl_dir=self.tl_dir)

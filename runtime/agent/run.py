@@ -7,20 +7,21 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
-from typing import IO, Callable
+from typing import IO
 
 from runtime.agent.client import Agent, FrameResult
-from runtime.agent.config import AgentConfig
+from runtime.agent.config import AgentConfig, InitialPlan
 from runtime.agent.local_api import serve_local_api
 from runtime.agent.metrics import AgentMetrics
 from runtime.agent.sources import open_source
 from runtime.agent.summary import summarize
-from runtime.wire.chain import Hop
-from runtime.wire.codec import get_codec
 from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import INPUT, OUTPUT, SplitPoint
+from runtime.wire.chain import Hop
+from runtime.wire.codec import get_codec
 
 logger = logging.getLogger(__name__)
 
@@ -69,10 +70,8 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     codec = get_codec(config.codec, model=tl.tl.entropy_model if tl is not None else None)
     metrics = AgentMetrics()
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
-    agent = Agent(loaded, split, codec, worker=config.worker, agent_id=config.agent_id, transport=config.transport(),
-                  deadline_seconds=config.deadline_seconds, refine_margin=config.refine_margin, connect_timeout=config.connect_timeout_seconds,
-                  reconnect=config.reconnect_seconds, metrics=metrics, tl=tl, tl_dir=config.tl_dir,
-                  end_split=config.end_split, next_hops=next_hops(config))
+    plan = InitialPlan(split, codec, worker=config.worker, tl=tl, end_split=config.end_split, next_hops=next_hops(config))
+    agent = Agent(loaded, plan, config.agent_options(), metrics)
     link = None
     if config.planner:
         from runtime.agent.planner_link import PlannerLink

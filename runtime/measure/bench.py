@@ -18,12 +18,13 @@ import time
 import torch
 
 from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.run import choose_split
-from runtime.agent.summary import runtime_overhead
 from runtime.agent.sources import open_source
-from runtime.wire.codec import codec_names, get_codec
+from runtime.agent.summary import runtime_overhead
 from runtime.contracts.errors import InvalidInput
 from runtime.models.loader import load_model
+from runtime.wire.codec import codec_names, get_codec
 from runtime.worker.process import spawn_worker
 
 
@@ -33,7 +34,8 @@ def _median(values):
 
 async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=None):
     model = tl.tl.entropy_model if tl is not None else None
-    agent = Agent(loaded, split, get_codec(codec, model=model), worker=address, deadline_seconds=30.0, tl=tl)
+    plan = InitialPlan(split, get_codec(codec, model=model), worker=address, tl=tl)
+    agent = Agent(loaded, plan, AgentOptions(deadline_seconds=30.0))
     await agent.start()
     inputs = [f.tensor for f in open_source(loaded.spec, "synthetic", 8)]
     results = []

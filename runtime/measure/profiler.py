@@ -26,15 +26,15 @@ import math
 import socket
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
-from typing import Callable, Sequence
 
 import torch
 
-from runtime.contracts.profile import ROLES, Block, Profile, Transfer
-from runtime.wire.codec import get_codec
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import ROLES, Block, Profile, Transfer
 from runtime.models.loader import LoadedModel, load_model
+from runtime.wire.codec import get_codec
 
 logger = logging.getLogger(__name__)
 
