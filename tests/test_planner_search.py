@@ -14,7 +14,7 @@ import pytest
 from runtime.contracts.costmodel import Constraints, Link, Network, Tier, pin_layers
 from planner.peers import import_network, import_profiles, load_network, network_to_json
 from runtime.contracts.profile import Block, Profile, Transfer
-from planner import search as search_mod
+from planner import evaluate as evaluate_mod
 from planner.search import search
 from runtime.contracts.errors import InvalidInput
 
@@ -343,9 +343,9 @@ def test_throughput_with_transfer_choice_matches_brute_force(seed):
         else _coupled_caps(rng, tiers)
     include_return, top = bool(seed % 2), rng.choice((1, 3, 5))
     want = _brute(tiers, net, cons, "throughput", include_return)
-    for share in (0.0, search_mod.SPARSE_SHARE, math.inf):
+    for share in (0.0, evaluate_mod.SPARSE_SHARE, math.inf):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(search_mod, "SPARSE_SHARE", share)
+            mp.setattr(evaluate_mod, "SPARSE_SHARE", share)
             ranked = search(tiers, net, cons, objective="throughput", top_n=top, include_return=include_return)
         assert [round(_slowest(c), 9) for c in ranked] == [round(v, 9) for v in want[:top]], share
         assert all(_honours_caps(c, cons) for c in ranked)

@@ -1,0 +1,68 @@
+"""Bounded caches with an owner: the planner's only memory between searches.
+
+:class:`LRU` is a small least-recently-used map. :class:`IdentityMemo` keeps values derived from
+objects (a profile's transfer table, a profile limited to some transfers) keyed by those objects'
+identity: an entry holds its inputs alive, so their ids cannot be reused while it lives, and a
+hit is checked by identity too. Whoever owns one decides its size and its lifetime (the
+re-planner holds the search's; a one-off search makes its own and drops it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from typing import Generic, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class LRU(Generic[K, V]):
+    """A map of at most ``size`` entries; putting one more evicts the least recently used."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"an LRU holds at least one entry, not {size}")
+        self.size = size
+        self._data: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class IdentityMemo:
+    """Values made from some input objects, remembered per (kind, identity of each input)."""
+
+    def __init__(self, size: int) -> None:
+        self._lru: LRU[tuple, tuple[tuple[object, ...], object]] = LRU(size)
+
+    def get(self, kind: Hashable, inputs: tuple[object, ...], make: Callable[[], V]) -> V:
+        """The value ``make()`` gave for ``inputs`` (the same objects) under ``kind``, made now if none is held."""
+        key = (kind, *map(id, inputs))
+        hit = self._lru.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], inputs, strict=True)):
+            return hit[1]  # type: ignore[return-value]
+        out = make()
+        self._lru.put(key, (inputs, out))
+        return out
+
+    def clear(self) -> None:
+        self._lru.clear()
+
+    def __len__(self) -> int:
+        return len(self._lru)

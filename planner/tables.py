@@ -1,0 +1,178 @@
+"""The search's arrays: a profile's transfers as a table, and the cost of each cut of one link.
+
+A :class:`Table` is built once per profile object and kept in the caller's :class:`SearchCache`
+(live re-planning reuses it while only the network changes); :func:`link_cost` turns two tables
+and a link into per-cut vectors, with each cut's cheapest allowed transfer chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from planner.cache import LRU, IdentityMemo
+from runtime.contracts.costmodel import Constraints, Network
+from runtime.contracts.profile import Profile, Transfer
+
+TABLES = 256  # transfer tables a SearchCache keeps (one per profile object)
+TRIANGLES = 4  # order masks a SearchCache keeps (one per grid size)
+
+
+@dataclass
+class Table:
+    """A profile's transfers as arrays: row a = the tensor after a blocks, column = option slot."""
+
+    names: list[tuple[str, ...]]  # per row, the transfer names in slot order
+    options: list[tuple[Transfer, ...]]  # per row, the transfers in slot order
+    nbytes: np.ndarray  # (n+1, K), inf where a row has fewer options
+    encode: np.ndarray  # (n+1, K) encode seconds
+    decode: np.ndarray  # (n+1, K) decode seconds
+    fidelity: np.ndarray  # nan = not measured
+    is_tl: np.ndarray  # (n+1, K) whether the option runs a Transfer Layer
+    seconds: np.ndarray  # prefix sums of block times, length n+1
+    params: np.ndarray  # prefix sums of param_bytes
+
+
+def prefix(p: Profile, attr: str = "seconds") -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum([getattr(b, attr) for b in p.blocks], dtype=np.float64)])
+
+
+def build_table(p: Profile) -> Table:
+    options = [p.transfers_after(a) for a in range(p.n_blocks + 1)]
+    width = max(len(o) for o in options)
+    missing = (np.inf, 0.0, 0.0, np.nan, 0.0)
+    cells = np.array([[(t.bytes, t.encode_seconds, t.decode_seconds,
+                        np.nan if t.fidelity is None else t.fidelity, 1.0 if t.tl_id else 0.0) for t in o]
+                      + [missing] * (width - len(o)) for o in options], dtype=np.float64)
+    nbytes, enc, dec, fid = cells[..., 0], cells[..., 1], cells[..., 2], cells[..., 3]
+    tl = cells[..., 4] > 0
+    return Table([tuple(t.name for t in o) for o in options], options, nbytes, enc, dec, fid, tl,
+                 prefix(p, "seconds"), prefix(p, "param_bytes"))
+
+
+def _triangle(size: int) -> np.ndarray:
+    tri = np.full((size, size), np.inf)  # 0 where a < b, inf elsewhere
+    tri[np.triu_indices(size, 1)] = 0.0
+    return tri
+
+
+@dataclass
+class SearchCache:
+    """What searches may reuse: transfer tables per profile object and order masks per grid size.
+    Owned by whoever runs the searches (the re-planner keeps one; a one-off search makes its own)."""
+
+    tables: IdentityMemo = field(default_factory=lambda: IdentityMemo(TABLES))  # Profile -> Table
+    triangles: LRU[int, np.ndarray] = field(default_factory=lambda: LRU(TRIANGLES))  # size -> order mask
+
+    def table(self, p: Profile) -> Table:
+        return self.tables.get("table", (p,), lambda: build_table(p))
+
+    def triangle(self, size: int) -> np.ndarray:
+        """(size, size): 0 where a < b, inf elsewhere."""
+        tri = self.triangles.get(size)
+        if tri is None:
+            tri = _triangle(size)
+            self.triangles.put(size, tri)
+        return tri
+
+
+@dataclass
+class LinkCost:
+    """Per cut a in 0..n: the chosen transfer and its parts (inf where no transfer is allowed).
+
+    ``choice``/``encode``/``xfer``/``decode`` are the per-cut cheapest allowed option; the ``*_all``
+    matrices (n+1, K) hold every option slot (``xfer_all`` is inf where the option is not allowed)."""
+
+    choice: np.ndarray  # index into options[a], -1 = none
+    encode: np.ndarray  # encode seconds of the choice
+    rtt: float  # the link's round trip
+    xfer: np.ndarray  # transfer seconds of the choice
+    decode: np.ndarray  # decode seconds of the choice
+    ret: np.ndarray  # seconds to send the result back
+    options: list[tuple[Transfer, ...]]  # the sender's transfers per cut
+    enc_all: np.ndarray  # encode seconds per option slot
+    xfer_all: np.ndarray  # transfer seconds per option slot, inf where not allowed
+    dec_all: np.ndarray  # decode seconds per option slot
+
+    @property
+    def total(self) -> np.ndarray:
+        return self.encode + self.rtt + self.xfer + self.decode + self.ret
+
+    @property
+    def multi(self) -> bool:
+        """Some cut has more than one allowed transfer."""
+        return bool((np.isfinite(self.xfer_all).sum(axis=1) > 1).any())
+
+    @cached_property
+    def floors(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per cut, the least encode, transfer and decode over its allowed options (inf where none)."""
+        ok = np.isfinite(self.xfer_all)
+        return (np.where(ok, self.enc_all, np.inf).min(axis=1), self.xfer_all.min(axis=1),
+                np.where(ok, self.dec_all, np.inf).min(axis=1))
+
+    def columns(self, expand: bool) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+        """(encode, xfer, decode, slot per cut) vectors: the cheapest option only, or every option slot."""
+        if not (expand and self.multi):
+            return [(self.encode, self.xfer, self.decode, self.choice)]
+        rows = self.xfer_all.shape[0]
+        return [(self.enc_all[:, s], self.xfer_all[:, s], self.dec_all[:, s], np.full(rows, s))
+                for s in range(self.xfer_all.shape[1]) if np.isfinite(self.xfer_all[:, s]).any()]
+
+
+def receiver_decode(sender: Table, receiver: Table) -> np.ndarray:
+    """The receiver's measured decode time per option; the sender's figure where it has none."""
+    if sender.names == receiver.names:
+        return receiver.decode
+    dec = sender.decode.copy()
+    for a, names in enumerate(sender.names):
+        theirs = dict(zip(receiver.names[a], receiver.decode[a], strict=False)) if a < len(receiver.names) else {}
+        for i, name in enumerate(names):
+            if name in theirs:
+                dec[a, i] = theirs[name]
+    return dec
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """One cut's link as the search sees it: who sends, who receives, and the caps that touch only it."""
+
+    sender: Profile  # runs the blocks before the cut
+    receiver: Profile  # runs the blocks after it
+    src_tier: str  # the sender's tier name
+    dst_tier: str  # the receiver's tier name
+    result_bytes: int  # the model's output, returned over this link when include_return
+    sender_cap: float | None = None  # time cap of a sender that runs blocks [0, a) (the device)
+    receiver_cap: float | None = None  # time cap of a receiver that runs [a, n) (the last tier)
+
+
+def link_cost(spec: LinkSpec, network: Network, constraints: Constraints, include_return: bool,
+              cache: SearchCache) -> LinkCost:
+    """Per cut, the cheapest transfer that passes the constraints involving this cut's transfer alone."""
+    sender, receiver = spec.sender, spec.receiver
+    n = sender.n_blocks
+    link = network.link(sender.machine, receiver.machine, spec.src_tier, spec.dst_tier)
+    bw = link.bandwidth_bytes_per_second
+    st, rt = cache.table(sender), cache.table(receiver)
+    dec = receiver_decode(st, rt)
+    xfer = st.nbytes / bw
+    allowed = np.isfinite(st.nbytes)
+    cap = constraints.max_upload_bytes.get(spec.src_tier)
+    if cap is not None:
+        allowed &= st.nbytes <= cap
+    if constraints.min_fidelity > 0:
+        allowed &= ~st.is_tl | (st.fidelity >= constraints.min_fidelity)  # nan (unmeasured) fails
+    if spec.sender_cap is not None:  # same arithmetic as grid.tier_seconds, so the grid agrees
+        allowed &= st.seconds[:, None] + st.encode <= spec.sender_cap
+    if spec.receiver_cap is not None:
+        allowed &= (rt.seconds[n] - rt.seconds)[:, None] + dec <= spec.receiver_cap
+    xfer = np.where(allowed, xfer, np.inf)
+    cost = st.encode + xfer + dec
+    choice = np.argmin(cost, axis=1)
+    rows = np.arange(n + 1)
+    none = ~np.isfinite(cost[rows, choice])
+    pick = lambda m: np.where(none, np.inf, m[rows, choice])  # noqa: E731
+    ret = np.full(n + 1, spec.result_bytes / bw if include_return else 0.0)
+    return LinkCost(np.where(none, -1, choice), pick(st.encode), link.rtt_seconds, pick(xfer), pick(dec), ret,
+                    st.options, st.encode, xfer, dec)
