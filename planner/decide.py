@@ -21,16 +21,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 
+from planner.cache import IdentityMemo
+from planner.search import search
+from planner.store import AgentRecord, LinkRecord, WorkerRecord
+from planner.tables import SearchCache
 from runtime.contracts.constraints import resolve
 from runtime.contracts.costmodel import Configuration, Constraints, Link, Network, Tier
 from runtime.contracts.profile import Profile
-from planner.search import search
-from planner.store import AgentRecord, LinkRecord, WorkerRecord
-from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.contracts.tiers import CLOUD, DEVICE, EDGE
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+PROFILES = 256  # derived profiles a DecisionCache keeps
 
 Route = tuple[tuple[int, str, str, str], ...]  # per later worker: (cut before it, worker id, codec, TL id)
 PlanKey = tuple[str, int, str, str, Route]  # worker id ("" = local), split index, codec, TL id, route
@@ -39,7 +43,7 @@ PlanKey = tuple[str, int, str, str, Route]  # worker id ("" = local), split inde
 def plan_route(plan: pb.Plan) -> Route:
     """The chained part of ``plan`` as a key: () when its worker runs the whole tail."""
     cuts = [plan.end_split_index, *(h.end_split_index for h in plan.next_hops[:-1])]
-    return tuple((cut, h.worker_id, h.codec, h.tl_id) for cut, h in zip(cuts, plan.next_hops))
+    return tuple((cut, h.worker_id, h.codec, h.tl_id) for cut, h in zip(cuts, plan.next_hops, strict=False))
 
 
 def plan_key(plan: pb.Plan) -> PlanKey:
@@ -101,7 +105,7 @@ def incompatibility(agent: AgentRecord, device: Profile, worker_id: str, worker_
     ours = [b.name for b in device.blocks]
     names = [b.name for b in theirs.blocks]
     if names != ours:
-        first = next((i for i, (a, b) in enumerate(zip(ours, names)) if a != b), min(len(ours), len(names)))
+        first = next((i for i, (a, b) in enumerate(zip(ours, names, strict=False)) if a != b), min(len(ours), len(names)))
         return (f"worker {worker_id}'s profile of {agent.model} has {len(names)} blocks and the agent's has "
                 f"{len(ours)}; they first differ at block {first}: profile both with the same edgesplit version")
     if agent.digest and theirs.model_digest and agent.digest != theirs.model_digest:
@@ -137,28 +141,27 @@ def chains(cands: Iterable[Candidate], link: Link) -> list[Chain]:
             for s in cands if s.tier == CLOUD and s.address in f.next_tiers]
 
 
-_MEMO: dict[tuple, tuple[tuple, Profile]] = {}  # derived profiles, kept stable for the search's table cache
+@dataclass
+class DecisionCache:
+    """What decisions reuse: the search's transfer tables, and profiles derived here, kept as the same
+    objects so that those tables are found again. The re-planner owns one; without one a call makes
+    its own."""
+
+    search: SearchCache = field(default_factory=SearchCache)  # transfer tables per profile object
+    profiles: IdentityMemo = field(default_factory=lambda: IdentityMemo(PROFILES))  # derived profiles
 
 
-def _memo(kind: str, inputs: tuple[Profile, ...], make: Callable[[], Profile]) -> Profile:
-    key = (kind, *map(id, inputs))
-    hit = _MEMO.get(key)
-    if hit is not None and all(a is b for a, b in zip(hit[0], inputs)):
-        return hit[1]
-    out = make()
-    if len(_MEMO) > 256:
-        _MEMO.clear()
-    _MEMO[key] = (inputs, out)
-    return out
+def _own(cache: DecisionCache | None) -> DecisionCache:
+    return cache if cache is not None else DecisionCache()
 
 
-def forwarding(worker: Profile) -> Profile:
+def forwarding(worker: Profile, cache: DecisionCache | None = None) -> Profile:
     """``worker``'s profile as a sender to the next tier: its codec transfers only (a forwarding
     worker sends with a codec and drops Transfer Layers; runtime.worker.forward)."""
-    return _memo("forwarding", (worker,), lambda: limit_device(worker, frozenset()))
+    return _own(cache).profiles.get("forwarding", (worker,), lambda: limit_device(worker, frozenset()))
 
 
-def _receiving(device: Profile, worker: Profile) -> Profile:
+def _receiving(device: Profile, worker: Profile, cache: DecisionCache) -> Profile:
     """``device`` with each transfer's decode time as ``worker`` measured it.
 
     In a chained search the edge's profile is :func:`forwarding`'s, which lacks the Transfer
@@ -175,16 +178,18 @@ def _receiving(device: Profile, worker: Profile) -> Profile:
         return dataclasses.replace(device, blocks=blocks,
                                    input_transfers=patch(device.input_transfers, worker.transfers_after(0)))
 
-    if forwarding(worker) is worker:  # nothing removed: the search finds the edge's figures itself
+    if forwarding(worker, cache) is worker:  # nothing removed: the search finds the edge's figures itself
         return device
-    return _memo("receiving", (device, worker), make)
+    return cache.profiles.get("receiving", (device, worker), make)
 
 
-def chain_inputs(chain: Chain, device: Profile, forward: Profile | None = None) -> tuple[list[Tier], Network]:
+def chain_inputs(chain: Chain, device: Profile, forward: Profile | None = None,
+                 cache: DecisionCache | None = None) -> tuple[list[Tier], Network]:
     """The tiers and network of ``chain``'s search (``forward``: the edge's sending profile, default
     :func:`forwarding`'s); both workers are required (fewer tiers are searched elsewhere)."""
-    edge = forward if forward is not None else forwarding(chain.first.profile)
-    dev = _receiving(device, chain.first.profile)
+    cache = _own(cache)
+    edge = forward if forward is not None else forwarding(chain.first.profile, cache)
+    dev = _receiving(device, chain.first.profile, cache)
     tiers = [Tier(DEVICE, (dev,)), Tier(chain.first.tier, (edge,), required=True),
              Tier(chain.second.tier, (chain.second.profile,), required=True)]
     net = Network({(dev.machine, edge.machine): chain.first.link, (edge.machine, chain.second.profile.machine): chain.link})
@@ -231,37 +236,38 @@ def config_key(device: Profile, r: Ranked) -> PlanKey:
     if not r.config.hops:
         return ("", device.n_blocks, "", "", ())
     hop = r.config.hops[0]
-    route = tuple((h.cut, wid, h.transfer.codec, h.transfer.tl_id) for h, (wid, _) in zip(r.config.hops[1:], r.next_hops))
+    route = tuple((h.cut, wid, h.transfer.codec, h.transfer.tl_id) for h, (wid, _) in zip(r.config.hops[1:], r.next_hops, strict=False))
     return (r.worker_id, hop.cut, hop.transfer.codec, hop.transfer.tl_id, route)
 
 
 def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: list[Profile], top_n: int,
-         include_return: bool, exclude: PlanKey | None = None, chained: Iterable[tuple[Chain, Profile]] = ()
-         ) -> tuple[list[Ranked], float]:
+         include_return: bool, exclude: PlanKey | None = None, chained: Iterable[tuple[Chain, Profile]] = (),
+         cache: DecisionCache | None = None) -> tuple[list[Ranked], float]:
     """One search per candidate worker (with ``devices[i]`` for ``cands[i]``), one per chain (with its
     device profile) and one local search, merged best first; returns the ``top_n`` best but
     ``exclude``, and the seconds it took."""
     t0 = time.perf_counter()
+    cache = _own(cache)
     goal = objective(agent)
     cons = search_constraints(agent.constraints, device)
     local = [Tier(DEVICE, (device,))]
-    found = [Ranked(c) for c in search(local, Network({}), cons, goal, 1, include_return)] if _searchable(cons, local) else []
+    found = [Ranked(c) for c in search(local, Network({}), cons, goal, 1, include_return, cache.search)] if _searchable(cons, local) else []
     per_worker = top_n + 1 + (exclude is not None)  # room for the local one and an excluded one
-    for cand, dev in zip(cands, devices):
+    for cand, dev in zip(cands, devices, strict=False):
         net = Network({(dev.machine, cand.profile.machine): cand.link})
         tiers = [Tier(DEVICE, (dev,)), Tier(cand.tier, (cand.profile,))]
         if not _searchable(cons, tiers):  # pins to the other worker tier
             continue
-        for cfg in search(tiers, net, cons, goal, per_worker, include_return):
+        for cfg in search(tiers, net, cons, goal, per_worker, include_return, cache.search):
             if cfg.hops:  # local configurations come from the device-only search above
                 found.append(Ranked(cfg, cand.worker_id, cand.address))
     for chain, dev in chained:
-        tiers, net = chain_inputs(chain, dev)
+        tiers, net = chain_inputs(chain, dev, cache=cache)
         if not _searchable(cons, tiers):
             continue
         nxt = ((chain.second.worker_id, chain.second.address),)
         found.extend(Ranked(cfg, chain.first.worker_id, chain.first.address, nxt)
-                     for cfg in search(tiers, net, cons, goal, per_worker, include_return))
+                     for cfg in search(tiers, net, cons, goal, per_worker, include_return, cache.search))
     found.sort(key=lambda r: (score(r.config, goal), r.config.seconds, len(r.config.hops)))
     if exclude is not None:
         found = [r for r in found if config_key(device, r) != exclude]
@@ -269,7 +275,8 @@ def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: l
 
 
 def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate | None, dev: Profile | None,
-            include_return: bool, chain: Chain | None = None, forward: Profile | None = None) -> Configuration | None:
+            include_return: bool, chain: Chain | None = None, forward: Profile | None = None,
+            cache: DecisionCache | None = None) -> Configuration | None:
     """The predicted configuration of ``plan`` now, None when infeasible.
 
     ``cand`` is the plan's worker as a candidate now (None: not one), ``dev`` the device profile
@@ -279,12 +286,13 @@ def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate 
     goal = objective(agent)
     if plan.model_id != agent.model:
         return None
+    cache = _own(cache)
     if plan.next_hops:
-        return _predict_chain(agent, device, plan, dev, include_return, chain, forward)
+        return _predict_chain(agent, device, plan, dev, include_return, chain, forward, cache)
     if not plan.worker_id:
         tiers = [Tier(DEVICE, (device,))]
         cons = search_constraints(agent.constraints, device)
-        got = search(tiers, Network({}), cons, goal, 1, include_return) if _searchable(cons, tiers) else []
+        got = search(tiers, Network({}), cons, goal, 1, include_return, cache.search) if _searchable(cons, tiers) else []
         return got[0] if got else None
     if cand is None or dev is None or cand.address != plan.worker_address:
         return None
@@ -293,18 +301,20 @@ def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate 
     if cons is None:  # the agent's pins put a block elsewhere
         return None
     net = Network({(dev.machine, cand.profile.machine): cand.link})
-    got = search([Tier(DEVICE, (dev,)), Tier(cand.tier, (cand.profile,))], net, cons, goal, 1, include_return)
+    got = search([Tier(DEVICE, (dev,)), Tier(cand.tier, (cand.profile,))], net, cons, goal, 1, include_return,
+                 cache.search)
     return got[0] if got and got[0].hops else None
 
 
-def forwarding_at(worker: Profile, cut: int, codec: str) -> Profile | None:
+def forwarding_at(worker: Profile, cut: int, codec: str, cache: DecisionCache | None = None) -> Profile | None:
     """:func:`forwarding`'s profile limited to one codec at one cut (None: it has no such transfer)."""
-    return _memo(f"forwarding@{cut}:{codec}", (worker,),
-                 lambda: limit_device(forwarding(worker), frozenset(), (cut, codec, "")))
+    cache = _own(cache)
+    return cache.profiles.get(f"forwarding@{cut}:{codec}", (worker,),
+                              lambda: limit_device(forwarding(worker, cache), frozenset(), (cut, codec, "")))
 
 
 def _predict_chain(agent: AgentRecord, device: Profile, plan: pb.Plan, dev: Profile | None, include_return: bool,
-                   chain: Chain | None, forward: Profile | None) -> Configuration | None:
+                   chain: Chain | None, forward: Profile | None, cache: DecisionCache) -> Configuration | None:
     hop = plan.next_hops[0]
     if (chain is None or dev is None or forward is None or len(plan.next_hops) != 1 or hop.tl_id
             or chain.first.address != plan.worker_address or chain.second.address != hop.address
@@ -316,8 +326,8 @@ def _predict_chain(agent: AgentRecord, device: Profile, plan: pb.Plan, dev: Prof
     cons = search_constraints(agent.constraints, device, pins)
     if cons is None:
         return None
-    tiers, net = chain_inputs(chain, dev, forward)
-    got = search(tiers, net, cons, objective(agent), 1, include_return)
+    tiers, net = chain_inputs(chain, dev, forward, cache)
+    got = search(tiers, net, cons, objective(agent), 1, include_return, cache.search)
     return got[0] if got and len(got[0].hops) == 2 else None
 
 
@@ -338,7 +348,7 @@ def to_plan(agent: AgentRecord, device: Profile, r: Ranked, reason: str) -> pb.P
         later = cfg.hops[1:]
         if later:
             plan.end_split, plan.end_split_index = later[0].split, later[0].cut
-        for i, (h, (wid, address)) in enumerate(zip(later, r.next_hops)):
+        for i, (h, (wid, address)) in enumerate(zip(later, r.next_hops, strict=False)):
             end = later[i + 1] if i + 1 < len(later) else None
             plan.next_hops.add(worker_id=wid, address=address, end_split=end.split if end else "",
                                end_split_index=end.cut if end else device.n_blocks, codec=h.transfer.codec,

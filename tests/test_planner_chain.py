@@ -32,7 +32,7 @@ from planner.server import serve as serve_planner
 from planner.store import AgentRecord, Store, WorkerRecord
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
-from runtime.agent.planner_link import PlannerLink
+from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
 from runtime.wire.codec import get_codec
 from runtime.models.loader import load_model
@@ -149,8 +149,9 @@ def test_the_worker_to_worker_hop_uses_codecs_only():
     blocks = tuple(Block(b.index, b.name, b.seconds, b.output_bytes, transfers=(Transfer("raw", b.output_bytes, codec="raw"), tl))
                    for b in EDGE_P.blocks)
     edge = Profile(EDGE, "edge", MODEL, blocks, INPUT, model_digest="w1")
-    fwd = decide.forwarding(edge)
-    assert all(t.tl_id == "" for b in fwd.blocks for t in b.transfers) and decide.forwarding(edge) is fwd
+    cache = decide.DecisionCache()  # what the re-planner holds: the same derived profile while it lives
+    fwd = decide.forwarding(edge, cache)
+    assert all(t.tl_id == "" for b in fwd.blocks for t in b.transfers) and decide.forwarding(edge, cache) is fwd
     assert decide.forwarding(EDGE_P) is EDGE_P  # nothing to drop: the same object (the search caches by it)
 
 
@@ -290,12 +291,12 @@ def test_schema_1_database_gains_next_tiers(tmp_path):
 
 
 class _Stub:
-    """Records ReportPlanStatus (the only RPC ``_on_plan`` makes)."""
+    """Records report_plan_status (the only RPC ``_on_plan`` makes)."""
 
     def __init__(self):
         self.statuses: list[pb.PlanStatus] = []
 
-    async def ReportPlanStatus(self, status, timeout=None):
+    async def report_plan_status(self, status):
         self.statuses.append(status)
         return pb.PlanStatusAck()
 
@@ -310,7 +311,7 @@ def test_agent_refuses_a_route_it_cannot_apply_and_keeps_its_plan(loaded):
 
     async def scenario():
         agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), AgentOptions(agent_id="a1"))
-        link = PlannerLink(agent, "127.0.0.1:1", device, "a1")
+        link = PlannerLink(agent, PlannerLinkOptions("127.0.0.1:1", device, "a1"))
         stub = _Stub()
         try:
             await link._on_plan(stub, pb.Plan(agent_id="a1", version=3, model_id=loaded.name, split_id="output"))
@@ -383,9 +384,9 @@ def test_agent_runs_the_chain_the_planner_pushes(loaded, tmp_path):
                                                next_tiers=(cloud_addr,), **common))
         agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
                       AgentOptions(agent_id="board-1", deadline_seconds=30.0, connect_timeout=2.0))
-        link = PlannerLink(agent, planner, tiny_profile(loaded, "device", "board"), "board-1", constraints=constraints,
-                           telemetry_interval_seconds=0.2, rpc_timeout=5.0, connect_timeout=2.0, backoff_initial=0.1,
-                           backoff_max=0.5)
+        link = PlannerLink(agent, PlannerLinkOptions(
+            planner, tiny_profile(loaded, "device", "board"), "board-1", constraints=constraints,
+            telemetry_interval_seconds=0.2, rpc_timeout=5.0, connect_timeout=2.0, backoff_initial=0.1, backoff_max=0.5))
         try:
             await asyncio.wait_for(asyncio.gather(edge.registration.registered.wait(),
                                                   cloud.registration.registered.wait()), 20)
