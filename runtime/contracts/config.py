@@ -11,8 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping, TypeVar, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,7 +22,10 @@ else:  # pragma: no cover
 
 from runtime.contracts.errors import InvalidInput
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")  # a configuration dataclass
 
 
 def field(default: Any, help: str, **kw: Any) -> Any:

@@ -15,15 +15,18 @@ candidate workers (the search would read them as machine names, the device's too
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypeVar
 
 from runtime.contracts.costmodel import OBJECTIVES, Constraints
-from runtime.contracts.profile import Profile
 from runtime.contracts.errors import InvalidInput
-from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.contracts.profile import Profile
 from runtime.contracts.tiers import CLOUD, DEVICE, EDGE, TIERS
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 MAX_PLACEMENTS = 4096  # pins or forbids one message may carry
+
+_Number = TypeVar("_Number", int, float)  # a cap: bytes (int) or seconds and shares (float)
 
 
 def _tier(value: str, what: str) -> str:
@@ -135,7 +138,7 @@ def resolve(c: pb.Constraints, device: Profile) -> Constraints:
         raise InvalidInput("blocks are pinned to both edge and cloud, but a plan runs on the device and one worker: "
                            "pin blocks to one worker tier")
 
-    def merged(table, device_cap) -> dict:
+    def merged(table: Mapping[str, _Number], device_cap: _Number) -> dict[str, _Number]:
         out = dict(table)
         if device_cap:
             out[DEVICE] = min(out.get(DEVICE, device_cap), device_cap)
@@ -175,8 +178,8 @@ def _placements(values: Iterable[str], setting: str, layers: bool = False) -> li
     return out
 
 
-def _table(values: Iterable[str], setting: str, unit: str, conv) -> dict:
-    out = {}
+def _table(values: Iterable[str], setting: str, unit: str, conv: Callable[[str], _Number]) -> dict[str, _Number]:
+    out: dict[str, _Number] = {}
     for tier, val in _pairs(values, setting, f"TIER={unit}"):
         _tier(tier, f"{setting} {tier}={val}:")
         if tier in out:
@@ -196,8 +199,11 @@ def from_text(*, pin_blocks: Iterable[str] = (), pin_layers: Iterable[str] = (),
               names: dict[str, str] | None = None) -> dict:
     """Wire fields (keyword arguments of ``pb.Constraints``) from ``KEY=VALUE`` settings; ``names`` maps
     each argument to the setting's name in messages (e.g. its flag)."""
-    names = names or {}
-    n = lambda k: names.get(k, k)  # noqa: E731
+    labels = names or {}
+
+    def n(key: str) -> str:
+        return labels.get(key, key)
+
     return {
         "pin_blocks": _placements(pin_blocks, n("pin_blocks")) + _placements(pin_layers, n("pin_layers"), layers=True),
         "forbid_blocks": _placements(forbid_blocks, n("forbid_blocks")),

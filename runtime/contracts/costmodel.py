@@ -14,11 +14,11 @@ or a link's bytes / bandwidth).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
-from runtime.contracts.profile import Profile, Transfer
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import Profile, Transfer
 
 OBJECTIVES = ("latency", "throughput")
 
@@ -28,13 +28,13 @@ class Link:
     rtt_seconds: float
     bandwidth_bytes_per_second: float  # Mbit/s x 125,000
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.rtt_seconds >= 0 and self.bandwidth_bytes_per_second > 0):
             raise InvalidInput(f"a link needs RTT >= 0 and bandwidth > 0, got {self.rtt_seconds} s, "
                                f"{self.bandwidth_bytes_per_second} B/s")
 
     @classmethod
-    def from_mbps(cls, rtt_ms: float, mbps: float) -> "Link":
+    def from_mbps(cls, rtt_ms: float, mbps: float) -> Link:
         return cls(rtt_ms / 1e3, mbps * 125_000.0)
 
 

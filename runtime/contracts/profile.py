@@ -101,7 +101,8 @@ class Profile:
 def schema() -> dict[str, Any]:
     """The published JSON Schema of profile documents."""
     text = resources.files("runtime.contracts").joinpath("schema/profile-v1.schema.json").read_text()
-    return json.loads(text)
+    document: dict[str, Any] = json.loads(text)
+    return document
 
 
 def _transfer(d: dict[str, Any]) -> Transfer:

@@ -13,8 +13,9 @@ worker's (runtime.worker.forward), this module only checks that a route is well 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.models.loader import LoadedModel

@@ -30,6 +30,7 @@ chunks does so around :meth:`Codec.encode` / :func:`decode_tensor`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import lz4.block
 import torch
@@ -43,6 +44,9 @@ from runtime.wire.validation import (
     channel_count,
     validate_tensor,
 )
+
+if TYPE_CHECKING:
+    from runtime.wire.entropy import EntropyModel
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -63,7 +67,7 @@ def _tensor_bytes(x: torch.Tensor) -> memoryview:
         x = x.view(torch.int16)
     if x.numel() == 0:
         return memoryview(b"")
-    return memoryview(x.reshape(-1).numpy()).cast("B")
+    return x.reshape(-1).numpy().data.cast("B")
 
 
 def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
@@ -95,10 +99,10 @@ class Codec(ABC):
 
     name: str = ""
     lossless: bool = True
-    codec: int = tensor_pb2.CODEC_UNSPECIFIED
+    codec: tensor_pb2.Codec = tensor_pb2.CODEC_UNSPECIFIED
     nominal_ratio: float = 1.0  # raw float32 bytes / codec bytes, before compression
 
-    def __init__(self, lz4: bool = False):
+    def __init__(self, lz4: bool = False) -> None:
         self.lz4 = lz4
         self.compression = tensor_pb2.COMPRESSION_LZ4 if lz4 else tensor_pb2.COMPRESSION_NONE
         self.name = type(self).name + ("+lz4" if lz4 else "")
@@ -152,7 +156,7 @@ class Codec(ABC):
         if size == 0:
             return bytearray()
         try:
-            out = lz4.block.decompress(msg.buffer, uncompressed_size=size, return_bytearray=True)
+            out: bytearray = lz4.block.decompress(msg.buffer, uncompressed_size=size, return_bytearray=True)
         except lz4.block.LZ4BlockError as e:
             raise InvalidInput(f"buffer is not a valid lz4 block of encoded_size={size}: {e}") from e
         if len(out) != size:
@@ -180,13 +184,13 @@ class RawCodec(Codec):
     codec = tensor_pb2.CODEC_RAW
     nominal_ratio = 1.0
 
-    def _encode_values(self, x, msg):
+    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
         if x.dtype not in DTYPE_NAMES:
             raise InvalidInput(f"dtype {x.dtype} is not supported by raw; allowed: {sorted(DTYPES)}")
         msg.dtype = DTYPE_NAMES[x.dtype]
         return _tensor_bytes(x)
 
-    def _decode_values(self, payload, msg):
+    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
         shape = list(msg.shape)
         if msg.dtype == "bool" and len(payload):
             raw = torch.frombuffer(payload, dtype=torch.uint8)
@@ -209,13 +213,13 @@ class Fp16Codec(Codec):
     codec = tensor_pb2.CODEC_FP16
     nominal_ratio = 2.0
 
-    def _encode_values(self, x, msg):
+    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
         x = _require_float(x, self.name)
         msg.dtype = "float32"
         h = x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)  # saturate instead of overflowing to inf
         return _tensor_bytes(h)
 
-    def _decode_values(self, payload, msg):
+    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
         return _from_bytes(payload, torch.float16, list(msg.shape)).float()
 
 
@@ -225,7 +229,7 @@ class Int8Codec(Codec):
     codec = tensor_pb2.CODEC_INT8
     nominal_ratio = 4.0
 
-    def _encode_values(self, x, msg):
+    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
         x = _require_float(x, self.name)
         msg.dtype = "float32"
         axis = _quant_axis(x.dim())
@@ -257,7 +261,7 @@ class Int8Codec(Codec):
         msg.zero_point.extend(lo.tolist())
         return _tensor_bytes(q.to(torch.uint8))
 
-    def _decode_values(self, payload, msg):
+    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
         shape = list(msg.shape)
         if len(payload) == 0:
             return torch.empty(shape, dtype=torch.float32)
@@ -279,17 +283,17 @@ class AnsCodec(Codec):
     codec = tensor_pb2.CODEC_ANS
     nominal_ratio = 4.0  # a guess before measuring (the real ratio depends on the data)
 
-    def __init__(self, model):
+    def __init__(self, model: EntropyModel) -> None:
         super().__init__(False)
         self.model = model
 
-    def _encode_values(self, x, msg):
+    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
         x = _require_float(x, "ans")
         msg.dtype = "float32"
         r = self.model.range
         return memoryview(self.model.encode(torch.clamp(torch.round(x), -r, r)))
 
-    def _decode_values(self, payload, msg):
+    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
         shape = list(msg.shape)
         if len(shape) != 4 or tuple(shape[1:]) != self.model.shape:
             raise InvalidInput(f"ans tensor shape {shape} does not match this model's coefficients "
@@ -311,12 +315,12 @@ _BY_ENUM: dict[tuple[int, int], Codec] = {(c.codec, c.compression): c for c in _
 MODEL_CODECS = ("ans",)  # codecs that need a Transfer Layer's entropy model
 
 
-def codec_names(model=None) -> list[str]:
+def codec_names(model: EntropyModel | None = None) -> list[str]:
     """The codec names; with a TL's entropy model also those that code with it."""
     return list(_CODECS) + (list(MODEL_CODECS) if model is not None else [])
 
 
-def get_codec(name: str, model=None) -> Codec:
+def get_codec(name: str, model: EntropyModel | None = None) -> Codec:
     """The codec called ``name``. ``ans`` needs ``model`` (a transform TL's ``entropy_model``)."""
     if name in MODEL_CODECS:
         if model is None:
@@ -329,7 +333,8 @@ def get_codec(name: str, model=None) -> Codec:
         raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join([*_CODECS, *MODEL_CODECS])}") from None
 
 
-def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES, model=None) -> torch.Tensor:
+def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES,
+                  model: EntropyModel | None = None) -> torch.Tensor:
     """Validate and decode a wire tensor, whatever its codec (what the server calls). A
     ``CODEC_ANS`` tensor needs ``model``, the entropy model of the TL the frame names."""
     validate_tensor(msg, max_bytes=max_bytes)

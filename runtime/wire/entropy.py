@@ -121,7 +121,8 @@ class EntropyModel:
         enc = self._coder()
         for start, end, model in self._plan_reversed:
             enc.encode_reverse(flat[start * n:end * n], model)  # 1-d views: no copies
-        return enc.get_compressed().astype("<u4", copy=False).tobytes()
+        words: np.ndarray = enc.get_compressed()  # uint32 words
+        return words.astype("<u4", copy=False).tobytes()
 
     def decode(self, payload: bytes | bytearray, n: int) -> torch.Tensor:
         """Coded words -> float32 coefficients ``(n, C, H, W)``; InvalidInput when the words do not

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -66,11 +67,11 @@ def lz4_bound(n: int) -> int:
     return n + n // 255 + 16
 
 
-def numel(shape) -> int:
+def numel(shape: Iterable[int]) -> int:
     return math.prod(int(d) for d in shape)
 
 
-def channel_count(shape, axis: int) -> int:
+def channel_count(shape: Sequence[int], axis: int) -> int:
     """Number of quantisation channels: ``shape[axis]``, or 1 for a scalar."""
     return 1 if len(shape) == 0 else int(shape[axis])
 
