@@ -1,0 +1,264 @@
+"""DPFP: choose fused blocks of a CNN and spread each over parallel edge workers by spatial tiles.
+
+Li, Iosifidis and Zhang (2022) cut a CNN's feature maps into spatial tiles with exact halos
+(receptive-field segmentation, :mod:`runtime.parallel.receptive`) and run *fused blocks* of layers
+on several workers in parallel; dynamic programming picks the block boundaries. This module is
+that planner, as pure functions over a cost model.
+
+The chain is a sequence of :class:`Unit` (the layers between two consecutive cut points: a profile
+block, or one layer of a plain chain). A fused block runs units ``[first, end)``. Its predicted
+latency, with ``n`` workers (the ``n`` fastest), each taking a band of output rows in proportion to
+its speed (integer rows, largest remainder)::
+
+    RTT                                                  one request/response round per block
+  + sum over workers of (input band + halo) bytes / bandwidth     scatter, one shared link
+  + max over workers of sum over units of seconds(worker, unit) x tile's compute fraction
+  + sum over workers of output band bytes / bandwidth              gather
+
+The compute fraction is each layer's computed area (halo recomputation included, through the
+receptive field of the rest of the block) over its full area, weighted by the layer's cost
+(MACs per pixel for convolutions). A plan's latency is the sum over its blocks: the map is gathered
+at the coordinator between blocks.
+
+``dpfp`` minimises over all boundary sets and, per block, the number of workers, in O(L^2) block
+evaluations (each walks its tiles back through the block once per end point). The baselines use the
+same cost model: ``layer_by_layer`` (an exchange after every unit, MoDNN-like), ``fused_all`` (one
+block for the whole chain, DeepThings FTP-like) and ``single_worker``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from runtime.contracts.costmodel import Link
+from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import Profile
+from runtime.parallel.receptive import Graph, Region, Span, back_propagate, compute_fraction, split_spans
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One step of the chain: the layers between two consecutive cut points."""
+
+    name: str
+    geometry: Graph  # receptive geometry of the unit
+    seconds: tuple[float, ...]  # untiled compute on each worker (full map)
+    out_channels: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A chain of units, its input, the workers (via each unit's seconds) and the link."""
+
+    units: tuple[Unit, ...]
+    in_hw: tuple[int, int]
+    in_channels: int
+    link: Link
+    bytes_per_element: int = 4  # fp32 raw maps
+    hw: tuple[tuple[int, int], ...] = field(init=False, repr=False)  # map size at each boundary 0..L
+    order: tuple[int, ...] = field(init=False, repr=False)  # workers, fastest first
+    speed: tuple[float, ...] = field(init=False, repr=False)  # 1 / total seconds (relative)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "units", tuple(self.units))
+        if not self.units:
+            raise InvalidInput("a DPFP problem needs at least one unit")
+        k = len(self.units[0].seconds)
+        if k < 1 or any(len(u.seconds) != k for u in self.units):
+            raise InvalidInput("every unit needs a compute time for each of the same workers")
+        if any(s < 0 for u in self.units for s in u.seconds):
+            raise InvalidInput("compute times must be >= 0")
+        hw = [(int(self.in_hw[0]), int(self.in_hw[1]))]
+        for u in self.units:
+            try:
+                hw.append(u.geometry.out_size(hw[-1]))
+            except ValueError as e:
+                raise InvalidInput(f"unit {u.name}: {e}") from None
+        totals = [sum(u.seconds[w] for u in self.units) for w in range(k)]
+        speed = tuple(1.0 / t if t > 0 else 1.0 for t in totals) if all(t > 0 for t in totals) else (1.0,) * k
+        object.__setattr__(self, "hw", tuple(hw))
+        object.__setattr__(self, "order", tuple(sorted(range(k), key=lambda w: (totals[w], w))))
+        object.__setattr__(self, "speed", speed)
+
+    @property
+    def n_units(self) -> int:
+        return len(self.units)
+
+    @property
+    def n_workers(self) -> int:
+        return len(self.order)
+
+    def channels(self, boundary: int) -> int:
+        """Channels of the map at boundary ``boundary`` (0: the chain input)."""
+        return self.in_channels if boundary == 0 else self.units[boundary - 1].out_channels
+
+    def map_bytes(self, boundary: int, rows: int, cols: int) -> int:
+        return rows * cols * self.channels(boundary) * self.bytes_per_element
+
+
+@dataclass(frozen=True)
+class BlockCost:
+    """Predicted cost of one fused block ``[first, end)`` on ``workers``."""
+
+    first: int
+    end: int
+    workers: tuple[int, ...]  # worker indices (into Unit.seconds), fastest first
+    rows: tuple[int, ...]  # output rows each worker computes
+    input_rows: tuple[int, ...]  # block input rows each worker receives, halo included
+    rtt_seconds: float
+    scatter_seconds: float
+    compute_seconds: float  # the slowest worker's
+    gather_seconds: float
+
+    @property
+    def seconds(self) -> float:
+        return self.rtt_seconds + self.scatter_seconds + self.compute_seconds + self.gather_seconds
+
+
+@dataclass(frozen=True)
+class Plan:
+    strategy: str  # dpfp | layer_by_layer | fused_all | single_worker | evaluate
+    blocks: tuple[tuple[int, int], ...]  # (first unit, end unit exclusive)
+    workers: int  # the most workers any block uses
+    shares: tuple[tuple[int, ...], ...]  # per block: output rows per worker (fastest first)
+    seconds: float  # predicted latency
+    breakdown: tuple[BlockCost, ...]
+
+
+def _walk(problem: Problem, end: int, n: int) -> Iterator[BlockCost]:
+    """Costs of blocks ``[first, end)`` on the ``n`` fastest workers, for first = end-1 down to 0:
+    each tile is walked back through the units once, accumulating compute and halo."""
+    workers = problem.order[:n]
+    out_h, out_w = problem.hw[end]
+    bands = split_spans(out_h, [problem.speed[w] for w in workers])
+    regions = [Region(band, Span(0, out_w)) for band in bands]
+    compute = [0.0] * n
+    bw = problem.link.bandwidth_bytes_per_second
+    gather = sum(problem.map_bytes(end, b.size, out_w) for b in bands) / bw
+    for first in range(end - 1, -1, -1):
+        unit = problem.units[first]
+        for i, w in enumerate(workers):
+            tr = back_propagate(unit.geometry, problem.hw[first], regions[i])
+            compute[i] += unit.seconds[w] * compute_fraction(unit.geometry, tr)
+            regions[i] = tr.input
+        scatter = sum(problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions) / bw
+        yield BlockCost(first, end, workers, tuple(b.size for b in bands), tuple(r.rows.size for r in regions),
+                        problem.link.rtt_seconds, scatter, max(compute), gather)
+
+
+def _worker_counts(problem: Problem, end: int, workers: int | None) -> range:
+    most = min(problem.n_workers, problem.hw[end][0])  # a worker needs at least one output row
+    if workers is not None:
+        if not 1 <= workers <= problem.n_workers:
+            raise InvalidInput(f"workers must be 1..{problem.n_workers}, got {workers}")
+        return range(min(workers, most), min(workers, most) + 1)
+    return range(1, most + 1)
+
+
+def block_cost(problem: Problem, first: int, end: int, workers: int | None = None) -> BlockCost:
+    """The cheapest way to run units ``[first, end)`` as one fused block (on ``workers`` workers, or
+    on the best number of them)."""
+    if not 0 <= first < end <= problem.n_units:
+        raise InvalidInput(f"a block runs units first..end-1 with 0 <= first < end <= {problem.n_units}, "
+                           f"got [{first}, {end})")
+    best = None
+    for n in _worker_counts(problem, end, workers):
+        cost = next(c for c in _walk(problem, end, n) if c.first == first)
+        if best is None or cost.seconds < best.seconds:
+            best = cost
+    assert best is not None
+    return best
+
+
+def _plan(strategy: str, costs: Sequence[BlockCost]) -> Plan:
+    return Plan(strategy=strategy, blocks=tuple((c.first, c.end) for c in costs),
+                workers=max(len(c.workers) for c in costs), shares=tuple(c.rows for c in costs),
+                seconds=sum(c.seconds for c in costs), breakdown=tuple(costs))
+
+
+def evaluate(problem: Problem, blocks: Sequence[tuple[int, int]], workers: int | None = None,
+             strategy: str = "evaluate") -> Plan:
+    """The predicted latency of given fused blocks (they must tile ``[0, L)`` in order)."""
+    at = 0
+    for first, end in blocks:
+        if first != at or end <= first:
+            raise InvalidInput(f"blocks must run 0..{problem.n_units} in order without gaps, got {list(blocks)}")
+        at = end
+    if at != problem.n_units:
+        raise InvalidInput(f"blocks end at unit {at}, the chain has {problem.n_units}")
+    return _plan(strategy, [block_cost(problem, f, e, workers) for f, e in blocks])
+
+
+def dpfp(problem: Problem, max_workers: int | None = None) -> Plan:
+    """Fused-block boundaries and per-block worker counts of least predicted latency.
+
+    ``best[end] = min over first < end, n <= max_workers of best[first] + cost(first, end, n)``."""
+    k = problem.n_workers if max_workers is None else max(1, min(max_workers, problem.n_workers))
+    L = problem.n_units
+    best: list[float] = [0.0] + [float("inf")] * L
+    choice: list[BlockCost | None] = [None] * (L + 1)
+    for end in range(1, L + 1):
+        for n in range(1, min(k, problem.hw[end][0]) + 1):
+            for cost in _walk(problem, end, n):
+                total = best[cost.first] + cost.seconds
+                if total < best[end]:
+                    best[end], choice[end] = total, cost
+    costs: list[BlockCost] = []
+    end = L
+    while end > 0:
+        c = choice[end]
+        assert c is not None
+        costs.append(c)
+        end = c.first
+    return _plan("dpfp", costs[::-1])
+
+
+def layer_by_layer(problem: Problem, workers: int | None = None) -> Plan:
+    """Every unit its own block on all (or ``workers``) workers: an exchange after every unit (MoDNN-like)."""
+    n = problem.n_workers if workers is None else workers
+    return evaluate(problem, [(u, u + 1) for u in range(problem.n_units)], n, "layer_by_layer")
+
+
+def fused_all(problem: Problem, workers: int | None = None) -> Plan:
+    """The whole chain as one fused block on all (or ``workers``) workers (DeepThings FTP-like)."""
+    n = problem.n_workers if workers is None else workers
+    return evaluate(problem, [(0, problem.n_units)], n, "fused_all")
+
+
+def single_worker(problem: Problem) -> Plan:
+    """The whole chain on the fastest worker: one transfer in, one out."""
+    return evaluate(problem, [(0, problem.n_units)], 1, "single_worker")
+
+
+def baselines(problem: Problem) -> dict[str, Plan]:
+    return {"layer_by_layer": layer_by_layer(problem), "fused_all": fused_all(problem),
+            "single_worker": single_worker(problem)}
+
+
+def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Graph], in_hw: tuple[int, int],
+                          in_channels: int, link: Link, first_block: int = 0) -> Problem:
+    """A problem from one profile per worker (same model) and the receptive geometry of each of
+    its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``).
+    Output channels come from each block's fp32 ``output_bytes`` and the geometry's map size, so
+    ``in_hw`` must be the input size the profiles were measured at."""
+    if not profiles:
+        raise InvalidInput("DPFP needs at least one worker profile")
+    if len({p.model for p in profiles}) != 1:
+        raise InvalidInput(f"worker profiles are for different models: {sorted({p.model for p in profiles})}")
+    end = first_block + len(geometries)
+    if first_block < 0 or any(p.n_blocks < end for p in profiles):
+        raise InvalidInput(f"blocks {first_block}..{end - 1} are not in every worker's profile")
+    units, hw = [], (int(in_hw[0]), int(in_hw[1]))
+    for i, geometry in enumerate(geometries):
+        blocks = [p.blocks[first_block + i] for p in profiles]
+        try:
+            hw = geometry.out_size(hw)
+        except ValueError as e:
+            raise InvalidInput(f"block {first_block + i}: {e}") from None
+        channels, rest = divmod(blocks[0].output_bytes, 4 * hw[0] * hw[1])
+        if rest or channels < 1:
+            raise InvalidInput(f"block {first_block + i} ({blocks[0].name}): {blocks[0].output_bytes} output bytes "
+                               f"are not fp32 x C x {hw[0]} x {hw[1]}; was the profile measured at {in_hw}?")
+        units.append(Unit(blocks[0].name, geometry, tuple(b.seconds for b in blocks), channels))
+    return Problem(tuple(units), in_hw, in_channels, link)
