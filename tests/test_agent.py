@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from runtime.agent.client import Agent
-
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.sources import open_source
-from runtime.wire.codec import get_codec
 from runtime.models.loader import load_model
+from runtime.wire.codec import get_codec
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import serve
 
@@ -85,7 +84,7 @@ def test_worker_stopping_with_frames_in_flight(loaded, frames):
     # frames waiting on the stream when it broke say so (the reader or a concurrent write noticed first)
     broken = ("stream failed", "stream closed", "write failed")
     assert any(any(b in r.fallback_reason for b in broken) for r in local), [r.fallback_reason for r in local]
-    for r, x_ref in zip(sorted(results, key=lambda r: r.seq), expected):
+    for r, x_ref in zip(sorted(results, key=lambda r: r.seq), expected, strict=True):
         assert torch.equal(r.output, x_ref), (r.seq, r.where)
 
 
@@ -114,7 +113,7 @@ def test_missed_deadline_runs_locally_and_late_results_are_dropped(loaded, frame
 
     results = asyncio.run(scenario())
     assert sorted(r.seq for r in results) == [0, 1, 2, 3]
-    for r, want in zip(sorted(results, key=lambda r: r.seq), expected):
+    for r, want in zip(sorted(results, key=lambda r: r.seq), expected, strict=True):
         assert r.where == "local" and r.fallback_reason.startswith("deadline")
         assert torch.equal(r.output, want)
 
@@ -132,4 +131,4 @@ def test_no_worker_configured_runs_everything_locally(loaded, frames):
     results = asyncio.run(scenario())
     expected = _expected(loaded, frames[:2])
     assert [r.fallback_reason for r in results] == ["no worker configured"] * 2
-    assert all(torch.equal(r.output, e) for r, e in zip(results, expected))
+    assert all(torch.equal(r.output, e) for r, e in zip(results, expected, strict=True))

@@ -17,14 +17,13 @@ import pytest
 import torch
 
 from runtime.agent.client import Agent
-
 from runtime.agent.config import AgentOptions, InitialPlan
-from runtime.wire.chain import Hop
-from runtime.wire.codec import get_codec
 from runtime.contracts.errors import InvalidInput, NotFound, PermissionDenied
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.wire.chain import Hop
+from runtime.wire.codec import get_codec
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import serve
 
@@ -140,7 +139,7 @@ def test_raw_chain_equals_the_full_model_exactly(aio, tiers, loaded, images, exp
     before = sample(edge, "edgesplit_worker_forwarded_frames_total", {"next_tier": addr(cloud), "code": "OK"})
     results = aio.run(run_agent(loaded, addr(edge), images, "raw", end_split=END,
                                 next_hops=[Hop(addr(cloud), codec="raw")]))
-    for r, want in zip(results, expected):
+    for r, want in zip(results, expected, strict=True):
         assert r.where == "edge", r.fallback_reason
         assert torch.equal(r.output, want)
         # per-hop timings: the edge's slice, its wait on the cloud, and the cloud's own stages
@@ -156,7 +155,7 @@ def test_int8_chain_is_close_and_default_next_tier_is_used(aio, tiers, loaded, i
     # no hop named: the edge sends to its first --next-tier, with the codec the agent asks for
     results = aio.run(run_agent(loaded, addr(tiers["edge"]), images, "int8", end_split=END,
                                 next_hops=[Hop(codec="int8+lz4")]))
-    for r, want in zip(results, expected):
+    for r, want in zip(results, expected, strict=True):
         assert r.where == "edge", r.fallback_reason
         assert r.output.argmax() == want.argmax()
         assert torch.allclose(r.output, want, atol=0.05 * float(want.abs().max()))
@@ -192,7 +191,7 @@ def test_next_tier_down_falls_back_with_a_reason(aio, tiers, loaded, images, exp
     orphan = tiers["orphan"]
     results = aio.run(run_agent(loaded, addr(orphan), images, "raw", end_split=END))
     assert [r.seq for r in results] == list(range(len(images)))  # exactly one result per frame
-    for r, want in zip(results, expected):
+    for r, want in zip(results, expected, strict=True):
         assert r.where == "local"
         assert "UNAVAILABLE" in r.fallback_reason and f"next tier {refusing_address}" in r.fallback_reason
         assert torch.equal(r.output, want)

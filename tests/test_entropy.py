@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 
-from runtime.wire.codec import decode_tensor, get_codec
-from runtime.wire.entropy import MAX_RANGE, EntropyModel, band_map, fit_tables
 from runtime.contracts.errors import InvalidInput, PreconditionFailed, TooLarge
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.tools.tl.train import train_tl
 from runtime.transfer.artifact import load_tl, save_tl
 from runtime.transfer.layers import TransferLayer
-from runtime.tools.tl.train import train_tl
+from runtime.wire.codec import decode_tensor, get_codec
+from runtime.wire.entropy import EntropyModel, band_map, fit_tables
 from runtime.wire.validation import validate_tensor
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
@@ -84,9 +83,9 @@ def test_ans_payload_checks():
         m.buffer, m.encoded_size, m.payload_size = buf, len(buf), len(buf)
         return m
 
-    with pytest.raises(InvalidInput, match="ans payload|left"):
+    with pytest.raises(InvalidInput, match=r"ans payload|left"):
         decode_tensor(with_buffer(msg.buffer + b"\x01\x02\x03\x04"), model=model)
-    with pytest.raises(InvalidInput, match="multiple of 4|invalid"):
+    with pytest.raises(InvalidInput, match=r"multiple of 4|invalid"):
         decode_tensor(with_buffer(msg.buffer[:-1]), model=model)
     with pytest.raises(InvalidInput):
         decode_tensor(with_buffer(b""), model=model)
@@ -210,7 +209,7 @@ def test_agent_and_worker_serve_frames_with_codec_ans(r18, transform_art):
 
     results, _ = _through_worker(r18, art, [str(path)], xs)
     head, tail = r18.head("add_6"), r18.tail("add_6")
-    for x, r in zip(xs, results):
+    for x, r in zip(xs, results, strict=True):
         assert r.where == "edge", r.fallback_reason
         assert r.codec == "ans" and 0 < r.wire_bytes < 512 * 7 * 7  # below what int8 alone would send
         with torch.no_grad():
@@ -244,7 +243,7 @@ def test_cli_trains_and_evaluates_a_transform_tl(tmp_path, capsys):
     # ans is exact on the coefficients: the codec changes nothing
     assert report["fidelity"]["with_codec"]["kl_divergence"] == pytest.approx(report["fidelity"]["kl_divergence"],
                                                                               abs=1e-6)
-    assert main(args[:-2] + ["--ratio", "4", "--out", str(out)]) == 2
+    assert main([*args[:-2], "--ratio", "4", "--out", str(out)]) == 2
     assert "ratio 1" in capsys.readouterr().err
 
 
@@ -275,7 +274,7 @@ def test_ans_random_payloads_never_crash_or_overrun():
     msg = codec.encode(_laplace_ints((1, 4, 5, 5), 2.0, seed=7))
     g = np.random.default_rng(0)
     outcomes = set()
-    for i in range(60):  # bounded: random words of plausible lengths
+    for _ in range(60):  # bounded: random words of plausible lengths
         n = 4 * int(g.integers(1, 40))
         bad = tensor_pb2.Tensor()
         bad.CopyFrom(msg)
@@ -306,7 +305,7 @@ def test_refine_margin_reruns_ambiguous_edge_results_on_the_board(r18, transform
     with torch.no_grad():
         full = [r18.full(x) for x in xs]
     assert n_always == 3 and n_never == 0
-    for r, rn, y in zip(always, never, full):
+    for r, rn, y in zip(always, never, full, strict=True):
         assert r.where == "edge" and r.refined and "refine" in r.times and r.to_json(None)["refined"] is True
         assert torch.equal(r.output, y)  # the board's exact tail on the raw head output
         assert not rn.refined and rn.wire_bytes == r.wire_bytes  # same bytes on the wire either way
