@@ -1,6 +1,7 @@
 """One exception hierarchy for edgesplit, with the gRPC status each maps to.
 
-Servers raise these and translate them to a status at the RPC boundary; clients map every
+Servers raise these; the daemon scaffold's error interceptor (runtime.daemon.server) turns them
+into a status at the RPC boundary with :func:`to_status`; clients map every
 ``grpc.RpcError`` back into them with :func:`from_rpc_error`, so callers catch one family.
 """
 
@@ -96,3 +97,17 @@ def from_rpc_error(err: grpc.RpcError) -> EdgesplitError:
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
     return from_status(code, details or code.name)
+
+
+def as_error(exc: BaseException) -> EdgesplitError:
+    """``exc`` as the error it is reported with: an EdgesplitError as it is, anything else as
+    INTERNAL ``internal error: Type: message`` (a bug, never the caller's fault)."""
+    if isinstance(exc, EdgesplitError):
+        return exc
+    return EdgesplitError(f"internal error: {type(exc).__name__}: {exc}", grpc.StatusCode.INTERNAL)
+
+
+def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status (code, details) a server answers ``exc`` with; the one mapping for every daemon."""
+    err = as_error(exc)
+    return err.code, str(err)

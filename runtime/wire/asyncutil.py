@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import random
 
 logger = logging.getLogger(__name__)
 
@@ -35,3 +37,49 @@ async def wait_set(event: asyncio.Event, timeout: float) -> bool:
         return True
     except asyncio.TimeoutError:
         return False
+
+
+class Backoff:
+    """Exponential back-off for retry loops: ``initial``, then times ``multiplier`` per failure, never
+    above ``maximum``; :meth:`reset` after a success starts again at ``initial``.
+
+    ``jitter`` (0..1) draws each delay uniformly from ``[delay * (1 - jitter), delay]``, so many
+    clients that lost the same server do not all retry at the same instant.
+    """
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, multiplier: float = 2.0, jitter: float = 0.0,
+                 rng: random.Random | None = None):
+        if not (math.isfinite(initial) and initial >= 0):
+            raise ValueError(f"back-off initial delay must be a finite number of seconds >= 0, got {initial!r}")
+        if not (math.isfinite(maximum) and maximum >= initial):
+            raise ValueError(f"back-off maximum {maximum!r} must be finite and at least the initial {initial!r}")
+        if not multiplier >= 1:
+            raise ValueError(f"back-off multiplier must be at least 1, got {multiplier!r}")
+        if not 0 <= jitter <= 1:
+            raise ValueError(f"back-off jitter must be within [0, 1], got {jitter!r}")
+        self.initial, self.maximum, self.multiplier, self.jitter = initial, maximum, multiplier, jitter
+        self._rng = rng or random.Random()
+        self._delay = initial
+
+    @property
+    def current(self) -> float:
+        """The delay the next failure waits (before jitter)."""
+        return self._delay
+
+    def next(self) -> float:
+        """The delay to wait after one more failure; the one after it grows (bounded by ``maximum``)."""
+        delay = self._delay
+        self._delay = min(delay * self.multiplier, self.maximum)
+        if self.jitter:
+            delay *= 1.0 - self.jitter * self._rng.random()
+        return delay
+
+    def reset(self) -> None:
+        """A success: the next failure waits ``initial`` again."""
+        self._delay = self.initial
+
+    async def sleep(self) -> float:
+        """Wait :meth:`next` seconds; returns how long."""
+        delay = self.next()
+        await asyncio.sleep(delay)
+        return delay

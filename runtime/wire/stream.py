@@ -8,17 +8,17 @@ runs a middle slice and forwards to its next tier (runtime.worker.forward). It i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from typing import Any, Protocol
 
 import grpc
-
-from typing import Any, Protocol
 
 from runtime.contracts.errors import Unavailable, from_rpc_error
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
-from runtime.wire.asyncutil import wait_set
+from runtime.wire.asyncutil import Backoff, wait_set
 from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class EdgeStream:
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
         self.epoch = 0
-        self._backoff = reconnect
+        self._backoff = Backoff(reconnect, max(reconnect, MAX_BACKOFF_SECONDS))  # doubles to 30 s, reset when open
         self._retry_at = 0.0
         self._channel: grpc.aio.Channel | None = None
         self._call = None
@@ -104,13 +104,12 @@ class EdgeStream:
                 await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
             except (asyncio.TimeoutError, grpc.RpcError) as e:
                 await channel.close()
-                self._retry_at = time.monotonic() + self._backoff
-                self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
+                self._retry_at = time.monotonic() + self._backoff.next()
                 raise Unavailable(f"worker {self.address} unreachable ({type(e).__name__})") from None
             self._channel = channel
             self._call = pb_grpc.InferenceStub(channel).InferStream()
             self.epoch += 1
-            self._backoff = self.reconnect
+            self._backoff.reset()
             self._reader = asyncio.create_task(self._read(self._call, self.epoch))
             self.metrics.stream_up.set(1)
             self.metrics.reconnects.inc()
@@ -139,8 +138,7 @@ class EdgeStream:
         logger.log(level, "stream %d to %s ended: %s", self.epoch, self.address, reason)
         self._call = None
         self.metrics.stream_up.set(0)
-        self._retry_at = time.monotonic() + self._backoff
-        self._backoff = min(self._backoff * 2, MAX_BACKOFF_SECONDS)
+        self._retry_at = time.monotonic() + self._backoff.next()
         pending, self._pending = self._pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -190,10 +188,8 @@ class EdgeStream:
         self.closed = True
         call = self._call
         if call is not None:
-            try:
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(call.done_writing(), 1.0)
-            except Exception:
-                pass
             call.cancel()
         if self._reader is not None:
             self._reader.cancel()
