@@ -1,0 +1,166 @@
+"""One client of the planner's gRPC API, for the agent's planner link, the worker's registration and the CLI.
+
+:class:`PlannerClient` owns its channel (the transport's options, a bounded connect), puts a
+deadline on every call and raises the ``runtime.contracts.errors`` family instead of
+``grpc.RpcError``. The two long-lived streams (``WatchPlan``, ``ReportTelemetry``) have the
+``stream_seconds`` deadline, after which the caller reopens them.
+
+    async with PlannerClient(PlannerClientOptions("planner:50070")) as planner:
+        reply = await planner.call("QueryPlan", request)
+
+From synchronous code (the CLI): ``call_planner(address, "QueryPlan", request, timeout)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from runtime.contracts.errors import Unavailable, from_rpc_error
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.wire.transport import TransportOptions
+
+
+@dataclass(frozen=True)
+class PlannerClientOptions:
+    """Where the planner is and how long each thing may take."""
+
+    address: str  # HOST:PORT of the planner
+    transport: TransportOptions = field(default_factory=TransportOptions)  # message size and keep-alive limits
+    connect_timeout: float = 5.0  # seconds to wait for the channel to become ready in connect()
+    rpc_timeout: float = 5.0  # deadline of each unary call (and of each write and the ack on a telemetry stream)
+    stream_seconds: float = 300.0  # deadline of each WatchPlan / ReportTelemetry stream, then it is reopened
+
+
+class PlannerClient:
+    """A channel to the planner; every call has a deadline and raises EdgesplitError on failure."""
+
+    def __init__(self, options: PlannerClientOptions):
+        self.options = options
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: ppb_grpc.PlannerStub | None = None
+
+    @property
+    def address(self) -> str:
+        return self.options.address
+
+    @property
+    def stub(self) -> ppb_grpc.PlannerStub:
+        """The raw stub (opens the channel without waiting for it)."""
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.options.address,
+                                                      options=self.options.transport.channel_options())
+            self._stub = ppb_grpc.PlannerStub(self._channel)
+        return self._stub
+
+    async def connect(self) -> PlannerClient:
+        """Open the channel and wait (``connect_timeout``) until it is ready. Raises Unavailable."""
+        self.stub  # noqa: B018 - opens the channel
+        assert self._channel is not None
+        try:
+            await asyncio.wait_for(self._channel.channel_ready(), self.options.connect_timeout)
+        except asyncio.TimeoutError:
+            raise Unavailable(f"planner {self.options.address} unreachable (no connection within "
+                              f"{self.options.connect_timeout:g}s)") from None
+        return self
+
+    async def close(self) -> None:
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(grace=None)
+
+    async def __aenter__(self) -> PlannerClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- unary calls -----------------------------------------------------------------------
+
+    async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """Call the unary RPC ``method`` (e.g. ``"QueryPlan"``) with a deadline (default ``rpc_timeout``)."""
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout or self.options.rpc_timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def register_agent(self, request: ppb.RegisterAgentRequest) -> ppb.RegisterAgentReply:
+        return await self.call("RegisterAgent", request)
+
+    async def register_worker(self, request: ppb.RegisterWorkerRequest) -> ppb.RegisterWorkerReply:
+        return await self.call("RegisterWorker", request)
+
+    async def report_plan_status(self, status: ppb.PlanStatus) -> ppb.PlanStatusAck:
+        return await self.call("ReportPlanStatus", status)
+
+    async def query_plan(self, query: ppb.PlanQuery) -> ppb.PlanQueryReply:
+        return await self.call("QueryPlan", query)
+
+    async def list_agents(self) -> ppb.ListAgentsReply:
+        return await self.call("ListAgents", ppb.ListAgentsRequest())
+
+    # -- streams ---------------------------------------------------------------------------
+
+    async def watch_plan(self, request: ppb.WatchPlanRequest) -> AsyncIterator[ppb.Plan]:
+        """The plans the planner pushes, until the stream ends. Raises EdgesplitError when it fails,
+        DeadlineExceeded when it reaches ``stream_seconds`` (reopen it then)."""
+        call = self.stub.WatchPlan(request, timeout=self.options.stream_seconds)
+        try:
+            async for plan in call:
+                yield plan
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    def telemetry_stream(self) -> TelemetryStream:
+        """A ReportTelemetry stream, open for ``stream_seconds`` (plus the time for its ack)."""
+        return TelemetryStream(self.stub.ReportTelemetry(
+            timeout=self.options.stream_seconds + 2 * self.options.rpc_timeout), self.options.rpc_timeout)
+
+
+class TelemetryStream:
+    """One client stream of telemetry messages: each write and the final ack are bounded by ``rpc_timeout``."""
+
+    def __init__(self, call: Any, rpc_timeout: float):
+        self._call = call
+        self._timeout = rpc_timeout
+
+    async def write(self, message: ppb.Telemetry) -> None:
+        try:
+            await asyncio.wait_for(self._call.write(message), self._timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    async def finish(self) -> ppb.TelemetryAck:
+        """Half-close and wait for the ack."""
+        try:
+            await asyncio.wait_for(self._call.done_writing(), self._timeout)
+            return await asyncio.wait_for(self._call, self._timeout)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+def call_planner(address: str, method: str, request: Any, timeout: float,
+                 transport: TransportOptions | None = None) -> Any:
+    """One unary call from synchronous code (the CLI): connect, call with ``timeout``, close.
+    Raises EdgesplitError."""
+
+    async def once() -> Any:
+        options = PlannerClientOptions(address, transport or TransportOptions(), connect_timeout=timeout,
+                                       rpc_timeout=timeout)
+        client = PlannerClient(options)
+        try:
+            return await client.call(method, request)
+        finally:
+            await client.close()
+
+    return asyncio.run(once())
