@@ -9,18 +9,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from runtime.agent.client import Agent
 from runtime.agent.sources import load_image
-from runtime.wire.codec import decode_tensor, encode_output
-from runtime.contracts.errors import EdgesplitError, InvalidInput
+from runtime.contracts.errors import InvalidInput
+from runtime.daemon.server import Daemon, DaemonOptions
 from runtime.models import preprocess
 from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
+from runtime.wire.codec import decode_tensor, encode_output
 
 logger = logging.getLogger(__name__)
+
+SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["Agent"].full_name
 
 MAX_IMAGE_BYTES = 32 * 2**20
 
@@ -43,10 +44,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         raise InvalidInput("SubmitRequest needs 'image' (PNG/JPEG bytes) or 'tensor'")
 
     async def Submit(self, request, context):
-        try:
-            x = self._input(request)
-        except EdgesplitError as e:
-            await context.abort(e.code, str(e))
+        x = self._input(request)  # an EdgesplitError becomes its status in the daemon's interceptor
         r = await self.agent.infer(x, "local-api")
         idx, score = r.top1()
         labels = self.agent.loaded.spec.labels
@@ -62,20 +60,22 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 
 @dataclass
 class LocalApi:
-    server: grpc.aio.Server
-    address: str
+    daemon: Daemon
+
+    @property
+    def server(self):
+        return self.daemon.server
+
+    @property
+    def address(self) -> str:
+        return self.daemon.address
 
     async def stop(self, grace: float) -> None:
-        await self.server.stop(grace)
+        """Health NOT_SERVING, then stop (calls in flight get ``grace`` seconds)."""
+        await self.daemon.drain(grace)
 
 
 async def serve_local_api(agent: Agent, address: str) -> LocalApi:
-    server = grpc.aio.server(options=agent.transport.server_options())
-    agent_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(address)
-    await server.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    bound = address if address.startswith("unix:") else f"{address.rsplit(':', 1)[0]}:{port}"
-    return LocalApi(server, bound)
+    daemon = Daemon(DaemonOptions(listen=address, services=(SERVICE_NAME,), transport=agent.transport))
+    await daemon.start(lambda server: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server))
+    return LocalApi(daemon)

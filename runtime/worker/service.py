@@ -23,6 +23,7 @@ from runtime.contracts.errors import (
     Overloaded,
     PreconditionFailed,
     Unavailable,
+    as_error,
 )
 from runtime.models import get_spec, list_models
 from runtime.models.loader import LoadedModel, load_model
@@ -339,17 +340,13 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def Prepare(self, request: pb.PrepareRequest, context: grpc.aio.ServicerContext) -> pb.PrepareResult:
         t0 = time.perf_counter()
-        next_tier = ""
-        try:
-            tail = await self.resolve(request.header)
-            if tail.end is not None:  # chained: the next tier must accept the rest of the route too
-                route = self.next.route(request.header, tail.end)
-                remaining = context.time_remaining()
-                await self.next.prepare(route, None if remaining is None else remaining - 0.05)
-                next_tier = route.address
-        except EdgesplitError as e:
-            self.metrics.errors.labels(e.code.name).inc()
-            await context.abort(e.code, str(e))
+        next_tier = ""  # an EdgesplitError raised here becomes its status (and is counted) in the daemon's interceptor
+        tail = await self.resolve(request.header)
+        if tail.end is not None:  # chained: the next tier must accept the rest of the route too
+            route = self.next.route(request.header, tail.end)
+            remaining = context.time_remaining()
+            await self.next.prepare(route, None if remaining is None else remaining - 0.05)
+            next_tier = route.address
         return pb.PrepareResult(
             input_shape=list(tail.input_shape),
             input_dtype=str(tail.split.dtype).replace("torch.", ""),
@@ -360,17 +357,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         )
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResult:
-        try:
-            if request.tensor.chunks > 1:
-                raise InvalidInput("Infer takes a whole frame (chunks <= 1); send larger tensors on InferStream")
-            return await self.process(request)
-        except EdgesplitError as e:
-            self.metrics.errors.labels(e.code.name).inc()
-            await context.abort(e.code, str(e))
-        except Exception as e:  # a bug: report it as INTERNAL, keep serving
-            logger.exception("Infer failed")
-            self.metrics.errors.labels("INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        # errors become statuses (EdgesplitError its own, a bug INTERNAL) in the daemon's interceptor
+        if request.tensor.chunks > 1:
+            raise InvalidInput("Infer takes a whole frame (chunks <= 1); send larger tensors on InferStream")
+        return await self.process(request)
 
     async def InferStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """One result per frame, in completion order; a bad frame gets an error result, not a dead stream."""
@@ -386,7 +376,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 await out.put(self._error_result(frame.header, e))
             except Exception as e:
                 logger.exception("frame %d failed", frame.header.seq)
-                await out.put(self._error_result(frame.header, EdgesplitError(f"internal error: {type(e).__name__}: {e}")))
+                await out.put(self._error_result(frame.header, as_error(e)))
 
         async def reader() -> None:
             dropped_seq: int | None = None  # the last frame refused part-way; its late chunks are ignored
