@@ -7,26 +7,27 @@ in-process servicer, so the test controls exactly which plans arrive and when.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 
 import grpc
 import pytest
 import torch
-
 from conftest import REPO, TINY_NET, free_port
-from runtime.contracts.profile import Block, Profile
+
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
-from runtime.agent.planner_link import PlannerLink
+from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
-from runtime.wire.codec import get_codec
 from runtime.contracts.errors import InvalidInput, NotFound, PreconditionFailed, Unavailable
+from runtime.contracts.profile import Block, Profile
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.transfer.artifact import save_tl
 from runtime.transfer.layers import TransferLayer
+from runtime.wire.codec import get_codec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -181,7 +182,7 @@ def test_switch_at_frame_boundary_with_frames_in_flight(loaded, frames, expected
         finally:
             await agent.close()
 
-    first, results, reg = asyncio.run(scenario())
+    _first, results, reg = asyncio.run(scenario())
     seqs = sorted(r.seq for _, _, r in results)
     assert seqs == list(range(1, len(results) + 1))  # every frame once; seq counts on across the switch
     by_seq = sorted(results, key=lambda t: t[2].seq)
@@ -321,7 +322,7 @@ class FakePlanner(ppb_grpc.PlannerServicer):
 
 async def serve_fake(fake: FakePlanner, port: int = 0) -> tuple[grpc.aio.Server, int]:
     """Serve ``fake`` on 127.0.0.1:port (0: any); re-binding a just-freed port is retried (bounded)."""
-    for attempt in range(50):
+    for _attempt in range(50):
         server = grpc.aio.server()
         ppb_grpc.add_PlannerServicer_to_server(fake, server)
         try:
@@ -344,10 +345,10 @@ INTERVAL = 0.2
 
 
 def _link(agent, loaded, port: int) -> PlannerLink:
-    return PlannerLink(agent, f"127.0.0.1:{port}", _profile(loaded), "board-1", workers=["w-a"],
-                       constraints={"min_fidelity": 0.9, "objective": "latency"},
-                       telemetry_interval_seconds=INTERVAL, rpc_timeout=5.0, connect_timeout=1.0,
-                       backoff_initial=0.1, backoff_max=0.5)
+    return PlannerLink(agent, PlannerLinkOptions(
+        f"127.0.0.1:{port}", _profile(loaded), "board-1", workers=("w-a",),
+        constraints={"min_fidelity": 0.9, "objective": "latency"}, telemetry_interval_seconds=INTERVAL,
+        rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
 
 
 @pytest.mark.timeout(60)
@@ -391,7 +392,7 @@ def test_planner_link_follows_plans_and_reports(loaded, frames, expected, worker
     assert {v for _, v, _ in pump.results} == {1, 2}
     # bounded rate: consecutive messages at least one interval apart (sent_unix is stamped at send time)
     sent = [t.sent_unix for t in fake.telemetry]
-    assert len(sent) >= 3 and all(b - a >= INTERVAL - 0.01 for a, b in zip(sent, sent[1:])), sent
+    assert len(sent) >= 3 and all(b - a >= INTERVAL - 0.01 for a, b in itertools.pairwise(sent)), sent
     t = fake.telemetry[-1]
     assert t.agent_id == "board-1" and t.worker == "w-a" and "head" in t.stage_seconds
     assert reg.get_sample_value("edgesplit_agent_link_bandwidth_bytes_per_second") > 0
@@ -477,8 +478,8 @@ def test_run_agent_follows_the_planner(loaded, workers, tmp_path):
     async def scenario():
         fake = FakePlanner(_plan(loaded, 3, "act", "raw", a))
         server, port = await serve_fake(fake)
-        base = dict(agent_id="board-1", worker=a, model=str(REPO / TINY_NET), split="stem", codec="raw",
-                    summary=False, torch_threads=1, planner=f"127.0.0.1:{port}", telemetry_interval_seconds=0.2)
+        base = {"agent_id": "board-1", "worker": a, "model": str(REPO / TINY_NET), "split": "stem", "codec": "raw",
+                    "summary": False, "torch_threads": 1, "planner": f"127.0.0.1:{port}", "telemetry_interval_seconds": 0.2}
         try:
             with pytest.raises(InvalidInput, match="cannot read profile"):
                 await run_agent(AgentConfig(**base, profile=str(tmp_path / "missing.json"), source="none"))

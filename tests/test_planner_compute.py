@@ -303,7 +303,7 @@ def test_a_real_agents_head_times_set_the_factor(tmp_path):
     times; the planner's factor is measured from them and its predictions use it."""
     from runtime.agent.client import Agent
     from runtime.agent.config import AgentOptions, InitialPlan
-    from runtime.agent.planner_link import PlannerLink
+    from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
     from runtime.agent.sources import open_source
     from runtime.wire.codec import get_codec
     from runtime.models.loader import load_model
@@ -318,8 +318,8 @@ def test_a_real_agents_head_times_set_the_factor(tmp_path):
     async def scenario():
         ps = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite"), metrics_port=-1))
         agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), AgentOptions(agent_id="board-1", connect_timeout=2.0))
-        link = PlannerLink(agent, f"127.0.0.1:{ps.port}", dev, "board-1", telemetry_interval_seconds=0.1,
-                           rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1)
+        link = PlannerLink(agent, PlannerLinkOptions(f"127.0.0.1:{ps.port}", dev, "board-1", telemetry_interval_seconds=0.1,
+                                                     rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1))
         closed = False
         try:
             await link.start()

@@ -34,7 +34,7 @@ from runtime.contracts.profile import Block, Profile
 from planner.server import serve as serve_planner
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
-from runtime.agent.planner_link import PlannerLink
+from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
 from runtime.wire.codec import get_codec
 from runtime.models.loader import load_model
@@ -102,9 +102,10 @@ def make_agent(loaded) -> Agent:
 
 
 def make_link(agent, loaded, planner: str) -> PlannerLink:
-    return PlannerLink(agent, planner, make_profile(loaded, "device", "board"), AGENT, workers=[WORKER],
-                       constraints={"raw_input_stays": True}, telemetry_interval_seconds=TELEMETRY_INTERVAL,
-                       rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5)
+    return PlannerLink(agent, PlannerLinkOptions(
+        planner, make_profile(loaded, "device", "board"), AGENT, workers=(WORKER,),
+        constraints={"raw_input_stays": True}, telemetry_interval_seconds=TELEMETRY_INTERVAL,
+        rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
 
 
 async def register_worker(stub, loaded, address: str) -> None:

@@ -29,39 +29,72 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-import grpc
-
-from runtime.contracts.errors import EdgesplitError, InvalidInput, Unavailable
+from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Unavailable
+from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
-from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
-from runtime.wire.transport import TransportOptions
-from runtime.wire.asyncutil import cancel_and_wait
+from runtime.wire.asyncutil import Backoff, cancel_and_wait
 from runtime.wire.chain import Hop
+from runtime.wire.transport import TransportOptions
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlannerLinkOptions:
+    """How one agent talks to its planner (``edgesplit agent --planner ...``)."""
+
+    # HOST:PORT of the planner
+    planner_address: str
+    # a runtime.contracts.profile.Profile or the path of its JSON (loaded and checked when the link is built)
+    profile: Any
+    # the id the agent registers under; "" takes the agent's own
+    agent_id: str = ""
+    # worker ids the planner may place this agent on; empty: any it knows
+    workers: tuple[str, ...] = ()
+    # the agent's constraints: a planner_pb2.Constraints, a mapping of its fields, or None for none
+    constraints: Any = None
+    # seconds between telemetry messages (at most one per interval, across reconnects too)
+    telemetry_interval_seconds: float = 1.0
+    # Transfer Layers the agent holds; None: the loaded one and those found in the agent's tl_dir
+    tl_ids: tuple[str, ...] | None = None
+    # deadline of each unary call, each telemetry write and each stream's ack
+    rpc_timeout: float = 5.0
+    # seconds to wait for the planner's channel to be ready before a session counts as failed
+    connect_timeout: float = 5.0
+    # first wait after a failed session; doubles per failure, back to this after a registration
+    backoff_initial: float = 0.5
+    # longest wait between sessions
+    backoff_max: float = 30.0
+    # life of each WatchPlan / ReportTelemetry stream; then it is reopened in the same session
+    stream_seconds: float = 300.0
+    # deadline of the RTT probe made for each telemetry message
+    probe_timeout: float = 1.0
+    # gRPC message size and keep-alive limits of the planner channel
+    transport: TransportOptions = field(default_factory=TransportOptions)
+
+    def client_options(self) -> PlannerClientOptions:
+        return PlannerClientOptions(self.planner_address, self.transport, self.connect_timeout, self.rpc_timeout,
+                                    self.stream_seconds)
 
 
 class PlannerLink:
     """Keeps one agent registered with the planner, its plan current and its telemetry flowing."""
 
-    def __init__(self, agent, planner_address: str, profile: Any, agent_id: str = "",
-                 workers: Iterable[str] = (), constraints: ppb.Constraints | Mapping[str, Any] | None = None,
-                 telemetry_interval_seconds: float = 1.0, *, tl_ids: Iterable[str] | None = None,
-                 rpc_timeout: float = 5.0, connect_timeout: float = 5.0, backoff_initial: float = 0.5,
-                 backoff_max: float = 30.0, stream_seconds: float = 300.0, probe_timeout: float = 1.0,
-                 transport: TransportOptions | None = None):
-        """``profile``: a ``runtime.contracts.profile.Profile`` or the path of its JSON (loaded and checked now,
-        so a bad file is an error at start, not a silent link failure later)."""
+    def __init__(self, agent, options: PlannerLinkOptions):
+        """The profile is loaded and checked now, so a bad file is an error at start, not a silent
+        link failure later."""
         from runtime.contracts.profile import Profile, load
 
-        if not planner_address:
+        profile = options.profile
+        if not options.planner_address:
             raise InvalidInput("planner address is empty; give HOST:PORT of the planner")
-        if not telemetry_interval_seconds > 0 or not math.isfinite(telemetry_interval_seconds):
-            raise InvalidInput("telemetry interval must be a positive number of seconds, "
-                               f"got {telemetry_interval_seconds!r}")
+        interval = options.telemetry_interval_seconds
+        if not interval > 0 or not math.isfinite(interval):
+            raise InvalidInput(f"telemetry interval must be a positive number of seconds, got {interval!r}")
         if isinstance(profile, (str, os.PathLike)):
             if not str(profile):
                 raise InvalidInput("a planner needs the device profile: set 'profile' to the JSON written by "
@@ -75,24 +108,18 @@ class PlannerLink:
             logger.warning("device profile was measured on weights %s, the agent has %s", profile.model_digest,
                            agent.loaded.digest)
         self.agent = agent
-        self.address = planner_address
+        self.options = options
+        self.address = options.planner_address
         self.profile_json = profile.to_json()
-        self.agent_id = agent_id or agent.agent_id
-        self.workers = tuple(workers)
+        self.agent_id = options.agent_id or agent.agent_id
+        constraints = options.constraints
         if constraints is None:
             constraints = ppb.Constraints()
         elif not isinstance(constraints, ppb.Constraints):
             constraints = ppb.Constraints(**dict(constraints))
         self.constraints = constraints
-        self.tl_ids = tuple(tl_ids) if tl_ids is not None else None
-        self.interval = float(telemetry_interval_seconds)
-        self.rpc_timeout = rpc_timeout
-        self.connect_timeout = connect_timeout
-        self.backoff_initial = backoff_initial
-        self.backoff_max = backoff_max
-        self.stream_seconds = stream_seconds
-        self.probe_timeout = probe_timeout
-        self.transport = transport or TransportOptions()
+        self.interval = float(interval)
+        self._backoff = Backoff(options.backoff_initial, max(options.backoff_initial, options.backoff_max))
         # state, for logs, tests and `status`-style introspection
         self.connected = False  # registered and streams open
         self.registrations = 0
@@ -119,42 +146,42 @@ class PlannerLink:
     # -- sessions ----------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        backoff = self.backoff_initial
         while True:
-            channel = grpc.aio.insecure_channel(self.address, options=self.transport.channel_options())
+            planner = PlannerClient(self.options.client_options())
             try:
-                await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
-                stub = ppb_grpc.PlannerStub(channel)
-                reply = await stub.RegisterAgent(self._register_request(), timeout=self.rpc_timeout)
+                await planner.connect()
+                reply = await planner.register_agent(self._register_request())
                 self.registrations += 1
                 self.connected = True
-                backoff = self.backoff_initial
+                self._backoff.reset()
                 logger.info("registered with planner %s as %s (plan v%d offered)", self.address, self.agent_id,
                             reply.plan.version)
                 if reply.plan.version:
-                    await self._on_plan(stub, reply.plan)
-                await self._session(stub)
+                    await self._on_plan(planner, reply.plan)
+                await self._session(planner)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # network trouble or a planner bug: keep the plan, retry later
                 self.last_error = _describe(e)
+                delay = self._backoff.next()
                 logger.warning("planner %s: %s; keeping plan v%d, retrying in %.1fs", self.address, self.last_error,
-                               self.agent.plan_version, backoff)
+                               self.agent.plan_version, delay)
+            else:
+                delay = self._backoff.next()
             finally:
                 self.connected = False
-                await channel.close(grace=None)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.backoff_max)
+                await planner.close()
+            await asyncio.sleep(delay)
 
     def _register_request(self) -> ppb.RegisterAgentRequest:
         return ppb.RegisterAgentRequest(
             agent_id=self.agent_id, model_id=self.agent.loaded.name, model_digest=self.agent.loaded.digest,
-            profile_json=self.profile_json, workers=list(self.workers), tl_ids=self._held_tls(),
+            profile_json=self.profile_json, workers=list(self.options.workers), tl_ids=self._held_tls(),
             constraints=self.constraints)
 
     def _held_tls(self) -> list[str]:
-        if self.tl_ids is not None:
-            return list(self.tl_ids)
+        if self.options.tl_ids is not None:
+            return list(self.options.tl_ids)
         ids = {self.agent.tl.tl_id} if self.agent.tl is not None else set()
         if self.agent.tl_dir:
             from runtime.transfer.artifact import list_tls
@@ -163,9 +190,9 @@ class PlannerLink:
                     if "error" not in m and m.get("model") == self.agent.loaded.name}
         return sorted(ids)
 
-    async def _session(self, stub: ppb_grpc.PlannerStub) -> None:
+    async def _session(self, planner: PlannerClient) -> None:
         """Watch plans and send telemetry until either stream fails (then raise)."""
-        tasks = {asyncio.create_task(self._watch(stub)), asyncio.create_task(self._telemetry(stub))}
+        tasks = {asyncio.create_task(self._watch(planner)), asyncio.create_task(self._telemetry(planner))}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -178,22 +205,17 @@ class PlannerLink:
 
     # -- plans -------------------------------------------------------------------------------
 
-    async def _watch(self, stub: ppb_grpc.PlannerStub) -> None:
+    async def _watch(self, planner: PlannerClient) -> None:
         while True:
-            call = stub.WatchPlan(ppb.WatchPlanRequest(agent_id=self.agent_id, known_version=self.agent.plan_version),
-                                  timeout=self.stream_seconds)
+            request = ppb.WatchPlanRequest(agent_id=self.agent_id, known_version=self.agent.plan_version)
             try:
-                async for plan in call:
-                    await self._on_plan(stub, plan)
-            except grpc.aio.AioRpcError as e:
-                if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise
+                async for plan in planner.watch_plan(request):
+                    await self._on_plan(planner, plan)
+            except DeadlineExceeded:
                 continue  # the stream's own deadline: reopen it
-            finally:
-                call.cancel()
             raise Unavailable("the planner ended the plan stream")
 
-    async def _on_plan(self, stub: ppb_grpc.PlannerStub, plan: ppb.Plan) -> None:
+    async def _on_plan(self, planner: PlannerClient, plan: ppb.Plan) -> None:
         if plan.version == self.agent.plan_version:
             return  # already in effect (the watch starts with the current plan)
         applied, message = True, ""
@@ -216,31 +238,29 @@ class PlannerLink:
             logger.exception("applying plan v%d failed", plan.version)
             applied, message = False, f"plan v{plan.version} refused: internal error: {type(e).__name__}: {e}"
             self.plans_refused += 1
-        await stub.ReportPlanStatus(ppb.PlanStatus(agent_id=self.agent_id, version=plan.version, applied=applied,
-                                                   message=message), timeout=self.rpc_timeout)
+        await planner.report_plan_status(ppb.PlanStatus(agent_id=self.agent_id, version=plan.version,
+                                                        applied=applied, message=message))
 
     # -- telemetry ---------------------------------------------------------------------------
 
-    async def _telemetry(self, stub: ppb_grpc.PlannerStub) -> None:
+    async def _telemetry(self, planner: PlannerClient) -> None:
         while True:
-            call = stub.ReportTelemetry(timeout=self.stream_seconds + 2 * self.rpc_timeout)
+            stream = planner.telemetry_stream()
             opened = time.monotonic()
             try:
-                while time.monotonic() - opened < self.stream_seconds:
+                while time.monotonic() - opened < self.options.stream_seconds:
                     delay = self._last_sent + self.interval - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    msg = await self._telemetry_message()
-                    await asyncio.wait_for(call.write(msg), self.rpc_timeout)
+                    await stream.write(await self._telemetry_message())
                     self._last_sent = time.monotonic()
                     self.telemetry_sent += 1
-                await asyncio.wait_for(call.done_writing(), self.rpc_timeout)
-                await asyncio.wait_for(call, self.rpc_timeout)  # the ack; then a fresh stream
+                await stream.finish()  # the ack; then a fresh stream
             finally:
-                call.cancel()
+                stream.cancel()
 
     async def _telemetry_message(self) -> ppb.Telemetry:
-        await self.agent.probe_rtt(self.probe_timeout)
+        await self.agent.probe_rtt(self.options.probe_timeout)
         link = self.agent.link
         stages, frames = link.take_report()
         return ppb.Telemetry(agent_id=self.agent_id, worker=self._worker_id or self.agent.active.worker,
@@ -263,8 +283,8 @@ def _route(plan: ppb.Plan) -> list[Hop]:
 
 
 def _describe(e: BaseException) -> str:
-    if isinstance(e, grpc.aio.AioRpcError):
-        return f"{e.code().name}: {e.details()}"
+    if isinstance(e, EdgesplitError):
+        return f"{e.code.name}: {e}"
     if isinstance(e, asyncio.TimeoutError):
         return "timed out"
     return f"{type(e).__name__}: {e}"

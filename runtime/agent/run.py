@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,6 +17,7 @@ from runtime.agent.metrics import AgentMetrics
 from runtime.agent.sources import open_source
 from runtime.agent.summary import summarize
 from runtime.daemon.metrics_http import MetricsEndpoint
+from runtime.daemon.server import stop_on_signals
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import INPUT, OUTPUT, SplitPoint
 from runtime.wire.chain import Hop
@@ -74,14 +74,14 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     agent = Agent(loaded, plan, config.agent_options(), metrics)
     link = None
     if config.planner:
-        from runtime.agent.planner_link import PlannerLink
+        from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 
         # built before the agent starts, so a bad profile file is an error before any frame
         try:
-            link = PlannerLink(agent, config.planner, config.profile, agent.agent_id,
-                               workers=config.planner_workers, constraints=config.constraints(),
-                               telemetry_interval_seconds=config.telemetry_interval_seconds,
-                               transport=config.transport())
+            link = PlannerLink(agent, PlannerLinkOptions(
+                config.planner, config.profile, agent.agent_id, workers=tuple(config.planner_workers),
+                constraints=config.constraints(), telemetry_interval_seconds=config.telemetry_interval_seconds,
+                transport=config.transport()))
         except BaseException:
             await agent.close()
             if endpoint is not None:
@@ -96,7 +96,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     local_api = await serve_local_api(agent, config.serve) if config.serve else None
     # Handle SIGTERM/SIGINT before announcing the API, so a supervisor that signals right after
     # the announcement gets a clean shutdown rather than the default (kill) action.
-    stop = _stop_on_signal() if local_api is not None else None
+    stop = stop_on_signals() if local_api is not None else None
     if local_api is not None:
         print(f"edgesplit agent local API on {local_api.address}", file=sys.stderr, flush=True)
     if endpoint is not None:
@@ -166,11 +166,3 @@ async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt) 
         await asyncio.gather(*tasks)
     return ordered
 
-
-def _stop_on_signal() -> asyncio.Event:
-    """An event set by SIGTERM/SIGINT (installed now, on the running loop)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop

@@ -8,16 +8,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Sequence
-
-import grpc
+from collections.abc import Sequence
 
 from runtime.contracts import profile as profiles
-from runtime.wire.asyncutil import cancel_and_wait
-from runtime.contracts.errors import InvalidInput
-from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
-from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.contracts.errors import EdgesplitError, InvalidInput, PreconditionFailed
 from runtime.contracts.tiers import DEVICE
+from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.wire.asyncutil import Backoff, cancel_and_wait
 
 logger = logging.getLogger(__name__)
 
@@ -63,26 +61,27 @@ class PlannerRegistration:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        backoff = 0.5
-        async with grpc.aio.insecure_channel(self.planner) as channel:
-            stub = ppb_grpc.PlannerStub(channel)
+        backoff = Backoff(0.5, MAX_BACKOFF_SECONDS)
+        planner = PlannerClient(PlannerClientOptions(self.planner, rpc_timeout=RPC_TIMEOUT_SECONDS))
+        try:
             while True:
                 try:
-                    reply = await stub.RegisterWorker(self.request, timeout=RPC_TIMEOUT_SECONDS)
-                except grpc.aio.AioRpcError as e:
-                    level = logging.ERROR if e.code() in (grpc.StatusCode.INVALID_ARGUMENT,
-                                                          grpc.StatusCode.FAILED_PRECONDITION) else logging.WARNING
+                    reply = await planner.register_worker(self.request)
+                except EdgesplitError as e:
+                    delay = backoff.next()
+                    level = logging.ERROR if isinstance(e, (InvalidInput, PreconditionFailed)) else logging.WARNING
                     logger.log(level, "planner %s did not register worker %s: %s: %s (retry in %.1fs)", self.planner,
-                               self.worker_id, e.code().name, e.details(), backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+                               self.worker_id, e.code.name, e, delay)
+                    await asyncio.sleep(delay)
                     continue
                 if not self.registered.is_set():
                     logger.info("registered with planner %s as %s at %s (%d profiles)", self.planner, self.worker_id,
                                 self.address, reply.profiles)
                 self.registered.set()
-                backoff = 0.5
+                backoff.reset()
                 await asyncio.sleep(self.refresh_seconds)
+        finally:
+            await planner.close()
 
     async def close(self) -> None:
         await cancel_and_wait(self._task)
