@@ -5,9 +5,10 @@ rows ``[a, b)`` read input rows::
 
     [a*s - p,  (b-1)*s - p + d*(k-1) + 1)
 
-That window is clipped to the real input; what is clipped away lies in the layer's own padding
-(at the true image border only) and is recorded as :class:`Pads`, so a tile computed on the
-cropped input, padded explicitly by those amounts, reproduces the full computation exactly.
+That window is clipped to the real input (and, for a dilated window hanging over the border, past
+the real rows its taps skip: :func:`read_span`); what is cut away lies in the layer's own padding
+(at the true image border only) or is never read, and is recorded as :class:`Pads`, so a tile
+computed on the cropped input, padded explicitly by those amounts, reproduces the full computation.
 
 A fused block is a :class:`Graph`: layers in topological order, each reading one or more earlier
 layers (or the block input), the last one being the block output. Layers that keep the geometry
@@ -95,7 +96,8 @@ class Region:
 
 @dataclass(frozen=True)
 class Pads:
-    """Zero padding (true image border only) a cropped window needs on each side."""
+    """Padding a cropped window needs on each side: the layer's own padding at the true image border
+    (plus, with dilation, border rows no tap reads). Fill with the value the layer pads with."""
 
     top: int = 0
     bottom: int = 0
@@ -130,6 +132,41 @@ def input_span(out: Span, k: int, s: int, p: int, d: int) -> Span:
     if out.size == 0:
         raise ValueError("an empty output span reads nothing")
     return Span(out.start * s - p, (out.stop - 1) * s - p + d * (k - 1) + 1)
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def read_span(out: Span, k: int, s: int, p: int, d: int, n: int) -> Span:
+    """The real input rows (inside ``[0, n)``) that output rows ``out`` read: :func:`input_span`
+    clipped, and tightened past dilation gaps at the border (a dilated window hanging over the
+    edge may skip the first or last real rows; those are then never read and need not be sent).
+    The rows between this span and :func:`input_span` are padding or unread, so filling them with
+    the pad value reproduces the full computation."""
+    full = input_span(out, k, s, p, d)
+    lo, hi = full.start, full.stop - 1
+    if lo < 0:
+        lo = n
+        for o in range(out.start, out.stop):  # windows starting in the padding, then the first inside
+            t = o * s - p
+            tap = t if t >= 0 else t + _ceil_div(-t, d) * d
+            if tap <= t + d * (k - 1):
+                lo = min(lo, tap)
+            if t >= 0:
+                break
+    if hi > n - 1:
+        hi = -1
+        for o in range(out.stop - 1, out.start - 1, -1):  # windows ending past the input, then the last inside
+            e = o * s - p + d * (k - 1)
+            tap = e if e <= n - 1 else e - _ceil_div(e - n + 1, d) * d
+            if tap >= o * s - p:
+                hi = max(hi, tap)
+            if e <= n - 1:
+                break
+    if lo > hi or lo >= n or hi < 0:
+        raise ValueError(f"output rows [{out.start}, {out.stop}) read only padding (k={k}, s={s}, p={p}, d={d})")
+    return Span(lo, hi + 1)
 
 
 def _pair(v: Sequence[int] | int, what: str) -> tuple[int, int]:
@@ -173,7 +210,8 @@ class Layer:
         """The input window output region ``out`` reads, clipped to ``in_hw``, with the pads."""
         rows = input_span(out.rows, self.kernel[0], self.stride[0], self.padding[0], self.dilation[0])
         cols = input_span(out.cols, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1])
-        region = Region(rows, cols).clip(*in_hw)
+        region = Region(read_span(out.rows, self.kernel[0], self.stride[0], self.padding[0], self.dilation[0], in_hw[0]),
+                        read_span(out.cols, self.kernel[1], self.stride[1], self.padding[1], self.dilation[1], in_hw[1]))
         pads = Pads(region.rows.start - rows.start, rows.stop - region.rows.stop,
                     region.cols.start - cols.start, cols.stop - region.cols.stop)
         return Window(region, pads)
@@ -272,12 +310,15 @@ def split_lengths(total: int, weights: Sequence[float]) -> tuple[int, ...]:
         raise ValueError(f"cannot split {total} rows into {n} non-empty parts")
     if min(weights) <= 0:
         raise ValueError(f"weights must be positive, got {list(weights)}")
-    spare = total - n  # one row each first, the rest by share
-    ideal = [spare * w / sum(weights) for w in weights]
-    lengths = [1 + int(x) for x in ideal]
-    by_remainder = sorted(range(n), key=lambda i: (-(ideal[i] - int(ideal[i])), i))
+    ideal = [total * w / sum(weights) for w in weights]
+    lengths = [int(x) for x in ideal]
+    by_remainder = sorted(range(n), key=lambda i: (-(ideal[i] - lengths[i]), i))
     for i in by_remainder[: total - sum(lengths)]:
         lengths[i] += 1
+    for i in range(n):  # a part rounded down to nothing takes a row from the largest
+        if lengths[i] == 0:
+            lengths[max(range(n), key=lambda j: (lengths[j], -j))] -= 1
+            lengths[i] = 1
     return tuple(lengths)
 
 
