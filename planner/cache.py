@@ -9,6 +9,7 @@ re-planner holds the search's; a one-off search makes its own and drops it).
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -18,28 +19,33 @@ V = TypeVar("V")
 
 
 class LRU(Generic[K, V]):
-    """A map of at most ``size`` entries; putting one more evicts the least recently used."""
+    """A map of at most ``size`` entries; putting one more evicts the least recently used. Safe to share
+    between the event loop and the search thread (a lock around each operation)."""
 
     def __init__(self, size: int) -> None:
         if size < 1:
             raise ValueError(f"an LRU holds at least one entry, not {size}")
         self.size = size
         self._data: OrderedDict[K, V] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
-        value = self._data.get(key)
-        if value is not None:
-            self._data.move_to_end(key)
-        return value
+        with self._lock:
+            value = self._data.get(key)
+            if value is not None:
+                self._data.move_to_end(key)
+            return value
 
     def put(self, key: K, value: V) -> None:
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
 
     def clear(self) -> None:
-        self._data.clear()
+        with self._lock:
+            self._data.clear()
 
     def __len__(self) -> int:
         return len(self._data)

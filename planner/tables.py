@@ -20,7 +20,7 @@ TABLES = 256  # transfer tables a SearchCache keeps (one per profile object)
 TRIANGLES = 4  # order masks a SearchCache keeps (one per grid size)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Table:
     """A profile's transfers as arrays: row a = the tensor after a blocks, column = option slot."""
 
@@ -29,7 +29,7 @@ class Table:
     nbytes: np.ndarray  # (n+1, K), inf where a row has fewer options
     encode: np.ndarray  # (n+1, K) encode seconds
     decode: np.ndarray  # (n+1, K) decode seconds
-    fidelity: np.ndarray  # nan = not measured
+    fidelity: np.ndarray  # (n+1, K) fidelity of a TL option, nan = not measured
     is_tl: np.ndarray  # (n+1, K) whether the option runs a Transfer Layer
     seconds: np.ndarray  # prefix sums of block times, length n+1
     params: np.ndarray  # prefix sums of param_bytes
@@ -78,7 +78,7 @@ class SearchCache:
         return tri
 
 
-@dataclass
+@dataclass(frozen=True)
 class LinkCost:
     """Per cut a in 0..n: the chosen transfer and its parts (inf where no transfer is allowed).
 

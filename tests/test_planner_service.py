@@ -121,13 +121,13 @@ def test_watch_resumes_from_known_version_and_does_not_leak(aio, planner):
         calls = [planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC) for _ in range(3)]
         for c in calls:
             assert (await next_plan(c)).version == plan.version
-        assert len(service.agents["a1"].watchers) == 3
+        assert len(service.broadcaster.watchers("a1")) == 3
         for c in calls:
             c.cancel()
         deadline = time.monotonic() + 5
-        while service.agents["a1"].watchers and time.monotonic() < deadline:
+        while service.broadcaster.watchers("a1") and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        assert not service.agents["a1"].watchers
+        assert not service.broadcaster.watchers("a1")
         # a watcher that already knows the current version waits for the next one
         call = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1", known_version=plan.version), timeout=RPC)
         await planner.telemetry(SLOW)
@@ -476,7 +476,7 @@ def test_close_returns_while_registrations_keep_waking_the_planner(tmp_path):
 
         async def poke():
             while not stop.is_set():
-                service._wake.set()
+                service.replanner.wake()
                 await asyncio.sleep(0)
 
         poker = asyncio.create_task(poke())
@@ -484,7 +484,7 @@ def test_close_returns_while_registrations_keep_waking_the_planner(tmp_path):
         try:
             for _ in range(3):  # several tries: the race is timing-dependent
                 await asyncio.wait_for(service.close(), 10)
-                service._closing, service._ticker = False, None
+                service.replanner._closing, service.replanner._ticker = False, None
                 service.start()
                 await asyncio.sleep(0.05)
             await asyncio.wait_for(service.close(), 10)

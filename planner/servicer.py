@@ -1,0 +1,136 @@
+"""The Planner gRPC service's edge: each RPC checks its request (:mod:`planner.requests`), hands it
+to the owner of what it changes, and builds the reply.
+
+Registrations go to :class:`planner.state.PlannerState` (the registry) and
+:class:`planner.replanner.RePlanner` (which decides a plan); telemetry and plan status to the
+re-planner; WatchPlan streams come from :class:`planner.broadcaster.Broadcaster`; queries rank
+through the re-planner without changing any plan.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from planner import decide, requests
+from planner.broadcaster import Broadcaster
+from planner.metrics import PlannerMetrics
+from planner.replanner import RePlanner
+from planner.state import PlannerState
+from runtime.contracts.errors import EdgesplitError
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+R = TypeVar("R")
+Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
+
+
+def _rpc(fn: Handler[R]) -> Handler[R]:
+    """Map EdgesplitError to its status (with its message); anything else to INTERNAL."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: PlannerServicer, request, context: grpc.aio.ServicerContext):
+        try:
+            return await fn(self, request, context)
+        except EdgesplitError as e:
+            self.metrics.errors.labels(e.code.name).inc()
+            await context.abort(e.code, str(e))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug: log it, answer INTERNAL instead of UNKNOWN
+            logger.exception("%s failed", fn.__name__)
+            self.metrics.errors.labels("INTERNAL").inc()
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper
+
+
+class PlannerServicer(pb_grpc.PlannerServicer):
+    def __init__(self, state: PlannerState, replanner: RePlanner, broadcaster: Broadcaster,
+                 metrics: PlannerMetrics) -> None:
+        self.state = state
+        self.replanner = replanner
+        self.broadcaster = broadcaster
+        self.metrics = metrics
+
+    @_rpc
+    async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context) -> pb.RegisterWorkerReply:
+        req = requests.check_worker_request(request, self.state.config)
+        parsed = requests.parse_worker_profiles(req.worker_id, list(request.profiles_json))
+        old = self.state.register_worker(req, parsed, list(request.profiles_json))
+        self.replanner.worker_registered(parsed, old)
+        return pb.RegisterWorkerReply(profiles=len(parsed))
+
+    @_rpc
+    async def RegisterAgent(self, request: pb.RegisterAgentRequest, context) -> pb.RegisterAgentReply:
+        req = requests.check_agent_request(request)
+        rec = self.state.agent_record(req, request)
+        return pb.RegisterAgentReply(plan=await self.replanner.register(rec, req.device))
+
+    @_rpc
+    async def ReportTelemetry(self, request_iterator, context) -> pb.TelemetryAck:
+        received = 0
+        async for t in request_iterator:
+            st = self.state.agent(t.agent_id)
+            received += 1
+            self.metrics.telemetry.inc()
+            bw, rtt = requests.check_telemetry(t)
+            await self.replanner.telemetry(st, t, bw, rtt)
+        return pb.TelemetryAck(received=received)
+
+    @_rpc
+    async def ReportPlanStatus(self, request: pb.PlanStatus, context) -> pb.PlanStatusAck:
+        st = self.state.agent(request.agent_id)
+        requests.check_plan_status(request)
+        await self.replanner.plan_status(st, request)
+        return pb.PlanStatusAck()
+
+    async def WatchPlan(self, request: pb.WatchPlanRequest, context) -> AsyncIterator[pb.Plan]:
+        try:
+            st = self.state.agent(request.agent_id)
+        except EdgesplitError as e:
+            self.metrics.errors.labels(e.code.name).inc()
+            await context.abort(e.code, str(e))
+        # aclosing: the subscription ends with this stream, even when it is closed while waiting to send
+        async with contextlib.aclosing(self.broadcaster.watch(request.agent_id, st.plan, request.known_version)) as plans:
+            async for plan in plans:
+                yield plan
+
+    @_rpc
+    async def QueryPlan(self, request: pb.PlanQuery, context) -> pb.PlanQueryReply:
+        st = self.state.agent(request.agent_id)
+        top_n, bw, rtt = requests.check_query(request, self.state.config, st.device)
+        record = dataclasses.replace(st.record, constraints=request.constraints) if request.HasField("constraints") else None
+        ranked, seconds = await self.replanner.query(st, top_n, rtt, bw, record)
+        reply = pb.PlanQueryReply(decision_seconds=seconds)
+        for i, r in enumerate(ranked):
+            reply.candidates.append(decide.to_plan(st.record, st.device, r,
+                                                   f"candidate {i + 1} of {len(ranked)}: {r.config.describe()}"))
+        return reply
+
+    @_rpc
+    async def ListAgents(self, request: pb.ListAgentsRequest, context) -> pb.ListAgentsReply:
+        reply = pb.ListAgentsReply()
+        now = time.time()
+        for aid, st in sorted(self.state.agents.items()):
+            info = pb.AgentInfo(agent_id=aid, model_id=st.record.model, refused_version=st.record.refused_version,
+                                refused_message=st.record.refused_message, telemetry_age_seconds=-1.0)
+            if st.plan is not None:
+                info.plan.CopyFrom(st.plan)
+            lk = st.links.get(st.plan.worker_id) if st.plan is not None and st.plan.worker_id else None
+            if lk is not None:
+                info.bandwidth_bytes_per_second, info.rtt_seconds = lk.bandwidth_bytes_per_second, lk.rtt_seconds
+            if st.links:
+                info.telemetry_age_seconds = max(0.0, now - max(x.updated_unix for x in st.links.values()))
+            reply.agents.append(info)
+        return reply

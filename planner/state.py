@@ -1,0 +1,263 @@
+"""The planner's registry: the workers and agents it knows, their link estimates, and the store.
+
+:class:`PlannerState` is the only owner of :class:`planner.store.Store` access. It holds, per
+worker, its record and parsed profiles (:class:`WorkerState`), and per agent what decisions read
+and what they leave (:class:`AgentState`: its record, its device profile scaled by the measured
+compute speed, the plan the planner believes runs, its links, whether conditions changed and the
+last refusal). It decides nothing: :mod:`planner.replanner` reads and marks it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+from planner import compute, decide, requests
+from planner.cache import LRU
+from planner.compute import DeviceSpeed
+from planner.config import PlannerConfig
+from planner.decide import Candidate, PlanKey
+from planner.metrics import PlannerMetrics
+from planner.store import AgentRecord, LinkRecord, PlanRecord, SpeedRecord, Store, WorkerRecord
+from runtime.contracts import profile as profiles
+from runtime.contracts.costmodel import Link
+from runtime.contracts.errors import NotFound, Overloaded, PreconditionFailed
+from runtime.contracts.profile import Profile
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+DERIVED = 64  # device profiles limited to some transfers that an agent keeps
+
+
+@dataclass
+class WorkerState:
+    record: WorkerRecord
+    profiles: dict[str, Profile]  # model -> profile with machine = worker id
+    generation: int = 0
+
+
+@dataclass
+class AgentState:
+    """One registered agent: made from its record and device profile; the rest is filled in as it runs."""
+
+    record: AgentRecord  # its registration
+    device: Profile  # what decisions use: the registered profile scaled by speed.applied
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one decision or registration at a time
+    benchmark: Profile | None = None  # the device profile as registered (default: device)
+    plan: pb.Plan | None = field(default=None, init=False)  # what the planner believes runs (the last not refused)
+    links: dict[str, LinkRecord] = field(default_factory=dict, init=False)  # worker id -> last estimate
+    unsaved_links: set[str] = field(default_factory=set, init=False)  # worker ids whose estimate is not stored
+    last_acted: float = field(default=-math.inf, init=False)  # monotonic time telemetry last triggered a decision
+    dirty: bool = field(default=False, init=False)  # conditions changed since the last decision
+    cause: str = field(default="telemetry", init=False)  # what changed them (a metrics label of PLAN_REASONS)
+    refused_key: PlanKey | None = field(default=None, init=False)  # not proposed again until conditions change
+    refused_conditions: dict = field(default_factory=dict, init=False)  # PlannerState.conditions at the refusal
+    speed: DeviceSpeed = field(default_factory=DeviceSpeed, init=False)  # measured / profiled device compute
+    # derived device profiles, the same objects while they live (so the search finds their tables again)
+    _derived: LRU[tuple, Profile] = field(default_factory=lambda: LRU(DERIVED), init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.benchmark is None:
+            self.benchmark = self.device
+
+    def mark(self, cause: str) -> None:
+        """Conditions changed (``cause``: a metrics label of PLAN_REASONS): decide again."""
+        self.dirty, self.cause = True, cause
+
+    def apply_speed(self, force: bool = False) -> bool:
+        """Scale the device profile decisions use by the slowdown factor, if it moved (or ``force``);
+        True when it did."""
+        if not (force or self.speed.moved()):
+            return False
+        self.speed.applied = self.speed.factor
+        assert self.benchmark is not None
+        self.device = compute.scaled(self.benchmark, self.speed.factor)
+        self._derived.clear()
+        return True
+
+    def device_for(self, tl_ids: frozenset[str], cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
+        """The device profile limited to TLs held on both ends, optionally to one transfer at one cut."""
+        key = (tl_ids, cut_transfer)
+        hit = self._derived.get(key)
+        if hit is not None:
+            return hit
+        p = decide.limit_device(self.device, tl_ids, cut_transfer)
+        if p is not None:
+            self._derived.put(key, p)
+        return p
+
+
+class PlannerState:
+    """Who is registered, their links, and everything read from or written to the store."""
+
+    def __init__(self, config: PlannerConfig, store: Store, metrics: PlannerMetrics) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.workers: dict[str, WorkerState] = {}
+        self.agents: dict[str, AgentState] = {}
+        self.generation = 0  # counts worker registrations (each worker remembers the one that made it)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Resume from the store: workers, agents, their plans, links and refusals."""
+        for wid, rec in self.store.workers().items():
+            self.workers[wid] = WorkerState(rec, requests.parse_worker_profiles(rec.id, list(rec.profiles.values())))
+        plans, links, speeds = self.store.current_plans(), self.store.links(), self.store.speeds()
+        for aid, rec in self.store.agents().items():
+            st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
+            st.plan = plans[aid].plan if aid in plans else None
+            st.links = links.get(aid, {})
+            if aid in speeds and self.config.compute_telemetry:
+                st.speed = DeviceSpeed(speeds[aid].slowdown, speeds[aid].samples)
+                st.apply_speed()
+            if rec.refused_version and (st.plan is None or rec.refused_version > st.plan.version):
+                refused = self.store.plan(aid, rec.refused_version)
+                if refused is not None:
+                    st.refused_key = decide.plan_key(refused.plan)
+                    st.refused_conditions = self.conditions(st)
+            st.mark("restart")  # re-check once: a worker may have changed meanwhile
+            self.agents[aid] = st
+        self.metrics.agents.set(len(self.agents))
+        self.metrics.workers.set(len(self.workers))
+        if self.agents or self.workers:
+            logger.info("resumed %d agents and %d workers from %s (last plan version %d)", len(self.agents),
+                        len(self.workers), self.store.path, self.store.last_version())
+
+    # -- lookups -------------------------------------------------------------------------------
+
+    def agent(self, agent_id: str) -> AgentState:
+        st = self.agents.get(agent_id)
+        if st is None:
+            shown = agent_id if len(agent_id) <= 40 else agent_id[:40] + "..."
+            raise NotFound(f"agent {shown!r} is not registered with this planner: call RegisterAgent first")
+        return st
+
+    def resolve_worker(self, name: str) -> str:
+        """A worker id, or the id of the worker at that address (an agent may only know the address); "" if none."""
+        if not name or name in self.workers:
+            return name
+        return next((wid for wid, w in self.workers.items() if w.record.address == name), "")
+
+    def link(self, st: AgentState, worker_id: str) -> LinkRecord:
+        lk = st.links.get(worker_id)
+        if lk is None:
+            return LinkRecord(self.config.default_rtt_seconds, self.config.default_bandwidth_bytes_per_second, 0.0)
+        return lk
+
+    def worker_link(self) -> Link:
+        """The worker-to-worker link of chained plans (configured: agents measure only their own)."""
+        return Link(self.config.worker_link_rtt_seconds, self.config.worker_link_bandwidth_bytes_per_second)
+
+    def candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0,
+                   record: AgentRecord | None = None) -> list[Candidate]:
+        workers = [(w.record, w.profiles) for _, w in sorted(self.workers.items())]
+        return decide.candidates(record or st.record, st.device, workers, lambda wid: self.link(st, wid), rtt,
+                                 bandwidth)
+
+    def conditions(self, st: AgentState) -> dict[str, tuple[int, float, float]]:
+        """What a refusal is remembered against: per candidate worker, its registration and link."""
+        return {c.worker_id: (self.workers[c.worker_id].generation, c.link.rtt_seconds, c.link.bandwidth_bytes_per_second)
+                for c in self.candidates(st)}
+
+    # -- registrations -------------------------------------------------------------------------
+
+    def register_worker(self, req: requests.WorkerRequest, parsed: dict[str, Profile],
+                        texts: list[str]) -> WorkerState | None:
+        """Store and hold a worker's registration (``texts``: its profile documents, as ``parsed``);
+        returns its previous state, if any."""
+        wid = req.worker_id
+        if wid not in self.workers and len(self.workers) >= self.config.max_workers:
+            raise Overloaded(f"the planner holds {len(self.workers)} workers, its max_workers limit")
+        now = time.time()
+        old = self.workers.get(wid)
+        rec = WorkerRecord(wid, req.address, req.tier, req.tl_ids, dict(zip(parsed, texts, strict=False)),
+                           old.record.registered if old else now, now, req.next_tiers)
+        self.store.put_worker(rec)
+        self.generation += 1
+        self.workers[wid] = WorkerState(rec, parsed, self.generation)
+        self.metrics.workers.set(len(self.workers))
+        logger.info("worker %s at %s (%s): %s%s", wid, req.address, req.tier, ", ".join(sorted(parsed)),
+                    f"; forwards to {', '.join(req.next_tiers)}" if req.next_tiers else "")
+        return old
+
+    def agent_record(self, req: requests.AgentRequest, request: pb.RegisterAgentRequest) -> AgentRecord:
+        """The record of a checked agent registration, once it can run here (room, and a worker it names
+        that can take its frames, if it names any registered)."""
+        aid = req.agent_id
+        if aid not in self.agents and len(self.agents) >= self.config.max_agents:
+            raise Overloaded(f"the planner holds {len(self.agents)} agents, its max_agents limit")
+        constraints = pb.Constraints()
+        constraints.CopyFrom(request.constraints)
+        now = time.time()
+        old = self.agents.get(aid)
+        rec = AgentRecord(aid, req.model, request.model_digest or req.device.model_digest, request.profile_json,
+                          req.workers, req.tl_ids, constraints, old.record.registered if old else now, now)
+        named = [wid for wid in req.workers if wid in self.workers]
+        problems = [why for why in (decide.incompatibility(rec, req.device, wid, self.workers[wid].profiles)
+                                    for wid in named) if why]
+        if problems and len(problems) == len(named):
+            raise PreconditionFailed("none of the workers this agent names can take its frames: " + "; ".join(problems))
+        for why in problems:
+            logger.warning("agent %s: %s", aid, why)
+        return rec
+
+    def put_agent(self, rec: AgentRecord, device: Profile, lock: asyncio.Lock) -> tuple[AgentState, AgentState | None]:
+        """Store and hold an agent's registration (under its ``lock``); a re-registration of the same board
+        keeps what it runs and its links, and its slowdown factor if the benchmark is the same. Returns
+        the new state and the old one."""
+        aid = rec.id
+        old = self.agents.get(aid)
+        st = AgentState(rec, device, lock=lock)
+        if old is not None:  # same board, new registration: keep what it runs and its links
+            st.plan, st.links = old.plan, old.links
+            st.unsaved_links, st.last_acted = old.unsaved_links, old.last_acted
+            if old.record.profile == rec.profile:  # the same benchmark: its slowdown factor still holds
+                st.speed = old.speed
+                st.apply_speed(force=True)
+            elif old.speed.samples:  # re-profiled: measured against the new profile from scratch
+                self.store.put_speed(aid, SpeedRecord(1.0, 0, rec.last_seen))
+        self.store.put_agent(rec)
+        self.agents[aid] = st
+        self.metrics.agents.set(len(self.agents))
+        return st, old
+
+    # -- measurements --------------------------------------------------------------------------
+
+    def record_link(self, st: AgentState, worker: str, rtt: float, bandwidth: float, now: float) -> None:
+        """A new estimate of the agent's link to ``worker`` (0: keep that figure), saved later."""
+        old = self.link(st, worker)
+        st.links[worker] = LinkRecord(rtt or old.rtt_seconds, bandwidth or old.bandwidth_bytes_per_second, now)
+        st.unsaved_links.add(worker)
+
+    def save_links(self, st: AgentState) -> None:
+        for wid in sorted(st.unsaved_links):
+            if wid in st.links:
+                self.store.put_link(st.record.id, wid, st.links[wid])
+        if st.unsaved_links:
+            self.store.touch_agent(st.record.id, st.record.last_seen)
+        st.unsaved_links.clear()
+        if st.speed.unsaved:
+            self.store.put_speed(st.record.id, SpeedRecord(st.speed.factor, st.speed.samples, time.time()))
+            st.speed.unsaved = False
+
+    # -- plans ---------------------------------------------------------------------------------
+
+    def issue_plan(self, plan: pb.Plan) -> pb.Plan:
+        """Store ``plan`` under the next version; returns it with that version."""
+        return self.store.issue_plan(plan)
+
+    def stored_plan(self, agent_id: str, version: int) -> PlanRecord | None:
+        return self.store.plan(agent_id, version)
+
+    def current_plan(self, agent_id: str) -> PlanRecord | None:
+        """The agent's highest plan version that it did not refuse."""
+        return self.store.current_plan(agent_id)
+
+    def set_plan_status(self, agent_id: str, version: int, status: str, message: str) -> bool:
+        return self.store.set_plan_status(agent_id, version, status, message)
