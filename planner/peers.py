@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contracts.costmodel import Link, Network
-from runtime.contracts.profile import Block, Profile, Transfer
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import Block, Profile, Transfer
 from runtime.contracts.tiers import TIERS
 
 RAW_INPUT_BYTES = 150_000  # Scission: "when the device runs nothing, the raw input counts as 0.15 MB"

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from planner.search import NO_CONSTRAINTS, search
 from runtime.contracts.costmodel import Constraints, Network, Tier
-from planner.search import search
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.tiers import CLOUD, DEVICE, EDGE
 
 
-def per_split(tiers: list[Tier], network: Network, constraints: Constraints = Constraints(),
+def per_split(tiers: list[Tier], network: Network, constraints: Constraints = NO_CONSTRAINTS,
               include_return: bool = True) -> list[tuple[int, str, dict[str, float]]]:
     """For every number of device blocks a: (a, split name, seconds by part) of the best configuration."""
     n = tiers[0].profiles[0].n_blocks
@@ -56,7 +56,7 @@ def plot_splits(tiers: list[Tier], network: Network, constraints: Constraints, p
     for part in parts:
         vals = [r[2].get(part, 0.0) for r in rows]
         ax.bar(x, vals, bottom=bottom, label=part, color=colors.get(part))
-        bottom = [b + v for b, v in zip(bottom, vals)]
+        bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     best = min(range(len(rows)), key=lambda i: bottom[i])
     ax.annotate("best", (best, bottom[best]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
     step = max(1, len(rows) // 30)

@@ -13,13 +13,13 @@ import math
 import re
 from dataclasses import dataclass
 
+from planner.config import PlannerConfig
 from runtime.contracts import constraints
 from runtime.contracts import profile as profiles
-from planner.config import PlannerConfig
-from runtime.contracts.profile import Profile
 from runtime.contracts.errors import InvalidInput
-from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.contracts.profile import Profile
 from runtime.contracts.tiers import DEVICE, EDGE, WORKER_TIERS
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 MAX_ID_CHARS = 128
 MAX_LIST = 256  # workers, TL ids or excluded workers one request may name
@@ -113,8 +113,8 @@ def parse_worker_profiles(worker_id: str, texts: list[str]) -> dict[str, Profile
     for i, text in enumerate(texts):
         p = profiles.loads(text, f"profiles_json[{i}]")
         if p.role == DEVICE:
-            raise InvalidInput(f"profiles_json[{i}] ({p.model}) was measured as a device (role 'device'); a worker "
-                               "registers profiles measured on itself, with role edge or cloud")
+            raise InvalidInput(f"profiles_json[{i}] ({p.model}) was measured as a device (role {DEVICE!r}); a worker "
+                               f"registers profiles measured on itself, with role {' or '.join(WORKER_TIERS)}")
         if p.model in out:
             raise InvalidInput(f"profiles_json[{i}]: a second profile of {p.model}; send one profile per model")
         out[p.model] = dataclasses.replace(p, machine=worker_id) if p.machine != worker_id else p
