@@ -60,7 +60,7 @@ class EdgeStream:
         self._backoff = Backoff(reconnect, max(reconnect, MAX_BACKOFF_SECONDS))  # doubles to 30 s, reset when open
         self._retry_at = 0.0
         self._channel: grpc.aio.Channel | None = None
-        self._call = None
+        self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
         self._open_lock = asyncio.Lock()
@@ -107,7 +107,8 @@ class EdgeStream:
                 self._retry_at = time.monotonic() + self._backoff.next()
                 raise Unavailable(f"worker {self.address} unreachable ({type(e).__name__})") from None
             self._channel = channel
-            self._call = pb_grpc.InferenceStub(channel).InferStream()
+            # the generated gRPC stubs (inference_pb2_grpc) carry no annotations
+            self._call = pb_grpc.InferenceStub(channel).InferStream()  # type: ignore[no-untyped-call]
             self.epoch += 1
             self._backoff.reset()
             self._reader = asyncio.create_task(self._read(self._call, self.epoch))
@@ -115,7 +116,7 @@ class EdgeStream:
             self.metrics.reconnects.inc()
             logger.info("stream %d open to %s", self.epoch, self.address)
 
-    async def _read(self, call, epoch: int) -> None:
+    async def _read(self, call: grpc.aio.StreamStreamCall, epoch: int) -> None:
         reason = "stream closed by the worker"
         try:
             async for res in call:
@@ -131,7 +132,7 @@ class EdgeStream:
         finally:
             self._broken(call, reason)
 
-    def _broken(self, call, reason: str) -> None:
+    def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str) -> None:
         if self._call is not call:
             return
         level = logging.INFO if reason == "agent closing" or self.closed else logging.WARNING
@@ -150,7 +151,7 @@ class EdgeStream:
     async def send(self, request: pb.InferRequest) -> asyncio.Future:
         """Send one frame; returns a future for its result. Raises Unavailable."""
         await self._ensure_open()
-        call = self._call
+        call: grpc.aio.StreamStreamCall = self._call  # open: _ensure_open returned
         request.header.stream_epoch = self.epoch
         seq = request.header.seq
         fut = asyncio.get_running_loop().create_future()
@@ -169,7 +170,9 @@ class EdgeStream:
         """Have the worker load the tail now (unary, with a deadline). Raises EdgesplitError."""
         await self._ensure_open()
         try:
-            return await pb_grpc.InferenceStub(self._channel).Prepare(pb.PrepareRequest(header=header), timeout=timeout)
+            stub = pb_grpc.InferenceStub(self._channel)  # type: ignore[no-untyped-call]  # generated, unannotated
+            result: pb.PrepareResult = await stub.Prepare(pb.PrepareRequest(header=header), timeout=timeout)
+            return result
         except grpc.aio.AioRpcError as e:
             raise from_rpc_error(e) from None
 
