@@ -169,7 +169,7 @@ def read_span(out: Span, k: int, s: int, p: int, d: int, n: int) -> Span:
     return Span(lo, hi + 1)
 
 
-def _pair(v: Sequence[int] | int, what: str) -> tuple[int, int]:
+def pair(v: Sequence[int] | int, what: str) -> tuple[int, int]:
     t = (int(v), int(v)) if isinstance(v, int) else tuple(int(x) for x in v)
     if len(t) != 2:
         raise ValueError(f"{what} needs 2 values (rows, columns), got {v!r}")
@@ -193,7 +193,7 @@ class Layer:
         if self.kind not in KINDS:
             raise ValueError(f"layer {self.name!r}: kind {self.kind!r} is not one of {KINDS}")
         for what in ("kernel", "stride", "padding", "dilation"):
-            object.__setattr__(self, what, _pair(getattr(self, what), f"layer {self.name!r} {what}"))
+            object.__setattr__(self, what, pair(getattr(self, what), f"layer {self.name!r} {what}"))
         object.__setattr__(self, "inputs", tuple(self.inputs))
         if min(*self.kernel, *self.stride, *self.dilation) < 1 or min(self.padding) < 0:
             raise ValueError(f"layer {self.name!r}: kernel, stride, dilation must be >= 1 and padding >= 0")

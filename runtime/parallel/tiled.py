@@ -79,11 +79,11 @@ def _layer(sliced: SlicedModel, node: fx.Node, info: LayerInfo, shapes: dict[str
     if node.op == "call_module" and info.kind in WINDOW_MODULES:
         mod = sliced.graph_module.get_submodule(str(node.target))
         _check_window_module(node, mod, info)
-        k = info.kernel or (1, 1)
+        k = rf.pair(info.kernel or 1, f"{node.name} kernel")
+        s, p, d = (rf.pair(v, f"{node.name} geometry") for v in (info.stride or k, info.padding or 0, info.dilation or 1))
         in_c = _channels(shapes.get(inputs[0])) if inputs else 1
         cost = k[0] * k[1] * (in_c // (info.groups or 1)) * out_c if info.kind == "Conv2d" else k[0] * k[1] * out_c
-        return Layer(node.name, WINDOW_MODULES[info.kind], inputs, k, info.stride or k, info.padding or (0, 0),
-                     info.dilation or (1, 1), float(cost))
+        return Layer(node.name, WINDOW_MODULES[info.kind], inputs, k, s, p, d, float(cost))
     if (node.op == "call_module" and info.kind in POINTWISE_MODULES) or (
             node.op == "call_function" and info.kind in POINTWISE_FUNCTIONS):
         return Layer(node.name, rf.POINTWISE, inputs, cost=float(out_c))
