@@ -279,5 +279,21 @@ def test_run_tile_is_what_a_worker_does_with_its_crop():
     assert (y - ref).abs().max() <= TOL * ref.abs().max()
     with pytest.raises(InvalidInput):
         seg.run_tile(x, seg.regions((67, 53), rf.grid(out_hw, 2))[0])  # the whole image is not its crop
+    with pytest.raises(InvalidInput, match="empty"):
+        stitch(parts[:1], out_hw)  # part of the map is missing
+    with pytest.raises(InvalidInput, match="overlaps"):
+        stitch([*parts, parts[0]], out_hw)
     with pytest.raises(InvalidInput):
-        stitch(parts[:1], out_hw)  # half the map is missing
+        seg.regions((67, 53), [Region.of(40, 50, 0, 5)])  # off the 17 x 14 output
+
+
+@pytest.mark.parametrize("module", [
+    nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2, ceil_mode=True)),
+    nn.Sequential(nn.Conv2d(3, 4, 3, padding="same")),
+    nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")),
+    nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)),
+    nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 15 * 13, 2)),
+], ids=["ceil-mode", "same-padding", "reflect-padding", "global-pool", "flatten-linear"])
+def test_layers_that_cannot_be_tiled_exactly_are_refused(module):
+    with pytest.raises(InvalidInput, match="cannot be tiled"):
+        TiledSegment.from_module(module.eval(), (1, 3, 17, 15))

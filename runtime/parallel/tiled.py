@@ -175,7 +175,11 @@ class TiledSegment:
         return cls(sliced, 0, len(sliced.split_points) - 1)
 
     def regions(self, in_hw: tuple[int, int], tiles: Sequence[Region]) -> tuple[TileRegions, ...]:
-        return rf.tile_regions(self.geometry, in_hw, tiles)
+        """Per tile: the input crop it reads and what each layer computes (see ``receptive``)."""
+        try:
+            return rf.tile_regions(self.geometry, in_hw, tiles)
+        except ValueError as e:  # an input too small for the segment, a tile off the map ...
+            raise InvalidInput(f"cannot tile this segment for input {in_hw}: {e}") from None
 
     def out_size(self, in_hw: tuple[int, int]) -> tuple[int, int]:
         return self.geometry.out_size(in_hw)
@@ -234,12 +238,15 @@ def stitch(parts: Sequence[tuple[Region, torch.Tensor]], out_hw: tuple[int, int]
         raise InvalidInput("nothing to stitch")
     first = parts[0][1]
     out = first.new_empty((*first.shape[:-2], *out_hw))
-    covered = 0
+    covered = torch.zeros(out_hw, dtype=torch.bool)
     for region, t in parts:
         if tuple(t.shape[-2:]) != region.shape or not Region.full(*out_hw).contains(region):
             raise InvalidInput(f"tile {tuple(t.shape[-2:])} does not fit region {region} of {out_hw}")
-        out[..., region.rows.start: region.rows.stop, region.cols.start: region.cols.stop] = t
-        covered += region.area
-    if covered != out_hw[0] * out_hw[1]:
-        raise InvalidInput(f"tiles cover {covered} pixels of {out_hw[0] * out_hw[1]}")
+        where = (slice(region.rows.start, region.rows.stop), slice(region.cols.start, region.cols.stop))
+        if covered[where].any():
+            raise InvalidInput(f"tile {region} overlaps another tile")
+        covered[where] = True
+        out[(..., *where)] = t
+    if not covered.all():
+        raise InvalidInput(f"the tiles leave {int((~covered).sum())} of {out_hw[0] * out_hw[1]} output pixels empty")
     return out
