@@ -1,9 +1,9 @@
 """Bounded caches with an owner: the planner's only memory between searches.
 
 :class:`LRU` is a small least-recently-used map. :class:`IdentityMemo` keeps values derived from
-objects (a profile's transfer table, a profile limited to some transfers) keyed by those objects'
-identity: an entry holds its inputs alive, so their ids cannot be reused while it lives, and a
-hit is checked by identity too. Whoever owns one decides its size and its lifetime (the
+objects (a profile limited to some transfers) keyed by those objects' identity: an entry holds
+its inputs alive, so no other object can have their ids while it lives, and a hit is the same
+objects. Whoever owns one decides its size and its lifetime (the
 re-planner holds the search's; a one-off search makes its own and drops it).
 """
 
@@ -61,7 +61,7 @@ class IdentityMemo:
         """The value ``make()`` gave for ``inputs`` (the same objects) under ``kind``, made now if none is held."""
         key = (kind, *map(id, inputs))
         hit = self._lru.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], inputs, strict=True)):
+        if hit is not None:  # its inputs are alive in the entry: these are they
             return hit[1]  # type: ignore[return-value]
         out = make()
         self._lru.put(key, (inputs, out))

@@ -12,7 +12,7 @@ from functools import cached_property
 
 import numpy as np
 
-from planner.cache import LRU, IdentityMemo
+from planner.cache import LRU
 from runtime.contracts.costmodel import Constraints, Network
 from runtime.contracts.profile import Profile, Transfer
 
@@ -63,11 +63,17 @@ class SearchCache:
     """What searches may reuse: transfer tables per profile object and order masks per grid size.
     Owned by whoever runs the searches (the re-planner keeps one; a one-off search makes its own)."""
 
-    tables: IdentityMemo = field(default_factory=lambda: IdentityMemo(TABLES))  # Profile -> Table
+    # id(profile) -> (the profile, kept alive so that no other object has its id while held; its table)
+    tables: LRU[int, tuple[Profile, Table]] = field(default_factory=lambda: LRU(TABLES))
     triangles: LRU[int, np.ndarray] = field(default_factory=lambda: LRU(TRIANGLES))  # size -> order mask
 
     def table(self, p: Profile) -> Table:
-        return self.tables.get("table", (p,), lambda: build_table(p))
+        hit = self.tables.get(id(p))
+        if hit is not None:
+            return hit[1]
+        table = build_table(p)
+        self.tables.put(id(p), (p, table))
+        return table
 
     def triangle(self, size: int) -> np.ndarray:
         """(size, size): 0 where a < b, inf elsewhere."""
