@@ -10,7 +10,7 @@ once). Subscriptions are per agent id, so a re-registration of the same board ke
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from planner.metrics import PlannerMetrics
@@ -41,7 +41,7 @@ class Broadcaster:
             w.latest = plan
             w.event.set()
 
-    async def watch(self, agent_id: str, current: pb.Plan | None, known_version: int) -> AsyncIterator[pb.Plan]:
+    async def watch(self, agent_id: str, current: pb.Plan | None, known_version: int) -> AsyncGenerator[pb.Plan, None]:
         """The plans of ``agent_id`` newer than ``known_version``, from ``current`` on, until :meth:`close`."""
         w = Watcher(latest=current)
         if current is not None:

@@ -58,7 +58,7 @@ class RePlanner:
         self.hysteresis = Hysteresis(config.switch_gain, config.switch_min_gain_seconds, config.hold_seconds, clock)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="planner-search")
         self.cache = DecisionCache()  # used by the executor's searches (and _chain_of, on the loop)
-        self._ticker: asyncio.Task | None = None
+        self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
 

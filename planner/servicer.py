@@ -15,7 +15,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -39,7 +39,7 @@ def _rpc(fn: Handler[R]) -> Handler[R]:
     """Map EdgesplitError to its status (with its message); anything else to INTERNAL."""
 
     @functools.wraps(fn)
-    async def wrapper(self: PlannerServicer, request, context: grpc.aio.ServicerContext):
+    async def wrapper(self: PlannerServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await fn(self, request, context)
         except EdgesplitError as e:
@@ -64,7 +64,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.metrics = metrics
 
     @_rpc
-    async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context) -> pb.RegisterWorkerReply:
+    async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: grpc.aio.ServicerContext) -> pb.RegisterWorkerReply:
         req = requests.check_worker_request(request, self.state.config)
         parsed = requests.parse_worker_profiles(req.worker_id, list(request.profiles_json))
         old = self.state.register_worker(req, parsed, list(request.profiles_json))
@@ -72,13 +72,13 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         return pb.RegisterWorkerReply(profiles=len(parsed))
 
     @_rpc
-    async def RegisterAgent(self, request: pb.RegisterAgentRequest, context) -> pb.RegisterAgentReply:
+    async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
         req = requests.check_agent_request(request)
         rec = self.state.agent_record(req, request)
         return pb.RegisterAgentReply(plan=await self.replanner.register(rec, req.device))
 
     @_rpc
-    async def ReportTelemetry(self, request_iterator, context) -> pb.TelemetryAck:
+    async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
         received = 0
         async for t in request_iterator:
             st = self.state.agent(t.agent_id)
@@ -89,13 +89,13 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         return pb.TelemetryAck(received=received)
 
     @_rpc
-    async def ReportPlanStatus(self, request: pb.PlanStatus, context) -> pb.PlanStatusAck:
+    async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:
         st = self.state.agent(request.agent_id)
         requests.check_plan_status(request)
         await self.replanner.plan_status(st, request)
         return pb.PlanStatusAck()
 
-    async def WatchPlan(self, request: pb.WatchPlanRequest, context) -> AsyncIterator[pb.Plan]:
+    async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:
         try:
             st = self.state.agent(request.agent_id)
         except EdgesplitError as e:
@@ -107,7 +107,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
                 yield plan
 
     @_rpc
-    async def QueryPlan(self, request: pb.PlanQuery, context) -> pb.PlanQueryReply:
+    async def QueryPlan(self, request: pb.PlanQuery, context: grpc.aio.ServicerContext) -> pb.PlanQueryReply:
         st = self.state.agent(request.agent_id)
         top_n, bw, rtt = requests.check_query(request, self.state.config, st.device)
         record = dataclasses.replace(st.record, constraints=request.constraints) if request.HasField("constraints") else None
@@ -119,7 +119,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         return reply
 
     @_rpc
-    async def ListAgents(self, request: pb.ListAgentsRequest, context) -> pb.ListAgentsReply:
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsReply:
         reply = pb.ListAgentsReply()
         now = time.time()
         for aid, st in sorted(self.state.agents.items()):

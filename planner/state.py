@@ -106,8 +106,8 @@ class PlannerState:
 
     def load(self) -> None:
         """Resume from the store: workers, agents, their plans, links and refusals."""
-        for wid, rec in self.store.workers().items():
-            self.workers[wid] = WorkerState(rec, requests.parse_worker_profiles(rec.id, list(rec.profiles.values())))
+        for wid, wrec in self.store.workers().items():
+            self.workers[wid] = WorkerState(wrec, requests.parse_worker_profiles(wrec.id, list(wrec.profiles.values())))
         plans, links, speeds = self.store.current_plans(), self.store.links(), self.store.speeds()
         for aid, rec in self.store.agents().items():
             st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
