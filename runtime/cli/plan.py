@@ -1,5 +1,4 @@
-"""``edgesplit plan``: rank split configurations from profile files, without any daemon;
-``edgesplit import-peers``: turn Scission/ScissionTL benchmark data into profile files."""
+"""``edgesplit plan``: rank split configurations from profile files, without any daemon."""
 
 from __future__ import annotations
 
@@ -7,15 +6,14 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-from runtime.contracts import profile as profiles
-from runtime.contracts.costmodel import OBJECTIVES, Configuration, Constraints, Link, Network, Tier, pin_layers
-from planner.peers import import_network, import_profiles, load_network, network_to_json
+from planner.peers import import_network, import_profiles, load_network
 from planner.search import search
+from runtime.cli.common import add_constraint_arguments
+from runtime.contracts import profile as profiles
+from runtime.contracts.costmodel import Configuration, Constraints, Link, Network, Tier, pin_layers
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.tiers import DEVICE, TIERS
-
 
 
 def _pairs(values: list[str], flag: str, conv) -> dict:
@@ -127,43 +125,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if ranked else 1
 
 
-def cmd_import_peers(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = 0
-    for (machine, model), p in sorted(import_profiles(args.file).items()):
-        if args.model and model not in args.model:
-            continue
-        p.save(out / f"{model}--{machine}.json".replace("/", "_"))
-        written += 1
-    d = json.loads(Path(args.file).read_text())
-    for name in d.get("networks", {}) or ({"default": 0} if "network" in d else {}):
-        (out / f"network-{name}.json").write_text(network_to_json(import_network(args.file, name)) + "\n")
-    print(f"wrote {written} profiles and the network files to {out}")
-    return 0
-
-
-def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
-    """The Scission constraint flags, shared by ``edgesplit plan`` and ``edgesplit planner query``.
-    ``names``: what --include/--exclude name ("machine" or "worker"); ``overriding``: every default is
-    None (a flag given replaces the registered value, one left out keeps it)."""
-    upper = names.upper()
-    p.add_argument("--pin-layer", action="append", metavar="LAYER=TIER", help="the block holding this layer runs on TIER")
-    p.add_argument("--pin-block", action="append", metavar="BLOCK=TIER", help="this block (index or name) runs on TIER")
-    p.add_argument("--forbid-block", action="append", metavar="BLOCK=TIER", help="this block must not run on TIER")
-    p.add_argument("--raw-input-stays", action="store_true", help="the device runs the first block (privacy)")
-    p.add_argument("--max-upload", action="append", metavar="TIER=BYTES", help="cap on bytes a tier sends per frame")
-    p.add_argument("--max-tier-seconds", action="append", metavar="TIER=S", help="cap on a tier's time per frame")
-    p.add_argument("--max-tier-share", action="append", metavar="TIER=F", help="cap on a tier's share of the total")
-    p.add_argument("--max-memory", action="append", metavar="TIER=BYTES", help="cap on weights a tier holds")
-    p.add_argument("--include", action="append", metavar=upper, help=f"use only these {names}s")
-    p.add_argument("--exclude", action="append", metavar=upper, help=f"never use this {names}")
-    p.add_argument("--min-fidelity", type=float, default=None if overriding else 0.0,
-                   help="TLs below this measured fidelity are not used")
-    p.add_argument("--objective", choices=OBJECTIVES, default=None if overriding else "latency",
-                   help="what to rank by (default: latency)")
-
-
 def add_parser(sub) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = sub.add_parser("plan", formatter_class=fmt,
@@ -181,10 +142,3 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw per-split latency stacked into device/transfer/edge")
     p.set_defaults(func=cmd_plan)
-
-    p = sub.add_parser("import-peers", formatter_class=fmt,
-                       help="convert Scission/ScissionTL benchmark data into edgesplit profile and network files")
-    p.add_argument("file", help="e.g. planner/peers/scission_benchmarks.json")
-    p.add_argument("--out", required=True, help="directory for MODEL--MACHINE.json and network-NAME.json")
-    p.add_argument("--model", action="append", help="only these models (repeat)")
-    p.set_defaults(func=cmd_import_peers)

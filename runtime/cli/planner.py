@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 
 from planner.config import PlannerConfig
-from runtime.cli.plan import add_constraint_arguments
-from runtime.contracts.config import load_config, to_toml
+from runtime.cli.common import add_config_flags, add_constraint_arguments, config_from_args
+from runtime.contracts.config import to_toml
 
 SECTION = "planner"
 
 
 def _config(args: argparse.Namespace) -> PlannerConfig:
-    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(PlannerConfig)}
-    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
-    return load_config(PlannerConfig, SECTION, config_file=args.config, overrides=overrides)
+    return config_from_args(args, PlannerConfig, SECTION)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -38,6 +35,7 @@ def cmd_print_config(args: argparse.Namespace) -> int:
 
 
 def _call(address: str, method: str, request, timeout: float):
+    """The one gRPC call to the planner (``query`` and ``agents``): ``method`` of its Planner service."""
     import grpc
 
     from runtime.contracts.errors import from_rpc_error
@@ -143,8 +141,6 @@ class _ServeByDefault(argparse.ArgumentParser):
 
 def add_parser(sub) -> None:
     """The ``planner`` command group, added to ``edgesplit``'s subparsers."""
-    from runtime.cli.main import _add_config_flags
-
     p = sub.add_parser("planner", help="the planner: ranks split configurations and pushes plans to agents",
                        description="'edgesplit planner --listen HOST:PORT [flags]' is short for "
                        "'edgesplit planner serve --listen HOST:PORT [flags]'.")
@@ -152,11 +148,11 @@ def add_parser(sub) -> None:
     psub = p.add_subparsers(dest="planner_command", required=True, parser_class=argparse.ArgumentParser)
 
     s = psub.add_parser("serve", help="run the planner daemon")
-    _add_config_flags(s, PlannerConfig)
+    add_config_flags(s, PlannerConfig)
     s.set_defaults(func=cmd_serve)
 
     c = psub.add_parser("print-config", help="show the effective planner configuration (defaults < TOML < env < flags)")
-    _add_config_flags(c, PlannerConfig)
+    add_config_flags(c, PlannerConfig)
     c.set_defaults(func=cmd_print_config)
 
     q = psub.add_parser("query", help="rank configurations for a registered agent (optionally under other conditions)")

@@ -6,7 +6,6 @@ import argparse
 import socket
 import sys
 
-from runtime.measure.profiler import DEFAULT_CODECS
 from runtime.contracts.tiers import TIERS
 
 
@@ -31,7 +30,7 @@ def summary(profile) -> str:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from runtime.measure.profiler import profile_model
+    from runtime.measure.profiler import DEFAULT_CODECS, profile_model
 
     profile = profile_model(args.model, args.role, machine=args.machine, runs=args.runs, warmup=args.warmup,
                             codecs=args.codec or DEFAULT_CODECS, tls=args.tl or (), threads=args.threads,
@@ -48,6 +47,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """The ``profile`` command, added to ``edgesplit``'s subparsers."""
+    from runtime.measure.profiler import DEFAULT_CODECS  # imports torch: not at this module's import
+
     host = socket.gethostname()
     p = sub.add_parser("profile", help="time a model's blocks and transfers on this machine; write a profile (JSON)")
     p.add_argument("--model", default="efficientnet_lite0",

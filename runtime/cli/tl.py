@@ -7,16 +7,14 @@ import json
 import shlex
 import time
 
-from runtime.transfer.layers import KINDS, RATIOS
-
 
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from runtime.models.loader import load_model
-    from runtime.transfer.artifact import save_tl
     from runtime.tools.tl.evaluate import evaluate
     from runtime.tools.tl.train import train_tl
+    from runtime.transfer.artifact import save_tl
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -59,8 +57,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from runtime.tools.tl import data as tl_data
-    from runtime.transfer.artifact import load_tl, record_measurements
     from runtime.tools.tl.evaluate import evaluate
+    from runtime.transfer.artifact import load_tl, record_measurements
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -217,6 +215,14 @@ def add_parser(sub) -> None:
     """The ``tl`` command group, added to ``edgesplit``'s subparsers."""
     p = sub.add_parser("tl", help="Transfer Layers: train, evaluate and list TL artifacts")
     tsub = p.add_subparsers(dest="tl_command", required=True)
+    _add_train(tsub)
+    _add_eval(tsub)
+    _add_list(tsub)
+    _add_sweep(tsub)
+
+
+def _add_train(tsub) -> None:
+    from runtime.transfer.layers import KINDS, RATIOS  # imports torch: not at this module's import
 
     t = tsub.add_parser("train", help="train a TL by distillation from the unsplit model and save it")
     t.add_argument("--model", required=True, help="bundled model or path/to/file.py:factory")
@@ -247,6 +253,8 @@ def add_parser(sub) -> None:
     t.add_argument("--out", required=True, help="directory for <tl_id>.safetensors and <tl_id>.json")
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(tsub) -> None:
     e = tsub.add_parser("eval", help="fidelity, bytes per frame and encode/decode time on hold-out crops")
     e.add_argument("--tl", required=True, help="the artifact's .json (or .safetensors) path")
     e.add_argument("--images", type=int, default=0,
@@ -266,10 +274,16 @@ def add_parser(sub) -> None:
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_eval)
 
+
+def _add_list(tsub) -> None:
     ls = tsub.add_parser("list", help="TL artifacts in a directory")
     ls.add_argument("dir", help="directory written by 'edgesplit tl train --out'")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
+
+
+def _add_sweep(tsub) -> None:
+    from runtime.transfer.layers import KINDS, RATIOS  # imports torch: not at this module's import
 
     sw = tsub.add_parser("sweep", help="bytes per frame vs fidelity for no TL / reference / bottleneck x codecs")
     sw.add_argument("--model", required=True, help="bundled model or path/to/file.py:factory")

@@ -19,9 +19,9 @@ import statistics
 import sys
 from dataclasses import replace
 
+from planner.search import search
 from runtime.contracts.costmodel import Constraints, Link, Network, Tier
 from runtime.contracts.profile import Profile
-from planner.search import search
 from runtime.contracts.tiers import DEVICE, EDGE
 
 
@@ -34,8 +34,8 @@ def _only(p: Profile, codec: str) -> Profile:
 def predict(device: Profile, edge: Profile, link: Link, cut: int) -> float:
     """The planner's predicted seconds when the device runs ``cut`` blocks and the edge the rest."""
     n = device.n_blocks
-    pins = {b: DEVICE for b in range(cut)}
-    pins.update({b: EDGE for b in range(cut, n)})
+    pins = dict.fromkeys(range(cut), DEVICE)
+    pins.update(dict.fromkeys(range(cut, n), EDGE))
     net = Network({(DEVICE, EDGE): link})
     best = search([Tier(DEVICE, (device,)), Tier(EDGE, (edge,))], net, Constraints(pin_blocks=pins), top_n=1)
     return best[0].seconds
@@ -54,9 +54,9 @@ async def _measure(loaded, splits, codec, address, frames, warmup):
 def run(model: str, codec: str, frames: int, warmup: int, runs: int) -> list[str]:
     import torch
 
+    from runtime.measure.profiler import profile_model
     from runtime.models.loader import load_model
     from runtime.models.slicing import OUTPUT
-    from runtime.measure.profiler import profile_model
     from runtime.worker.process import spawn_worker
 
     torch.set_num_threads(1)

@@ -1,0 +1,76 @@
+"""Helpers the verbs share: configuration flags made from a settings dataclass, and the Scission
+constraint flags of ``edgesplit plan`` and ``edgesplit planner query``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import Any, get_type_hints
+
+from runtime.contracts.config import load_config
+from runtime.contracts.costmodel import OBJECTIVES
+
+# repeatable flags whose field names are plural
+FLAG_NAMES = {"models": "model", "tls": "tl", "next_tiers": "next_tier", "next_hops": "next_hop"}
+
+
+def components() -> dict[str, tuple[type, str]]:
+    """The runtime's daemons: name -> (settings dataclass, TOML section)."""
+    from runtime.agent.config import AgentConfig
+    from runtime.worker.config import WorkerConfig
+
+    return {"worker": (WorkerConfig, "worker"), "agent": (AgentConfig, "agent")}
+
+
+def add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
+    """One flag per dataclass field; defaults shown, values left None unless given."""
+    p.add_argument("--config", metavar="FILE", help="TOML file with a [section] of these settings")
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        # argparse %-formats help strings: a literal % (as in "10 %") must be doubled
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        typ = str(hints[f.name])
+        if "tuple" in typ:
+            p.add_argument(flag, dest=f.name, action="append", metavar="VALUE", help=help_text + "; repeatable")
+        elif typ == "bool" or typ == "<class 'bool'>":
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            conv: Callable[[str], Any] = int if "int" in typ else float if "float" in typ else str
+            p.add_argument(flag, dest=f.name, type=conv, metavar=f.name.upper(), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, cls: type, section: str):
+    """The effective ``cls`` settings: defaults < the --config file's [section] < env < flags given."""
+    overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+    overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return load_config(cls, section, config_file=args.config, overrides=overrides)
+
+
+def component_config(args: argparse.Namespace, component: str):
+    """The effective settings of ``component`` ("worker" or "agent")."""
+    cls, section = components()[component]
+    return config_from_args(args, cls, section)
+
+
+def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
+    """The Scission constraint flags, shared by ``edgesplit plan`` and ``edgesplit planner query``.
+    ``names``: what --include/--exclude name ("machine" or "worker"); ``overriding``: every default is
+    None (a flag given replaces the registered value, one left out keeps it)."""
+    upper = names.upper()
+    p.add_argument("--pin-layer", action="append", metavar="LAYER=TIER", help="the block holding this layer runs on TIER")
+    p.add_argument("--pin-block", action="append", metavar="BLOCK=TIER", help="this block (index or name) runs on TIER")
+    p.add_argument("--forbid-block", action="append", metavar="BLOCK=TIER", help="this block must not run on TIER")
+    p.add_argument("--raw-input-stays", action="store_true", help="the device runs the first block (privacy)")
+    p.add_argument("--max-upload", action="append", metavar="TIER=BYTES", help="cap on bytes a tier sends per frame")
+    p.add_argument("--max-tier-seconds", action="append", metavar="TIER=S", help="cap on a tier's time per frame")
+    p.add_argument("--max-tier-share", action="append", metavar="TIER=F", help="cap on a tier's share of the total")
+    p.add_argument("--max-memory", action="append", metavar="TIER=BYTES", help="cap on weights a tier holds")
+    p.add_argument("--include", action="append", metavar=upper, help=f"use only these {names}s")
+    p.add_argument("--exclude", action="append", metavar=upper, help=f"never use this {names}")
+    p.add_argument("--min-fidelity", type=float, default=None if overriding else 0.0,
+                   help="TLs below this measured fidelity are not used")
+    p.add_argument("--objective", choices=OBJECTIVES, default=None if overriding else "latency",
+                   help="what to rank by (default: latency)")

@@ -1,0 +1,23 @@
+"""``edgesplit worker [flags]``: run the edge worker daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+from runtime.cli.common import add_config_flags, component_config
+
+
+def add_parser(sub) -> None:
+    from runtime.worker.config import WorkerConfig
+
+    p = sub.add_parser("worker", help="run the edge worker daemon")
+    add_config_flags(p, WorkerConfig)
+    p.set_defaults(func=cmd_worker)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from runtime.worker.server import run_worker
+
+    asyncio.run(run_worker(component_config(args, "worker")))
+    return 0
