@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
@@ -129,3 +130,21 @@ def test_bad_usage_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main([])
     assert e.value.code == 2
+
+
+@pytest.mark.timeout(60)
+def test_one_module_per_verb_and_light_imports():
+    """Each verb is a module of runtime.cli registered from the root's list; importing the root and
+    every verb module loads no torch (heavy imports wait for add_parser or the command)."""
+    code = ("import importlib, sys\n"
+            "from runtime.cli.main import VERBS\n"
+            "mods = [importlib.import_module('runtime.cli.' + v) for v in VERBS]\n"
+            "assert all(callable(m.add_parser) for m in mods)\n"
+            "assert 'torch' not in sys.modules, 'torch imported by a runtime.cli module at import'\n"
+            "from runtime.cli.main import build_parser\n"
+            "sub = build_parser()._subparsers._group_actions[0]\n"
+            "print(' '.join(sub.choices))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=50)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["models", "worker", "agent", "print-config", "health-check", "demo", "bench", "tl",
+                                  "plan", "import-peers", "plan-check", "planner", "profile"]
