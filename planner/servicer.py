@@ -9,14 +9,11 @@ through the re-planner without changing any plan.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator
 
 import grpc
 
@@ -25,37 +22,16 @@ from planner.broadcaster import Broadcaster
 from planner.metrics import PlannerMetrics
 from planner.replanner import RePlanner
 from planner.state import PlannerState
-from runtime.contracts.errors import EdgesplitError
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
 
-R = TypeVar("R")
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[R]]
-
-
-def _rpc(fn: Handler[R]) -> Handler[R]:
-    """Map EdgesplitError to its status (with its message); anything else to INTERNAL."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: PlannerServicer, request: Any, context: grpc.aio.ServicerContext) -> R:
-        try:
-            return await fn(self, request, context)
-        except EdgesplitError as e:
-            self.metrics.errors.labels(e.code.name).inc()
-            await context.abort(e.code, str(e))
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:  # a bug: log it, answer INTERNAL instead of UNKNOWN
-            logger.exception("%s failed", fn.__name__)
-            self.metrics.errors.labels("INTERNAL").inc()
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(e).__name__}: {e}")
-
-    return wrapper
-
 
 class PlannerServicer(pb_grpc.PlannerServicer):
+    """The planner's RPC edge: check the request, delegate, build the reply. Handlers raise
+    EdgesplitError; the daemon scaffold's interceptor answers it with its status and counts it."""
+
     def __init__(self, state: PlannerState, replanner: RePlanner, broadcaster: Broadcaster,
                  metrics: PlannerMetrics) -> None:
         self.state = state
@@ -63,7 +39,6 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.broadcaster = broadcaster
         self.metrics = metrics
 
-    @_rpc
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: grpc.aio.ServicerContext) -> pb.RegisterWorkerReply:
         req = requests.check_worker_request(request, self.state.config)
         parsed = requests.parse_worker_profiles(req.worker_id, list(request.profiles_json))
@@ -71,13 +46,11 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.replanner.worker_registered(parsed, old)
         return pb.RegisterWorkerReply(profiles=len(parsed))
 
-    @_rpc
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
         req = requests.check_agent_request(request)
         rec = self.state.agent_record(req, request)
         return pb.RegisterAgentReply(plan=await self.replanner.register(rec, req.device))
 
-    @_rpc
     async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
         received = 0
         async for t in request_iterator:
@@ -88,7 +61,6 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             await self.replanner.telemetry(st, t, bw, rtt)
         return pb.TelemetryAck(received=received)
 
-    @_rpc
     async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:
         st = self.state.agent(request.agent_id)
         requests.check_plan_status(request)
@@ -96,17 +68,12 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         return pb.PlanStatusAck()
 
     async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:
-        try:
-            st = self.state.agent(request.agent_id)
-        except EdgesplitError as e:
-            self.metrics.errors.labels(e.code.name).inc()
-            await context.abort(e.code, str(e))
+        st = self.state.agent(request.agent_id)  # an unknown agent: NOT_FOUND, mapped by the daemon's interceptor
         # aclosing: the subscription ends with this stream, even when it is closed while waiting to send
         async with contextlib.aclosing(self.broadcaster.watch(request.agent_id, st.plan, request.known_version)) as plans:
             async for plan in plans:
                 yield plan
 
-    @_rpc
     async def QueryPlan(self, request: pb.PlanQuery, context: grpc.aio.ServicerContext) -> pb.PlanQueryReply:
         st = self.state.agent(request.agent_id)
         top_n, bw, rtt = requests.check_query(request, self.state.config, st.device)
@@ -118,7 +85,6 @@ class PlannerServicer(pb_grpc.PlannerServicer):
                                                    f"candidate {i + 1} of {len(ranked)}: {r.config.describe()}"))
         return reply
 
-    @_rpc
     async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsReply:
         reply = pb.ListAgentsReply()
         now = time.time()

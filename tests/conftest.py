@@ -10,20 +10,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 TINY_NET = "tests/data/tiny_net.py:build"  # relative to REPO, the cwd of every process
+
+# The planner fixtures (aio, planner) live with the planner helpers; registered here so test
+# modules use them without importing names that pytest then injects.
+pytest_plugins = ["planner_helpers"]
 
 START_TIMEOUT = 60.0  # seconds for a daemon to bind and report SERVING
 
@@ -51,7 +56,7 @@ class Reaper:
         kw.setdefault("env", child_env())
         kw.setdefault("stdin", subprocess.DEVNULL)
         if log is not None:
-            fh = open(log, "wb")
+            fh = open(log, "wb")  # noqa: SIM115 (handed to the child, closed below)
             kw.setdefault("stdout", fh)
             kw.setdefault("stderr", subprocess.STDOUT)
         proc = subprocess.Popen(argv, **kw)
@@ -66,10 +71,8 @@ class Reaper:
             if proc.poll() is None:
                 proc.kill()
         for proc in self.procs:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:  # pragma: no cover
-                pass
             for stream in (proc.stdout, proc.stderr):
                 if stream is not None:
                     stream.close()

@@ -12,11 +12,10 @@ import grpc
 import pytest
 
 from planner.config import PlannerConfig
-from runtime.contracts.profile import Block, Profile
 from planner.server import serve
+from runtime.contracts.profile import Block, Profile
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
-
 
 RPC = 10.0  # deadline of every call
 MODEL = "tinynet"
@@ -43,7 +42,7 @@ PARAMS = 1_000_000  # weight bytes of each block; block i holds layers 10 i .. 1
 
 def profile(machine: str, role: str, seconds=DEVICE_S, names=NAMES, model=MODEL, digest="w1") -> str:
     blocks = tuple(Block(index=i, name=n, seconds=s, output_bytes=o, first_layer=10 * i, last_layer=10 * i + 9,
-                         param_bytes=PARAMS) for i, (n, s, o) in enumerate(zip(names, seconds, OUT)))
+                         param_bytes=PARAMS) for i, (n, s, o) in enumerate(zip(names, seconds, OUT, strict=False)))
     return Profile(machine=machine, role=role, model=model, blocks=blocks, input_bytes=INPUT, model_digest=digest).to_json()
 
 
@@ -83,7 +82,7 @@ class Planner:
         self.address = f"127.0.0.1:{ps.port}"
 
     @classmethod
-    async def start(cls, db, **kw) -> "Planner":
+    async def start(cls, db, **kw) -> Planner:
         kw = {"default_rtt_seconds": RTT, "default_bandwidth_bytes_per_second": FAST, "hold_seconds": 0.3,
               "replan_interval_seconds": 0.05, "telemetry_max_rate_hz": 100.0, **kw}
         ps = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(db), **kw))

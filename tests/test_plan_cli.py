@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from runtime.contracts import profile as profiles
 from runtime.cli.main import main
+from runtime.contracts import profile as profiles
 
 PEERS = Path(__file__).resolve().parents[1] / "planner" / "peers"  # the peers' published data, bundled
 
@@ -50,7 +50,7 @@ def test_import_peers_then_plan_from_files(capsys, tmp_path):
 def test_plan_with_hand_written_profiles_and_links(capsys, tmp_path):
     def write(name, role, seconds):
         blocks = [{"index": i, "name": n, "seconds": s, "output_bytes": b}
-                  for i, (n, s, b) in enumerate(zip(["a", "output"], seconds, [1000, 40]))]
+                  for i, (n, s, b) in enumerate(zip(["a", "output"], seconds, [1000, 40], strict=False))]
         doc = {"format": "edgesplit-profile", "version": 1, "machine": name, "role": role, "model": "m",
                "input_bytes": 20000, "blocks": blocks}
         (tmp_path / f"{name}.json").write_text(json.dumps(doc))

@@ -22,22 +22,22 @@ import time
 import grpc
 import pytest
 import torch
-
 from conftest import REPO, TINY_NET
+
 from planner import decide
 from planner.config import PlannerConfig
-from runtime.contracts.costmodel import Link
-from runtime.contracts.profile import Block, Profile
 from planner.server import serve as serve_planner
 from planner.store import AgentRecord, Store, WorkerRecord
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
-from runtime.wire.codec import get_codec
+from runtime.contracts.costmodel import Link
+from runtime.contracts.profile import Block, Profile
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
+from runtime.wire.codec import get_codec
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import serve as serve_worker
 
@@ -77,7 +77,7 @@ assert abs(chain_seconds(2, 3) - 0.08394) < 1e-9 and abs(edge_seconds(3) - 0.089
 
 
 def profile(machine: str, role: str, seconds, model=MODEL, names=NAMES, out=OUT, input_bytes=INPUT, digest="w1") -> Profile:
-    blocks = tuple(Block(index=i, name=n, seconds=s, output_bytes=o) for i, (n, s, o) in enumerate(zip(names, seconds, out)))
+    blocks = tuple(Block(index=i, name=n, seconds=s, output_bytes=o) for i, (n, s, o) in enumerate(zip(names, seconds, out, strict=False)))
     return Profile(machine=machine, role=role, model=model, blocks=blocks, input_bytes=input_bytes, model_digest=digest)
 
 
@@ -413,7 +413,7 @@ def test_agent_runs_the_chain_the_planner_pushes(loaded, tmp_path):
     assert [(h.worker_id, h.address, h.end_split) for h in plan.next_hops] == [(CLOUD, cloud_addr, "")]
     assert (active.version, active.split.name, active.end_split, [h.address for h in active.next_hops]) == \
            (plan.version, "stem", "down", [cloud_addr])
-    for r, want in zip(results, expected):
+    for r, want in zip(results, expected, strict=False):
         assert r.where == "edge", r.fallback_reason
         assert r.plan_version == plan.version and r.split == "stem"
         assert r.times["next1_tail"] > 0  # the cloud ran the last slice

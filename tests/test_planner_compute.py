@@ -24,16 +24,26 @@ import time
 import grpc
 import pytest
 from conftest import REPO, TINY_NET
-from planner_helpers import (DEVICE_PROFILE, DEVICE_S, FAST, MODEL, RPC, Planner, check_status, expected_seconds,
-                             next_plan, profile, rpc_error)
-from planner_helpers import aio, planner  # noqa: F401 (fixtures)
+from planner_helpers import (
+    DEVICE_PROFILE,
+    DEVICE_S,
+    FAST,
+    MODEL,
+    RPC,
+    Planner,
+    check_status,
+    expected_seconds,
+    next_plan,
+    profile,
+    rpc_error,
+)
 
 from planner import compute
 from planner.compute import DeviceSpeed
 from planner.config import PlannerConfig
-from runtime.contracts.profile import Block, Profile, loads
 from planner.server import serve
 from planner.store import SpeedRecord, Store
+from runtime.contracts.profile import Block, Profile, loads
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 
@@ -94,7 +104,7 @@ def test_head_five_times_the_profile_moves_work_off_the_board(aio, planner):
         assert await report(planner, 0.200, k1.version, agent="k1") == 1
         assert planner.ps.service.agents["a1"].speed.factor == pytest.approx(5.0)
         assert await ranked(planner) == pytest.approx(dict(zip(("input", "conv1", "conv2", "conv3", "conv4", "output"),
-                                                               AT_5X)))
+                                                               AT_5X, strict=False)))
         new = await next_plan(watches["a1"])
         kept = await next_plan(watches["k1"])
         assert time.monotonic() - t0 >= 0.3 - 0.01  # through the hysteresis's hold, as for a link change
@@ -305,8 +315,8 @@ def test_a_real_agents_head_times_set_the_factor(tmp_path):
     from runtime.agent.config import AgentOptions, InitialPlan
     from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
     from runtime.agent.sources import open_source
-    from runtime.wire.codec import get_codec
     from runtime.models.loader import load_model
+    from runtime.wire.codec import get_codec
 
     loaded = load_model(str(REPO / TINY_NET))
     points = loaded.sliced.split_points[1:]

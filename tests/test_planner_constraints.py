@@ -4,18 +4,31 @@ registration plans as computed by hand, survives a restart, and bad values are I
 
 from __future__ import annotations
 
-import asyncio
 import json
-import re
 import sys
-import time
 
 import grpc
 import pytest
-
 from conftest import terminate, wait_for, wait_serving
-from planner_helpers import *  # noqa: F401,F403 (profiles, loop, Planner, fixtures, checks)
-from planner_helpers import aio, planner  # noqa: F401 (fixtures)
+from planner_helpers import (
+    DEVICE_PROFILE,
+    DEVICE_S,
+    EDGE_S,
+    FAST,
+    INPUT,
+    MODEL,
+    NAMES,
+    OUT,
+    PARAMS,
+    RPC,
+    SLOW,
+    Planner,
+    check_status,
+    expected_seconds,
+    profile,
+    rpc_error,
+)
+
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,7 +53,7 @@ def test_throughput_objective_gets_its_own_plan(aio, tmp_path):
     # 122 ms for a cut after conv3. Pipelined, that cut's slowest stage is the device's 60 ms (link 50 ms, edge
     # 3 ms): 16.7 fps against 11.1 local, and the next best, after conv4, is the device's 80 ms.
     assert min(range(6), key=lambda a: expected_seconds(a, SLOW)) == 5
-    stages = {a: max(sum(DEVICE_S[:a]), ((INPUT,) + OUT)[a] / SLOW if a < 5 else 0, sum(EDGE_S[a:]) if a < 5 else 0)
+    stages = {a: max(sum(DEVICE_S[:a]), ((INPUT, *OUT))[a] / SLOW if a < 5 else 0, sum(EDGE_S[a:]) if a < 5 else 0)
               for a in range(6)}
     assert min(stages, key=stages.get) == 3 and stages[3] == pytest.approx(0.060)
 
@@ -224,7 +237,7 @@ def test_bad_constraints_are_invalid_argument(aio, planner):
             err = await rpc_error(planner.stub.RegisterAgent(pb.RegisterAgentRequest(
                 agent_id="a2", model_id=MODEL, profile_json=DEVICE_PROFILE, constraints=c), timeout=RPC))
             check_status(err, grpc.StatusCode.INVALID_ARGUMENT, phrase)
-        assert set((await planner.agents())) == {"a1"}  # nothing was registered by a bad request
+        assert set(await planner.agents()) == {"a1"}  # nothing was registered by a bad request
 
     aio.run(scenario())
 
@@ -236,12 +249,11 @@ def test_cli_query_takes_constraints(aio, planner, capsys):
     aio.run(planner.register())
     parser = build_parser()
     base = ["planner", "query", "--planner", planner.address, "--agent", "a1", "--json"]
-    args = parser.parse_args(base + ["--pin-block", "conv3=device", "--max-upload", "device=20000",
-                                     "--max-tier-share", "edge=0.5", "--max-memory", "device=4500000"])
+    args = parser.parse_args([*base, "--pin-block", "conv3=device", "--max-upload", "device=20000", "--max-tier-share", "edge=0.5", "--max-memory", "device=4500000"])
     assert args.func(args) == 0
     got = [(c["worker_id"], c["split_index"]) for c in json.loads(capsys.readouterr().out)["candidates"]]
     assert got == [("w1", 4)]  # conv3 on the board, 50 kB too many, the board holds at most 4 blocks: no local
-    args = parser.parse_args(base + ["--pin-layer", "5=edge", "--include", "w1", "--objective", "throughput"])
+    args = parser.parse_args([*base, "--pin-layer", "5=edge", "--include", "w1", "--objective", "throughput"])
     assert args.func(args) == 0
     assert {c["split_index"] for c in json.loads(capsys.readouterr().out)["candidates"]} == {0}
     for bad, phrase in ((["--max-tier-share", "edge=2"], r"max_tier_share\[edge\] is a share"),

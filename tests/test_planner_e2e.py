@@ -27,20 +27,20 @@ import time
 import grpc
 import pytest
 import torch
-
 from conftest import REPO, TINY_NET, cli, wait_for, wait_serving
+
 from planner.config import PlannerConfig
-from runtime.contracts.profile import Block, Profile
 from planner.server import serve as serve_planner
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
-from runtime.wire.codec import get_codec
+from runtime.contracts.profile import Block, Profile
 from runtime.models.loader import load_model
-from runtime.tools.netem import DelayProxy, LinkShape
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.tools.netem import DelayProxy, LinkShape
+from runtime.wire.codec import get_codec
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(90)]
 
@@ -322,5 +322,5 @@ def test_agent_keeps_serving_through_a_planner_restart(loaded, frames, expected,
            (before.plan.split_id, WORKER, worker_address)  # the worker came back from the database
     assert after.telemetry_age_seconds >= 0 and after.bandwidth_bytes_per_second > 0
     assert link.plans_refused == 0
-    versions = check_results(pump, expected, {v: FAST_SPLIT for v in range(1, version + 1)})
+    versions = check_results(pump, expected, dict.fromkeys(range(1, version + 1), FAST_SPLIT))
     assert versions == sorted(versions)

@@ -11,19 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from runtime.contracts.costmodel import Constraints, Link, Network, Tier, pin_layers
-from planner.peers import import_network, import_profiles, load_network, network_to_json
-from runtime.contracts.profile import Block, Profile, Transfer
 from planner import evaluate as evaluate_mod
+from planner.peers import import_network, import_profiles, load_network, network_to_json
 from planner.search import search
+from runtime.contracts.costmodel import Constraints, Link, Network, Tier, pin_layers
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import Block, Profile, Transfer
 
 PEERS = Path(__file__).resolve().parents[1] / "planner" / "peers"  # the peers' published data, bundled
 
 
 def _profile(machine, role, seconds, out_bytes, transfers=None, params=None, input_bytes=1000):
     blocks = []
-    for i, (s, b) in enumerate(zip(seconds, out_bytes)):
+    for i, (s, b) in enumerate(zip(seconds, out_bytes, strict=False)):
         tr = transfers[i] if transfers else ()
         blocks.append(Block(i, "output" if i == len(seconds) - 1 else f"b{i}", s, b,
                             param_bytes=params[i] if params else 0, transfers=tuple(tr)))
@@ -74,7 +74,7 @@ def test_reproduces_scission_vgg19_query():
     profiles = import_profiles(PEERS / "scission_benchmarks.json")
     net = import_network(PEERS / "scission_benchmarks.json", "default")
     by_role: dict[str, list[Profile]] = {}
-    for (machine, model), p in sorted(profiles.items()):
+    for (_machine, model), p in sorted(profiles.items()):
         if model == "vgg19":
             by_role.setdefault(p.role, []).append(p)
     tiers = [Tier("device", tuple(by_role["device"]), required=True), Tier("edge", tuple(by_role["edge"])),
@@ -172,7 +172,7 @@ def _random_instance(rng: random.Random, n: int, options: int, codec_scale: floa
     """``codec_scale`` stretches encode/decode times (x10: comparable to block times, so time caps
     decide between transfers)."""
     tiers = []
-    for t, (role, speed) in enumerate((("device", 1.0), ("edge", 4.0), ("cloud", 10.0))):
+    for _t, (role, speed) in enumerate((("device", 1.0), ("edge", 4.0), ("cloud", 10.0))):
         profs = []
         for m in range(rng.choice((1, 2))):
             seconds = [rng.uniform(0.01, 0.2) / speed for _ in range(n)]
@@ -198,7 +198,7 @@ def _random_instance(rng: random.Random, n: int, options: int, codec_scale: floa
     for t in tiers:
         fixed.append(replace(t, profiles=tuple(
             replace(p, blocks=tuple(replace(b, output_bytes=rb.output_bytes, transfers=tuple(
-                replace(x, bytes=rx.bytes) for x, rx in zip(b.transfers, rb.transfers))) for b, rb in zip(p.blocks, ref.blocks)))
+                replace(x, bytes=rx.bytes) for x, rx in zip(b.transfers, rb.transfers, strict=False))) for b, rb in zip(p.blocks, ref.blocks, strict=False)))
             for p in t.profiles)))
     links = {}
     names = [p.machine for t in fixed for p in t.profiles]

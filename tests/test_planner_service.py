@@ -11,9 +11,8 @@ Latency of a cut after ``a`` blocks = device[:a] + RTT + bytes[a] / bw + edge[a:
 from __future__ import annotations
 
 import asyncio
-import json
+import re
 import sys
-import threading
 import time
 import urllib.request
 
@@ -22,16 +21,30 @@ import pytest
 from conftest import terminate, wait_for, wait_serving
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from planner_helpers import *  # noqa: F401,F403 (profiles, loop, Planner, fixtures, checks)
-from planner_helpers import aio, planner  # noqa: F401 (fixtures)
+from planner_helpers import (
+    DEVICE_PROFILE,
+    DEVICE_S,
+    EDGE_PROFILE,
+    EDGE_S,
+    FAST,
+    MODEL,
+    OUT,
+    RPC,
+    RTT,
+    SLOW,
+    Planner,
+    check_status,
+    expected_seconds,
+    next_plan,
+    profile,
+    rpc_error,
+)
 
 from planner.config import PlannerConfig
 from planner.hysteresis import Hysteresis
-from runtime.contracts.profile import Block, Profile
-from planner.server import SERVICE_NAME, serve
+from planner.server import SERVICE_NAME
 from planner.store import REFUSED, AgentRecord, LinkRecord, Store, WorkerRecord
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
-from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.timeout(60)
 

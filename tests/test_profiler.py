@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 
 import pytest
 import torch
-
 from conftest import REPO, TINY_NET
-from runtime.contracts.profile import load, loads
+
 from runtime.agent.sources import open_source
-from runtime.wire.codec import get_codec
+from runtime.cli.profile import add_parser
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import load, loads
+from runtime.measure.profiler import profile_model
 from runtime.models import build_model, get_spec
 from runtime.models.loader import load_model
 from runtime.models.slicing import SlicedModel
-from runtime.cli.profile import add_parser
-from runtime.measure.profiler import profile_model
-from runtime.transfer.artifact import save_tl
 from runtime.tools.tl.train import train_tl
+from runtime.transfer.artifact import save_tl
+from runtime.wire.codec import get_codec
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -39,7 +40,7 @@ def tiny_profile(tiny):
 
 
 def _chain(sm: SlicedModel, cuts: list[int], x: torch.Tensor) -> torch.Tensor:
-    for a, b in zip(cuts, cuts[1:]):
+    for a, b in itertools.pairwise(cuts):
         x = sm.segment(a, b)(x)
     return x
 

@@ -14,9 +14,9 @@ from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.registry import build_model, get_spec, list_models, state_dict_digest
 from runtime.models.slicing import SlicedModel
+from runtime.tools.tl.train import train_tl
 from runtime.transfer.artifact import load_tl, save_tl
 from runtime.transfer.layers import RATIOS, TransferLayer
-from runtime.tools.tl.train import train_tl
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -45,7 +45,7 @@ def test_exact_shape_restoration_at_every_split(name):
     checked = 0
     for sp in loaded.sliced.split_points:
         if len(sp.out_shape) != 4:
-            with pytest.raises(InvalidInput, match="rank-4|N, C, H, W"):
+            with pytest.raises(InvalidInput, match=r"rank-4|N, C, H, W"):
                 TransferLayer("reference", sp.out_shape)
             continue
         for kind, ratio in (("reference", None), ("bottleneck", 4), ("bottleneck", 16), ("transform", None)):
@@ -88,7 +88,7 @@ def test_bad_rank_and_kind_refused():
     tl = TransferLayer("bottleneck", (1, 8, 4, 4), 8)
     with pytest.raises(InvalidInput, match="rank-2"):
         tl.encoder(torch.randn(1, 8))
-    with pytest.raises(InvalidInput, match="rank-4|N, C, H, W"):
+    with pytest.raises(InvalidInput, match=r"rank-4|N, C, H, W"):
         TransferLayer("bottleneck", (1, 1000), 8)
     with pytest.raises(InvalidInput, match="unknown Transfer Layer kind"):
         TransferLayer("magic", (1, 8, 4, 4))
@@ -100,7 +100,7 @@ def test_bad_rank_and_kind_refused():
 
 
 def test_training_reduces_loss(r18):
-    tl, report = train_tl(r18, "add_3", "bottleneck", 8, steps=20, batch_size=8, lr=3e-3, seed=0,
+    _tl, report = train_tl(r18, "add_3", "bottleneck", 8, steps=20, batch_size=8, lr=3e-3, seed=0,
                           progress=False, pool_size=64, holdout_images=4)
     losses = report["losses"]
     assert len(losses) == 20
@@ -155,15 +155,15 @@ def test_pca_init_reconstructs_a_low_rank_tensor_exactly():
 
 
 def test_train_with_pca_init(r18):
-    pure, rp = train_tl(r18, "add_3", "bottleneck", 4, steps=0, batch_size=4, progress=False, pool_size=8,
+    _pure, rp = train_tl(r18, "add_3", "bottleneck", 4, steps=0, batch_size=4, progress=False, pool_size=8,
                         holdout_images=2, init="pca")
-    rand, rr = train_tl(r18, "add_3", "bottleneck", 4, steps=0, batch_size=4, progress=False, pool_size=8,
+    _rand, rr = train_tl(r18, "add_3", "bottleneck", 4, steps=0, batch_size=4, progress=False, pool_size=8,
                         holdout_images=2)
     t = rp["training"]
     assert t["init"] == "pca" and t["pool_size"] == 8 and t["steps"] == 0 and rp["losses"] == []
     assert t["pca"]["components"] == 32 and 0 < t["pca"]["explained_variance"] <= 1
     assert rp["fidelity"]["feature_rel_mse"] < rr["fidelity"]["feature_rel_mse"]
-    tuned, rt = train_tl(r18, "add_3", "bottleneck", 4, steps=3, batch_size=4, progress=False, pool_size=8,
+    _tuned, rt = train_tl(r18, "add_3", "bottleneck", 4, steps=3, batch_size=4, progress=False, pool_size=8,
                          holdout_images=2, init="pca")
     assert len(rt["losses"]) == 3 and rt["training"]["init"] == "pca"
     with pytest.raises(InvalidInput, match="init"):
@@ -173,7 +173,7 @@ def test_train_with_pca_init(r18):
 
 
 def test_reference_trains_nothing_but_evaluates(r18):
-    tl, report = train_tl(r18, "add_1", "reference", steps=50, progress=False, holdout_images=2)
+    _tl, report = train_tl(r18, "add_1", "reference", steps=50, progress=False, holdout_images=2)
     assert report["losses"] == [] and report["training"]["steps"] == 0
     assert 0 <= report["fidelity"]["feature_rel_mse"] < 1
 
@@ -206,7 +206,7 @@ def test_save_then_load_gives_identical_outputs(r18, saved):
 def test_finetuned_tail_is_stored(r18, tmp_path):
     tl, _ = train_tl(r18, "add_5", "bottleneck", 8, steps=2, batch_size=2, progress=False, pool_size=4,
                      holdout_images=2, finetune_tail=True)
-    tl_id, path = save_tl(tl, r18, r18.split("add_5"), tmp_path)
+    _tl_id, path = save_tl(tl, r18, r18.split("add_5"), tmp_path)
     manifest = json.loads(path.read_text())
     assert manifest["finetune_tail"] and any(k.startswith("tail.") for k in manifest["tensors"])
     art = load_tl(path, loaded=r18)
@@ -309,12 +309,12 @@ async def _serve_and_run(loaded, tls, tl_art, xs):
 
 
 def test_agent_and_worker_serve_frames_through_tl(full_r18, artifact_224):
-    tl_id, path = artifact_224
+    _tl_id, path = artifact_224
     art = load_tl(path, loaded=full_r18)
     xs = [torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(i)) for i in range(3)]
     results = asyncio.run(_serve_and_run(full_r18, [str(path)], art, xs))
     head, tail = full_r18.head("add_6"), full_r18.tail("add_6")
-    for x, r in zip(xs, results):
+    for x, r in zip(xs, results, strict=False):
         assert r.where == "edge", r.fallback_reason
         assert "tl_encode" in r.times
         assert r.wire_bytes < 4 * 128 * 4 * 4  # int8 of the encoded (1, 128, 4, 4), not the split's 512x7x7

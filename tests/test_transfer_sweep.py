@@ -35,7 +35,7 @@ def test_tiny_sweep_writes_the_table(tmp_path, capsys):
     codecs = ["fp32 (raw)", "fp16", "int8+lz4"]
     assert got == ([("no TL", "", c) for c in codecs] + [("reference", "4", c) for c in codecs]
                    + [("bottleneck", "16", c) for c in codecs] + [("bottleneck", "32", c) for c in codecs])
-    by = {g: r for g, r in zip(got, rows)}
+    by = dict(zip(got, rows, strict=False))
     raw = float(by[("no TL", "", "fp32 (raw)")][4].replace(",", ""))
     assert raw > 4 * 512 * 7 * 7  # the whole serialized message, payload included
     assert float(by[("no TL", "", "fp32 (raw)")][6]) == 1.0  # bit-exact wire: full agreement

@@ -8,6 +8,7 @@ tests, so the model loads once; the admission and drain tests start small worker
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import threading
 import time
@@ -20,11 +21,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.wire.codec import decode_tensor, get_codec
 from runtime.contracts.errors import CODE_NUMBERS
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.wire.codec import decode_tensor, get_codec
 from runtime.wire.transport import frame_messages
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import SERVICE_NAME, serve
@@ -69,7 +70,7 @@ class Worker:
         self.stopped = False
 
     @classmethod
-    async def start(cls, **config) -> "Worker":
+    async def start(cls, **config) -> Worker:
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, **config))
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}")
         await asyncio.wait_for(channel.channel_ready(), RPC_TIMEOUT)
@@ -365,7 +366,7 @@ def test_stream_frames_matched_by_seq_bad_frame_in_the_middle(aio, worker, feat,
     assert bad.code == CODE_NUMBERS[grpc.StatusCode.INVALID_ARGUMENT] == 3
     assert "does not fit split" in bad.message
     assert bad.header.agent_id == "test-agent" and bad.header.stream_epoch == 1
-    for i, f in enumerate(feats):
+    for i in range(len(feats)):
         seq = 10 + i
         if seq == bad_seq:
             continue
@@ -378,7 +379,7 @@ def test_stream_frames_matched_by_seq_bad_frame_in_the_middle(aio, worker, feat,
         assert out.shape == (1, 1000)
     # different inputs give different outputs: results really belong to their frames
     outs = [decode_tensor(by_seq[s].output) for s in (10, 11, 13, 14)]
-    assert all(not torch.equal(a, b) for a, b in zip(outs, outs[1:]))
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(outs))
 
 
 def test_stream_results_belong_to_their_frames(aio, worker, loaded, feat):
@@ -442,7 +443,7 @@ def test_stream_new_frame_before_last_chunk(aio, worker, feat, expected):
 def test_stream_oversized_payload_and_empty_message(aio, worker, feat, expected):
     big = frame_messages(request(feat, seq=50), 10_000)
     big[0].frame.tensor.payload_size = MAIN_CAP + 1
-    msgs = [pb.StreamRequest()] + big + frame_messages(request(feat, seq=51), 1 << 20)
+    msgs = [pb.StreamRequest(), *big, *frame_messages(request(feat, seq=51), 1 << 20)]
     results = aio.run(stream_results(worker, msgs))
     by_seq = {}
     for r in results:

@@ -7,12 +7,12 @@ import asyncio
 import time
 
 import pytest
-
 from conftest import REPO, TINY_NET
+
 from planner.config import PlannerConfig
-from runtime.contracts.profile import load
 from planner.server import serve as serve_planner
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import load
 from runtime.measure.profiler import profile_model
 from runtime.worker.config import WorkerConfig
 from runtime.worker.server import serve as serve_worker

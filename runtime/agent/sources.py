@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from PIL import Image
 
 from runtime.contracts.errors import InvalidInput
 from runtime.models import ModelSpec, preprocess
-from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, load_image  # noqa: F401 (re-exported)
+from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, load_image
 
 logger = logging.getLogger(__name__)
 

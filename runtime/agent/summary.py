@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from typing import Sequence
+from collections.abc import Sequence
 
 from runtime.agent.client import FrameResult
 from runtime.models.slicing import SplitPoint
@@ -12,7 +12,7 @@ from runtime.models.slicing import SplitPoint
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of a non-empty sequence."""
     data = sorted(values)
-    k = max(0, min(len(data) - 1, int(round(q / 100 * (len(data) - 1)))))
+    k = max(0, min(len(data) - 1, round(q / 100 * (len(data) - 1))))
     return data[k]
 
 

@@ -38,9 +38,9 @@ from typing import Any
 
 import grpc
 
+from runtime.agent.metrics import AgentMetrics
 from runtime.contracts.errors import EdgesplitError
 from runtime.wire.stream import time_health_check
-from runtime.agent.metrics import AgentMetrics
 
 MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)
 ALPHA = 0.3  # EWMA weight of a new sample

@@ -36,16 +36,9 @@ def cmd_print_config(args: argparse.Namespace) -> int:
 
 def _call(address: str, method: str, request, timeout: float):
     """The one gRPC call to the planner (``query`` and ``agents``): ``method`` of its Planner service."""
-    import grpc
+    from runtime.daemon.planner_client import call_planner
 
-    from runtime.contracts.errors import from_rpc_error
-    from runtime.proto.edgesplit.v1 import planner_pb2_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        try:
-            return getattr(planner_pb2_grpc.PlannerStub(channel), method)(request, timeout=timeout)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+    return call_planner(address, method, request, timeout)
 
 
 def _plan_dict(plan) -> dict:

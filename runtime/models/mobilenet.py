@@ -44,7 +44,7 @@ class InvertedResidual(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, expand_ratio: int) -> None:
         super().__init__()
         assert stride in (1, 2)
-        hidden = int(round(in_ch * expand_ratio))
+        hidden = round(in_ch * expand_ratio)
         self.use_res_connect = stride == 1 and in_ch == out_ch
         layers: list[nn.Module] = []
         if expand_ratio != 1:

@@ -11,9 +11,11 @@ Each layer's geometry (kind, kernel, stride, padding, dilation, output shape) is
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -111,10 +113,8 @@ def _result_node(output: fx.Node) -> fx.Node | None:
 def eval_mode(module: torch.nn.Module) -> None:
     """eval() where allowed: a torch.export program's module refuses it (its mode was fixed when it
     was exported: export from a model in eval mode)."""
-    try:
+    with contextlib.suppress(NotImplementedError):
         module.eval()
-    except NotImplementedError:
-        pass
 
 
 class SlicedModel:

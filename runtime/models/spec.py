@@ -68,8 +68,8 @@ def preprocess(spec: ModelSpec, image) -> torch.Tensor:
     if (nw, nh) != (iw, ih):
         img = img.resize((nw, nh), Image.BILINEAR)
     # Centre crop (pad with black if the crop is larger than the image, as torchvision does).
-    left = int(round((nw - w) / 2.0))
-    top = int(round((nh - h) / 2.0))
+    left = round((nw - w) / 2.0)
+    top = round((nh - h) / 2.0)
     img = img.crop((left, top, left + w, top + h))
     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
     x = data.reshape(h, w, 3).permute(2, 0, 1).to(torch.float32)

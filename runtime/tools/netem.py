@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -53,7 +54,7 @@ class LinkShape:
                              f"{self.rate_bytes_per_second} B/s")
 
     @classmethod
-    def from_ms_mbps(cls, delay_ms: float, rate_mbps: float) -> "LinkShape":
+    def from_ms_mbps(cls, delay_ms: float, rate_mbps: float) -> LinkShape:
         return cls(delay_ms / 1e3, rate_mbps * 125_000.0)
 
 
@@ -67,7 +68,7 @@ def _split_address(address: str) -> tuple[str, int]:
 class _Direction:
     """One way of one connection: read, schedule, hold, write."""
 
-    def __init__(self, proxy: "DelayProxy", reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
+    def __init__(self, proxy: DelayProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
         self.proxy, self.reader, self.writer, self.name = proxy, reader, writer, name
         self.queue: asyncio.Queue = asyncio.Queue()  # bounded in bytes by _read
         self.link_free = 0.0  # loop time at which the link finishes serialising what it was given
@@ -160,7 +161,7 @@ class DelayProxy:
                     f"{self.shape.rate_bytes_per_second * 8 / 1e6:g} Mbit/s" if self.shape.rate_bytes_per_second
                     else "unlimited")
 
-    async def start(self) -> "DelayProxy":
+    async def start(self) -> DelayProxy:
         self._server = await asyncio.start_server(self._accept, self.listen[0], self.listen[1])
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -176,7 +177,7 @@ class DelayProxy:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> "DelayProxy":
+    async def __aenter__(self) -> DelayProxy:
         return await self.start()
 
     async def __aexit__(self, *exc) -> None:
@@ -218,10 +219,8 @@ class DelayProxy:
                     w.close()
             for w in (client_w, server_w):
                 if w is not None:
-                    try:
+                    with contextlib.suppress(OSError, asyncio.TimeoutError):
                         await asyncio.wait_for(w.wait_closed(), 1.0)
-                    except (OSError, asyncio.TimeoutError):
-                        pass
 
 
 # -- command line ----------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ supported; other ranks raise :class:`~runtime.contracts.errors.InvalidInput`.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

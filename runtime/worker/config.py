@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from runtime.wire.codec import DEFAULT_MAX_BYTES, get_codec
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
-from runtime.wire.transport import TransportOptions
 from runtime.contracts.tiers import EDGE
+from runtime.wire.codec import DEFAULT_MAX_BYTES, get_codec
+from runtime.wire.transport import TransportOptions
 
 
 @dataclass(frozen=True)

@@ -26,11 +26,18 @@ from typing import Any
 
 import grpc
 
-from runtime.wire.codec import Codec, get_codec
-from runtime.contracts.errors import (CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError, PermissionDenied, PreconditionFailed,
-                            Unavailable, from_status)
+from runtime.contracts.errors import (
+    CODES_BY_NUMBER,
+    DeadlineExceeded,
+    EdgesplitError,
+    PermissionDenied,
+    PreconditionFailed,
+    Unavailable,
+    from_status,
+)
 from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.wire.codec import Codec, get_codec
 from runtime.wire.stream import EdgeStream
 from runtime.worker.config import WorkerConfig
 from runtime.worker.metrics import WorkerMetrics

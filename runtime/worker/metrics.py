@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from runtime.daemon.metrics_http import STAGE_BUCKETS
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from runtime.daemon.metrics_http import STAGE_BUCKETS
 
 
 class WorkerMetrics:

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -58,7 +58,7 @@ class WorkerProcess:
 def spawn_worker(flags: Sequence[str] = (), timeout: float = 60.0, log: Path | None = None) -> WorkerProcess:
     """``edgesplit worker --listen 127.0.0.1:0 FLAGS`` as a child; returns once it is SERVING."""
     port_file = Path(tempfile.mkdtemp(prefix="edgesplit-")) / "port"
-    out = open(log, "w") if log else subprocess.DEVNULL
+    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child's stdout for its lifetime)
     proc = subprocess.Popen(
         [sys.executable, "-m", "runtime.cli.main", "worker", "--listen", "127.0.0.1:0", "--port-file", str(port_file), *flags],
         stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=os.environ.copy(),

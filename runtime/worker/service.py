@@ -13,8 +13,6 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from runtime.wire.chain import MAX_HOPS, check_route
-from runtime.wire.codec import Codec, decode_tensor, encode_output
 from runtime.contracts.errors import (
     CODE_NUMBERS,
     EdgesplitError,
@@ -31,10 +29,12 @@ from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.asyncutil import wait_set
+from runtime.wire.chain import MAX_HOPS, check_route
+from runtime.wire.codec import Codec, decode_tensor, encode_output
 from runtime.wire.transport import FrameAssembler
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
-from runtime.wire.asyncutil import wait_set
 from runtime.worker.metrics import WorkerMetrics
 
 logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class TailCache:
         for path in paths:
             manifest = read_manifest(resolve_path(path))
             loaded = await self.model(manifest["model"])
-            art = await loop.run_in_executor(self._executor, lambda: load_tl(path, loaded=loaded))
+            art = await loop.run_in_executor(self._executor, lambda p=path, m=loaded: load_tl(p, loaded=m))
             self.tls[art.tl_id] = Tail(loaded, art.split, art.tail, art.tl.decoder, art.tl_id, art.encoded_shape,
                                        art.tl.entropy_model)
             logger.info("loaded Transfer Layer %s (%s x%s) for %s@%s", art.tl_id, art.tl.kind, art.tl.ratio,

@@ -26,17 +26,16 @@ measured. Meant for ``digits_cnn``; any model gets them through its own ``prepro
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Union
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, load_image
 from runtime.contracts.errors import InvalidInput
-from runtime.models.registry import ModelSpec
+from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, ModelSpec, load_image
 
 HOLDOUT_SEED_OFFSET = 1_000_003  # hold-out crops draw from a different seed stream
 
@@ -81,7 +80,7 @@ DIGITS_NAMES = ("digits", "mnist")
 DIGITS_CLASSES = 10
 DIGITS_HOLDOUT = 1000  # the test split of runtime.models.digits: 100 per class
 
-Source = Union[Path, SkimageImage, DigitsSplit]
+Source = Path | SkimageImage | DigitsSplit
 
 
 def skimage_images() -> tuple[list[SkimageImage], list[SkimageImage]]:
@@ -165,7 +164,7 @@ def _random_resized_crop(img: Image.Image, rng: np.random.Generator, size: tuple
     for _ in range(10):
         target = area * rng.uniform(0.25, 1.0)
         aspect = float(np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3))))
-        cw, ch = int(round((target * aspect) ** 0.5)), int(round((target / aspect) ** 0.5))
+        cw, ch = round((target * aspect) ** 0.5), round((target / aspect) ** 0.5)
         if 0 < cw <= iw and 0 < ch <= ih:
             left, top = int(rng.integers(0, iw - cw + 1)), int(rng.integers(0, ih - ch + 1))
             break

@@ -21,11 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from runtime.wire.codec import MODEL_CODECS, get_codec
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import SplitPoint
 from runtime.tools.tl import data as tl_data
 from runtime.transfer.layers import TransferLayer
+from runtime.wire.codec import MODEL_CODECS, get_codec
 
 logger = logging.getLogger(__name__)
 

@@ -15,17 +15,17 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from runtime.wire.codec import get_codec
 from runtime.contracts.errors import InvalidInput
 from runtime.tools.tl import data as tl_data
 from runtime.tools.tl.evaluate import codec_outputs, features_and_outputs, median_ms, tail_of, top1_accuracy
 from runtime.transfer.layers import TransferLayer
+from runtime.wire.codec import get_codec
 
 CODECS = ("raw", "fp16", "int8+lz4")  # a transform TL is measured with "ans" too
 CODEC_LABEL = {"raw": "fp32 (raw)"}
@@ -83,8 +83,8 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
     "accuracy", "training"}``. On a labelled hold-out (``data="digits"``) every row has an
     ``accuracy`` and ``result["accuracy"]`` is the unsplit model's; else it is None."""
     from runtime.models.loader import load_model
-    from runtime.transfer.artifact import save_tl
     from runtime.tools.tl.train import train_tl
+    from runtime.transfer.artifact import save_tl
 
     if images < 1:
         raise InvalidInput(f"--images must be >= 1, got {images}")
@@ -206,9 +206,9 @@ def write_plot(result: dict, path: str | Path) -> None:
     splits = list(dict.fromkeys((r["split_index"], r["split"]) for r in rows))
     markers = {"none": "o", "reference": "s", "bottleneck": "^", "transform": "D"}
     codecs = list(dict.fromkeys(r["codec"] for r in rows))
-    colours = dict(zip(codecs, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown")))
+    colours = dict(zip(codecs, ("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"), strict=False))
     fig, axes = plt.subplots(1, len(splits), figsize=(5.2 * len(splits), 4.2), squeeze=False, sharey=True)
-    for ax, (idx, name) in zip(axes[0], splits):
+    for ax, (idx, name) in zip(axes[0], splits, strict=False):
         for r in (r for r in rows if r["split"] == name):
             ax.scatter(r["bytes"], r["top1"], marker=markers.get(r["kind"], "x"), color=colours[r["codec"]],
                        s=46, edgecolors="black", linewidths=0.4, zorder=3)

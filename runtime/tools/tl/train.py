@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
