@@ -1,0 +1,50 @@
+from runtime.proto.edgesplit.v1 import inference_pb2 as _inference_pb2
+from runtime.proto.edgesplit.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TileRegion(_message.Message):
+    __slots__ = ("row_start", "row_stop", "col_start", "col_stop")
+    ROW_START_FIELD_NUMBER: _ClassVar[int]
+    ROW_STOP_FIELD_NUMBER: _ClassVar[int]
+    COL_START_FIELD_NUMBER: _ClassVar[int]
+    COL_STOP_FIELD_NUMBER: _ClassVar[int]
+    row_start: int
+    row_stop: int
+    col_start: int
+    col_stop: int
+    def __init__(self, row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., col_start: _Optional[int] = ..., col_stop: _Optional[int] = ...) -> None: ...
+
+class TileRequest(_message.Message):
+    __slots__ = ("header", "input_height", "input_width", "output", "input", "crop", "output_codec")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_CODEC_FIELD_NUMBER: _ClassVar[int]
+    header: _inference_pb2.FrameHeader
+    input_height: int
+    input_width: int
+    output: TileRegion
+    input: TileRegion
+    crop: _tensor_pb2.Tensor
+    output_codec: str
+    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., input: _Optional[_Union[TileRegion, _Mapping]] = ..., crop: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_codec: _Optional[str] = ...) -> None: ...
+
+class TileResult(_message.Message):
+    __slots__ = ("header", "output", "tile", "times")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    TIMES_FIELD_NUMBER: _ClassVar[int]
+    header: _inference_pb2.FrameHeader
+    output: TileRegion
+    tile: _tensor_pb2.Tensor
+    times: _inference_pb2.StageTimes
+    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., tile: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[_inference_pb2.StageTimes, _Mapping]] = ...) -> None: ...
