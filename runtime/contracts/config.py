@@ -1,6 +1,8 @@
 """Configuration for every daemon, with one precedence rule.
 
 defaults < TOML file (``--config``) < environment (``EDGESPLIT_<COMPONENT>_<FIELD>``) < flags.
+An unknown EDGESPLIT_* variable is refused, except the ones Kubernetes sets for a Service of that name
+(``EDGESPLIT_WORKER_SERVICE_HOST``, ``..._PORT_50051_TCP`` and the like), which are skipped.
 
 Each component declares one frozen dataclass; every field carries a one-line ``help`` in its
 metadata, which the CLI shows in ``--help`` together with the default.
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +29,11 @@ if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 T = TypeVar("T", bound="DataclassInstance")  # a configuration dataclass
+
+# Kubernetes injects, for every Service in the namespace, <NAME>_SERVICE_HOST, <NAME>_SERVICE_PORT[_<PORTNAME>],
+# <NAME>_PORT and <NAME>_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]. A Service named edgesplit-worker therefore
+# yields EDGESPLIT_WORKER_SERVICE_HOST and the like, which are no settings: skipped when no field has the name.
+_KUBERNETES_SERVICE_KEY = re.compile(r"service_host|service_port(_\w+)?|port|port_\d+_(tcp|udp|sctp)(_(proto|port|addr))?")
 
 
 def field(default: Any, help: str, **kw: Any) -> Any:
@@ -110,6 +118,8 @@ def load_config(
     for var, val in env.items():
         if var.startswith(prefix):
             key = var[len(prefix):].lower()
+            if key not in names and _KUBERNETES_SERVICE_KEY.fullmatch(key):
+                continue  # injected by kubelet for a Service named edgesplit-<section>: not a setting
             if key not in names:
                 raise InvalidInput(f"environment variable {var} names no {section} setting; known: {', '.join(sorted(names))}")
             values[key] = _coerce(key, hints[key], val, f"environment {var}")
