@@ -34,17 +34,36 @@ VERBS = ("models", "worker", "agent", "print_config", "health_check", "demo", "b
          "validate", "planner", "profile")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesplit", description="Split DNN inference between IIoT boards and edge servers.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
-    for verb in VERBS:
+    for verb in verbs:
         importlib.import_module(f"runtime.cli.{verb}").add_parser(sub)
     return parser
 
 
+def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
+    """The parser with only the verb named in ``argv`` when its module is known (``health-check`` then
+    imports no torch: a probe must answer in well under a second); all verbs otherwise (--help, typos)."""
+    rest = list(argv)
+    while rest and rest[0].startswith("-"):
+        rest = rest[2:] if rest[0] == "--log-level" else rest[1:]
+    verb = rest[0].replace("-", "_") if rest else ""
+    if verb in VERBS:
+        parser = build_parser((verb,))
+        if rest[0] in _subcommands(parser):
+            return parser
+    return build_parser()
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> set[str]:
+    return {name for action in parser._subparsers._group_actions for name in action.choices} if parser._subparsers else set()  # type: ignore[union-attr]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser_for(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
