@@ -125,7 +125,7 @@ class RegisterAgentReply(_message.Message):
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("agent_id", "worker", "bandwidth_bytes_per_second", "rtt_seconds", "stage_seconds", "frames", "plan_version", "sent_unix")
+    __slots__ = ("agent_id", "worker", "bandwidth_bytes_per_second", "rtt_seconds", "stage_seconds", "frames", "plan_version", "sent_unix", "bandwidth_age_seconds", "bandwidth_samples")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,8 @@ class Telemetry(_message.Message):
     FRAMES_FIELD_NUMBER: _ClassVar[int]
     PLAN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     worker: str
     bandwidth_bytes_per_second: float
@@ -149,7 +151,9 @@ class Telemetry(_message.Message):
     frames: int
     plan_version: int
     sent_unix: float
-    def __init__(self, agent_id: _Optional[str] = ..., worker: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., frames: _Optional[int] = ..., plan_version: _Optional[int] = ..., sent_unix: _Optional[float] = ...) -> None: ...
+    bandwidth_age_seconds: float
+    bandwidth_samples: int
+    def __init__(self, agent_id: _Optional[str] = ..., worker: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., frames: _Optional[int] = ..., plan_version: _Optional[int] = ..., sent_unix: _Optional[float] = ..., bandwidth_age_seconds: _Optional[float] = ..., bandwidth_samples: _Optional[int] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
     __slots__ = ("received",)
