@@ -1,0 +1,276 @@
+"""Coordinator of a parallel plan stage (RFS/DPFP): fused blocks spread over K workers by spatial tiles.
+
+A :class:`ParallelStage` names consecutive fused blocks (split-point ranges) and the workers; each
+block cuts its output into row bands in proportion to its ``shares`` (one weight per worker, 0 =
+that worker sits the block out). For every block the coordinator crops the block input for each
+band, halo included (:class:`runtime.parallel.tiled.TiledSegment`), sends the crops to the workers
+concurrently (``Tiles.InferTile``), and stitches the answered tiles into the next block's input.
+
+Nothing is lost when a worker fails: a tile whose worker errs, is unreachable or misses
+``tile_deadline_seconds`` is sent to the next worker still healthy in this frame, and computed on
+the coordinator when none is left (or when its crop would exceed the message limit). A worker that
+failed is skipped for the rest of the frame and tried again on the next one.
+
+:meth:`ParallelCoordinator.run_frame` runs a whole frame: the head up to the first block locally,
+the stage, and the rest of the model locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from runtime.contracts.errors import EdgesplitError, InvalidInput, TooLarge, from_rpc_error
+from runtime.daemon.metrics_http import STAGE_BUCKETS
+from runtime.models.loader import LoadedModel
+from runtime.parallel.receptive import Region, Span, TileRegions, split_spans
+from runtime.parallel.tiled import TiledSegment, stitch
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
+from runtime.wire.codec import decode_tensor, get_codec
+from runtime.wire.transport import TransportOptions
+
+logger = logging.getLogger(__name__)
+
+
+def region_msg(r: Region) -> tiles_pb2.TileRegion:
+    return tiles_pb2.TileRegion(row_start=r.rows.start, row_stop=r.rows.stop, col_start=r.cols.start,
+                                col_stop=r.cols.stop)
+
+LOCAL = "local"
+MAX_WORKERS = 64
+"""Most workers one parallel stage may name."""
+
+
+@dataclass(frozen=True)
+class TiledBlock:
+    """One fused block of a parallel stage."""
+
+    start: str  # split point where the block begins (name or index)
+    end: str  # split point where it ends
+    shares: tuple[float, ...]  # output-row weight per stage worker, in the stage's worker order (0: none)
+
+
+@dataclass(frozen=True)
+class ParallelStage:
+    """Consecutive fused blocks, each spread over some of ``workers``."""
+
+    workers: tuple[str, ...]  # HOST:PORT of each worker
+    blocks: tuple[TiledBlock, ...]  # in order; each begins where the previous one ends
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.workers) <= MAX_WORKERS:
+            raise InvalidInput(f"a parallel stage needs 1..{MAX_WORKERS} workers, got {len(self.workers)}")
+        if not self.blocks:
+            raise InvalidInput("a parallel stage needs at least one block")
+        for i, b in enumerate(self.blocks):
+            if len(b.shares) != len(self.workers) or any(s < 0 for s in b.shares) or not any(s > 0 for s in b.shares):
+                raise InvalidInput(f"block {i} ({b.start}..{b.end}): shares need one weight >= 0 per worker "
+                                   f"({len(self.workers)}), at least one > 0; got {list(b.shares)}")
+
+
+@dataclass(frozen=True)
+class CoordinatorOptions:
+    """How the coordinator talks to the stage's workers."""
+
+    codec: str = "raw"  # codec of the crops sent and the tiles answered (raw: exact)
+    tile_deadline_seconds: float = 10.0  # a tile without an answer by then is recomputed elsewhere
+    transport: TransportOptions = field(default_factory=TransportOptions)  # channel options (message limit)
+    agent_id: str = "coordinator"  # sent in each tile's header
+    model_digest: bool = True  # send the weights fingerprint (workers with other weights refuse)
+
+
+@dataclass
+class TileReport:
+    """What happened to one tile of one block."""
+
+    block: int
+    rows: tuple[int, int]  # output rows [start, stop)
+    planned: str  # the worker it was planned on
+    ran_on: str = ""  # where it was computed in the end (an address or "local")
+    seconds: float = 0.0  # coordinator's wall time for the tile where it ran (round trip or local compute)
+    compute_seconds: float = 0.0  # the worker's own compute time (the local compute for "local")
+    sent_bytes: int = 0
+    failures: list[str] = field(default_factory=list)  # "ADDRESS: CODE" of each failed attempt
+
+
+class TileMetrics:
+    """Per-worker tile times and failures (label values: the stage's workers and "local")."""
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.tile_seconds = Histogram("edgesplit_agent_tile_seconds", "Round trip of one tile of a parallel stage, "
+                                      "by the worker that computed it", ["worker"], buckets=STAGE_BUCKETS,
+                                      registry=self.registry)
+        self.tile_failures = Counter("edgesplit_agent_tile_failures", "Tile attempts that failed (recomputed "
+                                     "elsewhere), by worker and status code", ["worker", "code"], registry=self.registry)
+
+
+class ParallelCoordinator:
+    """Runs a :class:`ParallelStage` of ``loaded`` over its workers (async; torch work in an executor)."""
+
+    def __init__(self, loaded: LoadedModel, stage: ParallelStage, options: CoordinatorOptions | None = None,
+                 metrics: TileMetrics | None = None):
+        self.loaded, self.stage = loaded, stage
+        self.options = options or CoordinatorOptions()
+        self.metrics = metrics or TileMetrics()
+        self.codec = get_codec(self.options.codec)
+        if not self.options.tile_deadline_seconds > 0:
+            raise InvalidInput(f"tile_deadline_seconds must be > 0, got {self.options.tile_deadline_seconds}")
+        self.segments: list[TiledSegment] = []
+        prev = None
+        for i, b in enumerate(stage.blocks):
+            a, e = loaded.split(b.start), loaded.split(b.end)  # NotFound with the valid range
+            if prev is not None and a.index != prev:
+                raise InvalidInput(f"block {i} begins at {a.name}, but block {i - 1} ends at split {prev}")
+            self.segments.append(TiledSegment(loaded.sliced, a.name, e.name))  # InvalidInput: not tileable
+            prev = e.index
+        self.first, self.last = loaded.split(stage.blocks[0].start), loaded.split(stage.blocks[-1].end)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator")
+        self._seq = 0
+
+    def _stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address, options=self.options.transport.channel_options())
+        return tiles_pb2_grpc.TilesStub(self._channels[address])
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _compute(self, fn: Callable, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- one tile -----------------------------------------------------------------------------
+
+    def _request(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor) -> tiles_pb2.TileRequest:
+        block = self.stage.blocks[i]
+        header = pb.FrameHeader(agent_id=self.options.agent_id, seq=self._seq, model_id=self.loaded.name,
+                                split_id=self.loaded.split(block.start).name, end_split=self.loaded.split(block.end).name,
+                                model_digest=self.loaded.digest if self.options.model_digest else "")
+        msg = tiles_pb2.TileRequest(header=header, input_height=in_hw[0], input_width=in_hw[1], output=region_msg(reg.output),
+                                    input=region_msg(reg.input), crop=self.codec.encode(crop), output_codec=self.options.codec)
+        if msg.ByteSize() > self.options.transport.max_message_bytes:
+            raise TooLarge(f"tile crop message of {msg.ByteSize()} bytes exceeds the {self.options.transport.max_message_bytes}"
+                           "-byte message limit; use more tiles, a smaller codec or a larger --max-message-bytes")
+        return msg
+
+    async def _remote(self, address: str, msg: tiles_pb2.TileRequest, report: TileReport) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            res = await self._stub(address).InferTile(msg, timeout=self.options.tile_deadline_seconds)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        tile = decode_tensor(res.tile, max_bytes=self.options.transport.max_message_bytes * 4)
+        want = (msg.output.row_stop - msg.output.row_start, msg.output.col_stop - msg.output.col_start)
+        if tile.dim() != 4 or tuple(tile.shape[-2:]) != want:
+            raise InvalidInput(f"worker {address} answered a tile of shape {list(tile.shape)} for a {want} region")
+        report.seconds = time.perf_counter() - t0
+        report.compute_seconds = res.times.tail_seconds
+        report.sent_bytes += len(msg.crop.buffer)
+        return tile
+
+    async def _tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor,
+                    report: TileReport, healthy: list[str]) -> torch.Tensor:
+        """One tile: on its planned worker, then on each other healthy worker, then locally."""
+        try:
+            msg = self._request(i, in_hw, reg, crop)
+        except TooLarge as e:
+            report.failures.append(f"{report.planned}: {e.code.name}")
+            msg = None
+        candidates = [report.planned] + [w for w in healthy if w != report.planned]
+        for address in candidates if msg is not None else ():
+            if address not in healthy:
+                continue
+            try:
+                tile = await self._remote(address, msg, report)
+            except (EdgesplitError, asyncio.TimeoutError) as e:
+                code = e.code.name if isinstance(e, EdgesplitError) else "DEADLINE_EXCEEDED"
+                report.failures.append(f"{address}: {code}")
+                self.metrics.tile_failures.labels(address, code).inc()
+                logger.warning("tile %s of block %d failed on %s (%s); recomputing elsewhere", report.rows, i,
+                               address, code)
+                if address in healthy:
+                    healthy.remove(address)  # not again in this frame
+                continue
+            report.ran_on = address
+            self.metrics.tile_seconds.labels(address).observe(report.seconds)
+            return tile
+        t0 = time.perf_counter()
+        tile = await self._compute(self.segments[i].run_tile, crop, reg)
+        report.ran_on, report.seconds = LOCAL, time.perf_counter() - t0
+        report.compute_seconds = report.seconds
+        self.metrics.tile_seconds.labels(LOCAL).observe(report.seconds)
+        return tile
+
+    # -- the stage ----------------------------------------------------------------------------
+
+    def bands(self, i: int, in_hw: tuple[int, int]) -> list[tuple[str, Region]]:
+        """Block ``i``'s output tiles (full-width row bands) and the worker each is planned on."""
+        out_h, out_w = self.segments[i].out_size(in_hw)
+        shares = self.stage.blocks[i].shares
+        used = [(w, s) for w, s in zip(self.stage.workers, shares, strict=True) if s > 0]
+        spans = split_spans(out_h, [s for _, s in used])
+        return [(w, Region(span, Span(0, out_w))) for (w, _), span in zip(used, spans, strict=True) if span.size > 0]
+
+    async def run_stage(self, x: torch.Tensor,
+                        on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:
+        """The stage's output for its input ``x`` (the map at the first block's start) and a report per tile.
+        ``on_block(i, reports)`` is called after each block is stitched (progress, logs)."""
+        if x.dim() != 4 or x.shape[0] != 1:
+            raise InvalidInput(f"a parallel stage takes one [1, C, H, W] map, got {list(x.shape)}")
+        self._seq += 1
+        healthy = list(self.stage.workers)
+        reports: list[TileReport] = []
+        for i, seg in enumerate(self.segments):
+            in_hw = (int(x.shape[-2]), int(x.shape[-1]))
+            planned = self.bands(i, in_hw)
+            regions = seg.regions(in_hw, [r for _, r in planned])
+            jobs, block_reports = [], []
+            for (worker, _), reg in zip(planned, regions, strict=True):
+                crop = x[..., reg.input.rows.start: reg.input.rows.stop, reg.input.cols.start: reg.input.cols.stop]
+                report = TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker)
+                block_reports.append(report)
+                jobs.append(self._tile(i, in_hw, reg, crop.contiguous(), report, healthy))
+            tiles = await asyncio.gather(*jobs)
+            x = stitch([(reg.output, t) for reg, t in zip(regions, tiles, strict=True)], seg.out_size(in_hw))
+            reports.extend(block_reports)
+            if on_block is not None:
+                on_block(i, block_reports)
+        return x, reports
+
+    async def run_frame(self, image: torch.Tensor,
+                        on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:
+        """A whole frame: head to the first block locally, the stage, the rest of the model locally."""
+        with torch.inference_mode():
+            x = image if self.first.index == 0 else await self._compute(self.loaded.head(self.first.name), image)
+        y, reports = await self.run_stage(x, on_block)
+        if self.last.name != "output":
+            with torch.inference_mode():
+                y = await self._compute(self.loaded.tail(self.last.name), y)
+        return y, reports
+
+
+def stage_summary(reports: Sequence[TileReport]) -> dict[str, dict[str, float]]:
+    """Per worker (and "local"): tiles computed, tiles failed there, mean round trip and compute ms."""
+    out: dict[str, dict[str, float]] = {}
+    for r in reports:
+        row = out.setdefault(r.ran_on, {"tiles": 0, "failed": 0, "seconds": 0.0, "compute_seconds": 0.0})
+        row["tiles"] += 1
+        row["seconds"] += r.seconds
+        row["compute_seconds"] += r.compute_seconds
+        for f in r.failures:
+            failed_on = f.split(": ", 1)[0]
+            out.setdefault(failed_on, {"tiles": 0, "failed": 0, "seconds": 0.0, "compute_seconds": 0.0})["failed"] += 1
+    return out
