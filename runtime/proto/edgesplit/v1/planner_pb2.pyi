@@ -1,3 +1,4 @@
+from runtime.proto.edgesplit.v1 import tiles_pb2 as _tiles_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -162,7 +163,7 @@ class TelemetryAck(_message.Message):
     def __init__(self, received: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("agent_id", "version", "model_id", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address", "predicted_seconds", "predicted_fps", "predicted_bytes", "breakdown_seconds", "reason", "created_unix", "end_split", "end_split_index", "next_hops")
+    __slots__ = ("agent_id", "version", "model_id", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address", "predicted_seconds", "predicted_fps", "predicted_bytes", "breakdown_seconds", "reason", "created_unix", "end_split", "end_split_index", "next_hops", "parallel")
     class BreakdownSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +189,7 @@ class Plan(_message.Message):
     END_SPLIT_FIELD_NUMBER: _ClassVar[int]
     END_SPLIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
+    PARALLEL_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     version: int
     model_id: str
@@ -206,7 +208,8 @@ class Plan(_message.Message):
     end_split: str
     end_split_index: int
     next_hops: _containers.RepeatedCompositeFieldContainer[PlanHop]
-    def __init__(self, agent_id: _Optional[str] = ..., version: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., split_index: _Optional[int] = ..., codec: _Optional[str] = ..., tl_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., predicted_fps: _Optional[float] = ..., predicted_bytes: _Optional[int] = ..., breakdown_seconds: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., created_unix: _Optional[float] = ..., end_split: _Optional[str] = ..., end_split_index: _Optional[int] = ..., next_hops: _Optional[_Iterable[_Union[PlanHop, _Mapping]]] = ...) -> None: ...
+    parallel: _tiles_pb2.ParallelStage
+    def __init__(self, agent_id: _Optional[str] = ..., version: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., split_index: _Optional[int] = ..., codec: _Optional[str] = ..., tl_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., predicted_fps: _Optional[float] = ..., predicted_bytes: _Optional[int] = ..., breakdown_seconds: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., created_unix: _Optional[float] = ..., end_split: _Optional[str] = ..., end_split_index: _Optional[int] = ..., next_hops: _Optional[_Iterable[_Union[PlanHop, _Mapping]]] = ..., parallel: _Optional[_Union[_tiles_pb2.ParallelStage, _Mapping]] = ...) -> None: ...
 
 class PlanHop(_message.Message):
     __slots__ = ("worker_id", "address", "end_split", "end_split_index", "codec", "tl_id")

@@ -1,8 +1,9 @@
 from runtime.proto.edgesplit.v1 import inference_pb2 as _inference_pb2
 from runtime.proto.edgesplit.v1 import tensor_pb2 as _tensor_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -48,3 +49,27 @@ class TileResult(_message.Message):
     tile: _tensor_pb2.Tensor
     times: _inference_pb2.StageTimes
     def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., tile: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[_inference_pb2.StageTimes, _Mapping]] = ...) -> None: ...
+
+class ParallelBlock(_message.Message):
+    __slots__ = ("start_split", "end_split", "shares", "predicted_seconds")
+    START_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    END_SPLIT_FIELD_NUMBER: _ClassVar[int]
+    SHARES_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    start_split: str
+    end_split: str
+    shares: _containers.RepeatedScalarFieldContainer[float]
+    predicted_seconds: float
+    def __init__(self, start_split: _Optional[str] = ..., end_split: _Optional[str] = ..., shares: _Optional[_Iterable[float]] = ..., predicted_seconds: _Optional[float] = ...) -> None: ...
+
+class ParallelStage(_message.Message):
+    __slots__ = ("worker_ids", "worker_addresses", "blocks", "codec")
+    WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    worker_ids: _containers.RepeatedScalarFieldContainer[str]
+    worker_addresses: _containers.RepeatedScalarFieldContainer[str]
+    blocks: _containers.RepeatedCompositeFieldContainer[ParallelBlock]
+    codec: str
+    def __init__(self, worker_ids: _Optional[_Iterable[str]] = ..., worker_addresses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[ParallelBlock, _Mapping]]] = ..., codec: _Optional[str] = ...) -> None: ...
