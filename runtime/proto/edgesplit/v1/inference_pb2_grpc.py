@@ -49,6 +49,11 @@ class InferenceStub:
                 request_serializer=edgesplit_dot_v1_dot_inference__pb2.StreamRequest.SerializeToString,
                 response_deserializer=edgesplit_dot_v1_dot_inference__pb2.InferResult.FromString,
                 _registered_method=True)
+        self.Probe = channel.unary_unary(
+                '/edgesplit.v1.Inference/Probe',
+                request_serializer=edgesplit_dot_v1_dot_inference__pb2.ProbeRequest.SerializeToString,
+                response_deserializer=edgesplit_dot_v1_dot_inference__pb2.ProbeReply.FromString,
+                _registered_method=True)
 
 
 class InferenceServicer:
@@ -76,6 +81,14 @@ class InferenceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Probe(self, request, context):
+        """A bandwidth probe (issue 11): the agent times a payload's trip to measure a link no frame
+        measures (a local plan, small frames); the worker only counts the bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +106,11 @@ def add_InferenceServicer_to_server(servicer, server):
                     servicer.InferStream,
                     request_deserializer=edgesplit_dot_v1_dot_inference__pb2.StreamRequest.FromString,
                     response_serializer=edgesplit_dot_v1_dot_inference__pb2.InferResult.SerializeToString,
+            ),
+            'Probe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Probe,
+                    request_deserializer=edgesplit_dot_v1_dot_inference__pb2.ProbeRequest.FromString,
+                    response_serializer=edgesplit_dot_v1_dot_inference__pb2.ProbeReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +194,33 @@ class Inference:
             '/edgesplit.v1.Inference/InferStream',
             edgesplit_dot_v1_dot_inference__pb2.StreamRequest.SerializeToString,
             edgesplit_dot_v1_dot_inference__pb2.InferResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Probe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgesplit.v1.Inference/Probe',
+            edgesplit_dot_v1_dot_inference__pb2.ProbeRequest.SerializeToString,
+            edgesplit_dot_v1_dot_inference__pb2.ProbeReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -126,7 +126,7 @@ class RegisterAgentReply(_message.Message):
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("agent_id", "worker", "bandwidth_bytes_per_second", "rtt_seconds", "stage_seconds", "frames", "plan_version", "sent_unix", "bandwidth_age_seconds", "bandwidth_samples")
+    __slots__ = ("agent_id", "worker", "bandwidth_bytes_per_second", "rtt_seconds", "stage_seconds", "frames", "plan_version", "sent_unix", "bandwidth_age_seconds", "bandwidth_samples", "other_links")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class Telemetry(_message.Message):
     SENT_UNIX_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    OTHER_LINKS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     worker: str
     bandwidth_bytes_per_second: float
@@ -154,7 +155,48 @@ class Telemetry(_message.Message):
     sent_unix: float
     bandwidth_age_seconds: float
     bandwidth_samples: int
-    def __init__(self, agent_id: _Optional[str] = ..., worker: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., frames: _Optional[int] = ..., plan_version: _Optional[int] = ..., sent_unix: _Optional[float] = ..., bandwidth_age_seconds: _Optional[float] = ..., bandwidth_samples: _Optional[int] = ...) -> None: ...
+    other_links: _containers.RepeatedCompositeFieldContainer[LinkReport]
+    def __init__(self, agent_id: _Optional[str] = ..., worker: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., frames: _Optional[int] = ..., plan_version: _Optional[int] = ..., sent_unix: _Optional[float] = ..., bandwidth_age_seconds: _Optional[float] = ..., bandwidth_samples: _Optional[int] = ..., other_links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...
+
+class LinkReport(_message.Message):
+    __slots__ = ("worker", "bandwidth_bytes_per_second", "rtt_seconds", "bandwidth_age_seconds", "bandwidth_samples")
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    RTT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    worker: str
+    bandwidth_bytes_per_second: float
+    rtt_seconds: float
+    bandwidth_age_seconds: float
+    bandwidth_samples: int
+    def __init__(self, worker: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., bandwidth_age_seconds: _Optional[float] = ..., bandwidth_samples: _Optional[int] = ...) -> None: ...
+
+class ProbeTargetsRequest(_message.Message):
+    __slots__ = ("agent_id",)
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    def __init__(self, agent_id: _Optional[str] = ...) -> None: ...
+
+class ProbeTarget(_message.Message):
+    __slots__ = ("worker_id", "address", "bandwidth_bytes_per_second", "age_seconds")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    address: str
+    bandwidth_bytes_per_second: float
+    age_seconds: float
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+
+class ProbeTargetsReply(_message.Message):
+    __slots__ = ("targets", "link_ttl_seconds")
+    TARGETS_FIELD_NUMBER: _ClassVar[int]
+    LINK_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    targets: _containers.RepeatedCompositeFieldContainer[ProbeTarget]
+    link_ttl_seconds: float
+    def __init__(self, targets: _Optional[_Iterable[_Union[ProbeTarget, _Mapping]]] = ..., link_ttl_seconds: _Optional[float] = ...) -> None: ...
 
 class TelemetryAck(_message.Message):
     __slots__ = ("received",)

@@ -69,6 +69,11 @@ class PlannerStub:
                 request_serializer=edgesplit_dot_v1_dot_planner__pb2.ListAgentsRequest.SerializeToString,
                 response_deserializer=edgesplit_dot_v1_dot_planner__pb2.ListAgentsReply.FromString,
                 _registered_method=True)
+        self.ListProbeTargets = channel.unary_unary(
+                '/edgesplit.v1.Planner/ListProbeTargets',
+                request_serializer=edgesplit_dot_v1_dot_planner__pb2.ProbeTargetsRequest.SerializeToString,
+                response_deserializer=edgesplit_dot_v1_dot_planner__pb2.ProbeTargetsReply.FromString,
+                _registered_method=True)
 
 
 class PlannerServicer:
@@ -122,6 +127,14 @@ class PlannerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListProbeTargets(self, request, context):
+        """The workers an agent may be placed on, with what the planner knows of each link (issue 11:
+        an unmeasured link is probed by the agent before any plan offloads to it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PlannerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -159,6 +172,11 @@ def add_PlannerServicer_to_server(servicer, server):
                     servicer.ListAgents,
                     request_deserializer=edgesplit_dot_v1_dot_planner__pb2.ListAgentsRequest.FromString,
                     response_serializer=edgesplit_dot_v1_dot_planner__pb2.ListAgentsReply.SerializeToString,
+            ),
+            'ListProbeTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProbeTargets,
+                    request_deserializer=edgesplit_dot_v1_dot_planner__pb2.ProbeTargetsRequest.FromString,
+                    response_serializer=edgesplit_dot_v1_dot_planner__pb2.ProbeTargetsReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -350,6 +368,33 @@ class Planner:
             '/edgesplit.v1.Planner/ListAgents',
             edgesplit_dot_v1_dot_planner__pb2.ListAgentsRequest.SerializeToString,
             edgesplit_dot_v1_dot_planner__pb2.ListAgentsReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProbeTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgesplit.v1.Planner/ListProbeTargets',
+            edgesplit_dot_v1_dot_planner__pb2.ProbeTargetsRequest.SerializeToString,
+            edgesplit_dot_v1_dot_planner__pb2.ProbeTargetsReply.FromString,
             options,
             channel_credentials,
             insecure,
