@@ -6,11 +6,12 @@ from dataclasses import dataclass
 
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
+from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
 
 @dataclass(frozen=True)
-class PlannerConfig:
+class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, insecure: runtime.wire.security
     listen: str = field("127.0.0.1:50061", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
     db: str = field("edgesplit-planner.sqlite", "SQLite file holding workers, agents, links and the plan history")
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
@@ -58,4 +59,4 @@ class PlannerConfig:
                 raise InvalidInput(f"planner configuration: {message}")
 
     def transport(self) -> TransportOptions:
-        return TransportOptions(max_message_bytes=self.max_message_bytes)
+        return TransportOptions(max_message_bytes=self.max_message_bytes, security=self.security())

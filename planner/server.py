@@ -11,10 +11,16 @@ from planner.service import PlannerService
 from planner.store import Store
 from runtime.daemon.server import Daemon, DaemonOptions, stop_on_signals
 from runtime.proto.edgesplit.v1 import planner_pb2, planner_pb2_grpc
+from runtime.wire.security import AGENT, WORKER
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["Planner"].full_name
+# who may call what (runtime.daemon.auth; enforced when the planner authenticates: mTLS or tokens).
+# Operators may call everything; ListAgents is theirs alone.
+AUTH_POLICY = {"RegisterWorker": frozenset({WORKER}), "RegisterAgent": frozenset({AGENT}),
+               "ReportTelemetry": frozenset({AGENT}), "WatchPlan": frozenset({AGENT}),
+               "ReportPlanStatus": frozenset({AGENT}), "QueryPlan": frozenset({AGENT}), "ListAgents": frozenset()}
 
 
 @dataclass
@@ -57,7 +63,8 @@ async def serve(config: PlannerConfig) -> PlannerServer:
         daemon = Daemon(DaemonOptions(
             listen=config.listen, services=(SERVICE_NAME,), transport=config.transport(),
             on_error=lambda _method, code: metrics.errors.labels(code).inc(),
-            metrics=metrics.registry, metrics_host=config.metrics_host, metrics_port=config.metrics_port))
+            metrics=metrics.registry, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
+            auth_policy=AUTH_POLICY))
         daemon.bind(lambda server: planner_pb2_grpc.add_PlannerServicer_to_server(service, server))
         await daemon.start()
     except BaseException:

@@ -10,6 +10,7 @@ from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
 from runtime.wire.chain import Hop
 from runtime.wire.codec import Codec, get_codec
+from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ class AgentOptions:
 
 
 @dataclass(frozen=True)
-class AgentConfig:
+class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file, insecure: runtime.wire.security
     worker: str = field("127.0.0.1:50051", "edge worker address HOST:PORT (empty: run every frame locally)")
     model: str = field("efficientnet_lite0", "bundled model name or path/to/file.py:factory")
     split: str = field("", "split point index or name (see 'edgesplit models MODEL'); empty = the model's default")
@@ -136,7 +137,8 @@ class AgentConfig:
                 "exclude_workers": list(self.planner_exclude_workers), **text}
 
     def transport(self) -> TransportOptions:
-        return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes)
+        return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=self.chunk_bytes,
+                                security=self.security())
 
     def agent_options(self) -> AgentOptions:
         return AgentOptions(agent_id=self.agent_id, transport=self.transport(), deadline_seconds=self.deadline_seconds,

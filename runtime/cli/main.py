@@ -14,6 +14,7 @@ flags, dispatch, error handling). Each verb is its own module of :mod:`runtime.c
     edgesplit plan-check                predicted against measured latency per split
     edgesplit planner serve|query|agents|print-config
     edgesplit profile                   time a model's blocks and transfers into a profile file
+    edgesplit certs ca|issue|token      site CA, per-role certificates, bearer tokens (mTLS quick start)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ logger = logging.getLogger("edgesplit")
 # The verbs' modules in runtime.cli, in the order 'edgesplit --help' lists them. A verb's module is
 # imported only when the parser is built; its heavy imports (torch, the models) wait for its command.
 VERBS = ("models", "worker", "agent", "print_config", "health_check", "demo", "bench", "tl", "plan", "import_peers",
-         "validate", "planner", "profile")
+         "validate", "planner", "profile", "certs")
 
 
 def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:

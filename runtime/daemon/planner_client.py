@@ -53,8 +53,7 @@ class PlannerClient:
     def stub(self) -> ppb_grpc.PlannerStub:
         """The raw stub (opens the channel without waiting for it)."""
         if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.options.address,
-                                                      options=self.options.transport.channel_options())
+            self._channel = self.options.transport.aio_channel(self.options.address)
             self._stub = ppb_grpc.PlannerStub(self._channel)
         return self._stub
 

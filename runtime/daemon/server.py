@@ -27,10 +27,12 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, Gauge
 
+from runtime.daemon.auth import AuthInterceptor, AuthPolicy
 from runtime.daemon.interceptors import ErrorHook, ErrorStatusInterceptor
 from runtime.daemon.metrics_http import MetricsEndpoint
+from runtime.wire.security import check_bind, server_credentials
 from runtime.wire.transport import TransportOptions
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ class DaemonOptions:
     metrics: CollectorRegistry | None = None  # Prometheus registry to expose; None: no endpoint
     metrics_host: str = "127.0.0.1"  # interface of the /metrics endpoint
     metrics_port: int = -1  # port of the /metrics endpoint: 0 picks one, below 0 turns it off
+    auth_policy: AuthPolicy | None = None  # method name -> roles allowed to call it (runtime.daemon.auth)
 
 
 # Called with the grace seconds; returns once the daemon's work in flight is done (or the time is up).
@@ -65,9 +68,13 @@ class Daemon:
     def __init__(self, options: DaemonOptions):
         self.options = options
         self.health = health.aio.HealthServicer()
+        # authentication first: a refused call never reaches another interceptor or a handler
+        self.auth = AuthInterceptor(options.transport.security, options.auth_policy, options.metrics)
         self.server = grpc.aio.server(
             options=options.transport.server_options(),
-            interceptors=[*options.interceptors, ErrorStatusInterceptor(options.on_error)])
+            interceptors=[self.auth, *options.interceptors, ErrorStatusInterceptor(options.on_error)])
+        self.insecure_bind = Gauge("edgesplit_insecure_bind", "1 when serving a network address without TLS "
+                                   "(--insecure)", registry=options.metrics)
         self.port = 0  # the bound port, after start()
         self.metrics_endpoint: MetricsEndpoint | None = None
 
@@ -88,8 +95,14 @@ class Daemon:
         if self.options.reflection:
             reflection.enable_server_reflection((*self.options.services, HEALTH_SERVICE, reflection.SERVICE_NAME),
                                                 self.server)
+        security = self.options.transport.security
+        self.insecure_bind.set(1 if check_bind(self.options.listen, security) else 0)
+        credentials = server_credentials(security)
         try:
-            self.port = self.server.add_insecure_port(self.options.listen)
+            if credentials is None:
+                self.port = self.server.add_insecure_port(self.options.listen)
+            else:
+                self.port = self.server.add_secure_port(self.options.listen, credentials)
         except RuntimeError as e:  # grpc's "Failed to bind to address"
             raise OSError(f"could not bind {self.options.listen}: {e}") from None
         if self.port == 0:

@@ -99,7 +99,7 @@ class EdgeStream:
             now = time.monotonic()
             if now < self._retry_at:
                 raise Unavailable(f"worker {self.address} unreachable; next try in {self._retry_at - now:.1f}s")
-            channel = grpc.aio.insecure_channel(self.address, options=self.transport.channel_options())
+            channel = self.transport.aio_channel(self.address)
             try:
                 await asyncio.wait_for(channel.channel_ready(), self.connect_timeout)
             except (asyncio.TimeoutError, grpc.RpcError) as e:

@@ -7,10 +7,13 @@ No message therefore meets the gRPC receive limit, whatever the tensor size.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import grpc
 
 from runtime.contracts.errors import InvalidInput, TooLarge
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.wire.security import SecurityOptions, aio_channel, sync_channel
 
 MiB = 2**20
 
@@ -25,6 +28,15 @@ class TransportOptions:
     chunk_bytes: int = 256 * 1024
     keepalive_time_ms: int = 20_000  # ping an idle connection this often
     keepalive_timeout_ms: int = 10_000  # drop the connection when a ping is not answered in time
+    security: SecurityOptions = field(default_factory=SecurityOptions)  # TLS / mTLS / tokens (runtime.wire.security)
+
+    def aio_channel(self, address: str) -> grpc.aio.Channel:
+        """An asyncio channel to ``address`` with these limits and this process's credentials."""
+        return aio_channel(address, list(self.channel_options()), self.security)
+
+    def sync_channel(self, address: str) -> grpc.Channel:
+        """A blocking channel (CLI, health checks) with these limits and credentials."""
+        return sync_channel(address, list(self.channel_options()), self.security)
 
     def channel_options(self) -> list[tuple[str, int]]:
         return [

@@ -8,11 +8,12 @@ from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.tiers import EDGE
 from runtime.wire.codec import DEFAULT_MAX_BYTES, get_codec
+from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
 
 @dataclass(frozen=True)
-class WorkerConfig:
+class WorkerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, insecure: runtime.wire.security
     listen: str = field("127.0.0.1:50051", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
@@ -48,4 +49,4 @@ class WorkerConfig:
             raise InvalidInput("next_tiers holds an empty address; give each as HOST:PORT")
 
     def transport(self) -> TransportOptions:
-        return TransportOptions(max_message_bytes=self.max_message_bytes)
+        return TransportOptions(max_message_bytes=self.max_message_bytes, security=self.security())

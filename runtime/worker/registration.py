@@ -47,9 +47,12 @@ def advertised_address(listen: str, port: int, advertise: str) -> str:
 
 
 class PlannerRegistration:
-    def __init__(self, planner: str, worker_id: str, address: str, tier: str, profile_docs: list[str],
-                 tl_ids: list[str], refresh_seconds: float, next_tiers: Sequence[str] = ()):
-        self.planner, self.worker_id, self.address, self.tier = planner, worker_id, address, tier
+    def __init__(self, planner: str | PlannerClientOptions, worker_id: str, address: str, tier: str,
+                 profile_docs: list[str], tl_ids: list[str], refresh_seconds: float, next_tiers: Sequence[str] = ()):
+        # the planner's address, or client options carrying the worker's transport (TLS, tokens)
+        self.client_options = (planner if isinstance(planner, PlannerClientOptions)
+                               else PlannerClientOptions(planner, rpc_timeout=RPC_TIMEOUT_SECONDS))
+        self.planner, self.worker_id, self.address, self.tier = self.client_options.address, worker_id, address, tier
         self.request = ppb.RegisterWorkerRequest(worker_id=worker_id, address=address, tier=tier,
                                                  profiles_json=profile_docs, tl_ids=tl_ids,
                                                  next_tiers=[a.strip() for a in next_tiers])
@@ -62,7 +65,7 @@ class PlannerRegistration:
 
     async def _run(self) -> None:
         backoff = Backoff(0.5, MAX_BACKOFF_SECONDS)
-        planner = PlannerClient(PlannerClientOptions(self.planner, rpc_timeout=RPC_TIMEOUT_SECONDS))
+        planner = PlannerClient(self.client_options)
         try:
             while True:
                 try:

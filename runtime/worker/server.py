@@ -8,11 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
+from runtime.daemon.planner_client import PlannerClientOptions
 from runtime.daemon.server import Daemon, DaemonOptions, stop_on_signals
 from runtime.proto.edgesplit.v1 import inference_pb2, inference_pb2_grpc, tiles_pb2_grpc
+from runtime.wire.security import AGENT, WORKER
 from runtime.worker.config import WorkerConfig
 from runtime.worker.metrics import WorkerMetrics
-from runtime.worker.registration import PlannerRegistration, advertised_address, load_profiles
+from runtime.worker.registration import RPC_TIMEOUT_SECONDS, PlannerRegistration, advertised_address, load_profiles
 from runtime.worker.service import InferenceService
 from runtime.worker.tiles import SERVICE_NAME as TILES_SERVICE
 from runtime.worker.tiles import TilesService
@@ -20,6 +22,9 @@ from runtime.worker.tiles import TilesService
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
+# who may call what (runtime.daemon.auth; enforced when the worker authenticates, i.e. mTLS or tokens):
+# agents send frames, workers forward chained frames; operators may do anything
+AUTH_POLICY = {name: frozenset({AGENT, WORKER}) for name in ("Prepare", "Infer", "InferStream", "InferTile")}
 
 
 @dataclass
@@ -69,7 +74,8 @@ async def serve(config: WorkerConfig) -> WorkerServer:
     daemon = Daemon(DaemonOptions(
         listen=config.listen, services=(SERVICE_NAME, TILES_SERVICE), transport=config.transport(),
         on_error=lambda _method, code: metrics.errors.labels(code).inc(),
-        metrics=metrics.registry, metrics_host=config.metrics_host, metrics_port=config.metrics_port))
+        metrics=metrics.registry, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
+        auth_policy=AUTH_POLICY))
     tiles = TilesService(service)  # RFS/DPFP: tiles of fused blocks, on the same admission and executor
 
     def add_servicers(server) -> None:
@@ -89,7 +95,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
     ws = WorkerServer(daemon, service)
     if config.planner:
         ws.registration = PlannerRegistration(
-            config.planner, config.worker_id or socket.gethostname(),
+            PlannerClientOptions(config.planner, config.transport(), rpc_timeout=RPC_TIMEOUT_SECONDS), config.worker_id or socket.gethostname(),
             advertised_address(config.listen, daemon.port, config.advertise),
             config.tier, docs, sorted(service.tails.tls), config.planner_refresh_seconds, config.next_tiers)
         ws.registration.start()

@@ -1,0 +1,190 @@
+"""Authentication and role checks for every daemon: one server interceptor, run before any handler.
+
+:class:`AuthInterceptor` finds the caller's :class:`Identity`: from a verified client
+certificate (its SAN URI ``spiffe://edgesplit/ROLE/ID``; grpc has checked it against the site CA
+during the handshake), else from a bearer token in ``authorization`` metadata (looked up by its
+SHA-256 in the server's tokens file, re-read when the file changes). A server that requires
+authentication (mTLS or a tokens file, runtime.wire.security) answers a call without one
+UNAUTHENTICATED, and a caller whose role the method does not allow PERMISSION_DENIED, before the
+handler runs; each refusal is counted (``edgesplit_auth_rejected_total{reason}`` and
+:attr:`AuthInterceptor.rejected`). Health checks need no identity (probes).
+
+Handlers read the caller with :func:`current_identity`. On a server without authentication
+(loopback) every caller is :data:`ANONYMOUS` and role checks are off.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import os
+import time
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter
+
+from runtime.wire.security import OPERATOR, SecurityOptions, load_tokens, parse_spiffe, token_digest
+
+logger = logging.getLogger(__name__)
+
+OPEN_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})  # probes need no identity
+TOKENS_RECHECK_SECONDS = 1.0  # how often the tokens file's mtime is looked at
+MAX_AUTH_HEADER_CHARS = 4096  # a longer authorization header is refused unread
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who is calling."""
+
+    role: str  # agent, worker or operator; "" when unauthenticated
+    id: str  # the certificate's or token's subject (worker_id / agent_id / a person); "" when unauthenticated
+    via: str  # "cert", "token" or "none"
+
+    @property
+    def authenticated(self) -> bool:
+        return self.via != "none"
+
+    def __str__(self) -> str:
+        return f"{self.role}/{self.id} ({self.via})" if self.authenticated else "anonymous"
+
+
+ANONYMOUS = Identity("", "", "none")
+_current: contextvars.ContextVar[Identity] = contextvars.ContextVar("edgesplit_identity", default=ANONYMOUS)
+
+# method name (the part after the last '/', e.g. "RegisterWorker") -> roles that may call it; operators
+# may call everything; a method not named is open to every authenticated role.
+AuthPolicy = Mapping[str, frozenset[str]]
+
+
+def current_identity() -> Identity:
+    """The caller of the RPC being handled (ANONYMOUS outside one, or on a server without authentication)."""
+    return _current.get()
+
+
+class Refused(Exception):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
+        super().__init__(message)
+        self.code, self.reason = code, reason
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates every call (but health) before its handler; see the module docstring."""
+
+    def __init__(self, security: SecurityOptions, policy: AuthPolicy | None = None,
+                 registry: CollectorRegistry | None = None):
+        self.security = security
+        self.policy = dict(policy or {})
+        self.required = security.requires_auth
+        self.rejected: Tally[str] = Tally()  # reason -> calls refused (tests read this)
+        self.admitted = 0  # calls that reached their handler
+        self._metric = Counter("edgesplit_auth_rejected", "calls refused before any handler work, by reason",
+                               ["reason"], registry=registry)
+        self._tokens: dict[str, tuple[str, str]] = {}
+        self._tokens_stamp = -1.0
+        self._tokens_checked = 0.0
+        if security.tokens_file:
+            self._reload_tokens(force=True)
+
+    def _reload_tokens(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._tokens_checked < TOKENS_RECHECK_SECONDS:
+            return
+        self._tokens_checked = now
+        try:
+            stamp = os.path.getmtime(self.security.tokens_file)
+            if stamp != self._tokens_stamp:
+                self._tokens = load_tokens(self.security.tokens_file)
+                if self._tokens_stamp >= 0:
+                    logger.info("tokens reloaded from %s (%d)", self.security.tokens_file, len(self._tokens))
+                self._tokens_stamp = stamp
+        except Exception as e:  # a bad edit keeps the tokens in force
+            if force:
+                raise
+            logger.error("tokens file reload failed, keeping the current tokens: %s", e)
+
+    def identify(self, context: grpc.aio.ServicerContext, metadata: Any) -> Identity:
+        """The caller's identity, or Refused."""
+        auth = context.auth_context()
+        for uri in auth.get("peer_spiffe_id", []) + auth.get("x509_subject_alternative_name", []):
+            parsed = parse_spiffe(uri.decode(errors="replace"))
+            if parsed is not None:
+                return Identity(parsed[0], parsed[1], "cert")
+        if auth.get("x509_common_name"):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "no_role",
+                          "the client certificate names no role: it needs a SAN URI spiffe://edgesplit/ROLE/ID "
+                          "('edgesplit certs issue' writes one)")
+        header = next((v for k, v in (metadata or ()) if k == "authorization"), None)
+        if header is not None:
+            text = header if isinstance(header, str) else header.decode(errors="replace")
+            if not self.security.tokens_file:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad_token", "this server accepts no bearer tokens")
+            if len(text) > MAX_AUTH_HEADER_CHARS or not text.startswith("Bearer "):
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad_token", "authorization must be 'Bearer TOKEN'")
+            self._reload_tokens()
+            entry = self._tokens.get(token_digest(text[len("Bearer "):]))
+            if entry is None:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad_token", "unknown bearer token")
+            return Identity(entry[0], entry[1], "token")
+        if self.required:
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "missing",
+                          "authentication required: present a client certificate of the site CA or a bearer token")
+        return ANONYMOUS
+
+    def authorize(self, method: str, identity: Identity) -> None:
+        if not identity.authenticated or identity.role == OPERATOR:
+            return
+        allowed = self.policy.get(method.rsplit("/", 1)[-1])
+        if allowed is not None and identity.role not in allowed:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "role",
+                          f"{method} may be called by {', '.join(sorted(allowed | {OPERATOR}))}, not by {identity}")
+
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext, metadata: Any) -> None:
+        try:
+            identity = self.identify(context, metadata)
+            self.authorize(method, identity)
+        except Refused as r:
+            self.rejected[r.reason] += 1
+            self._metric.labels(r.reason).inc()
+            logger.info("%s refused from %s: %s", method, context.peer(), r)
+            await context.abort(r.code, str(r))
+        self.admitted += 1
+        _current.set(identity)
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method in OPEN_METHODS:
+            return handler
+        metadata = handler_call_details.invocation_metadata
+        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
+        for attr, make in kinds:
+            behaviour = getattr(handler, attr)
+            if behaviour is not None:
+                return make(self._guard(behaviour, method, metadata), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
+    def _guard(self, behaviour: Callable[..., Any], method: str, metadata: Any) -> Callable[..., Any]:
+        if inspect.isasyncgenfunction(behaviour):
+            async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await self._admit(method, context, metadata)
+                async for item in behaviour(request, context):
+                    yield item
+
+            return stream
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await self._admit(method, context, metadata)
+            result = behaviour(request, context)
+            return await result if inspect.isawaitable(result) else result
+
+        return call
