@@ -17,8 +17,9 @@ import grpc
 import pytest
 import torch
 
-from runtime.agent.parallel import LOCAL, CoordinatorOptions, ParallelCoordinator, ParallelStage, TiledBlock, region_msg
+from runtime.agent.parallel import LOCAL, CoordinatorOptions, ParallelCoordinator, region_msg
 from runtime.models.loader import load_model
+from runtime.parallel.plan import ParallelStage, TiledBlock
 from runtime.parallel.receptive import Region
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc

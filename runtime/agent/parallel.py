@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from runtime.contracts.errors import EdgesplitError, InvalidInput, TooLarge, from_rpc_error
 from runtime.daemon.metrics_http import STAGE_BUCKETS
 from runtime.models.loader import LoadedModel
+from runtime.parallel.plan import ParallelStage
 from runtime.parallel.receptive import Region, Span, TileRegions, split_spans
 from runtime.parallel.tiled import TiledSegment, stitch
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
@@ -46,42 +47,13 @@ def region_msg(r: Region) -> tiles_pb2.TileRegion:
                                 col_stop=r.cols.stop)
 
 LOCAL = "local"
-MAX_WORKERS = 64
-"""Most workers one parallel stage may name."""
-
-
-@dataclass(frozen=True)
-class TiledBlock:
-    """One fused block of a parallel stage."""
-
-    start: str  # split point where the block begins (name or index)
-    end: str  # split point where it ends
-    shares: tuple[float, ...]  # output-row weight per stage worker, in the stage's worker order (0: none)
-
-
-@dataclass(frozen=True)
-class ParallelStage:
-    """Consecutive fused blocks, each spread over some of ``workers``."""
-
-    workers: tuple[str, ...]  # HOST:PORT of each worker
-    blocks: tuple[TiledBlock, ...]  # in order; each begins where the previous one ends
-
-    def __post_init__(self) -> None:
-        if not 1 <= len(self.workers) <= MAX_WORKERS:
-            raise InvalidInput(f"a parallel stage needs 1..{MAX_WORKERS} workers, got {len(self.workers)}")
-        if not self.blocks:
-            raise InvalidInput("a parallel stage needs at least one block")
-        for i, b in enumerate(self.blocks):
-            if len(b.shares) != len(self.workers) or any(s < 0 for s in b.shares) or not any(s > 0 for s in b.shares):
-                raise InvalidInput(f"block {i} ({b.start}..{b.end}): shares need one weight >= 0 per worker "
-                                   f"({len(self.workers)}), at least one > 0; got {list(b.shares)}")
 
 
 @dataclass(frozen=True)
 class CoordinatorOptions:
     """How the coordinator talks to the stage's workers."""
 
-    codec: str = "raw"  # codec of the crops sent and the tiles answered (raw: exact)
+    codec: str = ""  # codec of the crops sent and the tiles answered ("": the stage's own; raw is exact)
     tile_deadline_seconds: float = 10.0  # a tile without an answer by then is recomputed elsewhere
     transport: TransportOptions = field(default_factory=TransportOptions)  # channel options (message limit)
     agent_id: str = "coordinator"  # sent in each tile's header
@@ -122,7 +94,8 @@ class ParallelCoordinator:
         self.loaded, self.stage = loaded, stage
         self.options = options or CoordinatorOptions()
         self.metrics = metrics or TileMetrics()
-        self.codec = get_codec(self.options.codec)
+        self.codec_name = self.options.codec or stage.codec or "raw"
+        self.codec = get_codec(self.codec_name)
         if not self.options.tile_deadline_seconds > 0:
             raise InvalidInput(f"tile_deadline_seconds must be > 0, got {self.options.tile_deadline_seconds}")
         self.segments: list[TiledSegment] = []
@@ -160,7 +133,7 @@ class ParallelCoordinator:
                                 split_id=self.loaded.split(block.start).name, end_split=self.loaded.split(block.end).name,
                                 model_digest=self.loaded.digest if self.options.model_digest else "")
         msg = tiles_pb2.TileRequest(header=header, input_height=in_hw[0], input_width=in_hw[1], output=region_msg(reg.output),
-                                    input=region_msg(reg.input), crop=self.codec.encode(crop), output_codec=self.options.codec)
+                                    input=region_msg(reg.input), crop=self.codec.encode(crop), output_codec=self.codec_name)
         if msg.ByteSize() > self.options.transport.max_message_bytes:
             raise TooLarge(f"tile crop message of {msg.ByteSize()} bytes exceeds the {self.options.transport.max_message_bytes}"
                            "-byte message limit; use more tiles, a smaller codec or a larger --max-message-bytes")

@@ -100,6 +100,10 @@ def to_json(c: Configuration, rank: int) -> dict:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    if args.parallel:  # RFS/DPFP: a parallel stage over the edge profiles
+        from runtime.cli.plan_parallel import cmd_plan_parallel
+
+        return cmd_plan_parallel(args)
     tiers, network = load_inputs(args)
     cons = constraints_from(args, tiers)
     t0 = time.perf_counter()
@@ -141,4 +145,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-return", action="store_true", help="leave out the result's trip back (as Scission does)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--plot", metavar="FILE.png", help="draw per-split latency stacked into device/transfer/edge")
+    from runtime.cli.plan_parallel import add_parallel_arguments
+
+    add_parallel_arguments(p)
     p.set_defaults(func=cmd_plan)

@@ -1,0 +1,104 @@
+"""Propose a parallel plan stage (RFS/DPFP) from several edge workers' profiles of a bundled model.
+
+The per-block receptive geometry comes from the model itself
+(:func:`runtime.parallel.tiled.segment_geometry` on each block between consecutive split points),
+the compute times from the profiles (one per worker, measured with ``edgesplit profile``), and the
+coordinator <-> workers link from the caller. :func:`propose` returns DPFP's plan, the baselines
+from the same cost model, and DPFP's plan as a :class:`runtime.parallel.plan.ParallelStage` that
+``edgesplit agent --parallel-plan`` runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from planner import dpfp as D
+from runtime.contracts.costmodel import Link
+from runtime.contracts.errors import EdgesplitError, InvalidInput
+from runtime.contracts.profile import Profile
+from runtime.parallel.plan import ParallelStage, TiledBlock
+
+
+@dataclass(frozen=True)
+class Proposal:
+    problem: D.Problem
+    first_split: int  # split index where the chain of units begins
+    split_names: tuple[str, ...]  # names of the split points first_split .. first_split + units
+    plans: dict[str, D.Plan]  # dpfp and the baselines
+    stage: ParallelStage  # dpfp's plan, runnable
+
+
+def tileable_end(sliced, first: int, last: int | None = None) -> int:
+    """The last split index ``e >= first + 1`` such that every block first..e can be tiled."""
+    from runtime.parallel.tiled import segment_geometry
+
+    end = first
+    stop = len(sliced.split_points) - 1 if last is None else last
+    while end < stop:
+        try:
+            segment_geometry(sliced, end, end + 1)
+        except EdgesplitError:
+            break
+        end += 1
+    if end == first:
+        raise InvalidInput(f"block {first} of {sliced.name} cannot be tiled (global pool, flatten or linear layer)")
+    return end
+
+
+def stage_from_plan(plan: D.Plan, problem: D.Problem, names: Sequence[str], workers: Sequence[str], codec: str,
+                    model: str) -> ParallelStage:
+    """A runnable stage: each block's shares in the stage's worker order (0 for workers it leaves out)."""
+    blocks = []
+    for cost in plan.breakdown:
+        shares = [0.0] * problem.n_workers
+        for w, rows in zip(cost.workers, cost.rows, strict=True):
+            shares[w] = float(rows)
+        blocks.append(TiledBlock(names[cost.first], names[cost.end], tuple(shares), cost.seconds))
+    return ParallelStage(tuple(workers), tuple(blocks), codec, model, plan.seconds, plan.strategy)
+
+
+def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
+            workers: Sequence[str] | None = None, codec: str = "raw") -> Proposal:
+    """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
+    the last tileable split) of the profiles' model, on one worker per profile."""
+    from runtime.models.loader import load_model
+    from runtime.parallel.tiled import segment_geometry
+
+    if not profiles:
+        raise InvalidInput("give at least one edge worker profile (--profile FILE, role edge)")
+    model = profiles[0].model
+    loaded = load_model(model)
+    sliced = loaded.sliced
+    a = loaded.split(first).index
+    b = tileable_end(sliced, a) if end is None else loaded.split(end).index
+    if b <= a:
+        raise InvalidInput(f"the parallel range {first}..{end} is empty")
+    geometries = [segment_geometry(sliced, i, i + 1) for i in range(a, b)]  # InvalidInput: not tileable
+    shape = sliced.split(a).out_shape
+    if len(shape) != 4:
+        raise InvalidInput(f"split {sliced.split(a).name} is not a feature map ({list(shape)})")
+    problem = D.problem_from_profiles(profiles, geometries, (int(shape[2]), int(shape[3])), int(shape[1]), link,
+                                      first_block=a)
+    plans = {"dpfp": D.dpfp(problem), **D.baselines(problem)}
+    names = tuple(sliced.split(i).name for i in range(a, b + 1))
+    names_of_workers = tuple(workers) if workers else tuple(p.machine for p in profiles)
+    if len(names_of_workers) != len(profiles):
+        raise InvalidInput(f"{len(names_of_workers)} worker names for {len(profiles)} profiles")
+    stage = stage_from_plan(plans["dpfp"], problem, names, names_of_workers, codec, model)
+    return Proposal(problem, a, names, plans, stage)
+
+
+def report(p: Proposal) -> list[str]:
+    """Human-readable lines: each strategy's predicted latency, blocks and gain over one worker."""
+    single = p.plans["single_worker"].seconds
+    lines = [f"{p.stage.model}: parallel range {p.split_names[0]}..{p.split_names[-1]} ({p.problem.n_units} blocks), "
+             f"{p.problem.n_workers} workers, link RTT {p.problem.link.rtt_seconds * 1e3:g} ms, "
+             f"{p.problem.link.bandwidth_bytes_per_second * 8 / 1e6:g} Mbit/s",
+             f"{'strategy':<16} {'predicted s':>11} {'reduction':>9} {'speedup':>8} {'workers':>7}  fused blocks"]
+    for name, plan in p.plans.items():
+        blocks = " | ".join(f"{p.split_names[f]}..{p.split_names[e]}" for f, e in plan.blocks)
+        red = 100 * (1 - plan.seconds / single) if single > 0 else 0.0
+        speed = single / plan.seconds if plan.seconds > 0 else 0.0
+        lines.append(f"{name:<16} {plan.seconds:>11.4f} {red:>8.1f}% {speed:>7.2f}x {plan.workers:>7}  {blocks}")
+    return lines

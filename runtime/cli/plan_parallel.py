@@ -1,0 +1,71 @@
+"""``edgesplit plan --parallel``: propose a DPFP parallel stage from several edge workers' profiles.
+
+Prints DPFP against the baselines of the same cost model (MoDNN-like layer by layer, FTP-like one
+fused block, a single worker) and writes DPFP's stage as plan JSON (``--parallel-out``) for
+``edgesplit agent --parallel-plan``. Importing this module loads no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from runtime.contracts import profile as profiles
+from runtime.contracts.costmodel import Link
+from runtime.contracts.errors import InvalidInput
+
+
+def _link(text: str) -> Link:
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise InvalidInput(f"--parallel-link takes RTT_MS,MBPS, got {text!r}")
+    try:
+        return Link.from_mbps(float(parts[0]), float(parts[1]))
+    except ValueError:
+        raise InvalidInput(f"--parallel-link: RTT and bandwidth must be numbers in {text!r}") from None
+
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("parallel stage (RFS/DPFP): fused blocks tiled over several edge workers")
+    g.add_argument("--parallel", action="store_true",
+                   help="propose a parallel stage over the edge-role --profile files (one per worker, same model, "
+                        "measured at the model's input size) instead of ranking splits")
+    g.add_argument("--parallel-link", metavar="RTT_MS,MBPS",
+                   help="the link between the coordinator and each worker (one shared link; required with --parallel)")
+    g.add_argument("--parallel-first", default="input", metavar="SPLIT",
+                   help="split point where the parallel range begins (the coordinator runs the model up to it)")
+    g.add_argument("--parallel-end", metavar="SPLIT",
+                   help="split point where it ends (default: the last one before global pooling/flatten)")
+    g.add_argument("--parallel-workers", metavar="A,B,...",
+                   help="worker addresses written into the plan, in --profile order (default: the profiles' machine names)")
+    g.add_argument("--parallel-codec", default="raw", help="codec of crops and tiles on the wire (raw is exact)")
+    g.add_argument("--parallel-out", metavar="FILE.json", help="write DPFP's stage as plan JSON for 'edgesplit agent --parallel-plan'")
+
+
+def cmd_plan_parallel(args: argparse.Namespace) -> int:
+    from planner.parallel_plan import propose, report
+    from runtime.wire.codec import get_codec
+
+    if not args.parallel_link:
+        raise InvalidInput("--parallel needs --parallel-link RTT_MS,MBPS (the coordinator <-> workers link)")
+    get_codec(args.parallel_codec)  # InvalidInput with the valid names
+    loaded = [profiles.load(p) for p in args.profile or ()]
+    edge = [p for p in loaded if p.role != "device"]
+    if not edge:
+        raise InvalidInput("--parallel needs edge worker profiles (--profile FILE, role edge), one per worker")
+    workers = [w.strip() for w in args.parallel_workers.split(",")] if args.parallel_workers else None
+    prop = propose(edge, _link(args.parallel_link), args.parallel_first, args.parallel_end, workers,
+                   args.parallel_codec)
+    if args.json:
+        print(json.dumps({name: {"seconds": plan.seconds, "workers": plan.workers,
+                                 "blocks": [[prop.split_names[f], prop.split_names[e]] for f, e in plan.blocks],
+                                 "shares": [list(s) for s in plan.shares]} for name, plan in prop.plans.items()},
+                         indent=1))
+    else:
+        print("\n".join(report(prop)))
+    if args.parallel_out:
+        with open(args.parallel_out, "w") as f:
+            json.dump(prop.stage.to_json(), f, indent=1)
+        print(f"DPFP stage written to {args.parallel_out}", file=sys.stderr)
+    return 0
