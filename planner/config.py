@@ -17,7 +17,8 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     default_rtt_seconds: float = field(0.005, "link RTT assumed for an agent/worker pair until telemetry arrives")
-    default_bandwidth_bytes_per_second: float = field(12_500_000.0, "link bandwidth assumed until telemetry arrives (100 Mbit/s)")
+    default_bandwidth_bytes_per_second: float = field(0.0, "link bandwidth assumed for a link no telemetry measured (0: none; an unmeasured link is unknown and never offloaded to; an assumption is never stored as a measurement)")
+    link_ttl_seconds: float = field(600.0, "a link estimate older than this (by its last sample, also one read back from the store after a restart) is unknown again")
     # Worker-to-worker links (an edge worker forwarding to a cloud worker) carry no telemetry: agents
     # measure only their own link, so a chained plan's edge -> cloud hop is costed with these.
     worker_link_rtt_seconds: float = field(0.010, "RTT assumed between a worker and the next-tier worker it forwards to")
@@ -33,6 +34,8 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
     max_profiles_per_worker: int = field(64, "models one worker may register profiles for")
     max_agents: int = field(10_000, "registered agents accepted; beyond this RegisterAgent answers RESOURCE_EXHAUSTED")
     max_workers: int = field(1_000, "registered workers accepted; beyond this RegisterWorker answers RESOURCE_EXHAUSTED")
+    registration_ttl_seconds: float = field(90.0, "a worker not registered again (every 30 s) for this long is dropped and its id freed; an agent's id is freed after this long without a call")
+    max_ids_per_identity: int = field(64, "worker and agent ids one caller (certificate, token or lease) may hold at once")
     include_return: bool = field(True, "model the result's trip back from the worker in predicted latency")
     max_message_bytes: int = field(16 * 2**20, "gRPC message size limit, both directions (profiles travel in RegisterWorker)")
     grace_seconds: float = field(5.0, "on SIGTERM, how long calls in flight may take to finish")
@@ -41,7 +44,8 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
     def __post_init__(self):
         checks = [
             (self.default_rtt_seconds >= 0, "default_rtt_seconds must be >= 0"),
-            (self.default_bandwidth_bytes_per_second > 0, "default_bandwidth_bytes_per_second must be > 0"),
+            (self.default_bandwidth_bytes_per_second >= 0, "default_bandwidth_bytes_per_second must be >= 0"),
+            (self.link_ttl_seconds > 0, "link_ttl_seconds must be > 0"),
             (self.worker_link_rtt_seconds >= 0, "worker_link_rtt_seconds must be >= 0"),
             (self.worker_link_bandwidth_bytes_per_second > 0, "worker_link_bandwidth_bytes_per_second must be > 0"),
             (self.switch_gain >= 0, "switch_gain must be >= 0 (0.10 = switch on a 10 % predicted gain)"),
@@ -53,6 +57,8 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
             (self.max_profiles_per_worker >= 1, "max_profiles_per_worker must be >= 1"),
             (self.max_agents >= 1 and self.max_workers >= 1, "max_agents and max_workers must be >= 1"),
             (self.grace_seconds >= 0, "grace_seconds must be >= 0"),
+            (self.registration_ttl_seconds > 0, "registration_ttl_seconds must be > 0"),
+            (self.max_ids_per_identity >= 1, "max_ids_per_identity must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -115,9 +115,11 @@ def incompatibility(agent: AgentRecord, device: Profile, worker_id: str, worker_
 
 
 def candidates(agent: AgentRecord, device: Profile, workers: Iterable[tuple[WorkerRecord, Mapping[str, Profile]]],
-               link_for: Callable[[str], LinkRecord], rtt: float = 0.0, bandwidth: float = 0.0) -> list[Candidate]:
+               link_for: Callable[[str], LinkRecord | None], rtt: float = 0.0,
+               bandwidth: float = 0.0) -> list[Candidate]:
     """The ``workers`` (in the order given) that ``agent`` may use: allowed and included by it, not excluded, and
-    able to take its frames; each with its link (``rtt``/``bandwidth`` > 0 override the measured)."""
+    able to take its frames; each with its link (``rtt``/``bandwidth`` > 0 override the measured). A worker
+    whose link is unknown (``link_for`` None) and not overridden is left out: unknown is not fast."""
     allowed = set(agent.workers)
     included = set(agent.constraints.include_workers)
     excluded = set(agent.constraints.exclude_workers)
@@ -128,7 +130,9 @@ def candidates(agent: AgentRecord, device: Profile, workers: Iterable[tuple[Work
                 or incompatibility(agent, device, wid, worker_profiles)):
             continue
         lk = link_for(wid)
-        link = Link(rtt or lk.rtt_seconds, bandwidth or lk.bandwidth_bytes_per_second)
+        if lk is None and not bandwidth:
+            continue
+        link = Link(rtt or (lk.rtt_seconds if lk else 0.0), bandwidth or (lk.bandwidth_bytes_per_second if lk else 0.0))
         out.append(Candidate(wid, rec.address, rec.tier, worker_profiles[agent.model],
                              frozenset(agent.tl_ids) & frozenset(rec.tl_ids), link, frozenset(rec.next_tiers)))
     return out

@@ -277,12 +277,23 @@ class RePlanner:
             self.metrics.telemetry_delay_seconds.observe(max(0.0, now - t.sent_unix))
         st.record.last_seen = now
         if worker and (bandwidth > 0 or rtt > 0):
-            self.state.record_link(st, worker, rtt, bandwidth, now)
+            # measured when its last sample was taken, not when the message came (an old figure ages out)
+            self.state.record_link(st, worker, rtt, bandwidth, now - t.bandwidth_age_seconds if bandwidth > 0 else now)
             st.mark("telemetry")
         elif t.worker and not worker:
             self.metrics.telemetry_unknown_worker.inc()
             logger.debug("agent %s: telemetry for %r, which is no registered worker; link ignored", st.record.id,
                          t.worker[:80])
+        for lk in t.other_links:  # links the agent probed beside its plan's (checked in requests.check_telemetry)
+            wid = self.state.resolve_worker(lk.worker)
+            old = self.state.measured_link(st, wid) if wid else None
+            if old is not None and (old.bandwidth_bytes_per_second, old.rtt_seconds) == (lk.bandwidth_bytes_per_second,
+                                                                                      lk.rtt_seconds):
+                continue  # reported again unchanged
+            if wid and wid != worker and (lk.bandwidth_bytes_per_second > 0 or lk.rtt_seconds > 0):
+                bw = lk.bandwidth_bytes_per_second
+                self.state.record_link(st, wid, lk.rtt_seconds, bw, now - lk.bandwidth_age_seconds if bw > 0 else now)
+                st.mark("telemetry")
         if self.config.compute_telemetry and t.stage_seconds and self._observe_compute(st, t):
             st.mark("compute")
         mono = self.clock()

@@ -25,6 +25,7 @@ MAX_ID_CHARS = 128
 MAX_LIST = 256  # workers, TL ids or excluded workers one request may name
 MAX_MESSAGE_CHARS = 4096
 MAX_STAGES = 1024  # stage medians one telemetry message may carry
+MAX_LINK_AGE_SECONDS = 30 * 86400.0  # oldest bandwidth estimate a telemetry message may report (an agent up a month)
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
@@ -164,6 +165,15 @@ def check_telemetry(t: pb.Telemetry) -> tuple[float, float]:
     rtt = check_seconds(t.rtt_seconds, "rtt_seconds")
     if not math.isfinite(t.sent_unix):
         raise InvalidInput("sent_unix must be a finite time")
+    if len(t.other_links) > MAX_LIST:
+        raise InvalidInput(f"other_links holds at most {MAX_LIST} links")
+    for lk in (t, *t.other_links):
+        check_seconds(lk.bandwidth_bytes_per_second, "bandwidth_bytes_per_second")
+        check_seconds(lk.rtt_seconds, "rtt_seconds")
+        if not (math.isfinite(lk.bandwidth_age_seconds) and 0 <= lk.bandwidth_age_seconds <= MAX_LINK_AGE_SECONDS):
+            raise InvalidInput(f"bandwidth_age_seconds must be a finite number of seconds in [0, {MAX_LINK_AGE_SECONDS:g}]")
+    if any(len(lk.worker) > MAX_MESSAGE_CHARS for lk in t.other_links):
+        raise InvalidInput(f"a link's worker is at most {MAX_MESSAGE_CHARS} characters")
     if len(t.stage_seconds) > MAX_STAGES or not all(math.isfinite(v) and v >= 0 for v in t.stage_seconds.values()):
         raise InvalidInput(f"stage_seconds holds at most {MAX_STAGES} stages, each a finite number of seconds >= 0")
     return bw, rtt

@@ -144,11 +144,25 @@ class PlannerState:
             return name
         return next((wid for wid, w in self.workers.items() if w.record.address == name), "")
 
-    def link(self, st: AgentState, worker_id: str) -> LinkRecord:
+    def measured_link(self, st: AgentState, worker_id: str) -> LinkRecord | None:
+        """The agent's measured link to ``worker_id`` if its last sample is within ``link_ttl_seconds``
+        (a record read back after a restart included); else None."""
         lk = st.links.get(worker_id)
-        if lk is None:
-            return LinkRecord(self.config.default_rtt_seconds, self.config.default_bandwidth_bytes_per_second, 0.0)
+        if lk is None or time.time() - lk.updated_unix > self.config.link_ttl_seconds:
+            return None
         return lk
+
+    def link(self, st: AgentState, worker_id: str) -> LinkRecord | None:
+        """The link decisions use: measured (a figure it lacks taken from the configured assumption),
+        or the assumption alone; None when its bandwidth is unknown (never offloaded to)."""
+        lk = self.measured_link(st, worker_id)
+        rtt = lk.rtt_seconds if lk is not None and lk.rtt_seconds > 0 else self.config.default_rtt_seconds
+        bw = lk.bandwidth_bytes_per_second if lk is not None else 0.0
+        if bw <= 0:
+            bw = self.config.default_bandwidth_bytes_per_second
+        if bw <= 0:
+            return None
+        return LinkRecord(rtt, bw, lk.updated_unix if lk is not None else 0.0)
 
     def worker_link(self) -> Link:
         """The worker-to-worker link of chained plans (configured: agents measure only their own)."""
@@ -231,8 +245,9 @@ class PlannerState:
 
     def record_link(self, st: AgentState, worker: str, rtt: float, bandwidth: float, now: float) -> None:
         """A new estimate of the agent's link to ``worker`` (0: keep that figure), saved later."""
-        old = self.link(st, worker)
-        st.links[worker] = LinkRecord(rtt or old.rtt_seconds, bandwidth or old.bandwidth_bytes_per_second, now)
+        old = self.measured_link(st, worker)  # measured figures only: an assumption is never stored
+        st.links[worker] = LinkRecord(rtt or (old.rtt_seconds if old else 0.0),
+                                      bandwidth or (old.bandwidth_bytes_per_second if old else 0.0), now)
         st.unsaved_links.add(worker)
 
     def save_links(self, st: AgentState) -> None:

@@ -28,7 +28,7 @@ def test_saturated_link_bandwidth_is_not_inflated_by_probe_queueing():
     link.add_rtt_sample(BASE_RTT)  # one probe on the idle link
     for i in range(40):
         waited = seconds * ((0.37 * i) % 1.0)  # how much of the frame was still in the queue
-        link.add_rtt_sample(BASE_RTT + waited)
+        link.add_rtt_sample(BASE_RTT + waited, queued=True)  # frames in flight: queued behind them
         link.observe(_frame(i, seconds + BASE_RTT))
     assert link.bandwidth_bytes_per_second == pytest.approx(RATE, rel=0.15)
     assert link.rtt_seconds < BASE_RTT + 0.15 * seconds  # the base RTT, not the queueing

@@ -56,6 +56,7 @@ class FrameResult:
     wire_bytes: int = 0
     times: dict[str, float] = field(default_factory=dict)  # seconds by stage
     refined: bool = False  # an ambiguous edge result replaced by the board's exact tail (see refine_margin)
+    worker: str = ""  # address of the worker the frame was sent to ("" when none): its link's key in self.link
 
     def top1(self) -> tuple[int, float]:
         probs = torch.softmax(self.output.reshape(-1).float(), dim=0)
@@ -166,6 +167,8 @@ class Agent:
         self._retiring: set[asyncio.Task] = set()
         self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)
         self._seq = itertools.count()
+        self._inflight_bytes: dict[str, int] = {}  # by worker address: bytes sent and not yet answered or abandoned
+        self.link.use(self.active.worker)
 
     # The active plan's parts, for callers that predate ActivePlan (read-only).
     split = property(lambda self: self.active.split)
@@ -250,6 +253,7 @@ class Agent:
             if current.stream is not None and current.stream is not plan.stream:
                 self._retire(current.stream)
             self.metrics.plan_switches.inc()
+            self.link.use(plan.worker)
             self.metrics.plan_version.set(plan.version)
             logger.info("plan v%d in effect: %s@%s (%s) codec %s TL %s worker %s%s", plan.version, self.loaded.name,
                         plan.split.index, plan.split.name, plan.codec.name, plan.tl_id or "none", plan.worker or "none",
@@ -343,7 +347,8 @@ class Agent:
         stream = self.active.stream
         if stream is None or not stream.is_open:
             return None
-        return await self.link.probe_rtt(stream, timeout)
+        return await self.link.probe_rtt(stream, timeout, stream.address,
+                                         queued=self._inflight_bytes.get(stream.address, 0) > 0)
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -428,6 +433,9 @@ class Agent:
         seq = header.seq
         req = pb.InferRequest(header=header, tensor=msg)
         result.wire_bytes = len(msg.buffer)
+        result.worker = stream.address
+        ahead = self._inflight_bytes.get(stream.address, 0) + result.wire_bytes  # bytes before ours, ours included
+        self._inflight_bytes[stream.address] = ahead
         t_send = time.perf_counter()
         try:
             fut = await stream.send(req)
@@ -452,9 +460,13 @@ class Agent:
                     result.times.update({f"next{i}_{k}": v for k, v in stages.items()})
         except asyncio.TimeoutError:
             stream.abandon(seq)
+            # censored: the link did not carry `ahead` bytes in this time (runtime.agent.estimator)
+            self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
             return f"deadline: no edge result within {self.deadline_seconds:g}s"
         except EdgesplitError as e:
             return str(e) if str(e).startswith("worker refused") else f"worker unavailable: {e}"
+        finally:
+            self._inflight_bytes[stream.address] -= result.wire_bytes
         return ""
 
     async def close(self) -> None:

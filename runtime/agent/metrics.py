@@ -29,6 +29,8 @@ class AgentMetrics:
                                     "Smoothed bandwidth to the worker, from real frame transfers (0: unknown)", registry=r)
         self.link_rtt = Gauge("edgesplit_agent_link_rtt_seconds",
                               "Base round trip: the smallest of the recent probes on the stream's channel (0: unknown)", registry=r)
+        self.probe_bytes = Counter("edgesplit_agent_probe_bytes", "Bandwidth probe payload bytes sent (runtime.agent.prober)",
+                                   registry=r)
         self.plan_version = Gauge("edgesplit_agent_plan_version", "Version of the plan the agent runs now", registry=r)
         self.plan_switches = Counter("edgesplit_agent_plan_switches", "Plans applied (switched to)", registry=r)
         self.plan_refusals = Counter("edgesplit_agent_plan_refusals", "Plans refused, by status code of the reason",

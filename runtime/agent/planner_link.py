@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from runtime.agent.estimator import LinkEstimate
+from runtime.agent.prober import ProbeOptions, Prober
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Unavailable
 from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
@@ -41,6 +43,8 @@ from runtime.wire.chain import Hop
 from runtime.wire.transport import TransportOptions
 
 logger = logging.getLogger(__name__)
+
+MAX_WORKER_IDS = 256  # worker addresses whose ids the link remembers (for telemetry under a local plan)
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,10 @@ class PlannerLinkOptions:
     probe_timeout: float = 1.0
     # gRPC message size and keep-alive limits of the planner channel
     transport: TransportOptions = field(default_factory=TransportOptions)
+    # active probes of links no frame measures (runtime.agent.prober); budget_fraction 0 disables them
+    probe: ProbeOptions = field(default_factory=ProbeOptions)
+    # seconds between two ListProbeTargets calls (the workers this agent may be placed on)
+    probe_targets_seconds: float = 5.0
 
     def client_options(self) -> PlannerClientOptions:
         return PlannerClientOptions(self.planner_address, self.transport, self.connect_timeout, self.rpc_timeout,
@@ -128,8 +136,10 @@ class PlannerLink:
         self.plans_refused = 0
         self.last_error = ""
         self._worker_id = ""  # worker id of the plan in effect (telemetry is about that link)
+        self._worker_ids: dict[str, str] = {}  # worker address -> id, from the plans applied
         self._last_sent = -math.inf  # monotonic time of the last telemetry message
         self._task: asyncio.Task | None = None
+        self.prober = Prober(agent, options.probe)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -142,6 +152,7 @@ class PlannerLink:
         """Stop the link: cancel its task, close its channel. The agent keeps its current plan."""
         task, self._task = self._task, None
         await cancel_and_wait(task)
+        await self.prober.close()
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -192,7 +203,8 @@ class PlannerLink:
 
     async def _session(self, planner: PlannerClient) -> None:
         """Watch plans and send telemetry until either stream fails (then raise)."""
-        tasks = {asyncio.create_task(self._watch(planner)), asyncio.create_task(self._telemetry(planner))}
+        tasks = {asyncio.create_task(self._watch(planner)), asyncio.create_task(self._telemetry(planner)),
+                 asyncio.create_task(self._probe_links(planner))}
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for t in done:
@@ -230,6 +242,7 @@ class PlannerLink:
                                         plan.version, address, model_id=plan.model_id, end_split=plan.end_split,
                                         next_hops=_route(plan))
             self._worker_id = plan.worker_id
+            self._remember(plan.worker_address, plan.worker_id)
             self.plans_applied += 1
         except EdgesplitError as e:
             applied, message = False, str(e)
@@ -259,14 +272,66 @@ class PlannerLink:
             finally:
                 stream.cancel()
 
+    async def _probe_links(self, planner: PlannerClient) -> None:
+        """Probe the links of the workers the planner may place this agent on (runtime.agent.prober);
+        never ends the session: a planner without ListProbeTargets only stops the probes."""
+        if self.options.probe.budget_fraction <= 0:
+            await asyncio.Event().wait()
+        targets: list[str] = []
+        listed = -math.inf
+        while True:
+            if time.monotonic() - listed >= self.options.probe_targets_seconds:
+                listed = time.monotonic()
+                try:
+                    reply = await planner.call("ListProbeTargets", ppb.ProbeTargetsRequest(agent_id=self.agent_id))
+                except EdgesplitError as e:
+                    logger.info("planner %s lists no probe targets (%s); links are measured by frames only", self.address, e)
+                    await asyncio.Event().wait()
+                targets = []
+                for t in reply.targets[: self.options.probe.max_targets]:
+                    targets.append(t.address)
+                    self._remember(t.address, t.worker_id)
+            await self.prober.round(targets)
+            await asyncio.sleep(min(self.interval, self.options.probe.min_interval_seconds))
+
+    def _remember(self, address: str, worker_id: str) -> None:
+        if not (address and worker_id):
+            return
+        self._worker_ids.pop(address, None)
+        self._worker_ids[address] = worker_id
+        if len(self._worker_ids) > MAX_WORKER_IDS:  # the oldest mapping goes
+            del self._worker_ids[next(iter(self._worker_ids))]
+
     async def _telemetry_message(self) -> ppb.Telemetry:
+        """About the link the plan uses; under a local plan, about the link measured last (per link:
+        figures of one worker are never reported under another's id)."""
         await self.agent.probe_rtt(self.options.probe_timeout)
         link = self.agent.link
         stages, frames = link.take_report()
-        return ppb.Telemetry(agent_id=self.agent_id, worker=self._worker_id or self.agent.active.worker,
-                             bandwidth_bytes_per_second=link.bandwidth_bytes_per_second,
-                             rtt_seconds=link.rtt_seconds, stage_seconds=stages, frames=frames,
-                             plan_version=self.agent.plan_version, sent_unix=time.time())
+        now = link.clock()
+        address = self.agent.active.worker
+        worker = self._worker_id if address else ""
+        if not address and (fresh := link.links.freshest(now)) is not None:
+            address = fresh[0]
+            worker = self._worker_ids.get(address, address)  # the planner resolves an address too
+        main = _link_report(worker or address, link.links.get(address) if address else None, now)
+        others = [_link_report(self._worker_ids.get(key, key), link.links.get(key), now) for key in link.links
+                  if key and key != address][:MAX_WORKER_IDS]
+        return ppb.Telemetry(agent_id=self.agent_id, worker=main.worker,
+                             bandwidth_bytes_per_second=main.bandwidth_bytes_per_second,
+                             bandwidth_age_seconds=main.bandwidth_age_seconds, bandwidth_samples=main.bandwidth_samples,
+                             rtt_seconds=main.rtt_seconds, stage_seconds=stages, other_links=[o for o in others if
+                                                                                              o.bandwidth_samples],
+                             frames=frames, plan_version=self.agent.plan_version, sent_unix=time.time())
+
+
+def _link_report(worker: str, est: LinkEstimate | None, now: float) -> ppb.LinkReport:
+    """One link's figures for the planner (all 0 when ``est`` is None: unknown)."""
+    if est is None:
+        return ppb.LinkReport(worker=worker)
+    bw = est.bandwidth
+    return ppb.LinkReport(worker=worker, bandwidth_bytes_per_second=bw.value, rtt_seconds=est.rtt.value,
+                          bandwidth_age_seconds=max(0.0, bw.age(now)) if bw.samples else 0.0, bandwidth_samples=bw.samples)
 
 
 def _route(plan: ppb.Plan) -> list[Hop]:

@@ -24,67 +24,72 @@
   ``bytes / bandwidth`` already, would count the queueing twice. Queueing only ever adds to a
   probe, so the minimum is the propagation part (as in BBR's min-RTT filter); a lasting change of
   the path shows after ``rtt_window`` probes.
-* Bandwidth is smoothed with an exponentially weighted moving average, ``est = a * sample + (1 -
-  a) * est`` with ``a = alpha`` (default 0.3: a step change is 90 % absorbed after ~7 samples, one
-  slow frame moves the estimate by 30 %); the first sample initialises the estimate.
+* Per link: the figures are kept per worker address (``FrameResult.worker``; the key "" for a
+  frame that names none) in a :class:`runtime.agent.estimator.LinkTable`, so a new worker starts
+  unknown instead of inheriting the old worker's figures. The properties below read the link the
+  agent uses now (:meth:`LinkEstimator.use`).
+* Smoothing, ageing, censored samples (a frame that missed its deadline bounds the bandwidth from
+  above: :meth:`LinkEstimator.observe_censored`) and the step detector are
+  runtime.agent.estimator's; a probe sent while frames were in flight on the link can lower the
+  base RTT but never declare a step (its queueing is not the path's).
 * Stage medians and the frame count since the last report (``take_report``).
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
+from runtime.agent.estimator import EstimatorOptions, LinkEstimate, LinkTable
 from runtime.agent.metrics import AgentMetrics
 from runtime.contracts.errors import EdgesplitError
 from runtime.wire.stream import time_health_check
 
 MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)
-ALPHA = 0.3  # EWMA weight of a new sample
-RTT_WINDOW = 8  # probes the base RTT is the minimum of
+ALPHA = EstimatorOptions.alpha  # EWMA weight of a new sample on a fresh estimate
+RTT_WINDOW = EstimatorOptions.rtt_window  # probes the base RTT is the minimum of
 MAX_STAGE_SAMPLES = 4096  # per stage between reports; beyond that the oldest are dropped
 
 
-class Ewma:
-    """Exponentially weighted moving average; ``value`` is 0.0 until the first sample."""
-
-    def __init__(self, alpha: float = ALPHA):
-        if not 0 < alpha <= 1:
-            raise ValueError(f"alpha must be in (0, 1], got {alpha}")
-        self.alpha = alpha
-        self.value = 0.0
-        self.samples = 0
-
-    def add(self, sample: float) -> float:
-        self.value = sample if self.samples == 0 else self.alpha * sample + (1 - self.alpha) * self.value
-        self.samples += 1
-        return self.value
-
-
 class LinkEstimator:
-    """Bandwidth and RTT of the link to the worker, and per-stage medians since the last report."""
+    """Bandwidth and RTT per link to a worker, and per-stage medians since the last report."""
 
     def __init__(self, metrics: AgentMetrics | None = None, *, alpha: float = ALPHA,
-                 min_bytes: int = MIN_BANDWIDTH_BYTES, rtt_window: int = RTT_WINDOW):
+                 min_bytes: int = MIN_BANDWIDTH_BYTES, rtt_window: int = RTT_WINDOW,
+                 options: EstimatorOptions | None = None, clock: Callable[[], float] = time.monotonic):
         self.metrics = metrics
         self.min_bytes = min_bytes
-        self._bandwidth = Ewma(alpha)
-        self._rtt: deque[float] = deque(maxlen=rtt_window)
+        self.clock = clock
+        self.links = LinkTable(options or EstimatorOptions(alpha=alpha, rtt_window=rtt_window))
+        self.current = ""  # the link (worker address) the agent's plan uses now; "" = none named
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
 
+    def use(self, key: str) -> None:
+        """The agent now sends to ``key`` (a worker address): the properties and gauges follow it."""
+        self.current = key
+        self._publish()
+
+    def estimate(self, key: str | None = None) -> LinkEstimate:
+        """The estimate of link ``key`` (default: the current one); unknown (no samples) if never measured."""
+        return self.links.link(self.current if key is None else key)
+
     @property
     def bandwidth_bytes_per_second(self) -> float:
-        """Smoothed bandwidth; 0.0 = unknown (no frame big enough yet)."""
-        return self._bandwidth.value
+        """Smoothed bandwidth of the current link; 0.0 = unknown (no frame big enough yet)."""
+        est = self.links.get(self.current)
+        return est.bandwidth.value if est is not None else 0.0
 
     @property
     def rtt_seconds(self) -> float:
-        """Base round trip: the smallest of the last ``rtt_window`` probes; 0.0 = unknown (none answered yet)."""
-        return min(self._rtt, default=0.0)
+        """Base round trip of the current link (smallest of the recent probes); 0.0 = unknown."""
+        est = self.links.get(self.current)
+        return est.rtt.value if est is not None else 0.0
 
     def observe(self, result: Any) -> None:
         """Take one finished frame (a FrameResult): its stage times, and a bandwidth sample if it
@@ -95,24 +100,42 @@ class LinkEstimator:
         t = result.times
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
+        key = getattr(result, "worker", "")
         network = (t["transfer_edge"] - t.get("edge_queue", 0.0) - t.get("edge_decode", 0.0)
-                   - t.get("edge_tail", 0.0) - t.get("edge_forward", 0.0) - self.rtt_seconds)
+                   - t.get("edge_tail", 0.0) - t.get("edge_forward", 0.0) - self.estimate(key).rtt.value)
         if network > 0:
-            self.add_bandwidth_sample(result.wire_bytes / network)
+            self.add_bandwidth_sample(result.wire_bytes / network, key)
 
-    def add_bandwidth_sample(self, bytes_per_second: float) -> None:
-        value = self._bandwidth.add(bytes_per_second)
-        if self.metrics is not None:
-            self.metrics.link_bandwidth.set(value)
+    def observe_censored(self, key: str, sent_bytes: int, elapsed: float) -> bool:
+        """A frame with no result after ``elapsed`` s, ``sent_bytes`` being its own bytes plus those the
+        agent had in flight ahead of it on that link: an upper bound of the bandwidth (see
+        runtime.agent.estimator). True when it moved the estimate."""
+        taken = self.estimate(key).add_censored(sent_bytes, elapsed, self.clock())
+        self._publish()
+        return taken
 
-    def add_rtt_sample(self, seconds: float) -> None:
-        self._rtt.append(seconds)
+    def add_bandwidth_sample(self, bytes_per_second: float, key: str | None = None) -> None:
+        self.estimate(key).add_bandwidth(bytes_per_second, self.clock())
+        self._publish()
+
+    def add_rtt_sample(self, seconds: float, key: str | None = None, *, queued: bool = False) -> None:
+        """One probe; ``queued``: frames were in flight on the link, so it may lower the base RTT but
+        never declare a step."""
+        est = self.estimate(key)
+        if queued and est.rtt.samples and seconds >= est.rtt.value:
+            return
+        est.add_rtt(seconds, self.clock())
+        self._publish()
+
+    def _publish(self) -> None:
         if self.metrics is not None:
+            self.metrics.link_bandwidth.set(self.bandwidth_bytes_per_second)
             self.metrics.link_rtt.set(self.rtt_seconds)
 
-    async def probe_rtt(self, target: Any, timeout: float = 1.0) -> float | None:
-        """Time one small unary call and add it to the RTT window; returns the sample, or
-        None when the peer did not answer (the estimate is then left as it was).
+    async def probe_rtt(self, target: Any, timeout: float = 1.0, key: str | None = None,
+                        *, queued: bool = False) -> float | None:
+        """Time one small unary call and add it to link ``key``'s RTT; returns the sample, or None
+        when the peer did not answer (the estimate is then left as it was).
 
         ``target``: a ``grpc.aio.Channel``, or an object with ``async probe_rtt(timeout)`` (the
         agent's EdgeStream, which probes over the channel its frames use).
@@ -126,7 +149,7 @@ class LinkEstimator:
             return None
         if seconds is None:
             return None
-        self.add_rtt_sample(seconds)
+        self.add_rtt_sample(seconds, key, queued=queued)
         return seconds
 
     def take_report(self) -> tuple[dict[str, float], int]:
@@ -135,4 +158,3 @@ class LinkEstimator:
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames
-

@@ -35,3 +35,5 @@ class WorkerMetrics:
                                   ["next_tier"], registry=r)
         self.next_tier_opens = Counter("edgesplit_worker_next_tier_stream_opens", "Streams opened to a next tier",
                                        ["next_tier"], registry=r)
+        self.probe_bytes = Counter("edgesplit_worker_probe_bytes", "Bandwidth probe payload bytes received from agents",
+                                   registry=r)

@@ -33,6 +33,7 @@ from runtime.wire.asyncutil import wait_set
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output
 from runtime.wire.transport import FrameAssembler
+from runtime.worker import probe
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
 from runtime.worker.metrics import WorkerMetrics
@@ -355,6 +356,10 @@ class InferenceService(pb_grpc.InferenceServicer):
             tl_id=tail.tl_id or "",
             next_tier=next_tier,
         )
+
+    async def Probe(self, request: pb.ProbeRequest, context: grpc.aio.ServicerContext) -> pb.ProbeReply:
+        self.metrics.probe_bytes.inc(len(request.payload))
+        return probe.answer(request)  # InvalidInput over the limit
 
     async def Infer(self, request: pb.InferRequest, context: grpc.aio.ServicerContext) -> pb.InferResult:
         # errors become statuses (EdgesplitError its own, a bug INTERNAL) in the daemon's interceptor

@@ -1,0 +1,226 @@
+"""Link estimates that never go blind: per link, aged, censored-aware, with a step detector.
+
+One :class:`LinkEstimate` per (agent, worker) link (the agent keys them by the worker's address in
+:class:`LinkTable`). Each holds a bandwidth and an RTT figure, and for each the time of its last
+sample and the number of samples behind it, so a reader can tell a fresh measurement from an old
+one, and an unmeasured link (``samples == 0``, value 0.0) from a measured one. Unknown is unknown,
+never a default.
+
+Bandwidth (bytes/s):
+
+* **EWMA with ageing.** A new sample ``x`` moves the estimate by ``a``: ``est = a*x + (1-a)*est``,
+  where ``a = 1 - (1 - alpha) * 0.5 ** (age / half_life)``: on a fresh estimate ``a = alpha``
+  (default 0.3), and the older the estimate the more a new sample replaces it (age = one half-life,
+  default 10 s: ``a = 0.65``). Old samples lose weight; a long-unmeasured link is re-learnt from
+  the first new sample rather than averaged with what it was.
+* **Censored samples.** A frame that misses its deadline (or is abandoned) after ``elapsed``
+  seconds with ``b`` bytes sent says: had the link carried ``B`` bytes/s, the bytes would have
+  arrived after ``b/B`` plus one round trip, and the result would have come back; it did not, so
+  ``B < b / (elapsed - rtt)``. That upper bound is information: when it is below the estimate,
+  it is taken as a sample (and fed to the step detector); when it is above, it says nothing new and
+  is only counted. Without it, a collapsed link produces no sample at all and the estimate freezes
+  at the fast value (the failure this module exists for).
+* **Step detector.** A two-sided CUSUM on ``d = log(sample / estimate)``:
+  ``g+ = max(0, g+ + d - drift)``, ``g- = max(0, g- - d - drift)``. Deviations within ``drift``
+  (default 0.25: about +-25 %) never accumulate, so +-20 % jitter does not trip it; a step of 2x
+  (``|d| = 0.69``) crosses ``threshold`` (default 0.6) on its second sample, 1.6x on its third.
+  ``min_run`` (default 2) samples in a row on the same side are required, so one outlier alone is
+  never a step. On an alarm the estimate jumps to the geometric mean of the samples of the run
+  and the CUSUM restarts: the EWMA alone would need ~7 samples to absorb a step.
+
+RTT (seconds): the *base* RTT, the smallest of the last ``rtt_window`` probes (queueing only ever
+adds to a probe; see runtime.agent.telemetry). A fall shows at once; a rise would hide behind the
+window's old minimum for ``rtt_window`` probes, so an upward CUSUM on ``log(probe / base)`` (same
+drift, threshold and run) clears the window to the probes of the run when the path got longer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EstimatorOptions:
+    """How link samples become estimates (defaults explained in the module docstring)."""
+
+    # EWMA weight of a new sample on a fresh estimate, in (0, 1]
+    alpha: float = 0.3
+    # seconds after which an estimate's weight against a new sample has halved
+    half_life_seconds: float = 10.0
+    # CUSUM slack, in log units: deviations below it (0.25: about +-25 %) never accumulate
+    drift: float = 0.25
+    # CUSUM alarm level, in log units
+    threshold: float = 0.6
+    # samples in a row on one side before a step is declared
+    min_run: int = 2
+    # probes the base RTT is the minimum of
+    rtt_window: int = 8
+    # links held; the least recently sampled is forgotten beyond this
+    max_links: int = 64
+
+    def __post_init__(self) -> None:
+        checks = ((0 < self.alpha <= 1, "alpha must be in (0, 1]"),
+                  (self.half_life_seconds > 0, "half_life_seconds must be > 0"),
+                  (self.drift >= 0, "drift must be >= 0"), (self.threshold > 0, "threshold must be > 0"),
+                  (1 <= self.min_run <= 64, "min_run must be in [1, 64]"),
+                  (1 <= self.rtt_window <= 1024, "rtt_window must be in [1, 1024]"),
+                  (1 <= self.max_links <= 4096, "max_links must be in [1, 4096]"))
+        for ok, why in checks:
+            if not ok:
+                raise ValueError(why)
+
+
+class StepDetector:
+    """Two-sided CUSUM on log ratios; :meth:`add` returns the run's samples when a step is declared."""
+
+    def __init__(self, options: EstimatorOptions, *, up: bool = True, down: bool = True):
+        self.options = options
+        self.up, self.down = up, down
+        self._g = {1: 0.0, -1: 0.0}
+        self._run: dict[int, list[float]] = {1: [], -1: []}
+        self.alarms = 0
+
+    def reset(self) -> None:
+        self._g = {1: 0.0, -1: 0.0}
+        self._run = {1: [], -1: []}
+
+    def add(self, sample: float, reference: float) -> list[float] | None:
+        """One positive ``sample`` against the current estimate ``reference`` (> 0)."""
+        d = math.log(sample / reference)
+        o = self.options
+        for side, on in ((1, self.up), (-1, self.down)):
+            if not on:
+                continue
+            g = max(0.0, self._g[side] + side * d - o.drift)
+            self._g[side] = g
+            run = self._run[side]
+            if side * d > o.drift:
+                run.append(sample)
+                del run[:-64]  # bounded: a step is declared long before
+            else:  # "in a row": a sample within the drift ends the run
+                run.clear()
+            if g > o.threshold and len(run) >= o.min_run:
+                out = list(run)
+                self.reset()
+                self.alarms += 1
+                return out
+        return None
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+@dataclass
+class Figure:
+    """One estimated quantity: value (0.0 = unknown), samples behind it, time of the last one."""
+
+    value: float = 0.0
+    samples: int = 0
+    updated: float = -math.inf  # monotonic seconds of the last sample taken
+
+    def age(self, now: float) -> float:
+        """Seconds since the last sample (inf when there was none)."""
+        return now - self.updated
+
+
+@dataclass
+class LinkEstimate:
+    """Bandwidth and RTT of one link (see the module docstring)."""
+
+    options: EstimatorOptions = field(default_factory=EstimatorOptions)
+    bandwidth: Figure = field(default_factory=Figure)
+    rtt: Figure = field(default_factory=Figure)
+    censored: int = 0  # deadline-missed frames whose upper bound said nothing new
+    steps: int = 0  # steps declared on bandwidth or RTT
+
+    def __post_init__(self) -> None:
+        self._bw_steps = StepDetector(self.options)
+        self._rtt_steps = StepDetector(self.options, down=False)
+        self._probes: deque[float] = deque(maxlen=self.options.rtt_window)
+
+    def add_bandwidth(self, bytes_per_second: float, now: float) -> float:
+        """One bandwidth sample from a completed transfer; returns the new estimate."""
+        if not (bytes_per_second > 0 and math.isfinite(bytes_per_second)):
+            return self.bandwidth.value
+        bw = self.bandwidth
+        if bw.samples == 0:
+            bw.value = bytes_per_second
+        else:
+            run = self._bw_steps.add(bytes_per_second, bw.value)
+            if run is not None:
+                bw.value = _geomean(run)
+                self.steps += 1
+            else:
+                keep = (1 - self.options.alpha) * 0.5 ** (max(0.0, bw.age(now)) / self.options.half_life_seconds)
+                bw.value = (1 - keep) * bytes_per_second + keep * bw.value
+        bw.samples += 1
+        bw.updated = now
+        return bw.value
+
+    def add_censored(self, sent_bytes: int, elapsed: float, now: float) -> bool:
+        """A frame of ``sent_bytes`` with no result after ``elapsed`` seconds: ``sent / (elapsed - rtt)``
+        bounds the bandwidth from above. True when it was taken as a sample (below the estimate, or
+        the link had none)."""
+        network = elapsed - self.rtt.value
+        if sent_bytes <= 0 or not network > 0:
+            return False
+        bound = sent_bytes / network
+        if self.bandwidth.samples and bound >= self.bandwidth.value:
+            self.censored += 1
+            return False
+        self.add_bandwidth(bound, now)
+        return True
+
+    def add_rtt(self, seconds: float, now: float) -> float:
+        """One probe's round trip; returns the base RTT."""
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return self.rtt.value
+        if self._probes:
+            run = self._rtt_steps.add(seconds, min(self._probes))
+            if run is not None:  # the path got longer: forget the probes from before
+                self._probes.clear()
+                self._probes.extend(run[-self.options.rtt_window:])
+                self.steps += 1
+        self._probes.append(seconds)
+        self.rtt.value = min(self._probes)
+        self.rtt.samples += 1
+        self.rtt.updated = now
+        return self.rtt.value
+
+
+class LinkTable:
+    """The agent's links by key (the worker's address), at most ``options.max_links``."""
+
+    def __init__(self, options: EstimatorOptions | None = None):
+        self.options = options or EstimatorOptions()
+        self._links: OrderedDict[str, LinkEstimate] = OrderedDict()
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._links
+
+    def __iter__(self):
+        return iter(list(self._links))
+
+    def get(self, key: str) -> LinkEstimate | None:
+        return self._links.get(key)
+
+    def link(self, key: str) -> LinkEstimate:
+        """The estimate of ``key``, made (unknown) if new; the least recently used beyond the bound goes."""
+        est = self._links.get(key)
+        if est is None:
+            est = self._links[key] = LinkEstimate(self.options)
+            while len(self._links) > self.options.max_links:
+                self._links.popitem(last=False)
+        self._links.move_to_end(key)
+        return est
+
+    def freshest(self, now: float) -> tuple[str, LinkEstimate] | None:
+        """The link whose bandwidth was sampled last (None when none was)."""
+        best = None
+        for key, est in self._links.items():
+            if est.bandwidth.samples and (best is None or est.bandwidth.updated > best[1].bandwidth.updated):
+                best = (key, est)
+        return best

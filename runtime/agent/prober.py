@@ -1,0 +1,172 @@
+"""Active probes of links no frame measures (issue 11: estimates that never go blind).
+
+Frames measure the link the plan uses (runtime.agent.telemetry). They measure nothing when the
+plan runs locally, when frames are under the bandwidth sampler's ``min_bytes``, or for a worker
+the plan does not use; and the planner never offloads to a link that was not measured. So the
+agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
+``Inference.Probe``, a payload the worker only counts:
+
+* **Only when a probe could change the decision**: a link whose bandwidth figure in the agent is
+  fresher than ``refresh_seconds`` (frames or an earlier probe measured it) is not probed.
+* **Within a budget**: after a probe of ``b`` bytes the link is left alone for
+  ``b / (budget_fraction * bandwidth)`` seconds (default 5 % of the link's estimated capacity),
+  at least ``min_interval_seconds``; an unknown or failing link is retried after
+  ``unknown_interval_seconds`` (doubling on failure up to 8x).
+* **Sized to measure**: the payload takes about ``target_seconds`` on the estimated link, between
+  ``first_bytes`` (an unknown link) and ``max_bytes``: sample = bytes / (call time - base RTT).
+  When the call is too quick for that difference to mean anything (under a quarter of the
+  call), bytes / call time is taken instead: a lower bound, and the next payload is larger.
+  A probe with no answer within ``timeout_seconds`` is a censored sample (runtime.agent.estimator).
+* **Never queued behind frames**: probes use their own channel per worker, not the frame stream,
+  so a probe waits for no frame's chunks in the agent; the base RTT is timed on that channel too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from runtime.contracts.errors import EdgesplitError
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.wire.stream import time_health_check
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ProbeOptions:
+    """How the agent probes links (``edgesplit agent --probe-budget``)."""
+
+    # share of a link's estimated capacity probes may take, over time (0 disables probing)
+    budget_fraction: float = 0.05
+    # payload of the first probe of a link with no bandwidth figure, in bytes
+    first_bytes: int = 16 * 1024
+    # largest payload, in bytes (the worker answers up to 1 MiB)
+    max_bytes: int = 256 * 1024
+    # a payload is sized to take about this long on the estimated link
+    target_seconds: float = 0.05
+    # a link measured more recently than this is not probed
+    refresh_seconds: float = 30.0
+    # shortest wait between two probes of one link
+    min_interval_seconds: float = 1.0
+    # wait before probing again a link that is still unknown (doubles on failure, up to 8x)
+    unknown_interval_seconds: float = 5.0
+    # deadline of one probe call (and of its RTT check)
+    timeout_seconds: float = 2.0
+    # links probed per round; channels held (the least recently used is closed beyond this)
+    max_targets: int = 16
+
+    def __post_init__(self) -> None:
+        checks = ((0 <= self.budget_fraction <= 0.5, "budget_fraction must be in [0, 0.5]"),
+                  (1024 <= self.first_bytes <= self.max_bytes <= 2**20, "need 1 KiB <= first_bytes <= max_bytes <= 1 MiB"),
+                  (self.target_seconds > 0 and self.refresh_seconds > 0, "target_seconds and refresh_seconds must be > 0"),
+                  (self.min_interval_seconds > 0 and self.unknown_interval_seconds > 0, "intervals must be > 0"),
+                  (self.timeout_seconds > 0, "timeout_seconds must be > 0"),
+                  (1 <= self.max_targets <= 256, "max_targets must be in [1, 256]"))
+        for ok, why in checks:
+            if not ok:
+                raise ValueError(why)
+
+
+class Prober:
+    """Probes the links of one agent (``agent.link`` holds the estimates; ``agent.metrics`` counts bytes)."""
+
+    def __init__(self, agent: Any, options: ProbeOptions | None = None):
+        self.agent = agent
+        self.options = options or ProbeOptions()
+        self._payload = os.urandom(self.options.max_bytes)  # incompressible, made once
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self._next: dict[str, float] = {}  # address -> monotonic time it may be probed again
+        self._failures: dict[str, int] = {}
+        self.probes = 0
+        self.probe_bytes = 0
+
+    def due(self, address: str, now: float) -> bool:
+        """Whether a probe of ``address`` could tell something new and fits the budget now."""
+        if self.options.budget_fraction <= 0 or now < self._next.get(address, -1.0):
+            return False
+        est = self.agent.link.links.get(address)
+        return est is None or not est.bandwidth.samples or est.bandwidth.age(now) > self.options.refresh_seconds
+
+    async def round(self, addresses: list[str]) -> int:
+        """Probe each due address (at most ``max_targets``), one after another; returns how many."""
+        done = 0
+        for address in addresses[: self.options.max_targets]:
+            if address and self.due(address, self.agent.link.clock()):
+                await self.probe(address)
+                done += 1
+        return done
+
+    def _size(self, address: str) -> int:
+        o = self.options
+        est = self.agent.link.links.get(address)
+        bw = est.bandwidth.value if est is not None else 0.0
+        if bw <= 0:
+            return o.first_bytes
+        return int(min(o.max_bytes, max(o.first_bytes, bw * o.target_seconds)))
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        ch = self._channels.get(address)
+        if ch is None:
+            ch = self._channels[address] = self.agent.transport.aio_channel(address)
+            while len(self._channels) > self.options.max_targets:
+                _, old = self._channels.popitem(last=False)
+                asyncio.get_running_loop().create_task(old.close())
+        self._channels.move_to_end(address)
+        return ch
+
+    async def probe(self, address: str) -> float | None:
+        """One probe of ``address``: base RTT, then a payload; returns the bandwidth sample taken (None: none)."""
+        o, link = self.options, self.agent.link
+        size = self._size(address)
+        channel = self._channel(address)
+        sample = None
+        try:
+            rtt = await time_health_check(channel, o.timeout_seconds)
+            link.add_rtt_sample(rtt, address)
+            base = link.estimate(address).rtt.value
+            t0 = time.perf_counter()
+            try:
+                await pb_grpc.InferenceStub(channel).Probe(  # type: ignore[no-untyped-call]
+                    pb.ProbeRequest(payload=self._payload[:size]), timeout=o.timeout_seconds)
+            finally:
+                self.probes += 1
+                self.probe_bytes += size
+                self.agent.metrics.probe_bytes.inc(size)
+            elapsed = time.perf_counter() - t0
+            network = elapsed - base
+            sample = size / network if network > 0.25 * elapsed else size / elapsed  # else: a lower bound
+            link.add_bandwidth_sample(sample, address)
+            self._failures.pop(address, None)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                link.observe_censored(address, size, o.timeout_seconds)
+            self._failures[address] = self._failures.get(address, 0) + 1
+            logger.debug("probe of %s failed: %s", address, e.code().name)
+        except (EdgesplitError, asyncio.TimeoutError) as e:
+            self._failures[address] = self._failures.get(address, 0) + 1
+            logger.debug("probe of %s failed: %s", address, e)
+        self._next[address] = link.clock() + self._wait(address, size)
+        return sample
+
+    def _wait(self, address: str, size: int) -> float:
+        o = self.options
+        est = self.agent.link.links.get(address)
+        bw = est.bandwidth.value if est is not None else 0.0
+        fails = min(self._failures.get(address, 0), 3)
+        if bw <= 0:
+            return o.unknown_interval_seconds * 2 ** fails
+        return max(o.min_interval_seconds, size / (o.budget_fraction * bw)) * 2 ** fails
+
+    async def close(self) -> None:
+        channels, self._channels = list(self._channels.values()), OrderedDict()
+        for ch in channels:
+            await ch.close()

@@ -1,0 +1,147 @@
+"""Link estimates that never go blind (runtime.agent.estimator, runtime.agent.telemetry): censored
+samples, ageing, steps against jitter, and links that were never measured."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from runtime.agent.client import FrameResult
+from runtime.agent.estimator import EstimatorOptions, LinkEstimate, LinkTable, StepDetector
+from runtime.agent.telemetry import LinkEstimator
+
+pytestmark = pytest.mark.timeout(30)
+
+FAST = 50e6 / 8  # bytes/s: 50 Mbit/s
+SLOW = 1e6 / 8  # 1 Mbit/s
+
+
+def _steps_until_detected(est: LinkEstimate, value: float, now: float, limit: int = 20) -> int:
+    before = est.steps
+    for i in range(1, limit + 1):
+        est.add_bandwidth(value, now + i)
+        if est.steps > before:
+            return i
+    return -1
+
+
+def test_a_step_down_and_up_shows_within_three_samples():
+    est = LinkEstimate()
+    for i in range(10):
+        est.add_bandwidth(FAST, float(i))
+    assert _steps_until_detected(est, SLOW, 10.0) <= 3
+    assert est.bandwidth.value == pytest.approx(SLOW, rel=0.01)  # jumped to the new level, not 30 % of the way
+    assert _steps_until_detected(est, FAST, 30.0) <= 3
+    assert est.bandwidth.value == pytest.approx(FAST, rel=0.01)
+    est2 = LinkEstimate()
+    for i in range(10):
+        est2.add_bandwidth(FAST, float(i))
+    assert _steps_until_detected(est2, FAST / 2, 10.0) <= 3  # a 2x step too
+
+
+def test_jitter_of_twenty_percent_is_never_a_step():
+    rng = random.Random(11)
+    est = LinkEstimate()
+    for i in range(2000):
+        est.add_bandwidth(FAST * rng.uniform(0.8, 1.2), i * 0.1)
+    assert est.steps == 0
+    assert est.bandwidth.value == pytest.approx(FAST, rel=0.2)
+
+
+def test_one_outlier_is_not_a_step_but_two_in_a_row_are():
+    det = StepDetector(EstimatorOptions())
+    assert det.add(SLOW, FAST) is None  # min_run = 2
+    assert det.add(FAST, FAST) is None  # back to normal: the run ends
+    assert det.add(SLOW, FAST) is None
+    assert det.add(SLOW, FAST) == [SLOW, SLOW]
+
+
+def test_a_censored_frame_pulls_a_fast_estimate_down():
+    """A frame of 64 KiB with no result after 2 s: the link carries < 32 KiB/s, whatever the estimate said."""
+    est = LinkEstimate()
+    est.add_rtt(0.01, 0.0)
+    for i in range(5):
+        est.add_bandwidth(FAST, float(i))
+    bound = 65536 / (2.0 - 0.01)
+    assert est.add_censored(65536, 2.0, 5.0)
+    assert est.bandwidth.value < FAST
+    assert est.add_censored(65536, 2.0, 6.0)  # the second in a row is a step: the estimate is the bound
+    assert est.bandwidth.value == pytest.approx(bound, rel=0.01)
+    assert est.bandwidth.samples == 7
+
+
+def test_a_censored_bound_above_the_estimate_says_nothing_new():
+    est = LinkEstimate()
+    est.add_bandwidth(SLOW, 0.0)
+    assert not est.add_censored(10 * 2**20, 2.0, 1.0)  # < 5 MB/s: known already
+    assert est.bandwidth.value == SLOW and est.censored == 1 and est.bandwidth.samples == 1
+    assert not est.add_censored(0, 2.0, 1.0) and not est.add_censored(100, 0.0, 1.0)  # no bytes, no time
+
+
+def test_a_censored_frame_on_an_unmeasured_link_is_its_first_figure():
+    est = LinkEstimate()
+    assert est.add_censored(20_000, 2.0, 0.0)
+    assert est.bandwidth.value == pytest.approx(10_000) and est.bandwidth.samples == 1
+
+
+def test_old_estimates_lose_weight():
+    fresh, old = LinkEstimate(), LinkEstimate()
+    fresh.add_bandwidth(FAST, 0.0)
+    old.add_bandwidth(FAST, 0.0)
+    fresh.add_bandwidth(FAST * 1.2, 0.1)  # within the drift: the EWMA, not the step detector
+    old.add_bandwidth(FAST * 1.2, 60.0)  # six half-lives later
+    assert fresh.bandwidth.value == pytest.approx(FAST * (1 + 0.2 * 0.3), rel=0.01)
+    assert old.bandwidth.value > FAST * 1.19
+    assert old.bandwidth.age(70.0) == pytest.approx(10.0)
+
+
+def test_rtt_rise_is_seen_from_idle_probes_and_queued_probes_never_raise_it():
+    link = LinkEstimator()
+    link.use("w1")
+    for _ in range(4):
+        link.add_rtt_sample(0.010)
+    for _ in range(5):  # queued behind frames: can only lower the base
+        link.add_rtt_sample(0.300, queued=True)
+    assert link.rtt_seconds == 0.010
+    link.add_rtt_sample(0.060)
+    link.add_rtt_sample(0.061)  # the second idle probe in a row: the path got longer
+    assert link.rtt_seconds == pytest.approx(0.060)
+    link.add_rtt_sample(0.005, queued=True)  # a shorter path shows at once
+    assert link.rtt_seconds == 0.005
+
+
+def _edge_frame(worker: str, seconds: float, nbytes: int = 65536) -> FrameResult:
+    return FrameResult(0, "f", torch.empty(0), "edge", "s", "raw", 1, wire_bytes=nbytes, worker=worker,
+                       times={"transfer_edge": seconds})
+
+
+def test_unknown_links_stay_unknown_and_links_are_kept_apart():
+    link = LinkEstimator()
+    link.use("a:1")
+    link.observe(_edge_frame("a:1", 65536 / SLOW))
+    assert link.bandwidth_bytes_per_second == pytest.approx(SLOW)
+    link.use("b:2")  # a new worker: unknown, not a's figure and not a default
+    assert link.bandwidth_bytes_per_second == 0.0 and link.rtt_seconds == 0.0
+    assert link.estimate("b:2").bandwidth.samples == 0
+    assert link.estimate("a:1").bandwidth.samples == 1
+    assert link.observe_censored("b:2", 65536, 2.0)
+    assert link.bandwidth_bytes_per_second == pytest.approx(65536 / 2.0)
+
+
+def test_the_link_table_is_bounded_and_names_the_freshest():
+    table = LinkTable(EstimatorOptions(max_links=2))
+    assert table.freshest(0.0) is None  # nothing measured
+    table.link("a").add_bandwidth(1.0, 1.0)
+    table.link("b").add_bandwidth(2.0, 2.0)
+    table.link("c")  # unmeasured: held, never the freshest
+    assert "a" not in table and "b" in table and "c" in table
+    key, est = table.freshest(3.0)
+    assert key == "b" and est.bandwidth.value == 2.0
+
+
+def test_options_are_checked():
+    for bad in ({"alpha": 0.0}, {"half_life_seconds": 0.0}, {"threshold": 0.0}, {"min_run": 0}, {"max_links": 0}):
+        with pytest.raises(ValueError):
+            EstimatorOptions(**bad)

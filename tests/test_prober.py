@@ -1,0 +1,109 @@
+"""Active link probes (runtime.agent.prober) through the project's relay (runtime.tools.netem) on
+loopback: a probe measures a link no frame measures, stays within its budget, and a probe that
+times out is a censored sample."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2_grpc
+
+from runtime.agent.metrics import AgentMetrics
+from runtime.agent.prober import ProbeOptions, Prober
+from runtime.agent.telemetry import LinkEstimator
+from runtime.contracts.errors import InvalidInput
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.tools.netem import DelayProxy, LinkShape
+from runtime.wire.transport import TransportOptions
+from runtime.worker import probe
+
+pytestmark = pytest.mark.timeout(60)
+
+RATE = 250_000.0  # bytes/s: 2 Mbit/s
+
+
+class _Probed(pb_grpc.InferenceServicer):
+    async def Probe(self, request, context):
+        return probe.answer(request)
+
+
+async def _worker() -> tuple[grpc.aio.Server, str]:
+    server = grpc.aio.server()
+    pb_grpc.add_InferenceServicer_to_server(_Probed(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+def _agent() -> SimpleNamespace:
+    return SimpleNamespace(link=LinkEstimator(), metrics=AgentMetrics(), transport=TransportOptions())
+
+
+def test_a_probe_measures_the_relay_rate_and_then_waits_for_its_budget():
+    async def scenario():
+        server, target = await _worker()
+        try:
+            async with DelayProxy(target, LinkShape(0.005, RATE)) as relay:
+                agent = _agent()
+                prober = Prober(agent, ProbeOptions(first_bytes=32 * 1024))
+                address = relay.address
+                assert prober.due(address, agent.link.clock())  # unknown: worth a probe
+                for _ in range(3):
+                    await prober.probe(address)
+                est = agent.link.estimate(address)
+                now = agent.link.clock()
+                assert not prober.due(address, now)  # budget: 5 % of the link
+                wait = prober._next[address] - now
+                await prober.close()
+                return est.bandwidth.value, est.bandwidth.samples, est.rtt.value, wait, prober.probe_bytes, agent
+        finally:
+            await server.stop(None)
+
+    bw, samples, rtt, wait, sent, agent = asyncio.run(scenario())
+    assert samples == 3 and 0.4 * RATE < bw < 1.5 * RATE, bw
+    assert rtt >= 0.009  # two one-way delays of 5 ms
+    assert wait >= 32 * 1024 / (0.05 * 1.5 * RATE) - 0.1  # bytes / (5 % of the estimate)
+    assert agent.metrics.registry.get_sample_value("edgesplit_agent_probe_bytes_total") == sent == 3 * 32 * 1024
+
+
+def test_a_probe_that_times_out_is_a_censored_sample_and_backs_off():
+    async def scenario():
+        server, target = await _worker()
+        try:
+            async with DelayProxy(target, LinkShape(0.0, 2_000.0)) as relay:  # 2 KB/s: 16 KiB cannot pass in 0.5 s
+                agent = _agent()
+                prober = Prober(agent, ProbeOptions(timeout_seconds=0.5, unknown_interval_seconds=1.0))
+                assert await prober.probe(relay.address) is None
+                est = agent.link.estimate(relay.address)
+                wait = prober._next[relay.address] - agent.link.clock()
+                await prober.close()
+                return est, wait
+        finally:
+            await server.stop(None)
+
+    est, wait = asyncio.run(scenario())
+    # the bound bytes / (timeout - base RTT), taken as the first figure (the RTT check crossed the slow relay too)
+    assert est.bandwidth.samples == 1 and est.bandwidth.value == pytest.approx(16 * 1024 / (0.5 - est.rtt.value))
+    assert wait > 1.0  # a failed probe doubles the wait
+
+
+def test_fresh_links_and_a_zero_budget_are_not_probed():
+    agent = _agent()
+    prober = Prober(agent, ProbeOptions(refresh_seconds=30.0))
+    agent.link.add_bandwidth_sample(RATE, "w:1")
+    now = agent.link.clock()
+    assert not prober.due("w:1", now) and prober.due("w:2", now)
+    assert not prober.due("w:1", now)
+    assert not Prober(agent, ProbeOptions(budget_fraction=0.0)).due("w:2", now)
+    assert asyncio.run(Prober(agent, ProbeOptions(budget_fraction=0.0)).round(["w:2"])) == 0
+
+
+def test_the_worker_refuses_an_oversized_probe():
+    with pytest.raises(InvalidInput, match="over the worker's limit"):
+        probe.answer(pb.ProbeRequest(payload=bytes(2049)), limit=2048)
+    assert probe.answer(pb.ProbeRequest(payload=bytes(2048)), limit=2048).received_bytes == 2048
