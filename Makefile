@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/edgesplit/v1/*.proto)
 PROTO_OUT := runtime/proto
 
-.PHONY: install demo test lint proto proto-check bench bench-planner clean
+.PHONY: install demo test lint proto proto-check bench bench-quick bench-loopback bench-planner clean
 
 # The constraints file pins the CPU torch wheel (an unpinned torch pulls a multi-GB CUDA build).
 $(STAMP): pyproject.toml constraints.txt
@@ -42,7 +42,17 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy runtime/contracts runtime/wire
 	$(VENV)/bin/lint-imports
 
+# The headline benchmark (runtime/measure/scenarios; needs root and cgroup v1 cpu): every strategy on
+# emulated IIoT links, the board under a CPU quota; results in runtime/measure/results/.
 bench: $(STAMP)
+	$(VENV)/bin/edgesplit bench-scenarios $(BENCH_FLAGS)
+
+# Its quick mode (< 3 minutes; what tests/test_bench_scenarios.py runs).
+bench-quick: $(STAMP)
+	$(VENV)/bin/edgesplit bench-scenarios --quick --out /tmp/edgesplit-bench-quick
+
+# One split per codec on loopback, stage by stage (the README's "Measured figures").
+bench-loopback: $(STAMP)
 	$(VENV)/bin/edgesplit bench
 
 # Planner decision time against model size (recorded in planner/results/decision_time.md)

@@ -1,0 +1,58 @@
+"""``edgesplit bench-scenarios``: edgesplit against local, edge-only, Scission and ScissionLite on
+emulated IIoT links, the board under a cgroup CPU quota (runtime/measure/scenarios). The CLI layer
+hands the planner's search to the runner as its ranking (the runtime does not import the planner)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2}
+
+
+def add_parser(sub) -> None:
+    from runtime.measure.scenarios.spec import SCENARIOS
+
+    p = sub.add_parser("bench-scenarios", help="headline benchmark: strategies x emulated links, board under a CPU quota "
+                                               "(needs root and cgroup v1 cpu)")
+    p.add_argument("--model", action="append", help="model(s) (default: efficientnet_lite0); repeatable")
+    p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
+                   help="link scenario(s) (default: all: " + ", ".join(f"{k} = {v.source}" for k, v in SCENARIOS.items()) + ")")
+    p.add_argument("--frames", type=int, default=20, help="timed frames per strategy (default: 20)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed frames per strategy (default: 2)")
+    p.add_argument("--profile-runs", type=int, default=5, help="timed passes per block when profiling (default: 5)")
+    p.add_argument("--slowdown", type=float, default=18.0, help="board / edge compute ratio to calibrate the quota to (default: 18)")
+    p.add_argument("--min-fidelity", type=float, default=0.97, help="edgesplit's floor for a TL's top-1 agreement (default: 0.97)")
+    p.add_argument("--out", default="runtime/measure/results", help="folder for JSON, markdown, PNG (default: %(default)s)")
+    p.add_argument("--name", default="scenarios", help="file stem of the results (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="CI mode (< 3 min): resnet18, 20mbit, 3 frames, 2 profile runs")
+    p.set_defaults(func=cmd_bench_scenarios)
+
+
+def _rank(dev, edge, link, min_fidelity):
+    from planner.search import search
+    from runtime.contracts.costmodel import Constraints, Network, Tier
+
+    ranked = search([Tier("device", (dev,), required=True), Tier("edge", (edge,))],
+                    Network({("device", "edge"): link}), Constraints(min_fidelity=min_fidelity), top_n=1)
+    return ranked[0] if ranked else None
+
+
+def cmd_bench_scenarios(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from runtime.measure.scenarios import report
+    from runtime.measure.scenarios.run import run
+    from runtime.measure.scenarios.spec import RunSpec, Testbed
+
+    spec = RunSpec(models=tuple(args.model or ["efficientnet_lite0"]), scenarios=tuple(args.scenario or RunSpec().scenarios),
+                   frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, min_fidelity=args.min_fidelity,
+                   testbed=Testbed(target_slowdown=args.slowdown), out_dir=args.out,
+                   command="edgesplit " + " ".join(sys.argv[1:]))
+    if args.quick:
+        spec = replace(spec, **{k: tuple(v) if isinstance(v, list) else v for k, v in QUICK.items()})
+    res = run(spec, _rank, lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
+    res["machine"] = report.machine()
+    for p in report.write(res, spec.out_dir, args.name):
+        print(p)
+    return 0

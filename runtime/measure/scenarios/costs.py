@@ -1,0 +1,78 @@
+"""Each peer's candidate transfers as profiles its cost model ranks (pure), the physical floor of a
+frame, and the per-strategy summary of measured rows."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import replace
+
+from runtime.contracts.profile import Profile, Transfer
+
+REFERENCE_TL = "reference-2x2"  # ScissionLite's parameter-free TL, named in its transfers
+
+
+def _with_transfers(p: Profile, pick) -> Profile:
+    blocks = tuple(replace(b, transfers=pick(b.index + 1, b.output_bytes, b.transfers)) for b in p.blocks)
+    return replace(p, blocks=blocks, input_transfers=pick(0, p.input_bytes, p.input_transfers))
+
+
+def _raw(bytes_: int, transfers: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
+    raw = [t for t in transfers if t.codec == "raw" and not t.tl_id]
+    return tuple(raw[:1]) or (Transfer("raw", bytes_, codec="raw"),)
+
+
+def scission(p: Profile) -> Profile:
+    """Scission: raw fp32 features at every cut, no TL."""
+    return _with_transfers(p, lambda cut, n, ts: _raw(n, ts))
+
+
+def pooled_bytes(shape: tuple[int, ...]) -> int | None:
+    """fp32 bytes after the 2x2 max-pool of a [1, C, H, W] tensor (odd sizes round up); None otherwise."""
+    if len(shape) != 4:
+        return None
+    return shape[1] * math.ceil(shape[2] / 2) * math.ceil(shape[3] / 2) * 4
+
+
+def scissionlite(p: Profile, shapes: list[tuple[int, ...]]) -> Profile:
+    """ScissionLite: at every 4-D cut after the first block, the reference TL's pooled fp32 bytes
+    (its pool/up-sample time is not in the profile: about a copy of the tensor); raw fp32 elsewhere."""
+    def pick(cut: int, n: int, ts: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
+        b = pooled_bytes(shapes[cut]) if cut > 0 else None
+        if b is None:
+            return _raw(n, ts)
+        return (Transfer(f"{REFERENCE_TL}+raw", b, codec="raw", tl_id=REFERENCE_TL, fidelity=1.0),)
+    return _with_transfers(p, pick)
+
+
+def edgesplit(p: Profile, codecs: tuple[str, ...]) -> Profile:
+    """edgesplit: the given codecs, and every profiled TL transfer (ranked under the fidelity floor)."""
+    def pick(cut: int, n: int, ts: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
+        keep = tuple(t for t in ts if t.tl_id or t.codec in codecs)
+        return keep or _raw(n, ts)
+    return _with_transfers(p, pick)
+
+
+def floor_ms(times_ms: dict, up_bytes: float, down_bytes: int, mbps: float, rtt_ms: float) -> float:
+    """Compute (board head + TL encoder, edge tail) + bytes both ways / bandwidth + RTT."""
+    compute = times_ms.get("head", 0.0) + times_ms.get("tl_encode", 0.0) + times_ms.get("edge_tail", 0.0)
+    return compute + (up_bytes + down_bytes) * 8 / (mbps * 1e3) + rtt_ms
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))]
+
+
+def summarise(totals: list[float], floors: list[float], bytes_: list[float], top1: list[int], ref: list[int],
+              predicted_ms: float | None) -> dict:
+    """p50/p95 latency, bytes/frame, fidelity against the unsplit model's top-1, floor and overhead."""
+    over = [t - f for t, f in zip(totals, floors, strict=True)]
+    p50 = statistics.median(totals)
+    return {"frames": len(totals), "p50_ms": p50, "p95_ms": _pct(totals, 0.95),
+            "bytes_per_frame": statistics.median(bytes_),
+            "fidelity": sum(a == b for a, b in zip(top1, ref, strict=True)) / len(ref),
+            "floor_p50_ms": statistics.median(floors), "overhead_p50_ms": statistics.median(over),
+            "overhead_pct": 100 * statistics.median(over) / statistics.median(floors),
+            "predicted_ms": predicted_ms,
+            "predicted_error_pct": None if predicted_ms is None else 100 * (p50 - predicted_ms) / predicted_ms}

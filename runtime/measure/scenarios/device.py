@@ -1,0 +1,162 @@
+"""The emulated board: a child process that loads the model, joins the CPU-quota cgroup, calibrates
+the quota to the target slowdown, profiles the model there, then runs each strategy it is told
+(one JSON line per job on stdin, one JSON line per answer on stdout).
+
+    python -m runtime.measure.scenarios.device '{"model": ..., "cgroup": ..., ...}'
+
+It joins the group only after torch and the model are loaded (importing torch under a 5 % quota
+takes minutes); what it times afterwards runs under the quota, its gRPC threads included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.sources import open_source
+from runtime.measure.profiler import profile_model
+from runtime.models.loader import load_model
+from runtime.transfer.artifact import load_tl
+from runtime.wire.codec import get_codec
+
+
+def _time_full(loaded, xs, runs: int) -> tuple[list[float], list[int]]:
+    times, top1 = [], []
+    with torch.inference_mode():
+        for i in range(runs):
+            t = time.perf_counter()
+            y = loaded.full(xs[i % len(xs)])
+            times.append(time.perf_counter() - t)
+            top1.append(int(y.argmax()))
+    return times, top1
+
+
+def _join(cgroup: str, quota_us: int | None = None) -> None:
+    if quota_us is not None:
+        (Path(cgroup) / "cpu.cfs_quota_us").write_text(str(quota_us))
+    (Path(cgroup) / "cgroup.procs").write_text(str(__import__("os").getpid()))
+
+
+def calibrate(loaded, xs, cgroup: str, tb: dict) -> dict:
+    """Scale the quota until full-model time under it / free time is within tolerance of the target."""
+    _time_full(loaded, xs, 2)
+    free = statistics.median(_time_full(loaded, xs, tb["calibrate_runs"])[0])
+    quota = tb["first_quota_us"]
+    _join(cgroup, quota)
+    rounds = []
+    for _ in range(tb["calibrate_rounds"]):
+        _time_full(loaded, xs, 1)
+        dev = statistics.median(_time_full(loaded, xs, tb["calibrate_runs"])[0])
+        rounds.append({"quota_us": quota, "device_ms": dev * 1e3, "slowdown": dev / free})
+        if abs(dev / free / tb["target_slowdown"] - 1) <= tb["tolerance"]:
+            break
+        quota = max(1000, int(quota * (dev / free) / tb["target_slowdown"]))
+        (Path(cgroup) / "cpu.cfs_quota_us").write_text(str(quota))
+    last = rounds[-1]
+    return {"free_ms": free * 1e3, "quota_us": last["quota_us"], "period_us": tb["period_us"],
+            "slowdown": last["slowdown"], "device_ms": last["device_ms"], "rounds": rounds}
+
+
+def jpeg_frames(spec, xs, quality: int) -> list[dict]:
+    """Each frame as a camera sends it: pixels (undoing the normalisation) -> JPEG; timed encode,
+    bytes, and the decoded frame the edge computes on."""
+    from PIL import Image
+
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    out = []
+    for x in xs:
+        t = time.perf_counter()
+        pix = (x[0] * std + mean).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        buf = io.BytesIO()
+        Image.fromarray(pix).save(buf, format="JPEG", quality=quality)
+        enc = time.perf_counter() - t
+        data = buf.getvalue()
+        back = torch.from_numpy(__import__("numpy").asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy())
+        y = ((back.permute(2, 0, 1).float() - mean) / std).unsqueeze(0).contiguous()
+        out.append({"encode_s": enc, "bytes": len(data), "tensor": y, "jpeg": data})
+    return out
+
+
+async def run_split(loaded, job: dict, xs) -> list[dict]:
+    """One strategy: the frames through an agent (one in flight) at the job's split, codec and TL."""
+    tl = load_tl(job["tl"], loaded=loaded) if job.get("tl") else None
+    split = next(p for p in loaded.sliced.split_points if p.name == job["split"])
+    codec = get_codec(job["codec"], model=tl.tl.entropy_model if tl is not None else None)
+    agent = Agent(loaded, InitialPlan(split, codec, worker=job["address"], tl=tl),
+                  AgentOptions(deadline_seconds=job.get("deadline_s", 60.0)))
+    await agent.start()
+    try:
+        for i in range(job["warmup"]):
+            await agent.infer(xs[i % len(xs)])
+        rows = []
+        for i, x in enumerate(xs):
+            r = await agent.infer(x, frame=str(i))
+            rows.append({"where": r.where, "reason": r.fallback_reason, "wire_bytes": r.wire_bytes,
+                         "class_index": r.top1()[0], "times_ms": {k: v * 1e3 for k, v in r.times.items()}})
+        return rows
+    finally:
+        await agent.close()
+
+
+def _readline_json(proc, timeout: float) -> dict:
+    """The child's next JSON line (the runner's side of the protocol); RuntimeError when it dies or is late."""
+    import selectors
+
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(min(1.0, deadline - time.monotonic())):
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"the board child exited (code {proc.poll()})")
+                if line.startswith("{"):
+                    return json.loads(line)
+            elif proc.poll() is not None:
+                raise RuntimeError(f"the board child exited (code {proc.returncode})")
+    raise RuntimeError(f"the board child did not answer within {timeout:g} s")
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(argv[0])
+    torch.set_num_threads(cfg["testbed"]["threads"])
+    loaded = load_model(cfg["model"])
+    xs = [f.tensor for f in open_source(loaded.spec, "samples", cfg["frames"])]
+    cal = calibrate(loaded, xs, cfg["cgroup"], cfg["testbed"])
+    prof = profile_model(loaded, "device", machine="board", runs=cfg["profile_runs"], warmup=1,
+                         codecs=cfg["codecs"], tls=cfg["tls"], threads=cfg["testbed"]["threads"], progress=False, inputs=2)
+    Path(cfg["profile_out"]).write_text(prof.to_json())
+    _time_full(loaded, xs, 1)
+    local_s, local_top1 = _time_full(loaded, xs, len(xs))
+    jp = jpeg_frames(loaded.spec, xs, cfg["jpeg_quality"])
+    Path(cfg["jpeg_out"]).mkdir(parents=True, exist_ok=True)
+    for i, j in enumerate(jp):
+        (Path(cfg["jpeg_out"]) / f"{i}.jpg").write_bytes(j["jpeg"])
+    print(json.dumps({"calibration": cal, "local": [{"total_ms": t * 1e3, "class_index": c}
+                                                    for t, c in zip(local_s, local_top1, strict=True)],
+                      "jpeg": [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp]}), flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        if job.get("quit"):
+            break
+        frames = [j["tensor"] for j in jp] if job.get("jpeg") else xs
+        try:
+            rows = asyncio.run(run_split(loaded, job, frames))
+            print(json.dumps({"rows": rows}), flush=True)
+        except Exception as e:
+            print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

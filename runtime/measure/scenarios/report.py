@@ -1,0 +1,94 @@
+"""Results as JSON, a markdown table and PNG plots (latency by strategy per scenario; bytes)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+from runtime.measure.scenarios.spec import STRATEGIES
+
+
+def machine() -> str:
+    import os
+
+    import torch
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def markdown(res: dict) -> str:
+    spec = res["spec"]
+    lines = ["# edgesplit bench-scenarios\n", f"Command: `{spec['command']}`  ", f"Machine: {res['machine']}  ",
+             f"Frames per strategy: {spec['frames']} (bundled photos, the same frames for every strategy), "
+             f"{spec['warmup']} warm-up; run took {res['seconds']:.0f} s.\n"]
+    for s, link in next(iter(res["models"].values()))["scenarios"].items():
+        lk = link["link"]
+        lines.append(f"- link {s}: set {lk['set_mbps']:g} Mbit/s, {lk['set_rtt_ms']:g} ms RTT; measured {lk['mbps']:.2f} Mbit/s, "
+                     f"{lk['rtt_ms']:.1f} ms" + (f" (**> 5 % off: {', '.join(lk['off'])}**)" if lk["off"] else " (within 5 %)"))
+    for model, m in res["models"].items():
+        c = m["calibration"]
+        lines.append(f"\n## {model}\n\nBoard: cgroup v1 quota {c['quota_us']} us per {c['period_us']} us period, 1 torch "
+                     f"thread: full model {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms unrestricted = "
+                     f"**{c['slowdown']:.1f}x slower** (target {spec['testbed']['target_slowdown']:g}x), measured in this run.\n")
+        for s, r in m["scenarios"].items():
+            es = r["edgesplit"]
+            best_floor = min(r[k]["floor_p50_ms"] for k in STRATEGIES if k in r)
+            lines.append(f"### {model}, {s}\n")
+            lines.append("| strategy | plan | p50 ms | p95 ms | bytes/frame | fidelity | predicted ms | floor ms | "
+                         "overhead ms (%) | fallbacks |")
+            lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+            for k in STRATEGIES:
+                x = r[k]
+                pred = f"{x['predicted_ms']:.1f}" if x.get("predicted_ms") is not None else "-"
+                lines.append(f"| {k} | {x.get('plan', '') or 'whole model on the board'} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
+                             f"{x['bytes_per_frame']:,.0f} | {x['fidelity']:.3f} | {pred} | {x['floor_p50_ms']:.1f} | "
+                             f"{x['overhead_p50_ms']:.1f} ({x['overhead_pct']:.0f} %) | {x.get('local_fallbacks', 0)} |")
+            lines.append(f"\nlocal / edgesplit = **{r['local']['p50_ms'] / es['p50_ms']:.2f}x**; Scission / edgesplit = "
+                         f"**{r['scission']['p50_ms'] / es['p50_ms']:.2f}x**; the largest ratio the measured floors allow: "
+                         f"local / best floor = {r['local']['p50_ms'] / best_floor:.2f}x "
+                         f"(edgesplit reaches {100 * (r['local']['p50_ms'] / es['p50_ms']) / (r['local']['p50_ms'] / best_floor):.0f} % of it).\n")
+    lines.append("floor = board compute (head, TL encoder; JPEG encode for edge-only) + edge tail + (bytes up + result "
+                 "bytes down) / set bandwidth + set RTT; overhead = measured - floor (medians per frame). Fidelity = "
+                 "top-1 agreement with the unsplit model on the board, same frames. Edge-only: the JPEG-decoded frame "
+                 "crosses as 8-bit pixels through a relay whose rate is scaled by frame bytes / mean JPEG bytes, so the "
+                 "link time is the JPEG's (the worker API takes tensors, not images); the JPEG decode is timed on the edge "
+                 "side and added. ScissionLite's reference TL pool/up-sample time is not in its cost model.")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(m, s, r) for m, mm in res["models"].items() for s, r in mm["scenarios"].items()]
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 2.2 * len(rows)), 7))
+    width = 0.8 / len(STRATEGIES)
+    for i, k in enumerate(STRATEGIES):
+        xs = [j + i * width for j in range(len(rows))]
+        axes[0].bar(xs, [r[k]["p50_ms"] for _, _, r in rows], width, label=k,
+                    yerr=[[0] * len(rows), [r[k]["p95_ms"] - r[k]["p50_ms"] for _, _, r in rows]])
+        axes[0].scatter(xs, [r[k]["floor_p50_ms"] for _, _, r in rows], marker="_", color="k", s=80)
+        axes[1].bar(xs, [max(1.0, r[k]["bytes_per_frame"]) for _, _, r in rows], width, label=k)
+    for ax, title in ((axes[0], "latency p50 ms (bar to p95; black tick: physical floor)"), (axes[1], "bytes/frame (log)")):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [f"{m}\n{s}" for m, s, _ in rows], fontsize=8)
+        ax.set_title(title, fontsize=9)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=7, ncol=5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(res: dict, out_dir: str, stem: str) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
+    paths[0].write_text(json.dumps(res, indent=1) + "\n")
+    paths[1].write_text(markdown(res))
+    plot(res, paths[2])
+    return paths

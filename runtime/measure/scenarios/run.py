@@ -1,0 +1,232 @@
+"""The runner: per model, profile the edge, start the board child (cgroup, calibration, device profile,
+local and JPEG frames), rank each peer's plan per scenario (the ranking is handed in by the CLI
+layer: the runtime does not import the planner), start the worker, and per scenario a relay; then
+every strategy on the same frames. Everything it creates is removed on exit, error and Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from runtime.contracts.costmodel import Configuration, Link
+from runtime.contracts.profile import Profile
+from runtime.contracts.profile import load as load_profile
+from runtime.measure.scenarios import costs
+from runtime.measure.scenarios.device import _readline_json
+from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec
+from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
+
+# (device profile, edge profile, link, min fidelity) -> the best configuration, or None
+Ranker = Callable[[Profile, Profile, Link, float], "Configuration | None"]
+CHILD_START_SECONDS = 1800.0  # load, calibrate, profile and run local on the board
+JOB_SECONDS = 1800.0  # one strategy's frames
+
+
+def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> dict | None:
+    """The split, codec and TL a configuration runs; None when it keeps every block on the board."""
+    if conf is None or not conf.hops:
+        return None
+    h = conf.hops[0]
+    return {"split": point_names[h.cut], "codec": h.transfer.codec, "tl_id": h.transfer.tl_id,
+            "predicted_ms": conf.seconds * 1e3, "plan": conf.describe()}
+
+
+def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec, shapes, names) -> dict:
+    peers = {"scission": (costs.scission(dev), costs.scission(edge), 0.0),
+             "scissionlite": (costs.scissionlite(dev, shapes), costs.scissionlite(edge, shapes), 0.0),
+             "edgesplit": (costs.edgesplit(dev, spec.codecs), costs.edgesplit(edge, spec.codecs), spec.min_fidelity)}
+    return {k: _job(rank(d, e, link, f), len(names), names) for k, (d, e, f) in peers.items()}
+
+
+def _reference_tl(loaded, split_name: str, out_dir: Path) -> str:
+    from runtime.transfer.artifact import save_tl
+    from runtime.transfer.layers import TransferLayer
+
+    sp = next(p for p in loaded.sliced.split_points if p.name == split_name)
+    _, path = save_tl(TransferLayer("reference", sp.out_shape), loaded, sp, out_dir)
+    return str(path)
+
+
+def _ask(child: subprocess.Popen, job: dict, timeout: float) -> dict:
+    assert child.stdin is not None
+    child.stdin.write(json.dumps(job) + "\n")
+    child.stdin.flush()
+    got = _readline_json(child, timeout)
+    if "error" in got:
+        raise RuntimeError(f"the board child failed {job.get('strategy')}: {got['error']}")
+    return got
+
+
+def _jpeg_decode_ms(spec, folder: Path, n: int) -> list[float]:
+    """The worker's side of edge-only: JPEG -> normalised tensor, timed unrestricted (the edge)."""
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
+    out = []
+    for i in range(n):
+        data = (folder / f"{i}.jpg").read_bytes()
+        t = time.perf_counter()
+        a = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy())
+        ((a.permute(2, 0, 1).float() - mean) / std).unsqueeze(0)
+        out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def _strategy_rows(name: str, rows: list[dict], sc, link: dict, down: int, ref: list[int], job: dict | None,
+                   jpeg: list[dict] | None = None, jpeg_dec: list[float] | None = None) -> dict:
+    totals, floors, bytes_, top1 = [], [], [], []
+    for i, r in enumerate(rows):
+        t = dict(r["times_ms"])
+        total, up = t["total"], r["wire_bytes"]
+        if jpeg is not None and jpeg_dec is not None:  # edge-only: camera encode on the board, decode on the edge
+            total += jpeg[i]["encode_ms"] + jpeg_dec[i]
+            t["head"] = jpeg[i]["encode_ms"]
+            up = jpeg[i]["bytes"]
+        totals.append(total)
+        floors.append(costs.floor_ms(t, up, down, sc.mbps, sc.rtt_ms))
+        bytes_.append(up)
+        top1.append(r["class_index"])
+    out = costs.summarise(totals, floors, bytes_, top1, ref, job["predicted_ms"] if job else None)
+    out.update(strategy=name, local_fallbacks=sum(r["where"] != "edge" for r in rows),
+               plan=(job or {}).get("plan", ""), split=(job or {}).get("split", ""), codec=(job or {}).get("codec", ""),
+               tl=(job or {}).get("tl_id", ""), per_frame_ms=totals, per_frame_floor_ms=floors)
+    return out
+
+
+def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dict, tmp: Path, cl: Cleanup,
+               progress: Callable[[str], None]) -> dict:
+    import torch
+
+    from runtime.measure.profiler import profile_model
+    from runtime.models.loader import load_model
+    from runtime.transfer.artifact import bundled_tl
+    from runtime.worker.process import spawn_worker
+
+    torch.set_num_threads(spec.testbed.threads)
+    loaded = load_model(model)
+    names = [p.name for p in loaded.sliced.split_points]
+    shapes = [tuple(p.out_shape) for p in loaded.sliced.split_points]
+    tl = bundled_tl(loaded.name)
+    tls = [str(tl)] if tl else []
+    progress(f"{model}: profiling the edge (unrestricted, {spec.testbed.threads} thread)")
+    edge = profile_model(loaded, "edge", machine="edge", runs=spec.profile_runs, warmup=1, codecs=spec.codecs,
+                         tls=tls, threads=spec.testbed.threads, progress=False, inputs=2)
+    cfg = {"model": model, "frames": spec.frames, "cgroup": str(cg.path), "testbed": asdict(spec.testbed),
+           "profile_out": str(tmp / f"{model}-board.json"), "profile_runs": spec.profile_runs,
+           "codecs": list(spec.codecs), "tls": tls, "jpeg_quality": JPEG_QUALITY, "jpeg_out": str(tmp / f"{model}-jpeg")}
+    progress(f"{model}: board child: load, join the cgroup, calibrate the quota, profile, run local")
+    child = subprocess.Popen([sys.executable, "-m", "runtime.measure.scenarios.device", json.dumps(cfg)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cl.add(lambda: (child.poll() is None and (child.kill(), child.wait())))
+    board = _readline_json(child, CHILD_START_SECONDS)
+    cal = board["calibration"]
+    progress(f"{model}: quota {cal['quota_us']}/{cal['period_us']} us -> slowdown {cal['slowdown']:.1f}x "
+             f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms)")
+    dev = load_profile(cfg["profile_out"])
+    ref = [r["class_index"] for r in board["local"]]
+    plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names)
+             for s in spec.scenarios}
+    for p in plans.values():
+        lite = p["scissionlite"]
+        if lite and lite["tl_id"] == costs.REFERENCE_TL:
+            lite["tl"] = _reference_tl(loaded, lite["split"], tmp / "tls")
+            tls.append(lite["tl"])
+        if p["edgesplit"] and p["edgesplit"]["tl_id"]:
+            p["edgesplit"]["tl"] = str(tl)
+    worker = spawn_worker(["--torch-threads", str(spec.testbed.threads), "--max-queue", "8",
+                           *[a for t in dict.fromkeys(tls) for a in ("--tl", t)]])
+    cl.add(worker.stop)
+    jpeg_dec = _jpeg_decode_ms(loaded.spec, Path(cfg["jpeg_out"]), spec.frames)
+    down = names and loaded.sliced.split_points[-1].fp32_bytes
+    local_totals = [r["total_ms"] for r in board["local"]]
+    out = {"calibration": cal, "local_ms": local_totals, "scenarios": {}}
+    for s in spec.scenarios:
+        sc, link = SCENARIOS[s], links[s]
+        res = {"link": link, "local": costs.summarise(local_totals, local_totals, [0] * len(ref), ref, ref,
+                                                      sum(b.seconds for b in dev.blocks) * 1e3)}
+        res["local"].update(strategy="local", per_frame_ms=local_totals)
+        relay = Relay(worker.address, sc.rtt_ms / 2, sc.mbps)
+        cl.add(relay.stop)
+        try:
+            for name, job in plans[s].items():
+                if job is None:  # the cost model keeps the whole model on the board: that is local
+                    res[name] = dict(res["local"], strategy=name, plan="all blocks on the board")
+                    continue
+                progress(f"{model} {s}: {name} ({job['plan']})")
+                rows = _ask(child, {**job, "strategy": name, "address": relay.address, "warmup": spec.warmup}, JOB_SECONDS)
+                res[name] = _strategy_rows(name, rows["rows"], sc, link, down, ref, job)
+            res["edge-only"] = _edge_only(child, worker.address, sc, link, down, ref, board["jpeg"], jpeg_dec, spec,
+                                          edge, names, progress, model, cl)
+        finally:
+            relay.stop()
+        out["scenarios"][s] = res
+    _ask_quit(child)
+    worker.stop()
+    return out
+
+
+def _edge_only(child, worker_address, sc, link, down, ref, jpeg, jpeg_dec, spec, edge, names, progress, model, cl):
+    """The 8-bit frame (int8 codec at split 'input', the JPEG-decoded pixels) through a relay whose rate
+    is scaled by (frame bytes / JPEG bytes), so its serialisation time is the JPEG's at the set rate."""
+    frame_bytes = edge.input_bytes // 4  # uint8 pixels (the int8 codec of the input)
+    mean_jpeg = statistics.mean(j["bytes"] for j in jpeg)
+    scale = frame_bytes / mean_jpeg
+    relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps * scale)
+    cl.add(relay.stop)
+    try:
+        predicted = (sum(b.seconds for b in edge.blocks) + sc.rtt_ms / 1e3 + (mean_jpeg + down) * 8 / (sc.mbps * 1e6)
+                     + statistics.median(j["encode_ms"] for j in jpeg) / 1e3) * 1e3
+        job = {"split": names[0], "codec": "int8", "tl_id": "", "predicted_ms": predicted,
+               "plan": f"JPEG q{JPEG_QUALITY} (mean {mean_jpeg:,.0f} B) paced as the 8-bit frame at {scale:.2f}x the rate"}
+        progress(f"{model} {sc.name}: edge-only ({job['plan']})")
+        rows = _ask(child, {**job, "strategy": "edge-only", "address": relay.address, "warmup": spec.warmup,
+                            "jpeg": True}, JOB_SECONDS)
+        return _strategy_rows("edge-only", rows["rows"], sc, link, down, ref, job, jpeg, jpeg_dec)
+    finally:
+        relay.stop()
+
+
+def _ask_quit(child: subprocess.Popen) -> None:
+    if child.poll() is None and child.stdin is not None:
+        child.stdin.write(json.dumps({"quit": True}) + "\n")
+        child.stdin.flush()
+        try:
+            child.wait(30)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+
+
+def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None]) -> dict:
+    """Every model x scenario x strategy; the results as one JSON-able dict."""
+    why = cgroup_unavailable()
+    if why:
+        raise RuntimeError(f"cannot emulate the board: {why}; run as root on a host with cgroup v1 cpu")
+    started = time.time()
+    with Cleanup() as cl:
+        tmp = Path(tempfile.mkdtemp(prefix="edgesplit-scenarios-"))
+        cl.add(lambda: shutil.rmtree(tmp, ignore_errors=True))
+        cg = CpuQuota(f"edgesplit-bench-{os.getpid()}", spec.testbed.period_us, spec.testbed.first_quota_us)
+        cl.add(cg.remove)
+        links = {}
+        for s in spec.scenarios:
+            sc = SCENARIOS[s]
+            links[s] = measure_link(sc.rtt_ms / 2, sc.mbps)
+            progress(f"link {s}: set {sc.mbps:g} Mbit/s {sc.rtt_ms:g} ms RTT; measured {links[s]['mbps']:.2f} Mbit/s "
+                     f"{links[s]['rtt_ms']:.1f} ms" + (f"  ** off by > 5 %: {', '.join(links[s]['off'])}" if links[s]['off'] else ""))
+        models = {m: _run_model(m, spec, rank, cg, links, tmp, cl, progress) for m in spec.models}
+    return {"spec": asdict(spec), "started": started, "seconds": time.time() - started,
+            "scenarios": {s: asdict(SCENARIOS[s]) for s in spec.scenarios}, "models": models}

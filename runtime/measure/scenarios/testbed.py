@@ -1,0 +1,198 @@
+"""The testbed's pieces, each removed on success, failure and Ctrl-C: a cgroup v1 CPU quota for the
+board, link relays (``runtime.tools.netem`` as child processes) and the measurement of the link a
+relay actually gives (RTT and receiver-side bandwidth, through a twin relay process with the same settings)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
+RELAY_START_SECONDS = 20.0
+MIN_QUOTA_US = 1000  # the kernel refuses a cfs quota below 1 ms
+
+
+def cgroup_unavailable() -> str:
+    """Why a cgroup v1 CPU quota cannot be made here ("" when it can)."""
+    if not (CGROUP_ROOT / "cpu.cfs_quota_us").exists():
+        return f"no cgroup v1 cpu controller at {CGROUP_ROOT}"
+    if not os.access(CGROUP_ROOT, os.W_OK):
+        return f"{CGROUP_ROOT} is not writable (needs root)"
+    return ""
+
+
+class CpuQuota:
+    """``/sys/fs/cgroup/cpu/<name>`` with a cfs quota; processes join by writing their pid."""
+
+    def __init__(self, name: str, period_us: int, quota_us: int):
+        self.path = CGROUP_ROOT / name
+        if quota_us < MIN_QUOTA_US:
+            raise ValueError(f"cfs quota must be >= {MIN_QUOTA_US} us, got {quota_us}")
+        self.path.mkdir()
+        try:
+            (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota_us))
+        except OSError:
+            self.path.rmdir()
+            raise
+
+    @property
+    def procs(self) -> list[int]:
+        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
+
+    def remove(self) -> None:
+        """Move any process left back to the root group, then remove the group (bounded retries)."""
+        if not self.path.exists():
+            return
+        for _ in range(50):
+            for pid in self.procs:
+                with contextlib.suppress(OSError):
+                    (CGROUP_ROOT / "cgroup.procs").write_text(str(pid))
+            try:
+                self.path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+        logger.warning("could not remove %s", self.path)
+
+
+class Relay:
+    """``python -m runtime.tools.netem`` as a child process relaying to ``target``."""
+
+    def __init__(self, target: str, delay_ms: float, rate_mbps: float):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.tools.netem", "--listen", "127.0.0.1:0", "--target", target,
+             "--delay-ms", f"{delay_ms:.4f}", "--rate-mbps", f"{rate_mbps:.6f}", "--log-level", "WARNING"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = _readline(self.proc, RELAY_START_SECONDS)
+        if "listening on " not in line:
+            self.stop()
+            raise RuntimeError(f"the relay did not start: {line!r}")
+        self.address = line.split("listening on ")[1].split()[0]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    """One line of the child's stdout, or "" after ``timeout`` seconds (select on the pipe)."""
+    import selectors
+
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        if not sel.select(timeout):
+            return ""
+    return proc.stdout.readline()
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """1 byte in -> 1 byte back (RTT probes); a 'B' + 8-byte length starts a bulk send, acked at its end."""
+    try:
+        while True:
+            b = await reader.readexactly(1)
+            if b == b"B":
+                n = int.from_bytes(await reader.readexactly(8), "big")
+                first = None
+                got = 0
+                while got < n:
+                    data = await reader.read(min(65536, n - got))
+                    if not data:
+                        return
+                    first = first or (time.perf_counter(), len(data))
+                    got += len(data)
+                last = time.perf_counter()
+                rate = (n - first[1]) / max(last - first[0], 1e-9)  # bytes after the first read, over the time
+                writer.write(int(rate).to_bytes(8, "big"))
+            else:
+                writer.write(b)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def _measure(delay_ms: float, rate_mbps: float, probes: int, bulk_bytes: int) -> dict:
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        relay = await asyncio.to_thread(Relay, f"127.0.0.1:{port}", delay_ms, rate_mbps)
+        try:
+            host, p = relay.address.rsplit(":", 1)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(p)), 5)
+            rtts = []
+            for _ in range(probes):
+                t = time.perf_counter()
+                writer.write(b"p")
+                await writer.drain()
+                await asyncio.wait_for(reader.readexactly(1), 10)
+                rtts.append(time.perf_counter() - t)
+            writer.write(b"B" + bulk_bytes.to_bytes(8, "big") + bytes(bulk_bytes))
+            await writer.drain()
+            rate = int.from_bytes(await asyncio.wait_for(reader.readexactly(8), 120), "big")
+            writer.close()
+        finally:
+            await asyncio.to_thread(relay.stop)
+    finally:
+        server.close()
+        await server.wait_closed()
+    return {"rtt_ms": statistics.median(rtts) * 1e3, "mbps": rate * 8 / 1e6}
+
+
+def measure_link(delay_ms: float, rate_mbps: float, probes: int = 5, seconds: float = 1.5) -> dict:
+    """Achieved RTT (median of 1-byte echoes) and bandwidth (at the receiver, ~``seconds`` of bulk data)
+    through a relay with these settings, beside the set values; ``off`` names what is > 5 % off."""
+    bulk = int(max(64 * 1024, rate_mbps * 125_000 * seconds))
+    got = asyncio.run(_measure(delay_ms, rate_mbps, probes, bulk))
+    set_rtt, off = 2 * delay_ms, []
+    if abs(got["rtt_ms"] - set_rtt) > 0.05 * set_rtt:
+        off.append("rtt")
+    if abs(got["mbps"] - rate_mbps) > 0.05 * rate_mbps:
+        off.append("bandwidth")
+    return {"set_rtt_ms": set_rtt, "set_mbps": rate_mbps, "rtt_ms": got["rtt_ms"], "mbps": got["mbps"],
+            "bulk_bytes": bulk, "off": off}
+
+
+class Cleanup:
+    """Everything a run creates, undone in reverse order on exit, error or Ctrl-C (SIGTERM too)."""
+
+    def __init__(self) -> None:
+        self._undo: list = []
+        self._old_term = None
+
+    def add(self, fn) -> None:
+        self._undo.append(fn)
+
+    def __enter__(self) -> Cleanup:
+        self._old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._undo:
+            fn = self._undo.pop()
+            try:
+                fn()
+            except Exception as e:
+                logger.warning("cleanup step failed: %s", e)
+        signal.signal(signal.SIGTERM, self._old_term)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")

@@ -1,0 +1,72 @@
+"""`edgesplit bench-scenarios --quick` end to end (the harness stays alive): a real board child under
+a cgroup CPU quota, a real worker, a relay; asserts structure and sanity, and that nothing is left
+behind. Speed figures are printed by the benchmark, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from runtime.measure.scenarios import costs
+from runtime.measure.scenarios.spec import STRATEGIES
+from runtime.measure.scenarios.testbed import CGROUP_ROOT, cgroup_unavailable
+
+
+def _ours() -> set[str]:
+    return {p.name for p in CGROUP_ROOT.glob("edgesplit-bench-*")} if CGROUP_ROOT.exists() else set()
+
+
+def _tagged(tag: str) -> list[int]:
+    """Processes that inherited the environment variable ``tag`` (the run's children, at any depth)."""
+    found = []
+    for env in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if tag.encode() in env.read_bytes():
+                found.append(int(env.parent.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_peer_profiles_keep_their_rules(tmp_path):
+    """Scission sends raw fp32; ScissionLite's 2x2 pool rounds odd sizes up."""
+    assert costs.pooled_bytes((1, 80, 14, 14)) == 80 * 7 * 7 * 4
+    assert costs.pooled_bytes((1, 40, 7, 7)) == 40 * 4 * 4 * 4
+    assert costs.pooled_bytes((1, 1000)) is None
+    assert costs.floor_ms({"head": 10.0, "edge_tail": 5.0}, 125_000, 0, 1.0, 20.0) == pytest.approx(10 + 5 + 1000 + 20)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(bool(cgroup_unavailable()), reason=f"needs a writable cgroup v1 cpu controller: {cgroup_unavailable()}")
+def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
+    before = _ours()
+    tag = f"EDGESPLIT_TEST_TAG={uuid.uuid4().hex}"
+    proc = subprocess.run([sys.executable, "-m", "runtime.cli.main", "bench-scenarios", "--quick", "--out", str(tmp_path),
+                           "--name", "quick"], capture_output=True, text=True, timeout=540,
+                          env={**os.environ, tag.split("=")[0]: tag.split("=")[1]})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "quick.json").read_text())
+    assert (tmp_path / "quick.png").stat().st_size > 0
+    md = (tmp_path / "quick.md").read_text()
+    assert "Command: `edgesplit bench-scenarios --quick" in md and "Machine:" in md
+    (model,) = res["models"].values()
+    assert 10 < model["calibration"]["slowdown"] < 30  # the quota really slows the board down
+    frames = res["spec"]["frames"]
+    (sc,) = model["scenarios"].values()
+    assert sc["link"]["mbps"] > 0 and sc["link"]["rtt_ms"] > 0
+    for k in STRATEGIES:
+        r = sc[k]
+        assert r["frames"] == frames and len(r["per_frame_ms"]) == frames, k
+        assert 0 <= r["fidelity"] <= 1
+        if k != "local" and r.get("split"):
+            assert r["bytes_per_frame"] > 0 and r["local_fallbacks"] == 0, k
+            for total, floor in zip(r["per_frame_ms"], r["per_frame_floor_ms"], strict=True):
+                assert floor <= total + 1.0, (k, floor, total)  # a relay cannot beat the link it emulates
+    assert _ours() == before, "a cgroup was left behind"
+    assert _tagged(tag) == [], "a process of the run (worker, relay, board child) was left behind"
