@@ -67,6 +67,7 @@ def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
         if k != "local" and r.get("split"):
             assert r["bytes_per_frame"] > 0 and r["local_fallbacks"] == 0, k
             for total, floor in zip(r["per_frame_ms"], r["per_frame_floor_ms"], strict=True):
-                assert floor <= total + 1.0, (k, floor, total)  # a relay cannot beat the link it emulates
+                # a relay cannot beat the link it emulates (edge-only paces at the mean JPEG size: 5 % slack)
+                assert floor <= total * 1.05 + 1.0, (k, floor, total)
     assert _ours() == before, "a cgroup was left behind"
     assert _tagged(tag) == [], "a process of the run (worker, relay, board child) was left behind"

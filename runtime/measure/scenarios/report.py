@@ -90,5 +90,8 @@ def write(res: dict, out_dir: str, stem: str) -> list[Path]:
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
     paths[0].write_text(json.dumps(res, indent=1) + "\n")
     paths[1].write_text(markdown(res))
-    plot(res, paths[2])
+    try:
+        plot(res, paths[2])
+    except ImportError:  # matplotlib is optional: pip install 'edgesplit[bench]'
+        return paths[:2]
     return paths
