@@ -145,3 +145,19 @@ def test_options_are_checked():
     for bad in ({"alpha": 0.0}, {"half_life_seconds": 0.0}, {"threshold": 0.0}, {"min_run": 0}, {"max_links": 0}):
         with pytest.raises(ValueError):
             EstimatorOptions(**bad)
+
+
+def test_every_link_is_a_metric_with_its_age_and_samples():
+    from runtime.agent.metrics import AgentMetrics
+
+    now = [0.0]
+    metrics = AgentMetrics()
+    link = LinkEstimator(metrics, clock=lambda: now[0])
+    link.add_bandwidth_sample(SLOW, "a:1")
+    now[0] = 1.0
+    link.add_bandwidth_sample(SLOW, "a:1")
+    now[0] = 5.0
+    get = metrics.registry.get_sample_value
+    assert get("edgesplit_agent_link_estimate_bandwidth_bytes_per_second", {"link": "a:1"}) == pytest.approx(SLOW)
+    assert get("edgesplit_agent_link_estimate_samples", {"link": "a:1"}) == 2
+    assert get("edgesplit_agent_link_estimate_age_seconds", {"link": "a:1"}) == pytest.approx(4.0)

@@ -83,6 +83,7 @@ class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file
     profile: str = field("", "device profile JSON of the model on this board ('edgesplit profile'); required with --planner")
     tl_dir: str = field("", "directory where Transfer Layer ids (in plans, or --tl) are resolved")
     telemetry_interval_seconds: float = field(1.0, "at most one telemetry message to the planner per this many seconds")
+    probe_budget: float = field(0.05, "with --planner: share of a link's estimated capacity that bandwidth probes of links no frame measures may take (0 disables them; at most 0.5)")
     planner_workers: tuple[str, ...] = field((), "worker ids the planner may assign (empty: any that serves the model)")
     raw_input_stays: bool = field(False, "plans must run at least the first block here: raw frames never leave the board")
     min_fidelity: float = field(0.0, "plans use only Transfer Layers with measured top-1 agreement >= this (0: any)")
@@ -119,6 +120,8 @@ class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file
             get_codec(self.forward_codec)  # InvalidInput with the valid names
         if not self.telemetry_interval_seconds > 0:
             raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")
+        if not 0 <= self.probe_budget <= 0.5:
+            raise InvalidInput(f"probe_budget must be in [0, 0.5] (a share of the link), got {self.probe_budget!r}")
         if self.device_memory_bytes < 0:
             raise InvalidInput(f"device_memory_bytes must be >= 0 (0: no cap), got {self.device_memory_bytes}")
         from runtime.contracts.constraints import check_fields

@@ -75,13 +75,14 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     link = None
     if config.planner:
         from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
+        from runtime.agent.prober import ProbeOptions
 
         # built before the agent starts, so a bad profile file is an error before any frame
         try:
             link = PlannerLink(agent, PlannerLinkOptions(
                 config.planner, config.profile, agent.agent_id, workers=tuple(config.planner_workers),
                 constraints=config.constraints(), telemetry_interval_seconds=config.telemetry_interval_seconds,
-                transport=config.transport()))
+                transport=config.transport(), probe=ProbeOptions(budget_fraction=config.probe_budget)))
         except BaseException:
             await agent.close()
             if endpoint is not None:

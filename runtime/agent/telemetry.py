@@ -69,6 +69,8 @@ class LinkEstimator:
         self.current = ""  # the link (worker address) the agent's plan uses now; "" = none named
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
+        if metrics is not None:
+            metrics.registry.register(_LinkCollector(self))
 
     def use(self, key: str) -> None:
         """The agent now sends to ``key`` (a worker address): the properties and gauges follow it."""
@@ -158,3 +160,35 @@ class LinkEstimator:
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames
+
+
+class _LinkCollector:
+    """Prometheus figures of every link the agent holds (label ``link``: the worker's address, at most
+    ``EstimatorOptions.max_links``): bandwidth estimate, its age and its sample count, base RTT."""
+
+    def __init__(self, estimator: LinkEstimator):
+        self.estimator = estimator
+
+    def describe(self) -> list:
+        return []  # collected at scrape time
+
+    def collect(self):
+        from prometheus_client.core import GaugeMetricFamily
+
+        fams = {k: GaugeMetricFamily(f"edgesplit_agent_link_estimate_{k}", h, labels=["link"]) for k, h in (
+            ("bandwidth_bytes_per_second", "Bandwidth estimate per link (0: unknown)"),
+            ("age_seconds", "Seconds since the link's last bandwidth sample (-1: none yet)"),
+            ("samples", "Bandwidth samples behind the link's estimate (frames, censored frames, probes)"),
+            ("rtt_seconds", "Base RTT per link (0: unknown)"))}
+        est = self.estimator
+        now = est.clock()
+        for key in est.links:
+            lk = est.links.get(key)
+            if lk is None:
+                continue
+            bw = lk.bandwidth
+            fams["bandwidth_bytes_per_second"].add_metric([key], bw.value)
+            fams["age_seconds"].add_metric([key], bw.age(now) if bw.samples else -1.0)
+            fams["samples"].add_metric([key], bw.samples)
+            fams["rtt_seconds"].add_metric([key], lk.rtt.value)
+        yield from fams.values()
