@@ -18,6 +18,8 @@ so hysteresis, refusals and versions treat it like any other plan.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Callable
 
@@ -44,6 +46,7 @@ class PlannerService(PlannerServicer):
         self.config = config
         self.store = store
         self.clock = clock
+        self._sweeper: asyncio.Task[None] | None = None
         state.load()
 
     @property
@@ -61,6 +64,14 @@ class PlannerService(PlannerServicer):
     def start(self) -> None:
         """Start the periodic re-planning (on the running loop)."""
         self.replanner.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Drop lapsed worker registrations (planner.owners) a few times per TTL."""
+        period = min(5.0, self.config.registration_ttl_seconds / 4)
+        while True:
+            await asyncio.sleep(period)
+            self.expire()
 
     async def tick(self) -> None:
         """One periodic pass now."""
@@ -68,6 +79,10 @@ class PlannerService(PlannerServicer):
 
     async def close(self) -> None:
         """Stop re-planning and end every WatchPlan stream (agents reconnect to the next planner)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.replanner.stop()
         for st in self.state.agents.values():
             self.state.save_links(st)

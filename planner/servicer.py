@@ -20,8 +20,10 @@ import grpc
 from planner import decide, probes, requests
 from planner.broadcaster import Broadcaster
 from planner.metrics import PlannerMetrics
+from planner.owners import Owners, expire_workers, lease_of
 from planner.replanner import RePlanner
 from planner.state import PlannerState
+from runtime.daemon.auth import current_identity
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 
@@ -38,15 +40,29 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.replanner = replanner
         self.broadcaster = broadcaster
         self.metrics = metrics
+        # who owns which worker/agent id (planner.owners): the hijack and spoofing guard
+        self.owners = Owners(state.config.registration_ttl_seconds, state.config.max_ids_per_identity)
+
+    def _owned(self, kind: str, ident: str, context: grpc.aio.ServicerContext | None) -> None:
+        """Refuse (PERMISSION_DENIED) a call about ``ident`` from anyone but its owner."""
+        self.owners.check(kind, ident, current_identity(), lease_of(context))
+
+    def expire(self) -> None:
+        """Drop workers whose registration lapsed; their agents are re-planned onto live workers."""
+        for old in expire_workers(self.state, self.state.config.registration_ttl_seconds):
+            self.owners.release("worker", old.record.id)
+            self.replanner.worker_registered({}, old)
 
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: grpc.aio.ServicerContext) -> pb.RegisterWorkerReply:
         req = requests.check_worker_request(request, self.state.config)
+        self.owners.claim("worker", req.worker_id, current_identity(), lease_of(context))  # before any heavy work
         parsed = requests.parse_worker_profiles(req.worker_id, list(request.profiles_json))
         old = self.state.register_worker(req, parsed, list(request.profiles_json))
         self.replanner.worker_registered(parsed, old)
         return pb.RegisterWorkerReply(profiles=len(parsed))
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
+        self.owners.claim("agent", requests.check_id(request.agent_id, "agent_id"), current_identity(), lease_of(context))
         req = requests.check_agent_request(request)
         rec = self.state.agent_record(req, request)
         return pb.RegisterAgentReply(plan=await self.replanner.register(rec, req.device))
@@ -54,6 +70,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
     async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
         received = 0
         async for t in request_iterator:
+            self._owned("agent", t.agent_id, context)
             st = self.state.agent(t.agent_id)
             received += 1
             self.metrics.telemetry.inc()
@@ -62,12 +79,14 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         return pb.TelemetryAck(received=received)
 
     async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:
+        self._owned("agent", request.agent_id, context)
         st = self.state.agent(request.agent_id)
         requests.check_plan_status(request)
         await self.replanner.plan_status(st, request)
         return pb.PlanStatusAck()
 
     async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:
+        self._owned("agent", request.agent_id, context)
         st = self.state.agent(request.agent_id)  # an unknown agent: NOT_FOUND, mapped by the daemon's interceptor
         # aclosing: the subscription ends with this stream, even when it is closed while waiting to send
         async with contextlib.aclosing(self.broadcaster.watch(request.agent_id, st.plan, request.known_version)) as plans:
@@ -75,6 +94,8 @@ class PlannerServicer(pb_grpc.PlannerServicer):
                 yield plan
 
     async def QueryPlan(self, request: pb.PlanQuery, context: grpc.aio.ServicerContext) -> pb.PlanQueryReply:
+        if current_identity().authenticated:  # read-only: anonymous operators on a loopback planner may ask
+            self._owned("agent", request.agent_id, context)
         st = self.state.agent(request.agent_id)
         top_n, bw, rtt = requests.check_query(request, self.state.config, st.device)
         record = dataclasses.replace(st.record, constraints=request.constraints) if request.HasField("constraints") else None

@@ -148,6 +148,11 @@ class Store:
                 (w.id, w.address, w.tier, json.dumps(list(w.tl_ids)), json.dumps(w.profiles), w.registered, w.last_seen,
                  json.dumps(list(w.next_tiers))))
 
+    def delete_worker(self, worker_id: str) -> None:
+        """Forget a worker whose registration lapsed or that left (planner.owners)."""
+        with self._tx():
+            self.db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+
     def workers(self) -> dict[str, WorkerRecord]:
         rows = self.db.execute("SELECT id, address, tier, tl_ids, profiles, registered, last_seen, next_tiers FROM workers")
         return {r[0]: WorkerRecord(r[0], r[1], r[2], tuple(json.loads(r[3])), json.loads(r[4]), r[5], r[6],

@@ -74,3 +74,23 @@ def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
                    help="TLs below this measured fidelity are not used")
     p.add_argument("--objective", choices=OBJECTIVES, default=None if overriding else "latency",
                    help="what to rank by (default: latency)")
+
+
+def add_client_security_flags(p: argparse.ArgumentParser) -> None:
+    """--ca-file/--cert-file/--key-file/--token-file/--server-name for verbs that call a daemon (SECURITY.md)."""
+    g = p.add_argument_group("security", "how to reach a daemon that requires TLS, mTLS or a token")
+    g.add_argument("--ca-file", default="", help="site CA (PEM) to verify the daemon with")
+    g.add_argument("--cert-file", default="", help="client certificate (PEM), e.g. an operator's from 'edgesplit certs issue'")
+    g.add_argument("--key-file", default="", help="private key of --cert-file")
+    g.add_argument("--token-file", default="", help="file holding a bearer token to send")
+    g.add_argument("--server-name", default="", help="name expected in the daemon's certificate if not the dialled host")
+
+
+def client_transport(args: argparse.Namespace):
+    """TransportOptions carrying the client security flags of :func:`add_client_security_flags`."""
+    from runtime.wire.security import SecurityOptions
+    from runtime.wire.transport import TransportOptions
+
+    return TransportOptions(security=SecurityOptions(
+        ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, token_file=args.token_file,
+        server_name=args.server_name))

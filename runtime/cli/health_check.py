@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from runtime.cli.common import add_client_security_flags, client_transport
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("health-check", help="ask a daemon's gRPC health service; exit 0 only when SERVING")
     p.add_argument("address", help="HOST:PORT or unix:/path.sock")
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default: 3)")
+    add_client_security_flags(p)
     p.set_defaults(func=cmd_health_check)
 
 
@@ -19,7 +22,7 @@ def cmd_health_check(args: argparse.Namespace) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     try:
-        with grpc.insecure_channel(args.address) as channel:
+        with client_transport(args).sync_channel(args.address) as channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )

@@ -12,7 +12,13 @@ import json
 import sys
 
 from planner.config import PlannerConfig
-from runtime.cli.common import add_config_flags, add_constraint_arguments, config_from_args
+from runtime.cli.common import (
+    add_client_security_flags,
+    add_config_flags,
+    add_constraint_arguments,
+    client_transport,
+    config_from_args,
+)
 from runtime.contracts.config import to_toml
 
 SECTION = "planner"
@@ -34,11 +40,12 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(address: str, method: str, request, timeout: float):
-    """The one gRPC call to the planner (``query`` and ``agents``): ``method`` of its Planner service."""
+def _call(args: argparse.Namespace, method: str, request):
+    """The one gRPC call to the planner (``query`` and ``agents``): ``method`` of its Planner service,
+    to ``--planner`` within ``--timeout``, with the client security flags."""
     from runtime.daemon.planner_client import call_planner
 
-    return call_planner(address, method, request, timeout)
+    return call_planner(args.planner, method, request, args.timeout, client_transport(args))
 
 
 def _plan_dict(plan) -> dict:
@@ -81,7 +88,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
     request = pb.PlanQuery(agent_id=args.agent, bandwidth_bytes_per_second=args.bandwidth_mbps * 125_000.0,
                            rtt_seconds=args.rtt_ms / 1e3, top_n=args.top, constraints=query_constraints(args))
-    reply = _call(args.planner, "QueryPlan", request, args.timeout)
+    reply = _call(args, "QueryPlan", request)
     if args.json:
         print(json.dumps({"decision_seconds": reply.decision_seconds,
                           "candidates": [_plan_dict(p) for p in reply.candidates]}, indent=1))
@@ -103,7 +110,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 def cmd_agents(args: argparse.Namespace) -> int:
     from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
-    reply = _call(args.planner, "ListAgents", pb.ListAgentsRequest(), args.timeout)
+    reply = _call(args, "ListAgents", pb.ListAgentsRequest())
     if args.json:
         from google.protobuf import json_format
 
@@ -159,10 +166,12 @@ def add_parser(sub) -> None:
     add_constraint_arguments(g, "worker", overriding=True)
     q.add_argument("--json", action="store_true", help="machine-readable output")
     q.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    add_client_security_flags(q)
     q.set_defaults(func=cmd_query)
 
     a = psub.add_parser("agents", help="registered agents, their plans, links and refusals")
     a.add_argument("--planner", required=True, metavar="HOST:PORT", help="planner address")
     a.add_argument("--json", action="store_true", help="machine-readable output")
     a.add_argument("--timeout", type=float, default=10.0, help="seconds (default: 10)")
+    add_client_security_flags(a)
     a.set_defaults(func=cmd_agents)

@@ -14,6 +14,7 @@ From synchronous code (the CLI): ``call_planner(address, "QueryPlan", request, t
 from __future__ import annotations
 
 import asyncio
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,11 @@ from runtime.contracts.errors import Unavailable, from_rpc_error
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.wire.transport import TransportOptions
+
+# This process's lease (planner.owners): sent with every planner call, it proves to a planner
+# without authentication that a re-registration or report comes from the process that first
+# registered the id. Never logged; a restarted process gets a new one.
+LEASE = (("edgesplit-lease", secrets.token_urlsafe(32)),)
 
 
 @dataclass(frozen=True)
@@ -84,7 +90,8 @@ class PlannerClient:
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """Call the unary RPC ``method`` (e.g. ``"QueryPlan"``) with a deadline (default ``rpc_timeout``)."""
         try:
-            return await getattr(self.stub, method)(request, timeout=timeout or self.options.rpc_timeout)
+            return await getattr(self.stub, method)(request, timeout=timeout or self.options.rpc_timeout,
+                                                    metadata=LEASE)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
 
@@ -108,7 +115,7 @@ class PlannerClient:
     async def watch_plan(self, request: ppb.WatchPlanRequest) -> AsyncIterator[ppb.Plan]:
         """The plans the planner pushes, until the stream ends. Raises EdgesplitError when it fails,
         DeadlineExceeded when it reaches ``stream_seconds`` (reopen it then)."""
-        call = self.stub.WatchPlan(request, timeout=self.options.stream_seconds)
+        call = self.stub.WatchPlan(request, timeout=self.options.stream_seconds, metadata=LEASE)
         try:
             async for plan in call:
                 yield plan
@@ -120,7 +127,7 @@ class PlannerClient:
     def telemetry_stream(self) -> TelemetryStream:
         """A ReportTelemetry stream, open for ``stream_seconds`` (plus the time for its ack)."""
         return TelemetryStream(self.stub.ReportTelemetry(
-            timeout=self.options.stream_seconds + 2 * self.options.rpc_timeout), self.options.rpc_timeout)
+            timeout=self.options.stream_seconds + 2 * self.options.rpc_timeout, metadata=LEASE), self.options.rpc_timeout)
 
 
 class TelemetryStream:
