@@ -59,13 +59,21 @@ class FrameChunk(_message.Message):
     data: bytes
     def __init__(self, seq: _Optional[int] = ..., index: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
+class FrameCancel(_message.Message):
+    __slots__ = ("seq",)
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    def __init__(self, seq: _Optional[int] = ...) -> None: ...
+
 class StreamRequest(_message.Message):
-    __slots__ = ("frame", "chunk")
+    __slots__ = ("frame", "chunk", "cancel")
     FRAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
     frame: InferRequest
     chunk: FrameChunk
-    def __init__(self, frame: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[_Union[FrameChunk, _Mapping]] = ...) -> None: ...
+    cancel: FrameCancel
+    def __init__(self, frame: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[_Union[FrameChunk, _Mapping]] = ..., cancel: _Optional[_Union[FrameCancel, _Mapping]] = ...) -> None: ...
 
 class StageTimes(_message.Message):
     __slots__ = ("queue_seconds", "decode_seconds", "tail_seconds", "forward_seconds")
