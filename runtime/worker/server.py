@@ -63,6 +63,7 @@ class WorkerServer:
             await self.registration.close()
         if not await self.service.wait_idle(grace):
             logger.warning("frames still in flight after %.1fs; stopping anyway", grace)
+        self.service.end_streams()
 
 
 async def serve(config: WorkerConfig) -> WorkerServer:

@@ -72,7 +72,7 @@ class TailCache:
         self._models: dict[str, LoadedModel] = {}
         self._tails: dict[tuple[str, str], Tail] = {}
         self._slices: dict[tuple[str, str, str, str], Tail] = {}  # (model, split, end, TL id): middle slices
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[object, asyncio.Lock] = {}  # one per model, tail and slice key: each is built once
         self.tls: dict[str, Tail] = {}  # by TL id: decoder + tail (see load_tls)
 
     async def load_tls(self, paths) -> None:
@@ -99,23 +99,25 @@ class TailCache:
         loaded = await self.model(model_id)
         sp = loaded.split(split_id)  # NotFound with the valid range
         key = (model_id, sp.name)
-        if key not in self._tails:
-            module = await asyncio.get_running_loop().run_in_executor(self._executor, loaded.tail, sp.name)
-            self._tails[key] = Tail(loaded, sp, module)
-            self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
-            logger.info("loaded tail %s@%s", model_id, sp.name)
+        async with self._locks.setdefault(("tail", *key), asyncio.Lock()):  # concurrent first frames wait for one build
+            if key not in self._tails:
+                module = await asyncio.get_running_loop().run_in_executor(self._executor, loaded.tail, sp.name)
+                self._tails[key] = Tail(loaded, sp, module)
+                self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
+                logger.info("loaded tail %s@%s", model_id, sp.name)
         self._tails[(model_id, split_id)] = self._tails[key]
         return self._tails[key]
 
     async def sliced(self, tail: Tail, end: SplitPoint) -> Tail:
         """``tail`` cut short: [its split, ``end``), for a chained frame; built once per (model, split, end, TL)."""
         key = (tail.model.name, tail.split.name, end.name, tail.tl_id)
-        if key not in self._slices:
-            loop = asyncio.get_running_loop()
-            module = await loop.run_in_executor(self._executor, tail.model.segment, tail.split.name, end.name)
-            self._slices[key] = dataclasses.replace(tail, module=module, end=end)
-            self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
-            logger.info("loaded slice %s@%s..%s", tail.model.name, tail.split.name, end.name)
+        async with self._locks.setdefault(("slice", *key), asyncio.Lock()):
+            if key not in self._slices:
+                loop = asyncio.get_running_loop()
+                module = await loop.run_in_executor(self._executor, tail.model.segment, tail.split.name, end.name)
+                self._slices[key] = dataclasses.replace(tail, module=module, end=end)
+                self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
+                logger.info("loaded slice %s@%s..%s", tail.model.name, tail.split.name, end.name)
         return self._slices[key]
 
     async def model(self, model_id: str) -> LoadedModel:
@@ -187,6 +189,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._idle = asyncio.Event()
         self._idle.set()
         self.draining = False
+        self._stream_queues: set[asyncio.Queue] = set()  # each open InferStream's result queue (see end_streams)
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -210,6 +213,12 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def wait_idle(self, timeout: float) -> bool:
         """Wait (bounded) until no admitted frame is left; False on timeout."""
         return await wait_set(self._idle, timeout)
+
+    def end_streams(self) -> None:
+        """End every open InferStream with status OK (the drain calls it once no frame is left), so the
+        server's stop finds no call to cancel: agents see the stream end and reconnect or run locally."""
+        for queue in self._stream_queues:
+            queue.put_nowait(None)
 
     # -- one frame ---------------------------------------------------------------------------
 
@@ -424,6 +433,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                 await out.put(None)
 
         read_task = asyncio.create_task(reader())
+        self._stream_queues.add(out)
         try:
             while True:
                 result = await out.get()
@@ -431,5 +441,6 @@ class InferenceService(pb_grpc.InferenceServicer):
                     break
                 yield result
         finally:
+            self._stream_queues.discard(out)
             read_task.cancel()
             self.metrics.streams.dec()
