@@ -15,6 +15,8 @@ import argparse
 import os
 import secrets
 
+from runtime.wire.security import ROLES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("certs", help="create a site CA, per-role certificates and bearer tokens (mTLS quick start)")
@@ -24,9 +26,9 @@ def add_parser(sub) -> None:
     ca.add_argument("--name", default="edgesplit site CA", help="the CA's common name (default: edgesplit site CA)")
     ca.add_argument("--days", type=int, default=3650, help="validity in days (default: 3650)")
     ca.set_defaults(func=cmd_ca)
-    iss = csub.add_parser("issue", help="issue a certificate for one agent, worker or operator: OUT/ROLE-ID.pem/.key")
+    iss = csub.add_parser("issue", help="issue a certificate for one agent, worker, operator or planner: OUT/ROLE-ID.pem/.key")
     iss.add_argument("--ca-dir", required=True, metavar="DIR", help="directory holding ca.pem and ca.key")
-    iss.add_argument("--role", required=True, choices=("agent", "worker", "operator"), help="the holder's role")
+    iss.add_argument("--role", required=True, choices=ROLES, help="the holder's role")
     iss.add_argument("--id", required=True, help="worker_id / agent_id / operator name (the planner binds ids to it)")
     iss.add_argument("--host", action="append", default=[], metavar="NAME_OR_IP",
                      help="DNS name or IP clients dial (servers: workers, planner); repeatable")
@@ -34,7 +36,7 @@ def add_parser(sub) -> None:
     iss.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     iss.set_defaults(func=cmd_issue)
     tok = csub.add_parser("token", help="create a bearer token: the token to --out, its hash line to --tokens-file")
-    tok.add_argument("--role", required=True, choices=("agent", "worker", "operator"), help="the holder's role")
+    tok.add_argument("--role", required=True, choices=ROLES, help="the holder's role")
     tok.add_argument("--id", required=True, help="the holder's worker_id / agent_id / name")
     tok.add_argument("--out", required=True, metavar="FILE", help="file for the token itself (mode 0600; give it to the client)")
     tok.add_argument("--tokens-file", required=True, metavar="FILE",

@@ -34,8 +34,8 @@ from runtime.contracts.errors import InvalidInput
 
 logger = logging.getLogger(__name__)
 
-AGENT, WORKER, OPERATOR = "agent", "worker", "operator"
-ROLES = (AGENT, WORKER, OPERATOR)
+AGENT, WORKER, OPERATOR, PLANNER = "agent", "worker", "operator", "planner"
+ROLES = (AGENT, WORKER, OPERATOR, PLANNER)  # a planner only serves: its role is allowed no call
 SPIFFE_PREFIX = "spiffe://edgesplit/"
 MAX_PEM_BYTES = 1 << 20  # largest CA/cert/key file read (a chain of a few certificates is a few KB)
 MAX_TOKENS_FILE_BYTES = 1 << 20  # largest server tokens file read (about 10,000 lines)
