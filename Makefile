@@ -10,11 +10,19 @@ PROTO_OUT := runtime/proto
 
 .PHONY: install demo test lint proto proto-check bench bench-quick bench-loopback bench-planner clean
 
-# The constraints file pins the CPU torch wheel (an unpinned torch pulls a multi-GB CUDA build).
+# torch: the CPU build (~200 MB wheel) unless this machine has an NVIDIA GPU; PyPI's default torch for
+# Linux x86-64 is the CUDA build with multi-GB dependencies. The one override, TORCH_INDEX:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a CUDA build
+#   TORCH_INDEX= make install    # no extra index: PyPI and pip's own config only (offline mirrors, CI here)
+# On arm64 (Raspberry Pi OS, Jetson without CUDA) PyPI's torch is already the CPU build.
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
+TORCH_PIP   := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+
+# The constraints file pins torch 2.13.0 (the tested version; pyproject allows 2.13.x).
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt $(TORCH_PIP) torch==2.13.0
 	$(PIP) install -q -c constraints.txt -e '.[test,lint]'
 	touch $(STAMP)
 
