@@ -38,3 +38,19 @@ def test_prometheus_rules_are_valid():
     out = subprocess.run(["promtool", "check", "rules", str(DEPLOY / "prometheus" / "rules.yml")],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_every_scraped_daemon_binds_its_metrics_where_prometheus_reaches_it():
+    """prometheus.yml scrapes worker, agent and planner on other hosts: each config's metrics endpoint
+    must listen on a non-loopback address, on the port the scrape job names."""
+    import yaml
+
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]] for job in scrape["scrape_configs"]}
+    configs = {"worker": (WorkerConfig, "worker"), "agent": (AgentConfig, "agent"), "planner": (PlannerConfig, "planner")}
+    for name, (cls, section) in configs.items():
+        cfg = load_config(cls, section, config_file=DEPLOY / "config" / f"{section}.toml", env={})
+        targets = jobs[f"edgesplit-{name}"]
+        assert targets and all(t.rsplit(":", 1)[1] == str(cfg.metrics_port) for t in targets), (name, targets)
+        assert not cfg.metrics_host.startswith("127.") and cfg.metrics_host != "localhost", (name, cfg.metrics_host)
