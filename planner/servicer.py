@@ -9,6 +9,7 @@ through the re-planner without changing any plan.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import logging
@@ -56,14 +57,15 @@ class PlannerServicer(pb_grpc.PlannerServicer):
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: grpc.aio.ServicerContext) -> pb.RegisterWorkerReply:
         req = requests.check_worker_request(request, self.state.config)
         self.owners.claim("worker", req.worker_id, current_identity(), lease_of(context))  # before any heavy work
-        parsed = requests.parse_worker_profiles(req.worker_id, list(request.profiles_json))
+        # parsing and checking profiles (up to max_message_bytes of JSON) runs off the event loop
+        parsed = await asyncio.to_thread(requests.parse_worker_profiles, req.worker_id, list(request.profiles_json))
         old = self.state.register_worker(req, parsed, list(request.profiles_json))
         self.replanner.worker_registered(parsed, old)
         return pb.RegisterWorkerReply(profiles=len(parsed))
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
         self.owners.claim("agent", requests.check_id(request.agent_id, "agent_id"), current_identity(), lease_of(context))
-        req = requests.check_agent_request(request)
+        req = await asyncio.to_thread(requests.check_agent_request, request)  # parses the profile: off the loop
         rec = self.state.agent_record(req, request)
         return pb.RegisterAgentReply(plan=await self.replanner.register(rec, req.device))
 

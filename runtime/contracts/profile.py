@@ -26,6 +26,12 @@ FORMAT = "edgesplit-profile"
 VERSION = 1
 ROLES = TIERS  # a profile is measured on one tier
 MAX_PROFILE_BYTES = 64 * 2**20  # a 600-block profile with a dozen transfers each is ~1 MB
+# Checked while parsing, before the schema or anything else looks at a document (a profile may come
+# from the network: the planner parses agents' and workers' profiles).
+MAX_BLOCKS = 4096  # blocks in one profile (the bundled models have at most ~250 split points)
+MAX_DEPTH = 8  # nesting of objects/arrays (a profile needs 5: root, blocks, block, transfers, transfer)
+MAX_INT = 2**53  # largest integer magnitude accepted (bytes, indices): exact in a float, far above any tensor
+MAX_NUMBER = 1e9  # largest magnitude of a real number (seconds, fidelity, settings); NaN and Infinity refused
 
 
 @dataclass(frozen=True)
@@ -152,14 +158,60 @@ def from_dict(d: Any, where: str = "profile") -> Profile:
                    settings=dict(d.get("settings", {})))
 
 
-def loads(text: str | bytes, where: str = "profile") -> Profile:
+def _int(text: str) -> int:
+    if len(text.lstrip("-")) > 16 or abs(int(text)) > MAX_INT:
+        raise ValueError(f"integer {text[:24]}{'...' if len(text) > 24 else ''} is outside +-2^53")
+    return int(text)
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or abs(value) > MAX_NUMBER:
+        raise ValueError(f"number {text[:24]} is outside +-{MAX_NUMBER:g}")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number a profile may hold (NaN and Infinity are refused)")
+
+
+def _depth(d: Any) -> int:
+    """Nesting depth of a decoded document, without recursion."""
+    deepest, stack = 0, [(d, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, (dict, list)):
+            deepest = max(deepest, level)
+            if level > MAX_DEPTH:
+                break
+            stack.extend((v, level + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return deepest
+
+
+def parse_strict(text: str | bytes, where: str = "profile") -> Any:
+    """Decode a profile document under the limits above (size, integer range, finite numbers, depth,
+    block count); InvalidInput naming the limit otherwise. Nothing else looks at the text first."""
     if len(text) > MAX_PROFILE_BYTES:
         raise InvalidInput(f"{where}: {len(text)} bytes is above the {MAX_PROFILE_BYTES}-byte profile limit")
     try:
-        d = json.loads(text)
+        d = json.loads(text, parse_int=_int, parse_float=_float, parse_constant=_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"{where}: not valid JSON: {e}") from None
-    return from_dict(d, where)
+    except ValueError as e:
+        raise InvalidInput(f"{where}: {e}") from None
+    except RecursionError:
+        raise InvalidInput(f"{where}: nested deeper than {MAX_DEPTH} levels") from None
+    if _depth(d) > MAX_DEPTH:
+        raise InvalidInput(f"{where}: nested deeper than {MAX_DEPTH} levels (a profile needs 5)")
+    blocks = d.get("blocks") if isinstance(d, dict) else None
+    if isinstance(blocks, list) and len(blocks) > MAX_BLOCKS:
+        raise InvalidInput(f"{where}: {len(blocks)} blocks is above the limit of {MAX_BLOCKS}; profile the model "
+                           "itself ('edgesplit profile'), one block per split point")
+    return d
+
+
+def loads(text: str | bytes, where: str = "profile") -> Profile:
+    return from_dict(parse_strict(text, where), where)
 
 
 def load(path: str | Path) -> Profile:
