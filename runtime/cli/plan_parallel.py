@@ -15,6 +15,8 @@ from runtime.contracts import profile as profiles
 from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import InvalidInput
 
+STRATEGIES = ("dpfp", "layer_by_layer", "fused_all", "single_worker")
+
 
 def _link(text: str) -> Link:
     parts = text.split(",")
@@ -41,6 +43,8 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker addresses written into the plan, in --profile order (default: the profiles' machine names)")
     g.add_argument("--parallel-codec", default="raw", help="codec of crops and tiles on the wire (raw is exact)")
     g.add_argument("--parallel-out", metavar="FILE.json", help="write DPFP's stage as plan JSON for 'edgesplit agent --parallel-plan'")
+    g.add_argument("--parallel-strategy", default="dpfp", choices=STRATEGIES,
+                   help="which strategy's stage --parallel-out writes (the baselines too, to measure them)")
 
 
 def cmd_plan_parallel(args: argparse.Namespace) -> int:
@@ -65,7 +69,13 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
     else:
         print("\n".join(report(prop)))
     if args.parallel_out:
+        stage = prop.stage
+        if args.parallel_strategy != "dpfp":
+            from planner.parallel_plan import stage_from_plan
+
+            stage = stage_from_plan(prop.plans[args.parallel_strategy], prop.problem, prop.split_names, stage.workers,
+                                    stage.codec, stage.model)
         with open(args.parallel_out, "w") as f:
-            json.dump(prop.stage.to_json(), f, indent=1)
-        print(f"DPFP stage written to {args.parallel_out}", file=sys.stderr)
+            json.dump(stage.to_json(), f, indent=1)
+        print(f"{args.parallel_strategy} stage written to {args.parallel_out}", file=sys.stderr)
     return 0

@@ -1,0 +1,226 @@
+"""Benchmark of parallel stages (RFS/DPFP): DPFP against one worker, MoDNN-like and FTP-like.
+
+    python -m runtime.tools.dpfp_bench --workers 1,2,4 --share 0.4 --delay-ms 2 --rate-mbps 200 \\
+        --out runtime/tools/results/dpfp_vgg16
+
+1. Profiles the model once inside a CPU quota of ``--share`` of one core (cgroup v1, 10 ms period,
+   one torch thread): every emulated worker gets that quota, so the workers are equal and that
+   profile is each one's (``edgesplit profile``).
+2. Starts max(``--workers``) worker processes, each in its own quota, and one user-space relay per
+   worker (``runtime.tools.netem``: ``--delay-ms`` one way, ``--rate-mbps`` per direction; each
+   worker has its own link, while the cost model charges one shared link: the prediction is
+   pessimistic wherever several workers receive at once).
+3. For each worker count K and strategy, asks ``edgesplit plan --parallel`` (the planner, as a
+   subprocess: the runtime never imports it) for the stage and its predicted latency, runs it with
+   the coordinator (``runtime.agent.parallel``) on a bundled photo and times the stage (the model
+   from the input to the last tileable split; the classifier after it is not part of the stage).
+4. Writes ``OUT.json`` and ``OUT.md``. Cgroups, processes, relays and temp files are removed at
+   the end, also on failure or Ctrl-C. Without cgroup v1 (or root) it exits 2 saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+STRATEGIES = ("single_worker", "dpfp", "layer_by_layer", "fused_all")
+MiB = 2**20
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.tools.dpfp_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="vgg16", help="bundled model")
+    p.add_argument("--workers", default="1,2,4", help="worker counts to measure")
+    p.add_argument("--share", type=float, default=0.4, help="CPU quota of each worker, in cores")
+    p.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay of each worker's link")
+    p.add_argument("--rate-mbps", type=float, default=200.0, help="rate of each worker's link, each direction")
+    p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
+    p.add_argument("--max-predicted-seconds", type=float, default=20.0,
+                   help="configurations predicted slower than this per frame are not run (reported as skipped)")
+    p.add_argument("--profile-runs", type=int, default=3, help="timed runs of the profile")
+    p.add_argument("--out", default="runtime/tools/results/dpfp_vgg16", help="OUT.json and OUT.md are written")
+    return p
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "runtime.cli.main", *args]
+
+
+def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
+    proc = subprocess.Popen(_cli("profile", "--model", model, "--role", "edge", "--machine", "worker", "--runs", str(runs),
+                                 "--warmup", "1", "--codec", "raw", "--inputs", "1", "--threads", "1", "--no-progress",
+                                 "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    quotas.new(share).add(proc.pid)
+    _, err = proc.communicate(timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"profile failed: {err.decode()[-2000:]}")
+
+
+def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path) -> dict:
+    cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
+           "--parallel-strategy", strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
+    for _ in range(k):
+        cmd += ["--profile", str(profile_path)]
+    res = subprocess.run(_cli(*cmd), capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"edgesplit plan failed: {res.stderr[-2000:]}")
+    return {"table": res.stdout, "stage": json.loads(out.read_text())}
+
+
+async def measure(loaded, stage, image, frames: int, reference):
+    from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
+    from runtime.wire.transport import TransportOptions
+
+    coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
+        tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB)))
+    times, tiles, err = [], [], 0.0
+    try:
+        for i in range(frames + 1):
+            t0 = time.perf_counter()
+            y, reports = await coord.run_stage(image)
+            if i:  # the first frame warms up
+                times.append(time.perf_counter() - t0)
+                tiles.extend(reports)
+        err = float((y - reference).abs().max() / reference.abs().max())
+    finally:
+        await coord.close()
+    return times, tiles, err
+
+
+def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> dict:
+    stage = planned["stage"]
+    row = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"],
+           "blocks": [[b["start"], b["end"]] for b in stage["blocks"]],
+           "workers_used": max(sum(1 for s in b["shares"] if s > 0) for b in stage["blocks"]), "skipped": skipped}
+    if measured is not None:
+        times, tiles, err = measured
+        row.update(measured_seconds=statistics.median(times), measured_min=min(times), measured_max=max(times),
+                   frames=len(times), max_rel_error=err, tile_failures=sum(len(t.failures) for t in tiles),
+                   local_tiles=sum(1 for t in tiles if t.ran_on == "local"))
+    return row
+
+
+async def run(args, tmp: Path, quotas) -> dict:
+    import torch
+
+    from runtime.models.loader import load_model
+    from runtime.parallel.plan import ParallelStage
+    from runtime.tools.netem import DelayProxy, LinkShape
+    from runtime.worker.process import spawn_worker
+
+    counts = sorted({int(x) for x in args.workers.split(",")})
+    prof = tmp / "worker.json"
+    t0 = time.perf_counter()
+    profile(quotas, args.share, args.model, args.profile_runs, prof)
+    print(f"profiled {args.model} at {args.share:g} core in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    loaded = load_model(args.model)
+    workers, relays = [], []
+    try:
+        for i in range(max(counts)):
+            w = spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--max-queue", "64",
+                              "--preload", args.model], timeout=300, log=tmp / f"worker{i}.log")
+            workers.append(w)
+            quotas.new(args.share).add(w.proc.pid)
+            relays.append(await DelayProxy(w.address, LinkShape.from_ms_mbps(args.delay_ms, args.rate_mbps)).start())
+        from runtime.agent.sources import open_source
+
+        image = next(iter(open_source(loaded.spec, "samples", 1))).tensor
+        rows = []
+        for k in counts:
+            names = [r.address for r in relays[:k]]
+            for strategy in STRATEGIES:
+                planned = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json")
+                stage = ParallelStage.from_json(planned["stage"])
+                last = stage.blocks[-1].end
+                with torch.inference_mode():
+                    reference = loaded.head(last)(image)
+                if planned["stage"]["predicted_seconds"] > args.max_predicted_seconds:
+                    rows.append(_row(k, strategy, planned, None, f"predicted above {args.max_predicted_seconds:g} s"))
+                    continue
+                rows.append(_row(k, strategy, planned, await measure(loaded, stage, image, args.frames, reference)))
+                r = rows[-1]
+                print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured "
+                      f"{r['measured_seconds']:.3f} s", file=sys.stderr)
+        return {"rows": rows, "range": [stage.blocks[0].start, last]}
+    finally:
+        for r in relays:
+            await r.close()
+        for w in workers:
+            w.stop(timeout=10)
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def markdown(res: dict) -> str:
+    a = res["args"]
+    single = {r["workers"]: r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
+    base = single.get(1) or next(iter(single.values()), None)
+    base_pred = next(r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker")
+    out = [f"# DPFP benchmark: {a['model']} {res['range'][0]}..{res['range'][1]}", "",
+           f"Command: `{res['command']}`", "",
+           f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, kernel {res['machine']['kernel']}, "
+           f"Python {res['machine']['python']}, torch {res['machine']['torch']}.", "",
+           f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
+           f"per 10,000 us), one torch thread; the coordinator (stitching, encoding, the relays) runs outside the "
+           f"quotas. Link: one user-space relay per worker, {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
+           "each direction (the cost model charges one shared link). Times: the stage alone, median of "
+           f"{a['frames']} frames after one warm-up; reduction and speedup against the single worker measured "
+           "with K=1 (predicted: against the predicted single worker).", "",
+           "| K | strategy | predicted s | measured s | reduction (meas.) | speedup (meas.) | reduction (pred.) "
+           "| max rel. error | fused blocks |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        m = r.get("measured_seconds")
+        red = f"{100 * (1 - m / base):.1f}%" if m and base else "-"
+        spd = f"{base / m:.2f}x" if m and base else "-"
+        out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
+                   f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | {red} | {spd} | "
+                   f"{100 * (1 - r['predicted_seconds'] / base_pred):.1f}% | {_fmt(r.get('max_rel_error'), '.1e')} | "
+                   f"{len(r['blocks'])} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from runtime.tools.cpuquota import QuotaSet, unavailable
+
+    why = unavailable()
+    if why:
+        print(f"dpfp_bench: cannot emulate the workers' CPU quotas: {why}; not run", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    with tempfile.TemporaryDirectory(prefix="edgesplit-dpfp-") as d, QuotaSet(f"edgesplit-dpfp-{os.getpid()}") as q:
+        res = asyncio.run(run(args, Path(d), q))
+    res.update(args=vars(args), machine=machine(),
+               command="python -m runtime.tools.dpfp_bench " + " ".join(argv if argv is not None else sys.argv[1:]))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

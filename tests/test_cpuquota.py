@@ -1,0 +1,57 @@
+"""runtime.tools.cpuquota: groups are created with the quota asked for and always removed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from runtime.tools import cpuquota
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_quota_set_limits_and_removes_its_groups():
+    why = cpuquota.unavailable()
+    if why:
+        pytest.skip(f"CPU quotas unavailable: {why}")
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with cpuquota.QuotaSet(f"edgesplit-test-{os.getpid()}") as qs:
+            q = qs.new(0.25)
+            q.add(child.pid)
+            assert (q.path / "cpu.cfs_quota_us").read_text().strip() == "2500"
+            assert (q.path / "cpu.cfs_period_us").read_text().strip() == "10000"
+            assert str(child.pid) in (q.path / "cgroup.procs").read_text().split()
+            path = q.path
+        assert not path.exists()  # removed although the process still runs (moved back to the root group)
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait(10)
+
+
+def test_quota_set_removes_groups_on_error():
+    if cpuquota.unavailable():
+        pytest.skip(f"CPU quotas unavailable: {cpuquota.unavailable()}")
+    paths = []
+    with pytest.raises(RuntimeError), cpuquota.QuotaSet(f"edgesplit-test-err-{os.getpid()}") as qs:
+        paths.append(qs.new(0.5).path)
+        raise RuntimeError("boom")
+    assert paths and not paths[0].exists()
+
+
+def test_bad_share_and_missing_hierarchy(tmp_path):
+    assert "no cgroup v1" in cpuquota.unavailable(tmp_path)
+    with pytest.raises(ValueError, match=r"0\.01\.\.64"):
+        cpuquota.CpuQuota("x", 0.0, tmp_path)
+
+
+def test_bench_says_why_it_cannot_run(monkeypatch, capsys):
+    from runtime.tools import dpfp_bench
+
+    monkeypatch.setattr(cpuquota, "unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
+    assert dpfp_bench.main(["--workers", "1"]) == 2
+    assert "no cgroup v1 cpu hierarchy (test); not run" in capsys.readouterr().err
