@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from runtime.daemon.metrics_http import ERROR_CODES
+
 # A decision on a small profile takes tens of microseconds; a 600-block one, tens of milliseconds.
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 # Telemetry delay (planner clock - agent's sent_unix) and age: sub-second to minutes.
@@ -49,4 +51,6 @@ class PlannerMetrics:
             self.plan_changes.labels(reason)
         for outcome in COMPUTE_OUTCOMES:
             self.compute_samples.labels(outcome)
+        for code in ERROR_CODES:
+            self.errors.labels(code)
         self.device_slowdown_max.set(1.0)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from runtime.daemon.metrics_http import STAGE_BUCKETS
+from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
 
 STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine", "total")  # label values of stage_seconds
+WHERE = ("edge", "local")  # label values of frames
+# label values of fallbacks (runtime.agent.client._reason_label): deadline, refused and unavailable are
+# failures of the edge; local_plan (the plan runs every layer here) and no_worker are planned local runs
+FALLBACK_REASONS = ("deadline", "refused", "unavailable", "local_plan", "no_worker")
 
 
 class AgentMetrics:
@@ -35,3 +39,12 @@ class AgentMetrics:
         self.plan_switches = Counter("edgesplit_agent_plan_switches", "Plans applied (switched to)", registry=r)
         self.plan_refusals = Counter("edgesplit_agent_plan_refusals", "Plans refused, by status code of the reason",
                                      ["code"], registry=r)
+        # every known series exists from the start (at 0), so rate() alerts can fire on the first event
+        for where in WHERE:
+            self.frames.labels(where)
+        for reason in FALLBACK_REASONS:
+            self.fallbacks.labels(reason)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)
+        for code in ERROR_CODES:
+            self.plan_refusals.labels(code)

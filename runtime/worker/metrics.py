@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from runtime.daemon.metrics_http import STAGE_BUCKETS
+from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
 
 
 class WorkerMetrics:
@@ -37,3 +37,5 @@ class WorkerMetrics:
                                        ["next_tier"], registry=r)
         self.probe_bytes = Counter("edgesplit_worker_probe_bytes", "Bandwidth probe payload bytes received from agents",
                                    registry=r)
+        for code in ERROR_CODES:  # every series exists from the start, so rate() alerts can fire on the first error
+            self.errors.labels(code)
