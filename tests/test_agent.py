@@ -99,13 +99,14 @@ def test_missed_deadline_runs_locally_and_late_results_are_dropped(loaded, frame
         await agent.start()
         try:
             results = await _run_all(agent, frames[:4])
-            await ws.service.wait_idle(30)  # the worker finishes the abandoned frames; their results arrive late
+            await ws.service.wait_idle(30)  # the worker finishes (or drops) the abandoned frames; late results are dropped
             assert not agent.stream._pending  # nothing left waiting, nothing resolved twice
             reg = agent.metrics.registry
             assert reg.get_sample_value("edgesplit_agent_fallbacks_total", {"reason": "deadline"}) == 4
             assert reg.get_sample_value("edgesplit_agent_frames_total", {"where": "local"}) == 4
             assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "head"}) == 4
-            assert reg.get_sample_value("edgesplit_agent_sent_bytes_total") == 4 * loaded.split(SPLIT).fp32_bytes
+            # the deadline covers the send too: a frame whose deadline passed before it was written is never sent
+            assert reg.get_sample_value("edgesplit_agent_sent_bytes_total") <= 4 * loaded.split(SPLIT).fp32_bytes
         finally:
             await agent.close()
             await ws.drain_and_stop(1)

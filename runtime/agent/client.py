@@ -432,17 +432,17 @@ class Agent:
         """Send one frame and wait (bounded) for its result; returns "" or why it must run locally."""
         seq = header.seq
         req = pb.InferRequest(header=header, tensor=msg)
-        result.wire_bytes = len(msg.buffer)
-        result.worker = stream.address
+        result.wire_bytes, result.worker = len(msg.buffer), stream.address
         ahead = self._inflight_bytes.get(stream.address, 0) + result.wire_bytes  # bytes before ours, ours included
         self._inflight_bytes[stream.address] = ahead
         t_send = time.perf_counter()
+        deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up
         try:
-            fut = await stream.send(req)
+            fut = await stream.send(req, deadline)  # DeadlineExceeded: not (fully) sent, the worker told to drop it
             self.metrics.sent_bytes.inc(result.wire_bytes)
             self.metrics.inflight.inc()
             try:
-                res = await asyncio.wait_for(fut, self.deadline_seconds)
+                res = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
             finally:
                 self.metrics.inflight.dec()
             if res.code != 0:
@@ -458,8 +458,9 @@ class Agent:
                               "queue": hop.times.queue_seconds, "decode": hop.times.decode_seconds,
                               "tail": hop.times.tail_seconds}
                     result.times.update({f"next{i}_{k}": v for k, v in stages.items()})
-        except asyncio.TimeoutError:
-            stream.abandon(seq)
+        except (asyncio.TimeoutError, DeadlineExceeded) as e:
+            if not isinstance(e, DeadlineExceeded):  # sent whole: the worker is told not to compute it
+                stream.abandon(seq)
             # censored: the link did not carry `ahead` bytes in this time (runtime.agent.estimator)
             self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
             return f"deadline: no edge result within {self.deadline_seconds:g}s"

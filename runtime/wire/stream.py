@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from runtime.contracts.errors import Unavailable, from_rpc_error
+from runtime.contracts.errors import DeadlineExceeded, Unavailable, from_rpc_error
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
@@ -65,6 +65,7 @@ class EdgeStream:
         self._pending: dict[int, asyncio.Future] = {}
         self._open_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
+        self._cancels: set[asyncio.Task] = set()  # FrameCancel writes in flight (abandon)
         self.closed = False  # after close(): never reopened; frames still holding it run locally
         self.users = 0  # frames that captured a plan using this stream and have not finished
         self._idle = asyncio.Event()
@@ -148,18 +149,41 @@ class EdgeStream:
         if channel is not None:
             asyncio.get_running_loop().create_task(channel.close(grace=None))
 
-    async def send(self, request: pb.InferRequest) -> asyncio.Future:
-        """Send one frame; returns a future for its result. Raises Unavailable."""
+    async def send(self, request: pb.InferRequest, deadline: float | None = None) -> asyncio.Future:
+        """Send one frame; returns a future for its result. Raises Unavailable.
+
+        ``deadline`` (``time.monotonic()`` seconds): past it, the frame is not started, or its
+        remaining chunks are not sent and the worker is told to drop it (``FrameCancel``), so an
+        abandoned frame stops taking the link from the frames behind it; raises DeadlineExceeded.
+        """
         await self._ensure_open()
         call: grpc.aio.StreamStreamCall = self._call  # open: _ensure_open returned
         request.header.stream_epoch = self.epoch
         seq = request.header.seq
         fut = asyncio.get_running_loop().create_future()
         self._pending[seq] = fut
+        written = 0
         try:
-            async with self._write_lock:
+            if deadline is not None:
+                await asyncio.wait_for(self._write_lock.acquire(), max(0.0, deadline - time.monotonic()))
+            else:
+                await self._write_lock.acquire()
+            try:
                 for msg in frame_messages(request, self.transport.chunk_bytes):
+                    if deadline is not None and time.monotonic() > deadline:
+                        if written:
+                            await call.write(pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
+                        raise DeadlineExceeded(f"frame {seq}: deadline passed after {written} of its messages")
                     await call.write(msg)
+                    written += 1
+            finally:
+                self._write_lock.release()
+        except asyncio.TimeoutError:
+            self._pending.pop(seq, None)
+            raise DeadlineExceeded(f"frame {seq}: deadline passed while frames ahead of it were sent") from None
+        except DeadlineExceeded:
+            self._pending.pop(seq, None)
+            raise
         except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as e:
             self._pending.pop(seq, None)
             self._broken(call, f"write failed: {type(e).__name__}")
@@ -185,10 +209,28 @@ class EdgeStream:
         return await time_health_check(channel, timeout)
 
     def abandon(self, seq: int) -> None:
+        """Give up on frame ``seq`` (sent whole, no result by its deadline): its result will be dropped,
+        and the worker is told not to compute it if it has not started."""
         self._pending.pop(seq, None)
+        call = self._call
+        if call is not None:
+            task = asyncio.get_running_loop().create_task(self._cancel(call, seq))
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, call: grpc.aio.StreamStreamCall, seq: int) -> None:
+        try:
+            async with self._write_lock:
+                stale = self._call is not call  # reopened meanwhile: the old stream's frames are gone
+                if not stale:
+                    await call.write(pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
+        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
+            pass  # the stream is going away: nothing will be computed for it anyway
 
     async def close(self) -> None:
         self.closed = True
+        for task in list(self._cancels):
+            task.cancel()
         call = self._call
         if call is not None:
             with contextlib.suppress(Exception):

@@ -163,6 +163,13 @@ class FrameAssembler:
             return frame
         raise InvalidInput("empty StreamRequest: set either 'frame' or 'chunk'")
 
+    def cancel(self, seq: int) -> bool:
+        """The sender gave up on frame ``seq``: drop it if its chunks are still arriving. True if dropped."""
+        if self._frame is None or self._frame.header.seq != seq:
+            return False
+        self._reset()
+        return True
+
     def _reset(self) -> None:
         self._frame = None
         self._parts = []

@@ -34,6 +34,7 @@ from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output
 from runtime.wire.transport import FrameAssembler
 from runtime.worker import probe
+from runtime.worker.cancel import CancelledFrames
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
 from runtime.worker.metrics import WorkerMetrics
@@ -183,6 +184,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="tail")
         self.tails = TailCache(config, self.executor, metrics)
         self.next = NextTiers(config, metrics)  # worker chaining: where middle slices are forwarded
+        self.cancelled = CancelledFrames(metrics)  # frames their sender gave up on (StreamRequest.cancel)
         self._admitted = 0
         self._waiting = 0  # admitted frames not yet started; changed from the loop and tail threads
         self._count_lock = threading.Lock()
@@ -319,6 +321,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         with self._count_lock:
             self._waiting -= 1
             self.metrics.queue_depth.set(self._waiting)
+        self.cancelled.check(req.header)  # DeadlineExceeded: its sender gave up on it while it waited
         self.metrics.inflight.inc()
         try:
             x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes, model=tail.entropy)
@@ -394,9 +397,15 @@ class InferenceService(pb_grpc.InferenceServicer):
 
         async def reader() -> None:
             dropped_seq: int | None = None  # the last frame refused part-way; its late chunks are ignored
+            origin = ("", 0)  # agent id and stream epoch of this stream's frames (what a cancel refers to)
             try:
                 async for msg in request_iterator:
                     kind = msg.WhichOneof("kind")
+                    if kind == "cancel":  # the sender gave up on a frame (runtime.worker.cancel)
+                        self.cancelled.cancel(assembler, origin, msg.cancel.seq)
+                        continue
+                    if kind == "frame":
+                        origin = (msg.frame.header.agent_id, msg.frame.header.stream_epoch)
                     pending = assembler.pending_header
                     if kind == "chunk" and pending is None and msg.chunk.seq == dropped_seq:
                         continue  # rest of a frame that already got its error result
