@@ -205,7 +205,7 @@ class TelemetryAck(_message.Message):
     def __init__(self, received: _Optional[int] = ...) -> None: ...
 
 class Plan(_message.Message):
-    __slots__ = ("agent_id", "version", "model_id", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address", "predicted_seconds", "predicted_fps", "predicted_bytes", "breakdown_seconds", "reason", "created_unix", "end_split", "end_split_index", "next_hops", "parallel")
+    __slots__ = ("agent_id", "version", "model_id", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address", "predicted_seconds", "predicted_fps", "predicted_bytes", "breakdown_seconds", "reason", "created_unix", "end_split", "end_split_index", "next_hops", "parallel", "fallbacks", "band_worker_address")
     class BreakdownSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +232,8 @@ class Plan(_message.Message):
     END_SPLIT_INDEX_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_FIELD_NUMBER: _ClassVar[int]
+    FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    BAND_WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     version: int
     model_id: str
@@ -251,7 +253,19 @@ class Plan(_message.Message):
     end_split_index: int
     next_hops: _containers.RepeatedCompositeFieldContainer[PlanHop]
     parallel: _tiles_pb2.ParallelStage
-    def __init__(self, agent_id: _Optional[str] = ..., version: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., split_index: _Optional[int] = ..., codec: _Optional[str] = ..., tl_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., predicted_fps: _Optional[float] = ..., predicted_bytes: _Optional[int] = ..., breakdown_seconds: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., created_unix: _Optional[float] = ..., end_split: _Optional[str] = ..., end_split_index: _Optional[int] = ..., next_hops: _Optional[_Iterable[_Union[PlanHop, _Mapping]]] = ..., parallel: _Optional[_Union[_tiles_pb2.ParallelStage, _Mapping]] = ...) -> None: ...
+    fallbacks: _containers.RepeatedCompositeFieldContainer[BandPlan]
+    band_worker_address: str
+    def __init__(self, agent_id: _Optional[str] = ..., version: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., split_index: _Optional[int] = ..., codec: _Optional[str] = ..., tl_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., worker_address: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., predicted_fps: _Optional[float] = ..., predicted_bytes: _Optional[int] = ..., breakdown_seconds: _Optional[_Mapping[str, float]] = ..., reason: _Optional[str] = ..., created_unix: _Optional[float] = ..., end_split: _Optional[str] = ..., end_split_index: _Optional[int] = ..., next_hops: _Optional[_Iterable[_Union[PlanHop, _Mapping]]] = ..., parallel: _Optional[_Union[_tiles_pb2.ParallelStage, _Mapping]] = ..., fallbacks: _Optional[_Iterable[_Union[BandPlan, _Mapping]]] = ..., band_worker_address: _Optional[str] = ...) -> None: ...
+
+class BandPlan(_message.Message):
+    __slots__ = ("min_bandwidth_bytes_per_second", "max_bandwidth_bytes_per_second", "plan")
+    MIN_BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MAX_BANDWIDTH_BYTES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    min_bandwidth_bytes_per_second: float
+    max_bandwidth_bytes_per_second: float
+    plan: Plan
+    def __init__(self, min_bandwidth_bytes_per_second: _Optional[float] = ..., max_bandwidth_bytes_per_second: _Optional[float] = ..., plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
 
 class PlanHop(_message.Message):
     __slots__ = ("worker_id", "address", "end_split", "end_split_index", "codec", "tl_id")
