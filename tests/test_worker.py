@@ -115,7 +115,8 @@ def expected(loaded, image):
 
 @pytest.fixture(scope="module")
 def worker(aio):
-    w = aio.run(Worker.start(metrics_port=0, max_concurrency=2, max_tensor_bytes=MAIN_CAP))
+    # max_batch 64: over_max_tensor_bytes sends a batch-64 shape to reach the byte cap
+    w = aio.run(Worker.start(metrics_port=0, max_concurrency=2, max_tensor_bytes=MAIN_CAP, max_batch=64))
     yield w
     aio.run(w.stop())
 

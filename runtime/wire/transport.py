@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from runtime.contracts.errors import InvalidInput, TooLarge
+from runtime.contracts.errors import DeadlineExceeded, InvalidInput, TooLarge
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.wire.budget import ByteBudget
 from runtime.wire.security import SecurityOptions, aio_channel, sync_channel
 
 MiB = 2**20
@@ -86,8 +87,10 @@ def frame_messages(request: pb.InferRequest, chunk_bytes: int) -> list[pb.Stream
 class FrameAssembler:
     """Rebuilds whole frames from stream messages, checking order and sizes as they arrive."""
 
-    def __init__(self, max_payload_bytes: int):
-        self.max_payload_bytes = max_payload_bytes
+    def __init__(self, max_payload_bytes: int, budget: ByteBudget | None = None):
+        self.max_payload_bytes = max_payload_bytes  # the cap per frame, so per stream (one frame open at a time)
+        self.budget = budget  # the worker's total for incomplete frames, shared by its streams (runtime.wire.budget)
+        self._evicted_seq: int | None = None  # a frame the budget dropped for age: its late chunks are refused
         self._frame: pb.InferRequest | None = None
         self._parts: list[bytes] = []
         self._size = 0
@@ -109,6 +112,10 @@ class FrameAssembler:
         ready for the next frame.
         """
         kind = msg.WhichOneof("kind")
+        if self._frame is not None and self.budget is not None and self.budget.age(self) > self.budget.timeout:
+            seq, self._evicted_seq = self._frame.header.seq, self._frame.header.seq
+            self._reset()
+            raise DeadlineExceeded(f"frame {seq}: incomplete for more than {self.budget.timeout:g}s; dropped")
         if kind == "frame":
             if self._frame is not None:
                 text = f"frame {self._frame.header.seq} ended after {self._next} chunks; a new frame began before its last chunk"
@@ -130,6 +137,8 @@ class FrameAssembler:
                 return frame
             if len(frame.tensor.buffer) > declared:
                 raise InvalidInput(f"frame {frame.header.seq}: first chunk is larger than payload_size {declared}")
+            if self.budget is not None:
+                self.budget.charge(self, len(frame.tensor.buffer))  # Overloaded when the worker's total is reached
             self._frame = frame
             self._parts = [frame.tensor.buffer]
             self._size = len(frame.tensor.buffer)
@@ -138,6 +147,8 @@ class FrameAssembler:
         if kind == "chunk":
             chunk = msg.chunk
             if self._frame is None:
+                if chunk.seq == self._evicted_seq:
+                    raise DeadlineExceeded(f"frame {chunk.seq} was dropped: it stayed incomplete too long")
                 raise InvalidInput(f"chunk {chunk.index} of frame {chunk.seq} arrived with no frame open")
             frame = self._frame
             if chunk.seq != frame.header.seq or chunk.index != self._next:
@@ -148,6 +159,12 @@ class FrameAssembler:
             if self._size > frame.tensor.payload_size:
                 self._reset()
                 raise InvalidInput(f"frame {frame.header.seq}: chunks exceed the declared payload_size {frame.tensor.payload_size}")
+            if self.budget is not None:
+                try:
+                    self.budget.charge(self, len(chunk.data))
+                except Exception:
+                    self._reset()
+                    raise
             self._parts.append(chunk.data)
             self._next += 1
             if self._next < frame.tensor.chunks:
@@ -170,7 +187,19 @@ class FrameAssembler:
         self._reset()
         return True
 
+    def evict(self) -> None:
+        """The budget dropped this stream's partial frame (too old, room needed)."""
+        if self._frame is not None:
+            self._evicted_seq = self._frame.header.seq
+        self._reset()
+
+    def close(self) -> None:
+        """The stream ended: release what a partial frame held."""
+        self._reset()
+
     def _reset(self) -> None:
+        if self.budget is not None:
+            self.budget.release(self)
         self._frame = None
         self._parts = []
         self._size = 0

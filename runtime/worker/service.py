@@ -30,6 +30,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.wire.asyncutil import wait_set
+from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output
 from runtime.wire.transport import FrameAssembler
@@ -42,7 +43,6 @@ from runtime.worker.metrics import WorkerMetrics
 logger = logging.getLogger(__name__)
 
 MAX_ID_LEN = 256
-MAX_BATCH = 64
 
 
 @dataclass
@@ -67,6 +67,7 @@ class TailCache:
     def __init__(self, config: WorkerConfig, executor: ThreadPoolExecutor, metrics: WorkerMetrics):
         self._executor = executor
         self._metrics = metrics
+        self._config = config
         self._bundled = set(list_models())
         # user models are addressed by their id ("stem:factory"); only those configured may load
         self._user: dict[str, str] = {get_spec(s).name: s for s in config.models}
@@ -137,6 +138,9 @@ class TailCache:
             )
         lock = self._locks.setdefault(model_id, asyncio.Lock())
         async with lock:
+            if model_id not in self._models and len(self._models) >= self._config.max_loaded_models:
+                raise Overloaded(f"this worker holds {len(self._models)} models ({', '.join(sorted(self._models))}), "
+                                 f"its --max-loaded-models; send {model_id!r} to another worker or run it locally")
             if model_id not in self._models:
                 loop = asyncio.get_running_loop()
                 try:
@@ -165,12 +169,12 @@ def _check_header(h: pb.FrameHeader) -> None:
                 raise InvalidInput(f"header.next_hops[{i}].{name} is longer than {MAX_ID_LEN} characters")
 
 
-def _check_shape(tail: Tail, shape: list[int], dtype: str) -> None:
+def _check_shape(tail: Tail, shape: list[int], dtype: str, max_batch: int) -> None:
     want = tail.input_shape
-    if len(shape) != len(want) or list(shape[1:]) != list(want[1:]) or not 1 <= (shape[0] if shape else 0) <= MAX_BATCH:
+    if len(shape) != len(want) or list(shape[1:]) != list(want[1:]) or not 1 <= (shape[0] if shape else 0) <= max_batch:
         raise InvalidInput(
             f"tensor shape {list(shape)} does not fit split {tail.split.name!r} of {tail.model.name}: "
-            f"expected [N, {', '.join(map(str, want[1:]))}] with 1 <= N <= {MAX_BATCH}"
+            f"expected [N, {', '.join(map(str, want[1:]))}] with 1 <= N <= {max_batch} (--max-batch)"
         )
     want_dtype = str(tail.split.dtype).replace("torch.", "")
     if dtype != want_dtype:
@@ -192,6 +196,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._idle.set()
         self.draining = False
         self._stream_queues: set[asyncio.Queue] = set()  # each open InferStream's result queue (see end_streams)
+        # bytes in incomplete chunked frames, all streams together (runtime.wire.budget)
+        self.reassembly = ByteBudget(config.max_reassembly_bytes, config.reassembly_timeout_seconds)
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -262,7 +268,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             tail = await self.resolve(req.header)
             route = self.next.route(req.header, tail.end) if tail.end is not None else None
-            _check_shape(tail, list(req.tensor.shape), req.tensor.dtype)
+            _check_shape(tail, list(req.tensor.shape), req.tensor.dtype, self.config.max_batch)
             if req.tensor.codec == tensor_pb2.CODEC_ANS and tail.entropy is None:
                 raise PreconditionFailed(
                     "the frame is entropy-coded (codec ans), which needs the transform Transfer Layer that coded "
@@ -381,7 +387,7 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def InferStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """One result per frame, in completion order; a bad frame gets an error result, not a dead stream."""
-        assembler = FrameAssembler(self.config.max_tensor_bytes)
+        assembler = FrameAssembler(self.config.max_tensor_bytes, self.reassembly)
         out: asyncio.Queue[pb.InferResult | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         self.metrics.streams.inc()
@@ -452,4 +458,5 @@ class InferenceService(pb_grpc.InferenceServicer):
         finally:
             self._stream_queues.discard(out)
             read_task.cancel()
+            assembler.close()  # a partial frame's bytes go back to the worker's budget
             self.metrics.streams.dec()

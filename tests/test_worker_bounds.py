@@ -1,0 +1,129 @@
+"""Worker resource bounds (issue 10 part 5): bytes in incomplete chunked frames (per stream and in
+total, with a timeout), the batch dimension, the models held; asserted on the worker's own accounting."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from runtime.contracts.errors import DeadlineExceeded, Overloaded
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.budget import ByteBudget
+from runtime.wire.transport import FrameAssembler
+
+pytestmark = pytest.mark.timeout(120)
+RPC = 30.0
+
+
+def first_piece(seq: int, declared: int, piece: int = 1000, chunks: int = 100) -> pb.StreamRequest:
+    return pb.StreamRequest(frame=pb.InferRequest(
+        header=pb.FrameHeader(agent_id="x", stream_epoch=1, seq=seq, model_id="digits_cnn", split_id="pool1"),
+        tensor=tensor_pb2.Tensor(buffer=bytes(piece), payload_size=declared, chunks=chunks)))
+
+
+def chunk(seq: int, index: int, n: int = 1000) -> pb.StreamRequest:
+    return pb.StreamRequest(chunk=pb.FrameChunk(seq=seq, index=index, data=bytes(n)))
+
+
+def test_the_total_over_streams_is_capped_and_released():
+    budget = ByteBudget(total_bytes=3000, timeout=60.0)
+    a, b = FrameAssembler(10**6, budget), FrameAssembler(10**6, budget)
+    a.feed(first_piece(1, 100_000))
+    a.feed(chunk(1, 1))
+    b.feed(first_piece(2, 100_000))
+    assert budget.held == 3000
+    with pytest.raises(Overloaded, match="--max-reassembly-bytes"):
+        b.feed(chunk(2, 1))
+    assert budget.held == 2000  # b's partial frame was dropped with the refusal
+    a.close()
+    assert budget.held == 0
+
+
+def test_a_stale_partial_frame_is_evicted_when_room_is_needed_and_learns_it():
+    now = [0.0]
+    budget = ByteBudget(total_bytes=2000, timeout=10.0, clock=lambda: now[0])
+    stale, fresh = FrameAssembler(10**6, budget), FrameAssembler(10**6, budget)
+    stale.feed(first_piece(1, 100_000))
+    stale.feed(chunk(1, 1))
+    now[0] = 11.0
+    fresh.feed(first_piece(2, 100_000))  # needs room: the stale frame is evicted
+    assert budget.evicted == 1 and budget.held == 1000
+    with pytest.raises(DeadlineExceeded, match="incomplete too long"):
+        stale.feed(chunk(1, 2))
+
+
+def test_an_old_partial_frame_is_dropped_on_its_next_message():
+    now = [0.0]
+    budget = ByteBudget(total_bytes=10**6, timeout=10.0, clock=lambda: now[0])
+    a = FrameAssembler(10**6, budget)
+    a.feed(first_piece(1, 100_000))
+    now[0] = 20.0
+    with pytest.raises(DeadlineExceeded, match="incomplete for more than 10s"):
+        a.feed(chunk(1, 1))
+    assert budget.held == 0
+
+
+@pytest.fixture(scope="module")
+def bounded_worker():
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    loop = asyncio.new_event_loop()
+    ws = loop.run_until_complete(serve(WorkerConfig(
+        listen="127.0.0.1:0", torch_threads=1, max_reassembly_bytes=3000, max_loaded_models=1, max_batch=2)))
+    yield loop, ws
+    loop.run_until_complete(ws.drain_and_stop(0.5))
+    loop.close()
+
+
+def test_a_worker_holds_at_most_its_reassembly_total_over_many_streams(bounded_worker):
+    loop, ws = bounded_worker
+
+    async def go():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            calls = [stub.InferStream(timeout=RPC) for _ in range(4)]
+            for i, call in enumerate(calls):  # 4 streams, each opens a 100 KB frame and sends 1 KB of it
+                await call.write(first_piece(i, 100_000))
+            results = []
+            for call in calls[3:]:  # the 4th no longer fits: its frame is answered at once
+                results.append(await asyncio.wait_for(call.read(), RPC))
+            held = ws.service.reassembly.held
+            for call in calls:
+                call.cancel()
+            return results, held
+
+    results, held = loop.run_until_complete(go())
+    assert held <= 3000
+    assert results[0].code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "reassembly" in results[0].message
+    deadline = loop.time() + 10
+    while ws.service.reassembly.held and loop.time() < deadline:  # the streams' ends release their bytes
+        loop.run_until_complete(asyncio.sleep(0.05))
+    assert ws.service.reassembly.held == 0
+
+
+def test_batch_and_model_caps(bounded_worker):
+    loop, ws = bounded_worker
+
+    async def go():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
+            stub = pb_grpc.InferenceStub(ch)
+            await stub.Prepare(pb.PrepareRequest(header=pb.FrameHeader(model_id="digits_cnn", split_id="pool1")),
+                               timeout=RPC)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Prepare(pb.PrepareRequest(header=pb.FrameHeader(model_id="resnet18", split_id="add_2")),
+                                   timeout=RPC)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-loaded-models" in info.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Infer(pb.InferRequest(
+                    header=pb.FrameHeader(agent_id="x", seq=1, model_id="digits_cnn", split_id="pool1"),
+                    tensor=tensor_pb2.Tensor(shape=[3, 16, 14, 14], dtype="float32")), timeout=RPC)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "--max-batch" in info.value.details()
+
+    loop.run_until_complete(go())
+    assert sorted(ws.service.tails._models) == ["digits_cnn"]
