@@ -3,11 +3,21 @@ anywhere, clear errors for bad addresses (subprocesses on loopback)."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import os
+import re
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, child_env, free_port
+from conftest import REPO, child_env, cli, free_port
+
+from runtime.cli.logs import JsonFormatter
+from runtime.contracts.errors import InvalidInput
+from runtime.daemon.listen import check_listen
+from runtime.daemon.server import Daemon, DaemonOptions
 
 
 def run_code(code: str, timeout: float = 50) -> subprocess.CompletedProcess:
@@ -27,3 +37,83 @@ def test_health_check_loads_no_torch():
     out = run_code(code)
     assert out.returncode == 0, out.stderr
     assert "UNAVAILABLE" in out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_version_and_log_flags_after_the_subcommand():
+    out = subprocess.run(cli("--version"), cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and re.fullmatch(r"edgesplit \d+\.\d+\.\d+\S*\n", out.stdout), out
+    # after the verb, and after a nested verb; JSON lines carry ts, level, logger, msg
+    out = subprocess.run(cli("models", "digits_cnn", "--log-level", "DEBUG", "--log-format", "json"), cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stderr.splitlines()]
+    assert lines and all({"ts", "level", "logger", "msg"} <= set(line) for line in lines), out.stderr
+    assert any(line["logger"] == "runtime.models.loader" and "digits_cnn" in line["msg"] for line in lines)
+    out = subprocess.run(cli("planner", "serve", "--log-level", "WARNING", "--help"), cwd=REPO, env=child_env(),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "--log-format" in out.stdout
+
+
+@pytest.mark.timeout(10)
+def test_json_formatter_keeps_frame_and_plan_ids_and_tracebacks():
+    formatter = JsonFormatter()
+    record = logging.LogRecord("runtime.agent.client", logging.WARNING, __file__, 1, "frame %d late", (7,), None)
+    record.frame, record.plan = 7, 3
+    line = json.loads(formatter.format(record))
+    assert line["msg"] == "frame 7 late" and line["frame"] == 7 and line["plan"] == 3 and line["level"] == "WARNING"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert "ValueError: boom" in json.loads(formatter.format(record))["exc"]
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("listen", "message"), [
+    (":50051", "has no host: give 0.0.0.0:50051"),
+    ("127.0.0.1", "needs a port"),
+    ("unix:/no/such/dir/agent.sock", "directory /no/such/dir does not exist"),
+])
+def test_bad_listen_addresses_are_one_clear_line(listen, message):
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        check_listen(listen)
+    check_listen("127.0.0.1:0")
+    check_listen("unix:" + str(REPO / "x.sock"))  # an existing directory
+
+
+@pytest.mark.timeout(60)
+def test_cli_reports_a_bad_listen_address_without_a_traceback(tmp_path):
+    out = subprocess.run(cli("planner", "serve", "--listen", ":50061", "--db", str(tmp_path / "p.sqlite")), cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=50)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "has no host: give 0.0.0.0:50061" in out.stderr
+
+
+@pytest.mark.timeout(30)
+def test_a_second_daemon_on_a_port_in_use_is_refused():
+    """No SO_REUSEPORT: gRPC would otherwise let two workers share a port and split connections."""
+
+    async def main():
+        first = Daemon(DaemonOptions(listen="127.0.0.1:0"))
+        port = first.bind(lambda server: None)
+        second = Daemon(DaemonOptions(listen=f"127.0.0.1:{port}"))
+        try:
+            with pytest.raises(OSError, match="another process listening"):
+                second.bind(lambda server: None)
+        finally:
+            await first.server.stop(None)
+            await second.server.stop(None)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_output_piped_into_head_ends_quietly():
+    """`edgesplit models | head -1` where head has already exited: the write meets a closed pipe."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    proc = subprocess.Popen(cli("models"), cwd=REPO, env=child_env(), stdout=write_end, stderr=subprocess.PIPE)
+    os.close(write_end)
+    err = proc.communicate(timeout=50)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in err and "Broken pipe" not in err, (proc.returncode, err)

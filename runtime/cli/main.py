@@ -23,9 +23,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from importlib import metadata
 
+from runtime.cli.logs import add_log_flags, add_log_flags_to_subcommands, setup_logging
 from runtime.contracts.errors import EdgesplitError
 
 logger = logging.getLogger("edgesplit")
@@ -38,11 +41,20 @@ VERBS = ("models", "worker", "agent", "print_config", "health_check", "demo", "b
 
 def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesplit", description="Split DNN inference between IIoT boards and edge servers.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="log level (default: INFO)")
+    parser.add_argument("--version", action="version", version=f"edgesplit {_version()}")
+    add_log_flags(parser, root=True)
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in verbs:
         importlib.import_module(f"runtime.cli.{verb}").add_parser(sub)
+    add_log_flags_to_subcommands(parser)
     return parser
+
+
+def _version() -> str:
+    try:
+        return metadata.version("edgesplit")
+    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
@@ -50,7 +62,7 @@ def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
     imports no torch: a probe must answer in well under a second); all verbs otherwise (--help, typos)."""
     rest = list(argv)
     while rest and rest[0].startswith("-"):
-        rest = rest[2:] if rest[0] == "--log-level" else rest[1:]
+        rest = rest[2:] if rest[0] in ("--log-level", "--log-format") else rest[1:]
     verb = rest[0].replace("-", "_") if rest else ""
     if verb in VERBS:
         parser = build_parser((verb,))
@@ -67,9 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser_for(argv)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging(args.log_level, args.log_format)
     try:
         return args.func(args)
+    except BrokenPipeError:  # output piped into `head` that exited: not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again
+        return 141  # 128 + SIGPIPE, as a shell reports it
     except EdgesplitError as e:
         print(f"edgesplit: error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ from prometheus_client import CollectorRegistry, Gauge
 
 from runtime.daemon.auth import AuthInterceptor, AuthPolicy
 from runtime.daemon.interceptors import ErrorHook, ErrorStatusInterceptor
+from runtime.daemon.listen import NO_REUSEPORT, bind_failed, check_listen
 from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.wire.security import check_bind, server_credentials
 from runtime.wire.transport import TransportOptions
@@ -71,7 +72,7 @@ class Daemon:
         # authentication first: a refused call never reaches another interceptor or a handler
         self.auth = AuthInterceptor(options.transport.security, options.auth_policy, options.metrics)
         self.server = grpc.aio.server(
-            options=options.transport.server_options(),
+            options=[*options.transport.server_options(), NO_REUSEPORT],
             interceptors=[self.auth, *options.interceptors, ErrorStatusInterceptor(options.on_error)])
         self.insecure_bind = Gauge("edgesplit_insecure_bind", "1 when serving a network address without TLS "
                                    "(--insecure)", registry=options.metrics)
@@ -95,6 +96,7 @@ class Daemon:
         if self.options.reflection:
             reflection.enable_server_reflection((*self.options.services, HEALTH_SERVICE, reflection.SERVICE_NAME),
                                                 self.server)
+        check_listen(self.options.listen)
         security = self.options.transport.security
         self.insecure_bind.set(1 if check_bind(self.options.listen, security) else 0)
         credentials = server_credentials(security)
@@ -104,9 +106,9 @@ class Daemon:
             else:
                 self.port = self.server.add_secure_port(self.options.listen, credentials)
         except RuntimeError as e:  # grpc's "Failed to bind to address"
-            raise OSError(f"could not bind {self.options.listen}: {e}") from None
+            raise OSError(bind_failed(self.options.listen, str(e))) from None
         if self.port == 0:
-            raise OSError(f"could not bind {self.options.listen}")
+            raise OSError(bind_failed(self.options.listen, "gRPC bound no port"))
         return self.port
 
     async def start(self, add_servicers: Callable[[grpc.aio.Server], object] | None = None) -> None:

@@ -189,7 +189,7 @@ def profile_model(model: str | LoadedModel, role: str, machine: str | None = Non
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode(), tqdm(total=len(points) - 1, desc=f"profile {loaded.name}", unit="block",
-                                          disable=not progress) as bar:
+                                          disable=None if progress else True) as bar:  # None: only on a terminal
             xs = _inputs(loaded, inputs)
             input_transfers = [*_transfers(xs, codecs, runs, warmup), *_tl_transfers(arts, 0, xs, codecs, runs, warmup)]
             segs, outs = [], []

@@ -152,7 +152,8 @@ def _fit(tl, tail, params, pool, *, steps, batch_size, lr, seed, kl_weight, prog
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=steps, desc=f"TL {tl.kind} x{tl.ratio}", unit="step", leave=False)
+        # disable=None: no bar when stderr is no terminal (a log file, journald, a pipe)
+        bar = tqdm(total=steps, desc=f"TL {tl.kind} x{tl.ratio}", unit="step", leave=False, disable=None)
     try:
         for _ in range(steps):
             idx = torch.randint(n, (batch_size,), generator=gen)
