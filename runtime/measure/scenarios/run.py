@@ -135,7 +135,9 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     cal = board["calibration"]
     progress(f"{model}: quota {cal['quota_us']}/{cal['period_us']} us -> slowdown {cal['slowdown']:.1f}x "
              f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms)")
-    dev = load_profile(cfg["profile_out"])
+    measured = load_profile(cfg["profile_out"])
+    factor = cal["device_ms"] / 1e3 / sum(b.seconds for b in measured.blocks)
+    dev = costs.rescale(measured, factor)
     ref = [r["class_index"] for r in board["local"]]
     plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names)
              for s in spec.scenarios}
@@ -152,7 +154,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     jpeg_dec = _jpeg_decode_ms(loaded.spec, Path(cfg["jpeg_out"]), spec.frames)
     down = names and loaded.sliced.split_points[-1].fp32_bytes
     local_totals = [r["total_ms"] for r in board["local"]]
-    out = {"calibration": cal, "local_ms": local_totals, "scenarios": {}}
+    out = {"calibration": {**cal, "profile_rescaled_by": factor}, "local_ms": local_totals, "scenarios": {}}
     for s in spec.scenarios:
         sc, link = SCENARIOS[s], links[s]
         res = {"link": link, "local": costs.summarise(local_totals, local_totals, [0] * len(ref), ref, ref,
