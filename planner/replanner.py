@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from planner import decide
+from planner import decide, fallbacks
 from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.decide import Chain, DecisionCache, PlanKey, Ranked, plan_key
@@ -180,8 +180,10 @@ class RePlanner:
             return False
         return True
 
-    def _issue(self, st: AgentState, r: Ranked, reason: str, label: str) -> pb.Plan:
-        plan = self.state.issue_plan(decide.to_plan(st.record, st.device, r, reason))
+    async def _issue(self, st: AgentState, r: Ranked, reason: str, label: str) -> pb.Plan:
+        plan = decide.to_plan(st.record, st.device, r, reason)
+        await fallbacks.attach(self.state, self.rank, st, plan)  # the agent's own switches when its link leaves the band
+        plan = self.state.issue_plan(plan)
         st.plan = plan
         self.hysteresis.reset(st.record.id)
         st.cause = "telemetry"
@@ -210,14 +212,14 @@ class RePlanner:
                 return
             best = ranked[0]
             if st.plan is None:
-                self._issue(st, best, f"{cause}: first feasible configuration", cause)
+                await self._issue(st, best, f"{cause}: first feasible configuration", cause)
                 return
             if current is not None and decide.config_key(st.device, best) == plan_key(st.plan):
                 self.hysteresis.reset(aid)
                 return
-            self._switch(st, best, current, cause)
+            await self._switch(st, best, current, cause)
 
-    def _switch(self, st: AgentState, best: Ranked, current: Configuration | None, cause: str) -> None:
+    async def _switch(self, st: AgentState, best: Ranked, current: Configuration | None, cause: str) -> None:
         """Replace the running plan by ``best`` if the hysteresis says so."""
         assert st.plan is not None
         objective = decide.objective(st.record)
@@ -237,7 +239,7 @@ class RePlanner:
             reason = (f"{cause}: predicted {decide.score(best.config, objective) * 1e3:.2f} ms vs {cur * 1e3:.2f} ms "
                       f"for v{st.plan.version}, gain held {verdict.held_seconds:.1f} s{link}")
             label = cause
-        self._issue(st, best, reason, label)
+        await self._issue(st, best, reason, label)
 
     # -- what changes conditions ---------------------------------------------------------------
 
@@ -259,7 +261,7 @@ class RePlanner:
             best = ranked[0]
             if st.plan is not None and current is not None and decide.config_key(st.device, best) == plan_key(st.plan):
                 return st.plan
-            return self._issue(st, best, "registration" if old is None else "re-registration", "registration")
+            return await self._issue(st, best, "registration" if old is None else "re-registration", "registration")
 
     def worker_registered(self, models: dict[str, Profile], old: WorkerState | None) -> None:
         """A worker (re-)registered with ``models``: its agents are decided by the periodic pass, woken now."""

@@ -116,3 +116,37 @@ def test_an_old_figure_in_telemetry_is_not_fresh(aio, tmp_path):
             await p.stop()
 
     aio.run(scenario())
+
+
+def test_each_plan_carries_fallback_plans_by_bandwidth_band(aio, tmp_path):
+    """The table's bands hold, at every grid bandwidth, the hand-computed best cut at that bandwidth."""
+    from planner.fallbacks import GRID
+    from planner_helpers import expected_seconds
+
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite", **UNKNOWN)
+        try:
+            await p.register()
+            watch = p.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=10.0)
+            await next_plan(watch)
+            await p.telemetry(FAST)
+            plan = await next_plan(watch)
+            watch.cancel()
+            return plan
+        finally:
+            await p.stop()
+
+    plan = aio.run(scenario())
+    assert plan.split_id == "conv2" and plan.band_worker_address == "127.0.0.1:50051"
+    bands = list(plan.fallbacks)
+    assert bands[0].min_bandwidth_bytes_per_second == 0 and bands[-1].max_bandwidth_bytes_per_second == 0
+    for a, b in zip(bands, bands[1:], strict=False):
+        assert a.max_bandwidth_bytes_per_second == b.min_bandwidth_bytes_per_second  # contiguous
+    for factor in GRID:
+        bw = FAST * factor
+        band = next(b for b in bands if b.min_bandwidth_bytes_per_second <= bw
+                    and (not b.max_bandwidth_bytes_per_second or bw < b.max_bandwidth_bytes_per_second))
+        best = min(range(6), key=lambda a, bw=bw: expected_seconds(a, bw))  # cut after `a` blocks; 5 = local
+        assert band.plan.split_index == best, (factor, band.plan.split_id, best)
+        assert (band.plan.worker_id == "") is (best == 5)
+    assert bands[0].plan.split_id == "output"  # a collapsed link: local

@@ -19,6 +19,7 @@ import torch
 
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.metrics import STAGES, AgentMetrics
+from runtime.agent.metrics import reason_label as _reason_label
 from runtime.agent.telemetry import LinkEstimator
 from runtime.contracts.errors import (
     CODES_BY_NUMBER,
@@ -216,7 +217,7 @@ class Agent:
 
     async def apply_plan(self, split: str | int, codec: str | Codec, tl=None, version: int = 0,
                          worker_address: str | None = None, *, model_id: str = "", end_split: str = "",
-                         next_hops: Sequence[Hop | str] = ()) -> None:
+                         next_hops: Sequence[Hop | str] = (), fallback: bool = False) -> None:
         """Switch to a new plan at the next frame boundary, or refuse it and keep the current one.
 
         ``tl``: None/"" for none, a TL id (resolved in ``tl_dir``), a manifest path, or a LoadedTL.
@@ -225,6 +226,8 @@ class Agent:
         ``end_split`` / ``next_hops``: a chained plan (runtime.wire.chain) in which the worker runs only
         [split, end_split) and forwards the rest along ``next_hops`` (Hop or "ADDRESS[@END_SPLIT]");
         a plan names its whole route, so the defaults ("", ()) mean the worker runs the whole tail.
+        ``fallback``: an entry of the running plan's fallback table (runtime.agent.fallbacks), taken by
+        the agent itself, under the running plan's ``version`` (the planner confirms with a newer one).
 
         Checked before anything changes: the model (``model_id``, when given) is this agent's,
         ``version`` is newer than the current one, the split exists, the codec is known, the TL
@@ -242,7 +245,7 @@ class Agent:
             current = self.active
             try:
                 plan, fresh = await self._build_plan(current, split, codec, tl, int(version), worker_address, model_id,
-                                                     end_split, next_hops)
+                                                     end_split, next_hops, fallback)
             except EdgesplitError as e:
                 self.metrics.plan_refusals.labels(e.code.name).inc()
                 logger.warning("plan v%s refused (keeping v%d): %s", version, current.version, e)
@@ -260,11 +263,12 @@ class Agent:
                         plan.chain)
 
     async def _build_plan(self, current: ActivePlan, split, codec, tl, version: int, worker_address: str | None,
-                          model_id: str, end_split: str = "", next_hops: Sequence = ()) -> tuple[ActivePlan, bool]:
+                          model_id: str, end_split: str = "", next_hops: Sequence = (),
+                          fallback: bool = False) -> tuple[ActivePlan, bool]:
         """The new plan, fully built and accepted by its worker; and whether its stream is new."""
         if model_id and model_id != self.loaded.name:
             raise PreconditionFailed(f"the plan is for model {model_id!r}, but this agent runs {self.loaded.name!r}")
-        if version <= current.version:
+        if version < current.version or (version == current.version and not fallback):
             raise PreconditionFailed(f"stale plan: version {version} is not newer than the current v{current.version}")
         sp = self.loaded.split(split)  # NotFound with the valid range
         art = await self._resolve_tl(current, tl, sp)
@@ -489,12 +493,3 @@ def _top1_margin(output: torch.Tensor) -> float:
         return 1.0
     top = torch.softmax(scores, 0).topk(2).values
     return float(top[0] - top[1])
-
-
-def _reason_label(reason: str) -> str:
-    """Bounded label values for the fallback counter."""
-    for prefix, label in (("deadline", "deadline"), ("worker refused", "refused"),
-                          ("worker unavailable", "unavailable"), ("plan runs", "local_plan")):
-        if reason.startswith(prefix):
-            return label
-    return "no_worker"

@@ -8,9 +8,18 @@ from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
 
 STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine", "total")  # label values of stage_seconds
 WHERE = ("edge", "local")  # label values of frames
-# label values of fallbacks (runtime.agent.client._reason_label): deadline, refused and unavailable are
+# label values of fallbacks (reason_label): deadline, refused and unavailable are
 # failures of the edge; local_plan (the plan runs every layer here) and no_worker are planned local runs
 FALLBACK_REASONS = ("deadline", "refused", "unavailable", "local_plan", "no_worker")
+
+
+def reason_label(reason: str) -> str:
+    """Bounded label values for the fallback counter (moved here from runtime.agent.client, next to its values)."""
+    for prefix, label in (("deadline", "deadline"), ("worker refused", "refused"),
+                          ("worker unavailable", "unavailable"), ("plan runs", "local_plan")):
+        if reason.startswith(prefix):
+            return label
+    return "no_worker"
 
 
 class AgentMetrics:
@@ -33,6 +42,9 @@ class AgentMetrics:
                                     "Smoothed bandwidth to the worker, from real frame transfers (0: unknown)", registry=r)
         self.link_rtt = Gauge("edgesplit_agent_link_rtt_seconds",
                               "Base round trip: the smallest of the recent probes on the stream's channel (0: unknown)", registry=r)
+        self.band_switches = Counter("edgesplit_agent_band_switches", "Plans the agent took by itself from its plan's "
+                                     "fallback table (runtime.agent.fallbacks), by direction (down: a slower band)",
+                                     ["direction"], registry=r)
         self.probe_bytes = Counter("edgesplit_agent_probe_bytes", "Bandwidth probe payload bytes sent (runtime.agent.prober)",
                                    registry=r)
         self.plan_version = Gauge("edgesplit_agent_plan_version", "Version of the plan the agent runs now", registry=r)

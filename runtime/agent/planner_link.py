@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.agent.estimator import LinkEstimate
+from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prober import ProbeOptions, Prober
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Unavailable
 from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
@@ -140,6 +141,8 @@ class PlannerLink:
         self._last_sent = -math.inf  # monotonic time of the last telemetry message
         self._task: asyncio.Task | None = None
         self.prober = Prober(agent, options.probe)
+        self.switcher = FallbackSwitcher(agent)  # the plan's fallback table (runtime.agent.fallbacks)
+        agent.link.listeners.append(self.switcher.on_estimate)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -153,6 +156,9 @@ class PlannerLink:
         task, self._task = self._task, None
         await cancel_and_wait(task)
         await self.prober.close()
+        if self.switcher.on_estimate in self.agent.link.listeners:
+            self.agent.link.listeners.remove(self.switcher.on_estimate)
+        await self.switcher.close()
 
     # -- sessions ----------------------------------------------------------------------------
 
@@ -243,6 +249,7 @@ class PlannerLink:
                                         next_hops=_route(plan))
             self._worker_id = plan.worker_id
             self._remember(plan.worker_address, plan.worker_id)
+            self.switcher.set_plan(plan)
             self.plans_applied += 1
         except EdgesplitError as e:
             applied, message = False, str(e)

@@ -67,6 +67,8 @@ class LinkEstimator:
         self.clock = clock
         self.links = LinkTable(options or EstimatorOptions(alpha=alpha, rtt_window=rtt_window))
         self.current = ""  # the link (worker address) the agent's plan uses now; "" = none named
+        # called with (link, bandwidth estimate) after every bandwidth figure (runtime.agent.fallbacks)
+        self.listeners: list[Callable[[str, float], None]] = []
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
         if metrics is not None:
@@ -112,13 +114,21 @@ class LinkEstimator:
         """A frame with no result after ``elapsed`` s, ``sent_bytes`` being its own bytes plus those the
         agent had in flight ahead of it on that link: an upper bound of the bandwidth (see
         runtime.agent.estimator). True when it moved the estimate."""
-        taken = self.estimate(key).add_censored(sent_bytes, elapsed, self.clock())
+        est = self.estimate(key)
+        taken = est.add_censored(sent_bytes, elapsed, self.clock())
         self._publish()
+        if taken:
+            self._notify(key, est.bandwidth.value)
         return taken
 
     def add_bandwidth_sample(self, bytes_per_second: float, key: str | None = None) -> None:
-        self.estimate(key).add_bandwidth(bytes_per_second, self.clock())
+        value = self.estimate(key).add_bandwidth(bytes_per_second, self.clock())
         self._publish()
+        self._notify(self.current if key is None else key, value)
+
+    def _notify(self, key: str, value: float) -> None:
+        for listener in list(self.listeners):
+            listener(key, value)
 
     def add_rtt_sample(self, seconds: float, key: str | None = None, *, queued: bool = False) -> None:
         """One probe; ``queued``: frames were in flight on the link, so it may lower the base RTT but

@@ -1,0 +1,92 @@
+"""The agent's own plan switches when its link leaves the running plan's bandwidth band (issue 11).
+
+The planner sends with each plan a table of fallback plans keyed by bandwidth band on one link
+(``Plan.fallbacks``, ``Plan.band_worker_address``; planner/fallbacks.py). The agent does not wait
+for the planner when that link collapses or comes back: on every new bandwidth figure of that link
+(a frame, a censored frame past its deadline, a probe; runtime.agent.estimator declares a step
+after 2 samples) it looks the figure up, and when it is outside the band of the configuration it
+runs, by more than ``margin`` (default 1.25, the estimator's +-25 % drift), it applies the entry
+whose band holds it, under the running plan's version (``Agent.apply_plan(fallback=True)``). The
+planner confirms or refines with a newer plan once its telemetry shows the new bandwidth; a
+newer plan always wins (a fallback is never applied over it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from runtime.contracts.errors import EdgesplitError
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+
+logger = logging.getLogger(__name__)
+
+MARGIN = 1.25  # how far past a band's edge a figure must be before the agent leaves it
+
+
+def _config(split: str, worker: str, codec: str) -> tuple[str, str, str]:
+    return split, worker, codec if worker else ""
+
+
+class FallbackSwitcher:
+    """Holds the running plan's table and switches ``agent`` when its link leaves the band."""
+
+    def __init__(self, agent: Any, margin: float = MARGIN):
+        if margin < 1:
+            raise ValueError(f"margin must be >= 1, got {margin}")
+        self.agent = agent
+        self.margin = margin
+        self.plan: ppb.Plan | None = None  # the planner's plan the table came with
+        self._task: asyncio.Task | None = None
+
+    def set_plan(self, plan: ppb.Plan) -> None:
+        """The planner's plan now in effect (its table replaces the previous one)."""
+        self.plan = plan
+
+    def _band(self, est: float) -> ppb.BandPlan | None:
+        assert self.plan is not None
+        return next((b for b in self.plan.fallbacks if b.min_bandwidth_bytes_per_second <= est
+                     and (not b.max_bandwidth_bytes_per_second or est < b.max_bandwidth_bytes_per_second)), None)
+
+    def _running(self) -> ppb.BandPlan | None:
+        assert self.plan is not None
+        a = self.agent.active
+        running = _config(a.split.name, a.worker, a.codec.name)
+        return next((b for b in self.plan.fallbacks
+                     if _config(b.plan.split_id, b.plan.worker_address, b.plan.codec) == running), None)
+
+    def on_estimate(self, key: str, bytes_per_second: float) -> None:
+        """A new bandwidth figure of link ``key`` (called by the LinkEstimator, on the event loop)."""
+        plan = self.plan
+        if plan is None or not plan.fallbacks or key != plan.band_worker_address or bytes_per_second <= 0:
+            return
+        if self.agent.plan_version != plan.version or (self._task is not None and not self._task.done()):
+            return  # a newer plan, or a switch under way
+        running, target = self._running(), self._band(bytes_per_second)
+        if target is None or (running is not None and target is running):
+            return
+        if running is not None:
+            lo, hi = running.min_bandwidth_bytes_per_second, running.max_bandwidth_bytes_per_second
+            if lo / self.margin <= bytes_per_second and (not hi or bytes_per_second <= hi * self.margin):
+                return  # near the edge: stay (jitter across a boundary does not flap)
+        down = running is not None and bytes_per_second < running.min_bandwidth_bytes_per_second
+        self._task = asyncio.get_running_loop().create_task(self._switch(plan, target, bytes_per_second, down))
+
+    async def _switch(self, plan: ppb.Plan, target: ppb.BandPlan, bw: float, down: bool) -> None:
+        p = target.plan
+        try:
+            await self.agent.apply_plan(p.split_id or p.split_index, p.codec or self.agent.codec, p.tl_id or None,
+                                        plan.version, p.worker_address, model_id=plan.model_id, fallback=True)
+        except EdgesplitError as e:
+            logger.info("fallback for %.3g MB/s not taken: %s", bw / 1e6, e)
+            return
+        self.agent.metrics.band_switches.labels("down" if down else "up").inc()
+        logger.info("link to %s at %.3g MB/s left the band of plan v%d: switched by itself to %s@%s",
+                    plan.band_worker_address, bw / 1e6, plan.version, p.worker_id or "local", p.split_id)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

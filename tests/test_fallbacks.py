@@ -1,0 +1,99 @@
+"""The agent's own switches from its plan's fallback table (runtime.agent.fallbacks), on a fake agent."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from runtime.agent.fallbacks import FallbackSwitcher
+from runtime.agent.metrics import AgentMetrics
+from runtime.contracts.errors import PreconditionFailed
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+
+pytestmark = pytest.mark.timeout(30)
+
+W = "edge:50051"
+MB = 1e6
+
+
+class FakeAgent:
+    """What the switcher reads (active config, plan version, metrics) and calls (apply_plan)."""
+
+    def __init__(self, split: str, worker: str, version: int = 4):
+        self.metrics = AgentMetrics()
+        self.plan_version = version
+        self.codec = "raw"
+        self.calls: list[tuple] = []
+        self.refuse = False
+        self._set(split, worker)
+
+    def _set(self, split: str, worker: str) -> None:
+        self.active = SimpleNamespace(split=SimpleNamespace(name=split), worker=worker,
+                                      codec=SimpleNamespace(name="raw"))
+
+    async def apply_plan(self, split, codec, tl, version, worker_address, *, model_id="", fallback=False):
+        self.calls.append((split, worker_address, version, fallback))
+        if self.refuse:
+            raise PreconditionFailed("stale plan")
+        self._set(split, worker_address)
+
+
+def _plan() -> ppb.Plan:
+    """local below 1 MB/s, conv4 on W in [1, 8) MB/s, conv2 on W above."""
+    plan = ppb.Plan(version=4, model_id="m", split_id="conv2", worker_address=W, codec="raw", band_worker_address=W)
+    for lo, hi, split, worker in ((0, 1 * MB, "output", ""), (1 * MB, 8 * MB, "conv4", W), (8 * MB, 0, "conv2", W)):
+        plan.fallbacks.append(ppb.BandPlan(min_bandwidth_bytes_per_second=lo, max_bandwidth_bytes_per_second=hi,
+                                           plan=ppb.Plan(split_id=split, worker_address=worker,
+                                                         codec="raw" if worker else "")))
+    return plan
+
+
+async def _estimates(sw: FallbackSwitcher, *figures: tuple[str, float]) -> None:
+    for key, bw in figures:
+        sw.on_estimate(key, bw)
+        await asyncio.sleep(0)
+        if sw._task is not None:
+            await sw._task
+
+
+def test_a_collapse_and_a_recovery_switch_by_band():
+    agent = FakeAgent("conv2", W)
+    sw = FallbackSwitcher(agent)
+    sw.set_plan(_plan())
+
+    async def scenario():
+        await _estimates(sw, (W, 12 * MB), (W, 7 * MB))  # in band, then just past its edge (within the margin)
+        assert agent.calls == []
+        await _estimates(sw, (W, 0.1 * MB))  # collapsed
+        assert agent.calls == [("output", "", 4, True)]
+        await _estimates(sw, (W, 0.9 * MB), (W, 1.2 * MB))  # jitter around the local band's edge: stay
+        assert len(agent.calls) == 1
+        await _estimates(sw, (W, 20 * MB))  # back: straight to the fast band's plan
+        assert agent.calls[-1] == ("conv2", W, 4, True)
+
+    asyncio.run(scenario())
+    reg = agent.metrics.registry
+    assert reg.get_sample_value("edgesplit_agent_band_switches_total", {"direction": "down"}) == 1
+    assert reg.get_sample_value("edgesplit_agent_band_switches_total", {"direction": "up"}) == 1
+
+
+def test_other_links_newer_plans_and_refusals_take_no_switch():
+    agent = FakeAgent("conv2", W)
+    sw = FallbackSwitcher(agent)
+
+    async def scenario():
+        await _estimates(sw, (W, 0.1 * MB))  # no plan yet
+        sw.set_plan(_plan())
+        await _estimates(sw, ("other:1", 0.1 * MB))  # not the table's link
+        agent.plan_version = 5  # the planner's newer plan is in effect: its own table will come
+        await _estimates(sw, (W, 0.1 * MB))
+        assert agent.calls == []
+        agent.plan_version = 4
+        agent.refuse = True
+        await _estimates(sw, (W, 0.1 * MB))  # refused (e.g. a newer plan won the race): logged, nothing counted
+        assert len(agent.calls) == 1
+
+    asyncio.run(scenario())
+    assert agent.metrics.registry.get_sample_value("edgesplit_agent_band_switches_total", {"direction": "down"}) in (None, 0)
