@@ -50,7 +50,7 @@ def test_a_probe_measures_the_relay_rate_and_then_waits_for_its_budget():
         try:
             async with DelayProxy(target, LinkShape(0.005, RATE)) as relay:
                 agent = _agent()
-                prober = Prober(agent, ProbeOptions(first_bytes=32 * 1024))
+                prober = Prober(agent, ProbeOptions(min_bytes=32 * 1024, first_bytes=32 * 1024))
                 address = relay.address
                 assert prober.due(address, agent.link.clock())  # unknown: worth a probe
                 for _ in range(3):

@@ -13,7 +13,9 @@ agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
   at least ``min_interval_seconds``; an unknown or failing link is retried after
   ``unknown_interval_seconds`` (doubling on failure up to 8x).
 * **Sized to measure**: the payload takes about ``target_seconds`` on the estimated link, between
-  ``first_bytes`` (an unknown link) and ``max_bytes``: sample = bytes / (call time - base RTT).
+  ``min_bytes`` and ``max_bytes`` (``first_bytes`` on an unknown link; a slow link gets small
+  payloads and so, within the same budget, more frequent probes: a step up shows sooner):
+  sample = bytes / (call time - base RTT).
   When the call is too quick for that difference to mean anything (under a quarter of the
   call), bytes / call time is taken instead: a lower bound, and the next payload is larger.
   A probe with no answer within ``timeout_seconds`` is a censored sample (runtime.agent.estimator).
@@ -49,6 +51,8 @@ class ProbeOptions:
     budget_fraction: float = 0.05
     # payload of the first probe of a link with no bandwidth figure, in bytes
     first_bytes: int = 16 * 1024
+    # smallest payload on a link with a figure, in bytes
+    min_bytes: int = 4 * 1024
     # largest payload, in bytes (the worker answers up to 1 MiB)
     max_bytes: int = 256 * 1024
     # a payload is sized to take about this long on the estimated link
@@ -66,7 +70,8 @@ class ProbeOptions:
 
     def __post_init__(self) -> None:
         checks = ((0 <= self.budget_fraction <= 0.5, "budget_fraction must be in [0, 0.5]"),
-                  (1024 <= self.first_bytes <= self.max_bytes <= 2**20, "need 1 KiB <= first_bytes <= max_bytes <= 1 MiB"),
+                  (1024 <= self.min_bytes <= self.first_bytes <= self.max_bytes <= 2**20,
+                   "need 1 KiB <= min_bytes <= first_bytes <= max_bytes <= 1 MiB"),
                   (self.target_seconds > 0 and self.refresh_seconds > 0, "target_seconds and refresh_seconds must be > 0"),
                   (self.min_interval_seconds > 0 and self.unknown_interval_seconds > 0, "intervals must be > 0"),
                   (self.timeout_seconds > 0, "timeout_seconds must be > 0"),
@@ -111,7 +116,7 @@ class Prober:
         bw = est.bandwidth.value if est is not None else 0.0
         if bw <= 0:
             return o.first_bytes
-        return int(min(o.max_bytes, max(o.first_bytes, bw * o.target_seconds)))
+        return int(min(o.max_bytes, max(o.min_bytes, bw * o.target_seconds)))
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
