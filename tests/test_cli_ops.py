@@ -12,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, child_env, cli, free_port
+from conftest import REPO, child_env, cli, free_port, wait_for
 
 from runtime.cli.logs import JsonFormatter
 from runtime.contracts.errors import InvalidInput
@@ -117,3 +117,49 @@ def test_output_piped_into_head_ends_quietly():
     os.close(write_end)
     err = proc.communicate(timeout=50)[1].decode()
     assert proc.returncode == 141 and "Traceback" not in err and "Broken pipe" not in err, (proc.returncode, err)
+
+
+@pytest.mark.timeout(120)
+def test_submit_is_the_local_api_client(reaper, tmp_path):
+    from PIL import Image
+
+    sock = tmp_path / "agent.sock"
+    agent = reaper.spawn(cli("agent", "--model", "digits_cnn", "--worker", "", "--source", "none", "--serve",
+                             f"unix:{sock}", "--torch-threads", "1"), log=tmp_path / "agent.log")
+    wait_for(lambda: sock.exists(), 60, "the local API socket", agent)
+    Image.new("L", (28, 28), 0).save(tmp_path / "black.png")
+    (tmp_path / "not.png").write_bytes(b"no image here")
+    out = subprocess.run(cli("submit", f"unix:{sock}", str(tmp_path / "black.png"), "--json"), cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    row = json.loads(out.stdout)
+    assert row["where"] == "local" and 0 <= row["class_index"] < 10 and row["image"].endswith("black.png")
+    out = subprocess.run(cli("submit", f"unix:{sock}", str(tmp_path / "not.png")), cwd=REPO, env=child_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "INVALID_ARGUMENT" in out.stderr and "not.png" in out.stderr, out.stderr
+    assert "<" not in out.stderr and "Traceback" not in out.stderr  # a message, not an object's repr
+    agent.terminate()
+    assert agent.wait(timeout=30) == 0
+
+
+@pytest.mark.timeout(60)
+def test_every_option_has_one_help_and_at_most_one_default():
+    import argparse
+
+    from runtime.cli.main import build_parser
+
+    problems = []
+
+    def walk(parser: argparse.ArgumentParser, path: str) -> None:
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{path} {name}")
+            elif action.option_strings and action.dest not in ("help", "version"):
+                text = formatter._expand_help(action) if action.help else ""
+                if not text or text.count("(default") > 1:
+                    problems.append(f"{path} {action.option_strings[0]}: {text!r}")
+
+    walk(build_parser(), "edgesplit")
+    assert not problems, "\n".join(problems)

@@ -11,16 +11,26 @@ from typing import Any, get_type_hints
 from runtime.contracts.config import load_config
 from runtime.contracts.costmodel import OBJECTIVES
 
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless its help already says it in words (no second "(default: ...)")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        return text if "(default" in text else super()._get_help_string(action)
+
+
 # repeatable flags whose field names are plural
 FLAG_NAMES = {"models": "model", "tls": "tl", "next_tiers": "next_tier", "next_hops": "next_hop"}
 
 
 def components() -> dict[str, tuple[type, str]]:
-    """The runtime's daemons: name -> (settings dataclass, TOML section)."""
+    """The daemons: name -> (settings dataclass, TOML section); ``edgesplit print-config NAME`` shows each."""
+    from planner.config import PlannerConfig
     from runtime.agent.config import AgentConfig
     from runtime.worker.config import WorkerConfig
 
-    return {"worker": (WorkerConfig, "worker"), "agent": (AgentConfig, "agent")}
+    return {"worker": (WorkerConfig, "worker"), "agent": (AgentConfig, "agent"), "planner": (PlannerConfig, "planner")}
 
 
 def add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
@@ -31,7 +41,10 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
         flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         # argparse %-formats help strings: a literal % (as in "10 %") must be doubled
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")
+        help_text = f.metadata.get("help", "")
+        if "(default" not in help_text:  # a help that says its default in words keeps only those
+            help_text = f"{help_text} (default: {default!r})"
+        help_text = help_text.replace("%", "%%")
         typ = str(hints[f.name])
         if "tuple" in typ:
             p.add_argument(flag, dest=f.name, action="append", metavar="VALUE", help=help_text + "; repeatable")

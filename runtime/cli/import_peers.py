@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 from planner.peers import import_network, import_profiles, network_to_json
+from runtime.cli.common import DefaultsHelpFormatter
 
 
 def add_parser(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     p = sub.add_parser("import-peers", formatter_class=fmt,
                        help="convert Scission/ScissionTL benchmark data into edgesplit profile and network files")
     p.add_argument("file", help="e.g. planner/peers/scission_benchmarks.json")

@@ -35,7 +35,7 @@ logger = logging.getLogger("edgesplit")
 
 # The verbs' modules in runtime.cli, in the order 'edgesplit --help' lists them. A verb's module is
 # imported only when the parser is built; its heavy imports (torch, the models) wait for its command.
-VERBS = ("models", "worker", "agent", "print_config", "health_check", "demo", "bench", "bench_scenarios", "tl", "plan", "import_peers",
+VERBS = ("models", "worker", "agent", "submit", "print_config", "health_check", "demo", "bench", "bench_scenarios", "tl", "plan", "import_peers",
          "validate", "planner", "profile", "certs")
 
 

@@ -9,7 +9,7 @@ import time
 
 from planner.peers import import_network, import_profiles, load_network
 from planner.search import search
-from runtime.cli.common import add_constraint_arguments
+from runtime.cli.common import DefaultsHelpFormatter, add_constraint_arguments
 from runtime.contracts import profile as profiles
 from runtime.contracts.costmodel import Configuration, Constraints, Link, Network, Tier, pin_layers
 from runtime.contracts.errors import InvalidInput
@@ -130,7 +130,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub) -> None:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelpFormatter
     p = sub.add_parser("plan", formatter_class=fmt,
                        help="rank split configurations from profile files and a network description (no daemon)")
     p.add_argument("--profile", action="append", metavar="FILE", help="a profile (its role says its tier); repeat")

@@ -1,4 +1,5 @@
-"""``edgesplit print-config worker|agent [flags]``: the effective configuration, as TOML."""
+"""``edgesplit print-config worker|agent|planner [flags]``: the effective configuration, as TOML
+(``edgesplit planner print-config`` is the same as ``edgesplit print-config planner``)."""
 
 from __future__ import annotations
 

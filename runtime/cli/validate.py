@@ -20,6 +20,7 @@ import sys
 from dataclasses import replace
 
 from planner.search import search
+from runtime.cli.common import DefaultsHelpFormatter
 from runtime.contracts.costmodel import Constraints, Link, Network, Tier
 from runtime.contracts.profile import Profile
 from runtime.contracts.tiers import DEVICE, EDGE
@@ -95,12 +96,12 @@ def run(model: str, codec: str, frames: int, warmup: int, runs: int) -> list[str
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("plan-check", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    p = sub.add_parser("plan-check", formatter_class=DefaultsHelpFormatter,
                        help="predicted vs measured end-to-end latency for every split (worker on loopback)")
     p.add_argument("--model", action="append", help="model(s) to check (default: efficientnet_lite0, resnet18)")
-    p.add_argument("--codec", default="int8+lz4")
+    p.add_argument("--codec", default="int8+lz4", help="wire codec every split is measured with")
     p.add_argument("--frames", type=int, default=20, help="timed frames per split")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="untimed frames per split before timing")
     p.add_argument("--runs", type=int, default=20, help="profiling runs per block")
     p.set_defaults(func=cmd_plan_check)
 

@@ -44,6 +44,9 @@ def load_image(data: bytes | Path):
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
         img.load()
+    except Image.UnidentifiedImageError as e:  # its message names an in-memory buffer object: no use to a caller
+        what = "the data" if isinstance(data, (bytes, bytearray)) else str(data)
+        raise InvalidInput(f"{what} is not an image Pillow can read; send a PNG or JPEG") from e
     except Exception as e:
         raise InvalidInput(f"could not decode the image ({type(e).__name__}: {e}); send a PNG or JPEG") from e
     return img.convert("RGB")
