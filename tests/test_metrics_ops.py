@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 
 from planner.metrics import PlannerMetrics
-from runtime.agent.client import _reason_label
-from runtime.agent.metrics import FALLBACK_REASONS, AgentMetrics
+from runtime.agent.metrics import FALLBACK_REASONS, AgentMetrics, reason_label
 from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.worker.metrics import WorkerMetrics
 
@@ -69,7 +68,7 @@ def test_known_label_combinations_exist_before_the_first_event(expositions):
 def test_fallback_reasons_cover_every_label_the_agent_uses():
     reasons = ["deadline exceeded", "worker refused: x", "worker unavailable: y", "plan runs every layer on the device",
                "no worker configured", "anything else"]
-    assert {_reason_label(r) for r in reasons} == set(FALLBACK_REASONS)
+    assert {reason_label(r) for r in reasons} == set(FALLBACK_REASONS)
 
 
 def promql_metric_names(expr: str) -> set[str]:
