@@ -70,7 +70,7 @@ class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file
     window: int = field(4, "frames in flight on the stream, so board compute overlaps transfer and edge compute")
     deadline_seconds: float = field(2.0, "a frame without an edge result after this long runs locally")
     refine_margin: float = field(0.0, "an edge result whose top-1 softmax margin (p1 - p2) is below this has its tail re-run on the board on the exact head output (0: never); catches the frames a lossy codec or TL flips")
-    reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream (doubles to 30 s)")
+    reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream (doubles to 2 s, jittered)")
     connect_timeout_seconds: float = field(2.0, "how long to wait for the worker when opening a stream")
     torch_threads: int = field(1, "torch intra-op threads for head and local fallback (0 = torch default)")
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")

@@ -98,6 +98,9 @@ class _Direction:
             if not data:
                 self.queue.put_nowait(None)
                 return
+            if self.proxy.blackhole:  # a silent partition: bytes vanish, no RST, no FIN
+                self.proxy.swallowed_bytes += len(data)
+                continue
             shape = self.proxy.shape
             start = max(loop.time(), self.link_free)
             self.link_free = start + (len(data) / shape.rate_bytes_per_second if shape.rate_bytes_per_second else 0.0)
@@ -138,6 +141,8 @@ class DelayProxy:
         self.connect_timeout = connect_timeout
         self.relayed_bytes = {"up": 0, "down": 0}  # delivered to the target / back to clients
         self.connections = 0  # accepted so far
+        self.blackhole = False  # True: swallow every byte from now on, both ways (a silent partition)
+        self.swallowed_bytes = 0  # bytes dropped while blackholed
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._directions: set[_Direction] = set()

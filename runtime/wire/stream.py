@@ -23,7 +23,8 @@ from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
 
-MAX_BACKOFF_SECONDS = 30.0
+MAX_BACKOFF_SECONDS = 2.0  # the agent runs frames locally meanwhile: retry soon, jittered
+BACKOFF_JITTER = 0.5  # each delay drawn from [delay / 2, delay], so agents that lost one worker spread out
 
 
 class StreamMetrics(Protocol):
@@ -57,7 +58,8 @@ class EdgeStream:
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
         self.epoch = 0
-        self._backoff = Backoff(reconnect, max(reconnect, MAX_BACKOFF_SECONDS))  # doubles to 30 s, reset when open
+        self._backoff = Backoff(reconnect, max(reconnect, MAX_BACKOFF_SECONDS),  # doubles to 2 s, reset when open
+                                jitter=BACKOFF_JITTER)
         self._retry_at = 0.0
         self._channel: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None

@@ -27,8 +27,10 @@ class TransportOptions:
     # payload bytes per stream message (< max_message_bytes). 256 KiB measured best on loopback:
     # an 800 KB payload round-trips in ~1.1 ms as 256 KiB chunks against ~5 ms as one message.
     chunk_bytes: int = 256 * 1024
-    keepalive_time_ms: int = 20_000  # ping an idle connection this often
-    keepalive_timeout_ms: int = 10_000  # drop the connection when a ping is not answered in time
+    # keep-alive: a silent partition (bytes swallowed, no RST) is detected within time + timeout = 2 s,
+    # so frames stop waiting on a dead stream and the agent runs them locally
+    keepalive_time_ms: int = 1_000  # ping the connection this often (also while idle)
+    keepalive_timeout_ms: int = 1_000  # drop the connection when a ping is not answered in time
     security: SecurityOptions = field(default_factory=SecurityOptions)  # TLS / mTLS / tokens (runtime.wire.security)
 
     def aio_channel(self, address: str) -> grpc.aio.Channel:
@@ -47,6 +49,8 @@ class TransportOptions:
             ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # gRPC >= 1.5x times an unanswered ping out by this (default 1 min), not by keepalive_timeout_ms
+            ("grpc.http2.ping_timeout_ms", self.keepalive_timeout_ms),
         ]
 
     def server_options(self) -> list[tuple[str, int]]:
@@ -55,7 +59,10 @@ class TransportOptions:
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", self.keepalive_time_ms),
             ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            # accept the clients' keep-alive pings (same TransportOptions on both ends) without strikes
+            ("grpc.http2.min_ping_interval_without_data_ms", min(5_000, self.keepalive_time_ms // 2)),
+            ("grpc.http2.max_ping_strikes", 0),
+            ("grpc.http2.ping_timeout_ms", self.keepalive_timeout_ms),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
 

@@ -42,7 +42,7 @@ class WorkerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, i
     forward_codec: str = field("raw+lz4", "codec of tensors forwarded to a next tier when the frame's hop names none")
     forward_deadline_seconds: float = field(2.0, "a forwarded frame with no next-tier result after this long is answered DEADLINE_EXCEEDED")
     forward_connect_timeout_seconds: float = field(1.0, "how long to wait for a next tier when opening the stream to it")
-    forward_reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream to a next tier (doubles to 30 s)")
+    forward_reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream to a next tier (doubles to 2 s, jittered)")
 
     def __post_init__(self) -> None:
         get_codec(self.forward_codec)  # InvalidInput with the valid names ("ans" needs a TL: not for forwarding)
