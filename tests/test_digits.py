@@ -96,7 +96,7 @@ def artifact(model, tmp_path_factory):
 def test_tl_eval_reports_accuracy_and_writes_it_back(model, test_set, artifact, capsys):
     tl, tl_id, path = artifact
     before = json.loads(path.read_text())
-    assert main(["tl", "eval", "--tl", str(path), "--data", "digits", "--images", "200", "--json"]) == 0
+    assert main(["tl", "eval", "--tl", str(path), "--data", "digits", "--images", "200", "--json", "--record"]) == 0
     report = json.loads(capsys.readouterr().out)
     a = report["accuracy"]
     x, y = test_set[0][:200], test_set[1][:200]
@@ -127,9 +127,9 @@ def test_tl_eval_reports_accuracy_and_writes_it_back(model, test_set, artifact, 
 
     assert _fidelity(art.manifest) == pytest.approx(report["fidelity"]["top1_agreement"])
 
-    # --no-record leaves the file alone; the text report shows the accuracy lines
+    # without --record (the default) the file is left alone; the text report shows the accuracy lines
     text = path.read_text()
-    assert main(["tl", "eval", "--tl", str(path), "--data", "digits", "--images", "20", "--no-record"]) == 0
+    assert main(["tl", "eval", "--tl", str(path), "--data", "digits", "--images", "20"]) == 0
     out = capsys.readouterr().out
     assert "top-1 accuracy, split + TL + int8+lz4" in out and "unsplit" in out
     assert path.read_text() == text

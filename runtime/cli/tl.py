@@ -70,7 +70,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = {"tl_id": art.tl_id, "model": art.model.name, "split": art.split.name, "kind": art.tl.kind,
               "ratio": art.tl.ratio, "input_shape": list(art.split.out_shape),
               "encoded_shape": list(art.encoded_shape), **report, "recorded": None}
-    if not args.no_record:
+    if args.record:
         fidelity = {**report["fidelity"], "holdout": report["holdout"], "measured_by": "edgesplit tl eval",
                     "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if "accuracy" in report:
@@ -268,8 +268,9 @@ def _add_eval(tsub) -> None:
     e.add_argument("--refine-margin", type=float, default=0.0,
                    help="also report the agreement an agent with --refine-margin M delivers (ambiguous edge results "
                    "re-run on the board) and the share of frames that costs (default: 0, off)")
-    e.add_argument("--no-record", action="store_true",
-                   help="do not write the figures back into the manifest's fidelity and bytes_per_frame")
+    e.add_argument("--record", action=argparse.BooleanOptionalAction, default=False,
+                   help="write the figures back into the manifest's fidelity and bytes_per_frame (default: off, "
+                   "so an eval on fewer or other images never replaces the figures an artifact ships with)")
     e.add_argument("--threads", type=int, default=0, help="torch threads for fidelity (timings always use 1)")
     e.add_argument("--json", action="store_true", help="machine-readable output")
     e.set_defaults(func=cmd_eval)
