@@ -76,3 +76,18 @@ def test_drain_ends_open_streams_with_ok_and_logs_no_error(caplog):
     assert results == [] and code == grpc.StatusCode.OK, code
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+@pytest.mark.timeout(90)
+def test_spawned_worker_leaves_no_temp_directory(monkeypatch, tmp_path):
+    import tempfile
+
+    from runtime.worker.process import spawn_worker
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    wp = spawn_worker(["--torch-threads", "1"], timeout=60)
+    try:
+        assert wp.port > 0
+    finally:
+        assert wp.stop() == 0
+    assert not list(tmp_path.glob("edgesplit-*"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,20 +58,27 @@ class WorkerProcess:
 
 def spawn_worker(flags: Sequence[str] = (), timeout: float = 60.0, log: Path | None = None) -> WorkerProcess:
     """``edgesplit worker --listen 127.0.0.1:0 FLAGS`` as a child; returns once it is SERVING."""
-    port_file = Path(tempfile.mkdtemp(prefix="edgesplit-")) / "port"
-    out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child's stdout for its lifetime)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runtime.cli.main", "worker", "--listen", "127.0.0.1:0", "--port-file", str(port_file), *flags],
-        stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=os.environ.copy(),
-    )
-    deadline = time.monotonic() + timeout
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if proc.poll() is not None:
-            raise Unavailable(f"worker exited with code {proc.returncode} before serving" + (f"; see {log}" if log else ""))
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise Unavailable(f"worker did not start within {timeout:g}s")
-        time.sleep(0.05)
-    wp = WorkerProcess(proc, int(port_file.read_text()))
+    tmp = Path(tempfile.mkdtemp(prefix="edgesplit-"))  # removed once the port is read, whatever happens
+    port_file = tmp / "port"
+    try:
+        out = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 (the child's stdout for its lifetime)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runtime.cli.main", "worker", "--listen", "127.0.0.1:0", "--port-file", str(port_file),
+             *flags],
+            stdout=out, stderr=subprocess.STDOUT if log else subprocess.DEVNULL, env=os.environ.copy(),
+        )
+        deadline = time.monotonic() + timeout
+        # the worker writes "PORT\n" in one go: wait for the newline so a partial read never counts
+        while not (port_file.exists() and port_file.read_text().endswith("\n")):
+            if proc.poll() is not None:
+                raise Unavailable(f"worker exited with code {proc.returncode} before serving" + (f"; see {log}" if log else ""))
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise Unavailable(f"worker did not start within {timeout:g}s")
+            time.sleep(0.05)
+        wp = WorkerProcess(proc, int(port_file.read_text()))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     wait_serving(wp.address, max(1.0, deadline - time.monotonic()))
     return wp
