@@ -112,6 +112,27 @@ def test_worker_killed_mid_frame_loses_nothing(start_worker, loaded, image, refe
     assert all(r.ran_on != victim_addr for r in reports2)
 
 
+def test_worker_that_stops_answering_misses_its_deadline(start_worker, loaded, image, reference):
+    (frozen, fport), (_, sport) = (start_worker("--torch-threads", "1") for _ in range(2))
+    frozen_addr, survivor = f"127.0.0.1:{fport}", f"127.0.0.1:{sport}"
+    frozen.send_signal(signal.SIGSTOP)  # alive but silent: its tiles time out
+    try:
+        async def go():
+            coord = ParallelCoordinator(loaded, _stage([frozen_addr, survivor]), CoordinatorOptions(tile_deadline_seconds=2))
+            try:
+                return await coord.run_frame(image)
+            finally:
+                await coord.close()
+
+        y, reports = _run(go())
+    finally:
+        frozen.send_signal(signal.SIGCONT)
+    assert _close(y, reference)
+    first = next(r for r in reports if r.planned == frozen_addr)
+    assert first.failures == [f"{frozen_addr}: DEADLINE_EXCEEDED"] and first.ran_on in (survivor, LOCAL)
+    assert all(r.ran_on != frozen_addr for r in reports)
+
+
 def test_all_workers_gone_runs_locally(loaded, image, reference):
     with socket.socket() as s:  # a loopback port nobody listens on
         s.bind(("127.0.0.1", 0))
