@@ -109,7 +109,8 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
             if config.source not in ("", "none"):
                 results = await _stream_source(agent, config, sink, fmt or _json_line)
             if config.summary and results:
-                print(summarize(results, agent.split, agent.codec.name, loaded.name), file=sys.stderr, flush=True)
+                print(summarize(results, agent.split, agent.codec.name, loaded.name, split_of=loaded.split), file=sys.stderr,
+                      flush=True)
         if stop is not None:
             await stop.wait()
     finally:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from runtime.agent.client import FrameResult
 from runtime.models.slicing import SplitPoint
@@ -37,20 +37,41 @@ def stage_stats(results: Sequence[FrameResult]) -> dict[str, dict[str, float]]:
     return {k: {"p50": percentile(v, 50), "p95": percentile(v, 95), "n": len(v)} for k, v in stages.items()}
 
 
-def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, model: str) -> str:
-    edge = [r for r in results if r.where == "edge"]
+def _bytes_line(results: Sequence[FrameResult], split: SplitPoint) -> str | None:
     wire = [r.wire_bytes for r in results if r.wire_bytes]
+    if not wire:
+        return None
+    mean = statistics.fmean(wire)
+    return f"bytes/frame {mean:,.0f} (raw fp32 at split {split.fp32_bytes:,}; compression {split.fp32_bytes / mean:.2f}x)"
+
+
+def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, model: str,
+              split_of: Callable[[str], SplitPoint] | None = None) -> str:
+    """The run's summary. ``split``/``codec``: the configuration the agent started with; when plans
+    changed it during the run, each configuration's frames get their own bytes line, against the raw
+    size at their own split (``split_of`` maps a split name to its point)."""
+    edge = [r for r in results if r.where == "edge"]
+    configs: dict[tuple[str, str], list[FrameResult]] = {}
+    for r in results:
+        configs.setdefault((r.split, r.codec), []).append(r)
     lines = [
         f"== edgesplit summary: {model} split {split.index} ({split.name}, {list(split.out_shape)}) codec {codec}",
         f"frames {len(results)}: {len(edge)} on the edge, {len(results) - len(edge)} local"
         + (f"; {sum(r.refined for r in edge)} ambiguous edge results re-run on the board"
            if any(r.refined for r in edge) else ""),
     ]
-    if wire:
-        mean = statistics.fmean(wire)
-        lines.append(
-            f"bytes/frame {mean:,.0f} (raw fp32 at split {split.fp32_bytes:,}; compression {split.fp32_bytes / mean:.2f}x)"
-        )
+    if split_of is None or set(configs) <= {(split.name, codec)}:
+        line = _bytes_line(results, split)
+        lines += [line] if line else []
+    else:
+        lines[0] += " at the end"
+        lines.append(f"plans changed the configuration: {len(configs)} used, in order of first use")
+        for (name, cfg_codec), group in configs.items():
+            point = split_of(name)
+            versions = sorted({r.plan_version for r in group})
+            line = _bytes_line(group, point) or "no bytes sent (every frame ran on the board)"
+            lines.append(f"  split {point.index} ({name}) codec {cfg_codec}, plan v{'/v'.join(map(str, versions))}: "
+                         f"{len(group)} frames; {line}")
     lines.append(f"{'stage':<14}{'p50 ms':>10}{'p95 ms':>10}{'n':>6}")
     order = ["board_queue", "head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "edge_forward", "local_tail", "overhead", "total"]
     stats = stage_stats(results)
