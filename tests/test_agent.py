@@ -106,7 +106,7 @@ def test_missed_deadline_runs_locally_and_late_results_are_dropped(loaded, frame
             assert reg.get_sample_value("edgesplit_agent_frames_total", {"where": "local"}) == 4
             assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "head"}) == 4
             # the deadline covers the send too: a frame whose deadline passed before it was written is never sent
-            assert reg.get_sample_value("edgesplit_agent_sent_bytes_total") <= 4 * loaded.split(SPLIT).fp32_bytes
+            assert reg.get_sample_value("edgesplit_agent_sent_bytes_total") <= 4 * (loaded.split(SPLIT).fp32_bytes + 64)
         finally:
             await agent.close()
             await ws.drain_and_stop(1)

@@ -247,7 +247,8 @@ def test_slower_link_brings_a_new_plan_that_the_agent_switches_to(loaded, frames
     assert set(versions) == {v1, v2} and versions == sorted(versions), "the plan went back and forth"
     assert versions.count(v1) >= 20 and versions.count(v2) >= 10
     for _, v, r in pump.results:  # bytes on the wire follow the plan
-        assert r.wire_bytes == loaded.split(FAST_SPLIT if v == v1 else SLOW_SPLIT).fp32_bytes
+        payload = loaded.split(FAST_SPLIT if v == v1 else SLOW_SPLIT).fp32_bytes  # plus shape and dtype fields
+        assert payload < r.wire_bytes <= payload + 64
     # the planner sees what the agent runs, and why it changed
     assert (info.plan.version, info.plan.split_id, info.plan.worker_id) == (v2, SLOW_SPLIT, WORKER)
     assert info.plan.reason.startswith("telemetry"), info.plan.reason

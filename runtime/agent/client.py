@@ -33,7 +33,7 @@ from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT, SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.chain import Hop, check_route
-from runtime.wire.codec import Codec, decode_tensor, get_codec
+from runtime.wire.codec import Codec, decode_tensor, get_codec, wire_bytes
 from runtime.wire.stream import EdgeStream
 
 if TYPE_CHECKING:
@@ -436,7 +436,7 @@ class Agent:
         """Send one frame and wait (bounded) for its result; returns "" or why it must run locally."""
         seq = header.seq
         req = pb.InferRequest(header=header, tensor=msg)
-        result.wire_bytes, result.worker = len(msg.buffer), stream.address
+        result.wire_bytes, result.worker = wire_bytes(msg), stream.address  # what the profile's bytes count
         ahead = self._inflight_bytes.get(stream.address, 0) + result.wire_bytes  # bytes before ours, ours included
         self._inflight_bytes[stream.address] = ahead
         t_send = time.perf_counter()

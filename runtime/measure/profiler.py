@@ -34,7 +34,7 @@ import torch
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.profile import ROLES, Block, Profile, Transfer
 from runtime.models.loader import LoadedModel, load_model
-from runtime.wire.codec import get_codec
+from runtime.wire.codec import get_codec, wire_bytes  # wire_bytes: the one definition, shared with the agent
 
 logger = logging.getLogger(__name__)
 
@@ -94,12 +94,6 @@ def param_bytes(gm: torch.fx.GraphModule) -> int:
         for t in tensors:
             seen[id(t)] = t.numel() * t.element_size()
     return sum(seen.values())
-
-
-def wire_bytes(msg) -> int:
-    """Size of the serialized ``Tensor`` message: the codec's buffer plus shape, dtype and the int8 scales
-    and zero points (8 bytes a channel, outside ``buffer``; for a (1, 1000) tensor that is most of it)."""
-    return msg.ByteSize()
 
 
 def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, warmup: int,
