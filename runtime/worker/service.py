@@ -32,7 +32,7 @@ from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.wire.asyncutil import wait_set
 from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
-from runtime.wire.codec import Codec, decode_tensor, encode_output
+from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
 from runtime.wire.transport import FrameAssembler
 from runtime.worker import probe
 from runtime.worker.cancel import CancelledFrames
@@ -310,7 +310,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         times.forward_seconds = t_enc + rt
         result = pb.InferResult(header=header, output=res.output, times=times)
         hop = result.hops.add(address=route.address, split_id=route.header.split_id, end_split=route.header.end_split,
-                              encode_seconds=t_enc, round_trip_seconds=rt, wire_bytes=len(tensor.buffer))
+                              encode_seconds=t_enc, round_trip_seconds=rt, wire_bytes=wire_bytes(tensor))
         hop.times.CopyFrom(res.times)
         result.hops.extend(res.hops)  # the stages after the next tier, as it reported them
         return result
