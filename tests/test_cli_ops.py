@@ -163,3 +163,12 @@ def test_every_option_has_one_help_and_at_most_one_default():
 
     walk(build_parser(), "edgesplit")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.timeout(120)
+def test_tl_train_transform_reports_its_fit_not_a_missing_loss(tmp_path):
+    out = subprocess.run(cli("tl", "train", "--model", "digits_cnn", "--split", "pool1", "--kind", "transform",
+                             "--pool-size", "16", "--holdout-images", "4", "--out", str(tmp_path)), cwd=REPO,
+                         env=child_env(), capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr
+    assert "None" not in out.stdout and "fitted on 16 pooled features" in out.stdout, out.stdout

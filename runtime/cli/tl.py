@@ -33,9 +33,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                           training=report["training"])
     fid = report["fidelity"]
     print(f"{tl_id} {path}")
+    training = report["training"]
+    if training["loss_first"] is None:  # a transform TL is fitted in closed form: no gradient steps, no loss
+        fitted = training.get("transform")
+        how = (f"fitted on {fitted['features']} pooled features (step {fitted['step_abs']:.4g} abs)" if fitted
+               else "no parameters trained")
+    else:
+        how = f"loss {training['loss_first']} -> {training['loss_last']}"
     print(f"trained {args.kind} {_size_label(tl)} for {loaded.name}@{split.name} {list(split.out_shape)} -> "
-          f"{[1, *tl.encoded_shape]} in {seconds:.1f} s; loss {report['training']['loss_first']} -> "
-          f"{report['training']['loss_last']}; hold-out: top-1 agreement {fid['top1_agreement']:.3f}, "
+          f"{[1, *tl.encoded_shape]} in {seconds:.1f} s; {how}; hold-out: top-1 agreement {fid['top1_agreement']:.3f}, "
           f"KL {fid['kl_divergence']:.4f}, feature rel. MSE {fid['feature_rel_mse']:.4f}; "
           f"{costs['tl_' + costs['codec']]:,.0f} B/frame with {costs['codec']}")
     return 0
