@@ -68,6 +68,7 @@ def test_parallel_stage_equals_unsplit_model(start_worker, loaded, image, refere
     async def go():
         coord = ParallelCoordinator(loaded, _stage(addresses), CoordinatorOptions(tile_deadline_seconds=30))
         try:
+            assert await coord.prepare(timeout=60) == {}  # both load the model and accept its weights
             return await coord.run_frame(image)
         finally:
             await coord.close()
@@ -150,6 +151,15 @@ def test_all_workers_gone_runs_locally(loaded, image, reference):
     y, reports = _run(go())
     assert _close(y, reference)
     assert all(r.ran_on == LOCAL for r in reports)
+
+    async def prepare():
+        coord = ParallelCoordinator(loaded, stage, opts)
+        try:
+            return await coord.prepare(timeout=5)
+        finally:
+            await coord.close()
+
+    assert _run(prepare()) == {stage.workers[0]: "UNAVAILABLE"}
     assert all(r.failures for r in reports if r.block == 0)  # later blocks skip the worker that failed
 
 

@@ -35,6 +35,7 @@ from runtime.parallel.plan import ParallelStage
 from runtime.parallel.receptive import Region, Span, TileRegions, split_spans
 from runtime.parallel.tiled import TiledSegment, stitch
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
 from runtime.wire.codec import decode_tensor, get_codec
 from runtime.wire.transport import TransportOptions
@@ -115,6 +116,27 @@ class ParallelCoordinator:
         if address not in self._channels:
             self._channels[address] = grpc.aio.insecure_channel(address, options=self.options.transport.channel_options())
         return tiles_pb2_grpc.TilesStub(self._channels[address])
+
+    async def prepare(self, timeout: float = 120.0) -> dict[str, str]:
+        """Ask every worker to load the model now (``Inference.Prepare``; the weights fingerprint is
+        checked), so the first frame's tiles do not wait for it. Returns the workers that refused or
+        did not answer in time, with the status; their tiles fail over as usual."""
+        header = pb.FrameHeader(agent_id=self.options.agent_id, model_id=self.loaded.name, split_id=self.first.name,
+                                model_digest=self.loaded.digest if self.options.model_digest else "")
+
+        async def one(address: str) -> str:
+            self._stub(address)  # opens the channel
+            stub = pb_grpc.InferenceStub(self._channels[address])
+            try:
+                await stub.Prepare(pb.PrepareRequest(header=header), timeout=timeout)
+            except grpc.RpcError as e:
+                err = from_rpc_error(e)
+                logger.warning("worker %s did not prepare %s: %s %s", address, self.loaded.name, err.code.name, err)
+                return err.code.name
+            return ""
+
+        codes = await asyncio.gather(*(one(w) for w in self.stage.workers))
+        return {w: c for w, c in zip(self.stage.workers, codes, strict=True) if c}
 
     async def close(self) -> None:
         for ch in self._channels.values():

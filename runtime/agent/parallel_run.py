@@ -38,6 +38,7 @@ class ParallelRunOptions:
     workers: tuple[str, ...] = ()  # addresses replacing the plan's workers, in order (empty: the plan's own)
     tile_deadline_seconds: float = 10.0  # a tile without an answer by then is recomputed elsewhere
     codec: str = ""  # override the plan's codec ("": the plan's)
+    prepare_timeout_seconds: float = 120.0  # how long workers may take to load the model before the first frame
 
 
 def _tile_json(r: TileReport) -> dict[str, Any]:
@@ -93,6 +94,10 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
     reports: list[TileReport] = []
     totals: list[float] = []
     try:
+        t0 = time.perf_counter()
+        refused = await coord.prepare(opts.prepare_timeout_seconds)
+        logger.info("workers prepared in %.2f s%s", time.perf_counter() - t0,
+                    f"; not ready: {refused} (their tiles run elsewhere)" if refused else "")
         with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
             sink = out or sink
             for seq, frame in enumerate(open_source(loaded.spec, config.source, config.frames)):
