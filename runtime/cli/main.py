@@ -26,7 +26,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 
 from runtime.cli.logs import add_log_flags, add_log_flags_to_subcommands, setup_logging
 from runtime.contracts.errors import EdgesplitError
@@ -41,7 +40,7 @@ VERBS = ("models", "worker", "agent", "submit", "print_config", "health_check", 
 
 def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgesplit", description="Split DNN inference between IIoT boards and edge servers.")
-    parser.add_argument("--version", action="version", version=f"edgesplit {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="print the installed version and exit")
     add_log_flags(parser, root=True)
     sub = parser.add_subparsers(dest="command", required=True)
     for verb in verbs:
@@ -50,11 +49,22 @@ def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
     return parser
 
 
-def _version() -> str:
-    try:
-        return metadata.version("edgesplit")
-    except metadata.PackageNotFoundError:  # running from a checkout that was never installed
-        return "unknown (not installed)"
+class _VersionAction(argparse.Action):
+    """``--version``: reads the package metadata only when asked (importlib.metadata costs ~0.15 s,
+    too much for every ``health-check`` probe)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from importlib import metadata
+
+        try:
+            version = metadata.version("edgesplit")
+        except metadata.PackageNotFoundError:  # running from a checkout that was never installed
+            version = "unknown (not installed)"
+        print(f"edgesplit {version}")
+        parser.exit()
 
 
 def _parser_for(argv: Sequence[str]) -> argparse.ArgumentParser:
