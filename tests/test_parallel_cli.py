@@ -65,6 +65,17 @@ def test_plan_parallel_prints_dpfp_against_baselines(reaper, profile_files, tmp_
     assert stage.blocks[0].start == "input" and all(a.end == b.start for a, b in zip(stage.blocks, stage.blocks[1:], strict=False))
 
 
+def test_plan_parallel_json_and_a_baseline_stage(reaper, profile_files, tmp_path):
+    code, out, err, path = _plan(reaper, profile_files, tmp_path, "--json", "--parallel-strategy", "fused_all")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert set(doc) == {"dpfp", "layer_by_layer", "fused_all", "single_worker"}
+    assert len(doc["layer_by_layer"]["blocks"]) == len(doc["layer_by_layer"]["shares"]) > 1
+    stage = ParallelStage.load(path)  # the FTP-like stage: one block over the whole range, on every worker
+    assert stage.strategy == "fused_all" and len(stage.blocks) == 1 and all(s > 0 for s in stage.blocks[0].shares)
+    assert abs(stage.predicted_seconds - doc["fused_all"]["seconds"]) < 1e-9
+
+
 def test_plan_parallel_needs_a_link(reaper, profile_files, tmp_path):
     proc = reaper.spawn(cli("plan", "--parallel", "--profile", str(profile_files[0])), stdout=-1, stderr=-1)
     _, err = proc.communicate(timeout=60)

@@ -69,11 +69,13 @@ def test_parallel_stage_equals_unsplit_model(start_worker, loaded, image, refere
         coord = ParallelCoordinator(loaded, _stage(addresses), CoordinatorOptions(tile_deadline_seconds=30))
         try:
             assert await coord.prepare(timeout=60) == {}  # both load the model and accept its weights
-            return await coord.run_frame(image)
+            return await coord.run_frame(image), coord.metrics.registry
         finally:
             await coord.close()
 
-    y, reports = _run(go())
+    (y, reports), registry = _run(go())
+    for address in addresses:  # per-worker tile times in the agent's metrics
+        assert registry.get_sample_value("edgesplit_agent_tile_seconds_count", {"worker": address}) == 3
     assert _close(y, reference)
     assert y.argmax() == reference.argmax()
     # every tile ran where it was planned, none failed; shares 2:1 give the first worker 2/3 of the rows
