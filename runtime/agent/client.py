@@ -58,6 +58,7 @@ class FrameResult:
     times: dict[str, float] = field(default_factory=dict)  # seconds by stage
     refined: bool = False  # an ambiguous edge result replaced by the board's exact tail (see refine_margin)
     worker: str = ""  # address of the worker the frame was sent to ("" when none): its link's key in self.link
+    predicted_seconds: float = 0.0  # the plan's predicted latency (0: no prediction; set by the planner link)
 
     def top1(self) -> tuple[int, float]:
         probs = torch.softmax(self.output.reshape(-1).float(), dim=0)
@@ -80,6 +81,7 @@ class FrameResult:
             "wire_bytes": self.wire_bytes,
             "refined": self.refined,
             "times_ms": {k: round(v * 1e3, 3) for k, v in self.times.items()},
+            "predicted_ms": round(self.predicted_seconds * 1e3, 3) if self.predicted_seconds else None,
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,7 @@ class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file
     output: str = field("-", "where to write one JSON line per result: a file path, or - for stdout")
     agent_id: str = field("", "stable id of this device (default: hostname-pid)")
     window: int = field(4, "frames in flight on the stream, so board compute overlaps transfer and edge compute")
+    fps: float = field(0.0, "pace the source as a camera at this many frames per second: a frame that arrives while --window frames are in flight is dropped and counted (0: as fast as frames finish)")
     deadline_seconds: float = field(2.0, "a frame without an edge result after this long runs locally")
     refine_margin: float = field(0.0, "an edge result whose top-1 softmax margin (p1 - p2) is below this has its tail re-run on the board on the exact head output (0: never); catches the frames a lossy codec or TL flips")
     reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream (doubles to 2 s, jittered)")
@@ -120,6 +122,8 @@ class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file
             get_codec(self.forward_codec)  # InvalidInput with the valid names
         if not self.telemetry_interval_seconds > 0:
             raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")
+        if not (0 <= self.fps <= 1000 and math.isfinite(self.fps)):
+            raise InvalidInput(f"fps must be in [0, 1000] frames per second (0: unpaced), got {self.fps!r}")
         if not 0 <= self.probe_budget <= 0.5:
             raise InvalidInput(f"probe_budget must be in [0, 0.5] (a share of the link), got {self.probe_budget!r}")
         if self.device_memory_bytes < 0:

@@ -45,6 +45,8 @@ class AgentMetrics:
         self.band_switches = Counter("edgesplit_agent_band_switches", "Plans the agent took by itself from its plan's "
                                      "fallback table (runtime.agent.fallbacks), by direction (down: a slower band)",
                                      ["direction"], registry=r)
+        self.dropped_frames = Counter("edgesplit_agent_dropped_frames", "Frames of a paced source (--fps) that arrived "
+                                      "while --window frames were in flight, dropped unprocessed", registry=r)
         self.probe_bytes = Counter("edgesplit_agent_probe_bytes", "Bandwidth probe payload bytes sent (runtime.agent.prober)",
                                    registry=r)
         self.plan_version = Gauge("edgesplit_agent_plan_version", "Version of the plan the agent runs now", registry=r)

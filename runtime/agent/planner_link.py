@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from runtime.wire.transport import TransportOptions
 logger = logging.getLogger(__name__)
 
 MAX_WORKER_IDS = 256  # worker addresses whose ids the link remembers (for telemetry under a local plan)
+MAX_PREDICTIONS = 256  # predicted latencies kept for result lines (a plan and its fallbacks each)
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class PlannerLink:
         self._task: asyncio.Task | None = None
         self.prober = Prober(agent, options.probe)
         self.switcher = FallbackSwitcher(agent)  # the plan's fallback table (runtime.agent.fallbacks)
+        # (plan version, split, worker address) -> the planner's predicted seconds, for result lines
+        self.predictions: OrderedDict[tuple[int, str, str], float] = OrderedDict()
         agent.link.listeners.append(self.switcher.on_estimate)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -250,6 +254,7 @@ class PlannerLink:
             self._worker_id = plan.worker_id
             self._remember(plan.worker_address, plan.worker_id)
             self.switcher.set_plan(plan)
+            self._predict(plan)
             self.plans_applied += 1
         except EdgesplitError as e:
             applied, message = False, str(e)
@@ -300,6 +305,18 @@ class PlannerLink:
                     self._remember(t.address, t.worker_id)
             await self.prober.round(targets)
             await asyncio.sleep(min(self.interval, self.options.probe.min_interval_seconds))
+
+    def _predict(self, plan: ppb.Plan) -> None:
+        for p in (plan, *(b.plan for b in plan.fallbacks)):
+            address = p.worker_address if p.worker_id or p.worker_address else ""
+            self.predictions[(plan.version, p.split_id, address)] = p.predicted_seconds
+        while len(self.predictions) > MAX_PREDICTIONS:
+            self.predictions.popitem(last=False)
+
+    def predicted(self, result: Any) -> float:
+        """The planner's predicted latency for the configuration ``result`` (a FrameResult) ran under
+        (0.0: none known, e.g. a plan from the command line)."""
+        return self.predictions.get((result.plan_version, result.split, result.worker), 0.0)
 
     def _remember(self, address: str, worker_id: str) -> None:
         if not (address and worker_id):

@@ -14,6 +14,7 @@ from runtime.agent.client import Agent, FrameResult
 from runtime.agent.config import AgentConfig, InitialPlan
 from runtime.agent.local_api import serve_local_api
 from runtime.agent.metrics import AgentMetrics
+from runtime.agent.pacing import Pacer
 from runtime.agent.sources import open_source
 from runtime.agent.summary import summarize
 from runtime.daemon.metrics_http import MetricsEndpoint
@@ -107,7 +108,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
         with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
             sink = out or sink
             if config.source not in ("", "none"):
-                results = await _stream_source(agent, config, sink, fmt or _json_line)
+                results = await _stream_source(agent, config, sink, fmt or _json_line, link)
             if config.summary and results:
                 print(summarize(results, agent.split, agent.codec.name, loaded.name, split_of=loaded.split), file=sys.stderr,
                       flush=True)
@@ -128,8 +129,9 @@ def _json_line(result: FrameResult, labels: tuple[str, ...] | None) -> str:
     return json.dumps(result.to_json(labels))
 
 
-async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt) -> list[FrameResult]:
-    """Keep ``window`` frames in flight; write results in frame order as they complete."""
+async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt, link=None) -> list[FrameResult]:
+    """Keep ``window`` frames in flight; write results in frame order as they complete (each with its
+    plan's predicted latency when the planner ``link`` knows it)."""
     loop = asyncio.get_running_loop()
     frames = open_source(agent.loaded.spec, config.source, config.frames)
     window = asyncio.Semaphore(max(1, config.window))
@@ -148,23 +150,39 @@ async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt) 
     async def one(index: int, frame) -> None:
         try:
             r = await agent.infer(frame.tensor, frame.name)
+            if link is not None:
+                r.predicted_seconds = link.predicted(r)
             done[index] = r
             flush()
         finally:
             window.release()
 
     index = 0
+    pace = Pacer(config.fps, loop.time)
     while True:
-        await window.acquire()
+        if not pace.period:
+            await window.acquire()
         frame = await loop.run_in_executor(None, next, frames, None)
         if frame is None:
-            window.release()
+            if not pace.period:
+                window.release()
             break
+        if pace.period:  # a camera: the frame arrives at its time, and is lost if the agent is behind
+            await asyncio.sleep(pace.wait())
+            if window.locked():
+                pace.dropped += 1
+                agent.metrics.dropped_frames.inc()
+                logger.debug("frame %s dropped: %d frames in flight at its arrival", frame.name, config.window)
+                continue
+            await window.acquire()
         task = asyncio.create_task(one(index, frame))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
         index += 1
     if tasks:
         await asyncio.gather(*tasks)
+    if pace.period:
+        print(f"paced at {config.fps:g} fps: {pace.arrived} frames arrived, {pace.dropped} dropped "
+              f"(the agent was behind)", file=sys.stderr, flush=True)
     return ordered
 
