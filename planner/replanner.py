@@ -264,7 +264,11 @@ class RePlanner:
             return await self._issue(st, best, "registration" if old is None else "re-registration", "registration")
 
     def worker_registered(self, models: dict[str, Profile], old: WorkerState | None) -> None:
-        """A worker (re-)registered with ``models``: its agents are decided by the periodic pass, woken now."""
+        """A worker (re-)registered with ``models``: its agents are decided by the periodic pass, woken now.
+        A periodic re-registration that changes nothing wakes nobody: it must not overwrite the reason
+        (say, a telemetry change) a pending decision records."""
+        if old is not None and _unchanged(old, self.state.workers.get(old.record.id)):
+            return
         for st in self.state.agents.values():
             if st.record.model in models or (old and st.record.model in old.profiles):
                 st.mark("worker")
@@ -346,3 +350,11 @@ class RePlanner:
                 st.refused_key = plan_key(stored.plan)
                 st.refused_conditions = self.state.conditions(st)
                 self.hysteresis.reset(st.record.id)
+
+
+def _unchanged(old: WorkerState, new: WorkerState | None) -> bool:
+    """Whether a worker's new registration says what its old one did (address, tier, TLs, next tiers, profiles)."""
+    if new is None or new is old:
+        return False
+    a, b = old.record, new.record
+    return (a.address, a.tier, a.tl_ids, a.next_tiers, a.profiles) == (b.address, b.tier, b.tl_ids, b.next_tiers, b.profiles)

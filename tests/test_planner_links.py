@@ -150,3 +150,33 @@ def test_each_plan_carries_fallback_plans_by_bandwidth_band(aio, tmp_path):
         assert band.plan.split_index == best, (factor, band.plan.split_id, best)
         assert (band.plan.worker_id == "") is (best == 5)
     assert bands[0].plan.split_id == "output"  # a collapsed link: local
+
+
+def test_a_periodic_re_registration_does_not_overwrite_the_reason(aio, tmp_path):
+    """Telemetry shows a slower link; while the switch is on hold the worker re-registers unchanged
+    (as it does every 30 s): the new plan is still a telemetry change, and counted as one."""
+    from planner_helpers import EDGE_PROFILE, SLOW
+
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite", hold_seconds=0.5, **UNKNOWN)
+        try:
+            await p.register()
+            watch = p.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=10.0)
+            await next_plan(watch)
+            await p.telemetry(FAST)
+            fast = await next_plan(watch)
+            await p.telemetry(SLOW)
+            for _ in range(3):  # unchanged re-registrations during the hold
+                await p.stub.RegisterWorker(pb.RegisterWorkerRequest(
+                    worker_id="w1", address="127.0.0.1:50051", tier="edge", profiles_json=[EDGE_PROFILE]), timeout=10.0)
+            slow = await next_plan(watch)
+            watch.cancel()
+            changes = p.ps.service.metrics.registry.get_sample_value
+            return fast, slow, changes("edgesplit_planner_plan_changes_total", {"reason": "worker"})
+        finally:
+            await p.stop()
+
+    fast, slow, by_worker = aio.run(scenario())
+    assert fast.split_id == "conv2" and slow.split_id == "output"
+    assert slow.reason.startswith("telemetry"), slow.reason
+    assert not by_worker
