@@ -15,6 +15,10 @@ its speed (integer rows, largest remainder)::
   + max over workers of sum over units of seconds(worker, unit) x tile's compute fraction
   + sum over workers of output band bytes / bandwidth              gather
 
+With ``Problem.shared_link=False`` each worker has a link of its own (a switch port each, with the
+coordinator's side not the bottleneck): scatter and gather take the largest band's bytes instead of
+the sum.
+
 The compute fraction is each layer's computed area (halo recomputation included, through the
 receptive field of the rest of the block) over its full area, weighted by the layer's cost
 (MACs per pixel for convolutions). A plan's latency is the sum over its blocks: the map is gathered
@@ -56,6 +60,7 @@ class Problem:
     in_channels: int
     link: Link
     bytes_per_element: int = 4  # fp32 raw maps
+    shared_link: bool = True  # one link for all workers (bytes add up); False: one link per worker (the largest counts)
     hw: tuple[tuple[int, int], ...] = field(init=False, repr=False)  # map size at each boundary 0..L
     order: tuple[int, ...] = field(init=False, repr=False)  # workers, fastest first
     speed: tuple[float, ...] = field(init=False, repr=False)  # 1 / total seconds (relative)
@@ -135,14 +140,15 @@ def _walk(problem: Problem, end: int, n: int) -> Iterator[BlockCost]:
     regions = [Region(band, Span(0, out_w)) for band in bands]
     compute = [0.0] * n
     bw = problem.link.bandwidth_bytes_per_second
-    gather = sum(problem.map_bytes(end, b.size, out_w) for b in bands) / bw
+    total = sum if problem.shared_link else max
+    gather = total(problem.map_bytes(end, b.size, out_w) for b in bands) / bw
     for first in range(end - 1, -1, -1):
         unit = problem.units[first]
         for i, w in enumerate(workers):
             tr = back_propagate(unit.geometry, problem.hw[first], regions[i])
             compute[i] += unit.seconds[w] * compute_fraction(unit.geometry, tr)
             regions[i] = tr.input
-        scatter = sum(problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions) / bw
+        scatter = total(problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions) / bw
         yield BlockCost(first, end, workers, tuple(b.size for b in bands), tuple(r.rows.size for r in regions),
                         problem.link.rtt_seconds, scatter, max(compute), gather)
 
@@ -237,7 +243,7 @@ def baselines(problem: Problem) -> dict[str, Plan]:
 
 
 def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Graph], in_hw: tuple[int, int],
-                          in_channels: int, link: Link, first_block: int = 0) -> Problem:
+                          in_channels: int, link: Link, first_block: int = 0, shared_link: bool = True) -> Problem:
     """A problem from one profile per worker (same model) and the receptive geometry of each of
     its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``).
     Output channels come from each block's fp32 ``output_bytes`` and the geometry's map size, so
@@ -261,4 +267,4 @@ def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Grap
             raise InvalidInput(f"block {first_block + i} ({blocks[0].name}): {blocks[0].output_bytes} output bytes "
                                f"are not fp32 x C x {hw[0]} x {hw[1]}; was the profile measured at {in_hw}?")
         units.append(Unit(blocks[0].name, geometry, tuple(b.seconds for b in blocks), channels))
-    return Problem(tuple(units), in_hw, in_channels, link)
+    return Problem(tuple(units), in_hw, in_channels, link, shared_link=shared_link)

@@ -59,9 +59,10 @@ def stage_from_plan(plan: D.Plan, problem: D.Problem, names: Sequence[str], work
 
 
 def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
-            workers: Sequence[str] | None = None, codec: str = "raw") -> Proposal:
+            workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True) -> Proposal:
     """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
-    the last tileable split) of the profiles' model, on one worker per profile."""
+    the last tileable split) of the profiles' model, on one worker per profile. ``shared_link``: the
+    workers share one link to the coordinator (True) or each has its own (False)."""
     from runtime.models.loader import load_model
     from runtime.parallel.tiled import segment_geometry
 
@@ -79,7 +80,7 @@ def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: 
     if len(shape) != 4:
         raise InvalidInput(f"split {sliced.split(a).name} is not a feature map ({list(shape)})")
     problem = D.problem_from_profiles(profiles, geometries, (int(shape[2]), int(shape[3])), int(shape[1]), link,
-                                      first_block=a)
+                                      first_block=a, shared_link=shared_link)
     plans = {"dpfp": D.dpfp(problem), **D.baselines(problem)}
     names = tuple(sliced.split(i).name for i in range(a, b + 1))
     names_of_workers = tuple(workers) if workers else tuple(p.machine for p in profiles)
@@ -94,7 +95,8 @@ def report(p: Proposal) -> list[str]:
     single = p.plans["single_worker"].seconds
     lines = [f"{p.stage.model}: parallel range {p.split_names[0]}..{p.split_names[-1]} ({p.problem.n_units} blocks), "
              f"{p.problem.n_workers} workers, link RTT {p.problem.link.rtt_seconds * 1e3:g} ms, "
-             f"{p.problem.link.bandwidth_bytes_per_second * 8 / 1e6:g} Mbit/s",
+             f"{p.problem.link.bandwidth_bytes_per_second * 8 / 1e6:g} Mbit/s "
+             f"({'one link shared by the workers' if p.problem.shared_link else 'a link per worker'})",
              f"{'strategy':<16} {'predicted s':>11} {'reduction':>9} {'speedup':>8} {'workers':>7}  fused blocks"]
     for name, plan in p.plans.items():
         blocks = " | ".join(f"{p.split_names[f]}..{p.split_names[e]}" for f, e in plan.blocks)

@@ -93,6 +93,21 @@ def test_hand_computed_block_cost():
     assert D.dpfp(problem).seconds == two.seconds
 
 
+def test_per_worker_links_charge_the_largest_band():
+    unit = D.Unit("u", conv_unit("u"), (1.0, 1.0), out_channels=4)
+    problem = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0), shared_link=False)
+    two = D.block_cost(problem, 0, 1, workers=2)
+    assert math.isclose(two.scatter_seconds, 5 * 10 * 2 * 4 / 1000)  # both bands of 5 rows at once
+    assert math.isclose(two.gather_seconds, 4 * 10 * 4 * 4 / 1000)
+    one = D.block_cost(problem, 0, 1, workers=1)  # one worker: the same as a shared link
+    assert math.isclose(one.seconds, 0.01 + 0.64 + 1.0 + 1.28)
+    rng = random.Random(7)
+    shared = random_problem(rng, 6, 3)
+    own = D.Problem(shared.units, shared.in_hw, shared.in_channels, shared.link, shared_link=False)
+    assert D.dpfp(own).seconds <= D.dpfp(shared).seconds  # never dearer than sharing one link
+    assert math.isclose(D.dpfp(own).seconds, exhaustive(own).seconds, rel_tol=1e-12)
+
+
 @pytest.mark.parametrize(("seconds", "order", "rows"), [((1.0, 2.0), (0, 1), (6, 3)), ((2.0, 1.0), (1, 0), (6, 3)),
                                                         ((1.0, 1.0, 3.0), (0, 1, 2), (4, 4, 1))])
 def test_rows_are_shared_by_speed_fastest_first(seconds, order, rows):

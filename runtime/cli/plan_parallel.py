@@ -35,6 +35,9 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                         "measured at the model's input size) instead of ranking splits")
     g.add_argument("--parallel-link", metavar="RTT_MS,MBPS",
                    help="the link between the coordinator and each worker (one shared link; required with --parallel)")
+    g.add_argument("--parallel-link-mode", choices=("shared", "per-worker"), default="shared",
+                   help="shared: the workers share that one link (scatter/gather bytes add up); per-worker: each "
+                        "worker has a link like it of its own (the largest band counts)")
     g.add_argument("--parallel-first", default="input", metavar="SPLIT",
                    help="split point where the parallel range begins (the coordinator runs the model up to it)")
     g.add_argument("--parallel-end", metavar="SPLIT",
@@ -60,7 +63,7 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
         raise InvalidInput("--parallel needs edge worker profiles (--profile FILE, role edge), one per worker")
     workers = [w.strip() for w in args.parallel_workers.split(",")] if args.parallel_workers else None
     prop = propose(edge, _link(args.parallel_link), args.parallel_first, args.parallel_end, workers,
-                   args.parallel_codec)
+                   args.parallel_codec, shared_link=args.parallel_link_mode == "shared")
     if args.json:
         print(json.dumps({name: {"seconds": plan.seconds, "workers": plan.workers,
                                  "blocks": [[prop.split_names[f], prop.split_names[e]] for f, e in plan.blocks],

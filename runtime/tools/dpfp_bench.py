@@ -8,8 +8,7 @@
    profile is each one's (``edgesplit profile``).
 2. Starts max(``--workers``) worker processes, each in its own quota, and one user-space relay per
    worker (``runtime.tools.netem``: ``--delay-ms`` one way, ``--rate-mbps`` per direction; each
-   worker has its own link, while the cost model charges one shared link: the prediction is
-   pessimistic wherever several workers receive at once).
+   worker has its own link; the planner costs it so with ``--link-mode per-worker``, the default).
 3. For each worker count K and strategy, asks ``edgesplit plan --parallel`` (the planner, as a
    subprocess: the runtime never imports it) for the stage and its predicted latency, runs it with
    the coordinator (``runtime.agent.parallel``) on a bundled photo and times the stage (the model
@@ -45,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--share", type=float, default=0.4, help="CPU quota of each worker, in cores")
     p.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay of each worker's link")
     p.add_argument("--rate-mbps", type=float, default=200.0, help="rate of each worker's link, each direction")
+    p.add_argument("--link-mode", choices=("per-worker", "shared"), default="per-worker",
+                   help="how the planner costs the links (the relays give each worker its own)")
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
     p.add_argument("--max-predicted-seconds", type=float, default=20.0,
                    help="configurations predicted slower than this per frame are not run (reported as skipped)")
@@ -78,6 +79,7 @@ def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
 
 def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path) -> dict:
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
+           "--parallel-link-mode", args.link_mode,
            "--parallel-strategy", strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
     for _ in range(k):
         cmd += ["--profile", str(profile_path)]
@@ -185,7 +187,7 @@ def markdown(res: dict) -> str:
            f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
            f"per 10,000 us), one torch thread; the coordinator (stitching, encoding, the relays) runs outside the "
            f"quotas. Link: one user-space relay per worker, {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
-           "each direction (the cost model charges one shared link). Times: the stage alone, median of "
+           f"each direction (planned with --link-mode {a['link_mode']}). Times: the stage alone, median of "
            f"{a['frames']} frames after one warm-up; reduction and speedup against the single worker measured "
            "with K=1 (predicted: against the predicted single worker).", "",
            "| K | strategy | predicted s | measured s | reduction (meas.) | speedup (meas.) | reduction (pred.) "
