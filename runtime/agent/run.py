@@ -18,6 +18,7 @@ from runtime.agent.pacing import Pacer
 from runtime.agent.sources import open_source
 from runtime.agent.summary import summarize
 from runtime.daemon.metrics_http import MetricsEndpoint
+from runtime.daemon.sdnotify import notify, start_watchdog, stop_watchdog
 from runtime.daemon.server import stop_on_signals
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import INPUT, OUTPUT, SplitPoint
@@ -103,6 +104,8 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
         print(f"edgesplit agent local API on {local_api.address}", file=sys.stderr, flush=True)
     if endpoint is not None:
         print(f"metrics on http://{config.metrics_host}:{endpoint.port}/metrics", file=sys.stderr, flush=True)
+    notify("READY=1")  # systemd Type=notify: the model is loaded (and the local API serves, if asked for)
+    watchdog = start_watchdog() if local_api is None else None  # the local API's daemon runs its own
     results: list[FrameResult] = []
     try:
         with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
@@ -115,6 +118,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
         if stop is not None:
             await stop.wait()
     finally:
+        await stop_watchdog(watchdog)
         if local_api is not None:
             await local_api.stop(1.0)
         if link is not None:

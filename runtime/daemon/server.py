@@ -33,6 +33,7 @@ from runtime.daemon.auth import AuthInterceptor, AuthPolicy
 from runtime.daemon.interceptors import ErrorHook, ErrorStatusInterceptor
 from runtime.daemon.listen import NO_REUSEPORT, bind_failed, check_listen
 from runtime.daemon.metrics_http import MetricsEndpoint
+from runtime.daemon.sdnotify import notify, start_watchdog, stop_watchdog
 from runtime.wire.security import check_bind, server_credentials
 from runtime.wire.transport import TransportOptions
 
@@ -78,6 +79,7 @@ class Daemon:
                                    "(--insecure)", registry=options.metrics)
         self.port = 0  # the bound port, after start()
         self.metrics_endpoint: MetricsEndpoint | None = None
+        self._watchdog: asyncio.Task | None = None  # systemd WatchdogSec keep-alives (runtime.daemon.sdnotify)
 
     @property
     def metrics_port(self) -> int | None:
@@ -120,6 +122,8 @@ class Daemon:
         if opts.metrics is not None and opts.metrics_port >= 0:
             self.metrics_endpoint = MetricsEndpoint(opts.metrics, opts.metrics_host, opts.metrics_port)
         await self.set_health(SERVING)
+        notify("READY=1")  # under systemd Type=notify: started only now, after the preload and the bind
+        self._watchdog = start_watchdog()
 
     async def set_health(self, status: int) -> None:
         """Set the overall (``""``) and every named service's health."""
@@ -143,6 +147,7 @@ class Daemon:
     async def drain(self, grace: float, quiesce: Quiesce | None = None, stop_grace: float | None = None) -> None:
         """Health NOT_SERVING, then ``quiesce(grace)``, then stop the server (RPCs still running get
         ``stop_grace`` seconds, default ``grace``), then close the metrics endpoint."""
+        notify("STOPPING=1")
         await self.set_health(NOT_SERVING)
         try:
             if quiesce is not None:
@@ -152,6 +157,8 @@ class Daemon:
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
                 self.metrics_endpoint = None
+            await stop_watchdog(self._watchdog)
+            self._watchdog = None
 
 
 def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> asyncio.Event:
