@@ -89,6 +89,10 @@ def test_a_worker_holds_at_most_its_reassembly_total_over_many_streams(bounded_w
             calls = [stub.InferStream(timeout=RPC) for _ in range(4)]
             for i, call in enumerate(calls):  # 4 streams, each opens a 100 KB frame and sends 1 KB of it
                 await call.write(first_piece(i, 100_000))
+                for _ in range(200):  # in order: the next stream writes once the worker holds this one's KB
+                    if ws.service.reassembly.held >= min(3, i + 1) * 1000:
+                        break
+                    await asyncio.sleep(0.02)
             results = []
             for call in calls[3:]:  # the 4th no longer fits: its frame is answered at once
                 results.append(await asyncio.wait_for(call.read(), RPC))
@@ -127,3 +131,39 @@ def test_batch_and_model_caps(bounded_worker):
 
     loop.run_until_complete(go())
     assert sorted(ws.service.tails._models) == ["digits_cnn"]
+
+
+def test_a_client_that_never_reads_stalls_its_own_stream():
+    """Results the client does not read stop the worker reading that stream: the client's writes stall
+    and the worker holds at most max_stream_results of them (the frames are refused ones: cheap error
+    results, no compute)."""
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    async def go():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_stream_results=2))
+        try:
+            # BDP probing off: the client's receive window stays 64 KB, so unread results fill it soon
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
+                call = pb_grpc.InferenceStub(ch).InferStream(timeout=RPC)
+                bad = pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(agent_id="x", seq=1),
+                                                             tensor=tensor_pb2.Tensor(buffer=bytes(4096))))
+                written = 0
+                try:
+                    for _ in range(50_000):  # flow control stops the writes once the worker stops reading
+                        await asyncio.wait_for(call.write(bad), 2.0)
+                        written += 1
+                except asyncio.TimeoutError:
+                    pass
+                held = ws.service.unsent_results
+                call.cancel()
+            deadline = asyncio.get_running_loop().time() + 10
+            while ws.service.unsent_results and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+            return written, held, ws.service.unsent_results
+        finally:
+            await ws.drain_and_stop(0.5)
+
+    written, held, after = asyncio.run(go())
+    assert written < 50_000  # the worker stopped reading: the client's writes stalled
+    assert held <= 2 and after == 0

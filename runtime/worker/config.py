@@ -28,6 +28,7 @@ class WorkerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, i
     max_loaded_models: int = field(4, "models held in memory at once; a frame or Prepare naming another is RESOURCE_EXHAUSTED")
     max_reassembly_bytes: int = field(256 * 2**20, "bytes held in incomplete chunked frames over all streams; beyond, RESOURCE_EXHAUSTED")
     reassembly_timeout_seconds: float = field(10.0, "an incomplete chunked frame older than this is dropped (DEADLINE_EXCEEDED)")
+    max_stream_results: int = field(32, "results one stream may hold computed but not yet sent; beyond, the worker stops reading it")
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
     grace_seconds: float = field(10.0, "on SIGTERM, how long frames in flight may take to finish")
     port_file: str = field("", "write the bound port to this file once serving (for supervisors and tests)")

@@ -196,6 +196,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._idle.set()
         self.draining = False
         self._stream_queues: set[asyncio.Queue] = set()  # each open InferStream's result queue (see end_streams)
+        self.unsent_results = 0  # results of all streams computed or queued and not yet sent (backpressure)
         # bytes in incomplete chunked frames, all streams together (runtime.wire.budget)
         self.reassembly = ByteBudget(config.max_reassembly_bytes, config.reassembly_timeout_seconds)
 
@@ -391,6 +392,16 @@ class InferenceService(pb_grpc.InferenceServicer):
         out: asyncio.Queue[pb.InferResult | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         self.metrics.streams.inc()
+        # backpressure: at max_stream_results results computed or queued but unsent, this stream is not
+        # read, so a client that never reads its results stalls its own writes instead of filling memory
+        slots = asyncio.Semaphore(self.config.max_stream_results)
+
+        mine = [0]  # this stream's share of unsent_results
+
+        async def slot() -> None:
+            await slots.acquire()
+            mine[0] += 1
+            self.unsent_results += 1
 
         async def one(frame: pb.InferRequest) -> None:
             try:
@@ -428,6 +439,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                             header = pb.FrameHeader(seq=msg.chunk.seq)
                         if kind is not None:
                             dropped_seq = header.seq
+                        await slot()
                         await out.put(self._error_result(header, e))
                         if kind != "frame" or pending is None:
                             continue
@@ -436,9 +448,11 @@ class InferenceService(pb_grpc.InferenceServicer):
                             frame = assembler.feed(msg)
                         except EdgesplitError as e2:
                             dropped_seq = msg.frame.header.seq
+                            await slot()
                             await out.put(self._error_result(msg.frame.header, e2))
                             continue
                     if frame is not None:
+                        await slot()
                         task = asyncio.create_task(one(frame))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
@@ -455,8 +469,12 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if result is None:
                     break
                 yield result
+                slots.release()
+                mine[0] -= 1
+                self.unsent_results -= 1
         finally:
             self._stream_queues.discard(out)
             read_task.cancel()
             assembler.close()  # a partial frame's bytes go back to the worker's budget
+            self.unsent_results -= mine[0]
             self.metrics.streams.dec()
