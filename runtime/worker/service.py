@@ -35,6 +35,7 @@ from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
 from runtime.wire.transport import FrameAssembler
 from runtime.worker import probe
+from runtime.worker.backpressure import ResultSlots
 from runtime.worker.cancel import CancelledFrames
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
@@ -392,16 +393,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         out: asyncio.Queue[pb.InferResult | None] = asyncio.Queue()
         tasks: set[asyncio.Task] = set()
         self.metrics.streams.inc()
-        # backpressure: at max_stream_results results computed or queued but unsent, this stream is not
-        # read, so a client that never reads its results stalls its own writes instead of filling memory
-        slots = asyncio.Semaphore(self.config.max_stream_results)
-
-        mine = [0]  # this stream's share of unsent_results
-
-        async def slot() -> None:
-            await slots.acquire()
-            mine[0] += 1
-            self.unsent_results += 1
+        slots = ResultSlots(self.config.max_stream_results, self)  # backpressure (runtime.worker.backpressure)
 
         async def one(frame: pb.InferRequest) -> None:
             try:
@@ -439,8 +431,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                             header = pb.FrameHeader(seq=msg.chunk.seq)
                         if kind is not None:
                             dropped_seq = header.seq
-                        await slot()
-                        await out.put(self._error_result(header, e))
+                        await slots.put(out, self._error_result(header, e))
                         if kind != "frame" or pending is None:
                             continue
                         # a new frame cut the open one short: the new frame itself starts afresh
@@ -448,11 +439,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                             frame = assembler.feed(msg)
                         except EdgesplitError as e2:
                             dropped_seq = msg.frame.header.seq
-                            await slot()
-                            await out.put(self._error_result(msg.frame.header, e2))
+                            await slots.put(out, self._error_result(msg.frame.header, e2))
                             continue
                     if frame is not None:
-                        await slot()
+                        await slots.take()
                         task = asyncio.create_task(one(frame))
                         tasks.add(task)
                         task.add_done_callback(tasks.discard)
@@ -469,12 +459,10 @@ class InferenceService(pb_grpc.InferenceServicer):
                 if result is None:
                     break
                 yield result
-                slots.release()
-                mine[0] -= 1
-                self.unsent_results -= 1
+                slots.give()
         finally:
             self._stream_queues.discard(out)
             read_task.cancel()
             assembler.close()  # a partial frame's bytes go back to the worker's budget
-            self.unsent_results -= mine[0]
+            slots.close()
             self.metrics.streams.dec()
