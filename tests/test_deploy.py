@@ -191,3 +191,45 @@ def test_systemd_units_are_sandboxed():
         score = re.search(r"Overall exposure level for \S+: ([\d.]+)", out.stdout)
         assert score, out.stdout + out.stderr
         assert float(score.group(1)) <= 2.5, (unit.name, out.stdout[-3000:])
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(tool("check-jsonschema") is None, reason="check-jsonschema (pip, the test extra) is not installed")
+def test_compose_file_matches_the_compose_specification():
+    """The schema ships inside check-jsonschema: nothing is downloaded."""
+    out = subprocess.run([tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(DEPLOY / "compose.yaml")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+@pytest.mark.timeout(60)
+def test_compose_commands_parse_and_its_prometheus_config_is_valid():
+    import shlex
+
+    import yaml
+
+    from runtime.cli.main import build_parser
+
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    parser = build_parser()
+    commands = []
+    for name in ("planner", "worker", "agent"):
+        svc = compose["services"][name]
+        if svc.get("entrypoint") == ["sh", "-c"]:
+            for part in svc["command"][0].split("&&"):
+                words = shlex.split(part)
+                words = words[1:] if words[0] == "exec" else words
+                assert words[0] == "edgesplit", (name, part)
+                commands.append(words[1:])
+        else:
+            commands.append(svc["command"])
+        health = svc.get("healthcheck", {}).get("test", [])
+        if health:
+            commands.append(health[2:])  # ["CMD", "edgesplit", ...]
+    assert len(commands) >= 6
+    for words in commands:
+        parser.parse_args(words)
+    if shutil.which("promtool"):
+        out = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "compose-prometheus.yml")],
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stdout + out.stderr
