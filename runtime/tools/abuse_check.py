@@ -1,0 +1,137 @@
+"""Replay issue 10's abuse cases against real daemons on loopback and print what happened (SECURITY.md).
+
+    python -m runtime.tools.abuse_check
+
+Each line: the abuse, the status the daemon answered, and the figure that shows the bound (held
+bytes, resident memory, health latency meanwhile, detection time). Needs no root; takes ~30 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from runtime.contracts.profile import Block, Profile
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.proto.edgesplit.v1 import tensor_pb2
+
+RPC = 30.0
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _profile(role: str, blocks: int) -> str:
+    bl = tuple(Block(index=i, name=f"b{i}", seconds=0.001, output_bytes=1000, first_layer=i, last_layer=i)
+               for i in range(blocks))
+    return Profile(machine="m", role=role, model="tinynet", blocks=bl, input_bytes=1000).to_json()
+
+
+async def _code(coro) -> str:
+    try:
+        await coro
+        return "OK"
+    except grpc.aio.AioRpcError as e:
+        return f"{e.code().name}: {(e.details() or '')[:70]}"
+
+
+async def profiles(db: Path) -> None:
+    from planner.config import PlannerConfig
+    from planner.server import serve
+
+    ps = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(db)))
+    good = _profile("device", 21)
+    deep = good.replace('"settings": {}', '"settings": ' + "[" * 10_000 + "]" * 10_000)
+    cases = {
+        "integer 10^400 as input_bytes": json.dumps({**json.loads(good), "input_bytes": 0}).replace(
+            '"input_bytes": 0', '"input_bytes": 1' + "0" * 400),
+        "JSON nested 10,000 deep": deep,
+        "NaN p95_seconds": good.replace('"seconds": 0.001', '"seconds": 0.001, "p95_seconds": NaN', 1),
+        "4,097 blocks (limit 4,096)": _profile("device", 4097),
+    }
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}") as ch:
+        stub, health = ppb_grpc.PlannerStub(ch), health_pb2_grpc.HealthStub(ch)
+        for name, text in cases.items():
+            req = ppb.RegisterAgentRequest(agent_id="x", model_id="tinynet", profile_json=text)
+            print(f"profile: {name:<32} -> {await _code(stub.RegisterAgent(req, timeout=RPC))}")
+        stored = len(ps.service.store.agents())
+        big = ppb.RegisterWorkerRequest(worker_id="w", address="127.0.0.1:1", tier="edge",
+                                        profiles_json=[_profile("edge", 4096)])
+        task = asyncio.ensure_future(stub.RegisterWorker(big, timeout=RPC))
+        lat = []
+        while not task.done():
+            t0 = time.perf_counter()
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=RPC)
+            lat.append(time.perf_counter() - t0)
+        await task
+        print(f"profile: agents stored after the abuses: {stored}; health during a 4,096-block registration: "
+              f"{len(lat)} checks, p50 {statistics.median(lat) * 1e3:.1f} ms, max {max(lat) * 1e3:.1f} ms")
+    await ps.drain_and_stop(0.5)
+
+
+async def worker() -> None:
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
+    cfg = ws.service.config
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
+        stub = pb_grpc.InferenceStub(ch)
+        before = rss_mb()
+        calls = [stub.InferStream(timeout=RPC) for _ in range(40)]
+        piece = bytes(4 * 2**20)
+        for i, call in enumerate(calls):  # 40 streams x a 32 MiB frame left incomplete after 8 MiB
+            await call.write(pb.StreamRequest(frame=pb.InferRequest(
+                header=pb.FrameHeader(agent_id="x", seq=i, model_id="resnet18", split_id="add_2"),
+                tensor=tensor_pb2.Tensor(buffer=piece, payload_size=32 * 2**20, chunks=8))))
+            await call.write(pb.StreamRequest(chunk=pb.FrameChunk(seq=i, index=1, data=piece)))
+        await asyncio.sleep(1.0)
+        print(f"worker: 40 streams each holding an incomplete frame: held {ws.service.reassembly.held / 2**20:.0f} MiB "
+              f"(cap {cfg.max_reassembly_bytes / 2**20:.0f} MiB), max RSS +{rss_mb() - before:.0f} MB")
+        for call in calls:
+            call.cancel()
+        call = stub.InferStream(timeout=RPC)
+        bad = pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(agent_id="x"),
+                                                     tensor=tensor_pb2.Tensor(buffer=bytes(4096))))
+        written = 0
+        try:
+            for _ in range(50_000):
+                await asyncio.wait_for(call.write(bad), 2.0)
+                written += 1
+        except asyncio.TimeoutError:
+            pass
+        print(f"worker: a client that never reads: its writes stalled after {written} frames; the worker holds "
+              f"{ws.service.unsent_results} unsent results (cap {cfg.max_stream_results})")
+        call.cancel()
+        x = tensor_pb2.Tensor(shape=[64, 128, 28, 28], dtype="float32")
+        req = pb.InferRequest(header=pb.FrameHeader(agent_id="x", model_id="resnet18", split_id="add_2"), tensor=x)
+        print(f"worker: batch 64 -> {await _code(stub.Infer(req, timeout=RPC))}")
+        codes = []
+        for model in ("digits_cnn", "resnet18", "mobilenet_v2", "efficientnet_lite0", "vgg16", "densenet169"):
+            hdr = pb.FrameHeader(model_id=model, split_id="output")
+            codes.append((await _code(stub.Prepare(pb.PrepareRequest(header=hdr), timeout=120.0))).split(":")[0])
+        print(f"worker: Prepare of the 6 bundled models -> {codes}; loaded {len(ws.service.tails._models)} "
+              f"(cap {cfg.max_loaded_models})")
+    await ws.drain_and_stop(0.5)
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(profiles(Path(tmp) / "p.sqlite"))
+    asyncio.run(worker())
+
+
+if __name__ == "__main__":
+    main()
