@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RegisterWorkerRequest(_message.Message):
-    __slots__ = ("worker_id", "address", "tier", "profiles_json", "tl_ids", "next_tiers")
+    __slots__ = ("worker_id", "address", "tier", "profiles_json", "tl_ids", "next_tiers", "leaving")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     PROFILES_JSON_FIELD_NUMBER: _ClassVar[int]
     TL_IDS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TIERS_FIELD_NUMBER: _ClassVar[int]
+    LEAVING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     address: str
     tier: str
     profiles_json: _containers.RepeatedScalarFieldContainer[str]
     tl_ids: _containers.RepeatedScalarFieldContainer[str]
     next_tiers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., profiles_json: _Optional[_Iterable[str]] = ..., tl_ids: _Optional[_Iterable[str]] = ..., next_tiers: _Optional[_Iterable[str]] = ...) -> None: ...
+    leaving: bool
+    def __init__(self, worker_id: _Optional[str] = ..., address: _Optional[str] = ..., tier: _Optional[str] = ..., profiles_json: _Optional[_Iterable[str]] = ..., tl_ids: _Optional[_Iterable[str]] = ..., next_tiers: _Optional[_Iterable[str]] = ..., leaving: _Optional[bool] = ...) -> None: ...
 
 class RegisterWorkerReply(_message.Message):
     __slots__ = ("profiles",)
