@@ -146,3 +146,19 @@ def test_grafana_provisioning_points_at_the_dashboards():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     mounts = compose["services"]["grafana"]["volumes"]
     assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in mounts
+
+
+@pytest.mark.timeout(30)
+def test_readme_names_every_metric():
+    """The README's metrics reference: every metric a worker, agent or planner declares is named there
+    (a family written with braces, edgesplit_agent_link_estimate_{a,b}, counts for each member)."""
+    readme = (DEPLOY.parent / "README.md").read_text()
+    braced = {prefix + "_" + member.strip() for prefix, members in re.findall(r"(edgesplit_[a-z_]+?)_\{([a-z_,]+)\}", readme)
+              for member in members.split(",")}
+    missing = []
+    for cls in ROLES.values():
+        for family in cls().registry.collect():
+            name = family.name + ("_total" if family.type == "counter" else "")
+            if name not in readme and name not in braced:
+                missing.append(name)
+    assert not missing, missing
