@@ -129,16 +129,19 @@ class Owners:
 def expire_workers(state: PlannerState, ttl_seconds: float, now: float | None = None) -> list[WorkerState]:
     """Drop the workers (``PlannerState.workers``, store included) not registered again within
     ``ttl_seconds``; returns their states, so the re-planner moves their agents elsewhere."""
-    workers = state.workers
     now = time.time() if now is None else now
-    gone = [wid for wid, w in workers.items() if now - w.record.last_seen > ttl_seconds]
-    dropped = []
+    gone = [wid for wid, w in state.workers.items() if now - w.record.last_seen > ttl_seconds]
     for wid in gone:
-        dropped.append(workers.pop(wid))
-        state.store.delete_worker(wid)
         logger.warning("worker %s expired: not registered again for %.0fs; no plan points at it any more", wid,
                        ttl_seconds)
-    if gone:
+    return [w for w in (remove_worker(state, wid) for wid in gone) if w is not None]
+
+
+def remove_worker(state: PlannerState, worker_id: str) -> WorkerState | None:
+    """Forget a worker (held and stored); its previous state, if it was registered."""
+    old = state.workers.pop(worker_id, None)
+    if old is not None:
+        state.store.delete_worker(worker_id)
         state.generation += 1
-        state.metrics.workers.set(len(workers))
-    return dropped
+        state.metrics.workers.set(len(state.workers))
+    return old

@@ -21,7 +21,7 @@ import grpc
 from planner import decide, probes, requests
 from planner.broadcaster import Broadcaster
 from planner.metrics import PlannerMetrics
-from planner.owners import Owners, expire_workers, lease_of
+from planner.owners import Owners, expire_workers, lease_of, remove_worker
 from planner.replanner import RePlanner
 from planner.state import PlannerState
 from runtime.daemon.auth import current_identity
@@ -55,6 +55,15 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             self.replanner.worker_registered({}, old)
 
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: grpc.aio.ServicerContext) -> pb.RegisterWorkerReply:
+        if request.leaving:  # a clean shutdown, from the id's owner only: forget it, move its agents now
+            wid = requests.check_id(request.worker_id, "worker_id")
+            self.owners.claim("worker", wid, current_identity(), lease_of(context))
+            self.owners.release("worker", wid)
+            old = remove_worker(self.state, wid)
+            if old is not None:
+                logger.info("worker %s left", wid)
+                self.replanner.worker_registered({}, old)
+            return pb.RegisterWorkerReply()
         req = requests.check_worker_request(request, self.state.config)
         self.owners.claim("worker", req.worker_id, current_identity(), lease_of(context))  # before any heavy work
         # parsing and checking profiles (up to max_message_bytes of JSON) runs off the event loop

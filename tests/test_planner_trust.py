@@ -164,3 +164,25 @@ def test_identity_rules_of_owners():
     with pytest.raises(Exception, match="only for its own"):
         owners.check("agent", "w1", w1, "")
     owners.claim("worker", "w1", Identity("operator", "op", "token"), "")  # operators act for anyone
+
+
+def test_a_leaving_worker_is_forgotten_at_once_and_only_its_owner_may_say_so(aio, planner):
+    async def go():
+        s = planner.stub
+        await s.RegisterWorker(worker_request(), timeout=RPC, metadata=OWNER)
+        plan = (await s.RegisterAgent(agent_request(), timeout=RPC, metadata=OWNER)).plan
+        assert plan.worker_id == "w1"
+        leaving = pb.RegisterWorkerRequest(worker_id="w1", leaving=True)
+        err = await rpc_error(s.RegisterWorker(leaving, timeout=RPC, metadata=STRANGER))
+        check_status(err, grpc.StatusCode.PERMISSION_DENIED, "registered by another caller")
+        assert "w1" in planner.ps.service.workers
+        await s.RegisterWorker(leaving, timeout=RPC, metadata=OWNER)
+        assert "w1" not in planner.ps.service.workers and "w1" not in planner.ps.service.store.workers()
+        for _ in range(50):
+            await planner.ps.service.tick()
+            if planner.ps.service.agents["a1"].plan.worker_id != "w1":
+                break
+            await asyncio.sleep(0.05)
+        assert planner.ps.service.agents["a1"].plan.worker_id == ""
+
+    aio.run(go())

@@ -6,6 +6,7 @@ that restarted or lost it learns it back) and with back-off while the planner is
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 from collections.abc import Sequence
@@ -87,4 +88,16 @@ class PlannerRegistration:
             await planner.close()
 
     async def close(self) -> None:
+        """Stop re-registering and tell the planner this worker leaves (bounded: 1 s), so no plan keeps it."""
         await cancel_and_wait(self._task)
+        if not self.registered.is_set():
+            return
+        leaving = ppb.RegisterWorkerRequest(worker_id=self.worker_id, address=self.address, tier=self.tier, leaving=True)
+        planner = PlannerClient(dataclasses.replace(self.client_options, connect_timeout=1.0, rpc_timeout=1.0))
+        try:
+            await planner.register_worker(leaving)
+        except EdgesplitError as e:
+            logger.info("could not tell planner %s that %s leaves (%s); it expires there", self.planner,
+                        self.worker_id, e)
+        finally:
+            await planner.close()
