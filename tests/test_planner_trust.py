@@ -186,3 +186,32 @@ def test_a_leaving_worker_is_forgotten_at_once_and_only_its_owner_may_say_so(aio
         assert planner.ps.service.agents["a1"].plan.worker_id == ""
 
     aio.run(go())
+
+
+def test_a_real_worker_registers_over_mtls_and_leaves_on_drain(aio, tmp_path):
+    """The worker's own planner client carries its certificate (WorkerConfig -> TransportOptions)."""
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve as serve_worker
+
+    ca = pki.make_ca()
+    pki.write(ca, tmp_path, "ca")
+    pki.write(pki.issue(ca, "planner", "planner", ("127.0.0.1",)), tmp_path, "planner")
+    pki.write(pki.issue(ca, "worker", "edge-1", ("127.0.0.1",)), tmp_path, "worker")
+    (tmp_path / "edge.json").write_text(EDGE_PROFILE)
+    tls = {"ca_file": str(tmp_path / "ca.pem")}
+
+    async def go():
+        ps = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite"), **tls,
+                                       cert_file=str(tmp_path / "planner.pem"), key_file=str(tmp_path / "planner.key")))
+        ws = await serve_worker(WorkerConfig(
+            listen="127.0.0.1:0", planner=f"127.0.0.1:{ps.port}", worker_id="edge-1", profiles=(str(tmp_path / "edge.json"),),
+            **tls, cert_file=str(tmp_path / "worker.pem"), key_file=str(tmp_path / "worker.key")))
+        try:
+            await asyncio.wait_for(ws.registration.registered.wait(), 20.0)
+            assert "edge-1" in ps.service.workers
+            await ws.drain_and_stop(0.5)
+            assert "edge-1" not in ps.service.workers  # it said it leaves
+        finally:
+            await ps.drain_and_stop(0.5)
+
+    aio.run(go())
