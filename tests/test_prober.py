@@ -40,8 +40,9 @@ async def _worker() -> tuple[grpc.aio.Server, str]:
     return server, f"127.0.0.1:{port}"
 
 
-def _agent() -> SimpleNamespace:
-    return SimpleNamespace(link=LinkEstimator(), metrics=AgentMetrics(), transport=TransportOptions())
+def _agent(worker: str = "") -> SimpleNamespace:
+    return SimpleNamespace(link=LinkEstimator(), metrics=AgentMetrics(), transport=TransportOptions(),
+                           active=SimpleNamespace(worker=worker))
 
 
 def test_a_probe_measures_the_relay_rate_and_then_waits_for_its_budget():
@@ -92,13 +93,15 @@ def test_a_probe_that_times_out_is_a_censored_sample_and_backs_off():
     assert wait > 1.0  # a failed probe doubles the wait
 
 
-def test_fresh_links_and_a_zero_budget_are_not_probed():
-    agent = _agent()
+def test_the_plans_fresh_link_and_a_zero_budget_are_not_probed():
+    agent = _agent("w:1")  # the plan sends frames to w:1
     prober = Prober(agent, ProbeOptions(refresh_seconds=30.0))
     agent.link.add_bandwidth_sample(RATE, "w:1")
+    agent.link.add_bandwidth_sample(RATE, "w:3")
     now = agent.link.clock()
-    assert not prober.due("w:1", now) and prober.due("w:2", now)
-    assert not prober.due("w:1", now)
+    assert not prober.due("w:1", now) and prober.due("w:2", now)  # frames measure w:1; w:2 is unknown
+    assert prober.due("w:3", now)  # measured, but no frame measures it now: only a probe can see it change
+    assert prober.due("w:1", now + 31.0)  # the plan's frames stopped measuring it (e.g. too small)
     assert not Prober(agent, ProbeOptions(budget_fraction=0.0)).due("w:2", now)
     assert asyncio.run(Prober(agent, ProbeOptions(budget_fraction=0.0)).round(["w:2"])) == 0
 

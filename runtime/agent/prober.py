@@ -6,8 +6,10 @@ the plan does not use; and the planner never offloads to a link that was not mea
 agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
 ``Inference.Probe``, a payload the worker only counts:
 
-* **Only when a probe could change the decision**: a link whose bandwidth figure in the agent is
-  fresher than ``refresh_seconds`` (frames or an earlier probe measured it) is not probed.
+* **Only when a probe could change the decision**: the link the plan sends frames on is not probed
+  while its figure is fresher than ``refresh_seconds`` (the frames measure it); every other link
+  the planner may place the agent on (all of them under a local plan) is probed within the budget,
+  since only probes can show that it became worth offloading to (a step up).
 * **Within a budget**: after a probe of ``b`` bytes the link is left alone for
   ``b / (budget_fraction * bandwidth)`` seconds (default 5 % of the link's estimated capacity),
   at least ``min_interval_seconds``; an unknown or failing link is retried after
@@ -57,7 +59,7 @@ class ProbeOptions:
     max_bytes: int = 256 * 1024
     # a payload is sized to take about this long on the estimated link
     target_seconds: float = 0.05
-    # a link measured more recently than this is not probed
+    # the plan's own link is not probed while its figure is fresher than this
     refresh_seconds: float = 30.0
     # shortest wait between two probes of one link
     min_interval_seconds: float = 1.0
@@ -98,6 +100,8 @@ class Prober:
         """Whether a probe of ``address`` could tell something new and fits the budget now."""
         if self.options.budget_fraction <= 0 or now < self._next.get(address, -1.0):
             return False
+        if address != self.agent.active.worker:
+            return True  # no frame measures it: only a probe can
         est = self.agent.link.links.get(address)
         return est is None or not est.bandwidth.samples or est.bandwidth.age(now) > self.options.refresh_seconds
 
