@@ -167,3 +167,29 @@ def test_a_client_that_never_reads_stalls_its_own_stream():
     written, held, after = asyncio.run(go())
     assert written < 50_000  # the worker stopped reading: the client's writes stalled
     assert held <= 2 and after == 0
+
+
+def test_admission_is_charged_by_batch_and_given_back(bounded_worker):
+    import torch
+
+    from runtime.wire.codec import get_codec
+
+    loop, ws = bounded_worker
+    svc = ws.service
+    limit = svc.config.max_concurrency + svc.config.max_queue
+    svc._admit(limit - 1)
+    with pytest.raises(Overloaded, match="one per batch element"):
+        svc._admit(2)  # a batch of 2 no longer fits where one frame would
+    svc._admit(1)
+    svc._release(limit)
+
+    async def go():
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
+            x = torch.zeros(2, 16, 14, 14)
+            req = pb.InferRequest(header=pb.FrameHeader(agent_id="x", seq=1, model_id="digits_cnn", split_id="pool1"),
+                                  tensor=get_codec("raw").encode(x))
+            res = await pb_grpc.InferenceStub(ch).Infer(req, timeout=RPC)
+            return list(res.output.shape)
+
+    assert loop.run_until_complete(go())[0] == 2
+    assert svc._admitted == 0 and svc._weights == {}  # the batch's two slots came back

@@ -3,7 +3,7 @@
     python -m runtime.tools.abuse_check
 
 Each line: the abuse, the status the daemon answered, and the figure that shows the bound (held
-bytes, resident memory, health latency meanwhile, detection time). Needs no root; takes ~30 s.
+bytes, resident memory, health latency meanwhile, detection time). Needs no root; takes ~30 s; the planner runs as a child process.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import asyncio
 import json
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,11 +49,22 @@ async def _code(coro) -> str:
         return f"{e.code().name}: {(e.details() or '')[:70]}"
 
 
-async def profiles(db: Path) -> None:
-    from planner.config import PlannerConfig
-    from planner.server import serve
+async def _start_planner(tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """``edgesplit planner serve`` as a child process (the runtime never imports the planner); its port."""
+    port_file = tmp / "port"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "--log-level", "ERROR", "planner", "serve",
+                             "--listen", "127.0.0.1:0", "--db", str(tmp / "p.sqlite"), "--port-file", str(port_file)],
+                            stdout=subprocess.DEVNULL)
+    for _ in range(600):  # up to 60 s
+        if port_file.exists() and port_file.read_text().strip():
+            return proc, int(port_file.read_text())
+        await asyncio.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the planner did not start within 60 s")
 
-    ps = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(db)))
+
+async def profiles(tmp: Path) -> None:
+    proc, port = await _start_planner(tmp)
     good = _profile("device", 21)
     deep = good.replace('"settings": {}', '"settings": ' + "[" * 10_000 + "]" * 10_000)
     cases = {
@@ -61,12 +74,12 @@ async def profiles(db: Path) -> None:
         "NaN p95_seconds": good.replace('"seconds": 0.001', '"seconds": 0.001, "p95_seconds": NaN', 1),
         "4,097 blocks (limit 4,096)": _profile("device", 4097),
     }
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}") as ch:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
         stub, health = ppb_grpc.PlannerStub(ch), health_pb2_grpc.HealthStub(ch)
         for name, text in cases.items():
             req = ppb.RegisterAgentRequest(agent_id="x", model_id="tinynet", profile_json=text)
             print(f"profile: {name:<32} -> {await _code(stub.RegisterAgent(req, timeout=RPC))}")
-        stored = len(ps.service.store.agents())
+        stored = len((await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents)
         big = ppb.RegisterWorkerRequest(worker_id="w", address="127.0.0.1:1", tier="edge",
                                         profiles_json=[_profile("edge", 4096)])
         task = asyncio.ensure_future(stub.RegisterWorker(big, timeout=RPC))
@@ -76,9 +89,10 @@ async def profiles(db: Path) -> None:
             await health.Check(health_pb2.HealthCheckRequest(), timeout=RPC)
             lat.append(time.perf_counter() - t0)
         await task
-        print(f"profile: agents stored after the abuses: {stored}; health during a 4,096-block registration: "
+        print(f"profile: agents registered after the abuses: {stored}; health during a 4,096-block registration: "
               f"{len(lat)} checks, p50 {statistics.median(lat) * 1e3:.1f} ms, max {max(lat) * 1e3:.1f} ms")
-    await ps.drain_and_stop(0.5)
+    proc.terminate()
+    proc.wait(10)
 
 
 async def worker() -> None:
@@ -129,7 +143,7 @@ async def worker() -> None:
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        asyncio.run(profiles(Path(tmp) / "p.sqlite"))
+        asyncio.run(profiles(Path(tmp)))
     asyncio.run(worker())
 
 

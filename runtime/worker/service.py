@@ -190,7 +190,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.tails = TailCache(config, self.executor, metrics)
         self.next = NextTiers(config, metrics)  # worker chaining: where middle slices are forwarded
         self.cancelled = CancelledFrames(metrics)  # frames their sender gave up on (StreamRequest.cancel)
-        self._admitted = 0
+        self._admitted = 0  # queue slots taken: frames, weighted by their batch size
+        self._weights: dict[int, int] = {}  # id(executor job) -> the slots its frame took
         self._waiting = 0  # admitted frames not yet started; changed from the loop and tail threads
         self._count_lock = threading.Lock()
         self._idle = asyncio.Event()
@@ -203,20 +204,21 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     # -- admission ---------------------------------------------------------------------------
 
-    def _admit(self) -> None:
+    def _admit(self, weight: int = 1) -> None:
+        """Take ``weight`` queue slots (a frame's batch size: a batch of 8 is 8 frames' work)."""
         if self.draining:
             raise Unavailable("worker is shutting down; send this frame to another worker or run it locally")
         limit = self.config.max_concurrency + self.config.max_queue
-        if self._admitted >= limit:
+        if self._admitted + weight > limit:
             raise Overloaded(
-                f"worker queue is full ({self._admitted} frames admitted, limit {limit}); retry later, "
+                f"worker queue is full ({self._admitted} slots taken, one per batch element, limit {limit}); retry later, "
                 "lower the agent's window or add workers"
             )
-        self._admitted += 1
+        self._admitted += weight
         self._idle.clear()
 
-    def _release(self) -> None:
-        self._admitted -= 1
+    def _release(self, weight: int = 1) -> None:
+        self._admitted -= weight
         if self._admitted == 0:
             self._idle.set()
 
@@ -265,7 +267,10 @@ class InferenceService(pb_grpc.InferenceServicer):
         a caller that cancels or times out cannot pile work up past the queue bound, and a
         drain waits for every job actually running.
         """
-        self._admit()
+        shape = req.tensor.shape
+        weight = min(max(shape[0] if shape else 1, 1), self.config.max_batch,  # admission by batch size
+                     self.config.max_concurrency + self.config.max_queue)
+        self._admit(weight)
         job = None
         try:
             tail = await self.resolve(req.header)
@@ -283,6 +288,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             admitted_at = time.perf_counter()
             job = asyncio.get_running_loop().run_in_executor(self.executor, self._compute, tail, req, admitted_at,
                                                              route.codec if route is not None else None)
+            self._weights[id(job)] = weight
             if route is None:
                 job.add_done_callback(self._job_done)
                 result = await asyncio.shield(job)
@@ -292,7 +298,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             return result
         finally:
             if job is None:
-                self._release()
+                self._release(weight)
 
     async def _forward(self, job: asyncio.Future, route: Route, header: pb.FrameHeader) -> pb.InferResult:
         """Wait for the slice, send its output to the next tier and answer with the final result.
@@ -308,7 +314,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         try:
             res, rt = await self.next.forward(route, tensor)
         finally:
-            self._release()
+            self._release(self._weights.pop(id(job), 1))
         times.forward_seconds = t_enc + rt
         result = pb.InferResult(header=header, output=res.output, times=times)
         hop = result.hops.add(address=route.address, split_id=route.header.split_id, end_split=route.header.end_split,
@@ -318,7 +324,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         return result
 
     def _job_done(self, job: asyncio.Future) -> None:
-        self._release()
+        self._release(self._weights.pop(id(job), 1))
         if not job.cancelled():
             job.exception()  # retrieved here too, so an abandoned job's error is not reported as lost
 
