@@ -19,7 +19,9 @@ agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
   payloads and so, within the same budget, more frequent probes: a step up shows sooner):
   sample = bytes / (call time - base RTT).
   When the call is too quick for that difference to mean anything (under a quarter of the
-  call), bytes / call time is taken instead: a lower bound, and the next payload is larger.
+  call), bytes / call time is taken instead: a lower bound, and the next payload is 4x larger.
+  The budget is taken against the larger of the estimate and the last sample (after a step up the
+  estimate lags behind, and the sample is a floor of what the link carries).
   A probe with no answer within ``timeout_seconds`` is a censored sample (runtime.agent.estimator).
 * **Never queued behind frames**: probes use their own channel per worker, not the frame stream,
   so a probe waits for no frame's chunks in the agent; the base RTT is timed on that channel too.
@@ -93,6 +95,8 @@ class Prober:
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
         self._next: dict[str, float] = {}  # address -> monotonic time it may be probed again
         self._failures: dict[str, int] = {}
+        self._grow: dict[str, int] = {}  # address -> payload of the next probe after one too quick to measure
+        self._last: dict[str, float] = {}  # address -> the last probe's bandwidth sample
         self.probes = 0
         self.probe_bytes = 0
 
@@ -120,7 +124,8 @@ class Prober:
         bw = est.bandwidth.value if est is not None else 0.0
         if bw <= 0:
             return o.first_bytes
-        return int(min(o.max_bytes, max(o.min_bytes, bw * o.target_seconds)))
+        grown = self._grow.get(address, 0)  # the last probe was too quick to measure: a larger one
+        return int(min(o.max_bytes, max(o.min_bytes, bw * o.target_seconds, grown)))
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
@@ -152,7 +157,13 @@ class Prober:
                 self.agent.metrics.probe_bytes.inc(size)
             elapsed = time.perf_counter() - t0
             network = elapsed - base
-            sample = size / network if network > 0.25 * elapsed else size / elapsed  # else: a lower bound
+            if network > 0.25 * elapsed:
+                sample = size / network
+                self._grow.pop(address, None)
+            else:  # mostly round trip: bytes / call time bounds the link from below; next time 4x the bytes
+                sample = size / elapsed
+                self._grow[address] = 4 * size
+            self._last[address] = sample
             link.add_bandwidth_sample(sample, address)
             self._failures.pop(address, None)
         except grpc.aio.AioRpcError as e:
@@ -169,7 +180,9 @@ class Prober:
     def _wait(self, address: str, size: int) -> float:
         o = self.options
         est = self.agent.link.links.get(address)
-        bw = est.bandwidth.value if est is not None else 0.0
+        # the budget is a share of what the link carries: at least the estimate, at least the last sample
+        # (after a step up the estimate lags, and the sample is a floor of the link's capacity)
+        bw = max(est.bandwidth.value if est is not None else 0.0, self._last.get(address, 0.0))
         fails = min(self._failures.get(address, 0), 3)
         if bw <= 0:
             return o.unknown_interval_seconds * 2 ** fails
