@@ -8,7 +8,8 @@
    profile is each one's (``edgesplit profile``).
 2. Starts max(``--workers``) worker processes, each in its own quota, and one user-space relay per
    worker (``runtime.tools.netem``: ``--delay-ms`` one way, ``--rate-mbps`` per direction; each
-   worker has its own link; the planner costs it so with ``--link-mode per-worker``, the default).
+   worker has its own link, but all pass through the coordinator's one process, so the planner costs
+   one shared link by default; ``--link-mode per-worker`` costs a link per worker).
 3. For each worker count K and strategy, asks ``edgesplit plan --parallel`` (the planner, as a
    subprocess: the runtime never imports it) for the stage and its predicted latency, runs it with
    the coordinator (``runtime.agent.parallel``) on a bundled photo and times the stage (the model
@@ -44,8 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--share", type=float, default=0.4, help="CPU quota of each worker, in cores")
     p.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay of each worker's link")
     p.add_argument("--rate-mbps", type=float, default=200.0, help="rate of each worker's link, each direction")
-    p.add_argument("--link-mode", choices=("per-worker", "shared"), default="per-worker",
-                   help="how the planner costs the links (the relays give each worker its own)")
+    p.add_argument("--link-mode", choices=("shared", "per-worker"), default="shared",
+                   help="how the planner costs the links: the relays give each worker its own, but one "
+                        "coordinator process relays and stitches for all (measured: shared predicts better)")
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
     p.add_argument("--max-predicted-seconds", type=float, default=20.0,
                    help="configurations predicted slower than this per frame are not run (reported as skipped)")
