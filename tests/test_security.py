@@ -307,3 +307,23 @@ def test_agent_and_worker_over_mtls_end_to_end(pki_dir):
             await ws.drain_and_stop(0.5)
 
     asyncio.run(go())
+
+
+def test_health_check_cli_reaches_an_mtls_daemon_with_the_client_flags(pki_dir, capsys):
+    from runtime.cli.main import main
+
+    async def go():
+        daemon, _ = await start(creds(pki_dir, "worker-w1"))
+        try:
+            address = f"127.0.0.1:{daemon.port}"
+            plain = await asyncio.to_thread(main, ["health-check", address, "--timeout", "2"])
+            flags = ["--ca-file", str(pki_dir / "ca.pem"), "--cert-file", str(pki_dir / "operator-alice.pem"),
+                     "--key-file", str(pki_dir / "operator-alice.key")]
+            secured = await asyncio.to_thread(main, ["health-check", address, "--timeout", "5", *flags])
+            return plain, secured
+        finally:
+            await daemon.drain(0.5)
+
+    plain, secured = asyncio.run(go())
+    assert plain == 2 and secured == 0
+    assert "SERVING" in capsys.readouterr().out
