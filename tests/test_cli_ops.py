@@ -172,3 +172,14 @@ def test_tl_train_transform_reports_its_fit_not_a_missing_loss(tmp_path):
                          env=child_env(), capture_output=True, text=True, timeout=100)
     assert out.returncode == 0, out.stderr
     assert "None" not in out.stdout and "fitted on 16 pooled features" in out.stdout, out.stdout
+
+
+@pytest.mark.timeout(60)
+def test_help_loads_no_torch():
+    """`edgesplit --help` builds every verb's parser: configuration classes and choices, not models."""
+    code = ("import sys\n"
+            "from runtime.cli.main import build_parser\n"
+            "build_parser().format_help()\n"
+            "assert 'torch' not in sys.modules, 'torch imported while building the parser'\n")
+    out = run_code(code)
+    assert out.returncode == 0, out.stderr

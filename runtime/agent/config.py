@@ -9,14 +9,14 @@ from typing import TYPE_CHECKING
 
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
-from runtime.wire.chain import Hop
-from runtime.wire.codec import Codec, get_codec
 from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: torch loads when a config is built, not for --help
     from runtime.models.slicing import SplitPoint
     from runtime.transfer.artifact import LoadedTL
+    from runtime.wire.chain import Hop
+    from runtime.wire.codec import Codec
 
 
 _TEXT_CONSTRAINTS = ("pin_blocks", "pin_layers", "forbid_blocks", "max_tier_seconds", "max_tier_share",
@@ -119,6 +119,8 @@ class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file
         if self.next_hops and not self.end_split:
             raise InvalidInput("next_hops is set but end_split is not: give --end-split, where the worker's slice ends")
         if self.forward_codec:
+            from runtime.wire.codec import get_codec
+
             get_codec(self.forward_codec)  # InvalidInput with the valid names
         if not self.telemetry_interval_seconds > 0:
             raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")

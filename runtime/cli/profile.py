@@ -47,7 +47,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def add_parser(sub) -> None:
     """The ``profile`` command, added to ``edgesplit``'s subparsers."""
-    from runtime.measure.profiler import DEFAULT_CODECS  # imports torch: not at this module's import
+    from runtime.measure.defaults import DEFAULT_CODECS
 
     host = socket.gethostname()
     p = sub.add_parser("profile", help="time a model's blocks and transfers on this machine; write a profile (JSON)")

@@ -228,7 +228,7 @@ def add_parser(sub) -> None:
 
 
 def _add_train(tsub) -> None:
-    from runtime.transfer.layers import KINDS, RATIOS  # imports torch: not at this module's import
+    from runtime.transfer.kinds import KINDS, RATIOS
 
     t = tsub.add_parser("train", help="train a TL by distillation from the unsplit model and save it")
     t.add_argument("--model", required=True, help="bundled model or path/to/file.py:factory")
@@ -290,7 +290,7 @@ def _add_list(tsub) -> None:
 
 
 def _add_sweep(tsub) -> None:
-    from runtime.transfer.layers import KINDS, RATIOS  # imports torch: not at this module's import
+    from runtime.transfer.kinds import KINDS, RATIOS
 
     sw = tsub.add_parser("sweep", help="bytes per frame vs fidelity for no TL / reference / bottleneck x codecs")
     sw.add_argument("--model", required=True, help="bundled model or path/to/file.py:factory")

@@ -33,12 +33,11 @@ import torch
 
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.profile import ROLES, Block, Profile, Transfer
+from runtime.measure.defaults import DEFAULT_CODECS  # re-exported
 from runtime.models.loader import LoadedModel, load_model
 from runtime.wire.codec import get_codec, wire_bytes  # wire_bytes: the one definition, shared with the agent
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CODECS = ("raw", "fp16+lz4", "int8+lz4")
 
 
 def _times(fn: Callable, xs: Sequence, runs: int, warmup: int) -> list[float]:

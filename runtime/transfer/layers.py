@@ -45,9 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from runtime.contracts.errors import InvalidInput
+from runtime.transfer.kinds import KINDS, RATIOS  # re-exported
 
-KINDS = ("reference", "bottleneck", "transform")
-RATIOS = (2, 4, 5, 6, 8, 12, 16, 20, 24, 32, 64)  # >= 8: 2x2 pooling, channels / (R / 4)
 REFERENCE_RATIO = 4
 
 

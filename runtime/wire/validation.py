@@ -16,12 +16,11 @@ import torch
 
 from runtime.contracts.errors import InvalidInput, TooLarge
 from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.limits import DEFAULT_MAX_BYTES as DEFAULT_MAX_BYTES  # re-exported: the cap on a decoded tensor
 
 if sys.byteorder != "little":  # the wire is little-endian and the codecs use native views
     raise ImportError("edgesplit codecs support little-endian hosts only")
 
-DEFAULT_MAX_BYTES = 256 * 2**20
-"""Cap on a decoded tensor and on any decompressed buffer (bytes)."""
 
 MAX_RANK = 8
 MAX_DIM = 2**31

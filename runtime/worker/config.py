@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.tiers import EDGE
-from runtime.wire.codec import DEFAULT_MAX_BYTES, get_codec
+from runtime.wire.limits import DEFAULT_MAX_BYTES
 from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
@@ -46,6 +46,8 @@ class WorkerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, i
     forward_reconnect_seconds: float = field(1.0, "first back-off before reopening a failed stream to a next tier (doubles to 2 s, jittered)")
 
     def __post_init__(self) -> None:
+        from runtime.wire.codec import get_codec  # torch: only when a config is built, not for --help
+
         get_codec(self.forward_codec)  # InvalidInput with the valid names ("ans" needs a TL: not for forwarding)
         for name in ("forward_deadline_seconds", "forward_connect_timeout_seconds", "forward_reconnect_seconds"):
             if not getattr(self, name) > 0:
