@@ -183,3 +183,14 @@ def test_help_loads_no_torch():
             "assert 'torch' not in sys.modules, 'torch imported while building the parser'\n")
     out = run_code(code)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.timeout(90)
+def test_json_logs_carry_frame_and_plan_ids():
+    out = subprocess.run(cli("agent", "--model", "digits_cnn", "--worker", "", "--source", "synthetic", "--frames", "2",
+                             "--torch-threads", "1", "--no-summary", "--log-level", "DEBUG", "--log-format", "json"),
+                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=80)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    local = [line for line in lines if "runs locally" in line["msg"]]
+    assert sorted(line["frame"] for line in local) == [0, 1] and all(line["plan"] == 0 for line in local), lines

@@ -250,7 +250,7 @@ class Agent:
                                                      end_split, next_hops, fallback)
             except EdgesplitError as e:
                 self.metrics.plan_refusals.labels(e.code.name).inc()
-                logger.warning("plan v%s refused (keeping v%d): %s", version, current.version, e)
+                logger.warning("plan v%s refused (keeping v%d): %s", version, current.version, e, extra={"plan": version})
                 raise type(e)(f"plan v{version} refused: {e}", e.code) from None
             self.active = plan  # the switch: frames that start from here on use the new plan
             if fresh:
@@ -262,7 +262,7 @@ class Agent:
             self.metrics.plan_version.set(plan.version)
             logger.info("plan v%d in effect: %s@%s (%s) codec %s TL %s worker %s%s", plan.version, self.loaded.name,
                         plan.split.index, plan.split.name, plan.codec.name, plan.tl_id or "none", plan.worker or "none",
-                        plan.chain)
+                        plan.chain, extra={"plan": plan.version, "model": self.loaded.name, "split": plan.split.name})
 
     async def _build_plan(self, current: ActivePlan, split, codec, tl, version: int, worker_address: str | None,
                           model_id: str, end_split: str = "", next_hops: Sequence = (),
@@ -417,7 +417,7 @@ class Agent:
         if reason:
             result.where, result.fallback_reason = "local", reason
             self.metrics.fallbacks.labels(_reason_label(reason)).inc()
-            logger.debug("frame %d runs locally: %s", seq, reason)
+            logger.debug("frame %d runs locally: %s", seq, reason, extra={"frame": seq, "plan": plan.version})
             result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
             result.times["local_tail"] = t_tail
         elif self.refine_margin > 0 and _top1_margin(result.output) < self.refine_margin:

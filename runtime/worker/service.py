@@ -360,7 +360,8 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     def _error_result(self, header: pb.FrameHeader | None, err: EdgesplitError) -> pb.InferResult:
         self.metrics.errors.labels(err.code.name).inc()
-        logger.debug("frame refused: %s %s", err.code.name, err)
+        logger.debug("frame refused: %s %s", err.code.name, err,
+                     extra={"frame": header.seq, "agent": header.agent_id, "plan": header.plan_version} if header else None)
         return pb.InferResult(header=header, code=CODE_NUMBERS[err.code], message=str(err))
 
     # -- RPCs --------------------------------------------------------------------------------
@@ -407,7 +408,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             except EdgesplitError as e:
                 await out.put(self._error_result(frame.header, e))
             except Exception as e:
-                logger.exception("frame %d failed", frame.header.seq)
+                logger.exception("frame %d failed", frame.header.seq, extra={"frame": frame.header.seq, "agent": frame.header.agent_id,
+                                                                             "plan": frame.header.plan_version})
                 await out.put(self._error_result(frame.header, as_error(e)))
 
         async def reader() -> None:
