@@ -115,6 +115,9 @@ def test_every_container_command_line_parses():
         for c in [*pod.get("initContainers", []), *pod["containers"]]:
             args = [a.replace("$(POD_NAME)", "pod-0").replace("$(POD_IP)", "10.0.0.7") for a in c["args"]]
             ns = parser.parse_args(args)
+            mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
+            if args[0] == "profile":  # the profile is written into a mounted directory (nothing creates others)
+                assert str(Path(ns.out).parent) in mounts, (name, ns.out, mounts)
             if args[0] == "worker":
                 cfg = config_from_args(ns, WorkerConfig, "worker")
                 assert cfg.planner and cfg.profiles and cfg.advertise == "10.0.0.7:50051", (name, cfg)
