@@ -327,3 +327,31 @@ def test_health_check_cli_reaches_an_mtls_daemon_with_the_client_flags(pki_dir, 
     plain, secured = asyncio.run(go())
     assert plain == 2 and secured == 0
     assert "SERVING" in capsys.readouterr().out
+
+
+def test_the_local_api_on_loopback_stays_plain_for_an_agent_with_certificates(pki_dir):
+    import torch
+
+    from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
+    from runtime.agent.local_api import serve_local_api
+    from runtime.models.loader import load_model
+    from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
+    from runtime.wire.codec import get_codec
+
+    loaded = load_model("digits_cnn")
+
+    async def go():
+        agent = Agent(loaded, InitialPlan(loaded.split("pool1"), get_codec("raw")),
+                      AgentOptions(transport=TransportOptions(security=creds(pki_dir, "agent-a1"))))
+        await agent.start()
+        api = await serve_local_api(agent, "127.0.0.1:0")
+        try:
+            async with grpc.aio.insecure_channel(api.address) as ch:
+                x = get_codec("raw").encode(torch.zeros(1, 3, 28, 28))
+                return await agent_pb2_grpc.AgentStub(ch).Submit(agent_pb2.SubmitRequest(tensor=x), timeout=30.0)
+        finally:
+            await api.stop(0.5)
+            await agent.close()
+
+    assert asyncio.run(go()).where == "local"

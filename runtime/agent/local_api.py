@@ -6,6 +6,7 @@ never on a public interface: the API has no authentication.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from runtime.daemon.server import Daemon, DaemonOptions
 from runtime.models import preprocess
 from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
 from runtime.wire.codec import decode_tensor, encode_output
+from runtime.wire.security import SecurityOptions, is_loopback
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +78,9 @@ class LocalApi:
 
 
 async def serve_local_api(agent: Agent, address: str) -> LocalApi:
-    daemon = Daemon(DaemonOptions(listen=address, services=(SERVICE_NAME,), transport=agent.transport))
+    transport = agent.transport
+    if is_loopback(address):  # programs on the board: plain (the agent's certificate is a client's, for the worker)
+        transport = dataclasses.replace(transport, security=SecurityOptions())
+    daemon = Daemon(DaemonOptions(listen=address, services=(SERVICE_NAME,), transport=transport))
     await daemon.start(lambda server: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server))
     return LocalApi(daemon)
