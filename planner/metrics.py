@@ -35,7 +35,8 @@ class PlannerMetrics:
                                                  "Planner receive time minus the agent's send time",
                                                  buckets=AGE_BUCKETS, registry=r)
         self.telemetry_age_seconds = Gauge("edgesplit_planner_telemetry_max_age_seconds",
-                                           "Age of the stalest link estimate among agents that sent telemetry",
+                                           "Age of the stalest link estimate among connected agents (an open "
+                                           "WatchPlan stream) that sent telemetry",
                                            registry=r)
         # Per-agent slowdown factors would need agent ids as labels; the largest one is what an alert needs
         # (a plan it causes gives the agent's factor in its reason).

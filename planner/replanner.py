@@ -106,7 +106,10 @@ class RePlanner:
         """Decide for every agent with new conditions or a switch on hold; refresh the age gauge."""
         agents = self.state.agents
         now = time.time()
-        ages = [now - max(lk.updated_unix for lk in st.links.values()) for st in agents.values() if st.links]
+        # agents with an open WatchPlan stream only: one that left keeps its record (and its last links),
+        # and its growing age would hold the stale-telemetry alert on forever
+        ages = [now - max(lk.updated_unix for lk in st.links.values()) for aid, st in agents.items()
+                if st.links and self.broadcaster.watchers(aid)]
         self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
         self.metrics.device_slowdown_max.set(max((st.speed.factor for st in agents.values()), default=1.0))
         for aid, st in list(agents.items()):
