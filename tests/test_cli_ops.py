@@ -70,13 +70,13 @@ def test_json_formatter_keeps_frame_and_plan_ids_and_tracebacks():
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize(("listen", "message"), [
-    (":50051", "has no host: give 0.0.0.0:50051"),
-    ("127.0.0.1", "needs a port"),
-    ("unix:/no/such/dir/agent.sock", "directory /no/such/dir does not exist"),
+@pytest.mark.parametrize(("listen", "error", "message"), [
+    (":50051", InvalidInput, "has no host: give 0.0.0.0:50051"),
+    ("127.0.0.1", InvalidInput, "needs a port"),
+    ("unix:/no/such/dir/agent.sock", OSError, "could not bind unix:/no/such/dir/agent.sock: directory /no/such/dir does not exist"),
 ])
-def test_bad_listen_addresses_are_one_clear_line(listen, message):
-    with pytest.raises(InvalidInput, match=re.escape(message)):
+def test_bad_listen_addresses_are_one_clear_line(listen, error, message):
+    with pytest.raises(error, match=re.escape(message)):
         check_listen(listen)
     check_listen("127.0.0.1:0")
     check_listen("unix:" + str(REPO / "x.sock"))  # an existing directory

@@ -13,8 +13,8 @@ NO_REUSEPORT = ("grpc.so_reuseport", 0)
 
 
 def check_listen(listen: str) -> None:
-    """InvalidInput for an address that cannot work: no host (``:PORT``), no port, a unix socket in
-    a directory that does not exist."""
+    """InvalidInput for an address that cannot work (no host: ``:PORT``; no port); OSError for a unix
+    socket in a directory that does not exist."""
     if listen.startswith("unix:"):
         path = listen[len("unix:"):]
         if path.startswith("//"):  # unix:///abs/path
@@ -22,9 +22,9 @@ def check_listen(listen: str) -> None:
         parent = os.path.dirname(path) or "."
         if not path:
             raise InvalidInput(f"listen address {listen!r} names no socket path: give unix:/path/to/file.sock")
-        if not os.path.isdir(parent):
-            raise InvalidInput(f"cannot serve {listen}: directory {parent} does not exist (create it first; "
-                               "under systemd RuntimeDirectory= does)")
+        if not os.path.isdir(parent):  # the machine, not the address, is wrong: an OSError like any failed bind
+            raise OSError(f"could not bind {listen}: directory {parent} does not exist (create it first; "
+                          "under systemd RuntimeDirectory= does)")
         return
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
