@@ -471,7 +471,10 @@ class Agent:
             self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
             return f"deadline: no edge result within {self.deadline_seconds:g}s"
         except EdgesplitError as e:
-            return str(e) if str(e).startswith("worker refused") else f"worker unavailable: {e}"
+            refused = str(e).startswith("worker refused")
+            if not refused:  # the stream broke under it: its bytes did not get through either (censored)
+                self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
+            return str(e) if refused else f"worker unavailable: {e}"
         finally:
             self._inflight_bytes[stream.address] -= result.wire_bytes
         return ""

@@ -7,7 +7,8 @@ agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
 ``Inference.Probe``, a payload the worker only counts:
 
 * **Only when a probe could change the decision**: the link the plan sends frames on is not probed
-  while its figure is fresher than ``refresh_seconds`` (the frames measure it); every other link
+  while its figure is fresher than ``refresh_seconds`` (default 3 s: the frames measure it; when they
+  stop completing, e.g. the stream breaks on a collapsed link, the probes take over); every other link
   the planner may place the agent on (all of them under a local plan) is probed within the budget,
   since only probes can show that it became worth offloading to (a step up).
 * **Within a budget**: after a probe of ``b`` bytes the link is left alone for
@@ -62,7 +63,7 @@ class ProbeOptions:
     # a payload is sized to take about this long on the estimated link
     target_seconds: float = 0.05
     # the plan's own link is not probed while its figure is fresher than this
-    refresh_seconds: float = 30.0
+    refresh_seconds: float = 3.0
     # shortest wait between two probes of one link
     min_interval_seconds: float = 1.0
     # wait before probing again a link that is still unknown (doubles on failure, up to 8x)
