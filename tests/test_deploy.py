@@ -236,3 +236,18 @@ def test_compose_commands_parse_and_its_prometheus_config_is_valid():
         out = subprocess.run(["promtool", "check", "config", str(DEPLOY / "prometheus" / "compose-prometheus.yml")],
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def docker_compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not docker_compose_available(), reason="docker with the compose plugin is not installed")
+def test_docker_compose_accepts_the_stack():
+    """Where Docker exists: its own parser resolves the file (build context, anchors, volumes)."""
+    out = subprocess.run(["docker", "compose", "-f", str(DEPLOY / "compose.yaml"), "config", "--quiet"],
+                         capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stdout + out.stderr
