@@ -63,6 +63,8 @@ def test_frames_that_arrive_while_the_agent_is_behind_are_dropped_and_counted():
 def test_result_lines_carry_the_plan_prediction():
     plan = ppb.Plan(version=3, split_id="conv2", worker_id="w1", worker_address="e:1", predicted_seconds=0.05)
     plan.fallbacks.append(ppb.BandPlan(plan=ppb.Plan(split_id="output", predicted_seconds=0.2)))
+    plan.fallbacks.append(ppb.BandPlan(plan=ppb.Plan(split_id="conv2", worker_id="w1", worker_address="e:1",
+                                                     predicted_seconds=0.09)))  # the plan's own config, another band
     link = SimpleNamespace(predictions=OrderedDict())
     PlannerLink._predict(link, plan)
     r = FrameResult(0, "f", torch.zeros(1, 10), "edge", "conv2", "raw", 3, worker="e:1")

@@ -307,9 +307,11 @@ class PlannerLink:
             await asyncio.sleep(min(self.interval, self.options.probe.min_interval_seconds))
 
     def _predict(self, plan: ppb.Plan) -> None:
-        for p in (plan, *(b.plan for b in plan.fallbacks)):
-            address = p.worker_address if p.worker_id or p.worker_address else ""
-            self.predictions[(plan.version, p.split_id, address)] = p.predicted_seconds
+        """The plan's prediction, and each fallback's (at its band's grid bandwidth) for a configuration
+        the plan itself is not: the plan's own figure, at the measured bandwidth, is never replaced."""
+        self.predictions[(plan.version, plan.split_id, plan.worker_address)] = plan.predicted_seconds
+        for p in (b.plan for b in plan.fallbacks):
+            self.predictions.setdefault((plan.version, p.split_id, p.worker_address), p.predicted_seconds)
         while len(self.predictions) > MAX_PREDICTIONS:
             self.predictions.popitem(last=False)
 
