@@ -1,0 +1,282 @@
+"""The recorded adaptivity run (issue 11): planner, worker and agent as separate processes on loopback,
+the agent's link through the netem relay stepping between rates with +-jitter, the board under a CPU
+quota when cgroup v1 is available. Writes per-frame results, a timeline (set bandwidth, the agent's
+estimate, split index, measured and predicted latency) as JSON, markdown and PNG, and checks the
+issue's targets::
+
+    python -m runtime.tools.adapt_run --out runtime/tools/results/adaptivity
+
+Targets (reported, not asserted): first frame under the new plan <= 2 s after a step down and
+<= 5 s after a step up; 0 frames lost or duplicated; <= 1 switch per 40 s of steady link under
+the jitter; median |predicted - measured| latency within 10 % in each steady phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from runtime.tools import cpuquota
+from runtime.tools.netem import DelayProxy, LinkShape
+
+CLI = [sys.executable, "-m", "runtime.cli.main"]
+SETTLE = 5.0  # seconds after a step that are not "steady"
+
+
+def _phases(text: str) -> list[tuple[float, float]]:
+    """'50:40,1:40,50:40' -> [(Mbit/s, seconds), ...]"""
+    return [(float(a), float(b)) for a, b in (p.split(":") for p in text.split(","))]
+
+
+async def _run(cmd: list[str], quota: cpuquota.CpuQuota | None = None, **kw) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(*cmd, **kw)
+    if quota is not None:
+        quota.add(proc.pid)
+    return proc
+
+
+async def _port(path: Path, proc: asyncio.subprocess.Process, what: str, timeout: float = 60.0) -> int:
+    t0 = time.monotonic()
+    while not (path.exists() and path.read_text().strip()):
+        if proc.returncode is not None or time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"{what} did not start (exit {proc.returncode})")
+        await asyncio.sleep(0.1)
+    return int(path.read_text().strip())
+
+
+def _scrape(port: int, link: str) -> float | None:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0).read().decode()
+    except OSError:
+        return None
+    pattern = r'edgesplit_agent_link_estimate_bandwidth_bytes_per_second\{link="' + re.escape(link) + r'"\} (\S+)'
+    m = re.search(pattern, text)
+    return float(m.group(1)) if m else None
+
+
+async def record(args: argparse.Namespace, tmp: Path) -> dict:
+    phases = _phases(args.phases)
+    rng = random.Random(args.seed)
+    why_not = cpuquota.unavailable()
+    quotas = contextlib.ExitStack()
+    board = None
+    if why_not is None and args.board_share > 0:
+        qs = quotas.enter_context(cpuquota.QuotaSet(f"edgesplit-adapt-{os.getpid()}"))
+        board = qs.new(args.board_share)
+    common = ["--model", args.model]
+    try:
+        for role, quota in (("device", board), ("edge", None)):
+            p = await _run([*CLI, "profile", *common, "--role", role, "--machine", role, "--runs", str(args.runs),
+                            "--no-progress", "--out", str(tmp / f"{role}.json")], quota)
+            if await p.wait():
+                raise RuntimeError(f"profiling the {role} failed")
+        relay = await DelayProxy("127.0.0.1:1", LinkShape(args.delay_ms / 1e3, phases[0][0] * 125_000.0),
+                                 buffer_bytes=64 * 1024).start()
+        procs = []
+        planner = await _run([*CLI, "planner", "serve", "--listen", "127.0.0.1:0", "--port-file", str(tmp / "planner.port"),
+                              "--db", str(tmp / "planner.sqlite"), "--hold-seconds", str(args.hold)])
+        procs.append(planner)
+        paddr = f"127.0.0.1:{await _port(tmp / 'planner.port', planner, 'the planner')}"
+        user_model = ["--models", args.model] if ":" in args.model else []  # a bundled model needs none
+        worker = await _run([*CLI, "worker", "--listen", "127.0.0.1:0", "--port-file", str(tmp / "worker.port"),
+                             "--planner", paddr, "--profiles", str(tmp / "edge.json"), "--worker-id", "edge-1",
+                             "--advertise", relay.address, *user_model])
+        procs.append(worker)
+        relay.target = ("127.0.0.1", await _port(tmp / "worker.port", worker, "the worker"))
+        await asyncio.sleep(2.0)  # the worker registers
+        total = sum(s for _, s in phases) + args.warmup
+        agent = await _run([*CLI, "agent", *common, "--planner", paddr, "--profile", str(tmp / "device.json"),
+                            "--agent-id", "board-1", "--source", "synthetic", "--frames", str(int(total * args.fps * 2)),
+                            "--fps", str(args.fps), "--window", "2", "--deadline-seconds", str(args.deadline),
+                            "--metrics-port", "0", "--no-summary", "--telemetry-interval-seconds", "0.5"],
+                           board, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        procs.append(agent)
+        return await _drive(args, phases, rng, relay, agent, procs)
+    finally:
+        quotas.close()
+
+
+async def _drive(args, phases, rng, relay, agent, procs) -> dict:
+    frames, timeline, t0 = [], [], time.monotonic()
+    metrics_port = None
+
+    async def read_stderr() -> None:
+        nonlocal metrics_port
+        async for line in agent.stderr:
+            m = re.search(rb"metrics on http://[^:]+:(\d+)/", line)
+            if m:
+                metrics_port = int(m.group(1))
+
+    async def read_stdout() -> None:
+        async for line in agent.stdout:
+            with contextlib.suppress(ValueError):
+                r = json.loads(line)
+                r["t"] = time.monotonic() - t0
+                frames.append(r)
+
+    readers = [asyncio.create_task(read_stderr()), asyncio.create_task(read_stdout())]
+    steps = []
+    try:
+        await asyncio.sleep(args.warmup)  # the first plan (probes, then offloading)
+        for mbps, seconds in phases:
+            steps.append((time.monotonic() - t0, mbps))
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                rate = mbps * 125_000.0 * rng.uniform(1 - args.jitter, 1 + args.jitter)
+                relay.set_shape(rate_bytes_per_second=rate)
+                for _ in range(2):
+                    est = _scrape(metrics_port, relay.address) if metrics_port else None
+                    timeline.append({"t": time.monotonic() - t0, "set_bps": rate, "estimate_bps": est})
+                    await asyncio.sleep(0.5)
+    finally:
+        for p in reversed(procs):
+            if p.returncode is None:
+                p.terminate()
+        for p in procs:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(p.wait(), 15)
+        for task in readers:
+            task.cancel()
+        await relay.close()
+    return {"frames": frames, "timeline": timeline, "steps": steps, "args": vars(args)}
+
+
+def _config(r: dict) -> str:
+    """The configuration a frame ran under: its split ("output": the plan runs on the board). A frame
+    of an offloading plan that fell back to the board (deadline, broken stream) still ran under it."""
+    return r["split"]
+
+
+def analyse(run: dict) -> dict:
+    """The issue's targets from a recorded run."""
+    frames, steps = sorted(run["frames"], key=lambda r: r["seq"]), run["steps"]
+    seqs = [r["seq"] for r in frames]
+    lost = (seqs[-1] - seqs[0] + 1 - len(set(seqs))) if seqs else 0
+    out = {"frames": len(frames), "lost": lost, "duplicated": len(seqs) - len(set(seqs)), "phases": []}
+    ends = [t for t, _ in steps[1:]] + [max((r["t"] for r in frames), default=0.0)]
+    prev, prev_plan = None, None
+    for (start, mbps), end in zip(steps, ends, strict=True):
+        inside = [r for r in frames if start <= r["t"] < end]
+        steady = [r for r in inside if r["t"] >= start + SETTLE]
+        ph = {"mbps": mbps, "start_s": round(start, 2), "seconds": round(end - start, 2), "frames": len(inside)}
+        if steady:
+            new = statistics.mode(_config(r) for r in steady[len(steady) // 2:])
+            first = next((r["t"] - start for r in inside if _config(r) == new), None)
+            ph["plan"] = new
+            ph["fallback_frames"] = sum(1 for r in inside if r["where"] == "local" and r["split"] != "output")
+            changed = prev_plan is not None and new != prev_plan  # None: the plan did not change with the link
+            ph["first_frame_under_new_plan_s"] = round(first, 2) if changed and first is not None else None
+            ph["step"] = None if prev is None else ("down" if mbps < prev else "up")
+            prev_plan = new
+            switches = sum(1 for a, b in itertools.pairwise(steady) if _config(a) != _config(b))
+            span = steady[-1]["t"] - steady[0]["t"]
+            ph["switches_per_40s_steady"] = round(switches * 40.0 / span, 2) if span > 0 else None
+            errs = [abs(r["predicted_ms"] - r["times_ms"]["total"]) / r["times_ms"]["total"]
+                    for r in steady if r.get("predicted_ms") and r["times_ms"].get("total")]
+            ph["median_rel_error"] = round(statistics.median(errs), 3) if errs else None
+        out["phases"].append(ph)
+        prev = mbps
+    return out
+
+
+def _targets(a: dict) -> list[str]:
+    lines = [f"- frames lost {a['lost']}, duplicated {a['duplicated']} (target 0): "
+             f"{'met' if a['lost'] == 0 == a['duplicated'] else 'NOT met'}"]
+    for ph in a["phases"]:
+        if ph.get("step"):
+            bound = 2.0 if ph["step"] == "down" else 5.0
+            got = ph.get("first_frame_under_new_plan_s")
+            lines.append(f"- step {ph['step']} to {ph['mbps']:g} Mbit/s: first frame under the new plan "
+                         f"{got} s (target <= {bound:g} s): {'met' if got is not None and got <= bound else 'NOT met'}")
+        sw, err = ph.get("switches_per_40s_steady"), ph.get("median_rel_error")
+        lines.append(f"- {ph['mbps']:g} Mbit/s steady: {sw} switches per 40 s (target <= 1): "
+                     f"{'met' if sw is not None and sw <= 1 else 'NOT met'}; median |predicted - measured| "
+                     f"{err} (target <= 0.10): {'met' if err is not None and err <= 0.10 else 'NOT met'}")
+    return lines
+
+
+def plot(run: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tl, frames = run["timeline"], sorted(run["frames"], key=lambda r: r["t"])
+    fig, ax = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    ax[0].plot([p["t"] for p in tl], [p["set_bps"] * 8e-6 for p in tl], label="set (relay)")
+    est = [(p["t"], p["estimate_bps"] * 8e-6) for p in tl if p["estimate_bps"]]
+    ax[0].plot([t for t, _ in est], [v for _, v in est], label="agent estimate")
+    ax[0].set_yscale("log")
+    ax[0].set_ylabel("Mbit/s")
+    ax[0].legend()
+    names = sorted({r["split"] for r in frames})
+    ax[1].scatter([r["t"] for r in frames], [names.index(r["split"]) for r in frames], s=6,
+                  c=["tab:blue" if r["where"] == "edge" else "tab:red" for r in frames])
+    ax[1].set_yticks(range(len(names)), names)
+    ax[1].set_ylabel("split (blue edge, red local)")
+    ax[2].plot([r["t"] for r in frames], [r["times_ms"].get("total", 0) for r in frames], ".", ms=3, label="measured")
+    pred = [(r["t"], r["predicted_ms"]) for r in frames if r.get("predicted_ms")]
+    ax[2].plot([t for t, _ in pred], [v for _, v in pred], ".", ms=3, label="predicted")
+    ax[2].set_yscale("log")
+    ax[2].set_ylabel("latency, ms")
+    ax[2].set_xlabel("seconds")
+    ax[2].legend()
+    for a in ax:
+        for t, _ in run["steps"]:
+            a.axvline(t, color="grey", lw=0.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m runtime.tools.adapt_run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="results prefix: writes PREFIX.json, PREFIX.md, PREFIX.png")
+    p.add_argument("--model", default="resnet18", help="bundled model or path/to/file.py:factory (default: resnet18)")
+    p.add_argument("--phases", default="50:40,1:40,50:40", help="MBITS:SECONDS,... (default: 50:40,1:40,50:40)")
+    p.add_argument("--jitter", type=float, default=0.2, help="relay rate varies uniformly by +-this each second")
+    p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay of the relay (default: 5)")
+    p.add_argument("--board-share", type=float, default=0.25,
+                   help="CPU share of one core for the board (cgroup v1; 0: none; default: 0.25)")
+    p.add_argument("--fps", type=float, default=4.0, help="camera rate of the agent (default: 4)")
+    p.add_argument("--deadline", type=float, default=2.0, help="agent --deadline-seconds (default: 2)")
+    p.add_argument("--hold", type=float, default=3.0, help="planner --hold-seconds (default: 3)")
+    p.add_argument("--warmup", type=float, default=15.0, help="seconds before the first phase (default: 15)")
+    p.add_argument("--runs", type=int, default=5, help="profile runs per block (default: 5)")
+    p.add_argument("--seed", type=int, default=11, help="jitter seed")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
+        run = asyncio.run(record(args, Path(tmp)))
+    result = analyse(run)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"analysis": result, **run}, indent=1))
+    plot(run, out.with_suffix(".png"))
+    command = "python -m runtime.tools.adapt_run " + " ".join(sys.argv[1:] if argv is None else argv)
+    board = "none (cgroup v1 unavailable)" if cpuquota.unavailable() else f"{args.board_share:g} of a core"
+    md = [f"# Adaptivity run: {args.model}, phases {args.phases} (Mbit/s:s), +-{args.jitter:.0%} jitter", "",
+          f"Command: `{command}`; board CPU: {board}; relay delay {args.delay_ms:g} ms each way.", "",
+          f"![timeline]({out.with_suffix('.png').name})", "", "## Targets", "", *_targets(result), "",
+          "## Phases", "", "```json", json.dumps(result["phases"], indent=1), "```", ""]
+    out.with_suffix(".md").write_text("\n".join(md))
+    print("\n".join(_targets(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
