@@ -4,11 +4,13 @@ offloaded to; an assumption is never stored as a measurement; a measurement ages
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
-from planner_helpers import FAST, RTT, Planner, next_plan
+from planner_helpers import EDGE_PROFILE, FAST, RTT, SLOW, Planner, expected_seconds, next_plan
 
+from planner.fallbacks import GRID
 from planner.store import LinkRecord, Store
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
@@ -120,8 +122,6 @@ def test_an_old_figure_in_telemetry_is_not_fresh(aio, tmp_path):
 
 def test_each_plan_carries_fallback_plans_by_bandwidth_band(aio, tmp_path):
     """The table's bands hold, at every grid bandwidth, the hand-computed best cut at that bandwidth."""
-    from planner.fallbacks import GRID
-    from planner_helpers import expected_seconds
 
     async def scenario():
         p = await Planner.start(tmp_path / "p.sqlite", **UNKNOWN)
@@ -140,7 +140,7 @@ def test_each_plan_carries_fallback_plans_by_bandwidth_band(aio, tmp_path):
     assert plan.split_id == "conv2" and plan.band_worker_address == "127.0.0.1:50051"
     bands = list(plan.fallbacks)
     assert bands[0].min_bandwidth_bytes_per_second == 0 and bands[-1].max_bandwidth_bytes_per_second == 0
-    for a, b in zip(bands, bands[1:], strict=False):
+    for a, b in itertools.pairwise(bands):
         assert a.max_bandwidth_bytes_per_second == b.min_bandwidth_bytes_per_second  # contiguous
     for factor in GRID:
         bw = FAST * factor
@@ -155,7 +155,6 @@ def test_each_plan_carries_fallback_plans_by_bandwidth_band(aio, tmp_path):
 def test_a_periodic_re_registration_does_not_overwrite_the_reason(aio, tmp_path):
     """Telemetry shows a slower link; while the switch is on hold the worker re-registers unchanged
     (as it does every 30 s): the new plan is still a telemetry change, and counted as one."""
-    from planner_helpers import EDGE_PROFILE, SLOW
 
     async def scenario():
         p = await Planner.start(tmp_path / "p.sqlite", hold_seconds=0.5, **UNKNOWN)
