@@ -58,7 +58,7 @@ def test_one_outlier_is_not_a_step_but_two_in_a_row_are():
     assert det.add(SLOW, FAST) == [SLOW, SLOW]
 
 
-def test_a_censored_frame_pulls_a_fast_estimate_down():
+def test_a_censored_frame_far_below_the_estimate_is_a_step_at_once():
     """A frame of 64 KiB with no result after 2 s: the link carries < 32 KiB/s, whatever the estimate said."""
     est = LinkEstimate()
     est.add_rtt(0.01, 0.0)
@@ -66,10 +66,19 @@ def test_a_censored_frame_pulls_a_fast_estimate_down():
         est.add_bandwidth(FAST, float(i))
     bound = 65536 / (2.0 - 0.01)
     assert est.add_censored(65536, 2.0, 5.0)
-    assert est.bandwidth.value < FAST
-    assert est.add_censored(65536, 2.0, 6.0)  # the second in a row is a step: the estimate is the bound
-    assert est.bandwidth.value == pytest.approx(bound, rel=0.01)
-    assert est.bandwidth.samples == 7
+    assert est.bandwidth.value == pytest.approx(bound) and est.steps == 1 and est.bandwidth.samples == 6
+
+
+def test_a_censored_frame_somewhat_below_the_estimate_is_a_sample():
+    est = LinkEstimate()
+    est.add_rtt(0.01, 0.0)
+    for i in range(5):
+        est.add_bandwidth(FAST, float(i))
+    elapsed = 0.01 + 65536 / (FAST / 2)  # bound: half the estimate (within censored_step)
+    assert est.add_censored(65536, elapsed, 5.0)
+    assert FAST / 2 < est.bandwidth.value < FAST and est.steps == 0
+    assert est.add_censored(65536, elapsed, 6.0)  # the second in a row: the step detector's step
+    assert est.bandwidth.value == pytest.approx(FAST / 2, rel=0.01) and est.steps == 1
 
 
 def test_a_censored_bound_above_the_estimate_says_nothing_new():

@@ -17,8 +17,10 @@ Bandwidth (bytes/s):
   seconds with ``b`` bytes sent says: had the link carried ``B`` bytes/s, the bytes would have
   arrived after ``b/B`` plus one round trip, and the result would have come back; it did not, so
   ``B < b / (elapsed - rtt)``. That upper bound is information: when it is below the estimate,
-  it is taken as a sample (and fed to the step detector); when it is above, it says nothing new and
-  is only counted. Without it, a collapsed link produces no sample at all and the estimate freezes
+  it is taken as a sample (and fed to the step detector); when it is ``censored_step`` (default 4)
+  times below, it is a step on its own (an upper bound is evidence, not noise: a collapsed link
+  shows on its first frame past the deadline); when it is above, it says nothing new and is only
+  counted. Without it, a collapsed link produces no sample at all and the estimate freezes
   at the fast value (the failure this module exists for).
 * **Step detector.** A two-sided CUSUM on ``d = log(sample / estimate)``:
   ``g+ = max(0, g+ + d - drift)``, ``g- = max(0, g- - d - drift)``. Deviations within ``drift``
@@ -57,6 +59,8 @@ class EstimatorOptions:
     min_run: int = 2
     # probes the base RTT is the minimum of
     rtt_window: int = 8
+    # a censored bound this many times below the estimate is a step on its own (0 < ... ; inf: never)
+    censored_step: float = 4.0
     # links held; the least recently sampled is forgotten beyond this
     max_links: int = 64
 
@@ -65,6 +69,7 @@ class EstimatorOptions:
                   (self.half_life_seconds > 0, "half_life_seconds must be > 0"),
                   (self.drift >= 0, "drift must be >= 0"), (self.threshold > 0, "threshold must be > 0"),
                   (1 <= self.min_run <= 64, "min_run must be in [1, 64]"),
+                  (self.censored_step > 1, "censored_step must be > 1"),
                   (1 <= self.rtt_window <= 1024, "rtt_window must be in [1, 1024]"),
                   (1 <= self.max_links <= 4096, "max_links must be in [1, 4096]"))
         for ok, why in checks:
@@ -171,6 +176,13 @@ class LinkEstimate:
         if self.bandwidth.samples and bound >= self.bandwidth.value:
             self.censored += 1
             return False
+        if self.bandwidth.samples and bound * self.options.censored_step < self.bandwidth.value:
+            # hard evidence, not noise: the link cannot be as fast as the estimate says; a step at once
+            self._bw_steps.reset()
+            self.bandwidth.value, self.bandwidth.updated = bound, now
+            self.bandwidth.samples += 1
+            self.steps += 1
+            return True
         self.add_bandwidth(bound, now)
         return True
 
