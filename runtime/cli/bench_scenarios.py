@@ -51,8 +51,11 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
                    command="edgesplit " + " ".join(sys.argv[1:]))
     if args.quick:
         spec = replace(spec, **{k: tuple(v) if isinstance(v, list) else v for k, v in QUICK.items()})
-    res = run(spec, _rank, lambda msg: print(f"... {msg}", file=sys.stderr, flush=True))
-    res["machine"] = report.machine()
-    for p in report.write(res, spec.out_dir, args.name):
+    def write(res: dict) -> list:
+        res["machine"] = report.machine()
+        return report.write(res, spec.out_dir, args.name)
+
+    res = run(spec, _rank, lambda msg: print(f"... {msg}", file=sys.stderr, flush=True), partial=write)
+    for p in write(res):
         print(p)
     return 0

@@ -212,8 +212,10 @@ def _ask_quit(child: subprocess.Popen) -> None:
             child.wait()
 
 
-def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None]) -> dict:
-    """Every model x scenario x strategy; the results as one JSON-able dict."""
+def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
+        partial: Callable[[dict], None] | None = None) -> dict:
+    """Every model x scenario x strategy; the results as one JSON-able dict (``partial`` gets them
+    after each model, so a long run that is stopped keeps what it measured)."""
     why = cgroup_unavailable()
     if why:
         raise RuntimeError(f"cannot emulate the board: {why}; run as root on a host with cgroup v1 cpu")
@@ -229,6 +231,14 @@ def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None]) -> dict:
             links[s] = measure_link(sc.rtt_ms / 2, sc.mbps)
             progress(f"link {s}: set {sc.mbps:g} Mbit/s {sc.rtt_ms:g} ms RTT; measured {links[s]['mbps']:.2f} Mbit/s "
                      f"{links[s]['rtt_ms']:.1f} ms" + (f"  ** off by > 5 %: {', '.join(links[s]['off'])}" if links[s]['off'] else ""))
-        models = {m: _run_model(m, spec, rank, cg, links, tmp, cl, progress) for m in spec.models}
+        models: dict = {}
+        for m in spec.models:
+            models[m] = _run_model(m, spec, rank, cg, links, tmp, cl, progress)
+            if partial is not None:
+                partial(_result(spec, started, models))
+    return _result(spec, started, models)
+
+
+def _result(spec: RunSpec, started: float, models: dict) -> dict:
     return {"spec": asdict(spec), "started": started, "seconds": time.time() - started,
-            "scenarios": {s: asdict(SCENARIOS[s]) for s in spec.scenarios}, "models": models}
+            "scenarios": {s: asdict(SCENARIOS[s]) for s in spec.scenarios}, "models": dict(models)}
