@@ -3,6 +3,7 @@ samples, ageing, steps against jitter, and links that were never measured."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -170,3 +171,36 @@ def test_every_link_is_a_metric_with_its_age_and_samples():
     assert get("edgesplit_agent_link_estimate_bandwidth_bytes_per_second", {"link": "a:1"}) == pytest.approx(SLOW)
     assert get("edgesplit_agent_link_estimate_samples", {"link": "a:1"}) == 2
     assert get("edgesplit_agent_link_estimate_age_seconds", {"link": "a:1"}) == pytest.approx(4.0)
+
+
+def test_frames_late_far_beyond_the_estimate_show_a_collapse_before_their_deadline():
+    from runtime.agent.inflight import InFlight
+
+    async def scenario():
+        link = LinkEstimator()
+        for _ in range(3):
+            link.add_bandwidth_sample(FAST, "w:1")
+        flight = InFlight(link, late_factor=8.0, min_late_seconds=0.1)
+        flight.sent("w:1", 1, 150_000)  # 24 ms at FAST
+        flight.sent("w:1", 2, 150_000)
+        assert flight.bytes("w:1") == 300_000
+        await asyncio.sleep(1.0)  # the watcher looks every 50 ms: both frames end up > 8x late
+        await flight.close()
+        est = link.estimate("w:1")
+        return flight.late, est.bandwidth.value, est.steps
+
+    late, bw, steps = asyncio.run(scenario())
+    assert late == 2 and steps == 1  # two late frames in a row: a step, long before a 2 s deadline
+    assert bw < FAST / 8
+
+
+def test_a_frame_answered_in_time_is_no_evidence():
+    from runtime.agent.inflight import InFlight
+
+    link = LinkEstimator()
+    link.add_bandwidth_sample(FAST, "w:1")
+    flight = InFlight(link)
+    flight._frames["w:1"][1] = [0.0, 150_000, False]  # sent at t=0 (no watcher: looked at by hand)
+    assert flight.look(0.05) == 0  # 50 ms: within 8x of the expected 24 ms
+    flight.done("w:1", 1, 0)
+    assert flight.look(10.0) == 0 and link.estimate("w:1").bandwidth.value == FAST

@@ -18,6 +18,7 @@ import grpc
 import torch
 
 from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.inflight import InFlight
 from runtime.agent.metrics import STAGES, AgentMetrics
 from runtime.agent.metrics import reason_label as _reason_label
 from runtime.agent.telemetry import LinkEstimator
@@ -170,7 +171,7 @@ class Agent:
         self._retiring: set[asyncio.Task] = set()
         self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)
         self._seq = itertools.count()
-        self._inflight_bytes: dict[str, int] = {}  # by worker address: bytes sent and not yet answered or abandoned
+        self.inflight = InFlight(self.link)  # frames sent and not yet answered, per link; late ones are evidence
         self.link.use(self.active.worker)
 
     # The active plan's parts, for callers that predate ActivePlan (read-only).
@@ -228,8 +229,7 @@ class Agent:
         ``end_split`` / ``next_hops``: a chained plan (runtime.wire.chain) in which the worker runs only
         [split, end_split) and forwards the rest along ``next_hops`` (Hop or "ADDRESS[@END_SPLIT]");
         a plan names its whole route, so the defaults ("", ()) mean the worker runs the whole tail.
-        ``fallback``: an entry of the running plan's fallback table (runtime.agent.fallbacks), taken by
-        the agent itself, under the running plan's ``version`` (the planner confirms with a newer one).
+        ``fallback``: an entry of the plan's fallback table (runtime.agent.fallbacks), under its ``version``.
 
         Checked before anything changes: the model (``model_id``, when given) is this agent's,
         ``version`` is newer than the current one, the split exists, the codec is known, the TL
@@ -354,7 +354,7 @@ class Agent:
         if stream is None or not stream.is_open:
             return None
         return await self.link.probe_rtt(stream, timeout, stream.address,
-                                         queued=self._inflight_bytes.get(stream.address, 0) > 0)
+                                         queued=self.inflight.bytes(stream.address) > 0)
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -439,8 +439,7 @@ class Agent:
         seq = header.seq
         req = pb.InferRequest(header=header, tensor=msg)
         result.wire_bytes, result.worker = wire_bytes(msg), stream.address  # what the profile's bytes count
-        ahead = self._inflight_bytes.get(stream.address, 0) + result.wire_bytes  # bytes before ours, ours included
-        self._inflight_bytes[stream.address] = ahead
+        ahead = self.inflight.sent(stream.address, seq, result.wire_bytes)  # bytes before ours, ours included
         t_send = time.perf_counter()
         deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up
         try:
@@ -476,10 +475,11 @@ class Agent:
                 self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
             return str(e) if refused else f"worker unavailable: {e}"
         finally:
-            self._inflight_bytes[stream.address] -= result.wire_bytes
+            self.inflight.done(stream.address, seq, result.wire_bytes)
         return ""
 
     async def close(self) -> None:
+        await self.inflight.close()
         for task in list(self._retiring):
             task.cancel()
         await asyncio.gather(*self._retiring, return_exceptions=True)

@@ -1,0 +1,83 @@
+"""Frames sent and not yet answered, per link, and the early sign of a collapsed link (issue 11).
+
+The agent records each frame it sends (:meth:`InFlight.sent`: its send time and the bytes ahead of
+it, its own included) until its result, deadline or failure (:meth:`InFlight.done`). A watcher
+looks every ``period`` seconds: a frame still in flight ``late_factor`` times longer than the link's
+estimate says its bytes should take (bytes ahead / bandwidth + base RTT), and at least
+``min_late_seconds``, is an upper bound of the bandwidth before its deadline: the bytes ahead did
+not get through in that time. It is taken once per frame as an ordinary sample (through the step
+detector, so it takes two such frames in a row to declare a step: one stalled frame is not a
+collapse). A link that collapses shows within a few hundred milliseconds instead of a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import defaultdict
+from typing import Any
+
+LATE_FACTOR = 8.0  # a frame this many times later than the estimate says is evidence of a slower link
+MIN_LATE_SECONDS = 0.1  # and at least this late
+PERIOD = 0.05  # seconds between two looks
+
+
+class InFlight:
+    """Per link (worker address): frames in flight, and the bytes they hold."""
+
+    def __init__(self, link: Any, late_factor: float = LATE_FACTOR, min_late_seconds: float = MIN_LATE_SECONDS,
+                 period: float = PERIOD):
+        self.link = link  # a runtime.agent.telemetry.LinkEstimator
+        self.late_factor, self.min_late_seconds, self.period = late_factor, min_late_seconds, period
+        self._frames: dict[str, dict[int, list]] = defaultdict(dict)  # address -> seq -> [sent at, ahead, seen late]
+        self._bytes: dict[str, int] = defaultdict(int)
+        self._task: asyncio.Task | None = None
+        self.late = 0  # frames taken as early upper bounds
+
+    def bytes(self, address: str) -> int:
+        """Bytes sent on ``address`` and not yet answered."""
+        return self._bytes.get(address, 0)
+
+    def sent(self, address: str, seq: int, nbytes: int) -> int:
+        """Frame ``seq`` of ``nbytes`` is being sent; returns the bytes ahead of it, its own included."""
+        self._bytes[address] += nbytes
+        ahead = self._bytes[address]
+        self._frames[address][seq] = [time.perf_counter(), ahead, False]
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+        return ahead
+
+    def done(self, address: str, seq: int, nbytes: int) -> None:
+        self._bytes[address] -= nbytes
+        self._frames[address].pop(seq, None)
+
+    def look(self, now: float) -> int:
+        """One look at every frame in flight; returns how many were taken as late."""
+        taken = 0
+        for address, frames in self._frames.items():
+            est = self.link.links.get(address)
+            if est is None or est.bandwidth.value <= 0:
+                continue
+            for entry in frames.values():
+                sent_at, ahead, seen = entry
+                elapsed = now - sent_at
+                expected = ahead / est.bandwidth.value + est.rtt.value
+                if not seen and elapsed > max(self.min_late_seconds, self.late_factor * expected):
+                    entry[2] = True
+                    taken += 1
+                    self.link.add_bandwidth_sample(ahead / max(elapsed - est.rtt.value, 1e-6), address)
+        self.late += taken
+        return taken
+
+    async def _watch(self) -> None:
+        while any(self._frames.values()):
+            self.look(time.perf_counter())
+            await asyncio.sleep(self.period)
+
+    async def close(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
