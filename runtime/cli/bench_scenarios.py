@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2}
+QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2}
 
 
 def add_parser(sub) -> None:

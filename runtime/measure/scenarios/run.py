@@ -123,9 +123,10 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     tls = [str(tl)] if tl else []
     progress(f"{model}: profiling the edge (unrestricted, {spec.testbed.threads} thread)")
     edge = profile_model(loaded, "edge", machine="edge", runs=spec.profile_runs, warmup=1, codecs=spec.codecs,
-                         tls=tls, threads=spec.testbed.threads, progress=False, inputs=2)
+                         tls=tls, threads=spec.testbed.threads, progress=False, inputs=spec.profile_inputs)
     cfg = {"model": model, "frames": spec.frames, "cgroup": str(cg.path), "testbed": asdict(spec.testbed),
            "profile_out": str(tmp / f"{model}-board.json"), "profile_runs": spec.profile_runs,
+           "profile_inputs": spec.profile_inputs,
            "codecs": list(spec.codecs), "tls": tls, "jpeg_quality": JPEG_QUALITY, "jpeg_out": str(tmp / f"{model}-jpeg")}
     progress(f"{model}: board child: load, join the cgroup, calibrate the quota, profile, run local")
     child = subprocess.Popen([sys.executable, "-m", "runtime.measure.scenarios.device", json.dumps(cfg)],
