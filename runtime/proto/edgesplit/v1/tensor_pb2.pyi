@@ -14,6 +14,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_FP16: _ClassVar[Codec]
     CODEC_INT8: _ClassVar[Codec]
     CODEC_ANS: _ClassVar[Codec]
+    CODEC_JPEG: _ClassVar[Codec]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -24,6 +25,7 @@ CODEC_RAW: Codec
 CODEC_FP16: Codec
 CODEC_INT8: Codec
 CODEC_ANS: Codec
+CODEC_JPEG: Codec
 COMPRESSION_NONE: Compression
 COMPRESSION_LZ4: Compression
 
