@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from runtime.agent.estimator import LinkEstimate
 from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prober import ProbeOptions, Prober
@@ -297,12 +299,15 @@ class PlannerLink:
                 try:
                     reply = await planner.call("ListProbeTargets", ppb.ProbeTargetsRequest(agent_id=self.agent_id))
                 except EdgesplitError as e:
-                    logger.info("planner %s lists no probe targets (%s); links are measured by frames only", self.address, e)
-                    await asyncio.Event().wait()
-                targets = []
-                for t in reply.targets[: self.options.probe.max_targets]:
-                    targets.append(t.address)
-                    self._remember(t.address, t.worker_id)
+                    if e.code == grpc.StatusCode.UNIMPLEMENTED:  # an older planner: frames measure, nothing else
+                        logger.info("planner %s lists no probe targets; links are measured by frames only", self.address)
+                        await asyncio.Event().wait()
+                    logger.debug("probe targets: %s; the last list stays", e)  # transient: keep probing
+                else:
+                    targets = []
+                    for t in reply.targets[: self.options.probe.max_targets]:
+                        targets.append(t.address)
+                        self._remember(t.address, t.worker_id)
             await self.prober.round(targets)
             await asyncio.sleep(min(self.interval, self.options.probe.min_interval_seconds))
 

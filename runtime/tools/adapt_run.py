@@ -112,9 +112,13 @@ async def _drive(args, phases, rng, relay, agent, procs) -> dict:
     frames, timeline, t0 = [], [], time.monotonic()
     metrics_port = None
 
+    log = open(args.agent_log, "wb") if args.agent_log else None  # noqa: SIM115 (closed below)
+
     async def read_stderr() -> None:
         nonlocal metrics_port
         async for line in agent.stderr:
+            if log is not None:
+                log.write(line)
             m = re.search(rb"metrics on http://[^:]+:(\d+)/", line)
             if m:
                 metrics_port = int(m.group(1))
@@ -149,6 +153,8 @@ async def _drive(args, phases, rng, relay, agent, procs) -> dict:
                 await asyncio.wait_for(p.wait(), 15)
         for task in readers:
             task.cancel()
+        if log is not None:
+            log.close()
         await relay.close()
     return {"frames": frames, "timeline": timeline, "steps": steps, "args": vars(args)}
 
@@ -255,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=15.0, help="seconds before the first phase (default: 15)")
     p.add_argument("--runs", type=int, default=5, help="profile runs per block (default: 5)")
     p.add_argument("--seed", type=int, default=11, help="jitter seed")
+    p.add_argument("--agent-log", default="", help="write the agent's log (stderr) to this file")
     return p
 
 
