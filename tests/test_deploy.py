@@ -32,7 +32,7 @@ def test_example_configs_load_with_every_key_known():
 def test_kustomization_builds():
     out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "k8s")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "kind: Deployment" in out.stdout and "grpc:" in out.stdout and "kind: StatefulSet" in out.stdout
+    assert "kind: StatefulSet" in out.stdout and "health-check" in out.stdout and "grpc:" not in out.stdout
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (Debian package 'prometheus') is not installed")
@@ -92,11 +92,11 @@ def test_every_container_is_hardened_and_every_workload_operable():
             assert "/tmp" in {m["mountPath"] for m in c.get("volumeMounts", [])}, (name, c["name"])  # writable scratch
         for c in pod["containers"]:
             assert {"startupProbe", "readinessProbe", "livenessProbe"} <= set(c), (name, c["name"])
-        selector = by_kind["Deployment" if name == "edgesplit-worker" else "StatefulSet"][name]["spec"]["selector"]
+        selector = by_kind["StatefulSet"][name]["spec"]["selector"]
         assert any(p["spec"]["selector"] == selector for p in by_kind["PodDisruptionBudget"].values()), name
         assert any(n["spec"]["podSelector"] == selector for n in by_kind["NetworkPolicy"].values()), name
-    planner = by_kind["StatefulSet"]["edgesplit-planner"]
-    assert by_kind["Service"][planner["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
+    for name in pods:  # stable pod names and DNS: the worker's certificate names its pod
+        assert by_kind["Service"][by_kind["StatefulSet"][name]["spec"]["serviceName"]]["spec"]["clusterIP"] == "None"
     worker_args = pods["edgesplit-worker"]["containers"][0]["args"]
     planner_address = worker_args[worker_args.index("--planner") + 1]
     assert planner_address.split(":")[0] in by_kind["Service"]
@@ -113,14 +113,15 @@ def test_every_container_command_line_parses():
     parser = build_parser()
     for name, pod in pod_templates(rendered_k8s()).items():
         for c in [*pod.get("initContainers", []), *pod["containers"]]:
-            args = [a.replace("$(POD_NAME)", "pod-0").replace("$(POD_IP)", "10.0.0.7") for a in c["args"]]
+            args = [a.replace("$(POD_NAME)", "pod-0").replace("$(POD_NAMESPACE)", "ns") for a in c["args"]]
             ns = parser.parse_args(args)
             mounts = {m["mountPath"] for m in c.get("volumeMounts", [])}
             if args[0] == "profile":  # the profile is written into a mounted directory (nothing creates others)
                 assert str(Path(ns.out).parent) in mounts, (name, ns.out, mounts)
             if args[0] == "worker":
                 cfg = config_from_args(ns, WorkerConfig, "worker")
-                assert cfg.planner and cfg.profiles and cfg.advertise == "10.0.0.7:50051", (name, cfg)
+                assert cfg.planner and cfg.profiles and cfg.worker_id == "pod-0", (name, cfg)
+                assert cfg.advertise == "pod-0.edgesplit-worker-headless.ns.svc.cluster.local:50051", (name, cfg)
             elif args[:2] == ["planner", "serve"]:
                 assert config_from_args(ns, PlannerConfig, "planner").db.startswith("/var/lib/edgesplit/")
 
