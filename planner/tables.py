@@ -29,7 +29,7 @@ class Table:
     nbytes: np.ndarray  # (n+1, K), inf where a row has fewer options
     encode: np.ndarray  # (n+1, K) encode seconds
     decode: np.ndarray  # (n+1, K) decode seconds
-    fidelity: np.ndarray  # (n+1, K) fidelity of a TL option, nan = not measured
+    fidelity: np.ndarray  # (n+1, K) fidelity of an option (a TL, or jpeg at the input), nan = not measured
     is_tl: np.ndarray  # (n+1, K) whether the option runs a Transfer Layer
     seconds: np.ndarray  # prefix sums of block times, length n+1
     params: np.ndarray  # prefix sums of param_bytes
@@ -168,7 +168,8 @@ def link_cost(spec: LinkSpec, network: Network, constraints: Constraints, includ
     if cap is not None:
         allowed &= st.nbytes <= cap
     if constraints.min_fidelity > 0:
-        allowed &= ~st.is_tl | (st.fidelity >= constraints.min_fidelity)  # nan (unmeasured) fails
+        # a TL must have a measured fidelity (nan fails); a codec only if it has one (jpeg at the input)
+        allowed &= (~st.is_tl & np.isnan(st.fidelity)) | (st.fidelity >= constraints.min_fidelity)
     if spec.sender_cap is not None:  # same arithmetic as grid.tier_seconds, so the grid agrees
         allowed &= st.seconds[:, None] + st.encode <= spec.sender_cap
     if spec.receiver_cap is not None:

@@ -134,7 +134,8 @@ def _brute(tiers, net, cons, objective, include_return):
                 a = ranges[chain[j]][0]
                 opts = [t for t in s.transfers_after(a)
                         if t.bytes <= cons.max_upload_bytes.get(tiers[chain[j - 1]].name, math.inf)
-                        and (not t.tl_id or not cons.min_fidelity or (t.fidelity or 0) >= cons.min_fidelity)]
+                        and (not cons.min_fidelity or (not t.tl_id and t.fidelity is None)
+                             or (t.fidelity or 0) >= cons.min_fidelity)]
                 dec = {t.name: t.decode_seconds for t in d.transfers_after(a)}
                 link = net.link(s.machine, d.machine, tiers[chain[j - 1]].name, tiers[chain[j]].name)
                 hop_opts.append([(t, dec.get(t.name, t.decode_seconds), link) for t in opts])

@@ -34,7 +34,7 @@ from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT, SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.chain import Hop, check_route
-from runtime.wire.codec import Codec, decode_tensor, get_codec, wire_bytes
+from runtime.wire.codec import Codec, codec_at, decode_tensor, wire_bytes
 from runtime.wire.stream import EdgeStream
 
 if TYPE_CHECKING:
@@ -274,8 +274,8 @@ class Agent:
             raise PreconditionFailed(f"stale plan: version {version} is not newer than the current v{current.version}")
         sp = self.loaded.split(split)  # NotFound with the valid range
         art = await self._resolve_tl(current, tl, sp)
-        # InvalidInput with the valid names; "ans" codes with the plan's (transform) TL's model
-        cod = codec if isinstance(codec, Codec) else get_codec(codec, model=art.tl.entropy_model if art else None)
+        # InvalidInput with the valid names; "ans" codes with the plan's (transform) TL's model; jpeg only at split 0
+        cod = codec_at(codec, sp.index, sp.name, model=art.tl.entropy_model if art else None, spec=self.loaded.spec)
         loop = asyncio.get_running_loop()
         # Not on the board thread: frames keep running while the new head and tail are built.
         head, tail = await loop.run_in_executor(None, lambda: (self.loaded.head(sp.name), self.loaded.tail(sp.name)))

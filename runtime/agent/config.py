@@ -35,6 +35,11 @@ class InitialPlan:
     end_split: str = ""  # where the worker's slice ends (runtime.wire.chain); "" = the worker runs the whole tail
     next_hops: tuple[Hop | str, ...] = ()  # tiers after the worker, in order, as Hop or "ADDRESS[@END_SPLIT]"
 
+    def __post_init__(self) -> None:
+        from runtime.wire.jpeg import check_split
+
+        check_split(self.codec, self.split.index, self.split.name)  # InvalidInput: jpeg is for split 0 only
+
 
 @dataclass(frozen=True)
 class AgentOptions:
@@ -62,7 +67,7 @@ class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file
     worker: str = field("127.0.0.1:50051", "edge worker address HOST:PORT (empty: run every frame locally)")
     model: str = field("efficientnet_lite0", "bundled model name or path/to/file.py:factory")
     split: str = field("", "split point index or name (see 'edgesplit models MODEL'); empty = the model's default")
-    codec: str = field("int8+lz4", "wire codec: raw, raw+lz4, fp16, fp16+lz4, int8, int8+lz4; ans with a transform TL")
+    codec: str = field("int8+lz4", "wire codec: raw, raw+lz4, fp16, fp16+lz4, int8, int8+lz4; ans with a transform TL; jpeg (jpegQ: quality Q) at --split input")
     tl: str = field("", "Transfer Layer artifact (.json from 'edgesplit tl train'): encode after the head; sets the split when --split is empty")
     source: str = field("samples", "frames: samples, synthetic, a folder of PNG/JPEG, a video file, or none (only --serve)")
     frames: int = field(0, "frames to process (0 = one pass over the source; synthetic: 100); finite sources repeat")

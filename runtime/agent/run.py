@@ -69,7 +69,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
 
         tl = await loop.run_in_executor(None, lambda: load_tl(config.tl, config.tl_dir or None, loaded=loaded))
     split = choose_split(loaded, config.split or (tl.split.name if tl is not None else ""))
-    codec = get_codec(config.codec, model=tl.tl.entropy_model if tl is not None else None)
+    codec = get_codec(config.codec, model=tl.tl.entropy_model if tl is not None else None, spec=loaded.spec)
     metrics = AgentMetrics()
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     plan = InitialPlan(split, codec, worker=config.worker, tl=tl, end_split=config.end_split, next_hops=next_hops(config))

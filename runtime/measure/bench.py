@@ -34,7 +34,7 @@ def _median(values):
 
 async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=None):
     model = tl.tl.entropy_model if tl is not None else None
-    plan = InitialPlan(split, get_codec(codec, model=model), worker=address, tl=tl)
+    plan = InitialPlan(split, get_codec(codec, model=model, spec=loaded.spec), worker=address, tl=tl)
     agent = Agent(loaded, plan, AgentOptions(deadline_seconds=30.0))
     await agent.start()
     inputs = [f.tensor for f in open_source(loaded.spec, "synthetic", 8)]

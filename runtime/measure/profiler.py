@@ -14,7 +14,9 @@ through the blocks before it (batch 1). Per block:
   the bytes actually on the wire (:func:`wire_bytes`, median over the inputs, always one of the
   measured sizes) and the median encode and decode times of ``runs`` calls. A TL transfer's
   ``fidelity`` is the hold-out top-1 agreement its manifest records (measured without a codec);
-  codec-only transfers leave it ``None``.
+  codec-only transfers leave it ``None``, except ``jpeg``/``jpegQ`` (measured at the input cut only,
+  where the tensor is the model's input image): its fidelity is the top-1 agreement of the unsplit
+  model on the JPEG-decoded inputs with the model on the originals, over the profiled inputs.
 
 The profile says nothing about links: the planner combines it with measured bandwidth.
 """
@@ -27,6 +29,7 @@ import socket
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
@@ -36,6 +39,7 @@ from runtime.contracts.profile import ROLES, Block, Profile, Transfer
 from runtime.measure.defaults import DEFAULT_CODECS  # re-exported
 from runtime.models.loader import LoadedModel, load_model
 from runtime.wire.codec import get_codec, wire_bytes  # wire_bytes: the one definition, shared with the agent
+from runtime.wire.jpeg import is_jpeg, jpeg_quality
 
 logger = logging.getLogger(__name__)
 
@@ -96,15 +100,17 @@ def param_bytes(gm: torch.fx.GraphModule) -> int:
 
 
 def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, warmup: int,
-               tl=None, fidelity: float | None = None) -> list[Transfer]:
-    """One :class:`Transfer` per codec for the tensors ``ys`` (through ``tl``'s encoder/decoder if given)."""
+               tl=None, fidelity: float | None = None, spec=None) -> list[Transfer]:
+    """One :class:`Transfer` per codec for the tensors ``ys`` (through ``tl``'s encoder/decoder if given).
+    JPEG codecs are measured only with ``spec`` (at the input cut, where ``ys`` are the model's inputs)."""
     out = []
     zs = [tl.tl.encoder(y) for y in ys] if tl is not None else list(ys)
     model = tl.tl.entropy_model if tl is not None else None
     if model is not None:  # a transform TL is also measured with its own entropy coder
         codecs = [*codecs, *(["ans"] if "ans" not in codecs else [])]
+    codecs = [c for c in codecs if not is_jpeg(c) or (spec is not None and tl is None)]
     for name in codecs:
-        codec = get_codec(name, model=model)
+        codec = get_codec(name, model=model, spec=spec)
         try:
             msgs = [codec.encode(z) for z in zs]
         except InvalidInput as e:  # e.g. a lossy codec on an integer tensor
@@ -122,6 +128,22 @@ def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, war
             decode_seconds=statistics.median(_times(dec, msgs, runs, warmup)),
             codec=name, tl_id=tl.tl_id if tl is not None else "", fidelity=fidelity))
     return out
+
+
+def input_fidelity(loaded: LoadedModel, xs: Sequence[torch.Tensor], codec_name: str) -> float:
+    """Top-1 agreement of the unsplit model on ``xs`` sent through ``codec_name`` with it on ``xs``."""
+    codec = get_codec(codec_name, spec=loaded.spec)
+    full = loaded.full
+    agree = [int(full(x).argmax()) == int(full(codec.decode(codec.encode(x))).argmax()) for x in xs]
+    return sum(agree) / len(agree)
+
+
+def _input_transfers(loaded: LoadedModel, xs: Sequence[torch.Tensor], codecs: Sequence[str], arts: Sequence,
+                     runs: int, warmup: int) -> list[Transfer]:
+    """The transfers of the input cut: codecs (JPEG among them, with its measured fidelity) and TLs."""
+    out = _transfers(xs, codecs, runs, warmup, spec=loaded.spec)
+    out = [replace(t, fidelity=input_fidelity(loaded, xs, t.codec)) if is_jpeg(t.codec) else t for t in out]
+    return [*out, *_tl_transfers(arts, 0, xs, codecs, runs, warmup)]
 
 
 def _load_tls(loaded: LoadedModel, paths: Sequence[str]) -> list:
@@ -171,7 +193,10 @@ def profile_model(model: str | LoadedModel, role: str, machine: str | None = Non
             raise InvalidInput(f"{what} must be >= {least}, got {v}")
     codecs = tuple(dict.fromkeys(codecs))
     for c in codecs:
-        get_codec(c)  # unknown names fail before anything is timed
+        if not is_jpeg(c):
+            get_codec(c)  # unknown names fail before anything is timed
+        else:
+            jpeg_quality(c)  # InvalidInput for a quality outside 1..100
     from tqdm import tqdm
 
     host = socket.gethostname()
@@ -184,7 +209,7 @@ def profile_model(model: str | LoadedModel, role: str, machine: str | None = Non
         with torch.inference_mode(), tqdm(total=len(points) - 1, desc=f"profile {loaded.name}", unit="block",
                                           disable=None if progress else True) as bar:  # None: only on a terminal
             xs = _inputs(loaded, inputs)
-            input_transfers = [*_transfers(xs, codecs, runs, warmup), *_tl_transfers(arts, 0, xs, codecs, runs, warmup)]
+            input_transfers = _input_transfers(loaded, xs, codecs, arts, runs, warmup)
             segs, outs = [], []
             for i, sp in enumerate(points[1:]):
                 bar.set_postfix_str(f"{i}:{sp.name}")

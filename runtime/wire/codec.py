@@ -23,20 +23,26 @@ Two codecs take a model and are not in the plain registry:
   model's range. ``get_codec("ans", model=tl.entropy_model)`` builds it; a worker decodes it
   with the model of the TL the frame names (``decode_tensor`` alone refuses it).
 
+One codec takes the model's spec and works only at split point 0 (``input``):
+
+* ``jpeg`` (``jpegQ`` for quality Q) -- the de-normalised input image as a JPEG
+  (:mod:`runtime.wire.jpeg`); ``get_codec("jpeg", spec=loaded.spec)`` builds it and a worker decodes
+  it with the spec of the model the frame names.
+
 Every codec puts the whole payload in ``buffer`` (``chunks = 1``); a caller that splits or joins
 chunks does so around :meth:`Codec.encode` / :func:`decode_tensor`.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
-import lz4.block
+import lz4.block  # noqa: F401 (the codecs compress in codec_base; tests patch lz4 through this module)
 import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.codec_base import Codec, _from_bytes, _tensor_bytes
 from runtime.wire.validation import (
     DEFAULT_MAX_BYTES,
     DTYPE_NAMES,
@@ -46,11 +52,13 @@ from runtime.wire.validation import (
 )
 
 if TYPE_CHECKING:
+    from runtime.models.spec import ModelSpec
     from runtime.wire.entropy import EntropyModel
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "Codec",
+    "codec_at",
     "codec_names",
     "decode_tensor",
     "encode_output",
@@ -59,28 +67,6 @@ __all__ = [
 ]
 
 FP16_MAX = 65504.0
-
-
-def _tensor_bytes(x: torch.Tensor) -> memoryview:
-    """The C-order bytes of ``x`` as a buffer (no copy beyond ``contiguous()``)."""
-    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bit pattern
-        x = x.view(torch.int16)
-    if x.numel() == 0:
-        return memoryview(b"")
-    return x.reshape(-1).numpy().data.cast("B")
-
-
-def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """A writable tensor over ``buf`` (taken over, not copied)."""
-    if len(buf) == 0:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-
-
-def _prepare(x: torch.Tensor) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise InvalidInput(f"expected a torch.Tensor, got {type(x).__name__}")
-    return x.detach().cpu().contiguous()
 
 
 def _quant_axis(rank: int) -> int:
@@ -92,90 +78,6 @@ def _as_3d(x: torch.Tensor, axis: int) -> torch.Tensor:
     if x.dim() == 0:
         return x.reshape(1, 1, 1)
     return x.reshape(x.shape[:axis].numel(), x.shape[axis], x.shape[axis + 1 :].numel())
-
-
-class Codec(ABC):
-    """Base class: subclasses implement ``_encode_values`` / ``_decode_values``."""
-
-    name: str = ""
-    lossless: bool = True
-    codec: tensor_pb2.Codec = tensor_pb2.CODEC_UNSPECIFIED
-    nominal_ratio: float = 1.0  # raw float32 bytes / codec bytes, before compression
-
-    def __init__(self, lz4: bool = False) -> None:
-        self.lz4 = lz4
-        self.compression = tensor_pb2.COMPRESSION_LZ4 if lz4 else tensor_pb2.COMPRESSION_NONE
-        self.name = type(self).name + ("+lz4" if lz4 else "")
-
-    def __repr__(self) -> str:
-        return f"<Codec {self.name}>"
-
-    # -- encoding ---------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tensor_pb2.Tensor:
-        x = _prepare(x)
-        msg = tensor_pb2.Tensor(shape=list(x.shape), codec=self.codec, compression=self.compression)
-        values = self._encode_values(x, msg)  # a buffer of the codec output
-        msg.encoded_size = values.nbytes
-        if self.lz4:
-            msg.buffer = lz4.block.compress(values, mode="default", store_size=False)
-        else:
-            msg.buffer = values.tobytes()
-        msg.chunks = 1
-        msg.payload_size = len(msg.buffer)
-        return msg
-
-    @abstractmethod
-    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
-        """The codec's values as bytes; sets the codec's own fields of ``msg``."""
-
-    # -- decoding ---------------------------------------------------------------------------
-    def decode(self, msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
-        if msg.codec != self.codec or msg.compression != self.compression:
-            raise InvalidInput(
-                f"codec={msg.codec} compression={msg.compression} cannot be decoded by {self.name} "
-                f"(expects codec={self.codec} compression={self.compression})"
-            )
-        validate_tensor(msg, max_bytes=max_bytes)
-        return self._decode_validated(msg)
-
-    def _decode_validated(self, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        if msg.chunks > 1 and len(msg.buffer) != msg.payload_size:
-            raise InvalidInput(
-                f"len(buffer)={len(msg.buffer)} but payload_size={msg.payload_size} over "
-                f"chunks={msg.chunks}: join all chunks into buffer before decoding"
-            )
-        if self.lz4:
-            payload = self._decompress(msg)
-        else:
-            payload = bytearray(msg.buffer)  # one copy, writable
-        return self._decode_values(payload, msg)
-
-    @staticmethod
-    def _decompress(msg: tensor_pb2.Tensor) -> bytearray:
-        size = msg.encoded_size  # already checked == expected size <= max_bytes
-        if size == 0:
-            return bytearray()
-        try:
-            out: bytearray = lz4.block.decompress(msg.buffer, uncompressed_size=size, return_bytearray=True)
-        except lz4.block.LZ4BlockError as e:
-            raise InvalidInput(f"buffer is not a valid lz4 block of encoded_size={size}: {e}") from e
-        if len(out) != size:
-            raise InvalidInput(f"lz4 buffer decompressed to {len(out)} bytes; encoded_size={size}")
-        return out
-
-    @abstractmethod
-    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        """The tensor from the (decompressed) payload."""
-
-    # -- estimates --------------------------------------------------------------------------
-    def estimate_ratio(self, x: torch.Tensor | None = None) -> float:
-        """Raw float32 bytes / wire bytes: nominal without ``x``, measured on ``x`` with lz4."""
-        if x is None or x.numel() == 0:
-            return self.nominal_ratio
-        if not self.lz4:
-            return self.nominal_ratio if self.codec != tensor_pb2.CODEC_RAW else 4 / x.element_size()
-        msg = self.encode(x)
-        return x.numel() * 4 / max(1, len(msg.buffer) + 8 * len(msg.scale))
 
 
 class RawCodec(Codec):
@@ -320,8 +222,13 @@ def codec_names(model: EntropyModel | None = None) -> list[str]:
     return list(_CODECS) + (list(MODEL_CODECS) if model is not None else [])
 
 
-def get_codec(name: str, model: EntropyModel | None = None) -> Codec:
-    """The codec called ``name``. ``ans`` needs ``model`` (a transform TL's ``entropy_model``)."""
+def get_codec(name: str, model: EntropyModel | None = None, spec: ModelSpec | None = None) -> Codec:
+    """The codec called ``name``. ``ans`` needs ``model`` (a transform TL's ``entropy_model``);
+    ``jpeg``/``jpegQ`` needs ``spec`` (the model's mean/std and input size) and split 0."""
+    from runtime.wire.jpeg import is_jpeg, jpeg_codec  # lazily: it builds on codec_base, not on this module
+
+    if is_jpeg(name):
+        return jpeg_codec(name, spec)
     if name in MODEL_CODECS:
         if model is None:
             raise InvalidInput(f"codec {name!r} entropy-codes with a transform Transfer Layer's model: use it with "
@@ -330,14 +237,32 @@ def get_codec(name: str, model: EntropyModel | None = None) -> Codec:
     try:
         return _CODECS[name]
     except (KeyError, TypeError):
-        raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join([*_CODECS, *MODEL_CODECS])}") from None
+        raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join([*_CODECS, *MODEL_CODECS])}, "
+                           "and jpeg/jpegQ at split 'input'") from None
+
+
+def codec_at(codec: str | Codec, split_index: int, split_name: str = "", model: EntropyModel | None = None,
+             spec: ModelSpec | None = None) -> Codec:
+    """``codec`` (a name, built as :func:`get_codec` builds it, or a codec) for frames cut at split point
+    ``split_index``: InvalidInput for a JPEG codec anywhere but split 0 (``input``)."""
+    from runtime.wire.jpeg import check_split
+
+    cod = codec if isinstance(codec, Codec) else get_codec(codec, model=model, spec=spec)
+    check_split(cod, split_index, split_name)
+    return cod
 
 
 def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES,
-                  model: EntropyModel | None = None) -> torch.Tensor:
+                  model: EntropyModel | None = None, spec: ModelSpec | None = None) -> torch.Tensor:
     """Validate and decode a wire tensor, whatever its codec (what the server calls). A
-    ``CODEC_ANS`` tensor needs ``model``, the entropy model of the TL the frame names."""
+    ``CODEC_ANS`` tensor needs ``model``, the entropy model of the TL the frame names; a
+    ``CODEC_JPEG`` one ``spec``, the spec of the model the frame names."""
     validate_tensor(msg, max_bytes=max_bytes)
+    if msg.codec == tensor_pb2.CODEC_JPEG:
+        if spec is None:
+            raise PreconditionFailed("the tensor is a JPEG input image (CODEC_JPEG): only a model's input at split 0 "
+                                     "('input') is decoded from a JPEG")
+        return get_codec("jpeg", spec=spec)._decode_validated(msg)
     if msg.codec == tensor_pb2.CODEC_ANS:
         if model is None:
             raise PreconditionFailed("the tensor is entropy-coded (CODEC_ANS) but names no transform Transfer Layer "

@@ -46,6 +46,7 @@ CODEC_ENUM_NAMES = {
     tensor_pb2.CODEC_FP16: "CODEC_FP16",
     tensor_pb2.CODEC_INT8: "CODEC_INT8",
     tensor_pb2.CODEC_ANS: "CODEC_ANS",
+    tensor_pb2.CODEC_JPEG: "CODEC_JPEG",
 }
 COMPRESSION_ENUM_NAMES = {
     tensor_pb2.COMPRESSION_NONE: "COMPRESSION_NONE",
@@ -77,8 +78,8 @@ def channel_count(shape: Sequence[int], axis: int) -> int:
 
 def expected_encoded_size(msg: tensor_pb2.Tensor) -> int:
     """Bytes the codec output must have for this header (assumes codec and dtype are valid).
-    CODEC_ANS has no fixed size: its ``encoded_size`` is checked by :func:`_check_ans`."""
-    if msg.codec == tensor_pb2.CODEC_ANS:
+    CODEC_ANS and CODEC_JPEG have no fixed size: :func:`_check_ans` / :func:`_check_jpeg` bound them."""
+    if msg.codec in (tensor_pb2.CODEC_ANS, tensor_pb2.CODEC_JPEG):
         return msg.encoded_size
     item = _WIRE_ITEMSIZE[msg.codec] or ITEMSIZE[msg.dtype]
     return numel(msg.shape) * item
@@ -122,6 +123,8 @@ def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTE
         )
     if msg.codec == tensor_pb2.CODEC_ANS:
         _check_ans(msg, n)
+    elif msg.codec == tensor_pb2.CODEC_JPEG:
+        _check_jpeg(msg, shape, n)
     expected = expected_encoded_size(msg)
     if msg.encoded_size != expected:
         raise InvalidInput(
@@ -145,6 +148,23 @@ def _check_ans(msg: tensor_pb2.Tensor, n: int) -> None:
     if msg.encoded_size % 4 or msg.encoded_size > bound or (n and not msg.encoded_size):
         raise InvalidInput(f"encoded_size={msg.encoded_size} is invalid for CODEC_ANS of shape {list(msg.shape)}: "
                            f"must be a non-zero multiple of 4 and <= {bound}")
+
+
+def jpeg_bound(n: int) -> int:
+    """Most bytes a CODEC_JPEG payload of ``n`` values may take: the raw float32 tensor's size (a
+    JPEG bigger than that would be no use; real ones of camera images are 10-30x smaller)."""
+    return 4 * n
+
+
+def _check_jpeg(msg: tensor_pb2.Tensor, shape: list[int], n: int) -> None:
+    if msg.compression != tensor_pb2.COMPRESSION_NONE:
+        raise InvalidInput("CODEC_JPEG is already compressed: compression must be COMPRESSION_NONE")
+    if len(shape) != 4 or shape[0] != 1 or shape[1] != 3:
+        raise InvalidInput(f"CODEC_JPEG carries one RGB image: shape must be [1, 3, H, W], got {shape}")
+    bound = jpeg_bound(n)
+    if not 0 < msg.encoded_size <= bound:
+        raise InvalidInput(f"encoded_size={msg.encoded_size} is invalid for CODEC_JPEG of shape {shape}: "
+                           f"must be 1..{bound}")
 
 
 def _check_int8(msg: tensor_pb2.Tensor, shape: list[int]) -> None:

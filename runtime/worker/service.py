@@ -281,6 +281,9 @@ class InferenceService(pb_grpc.InferenceServicer):
                     "the frame is entropy-coded (codec ans), which needs the transform Transfer Layer that coded "
                     f"it; this frame names {('TL ' + tail.tl_id) if tail.tl_id else 'no TL'}: send tl_id with it"
                 )
+            if req.tensor.codec == tensor_pb2.CODEC_JPEG and (tail.split.index != 0 or tail.decoder is not None):
+                raise PreconditionFailed(f"the frame is a JPEG input image (codec jpeg), which only split 0 ('input') "
+                                         f"without a TL takes; this frame names split {tail.split.name!r}")
             self.metrics.received_bytes.inc(len(req.tensor.buffer))
             with self._count_lock:
                 self._waiting += 1
@@ -338,7 +341,8 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.cancelled.check(req.header)  # DeadlineExceeded: its sender gave up on it while it waited
         self.metrics.inflight.inc()
         try:
-            x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes, model=tail.entropy)
+            x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes, model=tail.entropy,
+                              spec=tail.model.spec)
             with torch.inference_mode():
                 if tail.decoder is not None:  # TL decoding counts as decode: wire -> feature at the split
                     x = tail.decoder(x)

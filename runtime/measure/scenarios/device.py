@@ -91,7 +91,7 @@ async def run_split(loaded, job: dict, xs) -> list[dict]:
     """One strategy: the frames through an agent (one in flight) at the job's split, codec and TL."""
     tl = load_tl(job["tl"], loaded=loaded) if job.get("tl") else None
     split = next(p for p in loaded.sliced.split_points if p.name == job["split"])
-    codec = get_codec(job["codec"], model=tl.tl.entropy_model if tl is not None else None)
+    codec = get_codec(job["codec"], model=tl.tl.entropy_model if tl is not None else None, spec=loaded.spec)
     agent = Agent(loaded, InitialPlan(split, codec, worker=job["address"], tl=tl),
                   AgentOptions(deadline_seconds=job.get("deadline_s", 60.0)))
     await agent.start()

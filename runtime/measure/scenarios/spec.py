@@ -53,7 +53,7 @@ class RunSpec:
     # (the committed run of 2026-12-03 used 2, and under-predicted lz4'd early cuts)
     profile_inputs: int = 4
     min_fidelity: float = 0.97  # edgesplit's floor for a Transfer Layer's measured top-1 agreement
-    codecs: tuple[str, ...] = ("raw", "fp16", "int8+lz4")  # codecs edgesplit may choose from
+    codecs: tuple[str, ...] = ("raw", "fp16", "int8+lz4", "jpeg")  # codecs edgesplit may choose from (jpeg: input only)
     testbed: Testbed = field(default_factory=Testbed)  # the board and the edge
     out_dir: str = "runtime/measure/results"  # JSON, markdown and PNG go here
     command: str = ""  # the command line, recorded with the results

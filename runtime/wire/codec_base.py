@@ -1,0 +1,119 @@
+"""The base class of the wire codecs (:mod:`runtime.wire.codec` holds the codecs and the registry;
+:mod:`runtime.wire.jpeg` the input-only JPEG codec) and the buffer helpers they share."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import lz4.block
+import torch
+
+from runtime.contracts.errors import InvalidInput
+from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.validation import DEFAULT_MAX_BYTES, validate_tensor
+
+
+def _tensor_bytes(x: torch.Tensor) -> memoryview:
+    """The C-order bytes of ``x`` as a buffer (no copy beyond ``contiguous()``)."""
+    if x.dtype == torch.bfloat16:  # numpy has no bfloat16: send its bit pattern
+        x = x.view(torch.int16)
+    if x.numel() == 0:
+        return memoryview(b"")
+    return x.reshape(-1).numpy().data.cast("B")
+
+
+def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A writable tensor over ``buf`` (taken over, not copied)."""
+    if len(buf) == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise InvalidInput(f"expected a torch.Tensor, got {type(x).__name__}")
+    return x.detach().cpu().contiguous()
+
+
+class Codec(ABC):
+    """Base class: subclasses implement ``_encode_values`` / ``_decode_values``."""
+
+    name: str = ""
+    lossless: bool = True
+    codec: tensor_pb2.Codec = tensor_pb2.CODEC_UNSPECIFIED
+    nominal_ratio: float = 1.0  # raw float32 bytes / codec bytes, before compression
+
+    def __init__(self, lz4: bool = False) -> None:
+        self.lz4 = lz4
+        self.compression = tensor_pb2.COMPRESSION_LZ4 if lz4 else tensor_pb2.COMPRESSION_NONE
+        self.name = type(self).name + ("+lz4" if lz4 else "")
+
+    def __repr__(self) -> str:
+        return f"<Codec {self.name}>"
+
+    # -- encoding ---------------------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tensor_pb2.Tensor:
+        x = _prepare(x)
+        msg = tensor_pb2.Tensor(shape=list(x.shape), codec=self.codec, compression=self.compression)
+        values = self._encode_values(x, msg)  # a buffer of the codec output
+        msg.encoded_size = values.nbytes
+        if self.lz4:
+            msg.buffer = lz4.block.compress(values, mode="default", store_size=False)
+        else:
+            msg.buffer = values.tobytes()
+        msg.chunks = 1
+        msg.payload_size = len(msg.buffer)
+        return msg
+
+    @abstractmethod
+    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
+        """The codec's values as bytes; sets the codec's own fields of ``msg``."""
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self, msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
+        if msg.codec != self.codec or msg.compression != self.compression:
+            raise InvalidInput(
+                f"codec={msg.codec} compression={msg.compression} cannot be decoded by {self.name} "
+                f"(expects codec={self.codec} compression={self.compression})"
+            )
+        validate_tensor(msg, max_bytes=max_bytes)
+        return self._decode_validated(msg)
+
+    def _decode_validated(self, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        if msg.chunks > 1 and len(msg.buffer) != msg.payload_size:
+            raise InvalidInput(
+                f"len(buffer)={len(msg.buffer)} but payload_size={msg.payload_size} over "
+                f"chunks={msg.chunks}: join all chunks into buffer before decoding"
+            )
+        if self.lz4:
+            payload = self._decompress(msg)
+        else:
+            payload = bytearray(msg.buffer)  # one copy, writable
+        return self._decode_values(payload, msg)
+
+    @staticmethod
+    def _decompress(msg: tensor_pb2.Tensor) -> bytearray:
+        size = msg.encoded_size  # already checked == expected size <= max_bytes
+        if size == 0:
+            return bytearray()
+        try:
+            out: bytearray = lz4.block.decompress(msg.buffer, uncompressed_size=size, return_bytearray=True)
+        except lz4.block.LZ4BlockError as e:
+            raise InvalidInput(f"buffer is not a valid lz4 block of encoded_size={size}: {e}") from e
+        if len(out) != size:
+            raise InvalidInput(f"lz4 buffer decompressed to {len(out)} bytes; encoded_size={size}")
+        return out
+
+    @abstractmethod
+    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        """The tensor from the (decompressed) payload."""
+
+    # -- estimates --------------------------------------------------------------------------
+    def estimate_ratio(self, x: torch.Tensor | None = None) -> float:
+        """Raw float32 bytes / wire bytes: nominal without ``x``, measured on ``x`` with lz4."""
+        if x is None or x.numel() == 0:
+            return self.nominal_ratio
+        if not self.lz4:
+            return self.nominal_ratio if self.codec != tensor_pb2.CODEC_RAW else 4 / x.element_size()
+        msg = self.encode(x)
+        return x.numel() * 4 / max(1, len(msg.buffer) + 8 * len(msg.scale))
