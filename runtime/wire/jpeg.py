@@ -5,8 +5,9 @@ The agent holds the preprocessed input, ``(pixel - mean) / std`` of shape ``[1, 
 ``mean``/``std``, rounds and clips to uint8 RGB and writes a baseline JPEG with Pillow at a quality
 (``jpeg`` = 90, ``jpegQ`` for a quality Q in 1..100, e.g. ``jpeg75``; Pillow's default 4:2:0 chroma
 subsampling). The worker decodes it with Pillow and normalises it with the mean/std of the model the
-frame names. Lossy: on the bundled photos at quality 90 the decoded pixels differ from the originals by
-about 1-2 pixel units on average (tests/test_jpeg.py bounds the mean absolute error at 3).
+frame names. Lossy: on the four bundled photos at quality 90 (224 x 224) the decoded pixels differ from
+the originals by 0.007-0.49 pixel units on average (tests/test_jpeg.py bounds the mean absolute error at
+1), 7.7-16.7 KB a frame against 43-150 KB for int8+lz4 of the same tensor.
 
 Decoding checks before anything is allocated: the header (:func:`validate_tensor`: compression none,
 shape ``[1, 3, H, W]``, ``0 < encoded_size <= 4 * numel``, the buffer that long), the model's input
