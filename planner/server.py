@@ -20,7 +20,8 @@ SERVICE_NAME = planner_pb2.DESCRIPTOR.services_by_name["Planner"].full_name
 # Operators may call everything; ListAgents is theirs alone.
 AUTH_POLICY = {"RegisterWorker": frozenset({WORKER}), "RegisterAgent": frozenset({AGENT}),
                "ReportTelemetry": frozenset({AGENT}), "WatchPlan": frozenset({AGENT}),
-               "ReportPlanStatus": frozenset({AGENT}), "QueryPlan": frozenset({AGENT}), "ListAgents": frozenset()}
+               "ReportPlanStatus": frozenset({AGENT}), "QueryPlan": frozenset({AGENT}), "ListProbeTargets": frozenset({AGENT}),
+               "ListAgents": frozenset()}
 
 
 @dataclass

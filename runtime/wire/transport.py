@@ -27,10 +27,13 @@ class TransportOptions:
     # payload bytes per stream message (< max_message_bytes). 256 KiB measured best on loopback:
     # an 800 KB payload round-trips in ~1.1 ms as 256 KiB chunks against ~5 ms as one message.
     chunk_bytes: int = 256 * 1024
-    # keep-alive: a silent partition (bytes swallowed, no RST) is detected within time + timeout = 2 s,
-    # so frames stop waiting on a dead stream and the agent runs them locally
+    # keep-alive: a silent partition (bytes swallowed, no RST) is detected within time + timeout = 11 s.
+    # A ping queues behind the bytes already sent: on a 1.6 Mbit/s link one 400 KB frame holds it 2 s,
+    # and a 1 s timeout broke every stream that carried one (bench-scenarios, issue 11's step runs).
+    # Frames do not wait for this: each has its deadline, and the agent's in-flight detector and
+    # bandwidth-band fallbacks move it to a local plan when a link stops delivering.
     keepalive_time_ms: int = 1_000  # ping the connection this often (also while idle)
-    keepalive_timeout_ms: int = 1_000  # drop the connection when a ping is not answered in time
+    keepalive_timeout_ms: int = 10_000  # drop the connection when a ping is not answered in time
     security: SecurityOptions = field(default_factory=SecurityOptions)  # TLS / mTLS / tokens (runtime.wire.security)
 
     def aio_channel(self, address: str) -> grpc.aio.Channel:

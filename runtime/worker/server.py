@@ -25,6 +25,7 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 # who may call what (runtime.daemon.auth; enforced when the worker authenticates, i.e. mTLS or tokens):
 # agents send frames, workers forward chained frames; operators may do anything
 AUTH_POLICY = {name: frozenset({AGENT, WORKER}) for name in ("Prepare", "Infer", "InferStream", "InferTile")}
+AUTH_POLICY["Probe"] = frozenset({AGENT})  # bandwidth probes: agents measuring their link
 
 
 @dataclass
