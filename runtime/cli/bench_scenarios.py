@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed frames per strategy (default: 2)")
     p.add_argument("--profile-runs", type=int, default=5, help="timed passes per block when profiling (default: 5)")
     p.add_argument("--slowdown", type=float, default=18.0, help="board / edge compute ratio to calibrate the quota to (default: 18)")
-    p.add_argument("--min-fidelity", type=float, default=0.97, help="edgesplit's floor for a TL's top-1 agreement (default: 0.97)")
+    p.add_argument("--min-fidelity", type=float, default=0.97, help="edgesplit's floor for a TL's (or jpeg's) measured top-1 agreement (default: 0.97)")
     p.add_argument("--out", default="runtime/measure/results", help="folder for JSON, markdown, PNG (default: %(default)s)")
     p.add_argument("--name", default="scenarios", help="file stem of the results (default: %(default)s)")
     p.add_argument("--quick", action="store_true", help="CI mode (< 3 min): resnet18, 20mbit, 3 frames, 2 profile runs")
@@ -33,7 +33,8 @@ def _rank(dev, edge, link, min_fidelity):
     from planner.search import search
     from runtime.contracts.costmodel import Constraints, Network, Tier
 
-    ranked = search([Tier("device", (dev,), required=True), Tier("edge", (edge,))],
+    # the board need not run a block: cut 0 sends the input (raw for Scission, jpeg for edgesplit)
+    ranked = search([Tier("device", (dev,)), Tier("edge", (edge,))],
                     Network({("device", "edge"): link}), Constraints(min_fidelity=min_fidelity), top_n=1)
     return ranked[0] if ranked else None
 
