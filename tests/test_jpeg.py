@@ -231,3 +231,13 @@ def test_planner_picks_jpeg_at_input_within_the_fidelity_floor():
     got = best(0.5, 0.97)  # measured below the floor: not offered
     assert got.hops[0].transfer.codec != "jpeg"
     assert best(0.5, 0.0).hops[0].transfer.codec == "jpeg"  # no floor
+
+
+def test_bench_scenarios_board_jpeg_encode_is_the_measured_one():
+    from runtime.contracts.profile import Block, Profile, Transfer
+    from runtime.measure.scenarios import costs
+
+    p = Profile("b", "device", "m", (Block(0, "output", 1.0, 4000),), 600_000,
+                input_transfers=(Transfer("raw", 600_000, 0.001, codec="raw"), Transfer("jpeg", 13_000, 0.06, codec="jpeg")))
+    got = costs.with_input_encode(costs.rescale(p, 3.0), "jpeg", 0.017)
+    assert [t.encode_seconds for t in got.input_transfers] == [pytest.approx(0.003), 0.017]

@@ -139,6 +139,8 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     measured = load_profile(cfg["profile_out"])
     factor = cal["device_ms"] / 1e3 / sum(b.seconds for b in measured.blocks)
     dev = costs.rescale(measured, factor)
+    # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
+    dev = costs.with_input_encode(dev, "jpeg", statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
     ref = [r["class_index"] for r in board["local"]]
     plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names)
              for s in spec.scenarios}
