@@ -15,6 +15,7 @@ from typing import Any
 
 from runtime.contracts.costmodel import Link, Network
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.files import read_capped
 from runtime.contracts.profile import Block, Profile, Transfer
 from runtime.contracts.tiers import TIERS
 
@@ -27,12 +28,8 @@ MAX_PEER_FILE_BYTES = 256 * 2**20
 def _read(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
-        if p.stat().st_size > MAX_PEER_FILE_BYTES:
-            raise InvalidInput(f"{p}: larger than {MAX_PEER_FILE_BYTES} bytes")
-        d = json.loads(p.read_text())
-    except OSError as e:
-        raise InvalidInput(f"cannot read {p}: {e.strerror}") from None
-    except json.JSONDecodeError as e:
+        d = json.loads(read_capped(p, MAX_PEER_FILE_BYTES, "peer benchmark file"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InvalidInput(f"{p}: not valid JSON: {e}") from None
     if not isinstance(d, dict) or not isinstance(d.get("machines"), dict):
         raise InvalidInput(f"{p}: not a peer benchmark file (no 'machines' object)")

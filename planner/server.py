@@ -9,7 +9,7 @@ from planner.config import PlannerConfig
 from planner.metrics import PlannerMetrics
 from planner.service import PlannerService
 from planner.store import Store
-from runtime.daemon.server import Daemon, DaemonOptions, stop_on_signals
+from runtime.daemon.server import Daemon, DaemonHandle, DaemonOptions, stop_on_signals
 from runtime.proto.edgesplit.v1 import planner_pb2, planner_pb2_grpc
 from runtime.wire.security import AGENT, WORKER
 
@@ -25,25 +25,9 @@ AUTH_POLICY = {"RegisterWorker": frozenset({WORKER}), "RegisterAgent": frozenset
 
 
 @dataclass
-class PlannerServer:
+class PlannerServer(DaemonHandle):
     daemon: Daemon
     service: PlannerService
-
-    @property
-    def port(self) -> int:
-        return self.daemon.port
-
-    @property
-    def server(self):
-        return self.daemon.server
-
-    @property
-    def health(self):
-        return self.daemon.health
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.daemon.metrics_port
 
     async def drain_and_stop(self, grace: float) -> None:
         """NOT_SERVING, end the WatchPlan streams, let unary calls finish (up to ``grace``), stop."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 # The agent refuses larger images (runtime.agent.local_api.MAX_IMAGE_BYTES); checked before reading.
@@ -26,13 +25,9 @@ def add_parser(sub) -> None:
 
 
 def _read(path: str) -> bytes:
-    size = os.stat(path).st_size
-    if size > MAX_IMAGE_BYTES:
-        from runtime.contracts.errors import TooLarge
+    from runtime.contracts.files import read_capped
 
-        raise TooLarge(f"{path}: {size} bytes; the agent takes images up to {MAX_IMAGE_BYTES} bytes")
-    with open(path, "rb") as f:
-        return f.read(MAX_IMAGE_BYTES + 1)
+    return read_capped(path, MAX_IMAGE_BYTES, "image")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.files import read_capped
 from runtime.contracts.tiers import TIERS
 
 FORMAT = "edgesplit-profile"
@@ -215,11 +216,4 @@ def loads(text: str | bytes, where: str = "profile") -> Profile:
 
 
 def load(path: str | Path) -> Profile:
-    p = Path(path)
-    try:
-        size = p.stat().st_size
-    except OSError as e:
-        raise InvalidInput(f"cannot read profile {p}: {e.strerror}") from None
-    if size > MAX_PROFILE_BYTES:
-        raise InvalidInput(f"{p}: {size} bytes is above the {MAX_PROFILE_BYTES}-byte profile limit")
-    return loads(p.read_bytes(), str(p))
+    return loads(read_capped(path, MAX_PROFILE_BYTES, "profile"), str(path))

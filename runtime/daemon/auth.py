@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from runtime.daemon.interceptors import rewrap_handler
 from runtime.wire.security import OPERATOR, SecurityOptions, load_tokens, parse_spiffe, token_digest
 
 logger = logging.getLogger(__name__)
@@ -162,16 +163,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method in OPEN_METHODS:
             return handler
         metadata = handler_call_details.invocation_metadata
-        kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-                 ("unary_stream", grpc.unary_stream_rpc_method_handler),
-                 ("stream_unary", grpc.stream_unary_rpc_method_handler),
-                 ("stream_stream", grpc.stream_stream_rpc_method_handler))
-        for attr, make in kinds:
-            behaviour = getattr(handler, attr)
-            if behaviour is not None:
-                return make(self._guard(behaviour, method, metadata), request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return rewrap_handler(handler, lambda behaviour: self._guard(behaviour, method, metadata))
 
     def _guard(self, behaviour: Callable[..., Any], method: str, metadata: Any) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behaviour):

@@ -52,22 +52,31 @@ class ErrorStatusInterceptor(grpc.aio.ServerInterceptor):
 _Abort = Callable[[str, grpc.aio.ServicerContext, Exception], Awaitable[None]]
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, abort: _Abort) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour wrapped by :func:`_guard` (sync behaviours are left as they are)."""
-    kinds = (("unary_unary", grpc.unary_unary_rpc_method_handler),
-             ("unary_stream", grpc.unary_stream_rpc_method_handler),
-             ("stream_unary", grpc.stream_unary_rpc_method_handler),
-             ("stream_stream", grpc.stream_stream_rpc_method_handler))
-    for attr, make in kinds:
+_HANDLER_KINDS = (("unary_unary", grpc.unary_unary_rpc_method_handler),
+                  ("unary_stream", grpc.unary_stream_rpc_method_handler),
+                  ("stream_unary", grpc.stream_unary_rpc_method_handler),
+                  ("stream_stream", grpc.stream_stream_rpc_method_handler))
+
+
+def rewrap_handler(handler: grpc.RpcMethodHandler,
+                   wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> grpc.RpcMethodHandler:
+    """The same method handler (kind, (de)serializers) with its behaviour replaced by ``wrap(behaviour)``;
+    the handler itself when ``wrap`` returns the behaviour unchanged. Every interceptor here uses it."""
+    for attr, make in _HANDLER_KINDS:
         behaviour = getattr(handler, attr)
         if behaviour is None:
             continue
-        wrapped = _guard(behaviour, method, abort)
+        wrapped = wrap(behaviour)
         if wrapped is behaviour:
             return handler
         return make(wrapped, request_deserializer=handler.request_deserializer,
                     response_serializer=handler.response_serializer)
     return handler
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler, method: str, abort: _Abort) -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour wrapped by :func:`_guard` (sync behaviours are left as they are)."""
+    return rewrap_handler(handler, lambda behaviour: _guard(behaviour, method, abort))
 
 
 def _guard(behaviour: Callable[..., Any], method: str, abort: _Abort) -> Callable[..., Any]:

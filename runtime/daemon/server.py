@@ -168,3 +168,26 @@ def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+class DaemonHandle:
+    """What a running daemon (worker, planner) shows of its Daemon: the bound port, the grpc server,
+    the health servicer and the metrics port. Subclasses are dataclasses with a ``daemon`` field."""
+
+    daemon: Daemon
+
+    @property
+    def port(self) -> int:
+        return self.daemon.port
+
+    @property
+    def server(self) -> grpc.aio.Server:
+        return self.daemon.server
+
+    @property
+    def health(self) -> health.aio.HealthServicer:
+        return self.daemon.health
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.daemon.metrics_port

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtime.contracts.errors import InvalidInput, TooLarge
+from runtime.contracts.errors import InvalidInput
+from runtime.contracts.files import read_capped
 
 FORMAT = "edgesplit-parallel-plan"
 VERSION = 1
@@ -109,17 +110,11 @@ class ParallelStage:
 
     @classmethod
     def load(cls, path: str | Path) -> ParallelStage:
-        p = Path(path)
+        text = read_capped(path, MAX_FILE_BYTES, "parallel plan")
         try:
-            size = p.stat().st_size
-        except OSError as e:
-            raise InvalidInput(f"cannot read parallel plan {p}: {e.strerror}") from None
-        if size > MAX_FILE_BYTES:
-            raise TooLarge(f"parallel plan {p} is {size} bytes; at most {MAX_FILE_BYTES} are read")
-        try:
-            return cls.from_json(json.loads(p.read_text()))
-        except json.JSONDecodeError as e:
-            raise InvalidInput(f"parallel plan {p} is not JSON: {e}") from None
+            return cls.from_json(json.loads(text))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InvalidInput(f"parallel plan {path} is not JSON: {e}") from None
 
     # -- protobuf (tiles.proto ParallelStage) -------------------------------------------------
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.daemon.planner_client import PlannerClientOptions
-from runtime.daemon.server import Daemon, DaemonOptions, stop_on_signals
+from runtime.daemon.server import Daemon, DaemonHandle, DaemonOptions, stop_on_signals
 from runtime.proto.edgesplit.v1 import inference_pb2, inference_pb2_grpc, tiles_pb2_grpc
 from runtime.wire.security import AGENT, WORKER
 from runtime.worker.config import WorkerConfig
@@ -29,26 +29,10 @@ AUTH_POLICY["Probe"] = frozenset({AGENT})  # bandwidth probes: agents measuring 
 
 
 @dataclass
-class WorkerServer:
+class WorkerServer(DaemonHandle):
     daemon: Daemon
     service: InferenceService
     registration: PlannerRegistration | None = None
-
-    @property
-    def port(self) -> int:
-        return self.daemon.port
-
-    @property
-    def server(self):
-        return self.daemon.server
-
-    @property
-    def health(self):
-        return self.daemon.health
-
-    @property
-    def metrics_port(self) -> int | None:
-        return self.daemon.metrics_port
 
     async def drain_and_stop(self, grace: float) -> None:
         """NOT_SERVING, refuse new frames, let admitted frames finish (up to ``grace``), stop."""
