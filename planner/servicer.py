@@ -53,6 +53,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         for old in expire_workers(self.state, self.state.config.registration_ttl_seconds):
             self.owners.release("worker", old.record.id)
             self.replanner.worker_registered({}, old)
+        self.owners.expired("agent")  # lapsed agent bindings count for nothing: forget them (memory stays bounded)
 
     async def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: grpc.aio.ServicerContext) -> pb.RegisterWorkerReply:
         if request.leaving:  # a clean shutdown, from the id's owner only: forget it, move its agents now

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -255,17 +255,3 @@ class ParallelCoordinator:
             with torch.inference_mode():
                 y = await self._compute(self.loaded.tail(self.last.name), y)
         return y, reports
-
-
-def stage_summary(reports: Sequence[TileReport]) -> dict[str, dict[str, float]]:
-    """Per worker (and "local"): tiles computed, tiles failed there, mean round trip and compute ms."""
-    out: dict[str, dict[str, float]] = {}
-    for r in reports:
-        row = out.setdefault(r.ran_on, {"tiles": 0, "failed": 0, "seconds": 0.0, "compute_seconds": 0.0})
-        row["tiles"] += 1
-        row["seconds"] += r.seconds
-        row["compute_seconds"] += r.compute_seconds
-        for f in r.failures:
-            failed_on = f.split(": ", 1)[0]
-            out.setdefault(failed_on, {"tiles": 0, "failed": 0, "seconds": 0.0, "compute_seconds": 0.0})["failed"] += 1
-    return out
