@@ -15,7 +15,10 @@ PROTO_OUT := runtime/proto
 #   make install TORCH_INDEX=https://download.pytorch.org/whl/cu128   # a CUDA build
 #   TORCH_INDEX= make install    # no extra index: PyPI and pip's own config only (offline mirrors, CI here)
 # On arm64 (Raspberry Pi OS, Jetson without CUDA) PyPI's torch is already the CPU build.
-TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
+# Where the CPU index cannot be reached (an offline mirror, a machine with the wheel on disk), pip's
+# own configuration is used instead of retrying it for a minute.
+CPU_INDEX   := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,$(if $(shell $(PYTHON) -c "import socket; socket.create_connection(('download.pytorch.org', 443), 3)" 2>/dev/null && echo up),$(CPU_INDEX)))
 TORCH_PIP   := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 # The constraints file pins torch 2.13.0 (the tested version; pyproject allows 2.13.x).
