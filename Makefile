@@ -17,8 +17,9 @@ PROTO_OUT := runtime/proto
 # On arm64 (Raspberry Pi OS, Jetson without CUDA) PyPI's torch is already the CPU build.
 # Where the CPU index cannot be reached (an offline mirror, a machine with the wheel on disk), pip's
 # own configuration is used instead of retrying it for a minute.
-CPU_INDEX   := https://download.pytorch.org/whl/cpu
-TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,$(if $(shell $(PYTHON) -c "import socket; socket.create_connection(('download.pytorch.org', 443), 3)" 2>/dev/null && echo up),$(CPU_INDEX)))
+CPU_INDEX    := https://download.pytorch.org/whl/cpu
+CPU_INDEX_UP ?= $(shell $(PYTHON) -c "import socket; socket.create_connection(('download.pytorch.org', 443), 3)" 2>/dev/null && echo up)
+TORCH_INDEX  ?= $(if $(shell command -v nvidia-smi),,$(if $(CPU_INDEX_UP),$(CPU_INDEX)))
 TORCH_PIP   := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 
 # The constraints file pins torch 2.13.0 (the tested version; pyproject allows 2.13.x).
