@@ -1,0 +1,78 @@
+"""One frame's round trip to its worker: send (bounded by the frame's deadline), wait for the result,
+and read the worker's stage times into the FrameResult; a late or broken frame becomes a censored
+link sample and a reason to run locally."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+
+from runtime.agent.frame import FrameResult
+from runtime.agent.inflight import InFlight
+from runtime.agent.metrics import AgentMetrics
+from runtime.agent.telemetry import LinkEstimator
+from runtime.contracts.errors import CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.wire.codec import decode_tensor, wire_bytes
+from runtime.wire.stream import EdgeStream
+
+
+def read_result(res: pb.InferResult, result: FrameResult, t_send: float) -> None:
+    """The worker's answer into ``result``: output tensor and stage times. Raises EdgesplitError on a refusal."""
+    if res.code != 0:
+        code = CODES_BY_NUMBER.get(res.code, grpc.StatusCode.UNKNOWN)
+        raise EdgesplitError(f"worker refused: {code.name}: {res.message}", code)
+    result.output = decode_tensor(res.output)
+    result.times.update(transfer_edge=time.perf_counter() - t_send, edge_queue=res.times.queue_seconds,
+                        edge_decode=res.times.decode_seconds, edge_tail=res.times.tail_seconds)
+    if res.hops:  # a chained frame: the worker's wait on its next tier, then each later tier's stages
+        result.times["edge_forward"] = res.times.forward_seconds
+        for i, hop in enumerate(res.hops, 1):
+            stages = {"encode": hop.encode_seconds, "round_trip": hop.round_trip_seconds,
+                      "queue": hop.times.queue_seconds, "decode": hop.times.decode_seconds,
+                      "tail": hop.times.tail_seconds}
+            result.times.update({f"next{i}_{k}": v for k, v in stages.items()})
+
+
+class EdgeSender:
+    """Sends frames on their plan's stream and waits, within ``deadline_seconds``, for their results."""
+
+    def __init__(self, link: LinkEstimator, inflight: InFlight, metrics: AgentMetrics, deadline_seconds: float):
+        self.link = link
+        self.inflight = inflight
+        self.metrics = metrics
+        self.deadline_seconds = deadline_seconds
+
+    async def run(self, stream: EdgeStream, header: pb.FrameHeader, msg, result: FrameResult) -> str:
+        """Send one frame and wait (bounded) for its result; returns "" or why it must run locally."""
+        seq = header.seq
+        req = pb.InferRequest(header=header, tensor=msg)
+        result.wire_bytes, result.worker = wire_bytes(msg), stream.address  # what the profile's bytes count
+        ahead = self.inflight.sent(stream.address, seq, result.wire_bytes)  # bytes before ours, ours included
+        t_send = time.perf_counter()
+        deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up
+        try:
+            fut = await stream.send(req, deadline)  # DeadlineExceeded: not (fully) sent, the worker told to drop it
+            self.metrics.sent_bytes.inc(result.wire_bytes)
+            self.metrics.inflight.inc()
+            try:
+                res = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+            finally:
+                self.metrics.inflight.dec()
+            read_result(res, result, t_send)
+        except (asyncio.TimeoutError, DeadlineExceeded) as e:
+            if not isinstance(e, DeadlineExceeded):  # sent whole: the worker is told not to compute it
+                stream.abandon(seq)
+            # censored: the link did not carry `ahead` bytes in this time (runtime.agent.estimator)
+            self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
+            return f"deadline: no edge result within {self.deadline_seconds:g}s"
+        except EdgesplitError as e:
+            refused = str(e).startswith("worker refused")
+            if not refused:  # the stream broke under it: its bytes did not get through either (censored)
+                self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
+            return str(e) if refused else f"worker unavailable: {e}"
+        finally:
+            self.inflight.done(stream.address, seq, result.wire_bytes)
+        return ""
