@@ -26,7 +26,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as edgesplit_dot_v1_dot_inf
 from runtime.proto.edgesplit.v1 import tensor_pb2 as edgesplit_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gesplit/v1/tiles.proto\x12\x0c\x65\x64gesplit.v1\x1a\x1c\x65\x64gesplit/v1/inference.proto\x1a\x19\x65\x64gesplit/v1/tensor.proto\"V\n\nTileRegion\x12\x11\n\trow_start\x18\x01 \x01(\r\x12\x10\n\x08row_stop\x18\x02 \x01(\r\x12\x11\n\tcol_start\x18\x03 \x01(\r\x12\x10\n\x08\x63ol_stop\x18\x04 \x01(\r\"\xf0\x01\n\x0bTileRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12(\n\x06output\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\'\n\x05input\x18\x05 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04\x63rop\x18\x06 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\x14\n\x0coutput_codec\x18\x07 \x01(\t\"\xae\x01\n\nTileResult\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04tile\x18\x03 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\'\n\x05times\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\"b\n\rParallelBlock\x12\x13\n\x0bstart_split\x18\x01 \x01(\t\x12\x11\n\tend_split\x18\x02 \x01(\t\x12\x0e\n\x06shares\x18\x03 \x03(\x01\x12\x19\n\x11predicted_seconds\x18\x04 \x01(\x01\"y\n\rParallelStage\x12\x12\n\nworker_ids\x18\x01 \x03(\t\x12\x18\n\x10worker_addresses\x18\x02 \x03(\t\x12+\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1b.edgesplit.v1.ParallelBlock\x12\r\n\x05\x63odec\x18\x04 \x01(\t2I\n\x05Tiles\x12@\n\tInferTile\x12\x19.edgesplit.v1.TileRequest\x1a\x18.edgesplit.v1.TileResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gesplit/v1/tiles.proto\x12\x0c\x65\x64gesplit.v1\x1a\x1c\x65\x64gesplit/v1/inference.proto\x1a\x19\x65\x64gesplit/v1/tensor.proto\"V\n\nTileRegion\x12\x11\n\trow_start\x18\x01 \x01(\r\x12\x10\n\x08row_stop\x18\x02 \x01(\r\x12\x11\n\tcol_start\x18\x03 \x01(\r\x12\x10\n\x08\x63ol_stop\x18\x04 \x01(\r\"\xf0\x01\n\x0bTileRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12(\n\x06output\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\'\n\x05input\x18\x05 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04\x63rop\x18\x06 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\x14\n\x0coutput_codec\x18\x07 \x01(\t\"\xae\x01\n\nTileResult\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04tile\x18\x03 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\'\n\x05times\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\"u\n\rParallelBlock\x12\x13\n\x0bstart_split\x18\x01 \x01(\t\x12\x11\n\tend_split\x18\x02 \x01(\t\x12\x0e\n\x06shares\x18\x03 \x03(\x01\x12\x19\n\x11predicted_seconds\x18\x04 \x01(\x01\x12\x11\n\tgrid_cols\x18\x05 \x01(\r\"y\n\rParallelStage\x12\x12\n\nworker_ids\x18\x01 \x03(\t\x12\x18\n\x10worker_addresses\x18\x02 \x03(\t\x12+\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1b.edgesplit.v1.ParallelBlock\x12\r\n\x05\x63odec\x18\x04 \x01(\t2I\n\x05Tiles\x12@\n\tInferTile\x12\x19.edgesplit.v1.TileRequest\x1a\x18.edgesplit.v1.TileResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,9 +40,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TILERESULT']._serialized_start=431
   _globals['_TILERESULT']._serialized_end=605
   _globals['_PARALLELBLOCK']._serialized_start=607
-  _globals['_PARALLELBLOCK']._serialized_end=705
-  _globals['_PARALLELSTAGE']._serialized_start=707
-  _globals['_PARALLELSTAGE']._serialized_end=828
-  _globals['_TILES']._serialized_start=830
-  _globals['_TILES']._serialized_end=903
+  _globals['_PARALLELBLOCK']._serialized_end=724
+  _globals['_PARALLELSTAGE']._serialized_start=726
+  _globals['_PARALLELSTAGE']._serialized_end=847
+  _globals['_TILES']._serialized_start=849
+  _globals['_TILES']._serialized_end=922
 # @@protoc_insertion_point(module_scope)

@@ -51,16 +51,18 @@ class TileResult(_message.Message):
     def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., tile: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[_inference_pb2.StageTimes, _Mapping]] = ...) -> None: ...
 
 class ParallelBlock(_message.Message):
-    __slots__ = ("start_split", "end_split", "shares", "predicted_seconds")
+    __slots__ = ("start_split", "end_split", "shares", "predicted_seconds", "grid_cols")
     START_SPLIT_FIELD_NUMBER: _ClassVar[int]
     END_SPLIT_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    GRID_COLS_FIELD_NUMBER: _ClassVar[int]
     start_split: str
     end_split: str
     shares: _containers.RepeatedScalarFieldContainer[float]
     predicted_seconds: float
-    def __init__(self, start_split: _Optional[str] = ..., end_split: _Optional[str] = ..., shares: _Optional[_Iterable[float]] = ..., predicted_seconds: _Optional[float] = ...) -> None: ...
+    grid_cols: int
+    def __init__(self, start_split: _Optional[str] = ..., end_split: _Optional[str] = ..., shares: _Optional[_Iterable[float]] = ..., predicted_seconds: _Optional[float] = ..., grid_cols: _Optional[int] = ...) -> None: ...
 
 class ParallelStage(_message.Message):
     __slots__ = ("worker_ids", "worker_addresses", "blocks", "codec")
