@@ -8,7 +8,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class FrameHeader(_message.Message):
-    __slots__ = ("agent_id", "stream_epoch", "seq", "model_id", "split_id", "plan_version", "model_digest", "tl_id", "end_split", "next_hops")
+    __slots__ = ("agent_id", "stream_epoch", "seq", "model_id", "split_id", "plan_version", "model_digest", "tl_id", "end_split", "next_hops", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     STREAM_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +26,7 @@ class FrameHeader(_message.Message):
     TL_ID_FIELD_NUMBER: _ClassVar[int]
     END_SPLIT_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOPS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     stream_epoch: int
     seq: int
@@ -29,7 +37,8 @@ class FrameHeader(_message.Message):
     tl_id: str
     end_split: str
     next_hops: _containers.RepeatedCompositeFieldContainer[Hop]
-    def __init__(self, agent_id: _Optional[str] = ..., stream_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., tl_id: _Optional[str] = ..., end_split: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, agent_id: _Optional[str] = ..., stream_epoch: _Optional[int] = ..., seq: _Optional[int] = ..., model_id: _Optional[str] = ..., split_id: _Optional[str] = ..., plan_version: _Optional[int] = ..., model_digest: _Optional[str] = ..., tl_id: _Optional[str] = ..., end_split: _Optional[str] = ..., next_hops: _Optional[_Iterable[_Union[Hop, _Mapping]]] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Hop(_message.Message):
     __slots__ = ("address", "end_split", "codec")
