@@ -231,11 +231,17 @@ def channel_args(security: SecurityOptions) -> list[tuple[str, Any]]:
     return [("grpc.ssl_target_name_override", security.server_name)] if security.server_name else []
 
 
+# aio client interceptors of every channel this process opens from now on; runtime.daemon.tracing puts its
+# own here when tracing is on (W3C trace context in the metadata). Empty: channels have no interceptor.
+CLIENT_INTERCEPTORS: list[Any] = []
+
+
 def aio_channel(address: str, options: list[tuple[str, Any]], security: SecurityOptions) -> grpc.aio.Channel:
     creds = channel_credentials(address, security)
+    interceptors = list(CLIENT_INTERCEPTORS) or None
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=options)
-    return grpc.aio.secure_channel(address, creds, options=options + channel_args(security))
+        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(address, creds, options=options + channel_args(security), interceptors=interceptors)
 
 
 def sync_channel(address: str, options: list[tuple[str, Any]], security: SecurityOptions) -> grpc.Channel:
