@@ -36,6 +36,14 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
     max_workers: int = field(1_000, "registered workers accepted; beyond this RegisterWorker answers RESOURCE_EXHAUSTED")
     registration_ttl_seconds: float = field(90.0, "a worker not registered again (every 30 s) for this long is dropped and its id freed; an agent's id is freed after this long without a call")
     max_ids_per_identity: int = field(64, "worker and agent ids one caller (certificate, token or lease) may hold at once")
+    # A fleet (issue 15): what one planner process keeps and how it sheds load
+    profile_cache_size: int = field(256, "profiles kept parsed and checked, by the SHA-256 of their JSON (agents of one board type share one); a document not held is parsed and checked again")
+    rank_cache_size: int = field(4096, "rankings kept for reuse by agents with the same profiles, constraints and link band")
+    rank_band: float = field(0.05, "links whose bandwidths lie within this relative step of one another (on a grid anchored at powers of ten) are ranked at the same figure and share one ranking; 0: every figure exactly")
+    rank_rtt_quantum_seconds: float = field(0.0005, "RTTs are ranked rounded to a multiple of this (0: exactly); see rank_band")
+    telemetry_max_pending: int = field(2000, "agents whose telemetry awaits a decision; a report that needs one beyond this is refused RESOURCE_EXHAUSTED with trailing metadata retry-after-ms")
+    telemetry_max_age_seconds: float = field(30.0, "a telemetry report sent (its sent_unix, the agent's clock) longer ago than this is dropped and counted, never acted on late (0: no limit)")
+    replan_batch: int = field(256, "agents one periodic pass decides at most; the rest wait for the next pass (a changed worker's agents are spread over passes)")
     include_return: bool = field(True, "model the result's trip back from the worker in predicted latency")
     max_message_bytes: int = field(16 * 2**20, "gRPC message size limit, both directions (profiles travel in RegisterWorker)")
     grace_seconds: float = field(5.0, "on SIGTERM, how long calls in flight may take to finish")
@@ -59,6 +67,12 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
             (self.grace_seconds >= 0, "grace_seconds must be >= 0"),
             (self.registration_ttl_seconds > 0, "registration_ttl_seconds must be > 0"),
             (self.max_ids_per_identity >= 1, "max_ids_per_identity must be >= 1"),
+            (self.profile_cache_size >= 1 and self.rank_cache_size >= 1, "profile_cache_size and rank_cache_size must be >= 1"),
+            (0 <= self.rank_band < 1, "rank_band must be in [0, 1) (0.05: bandwidths within ~5 % share a ranking)"),
+            (self.rank_rtt_quantum_seconds >= 0, "rank_rtt_quantum_seconds must be >= 0"),
+            (self.telemetry_max_pending >= 1, "telemetry_max_pending must be >= 1"),
+            (self.telemetry_max_age_seconds >= 0, "telemetry_max_age_seconds must be >= 0 (0: no limit)"),
+            (self.replan_batch >= 1, "replan_batch must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
