@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cache import IdentityMemo
-from planner.grid import axis, cell_sum, floor_within, grid_sum, max_of, tier_seconds
+from planner.grid import axis, cell_sum, floor_within, grid_sum, max_of, smallest_pairs, tier_seconds
 from planner.tables import LinkCost, LinkSpec, SearchCache, link_cost
 from runtime.contracts.costmodel import Constraints, Network, Tier
 from runtime.contracts.profile import Profile
 
+ROW_BOUND = True  # latency over two cuts without grid-wide constraints: top N by row bounds, not the whole grid
 SPARSE_SHARE = 1.0  # throughput: combinations x kept cut vectors up to this x grid cells are scored at those alone
 
 Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # per cut: encode, xfer, decode, option slot
@@ -69,7 +70,31 @@ def evaluate(problem: Problem, chain: tuple[int, ...], combo: tuple[Profile, ...
     allowed, coupled_forbid = masks
     scorer = Scorer(problem, prefix, links, allowed, _fixed_bad(problem, chain, combo, coupled_forbid, cache),
                     _coupled_checks(problem, chain), cache)
+    if scorer.plain and k == 2 and ROW_BOUND:
+        found = _top_plain_pairs(problem, scorer, chain, combo)
+        if found is not None:
+            return found
     return _top(problem, _best_per_cell(problem, scorer), chain, combo, links)
+
+
+def _top_plain_pairs(problem: Problem, scorer: Scorer, chain: tuple[int, ...],
+                     combo: tuple[Profile, ...]) -> list[Candidate] | None:
+    """Two cuts, latency, no grid-wide constraint: the value is h0[a] + h1[b] + const with one transfer per cut
+    (the cheapest), so the top N comes from the rows that can hold it (:func:`smallest_pairs`), without the
+    (n+1)^2 grid. None when that bound does not apply (the caller scores the grid)."""
+    cols = tuple(link.columns(False)[0] for link in scorer.links)
+    h, const = scorer.terms(cols)
+    m = min(problem.top_n, (problem.n + 1) ** 2)
+    pairs = smallest_pairs(h[0], h[1] + const, m)  # the same additions as grid_sum's
+    if pairs is None:
+        return None
+    out = []
+    for a, b, v in zip(*pairs, strict=True):
+        if np.isfinite(v):
+            cuts = (int(a), int(b))
+            slots = (int(cols[0][3][a]), int(cols[1][3][b]))
+            out.append(Candidate((float(v), float(v), 2, cuts), combo, chain, cuts, scorer.links, slots))
+    return out
 
 
 def _device_only(problem: Problem, chain: tuple[int, ...], combo: tuple[Profile, ...], total: float) -> list[Candidate]:
@@ -192,17 +217,21 @@ class Scorer:
         self.k = len(self.links)
         self.plain = self.fixed_bad is None and not self.checks and self.problem.objective == "latency"
 
+    def terms(self, cols: Sequence[Columns]) -> tuple[list[np.ndarray], float]:
+        """The latency as one vector per cut plus a constant: each term depends on one cut only (tier j's
+        compute is P_j[end] - P_j[start]), so the total is sum_j h[j][cut j] + const."""
+        prefix, links = self.prefix, self.links
+        h = [np.where(self.allowed[j], prefix[j] - prefix[j + 1] + enc + links[j].rtt + xfer + dec + links[j].ret,
+                      np.inf) for j, (enc, xfer, dec, _) in enumerate(cols)]
+        return h, prefix[self.k][self.problem.n]
+
     def score(self, cols: Sequence[Columns], keep_bound: bool = False,
               cells: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(value, total) over the grid with the transfer vectors ``cols`` (one per cut), or at the cut vectors
         ``cells`` (one index array per cut) alone; for latency with ``keep_bound``, total is the latency before
         the caps."""
-        k, n, prefix, links = self.k, self.problem.n, self.prefix, self.links
-        const = prefix[k][n]
-        # Each term of the latency depends on one cut only: tier j's compute is P_j[end] - P_j[start],
-        # so the total is a sum of one vector per axis (h[j] for the cut where chain[j+1] starts).
-        h = [np.where(self.allowed[j], prefix[j] - prefix[j + 1] + enc + links[j].rtt + xfer + dec + links[j].ret,
-                      np.inf) for j, (enc, xfer, dec, _) in enumerate(cols)]
+        k, n, prefix = self.k, self.problem.n, self.prefix
+        h, const = self.terms(cols)
         at: Callable[[np.ndarray, int], np.ndarray]
         if cells is None:
             at = lambda v, j: axis(v, j, k)  # noqa: E731

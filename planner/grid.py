@@ -33,6 +33,28 @@ def grid_sum(h: list[np.ndarray], const: float, tri: np.ndarray) -> np.ndarray:
     return total
 
 
+def smallest_pairs(h0: np.ndarray, g: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The ``m`` smallest h0[a] + g[b] over a < b, as (a, b, value) arrays, values in :func:`grid_sum`'s
+    arithmetic (``g`` = h[1] + const), without the grid: each row's best is h0[a] + min(g[a+1:]); the m-th
+    smallest of those bounds the m-th smallest cell, so only rows whose best is within it are scored
+    (about m rows). None when fewer than m rows have a finite best (the bound says nothing then)."""
+    size = g.shape[0]
+    if m < 1 or size < 2:
+        return None
+    suffix = np.minimum.accumulate(g[::-1])[::-1]  # suffix[b] = min(g[b:])
+    best = h0[:-1] + suffix[1:]  # row a's best, a < size - 1 (the last row has no b > a)
+    if np.count_nonzero(np.isfinite(best)) < m:
+        return None
+    bound = np.partition(best, m - 1)[m - 1]
+    rows = np.flatnonzero(best <= bound)
+    sub = h0[rows, None] + g[None, :]
+    sub[np.arange(size)[None, :] <= rows[:, None]] = np.inf  # b > a only
+    flat = sub.ravel()
+    picks = np.argpartition(flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
+    r, b = np.divmod(picks, size)
+    return rows[r], b, flat[picks]
+
+
 def cell_sum(h: list[np.ndarray], const: float, cells: tuple[np.ndarray, ...]) -> np.ndarray:
     """:func:`grid_sum` at the cut vectors ``cells`` alone (in the same order of additions)."""
     if len(h) == 1:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from operator import attrgetter
 
 import numpy as np
 
@@ -18,13 +19,15 @@ from runtime.contracts.profile import Profile, Transfer
 
 TABLES = 256  # transfer tables a SearchCache keeps (one per profile object)
 TRIANGLES = 4  # order masks a SearchCache keeps (one per grid size)
+NUMERIC = frozenset({"bytes", "encode_seconds", "decode_seconds"})  # Transfer fields that are always numbers
 
 
 @dataclass(frozen=True)
 class Table:
     """A profile's transfers as arrays: row a = the tensor after a blocks, column = option slot."""
 
-    names: list[tuple[str, ...]]  # per row, the transfer names in slot order
+    names: tuple[str, ...]  # every row's transfer names, row after row, in slot order
+    starts: np.ndarray  # row a's names are names[starts[a]:starts[a + 1]] (length n+2)
     options: list[tuple[Transfer, ...]]  # per row, the transfers in slot order
     nbytes: np.ndarray  # (n+1, K), inf where a row has fewer options
     encode: np.ndarray  # (n+1, K) encode seconds
@@ -34,22 +37,38 @@ class Table:
     seconds: np.ndarray  # prefix sums of block times, length n+1
     params: np.ndarray  # prefix sums of param_bytes
 
+    def row_names(self, a: int) -> tuple[str, ...]:
+        return self.names[self.starts[a]:self.starts[a + 1]]
+
 
 def prefix(p: Profile, attr: str = "seconds") -> np.ndarray:
-    return np.concatenate([[0.0], np.cumsum([getattr(b, attr) for b in p.blocks], dtype=np.float64)])
+    out = np.zeros(p.n_blocks + 1)
+    np.cumsum(np.fromiter(map(attrgetter(attr), p.blocks), np.float64, p.n_blocks), out=out[1:])
+    return out
 
 
 def build_table(p: Profile) -> Table:
-    options = [p.transfers_after(a) for a in range(p.n_blocks + 1)]
-    width = max(len(o) for o in options)
-    missing = (np.inf, 0.0, 0.0, np.nan, 0.0)
-    cells = np.array([[(t.bytes, t.encode_seconds, t.decode_seconds,
-                        np.nan if t.fidelity is None else t.fidelity, 1.0 if t.tl_id else 0.0) for t in o]
-                      + [missing] * (width - len(o)) for o in options], dtype=np.float64)
-    nbytes, enc, dec, fid = cells[..., 0], cells[..., 1], cells[..., 2], cells[..., 3]
-    tl = cells[..., 4] > 0
-    return Table([tuple(t.name for t in o) for o in options], options, nbytes, enc, dec, fid, tl,
-                 prefix(p, "seconds"), prefix(p, "param_bytes"))
+    """One pass per attribute over the flat list of transfers (a 600-block profile has ~2,400), scattered
+    into the (row, slot) arrays: no per-row Python tuples of numbers."""
+    n = p.n_blocks
+    options = [p.transfers_after(a) for a in range(n + 1)]
+    counts = np.fromiter(map(len, options), np.intp, n + 1)
+    flat = [t for o in options for t in o]
+    m, width = len(flat), int(counts.max())
+    rows = np.repeat(np.arange(n + 1), counts)
+    cols = np.arange(m) - np.repeat(np.cumsum(counts) - counts, counts)
+
+    def cells(attr: str, fill: float, dtype: type = np.float64) -> np.ndarray:
+        out = np.full((n + 1, width), fill, dtype=dtype)
+        values = map(attrgetter(attr), flat)  # None (fidelity not measured) -> nan, tl_id "" -> False
+        out[rows, cols] = np.fromiter(values, dtype, m) if attr in NUMERIC else np.array(list(values), dtype=dtype)
+        return out
+
+    starts = np.zeros(n + 2, dtype=np.intp)
+    np.cumsum(counts, out=starts[1:])
+    return Table(tuple(map(attrgetter("name"), flat)), starts, options, cells("bytes", np.inf),
+                 cells("encode_seconds", 0.0), cells("decode_seconds", 0.0), cells("fidelity", np.nan),
+                 cells("tl_id", False, bool), prefix(p, "seconds"), prefix(p, "param_bytes"))
 
 
 def _triangle(size: int) -> np.ndarray:
@@ -129,12 +148,13 @@ class LinkCost:
 
 def receiver_decode(sender: Table, receiver: Table) -> np.ndarray:
     """The receiver's measured decode time per option; the sender's figure where it has none."""
-    if sender.names == receiver.names:
+    if sender.names == receiver.names and np.array_equal(sender.starts, receiver.starts):
         return receiver.decode
     dec = sender.decode.copy()
-    for a, names in enumerate(sender.names):
-        theirs = dict(zip(receiver.names[a], receiver.decode[a], strict=False)) if a < len(receiver.names) else {}
-        for i, name in enumerate(names):
+    rows = len(receiver.starts) - 1
+    for a in range(len(sender.starts) - 1):
+        theirs = dict(zip(receiver.row_names(a), receiver.decode[a], strict=False)) if a < rows else {}
+        for i, name in enumerate(sender.row_names(a)):
             if name in theirs:
                 dec[a, i] = theirs[name]
     return dec
