@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
+from runtime.daemon.tracing import TracingSettings
 from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
@@ -63,7 +64,7 @@ class AgentOptions:
 
 
 @dataclass(frozen=True)
-class AgentConfig(SecuritySettings):  # ca_file, cert_file, key_file, token_file, insecure: runtime.wire.security
+class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.security; trace_*: runtime.daemon.tracing
     worker: str = field("127.0.0.1:50051", "edge worker address HOST:PORT (empty: run every frame locally)")
     model: str = field("efficientnet_lite0", "bundled model name or path/to/file.py:factory")
     split: str = field("", "split point index or name (see 'edgesplit models MODEL'); empty = the model's default")

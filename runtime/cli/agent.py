@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from runtime.cli.common import add_config_flags, component_config
+from runtime.cli.common import add_config_flags, component_config, start_tracing
 
 
 def add_parser(sub) -> None:
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
 
 def cmd_agent(args: argparse.Namespace) -> int:
     config = component_config(args, "agent")
+    start_tracing(config, "agent")
     if getattr(args, "parallel_plan", ""):
         from runtime.agent.parallel_run import ParallelRunOptions, run_parallel
 

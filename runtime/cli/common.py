@@ -68,6 +68,16 @@ def component_config(args: argparse.Namespace, component: str):
     return config_from_args(args, cls, section)
 
 
+def start_tracing(config: Any, component: str) -> bool:
+    """Tracing for this process from the component's ``trace_*`` settings (runtime.daemon.tracing), as
+    service ``edgesplit-COMPONENT``; False (and nothing imported) when off or the settings have none."""
+    from runtime.daemon.tracing import TracingSettings, configure
+
+    if not isinstance(config, TracingSettings) or config.trace_exporter == "none":
+        return False
+    return configure(config, f"edgesplit-{component}")
+
+
 def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
     """The Scission constraint flags, shared by ``edgesplit plan`` and ``edgesplit planner query``.
     ``names``: what --include/--exclude name ("machine" or "worker"); ``overriding``: every default is

@@ -18,6 +18,7 @@ from runtime.cli.common import (
     add_constraint_arguments,
     client_transport,
     config_from_args,
+    start_tracing,
 )
 from runtime.contracts.config import to_toml
 
@@ -31,7 +32,9 @@ def _config(args: argparse.Namespace) -> PlannerConfig:
 def cmd_serve(args: argparse.Namespace) -> int:
     from planner.server import run_planner
 
-    asyncio.run(run_planner(_config(args)))
+    config = _config(args)
+    start_tracing(config, "planner")  # on once planner.config.PlannerConfig has the trace_* settings
+    asyncio.run(run_planner(config))
     return 0
 
 

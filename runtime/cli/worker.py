@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-from runtime.cli.common import add_config_flags, component_config
+from runtime.cli.common import add_config_flags, component_config, start_tracing
 
 
 def add_parser(sub) -> None:
@@ -19,5 +19,7 @@ def add_parser(sub) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     from runtime.worker.server import run_worker
 
-    asyncio.run(run_worker(component_config(args, "worker")))
+    config = component_config(args, "worker")
+    start_tracing(config, "worker")
+    asyncio.run(run_worker(config))
     return 0

@@ -34,6 +34,7 @@ from runtime.daemon.interceptors import ErrorHook, ErrorStatusInterceptor
 from runtime.daemon.listen import NO_REUSEPORT, bind_failed, check_listen
 from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.daemon.sdnotify import notify, start_watchdog, stop_watchdog
+from runtime.daemon.tracing import server_interceptor
 from runtime.wire.security import check_bind, server_credentials
 from runtime.wire.transport import TransportOptions
 
@@ -72,9 +73,12 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         # authentication first: a refused call never reaches another interceptor or a handler
         self.auth = AuthInterceptor(options.transport.security, options.auth_policy, options.metrics)
+        # then spans (only when tracing is on: runtime.daemon.tracing.configure ran before this daemon)
+        traced = server_interceptor()
         self.server = grpc.aio.server(
             options=[*options.transport.server_options(), NO_REUSEPORT],
-            interceptors=[self.auth, *options.interceptors, ErrorStatusInterceptor(options.on_error)])
+            interceptors=[self.auth, *([traced] if traced else []), *options.interceptors,
+                          ErrorStatusInterceptor(options.on_error)])
         self.insecure_bind = Gauge("edgesplit_insecure_bind", "1 when serving a network address without TLS "
                                    "(--insecure)", registry=options.metrics)
         self.port = 0  # the bound port, after start()

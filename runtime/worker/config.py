@@ -7,13 +7,14 @@ from dataclasses import dataclass
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.tiers import EDGE
+from runtime.daemon.tracing import TracingSettings
 from runtime.wire.limits import DEFAULT_MAX_BYTES
 from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
 
 @dataclass(frozen=True)
-class WorkerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, insecure: runtime.wire.security
+class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.security; trace_*: runtime.daemon.tracing
     listen: str = field("127.0.0.1:50051", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")

@@ -35,6 +35,7 @@ from runtime.contracts.errors import (
     Unavailable,
     from_status,
 )
+from runtime.daemon.tracing import inject_frame
 from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.codec import Codec, get_codec
@@ -118,6 +119,7 @@ class NextTiers:
         header = pb.FrameHeader()
         header.CopyFrom(route.header)
         header.seq = seq = next(self._seq)
+        inject_frame(header)  # the next tier's worker.frame is a child of this worker.forward span (tracing on)
         req = pb.InferRequest(header=header, tensor=tensor)
         deadline = self.config.forward_deadline_seconds
         t0 = time.perf_counter()

@@ -23,6 +23,7 @@ from runtime.contracts.errors import (
     Unavailable,
     as_error,
 )
+from runtime.daemon.tracing import frame_arrived, span, worker_frame
 from runtime.models import get_spec, list_models
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import SplitPoint
@@ -260,6 +261,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         end = check_route(tail.model, tail.split, h.end_split, h.next_hops)  # NotFound / InvalidInput
         return tail if end is None else await self.tails.sliced(tail, end)
 
+    @worker_frame  # the frame's log ids and, when tracing is on, its worker.frame span (runtime.daemon.tracing)
     async def process(self, req: pb.InferRequest) -> pb.InferResult:
         """Admit, load the tail, decode and compute one frame. Raises EdgesplitError.
 
@@ -315,7 +317,8 @@ class InferenceService(pb_grpc.InferenceServicer):
             job.add_done_callback(self._job_done)  # release once the compute has really ended
             raise
         try:
-            res, rt = await self.next.forward(route, tensor)
+            with span("worker.forward", **{"edgesplit.next_tier": route.address}):
+                res, rt = await self.next.forward(route, tensor)
         finally:
             self._release(self._weights.pop(id(job), 1))
         times.forward_seconds = t_enc + rt
@@ -427,6 +430,7 @@ class InferenceService(pb_grpc.InferenceServicer):
                         continue
                     if kind == "frame":
                         origin = (msg.frame.header.agent_id, msg.frame.header.stream_epoch)
+                        frame_arrived()  # its worker.receive span starts now (tracing on)
                     pending = assembler.pending_header
                     if kind == "chunk" and pending is None and msg.chunk.seq == dropped_seq:
                         continue  # rest of a frame that already got its error result
