@@ -14,6 +14,7 @@ from runtime.agent.inflight import InFlight
 from runtime.agent.metrics import AgentMetrics
 from runtime.agent.telemetry import LinkEstimator
 from runtime.contracts.errors import CODES_BY_NUMBER, DeadlineExceeded, EdgesplitError
+from runtime.daemon.tracing import inject_frame, span
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.codec import decode_tensor, wire_bytes
 from runtime.wire.stream import EdgeStream
@@ -49,16 +50,19 @@ class EdgeSender:
         """Send one frame and wait (bounded) for its result; returns "" or why it must run locally."""
         seq = header.seq
         req = pb.InferRequest(header=header, tensor=msg)
+        inject_frame(req.header)  # the worker's spans join this frame's trace (tracing on; runtime.daemon.tracing)
         result.wire_bytes, result.worker = wire_bytes(msg), stream.address  # what the profile's bytes count
         ahead = self.inflight.sent(stream.address, seq, result.wire_bytes)  # bytes before ours, ours included
         t_send = time.perf_counter()
         deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up
         try:
-            fut = await stream.send(req, deadline)  # DeadlineExceeded: not (fully) sent, the worker told to drop it
+            with span("agent.send"):
+                fut = await stream.send(req, deadline)  # DeadlineExceeded: not (fully) sent, the worker told to drop it
             self.metrics.sent_bytes.inc(result.wire_bytes)
             self.metrics.inflight.inc()
             try:
-                res = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+                with span("agent.wait"):
+                    res = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
             finally:
                 self.metrics.inflight.dec()
             read_result(res, result, t_send)
