@@ -7,17 +7,21 @@ that planner, as pure functions over a cost model.
 
 The chain is a sequence of :class:`Unit` (the layers between two consecutive cut points: a profile
 block, or one layer of a plain chain). A fused block runs units ``[first, end)``. Its predicted
-latency, with ``n`` workers (the ``n`` fastest), each taking a band of output rows in proportion to
-its speed (integer rows, largest remainder)::
+latency, with ``n`` workers (the ``n`` fastest), each taking a tile of output in proportion to its
+speed (full-width row bands, or a 2-D grid of ``c`` tiles per row where that cuts halos;
+:func:`runtime.parallel.receptive.partition`)::
 
     RTT                                                  one request/response round per block
-  + sum over workers of (input band + halo) bytes / bandwidth     scatter, one shared link
+  + sum over workers of (input tile + halo) bytes / bandwidth     scatter, one shared link
   + max over workers of sum over units of seconds(worker, unit) x tile's compute fraction
-  + sum over workers of output band bytes / bandwidth              gather
+  + sum over workers of output tile bytes / bandwidth              gather
+  + (all input tile bytes + all output tile bytes) / coordinator bytes per second
 
 With ``Problem.shared_link=False`` each worker has a link of its own (a switch port each, with the
-coordinator's side not the bottleneck): scatter and gather take the largest band's bytes instead of
-the sum.
+coordinator's side not the bottleneck): scatter and gather take the largest tile's bytes instead of
+the sum. The last term is the coordinator's own work per byte (cropping, encoding, decoding and
+stitching every byte it sends and receives, on one process: measured by
+``runtime.agent.parallel.coordinator_bytes_per_second``); 0 leaves it out.
 
 The compute fraction is each layer's computed area (halo recomputation included, through the
 receptive field of the rest of the block) over its full area, weighted by the layer's cost
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.profile import Profile
-from runtime.parallel.receptive import Graph, Region, Span, back_propagate, compute_fraction, split_spans
+from runtime.parallel.receptive import Graph, Region, back_propagate, compute_fraction, partition
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class Problem:
     link: Link
     bytes_per_element: int = 4  # fp32 raw maps
     shared_link: bool = True  # one link for all workers (bytes add up); False: one link per worker (the largest counts)
+    coordinator_bytes_per_second: float = 0.0  # the coordinator's crop/encode/decode/stitch rate (0: not costed)
+    grids: bool = True  # may a block be tiled as a 2-D grid (else row bands only)
     hw: tuple[tuple[int, int], ...] = field(init=False, repr=False)  # map size at each boundary 0..L
     order: tuple[int, ...] = field(init=False, repr=False)  # workers, fastest first
     speed: tuple[float, ...] = field(init=False, repr=False)  # 1 / total seconds (relative)
@@ -74,6 +80,8 @@ class Problem:
             raise InvalidInput("every unit needs a compute time for each of the same workers")
         if any(s < 0 for u in self.units for s in u.seconds):
             raise InvalidInput("compute times must be >= 0")
+        if not self.coordinator_bytes_per_second >= 0:
+            raise InvalidInput(f"coordinator_bytes_per_second must be >= 0, got {self.coordinator_bytes_per_second}")
         hw = [(int(self.in_hw[0]), int(self.in_hw[1]))]
         for u in self.units:
             try:
@@ -115,10 +123,14 @@ class BlockCost:
     scatter_seconds: float
     compute_seconds: float  # the slowest worker's
     gather_seconds: float
+    cols: int = 1  # tiles per row of a 2-D grid (1: full-width row bands)
+    tile_pixels: tuple[int, ...] = ()  # output pixels each worker computes (same order as workers)
+    coordinator_seconds: float = 0.0  # the coordinator's per-byte work on everything sent and received
 
     @property
     def seconds(self) -> float:
-        return self.rtt_seconds + self.scatter_seconds + self.compute_seconds + self.gather_seconds
+        return (self.rtt_seconds + self.scatter_seconds + self.compute_seconds + self.gather_seconds
+                + self.coordinator_seconds)
 
 
 @dataclass(frozen=True)
@@ -126,31 +138,44 @@ class Plan:
     strategy: str  # dpfp | layer_by_layer | fused_all | single_worker | evaluate
     blocks: tuple[tuple[int, int], ...]  # (first unit, end unit exclusive)
     workers: int  # the most workers any block uses
-    shares: tuple[tuple[int, ...], ...]  # per block: output rows per worker (fastest first)
+    shares: tuple[tuple[int, ...], ...]  # per block: output rows per worker (fastest first; a grid's tile heights)
     seconds: float  # predicted latency
     breakdown: tuple[BlockCost, ...]
 
 
-def _walk(problem: Problem, end: int, n: int) -> Iterator[BlockCost]:
-    """Costs of blocks ``[first, end)`` on the ``n`` fastest workers, for first = end-1 down to 0:
-    each tile is walked back through the units once, accumulating compute and halo."""
+def _layout(problem: Problem, end: int, n: int, cols: int) -> tuple[tuple[int, ...], tuple[Region, ...]]:
+    """The ``n`` fastest workers (fastest first) and each one's output tile. Tiles are laid out in
+    worker-index order, as the coordinator lays out a stage's workers (``partition``)."""
     workers = problem.order[:n]
-    out_h, out_w = problem.hw[end]
-    bands = split_spans(out_h, [problem.speed[w] for w in workers])
-    regions = [Region(band, Span(0, out_w)) for band in bands]
+    by_index = sorted(workers)
+    tiles = partition(problem.hw[end], [problem.speed[w] for w in by_index], cols)
+    tile_of = dict(zip(by_index, tiles, strict=True))
+    return workers, tuple(tile_of[w] for w in workers)
+
+
+def _walk(problem: Problem, end: int, n: int, cols: int = 1) -> Iterator[BlockCost]:
+    """Costs of blocks ``[first, end)`` on the ``n`` fastest workers (``cols`` tiles per grid row),
+    for first = end-1 down to 0: each tile is walked back through the units once, accumulating
+    compute and halo."""
+    workers, regions_out = _layout(problem, end, n, cols)
+    regions = list(regions_out)
     compute = [0.0] * n
     bw = problem.link.bandwidth_bytes_per_second
     total = sum if problem.shared_link else max
-    gather = total(problem.map_bytes(end, b.size, out_w) for b in bands) / bw
+    out_bytes = [problem.map_bytes(end, r.rows.size, r.cols.size) for r in regions_out]
+    gather = total(out_bytes) / bw
+    cbps = problem.coordinator_bytes_per_second
     for first in range(end - 1, -1, -1):
         unit = problem.units[first]
         for i, w in enumerate(workers):
             tr = back_propagate(unit.geometry, problem.hw[first], regions[i])
             compute[i] += unit.seconds[w] * compute_fraction(unit.geometry, tr)
             regions[i] = tr.input
-        scatter = total(problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions) / bw
-        yield BlockCost(first, end, workers, tuple(b.size for b in bands), tuple(r.rows.size for r in regions),
-                        problem.link.rtt_seconds, scatter, max(compute), gather)
+        in_bytes = [problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions]
+        coordinator = (sum(in_bytes) + sum(out_bytes)) / cbps if cbps > 0 else 0.0
+        yield BlockCost(first, end, workers, tuple(b.rows.size for b in regions_out), tuple(r.rows.size for r in regions),
+                        problem.link.rtt_seconds, total(in_bytes) / bw, max(compute), gather, cols,
+                        tuple(b.area for b in regions_out), coordinator)
 
 
 def _worker_counts(problem: Problem, end: int, workers: int | None) -> range:
@@ -162,6 +187,18 @@ def _worker_counts(problem: Problem, end: int, workers: int | None) -> range:
     return range(1, most + 1)
 
 
+def _shapes(problem: Problem, end: int, workers: int | None) -> Iterator[tuple[int, int]]:
+    """(worker count, tiles per grid row) a block ending at ``end`` may use: row bands, and with
+    ``problem.grids`` every grid of whole rows whose tiles are at least one pixel."""
+    h, w = problem.hw[end]
+    for n in _worker_counts(problem, end, workers):
+        yield n, 1
+        if problem.grids:
+            for c in range(2, n + 1):
+                if n % c == 0 and c <= w and n // c <= h:
+                    yield n, c
+
+
 def block_cost(problem: Problem, first: int, end: int, workers: int | None = None) -> BlockCost:
     """The cheapest way to run units ``[first, end)`` as one fused block (on ``workers`` workers, or
     on the best number of them)."""
@@ -169,8 +206,8 @@ def block_cost(problem: Problem, first: int, end: int, workers: int | None = Non
         raise InvalidInput(f"a block runs units first..end-1 with 0 <= first < end <= {problem.n_units}, "
                            f"got [{first}, {end})")
     best = None
-    for n in _worker_counts(problem, end, workers):
-        cost = next(c for c in _walk(problem, end, n) if c.first == first)
+    for n, cols in _shapes(problem, end, workers):
+        cost = next(c for c in _walk(problem, end, n, cols) if c.first == first)
         if best is None or cost.seconds < best.seconds:
             best = cost
     assert best is not None
@@ -205,8 +242,10 @@ def dpfp(problem: Problem, max_workers: int | None = None) -> Plan:
     best: list[float] = [0.0] + [float("inf")] * L
     choice: list[BlockCost | None] = [None] * (L + 1)
     for end in range(1, L + 1):
-        for n in range(1, min(k, problem.hw[end][0]) + 1):
-            for cost in _walk(problem, end, n):
+        for n, cols in _shapes(problem, end, None):
+            if n > k:
+                break
+            for cost in _walk(problem, end, n, cols):
                 total = best[cost.first] + cost.seconds
                 if total < best[end]:
                     best[end], choice[end] = total, cost
@@ -243,7 +282,8 @@ def baselines(problem: Problem) -> dict[str, Plan]:
 
 
 def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Graph], in_hw: tuple[int, int],
-                          in_channels: int, link: Link, first_block: int = 0, shared_link: bool = True) -> Problem:
+                          in_channels: int, link: Link, first_block: int = 0, shared_link: bool = True,
+                          coordinator_bytes_per_second: float = 0.0, grids: bool = True) -> Problem:
     """A problem from one profile per worker (same model) and the receptive geometry of each of
     its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``).
     Output channels come from each block's fp32 ``output_bytes`` and the geometry's map size, so
@@ -267,4 +307,5 @@ def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Grap
             raise InvalidInput(f"block {first_block + i} ({blocks[0].name}): {blocks[0].output_bytes} output bytes "
                                f"are not fp32 x C x {hw[0]} x {hw[1]}; was the profile measured at {in_hw}?")
         units.append(Unit(blocks[0].name, geometry, tuple(b.seconds for b in blocks), channels))
-    return Problem(tuple(units), in_hw, in_channels, link, shared_link=shared_link)
+    return Problem(tuple(units), in_hw, in_channels, link, shared_link=shared_link,
+                   coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids)

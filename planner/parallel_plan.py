@@ -48,21 +48,25 @@ def tileable_end(sliced, first: int, last: int | None = None) -> int:
 
 def stage_from_plan(plan: D.Plan, problem: D.Problem, names: Sequence[str], workers: Sequence[str], codec: str,
                     model: str) -> ParallelStage:
-    """A runnable stage: each block's shares in the stage's worker order (0 for workers it leaves out)."""
+    """A runnable stage: each block's shares in the stage's worker order (0 for workers it leaves out):
+    output rows for row bands, output pixels for a grid (``receptive.partition`` gives the same tiles back)."""
     blocks = []
     for cost in plan.breakdown:
         shares = [0.0] * problem.n_workers
-        for w, rows in zip(cost.workers, cost.rows, strict=True):
-            shares[w] = float(rows)
-        blocks.append(TiledBlock(names[cost.first], names[cost.end], tuple(shares), cost.seconds))
+        for w, rows, pixels in zip(cost.workers, cost.rows, cost.tile_pixels, strict=True):
+            shares[w] = float(rows if cost.cols == 1 else pixels)
+        blocks.append(TiledBlock(names[cost.first], names[cost.end], tuple(shares), cost.seconds, cost.cols))
     return ParallelStage(tuple(workers), tuple(blocks), codec, model, plan.seconds, plan.strategy)
 
 
 def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
-            workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True) -> Proposal:
+            workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True,
+            coordinator_bytes_per_second: float = 0.0, grids: bool = True) -> Proposal:
     """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
     the last tileable split) of the profiles' model, on one worker per profile. ``shared_link``: the
-    workers share one link to the coordinator (True) or each has its own (False)."""
+    workers share one link to the coordinator (True) or each has its own (False);
+    ``coordinator_bytes_per_second``: the coordinator's measured per-byte rate (0: not costed);
+    ``grids``: may blocks be tiled as 2-D grids."""
     from runtime.models.loader import load_model
     from runtime.parallel.tiled import segment_geometry
 
@@ -80,7 +84,8 @@ def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: 
     if len(shape) != 4:
         raise InvalidInput(f"split {sliced.split(a).name} is not a feature map ({list(shape)})")
     problem = D.problem_from_profiles(profiles, geometries, (int(shape[2]), int(shape[3])), int(shape[1]), link,
-                                      first_block=a, shared_link=shared_link)
+                                      first_block=a, shared_link=shared_link,
+                                      coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids)
     plans = {"dpfp": D.dpfp(problem), **D.baselines(problem)}
     names = tuple(sliced.split(i).name for i in range(a, b + 1))
     names_of_workers = tuple(workers) if workers else tuple(p.machine for p in profiles)
@@ -99,7 +104,8 @@ def report(p: Proposal) -> list[str]:
              f"({'one link shared by the workers' if p.problem.shared_link else 'a link per worker'})",
              f"{'strategy':<16} {'predicted s':>11} {'reduction':>9} {'speedup':>8} {'workers':>7}  fused blocks"]
     for name, plan in p.plans.items():
-        blocks = " | ".join(f"{p.split_names[f]}..{p.split_names[e]}" for f, e in plan.blocks)
+        blocks = " | ".join(f"{p.split_names[c.first]}..{p.split_names[c.end]}"
+                            + (f" ({len(c.workers) // c.cols}x{c.cols} grid)" if c.cols > 1 else "") for c in plan.breakdown)
         red = 100 * (1 - plan.seconds / single) if single > 0 else 0.0
         speed = single / plan.seconds if plan.seconds > 0 else 0.0
         lines.append(f"{name:<16} {plan.seconds:>11.4f} {red:>8.1f}% {speed:>7.2f}x {plan.workers:>7}  {blocks}")

@@ -74,13 +74,15 @@ def test_dp_equals_exhaustive_search_and_beats_the_baselines(seed):
     for name, base in D.baselines(problem).items():
         assert plan.seconds <= base.seconds * (1 + 1e-12), (seed, name)
     for cost, rows in zip(plan.breakdown, plan.shares, strict=True):
-        assert sum(rows) == problem.hw[cost.end][0] and min(rows) >= 1
+        h, w = problem.hw[cost.end]
+        assert sum(cost.tile_pixels) == h * w and min(rows) >= 1  # the tiles cover the map
+        assert sum(rows) == h * cost.cols  # each grid row's tiles share its height
         assert len(cost.workers) == len(rows) <= plan.workers
 
 
 def test_hand_computed_block_cost():
     unit = D.Unit("u", conv_unit("u"), (1.0, 1.0), out_channels=4)  # conv 3x3/1 (cost 9) + ReLU (cost 1)
-    problem = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0))
+    problem = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0), grids=False)
     two = D.block_cost(problem, 0, 1, workers=2)
     assert two.rows == (4, 4) and two.input_rows == (5, 5)  # rows [0,4) read [-1,5) -> [0,5); [4,8) read [3,8)
     assert math.isclose(two.scatter_seconds, (5 + 5) * 10 * 2 * 4 / 1000)
@@ -93,9 +95,34 @@ def test_hand_computed_block_cost():
     assert D.dpfp(problem).seconds == two.seconds
 
 
+def test_a_grid_where_it_reads_fewer_bytes_and_the_coordinator_term():
+    unit = D.Unit("u", conv_unit("u"), (1.0, 1.0), out_channels=4)
+    problem = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0))
+    two = D.block_cost(problem, 0, 1, workers=2)  # 1 x 2 grid: columns [0,5) and [5,10) read 6 columns each
+    assert two.cols == 2 and two.rows == (8, 8) and two.tile_pixels == (40, 40) and two.input_rows == (8, 8)
+    assert math.isclose(two.scatter_seconds, 2 * 8 * 6 * 2 * 4 / 1000)  # 96 pixels, not the bands' 100
+    assert math.isclose(two.seconds, 0.01 + 0.768 + 0.5 + 1.28)
+    assert D.dpfp(problem).breakdown == (two,)
+    costed = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0), grids=False,
+                       coordinator_bytes_per_second=1000.0)
+    bands = D.block_cost(costed, 0, 1, workers=2)
+    assert math.isclose(bands.coordinator_seconds, (800 + 1280) / 1000)  # every byte sent and received, once
+    assert math.isclose(bands.seconds, 0.01 + 0.8 + 0.5 + 1.28 + 2.08)
+    one = D.block_cost(costed, 0, 1, workers=1)
+    assert math.isclose(one.coordinator_seconds, (640 + 1280) / 1000)  # no halo: fewer bytes to handle
+
+
+def test_grid_tiles_are_balanced_by_speed_and_cover_the_map():
+    tiles = rf.partition((10, 12), [3.0, 1.0, 1.0, 1.0], cols=2)  # rows by 4:2, columns 3:1 and 1:1
+    assert [t.shape for t in tiles] == [(7, 9), (7, 3), (3, 6), (3, 6)]
+    assert rf.partition((10, 12), [t.area for t in tiles], cols=2) == tiles  # areas as weights: the same tiles
+    with pytest.raises(ValueError, match="rows of 2"):
+        rf.partition((10, 12), [1.0, 1.0, 1.0], cols=2)
+
+
 def test_per_worker_links_charge_the_largest_band():
     unit = D.Unit("u", conv_unit("u"), (1.0, 1.0), out_channels=4)
-    problem = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0), shared_link=False)
+    problem = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0), shared_link=False, grids=False)
     two = D.block_cost(problem, 0, 1, workers=2)
     assert math.isclose(two.scatter_seconds, 5 * 10 * 2 * 4 / 1000)  # both bands of 5 rows at once
     assert math.isclose(two.gather_seconds, 4 * 10 * 4 * 4 / 1000)
@@ -119,7 +146,7 @@ def test_rows_are_shared_by_speed_fastest_first(seconds, order, rows):
 
 def test_compute_grows_with_the_halo_of_a_fused_block():
     units = tuple(D.Unit(f"u{i}", conv_unit(f"u{i}", k=5), (0.01,) * 4, 16) for i in range(4))
-    problem = D.Problem(units, (40, 40), 3, Link(0.001, 1e8))
+    problem = D.Problem(units, (40, 40), 3, Link(0.001, 1e8), grids=False)  # row bands: halos in rows
     fused = D.block_cost(problem, 0, 4, workers=4)
     assert sum(fused.input_rows) > 40  # the bands overlap by the halos
     assert fused.compute_seconds > 0.04 / 4 * 1.2  # each tile recomputes a growing margin

@@ -107,7 +107,9 @@ def test_plan_document_is_validated_before_use(tmp_path):
     from runtime.parallel.plan import MAX_FILE_BYTES, TiledBlock
     from runtime.proto.edgesplit.v1 import planner_pb2
 
-    stage = ParallelStage(("a", "b"), (TiledBlock("input", "maxpool", (1.0, 2.0), 0.01),), "fp16", MODEL, 0.01, "dpfp")
+    stage = ParallelStage(("a", "b"), (TiledBlock("input", "maxpool", (1.0, 2.0), 0.01),
+                                       TiledBlock("maxpool", "add_2", (3.0, 3.0), 0.02, grid_cols=2)),
+                          "fp16", MODEL, 0.01, "dpfp")
     assert ParallelStage.from_json(json.loads(json.dumps(stage.to_json()))) == stage
     plan = planner_pb2.Plan()
     stage.to_proto(plan.parallel)
@@ -120,6 +122,10 @@ def test_plan_document_is_validated_before_use(tmp_path):
         ({**stage.to_json(), "blocks": [{"start": "input", "end": "maxpool", "shares": [0, 0]}]}, "at least one > 0"),
         ({**stage.to_json(), "blocks": [{"start": "input", "end": "maxpool", "shares": ["nan", 1]}]}, "finite"),
         ({**stage.to_json(), "blocks": [{"start": "input"}]}, "malformed"),
+        ({**stage.to_json(), "blocks": [{"start": "input", "end": "maxpool", "shares": [1, 1], "grid_cols": 3}]},
+         "divide the 2 workers"),
+        ({**stage.to_json(), "blocks": [{"start": "input", "end": "maxpool", "shares": [1, 1], "grid_cols": 1.5}]},
+         "malformed"),
         ({**stage.to_json(), "workers": [f"w{i}" for i in range(100)]}, "workers"),
         ({**stage.to_json(), "blocks": []}, "blocks"),
     ]

@@ -29,8 +29,8 @@ pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(2
 
 TOL = 1e-5  # max abs error relative to the output's scale (measured ~1e-7 on ResNet-18 logits)
 MODEL = "resnet18"
-# maxpool (56x56) .. add_2 (layer1 + the first block of layer2) .. add_4 .. add_6 (14 -> 7 rows)
-BLOCKS = (("maxpool", "add_2", (1, 1)), ("add_2", "add_4", (2, 1)), ("add_4", "add_6", (1, 1)))
+# maxpool (56x56) .. add_2 (layer1 + the first block of layer2; a 1 x 2 grid) .. add_4 .. add_6 (14 -> 7 rows)
+BLOCKS = (("maxpool", "add_2", (1, 1), 2), ("add_2", "add_4", (2, 1), 1), ("add_4", "add_6", (1, 1), 1))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ def reference(loaded, image):
 
 
 def _stage(addresses):
-    return ParallelStage(tuple(addresses), tuple(TiledBlock(a, b, s[:len(addresses)]) for a, b, s in BLOCKS))
+    n = len(addresses)
+    return ParallelStage(tuple(addresses), tuple(TiledBlock(a, b, s[:n], grid_cols=min(c, n)) for a, b, s, c in BLOCKS))
 
 
 def _run(coro, timeout=120.0):
@@ -83,6 +84,8 @@ def test_parallel_stage_equals_unsplit_model(start_worker, loaded, image, refere
     assert not any(r.failures for r in reports)
     block1 = [r for r in reports if r.block == 1]
     assert [r.rows for r in block1] == [(0, 9), (9, 14)]  # add_4 has 14 rows
+    block0 = [r for r in reports if r.block == 0]  # a 1 x 2 grid: all 28 rows, columns halved
+    assert [(r.rows, r.cols) for r in block0] == [((0, 28), (0, 14)), ((0, 28), (14, 28))]
     assert all(r.compute_seconds > 0 and r.sent_bytes > 0 for r in reports)
 
 

@@ -1,7 +1,7 @@
 """Coordinator of a parallel plan stage (RFS/DPFP): fused blocks spread over K workers by spatial tiles.
 
 A :class:`ParallelStage` names consecutive fused blocks (split-point ranges) and the workers; each
-block cuts its output into row bands in proportion to its ``shares`` (one weight per worker, 0 =
+block cuts its output into row bands (or a 2-D grid, ``grid_cols``) in proportion to its ``shares`` (one weight per worker, 0 =
 that worker sits the block out). For every block the coordinator crops the block input for each
 band, halo included (:class:`runtime.parallel.tiled.TiledSegment`), sends the crops to the workers
 concurrently (``Tiles.InferTile``), and stitches the answered tiles into the next block's input.
@@ -32,7 +32,7 @@ from runtime.contracts.errors import EdgesplitError, InvalidInput, TooLarge, fro
 from runtime.daemon.metrics_http import STAGE_BUCKETS
 from runtime.models.loader import LoadedModel
 from runtime.parallel.plan import ParallelStage
-from runtime.parallel.receptive import Region, Span, TileRegions, split_spans
+from runtime.parallel.receptive import Region, TileRegions, partition
 from runtime.parallel.tiled import TiledSegment, stitch
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
@@ -73,6 +73,7 @@ class TileReport:
     compute_seconds: float = 0.0  # the worker's own compute time (the local compute for "local")
     sent_bytes: int = 0
     failures: list[str] = field(default_factory=list)  # "ADDRESS: CODE" of each failed attempt
+    cols: tuple[int, int] = (0, 0)  # output columns [start, stop) (the full width for row bands)
 
 
 class TileMetrics:
@@ -212,12 +213,18 @@ class ParallelCoordinator:
     # -- the stage ----------------------------------------------------------------------------
 
     def bands(self, i: int, in_hw: tuple[int, int]) -> list[tuple[str, Region]]:
-        """Block ``i``'s output tiles (full-width row bands) and the worker each is planned on."""
-        out_h, out_w = self.segments[i].out_size(in_hw)
-        shares = self.stage.blocks[i].shares
-        used = [(w, s) for w, s in zip(self.stage.workers, shares, strict=True) if s > 0]
-        spans = split_spans(out_h, [s for _, s in used])
-        return [(w, Region(span, Span(0, out_w))) for (w, _), span in zip(used, spans, strict=True) if span.size > 0]
+        """Block ``i``'s output tiles (full-width row bands, or a grid of ``grid_cols`` tiles per row)
+        and the worker each is planned on."""
+        out_hw = self.segments[i].out_size(in_hw)
+        block = self.stage.blocks[i]
+        used = [(w, s) for w, s in zip(self.stage.workers, block.shares, strict=True) if s > 0]
+        cols = block.grid_cols
+        if cols > 1 and (len(used) // cols > out_hw[0] or cols > out_hw[1]):
+            cols = 1  # a map smaller than the grid (another input size than planned): row bands
+        if cols == 1 and len(used) > out_hw[0]:
+            used = sorted(used, key=lambda ws: -ws[1])[: out_hw[0]]  # a row each for the largest shares
+        tiles = partition(out_hw, [s for _, s in used], cols)
+        return [(w, t) for (w, _), t in zip(used, tiles, strict=True)]
 
     async def run_stage(self, x: torch.Tensor,
                         on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:
@@ -235,7 +242,8 @@ class ParallelCoordinator:
             jobs, block_reports = [], []
             for (worker, _), reg in zip(planned, regions, strict=True):
                 crop = x[..., reg.input.rows.start: reg.input.rows.stop, reg.input.cols.start: reg.input.cols.stop]
-                report = TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker)
+                report = TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
+                                    cols=(reg.output.cols.start, reg.output.cols.stop))
                 block_reports.append(report)
                 jobs.append(self._tile(i, in_hw, reg, crop.contiguous(), report, healthy))
             tiles = await asyncio.gather(*jobs)

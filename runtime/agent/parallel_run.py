@@ -42,7 +42,7 @@ class ParallelRunOptions:
 
 
 def _tile_json(r: TileReport) -> dict[str, Any]:
-    return {"block": r.block, "rows": list(r.rows), "planned": r.planned, "ran_on": r.ran_on,
+    return {"block": r.block, "rows": list(r.rows), "cols": list(r.cols), "planned": r.planned, "ran_on": r.ran_on,
             "ms": round(r.seconds * 1e3, 3), "compute_ms": round(r.compute_seconds * 1e3, 3),
             "sent_bytes": r.sent_bytes, "failures": r.failures}
 

@@ -38,6 +38,12 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel-link-mode", choices=("shared", "per-worker"), default="shared",
                    help="shared: the workers share that one link (scatter/gather bytes add up); per-worker: each "
                         "worker has a link like it of its own (the largest band counts)")
+    g.add_argument("--parallel-coordinator-mbytes", type=float, default=0.0, metavar="MB_PER_S",
+                   help="the coordinator's own rate, in MB/s, of cropping, encoding, decoding and stitching the bytes "
+                        "it sends and receives (measure it with 'python -m runtime.agent.parallel_calibrate'); "
+                        "0: not costed")
+    g.add_argument("--parallel-no-grids", action="store_true",
+                   help="tile every block in full-width row bands (default: a 2-D grid where it cuts halos)")
     g.add_argument("--parallel-first", default="input", metavar="SPLIT",
                    help="split point where the parallel range begins (the coordinator runs the model up to it)")
     g.add_argument("--parallel-end", metavar="SPLIT",
@@ -57,17 +63,21 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
     if not args.parallel_link:
         raise InvalidInput("--parallel needs --parallel-link RTT_MS,MBPS (the coordinator <-> workers link)")
     get_codec(args.parallel_codec)  # InvalidInput with the valid names
+    if not 0 <= args.parallel_coordinator_mbytes < 1e6:
+        raise InvalidInput(f"--parallel-coordinator-mbytes must be 0..1e6 MB/s, got {args.parallel_coordinator_mbytes}")
     loaded = [profiles.load(p) for p in args.profile or ()]
     edge = [p for p in loaded if p.role != "device"]
     if not edge:
         raise InvalidInput("--parallel needs edge worker profiles (--profile FILE, role edge), one per worker")
     workers = [w.strip() for w in args.parallel_workers.split(",")] if args.parallel_workers else None
     prop = propose(edge, _link(args.parallel_link), args.parallel_first, args.parallel_end, workers,
-                   args.parallel_codec, shared_link=args.parallel_link_mode == "shared")
+                   args.parallel_codec, shared_link=args.parallel_link_mode == "shared",
+                   coordinator_bytes_per_second=args.parallel_coordinator_mbytes * 1e6, grids=not args.parallel_no_grids)
     if args.json:
         print(json.dumps({name: {"seconds": plan.seconds, "workers": plan.workers,
                                  "blocks": [[prop.split_names[f], prop.split_names[e]] for f, e in plan.blocks],
-                                 "shares": [list(s) for s in plan.shares]} for name, plan in prop.plans.items()},
+                                 "shares": [list(s) for s in plan.shares],
+                                 "grid_cols": [c.cols for c in plan.breakdown]} for name, plan in prop.plans.items()},
                          indent=1))
     else:
         print("\n".join(report(prop)))

@@ -8,7 +8,8 @@ document::
     {"format": "edgesplit-parallel-plan", "version": 1, "model": "vgg16",
      "workers": ["w0", "w1"],                       # names or HOST:PORT; --parallel-workers maps them
      "codec": "raw",
-     "blocks": [{"start": "input", "end": "maxpool2d", "shares": [1, 1], "predicted_seconds": 0.05}],
+     "blocks": [{"start": "input", "end": "maxpool2d", "shares": [1, 1], "predicted_seconds": 0.05,
+                 "grid_cols": 1}],                 # 1: row bands; c > 1: a grid of c tiles per row
      "predicted_seconds": 0.2, "strategy": "dpfp"}
 
 Every value read from a file or the wire is bounded (``MAX_*`` below) before use. Pure Python.
@@ -37,6 +38,12 @@ MAX_FILE_BYTES = 1 << 20
 """Largest plan JSON file read (bytes)."""
 
 
+def _int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"grid_cols must be an integer, got {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class TiledBlock:
     """One fused block of a parallel stage."""
@@ -45,6 +52,7 @@ class TiledBlock:
     end: str  # split point where it ends
     shares: tuple[float, ...]  # output-row weight per stage worker, in the stage's worker order (0: none)
     predicted_seconds: float = 0.0  # the planner's prediction (0: unknown)
+    grid_cols: int = 1  # tiles per row of a 2-D grid (1: full-width row bands; receptive.partition)
 
 
 @dataclass(frozen=True)
@@ -76,6 +84,10 @@ class ParallelStage:
             if not ok or not any(s > 0 for s in b.shares):
                 raise InvalidInput(f"block {i} ({b.start}..{b.end}): shares need one finite weight >= 0 per worker "
                                    f"({len(self.workers)}), at least one > 0; got {list(b.shares)}")
+            used = sum(1 for s in b.shares if s > 0)
+            if not (isinstance(b.grid_cols, int) and 1 <= b.grid_cols <= MAX_WORKERS) or used % b.grid_cols:
+                raise InvalidInput(f"block {i} ({b.start}..{b.end}): grid_cols {b.grid_cols!r} must be 1..{MAX_WORKERS} "
+                                   f"and divide the {used} workers with a share > 0 (whole rows of tiles)")
 
     def with_workers(self, addresses: tuple[str, ...]) -> ParallelStage:
         """The same stage on other workers (``--parallel-workers``), one address per planned worker."""
@@ -90,7 +102,7 @@ class ParallelStage:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "strategy": self.strategy,
                 "workers": list(self.workers), "codec": self.codec, "predicted_seconds": self.predicted_seconds,
                 "blocks": [{"start": b.start, "end": b.end, "shares": list(b.shares),
-                            "predicted_seconds": b.predicted_seconds} for b in self.blocks]}
+                            "predicted_seconds": b.predicted_seconds, "grid_cols": b.grid_cols} for b in self.blocks]}
 
     @classmethod
     def from_json(cls, doc: Any) -> ParallelStage:
@@ -102,7 +114,8 @@ class ParallelStage:
             raise InvalidInput(f"a parallel plan needs 'workers' and 'blocks' lists (at most {MAX_BLOCKS} blocks)")
         try:
             parsed = tuple(TiledBlock(str(b["start"]), str(b["end"]), tuple(float(s) for s in b["shares"][:MAX_WORKERS + 1]),
-                                      float(b.get("predicted_seconds", 0.0))) for b in blocks)
+                                      float(b.get("predicted_seconds", 0.0)), _int(b.get("grid_cols", 1)))
+                           for b in blocks)
             return cls(tuple(str(w) for w in workers[:MAX_WORKERS + 1]), parsed, str(doc.get("codec", "raw")),
                        str(doc.get("model", "")), float(doc.get("predicted_seconds", 0.0)), str(doc.get("strategy", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -125,13 +138,13 @@ class ParallelStage:
         msg.codec = self.codec
         for b in self.blocks:
             msg.blocks.add(start_split=b.start, end_split=b.end, shares=list(b.shares),
-                           predicted_seconds=b.predicted_seconds)
+                           predicted_seconds=b.predicted_seconds, grid_cols=b.grid_cols)
         return msg
 
     @classmethod
     def from_proto(cls, msg: Any, model: str = "") -> ParallelStage:
         if len(msg.worker_addresses) > MAX_WORKERS or len(msg.blocks) > MAX_BLOCKS:
             raise InvalidInput(f"a parallel stage holds at most {MAX_WORKERS} workers and {MAX_BLOCKS} blocks")
-        blocks = tuple(TiledBlock(b.start_split, b.end_split, tuple(b.shares[:MAX_WORKERS + 1]), b.predicted_seconds)
-                       for b in msg.blocks)
+        blocks = tuple(TiledBlock(b.start_split, b.end_split, tuple(b.shares[:MAX_WORKERS + 1]), b.predicted_seconds,
+                                  max(1, int(b.grid_cols))) for b in msg.blocks)
         return cls(tuple(msg.worker_addresses), blocks, msg.codec or "raw", model)

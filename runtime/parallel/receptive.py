@@ -337,6 +337,22 @@ def grid(out_hw: tuple[int, int], rows: Sequence[float] | int, cols: Sequence[fl
     return tuple(Region(r, c) for r in split_spans(out_hw[0], rows) for c in split_spans(out_hw[1], cols))
 
 
+def partition(out_hw: tuple[int, int], weights: Sequence[float], cols: int = 1) -> tuple[Region, ...]:
+    """One tile per weight, in order: full-width row bands by weight (``cols <= 1``), or a 2-D grid of
+    ``cols`` tiles per row, the weights taken ``cols`` at a time: each row's height by the sum of its
+    weights, each tile's width by its own weight (a guillotine cut, so unequal workers stay balanced).
+    With tile areas as weights the same tiles come back. ValueError if the weights do not fill whole
+    rows of ``cols`` or the map is too small."""
+    ws = list(weights)
+    if cols <= 1:
+        return tuple(Region(r, Span(0, out_hw[1])) for r in split_spans(out_hw[0], ws))
+    if len(ws) % cols:
+        raise ValueError(f"{len(ws)} tiles do not fill rows of {cols}")
+    groups = [ws[i: i + cols] for i in range(0, len(ws), cols)]
+    rows = split_spans(out_hw[0], [sum(g) for g in groups])
+    return tuple(Region(r, c) for r, g in zip(rows, groups, strict=True) for c in split_spans(out_hw[1], g))
+
+
 def tile_regions(graph: Graph, in_hw: tuple[int, int], tiles: Sequence[Region]) -> tuple[TileRegions, ...]:
     return tuple(back_propagate(graph, in_hw, t) for t in tiles)
 
