@@ -97,7 +97,13 @@ class Agent:
     stream = property(lambda self: self.active.stream)
 
     def _new_stream(self, address: str) -> EdgeStream:
-        return EdgeStream(address, self.transport, self.metrics, self.connect_timeout, self.reconnect)
+        return EdgeStream(address, self.transport, self.metrics, self.connect_timeout, self.reconnect,
+                          link_hint=lambda: self._link_hint(address))
+
+    def _link_hint(self, address: str) -> tuple[float, float]:
+        """(bandwidth B/s, RTT s) of the link to ``address`` for the stream's liveness (0.0: unknown)."""
+        est = self.link.links.get(address)
+        return (est.bandwidth.value, est.rtt.value) if est is not None else (0.0, 0.0)
 
     async def start(self, timeout: float = 120.0) -> None:
         """Open the stream and have the worker load the tail, so the first frame does not wait for it.

@@ -19,6 +19,7 @@ from runtime.contracts.errors import DeadlineExceeded, Unavailable, from_rpc_err
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
+from runtime.wire.liveness import LinkHint, Liveness
 from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,12 @@ class EdgeStream:
     """One bidirectional stream to a worker; reopened with exponential back-off after a failure."""
 
     def __init__(self, address: str, transport: TransportOptions, metrics: StreamMetrics,
-                 connect_timeout: float, reconnect: float):
+                 connect_timeout: float, reconnect: float, link_hint: LinkHint | None = None):
         self.address = address
+        # the link's (bandwidth, RTT) estimate, for link-aware liveness (runtime.wire.liveness); None: keep-alive only
+        self.link_hint = link_hint
+        self._live = Liveness(None, transport.liveness)  # replaced for each epoch
+        self._watchdog: asyncio.Task | None = None
         self.transport = transport
         self.metrics = metrics
         self.connect_timeout = connect_timeout
@@ -115,6 +120,8 @@ class EdgeStream:
             self.epoch += 1
             self._backoff.reset()
             self._reader = asyncio.create_task(self._read(self._call, self.epoch))
+            self._live = Liveness(self.link_hint, self.transport.liveness)
+            self._watchdog = asyncio.create_task(self._watch(self._call, self._live))
             self.metrics.stream_up.set(1)
             self.metrics.reconnects.inc()
             logger.info("stream %d open to %s", self.epoch, self.address)
@@ -125,6 +132,8 @@ class EdgeStream:
             async for res in call:
                 if res.header.stream_epoch != epoch:
                     continue
+                if self._call is call:
+                    self._live.answered(res.header.seq)
                 fut = self._pending.pop(res.header.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(res)  # a result for an abandoned frame is dropped here
@@ -170,9 +179,12 @@ class EdgeStream:
                 await asyncio.wait_for(self._write_lock.acquire(), max(0.0, deadline - time.monotonic()))
             else:
                 await self._write_lock.acquire()
+            live = self._live
+            live.sent(seq, len(request.tensor.buffer))  # outstanding from its first byte (a write may block)
             try:
                 for msg in frame_messages(request, self.transport.chunk_bytes):
                     if deadline is not None and time.monotonic() > deadline:
+                        live.forget(seq)
                         if written:
                             await call.write(pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
                         raise DeadlineExceeded(f"frame {seq}: deadline passed after {written} of its messages")
@@ -214,6 +226,7 @@ class EdgeStream:
         """Give up on frame ``seq`` (sent whole, no result by its deadline): its result will be dropped,
         and the worker is told not to compute it if it has not started."""
         self._pending.pop(seq, None)
+        self._live.abandon(seq)
         call = self._call
         if call is not None:
             task = asyncio.get_running_loop().create_task(self._cancel(call, seq))
@@ -229,8 +242,35 @@ class EdgeStream:
         except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
             pass  # the stream is going away: nothing will be computed for it anyway
 
+    async def _watch(self, call: grpc.aio.StreamStreamCall, live: Liveness) -> None:
+        """Declare the stream dead when its bytes stop making progress (runtime.wire.liveness); with no
+        progress for a while, ask the peer with a probe on the same connection (queued behind the same bytes)."""
+        probe: asyncio.Task | None = None
+        try:
+            while self._call is call:
+                await asyncio.sleep(live.options.tick_seconds)
+                why = live.verdict()
+                if why and self._call is call:
+                    self._broken(call, why)
+                    call.cancel()
+                    return
+                if (probe is None or probe.done()) and live.wants_probe() and self._channel is not None:
+                    probe = asyncio.create_task(self._ask(self._channel, live))
+        finally:
+            if probe is not None:
+                probe.cancel()
+
+    @staticmethod
+    async def _ask(channel: grpc.aio.Channel, live: Liveness) -> None:
+        sent_at = live.clock()
+        with contextlib.suppress(Exception):  # unanswered: the watchdog's verdict decides, not this probe
+            await time_health_check(channel, live.allowance() or live.options.floor_seconds)
+            live.probe_answered(sent_at)
+
     async def close(self) -> None:
         self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         for task in list(self._cancels):
             task.cancel()
         call = self._call

@@ -14,6 +14,7 @@ import grpc
 from runtime.contracts.errors import DeadlineExceeded, InvalidInput, TooLarge
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.budget import ByteBudget
+from runtime.wire.liveness import LivenessOptions
 from runtime.wire.security import SecurityOptions, aio_channel, sync_channel
 
 MiB = 2**20
@@ -27,14 +28,15 @@ class TransportOptions:
     # payload bytes per stream message (< max_message_bytes). 256 KiB measured best on loopback:
     # an 800 KB payload round-trips in ~1.1 ms as 256 KiB chunks against ~5 ms as one message.
     chunk_bytes: int = 256 * 1024
-    # keep-alive: a silent partition (bytes swallowed, no RST) is detected within time + timeout = 11 s.
-    # A ping queues behind the bytes already sent: on a 1.6 Mbit/s link one 400 KB frame holds it 2 s,
-    # and a 1 s timeout broke every stream that carried one (bench-scenarios, issue 11's step runs).
-    # Frames do not wait for this: each has its deadline, and the agent's in-flight detector and
-    # bandwidth-band fallbacks move it to a local plan when a link stops delivering.
+    # keep-alive: the backstop for idle connections and links never measured: a silent partition
+    # (bytes swallowed, no RST) is detected within time + timeout = 11 s. A ping queues behind the bytes
+    # already sent: on a 1.6 Mbit/s link one 400 KB frame holds it 2 s, and a 1 s timeout broke every
+    # stream that carried one. A frame stream with a bandwidth estimate is watched by `liveness`
+    # instead: dead after max(2 s, 1.5 x outstanding bytes / bandwidth + RTT) without progress.
     keepalive_time_ms: int = 1_000  # ping the connection this often (also while idle)
     keepalive_timeout_ms: int = 10_000  # drop the connection when a ping is not answered in time
     security: SecurityOptions = field(default_factory=SecurityOptions)  # TLS / mTLS / tokens (runtime.wire.security)
+    liveness: LivenessOptions = field(default_factory=LivenessOptions)  # link-aware (runtime.wire.liveness)
 
     def aio_channel(self, address: str) -> grpc.aio.Channel:
         """An asyncio channel to ``address`` with these limits and this process's credentials."""
