@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 PROTO_SRC := $(wildcard protos/edgesplit/v1/*.proto)
 PROTO_OUT := runtime/proto
 
-.PHONY: install demo test lint proto proto-check bench bench-quick bench-loopback bench-planner clean
+.PHONY: install demo test lint proto proto-check bench bench-quick bench-loopback bench-planner bench-fleet clean
 
 # torch: the CPU build (~200 MB wheel) unless this machine has an NVIDIA GPU; PyPI's default torch for
 # Linux x86-64 is the CUDA build with multi-GB dependencies. The one override, TORCH_INDEX:
@@ -70,6 +70,11 @@ bench-loopback: $(STAMP)
 # Planner decision time against model size (recorded in planner/results/decision_time.md)
 bench-planner: $(STAMP)
 	$(PY) -m planner.bench
+
+# One planner process under simulated agents over real gRPC (runtime/measure/fleet; results in
+# runtime/measure/results/fleet.md): FLEET_FLAGS='--agents 10000', or '--quick'.
+bench-fleet: $(STAMP)
+	$(VENV)/bin/edgesplit bench-planner-fleet $(FLEET_FLAGS)
 
 # Regenerate the checked-in gRPC/protobuf modules (pinned grpcio-tools, see constraints.txt).
 proto: $(STAMP)

@@ -10,6 +10,7 @@ flags, dispatch, error handling). Each verb is its own module of :mod:`runtime.c
     edgesplit demo                      worker + agent on loopback on a bundled default
     edgesplit bench                     loopback latency/bytes benchmark per codec
     edgesplit bench-scenarios           strategies x emulated IIoT links, the board under a CPU quota
+    edgesplit bench-planner-fleet       simulated agents over real gRPC against a planner subprocess
     edgesplit tl train|eval|list|sweep  Transfer Layers (runtime/transfer)
     edgesplit plan, import-peers        rank split configurations from profiles; import Scission data
     edgesplit plan-check                predicted against measured latency per split
@@ -35,7 +36,7 @@ logger = logging.getLogger("edgesplit")
 # The verbs' modules in runtime.cli, in the order 'edgesplit --help' lists them. A verb's module is
 # imported only when the parser is built; its heavy imports (torch, the models) wait for its command.
 VERBS = ("models", "worker", "agent", "submit", "print_config", "health_check", "demo", "bench", "bench_scenarios", "tl", "plan", "import_peers",
-         "validate", "planner", "profile", "certs")
+         "validate", "planner", "profile", "certs", "bench_planner_fleet")
 
 
 def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:

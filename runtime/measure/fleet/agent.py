@@ -1,0 +1,224 @@
+"""One simulated agent: what a real agent (runtime.agent.planner_link) says to the planner, without a model.
+
+``RegisterAgent`` with its board type's device profile (a RESOURCE_EXHAUSTED answer's
+``retry-after-ms`` is waited out; other failures back off 0.5 s doubling to 5 s), then a
+``WatchPlan`` stream (each new plan answered with ``ReportPlanStatus`` applied, as the agent does)
+and one ``ReportTelemetry`` client stream that carries a report every heartbeat
+(``telemetry_interval_seconds``) and one at once after each bandwidth step. A stepping agent
+toggles its bandwidth between the high and the low level every ``step_period_seconds`` in the
+measured phase; the time from that report to the first pushed plan that differs from the one in
+force at the step is its step-to-push latency. Every call carries the agent's own
+``edgesplit-lease`` metadata (a planner without authentication binds the id to it, as it does for
+a real agent process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import secrets
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from runtime.daemon.planner_client import LEASE
+from runtime.measure.fleet.options import FleetOptions
+from runtime.measure.fleet.stats import Stats
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+
+LEASE_KEY = LEASE[0][0]  # the header runtime.daemon.planner_client sends
+STREAM_SECONDS = 300.0  # deadline of each WatchPlan / ReportTelemetry stream, as the real agent's default
+BACKOFF_INITIAL, BACKOFF_MAX = 0.5, 5.0
+
+
+@dataclass
+class Phase:
+    """The measured phase, set once every loader has registered its agents (monotonic times)."""
+
+    start: float = float("inf")
+    end: float = float("inf")
+    stopping: bool = False
+
+
+@dataclass
+class Shared:
+    """What every agent of one loader process shares."""
+
+    options: FleetOptions
+    stats: Stats
+    phase: Phase
+    model: str  # the model id agents register
+    digest: str  # its weights digest (as in the profiles)
+
+
+class SimAgent:
+    def __init__(self, agent_id: str, board: str, stub: ppb_grpc.PlannerStub, shared: Shared, stepping: bool,
+                 rng: random.Random):
+        self.id = agent_id
+        self.stub = stub
+        self.options = shared.options
+        self.stats = shared.stats
+        self.phase = shared.phase
+        self.stepping = stepping
+        self.rng = rng
+        self.metadata = ((LEASE_KEY, secrets.token_urlsafe(24)),)
+        self.request = ppb.RegisterAgentRequest(agent_id=agent_id, model_id=shared.model, model_digest=shared.digest,
+                                                profile_json=board)
+        self.version = 0
+        self.plan_key: tuple[str, str, str] = ("", "", "")
+        self.high = True  # the bandwidth level it reports now
+        self.pending: float | None = None  # monotonic time of an unanswered step report
+        self.pending_key: tuple[str, str, str] = ("", "", "")
+        self.step_due = False  # a step waits for its report
+        self.report_now = asyncio.Event()  # a step: report at once
+
+    # -- registration ---------------------------------------------------------------------------
+
+    async def register(self, deadline: float) -> bool:
+        backoff = BACKOFF_INITIAL
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                reply = await self.stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds,
+                                                      metadata=self.metadata)
+            except grpc.aio.AioRpcError as e:
+                wait = self.stats.error("RegisterAgent", e)
+                await asyncio.sleep(wait or backoff * (0.5 + self.rng.random()))
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            t1 = time.monotonic()
+            s = self.stats
+            s.registered += 1
+            s.register_seconds.append(t1 - t0)
+            s.first_register, s.last_register = min(s.first_register, t0), max(s.last_register, t1)
+            if reply.plan.version:
+                self._on_plan(reply.plan)
+            return True
+        return False
+
+    # -- plans ----------------------------------------------------------------------------------
+
+    def _on_plan(self, plan: ppb.Plan) -> bool:
+        if plan.version <= self.version:
+            return False
+        self.version = plan.version
+        self.plan_key = (plan.worker_id, plan.split_id, plan.codec)
+        self.stats.plans += 1
+        if self.pending is not None and self.plan_key != self.pending_key:
+            self.stats.step_to_push.append(time.monotonic() - self.pending)
+            self.pending = None
+        return True
+
+    async def watch(self) -> None:
+        backoff = BACKOFF_INITIAL
+        while not self.phase.stopping:
+            call = self.stub.WatchPlan(ppb.WatchPlanRequest(agent_id=self.id, known_version=self.version),
+                                       timeout=STREAM_SECONDS, metadata=self.metadata)
+            self.stats.watch_opens += 1
+            try:
+                async for plan in call:
+                    if self._on_plan(plan):
+                        await self._status(plan.version)
+                    backoff = BACKOFF_INITIAL
+                wait = 0.0  # the stream's deadline or the planner ended it: reopen
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue
+                wait = self.stats.error("WatchPlan", e) or backoff * (0.5 + self.rng.random())
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except Exception as e:  # counted, the stream reopens
+                wait = self.stats.error("WatchPlan", e) or backoff
+            finally:
+                call.cancel()
+            if not self.phase.stopping:
+                await asyncio.sleep(wait)
+
+    async def _status(self, version: int) -> None:
+        try:
+            await self.stub.ReportPlanStatus(ppb.PlanStatus(agent_id=self.id, version=version, applied=True),
+                                             timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
+        except grpc.aio.AioRpcError as e:
+            self.stats.error("ReportPlanStatus", e)
+
+    # -- telemetry ------------------------------------------------------------------------------
+
+    def _message(self, worker: str) -> ppb.Telemetry:
+        o = self.options
+        level = o.high_bandwidth if self.high else o.low_bandwidth
+        bandwidth = level * (1.0 + o.jitter * (2 * self.rng.random() - 1))
+        return ppb.Telemetry(agent_id=self.id, worker=worker, bandwidth_bytes_per_second=bandwidth,
+                             rtt_seconds=o.rtt_seconds, plan_version=self.version, sent_unix=time.time(),
+                             bandwidth_age_seconds=0.1, bandwidth_samples=20)
+
+    async def telemetry(self, worker: str) -> None:
+        """Report every heartbeat and at once after a step, until the run stops; then close and count the ack."""
+        backoff = BACKOFF_INITIAL
+        while not self.phase.stopping:
+            call = self.stub.ReportTelemetry(timeout=STREAM_SECONDS, metadata=self.metadata)
+            self.stats.telemetry_streams += 1
+            try:
+                await self._report(call, worker)
+                await asyncio.wait_for(call.done_writing(), self.options.rpc_timeout_seconds)
+                ack = await asyncio.wait_for(call, self.options.rpc_timeout_seconds)
+                self.stats.telemetry_acked += ack.received
+                wait = 0.0
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not self.phase.stopping:
+                    continue
+                wait = self.stats.error("ReportTelemetry", e) or backoff * (0.5 + self.rng.random())
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            except asyncio.TimeoutError:
+                self.stats.errors["ReportTelemetry client-timeout"] += 1
+                wait = backoff
+            except Exception as e:  # a call that ended under us (InvalidStateError, ...): count it, reopen
+                wait = self.stats.error("ReportTelemetry", e) or backoff
+            finally:
+                call.cancel()
+            if not self.phase.stopping:
+                await asyncio.sleep(wait)
+
+    async def _report(self, call, worker: str) -> None:
+        interval = self.options.telemetry_interval_seconds
+        opened = time.monotonic()
+        next_due = opened  # the first report goes at once (an agent just registered)
+        while not self.phase.stopping and time.monotonic() - opened < STREAM_SECONDS - 2 * interval:
+            delay = next_due - time.monotonic()
+            if delay > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self.report_now.wait(), delay)
+            if self.phase.stopping:
+                return
+            self.report_now.clear()
+            if self.step_due:  # the step's clock starts as its report is written
+                self.step_due, self.pending = False, time.monotonic()
+            await asyncio.wait_for(call.write(self._message(worker)), self.options.rpc_timeout_seconds)
+            self.stats.telemetry_sent += 1
+            next_due = time.monotonic() + interval
+
+    async def steps(self) -> None:
+        """A stepping agent's bandwidth steps, in the measured phase only."""
+        o = self.options
+        while time.monotonic() < self.phase.start and not self.phase.stopping:
+            await asyncio.sleep(min(1.0, max(0.0, self.phase.start - time.monotonic())))
+        at = self.phase.start + self.rng.random() * o.step_period_seconds
+        while not self.phase.stopping:
+            if at >= self.phase.end:
+                return
+            await asyncio.sleep(max(0.0, at - time.monotonic()))
+            if self.phase.stopping:
+                return
+            if self.pending is not None or self.step_due:
+                self.stats.steps_missed += 1
+            self.high = not self.high
+            self.stats.steps += 1
+            self.pending, self.pending_key, self.step_due = None, self.plan_key, True
+            self.report_now.set()
+            at += o.step_period_seconds
+
+    def finish(self) -> None:
+        """The run ended: a step still unanswered after the push timeout counts as missed."""
+        if self.pending is not None and time.monotonic() - self.pending >= self.options.push_timeout_seconds:
+            self.stats.steps_missed += 1

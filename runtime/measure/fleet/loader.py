@@ -1,0 +1,108 @@
+"""A loader process: its share of the simulated agents on one asyncio loop, over a few channels.
+
+The parent talks to it over a pipe: the loader registers its agents as soon as it starts (at most
+``register_concurrency`` calls in flight), sends ``("registered", count, monotonic time)``,
+receives ``(measure_start, measure_end)``, runs until ``measure_end`` and sends
+``("stats", Stats.to_dict())``. Each channel is its own TCP connection (a local subchannel
+pool), and agents take channels in turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import resource
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from runtime.measure.fleet.agent import Phase, Shared, SimAgent
+from runtime.measure.fleet.options import FleetOptions
+from runtime.measure.fleet.planner_proc import pin
+from runtime.measure.fleet.stats import Stats
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.wire.transport import TransportOptions
+
+logger = logging.getLogger(__name__)
+CLOSE_SECONDS = 15.0  # at the end, how long the agents may take to close their streams and read the acks
+
+
+@dataclass(frozen=True)
+class LoaderSpec:
+    index: int
+    first: int  # agent indices [first, last)
+    last: int
+    address: str  # the planner's HOST:PORT
+    options: FleetOptions
+    boards: tuple[str, ...]
+    model: str
+    digest: str
+    workers: tuple[str, ...]
+    cpus: tuple[int, ...]  # pin to these (empty: no pinning)
+
+
+def channel(address: str, index: int) -> grpc.aio.Channel:
+    options = [*TransportOptions().channel_options(), ("grpc.use_local_subchannel_pool", 1),
+               ("edgesplit.fleet_channel", index)]  # distinct args: never shared with another channel
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+def main(spec: LoaderSpec, conn: Any) -> None:
+    """Process entry (multiprocessing, spawn)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the planner, then us
+    if spec.cpus:
+        pin(0, list(spec.cpus))
+    logging.basicConfig(level=logging.WARNING)
+    stats = asyncio.run(_run(spec, conn))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    stats.cpu_seconds = usage.ru_utime + usage.ru_stime
+    conn.send(("stats", stats.to_dict()))
+    conn.close()
+
+
+async def _run(spec: LoaderSpec, conn: Any) -> Stats:
+    o = spec.options
+    stats, phase = Stats(), Phase()
+    rng = random.Random(o.seed * 1000 + spec.index)
+    channels = [channel(spec.address, i) for i in range(o.channels)]
+    stubs = [ppb_grpc.PlannerStub(c) for c in channels]
+    n_step = round(o.step_fraction * o.agents)
+    shared = Shared(o, stats, phase, spec.model, spec.digest)
+    agents = [SimAgent(f"fleet-agent-{i:05d}", spec.boards[i % len(spec.boards)], stubs[(i - spec.first) % len(stubs)],
+                       shared, stepping=(i * 7919) % o.agents < n_step, rng=random.Random(rng.random()))
+              for i in range(spec.first, spec.last)]
+    loop = asyncio.get_running_loop()
+    deadline = time.monotonic() + o.register_timeout_seconds
+    gate = asyncio.Semaphore(o.register_concurrency)
+    tasks: list[asyncio.Task] = []  # telemetry and steps: they end by themselves once the phase stops
+    watches: list[asyncio.Task] = []  # blocked reading their streams: cancelled at the end
+
+    async def start(i: int, a: SimAgent) -> bool:
+        async with gate:
+            ok = await a.register(deadline)
+        if ok:
+            watches.append(asyncio.create_task(a.watch()))
+            tasks.append(asyncio.create_task(a.telemetry(spec.workers[i % len(spec.workers)])))
+            if a.stepping:
+                tasks.append(asyncio.create_task(a.steps()))
+        return ok
+
+    done = await asyncio.gather(*(start(i, a) for i, a in enumerate(agents)))
+    conn.send(("registered", sum(done), stats.last_register))
+    phase.start, phase.end = await loop.run_in_executor(None, conn.recv)
+    await asyncio.sleep(max(0.0, phase.end - time.monotonic()))
+    phase.stopping = True
+    for a in agents:
+        a.report_now.set()  # the telemetry loops wake, close their streams and read the acks
+        a.finish()
+    _, pending = await asyncio.wait(tasks, timeout=CLOSE_SECONDS) if tasks else (set(), set())
+    for t in (*pending, *watches):
+        t.cancel()
+    await asyncio.gather(*tasks, *watches, return_exceptions=True)
+    for c in channels:
+        await c.close(grace=None)
+    return stats

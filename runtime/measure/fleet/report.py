@@ -1,0 +1,135 @@
+"""Figures of a fleet run, and its JSON and markdown files."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from runtime.measure.fleet.options import FleetOptions
+
+TARGETS = {"step_to_push_p99_ms": 100.0, "health_p99_ms": 100.0, "register_10k_seconds": 60.0}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def _ms(v: float | None) -> float | None:
+    return None if v is None else round(v * 1e3, 2)
+
+
+def _cpu_share(samples: list[dict[str, Any]], a: float, b: float) -> float | None:
+    """Cores the planner used on average from the last sample at or before monotonic time ``a`` to the
+    first at or after ``b`` (samples every 0.5 s, so a short phase is widened by up to that)."""
+    before = [s for s in samples if s["t"] <= a]
+    after = [s for s in samples if s["t"] >= b]
+    if not before or not after or after[0]["t"] <= before[-1]["t"]:
+        return None
+    x, y = before[-1], after[0]
+    return round((y["cpu"] - x["cpu"]) / (y["t"] - x["t"]), 3)
+
+
+def _health(health: list[tuple[float, float]], a: float, b: float) -> dict[str, Any]:
+    ok = [s for t, s in health if a <= t <= b and s >= 0]
+    failed = sum(1 for t, s in health if a <= t <= b and s < 0)
+    return {"checks": len(ok) + failed, "failed": failed, "p50_ms": _ms(percentile(ok, 50)),
+            "p99_ms": _ms(percentile(ok, 99)), "max_ms": _ms(max(ok) if ok else None)}
+
+
+def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
+    st, samples = raw["stats"], raw["samples"]
+    reg_a, reg_b = st["first_register"], st["last_register"]
+    reg_span = reg_b - reg_a if st["registered"] and reg_b > reg_a else None
+    m_a, m_b = raw["measure_start"], raw["measure_end"]
+    duration = m_b - m_a
+    rss_end = max((s["rss"] for s in samples if s["t"] <= m_b), default=0)
+    registered = st["registered"]
+    lat = st["step_to_push"]
+    loader_cpu = st["cpu_seconds"] + raw["driver_cpu_seconds"]  # loader processes + this one (health, samples)
+    wall = m_b - raw["t_spawn"]
+    return {
+        "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.__dict__.items()},
+        "command": options.command,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_before": raw["load_before"],
+                    "load_after": raw["load_after"], "pinned": raw["pinned"], "planner_cpus": raw["planner_cpus"],
+                    "loader_cpus": raw["loader_cpus"]},
+        "registration": {"agents": options.agents, "registered": registered,
+                         "seconds": None if reg_span is None else round(reg_span, 2),
+                         "per_second": None if not reg_span else round(registered / reg_span, 1),
+                         "call_p50_ms": _ms(percentile(st["register_seconds"], 50)),
+                         "call_p99_ms": _ms(percentile(st["register_seconds"], 99)),
+                         "planner_cpu_cores": _cpu_share(samples, reg_a, reg_b) if reg_span else None},
+        "steady": {"seconds": round(duration, 1), "planner_cpu_cores": _cpu_share(samples, m_a, m_b),
+                   "planner_rss_mb": round(rss_end / 2**20, 1),
+                   "planner_rss_mb_before_agents": round(raw["baseline"]["rss"] / 2**20, 1),
+                   "rss_kb_per_agent": round((rss_end - raw["baseline"]["rss"]) / 1024 / max(1, registered), 1)},
+        "step_to_push": {"steps": st["steps"], "pushed": len(lat), "missed": st["steps_missed"],
+                         "p50_ms": _ms(percentile(lat, 50)), "p99_ms": _ms(percentile(lat, 99)),
+                         "max_ms": _ms(max(lat) if lat else None)},
+        "health_all": _health(raw["health"], raw["t_spawn"], m_b),
+        "health_steady": _health(raw["health"], m_a, m_b),
+        "health_errors": raw["health_errors"],
+        "telemetry": {"sent": st["telemetry_sent"], "acked": st["telemetry_acked"], "streams": st["telemetry_streams"],
+                      "per_second": round(st["telemetry_sent"] / max(1e-9, wall), 1)},
+        "plans_received": st["plans"], "watch_opens": st["watch_opens"],
+        "errors": dict(sorted(st["errors"].items())),
+        "retry_after": {"answers": st["retry_after"], "seconds_waited": round(st["retry_after_seconds"], 2)},
+        "loader": {"processes": options.loader_count, "channels_each": options.channels,
+                   "cpu_seconds": round(loader_cpu, 1), "cpu_cores": round(loader_cpu / max(1e-9, wall), 3)},
+        "planner_exit": raw["planner_exit"], "planner_log_tail": raw["planner_log_tail"],
+        "planner_pid": raw["planner_pid"], "planner_folder": raw["planner_folder"],
+    }
+
+
+def markdown(r: dict[str, Any]) -> str:
+    o, reg, sd, sp, h = r["options"], r["registration"], r["steady"], r["step_to_push"], r["health_all"]
+    hs, t, ld, m = r["health_steady"], r["telemetry"], r["loader"], r["machine"]
+    errors = ", ".join(f"{k}: {v}" for k, v in r["errors"].items()) or "none"
+    lines = [
+        f"### {o['agents']:,} agents, telemetry heartbeat {o['telemetry_interval_seconds']:g} s",
+        "",
+        f"`{r['command']}`" if r["command"] else "",
+        "",
+        f"- registration: {reg['registered']:,}/{reg['agents']:,} agents in {reg['seconds']} s "
+        f"({reg['per_second']}/s); RegisterAgent p50 {reg['call_p50_ms']} ms, p99 {reg['call_p99_ms']} ms; "
+        f"planner CPU {reg['planner_cpu_cores']} cores",
+        f"- step-to-push (bandwidth step reported -> new plan at that agent): p50 {sp['p50_ms']} ms, "
+        f"p99 {sp['p99_ms']} ms, max {sp['max_ms']} ms; {sp['pushed']} of {sp['steps']} steps pushed, {sp['missed']} missed",
+        f"- health: p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms over {h['checks']} checks "
+        f"({h['failed']} failed); measured phase only: p50 {hs['p50_ms']} ms, p99 {hs['p99_ms']} ms",
+        f"- planner in the measured phase ({sd['seconds']} s): CPU {sd['planner_cpu_cores']} cores, RSS "
+        f"{sd['planner_rss_mb']} MB ({sd['planner_rss_mb_before_agents']} MB before agents, "
+        f"{sd['rss_kb_per_agent']} KB per agent)",
+        f"- telemetry: {t['sent']:,} sent ({t['per_second']}/s over the run), {t['acked']:,} acked on "
+        f"{t['streams']:,} streams; plans received {r['plans_received']:,}; WatchPlan opened {r['watch_opens']:,} times",
+        f"- errors by RPC and code: {errors}; retry-after answers {r['retry_after']['answers']} "
+        f"({r['retry_after']['seconds_waited']} s waited)",
+        f"- loader: {ld['processes']} process(es) x {ld['channels_each']} channels, {ld['cpu_seconds']} CPU s with the driver "
+        f"({ld['cpu_cores']} cores), counted apart from the planner; pinned: {m['pinned']} (planner cpus "
+        f"{m['planner_cpus']}, loader cpus {m['loader_cpus']})",
+        f"- load average before {_load(m['load_before'])}, after {_load(m['load_after'])} (machine shared with other jobs)",
+    ]
+    if r["planner_exit"] is not None:
+        lines.append(f"- the planner exited during the run with code {r['planner_exit']}")
+    return "\n".join(lines) + "\n"
+
+
+def _load(v: list[float]) -> str:
+    return " / ".join(f"{x:.2f}" for x in v)
+
+
+def write(result: dict[str, Any], out_dir: str, name: str) -> list[Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{name}.json", out / f"{name}.md"]
+    paths[0].write_text(json.dumps(result, indent=1) + "\n")
+    paths[1].write_text(markdown(result))
+    return paths

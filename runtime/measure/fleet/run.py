@@ -1,0 +1,194 @@
+"""One fleet run: the planner subprocess, workers, loader processes, health checks, samples.
+
+Timeline: start the planner (loopback, temporary store) and wait for health SERVING; register the
+workers (again every ``worker_reregister_seconds``); start the loader processes, which register
+their agents at once and keep them reporting; once every loader has registered, ``settle_seconds``
+pass, then the measured phase (``duration_seconds``: bandwidth steps, step-to-push) runs; the
+loaders close their streams (reading the acks) and send their counts. Health is checked every
+``health_interval_seconds`` throughout; the planner's CPU and RSS are sampled every 0.5 s. The
+planner is stopped and its folder removed at the end, also after an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import resource
+import secrets
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from runtime.contracts.errors import EdgesplitError, Unavailable
+from runtime.measure.fleet import loader, report
+from runtime.measure.fleet.agent import LEASE_KEY
+from runtime.measure.fleet.options import FleetOptions
+from runtime.measure.fleet.planner_proc import PlannerProcess, cores, pin
+from runtime.measure.fleet.profiles import Fleet, fleet
+from runtime.measure.fleet.stats import Stats
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.wire.stream import time_health_check
+
+HEALTH_TIMEOUT_SECONDS = 5.0  # a health check slower than this counts as failed
+SAMPLE_SECONDS = 0.5  # the planner's CPU and RSS are read this often
+Progress = Callable[[str], None]
+
+
+def _split_cores(pinning: bool) -> tuple[list[int], list[int]]:
+    """(planner's cores, loaders' cores); both empty when pinning is off or there is one core."""
+    cpus = cores()
+    if not pinning or len(cpus) < 2:
+        return [], []
+    return cpus[:1], cpus[1:]
+
+
+def run(options: FleetOptions, progress: Progress = print) -> dict[str, Any]:
+    """Run once; returns the results (report.summarize's dict)."""
+    boards = fleet(options.board_types)
+    planner_cpus, loader_cpus = _split_cores(options.pin)
+    planner = PlannerProcess(options.planner_args, options.hold_seconds, max(10_000, options.agents))
+    load_before = os.getloadavg()
+    procs: list[multiprocessing.Process] = []
+    try:
+        address = planner.start()
+        folder = planner.folder
+        pinned = bool(planner_cpus) and pin(planner.pid, planner_cpus) and pin(0, loader_cpus)
+        progress(f"planner pid {planner.pid} on {address}" + (f", pinned to cpu {planner_cpus}, loaders to {loader_cpus}"
+                                                              if pinned else ", not pinned"))
+        raw = asyncio.run(_drive(options, planner, boards, tuple(loader_cpus if pinned else ()), procs, progress))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+        exit_code = planner.proc.poll() if planner.proc is not None else None
+        tail = planner.log_tail() if exit_code is not None else ""
+        planner.stop()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    raw.update(driver_cpu_seconds=usage.ru_utime + usage.ru_stime, planner_pid=planner.pid, planner_folder=folder, pinned=pinned, planner_cpus=planner_cpus, loader_cpus=loader_cpus if pinned else [],
+               load_before=load_before, load_after=os.getloadavg(), planner_exit=exit_code, planner_log_tail=tail)
+    return report.summarize(options, raw)
+
+
+async def _drive(options: FleetOptions, planner: PlannerProcess, boards: Fleet, cpus: tuple[int, ...],
+                 procs: list[multiprocessing.Process], progress: Progress) -> dict[str, Any]:
+    health_channel = loader.channel(planner.address, -1)
+    try:
+        await _wait_serving(health_channel)
+        stub = ppb_grpc.PlannerStub(health_channel)
+        workers = tuple(f"fleet-worker-{k}" for k in range(options.workers))
+        leases = {w: ((LEASE_KEY, secrets.token_urlsafe(24)),) for w in workers}
+        await _register_workers(stub, workers, leases, boards, options)
+        baseline = planner.sample()
+        health: list[tuple[float, float]] = []  # (monotonic, seconds); -1 = failed
+        health_errors: Counter = Counter()
+        background = [asyncio.create_task(_health_loop(health_channel, options, health, health_errors)),
+                      asyncio.create_task(_sample_loop(planner)),
+                      asyncio.create_task(_workers_loop(stub, workers, leases, boards, options))]
+        try:
+            raw = await _load(options, planner, boards, workers, cpus, procs, progress)
+            planner.sample()  # one at or after the measured phase's end
+        finally:
+            for t in background:
+                t.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+        raw.update(health=health, health_errors=dict(health_errors), baseline=baseline.__dict__,
+                   samples=[s.__dict__ for s in planner.samples])
+        return raw
+    finally:
+        await health_channel.close(grace=None)
+
+
+async def _load(options: FleetOptions, planner: PlannerProcess, boards: Fleet, workers: tuple[str, ...],
+                cpus: tuple[int, ...], procs: list[multiprocessing.Process], progress: Progress) -> dict[str, Any]:
+    n, k = options.agents, options.loader_count
+    ctx = multiprocessing.get_context("spawn")
+    pipes = []
+    for i in range(k):
+        first, last = i * n // k, (i + 1) * n // k
+        spec = loader.LoaderSpec(i, first, last, planner.address, options, boards.boards, boards.model, boards.digest,
+                                 workers, cpus)
+        ours, theirs = ctx.Pipe()
+        p = ctx.Process(target=loader.main, args=(spec, theirs), name=f"fleet-loader-{i}", daemon=True)
+        p.start()
+        theirs.close()
+        procs.append(p)
+        pipes.append(ours)
+    t_spawn = time.monotonic()
+    progress(f"{k} loader process(es), {options.channels} channels each: registering {n} agents")
+    registered = await asyncio.gather(*(_recv(c, p, options.register_timeout_seconds + 60) for c, p in zip(pipes, procs, strict=True)))
+    t_registered = time.monotonic()
+    count = sum(r[1] for r in registered)
+    progress(f"{count}/{n} agents registered in {t_registered - t_spawn:.1f} s (since the loaders started)")
+    start = time.monotonic() + options.settle_seconds
+    end = start + options.duration_seconds
+    for c in pipes:
+        c.send((start, end))
+    progress(f"measured phase: {options.duration_seconds:g} s after {options.settle_seconds:g} s settling")
+    results = await asyncio.gather(*(_recv(c, p, options.settle_seconds + options.duration_seconds + 90)
+                                     for c, p in zip(pipes, procs, strict=True)))
+    stats = Stats.merge([r[1] for r in results])
+    return dict(stats=stats, t_spawn=t_spawn, t_registered=t_registered, measure_start=start, measure_end=end)
+
+
+async def _recv(conn: Any, proc: multiprocessing.Process, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while not conn.poll():
+        if not proc.is_alive():
+            raise Unavailable(f"loader {proc.name} exited ({proc.exitcode}) without reporting")
+        if time.monotonic() > deadline:
+            raise Unavailable(f"loader {proc.name} did not report within {timeout:.0f} s")
+        await asyncio.sleep(0.05)
+    return conn.recv()
+
+
+async def _wait_serving(channel: grpc.aio.Channel, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await time_health_check(channel, 1.0)
+            return
+        except EdgesplitError:
+            if time.monotonic() > deadline:
+                raise Unavailable(f"the planner did not answer health checks within {timeout:g} s") from None
+            await asyncio.sleep(0.1)
+
+
+async def _register_workers(stub: ppb_grpc.PlannerStub, workers: tuple[str, ...], leases: dict, boards: Fleet,
+                            options: FleetOptions) -> None:
+    for k, w in enumerate(workers):
+        request = ppb.RegisterWorkerRequest(worker_id=w, address=f"127.0.0.1:{20000 + k}", tier="edge",
+                                            profiles_json=[boards.edge])
+        await stub.RegisterWorker(request, timeout=options.rpc_timeout_seconds * 3, metadata=leases[w])
+
+
+async def _workers_loop(stub, workers, leases, boards: Fleet, options: FleetOptions) -> None:
+    """Workers register again every ``worker_reregister_seconds``, as real workers do (errors only logged)."""
+    while True:
+        await asyncio.sleep(options.worker_reregister_seconds)
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            await _register_workers(stub, workers, leases, boards, options)
+
+
+async def _health_loop(channel: grpc.aio.Channel, options: FleetOptions, out: list, errors: Counter) -> None:
+    while True:
+        t0 = time.monotonic()
+        try:
+            out.append((t0, await time_health_check(channel, HEALTH_TIMEOUT_SECONDS)))
+        except EdgesplitError as e:
+            out.append((t0, -1.0))
+            errors[e.code.name] += 1
+        await asyncio.sleep(max(0.0, options.health_interval_seconds - (time.monotonic() - t0)))
+
+
+async def _sample_loop(planner: PlannerProcess) -> None:
+    while True:
+        planner.sample()
+        await asyncio.sleep(SAMPLE_SECONDS)

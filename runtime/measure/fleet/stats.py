@@ -1,0 +1,79 @@
+"""What a loader process counts, mergeable across processes (plain dicts and lists: picklable)."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a shed call: wait this long before retrying
+MAX_RETRY_AFTER_SECONDS = 60.0  # a larger (or malformed) value is capped here
+
+
+@dataclass
+class Stats:
+    registered: int = 0
+    register_seconds: list[float] = field(default_factory=list)  # each successful RegisterAgent call
+    first_register: float = math.inf  # monotonic (system-wide on Linux, so comparable across processes)
+    last_register: float = 0.0
+    errors: Counter = field(default_factory=Counter)  # "RPC CODE" -> count
+    retry_after: int = 0  # RESOURCE_EXHAUSTED answers that carried retry-after-ms (honoured)
+    retry_after_seconds: float = 0.0  # total time waited for them
+    telemetry_sent: int = 0
+    telemetry_acked: int = 0  # TelemetryAck.received summed over the streams that closed cleanly
+    telemetry_streams: int = 0  # streams opened
+    plans: int = 0  # plans received (RegisterAgent replies and WatchPlan pushes with a new version)
+    watch_opens: int = 0
+    steps: int = 0  # bandwidth steps made in the measured phase
+    step_to_push: list[float] = field(default_factory=list)  # seconds from the step's report to its new plan
+    steps_missed: int = 0  # no new plan before the next step, the push timeout or the end
+    cpu_seconds: float = 0.0  # this loader process's own CPU (getrusage)
+
+    def error(self, rpc: str, e: BaseException) -> float:
+        """Count one failed call; returns the retry-after it asked for (0.0: none)."""
+        if isinstance(e, grpc.aio.AioRpcError):
+            self.errors[f"{rpc} {e.code().name}"] += 1
+            wait = retry_after(e)
+            if wait:
+                self.retry_after += 1
+                self.retry_after_seconds += wait
+            return wait
+        self.errors[f"{rpc} {type(e).__name__}"] += 1
+        return 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["errors"] = dict(self.errors)
+        return d
+
+    @staticmethod
+    def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = Stats().to_dict()
+        for p in parts:
+            for k, v in p.items():
+                if k == "errors":
+                    out[k] = dict(Counter(out[k]) + Counter(v))
+                elif k == "first_register":
+                    out[k] = min(out[k], v)
+                elif k == "last_register":
+                    out[k] = max(out[k], v)
+                else:
+                    out[k] = out[k] + v
+        return out
+
+
+def retry_after(e: grpc.aio.AioRpcError) -> float:
+    """Seconds the server asked to wait (``retry-after-ms`` trailing metadata); 0.0 when it asked nothing."""
+    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 0.0
+    for key, value in e.trailing_metadata() or ():
+        if key == RETRY_AFTER_KEY:
+            try:
+                ms = float(value if isinstance(value, str) else value.decode())
+            except ValueError:
+                return MAX_RETRY_AFTER_SECONDS
+            return min(max(ms, 0.0) / 1e3, MAX_RETRY_AFTER_SECONDS) if math.isfinite(ms) else MAX_RETRY_AFTER_SECONDS
+    return 0.0

@@ -1,0 +1,88 @@
+"""The fleet load generator (runtime/measure/fleet) stays alive: its --quick mode against a real
+planner subprocess over real gRPC, and Ctrl-C leaves no planner or folder behind. Figures are
+printed by the benchmark and recorded in runtime/measure/results/fleet*.md, never asserted here."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from runtime.measure.fleet.report import percentile
+from runtime.measure.fleet.stats import Stats, retry_after
+
+pytestmark = pytest.mark.timeout(240)
+CLI = [sys.executable, "-m", "runtime.cli.main", "bench-planner-fleet"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def test_quick_run_measures_a_real_planner(tmp_path):
+    done = subprocess.run([*CLI, "--quick", "--out", str(tmp_path)], capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp_path / "fleet_quick.json").read_text())
+    assert (tmp_path / "fleet_quick.md").read_text().startswith("### 200 agents")
+    assert r["registration"]["registered"] == 200 and r["registration"]["per_second"] > 0
+    # steps were made by the stepping agents (10 %) and new plans reached them over WatchPlan
+    assert r["step_to_push"]["steps"] >= 20 and r["step_to_push"]["pushed"] > 0
+    assert r["step_to_push"]["p99_ms"] >= r["step_to_push"]["p50_ms"] > 0
+    assert r["telemetry"]["sent"] >= 200 and r["telemetry"]["acked"] > 0
+    assert r["plans_received"] >= 200  # every agent got a plan
+    assert r["health_all"]["checks"] > 10
+    assert r["steady"]["planner_cpu_cores"] is not None and r["steady"]["planner_rss_mb"] > 0
+    assert r["planner_exit"] is None  # it ran to the end
+    assert _gone(r["planner_pid"]) and not Path(r["planner_folder"]).exists()
+
+
+def test_ctrl_c_stops_the_planner_and_removes_its_folder(tmp_path):
+    proc = subprocess.Popen([*CLI, "--agents", "20", "--duration", "60", "--out", str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True)
+    pid = folder = None
+    try:
+        deadline = time.monotonic() + 90
+        for line in proc.stderr:  # "... planner pid N on ..." then "... measured phase ..."
+            if "planner pid" in line:
+                pid = int(line.split("planner pid")[1].split()[0])
+            if "measured phase" in line or time.monotonic() > deadline:
+                break
+        assert pid is not None and not _gone(pid)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        folder = Path(cmdline[cmdline.index(b"--db") + 1].decode()).parent
+        assert folder.is_dir()
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _gone(pid) and not folder.exists()
+    assert not (tmp_path / "fleet.json").exists()  # an interrupted run records nothing
+
+
+def test_retry_after_is_read_from_trailing_metadata_and_capped():
+    class Shed(grpc.aio.AioRpcError):
+        def __init__(self, code, trailing):
+            super().__init__(code, grpc.aio.Metadata(), grpc.aio.Metadata(*trailing), "shed")
+
+    assert retry_after(Shed(grpc.StatusCode.RESOURCE_EXHAUSTED, [("retry-after-ms", "250")])) == 0.25
+    assert retry_after(Shed(grpc.StatusCode.RESOURCE_EXHAUSTED, [("retry-after-ms", "1e12")])) == 60.0
+    assert retry_after(Shed(grpc.StatusCode.RESOURCE_EXHAUSTED, [])) == 0.0
+    assert retry_after(Shed(grpc.StatusCode.UNAVAILABLE, [("retry-after-ms", "250")])) == 0.0
+    s = Stats()
+    assert s.error("ReportTelemetry", Shed(grpc.StatusCode.RESOURCE_EXHAUSTED, [("retry-after-ms", "100")])) == 0.1
+    merged = Stats.merge([s.to_dict(), s.to_dict()])
+    assert merged["errors"] == {"ReportTelemetry RESOURCE_EXHAUSTED": 2} and merged["retry_after"] == 2
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0 and percentile([], 99) is None
+    assert os.sched_getaffinity(0)  # the pinning the run relies on is readable here
