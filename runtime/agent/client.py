@@ -27,6 +27,7 @@ from runtime.agent.metrics import reason_label as _reason_label
 from runtime.agent.plan import ActivePlan, PlanBuilder
 from runtime.agent.telemetry import LinkEstimator
 from runtime.contracts.errors import EdgesplitError, InvalidInput
+from runtime.daemon.tracing import agent_frame
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT
 from runtime.wire.chain import Hop
@@ -240,6 +241,7 @@ class Agent:
             if stream is not None:
                 stream.release()
 
+    @agent_frame  # the frame's log ids and, when tracing is on, its agent.frame span (runtime.daemon.tracing)
     async def _infer(self, plan: ActivePlan, seq: int, x: torch.Tensor, frame: str) -> FrameResult:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()

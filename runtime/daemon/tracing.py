@@ -295,28 +295,29 @@ AGENT_AFTER = ("local_tail", "refine")  # after the result or the fallback decis
 
 
 def agent_frame(fn: F) -> F:
-    """Decorates the agent's ``infer``: its ``agent.frame`` span (a root: one frame, one trace), with the
-    stages of the returned FrameResult's ``times`` as children. The log ids are the frame path's own
-    (:func:`agent_log_scope`), as the sequence number is taken inside."""
+    """Decorates the agent's ``_infer(self, plan, seq, ...)``: the frame's log ids (seq, plan version,
+    agent id) and, when on, its ``agent.frame`` span (a root: one frame, one trace), with the stages
+    of the returned FrameResult's ``times`` as children."""
 
     @functools.wraps(fn)
-    async def traced(self: Any, *args: Any, **kwargs: Any) -> Any:
-        state = _state
-        if state is None:
-            return await fn(self, *args, **kwargs)
-        start = time.time_ns()
-        frame_span = state.tracer.start_span("agent.frame", kind=state.trace.SpanKind.PRODUCER, start_time=start)
-        try:
-            with state.trace.use_span(frame_span, record_exception=False, set_status_on_exception=False):
-                result = await fn(self, *args, **kwargs)
-        except BaseException as e:
-            _fail(state, frame_span, f"{type(e).__name__}: {e}")
-            frame_span.end()
-            raise
-        end = time.time_ns()
-        _agent_children(state, frame_span, result, start, end)
-        frame_span.end(end_time=end)
-        return result
+    async def traced(self: Any, plan: Any, seq: int, *args: Any, **kwargs: Any) -> Any:
+        with log_scope(frame=seq, plan=plan.version, agent=getattr(self, "agent_id", "")):
+            state = _state
+            if state is None:
+                return await fn(self, plan, seq, *args, **kwargs)
+            start = time.time_ns()
+            frame_span = state.tracer.start_span("agent.frame", kind=state.trace.SpanKind.PRODUCER, start_time=start)
+            try:
+                with state.trace.use_span(frame_span, record_exception=False, set_status_on_exception=False):
+                    result = await fn(self, plan, seq, *args, **kwargs)
+            except BaseException as e:
+                _fail(state, frame_span, f"{type(e).__name__}: {e}")
+                frame_span.end()
+                raise
+            end = time.time_ns()
+            _agent_children(state, frame_span, result, start, end)
+            frame_span.end(end_time=end)
+            return result
 
     return traced  # type: ignore[return-value]
 
@@ -337,11 +338,6 @@ def _agent_children(state: _State, frame_span: Any, result: Any, start: int, end
     at = end - int(sum(times[s] for s in after) * 1e9)
     for stage in after:
         at = _child(state, frame_span, f"agent.{stage}", at, times[stage])
-
-
-def agent_log_scope(seq: int, plan: int, agent: str = "") -> AbstractContextManager[None]:
-    """The agent's frame path: the log ids of one frame (and the trace attribute of its sequence number)."""
-    return log_scope(frame=seq, plan=plan, agent=agent)
 
 
 def server_interceptor() -> TracingServerInterceptor | None:
