@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cache import IdentityMemo
-from planner.grid import axis, cell_sum, floor_within, grid_sum, max_of, smallest_pairs, tier_seconds
+from planner.grid import axis, cell_sum, floor_within, grid_sum, max_of, smallest, smallest_pairs, tier_seconds
+from planner.rowbound import throughput_rows
 from planner.tables import LinkCost, LinkSpec, SearchCache, link_cost
 from runtime.contracts.costmodel import Constraints, Network, Tier
 from runtime.contracts.profile import Profile
@@ -275,6 +276,10 @@ def _best_per_cell(problem: Problem, scorer: Scorer) -> Best:
     links, latency = scorer.links, problem.objective == "latency"
     per_cut = [link.columns(bool(scorer.checks) or not latency) for link in links]
     combos: list[Sequence[Columns]] = list(itertools.product(*per_cut))
+    if not latency and scorer.k == 2 and scorer.fixed_bad is None and not scorer.checks and ROW_BOUND:
+        found = throughput_rows(problem, scorer, combos)
+        if found is not None:
+            return found
     cells = None  # throughput: the cut vectors where another combination may do better than the first
     if len(combos) > 1:
         # the cheapest transfer per cut first: for latency, where it passes the caps nothing does better;
@@ -298,14 +303,15 @@ def _best_per_cell(problem: Problem, scorer: Scorer) -> Best:
     else:
         value, total = scorer.score(combos[0])
     if cells is not None:
-        return _best_at_cells(scorer, combos, value, total, cells)
+        return _best_at_cells(scorer, combos, value[cells], total[cells], cells)
     return _best_over_grid(latency, scorer, combos, value, total)
 
 
 def _best_at_cells(scorer: Scorer, combos: list[Sequence[Columns]], value: np.ndarray, total: np.ndarray,
                    cells: tuple[np.ndarray, ...]) -> Best:
-    """The lower value, then the lower latency, at the kept cut vectors: the top N is there."""
-    value, total, which = value[cells], total[cells], np.zeros(len(cells[0]), dtype=np.int32)
+    """The lower value, then the lower latency, at the kept cut vectors (``value``/``total``: the first
+    combination's there): the top N is there."""
+    which = np.zeros(len(cells[0]), dtype=np.int32)
     for c, cols in enumerate(combos[1:], 1):
         v, t = scorer.score(cols, cells=cells)
         better = (v < value) | ((v == value) & (t < total))
@@ -331,12 +337,12 @@ def _best_over_grid(latency: bool, scorer: Scorer, combos: list[Sequence[Columns
 
 def _top(problem: Problem, best: Best, chain: tuple[int, ...], combo: tuple[Profile, ...],
          links: list[LinkCost]) -> list[Candidate]:
-    """The ``top_n`` feasible cut vectors of ``best`` (unordered: the search sorts them all)."""
+    """The ``top_n`` feasible cut vectors of ``best`` by the search's key (ties in value go to the lower latency,
+    then the earlier cuts; unordered: the search sorts them all)."""
     flat = best.value.ravel()
-    m = min(problem.top_n, flat.size)
-    picks = np.argpartition(flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
-    out = []
     tflat = best.total.ravel()
+    picks = smallest(flat, tflat, problem.top_n)
+    out = []
     k = len(chain) - 1
     for p in picks:
         if not np.isfinite(flat[p]):

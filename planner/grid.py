@@ -50,9 +50,22 @@ def smallest_pairs(h0: np.ndarray, g: np.ndarray, m: int) -> tuple[np.ndarray, n
     sub = h0[rows, None] + g[None, :]
     sub[np.arange(size)[None, :] <= rows[:, None]] = np.inf  # b > a only
     flat = sub.ravel()
-    picks = np.argpartition(flat, m - 1)[:m] if m < flat.size else np.arange(flat.size)
+    picks = smallest(flat, flat, m)  # row-major over ascending rows: ties go to the earlier cuts, as on the grid
     r, b = np.divmod(picks, size)
     return rows[r], b, flat[picks]
+
+
+def smallest(value: np.ndarray, total: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the ``m`` smallest finite ``value`` (flat), ties broken by the lower ``total``, then the lower
+    index: the search's key order within one chain and machine combination, whatever the selection finds first."""
+    if m < 1:
+        return np.zeros(0, dtype=np.intp)
+    if m < value.size:
+        nth = np.partition(value, m - 1)[m - 1]
+        idx = np.flatnonzero(value <= nth) if np.isfinite(nth) else np.flatnonzero(np.isfinite(value))
+    else:
+        idx = np.flatnonzero(np.isfinite(value))
+    return idx[np.lexsort((idx, total[idx], value[idx]))[:m]]
 
 
 def cell_sum(h: list[np.ndarray], const: float, cells: tuple[np.ndarray, ...]) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The planner's fast paths give the same rankings as the whole-grid search, and the vectorised
+"""The planner's fast paths (row bounds for latency and throughput over two cuts) give the same rankings as
+the whole-grid search, and the vectorised
 transfer tables hold what the profiles say (random instances, larger than the brute-force ones)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 
 from planner import evaluate as evaluate_mod
 from planner.grid import smallest_pairs
+from planner.rowbound import throughput_rows
 from planner.search import search
 from planner.tables import build_table, receiver_decode
 from runtime.contracts.costmodel import Constraints
@@ -26,16 +28,18 @@ def _fast_equals_grid(seed: int, monkeypatch: pytest.MonkeyPatch) -> list:
                        Constraints(max_upload_bytes={"device": rng.randint(200, 3000)})))
     top_n = rng.choice((1, 5, 20))
     include_return = bool(seed % 2)
+    objective = "latency" if seed % 2 else "throughput"
     used = []
     monkeypatch.setattr(evaluate_mod, "smallest_pairs", lambda *a: used.append(smallest_pairs(*a)) or used[-1])
-    fast = search(tiers, net, cons, "latency", top_n=top_n, include_return=include_return)
+    monkeypatch.setattr(evaluate_mod, "throughput_rows", lambda *a: used.append(throughput_rows(*a)) or used[-1])
+    fast = search(tiers, net, cons, objective, top_n=top_n, include_return=include_return)
     monkeypatch.setattr(evaluate_mod, "ROW_BOUND", False)
-    grid = search(tiers, net, cons, "latency", top_n=top_n, include_return=include_return)
+    grid = search(tiers, net, cons, objective, top_n=top_n, include_return=include_return)
     assert fast == grid
     return used
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(80))
 def test_row_bound_ranking_equals_the_whole_grid(seed, monkeypatch):
     _fast_equals_grid(seed, monkeypatch)
 
@@ -43,13 +47,13 @@ def test_row_bound_ranking_equals_the_whole_grid(seed, monkeypatch):
 def test_row_bound_is_taken():
     """The equality above is not vacuous: the row bound answers for most device-edge-cloud chains."""
     taken = []
-    for seed in range(40):
+    for seed in range(80):
         mp = pytest.MonkeyPatch()
         try:
             taken += _fast_equals_grid(seed, mp)
         finally:
             mp.undo()
-    assert len(taken) > 40 and sum(x is not None for x in taken) > 0.8 * len(taken)
+    assert len(taken) > 80 and sum(x is not None for x in taken) > 0.8 * len(taken)
 
 
 def _reference_table(p):
