@@ -115,20 +115,26 @@ class HopTimes(_message.Message):
     def __init__(self, address: _Optional[str] = ..., split_id: _Optional[str] = ..., end_split: _Optional[str] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., encode_seconds: _Optional[float] = ..., round_trip_seconds: _Optional[float] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
 
 class InferResult(_message.Message):
-    __slots__ = ("header", "output", "times", "code", "message", "hops")
+    __slots__ = ("header", "output", "times", "code", "message", "hops", "received_first_seconds", "received_last_seconds", "sent_seconds")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     HOPS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIRST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_LAST_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     output: _tensor_pb2.Tensor
     times: StageTimes
     code: int
     message: str
     hops: _containers.RepeatedCompositeFieldContainer[HopTimes]
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[HopTimes, _Mapping]]] = ...) -> None: ...
+    received_first_seconds: float
+    received_last_seconds: float
+    sent_seconds: float
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[HopTimes, _Mapping]]] = ..., received_first_seconds: _Optional[float] = ..., received_last_seconds: _Optional[float] = ..., sent_seconds: _Optional[float] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("header",)
