@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from planner.cache import IdentityMemo
-from planner.grid import axis, cell_sum, floor_within, grid_sum, max_of, smallest, smallest_pairs, tier_seconds
+from planner.grid import Columns, axis, cell_sum, floor_within, grid_sum, max_of, smallest, smallest_pairs, tier_seconds
 from planner.rowbound import throughput_rows
 from planner.tables import LinkCost, LinkSpec, SearchCache, link_cost
 from runtime.contracts.costmodel import Constraints, Network, Tier
@@ -27,7 +27,6 @@ from runtime.contracts.profile import Profile
 ROW_BOUND = True  # latency over two cuts without grid-wide constraints: top N by row bounds, not the whole grid
 SPARSE_SHARE = 1.0  # throughput: combinations x kept cut vectors up to this x grid cells are scored at those alone
 
-Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # per cut: encode, xfer, decode, option slot
 Check = tuple[int, float | None, float | None]  # (tier position, share cap or None, time cap or None)
 
 
@@ -277,7 +276,7 @@ def _best_per_cell(problem: Problem, scorer: Scorer) -> Best:
     per_cut = [link.columns(bool(scorer.checks) or not latency) for link in links]
     combos: list[Sequence[Columns]] = list(itertools.product(*per_cut))
     if not latency and scorer.k == 2 and scorer.fixed_bad is None and not scorer.checks and ROW_BOUND:
-        found = throughput_rows(problem, scorer, combos)
+        found = _throughput_by_rows(problem, scorer, combos)
         if found is not None:
             return found
     cells = None  # throughput: the cut vectors where another combination may do better than the first
@@ -305,6 +304,22 @@ def _best_per_cell(problem: Problem, scorer: Scorer) -> Best:
     if cells is not None:
         return _best_at_cells(scorer, combos, value[cells], total[cells], cells)
     return _best_over_grid(latency, scorer, combos, value, total)
+
+
+def _throughput_by_rows(problem: Problem, scorer: Scorer, combos: list[Sequence[Columns]]) -> Best | None:
+    """:func:`_best_per_cell` for throughput over two cuts from the rows that can hold the top N
+    (:mod:`planner.rowbound`); None where they are too many for the sparse scoring (score the grid)."""
+    size, m = problem.n + 1, min(problem.top_n, (problem.n + 1) ** 2)
+    if m < 1:
+        return None
+    cheapest = tuple(link.columns(False)[0] for link in scorer.links)
+    cells = throughput_rows(scorer, cheapest, m)
+    if len(combos) > 1 and len(cells[0]) * len(combos) > SPARSE_SHARE * size * size:
+        return None
+    value, total = scorer.score(cheapest, cells=cells)
+    if len(combos) > 1:
+        return _best_at_cells(scorer, [cheapest, *combos], value, total, cells)
+    return Best(value, total, None, [cheapest], lambda p: (int(cells[0][p]), int(cells[1][p])))
 
 
 def _best_at_cells(scorer: Scorer, combos: list[Sequence[Columns]], value: np.ndarray, total: np.ndarray,

@@ -12,6 +12,7 @@ import numpy as np
 
 from planner.tables import LinkCost
 
+Columns = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # per cut: encode, xfer, decode, option slot
 Place = Callable[[np.ndarray, int], np.ndarray]  # (per-cut vector of cut j, j) -> its place in the grid
 
 

@@ -14,16 +14,33 @@ Same values, same cut vectors as :func:`planner.evaluate._best_per_cell` over th
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-from planner.grid import tier_seconds
-
-if TYPE_CHECKING:
-    from planner.evaluate import Best, Columns, Problem, Scorer
+from planner.grid import Columns, tier_seconds
+from planner.tables import LinkCost
 
 FIRST_ROWS = 8  # rows scored in the first batch; each later batch doubles
+Cells = tuple[np.ndarray, np.ndarray]  # (a, b) index arrays
+
+
+class _Problem(Protocol):
+    n: int  # blocks of the model
+
+
+class Scorer(Protocol):
+    """What of :class:`planner.evaluate.Scorer` this module uses."""
+
+    problem: _Problem
+    prefix: list[np.ndarray]
+    links: list[LinkCost]
+    k: int
+
+    def terms(self, cols: Sequence[Columns]) -> tuple[list[np.ndarray], float]: ...
+
+    def score(self, cols: Sequence[Columns], keep_bound: bool = False,
+              cells: tuple[np.ndarray, ...] | None = None) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 def _suffix_min(v: np.ndarray) -> np.ndarray:
@@ -47,7 +64,7 @@ def _row_floor(scorer: Scorer, enc: Sequence[np.ndarray], xfer: Sequence[np.ndar
     return bound
 
 
-def _rows_grid(rows: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _rows_grid(rows: np.ndarray, size: int) -> Cells:
     return rows[:, None], np.arange(size)[None, :]
 
 
@@ -81,7 +98,7 @@ def _nth_best(scorer: Scorer, cheapest: Sequence[Columns], m: int) -> float:
     return bound
 
 
-def _kept_cells(scorer: Scorer, cheapest: Sequence[Columns], worst: float) -> tuple[np.ndarray, np.ndarray]:
+def _kept_cells(scorer: Scorer, cheapest: Sequence[Columns], worst: float) -> Cells:
     """The cut vectors (row-major) where the cheapest latency is finite and no stage's floor exceeds ``worst``."""
     size, k, n = scorer.problem.n + 1, scorer.k, scorer.problem.n
     enc, xfer, dec = zip(*(link.floors for link in scorer.links), strict=True)
@@ -96,21 +113,7 @@ def _kept_cells(scorer: Scorer, cheapest: Sequence[Columns], worst: float) -> tu
     return rows[r], b
 
 
-def throughput_rows(problem: Problem, scorer: Scorer, combos: list[Sequence[Columns]]) -> Best | None:
-    """:func:`planner.evaluate._best_per_cell` for throughput over two cuts without grid-wide constraints,
-    scoring about the rows that can hold the top N; None where the bounds prune too little (score the grid)."""
-    from planner.evaluate import SPARSE_SHARE, Best, _best_at_cells
-
-    size = problem.n + 1
-    cheapest = tuple(link.columns(False)[0] for link in scorer.links)
-    m = min(problem.top_n, size * size)
-    if m < 1:
-        return None
-    worst = _nth_best(scorer, cheapest, m)
-    cells = _kept_cells(scorer, cheapest, worst)
-    if len(combos) > 1 and len(cells[0]) * len(combos) > SPARSE_SHARE * size * size:
-        return None
-    value, total = scorer.score(cheapest, cells=cells)
-    if len(combos) > 1:
-        return _best_at_cells(scorer, [cheapest, *combos], value, total, cells)
-    return Best(value, total, None, [cheapest], lambda p: (int(cells[0][p]), int(cells[1][p])))
+def throughput_rows(scorer: Scorer, cheapest: Sequence[Columns], m: int) -> Cells:
+    """Throughput over two cuts without grid-wide constraints: the cut vectors (row-major) that can hold the top
+    ``m`` under some transfer combination (those :func:`planner.evaluate._best_per_cell` keeps over the grid)."""
+    return _kept_cells(scorer, cheapest, _nth_best(scorer, cheapest, m))
