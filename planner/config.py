@@ -13,7 +13,11 @@ from runtime.wire.transport import TransportOptions
 @dataclass(frozen=True)
 class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, insecure: runtime.wire.security
     listen: str = field("127.0.0.1:50061", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
-    db: str = field("edgesplit-planner.sqlite", "SQLite file holding workers, agents, links and the plan history")
+    db: str = field("edgesplit-planner.sqlite", "SQLite file holding workers, agents, links and the plan history (used when store is empty)")
+    store: str = field("", "the planner's database: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (shared by planner replicas), sqlite:///PATH or a plain path; empty: the SQLite file 'db'")
+    store_flush_seconds: float = field(1.0, "link estimates, heartbeats and device speeds are written in one transaction this often (a crash loses at most this much of them); plans and registrations are written at once")
+    replica_id: str = field("", "this planner's name among replicas sharing one PostgreSQL store (leases name it); empty: HOSTNAME-PID-RANDOM")
+    lease_seconds: float = field(5.0, "with a shared (PostgreSQL) store: an agent stays attached to the replica holding its lease, renewed every store_flush_seconds; a lease not renewed this long (the replica died) lets another replica take the agent over")
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     default_rtt_seconds: float = field(0.005, "link RTT assumed for an agent/worker pair until telemetry arrives")
@@ -65,6 +69,10 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
             (self.max_profiles_per_worker >= 1, "max_profiles_per_worker must be >= 1"),
             (self.max_agents >= 1 and self.max_workers >= 1, "max_agents and max_workers must be >= 1"),
             (self.grace_seconds >= 0, "grace_seconds must be >= 0"),
+            (self.store_flush_seconds > 0, "store_flush_seconds must be > 0"),
+            (self.lease_seconds >= 2 * self.store_flush_seconds,
+             "lease_seconds must be at least twice store_flush_seconds (leases are renewed at each flush)"),
+            (len(self.replica_id) <= 128, "replica_id must be at most 128 characters"),
             (self.registration_ttl_seconds > 0, "registration_ttl_seconds must be > 0"),
             (self.max_ids_per_identity >= 1, "max_ids_per_identity must be >= 1"),
             (self.profile_cache_size >= 1 and self.rank_cache_size >= 1, "profile_cache_size and rank_cache_size must be >= 1"),
@@ -77,6 +85,10 @@ class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, 
         for ok, message in checks:
             if not ok:
                 raise InvalidInput(f"planner configuration: {message}")
+
+    def store_location(self) -> str:
+        """Where the store is: ``store`` if set, else the SQLite file ``db``."""
+        return self.store or self.db
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes, security=self.security())

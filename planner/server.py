@@ -40,9 +40,10 @@ class PlannerServer(DaemonHandle):
 
 
 async def serve(config: PlannerConfig) -> PlannerServer:
-    """Start a planner on ``config.db``; returns once it is SERVING. Tests bind ``127.0.0.1:0``."""
+    """Start a planner on its store (``config.store``, else the SQLite file ``config.db``); returns once
+    it is SERVING. Tests bind ``127.0.0.1:0``."""
     metrics = PlannerMetrics()
-    store = Store(config.db)
+    store = Store(config.store_location())
     try:
         service = PlannerService(config, store, metrics)
         daemon = Daemon(DaemonOptions(
@@ -56,7 +57,7 @@ async def serve(config: PlannerConfig) -> PlannerServer:
         store.close()
         raise
     service.start()
-    logger.info("planner serving on port %d with %s (metrics %s)", daemon.port, config.db, daemon.metrics_text())
+    logger.info("planner serving on port %d with %s (metrics %s)", daemon.port, store.path, daemon.metrics_text())
     return PlannerServer(daemon, service)
 
 
@@ -64,6 +65,7 @@ async def run_planner(config: PlannerConfig) -> None:
     """Run until SIGTERM/SIGINT, then drain."""
     ps = await serve(config)
     host = config.listen.rsplit(":", 1)[0]
-    ps.daemon.announce(f"edgesplit planner listening on {host}:{ps.port} (database {config.db})", config.port_file)
+    ps.daemon.announce(f"edgesplit planner listening on {host}:{ps.port} (database {ps.service.store.path})",
+                       config.port_file)
     await stop_on_signals().wait()
     await ps.drain_and_stop(config.grace_seconds)

@@ -14,25 +14,41 @@ which the edge forwards to the cloud worker's registered address (:func:`planner
 with the configured worker-to-worker link (``worker_link_*``: agents measure only their own link).
 A chained plan carries its route (``Plan.end_split``, ``next_hops``); its key includes the route,
 so hysteresis, refusals and versions treat it like any other plan.
+
+The store: plans and registrations are written before the RPC is answered; link estimates,
+heartbeats and device speeds go through :class:`planner.writebehind.WriteBehind`, flushed every
+``store_flush_seconds`` and on :meth:`PlannerService.close`. On a shared (PostgreSQL) store this
+planner is one of several replicas (:class:`planner.replicas.Replica`): every agent RPC first makes
+sure the agent is attached here (its lease), and the flush renews the leases.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 
+import grpc
+
+from planner import requests
 from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.hysteresis import Hysteresis
 from planner.metrics import PlannerMetrics
+from planner.owners import lease_of
 from planner.replanner import RePlanner
+from planner.replicas import Replica
 from planner.servicer import PlannerServicer
 from planner.state import AgentState, PlannerState, WorkerState
 from planner.store import Store
+from runtime.daemon.auth import current_identity
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 __all__ = ["AgentState", "PlannerService", "WorkerState"]
+
+logger = logging.getLogger(__name__)
 
 
 class PlannerService(PlannerServicer):
@@ -47,7 +63,9 @@ class PlannerService(PlannerServicer):
         self.store = store
         self.clock = clock
         self._sweeper: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
         state.load()
+        self.replica = Replica(config, state, replanner, broadcaster) if store.backend.shared else None
 
     @property
     def agents(self) -> dict[str, AgentState]:
@@ -65,6 +83,22 @@ class PlannerService(PlannerServicer):
         """Start the periodic re-planning (on the running loop)."""
         self.replanner.start()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="planner-store-flush")
+
+    async def _flush_loop(self) -> None:
+        """Write the buffered links, heartbeats and speeds every ``store_flush_seconds``; renew leases."""
+        while True:
+            await asyncio.sleep(self.config.store_flush_seconds)
+            await self.flush()
+
+    async def flush(self) -> None:
+        """One write-behind flush now (and, with replicas, the lease renewal after it)."""
+        try:
+            renewal = await self.state.behind.flush(self.replica.renewal() if self.replica else None)
+            if self.replica is not None:
+                await self.replica.apply(renewal)
+        except Exception:
+            logger.exception("planner store flush failed; retrying in %.1fs", self.config.store_flush_seconds)
 
     async def _sweep(self) -> None:
         """Drop lapsed worker registrations (planner.owners) a few times per TTL."""
@@ -79,12 +113,58 @@ class PlannerService(PlannerServicer):
 
     async def close(self) -> None:
         """Stop re-planning and end every WatchPlan stream (agents reconnect to the next planner)."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._sweeper
+        for task in (self._sweeper, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await self.replanner.stop()
         for st in self.state.agents.values():
             self.state.save_links(st)
         self.broadcaster.close()
         self.replanner.shutdown()
+        try:
+            await self.state.behind.close()  # the last links and heartbeats
+        finally:
+            if self.replica is not None:
+                await self.replica.close()  # this replica's agents may attach elsewhere at once
+
+    # -- with replicas: each agent RPC first attaches the agent here (planner.replicas) -------------
+
+    async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
+        if self.replica is not None:
+            aid = requests.check_id(request.agent_id, "agent_id")
+            # the caller's right to the id first (as the servicer checks it): no lease moves for a stranger
+            self.owners.claim("agent", aid, current_identity(), lease_of(context))
+            self.replica.attach(aid, take=True)
+        return await super().RegisterAgent(request, context)
+
+    async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:
+        if self.replica is not None:
+            self.replica.attach(request.agent_id, take=False)
+        async with contextlib.aclosing(super().WatchPlan(request, context)) as plans:
+            async for plan in plans:
+                yield plan
+        if self.replica is not None:
+            self.replica.check_stream_end(request.agent_id)  # FAILED_PRECONDITION: another replica took it
+
+    async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
+        if self.replica is not None:
+            request_iterator = self.replica.attached(request_iterator)
+        return await super().ReportTelemetry(request_iterator, context)
+
+    async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:
+        if self.replica is not None:
+            self.replica.attach(request.agent_id, take=False)
+        return await super().ReportPlanStatus(request, context)
+
+    async def QueryPlan(self, request: pb.PlanQuery, context: grpc.aio.ServicerContext) -> pb.PlanQueryReply:
+        if self.replica is not None:
+            self.replica.attach(request.agent_id, take=False)
+        return await super().QueryPlan(request, context)
+
+    async def ListProbeTargets(self, request: pb.ProbeTargetsRequest,
+                               context: grpc.aio.ServicerContext) -> pb.ProbeTargetsReply:
+        if self.replica is not None:
+            self.replica.attach(request.agent_id, take=False)
+        return await super().ListProbeTargets(request, context)

@@ -22,6 +22,7 @@ from planner.config import PlannerConfig
 from planner.decide import Candidate, PlanKey
 from planner.metrics import PlannerMetrics
 from planner.store import AgentRecord, LinkRecord, PlanRecord, SpeedRecord, Store, WorkerRecord
+from planner.writebehind import WriteBehind
 from runtime.contracts import profile as profiles
 from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import NotFound, Overloaded, PreconditionFailed
@@ -101,33 +102,56 @@ class PlannerState:
         self.workers: dict[str, WorkerState] = {}
         self.agents: dict[str, AgentState] = {}
         self.generation = 0  # counts worker registrations (each worker remembers the one that made it)
+        self.behind = WriteBehind(store)  # links, heartbeats and speeds: one transaction per interval
+        self.fence: tuple[str, float] | None = None  # (replica id, lease seconds): plans only under the lease
 
     # -- loading -------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Resume from the store: workers, agents, their plans, links and refusals."""
+        """Resume from the store: workers, and agents with their plans, links and refusals. With a
+        shared store (replicas) agents are not loaded here: each is loaded when it attaches
+        (:meth:`load_agent`, planner.replicas)."""
         for wid, wrec in self.store.workers().items():
             self.workers[wid] = WorkerState(wrec, requests.parse_worker_profiles(wrec.id, list(wrec.profiles.values())))
-        plans, links, speeds = self.store.current_plans(), self.store.links(), self.store.speeds()
-        for aid, rec in self.store.agents().items():
-            st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
-            st.plan = plans[aid].plan if aid in plans else None
-            st.links = links.get(aid, {})
-            if aid in speeds and self.config.compute_telemetry:
-                st.speed = DeviceSpeed(speeds[aid].slowdown, speeds[aid].samples)
-                st.apply_speed()
-            if rec.refused_version and (st.plan is None or rec.refused_version > st.plan.version):
-                refused = self.store.plan(aid, rec.refused_version)
-                if refused is not None:
-                    st.refused_key = decide.plan_key(refused.plan)
-                    st.refused_conditions = self.conditions(st)
-            st.mark("restart")  # re-check once: a worker may have changed meanwhile
-            self.agents[aid] = st
+        if not self.store.backend.shared:
+            plans, links, speeds = self.store.current_plans(), self.store.links(), self.store.speeds()
+            for aid, rec in self.store.agents().items():
+                self.agents[aid] = self._resumed(rec, plans.get(aid), links.get(aid, {}), speeds.get(aid))
         self.metrics.agents.set(len(self.agents))
         self.metrics.workers.set(len(self.workers))
         if self.agents or self.workers:
             logger.info("resumed %d agents and %d workers from %s (last plan version %d)", len(self.agents),
                         len(self.workers), self.store.path, self.store.last_version())
+
+    def load_agent(self, agent_id: str) -> AgentState | None:
+        """Take ``agent_id`` over from the store (its record, current plan, links, speed, refusal) and hold
+        it; None when the store has no such agent."""
+        rec = self.store.agents(agent_id).get(agent_id)
+        if rec is None:
+            return None
+        st = self._resumed(rec, self.store.current_plan(agent_id), self.store.links(agent_id).get(agent_id, {}),
+                           self.store.speeds(agent_id).get(agent_id))
+        self.agents[agent_id] = st
+        self.metrics.agents.set(len(self.agents))
+        return st
+
+    def _resumed(self, rec: AgentRecord, plan: PlanRecord | None, links: dict[str, LinkRecord],
+                 speed: SpeedRecord | None) -> AgentState:
+        """An agent's state as the store left it, marked to be decided again (a worker may have changed)."""
+        aid = rec.id
+        st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
+        st.plan = plan.plan if plan is not None else None
+        st.links = links
+        if speed is not None and self.config.compute_telemetry:
+            st.speed = DeviceSpeed(speed.slowdown, speed.samples)
+            st.apply_speed()
+        if rec.refused_version and (st.plan is None or rec.refused_version > st.plan.version):
+            refused = self.store.plan(aid, rec.refused_version)
+            if refused is not None:
+                st.refused_key = decide.plan_key(refused.plan)
+                st.refused_conditions = self.conditions(st)
+        st.mark("restart")  # re-check once: a worker may have changed meanwhile
+        return st
 
     # -- lookups -------------------------------------------------------------------------------
 
@@ -248,24 +272,27 @@ class PlannerState:
         old = self.measured_link(st, worker)  # measured figures only: an assumption is never stored
         st.links[worker] = LinkRecord(rtt or (old.rtt_seconds if old else 0.0),
                                       bandwidth or (old.bandwidth_bytes_per_second if old else 0.0), now)
-        st.unsaved_links.add(worker)
+        self.behind.put_link(st.record.id, worker, st.links[worker])  # written with the next flush
+        self.behind.touch(st.record.id, st.record.last_seen)
 
     def save_links(self, st: AgentState) -> None:
+        """Hand the agent's unsaved links, heartbeat and device speed to the write-behind buffer."""
         for wid in sorted(st.unsaved_links):
             if wid in st.links:
-                self.store.put_link(st.record.id, wid, st.links[wid])
+                self.behind.put_link(st.record.id, wid, st.links[wid])
         if st.unsaved_links:
-            self.store.touch_agent(st.record.id, st.record.last_seen)
+            self.behind.touch(st.record.id, st.record.last_seen)
         st.unsaved_links.clear()
         if st.speed.unsaved:
-            self.store.put_speed(st.record.id, SpeedRecord(st.speed.factor, st.speed.samples, time.time()))
+            self.behind.put_speed(st.record.id, SpeedRecord(st.speed.factor, st.speed.samples, time.time()))
             st.speed.unsaved = False
 
     # -- plans ---------------------------------------------------------------------------------
 
     def issue_plan(self, plan: pb.Plan) -> pb.Plan:
-        """Store ``plan`` under the next version; returns it with that version."""
-        return self.store.issue_plan(plan)
+        """Store ``plan`` under the next version; returns it with that version. With replicas, only
+        while this replica holds the agent's lease (else planner.store.LeaseLost)."""
+        return self.store.issue_plan(plan, self.fence)
 
     def stored_plan(self, agent_id: str, version: int) -> PlanRecord | None:
         return self.store.plan(agent_id, version)

@@ -1,17 +1,25 @@
-"""The planner's embedded database (stdlib ``sqlite3``, WAL): what must survive a restart.
+"""The planner's database: what must survive a restart, and what replicas share.
 
 Tables: ``workers`` (address, tier, TL ids, one profile document per model, the next tiers it
-forwards to), ``agents`` (model,
-digest, device profile, allowed workers, TL ids, constraints, the last refusal), ``links`` (the
-last link estimate per agent and worker), ``device_speed`` (per agent, the smoothed device
-slowdown factor from its compute telemetry, :mod:`planner.compute`), ``plans`` (every plan ever issued, as serialized
-``Plan`` protos; an agent's current plan is its highest version that it did not refuse) and
-``counters`` (the global plan version, which only increases, restarts included). A chained
-plan's route (``Plan.end_split``, ``next_hops``) is part of the stored proto, so it survives a
-restart as it is. Schema 1 (before workers reported next tiers) is migrated in place;
-``device_speed`` is a table of its own, created where missing, so it needs no migration (and a
-planner without it ignores it). Every write is
-one transaction. The connection belongs to the thread that opened it (the planner's event loop).
+forwards to), ``agents`` (model, digest, device profile, allowed workers, TL ids, constraints, the
+last refusal), ``links`` (the last link estimate per agent and worker), ``device_speed`` (per
+agent, the smoothed device slowdown factor from its compute telemetry, :mod:`planner.compute`),
+``plans`` (every plan ever issued, as serialized ``Plan`` protos; an agent's current plan is its
+highest version that it did not refuse), ``counters`` (the global plan version, which only
+increases, restarts included) and ``leases`` (which planner replica an agent is attached to
+until when, :mod:`planner.leases`). A chained plan's route (``Plan.end_split``, ``next_hops``) is
+part of the stored proto, so it survives a restart as it is.
+
+One schema on two engines (:mod:`planner.store_sql`): an SQLite file (the embedded default) or
+PostgreSQL (``--store postgresql://...``, shared by replicas). Schema 1 (before workers reported
+next tiers) is migrated in place; a newer schema is refused with a clear error. ``device_speed``
+and ``leases`` are tables of their own, created where missing, so they need no migration (and a
+planner without them ignores them).
+
+Every method here is one transaction, written before it returns. Links, heartbeats and device
+speeds are batched by :mod:`planner.writebehind` and reach :meth:`Store.write_batch` once per
+interval; plans and registrations are written at once (the README says which writes survive a crash).
+A Store's connection belongs to one thread at a time.
 """
 
 from __future__ import annotations
@@ -24,33 +32,41 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from runtime.contracts.errors import EdgesplitError
+from planner.store_sql import Backend, StoreError, open_backend
+from runtime.contracts.errors import PreconditionFailed
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+__all__ = ["APPLIED", "ISSUED", "REFUSED", "AgentRecord", "Batch", "LeaseLost", "LinkRecord", "PlanRecord",
+           "SpeedRecord", "Store", "StoreError", "WorkerRecord"]
 
 SCHEMA_VERSION = 2  # 2: workers.next_tiers
 
+# Tables of their own (device_speed, leases) are created where missing and need no new version: a
+# planner that does not know them ignores them. {real} and {blob}: the engine's words (planner.store_sql).
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value BIGINT NOT NULL);
 CREATE TABLE IF NOT EXISTS workers (
     id TEXT PRIMARY KEY, address TEXT NOT NULL, tier TEXT NOT NULL, tl_ids TEXT NOT NULL,
-    profiles TEXT NOT NULL, registered REAL NOT NULL, last_seen REAL NOT NULL,
+    profiles TEXT NOT NULL, registered {real} NOT NULL, last_seen {real} NOT NULL,
     next_tiers TEXT NOT NULL DEFAULT '[]');
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY, model TEXT NOT NULL, digest TEXT NOT NULL, profile TEXT NOT NULL,
     workers TEXT NOT NULL, tl_ids TEXT NOT NULL, constraints TEXT NOT NULL,
-    registered REAL NOT NULL, last_seen REAL NOT NULL,
-    refused_version INTEGER NOT NULL DEFAULT 0, refused_message TEXT NOT NULL DEFAULT '');
+    registered {real} NOT NULL, last_seen {real} NOT NULL,
+    refused_version BIGINT NOT NULL DEFAULT 0, refused_message TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS links (
-    agent_id TEXT NOT NULL, worker_id TEXT NOT NULL, rtt_seconds REAL NOT NULL,
-    bandwidth_bytes_per_second REAL NOT NULL, updated_unix REAL NOT NULL,
+    agent_id TEXT NOT NULL, worker_id TEXT NOT NULL, rtt_seconds {real} NOT NULL,
+    bandwidth_bytes_per_second {real} NOT NULL, updated_unix {real} NOT NULL,
     PRIMARY KEY (agent_id, worker_id));
 CREATE TABLE IF NOT EXISTS device_speed (
-    agent_id TEXT PRIMARY KEY, slowdown REAL NOT NULL, samples INTEGER NOT NULL, updated_unix REAL NOT NULL);
+    agent_id TEXT PRIMARY KEY, slowdown {real} NOT NULL, samples BIGINT NOT NULL, updated_unix {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS plans (
-    agent_id TEXT NOT NULL, version INTEGER NOT NULL, plan BLOB NOT NULL, reason TEXT NOT NULL,
-    created REAL NOT NULL, status TEXT NOT NULL DEFAULT 'issued',
+    agent_id TEXT NOT NULL, version BIGINT NOT NULL, plan {blob} NOT NULL, reason TEXT NOT NULL,
+    created {real} NOT NULL, status TEXT NOT NULL DEFAULT 'issued',
     PRIMARY KEY (agent_id, version));
+CREATE TABLE IF NOT EXISTS leases (
+    agent_id TEXT PRIMARY KEY, replica TEXT NOT NULL, expires_unix {real} NOT NULL);
 """
 
 ISSUED, APPLIED, REFUSED = "issued", "applied", "refused"
@@ -103,44 +119,63 @@ class PlanRecord:
     status: str
 
 
-class StoreError(EdgesplitError):
-    """The database file cannot be used (newer schema, not a planner database, unreadable)."""
+@dataclass
+class Batch:
+    """What the write-behind layer (planner.writebehind) gathered over one interval: the latest of each."""
+
+    links: dict[tuple[str, str], LinkRecord] = field(default_factory=dict)  # (agent, worker) -> estimate
+    seen: dict[str, float] = field(default_factory=dict)  # agent -> last_seen (heartbeat)
+    speeds: dict[str, SpeedRecord] = field(default_factory=dict)  # agent -> device slowdown
+
+    def __len__(self) -> int:
+        return len(self.links) + len(self.seen) + len(self.speeds)
 
 
 class Store:
-    def __init__(self, path: str | Path):
-        self.path = str(path)
+    """The planner's database (see the module docstring); ``where``: a path, a ``--store`` URL or a Backend."""
+
+    def __init__(self, where: str | Path | Backend):
+        self.backend = where if isinstance(where, Backend) else open_backend(str(where))
+        self.path = self.backend.describe()  # for logs: never the password
+        self.db = self.backend.connection  # the driver's connection (tests look inside SQLite's)
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None)  # explicit BEGIN/COMMIT below
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable at checkpoints, never corrupt
-            with self._tx():
-                for stmt in filter(str.strip, _SCHEMA.split(";")):
-                    self.db.execute(stmt)
-                row = self.db.execute("SELECT version FROM schema_version").fetchone()
-                if row is None:
-                    self.db.execute("INSERT INTO schema_version VALUES (?)", (SCHEMA_VERSION,))
-                elif row[0] == 1:  # additive: workers gained next_tiers (none known for those stored)
-                    self.db.execute("ALTER TABLE workers ADD COLUMN next_tiers TEXT NOT NULL DEFAULT '[]'")
-                    self.db.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
-                elif row[0] != SCHEMA_VERSION:
-                    raise StoreError(f"{self.path}: planner database schema {row[0]} is not {SCHEMA_VERSION}; "
-                                     "use the edgesplit version that wrote it, or start with a new --db file")
-                self.db.execute("INSERT OR IGNORE INTO counters VALUES ('plan_version', 0)")
+            self._create()
         except sqlite3.DatabaseError as e:
+            self.backend.close()
             raise StoreError(f"cannot use {self.path} as the planner database: {e}") from None
+        except BaseException:
+            self.backend.close()
+            raise
+
+    def _create(self) -> None:
+        b = self.backend
+        with b.transaction():
+            if b.shared:  # replicas starting together: one creates the schema, the others wait for it
+                b.execute("SELECT pg_advisory_xact_lock(4242)")
+            for stmt in filter(str.strip, _SCHEMA.format(**b.types).split(";")):
+                b.execute(stmt)
+            row = b.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                b.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif row[0] == 1:  # additive: workers gained next_tiers (none known for those stored)
+                b.execute("ALTER TABLE workers ADD COLUMN next_tiers TEXT NOT NULL DEFAULT '[]'")
+                b.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise StoreError(f"{self.path}: planner database schema {row[0]} is not {SCHEMA_VERSION}; "
+                                 "use the edgesplit version that wrote it, or start with a new --db file / --store database")
+            b.execute("INSERT INTO counters (name, value) VALUES ('plan_version', 0) ON CONFLICT (name) DO NOTHING")
 
     def _tx(self):
-        return _Transaction(self.db)
+        return self.backend.transaction()
 
     def close(self) -> None:
-        self.db.close()
+        self.backend.close()
 
     # -- workers -----------------------------------------------------------------------------
 
     def put_worker(self, w: WorkerRecord) -> None:
         with self._tx():
-            self.db.execute(
+            self.backend.execute(
                 "INSERT INTO workers (id, address, tier, tl_ids, profiles, registered, last_seen, next_tiers) "
                 "VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET address=excluded.address, "
                 "tier=excluded.tier, tl_ids=excluded.tl_ids, profiles=excluded.profiles, last_seen=excluded.last_seen, "
@@ -151,29 +186,38 @@ class Store:
     def delete_worker(self, worker_id: str) -> None:
         """Forget a worker whose registration lapsed or that left (planner.owners)."""
         with self._tx():
-            self.db.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
+            self.backend.execute("DELETE FROM workers WHERE id = ?", (worker_id,))
 
-    def workers(self) -> dict[str, WorkerRecord]:
-        rows = self.db.execute("SELECT id, address, tier, tl_ids, profiles, registered, last_seen, next_tiers FROM workers")
+    def workers(self, worker_id: str | None = None) -> dict[str, WorkerRecord]:
+        """Every worker, or only ``worker_id`` (an empty dict when it is not stored)."""
+        sql = "SELECT id, address, tier, tl_ids, profiles, registered, last_seen, next_tiers FROM workers"
+        rows = self.backend.execute(sql + " WHERE id = ?", (worker_id,)) if worker_id else self.backend.execute(sql)
         return {r[0]: WorkerRecord(r[0], r[1], r[2], tuple(json.loads(r[3])), json.loads(r[4]), r[5], r[6],
                                    tuple(json.loads(r[7]))) for r in rows}
+
+    def worker_times(self) -> dict[str, float]:
+        """worker id -> last registration (cheap: replicas compare it to see what another one changed)."""
+        return dict(self.backend.execute("SELECT id, last_seen FROM workers"))
 
     # -- agents ------------------------------------------------------------------------------
 
     def put_agent(self, a: AgentRecord) -> None:
         with self._tx():
-            self.db.execute(
-                "INSERT INTO agents VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET model=excluded.model, "
-                "digest=excluded.digest, profile=excluded.profile, workers=excluded.workers, tl_ids=excluded.tl_ids, "
-                "constraints=excluded.constraints, last_seen=excluded.last_seen, "
+            self.backend.execute(
+                "INSERT INTO agents (id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
+                "refused_version, refused_message) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                "model=excluded.model, digest=excluded.digest, profile=excluded.profile, workers=excluded.workers, "
+                "tl_ids=excluded.tl_ids, constraints=excluded.constraints, last_seen=excluded.last_seen, "
                 "refused_version=excluded.refused_version, refused_message=excluded.refused_message",
                 (a.id, a.model, a.digest, a.profile, json.dumps(list(a.workers)), json.dumps(list(a.tl_ids)),
                  json_format.MessageToJson(a.constraints, indent=None), a.registered, a.last_seen,
                  a.refused_version, a.refused_message))
 
-    def agents(self) -> dict[str, AgentRecord]:
-        rows = self.db.execute("SELECT id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
-                               "refused_version, refused_message FROM agents")
+    def agents(self, agent_id: str | None = None) -> dict[str, AgentRecord]:
+        """Every agent, or only ``agent_id`` (an empty dict when it is not stored)."""
+        sql = ("SELECT id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
+               "refused_version, refused_message FROM agents")
+        rows = self.backend.execute(sql + " WHERE id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
         out = {}
         for r in rows:
             out[r[0]] = AgentRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
@@ -182,19 +226,20 @@ class Store:
 
     def touch_agent(self, agent_id: str, last_seen: float) -> None:
         with self._tx():
-            self.db.execute("UPDATE agents SET last_seen=? WHERE id=?", (last_seen, agent_id))
+            self.backend.execute("UPDATE agents SET last_seen=? WHERE id=?", (last_seen, agent_id))
 
     # -- links -------------------------------------------------------------------------------
 
     def put_link(self, agent_id: str, worker_id: str, link: LinkRecord) -> None:
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO links VALUES (?,?,?,?,?)",
-                            (agent_id, worker_id, link.rtt_seconds, link.bandwidth_bytes_per_second, link.updated_unix))
+            self.backend.execute(_PUT_LINK, (agent_id, worker_id, link.rtt_seconds, link.bandwidth_bytes_per_second,
+                                             link.updated_unix))
 
-    def links(self) -> dict[str, dict[str, LinkRecord]]:
+    def links(self, agent_id: str | None = None) -> dict[str, dict[str, LinkRecord]]:
+        sql = "SELECT agent_id, worker_id, rtt_seconds, bandwidth_bytes_per_second, updated_unix FROM links"
+        rows = self.backend.execute(sql + " WHERE agent_id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
         out: dict[str, dict[str, LinkRecord]] = {}
-        for a, w, rtt, bw, t in self.db.execute("SELECT agent_id, worker_id, rtt_seconds, bandwidth_bytes_per_second, "
-                                                "updated_unix FROM links"):
+        for a, w, rtt, bw, t in rows:
             out.setdefault(a, {})[w] = LinkRecord(rtt, bw, t)
         return out
 
@@ -202,76 +247,141 @@ class Store:
 
     def put_speed(self, agent_id: str, speed: SpeedRecord) -> None:
         with self._tx():
-            self.db.execute("INSERT OR REPLACE INTO device_speed VALUES (?,?,?,?)",
-                            (agent_id, speed.slowdown, speed.samples, speed.updated_unix))
+            self.backend.execute(_PUT_SPEED, (agent_id, speed.slowdown, speed.samples, speed.updated_unix))
 
-    def speeds(self) -> dict[str, SpeedRecord]:
-        rows = self.db.execute("SELECT agent_id, slowdown, samples, updated_unix FROM device_speed")
+    def speeds(self, agent_id: str | None = None) -> dict[str, SpeedRecord]:
+        sql = "SELECT agent_id, slowdown, samples, updated_unix FROM device_speed"
+        rows = self.backend.execute(sql + " WHERE agent_id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
         return {a: SpeedRecord(f, n, t) for a, f, n, t in rows}
+
+    # -- the write-behind batch ----------------------------------------------------------------
+
+    def write_batch(self, batch: Batch) -> None:
+        """Links, heartbeats and device speeds of one interval, in one transaction (planner.writebehind)."""
+        b = self.backend
+        with self._tx():
+            if batch.links:
+                b.executemany(_PUT_LINK, sorted((a, w, lk.rtt_seconds, lk.bandwidth_bytes_per_second, lk.updated_unix)
+                                                for (a, w), lk in batch.links.items()))
+            if batch.seen:
+                b.executemany("UPDATE agents SET last_seen=? WHERE id=?", sorted((t, a) for a, t in batch.seen.items()))
+            if batch.speeds:
+                b.executemany(_PUT_SPEED, sorted((a, s.slowdown, s.samples, s.updated_unix)
+                                                 for a, s in batch.speeds.items()))
 
     # -- plans -------------------------------------------------------------------------------
 
-    def issue_plan(self, plan: pb.Plan) -> pb.Plan:
-        """Give ``plan`` the next global version and record it, in one transaction; returns it."""
+    def issue_plan(self, plan: pb.Plan, fence: tuple[str, float] | None = None) -> pb.Plan:
+        """Give ``plan`` the next global version and record it, in one transaction; returns it.
+        ``fence`` (replica id, lease seconds): only while that replica holds the agent's lease (renewed
+        here), else LeaseLost and nothing is written."""
         out = pb.Plan()
         out.CopyFrom(plan)
+        b = self.backend
         with self._tx():
-            (version,) = self.db.execute(
+            if fence is not None and not self.renew_leases(fence[0], fence[1], [plan.agent_id]):
+                raise LeaseLost(f"agent {plan.agent_id!r} is attached to another planner replica now; "
+                                "its next registration brings it back")
+            (version,) = b.execute(
                 "UPDATE counters SET value = value + 1 WHERE name='plan_version' RETURNING value").fetchone()
             out.version = version
             if not out.created_unix:
                 out.created_unix = time.time()
-            self.db.execute("INSERT INTO plans VALUES (?,?,?,?,?,?)",
-                            (out.agent_id, version, out.SerializeToString(), out.reason, out.created_unix, ISSUED))
+            b.execute("INSERT INTO plans (agent_id, version, plan, reason, created, status) VALUES (?,?,?,?,?,?)",
+                      (out.agent_id, version, out.SerializeToString(), out.reason, out.created_unix, ISSUED))
         return out
 
     def last_version(self) -> int:
-        return self.db.execute("SELECT value FROM counters WHERE name='plan_version'").fetchone()[0]
+        return self.backend.execute("SELECT value FROM counters WHERE name='plan_version'").fetchone()[0]
 
     def set_plan_status(self, agent_id: str, version: int, status: str, refused_message: str = "") -> bool:
         """Mark a plan applied or refused (a refusal is also recorded on the agent); False: no such plan."""
+        b = self.backend
         with self._tx():
-            cur = self.db.execute("UPDATE plans SET status=? WHERE agent_id=? AND version=?", (status, agent_id, version))
+            cur = b.execute("UPDATE plans SET status=? WHERE agent_id=? AND version=?", (status, agent_id, version))
             if cur.rowcount == 0:
                 return False
             if status == REFUSED:
-                self.db.execute("UPDATE agents SET refused_version=?, refused_message=? WHERE id=?",
-                                (version, refused_message, agent_id))
+                b.execute("UPDATE agents SET refused_version=?, refused_message=? WHERE id=?",
+                          (version, refused_message, agent_id))
         return True
 
     def plan(self, agent_id: str, version: int) -> PlanRecord | None:
-        row = self.db.execute("SELECT plan, status FROM plans WHERE agent_id=? AND version=?", (agent_id, version)).fetchone()
-        return PlanRecord(pb.Plan.FromString(row[0]), row[1]) if row else None
+        row = self.backend.execute("SELECT plan, status FROM plans WHERE agent_id=? AND version=?",
+                                   (agent_id, version)).fetchone()
+        return PlanRecord(pb.Plan.FromString(bytes(row[0])), row[1]) if row else None
 
     def current_plans(self) -> dict[str, PlanRecord]:
         """Per agent, the highest version it has not refused."""
-        rows = self.db.execute(
+        rows = self.backend.execute(
             "SELECT p.agent_id, p.plan, p.status FROM plans p JOIN (SELECT agent_id, MAX(version) AS v FROM plans "
             "WHERE status != ? GROUP BY agent_id) m ON p.agent_id = m.agent_id AND p.version = m.v", (REFUSED,))
-        return {a: PlanRecord(pb.Plan.FromString(blob), status) for a, blob, status in rows}
+        return {a: PlanRecord(pb.Plan.FromString(bytes(blob)), status) for a, blob, status in rows}
 
     def current_plan(self, agent_id: str) -> PlanRecord | None:
-        row = self.db.execute("SELECT plan, status FROM plans WHERE agent_id=? AND status != ? ORDER BY version DESC "
-                              "LIMIT 1", (agent_id, REFUSED)).fetchone()
-        return PlanRecord(pb.Plan.FromString(row[0]), row[1]) if row else None
+        row = self.backend.execute("SELECT plan, status FROM plans WHERE agent_id=? AND status != ? ORDER BY version "
+                                   "DESC LIMIT 1", (agent_id, REFUSED)).fetchone()
+        return PlanRecord(pb.Plan.FromString(bytes(row[0])), row[1]) if row else None
 
     def history(self, agent_id: str, limit: int = 100) -> list[PlanRecord]:
         """Newest first."""
-        rows = self.db.execute("SELECT plan, status FROM plans WHERE agent_id=? ORDER BY version DESC LIMIT ?",
-                               (agent_id, limit))
-        return [PlanRecord(pb.Plan.FromString(blob), status) for blob, status in rows]
+        rows = self.backend.execute("SELECT plan, status FROM plans WHERE agent_id=? ORDER BY version DESC LIMIT ?",
+                                    (agent_id, limit))
+        return [PlanRecord(pb.Plan.FromString(bytes(blob)), status) for blob, status in rows]
+
+    # -- leases (planner.leases: which replica an agent is attached to) -------------------------
+
+    def acquire_lease(self, agent_id: str, replica: str, seconds: float, take: bool) -> tuple[str, float]:
+        """Hold ``agent_id``'s lease for ``replica`` for ``seconds`` if it is free, lapsed, its own, or
+        ``take``. Returns (the holder before, seconds its lease had left); the holder before is
+        ``replica`` or "" when the lease was free, and when it is another one with time left and not
+        ``take``, nothing changed."""
+        b = self.backend
+        with self._tx():
+            row = b.execute(f"SELECT replica, expires_unix - {b.now_sql} FROM leases WHERE agent_id=?{b.lock_sql}",
+                            (agent_id,)).fetchone()
+            holder, left = (row[0], float(row[1])) if row else ("", 0.0)
+            if holder and holder != replica and left > 0 and not take:
+                return holder, left
+            b.execute(f"INSERT INTO leases (agent_id, replica, expires_unix) VALUES (?, ?, {b.now_sql} + ?) "
+                      "ON CONFLICT (agent_id) DO UPDATE SET replica=excluded.replica, expires_unix=excluded.expires_unix",
+                      (agent_id, replica, seconds))
+        return holder, left
+
+    def renew_leases(self, replica: str, seconds: float, agent_ids: list[str] | None = None) -> set[str]:
+        """Extend the leases ``replica`` still holds (all, or those of ``agent_ids``); returns their agent ids."""
+        b = self.backend
+        sql = f"UPDATE leases SET expires_unix = {b.now_sql} + ? WHERE replica = ?"
+        if agent_ids is None:
+            rows = b.execute(sql + " RETURNING agent_id", (seconds, replica))
+        else:
+            marks = ",".join("?" * len(agent_ids))
+            rows = b.execute(sql + f" AND agent_id IN ({marks}) RETURNING agent_id", (seconds, replica, *agent_ids))
+        return {r[0] for r in rows}
+
+    def release_leases(self, replica: str, agent_ids: list[str] | None = None) -> None:
+        """Give up ``replica``'s leases (all, or those of ``agent_ids``): another replica may take them at once."""
+        with self._tx():
+            if agent_ids is None:
+                self.backend.execute("DELETE FROM leases WHERE replica = ?", (replica,))
+            else:
+                self.backend.executemany("DELETE FROM leases WHERE replica = ? AND agent_id = ?",
+                                         [(replica, a) for a in agent_ids])
+
+    def leases(self) -> dict[str, tuple[str, float]]:
+        """agent id -> (replica, seconds left; negative: lapsed)."""
+        b = self.backend
+        return {a: (r, float(left)) for a, r, left in
+                b.execute(f"SELECT agent_id, replica, expires_unix - {b.now_sql} FROM leases")}
 
 
-class _Transaction:
-    """``BEGIN IMMEDIATE`` ... ``COMMIT``, or ``ROLLBACK`` when the block raises."""
+_PUT_LINK = ("INSERT INTO links (agent_id, worker_id, rtt_seconds, bandwidth_bytes_per_second, updated_unix) "
+             "VALUES (?,?,?,?,?) ON CONFLICT (agent_id, worker_id) DO UPDATE SET rtt_seconds=excluded.rtt_seconds, "
+             "bandwidth_bytes_per_second=excluded.bandwidth_bytes_per_second, updated_unix=excluded.updated_unix")
+_PUT_SPEED = ("INSERT INTO device_speed (agent_id, slowdown, samples, updated_unix) VALUES (?,?,?,?) "
+              "ON CONFLICT (agent_id) DO UPDATE SET slowdown=excluded.slowdown, samples=excluded.samples, "
+              "updated_unix=excluded.updated_unix")
 
-    def __init__(self, db: sqlite3.Connection):
-        self.db = db
 
-    def __enter__(self):
-        self.db.execute("BEGIN IMMEDIATE")
-        return self.db
-
-    def __exit__(self, exc_type, exc, tb):
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        return False
+class LeaseLost(PreconditionFailed):
+    """This replica no longer holds the agent's lease (another one took it): nothing was written."""

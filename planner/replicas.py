@@ -1,0 +1,197 @@
+"""Several planner replicas on one shared (PostgreSQL) store: who serves which agent.
+
+Each agent is attached to one replica at a time, the holder of its row in the store's ``leases``
+table (replica id, expiry on the database's clock). Agents reach the replicas through one address
+(a Kubernetes Service); one agent session (one channel) stays on one replica.
+
+* **RegisterAgent** takes the agent's lease whoever held it: an agent has one session at a time,
+  so its registration here proves it left the other replica (that one learns it at its next
+  renewal and ends the agent's WatchPlan stream). The agent's record, current plan, links, device
+  speed and refusal are loaded from the store first, so the registration is a re-registration:
+  the agent keeps its plan (the same version, when it is still the best) and is re-planned now.
+* **Any other call** (WatchPlan, telemetry, plan status, queries) for an agent this replica does
+  not hold takes it over only when its lease is free or lapsed (its replica died: no renewal for
+  ``lease_seconds``), loading it the same way and re-planning it in the next periodic pass;
+  while another replica holds it, FAILED_PRECONDITION tells the agent to register again.
+* **Renewal**: every ``store_flush_seconds`` the write-behind thread renews all of this replica's
+  leases in one statement; the agents whose lease another replica took are dropped here: their
+  WatchPlan streams end with FAILED_PRECONDITION ("attached to another replica; register
+  again"), their pending writes are discarded, and a plan is never issued for them again (every
+  plan is written only under the lease, :meth:`planner.store.Store.issue_plan`).
+* **Workers** register with one replica; the others read them from the store at each flush
+  (a changed registration is parsed off the loop and re-plans its agents, as if it came here).
+* A clean shutdown releases this replica's leases, so its agents re-attach elsewhere at once;
+  a killed replica's leases lapse after ``lease_seconds``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from planner import requests
+from planner.broadcaster import Broadcaster
+from planner.config import PlannerConfig
+from planner.replanner import RePlanner
+from planner.state import PlannerState, WorkerState
+from planner.store import Store, WorkerRecord
+from runtime.contracts.errors import PreconditionFailed
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+logger = logging.getLogger(__name__)
+
+MAX_LOST = 10_000  # agents remembered as taken over (their stream's end names it); the oldest are forgotten
+
+
+def default_replica_id() -> str:
+    """HOSTNAME-PID-RANDOM: unique per process (a pod's hostname is its name)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Renewal:
+    """What the store thread found at one flush (applied on the event loop)."""
+
+    held: set[str]  # agents whose lease this replica still holds
+    seq: int  # attachments counted when the renewal began: later ones are not judged by it
+    workers: dict[str, WorkerRecord] = field(default_factory=dict)  # registrations changed by other replicas
+    gone: set[str] = field(default_factory=set)  # workers another replica removed
+
+
+class Replica:
+    """This planner as one of several on a shared store (see the module docstring)."""
+
+    def __init__(self, config: PlannerConfig, state: PlannerState, replanner: RePlanner,
+                 broadcaster: Broadcaster) -> None:
+        self.id = config.replica_id or default_replica_id()
+        self.seconds = config.lease_seconds
+        self.state = state
+        self.replanner = replanner
+        self.broadcaster = broadcaster
+        self.lost: dict[str, str] = {}  # agent id -> why its stream ended (another replica took it)
+        self.takeovers = 0  # agents taken over from another replica (lapsed or re-registered here)
+        self._seq = 0  # counts attachments
+        self._attached: dict[str, int] = {}  # agent id -> the attachment count when it attached
+        state.fence = (self.id, self.seconds)
+        state.store.release_leases(self.id)  # a previous life of this id held nothing it holds now
+        logger.info("planner replica %s: agents attach under %.1f s leases in %s", self.id, self.seconds,
+                    state.store.path)
+
+    # -- attaching (event loop) ------------------------------------------------------------------
+
+    def attach(self, agent_id: str, take: bool) -> None:
+        """Make sure this replica holds ``agent_id`` (see the module docstring); ``take``: a registration."""
+        if agent_id in self.state.agents and not take:
+            return
+        store = self.state.store
+        holder, left = store.acquire_lease(agent_id, self.id, self.seconds, take)
+        if holder and holder != self.id and left > 0 and not take:
+            raise PreconditionFailed(f"agent {agent_id!r} is attached to planner replica {holder} (lease for "
+                                     f"{left:.1f} s more); register again to attach it here")
+        self._seq += 1
+        self._attached[agent_id] = self._seq
+        self.lost.pop(agent_id, None)
+        if holder == self.id and agent_id in self.state.agents:
+            return  # a re-registration here
+        st = self.state.load_agent(agent_id)
+        if st is None:  # a first registration (or an unknown agent: its call answers NOT_FOUND)
+            if not take:
+                store.release_leases(self.id, [agent_id])
+                self._attached.pop(agent_id, None)
+            return
+        self.takeovers += 1
+        self.replanner.wake()
+        logger.info("agent %s attached to replica %s%s with plan v%d", agent_id, self.id,
+                    f" (from {holder}, lease {'lapsed' if left <= 0 else 'taken by its registration'})" if holder else "",
+                    st.plan.version if st.plan else 0)
+
+    async def attached(self, messages: AsyncIterator[pb.Telemetry]) -> AsyncIterator[pb.Telemetry]:
+        """``messages``, each after its agent is attached here."""
+        async for t in messages:
+            self.attach(t.agent_id, take=False)
+            yield t
+
+    def check_stream_end(self, agent_id: str) -> None:
+        """At the end of a WatchPlan stream: FAILED_PRECONDITION if it ended because another replica took the agent."""
+        why = self.lost.pop(agent_id, None)
+        if why is not None:
+            raise PreconditionFailed(why)
+
+    # -- renewal (store thread, then event loop) -------------------------------------------------
+
+    def renewal(self) -> Callable[[Store], Renewal]:
+        """What the write-behind thread runs after a flush: renew this replica's leases and read the
+        worker registrations other replicas changed (against the registrations held now)."""
+        seq, known, me, seconds = self._seq, {w: s.record.last_seen for w, s in self.state.workers.items()}, self.id, \
+            self.seconds
+
+        def run(store: Store) -> Renewal:
+            out = Renewal(store.renew_leases(me, seconds), seq)
+            times = store.worker_times()
+            out.gone = set(known) - set(times)
+            for wid, t in times.items():
+                if known.get(wid) != t:
+                    out.workers.update(store.workers(wid))
+            return out
+
+        return run
+
+    async def apply(self, r: Renewal | None) -> None:
+        """Drop the agents another replica took; take in the workers other replicas changed."""
+        if r is None:  # the flush failed: the leases were not renewed; try again next interval
+            return
+        for aid in [a for a in self.state.agents if a not in r.held and self._attached.get(a, 0) <= r.seq]:
+            self.drop(aid, f"agent {aid!r} is attached to another planner replica now (its lease was taken); "
+                           "register again")
+        for wid in r.gone:
+            old = self.state.workers.pop(wid, None)
+            if old is not None:
+                self.state.generation += 1
+                self.state.metrics.workers.set(len(self.state.workers))
+                self.replanner.worker_registered({}, old)
+        for rec in r.workers.values():
+            await self._worker_changed(rec)
+
+    def drop(self, agent_id: str, why: str) -> None:
+        """Stop serving ``agent_id`` here: forget it, end its WatchPlan streams with ``why``."""
+        self.state.agents.pop(agent_id, None)
+        self._attached.pop(agent_id, None)
+        self.state.metrics.agents.set(len(self.state.agents))
+        self.state.behind.forget(agent_id)
+        self.replanner.hysteresis.reset(agent_id)
+        self.lost[agent_id] = why
+        while len(self.lost) > MAX_LOST:
+            del self.lost[next(iter(self.lost))]
+        for w in self.broadcaster.watchers(agent_id):
+            w.closed = True
+            w.event.set()
+        logger.info("agent %s left replica %s: another replica took its lease", agent_id, self.id)
+
+    async def _worker_changed(self, rec: WorkerRecord) -> None:
+        """A worker registration another replica stored: hold it as if it had come here."""
+        old = self.state.workers.get(rec.id)
+        if old is not None and old.record.profiles == rec.profiles:
+            if _same(old.record, rec):  # a periodic re-registration: only its time moved
+                old.record.last_seen = rec.last_seen
+                return
+            parsed = old.profiles
+        else:  # parsing and checking profiles runs off the event loop
+            parsed = await asyncio.to_thread(requests.parse_worker_profiles, rec.id, list(rec.profiles.values()))
+        self.state.generation += 1
+        self.state.workers[rec.id] = WorkerState(rec, parsed, self.state.generation)
+        self.state.metrics.workers.set(len(self.state.workers))
+        logger.info("worker %s at %s (%s), registered with another replica", rec.id, rec.address, rec.tier)
+        self.replanner.worker_registered(parsed, old)
+
+    async def close(self) -> None:
+        """Release every lease this replica holds (its agents may attach elsewhere at once)."""
+        self.state.store.release_leases(self.id)
+
+
+def _same(a: WorkerRecord, b: WorkerRecord) -> bool:
+    return (a.address, a.tier, a.tl_ids, a.next_tiers) == (b.address, b.tier, b.tl_ids, b.next_tiers)

@@ -1,0 +1,129 @@
+"""Write-behind for the planner's frequent, replaceable writes: link estimates, heartbeats, device speeds.
+
+Telemetry changes an agent's link estimate up to several times a second; writing each one was
+two transactions per message. :class:`WriteBehind` keeps the latest value of each (agent, worker)
+link, each agent's last-seen time and device slowdown in memory (a newer value replaces the one
+waiting) and writes them in one transaction every ``store_flush_seconds`` (default 1 s), on a
+thread of its own with its own connection, so a slow commit never stalls the event loop. The
+same thread runs the replica's lease renewal (:mod:`planner.replicas`) right after the batch.
+
+What a crash (SIGKILL, power loss of the planner's host) loses: at most the last interval of
+these values (plus a batch whose commit was under way); the agent's next telemetry message
+carries its current estimate again. Plans and registrations never pass through here: they are
+written before the RPC that makes them is answered (:mod:`planner.store`). A clean shutdown
+flushes (:meth:`WriteBehind.close`). A batch that fails (the database unreachable) is kept, under
+any newer values, and tried again at the next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from planner.store import Batch, LinkRecord, SpeedRecord, Store
+from planner.store_sql import SqliteBackend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FlushStats:
+    """The last flush, for logs, tests and the benchmark."""
+
+    flushes: int = 0  # batches written (one transaction each)
+    rows: int = 0  # rows in the last batch
+    seconds: float = 0.0  # its write, on the store thread
+    failures: int = 0  # batches that could not be written (kept for the next interval)
+
+
+class WriteBehind:
+    """The buffer and its store thread (see the module docstring)."""
+
+    def __init__(self, store: Store):
+        self.store = store  # the event loop's store (immediate writes); the thread opens its own connection
+        self.pending = Batch()
+        self.stats = FlushStats()
+        self._executor: ThreadPoolExecutor | None = None  # made at the first flush, again after close()
+        self._thread_store: Store | None = None
+        # an in-memory SQLite database exists once per connection: no second one, write on the loop
+        b = store.backend
+        self._same_connection = isinstance(b, SqliteBackend) and b.path in ("", ":memory:")
+
+    # -- the buffer (event loop) -----------------------------------------------------------------
+
+    def put_link(self, agent_id: str, worker_id: str, link: LinkRecord) -> None:
+        self.pending.links[(agent_id, worker_id)] = link
+
+    def touch(self, agent_id: str, last_seen: float) -> None:
+        self.pending.seen[agent_id] = last_seen
+
+    def put_speed(self, agent_id: str, speed: SpeedRecord) -> None:
+        self.pending.speeds[agent_id] = speed
+
+    def forget(self, agent_id: str) -> None:
+        """Drop what waits for ``agent_id`` (another replica took it over: its values win)."""
+        p = self.pending
+        for key in [k for k in p.links if k[0] == agent_id]:
+            del p.links[key]
+        p.seen.pop(agent_id, None)
+        p.speeds.pop(agent_id, None)
+
+    # -- flushing --------------------------------------------------------------------------------
+
+    async def flush(self, then: Callable[[Store], Any] | None = None) -> Any:
+        """Write what waits in one transaction (off the loop), then run ``then(store)`` on the same thread;
+        returns what ``then`` returned (None without it)."""
+        batch, self.pending = self.pending, Batch()
+        if self._same_connection:
+            return self._write(self.store, batch, then)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="planner-store")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._on_thread, batch, then)
+
+    def _on_thread(self, batch: Batch, then: Callable[[Store], Any] | None) -> Any:
+        if self._thread_store is None:
+            self._thread_store = Store(self.store.backend.clone())
+        return self._write(self._thread_store, batch, then)
+
+    def _write(self, store: Store, batch: Batch, then: Callable[[Store], Any] | None) -> Any:
+        if batch:
+            start = time.perf_counter()
+            try:
+                store.write_batch(batch)
+            except Exception as e:
+                self.stats.failures += 1
+                self._keep(batch)
+                logger.warning("planner store: %d buffered rows not written (%s); retrying in the next interval",
+                               len(batch), e)
+                return None
+            self.stats.flushes += 1
+            self.stats.rows, self.stats.seconds = len(batch), time.perf_counter() - start
+            logger.debug("planner store: %d rows in %.1f ms", len(batch), self.stats.seconds * 1e3)
+        return then(store) if then is not None else None
+
+    def _keep(self, batch: Batch) -> None:
+        """Put a failed batch back under the values that arrived meanwhile (dict updates are atomic
+        enough here: the loop only sets keys)."""
+        for key, lk in batch.links.items():
+            self.pending.links.setdefault(key, lk)
+        for aid, t in batch.seen.items():
+            self.pending.seen.setdefault(aid, t)
+        for aid, s in batch.speeds.items():
+            self.pending.speeds.setdefault(aid, s)
+
+    async def close(self, then: Callable[[Store], Any] | None = None) -> None:
+        """Flush what waits (clean shutdown), run ``then`` after it, and close the thread's connection."""
+        try:
+            await self.flush(then)
+        finally:
+            thread_store, self._thread_store = self._thread_store, None
+            executor, self._executor = self._executor, None
+            if executor is not None:
+                if thread_store is not None:
+                    await asyncio.get_running_loop().run_in_executor(executor, thread_store.close)
+                executor.shutdown(wait=True)
