@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
+from runtime.daemon.tracing import TracingSettings
 from runtime.wire.security import SecuritySettings
 from runtime.wire.transport import TransportOptions
 
 
 @dataclass(frozen=True)
-class PlannerConfig(SecuritySettings):  # ca_file, cert_file, key_file, tokens, insecure: runtime.wire.security
+class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.security; trace_*: runtime.daemon.tracing
     listen: str = field("127.0.0.1:50061", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
     db: str = field("edgesplit-planner.sqlite", "SQLite file holding workers, agents, links and the plan history (used when store is empty)")
     store: str = field("", "the planner's database: postgresql://USER[:PASSWORD]@HOST[:PORT]/DB (shared by planner replicas), sqlite:///PATH or a plain path; empty: the SQLite file 'db'")

@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from planner.server import run_planner
 
     config = _config(args)
-    start_tracing(config, "planner")  # on once planner.config.PlannerConfig has the trace_* settings
+    start_tracing(config, "planner")
     asyncio.run(run_planner(config))
     return 0
 
