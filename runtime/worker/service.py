@@ -21,9 +21,8 @@ from runtime.contracts.errors import (
     Overloaded,
     PreconditionFailed,
     Unavailable,
-    as_error,
 )
-from runtime.daemon.tracing import frame_arrived, span, worker_frame
+from runtime.daemon.tracing import span, worker_frame
 from runtime.models import get_spec, list_models
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import SplitPoint
@@ -34,13 +33,12 @@ from runtime.wire.asyncutil import wait_set
 from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
-from runtime.wire.transport import FrameAssembler
 from runtime.worker import probe
-from runtime.worker.backpressure import ResultSlots
 from runtime.worker.cancel import CancelledFrames
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
 from runtime.worker.metrics import WorkerMetrics
+from runtime.worker.streaming import StreamSession
 
 logger = logging.getLogger(__name__)
 
@@ -402,83 +400,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         return await self.process(request)
 
     async def InferStream(self, request_iterator, context: grpc.aio.ServicerContext):
-        """One result per frame, in completion order; a bad frame gets an error result, not a dead stream."""
-        assembler = FrameAssembler(self.config.max_tensor_bytes, self.reassembly)
-        out: asyncio.Queue[pb.InferResult | None] = asyncio.Queue()
-        tasks: set[asyncio.Task] = set()
-        self.metrics.streams.inc()
-        slots = ResultSlots(self.config.max_stream_results, self)  # backpressure (runtime.worker.backpressure)
-
-        async def one(frame: pb.InferRequest) -> None:
-            try:
-                await out.put(await self.process(frame))
-            except EdgesplitError as e:
-                await out.put(self._error_result(frame.header, e))
-            except Exception as e:
-                logger.exception("frame %d failed", frame.header.seq, extra={"frame": frame.header.seq, "agent": frame.header.agent_id,
-                                                                             "plan": frame.header.plan_version})
-                await out.put(self._error_result(frame.header, as_error(e)))
-
-        async def reader() -> None:
-            dropped_seq: int | None = None  # the last frame refused part-way; its late chunks are ignored
-            origin = ("", 0)  # agent id and stream epoch of this stream's frames (what a cancel refers to)
-            try:
-                async for msg in request_iterator:
-                    kind = msg.WhichOneof("kind")
-                    if kind == "cancel":  # the sender gave up on a frame (runtime.worker.cancel)
-                        self.cancelled.cancel(assembler, origin, msg.cancel.seq)
-                        continue
-                    if kind == "frame":
-                        origin = (msg.frame.header.agent_id, msg.frame.header.stream_epoch)
-                        frame_arrived()  # its worker.receive span starts now (tracing on)
-                    pending = assembler.pending_header
-                    if kind == "chunk" and pending is None and msg.chunk.seq == dropped_seq:
-                        continue  # rest of a frame that already got its error result
-                    try:
-                        frame = assembler.feed(msg)
-                    except EdgesplitError as e:
-                        # An error while a frame is open is about that frame: answer it under its own
-                        # header (agent_id, stream_epoch, seq) so the agent can match the result.
-                        if pending is not None:
-                            header = pending
-                        elif kind == "frame":
-                            header = msg.frame.header
-                        else:
-                            header = pb.FrameHeader(seq=msg.chunk.seq)
-                        if kind is not None:
-                            dropped_seq = header.seq
-                        await slots.put(out, self._error_result(header, e))
-                        if kind != "frame" or pending is None:
-                            continue
-                        # a new frame cut the open one short: the new frame itself starts afresh
-                        try:
-                            frame = assembler.feed(msg)
-                        except EdgesplitError as e2:
-                            dropped_seq = msg.frame.header.seq
-                            await slots.put(out, self._error_result(msg.frame.header, e2))
-                            continue
-                    if frame is not None:
-                        await slots.take()
-                        task = asyncio.create_task(one(frame))
-                        tasks.add(task)
-                        task.add_done_callback(tasks.discard)
-            finally:
-                if tasks:
-                    await asyncio.gather(*tasks, return_exceptions=True)
-                await out.put(None)
-
-        read_task = asyncio.create_task(reader())
-        self._stream_queues.add(out)
+        """One result per frame, in completion order; a bad frame gets an error result, not a dead stream
+        (runtime.worker.streaming)."""
+        session = StreamSession(self, request_iterator)
+        session.open()
         try:
-            while True:
-                result = await out.get()
-                if result is None:
-                    break
+            while (result := await session.next()) is not None:
                 yield result
-                slots.give()
+                session.sent()
         finally:
-            self._stream_queues.discard(out)
-            read_task.cancel()
-            assembler.close()  # a partial frame's bytes go back to the worker's budget
-            slots.close()
-            self.metrics.streams.dec()
+            session.close()
