@@ -268,3 +268,36 @@ def test_bad_tracing_settings_are_refused_with_the_fix(tmp_path):
         out = subprocess.run(cli("worker", "--listen", "127.0.0.1:0", *flags), cwd=REPO, env=child_env(),
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and phrase in out.stderr, out.stderr[-2000:]
+
+
+def test_otlp_exporter_delivers_spans_to_a_collector():
+    """--trace-exporter otlp --trace-endpoint http://HOST:PORT: spans reach an OTLP/gRPC collector (a
+    real TraceService server here, on loopback), with the service name."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    received = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):
+            received.append(request)
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        tracing.configure(tracing.TracingSettings(trace_exporter="otlp", trace_endpoint=f"http://127.0.0.1:{port}"),
+                          "edgesplit-test")
+        with tracing.span("test.otlp", **{"edgesplit.frame.seq": 9}):
+            pass
+        tracing.shutdown()  # flushes the batch
+    finally:
+        server.stop(0)
+    spans_ = [(rs, s) for r in received for rs in r.resource_spans for ss in rs.scope_spans for s in ss.spans]
+    assert [s.name for _, s in spans_] == ["test.otlp"]
+    resource = {a.key: a.value.string_value for a in spans_[0][0].resource.attributes}
+    assert resource["service.name"] == "edgesplit-test"
