@@ -55,3 +55,13 @@ def test_bench_says_why_it_cannot_run(monkeypatch, capsys):
     monkeypatch.setattr(cpuquota, "unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
     assert dpfp_bench.main(["--workers", "1"]) == 2
     assert "no cgroup v1 cpu hierarchy (test); not run" in capsys.readouterr().err
+
+
+def test_small_share_needs_a_longer_period(tmp_path):
+    """0.05 core is 500 us per 10 ms, below the kernel's 1 ms quota: refused with what to do; a 50 ms period
+    holds it (2,500 us)."""
+    with pytest.raises(ValueError, match="longer period"):
+        cpuquota.CpuQuota("x", 0.05, tmp_path)
+    q = cpuquota.CpuQuota("y", 0.05, tmp_path, period_us=50_000)  # a plain folder stands in for the hierarchy
+    assert (q.path / "cpu.cfs_quota_us").read_text() == "2500"
+    assert (q.path / "cpu.cfs_period_us").read_text() == "50000"

@@ -74,7 +74,7 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
     board = None
     if why_not is None and args.board_share > 0:
         qs = quotas.enter_context(cpuquota.QuotaSet(f"edgesplit-adapt-{os.getpid()}"))
-        board = qs.new(args.board_share)
+        board = qs.new(args.board_share, args.board_period_us)
     common = ["--model", args.model]
     try:
         for role, quota in (("device", board), ("edge", None)):
@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay of the relay (default: 5)")
     p.add_argument("--board-share", type=float, default=0.25,
                    help="CPU share of one core for the board (cgroup v1; 0: none; default: 0.25)")
+    p.add_argument("--board-period-us", type=int, default=cpuquota.PERIOD_US,
+                   help="cgroup cfs period of the board's quota; a share under 0.1 core needs a longer one (the "
+                        "kernel's smallest quota is 1 ms) (default: %(default)s)")
     p.add_argument("--fps", type=float, default=4.0, help="camera rate of the agent (default: 4)")
     p.add_argument("--deadline", type=float, default=2.0, help="agent --deadline-seconds (default: 2)")
     p.add_argument("--hold", type=float, default=3.0, help="planner --hold-seconds (default: 3)")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 ROOT = Path("/sys/fs/cgroup/cpu")
 PERIOD_US = 10_000
+MIN_QUOTA_US = 1_000  # the kernel's smallest cfs quota
 
 
 def unavailable(root: Path = ROOT) -> str | None:
@@ -28,15 +29,18 @@ def unavailable(root: Path = ROOT) -> str | None:
 
 
 class CpuQuota:
-    def __init__(self, name: str, share: float, root: Path = ROOT):
+    def __init__(self, name: str, share: float, root: Path = ROOT, period_us: int = PERIOD_US):
         if not 0.01 <= share <= 64:
             raise ValueError(f"a CPU share must be 0.01..64 cores, got {share}")
+        if round(share * period_us) < MIN_QUOTA_US:  # the kernel refuses a smaller quota
+            raise ValueError(f"a share of {share:g} core is below the kernel's {MIN_QUOTA_US} us quota at a "
+                             f"{period_us} us period; use a longer period")
         self.path = root / name
         self.root = root
         self.share = share
         self.path.mkdir()
-        (self.path / "cpu.cfs_period_us").write_text(str(PERIOD_US))
-        (self.path / "cpu.cfs_quota_us").write_text(str(round(share * PERIOD_US)))
+        (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+        (self.path / "cpu.cfs_quota_us").write_text(str(round(share * period_us)))
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
@@ -64,8 +68,8 @@ class QuotaSet:
         self.prefix, self.root = prefix, root
         self.groups: list[CpuQuota] = []
 
-    def new(self, share: float) -> CpuQuota:
-        q = CpuQuota(f"{self.prefix}-{len(self.groups)}", share, self.root)
+    def new(self, share: float, period_us: int = PERIOD_US) -> CpuQuota:
+        q = CpuQuota(f"{self.prefix}-{len(self.groups)}", share, self.root, period_us)
         self.groups.append(q)
         return q
 
