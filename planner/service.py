@@ -64,6 +64,7 @@ class PlannerService(PlannerServicer):
         self.clock = clock
         self._sweeper: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._closing = False  # a flag besides cancel(): wait_for may lose a cancellation on Python 3.11
         state.load()
         self.replica = Replica(config, state, replanner, broadcaster) if store.backend.shared else None
 
@@ -82,14 +83,17 @@ class PlannerService(PlannerServicer):
     def start(self) -> None:
         """Start the periodic re-planning (on the running loop)."""
         self.replanner.start()
+        self._closing = False
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self._flusher = asyncio.get_running_loop().create_task(self._flush_loop(), name="planner-store-flush")
 
     async def _flush_loop(self) -> None:
-        """Write the buffered links, heartbeats and speeds every ``store_flush_seconds``; renew leases."""
-        while True:
-            await asyncio.sleep(self.config.store_flush_seconds)
-            await self.flush()
+        """Write the buffered links, heartbeats and speeds every ``store_flush_seconds`` (sooner when a
+        telemetry ack waits for them); renew leases."""
+        while not self._closing:
+            await self.state.behind.wait_due(self.config.store_flush_seconds)
+            if not self._closing:
+                await self.flush()
 
     async def flush(self) -> None:
         """One write-behind flush now (and, with replicas, the lease renewal after it)."""
@@ -113,6 +117,7 @@ class PlannerService(PlannerServicer):
 
     async def close(self) -> None:
         """Stop re-planning and end every WatchPlan stream (agents reconnect to the next planner)."""
+        self._closing = True
         for task in (self._sweeper, self._flusher):
             if task is not None:
                 task.cancel()
@@ -151,7 +156,9 @@ class PlannerService(PlannerServicer):
     async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
         if self.replica is not None:
             request_iterator = self.replica.attached(request_iterator)
-        return await super().ReportTelemetry(request_iterator, context)
+        ack = await super().ReportTelemetry(request_iterator, context)
+        await self.state.behind.barrier()  # acknowledged means stored: the samples it counts are committed
+        return ack
 
     async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:
         if self.replica is not None:

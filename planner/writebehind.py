@@ -8,8 +8,10 @@ thread of its own with its own connection, so a slow commit never stalls the eve
 same thread runs the replica's lease renewal (:mod:`planner.replicas`) right after the batch.
 
 What a crash (SIGKILL, power loss of the planner's host) loses: at most the last interval of
-these values (plus a batch whose commit was under way); the agent's next telemetry message
-carries its current estimate again. Plans and registrations never pass through here: they are
+these values (plus a batch whose commit was under way), none of which was acknowledged: a
+``TelemetryAck`` is sent only after :meth:`WriteBehind.barrier` (a flush brought forward) has
+committed the samples it counts. The agent's next telemetry message carries its current
+estimate again. Plans and registrations never pass through here: they are
 written before the RPC that makes them is answered (:mod:`planner.store`). A clean shutdown
 flushes (:meth:`WriteBehind.close`). A batch that fails (the database unreachable) is kept, under
 any newer values, and tried again at the next interval.
@@ -18,6 +20,7 @@ any newer values, and tried again at the next interval.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from typing import Any
 
 from planner.store import Batch, LinkRecord, SpeedRecord, Store
 from planner.store_sql import SqliteBackend
+from runtime.contracts.errors import Unavailable
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,15 @@ class FlushStats:
     failures: int = 0  # batches that could not be written (kept for the next interval)
 
 
+def _settle(fut: asyncio.Future[None] | None, failed: bool) -> None:
+    if fut is None or fut.done():
+        return
+    if failed:
+        fut.set_exception(Unavailable("the planner could not store this telemetry now; send it again"))
+    else:
+        fut.set_result(None)
+
+
 class WriteBehind:
     """The buffer and its store thread (see the module docstring)."""
 
@@ -53,6 +66,8 @@ class WriteBehind:
         # an in-memory SQLite database exists once per connection: no second one, write on the loop
         b = store.backend
         self._same_connection = isinstance(b, SqliteBackend) and b.path in ("", ":memory:")
+        self._due: asyncio.Event | None = None  # set: flush now (a barrier waits)
+        self._next: asyncio.Future[None] | None = None  # resolved when the next flush has committed
 
     # -- the buffer (event loop) -----------------------------------------------------------------
 
@@ -75,15 +90,45 @@ class WriteBehind:
 
     # -- flushing --------------------------------------------------------------------------------
 
+    def _event(self) -> asyncio.Event:
+        if self._due is None:
+            self._due = asyncio.Event()
+        return self._due
+
+    async def wait_due(self, seconds: float) -> None:
+        """Until the next flush is due: ``seconds`` from now, or sooner when a barrier waits."""
+        due = self._event()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(due.wait(), seconds)
+        due.clear()
+
+    async def barrier(self) -> None:
+        """Return once everything buffered before this call is committed (the next flush, brought
+        forward); Unavailable if that flush fails."""
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        fut = self._next
+        self._event().set()
+        await asyncio.shield(fut)
+
     async def flush(self, then: Callable[[Store], Any] | None = None) -> Any:
         """Write what waits in one transaction (off the loop), then run ``then(store)`` on the same thread;
         returns what ``then`` returned (None without it)."""
         batch, self.pending = self.pending, Batch()
-        if self._same_connection:
-            return self._write(self.store, batch, then)
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(1, thread_name_prefix="planner-store")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._on_thread, batch, then)
+        fut, self._next = self._next, None
+        failures = self.stats.failures
+        try:
+            if self._same_connection:
+                result = self._write(self.store, batch, then)
+            else:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(1, thread_name_prefix="planner-store")
+                result = await asyncio.get_running_loop().run_in_executor(self._executor, self._on_thread, batch, then)
+        except BaseException:
+            _settle(fut, failed=True)
+            raise
+        _settle(fut, failed=self.stats.failures > failures)
+        return result
 
     def _on_thread(self, batch: Batch, then: Callable[[Store], Any] | None) -> Any:
         if self._thread_store is None:
