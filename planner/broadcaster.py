@@ -35,6 +35,10 @@ class Broadcaster:
         """The streams open for ``agent_id`` now (a copy)."""
         return set(self._watchers.get(agent_id, ()))
 
+    def watching(self, agent_id: str) -> bool:
+        """Whether a stream is open for ``agent_id`` (O(1), no copy)."""
+        return agent_id in self._watchers
+
     def publish(self, agent_id: str, plan: pb.Plan) -> None:
         """Hand ``plan`` to every stream of ``agent_id`` and wake them."""
         for w in self._watchers.get(agent_id, ()):

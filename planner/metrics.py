@@ -11,6 +11,11 @@ DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01
 # Telemetry delay (planner clock - agent's sent_unix) and age: sub-second to minutes.
 AGE_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 
+# From telemetry needing a decision to that decision made (queueing included); the fleet target is 100 ms.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+SHED_REASONS = ("full", "stale")  # refused: the decision queue is full; dropped: sent too long ago
+CACHE_RESULTS = ("hit", "miss")
+
 PLAN_REASONS = ("registration", "telemetry", "compute", "infeasible", "worker", "refusal", "restart")
 COMPUTE_OUTCOMES = ("used", "ignored")  # a device compute sample from telemetry was smoothed in, or implausible
 
@@ -46,12 +51,38 @@ class PlannerMetrics:
         self.compute_samples = Counter("edgesplit_planner_compute_samples",
                                        "Device compute samples from telemetry, by outcome (ignored: implausible ratio)",
                                        ["outcome"], registry=r)
+        # a fleet (issue 15): the decision queue, what it coalesced and shed, and the shared caches
+        self.telemetry_coalesced = Counter("edgesplit_planner_telemetry_coalesced",
+                                           "Telemetry reports merged into a decision already queued or running for "
+                                           "their agent (the latest estimate wins)", registry=r)
+        self.telemetry_shed = Counter("edgesplit_planner_telemetry_shed",
+                                      "Telemetry reports not acted on, by reason (full: refused RESOURCE_EXHAUSTED "
+                                      "with retry-after-ms; stale: sent longer than telemetry_max_age_seconds ago)",
+                                      ["reason"], registry=r)
+        self.telemetry_in_band = Counter("edgesplit_planner_telemetry_in_band",
+                                         "Telemetry reports recorded without a decision: the link stayed in the running "
+                                         "plan's band", registry=r)
+        self.telemetry_pending = Gauge("edgesplit_planner_telemetry_pending",
+                                       "Agents whose telemetry waits for (or is in) a decision", registry=r)
+        self.decision_latency_seconds = Histogram("edgesplit_planner_decision_latency_seconds",
+                                                  "From a telemetry report that needs a decision to the decision "
+                                                  "made (queueing included)", buckets=LATENCY_BUCKETS, registry=r)
+        self.rank_cache = Counter("edgesplit_planner_rank_cache_lookups",
+                                  "Rankings looked up in the shared cache, by result (hit, miss)", ["result"], registry=r)
+        self.profile_cache = Counter("edgesplit_planner_profile_cache_lookups",
+                                     "Profile documents looked up by content hash, by result (miss: parsed and checked)",
+                                     ["result"], registry=r)
         self.refusals = Counter("edgesplit_planner_refusals", "Plans an agent refused", registry=r)
         self.errors = Counter("edgesplit_planner_errors", "Calls refused, by gRPC status code", ["code"], registry=r)
         for reason in PLAN_REASONS:
             self.plan_changes.labels(reason)
         for outcome in COMPUTE_OUTCOMES:
             self.compute_samples.labels(outcome)
+        for reason in SHED_REASONS:
+            self.telemetry_shed.labels(reason)
+        for result in CACHE_RESULTS:
+            self.rank_cache.labels(result)
+            self.profile_cache.labels(result)
         for code in ERROR_CODES:
             self.errors.labels(code)
         self.device_slowdown_max.set(1.0)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,7 +67,26 @@ class Owners:
         self.max_ids = max_ids_per_identity
         self.clock = clock
         self.bindings: dict[tuple[str, str], Binding] = {}
+        self._held: dict[str, set[tuple[str, str]]] = {}  # owner -> its bindings (lapsed ones until swept)
         self.refused = 0  # calls refused because another owner holds the id
+
+    def _bind(self, key: tuple[str, str], owner: str, expires: float) -> None:
+        old = self.bindings.get(key)
+        if old is not None:
+            self._unbind(key, old.owner)
+        self.bindings[key] = Binding(owner, expires)
+        self._held.setdefault(owner, set()).add(key)
+
+    def _unbind(self, key: tuple[str, str], owner: str) -> None:
+        keys = self._held.get(owner)
+        if keys is not None:
+            keys.discard(key)
+            if not keys:
+                del self._held[owner]
+
+    def held(self, owner: str, now: float) -> int:
+        """Live bindings of ``owner``: O(its bindings), at most ``max_ids`` (+ lapsed ones), never O(all ids)."""
+        return sum(1 for key in self._held.get(owner, ()) if self.bindings[key].expires > now)
 
     def _owner(self, kind: str, ident: str, identity: Identity, lease: str) -> str | None:
         """The owner key of this caller for ``kind`` ``ident``; None for an operator (acts for anyone)."""
@@ -96,11 +114,11 @@ class Owners:
             return
         if owner is None:
             owner = "operator"
-        held = Counter(b.owner for b in self.bindings.values() if b.expires > now)
-        if held[owner] >= self.max_ids:
-            raise Overloaded(f"this caller already holds {held[owner]} registrations, the planner's "
+        keys = self._held.get(owner, ())
+        if len(keys) >= self.max_ids and (held := self.held(owner, now)) >= self.max_ids:
+            raise Overloaded(f"this caller already holds {held} registrations, the planner's "
                              f"max_ids_per_identity limit")
-        self.bindings[(kind, ident)] = Binding(owner, now + self.ttl)
+        self._bind((kind, ident), owner, now + self.ttl)
 
     def check(self, kind: str, ident: str, identity: Identity, lease: str) -> None:
         """A call about ``ident`` other than its registration: only its owner (renews the binding)."""
@@ -115,14 +133,16 @@ class Owners:
         current.expires = now + self.ttl
 
     def release(self, kind: str, ident: str) -> None:
-        self.bindings.pop((kind, ident), None)
+        old = self.bindings.pop((kind, ident), None)
+        if old is not None:
+            self._unbind((kind, ident), old.owner)
 
     def expired(self, kind: str) -> list[str]:
         """Ids of ``kind`` whose binding lapsed (removed from the bindings)."""
         now = self.clock()
         gone = [key for key, b in self.bindings.items() if key[0] == kind and b.expires <= now]
         for key in gone:
-            del self.bindings[key]
+            self._unbind(key, self.bindings.pop(key).owner)
         return [ident for _, ident in gone]
 
 

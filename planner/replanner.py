@@ -34,7 +34,10 @@ from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.decide import Chain, DecisionCache, PlanKey, Ranked, plan_key
 from planner.hysteresis import Hysteresis
+from planner.inband import Basis, in_band
+from planner.intake import Intake
 from planner.metrics import PlannerMetrics
+from planner.rankcache import Bands, RankCache, rank_key
 from planner.state import AgentState, PlannerState, WorkerState
 from planner.store import APPLIED, REFUSED, AgentRecord
 from runtime.contracts.costmodel import Configuration
@@ -45,6 +48,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 logger = logging.getLogger(__name__)
 
 Ranking = tuple[list[Ranked], float, Configuration | None]  # best first, seconds it took, the plan's prediction
+GAUGE_SECONDS = 5.0  # how often the periodic pass refreshes the gauges that read every agent
 
 
 class RePlanner:
@@ -58,6 +62,12 @@ class RePlanner:
         self.hysteresis = Hysteresis(config.switch_gain, config.switch_min_gain_seconds, config.hold_seconds, clock)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="planner-search")
         self.cache = DecisionCache()  # used by the executor's searches (and _chain_of, on the loop)
+        self.bands = Bands(config.rank_band, config.rank_rtt_quantum_seconds)  # links ranked by band
+        self.rank_cache = RankCache(config.rank_cache_size)  # rankings shared by agents asking the same (on the loop)
+        self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
+        self._basis: dict[str, Basis] = {}  # agent id -> what its plan's bands were ranked with (planner.inband)
+        self._banded: dict[str, int] = {}  # agent id -> plan version issued on a measured link without bands
+        self._gauged = -float("inf")  # monotonic time the per-agent gauges were last refreshed
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
@@ -67,6 +77,7 @@ class RePlanner:
     def start(self) -> None:
         if self._ticker is None:
             self._ticker = asyncio.get_running_loop().create_task(self._tick_loop(), name="planner-replan")
+        self.intake.start()
 
     def wake(self) -> None:
         """Run the periodic pass now."""
@@ -79,6 +90,7 @@ class RePlanner:
         # time, so a cancelled ticker could keep running and close() wait for it forever.
         self._closing = True
         self._wake.set()
+        await self.intake.stop()
         if self._ticker is not None:
             try:
                 await asyncio.wait_for(asyncio.shield(self._ticker), 5.0)
@@ -98,23 +110,39 @@ class RePlanner:
                 break
             self._wake.clear()
             try:
-                await self.tick()
+                # the gauges that read every agent: every few seconds, not every pass
+                await self.tick(gauges=time.monotonic() - self._gauged >= min(GAUGE_SECONDS,
+                                                                              self.config.replan_interval_seconds * 10))
             except Exception:
                 logger.exception("periodic re-planning failed")
 
-    async def tick(self) -> None:
-        """Decide for every agent with new conditions or a switch on hold; refresh the age gauge."""
+    async def tick(self, gauges: bool = True) -> None:
+        """Decide for agents with new conditions or a switch on hold (those the telemetry intake holds
+        are its own), at most ``replan_batch`` of them (the rest: the next pass, which follows at once),
+        yielding to the event loop between decisions; refresh the per-agent gauges now and then."""
+        agents = self.state.agents
+        if gauges:
+            self._gauged = time.monotonic()
+            self._gauges()
+        due = [st for aid, st in agents.items()
+               if (st.dirty and aid not in self.intake) or self.hysteresis.holding(aid)]
+        for i, st in enumerate(due[:self.config.replan_batch]):
+            await self.decide(st)
+            if i % 8 == 7:
+                await asyncio.sleep(0)
+        if len(due) > self.config.replan_batch:
+            self._wake.set()
+
+    def _gauges(self) -> None:
+        """The gauges that read every agent (O(agents): refreshed every few seconds, not per pass)."""
         agents = self.state.agents
         now = time.time()
         # agents with an open WatchPlan stream only: one that left keeps its record (and its last links),
         # and its growing age would hold the stale-telemetry alert on forever
         ages = [now - max(lk.updated_unix for lk in st.links.values()) for aid, st in agents.items()
-                if st.links and self.broadcaster.watchers(aid)]
+                if st.links and self.broadcaster.watching(aid)]
         self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
         self.metrics.device_slowdown_max.set(max((st.speed.factor for st in agents.values()), default=1.0))
-        for aid, st in list(agents.items()):
-            if st.dirty or self.hysteresis.holding(aid):
-                await self.decide(st)
 
     # -- ranking -------------------------------------------------------------------------------
 
@@ -124,7 +152,13 @@ class RePlanner:
         """Rank now (and predict ``predict`` under the same conditions), for ``record`` (default: the
         agent's; a query may bring other constraints); profiles are derived here, on the event loop,
         and only the searches run in the executor."""
-        cands = self.state.candidates(st, rtt, bandwidth, record)
+        cands = [self.bands.candidate(c) for c in self.state.candidates(st, rtt, bandwidth, record)]
+        rec, device = record or st.record, st.device
+        key, held = rank_key(device, rec, cands, top_n, exclude, predict)
+        hit = self.rank_cache.get(key)
+        self.metrics.rank_cache.labels("miss" if hit is None else "hit").inc()
+        if hit is not None:
+            return list(hit[0]), 0.0, hit[1]
         devices = [st.device_for(c.tl_ids) for c in cands]
         chains = decide.chains(cands, self.state.worker_link())
         chained = [(ch, st.device_for(ch.first.tl_ids)) for ch in chains]
@@ -137,7 +171,7 @@ class RePlanner:
             if predict.next_hops:
                 chain, forward = self._chain_of(predict, chains)
 
-        rec, device, include_return, cache = record or st.record, st.device, self.config.include_return, self.cache
+        include_return, cache = self.config.include_return, self.cache
 
         def work() -> Ranking:
             ranked, seconds = decide.rank(rec, device, cands, devices, top_n, include_return, exclude, chained,
@@ -148,6 +182,7 @@ class RePlanner:
 
         ranked, seconds, current = await asyncio.get_running_loop().run_in_executor(self.executor, work)
         self.metrics.decision_seconds.observe(seconds)
+        self.rank_cache.put(key, held, ranked, current)
         return ranked, seconds, current
 
     def _chain_of(self, plan: pb.Plan, chains: list[Chain]) -> tuple[Chain | None, Profile | None]:
@@ -188,6 +223,7 @@ class RePlanner:
         await fallbacks.attach(self.state, self.rank, st, plan)  # the agent's own switches when its link leaves the band
         plan = self.state.issue_plan(plan)
         st.plan = plan
+        self._set_basis(st)
         self.hysteresis.reset(st.record.id)
         st.cause = "telemetry"
         self.metrics.plan_changes.labels(label).inc()
@@ -219,8 +255,41 @@ class RePlanner:
                 return
             if current is not None and decide.config_key(st.device, best) == plan_key(st.plan):
                 self.hysteresis.reset(aid)
+                if self._unbanded(st):  # the same configuration, now with bands on a measured link
+                    await self._issue(st, best, f"{cause}: bands for the measured link, same configuration", cause)
+                else:
+                    self._confirm_basis(st)
                 return
             await self._switch(st, best, current, cause)
+
+    def _set_basis(self, st: AgentState) -> None:
+        """Remember what the new plan's bands were ranked with (planner.inband); none without bands."""
+        plan, aid = st.plan, st.record.id
+        self._basis.pop(aid, None)
+        self._banded.pop(aid, None)
+        if plan is not None and not plan.fallbacks and fallbacks.band_worker(self.state, st, plan)[0]:
+            self._banded[aid] = plan.version  # its link was measured and still no band came out: do not retry
+        if plan is None or not plan.fallbacks:
+            return
+        wid = self.state.resolve_worker(plan.band_worker_address)
+        lk = self.state.measured_link(st, wid) if wid else None
+        if lk is not None:
+            self._basis[aid] = Basis(plan.version, wid, lk.rtt_seconds, lk.bandwidth_bytes_per_second)
+
+    def _unbanded(self, st: AgentState) -> bool:
+        """The running plan has no bands, though its link is measured now (it was issued before)."""
+        plan = st.plan
+        if plan is None or plan.fallbacks or self._banded.get(st.record.id) == plan.version:
+            return False
+        wid, _ = fallbacks.band_worker(self.state, st, plan)
+        return bool(wid)
+
+    def _confirm_basis(self, st: AgentState) -> None:
+        """The running plan was decided again and kept: in-band estimates are measured from now on."""
+        b = self._basis.get(st.record.id)
+        lk = self.state.measured_link(st, b.worker) if b is not None else None
+        if b is not None and lk is not None and st.plan is not None and b.version == st.plan.version:
+            self._basis[st.record.id] = Basis(b.version, b.worker, b.rtt_seconds, lk.bandwidth_bytes_per_second)
 
     async def _switch(self, st: AgentState, best: Ranked, current: Configuration | None, cause: str) -> None:
         """Replace the running plan by ``best`` if the hysteresis says so."""
@@ -266,20 +335,26 @@ class RePlanner:
                 return st.plan
             return await self._issue(st, best, "registration" if old is None else "re-registration", "registration")
 
-    def worker_registered(self, models: dict[str, Profile], old: WorkerState | None) -> None:
-        """A worker (re-)registered with ``models``: its agents are decided by the periodic pass, woken now.
-        A periodic re-registration that changes nothing wakes nobody: it must not overwrite the reason
+    def worker_registered(self, models: dict[str, Profile], old: WorkerState | None, worker_id: str = "") -> None:
+        """A worker (re-)registered with ``models`` (or left: ``old`` alone): the agents that could use it
+        (or used it) are decided by the periodic passes, ``replan_batch`` at a time, woken now. A periodic
+        re-registration that changes nothing marks nobody (O(1)): it must not overwrite the reason
         (say, a telemetry change) a pending decision records."""
         if old is not None and _unchanged(old, self.state.workers.get(old.record.id)):
             return
+        wid = worker_id or (old.record.id if old is not None else "")
+        affected = set(models) | (set(old.profiles) if old is not None else set())
         for st in self.state.agents.values():
-            if st.record.model in models or (old and st.record.model in old.profiles):
+            if st.record.model in affected and (not wid or _may_use(st.record, wid) or (st.plan is not None and (
+                    st.plan.worker_id == wid or any(h.worker_id == wid for h in st.plan.next_hops)))):
                 st.mark("worker")
         self._wake.set()
 
-    async def telemetry(self, st: AgentState, t: pb.Telemetry, bandwidth: float, rtt: float) -> None:
-        """One checked telemetry message: its link and compute figures, and a decision if they changed
-        (at most ``telemetry_max_rate_hz`` per agent; the rest wait for the periodic pass)."""
+    def telemetry(self, st: AgentState, t: pb.Telemetry, bandwidth: float, rtt: float) -> bool:
+        """One checked telemetry message: record its link and compute figures (in memory); True when
+        they could change the plan and a decision is due now (at most ``telemetry_max_rate_hz`` per
+        agent; the rest wait for the periodic pass): the caller queues it (:class:`planner.intake.Intake`).
+        An estimate inside the running plan's band is only recorded (:mod:`planner.inband`)."""
         worker = self.state.resolve_worker(t.worker)
         now = time.time()
         if t.sent_unix > 0:
@@ -288,7 +363,13 @@ class RePlanner:
         if worker and (bandwidth > 0 or rtt > 0):
             # measured when its last sample was taken, not when the message came (an old figure ages out)
             self.state.record_link(st, worker, rtt, bandwidth, now - t.bandwidth_age_seconds if bandwidth > 0 else now)
-            st.mark("telemetry")
+            lk = st.links[worker]
+            if self.hysteresis.holding(st.record.id) or not in_band(
+                    st.plan, self._basis.get(st.record.id), worker, lk.bandwidth_bytes_per_second, lk.rtt_seconds,
+                    self.hysteresis):
+                st.mark("telemetry")
+            else:
+                self.metrics.telemetry_in_band.inc()
         elif t.worker and not worker:
             self.metrics.telemetry_unknown_worker.inc()
             logger.debug("agent %s: telemetry for %r, which is no registered worker; link ignored", st.record.id,
@@ -299,6 +380,12 @@ class RePlanner:
             if old is not None and (old.bandwidth_bytes_per_second, old.rtt_seconds) == (lk.bandwidth_bytes_per_second,
                                                                                       lk.rtt_seconds):
                 continue  # reported again unchanged
+            if (old is not None and wid != worker and _close(old.bandwidth_bytes_per_second, lk.bandwidth_bytes_per_second,
+                                                             self.config.rank_band)
+                    and _close(old.rtt_seconds, lk.rtt_seconds, self.config.switch_gain)):
+                # moved less than a band: the recorded figures stand (no drift by small steps), only fresher
+                old.updated_unix = max(old.updated_unix, now - lk.bandwidth_age_seconds)
+                continue
             if wid and wid != worker and (lk.bandwidth_bytes_per_second > 0 or lk.rtt_seconds > 0):
                 bw = lk.bandwidth_bytes_per_second
                 self.state.record_link(st, wid, lk.rtt_seconds, bw, now - lk.bandwidth_age_seconds if bw > 0 else now)
@@ -308,7 +395,8 @@ class RePlanner:
         mono = self.clock()
         if st.dirty and mono - st.last_acted >= 1.0 / self.config.telemetry_max_rate_hz:
             st.last_acted = mono
-            await self.decide(st)
+            return True
+        return False
 
     def _observe_compute(self, st: AgentState, t: pb.Telemetry) -> bool:
         """Take one report's device stage times into the agent's slowdown factor; True when the
@@ -353,6 +441,17 @@ class RePlanner:
                 st.refused_key = plan_key(stored.plan)
                 st.refused_conditions = self.state.conditions(st)
                 self.hysteresis.reset(st.record.id)
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return a == b or abs(a - b) <= rel * max(abs(a), abs(b))
+
+
+def _may_use(rec: AgentRecord, worker_id: str) -> bool:
+    """Whether an agent's registration allows ``worker_id`` (its list, include and exclude constraints)."""
+    c = rec.constraints
+    return ((not rec.workers or worker_id in rec.workers) and worker_id not in c.exclude_workers
+            and (not c.include_workers or worker_id in c.include_workers))
 
 
 def _unchanged(old: WorkerState, new: WorkerState | None) -> bool:

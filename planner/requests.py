@@ -17,7 +17,7 @@ from planner.config import PlannerConfig
 from runtime.contracts import constraints
 from runtime.contracts import profile as profiles
 from runtime.contracts.errors import InvalidInput
-from runtime.contracts.profile import Profile
+from runtime.contracts.profile import Profile, ProfileCache
 from runtime.contracts.tiers import DEVICE, EDGE, WORKER_TIERS
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
@@ -108,11 +108,16 @@ def check_worker_request(request: pb.RegisterWorkerRequest, config: PlannerConfi
     return WorkerRequest(wid, address, tier, check_ids(request.tl_ids, "tl_ids"), check_next_tiers(request.next_tiers))
 
 
-def parse_worker_profiles(worker_id: str, texts: list[str]) -> dict[str, Profile]:
-    """model -> profile, each renamed to machine ``worker_id`` (the name the search links by)."""
+def _loads(text: str, where: str, cache: ProfileCache | None) -> Profile:
+    return cache.loads(text, where) if cache is not None else profiles.loads(text, where)
+
+
+def parse_worker_profiles(worker_id: str, texts: list[str], cache: ProfileCache | None = None) -> dict[str, Profile]:
+    """model -> profile, each renamed to machine ``worker_id`` (the name the search links by); ``cache``:
+    documents seen before are not parsed again."""
     out: dict[str, Profile] = {}
     for i, text in enumerate(texts):
-        p = profiles.loads(text, f"profiles_json[{i}]")
+        p = _loads(text, f"profiles_json[{i}]", cache)
         if p.role == DEVICE:
             raise InvalidInput(f"profiles_json[{i}] ({p.model}) was measured as a device (role {DEVICE!r}); a worker "
                                f"registers profiles measured on itself, with role {' or '.join(WORKER_TIERS)}")
@@ -131,16 +136,16 @@ class AgentRequest:
     tl_ids: tuple[str, ...]
 
 
-def check_agent_request(request: pb.RegisterAgentRequest) -> AgentRequest:
-    """A RegisterAgent's ids, its device profile (of the model it names, with the same weights) and
-    its constraints."""
+def check_agent_request(request: pb.RegisterAgentRequest, cache: ProfileCache | None = None) -> AgentRequest:
+    """A RegisterAgent's ids, its device profile (of the model it names, with the same weights; ``cache``:
+    a document seen before is not parsed again) and its constraints."""
     aid = check_id(request.agent_id, "agent_id")
     model = request.model_id
     if not model or len(model) > MAX_ID_CHARS:
         raise InvalidInput(f"model_id must be 1-{MAX_ID_CHARS} characters (the model the agent runs)")
     if len(request.model_digest) > MAX_ID_CHARS:
         raise InvalidInput(f"model_digest is longer than {MAX_ID_CHARS} characters")
-    device = profiles.loads(request.profile_json, "profile_json")
+    device = _loads(request.profile_json, "profile_json", cache)
     if device.role != DEVICE:
         raise InvalidInput(f"profile_json was measured as role {device.role!r}; an agent registers the profile "
                            "measured on its own board (role device)")

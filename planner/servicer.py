@@ -20,15 +20,19 @@ import grpc
 
 from planner import decide, probes, requests
 from planner.broadcaster import Broadcaster
+from planner.intake import RETRY_AFTER_HEADER, Shed
 from planner.metrics import PlannerMetrics
 from planner.owners import Owners, expire_workers, lease_of, remove_worker
 from planner.replanner import RePlanner
 from planner.state import PlannerState
+from runtime.contracts.profile import ProfileCache
 from runtime.daemon.auth import current_identity
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
+
+INLINE_PROFILE_CHARS = 2**20  # a profile up to this size is hashed on the event loop (a hit then needs no thread)
 
 
 class PlannerServicer(pb_grpc.PlannerServicer):
@@ -43,6 +47,9 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.metrics = metrics
         # who owns which worker/agent id (planner.owners): the hijack and spoofing guard
         self.owners = Owners(state.config.registration_ttl_seconds, state.config.max_ids_per_identity)
+        # profiles parsed and checked once per content hash (agents of one board type share one)
+        self.profiles = ProfileCache(state.config.profile_cache_size)
+        self._counted = (0, 0)  # profile cache hits and misses already in the metrics
 
     def _owned(self, kind: str, ident: str, context: grpc.aio.ServicerContext | None) -> None:
         """Refuse (PERMISSION_DENIED) a call about ``ident`` from anyone but its owner."""
@@ -67,27 +74,55 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             return pb.RegisterWorkerReply()
         req = requests.check_worker_request(request, self.state.config)
         self.owners.claim("worker", req.worker_id, current_identity(), lease_of(context))  # before any heavy work
-        # parsing and checking profiles (up to max_message_bytes of JSON) runs off the event loop
-        parsed = await asyncio.to_thread(requests.parse_worker_profiles, req.worker_id, list(request.profiles_json))
-        old = self.state.register_worker(req, parsed, list(request.profiles_json))
-        self.replanner.worker_registered(parsed, old)
+        texts = list(request.profiles_json)
+        held = self.state.workers.get(req.worker_id)
+        if held is not None and list(held.record.profiles.values()) == texts:
+            parsed = held.profiles  # the same documents (a periodic re-registration): nothing to parse
+        else:  # parsing and checking profiles (up to max_message_bytes of JSON) runs off the event loop
+            parsed = await asyncio.to_thread(requests.parse_worker_profiles, req.worker_id, texts, self.profiles)
+            self._count_profiles()
+        old = self.state.register_worker(req, parsed, texts)
+        self.replanner.worker_registered(parsed, old, req.worker_id)
         return pb.RegisterWorkerReply(profiles=len(parsed))
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
         self.owners.claim("agent", requests.check_id(request.agent_id, "agent_id"), current_identity(), lease_of(context))
-        req = await asyncio.to_thread(requests.check_agent_request, request)  # parses the profile: off the loop
+        text = request.profile_json
+        if len(text) <= INLINE_PROFILE_CHARS and self.profiles.peek(ProfileCache.key(text)) is not None:
+            req = requests.check_agent_request(request, self.profiles)  # a profile seen before: no parsing
+        else:  # parsing and checking a new profile runs off the loop
+            req = await asyncio.to_thread(requests.check_agent_request, request, self.profiles)
+        self._count_profiles()
         rec = self.state.agent_record(req, request)
+        rec.profile = self.profiles.shared(rec.profile)  # one copy of the text per board type, not per agent
         return pb.RegisterAgentReply(plan=await self.replanner.register(rec, req.device))
 
+    def _count_profiles(self) -> None:
+        hits, misses = self.profiles.hits, self.profiles.misses
+        self.metrics.profile_cache.labels("hit").inc(hits - self._counted[0])
+        self.metrics.profile_cache.labels("miss").inc(misses - self._counted[1])
+        self._counted = (hits, misses)
+
     async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
+        """Each report is checked and recorded here; one that could change the plan queues a decision
+        (planner.intake: coalesced per agent, refused RESOURCE_EXHAUSTED + retry-after-ms when full)."""
         received = 0
+        intake = self.replanner.intake
         async for t in request_iterator:
             self._owned("agent", t.agent_id, context)
             st = self.state.agent(t.agent_id)
             received += 1
             self.metrics.telemetry.inc()
             bw, rtt = requests.check_telemetry(t)
-            await self.replanner.telemetry(st, t, bw, rtt)
+            if intake.stale(t.sent_unix):
+                continue  # counted; never acted on late
+            try:
+                intake.admit(st.record.id)
+            except Shed as e:
+                context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
+                raise
+            if self.replanner.telemetry(st, t, bw, rtt):
+                intake.offer(st)
         return pb.TelemetryAck(received=received)
 
     async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:

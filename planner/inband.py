@@ -1,0 +1,59 @@
+"""Whether a new link estimate could change an agent's plan (issue 15: decide only on a change).
+
+A plan carries its bandwidth bands (``Plan.fallbacks``, :mod:`planner.fallbacks`): over the link to
+its band worker, the best configuration in each band, ranked with the RTT of the time it was
+issued. A new estimate of that link needs no decision when
+
+* its bandwidth lies in a band whose configuration is the running plan's,
+* its RTT is within ``switch_gain`` (relatively, or ``switch_min_gain_seconds``) of the RTT the bands
+  were ranked with, and
+* it is no slower than when the plan was last decided, or slower by less than half the switch
+  threshold in the plan's own upload time (the bands rank only the band worker and the board: the
+  running plan becoming slower is what could let another worker's plan pass it).
+
+Anything else (no bands yet, another worker's link, a hold pending) is decided as before.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from planner.decide import plan_key
+from planner.hysteresis import Hysteresis
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Basis:
+    """What a plan's bands were ranked with, and the bandwidth at its last decision."""
+
+    version: int  # the plan these figures belong to
+    worker: str  # the band worker (its id)
+    rtt_seconds: float  # RTT the bands were ranked with
+    bandwidth: float  # bandwidth when the plan was last decided (kept or issued)
+
+
+def band_of(plan: pb.Plan, bandwidth: float) -> pb.BandPlan | None:
+    for b in plan.fallbacks:
+        hi = b.max_bandwidth_bytes_per_second or math.inf
+        if b.min_bandwidth_bytes_per_second <= bandwidth < hi:
+            return b
+    return None
+
+
+def in_band(plan: pb.Plan | None, basis: Basis | None, worker: str, bandwidth: float, rtt: float,
+            hysteresis: Hysteresis) -> bool:
+    """True when an estimate (``bandwidth``, ``rtt``) of the link to ``worker`` cannot change ``plan``
+    (see the module docstring)."""
+    if plan is None or basis is None or basis.version != plan.version or worker != basis.worker or bandwidth <= 0:
+        return False
+    band = band_of(plan, bandwidth)
+    if band is None or plan_key(band.plan) != plan_key(plan):
+        return False
+    if abs(rtt - basis.rtt_seconds) > max(hysteresis.switch_gain * basis.rtt_seconds, hysteresis.min_gain_seconds):
+        return False
+    if bandwidth >= basis.bandwidth or basis.bandwidth <= 0:
+        return True
+    slower = plan.predicted_bytes * (1.0 / bandwidth - 1.0 / basis.bandwidth)
+    return slower < 0.5 * hysteresis.threshold(plan.predicted_seconds)
