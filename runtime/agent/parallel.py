@@ -71,7 +71,9 @@ class TileReport:
     ran_on: str = ""  # where it was computed in the end (an address or "local")
     seconds: float = 0.0  # coordinator's wall time for the tile where it ran (round trip or local compute)
     compute_seconds: float = 0.0  # the worker's own compute time (the local compute for "local")
+    worker_seconds: float = 0.0  # all the worker reported: queue + decode + compute (local: the compute)
     sent_bytes: int = 0
+    received_bytes: int = 0
     failures: list[str] = field(default_factory=list)  # "ADDRESS: CODE" of each failed attempt
     cols: tuple[int, int] = (0, 0)  # output columns [start, stop) (the full width for row bands)
 
@@ -174,7 +176,9 @@ class ParallelCoordinator:
             raise InvalidInput(f"worker {address} answered a tile of shape {list(tile.shape)} for a {want} region")
         report.seconds = time.perf_counter() - t0
         report.compute_seconds = res.times.tail_seconds
+        report.worker_seconds = res.times.queue_seconds + res.times.decode_seconds + res.times.tail_seconds
         report.sent_bytes += len(msg.crop.buffer)
+        report.received_bytes = len(res.tile.buffer)
         return tile
 
     async def _tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor,
@@ -206,7 +210,7 @@ class ParallelCoordinator:
         t0 = time.perf_counter()
         tile = await self._compute(self.segments[i].run_tile, crop, reg)
         report.ran_on, report.seconds = LOCAL, time.perf_counter() - t0
-        report.compute_seconds = report.seconds
+        report.compute_seconds = report.worker_seconds = report.seconds
         self.metrics.tile_seconds.labels(LOCAL).observe(report.seconds)
         return tile
 

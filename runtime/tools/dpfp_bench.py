@@ -49,9 +49,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="how the planner costs the links: the relays give each worker its own, but one "
                         "coordinator process relays and stitches for all (measured: shared predicts better)")
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="strategies to measure")
+    p.add_argument("--window", type=int, default=1,
+                   help="also measure throughput with this many frames in flight through the stage (dpfp and the "
+                        "single worker; frames x window frames); 1: latency only")
+    p.add_argument("--no-grids", action="store_true", help="row bands only (the planner's --parallel-no-grids)")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="do not measure the coordinator's per-byte rate (runtime.agent.parallel_calibrate) and "
+                        "leave it out of the cost model")
     p.add_argument("--max-predicted-seconds", type=float, default=20.0,
                    help="configurations predicted slower than this per frame are not run (reported as skipped)")
     p.add_argument("--profile-runs", type=int, default=3, help="timed runs of the profile")
+    p.add_argument("--profile", default="", metavar="FILE",
+                   help="use this worker profile (measured at the same --share) instead of profiling again")
     p.add_argument("--out", default="runtime/tools/results/dpfp_vgg16", help="OUT.json and OUT.md are written")
     return p
 
@@ -79,9 +89,10 @@ def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
         raise RuntimeError(f"profile failed: {err.decode()[-2000:]}")
 
 
-def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path) -> dict:
+def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0) -> dict:
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
-           "--parallel-link-mode", args.link_mode,
+           "--parallel-link-mode", args.link_mode, "--parallel-coordinator-mbytes", f"{coord_mbytes:.3f}",
+           *(["--parallel-no-grids"] if args.no_grids else []),
            "--parallel-strategy", strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
     for _ in range(k):
         cmd += ["--profile", str(profile_path)]
@@ -91,34 +102,69 @@ def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out:
     return {"table": res.stdout, "stage": json.loads(out.read_text())}
 
 
-async def measure(loaded, stage, image, frames: int, reference):
+async def measure(loaded, stage, image, frames: int, reference, window: int = 1):
+    """Latency: ``frames`` frames one at a time after a warm-up (and each block's wall time). With
+    ``window > 1`` also throughput: ``frames * window`` frames, at most ``window`` in flight."""
     from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
     from runtime.wire.transport import TransportOptions
 
     coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
         tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB)))
-    times, tiles, err = [], [], 0.0
+    times, tiles, err, blocks, period = [], [], 0.0, [], None
     try:
         for i in range(frames + 1):
+            marks: list[float] = []
             t0 = time.perf_counter()
-            y, reports = await coord.run_stage(image)
+            y, reports = await coord.run_stage(image, lambda b, r, m=marks: m.append(time.perf_counter()))
             if i:  # the first frame warms up
                 times.append(time.perf_counter() - t0)
                 tiles.extend(reports)
+                blocks.append([b - a for a, b in zip([t0, *marks[:-1]], marks, strict=True)])
         err = float((y - reference).abs().max() / reference.abs().max())
+        if window > 1:
+            gate = asyncio.Semaphore(window)
+
+            async def one():
+                async with gate:
+                    return await coord.run_stage(image)
+
+            t0 = time.perf_counter()
+            outs = await asyncio.gather(*(one() for _ in range(frames * window)))
+            period = (time.perf_counter() - t0) / len(outs)
+            err = max(err, max(float((o - reference).abs().max() / reference.abs().max()) for o, _ in outs))
     finally:
         await coord.close()
-    return times, tiles, err
+    block_medians = [statistics.median(b[j] for b in blocks) for j in range(len(blocks[0]))] if blocks else []
+    return times, tiles, err, block_medians, period
+
+
+async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
+    """The coordinator's per-byte rate against all workers through their relays (0: not calibrated)."""
+    if args.no_calibrate:
+        return {"bytes_per_second": 0.0, "blocks": [], "note": "not calibrated (--no-calibrate)"}
+    from runtime.agent.parallel import CoordinatorOptions
+    from runtime.agent.parallel_calibrate import calibrate
+    from runtime.wire.transport import TransportOptions
+
+    cal = await calibrate(loaded, addresses, 2 * args.delay_ms / 1e3, args.rate_mbps * 125_000.0, args.frames,
+                          CoordinatorOptions(tile_deadline_seconds=300,
+                                             transport=TransportOptions(max_message_bytes=256 * MiB)))
+    print(f"coordinator calibrated: {cal.bytes_per_second / 1e6:.1f} MB/s over {', '.join(cal.blocks)}", file=sys.stderr)
+    return {"bytes_per_second": cal.bytes_per_second, "blocks": list(cal.blocks), "bytes": cal.bytes,
+            "rest_seconds": cal.rest_seconds, "frames": cal.frames}
 
 
 def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> dict:
     stage = planned["stage"]
     row = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"],
            "blocks": [[b["start"], b["end"]] for b in stage["blocks"]],
+           "grid_cols": [b.get("grid_cols", 1) for b in stage["blocks"]],
+           "predicted_block_seconds": [b["predicted_seconds"] for b in stage["blocks"]],
            "workers_used": max(sum(1 for s in b["shares"] if s > 0) for b in stage["blocks"]), "skipped": skipped}
     if measured is not None:
-        times, tiles, err = measured
-        row.update(measured_seconds=statistics.median(times), measured_min=min(times), measured_max=max(times),
+        times, tiles, err, block_medians, period = measured
+        row.update(measured_block_seconds=block_medians, window_period_seconds=period,
+                   measured_seconds=statistics.median(times), measured_min=min(times), measured_max=max(times),
                    frames=len(times), max_rel_error=err, tile_failures=sum(len(t.failures) for t in tiles),
                    local_tiles=sum(1 for t in tiles if t.ran_on == "local"))
     return row
@@ -133,10 +179,11 @@ async def run(args, tmp: Path, quotas) -> dict:
     from runtime.worker.process import spawn_worker
 
     counts = sorted({int(x) for x in args.workers.split(",")})
-    prof = tmp / "worker.json"
-    t0 = time.perf_counter()
-    profile(quotas, args.share, args.model, args.profile_runs, prof)
-    print(f"profiled {args.model} at {args.share:g} core in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    prof = Path(args.profile) if args.profile else tmp / "worker.json"
+    if not args.profile:
+        t0 = time.perf_counter()
+        profile(quotas, args.share, args.model, args.profile_runs, prof)
+        print(f"profiled {args.model} at {args.share:g} core in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     loaded = load_model(args.model)
     workers, relays = [], []
     try:
@@ -149,11 +196,13 @@ async def run(args, tmp: Path, quotas) -> dict:
         from runtime.agent.sources import open_source
 
         image = next(iter(open_source(loaded.spec, "samples", 1))).tensor
+        cal = await calibrate_coordinator(args, loaded, [r.address for r in relays])
         rows = []
         for k in counts:
             names = [r.address for r in relays[:k]]
-            for strategy in STRATEGIES:
-                planned = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json")
+            for strategy in [x for x in STRATEGIES if x in args.strategies.split(",")]:
+                planned = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json",
+                               cal["bytes_per_second"] / 1e6)
                 stage = ParallelStage.from_json(planned["stage"])
                 last = stage.blocks[-1].end
                 with torch.inference_mode():
@@ -161,11 +210,13 @@ async def run(args, tmp: Path, quotas) -> dict:
                 if planned["stage"]["predicted_seconds"] > args.max_predicted_seconds:
                     rows.append(_row(k, strategy, planned, None, f"predicted above {args.max_predicted_seconds:g} s"))
                     continue
-                rows.append(_row(k, strategy, planned, await measure(loaded, stage, image, args.frames, reference)))
+                window = args.window if strategy in ("dpfp", "single_worker") else 1
+                rows.append(_row(k, strategy, planned, await measure(loaded, stage, image, args.frames, reference,
+                                                                     window)))
                 r = rows[-1]
                 print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured "
                       f"{r['measured_seconds']:.3f} s", file=sys.stderr)
-        return {"rows": rows, "range": [stage.blocks[0].start, last]}
+        return {"rows": rows, "range": [stage.blocks[0].start, last], "coordinator": cal}
     finally:
         for r in relays:
             await r.close()
@@ -177,21 +228,65 @@ def _fmt(v, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
+def _blocks(r: dict) -> str:
+    grids = r.get("grid_cols") or [1] * len(r["blocks"])
+    return f"{len(r['blocks'])}" + (f" ({sum(1 for c in grids if c > 1)} grids)" if any(c > 1 for c in grids) else "")
+
+
+def _breakdown(res: dict) -> list[str]:
+    """Per fused block of each DPFP row: predicted and measured seconds, tiling."""
+    out = ["", "Per fused block (DPFP rows; measured: median wall time of the block at the coordinator):", "",
+           "| K | block | tiling | predicted s | measured s |", "|---|---|---|---:|---:|"]
+    for r in res["rows"]:
+        if r["strategy"] != "dpfp" or not r.get("measured_block_seconds"):
+            continue
+        grids = r.get("grid_cols") or [1] * len(r["blocks"])
+        for (a, b), c, p, m in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
+                                   strict=True):
+            tiling = f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands"
+            out.append(f"| {r['workers']} | {a}..{b} | {tiling} | {p:.3f} | {m:.3f} |")
+    return out
+
+
+def _throughput(res: dict) -> list[str]:
+    rows = [r for r in res["rows"] if r.get("window_period_seconds")]
+    if not rows:
+        return []
+    base = next((r["window_period_seconds"] for r in rows if r["workers"] == 1 and r["strategy"] == "single_worker"), None)
+    out = ["", f"Throughput with {res['args']['window']} frames in flight through the stage (seconds per frame = wall "
+           f"time of {res['args']['frames'] * res['args']['window']} frames / their number; against the single worker "
+           "with K=1 measured the same way). This is time per frame, not latency:", "",
+           "| K | strategy | s per frame | reduction | speedup |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        p = r["window_period_seconds"]
+        red = f"{100 * (1 - p / base):.1f}%" if base else "-"
+        spd = f"{base / p:.2f}x" if base else "-"
+        out.append(f"| {r['workers']} | {r['strategy']} | {p:.3f} | {red} | {spd} |")
+    return out
+
+
 def markdown(res: dict) -> str:
     a = res["args"]
     single = {r["workers"]: r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
     base = single.get(1) or next(iter(single.values()), None)
     base_pred = next(r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker")
+    cal = res.get("coordinator", {})
+    coord = (f"the coordinator's per-byte rate, measured before planning by runtime.agent.parallel_calibrate over "
+             f"{', '.join(cal['blocks'])}: {cal['bytes_per_second'] / 1e6:.1f} MB/s (in the cost model)"
+             if cal.get("bytes_per_second") else "the coordinator's per-byte work not costed")
     out = [f"# DPFP benchmark: {a['model']} {res['range'][0]}..{res['range'][1]}", "",
            f"Command: `{res['command']}`", "",
            f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, kernel {res['machine']['kernel']}, "
-           f"Python {res['machine']['python']}, torch {res['machine']['torch']}.", "",
+           f"Python {res['machine']['python']}, torch {res['machine']['torch']}; shared with other jobs: load average "
+           f"{' / '.join(f'{x:.2f}' for x in res.get('load_before', []))} (1/5/15 min) before the run, "
+           f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.", "",
            f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
            f"per 10,000 us), one torch thread; the coordinator (stitching, encoding, the relays) runs outside the "
            f"quotas. Link: one user-space relay per worker, {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
-           f"each direction (planned with --link-mode {a['link_mode']}). Times: the stage alone, median of "
-           f"{a['frames']} frames after one warm-up; reduction and speedup against the single worker measured "
-           "with K=1 (predicted: against the predicted single worker).", "",
+           f"each direction (planned with --link-mode {a['link_mode']}; "
+           f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}). Times: the stage "
+           f"alone, median of {a['frames']} frames after one warm-up; reduction and speedup against the single worker "
+           "measured with K=1 (predicted: against the predicted single worker).", "",
            "| K | strategy | predicted s | measured s | reduction (meas.) | speedup (meas.) | reduction (pred.) "
            "| max rel. error | fused blocks |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
@@ -201,8 +296,8 @@ def markdown(res: dict) -> str:
         out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
                    f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | {red} | {spd} | "
                    f"{100 * (1 - r['predicted_seconds'] / base_pred):.1f}% | {_fmt(r.get('max_rel_error'), '.1e')} | "
-                   f"{len(r['blocks'])} |")
-    return "\n".join(out) + "\n"
+                   f"{_blocks(r)} |")
+    return "\n".join(out + _breakdown(res) + _throughput(res)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dpfp_bench: cannot emulate the workers' CPU quotas: {why}; not run", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="edgesplit-dpfp-") as d, QuotaSet(f"edgesplit-dpfp-{os.getpid()}") as q:
         res = asyncio.run(run(args, Path(d), q))
-    res.update(args=vars(args), machine=machine(),
+    res.update(load_before=list(load_before), load_after=list(os.getloadavg()), args=vars(args), machine=machine(),
                command="python -m runtime.tools.dpfp_bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,115 @@
+"""The coordinator's own per-byte rate, for the DPFP cost model (``edgesplit plan --parallel-coordinator-mbytes``).
+
+    python -m runtime.agent.parallel_calibrate --model vgg16 --workers HOST:PORT,HOST:PORT --link 1,1000
+
+Runs a calibration stage on the real workers over the real link: single-split blocks that hold only
+pointwise layers (VGG's ReLUs: many bytes, little compute), each on all workers, a few frames after a
+warm-up. Per block, the measured wall time minus the slowest tile's own worker time (queue, decode,
+compute, as the worker reports it) minus the link's modelled time (RTT + all bytes / bandwidth, one
+shared link, as ``planner.dpfp`` costs it) is what the cost model does not see: the coordinator's
+cropping, encoding, gRPC, decoding and stitching, and the transport's per-byte work. The rate is the
+bytes sent and received over that rest. 0 means the rest was not measurable (at or below zero).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
+from runtime.contracts.errors import EdgesplitError, InvalidInput
+from runtime.models.loader import LoadedModel
+from runtime.parallel.plan import ParallelStage, TiledBlock
+from runtime.parallel.receptive import POINTWISE
+
+MAX_BLOCKS = 3
+"""Calibration blocks used at most (the first, middle and last pointwise split of the model)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    bytes_per_second: float  # 0: not measurable
+    blocks: tuple[str, ...]  # the calibration blocks, START..END
+    frames: int
+    bytes: int  # sent + received over all measured frames
+    rest_seconds: float  # wall time the compute and the link do not explain, summed
+
+
+def calibration_stage(loaded: LoadedModel, workers: Sequence[str]) -> ParallelStage:
+    """Single-split blocks of pointwise layers only, on all ``workers`` (InvalidInput if the model has none)."""
+    from runtime.parallel.tiled import segment_geometry
+
+    found = []
+    for i in range(len(loaded.sliced.split_points) - 1):
+        try:
+            g = segment_geometry(loaded.sliced, i, i + 1)
+        except EdgesplitError:
+            continue
+        if all(layer.kind == POINTWISE for layer in g):
+            found.append(i)
+    if not found:
+        raise InvalidInput(f"{loaded.name} has no tileable pointwise block to calibrate the coordinator with")
+    picks = sorted({found[0], found[len(found) // 2], found[-1]})[:MAX_BLOCKS]
+    return ParallelStage(tuple(workers), tuple(TiledBlock(loaded.split(i).name, loaded.split(i + 1).name,
+                                                          (1.0,) * len(workers)) for i in picks), model=loaded.name)
+
+
+async def calibrate(loaded: LoadedModel, workers: Sequence[str], rtt_seconds: float, bandwidth_bytes_per_second: float,
+                    frames: int = 3, options: CoordinatorOptions | None = None) -> Calibration:
+    """Measure the coordinator's per-byte rate against ``workers`` (see the module docstring)."""
+    if not (frames >= 1 and bandwidth_bytes_per_second > 0 and rtt_seconds >= 0):
+        raise InvalidInput("calibration needs frames >= 1, bandwidth > 0 and RTT >= 0")
+    stage = calibration_stage(loaded, workers)
+    blocks = tuple(f"{b.start}..{b.end}" for b in stage.blocks)
+    total_bytes, rest = 0, 0.0
+    for b in stage.blocks:  # each block on its own, from its own input map
+        one = ParallelStage(stage.workers, (b,), model=loaded.name)
+        coord = ParallelCoordinator(loaded, one, options)
+        try:
+            await coord.prepare()
+            with torch.inference_mode():
+                x = loaded.head(b.start)(torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0)))
+            for f in range(frames + 1):
+                t0 = time.perf_counter()
+                _, reports = await coord.run_stage(x)
+                wall = time.perf_counter() - t0
+                if f == 0:
+                    continue  # warm-up
+                nbytes = sum(r.sent_bytes + r.received_bytes for r in reports)
+                link = rtt_seconds + nbytes / bandwidth_bytes_per_second
+                rest += wall - max(r.worker_seconds for r in reports) - link
+                total_bytes += nbytes
+        finally:
+            await coord.close()
+    rate = total_bytes / rest if rest > 0 else 0.0
+    return Calibration(rate, blocks, frames, total_bytes, rest)
+
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.agent.parallel_calibrate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="bundled model the workers serve")
+    p.add_argument("--workers", required=True, metavar="A,B,...", help="worker addresses (HOST:PORT)")
+    p.add_argument("--link", required=True, metavar="RTT_MS,MBPS", help="the link as 'edgesplit plan --parallel-link' takes it")
+    p.add_argument("--frames", type=int, default=3, help="measured frames per calibration block (after one warm-up)")
+    args = p.parse_args(argv)
+    from runtime.models.loader import load_model
+
+    rtt_ms, mbps = (float(v) for v in args.link.split(","))
+    cal = asyncio.run(calibrate(load_model(args.model), [w.strip() for w in args.workers.split(",") if w.strip()],
+                                rtt_ms / 1e3, mbps * 125_000.0, args.frames))
+    print(f"coordinator: {cal.bytes_per_second / 1e6:.1f} MB/s ({cal.bytes} bytes, {cal.rest_seconds * 1e3:.1f} ms "
+          f"not explained by compute and link; blocks {', '.join(cal.blocks)}, {cal.frames} frames each)")
+    print(f"edgesplit plan --parallel ... --parallel-coordinator-mbytes {cal.bytes_per_second / 1e6:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
