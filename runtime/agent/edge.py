@@ -28,6 +28,9 @@ def read_result(res: pb.InferResult, result: FrameResult, t_send: float) -> None
     result.output = decode_tensor(res.output)
     result.times.update(transfer_edge=time.perf_counter() - t_send, edge_queue=res.times.queue_seconds,
                         edge_decode=res.times.decode_seconds, edge_tail=res.times.tail_seconds)
+    if res.sent_seconds > 0 and res.received_last_seconds > 0:  # the worker's clock: only differences count
+        result.times["edge_held"] = max(0.0, res.sent_seconds - res.received_last_seconds)  # last byte in -> result out
+        result.times["edge_receive"] = max(0.0, res.received_last_seconds - res.received_first_seconds)
     if res.hops:  # a chained frame: the worker's wait on its next tier, then each later tier's stages
         result.times["edge_forward"] = res.times.forward_seconds
         for i, hop in enumerate(res.hops, 1):

@@ -6,6 +6,8 @@
   its next tier) minus one round trip of latency::
 
       network = transfer_edge - edge_queue - edge_decode - edge_tail - edge_forward - rtt
+      (with ``edge_held``, the worker's time from the frame's last byte to its result leaving, on
+      its own clock, in place of the four worker stages: it also covers admission and send waits)
       sample  = b / network        (only when network > 0 and b >= min_bytes)
 
   Frames under ``min_bytes`` (default 8 KiB) are skipped: on them the transfer takes about one
@@ -105,8 +107,10 @@ class LinkEstimator:
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
         key = getattr(result, "worker", "")
-        network = (t["transfer_edge"] - t.get("edge_queue", 0.0) - t.get("edge_decode", 0.0)
-                   - t.get("edge_tail", 0.0) - t.get("edge_forward", 0.0) - self.estimate(key).rtt.value)
+        held = t.get("edge_held")  # the worker's whole hold from its receive/send times (runtime.agent.edge), if it told
+        if held is None:
+            held = t.get("edge_queue", 0.0) + t.get("edge_decode", 0.0) + t.get("edge_tail", 0.0) + t.get("edge_forward", 0.0)
+        network = t["transfer_edge"] - held - self.estimate(key).rtt.value
         if network > 0:
             self.add_bandwidth_sample(result.wire_bytes / network, key)
 
