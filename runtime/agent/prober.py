@@ -24,8 +24,9 @@ agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
   The budget is taken against the larger of the estimate and the last sample (after a step up the
   estimate lags behind, and the sample is a floor of what the link carries).
   A probe with no answer within ``timeout_seconds`` is a censored sample (runtime.agent.estimator).
-* **Never queued behind frames**: probes use their own channel per worker, not the frame stream,
-  so a probe waits for no frame's chunks in the agent; the base RTT is timed on that channel too.
+* **Never queued behind frames**: probes use their own channel per worker, on a connection of its
+  own (``TransportOptions.probe_channel``: two plain channels to one address share one TCP
+  connection), so a probe waits for no frame's bytes in the agent; the base RTT is timed on it too.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ class Prober:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = self.agent.transport.aio_channel(address)
+            ch = self._channels[address] = self.agent.transport.probe_channel(address)  # not the frames' connection
             while len(self._channels) > self.options.max_targets:
                 _, old = self._channels.popitem(last=False)
                 asyncio.get_running_loop().create_task(old.close())

@@ -42,6 +42,11 @@ class TransportOptions:
         """An asyncio channel to ``address`` with these limits and this process's credentials."""
         return aio_channel(address, list(self.channel_options()), self.security)
 
+    def probe_channel(self, address: str) -> grpc.aio.Channel:
+        """A channel on a TCP connection of its own (gRPC otherwise shares one connection between
+        channels with the same target and options), so probes never queue behind a stream's frames."""
+        return aio_channel(address, [*self.channel_options(), ("grpc.use_local_subchannel_pool", 1)], self.security)
+
     def sync_channel(self, address: str) -> grpc.Channel:
         """A blocking channel (CLI, health checks) with these limits and credentials."""
         return sync_channel(address, list(self.channel_options()), self.security)
