@@ -121,7 +121,8 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             except Shed as e:
                 context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
                 raise
-            if self.replanner.telemetry(st, t, bw, rtt):
+            due = self.replanner.telemetry(st, t, bw, rtt)
+            if due or (st.dirty and st.record.id in intake):  # a queued agent's new change joins its decision
                 intake.offer(st)
         return pb.TelemetryAck(received=received)
 

@@ -1,0 +1,238 @@
+"""The planner's hot path for a fleet (issue 15), over real gRPC on loopback: profiles parsed once per
+content hash, rankings shared, telemetry in the plan's band recorded without a decision, decisions
+coalesced per agent and shed (RESOURCE_EXHAUSTED + retry-after-ms) when the queue is full, and a
+worker's unchanged re-registration marking nobody."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import grpc
+import pytest
+from planner_helpers import (
+    DEVICE_PROFILE,
+    EDGE_PROFILE,
+    FAST,
+    MODEL,
+    RPC,
+    RTT,
+    SLOW,
+    Planner,
+    aio,  # noqa: F401 (fixture)
+    check_status,
+    next_plan,
+    profile,
+    rpc_error,
+)
+
+from planner.intake import RETRY_AFTER_HEADER
+from planner.rankcache import Bands
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def sample(p: Planner, name: str, labels: dict | None = None) -> float:
+    return p.ps.service.metrics.registry.get_sample_value(name, labels or {}) or 0.0
+
+
+async def register_agent(p: Planner, agent: str, text: str = DEVICE_PROFILE, workers=()) -> pb.Plan:
+    reply = await p.stub.RegisterAgent(pb.RegisterAgentRequest(agent_id=agent, model_id=MODEL, model_digest="w1",
+                                                               profile_json=text, workers=list(workers)), timeout=RPC)
+    return reply.plan
+
+
+async def report(p: Planner, agent: str, bw: float, rtt: float = RTT, sent: float | None = None) -> int:
+    async def messages():
+        yield pb.Telemetry(agent_id=agent, worker="w1", bandwidth_bytes_per_second=bw, rtt_seconds=rtt,
+                           sent_unix=time.time() if sent is None else sent)
+
+    return (await p.stub.ReportTelemetry(messages(), timeout=RPC)).received
+
+
+async def drained(p: Planner) -> None:
+    intake = p.ps.service.replanner.intake
+    for _ in range(500):
+        if not len(intake):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{len(intake)} agents still wait for a decision")
+
+
+class Blocked:
+    """The re-planner's one search thread held: a decision that needs a search waits until released."""
+
+    def __init__(self, p: Planner):
+        self.event = threading.Event()
+        p.ps.service.replanner.executor.submit(self.event.wait, 30)
+
+    def release(self) -> None:
+        self.event.set()
+
+
+def test_profile_is_parsed_once_per_content_and_bad_ones_are_refused_every_time(aio, tmp_path):  # noqa: F811
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite")
+        try:
+            await p.register("a1")  # worker w1 (one edge profile) and a1 (one device profile)
+            svc = p.ps.service
+            assert (svc.profiles.misses, len(svc.profiles)) == (2, 2)
+            ranked_before = svc.replanner.rank_cache.misses
+            for aid in ("a2", "a3"):
+                await register_agent(p, aid)
+            assert svc.profiles.misses == 2 and svc.profiles.hits >= 2  # the same document: not parsed again
+            a1, a2, a3 = (svc.agents[a] for a in ("a1", "a2", "a3"))
+            assert a1.benchmark is a2.benchmark is a3.benchmark  # one parsed profile per board type
+            assert a2.record.profile is a3.record.profile  # and one copy of its text
+            assert svc.replanner.rank_cache.misses == ranked_before  # same profile, constraints, link: one ranking
+            assert sample(p, "edgesplit_planner_profile_cache_lookups_total", {"result": "miss"}) == 2
+            bad = DEVICE_PROFILE.replace('"seconds": 0.02', '"seconds": -0.02', 1)
+            for _ in range(2):  # an invalid document is never kept: refused again, with the same message
+                err = await rpc_error(register_agent(p, "bad", bad))
+                check_status(err, grpc.StatusCode.INVALID_ARGUMENT, r"profile_json: blocks/0/seconds: .* minimum of 0")
+            too_deep = '{"format": "edgesplit-profile", "version": 1, "x": ' + "[" * 20 + "]" * 20 + "}"
+            check_status(await rpc_error(register_agent(p, "bad", too_deep)), grpc.StatusCode.INVALID_ARGUMENT,
+                         "nested deeper than 8")  # the strict limits of a new document still hold
+            other = profile("board2", "device", seconds=(0.03, 0.02, 0.02, 0.02, 0.01))
+            await register_agent(p, "a4", other)
+            assert svc.profiles.misses == 3 and svc.agents["a4"].benchmark is not a1.benchmark
+        finally:
+            await p.stop()
+
+    aio.run(scenario())
+
+
+def test_bands_rank_at_grid_figures_and_keep_powers_of_ten():
+    b = Bands(0.05, 0.0005)
+    assert b.bandwidth_of(1e7) == 1e7 and b.bandwidth_of(1e6) == 1e6  # anchored at powers of ten
+    assert b.bandwidth_of(1.01e7) == b.bandwidth_of(0.995e7) == 1e7  # one band
+    assert b.bandwidth_of(1.2e7) != 1e7 and abs(b.bandwidth_of(1.2e7) / 1.2e7 - 1) < 0.025
+    assert b.rtt_of(0.0052) == pytest.approx(0.005) and b.rtt_of(0.0) == 0.0
+    exact = Bands(0.0, 0.0)
+    assert exact.bandwidth_of(1.234e6) == 1.234e6 and exact.rtt_of(0.00123) == 0.00123
+
+
+def test_in_band_telemetry_makes_no_decision_and_out_of_band_does(aio, tmp_path):  # noqa: F811
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite")
+        try:
+            first = await p.register("a1")
+            watch = p.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1", known_version=first.version), timeout=RPC)
+            await report(p, "a1", FAST)  # the first measured link: the same configuration, now with its bands
+            banded = await next_plan(watch)
+            assert banded.fallbacks and banded.split_id == first.split_id and banded.version > first.version
+            await drained(p)
+            decisions = sample(p, "edgesplit_planner_decision_latency_seconds_count")
+            changes = sum(sample(p, "edgesplit_planner_plan_changes_total", {"reason": r}) for r in ("telemetry",))
+            for bw in (FAST * 1.03, FAST * 0.99, FAST * 1.2):  # jitter inside the running plan's band
+                await report(p, "a1", bw)
+            await drained(p)
+            st = p.ps.service.agents["a1"]
+            assert st.links["w1"].bandwidth_bytes_per_second == FAST * 1.2  # recorded all the same
+            assert sample(p, "edgesplit_planner_telemetry_in_band_total") == 3
+            assert sample(p, "edgesplit_planner_decision_latency_seconds_count") == decisions  # no decision
+            assert not st.dirty and st.plan.version == banded.version
+            assert sum(sample(p, "edgesplit_planner_plan_changes_total", {"reason": r}) for r in ("telemetry",)) == changes
+            await report(p, "a1", SLOW)  # out of the band: decided, and (after the hold) a new plan
+            new = await next_plan(watch)
+            assert new.split_id == "output" and new.version > banded.version
+            assert sample(p, "edgesplit_planner_decision_latency_seconds_count") > decisions
+            watch.cancel()
+        finally:
+            await p.stop()
+
+    aio.run(scenario())
+
+
+def test_reports_for_a_queued_agent_are_coalesced_latest_wins(aio, tmp_path):  # noqa: F811
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite", hold_seconds=30.0)
+        try:
+            await p.register("a1")
+            before = sample(p, "edgesplit_planner_decision_latency_seconds_count")
+            blocked = Blocked(p)
+            try:
+                await report(p, "a1", SLOW)  # out of band: queued, its search waits for the thread
+                for bw in (2e6, 3e6, 4e6):  # while it is decided: coalesced into one more decision
+                    await report(p, "a1", bw)
+                intake = p.ps.service.replanner.intake
+                assert len(intake) == 1 and intake.entries["a1"].again
+                assert sample(p, "edgesplit_planner_telemetry_coalesced_total") == 3
+                assert sample(p, "edgesplit_planner_telemetry_pending") == 1
+            finally:
+                blocked.release()
+            await drained(p)
+            assert sample(p, "edgesplit_planner_decision_latency_seconds_count") - before == 2  # not 4
+            assert p.ps.service.agents["a1"].links["w1"].bandwidth_bytes_per_second == 4e6  # the latest
+        finally:
+            await p.stop()
+
+    aio.run(scenario())
+
+
+def test_full_queue_sheds_with_resource_exhausted_and_retry_after_and_old_reports_are_dropped(aio, tmp_path):  # noqa: F811
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite", telemetry_max_pending=1, hold_seconds=30.0)
+        try:
+            await p.register("a1")
+            await register_agent(p, "a2")
+            blocked = Blocked(p)
+            try:
+                await report(p, "a1", SLOW)  # fills the queue (its decision waits for the search thread)
+                err = await rpc_error(report(p, "a2", SLOW))
+                check_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, r"telemetry_max_pending.*report again in \d+ ms")
+                retry = dict(err.trailing_metadata() or ())
+                assert 100 <= int(retry[RETRY_AFTER_HEADER]) <= 30_000, retry
+                assert sample(p, "edgesplit_planner_telemetry_shed_total", {"reason": "full"}) == 1
+                assert p.ps.service.agents["a2"].links == {}  # refused: not recorded either
+                assert await report(p, "a1", 2e6) == 1  # the queued agent is never refused: coalesced
+            finally:
+                blocked.release()
+            await drained(p)
+            assert await report(p, "a2", SLOW) == 1  # room again
+            assert await report(p, "a2", FAST, sent=time.time() - 120) == 1  # two minutes old: dropped, counted
+            assert sample(p, "edgesplit_planner_telemetry_shed_total", {"reason": "stale"}) == 1
+            assert p.ps.service.agents["a2"].links["w1"].bandwidth_bytes_per_second == SLOW
+        finally:
+            await p.stop()
+
+    aio.run(scenario())
+
+
+def test_unchanged_worker_re_registration_marks_nobody_a_changed_one_only_its_agents(aio, tmp_path):  # noqa: F811
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite", replan_interval_seconds=30.0)
+        try:
+            await p.register("a1")
+            await register_agent(p, "a2", workers=("w2",))  # may not use w1
+            svc = p.ps.service
+            held = svc.workers["w1"].profiles
+            misses = svc.profiles.misses
+            request = pb.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:50051", tier="edge",
+                                               profiles_json=[EDGE_PROFILE])
+            await p.stub.RegisterWorker(request, timeout=RPC)
+            assert svc.workers["w1"].profiles is held and svc.profiles.misses == misses  # nothing parsed
+            assert not any(st.dirty for st in svc.agents.values()) and not len(svc.replanner.intake)
+            decided: list[str] = []
+            decide = svc.replanner.decide
+
+            async def recording(st):
+                decided.append(st.record.id)
+                await decide(st)
+
+            svc.replanner.decide = recording  # what the periodic pass decides
+            request.address = "127.0.0.1:50052"  # moved: its agents are re-planned, the others are not
+            await p.stub.RegisterWorker(request, timeout=RPC)
+            for _ in range(200):
+                if svc.agents["a1"].plan.worker_address == request.address:
+                    break
+                await asyncio.sleep(0.01)
+            assert svc.agents["a1"].plan.worker_address == request.address
+            assert decided == ["a1"]  # a2 may not use w1: not marked
+            assert svc.workers["w1"].profiles is held and svc.profiles.misses == misses  # the same documents
+        finally:
+            await p.stop()
+
+    aio.run(scenario())
