@@ -71,7 +71,7 @@ class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wir
             (self.max_agents >= 1 and self.max_workers >= 1, "max_agents and max_workers must be >= 1"),
             (self.grace_seconds >= 0, "grace_seconds must be >= 0"),
             (self.store_flush_seconds > 0, "store_flush_seconds must be > 0"),
-            (self.lease_seconds >= 2 * self.store_flush_seconds,
+            (self.lease_seconds >= 2 * self.store_flush_seconds or not self.store.startswith(("postgresql:", "postgres:")),
              "lease_seconds must be at least twice store_flush_seconds (leases are renewed at each flush)"),
             (len(self.replica_id) <= 128, "replica_id must be at most 128 characters"),
             (self.registration_ttl_seconds > 0, "registration_ttl_seconds must be > 0"),

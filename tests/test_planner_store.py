@@ -1,0 +1,259 @@
+"""The planner's store on both engines (SQLite file, PostgreSQL started by the test), the
+write-behind batch, leases, and what a killed planner keeps.
+
+PostgreSQL tests skip with the reason where no server can be started (tests/postgres_server.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from planner.store import REFUSED, AgentRecord, LeaseLost, LinkRecord, SpeedRecord, Store, StoreError, WorkerRecord
+from planner.store_sql import open_backend, redact
+from planner.writebehind import WriteBehind
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
+from tests.planner_helpers import DEVICE_PROFILE, EDGE_PROFILE, MODEL, RPC
+from tests.postgres_server import postgres  # noqa: F401 - the fixture
+
+pytestmark = pytest.mark.timeout(120)
+
+ENGINES = ("sqlite", "postgresql")
+
+
+@pytest.fixture(params=ENGINES)
+def where(request, tmp_path) -> str:
+    """A fresh, empty store location on each engine."""
+    if request.param == "sqlite":
+        return str(tmp_path / "s.sqlite")
+    return request.getfixturevalue("postgres").new_database()
+
+
+def _fill(s: Store) -> None:
+    s.put_worker(WorkerRecord("w1", "10.0.0.5:50051", "edge", ("tl-1",), {MODEL: EDGE_PROFILE}, 1.0, 2.0,
+                              ("10.0.0.9:50052",)))
+    s.put_agent(AgentRecord("a1", MODEL, "w1", DEVICE_PROFILE, ("w1",), ("tl-1",),
+                            pb.Constraints(min_fidelity=0.9, exclude_workers=["w9"]), 1.0, 2.0))
+    s.put_link("a1", "w1", LinkRecord(0.004, 2.5e6, 1700000000.123456))
+    s.put_speed("a1", SpeedRecord(2.5, 7, 3.0))
+
+
+def test_same_store_behaviour_on_both_engines(where):
+    s = Store(where)
+    try:
+        _fill(s)
+        p1 = s.issue_plan(pb.Plan(agent_id="a1", split_id="conv2", reason="registration",
+                                  next_hops=[pb.PlanHop(worker_id="w2", address="10.0.0.9:50052")]))
+        p2 = s.issue_plan(pb.Plan(agent_id="a1", split_id="output", reason="telemetry"))
+        assert (p1.version, p2.version) == (1, 2) and s.last_version() == 2
+        assert s.set_plan_status("a1", 2, REFUSED, "no")
+        assert not s.set_plan_status("a1", 7, REFUSED, "no")
+    finally:
+        s.close()
+    s = Store(where)  # everything read back from a new connection
+    try:
+        w = s.workers()["w1"]
+        assert (w.address, w.tl_ids, w.profiles, w.next_tiers) == ("10.0.0.5:50051", ("tl-1",), {MODEL: EDGE_PROFILE},
+                                                                   ("10.0.0.9:50052",))
+        assert s.workers("w1").keys() == {"w1"} and s.workers("nope") == {}
+        a = s.agents()["a1"]
+        assert (a.workers, a.constraints.min_fidelity, list(a.constraints.exclude_workers)) == (("w1",), 0.9, ["w9"])
+        assert (a.refused_version, a.refused_message) == (2, "no")
+        assert s.links()["a1"]["w1"] == LinkRecord(0.004, 2.5e6, 1700000000.123456)  # doubles, not 4-byte floats
+        assert s.speeds() == {"a1": SpeedRecord(2.5, 7, 3.0)}
+        cur = s.current_plan("a1")
+        assert cur is not None and cur.plan.version == 1 and cur.plan.next_hops[0].address == "10.0.0.9:50052"
+        assert s.current_plans()["a1"].plan.version == 1
+        assert [h.plan.version for h in s.history("a1")] == [2, 1]
+        assert s.plan("a1", 2).status == REFUSED
+        assert s.issue_plan(pb.Plan(agent_id="a2")).version == 3  # the counter only increases
+        s.delete_worker("w1")
+        assert s.workers() == {}
+    finally:
+        s.close()
+
+
+def test_a_newer_schema_is_refused_with_a_clear_error(where):
+    s = Store(where)
+    with s.backend.transaction():
+        s.backend.execute("UPDATE schema_version SET version = 99")
+    s.close()
+    with pytest.raises(StoreError, match="schema 99 is not 2; use the edgesplit version that wrote it"):
+        Store(where)
+
+
+def test_leases_on_both_engines(where):
+    s = Store(where)
+    try:
+        assert s.acquire_lease("a1", "r1", 5.0, take=False) == ("", 0.0)
+        holder, left = s.acquire_lease("a1", "r2", 5.0, take=False)  # held: r2 does not get it
+        assert holder == "r1" and 4.0 < left <= 5.0
+        assert s.leases()["a1"][0] == "r1"
+        assert s.renew_leases("r1", 5.0) == {"a1"} and s.renew_leases("r2", 5.0) == set()
+        s.issue_plan(pb.Plan(agent_id="a1"), fence=("r1", 5.0))
+        assert s.acquire_lease("a1", "r2", 5.0, take=True)[0] == "r1"  # a registration takes it
+        with pytest.raises(LeaseLost, match="attached to another planner replica"):
+            s.issue_plan(pb.Plan(agent_id="a1"), fence=("r1", 5.0))
+        assert s.last_version() == 1  # the fenced plan was not written
+        s.acquire_lease("a2", "r1", 0.05, take=False)
+        time.sleep(0.1)  # the lease's own expiry, on the database's clock
+        holder, left = s.acquire_lease("a2", "r2", 5.0, take=False)
+        assert holder == "r1" and left < 0  # lapsed: taken over
+        assert s.leases()["a2"][0] == "r2"
+        s.release_leases("r2")
+        assert s.leases() == {}
+    finally:
+        s.close()
+
+
+def test_write_behind_writes_n_link_updates_in_one_transaction(where, request):
+    """1,000 link estimates (latest of each kept) + heartbeats -> exactly one transaction."""
+    s = Store(where)
+    _fill(s)
+    statements: list[str] = []
+
+    def trace(store: Store) -> None:  # on the store thread: what its connection executes from now on
+        if store.backend.name == "sqlite":
+            store.backend.connection.set_trace_callback(statements.append)
+
+    def xid() -> int:
+        return s.backend.execute("SELECT txid_current()").fetchone()[0]
+
+    async def main():
+        wb = WriteBehind(s)
+        try:
+            await wb.flush(trace)
+            before = xid() if s.backend.name == "postgresql" else 0
+            for i in range(1000):
+                wb.put_link("a1", f"w{i % 100}", LinkRecord(0.001, 1e6 + i, 1000.0 + i))
+                wb.touch("a1", 5.0 + i)
+            await wb.flush()
+            after = xid() if s.backend.name == "postgresql" else 0
+            return wb.stats, after - before - 1  # txid_current() itself takes one
+        finally:
+            await wb.close()
+
+    stats, pg_transactions = asyncio.run(main())
+    assert stats.flushes == 1 and stats.rows == 101  # 100 links (the latest of each) + 1 heartbeat
+    if s.backend.name == "sqlite":
+        begins = [x for x in statements if x.startswith("BEGIN")]
+        assert begins == ["BEGIN IMMEDIATE"] and statements.count("COMMIT") == 1, statements[:5]
+    else:
+        assert pg_transactions == 1
+    links = s.links()["a1"]
+    assert len(links) == 100 and links["w7"] == LinkRecord(0.001, 1e6 + 907, 1907.0)  # the latest sample won
+    assert s.agents()["a1"].last_seen == 1004.0
+    s.close()
+
+
+def test_a_failed_flush_keeps_its_batch_under_newer_values(tmp_path):
+    s = Store(tmp_path / "s.sqlite")
+    _fill(s)
+
+    async def main():
+        wb = WriteBehind(s)
+        wb.put_link("a1", "w1", LinkRecord(0.001, 1.0, 10.0))
+        wb.put_link("a1", "w2", LinkRecord(0.001, 2.0, 10.0))
+        wb._on_thread = lambda batch, then: wb._write(_Broken(), batch, then)  # the database refuses once
+        await wb.flush()
+        wb.put_link("a1", "w1", LinkRecord(0.001, 3.0, 11.0))  # newer than the failed one
+        del wb._on_thread
+        await wb.flush()
+        await wb.close()
+        return wb.stats
+
+    stats = asyncio.run(main())
+    assert stats.failures == 1 and stats.flushes == 1
+    links = s.links()["a1"]
+    assert links["w1"].bandwidth_bytes_per_second == 3.0 and links["w2"].bandwidth_bytes_per_second == 2.0
+    s.close()
+
+
+class _Broken:
+    def write_batch(self, batch):
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+def test_store_locations_and_urls(tmp_path):
+    assert open_backend(str(tmp_path / "a.sqlite")).name == "sqlite"
+    b = open_backend(f"sqlite:///{tmp_path}/b.sqlite")
+    assert b.describe() == f"{tmp_path}/b.sqlite"
+    b.close()
+    with pytest.raises(StoreError, match="unknown engine"):
+        open_backend("mysql://u:secret@h/db")
+    assert redact("postgresql://planner:s3cret@db:5432/edgesplit") == "postgresql://planner:***@db:5432/edgesplit"
+    with pytest.raises(Exception, match="unreachable") as ei:  # nothing listens there: UNAVAILABLE, no password shown
+        open_backend(f"postgresql://u:s3cret@/x?host={tmp_path}&port=1&connect_timeout=2")
+    assert "s3cret" not in str(ei.value)
+
+
+# -- a killed planner: what survives ----------------------------------------------------------------
+
+
+def _planner(where: str, tmp_path, flush: float) -> tuple[subprocess.Popen, str]:
+    port_file = tmp_path / f"port-{time.monotonic_ns()}"
+    p = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "planner", "serve", "--listen", "127.0.0.1:0",
+                          "--store", where, "--store-flush-seconds", str(flush), "--port-file", str(port_file),
+                          "--default-bandwidth-bytes-per-second", "10000000", "--lease-seconds", str(2 * flush)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (port_file.exists() and port_file.read_text().strip()):
+        if p.poll() is not None or time.monotonic() > deadline:
+            p.kill()
+            raise AssertionError(f"planner did not start: {p.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    return p, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def _kill(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        os.killpg(p.pid, signal.SIGKILL)
+    p.wait(10)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_killed_planner_loses_only_unacknowledged_link_samples(engine, tmp_path, request):
+    where = str(tmp_path / "k.sqlite") if engine == "sqlite" else request.getfixturevalue("postgres").new_database()
+    proc, address = _planner(where, tmp_path, flush=30.0)  # the periodic flush never comes in this test
+    try:
+        async def main():
+            async with grpc.aio.insecure_channel(address) as ch:
+                stub = pb_grpc.PlannerStub(ch)
+                await stub.RegisterWorker(pb.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:50051",
+                                                                   tier="edge", profiles_json=[EDGE_PROFILE]), timeout=RPC)
+                reply = await stub.RegisterAgent(pb.RegisterAgentRequest(agent_id="a1", model_id=MODEL, model_digest="w1",
+                                                                         profile_json=DEVICE_PROFILE), timeout=RPC)
+
+                async def one(bw):
+                    yield pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=bw, rtt_seconds=0.005)
+
+                acked = await stub.ReportTelemetry(one(2_000_000.0), timeout=RPC)  # acknowledged: stored
+                # not acknowledged: the stream is still open when the planner dies
+                call = stub.ReportTelemetry(timeout=RPC)
+                await call.write(pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=7_000_000.0,
+                                              rtt_seconds=0.005))
+                await asyncio.sleep(0.3)  # received and recorded (in memory) by now; no flush is due for 30 s
+                _kill(proc)
+                call.cancel()
+                return reply.plan, acked.received
+
+        plan, received = asyncio.run(main())
+    finally:
+        _kill(proc)
+    assert plan.version == 1 and received == 1
+    s = Store(where)
+    try:
+        assert s.workers().keys() == {"w1"} and s.agents().keys() == {"a1"}  # registrations: written at once
+        assert s.current_plan("a1").plan.version == 1  # the plan the agent was given
+        assert s.links()["a1"]["w1"].bandwidth_bytes_per_second == 2_000_000.0  # the acknowledged sample
+    finally:
+        s.close()
