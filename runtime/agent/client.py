@@ -80,6 +80,7 @@ class Agent:
         self.active = ActivePlan(plan.version, split, codec, loaded.head(split.name), loaded.tail(split.name), tl,
                                  stream, end, hops)
         self.metrics.plan_version.set(plan.version)
+        self.metrics.plan_split_index.set(split.index)
         self._plan_lock = asyncio.Lock()  # one apply_plan at a time
         self._retiring: set[asyncio.Task] = set()
         self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)
@@ -169,6 +170,7 @@ class Agent:
         self.metrics.plan_switches.inc()
         self.link.use(plan.worker)
         self.metrics.plan_version.set(plan.version)
+        self.metrics.plan_split_index.set(plan.split.index)
         logger.info("plan v%d in effect: %s@%s (%s) codec %s TL %s worker %s%s", plan.version, self.loaded.name,
                     plan.split.index, plan.split.name, plan.codec.name, plan.tl_id or "none", plan.worker or "none",
                     plan.chain, extra={"plan": plan.version, "model": self.loaded.name, "split": plan.split.name})
@@ -250,6 +252,7 @@ class Agent:
                              plan.codec.name, plan.version)
         # board_queue: waiting for the board thread (other frames' head or local tail)
         result.times.update(board_queue=t_start - t0, head=t_head, encode=t_enc)
+        result.raw_bytes = h.numel() * h.element_size()
         if t_tl is not None:
             result.times["tl_encode"] = t_tl
         if plan.stream is not None:

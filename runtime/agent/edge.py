@@ -62,6 +62,7 @@ class EdgeSender:
             with span("agent.send"):
                 fut = await stream.send(req, deadline)  # DeadlineExceeded: not (fully) sent, the worker told to drop it
             self.metrics.sent_bytes.inc(result.wire_bytes)
+            self.metrics.raw_bytes.inc(result.raw_bytes)  # the same frames: raw / sent is the compression ratio
             self.metrics.inflight.inc()
             try:
                 with span("agent.wait"):

@@ -20,6 +20,7 @@ class FrameResult:
     plan_version: int = 0
     fallback_reason: str = ""
     wire_bytes: int = 0
+    raw_bytes: int = 0  # the split's output as the head computed it (before TL and codec); metric raw_bytes
     times: dict[str, float] = field(default_factory=dict)  # seconds by stage
     refined: bool = False  # an ambiguous edge result replaced by the board's exact tail (see refine_margin)
     worker: str = ""  # address of the worker the frame was sent to ("" when none): its link's key in self.link

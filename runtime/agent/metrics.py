@@ -34,6 +34,9 @@ class AgentMetrics:
             "edgesplit_agent_stage_seconds", "Per-frame time by stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
         )
         self.sent_bytes = Counter("edgesplit_agent_sent_bytes", "Payload bytes sent to the worker", registry=r)
+        self.raw_bytes = Counter("edgesplit_agent_raw_bytes", "Bytes of the split's output as the head computed it "
+                                 "(before a Transfer Layer and the codec), of the same frames as sent_bytes: "
+                                 "raw / sent is the compression ratio", registry=r)
         self.inflight = Gauge("edgesplit_agent_inflight_frames", "Frames sent and not yet answered", registry=r)
         self.stream_up = Gauge("edgesplit_agent_stream_up", "1 while a stream to the worker is open", registry=r)
         self.reconnects = Counter("edgesplit_agent_stream_opens", "Streams opened to the worker", registry=r)
@@ -50,6 +53,9 @@ class AgentMetrics:
         self.probe_bytes = Counter("edgesplit_agent_probe_bytes", "Bandwidth probe payload bytes sent (runtime.agent.prober)",
                                    registry=r)
         self.plan_version = Gauge("edgesplit_agent_plan_version", "Version of the plan the agent runs now", registry=r)
+        self.plan_split_index = Gauge("edgesplit_agent_plan_split_index", "Split point index of the plan in effect "
+                                      "(0: the input goes to the worker; the model's last index, 'output': all on the "
+                                      "board; 'edgesplit models MODEL' lists them)", registry=r)
         self.plan_switches = Counter("edgesplit_agent_plan_switches", "Plans applied (switched to)", registry=r)
         self.plan_refusals = Counter("edgesplit_agent_plan_refusals", "Plans refused, by status code of the reason",
                                      ["code"], registry=r)
