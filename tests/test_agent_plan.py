@@ -519,3 +519,23 @@ def test_run_agent_follows_the_planner(loaded, workers, tmp_path):
     assert (dict(c.max_tier_seconds), dict(c.max_tier_share)) == ({"edge": 0.5}, {"device": 0.9})
     assert (dict(c.max_link_upload_bytes), dict(c.max_memory_bytes)) == ({"device": 8192}, {"edge": 1_000_000})
     assert c.device_memory_bytes == 2**20 and list(c.exclude_workers) == ["edge-z"]
+
+
+def test_telemetry_names_no_plan_while_a_band_fallback_runs(loaded, workers):
+    """After the agent's own band switch (an entry of the fallback table, under the plan's version) the
+    frames run another split than the plan's: telemetry reports version 0, so the planner takes no
+    compute sample for the plan's split from them; a newer plan reports its own version again (issue 11)."""
+    a, _ = workers
+
+    async def scenario():
+        agent = _agent(loaded, a, plan_version=3)
+        try:
+            seen = [agent.telemetry_plan_version]
+            await agent.apply_plan("output", "raw", version=3, worker_address="", fallback=True)
+            seen += [agent.telemetry_plan_version, agent.plan_version]
+            await agent.apply_plan("stem", "raw", version=4, worker_address=a)
+            return [*seen, agent.telemetry_plan_version]
+        finally:
+            await agent.close()
+
+    assert asyncio.run(scenario()) == [3, 0, 3, 4]

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import torch
 
 from runtime.agent.config import AgentOptions, InitialPlan
@@ -86,6 +87,7 @@ class Agent:
         self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)
         self._seq = itertools.count()
         self.inflight = InFlight(self.link)  # frames sent and not yet answered, per link; late ones are evidence
+        self._probe_channels: dict[str, grpc.aio.Channel] = {}  # RTT probes' own connection (probe_rtt)
         self.edge = EdgeSender(self.link, self.inflight, self.metrics, self.deadline_seconds)
         self.link.use(self.active.worker)
 
@@ -97,6 +99,13 @@ class Agent:
     head = property(lambda self: self.active.head)
     encoder = property(lambda self: self.active.encoder)
     stream = property(lambda self: self.active.stream)
+
+    @property
+    def telemetry_plan_version(self) -> int:
+        """The plan version telemetry reports: 0 under an entry of the fallback table (the agent's own
+        band switch), whose split is not the plan's: the planner then takes no compute sample for the
+        plan's split from these frames (a band plan has no version of its own)."""
+        return 0 if self.active.fallback else self.active.version
 
     def _new_stream(self, address: str) -> EdgeStream:
         return EdgeStream(address, self.transport, self.metrics, self.connect_timeout, self.reconnect,
@@ -194,12 +203,20 @@ class Agent:
         task.add_done_callback(self._retiring.discard)
 
     async def probe_rtt(self, timeout: float = 1.0) -> float | None:
-        """One RTT probe over the active plan's stream (folded into ``self.link``); None without one."""
-        stream = self.active.stream
-        if stream is None or not stream.is_open:
+        """One RTT probe of the active plan's worker (folded into ``self.link``); None without one.
+
+        On a connection of its own (``TransportOptions.probe_channel``), not the frames': a probe on the
+        frame connection waits behind every byte queued ahead of it, and measured the backlog, not the RTT."""
+        address = self.active.worker
+        if not address:
             return None
-        return await self.link.probe_rtt(stream, timeout, stream.address,
-                                         queued=self.inflight.bytes(stream.address) > 0)
+        channel = self._probe_channels.get(address)
+        if channel is None:
+            for old in self._probe_channels.values():  # one worker at a time: the plan's
+                await old.close()
+            self._probe_channels = {address: self.transport.probe_channel(address)}
+            channel = self._probe_channels[address]
+        return await self.link.probe_rtt(channel, timeout, address, queued=self.inflight.bytes(address) > 0)
 
     # -- frames ------------------------------------------------------------------------------
 
@@ -291,4 +308,6 @@ class Agent:
             streams[id(self.active.stream)] = self.active.stream
         for stream in streams.values():
             await stream.close()
+        for channel in self._probe_channels.values():
+            await channel.close()
         self.executor.shutdown(wait=False)

@@ -45,6 +45,7 @@ class ActivePlan:
     # Worker chaining (runtime.wire.chain): the worker runs [split, end_split) and forwards to next_hops.
     end_split: str = ""  # where the worker's slice ends; "" = the worker runs the whole tail
     next_hops: tuple[Hop, ...] = ()  # the tiers after the worker, in order (none: its first --next-tier)
+    fallback: bool = False  # an entry of the plan's fallback table, run under its version (runtime.agent.fallbacks)
 
     @property
     def encoder(self) -> torch.nn.Module | None:
@@ -111,12 +112,12 @@ class PlanBuilder:
         head, tail = await loop.run_in_executor(None, lambda: (self.loaded.head(sp.name), self.loaded.tail(sp.name)))
         end, hops = self.check_route(sp, end_split, next_hops, sp.name != OUTPUT and bool(address))
         if sp.name == OUTPUT or not address:
-            return ActivePlan(version, sp, cod, head, tail, art, None), False
+            return ActivePlan(version, sp, cod, head, tail, art, None, fallback=fallback), False
         stream = streams.get(address)
         fresh = stream is None
         if stream is None:
             stream = self.new_stream(address)
-        plan = ActivePlan(version, sp, cod, head, tail, art, stream, end, hops)
+        plan = ActivePlan(version, sp, cod, head, tail, art, stream, end, hops, fallback)
         await self._prepare(plan, stream, fresh)
         return plan, fresh
 

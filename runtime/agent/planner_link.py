@@ -353,7 +353,7 @@ class PlannerLink:
                              bandwidth_age_seconds=main.bandwidth_age_seconds, bandwidth_samples=main.bandwidth_samples,
                              rtt_seconds=main.rtt_seconds, stage_seconds=stages, other_links=[o for o in others if
                                                                                               o.bandwidth_samples],
-                             frames=frames, plan_version=self.agent.plan_version, sent_unix=time.time())
+                             frames=frames, plan_version=self.agent.telemetry_plan_version, sent_unix=time.time())
 
 
 def _link_report(worker: str, est: LinkEstimate | None, now: float) -> ppb.LinkReport:
