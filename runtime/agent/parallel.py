@@ -18,6 +18,7 @@ the stage, and the rest of the model locally.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from runtime.daemon.metrics_http import STAGE_BUCKETS
 from runtime.models.loader import LoadedModel
 from runtime.parallel.plan import ParallelStage
 from runtime.parallel.receptive import Region, TileRegions, partition
-from runtime.parallel.tiled import TiledSegment, stitch
+from runtime.parallel.tiled import TiledSegment
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
@@ -50,6 +51,57 @@ def region_msg(r: Region) -> tiles_pb2.TileRegion:
 LOCAL = "local"
 
 
+def _block_done(on_block: Callable[[int, list[TileReport]], None] | None, i: int, reports: list[TileReport],
+                f: asyncio.Future) -> None:
+    if not f.cancelled() and f.exception() is None and on_block is not None:  # exception(): retrieved, not logged
+        on_block(i, reports)
+
+
+class TileMap:
+    """One block's output map, filled tile by tile: a crop waits only for the tiles it overlaps."""
+
+    def __init__(self, hw: tuple[int, int], tiles: list[Region]):
+        self.hw, self.tiles = hw, tiles
+        self._events = [asyncio.Event() for _ in tiles]
+        self._map: torch.Tensor | None = None
+        self._error: BaseException | None = None
+
+    @classmethod
+    def ready(cls, x: torch.Tensor) -> TileMap:
+        m = cls((int(x.shape[-2]), int(x.shape[-1])), [Region.full(int(x.shape[-2]), int(x.shape[-1]))])
+        m._map = x
+        m._events[0].set()
+        return m
+
+    def put(self, k: int, tile: torch.Tensor) -> None:
+        r = self.tiles[k]
+        if tuple(tile.shape[-2:]) != r.shape:
+            raise InvalidInput(f"tile {tuple(tile.shape[-2:])} does not fit region {r} of {self.hw}")
+        if self._map is None:
+            self._map = tile.new_empty((*tile.shape[:-2], *self.hw))
+        self._map[..., r.rows.start: r.rows.stop, r.cols.start: r.cols.stop] = tile
+        self._events[k].set()
+
+    def fail(self, e: BaseException) -> None:
+        self._error = e
+        for ev in self._events:
+            ev.set()
+
+    async def crop(self, want: Region) -> torch.Tensor:
+        for r, ev in zip(self.tiles, self._events, strict=True):
+            if r.rows.start < want.rows.stop and want.rows.start < r.rows.stop and \
+                    r.cols.start < want.cols.stop and want.cols.start < r.cols.stop:
+                await ev.wait()
+        if self._error is not None or self._map is None:
+            raise RuntimeError("a tile this crop reads failed") from self._error
+        return self._map[..., want.rows.start: want.rows.stop, want.cols.start: want.cols.stop].contiguous()
+
+    def full(self) -> torch.Tensor:
+        if self._map is None or not all(ev.is_set() for ev in self._events) or self._error is not None:
+            raise RuntimeError("the map is not complete")
+        return self._map
+
+
 @dataclass(frozen=True)
 class CoordinatorOptions:
     """How the coordinator talks to the stage's workers."""
@@ -58,6 +110,7 @@ class CoordinatorOptions:
     tile_deadline_seconds: float = 10.0  # a tile without an answer by then is recomputed elsewhere
     transport: TransportOptions = field(default_factory=TransportOptions)  # channel options (message limit)
     agent_id: str = "coordinator"  # sent in each tile's header
+    wavefront: bool = True  # start a tile once the tiles it reads are in (False: wait for the whole block)
     model_digest: bool = True  # send the weights fingerprint (workers with other weights refuse)
 
 
@@ -233,29 +286,49 @@ class ParallelCoordinator:
     async def run_stage(self, x: torch.Tensor,
                         on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:
         """The stage's output for its input ``x`` (the map at the first block's start) and a report per tile.
-        ``on_block(i, reports)`` is called after each block is stitched (progress, logs)."""
+        ``on_block(i, reports)`` is called when all of block ``i``'s tiles are in (progress, logs).
+
+        Wavefront (``CoordinatorOptions.wavefront``): a tile of block i+1 is cropped and sent as soon
+        as the tiles of block i its input region overlaps are in, not when the whole block is; a
+        slow tile holds back only its neighbours. Otherwise every block waits for the previous one."""
         if x.dim() != 4 or x.shape[0] != 1:
             raise InvalidInput(f"a parallel stage takes one [1, C, H, W] map, got {list(x.shape)}")
         self._seq += 1
         healthy = list(self.stage.workers)
         reports: list[TileReport] = []
-        for i, seg in enumerate(self.segments):
-            in_hw = (int(x.shape[-2]), int(x.shape[-1]))
-            planned = self.bands(i, in_hw)
-            regions = seg.regions(in_hw, [r for _, r in planned])
-            jobs, block_reports = [], []
-            for (worker, _), reg in zip(planned, regions, strict=True):
-                crop = x[..., reg.input.rows.start: reg.input.rows.stop, reg.input.cols.start: reg.input.cols.stop]
-                report = TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
-                                    cols=(reg.output.cols.start, reg.output.cols.stop))
-                block_reports.append(report)
-                jobs.append(self._tile(i, in_hw, reg, crop.contiguous(), report, healthy))
-            tiles = await asyncio.gather(*jobs)
-            x = stitch([(reg.output, t) for reg, t in zip(regions, tiles, strict=True)], seg.out_size(in_hw))
-            reports.extend(block_reports)
-            if on_block is not None:
-                on_block(i, block_reports)
-        return x, reports
+        src, tasks = TileMap.ready(x), []
+        try:
+            for i, seg in enumerate(self.segments):
+                in_hw = src.hw
+                planned = self.bands(i, in_hw)
+                regions = seg.regions(in_hw, [r for _, r in planned])
+                dst = TileMap(seg.out_size(in_hw), [reg.output for reg in regions])
+                block_reports = [TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
+                                            cols=(reg.output.cols.start, reg.output.cols.stop))
+                                 for (worker, _), reg in zip(planned, regions, strict=True)]
+                jobs = [asyncio.ensure_future(self._map_tile(i, in_hw, reg, rep, healthy, src, dst, k))
+                        for k, (reg, rep) in enumerate(zip(regions, block_reports, strict=True))]
+                tasks.extend(jobs)
+                done = asyncio.gather(*jobs)
+                done.add_done_callback(functools.partial(_block_done, on_block, i, block_reports))
+                if not self.options.wavefront:
+                    await done
+                reports.extend(block_reports)
+                src = dst
+            await asyncio.gather(*tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+        return src.full(), reports
+
+    async def _map_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, report: TileReport, healthy: list[str],
+                        src: TileMap, dst: TileMap, k: int) -> None:
+        try:
+            crop = await src.crop(reg.input)
+            dst.put(k, await self._tile(i, in_hw, reg, crop, report, healthy))
+        except BaseException as e:
+            dst.fail(e)  # tiles waiting on this one stop too
+            raise
 
     async def run_frame(self, image: torch.Tensor,
                         on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:

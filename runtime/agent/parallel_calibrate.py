@@ -5,8 +5,9 @@
 Runs a calibration stage on the real workers over the real link: single-split blocks that hold only
 pointwise layers (VGG's ReLUs: many bytes, little compute), each on all workers, a few frames after a
 warm-up. Per block, the measured wall time minus the slowest tile's own worker time (queue, decode,
-compute, as the worker reports it) minus the link's modelled time (RTT + all bytes / bandwidth, one
-shared link, as ``planner.dpfp`` costs it) is what the cost model does not see: the coordinator's
+compute, as the worker reports it) minus the link's modelled time (RTT + bytes / bandwidth, as
+``planner.dpfp`` costs it: all bytes on one shared link, or the largest crop and tile on links of
+their own) is what the cost model does not see: the coordinator's
 cropping, encoding, gRPC, decoding and stitching, and the transport's per-byte work. The rate is the
 bytes sent and received over that rest. 0 means the rest was not measurable (at or below zero).
 """
@@ -61,7 +62,7 @@ def calibration_stage(loaded: LoadedModel, workers: Sequence[str]) -> ParallelSt
 
 
 async def calibrate(loaded: LoadedModel, workers: Sequence[str], rtt_seconds: float, bandwidth_bytes_per_second: float,
-                    frames: int = 3, options: CoordinatorOptions | None = None) -> Calibration:
+                    frames: int = 3, options: CoordinatorOptions | None = None, shared_link: bool = True) -> Calibration:
     """Measure the coordinator's per-byte rate against ``workers`` (see the module docstring)."""
     if not (frames >= 1 and bandwidth_bytes_per_second > 0 and rtt_seconds >= 0):
         raise InvalidInput("calibration needs frames >= 1, bandwidth > 0 and RTT >= 0")
@@ -82,7 +83,8 @@ async def calibrate(loaded: LoadedModel, workers: Sequence[str], rtt_seconds: fl
                 if f == 0:
                     continue  # warm-up
                 nbytes = sum(r.sent_bytes + r.received_bytes for r in reports)
-                link = rtt_seconds + nbytes / bandwidth_bytes_per_second
+                on_link = nbytes if shared_link else max(r.sent_bytes for r in reports) + max(r.received_bytes for r in reports)
+                link = rtt_seconds + on_link / bandwidth_bytes_per_second
                 rest += wall - max(r.worker_seconds for r in reports) - link
                 total_bytes += nbytes
         finally:
@@ -98,13 +100,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", required=True, help="bundled model the workers serve")
     p.add_argument("--workers", required=True, metavar="A,B,...", help="worker addresses (HOST:PORT)")
     p.add_argument("--link", required=True, metavar="RTT_MS,MBPS", help="the link as 'edgesplit plan --parallel-link' takes it")
+    p.add_argument("--link-mode", choices=("shared", "per-worker"), default="shared",
+                   help="how the planner will cost the link ('edgesplit plan --parallel-link-mode')")
     p.add_argument("--frames", type=int, default=3, help="measured frames per calibration block (after one warm-up)")
     args = p.parse_args(argv)
     from runtime.models.loader import load_model
 
     rtt_ms, mbps = (float(v) for v in args.link.split(","))
     cal = asyncio.run(calibrate(load_model(args.model), [w.strip() for w in args.workers.split(",") if w.strip()],
-                                rtt_ms / 1e3, mbps * 125_000.0, args.frames))
+                                rtt_ms / 1e3, mbps * 125_000.0, args.frames, shared_link=args.link_mode == "shared"))
     print(f"coordinator: {cal.bytes_per_second / 1e6:.1f} MB/s ({cal.bytes} bytes, {cal.rest_seconds * 1e3:.1f} ms "
           f"not explained by compute and link; blocks {', '.join(cal.blocks)}, {cal.frames} frames each)")
     print(f"edgesplit plan --parallel ... --parallel-coordinator-mbytes {cal.bytes_per_second / 1e6:.1f}")

@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="also measure throughput with this many frames in flight through the stage (dpfp and the "
                         "single worker; frames x window frames); 1: latency only")
     p.add_argument("--no-grids", action="store_true", help="row bands only (the planner's --parallel-no-grids)")
+    p.add_argument("--barrier", action="store_true",
+                   help="the coordinator waits for a whole block before sending the next one's tiles (default: "
+                        "wavefront, a tile goes once the tiles it reads are in)")
     p.add_argument("--no-calibrate", action="store_true",
                    help="do not measure the coordinator's per-byte rate (runtime.agent.parallel_calibrate) and "
                         "leave it out of the cost model")
@@ -102,14 +105,14 @@ def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out:
     return {"table": res.stdout, "stage": json.loads(out.read_text())}
 
 
-async def measure(loaded, stage, image, frames: int, reference, window: int = 1):
+async def measure(loaded, stage, image, frames: int, reference, window: int = 1, wavefront: bool = True):
     """Latency: ``frames`` frames one at a time after a warm-up (and each block's wall time). With
     ``window > 1`` also throughput: ``frames * window`` frames, at most ``window`` in flight."""
     from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
     from runtime.wire.transport import TransportOptions
 
     coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
-        tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB)))
+        tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront))
     times, tiles, err, blocks, period = [], [], 0.0, [], None
     try:
         for i in range(frames + 1):
@@ -148,7 +151,8 @@ async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
 
     cal = await calibrate(loaded, addresses, 2 * args.delay_ms / 1e3, args.rate_mbps * 125_000.0, args.frames,
                           CoordinatorOptions(tile_deadline_seconds=300,
-                                             transport=TransportOptions(max_message_bytes=256 * MiB)))
+                                             transport=TransportOptions(max_message_bytes=256 * MiB)),
+                          shared_link=args.link_mode == "shared")
     print(f"coordinator calibrated: {cal.bytes_per_second / 1e6:.1f} MB/s over {', '.join(cal.blocks)}", file=sys.stderr)
     return {"bytes_per_second": cal.bytes_per_second, "blocks": list(cal.blocks), "bytes": cal.bytes,
             "rest_seconds": cal.rest_seconds, "frames": cal.frames}
@@ -212,7 +216,7 @@ async def run(args, tmp: Path, quotas) -> dict:
                     continue
                 window = args.window if strategy in ("dpfp", "single_worker") else 1
                 rows.append(_row(k, strategy, planned, await measure(loaded, stage, image, args.frames, reference,
-                                                                     window)))
+                                                                     window, not args.barrier)))
                 r = rows[-1]
                 print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured "
                       f"{r['measured_seconds']:.3f} s", file=sys.stderr)
@@ -235,7 +239,7 @@ def _blocks(r: dict) -> str:
 
 def _breakdown(res: dict) -> list[str]:
     """Per fused block of each DPFP row: predicted and measured seconds, tiling."""
-    out = ["", "Per fused block (DPFP rows; measured: median wall time of the block at the coordinator):", "",
+    out = ["", "Per fused block (DPFP rows; measured: median time from the previous block's last tile in (or the frame's start) to this block's last tile in; with the wavefront a block's tiles start before the previous block ends, so this may be less than its tiles take):", "",
            "| K | block | tiling | predicted s | measured s |", "|---|---|---|---:|---:|"]
     for r in res["rows"]:
         if r["strategy"] != "dpfp" or not r.get("measured_block_seconds"):
@@ -284,7 +288,8 @@ def markdown(res: dict) -> str:
            f"per 10,000 us), one torch thread; the coordinator (stitching, encoding, the relays) runs outside the "
            f"quotas. Link: one user-space relay per worker, {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
            f"each direction (planned with --link-mode {a['link_mode']}; "
-           f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}). Times: the stage "
+           f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}; coordinator "
+           f"{'waits for each whole block' if a.get('barrier') else 'wavefront: a tile goes once the tiles it reads are in'}). Times: the stage "
            f"alone, median of {a['frames']} frames after one warm-up; reduction and speedup against the single worker "
            "measured with K=1 (predicted: against the predicted single worker).", "",
            "| K | strategy | predicted s | measured s | reduction (meas.) | speedup (meas.) | reduction (pred.) "
