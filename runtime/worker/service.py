@@ -169,6 +169,9 @@ def _check_header(h: pb.FrameHeader) -> None:
                 raise InvalidInput(f"header.next_hops[{i}].{name} is longer than {MAX_ID_LEN} characters")
 
 
+check_header = _check_header  # public: other servicers on the worker (runtime.worker.tiles) check headers alike
+
+
 def _check_shape(tail: Tail, shape: list[int], dtype: str, max_batch: int) -> None:
     want = tail.input_shape
     if len(shape) != len(want) or list(shape[1:]) != list(want[1:]) or not 1 <= (shape[0] if shape else 0) <= max_batch:
@@ -220,6 +223,20 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._admitted -= weight
         if self._admitted == 0:
             self._idle.set()
+
+    async def run_admitted(self, prepare, compute):
+        """For other servicers on this worker (runtime.worker.tiles): take a queue slot, await ``prepare()``,
+        run ``compute(prepared)`` on the executor; the slot is freed when the compute really ends."""
+        self._admit()
+        job = None
+        try:
+            prepared = await prepare()
+            job = asyncio.get_running_loop().run_in_executor(self.executor, compute, prepared)
+            job.add_done_callback(self._job_done)
+            return await asyncio.shield(job)
+        finally:
+            if job is None:
+                self._release()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait (bounded) until no admitted frame is left; False on timeout."""

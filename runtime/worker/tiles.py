@@ -30,7 +30,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import tensor_pb2, tiles_pb2, tiles_pb2_grpc
 from runtime.wire.chain import check_route
 from runtime.wire.codec import decode_tensor, get_codec
-from runtime.worker.service import InferenceService, _check_header
+from runtime.worker.service import InferenceService, check_header
 
 SERVICE_NAME = tiles_pb2.DESCRIPTOR.services_by_name["Tiles"].full_name
 
@@ -98,7 +98,7 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         """The block, the tile's regions and the output channel count, after every check."""
         in_hw = _check_request(req)
         h = req.header
-        _check_header(h)  # ids present and bounded, as for frames
+        check_header(h)  # ids present and bounded, as for frames
         if h.tl_id:
             raise InvalidInput("a tile request cannot name a Transfer Layer; send the crop of the feature map itself")
         loaded = await self.inference.tails.model(h.model_id)  # NotFound unless served here
@@ -139,19 +139,15 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
 
     async def InferTile(self, request: tiles_pb2.TileRequest, context: grpc.aio.ServicerContext) -> tiles_pb2.TileResult:
         svc = self.inference
-        svc._admit()  # the worker's queue bound and drain cover tiles too
-        job = None
-        try:
+
+        async def prepare():
             get_codec(request.output_codec or "raw")  # InvalidInput with the valid names
             seg, regions, _ = await self._plan(request)
             svc.metrics.received_bytes.inc(len(request.crop.buffer))
-            job = asyncio.get_running_loop().run_in_executor(svc.executor, self._compute, seg, regions, request,
-                                                             time.perf_counter())
-            job.add_done_callback(svc._job_done)  # the slot is released when the compute really ends
-            tile, times = await asyncio.shield(job)
-        finally:
-            if job is None:
-                svc._release()
+            return seg, regions, time.perf_counter()
+
+        # the worker's queue bound and drain cover tiles too; the slot is freed when the compute ends
+        tile, times = await svc.run_admitted(prepare, lambda p: self._compute(p[0], p[1], request, p[2]))
         self.tiles.labels(request.header.model_id).inc()
         self.tile_seconds.observe(times.tail_seconds)
         return tiles_pb2.TileResult(header=request.header, output=request.output, tile=tile, times=times)
