@@ -40,6 +40,30 @@ def test_peer_profiles_keep_their_rules(tmp_path):
     assert costs.pooled_bytes((1, 40, 7, 7)) == 40 * 4 * 4 * 4
     assert costs.pooled_bytes((1, 1000)) is None
     assert costs.floor_ms({"head": 10.0, "edge_tail": 5.0}, 125_000, 0, 1.0, 20.0) == pytest.approx(10 + 5 + 1000 + 20)
+    # codec work is compute: the board's encode (a JPEG) and the edge's decode are in the floor, not the overhead
+    assert costs.floor_ms({"head": 10.0, "encode": 3.0, "edge_decode": 2.0, "edge_tail": 5.0, "total": 99.0},
+                          0, 0, 1.0, 20.0) == pytest.approx(40.0)
+
+
+def test_pipelined_bound_is_the_slowest_stage():
+    rows = [{"times_ms": {"head": 40.0, "encode": 10.0, "edge_decode": 1.0, "edge_tail": 9.0}},
+            {"times_ms": {"head": 60.0, "encode": 10.0, "edge_decode": 1.0, "edge_tail": 11.0}}]
+    assert costs.bound_fps(rows, 0, 0, 1.0) == pytest.approx(1e3 / 60.0)  # board: median of 50 and 70 ms
+    assert costs.bound_fps(rows, 125_000, 0, 1.0) == pytest.approx(1.0)  # uplink: 1 s per frame
+
+
+def test_dynamic_trace_summary_counts_deadlines_and_losses():
+    from runtime.measure.scenarios.dynamic import summary
+    from runtime.measure.scenarios.spec import SCENARIOS
+
+    frames = [{"seq": 0, "where": "edge", "split": "input"},
+              {"seq": 1, "where": "local", "split": "input", "fallback_reason": "deadline: no edge result within 3s"},
+              {"seq": 2, "where": "local", "split": "output", "fallback_reason": "plan runs every layer on the device"}]
+    data = {"analysis": {"frames": 3, "lost": 0, "duplicated": 0, "phases": [{"mbps": 20.0, "frames": 3}]}, "frames": frames}
+    got = summary(data, SCENARIOS["dynamic"], 0.05, {"period_us": 50_000}, {"dynamic@20": {}, "20mbit": {}},
+                  ["python", "-m", "runtime.tools.adapt_run", "--out", "x"], "scenarios_dynamic_m")
+    assert (got["past_deadline"], got["fallbacks"], got["lost"]) == (1, 1, 0)
+    assert list(got["links"]) == ["dynamic@20"] and got["files"][2] == "scenarios_dynamic_m.png"
 
 
 @pytest.mark.timeout(600)

@@ -17,11 +17,16 @@ def add_parser(sub) -> None:
                                                "(needs root and cgroup v1 cpu)")
     p.add_argument("--model", action="append", help="model(s) (default: efficientnet_lite0); repeatable")
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
-                   help="link scenario(s) (default: all: " + ", ".join(f"{k} = {v.source}" for k, v in SCENARIOS.items()) + ")")
+                   help="link scenario(s) (default: the static ones; 'dynamic' adds the trace: " + "; ".join(f"{k} = {v.source}" for k, v in SCENARIOS.items()) + ")")
     p.add_argument("--frames", type=int, default=20, help="timed frames per strategy (default: 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed frames per strategy (default: 2)")
     p.add_argument("--profile-runs", type=int, default=5, help="timed passes per block when profiling (default: 5)")
     p.add_argument("--slowdown", type=float, default=18.0, help="board / edge compute ratio to calibrate the quota to (default: 18)")
+    p.add_argument("--cgroup-period-us", type=int, default=50_000,
+                   help="cfs period of the board's quota; the kernel's smallest quota is 1 ms, so the period bounds the "
+                        "slowdown a busy machine can reach (default: %(default)s)")
+    p.add_argument("--window", type=int, default=4, help="frames in flight in each strategy's pipelined pass (1: skip it; default: 4)")
+    p.add_argument("--pipeline-frames", type=int, default=0, help="frames of the pipelined pass (default: as --frames)")
     p.add_argument("--min-fidelity", type=float, default=0.97, help="edgesplit's floor for a TL's (or jpeg's) measured top-1 agreement (default: 0.97)")
     p.add_argument("--out", default="runtime/measure/results", help="folder for JSON, markdown, PNG (default: %(default)s)")
     p.add_argument("--name", default="scenarios", help="file stem of the results (default: %(default)s)")
@@ -46,9 +51,17 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
     from runtime.measure.scenarios.run import run
     from runtime.measure.scenarios.spec import RunSpec, Testbed
 
+    if args.window < 1 or args.pipeline_frames < 0 or args.frames < 1:
+        print("error: --window and --frames must be >= 1, --pipeline-frames >= 0", file=sys.stderr)
+        return 2
+    if not 10_000 <= args.cgroup_period_us <= 1_000_000:
+        print(f"error: --cgroup-period-us must be 10000..1000000 (cgroup v1 allows 1 ms..1 s; under 10 ms the 1 ms "
+              f"minimum quota caps the slowdown at 10x), not {args.cgroup_period_us}", file=sys.stderr)
+        return 2
     spec = RunSpec(models=tuple(args.model or ["efficientnet_lite0"]), scenarios=tuple(args.scenario or RunSpec().scenarios),
                    frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, min_fidelity=args.min_fidelity,
-                   testbed=Testbed(target_slowdown=args.slowdown), out_dir=args.out,
+                   testbed=Testbed(target_slowdown=args.slowdown, period_us=args.cgroup_period_us), out_dir=args.out,
+                   name=args.name, window=args.window, pipeline_frames=args.pipeline_frames,
                    command="edgesplit " + " ".join(sys.argv[1:]))
     if args.quick:
         spec = replace(spec, **{k: tuple(v) if isinstance(v, list) else v for k, v in QUICK.items()})

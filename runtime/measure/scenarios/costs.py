@@ -75,10 +75,23 @@ def with_input_encode(p: Profile, codec: str, seconds: float) -> Profile:
                                             else t for t in p.input_transfers))
 
 
+BOARD_STAGES = ("head", "tl_encode", "encode")  # the board's compute for one frame (blocks, TL encoder, codec)
+EDGE_STAGES = ("edge_decode", "edge_tail")  # the edge's (codec and TL decoder, blocks)
+
+
 def floor_ms(times_ms: dict, up_bytes: float, down_bytes: int, mbps: float, rtt_ms: float) -> float:
-    """Compute (board head + TL encoder, edge tail) + bytes both ways / bandwidth + RTT."""
-    compute = times_ms.get("head", 0.0) + times_ms.get("tl_encode", 0.0) + times_ms.get("edge_tail", 0.0)
+    """The physical floor of one frame: compute (board: head, TL encoder, codec encode; edge: decode, tail) +
+    bytes both ways / bandwidth + RTT. What the runtime adds (threads, gRPC, queues) is the rest."""
+    compute = sum(times_ms.get(k, 0.0) for k in (*BOARD_STAGES, *EDGE_STAGES))
     return compute + (up_bytes + down_bytes) * 8 / (mbps * 1e3) + rtt_ms
+
+
+def bound_fps(rows: list[dict], up_bytes: float, down_bytes: int, mbps: float) -> float:
+    """1 / the slowest stage (board compute, uplink, downlink, edge compute; medians per frame) in frames/s:
+    what frames in flight can reach at best, the board and the edge each doing one frame at a time."""
+    med = lambda keys: statistics.median(sum(r["times_ms"].get(k, 0.0) for k in keys) for r in rows)  # noqa: E731
+    stages = [med(BOARD_STAGES), med(EDGE_STAGES), up_bytes * 8 / (mbps * 1e3), down_bytes * 8 / (mbps * 1e3)]
+    return 1e3 / max(stages)
 
 
 def _pct(values: list[float], q: float) -> float:

@@ -19,12 +19,64 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
 
 
+def _static_table(model: str, s: str, r: dict) -> list[str]:
+    es = r["edgesplit"]
+    best_floor = min(r[k]["floor_p50_ms"] for k in STRATEGIES if k in r)
+    lines = [f"### {model}, {s}\n",
+             "| strategy | plan | p50 ms | p95 ms | bytes/frame | fidelity | predicted ms | floor ms | "
+             "overhead ms (% of floor) | frames/s pipelined (bound) | fallbacks |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for k in STRATEGIES:
+        x = r[k]
+        pred = f"{x['predicted_ms']:.1f}" if x.get("predicted_ms") is not None else "-"
+        pipe = x.get("pipelined")
+        fps = (f"{pipe['fps']:.2f} ({x['bound_fps']:.2f})" if pipe else
+               f"- ({x['bound_fps']:.2f})" if x.get("bound_fps") else "-")
+        lines.append(f"| {k} | {x.get('plan', '') or 'whole model on the board'} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
+                     f"{x['bytes_per_frame']:,.0f} | {x['fidelity']:.3f} | {pred} | {x['floor_p50_ms']:.1f} | "
+                     f"{x['overhead_p50_ms']:.1f} ({x['overhead_pct']:.1f} %) | {fps} | {x.get('local_fallbacks', 0)} |")
+    fastest = min(STRATEGIES, key=lambda k: r[k]["p50_ms"])
+    lines.append(f"\nfastest: **{fastest}**; local / edgesplit = **{r['local']['p50_ms'] / es['p50_ms']:.2f}x**; "
+                 f"Scission / edgesplit = **{r['scission']['p50_ms'] / es['p50_ms']:.2f}x**; the largest ratio the "
+                 f"measured floors allow: local / best floor = {r['local']['p50_ms'] / best_floor:.2f}x (edgesplit reaches "
+                 f"{100 * (r['local']['p50_ms'] / es['p50_ms']) / (r['local']['p50_ms'] / best_floor):.0f} % of it); "
+                 f"edgesplit measured / its own floor = {es['p50_ms'] / es['floor_p50_ms']:.3f}.\n")
+    return lines
+
+
+def _dynamic(model: str, s: str, r: dict) -> list[str]:
+    steps = " -> ".join(f"{m:g} Mbit/s for {t:g} s" for m, t in r["steps"])
+    lines = [f"### {model}, {s} (dynamic trace)\n",
+             f"Steps: {steps}, {r['rtt_ms']:g} ms RTT; board at {r['board_share']:.4f} of a core "
+             f"({r['board_period_us']} us period, the share calibrated above). Command: `{r['command']}`; timeline "
+             f"![{s}]({r['files'][2]}) ({r['files'][1]}).\n",
+             f"Frames {r['frames']}: lost {r['lost']}, duplicated {r['duplicated']}, past their deadline "
+             f"{r['past_deadline']} (ran on the board instead), fallbacks {r['fallbacks']}.\n",
+             "| step | Mbit/s | plan (split) | first frame under the new plan s | frames | switches / 40 s steady | "
+             "median \\|predicted - measured\\| |", "|---|---:|---|---:|---:|---:|---:|"]
+    for ph in r["phases"]:
+        first = ph.get("first_frame_under_new_plan_s")
+        lines.append(f"| {ph.get('step') or 'start'} | {ph['mbps']:g} | {ph.get('plan', '-')} | "
+                     f"{'-' if first is None else first} | {ph['frames']} | {ph.get('switches_per_40s_steady', '-')} | "
+                     f"{ph.get('median_rel_error', '-')} |")
+    for k, lk in r["links"].items():
+        lines.append(f"\n- link {k}: set {lk['set_mbps']:g} Mbit/s, {lk['set_rtt_ms']:g} ms RTT; measured {lk['mbps']:.2f} "
+                     f"Mbit/s, {lk['rtt_ms']:.1f} ms" + (f" (**> 5 % off: {', '.join(lk['off'])}**)" if lk["off"] else ""))
+    return [*lines, ""]
+
+
 def markdown(res: dict) -> str:
     spec = res["spec"]
+    load = res.get("load", {})
     lines = ["# edgesplit bench-scenarios\n", f"Command: `{spec['command']}`  ", f"Machine: {res['machine']}  ",
-             f"Frames per strategy: {spec['frames']} (bundled photos, the same frames for every strategy), "
-             f"{spec['warmup']} warm-up; run took {res['seconds']:.0f} s.\n"]
+             f"Load average (uptime, 1/5/15 min) at the start {load.get('start', '?')}, at the end {load.get('end', '?')}: "
+             "the machine was shared with other jobs.  ",
+             f"Frames per strategy: {spec['frames']} one at a time, then {spec['pipeline_frames'] or spec['frames']} with "
+             f"{spec['window']} in flight (bundled photos, the same frames for every strategy), {spec['warmup']} "
+             f"warm-up; run took {res['seconds']:.0f} s.\n"]
     for s, link in next(iter(res["models"].values()))["scenarios"].items():
+        if link.get("dynamic"):
+            continue
         lk = link["link"]
         lines.append(f"- link {s}: set {lk['set_mbps']:g} Mbit/s, {lk['set_rtt_ms']:g} ms RTT; measured {lk['mbps']:.2f} Mbit/s, "
                      f"{lk['rtt_ms']:.1f} ms" + (f" (**> 5 % off: {', '.join(lk['off'])}**)" if lk["off"] else " (within 5 %)"))
@@ -36,28 +88,15 @@ def markdown(res: dict) -> str:
                      f"The board's block profile (measured under the quota) was scaled by {c.get('profile_rescaled_by', 1):.2f} "
                      "to that full-model time (per-block medians miss the throttling).\n")
         for s, r in m["scenarios"].items():
-            es = r["edgesplit"]
-            best_floor = min(r[k]["floor_p50_ms"] for k in STRATEGIES if k in r)
-            lines.append(f"### {model}, {s}\n")
-            lines.append("| strategy | plan | p50 ms | p95 ms | bytes/frame | fidelity | predicted ms | floor ms | "
-                         "overhead ms (%) | fallbacks |")
-            lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-            for k in STRATEGIES:
-                x = r[k]
-                pred = f"{x['predicted_ms']:.1f}" if x.get("predicted_ms") is not None else "-"
-                lines.append(f"| {k} | {x.get('plan', '') or 'whole model on the board'} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
-                             f"{x['bytes_per_frame']:,.0f} | {x['fidelity']:.3f} | {pred} | {x['floor_p50_ms']:.1f} | "
-                             f"{x['overhead_p50_ms']:.1f} ({x['overhead_pct']:.0f} %) | {x.get('local_fallbacks', 0)} |")
-            lines.append(f"\nlocal / edgesplit = **{r['local']['p50_ms'] / es['p50_ms']:.2f}x**; Scission / edgesplit = "
-                         f"**{r['scission']['p50_ms'] / es['p50_ms']:.2f}x**; the largest ratio the measured floors allow: "
-                         f"local / best floor = {r['local']['p50_ms'] / best_floor:.2f}x "
-                         f"(edgesplit reaches {100 * (r['local']['p50_ms'] / es['p50_ms']) / (r['local']['p50_ms'] / best_floor):.0f} % of it).\n")
-    lines.append("floor = board compute (head, TL encoder; JPEG encode for edge-only) + edge tail + (bytes up + result "
-                 "bytes down) / set bandwidth + set RTT; overhead = measured - floor (medians per frame). Fidelity = "
-                 "top-1 agreement with the unsplit model on the board, same frames. Edge-only: the JPEG-decoded frame "
-                 "crosses as 8-bit pixels through a relay whose rate is scaled by frame bytes / mean JPEG bytes, so the "
-                 "link time is the JPEG's (the worker API takes tensors, not images); the JPEG decode is timed on the edge "
-                 "side and added. ScissionLite's reference TL pool/up-sample time is not in its cost model. "
+            lines.extend(_dynamic(model, s, r) if r.get("dynamic") else _static_table(model, s, r))
+    lines.append("floor = compute (board: head, TL encoder, codec encode, e.g. the JPEG; edge: decode, tail) + (bytes up + "
+                 "result bytes down) / set bandwidth + set RTT; overhead = measured - floor (medians per frame): what "
+                 "the runtime adds (threads, gRPC, queues). Fidelity = top-1 agreement with the unsplit model on the "
+                 "board, same frames. Edge-only: the wire's jpeg codec at split 'input' (the agent encodes on the board, "
+                 "the worker decodes on the edge), through the same relay. frames/s pipelined: the pipelined pass "
+                 "(frames in flight as above); bound = 1 / the slowest stage (board compute, edge compute, uplink, "
+                 "downlink; medians); local has no pipeline (one board core). ScissionLite's reference TL "
+                 "pool/up-sample time is not in its cost model. "
                  "ScissionLite reports up to 16x over local on its testbed; here no strategy can beat local by more than "
                  "local / the best measured floor, set by the board/edge compute ratio above and the link.")
     return "\n".join(lines) + "\n"
@@ -69,7 +108,9 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(m, s, r) for m, mm in res["models"].items() for s, r in mm["scenarios"].items()]
+    rows = [(m, s, r) for m, mm in res["models"].items() for s, r in mm["scenarios"].items() if not r.get("dynamic")]
+    if not rows:
+        return
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 2.2 * len(rows)), 7))
     width = 0.8 / len(STRATEGIES)
     for i, k in enumerate(STRATEGIES):
@@ -98,4 +139,4 @@ def write(res: dict, out_dir: str, stem: str) -> list[Path]:
         plot(res, paths[2])
     except ImportError:  # matplotlib is optional: pip install 'edgesplit[bench]'
         return paths[:2]
-    return paths
+    return [p for p in paths if p.exists()]

@@ -20,7 +20,7 @@ from pathlib import Path
 from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile
 from runtime.contracts.profile import load as load_profile
-from runtime.measure.scenarios import costs
+from runtime.measure.scenarios import costs, dynamic
 from runtime.measure.scenarios.device import _readline_json
 from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec
 from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
@@ -66,44 +66,32 @@ def _ask(child: subprocess.Popen, job: dict, timeout: float) -> dict:
     return got
 
 
-def _jpeg_decode_ms(spec, folder: Path, n: int) -> list[float]:
-    """The worker's side of edge-only: JPEG -> normalised tensor, timed unrestricted (the edge)."""
-    import io
-
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    mean, std = torch.tensor(spec.mean).view(3, 1, 1), torch.tensor(spec.std).view(3, 1, 1)
-    out = []
-    for i in range(n):
-        data = (folder / f"{i}.jpg").read_bytes()
-        t = time.perf_counter()
-        a = torch.from_numpy(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).copy())
-        ((a.permute(2, 0, 1).float() - mean) / std).unsqueeze(0)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
-
-
-def _strategy_rows(name: str, rows: list[dict], sc, link: dict, down: int, ref: list[int], job: dict | None,
-                   jpeg: list[dict] | None = None, jpeg_dec: list[float] | None = None) -> dict:
+def _strategy_rows(name: str, got: dict, sc, link: dict, down: int, ref: list[int], job: dict | None) -> dict:
+    rows = got["rows"]
     totals, floors, bytes_, top1 = [], [], [], []
-    for i, r in enumerate(rows):
-        t = dict(r["times_ms"])
-        total, up = t["total"], r["wire_bytes"]
-        if jpeg is not None and jpeg_dec is not None:  # edge-only: camera encode on the board, decode on the edge
-            total += jpeg[i]["encode_ms"] + jpeg_dec[i]
-            t["head"] = jpeg[i]["encode_ms"]
-            up = jpeg[i]["bytes"]
-        totals.append(total)
-        floors.append(costs.floor_ms(t, up, down, sc.mbps, sc.rtt_ms))
-        bytes_.append(up)
+    for r in rows:
+        totals.append(r["times_ms"]["total"])
+        floors.append(costs.floor_ms(r["times_ms"], r["wire_bytes"], down, sc.mbps, sc.rtt_ms))
+        bytes_.append(r["wire_bytes"])
         top1.append(r["class_index"])
     out = costs.summarise(totals, floors, bytes_, top1, ref, job["predicted_ms"] if job else None)
     out.update(strategy=name, local_fallbacks=sum(r["where"] != "edge" for r in rows),
                plan=(job or {}).get("plan", ""), split=(job or {}).get("split", ""), codec=(job or {}).get("codec", ""),
-               tl=(job or {}).get("tl_id", ""), per_frame_ms=totals, per_frame_floor_ms=floors)
+               tl=(job or {}).get("tl_id", ""), per_frame_ms=totals, per_frame_floor_ms=floors,
+               bound_fps=costs.bound_fps(rows, statistics.median(bytes_), down, sc.mbps))
+    if "pipelined" in got:
+        out["pipelined"] = got["pipelined"]
     return out
+
+
+def _edge_only_job(names: list[str], edge: Profile, sc, jpeg: list[dict], down: int) -> dict:
+    """The frame as a camera sends it: the wire's jpeg codec at split 'input' (the agent encodes on the
+    board, the worker decodes on the edge), through the same relay as every other strategy."""
+    mean_jpeg = statistics.mean(j["bytes"] for j in jpeg)
+    predicted = (sum(b.seconds for b in edge.blocks) + sc.rtt_ms / 1e3 + (mean_jpeg + down) * 8 / (sc.mbps * 1e6)
+                 + statistics.median(j["encode_ms"] for j in jpeg) / 1e3) * 1e3
+    return {"split": names[0], "codec": "jpeg", "tl_id": "", "predicted_ms": predicted,
+            "plan": f"JPEG q{JPEG_QUALITY} of the input (mean {mean_jpeg:,.0f} B), the wire's jpeg codec"}
 
 
 def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dict, tmp: Path, cl: Cleanup,
@@ -124,7 +112,8 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     progress(f"{model}: profiling the edge (unrestricted, {spec.testbed.threads} thread)")
     edge = profile_model(loaded, "edge", machine="edge", runs=spec.profile_runs, warmup=1, codecs=spec.codecs,
                          tls=tls, threads=spec.testbed.threads, progress=False, inputs=spec.profile_inputs)
-    cfg = {"model": model, "frames": spec.frames, "cgroup": str(cg.path), "testbed": asdict(spec.testbed),
+    cfg = {"model": model, "frames": spec.frames, "cgroup": str(cg.path),
+           "testbed": {**asdict(spec.testbed), "first_quota_us": spec.testbed.start_quota_us},
            "profile_out": str(tmp / f"{model}-board.json"), "profile_runs": spec.profile_runs,
            "profile_inputs": spec.profile_inputs,
            "codecs": list(spec.codecs), "tls": tls, "jpeg_quality": JPEG_QUALITY, "jpeg_out": str(tmp / f"{model}-jpeg")}
@@ -143,7 +132,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     dev = costs.with_input_encode(dev, "jpeg", statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
     ref = [r["class_index"] for r in board["local"]]
     plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names)
-             for s in spec.scenarios}
+             for s in spec.scenarios if not SCENARIOS[s].steps}
     for p in plans.values():
         lite = p["scissionlite"]
         if lite and lite["tl_id"] == costs.REFERENCE_TL:
@@ -154,54 +143,43 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     worker = spawn_worker(["--torch-threads", str(spec.testbed.threads), "--max-queue", "8",
                            *[a for t in dict.fromkeys(tls) for a in ("--tl", t)]])
     cl.add(worker.stop)
-    jpeg_dec = _jpeg_decode_ms(loaded.spec, Path(cfg["jpeg_out"]), spec.frames)
     down = names and loaded.sliced.split_points[-1].fp32_bytes
     local_totals = [r["total_ms"] for r in board["local"]]
     out = {"calibration": {**cal, "profile_rescaled_by": factor}, "local_ms": local_totals, "scenarios": {}}
-    for s in spec.scenarios:
-        sc, link = SCENARIOS[s], links[s]
-        res = {"link": link, "local": costs.summarise(local_totals, local_totals, [0] * len(ref), ref, ref,
-                                                      sum(b.seconds for b in dev.blocks) * 1e3)}
-        res["local"].update(strategy="local", per_frame_ms=local_totals)
-        relay = Relay(worker.address, sc.rtt_ms / 2, sc.mbps)
-        cl.add(relay.stop)
-        try:
-            for name, job in plans[s].items():
-                if job is None:  # the cost model keeps the whole model on the board: that is local
-                    res[name] = dict(res["local"], strategy=name, plan="all blocks on the board")
-                    continue
-                progress(f"{model} {s}: {name} ({job['plan']})")
-                rows = _ask(child, {**job, "strategy": name, "address": relay.address, "warmup": spec.warmup}, JOB_SECONDS)
-                res[name] = _strategy_rows(name, rows["rows"], sc, link, down, ref, job)
-            res["edge-only"] = _edge_only(child, worker.address, sc, link, down, ref, board["jpeg"], jpeg_dec, spec,
-                                          edge, names, progress, model, cl)
-        finally:
-            relay.stop()
-        out["scenarios"][s] = res
+    for s in (s for s in spec.scenarios if not SCENARIOS[s].steps):
+        sc = SCENARIOS[s]
+        jobs = {**plans[s], "edge-only": _edge_only_job(names, edge, sc, board["jpeg"], down)}
+        out["scenarios"][s] = _scenario(model, spec, child, worker.address, sc, links[s], jobs, local_totals, ref,
+                                        sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress)
     _ask_quit(child)
     worker.stop()
+    for s in (s for s in spec.scenarios if SCENARIOS[s].steps):
+        progress(f"{model} {s}: dynamic trace (planner, worker and agent processes; runtime.tools.adapt_run)")
+        out["scenarios"][s] = dynamic.trace(model, SCENARIOS[s], cal, spec, links, cl)
     return out
 
 
-def _edge_only(child, worker_address, sc, link, down, ref, jpeg, jpeg_dec, spec, edge, names, progress, model, cl):
-    """The 8-bit frame (int8 codec at split 'input', the JPEG-decoded pixels) through a relay whose rate
-    is scaled by (frame bytes / JPEG bytes), so its serialisation time is the JPEG's at the set rate."""
-    frame_bytes = edge.input_bytes // 4  # uint8 pixels (the int8 codec of the input)
-    mean_jpeg = statistics.mean(j["bytes"] for j in jpeg)
-    scale = frame_bytes / mean_jpeg
-    relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps * scale)
+def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, jobs: dict, local_totals, ref,
+              local_predicted_ms: float, down: int, cl: Cleanup, progress) -> dict:
+    """Every strategy on one static link (one relay to the worker)."""
+    local = costs.summarise(local_totals, local_totals, [0] * len(ref), ref, ref, local_predicted_ms)
+    local.update(strategy="local", per_frame_ms=local_totals, bound_fps=1e3 / statistics.median(local_totals))
+    res = {"link": link, "local": local}
+    relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps)
     cl.add(relay.stop)
+    frames = spec.pipeline_frames or spec.frames
     try:
-        predicted = (sum(b.seconds for b in edge.blocks) + sc.rtt_ms / 1e3 + (mean_jpeg + down) * 8 / (sc.mbps * 1e6)
-                     + statistics.median(j["encode_ms"] for j in jpeg) / 1e3) * 1e3
-        job = {"split": names[0], "codec": "int8", "tl_id": "", "predicted_ms": predicted,
-               "plan": f"JPEG q{JPEG_QUALITY} (mean {mean_jpeg:,.0f} B) paced as the 8-bit frame at {scale:.2f}x the rate"}
-        progress(f"{model} {sc.name}: edge-only ({job['plan']})")
-        rows = _ask(child, {**job, "strategy": "edge-only", "address": relay.address, "warmup": spec.warmup,
-                            "jpeg": True}, JOB_SECONDS)
-        return _strategy_rows("edge-only", rows["rows"], sc, link, down, ref, job, jpeg, jpeg_dec)
+        for name, job in jobs.items():
+            if job is None:  # the cost model keeps the whole model on the board: that is local
+                res[name] = dict(local, strategy=name, plan="all blocks on the board")
+                continue
+            progress(f"{model} {sc.name}: {name} ({job['plan']})")
+            got = _ask(child, {**job, "strategy": name, "address": relay.address, "warmup": spec.warmup,
+                               "window": spec.window, "pipeline_frames": frames}, JOB_SECONDS)
+            res[name] = _strategy_rows(name, got, sc, link, down, ref, job)
     finally:
         relay.stop()
+    return res
 
 
 def _ask_quit(child: subprocess.Popen) -> None:
@@ -222,26 +200,36 @@ def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
     why = cgroup_unavailable()
     if why:
         raise RuntimeError(f"cannot emulate the board: {why}; run as root on a host with cgroup v1 cpu")
-    started = time.time()
+    started, load = time.time(), _load()
     with Cleanup() as cl:
         tmp = Path(tempfile.mkdtemp(prefix="edgesplit-scenarios-"))
         cl.add(lambda: shutil.rmtree(tmp, ignore_errors=True))
-        cg = CpuQuota(f"edgesplit-bench-{os.getpid()}", spec.testbed.period_us, spec.testbed.first_quota_us)
+        cg = CpuQuota(f"edgesplit-bench-{os.getpid()}", spec.testbed.period_us, spec.testbed.start_quota_us)
         cl.add(cg.remove)
         links = {}
         for s in spec.scenarios:
             sc = SCENARIOS[s]
-            links[s] = measure_link(sc.rtt_ms / 2, sc.mbps)
-            progress(f"link {s}: set {sc.mbps:g} Mbit/s {sc.rtt_ms:g} ms RTT; measured {links[s]['mbps']:.2f} Mbit/s "
-                     f"{links[s]['rtt_ms']:.1f} ms" + (f"  ** off by > 5 %: {', '.join(links[s]['off'])}" if links[s]['off'] else ""))
+            for key, mbps in ([(s, sc.mbps)] if not sc.steps else [(f"{s}@{m:g}", m) for m, _ in sc.steps]):
+                if key in links:
+                    continue
+                links[key] = measure_link(sc.rtt_ms / 2, mbps)
+                progress(f"link {key}: set {mbps:g} Mbit/s {sc.rtt_ms:g} ms RTT; measured {links[key]['mbps']:.2f} "
+                         f"Mbit/s {links[key]['rtt_ms']:.1f} ms"
+                         + (f"  ** off by > 5 %: {', '.join(links[key]['off'])}" if links[key]["off"] else ""))
         models: dict = {}
         for m in spec.models:
             models[m] = _run_model(m, spec, rank, cg, links, tmp, cl, progress)
             if partial is not None:
-                partial(_result(spec, started, models))
-    return _result(spec, started, models)
+                partial(_result(spec, started, load, models))
+    return _result(spec, started, load, models)
 
 
-def _result(spec: RunSpec, started: float, models: dict) -> dict:
+def _load() -> str:
+    """The load average over 1, 5 and 15 minutes, as ``uptime`` prints it."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _result(spec: RunSpec, started: float, load: str, models: dict) -> dict:
     return {"spec": asdict(spec), "started": started, "seconds": time.time() - started,
+            "load": {"start": load, "end": _load()},
             "scenarios": {s: asdict(SCENARIOS[s]) for s in spec.scenarios}, "models": dict(models)}
