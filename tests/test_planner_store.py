@@ -7,11 +7,7 @@ PostgreSQL tests skip with the reason where no server can be started (tests/post
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import sqlite3
-import subprocess
-import sys
 import time
 
 import grpc
@@ -23,6 +19,7 @@ from planner.writebehind import WriteBehind
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 from tests.planner_helpers import DEVICE_PROFILE, EDGE_PROFILE, MODEL, RPC
+from tests.planner_procs import kill, start_planner
 from tests.postgres_server import postgres  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(120)
@@ -199,31 +196,11 @@ def test_store_locations_and_urls(tmp_path):
 # -- a killed planner: what survives ----------------------------------------------------------------
 
 
-def _planner(where: str, tmp_path, flush: float) -> tuple[subprocess.Popen, str]:
-    port_file = tmp_path / f"port-{time.monotonic_ns()}"
-    p = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "planner", "serve", "--listen", "127.0.0.1:0",
-                          "--store", where, "--store-flush-seconds", str(flush), "--port-file", str(port_file),
-                          "--default-bandwidth-bytes-per-second", "10000000", "--lease-seconds", str(2 * flush)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while not (port_file.exists() and port_file.read_text().strip()):
-        if p.poll() is not None or time.monotonic() > deadline:
-            p.kill()
-            raise AssertionError(f"planner did not start: {p.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
-    return p, f"127.0.0.1:{port_file.read_text().strip()}"
-
-
-def _kill(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        os.killpg(p.pid, signal.SIGKILL)
-    p.wait(10)
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_killed_planner_loses_only_unacknowledged_link_samples(engine, tmp_path, request):
     where = str(tmp_path / "k.sqlite") if engine == "sqlite" else request.getfixturevalue("postgres").new_database()
-    proc, address = _planner(where, tmp_path, flush=30.0)  # the periodic flush never comes in this test
+    # the periodic flush never comes in this test (30 s)
+    proc, address = start_planner(where, tmp_path, "--store-flush-seconds", "30", "--lease-seconds", "60")
     try:
         async def main():
             async with grpc.aio.insecure_channel(address) as ch:
@@ -242,13 +219,13 @@ def test_a_killed_planner_loses_only_unacknowledged_link_samples(engine, tmp_pat
                 await call.write(pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=7_000_000.0,
                                               rtt_seconds=0.005))
                 await asyncio.sleep(0.3)  # received and recorded (in memory) by now; no flush is due for 30 s
-                _kill(proc)
+                kill(proc)
                 call.cancel()
                 return reply.plan, acked.received
 
         plan, received = asyncio.run(main())
     finally:
-        _kill(proc)
+        kill(proc)
     assert plan.version == 1 and received == 1
     s = Store(where)
     try:

@@ -1,0 +1,168 @@
+"""Planner replicas on one PostgreSQL store (started by the test; skipped with the reason where
+none can start): agents behind one address, one replica SIGKILLed, every agent re-attached to the
+survivor with its plan version, re-planned there; a replica whose lease was taken ends the
+agent's WatchPlan stream with FAILED_PRECONDITION.
+
+The agents are the real ``runtime.agent.planner_link.PlannerLink`` (its own reconnect and
+back-off) around a simulated agent (tests/planner_procs.py). ``EDGESPLIT_REPLICA_AGENTS`` sets how
+many (default 12); the re-attach figures are printed (``-s``) and recorded in
+planner/results/replicas.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import time
+
+import grpc
+import pytest
+
+from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
+from runtime.agent.prober import ProbeOptions
+from runtime.contracts.profile import loads
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
+from runtime.wire.transport import TransportOptions
+from tests.planner_helpers import DEVICE_PROFILE, EDGE_PROFILE, MODEL, RPC
+from tests.planner_procs import Balancer, SimAgent, _Loaded, kill, log_of, start_planner
+from tests.postgres_server import postgres  # noqa: F401 - the fixture
+
+AGENTS = int(os.environ.get("EDGESPLIT_REPLICA_AGENTS", "12"))
+FLAGS = ("--default-bandwidth-bytes-per-second", "10000000", "--registration-ttl-seconds", "600")
+
+
+async def _until(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+async def _steady(pairs, quiet: float = 3.0, timeout: float = 60.0) -> None:
+    """Until no agent applied a plan for ``quiet`` seconds (telemetry's first link bands included)."""
+    deadline = time.monotonic() + timeout
+    seen, since = None, time.monotonic()
+    while time.monotonic() - since < quiet:
+        now = [len(a.applied) for a, _ in pairs]
+        if now != seen:
+            seen, since = now, time.monotonic()
+        assert time.monotonic() < deadline, "agents kept receiving new plans"
+        await asyncio.sleep(0.05)
+
+
+async def _agents(address: str) -> dict[str, pb.AgentInfo]:
+    async with grpc.aio.insecure_channel(address) as ch:
+        reply = await pb_grpc.PlannerStub(ch).ListAgents(pb.ListAgentsRequest(), timeout=RPC)
+    return {a.agent_id: a for a in reply.agents}
+
+
+async def _register_worker(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as ch:
+        await pb_grpc.PlannerStub(ch).RegisterWorker(pb.RegisterWorkerRequest(
+            worker_id="w1", address="127.0.0.1:50051", tier="edge", profiles_json=[EDGE_PROFILE]), timeout=RPC)
+
+
+def _link(balancer: Balancer, i: int) -> tuple[SimAgent, PlannerLink]:
+    agent = SimAgent(_Loaded(MODEL, "w1"))
+    # gRPC shares one connection among a process's channels with the same options; each board is a
+    # process of its own with its own connection (to one replica): a per-agent option keeps them apart
+    transport = TransportOptions(max_message_bytes=8 * 2**20 + i)
+    link = PlannerLink(agent, PlannerLinkOptions(balancer.address, loads(DEVICE_PROFILE), f"board-{i:04d}",
+                                                 telemetry_interval_seconds=1.0, rpc_timeout=5.0, connect_timeout=2.0,
+                                                 transport=transport, probe=ProbeOptions(budget_fraction=0.0)))
+    return agent, link
+
+
+@pytest.mark.timeout(240)
+def test_killed_replica_agents_reattach_to_the_survivor_keep_their_plan_and_are_replanned(postgres, tmp_path):  # noqa: F811
+    store = postgres.new_database()
+    procs = [start_planner(store, tmp_path, *FLAGS) for _ in range(2)]
+    try:
+        asyncio.run(_scenario(procs, tmp_path))
+    except BaseException:
+        for p, a in procs:
+            print(f"--- planner {a} ---\n{log_of(p)}")
+        raise
+    finally:
+        for p, _ in procs:
+            kill(p)
+
+
+async def _scenario(procs, tmp_path) -> None:
+    addresses = [a for _, a in procs]
+    balancer = await Balancer(addresses).start()
+    await _register_worker(addresses[0])  # one replica only: the other reads it from the store
+    pairs = [_link(balancer, i) for i in range(AGENTS)]
+    try:
+        for _, link in pairs:
+            await link.start()
+        await _until(lambda: all(a.plan_version and a.active.worker for a, _ in pairs), 60,
+                     "every agent on a plan with the worker (agents on the second replica after it read the worker)")
+        await _steady(pairs)
+        held = [await _agents(a) for a in addresses]
+        assert len(held[0]) + len(held[1]) == AGENTS and held[0] and held[1], [len(h) for h in held]
+        victim = 0 if len(held[0]) >= len(held[1]) else 1
+        survivor = addresses[1 - victim]
+        moved = set(held[victim])
+        before = {link.agent_id: (agent.plan_version, link.registrations) for agent, link in pairs}
+        killed = time.monotonic()
+        kill(procs[victim][0])
+        attached: dict[str, float] = {}
+
+        def check() -> bool:
+            for _, link in pairs:
+                if link.agent_id in moved and link.agent_id not in attached and link.connected \
+                        and link.registrations > before[link.agent_id][1]:
+                    attached[link.agent_id] = time.monotonic() - killed
+            return len(attached) == len(moved)
+
+        await _until(check, 30, "every agent of the killed replica registered with the survivor")
+        now = await _agents(survivor)
+        assert set(now) == {link.agent_id for _, link in pairs}  # every agent is on the survivor
+        for agent, link in pairs:
+            version = before[link.agent_id][0]
+            assert agent.plan_version == version, (link.agent_id, version, agent.applied)  # kept its plan
+            assert now[link.agent_id].plan.version == version  # and the survivor holds that plan
+            assert now[link.agent_id].plan.worker_id == "w1"
+        times = sorted(attached.values())
+        print(f"\nreplicas: {len(moved)} of {AGENTS} agents re-attached after SIGKILL: median {statistics.median(times):.2f} s,"
+              f" max {times[-1]:.2f} s, min {times[0]:.2f} s; load average {os.getloadavg()[0]:.2f}")
+    finally:
+        for _, link in pairs:
+            await link.close()
+        await balancer.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_replica_whose_lease_was_taken_ends_the_agents_stream(postgres, tmp_path):  # noqa: F811
+    store = postgres.new_database()
+    procs = [start_planner(store, tmp_path, *FLAGS) for _ in range(2)]
+    try:
+        asyncio.run(_taken(procs[0][1], procs[1][1]))
+    finally:
+        for p, _ in procs:
+            kill(p)
+
+
+async def _taken(a: str, b: str) -> None:
+    for address in (a, b):  # B knows it at once (not after its next read of the store)
+        await _register_worker(address)
+    request = pb.RegisterAgentRequest(agent_id="board-1", model_id=MODEL, model_digest="w1", profile_json=DEVICE_PROFILE)
+    async with grpc.aio.insecure_channel(a) as ca, grpc.aio.insecure_channel(b) as cb:
+        sa, sb = pb_grpc.PlannerStub(ca), pb_grpc.PlannerStub(cb)
+        first = (await sa.RegisterAgent(request, timeout=RPC)).plan
+        stream = sa.WatchPlan(pb.WatchPlanRequest(agent_id="board-1", known_version=first.version), timeout=60)
+        # another caller for the same id on B is another owner only on an authenticated planner: here B takes it
+        with pytest.raises(grpc.aio.AioRpcError) as ei:  # a call other than a registration: refused while A holds it
+            await sb.ReportPlanStatus(pb.PlanStatus(agent_id="board-1", version=first.version, applied=True), timeout=RPC)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "register again" in ei.value.details()
+        again = (await sb.RegisterAgent(request, timeout=RPC)).plan
+        assert again.version == first.version  # loaded from the store: the same plan, not a new one
+        with pytest.raises(grpc.aio.AioRpcError) as ei:
+            await asyncio.wait_for(stream.read(), 10)
+        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION, ei.value
+        assert "attached to another planner replica" in ei.value.details()
+        assert "board-1" not in await _agents(a) and "board-1" in await _agents(b)
