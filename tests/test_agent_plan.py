@@ -539,3 +539,22 @@ def test_telemetry_names_no_plan_while_a_band_fallback_runs(loaded, workers):
             await agent.close()
 
     assert asyncio.run(scenario()) == [3, 0, 3, 4]
+
+
+def test_a_local_plan_is_not_refused_for_the_codec_the_agent_kept():
+    """A plan naming no codec keeps the current one; a local plan after a jpeg-at-input plan kept jpeg,
+    which applies only at split 0, and every local plan was refused (adapt_run: the step down took 33 s)."""
+    loaded = load_model("resnet18")
+
+    async def scenario():
+        agent = Agent(loaded, InitialPlan(loaded.split("input"), get_codec("jpeg", spec=loaded.spec), version=2))
+        try:
+            await agent.apply_plan("output", agent.codec, version=3, worker_address="")
+            local = (agent.plan_version, agent.split.name, agent.codec.name)
+            with pytest.raises(InvalidInput, match="jpeg"):  # a plan that sends still gets the check
+                await agent.apply_plan("add_2", "jpeg", version=4, worker_address="127.0.0.1:1")
+            return local
+        finally:
+            await agent.close()
+
+    assert asyncio.run(scenario()) == (3, "output", "raw")

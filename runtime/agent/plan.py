@@ -16,7 +16,7 @@ from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT, SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.chain import Hop, check_route
-from runtime.wire.codec import Codec, codec_at
+from runtime.wire.codec import Codec, codec_at, get_codec
 from runtime.wire.stream import EdgeStream
 
 if TYPE_CHECKING:
@@ -105,13 +105,23 @@ class PlanBuilder:
             raise PreconditionFailed(f"stale plan: version {version} is not newer than the current v{current.version}")
         sp = self.loaded.split(split)  # NotFound with the valid range
         art = await self.resolve_tl(current, tl, sp)
+        local = sp.name == OUTPUT or not address
         # InvalidInput with the valid names; "ans" codes with the plan's (transform) TL's model; jpeg only at split 0
-        cod = codec_at(codec, sp.index, sp.name, model=art.tl.entropy_model if art else None, spec=self.loaded.spec)
+        cod = codec if isinstance(codec, Codec) else get_codec(codec, model=art.tl.entropy_model if art else None,
+                                                               spec=self.loaded.spec)
+        try:
+            cod = codec_at(cod, sp.index, sp.name)
+        except InvalidInput:
+            if not local:
+                raise
+            # a local plan sends nothing: the codec it keeps from the plan before (a plan naming no codec
+            # keeps the current one, e.g. jpeg at split 0) does not bind it
+            cod = get_codec("raw")
         loop = asyncio.get_running_loop()
         # Not on the board thread: frames keep running while the new head and tail are built.
         head, tail = await loop.run_in_executor(None, lambda: (self.loaded.head(sp.name), self.loaded.tail(sp.name)))
         end, hops = self.check_route(sp, end_split, next_hops, sp.name != OUTPUT and bool(address))
-        if sp.name == OUTPUT or not address:
+        if local:
             return ActivePlan(version, sp, cod, head, tail, art, None, fallback=fallback), False
         stream = streams.get(address)
         fresh = stream is None
