@@ -276,6 +276,9 @@ async def _worker_span(state: _State, fn: Callable[..., Awaitable[Any]], self: A
         frame_span.end()
         raise
     end = time.time_ns()
+    if not frame_span.is_recording():  # not sampled: no stage spans to lay out
+        frame_span.end(end_time=end)
+        return result
     if start < begun:
         _child(state, frame_span, "worker.receive", start, (begun - start) / 1e9)
     t = result.times
@@ -323,6 +326,8 @@ def agent_frame(fn: F) -> F:
 
 
 def _agent_children(state: _State, frame_span: Any, result: Any, start: int, end: int) -> None:
+    if not frame_span.is_recording():  # not sampled: no stage spans to lay out
+        return
     times = result.times
     frame_span.set_attributes({"edgesplit.frame.seq": result.seq, "edgesplit.plan.version": result.plan_version,
                                "edgesplit.split": result.split, "edgesplit.codec": result.codec,
