@@ -59,40 +59,61 @@ def stage_from_plan(plan: D.Plan, problem: D.Problem, names: Sequence[str], work
     return ParallelStage(tuple(workers), tuple(blocks), codec, model, plan.seconds, plan.strategy)
 
 
-def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
-            workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True,
-            coordinator_bytes_per_second: float = 0.0, grids: bool = True) -> Proposal:
-    """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
-    the last tileable split) of the profiles' model, on one worker per profile. ``shared_link``: the
-    workers share one link to the coordinator (True) or each has its own (False);
-    ``coordinator_bytes_per_second``: the coordinator's measured per-byte rate (0: not costed);
-    ``grids``: may blocks be tiled as 2-D grids."""
+@dataclass(frozen=True)
+class Geometry:
+    """The receptive geometry of a model's tileable range: all DPFP needs from the model itself."""
+
+    model: str
+    first: int  # split index where the range begins
+    geometries: tuple  # receptive Graph of each block first .. end-1
+    in_hw: tuple[int, int]  # map size at ``first``
+    in_channels: int
+    names: tuple[str, ...]  # split names first .. end
+
+
+def geometry(model: str, first: str | int = 0, end: str | int | None = None) -> Geometry:
+    """Load ``model`` (torch; the caller keeps only the result) and take the geometry of blocks
+    ``first .. end`` (default: from the input to the last tileable split)."""
     from runtime.models.loader import load_model
     from runtime.parallel.tiled import segment_geometry
 
-    if not profiles:
-        raise InvalidInput("give at least one edge worker profile (--profile FILE, role edge)")
-    model = profiles[0].model
     loaded = load_model(model)
     sliced = loaded.sliced
     a = loaded.split(first).index
     b = tileable_end(sliced, a) if end is None else loaded.split(end).index
     if b <= a:
         raise InvalidInput(f"the parallel range {first}..{end} is empty")
-    geometries = [segment_geometry(sliced, i, i + 1) for i in range(a, b)]  # InvalidInput: not tileable
+    geometries = tuple(segment_geometry(sliced, i, i + 1) for i in range(a, b))  # InvalidInput: not tileable
     shape = sliced.split(a).out_shape
     if len(shape) != 4:
         raise InvalidInput(f"split {sliced.split(a).name} is not a feature map ({list(shape)})")
-    problem = D.problem_from_profiles(profiles, geometries, (int(shape[2]), int(shape[3])), int(shape[1]), link,
-                                      first_block=a, shared_link=shared_link,
-                                      coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids)
+    return Geometry(loaded.name, a, geometries, (int(shape[2]), int(shape[3])), int(shape[1]),
+                    tuple(sliced.split(i).name for i in range(a, b + 1)))
+
+
+def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
+            workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True,
+            coordinator_bytes_per_second: float = 0.0, grids: bool = True, geom: Geometry | None = None) -> Proposal:
+    """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
+    the last tileable split) of the profiles' model, on one worker per profile. ``shared_link``: the
+    workers share one link to the coordinator (True) or each has its own (False);
+    ``coordinator_bytes_per_second``: the coordinator's measured per-byte rate (0: not costed);
+    ``grids``: may blocks be tiled as 2-D grids; ``geom``: the model's geometry, if already taken."""
+    if not profiles:
+        raise InvalidInput("give at least one edge worker profile (--profile FILE, role edge)")
+    model = profiles[0].model
+    g = geom if geom is not None else geometry(model, first, end)
+    if g.model != model:
+        raise InvalidInput(f"the geometry is of {g.model}, the profiles of {model}")
+    problem = D.problem_from_profiles(profiles, g.geometries, g.in_hw, g.in_channels, link, first_block=g.first,
+                                      shared_link=shared_link, coordinator_bytes_per_second=coordinator_bytes_per_second,
+                                      grids=grids)
     plans = {"dpfp": D.dpfp(problem), **D.baselines(problem)}
-    names = tuple(sliced.split(i).name for i in range(a, b + 1))
     names_of_workers = tuple(workers) if workers else tuple(p.machine for p in profiles)
     if len(names_of_workers) != len(profiles):
         raise InvalidInput(f"{len(names_of_workers)} worker names for {len(profiles)} profiles")
-    stage = stage_from_plan(plans["dpfp"], problem, names, names_of_workers, codec, model)
-    return Proposal(problem, a, names, plans, stage)
+    stage = stage_from_plan(plans["dpfp"], problem, g.names, names_of_workers, codec, model)
+    return Proposal(problem, g.first, g.names, plans, stage)
 
 
 def report(p: Proposal) -> list[str]:

@@ -1,0 +1,77 @@
+"""The planner's parallel stages (planner.parallel_push, issue 13): DPFP over the workers an agent may
+use, attached to the plan only when predicted faster; the agent's side takes the pushed stage."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from planner.parallel_push import Candidate, ParallelPlanner, device_seconds
+from runtime.agent.parallel_run import PushedStage
+from runtime.contracts.costmodel import Link
+from runtime.contracts.errors import InvalidInput
+from runtime.contracts.profile import Block, Profile
+from runtime.models.loader import load_model
+from runtime.parallel.plan import ParallelStage
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = "resnet18"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(MODEL)
+
+
+def profile(loaded, machine: str, role: str, factor: float) -> Profile:
+    sl = loaded.sliced
+    n = len(sl.split_points) - 1
+    blocks = tuple(Block(index=i, name=sl.split(i + 1).name, seconds=0.004 * factor * (1 + i % 3),
+                         output_bytes=sl.split(i + 1).fp32_bytes) for i in range(n))
+    return Profile(machine=machine, role=role, model=MODEL, blocks=blocks, input_bytes=sl.split(0).fp32_bytes)
+
+
+def test_a_faster_stage_is_attached_and_a_slower_one_is_not(loaded):
+    device = profile(loaded, "board", "device", 10.0)
+    cands = [Candidate(f"w{i}", f"127.0.0.1:{5000 + i}", profile(loaded, f"w{i}", "edge", 1.0), Link(0.001, 125e6))
+             for i in range(2)]
+    pp = ParallelPlanner()
+    prop = pp.propose(device, cands)
+    assert prop is not None and prop.stage.workers == ("127.0.0.1:5000", "127.0.0.1:5001")
+    assert any(sum(1 for s in b.shares if s > 0) == 2 for b in prop.stage.blocks)  # spread over both
+    # the frame: the device's head before the stage and tail after it, plus the stage
+    first = loaded.split(prop.stage.blocks[0].start).index
+    end = loaded.split(prop.stage.blocks[-1].end).index
+    tail = device_seconds(device, end, device.n_blocks)
+    assert prop.seconds == pytest.approx(device_seconds(device, 0, first) + prop.stage_seconds + tail)
+
+    slow = ppb.Plan(agent_id="a", model_id=MODEL, version=3, predicted_seconds=prop.seconds * 2, reason="registration")
+    assert pp.attach(slow, device, cands)
+    assert list(slow.parallel.worker_ids) == ["w0", "w1"] and slow.predicted_seconds == pytest.approx(prop.seconds)
+    assert "parallel stage over 2 workers" in slow.reason
+    back = ParallelStage.from_proto(ppb.Plan.FromString(slow.SerializeToString()).parallel, MODEL)
+    assert back.blocks == prop.stage.blocks and back.workers == prop.stage.workers
+
+    fast = ppb.Plan(agent_id="a", model_id=MODEL, predicted_seconds=prop.seconds * 1.05)  # gain under min_gain 10 %
+    assert not pp.attach(fast, device, cands) and not fast.HasField("parallel")
+    assert pp.propose(device, cands[:1]) is None  # one worker: an ordinary offload, not a parallel stage
+
+
+def test_the_agent_takes_a_pushed_stage_and_refuses_one_it_cannot_run(loaded):
+    async def go():
+        pushed = PushedStage(loaded, prepare_timeout_seconds=1.0)
+        plan = ppb.Plan(agent_id="a", model_id=MODEL, version=4, predicted_seconds=0.05)
+        with pytest.raises(InvalidInput):
+            bad = ppb.Plan(agent_id="a", model_id=MODEL, version=5)
+            bad.parallel.worker_addresses.extend(["127.0.0.1:1"])
+            bad.parallel.blocks.add(start_split="avgpool", end_split="output", shares=[1.0])  # not tileable
+            await pushed.apply(bad)
+        assert not pushed.active
+        await pushed.apply(plan)  # no stage: nothing active
+        assert not pushed.active and pushed.version == 4
+        await pushed.close()
+
+    asyncio.run(go())
