@@ -1,7 +1,8 @@
 """Tracing with OpenTelemetry and W3C trace context: one frame is one trace across agent and workers.
 
 Off by default (``trace_exporter = "none"``) and then free: no OpenTelemetry import, no interceptor,
-and each frame hook below is one ``is None`` test. On (:func:`configure`), a process has:
+and each frame hook below is one ``is None`` test (besides the frame's log ids, which the hooks set
+whether tracing is on or not: runtime.daemon.logcontext). On (:func:`configure`), a process has:
 
 * **per frame** (the agent's and the workers' frame hooks): ``agent.frame`` with children
   ``agent.board_queue``, ``agent.head``, ``agent.tl_encode``, ``agent.encode``, ``agent.send``,
@@ -105,7 +106,7 @@ def _make_exporter(settings: TracingSettings) -> Any:
     if settings.trace_exporter == "console":
         return ConsoleSpanExporter(out=sys.stderr)
     if settings.trace_exporter == "file":
-        out = open(settings.trace_endpoint, "a", buffering=1)  # noqa: SIM115 (closed by the exporter's owner at exit)
+        out = open(settings.trace_endpoint, "a", buffering=1)  # noqa: SIM115 (line-buffered; open until the process exits)
         return ConsoleSpanExporter(out=out, formatter=lambda span: span.to_json(indent=None) + "\n")
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
