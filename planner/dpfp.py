@@ -283,7 +283,8 @@ def baselines(problem: Problem) -> dict[str, Plan]:
 
 def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Graph], in_hw: tuple[int, int],
                           in_channels: int, link: Link, first_block: int = 0, shared_link: bool = True,
-                          coordinator_bytes_per_second: float = 0.0, grids: bool = True) -> Problem:
+                          coordinator_bytes_per_second: float = 0.0, grids: bool = True,
+                          bytes_per_element: int = 4) -> Problem:
     """A problem from one profile per worker (same model) and the receptive geometry of each of
     its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``).
     Output channels come from each block's fp32 ``output_bytes`` and the geometry's map size, so
@@ -307,5 +308,5 @@ def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Grap
             raise InvalidInput(f"block {first_block + i} ({blocks[0].name}): {blocks[0].output_bytes} output bytes "
                                f"are not fp32 x C x {hw[0]} x {hw[1]}; was the profile measured at {in_hw}?")
         units.append(Unit(blocks[0].name, geometry, tuple(b.seconds for b in blocks), channels))
-    return Problem(tuple(units), in_hw, in_channels, link, shared_link=shared_link,
+    return Problem(tuple(units), in_hw, in_channels, link, bytes_per_element, shared_link=shared_link,
                    coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids)

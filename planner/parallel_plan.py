@@ -19,6 +19,9 @@ from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.contracts.profile import Profile
 from runtime.parallel.plan import ParallelStage, TiledBlock
 
+BYTES_PER_ELEMENT = {"raw": 4, "fp16": 2, "int8": 1}
+"""Bytes per map element on the wire by codec (lz4 on top: not counted, its ratio depends on the data)."""
+
 
 @dataclass(frozen=True)
 class Proposal:
@@ -107,7 +110,7 @@ def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: 
         raise InvalidInput(f"the geometry is of {g.model}, the profiles of {model}")
     problem = D.problem_from_profiles(profiles, g.geometries, g.in_hw, g.in_channels, link, first_block=g.first,
                                       shared_link=shared_link, coordinator_bytes_per_second=coordinator_bytes_per_second,
-                                      grids=grids)
+                                      grids=grids, bytes_per_element=BYTES_PER_ELEMENT.get(codec.split("+")[0], 4))
     plans = {"dpfp": D.dpfp(problem), **D.baselines(problem)}
     names_of_workers = tuple(workers) if workers else tuple(p.machine for p in profiles)
     if len(names_of_workers) != len(profiles):

@@ -53,6 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1,
                    help="also measure throughput with this many frames in flight through the stage (dpfp and the "
                         "single worker; frames x window frames); 1: latency only")
+    p.add_argument("--codec", default="raw",
+                   help="codec of crops and tiles (raw is exact; fp16/int8 shrink the bytes: the max rel. error column "
+                        "states the fidelity)")
     p.add_argument("--no-grids", action="store_true", help="row bands only (the planner's --parallel-no-grids)")
     p.add_argument("--barrier", action="store_true",
                    help="the coordinator waits for a whole block before sending the next one's tiles (default: "
@@ -95,6 +98,7 @@ def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
 def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0) -> dict:
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
            "--parallel-link-mode", args.link_mode, "--parallel-coordinator-mbytes", f"{coord_mbytes:.3f}",
+           "--parallel-codec", args.codec,
            *(["--parallel-no-grids"] if args.no_grids else []),
            "--parallel-strategy", strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
     for _ in range(k):
@@ -287,7 +291,7 @@ def markdown(res: dict) -> str:
            f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
            f"per 10,000 us), one torch thread; the coordinator (stitching, encoding, the relays) runs outside the "
            f"quotas. Link: one user-space relay per worker, {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
-           f"each direction (planned with --link-mode {a['link_mode']}; "
+           f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
            f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}; coordinator "
            f"{'waits for each whole block' if a.get('barrier') else 'wavefront: a tile goes once the tiles it reads are in'}). Times: the stage "
            f"alone, median of {a['frames']} frames after one warm-up; reduction and speedup against the single worker "
