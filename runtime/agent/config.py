@@ -91,6 +91,7 @@ class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.
     profile: str = field("", "device profile JSON of the model on this board ('edgesplit profile'); required with --planner")
     tl_dir: str = field("", "directory where Transfer Layer ids (in plans, or --tl) are resolved")
     telemetry_interval_seconds: float = field(1.0, "at most one telemetry message to the planner per this many seconds")
+    telemetry_heartbeat_seconds: float = field(10.0, "a telemetry message at least this often (device compute samples go with it); between heartbeats only when the link estimate leaves +-25 % of the last reported figure or the plan's band (0: one every telemetry_interval_seconds)")
     probe_budget: float = field(0.05, "with --planner: share of a link's estimated capacity that bandwidth probes of links no frame measures may take (0 disables them; at most 0.5)")
     planner_workers: tuple[str, ...] = field((), "worker ids the planner may assign (empty: any that serves the model)")
     raw_input_stays: bool = field(False, "plans must run at least the first block here: raw frames never leave the board")
@@ -130,6 +131,9 @@ class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.
             get_codec(self.forward_codec)  # InvalidInput with the valid names
         if not self.telemetry_interval_seconds > 0:
             raise InvalidInput(f"telemetry_interval_seconds must be > 0, got {self.telemetry_interval_seconds!r}")
+        if not self.telemetry_heartbeat_seconds >= 0:
+            raise InvalidInput(f"telemetry_heartbeat_seconds must be >= 0 (0: every interval), got "
+                               f"{self.telemetry_heartbeat_seconds!r}")
         if not (0 <= self.fps <= 1000 and math.isfinite(self.fps)):
             raise InvalidInput(f"fps must be in [0, 1000] frames per second (0: unpaced), got {self.fps!r}")
         if not 0 <= self.probe_budget <= 0.5:

@@ -11,9 +11,14 @@ One task per link. Each connection ("session"):
    names its whole route, so one without a route ends a chain given on the command line. A route
    the agent cannot apply (a Transfer Layer on a worker-to-worker hop, a slice that does not
    exist, a next tier the worker refuses at Prepare) refuses the plan and the last good one stays.
-3. ``ReportTelemetry`` carries at most one message per ``telemetry_interval_seconds`` (the bound
-   holds across reconnects too): smoothed bandwidth, an RTT probe made for that message, device
-   stage medians and the frame count since the last message, the plan version in effect.
+3. ``ReportTelemetry`` carries a message when the link moved and at every heartbeat
+   (:class:`runtime.agent.telemetry.ReportCadence`): at once (a new session's first report, or the
+   bandwidth estimate leaving +-25 % of the last reported figure or the running plan's band), and
+   otherwise once per ``telemetry_heartbeat_seconds`` (``edgesplit agent``'s default 10 s; 0: one
+   every ``telemetry_interval_seconds``, moved or not), never more than one per
+   ``telemetry_interval_seconds`` (the bound holds across reconnects too). A message holds the
+   smoothed bandwidth, an RTT probe made for it, device stage medians and the frame count since
+   the last message, the plan version in effect.
 
 When the planner cannot be reached or a stream breaks, the agent keeps its last plan and keeps
 serving frames; the link waits (0.5 s doubling to 30 s by default, reset after a successful
@@ -25,6 +30,7 @@ reopened within the same session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -39,6 +45,7 @@ import grpc
 from runtime.agent.estimator import LinkEstimate
 from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prober import ProbeOptions, Prober
+from runtime.agent.telemetry import ReportCadence
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Unavailable
 from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
@@ -66,8 +73,13 @@ class PlannerLinkOptions:
     workers: tuple[str, ...] = ()
     # the agent's constraints: a planner_pb2.Constraints, a mapping of its fields, or None for none
     constraints: Any = None
-    # seconds between telemetry messages (at most one per interval, across reconnects too)
+    # shortest time between two telemetry messages (across reconnects too)
     telemetry_interval_seconds: float = 1.0
+    # a telemetry message at least this often (compute samples, a link that did not move); between
+    # heartbeats one only when the link estimate moves out of its band (runtime.agent.telemetry.ReportCadence).
+    # 0: a message every telemetry_interval_seconds, moved or not (the cadence before issue 15); the
+    # agent command's default is runtime.agent.telemetry.HEARTBEAT_SECONDS (10 s)
+    telemetry_heartbeat_seconds: float = 0.0
     # Transfer Layers the agent holds; None: the loaded one and those found in the agent's tl_dir
     tl_ids: tuple[str, ...] | None = None
     # deadline of each unary call, each telemetry write and each stream's ack
@@ -105,9 +117,12 @@ class PlannerLink:
         profile = options.profile
         if not options.planner_address:
             raise InvalidInput("planner address is empty; give HOST:PORT of the planner")
-        interval = options.telemetry_interval_seconds
+        interval, heartbeat = options.telemetry_interval_seconds, options.telemetry_heartbeat_seconds
         if not interval > 0 or not math.isfinite(interval):
             raise InvalidInput(f"telemetry interval must be a positive number of seconds, got {interval!r}")
+        if not heartbeat >= 0 or not math.isfinite(heartbeat):
+            raise InvalidInput(f"telemetry heartbeat must be a number of seconds >= 0 (0: every interval), got "
+                               f"{heartbeat!r}")
         if isinstance(profile, (str, os.PathLike)):
             if not str(profile):
                 raise InvalidInput("a planner needs the device profile: set 'profile' to the JSON written by "
@@ -142,13 +157,15 @@ class PlannerLink:
         self.last_error = ""
         self._worker_id = ""  # worker id of the plan in effect (telemetry is about that link)
         self._worker_ids: dict[str, str] = {}  # worker address -> id, from the plans applied
-        self._last_sent = -math.inf  # monotonic time of the last telemetry message
+        self.cadence = ReportCadence(heartbeat or self.interval, self.interval)  # when a message goes (and why)
+        self._moved = asyncio.Event()  # a new bandwidth figure: the cadence looks again
         self._task: asyncio.Task | None = None
         self.prober = Prober(agent, options.probe)
         self.switcher = FallbackSwitcher(agent)  # the plan's fallback table (runtime.agent.fallbacks)
         # (plan version, split, worker address) -> the planner's predicted seconds, for result lines
         self.predictions: OrderedDict[tuple[int, str, str], float] = OrderedDict()
         agent.link.listeners.append(self.switcher.on_estimate)
+        agent.link.listeners.append(self._on_estimate)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -162,8 +179,9 @@ class PlannerLink:
         task, self._task = self._task, None
         await cancel_and_wait(task)
         await self.prober.close()
-        if self.switcher.on_estimate in self.agent.link.listeners:
-            self.agent.link.listeners.remove(self.switcher.on_estimate)
+        for listener in (self.switcher.on_estimate, self._on_estimate):
+            if listener in self.agent.link.listeners:
+                self.agent.link.listeners.remove(listener)
         await self.switcher.close()
 
     # -- sessions ----------------------------------------------------------------------------
@@ -256,6 +274,8 @@ class PlannerLink:
             self._worker_id = plan.worker_id
             self._remember(plan.worker_address, plan.worker_id)
             self.switcher.set_plan(plan)
+            self.cadence.set_bands(plan.band_worker_address, tuple(b.min_bandwidth_bytes_per_second
+                                                                   for b in plan.fallbacks))
             self._predict(plan)
             self.plans_applied += 1
         except EdgesplitError as e:
@@ -271,20 +291,49 @@ class PlannerLink:
     # -- telemetry ---------------------------------------------------------------------------
 
     async def _telemetry(self, planner: PlannerClient) -> None:
+        self.cadence.reported = None  # a new session (perhaps a restarted planner) hears the link at once
         while True:
             stream = planner.telemetry_stream()
             opened = time.monotonic()
             try:
                 while time.monotonic() - opened < self.options.stream_seconds:
-                    delay = self._last_sent + self.interval - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
-                    await stream.write(await self._telemetry_message())
-                    self._last_sent = time.monotonic()
+                    reason = await self._next_report(opened + self.options.stream_seconds)
+                    if not reason:
+                        break
+                    message = await self._telemetry_message()
+                    await stream.write(message)
+                    self.cadence.sent(self._main_link(self.agent.link.clock())[1], message.bandwidth_bytes_per_second,
+                                      reason, message.frames)
                     self.telemetry_sent += 1
                 await stream.finish()  # the ack; then a fresh stream
             finally:
                 stream.cancel()
+
+    def _on_estimate(self, key: str, bytes_per_second: float) -> None:
+        """A new bandwidth figure (LinkEstimator listener, on the event loop): the cadence looks again."""
+        self._moved.set()
+
+    def _link_now(self) -> tuple[str, float, int]:
+        """(address, bandwidth estimate, frames since the last message) a message would report now
+        (bandwidth 0.0: unknown)."""
+        link = self.agent.link
+        address = self._main_link(link.clock())[1]
+        est = link.links.get(address) if address else None
+        return address, est.bandwidth.value if est is not None else 0.0, link.frames_pending
+
+    async def _next_report(self, until: float) -> str:
+        """Wait until a message is due (its reason), or "" at ``until`` (the stream's end)."""
+        while True:
+            reason = self.cadence.due(*self._link_now())
+            if reason:
+                return reason
+            # look again at least every interval: frames that start running notify no listener
+            wait = min(self.cadence.wait_seconds(*self._link_now()), self.interval, until - time.monotonic())
+            if wait <= 0:
+                return ""
+            self._moved.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._moved.wait(), wait)
 
     async def _probe_links(self, planner: PlannerClient) -> None:
         """Probe the links of the workers the planner may place this agent on (runtime.agent.prober);
@@ -333,6 +382,17 @@ class PlannerLink:
         if len(self._worker_ids) > MAX_WORKER_IDS:  # the oldest mapping goes
             del self._worker_ids[next(iter(self._worker_ids))]
 
+    def _main_link(self, now: float) -> tuple[str, str]:
+        """(worker id, address) of the link a message is about: the plan's; under a local plan the
+        link measured last ("" and "" when none is known)."""
+        link = self.agent.link
+        address = self.agent.active.worker
+        worker = self._worker_id if address else ""
+        if not address and (fresh := link.links.freshest(now)) is not None:
+            address = fresh[0]
+            worker = self._worker_ids.get(address, address)  # the planner resolves an address too
+        return worker, address
+
     async def _telemetry_message(self) -> ppb.Telemetry:
         """About the link the plan uses; under a local plan, about the link measured last (per link:
         figures of one worker are never reported under another's id)."""
@@ -340,11 +400,7 @@ class PlannerLink:
         link = self.agent.link
         stages, frames = link.take_report()
         now = link.clock()
-        address = self.agent.active.worker
-        worker = self._worker_id if address else ""
-        if not address and (fresh := link.links.freshest(now)) is not None:
-            address = fresh[0]
-            worker = self._worker_ids.get(address, address)  # the planner resolves an address too
+        worker, address = self._main_link(now)
         main = _link_report(worker or address, link.links.get(address) if address else None, now)
         others = [_link_report(self._worker_ids.get(key, key), link.links.get(key), now) for key in link.links
                   if key and key != address][:MAX_WORKER_IDS]

@@ -84,6 +84,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
             link = PlannerLink(agent, PlannerLinkOptions(
                 config.planner, config.profile, agent.agent_id, workers=tuple(config.planner_workers),
                 constraints=config.constraints(), telemetry_interval_seconds=config.telemetry_interval_seconds,
+                telemetry_heartbeat_seconds=config.telemetry_heartbeat_seconds,
                 transport=config.transport(), probe=ProbeOptions(budget_fraction=config.probe_budget)))
         except BaseException:
             await agent.close()
