@@ -12,8 +12,12 @@ planner/results/replicas.md.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
 
 import grpc
@@ -28,6 +32,7 @@ from runtime.wire.transport import TransportOptions
 from tests.planner_helpers import DEVICE_PROFILE, EDGE_PROFILE, MODEL, RPC
 from tests.planner_procs import Balancer, SimAgent, _Loaded, kill, log_of, start_planner
 from tests.postgres_server import postgres  # noqa: F401 - the fixture
+from tests.test_deploy import DEPLOY
 
 AGENTS = int(os.environ.get("EDGESPLIT_REPLICA_AGENTS", "12"))
 FLAGS = ("--default-bandwidth-bytes-per-second", "10000000", "--registration-ttl-seconds", "600")
@@ -166,3 +171,45 @@ async def _taken(a: str, b: str) -> None:
         assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION, ei.value
         assert "attached to another planner replica" in ei.value.details()
         assert "board-1" not in await _agents(a) and "board-1" in await _agents(b)
+
+
+# -- the Kubernetes overlay ----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (for 'kubectl kustomize') is not installed")
+def test_replicated_overlay_renders_validates_and_runs_replicas_on_the_secret_store(monkeypatch):
+    import yaml
+
+    from planner.config import PlannerConfig
+    from runtime.cli.common import config_from_args
+    from runtime.cli.main import build_parser
+
+    overlay = DEPLOY / "k8s" / "overlays" / "replicated"
+    out = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    if importlib.util.find_spec("kubernetes_validate") is not None:
+        checked = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-"],
+                                 input=out.stdout, capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    docs = [d for d in yaml.safe_load_all(out.stdout) if d]
+    planner = next(d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"] == "edgesplit-planner")
+    spec = planner["spec"]
+    assert spec["replicas"] >= 2 and "volumeClaimTemplates" not in spec
+    pod = spec["template"]["spec"]
+    c = pod["containers"][0]
+    env = {e["name"]: e["valueFrom"] for e in c["env"]}
+    assert env["EDGESPLIT_PLANNER_STORE"] == {"secretKeyRef": {"name": "edgesplit-planner-store", "key": "url"}}
+    assert env["EDGESPLIT_PLANNER_REPLICA_ID"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert {v["name"] for v in pod["volumes"]} >= {m["name"] for m in c["volumeMounts"]}  # every mount has a volume
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
+    pdb = [d for d in docs if d["kind"] == "PodDisruptionBudget" and d["spec"]["selector"] == spec["selector"]]
+    assert pdb and pdb[0]["spec"]["maxUnavailable"] == 1  # one replica at a time through a drain
+    service = next(d for d in docs if d["kind"] == "Service" and d["metadata"]["name"] == "edgesplit-planner")
+    assert service["spec"]["selector"] == spec["selector"]["matchLabels"]  # one address in front of every replica
+    # the container's command line and environment give a PostgreSQL store and the pod's name as replica id
+    ns = build_parser().parse_args(c["args"])
+    monkeypatch.setenv("EDGESPLIT_PLANNER_STORE", "postgresql://edgesplit:pw@db:5432/edgesplit")
+    monkeypatch.setenv("EDGESPLIT_PLANNER_REPLICA_ID", "edgesplit-planner-1")
+    cfg = config_from_args(ns, PlannerConfig, "planner")
+    assert cfg.store_location().startswith("postgresql://") and cfg.replica_id == "edgesplit-planner-1"
