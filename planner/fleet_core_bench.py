@@ -61,9 +61,10 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_planner(folder: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
+def start_planner(folder: str, extra: list[str], cprofile: str = "") -> tuple[subprocess.Popen, int]:
     port_file = Path(folder) / "port"
-    cmd = [sys.executable, "-m", "runtime.cli.main", "--log-level", "WARNING", "planner", "serve", "--listen", "127.0.0.1:0",
+    prof = ["-m", "cProfile", "-o", cprofile] if cprofile else []
+    cmd = [sys.executable, *prof, "-m", "runtime.cli.main", "--log-level", "WARNING", "planner", "serve", "--listen", "127.0.0.1:0",
            "--db", str(Path(folder) / "p.sqlite"), "--port-file", str(port_file), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -94,9 +95,13 @@ async def register(stub, n: int, boards: list[str], concurrency: int) -> list[fl
     return lat
 
 
-async def telemetry(stub, n: int, reports: int, step_share: float, concurrency: int) -> tuple[int, int, dict]:
-    """``reports`` messages per agent on one client stream each (a few streams at a time); ~``step_share``
-    of them move the link far (out of any band), the rest jitter +-3 % around the agent's base."""
+async def telemetry(stub, n: int, reports: int, step_share: float, concurrency: int,
+                    interval: float = 0.0) -> tuple[int, int, dict]:
+    """``reports`` messages per agent on one client stream each (``concurrency`` streams at a time;
+    ``interval`` > 0: every agent's stream open at once, one report per ``interval`` seconds, from a
+    random phase); ~``step_share`` of them move the link far (out of any band), the rest jitter
+    +-3 % around the agent's base."""
+    concurrency = n if interval > 0 else concurrency
     sem = asyncio.Semaphore(concurrency)
     rng = random.Random(7)
     codes: dict[str, int] = {}
@@ -108,7 +113,11 @@ async def telemetry(stub, n: int, reports: int, step_share: float, concurrency: 
 
         async def messages():
             nonlocal sent
-            for _ in range(reports):
+            if interval > 0:
+                await asyncio.sleep(rng.uniform(0, interval))
+            for k in range(reports):
+                if interval > 0 and k:
+                    await asyncio.sleep(interval)
                 bw = base * (0.1 if rng.random() < step_share else rng.uniform(0.97, 1.03))
                 sent += 1
                 yield pb.Telemetry(agent_id=f"a{i}", worker=f"w{i % 3}", bandwidth_bytes_per_second=bw,
@@ -157,7 +166,8 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> None:
               f"{pct(lat, .99) * 1e3:.0f} ms; RSS {rss_mb(pid):.0f} MB", flush=True)
         await asyncio.sleep(1.0)
         c0, t0 = cpu_seconds(pid), time.perf_counter()
-        sent, streams, codes = await telemetry(stub, args.agents, args.reports, args.step_share, args.concurrency)
+        sent, streams, codes = await telemetry(stub, args.agents, args.reports, args.step_share, args.concurrency,
+                                               args.interval)
         wall = time.perf_counter() - t0
         await asyncio.sleep(args.settle)  # what the planner still does after the acks (queued decisions)
         cpu = cpu_seconds(pid) - c0
@@ -186,13 +196,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--board-types", type=int, default=10)
     ap.add_argument("--blocks", type=int, default=64, help="blocks per profile (EfficientNet-Lite0-sized)")
     ap.add_argument("--reports", type=int, default=5, help="telemetry messages per agent")
+    ap.add_argument("--interval", type=float, default=0.0,
+                    help="seconds between one agent's reports (0: as fast as the planner reads them)")
     ap.add_argument("--step-share", type=float, default=0.1, help="share of reports that move the link out of band")
     ap.add_argument("--concurrency", type=int, default=64, help="calls in flight at once")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after each phase before reading CPU")
+    ap.add_argument("--cprofile", default="", help="write the planner's event-loop thread profile (cProfile) here")
     ap.add_argument("planner_args", nargs="*", help="extra 'planner serve' flags (after --)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        proc, port = start_planner(folder, ["--max-ids-per-identity", "4", *args.planner_args])
+        proc, port = start_planner(folder, ["--max-ids-per-identity", "4", *args.planner_args], args.cprofile)
         try:
             print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
             asyncio.run(run(args, port, proc.pid))

@@ -48,6 +48,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 logger = logging.getLogger(__name__)
 
 Ranking = tuple[list[Ranked], float, Configuration | None]  # best first, seconds it took, the plan's prediction
+EXACT = Bands(0.0, 0.0)
 GAUGE_SECONDS = 5.0  # how often the periodic pass refreshes the gauges that read every agent
 
 
@@ -124,13 +125,18 @@ class RePlanner:
         if gauges:
             self._gauged = time.monotonic()
             self._gauges()
-        due = [st for aid, st in agents.items()
-               if (st.dirty and aid not in self.intake) or self.hysteresis.holding(aid)]
-        for i, st in enumerate(due[:self.config.replan_batch]):
+        dirty: list[AgentState] = []
+        holding: list[AgentState] = []  # re-evaluated once per interval, never in a tight loop
+        for aid, st in agents.items():
+            if st.dirty and aid not in self.intake:
+                dirty.append(st)
+            elif self.hysteresis.holding(aid):
+                holding.append(st)
+        for i, st in enumerate((dirty + holding)[:self.config.replan_batch]):
             await self.decide(st)
             if i % 8 == 7:
                 await asyncio.sleep(0)
-        if len(due) > self.config.replan_batch:
+        if len(dirty) > self.config.replan_batch:  # the rest of the changed ones: the next pass, at once
             self._wake.set()
 
     def _gauges(self) -> None:
@@ -143,22 +149,28 @@ class RePlanner:
                 if st.links and self.broadcaster.watching(aid)]
         self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
         self.metrics.device_slowdown_max.set(max((st.speed.factor for st in agents.values()), default=1.0))
+        for memo in (self._basis, self._banded):  # agents no longer held here (another replica took them)
+            for aid in [a for a in memo if a not in agents]:
+                del memo[aid]
 
     # -- ranking -------------------------------------------------------------------------------
 
     async def rank(self, st: AgentState, top_n: int, rtt: float = 0.0, bandwidth: float = 0.0,
                    exclude: PlanKey | None = None, predict: pb.Plan | None = None,
-                   record: AgentRecord | None = None) -> Ranking:
+                   record: AgentRecord | None = None, bands: Bands | None = None) -> Ranking:
         """Rank now (and predict ``predict`` under the same conditions), for ``record`` (default: the
-        agent's; a query may bring other constraints); profiles are derived here, on the event loop,
-        and only the searches run in the executor."""
-        cands = [self.bands.candidate(c) for c in self.state.candidates(st, rtt, bandwidth, record)]
+        agent's; a query may bring other constraints), with links in ``bands`` (default: the
+        configured ones); a ranking asked before is taken from the shared cache. Profiles are
+        derived here, on the event loop, and only the searches run in the executor."""
+        t0 = time.perf_counter()
+        bands = bands or self.bands
+        cands = [bands.candidate(c) for c in self.state.candidates(st, rtt, bandwidth, record)]
         rec, device = record or st.record, st.device
         key, held = rank_key(device, rec, cands, top_n, exclude, predict)
         hit = self.rank_cache.get(key)
         self.metrics.rank_cache.labels("miss" if hit is None else "hit").inc()
         if hit is not None:
-            return list(hit[0]), 0.0, hit[1]
+            return list(hit[0]), time.perf_counter() - t0, hit[1]
         devices = [st.device_for(c.tl_ids) for c in cands]
         chains = decide.chains(cands, self.state.worker_link())
         chained = [(ch, st.device_for(ch.first.tl_ids)) for ch in chains]
@@ -197,8 +209,9 @@ class RePlanner:
 
     async def query(self, st: AgentState, top_n: int, rtt: float, bandwidth: float,
                     record: AgentRecord | None) -> tuple[list[Ranked], float]:
-        """The ``top_n`` best configurations under a query's link and constraints (no plan changes)."""
-        ranked, seconds, _ = await self.rank(st, top_n, rtt=rtt, bandwidth=bandwidth, record=record)
+        """The ``top_n`` best configurations under a query's link and constraints (no plan changes), at
+        the link's figures exactly (a query asks about those, not about a band)."""
+        ranked, seconds, _ = await self.rank(st, top_n, rtt=rtt, bandwidth=bandwidth, record=record, bands=EXACT)
         return ranked, seconds
 
     # -- decisions -----------------------------------------------------------------------------

@@ -265,7 +265,7 @@ def test_telemetry_processing_is_rate_limited(aio, tmp_path):
                 if not len(intake):
                     break
                 await asyncio.sleep(0.01)
-            assert decisions() - before == 1  # the first acts; the rest wait for the periodic pass
+            assert 1 <= decisions() - before <= 2  # the first acts (one more for reports that came meanwhile); the rest wait for the periodic pass
             st = p.ps.service.agents["a1"]
             assert st.links["w1"].bandwidth_bytes_per_second == SLOW + 29
         finally:
