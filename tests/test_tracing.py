@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import grpc
 import pytest
 import torch
 from conftest import REPO, child_env, cli, wait_for
@@ -275,7 +276,6 @@ def test_otlp_exporter_delivers_spans_to_a_collector():
     real TraceService server here, on loopback), with the service name."""
     from concurrent import futures
 
-    import grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
     received = []
@@ -301,3 +301,62 @@ def test_otlp_exporter_delivers_spans_to_a_collector():
     assert [s.name for _, s in spans_] == ["test.otlp"]
     resource = {a.key: a.value.string_value for a in spans_[0][0].resource.attributes}
     assert resource["service.name"] == "edgesplit-test"
+
+
+def test_refused_calls_make_no_server_span(aio, spans, tmp_path):
+    """The tracing interceptor runs after authentication: an unauthenticated caller creates no span."""
+    from runtime.daemon.server import Daemon, DaemonOptions
+    from runtime.wire.security import SecurityOptions, token_digest
+
+    good = "g" * 32
+    (tmp_path / "tokens").write_text(f"agent a7 {token_digest(good)}\n")
+    (tmp_path / "good").write_text(good)
+    (tmp_path / "bad").write_text("b" * 32)
+
+    class Prepared(pb_grpc.InferenceServicer):
+        async def Prepare(self, request, context):
+            return pb.PrepareResult()
+
+    async def scenario():
+        daemon = Daemon(DaemonOptions(listen="127.0.0.1:0", reflection=False,
+                                      transport=TransportOptions(security=SecurityOptions(
+                                          tokens_file=str(tmp_path / "tokens")))))
+        await daemon.start(lambda server: pb_grpc.add_InferenceServicer_to_server(Prepared(), server))
+        codes = []
+        try:
+            for token in ("good", "bad"):
+                transport = TransportOptions(security=SecurityOptions(token_file=str(tmp_path / token)))
+                async with transport.aio_channel(f"127.0.0.1:{daemon.port}") as ch:
+                    try:
+                        await pb_grpc.InferenceStub(ch).Prepare(pb.PrepareRequest(), timeout=RPC)
+                        codes.append("OK")
+                    except grpc.aio.AioRpcError as e:
+                        codes.append(e.code().name)
+        finally:
+            await daemon.drain(0.5)
+        return codes
+
+    assert aio.run(scenario()) == ["OK", "UNAUTHENTICATED"]
+    prepares = [s for s in spans.get_finished_spans() if s.name == "edgesplit.v1.Inference/Prepare"]
+    assert sorted(s.kind.name for s in prepares) == ["CLIENT", "CLIENT", "SERVER"]
+    refused = next(s for s in prepares if s.attributes.get("rpc.grpc.status_code") == 16)
+    assert refused.kind.name == "CLIENT" and refused.status.status_code.name == "ERROR"
+
+
+def test_settings_come_from_toml_environment_and_flags_like_every_other(tmp_path):
+    from runtime.agent.config import AgentConfig
+    from runtime.contracts.config import load_config
+    from runtime.worker.config import WorkerConfig as Worker
+
+    toml = tmp_path / "agent.toml"
+    toml.write_text('[agent]\ntrace_exporter = "otlp"\ntrace_endpoint = "http://collector:4317"\n'
+                    "trace_sample_ratio = 0.25\n")
+    agent = load_config(AgentConfig, "agent", config_file=toml, env={"EDGESPLIT_AGENT_TRACE_SAMPLE_RATIO": "0.5"})
+    assert (agent.trace_exporter, agent.trace_endpoint, agent.trace_sample_ratio) == \
+        ("otlp", "http://collector:4317", 0.5)  # environment over TOML
+    worker = load_config(Worker, "worker", env={"EDGESPLIT_WORKER_TRACE_EXPORTER": "console"},
+                         overrides={"trace_exporter": "file", "trace_endpoint": str(tmp_path / "s.jsonl")})
+    assert worker.trace_exporter == "file"  # flags over environment
+    out = subprocess.run(cli("print-config", "planner", "--trace-exporter", "console"), cwd=REPO, env=child_env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and 'trace_exporter = "console"' in out.stdout, out.stderr
