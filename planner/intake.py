@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_HEADER = "retry-after-ms"
 MIN_RETRY_MS, MAX_RETRY_MS = 100, 30_000
 DRAINERS = 4  # decisions in flight at once (searches share one executor thread; cache hits need none)
-YIELD_EVERY = 8  # decisions a drainer makes before it yields to the event loop
 
 
 @dataclass(eq=False)
@@ -134,7 +133,6 @@ class Intake:
         self._tasks = []
 
     async def _drain(self) -> None:
-        done = 0
         while True:
             if not self._queue:
                 self._ready.clear()
@@ -158,6 +156,4 @@ class Intake:
             else:
                 del self.entries[aid]
             self.metrics.telemetry_pending.set(len(self.entries))
-            done += 1
-            if done % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one decision at a time: health checks and plan pushes go between

@@ -24,20 +24,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from planner import decide, fallbacks
 from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
-from planner.decide import Chain, DecisionCache, PlanKey, Ranked, plan_key
+from planner.decide import Ranked, plan_key
 from planner.hysteresis import Hysteresis
 from planner.inband import Basis, in_band
 from planner.intake import Intake
 from planner.metrics import PlannerMetrics
-from planner.rankcache import Bands, RankCache, rank_key
+from planner.ranking import Ranker
 from planner.state import AgentState, PlannerState, WorkerState
 from planner.store import APPLIED, REFUSED, AgentRecord
 from runtime.contracts.costmodel import Configuration
@@ -48,7 +48,6 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 logger = logging.getLogger(__name__)
 
 Ranking = tuple[list[Ranked], float, Configuration | None]  # best first, seconds it took, the plan's prediction
-EXACT = Bands(0.0, 0.0)
 GAUGE_SECONDS = 5.0  # how often the periodic pass refreshes the gauges that read every agent
 
 
@@ -61,10 +60,10 @@ class RePlanner:
         self.metrics = metrics
         self.clock = clock
         self.hysteresis = Hysteresis(config.switch_gain, config.switch_min_gain_seconds, config.hold_seconds, clock)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="planner-search")
-        self.cache = DecisionCache()  # used by the executor's searches (and _chain_of, on the loop)
-        self.bands = Bands(config.rank_band, config.rank_rtt_quantum_seconds)  # links ranked by band
-        self.rank_cache = RankCache(config.rank_cache_size)  # rankings shared by agents asking the same (on the loop)
+        # rankings: the search executor, its caches, the link bands and the shared rankings (planner.ranking)
+        self.ranker = Ranker(config, state, metrics)
+        self.executor, self.cache, self.rank_cache = self.ranker.executor, self.ranker.cache, self.ranker.rank_cache
+        self.rank, self.prefetch = self.ranker.rank, self.ranker.prefetch
         self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
         self._basis: dict[str, Basis] = {}  # agent id -> what its plan's bands were ranked with (planner.inband)
         self._banded: dict[str, int] = {}  # agent id -> plan version issued on a measured link without bands
@@ -132,10 +131,9 @@ class RePlanner:
                 dirty.append(st)
             elif self.hysteresis.holding(aid):
                 holding.append(st)
-        for i, st in enumerate((dirty + holding)[:self.config.replan_batch]):
+        for st in (dirty + holding)[:self.config.replan_batch]:
             await self.decide(st)
-            if i % 8 == 7:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)  # one decision at a time: health checks and plan pushes go between
         if len(dirty) > self.config.replan_batch:  # the rest of the changed ones: the next pass, at once
             self._wake.set()
 
@@ -155,63 +153,11 @@ class RePlanner:
 
     # -- ranking -------------------------------------------------------------------------------
 
-    async def rank(self, st: AgentState, top_n: int, rtt: float = 0.0, bandwidth: float = 0.0,
-                   exclude: PlanKey | None = None, predict: pb.Plan | None = None,
-                   record: AgentRecord | None = None, bands: Bands | None = None) -> Ranking:
-        """Rank now (and predict ``predict`` under the same conditions), for ``record`` (default: the
-        agent's; a query may bring other constraints), with links in ``bands`` (default: the
-        configured ones); a ranking asked before is taken from the shared cache. Profiles are
-        derived here, on the event loop, and only the searches run in the executor."""
-        t0 = time.perf_counter()
-        bands = bands or self.bands
-        cands = [bands.candidate(c) for c in self.state.candidates(st, rtt, bandwidth, record)]
-        rec, device = record or st.record, st.device
-        key, held = rank_key(device, rec, cands, top_n, exclude, predict)
-        hit = self.rank_cache.get(key)
-        self.metrics.rank_cache.labels("miss" if hit is None else "hit").inc()
-        if hit is not None:
-            return list(hit[0]), time.perf_counter() - t0, hit[1]
-        devices = [st.device_for(c.tl_ids) for c in cands]
-        chains = decide.chains(cands, self.state.worker_link())
-        chained = [(ch, st.device_for(ch.first.tl_ids)) for ch in chains]
-        cand = pinned = chain = forward = None
-        if predict is not None and predict.worker_id:
-            cand = next((c for c in cands if c.worker_id == predict.worker_id), None)
-            usable = not predict.tl_id or (cand is not None and predict.tl_id in cand.tl_ids)
-            if cand is not None and usable and 0 <= predict.split_index < st.device.n_blocks:
-                pinned = st.device_for(cand.tl_ids, (predict.split_index, predict.codec, predict.tl_id))
-            if predict.next_hops:
-                chain, forward = self._chain_of(predict, chains)
-
-        include_return, cache = self.config.include_return, self.cache
-
-        def work() -> Ranking:
-            ranked, seconds = decide.rank(rec, device, cands, devices, top_n, include_return, exclude, chained,
-                                          cache)
-            current = (decide.predict(rec, device, predict, cand, pinned, include_return, chain, forward, cache)
-                       if predict is not None else None)
-            return ranked, seconds, current
-
-        ranked, seconds, current = await asyncio.get_running_loop().run_in_executor(self.executor, work)
-        self.metrics.decision_seconds.observe(seconds)
-        self.rank_cache.put(key, held, ranked, current)
-        return ranked, seconds, current
-
-    def _chain_of(self, plan: pb.Plan, chains: list[Chain]) -> tuple[Chain | None, Profile | None]:
-        """The chain a chained ``plan`` runs over now and the edge's profile limited to its hop's
-        transfer ((None, None): the pair no longer chains, or the hop is not one it can run)."""
-        hop = plan.next_hops[0]
-        chain = next((c for c in chains if c.first.worker_id == plan.worker_id
-                      and c.second.worker_id == hop.worker_id), None)
-        if chain is None or len(plan.next_hops) != 1 or hop.tl_id or not plan.end_split_index > 0:
-            return None, None
-        return chain, decide.forwarding_at(chain.first.profile, plan.end_split_index, hop.codec, self.cache)
-
     async def query(self, st: AgentState, top_n: int, rtt: float, bandwidth: float,
                     record: AgentRecord | None) -> tuple[list[Ranked], float]:
         """The ``top_n`` best configurations under a query's link and constraints (no plan changes), at
         the link's figures exactly (a query asks about those, not about a band)."""
-        ranked, seconds, _ = await self.rank(st, top_n, rtt=rtt, bandwidth=bandwidth, record=record, bands=EXACT)
+        ranked, seconds, _ = await self.rank(st, top_n, rtt=rtt, bandwidth=bandwidth, record=record, exact=True)
         return ranked, seconds
 
     # -- decisions -----------------------------------------------------------------------------
@@ -233,6 +179,10 @@ class RePlanner:
 
     async def _issue(self, st: AgentState, r: Ranked, reason: str, label: str) -> pb.Plan:
         plan = decide.to_plan(st.record, st.device, r, reason)
+        wid, measured = fallbacks.band_worker(self.state, st, plan)
+        if wid and wid in self.state.workers:  # what attach ranks, in one executor job
+            record = dataclasses.replace(st.record, workers=(wid,))
+            await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
         await fallbacks.attach(self.state, self.rank, st, plan)  # the agent's own switches when its link leaves the band
         plan = self.state.issue_plan(plan)
         st.plan = plan
