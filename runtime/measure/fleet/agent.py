@@ -55,9 +55,11 @@ class Shared:
 
 
 class SimAgent:
-    def __init__(self, agent_id: str, board: str, stub: ppb_grpc.PlannerStub, shared: Shared, stepping: bool,
-                 rng: random.Random):
+    def __init__(self, agent_id: str, board: tuple[int, str], stub: ppb_grpc.PlannerStub, shared: Shared,
+                 stepping: bool, rng: random.Random):
+        """``board``: (board type, its device profile JSON)."""
         self.id = agent_id
+        self.board = board[0]
         self.stub = stub
         self.options = shared.options
         self.stats = shared.stats
@@ -66,7 +68,7 @@ class SimAgent:
         self.rng = rng
         self.metadata = ((LEASE_KEY, secrets.token_urlsafe(24)),)
         self.request = ppb.RegisterAgentRequest(agent_id=agent_id, model_id=shared.model, model_digest=shared.digest,
-                                                profile_json=board)
+                                                profile_json=board[1])
         self.version = 0
         self.plan_key: tuple[str, str, str] = ("", "", "")
         self.high = True  # the bandwidth level it reports now
@@ -211,7 +213,7 @@ class SimAgent:
             if self.phase.stopping:
                 return
             if self.pending is not None or self.step_due:
-                self.stats.steps_missed += 1
+                self._missed()
             self.high = not self.high
             self.stats.steps += 1
             self.pending, self.pending_key, self.step_due = None, self.plan_key, True
@@ -221,4 +223,8 @@ class SimAgent:
     def finish(self) -> None:
         """The run ended: a step still unanswered after the push timeout counts as missed."""
         if self.pending is not None and time.monotonic() - self.pending >= self.options.push_timeout_seconds:
-            self.stats.steps_missed += 1
+            self._missed()
+
+    def _missed(self) -> None:
+        self.stats.steps_missed += 1
+        self.stats.missed_by[f"board-{self.board} {'up' if self.high else 'down'}"] += 1

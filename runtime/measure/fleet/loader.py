@@ -72,7 +72,7 @@ async def _run(spec: LoaderSpec, conn: Any) -> Stats:
     stubs = [ppb_grpc.PlannerStub(c) for c in channels]
     n_step = round(o.step_fraction * o.agents)
     shared = Shared(o, stats, phase, spec.model, spec.digest)
-    agents = [SimAgent(f"fleet-agent-{i:05d}", spec.boards[i % len(spec.boards)], stubs[(i - spec.first) % len(stubs)],
+    agents = [SimAgent(f"fleet-agent-{i:05d}", (i % len(spec.boards), spec.boards[i % len(spec.boards)]), stubs[(i - spec.first) % len(stubs)],
                        shared, stepping=(i * 7919) % o.agents < n_step, rng=random.Random(rng.random()))
               for i in range(spec.first, spec.last)]
     loop = asyncio.get_running_loop()

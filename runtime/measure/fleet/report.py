@@ -72,6 +72,7 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
                    "planner_rss_mb_before_agents": round(raw["baseline"]["rss"] / 2**20, 1),
                    "rss_kb_per_agent": round((rss_end - raw["baseline"]["rss"]) / 1024 / max(1, registered), 1)},
         "step_to_push": {"steps": st["steps"], "pushed": len(lat), "missed": st["steps_missed"],
+                         "missed_by": dict(sorted(st["missed_by"].items())),
                          "p50_ms": _ms(percentile(lat, 50)), "p99_ms": _ms(percentile(lat, 99)),
                          "max_ms": _ms(max(lat) if lat else None)},
         "health_all": _health(raw["health"], raw["t_spawn"], m_b),
@@ -102,7 +103,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"({reg['per_second']}/s); RegisterAgent p50 {reg['call_p50_ms']} ms, p99 {reg['call_p99_ms']} ms; "
         f"planner CPU {reg['planner_cpu_cores']} cores",
         f"- step-to-push (bandwidth step reported -> new plan at that agent): p50 {sp['p50_ms']} ms, "
-        f"p99 {sp['p99_ms']} ms, max {sp['max_ms']} ms; {sp['pushed']} of {sp['steps']} steps pushed, {sp['missed']} missed",
+        f"p99 {sp['p99_ms']} ms, max {sp['max_ms']} ms; {sp['pushed']} of {sp['steps']} steps pushed, {sp['missed']} missed"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sp['missed_by'].items())})" if sp["missed_by"] else ""),
         f"- health: p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms over {h['checks']} checks "
         f"({h['failed']} failed); measured phase only: p50 {hs['p50_ms']} ms, p99 {hs['p99_ms']} ms",
         f"- planner in the measured phase ({sd['seconds']} s): CPU {sd['planner_cpu_cores']} cores, RSS "

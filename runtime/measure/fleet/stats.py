@@ -30,6 +30,7 @@ class Stats:
     steps: int = 0  # bandwidth steps made in the measured phase
     step_to_push: list[float] = field(default_factory=list)  # seconds from the step's report to its new plan
     steps_missed: int = 0  # no new plan before the next step, the push timeout or the end
+    missed_by: Counter = field(default_factory=Counter)  # "board-K down|up" -> missed steps
     cpu_seconds: float = 0.0  # this loader process's own CPU (getrusage)
 
     def error(self, rpc: str, e: BaseException) -> float:
@@ -47,6 +48,7 @@ class Stats:
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["errors"] = dict(self.errors)
+        d["missed_by"] = dict(self.missed_by)
         return d
 
     @staticmethod
@@ -54,7 +56,7 @@ class Stats:
         out: dict[str, Any] = Stats().to_dict()
         for p in parts:
             for k, v in p.items():
-                if k == "errors":
+                if k in ("errors", "missed_by"):
                     out[k] = dict(Counter(out[k]) + Counter(v))
                 elif k == "first_register":
                     out[k] = min(out[k], v)
