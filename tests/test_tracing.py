@@ -360,3 +360,38 @@ def test_settings_come_from_toml_environment_and_flags_like_every_other(tmp_path
     out = subprocess.run(cli("print-config", "planner", "--trace-exporter", "console"), cwd=REPO, env=child_env(),
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and 'trace_exporter = "console"' in out.stdout, out.stderr
+
+
+def test_a_parallel_stage_frame_is_one_trace_with_its_tiles(aio, spans):
+    """agent --parallel-plan: each frame's agent.frame holds its tiles' InferTile calls (CLIENT spans),
+    and each worker's InferTile SERVER span is their child, through the gRPC metadata."""
+    from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
+    from runtime.parallel.plan import ParallelStage, TiledBlock
+
+    loaded = load_model(DIGITS)
+
+    async def scenario():
+        workers = [await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1)) for _ in range(2)]
+        stage = ParallelStage(tuple(f"127.0.0.1:{w.port}" for w in workers), (TiledBlock("pool1", "pool2", (1, 1)),))
+        coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(codec="raw", transport=TransportOptions()))
+        try:
+            await coord.prepare(30.0)
+            with tracing.span("agent.frame", **{"edgesplit.frame.seq": 0}):  # as runtime.agent.parallel_run does
+                y, reports = await coord.run_frame(images(1)[0])
+            return y, reports
+        finally:
+            await coord.close()
+            for w in workers:
+                await w.drain_and_stop(1.0)
+
+    y, reports = aio.run(scenario())
+    assert len(reports) == 2 and all(r.ran_on != "local" for r in reports), reports
+    finished = spans.get_finished_spans()
+    root = one(finished, "agent.frame")
+    tiles = [s for s in finished if s.name == "edgesplit.v1.Tiles/InferTile"]
+    clients = [s for s in tiles if s.kind.name == "CLIENT"]
+    servers = [s for s in tiles if s.kind.name == "SERVER"]
+    assert len(clients) == len(servers) == 2
+    assert all(s.context.trace_id == root.context.trace_id for s in tiles)
+    assert all(c.parent.span_id == root.context.span_id for c in clients)
+    assert {s.parent.span_id for s in servers} == {c.context.span_id for c in clients}

@@ -170,7 +170,7 @@ class ParallelCoordinator:
 
     def _stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=self.options.transport.channel_options())
+            self._channels[address] = self.options.transport.aio_channel(address)  # TLS/tokens and interceptors as configured
         return tiles_pb2_grpc.TilesStub(self._channels[address])
 
     async def prepare(self, timeout: float = 120.0) -> dict[str, str]:

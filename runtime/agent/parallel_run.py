@@ -24,7 +24,9 @@ from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator, Tile
 from runtime.agent.sources import open_source
 from runtime.agent.summary import percentile
 from runtime.contracts.errors import InvalidInput
+from runtime.daemon.logcontext import log_scope
 from runtime.daemon.metrics_http import MetricsEndpoint
+from runtime.daemon.tracing import parallel_frame, span
 from runtime.models.loader import load_model
 from runtime.parallel.plan import ParallelStage
 
@@ -103,7 +105,8 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
             sink = out or sink
             for seq, frame in enumerate(open_source(loaded.spec, config.source, config.frames)):
                 t0 = time.perf_counter()
-                y, tiles = await coord.run_frame(frame.tensor)
+                with span("agent.frame", **{"edgesplit.frame.seq": seq}), log_scope(frame=seq):  # tracing on: a root
+                    y, tiles = await coord.run_frame(frame.tensor)  # each tile's InferTile a CLIENT span under it
                 total = time.perf_counter() - t0
                 p = torch.softmax(y.flatten().float(), 0)
                 score, idx = (float(v) for v in p.max(0))
@@ -173,6 +176,7 @@ class PushedStage:
         if old is not None and old is not self.coord:
             asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
 
+    @parallel_frame  # log ids and, when tracing is on, the frame's agent.frame span (runtime.daemon.tracing)
     async def infer(self, seq: int, x, frame: str = ""):
         """One frame through the active stage: a ``FrameResult`` with where = "parallel"."""
         from runtime.agent.frame import FrameResult

@@ -309,21 +309,41 @@ def agent_frame(fn: F) -> F:
             state = _state
             if state is None:
                 return await fn(self, plan, seq, *args, **kwargs)
-            start = time.time_ns()
-            frame_span = state.tracer.start_span("agent.frame", kind=state.trace.SpanKind.PRODUCER, start_time=start)
-            try:
-                with state.trace.use_span(frame_span, record_exception=False, set_status_on_exception=False):
-                    result = await fn(self, plan, seq, *args, **kwargs)
-            except BaseException as e:
-                _fail(state, frame_span, f"{type(e).__name__}: {e}")
-                frame_span.end()
-                raise
-            end = time.time_ns()
-            _agent_children(state, frame_span, result, start, end)
-            frame_span.end(end_time=end)
-            return result
+            return await _agent_span(state, fn, self, (plan, seq, *args), kwargs)
 
     return traced  # type: ignore[return-value]
+
+
+def parallel_frame(fn: F) -> F:
+    """Decorates the parallel-stage agent's ``infer(self, seq, ...)`` (``self.version``: its plan): log ids
+    and the ``agent.frame`` span, under which each tile's InferTile call is a CLIENT span (gRPC metadata)."""
+
+    @functools.wraps(fn)
+    async def traced(self: Any, seq: int, *args: Any, **kwargs: Any) -> Any:
+        with log_scope(frame=seq, plan=getattr(self, "version", 0)):
+            state = _state
+            if state is None:
+                return await fn(self, seq, *args, **kwargs)
+            return await _agent_span(state, fn, self, (seq, *args), kwargs)
+
+    return traced  # type: ignore[return-value]
+
+
+async def _agent_span(state: _State, fn: Callable[..., Awaitable[Any]], self: Any, args: tuple[Any, ...],
+                      kwargs: dict[str, Any]) -> Any:
+    start = time.time_ns()
+    frame_span = state.tracer.start_span("agent.frame", kind=state.trace.SpanKind.PRODUCER, start_time=start)
+    try:
+        with state.trace.use_span(frame_span, record_exception=False, set_status_on_exception=False):
+            result = await fn(self, *args, **kwargs)
+    except BaseException as e:
+        _fail(state, frame_span, f"{type(e).__name__}: {e}")
+        frame_span.end()
+        raise
+    end = time.time_ns()
+    _agent_children(state, frame_span, result, start, end)
+    frame_span.end(end_time=end)
+    return result
 
 
 def _agent_children(state: _State, frame_span: Any, result: Any, start: int, end: int) -> None:
