@@ -25,6 +25,8 @@ from runtime.agent.frame import FrameResult, top1_margin
 from runtime.agent.inflight import InFlight
 from runtime.agent.metrics import STAGES, AgentMetrics
 from runtime.agent.metrics import reason_label as _reason_label
+from runtime.agent.parallel import CoordinatorOptions
+from runtime.agent.parallel_push import PushedStage
 from runtime.agent.plan import ActivePlan, PlanBuilder
 from runtime.agent.telemetry import LinkEstimator
 from runtime.contracts.errors import EdgesplitError, InvalidInput
@@ -90,6 +92,9 @@ class Agent:
         self._probe_channels: dict[str, grpc.aio.Channel] = {}  # RTT probes' own connection (probe_rtt)
         self.edge = EdgeSender(self.link, self.inflight, self.metrics, self.deadline_seconds)
         self.link.use(self.active.worker)
+        # a pushed plan's parallel stage (Plan.parallel, RFS/DPFP): while active, frames go through it
+        self.parallel = PushedStage(loaded, CoordinatorOptions(transport=self.transport, agent_id=self.agent_id),
+                                    prepare_timeout_seconds=self.prepare_timeout)
 
     # The active plan's parts, for callers that predate ActivePlan (read-only).
     split = property(lambda self: self.active.split)
@@ -250,6 +255,8 @@ class Agent:
         frame runs entirely under that plan, whatever apply_plan does meanwhile.
         """
         seq = next(self._seq)
+        if self.parallel.active:
+            return await self.parallel.infer(seq, x, frame)
         plan = self.active
         stream = plan.stream
         if stream is not None:
@@ -299,6 +306,7 @@ class Agent:
         return result
 
     async def close(self) -> None:
+        await self.parallel.close()
         await self.inflight.close()
         for task in list(self._retiring):
             task.cancel()

@@ -271,6 +271,8 @@ class PlannerLink:
                                         plan.tl_id or None,
                                         plan.version, address, model_id=plan.model_id, end_split=plan.end_split,
                                         next_hops=_route(plan))
+            if getattr(self.agent, "parallel", None) is not None:  # its parallel stage (RFS/DPFP), or none
+                await self.agent.parallel.apply(plan)
             self._worker_id = plan.worker_id
             self._remember(plan.worker_address, plan.worker_id)
             self.switcher.set_plan(plan)
