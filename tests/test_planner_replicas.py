@@ -35,7 +35,9 @@ from tests.postgres_server import postgres  # noqa: F401 - the fixture
 from tests.test_deploy import DEPLOY
 
 AGENTS = int(os.environ.get("EDGESPLIT_REPLICA_AGENTS", "12"))
-FLAGS = ("--default-bandwidth-bytes-per-second", "10000000", "--registration-ttl-seconds", "600")
+# every simulated agent of this process sends the same lease header: one caller holding all the ids
+FLAGS = ("--default-bandwidth-bytes-per-second", "10000000", "--registration-ttl-seconds", "600",
+         "--max-ids-per-identity", "100000")
 
 
 async def _until(check, timeout: float, what: str) -> None:

@@ -1,0 +1,118 @@
+"""What the planner's store writes cost, per engine: ``python -m planner.store_bench --store URL_OR_PATH``.
+
+Prints, for ``--agents`` agents with ``--workers`` links each:
+
+* the writes made before an RPC is answered (registration ``put_agent``, ``issue_plan``), p50/p99,
+  on the calling thread (the event loop);
+* one write-behind flush of every agent's links and heartbeat (one transaction), and how long the
+  event loop stalls while it runs on the store thread (a 1 ms ticker's worst lateness) compared
+  with the same batch written on the loop.
+
+Results and the exact commands: planner/results/replicas.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+
+from planner.store import AgentRecord, Batch, LinkRecord, Store
+from planner.writebehind import WriteBehind
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+PROFILE = '{"machine": "bench", "role": "device", "model": "m", "blocks": []}'  # stored, never parsed here
+
+
+def _ms(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+
+def immediate(store: Store, n: int) -> None:
+    reg, plan = [], []
+    for i in range(n):
+        t = time.perf_counter()
+        store.put_agent(AgentRecord(f"b{i}", "m", "d", PROFILE, ("w0",), (), pb.Constraints(), 1.0, 1.0))
+        reg.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        store.issue_plan(pb.Plan(agent_id=f"b{i}", split_id="conv2", worker_id="w0", reason="bench"))
+        plan.append(time.perf_counter() - t)
+    print(f"  put_agent  p50 {_ms(reg, 0.5):.3f} ms  p99 {_ms(reg, 0.99):.3f} ms  ({n} calls)")
+    print(f"  issue_plan p50 {_ms(plan, 0.5):.3f} ms  p99 {_ms(plan, 0.99):.3f} ms")
+
+
+def _batch(agents: int, workers: int, base: float) -> Batch:
+    b = Batch()
+    for i in range(agents):
+        for w in range(workers):
+            b.links[(f"b{i}", f"w{w}")] = LinkRecord(0.005, 1e6 + i + base, base)
+        b.seen[f"b{i}"] = base
+    return b
+
+
+async def _lag_while(work) -> tuple[float, float]:
+    """(seconds ``work`` took, the worst lateness of a 1 ms ticker meanwhile)."""
+    worst = 0.0
+    done = False
+
+    async def ticker():
+        nonlocal worst
+        while not done:
+            t = time.perf_counter()
+            await asyncio.sleep(0.001)
+            worst = max(worst, time.perf_counter() - t - 0.001)
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0.01)
+    start = time.perf_counter()
+    await work()
+    took = time.perf_counter() - start
+    done = True
+    await task
+    return took, worst
+
+
+async def flushes(store: Store, agents: int, workers: int, runs: int) -> None:
+    wb = WriteBehind(store)
+    off, on = [], []
+    try:
+        for r in range(runs):
+            wb.pending = _batch(agents, workers, 1000.0 + r)
+            off.append(await _lag_while(wb.flush))
+
+            async def on_loop(r=r):
+                store.write_batch(_batch(agents, workers, 2000.0 + r))
+
+            on.append(await _lag_while(on_loop))
+    finally:
+        await wb.close()
+    rows = agents * (workers + 1)
+    for name, xs in (("store thread", off), ("on the loop ", on)):
+        print(f"  flush {rows} rows, {name}: {statistics.median(x[0] for x in xs) * 1e3:.1f} ms median; "
+              f"loop stalled {statistics.median(x[1] for x in xs) * 1e3:.1f} ms median, {max(x[1] for x in xs) * 1e3:.1f} ms max"
+              f" ({runs} runs)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--store", required=True, help="postgresql://..., sqlite:///PATH or a path (a new, empty database)")
+    ap.add_argument("--agents", type=int, default=10_000)
+    ap.add_argument("--workers", type=int, default=1, help="links per agent")
+    ap.add_argument("--calls", type=int, default=2_000, help="registrations and plans timed")
+    ap.add_argument("--runs", type=int, default=5, help="flushes timed")
+    args = ap.parse_args()
+    store = Store(args.store)
+    try:
+        print(f"{store.backend.name}: {store.path}")
+        immediate(store, args.calls)
+        for i in range(args.agents):  # the heartbeats' rows exist
+            if i >= args.calls:
+                store.put_agent(AgentRecord(f"b{i}", "m", "d", PROFILE, ("w0",), (), pb.Constraints(), 1.0, 1.0))
+        asyncio.run(flushes(store, args.agents, args.workers, args.runs))
+    finally:
+        store.close()
+
+
+if __name__ == "__main__":
+    main()
