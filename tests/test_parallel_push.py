@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from planner.parallel_push import Candidate, ParallelPlanner, device_seconds
-from runtime.agent.parallel_run import PushedStage
+from runtime.agent.parallel_push import PushedStage
 from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.profile import Block, Profile

@@ -16,6 +16,7 @@ import time
 from runtime.agent.frame import FrameResult
 from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator, TileMetrics
 from runtime.contracts.errors import InvalidInput
+from runtime.daemon.tracing import parallel_frame
 from runtime.parallel.plan import ParallelStage
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class PushedStage:
         if old is not None and old is not self.coord:
             asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
 
+    @parallel_frame  # log ids and, when tracing is on, the frame's agent.frame span (runtime.daemon.tracing)
     async def infer(self, seq: int, x, frame: str = ""):
         """One frame through the active stage: a ``FrameResult`` with where = "parallel"."""
         coord = self.coord

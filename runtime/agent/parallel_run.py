@@ -9,7 +9,6 @@ per-worker tile times goes to stderr, and ``edgesplit_agent_tile_seconds{worker}
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
@@ -26,7 +25,7 @@ from runtime.agent.summary import percentile
 from runtime.contracts.errors import InvalidInput
 from runtime.daemon.logcontext import log_scope
 from runtime.daemon.metrics_http import MetricsEndpoint
-from runtime.daemon.tracing import parallel_frame, span
+from runtime.daemon.tracing import span
 from runtime.models.loader import load_model
 from runtime.parallel.plan import ParallelStage
 
@@ -130,70 +129,3 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
             endpoint.close()
     return records
 
-
-class PushedStage:
-    """The parallel stage of the plan the planner pushed (``Plan.parallel``), if any.
-
-    :meth:`apply` takes each plan the agent applies: a plan with a stage gets a coordinator (the
-    workers asked to load the model first), a plan without one drops it. While a stage is active the
-    agent's frames go through :meth:`infer` (the head up to the stage and the tail after it on the
-    device, the blocks tiled over the workers; a failed worker's tiles are recomputed elsewhere or
-    locally, so no frame is lost)."""
-
-    def __init__(self, loaded, options: CoordinatorOptions | None = None, metrics: TileMetrics | None = None,
-                 prepare_timeout_seconds: float = 60.0):
-        self.loaded = loaded
-        self.options = options or CoordinatorOptions()
-        self.metrics = metrics or TileMetrics()
-        self.prepare_timeout_seconds = prepare_timeout_seconds
-        self.coord: ParallelCoordinator | None = None
-        self.version = 0  # the plan version whose stage is active
-        self.predicted_seconds = 0.0
-
-    @property
-    def active(self) -> bool:
-        return self.coord is not None
-
-    async def apply(self, plan) -> None:
-        """Take a ``planner_pb2.Plan``'s stage, or none. InvalidInput (the plan is refused) for a stage
-        this model cannot run: other model, unknown split, a block that cannot be tiled."""
-        old = self.coord
-        if not plan.HasField("parallel") or not plan.parallel.blocks:
-            self.coord = None
-        else:
-            if plan.model_id and plan.model_id != self.loaded.name:
-                raise InvalidInput(f"the plan's parallel stage is for {plan.model_id!r}, the agent runs {self.loaded.name!r}")
-            stage = ParallelStage.from_proto(plan.parallel, self.loaded.name)
-            coord = ParallelCoordinator(self.loaded, stage, self.options, self.metrics)
-            refused = await coord.prepare(self.prepare_timeout_seconds)
-            if refused:
-                logger.warning("plan v%d: workers not ready for the parallel stage: %s (their tiles run elsewhere)",
-                               plan.version, refused)
-            self.coord = coord
-            logger.info("plan v%d: parallel stage %s over %s", plan.version,
-                        " | ".join(f"{b.start}..{b.end}" for b in stage.blocks), ", ".join(stage.workers))
-        self.version, self.predicted_seconds = plan.version, plan.predicted_seconds
-        if old is not None and old is not self.coord:
-            asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
-
-    @parallel_frame  # log ids and, when tracing is on, the frame's agent.frame span (runtime.daemon.tracing)
-    async def infer(self, seq: int, x, frame: str = ""):
-        """One frame through the active stage: a ``FrameResult`` with where = "parallel"."""
-        from runtime.agent.frame import FrameResult
-
-        coord = self.coord
-        if coord is None:
-            raise InvalidInput("no parallel stage is active")
-        t0 = time.perf_counter()
-        y, reports = await coord.run_frame(x)
-        result = FrameResult(seq, frame or f"frame-{seq}", y, "parallel", coord.stage.blocks[0].start,
-                             coord.codec_name, self.version, predicted_seconds=self.predicted_seconds)
-        result.wire_bytes = sum(r.sent_bytes + r.received_bytes for r in reports)
-        result.times["total"] = time.perf_counter() - t0
-        result.times["tiles_max"] = max((r.seconds for r in reports), default=0.0)
-        return result
-
-    async def close(self) -> None:
-        if self.coord is not None:
-            await self.coord.close()
-            self.coord = None
