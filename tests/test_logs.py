@@ -154,3 +154,19 @@ def test_agent_lines_name_frame_plan_and_agent(lines, one_torch_thread):
     assert result.where == "local"
     local = [line for line in lines if "runs locally" in line["msg"]]
     assert local and local[0]["agent"] == "board-9" and local[0]["frame"] == result.seq and local[0]["plan"] == 5
+
+
+def test_agent_cli_json_lines_name_the_agent_from_its_start():
+    import subprocess
+
+    from conftest import REPO, child_env, cli
+
+    out = subprocess.run(cli("agent", "--worker", "", "--model", "digits_cnn", "--frames", "2", "--agent-id", "board-5",
+                             "--log-format", "json", "--log-level", "DEBUG", "--no-summary"),
+                         cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=100)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [json.loads(line) for line in out.stderr.splitlines() if line.startswith("{")]
+    after = lines[next(i for i, line in enumerate(lines) if line["logger"] == "runtime.agent.run"):]
+    assert after and all(line.get("agent") == "board-5" for line in after), after
+    frames = [line for line in after if "runs locally" in line["msg"]]
+    assert [line["frame"] for line in frames] == [0, 1]

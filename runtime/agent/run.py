@@ -17,6 +17,7 @@ from runtime.agent.metrics import AgentMetrics
 from runtime.agent.pacing import Pacer
 from runtime.agent.sources import open_source
 from runtime.agent.summary import summarize
+from runtime.daemon.logcontext import bind
 from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.daemon.sdnotify import notify, start_watchdog, stop_watchdog
 from runtime.daemon.server import stop_on_signals
@@ -74,6 +75,7 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     plan = InitialPlan(split, codec, worker=config.worker, tl=tl, end_split=config.end_split, next_hops=next_hops(config))
     agent = Agent(loaded, plan, config.agent_options(), metrics)
+    bind(agent=agent.agent_id)  # every log line of this process (and the tasks it starts) names the agent
     link = None
     if config.planner:
         from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
