@@ -204,3 +204,18 @@ def test_a_frame_answered_in_time_is_no_evidence():
     assert flight.look(0.05) == 0  # 50 ms: within 8x of the expected 24 ms
     flight.done("w:1", 1, 0)
     assert flight.look(10.0) == 0 and link.estimate("w:1").bandwidth.value == FAST
+
+
+def test_a_starved_worker_is_not_taken_for_a_slow_link():
+    """The worker's recent hold (edge_held, from its receive/send times) is part of what a frame is
+    expected to take: a frame late only by the worker's compute is no bandwidth evidence."""
+    from runtime.agent.inflight import InFlight
+
+    link = LinkEstimator()
+    link.add_bandwidth_sample(FAST, "w:1")
+    flight = InFlight(link)
+    flight.held["w:1"] = 0.4  # the worker held the last answered frame 400 ms (CPU starved)
+    flight._frames["w:1"][1] = [0.0, 150_000, False]
+    assert flight.look(0.5) == 0 and link.estimate("w:1").bandwidth.value == FAST
+    flight.held["w:1"] = 0.0  # the same frame without that explanation is late evidence
+    assert flight.look(0.5) == 1 and link.estimate("w:1").bandwidth.value < FAST

@@ -48,6 +48,12 @@ class EdgeSender:
         self.inflight = inflight
         self.metrics = metrics
         self.deadline_seconds = deadline_seconds
+    def _censored(self, address: str, ahead: int, elapsed: float) -> None:
+        """No result after ``elapsed`` s: the link did not carry ``ahead`` bytes in the time left once the
+        worker's recent hold is taken off (a starved worker is not a slow link; runtime.agent.estimator)."""
+        network = elapsed - self.inflight.held.get(address, 0.0)
+        if network > 0:
+            self.link.observe_censored(address, ahead, network)
 
     async def run(self, stream: EdgeStream, header: pb.FrameHeader, msg, result: FrameResult) -> str:
         """Send one frame and wait (bounded) for its result; returns "" or why it must run locally."""
@@ -70,16 +76,18 @@ class EdgeSender:
             finally:
                 self.metrics.inflight.dec()
             read_result(res, result, t_send)
+            if "edge_held" in result.times:
+                self.inflight.held[stream.address] = result.times["edge_held"]
         except (asyncio.TimeoutError, DeadlineExceeded) as e:
             if not isinstance(e, DeadlineExceeded):  # sent whole: the worker is told not to compute it
                 stream.abandon(seq)
             # censored: the link did not carry `ahead` bytes in this time (runtime.agent.estimator)
-            self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
+            self._censored(stream.address, ahead, time.perf_counter() - t_send)
             return f"deadline: no edge result within {self.deadline_seconds:g}s"
         except EdgesplitError as e:
             refused = str(e).startswith("worker refused")
             if not refused:  # the stream broke under it: its bytes did not get through either (censored)
-                self.link.observe_censored(stream.address, ahead, time.perf_counter() - t_send)
+                self._censored(stream.address, ahead, time.perf_counter() - t_send)
             return str(e) if refused else f"worker unavailable: {e}"
         finally:
             self.inflight.done(stream.address, seq, result.wire_bytes)

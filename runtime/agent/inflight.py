@@ -3,7 +3,8 @@
 The agent records each frame it sends (:meth:`InFlight.sent`: its send time and the bytes ahead of
 it, its own included) until its result, deadline or failure (:meth:`InFlight.done`). A watcher
 looks every ``period`` seconds: a frame still in flight ``late_factor`` times longer than the link's
-estimate says its bytes should take (bytes ahead / bandwidth + base RTT), and at least
+estimate says its bytes should take (bytes ahead / bandwidth + base RTT + the worker's hold of the
+latest answered frame: a starved worker is not a slow link), and at least
 ``min_late_seconds``, is an upper bound of the bandwidth before its deadline: the bytes ahead did
 not get through in that time. It is taken once per frame as an ordinary sample (through the step
 detector, so it takes two such frames in a row to declare a step: one stalled frame is not a
@@ -32,6 +33,9 @@ class InFlight:
         self.late_factor, self.min_late_seconds, self.period = late_factor, min_late_seconds, period
         self._frames: dict[str, dict[int, list]] = defaultdict(dict)  # address -> seq -> [sent at, ahead, seen late]
         self._bytes: dict[str, int] = defaultdict(int)
+        # the worker's hold (last byte in -> result out, from its own clock) of the latest answered frame,
+        # per address (runtime.agent.edge sets it): time the link is not to blame for
+        self.held: dict[str, float] = {}
         self._task: asyncio.Task | None = None
         self.late = 0  # frames taken as early upper bounds
 
@@ -62,11 +66,12 @@ class InFlight:
             for entry in frames.values():
                 sent_at, ahead, seen = entry
                 elapsed = now - sent_at
-                expected = ahead / est.bandwidth.value + est.rtt.value
+                held = self.held.get(address, 0.0)
+                expected = ahead / est.bandwidth.value + est.rtt.value + held
                 if not seen and elapsed > max(self.min_late_seconds, self.late_factor * expected):
                     entry[2] = True
                     taken += 1
-                    self.link.add_bandwidth_sample(ahead / max(elapsed - est.rtt.value, 1e-6), address)
+                    self.link.add_bandwidth_sample(ahead / max(elapsed - est.rtt.value - held, 1e-6), address)
         self.late += taken
         return taken
 
