@@ -7,6 +7,7 @@ PostgreSQL tests skip with the reason where no server can be started (tests/post
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 
@@ -213,6 +214,14 @@ def test_a_killed_planner_loses_only_unacknowledged_link_samples(engine, tmp_pat
                 async def one(bw):
                     yield pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=bw, rtt_seconds=0.005)
 
+                pushed: list[int] = []  # every plan the agent is told, on its WatchPlan stream
+
+                async def watch():
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        async for p in stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=60):
+                            pushed.append(p.version)
+
+                watcher = asyncio.create_task(watch())
                 acked = await stub.ReportTelemetry(one(2_000_000.0), timeout=RPC)  # acknowledged: stored
                 # not acknowledged: the stream is still open when the planner dies
                 call = stub.ReportTelemetry(timeout=RPC)
@@ -221,16 +230,92 @@ def test_a_killed_planner_loses_only_unacknowledged_link_samples(engine, tmp_pat
                 await asyncio.sleep(0.3)  # received and recorded (in memory) by now; no flush is due for 30 s
                 kill(proc)
                 call.cancel()
-                return reply.plan, acked.received
+                await watcher
+                return reply.plan, acked.received, pushed
 
-        plan, received = asyncio.run(main())
+        plan, received, pushed = asyncio.run(main())
     finally:
         kill(proc)
     assert plan.version == 1 and received == 1
     s = Store(where)
     try:
         assert s.workers().keys() == {"w1"} and s.agents().keys() == {"a1"}  # registrations: written at once
-        assert s.current_plan("a1").plan.version == 1  # the plan the agent was given
+        told = [plan.version, *pushed]  # the registration's reply, then each push (telemetry may re-plan)
+        assert s.current_plan("a1").plan.version == max(told)  # the last plan the agent was told is stored
+        assert {h.plan.version for h in s.history("a1")} >= set(told)
         assert s.links()["a1"]["w1"].bandwidth_bytes_per_second == 2_000_000.0  # the acknowledged sample
     finally:
         s.close()
+
+
+def test_a_clean_shutdown_flushes_what_the_write_behind_holds(tmp_path):
+    """A link sample the planner holds but has not flushed (no ack asked for it) is written on drain."""
+    from planner.config import PlannerConfig
+    from planner.server import serve
+
+    db = tmp_path / "p.sqlite"
+
+    async def main():
+        ps = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(db), store_flush_seconds=60.0,
+                                       default_bandwidth_bytes_per_second=10_000_000.0))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}") as ch:
+                stub = pb_grpc.PlannerStub(ch)
+                await stub.RegisterWorker(pb.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:50051",
+                                                                   tier="edge", profiles_json=[EDGE_PROFILE]), timeout=RPC)
+                await stub.RegisterAgent(pb.RegisterAgentRequest(agent_id="a1", model_id=MODEL, model_digest="w1",
+                                                                 profile_json=DEVICE_PROFILE), timeout=RPC)
+                call = stub.ReportTelemetry(timeout=RPC)
+                await call.write(pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=3_000_000.0,
+                                              rtt_seconds=0.005))
+                st = ps.service.state.agents["a1"]
+                deadline = time.monotonic() + 10
+                while "w1" not in st.links:  # recorded in memory
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.01)
+                assert Store(db).links() == {}  # not written yet: the flush is a minute away
+                call.cancel()
+        finally:
+            await ps.drain_and_stop(1.0)
+
+    asyncio.run(main())
+    s = Store(db)
+    assert s.links()["a1"]["w1"].bandwidth_bytes_per_second == 3_000_000.0
+    s.close()
+
+
+def test_a_lapsed_lease_is_taken_over_by_any_call_and_the_agent_loaded(postgres, tmp_path):  # noqa: F811
+    """A replica dies; once its lease lapsed, another replica takes the agent over on a call that is
+    not a registration, with the agent's record and plan from the store."""
+    where = postgres.new_database()
+    flags = ("--store-flush-seconds", "0.2", "--lease-seconds", "0.5", "--default-bandwidth-bytes-per-second", "1e7")
+    a, address_a = start_planner(where, tmp_path, *flags)
+    b, address_b = start_planner(where, tmp_path, *flags)
+    try:
+        async def main():
+            async with grpc.aio.insecure_channel(address_a) as ca, grpc.aio.insecure_channel(address_b) as cb:
+                sa, sb = pb_grpc.PlannerStub(ca), pb_grpc.PlannerStub(cb)
+                for stub in (sa, sb):
+                    await stub.RegisterWorker(pb.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:50051",
+                                                                       tier="edge", profiles_json=[EDGE_PROFILE]),
+                                              timeout=RPC)
+                plan = (await sa.RegisterAgent(pb.RegisterAgentRequest(agent_id="a1", model_id=MODEL, model_digest="w1",
+                                                                       profile_json=DEVICE_PROFILE), timeout=RPC)).plan
+                kill(a)
+                s = Store(where)
+                try:
+                    deadline = time.monotonic() + 10
+                    while s.leases()["a1"][1] > 0:  # until A's lease lapsed (the database's clock)
+                        assert time.monotonic() < deadline
+                        await asyncio.sleep(0.05)
+                finally:
+                    s.close()
+                await sb.ReportPlanStatus(pb.PlanStatus(agent_id="a1", version=plan.version, applied=True), timeout=RPC)
+                listed = {x.agent_id: x for x in (await sb.ListAgents(pb.ListAgentsRequest(), timeout=RPC)).agents}
+                return plan, listed
+
+        plan, listed = asyncio.run(main())
+    finally:
+        kill(a)
+        kill(b)
+    assert listed["a1"].plan.version == plan.version and listed["a1"].plan.worker_id == "w1"

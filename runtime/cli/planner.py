@@ -39,7 +39,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_print_config(args: argparse.Namespace) -> int:
-    print(to_toml(_config(args), SECTION), end="")
+    import dataclasses
+
+    from planner.store_sql import redact
+
+    cfg = _config(args)
+    print(to_toml(dataclasses.replace(cfg, store=redact(cfg.store)), SECTION), end="")  # no database password
     return 0
 
 
