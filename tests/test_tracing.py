@@ -384,7 +384,7 @@ def test_a_parallel_stage_frame_is_one_trace_with_its_tiles(aio, spans):
             for w in workers:
                 await w.drain_and_stop(1.0)
 
-    y, reports = aio.run(scenario())
+    _, reports = aio.run(scenario())
     assert len(reports) == 2 and all(r.ran_on != "local" for r in reports), reports
     finished = spans.get_finished_spans()
     root = one(finished, "agent.frame")
