@@ -22,7 +22,7 @@ import grpc
 
 from runtime.measure.fleet.agent import Phase, Shared, SimAgent
 from runtime.measure.fleet.options import FleetOptions
-from runtime.measure.fleet.planner_proc import pin
+from runtime.measure.fleet.planner_proc import pin, sched_seconds
 from runtime.measure.fleet.stats import Stats
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.wire.transport import TransportOptions
@@ -60,6 +60,7 @@ def main(spec: LoaderSpec, conn: Any) -> None:
     stats = asyncio.run(_run(spec, conn))
     usage = resource.getrusage(resource.RUSAGE_SELF)
     stats.cpu_seconds = usage.ru_utime + usage.ru_stime
+    stats.wait_seconds = sched_seconds("self")[1]
     conn.send(("stats", stats.to_dict()))
     conn.close()
 
@@ -91,6 +92,7 @@ async def _run(spec: LoaderSpec, conn: Any) -> Stats:
                 tasks.append(asyncio.create_task(a.steps()))
         return ok
 
+    lag = asyncio.create_task(loop_lag(stats.loop_lag))
     done = await asyncio.gather(*(start(i, a) for i, a in enumerate(agents)))
     conn.send(("registered", sum(done), stats.last_register))
     phase.start, phase.end = await loop.run_in_executor(None, conn.recv)
@@ -103,6 +105,19 @@ async def _run(spec: LoaderSpec, conn: Any) -> Stats:
     for t in (*pending, *watches):
         t.cancel()
     await asyncio.gather(*tasks, *watches, return_exceptions=True)
+    lag.cancel()
     for c in channels:
         await c.close(grace=None)
     return stats
+
+
+LAG_TICK_SECONDS = 0.1
+
+
+async def loop_lag(out: list[tuple[float, float]]) -> None:
+    """How late a ``LAG_TICK_SECONDS`` sleep wakes up, again and again: an event loop too busy to keep
+    its agents' timers shows here (and its step-to-push and health figures would include it)."""
+    while True:
+        t0 = time.monotonic()
+        await asyncio.sleep(LAG_TICK_SECONDS)
+        out.append((t0, max(0.0, time.monotonic() - t0 - LAG_TICK_SECONDS)))

@@ -35,6 +35,21 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def sched_seconds(pid: int | str) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of all of ``pid``'s threads so far,
+    from ``/proc/PID/task/*/schedstat`` ((0, 0) where the kernel keeps no schedstat). The wait is how
+    much CPU the process wanted and did not get: on a machine shared with other jobs a planner that
+    looks idle may be starved."""
+    run = wait = 0
+    for f in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            parts = f.read_text().split()
+        except OSError:
+            continue
+        run, wait = run + int(parts[0]), wait + int(parts[1])
+    return run / 1e9, wait / 1e9
+
+
 def rss_bytes(pid: int) -> int:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -63,6 +78,7 @@ class Sample:
     t: float  # monotonic
     cpu: float  # CPU seconds so far
     rss: int
+    wait: float = 0.0  # seconds its threads were runnable and waited for a CPU (schedstat)
 
 
 @dataclass
@@ -105,7 +121,7 @@ class PlannerProcess:
         return self.proc.pid
 
     def sample(self) -> Sample:
-        s = Sample(time.monotonic(), cpu_seconds(self.pid), rss_bytes(self.pid))
+        s = Sample(time.monotonic(), cpu_seconds(self.pid), rss_bytes(self.pid), sched_seconds(self.pid)[1])
         self.samples.append(s)
         return s
 

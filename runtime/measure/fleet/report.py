@@ -37,6 +37,16 @@ def _cpu_share(samples: list[dict[str, Any]], a: float, b: float) -> float | Non
     return round((y["cpu"] - x["cpu"]) / (y["t"] - x["t"]), 3)
 
 
+def _wait_share(samples: list[dict[str, Any]], a: float, b: float) -> float | None:
+    """Cores' worth of time the planner's threads waited for a CPU between ``a`` and ``b``."""
+    before = [s for s in samples if s["t"] <= a]
+    after = [s for s in samples if s["t"] >= b]
+    if not before or not after or after[0]["t"] <= before[-1]["t"]:
+        return None
+    x, y = before[-1], after[0]
+    return round((y.get("wait", 0.0) - x.get("wait", 0.0)) / (y["t"] - x["t"]), 3)
+
+
 def _health(health: list[tuple[float, float]], a: float, b: float) -> dict[str, Any]:
     ok = [s for t, s in health if a <= t <= b and s >= 0]
     failed = sum(1 for t, s in health if a <= t <= b and s < 0)
@@ -53,6 +63,7 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
     rss_end = max((s["rss"] for s in samples if s["t"] <= m_b), default=0)
     registered = st["registered"]
     lat = st["step_to_push"]
+    lag = [x for t, x in st["loop_lag"] if m_a <= t <= m_b]  # the measured phase only
     loader_cpu = st["cpu_seconds"] + raw["driver_cpu_seconds"]  # loader processes + this one (health, samples)
     wall = m_b - raw["t_spawn"]
     return {
@@ -66,8 +77,10 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
                          "per_second": None if not reg_span else round(registered / reg_span, 1),
                          "call_p50_ms": _ms(percentile(st["register_seconds"], 50)),
                          "call_p99_ms": _ms(percentile(st["register_seconds"], 99)),
-                         "planner_cpu_cores": _cpu_share(samples, reg_a, reg_b) if reg_span else None},
+                         "planner_cpu_cores": _cpu_share(samples, reg_a, reg_b) if reg_span else None,
+                         "planner_wait_cores": _wait_share(samples, reg_a, reg_b) if reg_span else None},
         "steady": {"seconds": round(duration, 1), "planner_cpu_cores": _cpu_share(samples, m_a, m_b),
+                   "planner_wait_cores": _wait_share(samples, m_a, m_b),
                    "planner_rss_mb": round(rss_end / 2**20, 1),
                    "planner_rss_mb_before_agents": round(raw["baseline"]["rss"] / 2**20, 1),
                    "rss_kb_per_agent": round((rss_end - raw["baseline"]["rss"]) / 1024 / max(1, registered), 1)},
@@ -84,7 +97,10 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
         "errors": dict(sorted(st["errors"].items())),
         "retry_after": {"answers": st["retry_after"], "seconds_waited": round(st["retry_after_seconds"], 2)},
         "loader": {"processes": options.loader_count, "channels_each": options.channels,
-                   "cpu_seconds": round(loader_cpu, 1), "cpu_cores": round(loader_cpu / max(1e-9, wall), 3)},
+                   "cpu_seconds": round(loader_cpu, 1), "cpu_cores": round(loader_cpu / max(1e-9, wall), 3),
+                   "wait_seconds": round(st["wait_seconds"], 1),
+                   "loop_lag_p50_ms": _ms(percentile(lag, 50)), "loop_lag_p99_ms": _ms(percentile(lag, 99)),
+                   "driver_loop_lag_p99_ms": _ms(percentile([x for t, x in raw["driver_lag"] if m_a <= t <= m_b], 99))},
         "planner_exit": raw["planner_exit"], "planner_log_tail": raw["planner_log_tail"],
         "planner_pid": raw["planner_pid"], "planner_folder": raw["planner_folder"],
     }
@@ -101,13 +117,14 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"- registration: {reg['registered']:,}/{reg['agents']:,} agents in {reg['seconds']} s "
         f"({reg['per_second']}/s); RegisterAgent p50 {reg['call_p50_ms']} ms, p99 {reg['call_p99_ms']} ms; "
-        f"planner CPU {reg['planner_cpu_cores']} cores",
+        f"planner CPU {reg['planner_cpu_cores']} cores (waiting for a CPU {reg['planner_wait_cores']})",
         f"- step-to-push (bandwidth step reported -> new plan at that agent): p50 {sp['p50_ms']} ms, "
         f"p99 {sp['p99_ms']} ms, max {sp['max_ms']} ms; {sp['pushed']} of {sp['steps']} steps pushed, {sp['missed']} missed"
         + (f" ({', '.join(f'{k}: {v}' for k, v in sp['missed_by'].items())})" if sp["missed_by"] else ""),
         f"- health: p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms over {h['checks']} checks "
         f"({h['failed']} failed); measured phase only: p50 {hs['p50_ms']} ms, p99 {hs['p99_ms']} ms",
-        f"- planner in the measured phase ({sd['seconds']} s): CPU {sd['planner_cpu_cores']} cores, RSS "
+        f"- planner in the measured phase ({sd['seconds']} s): CPU {sd['planner_cpu_cores']} cores (runnable but "
+        f"waiting for a CPU: {sd['planner_wait_cores']} cores' worth), RSS "
         f"{sd['planner_rss_mb']} MB ({sd['planner_rss_mb_before_agents']} MB before agents, "
         f"{sd['rss_kb_per_agent']} KB per agent)",
         f"- telemetry: {t['sent']:,} sent ({t['per_second']}/s over the run), {t['acked']:,} acked on "
@@ -115,8 +132,9 @@ def markdown(r: dict[str, Any]) -> str:
         f"- errors by RPC and code: {errors}; retry-after answers {r['retry_after']['answers']} "
         f"({r['retry_after']['seconds_waited']} s waited)",
         f"- loader: {ld['processes']} process(es) x {ld['channels_each']} channels, {ld['cpu_seconds']} CPU s with the driver "
-        f"({ld['cpu_cores']} cores), counted apart from the planner; pinned: {m['pinned']} (planner cpus "
-        f"{m['planner_cpus']}, loader cpus {m['loader_cpus']})",
+        f"({ld['cpu_cores']} cores; {ld['wait_seconds']} s waiting for a CPU), counted apart from the planner; event-loop "
+        f"lag in the measured phase p50 {ld['loop_lag_p50_ms']} ms, p99 {ld['loop_lag_p99_ms']} ms (driver p99 {ld['driver_loop_lag_p99_ms']} ms); "
+        f"pinned: {m['pinned']} (planner cpus {m['planner_cpus']}, loader cpus {m['loader_cpus']})",
         f"- load average before {_load(m['load_before'])}, after {_load(m['load_after'])} (machine shared with other jobs)",
     ]
     if r["planner_exit"] is not None:

@@ -89,7 +89,9 @@ async def _drive(options: FleetOptions, planner: PlannerProcess, boards: Fleet, 
         baseline = planner.sample()
         health: list[tuple[float, float]] = []  # (monotonic, seconds); -1 = failed
         health_errors: Counter = Counter()
+        driver_lag: list[tuple[float, float]] = []
         background = [asyncio.create_task(_health_loop(health_channel, options, health, health_errors)),
+                      asyncio.create_task(loader.loop_lag(driver_lag)),
                       asyncio.create_task(_sample_loop(planner)),
                       asyncio.create_task(_workers_loop(stub, workers, leases, boards, options))]
         try:
@@ -99,7 +101,7 @@ async def _drive(options: FleetOptions, planner: PlannerProcess, boards: Fleet, 
             for t in background:
                 t.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-        raw.update(health=health, health_errors=dict(health_errors), baseline=baseline.__dict__,
+        raw.update(health=health, health_errors=dict(health_errors), baseline=baseline.__dict__, driver_lag=driver_lag,
                    samples=[s.__dict__ for s in planner.samples])
         return raw
     finally:

@@ -32,6 +32,8 @@ class Stats:
     steps_missed: int = 0  # no new plan before the next step, the push timeout or the end
     missed_by: Counter = field(default_factory=Counter)  # "board-K down|up" -> missed steps
     cpu_seconds: float = 0.0  # this loader process's own CPU (getrusage)
+    wait_seconds: float = 0.0  # its threads' time runnable but waiting for a CPU (schedstat)
+    loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, how late a 100 ms timer fired)
 
     def error(self, rpc: str, e: BaseException) -> float:
         """Count one failed call; returns the retry-after it asked for (0.0: none)."""
