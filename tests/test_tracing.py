@@ -115,9 +115,9 @@ def test_one_frame_is_one_trace_across_agent_and_two_workers(aio, spans):
                 children.setdefault(s.parent.span_id, set()).add(s.name)
         assert {"agent.board_queue", "agent.head", "agent.encode", "agent.send", "agent.wait",
                 "worker.frame"} <= children[root.context.span_id]
-        assert {"worker.queue", "worker.decode", "worker.tail", "worker.forward.encode",
+        assert {"worker.receive", "worker.queue", "worker.decode", "worker.tail", "worker.forward.encode",
                 "worker.forward"} <= children[edge_span.context.span_id]
-        assert {"worker.queue", "worker.decode", "worker.tail"} <= children[cloud_span.context.span_id]
+        assert {"worker.receive", "worker.queue", "worker.decode", "worker.tail"} <= children[cloud_span.context.span_id]
         for s in ss:  # every stage lies inside its frame's span (1 ms slack for the laid-out ones)
             assert root.start_time - 1_000_000 <= s.start_time <= s.end_time <= root.end_time + 1_000_000, s.name
     # the agent's Prepare travelled the chain in gRPC metadata: client -> edge -> client -> cloud
