@@ -2,8 +2,12 @@
 for log shippers), accepted before or after the subcommand.
 
 A JSON line carries ``ts`` (RFC 3339, UTC), ``level``, ``logger``, ``msg``, ``exc`` (a traceback,
-when there is one), and any of these when the call site passed them with ``extra=``: ``frame``
-(sequence number), ``plan`` (plan version), ``agent``, ``worker``, ``model``, ``split``.
+when there is one), and any of these ids where they are known: ``frame`` (sequence number), ``plan``
+(plan version), ``agent``, ``worker``, ``model``, ``split``. They come from the log context of the
+code path (runtime.daemon.logcontext: a frame's hooks on the worker and the agent set them for every
+line logged while that frame is handled), from the call's ``extra=`` (which wins), or, in a daemon's
+RPC handler, from the authenticated caller (``agent`` or ``worker``: its certificate's or token's id). With tracing on
+(runtime.daemon.tracing), a line logged inside a span also carries ``trace_id`` and ``span_id``.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ import os
 import sys
 import time
 
+from runtime.daemon import logcontext
+
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 FORMATS = ("text", "json")
-CONTEXT_FIELDS = ("frame", "plan", "agent", "worker", "model", "split")  # extra= keys a JSON line keeps
+CONTEXT_FIELDS = logcontext.FIELDS  # ids a JSON line keeps: frame, plan, agent, worker, model, split
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -31,12 +37,33 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        line.update(logcontext.current())
         for key in CONTEXT_FIELDS:
             if key in record.__dict__:
                 line[key] = record.__dict__[key]
+        caller = _caller()
+        if caller is not None:
+            line.setdefault(caller[0], caller[1])
+        ids = _trace_ids()
+        if ids is not None:
+            line["trace_id"], line["span_id"] = ids
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)
         return json.dumps(line, default=str)
+
+
+def _caller() -> tuple[str, str] | None:
+    """("agent"|"worker", id) of the authenticated caller of the RPC being handled (runtime.daemon.auth)."""
+    auth = sys.modules.get("runtime.daemon.auth")  # loaded in daemons only
+    if auth is None:
+        return None
+    ident = auth.current_identity()
+    return (ident.role, ident.id) if ident.authenticated and ident.role in ("agent", "worker") and ident.id else None
+
+
+def _trace_ids() -> tuple[str, str] | None:
+    tracing = sys.modules.get("runtime.daemon.tracing")  # never imported for this: off costs nothing
+    return tracing.current_ids() if tracing is not None else None
 
 
 def add_log_flags(parser: argparse.ArgumentParser, root: bool) -> None:
