@@ -37,6 +37,7 @@ from planner.hysteresis import Hysteresis
 from planner.inband import Basis, in_band
 from planner.intake import Intake
 from planner.metrics import PlannerMetrics
+from planner.parallel_push import ParallelPlanner
 from planner.ranking import Ranker
 from planner.state import AgentState, PlannerState, WorkerState
 from planner.store import APPLIED, REFUSED, AgentRecord
@@ -64,9 +65,11 @@ class RePlanner:
         self.ranker = Ranker(config, state, metrics)
         self.executor, self.cache, self.rank_cache = self.ranker.executor, self.ranker.cache, self.ranker.rank_cache
         self.rank, self.prefetch = self.ranker.rank, self.ranker.prefetch
+        self.parallel = ParallelPlanner()  # parallel stages over several workers (planner.parallel_push)
         self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
         self._basis: dict[str, Basis] = {}  # agent id -> what its plan's bands were ranked with (planner.inband)
         self._banded: dict[str, int] = {}  # agent id -> plan version issued on a measured link without bands
+        self._previous: dict[str, pb.Plan] = {}  # agent id -> its plan before the current one (version, model, split)
         self._gauged = -float("inf")  # monotonic time the per-agent gauges were last refreshed
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
@@ -147,7 +150,7 @@ class RePlanner:
                 if st.links and self.broadcaster.watching(aid)]
         self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
         self.metrics.device_slowdown_max.set(max((st.speed.factor for st in agents.values()), default=1.0))
-        for memo in (self._basis, self._banded):  # agents no longer held here (another replica took them)
+        for memo in (self._basis, self._banded, self._previous):  # agents no longer held here (another replica took them)
             for aid in [a for a in memo if a not in agents]:
                 del memo[aid]
 
@@ -184,7 +187,11 @@ class RePlanner:
             record = dataclasses.replace(st.record, workers=(wid,))
             await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
         await fallbacks.attach(self.state, self.rank, st, plan)  # the agent's own switches when its link leaves the band
+        await self.parallel.consider(self.state, st, plan, self.executor)  # Plan.parallel when faster (DPFP)
         plan = self.state.issue_plan(plan)
+        if st.plan is not None:
+            self._previous[st.record.id] = pb.Plan(version=st.plan.version, model_id=st.plan.model_id,
+                                                   split_index=st.plan.split_index)
         st.plan = plan
         self._set_basis(st)
         self.hysteresis.reset(st.record.id)
@@ -366,6 +373,9 @@ class RePlanner:
         factor decisions use moved. A report under no plan of this agent (version 0: the agent's own
         split; a version this planner never issued to it) gives no sample."""
         plan = st.plan if st.plan is not None and st.plan.version == t.plan_version else None
+        prev = self._previous.get(st.record.id)
+        if plan is None and prev is not None and prev.version == t.plan_version:
+            plan = prev  # the plan before the current one (reports under it until the agent switches): no store read
         if plan is None and t.plan_version:
             stored = self.state.stored_plan(st.record.id, t.plan_version)
             plan = stored.plan if stored is not None else None
