@@ -1,0 +1,108 @@
+"""A parallel stage pushed by the planner and run by the agent (issue 13), all real, on loopback.
+
+A real planner (in this event loop), two real worker processes serving ResNet-18 (a bundled model:
+the planner takes its receptive geometry by name), and an agent with its :class:`PlannerLink`. The
+workers register with hand-written profiles (the model's real split names) that make two of them
+worth it: the tileable blocks take 0.2 s each on a worker and 2 s on the board, the pooling and
+classifier after them 1 ms anywhere (whatever bandwidth the agent measures on loopback, halving the
+compute gains more than the halos and exchanges cost). The planner's search offloads the
+whole model to one worker; its re-planner then considers DPFP over both and, predicted faster,
+pushes the plan with ``Plan.parallel``. The agent applies it and runs frames through the stage:
+every frame's output equals the unsplit model's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import pytest
+import torch
+
+from planner.config import PlannerConfig
+from planner.parallel_plan import tileable_end
+from planner.server import serve as serve_planner
+from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
+from runtime.agent.sources import open_source
+from runtime.contracts.profile import Block, Profile
+from runtime.models.loader import load_model
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+from runtime.wire.codec import get_codec
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(180)]
+
+AGENT = "board-p"
+WORKERS = ("edge-a", "edge-b")
+RPC = 10.0
+MODEL = "resnet18"
+PLANNER = dict(hold_seconds=0.5, replan_interval_seconds=0.1, telemetry_max_rate_hz=5.0, default_rtt_seconds=0.001,
+               default_bandwidth_bytes_per_second=50e6, metrics_port=-1, compute_telemetry=False)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model(MODEL)
+
+
+def make_profile(loaded, role: str, machine: str) -> Profile:
+    conv = 2.0 if role == "device" else 0.2  # compute dominates even a slow measured link: two workers win
+    end = tileable_end(loaded.sliced, 0)  # blocks 0 .. end-1 can be tiled
+    blocks = tuple(Block(i, sp.name, conv if i < end else 0.001, sp.fp32_bytes)
+                   for i, sp in enumerate(loaded.sliced.split_points[1:]))
+    return Profile(machine=machine, role=role, model=loaded.name, model_digest=loaded.digest, blocks=blocks,
+                   input_bytes=loaded.sliced.split_points[0].fp32_bytes)
+
+
+async def until(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_it(loaded, start_worker, tmp_path):
+    ports = [start_worker("--preload", MODEL, "--torch-threads", "1")[1] for _ in WORKERS]
+    frames = [f.tensor for f in open_source(loaded.spec, "synthetic", 4)]
+    with torch.inference_mode():
+        expected = [loaded.full(x) for x in frames]
+
+    async def scenario():
+        ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **PLANNER))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
+        stub = ppb_grpc.PlannerStub(channel)
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
+                      AgentOptions(agent_id=AGENT, deadline_seconds=30.0, connect_timeout=2.0))
+        link = PlannerLink(agent, PlannerLinkOptions(
+            f"127.0.0.1:{ps.port}", make_profile(loaded, "device", "board"), AGENT, workers=WORKERS,
+            telemetry_interval_seconds=0.5, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
+        try:
+            for wid, port in zip(WORKERS, ports, strict=True):
+                await stub.RegisterWorker(ppb.RegisterWorkerRequest(
+                    worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
+                    profiles_json=[make_profile(loaded, "edge", wid).to_json()]), timeout=RPC)
+            await link.start()
+            await until(lambda: agent.parallel.active, 20, "a plan with a parallel stage")
+            stage = agent.parallel.coord.stage
+            results = [await agent.infer(x, f"f{i}") for i, x in enumerate(frames)]
+            info = next(a for a in (await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents
+                        if a.agent_id == AGENT)
+            return results, info, stage
+        finally:
+            await link.close()
+            await agent.close()
+            await channel.close()
+            await ps.drain_and_stop(1.0)
+
+    results, info, stage = asyncio.run(scenario())
+    assert set(stage.workers) == {f"127.0.0.1:{p}" for p in ports}
+    assert list(info.plan.parallel.worker_ids) == list(WORKERS) and "parallel stage" in info.plan.reason
+    assert any(sum(1 for s in b.shares if s > 0) == 2 for b in stage.blocks)  # both workers compute tiles
+    for r, want in zip(results, expected, strict=True):
+        assert r.where == "parallel" and r.plan_version >= 1
+        assert float((r.output - want).abs().max() / want.abs().max()) <= 1e-5
+        assert r.top1()[0] == int(want.argmax())
