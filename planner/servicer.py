@@ -48,7 +48,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         # who owns which worker/agent id (planner.owners): the hijack and spoofing guard
         self.owners = Owners(state.config.registration_ttl_seconds, state.config.max_ids_per_identity)
         # profiles parsed and checked once per content hash (agents of one board type share one)
-        self.profiles = ProfileCache(state.config.profile_cache_size)
+        self.profiles: ProfileCache = state.profiles
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
 
     def _owned(self, kind: str, ident: str, context: grpc.aio.ServicerContext | None) -> None:

@@ -104,6 +104,8 @@ class PlannerState:
         self.generation = 0  # counts worker registrations (each worker remembers the one that made it)
         self.behind = WriteBehind(store)  # links, heartbeats and speeds: one transaction per interval
         self.fence: tuple[str, float] | None = None  # (replica id, lease seconds): plans only under the lease
+        # profiles parsed and checked once per content hash (agents of one board type share one; issue 15)
+        self.profiles = profiles.ProfileCache(config.profile_cache_size)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -112,7 +114,8 @@ class PlannerState:
         shared store (replicas) agents are not loaded here: each is loaded when it attaches
         (:meth:`load_agent`, planner.replicas)."""
         for wid, wrec in self.store.workers().items():
-            self.workers[wid] = WorkerState(wrec, requests.parse_worker_profiles(wrec.id, list(wrec.profiles.values())))
+            self.workers[wid] = WorkerState(wrec, requests.parse_worker_profiles(wrec.id, list(wrec.profiles.values()),
+                                                                                 self.profiles))
         if not self.store.backend.shared:
             plans, links, speeds = self.store.current_plans(), self.store.links(), self.store.speeds()
             for aid, rec in self.store.agents().items():
@@ -139,7 +142,8 @@ class PlannerState:
                  speed: SpeedRecord | None) -> AgentState:
         """An agent's state as the store left it, marked to be decided again (a worker may have changed)."""
         aid = rec.id
-        st = AgentState(rec, profiles.loads(rec.profile, f"stored profile of agent {aid}"))
+        st = AgentState(rec, self.profiles.loads(rec.profile, f"stored profile of agent {aid}"))
+        rec.profile = self.profiles.shared(rec.profile)  # one copy of the text per board type
         st.plan = plan.plan if plan is not None else None
         st.links = links
         if speed is not None and self.config.compute_telemetry:
