@@ -47,6 +47,20 @@ def test_quick_run_measures_a_real_planner(tmp_path):
     assert _gone(r["planner_pid"]) and not Path(r["planner_folder"]).exists()
 
 
+def test_shed_reports_are_counted_and_their_retry_after_honoured(tmp_path):
+    """A planner whose decision queue holds one agent sheds reports (RESOURCE_EXHAUSTED with
+    retry-after-ms, planner/intake.py): the loader counts them by code and waits as asked."""
+    done = subprocess.run([*CLI, "--agents", "150", "--telemetry-interval", "1", "--step-fraction", "0.5",
+                           "--step-period", "2", "--duration", "6", "--settle", "1", "--out", str(tmp_path),
+                           "--planner-arg=--telemetry-max-pending=1"], capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp_path / "fleet.json").read_text())
+    shed = r["errors"].get("ReportTelemetry RESOURCE_EXHAUSTED", 0)
+    assert shed > 0, r["errors"]
+    assert r["retry_after"]["answers"] == shed and r["retry_after"]["seconds_waited"] > 0
+    assert r["telemetry"]["streams"] > 150  # shed streams were reopened after their wait
+
+
 def test_ctrl_c_stops_the_planner_and_removes_its_folder(tmp_path):
     proc = subprocess.Popen([*CLI, "--agents", "20", "--duration", "60", "--out", str(tmp_path)],
                             stderr=subprocess.PIPE, text=True)

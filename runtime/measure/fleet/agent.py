@@ -132,11 +132,21 @@ class SimAgent:
                 wait = self.stats.error("WatchPlan", e) or backoff * (0.5 + self.rng.random())
                 backoff = min(backoff * 2, BACKOFF_MAX)
             except Exception as e:  # counted, the stream reopens
-                wait = self.stats.error("WatchPlan", e) or backoff
+                wait = await self._ended("WatchPlan", call, e) or backoff
             finally:
                 call.cancel()
             if not self.phase.stopping:
                 await asyncio.sleep(wait)
+
+    async def _ended(self, rpc: str, call, e: Exception) -> float:
+        """Count a stream that failed with ``e``, by the call's own status when it has ended (its
+        retry-after, 0.0 when none)."""
+        if call.done():
+            with contextlib.suppress(Exception):
+                code = await call.code()
+                if code != grpc.StatusCode.OK:
+                    return self.stats.status(rpc, code, await call.trailing_metadata())
+        return self.stats.error(rpc, e)
 
     async def _status(self, version: int) -> None:
         try:
@@ -175,8 +185,8 @@ class SimAgent:
             except asyncio.TimeoutError:
                 self.stats.errors["ReportTelemetry client-timeout"] += 1
                 wait = backoff
-            except Exception as e:  # a call that ended under us (InvalidStateError, ...): count it, reopen
-                wait = self.stats.error("ReportTelemetry", e) or backoff
+            except Exception as e:  # a write on a call the server ended (InvalidStateError): its status says why
+                wait = await self._ended("ReportTelemetry", call, e) or backoff
             finally:
                 call.cancel()
             if not self.phase.stopping:

@@ -38,14 +38,18 @@ class Stats:
     def error(self, rpc: str, e: BaseException) -> float:
         """Count one failed call; returns the retry-after it asked for (0.0: none)."""
         if isinstance(e, grpc.aio.AioRpcError):
-            self.errors[f"{rpc} {e.code().name}"] += 1
-            wait = retry_after(e)
-            if wait:
-                self.retry_after += 1
-                self.retry_after_seconds += wait
-            return wait
+            return self.status(rpc, e.code(), e.trailing_metadata())
         self.errors[f"{rpc} {type(e).__name__}"] += 1
         return 0.0
+
+    def status(self, rpc: str, code: grpc.StatusCode, trailing: Any) -> float:
+        """Count one call that ended with ``code``; returns the retry-after it asked for (0.0: none)."""
+        self.errors[f"{rpc} {code.name}"] += 1
+        wait = retry_after_of(code, trailing)
+        if wait:
+            self.retry_after += 1
+            self.retry_after_seconds += wait
+        return wait
 
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -71,9 +75,13 @@ class Stats:
 
 def retry_after(e: grpc.aio.AioRpcError) -> float:
     """Seconds the server asked to wait (``retry-after-ms`` trailing metadata); 0.0 when it asked nothing."""
-    if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+    return retry_after_of(e.code(), e.trailing_metadata())
+
+
+def retry_after_of(code: grpc.StatusCode, trailing: Any) -> float:
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return 0.0
-    for key, value in e.trailing_metadata() or ():
+    for key, value in trailing or ():
         if key == RETRY_AFTER_KEY:
             try:
                 ms = float(value if isinstance(value, str) else value.decode())
