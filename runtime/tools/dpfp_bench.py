@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-mode", choices=("shared", "per-worker"), default="shared",
                    help="how the planner costs the links: the relays give each worker its own, but one "
                         "coordinator process relays and stitches for all (measured: shared predicts better)")
+    p.add_argument("--relays", choices=("process", "inline"), default="process",
+                   help="process: each worker's relay is a process of its own (python -m runtime.tools.netem); inline: "
+                        "relays in the coordinator's event loop (the first recorded runs), where relaying every byte "
+                        "costs the coordinator's own CPU")
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="strategies to measure")
     p.add_argument("--window", type=int, default=1,
@@ -162,6 +166,28 @@ async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
             "rest_seconds": cal.rest_seconds, "frames": cal.frames}
 
 
+class RelayProcess:
+    """``python -m runtime.tools.netem`` as a process of its own (a real link costs the coordinator no CPU)."""
+
+    def __init__(self, target: str, delay_ms: float, rate_mbps: float, log: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "runtime.tools.netem", "--target", target, "--delay-ms",
+                                      str(delay_ms), "--rate-mbps", str(rate_mbps), "--log-level", "WARNING"],
+                                     stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)  # noqa: SIM115
+        line = self.proc.stdout.readline() if self.proc.stdout else ""
+        if "listening on" not in line:
+            self.proc.kill()
+            raise RuntimeError(f"relay to {target} did not start: {line!r}; see {log}")
+        self.address = line.split("listening on ", 1)[1].split(" ", 1)[0]
+
+    async def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
 def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> dict:
     stage = planned["stage"]
     row = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"],
@@ -200,7 +226,10 @@ async def run(args, tmp: Path, quotas) -> dict:
                               "--preload", args.model], timeout=300, log=tmp / f"worker{i}.log")
             workers.append(w)
             quotas.new(args.share).add(w.proc.pid)
-            relays.append(await DelayProxy(w.address, LinkShape.from_ms_mbps(args.delay_ms, args.rate_mbps)).start())
+            if args.relays == "process":
+                relays.append(RelayProcess(w.address, args.delay_ms, args.rate_mbps, tmp / f"relay{i}.log"))
+            else:
+                relays.append(await DelayProxy(w.address, LinkShape.from_ms_mbps(args.delay_ms, args.rate_mbps)).start())
         from runtime.agent.sources import open_source
 
         image = next(iter(open_source(loaded.spec, "samples", 1))).tensor
@@ -289,8 +318,9 @@ def markdown(res: dict) -> str:
            f"{' / '.join(f'{x:.2f}' for x in res.get('load_before', []))} (1/5/15 min) before the run, "
            f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.", "",
            f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
-           f"per 10,000 us), one torch thread; the coordinator (stitching, encoding, the relays) runs outside the "
-           f"quotas. Link: one user-space relay per worker, {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
+           f"per 10,000 us), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
+           f"quotas. Link: one user-space relay per worker "
+           f"({'a process each' if a.get('relays') == 'process' else 'in the coordinator process'}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
            f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
            f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}; coordinator "
            f"{'waits for each whole block' if a.get('barrier') else 'wavefront: a tile goes once the tiles it reads are in'}). Times: the stage "
