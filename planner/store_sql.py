@@ -128,6 +128,7 @@ class PostgresBackend(Backend):
         self._psycopg = psycopg
         self.url = url
         self._sql: dict[str, str] = {}
+        self._depth = 0  # open transactions: a lost connection is retried only outside one
         self.connection = self._connect()
 
     def _connect(self) -> Any:
@@ -152,24 +153,49 @@ class PostgresBackend(Backend):
             self.connection = self._connect()
         return self.connection
 
+    def _retrying(self, run: Any) -> Any:
+        """``run(connection)``; a connection the server closed (a restart, a failover, an idle
+        timeout) is opened again and the statement run once more, outside a transaction only."""
+        for attempt in (0, 1):
+            try:
+                return run(self._live())
+            except self._psycopg.OperationalError as e:
+                if attempt or self._depth or not self.connection.closed:
+                    raise Unavailable(f"planner store {self.describe()}: {_first_line(e)}") from None
+        return None  # pragma: no cover - the loop returns or raises
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
-        try:
-            return self._live().execute(self._q(sql), params)
-        except self._psycopg.OperationalError as e:
-            raise Unavailable(f"planner store {self.describe()}: {_first_line(e)}") from None
+        q = self._q(sql)
+        return self._retrying(lambda c: c.execute(q, params))
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        try:
-            with self._live().cursor() as cur:
-                cur.executemany(self._q(sql), rows)
-        except self._psycopg.OperationalError as e:
-            raise Unavailable(f"planner store {self.describe()}: {_first_line(e)}") from None
+        q = self._q(sql)
+
+        def run(c: Any) -> None:
+            with c.cursor() as cur:
+                cur.executemany(q, rows)
+
+        self._retrying(run)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[Any]:
+        def begin(c: Any) -> Any:
+            tx = c.transaction()
+            tx.__enter__()  # BEGIN: retried once on a connection the server closed
+            return tx
+
+        tx = self._retrying(begin)
+        self._depth += 1
         try:
-            with self._live().transaction():
-                yield self
+            yield self
+        except BaseException as exc:
+            self._depth -= 1
+            with contextlib.suppress(self._psycopg.OperationalError):  # the rollback of a lost connection
+                tx.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        self._depth -= 1
+        try:
+            tx.__exit__(None, None, None)  # COMMIT
         except self._psycopg.OperationalError as e:
             raise Unavailable(f"planner store {self.describe()}: {_first_line(e)}") from None
 

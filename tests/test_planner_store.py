@@ -319,3 +319,24 @@ def test_a_lapsed_lease_is_taken_over_by_any_call_and_the_agent_loaded(postgres,
         kill(a)
         kill(b)
     assert listed["a1"].plan.version == plan.version and listed["a1"].plan.worker_id == "w1"
+
+
+def test_a_lost_postgresql_connection_is_opened_again(postgres):  # noqa: F811
+    """The server ends the planner's connection (a restart, a failover): the next call reconnects."""
+    import psycopg
+
+    where = postgres.new_database()
+    s = Store(where)
+    try:
+        _fill(s)
+        pid = s.backend.connection.info.backend_pid
+        with psycopg.connect(where, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert s.issue_plan(pb.Plan(agent_id="a1")).version == 1  # BEGIN on a new connection
+        assert s.backend.connection.info.backend_pid != pid
+        pid = s.backend.connection.info.backend_pid
+        with psycopg.connect(where, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        assert s.agents().keys() == {"a1"}  # a read outside a transaction
+    finally:
+        s.close()
