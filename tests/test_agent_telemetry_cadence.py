@@ -158,3 +158,63 @@ def test_a_real_planner_hears_a_step_at_once_and_heartbeats_otherwise(tmp_path):
             await ps.drain_and_stop(1.0)
 
     asyncio.run(scenario())
+
+
+class SheddingPlanner(pb_grpc.PlannerServicer):
+    """A planner that sheds the first telemetry stream (RESOURCE_EXHAUSTED, retry-after-ms) and takes
+    the rest; registrations and plan streams are counted."""
+
+    RETRY_AFTER_MS = 300
+
+    def __init__(self):
+        self.registrations = 0
+        self.shed_at: float | None = None
+        self.reports: list[float] = []  # monotonic arrival of every report taken
+
+    async def RegisterAgent(self, request, context):
+        self.registrations += 1
+        return pb.RegisterAgentReply()
+
+    async def WatchPlan(self, request, context):
+        await asyncio.Event().wait()
+        yield pb.Plan()  # never reached
+
+    async def ReportTelemetry(self, request_iterator, context):
+        import grpc
+
+        async for _ in request_iterator:
+            if self.shed_at is None:
+                self.shed_at = time.monotonic()
+                context.set_trailing_metadata((("retry-after-ms", str(self.RETRY_AFTER_MS)),))
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "decision queue full")
+            self.reports.append(time.monotonic())
+        return pb.TelemetryAck(received=len(self.reports))
+
+
+def test_a_shed_report_waits_retry_after_and_keeps_the_session():
+    import grpc
+
+    async def scenario():
+        server = grpc.aio.server()
+        fake = SheddingPlanner()
+        pb_grpc.add_PlannerServicer_to_server(fake, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        agent = StubAgent()
+        for _ in range(3):
+            agent.link.add_bandwidth_sample(FAST, WORKER_ADDRESS)
+        link = PlannerLink(agent, PlannerLinkOptions(
+            f"127.0.0.1:{port}", loads(DEVICE_PROFILE), "board-1", telemetry_interval_seconds=0.05,
+            telemetry_heartbeat_seconds=0.2, rpc_timeout=5.0, connect_timeout=2.0, backoff_initial=0.1,
+            probe=ProbeOptions(budget_fraction=0.0)))
+        try:
+            await link.start()
+            await until(lambda: len(fake.reports) >= 2, 10, "reports after the shed")
+        finally:
+            await link.close()
+            await server.stop(None)
+        return fake, link
+
+    fake, link = asyncio.run(scenario())
+    assert link.telemetry_shed == 1 and fake.registrations == 1  # the session stayed: no re-registration
+    assert fake.reports[0] - fake.shed_at >= SheddingPlanner.RETRY_AFTER_MS / 1e3 - 0.01  # waited as asked

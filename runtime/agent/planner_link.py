@@ -18,7 +18,9 @@ One task per link. Each connection ("session"):
    every ``telemetry_interval_seconds``, moved or not), never more than one per
    ``telemetry_interval_seconds`` (the bound holds across reconnects too). A message holds the
    smoothed bandwidth, an RTT probe made for it, device stage medians and the frame count since
-   the last message, the plan version in effect.
+   the last message, the plan version in effect. A planner that sheds the stream
+   (RESOURCE_EXHAUSTED) is left alone for its ``retry-after-ms``, then hears the link again on a
+   new stream; the session (registration, plan stream) stays.
 
 When the planner cannot be reached or a stream breaks, the agent keeps its last plan and keeps
 serving frames; the link waits (0.5 s doubling to 30 s by default, reset after a successful
@@ -46,7 +48,7 @@ from runtime.agent.estimator import LinkEstimate
 from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prober import ProbeOptions, Prober
 from runtime.agent.telemetry import ReportCadence
-from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Unavailable
+from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Overloaded, Unavailable
 from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.wire.asyncutil import Backoff, cancel_and_wait
@@ -152,6 +154,7 @@ class PlannerLink:
         self.connected = False  # registered and streams open
         self.registrations = 0
         self.telemetry_sent = 0
+        self.telemetry_shed = 0  # telemetry streams the planner ended RESOURCE_EXHAUSTED (waited out, then reopened)
         self.plans_applied = 0
         self.plans_refused = 0
         self.last_error = ""
@@ -308,6 +311,12 @@ class PlannerLink:
                                       reason, message.frames)
                     self.telemetry_sent += 1
                 await stream.finish()  # the ack; then a fresh stream
+            except Overloaded as e:  # shed: wait as asked, then report again on a new stream (same session)
+                self.telemetry_shed += 1
+                wait = stream.retry_after or self.interval
+                logger.info("planner %s shed telemetry (%s); reporting again in %.2f s", self.address, e, wait)
+                self.cadence.reported = None  # the refused report is sent again
+                await asyncio.sleep(wait)
             finally:
                 stream.cancel()
 

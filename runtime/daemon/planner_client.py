@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from runtime.contracts.errors import Unavailable, from_rpc_error
+from runtime.contracts.errors import Unavailable, from_rpc_error, from_status
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.wire.transport import TransportOptions
@@ -131,17 +131,23 @@ class PlannerClient:
 
 
 class TelemetryStream:
-    """One client stream of telemetry messages: each write and the final ack are bounded by ``rpc_timeout``."""
+    """One client stream of telemetry messages: each write and the final ack are bounded by ``rpc_timeout``.
+
+    A planner that sheds load ends the stream RESOURCE_EXHAUSTED (Overloaded) with trailing metadata
+    ``retry-after-ms``; :attr:`retry_after` then holds those seconds (capped at MAX_RETRY_AFTER_SECONDS)."""
 
     def __init__(self, call: Any, rpc_timeout: float):
         self._call = call
         self._timeout = rpc_timeout
+        self.retry_after = 0.0  # seconds the planner asked to wait before reporting again (0: none)
 
     async def write(self, message: ppb.Telemetry) -> None:
         try:
             await asyncio.wait_for(self._call.write(message), self._timeout)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise self._mapped(e) from None
+        except asyncio.InvalidStateError:  # a write after the planner ended the call: its status says why
+            raise await self._ended() from None
 
     async def finish(self) -> ppb.TelemetryAck:
         """Half-close and wait for the ack."""
@@ -149,10 +155,38 @@ class TelemetryStream:
             await asyncio.wait_for(self._call.done_writing(), self._timeout)
             return await asyncio.wait_for(self._call, self._timeout)
         except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+            raise self._mapped(e) from None
+        except asyncio.InvalidStateError:
+            raise await self._ended() from None
+
+    def _mapped(self, e: grpc.RpcError) -> Exception:
+        trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else ()
+        self.retry_after = _retry_after(trailing) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else 0.0
+        return from_rpc_error(e)
+
+    async def _ended(self) -> Exception:
+        code, details = await self._call.code(), await self._call.details()
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            self.retry_after = _retry_after(await self._call.trailing_metadata())
+        return from_status(code, details or code.name)
 
     def cancel(self) -> None:
         self._call.cancel()
+
+
+RETRY_AFTER_HEADER = "retry-after-ms"  # trailing metadata of a shed call (planner.intake)
+MAX_RETRY_AFTER_SECONDS = 60.0  # a longer (or unreadable) retry-after is taken as this
+
+
+def _retry_after(trailing: Any) -> float:
+    for key, value in trailing or ():
+        if key == RETRY_AFTER_HEADER:
+            try:
+                ms = float(value if isinstance(value, str) else value.decode())
+            except ValueError:
+                return MAX_RETRY_AFTER_SECONDS
+            return min(max(ms, 0.0) / 1e3, MAX_RETRY_AFTER_SECONDS) if ms == ms else MAX_RETRY_AFTER_SECONDS
+    return 0.0
 
 
 def call_planner(address: str, method: str, request: Any, timeout: float,
