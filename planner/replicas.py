@@ -105,6 +105,7 @@ class Replica:
                 self._attached.pop(agent_id, None)
             return
         self.takeovers += 1
+        self.state.behind.metrics.takeovers.inc()
         self.replanner.wake()
         logger.info("agent %s attached to replica %s%s with plan v%d", agent_id, self.id,
                     f" (from {holder}, lease {'lapsed' if left <= 0 else 'taken by its registration'})" if holder else "",
@@ -165,6 +166,7 @@ class Replica:
         self.state.behind.forget(agent_id)
         self.replanner.hysteresis.reset(agent_id)
         self.lost[agent_id] = why
+        self.state.behind.metrics.leases_lost.inc()
         while len(self.lost) > MAX_LOST:
             del self.lost[next(iter(self.lost))]
         for w in self.broadcaster.watchers(agent_id):

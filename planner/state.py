@@ -102,7 +102,7 @@ class PlannerState:
         self.workers: dict[str, WorkerState] = {}
         self.agents: dict[str, AgentState] = {}
         self.generation = 0  # counts worker registrations (each worker remembers the one that made it)
-        self.behind = WriteBehind(store)  # links, heartbeats and speeds: one transaction per interval
+        self.behind = WriteBehind(store, metrics.registry)  # links, heartbeats, speeds: one transaction per interval
         self.fence: tuple[str, float] | None = None  # (replica id, lease seconds): plans only under the lease
         # profiles parsed and checked once per content hash (agents of one board type share one; issue 15)
         self.profiles = profiles.ProfileCache(config.profile_cache_size)

@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
 from planner.store import Batch, LinkRecord, SpeedRecord, Store
 from planner.store_sql import SqliteBackend
 from runtime.contracts.errors import Unavailable
@@ -54,11 +56,30 @@ def _settle(fut: asyncio.Future[None] | None, failed: bool) -> None:
         fut.set_result(None)
 
 
+class StoreMetrics:
+    """The store's Prometheus series (on the planner's registry; none when it has none)."""
+
+    def __init__(self, registry: CollectorRegistry | None):
+        r = registry or CollectorRegistry()
+        self.flush_seconds = Histogram("edgesplit_planner_store_flush_seconds",
+                                       "Write-behind flushes: the batch's transaction, on the store thread",
+                                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+                                       registry=r)
+        self.flush_rows = Gauge("edgesplit_planner_store_flush_rows", "Rows in the last write-behind flush", registry=r)
+        self.flush_failures = Counter("edgesplit_planner_store_flush_failures_total",
+                                      "Write-behind batches not written (kept for the next flush)", registry=r)
+        self.takeovers = Counter("edgesplit_planner_agent_takeovers_total",
+                                 "Agents this replica took over from another one (or from a lapsed lease)", registry=r)
+        self.leases_lost = Counter("edgesplit_planner_leases_lost_total",
+                                   "Agents another replica took from this one", registry=r)
+
+
 class WriteBehind:
     """The buffer and its store thread (see the module docstring)."""
 
-    def __init__(self, store: Store):
-        self.store = store  # the event loop's store (immediate writes); the thread opens its own connection
+    def __init__(self, store: Store, registry: CollectorRegistry | None = None):
+        self.store = store
+        self.metrics = StoreMetrics(registry)  # the event loop's store (immediate writes); the thread opens its own connection
         self.pending = Batch()
         self.stats = FlushStats()
         self._executor: ThreadPoolExecutor | None = None  # made at the first flush, again after close()
@@ -142,12 +163,15 @@ class WriteBehind:
                 store.write_batch(batch)
             except Exception as e:
                 self.stats.failures += 1
+                self.metrics.flush_failures.inc()
                 self._keep(batch)
                 logger.warning("planner store: %d buffered rows not written (%s); retrying in the next interval",
                                len(batch), e)
                 return None
             self.stats.flushes += 1
             self.stats.rows, self.stats.seconds = len(batch), time.perf_counter() - start
+            self.metrics.flush_seconds.observe(self.stats.seconds)
+            self.metrics.flush_rows.set(len(batch))
             logger.debug("planner store: %d rows in %.1f ms", len(batch), self.stats.seconds * 1e3)
         return then(store) if then is not None else None
 

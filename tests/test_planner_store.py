@@ -13,6 +13,7 @@ import time
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from planner.store import REFUSED, AgentRecord, LeaseLost, LinkRecord, SpeedRecord, Store, StoreError, WorkerRecord
 from planner.store_sql import open_backend, redact
@@ -126,8 +127,10 @@ def test_write_behind_writes_n_link_updates_in_one_transaction(where, request):
     def xid() -> int:
         return s.backend.execute("SELECT txid_current()").fetchone()[0]
 
+    registry = CollectorRegistry()
+
     async def main():
-        wb = WriteBehind(s)
+        wb = WriteBehind(s, registry)
         try:
             await wb.flush(trace)
             before = xid() if s.backend.name == "postgresql" else 0
@@ -142,6 +145,8 @@ def test_write_behind_writes_n_link_updates_in_one_transaction(where, request):
 
     stats, pg_transactions = asyncio.run(main())
     assert stats.flushes == 1 and stats.rows == 101  # 100 links (the latest of each) + 1 heartbeat
+    assert registry.get_sample_value("edgesplit_planner_store_flush_rows") == 101
+    assert registry.get_sample_value("edgesplit_planner_store_flush_seconds_count") == 1
     if s.backend.name == "sqlite":
         begins = [x for x in statements if x.startswith("BEGIN")]
         assert begins == ["BEGIN IMMEDIATE"] and statements.count("COMMIT") == 1, statements[:5]
