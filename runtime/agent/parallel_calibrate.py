@@ -106,7 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     from runtime.models.loader import load_model
 
-    rtt_ms, mbps = (float(v) for v in args.link.split(","))
+    try:
+        rtt_ms, mbps = (float(v) for v in args.link.split(","))
+    except ValueError:
+        p.error(f"--link takes RTT_MS,MBPS (two numbers), got {args.link!r}")
+    if not (args.frames >= 1 and rtt_ms >= 0 and mbps > 0):
+        p.error("--frames must be >= 1, RTT >= 0 and the rate > 0")
     cal = asyncio.run(calibrate(load_model(args.model), [w.strip() for w in args.workers.split(",") if w.strip()],
                                 rtt_ms / 1e3, mbps * 125_000.0, args.frames, shared_link=args.link_mode == "shared"))
     print(f"coordinator: {cal.bytes_per_second / 1e6:.1f} MB/s ({cal.bytes} bytes, {cal.rest_seconds * 1e3:.1f} ms "
