@@ -77,7 +77,10 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
         board = qs.new(args.board_share, args.board_period_us)
     common = ["--model", args.model]
     try:
-        for role, quota in (("device", board), ("edge", None)):
+        for role, quota, given in (("device", board, args.device_profile), ("edge", None, args.edge_profile)):
+            if given:  # measured elsewhere (bench-scenarios: the board's profile scaled to its quota)
+                (tmp / f"{role}.json").write_bytes(Path(given).read_bytes())
+                continue
             p = await _run([*CLI, "profile", *common, "--role", role, "--machine", role, "--runs", str(args.runs),
                             "--no-progress", "--out", str(tmp / f"{role}.json")], quota)
             if await p.wait():
@@ -101,14 +104,16 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
                             "--agent-id", "board-1", "--source", "synthetic", "--frames", str(int(total * args.fps * 2)),
                             "--fps", str(args.fps), "--window", "2", "--deadline-seconds", str(args.deadline),
                             "--metrics-port", "0", "--no-summary", "--telemetry-interval-seconds", "0.5"],
-                           board, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+                           None if args.board_join_after_start else board,
+                           stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         procs.append(agent)
-        return await _drive(args, phases, rng, relay, agent, procs)
+        return await _drive(args, phases, rng, relay, agent, procs, board if args.board_join_after_start else None)
     finally:
         quotas.close()
 
 
-async def _drive(args, phases, rng, relay, agent, procs) -> dict:
+async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota | None = None) -> dict:
+    """``join``: the board's quota, which the agent enters once it has started (torch loaded, plan link up)."""
     frames, timeline, t0 = [], [], time.monotonic()
     metrics_port = None
 
@@ -122,6 +127,8 @@ async def _drive(args, phases, rng, relay, agent, procs) -> dict:
             m = re.search(rb"metrics on http://[^:]+:(\d+)/", line)
             if m:
                 metrics_port = int(m.group(1))
+                if join is not None:
+                    join.add(agent.pid)
 
     async def read_stdout() -> None:
         async for line in agent.stdout:
@@ -258,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--board-period-us", type=int, default=cpuquota.PERIOD_US,
                    help="cgroup cfs period of the board's quota; a share under 0.1 core needs a longer one (the "
                         "kernel's smallest quota is 1 ms) (default: %(default)s)")
+    p.add_argument("--device-profile", default="", help="the board's profile to use instead of profiling it here")
+    p.add_argument("--edge-profile", default="", help="the edge's profile to use instead of profiling it here")
+    p.add_argument("--board-join-after-start", action="store_true",
+                   help="start the agent unrestricted and move it under the board's quota once it has started "
+                        "(importing torch at a few %% of a core takes minutes)")
     p.add_argument("--fps", type=float, default=4.0, help="camera rate of the agent (default: 4)")
     p.add_argument("--deadline", type=float, default=2.0, help="agent --deadline-seconds (default: 2)")
     p.add_argument("--hold", type=float, default=3.0, help="planner --hold-seconds (default: 3)")
