@@ -1,0 +1,28 @@
+"""The coordinator's per-byte calibration (runtime.agent.parallel_calibrate, issue 13), against real
+worker processes on loopback: pointwise blocks only (no halo), so every byte counted is the map once
+out and once back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runtime.agent.parallel_calibrate import calibrate, calibration_stage
+from runtime.models.loader import load_model
+from runtime.parallel.tiled import segment_geometry
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(180)]
+
+
+def test_calibration_sends_each_pointwise_map_once_each_way(start_worker):
+    loaded = load_model("resnet18")
+    addresses = [f"127.0.0.1:{start_worker('--torch-threads', '1')[1]}" for _ in range(2)]
+    stage = calibration_stage(loaded, addresses)
+    assert 1 <= len(stage.blocks) <= 3
+    for b in stage.blocks:
+        assert all(layer.kind == "pointwise" for layer in segment_geometry(loaded.sliced, b.start, b.end))
+    cal = asyncio.run(asyncio.wait_for(calibrate(loaded, addresses, 0.0, 1e9, frames=2), 120))
+    per_frame = sum(2 * loaded.split(b.start).fp32_bytes for b in stage.blocks)  # raw: in once, out once
+    assert cal.bytes == 2 * per_frame
+    assert cal.bytes_per_second == 0.0 or cal.bytes_per_second == pytest.approx(cal.bytes / cal.rest_seconds)
