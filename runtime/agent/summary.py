@@ -56,7 +56,9 @@ def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, mod
         configs.setdefault((r.split, r.codec), []).append(r)
     lines = [
         f"== edgesplit summary: {model} split {split.index} ({split.name}, {list(split.out_shape)}) codec {codec}",
-        f"frames {len(results)}: {len(edge)} on the edge, {len(results) - len(edge)} local"
+        f"frames {len(results)}: {len(edge)} on the edge, "
+        + (f"{len(par)} through a parallel stage, " if (par := [r for r in results if r.where == "parallel"]) else "")
+        + f"{len(results) - len(edge) - len(par)} local"
         + (f"; {sum(r.refined for r in edge)} ambiguous edge results re-run on the board"
            if any(r.refined for r in edge) else ""),
     ]
