@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -193,6 +194,30 @@ class Replica:
     async def close(self) -> None:
         """Release every lease this replica holds (its agents may attach elsewhere at once)."""
         self.state.store.release_leases(self.id)
+
+
+def stored_agents(store: Store, skip: set[str]) -> list[pb.AgentInfo]:
+    """The agents other replicas hold (or none does), as the store has them: ListAgents answers for the
+    whole fleet whichever replica is asked (their link figures as of the holder's last flush)."""
+    plans, links = store.current_plans(), store.links()
+    now = time.time()
+    out = []
+    for aid, rec in sorted(store.agents().items()):
+        if aid in skip:
+            continue
+        info = pb.AgentInfo(agent_id=aid, model_id=rec.model, refused_version=rec.refused_version,
+                            refused_message=rec.refused_message, telemetry_age_seconds=-1.0)
+        plan = plans[aid].plan if aid in plans else None
+        if plan is not None:
+            info.plan.CopyFrom(plan)
+        mine = links.get(aid, {})
+        lk = mine.get(plan.worker_id) if plan is not None and plan.worker_id else None
+        if lk is not None:
+            info.bandwidth_bytes_per_second, info.rtt_seconds = lk.bandwidth_bytes_per_second, lk.rtt_seconds
+        if mine:
+            info.telemetry_age_seconds = max(0.0, now - max(x.updated_unix for x in mine.values()))
+        out.append(info)
+    return out
 
 
 def _same(a: WorkerRecord, b: WorkerRecord) -> bool:

@@ -39,7 +39,7 @@ from planner.hysteresis import Hysteresis
 from planner.metrics import PlannerMetrics
 from planner.owners import lease_of
 from planner.replanner import RePlanner
-from planner.replicas import Replica
+from planner.replicas import Replica, stored_agents
 from planner.servicer import PlannerServicer
 from planner.state import AgentState, PlannerState, WorkerState
 from planner.store import Store
@@ -169,6 +169,15 @@ class PlannerService(PlannerServicer):
         if self.replica is not None:
             self.replica.attach(request.agent_id, take=False)
         return await super().QueryPlan(request, context)
+
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsReply:
+        reply = await super().ListAgents(request, context)
+        if self.replica is None:
+            return reply
+        held = set(self.state.agents)
+        others = await self.state.behind.read(lambda store: stored_agents(store, held))  # off the event loop
+        merged = sorted([*reply.agents, *others], key=lambda a: a.agent_id)
+        return pb.ListAgentsReply(agents=merged)
 
     async def ListProbeTargets(self, request: pb.ProbeTargetsRequest,
                                context: grpc.aio.ServicerContext) -> pb.ProbeTargetsReply:

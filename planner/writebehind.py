@@ -152,9 +152,20 @@ class WriteBehind:
         return result
 
     def _on_thread(self, batch: Batch, then: Callable[[Store], Any] | None) -> Any:
+        return self._write(self._own_store(), batch, then)
+
+    def _own_store(self) -> Store:
         if self._thread_store is None:
             self._thread_store = Store(self.store.backend.clone())
-        return self._write(self._thread_store, batch, then)
+        return self._thread_store
+
+    async def read(self, fn: Callable[[Store], Any]) -> Any:
+        """``fn(store)`` on the store thread (a long read that must not hold the event loop)."""
+        if self._same_connection:
+            return fn(self.store)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="planner-store")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(self._own_store()))
 
     def _write(self, store: Store, batch: Batch, then: Callable[[Store], Any] | None) -> Any:
         if batch:

@@ -23,6 +23,7 @@ import time
 import grpc
 import pytest
 
+from planner.store import Store
 from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.prober import ProbeOptions
 from runtime.contracts.profile import loads
@@ -86,9 +87,9 @@ def _link(balancer: Balancer, i: int) -> tuple[SimAgent, PlannerLink]:
 @pytest.mark.timeout(240)
 def test_killed_replica_agents_reattach_to_the_survivor_keep_their_plan_and_are_replanned(postgres, tmp_path):  # noqa: F811
     store = postgres.new_database()
-    procs = [start_planner(store, tmp_path, *FLAGS) for _ in range(2)]
+    procs = [start_planner(store, tmp_path, *FLAGS, "--replica-id", f"replica-{i}") for i in range(2)]
     try:
-        asyncio.run(_scenario(procs, tmp_path))
+        asyncio.run(_scenario(procs, store))
     except BaseException:
         for p, a in procs:
             print(f"--- planner {a} ---\n{log_of(p)}")
@@ -98,7 +99,16 @@ def test_killed_replica_agents_reattach_to_the_survivor_keep_their_plan_and_are_
             kill(p)
 
 
-async def _scenario(procs, tmp_path) -> None:
+def _holders(store: str) -> dict[str, str]:
+    """agent id -> the replica holding its lease, from the store."""
+    s = Store(store)
+    try:
+        return {aid: replica for aid, (replica, _left) in s.leases().items()}
+    finally:
+        s.close()
+
+
+async def _scenario(procs, store: str) -> None:
     addresses = [a for _, a in procs]
     balancer = await Balancer(addresses).start()
     await _register_worker(addresses[0])  # one replica only: the other reads it from the store
@@ -109,11 +119,12 @@ async def _scenario(procs, tmp_path) -> None:
         await _until(lambda: all(a.plan_version and a.active.worker for a, _ in pairs), 60,
                      "every agent on a plan with the worker (agents on the second replica after it read the worker)")
         await _steady(pairs)
-        held = [await _agents(a) for a in addresses]
+        holders = _holders(store)
+        held = [{aid for aid, r in holders.items() if r == f"replica-{i}"} for i in range(2)]
         assert len(held[0]) + len(held[1]) == AGENTS and held[0] and held[1], [len(h) for h in held]
         victim = 0 if len(held[0]) >= len(held[1]) else 1
         survivor = addresses[1 - victim]
-        moved = set(held[victim])
+        moved = held[victim]
         before = {link.agent_id: (agent.plan_version, link.registrations) for agent, link in pairs}
         killed = time.monotonic()
         kill(procs[victim][0])
@@ -127,8 +138,9 @@ async def _scenario(procs, tmp_path) -> None:
             return len(attached) == len(moved)
 
         await _until(check, 30, "every agent of the killed replica registered with the survivor")
+        assert set(_holders(store).values()) == {f"replica-{1 - victim}"}  # every agent is on the survivor
         now = await _agents(survivor)
-        assert set(now) == {link.agent_id for _, link in pairs}  # every agent is on the survivor
+        assert set(now) == {link.agent_id for _, link in pairs}
         for agent, link in pairs:
             version = before[link.agent_id][0]
             assert agent.plan_version == version, (link.agent_id, version, agent.applied)  # kept its plan
@@ -172,7 +184,7 @@ async def _taken(a: str, b: str) -> None:
             await asyncio.wait_for(stream.read(), 10)
         assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION, ei.value
         assert "attached to another planner replica" in ei.value.details()
-        assert "board-1" not in await _agents(a) and "board-1" in await _agents(b)
+        assert "board-1" in await _agents(a) and "board-1" in await _agents(b)  # both list the fleet
 
 
 # -- the Kubernetes overlay ----------------------------------------------------------------------------
