@@ -73,6 +73,7 @@ class SimAgent:
         self.plan_key: tuple[str, str, str] = ("", "", "")
         self.high = True  # the bandwidth level it reports now
         self.pending: float | None = None  # monotonic time of an unanswered step report
+        self.pending_unix = 0.0  # and its wall-clock time (against Plan.created_unix)
         self.pending_key: tuple[str, str, str] = ("", "", "")
         self.step_due = False  # a step waits for its report
         self.report_now = asyncio.Event()  # a step: report at once
@@ -111,6 +112,8 @@ class SimAgent:
         self.stats.plans += 1
         if self.pending is not None and self.plan_key != self.pending_key:
             self.stats.step_to_push.append(time.monotonic() - self.pending)
+            if plan.created_unix > 0:  # the planner's clock: the same machine's
+                self.stats.step_to_created.append(plan.created_unix - self.pending_unix)
             self.pending = None
         return True
 
@@ -205,7 +208,7 @@ class SimAgent:
                 return
             self.report_now.clear()
             if self.step_due:  # the step's clock starts as its report is written
-                self.step_due, self.pending = False, time.monotonic()
+                self.step_due, self.pending, self.pending_unix = False, time.monotonic(), time.time()
             await asyncio.wait_for(call.write(self._message(worker)), self.options.rpc_timeout_seconds)
             self.stats.telemetry_sent += 1
             next_due = time.monotonic() + interval

@@ -87,7 +87,9 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
         "step_to_push": {"steps": st["steps"], "pushed": len(lat), "missed": st["steps_missed"],
                          "missed_by": dict(sorted(st["missed_by"].items())),
                          "p50_ms": _ms(percentile(lat, 50)), "p99_ms": _ms(percentile(lat, 99)),
-                         "max_ms": _ms(max(lat) if lat else None)},
+                         "max_ms": _ms(max(lat) if lat else None),
+                         "to_created_p50_ms": _ms(percentile(st["step_to_created"], 50)),
+                         "to_created_p99_ms": _ms(percentile(st["step_to_created"], 99))},
         "health_all": _health(raw["health"], raw["t_spawn"], m_b),
         "health_steady": _health(raw["health"], m_a, m_b),
         "health_errors": raw["health_errors"],
@@ -120,7 +122,10 @@ def markdown(r: dict[str, Any]) -> str:
         f"planner CPU {reg['planner_cpu_cores']} cores (waiting for a CPU {reg['planner_wait_cores']})",
         f"- step-to-push (bandwidth step reported -> new plan at that agent): p50 {sp['p50_ms']} ms, "
         f"p99 {sp['p99_ms']} ms, max {sp['max_ms']} ms; {sp['pushed']} of {sp['steps']} steps pushed, {sp['missed']} missed"
-        + (f" ({', '.join(f'{k}: {v}' for k, v in sp['missed_by'].items())})" if sp["missed_by"] else ""),
+        + (f" ({', '.join(f'{k}: {v}' for k, v in sp['missed_by'].items())})" if sp["missed_by"] else "")
+        + f"; to the plan's created_unix (stamped as the planner builds it, before its fallback table, store write and "
+        f"push; no loader lag): p50 {sp['to_created_p50_ms']} ms, "
+        f"p99 {sp['to_created_p99_ms']} ms",
         f"- health: p50 {h['p50_ms']} ms, p99 {h['p99_ms']} ms, max {h['max_ms']} ms over {h['checks']} checks "
         f"({h['failed']} failed); measured phase only: p50 {hs['p50_ms']} ms, p99 {hs['p99_ms']} ms",
         f"- planner in the measured phase ({sd['seconds']} s): CPU {sd['planner_cpu_cores']} cores (runnable but "

@@ -29,6 +29,7 @@ class Stats:
     watch_opens: int = 0
     steps: int = 0  # bandwidth steps made in the measured phase
     step_to_push: list[float] = field(default_factory=list)  # seconds from the step's report to its new plan
+    step_to_created: list[float] = field(default_factory=list)  # ... to the plan's created_unix (the planner's side)
     steps_missed: int = 0  # no new plan before the next step, the push timeout or the end
     missed_by: Counter = field(default_factory=Counter)  # "board-K down|up" -> missed steps
     cpu_seconds: float = 0.0  # this loader process's own CPU (getrusage)
