@@ -184,7 +184,8 @@ class Replica:
                 return
             parsed = old.profiles
         else:  # parsing and checking profiles runs off the event loop
-            parsed = await asyncio.to_thread(requests.parse_worker_profiles, rec.id, list(rec.profiles.values()))
+            parsed = await asyncio.to_thread(requests.parse_worker_profiles, rec.id, list(rec.profiles.values()),
+                                             self.state.profiles)
         self.state.generation += 1
         self.state.workers[rec.id] = WorkerState(rec, parsed, self.state.generation)
         self.state.metrics.workers.set(len(self.state.workers))
