@@ -158,3 +158,45 @@ def write(result: dict[str, Any], out_dir: str, name: str) -> list[Path]:
     paths[0].write_text(json.dumps(result, indent=1) + "\n")
     paths[1].write_text(markdown(result))
     return paths
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """One markdown table row per run (several runs of ``edgesplit bench-planner-fleet``) and the targets."""
+    head = ("| agents | heartbeat s | registration | step-to-push p50 / p99 ms | steps pushed / made (missed) | "
+            "planner side p50 / p99 ms | health p50 / p99 ms (measured phase) | planner CPU / waiting (cores) | "
+            "planner RSS MB | telemetry sent / acked | errors | loader CPU (cores) / loop lag p99 ms | load avg before |")
+    rows = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in runs:
+        reg, sp, hs, sd, t, ld = (r["registration"], r["step_to_push"], r["health_steady"], r["steady"],
+                                  r["telemetry"], r["loader"])
+        errors = ", ".join(f"{k} {v}" for k, v in r["errors"].items()) or "0"
+        rows.append(f"| {reg['agents']:,} | {r['options']['telemetry_interval_seconds']:g} | {reg['seconds']} s "
+                    f"({reg['per_second']}/s) | {sp['p50_ms']} / {sp['p99_ms']} | {sp['pushed']} / {sp['steps']} "
+                    f"({sp['missed']}) | {sp.get('to_created_p50_ms')} / {sp.get('to_created_p99_ms')} | "
+                    f"{hs['p50_ms']} / {hs['p99_ms']} | {sd['planner_cpu_cores']} / {sd.get('planner_wait_cores')} | "
+                    f"{sd['planner_rss_mb']} | {t['sent']:,} / {t['acked']:,} | {errors} | {ld['cpu_cores']} / "
+                    f"{ld.get('loop_lag_p99_ms')} | {_load(r['machine']['load_before'])} |")
+    return "\n".join(rows) + "\n"
+
+
+def targets(r: dict[str, Any]) -> str:
+    """Issue 15's targets against one run (p99 step-to-push and health in the measured phase, registration)."""
+    sp, hs, reg = r["step_to_push"], r["health_steady"], r["registration"]
+    def met(ok: bool | None) -> str:
+        return "met" if ok else "not met" if ok is not None else "not measured"
+    p99, hp99, secs = sp["p99_ms"], hs["p99_ms"], reg["seconds"]
+    return (f"{reg['agents']:,} agents: step-to-push p99 {p99} ms <= {TARGETS['step_to_push_p99_ms']:g} ms: "
+            f"{met(None if p99 is None else p99 <= TARGETS['step_to_push_p99_ms'])}; health p99 {hp99} ms < "
+            f"{TARGETS['health_p99_ms']:g} ms: {met(None if hp99 is None else hp99 < TARGETS['health_p99_ms'])}; "
+            f"registration of {reg['registered']:,} in {secs} s (< {TARGETS['register_10k_seconds']:g} s for 10,000): "
+            + (met(None if secs is None else secs < TARGETS['register_10k_seconds'] and reg['registered'] == reg['agents'])
+               if reg["agents"] >= 10_000 else "the target is for 10,000"))
+
+
+if __name__ == "__main__":  # python -m runtime.measure.fleet.report RUN.json ...: the table and the targets
+    import sys
+
+    loaded = [json.loads(Path(p).read_text()) for p in sys.argv[1:]]
+    print(table(loaded))
+    for run in loaded:
+        print("- " + targets(run))
