@@ -31,8 +31,10 @@ import logging
 import os
 import secrets
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from planner import requests
@@ -46,6 +48,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+ATTACH_THREADS = 4  # attachments (lease + the agent's rows) read from the store at once, each on its own connection
 MAX_LOST = 10_000  # agents remembered as taken over (their stream's end names it); the oldest are forgotten
 
 
@@ -78,6 +81,10 @@ class Replica:
         self.takeovers = 0  # agents taken over from another replica (lapsed or re-registered here)
         self._seq = 0  # counts attachments
         self._attached: dict[str, int] = {}  # agent id -> the attachment count when it attached
+        # attachments read the lease and the agent's rows on threads with connections of their own
+        self._pool = ThreadPoolExecutor(ATTACH_THREADS, thread_name_prefix="planner-attach")
+        self._local = threading.local()
+        self._stores: list[Store] = []
         state.fence = (self.id, self.seconds)
         state.store.release_leases(self.id)  # a previous life of this id held nothing it holds now
         logger.info("planner replica %s: agents attach under %.1f s leases in %s", self.id, self.seconds,
@@ -85,12 +92,15 @@ class Replica:
 
     # -- attaching (event loop) ------------------------------------------------------------------
 
-    def attach(self, agent_id: str, take: bool) -> None:
-        """Make sure this replica holds ``agent_id`` (see the module docstring); ``take``: a registration."""
-        if agent_id in self.state.agents and not take:
+    async def attach(self, agent_id: str, take: bool) -> None:
+        """Make sure this replica holds ``agent_id`` (see the module docstring); ``take``: a registration.
+        The lease and the agent's rows are read on a pool thread of its own (several attachments at
+        once when many agents move; the event loop is not held by their round trips)."""
+        here = agent_id in self.state.agents
+        if here and not take:
             return
-        store = self.state.store
-        holder, left = store.acquire_lease(agent_id, self.id, self.seconds, take)
+        loop = asyncio.get_running_loop()
+        holder, left, rows = await loop.run_in_executor(self._pool, self._acquire, agent_id, take, here)
         if holder and holder != self.id and left > 0 and not take:
             raise PreconditionFailed(f"agent {agent_id!r} is attached to planner replica {holder} (lease for "
                                      f"{left:.1f} s more); register again to attach it here")
@@ -98,13 +108,13 @@ class Replica:
         self._attached[agent_id] = self._seq
         self.lost.pop(agent_id, None)
         if holder == self.id and agent_id in self.state.agents:
-            return  # a re-registration here
-        st = self.state.load_agent(agent_id)
-        if st is None:  # a first registration (or an unknown agent: its call answers NOT_FOUND)
+            return  # a re-registration here (or a concurrent call attached it meanwhile)
+        if rows is None:  # a first registration (or an unknown agent: its call answers NOT_FOUND)
             if not take:
-                store.release_leases(self.id, [agent_id])
+                await loop.run_in_executor(self._pool, lambda: self._store().release_leases(self.id, [agent_id]))
                 self._attached.pop(agent_id, None)
             return
+        st = self.state.adopt(*rows)
         self.takeovers += 1
         self.state.behind.metrics.takeovers.inc()
         self.replanner.wake()
@@ -112,10 +122,31 @@ class Replica:
                     f" (from {holder}, lease {'lapsed' if left <= 0 else 'taken by its registration'})" if holder else "",
                     st.plan.version if st.plan else 0)
 
+    def _store(self) -> Store:
+        """This pool thread's own connection."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = self._local.store = Store(self.state.store.backend.clone())
+            self._stores.append(store)
+        return store
+
+    def _acquire(self, agent_id: str, take: bool, here: bool) -> tuple[str, float, tuple | None]:
+        """(pool thread) Take the lease if free, lapsed, ours or ``take``; then, unless the agent is held
+        here already, its rows: (record, current plan, links, device speed), None when not stored."""
+        store = self._store()
+        holder, left = store.acquire_lease(agent_id, self.id, self.seconds, take)
+        if (holder and holder != self.id and left > 0 and not take) or (holder == self.id and here):
+            return holder, left, None
+        rec = store.agents(agent_id).get(agent_id)
+        if rec is None:
+            return holder, left, None
+        return holder, left, (rec, store.current_plan(agent_id), store.links(agent_id).get(agent_id, {}),
+                              store.speeds(agent_id).get(agent_id))
+
     async def attached(self, messages: AsyncIterator[pb.Telemetry]) -> AsyncIterator[pb.Telemetry]:
         """``messages``, each after its agent is attached here."""
         async for t in messages:
-            self.attach(t.agent_id, take=False)
+            await self.attach(t.agent_id, take=False)
             yield t
 
     def check_stream_end(self, agent_id: str) -> None:
@@ -193,8 +224,15 @@ class Replica:
         self.replanner.worker_registered(parsed, old)
 
     async def close(self) -> None:
-        """Release every lease this replica holds (its agents may attach elsewhere at once)."""
+        """Release every lease this replica holds (its agents may attach elsewhere at once); close the
+        attachment threads' connections."""
         self.state.store.release_leases(self.id)
+        stores, self._stores = self._stores, []
+        self._pool.shutdown(wait=True)
+        for store in stores:
+            store.close()  # psycopg: a connection may be closed from another thread once unused
+        self._pool = ThreadPoolExecutor(ATTACH_THREADS, thread_name_prefix="planner-attach")
+        self._local = threading.local()
 
 
 def stored_agents(store: Store, skip: set[str]) -> list[pb.AgentInfo]:

@@ -141,12 +141,12 @@ class PlannerService(PlannerServicer):
             aid = requests.check_id(request.agent_id, "agent_id")
             # the caller's right to the id first (as the servicer checks it): no lease moves for a stranger
             self.owners.claim("agent", aid, current_identity(), lease_of(context))
-            self.replica.attach(aid, take=True)
+            await self.replica.attach(aid, take=True)
         return await super().RegisterAgent(request, context)
 
     async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:
         if self.replica is not None:
-            self.replica.attach(request.agent_id, take=False)
+            await self.replica.attach(request.agent_id, take=False)
         async with contextlib.aclosing(super().WatchPlan(request, context)) as plans:
             async for plan in plans:
                 yield plan
@@ -162,12 +162,12 @@ class PlannerService(PlannerServicer):
 
     async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:
         if self.replica is not None:
-            self.replica.attach(request.agent_id, take=False)
+            await self.replica.attach(request.agent_id, take=False)
         return await super().ReportPlanStatus(request, context)
 
     async def QueryPlan(self, request: pb.PlanQuery, context: grpc.aio.ServicerContext) -> pb.PlanQueryReply:
         if self.replica is not None:
-            self.replica.attach(request.agent_id, take=False)
+            await self.replica.attach(request.agent_id, take=False)
         return await super().QueryPlan(request, context)
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsReply:
@@ -182,5 +182,5 @@ class PlannerService(PlannerServicer):
     async def ListProbeTargets(self, request: pb.ProbeTargetsRequest,
                                context: grpc.aio.ServicerContext) -> pb.ProbeTargetsReply:
         if self.replica is not None:
-            self.replica.attach(request.agent_id, take=False)
+            await self.replica.attach(request.agent_id, take=False)
         return await super().ListProbeTargets(request, context)

@@ -132,9 +132,14 @@ class PlannerState:
         rec = self.store.agents(agent_id).get(agent_id)
         if rec is None:
             return None
-        st = self._resumed(rec, self.store.current_plan(agent_id), self.store.links(agent_id).get(agent_id, {}),
-                           self.store.speeds(agent_id).get(agent_id))
-        self.agents[agent_id] = st
+        return self.adopt(rec, self.store.current_plan(agent_id), self.store.links(agent_id).get(agent_id, {}),
+                          self.store.speeds(agent_id).get(agent_id))
+
+    def adopt(self, rec: AgentRecord, plan: PlanRecord | None, links: dict[str, LinkRecord],
+              speed: SpeedRecord | None) -> AgentState:
+        """Hold an agent as the store had it (read elsewhere: planner.replicas reads off the event loop)."""
+        st = self._resumed(rec, plan, links, speed)
+        self.agents[rec.id] = st
         self.metrics.agents.set(len(self.agents))
         return st
 
