@@ -2,9 +2,11 @@
 
 A plan carries its bandwidth bands (``Plan.fallbacks``, :mod:`planner.fallbacks`): over the link to
 its band worker, the best configuration in each band, ranked with the RTT of the time it was
-issued. A new estimate of that link needs no decision when
+issued (a plan issued before its link was measured has none: the re-planner ranks them when the
+first estimate comes and keeps them itself). The re-planner keeps, per agent, the band that holds
+the running plan (:class:`Basis`). A new estimate of that link needs no decision when
 
-* its bandwidth lies in a band whose configuration is the running plan's,
+* its bandwidth lies in that band,
 * its RTT is within ``switch_gain`` (relatively, or ``switch_min_gain_seconds``) of the RTT the bands
   were ranked with, and
 * it is no slower than when the plan was last decided, or slower by less than half the switch
@@ -26,12 +28,14 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 @dataclass(frozen=True)
 class Basis:
-    """What a plan's bands were ranked with, and the bandwidth at its last decision."""
+    """The running plan's band, what it was ranked with, and the bandwidth at its last decision."""
 
     version: int  # the plan these figures belong to
     worker: str  # the band worker (its id)
     rtt_seconds: float  # RTT the bands were ranked with
     bandwidth: float  # bandwidth when the plan was last decided (kept or issued)
+    low: float  # the band holding the running plan: [low, high) bytes/s
+    high: float
 
 
 def band_of(plan: pb.Plan, bandwidth: float) -> pb.BandPlan | None:
@@ -42,14 +46,23 @@ def band_of(plan: pb.Plan, bandwidth: float) -> pb.BandPlan | None:
     return None
 
 
+def basis_of(banded: pb.Plan, version: int, worker: str, rtt: float, bandwidth: float) -> Basis | None:
+    """The basis of plan ``version`` from ``banded`` (it, or a copy carrying the bands ranked for it)
+    at the measured ``bandwidth``; None when the band holding that bandwidth is another configuration."""
+    band = band_of(banded, bandwidth)
+    if band is None or plan_key(band.plan) != plan_key(banded):
+        return None
+    return Basis(version, worker, rtt, bandwidth, band.min_bandwidth_bytes_per_second,
+                 band.max_bandwidth_bytes_per_second or math.inf)
+
+
 def in_band(plan: pb.Plan | None, basis: Basis | None, worker: str, bandwidth: float, rtt: float,
             hysteresis: Hysteresis) -> bool:
     """True when an estimate (``bandwidth``, ``rtt``) of the link to ``worker`` cannot change ``plan``
     (see the module docstring)."""
     if plan is None or basis is None or basis.version != plan.version or worker != basis.worker or bandwidth <= 0:
         return False
-    band = band_of(plan, bandwidth)
-    if band is None or plan_key(band.plan) != plan_key(plan):
+    if not basis.low <= bandwidth < basis.high:
         return False
     if abs(rtt - basis.rtt_seconds) > max(hysteresis.switch_gain * basis.rtt_seconds, hysteresis.min_gain_seconds):
         return False

@@ -102,15 +102,20 @@ class Intake:
         raise Shed(f"the planner has {len(self.entries)} agents' telemetry waiting for a decision (its "
                    f"telemetry_max_pending); report again in {ms} ms (trailing metadata {RETRY_AFTER_HEADER})", ms)
 
+    def coalesce(self, st: AgentState, again: bool) -> None:
+        """A report for an agent already queued: its queued decision reads the latest estimate; one
+        being decided is decided once more after it when ``again`` (a decision is due: the re-planner's
+        rate limit allows it), else the periodic pass takes the change."""
+        e = self.entries[st.record.id]
+        self.metrics.telemetry_coalesced.inc()
+        e.st = st  # a re-registration meanwhile: decide the state that holds now
+        e.again = e.again or (again and e.running)
+
     def offer(self, st: AgentState) -> None:
         """Queue a decision for ``st`` (coalesced into the one queued or running)."""
         aid = st.record.id
-        e = self.entries.get(aid)
-        if e is not None:
-            self.metrics.telemetry_coalesced.inc()
-            e.st = st  # a re-registration meanwhile: decide the state that holds now
-            if e.running:
-                e.again = True
+        if aid in self.entries:
+            self.coalesce(st, again=True)
             return
         self.entries[aid] = Entry(st, self.clock())
         self._queue.append(aid)

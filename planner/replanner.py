@@ -34,7 +34,7 @@ from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.decide import Ranked, plan_key
 from planner.hysteresis import Hysteresis
-from planner.inband import Basis, in_band
+from planner.inband import Basis, basis_of, in_band
 from planner.intake import Intake
 from planner.metrics import PlannerMetrics
 from planner.parallel_push import ParallelPlanner
@@ -68,7 +68,7 @@ class RePlanner:
         self.parallel = ParallelPlanner()  # parallel stages over several workers (planner.parallel_push)
         self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
         self._basis: dict[str, Basis] = {}  # agent id -> what its plan's bands were ranked with (planner.inband)
-        self._banded: dict[str, int] = {}  # agent id -> plan version issued on a measured link without bands
+        self._banded: dict[str, int] = {}  # agent id -> plan version whose bands were ranked
         self._previous: dict[str, pb.Plan] = {}  # agent id -> its plan before the current one (version, model, split)
         self._gauged = -float("inf")  # monotonic time the per-agent gauges were last refreshed
         self._ticker: asyncio.Task[None] | None = None
@@ -225,41 +225,47 @@ class RePlanner:
                 return
             if current is not None and decide.config_key(st.device, best) == plan_key(st.plan):
                 self.hysteresis.reset(aid)
-                if self._unbanded(st):  # the same configuration, now with bands on a measured link
-                    await self._issue(st, best, f"{cause}: bands for the measured link, same configuration", cause)
-                else:
-                    self._confirm_basis(st)
+                self._confirm_basis(st)
+                await self._rank_bands(st)
                 return
             await self._switch(st, best, current, cause)
 
-    def _set_basis(self, st: AgentState) -> None:
-        """Remember what the new plan's bands were ranked with (planner.inband); none without bands."""
-        plan, aid = st.plan, st.record.id
+    def _set_basis(self, st: AgentState, plan: pb.Plan | None = None) -> None:
+        """Remember the band of the running plan (``plan``: it, or a copy carrying the bands ranked
+        for it now) and what it was ranked with (planner.inband); none when no band holds it."""
+        aid = st.record.id
+        plan = plan or st.plan
         self._basis.pop(aid, None)
-        self._banded.pop(aid, None)
-        if plan is not None and not plan.fallbacks and fallbacks.band_worker(self.state, st, plan)[0]:
-            self._banded[aid] = plan.version  # its link was measured and still no band came out: do not retry
-        if plan is None or not plan.fallbacks:
+        if plan is None or st.plan is None:
             return
-        wid = self.state.resolve_worker(plan.band_worker_address)
+        if plan is not st.plan or plan.fallbacks or fallbacks.band_worker(self.state, st, plan)[0]:
+            self._banded[aid] = st.plan.version  # bands were ranked for this version (found or not): not again
+        wid = self.state.resolve_worker(plan.band_worker_address) if plan.fallbacks else ""
         lk = self.state.measured_link(st, wid) if wid else None
         if lk is not None:
-            self._basis[aid] = Basis(plan.version, wid, lk.rtt_seconds, lk.bandwidth_bytes_per_second)
+            self._basis[aid] = basis_of(plan, st.plan.version, wid, lk.rtt_seconds, lk.bandwidth_bytes_per_second)
 
-    def _unbanded(self, st: AgentState) -> bool:
-        """The running plan has no bands, though its link is measured now (it was issued before)."""
-        plan = st.plan
-        if plan is None or plan.fallbacks or self._banded.get(st.record.id) == plan.version:
-            return False
-        wid, _ = fallbacks.band_worker(self.state, st, plan)
-        return bool(wid)
+    async def _rank_bands(self, st: AgentState) -> None:
+        """The running plan was issued before its link was measured (no bands): rank its bands now,
+        for the planner's own in-band check only (the agent gets bands with its next plan)."""
+        if st.plan is None or st.plan.fallbacks or self._banded.get(st.record.id) == st.plan.version:
+            return
+        wid, measured = fallbacks.band_worker(self.state, st, st.plan)
+        if not wid or wid not in self.state.workers:
+            return
+        probe = pb.Plan()
+        probe.CopyFrom(st.plan)
+        record = dataclasses.replace(st.record, workers=(wid,))
+        await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
+        await fallbacks.attach(self.state, self.rank, st, probe)
+        self._set_basis(st, probe)
 
     def _confirm_basis(self, st: AgentState) -> None:
         """The running plan was decided again and kept: in-band estimates are measured from now on."""
         b = self._basis.get(st.record.id)
         lk = self.state.measured_link(st, b.worker) if b is not None else None
         if b is not None and lk is not None and st.plan is not None and b.version == st.plan.version:
-            self._basis[st.record.id] = Basis(b.version, b.worker, b.rtt_seconds, lk.bandwidth_bytes_per_second)
+            self._basis[st.record.id] = dataclasses.replace(b, bandwidth=lk.bandwidth_bytes_per_second)
 
     async def _switch(self, st: AgentState, best: Ranked, current: Configuration | None, cause: str) -> None:
         """Replace the running plan by ``best`` if the hysteresis says so."""

@@ -122,7 +122,9 @@ class PlannerServicer(pb_grpc.PlannerServicer):
                 context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
                 raise
             due = self.replanner.telemetry(st, t, bw, rtt)
-            if due or (st.dirty and st.record.id in intake):  # a queued agent's new change joins its decision
+            if st.record.id in intake:  # joins the decision queued (or, when due, decides once more after it)
+                intake.coalesce(st, again=due)
+            elif due:
                 intake.offer(st)
         return pb.TelemetryAck(received=received)
 
