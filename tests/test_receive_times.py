@@ -33,6 +33,7 @@ def test_streamed_results_carry_the_worker_receive_and_send_times(capsys):
     from runtime.models.loader import load_model
     from runtime.tools.netem import DelayProxy, LinkShape
     from runtime.wire.codec import get_codec
+    from runtime.wire.transport import TransportOptions
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
 
@@ -45,7 +46,7 @@ def test_streamed_results_carry_the_worker_receive_and_send_times(capsys):
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
         proxy = await DelayProxy(f"127.0.0.1:{ws.port}", LinkShape(0.005, rate)).start()
         agent = Agent(loaded, InitialPlan(loaded.split("add_2"), get_codec("raw"), worker=proxy.address),
-                      AgentOptions(deadline_seconds=30.0))
+                      AgentOptions(deadline_seconds=30.0, transport=TransportOptions(chunk_bytes=256 * 1024)))
         try:
             await agent.start()
             results = [await agent.infer(x) for _ in range(4)]
@@ -59,7 +60,7 @@ def test_streamed_results_carry_the_worker_receive_and_send_times(capsys):
     assert all(r.where == "edge" for r in results)
     for r in results:
         t = r.times
-        # 401 KB in two chunks: the second (~140 KB) arrives after the first, paced by the link
+        # 401 KB in two 256 KiB chunks: the second (~140 KB) arrives after the first, paced by the link
         assert t["edge_receive"] > 0.5 * (r.wire_bytes - 256 * 1024) / rate
         assert t["edge_queue"] + t["edge_decode"] + t["edge_tail"] <= t["edge_held"] < t["transfer_edge"]
     assert 0.5 * rate < bandwidth < 1.5 * rate

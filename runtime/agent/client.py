@@ -33,6 +33,7 @@ from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.daemon.tracing import agent_frame
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.chain import Hop
 from runtime.wire.codec import Codec
 from runtime.wire.stream import EdgeStream
@@ -226,7 +227,8 @@ class Agent:
     # -- frames ------------------------------------------------------------------------------
 
     def _head_encode(self, plan: ActivePlan, x: torch.Tensor):
-        """Head, then (with a TL and a worker) the TL encoder, then the wire codec.
+        """Head, then (with a TL and a worker) the TL encoder, then the wire codec, straight into the
+        stream message the frame travels in (its header is set at send time; no copy of the payload).
         Returns (h, message, start, head s, codec s, tl_encode s or None); h is the raw head output."""
         t0 = time.perf_counter()
         with torch.inference_mode():
@@ -238,7 +240,10 @@ class Agent:
                 z = plan.encoder(h)
             t_tl = time.perf_counter() - t1
         t2 = time.perf_counter()
-        msg = plan.codec.encode(z) if plan.stream is not None else None
+        msg = None
+        if plan.stream is not None:
+            msg = pb.StreamRequest()
+            plan.codec.encode_into(z, msg.frame.tensor)
         return h, msg, t0, t1 - t0, time.perf_counter() - t2, t_tl
 
     @staticmethod

@@ -55,12 +55,14 @@ class EdgeSender:
         if network > 0:
             self.link.observe_censored(address, ahead, network)
 
-    async def run(self, stream: EdgeStream, header: pb.FrameHeader, msg, result: FrameResult) -> str:
-        """Send one frame and wait (bounded) for its result; returns "" or why it must run locally."""
+    async def run(self, stream: EdgeStream, header: pb.FrameHeader, req: pb.StreamRequest, result: FrameResult) -> str:
+        """Send one frame (``req``: a stream message whose frame holds the encoded tensor, built so on the
+        board thread: no copy of the payload) and wait (bounded) for its result; returns "" or why it
+        must run locally."""
         seq = header.seq
-        req = pb.InferRequest(header=header, tensor=msg)
-        inject_frame(req.header)  # the worker's spans join this frame's trace (tracing on; runtime.daemon.tracing)
-        result.wire_bytes, result.worker = wire_bytes(msg), stream.address  # what the profile's bytes count
+        req.frame.header.CopyFrom(header)
+        inject_frame(req.frame.header)  # the worker's spans join this frame's trace (tracing on; runtime.daemon.tracing)
+        result.wire_bytes, result.worker = wire_bytes(req.frame.tensor), stream.address  # what the profile's bytes count
         ahead = self.inflight.sent(stream.address, seq, result.wire_bytes)  # bytes before ours, ours included
         t_send = time.perf_counter()
         deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up

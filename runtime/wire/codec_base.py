@@ -53,17 +53,22 @@ class Codec(ABC):
 
     # -- encoding ---------------------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tensor_pb2.Tensor:
+        msg = tensor_pb2.Tensor()
+        self.encode_into(x, msg)
+        return msg
+
+    def encode_into(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> None:
+        """Encode ``x`` into ``msg`` (an empty Tensor, e.g. the one inside a stream message: no copy of
+        the payload into a second message later)."""
         x = _prepare(x)
-        msg = tensor_pb2.Tensor(shape=list(x.shape), codec=self.codec, compression=self.compression)
+        msg.shape.extend(x.shape)
+        msg.codec, msg.compression = self.codec, self.compression
         values = self._encode_values(x, msg)  # a buffer of the codec output
         msg.encoded_size = values.nbytes
-        if self.lz4:
-            msg.buffer = lz4.block.compress(values, mode="default", store_size=False)
-        else:
-            msg.buffer = values.tobytes()
+        payload = lz4.block.compress(values, mode="default", store_size=False) if self.lz4 else values.tobytes()
+        msg.buffer = payload
         msg.chunks = 1
-        msg.payload_size = len(msg.buffer)
-        return msg
+        msg.payload_size = len(payload)  # from the local bytes: reading msg.buffer back would copy it
 
     @abstractmethod
     def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:

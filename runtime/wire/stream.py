@@ -160,8 +160,11 @@ class EdgeStream:
         if channel is not None:
             asyncio.get_running_loop().create_task(channel.close(grace=None))
 
-    async def send(self, request: pb.InferRequest, deadline: float | None = None) -> asyncio.Future:
+    async def send(self, request: pb.InferRequest | pb.StreamRequest, deadline: float | None = None) -> asyncio.Future:
         """Send one frame; returns a future for its result. Raises Unavailable.
+
+        ``request``: an InferRequest, or a StreamRequest with ``frame`` set (sent without copying the
+        payload when it fits one message; see ``frame_messages``).
 
         ``deadline`` (``time.monotonic()`` seconds): past it, the frame is not started, or its
         remaining chunks are not sent and the worker is told to drop it (``FrameCancel``), so an
@@ -169,8 +172,9 @@ class EdgeStream:
         """
         await self._ensure_open()
         call: grpc.aio.StreamStreamCall = self._call  # open: _ensure_open returned
-        request.header.stream_epoch = self.epoch
-        seq = request.header.seq
+        frame = request.frame if isinstance(request, pb.StreamRequest) else request
+        frame.header.stream_epoch = self.epoch
+        seq = frame.header.seq
         fut = asyncio.get_running_loop().create_future()
         self._pending[seq] = fut
         written = 0
@@ -180,7 +184,7 @@ class EdgeStream:
             else:
                 await self._write_lock.acquire()
             live = self._live
-            live.sent(seq, len(request.tensor.buffer))  # outstanding from its first byte (a write may block)
+            live.sent(seq, frame.tensor.payload_size or len(frame.tensor.buffer))  # outstanding from its first byte (a write may block)
             try:
                 for msg in frame_messages(request, self.transport.chunk_bytes):
                     if deadline is not None and time.monotonic() > deadline:

@@ -301,7 +301,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             if req.tensor.codec == tensor_pb2.CODEC_JPEG and (tail.split.index != 0 or tail.decoder is not None):
                 raise PreconditionFailed(f"the frame is a JPEG input image (codec jpeg), which only split 0 ('input') "
                                          f"without a TL takes; this frame names split {tail.split.name!r}")
-            self.metrics.received_bytes.inc(len(req.tensor.buffer))
+            self.metrics.received_bytes.inc(req.tensor.payload_size or len(req.tensor.buffer))  # reading buffer copies it
             with self._count_lock:
                 self._waiting += 1
                 self.metrics.queue_depth.set(self._waiting)
