@@ -143,6 +143,13 @@ class Replica:
         return holder, left, (rec, store.current_plan(agent_id), store.links(agent_id).get(agent_id, {}),
                               store.speeds(agent_id).get(agent_id))
 
+    async def detach_unknown(self, agent_id: str) -> None:
+        """Give up the lease of an agent this replica does not hold (its first registration was refused)."""
+        if agent_id not in self.state.agents:
+            self._attached.pop(agent_id, None)
+            await asyncio.get_running_loop().run_in_executor(
+                self._pool, lambda: self._store().release_leases(self.id, [agent_id]))
+
     async def attached(self, messages: AsyncIterator[pb.Telemetry]) -> AsyncIterator[pb.Telemetry]:
         """``messages``, each after its agent is attached here."""
         async for t in messages:

@@ -142,6 +142,11 @@ class PlannerService(PlannerServicer):
             # the caller's right to the id first (as the servicer checks it): no lease moves for a stranger
             self.owners.claim("agent", aid, current_identity(), lease_of(context))
             await self.replica.attach(aid, take=True)
+            try:
+                return await super().RegisterAgent(request, context)
+            except BaseException:
+                await self.replica.detach_unknown(aid)  # a refused first registration holds no lease
+                raise
         return await super().RegisterAgent(request, context)
 
     async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:

@@ -227,3 +227,21 @@ def test_replicated_overlay_renders_validates_and_runs_replicas_on_the_secret_st
     monkeypatch.setenv("EDGESPLIT_PLANNER_REPLICA_ID", "edgesplit-planner-1")
     cfg = config_from_args(ns, PlannerConfig, "planner")
     assert cfg.store_location().startswith("postgresql://") and cfg.replica_id == "edgesplit-planner-1"
+
+
+@pytest.mark.timeout(120)
+def test_a_refused_first_registration_holds_no_lease(postgres, tmp_path):  # noqa: F811
+    store = postgres.new_database()
+    proc, address = start_planner(store, tmp_path, *FLAGS)
+    try:
+        async def main():
+            async with grpc.aio.insecure_channel(address) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as ei:
+                    await pb_grpc.PlannerStub(ch).RegisterAgent(pb.RegisterAgentRequest(
+                        agent_id="bad-1", model_id=MODEL, profile_json="{not json"), timeout=RPC)
+                return ei.value.code()
+
+        assert asyncio.run(main()) == grpc.StatusCode.INVALID_ARGUMENT
+        assert "bad-1" not in _holders(store)
+    finally:
+        kill(proc)
