@@ -8,6 +8,7 @@ import statistics
 from dataclasses import replace
 
 from runtime.contracts.profile import Profile, Transfer
+from runtime.wire.jpeg import is_jpeg
 
 REFERENCE_TL = "reference-2x2"  # ScissionLite's parameter-free TL, named in its transfers
 
@@ -66,12 +67,13 @@ def rescale(p: Profile, factor: float) -> Profile:
                    settings={**p.settings, "rescaled_by": factor})
 
 
-def with_input_encode(p: Profile, codec: str, seconds: float) -> Profile:
-    """``p`` with the encode time of the input cut's ``codec`` transfer set to ``seconds``: the board's
-    JPEG encode as the edge-only strategy measures it on the same frames, rather than the profile's
-    median scaled by :func:`rescale` (a factor for the blocks' throttling that tripled it: 59 against
-    ~17 ms for EfficientNet-Lite0)."""
-    return replace(p, input_transfers=tuple(replace(t, encode_seconds=seconds) if t.codec == codec and not t.tl_id
+def with_input_encode(p: Profile, seconds: float) -> Profile:
+    """``p`` with the encode time of the input cut's JPEG transfers (any quality) set to ``seconds``: the
+    board's q90 encode measured on the same frames, rather than the profile's median scaled by
+    :func:`rescale` (a factor for the blocks' throttling that tripled it: 59 against ~17 ms for
+    EfficientNet-Lite0). Other qualities take the q90 time (the encode is mostly colour conversion
+    and DCT, whatever the quantisation)."""
+    return replace(p, input_transfers=tuple(replace(t, encode_seconds=seconds) if is_jpeg(t.codec) and not t.tl_id
                                             else t for t in p.input_transfers))
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 from runtime.measure.scenarios.spec import RunSpec, Scenario
 from runtime.measure.scenarios.testbed import Cleanup
 
-WARMUP_S = 15.0  # seconds before the first step (the first plan: probes, then offloading)
-START_S = 900.0  # profiling both sides (the board's under its quota) before the trace starts
+WARMUP_S = 30.0  # seconds before the first step: the agent starts (unrestricted; it enters the board's quota once
+# up: torch's import at 1/18 of a core takes minutes), probes, then takes the first plan
+START_S = 300.0  # the planner, the worker and the agent start
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -35,8 +36,10 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def trace(model: str, sc: Scenario, cal: dict, spec: RunSpec, links: dict, cl: Cleanup) -> dict:
-    """Record the trace for ``model``; the summary the report shows (files named in ``files``)."""
+def trace(model: str, sc: Scenario, cal: dict, spec: RunSpec, links: dict, profiles: tuple[Path, Path],
+          cl: Cleanup) -> dict:
+    """Record the trace for ``model`` with the board's and the edge's profiles of this run (``profiles``);
+    the summary the report shows (files named in ``files``)."""
     share = cal["quota_us"] / cal["period_us"]
     phases = ",".join(f"{m:g}:{s:g}" for m, s in sc.steps)
     out_dir = Path(spec.out_dir)
@@ -45,7 +48,8 @@ def trace(model: str, sc: Scenario, cal: dict, spec: RunSpec, links: dict, cl: C
     cmd = [sys.executable, "-m", "runtime.tools.adapt_run", "--out", str(prefix), "--model", model,
            "--phases", phases, "--jitter", "0", "--delay-ms", f"{sc.rtt_ms / 2:g}", "--board-share", f"{share:.4f}",
            "--board-period-us", str(cal["period_us"]), "--fps", f"{spec.trace_fps:g}",
-           "--deadline", f"{spec.trace_deadline_s:g}", "--warmup", f"{WARMUP_S:g}", "--runs", str(spec.profile_runs)]
+           "--deadline", f"{spec.trace_deadline_s:g}", "--warmup", f"{WARMUP_S:g}",
+           "--device-profile", str(profiles[0]), "--edge-profile", str(profiles[1]), "--board-join-after-start"]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         cl.add(lambda: _stop(proc))

@@ -129,7 +129,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     factor = cal["device_ms"] / 1e3 / sum(b.seconds for b in measured.blocks)
     dev = costs.rescale(measured, factor)
     # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
-    dev = costs.with_input_encode(dev, "jpeg", statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
+    dev = costs.with_input_encode(dev, statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
     ref = [r["class_index"] for r in board["local"]]
     plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names)
              for s in spec.scenarios if not SCENARIOS[s].steps}
@@ -153,9 +153,12 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
                                         sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress)
     _ask_quit(child)
     worker.stop()
+    profiles = (tmp / f"{model}-device.json", tmp / f"{model}-edge.json")
+    dev.save(profiles[0])
+    edge.save(profiles[1])
     for s in (s for s in spec.scenarios if SCENARIOS[s].steps):
         progress(f"{model} {s}: dynamic trace (planner, worker and agent processes; runtime.tools.adapt_run)")
-        out["scenarios"][s] = dynamic.trace(model, SCENARIOS[s], cal, spec, links, cl)
+        out["scenarios"][s] = dynamic.trace(model, SCENARIOS[s], cal, spec, links, profiles, cl)
     return out
 
 
