@@ -165,15 +165,16 @@ async def run(args: argparse.Namespace, port: int, pid: int) -> None:
               f"({cpu / args.agents * 1e3:.2f} ms/agent), RPC p50 {pct(lat, .5) * 1e3:.0f} ms p99 "
               f"{pct(lat, .99) * 1e3:.0f} ms; RSS {rss_mb(pid):.0f} MB", flush=True)
         await asyncio.sleep(1.0)
-        c0, t0 = cpu_seconds(pid), time.perf_counter()
-        sent, streams, codes = await telemetry(stub, args.agents, args.reports, args.step_share, args.concurrency,
-                                               args.interval)
-        wall = time.perf_counter() - t0
-        await asyncio.sleep(args.settle)  # what the planner still does after the acks (queued decisions)
-        cpu = cpu_seconds(pid) - c0
-        print(f"telemetry {sent} reports on {streams} streams: {wall:.1f} s, {sent / wall:.0f}/s sent, planner CPU "
-              f"{cpu:.1f} s incl. {args.settle:.0f} s settle ({cpu / sent * 1e3:.3f} ms/report); streams {codes}",
-              flush=True)
+        for phase in range(args.phases):  # the first carries each agent's first measured link
+            c0, t0 = cpu_seconds(pid), time.perf_counter()
+            sent, streams, codes = await telemetry(stub, args.agents, args.reports, args.step_share, args.concurrency,
+                                                   args.interval)
+            wall = time.perf_counter() - t0
+            await asyncio.sleep(args.settle)  # what the planner still does after the acks (queued decisions)
+            cpu = cpu_seconds(pid) - c0
+            print(f"telemetry phase {phase + 1}: {sent} reports on {streams} streams: {wall:.1f} s, {sent / wall:.0f}/s "
+                  f"sent, planner CPU {cpu:.1f} s incl. {args.settle:.0f} s settle ({cpu / sent * 1e3:.3f} ms/report); "
+                  f"streams {codes}", flush=True)
         c0 = cpu_seconds(pid)
         rereg = []
         for _ in range(3):
@@ -198,6 +199,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reports", type=int, default=5, help="telemetry messages per agent")
     ap.add_argument("--interval", type=float, default=0.0,
                     help="seconds between one agent's reports (0: as fast as the planner reads them)")
+    ap.add_argument("--phases", type=int, default=1, help="telemetry phases, one after the other")
     ap.add_argument("--step-share", type=float, default=0.1, help="share of reports that move the link out of band")
     ap.add_argument("--concurrency", type=int, default=64, help="calls in flight at once")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after each phase before reading CPU")
