@@ -56,14 +56,18 @@ def test_dynamic_trace_summary_counts_deadlines_and_losses():
     from runtime.measure.scenarios.dynamic import summary
     from runtime.measure.scenarios.spec import SCENARIOS
 
-    frames = [{"seq": 0, "where": "edge", "split": "input"},
-              {"seq": 1, "where": "local", "split": "input", "fallback_reason": "deadline: no edge result within 3s"},
-              {"seq": 2, "where": "local", "split": "output", "fallback_reason": "plan runs every layer on the device"}]
-    data = {"analysis": {"frames": 3, "lost": 0, "duplicated": 0, "phases": [{"mbps": 20.0, "frames": 3}]}, "frames": frames}
+    frames = [{"seq": 0, "t": 1.0, "where": "edge", "split": "input", "codec": "jpeg"},
+              {"seq": 1, "t": 2.0, "where": "local", "split": "input", "codec": "jpeg",
+               "fallback_reason": "deadline: no edge result within 3s"},
+              {"seq": 2, "t": 3.0, "where": "local", "split": "output", "codec": "raw",
+               "fallback_reason": "plan runs every layer on the device"}]
+    data = {"analysis": {"frames": 3, "lost": 0, "duplicated": 0,
+                         "phases": [{"mbps": 20.0, "frames": 3, "start_s": 0.0, "seconds": 10.0}]}, "frames": frames}
     got = summary(data, SCENARIOS["dynamic"], 0.05, {"period_us": 50_000}, {"dynamic@20": {}, "20mbit": {}},
                   ["python", "-m", "runtime.tools.adapt_run", "--out", "x"], "scenarios_dynamic_m")
     assert (got["past_deadline"], got["fallbacks"], got["lost"]) == (1, 1, 0)
     assert list(got["links"]) == ["dynamic@20"] and got["files"][2] == "scenarios_dynamic_m.png"
+    assert got["phases"][0]["ran"] == {"input:jpeg (edge)": 1, "input:jpeg (local)": 1, "output:raw (local)": 1}
 
 
 @pytest.mark.timeout(600)

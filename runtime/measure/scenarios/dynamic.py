@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 from runtime.measure.scenarios.spec import RunSpec, Scenario
@@ -69,6 +70,9 @@ def summary(data: dict, sc: Scenario, share: float, cal: dict, links: dict, cmd:
     """What the report shows of a recorded trace."""
     a, frames = data["analysis"], data["frames"]
     past = [r for r in frames if (r.get("fallback_reason") or "").startswith("deadline")]
+    for ph in a["phases"]:  # what ran in each step: split:codec and where, with counts
+        inside = [r for r in frames if ph["start_s"] <= r.get("t", -1.0) < ph["start_s"] + ph["seconds"]]
+        ph["ran"] = dict(Counter(f"{r.get('split')}:{r.get('codec')} ({r.get('where')})" for r in inside).most_common())
     return {"dynamic": True, "steps": [list(s) for s in sc.steps], "rtt_ms": sc.rtt_ms,
             "links": {k: v for k, v in links.items() if k.startswith(f"{sc.name}@")},
             "board_share": share, "board_period_us": cal["period_us"], "frames": a["frames"], "lost": a["lost"],
