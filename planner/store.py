@@ -32,7 +32,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
-from planner.store_sql import Backend, StoreError, open_backend
+from planner.store_sql import Backend, Merge, StoreError, open_backend
 from runtime.contracts.errors import PreconditionFailed
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
@@ -261,10 +261,10 @@ class Store:
         b = self.backend
         with self._tx():
             if batch.links:
-                b.executemany(_PUT_LINK, sorted((a, w, lk.rtt_seconds, lk.bandwidth_bytes_per_second, lk.updated_unix)
-                                                for (a, w), lk in batch.links.items()))
+                b.merge_many(_MERGE_LINKS, sorted((a, w, lk.rtt_seconds, lk.bandwidth_bytes_per_second, lk.updated_unix)
+                                                  for (a, w), lk in batch.links.items()))
             if batch.seen:
-                b.executemany("UPDATE agents SET last_seen=? WHERE id=?", sorted((t, a) for a, t in batch.seen.items()))
+                b.merge_many(_MERGE_SEEN, sorted((a, t) for a, t in batch.seen.items()))
             if batch.speeds:
                 b.executemany(_PUT_SPEED, sorted((a, s.slowdown, s.samples, s.updated_unix)
                                                  for a, s in batch.speeds.items()))
@@ -378,6 +378,11 @@ class Store:
 _PUT_LINK = ("INSERT INTO links (agent_id, worker_id, rtt_seconds, bandwidth_bytes_per_second, updated_unix) "
              "VALUES (?,?,?,?,?) ON CONFLICT (agent_id, worker_id) DO UPDATE SET rtt_seconds=excluded.rtt_seconds, "
              "bandwidth_bytes_per_second=excluded.bandwidth_bytes_per_second, updated_unix=excluded.updated_unix")
+_MERGE_LINKS = Merge("links_in", _PUT_LINK, "agent_id TEXT, worker_id TEXT, rtt_seconds DOUBLE PRECISION, "
+                     "bandwidth_bytes_per_second DOUBLE PRECISION, updated_unix DOUBLE PRECISION",
+                     _PUT_LINK.split(" VALUES ")[0] + " SELECT * FROM {src} " + _PUT_LINK.split("(?,?,?,?,?) ")[1])
+_MERGE_SEEN = Merge("seen_in", "UPDATE agents SET last_seen=? WHERE id=?", "id TEXT, last_seen DOUBLE PRECISION",
+                    "UPDATE agents SET last_seen = s.last_seen FROM {src} s WHERE agents.id = s.id", params=(1, 0))
 _PUT_SPEED = ("INSERT INTO device_speed (agent_id, slowdown, samples, updated_unix) VALUES (?,?,?,?) "
               "ON CONFLICT (agent_id) DO UPDATE SET slowdown=excluded.slowdown, samples=excluded.samples, "
               "updated_unix=excluded.updated_unix")

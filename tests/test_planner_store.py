@@ -115,9 +115,12 @@ def test_leases_on_both_engines(where):
 
 
 def test_write_behind_writes_n_link_updates_in_one_transaction(where, request):
-    """1,000 link estimates (latest of each kept) + heartbeats -> exactly one transaction."""
+    """1,000 link estimates (latest of each kept) + heartbeats -> exactly one transaction (on PostgreSQL
+    both batches are large enough to go through COPY, a few heartbeats would not)."""
     s = Store(where)
     _fill(s)
+    for k in range(2, 101):  # agents a1..a100
+        s.put_agent(AgentRecord(f"a{k}", MODEL, "w1", DEVICE_PROFILE, (), (), pb.Constraints(), 1.0, 2.0))
     statements: list[str] = []
 
     def trace(store: Store) -> None:  # on the store thread: what its connection executes from now on
@@ -136,7 +139,7 @@ def test_write_behind_writes_n_link_updates_in_one_transaction(where, request):
             before = xid() if s.backend.name == "postgresql" else 0
             for i in range(1000):
                 wb.put_link("a1", f"w{i % 100}", LinkRecord(0.001, 1e6 + i, 1000.0 + i))
-                wb.touch("a1", 5.0 + i)
+                wb.touch(f"a{i % 100 + 1}", 5.0 + i)
             await wb.flush()
             after = xid() if s.backend.name == "postgresql" else 0
             return wb.stats, after - before - 1  # txid_current() itself takes one
@@ -144,8 +147,8 @@ def test_write_behind_writes_n_link_updates_in_one_transaction(where, request):
             await wb.close()
 
     stats, pg_transactions = asyncio.run(main())
-    assert stats.flushes == 1 and stats.rows == 101  # 100 links (the latest of each) + 1 heartbeat
-    assert registry.get_sample_value("edgesplit_planner_store_flush_rows") == 101
+    assert stats.flushes == 1 and stats.rows == 200  # 100 links (the latest of each) + 100 heartbeats
+    assert registry.get_sample_value("edgesplit_planner_store_flush_rows") == 200
     assert registry.get_sample_value("edgesplit_planner_store_flush_seconds_count") == 1
     if s.backend.name == "sqlite":
         begins = [x for x in statements if x.startswith("BEGIN")]
@@ -154,7 +157,8 @@ def test_write_behind_writes_n_link_updates_in_one_transaction(where, request):
         assert pg_transactions == 1
     links = s.links()["a1"]
     assert len(links) == 100 and links["w7"] == LinkRecord(0.001, 1e6 + 907, 1907.0)  # the latest sample won
-    assert s.agents()["a1"].last_seen == 1004.0
+    agents = s.agents()
+    assert agents["a1"].last_seen == 905.0 and agents["a100"].last_seen == 1004.0  # the latest heartbeat of each
     s.close()
 
 
