@@ -6,6 +6,7 @@ worker's unchanged re-registration marking nobody."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 
@@ -237,3 +238,43 @@ def test_unchanged_worker_re_registration_marks_nobody_a_changed_one_only_its_ag
             await p.stop()
 
     aio.run(scenario())
+
+
+def test_owner_quota_counts_only_that_owners_live_bindings():
+    from planner.owners import Owners
+    from runtime.contracts.errors import Overloaded
+    from runtime.daemon.auth import ANONYMOUS
+
+    now = [0.0]
+    owners = Owners(10.0, 2, clock=lambda: now[0])
+    for i in range(500):  # many other callers: their bindings are not counted for "a" (nor scanned)
+        owners.claim("agent", f"x{i}", ANONYMOUS, f"lease-{i}")
+    owners.claim("agent", "a1", ANONYMOUS, "a")
+    owners.claim("agent", "a2", ANONYMOUS, "a")
+    with pytest.raises(Overloaded, match="holds 2 registrations"):
+        owners.claim("agent", "a3", ANONYMOUS, "a")
+    owners.release("agent", "a1")
+    owners.claim("agent", "a3", ANONYMOUS, "a")  # released: room again
+    now[0] = 11.0  # every binding lapsed
+    owners.claim("agent", "a2", ANONYMOUS, "b")  # a lapsed id goes to another caller, off a's count
+    owners.claim("agent", "a4", ANONYMOUS, "a")
+    owners.claim("agent", "a5", ANONYMOUS, "a")  # a's old bindings lapsed: they count for nothing
+    key = lambda lease: "lease:" + hashlib.sha256(lease.encode()).hexdigest()  # noqa: E731 (an owner's key)
+    assert owners.held(key("a"), now[0]) == 2 and owners.held(key("b"), now[0]) == 1
+    assert "x1" in owners.expired("agent") and owners.held(key("lease-1"), now[0]) == 0
+
+
+def test_in_band_rules():
+    from planner.hysteresis import Hysteresis
+    from planner.inband import Basis, in_band
+
+    h = Hysteresis(0.10, 0.002, 3.0)
+    plan = pb.Plan(version=3, worker_id="w1", predicted_seconds=0.100, predicted_bytes=100_000)
+    b = Basis(3, "w1", 0.005, 1e7, 5e6, 2e7)
+    assert in_band(plan, b, "w1", 1.5e7, 0.005, h)  # faster, inside the band
+    assert in_band(plan, b, "w1", 9e6, 0.0052, h)  # slower by 1.1 ms < half the 10 ms threshold
+    assert not in_band(plan, b, "w1", 6e6, 0.005, h)  # slower by 6.7 ms: another worker could pass it
+    assert not in_band(plan, b, "w1", 2.5e7, 0.005, h)  # out of the band
+    assert not in_band(plan, b, "w1", 1.5e7, 0.010, h)  # RTT moved
+    assert not in_band(plan, b, "w2", 1.5e7, 0.005, h)  # another worker's link
+    assert not in_band(pb.Plan(version=4), b, "w1", 1.5e7, 0.005, h)  # a newer plan: its own band
