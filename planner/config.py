@@ -46,7 +46,7 @@ class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wir
     rank_cache_size: int = field(4096, "rankings kept for reuse by agents with the same profiles, constraints and link band")
     rank_band: float = field(0.05, "links whose bandwidths lie within this relative step of one another (on a grid anchored at powers of ten) are ranked at the same figure and share one ranking; 0: every figure exactly")
     rank_rtt_quantum_seconds: float = field(0.0005, "RTTs are ranked rounded to a multiple of this (0: exactly); see rank_band")
-    telemetry_max_pending: int = field(2000, "agents whose telemetry awaits a decision; a report that needs one beyond this is refused RESOURCE_EXHAUSTED with trailing metadata retry-after-ms")
+    telemetry_max_pending: int = field(2000, "agents whose telemetry awaits a decision; while this many wait, a report from any other agent is refused RESOURCE_EXHAUSTED with trailing metadata retry-after-ms")
     telemetry_max_age_seconds: float = field(30.0, "a telemetry report sent (its sent_unix, the agent's clock) longer ago than this is dropped and counted, never acted on late (0: no limit)")
     replan_batch: int = field(256, "agents one periodic pass decides at most; the rest wait for the next pass (a changed worker's agents are spread over passes)")
     include_return: bool = field(True, "model the result's trip back from the worker in predicted latency")
