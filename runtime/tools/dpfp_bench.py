@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                         "costs the coordinator's own CPU")
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="strategies to measure")
+    p.add_argument("--sequential", action="store_true",
+                   help="measure one strategy after the other (default: interleaved, frame i of every strategy in "
+                        "turn, so all see the same load on a shared machine)")
     p.add_argument("--window", type=int, default=1,
                    help="also measure throughput with this many frames in flight through the stage (dpfp and the "
                         "single worker; frames x window frames); 1: latency only")
@@ -113,40 +116,66 @@ def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out:
     return {"table": res.stdout, "stage": json.loads(out.read_text())}
 
 
-async def measure(loaded, stage, image, frames: int, reference, window: int = 1, wavefront: bool = True):
-    """Latency: ``frames`` frames one at a time after a warm-up (and each block's wall time). With
-    ``window > 1`` also throughput: ``frames * window`` frames, at most ``window`` in flight."""
-    from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
-    from runtime.wire.transport import TransportOptions
+class Measurement:
+    """One strategy's stage on one coordinator: latency frames (with each block's wall time), then
+    optionally throughput with several frames in flight."""
 
-    coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
-        tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront))
-    times, tiles, err, blocks, period = [], [], 0.0, [], None
-    try:
-        for i in range(frames + 1):
-            marks: list[float] = []
-            t0 = time.perf_counter()
-            y, reports = await coord.run_stage(image, lambda b, r, m=marks: m.append(time.perf_counter()))
-            if i:  # the first frame warms up
-                times.append(time.perf_counter() - t0)
-                tiles.extend(reports)
-                blocks.append([b - a for a, b in zip([t0, *marks[:-1]], marks, strict=True)])
-        err = float((y - reference).abs().max() / reference.abs().max())
-        if window > 1:
-            gate = asyncio.Semaphore(window)
+    def __init__(self, loaded, stage, image, reference, wavefront: bool = True):
+        from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
+        from runtime.wire.transport import TransportOptions
 
-            async def one():
-                async with gate:
-                    return await coord.run_stage(image)
+        self.image, self.reference = image, reference
+        self.coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
+            tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront))
+        self.times: list[float] = []
+        self.tiles: list = []
+        self.blocks: list[list[float]] = []
+        self.err, self.period = 0.0, None
 
-            t0 = time.perf_counter()
-            outs = await asyncio.gather(*(one() for _ in range(frames * window)))
-            period = (time.perf_counter() - t0) / len(outs)
-            err = max(err, max(float((o - reference).abs().max() / reference.abs().max()) for o, _ in outs))
-    finally:
-        await coord.close()
-    block_medians = [statistics.median(b[j] for b in blocks) for j in range(len(blocks[0]))] if blocks else []
-    return times, tiles, err, block_medians, period
+    def _error(self, y) -> float:
+        return float((y - self.reference).abs().max() / self.reference.abs().max())
+
+    async def frame(self, record: bool = True) -> None:
+        marks: list[float] = []
+        t0 = time.perf_counter()
+        y, reports = await self.coord.run_stage(self.image, lambda b, r, m=marks: m.append(time.perf_counter()))
+        if record:
+            self.times.append(time.perf_counter() - t0)
+            self.tiles.extend(reports)
+            self.blocks.append([b - a for a, b in zip([t0, *marks[:-1]], marks, strict=True)])
+        self.err = max(self.err, self._error(y))
+
+    async def window(self, frames: int, window: int) -> None:
+        gate = asyncio.Semaphore(window)
+
+        async def one():
+            async with gate:
+                return await self.coord.run_stage(self.image)
+
+        t0 = time.perf_counter()
+        outs = await asyncio.gather(*(one() for _ in range(frames)))
+        self.period = (time.perf_counter() - t0) / len(outs)
+        self.err = max(self.err, max(self._error(o) for o, _ in outs))
+
+    def result(self):
+        blocks = self.blocks
+        medians = [statistics.median(b[j] for b in blocks) for j in range(len(blocks[0]))] if blocks else []
+        return self.times, self.tiles, self.err, medians, self.period
+
+
+async def measure_all(ms: list[Measurement], frames: int, interleave: bool) -> None:
+    """Latency frames of every strategy: interleaved (frame i of each in turn, so all see the same
+    load on a shared machine) or one strategy after the other; each warms up with one frame first."""
+    for m in ms:
+        await m.frame(record=False)
+    if interleave:
+        for _ in range(frames):
+            for m in ms:
+                await m.frame()
+    else:
+        for m in ms:
+            for _ in range(frames):
+                await m.frame()
 
 
 async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
@@ -188,9 +217,42 @@ class RelayProcess:
             self.proc.wait(10)
 
 
+async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal: dict, loaded, image) -> list[dict]:
+    import torch
+
+    from runtime.parallel.plan import ParallelStage
+
+    planned, ms, skipped = {}, {}, {}
+    for strategy in [x for x in STRATEGIES if x in args.strategies.split(",")]:
+        planned[strategy] = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json", cal["bytes_per_second"] / 1e6)
+        stage = ParallelStage.from_json(planned[strategy]["stage"])
+        if stage.predicted_seconds > args.max_predicted_seconds:
+            skipped[strategy] = f"predicted above {args.max_predicted_seconds:g} s"
+            continue
+        with torch.inference_mode():
+            reference = loaded.head(stage.blocks[-1].end)(image)
+        ms[strategy] = Measurement(loaded, stage, image, reference, not args.barrier)
+    try:
+        await measure_all(list(ms.values()), args.frames, not args.sequential)
+        for strategy, m in ms.items():
+            if args.window > 1 and strategy in ("dpfp", "single_worker"):
+                await m.window(args.frames * args.window, args.window)
+    finally:
+        for m in ms.values():
+            await m.coord.close()
+    rows = []
+    for strategy, p in planned.items():
+        rows.append(_row(k, strategy, p, ms[strategy].result() if strategy in ms else None, skipped.get(strategy, "")))
+        r = rows[-1]
+        if strategy in ms:
+            print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured {r['measured_seconds']:.3f} s",
+                  file=sys.stderr)
+    return rows
+
+
 def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> dict:
     stage = planned["stage"]
-    row = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"],
+    row = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"], "stage": stage,
            "blocks": [[b["start"], b["end"]] for b in stage["blocks"]],
            "grid_cols": [b.get("grid_cols", 1) for b in stage["blocks"]],
            "predicted_block_seconds": [b["predicted_seconds"] for b in stage["blocks"]],
@@ -205,7 +267,6 @@ def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> d
 
 
 async def run(args, tmp: Path, quotas) -> dict:
-    import torch
 
     from runtime.models.loader import load_model
     from runtime.parallel.plan import ParallelStage
@@ -236,23 +297,9 @@ async def run(args, tmp: Path, quotas) -> dict:
         cal = await calibrate_coordinator(args, loaded, [r.address for r in relays])
         rows = []
         for k in counts:
-            names = [r.address for r in relays[:k]]
-            for strategy in [x for x in STRATEGIES if x in args.strategies.split(",")]:
-                planned = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json",
-                               cal["bytes_per_second"] / 1e6)
-                stage = ParallelStage.from_json(planned["stage"])
-                last = stage.blocks[-1].end
-                with torch.inference_mode():
-                    reference = loaded.head(last)(image)
-                if planned["stage"]["predicted_seconds"] > args.max_predicted_seconds:
-                    rows.append(_row(k, strategy, planned, None, f"predicted above {args.max_predicted_seconds:g} s"))
-                    continue
-                window = args.window if strategy in ("dpfp", "single_worker") else 1
-                rows.append(_row(k, strategy, planned, await measure(loaded, stage, image, args.frames, reference,
-                                                                     window, not args.barrier)))
-                r = rows[-1]
-                print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured "
-                      f"{r['measured_seconds']:.3f} s", file=sys.stderr)
+            rows += await _measure_k(args, k, [r.address for r in relays[:k]], prof, tmp, cal, loaded, image)
+        stage = ParallelStage.from_json(rows[-1]["stage"])
+        last = stage.blocks[-1].end
         return {"rows": rows, "range": [stage.blocks[0].start, last], "coordinator": cal}
     finally:
         for r in relays:
@@ -324,16 +371,21 @@ def markdown(res: dict) -> str:
            f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
            f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}; coordinator "
            f"{'waits for each whole block' if a.get('barrier') else 'wavefront: a tile goes once the tiles it reads are in'}). Times: the stage "
-           f"alone, median of {a['frames']} frames after one warm-up; reduction and speedup against the single worker "
-           "measured with K=1 (predicted: against the predicted single worker).", "",
-           "| K | strategy | predicted s | measured s | reduction (meas.) | speedup (meas.) | reduction (pred.) "
-           "| max rel. error | fused blocks |", "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+           f"alone, median of {a['frames']} frames after one warm-up "
+           f"({'one strategy after the other' if a.get('sequential') else 'interleaved: frame i of every strategy in turn'}); "
+           "reduction and speedup against the single worker "
+           "measured with K=1, and against the single worker measured in the same K group (the same minutes of "
+           "machine load); predicted: against the predicted single worker.", "",
+           "| K | strategy | predicted s | measured s | reduction (meas.) | speedup (meas.) | vs single worker, same K "
+           "| reduction (pred.) | max rel. error | fused blocks |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
         m = r.get("measured_seconds")
         red = f"{100 * (1 - m / base):.1f}%" if m and base else "-"
         spd = f"{base / m:.2f}x" if m and base else "-"
+        same = single.get(r["workers"])
+        same_k = f"{100 * (1 - m / same):.1f}% / {same / m:.2f}x" if m and same else "-"
         out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
-                   f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | {red} | {spd} | "
+                   f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | {red} | {spd} | {same_k} | "
                    f"{100 * (1 - r['predicted_seconds'] / base_pred):.1f}% | {_fmt(r.get('max_rel_error'), '.1e')} | "
                    f"{_blocks(r)} |")
     return "\n".join(out + _breakdown(res) + _throughput(res)) + "\n"
