@@ -63,14 +63,16 @@ def test_a_silent_partition_is_detected_and_every_frame_gets_one_result(capsys):
                 await asyncio.sleep(0.05)
             detected = time.monotonic() - cut
             results = await asyncio.wait_for(during, 30.0)
-            return before, results, detected, stream.is_open
+            deaths = agent.metrics.registry.get_sample_value("edgesplit_agent_stream_deaths_total")
+            return before, results, detected, stream.is_open, deaths
         finally:
             await agent.close()
             await proxy.close()
             await ws.drain_and_stop(0.5)
 
-    before, results, detected, still_open = asyncio.run(go())
+    before, results, detected, still_open, deaths = asyncio.run(go())
     assert not still_open, "the dead stream was not declared dead within 8 s (the link-aware rule allows 2 s here)"
+    assert deaths == 1  # by the liveness rule, not by keep-alive
     assert len(results) == 3 and all(r.where == "local" for r in results)  # one result each, run on the board
     assert all(r.top1()[0] == before[0].top1()[0] for r in results)
     with capsys.disabled():
@@ -146,6 +148,7 @@ def test_a_400_kb_frame_on_1_6_mbit_is_not_taken_for_a_partition(capsys):
             results = [await agent.infer(x) for _ in range(3)]  # the first measures the link
             results += await asyncio.gather(agent.infer(x), agent.infer(x))  # 800 KB outstanding at once
             stream = agent._streams[proxy.address]
+            assert agent.metrics.registry.get_sample_value("edgesplit_agent_stream_deaths_total") == 0
             return results, stream.epoch, stream.is_open, agent.link.estimate(proxy.address).bandwidth.value
         finally:
             await agent.close()

@@ -40,11 +40,14 @@ class AgentMetrics:
         self.inflight = Gauge("edgesplit_agent_inflight_frames", "Frames sent and not yet answered", registry=r)
         self.stream_up = Gauge("edgesplit_agent_stream_up", "1 while a stream to the worker is open", registry=r)
         self.reconnects = Counter("edgesplit_agent_stream_opens", "Streams opened to the worker", registry=r)
+        self.stream_deaths = Counter("edgesplit_agent_stream_deaths", "Streams declared dead by the link-aware "
+                                     "liveness: frames outstanding and no progress for max(2 s, 1.5 x their bytes / "
+                                     "the link's bandwidth + RTT) (runtime.wire.liveness)", registry=r)
         # link estimates (runtime.agent.telemetry.LinkEstimator) and the plan in effect
         self.link_bandwidth = Gauge("edgesplit_agent_link_bandwidth_bytes_per_second",
                                     "Smoothed bandwidth to the worker, from real frame transfers (0: unknown)", registry=r)
         self.link_rtt = Gauge("edgesplit_agent_link_rtt_seconds",
-                              "Base round trip: the smallest of the recent probes on the stream's channel (0: unknown)", registry=r)
+                              "Base round trip: the smallest of the recent probes, on a connection of their own (0: unknown)", registry=r)
         self.band_switches = Counter("edgesplit_agent_band_switches", "Plans the agent took by itself from its plan's "
                                      "fallback table (runtime.agent.fallbacks), by direction (down: a slower band)",
                                      ["direction"], registry=r)

@@ -255,6 +255,9 @@ class EdgeStream:
                 await asyncio.sleep(live.options.tick_seconds)
                 why = live.verdict()
                 if why and self._call is call:
+                    deaths = getattr(self.metrics, "stream_deaths", None)  # optional in StreamMetrics
+                    if deaths is not None:
+                        deaths.inc()
                     self._broken(call, why)
                     call.cancel()
                     return
