@@ -73,6 +73,8 @@ class NextTiers:
         self._streams: dict[str, EdgeStream] = {}
         self._codecs: dict[str, Codec] = {}
         self._seq = itertools.count(1)
+        # goodput to each next tier (bytes / (round trip - its hold), smoothed), for the streams' liveness
+        self._bandwidth: dict[str, float] = {}
 
     def route(self, h: pb.FrameHeader, end: SplitPoint) -> Route:
         """The route of a frame whose slice here ends at ``end``. Raises before anything runs."""
@@ -109,7 +111,8 @@ class NextTiers:
         if stream is None:
             m = _TierMetrics(self.metrics.next_tier_up.labels(address), self.metrics.next_tier_opens.labels(address))
             stream = EdgeStream(address, self.config.transport(), m, self.config.forward_connect_timeout_seconds,
-                                self.config.forward_reconnect_seconds)
+                                self.config.forward_reconnect_seconds,
+                                link_hint=lambda: (self._bandwidth.get(address, 0.0), 0.0))
             self._streams[address] = stream
         return stream
 
@@ -120,7 +123,9 @@ class NextTiers:
         header.CopyFrom(route.header)
         header.seq = seq = next(self._seq)
         inject_frame(header)  # the next tier's worker.frame is a child of this worker.forward span (tracing on)
-        req = pb.InferRequest(header=header, tensor=tensor)
+        req = pb.StreamRequest()  # sent as is when it fits one message (runtime.wire.transport.frame_messages)
+        req.frame.header.CopyFrom(header)
+        req.frame.tensor.CopyFrom(tensor)
         deadline = self.config.forward_deadline_seconds
         t0 = time.perf_counter()
         try:
@@ -139,11 +144,22 @@ class NextTiers:
         if code != grpc.StatusCode.OK:
             raise from_status(code, f"next tier {route.address} refused the frame: {code.name}: {res.message}")
         self.metrics.forward_seconds.labels(route.address).observe(rt)
+        self._sample(route.address, req.frame.tensor.payload_size, rt, res)
         return res, rt
 
-    async def _round_trip(self, stream: EdgeStream, req: pb.InferRequest, address: str) -> pb.InferResult:
+    def _sample(self, address: str, nbytes: int, rt: float, res: pb.InferResult) -> None:
+        """A goodput sample from one forward: its bytes over the round trip less the next tier's hold."""
+        if not (res.sent_seconds > 0 and res.received_last_seconds > 0) or nbytes <= 0:
+            return
+        network = rt - (res.sent_seconds - res.received_last_seconds)
+        if network > 0:
+            old = self._bandwidth.get(address)
+            sample = nbytes / network
+            self._bandwidth[address] = sample if old is None else 0.7 * old + 0.3 * sample
+
+    async def _round_trip(self, stream: EdgeStream, req: pb.StreamRequest, address: str) -> pb.InferResult:
         fut = await stream.send(req)
-        self.metrics.forwarded_bytes.labels(address).inc(len(req.tensor.buffer))
+        self.metrics.forwarded_bytes.labels(address).inc(req.frame.tensor.payload_size)
         return await fut
 
     def _count(self, address: str, code: grpc.StatusCode) -> None:
