@@ -14,6 +14,12 @@ outstanding and restarts at each progress; an idle stream is never declared dead
 covers it: nothing queues ahead of its ping). ``slack`` covers estimate error and the worker's compute
 time, which the allowance does not know. Without a bandwidth estimate (a link never measured) the
 allowance is unknown: the stream then relies on keep-alive only ("unknown is unknown").
+
+The estimate lags a step down: right after a link drops, a frame larger than ``floor`` seconds at the
+new rate can be declared dead on the old estimate. That is taken as evidence, not hidden: the frames
+in flight run locally, their bytes become censored samples (the link did not carry them in that
+time), and the stream reopens within the reconnect back-off (<= 2 s). In steady state the estimate
+knows the rate and such a frame is waited for (tests/test_liveness.py: 401 KB at 1.6 Mbit/s).
 """
 
 from __future__ import annotations
