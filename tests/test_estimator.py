@@ -214,8 +214,11 @@ def test_a_starved_worker_is_not_taken_for_a_slow_link():
     link = LinkEstimator()
     link.add_bandwidth_sample(FAST, "w:1")
     flight = InFlight(link)
-    flight.held["w:1"] = 0.4  # the worker held the last answered frame 400 ms (CPU starved)
+    for held in (0.4, 0.05, 0.1):  # the worker held recent frames up to 400 ms (CPU starved)
+        flight.note_hold("w:1", held)
+    assert flight.hold("w:1") == 0.4
     flight._frames["w:1"][1] = [0.0, 150_000, False]
     assert flight.look(0.5) == 0 and link.estimate("w:1").bandwidth.value == FAST
-    flight.held["w:1"] = 0.0  # the same frame without that explanation is late evidence
+    for _ in range(4):  # four quick answers since: the old hold is forgotten
+        flight.note_hold("w:1", 0.0)
     assert flight.look(0.5) == 1 and link.estimate("w:1").bandwidth.value < FAST

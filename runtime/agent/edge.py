@@ -51,7 +51,7 @@ class EdgeSender:
     def _censored(self, address: str, ahead: int, elapsed: float) -> None:
         """No result after ``elapsed`` s: the link did not carry ``ahead`` bytes in the time left once the
         worker's recent hold is taken off (a starved worker is not a slow link; runtime.agent.estimator)."""
-        network = elapsed - self.inflight.held.get(address, 0.0)
+        network = elapsed - self.inflight.hold(address)
         if network > 0:
             self.link.observe_censored(address, ahead, network)
 
@@ -79,7 +79,7 @@ class EdgeSender:
                 self.metrics.inflight.dec()
             read_result(res, result, t_send)
             if "edge_held" in result.times:
-                self.inflight.held[stream.address] = result.times["edge_held"]
+                self.inflight.note_hold(stream.address, result.times["edge_held"])
         except (asyncio.TimeoutError, DeadlineExceeded) as e:
             if not isinstance(e, DeadlineExceeded):  # sent whole: the worker is told not to compute it
                 stream.abandon(seq)

@@ -3,8 +3,8 @@
 The agent records each frame it sends (:meth:`InFlight.sent`: its send time and the bytes ahead of
 it, its own included) until its result, deadline or failure (:meth:`InFlight.done`). A watcher
 looks every ``period`` seconds: a frame still in flight ``late_factor`` times longer than the link's
-estimate says its bytes should take (bytes ahead / bandwidth + base RTT + the worker's hold of the
-latest answered frame: a starved worker is not a slow link), and at least
+estimate says its bytes should take (bytes ahead / bandwidth + base RTT + the longest of the worker's
+holds of the last ``HOLDS`` answered frames: a starved worker is not a slow link), and at least
 ``min_late_seconds``, is an upper bound of the bandwidth before its deadline: the bytes ahead did
 not get through in that time. It is taken once per frame as an ordinary sample (through the step
 detector, so it takes two such frames in a row to declare a step: one stalled frame is not a
@@ -16,12 +16,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from typing import Any
 
 LATE_FACTOR = 8.0  # a frame this many times later than the estimate says is evidence of a slower link
 MIN_LATE_SECONDS = 0.1  # and at least this late
 PERIOD = 0.05  # seconds between two looks
+HOLDS = 4  # answered frames whose worker hold is remembered per link (the longest counts)
 
 
 class InFlight:
@@ -33,11 +34,20 @@ class InFlight:
         self.late_factor, self.min_late_seconds, self.period = late_factor, min_late_seconds, period
         self._frames: dict[str, dict[int, list]] = defaultdict(dict)  # address -> seq -> [sent at, ahead, seen late]
         self._bytes: dict[str, int] = defaultdict(int)
-        # the worker's hold (last byte in -> result out, from its own clock) of the latest answered frame,
-        # per address (runtime.agent.edge sets it): time the link is not to blame for
-        self.held: dict[str, float] = {}
+        # the worker's holds (last byte in -> result out, from its own clock) of the latest answered frames,
+        # per address (runtime.agent.edge reports them): time the link is not to blame for
+        self._holds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=HOLDS))
         self._task: asyncio.Task | None = None
         self.late = 0  # frames taken as early upper bounds
+
+    def note_hold(self, address: str, seconds: float) -> None:
+        """The worker held an answered frame of link ``address`` this long (from its receive/send times)."""
+        self._holds[address].append(seconds)
+
+    def hold(self, address: str) -> float:
+        """The longest recent worker hold on link ``address`` (0.0 when none is known)."""
+        holds = self._holds.get(address)
+        return max(holds) if holds else 0.0
 
     def bytes(self, address: str) -> int:
         """Bytes sent on ``address`` and not yet answered."""
@@ -66,7 +76,7 @@ class InFlight:
             for entry in frames.values():
                 sent_at, ahead, seen = entry
                 elapsed = now - sent_at
-                held = self.held.get(address, 0.0)
+                held = self.hold(address)
                 expected = ahead / est.bandwidth.value + est.rtt.value + held
                 if not seen and elapsed > max(self.min_late_seconds, self.late_factor * expected):
                     entry[2] = True
