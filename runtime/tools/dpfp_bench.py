@@ -33,7 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-STRATEGIES = ("single_worker", "dpfp", "layer_by_layer", "fused_all")
+STRATEGIES = ("single_worker", "dpfp", "dpfp_bands_barrier", "layer_by_layer", "fused_all")
+PREVIOUS = "dpfp_bands_barrier"  # DPFP as first built: row bands only, uncalibrated, each block waits for the last
 MiB = 2**20
 
 
@@ -53,7 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                         "relays in the coordinator's event loop (the first recorded runs), where relaying every byte "
                         "costs the coordinator's own CPU")
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
-    p.add_argument("--strategies", default=",".join(STRATEGIES), help="strategies to measure")
+    p.add_argument("--strategies", default=",".join(STRATEGIES),
+                   help=f"strategies to measure ({PREVIOUS}: DPFP as first built, row bands only, no coordinator "
+                        "term, each block waiting for the whole previous one: the same run's A/B of this issue's changes)")
     p.add_argument("--sequential", action="store_true",
                    help="measure one strategy after the other (default: interleaved, frame i of every strategy in "
                         "turn, so all see the same load on a shared machine)")
@@ -103,11 +106,12 @@ def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
 
 
 def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0) -> dict:
+    previous = strategy == PREVIOUS
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
-           "--parallel-link-mode", args.link_mode, "--parallel-coordinator-mbytes", f"{coord_mbytes:.3f}",
-           "--parallel-codec", args.codec,
-           *(["--parallel-no-grids"] if args.no_grids else []),
-           "--parallel-strategy", strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
+           "--parallel-link-mode", args.link_mode,
+           "--parallel-coordinator-mbytes", f"{0.0 if previous else coord_mbytes:.3f}", "--parallel-codec", args.codec,
+           *(["--parallel-no-grids"] if args.no_grids or previous else []),
+           "--parallel-strategy", "dpfp" if previous else strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
     for _ in range(k):
         cmd += ["--profile", str(profile_path)]
     res = subprocess.run(_cli(*cmd), capture_output=True, text=True, timeout=600)
@@ -231,7 +235,7 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
             continue
         with torch.inference_mode():
             reference = loaded.head(stage.blocks[-1].end)(image)
-        ms[strategy] = Measurement(loaded, stage, image, reference, not args.barrier)
+        ms[strategy] = Measurement(loaded, stage, image, reference, not args.barrier and strategy != PREVIOUS)
     try:
         await measure_all(list(ms.values()), args.frames, not args.sequential)
         for strategy, m in ms.items():
