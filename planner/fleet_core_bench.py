@@ -61,10 +61,28 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def start_planner(folder: str, extra: list[str], cprofile: str = "") -> tuple[subprocess.Popen, int]:
+# --gc-pauses: the planner process times each collection of the oldest generation and prints them at exit
+GC_PRELUDE = """import atexit, gc, runpy, sys, time
+pauses, t = [], [0.0]
+def cb(phase, info):
+    if info["generation"] == 2:
+        if phase == "start":
+            t[0] = time.perf_counter()
+        else:
+            pauses.append(time.perf_counter() - t[0])
+gc.callbacks.append(cb)
+atexit.register(lambda: print("planner gen-2 collections in order (ms):", [round(p * 1e3, 1) for p in pauses],
+                              "frozen objects:", gc.get_freeze_count(), file=sys.stderr, flush=True))
+sys.argv = ["edgesplit"] + sys.argv[1:]
+runpy.run_module("runtime.cli.main", run_name="__main__")
+"""
+
+
+def start_planner(folder: str, extra: list[str], cprofile: str = "", gc_pauses: bool = False) -> tuple[subprocess.Popen, int]:
     port_file = Path(folder) / "port"
     prof = ["-m", "cProfile", "-o", cprofile] if cprofile else []
-    cmd = [sys.executable, *prof, "-m", "runtime.cli.main", "--log-level", "WARNING", "planner", "serve", "--listen", "127.0.0.1:0",
+    entry = ["-c", GC_PRELUDE] if gc_pauses else ["-m", "runtime.cli.main"]
+    cmd = [sys.executable, *prof, *entry, "--log-level", "WARNING", "planner", "serve", "--listen", "127.0.0.1:0",
            "--db", str(Path(folder) / "p.sqlite"), "--port-file", str(port_file), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
@@ -204,10 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, default=64, help="calls in flight at once")
     ap.add_argument("--settle", type=float, default=3.0, help="seconds to wait after each phase before reading CPU")
     ap.add_argument("--cprofile", default="", help="write the planner's event-loop thread profile (cProfile) here")
+    ap.add_argument("--gc-pauses", action="store_true", help="print the planner's gen-2 GC pauses when it exits")
     ap.add_argument("planner_args", nargs="*", help="extra 'planner serve' flags (after --)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as folder:
-        proc, port = start_planner(folder, ["--max-ids-per-identity", "4", *args.planner_args], args.cprofile)
+        proc, port = start_planner(folder, ["--max-ids-per-identity", "4", *args.planner_args], args.cprofile,
+                                    args.gc_pauses)
         try:
             print(f"load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}", flush=True)
             asyncio.run(run(args, port, proc.pid))

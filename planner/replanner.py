@@ -33,6 +33,7 @@ from planner import decide, fallbacks
 from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.decide import Ranked, plan_key
+from planner.gcfreeze import GcFreezer
 from planner.hysteresis import Hysteresis
 from planner.inband import Basis, basis_of, in_band
 from planner.intake import Intake
@@ -69,6 +70,7 @@ class RePlanner:
         self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
         self._basis: dict[str, Basis] = {}  # agent id -> what its plan's bands were ranked with (planner.inband)
         self._banded: dict[str, int] = {}  # agent id -> plan version whose bands were ranked
+        self.gc = GcFreezer(config.gc_freeze_agents)  # full GC scans of long-lived agent state: rare and short
         self._previous: dict[str, pb.Plan] = {}  # agent id -> its plan before the current one (version, model, split)
         self._gauged = -float("inf")  # monotonic time the per-agent gauges were last refreshed
         self._ticker: asyncio.Task[None] | None = None
@@ -150,6 +152,7 @@ class RePlanner:
                 if st.links and self.broadcaster.watching(aid)]
         self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
         self.metrics.device_slowdown_max.set(max((st.speed.factor for st in agents.values()), default=1.0))
+        self.gc.check(len(agents))
         for memo in (self._basis, self._banded, self._previous):  # agents no longer held here (another replica took them)
             for aid in [a for a in memo if a not in agents]:
                 del memo[aid]

@@ -278,3 +278,18 @@ def test_in_band_rules():
     assert not in_band(plan, b, "w1", 1.5e7, 0.010, h)  # RTT moved
     assert not in_band(plan, b, "w2", 1.5e7, 0.005, h)  # another worker's link
     assert not in_band(pb.Plan(version=4), b, "w1", 1.5e7, 0.005, h)  # a newer plan: its own band
+
+
+def test_gc_freeze_from_the_threshold_and_at_each_quarter_of_growth():
+    import gc
+
+    from planner.gcfreeze import GcFreezer
+
+    assert not GcFreezer(0).check(10**6)  # 0: never
+    f = GcFreezer(1000)
+    try:
+        assert not f.check(999)
+        assert f.check(1000) and gc.get_freeze_count() > 0
+        assert not f.check(1249) and f.check(1250) and f.freezes == 2
+    finally:
+        gc.unfreeze()  # the test process's objects back under the collector
