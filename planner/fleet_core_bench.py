@@ -123,6 +123,7 @@ async def telemetry(stub, n: int, reports: int, step_share: float, concurrency: 
     sem = asyncio.Semaphore(concurrency)
     rng = random.Random(7)
     codes: dict[str, int] = {}
+    details: dict[str, str] = {}  # the first message of each error code
     sent = 0
 
     async def one(i: int) -> None:
@@ -147,8 +148,11 @@ async def telemetry(stub, n: int, reports: int, step_share: float, concurrency: 
                 codes["OK"] = codes.get("OK", 0) + 1
             except grpc.aio.AioRpcError as e:
                 codes[e.code().name] = codes.get(e.code().name, 0) + 1
+                details.setdefault(e.code().name, (e.details() or "")[:160])
 
     await asyncio.gather(*(one(i) for i in range(n)))
+    for code, text in details.items():
+        print(f"  {code}: {text}", flush=True)
     return sent, n, codes
 
 
