@@ -116,10 +116,12 @@ def incompatibility(agent: AgentRecord, device: Profile, worker_id: str, worker_
 
 def candidates(agent: AgentRecord, device: Profile, workers: Iterable[tuple[WorkerRecord, Mapping[str, Profile]]],
                link_for: Callable[[str], LinkRecord | None], rtt: float = 0.0,
-               bandwidth: float = 0.0) -> list[Candidate]:
+               bandwidth: float = 0.0, incompatible: Callable[..., str] | None = None) -> list[Candidate]:
     """The ``workers`` (in the order given) that ``agent`` may use: allowed and included by it, not excluded, and
     able to take its frames; each with its link (``rtt``/``bandwidth`` > 0 override the measured). A worker
-    whose link is unknown (``link_for`` None) and not overridden is left out: unknown is not fast."""
+    whose link is unknown (``link_for`` None) and not overridden is left out: unknown is not fast.
+    ``incompatible``: :func:`incompatibility`, or a memo of it."""
+    incompatible = incompatible or incompatibility
     allowed = set(agent.workers)
     included = set(agent.constraints.include_workers)
     excluded = set(agent.constraints.exclude_workers)
@@ -127,7 +129,7 @@ def candidates(agent: AgentRecord, device: Profile, workers: Iterable[tuple[Work
     for rec, worker_profiles in workers:
         wid = rec.id
         if ((allowed and wid not in allowed) or (included and wid not in included) or wid in excluded
-                or incompatibility(agent, device, wid, worker_profiles)):
+                or incompatible(agent, device, wid, worker_profiles)):
             continue
         lk = link_for(wid)
         if lk is None and not bandwidth:

@@ -19,7 +19,6 @@ object can take their ids while it lives (as :class:`planner.cache.IdentityMemo`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -61,7 +60,7 @@ class Bands:
 
     def candidate(self, c: Candidate) -> Candidate:
         link = self.link(c.link)
-        return c if link is c.link else dataclasses.replace(c, link=link)
+        return c if link is c.link else Candidate(c.worker_id, c.address, c.tier, c.profile, c.tl_ids, link, c.next_tiers)
 
 
 def _predicted(plan: pb.Plan | None) -> tuple | None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from planner import decide
+from planner.cache import LRU
 from planner.config import PlannerConfig
 from planner.decide import Chain, DecisionCache, PlanKey, Ranked
 from planner.metrics import PlannerMetrics
@@ -29,6 +30,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 Ranking = tuple[list[Ranked], float, Configuration | None]  # best first, seconds it took, the plan's prediction
 Cached = tuple[list[Ranked], Configuration | None]  # a ranking from the cache, and the plan's prediction
 EXACT = Bands(0.0, 0.0)
+FITS = 1024  # (agent profile, worker profile) pairs whose compatibility is remembered
 
 
 class Ranker:
@@ -40,6 +42,24 @@ class Ranker:
         self.cache = DecisionCache()  # used by the executor's searches (and _chain_of, on the loop)
         self.bands = Bands(config.rank_band, config.rank_rtt_quantum_seconds)  # links ranked by band
         self.rank_cache = RankCache(config.rank_cache_size)  # rankings shared by agents asking the same (on the loop)
+        self._fits: LRU[tuple, tuple[tuple[object, ...], str]] = LRU(FITS)  # decide.incompatibility, remembered
+
+    def candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0,
+                   record: AgentRecord | None = None) -> list[decide.Candidate]:
+        """:meth:`planner.state.PlannerState.candidates`, with whether a worker's profile fits the agent's
+        remembered per (agent profile, worker profile) pair instead of comparing block lists every time."""
+        workers = [(w.record, w.profiles) for _, w in sorted(self.state.workers.items())]
+        return decide.candidates(record or st.record, st.device, workers, lambda wid: self.state.link(st, wid), rtt,
+                                 bandwidth, self._incompatible)
+
+    def _incompatible(self, agent: AgentRecord, device: Profile, worker_id: str, profiles: Mapping[str, Profile]) -> str:
+        theirs = profiles.get(agent.model)
+        key = (agent.model, agent.digest, worker_id, id(device), id(theirs))
+        hit = self._fits.get(key)
+        if hit is None:
+            hit = ((device, theirs), decide.incompatibility(agent, device, worker_id, profiles))  # holds both: ids stay theirs
+            self._fits.put(key, hit)
+        return hit[1]
 
     async def rank(self, st: AgentState, top_n: int, rtt: float = 0.0, bandwidth: float = 0.0,
                    exclude: PlanKey | None = None, predict: pb.Plan | None = None,
@@ -77,7 +97,7 @@ class Ranker:
                  predict: pb.Plan | None, record: AgentRecord | None,
                  bands: Bands) -> tuple[tuple, tuple[object, ...], Callable[[], Ranking], Cached | None]:
         """(cache key, objects it names, the search to run, the cached ranking: None when there is none)."""
-        cands = [bands.candidate(c) for c in self.state.candidates(st, rtt, bandwidth, record)]
+        cands = [bands.candidate(c) for c in self.candidates(st, rtt, bandwidth, record)]
         rec, device = record or st.record, st.device
         key, held = rank_key(device, rec, cands, top_n, exclude, predict)
         hit = self.rank_cache.get(key)
