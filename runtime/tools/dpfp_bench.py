@@ -266,8 +266,22 @@ def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> d
         row.update(measured_block_seconds=block_medians, window_period_seconds=period,
                    measured_seconds=statistics.median(times), measured_min=min(times), measured_max=max(times),
                    frames=len(times), max_rel_error=err, tile_failures=sum(len(t.failures) for t in tiles),
-                   local_tiles=sum(1 for t in tiles if t.ran_on == "local"))
+                   local_tiles=sum(1 for t in tiles if t.ran_on == "local"),
+                   slowest_tile_compute_seconds=_slowest_compute(tiles, len(times), len(stage["blocks"])))
     return row
+
+
+def _slowest_compute(tiles, frames: int, blocks: int) -> list[float]:
+    """Per block, the median over frames of its slowest tile's compute as the worker reported it."""
+    per: list[list[float]] = [[] for _ in range(blocks)]
+    if not frames or len(tiles) % frames:
+        return []
+    n = len(tiles) // frames
+    for f in range(frames):
+        frame = tiles[f * n: (f + 1) * n]
+        for b in range(blocks):
+            per[b].append(max((t.compute_seconds for t in frame if t.block == b), default=0.0))
+    return [statistics.median(v) for v in per]
 
 
 async def run(args, tmp: Path, quotas) -> dict:
@@ -324,15 +338,17 @@ def _blocks(r: dict) -> str:
 def _breakdown(res: dict) -> list[str]:
     """Per fused block of each DPFP row: predicted and measured seconds, tiling."""
     out = ["", "Per fused block (DPFP rows; measured: median time from the previous block's last tile in (or the frame's start) to this block's last tile in; with the wavefront a block's tiles start before the previous block ends, so this may be less than its tiles take):", "",
-           "| K | block | tiling | predicted s | measured s |", "|---|---|---|---:|---:|"]
+           "| K | block | tiling | predicted s | measured s | slowest tile's compute s (worker-reported) |",
+           "|---|---|---|---:|---:|---:|"]
     for r in res["rows"]:
         if r["strategy"] != "dpfp" or not r.get("measured_block_seconds"):
             continue
         grids = r.get("grid_cols") or [1] * len(r["blocks"])
-        for (a, b), c, p, m in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
-                                   strict=True):
+        slow = r.get("slowest_tile_compute_seconds") or [None] * len(r["blocks"])
+        for (a, b), c, p, m, w in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
+                                      slow, strict=True):
             tiling = f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands"
-            out.append(f"| {r['workers']} | {a}..{b} | {tiling} | {p:.3f} | {m:.3f} |")
+            out.append(f"| {r['workers']} | {a}..{b} | {tiling} | {p:.3f} | {m:.3f} | {_fmt(w, '.3f')} |")
     return out
 
 
