@@ -18,7 +18,9 @@ agent smooths bandwidth: a step change is 90 % absorbed after ~7 reports, ~7 s a
 default 1 s telemetry interval, and one odd report moves the factor by 30 % of its distance); the
 first sample sets the factor. A sample outside ``[1 / MAX_SAMPLE_RATIO, MAX_SAMPLE_RATIO]`` is
 no measurement of a board (a head of 0 s, a clock jump) and is ignored; the others are clamped to
-``[MIN_FACTOR, MAX_FACTOR]`` before smoothing, so the factor always stays in that range.
+``[MIN_FACTOR, MAX_FACTOR]`` before smoothing and the smoothed factor again after it (the EWMA of two
+samples at a bound can round past it: 0.3 * 0.1 + 0.7 * 0.1 is 0.09999999999999999), so the factor
+always stays in that range.
 
 The planner scales the device tier's block times (median and p95) by the factor
 (:func:`scaled`); transfer encode/decode times stay as profiled. So that every report does not
@@ -79,7 +81,8 @@ class DeviceSpeed:
         if not plausible(ratio):
             return False
         r = min(max(ratio, MIN_FACTOR), MAX_FACTOR)
-        self.factor = r if self.samples == 0 else ALPHA * r + (1 - ALPHA) * self.factor
+        smoothed = r if self.samples == 0 else ALPHA * r + (1 - ALPHA) * self.factor
+        self.factor = min(max(smoothed, MIN_FACTOR), MAX_FACTOR)  # rounding must not leave the range
         self.samples += 1
         self.unsaved = True
         return True

@@ -295,6 +295,18 @@ def test_head_ratio_and_smoothing():
     assert compute.scaled(p, 1.0) is p
 
 
+def test_the_factor_stays_in_range_when_samples_clamp_at_a_bound():
+    """A fast machine clamps every sample to MIN_FACTOR; the float EWMA of two such samples is
+    0.09999999999999999, which must not leave the range (test_a_real_agents_head_times_set_the_factor
+    failed 2 runs in 5 on it)."""
+    for bound, sample in ((compute.MIN_FACTOR, 0.002), (compute.MAX_FACTOR, 900.0)):
+        s = DeviceSpeed()
+        for _ in range(20):
+            assert s.add(sample)
+            assert compute.MIN_FACTOR <= s.factor <= compute.MAX_FACTOR
+        assert s.factor == bound
+
+
 def test_store_keeps_device_speed(tmp_path):
     s = Store(tmp_path / "s.sqlite")
     s.put_speed("a1", SpeedRecord(2.5, 7, 3.0))
