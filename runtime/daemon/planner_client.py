@@ -144,22 +144,22 @@ class TelemetryStream:
     async def write(self, message: ppb.Telemetry) -> None:
         try:
             await asyncio.wait_for(self._call.write(message), self._timeout)
-        except grpc.RpcError as e:
-            raise self._mapped(e) from None
-        except asyncio.InvalidStateError:  # a write after the planner ended the call: its status says why
-            raise await self._ended() from None
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:
+            # a write after the planner ended the call raises InvalidStateError, or INTERNAL "Internal error
+            # from Core" (grpc/grpc#36066): the call's own status says why it ended
+            raise (await self._ended() if self._call.done() else self._mapped(e)) from None
 
     async def finish(self) -> ppb.TelemetryAck:
         """Half-close and wait for the ack."""
         try:
             await asyncio.wait_for(self._call.done_writing(), self._timeout)
             return await asyncio.wait_for(self._call, self._timeout)
-        except grpc.RpcError as e:
-            raise self._mapped(e) from None
-        except asyncio.InvalidStateError:
-            raise await self._ended() from None
+        except (grpc.RpcError, asyncio.InvalidStateError) as e:
+            raise (await self._ended() if self._call.done() else self._mapped(e)) from None
 
-    def _mapped(self, e: grpc.RpcError) -> Exception:
+    def _mapped(self, e: Exception) -> Exception:
+        if not isinstance(e, grpc.RpcError):
+            return Unavailable(f"telemetry stream failed: {type(e).__name__}: {e}")
         trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else ()
         self.retry_after = _retry_after(trailing) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else 0.0
         return from_rpc_error(e)

@@ -183,7 +183,8 @@ class SimAgent:
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not self.phase.stopping:
                     continue
-                wait = self.stats.error("ReportTelemetry", e) or backoff * (0.5 + self.rng.random())
+                # a write after a refusal may fail INTERNAL (grpc/grpc#36066): the call's own status counts
+                wait = await self._ended("ReportTelemetry", call, e) or backoff * (0.5 + self.rng.random())
                 backoff = min(backoff * 2, BACKOFF_MAX)
             except asyncio.TimeoutError:
                 self.stats.errors["ReportTelemetry client-timeout"] += 1
