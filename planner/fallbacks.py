@@ -45,12 +45,12 @@ def band_worker(state: PlannerState, st: AgentState, plan: pb.Plan) -> tuple[str
     return best
 
 
-async def attach(state: PlannerState, rank: Rank, st: AgentState, plan: pb.Plan) -> None:
+async def attach(state: PlannerState, rank: Rank, st: AgentState, plan: pb.Plan) -> float:
     """Fill ``plan.fallbacks`` and ``plan.band_worker_address`` (left empty when no link is measured);
-    ``rank`` ranks as RePlanner.rank does."""
+    ``rank`` ranks as RePlanner.rank does. Returns the bandwidth the grid was ranked around (0: none)."""
     wid, measured = band_worker(state, st, plan)
     if not wid or wid not in state.workers:
-        return
+        return 0.0
     record = dataclasses.replace(st.record, workers=(wid,))  # only this worker (and the board)
     points = []
     for factor in GRID:
@@ -65,6 +65,7 @@ async def attach(state: PlannerState, rank: Rank, st: AgentState, plan: pb.Plan)
         plan.fallbacks.append(pb.BandPlan(min_bandwidth_bytes_per_second=lo, max_bandwidth_bytes_per_second=hi,
                                           plan=entry))
     plan.band_worker_address = state.workers[wid].record.address
+    return measured
 
 
 def _bands(points: list) -> list:

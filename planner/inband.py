@@ -4,9 +4,13 @@ A plan carries its bandwidth bands (``Plan.fallbacks``, :mod:`planner.fallbacks`
 its band worker, the best configuration in each band, ranked with the RTT of the time it was
 issued (a plan issued before its link was measured has none: the re-planner ranks them when the
 first estimate comes and keeps them itself). The re-planner keeps, per agent, the band that holds
-the running plan (:class:`Basis`). A new estimate of that link needs no decision when
+the running plan (:class:`Basis`), cut to the bandwidths that were ranked: the grid spans
+``GRID[0]`` .. ``GRID[-1]`` times the bandwidth the bands were ranked around, and the table's first
+band (from 0) and last (no upper bound) say nothing beyond it. A local plan ranked on a slow link
+(all its grid points local: one band, 0 to no bound) must still be decided again when the link
+comes back fast enough for a worker to win. A new estimate of that link needs no decision when
 
-* its bandwidth lies in that band,
+* its bandwidth lies in that band, within the ranked span,
 * its RTT is within ``switch_gain`` (relatively, or ``switch_min_gain_seconds``) of the RTT the bands
   were ranked with, and
 * it is no slower than when the plan was last decided, or slower by less than half the switch
@@ -22,6 +26,7 @@ import math
 from dataclasses import dataclass
 
 from planner.decide import plan_key
+from planner.fallbacks import GRID
 from planner.hysteresis import Hysteresis
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
@@ -34,8 +39,14 @@ class Basis:
     worker: str  # the band worker (its id)
     rtt_seconds: float  # RTT the bands were ranked with
     bandwidth: float  # bandwidth when the plan was last decided (kept or issued)
-    low: float  # the band holding the running plan: [low, high) bytes/s
+    low: float  # the band holding the running plan, within the ranked span: [low, high) bytes/s
     high: float
+    ranked_low: float = 0.0  # the span the bands were ranked over (GRID around a bandwidth): [low, high)
+    ranked_high: float = math.inf
+
+    def ranked(self, bandwidth: float) -> bool:
+        """Whether ``bandwidth`` lies in the span the bands were ranked over."""
+        return self.ranked_low <= bandwidth < self.ranked_high
 
 
 def band_of(plan: pb.Plan, bandwidth: float) -> pb.BandPlan | None:
@@ -46,14 +57,20 @@ def band_of(plan: pb.Plan, bandwidth: float) -> pb.BandPlan | None:
     return None
 
 
-def basis_of(banded: pb.Plan, version: int, worker: str, rtt: float, bandwidth: float) -> Basis | None:
-    """The basis of plan ``version`` from ``banded`` (it, or a copy carrying the bands ranked for it)
-    at the measured ``bandwidth``; None when the band holding that bandwidth is another configuration."""
+def basis_of(banded: pb.Plan, version: int, worker: str, rtt: float, bandwidth: float,
+             around: float) -> Basis | None:
+    """The basis of plan ``version`` from ``banded`` (it, or a copy carrying the bands ranked for it,
+    around the bandwidth ``around``) at the measured ``bandwidth``; None when the band holding that
+    bandwidth is another configuration or lies outside the ranked span."""
     band = band_of(banded, bandwidth)
-    if band is None or plan_key(band.plan) != plan_key(banded):
+    if band is None or plan_key(band.plan) != plan_key(banded) or around <= 0:
         return None
-    return Basis(version, worker, rtt, bandwidth, band.min_bandwidth_bytes_per_second,
-                 band.max_bandwidth_bytes_per_second or math.inf)
+    ranked_low, ranked_high = around * GRID[0], around * GRID[-1]
+    low = max(band.min_bandwidth_bytes_per_second, ranked_low)
+    high = min(band.max_bandwidth_bytes_per_second or math.inf, ranked_high)
+    if not low <= bandwidth < high:
+        return None
+    return Basis(version, worker, rtt, bandwidth, low, high, ranked_low, ranked_high)
 
 
 def in_band(plan: pb.Plan | None, basis: Basis | None, worker: str, bandwidth: float, rtt: float,

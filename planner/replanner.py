@@ -189,14 +189,14 @@ class RePlanner:
         if wid and wid in self.state.workers:  # what attach ranks, in one executor job
             record = dataclasses.replace(st.record, workers=(wid,))
             await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
-        await fallbacks.attach(self.state, self.rank, st, plan)  # the agent's own switches when its link leaves the band
+        around = await fallbacks.attach(self.state, self.rank, st, plan)  # the agent's own switches off its band
         await self.parallel.consider(self.state, st, plan, self.executor)  # Plan.parallel when faster (DPFP)
         plan = self.state.issue_plan(plan)
         if st.plan is not None:
             self._previous[st.record.id] = pb.Plan(version=st.plan.version, model_id=st.plan.model_id,
                                                    split_index=st.plan.split_index)
         st.plan = plan
-        self._set_basis(st)
+        self._set_basis(st, around=around)
         self.hysteresis.reset(st.record.id)
         st.cause = "telemetry"
         self.metrics.plan_changes.labels(label).inc()
@@ -228,14 +228,14 @@ class RePlanner:
                 return
             if current is not None and decide.config_key(st.device, best) == plan_key(st.plan):
                 self.hysteresis.reset(aid)
-                self._confirm_basis(st)
-                await self._rank_bands(st)
+                await self._rank_bands(st, again=not self._confirm_basis(st))
                 return
             await self._switch(st, best, current, cause)
 
-    def _set_basis(self, st: AgentState, plan: pb.Plan | None = None) -> None:
+    def _set_basis(self, st: AgentState, plan: pb.Plan | None = None, around: float = 0.0) -> None:
         """Remember the band of the running plan (``plan``: it, or a copy carrying the bands ranked
-        for it now) and what it was ranked with (planner.inband); none when no band holds it."""
+        for it now around the bandwidth ``around``) and what it was ranked with (planner.inband);
+        none when no band within the ranked span holds it."""
         aid = st.record.id
         plan = plan or st.plan
         self._basis.pop(aid, None)
@@ -246,29 +246,37 @@ class RePlanner:
         wid = self.state.resolve_worker(plan.band_worker_address) if plan.fallbacks else ""
         lk = self.state.measured_link(st, wid) if wid else None
         if lk is not None:
-            self._basis[aid] = basis_of(plan, st.plan.version, wid, lk.rtt_seconds, lk.bandwidth_bytes_per_second)
+            basis = basis_of(plan, st.plan.version, wid, lk.rtt_seconds, lk.bandwidth_bytes_per_second, around)
+            if basis is not None:
+                self._basis[aid] = basis
 
-    async def _rank_bands(self, st: AgentState) -> None:
-        """The running plan was issued before its link was measured (no bands): rank its bands now,
-        for the planner's own in-band check only (the agent gets bands with its next plan)."""
-        if st.plan is None or st.plan.fallbacks or self._banded.get(st.record.id) == st.plan.version:
+    async def _rank_bands(self, st: AgentState, again: bool = False) -> None:
+        """The running plan was issued before its link was measured (no bands), or (``again``) was kept
+        with its link outside the span its bands were ranked over: rank its bands now, around the
+        link's current bandwidth, for the planner's own in-band check only (the agent gets bands with
+        its next plan)."""
+        if st.plan is None or (not again and (st.plan.fallbacks or self._banded.get(st.record.id) == st.plan.version)):
             return
         wid, measured = fallbacks.band_worker(self.state, st, st.plan)
         if not wid or wid not in self.state.workers:
             return
         probe = pb.Plan()
         probe.CopyFrom(st.plan)
+        del probe.fallbacks[:]
         record = dataclasses.replace(st.record, workers=(wid,))
         await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
-        await fallbacks.attach(self.state, self.rank, st, probe)
-        self._set_basis(st, probe)
+        around = await fallbacks.attach(self.state, self.rank, st, probe)
+        self._set_basis(st, probe, around)
 
-    def _confirm_basis(self, st: AgentState) -> None:
-        """The running plan was decided again and kept: in-band estimates are measured from now on."""
+    def _confirm_basis(self, st: AgentState) -> bool:
+        """The running plan was decided again and kept: in-band estimates are measured from now on.
+        False when its link has left the span its bands were ranked over (they say nothing there)."""
         b = self._basis.get(st.record.id)
         lk = self.state.measured_link(st, b.worker) if b is not None else None
         if b is not None and lk is not None and st.plan is not None and b.version == st.plan.version:
             self._basis[st.record.id] = dataclasses.replace(b, bandwidth=lk.bandwidth_bytes_per_second)
+            return b.ranked(lk.bandwidth_bytes_per_second)
+        return True
 
     async def _switch(self, st: AgentState, best: Ranked, current: Configuration | None, cause: str) -> None:
         """Replace the running plan by ``best`` if the hysteresis says so."""
