@@ -147,4 +147,4 @@ def test_one_module_per_verb_and_light_imports():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=50)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["models", "worker", "agent", "submit", "print-config", "health-check", "demo", "bench", "bench-scenarios", "tl",
-                                  "plan", "import-peers", "plan-check", "planner", "profile", "certs"]
+                                  "plan", "import-peers", "plan-check", "planner", "profile", "certs", "bench-planner-fleet"]
