@@ -191,7 +191,7 @@ class RePlanner:
             await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
         around = await fallbacks.attach(self.state, self.rank, st, plan)  # the agent's own switches off its band
         await self.parallel.consider(self.state, st, plan, self.executor)  # Plan.parallel when faster (DPFP)
-        plan = self.state.issue_plan(plan)
+        plan = await self.state.issue_plan(plan)  # committed before it is pushed
         if st.plan is not None:
             self._previous[st.record.id] = pb.Plan(version=st.plan.version, model_id=st.plan.model_id,
                                                    split_index=st.plan.split_index)
@@ -412,7 +412,7 @@ class RePlanner:
         keeps the refused one out until conditions change."""
         async with st.lock:
             status = APPLIED if request.applied else REFUSED
-            if not self.state.set_plan_status(st.record.id, request.version, status, request.message):
+            if not await self.state.set_plan_status(st.record.id, request.version, status, request.message):
                 raise NotFound(f"agent {st.record.id} has no plan version {request.version}"
                                + (f" (its current plan is v{st.plan.version})" if st.plan else ""))
             if request.applied:

@@ -11,8 +11,9 @@ What a crash (SIGKILL, power loss of the planner's host) loses: at most the last
 these values (plus a batch whose commit was under way), none of which was acknowledged: a
 ``TelemetryAck`` is sent only after :meth:`WriteBehind.barrier` (a flush brought forward) has
 committed the samples it counts. The agent's next telemetry message carries its current
-estimate again. Plans and registrations never pass through here: they are
-written before the RPC that makes them is answered (:mod:`planner.store`). A clean shutdown
+estimate again. Plans and registrations are never buffered here: they are
+written before the RPC that makes them is answered (:mod:`planner.store`); plans and plan statuses
+on the store thread (:meth:`WriteBehind.write`), awaited. A clean shutdown
 flushes (:meth:`WriteBehind.close`). A batch that fails (the database unreachable) is kept, under
 any newer values, and tried again at the next interval.
 """
@@ -166,6 +167,11 @@ class WriteBehind:
         if self._executor is None:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="planner-store")
         return await asyncio.get_running_loop().run_in_executor(self._executor, lambda: fn(self._own_store()))
+
+    async def write(self, fn: Callable[[Store], Any]) -> Any:
+        """``fn(store)`` on the store thread (after a flush under way): an immediate write, a plan or a
+        plan status, committed when this returns, without holding the event loop for the commit."""
+        return await self.read(fn)
 
     def _write(self, store: Store, batch: Batch, then: Callable[[Store], Any] | None) -> Any:
         if batch:
