@@ -21,7 +21,8 @@ With ``Problem.shared_link=False`` each worker has a link of its own (a switch p
 coordinator's side not the bottleneck): scatter and gather take the largest tile's bytes instead of
 the sum. The last term is the coordinator's own work per byte (cropping, encoding, decoding and
 stitching every byte it sends and receives, on one process: measured by
-``runtime.agent.parallel.coordinator_bytes_per_second``); 0 leaves it out.
+``runtime.agent.parallel_calibrate``); 0 leaves it out. ``Problem.block_overhead_seconds``, measured
+by the same calibration, is a fixed cost per block (scheduling, gRPC calls, stitching set-up).
 
 The compute fraction is each layer's computed area (halo recomputation included, through the
 receptive field of the rest of the block) over its full area, weighted by the layer's cost
@@ -66,6 +67,7 @@ class Problem:
     bytes_per_element: int = 4  # fp32 raw maps
     shared_link: bool = True  # one link for all workers (bytes add up); False: one link per worker (the largest counts)
     coordinator_bytes_per_second: float = 0.0  # the coordinator's crop/encode/decode/stitch rate (0: not costed)
+    block_overhead_seconds: float = 0.0  # the coordinator's fixed cost per fused block (0: not costed)
     grids: bool = True  # may a block be tiled as a 2-D grid (else row bands only)
     hw: tuple[tuple[int, int], ...] = field(init=False, repr=False)  # map size at each boundary 0..L
     order: tuple[int, ...] = field(init=False, repr=False)  # workers, fastest first
@@ -80,8 +82,9 @@ class Problem:
             raise InvalidInput("every unit needs a compute time for each of the same workers")
         if any(s < 0 for u in self.units for s in u.seconds):
             raise InvalidInput("compute times must be >= 0")
-        if not self.coordinator_bytes_per_second >= 0:
-            raise InvalidInput(f"coordinator_bytes_per_second must be >= 0, got {self.coordinator_bytes_per_second}")
+        if not (self.coordinator_bytes_per_second >= 0 and self.block_overhead_seconds >= 0):
+            raise InvalidInput(f"coordinator_bytes_per_second and block_overhead_seconds must be >= 0, got "
+                               f"{self.coordinator_bytes_per_second}, {self.block_overhead_seconds}")
         hw = [(int(self.in_hw[0]), int(self.in_hw[1]))]
         for u in self.units:
             try:
@@ -172,7 +175,7 @@ def _walk(problem: Problem, end: int, n: int, cols: int = 1) -> Iterator[BlockCo
             compute[i] += unit.seconds[w] * compute_fraction(unit.geometry, tr)
             regions[i] = tr.input
         in_bytes = [problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions]
-        coordinator = (sum(in_bytes) + sum(out_bytes)) / cbps if cbps > 0 else 0.0
+        coordinator = problem.block_overhead_seconds + ((sum(in_bytes) + sum(out_bytes)) / cbps if cbps > 0 else 0.0)
         yield BlockCost(first, end, workers, tuple(b.rows.size for b in regions_out), tuple(r.rows.size for r in regions),
                         problem.link.rtt_seconds, total(in_bytes) / bw, max(compute), gather, cols,
                         tuple(b.area for b in regions_out), coordinator)
@@ -284,7 +287,7 @@ def baselines(problem: Problem) -> dict[str, Plan]:
 def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Graph], in_hw: tuple[int, int],
                           in_channels: int, link: Link, first_block: int = 0, shared_link: bool = True,
                           coordinator_bytes_per_second: float = 0.0, grids: bool = True,
-                          bytes_per_element: int = 4) -> Problem:
+                          bytes_per_element: int = 4, block_overhead_seconds: float = 0.0) -> Problem:
     """A problem from one profile per worker (same model) and the receptive geometry of each of
     its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``).
     Output channels come from each block's fp32 ``output_bytes`` and the geometry's map size, so
@@ -309,4 +312,5 @@ def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Grap
                                f"are not fp32 x C x {hw[0]} x {hw[1]}; was the profile measured at {in_hw}?")
         units.append(Unit(blocks[0].name, geometry, tuple(b.seconds for b in blocks), channels))
     return Problem(tuple(units), in_hw, in_channels, link, bytes_per_element, shared_link=shared_link,
-                   coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids)
+                   coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids,
+                   block_overhead_seconds=block_overhead_seconds)

@@ -110,6 +110,8 @@ def test_a_grid_where_it_reads_fewer_bytes_and_the_coordinator_term():
     assert math.isclose(bands.seconds, 0.01 + 0.8 + 0.5 + 1.28 + 2.08)
     one = D.block_cost(costed, 0, 1, workers=1)
     assert math.isclose(one.coordinator_seconds, (640 + 1280) / 1000)  # no halo: fewer bytes to handle
+    fixed = D.Problem((unit,), (8, 10), in_channels=2, link=Link(0.01, 1000.0), grids=False, block_overhead_seconds=0.5)
+    assert math.isclose(D.block_cost(fixed, 0, 1, workers=2).seconds, 0.01 + 0.8 + 0.5 + 1.28 + 0.5)  # once a block
 
 
 def test_grid_tiles_are_balanced_by_speed_and_cover_the_map():

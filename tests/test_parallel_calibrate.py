@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from runtime.agent.parallel_calibrate import calibrate, calibration_stage
+from runtime.agent.parallel_calibrate import calibrate, calibration_stage, fit
 from runtime.models.loader import load_model
 from runtime.parallel.tiled import segment_geometry
 
@@ -25,4 +25,12 @@ def test_calibration_sends_each_pointwise_map_once_each_way(start_worker):
     cal = asyncio.run(asyncio.wait_for(calibrate(loaded, addresses, 0.0, 1e9, frames=2), 120))
     per_frame = sum(2 * loaded.split(b.start).fp32_bytes for b in stage.blocks)  # raw: in once, out once
     assert cal.bytes == 2 * per_frame
-    assert cal.bytes_per_second == 0.0 or cal.bytes_per_second == pytest.approx(cal.bytes / cal.rest_seconds)
+    assert cal.bytes_per_second >= 0 and cal.block_overhead_seconds >= 0
+
+
+def test_fit_splits_a_fixed_cost_per_block_from_a_per_byte_rate():
+    rate, fixed = fit([(b, 0.004 + b / 2e8) for b in (1e6, 4e6, 1e7, 1e6, 4e6)])  # 4 ms + 200 MB/s
+    assert rate == pytest.approx(2e8) and fixed == pytest.approx(0.004)
+    assert fit([(1e6, 0.01), (1e6, 0.03)]) == (pytest.approx(1e6 / 0.02), 0.0)  # one size: no line, bytes / rest
+    assert fit([(1e6, 0.03), (4e6, 0.01)])[1] == 0.0  # more bytes, less rest: no slope, no fixed cost
+    assert fit([(1e6, -0.01), (2e6, -0.02)]) == (0.0, 0.0)  # nothing left to explain: not measurable

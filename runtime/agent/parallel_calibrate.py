@@ -8,8 +8,11 @@ warm-up. Per block, the measured wall time minus the slowest tile's own worker t
 compute, as the worker reports it) minus the link's modelled time (RTT + bytes / bandwidth, as
 ``planner.dpfp`` costs it: all bytes on one shared link, or the largest crop and tile on links of
 their own) is what the cost model does not see: the coordinator's
-cropping, encoding, gRPC, decoding and stitching, and the transport's per-byte work. The rate is the
-bytes sent and received over that rest. 0 means the rest was not measurable (at or below zero).
+cropping, encoding, gRPC, decoding and stitching, and the transport's per-byte work. A least-squares
+line through the samples (blocks of different sizes) splits it into a fixed cost per block and a
+per-byte rate; where the line has no positive slope or a negative intercept, the rate is the bytes
+over the whole rest and the fixed cost 0. A rate of 0 means the rest was not measurable (at or below
+zero).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class Calibration:
     frames: int
     bytes: int  # sent + received over all measured frames
     rest_seconds: float  # wall time the compute and the link do not explain, summed
+    block_overhead_seconds: float = 0.0  # fixed cost per block (0: none found)
 
 
 def calibration_stage(loaded: LoadedModel, workers: Sequence[str]) -> ParallelStage:
@@ -68,7 +72,7 @@ async def calibrate(loaded: LoadedModel, workers: Sequence[str], rtt_seconds: fl
         raise InvalidInput("calibration needs frames >= 1, bandwidth > 0 and RTT >= 0")
     stage = calibration_stage(loaded, workers)
     blocks = tuple(f"{b.start}..{b.end}" for b in stage.blocks)
-    total_bytes, rest = 0, 0.0
+    samples: list[tuple[int, float]] = []  # (bytes, rest) per block and frame
     for b in stage.blocks:  # each block on its own, from its own input map
         one = ParallelStage(stage.workers, (b,), model=loaded.name)
         coord = ParallelCoordinator(loaded, one, options)
@@ -85,12 +89,25 @@ async def calibrate(loaded: LoadedModel, workers: Sequence[str], rtt_seconds: fl
                 nbytes = sum(r.sent_bytes + r.received_bytes for r in reports)
                 on_link = nbytes if shared_link else max(r.sent_bytes for r in reports) + max(r.received_bytes for r in reports)
                 link = rtt_seconds + on_link / bandwidth_bytes_per_second
-                rest += wall - max(r.worker_seconds for r in reports) - link
-                total_bytes += nbytes
+                samples.append((nbytes, wall - max(r.worker_seconds for r in reports) - link))
         finally:
             await coord.close()
-    rate = total_bytes / rest if rest > 0 else 0.0
-    return Calibration(rate, blocks, frames, total_bytes, rest)
+    rate, fixed = fit(samples)
+    return Calibration(rate, blocks, frames, sum(b for b, _ in samples), sum(r for _, r in samples), fixed)
+
+
+def fit(samples: Sequence[tuple[int, float]]) -> tuple[float, float]:
+    """(bytes per second, fixed seconds per block) from (bytes, rest seconds) samples (see the module)."""
+    n = len(samples)
+    total_bytes, rest = sum(b for b, _ in samples), sum(r for _, r in samples)
+    mb, mr = total_bytes / n, rest / n
+    var = sum((b - mb) ** 2 for b, _ in samples)
+    if var > 0:
+        slope = sum((b - mb) * (r - mr) for b, r in samples) / var
+        intercept = mr - slope * mb
+        if slope > 0 and intercept >= 0:
+            return 1.0 / slope, intercept
+    return (total_bytes / rest if rest > 0 else 0.0), 0.0
 
 
 
@@ -114,9 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--frames must be >= 1, RTT >= 0 and the rate > 0")
     cal = asyncio.run(calibrate(load_model(args.model), [w.strip() for w in args.workers.split(",") if w.strip()],
                                 rtt_ms / 1e3, mbps * 125_000.0, args.frames, shared_link=args.link_mode == "shared"))
-    print(f"coordinator: {cal.bytes_per_second / 1e6:.1f} MB/s ({cal.bytes} bytes, {cal.rest_seconds * 1e3:.1f} ms "
-          f"not explained by compute and link; blocks {', '.join(cal.blocks)}, {cal.frames} frames each)")
-    print(f"edgesplit plan --parallel ... --parallel-coordinator-mbytes {cal.bytes_per_second / 1e6:.1f}")
+    print(f"coordinator: {cal.bytes_per_second / 1e6:.1f} MB/s + {cal.block_overhead_seconds * 1e3:.2f} ms per block "
+          f"({cal.bytes} bytes, {cal.rest_seconds * 1e3:.1f} ms not explained by compute and link; blocks "
+          f"{', '.join(cal.blocks)}, {cal.frames} frames each)")
+    print(f"edgesplit plan --parallel ... --parallel-coordinator-mbytes {cal.bytes_per_second / 1e6:.1f} "
+          f"--parallel-block-overhead-ms {cal.block_overhead_seconds * 1e3:.2f}")
     return 0
 
 

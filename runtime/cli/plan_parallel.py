@@ -42,6 +42,9 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                    help="the coordinator's own rate, in MB/s, of cropping, encoding, decoding and stitching the bytes "
                         "it sends and receives (measure it with 'python -m runtime.agent.parallel_calibrate'); "
                         "0: not costed")
+    g.add_argument("--parallel-block-overhead-ms", type=float, default=0.0, metavar="MS",
+                   help="the coordinator's fixed cost per fused block, in ms (measured with the same calibration); "
+                        "0: not costed")
     g.add_argument("--parallel-no-grids", action="store_true",
                    help="tile every block in full-width row bands (default: a 2-D grid where it cuts halos)")
     g.add_argument("--parallel-first", default="input", metavar="SPLIT",
@@ -65,6 +68,8 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
     get_codec(args.parallel_codec)  # InvalidInput with the valid names
     if not 0 <= args.parallel_coordinator_mbytes < 1e6:
         raise InvalidInput(f"--parallel-coordinator-mbytes must be 0..1e6 MB/s, got {args.parallel_coordinator_mbytes}")
+    if not 0 <= args.parallel_block_overhead_ms < 60_000:
+        raise InvalidInput(f"--parallel-block-overhead-ms must be 0..60000, got {args.parallel_block_overhead_ms}")
     loaded = [profiles.load(p) for p in args.profile or ()]
     edge = [p for p in loaded if p.role != "device"]
     if not edge:
@@ -72,7 +77,8 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
     workers = [w.strip() for w in args.parallel_workers.split(",")] if args.parallel_workers else None
     prop = propose(edge, _link(args.parallel_link), args.parallel_first, args.parallel_end, workers,
                    args.parallel_codec, shared_link=args.parallel_link_mode == "shared",
-                   coordinator_bytes_per_second=args.parallel_coordinator_mbytes * 1e6, grids=not args.parallel_no_grids)
+                   coordinator_bytes_per_second=args.parallel_coordinator_mbytes * 1e6, grids=not args.parallel_no_grids,
+                   block_overhead_seconds=args.parallel_block_overhead_ms / 1e3)
     if args.json:
         print(json.dumps({name: {"seconds": plan.seconds, "workers": plan.workers,
                                  "blocks": [[prop.split_names[f], prop.split_names[e]] for f, e in plan.blocks],

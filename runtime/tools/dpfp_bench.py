@@ -105,11 +105,13 @@ def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
         raise RuntimeError(f"profile failed: {err.decode()[-2000:]}")
 
 
-def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0) -> dict:
+def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0,
+         block_ms: float = 0.0) -> dict:
     previous = strategy == PREVIOUS
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
            "--parallel-link-mode", args.link_mode,
            "--parallel-coordinator-mbytes", f"{0.0 if previous else coord_mbytes:.3f}", "--parallel-codec", args.codec,
+           "--parallel-block-overhead-ms", f"{0.0 if previous else block_ms:.3f}",
            *(["--parallel-no-grids"] if args.no_grids or previous else []),
            "--parallel-strategy", "dpfp" if previous else strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
     for _ in range(k):
@@ -194,8 +196,10 @@ async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
                           CoordinatorOptions(tile_deadline_seconds=300,
                                              transport=TransportOptions(max_message_bytes=256 * MiB)),
                           shared_link=args.link_mode == "shared")
-    print(f"coordinator calibrated: {cal.bytes_per_second / 1e6:.1f} MB/s over {', '.join(cal.blocks)}", file=sys.stderr)
-    return {"bytes_per_second": cal.bytes_per_second, "blocks": list(cal.blocks), "bytes": cal.bytes,
+    print(f"coordinator calibrated: {cal.bytes_per_second / 1e6:.1f} MB/s + {cal.block_overhead_seconds * 1e3:.2f} ms "
+          f"per block over {', '.join(cal.blocks)}", file=sys.stderr)
+    return {"bytes_per_second": cal.bytes_per_second, "block_overhead_seconds": cal.block_overhead_seconds,
+            "blocks": list(cal.blocks), "bytes": cal.bytes,
             "rest_seconds": cal.rest_seconds, "frames": cal.frames}
 
 
@@ -228,7 +232,8 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
 
     planned, ms, skipped = {}, {}, {}
     for strategy in [x for x in STRATEGIES if x in args.strategies.split(",")]:
-        planned[strategy] = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json", cal["bytes_per_second"] / 1e6)
+        planned[strategy] = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json", cal["bytes_per_second"] / 1e6,
+                                 cal.get("block_overhead_seconds", 0.0) * 1e3)
         stage = ParallelStage.from_json(planned[strategy]["stage"])
         if stage.predicted_seconds > args.max_predicted_seconds:
             skipped[strategy] = f"predicted above {args.max_predicted_seconds:g} s"
@@ -376,7 +381,8 @@ def markdown(res: dict) -> str:
     base_pred = next(r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker")
     cal = res.get("coordinator", {})
     coord = (f"the coordinator's per-byte rate, measured before planning by runtime.agent.parallel_calibrate over "
-             f"{', '.join(cal['blocks'])}: {cal['bytes_per_second'] / 1e6:.1f} MB/s (in the cost model)"
+             f"{', '.join(cal['blocks'])}: {cal['bytes_per_second'] / 1e6:.1f} MB/s + "
+             f"{cal.get('block_overhead_seconds', 0.0) * 1e3:.2f} ms per block (in the cost model)"
              if cal.get("bytes_per_second") else "the coordinator's per-byte work not costed")
     out = [f"# DPFP benchmark: {a['model']} {res['range'][0]}..{res['range'][1]}", "",
            f"Command: `{res['command']}`", "",
