@@ -27,6 +27,9 @@ The planner scales the device tier's block times (median and p95) by the factor
 re-derive profiles (and empty the search's table cache) the scaled profile is remade only when
 the factor moved by more than ``APPLY_TOLERANCE`` from the one it was made with; whether the
 plan then changes is the hysteresis's call, as for a link change.
+
+The worker's compute is corrected the same way, per (agent, worker): :class:`WorkerSpeeds`, from
+the worker's own ``edge_tail`` time over its profile's blocks for the plan's slice (in memory only).
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ def head_ratio(stages: Mapping[str, float], profile: Profile, split_index: int) 
             return None
         measured = head + tail
     return measured / predicted
+
+
+def tail_ratio(stages: Mapping[str, float], profile: Profile, split_index: int, end_index: int = 0) -> float | None:
+    """Measured over predicted worker compute for one report's ``stages``: the worker's own tail time
+    (``edge_tail``, which it reports with every result) over its ``profile``'s blocks
+    ``[split_index, end_index)`` (``end_index`` 0: to the output); None when nothing compares."""
+    tail = stages.get("edge_tail")
+    if tail is None:
+        return None
+    n = profile.n_blocks
+    lo, hi = min(max(split_index, 0), n), (n if end_index <= 0 else min(end_index, n))
+    predicted = sum(b.seconds for b in profile.blocks[lo:hi])
+    return tail / predicted if predicted >= MIN_PREDICTED_SECONDS else None
 
 
 def plausible(ratio: float) -> bool:
@@ -107,3 +123,63 @@ def scaled(profile: Profile, factor: float) -> Profile:
                                        p95_seconds=None if b.p95_seconds is None else b.p95_seconds * factor)
                    for b in profile.blocks)
     return dataclasses.replace(profile, blocks=blocks)
+
+
+MAX_WORKER_SPEEDS = 64  # workers one agent keeps a tail factor for (a sample for another one is dropped)
+
+
+class WorkerSpeeds:
+    """One agent's tail factor per worker (issue 11: a loaded worker's ResNet-18 tail took 150 ms
+    against the 45 ms of its profile, and the planner kept predicting 45): the worker's ``edge_tail``
+    over its profile's blocks for the slice the agent's plan gives it, smoothed and clamped as the
+    device factor is (:class:`DeviceSpeed`). Per (agent, worker), since what an agent measures is the
+    worker as it serves that agent (its share of a loaded machine); the worker's registered profiles
+    stay shared, and an agent whose factor moved gets its own scaled copy (:meth:`profiles`)."""
+
+    def __init__(self) -> None:
+        self.speeds: dict[str, DeviceSpeed] = {}  # worker id -> factor
+        self._scaled: dict[str, tuple[Mapping[str, Profile], float, Mapping[str, Profile]]] = {}
+
+    def observe(self, worker_id: str, stages: Mapping[str, float], profile: Profile, split_index: int,
+                end_index: int = 0) -> str | None:
+        """Take one report (see :func:`tail_ratio`): "used", "ignored" (implausible) or None (nothing to compare)."""
+        ratio = tail_ratio(stages, profile, split_index, end_index)
+        if ratio is None:
+            return None
+        speed = self.speeds.get(worker_id)
+        if speed is None:
+            if len(self.speeds) >= MAX_WORKER_SPEEDS:
+                return "ignored"
+            speed = self.speeds[worker_id] = DeviceSpeed()
+        return "used" if speed.add(ratio) else "ignored"
+
+    def apply(self, worker_id: str) -> bool:
+        """Use the worker's factor in decisions if it moved far enough (:meth:`DeviceSpeed.moved`); True when it did."""
+        speed = self.speeds.get(worker_id)
+        if speed is None or not speed.moved():
+            return False
+        speed.applied = speed.factor
+        self._scaled.pop(worker_id, None)
+        return True
+
+    def applied(self, worker_id: str) -> float:
+        speed = self.speeds.get(worker_id)
+        return speed.applied if speed is not None else 1.0
+
+    def profiles(self, worker_id: str, profiles: Mapping[str, Profile], model: str) -> Mapping[str, Profile]:
+        """``profiles`` (a worker's, by model) with ``model``'s block times scaled by this agent's factor for
+        the worker; ``profiles`` itself at 1.0. The same scaled objects while the factor holds (the search's
+        caches and the shared rankings key on them)."""
+        factor = self.applied(worker_id)
+        if factor == 1.0 or model not in profiles:
+            return profiles
+        hit = self._scaled.get(worker_id)
+        if hit is not None and hit[0] is profiles and hit[1] == factor:
+            return hit[2]
+        out = {**profiles, model: scaled(profiles[model], factor)}
+        self._scaled[worker_id] = (profiles, factor, out)
+        return out
+
+    def forget(self, worker_id: str) -> None:
+        self.speeds.pop(worker_id, None)
+        self._scaled.pop(worker_id, None)

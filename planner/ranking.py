@@ -48,7 +48,8 @@ class Ranker:
                    record: AgentRecord | None = None) -> list[decide.Candidate]:
         """:meth:`planner.state.PlannerState.candidates`, with whether a worker's profile fits the agent's
         remembered per (agent profile, worker profile) pair instead of comparing block lists every time."""
-        workers = [(w.record, w.profiles) for _, w in sorted(self.state.workers.items())]
+        workers = [(w.record, st.tails.profiles(wid, w.profiles, st.record.model))  # scaled by the agent's tail factor
+                   for wid, w in sorted(self.state.workers.items())]
         return decide.candidates(record or st.record, st.device, workers, lambda wid: self.state.link(st, wid), rtt,
                                  bandwidth, self._incompatible)
 

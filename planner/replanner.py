@@ -14,7 +14,8 @@ Device compute telemetry (the ``head`` stage median against the profile's predic
 split the agent runs) keeps a smoothed slowdown factor per agent (:mod:`planner.compute`); the
 device profile every decision and query uses is the registered one with its block times scaled
 by it, so a board that slows down moves work to a worker through the same hysteresis as a
-slower link.
+slower link. The worker's tail time (``edge_tail``) keeps a factor per (agent, worker) the same way
+(:class:`planner.compute.WorkerSpeeds`): that agent's rankings use the worker's profile scaled by it.
 
 The state it reads and marks is :class:`planner.state.PlannerState`; an issued plan goes to the
 agent's WatchPlan streams through :class:`planner.broadcaster.Broadcaster`.
@@ -295,6 +296,8 @@ class RePlanner:
                    f"{lk.rtt_seconds * 1e3:.1f} ms RTT" if lk else ""
             if st.speed.applied != 1.0:
                 link += f"; device compute {st.speed.applied:.2f}x its profile"
+            if best.worker_id and st.tails.applied(best.worker_id) != 1.0:
+                link += f"; {best.worker_id}'s compute {st.tails.applied(best.worker_id):.2f}x its profile"
             reason = (f"{cause}: predicted {decide.score(best.config, objective) * 1e3:.2f} ms vs {cur * 1e3:.2f} ms "
                       f"for v{st.plan.version}, gain held {verdict.held_seconds:.1f} s{link}")
             label = cause
@@ -398,13 +401,29 @@ class RePlanner:
             plan = stored.plan if stored is not None else None
         if plan is None or plan.model_id != st.record.model:
             return False
+        tail = self._observe_tail(st, plan, t)
         assert st.benchmark is not None
         outcome = st.speed.observe(t.stage_seconds, st.benchmark, plan.split_index)
         if outcome is not None:
             self.metrics.compute_samples.labels(outcome).inc()
         if outcome != "used" or not st.apply_speed():
-            return False
+            return tail
         logger.debug("agent %s: device compute now %.2fx its profile", st.record.id, st.speed.factor)
+        return True
+
+    def _observe_tail(self, st: AgentState, plan: pb.Plan, t: pb.Telemetry) -> bool:
+        """Take one report's worker tail time (``edge_tail``) into the agent's factor for the plan's worker
+        (planner.compute.WorkerSpeeds); True when the factor decisions use moved. Plans over several
+        workers (a parallel stage) give no sample."""
+        w = self.state.workers.get(plan.worker_id) if plan.worker_id else None
+        profile = w.profiles.get(plan.model_id) if w is not None else None
+        if profile is None or plan.parallel.worker_addresses:
+            return False
+        outcome = st.tails.observe(plan.worker_id, t.stage_seconds, profile, plan.split_index, plan.end_split_index)
+        if outcome != "used" or not st.tails.apply(plan.worker_id):
+            return False
+        logger.debug("agent %s: worker %s tail compute now %.2fx its profile", st.record.id, plan.worker_id,
+                     st.tails.applied(plan.worker_id))
         return True
 
     async def plan_status(self, st: AgentState, request: pb.PlanStatus) -> None:

@@ -58,6 +58,7 @@ class AgentState:
     refused_key: PlanKey | None = field(default=None, init=False)  # not proposed again until conditions change
     refused_conditions: dict = field(default_factory=dict, init=False)  # PlannerState.conditions at the refusal
     speed: DeviceSpeed = field(default_factory=DeviceSpeed, init=False)  # measured / profiled device compute
+    tails: compute.WorkerSpeeds = field(default_factory=compute.WorkerSpeeds, init=False)  # per worker, its tail compute
     # derived device profiles, the same objects while they live (so the search finds their tables again)
     _derived: LRU[tuple, Profile] = field(default_factory=lambda: LRU(DERIVED), init=False, repr=False)
 
@@ -203,7 +204,7 @@ class PlannerState:
 
     def candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0,
                    record: AgentRecord | None = None) -> list[Candidate]:
-        workers = [(w.record, w.profiles) for _, w in sorted(self.workers.items())]
+        workers = [(w.record, st.tails.profiles(wid, w.profiles, st.record.model)) for wid, w in sorted(self.workers.items())]
         return decide.candidates(record or st.record, st.device, workers, lambda wid: self.link(st, wid), rtt,
                                  bandwidth)
 

@@ -27,6 +27,7 @@ from conftest import REPO, TINY_NET
 from planner_helpers import (
     DEVICE_PROFILE,
     DEVICE_S,
+    EDGE_S,
     FAST,
     MODEL,
     RPC,
@@ -57,11 +58,13 @@ def seconds_at(cut: int, f: float) -> float:
 
 
 async def report(p: Planner, head: float | None, version: int, agent: str = "a1", tail: float | None = None,
-                 frames: int = 10) -> int:
-    """One telemetry message with device stage medians only (no link figures: the link stays as it is)."""
+                 frames: int = 10, edge_tail: float | None = None) -> int:
+    """One telemetry message with stage medians only (no link figures: the link stays as it is)."""
     stages = {} if head is None else {"head": head}
     if tail is not None:
         stages["local_tail"] = tail
+    if edge_tail is not None:
+        stages["edge_tail"] = edge_tail  # the worker's own tail time, as it reports it with each result
 
     async def messages():
         yield pb.Telemetry(agent_id=agent, worker="w1", stage_seconds=stages, frames=frames, plan_version=version,
@@ -128,6 +131,52 @@ def test_head_five_times_the_profile_moves_work_off_the_board(aio, planner):
         assert (await planner.agents())["a1"].plan.version == new.version
 
     aio.run(scenario())
+
+
+def test_a_loaded_workers_tail_times_scale_its_profile_for_that_agent(aio, planner):
+    """The worker's tail took 30x its profile for a1 (a loaded worker, issue 11): a1's predictions
+    use the worker's profile scaled 30x, and a1 moves to the board; k1, which measured nothing, still
+    sees the worker as profiled."""
+    async def scenario():
+        v1 = await planner.register()
+        await planner.register(agent="k1")
+        assert v1.split_id == "conv2"
+        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC)
+        await next_plan(watch)
+        profiled = sum(EDGE_S[2:])  # conv3, conv4, fc on the worker
+        assert await report(planner, sum(DEVICE_S[:2]), v1.version, edge_tail=30 * profiled) == 1
+        st = planner.ps.service.agents["a1"]
+        assert st.tails.applied("w1") == pytest.approx(30.0) and st.speed.factor == pytest.approx(1.0)
+        mine = await ranked(planner)
+        assert mine["conv2"] == pytest.approx(expected_seconds(2, FAST) + 29 * profiled)
+        assert mine["output"] == pytest.approx(sum(DEVICE_S))
+        theirs = await ranked(planner, agent="k1")
+        assert theirs["conv2"] == pytest.approx(expected_seconds(2, FAST))
+        new = await next_plan(watch)
+        watch.cancel()
+        assert (new.split_id, new.worker_id) == ("output", "") and new.version > v1.version
+        # under the local plan no worker runs a tail: the factor stays
+        assert await report(planner, sum(DEVICE_S), new.version, edge_tail=0.001) == 1
+        assert st.tails.applied("w1") == pytest.approx(30.0)
+
+    aio.run(scenario())
+
+
+def test_tail_ratio_and_worker_speeds():
+    edge = loads(profile("xeon", "edge", EDGE_S))
+    assert compute.tail_ratio({"edge_tail": 0.010}, edge, 2) == pytest.approx(2.0)  # 3 blocks: 5 ms
+    assert compute.tail_ratio({"edge_tail": 0.008}, edge, 1, 3) == pytest.approx(2.0)  # a chained slice [1, 3)
+    assert compute.tail_ratio({"head": 0.010}, edge, 2) is None
+    assert compute.tail_ratio({"edge_tail": 0.010}, edge, 5) is None  # nothing on the worker
+    w = compute.WorkerSpeeds()
+    base = {MODEL: edge}
+    assert w.profiles("w1", base, MODEL) is base  # nothing measured: the shared profiles
+    assert w.observe("w1", {"edge_tail": 0.015}, edge, 2) == "used" and w.apply("w1")
+    mine = w.profiles("w1", base, MODEL)
+    assert mine is w.profiles("w1", base, MODEL)  # the same scaled object while the factor holds
+    assert mine[MODEL].blocks[4].seconds == pytest.approx(3 * EDGE_S[4])
+    assert w.observe("w1", {"edge_tail": 1e9}, edge, 2) == "ignored" and w.applied("w1") == pytest.approx(3.0)
+    assert w.profiles("w2", base, MODEL) is base
 
 
 # -- (b) jitter does not flap -------------------------------------------------------------------------
