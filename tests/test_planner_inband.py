@@ -5,6 +5,7 @@ local for good)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 
 import pytest
@@ -56,6 +57,16 @@ def test_a_local_plan_from_a_collapsed_link_offloads_when_the_link_comes_back(ai
         assert {b.plan.split_id for b in local.fallbacks} == {"output"}  # one band: 0 .. no bound
         for _ in range(3):  # estimates inside the ranked span: recorded, no decision needed
             await planner.telemetry(COLLAPSED * 1.5)
+        replanner = planner.ps.service.replanner
+        assert replanner._basis["a1"].ranked(COLLAPSED * 1.5)
+        # past the span but still best local (640 kB/s): decided, kept, and its bands ranked around it
+        await planner.telemetry(COLLAPSED * 64)
+        for _ in range(100):
+            b = replanner._basis.get("a1")
+            if b is not None and b.ranked(COLLAPSED * 64):
+                break
+            await asyncio.sleep(0.02)
+        assert b is not None and b.version == local.version and b.ranked(COLLAPSED * 64), b
         await planner.telemetry(FAST)  # the link is back
         back = await next_plan(watch, timeout=10.0)
         assert back.worker_id == "w1" and back.version > local.version
