@@ -6,7 +6,9 @@ Prints, for ``--agents`` agents with ``--workers`` links each:
   on the calling thread (the event loop);
 * one write-behind flush of every agent's links and heartbeat (one transaction), and how long the
   event loop stalls while it runs on the store thread (a 1 ms ticker's worst lateness) compared
-  with the same batch written on the loop.
+  with the same batch written on the loop;
+* ``issue_plan`` as the planner calls it (awaited on the store thread) and on the loop: per-call
+  latency and the loop's worst stall meanwhile.
 
 Results and the exact commands: planner/results/replicas.md.
 """
@@ -94,6 +96,32 @@ async def flushes(store: Store, agents: int, workers: int, runs: int) -> None:
               f" ({runs} runs)")
 
 
+async def plan_writes(store: Store, n: int) -> None:
+    """``n`` plans written as the planner writes them now (awaited on the store thread) and as it did
+    (on the event loop): per-call latency and the loop's stall meanwhile."""
+    wb = WriteBehind(store)
+    try:
+        for name, on_thread in (("store thread", True), ("on the loop ", False)):
+            calls: list[float] = []
+
+            async def write(on_thread=on_thread, calls=calls) -> None:
+                for i in range(n):
+                    t = time.perf_counter()
+                    plan = pb.Plan(agent_id=f"b{i}", split_id="conv2", worker_id="w0", reason="bench")
+                    if on_thread:
+                        await wb.write(lambda s, plan=plan: s.issue_plan(plan))
+                    else:
+                        store.issue_plan(plan)
+                    calls.append(time.perf_counter() - t)
+                    await asyncio.sleep(0)
+
+            _, worst = await _lag_while(write)
+            print(f"  issue_plan, {name}: p50 {_ms(calls, 0.5):.3f} ms  p99 {_ms(calls, 0.99):.3f} ms per call; "
+                  f"loop stalled {worst * 1e3:.1f} ms max ({n} calls)")
+    finally:
+        await wb.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="postgresql://..., sqlite:///PATH or a path (a new, empty database)")
@@ -110,6 +138,7 @@ def main() -> None:
             if i >= args.calls:
                 store.put_agent(AgentRecord(f"b{i}", "m", "d", PROFILE, ("w0",), (), pb.Constraints(), 1.0, 1.0))
         asyncio.run(flushes(store, args.agents, args.workers, args.runs))
+        asyncio.run(plan_writes(store, args.calls))
     finally:
         store.close()
 
