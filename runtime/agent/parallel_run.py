@@ -9,6 +9,8 @@ per-worker tile times goes to stderr, and ``edgesplit_agent_tile_seconds{worker}
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import json
 import logging
 import sys
@@ -102,22 +104,39 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
                     f"; not ready: {refused} (their tiles run elsewhere)" if refused else "")
         with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
             sink = out or sink
-            for seq, frame in enumerate(open_source(loaded.spec, config.source, config.frames)):
+
+            async def one(seq: int, frame) -> tuple[dict, list[TileReport], float]:
                 t0 = time.perf_counter()
                 with span("agent.frame", **{"edgesplit.frame.seq": seq}), log_scope(frame=seq):  # tracing on: a root
                     y, tiles = await coord.run_frame(frame.tensor)  # each tile's InferTile a CLIENT span under it
                 total = time.perf_counter() - t0
                 p = torch.softmax(y.flatten().float(), 0)
                 score, idx = (float(v) for v in p.max(0))
-                rec = {"seq": seq, "frame": frame.name, "class_index": int(idx),
-                       "label": labels[int(idx)] if labels and int(idx) < len(labels) else "",
-                       "score": round(score, 6), "where": "parallel", "strategy": stage.strategy,
-                       "times_ms": {"total": round(total * 1e3, 3)}, "tiles": [_tile_json(r) for r in tiles]}
-                sink.write(json.dumps(rec) + "\n")
-                sink.flush()
-                records.append(rec)
-                reports.extend(tiles)
-                totals.append(total * 1e3)
+                return ({"seq": seq, "frame": frame.name, "class_index": int(idx),
+                         "label": labels[int(idx)] if labels and int(idx) < len(labels) else "",
+                         "score": round(score, 6), "where": "parallel", "strategy": stage.strategy,
+                         "times_ms": {"total": round(total * 1e3, 3)}, "tiles": [_tile_json(r) for r in tiles]},
+                        tiles, total)
+
+            # --window frames in flight (the coordinator's work on one overlaps the workers' on another);
+            # results are written in frame order
+            pending: collections.deque[asyncio.Task] = collections.deque()
+            frames = enumerate(open_source(loaded.spec, config.source, config.frames))
+            try:
+                while True:
+                    while len(pending) < max(1, config.window) and (item := next(frames, None)) is not None:
+                        pending.append(asyncio.ensure_future(one(*item)))
+                    if not pending:
+                        break
+                    rec, tiles, total = await pending.popleft()
+                    sink.write(json.dumps(rec) + "\n")
+                    sink.flush()
+                    records.append(rec)
+                    reports.extend(tiles)
+                    totals.append(total * 1e3)
+            finally:
+                for task in pending:
+                    task.cancel()
         if config.summary and records:
             print(f"== edgesplit parallel summary: {loaded.name}, {len(stage.blocks)} fused blocks over "
                   f"{len(stage.workers)} workers ({stage.strategy or 'plan'})\nframes {len(records)}: total p50 "
