@@ -95,7 +95,8 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
         user_model = ["--models", args.model] if ":" in args.model else []  # a bundled model needs none
         worker = await _run([*CLI, "worker", "--listen", "127.0.0.1:0", "--port-file", str(tmp / "worker.port"),
                              "--planner", paddr, "--profiles", str(tmp / "edge.json"), "--worker-id", "edge-1",
-                             "--advertise", relay.address, *user_model])
+                             "--advertise", relay.address, *user_model,
+                             *(["--torch-threads", str(args.worker_threads)] if args.worker_threads else [])])
         procs.append(worker)
         relay.target = ("127.0.0.1", await _port(tmp / "worker.port", worker, "the worker"))
         await asyncio.sleep(2.0)  # the worker registers
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--board-period-us", type=int, default=cpuquota.PERIOD_US,
                    help="cgroup cfs period of the board's quota; a share under 0.1 core needs a longer one (the "
                         "kernel's smallest quota is 1 ms) (default: %(default)s)")
+    p.add_argument("--worker-threads", type=int, default=0,
+                   help="the worker's --torch-threads (0: its default); random-weight models with BatchNorm load "
+                        "bit-identical weights only at the agent's thread count")
     p.add_argument("--device-profile", default="", help="the board's profile to use instead of profiling it here")
     p.add_argument("--edge-profile", default="", help="the edge's profile to use instead of profiling it here")
     p.add_argument("--board-join-after-start", action="store_true",

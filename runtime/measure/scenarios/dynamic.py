@@ -50,7 +50,8 @@ def trace(model: str, sc: Scenario, cal: dict, spec: RunSpec, links: dict, profi
            "--phases", phases, "--jitter", "0", "--delay-ms", f"{sc.rtt_ms / 2:g}", "--board-share", f"{share:.4f}",
            "--board-period-us", str(cal["period_us"]), "--fps", f"{spec.trace_fps:g}",
            "--deadline", f"{spec.trace_deadline_s:g}", "--warmup", f"{WARMUP_S:g}",
-           "--device-profile", str(profiles[0]), "--edge-profile", str(profiles[1]), "--board-join-after-start"]
+           "--device-profile", str(profiles[0]), "--edge-profile", str(profiles[1]), "--board-join-after-start",
+           "--worker-threads", str(spec.testbed.threads)]  # the agent's count: random BatchNorm weights depend on it
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         cl.add(lambda: _stop(proc))
