@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,6 +77,9 @@ def test_ctrl_c_stops_the_planner_and_removes_its_folder(tmp_path):
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         folder = Path(cmdline[cmdline.index(b"--db") + 1].decode()).parent
         assert folder.is_dir()
+        # keep reading its stderr (and the loaders', which share it): a full pipe would block the
+        # process on a write while it shuts down, and the wait below would time out
+        threading.Thread(target=proc.stderr.read, daemon=True).start()
         proc.send_signal(signal.SIGINT)
         assert proc.wait(60) == 130
     finally:
