@@ -239,5 +239,5 @@ def test_bench_scenarios_board_jpeg_encode_is_the_measured_one():
 
     p = Profile("b", "device", "m", (Block(0, "output", 1.0, 4000),), 600_000,
                 input_transfers=(Transfer("raw", 600_000, 0.001, codec="raw"), Transfer("jpeg", 13_000, 0.06, codec="jpeg")))
-    got = costs.with_input_encode(costs.rescale(p, 3.0), "jpeg", 0.017)
+    got = costs.with_input_encode(costs.rescale(p, 3.0), 0.017)
     assert [t.encode_seconds for t in got.input_transfers] == [pytest.approx(0.003), 0.017]
