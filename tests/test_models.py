@@ -92,15 +92,21 @@ def test_weights_deterministic(name, built):
     assert state_dict_digest(again) == state_dict_digest(built[name])
 
 
-def test_weights_identical_across_processes(built):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_weights_identical_across_processes_and_thread_counts(built, threads):
+    """BatchNorm statistics come from a calibration forward pass: a float sum's order follows the
+    thread count, and a worker running with other threads than its agent refused every frame of a
+    random-weight BatchNorm model for a digest mismatch (found by bench-scenarios' dynamic trace)."""
     code = ("from runtime.models import build_model, get_spec\n"
             "from runtime.models.registry import state_dict_digest\n"
-            "import torch; torch.manual_seed(123)\n"
-            "print(state_dict_digest(build_model(get_spec('resnet18'))))")
+            f"import torch; torch.manual_seed(123); torch.set_num_threads({threads})\n"
+            "print(state_dict_digest(build_model(get_spec('resnet50'))), torch.get_num_threads())")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                          check=True, timeout=120)
-    assert out.stdout.strip() == state_dict_digest(built["resnet18"])
+    digest, used = out.stdout.split()
+    assert int(used) == threads  # the build put the caller's thread count back
+    assert digest == state_dict_digest(built["resnet50"])
 
 
 def test_efficientnet_matches_reference_package(built):
