@@ -161,13 +161,13 @@ class TelemetryStream:
         if not isinstance(e, grpc.RpcError):
             return Unavailable(f"telemetry stream failed: {type(e).__name__}: {e}")
         trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else ()
-        self.retry_after = _retry_after(trailing) if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else 0.0
+        self.retry_after = retry_after_seconds(e.code(), trailing)
         return from_rpc_error(e)
 
     async def _ended(self) -> Exception:
         code, details = await self._call.code(), await self._call.details()
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-            self.retry_after = _retry_after(await self._call.trailing_metadata())
+            self.retry_after = retry_after_seconds(code, await self._call.trailing_metadata())
         return from_status(code, details or code.name)
 
     def cancel(self) -> None:
@@ -178,7 +178,11 @@ RETRY_AFTER_HEADER = "retry-after-ms"  # trailing metadata of a shed call (plann
 MAX_RETRY_AFTER_SECONDS = 60.0  # a longer (or unreadable) retry-after is taken as this
 
 
-def _retry_after(trailing: Any) -> float:
+def retry_after_seconds(code: grpc.StatusCode, trailing: Any) -> float:
+    """Seconds a shed call (RESOURCE_EXHAUSTED) asked to wait (``retry-after-ms`` in its trailing
+    metadata), capped at MAX_RETRY_AFTER_SECONDS; 0.0 for any other status or when it asked nothing."""
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return 0.0
     for key, value in trailing or ():
         if key == RETRY_AFTER_HEADER:
             try:

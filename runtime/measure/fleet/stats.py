@@ -9,8 +9,7 @@ from typing import Any
 
 import grpc
 
-RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata of a shed call: wait this long before retrying
-MAX_RETRY_AFTER_SECONDS = 60.0  # a larger (or malformed) value is capped here
+from runtime.daemon.planner_client import retry_after_seconds
 
 
 @dataclass
@@ -80,13 +79,4 @@ def retry_after(e: grpc.aio.AioRpcError) -> float:
 
 
 def retry_after_of(code: grpc.StatusCode, trailing: Any) -> float:
-    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return 0.0
-    for key, value in trailing or ():
-        if key == RETRY_AFTER_KEY:
-            try:
-                ms = float(value if isinstance(value, str) else value.decode())
-            except ValueError:
-                return MAX_RETRY_AFTER_SECONDS
-            return min(max(ms, 0.0) / 1e3, MAX_RETRY_AFTER_SECONDS) if math.isfinite(ms) else MAX_RETRY_AFTER_SECONDS
-    return 0.0
+    return retry_after_seconds(code, trailing)  # the real agent's reading (runtime.daemon.planner_client)
