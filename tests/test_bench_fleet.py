@@ -63,8 +63,11 @@ def test_shed_reports_are_counted_and_their_retry_after_honoured(tmp_path):
 
 
 def test_ctrl_c_stops_the_planner_and_removes_its_folder(tmp_path):
+    # SIGINT back to its default in the child: a runner that starts the tests in the background of a shell
+    # without job control passes SIGINT on ignored, and Python would then keep ignoring it
     proc = subprocess.Popen([*CLI, "--agents", "20", "--duration", "60", "--out", str(tmp_path)],
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pid = folder = None
     try:
         deadline = time.monotonic() + 90
@@ -79,9 +82,15 @@ def test_ctrl_c_stops_the_planner_and_removes_its_folder(tmp_path):
         assert folder.is_dir()
         # keep reading its stderr (and the loaders', which share it): a full pipe would block the
         # process on a write while it shuts down, and the wait below would time out
-        threading.Thread(target=proc.stderr.read, daemon=True).start()
+        rest: list[str] = []
+        threading.Thread(target=lambda: rest.extend(proc.stderr), daemon=True).start()
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(60) == 130
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("no exit 60 s after Ctrl-C; its stderr:\n" + "".join(rest)[-3000:]) from None
+        assert code == 130, "".join(rest)[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -90,17 +90,19 @@ async def _drive(options: FleetOptions, planner: PlannerProcess, boards: Fleet, 
         health: list[tuple[float, float]] = []  # (monotonic, seconds); -1 = failed
         health_errors: Counter = Counter()
         driver_lag: list[tuple[float, float]] = []
-        background = [asyncio.create_task(_health_loop(health_channel, options, health, health_errors)),
+        stop = asyncio.Event()  # the loops end at their next turn even when a gRPC call ate their cancellation
+        background = [asyncio.create_task(_health_loop(health_channel, options, health, health_errors, stop)),
                       asyncio.create_task(loader.loop_lag(driver_lag)),
                       asyncio.create_task(_sample_loop(planner)),
-                      asyncio.create_task(_workers_loop(stub, workers, leases, boards, options))]
+                      asyncio.create_task(_workers_loop(stub, workers, leases, boards, options, stop))]
         try:
             raw = await _load(options, planner, boards, workers, cpus, procs, progress)
             planner.sample()  # one at or after the measured phase's end
         finally:
+            stop.set()
             for t in background:
                 t.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.wait(background, timeout=5.0)  # bounded: Ctrl-C must not wait on a loop
         raw.update(health=health, health_errors=dict(health_errors), baseline=baseline.__dict__, driver_lag=driver_lag,
                    samples=[s.__dict__ for s in planner.samples])
         return raw
@@ -171,16 +173,17 @@ async def _register_workers(stub: ppb_grpc.PlannerStub, workers: tuple[str, ...]
         await stub.RegisterWorker(request, timeout=options.rpc_timeout_seconds * 3, metadata=leases[w])
 
 
-async def _workers_loop(stub, workers, leases, boards: Fleet, options: FleetOptions) -> None:
+async def _workers_loop(stub, workers, leases, boards: Fleet, options: FleetOptions, stop: asyncio.Event) -> None:
     """Workers register again every ``worker_reregister_seconds``, as real workers do (errors only logged)."""
-    while True:
+    while not stop.is_set():
         await asyncio.sleep(options.worker_reregister_seconds)
         with contextlib.suppress(grpc.aio.AioRpcError):
             await _register_workers(stub, workers, leases, boards, options)
 
 
-async def _health_loop(channel: grpc.aio.Channel, options: FleetOptions, out: list, errors: Counter) -> None:
-    while True:
+async def _health_loop(channel: grpc.aio.Channel, options: FleetOptions, out: list, errors: Counter,
+                       stop: asyncio.Event) -> None:
+    while not stop.is_set():
         t0 = time.monotonic()
         try:
             out.append((t0, await time_health_check(channel, HEALTH_TIMEOUT_SECONDS)))
