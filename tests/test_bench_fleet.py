@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,6 +97,35 @@ def test_ctrl_c_stops_the_planner_and_removes_its_folder(tmp_path):
             proc.kill()
     assert _gone(pid) and not folder.exists()
     assert not (tmp_path / "fleet.json").exists()  # an interrupted run records nothing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+def test_a_killed_run_takes_its_planner_with_it(tmp_path):
+    """SIGKILL leaves no chance to clean up: the planner must not keep serving (two CI runs left one)."""
+    proc = subprocess.Popen([*CLI, "--agents", "20", "--duration", "60", "--out", str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True)
+    pid = folder = None
+    try:
+        for line in proc.stderr:
+            if "planner pid" in line:
+                pid = int(line.split("planner pid")[1].split()[0])
+                break
+        assert pid is not None and not _gone(pid)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        folder = Path(cmdline[cmdline.index(b"--db") + 1].decode()).parent
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 20  # SIGTERM: it drains, then exits
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(pid)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if pid is not None and not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)  # nobody was left to remove it
 
 
 def test_retry_after_is_read_from_trailing_metadata_and_capped():

@@ -73,6 +73,17 @@ def pin(pid: int, cpus: list[int]) -> bool:
         return False
 
 
+def _die_with_parent() -> None:
+    """In the planner's child before exec: SIGTERM when the run that started it dies, even by SIGKILL
+    (Linux PR_SET_PDEATHSIG; elsewhere nothing): a killed run left its planner serving for ever."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass
 class Sample:
     t: float  # monotonic
@@ -103,7 +114,8 @@ class PlannerProcess:
                "--max-agents", str(self.max_agents), *self.extra_args]
         log = open(Path(self.folder, "planner.log"), "wb")  # noqa: SIM115 - owned by the process
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                     start_new_session=True)  # Ctrl-C reaches us, and we stop it ourselves
+                                     start_new_session=True,  # Ctrl-C reaches us, and we stop it ourselves
+                                     preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not (port_file.exists() and port_file.read_text().strip()):
