@@ -18,6 +18,7 @@ clock, so leases between replicas on different machines compare against one cloc
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import re
@@ -39,7 +40,7 @@ class StoreError(EdgesplitError):
     """The database cannot be used (newer schema, not a planner database, unreadable, bad URL)."""
 
 
-class Backend:
+class Backend(abc.ABC):
     """One connection to the planner's database (see the module docstring)."""
 
     name = ""
@@ -49,16 +50,19 @@ class Backend:
     lock_sql = ""  # appended to a SELECT that reads a row it will update in the same transaction
     connection: Any = None  # the driver's connection (tests look inside the SQLite one)
 
+    @abc.abstractmethod
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; the returned cursor gives ``fetchone``/``fetchall``/iteration/``rowcount``."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def transaction(self) -> contextlib.AbstractContextManager[Any]:
         """One atomic block: committed when it ends, rolled back when it raises."""
-        raise NotImplementedError
+        ...
 
     def merge_many(self, merge: Merge, rows: Sequence[Sequence[Any]]) -> None:
         """Many rows through ``merge`` (an upsert): ``executemany`` of its statement here; PostgreSQL
@@ -66,16 +70,19 @@ class Backend:
         and most of the work is the server's, not Python's under the GIL)."""
         self.executemany(merge.statement, merge.rows(rows))
 
+    @abc.abstractmethod
     def clone(self) -> Backend:
         """A second connection to the same database (for another thread)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def close(self) -> None:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def describe(self) -> str:
         """Where the database is, for logs (no password)."""
-        raise NotImplementedError
+        ...
 
 
 @dataclass(frozen=True)
