@@ -40,9 +40,12 @@ class AgentMetrics:
         self.inflight = Gauge("edgesplit_agent_inflight_frames", "Frames sent and not yet answered", registry=r)
         self.stream_up = Gauge("edgesplit_agent_stream_up", "1 while a stream to the worker is open", registry=r)
         self.reconnects = Counter("edgesplit_agent_stream_opens", "Streams opened to the worker", registry=r)
-        self.stream_deaths = Counter("edgesplit_agent_stream_deaths", "Streams declared dead by the link-aware "
-                                     "liveness: frames outstanding and no progress for max(2 s, 1.5 x their bytes / "
-                                     "the link's bandwidth + RTT) (runtime.wire.liveness)", registry=r)
+        self.stream_deaths = Counter("edgesplit_agent_stream_deaths", "Streams and connections that died, by endpoint "
+                                     "(worker: a frame stream; planner: the planner session) and reason (no_progress: "
+                                     "frames outstanding and nothing back for max(1.5 s, 1.5 x their bytes / bandwidth + "
+                                     "RTT); probe_unanswered: idle and a probe unanswered for 1.5 s; keepalive, "
+                                     "unavailable, error, write_failed, closed_by_peer: gRPC's own endings; "
+                                     "runtime.wire.liveness)", ["endpoint", "reason"], registry=r)
         # link estimates (runtime.agent.telemetry.LinkEstimator) and the plan in effect
         self.link_bandwidth = Gauge("edgesplit_agent_link_bandwidth_bytes_per_second",
                                     "Smoothed bandwidth to the worker, from real frame transfers (0: unknown)", registry=r)
@@ -71,3 +74,10 @@ class AgentMetrics:
             self.stage_seconds.labels(stage)
         for code in ERROR_CODES:
             self.plan_refusals.labels(code)
+        for reason in ("no_progress", "probe_unanswered", "keepalive"):
+            self.stream_deaths.labels("worker", reason)
+        self.stream_deaths.labels("planner", "keepalive")
+
+    def stream_died(self, reason: str, endpoint: str = "worker") -> None:
+        """A stream or connection ended for ``reason`` (runtime.wire.stream.StreamMetrics)."""
+        self.stream_deaths.labels(endpoint, reason).inc()

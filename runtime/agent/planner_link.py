@@ -53,6 +53,7 @@ from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.wire.asyncutil import Backoff, cancel_and_wait
 from runtime.wire.chain import Hop
+from runtime.wire.liveness import death_kind
 from runtime.wire.transport import TransportOptions
 
 logger = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class PlannerLink:
         self.registrations = 0
         self.telemetry_sent = 0
         self.telemetry_shed = 0  # telemetry streams the planner ended RESOURCE_EXHAUSTED (waited out, then reopened)
+        self.session_deaths = 0  # registered sessions that ended in an error (a partition, a planner gone)
         self.plans_applied = 0
         self.plans_refused = 0
         self.last_error = ""
@@ -207,6 +209,8 @@ class PlannerLink:
                 raise
             except Exception as e:  # network trouble or a planner bug: keep the plan, retry later
                 self.last_error = _describe(e)
+                if self.connected:  # a session that was up died (keep-alive: <= 1.8 s after the last byte)
+                    self._died(self.last_error)
                 delay = self._backoff.next()
                 logger.warning("planner %s: %s; keeping plan v%d, retrying in %.1fs", self.address, self.last_error,
                                self.agent.plan_version, delay)
@@ -216,6 +220,12 @@ class PlannerLink:
                 self.connected = False
                 await planner.close()
             await asyncio.sleep(delay)
+
+    def _died(self, reason: str) -> None:
+        self.session_deaths += 1
+        died = getattr(getattr(self.agent, "metrics", None), "stream_died", None)
+        if died is not None:
+            died(death_kind(reason), "planner")
 
     def _register_request(self) -> ppb.RegisterAgentRequest:
         return ppb.RegisterAgentRequest(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ class PlannerClientOptions:
     """Where the planner is and how long each thing may take."""
 
     address: str  # HOST:PORT of the planner
-    transport: TransportOptions = field(default_factory=TransportOptions)  # message size and keep-alive limits
+    transport: TransportOptions = field(default_factory=TransportOptions)  # message size and keep-alive limits (control channel)
     connect_timeout: float = 5.0  # seconds to wait for the channel to become ready in connect()
     rpc_timeout: float = 5.0  # deadline of each unary call (and of each write and the ack on a telemetry stream)
     stream_seconds: float = 300.0  # deadline of each WatchPlan / ReportTelemetry stream, then it is reopened
@@ -59,7 +59,8 @@ class PlannerClient:
     def stub(self) -> ppb_grpc.PlannerStub:
         """The raw stub (opens the channel without waiting for it)."""
         if self._stub is None:
-            self._channel = self.options.transport.aio_channel(self.options.address)
+            # short keep-alive: a silent partition closes the connection within 1.8 s (runtime.wire.transport)
+            self._channel = self.options.transport.control_channel(self.options.address)
             self._stub = ppb_grpc.PlannerStub(self._channel)
         return self._stub
 
@@ -73,6 +74,22 @@ class PlannerClient:
             raise Unavailable(f"planner {self.options.address} unreachable (no connection within "
                               f"{self.options.connect_timeout:g}s)") from None
         return self
+
+    async def watch_connection(self, on_lost: Callable[[str], None]) -> None:
+        """Call ``on_lost(new state)`` each time the connection to the planner leaves READY (keep-alive
+        closes a silently partitioned one within keepalive_time + control_keepalive_timeout, 1.8 s by
+        default); runs until cancelled. Costs no RPC: the pings are HTTP/2 frames."""
+        self.stub  # noqa: B018 - opens the channel
+        channel = self._channel
+        assert channel is not None
+        ready = grpc.ChannelConnectivity.READY
+        state = channel.get_state(try_to_connect=False)
+        while True:
+            await channel.wait_for_state_change(state)
+            new = channel.get_state(try_to_connect=False)
+            if state == ready and new != ready:
+                on_lost(new.name)
+            state = new
 
     async def close(self) -> None:
         channel, self._channel, self._stub = self._channel, None, None

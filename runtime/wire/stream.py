@@ -19,7 +19,7 @@ from runtime.contracts.errors import DeadlineExceeded, Unavailable, from_rpc_err
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
-from runtime.wire.liveness import LinkHint, Liveness
+from runtime.wire.liveness import LinkHint, Liveness, death_kind
 from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class StreamMetrics(Protocol):
 
     stream_up: Any  # a prometheus Gauge: 1 while the stream is open
     reconnects: Any  # a prometheus Counter: streams opened
+    # optional: ``stream_died(reason)``, called once per stream that ended for any cause but its own close
+    # (reasons: runtime.wire.liveness.death_kind)
 
 
 async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
@@ -144,11 +146,14 @@ class EdgeStream:
         finally:
             self._broken(call, reason)
 
-    def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str) -> None:
+    def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str, kind: str = "") -> None:
         if self._call is not call:
             return
         level = logging.INFO if reason == "agent closing" or self.closed else logging.WARNING
         logger.log(level, "stream %d to %s ended: %s", self.epoch, self.address, reason)
+        died = getattr(self.metrics, "stream_died", None)  # optional in StreamMetrics
+        if level == logging.WARNING and died is not None:
+            died(kind or death_kind(reason))
         self._call = None
         self.metrics.stream_up.set(0)
         self._retry_at = time.monotonic() + self._backoff.next()
@@ -188,7 +193,11 @@ class EdgeStream:
             try:
                 for msg in frame_messages(request, self.transport.chunk_bytes):
                     if deadline is not None and time.monotonic() > deadline:
-                        live.forget(seq)
+                        # bytes already written still queue on the link: waited for until a probe proves them through
+                        if written:
+                            live.abandon(seq)
+                        else:
+                            live.forget(seq)
                         if written:
                             await call.write(pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
                         raise DeadlineExceeded(f"frame {seq}: deadline passed after {written} of its messages")
@@ -247,18 +256,16 @@ class EdgeStream:
             pass  # the stream is going away: nothing will be computed for it anyway
 
     async def _watch(self, call: grpc.aio.StreamStreamCall, live: Liveness) -> None:
-        """Declare the stream dead when its bytes stop making progress (runtime.wire.liveness); with no
-        progress for a while, ask the peer with a probe on the same connection (queued behind the same bytes)."""
+        """Declare the stream dead when its bytes stop making progress, or when idle and its probes go
+        unanswered (runtime.wire.liveness); with no progress for a while, busy or idle, ask the peer with a
+        probe on the same connection (queued behind the same bytes)."""
         probe: asyncio.Task | None = None
         try:
             while self._call is call:
-                await asyncio.sleep(live.options.tick_seconds)
+                await asyncio.sleep(live.next_check())  # wakes when a probe or the verdict is due
                 why = live.verdict()
                 if why and self._call is call:
-                    deaths = getattr(self.metrics, "stream_deaths", None)  # optional in StreamMetrics
-                    if deaths is not None:
-                        deaths.inc()
-                    self._broken(call, why)
+                    self._broken(call, why, live.reason)
                     call.cancel()
                     return
                 if (probe is None or probe.done()) and live.wants_probe() and self._channel is not None:

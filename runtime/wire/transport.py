@@ -30,19 +30,27 @@ class TransportOptions:
     # runs): 4.4-4.9 ms as one message against 6.2-6.8 ms as 256 KiB chunks and 6.9 ms as 64 KiB
     # (each message is a write, a read and a wake-up on both sides; runtime/measure/results/overhead.md).
     chunk_bytes: int = 1024 * 1024
-    # keep-alive: the backstop for idle connections and links never measured: a silent partition
-    # (bytes swallowed, no RST) is detected within time + timeout = 11 s. A ping queues behind the bytes
-    # already sent: on a 1.6 Mbit/s link one 400 KB frame holds it 2 s, and a 1 s timeout broke every
-    # stream that carried one. A frame stream with a bandwidth estimate is watched by `liveness`
-    # instead: dead after max(2 s, 1.5 x outstanding bytes / bandwidth + RTT) without progress.
+    # keep-alive. Frame channels (agent -> worker, worker -> next tier): only the backstop, 1 s + 10 s. A
+    # ping queues behind the bytes already sent: on a 1.6 Mbit/s link one 400 KB frame holds it 2 s,
+    # and a 1 s timeout broke every stream that carried one. Their streams are watched by `liveness`
+    # instead: a silent partition is declared 1.5 s after the last progress, busy or idle.
+    # Control channels (agent and worker -> planner; `control_channel`) carry small messages only, so
+    # their pings wait behind nothing of their own: 1 s + 0.8 s notices a silent partition within 1.8 s
+    # of the last byte read (runtime.daemon.planner_client; README "Liveness").
     keepalive_time_ms: int = 1_000  # ping the connection this often (also while idle)
-    keepalive_timeout_ms: int = 10_000  # drop the connection when a ping is not answered in time
+    keepalive_timeout_ms: int = 10_000  # frame channels: drop the connection when a ping is not answered in time
+    control_keepalive_timeout_ms: int = 800  # control channels: the same, for the planner's channels
     security: SecurityOptions = field(default_factory=SecurityOptions)  # TLS / mTLS / tokens (runtime.wire.security)
     liveness: LivenessOptions = field(default_factory=LivenessOptions)  # link-aware (runtime.wire.liveness)
 
     def aio_channel(self, address: str) -> grpc.aio.Channel:
         """An asyncio channel to ``address`` with these limits and this process's credentials."""
         return aio_channel(address, list(self.channel_options()), self.security)
+
+    def control_channel(self, address: str) -> grpc.aio.Channel:
+        """An asyncio channel for small control messages (the planner's API): keep-alive with the short
+        ``control_keepalive_timeout_ms``."""
+        return aio_channel(address, list(self.channel_options(control=True)), self.security)
 
     def probe_channel(self, address: str) -> grpc.aio.Channel:
         """A channel on a TCP connection of its own (gRPC otherwise shares one connection between
@@ -53,16 +61,18 @@ class TransportOptions:
         """A blocking channel (CLI, health checks) with these limits and credentials."""
         return sync_channel(address, list(self.channel_options()), self.security)
 
-    def channel_options(self) -> list[tuple[str, int]]:
+    def channel_options(self, control: bool = False) -> list[tuple[str, int]]:
+        """Client options; ``control``: a control channel's short keep-alive timeout (see the fields)."""
+        timeout = self.control_keepalive_timeout_ms if control else self.keepalive_timeout_ms
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", self.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.keepalive_timeout_ms", timeout),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # gRPC >= 1.5x times an unanswered ping out by this (default 1 min), not by keepalive_timeout_ms
-            ("grpc.http2.ping_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.http2.ping_timeout_ms", timeout),
         ]
 
     def server_options(self) -> list[tuple[str, int]]:

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import logging
 import socket
+import time
 from collections.abc import Sequence
 
 from runtime.contracts import profile as profiles
@@ -59,6 +60,10 @@ class PlannerRegistration:
                                                  next_tiers=[a.strip() for a in next_tiers])
         self.refresh_seconds = refresh_seconds
         self.registered = asyncio.Event()
+        # the planner connection left READY this often (a silent partition: within 1.8 s, by the control
+        # channel's keep-alive; runtime.wire.transport) and when last (time.monotonic(); 0.0: never)
+        self.connection_losses = 0
+        self.lost_at = 0.0
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -67,6 +72,7 @@ class PlannerRegistration:
     async def _run(self) -> None:
         backoff = Backoff(0.5, MAX_BACKOFF_SECONDS)
         planner = PlannerClient(self.client_options)
+        watcher = asyncio.get_running_loop().create_task(planner.watch_connection(self._lost))
         try:
             while True:
                 try:
@@ -85,7 +91,15 @@ class PlannerRegistration:
                 backoff.reset()
                 await asyncio.sleep(self.refresh_seconds)
         finally:
+            await cancel_and_wait(watcher)
             await planner.close()
+
+    def _lost(self, state: str) -> None:
+        self.connection_losses += 1
+        self.lost_at = time.monotonic()
+        if self.registered.is_set():
+            logger.warning("connection to planner %s lost (%s); worker %s registers again in at most %.0fs",
+                           self.planner, state, self.worker_id, self.refresh_seconds)
 
     async def close(self) -> None:
         """Stop re-registering and tell the planner this worker leaves (bounded: 1 s), so no plan keeps it."""
