@@ -193,3 +193,76 @@ def test_admission_is_charged_by_batch_and_given_back(bounded_worker):
 
     assert loop.run_until_complete(go())[0] == 2
     assert svc._admitted == 0 and svc._weights == {}  # the batch's two slots came back
+
+
+def test_a_stream_whose_client_stopped_reading_is_ended_with_a_clear_status():
+    """A result that cannot be sent for --stalled-stream-seconds (the client's window is full: it does not
+    read) ends the stream: the worker's accounting falls back to 0 at once, the metric counts it, and a
+    client that reads again gets its results and then RESOURCE_EXHAUSTED naming the setting."""
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    async def go():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_stream_results=2,
+                                      stalled_stream_seconds=1.0))
+        metrics = ws.service.metrics
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
+                call = pb_grpc.InferenceStub(ch).InferStream(timeout=RPC)
+                bad = pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(agent_id="x", seq=1),
+                                                             tensor=tensor_pb2.Tensor(buffer=bytes(4096))))
+                for _ in range(50_000):  # until flow control holds a write (cancelling it would cancel the call)
+                    write = asyncio.ensure_future(call.write(bad))
+                    done, _ = await asyncio.wait({write}, timeout=0.5)
+                    if not done:
+                        break
+                held = ws.service.unsent_results
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + 10
+                while metrics.stalled_streams._value.get() < 1 and loop.time() < deadline:
+                    await asyncio.sleep(0.05)
+                stalled_after = loop.time() - (deadline - 10)
+                after = ws.service.unsent_results, metrics.streams._value.get()
+                read = 0
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    while True:  # the client reads again: its results, then the status
+                        m = await asyncio.wait_for(call.read(), RPC)
+                        assert m is not grpc.aio.EOF
+                        read += 1
+                return held, after, stalled_after, read, info.value
+        finally:
+            await ws.drain_and_stop(0.5)
+
+    held, (unsent, open_streams), stalled_after, read, err = asyncio.run(go())
+    assert 0 < held <= 2
+    assert unsent == 0 and open_streams == 0  # the worker let go of the stream's state at once
+    assert stalled_after < 5
+    assert read > 0
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--stalled-stream-seconds" in err.details()
+
+
+def test_a_reading_client_is_never_ended_by_the_stall_guard():
+    """Results taken as they come: the guard never fires, even over many frames and a short setting."""
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    async def go():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, stalled_stream_seconds=0.2))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
+                call = pb_grpc.InferenceStub(ch).InferStream(timeout=RPC)
+                codes = []
+                for seq in range(200):
+                    await call.write(pb.StreamRequest(frame=pb.InferRequest(
+                        header=pb.FrameHeader(agent_id="x", seq=seq), tensor=tensor_pb2.Tensor(buffer=bytes(64)))))
+                    codes.append((await asyncio.wait_for(call.read(), RPC)).code)
+                    if seq % 50 == 0:
+                        await asyncio.sleep(0.3)  # idle longer than the setting: no result pending, nothing to end
+                await call.done_writing()
+                assert await call.read() is grpc.aio.EOF
+                return codes, ws.service.metrics.stalled_streams._value.get(), await call.code()
+        finally:
+            await ws.drain_and_stop(0.5)
+
+    codes, stalled, code = asyncio.run(go())
+    assert len(codes) == 200 and stalled == 0 and code == grpc.StatusCode.OK

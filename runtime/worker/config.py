@@ -18,7 +18,8 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     listen: str = field("127.0.0.1:50051", "gRPC address to listen on (HOST:PORT; port 0 picks a free one)")
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
-    models: tuple[str, ...] = field((), "user models this worker may serve, as path/to/file.py:factory or .pt2 (bundled ones always)")
+    models: tuple[str, ...] = field((), "user models this worker may serve, as path/to/file.py:factory or .pt2")
+    serve: tuple[str, ...] = field((), "models callers may name (Prepare, frames); others are PERMISSION_DENIED. 'all' = every bundled and configured model (default: the models --model/--preload/--tl/--profiles name; every bundled one when none)")
     preload: tuple[str, ...] = field((), "MODEL or MODEL@SPLIT tails to load at start instead of on first use")
     tls: tuple[str, ...] = field((), "Transfer Layer artifacts (.json written by 'edgesplit tl train') whose decoders this worker serves")
     max_concurrency: int = field(1, "frames computed at once (tail executor threads)")
@@ -30,6 +31,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     max_reassembly_bytes: int = field(256 * 2**20, "bytes held in incomplete chunked frames over all streams; beyond, RESOURCE_EXHAUSTED")
     reassembly_timeout_seconds: float = field(10.0, "an incomplete chunked frame older than this is dropped (DEADLINE_EXCEEDED)")
     max_stream_results: int = field(32, "results one stream may hold computed but not yet sent; beyond, the worker stops reading it")
+    stalled_stream_seconds: float = field(30.0, "a result the client has not taken within this long (it stopped reading) ends its stream RESOURCE_EXHAUSTED")
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
     grace_seconds: float = field(10.0, "on SIGTERM, how long frames in flight may take to finish")
     port_file: str = field("", "write the bound port to this file once serving (for supervisors and tests)")
@@ -50,7 +52,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
         from runtime.wire.codec import get_codec  # torch: only when a config is built, not for --help
 
         get_codec(self.forward_codec)  # InvalidInput with the valid names ("ans" needs a TL: not for forwarding)
-        for name in ("forward_deadline_seconds", "forward_connect_timeout_seconds", "forward_reconnect_seconds"):
+        for name in ("stalled_stream_seconds", "forward_deadline_seconds", "forward_connect_timeout_seconds", "forward_reconnect_seconds"):
             if not getattr(self, name) > 0:
                 raise InvalidInput(f"{name} must be > 0, got {getattr(self, name)!r}")
         if any(not t.strip() for t in self.next_tiers):

@@ -22,6 +22,8 @@ class WorkerMetrics:
         self.inflight = Gauge("edgesplit_worker_inflight_frames", "Frames being computed", registry=r)
         self.loaded_tails = Gauge("edgesplit_worker_loaded_tails", "Tails held in memory", registry=r)
         self.streams = Gauge("edgesplit_worker_open_streams", "Open InferStream calls", registry=r)
+        self.stalled_streams = Counter("edgesplit_worker_stalled_streams", "Streams ended because a result waited "
+                                       "--stalled-stream-seconds to be sent (the client stopped reading)", registry=r)
         # worker chaining (label next_tier: one of the configured --next-tier addresses, so bounded)
         self.forwarded = Counter("edgesplit_worker_forwarded_frames", "Chained frames whose slice output was forwarded "
                                  "to a next tier, by its outcome (gRPC status name)", ["next_tier", "code"], registry=r)

@@ -34,6 +34,7 @@ from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
 from runtime.worker import probe
+from runtime.worker.allowlist import served_models
 from runtime.worker.cancel import CancelledFrames
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
@@ -71,6 +72,7 @@ class TailCache:
         self._bundled = set(list_models())
         # user models are addressed by their id ("stem:factory"); only those configured may load
         self._user: dict[str, str] = {get_spec(s).name: s for s in config.models}
+        self.served = served_models(config, self._bundled | set(self._user))  # what callers may name (--serve)
         self._models: dict[str, LoadedModel] = {}
         self._tails: dict[tuple[str, str], Tail] = {}
         self._slices: dict[tuple[str, str, str, str], Tail] = {}  # (model, split, end, TL id): middle slices
@@ -136,6 +138,7 @@ class TailCache:
                 + (f"; user models: {', '.join(sorted(self._user))}" if self._user else "")
                 + ". Start the worker with --model path/to/file.py:factory to serve a user model"
             )
+        self.served.check(model_id)  # PERMISSION_DENIED unless --serve (or the configuration) names it
         lock = self._locks.setdefault(model_id, asyncio.Lock())
         async with lock:
             if model_id not in self._models and len(self._models) >= self._config.max_loaded_models:
@@ -419,7 +422,7 @@ class InferenceService(pb_grpc.InferenceServicer):
     async def InferStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """One result per frame, in completion order; a bad frame gets an error result, not a dead stream
         (runtime.worker.streaming)."""
-        session = StreamSession(self, request_iterator)
+        session = StreamSession(self, request_iterator, context)
         session.open()
         try:
             while (result := await session.next()) is not None:

@@ -17,7 +17,7 @@ from runtime.contracts.errors import EdgesplitError, as_error
 from runtime.daemon.tracing import frame_arrived
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.transport import FrameAssembler
-from runtime.worker.backpressure import ResultSlots
+from runtime.worker.backpressure import ResultSlots, StallGuard
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,10 @@ logger = logging.getLogger(__name__)
 class StreamSession:
     """The state of one InferStream: its assembler, result queue, frame tasks and backpressure slots."""
 
-    def __init__(self, service: Any, request_iterator):  # service: the InferenceService (which imports this module)
+    def __init__(self, service: Any, request_iterator, context: Any = None):  # service: the InferenceService
         self.service = service
         self.requests = request_iterator
+        self.context = context  # the RPC's ServicerContext: a stalled stream is ended with a status through it
         self.assembler = FrameAssembler(service.config.max_tensor_bytes, service.reassembly)
         self.out: asyncio.Queue[pb.InferResult | None] = asyncio.Queue()
         self.tasks: set[asyncio.Task] = set()
@@ -36,10 +37,13 @@ class StreamSession:
         self.dropped_seq: int | None = None  # the last frame refused part-way; its late chunks are ignored
         self.first_at = 0.0  # monotonic time the open frame's first message arrived
         self._read_task: asyncio.Task | None = None
+        self.stall: StallGuard | None = None  # ends the stream when the client stops reading (runtime.worker.backpressure)
 
     def open(self) -> None:
-        """Start reading the stream (``close`` must follow, whatever happens)."""
+        """Start reading the stream (``close`` must follow, whatever happens); called in the RPC's task."""
         self.service.metrics.streams.inc()
+        self.stall = StallGuard(self.service.config.stalled_stream_seconds, self.context,
+                                self.service.metrics.stalled_streams.inc)
         self._read_task = asyncio.create_task(self._reader())
         self.service._stream_queues.add(self.out)
 
@@ -49,12 +53,18 @@ class StreamSession:
         result = await self.out.get()
         if result is not None:
             result.sent_seconds = time.monotonic()
+            if self.stall is not None:
+                self.stall.arm()  # not sent within --stalled-stream-seconds: the client stopped reading
         return result
 
     def sent(self) -> None:
+        if self.stall is not None:
+            self.stall.disarm()
         self.slots.give()
 
     def close(self) -> None:
+        if self.stall is not None:
+            self.stall.disarm()
         self.service._stream_queues.discard(self.out)
         if self._read_task is not None:
             self._read_task.cancel()
