@@ -11,6 +11,11 @@ after it (the agent runs both). When that beats the plan's own prediction by ``m
 stage goes into ``Plan.parallel`` (with the prediction in its blocks) and the plan's
 ``predicted_seconds`` becomes the parallel prediction; otherwise the plan is left as it is.
 
+A plan is reconsidered when the workers the agent may use change while its configuration stays
+the same (a second worker registers, one leaves): :meth:`ParallelPlanner.changed` remembers the
+candidate set each plan was considered with; on a change it says to issue the plan again when the
+plan has a stage (its workers changed) or when a trial on a copy of the plan would attach one.
+
 The model's receptive geometry is taken once per model (the model is loaded for it and dropped;
 at most ``max_models`` geometries are kept) in the caller's executor: this module does nothing on
 the event loop.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from planner import parallel_plan as PP
@@ -31,6 +36,10 @@ from runtime.contracts.profile import Profile
 from runtime.parallel.plan import ParallelStage
 
 logger = logging.getLogger(__name__)
+
+MAX_REMEMBERED = 200_000
+"""Agents whose last considered worker set is remembered (the oldest forgotten first: such an agent's
+next decision runs one trial DPFP, then it is remembered again)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,37 @@ class ParallelPlanner:
         self.max_models = max_models  # geometries kept (each is small; taking one loads the model once)
         self.codec = codec  # codec of crops and tiles (raw: exact)
         self._geometry: OrderedDict[str, PP.Geometry | None] = OrderedDict()  # None: the model cannot be tiled
+        self._seen: OrderedDict[str, Hashable] = OrderedDict()  # agent id -> workers its plan was considered with
+
+    def _remember(self, agent_id: str, cands: Sequence[Candidate]) -> bool:
+        """Record the candidate set of ``agent_id``'s plan; True when it differs from the one remembered."""
+        key = tuple((c.worker_id, c.address) for c in cands)
+        old = self._seen.pop(agent_id, None)
+        self._seen[agent_id] = key
+        while len(self._seen) > MAX_REMEMBERED:
+            self._seen.popitem(last=False)
+        return old != key
+
+    async def changed(self, state, st, executor) -> bool:
+        """The re-planner's hook for an agent whose configuration stays: True when its plan should be
+        issued again because the workers it may use changed since the plan was considered (the plan has
+        a stage, or a trial :meth:`attach` on a copy of it would add one). Never raises."""
+        plan = st.plan
+        cands = candidates(state, st)
+        if plan is None or not self._remember(st.record.id, cands):
+            return False
+        if plan.parallel.blocks:
+            logger.info("agent %s: the workers it may use changed; its parallel stage is planned again", plan.agent_id)
+            return True
+        if len(cands) < self.min_workers:
+            return False
+        trial = type(plan)()
+        trial.CopyFrom(plan)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(executor, self.attach, trial, st.device, cands)
+        except Exception:
+            logger.exception("agent %s: parallel stage not reconsidered", plan.agent_id)
+            return False
 
     def geometry(self, model: str) -> PP.Geometry | None:
         if model in self._geometry:
@@ -103,6 +143,7 @@ class ParallelPlanner:
         """The re-planner's hook: the candidate workers of agent ``st`` (on the loop), then DPFP and
         :meth:`attach` in ``executor``. Never raises for an unplannable stage (the plan stays as it is)."""
         cands = candidates(state, st)
+        self._remember(st.record.id, cands)
         if len(cands) < self.min_workers:
             return False
         loop = asyncio.get_running_loop()

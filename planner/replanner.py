@@ -229,6 +229,9 @@ class RePlanner:
                 return
             if current is not None and decide.config_key(st.device, best) == plan_key(st.plan):
                 self.hysteresis.reset(aid)
+                if await self.parallel.changed(self.state, st, self.executor):  # usable workers changed: DPFP again
+                    await self._issue(st, best, f"{cause}: usable workers changed, parallel stage reconsidered", cause)
+                    return
                 await self._rank_bands(st, again=not self._confirm_basis(st))
                 return
             await self._switch(st, best, current, cause)

@@ -106,3 +106,48 @@ def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_i
         assert r.where == "parallel" and r.plan_version >= 1
         assert float((r.output - want).abs().max() / want.abs().max()) <= 1e-5
         assert r.top1()[0] == int(want.argmax())
+
+
+def test_a_second_worker_registering_brings_a_parallel_stage(loaded, start_worker, tmp_path):
+    """One worker at first: an ordinary offload. A second registers while the best configuration stays
+    the same: the planner reconsiders DPFP over both and pushes the plan again, now with the stage."""
+    ports = [start_worker("--preload", MODEL, "--torch-threads", "1")[1] for _ in WORKERS]
+    x = next(iter(open_source(loaded.spec, "synthetic", 1))).tensor
+    with torch.inference_mode():
+        want = loaded.full(x)
+
+    async def register(stub, wid: str, port: int) -> None:
+        await stub.RegisterWorker(ppb.RegisterWorkerRequest(
+            worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
+            profiles_json=[make_profile(loaded, "edge", wid).to_json()]), timeout=RPC)
+
+    async def scenario():
+        ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **PLANNER))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
+        stub = ppb_grpc.PlannerStub(channel)
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
+                      AgentOptions(agent_id=AGENT, deadline_seconds=30.0, connect_timeout=2.0))
+        link = PlannerLink(agent, PlannerLinkOptions(
+            f"127.0.0.1:{ps.port}", make_profile(loaded, "device", "board"), AGENT, workers=WORKERS,
+            telemetry_interval_seconds=0.5, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
+        try:
+            await register(stub, WORKERS[0], ports[0])
+            await link.start()
+            await until(lambda: agent.plan_version >= 1, 20, "a first plan")
+            first = agent.plan_version
+            assert not agent.parallel.active  # one worker: no parallel stage
+            await register(stub, WORKERS[1], ports[1])
+            await until(lambda: agent.parallel.active, 20, "a plan with a parallel stage after the second worker")
+            stage = agent.parallel.coord.stage
+            result = await agent.infer(x, "f0")
+            return first, stage, result
+        finally:
+            await link.close()
+            await agent.close()
+            await channel.close()
+            await ps.drain_and_stop(1.0)
+
+    first, stage, result = asyncio.run(scenario())
+    assert set(stage.workers) == {f"127.0.0.1:{p}" for p in ports} and result.plan_version > first
+    assert result.where == "parallel"
+    assert float((result.output - want).abs().max() / want.abs().max()) <= 1e-5
