@@ -75,3 +75,22 @@ def test_the_agent_takes_a_pushed_stage_and_refuses_one_it_cannot_run(loaded):
         await pushed.close()
 
     asyncio.run(go())
+
+
+def test_tiles_of_a_pushed_stage_feed_the_link_estimate():
+    from runtime.agent.parallel import TileReport
+    from runtime.agent.parallel_push import feed_link
+    from runtime.agent.telemetry import LinkEstimator
+
+    link = LinkEstimator()
+    link.add_rtt_sample(0.002, "w1:1")
+    reports = [TileReport(0, (0, 8), "w1:1", ran_on="w1:1", seconds=0.052, worker_seconds=0.030, sent_bytes=600_000,
+                          received_bytes=400_000, answered_at=1.0),  # network 0.052 - 0.030 - 0.002 = 0.020 s
+               TileReport(0, (8, 16), "w2:1", ran_on="local", seconds=0.03, compute_seconds=0.03),  # no link
+               TileReport(0, (16, 24), "w2:1", ran_on="w2:1", seconds=0.01, worker_seconds=0.009, sent_bytes=100,
+                          received_bytes=100, answered_at=1.0),  # under min_bytes
+               TileReport(0, (24, 32), "w3:1", ran_on="w3:1", seconds=0.01, worker_seconds=0.011, sent_bytes=90_000,
+                          received_bytes=90_000, answered_at=1.0)]  # no network time left
+    assert feed_link(link, reports) == 1
+    assert link.estimate("w1:1").bandwidth.value == pytest.approx(1_000_000 / 0.020)
+    assert link.estimate("w2:1").bandwidth.samples == 0 and link.estimate("w3:1").bandwidth.samples == 0

@@ -95,7 +95,7 @@ class Agent:
         self.link.use(self.active.worker)
         # a pushed plan's parallel stage (Plan.parallel, RFS/DPFP): while active, frames go through it
         self.parallel = PushedStage(loaded, CoordinatorOptions(transport=self.transport, agent_id=self.agent_id),
-                                    prepare_timeout_seconds=self.prepare_timeout)
+                                    prepare_timeout_seconds=self.prepare_timeout, link=self.link)
 
     # The active plan's parts, for callers that predate ActivePlan (read-only).
     split = property(lambda self: self.active.split)

@@ -5,6 +5,12 @@ hands it every plan the agent applies, and :meth:`runtime.agent.client.Agent.inf
 through it while a stage is active (where = "parallel" in the results). The planner side is
 ``planner.parallel_push``; the stage from a file is ``edgesplit agent --parallel-plan``
 (:mod:`runtime.agent.parallel_run`).
+
+Frames through the stage feed the agent's link estimate (:func:`feed_link`): each tile a worker
+answered is one bandwidth sample of that worker's link (keyed by its address, as an edge frame's
+is), its bytes both ways over its round trip less the worker's own times and the link's base RTT.
+The tiles of a block travel at the same time over the coordinator's one uplink, so a sample is the
+share of the link one tile got (as for a window of edge frames), not the raw link rate.
 """
 
 from __future__ import annotations
@@ -14,12 +20,30 @@ import logging
 import time
 
 from runtime.agent.frame import FrameResult
-from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator, TileMetrics
+from runtime.agent.parallel import LOCAL, CoordinatorOptions, ParallelCoordinator, TileMetrics, TileReport
 from runtime.contracts.errors import InvalidInput
 from runtime.daemon.tracing import parallel_frame
 from runtime.parallel.plan import ParallelStage
 
 logger = logging.getLogger(__name__)
+
+
+def feed_link(link, reports: list[TileReport]) -> int:
+    """Bandwidth samples of a parallel frame's remote tiles into ``link`` (a
+    :class:`runtime.agent.telemetry.LinkEstimator`): per tile, its bytes both ways over its network
+    time (round trip - the worker's queue, decode and compute - the link's base RTT, 0 if unknown);
+    tiles under the estimator's ``min_bytes`` or with no network time left give none. Returns the
+    number of samples taken."""
+    taken = 0
+    for r in reports:
+        if r.ran_on in ("", LOCAL) or not r.answered_at:
+            continue
+        size = r.sent_bytes + r.received_bytes
+        network = r.seconds - r.worker_seconds - link.estimate(r.ran_on).rtt.value
+        if size >= link.min_bytes and network > 0:
+            link.add_bandwidth_sample(size / network, r.ran_on)
+            taken += 1
+    return taken
 
 
 class PushedStage:
@@ -32,8 +56,9 @@ class PushedStage:
     locally, so no frame is lost)."""
 
     def __init__(self, loaded, options: CoordinatorOptions | None = None, metrics: TileMetrics | None = None,
-                 prepare_timeout_seconds: float = 60.0):
+                 prepare_timeout_seconds: float = 60.0, link=None):
         self.loaded = loaded
+        self.link = link  # the agent's LinkEstimator: frames through the stage feed it (None: they do not)
         self.options = options or CoordinatorOptions()
         self.metrics = metrics or TileMetrics()
         self.prepare_timeout_seconds = prepare_timeout_seconds
@@ -80,6 +105,9 @@ class PushedStage:
         result.wire_bytes = sum(r.sent_bytes + r.received_bytes for r in reports)
         result.times["total"] = time.perf_counter() - t0
         result.times["tiles_max"] = max((r.seconds for r in reports), default=0.0)
+        if self.link is not None:
+            self.link.observe(result)  # the frame and its stage times (where = "parallel": no sample of its own)
+            feed_link(self.link, reports)
         return result
 
     async def close(self) -> None:
