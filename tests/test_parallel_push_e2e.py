@@ -89,16 +89,18 @@ def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_i
             await until(lambda: agent.parallel.active, 20, "a plan with a parallel stage")
             stage = agent.parallel.coord.stage
             results = [await agent.infer(x, f"f{i}") for i, x in enumerate(frames)]
+            sampled = {w: agent.link.estimate(w).bandwidth.samples for w in stage.workers}  # tiles feed the link
             info = next(a for a in (await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents
                         if a.agent_id == AGENT)
-            return results, info, stage
+            return results, info, stage, sampled
         finally:
             await link.close()
             await agent.close()
             await channel.close()
             await ps.drain_and_stop(1.0)
 
-    results, info, stage = asyncio.run(scenario())
+    results, info, stage, sampled = asyncio.run(scenario())
+    assert all(n > 0 for n in sampled.values()), sampled
     assert set(stage.workers) == {f"127.0.0.1:{p}" for p in ports}
     assert list(info.plan.parallel.worker_ids) == list(WORKERS) and "parallel stage" in info.plan.reason
     assert any(sum(1 for s in b.shares if s > 0) == 2 for b in stage.blocks)  # both workers compute tiles
