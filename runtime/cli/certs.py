@@ -1,9 +1,10 @@
-"""``edgesplit certs ca|issue|token``: a site CA, per-role certificates and bearer tokens for a quick start.
+"""``edgesplit certs ca|issue|token|revoke``: a site CA, per-role certificates and bearer tokens for a quick start.
 
     edgesplit certs ca --out pki/
     edgesplit certs issue --ca-dir pki/ --role worker --id edge-1 --host edge-1.plant --host 10.0.0.5 --out pki/
     edgesplit certs issue --ca-dir pki/ --role agent --id press-7 --out pki/
     edgesplit certs token --role operator --id alice --out alice.token --tokens-file pki/tokens
+    edgesplit certs revoke --ca-dir pki/ pki/agent-press-7.pem      # adds it to pki/crl.pem (daemons: --crl-file)
 
 Certificates name the role and id as the SAN URI ``spiffe://edgesplit/ROLE/ID`` (runtime.tools.pki);
 README.md ("Security") shows the openssl equivalent.
@@ -42,6 +43,12 @@ def add_parser(sub) -> None:
     tok.add_argument("--tokens-file", required=True, metavar="FILE",
                      help="server tokens file to append 'ROLE ID SHA256' to (--tokens-file of the daemons)")
     tok.set_defaults(func=cmd_token)
+    rev = csub.add_parser("revoke", help="revoke certificates: add them to a CRL signed by the site CA (daemons' --crl-file)")
+    rev.add_argument("certs", nargs="+", metavar="CERT.pem", help="certificates to revoke")
+    rev.add_argument("--ca-dir", required=True, metavar="DIR", help="directory holding ca.pem and ca.key")
+    rev.add_argument("--crl", default=None, metavar="FILE", help="CRL to update or create (default: CA_DIR/crl.pem)")
+    rev.add_argument("--days", type=int, default=30, help="the CRL's validity in days; publish a fresh one before (default: 30)")
+    rev.set_defaults(func=cmd_revoke)
 
 
 def cmd_ca(args: argparse.Namespace) -> int:
@@ -74,4 +81,16 @@ def cmd_token(args: argparse.Namespace) -> int:
     with open(args.tokens_file, "a") as f:
         f.write(f"{args.role} {args.id} {token_digest(token)}\n")
     print(f"{args.role} {args.id}: token in {args.out} (client --token-file), hash appended to {args.tokens_file}")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from runtime.tools import pki
+
+    crl = args.crl or os.path.join(args.ca_dir, "crl.pem")
+    serials = pki.revoke(pki.read(args.ca_dir, "ca"), crl, [Path(c).read_bytes() for c in args.certs], args.days)
+    print(f"{crl}: {len(serials)} revoked certificate(s), valid {args.days} days; daemons given --crl-file {crl} "
+          "refuse them within a second")
     return 0

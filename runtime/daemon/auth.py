@@ -3,7 +3,8 @@
 :class:`AuthInterceptor` finds the caller's :class:`Identity`: from a verified client
 certificate (its SAN URI ``spiffe://edgesplit/ROLE/ID``; grpc has checked it against the site CA
 during the handshake), else from a bearer token in ``authorization`` metadata (looked up by its
-SHA-256 in the server's tokens file, re-read when the file changes). A server that requires
+SHA-256 in the server's tokens file, re-read when the file changes). A certificate revoked by the
+``--crl-file`` CRL is refused UNAUTHENTICATED (runtime.daemon.revocation). A server that requires
 authentication (mTLS or a tokens file, runtime.wire.security) answers a call without one
 UNAUTHENTICATED, and a caller whose role the method does not allow PERMISSION_DENIED, before the
 handler runs; each refusal is counted (``edgesplit_auth_rejected_total{reason}`` and
@@ -29,6 +30,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter
 
 from runtime.daemon.interceptors import rewrap_handler
+from runtime.daemon.revocation import Revocations
 from runtime.wire.security import OPERATOR, SecurityOptions, load_tokens, parse_spiffe, token_digest
 
 logger = logging.getLogger(__name__)
@@ -90,6 +92,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._tokens_checked = 0.0
         if security.tokens_file:
             self._reload_tokens(force=True)
+        # revoked client certificates (--crl-file), checked on every call that presents one
+        self.revocations = Revocations(security.crl_file, security.ca_file) if security.crl_file else None
 
     def _reload_tokens(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -111,6 +115,13 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def identify(self, context: grpc.aio.ServicerContext, metadata: Any) -> Identity:
         """The caller's identity, or Refused."""
         auth = context.auth_context()
+        pem = auth.get("x509_pem_cert")
+        if pem and self.revocations is not None:
+            serial = self.revocations.revoked(pem[0])
+            if serial is not None:
+                raise Refused(grpc.StatusCode.UNAUTHENTICATED, "revoked",
+                              f"the client certificate (serial {serial:x}) is revoked by {self.revocations.crl_file}; "
+                              "ask the site for a new one ('edgesplit certs issue')")
         for uri in auth.get("peer_spiffe_id", []) + auth.get("x509_subject_alternative_name", []):
             parsed = parse_spiffe(uri.decode(errors="replace"))
             if parsed is not None:

@@ -109,3 +109,39 @@ def write(issued: Issued, directory: str | os.PathLike[str], stem: str) -> tuple
 def read(directory: str | os.PathLike[str], stem: str) -> Issued:
     d = Path(directory)
     return Issued((d / f"{stem}.pem").read_bytes(), (d / f"{stem}.key").read_bytes())
+
+
+def make_crl(ca: Issued, serials: set[int] | frozenset[int], days: int = 30) -> bytes:
+    """A CRL (PEM) signed by ``ca`` revoking ``serials``; valid ``days`` (publish a fresh one before)."""
+    ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    ca_key = serialization.load_pem_private_key(ca.key_pem, None)
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise InvalidInput("the CA key is not an ECDSA key written by 'edgesplit certs ca'")
+    now = _now()
+    builder = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject).last_update(now)
+               .next_update(now + datetime.timedelta(days=days)))
+    for serial in sorted(serials):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now).build())
+    return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def serial_of(cert_pem: bytes) -> int:
+    return x509.load_pem_x509_certificate(cert_pem).serial_number
+
+
+def revoke(ca: Issued, crl_path: str | os.PathLike[str], cert_pems: list[bytes], days: int = 30) -> frozenset[int]:
+    """Add the serials of ``cert_pems`` to the CRL at ``crl_path`` (made if absent), re-signed by ``ca``;
+    the file is replaced atomically (daemons re-read it on change). Returns every revoked serial."""
+    path = Path(crl_path)
+    serials: set[int] = set()
+    if path.exists():
+        crl = x509.load_pem_x509_crl(path.read_bytes())
+        if not crl.is_signature_valid(x509.load_pem_x509_certificate(ca.cert_pem).public_key()):  # type: ignore[arg-type]
+            raise InvalidInput(f"{path} was not signed by this CA; give the CRL of the same site CA")
+        serials = {r.serial_number for r in crl}
+    serials |= {serial_of(p) for p in cert_pems}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(make_crl(ca, serials, days))
+    os.replace(tmp, path)
+    return frozenset(serials)

@@ -118,6 +118,7 @@ class SecurityOptions:
     token_file: str = ""  # client: file holding the bearer token this process sends
     tokens_file: str = ""  # server: accepted tokens, 'ROLE SUBJECT SHA256HEX' per line
     server_name: str = ""  # client: name expected in the server's certificate when it differs from the dialled host
+    crl_file: str = ""  # server: revoked client certificates (CRL signed by the CA of ca_file; runtime.daemon.revocation)
     insecure: bool = False  # allow serving a non-loopback address without TLS (warned, counted)
 
     def __post_init__(self) -> None:
@@ -266,10 +267,11 @@ class SecuritySettings:
     token_file: str = config_field("", "client: file holding the bearer token to send (over TLS, or over loopback)")
     tokens_file: str = config_field("", "server: accepted bearer tokens, one 'ROLE SUBJECT SHA256HEX' line each ('edgesplit certs token')")
     server_name: str = config_field("", "client: name expected in the server certificate when it differs from the dialled host")
+    crl_file: str = config_field("", "server: CRL of revoked client certificates (PEM/DER, signed by --ca-file's CA; 'edgesplit certs revoke'), re-read on change")
     insecure: bool = config_field(False, "allow serving a non-loopback address without TLS (logged as a warning, metric edgesplit_insecure_bind)")
 
     def security(self) -> SecurityOptions:
         return options_from({f: getattr(self, f) for f in SECURITY_FIELDS})
 
 
-SECURITY_FIELDS = ("ca_file", "cert_file", "key_file", "token_file", "tokens_file", "server_name", "insecure")
+SECURITY_FIELDS = ("ca_file", "cert_file", "key_file", "token_file", "tokens_file", "server_name", "crl_file", "insecure")
