@@ -129,6 +129,13 @@ class TileReport:
     received_bytes: int = 0
     failures: list[str] = field(default_factory=list)  # "ADDRESS: CODE" of each failed attempt
     cols: tuple[int, int] = (0, 0)  # output columns [start, stop) (the full width for row bands)
+    # timeline (time.perf_counter() on the coordinator; 0 = not reached): where a block's time goes
+    ready_at: float = 0.0  # the tiles this crop reads were in and the crop was cut
+    sent_at: float = 0.0  # the request was encoded and handed to gRPC (last attempt)
+    answered_at: float = 0.0  # the answer arrived (before decoding it)
+    done_at: float = 0.0  # the tile was decoded and stitched into the block's output map
+    queue_seconds: float = 0.0  # worker-reported: waiting for its executor slot
+    decode_seconds: float = 0.0  # worker-reported: decoding the crop
 
 
 class TileMetrics:
@@ -218,11 +225,12 @@ class ParallelCoordinator:
         return msg
 
     async def _remote(self, address: str, msg: tiles_pb2.TileRequest, report: TileReport) -> torch.Tensor:
-        t0 = time.perf_counter()
+        t0 = report.sent_at = time.perf_counter()
         try:
             res = await self._stub(address).InferTile(msg, timeout=self.options.tile_deadline_seconds)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        report.answered_at = time.perf_counter()
         tile = decode_tensor(res.tile, max_bytes=self.options.transport.max_message_bytes * 4)
         want = (msg.output.row_stop - msg.output.row_start, msg.output.col_stop - msg.output.col_start)
         if tile.dim() != 4 or tuple(tile.shape[-2:]) != want:
@@ -230,6 +238,7 @@ class ParallelCoordinator:
         report.seconds = time.perf_counter() - t0
         report.compute_seconds = res.times.tail_seconds
         report.worker_seconds = res.times.queue_seconds + res.times.decode_seconds + res.times.tail_seconds
+        report.queue_seconds, report.decode_seconds = res.times.queue_seconds, res.times.decode_seconds
         report.sent_bytes += len(msg.crop.buffer)
         report.received_bytes = len(res.tile.buffer)
         return tile
@@ -325,7 +334,10 @@ class ParallelCoordinator:
                         src: TileMap, dst: TileMap, k: int) -> None:
         try:
             crop = await src.crop(reg.input)
-            dst.put(k, await self._tile(i, in_hw, reg, crop, report, healthy))
+            report.ready_at = time.perf_counter()
+            tile = await self._tile(i, in_hw, reg, crop, report, healthy)
+            dst.put(k, tile)
+            report.done_at = time.perf_counter()
         except BaseException as e:
             dst.fail(e)  # tiles waiting on this one stop too
             raise

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from runtime.tools import dpfp_timeline
+
 STRATEGIES = ("single_worker", "dpfp", "dpfp_bands_barrier", "layer_by_layer", "fused_all")
 PREVIOUS = "dpfp_bands_barrier"  # DPFP as first built: row bands only, uncalibrated, each block waits for the last
 MiB = 2**20
@@ -136,6 +138,7 @@ class Measurement:
         self.times: list[float] = []
         self.tiles: list = []
         self.blocks: list[list[float]] = []
+        self.frames: list[tuple[float, list]] = []  # (start, that frame's tile reports): the timeline
         self.err, self.period = 0.0, None
 
     def _error(self, y) -> float:
@@ -148,6 +151,7 @@ class Measurement:
         if record:
             self.times.append(time.perf_counter() - t0)
             self.tiles.extend(reports)
+            self.frames.append((t0, reports))
             self.blocks.append([b - a for a, b in zip([t0, *marks[:-1]], marks, strict=True)])
         self.err = max(self.err, self._error(y))
 
@@ -166,7 +170,7 @@ class Measurement:
     def result(self):
         blocks = self.blocks
         medians = [statistics.median(b[j] for b in blocks) for j in range(len(blocks[0]))] if blocks else []
-        return self.times, self.tiles, self.err, medians, self.period
+        return self.times, self.tiles, self.err, medians, self.period, self.frames
 
 
 async def measure_all(ms: list[Measurement], frames: int, interleave: bool) -> None:
@@ -267,12 +271,13 @@ def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> d
            "predicted_block_seconds": [b["predicted_seconds"] for b in stage["blocks"]],
            "workers_used": max(sum(1 for s in b["shares"] if s > 0) for b in stage["blocks"]), "skipped": skipped}
     if measured is not None:
-        times, tiles, err, block_medians, period = measured
+        times, tiles, err, block_medians, period, frames = measured
         row.update(measured_block_seconds=block_medians, window_period_seconds=period,
                    measured_seconds=statistics.median(times), measured_min=min(times), measured_max=max(times),
                    frames=len(times), max_rel_error=err, tile_failures=sum(len(t.failures) for t in tiles),
                    local_tiles=sum(1 for t in tiles if t.ran_on == "local"),
-                   slowest_tile_compute_seconds=_slowest_compute(tiles, len(times), len(stage["blocks"])))
+                   slowest_tile_compute_seconds=_slowest_compute(tiles, len(times), len(stage["blocks"])),
+                   timeline=dpfp_timeline.medians(frames, len(stage["blocks"])))
     return row
 
 
@@ -414,7 +419,7 @@ def markdown(res: dict) -> str:
                    f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | {red} | {spd} | {same_k} | "
                    f"{100 * (1 - r['predicted_seconds'] / base_pred):.1f}% | {_fmt(r.get('max_rel_error'), '.1e')} | "
                    f"{_blocks(r)} |")
-    return "\n".join(out + _breakdown(res) + _throughput(res)) + "\n"
+    return "\n".join(out + _breakdown(res) + dpfp_timeline.markdown(res["rows"]) + _throughput(res)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,88 @@
+"""Where a parallel stage's time goes, block by block (dpfp_bench's timeline table; issue 13).
+
+Every tile's :class:`runtime.agent.parallel.TileReport` carries coordinator timestamps (crop cut,
+request handed to gRPC, answer in, tile stitched) and the worker's own queue, decode and compute
+times. For each fused block this takes the tile that finished last (the block's critical tile) and
+splits the block's measured span (previous block's end to this block's end) into:
+
+- ``wait``: the previous block's end to the critical tile's crop being cut (negative with the
+  wavefront when the crop was ready before the previous block's last tile);
+- ``encode``: cutting done to the request handed to gRPC (codec encode + message build, coordinator);
+- ``queue``, ``decode``, ``compute``: as the worker reported them;
+- ``net+grpc``: the round trip less the worker's own times (both relays, gRPC on both ends, the
+  worker's encode of its answer);
+- ``stitch``: the answer in to the tile written into the output map (decode + copy, coordinator).
+
+Medians over frames, per block; a frame's span in total is the sum of its blocks' spans.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+
+TERMS = ("wait", "encode", "queue", "decode", "compute", "net+grpc", "stitch")
+
+
+def frame_terms(t0: float, reports: Sequence, blocks: int) -> list[dict[str, float]]:
+    """One frame's per-block split (``reports``: that frame's TileReports, ``t0``: its start)."""
+    out, prev_end = [], t0
+    for b in range(blocks):
+        tiles = [t for t in reports if t.block == b and t.done_at]
+        if not tiles:
+            out.append({})
+            continue
+        crit = max(tiles, key=lambda t: t.done_at)
+        remote = crit.sent_at > 0 and crit.answered_at > 0
+        rtt = crit.answered_at - crit.sent_at if remote else 0.0
+        worker = crit.queue_seconds + crit.decode_seconds + crit.compute_seconds if remote else 0.0
+        row = {"span": crit.done_at - prev_end, "wait": crit.ready_at - prev_end,
+               "encode": (crit.sent_at - crit.ready_at) if remote else 0.0,
+               "queue": crit.queue_seconds if remote else 0.0, "decode": crit.decode_seconds if remote else 0.0,
+               "compute": crit.compute_seconds, "net+grpc": rtt - worker if remote else 0.0,
+               "stitch": (crit.done_at - crit.answered_at) if remote else crit.done_at - crit.ready_at - crit.compute_seconds,
+               "max_compute": max(t.compute_seconds for t in tiles),
+               "coordinator_cpu": sum((t.sent_at - t.ready_at) + (t.done_at - t.answered_at) for t in tiles
+                                      if t.sent_at and t.answered_at),
+               "bytes": float(sum(t.sent_bytes + t.received_bytes for t in tiles))}
+        out.append(row)
+        prev_end = crit.done_at
+    return out
+
+
+def medians(frames: Sequence[tuple[float, Sequence]], blocks: int) -> list[dict[str, float]]:
+    """Per block, the median of each term over ``frames`` ((start, reports) pairs)."""
+    per = [frame_terms(t0, reps, blocks) for t0, reps in frames]
+    out = []
+    for b in range(blocks):
+        rows = [f[b] for f in per if f[b]]
+        out.append({k: statistics.median(r[k] for r in rows) for k in rows[0]} if rows else {})
+    return out
+
+
+def markdown(rows: Sequence[dict]) -> list[str]:
+    """The table for dpfp_bench's OUT.md (``rows``: result rows with a ``timeline``)."""
+    rows = [r for r in rows if r.get("timeline") and r["strategy"] == "dpfp" and r["workers"] > 1]
+    if not rows:
+        return []
+    out = ["", "Where each block's time goes (DPFP rows, median over frames; the block's critical tile = the one "
+           "stitched last; span = previous block's end to this block's end = wait + encode + queue + decode + "
+           "compute + net+grpc + stitch; coordinator ms = encode + stitch summed over all the block's tiles; "
+           "runtime.tools.dpfp_timeline):", "",
+           "| K | block | span ms | " + " | ".join(f"{t} ms" for t in TERMS) + " | coordinator ms | MB moved |",
+           "|---|---|---:|" + "---:|" * len(TERMS) + "---:|---:|"]
+    for r in rows:
+        total = dict.fromkeys(("span", *TERMS, "coordinator_cpu", "bytes"), 0.0)
+        for (a, b), t in zip(r["blocks"], r["timeline"], strict=True):
+            if not t:
+                continue
+            for k in total:
+                total[k] += t[k]
+            out.append(_line(r["workers"], f"{a}..{b}", t))
+        out.append(_line(r["workers"], "**all blocks**", total))
+    return out
+
+
+def _line(k: int, name: str, t: dict) -> str:
+    return (f"| {k} | {name} | {t['span'] * 1e3:.1f} | " + " | ".join(f"{t[x] * 1e3:.1f}" for x in TERMS)
+            + f" | {t['coordinator_cpu'] * 1e3:.1f} | {t['bytes'] / 1e6:.2f} |")

@@ -1,0 +1,30 @@
+"""dpfp_bench's timeline (runtime.tools.dpfp_timeline): a block's span split into its critical tile's terms."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime.agent.parallel import TileReport
+from runtime.tools.dpfp_timeline import TERMS, frame_terms, markdown, medians
+
+
+def tile(block: int, ready: float, sent: float, answered: float, done: float, compute: float) -> TileReport:
+    return TileReport(block, (0, 1), "w", ran_on="w", ready_at=ready, sent_at=sent, answered_at=answered, done_at=done,
+                      queue_seconds=0.001, decode_seconds=0.002, compute_seconds=compute, sent_bytes=10, received_bytes=5)
+
+
+def test_terms_add_up_to_each_blocks_span():
+    t0 = 100.0
+    reps = [tile(0, 100.001, 100.002, 100.050, 100.051, 0.030), tile(0, 100.001, 100.003, 100.060, 100.062, 0.040),
+            tile(1, 100.058, 100.059, 100.090, 100.092, 0.020)]  # block 1 starts before block 0 ends (wavefront)
+    rows = frame_terms(t0, reps, 2)
+    assert rows[0]["span"] == pytest.approx(0.062) and rows[1]["span"] == pytest.approx(0.030)
+    for r in rows:
+        assert sum(r[k] for k in TERMS) == pytest.approx(r["span"])
+    assert rows[0]["compute"] == 0.040 and rows[0]["net+grpc"] == pytest.approx(0.057 - 0.043)
+    assert rows[1]["wait"] == pytest.approx(-0.004)  # its crop was ready 4 ms before block 0's last tile
+    assert rows[0]["bytes"] == 30
+    med = medians([(t0, reps), (t0, reps)], 2)
+    assert med[0]["span"] == pytest.approx(0.062)
+    lines = markdown([{"strategy": "dpfp", "workers": 2, "blocks": [["a", "b"], ["b", "c"]], "timeline": med}])
+    assert any("**all blocks** | 92.0" in line for line in lines)
