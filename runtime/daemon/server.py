@@ -35,6 +35,7 @@ from runtime.daemon.listen import NO_REUSEPORT, bind_failed, check_listen
 from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.daemon.sdnotify import notify, start_watchdog, stop_watchdog
 from runtime.daemon.tracing import server_interceptor
+from runtime.wire.reloading import reload_credentials
 from runtime.wire.security import check_bind, server_credentials
 from runtime.wire.transport import TransportOptions
 
@@ -166,11 +167,13 @@ class Daemon:
 
 
 def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGINT)) -> asyncio.Event:
-    """An event set by SIGTERM/SIGINT (installed now, on the running loop)."""
+    """An event set by SIGTERM/SIGINT (installed now, on the running loop); SIGHUP makes server and client
+    credentials re-read from their files (runtime.wire.reloading) instead of ending the process."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_credentials)
     return stop
 
 

@@ -31,6 +31,7 @@ import grpc
 
 from runtime.contracts.config import field as config_field
 from runtime.contracts.errors import InvalidInput
+from runtime.wire.reloading import ReloadingChannel, generation
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,22 @@ def check_bind(listen: str, security: SecurityOptions) -> bool:
     return True
 
 
+def check_pair(cert_pem: bytes, key_pem: bytes, where: str) -> None:
+    """InvalidInput unless the key belongs to the (first) certificate: a renewal caught between writing
+    the certificate and the key is kept out instead of failing every handshake."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        cert_pub = x509.load_pem_x509_certificate(cert_pem).public_key()
+        key_pub = serialization.load_pem_private_key(key_pem, None).public_key()
+    except (ValueError, TypeError) as e:
+        raise InvalidInput(f"{where}: the certificate or its key cannot be read: {e}") from None
+    raw = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert_pub.public_bytes(*raw) != key_pub.public_bytes(*raw):
+        raise InvalidInput(f"{where}: the key file does not belong to this certificate (a renewal half done?)")
+
+
 # -- server side --------------------------------------------------------------------------------------
 
 
@@ -170,13 +187,14 @@ class _CertReloader:
         self._stamp: tuple[float, ...] = ()
 
     def _stamps(self) -> tuple[float, ...]:
-        s = self.security
-        return tuple(os.path.getmtime(p) for p in (s.cert_file, s.key_file, s.ca_file) if p)
+        s = self.security  # the reload generation (SIGHUP) counts as a change too
+        return (*(os.path.getmtime(p) for p in (s.cert_file, s.key_file, s.ca_file) if p), float(generation()))
 
     def config(self) -> Any:
         s = self.security
         key = _read(s.key_file, MAX_PEM_BYTES, "key file")
         cert = _read(s.cert_file, MAX_PEM_BYTES, "certificate file")
+        check_pair(cert, key, s.cert_file)
         ca = _read(s.ca_file, MAX_PEM_BYTES, "CA file") if s.ca_file else None
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
@@ -213,10 +231,13 @@ def channel_credentials(address: str, security: SecurityOptions) -> grpc.Channel
     creds: grpc.ChannelCredentials | None = None
     if security.client_tls:
         s = security
+        key = _read(s.key_file, MAX_PEM_BYTES, "key file") if s.key_file else None
+        cert = _read(s.cert_file, MAX_PEM_BYTES, "certificate file") if s.cert_file else None
+        if cert is not None and key is not None:
+            check_pair(cert, key, s.cert_file)
         creds = grpc.ssl_channel_credentials(
             root_certificates=_read(s.ca_file, MAX_PEM_BYTES, "CA file") if s.ca_file else None,
-            private_key=_read(s.key_file, MAX_PEM_BYTES, "key file") if s.key_file else None,
-            certificate_chain=_read(s.cert_file, MAX_PEM_BYTES, "certificate file") if s.cert_file else None)
+            private_key=key, certificate_chain=cert)
     if not security.token_file:
         return creds
     if creds is None:
@@ -238,11 +259,22 @@ CLIENT_INTERCEPTORS: list[Any] = []
 
 
 def aio_channel(address: str, options: list[tuple[str, Any]], security: SecurityOptions) -> grpc.aio.Channel:
+    """A channel to ``address``; a secure one re-reads its certificate, key, CA and token files when they
+    change (or on SIGHUP) before its next call (runtime.wire.reloading)."""
     creds = channel_credentials(address, security)
     interceptors = list(CLIENT_INTERCEPTORS) or None
     if creds is None:
         return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
-    return grpc.aio.secure_channel(address, creds, options=options + channel_args(security), interceptors=interceptors)
+
+    first = [creds]  # the first channel uses the credentials just read; later ones read the files again
+
+    def make() -> grpc.aio.Channel:
+        fresh = first.pop() if first else channel_credentials(address, security)
+        return grpc.aio.secure_channel(address, fresh, options=options + channel_args(security),
+                                       interceptors=interceptors)
+
+    s = security
+    return ReloadingChannel(make, tuple(p for p in (s.ca_file, s.cert_file, s.key_file, s.token_file) if p))
 
 
 def sync_channel(address: str, options: list[tuple[str, Any]], security: SecurityOptions) -> grpc.Channel:

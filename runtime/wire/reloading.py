@@ -1,0 +1,148 @@
+"""Client channels that pick up a renewed certificate, key, CA or token without a restart.
+
+grpc's channel credentials are fixed when a channel is made, and a long-lived channel (the planner
+client's, a prober's, a coordinator's) reconnects with them for ever. :class:`ReloadingChannel` wraps
+a secure channel: on each new call it looks (at most once a second, :data:`RECHECK_SECONDS`) whether
+the files changed or SIGHUP was received (:func:`reload_credentials`, which the daemons' signal
+handling calls); if so it makes a new channel from the files, so the next call and the next
+connection use the new credentials. Calls already running keep their connection; the previous
+channel is closed :data:`RETIRE_GRACE_SECONDS` later (a stream still on it then ends and its owner
+reopens it on the new one). A file that cannot be read keeps the current channel (logged).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+RECHECK_SECONDS = 1.0  # how often a channel looks at its files' mtimes
+RETIRE_GRACE_SECONDS = 60.0  # how long calls on a replaced channel may go on
+
+_generation = 0  # bumped by reload_credentials (SIGHUP)
+
+
+def reload_credentials() -> None:
+    """Make every ReloadingChannel re-read its files before its next call (SIGHUP)."""
+    global _generation
+    _generation += 1
+    logger.info("credentials will be re-read before the next call (reload requested)")
+
+
+def generation() -> int:
+    """How many reloads were asked for (servers compare it too: runtime.wire.security)."""
+    return _generation
+
+
+def _stamp(paths: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out.append((st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append((-1, -1))
+    return tuple(out)
+
+
+class _Multi:
+    """A multicallable that takes the channel's current inner channel at each call."""
+
+    def __init__(self, owner: ReloadingChannel, kind: str, args: tuple[Any, ...], kwargs: dict[str, Any]):
+        self._owner, self._kind, self._args, self._kwargs = owner, kind, args, kwargs
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        inner = getattr(self._owner.current(), self._kind)(*self._args, **self._kwargs)
+        return inner(*args, **kwargs)
+
+
+class ReloadingChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no type information
+    """A grpc.aio.Channel made anew by ``make`` when ``files`` change or SIGHUP asks (see module doc)."""
+
+    def __init__(self, make: Callable[[], grpc.aio.Channel], files: tuple[str, ...]):
+        self._make = make
+        self._files = files
+        self._stamp = _stamp(files)
+        self._generation = _generation
+        self._checked = time.monotonic()
+        self._channel = make()
+        self._retired: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # closing later -> the replaced channel
+        self.reloads = 0  # channels made after the first (tests, logs)
+
+    def current(self) -> grpc.aio.Channel:
+        """The channel new calls go to, made anew first when the credentials changed."""
+        now = time.monotonic()
+        if self._generation == _generation and now - self._checked < RECHECK_SECONDS:
+            return self._channel
+        self._checked = now
+        stamp = _stamp(self._files)
+        if stamp == self._stamp and self._generation == _generation:
+            return self._channel
+        self._stamp, self._generation = stamp, _generation
+        try:
+            fresh = self._make()
+        except Exception as e:  # a half-written or bad file: keep the working channel
+            logger.error("credentials changed but cannot be loaded, keeping the current ones: %s", e)
+            return self._channel
+        old, self._channel = self._channel, fresh
+        self.reloads += 1
+        logger.info("client credentials reloaded from %s", ", ".join(self._files))
+        self._retire(old)
+        return fresh
+
+    def _retire(self, old: grpc.aio.Channel) -> None:
+        async def later() -> None:
+            await old.close(grace=RETIRE_GRACE_SECONDS)
+
+        try:
+            task = asyncio.get_running_loop().create_task(later())
+        except RuntimeError:  # no loop running: nothing to wait with; its calls end with it
+            return
+        self._retired[task] = old
+        task.add_done_callback(lambda t: self._retired.pop(t, None))
+
+    # -- grpc.aio.Channel ------------------------------------------------------------------------------
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Multi(self, "unary_unary", args, kwargs)
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Multi(self, "unary_stream", args, kwargs)
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> Any:
+        return _Multi(self, "stream_unary", args, kwargs)
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> Any:
+        return _Multi(self, "stream_stream", args, kwargs)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self.current().get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self.current().channel_ready()
+
+    async def close(self, grace: float | None = None) -> None:
+        retired = list(self._retired.items())
+        self._retired.clear()
+        for task, old in retired:
+            task.cancel()
+            await old.close(grace)
+        await self._channel.close(grace)
+
+    async def __aenter__(self) -> ReloadingChannel:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc_val: BaseException | None,
+                        exc_tb: TracebackType | None) -> None:
+        await self.close()

@@ -1,0 +1,117 @@
+"""Client credentials renewed without a restart (issue 10): a long-lived secure channel (the planner
+client's, a prober's, a coordinator's; all come from runtime.wire.security.aio_channel) re-reads its
+certificate, key, CA and token files when they change, or on SIGHUP, before its next call, and that
+call's connection presents the new certificate (the server sees the new identity). A renewal caught
+half-written keeps the working credentials."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from runtime.daemon.server import stop_on_signals
+from runtime.tools import pki
+from runtime.wire import reloading
+from runtime.wire.transport import TransportOptions
+from tests.test_security import creds, start
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture()
+def site(tmp_path):
+    ca = pki.make_ca()
+    pki.write(ca, tmp_path, "ca")
+    pki.write(pki.issue(ca, "worker", "w1", ("127.0.0.1",)), tmp_path, "worker-w1")
+    pki.write(pki.issue(ca, "agent", "a1"), tmp_path, "client")
+    return tmp_path, ca
+
+
+async def call_as(channel) -> str:
+    from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+    from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+
+    return (await pb_grpc.InferenceStub(channel).Prepare(pb.PrepareRequest(), timeout=5.0)).model_digest
+
+
+def test_a_renewed_client_certificate_is_used_by_the_next_call_on_the_same_channel(site):
+    d, ca = site
+
+    async def go():
+        daemon, servicer = await start(creds(d, "worker-w1"))
+        channel = TransportOptions(security=creds(d, "client")).aio_channel(f"127.0.0.1:{daemon.port}")
+        try:
+            before = await call_as(channel)
+            pki.write(pki.issue(ca, "agent", "a1-renewed"), d, "client")  # the renewal, while the process runs
+            await asyncio.sleep(reloading.RECHECK_SECONDS + 0.1)
+            after = await call_as(channel)
+            again = await call_as(channel)
+            return before, after, again, channel.reloads
+        finally:
+            await channel.close()
+            await daemon.drain(0.5)
+
+    before, after, again, reloads = asyncio.run(go())
+    assert before == "agent/a1/cert"
+    assert after == again == "agent/a1-renewed/cert"
+    assert reloads == 1
+
+
+def test_sighup_rereads_credentials_even_when_the_files_look_unchanged(site):
+    d, ca = site
+
+    async def go():
+        daemon, _ = await start(creds(d, "worker-w1"))
+        stop_on_signals()  # what the worker, planner and agent run: SIGHUP reloads instead of ending the process
+        channel = TransportOptions(security=creds(d, "client")).aio_channel(f"127.0.0.1:{daemon.port}")
+        try:
+            before = await call_as(channel)
+            old = os.stat(d / "client.pem"), os.stat(d / "client.key")
+            for _ in range(50):  # a renewal of the same size, its mtimes put back: no file change to notice
+                renewed = pki.issue(ca, "agent", "a2")
+                if len(renewed.cert_pem) == old[0].st_size and len(renewed.key_pem) == old[1].st_size:
+                    break
+            else:
+                pytest.skip("no renewal of the same size in 50 tries")
+            pki.write(renewed, d, "client")
+            for path, st in zip((d / "client.pem", d / "client.key"), old):
+                os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+            await asyncio.sleep(reloading.RECHECK_SECONDS + 0.1)
+            unchanged = await call_as(channel)
+            os.kill(os.getpid(), signal.SIGHUP)
+            await asyncio.sleep(0.1)
+            after = await call_as(channel)
+            return before, unchanged, after
+        finally:
+            await channel.close()
+            await daemon.drain(0.5)
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+
+    before, unchanged, after = asyncio.run(go())
+    assert before == unchanged == "agent/a1/cert"
+    assert after == "agent/a2/cert"
+
+
+def test_a_half_written_renewal_keeps_the_working_credentials(site):
+    d, ca = site
+
+    async def go():
+        daemon, _ = await start(creds(d, "worker-w1"))
+        channel = TransportOptions(security=creds(d, "client")).aio_channel(f"127.0.0.1:{daemon.port}")
+        try:
+            await call_as(channel)
+            (d / "client.pem").write_bytes(pki.issue(ca, "agent", "a3").cert_pem)  # its key not written yet
+            await asyncio.sleep(reloading.RECHECK_SECONDS + 0.1)
+            t0 = time.monotonic()
+            during = await call_as(channel)  # the old connection and credentials go on
+            return during, channel.reloads, time.monotonic() - t0
+        finally:
+            await channel.close()
+            await daemon.drain(0.5)
+
+    during, reloads, _ = asyncio.run(go())
+    assert during == "agent/a1/cert" and reloads == 0
