@@ -222,3 +222,25 @@ def test_a_starved_worker_is_not_taken_for_a_slow_link():
     for _ in range(4):  # four quick answers since: the old hold is forgotten
         flight.note_hold("w:1", 0.0)
     assert flight.look(0.5) == 1 and link.estimate("w:1").bandwidth.value < FAST
+
+
+def test_a_late_frame_without_a_prober_counts_only_when_very_late():
+    link = LinkEstimator()
+    link.add_bandwidth_sample(FAST, "w:1")
+    assert not link.observe_late("w:1", SLOW, 3.5)  # 3.5x late, nothing to check it with: look again later
+    assert link.estimate("w:1").bandwidth.samples == 1
+    assert link.observe_late("w:1", SLOW, 9.0)  # 8x and more: an ordinary sample
+    assert link.estimate("w:1").bandwidth.samples == 2
+    checked: list[tuple[str, float]] = []
+    link.confirm = lambda key, bound: checked.append((key, bound))
+    assert link.observe_late("w:1", SLOW, 3.5) and checked == [("w:1", SLOW)]  # a prober checks it first
+
+
+def test_upper_and_lower_bounds():
+    est = LinkEstimate()
+    for i in range(3):
+        est.add_bandwidth(FAST, float(i))
+    assert not est.add_upper_bound(2 * FAST, 3.0) and est.censored == 1  # above: nothing new
+    assert not est.add_lower_bound(FAST / 10, 3.0)  # below: nothing new
+    assert est.add_upper_bound(FAST / 10, 3.0) and est.steps == 1 and est.bandwidth.value == FAST / 10
+    assert est.add_lower_bound(FAST / 5, 4.0) and est.bandwidth.value > FAST / 10

@@ -97,3 +97,29 @@ def test_other_links_newer_plans_and_refusals_take_no_switch():
 
     asyncio.run(scenario())
     assert agent.metrics.registry.get_sample_value("edgesplit_agent_band_switches_total", {"direction": "down"}) in (None, 0)
+
+
+def test_an_upper_bound_below_the_band_switches_at_once():
+    """A censored bound (deadline, confirmed late frame) under the running band's floor is proof: no
+    margin, no second sample; a bound inside the band, or of another link, is not."""
+    from runtime.agent.telemetry import LinkEstimator
+
+    agent = FakeAgent("conv2", W)
+    agent.link = LinkEstimator()
+    sw = FallbackSwitcher(agent)
+    sw.set_plan(_plan())
+    assert sw.on_bound in agent.link.bound_listeners
+
+    async def scenario():
+        for key, bound in ((W, 9 * MB), ("other:1", 0.1 * MB)):
+            sw.on_bound(key, bound)
+        assert agent.calls == [] and sw._task is None
+        for _ in range(3):
+            agent.link.add_bandwidth_sample(10 * MB, W)
+        agent.link.observe_upper_bound(W, 7.5 * MB)  # within the estimator's drift, but under the band's 8 MB/s floor
+        await sw._task
+        assert agent.calls == [("conv4", W, 4, True)]
+        await sw.close()
+        assert sw.on_bound not in agent.link.bound_listeners
+
+    asyncio.run(scenario())

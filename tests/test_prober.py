@@ -110,3 +110,45 @@ def test_the_worker_refuses_an_oversized_probe():
     with pytest.raises(InvalidInput, match="over the worker's limit"):
         probe.answer(pb.ProbeRequest(payload=bytes(2049)), limit=2048)
     assert probe.answer(pb.ProbeRequest(payload=bytes(2048)), limit=2048).received_bytes == 2048
+
+
+def test_a_late_frame_is_checked_by_a_probe_before_it_counts():
+    """A late frame's bound counts once a probe finds the link that slow (a collapse), and not when the
+    probe crosses quickly (the worker stalled, not the link)."""
+    async def check(rate: float, estimate: float, bound: float):
+        server, target = await _worker()
+        try:
+            async with DelayProxy(target, LinkShape(0.005, rate)) as relay:
+                agent = _agent(relay.address)
+                prober = Prober(agent)
+                assert agent.link.confirm == prober.confirm  # the estimator hands late frames to the prober
+                bounds: list[float] = []
+                agent.link.bound_listeners.append(lambda key, b: bounds.append(b))
+                for _ in range(3):
+                    agent.link.add_bandwidth_sample(estimate, relay.address)
+                assert agent.link.observe_late(relay.address, bound, 3.5)
+                prober.confirm(relay.address, bound)  # a second late frame meanwhile: one check at a time
+                await asyncio.gather(*prober._confirming.values())
+                result = (agent.link.estimate(relay.address).bandwidth.value, bounds, prober.confirmations,
+                          prober.confirmed)
+                await prober.close()
+                assert agent.link.confirm is None
+                return result
+        finally:
+            await server.stop(None)
+
+    # the link collapsed to 2 Mbit/s while the estimate says 80: the late frame's bound is confirmed
+    bw, bounds, checks, confirmed = asyncio.run(check(RATE, 10e6, 1.2 * RATE))
+    assert (checks, confirmed) == (1, 1) and bounds == [1.2 * RATE] and bw < 1.5 * RATE
+    # the link is fast (no rate cap): the frame was late for another reason; the estimate stands
+    bw, bounds, checks, confirmed = asyncio.run(check(0.0, 10e6, 30e3))
+    assert (checks, confirmed) == (1, 0) and bounds == [] and bw > 100 * 30e3  # no step down to the bound
+
+
+def test_a_quick_probe_below_the_estimate_is_no_evidence():
+    agent = _agent()
+    agent.link.add_bandwidth_sample(6e6, "w:1")
+    assert not agent.link.add_lower_bound_sample(4e5, "w:1")  # a lower bound below: says nothing
+    assert agent.link.estimate("w:1").bandwidth.value == 6e6
+    assert agent.link.add_lower_bound_sample(8e6, "w:1")  # above: a sample
+    assert agent.link.add_lower_bound_sample(1e5, "w:2")  # an unknown link: its first figure

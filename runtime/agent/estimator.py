@@ -21,7 +21,11 @@ Bandwidth (bytes/s):
   times below, it is a step on its own (an upper bound is evidence, not noise: a collapsed link
   shows on its first frame past the deadline); when it is above, it says nothing new and is only
   counted. Without it, a collapsed link produces no sample at all and the estimate freezes
-  at the fast value (the failure this module exists for).
+  at the fast value (the failure this module exists for). The same holds for any upper bound
+  (:meth:`LinkEstimate.add_upper_bound`: a late frame a probe confirmed, a probe that timed out).
+* **Lower bounds.** A probe too quick to time its bytes (mostly round trip) says the link carried
+  at least ``bytes / call time``: taken only when above the estimate (or the link had none); below
+  it, it is no evidence of a slower link and is dropped (:meth:`LinkEstimate.add_lower_bound`).
 * **Step detector.** A two-sided CUSUM on ``d = log(sample / estimate)``:
   ``g+ = max(0, g+ + d - drift)``, ``g- = max(0, g- - d - drift)``. Deviations within ``drift``
   (default 0.25: about +-25 %) never accumulate, so +-20 % jitter does not trip it; a step of 2x
@@ -169,10 +173,23 @@ class LinkEstimate:
         """A frame of ``sent_bytes`` with no result after ``elapsed`` seconds: ``sent / (elapsed - rtt)``
         bounds the bandwidth from above. True when it was taken as a sample (below the estimate, or
         the link had none)."""
+        bound = self.censored_bound(sent_bytes, elapsed)
+        return bound is not None and self.add_upper_bound(bound, now)
+
+    def censored_bound(self, sent_bytes: int, elapsed: float) -> float | None:
+        """The upper bound (bytes/s) that ``sent_bytes`` not answered after ``elapsed`` s puts on the link
+        (None when the time is within one round trip: no bound)."""
         network = elapsed - self.rtt.value
         if sent_bytes <= 0 or not network > 0:
+            return None
+        return sent_bytes / network
+
+    def add_upper_bound(self, bound: float, now: float) -> bool:
+        """The link carried less than ``bound`` bytes/s (a censored frame, a confirmed late frame, a probe
+        that timed out). True when it was taken (below the estimate, or the link had none); a bound
+        ``censored_step`` times below the estimate is a step on its own."""
+        if not (bound > 0 and math.isfinite(bound)):
             return False
-        bound = sent_bytes / network
         if self.bandwidth.samples and bound >= self.bandwidth.value:
             self.censored += 1
             return False
@@ -183,6 +200,17 @@ class LinkEstimate:
             self.bandwidth.samples += 1
             self.steps += 1
             return True
+        self.add_bandwidth(bound, now)
+        return True
+
+    def add_lower_bound(self, bound: float, now: float) -> bool:
+        """The link carried at least ``bound`` bytes/s (a probe too quick to time its bytes: bytes / call
+        time). Taken as a sample only when the link had none or it is above the estimate: a lower bound
+        below the estimate says nothing (it is no evidence of a slower link). True when taken."""
+        if not (bound > 0 and math.isfinite(bound)):
+            return False
+        if self.bandwidth.samples and bound <= self.bandwidth.value:
+            return False
         self.add_bandwidth(bound, now)
         return True
 

@@ -9,6 +9,11 @@ runs, by more than ``margin`` (default 1.25, the estimator's +-25 % drift), it a
 whose band holds it, under the running plan's version (``Agent.apply_plan(fallback=True)``). The
 planner confirms or refines with a newer plan once its telemetry shows the new bandwidth; a
 newer plan always wins (a fallback is never applied over it).
+
+An *upper bound* of that link (a frame past its deadline or broken, a late frame a probe confirmed, a
+probe that timed out: :meth:`FallbackSwitcher.on_bound`) below the running band's floor is proof on
+its own: the goodput was under the floor, whatever the jitter, so the agent switches at once to the
+band that holds the bound, with no margin and without waiting for the estimate to settle.
 """
 
 from __future__ import annotations
@@ -29,6 +34,16 @@ def _config(split: str, worker: str, codec: str) -> tuple[str, str, str]:
     return split, worker, codec if worker else ""
 
 
+def _warm(loaded: Any, splits: set) -> None:
+    """Build (and cache, runtime.models.loader) the head and tail of each split; errors are the switch's to report."""
+    for split in splits:
+        try:
+            loaded.head(split)
+            loaded.tail(split)
+        except (EdgesplitError, ValueError, RuntimeError) as e:
+            logger.debug("fallback split %s not built ahead: %s", split, e)
+
+
 class FallbackSwitcher:
     """Holds the running plan's table and switches ``agent`` when its link leaves the band."""
 
@@ -39,10 +54,23 @@ class FallbackSwitcher:
         self.margin = margin
         self.plan: ppb.Plan | None = None  # the planner's plan the table came with
         self._task: asyncio.Task | None = None
+        self.link = getattr(agent, "link", None)  # a runtime.agent.telemetry.LinkEstimator (None in unit tests)
+        if self.link is not None:
+            self.link.bound_listeners.append(self.on_bound)
 
     def set_plan(self, plan: ppb.Plan) -> None:
-        """The planner's plan now in effect (its table replaces the previous one)."""
+        """The planner's plan now in effect (its table replaces the previous one). The heads and tails of
+        its entries are built now, off the event loop, so that a switch does not wait for them."""
         self.plan = plan
+        loaded = getattr(self.agent, "loaded", None)
+        splits = {b.plan.split_id or b.plan.split_index for b in plan.fallbacks}
+        if loaded is None or not splits:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.run_in_executor(None, _warm, loaded, splits)
 
     def _band(self, est: float) -> ppb.BandPlan | None:
         assert self.plan is not None
@@ -73,6 +101,22 @@ class FallbackSwitcher:
         down = running is not None and bytes_per_second < running.min_bandwidth_bytes_per_second
         self._task = asyncio.get_running_loop().create_task(self._switch(plan, target, bytes_per_second, down))
 
+    def on_bound(self, key: str, bound: float) -> None:
+        """Link ``key`` carried less than ``bound`` bytes/s (LinkEstimator bound listener, on the event loop):
+        below the running band's floor, switch now to the band that holds the bound."""
+        plan = self.plan
+        if plan is None or not plan.fallbacks or key != plan.band_worker_address or not bound > 0:
+            return
+        if self.agent.plan_version != plan.version or (self._task is not None and not self._task.done()):
+            return
+        running = self._running()
+        if running is None or bound >= running.min_bandwidth_bytes_per_second:
+            return  # within the band (or the running configuration is in no band): no proof
+        target = self._band(bound)
+        if target is None or target is running:
+            return
+        self._task = asyncio.get_running_loop().create_task(self._switch(plan, target, bound, True))
+
     async def _switch(self, plan: ppb.Plan, target: ppb.BandPlan, bw: float, down: bool) -> None:
         p = target.plan
         try:
@@ -86,6 +130,8 @@ class FallbackSwitcher:
                     plan.band_worker_address, bw / 1e6, plan.version, p.worker_id or "local", p.split_id)
 
     async def close(self) -> None:
+        if self.link is not None and self.on_bound in self.link.bound_listeners:
+            self.link.bound_listeners.remove(self.on_bound)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()

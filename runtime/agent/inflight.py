@@ -6,9 +6,12 @@ looks every ``period`` seconds: a frame still in flight ``late_factor`` times lo
 estimate says its bytes should take (bytes ahead / bandwidth + base RTT + the longest of the worker's
 holds of the last ``HOLDS`` answered frames: a starved worker is not a slow link), and at least
 ``min_late_seconds``, is an upper bound of the bandwidth before its deadline: the bytes ahead did
-not get through in that time. It is taken once per frame as an ordinary sample (through the step
-detector, so it takes two such frames in a row to declare a step: one stalled frame is not a
-collapse). A link that collapses shows within a few hundred milliseconds instead of a deadline.
+not get through in that time. It goes to the link estimator once per frame
+(:meth:`runtime.agent.telemetry.LinkEstimator.observe_late`): with a prober, a small probe on a
+connection of its own checks it at once (a stalled worker makes frames late too, and answers the
+probe quickly; a collapsed link does not), and a confirmed bound is a step on its own; without one,
+a frame 8x late is an ordinary sample (two in a row make a step). A link that collapses shows within
+a few hundred milliseconds instead of a deadline.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import time
 from collections import defaultdict, deque
 from typing import Any
 
-LATE_FACTOR = 8.0  # a frame this many times later than the estimate says is evidence of a slower link
+LATE_FACTOR = 3.0  # a frame this many times later than the estimate says is evidence of a slower link (checked)
 MIN_LATE_SECONDS = 0.1  # and at least this late
 PERIOD = 0.05  # seconds between two looks
 HOLDS = 4  # answered frames whose worker hold is remembered per link (the longest counts)
@@ -79,9 +82,10 @@ class InFlight:
                 held = self.hold(address)
                 expected = ahead / est.bandwidth.value + est.rtt.value + held
                 if not seen and elapsed > max(self.min_late_seconds, self.late_factor * expected):
-                    entry[2] = True
-                    taken += 1
-                    self.link.add_bandwidth_sample(ahead / max(elapsed - est.rtt.value - held, 1e-6), address)
+                    bound = ahead / max(elapsed - est.rtt.value - held, 1e-6)
+                    if self.link.observe_late(address, bound, elapsed / max(expected, 1e-9)):
+                        entry[2] = True
+                        taken += 1
         self.late += taken
         return taken
 

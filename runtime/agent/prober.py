@@ -24,6 +24,20 @@ agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
   The budget is taken against the larger of the estimate and the last sample (after a step up the
   estimate lags behind, and the sample is a floor of what the link carries).
   A probe with no answer within ``timeout_seconds`` is a censored sample (runtime.agent.estimator).
+  A lower bound below the estimate is dropped (it is no evidence of a slower link).
+* **Late frames checked at once** (:meth:`Prober.confirm`, called by the link estimator when a frame is
+  ``LATE_FACTOR`` times later than its estimate, runtime.agent.inflight): a frame is late when the link
+  collapsed, and also when the worker stalled on its compute. A small probe (sized to take
+  ``target_seconds`` at the late frame's bound, at least ``min_bytes``) on the probe connection tells
+  them apart within a few round trips: the worker answers a probe from its event loop, not its
+  compute. When the probe is no faster than ``CONFIRM_RATIO`` times the bound, or times out, the link is
+  that slow: the frame's bound is taken as an upper bound (a step at once when far below the estimate,
+  and a band switch when below the running band: runtime.agent.fallbacks) and the probe's figure as a
+  sample; otherwise the late frame is no evidence and only the probe's figure counts. Outside the
+  budget, at most one at a time per link and one per ``confirm_interval_seconds``.
+* **Several round trips before the first figure**: the first probes of a link time
+  ``first_rtt_checks`` health checks and keep the smallest, so no plan rests on one round trip
+  measured while the agent was starting (a busy loop, a cold connection).
 * **Never queued behind frames**: probes use their own channel per worker, on a connection of its
   own (``TransportOptions.probe_channel``: two plain channels to one address share one TCP
   connection), so a probe waits for no frame's bytes in the agent; the base RTT is timed on it too.
@@ -33,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -47,6 +62,10 @@ from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.stream import time_health_check
 
 logger = logging.getLogger(__name__)
+
+CONFIRM_RATIO = 2.0  # a probe no faster than this many times a late frame's bound confirms it
+CONFIRM_TIMEOUT_RATIO = 4.0  # a check's deadline: this many times its bytes at the late frame's bound ...
+CONFIRM_MIN_TIMEOUT = 0.25  # ... and at least this (seconds), at most ProbeOptions.timeout_seconds
 
 
 @dataclass(frozen=True)
@@ -73,6 +92,10 @@ class ProbeOptions:
     timeout_seconds: float = 2.0
     # links probed per round; channels held (the least recently used is closed beyond this)
     max_targets: int = 16
+    # shortest wait between two checks of late frames on one link (Prober.confirm)
+    confirm_interval_seconds: float = 0.5
+    # health checks timed per probe until a link has this many RTT samples (the smallest counts)
+    first_rtt_checks: int = 3
 
     def __post_init__(self) -> None:
         checks = ((0 <= self.budget_fraction <= 0.5, "budget_fraction must be in [0, 0.5]"),
@@ -81,7 +104,9 @@ class ProbeOptions:
                   (self.target_seconds > 0 and self.refresh_seconds > 0, "target_seconds and refresh_seconds must be > 0"),
                   (self.min_interval_seconds > 0 and self.unknown_interval_seconds > 0, "intervals must be > 0"),
                   (self.timeout_seconds > 0, "timeout_seconds must be > 0"),
-                  (1 <= self.max_targets <= 256, "max_targets must be in [1, 256]"))
+                  (1 <= self.max_targets <= 256, "max_targets must be in [1, 256]"),
+                  (self.confirm_interval_seconds > 0, "confirm_interval_seconds must be > 0"),
+                  (1 <= self.first_rtt_checks <= 16, "first_rtt_checks must be in [1, 16]"))
         for ok, why in checks:
             if not ok:
                 raise ValueError(why)
@@ -101,6 +126,12 @@ class Prober:
         self._last: dict[str, float] = {}  # address -> the last probe's bandwidth sample
         self.probes = 0
         self.probe_bytes = 0
+        self._confirming: dict[str, asyncio.Task] = {}  # address -> the check of a late frame under way
+        self._confirmed_at: dict[str, float] = {}  # address -> monotonic time of the last check
+        self.confirmations = 0  # late frames checked by a probe
+        self.confirmed = 0  # ... of which the probe found the link as slow as the frame said
+        if self.options.budget_fraction > 0 and getattr(agent, "link", None) is not None:
+            agent.link.confirm = self.confirm  # late frames are checked before they count (runtime.agent.telemetry)
 
     def due(self, address: str, now: float) -> bool:
         """Whether a probe of ``address`` could tell something new and fits the budget now."""
@@ -146,8 +177,7 @@ class Prober:
         channel = self._channel(address)
         sample = None
         try:
-            rtt = await time_health_check(channel, o.timeout_seconds)
-            link.add_rtt_sample(rtt, address)
+            await self._time_rtt(channel, address)
             base = link.estimate(address).rtt.value
             t0 = time.perf_counter()
             try:
@@ -162,11 +192,12 @@ class Prober:
             if network > 0.25 * elapsed:
                 sample = size / network
                 self._grow.pop(address, None)
+                link.add_bandwidth_sample(sample, address)
             else:  # mostly round trip: bytes / call time bounds the link from below; next time 4x the bytes
                 sample = size / elapsed
                 self._grow[address] = 4 * size
+                link.add_lower_bound_sample(sample, address)  # below the estimate it says nothing
             self._last[address] = sample
-            link.add_bandwidth_sample(sample, address)
             self._failures.pop(address, None)
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -178,6 +209,69 @@ class Prober:
             logger.debug("probe of %s failed: %s", address, e)
         self._next[address] = link.clock() + self._wait(address, size)
         return sample
+
+    async def _time_rtt(self, channel: grpc.aio.Channel, address: str) -> None:
+        """Health checks into the link's base RTT: one, or ``first_rtt_checks`` while it has fewer samples."""
+        link, o = self.agent.link, self.options
+        est = link.links.get(address)
+        checks = 1 if est is not None and est.rtt.samples >= o.first_rtt_checks else o.first_rtt_checks
+        for _ in range(checks):
+            link.add_rtt_sample(await time_health_check(channel, o.timeout_seconds), address)
+
+    def confirm(self, address: str, bound: float) -> None:
+        """A frame on ``address`` is late enough to say the link carries under ``bound`` bytes/s: check it
+        with a probe now (see the module docstring); at most one check at a time per link."""
+        now = time.monotonic()
+        running = self._confirming.get(address)
+        if (running is not None and not running.done()) or now - self._confirmed_at.get(address, -math.inf) < \
+                self.options.confirm_interval_seconds or not bound > 0:
+            return
+        self._confirmed_at[address] = now
+        self._confirming[address] = asyncio.get_running_loop().create_task(self._confirm(address, bound))
+
+    async def _confirm(self, address: str, bound: float) -> None:
+        o, link = self.options, self.agent.link
+        size = int(min(o.max_bytes, max(o.min_bytes, bound * o.target_seconds)))
+        base = link.estimate(address).rtt.value
+        # the probe's bytes at the frame's bound, CONFIRM_TIMEOUT_RATIO times over: a link that slow times out
+        timeout = min(o.timeout_seconds, max(CONFIRM_MIN_TIMEOUT, CONFIRM_TIMEOUT_RATIO * size / bound + 2 * base))
+        self.confirmations += 1
+        t0 = time.perf_counter()
+        try:
+            await pb_grpc.InferenceStub(self._channel(address)).Probe(  # type: ignore[no-untyped-call]
+                pb.ProbeRequest(payload=self._payload[:size]), timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                logger.debug("check of a late frame on %s failed: %s", address, e.code().name)
+                return
+            self.confirmed += 1  # not even the probe's bytes in that time: the link is that slow
+            link.observe_upper_bound(address, min(bound, size / timeout))
+            logger.info("late frame on %s confirmed by a probe that timed out: link under %.3g MB/s", address,
+                        min(bound, size / timeout) / 1e6)
+            return
+        except (EdgesplitError, asyncio.TimeoutError) as e:
+            logger.debug("check of a late frame on %s failed: %s", address, e)
+            return
+        finally:
+            self.probes += 1
+            self.probe_bytes += size
+            self.agent.metrics.probe_bytes.inc(size)
+        elapsed = time.perf_counter() - t0
+        network = elapsed - base
+        timed = network > 0.25 * elapsed  # else mostly round trip: bytes / call time is a lower bound only
+        figure = size / network if timed else size / elapsed
+        if timed and figure <= CONFIRM_RATIO * bound:
+            self.confirmed += 1
+            link.observe_upper_bound(address, bound)
+            link.add_bandwidth_sample(figure, address)
+            logger.info("late frame on %s confirmed by a probe: link under %.3g MB/s (probe %.3g MB/s)", address,
+                        bound / 1e6, figure / 1e6)
+        elif timed:
+            link.add_bandwidth_sample(figure, address)
+            logger.debug("late frame on %s not the link's doing: probe %.3g MB/s", address, figure / 1e6)
+        else:
+            link.add_lower_bound_sample(figure, address)
+            logger.debug("late frame on %s not the link's doing: probe at least %.3g MB/s", address, figure / 1e6)
 
     def _wait(self, address: str, size: int) -> float:
         o = self.options
@@ -191,6 +285,12 @@ class Prober:
         return max(o.min_interval_seconds, size / (o.budget_fraction * bw)) * 2 ** fails
 
     async def close(self) -> None:
+        if getattr(self.agent, "link", None) is not None and self.agent.link.confirm == self.confirm:
+            self.agent.link.confirm = None
+        tasks, self._confirming = list(self._confirming.values()), {}
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         channels, self._channels = list(self._channels.values()), OrderedDict()
         for ch in channels:
             await ch.close()

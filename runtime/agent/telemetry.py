@@ -55,6 +55,7 @@ from runtime.wire.stream import time_health_check
 MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)
 ALPHA = EstimatorOptions.alpha  # EWMA weight of a new sample on a fresh estimate
 RTT_WINDOW = EstimatorOptions.rtt_window  # probes the base RTT is the minimum of
+UNCONFIRMED_LATE = 8.0  # a late frame no probe checked counts only this many times late (see observe_late)
 MAX_STAGE_SAMPLES = 4096  # per stage between reports; beyond that the oldest are dropped
 
 
@@ -71,6 +72,12 @@ class LinkEstimator:
         self.current = ""  # the link (worker address) the agent's plan uses now; "" = none named
         # called with (link, bandwidth estimate) after every bandwidth figure (runtime.agent.fallbacks)
         self.listeners: list[Callable[[str, float], None]] = []
+        # called with (link, upper bound) for every upper bound taken as evidence: a frame past its deadline
+        # or broken, a late frame a probe confirmed, a probe that timed out (runtime.agent.fallbacks)
+        self.bound_listeners: list[Callable[[str, float], None]] = []
+        # set by the prober (runtime.agent.prober.Prober.confirm): a late frame's bound is checked by a probe
+        # before it counts; None: taken only when UNCONFIRMED_LATE times late (runtime.agent.inflight)
+        self.confirm: Callable[[str, float], None] | None = None
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
         if metrics is not None:
@@ -118,10 +125,43 @@ class LinkEstimator:
         """A frame with no result after ``elapsed`` s, ``sent_bytes`` being its own bytes plus those the
         agent had in flight ahead of it on that link: an upper bound of the bandwidth (see
         runtime.agent.estimator). True when it moved the estimate."""
+        bound = self.estimate(key).censored_bound(sent_bytes, elapsed)
+        return bound is not None and self.observe_upper_bound(key, bound)
+
+    def observe_upper_bound(self, key: str, bound: float) -> bool:
+        """Link ``key`` carried less than ``bound`` bytes/s: into its estimate (a step at once when far
+        below), and to the bound listeners (the band switch: a bound below the running band is proof
+        enough). True when it moved the estimate."""
         est = self.estimate(key)
-        taken = est.add_censored(sent_bytes, elapsed, self.clock())
+        taken = est.add_upper_bound(bound, self.clock())
         self._publish()
         if taken:
+            self._notify(key, est.bandwidth.value)
+        for listener in list(self.bound_listeners):
+            listener(key, bound)
+        return taken
+
+    def observe_late(self, key: str, bound: float, lateness: float) -> bool:
+        """A frame still in flight on ``key`` ``lateness`` times later than its estimate says, which bounds
+        the link by ``bound`` bytes/s (runtime.agent.inflight). A worker that stalls makes frames late
+        too, so with a prober the bound counts only once a probe confirms the link is that slow
+        (:attr:`confirm`); without one, only a frame ``UNCONFIRMED_LATE`` times late counts, as an
+        ordinary sample (two in a row make a step). True when the frame was dealt with (handed to the
+        prober, or taken); False: look at it again later."""
+        if self.confirm is not None:
+            self.confirm(key, bound)
+            return True
+        if lateness >= UNCONFIRMED_LATE:
+            self.add_bandwidth_sample(bound, key)
+            return True
+        return False
+
+    def add_lower_bound_sample(self, bytes_per_second: float, key: str) -> bool:
+        """Link ``key`` carried at least this (runtime.agent.estimator.LinkEstimate.add_lower_bound)."""
+        est = self.estimate(key)
+        taken = est.add_lower_bound(bytes_per_second, self.clock())
+        if taken:
+            self._publish()
             self._notify(key, est.bandwidth.value)
         return taken
 
