@@ -28,8 +28,9 @@ def test_steps_switches_errors_and_lost_frames_are_found():
     assert fast["switches_per_40s_steady"] == 0 and back["switches_per_40s_steady"] == 0
     assert back["median_rel_error"] == pytest.approx(10 / 110, abs=0.01)
     lines = "\n".join(_targets(a))
-    assert "down to 1 Mbit/s: first frame under the new plan 1.5 s (target <= 2 s): met" in lines
-    assert "up to 50 Mbit/s: first frame under the new plan 4.0 s (target <= 5 s): met" in lines
+    assert ("down to 1 Mbit/s: the first frame under the new plan started 1.5 s after the step, its result 1.5 s "
+            "(target <= 2 s): met by its start, met by its result") in lines
+    assert "up to 50 Mbit/s: the first frame under the new plan started 4.0 s" in lines
 
 
 def test_a_lost_frame_and_a_plan_that_never_changed_are_reported():
@@ -39,3 +40,51 @@ def test_a_lost_frame_and_a_plan_that_never_changed_are_reported():
     assert a["lost"] == 1 and a["duplicated"] == 1
     assert a["phases"][1]["first_frame_under_new_plan_s"] is None  # the plan never followed the link
     assert "NOT met" in "\n".join(_targets(a))
+
+
+def test_frame_stamps_and_the_prediction_by_stage():
+    """Frames are placed by their arrival (started_unix), the switch reported by start and by result, and
+    the prediction compared stage by stage with the plan's breakdown read back from the planner."""
+    from runtime.tools import adapt_stages
+
+    def frame(seq, start, split, times, version=2, predicted=60.0):
+        return {"seq": seq, "t": start + 3.0, "t_start": start, "t_end": start + times["total"] / 1e3, "split": split,
+                "where": "edge" if split == "input" else "local", "times_ms": times, "predicted_ms": predicted,
+                "plan_version": version}
+
+    edge = {"head": 0.0, "encode": 2.0, "transfer_edge": 90.0, "edge_queue": 5.0, "edge_decode": 3.0,
+            "edge_tail": 60.0, "edge_held": 70.0, "board_queue": 1.0, "total": 95.0}
+    local = {"head": 180.0, "total": 185.0}
+    frames = [frame(i, 0.25 * i, "input", edge) for i in range(80)]
+    frames += [frame(80 + i, 20.0 + 0.25 * i, "input" if i < 2 else "output", edge if i < 2 else local, predicted=170.0)
+               for i in range(80)]
+    parts = adapt_stages.predicted_parts({"compute:device": 0.0, "encode:device->edge": 0.002, "rtt:device->edge": 0.01,
+                                          "transfer:device->edge": 0.005, "decode:device->edge": 0.003,
+                                          "compute:edge": 0.04})
+    run = {"frames": frames, "steps": [(0.0, 50.0), (20.0, 1.0)],
+           "breakdowns": [[2, "input", parts], [2, "output", adapt_stages.predicted_parts({"compute:device": 0.17})]]}
+    fast, slow = analyse(run)["phases"]
+    assert slow["first_frame_started_under_new_plan_s"] == 0.5  # its line came 3 s later: the stamps count
+    assert slow["first_frame_under_new_plan_s"] == pytest.approx(0.5 + 0.185, abs=0.01)
+    st = fast["stages"]
+    assert st["edge"] == {"predicted_ms": 40.0, "measured_ms": 60.0}  # the largest error: the worker's tail
+    assert st["network"] == {"predicted_ms": 15.0, "measured_ms": 20.0}  # transfer_edge - edge_held
+    assert st["queue"]["measured_ms"] == pytest.approx(5.0 + 2.0 + 1.0)  # worker queue + its other hold + board
+    assert slow["stages"]["device"] == {"predicted_ms": 170.0, "measured_ms": 180.0}
+    assert "| edge | 40 / 60 | 0 / 0 |" in "\n".join(adapt_stages.table([fast, slow]))
+
+
+def test_plan_breakdowns_are_read_back_from_the_planners_store(tmp_path):
+    from planner.store import Store
+    from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+    from runtime.tools.adapt_stages import plan_breakdowns
+
+    store = Store(tmp_path / "planner.sqlite")
+    plan = pb.Plan(agent_id="board-1", model_id="m", split_id="input", worker_id="w",
+                   breakdown_seconds={"compute:edge": 0.04, "transfer:device->edge": 0.01, "rtt:device->edge": 0.01})
+    plan.fallbacks.append(pb.BandPlan(plan=pb.Plan(split_id="output", breakdown_seconds={"compute:device": 0.2})))
+    version = store.issue_plan(plan).version
+    store.close()
+    got = plan_breakdowns(tmp_path / "planner.sqlite", "board-1")
+    assert got[(version, "input")]["edge"] == 0.04 and got[(version, "input")]["network"] == pytest.approx(0.02)
+    assert got[(version, "output")]["device"] == 0.2

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import IO
@@ -132,8 +133,13 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     return results
 
 
-def _json_line(result: FrameResult, labels: tuple[str, ...] | None) -> str:
-    return json.dumps(result.to_json(labels))
+def _json_line(result: FrameResult, labels: tuple[str, ...] | None,
+               stamps: tuple[float, float] | None = None) -> str:
+    """One result line; ``stamps``: wall-clock (arrival, result ready) of the frame, as started_unix/finished_unix."""
+    line = result.to_json(labels)
+    if stamps is not None:
+        line["started_unix"], line["finished_unix"] = round(stamps[0], 4), round(stamps[1], 4)
+    return json.dumps(line)
 
 
 async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt, link=None) -> list[FrameResult]:
@@ -147,16 +153,22 @@ async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt, 
     labels = agent.loaded.spec.labels
     tasks: set[asyncio.Task] = set()
 
+    stamps: dict[int, tuple[float, float]] = {}  # index -> wall clock (arrival, result ready)
+
     def flush() -> None:
         while len(ordered) in done:
-            r = done.pop(len(ordered))
+            index = len(ordered)
+            r = done.pop(index)
             ordered.append(r)
-            sink.write(fmt(r, labels) + "\n")
+            when = stamps.pop(index, None)
+            sink.write((_json_line(r, labels, when) if fmt is _json_line else fmt(r, labels)) + "\n")
         sink.flush()
 
     async def one(index: int, frame) -> None:
         try:
+            started = time.time()
             r = await agent.infer(frame.tensor, frame.name)
+            stamps[index] = (started, time.time())
             if link is not None:
                 r.predicted_seconds = link.predicted(r)
             done[index] = r

@@ -28,7 +28,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from runtime.tools import cpuquota
+from runtime.tools import adapt_stages, cpuquota
 from runtime.tools.netem import DelayProxy, LinkShape
 
 CLI = [sys.executable, "-m", "runtime.cli.main"]
@@ -108,14 +108,22 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
                            None if args.board_join_after_start else board,
                            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
         procs.append(agent)
-        return await _drive(args, phases, rng, relay, agent, procs, board if args.board_join_after_start else None)
+        run = await _drive(args, phases, rng, relay, agent, procs, board if args.board_join_after_start else None)
     finally:
         quotas.close()
+    try:  # what the planner predicted, part by part, for each plan it issued (runtime.tools.adapt_stages)
+        plans = adapt_stages.plan_breakdowns(tmp / "planner.sqlite", "board-1")
+    except Exception as e:  # the run's figures stand without it; the report says so
+        print(f"plan breakdowns not read back: {e}", file=sys.stderr)
+        plans = {}
+    run["breakdowns"] = [[v, split, parts] for (v, split), parts in plans.items()]
+    return run
 
 
 async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota | None = None) -> dict:
     """``join``: the board's quota, which the agent enters once it has started (torch loaded, plan link up)."""
     frames, timeline, t0 = [], [], time.monotonic()
+    wall0 = time.time()  # result lines carry wall-clock stamps (started_unix, finished_unix)
     metrics_port = None
 
     log = open(args.agent_log, "wb") if args.agent_log else None  # noqa: SIM115 (closed below)
@@ -135,7 +143,9 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
         async for line in agent.stdout:
             with contextlib.suppress(ValueError):
                 r = json.loads(line)
-                r["t"] = time.monotonic() - t0
+                r["t"] = time.monotonic() - t0  # when its line came (lines come in frame order)
+                if "started_unix" in r:  # when the frame arrived and when its result was ready
+                    r["t_start"], r["t_end"] = r["started_unix"] - wall0, r["finished_unix"] - wall0
                 frames.append(r)
 
     readers = [asyncio.create_task(read_stderr()), asyncio.create_task(read_stdout())]
@@ -167,6 +177,16 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
     return {"frames": frames, "timeline": timeline, "steps": steps, "args": vars(args)}
 
 
+def _start(r: dict) -> float:
+    """When the frame arrived, run-relative (the line's time for lines without stamps)."""
+    return r.get("t_start", r["t"])
+
+
+def _end(r: dict) -> float:
+    """When the frame's result was ready, run-relative."""
+    return r.get("t_end", r["t"])
+
+
 def _config(r: dict) -> str:
     """The configuration a frame ran under: its split ("output": the plan runs on the board). A frame
     of an offloading plan that fell back to the board (deadline, broken stream) still ran under it."""
@@ -179,27 +199,30 @@ def analyse(run: dict) -> dict:
     seqs = [r["seq"] for r in frames]
     lost = (seqs[-1] - seqs[0] + 1 - len(set(seqs))) if seqs else 0
     out = {"frames": len(frames), "lost": lost, "duplicated": len(seqs) - len(set(seqs)), "phases": []}
-    ends = [t for t, _ in steps[1:]] + [max((r["t"] for r in frames), default=0.0)]
+    plans = {(v, split): parts for v, split, parts in run.get("breakdowns", [])}
+    ends = [t for t, _ in steps[1:]] + [max((_start(r) for r in frames), default=0.0) + 1e-3]
     prev, prev_plan = None, None
     for (start, mbps), end in zip(steps, ends, strict=True):
-        inside = [r for r in frames if start <= r["t"] < end]
-        steady = [r for r in inside if r["t"] >= start + SETTLE]
+        inside = [r for r in frames if start <= _start(r) < end]
+        steady = [r for r in inside if _start(r) >= start + SETTLE]
         ph = {"mbps": mbps, "start_s": round(start, 2), "seconds": round(end - start, 2), "frames": len(inside)}
         if steady:
             new = statistics.mode(_config(r) for r in steady[len(steady) // 2:])
-            first = next((r["t"] - start for r in inside if _config(r) == new), None)
+            first = next((r for r in inside if _config(r) == new), None)
             ph["plan"] = new
             ph["fallback_frames"] = sum(1 for r in inside if r["where"] == "local" and r["split"] != "output")
             changed = prev_plan is not None and new != prev_plan  # None: the plan did not change with the link
-            ph["first_frame_under_new_plan_s"] = round(first, 2) if changed and first is not None else None
+            ph["first_frame_under_new_plan_s"] = round(_end(first) - start, 2) if changed and first else None
+            ph["first_frame_started_under_new_plan_s"] = round(_start(first) - start, 2) if changed and first else None
             ph["step"] = None if prev is None else ("down" if mbps < prev else "up")
             prev_plan = new
             switches = sum(1 for a, b in itertools.pairwise(steady) if _config(a) != _config(b))
-            span = steady[-1]["t"] - steady[0]["t"]
+            span = _start(steady[-1]) - _start(steady[0])
             ph["switches_per_40s_steady"] = round(switches * 40.0 / span, 2) if span > 0 else None
             errs = [abs(r["predicted_ms"] - r["times_ms"]["total"]) / r["times_ms"]["total"]
                     for r in steady if r.get("predicted_ms") and r["times_ms"].get("total")]
             ph["median_rel_error"] = round(statistics.median(errs), 3) if errs else None
+            ph["stages"] = adapt_stages.by_stage([r for r in steady if _config(r) == new], plans) if plans else None
         out["phases"].append(ph)
         prev = mbps
     return out
@@ -211,9 +234,11 @@ def _targets(a: dict) -> list[str]:
     for ph in a["phases"]:
         if ph.get("step"):
             bound = 2.0 if ph["step"] == "down" else 5.0
-            got = ph.get("first_frame_under_new_plan_s")
-            lines.append(f"- step {ph['step']} to {ph['mbps']:g} Mbit/s: first frame under the new plan "
-                         f"{got} s (target <= {bound:g} s): {'met' if got is not None and got <= bound else 'NOT met'}")
+            got, began = ph.get("first_frame_under_new_plan_s"), ph.get("first_frame_started_under_new_plan_s")
+            verdict = ("met" if began is not None and began <= bound else "NOT met") + " by its start, " + (
+                "met" if got is not None and got <= bound else "NOT met") + " by its result"
+            lines.append(f"- step {ph['step']} to {ph['mbps']:g} Mbit/s: the first frame under the new plan started "
+                         f"{began} s after the step, its result {got} s (target <= {bound:g} s): {verdict}")
         sw, err = ph.get("switches_per_40s_steady"), ph.get("median_rel_error")
         lines.append(f"- {ph['mbps']:g} Mbit/s steady: {sw} switches per 40 s (target <= 1): "
                      f"{'met' if sw is not None and sw <= 1 else 'NOT met'}; median |predicted - measured| "
@@ -227,7 +252,7 @@ def plot(run: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tl, frames = run["timeline"], sorted(run["frames"], key=lambda r: r["t"])
+    tl, frames = run["timeline"], sorted(run["frames"], key=_start)
     fig, ax = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     ax[0].plot([p["t"] for p in tl], [p["set_bps"] * 8e-6 for p in tl], label="set (relay)")
     est = [(p["t"], p["estimate_bps"] * 8e-6) for p in tl if p["estimate_bps"]]
@@ -236,16 +261,16 @@ def plot(run: dict, path: Path) -> None:
     ax[0].set_ylabel("Mbit/s")
     ax[0].legend()
     names = sorted({r["split"] for r in frames})
-    ax[1].scatter([r["t"] for r in frames], [names.index(r["split"]) for r in frames], s=6,
+    ax[1].scatter([_start(r) for r in frames], [names.index(r["split"]) for r in frames], s=6,
                   c=["tab:blue" if r["where"] == "edge" else "tab:red" for r in frames])
     ax[1].set_yticks(range(len(names)), names)
     ax[1].set_ylabel("split (blue edge, red local)")
-    ax[2].plot([r["t"] for r in frames], [r["times_ms"].get("total", 0) for r in frames], ".", ms=3, label="measured")
-    pred = [(r["t"], r["predicted_ms"]) for r in frames if r.get("predicted_ms")]
+    ax[2].plot([_start(r) for r in frames], [r["times_ms"].get("total", 0) for r in frames], ".", ms=3, label="measured")
+    pred = [(_start(r), r["predicted_ms"]) for r in frames if r.get("predicted_ms")]
     ax[2].plot([t for t, _ in pred], [v for _, v in pred], ".", ms=3, label="predicted")
     ax[2].set_yscale("log")
     ax[2].set_ylabel("latency, ms")
-    ax[2].set_xlabel("seconds")
+    ax[2].set_xlabel("seconds (frames at their arrival)")
     ax[2].legend()
     for a in ax:
         for t, _ in run["steps"]:
@@ -284,10 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _la(triple: list[float]) -> str:
+    return ", ".join(f"{x:.2f}" for x in triple)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    load = [os.getloadavg()]
     with tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
         run = asyncio.run(record(args, Path(tmp)))
+    load.append(os.getloadavg())
+    run["load_average"] = [[round(x, 2) for x in la] for la in load]
     result = analyse(run)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,8 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m runtime.tools.adapt_run " + " ".join(sys.argv[1:] if argv is None else argv)
     board = "none (cgroup v1 unavailable)" if cpuquota.unavailable() else f"{args.board_share:g} of a core"
     md = [f"# Adaptivity run: {args.model}, phases {args.phases} (Mbit/s:s), +-{args.jitter:.0%} jitter", "",
-          f"Command: `{command}`; board CPU: {board}; relay delay {args.delay_ms:g} ms each way.", "",
+          f"Command: `{command}`; board CPU: {board}; relay delay {args.delay_ms:g} ms each way; load average "
+          f"(1/5/15 min) {_la(run['load_average'][0])} at the start, {_la(run['load_average'][1])} at the end "
+          "(a 2-core machine shared with other jobs).", "",
           f"![timeline]({out.with_suffix('.png').name})", "", "## Targets", "", *_targets(result), "",
+          "## Predicted and measured latency by stage", "",
+          "Medians over the steady frames that ran the phase's plan where it said (runtime.tools.adapt_stages).", "",
+          *adapt_stages.table(result["phases"]), "",
           "## Phases", "", "```json", json.dumps(result["phases"], indent=1), "```", ""]
     out.with_suffix(".md").write_text("\n".join(md))
     print("\n".join(_targets(result)))
