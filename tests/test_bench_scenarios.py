@@ -72,6 +72,65 @@ def test_dynamic_trace_summary_counts_deadlines_and_losses():
 
 @pytest.mark.timeout(600)
 @pytest.mark.skipif(bool(cgroup_unavailable()), reason=f"needs a writable cgroup v1 cpu controller: {cgroup_unavailable()}")
+class _Checks:
+    """A stand-in for fidelity.Checker with fixed agreements per (split, codec): what the planner then chooses
+    is the real search's (planner.search via the CLI's ranker)."""
+
+    frames = 200
+
+    def __init__(self, values: dict):
+        self.values, self.asked = values, []
+
+    def agreement(self, split: str, codec: str, tl_path: str = "") -> float:
+        self.asked.append((split, codec))
+        return self.values[(split, codec)]
+
+
+def _profiles():
+    from runtime.contracts.profile import Block, Profile, Transfer
+
+    def prof(role: str, seconds: float, jpeg_encode: float) -> Profile:
+        inputs = (Transfer("raw", 600_000, codec="raw"), Transfer("fp16", 300_000, codec="fp16"),
+                  *(Transfer(f"jpeg{q}", b, jpeg_encode, 0.001, codec=f"jpeg{q}") for q, b in
+                    ((90, 14_000), (75, 6_000), (50, 9_000))))  # jpeg75 the cheapest: its failure strikes jpeg50
+        blocks = tuple(Block(i, f"b{i}", seconds, 100_000 if i < 3 else 4_000,
+                             transfers=(Transfer("raw", 100_000 if i < 3 else 4_000, codec="raw"),)) for i in range(4))
+        return Profile(machine=role, role=role, model="m", blocks=blocks, input_bytes=600_000, input_transfers=inputs)
+    return prof("device", 0.5, 0.01), prof("edge", 0.01, 0.001)
+
+
+def test_edgesplit_plans_keep_the_fidelity_floor_measured_on_many_frames():
+    """The cheapest JPEG loses too much: struck with every lower quality, the next passes; when nothing lossy
+    passes, raw (exact) remains. Each lossy plan is checked once before it is chosen."""
+    from runtime.cli.bench_scenarios import _rank
+    from runtime.contracts.costmodel import Link
+    from runtime.measure.scenarios import fidelity
+
+    dev, edge = _profiles()
+    link = Link.from_mbps(20.0, 1.6)
+    check = _Checks({("input", "jpeg75"): 0.96, ("input", "jpeg90"): 0.995, ("input", "fp16"): 1.0})
+    conf, _, checks = fidelity.verified(_rank, dev, edge, link, 0.99, check, "")
+    assert conf.hops[0].transfer.codec == "jpeg90"
+    assert check.asked == [("input", "jpeg75"), ("input", "jpeg90")]  # jpeg50 struck with jpeg75, never measured
+    assert [c["kept"] for c in checks] == [False, True]
+    check = _Checks({("input", "jpeg75"): 0.5, ("input", "jpeg90"): 0.6, ("input", "fp16"): 0.98})
+    conf, _, checks = fidelity.verified(_rank, dev, edge, link, 0.99, check, "", rounds=2)
+    assert [c["kept"] for c in checks] == [False, False]
+    assert all(fidelity.exact(h.transfer.codec, h.transfer.tl_id) for h in conf.hops)  # only exact plans remain
+
+
+def test_merge_keeps_each_runs_command_and_load():
+    from runtime.measure.scenarios import report
+
+    def part(model: str, cmd: str) -> dict:
+        return {"spec": {"command": cmd, "models": [model]}, "seconds": 10.0, "machine": "m",
+                "load": {"start": "1.00, 1.00, 1.00", "end": "2.00, 2.00, 2.00"}, "models": {model: {"scenarios": {}}}}
+    res = report.merge([part("a", "edgesplit bench-scenarios --model a"), part("b", "edgesplit bench-scenarios --model b")])
+    assert list(res["models"]) == ["a", "b"] and res["seconds"] == 20.0 and res["merged_runs"] == 2
+    assert res["models"]["b"]["command"] == "edgesplit bench-scenarios --model b"
+    assert res["models"]["a"]["load"].startswith("1.00, 1.00, 1.00 at the start")
+
+
 def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
     before = _ours()
     tag = f"EDGESPLIT_TEST_TAG={uuid.uuid4().hex}"
@@ -91,11 +150,16 @@ def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
     for k in STRATEGIES:
         r = sc[k]
         assert r["frames"] == frames and len(r["per_frame_ms"]) == frames, k
-        assert 0 <= r["fidelity"] <= 1
+        assert 0 <= r["fidelity"] <= 1 and 0 <= r["fidelity_offline"] <= 1
+        assert r["fidelity_offline_frames"] == 16, k
         if k != "local" and r.get("split"):
             assert r["bytes_per_frame"] > 0 and r["local_fallbacks"] == 0, k
             for total, floor in zip(r["per_frame_ms"], r["per_frame_floor_ms"], strict=True):
                 # a relay cannot beat the link it emulates (edge-only paces at the mean JPEG size: 5 % slack)
                 assert floor <= total * 1.05 + 1.0, (k, floor, total)
+    es = sc["edgesplit"]
+    # edgesplit's plan kept its floor on the fidelity frames (or is exact, or local)
+    assert es["fidelity_offline"] >= res["spec"]["min_fidelity"], es
+    assert "fidelity (N frames)" in md
     assert _ours() == before, "a cgroup was left behind"
     assert _tagged(tag) == [], "a process of the run (worker, relay, board child) was left behind"

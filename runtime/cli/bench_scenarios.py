@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2}
+QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2,
+         "fidelity_frames": 16}
+FIDELITY_SEED = 14  # the fidelity frames' crops: the same frames in every run
 
 
 def add_parser(sub) -> None:
@@ -27,9 +29,17 @@ def add_parser(sub) -> None:
                         "slowdown a busy machine can reach (default: %(default)s)")
     p.add_argument("--window", type=int, default=4, help="frames in flight in each strategy's pipelined pass (1: skip it; default: 4)")
     p.add_argument("--pipeline-frames", type=int, default=0, help="frames of the pipelined pass (default: as --frames)")
-    p.add_argument("--min-fidelity", type=float, default=0.97, help="edgesplit's floor for a TL's (or jpeg's) measured top-1 agreement (default: 0.97)")
+    p.add_argument("--min-fidelity", type=float, default=0.99,
+                   help="edgesplit's floor for its plan's top-1 agreement with the unsplit model, measured on "
+                        "--fidelity-frames frames before the plan runs (default: %(default)s, one point)")
+    p.add_argument("--fidelity-frames", type=int, default=200,
+                   help="frames of that check and of every strategy's offline fidelity: seeded random crops of "
+                        "scikit-image's 16 photos when installed, else of the bundled photos (default: %(default)s)")
     p.add_argument("--out", default="runtime/measure/results", help="folder for JSON, markdown, PNG (default: %(default)s)")
     p.add_argument("--name", default="scenarios", help="file stem of the results (default: %(default)s)")
+    p.add_argument("--merge", action="append", metavar="JSON",
+                   help="run nothing: merge these results files (e.g. one run per model) into --out/--name "
+                        "(.json, .md, .png); repeatable")
     p.add_argument("--quick", action="store_true", help="CI mode (< 3 min): resnet18, 20mbit, 3 frames, 2 profile runs")
     p.set_defaults(func=cmd_bench_scenarios)
 
@@ -44,6 +54,35 @@ def _rank(dev, edge, link, min_fidelity):
     return ranked[0] if ranked else None
 
 
+def _fidelity_frames(model_spec, n: int):
+    """``n`` seeded random resized crops (scale 0.25-1, h-flip) of scikit-image's photos, or of the bundled ones."""
+    from runtime.contracts.errors import InvalidInput
+    from runtime.tools.tl.data import augmented_crops, image_paths, skimage_images
+
+    try:
+        train, held = skimage_images()
+        photos, what = [*train, *held], "scikit-image's 16 bundled photos"
+    except InvalidInput:
+        photos, what = image_paths(None), "the 4 bundled photos (scikit-image is not installed)"
+    return augmented_crops(model_spec, photos, n, FIDELITY_SEED), f"{n} seeded random crops of {what}"
+
+
+def _merge(paths: list[str], out: str, name: str) -> int:
+    import json
+    from pathlib import Path
+
+    from runtime.measure.scenarios import report
+
+    try:
+        parts = [json.loads(Path(p).read_text()) for p in paths]
+    except (OSError, ValueError) as e:
+        print(f"error: cannot read a results file: {e}", file=sys.stderr)
+        return 2
+    for p in report.write(report.merge(parts), out, name):
+        print(p)
+    return 0
+
+
 def cmd_bench_scenarios(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -51,8 +90,11 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
     from runtime.measure.scenarios.run import run
     from runtime.measure.scenarios.spec import RunSpec, Testbed
 
-    if args.window < 1 or args.pipeline_frames < 0 or args.frames < 1:
-        print("error: --window and --frames must be >= 1, --pipeline-frames >= 0", file=sys.stderr)
+    if args.merge:
+        return _merge(args.merge, args.out, args.name)
+    if args.window < 1 or args.pipeline_frames < 0 or args.frames < 1 or not 1 <= args.fidelity_frames <= 10_000:
+        print("error: --window and --frames must be >= 1, --pipeline-frames >= 0, --fidelity-frames 1..10000",
+              file=sys.stderr)
         return 2
     if not 10_000 <= args.cgroup_period_us <= 1_000_000:
         print(f"error: --cgroup-period-us must be 10000..1000000 (cgroup v1 allows 1 ms..1 s; under 10 ms the 1 ms "
@@ -60,6 +102,7 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
         return 2
     spec = RunSpec(models=tuple(args.model or ["efficientnet_lite0"]), scenarios=tuple(args.scenario or RunSpec().scenarios),
                    frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, min_fidelity=args.min_fidelity,
+                   fidelity_frames=args.fidelity_frames,
                    testbed=Testbed(target_slowdown=args.slowdown, period_us=args.cgroup_period_us), out_dir=args.out,
                    name=args.name, window=args.window, pipeline_frames=args.pipeline_frames,
                    command="edgesplit " + " ".join(sys.argv[1:]))
@@ -69,7 +112,8 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
         res["machine"] = report.machine()
         return report.write(res, spec.out_dir, args.name)
 
-    res = run(spec, _rank, lambda msg: print(f"... {msg}", file=sys.stderr, flush=True), partial=write)
+    res = run(spec, _rank, lambda msg: print(f"... {msg}", file=sys.stderr, flush=True), partial=write,
+              frames=_fidelity_frames)
     for p in write(res):
         print(p)
     return 0

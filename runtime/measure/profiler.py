@@ -139,10 +139,12 @@ def input_fidelity(loaded: LoadedModel, xs: Sequence[torch.Tensor], codec_name: 
 
 
 def _input_transfers(loaded: LoadedModel, xs: Sequence[torch.Tensor], codecs: Sequence[str], arts: Sequence,
-                     runs: int, warmup: int) -> list[Transfer]:
-    """The transfers of the input cut: codecs (JPEG among them, with its measured fidelity) and TLs."""
+                     runs: int, warmup: int, fidelity: bool = True) -> list[Transfer]:
+    """The transfers of the input cut: codecs (JPEG among them, with its measured fidelity unless not
+    ``fidelity``: then None, left to the caller) and TLs."""
     out = _transfers(xs, codecs, runs, warmup, spec=loaded.spec)
-    out = [replace(t, fidelity=input_fidelity(loaded, xs, t.codec)) if is_jpeg(t.codec) else t for t in out]
+    if fidelity:
+        out = [replace(t, fidelity=input_fidelity(loaded, xs, t.codec)) if is_jpeg(t.codec) else t for t in out]
     return [*out, *_tl_transfers(arts, 0, xs, codecs, runs, warmup)]
 
 
@@ -180,11 +182,13 @@ def _inputs(loaded: LoadedModel, n: int) -> list[torch.Tensor]:
 
 def profile_model(model: str | LoadedModel, role: str, machine: str | None = None, runs: int = 20, warmup: int = 3,
                   codecs: Sequence[str] = DEFAULT_CODECS, tls: Sequence[str] = (), threads: int = 1,
-                  progress: bool = True, inputs: int = 4) -> Profile:
+                  progress: bool = True, inputs: int = 4, jpeg_fidelity: bool = True) -> Profile:
     """Time every block of ``model`` and every way to send its output on this machine.
 
     ``machine`` defaults to the host name; ``tls`` are Transfer Layer manifest paths (artifacts of
     another model are skipped). The model's tensors cross at batch 1; torch runs on ``threads``.
+    ``jpeg_fidelity``: measure a JPEG's top-1 agreement on the ``inputs`` photos (False: left unmeasured, for a
+    caller that measures it on more frames elsewhere, e.g. bench-scenarios on the unrestricted side).
     """
     if role not in ROLES:
         raise InvalidInput(f"role must be one of {', '.join(ROLES)}, got {role!r}")
@@ -209,7 +213,7 @@ def profile_model(model: str | LoadedModel, role: str, machine: str | None = Non
         with torch.inference_mode(), tqdm(total=len(points) - 1, desc=f"profile {loaded.name}", unit="block",
                                           disable=None if progress else True) as bar:  # None: only on a terminal
             xs = _inputs(loaded, inputs)
-            input_transfers = _input_transfers(loaded, xs, codecs, arts, runs, warmup)
+            input_transfers = _input_transfers(loaded, xs, codecs, arts, runs, warmup, jpeg_fidelity)
             segs, outs = [], []
             for i, sp in enumerate(points[1:]):
                 bar.set_postfix_str(f"{i}:{sp.name}")

@@ -77,6 +77,18 @@ def with_input_encode(p: Profile, seconds: float) -> Profile:
                                             else t for t in p.input_transfers))
 
 
+def restrict(p: Profile, keep) -> Profile:
+    """``p`` with only the transfers ``keep(cut, bytes, transfers)`` returns (raw fp32 where none is left)."""
+    return _with_transfers(p, lambda cut, n, ts: keep(cut, n, ts) or _raw(n, ts))
+
+
+def with_fidelity(p: Profile, cut: int, name: str, fidelity: float) -> Profile:
+    """``p`` with the transfer ``name`` after ``cut`` blocks carrying ``fidelity`` (measured elsewhere)."""
+    def pick(c: int, n: int, ts: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
+        return tuple(replace(t, fidelity=fidelity) if c == cut and t.name == name else t for t in ts)
+    return _with_transfers(p, pick)
+
+
 BOARD_STAGES = ("head", "tl_encode", "encode")  # the board's compute for one frame (blocks, TL encoder, codec)
 EDGE_STAGES = ("edge_decode", "edge_tail")  # the edge's (codec and TL decoder, blocks)
 

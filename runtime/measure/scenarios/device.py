@@ -152,7 +152,7 @@ def main(argv: list[str]) -> int:
     cal = calibrate(loaded, xs, cfg["cgroup"], cfg["testbed"])
     prof = profile_model(loaded, "device", machine="board", runs=cfg["profile_runs"], warmup=1,
                          codecs=cfg["codecs"], tls=cfg["tls"], threads=cfg["testbed"]["threads"], progress=False,
-                         inputs=cfg.get("profile_inputs", 4))
+                         inputs=cfg.get("profile_inputs", 4), jpeg_fidelity=cfg.get("jpeg_fidelity", True))
     Path(cfg["profile_out"]).write_text(prof.to_json())
     _time_full(loaded, xs, 1)
     local_s, local_top1 = _time_full(loaded, xs, len(xs))

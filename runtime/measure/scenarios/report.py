@@ -8,6 +8,8 @@ from pathlib import Path
 
 from runtime.measure.scenarios.spec import STRATEGIES
 
+FAITHFUL = 0.99  # "at most one point of fidelity lost": top-1 agreement with the unsplit model
+
 
 def machine() -> str:
     import os
@@ -23,9 +25,9 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
     es = r["edgesplit"]
     best_floor = min(r[k]["floor_p50_ms"] for k in STRATEGIES if k in r)
     lines = [f"### {model}, {s}\n",
-             "| strategy | plan | p50 ms | p95 ms | bytes/frame | fidelity | predicted ms | floor ms | "
-             "overhead ms (% of floor) | frames/s pipelined (bound) | fallbacks |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| strategy | plan | p50 ms | p95 ms | bytes/frame | fidelity (run) | fidelity (N frames) | predicted ms | "
+             "floor ms | overhead ms (% of floor) | frames/s pipelined (bound) | fallbacks |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for k in STRATEGIES:
         x = r[k]
         pred = f"{x['predicted_ms']:.1f}" if x.get("predicted_ms") is not None else "-"
@@ -33,15 +35,28 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
         fps = (f"{pipe['fps']:.2f} ({x['bound_fps']:.2f})" if pipe else
                f"- ({x['bound_fps']:.2f})" if x.get("bound_fps") else "-")
         lines.append(f"| {k} | {x.get('plan', '') or 'whole model on the board'} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
-                     f"{x['bytes_per_frame']:,.0f} | {x['fidelity']:.3f} | {pred} | {x['floor_p50_ms']:.1f} | "
+                     f"{x['bytes_per_frame']:,.0f} | {x['fidelity']:.3f} | {_offline(x)} | {pred} | {x['floor_p50_ms']:.1f} | "
                      f"{x['overhead_p50_ms']:.1f} ({x['overhead_pct']:.1f} %) | {fps} | {x.get('local_fallbacks', 0)} |")
+    checks = (es.get("fidelity_checks") or [])
+    if checks:
+        lines.append("\nedgesplit's fidelity checks before it ran (floor: a plan below it is struck, the planner asked "
+                     "again): " + "; ".join(f"{c['transfer']} at {c['split']} {c['fidelity']:.3f} on {c['frames']}"
+                                            for c in checks))
     fastest = min(STRATEGIES, key=lambda k: r[k]["p50_ms"])
-    lines.append(f"\nfastest: **{fastest}**; local / edgesplit = **{r['local']['p50_ms'] / es['p50_ms']:.2f}x**; "
+    faithful = [k for k in STRATEGIES if r[k].get("fidelity_offline", r[k]["fidelity"]) >= FAITHFUL]
+    within = min(faithful, key=lambda k: r[k]["p50_ms"]) if faithful else "none"
+    lines.append(f"\nfastest: **{fastest}**; fastest within one point of the unsplit model (fidelity on N frames >= "
+                 f"{FAITHFUL:g}): **{within}**; local / edgesplit = **{r['local']['p50_ms'] / es['p50_ms']:.2f}x**; "
                  f"Scission / edgesplit = **{r['scission']['p50_ms'] / es['p50_ms']:.2f}x**; the largest ratio the "
                  f"measured floors allow: local / best floor = {r['local']['p50_ms'] / best_floor:.2f}x (edgesplit reaches "
                  f"{100 * (r['local']['p50_ms'] / es['p50_ms']) / (r['local']['p50_ms'] / best_floor):.0f} % of it); "
                  f"edgesplit measured / its own floor = {es['p50_ms'] / es['floor_p50_ms']:.3f}.\n")
     return lines
+
+
+def _offline(x: dict) -> str:
+    v = x.get("fidelity_offline")
+    return "-" if v is None else f"{v:.3f} ({x['fidelity_offline_frames']})"
 
 
 def _dynamic(model: str, s: str, r: dict) -> list[str]:
@@ -70,8 +85,9 @@ def markdown(res: dict) -> str:
     spec = res["spec"]
     load = res.get("load", {})
     lines = ["# edgesplit bench-scenarios\n", f"Command: `{spec['command']}`  ", f"Machine: {res['machine']}  ",
-             f"Load average (uptime, 1/5/15 min) at the start {load.get('start', '?')}, at the end {load.get('end', '?')}: "
-             "the machine was shared with other jobs.  ",
+             (f"Load average (uptime, 1/5/15 min) at the start {load.get('start', '?')}, at the end {load.get('end', '?')}: "
+              if not res.get("merged_runs") else f"{res['merged_runs']} runs, one per model (each model's command and "
+              "load average under its heading): ") + "the machine was shared with other jobs.  ",
              f"Frames per strategy: {spec['frames']} one at a time, then {spec['pipeline_frames'] or spec['frames']} with "
              f"{spec['window']} in flight (bundled photos, the same frames for every strategy), {spec['warmup']} "
              f"warm-up; run took {res['seconds']:.0f} s.\n"]
@@ -87,13 +103,18 @@ def markdown(res: dict) -> str:
                      f"thread: full model {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms unrestricted = "
                      f"**{c['slowdown']:.1f}x slower** (target {spec['testbed']['target_slowdown']:g}x), measured in this run. "
                      f"The board's block profile (measured under the quota) was scaled by {c.get('profile_rescaled_by', 1):.2f} "
-                     "to that full-model time (per-block medians miss the throttling).\n")
+                     "to that full-model time (per-block medians miss the throttling)."
+                     + (f" Fidelity (N frames): {m['fidelity_frames']['what']}." if m.get("fidelity_frames") else "")
+                     + (f" This model's run: `{m['command']}`, load average {m['load']}." if m.get("command") else "")
+                     + "\n")
         for s, r in m["scenarios"].items():
             lines.extend(_dynamic(model, s, r) if r.get("dynamic") else _static_table(model, s, r))
     lines.append("floor = compute (board: head, TL encoder, codec encode, e.g. the JPEG; edge: decode, tail) + (bytes up + "
                  "result bytes down) / set bandwidth + set RTT; overhead = measured - floor (medians per frame): what "
-                 "the runtime adds (threads, gRPC, queues). Fidelity = top-1 agreement with the unsplit model on the "
-                 "board, same frames. Edge-only: the wire's jpeg codec at split 'input' (the agent encodes on the board, "
+                 "the runtime adds (threads, gRPC, queues). Fidelity (run) = top-1 agreement with the unsplit model on the "
+                 "board, same frames (the bundled photos in turn); fidelity (N frames) = the same agreement of the "
+                 "strategy's split, codec and TL on N other frames (named per model), computed off the board (raw "
+                 "fp32 without a TL, and local, are exact: 1). Edge-only: the wire's jpeg codec at split 'input' (the agent encodes on the board, "
                  "the worker decodes on the edge), through the same relay. frames/s pipelined: the pipelined pass "
                  "(frames in flight as above); bound = 1 / the slowest stage (board compute, edge compute, uplink, "
                  "downlink; medians); local has no pipeline (one board core). ScissionLite's reference TL "
@@ -128,6 +149,25 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def merge(parts: list[dict]) -> dict:
+    """Runs of one model each (or more) as one result: every model keeps its own command, load average and
+    seconds; the links are each run's own measurement (the first run's shown at the top)."""
+    if not parts:
+        raise ValueError("nothing to merge")
+    models: dict = {}
+    for r in parts:
+        for name, m in r["models"].items():
+            models[name] = {**m, "command": r["spec"]["command"], "machine": r.get("machine", ""),
+                            "load": f"{r['load']['start']} at the start, {r['load']['end']} at the end",
+                            "seconds": r["seconds"]}
+    first = parts[0]
+    spec = {**first["spec"], "command": "; ".join(f"`{r['spec']['command']}`" for r in parts).strip("`"),
+            "models": list(models)}
+    loads = [r["load"] for r in parts]
+    return {**first, "spec": spec, "models": models, "seconds": sum(r["seconds"] for r in parts),
+            "load": {"start": loads[0]["start"], "end": loads[-1]["end"]}, "merged_runs": len(parts)}
 
 
 def write(res: dict, out_dir: str, stem: str) -> list[Path]:

@@ -20,13 +20,15 @@ from pathlib import Path
 from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile
 from runtime.contracts.profile import load as load_profile
-from runtime.measure.scenarios import costs, dynamic
+from runtime.measure.scenarios import costs, dynamic, fidelity
 from runtime.measure.scenarios.device import _readline_json
 from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec
 from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
 
 # (device profile, edge profile, link, min fidelity) -> the best configuration, or None
 Ranker = Callable[[Profile, Profile, Link, float], "Configuration | None"]
+# (model spec, n) -> (n frames [n, 3, H, W] for the fidelity checks, a description of them)
+FrameMaker = Callable[[object, int], "tuple[object, str]"]
 CHILD_START_SECONDS = 1800.0  # load, calibrate, profile and run local on the board
 JOB_SECONDS = 1800.0  # one strategy's frames
 
@@ -40,11 +42,28 @@ def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> d
             "predicted_ms": conf.seconds * 1e3, "plan": conf.describe()}
 
 
-def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec, shapes, names) -> dict:
+def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec, shapes, names,
+           check: fidelity.Checker, tl_path: str) -> dict:
+    """Each peer's plan by its own cost model; edgesplit's checked against its fidelity floor on the
+    checker's frames first (:func:`fidelity.verified`)."""
     peers = {"scission": (costs.scission(dev), costs.scission(edge), 0.0),
-             "scissionlite": (costs.scissionlite(dev, shapes), costs.scissionlite(edge, shapes), 0.0),
-             "edgesplit": (costs.edgesplit(dev, spec.codecs), costs.edgesplit(edge, spec.codecs), spec.min_fidelity)}
-    return {k: _job(rank(d, e, link, f), len(names), names) for k, (d, e, f) in peers.items()}
+             "scissionlite": (costs.scissionlite(dev, shapes), costs.scissionlite(edge, shapes), 0.0)}
+    out = {k: _job(rank(d, e, link, f), len(names), names) for k, (d, e, f) in peers.items()}
+    conf, _, checks = fidelity.verified(rank, costs.edgesplit(dev, spec.codecs), costs.edgesplit(edge, spec.codecs),
+                                        link, spec.min_fidelity, check, tl_path)
+    out["edgesplit"] = _job(conf, len(names), names)
+    if out["edgesplit"] is not None:
+        out["edgesplit"]["fidelity_checks"] = checks
+    return out
+
+
+def _offline_fidelity(check: fidelity.Checker, job: dict | None) -> dict:
+    """A strategy's agreement on the checker's frames (1 for raw fp32 without a TL, and for local)."""
+    if job is None or fidelity.exact(job["codec"], job["tl_id"]):
+        value = 1.0
+    else:
+        value = check.agreement(job["split"], job["codec"], job.get("tl", "") if job["tl_id"] else "")
+    return {"fidelity_offline": value, "fidelity_offline_frames": check.frames}
 
 
 def _reference_tl(loaded, split_name: str, out_dir: Path) -> str:
@@ -78,6 +97,7 @@ def _strategy_rows(name: str, got: dict, sc, link: dict, down: int, ref: list[in
     out.update(strategy=name, local_fallbacks=sum(r["where"] != "edge" for r in rows),
                plan=(job or {}).get("plan", ""), split=(job or {}).get("split", ""), codec=(job or {}).get("codec", ""),
                tl=(job or {}).get("tl_id", ""), per_frame_ms=totals, per_frame_floor_ms=floors,
+               fidelity_checks=(job or {}).get("fidelity_checks", []),
                bound_fps=costs.bound_fps(rows, statistics.median(bytes_), down, sc.mbps))
     if "pipelined" in got:
         out["pipelined"] = got["pipelined"]
@@ -94,8 +114,16 @@ def _edge_only_job(names: list[str], edge: Profile, sc, jpeg: list[dict], down: 
             "plan": f"JPEG q{JPEG_QUALITY} of the input (mean {mean_jpeg:,.0f} B), the wire's jpeg codec"}
 
 
+def _checker(loaded, spec: RunSpec, frames: FrameMaker, progress: Callable[[str], None]) -> fidelity.Checker:
+    t = time.perf_counter()
+    xs, what = frames(loaded.spec, spec.fidelity_frames)
+    check = fidelity.Checker(loaded, xs, what)
+    progress(f"{loaded.name}: fidelity reference on {check.frames} frames ({what}) in {time.perf_counter() - t:.0f} s")
+    return check
+
+
 def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dict, tmp: Path, cl: Cleanup,
-               progress: Callable[[str], None]) -> dict:
+               progress: Callable[[str], None], frames: FrameMaker) -> dict:
     import torch
 
     from runtime.measure.profiler import profile_model
@@ -110,9 +138,13 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     tl = bundled_tl(loaded.name)
     tls = [str(tl)] if tl else []
     progress(f"{model}: profiling the edge (unrestricted, {spec.testbed.threads} thread)")
+    # JPEG fidelity on 4 photos in the profiles only for the dynamic trace's planner; static plans are checked here
+    jpeg_fidelity = any(SCENARIOS[s].steps for s in spec.scenarios)
     edge = profile_model(loaded, "edge", machine="edge", runs=spec.profile_runs, warmup=1, codecs=spec.codecs,
-                         tls=tls, threads=spec.testbed.threads, progress=False, inputs=spec.profile_inputs)
-    cfg = {"model": model, "frames": spec.frames, "cgroup": str(cg.path),
+                         tls=tls, threads=spec.testbed.threads, progress=False, inputs=spec.profile_inputs,
+                         jpeg_fidelity=jpeg_fidelity)
+    check = _checker(loaded, spec, frames, progress)
+    cfg = {"jpeg_fidelity": jpeg_fidelity, "model": model, "frames": spec.frames, "cgroup": str(cg.path),
            "testbed": {**asdict(spec.testbed), "first_quota_us": spec.testbed.start_quota_us},
            "profile_out": str(tmp / f"{model}-board.json"), "profile_runs": spec.profile_runs,
            "profile_inputs": spec.profile_inputs,
@@ -131,8 +163,8 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
     dev = costs.with_input_encode(dev, statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
     ref = [r["class_index"] for r in board["local"]]
-    plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names)
-             for s in spec.scenarios if not SCENARIOS[s].steps}
+    plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names,
+                       check, str(tl) if tl else "") for s in spec.scenarios if not SCENARIOS[s].steps}
     for p in plans.values():
         lite = p["scissionlite"]
         if lite and lite["tl_id"] == costs.REFERENCE_TL:
@@ -145,12 +177,13 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     cl.add(worker.stop)
     down = names and loaded.sliced.split_points[-1].fp32_bytes
     local_totals = [r["total_ms"] for r in board["local"]]
-    out = {"calibration": {**cal, "profile_rescaled_by": factor}, "local_ms": local_totals, "scenarios": {}}
+    out = {"calibration": {**cal, "profile_rescaled_by": factor}, "local_ms": local_totals, "scenarios": {},
+           "fidelity_frames": {"frames": check.frames, "what": check.describe}}
     for s in (s for s in spec.scenarios if not SCENARIOS[s].steps):
         sc = SCENARIOS[s]
         jobs = {**plans[s], "edge-only": _edge_only_job(names, edge, sc, board["jpeg"], down)}
         out["scenarios"][s] = _scenario(model, spec, child, worker.address, sc, links[s], jobs, local_totals, ref,
-                                        sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress)
+                                        sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress, check)
     _ask_quit(child)
     worker.stop()
     profiles = (tmp / f"{model}-device.json", tmp / f"{model}-edge.json")
@@ -163,10 +196,11 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
 
 
 def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, jobs: dict, local_totals, ref,
-              local_predicted_ms: float, down: int, cl: Cleanup, progress) -> dict:
+              local_predicted_ms: float, down: int, cl: Cleanup, progress, check: fidelity.Checker) -> dict:
     """Every strategy on one static link (one relay to the worker)."""
     local = costs.summarise(local_totals, local_totals, [0] * len(ref), ref, ref, local_predicted_ms)
-    local.update(strategy="local", per_frame_ms=local_totals, bound_fps=1e3 / statistics.median(local_totals))
+    local.update(strategy="local", per_frame_ms=local_totals, bound_fps=1e3 / statistics.median(local_totals),
+                 **_offline_fidelity(check, None))
     res = {"link": link, "local": local}
     relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps)
     cl.add(relay.stop)
@@ -179,7 +213,7 @@ def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, 
             progress(f"{model} {sc.name}: {name} ({job['plan']})")
             got = _ask(child, {**job, "strategy": name, "address": relay.address, "warmup": spec.warmup,
                                "window": spec.window, "pipeline_frames": frames}, JOB_SECONDS)
-            res[name] = _strategy_rows(name, got, sc, link, down, ref, job)
+            res[name] = {**_strategy_rows(name, got, sc, link, down, ref, job), **_offline_fidelity(check, job)}
     finally:
         relay.stop()
     return res
@@ -197,9 +231,11 @@ def _ask_quit(child: subprocess.Popen) -> None:
 
 
 def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
-        partial: Callable[[dict], None] | None = None) -> dict:
+        partial: Callable[[dict], None] | None = None, frames: FrameMaker | None = None) -> dict:
     """Every model x scenario x strategy; the results as one JSON-able dict (``partial`` gets them
-    after each model, so a long run that is stopped keeps what it measured)."""
+    after each model, so a long run that is stopped keeps what it measured). ``frames`` makes the fidelity
+    checks' frames (default: the bundled photos, repeated)."""
+    frames = frames or _sample_frames
     why = cgroup_unavailable()
     if why:
         raise RuntimeError(f"cannot emulate the board: {why}; run as root on a host with cgroup v1 cpu")
@@ -221,10 +257,19 @@ def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
                          + (f"  ** off by > 5 %: {', '.join(links[key]['off'])}" if links[key]["off"] else ""))
         models: dict = {}
         for m in spec.models:
-            models[m] = _run_model(m, spec, rank, cg, links, tmp, cl, progress)
+            models[m] = _run_model(m, spec, rank, cg, links, tmp, cl, progress, frames)
             if partial is not None:
                 partial(_result(spec, started, load, models))
     return _result(spec, started, load, models)
+
+
+def _sample_frames(model_spec, n: int):
+    """The bundled photos, repeated to ``n`` frames (four distinct images: the CLI hands in more)."""
+    import torch
+
+    from runtime.agent.sources import open_source
+
+    return torch.cat([f.tensor for f in open_source(model_spec, "samples", n)]), f"the 4 bundled photos, {n} in turn"
 
 
 def _load() -> str:

@@ -68,10 +68,13 @@ class RunSpec:
     pipeline_frames: int = 0  # frames of the pipelined pass (0: as many as ``frames``)
     trace_fps: float = 1.0  # dynamic trace: the agent's camera rate (the whole agent runs under the quota)
     trace_deadline_s: float = 3.0  # dynamic trace: the agent's per-frame deadline
-    min_fidelity: float = 0.97  # edgesplit's floor for a Transfer Layer's measured top-1 agreement
-    # codecs edgesplit may choose from (jpeg = q90, the edge-only camera's, and jpeg75: input only, each under the
-    # fidelity floor as measured on the profiled photos)
-    codecs: tuple[str, ...] = ("raw", "fp16", "int8+lz4", "jpeg", "jpeg75")
+    # edgesplit's floor for a plan's top-1 agreement with the unsplit model (TL, lossy codec, JPEG quality),
+    # measured on ``fidelity_frames`` frames before the plan runs: 0.99 = at most one point lost
+    min_fidelity: float = 0.99
+    fidelity_frames: int = 200  # frames of that check (and of every strategy's offline fidelity column)
+    # codecs edgesplit may choose from (jpeg = q90, the edge-only camera's; jpegQ at the input only), each plan
+    # under the fidelity floor
+    codecs: tuple[str, ...] = ("raw", "fp16", "int8+lz4", "jpeg", "jpeg75", "jpeg60", "jpeg50", "jpeg40")
     testbed: Testbed = field(default_factory=Testbed)  # the board and the edge
     out_dir: str = "runtime/measure/results"  # JSON, markdown and PNG go here
     name: str = "scenarios"  # file stem of the results
