@@ -30,12 +30,17 @@ plan then changes is the hysteresis's call, as for a link change.
 
 The worker's compute is corrected the same way, per (agent, worker): :class:`WorkerSpeeds`, from
 the worker's own ``edge_tail`` time over its profile's blocks for the plan's slice (in memory only).
+Each factor carries its sample count and the time of its last sample; one with no sample for
+``WORKER_SPEED_TTL`` seconds (default 60) is forgotten, and the worker's profile stands again. An
+agent that a loaded worker sent to run locally measures that worker no more (no frame reaches its
+tail), so without an age the factor of one busy minute would keep the agent off the worker for good.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -91,6 +96,7 @@ class DeviceSpeed:
     samples: int = 0  # samples taken (persisted, so a restart keeps smoothing instead of starting over)
     applied: float = 1.0  # the factor the agent's device profile is scaled by now
     unsaved: bool = False  # changed since it was last written to the store
+    updated: float = 0.0  # wall-clock time of the last sample taken (0: none in this process)
 
     def add(self, ratio: float) -> bool:
         """Take one sample; False (and no change) when it is not plausible."""
@@ -101,6 +107,7 @@ class DeviceSpeed:
         self.factor = min(max(smoothed, MIN_FACTOR), MAX_FACTOR)  # rounding must not leave the range
         self.samples += 1
         self.unsaved = True
+        self.updated = time.time()
         return True
 
     def observe(self, stages: Mapping[str, float], profile: Profile, split_index: int) -> str | None:
@@ -126,6 +133,7 @@ def scaled(profile: Profile, factor: float) -> Profile:
 
 
 MAX_WORKER_SPEEDS = 64  # workers one agent keeps a tail factor for (a sample for another one is dropped)
+WORKER_SPEED_TTL = 60.0  # seconds without a sample after which a worker's tail factor is forgotten
 
 
 class WorkerSpeeds:
@@ -136,7 +144,8 @@ class WorkerSpeeds:
     worker as it serves that agent (its share of a loaded machine); the worker's registered profiles
     stay shared, and an agent whose factor moved gets its own scaled copy (:meth:`profiles`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ttl_seconds: float = WORKER_SPEED_TTL) -> None:
+        self.ttl_seconds = ttl_seconds
         self.speeds: dict[str, DeviceSpeed] = {}  # worker id -> factor
         self._scaled: dict[str, tuple[Mapping[str, Profile], float, Mapping[str, Profile]]] = {}
 
@@ -179,6 +188,15 @@ class WorkerSpeeds:
         out = {**profiles, model: scaled(profiles[model], factor)}
         self._scaled[worker_id] = (profiles, factor, out)
         return out
+
+    def expire(self, now: float) -> bool:
+        """Forget factors with no sample for ``ttl_seconds`` (the profile stands again); True when one that
+        decisions used (applied != 1) went, so the agent's plan is worth a new look."""
+        moved = False
+        for wid in [w for w, s in self.speeds.items() if now - s.updated > self.ttl_seconds]:
+            moved |= self.speeds[wid].applied != 1.0
+            self.forget(wid)
+        return moved
 
     def forget(self, worker_id: str) -> None:
         self.speeds.pop(worker_id, None)

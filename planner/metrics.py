@@ -48,6 +48,9 @@ class PlannerMetrics:
         self.device_slowdown_max = Gauge("edgesplit_planner_device_slowdown_max_ratio",
                                          "Largest smoothed device slowdown factor among agents (measured / profiled "
                                          "device compute; 1 = as profiled)", registry=r)
+        self.worker_slowdown_max = Gauge("edgesplit_planner_worker_slowdown_max_ratio",
+                                         "Largest worker tail slowdown factor decisions use, among agents and their "
+                                         "workers (measured / profiled worker compute; 1 = as profiled)", registry=r)
         self.compute_samples = Counter("edgesplit_planner_compute_samples",
                                        "Device compute samples from telemetry, by outcome (ignored: implausible ratio)",
                                        ["outcome"], registry=r)
@@ -86,3 +89,4 @@ class PlannerMetrics:
         for code in ERROR_CODES:
             self.errors.labels(code)
         self.device_slowdown_max.set(1.0)
+        self.worker_slowdown_max.set(1.0)

@@ -153,6 +153,8 @@ class RePlanner:
                 if st.links and self.broadcaster.watching(aid)]
         self.metrics.telemetry_age_seconds.set(max(ages) if ages else 0.0)
         self.metrics.device_slowdown_max.set(max((st.speed.factor for st in agents.values()), default=1.0))
+        self.metrics.worker_slowdown_max.set(max((s.applied for st in agents.values() for s in st.tails.speeds.values()),
+                                                 default=1.0))
         self.gc.check(len(agents))
         for memo in (self._basis, self._banded, self._previous):  # agents no longer held here (another replica took them)
             for aid in [a for a in memo if a not in agents]:
@@ -402,9 +404,10 @@ class RePlanner:
         if plan is None and t.plan_version:
             stored = self.state.stored_plan(st.record.id, t.plan_version)
             plan = stored.plan if stored is not None else None
+        expired = st.tails.expire(time.time())  # a worker factor with no sample for its TTL: the profile stands again
         if plan is None or plan.model_id != st.record.model:
-            return False
-        tail = self._observe_tail(st, plan, t)
+            return expired
+        tail = self._observe_tail(st, plan, t) or expired
         assert st.benchmark is not None
         outcome = st.speed.observe(t.stage_seconds, st.benchmark, plan.split_index)
         if outcome is not None:

@@ -158,6 +158,18 @@ def test_a_loaded_workers_tail_times_scale_its_profile_for_that_agent(aio, plann
         # under the local plan no worker runs a tail: the factor stays
         assert await report(planner, sum(DEVICE_S), new.version, edge_tail=0.001) == 1
         assert st.tails.applied("w1") == pytest.approx(30.0)
+        await planner.ps.service.tick()
+        assert sample(planner, "edgesplit_planner_worker_slowdown_max_ratio") == pytest.approx(30.0)
+        # a minute with no frame on the worker: the factor is forgotten, the profile stands, a1 offloads again
+        st.tails.speeds["w1"].updated -= compute.WORKER_SPEED_TTL + 1
+        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1", known_version=new.version), timeout=RPC)
+        await report(planner, sum(DEVICE_S), new.version)
+        assert "w1" not in st.tails.speeds and st.tails.applied("w1") == 1.0
+        back = await next_plan(watch)
+        watch.cancel()
+        assert (back.split_id, back.worker_id) == ("conv2", "w1") and back.version > new.version
+        await planner.ps.service.tick()
+        assert sample(planner, "edgesplit_planner_worker_slowdown_max_ratio") == 1.0
 
     aio.run(scenario())
 
