@@ -42,7 +42,7 @@ def test_a_renewed_client_certificate_is_used_by_the_next_call_on_the_same_chann
     d, ca = site
 
     async def go():
-        daemon, servicer = await start(creds(d, "worker-w1"))
+        daemon, _ = await start(creds(d, "worker-w1"))
         channel = TransportOptions(security=creds(d, "client")).aio_channel(f"127.0.0.1:{daemon.port}")
         try:
             before = await call_as(channel)
@@ -78,7 +78,7 @@ def test_sighup_rereads_credentials_even_when_the_files_look_unchanged(site):
             else:
                 pytest.skip("no renewal of the same size in 50 tries")
             pki.write(renewed, d, "client")
-            for path, st in zip((d / "client.pem", d / "client.key"), old):
+            for path, st in zip((d / "client.pem", d / "client.key"), old, strict=True):
                 os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
             await asyncio.sleep(reloading.RECHECK_SECONDS + 0.1)
             unchanged = await call_as(channel)
