@@ -184,6 +184,8 @@ def test_the_planner_session_and_the_worker_registration_notice_a_silent_partiti
                                                      connect_timeout=1.0, backoff_initial=0.5, backoff_max=2.0))
         reg = PlannerRegistration(PlannerClientOptions(to_planner.address), "w1", "127.0.0.1:1", "edge",
                                   [_profile(loaded, "edge", "w1").to_json()], [], refresh_seconds=60.0)
+        worker_deaths: list[str] = []
+        reg.died = worker_deaths.append  # the worker server counts these in edgesplit_worker_stream_deaths_total
         try:
             await agent.start()
             await link.start()
@@ -196,6 +198,7 @@ def test_the_planner_session_and_the_worker_registration_notice_a_silent_partiti
             agent_noticed = await until(lambda: not link.connected, 15.0)
             worker_noticed = await until(lambda: reg.connection_losses > 0, 15.0) if not reg.connection_losses \
                 else reg.lost_at - cut
+            assert worker_deaths == ["connection_lost"], worker_deaths
             return kept, agent_noticed, worker_noticed, deaths(agent, "planner", "keepalive"), link.last_error
         finally:
             await reg.close()

@@ -52,6 +52,7 @@ PREPARE_TIMEOUT_SECONDS = 60.0  # a next tier's Prepare when the caller set no d
 class _TierMetrics:
     stream_up: Any
     reconnects: Any
+    stream_died: Any  # reason -> None (runtime.wire.stream.StreamMetrics)
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,9 @@ class NextTiers:
     def _stream(self, address: str) -> EdgeStream:
         stream = self._streams.get(address)
         if stream is None:
-            m = _TierMetrics(self.metrics.next_tier_up.labels(address), self.metrics.next_tier_opens.labels(address))
+            deaths = self.metrics.stream_deaths
+            m = _TierMetrics(self.metrics.next_tier_up.labels(address), self.metrics.next_tier_opens.labels(address),
+                             lambda reason: deaths.labels("next_tier", reason).inc())
             stream = EdgeStream(address, self.config.transport(), m, self.config.forward_connect_timeout_seconds,
                                 self.config.forward_reconnect_seconds,
                                 link_hint=lambda: (self._bandwidth.get(address, 0.0), 0.0))

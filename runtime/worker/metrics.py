@@ -37,6 +37,10 @@ class WorkerMetrics:
                                   ["next_tier"], registry=r)
         self.next_tier_opens = Counter("edgesplit_worker_next_tier_stream_opens", "Streams opened to a next tier",
                                        ["next_tier"], registry=r)
+        self.stream_deaths = Counter("edgesplit_worker_stream_deaths", "Streams and connections that died, by endpoint "
+                                     "(next_tier: a forward stream; planner: the registration's connection) and reason "
+                                     "(runtime.wire.liveness; connection_lost: the planner connection left READY)",
+                                     ["endpoint", "reason"], registry=r)
         self.probe_bytes = Counter("edgesplit_worker_probe_bytes", "Bandwidth probe payload bytes received from agents",
                                    registry=r)
         for code in ERROR_CODES:  # every series exists from the start, so rate() alerts can fire on the first error

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from runtime.contracts import profile as profiles
 from runtime.contracts.errors import EdgesplitError, InvalidInput, PreconditionFailed
@@ -64,6 +64,7 @@ class PlannerRegistration:
         # channel's keep-alive; runtime.wire.transport) and when last (time.monotonic(); 0.0: never)
         self.connection_losses = 0
         self.lost_at = 0.0
+        self.died: Callable[[str], None] | None = None  # called with "connection_lost" (the worker's metric)
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -97,6 +98,8 @@ class PlannerRegistration:
     def _lost(self, state: str) -> None:
         self.connection_losses += 1
         self.lost_at = time.monotonic()
+        if self.died is not None:
+            self.died("connection_lost")
         if self.registered.is_set():
             logger.warning("connection to planner %s lost (%s); worker %s registers again in at most %.0fs",
                            self.planner, state, self.worker_id, self.refresh_seconds)

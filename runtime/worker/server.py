@@ -84,6 +84,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
             PlannerClientOptions(config.planner, config.transport(), rpc_timeout=RPC_TIMEOUT_SECONDS), config.worker_id or socket.gethostname(),
             advertised_address(config.listen, daemon.port, config.advertise),
             config.tier, docs, sorted(service.tails.tls), config.planner_refresh_seconds, config.next_tiers)
+        ws.registration.died = lambda reason: metrics.stream_deaths.labels("planner", reason).inc()
         ws.registration.start()
     logger.info("worker serving on port %d (metrics %s)", daemon.port, daemon.metrics_text())
     return ws
