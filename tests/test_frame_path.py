@@ -39,3 +39,21 @@ def test_a_stream_message_frame_is_sent_as_is_or_chunked_and_reassembled(chunk):
     frames = [f for f in (asm.feed(m) for m in msgs) if f is not None]
     assert len(frames) == 1 and frames[0].tensor.buffer == whole
     assert torch.equal(c.decode(frames[0].tensor), x)
+
+
+def test_overhead_parts_account_for_the_whole_overhead():
+    """agent + codec + gRPC + worker hand-offs = total - head - tail - queueing, frame by frame."""
+    from types import SimpleNamespace
+
+    from runtime.agent.summary import runtime_overhead
+    from runtime.measure.bench import overhead_parts
+
+    t = {"board_queue": 0.001, "head": 0.010, "encode": 0.0005, "transfer_edge": 0.020, "edge_queue": 0.002,
+         "edge_decode": 0.0003, "edge_tail": 0.012, "edge_held": 0.0151, "total": 0.0330}
+    r = SimpleNamespace(times=t)
+    parts = overhead_parts([r])
+    assert parts["agent"] == pytest.approx(1.5) and parts["codec"] == pytest.approx(0.8)
+    assert parts["grpc"] == pytest.approx(4.9) and parts["worker"] == pytest.approx(0.8)
+    assert sum(parts.values()) == pytest.approx(runtime_overhead(r) * 1e3)
+    older = overhead_parts([SimpleNamespace(times={k: v for k, v in t.items() if k != "edge_held"})])
+    assert older["worker"] != older["worker"] and older["agent"] == pytest.approx(1.5)  # nan: no worker timestamps

@@ -67,7 +67,27 @@ async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=N
         "network_p50_ms": _median([(r.times["transfer_edge"] - r.times["edge_tail"] - r.times["edge_decode"]
                                     - r.times["edge_queue"]) * 1e3 for r in edge]),
         "throughput_fps": len(edge) / wall,
+        "overhead_parts_p50_ms": overhead_parts(edge),
     }
+
+
+def overhead_parts(edge) -> dict:
+    """The runtime overhead split by where it goes (p50 ms of each part; the parts' medians need not add up
+    to the overhead's): the agent's hand-offs (board thread -> event loop -> gRPC, and the result's decode and
+    bookkeeping after it arrives), codec work (encode, TL encoder, the worker's decode), gRPC both ways (the
+    agent's write to its read of the result, less the worker's hold: loopback bytes, both gRPC stacks, the
+    completion-queue wake-ups) and the worker's hand-offs (its hold less queue, decode and tail: executor ->
+    event loop -> the result's write). Frames without the worker's timestamps leave the last two out."""
+    parts: dict[str, list[float]] = {"agent": [], "codec": [], "grpc": [], "worker": []}
+    for r in edge:
+        t = r.times
+        parts["agent"].append(t["total"] - t.get("board_queue", 0.0) - t["head"] - t.get("tl_encode", 0.0)
+                              - t["encode"] - t["transfer_edge"])
+        parts["codec"].append(t["encode"] + t.get("tl_encode", 0.0) + t["edge_decode"])
+        if "edge_held" in t:
+            parts["grpc"].append(t["transfer_edge"] - t["edge_held"])
+            parts["worker"].append(t["edge_held"] - t["edge_queue"] - t["edge_decode"] - t["edge_tail"])
+    return {k: _median([v * 1e3 for v in vs]) for k, vs in parts.items()}
 
 
 def _local_full_ms(loaded, n=20):
@@ -120,6 +140,13 @@ def run_bench(args: argparse.Namespace) -> int:
               f"| {r['network_p50_ms']:.2f} | {r['overhead_p50_ms']:.2f} | {p['total']:.2f} | {r['throughput_fps']:.1f} |")
     print("\nAll times are p50 in ms. overhead = total - (head + edge tail) - queueing; network = transfer+edge - "
           "(edge queue + decode + tail).")
+    print("\nWhere the overhead goes (p50 ms of each part; runtime.measure.bench.overhead_parts):\n")
+    print("| split | codec | bytes/frame | agent hand-offs | codec work | gRPC both ways | worker hand-offs | overhead |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        o = r["overhead_parts_p50_ms"]
+        print(f"| {r['split_index']} | {r['codec']} | {r['bytes_per_frame']:,.0f} | {o['agent']:.2f} | {o['codec']:.2f} "
+              f"| {o['grpc']:.2f} | {o['worker']:.2f} | {r['overhead_p50_ms']:.2f} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": cmd, "model": loaded.name, "local_full_ms": local_ms, "rows": rows}, f, indent=1)
