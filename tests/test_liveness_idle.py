@@ -214,3 +214,49 @@ def test_the_planner_session_and_the_worker_registration_notice_a_silent_partiti
     with capsys.disabled():
         print(f"\nsilent partition to the planner noticed after {agent_noticed:.2f} s by the agent's session "
               f"({error}), {worker_noticed:.2f} s by the worker's registration (keep-alive 1 s + 0.8 s)")
+
+
+def test_a_ping_lost_while_frames_get_through_widens_the_planner_ping_timeout(tmp_path):
+    """A planner ping that times out while the agent's frames still get through was queued behind them
+    (a busy slow uplink the planner shares with the worker), not a partition: the next session waits twice
+    as long for a ping, so a busy uplink does not end a session at each frame. (The relay shapes each
+    connection apart, so the queueing itself is not emulated: the planner's path is cut, and edge results
+    are counted during the cut as a board's frames would be.)"""
+    import torch
+
+    from planner.config import PlannerConfig
+    from planner.server import serve as serve_planner
+    from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
+    from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
+    from runtime.models.loader import load_model
+    from runtime.wire.codec import get_codec
+
+    torch.set_num_threads(1)
+    loaded = load_model("digits_cnn")
+
+    async def go():
+        ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite"), metrics_port=-1))
+        to_planner = await DelayProxy(f"127.0.0.1:{ps.port}").start()
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), AgentOptions(agent_id="a2"))
+        link = PlannerLink(agent, PlannerLinkOptions(to_planner.address, _profile(loaded, "device", "board"), "a2",
+                                                     connect_timeout=1.0, backoff_initial=0.5, backoff_max=2.0))
+        try:
+            await agent.start()
+            await link.start()
+            await until(lambda: link.connected, 30.0)
+            first = link.ping_timeout_ms
+            to_planner.blackhole = True
+            await until(lambda: not link.connected, 15.0)
+            agent.metrics.frames.labels("edge").inc()  # results still came back over the worker's link
+            to_planner.blackhole = False
+            await until(lambda: link.connected and link.registrations == 2, 30.0)
+            return first, link.ping_timeout_ms
+        finally:
+            await link.close()
+            await agent.close()
+            await to_planner.close()
+            await ps.drain_and_stop(0.5)
+
+    first, then = asyncio.run(go())
+    assert (first, then) == (800, 1600)

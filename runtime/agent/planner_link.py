@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -157,6 +158,10 @@ class PlannerLink:
         self.telemetry_sent = 0
         self.telemetry_shed = 0  # telemetry streams the planner ended RESOURCE_EXHAUSTED (waited out, then reopened)
         self.session_deaths = 0  # registered sessions that ended in an error (a partition, a planner gone)
+        # the planner channel's keep-alive ping timeout: TransportOptions.control_keepalive_timeout_ms (0.8 s),
+        # doubled after each ping lost behind frames (_widen_if_queued)
+        self.ping_timeout_ms = options.transport.control_keepalive_timeout_ms
+        self._edge_frames_at_death: float | None = None
         self.plans_applied = 0
         self.plans_refused = 0
         self.last_error = ""
@@ -193,7 +198,9 @@ class PlannerLink:
 
     async def _run(self) -> None:
         while True:
-            planner = PlannerClient(self.options.client_options())
+            self._widen_if_queued()
+            transport = dataclasses.replace(self.options.transport, control_keepalive_timeout_ms=self.ping_timeout_ms)
+            planner = PlannerClient(dataclasses.replace(self.options.client_options(), transport=transport))
             try:
                 await planner.connect()
                 reply = await planner.register_agent(self._register_request())
@@ -223,9 +230,32 @@ class PlannerLink:
 
     def _died(self, reason: str) -> None:
         self.session_deaths += 1
+        kind = death_kind(reason)
         died = getattr(getattr(self.agent, "metrics", None), "stream_died", None)
         if died is not None:
-            died(death_kind(reason), "planner")
+            died(kind, "planner")
+        if kind == "keepalive":  # was it a partition, or a ping queued behind frames? (_widen_if_queued)
+            self._edge_frames_at_death = self._edge_frames()
+
+    def _edge_frames(self) -> float:
+        registry = getattr(getattr(self.agent, "metrics", None), "registry", None)
+        value = registry.get_sample_value("edgesplit_agent_frames_total", {"where": "edge"}) if registry else None
+        return value or 0.0
+
+    def _widen_if_queued(self) -> None:
+        """After a keep-alive death, before the next session: if edge results kept arriving since, the link
+        was not partitioned, the planner's ping waited behind frames on the board's uplink (the planner is
+        usually reached over the same link; 400 KB at 1.6 Mbit/s holds a ping 2 s). The next sessions wait
+        twice as long for a ping (up to the frame channels' keepalive_timeout_ms), so a busy slow uplink
+        does not end a session at each frame; a partition is then noticed later (at most 1 s + 10 s)."""
+        at_death, self._edge_frames_at_death = self._edge_frames_at_death, None
+        if at_death is not None and self._edge_frames() > at_death:
+            wider = min(2 * self.ping_timeout_ms, max(self.ping_timeout_ms, self.options.transport.keepalive_timeout_ms))
+            if wider > self.ping_timeout_ms:
+                logger.warning("planner %s: a keep-alive ping went unanswered while frames still got through (a "
+                               "busy uplink, not a partition); the planner channel now waits %d ms for a ping",
+                               self.address, wider)
+                self.ping_timeout_ms = wider
 
     def _register_request(self) -> ppb.RegisterAgentRequest:
         return ppb.RegisterAgentRequest(
