@@ -96,7 +96,7 @@ def test_a_silent_partition_is_detected_and_every_frame_gets_one_result(capsys):
     assert len(results) == 3 and all(r.where == "local" for r in results)  # one result each, run on the board
     assert all(r.top1()[0] == before[0].top1()[0] for r in results)
     with capsys.disabled():
-        print(f"\nsilent partition detected after {detected:.2f} s (link-aware: max(2 s, outstanding / bandwidth + RTT))")
+        print(f"\nsilent partition detected after {detected:.2f} s (link-aware: max(1.5 s, 1.5 x outstanding / bandwidth + RTT))")
 
 
 def test_liveness_rule_waits_for_the_link_and_never_kills_an_idle_or_unmeasured_stream():
