@@ -1,4 +1,4 @@
-"""Prepare and frames limited to the models a worker serves (issue 10 part 5, ``--serve``): a caller
+"""Prepare and frames limited to the models a worker serves (issue 10 part 5, ``--serve-models``): a caller
 cannot make the worker load a model it was not deployed for; refused PERMISSION_DENIED with what to
 change, before anything is loaded (asserted on the worker's own list of loaded models)."""
 
@@ -23,16 +23,16 @@ BUNDLED = {"digits_cnn", "resnet18", "vgg16", "efficientnet_lite0"}
 
 def test_the_list_comes_from_serve_else_from_what_the_configuration_names():
     assert served_models(WorkerConfig(), BUNDLED).allowed is None  # names none: the quick start serves all
-    assert served_models(WorkerConfig(serve=("all",)), BUNDLED).allowed is None
-    assert served_models(WorkerConfig(serve=("digits_cnn", "vgg16")), BUNDLED).allowed == {"digits_cnn", "vgg16"}
+    assert served_models(WorkerConfig(serve_models=("all",)), BUNDLED).allowed is None
+    assert served_models(WorkerConfig(serve_models=("digits_cnn", "vgg16")), BUNDLED).allowed == {"digits_cnn", "vgg16"}
     assert served_models(WorkerConfig(preload=("resnet18@add_2", "digits_cnn")), BUNDLED).allowed == {
         "resnet18", "digits_cnn"}
     # the bundled Transfer Layer artifact names its model
     assert served_models(WorkerConfig(tls=("tl-d1a2152e9a29",)), BUNDLED).allowed == {"efficientnet_lite0"}
-    # --serve wins over what the configuration names
-    assert served_models(WorkerConfig(serve=("vgg16",), preload=("resnet18",)), BUNDLED).allowed == {"vgg16"}
-    with pytest.raises(InvalidInput, match="--serve names nosuch"):
-        served_models(WorkerConfig(serve=("nosuch",)), BUNDLED)
+    # --serve-models wins over what the configuration names
+    assert served_models(WorkerConfig(serve_models=("vgg16",), preload=("resnet18",)), BUNDLED).allowed == {"vgg16"}
+    with pytest.raises(InvalidInput, match="--serve-models names nosuch"):
+        served_models(WorkerConfig(serve_models=("nosuch",)), BUNDLED)
 
 
 def test_a_refusal_says_what_to_change():
@@ -40,7 +40,7 @@ def test_a_refusal_says_what_to_change():
     served.check("digits_cnn")
     with pytest.raises(PermissionDenied) as info:
         served.check("vgg16")
-    assert "--serve vgg16" in str(info.value) and "--preload" in str(info.value) and "digits_cnn" in str(info.value)
+    assert "--serve-models vgg16" in str(info.value) and "--preload" in str(info.value) and "digits_cnn" in str(info.value)
 
 
 def test_profiles_name_the_models_served():
@@ -54,7 +54,7 @@ def test_a_worker_refuses_prepare_and_frames_of_models_it_does_not_serve():
     from runtime.worker.server import serve
 
     async def go():
-        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, serve=("digits_cnn",)))
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, serve_models=("digits_cnn",)))
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
                 stub = pb_grpc.InferenceStub(ch)
@@ -79,6 +79,6 @@ def test_a_worker_refuses_prepare_and_frames_of_models_it_does_not_serve():
     ok, refused, frame, loaded = asyncio.run(go())
     assert list(ok.input_shape)
     for code, details in refused:
-        assert code == grpc.StatusCode.PERMISSION_DENIED and "--serve" in details and "digits_cnn" in details
+        assert code == grpc.StatusCode.PERMISSION_DENIED and "--serve-models" in details and "digits_cnn" in details
     assert frame.header.seq == 7 and frame.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
     assert loaded == ["digits_cnn"]  # nothing else was loaded

@@ -1,11 +1,11 @@
-"""Which models a worker serves to callers (``--serve``): a frame or ``Prepare`` naming another model
+"""Which models a worker serves to callers (``--serve-models``): a frame or ``Prepare`` naming another model
 is refused PERMISSION_DENIED before anything is loaded, so a caller cannot make the worker load every
 bundled model (each costs memory and start-up time).
 
 The list, in this order:
 
-* ``--serve MODEL`` (repeatable; TOML ``serve = [...]``, ``EDGESPLIT_WORKER_SERVE``): exactly those;
-  ``--serve all`` allows every bundled model and every configured user model;
+* ``--serve-models MODEL`` (repeatable; TOML ``serve_models = [...]``, ``EDGESPLIT_WORKER_SERVE_MODELS``): exactly those;
+  ``--serve-models all`` allows every bundled model and every configured user model;
 * else the models the worker's configuration names: ``--model`` (user models), ``--preload``,
   ``--tl`` (each artifact's model) and ``--profiles`` (each profile's model): a worker deployed for
   some models serves those;
@@ -22,7 +22,7 @@ from runtime.contracts.errors import InvalidInput, PermissionDenied
 
 logger = logging.getLogger(__name__)
 
-ALL = "all"  # --serve all: every bundled and configured model
+ALL = "all"  # --serve-models all: every bundled and configured model
 
 
 @dataclass(frozen=True)
@@ -41,8 +41,8 @@ class ServedModels:
             return
         allowed = ", ".join(sorted(self.allowed or ())) or "none"
         raise PermissionDenied(f"model {model_id!r} is not served by this worker (it serves {allowed}: {self.source}); "
-                               f"send it to a worker that serves it, or start this one with --serve {model_id} "
-                               f"(--serve {ALL} for every bundled model)")
+                               f"send it to a worker that serves it, or start this one with --serve-models {model_id} "
+                               f"(--serve-models {ALL} for every bundled model)")
 
 
 def _named(config) -> dict[str, str]:
@@ -66,17 +66,17 @@ def _named(config) -> dict[str, str]:
 
 def served_models(config, known: Iterable[str]) -> ServedModels:
     """The worker's served models from its configuration; ``known`` = bundled + configured user models.
-    InvalidInput for a --serve entry that names no known model."""
+    InvalidInput for a --serve-models entry that names no known model."""
     known = set(known)
-    serve = tuple(s.strip() for s in config.serve if s.strip())
+    serve = tuple(s.strip() for s in config.serve_models if s.strip())
     if ALL in serve:
-        served = ServedModels(None, f"--serve {ALL}")
+        served = ServedModels(None, f"--serve-models {ALL}")
     elif serve:
         unknown = sorted(set(serve) - known)
         if unknown:
-            raise InvalidInput(f"--serve names {', '.join(unknown)}, which this worker does not have; bundled and "
+            raise InvalidInput(f"--serve-models names {', '.join(unknown)}, which this worker does not have; bundled and "
                                f"configured: {', '.join(sorted(known))} (a user model needs --model path.py:factory)")
-        served = ServedModels(frozenset(serve), "--serve")
+        served = ServedModels(frozenset(serve), "--serve-models")
     else:
         named = _named(config)
         if named:

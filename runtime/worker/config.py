@@ -19,7 +19,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     models: tuple[str, ...] = field((), "user models this worker may serve, as path/to/file.py:factory or .pt2")
-    serve: tuple[str, ...] = field((), "models callers may name (Prepare, frames); others are PERMISSION_DENIED. 'all' = every bundled and configured model (default: the models --model/--preload/--tl/--profiles name; every bundled one when none)")
+    serve_models: tuple[str, ...] = field((), "models callers may name (Prepare, frames); others are PERMISSION_DENIED. 'all' = every bundled and configured model (default: the models --model/--preload/--tl/--profiles name; every bundled one when none)")
     preload: tuple[str, ...] = field((), "MODEL or MODEL@SPLIT tails to load at start instead of on first use")
     tls: tuple[str, ...] = field((), "Transfer Layer artifacts (.json written by 'edgesplit tl train') whose decoders this worker serves")
     max_concurrency: int = field(1, "frames computed at once (tail executor threads)")

@@ -72,7 +72,7 @@ class TailCache:
         self._bundled = set(list_models())
         # user models are addressed by their id ("stem:factory"); only those configured may load
         self._user: dict[str, str] = {get_spec(s).name: s for s in config.models}
-        self.served = served_models(config, self._bundled | set(self._user))  # what callers may name (--serve)
+        self.served = served_models(config, self._bundled | set(self._user))  # what callers may name (--serve-models)
         self._models: dict[str, LoadedModel] = {}
         self._tails: dict[tuple[str, str], Tail] = {}
         self._slices: dict[tuple[str, str, str, str], Tail] = {}  # (model, split, end, TL id): middle slices
@@ -138,7 +138,7 @@ class TailCache:
                 + (f"; user models: {', '.join(sorted(self._user))}" if self._user else "")
                 + ". Start the worker with --model path/to/file.py:factory to serve a user model"
             )
-        self.served.check(model_id)  # PERMISSION_DENIED unless --serve (or the configuration) names it
+        self.served.check(model_id)  # PERMISSION_DENIED unless --serve-models (or the configuration) names it
         lock = self._locks.setdefault(model_id, asyncio.Lock())
         async with lock:
             if model_id not in self._models and len(self._models) >= self._config.max_loaded_models:
