@@ -52,3 +52,43 @@ def test_a_failed_tile_fails_the_crops_that_read_it_and_a_misfit_is_refused():
             m.full()
 
     asyncio.run(go())
+
+
+def test_stitching_does_not_depend_on_the_inference_mode_left_on_the_loop_thread():
+    """The cause of test_parallel_cli's rare failure: a frame awaited its tail inside torch.inference_mode
+    on the event loop, so another frame's first tile, stitched meanwhile, made its map an inference tensor,
+    and its next tile (stitched outside the mode) raised "Inplace update to inference tensor"."""
+    tiles = list(partition((4, 4), [1.0, 1.0]))
+    full = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    m = TileMap((4, 4), tiles)
+    with torch.inference_mode():
+        m.put(0, full[..., 0:2, :].clone())
+    m.put(1, full[..., 2:4, :])  # raised RuntimeError before
+    assert torch.equal(m.full(), full) and not m.full().is_inference()
+
+
+def test_the_coordinator_never_holds_inference_mode_across_an_await():
+    from runtime.agent.parallel import ParallelCoordinator
+    from runtime.models.loader import load_model
+    from runtime.parallel.plan import ParallelStage, TiledBlock
+
+    loaded = load_model("digits_cnn")
+    first = loaded.sliced.split_points[1].name
+    coord = ParallelCoordinator(loaded, ParallelStage(("127.0.0.1:1",), (TiledBlock("input", first, (1.0,)),),
+                                                      model=loaded.name))
+    seen = []
+
+    async def go():
+        async def watch():  # runs on the loop while the frame's head/tail are computed in the executor
+            for _ in range(200):
+                seen.append(torch.is_inference_mode_enabled())
+                await asyncio.sleep(0.0005)
+
+        w = asyncio.ensure_future(watch())
+        x = torch.zeros(loaded.input_shape)  # the block's worker is unreachable: its tile runs locally
+        await asyncio.gather(coord.run_frame(x), coord.run_frame(x))
+        w.cancel()
+        await coord.close()
+
+    asyncio.run(go())
+    assert seen and not any(seen)

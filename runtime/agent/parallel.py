@@ -51,6 +51,11 @@ def region_msg(r: Region) -> tiles_pb2.TileRegion:
 LOCAL = "local"
 
 
+def _inference(fn: Callable, *args):
+    with torch.inference_mode():
+        return fn(*args)
+
+
 def _block_done(on_block: Callable[[int, list[TileReport]], None] | None, i: int, reports: list[TileReport],
                 f: asyncio.Future) -> None:
     if not f.cancelled() and f.exception() is None and on_block is not None:  # exception(): retrieved, not logged
@@ -77,9 +82,10 @@ class TileMap:
         r = self.tiles[k]
         if tuple(tile.shape[-2:]) != r.shape:
             raise InvalidInput(f"tile {tuple(tile.shape[-2:])} does not fit region {r} of {self.hw}")
-        if self._map is None:
-            self._map = tile.new_empty((*tile.shape[:-2], *self.hw))
-        self._map[..., r.rows.start: r.rows.stop, r.cols.start: r.cols.stop] = tile
+        with torch.inference_mode(False):  # whatever mode a caller left on the loop thread: always a normal tensor
+            if self._map is None:
+                self._map = tile.new_empty((*tile.shape[:-2], *self.hw))
+            self._map[..., r.rows.start: r.rows.stop, r.cols.start: r.cols.stop] = tile
         self._events[k].set()
 
     def fail(self, e: BaseException) -> None:
@@ -208,7 +214,11 @@ class ParallelCoordinator:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     async def _compute(self, fn: Callable, *args):
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """``fn(*args)`` in the coordinator's thread, under ``torch.inference_mode`` there. Never hold
+        inference mode across an ``await`` on the event loop: it is the loop thread's state, so every task
+        that ran meanwhile (another frame stitching its tiles) would make inference tensors, and the next
+        in-place stitch outside the mode fails ("Inplace update to inference tensor outside InferenceMode")."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _inference, fn, *args)
 
     # -- one tile -----------------------------------------------------------------------------
 
@@ -345,10 +355,8 @@ class ParallelCoordinator:
     async def run_frame(self, image: torch.Tensor,
                         on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:
         """A whole frame: head to the first block locally, the stage, the rest of the model locally."""
-        with torch.inference_mode():
-            x = image if self.first.index == 0 else await self._compute(self.loaded.head(self.first.name), image)
+        x = image if self.first.index == 0 else await self._compute(self.loaded.head(self.first.name), image)
         y, reports = await self.run_stage(x, on_block)
         if self.last.name != "output":
-            with torch.inference_mode():
-                y = await self._compute(self.loaded.tail(self.last.name), y)
+            y = await self._compute(self.loaded.tail(self.last.name), y)
         return y, reports
