@@ -51,10 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link-mode", choices=("shared", "per-worker"), default="shared",
                    help="how the planner costs the links: the relays give each worker its own, but one "
                         "coordinator process relays and stitches for all (measured: shared predicts better)")
-    p.add_argument("--relays", choices=("process", "inline"), default="process",
+    p.add_argument("--relays", choices=("process", "inline", "none"), default="process",
                    help="process: each worker's relay is a process of its own (python -m runtime.tools.netem); inline: "
                         "relays in the coordinator's event loop (the first recorded runs), where relaying every byte "
-                        "costs the coordinator's own CPU")
+                        "costs the coordinator's own CPU; none: straight to the workers, no emulated link (a diagnostic: "
+                        "what the relays themselves cost; --delay-ms and --rate-mbps are still what the planner assumes)")
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
                    help=f"strategies to measure ({PREVIOUS}: DPFP as first built, row bands only, no coordinator "
@@ -207,6 +208,16 @@ async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
             "rest_seconds": cal.rest_seconds, "frames": cal.frames}
 
 
+class Direct:
+    """No relay (``--relays none``): the coordinator talks to the worker itself."""
+
+    def __init__(self, address: str):
+        self.address = address
+
+    async def close(self) -> None:
+        return None
+
+
 class RelayProcess:
     """``python -m runtime.tools.netem`` as a process of its own (a real link costs the coordinator no CPU)."""
 
@@ -315,7 +326,9 @@ async def run(args, tmp: Path, quotas) -> dict:
                               "--preload", args.model], timeout=300, log=tmp / f"worker{i}.log")
             workers.append(w)
             quotas.new(args.share).add(w.proc.pid)
-            if args.relays == "process":
+            if args.relays == "none":
+                relays.append(Direct(w.address))
+            elif args.relays == "process":
                 relays.append(RelayProcess(w.address, args.delay_ms, args.rate_mbps, tmp / f"relay{i}.log"))
             else:
                 relays.append(await DelayProxy(w.address, LinkShape.from_ms_mbps(args.delay_ms, args.rate_mbps)).start())
@@ -334,6 +347,10 @@ async def run(args, tmp: Path, quotas) -> dict:
             await r.close()
         for w in workers:
             w.stop(timeout=10)
+
+
+_RELAYS = {"process": "a process each", "inline": "in the coordinator process",
+           "none": "NOT USED in this run (--relays none: straight to the workers; the link figures are only what the planner assumed)"}
 
 
 def _fmt(v, spec: str) -> str:
@@ -398,7 +415,7 @@ def markdown(res: dict) -> str:
            f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
            f"per 10,000 us), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
            f"quotas. Link: one user-space relay per worker "
-           f"({'a process each' if a.get('relays') == 'process' else 'in the coordinator process'}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
+           f"({_RELAYS.get(a.get('relays', 'inline'), '')}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
            f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
            f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}; coordinator "
            f"{'waits for each whole block' if a.get('barrier') else 'wavefront: a tile goes once the tiles it reads are in'}). Times: the stage "
