@@ -24,7 +24,8 @@ One task per link. Each connection ("session"):
 
 When the planner cannot be reached or a stream breaks, the agent keeps its last plan and keeps
 serving frames; the link waits (0.5 s doubling to 30 s by default, reset after a successful
-registration) and starts a new session, registering again. Every RPC has a deadline: unary
+registration) and starts a new session, registering again; a silent partition ends the session by
+keep-alive (1 s + 0.8 s ping timeout, widened after a ping lost behind frames). Every RPC has a deadline: unary
 calls ``rpc_timeout``; the two long-lived streams ``stream_seconds``, after which they are
 reopened within the same session.
 """
