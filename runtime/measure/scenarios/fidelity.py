@@ -76,26 +76,40 @@ def exact(codec_name: str, tl_id: str) -> bool:
     return codec_name == "raw" and not tl_id
 
 
-def _strike(dev: Profile, cut: int, t, agree: float) -> Profile:
-    """``dev`` with ``t``'s measured agreement set; a JPEG below the floor strikes every lower quality at that cut
-    too (more quantisation, more loss: assumed, not measured, and said so in the checks)."""
-    from runtime.wire.jpeg import is_jpeg, jpeg_quality
+def _plain_jpeg(t) -> bool:
+    from runtime.wire.jpeg import is_jpeg
 
-    dev = costs.with_fidelity(dev, cut, t.name, agree)
-    if is_jpeg(t.codec) and not t.tl_id:
-        q = jpeg_quality(t.codec) or 0
-        for o in dev.transfers_after(cut):
-            if o.name != t.name and is_jpeg(o.codec) and not o.tl_id and (jpeg_quality(o.codec) or 0) < q:
-                dev = costs.with_fidelity(dev, cut, o.name, agree)
+    return is_jpeg(t.codec) and not t.tl_id
+
+
+def _bound_jpegs(dev: Profile, cut: int, failed_q: int, agree: float, floor: float, measure) -> Profile:
+    """After a JPEG of quality ``failed_q`` fell below ``floor``: measure the highest quality at that cut too;
+    strike every quality up to the highest that failed (more quantisation, more loss: assumed for the qualities
+    measured by neither, which take the failed one's figure)."""
+    from runtime.wire.jpeg import jpeg_quality
+
+    jpegs = sorted((o for o in dev.transfers_after(cut) if _plain_jpeg(o)), key=lambda o: jpeg_quality(o.codec) or 0)
+    top = jpegs[-1]
+    top_q = jpeg_quality(top.codec) or 0
+    if top_q > failed_q:
+        top_agree = measure(top, chosen=False)
+        dev = costs.with_fidelity(dev, cut, top.name, top_agree)
+        if top_agree < floor:
+            failed_q, agree = top_q, top_agree
+    for o in jpegs:
+        if (jpeg_quality(o.codec) or 0) < failed_q:
+            dev = costs.with_fidelity(dev, cut, o.name, agree)
     return dev
 
 
 def verified(rank, dev: Profile, edge: Profile, link: Link, floor: float, check: Checker, tl_path: str,
-             rounds: int = 6) -> tuple[Configuration | None, Profile, list[dict]]:
+             rounds: int = 8) -> tuple[Configuration | None, Profile, list[dict]]:
     """The planner's best configuration whose transfer keeps ``floor`` on ``check``'s frames: rank, measure the
-    chosen transfer's agreement, strike it from ``dev`` when below (its measured fidelity set), rank again.
-    After ``rounds`` checks below the floor, only exact transfers (raw fp32, no TL) remain.
-    Returns (configuration, the profile it was ranked on, every check made in order)."""
+    chosen transfer's agreement, strike it from ``dev`` when below (its measured fidelity set; a JPEG bounds the
+    other qualities, :func:`_bound_jpegs`), rank again. After ``rounds`` plans below the floor only exact
+    transfers (raw fp32, no TL) remain. Returns (configuration, the profile it was ranked on, every check made)."""
+    from runtime.wire.jpeg import jpeg_quality
+
     checks: list[dict] = []
     for _ in range(rounds):
         conf = rank(dev, edge, link, floor)
@@ -105,11 +119,22 @@ def verified(rank, dev: Profile, edge: Profile, link: Link, floor: float, check:
         t = h.transfer
         if exact(t.codec, t.tl_id):
             return conf, dev, checks
-        agree = check.agreement(h.split, t.codec, tl_path if t.tl_id else "")
-        checks.append({"split": h.split, "transfer": t.name, "fidelity": agree, "frames": check.frames,
-                       "kept": agree >= floor})
+
+        def measure(tr, chosen: bool = True, split: str = h.split) -> float:
+            agree = check.agreement(split, tr.codec, tl_path if tr.tl_id else "")
+            seen = next((c for c in checks if (c["split"], c["transfer"]) == (split, tr.name)), None)
+            if seen is None:
+                checks.append({"split": split, "transfer": tr.name, "fidelity": agree, "frames": check.frames,
+                               "kept": agree >= floor if chosen else None})
+            elif chosen:
+                seen["kept"] = agree >= floor
+            return agree
+
+        agree = measure(t)
+        dev = costs.with_fidelity(dev, h.cut, t.name, agree)
         if agree >= floor:
-            return conf, costs.with_fidelity(dev, h.cut, t.name, agree), checks
-        dev = _strike(dev, h.cut, t, agree)
+            return conf, dev, checks
+        if _plain_jpeg(t):
+            dev = _bound_jpegs(dev, h.cut, jpeg_quality(t.codec) or 0, agree, floor, measure)
     dev = costs.restrict(dev, lambda cut, n, ts: tuple(t for t in ts if exact(t.codec, t.tl_id)))
     return rank(dev, edge, link, floor), dev, checks

@@ -40,8 +40,9 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
     checks = (es.get("fidelity_checks") or [])
     if checks:
         lines.append("\nedgesplit's fidelity checks before it ran (floor: a plan below it is struck, the planner asked "
-                     "again): " + "; ".join(f"{c['transfer']} at {c['split']} {c['fidelity']:.3f} on {c['frames']}"
-                                            for c in checks))
+                     "again; a JPEG below it bounds the other qualities, the highest measured too): "
+                     + "; ".join(f"{c['transfer']} at {c['split']} {c['fidelity']:.3f} on {c['frames']}"
+                                 + {True: " (kept)", False: " (struck)"}.get(c.get("kept"), " (bound)") for c in checks))
     fastest = min(STRATEGIES, key=lambda k: r[k]["p50_ms"])
     faithful = [k for k in STRATEGIES if r[k].get("fidelity_offline", r[k]["fidelity"]) >= FAITHFUL]
     within = min(faithful, key=lambda k: r[k]["p50_ms"]) if faithful else "none"

@@ -52,8 +52,7 @@ def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec,
     conf, _, checks = fidelity.verified(rank, costs.edgesplit(dev, spec.codecs), costs.edgesplit(edge, spec.codecs),
                                         link, spec.min_fidelity, check, tl_path)
     out["edgesplit"] = _job(conf, len(names), names)
-    if out["edgesplit"] is not None:
-        out["edgesplit"]["fidelity_checks"] = checks
+    out["edgesplit_checks"] = checks  # taken out before the jobs run (the plan may be local: no job)
     return out
 
 
@@ -97,7 +96,6 @@ def _strategy_rows(name: str, got: dict, sc, link: dict, down: int, ref: list[in
     out.update(strategy=name, local_fallbacks=sum(r["where"] != "edge" for r in rows),
                plan=(job or {}).get("plan", ""), split=(job or {}).get("split", ""), codec=(job or {}).get("codec", ""),
                tl=(job or {}).get("tl_id", ""), per_frame_ms=totals, per_frame_floor_ms=floors,
-               fidelity_checks=(job or {}).get("fidelity_checks", []),
                bound_fps=costs.bound_fps(rows, statistics.median(bytes_), down, sc.mbps))
     if "pipelined" in got:
         out["pipelined"] = got["pipelined"]
@@ -181,9 +179,11 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
            "fidelity_frames": {"frames": check.frames, "what": check.describe}}
     for s in (s for s in spec.scenarios if not SCENARIOS[s].steps):
         sc = SCENARIOS[s]
+        checks = plans[s].pop("edgesplit_checks")
         jobs = {**plans[s], "edge-only": _edge_only_job(names, edge, sc, board["jpeg"], down)}
         out["scenarios"][s] = _scenario(model, spec, child, worker.address, sc, links[s], jobs, local_totals, ref,
                                         sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress, check)
+        out["scenarios"][s]["edgesplit"]["fidelity_checks"] = checks
     _ask_quit(child)
     worker.stop()
     profiles = (tmp / f"{model}-device.json", tmp / f"{model}-edge.json")
