@@ -162,3 +162,36 @@ class Intake:
                 del self.entries[aid]
             self.metrics.telemetry_pending.set(len(self.entries))
             await asyncio.sleep(0)  # one decision at a time: health checks and plan pushes go between
+
+
+class Gate:
+    """Registrations in progress at once (issue 15: health and plan pushes keep priority during a ramp).
+
+    At most ``running`` registrations do their work (profile lookup, ranking, plan write) at once;
+    up to ``waiting`` more wait their turn in arrival order; beyond that a registration is refused at
+    once with RESOURCE_EXHAUSTED and ``retry-after-ms`` (how long the waiting ones need at the measured
+    rate). A loop turn then holds the steps of a few registrations, not of every one in flight.
+    """
+
+    def __init__(self, running: int, waiting: int) -> None:
+        self.running, self.waiting = running, waiting
+        self._slots = asyncio.Semaphore(running)
+        self._queued = 0
+        self._seconds = 0.005  # smoothed seconds one registration holds its slot
+
+    @contextlib.asynccontextmanager
+    async def turn(self):
+        if self._queued >= self.running + self.waiting:
+            ms = int(min(MAX_RETRY_MS, max(MIN_RETRY_MS, 1e3 * self._queued * self._seconds / self.running)))
+            raise Shed(f"the planner has {self._queued} registrations in progress or waiting; register again in "
+                       f"{ms} ms (trailing metadata {RETRY_AFTER_HEADER})", ms)
+        self._queued += 1
+        try:
+            async with self._slots:
+                t0 = time.monotonic()
+                try:
+                    yield
+                finally:
+                    self._seconds += 0.05 * (time.monotonic() - t0 - self._seconds)
+        finally:
+            self._queued -= 1

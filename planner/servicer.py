@@ -20,7 +20,7 @@ import grpc
 
 from planner import decide, probes, requests
 from planner.broadcaster import Broadcaster
-from planner.intake import RETRY_AFTER_HEADER, Shed
+from planner.intake import RETRY_AFTER_HEADER, Gate, Shed
 from planner.metrics import PlannerMetrics
 from planner.owners import Owners, expire_workers, lease_of, remove_worker
 from planner.replanner import RePlanner
@@ -33,6 +33,8 @@ from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 logger = logging.getLogger(__name__)
 
 INLINE_PROFILE_CHARS = 2**20  # a profile up to this size is hashed on the event loop (a hit then needs no thread)
+REGISTRATIONS_RUNNING = 8  # agent registrations doing their work at once (planner.intake.Gate)
+REGISTRATIONS_WAITING = 2048  # ... and waiting their turn; beyond: RESOURCE_EXHAUSTED + retry-after-ms
 
 
 class PlannerServicer(pb_grpc.PlannerServicer):
@@ -50,6 +52,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         # profiles parsed and checked once per content hash (agents of one board type share one)
         self.profiles: ProfileCache = state.profiles
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
+        self.registrations = Gate(REGISTRATIONS_RUNNING, REGISTRATIONS_WAITING)
 
     def _owned(self, kind: str, ident: str, context: grpc.aio.ServicerContext | None) -> None:
         """Refuse (PERMISSION_DENIED) a call about ``ident`` from anyone but its owner."""
@@ -81,12 +84,20 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         else:  # parsing and checking profiles (up to max_message_bytes of JSON) runs off the event loop
             parsed = await asyncio.to_thread(requests.parse_worker_profiles, req.worker_id, texts, self.profiles)
             self._count_profiles()
-        old = self.state.register_worker(req, parsed, texts)
+        old = await self.state.register_worker(req, parsed, texts)
         self.replanner.worker_registered(parsed, old, req.worker_id)
         return pb.RegisterWorkerReply(profiles=len(parsed))
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
         self.owners.claim("agent", requests.check_id(request.agent_id, "agent_id"), current_identity(), lease_of(context))
+        try:
+            async with self.registrations.turn():
+                return await self._register_agent(request)
+        except Shed as e:
+            context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
+            raise
+
+    async def _register_agent(self, request: pb.RegisterAgentRequest) -> pb.RegisterAgentReply:
         text = request.profile_json
         if len(text) <= INLINE_PROFILE_CHARS and self.profiles.peek(ProfileCache.key(text)) is not None:
             req = requests.check_agent_request(request, self.profiles)  # a profile seen before: no parsing
@@ -95,7 +106,12 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self._count_profiles()
         rec = self.state.agent_record(req, request)
         rec.profile = self.profiles.shared(rec.profile)  # one copy of the text per board type, not per agent
-        return pb.RegisterAgentReply(plan=await self.replanner.register(rec, req.device))
+        plan = await self.replanner.register(rec, req.device)
+        self.replanner.gc.check(len(self.state.agents))  # during a ramp: freeze often, keep full GC scans short
+        st = self.state.agents.get(rec.id)
+        if st is not None and st.written is not None:  # the registration is stored before it is answered
+            await st.written
+        return pb.RegisterAgentReply(plan=plan)
 
     def _count_profiles(self) -> None:
         hits, misses = self.profiles.hits, self.profiles.misses

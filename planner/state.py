@@ -48,6 +48,7 @@ class AgentState:
     record: AgentRecord  # its registration
     device: Profile  # what decisions use: the registered profile scaled by speed.applied
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one decision or registration at a time
+    written: asyncio.Future | None = field(default=None, repr=False)  # its registration's write (store thread)
     benchmark: Profile | None = None  # the device profile as registered (default: device)
     plan: pb.Plan | None = field(default=None, init=False)  # what the planner believes runs (the last not refused)
     links: dict[str, LinkRecord] = field(default_factory=dict, init=False)  # worker id -> last estimate
@@ -91,6 +92,13 @@ class AgentState:
         if p is not None:
             self._derived.put(key, p)
         return p
+
+
+def _put_agent(store: Store, rec: AgentRecord, speed: SpeedRecord | None) -> None:
+    """A registration's writes (on the store thread): its record, and its reset slowdown factor when re-profiled."""
+    if speed is not None:
+        store.put_speed(rec.id, speed)
+    store.put_agent(rec)
 
 
 class PlannerState:
@@ -215,7 +223,7 @@ class PlannerState:
 
     # -- registrations -------------------------------------------------------------------------
 
-    def register_worker(self, req: requests.WorkerRequest, parsed: dict[str, Profile],
+    async def register_worker(self, req: requests.WorkerRequest, parsed: dict[str, Profile],
                         texts: list[str]) -> WorkerState | None:
         """Store and hold a worker's registration (``texts``: its profile documents, as ``parsed``);
         returns its previous state, if any."""
@@ -226,7 +234,7 @@ class PlannerState:
         old = self.workers.get(wid)
         rec = WorkerRecord(wid, req.address, req.tier, req.tl_ids, dict(zip(parsed, texts, strict=False)),
                            old.record.registered if old else now, now, req.next_tiers)
-        self.store.put_worker(rec)
+        await self.behind.submit(lambda store: store.put_worker(rec))  # on the store thread (SQLite's lock)
         self.generation += 1
         self.workers[wid] = WorkerState(rec, parsed, self.generation)
         self.metrics.workers.set(len(self.workers))
@@ -256,12 +264,14 @@ class PlannerState:
         return rec
 
     def put_agent(self, rec: AgentRecord, device: Profile, lock: asyncio.Lock) -> tuple[AgentState, AgentState | None]:
-        """Store and hold an agent's registration (under its ``lock``); a re-registration of the same board
-        keeps what it runs and its links, and its slowdown factor if the benchmark is the same. Returns
-        the new state and the old one."""
+        """Hold an agent's registration (under its ``lock``) and queue its write on the store thread
+        (``AgentState.written``: the RPC awaits it before answering; plans issued after it commit after
+        it); a re-registration of the same board keeps what it runs and its links, and its slowdown
+        factor if the benchmark is the same. Returns the new state and the old one."""
         aid = rec.id
         old = self.agents.get(aid)
         st = AgentState(rec, device, lock=lock)
+        reset: SpeedRecord | None = None
         if old is not None:  # same board, new registration: keep what it runs and its links
             st.plan, st.links = old.plan, old.links
             st.unsaved_links, st.last_acted = old.unsaved_links, old.last_acted
@@ -269,8 +279,9 @@ class PlannerState:
                 st.speed = old.speed
                 st.apply_speed(force=True)
             elif old.speed.samples:  # re-profiled: measured against the new profile from scratch
-                self.store.put_speed(aid, SpeedRecord(1.0, 0, rec.last_seen))
-        self.store.put_agent(rec)
+                reset = SpeedRecord(1.0, 0, rec.last_seen)
+                self.behind.pending.speeds.pop(aid, None)
+        st.written = self.behind.submit(lambda store: _put_agent(store, rec, reset))
         self.agents[aid] = st
         self.metrics.agents.set(len(self.agents))
         return st, old

@@ -282,16 +282,55 @@ def test_in_band_rules():
     assert not in_band(pb.Plan(version=4), b, "w1", 1.5e7, 0.005, h)  # a newer plan: its own band
 
 
-def test_gc_freeze_from_the_threshold_and_at_each_quarter_of_growth():
+def test_gc_freeze_from_the_threshold_and_at_each_tenth_of_growth():
     import gc
 
-    from planner.gcfreeze import GcFreezer
+    from planner.gcfreeze import SETTLE_SECONDS, GcFreezer
 
     assert not GcFreezer(0).check(10**6)  # 0: never
-    f = GcFreezer(1000)
+    now = [0.0]
+    f = GcFreezer(1000, clock=lambda: now[0])
+    thresholds = gc.get_threshold()
     try:
         assert not f.check(999)
         assert f.check(1000) and gc.get_freeze_count() > 0
-        assert not f.check(1249) and f.check(1250) and f.freezes == 2
+        assert gc.get_threshold()[:2] == thresholds[:2] and gc.get_threshold()[2] > 10**6  # a ramp: full scans held off
+        assert not f.check(1099) and f.check(1100) and f.freezes == 2
+        assert not f.check(1209) and f.check(1210) and f.freezes == 3
+        now[0] = SETTLE_SECONDS - 1
+        assert not f.check(1210) and gc.get_threshold()[2] > 10**6  # still growing, perhaps
+        now[0] = SETTLE_SECONDS + 1
+        assert not f.check(1210) and gc.get_threshold() == thresholds  # the ramp is over: the collector's own again
     finally:
         gc.unfreeze()  # the test process's objects back under the collector
+        gc.set_threshold(*thresholds)
+
+
+def test_registration_gate_runs_a_few_queues_some_and_refuses_the_rest_with_a_retry_after():
+    from planner.intake import MIN_RETRY_MS, Gate, Shed
+
+    async def main():
+        gate = Gate(running=1, waiting=1)
+        release = asyncio.Event()
+        order: list[str] = []
+
+        async def register(name: str) -> None:
+            async with gate.turn():
+                order.append(name)
+                await release.wait()
+
+        first = asyncio.create_task(register("a"))
+        second = asyncio.create_task(register("b"))
+        await asyncio.sleep(0.01)
+        assert order == ["a"]  # one at a time: b waits its turn
+        with pytest.raises(Shed) as ei:
+            async with gate.turn():
+                pass
+        assert ei.value.retry_after_ms >= MIN_RETRY_MS and "register again" in str(ei.value)
+        release.set()
+        await asyncio.gather(first, second)
+        assert order == ["a", "b"]
+        async with gate.turn():  # room again
+            pass
+
+    asyncio.run(main())
