@@ -3,7 +3,8 @@
     python -m runtime.tools.abuse_check
 
 Each line: the abuse, the status the daemon answered, and the figure that shows the bound (held
-bytes, resident memory, health latency meanwhile, detection time). Needs no root; takes ~30 s; the planner runs as a child process.
+bytes, resident memory, health latency meanwhile, time to end a stalled stream). Needs no root; takes ~40 s;
+the planner runs as a child process.
 """
 
 from __future__ import annotations
@@ -95,11 +96,47 @@ async def profiles(tmp: Path) -> None:
     proc.wait(10)
 
 
+async def _never_reads(stub, ws, cfg) -> None:
+    """A client that writes frames and never reads a result: bounded, then its stream is ended."""
+    call = stub.InferStream(timeout=RPC)
+    bad = pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(agent_id="x"),
+                                                 tensor=tensor_pb2.Tensor(buffer=bytes(4096))))
+    written = 0
+    for _ in range(50_000):  # until flow control holds a write (cancelling it would cancel the call)
+        write = asyncio.ensure_future(call.write(bad))
+        if not (await asyncio.wait({write}, timeout=2.0))[0]:
+            break
+        written += 1
+    held, t0 = ws.service.unsent_results, time.monotonic()
+    while not ws.service.metrics.stalled_streams._value.get() and time.monotonic() - t0 < cfg.stalled_stream_seconds + 10:
+        await asyncio.sleep(0.05)
+    ended = time.monotonic() - t0
+    code, n = "", 0
+    try:
+        while await asyncio.wait_for(call.read(), RPC) is not grpc.aio.EOF:
+            n += 1
+    except grpc.aio.AioRpcError as e:
+        code = e.code().name
+    print(f"worker: a client that never reads: its writes stalled after {written} frames with {held} unsent results "
+          f"held (cap {cfg.max_stream_results}); the stream was ended {ended:.1f} s later (--stalled-stream-seconds "
+          f"{cfg.stalled_stream_seconds:g}), the worker then held {ws.service.unsent_results} results and "
+          f"{int(ws.service.metrics.streams._value.get())} open streams; reading again: {n} results, then {code}")
+
+
+async def _prepare_all(stub, ws, cfg, label: str) -> None:
+    codes = []
+    for model in ("digits_cnn", "resnet18", "mobilenet_v2", "efficientnet_lite0", "vgg16", "densenet169"):
+        hdr = pb.FrameHeader(model_id=model, split_id="output")
+        codes.append((await _code(stub.Prepare(pb.PrepareRequest(header=hdr), timeout=120.0))).split(":")[0])
+    print(f"worker ({label}): Prepare of the 6 bundled models -> {codes}; loaded "
+          f"{sorted(ws.service.tails._models)} (cap {cfg.max_loaded_models})")
+
+
 async def worker() -> None:
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
 
-    ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
+    ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, stalled_stream_seconds=5.0))
     cfg = ws.service.config
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
         stub = pb_grpc.InferenceStub(ch)
@@ -116,28 +153,15 @@ async def worker() -> None:
               f"(cap {cfg.max_reassembly_bytes / 2**20:.0f} MiB), max RSS +{rss_mb() - before:.0f} MB")
         for call in calls:
             call.cancel()
-        call = stub.InferStream(timeout=RPC)
-        bad = pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(agent_id="x"),
-                                                     tensor=tensor_pb2.Tensor(buffer=bytes(4096))))
-        written = 0
-        try:
-            for _ in range(50_000):
-                await asyncio.wait_for(call.write(bad), 2.0)
-                written += 1
-        except asyncio.TimeoutError:
-            pass
-        print(f"worker: a client that never reads: its writes stalled after {written} frames; the worker holds "
-              f"{ws.service.unsent_results} unsent results (cap {cfg.max_stream_results})")
-        call.cancel()
+        await _never_reads(stub, ws, cfg)
         x = tensor_pb2.Tensor(shape=[64, 128, 28, 28], dtype="float32")
         req = pb.InferRequest(header=pb.FrameHeader(agent_id="x", model_id="resnet18", split_id="add_2"), tensor=x)
         print(f"worker: batch 64 -> {await _code(stub.Infer(req, timeout=RPC))}")
-        codes = []
-        for model in ("digits_cnn", "resnet18", "mobilenet_v2", "efficientnet_lite0", "vgg16", "densenet169"):
-            hdr = pb.FrameHeader(model_id=model, split_id="output")
-            codes.append((await _code(stub.Prepare(pb.PrepareRequest(header=hdr), timeout=120.0))).split(":")[0])
-        print(f"worker: Prepare of the 6 bundled models -> {codes}; loaded {len(ws.service.tails._models)} "
-              f"(cap {cfg.max_loaded_models})")
+        await _prepare_all(stub, ws, cfg, "names no model: every bundled one allowed")
+    await ws.drain_and_stop(0.5)
+    ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, preload=("digits_cnn",)))
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
+        await _prepare_all(pb_grpc.InferenceStub(ch), ws, ws.service.config, "--preload digits_cnn")
     await ws.drain_and_stop(0.5)
 
 
