@@ -132,3 +132,53 @@ def test_every_way_in_without_the_right_credentials_is_refused_before_any_handle
     expected = {"mtls": {"revoked": 1, "role": 1}, "tls+tokens": {"missing": 1, "bad_token": 1, "role": 1}}[mode]
     assert rejected == expected
     assert admitted == 1
+
+
+def test_the_agents_local_api_on_a_network_address_refuses_every_way_in_without_a_site_certificate(site):
+    """On a network address the local API serves TLS with the agent's own certificate and requires
+    client certificates of the site CA (on loopback and unix: it is plain by design)."""
+    import torch
+
+    from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
+    from runtime.agent.local_api import serve_local_api
+    from runtime.models.loader import load_model
+    from runtime.proto.edgesplit.v1 import agent_pb2, agent_pb2_grpc
+    from runtime.wire.codec import get_codec
+
+    loaded = load_model("digits_cnn")
+    own = SecurityOptions(ca_file=str(site / "ca.pem"), cert_file=str(site / "server.pem"),
+                          key_file=str(site / "server.key"), crl_file=str(site / "crl.pem"))
+    refused = [("no certificate", client(site), UNAVAILABLE), ("another CA", client(site, "stranger"), UNAVAILABLE),
+               ("expired", client(site, "expired"), UNAVAILABLE), ("plain TCP", SecurityOptions(), UNAVAILABLE),
+               ("revoked", client(site, "agent-revoked"), UNAUTHENTICATED)]
+
+    async def submit(port: int, security: SecurityOptions):
+        async with TransportOptions(security=security).aio_channel(f"127.0.0.1:{port}") as ch:
+            x = get_codec("raw").encode(torch.zeros(1, 3, 28, 28))
+            return await agent_pb2_grpc.AgentStub(ch).Submit(agent_pb2.SubmitRequest(tensor=x), timeout=30.0)
+
+    async def go():
+        agent = Agent(loaded, InitialPlan(loaded.split("pool1"), get_codec("raw")),
+                      AgentOptions(transport=TransportOptions(security=own)))
+        await agent.start()
+        api = await serve_local_api(agent, "0.0.0.0:0")  # a network bind: TLS, or it would be refused
+        port = int(api.address.rsplit(":", 1)[1])
+        try:
+            seen = {}
+            for name, security, _ in refused:
+                try:
+                    await submit(port, security)
+                    seen[name] = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as e:
+                    seen[name] = e.code()
+            before = api.daemon.auth.admitted
+            reply = await submit(port, client(site, "agent-a1"))
+            return seen, before, api.daemon.auth.admitted, reply.where
+        finally:
+            await api.stop(0.5)
+            await agent.close()
+
+    seen, before, after, where = asyncio.run(go())
+    assert seen == {name: code for name, _, code in refused}
+    assert before == 0 and after == 1 and where == "local"
