@@ -16,6 +16,9 @@ device profile every decision and query uses is the registered one with its bloc
 by it, so a board that slows down moves work to a worker through the same hysteresis as a
 slower link. The worker's tail time (``edge_tail``) keeps a factor per (agent, worker) the same way
 (:class:`planner.compute.WorkerSpeeds`): that agent's rankings use the worker's profile scaled by it.
+When a factor moved and the same configuration stays best, but its predicted latency is now more than
+``PREDICTION_REFRESH`` (10 %) off the figure it was issued with, it is issued again (reason
+"prediction"): the agent's result lines carry the plan's prediction, which must follow what was measured.
 
 The state it reads and marks is :class:`planner.state.PlannerState`; an issued plan goes to the
 agent's WatchPlan streams through :class:`planner.broadcaster.Broadcaster`.
@@ -27,6 +30,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -74,6 +78,7 @@ class RePlanner:
         self.gc = GcFreezer(config.gc_freeze_agents)  # full GC scans of long-lived agent state: rare and short
         self._previous: dict[str, pb.Plan] = {}  # agent id -> its plan before the current one (version, model, split)
         self._gauged = -float("inf")  # monotonic time the per-agent gauges were last refreshed
+        self._refreshed: dict[str, float] = {}  # agent id -> clock time its kept plan's prediction was last re-issued
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
@@ -156,7 +161,7 @@ class RePlanner:
         self.metrics.worker_slowdown_max.set(max((s.applied for st in agents.values() for s in st.tails.speeds.values()),
                                                  default=1.0))
         self.gc.check(len(agents))
-        for memo in (self._basis, self._banded, self._previous):  # agents no longer held here (another replica took them)
+        for memo in (self._basis, self._banded, self._previous, self._refreshed):  # agents no longer held here (another replica took them)
             for aid in [a for a in memo if a not in agents]:
                 del memo[aid]
 
@@ -234,6 +239,9 @@ class RePlanner:
                 if await self.parallel.changed(self.state, st, self.executor):  # usable workers changed: DPFP again
                     await self._issue(st, best, f"{cause}: usable workers changed, parallel stage reconsidered", cause)
                     return
+                if cause == "compute" and self._may_refresh(st) and _stale(st.plan.predicted_seconds, best.config.seconds):
+                    await self._refresh(st, best)
+                    return
                 await self._rank_bands(st, again=not self._confirm_basis(st))
                 return
             await self._switch(st, best, current, cause)
@@ -291,6 +299,10 @@ class RePlanner:
         cur = None if current is None else decide.score(current, objective)
         verdict = self.hysteresis.update(st.record.id, cur, decide.score(best.config, objective))
         if not verdict.switch:
+            if (cause == "compute" and current is not None and not self.hysteresis.holding(st.record.id)
+                    and self._may_refresh(st) and _stale(st.plan.predicted_seconds, current.seconds)):
+                await self._refresh(st, Ranked(current, st.plan.worker_id, st.plan.worker_address,
+                                               tuple((h.worker_id, h.address) for h in st.plan.next_hops)))
             return
         if cur is None:
             reason = f"plan v{st.plan.version} is no longer feasible (worker gone, moved or excluded, or constraints)"
@@ -307,6 +319,23 @@ class RePlanner:
                       f"for v{st.plan.version}, gain held {verdict.held_seconds:.1f} s{link}")
             label = cause
         await self._issue(st, best, reason, label)
+
+    def _may_refresh(self, st: AgentState) -> bool:
+        """A kept plan's prediction is re-issued only from settled factors (REFRESH_SAMPLES samples behind the
+        device's or the plan worker's) and at most once per REFRESH_SECONDS: a factor's first samples and
+        its jitter are no reason for a new plan version."""
+        assert st.plan is not None
+        tail = st.tails.speeds.get(st.plan.worker_id) if st.plan.worker_id else None
+        settled = st.speed.samples >= REFRESH_SAMPLES or (tail is not None and tail.samples >= REFRESH_SAMPLES)
+        return settled and self.clock() - self._refreshed.get(st.record.id, -math.inf) >= REFRESH_SECONDS
+
+    async def _refresh(self, st: AgentState, kept: Ranked) -> None:
+        """The running configuration stays, re-costed with the compute factors measured since it was issued:
+        issued again, so that the agent's result lines carry what the model predicts now."""
+        assert st.plan is not None
+        self._refreshed[st.record.id] = self.clock()
+        await self._issue(st, kept, f"compute: same configuration, predicted {kept.config.seconds * 1e3:.2f} ms now "
+                                    f"against {st.plan.predicted_seconds * 1e3:.2f} ms at v{st.plan.version}", "prediction")
 
     # -- what changes conditions ---------------------------------------------------------------
 
@@ -456,6 +485,17 @@ class RePlanner:
                 st.refused_key = plan_key(stored.plan)
                 st.refused_conditions = self.state.conditions(st)
                 self.hysteresis.reset(st.record.id)
+
+
+PREDICTION_REFRESH = 0.10  # a kept plan's prediction this far (relative) from its re-costed figure is re-issued
+REFRESH_SAMPLES = 5  # ... once the factor behind it has this many samples
+REFRESH_SECONDS = 10.0  # ... and at most this often per agent
+
+
+def _stale(issued: float, now: float) -> bool:
+    """Whether a kept plan's predicted latency (``issued``) is more than PREDICTION_REFRESH off what the
+    model predicts for it now (and by more than 1 ms)."""
+    return issued > 0 and abs(now - issued) > max(PREDICTION_REFRESH * issued, 1e-3)
 
 
 def _close(a: float, b: float, rel: float) -> bool:
