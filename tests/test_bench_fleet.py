@@ -63,6 +63,29 @@ def test_shed_reports_are_counted_and_their_retry_after_honoured(tmp_path):
     assert r["telemetry"]["streams"] > 150  # shed streams were reopened after their wait
 
 
+def test_replicas_on_postgresql_a_killed_one_s_agents_reattach_to_the_survivor(tmp_path):
+    """Two planner replicas on a throw-away PostgreSQL (skipped with the reason where none starts),
+    replica 0 SIGKILLed in the measured phase: its agents lose their session, register again on the
+    survivor (counted), keep their plan; the survivor ran to the end and is gone afterwards."""
+    pytest.importorskip("psycopg", reason="psycopg (the planner's PostgreSQL driver) is not installed")
+    from runtime.measure.fleet.postgres import bin_dir
+
+    if bin_dir() is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    done = subprocess.run([*CLI, "--agents", "60", "--duration", "10", "--settle", "1", "--replicas", "2", "--store",
+                           "postgresql", "--kill-after", "3", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads((tmp_path / "fleet.json").read_text())
+    rep = r["replicas"]
+    assert rep["killed"] and rep["moved"] == 30 and rep["reattached"] == 30, rep  # agents 0, 2, 4, ... were on replica 0
+    assert rep["kept_plan"] >= 25 and rep["max_s"] is not None  # a stepping agent may be re-planned on the way
+    assert r["errors"].get("WatchPlan UNAVAILABLE", 0) >= 1  # the kill broke their streams
+    assert "re-attached and re-planned" in (tmp_path / "fleet.md").read_text()
+    assert r["planner_exit"] is None  # the survivor ran to the end; the killed one is not an error
+    assert _gone(r["planner_pid"]) and not Path(r["planner_folder"]).exists()
+
+
 def test_ctrl_c_stops_the_planner_and_removes_its_folder(tmp_path):
     # SIGINT back to its default in the child: a runner that starts the tests in the background of a shell
     # without job control passes SIGINT on ignored, and Python would then keep ignoring it

@@ -30,6 +30,12 @@ _FLAGS = (  # flag, field, type, help (the default comes from FleetOptions)
     ("--channels", "channels", int, "gRPC channels (TCP connections) per loader process"),
     ("--hold-seconds", "hold_seconds", float, "the planner's --hold-seconds (0: step-to-push measures the planner, "
                                               "not its deliberate hysteresis)"),
+    ("--replicas", "replicas", int, "planner replicas on one shared store (agents spread over them, follow a broken "
+                                    "session to the next one as behind a Service); needs --store"),
+    ("--store", "store", str, "the replicas' store: 'postgresql' starts a throw-away PostgreSQL server for the run "
+                              "(needs the server binaries: initdb, pg_ctl), or a postgresql:// URL; empty: SQLite per planner"),
+    ("--kill-after", "kill_after_seconds", float, "SIGKILL replica 0 this many seconds into the measured phase (0: none); "
+                                                  "the report gives its agents' re-attach times"),
     ("--out", "out_dir", str, "folder for the JSON and markdown"),
     ("--name", "name", str, "file stem of the results"),
     ("--seed", "seed", int, "random phases and jitter"),

@@ -10,6 +10,13 @@ measured phase; the time from that report to the first pushed plan that differs 
 force at the step is its step-to-push latency. Every call carries the agent's own
 ``edgesplit-lease`` metadata (a planner without authentication binds the id to it, as it does for
 a real agent process).
+
+With planner replicas, each agent starts on one (agent i on replica i mod N, as a Service spreads
+connections) and, as the real agent (runtime.agent.planner_link) does when its session breaks
+(the replica died: UNAVAILABLE; another took it: FAILED_PRECONDITION; it forgot it: NOT_FOUND),
+waits its back-off (0.5 s, doubling to 5 s, +-50 %) and registers again on a new connection,
+which the Service gives to another replica: here the next one in turn. The registration's
+reply is when it is re-attached and re-planned (the planner decides at registration).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 LEASE_KEY = LEASE[0][0]  # the header runtime.daemon.planner_client sends
 STREAM_SECONDS = 300.0  # deadline of each WatchPlan / ReportTelemetry stream, as the real agent's default
 BACKOFF_INITIAL, BACKOFF_MAX = 0.5, 5.0
+# a session's end that sends a real agent to register again (with replicas: on another replica)
+REATTACH_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND})
 
 
 @dataclass
@@ -55,12 +64,16 @@ class Shared:
 
 
 class SimAgent:
-    def __init__(self, agent_id: str, board: tuple[int, str], stub: ppb_grpc.PlannerStub, shared: Shared,
+    def __init__(self, agent_id: str, board: tuple[int, str], stubs: list[ppb_grpc.PlannerStub], shared: Shared,
                  stepping: bool, rng: random.Random):
-        """``board``: (board type, its device profile JSON)."""
+        """``board``: (board type, its device profile JSON); ``stubs``: one per planner replica, the first
+        is where it starts."""
         self.id = agent_id
         self.board = board[0]
-        self.stub = stub
+        self.stubs = stubs
+        self.stub = stubs[0]
+        self.session = 0  # registrations after the first (a broken session: registered again)
+        self._reattaching = asyncio.Lock()
         self.options = shared.options
         self.stats = shared.stats
         self.phase = shared.phase
@@ -117,9 +130,38 @@ class SimAgent:
             self.pending = None
         return True
 
+    # -- replicas: a broken session registers again, on the next replica --------------------------
+
+    def _broken(self, code: grpc.StatusCode | None) -> bool:
+        return len(self.stubs) > 1 and code in REATTACH_CODES and not self.phase.stopping
+
+    async def reattach(self, session: int) -> None:
+        """The session opened as ``session`` broke: register again (once, whichever stream saw it first)."""
+        async with self._reattaching:
+            if self.session != session or self.phase.stopping:
+                return  # the other stream's call did it meanwhile
+            self.stats.reattach_started.append(time.monotonic())
+            before, backoff = self.version, BACKOFF_INITIAL
+            while not self.phase.stopping:
+                await asyncio.sleep(backoff * (0.5 + self.rng.random()))  # the real agent's wait before a new session
+                self.stub = self.stubs[(self.stubs.index(self.stub) + 1) % len(self.stubs)]  # a new connection
+                try:
+                    reply = await self.stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds,
+                                                          metadata=self.metadata)
+                except grpc.aio.AioRpcError as e:
+                    asked = self.stats.error("RegisterAgent", e)  # a retry-after (the planner's registration gate)
+                    backoff = asked / 0.5 if asked else min(backoff * 2, BACKOFF_MAX)  # waited at least as asked
+                    continue
+                self.session += 1
+                self.stats.reattached.append((time.monotonic(), before, reply.plan.version))
+                if reply.plan.version:
+                    self._on_plan(reply.plan)
+                return
+
     async def watch(self) -> None:
         backoff = BACKOFF_INITIAL
         while not self.phase.stopping:
+            session = self.session
             call = self.stub.WatchPlan(ppb.WatchPlanRequest(agent_id=self.id, known_version=self.version),
                                        timeout=STREAM_SECONDS, metadata=self.metadata)
             self.stats.watch_opens += 1
@@ -131,6 +173,10 @@ class SimAgent:
                 wait = 0.0  # the stream's deadline or the planner ended it: reopen
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    continue
+                if self._broken(e.code()):
+                    self.stats.error("WatchPlan", e)
+                    await self.reattach(session)
                     continue
                 wait = self.stats.error("WatchPlan", e) or backoff * (0.5 + self.rng.random())
                 backoff = min(backoff * 2, BACKOFF_MAX)
@@ -172,6 +218,7 @@ class SimAgent:
         """Report every heartbeat and at once after a step, until the run stops; then close and count the ack."""
         backoff = BACKOFF_INITIAL
         while not self.phase.stopping:
+            session = self.session
             call = self.stub.ReportTelemetry(timeout=STREAM_SECONDS, metadata=self.metadata)
             self.stats.telemetry_streams += 1
             try:
@@ -193,6 +240,9 @@ class SimAgent:
                 wait = await self._ended("ReportTelemetry", call, e) or backoff
             finally:
                 call.cancel()
+            if self._broken(await _code(call)):
+                await self.reattach(session)
+                continue
             if not self.phase.stopping:
                 await asyncio.sleep(wait)
 
@@ -242,3 +292,12 @@ class SimAgent:
     def _missed(self) -> None:
         self.stats.steps_missed += 1
         self.stats.missed_by[f"board-{self.board} {'up' if self.high else 'down'}"] += 1
+
+
+async def _code(call) -> grpc.StatusCode | None:
+    """The status of a call that has ended (None while it runs)."""
+    if not call.done():
+        return None
+    with contextlib.suppress(Exception):
+        return await call.code()
+    return None

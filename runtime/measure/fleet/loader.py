@@ -36,7 +36,7 @@ class LoaderSpec:
     index: int
     first: int  # agent indices [first, last)
     last: int
-    address: str  # the planner's HOST:PORT
+    addresses: tuple[str, ...]  # the planner replicas' HOST:PORT (one without replicas)
     options: FleetOptions
     boards: tuple[str, ...]
     model: str
@@ -69,11 +69,18 @@ async def _run(spec: LoaderSpec, conn: Any) -> Stats:
     o = spec.options
     stats, phase = Stats(), Phase()
     rng = random.Random(o.seed * 1000 + spec.index)
-    channels = [channel(spec.address, i) for i in range(o.channels)]
+    # o.channels connections to each replica; an agent's stubs: its own connection to each, its replica first
+    channels = [channel(a, r * o.channels + i) for r, a in enumerate(spec.addresses) for i in range(o.channels)]
     stubs = [ppb_grpc.PlannerStub(c) for c in channels]
+    n_rep = len(spec.addresses)
+
+    def stubs_of(i: int) -> list[ppb_grpc.PlannerStub]:
+        k, home = (i - spec.first) % o.channels, i % n_rep
+        return [stubs[((home + r) % n_rep) * o.channels + k] for r in range(n_rep)]
+
     n_step = round(o.step_fraction * o.agents)
     shared = Shared(o, stats, phase, spec.model, spec.digest)
-    agents = [SimAgent(f"fleet-agent-{i:05d}", (i % len(spec.boards), spec.boards[i % len(spec.boards)]), stubs[(i - spec.first) % len(stubs)],
+    agents = [SimAgent(f"fleet-agent-{i:05d}", (i % len(spec.boards), spec.boards[i % len(spec.boards)]), stubs_of(i),
                        shared, stepping=(i * 7919) % o.agents < n_step, rng=random.Random(rng.random()))
               for i in range(spec.first, spec.last)]
     loop = asyncio.get_running_loop()

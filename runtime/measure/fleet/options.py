@@ -36,6 +36,9 @@ class FleetOptions:
     rpc_timeout_seconds: float = 10.0  # deadline of each unary call
     hold_seconds: float = 0.0  # the planner's --hold-seconds (0: step-to-push measures the planner, not its hysteresis)
     planner_args: tuple[str, ...] = ()  # extra flags for 'edgesplit planner serve'
+    replicas: int = 1  # planner processes on one shared store (agents spread over them, as by a Service)
+    store: str = ""  # their store: a postgresql:// URL, or "postgresql" for a throw-away server; "": SQLite each
+    kill_after_seconds: float = 0.0  # SIGKILL the first replica this long into the measured phase (0: none)
     pin: bool = True  # planner on one core, loaders on the others (os.sched_setaffinity) where there are >= 2
     out_dir: str = "runtime/measure/results"  # folder for the JSON and markdown
     name: str = "fleet"  # file stem of the results
@@ -58,6 +61,15 @@ class FleetOptions:
             raise InvalidInput("step-fraction must be in [0, 1] and jitter in [0, 0.5)")
         if self.settle_seconds < 0 or self.hold_seconds < 0 or self.rtt_seconds < 0:
             raise InvalidInput("settle-seconds, hold-seconds and rtt-seconds must be >= 0")
+        if not 1 <= self.replicas <= 8:
+            raise InvalidInput(f"replicas must be 1..8, got {self.replicas}")
+        if self.replicas > 1 and not self.store.startswith("postgres"):
+            raise InvalidInput("replicas share one store: give --store postgresql (a throw-away server) or a "
+                               "postgresql:// URL")
+        if not (math.isfinite(self.kill_after_seconds) and 0 <= self.kill_after_seconds < self.duration_seconds):
+            raise InvalidInput("kill-after must be >= 0 and shorter than the measured phase (--duration)")
+        if self.kill_after_seconds and self.replicas < 2:
+            raise InvalidInput("kill-after needs --replicas 2 or more (a survivor to re-attach to)")
         if not 0 <= self.loaders <= 32 or not 1 <= self.channels <= 256 or not 1 <= self.register_concurrency <= 1024:
             raise InvalidInput("loaders must be 0..32, channels 1..256, register-concurrency 1..1024")
 

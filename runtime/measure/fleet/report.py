@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
+from runtime.measure.fleet import replicas
 from runtime.measure.fleet.options import FleetOptions
+from runtime.measure.fleet.stats import percentile
 
 TARGETS = {"step_to_push_p99_ms": 100.0, "health_p99_ms": 100.0, "register_10k_seconds": 60.0}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (None for no values)."""
-    if not values:
-        return None
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 def _ms(v: float | None) -> float | None:
@@ -103,6 +96,7 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
                    "wait_seconds": round(st["wait_seconds"], 1),
                    "loop_lag_p50_ms": _ms(percentile(lag, 50)), "loop_lag_p99_ms": _ms(percentile(lag, 99)),
                    "driver_loop_lag_p99_ms": _ms(percentile([x for t, x in raw["driver_lag"] if m_a <= t <= m_b], 99))},
+        "replicas": replicas.summary(options, st, raw.get("killed_at"), raw.get("replica_samples", [])),
         "planner_exit": raw["planner_exit"], "planner_log_tail": raw["planner_log_tail"],
         "planner_pid": raw["planner_pid"], "planner_folder": raw["planner_folder"],
     }
@@ -141,6 +135,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"lag in the measured phase p50 {ld['loop_lag_p50_ms']} ms, p99 {ld['loop_lag_p99_ms']} ms (driver p99 {ld['driver_loop_lag_p99_ms']} ms); "
         f"pinned: {m['pinned']} (planner cpus {m['planner_cpus']}, loader cpus {m['loader_cpus']})",
         f"- load average before {_load(m['load_before'])}, after {_load(m['load_after'])} (machine shared with other jobs)",
+        *replicas.markdown(r.get("replicas")),
     ]
     if r["planner_exit"] is not None:
         lines.append(f"- the planner exited during the run with code {r['planner_exit']}")

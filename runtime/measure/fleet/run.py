@@ -28,8 +28,9 @@ from runtime.contracts.errors import EdgesplitError, Unavailable
 from runtime.measure.fleet import loader, report
 from runtime.measure.fleet.agent import LEASE_KEY
 from runtime.measure.fleet.options import FleetOptions
-from runtime.measure.fleet.planner_proc import PlannerProcess, cores, pin
+from runtime.measure.fleet.planner_proc import cores, pin
 from runtime.measure.fleet.profiles import Fleet, fleet
+from runtime.measure.fleet.replicas import Replicas
 from runtime.measure.fleet.stats import Stats
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
@@ -52,52 +53,64 @@ def run(options: FleetOptions, progress: Progress = print) -> dict[str, Any]:
     """Run once; returns the results (report.summarize's dict)."""
     boards = fleet(options.board_types)
     planner_cpus, loader_cpus = _split_cores(options.pin)
-    planner = PlannerProcess(options.planner_args, options.hold_seconds, max(10_000, options.agents))
+    fleet_planners = Replicas(options)
     load_before = os.getloadavg()
     procs: list[multiprocessing.Process] = []
+    pinned, folder = False, ""
     try:
-        address = planner.start()
+        addresses = fleet_planners.start()
+        planner = fleet_planners.survivor
         folder = planner.folder
-        pinned = bool(planner_cpus) and pin(planner.pid, planner_cpus) and pin(0, loader_cpus)
-        progress(f"planner pid {planner.pid} on {address}" + (f", pinned to cpu {planner_cpus}, loaders to {loader_cpus}"
-                                                              if pinned else ", not pinned"))
-        raw = asyncio.run(_drive(options, planner, boards, tuple(loader_cpus if pinned else ()), procs, progress))
+        pinned = bool(planner_cpus) and all(pin(p.pid, planner_cpus) for p in fleet_planners.planners) \
+            and pin(0, loader_cpus)
+        progress(f"planner pid {', '.join(str(p.pid) for p in fleet_planners.planners)} on {', '.join(addresses)}"
+                 + (f" ({fleet_planners.store.split('?')[0]})" if fleet_planners.store else "")
+                 + (f", pinned to cpu {planner_cpus}, loaders to {loader_cpus}" if pinned else ", not pinned"))
+        raw = asyncio.run(_drive(options, fleet_planners, boards, tuple(loader_cpus if pinned else ()), procs, progress))
     finally:
         for p in procs:
             if p.is_alive():
                 p.terminate()
         for p in procs:
             p.join(5)
-        exit_code = planner.proc.poll() if planner.proc is not None else None
-        tail = planner.log_tail() if exit_code is not None else ""
-        planner.stop()
+        exit_code, tail = fleet_planners.stop()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    raw.update(driver_cpu_seconds=usage.ru_utime + usage.ru_stime, planner_pid=planner.pid, planner_folder=folder, pinned=pinned, planner_cpus=planner_cpus, loader_cpus=loader_cpus if pinned else [],
-               load_before=load_before, load_after=os.getloadavg(), planner_exit=exit_code, planner_log_tail=tail)
+    raw.update(driver_cpu_seconds=usage.ru_utime + usage.ru_stime, planner_pid=planner.pid, planner_folder=folder,
+               pinned=pinned, planner_cpus=planner_cpus, loader_cpus=loader_cpus if pinned else [],
+               load_before=load_before, load_after=os.getloadavg(), planner_exit=exit_code, planner_log_tail=tail,
+               killed_at=fleet_planners.killed_at,
+               replica_samples=[[s.__dict__ for s in p.samples] for p in fleet_planners.planners])
     return report.summarize(options, raw)
 
 
-async def _drive(options: FleetOptions, planner: PlannerProcess, boards: Fleet, cpus: tuple[int, ...],
+async def _drive(options: FleetOptions, planners: Replicas, boards: Fleet, cpus: tuple[int, ...],
                  procs: list[multiprocessing.Process], progress: Progress) -> dict[str, Any]:
-    health_channel = loader.channel(planner.address, -1)
+    planner = planners.survivor
+    health_channels = [loader.channel(p.address, -1 - k) for k, p in enumerate(planners.planners)]
     try:
-        await _wait_serving(health_channel)
-        stub = ppb_grpc.PlannerStub(health_channel)
+        for ch in health_channels:
+            await _wait_serving(ch)
+        stubs = [ppb_grpc.PlannerStub(ch) for ch in health_channels]
         workers = tuple(f"fleet-worker-{k}" for k in range(options.workers))
         leases = {w: ((LEASE_KEY, secrets.token_urlsafe(24)),) for w in workers}
-        await _register_workers(stub, workers, leases, boards, options)
+        for stub in stubs:  # every replica hears them at once (the others would read them from the store)
+            await _register_workers(stub, workers, leases, boards, options)
         baseline = planner.sample()
         health: list[tuple[float, float]] = []  # (monotonic, seconds); -1 = failed
         health_errors: Counter = Counter()
         driver_lag: list[tuple[float, float]] = []
         stop = asyncio.Event()  # the loops end at their next turn even when a gRPC call ate their cancellation
-        background = [asyncio.create_task(_health_loop(health_channel, options, health, health_errors, stop)),
+        stop_first = asyncio.Event()  # the first replica's health checks (it may be killed)
+        background = [*(asyncio.create_task(_health_loop(ch, options, health, health_errors, stop,
+                                                         stop_first if k == 0 and options.kill_after_seconds else None))
+                        for k, ch in enumerate(health_channels)),
                       asyncio.create_task(loader.loop_lag(driver_lag)),
-                      asyncio.create_task(_sample_loop(planner)),
-                      asyncio.create_task(_workers_loop(stub, workers, leases, boards, options, stop))]
+                      asyncio.create_task(_sample_loop(planners)),
+                      asyncio.create_task(_workers_loop(stubs, workers, leases, boards, options, stop))]
         try:
-            raw = await _load(options, planner, boards, workers, cpus, procs, progress)
-            planner.sample()  # one at or after the measured phase's end
+            raw = await _load(options, planners, boards, workers, cpus, procs, progress, stop_first, background)
+            for p in planners.alive():
+                p.sample()  # one at or after the measured phase's end
         finally:
             stop.set()
             for t in background:
@@ -107,17 +120,20 @@ async def _drive(options: FleetOptions, planner: PlannerProcess, boards: Fleet, 
                    samples=[s.__dict__ for s in planner.samples])
         return raw
     finally:
-        await health_channel.close(grace=None)
+        for ch in health_channels:
+            await ch.close(grace=None)
 
 
-async def _load(options: FleetOptions, planner: PlannerProcess, boards: Fleet, workers: tuple[str, ...],
-                cpus: tuple[int, ...], procs: list[multiprocessing.Process], progress: Progress) -> dict[str, Any]:
+async def _load(options: FleetOptions, planners: Replicas, boards: Fleet, workers: tuple[str, ...],
+                cpus: tuple[int, ...], procs: list[multiprocessing.Process], progress: Progress,
+                stop_first: asyncio.Event, background: list[asyncio.Task]) -> dict[str, Any]:
     n, k = options.agents, options.loader_count
     ctx = multiprocessing.get_context("spawn")
     pipes = []
+    addresses = tuple(p.address for p in planners.planners)
     for i in range(k):
         first, last = i * n // k, (i + 1) * n // k
-        spec = loader.LoaderSpec(i, first, last, planner.address, options, boards.boards, boards.model, boards.digest,
+        spec = loader.LoaderSpec(i, first, last, addresses, options, boards.boards, boards.model, boards.digest,
                                  workers, cpus)
         ours, theirs = ctx.Pipe()
         p = ctx.Process(target=loader.main, args=(spec, theirs), name=f"fleet-loader-{i}", daemon=True)
@@ -135,7 +151,10 @@ async def _load(options: FleetOptions, planner: PlannerProcess, boards: Fleet, w
     end = start + options.duration_seconds
     for c in pipes:
         c.send((start, end))
-    progress(f"measured phase: {options.duration_seconds:g} s after {options.settle_seconds:g} s settling")
+    progress(f"measured phase: {options.duration_seconds:g} s after {options.settle_seconds:g} s settling"
+             + (f"; replica 0 is SIGKILLed {options.kill_after_seconds:g} s into it" if options.kill_after_seconds else ""))
+    if options.kill_after_seconds:
+        background.append(asyncio.create_task(planners.kill_later(start + options.kill_after_seconds, stop_first)))
     results = await asyncio.gather(*(_recv(c, p, options.settle_seconds + options.duration_seconds + 90)
                                      for c, p in zip(pipes, procs, strict=True)))
     stats = Stats.merge([r[1] for r in results])
@@ -173,27 +192,32 @@ async def _register_workers(stub: ppb_grpc.PlannerStub, workers: tuple[str, ...]
         await stub.RegisterWorker(request, timeout=options.rpc_timeout_seconds * 3, metadata=leases[w])
 
 
-async def _workers_loop(stub, workers, leases, boards: Fleet, options: FleetOptions, stop: asyncio.Event) -> None:
-    """Workers register again every ``worker_reregister_seconds``, as real workers do (errors only logged)."""
+async def _workers_loop(stubs, workers, leases, boards: Fleet, options: FleetOptions, stop: asyncio.Event) -> None:
+    """Workers register again every ``worker_reregister_seconds``, as real workers do (errors only
+    logged: a killed replica's refusals too)."""
     while not stop.is_set():
         await asyncio.sleep(options.worker_reregister_seconds)
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            await _register_workers(stub, workers, leases, boards, options)
+        for stub in stubs:
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                await _register_workers(stub, workers, leases, boards, options)
 
 
 async def _health_loop(channel: grpc.aio.Channel, options: FleetOptions, out: list, errors: Counter,
-                       stop: asyncio.Event) -> None:
-    while not stop.is_set():
+                       stop: asyncio.Event, stop_this: asyncio.Event | None = None) -> None:
+    while not stop.is_set() and not (stop_this is not None and stop_this.is_set()):
         t0 = time.monotonic()
         try:
             out.append((t0, await time_health_check(channel, HEALTH_TIMEOUT_SECONDS)))
         except EdgesplitError as e:
+            if stop_this is not None and stop_this.is_set():
+                return  # killed while this check was under way: not a health figure of a live planner
             out.append((t0, -1.0))
             errors[e.code.name] += 1
         await asyncio.sleep(max(0.0, options.health_interval_seconds - (time.monotonic() - t0)))
 
 
-async def _sample_loop(planner: PlannerProcess) -> None:
+async def _sample_loop(planners: Replicas) -> None:
     while True:
-        planner.sample()
+        for p in planners.alive():
+            p.sample()
         await asyncio.sleep(SAMPLE_SECONDS)

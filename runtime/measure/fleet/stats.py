@@ -34,6 +34,9 @@ class Stats:
     cpu_seconds: float = 0.0  # this loader process's own CPU (getrusage)
     wait_seconds: float = 0.0  # its threads' time runnable but waiting for a CPU (schedstat)
     loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, how late a 100 ms timer fired)
+    # with replicas: agents whose session broke and that registered again (on the next replica)
+    reattach_started: list[float] = field(default_factory=list)  # monotonic time each noticed its session broke
+    reattached: list[tuple[float, int, int]] = field(default_factory=list)  # (monotonic, plan version before, after)
 
     def error(self, rpc: str, e: BaseException) -> float:
         """Count one failed call; returns the retry-after it asked for (0.0: none)."""
@@ -80,3 +83,11 @@ def retry_after(e: grpc.aio.AioRpcError) -> float:
 
 def retry_after_of(code: grpc.StatusCode, trailing: Any) -> float:
     return retry_after_seconds(code, trailing)  # the real agent's reading (runtime.daemon.planner_client)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (None for no values)."""
+    if not values:
+        return None
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]

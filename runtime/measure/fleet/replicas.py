@@ -1,0 +1,122 @@
+"""Planner replicas for a fleet run (``--replicas N --store postgresql [--kill-after S]``).
+
+N ``edgesplit planner serve`` processes on one PostgreSQL store (a throw-away server started for the
+run with ``--store postgresql``, or the URL given), each with its own ``--replica-id``. Agents are
+spread over them (agent i starts on replica i mod N) and follow a broken session to the next one,
+as real agents behind a Kubernetes Service do (runtime.measure.fleet.agent). With ``--kill-after``
+the first replica is SIGKILLed that long into the measured phase; the report then gives, for the
+agents that were on it, the time from the kill to their registration's reply on a survivor (with
+its plan: the planner decides at registration), and whether they kept their plan version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.measure.fleet.options import FleetOptions
+from runtime.measure.fleet.planner_proc import PlannerProcess
+from runtime.measure.fleet.postgres import TempPostgres
+from runtime.measure.fleet.stats import percentile
+
+REATTACH_TARGET_SECONDS = 10.0  # issue 15: every agent of a killed replica re-attached and re-planned within this
+
+
+@dataclass
+class Replicas:
+    """The planner processes of a run (one without replicas) and their store."""
+
+    options: FleetOptions
+    planners: list[PlannerProcess] = field(default_factory=list)
+    server: TempPostgres | None = None
+    store: str = ""  # the URL they share ("" without replicas: each its own SQLite file)
+    killed_at: float | None = None  # monotonic time of the SIGKILL
+
+    def start(self) -> list[str]:
+        o = self.options
+        extra: tuple[str, ...] = ()
+        if o.store:
+            if o.store == "postgresql":
+                self.server = TempPostgres().start()
+                self.store = self.server.new_database()
+            else:
+                self.store = o.store
+            extra = ("--store", self.store)
+        for k in range(o.replicas):
+            ident = ("--replica-id", f"fleet-replica-{k}") if o.replicas > 1 else ()
+            p = PlannerProcess((*o.planner_args, *extra, *ident), o.hold_seconds, max(10_000, o.agents))
+            self.planners.append(p)
+            p.start()
+        return [p.address for p in self.planners]
+
+    @property
+    def survivor(self) -> PlannerProcess:
+        """The replica whose CPU and RSS the report gives (the last: never killed)."""
+        return self.planners[-1]
+
+    def alive(self) -> list[PlannerProcess]:
+        return [p for p in self.planners if p.proc is not None and p.proc.poll() is None]
+
+    def kill_first(self) -> None:
+        p = self.planners[0]
+        if p.proc is not None and p.proc.poll() is None:
+            self.killed_at = time.monotonic()
+            p.proc.kill()  # SIGKILL: no drain, no lease released
+
+    async def kill_later(self, at: float, stop_health: asyncio.Event) -> None:
+        await asyncio.sleep(max(0.0, at - time.monotonic()))
+        stop_health.set()  # its health checks end first: a dead replica's refusals are not the survivor's latency
+        self.kill_first()
+
+    def stop(self) -> tuple[int | None, str]:
+        """Stop every planner and the store's server; (an exit code of a planner that died by itself, its log tail)."""
+        code, tail = None, ""
+        for k, p in enumerate(self.planners):
+            died = p.proc.poll() if p.proc is not None else None
+            if died is not None and not (k == 0 and self.killed_at is not None) and code is None:
+                code, tail = died, p.log_tail()
+            p.stop()
+        if self.server is not None:
+            with contextlib.suppress(Exception):
+                self.server.stop()
+        return code, tail
+
+
+def summary(options: FleetOptions, st: dict[str, Any], killed_at: float | None,
+            samples: list[list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """The replicas section of a run's results (None without replicas)."""
+    if options.replicas < 2:
+        return None
+    out: dict[str, Any] = {"replicas": options.replicas, "store": "throw-away PostgreSQL" if options.store == "postgresql"
+                           else "PostgreSQL", "killed": killed_at is not None,
+                           "rss_mb": [round(max((s["rss"] for s in ss), default=0) / 2**20, 1) for ss in samples]}
+    if killed_at is None:
+        return out
+    moved = [t for t in st["reattach_started"] if t >= killed_at]
+    back = [(t - killed_at, before, after) for t, before, after in st["reattached"] if t >= killed_at]
+    secs = [b[0] for b in back]
+    out.update(kill_after_seconds=options.kill_after_seconds, moved=len(moved), reattached=len(back),
+               kept_plan=sum(1 for _, before, after in back if before and after == before),
+               p50_s=_s(percentile(secs, 50)), p99_s=_s(percentile(secs, 99)), max_s=_s(max(secs) if secs else None),
+               within_target=sum(1 for s in secs if s <= REATTACH_TARGET_SECONDS),
+               target_s=REATTACH_TARGET_SECONDS)
+    return out
+
+
+def _s(v: float | None) -> float | None:
+    return None if v is None else round(v, 2)
+
+
+def markdown(r: dict[str, Any] | None) -> list[str]:
+    if not r:
+        return []
+    line = f"- replicas: {r['replicas']} planners on one {r['store']} store, RSS {' / '.join(map(str, r['rss_mb']))} MB"
+    if not r["killed"]:
+        return [line]
+    return [line, f"- replica killed (SIGKILL) {r['kill_after_seconds']:g} s into the measured phase: {r['moved']:,} agents "
+                  f"lost their session, {r['reattached']:,} registered again on the survivor (re-attached and re-planned) "
+                  f"p50 {r['p50_s']} s, p99 {r['p99_s']} s, max {r['max_s']} s after the kill; {r['within_target']:,} within "
+                  f"{r['target_s']:g} s; {r['kept_plan']:,} kept their plan version"]
