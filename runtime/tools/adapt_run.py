@@ -291,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--board-period-us", type=int, default=cpuquota.PERIOD_US,
                    help="cgroup cfs period of the board's quota; a share under 0.1 core needs a longer one (the "
                         "kernel's smallest quota is 1 ms) (default: %(default)s)")
-    p.add_argument("--worker-threads", type=int, default=0,
-                   help="the worker's --torch-threads (0: its default); random-weight models with BatchNorm load "
-                        "bit-identical weights only at the agent's thread count")
+    p.add_argument("--worker-threads", type=int, default=1,
+                   help="the worker's --torch-threads (0: torch's default, one per core); default 1, the thread count "
+                        "its profile is measured at (edgesplit profile --threads): two threads on a shared 2-core "
+                        "machine ran ResNet-18's tail 3-10x slower than profiled")
     p.add_argument("--device-profile", default="", help="the board's profile to use instead of profiling it here")
     p.add_argument("--edge-profile", default="", help="the edge's profile to use instead of profiling it here")
     p.add_argument("--board-join-after-start", action="store_true",
