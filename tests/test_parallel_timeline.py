@@ -28,3 +28,19 @@ def test_terms_add_up_to_each_blocks_span():
     assert med[0]["span"] == pytest.approx(0.062)
     lines = markdown([{"strategy": "dpfp", "workers": 2, "blocks": [["a", "b"], ["b", "c"]], "timeline": med}])
     assert any("**all blocks** | 92.0" in line for line in lines)
+
+
+def test_tile_compute_of_a_stage_against_its_untiled_blocks():
+    from runtime.models.loader import load_model
+    from runtime.parallel.plan import ParallelStage, TiledBlock
+    from runtime.tools.dpfp_tiles import measure
+
+    loaded = load_model("vgg16")
+    stage = ParallelStage(("a", "b"), (TiledBlock("features_23", "features_27", (1.0, 1.0)),
+                                       TiledBlock("features_27", "features_30", (1.0, 1.0), grid_cols=2)),
+                          model="vgg16")
+    rows = measure(stage, loaded, 1)
+    assert [r["block"] for r in rows] == ["features_23..features_27", "features_27..features_30"]
+    for r in rows:
+        assert r["tiles"] == 2 and len(r["tile_seconds"]) == 2 and r["untiled_seconds"] > 0
+        assert r["sum_over_untiled"] > 0.5  # two halves, halos included, cannot take much less than the whole
