@@ -51,12 +51,19 @@ def test_quick_run_measures_a_real_planner(tmp_path):
 
 def test_shed_reports_are_counted_and_their_retry_after_honoured(tmp_path):
     """A planner whose decision queue holds one agent sheds reports (RESOURCE_EXHAUSTED with
-    retry-after-ms, planner/intake.py): the loader counts them by code and waits as asked."""
+    retry-after-ms, planner/intake.py): the loader counts them by code and waits as asked. The
+    planner runs under --gc-pauses and --cprofile here."""
     done = subprocess.run([*CLI, "--agents", "150", "--telemetry-interval", "1", "--step-fraction", "0.5",
                            "--step-period", "2", "--duration", "6", "--settle", "1", "--out", str(tmp_path),
-                           "--planner-arg=--telemetry-max-pending=1"], capture_output=True, text=True, timeout=200)
+                           "--planner-arg=--telemetry-max-pending=1", "--gc-pauses", "--cprofile",
+                           str(tmp_path / "planner.prof")], capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, done.stderr[-3000:]
     r = json.loads((tmp_path / "fleet.json").read_text())
+    # --gc-pauses and --cprofile: the planner's full collections timed, its profile written at its exit
+    assert r["planner_gc"]["gen2"] == len(r["planner_gc"]["gen2_ms"]) and (tmp_path / "fleet_gc.json").exists()
+    import pstats
+
+    assert pstats.Stats(str(tmp_path / "planner.prof")).total_calls > 0
     shed = r["errors"].get("ReportTelemetry RESOURCE_EXHAUSTED", 0)
     assert shed > 0, r["errors"]
     assert r["retry_after"]["answers"] == shed and r["retry_after"]["seconds_waited"] > 0

@@ -36,6 +36,8 @@ _FLAGS = (  # flag, field, type, help (the default comes from FleetOptions)
                               "(needs the server binaries: initdb, pg_ctl), or a postgresql:// URL; empty: SQLite per planner"),
     ("--kill-after", "kill_after_seconds", float, "SIGKILL replica 0 this many seconds into the measured phase (0: none); "
                                                   "the report gives its agents' re-attach times"),
+    ("--cprofile", "cprofile", str, "write the planner's cProfile here (read it with python -m pstats FILE; "
+                                    "with replicas, FILE-K per replica)"),
     ("--out", "out_dir", str, "folder for the JSON and markdown"),
     ("--name", "name", str, "file stem of the results"),
     ("--seed", "seed", int, "random phases and jitter"),
@@ -50,6 +52,8 @@ def add_parser(sub) -> None:
         p.add_argument(flag, dest=name, type=typ, default=getattr(d, name), help=f"{text} (default: {getattr(d, name)})")
     p.add_argument("--planner-arg", action="append", default=[], metavar="ARG",
                    help="extra flag for 'edgesplit planner serve' (repeatable; e.g. --planner-arg=--store=...)")
+    p.add_argument("--gc-pauses", action="store_true", help="time the planner's garbage collections of the oldest "
+                   "generation (each holds its event loop); in the results and in OUT/NAME_gc.json")
     p.add_argument("--no-pin", action="store_true", help="do not pin the planner and the loaders to separate cores")
     p.add_argument("--quick", action="store_true", help=f"CI mode (<= 60 s): 200 agents, 15 s measured, steps every 5 s; results in {QUICK_OUT} "
                    "unless --out is given")
@@ -64,7 +68,7 @@ def cmd_bench_fleet(args: argparse.Namespace) -> int:
     from runtime.measure.fleet.run import run
 
     options = FleetOptions(**{name: getattr(args, name) for _, name, _, _ in _FLAGS},
-                           planner_args=tuple(args.planner_arg), pin=not args.no_pin,
+                           planner_args=tuple(args.planner_arg), pin=not args.no_pin, gc_pauses=args.gc_pauses,
                            command="edgesplit " + " ".join(sys.argv[1:]))
     if args.quick:  # its results go to a temporary folder unless --out says otherwise
         out = args.out_dir if args.out_dir != FleetOptions.out_dir else QUICK_OUT

@@ -39,6 +39,8 @@ class FleetOptions:
     replicas: int = 1  # planner processes on one shared store (agents spread over them, as by a Service)
     store: str = ""  # their store: a postgresql:// URL, or "postgresql" for a throw-away server; "": SQLite each
     kill_after_seconds: float = 0.0  # SIGKILL the first replica this long into the measured phase (0: none)
+    cprofile: str = ""  # the planner's cProfile file (python -m pstats FILE); "" none
+    gc_pauses: bool = False  # time the planner's oldest-generation garbage collections (in the results)
     pin: bool = True  # planner on one core, loaders on the others (os.sched_setaffinity) where there are >= 2
     out_dir: str = "runtime/measure/results"  # folder for the JSON and markdown
     name: str = "fleet"  # file stem of the results

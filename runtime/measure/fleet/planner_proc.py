@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runtime.contracts.errors import Unavailable
+from runtime.measure.fleet import gcpauses
 
 TICKS = os.sysconf("SC_CLK_TCK")
 START_TIMEOUT_SECONDS = 60.0  # the planner must write its port file within this long
@@ -99,6 +100,8 @@ class PlannerProcess:
     extra_args: tuple[str, ...] = ()
     hold_seconds: float = 0.0
     max_agents: int = 10_000
+    cprofile: str = ""  # write the planner's cProfile here (python -m pstats FILE)
+    gc_pauses: str = ""  # write its gen-2 collection pauses here (runtime.measure.fleet.gcpauses)
     address: str = ""
     proc: subprocess.Popen | None = None
     folder: str = ""
@@ -108,12 +111,15 @@ class PlannerProcess:
         """Start it and wait for its port file; returns HOST:PORT."""
         self.folder = tempfile.mkdtemp(prefix="edgesplit-fleet-")
         port_file = Path(self.folder, "port")
-        cmd = [sys.executable, "-m", "runtime.cli.main", "--log-level", "WARNING", "planner", "serve",
+        prof = ["-m", "cProfile", "-o", self.cprofile] if self.cprofile else []
+        entry = "runtime.measure.fleet.gcpauses" if self.gc_pauses else "runtime.cli.main"
+        env = {**os.environ, gcpauses.OUT_ENV: self.gc_pauses} if self.gc_pauses else None
+        cmd = [sys.executable, *prof, "-m", entry, "--log-level", "WARNING", "planner", "serve",
                "--listen", "127.0.0.1:0", "--db", str(Path(self.folder, "planner.sqlite")),
                "--port-file", str(port_file), "--hold-seconds", repr(self.hold_seconds),
                "--max-agents", str(self.max_agents), *self.extra_args]
         log = open(Path(self.folder, "planner.log"), "wb")  # noqa: SIM115 - owned by the process
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(), env=env,
                                      start_new_session=True,  # Ctrl-C reaches us, and we stop it ourselves
                                      preexec_fn=_die_with_parent)
         log.close()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from runtime.measure.fleet.options import FleetOptions
@@ -37,6 +39,8 @@ class Replicas:
 
     def start(self) -> list[str]:
         o = self.options
+        if o.gc_pauses:
+            Path(o.out_dir).mkdir(parents=True, exist_ok=True)
         extra: tuple[str, ...] = ()
         if o.store:
             if o.store == "postgresql":
@@ -47,7 +51,10 @@ class Replicas:
             extra = ("--store", self.store)
         for k in range(o.replicas):
             ident = ("--replica-id", f"fleet-replica-{k}") if o.replicas > 1 else ()
-            p = PlannerProcess((*o.planner_args, *extra, *ident), o.hold_seconds, max(10_000, o.agents))
+            suffix = f"-{k}" if o.replicas > 1 else ""
+            p = PlannerProcess((*o.planner_args, *extra, *ident), o.hold_seconds, max(10_000, o.agents),
+                               cprofile=o.cprofile + suffix if o.cprofile else "",
+                               gc_pauses=str(Path(o.out_dir, f"{o.name}_gc{suffix}.json")) if o.gc_pauses else "")
             self.planners.append(p)
             p.start()
         return [p.address for p in self.planners]
@@ -83,6 +90,20 @@ class Replicas:
             with contextlib.suppress(Exception):
                 self.server.stop()
         return code, tail
+
+
+def gc_pauses(p: PlannerProcess) -> dict[str, Any] | None:
+    """What runtime.measure.fleet.gcpauses wrote at the planner's exit (None without --gc-pauses or when it
+    wrote nothing: a killed replica)."""
+    if not p.gc_pauses:
+        return None
+    try:
+        d = json.loads(Path(p.gc_pauses).read_text())
+    except (OSError, ValueError):
+        return None
+    g = d["gen2_ms"]
+    return {"gen2": len(g), "gen2_max_ms": max(g, default=None), "gen2_p50_ms": percentile(g, 50),
+            "gen2_ms": g, "young_over_20ms": d["young_over_20ms"], "frozen_objects": d["frozen"], "file": p.gc_pauses}
 
 
 def summary(options: FleetOptions, st: dict[str, Any], killed_at: float | None,

@@ -96,6 +96,7 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
                    "wait_seconds": round(st["wait_seconds"], 1),
                    "loop_lag_p50_ms": _ms(percentile(lag, 50)), "loop_lag_p99_ms": _ms(percentile(lag, 99)),
                    "driver_loop_lag_p99_ms": _ms(percentile([x for t, x in raw["driver_lag"] if m_a <= t <= m_b], 99))},
+        "planner_gc": raw.get("gc"),
         "replicas": replicas.summary(options, st, raw.get("killed_at"), raw.get("replica_samples", [])),
         "planner_exit": raw["planner_exit"], "planner_log_tail": raw["planner_log_tail"],
         "planner_pid": raw["planner_pid"], "planner_folder": raw["planner_folder"],
@@ -136,10 +137,19 @@ def markdown(r: dict[str, Any]) -> str:
         f"pinned: {m['pinned']} (planner cpus {m['planner_cpus']}, loader cpus {m['loader_cpus']})",
         f"- load average before {_load(m['load_before'])}, after {_load(m['load_after'])} (machine shared with other jobs)",
         *replicas.markdown(r.get("replicas")),
+        *_gc_lines(r.get("planner_gc")),
     ]
     if r["planner_exit"] is not None:
         lines.append(f"- the planner exited during the run with code {r['planner_exit']}")
     return "\n".join(lines) + "\n"
+
+
+def _gc_lines(g: dict[str, Any] | None) -> list[str]:
+    if not g:
+        return []
+    return [f"- planner garbage collections of the oldest generation (--gc-pauses): {g['gen2']}, p50 {g['gen2_p50_ms']} ms, "
+            f"max {g['gen2_max_ms']} ms; young ones over 20 ms: {len(g['young_over_20ms'])}; {g['frozen_objects']:,} objects "
+            f"frozen at exit ({g['file']})"]
 
 
 def _load(v: list[float]) -> str:

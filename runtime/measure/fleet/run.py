@@ -30,7 +30,7 @@ from runtime.measure.fleet.agent import LEASE_KEY
 from runtime.measure.fleet.options import FleetOptions
 from runtime.measure.fleet.planner_proc import cores, pin
 from runtime.measure.fleet.profiles import Fleet, fleet
-from runtime.measure.fleet.replicas import Replicas
+from runtime.measure.fleet.replicas import Replicas, gc_pauses
 from runtime.measure.fleet.stats import Stats
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
@@ -78,7 +78,7 @@ def run(options: FleetOptions, progress: Progress = print) -> dict[str, Any]:
     raw.update(driver_cpu_seconds=usage.ru_utime + usage.ru_stime, planner_pid=planner.pid, planner_folder=folder,
                pinned=pinned, planner_cpus=planner_cpus, loader_cpus=loader_cpus if pinned else [],
                load_before=load_before, load_after=os.getloadavg(), planner_exit=exit_code, planner_log_tail=tail,
-               killed_at=fleet_planners.killed_at,
+               killed_at=fleet_planners.killed_at, gc=gc_pauses(fleet_planners.survivor),
                replica_samples=[[s.__dict__ for s in p.samples] for p in fleet_planners.planners])
     return report.summarize(options, raw)
 
