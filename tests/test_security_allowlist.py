@@ -50,7 +50,7 @@ def test_profiles_name_the_models_served():
     assert served_models(WorkerConfig(profiles=(str(edge),)), BUNDLED).allowed == {"efficientnet_lite0"}
 
 
-def test_a_worker_refuses_prepare_and_frames_of_models_it_does_not_serve():
+def test_a_worker_refuses_prepare_frames_and_tiles_of_models_it_does_not_serve():
     from runtime.worker.server import serve
 
     async def go():
@@ -72,6 +72,13 @@ def test_a_worker_refuses_prepare_and_frames_of_models_it_does_not_serve():
                     tensor=tensor_pb2.Tensor(shape=[1, 512, 7, 7], dtype="float32", buffer=bytes(4 * 512 * 49)))))
                 frame = await asyncio.wait_for(call.read(), RPC)
                 await call.done_writing()
+                from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
+
+                with pytest.raises(grpc.aio.AioRpcError) as info:  # tiles of a parallel stage: the same list
+                    await tiles_pb2_grpc.TilesStub(ch).InferTile(tiles_pb2.TileRequest(
+                        header=pb.FrameHeader(agent_id="x", seq=1, model_id="vgg16", split_id="pool1",
+                                              end_split="pool2"), input_height=56, input_width=56), timeout=RPC)
+                refused.append((info.value.code(), info.value.details()))
                 return ok, refused, frame, sorted(ws.service.tails._models)
         finally:
             await ws.drain_and_stop(0.5)
