@@ -1,8 +1,9 @@
 """The planner's database: what must survive a restart, and what replicas share.
 
 Tables: ``workers`` (address, tier, TL ids, one profile document per model, the next tiers it
-forwards to), ``agents`` (model, digest, device profile, allowed workers, TL ids, constraints, the
-last refusal), ``links`` (the last link estimate per agent and worker), ``device_speed`` (per
+forwards to), ``agents`` (model, digest, the SHA-256 of its device profile, allowed workers, TL ids,
+constraints, the last refusal), ``profiles`` (each device profile text once, by its SHA-256: agents
+of one board type share one row), ``links`` (the last link estimate per agent and worker), ``device_speed`` (per
 agent, the smoothed device slowdown factor from its compute telemetry, :mod:`planner.compute`),
 ``plans`` (every plan ever issued, as serialized ``Plan`` protos; an agent's current plan is its
 highest version that it did not refuse), ``counters`` (the global plan version, which only
@@ -11,8 +12,10 @@ until when, :mod:`planner.leases`). A chained plan's route (``Plan.end_split``, 
 part of the stored proto, so it survives a restart as it is.
 
 One schema on two engines (:mod:`planner.store_sql`): an SQLite file (the embedded default) or
-PostgreSQL (``--store postgresql://...``, shared by replicas). Schema 1 (before workers reported
-next tiers) is migrated in place; a newer schema is refused with a clear error. ``device_speed``
+PostgreSQL (``--store postgresql://...``, shared by replicas). Schemas 1 (before workers reported
+next tiers) and 2 (a profile text per agent) are migrated in place when a planner opens the store
+(PostgreSQL: under the schema lock, in one transaction); a newer schema is refused with a clear
+error, so a planner of an older edgesplit refuses a migrated store (upgrade every replica). ``device_speed``
 and ``leases`` are tables of their own, created where missing, so they need no migration (and a
 planner without them ignores them).
 
@@ -24,6 +27,7 @@ A Store's connection belongs to one thread at a time.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -39,7 +43,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 __all__ = ["APPLIED", "ISSUED", "REFUSED", "AgentRecord", "Batch", "LeaseLost", "LinkRecord", "PlanRecord",
            "SpeedRecord", "Store", "StoreError", "WorkerRecord"]
 
-SCHEMA_VERSION = 2  # 2: workers.next_tiers
+SCHEMA_VERSION = 3  # 2: workers.next_tiers; 3: device profiles stored once by content hash (agents.profile holds it)
 
 # Tables of their own (device_speed, leases) are created where missing and need no new version: a
 # planner that does not know them ignores them. {real} and {blob}: the engine's words (planner.store_sql).
@@ -67,6 +71,7 @@ CREATE TABLE IF NOT EXISTS plans (
     PRIMARY KEY (agent_id, version));
 CREATE TABLE IF NOT EXISTS leases (
     agent_id TEXT PRIMARY KEY, replica TEXT NOT NULL, expires_unix {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS profiles (hash TEXT PRIMARY KEY, text TEXT NOT NULL);
 """
 
 ISSUED, APPLIED, REFUSED = "issued", "applied", "refused"
@@ -138,6 +143,7 @@ class Store:
         self.backend = where if isinstance(where, Backend) else open_backend(str(where))
         self.path = self.backend.describe()  # for logs: never the password
         self.db = self.backend.connection  # the driver's connection (tests look inside SQLite's)
+        self._profiles: set[str] = set()  # profile hashes this store wrote or found stored (never deleted)
         try:
             self._create()
         except sqlite3.DatabaseError as e:
@@ -157,13 +163,25 @@ class Store:
             row = b.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 b.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif row[0] == 1:  # additive: workers gained next_tiers (none known for those stored)
-                b.execute("ALTER TABLE workers ADD COLUMN next_tiers TEXT NOT NULL DEFAULT '[]'")
+            elif row[0] in (1, 2):
+                if row[0] == 1:  # additive: workers gained next_tiers (none known for those stored)
+                    b.execute("ALTER TABLE workers ADD COLUMN next_tiers TEXT NOT NULL DEFAULT '[]'")
+                self._hash_profiles()
                 b.execute("UPDATE schema_version SET version=?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise StoreError(f"{self.path}: planner database schema {row[0]} is not {SCHEMA_VERSION}; "
                                  "use the edgesplit version that wrote it, or start with a new --db file / --store database")
             b.execute("INSERT INTO counters (name, value) VALUES ('plan_version', 0) ON CONFLICT (name) DO NOTHING")
+
+    def _hash_profiles(self) -> None:
+        """Schema 2 -> 3 (in the opening transaction): each distinct device profile text moves to ``profiles``
+        once, under its SHA-256; ``agents.profile`` keeps the hash (10,000 agents of 10 board types: 10 rows)."""
+        b = self.backend
+        texts = [r[0] for r in b.execute("SELECT DISTINCT profile FROM agents")]
+        for text in texts:
+            h = profile_hash(text)
+            b.execute("INSERT INTO profiles (hash, text) VALUES (?,?) ON CONFLICT (hash) DO NOTHING", (h, text))
+            b.execute("UPDATE agents SET profile=? WHERE profile=?", (h, text))
 
     def _tx(self):
         return self.backend.transaction()
@@ -202,22 +220,28 @@ class Store:
     # -- agents ------------------------------------------------------------------------------
 
     def put_agent(self, a: AgentRecord) -> None:
+        """The agent's row; its device profile text once per content (``profiles``), the row holds its hash."""
+        h = profile_hash(a.profile)
         with self._tx():
+            if h not in self._profiles:
+                self.backend.execute("INSERT INTO profiles (hash, text) VALUES (?,?) ON CONFLICT (hash) DO NOTHING",
+                                     (h, a.profile))
             self.backend.execute(
                 "INSERT INTO agents (id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
                 "refused_version, refused_message) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
                 "model=excluded.model, digest=excluded.digest, profile=excluded.profile, workers=excluded.workers, "
                 "tl_ids=excluded.tl_ids, constraints=excluded.constraints, last_seen=excluded.last_seen, "
                 "refused_version=excluded.refused_version, refused_message=excluded.refused_message",
-                (a.id, a.model, a.digest, a.profile, json.dumps(list(a.workers)), json.dumps(list(a.tl_ids)),
+                (a.id, a.model, a.digest, h, json.dumps(list(a.workers)), json.dumps(list(a.tl_ids)),
                  json_format.MessageToJson(a.constraints, indent=None), a.registered, a.last_seen,
                  a.refused_version, a.refused_message))
+        self._profiles.add(h)  # committed: the next agent of this board type writes its row only
 
     def agents(self, agent_id: str | None = None) -> dict[str, AgentRecord]:
         """Every agent, or only ``agent_id`` (an empty dict when it is not stored)."""
-        sql = ("SELECT id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
-               "refused_version, refused_message FROM agents")
-        rows = self.backend.execute(sql + " WHERE id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
+        sql = ("SELECT a.id, a.model, a.digest, p.text, a.workers, a.tl_ids, a.constraints, a.registered, a.last_seen, "
+               "a.refused_version, a.refused_message FROM agents a JOIN profiles p ON p.hash = a.profile")
+        rows = self.backend.execute(sql + " WHERE a.id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
         out = {}
         for r in rows:
             out[r[0]] = AgentRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
@@ -386,6 +410,11 @@ _MERGE_SEEN = Merge("seen_in", "UPDATE agents SET last_seen=? WHERE id=?", "id T
 _PUT_SPEED = ("INSERT INTO device_speed (agent_id, slowdown, samples, updated_unix) VALUES (?,?,?,?) "
               "ON CONFLICT (agent_id) DO UPDATE SET slowdown=excluded.slowdown, samples=excluded.samples, "
               "updated_unix=excluded.updated_unix")
+
+
+def profile_hash(text: str) -> str:
+    """The key a device profile is stored under: SHA-256 of its UTF-8 bytes, hex."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class LeaseLost(PreconditionFailed):

@@ -282,7 +282,7 @@ def test_schema_1_database_gains_next_tiers(tmp_path):
         assert s.workers()["w1"].next_tiers == ()
         s.put_worker(WorkerRecord("w1", "10.0.0.5:50051", "edge", (), {}, 1.0, 3.0, ("10.0.0.9:50052",)))
         assert s.workers()["w1"].next_tiers == ("10.0.0.9:50052",)
-        assert s.db.execute("SELECT version FROM schema_version").fetchone()[0] == 2
+        assert s.db.execute("SELECT version FROM schema_version").fetchone()[0] == 3  # 3: profiles by content hash
     finally:
         s.close()
 

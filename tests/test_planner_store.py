@@ -15,7 +15,8 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from planner.store import REFUSED, AgentRecord, LeaseLost, LinkRecord, SpeedRecord, Store, StoreError, WorkerRecord
+from planner.store import (REFUSED, AgentRecord, LeaseLost, LinkRecord, SpeedRecord, Store, StoreError, WorkerRecord,
+                           profile_hash)
 from planner.store_sql import open_backend, redact
 from planner.writebehind import WriteBehind
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -86,8 +87,54 @@ def test_a_newer_schema_is_refused_with_a_clear_error(where):
     with s.backend.transaction():
         s.backend.execute("UPDATE schema_version SET version = 99")
     s.close()
-    with pytest.raises(StoreError, match="schema 99 is not 2; use the edgesplit version that wrote it"):
+    with pytest.raises(StoreError, match="schema 99 is not 3; use the edgesplit version that wrote it"):
         Store(where)
+
+
+def test_device_profiles_are_stored_once_by_content_hash(where):
+    other = DEVICE_PROFILE.replace('"machine"', '"machine" ', 1)  # another document (one more space)
+    assert other != DEVICE_PROFILE
+    s = Store(where)
+    try:
+        for k in range(5):
+            s.put_agent(AgentRecord(f"a{k}", MODEL, "w1", DEVICE_PROFILE if k < 4 else other, (), (), pb.Constraints(),
+                                    1.0, 2.0))
+        s.put_agent(AgentRecord("a0", MODEL, "w1", DEVICE_PROFILE, (), (), pb.Constraints(), 1.0, 3.0))  # again
+        assert s.backend.execute("SELECT COUNT(*) FROM profiles").fetchone()[0] == 2  # 5 agents, 2 documents
+        stored = {r[0] for r in s.backend.execute("SELECT profile FROM agents")}
+        assert stored == {profile_hash(DEVICE_PROFILE), profile_hash(other)}  # the rows hold hashes, not texts
+        agents = s.agents()
+        assert [agents[f"a{k}"].profile for k in range(5)] == [DEVICE_PROFILE] * 4 + [other]  # read back as text
+        assert s.agents("a4")["a4"].profile == other
+    finally:
+        s.close()
+    again = Store(where)  # a new connection (its own cache of written hashes): still one row per document
+    try:
+        again.put_agent(AgentRecord("a9", MODEL, "w1", other, (), (), pb.Constraints(), 1.0, 2.0))
+        assert again.backend.execute("SELECT COUNT(*) FROM profiles").fetchone()[0] == 2
+        assert again.agents("a9")["a9"].profile == other
+    finally:
+        again.close()
+
+
+def test_a_schema_2_store_is_migrated_to_one_profile_row_per_document(where):
+    s = Store(where)  # made at schema 3, then turned into what schema 2 wrote: the text in every agent row
+    with s.backend.transaction():
+        for k in range(3):
+            s.backend.execute("INSERT INTO agents (id, model, digest, profile, workers, tl_ids, constraints, registered, "
+                              "last_seen) VALUES (?,?,?,?,?,?,?,?,?)",
+                              (f"a{k}", MODEL, "w1", DEVICE_PROFILE, "[]", "[]", "{}", 1.0, 2.0))
+        s.backend.execute("DELETE FROM profiles")
+        s.backend.execute("UPDATE schema_version SET version = 2")
+    s.close()
+    s = Store(where)
+    try:
+        assert s.backend.execute("SELECT version FROM schema_version").fetchone()[0] == 3
+        assert s.backend.execute("SELECT COUNT(*) FROM profiles").fetchone()[0] == 1
+        assert {r[0] for r in s.backend.execute("SELECT profile FROM agents")} == {profile_hash(DEVICE_PROFILE)}
+        assert [a.profile for a in s.agents().values()] == [DEVICE_PROFILE] * 3
+    finally:
+        s.close()
 
 
 def test_leases_on_both_engines(where):
