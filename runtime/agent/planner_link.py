@@ -49,7 +49,7 @@ import grpc
 from runtime.agent.estimator import LinkEstimate
 from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prober import ProbeOptions, Prober
-from runtime.agent.telemetry import ReportCadence
+from runtime.agent.telemetry import HEARTBEAT_SECONDS, ReportCadence
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Overloaded, Unavailable
 from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
@@ -82,9 +82,9 @@ class PlannerLinkOptions:
     telemetry_interval_seconds: float = 1.0
     # a telemetry message at least this often (compute samples, a link that did not move); between
     # heartbeats one only when the link estimate moves out of its band (runtime.agent.telemetry.ReportCadence).
-    # 0: a message every telemetry_interval_seconds, moved or not (the cadence before issue 15); the
-    # agent command's default is runtime.agent.telemetry.HEARTBEAT_SECONDS (10 s)
-    telemetry_heartbeat_seconds: float = 0.0
+    # 0: a message every telemetry_interval_seconds, moved or not (the cadence before issue 15); default
+    # runtime.agent.telemetry.HEARTBEAT_SECONDS (10 s), as the agent command's
+    telemetry_heartbeat_seconds: float = HEARTBEAT_SECONDS
     # Transfer Layers the agent holds; None: the loaded one and those found in the agent's tl_dir
     tl_ids: tuple[str, ...] | None = None
     # deadline of each unary call, each telemetry write and each stream's ack
