@@ -21,7 +21,7 @@ from runtime.agent.summary import summarize
 from runtime.daemon.logcontext import bind
 from runtime.daemon.metrics_http import MetricsEndpoint
 from runtime.daemon.sdnotify import notify, start_watchdog, stop_watchdog
-from runtime.daemon.server import stop_on_signals
+from runtime.daemon.server import reload_on_sighup, stop_on_signals
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.slicing import INPUT, OUTPUT, SplitPoint
 from runtime.wire.chain import Hop
@@ -104,6 +104,8 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     # Handle SIGTERM/SIGINT before announcing the API, so a supervisor that signals right after
     # the announcement gets a clean shutdown rather than the default (kill) action.
     stop = stop_on_signals() if local_api is not None else None
+    if stop is None:
+        reload_on_sighup()  # SIGHUP: re-read certificates and token (runtime.wire.reloading), do not end
     if local_api is not None:
         print(f"edgesplit agent local API on {local_api.address}", file=sys.stderr, flush=True)
     if endpoint is not None:

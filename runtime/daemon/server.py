@@ -173,8 +173,13 @@ def stop_on_signals(signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.
     loop = asyncio.get_running_loop()
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_credentials)
+    reload_on_sighup()
     return stop
+
+
+def reload_on_sighup() -> None:
+    """SIGHUP re-reads server and client credentials from their files (installed now, on the running loop)."""
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reload_credentials)
 
 
 class DaemonHandle:
