@@ -115,3 +115,33 @@ def test_a_half_written_renewal_keeps_the_working_credentials(site):
 
     during, reloads, _ = asyncio.run(go())
     assert during == "agent/a1/cert" and reloads == 0
+
+
+def test_an_agent_without_a_local_api_survives_sighup_and_rereads_its_credentials(tmp_path):
+    """SIGHUP's default action ends a process; the agent asks for a reload instead and runs on."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "results.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "agent", "--model", "digits_cnn", "--source",
+                             "synthetic", "--frames", "100000", "--fps", "200", "--torch-threads", "1",
+                             "--output", str(out)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_text().count("\n") >= 5):  # running: frames are being written
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGHUP)
+        lines = out.read_text().count("\n")
+        while out.read_text().count("\n") < lines + 20:  # still running after SIGHUP
+            assert proc.poll() is None, "the agent ended on SIGHUP"
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert "reload requested" in err
