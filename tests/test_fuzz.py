@@ -106,3 +106,27 @@ def test_the_profile_parser_answers_or_refuses(key, value):
 def test_the_profile_parser_survives_any_bytes(data):
     with contextlib.suppress(EdgesplitError):
         profiles.loads(data)
+
+
+@FUZZ
+@given(text=st.binary(max_size=2048))
+def test_tokens_and_crl_files_answer_a_table_or_invalid_input(tmp_path_factory, text):
+    """A server's tokens file and CRL file (operator-written, re-read while serving): any bytes give the
+    table / the revoked serials or InvalidInput (a bad edit keeps the previous list), never a crash."""
+    from runtime.contracts.errors import InvalidInput
+    from runtime.daemon.revocation import load_crl
+    from runtime.tools import pki
+    from runtime.wire.security import load_tokens, read_token
+
+    d = tmp_path_factory.mktemp("f")
+    (d / "tokens").write_bytes(text)
+    with contextlib.suppress(InvalidInput):
+        table = load_tokens(str(d / "tokens"))
+        assert all(len(k) == 64 for k in table)
+    with contextlib.suppress(InvalidInput):  # a client's token file
+        assert read_token(str(d / "tokens"))
+    ca = pki.make_ca()
+    pki.write(ca, d, "ca")
+    (d / "crl").write_bytes(text)
+    with contextlib.suppress(InvalidInput):
+        load_crl(str(d / "crl"), str(d / "ca.pem"))

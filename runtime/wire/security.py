@@ -77,7 +77,11 @@ def _read(path: str, limit: int, what: str) -> bytes:
 def load_tokens(path: str) -> dict[str, tuple[str, str]]:
     """A server's accepted tokens: ``sha256 hex -> (role, subject)`` from ``ROLE SUBJECT SHA256HEX`` lines."""
     table: dict[str, tuple[str, str]] = {}
-    for n, line in enumerate(_read(path, MAX_TOKENS_FILE_BYTES, "tokens file").decode().splitlines(), 1):
+    try:
+        text = _read(path, MAX_TOKENS_FILE_BYTES, "tokens file").decode()
+    except UnicodeDecodeError as e:
+        raise InvalidInput(f"tokens file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(text.splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -90,7 +94,7 @@ def load_tokens(path: str) -> dict[str, tuple[str, str]]:
 
 
 def read_token(path: str) -> str:
-    token = _read(path, MAX_TOKEN_BYTES, "token file").decode().strip()
+    token = _read(path, MAX_TOKEN_BYTES, "token file").decode(errors="replace").strip()
     if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
         raise InvalidInput(f"token file {path}: a token is one word of at least {MIN_TOKEN_CHARS} characters")
     return token
