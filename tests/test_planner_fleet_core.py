@@ -334,3 +334,22 @@ def test_registration_gate_runs_a_few_queues_some_and_refuses_the_rest_with_a_re
             pass
 
     asyncio.run(main())
+
+
+def test_fallback_entries_are_lean_but_keep_what_the_agent_switches_to():
+    from planner.fallbacks import lean
+
+    entry = pb.Plan(agent_id="a1", model_id="m", reason="fallback for 1-2 MB/s", created_unix=5.0, predicted_fps=9.0,
+                    predicted_bytes=7, predicted_seconds=0.02, split_id="b3", split_index=3, codec="int8+lz4", tl_id="t",
+                    worker_id="w1", worker_address="10.0.0.5:1", end_split="b9", end_split_index=9)
+    entry.breakdown_seconds["device"] = 0.01
+    entry.next_hops.add(worker_id="w2", address="10.0.0.6:1")
+    kept = pb.Plan()
+    kept.CopyFrom(entry)
+    lean(entry)
+    assert not (entry.agent_id or entry.model_id or entry.reason or entry.created_unix or entry.predicted_fps
+                or entry.predicted_bytes)
+    for name in ("predicted_seconds", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address",
+                 "end_split", "end_split_index", "breakdown_seconds", "next_hops"):
+        assert getattr(entry, name) == getattr(kept, name), name
+    assert len(entry.SerializeToString()) < len(kept.SerializeToString())
