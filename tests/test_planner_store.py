@@ -15,8 +15,17 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from planner.store import (REFUSED, AgentRecord, LeaseLost, LinkRecord, SpeedRecord, Store, StoreError, WorkerRecord,
-                           profile_hash)
+from planner.store import (
+    REFUSED,
+    AgentRecord,
+    LeaseLost,
+    LinkRecord,
+    SpeedRecord,
+    Store,
+    StoreError,
+    WorkerRecord,
+    profile_hash,
+)
 from planner.store_sql import open_backend, redact
 from planner.writebehind import WriteBehind
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
