@@ -29,8 +29,8 @@ the factor moved by more than ``APPLY_TOLERANCE`` from the one it was made with;
 plan then changes is the hysteresis's call, as for a link change.
 
 The worker's compute is corrected the same way, per (agent, worker): :class:`WorkerSpeeds`, from
-the worker's own ``edge_tail`` time over its profile's blocks for the plan's slice (in memory only).
-Each factor carries its sample count and the time of its last sample; one with no sample for
+the worker's own ``edge_tail`` time over its profile's blocks for the plan's slice (stored with the
+agent's links by the write-behind batch, table ``worker_speed``). Each factor carries its sample count and the time of its last sample; one with no sample for
 ``WORKER_SPEED_TTL`` seconds (default 60) is forgotten, and the worker's profile stands again. An
 agent that a loaded worker sent to run locally measures that worker no more (no frame reaches its
 tail), so without an age the factor of one busy minute would keep the agent off the worker for good.
@@ -188,6 +188,14 @@ class WorkerSpeeds:
         out = {**profiles, model: scaled(profiles[model], factor)}
         self._scaled[worker_id] = (profiles, factor, out)
         return out
+
+    def restore(self, worker_id: str, factor: float, samples: int, updated: float) -> None:
+        """A factor as the store kept it (planner.state), applied as it was; :meth:`expire` forgets it when its
+        last sample is older than ``ttl_seconds``."""
+        if len(self.speeds) < MAX_WORKER_SPEEDS and plausible(factor):
+            f = min(max(factor, MIN_FACTOR), MAX_FACTOR)
+            self.speeds[worker_id] = DeviceSpeed(f, samples, applied=f, updated=updated)
+            self._scaled.pop(worker_id, None)
 
     def expire(self, now: float) -> bool:
         """Forget factors with no sample for ``ttl_seconds`` (the profile stands again); True when one that

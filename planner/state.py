@@ -127,8 +127,10 @@ class PlannerState:
                                                                                  self.profiles))
         if not self.store.backend.shared:
             plans, links, speeds = self.store.current_plans(), self.store.links(), self.store.speeds()
+            tails = self.store.worker_speeds()
             for aid, rec in self.store.agents().items():
                 self.agents[aid] = self._resumed(rec, plans.get(aid), links.get(aid, {}), speeds.get(aid))
+                self._restore_tails(self.agents[aid], tails.get(aid, {}))
         self.metrics.agents.set(len(self.agents))
         self.metrics.workers.set(len(self.workers))
         if self.agents or self.workers:
@@ -141,8 +143,17 @@ class PlannerState:
         rec = self.store.agents(agent_id).get(agent_id)
         if rec is None:
             return None
-        return self.adopt(rec, self.store.current_plan(agent_id), self.store.links(agent_id).get(agent_id, {}),
-                          self.store.speeds(agent_id).get(agent_id))
+        st = self.adopt(rec, self.store.current_plan(agent_id), self.store.links(agent_id).get(agent_id, {}),
+                        self.store.speeds(agent_id).get(agent_id))
+        self._restore_tails(st, self.store.worker_speeds(agent_id).get(agent_id, {}))
+        return st
+
+    def _restore_tails(self, st: AgentState, tails: dict[str, SpeedRecord]) -> None:
+        """The agent's worker tail factors as stored (planner.compute.WorkerSpeeds: each is forgotten once
+        its last sample is older than its TTL, restarts included)."""
+        if self.config.compute_telemetry:
+            for wid, sp in tails.items():
+                st.tails.restore(wid, sp.slowdown, sp.samples, sp.updated_unix)
 
     def adopt(self, rec: AgentRecord, plan: PlanRecord | None, links: dict[str, LinkRecord],
               speed: SpeedRecord | None) -> AgentState:
@@ -275,6 +286,7 @@ class PlannerState:
         if old is not None:  # same board, new registration: keep what it runs and its links
             st.plan, st.links = old.plan, old.links
             st.unsaved_links, st.last_acted = old.unsaved_links, old.last_acted
+            st.tails = old.tails  # the workers' tail factors do not depend on the board's profile
             if old.record.profile == rec.profile:  # the same benchmark: its slowdown factor still holds
                 st.speed = old.speed
                 st.apply_speed(force=True)
@@ -307,6 +319,10 @@ class PlannerState:
         if st.speed.unsaved:
             self.behind.put_speed(st.record.id, SpeedRecord(st.speed.factor, st.speed.samples, time.time()))
             st.speed.unsaved = False
+        for wid, sp in st.tails.speeds.items():
+            if sp.unsaved:
+                self.behind.put_worker_speed(st.record.id, wid, SpeedRecord(sp.factor, sp.samples, sp.updated))
+                sp.unsaved = False
 
     # -- plans ---------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ __all__ = ["APPLIED", "ISSUED", "REFUSED", "AgentRecord", "Batch", "LeaseLost", 
 
 SCHEMA_VERSION = 3  # 2: workers.next_tiers; 3: device profiles stored once by content hash (agents.profile holds it)
 
-# Tables of their own (device_speed, leases) are created where missing and need no new version: a
+# Tables of their own (device_speed, worker_speed, leases) are created where missing and need no new version: a
 # planner that does not know them ignores them. {real} and {blob}: the engine's words (planner.store_sql).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL);
@@ -65,6 +65,9 @@ CREATE TABLE IF NOT EXISTS links (
     PRIMARY KEY (agent_id, worker_id));
 CREATE TABLE IF NOT EXISTS device_speed (
     agent_id TEXT PRIMARY KEY, slowdown {real} NOT NULL, samples BIGINT NOT NULL, updated_unix {real} NOT NULL);
+CREATE TABLE IF NOT EXISTS worker_speed (
+    agent_id TEXT NOT NULL, worker_id TEXT NOT NULL, slowdown {real} NOT NULL, samples BIGINT NOT NULL,
+    updated_unix {real} NOT NULL, PRIMARY KEY (agent_id, worker_id));
 CREATE TABLE IF NOT EXISTS plans (
     agent_id TEXT NOT NULL, version BIGINT NOT NULL, plan {blob} NOT NULL, reason TEXT NOT NULL,
     created {real} NOT NULL, status TEXT NOT NULL DEFAULT 'issued',
@@ -131,9 +134,11 @@ class Batch:
     links: dict[tuple[str, str], LinkRecord] = field(default_factory=dict)  # (agent, worker) -> estimate
     seen: dict[str, float] = field(default_factory=dict)  # agent -> last_seen (heartbeat)
     speeds: dict[str, SpeedRecord] = field(default_factory=dict)  # agent -> device slowdown
+    # (agent, worker) -> the worker's tail slowdown as that agent measures it (planner.compute.WorkerSpeeds)
+    worker_speeds: dict[tuple[str, str], SpeedRecord] = field(default_factory=dict)
 
     def __len__(self) -> int:
-        return len(self.links) + len(self.seen) + len(self.speeds)
+        return len(self.links) + len(self.seen) + len(self.speeds) + len(self.worker_speeds)
 
 
 class Store:
@@ -278,6 +283,15 @@ class Store:
         rows = self.backend.execute(sql + " WHERE agent_id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
         return {a: SpeedRecord(f, n, t) for a, f, n, t in rows}
 
+    def worker_speeds(self, agent_id: str | None = None) -> dict[str, dict[str, SpeedRecord]]:
+        """agent -> worker -> its tail slowdown as the agent measured it (written by the write-behind batch)."""
+        sql = "SELECT agent_id, worker_id, slowdown, samples, updated_unix FROM worker_speed"
+        rows = self.backend.execute(sql + " WHERE agent_id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
+        out: dict[str, dict[str, SpeedRecord]] = {}
+        for a, w, f, n, t in rows:
+            out.setdefault(a, {})[w] = SpeedRecord(f, n, t)
+        return out
+
     # -- the write-behind batch ----------------------------------------------------------------
 
     def write_batch(self, batch: Batch) -> None:
@@ -292,6 +306,9 @@ class Store:
             if batch.speeds:
                 b.executemany(_PUT_SPEED, sorted((a, s.slowdown, s.samples, s.updated_unix)
                                                  for a, s in batch.speeds.items()))
+            if batch.worker_speeds:
+                b.executemany(_PUT_WORKER_SPEED, sorted((a, w, s.slowdown, s.samples, s.updated_unix)
+                                                        for (a, w), s in batch.worker_speeds.items()))
 
     # -- plans -------------------------------------------------------------------------------
 
@@ -410,6 +427,9 @@ _MERGE_SEEN = Merge("seen_in", "UPDATE agents SET last_seen=? WHERE id=?", "id T
 _PUT_SPEED = ("INSERT INTO device_speed (agent_id, slowdown, samples, updated_unix) VALUES (?,?,?,?) "
               "ON CONFLICT (agent_id) DO UPDATE SET slowdown=excluded.slowdown, samples=excluded.samples, "
               "updated_unix=excluded.updated_unix")
+_PUT_WORKER_SPEED = ("INSERT INTO worker_speed (agent_id, worker_id, slowdown, samples, updated_unix) VALUES (?,?,?,?,?) "
+                     "ON CONFLICT (agent_id, worker_id) DO UPDATE SET slowdown=excluded.slowdown, "
+                     "samples=excluded.samples, updated_unix=excluded.updated_unix")
 
 
 def profile_hash(text: str) -> str:

@@ -109,6 +109,9 @@ class WriteBehind:
     def put_speed(self, agent_id: str, speed: SpeedRecord) -> None:
         self.pending.speeds[agent_id] = speed
 
+    def put_worker_speed(self, agent_id: str, worker_id: str, speed: SpeedRecord) -> None:
+        self.pending.worker_speeds[(agent_id, worker_id)] = speed
+
     def forget(self, agent_id: str) -> None:
         """Drop what waits for ``agent_id`` (another replica took it over: its values win)."""
         p = self.pending
@@ -116,6 +119,8 @@ class WriteBehind:
             del p.links[key]
         p.seen.pop(agent_id, None)
         p.speeds.pop(agent_id, None)
+        for key in [k for k in p.worker_speeds if k[0] == agent_id]:
+            del p.worker_speeds[key]
 
     # -- flushing --------------------------------------------------------------------------------
 
@@ -228,6 +233,8 @@ class WriteBehind:
             self.pending.seen.setdefault(aid, t)
         for aid, s in batch.speeds.items():
             self.pending.speeds.setdefault(aid, s)
+        for key, s in batch.worker_speeds.items():
+            self.pending.worker_speeds.setdefault(key, s)
 
     async def close(self, then: Callable[[Store], Any] | None = None) -> None:
         """Flush what waits (clean shutdown), run ``then`` after it, and close the thread's connection."""

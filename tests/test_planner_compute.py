@@ -462,3 +462,37 @@ def test_a_kept_plan_whose_prediction_moved_is_issued_again(aio, planner):
         assert sample(planner, "edgesplit_planner_plan_changes_total", {"reason": "prediction"}) == 1
 
     aio.run(scenario())
+
+
+def test_worker_factors_are_stored_and_age_out_after_a_restart(aio, tmp_path):
+    """A worker's tail factor is written with the agent's links (table worker_speed) and read back by a
+    restarted planner, with its samples and the time of its last sample: within its TTL it is applied as
+    it was; older, it is forgotten on the agent's next report."""
+    db = tmp_path / "planner.sqlite"
+    profiled = sum(EDGE_S[2:])
+
+    async def life(check):
+        p = await Planner.start(db)
+        try:
+            return await check(p)
+        finally:
+            await p.stop()
+
+    async def first(p):
+        v1 = await p.register()
+        await report(p, sum(DEVICE_S[:2]), v1.version, edge_tail=3 * profiled)
+        await report(p, sum(DEVICE_S[:2]), v1.version, edge_tail=3 * profiled)
+        return p.ps.service.agents["a1"].tails.speeds["w1"]
+
+    async def second(p):
+        st = p.ps.service.agents["a1"]
+        sp = st.tails.speeds["w1"]
+        assert (sp.factor, sp.samples, sp.applied) == (pytest.approx(3.0), 2, pytest.approx(3.0))
+        assert p.ps.service.store.worker_speeds()["a1"]["w1"].samples == 2
+        sp.updated -= compute.WORKER_SPEED_TTL + 1  # as if the planner had been down for a minute
+        await report(p, sum(DEVICE_S[:2]), st.plan.version)
+        return st.tails.applied("w1"), "w1" in st.tails.speeds
+
+    before = aio.run(life(first))
+    assert before.samples == 2
+    assert aio.run(life(second)) == (1.0, False)
