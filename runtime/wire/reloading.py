@@ -25,7 +25,8 @@ import grpc
 logger = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0  # how often a channel looks at its files' mtimes
-RETIRE_GRACE_SECONDS = 60.0  # how long calls on a replaced channel may go on
+RETIRE_GRACE_SECONDS = 330.0  # calls on a replaced channel may go on this long: past the planner client's
+# 300 s stream deadline, so its WatchPlan and telemetry streams reopen on the new channel by themselves
 
 _generation = 0  # bumped by reload_credentials (SIGHUP)
 
