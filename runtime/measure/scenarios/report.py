@@ -68,10 +68,13 @@ def _dynamic(model: str, s: str, r: dict) -> list[str]:
              f"![{s}]({r['files'][2]}) ({r['files'][1]}).\n",
              f"Frames {r['frames']}: lost {r['lost']}, duplicated {r['duplicated']}, past their deadline "
              f"{r['past_deadline']} (ran on the board instead), fallbacks {r['fallbacks']}.\n",
-             "| step | Mbit/s | plan (split) | frames ran as (split:codec, where) | first frame under the new plan s | "
+             "| step | Mbit/s | plan (split) | frames ran as (split:codec, where) | first frame under the new plan s "
+             "(started / result) | "
              "frames | switches / 40 s steady | median \\|predicted - measured\\| |", "|---|---:|---|---|---:|---:|---:|---:|"]
     for ph in r["phases"]:
         first = ph.get("first_frame_under_new_plan_s")
+        if first is not None and ph.get("first_frame_started_under_new_plan_s") is not None:
+            first = f"{ph['first_frame_started_under_new_plan_s']} / {first}"  # adapt_run: its arrival, its result
         ran = ", ".join(f"{k} x{v}" for k, v in ph.get("ran", {}).items()) or "-"
         lines.append(f"| {ph.get('step') or 'start'} | {ph['mbps']:g} | {ph.get('plan', '-')} | {ran} | "
                      f"{'-' if first is None else first} | {ph['frames']} | {ph.get('switches_per_40s_steady', '-')} | "
