@@ -95,3 +95,54 @@ def test_a_bad_crl_edit_keeps_the_previous_list(site):
             await daemon.drain(0.5)
 
     assert asyncio.run(go()) == (grpc.StatusCode.UNAUTHENTICATED, 0)
+
+
+def test_a_stream_open_under_a_certificate_revoked_later_is_ended(site):
+    """Authentication happens when a call starts; a long-lived stream (an agent's frames) would outlive a
+    revocation, so the daemon re-reads the CRL while such streams are open and ends the revoked ones."""
+    from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+    from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+    from runtime.wire.transport import TransportOptions
+    from tests.test_security import Counting
+
+    class Streaming(Counting):
+        async def InferStream(self, request_iterator, context):
+            async for msg in request_iterator:
+                yield pb.InferResult(header=msg.frame.header)
+
+    crl = site / "crl.pem"
+    pki.revoke(pki.read(site, "ca"), crl, [])  # an empty CRL to begin with
+
+    async def go():
+        daemon, _ = await start(creds(site, "worker-w1", crl_file=str(crl)), Streaming())
+        try:
+            async def open_stream(stem):
+                ch = TransportOptions(security=creds(site, stem)).aio_channel(f"127.0.0.1:{daemon.port}")
+                call = pb_grpc.InferenceStub(ch).InferStream(timeout=60)
+                await call.write(pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(seq=1))))
+                assert (await call.read()).header.seq == 1
+                return ch, call
+
+            (ch1, revoked), (ch2, kept) = await open_stream("agent-a1"), await open_stream("agent-a2")
+            pki.revoke(pki.read(site, "ca"), crl, [(site / "agent-a1.pem").read_bytes()])
+            t0 = time.monotonic()
+            try:
+                while time.monotonic() - t0 < 10:  # frames go on until the stream is ended
+                    await revoked.write(pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(seq=2))))
+                    await asyncio.wait_for(revoked.read(), 10)
+                    await asyncio.sleep(0.1)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+            ended = time.monotonic() - t0
+            code, details = await revoked.code(), await revoked.details()
+            await kept.write(pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(seq=3))))
+            still = (await kept.read()).header.seq
+            for ch in (ch1, ch2):
+                await ch.close()
+            return (code, details), ended, still, daemon.auth.rejected["revoked_open"]
+        finally:
+            await daemon.drain(0.5)
+
+    (code, details), ended, still, counted = asyncio.run(go())
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked while this stream was open" in details
+    assert ended < 5 and still == 3 and counted == 1

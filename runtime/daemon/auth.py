@@ -16,6 +16,7 @@ Handlers read the caller with :func:`current_identity`. On a server without auth
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
 import logging
@@ -29,8 +30,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
-from runtime.daemon.interceptors import rewrap_handler
-from runtime.daemon.revocation import Revocations
+from runtime.daemon.interceptors import end_call, rewrap_handler
+from runtime.daemon.revocation import CRL_RECHECK_SECONDS, Revocations
 from runtime.wire.security import OPERATOR, SecurityOptions, load_tokens, parse_spiffe, token_digest
 
 logger = logging.getLogger(__name__)
@@ -94,6 +95,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self._reload_tokens(force=True)
         # revoked client certificates (--crl-file), checked on every call that presents one
         self.revocations = Revocations(security.crl_file, security.ca_file) if security.crl_file else None
+        # streaming calls open under a certificate, by its serial: a revocation read later ends them
+        self._streams: dict[int, dict[asyncio.Task[Any], Any]] = {}
+        self._watcher: asyncio.Task[None] | None = None
 
     def _reload_tokens(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -155,7 +159,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "role",
                           f"{method} may be called by {', '.join(sorted(allowed | {OPERATOR}))}, not by {identity}")
 
-    async def _admit(self, method: str, context: grpc.aio.ServicerContext, metadata: Any) -> None:
+    async def _admit(self, method: str, context: grpc.aio.ServicerContext, metadata: Any) -> Identity:
         try:
             identity = self.identify(context, metadata)
             self.authorize(method, identity)
@@ -166,6 +170,50 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             await context.abort(r.code, str(r))
         self.admitted += 1
         _current.set(identity)
+        return identity
+
+    # -- revocation of open streams --------------------------------------------------------------------
+
+    def _track(self, identity: Identity, context: grpc.aio.ServicerContext) -> Callable[[], None] | None:
+        """Note a streaming call made with a certificate, so that a revocation read while it runs ends it
+        (UNAUTHENTICATED); returns what forgets it at its end."""
+        pem = context.auth_context().get("x509_pem_cert") if self.revocations and identity.via == "cert" else None
+        task = asyncio.current_task()
+        if not pem or self.revocations is None or task is None:
+            return None
+        serial = self.revocations.serial(pem[0])
+        self._streams.setdefault(serial, {})[task] = context
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.ensure_future(self._watch_revocations())
+
+        def forget() -> None:
+            calls = self._streams.get(serial)
+            if calls is not None:
+                calls.pop(task, None)
+                if not calls:
+                    del self._streams[serial]
+
+        return forget
+
+    async def _watch_revocations(self) -> None:
+        """While certificate streams are open: re-read the CRL each second and end the revoked ones."""
+        assert self.revocations is not None
+        while self._streams:
+            await asyncio.sleep(CRL_RECHECK_SECONDS)
+            self.revocations.refresh()
+            for serial in [s for s in self._streams if s in self.revocations.serials]:
+                for task, context in self._streams.pop(serial).items():
+                    self.rejected["revoked_open"] += 1
+                    self._metric.labels("revoked_open").inc()
+                    logger.warning("ending a stream from %s: its certificate (serial %x) was revoked", context.peer(),
+                                   serial)
+                    end_call(context, task, grpc.StatusCode.UNAUTHENTICATED,
+                             f"the client certificate (serial {serial:x}) was revoked while this stream was open")
+
+    def close(self) -> None:
+        """Stop watching open streams (the daemon stops)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -179,9 +227,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _guard(self, behaviour: Callable[..., Any], method: str, metadata: Any) -> Callable[..., Any]:
         if inspect.isasyncgenfunction(behaviour):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                await self._admit(method, context, metadata)
-                async for item in behaviour(request, context):
-                    yield item
+                identity = await self._admit(method, context, metadata)
+                forget = self._track(identity, context)
+                try:
+                    async for item in behaviour(request, context):
+                        yield item
+                finally:
+                    if forget is not None:
+                        forget()
 
             return stream
 

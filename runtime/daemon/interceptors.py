@@ -10,6 +10,7 @@ servicer's business. A status the servicer set itself with ``context.abort`` pas
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -102,3 +103,19 @@ def _guard(behaviour: Callable[..., Any], method: str, abort: _Abort) -> Callabl
 
         return call
     return behaviour
+
+
+def end_call(context: Any, task: Any, code: grpc.StatusCode, message: str) -> None:
+    """End a running call from outside its handler: its status is sent from a task of its own (it goes out
+    behind any results still queued for the client) and the handler's task is cancelled at once, so the
+    call's state is freed now. Used for stalled streams (runtime.worker.backpressure) and revoked callers."""
+    if context is not None:
+        ending = asyncio.ensure_future(context.abort(code, message))
+        ending.add_done_callback(_retrieve)
+    if task is not None:
+        task.cancel()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # abort() ends by raising AbortError (or fails once the client left): expected

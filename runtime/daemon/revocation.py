@@ -68,7 +68,8 @@ class Revocations:
         self._checked = time.monotonic()
         self._cache: OrderedDict[bytes, int] = OrderedDict()  # certificate PEM -> serial
 
-    def _reload(self) -> None:
+    def refresh(self) -> None:
+        """Re-read the CRL if its file changed (looked at once a second at most)."""
         now = time.monotonic()
         if now - self._checked < CRL_RECHECK_SECONDS:
             return
@@ -93,6 +94,6 @@ class Revocations:
 
     def revoked(self, cert_pem: bytes) -> int | None:
         """The certificate's serial if the CRL revokes it, else None."""
-        self._reload()
+        self.refresh()
         serial = self.serial(cert_pem)
         return serial if serial in self.serials else None

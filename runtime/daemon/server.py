@@ -159,6 +159,7 @@ class Daemon:
                 await quiesce(grace)
         finally:
             await self.server.stop(grace if stop_grace is None else stop_grace)
+            self.auth.close()
             if self.metrics_endpoint is not None:
                 self.metrics_endpoint.close()
                 self.metrics_endpoint = None

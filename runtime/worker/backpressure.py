@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import grpc
 
+from runtime.daemon.interceptors import end_call
+
 logger = logging.getLogger(__name__)
 
 
@@ -91,15 +93,6 @@ class StallGuard:
         peer = self.context.peer() if self.context is not None else "?"
         logger.warning("ending the stream from %s: a result could not be sent for %g s (the client does not read)",
                        peer, self.seconds)
-        if self.context is not None:
-            # The status goes out behind the unread results (it completes when the client reads or leaves);
-            # the handler task is cancelled at once so its state is freed now.
-            ending = asyncio.ensure_future(self.context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message))
-            ending.add_done_callback(_retrieve)
-        if self._task is not None:
-            self._task.cancel()
-
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()  # abort() ends by raising AbortError (or fails once the client left): expected
+        # the status goes out behind the unread results (it completes when the client reads or leaves);
+        # the handler task is cancelled at once so its state is freed now
+        end_call(self.context, self._task, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
