@@ -146,3 +146,60 @@ def test_a_stream_open_under_a_certificate_revoked_later_is_ended(site):
     (code, details), ended, still, counted = asyncio.run(go())
     assert code == grpc.StatusCode.UNAUTHENTICATED and "revoked while this stream was open" in details
     assert ended < 5 and still == 3 and counted == 1
+
+
+def test_a_stream_open_under_a_token_removed_later_is_ended(site):
+    """Removing a token's line from the server's tokens file revokes it for open streams too."""
+    from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+    from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
+    from runtime.wire.security import SecurityOptions, token_digest
+    from runtime.wire.transport import TransportOptions
+    from tests.test_security import Counting
+
+    class Streaming(Counting):
+        async def InferStream(self, request_iterator, context):
+            async for msg in request_iterator:
+                yield pb.InferResult(header=msg.frame.header)
+
+    tokens = {ident: f"{ident}-" + "t" * 30 for ident in ("a1", "a2")}
+    for ident, token in tokens.items():
+        (site / f"{ident}.token").write_text(token)
+    lines = {ident: f"agent {ident} {token_digest(token)}\n" for ident, token in tokens.items()}
+    (site / "tokens").write_text(lines["a1"] + lines["a2"])
+    server = SecurityOptions(cert_file=str(site / "worker-w1.pem"), key_file=str(site / "worker-w1.key"),
+                             tokens_file=str(site / "tokens"))
+
+    async def go():
+        daemon, _ = await start(server, Streaming())
+        try:
+            async def open_stream(ident):
+                sec = SecurityOptions(ca_file=str(site / "ca.pem"), token_file=str(site / f"{ident}.token"))
+                ch = TransportOptions(security=sec).aio_channel(f"127.0.0.1:{daemon.port}")
+                call = pb_grpc.InferenceStub(ch).InferStream(timeout=60)
+                await call.write(pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(seq=1))))
+                assert (await call.read()).header.seq == 1
+                return ch, call
+
+            (ch1, removed), (ch2, kept) = await open_stream("a1"), await open_stream("a2")
+            (site / "tokens").write_text(lines["a2"])  # a1's line removed
+            t0 = time.monotonic()
+            try:
+                while time.monotonic() - t0 < 10:
+                    await removed.write(pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(seq=2))))
+                    await asyncio.wait_for(removed.read(), 10)
+                    await asyncio.sleep(0.1)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                pass
+            ended = time.monotonic() - t0
+            code, details = await removed.code(), await removed.details()
+            await kept.write(pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(seq=3))))
+            still = (await kept.read()).header.seq
+            for ch in (ch1, ch2):
+                await ch.close()
+            return code, details, ended, still
+        finally:
+            await daemon.drain(0.5)
+
+    code, details, ended, still = asyncio.run(go())
+    assert code == grpc.StatusCode.UNAUTHENTICATED and "bearer token was revoked" in details
+    assert ended < 5 and still == 3

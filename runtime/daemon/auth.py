@@ -95,8 +95,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             self._reload_tokens(force=True)
         # revoked client certificates (--crl-file), checked on every call that presents one
         self.revocations = Revocations(security.crl_file, security.ca_file) if security.crl_file else None
-        # streaming calls open under a certificate, by its serial: a revocation read later ends them
-        self._streams: dict[int, dict[asyncio.Task[Any], Any]] = {}
+        # streaming calls open, by the credential they were admitted on: a revocation read later ends them
+        self._streams: dict[tuple[str, Any], dict[asyncio.Task[Any], Any]] = {}
         self._watcher: asyncio.Task[None] | None = None
 
     def _reload_tokens(self, force: bool = False) -> None:
@@ -174,41 +174,59 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     # -- revocation of open streams --------------------------------------------------------------------
 
-    def _track(self, identity: Identity, context: grpc.aio.ServicerContext) -> Callable[[], None] | None:
-        """Note a streaming call made with a certificate, so that a revocation read while it runs ends it
-        (UNAUTHENTICATED); returns what forgets it at its end."""
-        pem = context.auth_context().get("x509_pem_cert") if self.revocations and identity.via == "cert" else None
+    def _credential(self, identity: Identity, context: grpc.aio.ServicerContext, metadata: Any) -> tuple[str, Any] | None:
+        """What a call was admitted on, if it can be revoked: ("cert", serial) with a CRL, ("token", digest)."""
+        if identity.via == "cert" and self.revocations is not None:
+            pem = context.auth_context().get("x509_pem_cert")
+            return ("cert", self.revocations.serial(pem[0])) if pem else None
+        if identity.via == "token":
+            header = next((v for k, v in (metadata or ()) if k == "authorization"), "")
+            text = header if isinstance(header, str) else header.decode(errors="replace")
+            return "token", token_digest(text[len("Bearer "):])
+        return None
+
+    def _revoked(self, credential: tuple[str, Any]) -> bool:
+        kind, key = credential
+        if kind == "cert":
+            return self.revocations is not None and key in self.revocations.serials
+        return key not in self._tokens  # its line was removed from the tokens file
+
+    def _track(self, identity: Identity, context: grpc.aio.ServicerContext, metadata: Any) -> Callable[[], None] | None:
+        """Note a streaming call, so that a revocation read while it runs (its certificate in the CRL, its
+        token's line removed) ends it UNAUTHENTICATED; returns what forgets it at its end."""
+        credential = self._credential(identity, context, metadata)
         task = asyncio.current_task()
-        if not pem or self.revocations is None or task is None:
+        if credential is None or task is None:
             return None
-        serial = self.revocations.serial(pem[0])
-        self._streams.setdefault(serial, {})[task] = context
+        self._streams.setdefault(credential, {})[task] = context
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.ensure_future(self._watch_revocations())
 
         def forget() -> None:
-            calls = self._streams.get(serial)
+            calls = self._streams.get(credential)
             if calls is not None:
                 calls.pop(task, None)
                 if not calls:
-                    del self._streams[serial]
+                    del self._streams[credential]
 
         return forget
 
     async def _watch_revocations(self) -> None:
-        """While certificate streams are open: re-read the CRL each second and end the revoked ones."""
-        assert self.revocations is not None
+        """While revocable streams are open: re-read the CRL and tokens each second, end the revoked ones."""
         while self._streams:
             await asyncio.sleep(CRL_RECHECK_SECONDS)
-            self.revocations.refresh()
-            for serial in [s for s in self._streams if s in self.revocations.serials]:
-                for task, context in self._streams.pop(serial).items():
+            if self.revocations is not None:
+                self.revocations.refresh()
+            if self.security.tokens_file:
+                self._reload_tokens()
+            for credential in [c for c in self._streams if self._revoked(c)]:
+                what = "certificate" if credential[0] == "cert" else "bearer token"
+                for task, context in self._streams.pop(credential).items():
                     self.rejected["revoked_open"] += 1
                     self._metric.labels("revoked_open").inc()
-                    logger.warning("ending a stream from %s: its certificate (serial %x) was revoked", context.peer(),
-                                   serial)
+                    logger.warning("ending a stream from %s: its %s was revoked", context.peer(), what)
                     end_call(context, task, grpc.StatusCode.UNAUTHENTICATED,
-                             f"the client certificate (serial {serial:x}) was revoked while this stream was open")
+                             f"the client {what} was revoked while this stream was open")
 
     def close(self) -> None:
         """Stop watching open streams (the daemon stops)."""
@@ -228,7 +246,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if inspect.isasyncgenfunction(behaviour):
             async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 identity = await self._admit(method, context, metadata)
-                forget = self._track(identity, context)
+                forget = self._track(identity, context, metadata)
                 try:
                     async for item in behaviour(request, context):
                         yield item
