@@ -102,7 +102,7 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
         await asyncio.sleep(2.0)  # the worker registers
         total = sum(s for _, s in phases) + args.warmup
         agent = await _run([*CLI, "agent", *common, "--planner", paddr, "--profile", str(tmp / "device.json"),
-                            "--agent-id", "board-1", "--source", "synthetic", "--frames", str(int(total * args.fps * 2)),
+                            "--agent-id", "board-1", "--source", args.source, "--frames", str(int(total * args.fps * 2)),
                             "--fps", str(args.fps), "--window", "2", "--deadline-seconds", str(args.deadline),
                             "--metrics-port", "0", "--no-summary", "--telemetry-interval-seconds", "0.5"],
                            None if args.board_join_after_start else board,
@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--board-join-after-start", action="store_true",
                    help="start the agent unrestricted and move it under the board's quota once it has started "
                         "(importing torch at a few %% of a core takes minutes)")
+    p.add_argument("--source", default="samples",
+                   help="the agent's --source: 'samples' (default: the bundled photos, which the profiles are measured "
+                        "on) or 'synthetic' (random noise: its JPEG is about twice the photos' bytes, which the "
+                        "profile does not know)")
     p.add_argument("--fps", type=float, default=4.0, help="camera rate of the agent (default: 4)")
     p.add_argument("--deadline", type=float, default=2.0, help="agent --deadline-seconds (default: 2)")
     p.add_argument("--hold", type=float, default=3.0, help="planner --hold-seconds (default: 3)")
