@@ -13,7 +13,11 @@ Modes, each over the same N connections (one TCP connection per simulated agent,
 * ``+ Health/Check 1 Hz``: the same plus one application-level probe RPC per connection per second,
   the alternative this module exists to price.
 
-The planner runs pinned to one core and the clients to another where there are two; the planner's CPU
+``--target worker`` prices the idle agent -> worker probes instead: N real frame streams
+(``runtime.wire.stream.EdgeStream``, idle) to a real ``edgesplit worker`` subprocess, with the liveness
+watchdog's idle probes on (the default) and off; the streams share one connection (one process).
+
+The planner (or worker) runs pinned to one core and the clients to another where there are two; the planner's CPU
 is read from /proc (utime + stime) over the measured window, minus nothing: an idle planner's own
 figure is printed first. Figures are for this machine at the time (the load average is printed).
 """
@@ -78,13 +82,71 @@ async def _measure(planner: PlannerProcess, mode: str, connections: int, seconds
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
 
 
+async def _idle_streams(address: str, streams: int, seconds: float, pid: int, probes: bool) -> float:
+    """Worker cores while ``streams`` EdgeStreams stay open and idle (their watchdog probing or not)."""
+    import dataclasses
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+
+    from runtime.wire.liveness import LivenessOptions
+    from runtime.wire.stream import EdgeStream
+
+    r = CollectorRegistry()
+    metrics = type("M", (), {"stream_up": Gauge("up", "", registry=r), "reconnects": Counter("opens", "", registry=r)})()
+    t = dataclasses.replace(TransportOptions(), liveness=LivenessOptions(idle_probes=probes))
+    opened = [EdgeStream(address, t, metrics, connect_timeout=10.0, reconnect=0.5) for _ in range(streams)]
+    try:
+        for s in opened:
+            await s._ensure_open()  # open without a frame: an idle stream
+        await asyncio.sleep(3.0)
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        return (cpu_seconds(pid) - cpu0) / (time.monotonic() - t0)
+    finally:
+        await asyncio.gather(*(s.close() for s in opened), return_exceptions=True)
+
+
+async def run_worker(streams: int, seconds: float) -> None:
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    folder = tempfile.mkdtemp(prefix="edgesplit-keepalive-")
+    port_file = Path(folder, "port")
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.cli.main", "--log-level", "WARNING", "worker", "--listen",
+                             "127.0.0.1:0", "--port-file", str(port_file), "--torch-threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the worker did not start")
+            await asyncio.sleep(0.1)
+        address = f"127.0.0.1:{int(port_file.read_text().strip())}"
+        print(f"worker {address}, {_pin(proc.pid)}; load average {os.getloadavg()}")
+        await asyncio.sleep(2.0)
+        c0, t0 = cpu_seconds(proc.pid), time.monotonic()
+        await asyncio.sleep(seconds)
+        print(f"no streams: worker {(cpu_seconds(proc.pid) - c0) / (time.monotonic() - t0):.4f} cores")
+        print(f"| {streams} idle frame streams | worker cores |")
+        print("|---|---|")
+        for probes in (False, True):
+            cores = await _idle_streams(address, streams, seconds, proc.pid, probes)
+            print(f"| idle probes {'on (default)' if probes else 'off'} | {cores:.4f} |", flush=True)
+        print(f"load average {os.getloadavg()}")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
 def _pin(planner_pid: int) -> str:
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return "not pinned (one core)"
     os.sched_setaffinity(planner_pid, {cores[0]})
     os.sched_setaffinity(0, set(cores[1:]))
-    return f"planner on core {cores[0]}, clients on {cores[1:]}"
+    return f"server on core {cores[0]}, clients on {cores[1:]}"
 
 
 async def run(connections: int, seconds: float) -> None:
@@ -114,10 +176,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--connections", type=int, default=1000, help="idle client connections (default 1000)")
     parser.add_argument("--seconds", type=float, default=15.0, help="measured window per mode (default 15)")
+    parser.add_argument("--target", choices=("planner", "worker"), default="planner",
+                        help="planner: N client connections by keep-alive mode; worker: N idle frame streams, "
+                             "idle probes on and off (default planner)")
     args = parser.parse_args(argv)
     if not 1 <= args.connections <= 20_000 or not 1 <= args.seconds <= 300:
         parser.error("--connections must be within 1..20000 and --seconds within 1..300")
-    asyncio.run(run(args.connections, args.seconds))
+    asyncio.run(run(args.connections, args.seconds) if args.target == "planner"
+                else run_worker(args.connections, args.seconds))
     return 0
 
 
