@@ -16,9 +16,10 @@ device profile every decision and query uses is the registered one with its bloc
 by it, so a board that slows down moves work to a worker through the same hysteresis as a
 slower link. The worker's tail time (``edge_tail``) keeps a factor per (agent, worker) the same way
 (:class:`planner.compute.WorkerSpeeds`): that agent's rankings use the worker's profile scaled by it.
-When a factor moved and the same configuration stays best, but its predicted latency is now more than
-``PREDICTION_REFRESH`` (10 %) off the figure it was issued with, it is issued again (reason
-"prediction"): the agent's result lines carry the plan's prediction, which must follow what was measured.
+When the link or a factor moved and the same configuration stays (best, or kept by the hysteresis), but
+its predicted latency is now more than ``PREDICTION_REFRESH`` (10 %) off the figure it was issued with,
+it is issued again (reason "prediction"): the agent's result lines carry the plan's prediction, which
+must follow what was measured.
 
 The state it reads and marks is :class:`planner.state.PlannerState`; an issued plan goes to the
 agent's WatchPlan streams through :class:`planner.broadcaster.Broadcaster`.
@@ -239,7 +240,7 @@ class RePlanner:
                 if await self.parallel.changed(self.state, st, self.executor):  # usable workers changed: DPFP again
                     await self._issue(st, best, f"{cause}: usable workers changed, parallel stage reconsidered", cause)
                     return
-                if cause == "compute" and self._may_refresh(st) and _stale(st.plan.predicted_seconds, best.config.seconds):
+                if self._may_refresh(st, cause) and _stale(st.plan.predicted_seconds, best.config.seconds):
                     await self._refresh(st, best)
                     return
                 await self._rank_bands(st, again=not self._confirm_basis(st))
@@ -299,8 +300,8 @@ class RePlanner:
         cur = None if current is None else decide.score(current, objective)
         verdict = self.hysteresis.update(st.record.id, cur, decide.score(best.config, objective))
         if not verdict.switch:
-            if (cause == "compute" and current is not None and not self.hysteresis.holding(st.record.id)
-                    and self._may_refresh(st) and _stale(st.plan.predicted_seconds, current.seconds)):
+            if (current is not None and not self.hysteresis.holding(st.record.id)
+                    and self._may_refresh(st, cause) and _stale(st.plan.predicted_seconds, current.seconds)):
                 await self._refresh(st, Ranked(current, st.plan.worker_id, st.plan.worker_address,
                                                tuple((h.worker_id, h.address) for h in st.plan.next_hops)))
             return
@@ -320,21 +321,25 @@ class RePlanner:
             label = cause
         await self._issue(st, best, reason, label)
 
-    def _may_refresh(self, st: AgentState) -> bool:
-        """A kept plan's prediction is re-issued only from settled factors (REFRESH_SAMPLES samples behind the
-        device's or the plan worker's) and at most once per REFRESH_SECONDS: a factor's first samples and
-        its jitter are no reason for a new plan version."""
+    def _may_refresh(self, st: AgentState, cause: str) -> bool:
+        """A kept plan's prediction is re-issued when its link or a compute factor moved (``cause``): a factor
+        only once settled (REFRESH_SAMPLES samples behind the device's or the plan worker's: its first samples
+        are no reason for a new plan version), and at most once per REFRESH_SECONDS per agent."""
         assert st.plan is not None
-        tail = st.tails.speeds.get(st.plan.worker_id) if st.plan.worker_id else None
-        settled = st.speed.samples >= REFRESH_SAMPLES or (tail is not None and tail.samples >= REFRESH_SAMPLES)
-        return settled and self.clock() - self._refreshed.get(st.record.id, -math.inf) >= REFRESH_SECONDS
+        if cause == "compute":
+            tail = st.tails.speeds.get(st.plan.worker_id) if st.plan.worker_id else None
+            if not (st.speed.samples >= REFRESH_SAMPLES or (tail is not None and tail.samples >= REFRESH_SAMPLES)):
+                return False
+        elif cause != "telemetry":
+            return False
+        return self.clock() - self._refreshed.get(st.record.id, -math.inf) >= REFRESH_SECONDS
 
     async def _refresh(self, st: AgentState, kept: Ranked) -> None:
         """The running configuration stays, re-costed with the compute factors measured since it was issued:
         issued again, so that the agent's result lines carry what the model predicts now."""
         assert st.plan is not None
         self._refreshed[st.record.id] = self.clock()
-        await self._issue(st, kept, f"compute: same configuration, predicted {kept.config.seconds * 1e3:.2f} ms now "
+        await self._issue(st, kept, f"{st.cause}: same configuration, predicted {kept.config.seconds * 1e3:.2f} ms now "
                                     f"against {st.plan.predicted_seconds * 1e3:.2f} ms at v{st.plan.version}", "prediction")
 
     # -- what changes conditions ---------------------------------------------------------------

@@ -496,3 +496,26 @@ def test_worker_factors_are_stored_and_age_out_after_a_restart(aio, tmp_path):
     before = aio.run(life(first))
     assert before.samples == 2
     assert aio.run(life(second)) == (1.0, False)
+
+
+def test_a_kept_plan_is_issued_again_when_its_link_moves_its_prediction(aio, planner):
+    """The link falls to 0.7x: conv3 would gain 3.4 ms (within the hysteresis), so conv2 stays, but at
+    79.1 ms, not the 70.4 ms it was issued with: issued again with the figure for the measured link."""
+    from planner_helpers import RTT
+
+    async def scenario():
+        v1 = await planner.register()
+        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1", known_version=v1.version), timeout=RPC)
+
+        async def messages():
+            yield pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=0.7 * FAST, rtt_seconds=RTT,
+                               bandwidth_samples=5, plan_version=v1.version, sent_unix=time.time())
+
+        await planner.stub.ReportTelemetry(messages(), timeout=RPC)
+        new = await next_plan(watch)
+        watch.cancel()
+        assert (new.split_id, new.worker_id) == ("conv2", "w1") and new.version > v1.version
+        assert new.predicted_seconds == pytest.approx(expected_seconds(2, 0.7 * FAST), rel=0.02)  # ranked on its band
+        assert new.reason.startswith("telemetry: same configuration")
+
+    aio.run(scenario())
