@@ -51,7 +51,10 @@ def trace(model: str, sc: Scenario, cal: dict, spec: RunSpec, links: dict, profi
            "--board-period-us", str(cal["period_us"]), "--fps", f"{spec.trace_fps:g}",
            "--deadline", f"{spec.trace_deadline_s:g}", "--warmup", f"{WARMUP_S:g}",
            "--device-profile", str(profiles[0]), "--edge-profile", str(profiles[1]), "--board-join-after-start",
-           "--worker-threads", str(spec.testbed.threads)]  # the agent's count: random BatchNorm weights depend on it
+           "--worker-threads", str(spec.testbed.threads),  # the agent's count: random BatchNorm weights depend on it
+           # noise frames, as in the earlier records: their JPEG (about 24 KB at q75) cannot cross 0.1 Mbit/s at 1 fps, so
+           # every model must leave the JPEG at the step; the bundled photos' JPEG (3-6 KB at q40) still beats the board
+           "--source", "synthetic"]
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
         cl.add(lambda: _stop(proc))
