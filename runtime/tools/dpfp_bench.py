@@ -400,7 +400,7 @@ def markdown(res: dict) -> str:
     a = res["args"]
     single = {r["workers"]: r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
     base = single.get(1) or next(iter(single.values()), None)
-    base_pred = next(r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker")
+    base_pred = next((r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker"), None)
     cal = res.get("coordinator", {})
     coord = (f"the coordinator's per-byte rate, measured before planning by runtime.agent.parallel_calibrate over "
              f"{', '.join(cal['blocks'])}: {cal['bytes_per_second'] / 1e6:.1f} MB/s + "
@@ -434,7 +434,8 @@ def markdown(res: dict) -> str:
         same_k = f"{100 * (1 - m / same):.1f}% / {same / m:.2f}x" if m and same else "-"
         out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
                    f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | {red} | {spd} | {same_k} | "
-                   f"{100 * (1 - r['predicted_seconds'] / base_pred):.1f}% | {_fmt(r.get('max_rel_error'), '.1e')} | "
+                   f"{_fmt(100 * (1 - r['predicted_seconds'] / base_pred) if base_pred else None, '.1f')}% | "
+                   f"{_fmt(r.get('max_rel_error'), '.1e')} | "
                    f"{_blocks(r)} |")
     return "\n".join(out + _breakdown(res) + dpfp_timeline.markdown(res["rows"]) + _throughput(res)) + "\n"
 
