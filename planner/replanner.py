@@ -16,10 +16,12 @@ device profile every decision and query uses is the registered one with its bloc
 by it, so a board that slows down moves work to a worker through the same hysteresis as a
 slower link. The worker's tail time (``edge_tail``) keeps a factor per (agent, worker) the same way
 (:class:`planner.compute.WorkerSpeeds`): that agent's rankings use the worker's profile scaled by it.
-When the link or a factor moved and the same configuration stays (best, or kept by the hysteresis), but
+When a compute factor moved and the same configuration stays (best, or kept by the hysteresis), but
 its predicted latency is now more than ``PREDICTION_REFRESH`` (10 %) off the figure it was issued with,
 it is issued again (reason "prediction"): the agent's result lines carry the plan's prediction, which
-must follow what was measured.
+must follow what was measured; it must be that far off at every decision for ``hold_seconds``, as a
+switch must hold. (A link change re-issues nothing: a plan kept across a bandwidth step
+carries the prediction made before it.)
 
 The state it reads and marks is :class:`planner.state.PlannerState`; an issued plan goes to the
 agent's WatchPlan streams through :class:`planner.broadcaster.Broadcaster`.
@@ -80,6 +82,7 @@ class RePlanner:
         self._previous: dict[str, pb.Plan] = {}  # agent id -> its plan before the current one (version, model, split)
         self._gauged = -float("inf")  # monotonic time the per-agent gauges were last refreshed
         self._refreshed: dict[str, float] = {}  # agent id -> clock time its kept plan's prediction was last re-issued
+        self._stale_since: dict[str, float] = {}  # agent id -> clock time its kept plan's prediction went stale
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
@@ -162,7 +165,7 @@ class RePlanner:
         self.metrics.worker_slowdown_max.set(max((s.applied for st in agents.values() for s in st.tails.speeds.values()),
                                                  default=1.0))
         self.gc.check(len(agents))
-        for memo in (self._basis, self._banded, self._previous, self._refreshed):  # agents no longer held here (another replica took them)
+        for memo in (self._basis, self._banded, self._previous, self._refreshed, self._stale_since):  # agents no longer held here (another replica took them)
             for aid in [a for a in memo if a not in agents]:
                 del memo[aid]
 
@@ -240,7 +243,7 @@ class RePlanner:
                 if await self.parallel.changed(self.state, st, self.executor):  # usable workers changed: DPFP again
                     await self._issue(st, best, f"{cause}: usable workers changed, parallel stage reconsidered", cause)
                     return
-                if self._may_refresh(st, cause) and _stale(st.plan.predicted_seconds, best.config.seconds):
+                if self._stale_held(st, cause, best.config.seconds):
                     await self._refresh(st, best)
                     return
                 await self._rank_bands(st, again=not self._confirm_basis(st))
@@ -300,8 +303,7 @@ class RePlanner:
         cur = None if current is None else decide.score(current, objective)
         verdict = self.hysteresis.update(st.record.id, cur, decide.score(best.config, objective))
         if not verdict.switch:
-            if (current is not None and not self.hysteresis.holding(st.record.id)
-                    and self._may_refresh(st, cause) and _stale(st.plan.predicted_seconds, current.seconds)):
+            if current is not None and not self.hysteresis.holding(st.record.id) and self._stale_held(st, cause, current.seconds):
                 await self._refresh(st, Ranked(current, st.plan.worker_id, st.plan.worker_address,
                                                tuple((h.worker_id, h.address) for h in st.plan.next_hops)))
             return
@@ -322,23 +324,37 @@ class RePlanner:
         await self._issue(st, best, reason, label)
 
     def _may_refresh(self, st: AgentState, cause: str) -> bool:
-        """A kept plan's prediction is re-issued when its link or a compute factor moved (``cause``): a factor
-        only once settled (REFRESH_SAMPLES samples behind the device's or the plan worker's: its first samples
-        are no reason for a new plan version), and at most once per REFRESH_SECONDS per agent."""
+        """A kept plan's prediction is re-issued when a compute factor moved (``cause``), once settled
+        (REFRESH_SAMPLES samples behind the device's or the plan worker's: its first samples are no reason for
+        a new plan version), and at most once per REFRESH_SECONDS per agent. A link that moved within the
+        running configuration re-issues nothing (the agent's telemetry cadence and the in-band shortcut keep
+        such decisions rare, and other parts count plan versions as configuration changes)."""
         assert st.plan is not None
-        if cause == "compute":
-            tail = st.tails.speeds.get(st.plan.worker_id) if st.plan.worker_id else None
-            if not (st.speed.samples >= REFRESH_SAMPLES or (tail is not None and tail.samples >= REFRESH_SAMPLES)):
-                return False
-        elif cause != "telemetry":
+        if cause != "compute":  # a link change re-issues nothing: plan versions follow configurations and compute
+            return False
+        tail = st.tails.speeds.get(st.plan.worker_id) if st.plan.worker_id else None
+        if not (st.speed.samples >= REFRESH_SAMPLES or (tail is not None and tail.samples >= REFRESH_SAMPLES)):
             return False
         return self.clock() - self._refreshed.get(st.record.id, -math.inf) >= REFRESH_SECONDS
+
+    def _stale_held(self, st: AgentState, cause: str, seconds: float) -> bool:
+        """Whether the kept plan's prediction is to be re-issued at ``seconds``: off by more than 10 % (``_stale``)
+        at every decision for ``hold_seconds`` (as a switch must hold: a spike of the factor re-issues nothing),
+        and allowed now (:meth:`_may_refresh`)."""
+        assert st.plan is not None
+        aid, now = st.record.id, self.clock()
+        if not _stale(st.plan.predicted_seconds, seconds):
+            self._stale_since.pop(aid, None)
+            return False
+        since = self._stale_since.setdefault(aid, now)
+        return now - since >= self.config.hold_seconds and self._may_refresh(st, cause)
 
     async def _refresh(self, st: AgentState, kept: Ranked) -> None:
         """The running configuration stays, re-costed with the compute factors measured since it was issued:
         issued again, so that the agent's result lines carry what the model predicts now."""
         assert st.plan is not None
         self._refreshed[st.record.id] = self.clock()
+        self._stale_since.pop(st.record.id, None)
         await self._issue(st, kept, f"{st.cause}: same configuration, predicted {kept.config.seconds * 1e3:.2f} ms now "
                                     f"against {st.plan.predicted_seconds * 1e3:.2f} ms at v{st.plan.version}", "prediction")
 

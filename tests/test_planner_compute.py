@@ -452,8 +452,9 @@ def test_a_kept_plan_whose_prediction_moved_is_issued_again(aio, planner):
         for _ in range(5):  # 5 %: kept as it is
             await report(planner, 0.95 * sum(DEVICE_S[:2]), v1.version)
         read = asyncio.ensure_future(next_plan(watch, 10.0))
-        for _ in range(8):  # a settled factor (5 samples and more) going to 0.7
+        for _ in range(8):  # a settled factor (5 samples and more) going to 0.7, stale for longer than the hold
             await report(planner, 0.7 * sum(DEVICE_S[:2]), v1.version)
+            await asyncio.sleep(0.1)
         new = await read
         watch.cancel()
         assert (new.split_id, new.worker_id) == ("conv2", "w1") and new.version > v1.version
@@ -497,25 +498,3 @@ def test_worker_factors_are_stored_and_age_out_after_a_restart(aio, tmp_path):
     assert before.samples == 2
     assert aio.run(life(second)) == (1.0, False)
 
-
-def test_a_kept_plan_is_issued_again_when_its_link_moves_its_prediction(aio, planner):
-    """The link falls to 0.7x: conv3 would gain 3.4 ms (within the hysteresis), so conv2 stays, but at
-    79.1 ms, not the 70.4 ms it was issued with: issued again with the figure for the measured link."""
-    from planner_helpers import RTT
-
-    async def scenario():
-        v1 = await planner.register()
-        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1", known_version=v1.version), timeout=RPC)
-
-        async def messages():
-            yield pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=0.7 * FAST, rtt_seconds=RTT,
-                               bandwidth_samples=5, plan_version=v1.version, sent_unix=time.time())
-
-        await planner.stub.ReportTelemetry(messages(), timeout=RPC)
-        new = await next_plan(watch)
-        watch.cancel()
-        assert (new.split_id, new.worker_id) == ("conv2", "w1") and new.version > v1.version
-        assert new.predicted_seconds == pytest.approx(expected_seconds(2, 0.7 * FAST), rel=0.02)  # ranked on its band
-        assert new.reason.startswith("telemetry: same configuration")
-
-    aio.run(scenario())
