@@ -105,9 +105,12 @@ def markdown(res: dict) -> str:
         c = m["calibration"]
         lines.append(f"\n## {model}\n\nBoard: cgroup v1 quota {c['quota_us']} us per {c['period_us']} us period, 1 torch "
                      f"thread: full model {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms unrestricted = "
-                     f"**{c['slowdown']:.1f}x slower** (target {spec['testbed']['target_slowdown']:g}x), measured in this run. "
+                     f"**{c['slowdown']:.1f}x slower** (target {spec['testbed']['target_slowdown']:g}x), measured in this run"
+                     + (f"; the local run (same quota, right after profiling): p50 {c['local_p50_ms']:.1f} ms = "
+                        f"**{c['local_slowdown']:.1f}x**" if "local_p50_ms" in c else "") + ". "
                      f"The board's block profile (measured under the quota) was scaled by {c.get('profile_rescaled_by', 1):.2f} "
-                     "to that full-model time (per-block medians miss the throttling)."
+                     + ("to the local run's p50" if "local_p50_ms" in c else "to that full-model time")
+                     + " (per-block medians miss the throttling)."
                      + (f" Fidelity (N frames): {m['fidelity_frames']['what']}." if m.get("fidelity_frames") else "")
                      + (f" This model's run: `{m['command']}`, load average {m['load']}." if m.get("command") else "")
                      + "\n")

@@ -156,7 +156,12 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     progress(f"{model}: quota {cal['quota_us']}/{cal['period_us']} us -> slowdown {cal['slowdown']:.1f}x "
              f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms)")
     measured = load_profile(cfg["profile_out"])
-    factor = cal["device_ms"] / 1e3 / sum(b.seconds for b in measured.blocks)
+    # scaled to the local run's median (the board's frames right after profiling, as many as --frames), not to
+    # the calibration's last 5 passes: on a shared machine the same quota gave 651 ms there and 356 ms here
+    local_totals = [r["total_ms"] for r in board["local"]]
+    cal = {**cal, "local_p50_ms": statistics.median(local_totals),
+           "local_slowdown": statistics.median(local_totals) / cal["free_ms"]}
+    factor = cal["local_p50_ms"] / 1e3 / sum(b.seconds for b in measured.blocks)
     dev = costs.rescale(measured, factor)
     # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
     dev = costs.with_input_encode(dev, statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
@@ -174,7 +179,6 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
                            *[a for t in dict.fromkeys(tls) for a in ("--tl", t)]])
     cl.add(worker.stop)
     down = names and loaded.sliced.split_points[-1].fp32_bytes
-    local_totals = [r["total_ms"] for r in board["local"]]
     out = {"calibration": {**cal, "profile_rescaled_by": factor}, "local_ms": local_totals, "scenarios": {},
            "fidelity_frames": {"frames": check.frames, "what": check.describe}}
     for s in (s for s in spec.scenarios if not SCENARIOS[s].steps):
