@@ -64,6 +64,14 @@ def _retrieved(fut: asyncio.Future[Any]) -> None:
         logger.debug("planner store: a submitted write failed: %s", fut.exception())
 
 
+def _then_after(then: Callable[[Store], Any] | None, committed: Callable[[], Any]) -> Callable[[Store], Any]:
+    """``then``, first telling ``committed`` (the batch before it is written: it runs only when it was)."""
+    def run(store: Store) -> Any:
+        committed()
+        return then(store) if then is not None else None
+    return run
+
+
 class StoreMetrics:
     """The store's Prometheus series (on the planner's registry; none when it has none)."""
 
@@ -151,13 +159,17 @@ class WriteBehind:
         batch, self.pending = self.pending, Batch()
         fut, self._next = self._next, None
         failures = self.stats.failures
+        loop = asyncio.get_running_loop()
         try:
             if self._same_connection:
-                result = self._write(self.store, batch, then)
+                result = self._write(self.store, batch, _then_after(then, lambda: _settle(fut, failed=False)))
             else:
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(1, thread_name_prefix="planner-store")
-                result = await asyncio.get_running_loop().run_in_executor(self._executor, self._on_thread, batch, then)
+                # the barrier's waiters (telemetry acks) go once the batch is committed, not after ``then``
+                # (a replica's lease renewal: one row per agent it holds, every flush)
+                committed = _then_after(then, lambda: loop.call_soon_threadsafe(_settle, fut, False))
+                result = await loop.run_in_executor(self._executor, self._on_thread, batch, committed)
         except BaseException:
             _settle(fut, failed=True)
             raise

@@ -405,3 +405,37 @@ def test_a_lost_postgresql_connection_is_opened_again(postgres):  # noqa: F811
         assert s.agents().keys() == {"a1"}  # a read outside a transaction
     finally:
         s.close()
+
+
+def test_a_barrier_returns_once_the_batch_is_committed_not_after_the_lease_renewal(tmp_path):
+    """A telemetry ack waits for its samples' commit only: the replica's lease renewal that runs after
+    the batch on the store thread (one row per agent held) does not hold it."""
+    import threading
+
+    s = Store(str(tmp_path / "s.sqlite"))
+    s.put_agent(AgentRecord("a1", MODEL, "w1", DEVICE_PROFILE, (), (), pb.Constraints(), 1.0, 2.0))
+    renewing, release = threading.Event(), threading.Event()
+
+    def renewal(store: Store) -> str:
+        renewing.set()
+        release.wait(10)
+        return "renewed"
+
+    async def main():
+        wb = WriteBehind(s)
+        wb.put_link("a1", "w1", LinkRecord(0.004, 1e6, 3.0))
+        waiter = asyncio.create_task(wb.barrier())
+        await asyncio.sleep(0)
+        flush = asyncio.create_task(wb.flush(renewal))
+        await asyncio.wait_for(waiter, 5)  # returned while the renewal still runs
+        assert renewing.is_set() and not flush.done()
+        release.set()
+        assert await flush == "renewed"
+        await wb.close()
+
+    try:
+        asyncio.run(main())
+        assert s.links()["a1"]["w1"].bandwidth_bytes_per_second == 1e6
+    finally:
+        release.set()
+        s.close()
