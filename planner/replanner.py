@@ -17,11 +17,8 @@ by it, so a board that slows down moves work to a worker through the same hyster
 slower link. The worker's tail time (``edge_tail``) keeps a factor per (agent, worker) the same way
 (:class:`planner.compute.WorkerSpeeds`): that agent's rankings use the worker's profile scaled by it.
 When a compute factor moved and the same configuration stays (best, or kept by the hysteresis), but
-its predicted latency is now more than ``PREDICTION_REFRESH`` (10 %) off the figure it was issued with,
-it is issued again (reason "prediction"): the agent's result lines carry the plan's prediction, which
-must follow what was measured; it must be that far off at every decision for ``hold_seconds``, as a
-switch must hold. (A link change re-issues nothing: a plan kept across a bandwidth step
-carries the prediction made before it.)
+its prediction stayed more than 10 % off the figure it was issued with, it is issued again (reason
+"prediction", :mod:`planner.refresh`): the agent's result lines carry the plan's prediction.
 
 The state it reads and marks is :class:`planner.state.PlannerState`; an issued plan goes to the
 agent's WatchPlan streams through :class:`planner.broadcaster.Broadcaster`.
@@ -33,7 +30,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -48,6 +44,7 @@ from planner.intake import Intake
 from planner.metrics import PlannerMetrics
 from planner.parallel_push import ParallelPlanner
 from planner.ranking import Ranker
+from planner.refresh import Refresh
 from planner.state import AgentState, PlannerState, WorkerState
 from planner.store import APPLIED, REFUSED, AgentRecord
 from runtime.contracts.costmodel import Configuration
@@ -81,8 +78,7 @@ class RePlanner:
         self.gc = GcFreezer(config.gc_freeze_agents)  # full GC scans of long-lived agent state: rare and short
         self._previous: dict[str, pb.Plan] = {}  # agent id -> its plan before the current one (version, model, split)
         self._gauged = -float("inf")  # monotonic time the per-agent gauges were last refreshed
-        self._refreshed: dict[str, float] = {}  # agent id -> clock time its kept plan's prediction was last re-issued
-        self._stale_since: dict[str, float] = {}  # agent id -> clock time its kept plan's prediction went stale
+        self.refresh = Refresh(config.hold_seconds, clock)  # kept plans whose prediction moved (planner.refresh)
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
@@ -165,7 +161,7 @@ class RePlanner:
         self.metrics.worker_slowdown_max.set(max((s.applied for st in agents.values() for s in st.tails.speeds.values()),
                                                  default=1.0))
         self.gc.check(len(agents))
-        for memo in (self._basis, self._banded, self._previous, self._refreshed, self._stale_since):  # agents no longer held here (another replica took them)
+        for memo in (self._basis, self._banded, self._previous, *self.refresh.memos):  # agents no longer held here (another replica took them)
             for aid in [a for a in memo if a not in agents]:
                 del memo[aid]
 
@@ -243,7 +239,7 @@ class RePlanner:
                 if await self.parallel.changed(self.state, st, self.executor):  # usable workers changed: DPFP again
                     await self._issue(st, best, f"{cause}: usable workers changed, parallel stage reconsidered", cause)
                     return
-                if self._stale_held(st, cause, best.config.seconds):
+                if self.refresh.due(st, cause, best.config.seconds):
                     await self._refresh(st, best)
                     return
                 await self._rank_bands(st, again=not self._confirm_basis(st))
@@ -303,7 +299,8 @@ class RePlanner:
         cur = None if current is None else decide.score(current, objective)
         verdict = self.hysteresis.update(st.record.id, cur, decide.score(best.config, objective))
         if not verdict.switch:
-            if current is not None and not self.hysteresis.holding(st.record.id) and self._stale_held(st, cause, current.seconds):
+            if current is not None and not self.hysteresis.holding(st.record.id) and self.refresh.due(st, cause,
+                                                                                                 current.seconds):
                 await self._refresh(st, Ranked(current, st.plan.worker_id, st.plan.worker_address,
                                                tuple((h.worker_id, h.address) for h in st.plan.next_hops)))
             return
@@ -323,38 +320,11 @@ class RePlanner:
             label = cause
         await self._issue(st, best, reason, label)
 
-    def _may_refresh(self, st: AgentState, cause: str) -> bool:
-        """A kept plan's prediction is re-issued when a compute factor moved (``cause``), once settled
-        (REFRESH_SAMPLES samples behind the device's or the plan worker's: its first samples are no reason for
-        a new plan version), and at most once per REFRESH_SECONDS per agent. A link that moved within the
-        running configuration re-issues nothing (the agent's telemetry cadence and the in-band shortcut keep
-        such decisions rare, and other parts count plan versions as configuration changes)."""
-        assert st.plan is not None
-        if cause != "compute":  # a link change re-issues nothing: plan versions follow configurations and compute
-            return False
-        tail = st.tails.speeds.get(st.plan.worker_id) if st.plan.worker_id else None
-        if not (st.speed.samples >= REFRESH_SAMPLES or (tail is not None and tail.samples >= REFRESH_SAMPLES)):
-            return False
-        return self.clock() - self._refreshed.get(st.record.id, -math.inf) >= REFRESH_SECONDS
-
-    def _stale_held(self, st: AgentState, cause: str, seconds: float) -> bool:
-        """Whether the kept plan's prediction is to be re-issued at ``seconds``: off by more than 10 % (``_stale``)
-        at every decision for ``hold_seconds`` (as a switch must hold: a spike of the factor re-issues nothing),
-        and allowed now (:meth:`_may_refresh`)."""
-        assert st.plan is not None
-        aid, now = st.record.id, self.clock()
-        if not _stale(st.plan.predicted_seconds, seconds):
-            self._stale_since.pop(aid, None)
-            return False
-        since = self._stale_since.setdefault(aid, now)
-        return now - since >= self.config.hold_seconds and self._may_refresh(st, cause)
-
     async def _refresh(self, st: AgentState, kept: Ranked) -> None:
         """The running configuration stays, re-costed with the compute factors measured since it was issued:
         issued again, so that the agent's result lines carry what the model predicts now."""
         assert st.plan is not None
-        self._refreshed[st.record.id] = self.clock()
-        self._stale_since.pop(st.record.id, None)
+        self.refresh.done(st.record.id)
         await self._issue(st, kept, f"{st.cause}: same configuration, predicted {kept.config.seconds * 1e3:.2f} ms now "
                                     f"against {st.plan.predicted_seconds * 1e3:.2f} ms at v{st.plan.version}", "prediction")
 
@@ -506,17 +476,6 @@ class RePlanner:
                 st.refused_key = plan_key(stored.plan)
                 st.refused_conditions = self.state.conditions(st)
                 self.hysteresis.reset(st.record.id)
-
-
-PREDICTION_REFRESH = 0.10  # a kept plan's prediction this far (relative) from its re-costed figure is re-issued
-REFRESH_SAMPLES = 5  # ... once the factor behind it has this many samples
-REFRESH_SECONDS = 10.0  # ... and at most this often per agent
-
-
-def _stale(issued: float, now: float) -> bool:
-    """Whether a kept plan's predicted latency (``issued``) is more than PREDICTION_REFRESH off what the
-    model predicts for it now (and by more than 1 ms)."""
-    return issued > 0 and abs(now - issued) > max(PREDICTION_REFRESH * issued, 1e-3)
 
 
 def _close(a: float, b: float, rel: float) -> bool:

@@ -77,23 +77,13 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
     plan = InitialPlan(split, codec, worker=config.worker, tl=tl, end_split=config.end_split, next_hops=next_hops(config))
     agent = Agent(loaded, plan, config.agent_options(), metrics)
     bind(agent=agent.agent_id)  # every log line of this process (and the tasks it starts) names the agent
-    link = None
-    if config.planner:
-        from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
-        from runtime.agent.prober import ProbeOptions
-
-        # built before the agent starts, so a bad profile file is an error before any frame
-        try:
-            link = PlannerLink(agent, PlannerLinkOptions(
-                config.planner, config.profile, agent.agent_id, workers=tuple(config.planner_workers),
-                constraints=config.constraints(), telemetry_interval_seconds=config.telemetry_interval_seconds,
-                telemetry_heartbeat_seconds=config.telemetry_heartbeat_seconds,
-                transport=config.transport(), probe=ProbeOptions(budget_fraction=config.probe_budget)))
-        except BaseException:
-            await agent.close()
-            if endpoint is not None:
-                endpoint.close()
-            raise
+    try:  # built before the agent starts, so a bad profile file is an error before any frame
+        link = _planner_link(config, agent) if config.planner else None
+    except BaseException:
+        await agent.close()
+        if endpoint is not None:
+            endpoint.close()
+        raise
     logger.info("agent: model %s split %s (%s) codec %s TL %s worker %s%s", loaded.name, split.index, split.name,
                 codec.name, tl.tl_id if tl is not None else "none", config.worker or "none", agent.active.chain)
     await agent.start()
@@ -133,6 +123,18 @@ async def run_agent(config: AgentConfig, out: IO[str] | None = None,
         if endpoint is not None:
             endpoint.close()
     return results
+
+
+def _planner_link(config: AgentConfig, agent: Agent):
+    """The agent's link to its planner (``--planner``), not started."""
+    from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
+    from runtime.agent.prober import ProbeOptions
+
+    return PlannerLink(agent, PlannerLinkOptions(
+        config.planner, config.profile, agent.agent_id, workers=tuple(config.planner_workers),
+        constraints=config.constraints(), telemetry_interval_seconds=config.telemetry_interval_seconds,
+        telemetry_heartbeat_seconds=config.telemetry_heartbeat_seconds,
+        transport=config.transport(), probe=ProbeOptions(budget_fraction=config.probe_budget)))
 
 
 def _json_line(result: FrameResult, labels: tuple[str, ...] | None,

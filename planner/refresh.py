@@ -1,0 +1,64 @@
+"""When a kept plan is issued again only for its prediction (issue 11: predictions that follow what was measured).
+
+The agent writes the running plan's predicted latency beside each measured one. A plan is issued with
+the prediction of its moment; when the compute factors (planner.compute: the board's head time, the
+worker's tail time, each over its profile) move afterwards and the same configuration stays (the best
+one, or kept by the hysteresis with no switch pending), that figure goes stale. The re-planner then
+issues the same configuration again with the figure the model gives now (reason "prediction"), when:
+
+* the re-costed latency is more than ``PREDICTION_REFRESH`` (10 %, and 1 ms) off the issued one at every
+  decision for ``hold_seconds`` (as a switch must hold: a spike of a factor re-issues nothing);
+* the factor behind it is settled: ``REFRESH_SAMPLES`` samples behind the device's or the plan worker's;
+* at most once per ``REFRESH_SECONDS`` per agent.
+
+A link that moved within the running configuration re-issues nothing: plan versions follow
+configurations and compute, and a plan kept across a bandwidth step keeps the prediction made before it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+PREDICTION_REFRESH = 0.10  # a kept plan's prediction this far (relative) from its re-costed figure is stale
+REFRESH_SAMPLES = 5  # ... re-issued once the factor behind it has this many samples
+REFRESH_SECONDS = 10.0  # ... and at most this often per agent
+
+
+def stale(issued: float, now: float) -> bool:
+    """Whether a predicted latency ``issued`` is more than PREDICTION_REFRESH (and 1 ms) off ``now``."""
+    return issued > 0 and abs(now - issued) > max(PREDICTION_REFRESH * issued, 1e-3)
+
+
+class Refresh:
+    """Per agent: since when its kept plan's prediction is stale, and when it was last re-issued."""
+
+    def __init__(self, hold_seconds: float, clock: Callable[[], float]):
+        self.hold_seconds = hold_seconds
+        self.clock = clock
+        self._refreshed: dict[str, float] = {}  # agent id -> clock time of its last re-issue
+        self._stale_since: dict[str, float] = {}  # agent id -> clock time its kept plan's prediction went stale
+
+    @property
+    def memos(self) -> tuple[dict[str, float], ...]:
+        """The per-agent dicts (the re-planner drops agents it no longer holds)."""
+        return self._refreshed, self._stale_since
+
+    def due(self, st: Any, cause: str, seconds: float) -> bool:
+        """Whether agent state ``st``'s kept plan is to be issued again at ``seconds`` (see the module docstring)."""
+        aid, now = st.record.id, self.clock()
+        if not stale(st.plan.predicted_seconds, seconds):
+            self._stale_since.pop(aid, None)
+            return False
+        since = self._stale_since.setdefault(aid, now)
+        if cause != "compute" or now - since < self.hold_seconds:
+            return False
+        tail = st.tails.speeds.get(st.plan.worker_id) if st.plan.worker_id else None
+        settled = st.speed.samples >= REFRESH_SAMPLES or (tail is not None and tail.samples >= REFRESH_SAMPLES)
+        return settled and now - self._refreshed.get(aid, -math.inf) >= REFRESH_SECONDS
+
+    def done(self, agent_id: str) -> None:
+        """The kept plan of ``agent_id`` was issued again now."""
+        self._refreshed[agent_id] = self.clock()
+        self._stale_since.pop(agent_id, None)
