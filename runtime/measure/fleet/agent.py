@@ -141,18 +141,19 @@ class SimAgent:
             if self.session != session or self.phase.stopping:
                 return  # the other stream's call did it meanwhile
             self.stats.reattach_started.append(time.monotonic())
-            before, backoff = self.version, BACKOFF_INITIAL
+            before, backoff, k = self.version, BACKOFF_INITIAL, self.stubs.index(self.stub)
             while not self.phase.stopping:
                 await asyncio.sleep(backoff * (0.5 + self.rng.random()))  # the real agent's wait before a new session
-                self.stub = self.stubs[(self.stubs.index(self.stub) + 1) % len(self.stubs)]  # a new connection
-                try:
-                    reply = await self.stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds,
-                                                          metadata=self.metadata)
+                k = (k + 1) % len(self.stubs)
+                stub = self.stubs[k]
+                try:  # a new connection; the streams move to it once registered there, as in a real agent's session
+                    reply = await stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds,
+                                                     metadata=self.metadata)
                 except grpc.aio.AioRpcError as e:
                     asked = self.stats.error("RegisterAgent", e)  # a retry-after (the planner's registration gate)
                     backoff = asked / 0.5 if asked else min(backoff * 2, BACKOFF_MAX)  # waited at least as asked
                     continue
-                self.session += 1
+                self.stub, self.session = stub, self.session + 1
                 self.stats.reattached.append((time.monotonic(), before, reply.plan.version))
                 if reply.plan.version:
                     self._on_plan(reply.plan)
