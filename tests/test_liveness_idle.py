@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge
 from test_liveness import deaths
 
 from runtime.contracts.profile import Block, Profile
-from runtime.tools.netem import DelayProxy
+from runtime.tools.netem import DelayProxy, LinkShape
 from runtime.wire.stream import EdgeStream
 from runtime.wire.transport import TransportOptions
 
@@ -178,7 +178,8 @@ def test_the_planner_session_and_the_worker_registration_notice_a_silent_partiti
 
     async def go():
         ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite"), metrics_port=-1))
-        to_planner = await DelayProxy(f"127.0.0.1:{ps.port}").start()
+        # the slow IIoT link of the other tests (1.6 Mbit/s, 66.7 ms RTT): honest, just slow
+        to_planner = await DelayProxy(f"127.0.0.1:{ps.port}", LinkShape.from_ms_mbps(33.35, 1.6)).start()
         agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), AgentOptions(agent_id="a1"))
         link = PlannerLink(agent, PlannerLinkOptions(to_planner.address, _profile(loaded, "device", "board"), "a1",
                                                      connect_timeout=1.0, backoff_initial=0.5, backoff_max=2.0))
@@ -191,7 +192,7 @@ def test_the_planner_session_and_the_worker_registration_notice_a_silent_partiti
             await link.start()
             reg.start()
             await until(lambda: link.connected and reg.registered.is_set(), 30.0)
-            await asyncio.sleep(2.5)  # idle sessions on a live link: kept (pings answered)
+            await asyncio.sleep(4.0)  # idle sessions on a live slow link: kept (pings answered, no GOAWAY)
             kept = link.connected and link.session_deaths == 0 and reg.connection_losses == 0
             to_planner.blackhole = True
             cut = time.monotonic()
