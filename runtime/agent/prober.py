@@ -77,7 +77,7 @@ class ProbeOptions:
     # payload of the first probe of a link with no bandwidth figure, in bytes
     first_bytes: int = 16 * 1024
     # smallest payload on a link with a figure, in bytes
-    min_bytes: int = 4 * 1024
+    min_bytes: int = 1024
     # largest payload, in bytes (the worker answers up to 1 MiB)
     max_bytes: int = 256 * 1024
     # a payload is sized to take about this long on the estimated link
