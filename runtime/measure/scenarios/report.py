@@ -46,6 +46,8 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
     fastest = min(STRATEGIES, key=lambda k: r[k]["p50_ms"])
     faithful = [k for k in STRATEGIES if r[k].get("fidelity_offline", r[k]["fidelity"]) >= FAITHFUL]
     within = min(faithful, key=lambda k: r[k]["p50_ms"]) if faithful else "none"
+    if within in ("local", "scission") and not es.get("split") and r[within]["p50_ms"] == es["p50_ms"]:
+        within += " = edgesplit (the same plan: every block on the board)"
     lines.append(f"\nfastest: **{fastest}**; fastest within one point of the unsplit model (fidelity on N frames >= "
                  f"{FAITHFUL:g}): **{within}**; local / edgesplit = **{r['local']['p50_ms'] / es['p50_ms']:.2f}x**; "
                  f"Scission / edgesplit = **{r['scission']['p50_ms'] / es['p50_ms']:.2f}x**; the largest ratio the "
