@@ -123,3 +123,37 @@ def test_an_upper_bound_below_the_band_switches_at_once():
         assert sw.on_bound not in agent.link.bound_listeners
 
     asyncio.run(scenario())
+
+
+def test_a_proven_collapse_gives_up_the_frames_waiting_on_the_old_link():
+    """After a switch on an upper bound to a configuration without the old stream, the frames still waiting
+    on it are given up (they run on the board and free the window); an estimate-driven switch keeps them."""
+    from runtime.agent.telemetry import LinkEstimator
+
+    class Stream:
+        address = W
+
+        def __init__(self):
+            self.given_up: list[str] = []
+
+        def give_up(self, reason: str) -> int:
+            self.given_up.append(reason)
+            return 2
+
+    for proof in (True, False):
+        agent = FakeAgent("conv2", W)
+        agent.link = LinkEstimator()
+        stream = agent.active.stream = Stream()
+        sw = FallbackSwitcher(agent)
+        sw.set_plan(_plan())
+
+        async def scenario():
+            if proof:
+                sw.on_bound(W, 0.1 * MB)
+            else:
+                sw.on_estimate(W, 0.1 * MB)
+            await sw._task
+
+        asyncio.run(scenario())
+        assert agent.calls == [("output", "", 4, True)]
+        assert len(stream.given_up) == (1 if proof else 0)

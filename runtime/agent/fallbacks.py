@@ -115,10 +115,14 @@ class FallbackSwitcher:
         target = self._band(bound)
         if target is None or target is running:
             return
-        self._task = asyncio.get_running_loop().create_task(self._switch(plan, target, bound, True))
+        self._task = asyncio.get_running_loop().create_task(self._switch(plan, target, bound, True, give_up=True))
 
-    async def _switch(self, plan: ppb.Plan, target: ppb.BandPlan, bw: float, down: bool) -> None:
+    async def _switch(self, plan: ppb.Plan, target: ppb.BandPlan, bw: float, down: bool, give_up: bool = False) -> None:
+        """Apply ``target``; with ``give_up`` (the link proved under the band's floor) the frames still waiting
+        on the old link's stream are given up, so they run on the board now, free the agent's window for
+        the frames that arrive, and their bytes stop taking the collapsed link."""
         p = target.plan
+        old = getattr(self.agent.active, "stream", None)
         try:
             await self.agent.apply_plan(p.split_id or p.split_index, p.codec or self.agent.codec, p.tl_id or None,
                                         plan.version, p.worker_address, model_id=plan.model_id, fallback=True)
@@ -126,6 +130,10 @@ class FallbackSwitcher:
             logger.info("fallback for %.3g MB/s not taken: %s", bw / 1e6, e)
             return
         self.agent.metrics.band_switches.labels("down" if down else "up").inc()
+        if give_up and old is not None and old is not getattr(self.agent.active, "stream", None):
+            n = old.give_up(f"the link to {old.address} collapsed (under {bw / 1e6:.3g} MB/s): the agent left it")
+            if n:
+                logger.info("%d frames waiting on %s given up: they run on the board", n, old.address)
         logger.info("link to %s at %.3g MB/s left the band of plan v%d: switched by itself to %s@%s",
                     plan.band_worker_address, bw / 1e6, plan.version, p.worker_id or "local", p.split_id)
 

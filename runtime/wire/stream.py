@@ -246,6 +246,15 @@ class EdgeStream:
             self._cancels.add(task)
             task.add_done_callback(self._cancels.discard)
 
+    def give_up(self, reason: str) -> int:
+        """Give up on every frame waiting for a result (the agent left this link: it collapsed): each
+        frame's wait ends with DeadlineExceeded(``reason``) and the worker is told to drop it. Returns how many."""
+        pending = [(seq, fut) for seq, fut in self._pending.items() if not fut.done()]
+        for seq, fut in pending:
+            self.abandon(seq)
+            fut.set_exception(DeadlineExceeded(reason))
+        return len(pending)
+
     async def _cancel(self, call: grpc.aio.StreamStreamCall, seq: int) -> None:
         try:
             async with self._write_lock:
