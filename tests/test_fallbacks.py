@@ -147,13 +147,13 @@ def test_a_proven_collapse_gives_up_the_frames_waiting_on_the_old_link():
         sw = FallbackSwitcher(agent)
         sw.set_plan(_plan())
 
-        async def scenario():
+        async def scenario(sw: FallbackSwitcher, proof: bool) -> None:
             if proof:
                 sw.on_bound(W, 0.1 * MB)
             else:
                 sw.on_estimate(W, 0.1 * MB)
             await sw._task
 
-        asyncio.run(scenario())
+        asyncio.run(scenario(sw, proof))
         assert agent.calls == [("output", "", 4, True)]
         assert len(stream.given_up) == (1 if proof else 0)
