@@ -135,10 +135,10 @@ class LinkEstimator:
         est = self.estimate(key)
         taken = est.add_upper_bound(bound, self.clock())
         self._publish()
+        for listener in list(self.bound_listeners):  # first: a switch on proof also gives up the frames in flight
+            listener(key, bound)
         if taken:
             self._notify(key, est.bandwidth.value)
-        for listener in list(self.bound_listeners):
-            listener(key, bound)
         return taken
 
     def observe_late(self, key: str, bound: float, lateness: float) -> bool:
