@@ -184,9 +184,7 @@ class Prober:
                 await pb_grpc.InferenceStub(channel).Probe(  # type: ignore[no-untyped-call]
                     pb.ProbeRequest(payload=self._payload[:size]), timeout=o.timeout_seconds)
             finally:
-                self.probes += 1
-                self.probe_bytes += size
-                self.agent.metrics.probe_bytes.inc(size)
+                self._spent(size)
             elapsed = time.perf_counter() - t0
             network = elapsed - base
             if network > 0.25 * elapsed:
@@ -253,9 +251,7 @@ class Prober:
             logger.debug("check of a late frame on %s failed: %s", address, e)
             return
         finally:
-            self.probes += 1
-            self.probe_bytes += size
-            self.agent.metrics.probe_bytes.inc(size)
+            self._spent(size)
         elapsed = time.perf_counter() - t0
         network = elapsed - base
         timed = network > 0.25 * elapsed  # else mostly round trip: bytes / call time is a lower bound only
@@ -294,3 +290,9 @@ class Prober:
         channels, self._channels = list(self._channels.values()), OrderedDict()
         for ch in channels:
             await ch.close()
+
+    def _spent(self, size: int) -> None:
+        """Count one probe of ``size`` bytes, answered or not, against the budget and the metrics."""
+        self.probes += 1
+        self.probe_bytes += size
+        self.agent.metrics.probe_bytes.inc(size)
