@@ -427,8 +427,10 @@ def test_a_barrier_returns_once_the_batch_is_committed_not_after_the_lease_renew
         waiter = asyncio.create_task(wb.barrier())
         await asyncio.sleep(0)
         flush = asyncio.create_task(wb.flush(renewal))
-        await asyncio.wait_for(waiter, 5)  # returned while the renewal still runs
-        assert renewing.is_set() and not flush.done()
+        await asyncio.wait_for(waiter, 5)  # returned before the renewal could end (it waits for release)
+        assert not flush.done()
+        # the renewal runs after the batch on the store thread: it may start only now
+        assert await asyncio.to_thread(renewing.wait, 5) and not flush.done()
         release.set()
         assert await flush == "renewed"
         await wb.close()
