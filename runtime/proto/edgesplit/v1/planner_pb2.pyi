@@ -128,7 +128,7 @@ class RegisterAgentReply(_message.Message):
     def __init__(self, plan: _Optional[_Union[Plan, _Mapping]] = ...) -> None: ...
 
 class Telemetry(_message.Message):
-    __slots__ = ("agent_id", "worker", "bandwidth_bytes_per_second", "rtt_seconds", "stage_seconds", "frames", "plan_version", "sent_unix", "bandwidth_age_seconds", "bandwidth_samples", "other_links")
+    __slots__ = ("agent_id", "worker", "bandwidth_bytes_per_second", "rtt_seconds", "stage_seconds", "frames", "plan_version", "sent_unix", "bandwidth_age_seconds", "bandwidth_samples", "other_links", "wire")
     class StageSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class Telemetry(_message.Message):
     BANDWIDTH_AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     BANDWIDTH_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     OTHER_LINKS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     worker: str
     bandwidth_bytes_per_second: float
@@ -158,7 +159,24 @@ class Telemetry(_message.Message):
     bandwidth_age_seconds: float
     bandwidth_samples: int
     other_links: _containers.RepeatedCompositeFieldContainer[LinkReport]
-    def __init__(self, agent_id: _Optional[str] = ..., worker: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., frames: _Optional[int] = ..., plan_version: _Optional[int] = ..., sent_unix: _Optional[float] = ..., bandwidth_age_seconds: _Optional[float] = ..., bandwidth_samples: _Optional[int] = ..., other_links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ...) -> None: ...
+    wire: _containers.RepeatedCompositeFieldContainer[WireReport]
+    def __init__(self, agent_id: _Optional[str] = ..., worker: _Optional[str] = ..., bandwidth_bytes_per_second: _Optional[float] = ..., rtt_seconds: _Optional[float] = ..., stage_seconds: _Optional[_Mapping[str, float]] = ..., frames: _Optional[int] = ..., plan_version: _Optional[int] = ..., sent_unix: _Optional[float] = ..., bandwidth_age_seconds: _Optional[float] = ..., bandwidth_samples: _Optional[int] = ..., other_links: _Optional[_Iterable[_Union[LinkReport, _Mapping]]] = ..., wire: _Optional[_Iterable[_Union[WireReport, _Mapping]]] = ...) -> None: ...
+
+class WireReport(_message.Message):
+    __slots__ = ("split_id", "codec", "mean_bytes", "encode_seconds", "samples", "age_seconds")
+    SPLIT_ID_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    split_id: str
+    codec: str
+    mean_bytes: float
+    encode_seconds: float
+    samples: int
+    age_seconds: float
+    def __init__(self, split_id: _Optional[str] = ..., codec: _Optional[str] = ..., mean_bytes: _Optional[float] = ..., encode_seconds: _Optional[float] = ..., samples: _Optional[int] = ..., age_seconds: _Optional[float] = ...) -> None: ...
 
 class LinkReport(_message.Message):
     __slots__ = ("worker", "bandwidth_bytes_per_second", "rtt_seconds", "bandwidth_age_seconds", "bandwidth_samples")
