@@ -15,6 +15,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_INT8: _ClassVar[Codec]
     CODEC_ANS: _ClassVar[Codec]
     CODEC_JPEG: _ClassVar[Codec]
+    CODEC_PIXELS: _ClassVar[Codec]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -26,6 +27,7 @@ CODEC_FP16: Codec
 CODEC_INT8: Codec
 CODEC_ANS: Codec
 CODEC_JPEG: Codec
+CODEC_PIXELS: Codec
 COMPRESSION_NONE: Compression
 COMPRESSION_LZ4: Compression
 
