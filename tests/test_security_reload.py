@@ -17,18 +17,10 @@ from runtime.daemon.server import stop_on_signals
 from runtime.tools import pki
 from runtime.wire import reloading
 from runtime.wire.transport import TransportOptions
+from tests.security_site import site  # noqa: F401 (fixture)
 from tests.test_security import creds, start
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture()
-def site(tmp_path):
-    ca = pki.make_ca()
-    pki.write(ca, tmp_path, "ca")
-    pki.write(pki.issue(ca, "worker", "w1", ("127.0.0.1",)), tmp_path, "worker-w1")
-    pki.write(pki.issue(ca, "agent", "a1"), tmp_path, "client")
-    return tmp_path, ca
 
 
 async def call_as(channel) -> str:
@@ -38,8 +30,8 @@ async def call_as(channel) -> str:
     return (await pb_grpc.InferenceStub(channel).Prepare(pb.PrepareRequest(), timeout=5.0)).model_digest
 
 
-def test_a_renewed_client_certificate_is_used_by_the_next_call_on_the_same_channel(site):
-    d, ca = site
+def test_a_renewed_client_certificate_is_used_by_the_next_call_on_the_same_channel(site):  # noqa: F811
+    d, ca = site, pki.read(site, "ca")
 
     async def go():
         daemon, _ = await start(creds(d, "worker-w1"))
@@ -61,8 +53,8 @@ def test_a_renewed_client_certificate_is_used_by_the_next_call_on_the_same_chann
     assert reloads == 1
 
 
-def test_sighup_rereads_credentials_even_when_the_files_look_unchanged(site):
-    d, ca = site
+def test_sighup_rereads_credentials_even_when_the_files_look_unchanged(site):  # noqa: F811
+    d, ca = site, pki.read(site, "ca")
 
     async def go():
         daemon, _ = await start(creds(d, "worker-w1"))
@@ -96,8 +88,8 @@ def test_sighup_rereads_credentials_even_when_the_files_look_unchanged(site):
     assert after == "agent/a2/cert"
 
 
-def test_a_half_written_renewal_keeps_the_working_credentials(site):
-    d, ca = site
+def test_a_half_written_renewal_keeps_the_working_credentials(site):  # noqa: F811
+    d, ca = site, pki.read(site, "ca")
 
     async def go():
         daemon, _ = await start(creds(d, "worker-w1"))

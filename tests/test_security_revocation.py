@@ -14,22 +14,13 @@ import pytest
 from runtime.cli.main import main as cli
 from runtime.contracts.errors import InvalidInput
 from runtime.tools import pki
+from tests.security_site import site  # noqa: F401 (fixture)
 from tests.test_security import code_of, creds, prepare, start
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture()
-def site(tmp_path):
-    ca = pki.make_ca()
-    pki.write(ca, tmp_path, "ca")
-    pki.write(pki.issue(ca, "worker", "w1", ("127.0.0.1",)), tmp_path, "worker-w1")
-    for ident in ("a1", "a2"):
-        pki.write(pki.issue(ca, "agent", ident), tmp_path, f"agent-{ident}")
-    return tmp_path
-
-
-def test_a_revoked_certificate_is_refused_before_any_handler_and_the_crl_reloads(site, capsys):
+def test_a_revoked_certificate_is_refused_before_any_handler_and_the_crl_reloads(site, capsys):  # noqa: F811
     crl = site / "crl.pem"
     assert cli(["certs", "revoke", "--ca-dir", str(site), str(site / "agent-a1.pem")]) == 0
     assert "1 revoked" in capsys.readouterr().out
@@ -65,7 +56,7 @@ def test_a_revoked_certificate_is_refused_before_any_handler_and_the_crl_reloads
     assert admitted_meanwhile <= 10  # the handler ran only for a2 before its revocation was read
 
 
-def test_a_crl_of_another_ca_or_without_a_ca_is_refused_at_start(site, tmp_path_factory):
+def test_a_crl_of_another_ca_or_without_a_ca_is_refused_at_start(site, tmp_path_factory):  # noqa: F811
     other_dir = tmp_path_factory.mktemp("other")
     other = pki.make_ca("another CA")
     crl = other_dir / "crl.pem"
@@ -81,7 +72,7 @@ def test_a_crl_of_another_ca_or_without_a_ca_is_refused_at_start(site, tmp_path_
         asyncio.run(go(creds(site, "worker-w1", ca="", crl_file=str(crl))))
 
 
-def test_a_bad_crl_edit_keeps_the_previous_list(site):
+def test_a_bad_crl_edit_keeps_the_previous_list(site):  # noqa: F811
     crl = site / "crl.pem"
     pki.revoke(pki.read(site, "ca"), crl, [(site / "agent-a1.pem").read_bytes()])
 
@@ -97,7 +88,7 @@ def test_a_bad_crl_edit_keeps_the_previous_list(site):
     assert asyncio.run(go()) == (grpc.StatusCode.UNAUTHENTICATED, 0)
 
 
-def test_a_stream_open_under_a_certificate_revoked_later_is_ended(site):
+def test_a_stream_open_under_a_certificate_revoked_later_is_ended(site):  # noqa: F811
     """Authentication happens when a call starts; a long-lived stream (an agent's frames) would outlive a
     revocation, so the daemon re-reads the CRL while such streams are open and ends the revoked ones."""
     from runtime.proto.edgesplit.v1 import inference_pb2 as pb
@@ -148,7 +139,7 @@ def test_a_stream_open_under_a_certificate_revoked_later_is_ended(site):
     assert ended < 5 and still == 3 and counted == 1
 
 
-def test_a_stream_open_under_a_token_removed_later_is_ended(site):
+def test_a_stream_open_under_a_token_removed_later_is_ended(site):  # noqa: F811
     """Removing a token's line from the server's tokens file revokes it for open streams too."""
     from runtime.proto.edgesplit.v1 import inference_pb2 as pb
     from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc

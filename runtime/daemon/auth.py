@@ -3,12 +3,12 @@
 :class:`AuthInterceptor` finds the caller's :class:`Identity`: from a verified client
 certificate (its SAN URI ``spiffe://edgesplit/ROLE/ID``; grpc has checked it against the site CA
 during the handshake), else from a bearer token in ``authorization`` metadata (looked up by its
-SHA-256 in the server's tokens file, re-read when the file changes). A certificate revoked by the
-``--crl-file`` CRL is refused UNAUTHENTICATED (runtime.daemon.revocation). A server that requires
-authentication (mTLS or a tokens file, runtime.wire.security) answers a call without one
-UNAUTHENTICATED, and a caller whose role the method does not allow PERMISSION_DENIED, before the
-handler runs; each refusal is counted (``edgesplit_auth_rejected_total{reason}`` and
-:attr:`AuthInterceptor.rejected`). Health checks need no identity (probes).
+SHA-256 in the server's tokens file, re-read when the file changes or on SIGHUP:
+runtime.wire.filewatch). A certificate revoked by the ``--crl-file`` CRL is refused UNAUTHENTICATED
+(runtime.daemon.revocation). A server that requires authentication (mTLS or a tokens file,
+runtime.wire.security) answers a call without one UNAUTHENTICATED, and a caller whose role the
+method does not allow PERMISSION_DENIED, before the handler runs; each refusal is counted
+(``edgesplit_auth_rejected_total{reason}`` and :attr:`AuthInterceptor.rejected`). Health checks need no identity (probes).
 
 Handlers read the caller with :func:`current_identity`. On a server without authentication
 (loopback) every caller is :data:`ANONYMOUS` and role checks are off.
@@ -20,8 +20,6 @@ import asyncio
 import contextvars
 import inspect
 import logging
-import os
-import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from runtime.daemon.interceptors import end_call, rewrap_handler
 from runtime.daemon.revocation import CRL_RECHECK_SECONDS, Revocations
+from runtime.wire.filewatch import FileWatch
 from runtime.wire.security import OPERATOR, SecurityOptions, load_tokens, parse_spiffe, token_digest
 
 logger = logging.getLogger(__name__)
@@ -88,33 +87,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.admitted = 0  # calls that reached their handler
         self._metric = Counter("edgesplit_auth_rejected", "calls refused before any handler work, by reason",
                                ["reason"], registry=registry)
-        self._tokens: dict[str, tuple[str, str]] = {}
-        self._tokens_stamp = -1.0
-        self._tokens_checked = 0.0
-        if security.tokens_file:
-            self._reload_tokens(force=True)
+        tokens_file = security.tokens_file  # read at start (a bad file stops the daemon), again when it changes
+        self._tokens_watch = (FileWatch((tokens_file,), lambda: load_tokens(tokens_file), "tokens file",
+                                        TOKENS_RECHECK_SECONDS) if tokens_file else None)
         # revoked client certificates (--crl-file), checked on every call that presents one
         self.revocations = Revocations(security.crl_file, security.ca_file) if security.crl_file else None
         # streaming calls open, by the credential they were admitted on: a revocation read later ends them
         self._streams: dict[tuple[str, Any], dict[asyncio.Task[Any], Any]] = {}
         self._watcher: asyncio.Task[None] | None = None
 
-    def _reload_tokens(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._tokens_checked < TOKENS_RECHECK_SECONDS:
-            return
-        self._tokens_checked = now
-        try:
-            stamp = os.path.getmtime(self.security.tokens_file)
-            if stamp != self._tokens_stamp:
-                self._tokens = load_tokens(self.security.tokens_file)
-                if self._tokens_stamp >= 0:
-                    logger.info("tokens reloaded from %s (%d)", self.security.tokens_file, len(self._tokens))
-                self._tokens_stamp = stamp
-        except Exception as e:  # a bad edit keeps the tokens in force
-            if force:
-                raise
-            logger.error("tokens file reload failed, keeping the current tokens: %s", e)
+    @property
+    def _tokens(self) -> dict[str, tuple[str, str]]:
+        """Accepted tokens: sha256 hex -> (role, subject)."""
+        return self._tokens_watch.value if self._tokens_watch is not None else {}
+
+    def _reload_tokens(self) -> None:
+        if self._tokens_watch is not None:
+            self._tokens_watch.check()
 
     def identify(self, context: grpc.aio.ServicerContext, metadata: Any) -> Identity:
         """The caller's identity, or Refused."""

@@ -4,7 +4,8 @@ by the auth interceptor for every call that presents a certificate.
 grpc checks a client certificate against the site CA during the handshake but knows nothing of
 revocation; :class:`Revocations` reads the certificate grpc verified (the auth context's
 ``x509_pem_cert``), takes its serial number and looks it up in the CRL. The CRL is re-read when its
-file changes (looked at once a second at most; a bad edit keeps the previous list and is logged), and
+file changes or on SIGHUP (looked at once a second at most, runtime.wire.filewatch; a bad edit keeps
+the previous list and is logged), and
 must be signed by the CA of ``--ca-file`` (a CRL anyone could write would let anyone un-revoke).
 ``edgesplit certs revoke`` writes one (runtime.tools.pki.revoke).
 """
@@ -14,12 +15,12 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import time
 from collections import OrderedDict
 
 from cryptography import x509
 
 from runtime.contracts.errors import InvalidInput
+from runtime.wire.filewatch import FileWatch
 from runtime.wire.security import MAX_PEM_BYTES
 
 logger = logging.getLogger(__name__)
@@ -57,31 +58,25 @@ def load_crl(crl_file: str, ca_file: str) -> frozenset[int]:
 
 
 class Revocations:
-    """The revoked serials of one CRL file, reloaded when the file changes."""
+    """The revoked serials of one CRL file, reloaded when the file changes or on SIGHUP."""
 
     def __init__(self, crl_file: str, ca_file: str):
         if not ca_file:
             raise InvalidInput("--crl-file needs --ca-file: the CRL is checked against the site CA that signed it")
         self.crl_file, self.ca_file = crl_file, ca_file
-        self.serials = load_crl(crl_file, ca_file)  # at start a bad CRL stops the daemon
-        self._stamp = os.path.getmtime(crl_file)
-        self._checked = time.monotonic()
+        # at start a bad CRL stops the daemon; later a bad edit keeps the previous list
+        self._watch = FileWatch((crl_file,), lambda: load_crl(crl_file, ca_file), "CRL", CRL_RECHECK_SECONDS)
         self._cache: OrderedDict[bytes, int] = OrderedDict()  # certificate PEM -> serial
+
+    @property
+    def serials(self) -> frozenset[int]:
+        """The revoked serial numbers in force."""
+        return self._watch.value
 
     def refresh(self) -> None:
         """Re-read the CRL if its file changed (looked at once a second at most)."""
-        now = time.monotonic()
-        if now - self._checked < CRL_RECHECK_SECONDS:
-            return
-        self._checked = now
-        try:
-            stamp = os.path.getmtime(self.crl_file)
-            if stamp != self._stamp:
-                self.serials = load_crl(self.crl_file, self.ca_file)
-                self._stamp = stamp
-                logger.info("CRL reloaded from %s: %d revoked certificates", self.crl_file, len(self.serials))
-        except (OSError, InvalidInput) as e:
-            logger.error("CRL reload failed, keeping the previous list: %s", e)
+        if self._watch.check():
+            logger.info("CRL %s: %d revoked certificates", self.crl_file, len(self.serials))
 
     def serial(self, cert_pem: bytes) -> int:
         serial = self._cache.get(cert_pem)

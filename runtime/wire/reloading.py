@@ -7,51 +7,35 @@ the files changed or SIGHUP was received (:func:`reload_credentials`, which the 
 handling calls); if so it makes a new channel from the files, so the next call and the next
 connection use the new credentials. Calls already running keep their connection; the previous
 channel is closed :data:`RETIRE_GRACE_SECONDS` later (a stream still on it then ends and its owner
-reopens it on the new one). A file that cannot be read keeps the current channel (logged).
+reopens it on the new one). A file that cannot be read keeps the current channel (logged) and is
+tried again a second later. The watching is runtime.wire.filewatch's, shared with the servers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import grpc
 
+from runtime.wire.filewatch import RECHECK_SECONDS, FileWatch, generation, request_reload
+
 logger = logging.getLogger(__name__)
 
-RECHECK_SECONDS = 1.0  # how often a channel looks at its files' mtimes
 RETIRE_GRACE_SECONDS = 330.0  # calls on a replaced channel may go on this long: past the planner client's
 # 300 s stream deadline, so its WatchPlan and telemetry streams reopen on the new channel by themselves
 
-_generation = 0  # bumped by reload_credentials (SIGHUP)
+__all__ = ["RECHECK_SECONDS", "RETIRE_GRACE_SECONDS", "ReloadingChannel", "generation", "reload_credentials"]
 
 
 def reload_credentials() -> None:
-    """Make every ReloadingChannel re-read its files before its next call (SIGHUP)."""
-    global _generation
-    _generation += 1
+    """Make every ReloadingChannel, server certificate, tokens file and CRL be read again at its next
+    check (SIGHUP; runtime.wire.filewatch)."""
+    request_reload()
     logger.info("credentials will be re-read before the next call (reload requested)")
-
-
-def generation() -> int:
-    """How many reloads were asked for (servers compare it too: runtime.wire.security)."""
-    return _generation
-
-
-def _stamp(paths: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
-    out = []
-    for p in paths:
-        try:
-            st = os.stat(p)
-            out.append((st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append((-1, -1))
-    return tuple(out)
 
 
 class _Multi:
@@ -69,35 +53,25 @@ class ReloadingChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no
     """A grpc.aio.Channel made anew by ``make`` when ``files`` change or SIGHUP asks (see module doc)."""
 
     def __init__(self, make: Callable[[], grpc.aio.Channel], files: tuple[str, ...]):
-        self._make = make
         self._files = files
-        self._stamp = _stamp(files)
-        self._generation = _generation
-        self._checked = time.monotonic()
-        self._channel = make()
+        self._watch = FileWatch(files, make, "client credentials", RECHECK_SECONDS)
         self._retired: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # closing later -> the replaced channel
-        self.reloads = 0  # channels made after the first (tests, logs)
+
+    @property
+    def reloads(self) -> int:
+        """Channels made after the first (tests, logs)."""
+        return self._watch.reloads
+
+    @property
+    def _channel(self) -> grpc.aio.Channel:
+        return self._watch.value
 
     def current(self) -> grpc.aio.Channel:
         """The channel new calls go to, made anew first when the credentials changed."""
-        now = time.monotonic()
-        if self._generation == _generation and now - self._checked < RECHECK_SECONDS:
-            return self._channel
-        self._checked = now
-        stamp = _stamp(self._files)
-        if stamp == self._stamp and self._generation == _generation:
-            return self._channel
-        self._stamp, self._generation = stamp, _generation
-        try:
-            fresh = self._make()
-        except Exception as e:  # a half-written or bad file: keep the working channel
-            logger.error("credentials changed but cannot be loaded, keeping the current ones: %s", e)
-            return self._channel
-        old, self._channel = self._channel, fresh
-        self.reloads += 1
-        logger.info("client credentials reloaded from %s", ", ".join(self._files))
-        self._retire(old)
-        return fresh
+        old = self._watch.value
+        if self._watch.check():
+            self._retire(old)
+        return self._watch.value
 
     def _retire(self, old: grpc.aio.Channel) -> None:
         async def later() -> None:

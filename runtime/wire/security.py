@@ -31,7 +31,8 @@ import grpc
 
 from runtime.contracts.config import field as config_field
 from runtime.contracts.errors import InvalidInput
-from runtime.wire.reloading import ReloadingChannel, generation
+from runtime.wire.filewatch import FileWatch
+from runtime.wire.reloading import ReloadingChannel
 
 logger = logging.getLogger(__name__)
 
@@ -184,15 +185,13 @@ def check_pair(cert_pem: bytes, key_pem: bytes, where: str) -> None:
 
 
 class _CertReloader:
-    """grpc's certificate-config fetcher: re-reads the files when their mtimes change."""
+    """grpc's certificate-config fetcher, called at each handshake: the files read again when they
+    changed or SIGHUP asked (runtime.wire.filewatch, looked at on every handshake)."""
 
     def __init__(self, security: SecurityOptions):
         self.security = security
-        self._stamp: tuple[float, ...] = ()
-
-    def _stamps(self) -> tuple[float, ...]:
-        s = self.security  # the reload generation (SIGHUP) counts as a change too
-        return (*(os.path.getmtime(p) for p in (s.cert_file, s.key_file, s.ca_file) if p), float(generation()))
+        s = security
+        self.watch = FileWatch((s.cert_file, s.key_file, s.ca_file), self.config, "server certificates", interval=0.0)
 
     def config(self) -> Any:
         s = self.security
@@ -203,18 +202,7 @@ class _CertReloader:
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
 
     def __call__(self) -> Any:
-        try:
-            stamp = self._stamps()
-            if stamp == self._stamp:
-                return None  # unchanged: grpc keeps the current configuration
-            config = self.config()
-        except (OSError, InvalidInput) as e:
-            logger.error("certificate reload failed, keeping the current ones: %s", e)
-            return None
-        if self._stamp:
-            logger.info("certificates reloaded from %s", self.security.cert_file)
-        self._stamp = stamp
-        return config
+        return self.watch.value if self.watch.check() else None  # None: grpc keeps the current configuration
 
 
 def server_credentials(security: SecurityOptions) -> grpc.ServerCredentials | None:
@@ -222,9 +210,8 @@ def server_credentials(security: SecurityOptions) -> grpc.ServerCredentials | No
     if not security.tls:
         return None
     reloader = _CertReloader(security)
-    initial = reloader.config()
-    reloader._stamp = reloader._stamps()
-    return grpc.dynamic_ssl_server_credentials(initial, reloader, require_client_authentication=security.mtls)
+    return grpc.dynamic_ssl_server_credentials(reloader.watch.value, reloader,
+                                               require_client_authentication=security.mtls)
 
 
 # -- client side --------------------------------------------------------------------------------------
