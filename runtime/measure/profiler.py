@@ -40,6 +40,7 @@ from runtime.measure.defaults import DEFAULT_CODECS  # re-exported
 from runtime.models.loader import LoadedModel, load_model
 from runtime.wire.codec import get_codec, wire_bytes  # wire_bytes: the one definition, shared with the agent
 from runtime.wire.jpeg import is_jpeg, jpeg_quality
+from runtime.wire.pixels import is_input_codec
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +103,14 @@ def param_bytes(gm: torch.fx.GraphModule) -> int:
 def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, warmup: int,
                tl=None, fidelity: float | None = None, spec=None) -> list[Transfer]:
     """One :class:`Transfer` per codec for the tensors ``ys`` (through ``tl``'s encoder/decoder if given).
-    JPEG codecs are measured only with ``spec`` (at the input cut, where ``ys`` are the model's inputs)."""
+    Input-image codecs (jpeg, pixels) are measured only with ``spec`` (at the input cut, where ``ys`` are the
+    model's inputs)."""
     out = []
     zs = [tl.tl.encoder(y) for y in ys] if tl is not None else list(ys)
     model = tl.tl.entropy_model if tl is not None else None
     if model is not None:  # a transform TL is also measured with its own entropy coder
         codecs = [*codecs, *(["ans"] if "ans" not in codecs else [])]
-    codecs = [c for c in codecs if not is_jpeg(c) or (spec is not None and tl is None)]
+    codecs = [c for c in codecs if not is_input_codec(c) or (spec is not None and tl is None)]
     for name in codecs:
         codec = get_codec(name, model=model, spec=spec)
         try:
@@ -197,9 +199,9 @@ def profile_model(model: str | LoadedModel, role: str, machine: str | None = Non
             raise InvalidInput(f"{what} must be >= {least}, got {v}")
     codecs = tuple(dict.fromkeys(codecs))
     for c in codecs:
-        if not is_jpeg(c):
+        if not is_input_codec(c):
             get_codec(c)  # unknown names fail before anything is timed
-        else:
+        elif is_jpeg(c):
             jpeg_quality(c)  # InvalidInput for a quality outside 1..100
     from tqdm import tqdm
 

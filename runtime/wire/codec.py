@@ -23,11 +23,13 @@ Two codecs take a model and are not in the plain registry:
   model's range. ``get_codec("ans", model=tl.entropy_model)`` builds it; a worker decodes it
   with the model of the TL the frame names (``decode_tensor`` alone refuses it).
 
-One codec takes the model's spec and works only at split point 0 (``input``):
+Two codecs take the model's spec and work only at split point 0 (``input``):
 
 * ``jpeg`` (``jpegQ`` for quality Q) -- the de-normalised input image as a JPEG
   (:mod:`runtime.wire.jpeg`); ``get_codec("jpeg", spec=loaded.spec)`` builds it and a worker decodes
   it with the spec of the model the frame names.
+* ``pixels`` / ``pixels+lz4`` -- the input image as lossless 8-bit pixels (:mod:`runtime.wire.pixels`): exact
+  for inputs made from 8-bit images, 1/4 of fp32's bytes before lz4; built and decoded as ``jpeg`` is.
 
 Every codec puts the whole payload in ``buffer`` (``chunks = 1``); a caller that splits or joins
 chunks does so around :meth:`Codec.encode` / :func:`decode_tensor`.
@@ -224,11 +226,14 @@ def codec_names(model: EntropyModel | None = None) -> list[str]:
 
 def get_codec(name: str, model: EntropyModel | None = None, spec: ModelSpec | None = None) -> Codec:
     """The codec called ``name``. ``ans`` needs ``model`` (a transform TL's ``entropy_model``);
-    ``jpeg``/``jpegQ`` needs ``spec`` (the model's mean/std and input size) and split 0."""
+    ``jpeg``/``jpegQ`` and ``pixels(+lz4)`` need ``spec`` (the model's mean/std and input size) and split 0."""
     from runtime.wire.jpeg import is_jpeg, jpeg_codec  # lazily: it builds on codec_base, not on this module
+    from runtime.wire.pixels import is_pixels, pixels_codec
 
     if is_jpeg(name):
         return jpeg_codec(name, spec)
+    if is_pixels(name):
+        return pixels_codec(name, spec)
     if name in MODEL_CODECS:
         if model is None:
             raise InvalidInput(f"codec {name!r} entropy-codes with a transform Transfer Layer's model: use it with "
@@ -238,7 +243,7 @@ def get_codec(name: str, model: EntropyModel | None = None, spec: ModelSpec | No
         return _CODECS[name]
     except (KeyError, TypeError):
         raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join([*_CODECS, *MODEL_CODECS])}, "
-                           "and jpeg/jpegQ at split 'input'") from None
+                           "and jpeg/jpegQ, pixels, pixels+lz4 at split 'input'") from None
 
 
 def codec_at(codec: str | Codec, split_index: int, split_name: str = "", model: EntropyModel | None = None,
@@ -256,8 +261,14 @@ def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES,
                   model: EntropyModel | None = None, spec: ModelSpec | None = None) -> torch.Tensor:
     """Validate and decode a wire tensor, whatever its codec (what the server calls). A
     ``CODEC_ANS`` tensor needs ``model``, the entropy model of the TL the frame names; a
-    ``CODEC_JPEG`` one ``spec``, the spec of the model the frame names."""
+    ``CODEC_JPEG`` or ``CODEC_PIXELS`` one ``spec``, the spec of the model the frame names."""
     validate_tensor(msg, max_bytes=max_bytes)
+    if msg.codec == tensor_pb2.CODEC_PIXELS:
+        if spec is None:
+            raise PreconditionFailed("the tensor is an input image (CODEC_PIXELS): only a model's input at split 0 "
+                                     "('input') is decoded from pixels")
+        lz4 = msg.compression == tensor_pb2.COMPRESSION_LZ4
+        return get_codec("pixels+lz4" if lz4 else "pixels", spec=spec)._decode_validated(msg)
     if msg.codec == tensor_pb2.CODEC_JPEG:
         if spec is None:
             raise PreconditionFailed("the tensor is a JPEG input image (CODEC_JPEG): only a model's input at split 0 "

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 DEFAULT_QUALITY = 90
 INPUT_SPLIT = "input"  # the one split point a JPEG may cross: index 0
 _NAME = re.compile(r"jpeg(\d{1,3})?")
+INPUT_IMAGE_CODECS = (tensor_pb2.CODEC_JPEG, tensor_pb2.CODEC_PIXELS)  # codecs of the input image: split 0 only
 
 
 def jpeg_quality(name: str) -> int | None:
@@ -51,8 +52,8 @@ def is_jpeg(name: object) -> bool:
 
 
 def check_split(codec: object, split_index: int, split_name: str = "") -> None:
-    """Refuse a JPEG codec anywhere but the input split (a feature tensor is no image)."""
-    if getattr(codec, "codec", None) == tensor_pb2.CODEC_JPEG and split_index != 0:
+    """Refuse an input-image codec (jpeg, pixels) anywhere but the input split (a feature tensor is no image)."""
+    if getattr(codec, "codec", None) in INPUT_IMAGE_CODECS and split_index != 0:
         name = getattr(codec, "name", "jpeg")
         where = f"{split_index}{f' ({split_name!r})' if split_name else ''}"
         raise InvalidInput(f"codec {name} sends the input image and works only at split 0 ({INPUT_SPLIT!r}), not at "

@@ -47,13 +47,15 @@ CODEC_ENUM_NAMES = {
     tensor_pb2.CODEC_INT8: "CODEC_INT8",
     tensor_pb2.CODEC_ANS: "CODEC_ANS",
     tensor_pb2.CODEC_JPEG: "CODEC_JPEG",
+    tensor_pb2.CODEC_PIXELS: "CODEC_PIXELS",
 }
 COMPRESSION_ENUM_NAMES = {
     tensor_pb2.COMPRESSION_NONE: "COMPRESSION_NONE",
     tensor_pb2.COMPRESSION_LZ4: "COMPRESSION_LZ4",
 }
 #: bytes per element of the codec output (before compression); None = that of the dtype.
-_WIRE_ITEMSIZE = {tensor_pb2.CODEC_RAW: None, tensor_pb2.CODEC_FP16: 2, tensor_pb2.CODEC_INT8: 1}
+_WIRE_ITEMSIZE = {tensor_pb2.CODEC_RAW: None, tensor_pb2.CODEC_FP16: 2, tensor_pb2.CODEC_INT8: 1,
+                  tensor_pb2.CODEC_PIXELS: 1}
 
 
 def ans_bound(n: int) -> int:
@@ -125,6 +127,8 @@ def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTE
         _check_ans(msg, n)
     elif msg.codec == tensor_pb2.CODEC_JPEG:
         _check_jpeg(msg, shape, n)
+    elif msg.codec == tensor_pb2.CODEC_PIXELS and (len(shape) != 4 or shape[0] != 1 or shape[1] != 3):
+        raise InvalidInput(f"CODEC_PIXELS carries one RGB image: shape must be [1, 3, H, W], got {shape}")
     expected = expected_encoded_size(msg)
     if msg.encoded_size != expected:
         raise InvalidInput(

@@ -33,6 +33,7 @@ from runtime.wire.asyncutil import wait_set
 from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
+from runtime.wire.jpeg import INPUT_IMAGE_CODECS
 from runtime.worker import probe
 from runtime.worker.allowlist import served_models
 from runtime.worker.cancel import CancelledFrames
@@ -301,8 +302,8 @@ class InferenceService(pb_grpc.InferenceServicer):
                     "the frame is entropy-coded (codec ans), which needs the transform Transfer Layer that coded "
                     f"it; this frame names {('TL ' + tail.tl_id) if tail.tl_id else 'no TL'}: send tl_id with it"
                 )
-            if req.tensor.codec == tensor_pb2.CODEC_JPEG and (tail.split.index != 0 or tail.decoder is not None):
-                raise PreconditionFailed(f"the frame is a JPEG input image (codec jpeg), which only split 0 ('input') "
+            if req.tensor.codec in INPUT_IMAGE_CODECS and (tail.split.index != 0 or tail.decoder is not None):
+                raise PreconditionFailed(f"the frame is an input image (codec jpeg or pixels), which only split 0 ('input') "
                                          f"without a TL takes; this frame names split {tail.split.name!r}")
             self.metrics.received_bytes.inc(req.tensor.payload_size or len(req.tensor.buffer))  # reading buffer copies it
             with self._count_lock:

@@ -1,0 +1,94 @@
+"""``pixels`` / ``pixels+lz4``: the model's input image as lossless 8-bit RGB, at split point 0 (``input``) only.
+
+Every frame source builds the model's input from 8-bit pixels (:func:`runtime.models.spec.preprocess`:
+``(pixel - mean) / std``), so the pixels are the input's exact, smallest lossless form: a quarter of fp32's
+bytes before compression. Encoding undoes the normalisation with the model's own ``mean``/``std``, rounds
+to uint8 (exact for an input made from 8-bit pixels; any other value is rounded to the nearest pixel
+level) and sends the planes R, G, B in C order, each row minus the row above it modulo 256 (the first row
+as is: on photos the residuals compress better, 110 KB against 118 KB for the bundled photos and 55 KB
+against 68 KB for resized crops, both with lz4). The worker adds the rows back up and normalises with the
+mean/std of the model the frame names, with the same float32 arithmetic as ``preprocess``: the decoded
+tensor equals the agent's bit for bit, so the split computes exactly what the unsplit model does.
+
+Why not PNG: on the board's CPU Pillow's PNG (level 1) took 3.5 ms for a 224 x 224 photo on the unrestricted
+side (about 60 ms on an 18x slower board) for 69 KB, against 0.2-0.3 ms and 110 KB here
+(runtime/measure/results/overhead.md has the table): the bytes PNG saves pay for its encode time only
+below about 10 Mbit/s, where every lossless input is slower than the board running the model itself.
+
+Decoding checks before anything is allocated: the header (:func:`validate_tensor`: shape ``[1, 3, H, W]``,
+``encoded_size == 3 * H * W``, the lz4 payload within its bound) and the model's input size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from runtime.contracts.errors import InvalidInput, PreconditionFailed
+from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.codec_base import Codec, _tensor_bytes
+
+if TYPE_CHECKING:
+    from runtime.models.spec import ModelSpec
+
+PIXEL_CODECS = ("pixels", "pixels+lz4")
+
+
+def is_pixels(name: object) -> bool:
+    return isinstance(name, str) and name in PIXEL_CODECS
+
+
+def is_input_codec(name: object) -> bool:
+    """A codec that sends the model's input image (jpeg/jpegQ, pixels, pixels+lz4): split 0 only, needs the spec."""
+    from runtime.wire.jpeg import is_jpeg
+
+    return is_jpeg(name) or is_pixels(name)
+
+
+class PixelsCodec(Codec):
+    """Lossless 8-bit pixels of the de-normalised input; ``spec`` gives mean/std and the input size."""
+
+    name = "pixels"
+    lossless = True  # for inputs made from 8-bit pixels (every frame source); others are rounded to a pixel level
+    codec = tensor_pb2.CODEC_PIXELS
+    nominal_ratio = 4.0  # fp32 bytes / uint8 bytes, before lz4
+
+    def __init__(self, spec: ModelSpec, lz4: bool = False) -> None:
+        super().__init__(lz4)
+        self.spec = spec
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+
+    def _check_shape(self, shape: list[int]) -> None:
+        h, w = self.spec.input_size
+        if shape != [1, 3, h, w]:
+            raise InvalidInput(f"codec {self.name} carries {self.spec.name}'s input image [1, 3, {h}, {w}], got "
+                               f"shape {shape}: use it only at split 0 ('input')")
+
+    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
+        self._check_shape(list(x.shape))
+        if not x.is_floating_point():
+            raise InvalidInput(f"codec {self.name} needs the float input tensor, got dtype {x.dtype}")
+        msg.dtype = "float32"
+        pix = (x[0].float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
+        res = pix.clone()
+        res[:, 1:] -= pix[:, :-1]  # uint8 arithmetic wraps modulo 256
+        return _tensor_bytes(res)
+
+    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        shape = list(msg.shape)
+        self._check_shape(shape)
+        res = torch.frombuffer(payload, dtype=torch.uint8).reshape(shape[1:])
+        pix = torch.cumsum(res, dim=1, dtype=torch.int32).bitwise_and_(255).to(torch.float32)
+        return ((pix - self.mean) / self.std).unsqueeze(0).contiguous()
+
+
+def pixels_codec(name: str, spec: ModelSpec | None) -> PixelsCodec:
+    """The pixel codec ``name`` (``pixels`` or ``pixels+lz4``) for ``spec``'s model."""
+    if not is_pixels(name):
+        raise InvalidInput(f"{name!r} is not a pixel codec name ({', '.join(PIXEL_CODECS)})")
+    if spec is None:
+        raise PreconditionFailed(f"codec {name!r} de-normalises the input image with the model's mean/std: "
+                                 "it needs the model (spec) and works only at split 0 ('input')")
+    return PixelsCodec(spec, lz4=name.endswith("+lz4"))
