@@ -33,7 +33,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from planner import decide, fallbacks
+from planner import decide, fallbacks, measured
 from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.decide import Ranked, plan_key
@@ -405,52 +405,16 @@ class RePlanner:
                 bw = lk.bandwidth_bytes_per_second
                 self.state.record_link(st, wid, lk.rtt_seconds, bw, now - lk.bandwidth_age_seconds if bw > 0 else now)
                 st.mark("telemetry")
-        if self.config.compute_telemetry and t.stage_seconds and self._observe_compute(st, t):
+        if self.config.compute_telemetry and t.stage_seconds and measured.observe_compute(
+                self.state, self.metrics, st, t, self._previous.get(st.record.id)):
+            st.mark("compute")
+        if measured.observe_wire(st, t, now):  # transfers priced with the bytes the agent measured
             st.mark("compute")
         mono = self.clock()
         if st.dirty and mono - st.last_acted >= 1.0 / self.config.telemetry_max_rate_hz:
             st.last_acted = mono
             return True
         return False
-
-    def _observe_compute(self, st: AgentState, t: pb.Telemetry) -> bool:
-        """Take one report's device stage times into the agent's slowdown factor; True when the
-        factor decisions use moved. A report under no plan of this agent (version 0: the agent's own
-        split; a version this planner never issued to it) gives no sample."""
-        plan = st.plan if st.plan is not None and st.plan.version == t.plan_version else None
-        prev = self._previous.get(st.record.id)
-        if plan is None and prev is not None and prev.version == t.plan_version:
-            plan = prev  # the plan before the current one (reports under it until the agent switches): no store read
-        if plan is None and t.plan_version:
-            stored = self.state.stored_plan(st.record.id, t.plan_version)
-            plan = stored.plan if stored is not None else None
-        expired = st.tails.expire(time.time())  # a worker factor with no sample for its TTL: the profile stands again
-        if plan is None or plan.model_id != st.record.model:
-            return expired
-        tail = self._observe_tail(st, plan, t) or expired
-        assert st.benchmark is not None
-        outcome = st.speed.observe(t.stage_seconds, st.benchmark, plan.split_index)
-        if outcome is not None:
-            self.metrics.compute_samples.labels(outcome).inc()
-        if outcome != "used" or not st.apply_speed():
-            return tail
-        logger.debug("agent %s: device compute now %.2fx its profile", st.record.id, st.speed.factor)
-        return True
-
-    def _observe_tail(self, st: AgentState, plan: pb.Plan, t: pb.Telemetry) -> bool:
-        """Take one report's worker tail time (``edge_tail``) into the agent's factor for the plan's worker
-        (planner.compute.WorkerSpeeds); True when the factor decisions use moved. Plans over several
-        workers (a parallel stage) give no sample."""
-        w = self.state.workers.get(plan.worker_id) if plan.worker_id else None
-        profile = w.profiles.get(plan.model_id) if w is not None else None
-        if profile is None or plan.parallel.worker_addresses:
-            return False
-        outcome = st.tails.observe(plan.worker_id, t.stage_seconds, profile, plan.split_index, plan.end_split_index)
-        if outcome != "used" or not st.tails.apply(plan.worker_id):
-            return False
-        logger.debug("agent %s: worker %s tail compute now %.2fx its profile", st.record.id, plan.worker_id,
-                     st.tails.applied(plan.worker_id))
-        return True
 
     async def plan_status(self, st: AgentState, request: pb.PlanStatus) -> None:
         """An agent applied or refused a plan; a refusal of the running plan puts the one before back and

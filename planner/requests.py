@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass
 
+from planner import wirebytes
 from planner.config import PlannerConfig
 from runtime.contracts import constraints
 from runtime.contracts import profile as profiles
@@ -181,6 +182,7 @@ def check_telemetry(t: pb.Telemetry) -> tuple[float, float]:
         raise InvalidInput(f"a link's worker is at most {MAX_MESSAGE_CHARS} characters")
     if len(t.stage_seconds) > MAX_STAGES or not all(math.isfinite(v) and v >= 0 for v in t.stage_seconds.values()):
         raise InvalidInput(f"stage_seconds holds at most {MAX_STAGES} stages, each a finite number of seconds >= 0")
+    wirebytes.check(t)  # measured bytes per frame and encode times (issue 11)
     return bw, rtt
 
 

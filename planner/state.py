@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from planner import compute, decide, requests
+from planner import compute, decide, requests, wirebytes
 from planner.cache import LRU
 from planner.compute import DeviceSpeed
 from planner.config import PlannerConfig
@@ -60,6 +60,7 @@ class AgentState:
     refused_conditions: dict = field(default_factory=dict, init=False)  # PlannerState.conditions at the refusal
     speed: DeviceSpeed = field(default_factory=DeviceSpeed, init=False)  # measured / profiled device compute
     tails: compute.WorkerSpeeds = field(default_factory=compute.WorkerSpeeds, init=False)  # per worker, its tail compute
+    wire: wirebytes.WireFigures = field(default_factory=wirebytes.WireFigures, init=False)  # measured bytes, encode
     # derived device profiles, the same objects while they live (so the search finds their tables again)
     _derived: LRU[tuple, Profile] = field(default_factory=lambda: LRU(DERIVED), init=False, repr=False)
 
@@ -77,10 +78,22 @@ class AgentState:
         if not (force or self.speed.moved()):
             return False
         self.speed.applied = self.speed.factor
-        assert self.benchmark is not None
-        self.device = compute.scaled(self.benchmark, self.speed.factor)
-        self._derived.clear()
+        self._remake()
         return True
+
+    def apply_wire(self) -> bool:
+        """Price the device profile's transfers with the measured bytes and encode times (planner.wirebytes),
+        if they moved; True when they did."""
+        if not self.wire.moved():
+            return False
+        self.wire.apply()
+        self._remake()
+        return True
+
+    def _remake(self) -> None:
+        assert self.benchmark is not None
+        self.device = wirebytes.patched(compute.scaled(self.benchmark, self.speed.applied), self.wire.applied)
+        self._derived.clear()
 
     def device_for(self, tl_ids: frozenset[str], cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
         """The device profile limited to TLs held on both ends, optionally to one transfer at one cut."""
@@ -288,7 +301,7 @@ class PlannerState:
             st.unsaved_links, st.last_acted = old.unsaved_links, old.last_acted
             st.tails = old.tails  # the workers' tail factors do not depend on the board's profile
             if old.record.profile == rec.profile:  # the same benchmark: its slowdown factor still holds
-                st.speed = old.speed
+                st.speed, st.wire = old.speed, old.wire  # and the transfers priced as measured
                 st.apply_speed(force=True)
             elif old.speed.samples:  # re-profiled: measured against the new profile from scratch
                 reset = SpeedRecord(1.0, 0, rec.last_seen)

@@ -498,3 +498,70 @@ def test_worker_factors_are_stored_and_age_out_after_a_restart(aio, tmp_path):
     assert before.samples == 2
     assert aio.run(life(second)) == (1.0, False)
 
+
+
+# -- bytes per frame as the agent measured them (planner.wirebytes) ----------------------------------
+
+
+async def wire_report(p: Planner, version: int, reports: list[pb.WireReport], agent: str = "a1") -> int:
+    async def messages():
+        yield pb.Telemetry(agent_id=agent, worker="w1", plan_version=version, sent_unix=time.time(), wire=reports)
+
+    return (await p.stub.ReportTelemetry(messages(), timeout=RPC)).received
+
+
+def test_measured_bytes_per_frame_price_the_transfer(aio, planner):
+    """conv2's output is 200 KB in the profile; frames of 2 MB make conv2 the worse cut at 10 MB/s."""
+    async def scenario():
+        v1 = await planner.register()
+        assert v1.split_id == "conv2" and v1.predicted_bytes == 200_000
+        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC)
+        await next_plan(watch)
+        big = pb.WireReport(split_id="conv2", codec="raw", mean_bytes=2_000_000, samples=2, age_seconds=0.5)
+        await wire_report(planner, v1.version, [big])  # 2 frames: not taken yet
+        assert (await ranked(planner))["conv2"] == pytest.approx(expected_seconds(2, FAST))
+        big.samples = 8
+        await wire_report(planner, v1.version, [big])
+        assert (await ranked(planner))["conv2"] == pytest.approx(expected_seconds(2, FAST) + 1_800_000 / FAST)
+        new = await next_plan(watch)
+        watch.cancel()
+        assert new.split_id == "conv3" and new.version > v1.version, new
+        assert new.predicted_seconds == pytest.approx(expected_seconds(3, FAST))
+        # a figure past its TTL is forgotten: the profile's bytes stand again
+        st = planner.ps.service.agents["a1"]
+        st.wire.expire(time.time() + 10_000)
+        assert st.apply_wire() and (await ranked(planner))["conv2"] == pytest.approx(expected_seconds(2, FAST))
+
+    aio.run(scenario())
+
+
+def test_patched_prices_codec_and_encode_of_the_measured_transfer_only():
+    from planner.wirebytes import patched
+    from runtime.contracts.profile import Transfer
+
+    base = loads(DEVICE_PROFILE)
+    jpeg = Transfer("jpeg40", 5_000, encode_seconds=0.001, codec="jpeg40")
+    tl = Transfer("tl-x+int8", 3_000, encode_seconds=0.002, codec="int8", tl_id="tl-x")
+    p = dataclasses.replace(base, input_transfers=(jpeg, Transfer("raw", 600_000, codec="raw")),
+                            blocks=(dataclasses.replace(base.blocks[0], transfers=(tl,)), *base.blocks[1:]))
+    out = patched(p, {("input", "jpeg40", ""): (12_900.4, 0.009), ("conv1", "int8", "tl-x"): (9_000, 0.5),
+                      ("nosuch", "raw", ""): (1, 0)})
+    assert [(t.name, t.bytes, t.encode_seconds) for t in out.input_transfers] == [("jpeg40", 12_900, 0.009),
+                                                                                  ("raw", 600_000, 0.0)]
+    # with a Transfer Layer the agent times its encoder apart: the profile's encode stays
+    assert [(t.bytes, t.encode_seconds) for t in out.blocks[0].transfers] == [(9_000, 0.002)]
+    assert out.blocks[1:] == p.blocks[1:] and patched(p, {}) is p
+
+
+def test_bad_wire_reports_are_refused(aio, planner):
+    async def scenario():
+        v1 = await planner.register()
+        for bad, phrase in ((pb.WireReport(split_id="conv2", codec="raw", mean_bytes=math.inf), "mean_bytes"),
+                            (pb.WireReport(split_id="conv2", codec="raw", mean_bytes=1, encode_seconds=-1), "encode_seconds"),
+                            (pb.WireReport(split_id="x" * 300, codec="raw", mean_bytes=1), "split_id")):
+            err = await rpc_error(wire_report(planner, v1.version, [bad]))
+            check_status(err, grpc.StatusCode.INVALID_ARGUMENT, phrase)
+        err = await rpc_error(wire_report(planner, v1.version, [pb.WireReport(split_id="a", codec="b")] * 65))
+        check_status(err, grpc.StatusCode.INVALID_ARGUMENT, "at most 64")
+
+    aio.run(scenario())

@@ -56,3 +56,28 @@ def test_small_frames_and_local_frames_give_no_bandwidth_sample():
     link.observe(_frame(2, BASE_RTT + FRAME_BYTES / RATE))
     assert link.bandwidth_bytes_per_second == pytest.approx(RATE)
     assert link.take_report()[1] == 3 and link.take_report() == ({}, 0)
+
+
+def test_bytes_per_frame_and_encode_time_are_reported_per_split_and_codec():
+    """runtime.agent.wirebytes: what the planner prices transfers with (Telemetry.wire)."""
+    from runtime.agent.telemetry import wire_reports
+
+    now = [100.0]
+    est = LinkEstimator(clock=lambda: now[0])
+    for i, (b, enc) in enumerate(((10_000, 0.010), (20_000, 0.030), (20_000, 0.008))):
+        f = _frame(i, 0.05, wire_bytes=b)
+        f.times["encode"] = enc
+        est.observe(f)
+    local = FrameResult(9, "f9", torch.empty(0), "local", "output", "raw", 1, times={"head": 0.2})
+    est.observe(local)  # a local frame sends nothing
+    jpeg = FrameResult(10, "f10", torch.empty(0), "edge", "input", "jpeg40", 1, wire_bytes=12_900, times={"encode": 0.009})
+    est.observe(jpeg)
+    now[0] = 102.0
+    reports = {(w.split_id, w.codec): w for w in wire_reports(est)}
+    assert set(reports) == {("stem", "raw"), ("input", "jpeg40")}
+    stem = reports[("stem", "raw")]
+    assert stem.mean_bytes == pytest.approx(0.3 * 20_000 + 0.7 * (0.3 * 20_000 + 0.7 * 10_000))  # EWMA, first sets it
+    assert (stem.samples, stem.encode_seconds, stem.age_seconds) == (3, pytest.approx(0.010), pytest.approx(2.0))
+    assert (reports[("input", "jpeg40")].mean_bytes, reports[("input", "jpeg40")].samples) == (12_900, 1)
+    now[0] = 102.0 + 301.0  # older than the table's max age: not reported
+    assert wire_reports(est) == []

@@ -46,10 +46,9 @@ from typing import Any
 
 import grpc
 
-from runtime.agent.estimator import LinkEstimate
 from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prober import ProbeOptions, Prober
-from runtime.agent.telemetry import HEARTBEAT_SECONDS, ReportCadence
+from runtime.agent.telemetry import HEARTBEAT_SECONDS, ReportCadence, link_report, wire_reports
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Overloaded, Unavailable
 from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
@@ -453,24 +452,16 @@ class PlannerLink:
         stages, frames = link.take_report()
         now = link.clock()
         worker, address = self._main_link(now)
-        main = _link_report(worker or address, link.links.get(address) if address else None, now)
-        others = [_link_report(self._worker_ids.get(key, key), link.links.get(key), now) for key in link.links
+        main = link_report(worker or address, link.links.get(address) if address else None, now)
+        others = [link_report(self._worker_ids.get(key, key), link.links.get(key), now) for key in link.links
                   if key and key != address][:MAX_WORKER_IDS]
         return ppb.Telemetry(agent_id=self.agent_id, worker=main.worker,
                              bandwidth_bytes_per_second=main.bandwidth_bytes_per_second,
                              bandwidth_age_seconds=main.bandwidth_age_seconds, bandwidth_samples=main.bandwidth_samples,
                              rtt_seconds=main.rtt_seconds, stage_seconds=stages, other_links=[o for o in others if
                                                                                               o.bandwidth_samples],
-                             frames=frames, plan_version=self.agent.telemetry_plan_version, sent_unix=time.time())
-
-
-def _link_report(worker: str, est: LinkEstimate | None, now: float) -> ppb.LinkReport:
-    """One link's figures for the planner (all 0 when ``est`` is None: unknown)."""
-    if est is None:
-        return ppb.LinkReport(worker=worker)
-    bw = est.bandwidth
-    return ppb.LinkReport(worker=worker, bandwidth_bytes_per_second=bw.value, rtt_seconds=est.rtt.value,
-                          bandwidth_age_seconds=max(0.0, bw.age(now)) if bw.samples else 0.0, bandwidth_samples=bw.samples)
+                             frames=frames, plan_version=self.agent.telemetry_plan_version, sent_unix=time.time(),
+                             wire=wire_reports(link))
 
 
 def _route(plan: ppb.Plan) -> list[Hop]:

@@ -49,7 +49,9 @@ import grpc
 
 from runtime.agent.estimator import EstimatorOptions, LinkEstimate, LinkTable
 from runtime.agent.metrics import AgentMetrics
+from runtime.agent.wirebytes import WireTable
 from runtime.contracts.errors import EdgesplitError
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.wire.stream import time_health_check
 
 MIN_BANDWIDTH_BYTES = 8 * 1024  # smaller frames say nothing about bandwidth (see the module docstring)
@@ -80,6 +82,7 @@ class LinkEstimator:
         self.confirm: Callable[[str, float], None] | None = None
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
+        self.wire = WireTable(clock)  # bytes per frame and encode time per (split, codec), for the planner
         if metrics is not None:
             metrics.registry.register(_LinkCollector(self))
 
@@ -110,6 +113,7 @@ class LinkEstimator:
         self._frames += 1
         for stage, seconds in result.times.items():
             self._stages[stage].append(seconds)
+        self.wire.observe(result)
         t = result.times
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
@@ -219,6 +223,21 @@ class LinkEstimator:
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames
+
+
+def link_report(worker: str, est: LinkEstimate | None, now: float) -> ppb.LinkReport:
+    """One link's figures for the planner (all 0 when ``est`` is None: unknown)."""
+    if est is None:
+        return ppb.LinkReport(worker=worker)
+    bw = est.bandwidth
+    return ppb.LinkReport(worker=worker, bandwidth_bytes_per_second=bw.value, rtt_seconds=est.rtt.value,
+                          bandwidth_age_seconds=max(0.0, bw.age(now)) if bw.samples else 0.0, bandwidth_samples=bw.samples)
+
+
+def wire_reports(estimator: LinkEstimator) -> list[ppb.WireReport]:
+    """The bytes per frame and encode times the agent measured, per (split, codec) (runtime.agent.wirebytes)."""
+    return [ppb.WireReport(split_id=split, codec=codec, mean_bytes=b, encode_seconds=enc, samples=n, age_seconds=age)
+            for split, codec, b, enc, n, age in estimator.wire.report()]
 
 
 class _LinkCollector:
