@@ -121,6 +121,27 @@ def test_edgesplit_plans_keep_the_fidelity_floor_measured_on_many_frames():
     assert all(fidelity.exact(h.transfer.codec, h.transfer.tl_id) for h in conf.hops)  # only exact plans remain
 
 
+def test_edgesplit_sends_lossless_pixels_where_every_jpeg_fails_the_floor():
+    """pixels+lz4 (the lossless 8-bit input) is a candidate of edgesplit's like any other: still measured before it
+    runs (1.0 by construction here as in the codec's tests), and its encode time the one the board measured."""
+    from dataclasses import replace
+
+    from runtime.cli.bench_scenarios import _rank
+    from runtime.contracts.costmodel import Link
+    from runtime.contracts.profile import Transfer
+    from runtime.measure.scenarios import fidelity
+
+    dev, edge = _profiles()
+    px = Transfer("pixels+lz4", 90_000, 0.5, 0.001, codec="pixels+lz4")
+    dev, edge = (replace(p, input_transfers=(*p.input_transfers, px)) for p in (dev, edge))
+    dev = costs.with_codec_encode(dev, "pixels+lz4", 0.009)
+    assert [t.encode_seconds for t in dev.input_transfers if t.codec == "pixels+lz4"] == [0.009]
+    check = _Checks({("input", "jpeg75"): 0.8, ("input", "jpeg90"): 0.85, ("input", "pixels+lz4"): 1.0})
+    conf, _, checks = fidelity.verified(_rank, dev, edge, Link.from_mbps(20.0, 20.0), 0.99, check, "")
+    assert conf.hops[0].split == "input" and conf.hops[0].transfer.codec == "pixels+lz4", conf
+    assert ("input", "pixels+lz4") in check.asked and checks[-1]["kept"] is True
+
+
 def test_merge_keeps_each_runs_command_and_load():
     from runtime.measure.scenarios import report
 

@@ -77,6 +77,13 @@ def with_input_encode(p: Profile, seconds: float) -> Profile:
                                             else t for t in p.input_transfers))
 
 
+def with_codec_encode(p: Profile, codec: str, seconds: float) -> Profile:
+    """``p`` with the encode time of the input cut's ``codec`` transfer (no TL) set to ``seconds``: measured on the
+    board frame by frame (e.g. pixels+lz4), not the profile's median scaled by :func:`rescale`."""
+    return replace(p, input_transfers=tuple(replace(t, encode_seconds=seconds) if t.codec == codec and not t.tl_id
+                                            else t for t in p.input_transfers))
+
+
 def restrict(p: Profile, keep) -> Profile:
     """``p`` with only the transfers ``keep(cut, bytes, transfers)`` returns (raw fp32 where none is left)."""
     return _with_transfers(p, lambda cut, n, ts: keep(cut, n, ts) or _raw(n, ts))

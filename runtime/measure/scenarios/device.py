@@ -27,6 +27,7 @@ from runtime.measure.profiler import profile_model
 from runtime.models.loader import load_model
 from runtime.transfer.artifact import load_tl
 from runtime.wire.codec import get_codec
+from runtime.wire.pixels import is_pixels
 
 
 def _time_full(loaded, xs, runs: int) -> tuple[list[float], list[int]]:
@@ -82,6 +83,18 @@ def jpeg_frames(spec, xs, quality: int) -> list[dict]:
         enc = time.perf_counter() - t
         data = buf.getvalue()
         out.append({"encode_s": enc, "bytes": len(data), "jpeg": data})
+    return out
+
+
+def codec_frames(spec, xs, name: str) -> list[dict]:
+    """Each frame through the wire codec ``name`` at the input (e.g. pixels+lz4): timed encode and wire bytes,
+    one frame at a time on the board (its encode time in edgesplit's cost model, as for the JPEG)."""
+    codec = get_codec(name, spec=spec)
+    out = []
+    for x in xs:
+        t = time.perf_counter()
+        msg = codec.encode(x)
+        out.append({"encode_ms": (time.perf_counter() - t) * 1e3, "bytes": msg.ByteSize()})
     return out
 
 
@@ -162,7 +175,9 @@ def main(argv: list[str]) -> int:
         (Path(cfg["jpeg_out"]) / f"{i}.jpg").write_bytes(j["jpeg"])
     print(json.dumps({"calibration": cal, "local": [{"total_ms": t * 1e3, "class_index": c}
                                                     for t, c in zip(local_s, local_top1, strict=True)],
-                      "jpeg": [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp]}), flush=True)
+                      "jpeg": [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp],
+                      "input_codecs": {c: codec_frames(loaded.spec, xs, c) for c in cfg["codecs"] if is_pixels(c)}}),
+          flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         if job.get("quit"):

@@ -165,6 +165,8 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     dev = costs.rescale(measured, factor)
     # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
     dev = costs.with_input_encode(dev, statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
+    for c, frames in board.get("input_codecs", {}).items():  # pixels+lz4: its encode on the board, frame by frame
+        dev = costs.with_codec_encode(dev, c, statistics.median(f["encode_ms"] for f in frames) / 1e3)
     ref = [r["class_index"] for r in board["local"]]
     plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names,
                        check, str(tl) if tl else "") for s in spec.scenarios if not SCENARIOS[s].steps}
