@@ -27,6 +27,7 @@ table (replica id, expiry on the database's clock). Agents reach the replicas th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -37,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from planner import requests
+from planner import requests, store_batch
 from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.replanner import RePlanner
@@ -48,13 +49,25 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-ATTACH_THREADS = 4  # attachments (lease + the agent's rows) read from the store at once, each on its own connection
+ATTACH_THREADS = 2  # threads (each with its own connection) for attachment batches and lease releases
+ATTACH_BATCH = 512  # agents attached in one batch of statements (planner.store_batch)
+MAX_TEXTS = 256  # profile texts by hash kept for attachments (board types; more: forgotten and read again)
 MAX_LOST = 10_000  # agents remembered as taken over (their stream's end names it); the oldest are forgotten
 
 
 def default_replica_id() -> str:
     """HOSTNAME-PID-RANDOM: unique per process (a pod's hostname is its name)."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class _Ask:
+    """One call's attachment, waiting for its batch."""
+
+    agent_id: str
+    take: bool
+    here: bool  # held here when it asked
+    done: asyncio.Future  # -> (holder before, its seconds left, the agent's rows or None)
 
 
 @dataclass
@@ -85,6 +98,11 @@ class Replica:
         self._pool = ThreadPoolExecutor(ATTACH_THREADS, thread_name_prefix="planner-attach")
         self._local = threading.local()
         self._stores: list[Store] = []
+        self._queue: list[_Ask] = []  # attachments waiting for the next batch
+        self._drainer: asyncio.Task[None] | None = None
+        self._done: asyncio.Future[None] | None = None
+        self._texts: dict[str, str] = {}  # profile hash -> text (pool threads only)
+        self.batches = 0  # attachment batches run
         state.fence = (self.id, self.seconds)
         state.store.release_leases(self.id)  # a previous life of this id held nothing it holds now
         logger.info("planner replica %s: agents attach under %.1f s leases in %s", self.id, self.seconds,
@@ -94,33 +112,83 @@ class Replica:
 
     async def attach(self, agent_id: str, take: bool) -> None:
         """Make sure this replica holds ``agent_id`` (see the module docstring); ``take``: a registration.
-        The lease and the agent's rows are read on a pool thread of its own (several attachments at
-        once when many agents move; the event loop is not held by their round trips)."""
+        The lease and the agent's rows are read off the event loop, together with those of every other
+        agent attaching meanwhile (:meth:`_drain`: one batch of statements for many agents)."""
         here = agent_id in self.state.agents
         if here and not take:
             return
         loop = asyncio.get_running_loop()
-        holder, left, rows = await loop.run_in_executor(self._pool, self._acquire, agent_id, take, here)
+        ask = _Ask(agent_id, take, here, loop.create_future())
+        self._queue.append(ask)
+        if self._drainer is None or self._drainer.done():
+            self._drainer = loop.create_task(self._drain(), name="planner-attach")
+        holder, left, rows = await ask.done
         if holder and holder != self.id and left > 0 and not take:
             raise PreconditionFailed(f"agent {agent_id!r} is attached to planner replica {holder} (lease for "
                                      f"{left:.1f} s more); register again to attach it here")
         self._seq += 1
         self._attached[agent_id] = self._seq
         self.lost.pop(agent_id, None)
-        if holder == self.id and agent_id in self.state.agents:
-            return  # a re-registration here (or a concurrent call attached it meanwhile)
+        if agent_id in self.state.agents and (holder == self.id or not here):
+            return  # a re-registration here, or a call of the same batch attached it already
         if rows is None:  # a first registration (or an unknown agent: its call answers NOT_FOUND)
             if not take:
                 await loop.run_in_executor(self._pool, lambda: self._store().release_leases(self.id, [agent_id]))
                 self._attached.pop(agent_id, None)
             return
+        self._adopt(agent_id, holder, left, rows)
+
+    def _adopt(self, agent_id: str, holder: str, left: float, rows: tuple) -> None:
         st = self.state.adopt(*rows)
+        st.written = self._stored  # its row is stored as read: a registration that changes nothing writes nothing
         self.takeovers += 1
         self.state.behind.metrics.takeovers.inc()
         self.replanner.wake()
         logger.info("agent %s attached to replica %s%s with plan v%d", agent_id, self.id,
                     f" (from {holder}, lease {'lapsed' if left <= 0 else 'taken by its registration'})" if holder else "",
                     st.plan.version if st.plan else 0)
+
+    @property
+    def _stored(self) -> asyncio.Future[None]:
+        """A finished future: what an adopted agent's ``written`` says (its registration is in the store)."""
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+            self._done.set_result(None)
+        return self._done
+
+    async def _drain(self) -> None:
+        """Attach the queued agents, up to ``ATTACH_BATCH`` per batch of statements, one batch at a time
+        (the next one gathers while this one runs). A batch that fails (PostgreSQL aborted it: a
+        deadlock with another replica's renewal) runs once more; then its calls fail with the error."""
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch, self._queue = self._queue[:ATTACH_BATCH], self._queue[ATTACH_BATCH:]
+            asks: dict[str, bool] = {}
+            for a in batch:
+                asks[a.agent_id] = asks.get(a.agent_id, False) or a.take
+            here = {a.agent_id for a in batch if a.here and a.agent_id in self.state.agents}
+            found = None
+            for attempt in (0, 1):
+                try:
+                    found = await loop.run_in_executor(self._pool, self._acquire, asks, here)
+                    break
+                except Exception as e:
+                    if attempt:
+                        for a in batch:
+                            if not a.done.done():
+                                a.done.set_exception(e)
+            if found is None:
+                continue
+            self.batches += 1
+            orphans = []
+            for a in batch:
+                if not a.done.done():
+                    a.done.set_result(found[a.agent_id])
+                elif a.agent_id not in self.state.agents and not any(b.agent_id == a.agent_id and not b.done.cancelled()
+                                                                      for b in batch):
+                    orphans.append(a.agent_id)  # its call was cancelled: give back a lease nobody here serves
+            if orphans:
+                await loop.run_in_executor(self._pool, lambda o=orphans: self._store().release_leases(self.id, o))
 
     def _store(self) -> Store:
         """This pool thread's own connection."""
@@ -130,18 +198,23 @@ class Replica:
             self._stores.append(store)
         return store
 
-    def _acquire(self, agent_id: str, take: bool, here: bool) -> tuple[str, float, tuple | None]:
-        """(pool thread) Take the lease if free, lapsed, ours or ``take``; then, unless the agent is held
-        here already, its rows: (record, current plan, links, device speed), None when not stored."""
+    def _acquire(self, asks: dict[str, bool], here: set[str]) -> dict[str, tuple[str, float, tuple | None]]:
+        """(pool thread) Take each lease if free, lapsed, ours or taken (a registration); then the rows of
+        the agents taken that are not held here already: (record, current plan, links, device speed),
+        None when not stored."""
         store = self._store()
-        holder, left = store.acquire_lease(agent_id, self.id, self.seconds, take)
-        if (holder and holder != self.id and left > 0 and not take) or (holder == self.id and here):
-            return holder, left, None
-        rec = store.agents(agent_id).get(agent_id)
-        if rec is None:
-            return holder, left, None
-        return holder, left, (rec, store.current_plan(agent_id), store.links(agent_id).get(agent_id, {}),
-                              store.speeds(agent_id).get(agent_id))
+        leases = store_batch.acquire_leases(store, asks, self.id, self.seconds)
+        out: dict[str, tuple[str, float, tuple | None]] = {}
+        read = []
+        for aid, (holder, left) in leases.items():
+            out[aid] = (holder, left, None)
+            if not ((holder and holder != self.id and left > 0 and not asks[aid]) or (holder == self.id and aid in here)):
+                read.append(aid)
+        if len(self._texts) > MAX_TEXTS:
+            self._texts.clear()
+        for aid, rows in store_batch.attach_rows(store, read, self._texts).items():
+            out[aid] = (*out[aid][:2], rows)
+        return out
 
     async def detach_unknown(self, agent_id: str) -> None:
         """Give up the lease of an agent this replica does not hold (its first registration was refused)."""
@@ -233,6 +306,13 @@ class Replica:
     async def close(self) -> None:
         """Release every lease this replica holds (its agents may attach elsewhere at once); close the
         attachment threads' connections."""
+        if self._drainer is not None:
+            self._drainer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drainer
+        for a in self._queue:
+            a.done.cancel()
+        self._queue = []
         self.state.store.release_leases(self.id)
         stores, self._stores = self._stores, []
         self._pool.shutdown(wait=True)

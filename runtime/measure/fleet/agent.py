@@ -101,7 +101,7 @@ class SimAgent:
                 reply = await self.stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds,
                                                       metadata=self.metadata)
             except grpc.aio.AioRpcError as e:
-                wait = self.stats.error("RegisterAgent", e)
+                wait = self.stats.error("RegisterAgent", e, self.stubs.index(self.stub))
                 await asyncio.sleep(wait or backoff * (0.5 + self.rng.random()))
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
@@ -150,7 +150,7 @@ class SimAgent:
                     reply = await stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds,
                                                      metadata=self.metadata)
                 except grpc.aio.AioRpcError as e:
-                    asked = self.stats.error("RegisterAgent", e)  # a retry-after (the planner's registration gate)
+                    asked = self.stats.error("RegisterAgent", e, k)  # a retry-after (the planner's registration gate)
                     backoff = asked / 0.5 if asked else min(backoff * 2, BACKOFF_MAX)  # waited at least as asked
                     continue
                 self.stub, self.session = stub, self.session + 1
@@ -162,7 +162,7 @@ class SimAgent:
     async def watch(self) -> None:
         backoff = BACKOFF_INITIAL
         while not self.phase.stopping:
-            session = self.session
+            session, k = self.session, self.stubs.index(self.stub)
             call = self.stub.WatchPlan(ppb.WatchPlanRequest(agent_id=self.id, known_version=self.version),
                                        timeout=STREAM_SECONDS, metadata=self.metadata)
             self.stats.watch_opens += 1
@@ -176,34 +176,37 @@ class SimAgent:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
                     continue
                 if self._broken(e.code()):
-                    self.stats.error("WatchPlan", e)
+                    self.stats.error("WatchPlan", e, k)
                     await self.reattach(session)
                     continue
-                wait = self.stats.error("WatchPlan", e) or backoff * (0.5 + self.rng.random())
+                wait = self.stats.error("WatchPlan", e, k) or backoff * (0.5 + self.rng.random())
                 backoff = min(backoff * 2, BACKOFF_MAX)
             except Exception as e:  # counted, the stream reopens
-                wait = await self._ended("WatchPlan", call, e) or backoff
+                wait = await self._ended("WatchPlan", call, e, k) or backoff
             finally:
                 call.cancel()
             if not self.phase.stopping:
                 await asyncio.sleep(wait)
 
-    async def _ended(self, rpc: str, call, e: Exception) -> float:
-        """Count a stream that failed with ``e``, by the call's own status when it has ended (its
-        retry-after, 0.0 when none)."""
+    async def _ended(self, rpc: str, call, e: Exception, k: int) -> float:
+        """Count a stream (on replica ``k``) that failed with ``e``, by the call's own status when it has
+        ended (its retry-after, 0.0 when none); the details say which of the two was counted."""
         if call.done():
             with contextlib.suppress(Exception):
                 code = await call.code()
                 if code != grpc.StatusCode.OK:
-                    return self.stats.status(rpc, code, await call.trailing_metadata())
-        return self.stats.error(rpc, e)
+                    return self.stats.status(rpc, code, await call.trailing_metadata(),
+                                             f"(call status) {await call.details()}", k)
+        if isinstance(e, grpc.aio.AioRpcError):
+            return self.stats.status(rpc, e.code(), e.trailing_metadata(), f"(raised) {e.details()}", k)
+        return self.stats.error(rpc, e, k)
 
     async def _status(self, version: int) -> None:
         try:
             await self.stub.ReportPlanStatus(ppb.PlanStatus(agent_id=self.id, version=version, applied=True),
                                              timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
-            self.stats.error("ReportPlanStatus", e)
+            self.stats.error("ReportPlanStatus", e, self.stubs.index(self.stub))
 
     # -- telemetry ------------------------------------------------------------------------------
 
@@ -219,7 +222,7 @@ class SimAgent:
         """Report every heartbeat and at once after a step, until the run stops; then close and count the ack."""
         backoff = BACKOFF_INITIAL
         while not self.phase.stopping:
-            session = self.session
+            session, k = self.session, self.stubs.index(self.stub)
             call = self.stub.ReportTelemetry(timeout=STREAM_SECONDS, metadata=self.metadata)
             self.stats.telemetry_streams += 1
             try:
@@ -232,13 +235,14 @@ class SimAgent:
                 if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not self.phase.stopping:
                     continue
                 # a write after a refusal may fail INTERNAL (grpc/grpc#36066): the call's own status counts
-                wait = await self._ended("ReportTelemetry", call, e) or backoff * (0.5 + self.rng.random())
+                wait = await self._ended("ReportTelemetry", call, e, k) or backoff * (0.5 + self.rng.random())
                 backoff = min(backoff * 2, BACKOFF_MAX)
             except asyncio.TimeoutError:
                 self.stats.errors["ReportTelemetry client-timeout"] += 1
+                self.stats.detail(f"r{k} ReportTelemetry client-timeout", "")
                 wait = backoff
             except Exception as e:  # a write on a call the server ended (InvalidStateError): its status says why
-                wait = await self._ended("ReportTelemetry", call, e) or backoff
+                wait = await self._ended("ReportTelemetry", call, e, k) or backoff
             finally:
                 call.cancel()
             if self._broken(await _code(call)):

@@ -92,5 +92,38 @@ class TempPostgres:
             self.started = False
         self.cleanup()
 
+    def pids(self) -> list[int]:
+        """The server's processes: the postmaster (first line of ``postmaster.pid``) and its children
+        (backends it forks later inherit its CPU affinity). Empty when it is not running."""
+        try:
+            with open(os.path.join(self.data, "postmaster.pid")) as f:
+                root = int(f.readline())
+        except (OSError, ValueError):
+            return []
+        out = [root]
+        for stat in glob.glob("/proc/[0-9]*/stat"):
+            try:
+                with open(stat) as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if int(text[text.rindex(")") + 2:].split()[1]) == root:  # field 4: the parent's pid
+                out.append(int(stat.split("/")[2]))
+        return out
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server used so far: the postmaster, its live children and those that exited
+        (the postmaster's cutime/cstime). 0.0 when it is not running."""
+        total = 0.0
+        for k, pid in enumerate(self.pids()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()  # utime, stime, cutime, cstime: fields 14-17
+            total += sum(int(x) for x in fields[11:15 if k == 0 else 13]) / os.sysconf("SC_CLK_TCK")
+        return total
+
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

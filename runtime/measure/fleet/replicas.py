@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.measure.fleet.options import FleetOptions
-from runtime.measure.fleet.planner_proc import PlannerProcess
+from runtime.measure.fleet.planner_proc import PlannerProcess, pin
 from runtime.measure.fleet.postgres import TempPostgres
 from runtime.measure.fleet.stats import percentile
 
@@ -36,6 +36,15 @@ class Replicas:
     server: TempPostgres | None = None
     store: str = ""  # the URL they share ("" without replicas: each its own SQLite file)
     killed_at: float | None = None  # monotonic time of the SIGKILL
+    store_cpu_seconds: float | None = None  # the throw-away PostgreSQL server's CPU over the run (None: not ours)
+    store_pinned: bool = False  # it ran on the planners' cores
+
+    def pin_store(self, cpus: list[int]) -> bool:
+        """Put the throw-away PostgreSQL server (its running processes; backends it forks later
+        inherit it) on ``cpus``, the planners' cores: the loaders' core is theirs alone."""
+        pids = self.server.pids() if self.server is not None and cpus else []
+        self.store_pinned = bool(pids) and all(pin(pid, cpus) for pid in pids)
+        return self.store_pinned
 
     def start(self) -> list[str]:
         o = self.options
@@ -87,6 +96,7 @@ class Replicas:
                 code, tail = died, p.log_tail()
             p.stop()
         if self.server is not None:
+            self.store_cpu_seconds = round(self.server.cpu_seconds(), 1)
             with contextlib.suppress(Exception):
                 self.server.stop()
         return code, tail

@@ -90,6 +90,7 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
                       "per_second": round(st["telemetry_sent"] / max(1e-9, wall), 1)},
         "plans_received": st["plans"], "watch_opens": st["watch_opens"],
         "errors": dict(sorted(st["errors"].items())),
+        "error_details": dict(sorted(st.get("error_details", {}).items())),
         "retry_after": {"answers": st["retry_after"], "seconds_waited": round(st["retry_after_seconds"], 2)},
         "loader": {"processes": options.loader_count, "channels_each": options.channels,
                    "cpu_seconds": round(loader_cpu, 1), "cpu_cores": round(loader_cpu / max(1e-9, wall), 3),
@@ -98,6 +99,7 @@ def summarize(options: FleetOptions, raw: dict[str, Any]) -> dict[str, Any]:
                    "driver_loop_lag_p99_ms": _ms(percentile([x for t, x in raw["driver_lag"] if m_a <= t <= m_b], 99))},
         "planner_gc": raw.get("gc"),
         "replicas": replicas.summary(options, st, raw.get("killed_at"), raw.get("replica_samples", [])),
+        "store_server": {"cpu_seconds": raw.get("store_cpu_seconds"), "pinned_with_planners": raw.get("store_pinned")},
         "planner_exit": raw["planner_exit"], "planner_log_tail": raw["planner_log_tail"],
         "planner_pid": raw["planner_pid"], "planner_folder": raw["planner_folder"],
     }

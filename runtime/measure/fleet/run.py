@@ -63,9 +63,12 @@ def run(options: FleetOptions, progress: Progress = print) -> dict[str, Any]:
         folder = planner.folder
         pinned = bool(planner_cpus) and all(pin(p.pid, planner_cpus) for p in fleet_planners.planners) \
             and pin(0, loader_cpus)
+        if pinned:
+            fleet_planners.pin_store(planner_cpus)  # PostgreSQL beside the planners, off the loaders' core
         progress(f"planner pid {', '.join(str(p.pid) for p in fleet_planners.planners)} on {', '.join(addresses)}"
                  + (f" ({fleet_planners.store.split('?')[0]})" if fleet_planners.store else "")
-                 + (f", pinned to cpu {planner_cpus}, loaders to {loader_cpus}" if pinned else ", not pinned"))
+                 + (f", pinned to cpu {planner_cpus}{' with PostgreSQL' if fleet_planners.store_pinned else ''}, "
+                    f"loaders to {loader_cpus}" if pinned else ", not pinned"))
         raw = asyncio.run(_drive(options, fleet_planners, boards, tuple(loader_cpus if pinned else ()), procs, progress))
     finally:
         for p in procs:
@@ -78,7 +81,8 @@ def run(options: FleetOptions, progress: Progress = print) -> dict[str, Any]:
     raw.update(driver_cpu_seconds=usage.ru_utime + usage.ru_stime, planner_pid=planner.pid, planner_folder=folder,
                pinned=pinned, planner_cpus=planner_cpus, loader_cpus=loader_cpus if pinned else [],
                load_before=load_before, load_after=os.getloadavg(), planner_exit=exit_code, planner_log_tail=tail,
-               killed_at=fleet_planners.killed_at, gc=gc_pauses(fleet_planners.survivor),
+               killed_at=fleet_planners.killed_at, store_cpu_seconds=fleet_planners.store_cpu_seconds,
+               store_pinned=fleet_planners.store_pinned, gc=gc_pauses(fleet_planners.survivor),
                replica_samples=[[s.__dict__ for s in p.samples] for p in fleet_planners.planners])
     return report.summarize(options, raw)
 

@@ -11,6 +11,9 @@ import grpc
 
 from runtime.daemon.planner_client import retry_after_seconds
 
+DETAIL_CHARS = 100  # of an error's message, in Stats.error_details
+MAX_DETAILS = 64  # distinct (replica, RPC, code, message) kept per loader process
+
 
 @dataclass
 class Stats:
@@ -19,6 +22,8 @@ class Stats:
     first_register: float = math.inf  # monotonic (system-wide on Linux, so comparable across processes)
     last_register: float = 0.0
     errors: Counter = field(default_factory=Counter)  # "RPC CODE" -> count
+    # "rK RPC CODE: details" -> count (K: the replica the call went to; details cut to DETAIL_CHARS)
+    error_details: Counter = field(default_factory=Counter)
     retry_after: int = 0  # RESOURCE_EXHAUSTED answers that carried retry-after-ms (honoured)
     retry_after_seconds: float = 0.0  # total time waited for them
     telemetry_sent: int = 0
@@ -38,25 +43,35 @@ class Stats:
     reattach_started: list[float] = field(default_factory=list)  # monotonic time each noticed its session broke
     reattached: list[tuple[float, int, int]] = field(default_factory=list)  # (monotonic, plan version before, after)
 
-    def error(self, rpc: str, e: BaseException) -> float:
-        """Count one failed call; returns the retry-after it asked for (0.0: none)."""
+    def error(self, rpc: str, e: BaseException, replica: int = 0) -> float:
+        """Count one failed call (to replica number ``replica``); returns the retry-after it asked for (0.0: none)."""
         if isinstance(e, grpc.aio.AioRpcError):
-            return self.status(rpc, e.code(), e.trailing_metadata())
+            return self.status(rpc, e.code(), e.trailing_metadata(), e.details() or "", replica)
         self.errors[f"{rpc} {type(e).__name__}"] += 1
+        self.detail(f"r{replica} {rpc} {type(e).__name__}", str(e))
         return 0.0
 
-    def status(self, rpc: str, code: grpc.StatusCode, trailing: Any) -> float:
+    def status(self, rpc: str, code: grpc.StatusCode, trailing: Any, details: str = "", replica: int = 0) -> float:
         """Count one call that ended with ``code``; returns the retry-after it asked for (0.0: none)."""
         self.errors[f"{rpc} {code.name}"] += 1
+        self.detail(f"r{replica} {rpc} {code.name}", details)
         wait = retry_after_of(code, trailing)
         if wait:
             self.retry_after += 1
             self.retry_after_seconds += wait
         return wait
 
+    def detail(self, key: str, details: str) -> None:
+        """Count an error under its replica and its message (at most MAX_DETAILS distinct; then by code only)."""
+        k = f"{key}: {' '.join(details.split())[:DETAIL_CHARS]}"
+        if k not in self.error_details and len(self.error_details) >= MAX_DETAILS:
+            k = f"{key}: (other messages)"
+        self.error_details[k] += 1
+
     def to_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["errors"] = dict(self.errors)
+        d["error_details"] = dict(self.error_details)
         d["missed_by"] = dict(self.missed_by)
         return d
 
@@ -65,7 +80,7 @@ class Stats:
         out: dict[str, Any] = Stats().to_dict()
         for p in parts:
             for k, v in p.items():
-                if k in ("errors", "missed_by"):
+                if k in ("errors", "missed_by", "error_details"):
                     out[k] = dict(Counter(out[k]) + Counter(v))
                 elif k == "first_register":
                     out[k] = min(out[k], v)
