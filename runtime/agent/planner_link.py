@@ -47,6 +47,7 @@ from typing import Any
 import grpc
 
 from runtime.agent.fallbacks import FallbackSwitcher
+from runtime.agent.prediction import Prediction
 from runtime.agent.prober import ProbeOptions, Prober
 from runtime.agent.telemetry import HEARTBEAT_SECONDS, ReportCadence, link_report, wire_reports
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Overloaded, Unavailable
@@ -172,8 +173,8 @@ class PlannerLink:
         self._task: asyncio.Task | None = None
         self.prober = Prober(agent, options.probe)
         self.switcher = FallbackSwitcher(agent)  # the plan's fallback table (runtime.agent.fallbacks)
-        # (plan version, split, worker address) -> the planner's predicted seconds, for result lines
-        self.predictions: OrderedDict[tuple[int, str, str], float] = OrderedDict()
+        # (plan version, split, worker address) -> the planner's prediction, for result lines (re-costed at the link now)
+        self.predictions: OrderedDict[tuple[int, str, str], Prediction] = OrderedDict()
         agent.link.listeners.append(self.switcher.on_estimate)
         agent.link.listeners.append(self._on_estimate)
 
@@ -414,16 +415,18 @@ class PlannerLink:
     def _predict(self, plan: ppb.Plan) -> None:
         """The plan's prediction, and each fallback's (at its band's grid bandwidth) for a configuration
         the plan itself is not: the plan's own figure, at the measured bandwidth, is never replaced."""
-        self.predictions[(plan.version, plan.split_id, plan.worker_address)] = plan.predicted_seconds
+        self.predictions[(plan.version, plan.split_id, plan.worker_address)] = Prediction.of(plan)
         for p in (b.plan for b in plan.fallbacks):
-            self.predictions.setdefault((plan.version, p.split_id, p.worker_address), p.predicted_seconds)
+            self.predictions.setdefault((plan.version, p.split_id, p.worker_address), Prediction.of(p))
         while len(self.predictions) > MAX_PREDICTIONS:
             self.predictions.popitem(last=False)
 
     def predicted(self, result: Any) -> float:
         """The planner's predicted latency for the configuration ``result`` (a FrameResult) ran under
         (0.0: none known, e.g. a plan from the command line)."""
-        return self.predictions.get((result.plan_version, result.split, result.worker), 0.0)
+        p = self.predictions.get((result.plan_version, result.split, result.worker))
+        agent = getattr(self, "agent", None)  # its link's estimate now (runtime.agent.prediction)
+        return 0.0 if p is None else p.now(agent.link.links.get(result.worker) if agent and result.worker else None)
 
     def _remember(self, address: str, worker_id: str) -> None:
         if not (address and worker_id):
