@@ -10,23 +10,14 @@ import asyncio
 import time
 
 import pytest
+from liveness_fixtures import deaths, digits_agent, digits_input, until
 
+from runtime.tools.netem import LinkShape
 from runtime.wire.asyncutil import Backoff
 from runtime.wire.stream import BACKOFF_JITTER, MAX_BACKOFF_SECONDS
 from runtime.wire.transport import TransportOptions
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def deaths(agent, endpoint: str = "worker", reason: str | None = None) -> float:
-    """edgesplit_agent_stream_deaths_total for ``endpoint`` (and ``reason``; None: every reason)."""
-    total = 0.0
-    for metric in agent.metrics.registry.collect():
-        for sample in metric.samples:
-            if sample.name == "edgesplit_agent_stream_deaths_total" and sample.labels["endpoint"] == endpoint \
-                    and reason in (None, sample.labels["reason"]):
-                total += sample.value
-    return total
 
 
 def test_defaults_detect_within_two_seconds_and_back_off_at_most_two():
@@ -53,27 +44,10 @@ def test_defaults_detect_within_two_seconds_and_back_off_at_most_two():
 
 
 def test_a_silent_partition_is_detected_and_every_frame_gets_one_result(capsys):
-    import torch
-
-    from runtime.agent.client import Agent
-    from runtime.agent.config import AgentOptions, InitialPlan
-    from runtime.models.loader import load_model
-    from runtime.tools.netem import DelayProxy
-    from runtime.wire.codec import get_codec
-    from runtime.worker.config import WorkerConfig
-    from runtime.worker.server import serve
-
-    torch.set_num_threads(1)
-    loaded = load_model("digits_cnn")
-    x = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    loaded, x = digits_input()
 
     async def go():
-        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
-        proxy = await DelayProxy(f"127.0.0.1:{ws.port}").start()
-        plan = InitialPlan(loaded.split("pool1"), get_codec("raw"), worker=proxy.address)
-        agent = Agent(loaded, plan, AgentOptions(deadline_seconds=30.0, connect_timeout=2.0))  # far above 2 s
-        try:
-            await agent.start()
+        async with digits_agent(loaded) as (agent, proxy):  # deadline 30 s: far above 2 s
             before = [await agent.infer(x) for _ in range(3)]
             assert [r.where for r in before] == ["edge"] * 3
             stream = agent._streams[proxy.address]
@@ -85,10 +59,6 @@ def test_a_silent_partition_is_detected_and_every_frame_gets_one_result(capsys):
             detected = time.monotonic() - cut
             results = await asyncio.wait_for(during, 30.0)
             return before, results, detected, stream.is_open, deaths(agent, reason="no_progress")
-        finally:
-            await agent.close()
-            await proxy.close()
-            await ws.drain_and_stop(0.5)
 
     before, results, detected, still_open, died = asyncio.run(go())
     assert not still_open, "the dead stream was not declared dead within 8 s (the link-aware rule allows 1.5 s here)"
@@ -96,7 +66,43 @@ def test_a_silent_partition_is_detected_and_every_frame_gets_one_result(capsys):
     assert len(results) == 3 and all(r.where == "local" for r in results)  # one result each, run on the board
     assert all(r.top1()[0] == before[0].top1()[0] for r in results)
     with capsys.disabled():
-        print(f"\nsilent partition detected after {detected:.2f} s (link-aware: max(1.5 s, 1.5 x outstanding / bandwidth + RTT))")
+        print(f"\nsilent partition detected after {detected:.2f} s (frames in flight, link measured)")
+
+
+@pytest.mark.parametrize("deadline", [30.0, 1.0])
+def test_a_silent_partition_with_frames_in_flight_on_a_never_measured_link(deadline, capsys):
+    """The link was never measured (no bandwidth estimate: the allowance is unknown) and frames are in
+    flight when the relay starts swallowing every byte: the probe on the path's own connection goes
+    unanswered, so the stream is declared dead ``floor`` (1.5 s) after its first frame went out, with
+    the frames' deadline far off (30 s) or passing during the suspected partition (1 s: their censored
+    samples then give the link a tiny estimate, which must not stretch the wait; 9.0 s was measured so)."""
+    loaded, x = digits_input()
+    reference = int(loaded.full(x).argmax())
+
+    async def go():
+        # 25 ms each way: a result takes at least 50 ms, so the frames are surely in flight at the cut
+        async with digits_agent(loaded, LinkShape(0.025), deadline_seconds=deadline) as (agent, proxy):
+            stream = agent._streams[proxy.address]
+            frames = asyncio.gather(*(agent.infer(x) for _ in range(3)))
+            await until(lambda: stream._live.outstanding, 10.0)
+            proxy.blackhole = True
+            cut = time.monotonic()
+            est = agent.link.links.get(proxy.address)
+            never_measured = est is None or not est.bandwidth.samples
+            detected = await until(lambda: not stream.is_open, 15.0)
+            results = await asyncio.wait_for(frames, 30.0)
+            return never_measured, results, detected, deaths(agent, reason="no_progress"), deaths(agent), \
+                time.monotonic() - cut
+
+    never_measured, results, detected, by_rule, total, _ = asyncio.run(go())
+    assert never_measured
+    assert by_rule == 1 and total == 1  # by the liveness rule, not by keep-alive (11 s)
+    assert detected < 3.0, f"detected after {detected:.2f} s (the rule: 1.5 s after the first frame went out)"
+    assert len(results) == 3 and [r.where for r in results] == ["local"] * 3  # one result each, on the board
+    assert all(r.top1()[0] == reference for r in results)
+    with capsys.disabled():
+        print(f"\nsilent partition, frames in flight on a never-measured link, deadline {deadline:g} s: "
+              f"detected after {detected:.2f} s")
 
 
 def test_liveness_rule_waits_for_the_link_and_never_kills_an_idle_or_unmeasured_stream():
@@ -131,8 +137,53 @@ def test_liveness_rule_waits_for_the_link_and_never_kills_an_idle_or_unmeasured_
     assert live.allowance() == 1.5 and live.verdict() == ""  # 1.5 s after the last progress (103.2)
     now[0] = 104.71
     assert live.verdict()
-    hint[0] = (0.0, 0.0)  # never measured: unknown, so the frames' deadline and keep-alive end the stream
-    assert live.allowance() is None and live.verdict() == ""
+    hint[0] = (1_000.0, 0.0)  # a censored sample taken during the stall: the allowance keeps the last progress's
+    assert live.allowance() == 1.5 and live.verdict()
+    never = Liveness(lambda: (0.0, 0.0), LivenessOptions(path_probes=False), clock=lambda: now[0], path=True)
+    never.sent(1, 3_000)
+    now[0] = 200.0  # never measured, no path probes: unknown, so the frames' deadline and keep-alive end it
+    assert never.allowance() is None and never.verdict() == "" and not never.wants_path_probe()
+
+
+def test_a_silent_path_ends_a_busy_stream_at_the_floor_whatever_the_estimate():
+    from runtime.wire.liveness import Liveness
+
+    now = [0.0]
+    clock = lambda: now[0]  # noqa: E731
+    live = Liveness(lambda: (0.0, 0.0), clock=clock, path=True)  # never measured
+    live.sent(1, 400_000)
+    now[0] = 0.4
+    assert not live.wants_path_probe()
+    now[0] = 0.6
+    assert live.wants_path_probe() and live.wants_probe()
+    live.path_answered()  # the peer answers on its own connection: alive, the slow frame is waited for
+    now[0] = 1.6
+    assert live.verdict() == "" and live.allowance() is None
+    now[0] = 2.0
+    live.path_answered()
+    now[0] = 3.45
+    assert live.verdict() == ""
+    now[0] = 3.6
+    assert "no answer on a connection of its own for 1.6s" in live.verdict() and live.reason == "no_progress"
+    # a measured slow link (1.6 Mbit/s) with 800 KB outstanding: the estimate allows 6.1 s, the path 1.5 s
+    for path, dead_at in ((True, 11.51), (False, 16.1)):
+        slow = Liveness(lambda: (200_000.0, 0.0667), clock=clock, path=path)
+        now[0] = 10.0
+        slow.sent(1, 800_000)
+        now[0] = dead_at - 0.05
+        assert slow.verdict() == ""
+        now[0] = dead_at
+        assert slow.verdict(), path
+    stalled = Liveness(lambda: (0.0, 0.0), clock=clock, path=True)
+    now[0] = 20.0
+    stalled.sent(1, 1_000)
+    now[0] = 21.6
+    stalled.excuse(0.5)  # the sender's loop could not run for 0.5 s: not the peer's silence
+    assert stalled.verdict() == "" and stalled.silent() == pytest.approx(1.1)
+    now[0] = 22.05
+    assert stalled.verdict()
+    stalled.excuse(100.0)  # never past now
+    assert stalled.stalled() == 0.0
 
 
 def test_an_abandoned_frame_is_waited_for_until_a_probe_proves_the_link_carried_it():
@@ -180,17 +231,19 @@ def test_a_400_kb_frame_on_1_6_mbit_is_not_taken_for_a_partition(capsys):
             results += await asyncio.gather(agent.infer(x), agent.infer(x))  # 800 KB outstanding at once
             stream = agent._streams[proxy.address]
             assert deaths(agent) == 0
-            return results, stream.epoch, stream.is_open, agent.link.estimate(proxy.address).bandwidth.value
+            return results, stream.epoch, stream.is_open, agent.link.estimate(proxy.address).bandwidth.value, \
+                stream._live.path_answers
         finally:
             await agent.close()
             await proxy.close()
             await ws.drain_and_stop(0.5)
 
-    results, epoch, is_open, bandwidth = asyncio.run(go())
+    results, epoch, is_open, bandwidth, path_answers = asyncio.run(go())
     assert [r.where for r in results] == ["edge"] * 5, [r.fallback_reason for r in results]
     assert epoch == 1 and is_open  # never declared dead, never reopened
     assert results[0].wire_bytes > 400_000
+    assert path_answers > 0  # the frames' bytes took longer than 0.5 s: the path was asked, and answered
     with capsys.disabled():
         print(f"\n1.6 Mbit/s, {results[0].wire_bytes} B frames: transfer "
               + ", ".join(f"{r.times['transfer_edge']:.2f}" for r in results)
-              + f" s, estimate {bandwidth * 8 / 1e6:.2f} Mbit/s, stream kept open")
+              + f" s, estimate {bandwidth * 8 / 1e6:.2f} Mbit/s, stream kept open ({path_answers} path probes answered)")

@@ -11,8 +11,8 @@ import asyncio
 import time
 
 import pytest
+from liveness_fixtures import deaths, digits_agent, digits_input, until
 from prometheus_client import Counter, Gauge
-from test_liveness import deaths
 
 from runtime.contracts.profile import Block, Profile
 from runtime.tools.netem import DelayProxy, LinkShape
@@ -22,16 +22,6 @@ from runtime.wire.transport import TransportOptions
 pytestmark = pytest.mark.timeout(120)
 
 NOTICE_BOUND = 5.0  # seconds: a loaded CI machine's margin over the rules; keep-alive alone takes 11 s
-
-
-async def until(predicate, timeout: float) -> float:
-    """Seconds until ``predicate()`` holds (raises after ``timeout``)."""
-    t0 = time.monotonic()
-    while not predicate():
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"not within {timeout} s")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - t0
 
 
 class Metrics:
@@ -82,26 +72,10 @@ def test_an_idle_never_measured_stream_notices_a_silent_partition(capsys):
 
 
 def test_an_idle_measured_agent_stream_notices_and_frames_run_locally(capsys):
-    import torch
-
-    from runtime.agent.client import Agent
-    from runtime.agent.config import AgentOptions, InitialPlan
-    from runtime.models.loader import load_model
-    from runtime.wire.codec import get_codec
-    from runtime.worker.config import WorkerConfig
-    from runtime.worker.server import serve
-
-    torch.set_num_threads(1)
-    loaded = load_model("digits_cnn")
-    x = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    loaded, x = digits_input()
 
     async def go():
-        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
-        proxy = await DelayProxy(f"127.0.0.1:{ws.port}").start()
-        agent = Agent(loaded, InitialPlan(loaded.split("pool1"), get_codec("raw"), worker=proxy.address),
-                      AgentOptions(deadline_seconds=30.0, connect_timeout=0.5))
-        try:
-            await agent.start()
+        async with digits_agent(loaded, connect_timeout=0.5) as (agent, proxy):
             before = [await agent.infer(x) for _ in range(3)]
             stream = agent._streams[proxy.address]
             await asyncio.sleep(1.0)  # idle
@@ -109,10 +83,6 @@ def test_an_idle_measured_agent_stream_notices_and_frames_run_locally(capsys):
             noticed = await until(lambda: not stream.is_open, 15.0)
             after = [await agent.infer(x) for _ in range(3)]  # one result each, on the board
             return before, after, noticed, deaths(agent, reason="probe_unanswered"), deaths(agent)
-        finally:
-            await agent.close()
-            await proxy.close()
-            await ws.drain_and_stop(0.5)
 
     before, after, noticed, by_probe, total = asyncio.run(go())
     assert [r.where for r in before] == ["edge"] * 3

@@ -1,34 +1,56 @@
 """Link-aware liveness of one stream (issue 10): a stream is dead when its bytes stop making progress
-for longer than the link could need to carry what is outstanding, or, when nothing is outstanding, when
-the peer stops answering probes.
+and the path to its peer falls silent, when they stop making progress for longer than the link could
+need to carry what is outstanding, or, when nothing is outstanding, when the peer stops answering probes.
 
 gRPC keep-alive cannot tell a partition from a slow link: its ping queues behind the frames already
 sent, so a timeout short enough to notice a partition quickly (2 s) kills every stream that carries a
-400 KB frame over 1.6 Mbit/s. Here the allowance follows the link::
+400 KB frame over 1.6 Mbit/s. Here a stream with frames outstanding is dead when either holds::
 
-    allowance = max(floor, slack * outstanding bytes / bandwidth + RTT)    (frames outstanding)
-    allowance = floor                                                       (idle: nothing queues)
+    no progress for floor, and no answer on the path for floor           (the path is silent)
+    no progress for max(floor, slack * outstanding bytes / bandwidth + RTT)   (the link estimate's allowance)
 
-where *outstanding* is the bytes of frames sent and not yet answered, and *progress* is anything the
-peer sends back: a result, or the answer to a probe sent on the same connection (it queues behind
-the same bytes, so its answer proves they moved). A probe goes after ``probe_after_seconds`` without
-progress, busy or idle, so on a live link progress never stops for longer than that plus a probe's
-round trip. The clock restarts at each progress and when the first frame becomes outstanding.
+and an idle stream when no progress for floor (nothing queues on it: a probe answers in a round trip).
 
-``floor`` (1.5 s) is the whole detection: from the last progress to the verdict, the probe's round trip
-included; the watchdog wakes at the instant the verdict is due, so a silent partition is declared
-within floor + one wake-up (measured 1.5-1.6 s, tests/test_liveness.py), under the 2 s target. A live
-link has ``floor - probe_after`` (1 s) for a probe's answer. ``slack`` covers estimate error and the
-worker's compute time, which the allowance does not know. With frames outstanding and no bandwidth
-estimate (a link never measured) the allowance is unknown: such a stream relies on its frames'
-deadline (their censored samples then give the link an estimate) and on keep-alive ("unknown is
-unknown").
+*Progress* is anything the peer sends back on the stream's connection: a result, or the answer to a
+probe sent on that connection (it queues behind the same bytes, so its answer proves they moved). The
+*path* is a second connection to the same peer (``TransportOptions.probe_channel``: a TCP connection of
+its own, opened with the stream's first frame), on which nothing bulky is ever sent: a probe there
+(grpc.health.v1 Health/Check) queues behind no frame in the sender, so its answer within the floor
+proves the peer and the network between are alive, however long the frames' bytes take. A probe goes,
+on each, after ``probe_after_seconds`` without an answer on it, so on a live link the answers never stop
+for longer than that plus a round trip. The clocks restart at each answer and when the first frame
+becomes outstanding.
+
+So a silent partition (every byte swallowed, no RST) of a busy stream is declared ``floor`` after the
+last answer, whatever the link's estimate: with no estimate at all (a link never measured, e.g. a
+statically configured agent's first frames), and with a large one (a slow link); a slow but live link
+is never killed by it, since its path answers (tests/test_liveness.py: 401 KB at 1.6 Mbit/s, never
+measured). The second rule catches what the path cannot: a connection that died alone (a middlebox
+dropping its state) while a new connection works; with no estimate that case is left to keep-alive
+(1 s + 10 s on frame channels), "unknown is unknown".
+
+The allowance uses the link's estimate as it was at the last progress (``hint`` read when the clock
+restarts), never one taken during the stall: a frame that misses its deadline during a partition
+becomes a censored sample (an upper bound on the link's bandwidth, runtime.agent.estimator) which
+would otherwise stretch the allowance of the very stall it came from (9.0 s was measured so).
+
+``floor`` (1.5 s) is the whole detection: from the last answer to the verdict, the probe's round trip
+included; the watchdog wakes at the instant a verdict is due, so a silent partition is declared within
+floor + one wake-up, under the 2 s target. A live link has ``floor - probe_after`` (1 s) for a probe's
+answer. ``slack`` covers estimate error and the worker's compute time, which the allowance does not
+know. Time the sender's own event loop could not run (the watchdog woke late: a CPU-starved process, a
+blocked loop) is not counted against the peer (:meth:`Liveness.excuse`): an answer that arrived meanwhile
+could not be read.
 
 The estimate lags a step down: right after a link drops, a frame larger than ``floor`` seconds at the
-new rate can be declared dead on the old estimate. That is taken as evidence, not hidden: the frames
-in flight run locally, their bytes become censored samples (the link did not carry them in that
-time), and the stream reopens within the reconnect back-off (<= 2 s). In steady state the estimate
-knows the rate and such a frame is waited for (tests/test_liveness.py: 401 KB at 1.6 Mbit/s).
+new rate can be declared dead on the old estimate by the second rule. That is taken as evidence, not
+hidden: the frames in flight run locally, their bytes become censored samples (the link did not carry
+them in that time), and the stream reopens within the reconnect back-off (<= 2 s). In steady state the
+estimate knows the rate and such a frame is waited for.
+
+Limits: the path probe queues behind nothing in the sender, but on a shared bottleneck it does queue
+behind the frames' bytes in the router's buffer; a buffer holding more than ``floor - probe_after``
+(1 s) of the link would make a live link look silent.
 """
 
 from __future__ import annotations
@@ -41,22 +63,29 @@ from dataclasses import dataclass
 LinkHint = Callable[[], tuple[float, float]]
 
 # why a stream was declared dead (the ``reason`` label of the stream-death counters)
-NO_PROGRESS = "no_progress"  # frames outstanding, nothing back for longer than the link needs
+NO_PROGRESS = "no_progress"  # frames outstanding, nothing back (and the path silent, or past the allowance)
 PROBE_UNANSWERED = "probe_unanswered"  # idle, and the peer did not answer a probe within the floor
+
+LAG_TOLERANCE_SECONDS = 0.02  # a watchdog wake-up later than this is the sender's loop stalling (excused)
 
 
 @dataclass(frozen=True)
 class LivenessOptions:
     """When a stream is declared dead (documented defaults; README "Liveness")."""
 
-    # dead after this long without progress (frames outstanding on a fast link, or idle): the whole
-    # detection, a probe's round trip included, within the 2 s target with room for one wake-up
+    # dead after this long without an answer (no progress, and the path silent too when frames are
+    # outstanding; idle: no probe answered): the whole detection, a probe's round trip included,
+    # within the 2 s target with room for one wake-up
     floor_seconds: float = 1.5
     slack: float = 1.5  # times the bytes' transfer time at the estimated bandwidth (estimate error, compute)
-    # with no progress this long, ask the peer (a probe on the same connection), busy or idle; a live
-    # link has floor - probe_after for the answer
+    # with no answer this long, ask the peer (a probe on the same connection and, frames outstanding, one
+    # on the path's own connection); a live link has floor - probe_after for the answer
     probe_after_seconds: float = 0.5
     idle_probes: bool = True  # probe an idle stream too (False: keep-alive alone watches it, 11 s)
+    # frames outstanding: probe the peer on a connection of its own too, and declare the stream dead when
+    # that path is silent for the floor, estimate or not (False: the estimate's allowance alone; a link
+    # never measured then relies on its frames' deadlines and keep-alive)
+    path_probes: bool = True
     tick_seconds: float = 0.25  # the watchdog's longest sleep (it also wakes when a probe or verdict is due)
 
     def __post_init__(self) -> None:
@@ -66,17 +95,31 @@ class LivenessOptions:
 
 
 class Liveness:
-    """Progress bookkeeping for one stream epoch; the stream calls ``sent``/``answered``/``progress``."""
+    """Progress bookkeeping for one stream epoch; the stream calls ``sent``/``answered``/``probe_answered``
+    and, when it has a path (a second connection to the peer), ``path_answered``."""
 
     def __init__(self, hint: LinkHint | None, options: LivenessOptions | None = None,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, path: bool = False):
         self.hint = hint
         self.options = options or LivenessOptions()
         self.clock = clock
+        self.path = path and self.options.path_probes  # whether path probes are asked (the stream has a path)
         self.outstanding: dict[int, int] = {}  # seq -> bytes sent and not answered
         self.abandoned: dict[int, float] = {}  # seq -> when the sender gave up on it (it may never be answered)
         self.progress_at = clock()
+        self.path_at = self.progress_at  # the last answer on the path (or progress: the stream's own answer)
+        self.estimate = self._read_hint()  # the link's (bandwidth, RTT) at the last progress
+        self.excused = 0.0  # seconds of the sender's own loop stalls not counted against the peer
+        self.path_answers = 0  # path probes answered (for tests and logs)
         self.reason = ""  # NO_PROGRESS or PROBE_UNANSWERED once verdict() found the stream dead
+
+    def _read_hint(self) -> tuple[float, float]:
+        return self.hint() if self.hint is not None else (0.0, 0.0)
+
+    def _restart(self) -> None:
+        """Progress: the clocks restart, and the allowance takes the link's estimate as it is now."""
+        self.progress_at = self.path_at = self.clock()
+        self.estimate = self._read_hint()
 
     @property
     def outstanding_bytes(self) -> int:
@@ -84,14 +127,14 @@ class Liveness:
 
     def sent(self, seq: int, nbytes: int) -> None:
         if not self.outstanding:
-            self.progress_at = self.clock()  # the wait starts with the first outstanding frame
+            self._restart()  # the wait starts with the first outstanding frame
         self.outstanding[seq] = nbytes
 
     def answered(self, seq: int) -> None:
         """A result for ``seq`` arrived: progress, and its bytes are through."""
         self.outstanding.pop(seq, None)
         self.abandoned.pop(seq, None)
-        self.progress_at = self.clock()
+        self._restart()
 
     def forget(self, seq: int) -> None:
         """``seq`` was not sent whole (cut short at its deadline): the peer owes it no answer."""
@@ -105,22 +148,36 @@ class Liveness:
             self.abandoned[seq] = self.clock()
 
     def probe_answered(self, sent_at: float) -> None:
-        """A probe sent at ``sent_at`` was answered: the bytes sent before it got through (one
-        connection, in order), so frames abandoned before then are no longer waited for."""
+        """A probe sent at ``sent_at`` on the stream's connection was answered: the bytes sent before it got
+        through (one connection, in order), so frames abandoned before then are no longer waited for."""
         for seq, when in list(self.abandoned.items()):
             if when <= sent_at:
                 self.forget(seq)
-        self.progress_at = self.clock()
+        self._restart()
+
+    def path_answered(self) -> None:
+        """A probe on the path's own connection was answered: the peer and the network are alive (the
+        stream's bytes may still be on their way: no progress)."""
+        self.path_at = max(self.path_at, self.clock())
+        self.path_answers += 1
+
+    def excuse(self, seconds: float) -> None:
+        """The sender's own loop could not run for ``seconds`` (an answer that came meanwhile was not read):
+        not counted against the peer; the clocks move forward by it, never past now."""
+        if seconds <= 0:
+            return
+        now = self.clock()
+        self.progress_at = min(now, self.progress_at + seconds)
+        self.path_at = min(now, self.path_at + seconds)
+        self.excused += seconds
 
     def allowance(self) -> float | None:
-        """Seconds of no progress after which the stream is dead; None: unknown (frames outstanding and
-        no bandwidth estimate, or an idle stream that is not probed)."""
+        """Seconds of no progress after which the stream is dead by the link estimate's rule; None: unknown
+        (frames outstanding and no bandwidth estimate at the last progress, or an idle stream not probed)."""
         o = self.options
         if not self.outstanding:
             return o.floor_seconds if o.idle_probes else None
-        if self.hint is None:
-            return None
-        bandwidth, rtt = self.hint()
+        bandwidth, rtt = self.estimate
         if not bandwidth > 0:
             return None
         return max(o.floor_seconds, o.slack * self.outstanding_bytes / bandwidth + max(rtt, 0.0))
@@ -129,35 +186,53 @@ class Liveness:
         """Seconds without progress (busy or idle)."""
         return self.clock() - self.progress_at
 
+    def silent(self) -> float:
+        """Seconds without an answer on the stream or, frames outstanding, on the path."""
+        return self.clock() - max(self.progress_at, self.path_at)
+
     def verdict(self) -> str:
         """Why the stream is dead, or "" while it is alive (or the allowance unknown); sets ``reason``."""
+        o = self.options
         stalled = self.stalled()
-        if stalled <= self.options.floor_seconds:
+        if stalled <= o.floor_seconds:
             return ""
+        if not self.outstanding:
+            if not o.idle_probes:
+                return ""
+            self.reason = PROBE_UNANSWERED
+            return f"idle, and no answer to a probe for {stalled:.1f}s (allowed {o.floor_seconds:.1f}s)"
+        if self.path and self.silent() > o.floor_seconds:
+            self.reason = NO_PROGRESS
+            return (f"no progress for {stalled:.1f}s with {self.outstanding_bytes} bytes outstanding, and no answer "
+                    f"on a connection of its own for {self.silent():.1f}s (allowed {o.floor_seconds:.1f}s)")
         allowance = self.allowance()
         if allowance is None or stalled <= allowance:
             return ""
-        if not self.outstanding:
-            self.reason = PROBE_UNANSWERED
-            return f"idle, and no answer to a probe for {stalled:.1f}s (allowed {allowance:.1f}s)"
         self.reason = NO_PROGRESS
         return (f"no progress for {stalled:.1f}s with {self.outstanding_bytes} bytes outstanding "
                 f"(allowed {allowance:.1f}s at the link's estimated bandwidth)")
 
     def wants_probe(self) -> bool:
+        """Whether to ask the peer on the stream's connection."""
         if not (self.outstanding or self.options.idle_probes):
             return False
         return self.stalled() > self.options.probe_after_seconds
 
+    def wants_path_probe(self) -> bool:
+        """Whether to ask the peer on the path's own connection (frames outstanding, no answer for a while)."""
+        return bool(self.path and self.outstanding) and self.silent() > self.options.probe_after_seconds
+
     def next_check(self) -> float:
         """Seconds until a probe or the verdict may be due (the watchdog sleeps this long, at most a tick)."""
         o = self.options
-        stalled = self.stalled()
+        stalled, silent = self.stalled(), self.silent()
         due = [o.tick_seconds]
-        allowance = self.allowance()
-        for at in (o.probe_after_seconds, allowance):
-            if at is not None and at > stalled:
-                due.append(at - stalled + 0.005)  # just past the instant, so the check sees it due
+        dues = [(stalled, o.probe_after_seconds), (stalled, self.allowance())]
+        if self.path and self.outstanding:
+            dues += [(silent, o.probe_after_seconds), (silent, o.floor_seconds)]
+        for elapsed, at in dues:
+            if at is not None and at > elapsed:
+                due.append(at - elapsed + 0.005)  # just past the instant, so the check sees it due
         return min(due)
 
 

@@ -19,7 +19,7 @@ from runtime.contracts.errors import DeadlineExceeded, Unavailable, from_rpc_err
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
-from runtime.wire.liveness import LinkHint, Liveness, death_kind
+from runtime.wire.liveness import LAG_TOLERANCE_SECONDS, LinkHint, Liveness, death_kind
 from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ class EdgeStream:
                                 jitter=BACKOFF_JITTER)
         self._retry_at = 0.0
         self._channel: grpc.aio.Channel | None = None
+        # the path's own connection to the worker (liveness: probes there queue behind no frame), per epoch
+        self._path: grpc.aio.Channel | None = None
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -122,7 +124,7 @@ class EdgeStream:
             self.epoch += 1
             self._backoff.reset()
             self._reader = asyncio.create_task(self._read(self._call, self.epoch))
-            self._live = Liveness(self.link_hint, self.transport.liveness)
+            self._live = Liveness(self.link_hint, self.transport.liveness, path=True)
             self._watchdog = asyncio.create_task(self._watch(self._call, self._live))
             self.metrics.stream_up.set(1)
             self.metrics.reconnects.inc()
@@ -161,9 +163,10 @@ class EdgeStream:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(Unavailable(reason))
-        channel, self._channel = self._channel, None
-        if channel is not None:
-            asyncio.get_running_loop().create_task(channel.close(grace=None))
+        for channel in (self._channel, self._path):
+            if channel is not None:
+                asyncio.get_running_loop().create_task(channel.close(grace=None))
+        self._channel = self._path = None
 
     async def send(self, request: pb.InferRequest | pb.StreamRequest, deadline: float | None = None) -> asyncio.Future:
         """Send one frame; returns a future for its result. Raises Unavailable.
@@ -189,6 +192,9 @@ class EdgeStream:
             else:
                 await self._write_lock.acquire()
             live = self._live
+            if self._path is None and live.path:  # with the epoch's first frame: connected before it is needed
+                self._path = self.transport.probe_channel(self.address)
+                self._path.get_state(try_to_connect=True)
             live.sent(seq, frame.tensor.payload_size or len(frame.tensor.buffer))  # outstanding from its first byte (a write may block)
             try:
                 for msg in frame_messages(request, self.transport.chunk_bytes):
@@ -265,23 +271,40 @@ class EdgeStream:
             pass  # the stream is going away: nothing will be computed for it anyway
 
     async def _watch(self, call: grpc.aio.StreamStreamCall, live: Liveness) -> None:
-        """Declare the stream dead when its bytes stop making progress, or when idle and its probes go
-        unanswered (runtime.wire.liveness); with no progress for a while, busy or idle, ask the peer with a
-        probe on the same connection (queued behind the same bytes)."""
+        """Declare the stream dead by the liveness rules (runtime.wire.liveness): with no answer for a
+        while, ask the peer with a probe on the same connection (queued behind the same bytes) and, frames
+        outstanding, one on the path's own connection (queued behind none); time this loop could not run
+        (the watchdog woke late) is not counted against the peer."""
         probe: asyncio.Task | None = None
+        path_probe: asyncio.Task | None = None
         try:
             while self._call is call:
-                await asyncio.sleep(live.next_check())  # wakes when a probe or the verdict is due
+                await self._nap(live, live.next_check())  # wakes when a probe or the verdict is due
                 why = live.verdict()
+                if why:  # an answer may be waiting in this loop: one more short look before the verdict
+                    await self._nap(live, LAG_TOLERANCE_SECONDS)
+                    why = live.verdict()
                 if why and self._call is call:
                     self._broken(call, why, live.reason)
                     call.cancel()
                     return
                 if (probe is None or probe.done()) and live.wants_probe() and self._channel is not None:
                     probe = asyncio.create_task(self._ask(self._channel, live))
+                if (path_probe is None or path_probe.done()) and live.wants_path_probe() and self._path is not None:
+                    path_probe = asyncio.create_task(self._ask_path(self._path, live))
         finally:
-            if probe is not None:
-                probe.cancel()
+            for task in (probe, path_probe):
+                if task is not None:
+                    task.cancel()
+
+    @staticmethod
+    async def _nap(live: Liveness, seconds: float) -> None:
+        """Sleep ``seconds``; a late wake-up (this loop stalled) is excused, not counted against the peer."""
+        t0 = live.clock()
+        await asyncio.sleep(seconds)
+        late = live.clock() - t0 - seconds
+        if late > LAG_TOLERANCE_SECONDS:
+            live.excuse(late)
 
     @staticmethod
     async def _ask(channel: grpc.aio.Channel, live: Liveness) -> None:
@@ -289,6 +312,12 @@ class EdgeStream:
         with contextlib.suppress(Exception):  # unanswered: the watchdog's verdict decides, not this probe
             await time_health_check(channel, live.allowance() or live.options.floor_seconds)
             live.probe_answered(sent_at)
+
+    @staticmethod
+    async def _ask_path(channel: grpc.aio.Channel, live: Liveness) -> None:
+        with contextlib.suppress(Exception):  # unanswered: the watchdog's verdict decides
+            await time_health_check(channel, live.options.floor_seconds)
+            live.path_answered()
 
     async def close(self) -> None:
         self.closed = True
@@ -304,6 +333,7 @@ class EdgeStream:
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
-        if self._channel is not None:
-            await self._channel.close(grace=None)
-            self._channel = None
+        for channel in (self._channel, self._path):
+            if channel is not None:
+                await channel.close(grace=None)
+        self._channel = self._path = None
