@@ -21,7 +21,7 @@ class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wir
     lease_seconds: float = field(5.0, "with a shared (PostgreSQL) store: an agent stays attached to the replica holding its lease, renewed every store_flush_seconds; a lease not renewed this long (the replica died) lets another replica take the agent over")
     metrics_port: int = field(-1, "Prometheus HTTP port (0 picks a free one, -1 disables)")
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
-    default_rtt_seconds: float = field(0.005, "link RTT assumed for an agent/worker pair until telemetry arrives")
+    default_rtt_seconds: float = field(0.005, "link RTT assumed with default_bandwidth_bytes_per_second for a link no telemetry measured (a measured bandwidth with no measured RTT is unknown, never offloaded to)")
     default_bandwidth_bytes_per_second: float = field(0.0, "link bandwidth assumed for a link no telemetry measured (0: none; an unmeasured link is unknown and never offloaded to; an assumption is never stored as a measurement)")
     link_ttl_seconds: float = field(600.0, "a link estimate older than this (by its last sample, also one read back from the store after a restart) is unknown again")
     # Worker-to-worker links (an edge worker forwarding to a cloud worker) carry no telemetry: agents

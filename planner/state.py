@@ -114,6 +114,16 @@ def _put_agent(store: Store, rec: AgentRecord, speed: SpeedRecord | None) -> Non
     store.put_agent(rec)
 
 
+def _stored_as(old: AgentState, rec: AgentRecord) -> bool:
+    """``rec`` is what the store holds already: ``old``'s registration was committed (or read from the
+    store, planner.replicas) and differs from ``rec`` in its times only."""
+    w, r = old.written, old.record
+    return (w is not None and w.done() and not w.cancelled() and w.exception() is None
+            and (r.model, r.digest, r.profile, r.workers, r.tl_ids, r.constraints, r.refused_version, r.refused_message)
+            == (rec.model, rec.digest, rec.profile, rec.workers, rec.tl_ids, rec.constraints, rec.refused_version,
+                rec.refused_message))
+
+
 class PlannerState:
     """Who is registered, their links, and everything read from or written to the store."""
 
@@ -219,15 +229,18 @@ class PlannerState:
         return lk
 
     def link(self, st: AgentState, worker_id: str) -> LinkRecord | None:
-        """The link decisions use: measured (a figure it lacks taken from the configured assumption),
-        or the assumption alone; None when its bandwidth is unknown (never offloaded to)."""
+        """The link decisions use: measured, or the configured assumption (default_bandwidth_bytes_per_second
+        with default_rtt_seconds) for a link whose bandwidth no telemetry measured; None when unknown (never
+        offloaded to): no bandwidth measured and none assumed, or a measured bandwidth with no RTT measured
+        (issue 11: the assumed 5 ms stood for a link of 60 ms; the agent measures its RTT before each report)."""
         lk = self.measured_link(st, worker_id)
-        rtt = lk.rtt_seconds if lk is not None and lk.rtt_seconds > 0 else self.config.default_rtt_seconds
         bw = lk.bandwidth_bytes_per_second if lk is not None else 0.0
-        if bw <= 0:
-            bw = self.config.default_bandwidth_bytes_per_second
+        if bw > 0:
+            return LinkRecord(lk.rtt_seconds, bw, lk.updated_unix) if lk is not None and lk.rtt_seconds > 0 else None
+        bw = self.config.default_bandwidth_bytes_per_second
         if bw <= 0:
             return None
+        rtt = lk.rtt_seconds if lk is not None and lk.rtt_seconds > 0 else self.config.default_rtt_seconds
         return LinkRecord(rtt, bw, lk.updated_unix if lk is not None else 0.0)
 
     def worker_link(self) -> Link:
@@ -306,7 +319,11 @@ class PlannerState:
             elif old.speed.samples:  # re-profiled: measured against the new profile from scratch
                 reset = SpeedRecord(1.0, 0, rec.last_seen)
                 self.behind.pending.speeds.pop(aid, None)
-        st.written = self.behind.submit(lambda store: _put_agent(store, rec, reset))
+        if old is not None and reset is None and _stored_as(old, rec):
+            st.written = old.written  # stored as it is (a re-attach to a replica): only its heartbeat moves
+            self.behind.touch(aid, rec.last_seen)
+        else:
+            st.written = self.behind.submit(lambda store: _put_agent(store, rec, reset))
         self.agents[aid] = st
         self.metrics.agents.set(len(self.agents))
         return st, old
