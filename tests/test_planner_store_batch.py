@@ -10,7 +10,7 @@ import pytest
 from planner import store_batch
 from planner.store import AgentRecord, LinkRecord, SpeedRecord, Store, profile_hash
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
-from tests.planner_helpers import DEVICE_PROFILE, MODEL
+from tests.planner_helpers import DEVICE_PROFILE, MODEL, Planner
 from tests.postgres_server import postgres  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(120)
@@ -77,3 +77,35 @@ def test_batched_rows_are_what_the_single_reads_give_and_profiles_are_read_once(
         assert store_batch.attach_rows(s, ["a1"], held)["a1"][0].profile == "held text"
     finally:
         s.close()
+
+
+def test_an_unchanged_registration_writes_no_row_and_a_changed_one_does(aio, tmp_path, monkeypatch):
+    """A re-attach re-registers thousands of agents at once: what the store holds already is not written
+    again (only the heartbeat, with the next flush); a change is written before the reply."""
+    writes: list[str] = []
+    put = Store.put_agent
+
+    def counted(self, a):
+        writes.append(a.id)
+        put(self, a)
+
+    monkeypatch.setattr(Store, "put_agent", counted)
+
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.sqlite")
+        try:
+            first = await p.register()
+            assert writes == ["a1"]
+            again = await p.register()
+            assert writes == ["a1"] and again.version == first.version  # stored as it is: nothing written
+            await p.register(constraints=pb.Constraints(min_fidelity=0.5))
+            assert writes == ["a1", "a1"]  # a changed registration is written before its reply
+        finally:
+            await p.stop()
+        s = Store(tmp_path / "p.sqlite")
+        try:
+            assert s.agents("a1")["a1"].constraints.min_fidelity == 0.5
+        finally:
+            s.close()
+
+    aio.run(scenario())
