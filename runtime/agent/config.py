@@ -68,7 +68,7 @@ class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.
     worker: str = field("127.0.0.1:50051", "edge worker address HOST:PORT (empty: run every frame locally)")
     model: str = field("efficientnet_lite0", "bundled model name or path/to/file.py:factory")
     split: str = field("", "split point index or name (see 'edgesplit models MODEL'); empty = the model's default")
-    codec: str = field("int8+lz4", "wire codec: raw, raw+lz4, fp16, fp16+lz4, int8, int8+lz4; ans with a transform TL; jpeg (jpegQ: quality Q) at --split input")
+    codec: str = field("int8+lz4", "wire codec: raw, raw+lz4, fp16, fp16+lz4, int8, int8+lz4; ans with a transform TL; jpeg (jpegQ: quality Q), pixels, pixels+lz4 (lossless) at --split input")
     tl: str = field("", "Transfer Layer artifact (.json from 'edgesplit tl train'): encode after the head; sets the split when --split is empty")
     source: str = field("samples", "frames: samples, synthetic, a folder of PNG/JPEG, a video file, or none (only --serve)")
     frames: int = field(0, "frames to process (0 = one pass over the source; synthetic: 100); finite sources repeat")
