@@ -71,6 +71,43 @@ def test_an_idle_never_measured_stream_notices_a_silent_partition(capsys):
         print(f"\nidle never-measured stream: silent partition noticed after {noticed:.2f} s (probes; keep-alive: 11 s)")
 
 
+def test_a_stalled_sender_loop_is_not_taken_for_a_silent_peer(capsys):
+    """The agent's own event loop blocked for 2 s (a CPU-starved or busy process): the probe's answer could
+    not be read meanwhile, so the time is excused (the watchdog woke late), not counted against the worker;
+    the stream, idle or carrying a frame, is kept. Then the relay swallows everything: still noticed."""
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    async def go():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
+        proxy = await DelayProxy(f"127.0.0.1:{ws.port}").start()
+        metrics = Metrics()
+        stream = EdgeStream(proxy.address, TransportOptions(), metrics, connect_timeout=2.0, reconnect=0.5)
+        try:
+            await stream._ensure_open()
+            for _ in range(2):
+                await asyncio.sleep(0.6)  # a probe is on its way
+                time.sleep(2.0)  # the loop cannot run: longer than the 1.5 s floor
+            await asyncio.sleep(1.0)
+            kept = stream.is_open and stream.epoch == 1 and not metrics.deaths
+            excused = stream._live.excused
+            proxy.blackhole = True
+            noticed = await until(lambda: not stream.is_open, 15.0)
+            return kept, excused, noticed, metrics.deaths
+        finally:
+            await stream.close()
+            await proxy.close()
+            await ws.drain_and_stop(0.5)
+
+    kept, excused, noticed, died = asyncio.run(go())
+    assert kept, f"a stream was declared dead for its own loop's stall ({died})"
+    assert excused >= 3.0  # each 2 s stall falls in one watchdog sleep (at most 0.25 s of it was due)
+    assert died == ["probe_unanswered"] and noticed < NOTICE_BOUND
+    with capsys.disabled():
+        print(f"\nsender loop stalled 2 x 2 s: {excused:.2f} s excused, stream kept; a partition then noticed "
+              f"after {noticed:.2f} s")
+
+
 def test_an_idle_measured_agent_stream_notices_and_frames_run_locally(capsys):
     loaded, x = digits_input()
 
