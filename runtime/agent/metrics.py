@@ -5,6 +5,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
+from runtime.wire.crl import register_metrics as register_crl_metrics
 
 STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine", "total")  # label values of stage_seconds
 WHERE = ("edge", "local")  # label values of frames
@@ -26,6 +27,7 @@ class AgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        register_crl_metrics(r)  # edgesplit_server_certificate_refused_total (runtime.wire.crl)
         self.frames = Counter("edgesplit_agent_frames", "Frames with a result, by where they ran", ["where"], registry=r)
         self.fallbacks = Counter("edgesplit_agent_fallbacks", "Frames run locally instead of on the edge", ["reason"], registry=r)
         self.refined = Counter("edgesplit_agent_refined_frames", "Edge results too close to call (top-1 margin below "

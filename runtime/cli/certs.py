@@ -5,6 +5,7 @@
     edgesplit certs issue --ca-dir pki/ --role agent --id press-7 --out pki/
     edgesplit certs token --role operator --id alice --out alice.token --tokens-file pki/tokens
     edgesplit certs revoke --ca-dir pki/ pki/agent-press-7.pem      # adds it to pki/crl.pem (daemons: --crl-file)
+    edgesplit certs revoke --ca-dir pki/                             # writes or re-signs pki/crl.pem (publish before it expires)
 
 Certificates name the role and id as the SAN URI ``spiffe://edgesplit/ROLE/ID`` (runtime.tools.pki);
 README.md ("Security") shows the openssl equivalent.
@@ -44,7 +45,8 @@ def add_parser(sub) -> None:
                      help="server tokens file to append 'ROLE ID SHA256' to (--tokens-file of the daemons)")
     tok.set_defaults(func=cmd_token)
     rev = csub.add_parser("revoke", help="revoke certificates: add them to a CRL signed by the site CA (daemons' --crl-file)")
-    rev.add_argument("certs", nargs="+", metavar="CERT.pem", help="certificates to revoke")
+    rev.add_argument("certs", nargs="*", metavar="CERT.pem",
+                     help="certificates to revoke (none: write an empty CRL, or re-sign the current one for --days more)")
     rev.add_argument("--ca-dir", required=True, metavar="DIR", help="directory holding ca.pem and ca.key")
     rev.add_argument("--crl", default=None, metavar="FILE", help="CRL to update or create (default: CA_DIR/crl.pem)")
     rev.add_argument("--days", type=int, default=30, help="the CRL's validity in days; publish a fresh one before (default: 30)")

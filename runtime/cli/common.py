@@ -100,13 +100,14 @@ def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
 
 
 def add_client_security_flags(p: argparse.ArgumentParser) -> None:
-    """--ca-file/--cert-file/--key-file/--token-file/--server-name for verbs that call a daemon (SECURITY.md)."""
+    """--ca-file/--cert-file/--key-file/--token-file/--server-name/--crl-file for verbs that call a daemon (SECURITY.md)."""
     g = p.add_argument_group("security", "how to reach a daemon that requires TLS, mTLS or a token")
     g.add_argument("--ca-file", default="", help="site CA (PEM) to verify the daemon with")
     g.add_argument("--cert-file", default="", help="client certificate (PEM), e.g. an operator's from 'edgesplit certs issue'")
     g.add_argument("--key-file", default="", help="private key of --cert-file")
     g.add_argument("--token-file", default="", help="file holding a bearer token to send")
     g.add_argument("--server-name", default="", help="name expected in the daemon's certificate if not the dialled host")
+    g.add_argument("--crl-file", default="", help="CRL (signed by --ca-file's CA): refuse a daemon whose certificate it revokes")
 
 
 def client_transport(args: argparse.Namespace):
@@ -116,4 +117,4 @@ def client_transport(args: argparse.Namespace):
 
     return TransportOptions(security=SecurityOptions(
         ca_file=args.ca_file, cert_file=args.cert_file, key_file=args.key_file, token_file=args.token_file,
-        server_name=args.server_name))
+        server_name=args.server_name, crl_file=getattr(args, "crl_file", "")))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -52,8 +52,10 @@ class _Multi:
 class ReloadingChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no type information
     """A grpc.aio.Channel made anew by ``make`` when ``files`` change or SIGHUP asks (see module doc)."""
 
-    def __init__(self, make: Callable[[], grpc.aio.Channel], files: tuple[str, ...]):
+    def __init__(self, make: Callable[[], grpc.aio.Channel], files: tuple[str, ...],
+                 check: Callable[[], Awaitable[None]] | None = None):
         self._files = files
+        self._check = check  # awaited by channel_ready (runtime.wire.crl: the server's certificate against a CRL)
         self._watch = FileWatch(files, make, "client credentials", RECHECK_SECONDS)
         self._retired: dict[asyncio.Task[None], grpc.aio.Channel] = {}  # closing later -> the replaced channel
 
@@ -105,6 +107,8 @@ class ReloadingChannel(grpc.aio.Channel):  # type: ignore[misc]  # grpc ships no
         await self._channel.wait_for_state_change(last_observed_state)
 
     async def channel_ready(self) -> None:
+        if self._check is not None:
+            await self._check()
         await self.current().channel_ready()
 
     async def close(self, grace: float | None = None) -> None:

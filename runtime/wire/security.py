@@ -31,6 +31,7 @@ import grpc
 
 from runtime.contracts.config import field as config_field
 from runtime.contracts.errors import InvalidInput
+from runtime.wire.crl import ServerCheck, server_check
 from runtime.wire.filewatch import FileWatch
 from runtime.wire.reloading import ReloadingChannel
 
@@ -124,7 +125,8 @@ class SecurityOptions:
     token_file: str = ""  # client: file holding the bearer token this process sends
     tokens_file: str = ""  # server: accepted tokens, 'ROLE SUBJECT SHA256HEX' per line
     server_name: str = ""  # client: name expected in the server's certificate when it differs from the dialled host
-    crl_file: str = ""  # server: revoked client certificates (CRL signed by the CA of ca_file; runtime.daemon.revocation)
+    crl_file: str = ""  # revoked certificates (CRL signed by the CA of ca_file): a server refuses such clients
+    # (runtime.daemon.revocation), a client such servers (runtime.wire.crl.ServerCheck)
     insecure: bool = False  # allow serving a non-loopback address without TLS (warned, counted)
 
     def __post_init__(self) -> None:
@@ -253,9 +255,10 @@ def aio_channel(address: str, options: list[tuple[str, Any]], security: Security
     """A channel to ``address``; a secure one re-reads its certificate, key, CA and token files when they
     change (or on SIGHUP) before its next call (runtime.wire.reloading)."""
     creds = channel_credentials(address, security)
-    interceptors = list(CLIENT_INTERCEPTORS) or None
     if creds is None:
-        return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+        return grpc.aio.insecure_channel(address, options=options, interceptors=list(CLIENT_INTERCEPTORS) or None)
+    check = _server_check(address, security)  # the server's certificate against --crl-file (runtime.wire.crl)
+    interceptors = [*(check.interceptors() if check else []), *CLIENT_INTERCEPTORS] or None
 
     first = [creds]  # the first channel uses the credentials just read; later ones read the files again
 
@@ -265,13 +268,24 @@ def aio_channel(address: str, options: list[tuple[str, Any]], security: Security
                                        interceptors=interceptors)
 
     s = security
-    return ReloadingChannel(make, tuple(p for p in (s.ca_file, s.cert_file, s.key_file, s.token_file) if p))
+    return ReloadingChannel(make, tuple(p for p in (s.ca_file, s.cert_file, s.key_file, s.token_file) if p),
+                            check.ensure if check else None)
+
+
+def _server_check(address: str, security: SecurityOptions) -> ServerCheck | None:
+    s = security
+    if not s.client_tls:
+        return None
+    return server_check(address, s.ca_file, s.cert_file, s.key_file, s.crl_file, s.server_name)
 
 
 def sync_channel(address: str, options: list[tuple[str, Any]], security: SecurityOptions) -> grpc.Channel:
     creds = channel_credentials(address, security)
     if creds is None:
         return grpc.insecure_channel(address, options=options)
+    check = _server_check(address, security)
+    if check is not None:
+        check.ensure_sync()  # AioRpcError UNAUTHENTICATED / UNAVAILABLE: a revoked or uncheckable server
     return grpc.secure_channel(address, creds, options=options + channel_args(security))
 
 
@@ -290,7 +304,7 @@ class SecuritySettings:
     token_file: str = config_field("", "client: file holding the bearer token to send (over TLS, or over loopback)")
     tokens_file: str = config_field("", "server: accepted bearer tokens, one 'ROLE SUBJECT SHA256HEX' line each ('edgesplit certs token')")
     server_name: str = config_field("", "client: name expected in the server certificate when it differs from the dialled host")
-    crl_file: str = config_field("", "server: CRL of revoked client certificates (PEM/DER, signed by --ca-file's CA; 'edgesplit certs revoke'), re-read on change")
+    crl_file: str = config_field("", "CRL of revoked certificates (PEM/DER, signed by --ca-file's CA; 'edgesplit certs revoke'), re-read on change: a server refuses revoked clients, a client revoked servers")
     insecure: bool = config_field(False, "allow serving a non-loopback address without TLS (logged as a warning, metric edgesplit_insecure_bind)")
 
     def security(self) -> SecurityOptions:

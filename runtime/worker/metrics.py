@@ -5,12 +5,14 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
+from runtime.wire.crl import register_metrics as register_crl_metrics
 
 
 class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        register_crl_metrics(r)  # edgesplit_server_certificate_refused_total (runtime.wire.crl)
         self.frames = Counter("edgesplit_worker_frames", "Frames answered successfully, by Transfer Layer (tl=none without)",
                               ["model", "split", "tl"], registry=r)
         self.errors = Counter("edgesplit_worker_errors", "Frames or calls refused, by gRPC status code", ["code"], registry=r)
