@@ -227,7 +227,8 @@ def test_the_planner_session_and_the_worker_registration_notice_a_silent_partiti
 def test_a_ping_lost_while_frames_get_through_widens_the_planner_ping_timeout(tmp_path):
     """A planner ping that times out while the agent's frames still get through was queued behind them
     (a busy slow uplink the planner shares with the worker), not a partition: the next session waits twice
-    as long for a ping, so a busy uplink does not end a session at each frame. (The relay shapes each
+    as long for a ping, so a busy uplink does not end a session at each frame; a later keep-alive death with
+    no edge result since (a partition) halves it back. (The relay shapes each
     connection apart, so the queueing itself is not emulated: the planner's path is cut, and edge results
     are counted during the cut as a board's frames would be.)"""
     import torch
@@ -259,12 +260,17 @@ def test_a_ping_lost_while_frames_get_through_widens_the_planner_ping_timeout(tm
             agent.metrics.frames.labels("edge").inc()  # results still came back over the worker's link
             to_planner.blackhole = False
             await until(lambda: link.connected and link.registrations == 2, 30.0)
-            return first, link.ping_timeout_ms
+            widened = link.ping_timeout_ms
+            to_planner.blackhole = True  # a partition: no edge result while it lasts
+            await until(lambda: not link.connected, 15.0)
+            to_planner.blackhole = False
+            await until(lambda: link.connected and link.registrations == 3, 30.0)
+            return first, widened, link.ping_timeout_ms
         finally:
             await link.close()
             await agent.close()
             await to_planner.close()
             await ps.drain_and_stop(0.5)
 
-    first, then = asyncio.run(go())
-    assert (first, then) == (800, 1600)
+    first, widened, after = asyncio.run(go())
+    assert (first, widened, after) == (800, 1600, 800)  # widened behind frames, halved back after a partition
