@@ -209,3 +209,56 @@ class WorkerSpeeds:
     def forget(self, worker_id: str) -> None:
         self.speeds.pop(worker_id, None)
         self._scaled.pop(worker_id, None)
+
+
+MAX_OVERHEAD_SECONDS = 1.0  # a reported overhead beyond this is no measurement of the runtime: ignored
+OVERHEAD_TOLERANCE = (0.10, 0.001)  # remake the profile when an overhead moved by over 10 % and 1 ms
+KINDS = ("local", "edge")
+
+
+@dataclass
+class Overhead:
+    """The board runtime's own time per frame, outside every stage it times (issue 11: 10-50 ms per local
+    frame on a quota-limited board, under 1 ms per offloaded one; no profile holds it): the agent's
+    ``overhead_local`` / ``overhead_edge`` stage medians (runtime.agent.telemetry.runtime_overhead), smoothed
+    as the slowdown factor is (ALPHA; the first sample sets it). :func:`with_overhead` adds the local one to
+    the configuration that runs every block on the board and the edge one to every transfer's encode (each
+    offloading configuration sends once from the board), so both its ranking and its prediction hold them."""
+
+    seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    samples: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    applied: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+
+    def observe(self, stages: Mapping[str, float]) -> bool:
+        """Take one report's overhead medians; True when one it holds now is far from the applied one."""
+        for kind in KINDS:
+            v = stages.get(f"overhead_{kind}")
+            if v is None or not (math.isfinite(v) and 0 <= v <= MAX_OVERHEAD_SECONDS):
+                continue
+            old = self.seconds[kind]
+            self.seconds[kind] = v if self.samples[kind] == 0 else ALPHA * v + (1 - ALPHA) * old
+            self.samples[kind] += 1
+        rel, floor = OVERHEAD_TOLERANCE
+        return any(abs(self.seconds[k] - self.applied[k]) > max(rel * self.applied[k], floor) for k in KINDS)
+
+    def apply(self) -> None:
+        self.applied = dict(self.seconds)
+
+
+def with_overhead(profile: Profile, applied: Mapping[str, float]) -> Profile:
+    """``profile`` with ``applied["local"]`` seconds on its last block (run on the board only by the local
+    configuration) and ``applied["edge"]`` on every transfer's encode; ``profile`` itself when both are 0."""
+    local, edge = applied.get("local", 0.0), applied.get("edge", 0.0)
+    if local <= 0 and edge <= 0:
+        return profile
+
+    def enc(transfers: tuple) -> tuple:
+        return tuple(dataclasses.replace(t, encode_seconds=t.encode_seconds + edge) for t in transfers) if edge > 0 \
+            else transfers
+
+    blocks = [dataclasses.replace(b, transfers=enc(profile.transfers_after(b.index + 1))) for b in profile.blocks]
+    if local > 0 and blocks:
+        last = blocks[-1]
+        blocks[-1] = dataclasses.replace(last, seconds=last.seconds + local,
+                                         p95_seconds=None if last.p95_seconds is None else last.p95_seconds + local)
+    return dataclasses.replace(profile, blocks=tuple(blocks), input_transfers=enc(profile.transfers_after(0)))

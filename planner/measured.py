@@ -3,6 +3,7 @@
 * the board's compute: the ``head`` (and ``local_tail``) stage medians against the device profile
   (:class:`planner.compute.DeviceSpeed`);
 * the plan worker's compute: its ``edge_tail`` against its profile (:class:`planner.compute.WorkerSpeeds`);
+* the board runtime's own time per frame, local and offloaded (:class:`planner.compute.Overhead`);
 * the bytes per frame and the board's encode time per (split, codec) (:mod:`planner.wirebytes`).
 
 Each returns True when the figures decisions use moved (the re-planner then marks the agent "compute").
@@ -41,6 +42,7 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
     agent gives no sample."""
     plan = report_plan(state, st, t, previous)
     expired = st.tails.expire(time.time())  # a worker factor with no sample for its TTL: the profile stands again
+    expired |= st.apply_overhead(dict(t.stage_seconds))  # the board runtime's own time (any plan: it is the runtime's)
     if plan is None or plan.model_id != st.record.model:
         return expired
     tail = observe_tail(state, st, plan, t) or expired

@@ -61,6 +61,7 @@ class AgentState:
     speed: DeviceSpeed = field(default_factory=DeviceSpeed, init=False)  # measured / profiled device compute
     tails: compute.WorkerSpeeds = field(default_factory=compute.WorkerSpeeds, init=False)  # per worker, its tail compute
     wire: wirebytes.WireFigures = field(default_factory=wirebytes.WireFigures, init=False)  # measured bytes, encode
+    overhead: compute.Overhead = field(default_factory=compute.Overhead, init=False)  # the board runtime's own time
     # derived device profiles, the same objects while they live (so the search finds their tables again)
     _derived: LRU[tuple, Profile] = field(default_factory=lambda: LRU(DERIVED), init=False, repr=False)
 
@@ -90,9 +91,19 @@ class AgentState:
         self._remake()
         return True
 
+    def apply_overhead(self, stages: dict[str, float]) -> bool:
+        """Take one report's runtime overhead medians (planner.compute.Overhead) into the profile decisions
+        use, if they moved; True when they did."""
+        if not self.overhead.observe(stages):
+            return False
+        self.overhead.apply()
+        self._remake()
+        return True
+
     def _remake(self) -> None:
         assert self.benchmark is not None
-        self.device = wirebytes.patched(compute.scaled(self.benchmark, self.speed.applied), self.wire.applied)
+        device = wirebytes.patched(compute.scaled(self.benchmark, self.speed.applied), self.wire.applied)
+        self.device = compute.with_overhead(device, self.overhead.applied)
         self._derived.clear()
 
     def device_for(self, tl_ids: frozenset[str], cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
@@ -314,7 +325,7 @@ class PlannerState:
             st.unsaved_links, st.last_acted = old.unsaved_links, old.last_acted
             st.tails = old.tails  # the workers' tail factors do not depend on the board's profile
             if old.record.profile == rec.profile:  # the same benchmark: its slowdown factor still holds
-                st.speed, st.wire = old.speed, old.wire  # and the transfers priced as measured
+                st.speed, st.wire, st.overhead = old.speed, old.wire, old.overhead  # and what was measured beside
                 st.apply_speed(force=True)
             elif old.speed.samples:  # re-profiled: measured against the new profile from scratch
                 reset = SpeedRecord(1.0, 0, rec.last_seen)

@@ -426,18 +426,20 @@ def test_a_real_agents_head_times_set_the_factor(tmp_path):
             snapshot = dataclasses.replace(st.speed) if dataclasses.is_dataclass(st.speed) else copy.copy(st.speed)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}") as channel:
                 q = await pb_grpc.PlannerStub(channel).QueryPlan(pb.PlanQuery(agent_id="board-1", top_n=1), timeout=RPC)
-            return snapshot, q.candidates[0]
+            return snapshot, q.candidates[0], st.overhead.applied["local"]
         finally:
             if not closed:
                 await link.close()
             await agent.close()
             await ps.drain_and_stop(1.0)
 
-    speed, local = asyncio.run(scenario())
+    speed, local, overhead = asyncio.run(scenario())
     print(f"tiny model on this machine: {speed.factor:.3f}x a 1 ms-per-block profile")
     assert compute.MIN_FACTOR <= speed.factor <= compute.MAX_FACTOR and speed.samples >= 2
     assert local.split_id == "output"
-    assert local.breakdown_seconds["compute:device"] == pytest.approx(speed.applied * 0.001 * len(points))
+    # the board runtime's own time per local frame (planner.compute.Overhead) is part of the local configuration
+    assert 0 < overhead < compute.MAX_OVERHEAD_SECONDS
+    assert local.breakdown_seconds["compute:device"] == pytest.approx(speed.applied * 0.001 * len(points) + overhead)
 
 
 def test_a_kept_plan_whose_prediction_moved_is_issued_again(aio, planner):
@@ -563,5 +565,30 @@ def test_bad_wire_reports_are_refused(aio, planner):
             check_status(err, grpc.StatusCode.INVALID_ARGUMENT, phrase)
         err = await rpc_error(wire_report(planner, v1.version, [pb.WireReport(split_id="a", codec="b")] * 65))
         check_status(err, grpc.StatusCode.INVALID_ARGUMENT, "at most 64")
+
+    aio.run(scenario())
+
+
+def test_the_board_runtimes_own_time_is_added_to_the_configurations_of_its_kind(aio, planner):
+    """overhead_local / overhead_edge (runtime.agent.telemetry.runtime_overhead): 40 ms per local frame and
+    2 ms per offloaded one, which no profile holds (planner.compute.Overhead)."""
+    async def scenario():
+        v1 = await planner.register()
+        before = await ranked(planner)
+        assert before["output"] == pytest.approx(sum(DEVICE_S))
+        await report(planner, None, v1.version, frames=10)  # nothing to take
+        st = planner.ps.service.agents["a1"]
+        assert st.overhead.applied == {"local": 0.0, "edge": 0.0}
+        async def messages():
+            yield pb.Telemetry(agent_id="a1", worker="w1", plan_version=v1.version, sent_unix=time.time(), frames=10,
+                               stage_seconds={"overhead_local": 0.040, "overhead_edge": 0.002})
+        await planner.stub.ReportTelemetry(messages(), timeout=RPC)
+        now = await ranked(planner)
+        assert now["output"] == pytest.approx(sum(DEVICE_S) + 0.040)
+        for split in ("input", "conv1", "conv2", "conv3", "conv4"):
+            assert now[split] == pytest.approx(before[split] + 0.002), split
+        # an implausible figure is ignored, a small move (under 1 ms) does not remake the profile
+        assert not st.overhead.observe({"overhead_local": 5.0}) and st.overhead.samples["local"] == 1
+        assert not st.apply_overhead({"overhead_local": 0.0405})
 
     aio.run(scenario())

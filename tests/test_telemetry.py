@@ -81,3 +81,22 @@ def test_bytes_per_frame_and_encode_time_are_reported_per_split_and_codec():
     assert (reports[("input", "jpeg40")].mean_bytes, reports[("input", "jpeg40")].samples) == (12_900, 1)
     now[0] = 102.0 + 301.0  # older than the table's max age: not reported
     assert wire_reports(est) == []
+
+
+def test_runtime_overhead_is_the_frames_time_outside_its_timed_stages():
+    from runtime.agent.telemetry import runtime_overhead
+
+    est = LinkEstimator()
+    local = FrameResult(1, "f", torch.empty(0), "local", "output", "raw", 1,
+                        times={"board_queue": 0.001, "head": 0.200, "encode": 0.0, "local_tail": 0.0, "total": 0.231})
+    edge = _frame(2, 0.05)
+    edge.times.update(head=0.0, encode=0.002, total=0.0535)
+    fallback = FrameResult(3, "f", torch.empty(0), "local", "stem", "raw", 1, fallback_reason="deadline",
+                           times={"head": 0.01, "local_tail": 0.1, "total": 2.2})
+    assert runtime_overhead(local) == pytest.approx(0.030)
+    assert runtime_overhead(edge) == pytest.approx(0.0015)
+    assert runtime_overhead(fallback) is None  # its plan sent it: the wait is no runtime overhead
+    for r in (local, edge, fallback):
+        est.observe(r)
+    medians, frames = est.take_report()
+    assert (medians["overhead_local"], medians["overhead_edge"], frames) == (pytest.approx(0.030), pytest.approx(0.0015), 3)

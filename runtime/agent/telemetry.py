@@ -114,6 +114,9 @@ class LinkEstimator:
         for stage, seconds in result.times.items():
             self._stages[stage].append(seconds)
         self.wire.observe(result)
+        other = runtime_overhead(result)
+        if other is not None:
+            self._stages[f"overhead_{result.where}"].append(other)
         t = result.times
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
@@ -223,6 +226,21 @@ class LinkEstimator:
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames
+
+
+BOARD_STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine")
+
+
+def runtime_overhead(result: Any) -> float | None:
+    """A frame's time on the board outside the stages it times (``total`` less them): the runtime's own
+    cost (executor hand-offs, gRPC, the event loop), reported as stage ``overhead_local`` or
+    ``overhead_edge`` (issue 11: 10-50 ms per local frame on a quota-limited board, which no profile
+    holds; the planner adds it to the configurations of that kind, planner.compute.Overhead). None
+    when the frame has no total, or ran locally though its plan sent it (a fallback: its wait is no overhead)."""
+    t = result.times
+    if "total" not in t or not (result.where == "edge" or (result.where == "local" and result.split == "output")):
+        return None
+    return max(0.0, t["total"] - sum(t.get(s, 0.0) for s in BOARD_STAGES))
 
 
 def link_report(worker: str, est: LinkEstimate | None, now: float) -> ppb.LinkReport:
