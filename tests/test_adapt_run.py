@@ -88,3 +88,20 @@ def test_plan_breakdowns_are_read_back_from_the_planners_store(tmp_path):
     got = plan_breakdowns(tmp_path / "planner.sqlite", "board-1")
     assert got[(version, "input")]["edge"] == 0.04 and got[(version, "input")]["network"] == pytest.approx(0.02)
     assert got[(version, "output")]["device"] == 0.2
+
+
+def test_the_warm_up_waits_for_the_agent_to_settle():
+    from runtime.tools.adapt_run import settled
+
+    def f(t, split, v=1):
+        return {"t": t, "split": split, "plan_version": v}
+
+    local = [f(t / 4, "output") for t in range(40)]  # 10 s local under its first plan
+    offload = [f(10 + t / 4, "input", 2) for t in range(8)]  # then offloading from 10 s
+    assert settled(local, 10.0, 1e6)
+    assert not settled(local, 10.0, None) and not settled(local, 10.0, 0.0)  # its link not measured yet
+    assert not settled(local + offload, 12.0, 1e6)  # switched 2 s ago: not held for 5 s
+    more = [f(12 + t / 4, "input", 2) for t in range(16)]
+    assert settled(local + offload + more, 16.0, 1e6)
+    assert not settled([f(t / 4, "output", 0) for t in range(40)], 10.0, 1e6)  # the agent's own plan, none of the planner's
+    assert not settled(local[:20], 4.9, 1e6)  # younger than the quiet span

@@ -33,6 +33,26 @@ from runtime.tools.netem import DelayProxy, LinkShape
 
 CLI = [sys.executable, "-m", "runtime.cli.main"]
 SETTLE = 5.0  # seconds after a step that are not "steady"
+WARM_FRAMES = 8  # the warm-up ends once this many frames in a row, over SETTLE seconds, ran one configuration
+
+
+def settled(frames: list[dict], now: float, estimate: float | None, quiet: float = SETTLE,
+            count: int = WARM_FRAMES) -> bool:
+    """Whether the agent has started for good: it measured its link (``estimate`` > 0), runs a planner's plan
+    (version > 0), and its last ``count`` frames, the first of them ``quiet`` s or more ago, ran one
+    configuration. Under the board's quota the agent's start-up (torch, the first plan, the first
+    offload once the link is measured) took longer than a fixed 15 s warm-up, and its first offload
+    then counted as a switch in the first steady phase (issue 11)."""
+    if not estimate or estimate <= 0 or len(frames) < count:
+        return False
+    last = frames[-count:]
+    if any(not r.get("plan_version") for r in last) or len({r["split"] for r in last}) != 1:
+        return False
+    split = last[-1]["split"]
+    held = [r for r in frames if r["t"] >= now - quiet]  # lines come in order: a suffix of frames
+    if len(held) == len(frames):  # nothing older than ``quiet``: not held that long yet
+        return False
+    return frames[-len(held) - 1]["split"] == split and all(r["split"] == split for r in held)
 
 
 def _phases(text: str) -> list[tuple[float, float]]:
@@ -100,7 +120,7 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
         procs.append(worker)
         relay.target = ("127.0.0.1", await _port(tmp / "worker.port", worker, "the worker"))
         await asyncio.sleep(2.0)  # the worker registers
-        total = sum(s for _, s in phases) + args.warmup
+        total = sum(s for _, s in phases) + max(args.warmup, args.warmup_max)
         agent = await _run([*CLI, "agent", *common, "--planner", paddr, "--profile", str(tmp / "device.json"),
                             "--agent-id", "board-1", "--source", args.source, "--frames", str(int(total * args.fps * 2)),
                             "--fps", str(args.fps), "--window", "2", "--deadline-seconds", str(args.deadline),
@@ -150,8 +170,17 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
 
     readers = [asyncio.create_task(read_stderr()), asyncio.create_task(read_stdout())]
     steps = []
+    warmed = 0.0
     try:
-        await asyncio.sleep(args.warmup)  # the first plan (probes, then offloading)
+        # the first plan (probes, then offloading): at least --warmup s, then until the agent runs one
+        # configuration for good (settled), at most --warmup-max s
+        while time.monotonic() - t0 < args.warmup_max:
+            now = time.monotonic() - t0
+            est = _scrape(metrics_port, relay.address) if metrics_port else None
+            if now >= args.warmup and settled(frames, now, est):
+                break
+            await asyncio.sleep(0.5)
+        warmed = time.monotonic() - t0
         for mbps, seconds in phases:
             steps.append((time.monotonic() - t0, mbps))
             end = time.monotonic() + seconds
@@ -174,7 +203,7 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
         if log is not None:
             log.close()
         await relay.close()
-    return {"frames": frames, "timeline": timeline, "steps": steps, "args": vars(args)}
+    return {"frames": frames, "timeline": timeline, "steps": steps, "args": vars(args), "warmup_s": round(warmed, 2)}
 
 
 def _start(r: dict) -> float:
@@ -307,7 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=4.0, help="camera rate of the agent (default: 4)")
     p.add_argument("--deadline", type=float, default=2.0, help="agent --deadline-seconds (default: 2)")
     p.add_argument("--hold", type=float, default=3.0, help="planner --hold-seconds (default: 3)")
-    p.add_argument("--warmup", type=float, default=15.0, help="seconds before the first phase (default: 15)")
+    p.add_argument("--warmup", type=float, default=15.0,
+                   help="least seconds before the first phase; the first phase then waits until the agent has measured "
+                        "its link and run one configuration for 8 frames over 5 s (default: 15)")
+    p.add_argument("--warmup-max", type=float, default=120.0,
+                   help="most seconds before the first phase, settled or not (default: 120)")
     p.add_argument("--runs", type=int, default=5, help="profile runs per block (default: 5)")
     p.add_argument("--seed", type=int, default=11, help="jitter seed")
     p.add_argument("--agent-log", default="", help="write the agent's log (stderr) to this file")
@@ -335,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# Adaptivity run: {args.model}, phases {args.phases} (Mbit/s:s), +-{args.jitter:.0%} jitter", "",
           f"Command: `{command}`; board CPU: {board}; relay delay {args.delay_ms:g} ms each way; load average "
           f"(1/5/15 min) {_la(run['load_average'][0])} at the start, {_la(run['load_average'][1])} at the end "
-          "(a 2-core machine shared with other jobs).", "",
+          f"(a 2-core machine shared with other jobs); warm-up {run.get('warmup_s')} s.", "",
           f"![timeline]({out.with_suffix('.png').name})", "", "## Targets", "", *_targets(result), "",
           "## Predicted and measured latency by stage", "",
           "Medians over the steady frames that ran the phase's plan where it said (runtime.tools.adapt_stages).", "",
