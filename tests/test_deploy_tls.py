@@ -52,10 +52,11 @@ def daemon_config(words: list[str]):
 
 
 def assert_secure(where: str, cfg) -> None:
-    """A daemon binding a network address has TLS with a CA (mTLS) and no --insecure."""
+    """A daemon binding a network address has TLS with a CA (mTLS), a CRL, and no --insecure."""
     address = getattr(cfg, "listen", "") or getattr(cfg, "serve", "")
     if address and not is_loopback(address):
         assert cfg.cert_file and cfg.key_file and cfg.ca_file, (where, address, "no certificate")
+        assert cfg.crl_file, (where, address, "no --crl-file: a revoked certificate would be accepted")
     assert not cfg.insecure, (where, "--insecure")
 
 
@@ -89,6 +90,10 @@ def test_every_k8s_daemon_serves_mtls_from_a_mounted_secret_and_probes_with_a_cl
             for path in (cfg.ca_file, cfg.cert_file, cfg.key_file):
                 mount = mounts.get(str(Path(path).parent))
                 assert mount and mount["name"] in secrets and mount.get("readOnly"), (name, path)
+            crl_mount = mounts.get(str(Path(cfg.crl_file).parent))  # a directory: kubelet's updates reach the file
+            crl_volume = next(v for v in pod["volumes"] if crl_mount and v["name"] == crl_mount["name"])
+            assert crl_mount.get("readOnly") and "subPath" not in crl_mount, (name, cfg.crl_file)
+            assert crl_volume["configMap"]["name"] == "edgesplit-crl", (name, crl_volume)
             listen_port = cfg.listen.rsplit(":", 1)[1]
             for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
                 words = probe_words(c[kind])
@@ -107,6 +112,7 @@ def test_every_k8s_daemon_serves_mtls_from_a_mounted_secret_and_probes_with_a_cl
     assert secret_names == {"edgesplit-planner-tls", "edgesplit-worker-tls"}
     readme = (DEPLOY.parent / "README.md").read_text()
     assert all(f"create secret generic {s}" in readme for s in secret_names), "README gives the Secret commands"
+    assert "create configmap edgesplit-crl" in readme, "README gives the CRL's ConfigMap command"
 
 
 def dockerfile_json(instruction: str) -> list[str]:
@@ -120,7 +126,7 @@ def test_dockerfile_default_command_uses_the_mounted_certificates():
     cmd = dockerfile_json("CMD")
     _, cfg = daemon_config(cmd)
     assert_secure("Dockerfile CMD", cfg)
-    assert all(p.startswith("/etc/edgesplit/pki/") for p in (cfg.ca_file, cfg.cert_file, cfg.key_file))
+    assert all(p.startswith("/etc/edgesplit/pki/") for p in (cfg.ca_file, cfg.cert_file, cfg.key_file, cfg.crl_file))
     health = dockerfile_json(r"HEALTHCHECK.*CMD")
     assert health[:2] == ["edgesplit", "health-check"] and "--cert-file" in health
     assert health[health.index("--cert-file") + 1] == cfg.cert_file
@@ -138,6 +144,7 @@ def test_systemd_units_run_the_shipped_configs_with_tls():
         assert_secure(unit.name, cfg)
         assert cfg.ca_file and cfg.cert_file and cfg.key_file, (unit.name, "client side needs the CA and a cert")
         assert all(p.startswith(str(config.parent) + "/pki/") for p in (cfg.ca_file, cfg.cert_file, cfg.key_file))
+        assert cfg.crl_file.startswith(str(config.parent) + "/pki/"), (unit.name, "the client side checks servers too")
         assert f"ReadOnlyPaths={config.parent}" in unit.read_text(), unit.name
 
 
@@ -160,7 +167,8 @@ def certs(tmp_path: Path) -> Path:
     steps = [("ca", "--out", str(pki)),
              ("issue", "--ca-dir", str(pki), "--role", "planner", "--id", "planner", "--host", "localhost"),
              ("issue", "--ca-dir", str(pki), "--role", "worker", "--id", "edge-server", "--host", "localhost"),
-             ("issue", "--ca-dir", str(pki), "--role", "operator", "--id", "probe")]
+             ("issue", "--ca-dir", str(pki), "--role", "operator", "--id", "probe"),
+             ("revoke", "--ca-dir", str(pki))]  # the empty CRL the shipped configs name
     for step in steps:
         out = subprocess.run(cli("certs", *step), capture_output=True, text=True, timeout=60, env=child_env())
         assert out.returncode == 0, out.stdout + out.stderr
@@ -193,7 +201,7 @@ def start(reaper, tmp_path: Path, role: str, env: dict[str, str], *flags: str):
 def tls_env(section: str, pki: Path, stem: str) -> dict[str, str]:
     prefix = f"EDGESPLIT_{section.upper()}_"
     return {prefix + "CA_FILE": str(pki / "ca.pem"), prefix + "CERT_FILE": str(pki / f"{stem}.pem"),
-            prefix + "KEY_FILE": str(pki / f"{stem}.key")}
+            prefix + "KEY_FILE": str(pki / f"{stem}.key"), prefix + "CRL_FILE": str(pki / "crl.pem")}
 
 
 def client_flags(pki: Path, stem: str) -> tuple[str, ...]:
@@ -238,7 +246,8 @@ def test_shipped_configs_start_with_tls_and_probes_need_the_client_cert(reaper, 
 
 @pytest.mark.timeout(60)
 def test_shipped_planner_config_without_certificates_refuses_to_start(tmp_path):
-    env = {**child_env(), "EDGESPLIT_PLANNER_CERT_FILE": "", "EDGESPLIT_PLANNER_KEY_FILE": ""}
+    env = {**child_env(), "EDGESPLIT_PLANNER_CERT_FILE": "", "EDGESPLIT_PLANNER_KEY_FILE": "",
+           "EDGESPLIT_PLANNER_CRL_FILE": ""}
     out = subprocess.run(cli("planner", "serve", "--config", str(DEPLOY / "config" / "planner.toml"), "--listen",
                              "0.0.0.0:0", "--db", str(tmp_path / "p.sqlite"), "--metrics-port", "-1"),
                          capture_output=True, text=True, timeout=50, env=env)
