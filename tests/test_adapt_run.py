@@ -105,3 +105,14 @@ def test_the_warm_up_waits_for_the_agent_to_settle():
     assert settled(local + offload + more, 16.0, 1e6)
     assert not settled([f(t / 4, "output", 0) for t in range(40)], 10.0, 1e6)  # the agent's own plan, none of the planner's
     assert not settled(local[:20], 4.9, 1e6)  # younger than the quiet span
+
+
+def test_frames_given_up_on_a_collapsed_link_are_counted():
+    frames = [{"seq": i, "t": 0.5 + i * 0.25, "where": "edge", "split": "input", "plan_version": 1,
+               "times_ms": {"total": 50}, "predicted_ms": 50} for i in range(40)]
+    frames += [{"seq": 40 + i, "t": 10.5 + i * 0.25, "where": "local", "split": "output", "plan_version": 1,
+                "times_ms": {"total": 200}, "predicted_ms": 200} for i in range(40)]
+    frames[40].update(split="input", fallback_reason="the link to r:1 collapsed (under 0.01 MB/s): the agent left it")
+    a = analyse({"frames": frames, "steps": [[0.0, 50.0], [10.0, 0.1]]})
+    assert [(ph.get("fallback_frames"), ph.get("given_up_frames")) for ph in a["phases"]] == [(0, 0), (1, 1)]
+    assert any("1 of them given up" in line for line in _targets(a))

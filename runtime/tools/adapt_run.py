@@ -240,6 +240,8 @@ def analyse(run: dict) -> dict:
             first = next((r for r in inside if _config(r) == new), None)
             ph["plan"] = new
             ph["fallback_frames"] = sum(1 for r in inside if r["where"] == "local" and r["split"] != "output")
+            # frames in flight on a link the agent left on proof of its collapse (runtime.agent.fallbacks give_up)
+            ph["given_up_frames"] = sum(1 for r in inside if "the agent left it" in (r.get("fallback_reason") or ""))
             changed = prev_plan is not None and new != prev_plan  # None: the plan did not change with the link
             ph["first_frame_under_new_plan_s"] = round(_end(first) - start, 2) if changed and first else None
             ph["first_frame_started_under_new_plan_s"] = round(_start(first) - start, 2) if changed and first else None
@@ -267,7 +269,9 @@ def _targets(a: dict) -> list[str]:
             verdict = ("met" if began is not None and began <= bound else "NOT met") + " by its start, " + (
                 "met" if got is not None and got <= bound else "NOT met") + " by its result"
             lines.append(f"- step {ph['step']} to {ph['mbps']:g} Mbit/s: the first frame under the new plan started "
-                         f"{began} s after the step, its result {got} s (target <= {bound:g} s): {verdict}")
+                         f"{began} s after the step, its result {got} s (target <= {bound:g} s): {verdict}; "
+                         f"{ph.get('fallback_frames')} frames fell back to the board, {ph.get('given_up_frames')} of "
+                         "them given up on the collapsed link")
         sw, err = ph.get("switches_per_40s_steady"), ph.get("median_rel_error")
         lines.append(f"- {ph['mbps']:g} Mbit/s steady: {sw} switches per 40 s (target <= 1): "
                      f"{'met' if sw is not None and sw <= 1 else 'NOT met'}; median |predicted - measured| "
