@@ -20,7 +20,7 @@ from runtime.contracts.errors import Unavailable
 
 USER = "edgesplit"
 PORT = 5432  # the socket file's name only (.s.PGSQL.5432 in the temp folder): no TCP listener
-MAX_CONNECTIONS = 100  # each planner replica opens about 6 (its store, the store thread, 4 attachment threads)
+MAX_CONNECTIONS = 100  # each planner replica opens up to 4 (its store, the store thread, 2 attachment threads)
 
 
 def bin_dir() -> str | None:
