@@ -26,7 +26,10 @@ by the same calibration, is a fixed cost per block (scheduling, gRPC calls, stit
 
 The compute fraction is each layer's computed area (halo recomputation included, through the
 receptive field of the rest of the block) over its full area, weighted by the layer's cost
-(MACs per pixel for convolutions). A plan's latency is the sum over its blocks: the map is gathered
+(MACs per pixel for convolutions). With ``Problem.tile_factors`` (measured on real tiles by
+``python -m runtime.tools.dpfp_tilecal``, read by :mod:`planner.dpfp_factors`) each unit's fraction
+is multiplied by the unit's measured factor at that fraction: small tiles of small maps cost more
+than their area share (1.2-1.5x a quarter on VGG-16's 14 px maps), large maps' tiles less. A plan's latency is the sum over its blocks: the map is gathered
 at the coordinator between blocks.
 
 ``dpfp`` minimises over all boundary sets and, per block, the number of workers, in O(L^2) block
@@ -40,6 +43,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from planner.dpfp_factors import Points, TileFactors, factor_at
 from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.profile import Profile
@@ -69,6 +73,7 @@ class Problem:
     coordinator_bytes_per_second: float = 0.0  # the coordinator's crop/encode/decode/stitch rate (0: not costed)
     block_overhead_seconds: float = 0.0  # the coordinator's fixed cost per fused block (0: not costed)
     grids: bool = True  # may a block be tiled as a 2-D grid (else row bands only)
+    tile_factors: tuple[Points, ...] = ()  # per unit: measured (compute fraction, factor) curve; () or a unit's (): area only
     hw: tuple[tuple[int, int], ...] = field(init=False, repr=False)  # map size at each boundary 0..L
     order: tuple[int, ...] = field(init=False, repr=False)  # workers, fastest first
     speed: tuple[float, ...] = field(init=False, repr=False)  # 1 / total seconds (relative)
@@ -82,6 +87,8 @@ class Problem:
             raise InvalidInput("every unit needs a compute time for each of the same workers")
         if any(s < 0 for u in self.units for s in u.seconds):
             raise InvalidInput("compute times must be >= 0")
+        if self.tile_factors and len(self.tile_factors) != len(self.units):
+            raise InvalidInput(f"{len(self.tile_factors)} tile-factor curves for {len(self.units)} units")
         if not (self.coordinator_bytes_per_second >= 0 and self.block_overhead_seconds >= 0):
             raise InvalidInput(f"coordinator_bytes_per_second and block_overhead_seconds must be >= 0, got "
                                f"{self.coordinator_bytes_per_second}, {self.block_overhead_seconds}")
@@ -108,6 +115,11 @@ class Problem:
     def channels(self, boundary: int) -> int:
         """Channels of the map at boundary ``boundary`` (0: the chain input)."""
         return self.in_channels if boundary == 0 else self.units[boundary - 1].out_channels
+
+    def tile_compute(self, unit: int, fraction: float) -> float:
+        """A tile's share of unit ``unit``'s untiled compute: its compute fraction times the measured
+        factor at that fraction (1 where none was measured)."""
+        return fraction * (factor_at(self.tile_factors[unit], fraction) if self.tile_factors else 1.0)
 
     def map_bytes(self, boundary: int, rows: int, cols: int) -> int:
         return rows * cols * self.channels(boundary) * self.bytes_per_element
@@ -172,7 +184,7 @@ def _walk(problem: Problem, end: int, n: int, cols: int = 1) -> Iterator[BlockCo
         unit = problem.units[first]
         for i, w in enumerate(workers):
             tr = back_propagate(unit.geometry, problem.hw[first], regions[i])
-            compute[i] += unit.seconds[w] * compute_fraction(unit.geometry, tr)
+            compute[i] += unit.seconds[w] * problem.tile_compute(first, compute_fraction(unit.geometry, tr))
             regions[i] = tr.input
         in_bytes = [problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions]
         coordinator = problem.block_overhead_seconds + ((sum(in_bytes) + sum(out_bytes)) / cbps if cbps > 0 else 0.0)
@@ -287,9 +299,11 @@ def baselines(problem: Problem) -> dict[str, Plan]:
 def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Graph], in_hw: tuple[int, int],
                           in_channels: int, link: Link, first_block: int = 0, shared_link: bool = True,
                           coordinator_bytes_per_second: float = 0.0, grids: bool = True,
-                          bytes_per_element: int = 4, block_overhead_seconds: float = 0.0) -> Problem:
+                          bytes_per_element: int = 4, block_overhead_seconds: float = 0.0,
+                          tile_factors: TileFactors | None = None) -> Problem:
     """A problem from one profile per worker (same model) and the receptive geometry of each of
-    its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``).
+    its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``);
+    ``tile_factors``: measured tile-compute factors by unit name (``planner.dpfp_factors``; None: by area).
     Output channels come from each block's fp32 ``output_bytes`` and the geometry's map size, so
     ``in_hw`` must be the input size the profiles were measured at."""
     if not profiles:
@@ -311,6 +325,7 @@ def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Grap
             raise InvalidInput(f"block {first_block + i} ({blocks[0].name}): {blocks[0].output_bytes} output bytes "
                                f"are not fp32 x C x {hw[0]} x {hw[1]}; was the profile measured at {in_hw}?")
         units.append(Unit(blocks[0].name, geometry, tuple(b.seconds for b in blocks), channels))
+    curves = tuple(tile_factors.points(u.name) for u in units) if tile_factors is not None else ()
     return Problem(tuple(units), in_hw, in_channels, link, bytes_per_element, shared_link=shared_link,
                    coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids,
-                   block_overhead_seconds=block_overhead_seconds)
+                   block_overhead_seconds=block_overhead_seconds, tile_factors=curves)

@@ -97,13 +97,14 @@ def geometry(model: str, first: str | int = 0, end: str | int | None = None) -> 
 def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
             workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True,
             coordinator_bytes_per_second: float = 0.0, grids: bool = True, geom: Geometry | None = None,
-            block_overhead_seconds: float = 0.0) -> Proposal:
+            block_overhead_seconds: float = 0.0, tile_factors: D.TileFactors | None = None) -> Proposal:
     """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
     the last tileable split) of the profiles' model, on one worker per profile. ``shared_link``: the
     workers share one link to the coordinator (True) or each has its own (False);
     ``coordinator_bytes_per_second``: the coordinator's measured per-byte rate (0: not costed);
     ``grids``: may blocks be tiled as 2-D grids; ``geom``: the model's geometry, if already taken;
-    ``block_overhead_seconds``: the coordinator's measured fixed cost per block (0: not costed)."""
+    ``block_overhead_seconds``: the coordinator's measured fixed cost per block (0: not costed);
+    ``tile_factors``: tile-compute factors measured on real tiles (``planner.dpfp_factors``; None: by area)."""
     if not profiles:
         raise InvalidInput("give at least one edge worker profile (--profile FILE, role edge)")
     model = profiles[0].model
@@ -113,7 +114,7 @@ def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: 
     problem = D.problem_from_profiles(profiles, g.geometries, g.in_hw, g.in_channels, link, first_block=g.first,
                                       shared_link=shared_link, coordinator_bytes_per_second=coordinator_bytes_per_second,
                                       grids=grids, bytes_per_element=BYTES_PER_ELEMENT.get(codec.split("+")[0], 4),
-                                      block_overhead_seconds=block_overhead_seconds)
+                                      block_overhead_seconds=block_overhead_seconds, tile_factors=tile_factors)
     plans = {"dpfp": D.dpfp(problem), **D.baselines(problem)}
     names_of_workers = tuple(workers) if workers else tuple(p.machine for p in profiles)
     if len(names_of_workers) != len(profiles):

@@ -45,6 +45,10 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--parallel-block-overhead-ms", type=float, default=0.0, metavar="MS",
                    help="the coordinator's fixed cost per fused block, in ms (measured with the same calibration); "
                         "0: not costed")
+    g.add_argument("--parallel-tile-factors", metavar="FILE.json",
+                   help="tile-compute factors by tile size measured on real tiles ('python -m runtime.tools.dpfp_tilecal', "
+                        "run where the workers run): the cost model multiplies each tile's area share by them, for DPFP "
+                        "and every baseline (default: tiles priced by their area share alone)")
     g.add_argument("--parallel-no-grids", action="store_true",
                    help="tile every block in full-width row bands (default: a 2-D grid where it cuts halos)")
     g.add_argument("--parallel-first", default="input", metavar="SPLIT",
@@ -75,10 +79,17 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
     if not edge:
         raise InvalidInput("--parallel needs edge worker profiles (--profile FILE, role edge), one per worker")
     workers = [w.strip() for w in args.parallel_workers.split(",")] if args.parallel_workers else None
+    factors = None
+    if getattr(args, "parallel_tile_factors", None):
+        from planner.dpfp_factors import load as load_factors
+
+        factors = load_factors(args.parallel_tile_factors)  # InvalidInput: unreadable, wrong format, out of range
+        if factors.model != edge[0].model:
+            raise InvalidInput(f"--parallel-tile-factors is for {factors.model!r}, the profiles for {edge[0].model!r}")
     prop = propose(edge, _link(args.parallel_link), args.parallel_first, args.parallel_end, workers,
                    args.parallel_codec, shared_link=args.parallel_link_mode == "shared",
                    coordinator_bytes_per_second=args.parallel_coordinator_mbytes * 1e6, grids=not args.parallel_no_grids,
-                   block_overhead_seconds=args.parallel_block_overhead_ms / 1e3)
+                   block_overhead_seconds=args.parallel_block_overhead_ms / 1e3, tile_factors=factors)
     if args.json:
         print(json.dumps({name: {"seconds": plan.seconds, "workers": plan.workers,
                                  "blocks": [[prop.split_names[f], prop.split_names[e]] for f, e in plan.blocks],

@@ -81,6 +81,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--profile-runs", type=int, default=3, help="timed runs of the profile")
     p.add_argument("--profile", default="", metavar="FILE",
                    help="use this worker profile (measured at the same --share) instead of profiling again")
+    p.add_argument("--tile-factors", default="", metavar="FILE",
+                   help="tile-compute factors file (python -m runtime.tools.dpfp_tilecal) for the planner; default: "
+                        "measured at the start of the run inside a worker's quota; 'none': tiles priced by area alone")
+    p.add_argument("--tile-factor-runs", type=int, default=3, help="timed runs per unit and tile shape when measuring them")
     p.add_argument("--out", default="runtime/tools/results/dpfp_vgg16", help="OUT.json and OUT.md are written")
     return p
 
@@ -109,13 +113,14 @@ def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
 
 
 def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0,
-         block_ms: float = 0.0) -> dict:
+         block_ms: float = 0.0, factors: Path | None = None) -> dict:
     previous = strategy == PREVIOUS
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
            "--parallel-link-mode", args.link_mode,
            "--parallel-coordinator-mbytes", f"{0.0 if previous else coord_mbytes:.3f}", "--parallel-codec", args.codec,
            "--parallel-block-overhead-ms", f"{0.0 if previous else block_ms:.3f}",
            *(["--parallel-no-grids"] if args.no_grids or previous else []),
+           *(["--parallel-tile-factors", str(factors)] if factors and not previous else []),
            "--parallel-strategy", "dpfp" if previous else strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
     for _ in range(k):
         cmd += ["--profile", str(profile_path)]
@@ -240,7 +245,8 @@ class RelayProcess:
             self.proc.wait(10)
 
 
-async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal: dict, loaded, image) -> list[dict]:
+async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal: dict, loaded, image,
+                    factors: Path | None) -> list[dict]:
     import torch
 
     from runtime.parallel.plan import ParallelStage
@@ -248,7 +254,7 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
     planned, ms, skipped = {}, {}, {}
     for strategy in [x for x in STRATEGIES if x in args.strategies.split(",")]:
         planned[strategy] = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json", cal["bytes_per_second"] / 1e6,
-                                 cal.get("block_overhead_seconds", 0.0) * 1e3)
+                                 cal.get("block_overhead_seconds", 0.0) * 1e3, factors)
         stage = ParallelStage.from_json(planned[strategy]["stage"])
         if stage.predicted_seconds > args.max_predicted_seconds:
             skipped[strategy] = f"predicted above {args.max_predicted_seconds:g} s"
@@ -318,6 +324,11 @@ async def run(args, tmp: Path, quotas) -> dict:
         t0 = time.perf_counter()
         profile(quotas, args.share, args.model, args.profile_runs, prof)
         print(f"profiled {args.model} at {args.share:g} core in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    factors = None if args.tile_factors == "none" else Path(args.tile_factors) if args.tile_factors else tmp / "factors.json"
+    if factors is not None and not args.tile_factors:
+        from runtime.tools.dpfp_tilecal import in_quota
+
+        in_quota(quotas, args.share, args.model, factors, args.tile_factor_runs)
     loaded = load_model(args.model)
     workers, relays = [], []
     try:
@@ -338,10 +349,11 @@ async def run(args, tmp: Path, quotas) -> dict:
         cal = await calibrate_coordinator(args, loaded, [r.address for r in relays])
         rows = []
         for k in counts:
-            rows += await _measure_k(args, k, [r.address for r in relays[:k]], prof, tmp, cal, loaded, image)
+            rows += await _measure_k(args, k, [r.address for r in relays[:k]], prof, tmp, cal, loaded, image, factors)
         stage = ParallelStage.from_json(rows[-1]["stage"])
         last = stage.blocks[-1].end
-        return {"rows": rows, "range": [stage.blocks[0].start, last], "coordinator": cal}
+        return {"rows": rows, "range": [stage.blocks[0].start, last], "coordinator": cal,
+                "tile_factors": json.loads(factors.read_text()) if factors else None}
     finally:
         for r in relays:
             await r.close()
@@ -396,6 +408,16 @@ def _throughput(res: dict) -> list[str]:
     return out
 
 
+def _factors_note(res: dict) -> str:
+    tf = res.get("tile_factors")
+    if not tf:
+        return "each tile priced by its area share of the untiled block (no tile-compute factors)"
+    return (f"each tile's area share times the unit's factor at that share, measured on real tiles by "
+            f"runtime.tools.dpfp_tilecal ({len(tf['units'])} units, median of {tf['runs']} runs per tile shape, "
+            f"{tf['threads']} thread, at {tf['measured_at']}"
+            f"{', inside a worker quota' if not res['args'].get('tile_factors') else ', file ' + res['args']['tile_factors']})")
+
+
 def markdown(res: dict) -> str:
     a = res["args"]
     single = {r["workers"]: r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
@@ -424,16 +446,20 @@ def markdown(res: dict) -> str:
            "reduction and speedup against the single worker "
            "measured with K=1, and against the single worker measured in the same K group (the same minutes of "
            "machine load); predicted: against the predicted single worker.", "",
-           "| K | strategy | predicted s | measured s | reduction (meas.) | speedup (meas.) | vs single worker, same K "
-           "| reduction (pred.) | max rel. error | fused blocks |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+           f"Tile compute: {_factors_note(res)}.", "",
+           "| K | strategy | predicted s | measured s | pred. error | reduction (meas.) | speedup (meas.) | vs single "
+           "worker, same K | reduction (pred.) | max rel. error | fused blocks |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in res["rows"]:
         m = r.get("measured_seconds")
         red = f"{100 * (1 - m / base):.1f}%" if m and base else "-"
         spd = f"{base / m:.2f}x" if m and base else "-"
         same = single.get(r["workers"])
         same_k = f"{100 * (1 - m / same):.1f}% / {same / m:.2f}x" if m and same else "-"
+        perr = f"{100 * (r['predicted_seconds'] / m - 1):+.0f}%" if m else "-"
         out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
-                   f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | {red} | {spd} | {same_k} | "
+                   f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | "
+                   f"{perr} | {red} | {spd} | {same_k} | "
                    f"{_fmt(100 * (1 - r['predicted_seconds'] / base_pred) if base_pred else None, '.1f')}% | "
                    f"{_fmt(r.get('max_rel_error'), '.1e')} | "
                    f"{_blocks(r)} |")

@@ -1,0 +1,186 @@
+"""Tile-compute factors by map size, measured from real tiles, for the DPFP cost model (issue 13).
+
+    python -m runtime.tools.dpfp_tilecal --model vgg16 --out FACTORS.json [--runs 7] [--threads 1]
+
+The DPFP cost model (``planner.dpfp``) prices a tile of a unit (the layers between two consecutive
+split points) as the unit's profiled time times the share of the unit's work the tile does
+(:func:`runtime.parallel.receptive.compute_fraction`: its computed area, halo included). Small tiles
+of small maps run less efficiently per pixel than the whole map (measured on VGG-16: a quarter of a
+28 or 14 px block took 1.4-1.9x a quarter of the block), so this measures, for every unit of the
+tileable range, the tile over its area share::
+
+    factor(unit, tile) = seconds(tile) / (seconds(whole map) x compute_fraction(tile))
+
+on tiles of the shapes the DP considers (full-width row bands of 1/2, 1/4, 1/8 of the rows and grid
+tiles of 1/2 x 1/2, 1/4 x 1/2, 1/4 x 1/4 of the map), each the median of ``--runs`` timed runs of
+:meth:`runtime.parallel.tiled.TiledSegment.run_tile` after one warm-up, in this process (a timed run
+repeats the call for at least 50 ms and takes the mean: see ``MIN_SECONDS``). Run it
+where the workers run (``dpfp_bench`` runs it inside a worker's CPU quota) with the workers'
+``--torch-threads``. ``edgesplit plan --parallel --parallel-tile-factors FACTORS.json`` uses it for
+DPFP and every baseline. The file records the sample count (runs) of every figure and when it was
+measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+FORMAT = "edgesplit-tile-factors"
+VERSION = 1
+SHAPES = ((1, 1), (2, 1), (4, 1), (8, 1), (2, 2), (4, 2), (4, 4))
+"""(row parts, column parts) of the sampled tiles: the whole map, row bands, grid tiles."""
+
+
+MIN_SECONDS = 0.05
+"""Each timed run repeats the call until this much wall time has passed (in a 10 ms CPU-quota period a
+short call is either free or throttled; several periods average that out) and takes the mean."""
+
+
+def _median_seconds(fn, runs: int, min_seconds: float = MIN_SECONDS) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_seconds:
+                break
+        times.append(elapsed / n)
+    return statistics.median(times)
+
+
+def _tile(out_hw: tuple[int, int], parts: tuple[int, int]):
+    """The top-left tile of ``parts`` (rows, cols) of the map, or None if a side would be empty.
+    An inner tile would have halos on all sides; the top-left one has the border's zero padding on
+    two: both occur in a stage, and the tiles of 2 and 4 workers the DP plans always touch a border."""
+    from runtime.parallel.receptive import Region
+
+    rows, cols = out_hw[0] // parts[0], out_hw[1] // parts[1]
+    if rows < 1 or cols < 1:
+        return None
+    return Region.of(0, rows, 0, cols)
+
+
+def _crop(x, r):
+    return x[..., r.rows.start: r.rows.stop, r.cols.start: r.cols.stop].contiguous()
+
+
+def measure_unit(loaded, index: int, x, runs: int) -> dict:
+    """One unit (split ``index`` .. ``index + 1``) on its input map ``x``: the whole map and each shape."""
+    from runtime.parallel.receptive import Region, compute_fraction
+    from runtime.parallel.tiled import TiledSegment
+
+    seg = TiledSegment(loaded.sliced, index, index + 1)
+    in_hw = (int(x.shape[-2]), int(x.shape[-1]))
+    out_hw = seg.out_size(in_hw)
+    whole = seg.regions(in_hw, [Region.full(*out_hw)])[0]
+    x_whole = _crop(x, whole.input)  # a strided window may leave the last rows or columns unread
+    full = _median_seconds(lambda: seg.run_tile(x_whole, whole), runs)
+    samples, seen = [], set()
+    for parts in SHAPES[1:]:
+        tile = _tile(out_hw, parts)
+        if tile is None or tile.shape in seen:
+            continue
+        seen.add(tile.shape)
+        reg = seg.regions(in_hw, [tile])[0]
+        crop = _crop(x, reg.input)
+        seconds = _median_seconds(lambda s=seg, c=crop, r=reg: s.run_tile(c, r), runs)
+        fraction = compute_fraction(seg.geometry, reg)
+        samples.append({"rows": tile.shape[0], "cols": tile.shape[1], "fraction": fraction, "seconds": seconds,
+                        "factor": seconds / (full * fraction) if full > 0 and fraction > 0 else 1.0})
+    return {"name": loaded.split(index + 1).name, "start": loaded.split(index).name, "out_hw": list(out_hw),
+            "full_seconds": full, "samples": samples}
+
+
+def _tileable_end(sliced, first: int) -> int:
+    """The last split such that every unit from ``first`` to it can be tiled (as the planner's range)."""
+    from runtime.contracts.errors import EdgesplitError, InvalidInput
+    from runtime.parallel.tiled import segment_geometry
+
+    end = first
+    while end < len(sliced.split_points) - 1:
+        try:
+            segment_geometry(sliced, end, end + 1)
+        except EdgesplitError:
+            break
+        end += 1
+    if end == first:
+        raise InvalidInput(f"unit {first} of {sliced.name} cannot be tiled (global pool, flatten or linear layer)")
+    return end
+
+
+def calibrate(model: str, runs: int, first: str = "input", end: str = "") -> dict:
+    """Factors of every unit from split ``first`` to ``end`` (default: the last tileable split)."""
+    import torch
+
+    from runtime.models.loader import load_model
+
+    loaded = load_model(model)
+    a = loaded.split(first).index
+    b = loaded.split(end).index if end else _tileable_end(loaded.sliced, a)
+    units = []
+    with torch.inference_mode():
+        x = loaded.head(a)(torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0)))
+        for i in range(a, b):
+            units.append(measure_unit(loaded, i, x, runs))
+            x = loaded.segment(i, i + 1)(x)
+    return {"format": FORMAT, "version": VERSION, "model": loaded.name, "runs": runs,
+            "threads": torch.get_num_threads(), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "input_hw": list(loaded.input_shape[-2:]), "units": units}
+
+
+def in_quota(quotas, share: float, model: str, out: Path, runs: int = 7, timeout: float = 900) -> dict:
+    """This tool as a process of its own inside a new CPU quota of ``share`` cores (one torch thread,
+    as dpfp_bench's workers) from ``quotas`` (``runtime.tools.cpuquota.QuotaSet``); the file it wrote."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime.tools.dpfp_tilecal", "--model", model, "--out", str(out),
+                             "--runs", str(runs), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    quotas.new(share).add(proc.pid)
+    so, err = proc.communicate(timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"dpfp_tilecal failed: {err.decode()[-2000:]}")
+    print(so.decode().rstrip().splitlines()[-1], file=sys.stderr)
+    return json.loads(out.read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.tools.dpfp_tilecal", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", required=True, help="bundled model (at its input size, as the profiles)")
+    p.add_argument("--out", required=True, help="factors file to write (JSON)")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per unit and tile shape (the median is kept)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (as the workers' --torch-threads)")
+    p.add_argument("--first", default="input", help="split where the range begins")
+    p.add_argument("--end", default="", help="split where it ends (default: the last tileable one)")
+    args = p.parse_args(argv)
+    if not (1 <= args.runs <= 1000 and 1 <= args.threads <= 256):
+        p.error("--runs must be 1..1000 and --threads 1..256")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from runtime.contracts.errors import EdgesplitError
+
+    t0 = time.perf_counter()
+    try:
+        res = calibrate(args.model, args.runs, args.first, args.end)
+    except EdgesplitError as e:  # unknown model or split, a range that cannot be tiled
+        print(f"dpfp_tilecal: {e}", file=sys.stderr)
+        return 2
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    for u in res["units"]:
+        shown = " ".join(f"{s['rows']}x{s['cols']}:{s['factor']:.2f}" for s in u["samples"])
+        print(f"{u['name']:<14} {u['out_hw'][0]:>4}x{u['out_hw'][1]:<4} whole {u['full_seconds'] * 1e3:7.2f} ms  {shown}")
+    print(f"{len(res['units'])} units, {args.runs} runs each, {time.perf_counter() - t0:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
