@@ -3,8 +3,9 @@
     python -m runtime.tools.abuse_check
 
 Each line: the abuse, the status the daemon answered, and the figure that shows the bound (held
-bytes, resident memory, health latency meanwhile, time to end a stalled stream). Needs no root; takes ~40 s;
-the planner runs as a child process.
+bytes, resident memory, health latency meanwhile, time to end a stalled stream, calls that reached a
+handler). Needs no root; takes ~60 s; the planner runs as a child process; the certificates are made
+here (runtime.tools.pki).
 """
 
 from __future__ import annotations
@@ -92,8 +93,28 @@ async def profiles(tmp: Path) -> None:
         await task
         print(f"profile: agents registered after the abuses: {stored}; health during a 4,096-block registration: "
               f"{len(lat)} checks, p50 {statistics.median(lat) * 1e3:.1f} ms, max {max(lat) * 1e3:.1f} ms")
+        await _hijack(stub)
     proc.terminate()
     proc.wait(10)
+
+
+async def _hijack(stub) -> None:
+    """Re-register a worker id and report plan status for an agent, as another process (another lease)."""
+    owner, stranger = (("edgesplit-lease", "o" * 43),), (("edgesplit-lease", "s" * 43),)
+    worker = ppb.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:50051", tier="edge",
+                                       profiles_json=[_profile("edge", 21)])
+    agent = ppb.RegisterAgentRequest(agent_id="a1", model_id="tinynet", profile_json=_profile("device", 21))
+    setup = [await _code(stub.RegisterWorker(worker, timeout=RPC, metadata=owner)),
+             await _code(stub.RegisterAgent(agent, timeout=RPC, metadata=owner))]
+    worker.address = "127.0.0.1:6666"
+    hijack = [await _code(stub.RegisterWorker(worker, timeout=RPC, metadata=md)) for md in (stranger, None)]
+    spoof = await _code(stub.ReportPlanStatus(ppb.PlanStatus(agent_id="a1", version=1, applied=False,
+                                                             message="spoofed"), timeout=RPC, metadata=stranger))
+    listed = {a.agent_id: f"v{a.plan.version} on {a.plan.worker_address or 'the board'}"
+              for a in (await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents}
+    print(f"planner: owner registers w1 and a1 -> {setup}; w1 re-registered at another address by another lease / "
+          f"none -> {hijack}; a1's plan status refused by another lease -> {spoof}; a1's plan afterwards: "
+          f"{listed.get('a1', '(none)')}")
 
 
 async def _never_reads(stub, ws, cfg) -> None:
@@ -166,8 +187,12 @@ async def worker() -> None:
 
 
 def main() -> None:
+    from runtime.tools.abuse_tls import tls
+
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(profiles(Path(tmp)))
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(tls(Path(tmp)))
     asyncio.run(worker())
 
 
