@@ -8,11 +8,13 @@ issues the same configuration again with the figure the model gives now (reason 
 
 * the re-costed latency is more than ``PREDICTION_REFRESH`` (10 %, and 1 ms) off the issued one at every
   decision for ``hold_seconds`` (as a switch must hold: a spike of a factor re-issues nothing);
-* the factor behind it is settled: ``REFRESH_SAMPLES`` samples behind the device's or the plan worker's;
+* the factor behind it is settled: ``REFRESH_SAMPLES`` (2) samples behind the device's or the plan worker's (was 5: at
+  the agent's 10 s heartbeat a local phase of 40 s kept its old prediction throughout, issue 11);
 * at most once per ``REFRESH_SECONDS`` per agent.
 
 A link that moved within the running configuration re-issues nothing: plan versions follow
-configurations and compute, and a plan kept across a bandwidth step keeps the prediction made before it.
+configurations and compute, and a plan kept across a bandwidth step keeps the prediction made before it
+(the agent re-costs its link terms for its result lines: runtime.agent.prediction).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections.abc import Callable
 from typing import Any
 
 PREDICTION_REFRESH = 0.10  # a kept plan's prediction this far (relative) from its re-costed figure is stale
-REFRESH_SAMPLES = 5  # ... re-issued once the factor behind it has this many samples
+REFRESH_SAMPLES = 2  # ... re-issued once the factor behind it has this many samples (reports come per 10 s heartbeat)
 REFRESH_SECONDS = 10.0  # ... and at most this often per agent
 
 

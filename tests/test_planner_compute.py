@@ -592,3 +592,21 @@ def test_the_board_runtimes_own_time_is_added_to_the_configurations_of_its_kind(
         assert not st.apply_overhead({"overhead_local": 0.0405})
 
     aio.run(scenario())
+
+
+def test_a_kept_plans_prediction_is_refreshed_after_two_samples(aio, planner):
+    """Telemetry comes per 10 s heartbeat: a factor with two samples re-costs a kept plan (planner.refresh)."""
+    async def scenario():
+        v1 = await planner.register()
+        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC)
+        await next_plan(watch)
+        read = asyncio.ensure_future(next_plan(watch, 5.0))
+        await report(planner, 0.6 * sum(DEVICE_S[:2]), v1.version)
+        await asyncio.sleep(0.4)  # past the hold (0.3 s)
+        await report(planner, 0.7 * sum(DEVICE_S[:2]), v1.version)
+        new = await read
+        watch.cancel()
+        assert planner.ps.service.agents["a1"].speed.samples == 2
+        assert new.split_id == "conv2" and new.reason.startswith("compute: same configuration"), new.reason
+
+    aio.run(scenario())
