@@ -252,16 +252,22 @@ class SimAgent:
                 await asyncio.sleep(wait)
 
     async def _report(self, call, worker: str) -> None:
+        """Write reports until the run stops, the stream's time is up or the call ends. A call that ended
+        meanwhile (its planner died: UNAVAILABLE) wakes this at once and is not written to: a write into
+        it raced the status and failed INTERNAL "Internal error from Core" (grpc aio marks the call so),
+        which hid why it ended and kept the agent on the dead replica's address until its other stream
+        moved it."""
         interval = self.options.telemetry_interval_seconds
         opened = time.monotonic()
         next_due = opened  # the first report goes at once (an agent just registered)
+        call.add_done_callback(lambda _: self.report_now.set())
         while not self.phase.stopping and time.monotonic() - opened < STREAM_SECONDS - 2 * interval:
             delay = next_due - time.monotonic()
-            if delay > 0:
+            if delay > 0 and not call.done():
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self.report_now.wait(), delay)
-            if self.phase.stopping:
-                return
+            if self.phase.stopping or call.done():
+                return  # ended: the caller reads its status
             self.report_now.clear()
             if self.step_due:  # the step's clock starts as its report is written
                 self.step_due, self.pending, self.pending_unix = False, time.monotonic(), time.time()
