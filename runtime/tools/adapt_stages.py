@@ -18,6 +18,10 @@ decode      ``decode:*``                                  ``edge_decode``
 edge        ``compute:edge`` (and further tiers)          ``edge_tail``
 other       (none)                                        ``total`` - the stages above (threads, gRPC)
 ==========  ============================================  ==============================================
+
+Since the planner holds a term for the board runtime's own time (planner.compute.Overhead), the local
+configuration's ``compute:device`` includes the measured ``overhead_local`` and every ``encode:*`` the
+measured ``overhead_edge``, both of which the measured side counts under ``other``.
 """
 
 from __future__ import annotations
