@@ -137,6 +137,10 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
         print(f"plan breakdowns not read back: {e}", file=sys.stderr)
         plans = {}
     run["breakdowns"] = [[v, split, parts] for (v, split), parts in plans.items()]
+    if args.keep_planner_db:  # every plan with its fallback table, for a closer look afterwards
+        import shutil
+
+        shutil.copyfile(tmp / "planner.sqlite", args.keep_planner_db)
     return run
 
 
@@ -348,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="profile runs per block (default: 5)")
     p.add_argument("--seed", type=int, default=11, help="jitter seed")
     p.add_argument("--agent-log", default="", help="write the agent's log (stderr) to this file")
+    p.add_argument("--keep-planner-db", default="", help="copy the planner's SQLite store (every plan issued, with its "
+                                                         "fallback table) to this file")
     return p
 
 
