@@ -244,3 +244,17 @@ def test_upper_and_lower_bounds():
     assert not est.add_lower_bound(FAST / 10, 3.0)  # below: nothing new
     assert est.add_upper_bound(FAST / 10, 3.0) and est.steps == 1 and est.bandwidth.value == FAST / 10
     assert est.add_lower_bound(FAST / 5, 4.0) and est.bandwidth.value > FAST / 10
+
+
+def test_a_lower_bound_far_above_the_estimate_is_a_step_up_at_once():
+    """After 0.1 -> 50 Mbit/s a 1 KiB probe bounds the link at ~90 KB/s from below: the estimate of 12.5 KB/s
+    cannot stand, so it goes there at once (the agent's band switch sees it), as an upper bound far below does."""
+    slow = 0.1e6 / 8
+    est = LinkEstimate()
+    for i in range(5):
+        est.add_bandwidth(slow, float(i))
+    assert est.add_lower_bound(2 * slow, 5.0) and slow < est.bandwidth.value < 2 * slow  # near: an ordinary sample
+    before = est.bandwidth.value
+    assert est.add_lower_bound(90_000.0, 6.0) and est.bandwidth.value == 90_000.0 and est.steps == 1
+    assert not est.add_lower_bound(80_000.0, 6.5) and est.bandwidth.value == 90_000.0
+    assert before < est.bandwidth.value
