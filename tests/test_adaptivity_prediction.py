@@ -49,3 +49,21 @@ def test_plans_without_one_measured_link_keep_their_issued_prediction():
     no_bytes.predicted_bytes = 0
     assert Prediction.of(no_bytes).now(lk) == pytest.approx(0.100)
     assert Prediction.of(plan()).now(None) == pytest.approx(0.100)
+
+
+def test_a_fallback_entry_is_re_costed_with_the_bytes_the_agent_measured():
+    """Band entries carry no bytes (planner.fallbacks.lean): the agent's own figure for the split and codec stands in."""
+    est = LinkEstimator(clock=lambda: 10.0)
+    link = SimpleNamespace(predictions=OrderedDict(), agent=SimpleNamespace(link=est))
+    running = ppb.Plan(version=5, split_id="output", predicted_seconds=0.2)
+    entry = plan()
+    entry.predicted_bytes = 0
+    running.fallbacks.append(ppb.BandPlan(min_bandwidth_bytes_per_second=30_000, plan=entry))
+    PlannerLink._predict(link, running)
+    r = FrameResult(0, "f", torch.zeros(1, 10), "edge", "input", "jpeg40", 5, worker="e:1", wire_bytes=250_000,
+                    times={"transfer_edge": 0.5, "encode": 0.002})
+    est.add_bandwidth_sample(1_250_000.0, "e:1")
+    est.add_rtt_sample(0.005, "e:1")
+    assert PlannerLink.predicted(link, r) == pytest.approx(0.100)  # nothing measured for input/jpeg40 yet
+    est.wire.observe(r)
+    assert PlannerLink.predicted(link, r) == pytest.approx(0.100 - 0.026 + 0.005 + 0.200 + 0.010)

@@ -429,7 +429,9 @@ class PlannerLink:
         (0.0: none known, e.g. a plan from the command line)."""
         p = self.predictions.get((result.plan_version, result.split, result.worker))
         agent = getattr(self, "agent", None)  # its link's estimate now (runtime.agent.prediction)
-        return 0.0 if p is None else p.now(agent.link.links.get(result.worker) if agent and result.worker else None)
+        if p is None or agent is None or not result.worker:
+            return 0.0 if p is None else p.seconds
+        return p.now(agent.link.links.get(result.worker), agent.link.wire.mean(result.split, result.codec))
 
     def _remember(self, address: str, worker_id: str) -> None:
         if not (address and worker_id):

@@ -11,8 +11,10 @@ to the planner)::
     predicted = issued - (rtt + transfer + return)_issued + rtt_now + bytes / bw_now + return_issued * bw_issued / bw_now
     bw_issued = bytes / transfer_issued          (bytes: Plan.predicted_bytes)
 
-Only a plan with one link (the agent's: no next hops, no parallel stage) is re-costed; a plan with
-none (local), an unmeasured link or a figure missing from the breakdown keeps its issued prediction.
+A fallback table's entry carries no bytes (planner.fallbacks.lean): for it ``bytes`` are those the agent
+measured for its split and codec (runtime.agent.wirebytes), which the planner prices it with once it
+has them (planner.wirebytes). Only a plan with one link (the agent's: no next hops, no parallel stage)
+is re-costed; a plan with none (local), an unmeasured link or a figure missing keeps its issued prediction.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 @dataclass(frozen=True)
 class Prediction:
     seconds: float  # as issued
-    bytes: int = 0  # on the agent's link per frame (0: nothing to re-cost)
+    bytes: int = 0  # on the agent's link per frame (0: not in the plan)
     rtt: float = 0.0  # the issued link terms (seconds)
     transfer: float = 0.0
     ret: float = 0.0
@@ -35,17 +37,19 @@ class Prediction:
     def of(cls, plan: ppb.Plan) -> Prediction:
         terms = {k.partition(":")[0]: v for k, v in plan.breakdown_seconds.items() if k.startswith(("rtt:", "transfer:",
                                                                                                     "return:"))}
-        if (not plan.worker_address or plan.next_hops or plan.parallel.worker_addresses or plan.predicted_bytes <= 0
+        if (not plan.worker_address or plan.next_hops or plan.parallel.worker_addresses
                 or terms.get("transfer", 0.0) <= 0 or len([k for k in plan.breakdown_seconds if k.startswith("transfer:")]) != 1):
             return cls(plan.predicted_seconds)
         return cls(plan.predicted_seconds, plan.predicted_bytes, terms.get("rtt", 0.0), terms["transfer"],
                    terms.get("return", 0.0))
 
-    def now(self, link: Any) -> float:
-        """Re-costed at ``link`` (a runtime.agent.estimator.LinkEstimate, or None: as issued)."""
-        if link is None or self.bytes <= 0 or not link.bandwidth.samples or link.bandwidth.value <= 0:
+    def now(self, link: Any, measured_bytes: float = 0.0) -> float:
+        """Re-costed at ``link`` (a runtime.agent.estimator.LinkEstimate, or None: as issued); ``measured_bytes``:
+        the agent's figure for the configuration, used when the plan carries none (a fallback entry)."""
+        size = self.bytes or measured_bytes
+        if link is None or self.transfer <= 0 or size <= 0 or not link.bandwidth.samples or link.bandwidth.value <= 0:
             return self.seconds
         bw = link.bandwidth.value
-        issued_bw = self.bytes / self.transfer
+        issued_bw = size / self.transfer
         rtt = link.rtt.value if link.rtt.value > 0 else self.rtt
-        return self.seconds - self.rtt - self.transfer - self.ret + rtt + self.bytes / bw + self.ret * issued_bw / bw
+        return self.seconds - self.rtt - self.transfer - self.ret + rtt + size / bw + self.ret * issued_bw / bw

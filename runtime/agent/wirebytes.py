@@ -71,6 +71,11 @@ class WireTable:
             e.encodes.append(enc)
         return True
 
+    def mean(self, split: str, codec: str) -> float:
+        """Smoothed bytes per frame of (split, codec); 0.0 when never measured."""
+        e = self.entries.get((split, codec))
+        return e.mean_bytes if e is not None else 0.0
+
     def report(self) -> list[tuple[str, str, float, float, int, float]]:
         """(split, codec, mean bytes, encode seconds, samples, age seconds) of the entries measured
         within ``max_age``, most recent first."""
