@@ -16,6 +16,7 @@ from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.models.loader import load_model
 from runtime.tools import pki
+from runtime.wire import filewatch
 from runtime.wire.chain import Hop
 from runtime.wire.codec import get_codec
 from runtime.wire.transport import TransportOptions
@@ -72,6 +73,7 @@ def test_a_chain_runs_over_mtls_and_never_calls_a_revoked_next_tier(chain_site):
             chained = await run_agent(loaded, d, edge, cloud, images)
             admitted = cloud.daemon.auth.admitted
             pki.revoke(pki.read(d, "ca"), d / "crl.pem", [(d / "worker-cloud.pem").read_bytes()])
+            filewatch.request_reload()  # as SIGHUP does; else the CRL is read again within a second
             # a fresh edge (a forward stream already open is not re-checked: SECURITY.md)
             edge2 = await serve(worker_config(d, "worker-edge", next_tiers=(f"127.0.0.1:{cloud.port}",),
                                               forward_deadline_seconds=60.0, forward_connect_timeout_seconds=2.0))

@@ -104,8 +104,18 @@ def _endpoint(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+class ServerCertificateRevoked(grpc.aio.AioRpcError):  # type: ignore[misc]  # grpc ships no type information
+    """UNAUTHENTICATED: the server's certificate is in the CRL (its name shows in callers' logs and reasons)."""
+
+    def __init__(self, details: str):
+        super().__init__(grpc.StatusCode.UNAUTHENTICATED, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
+
+
+class ServerCertificateUnchecked(grpc.aio.AioRpcError):  # type: ignore[misc]
+    """UNAVAILABLE: the check's own handshake failed, so the server's certificate is not known."""
+
+    def __init__(self, details: str):
+        super().__init__(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), details=details)
 
 
 class ServerCheck:
@@ -149,17 +159,16 @@ class ServerCheck:
             REFUSED["revoked"] += 1
             logger.error("refusing %s: its certificate (serial %x) is revoked by %s", self.address, serial,
                          self.crl_file)
-            raise _rpc_error(grpc.StatusCode.UNAUTHENTICATED,
-                             f"the server certificate of {self.address} (serial {serial:x}) is revoked by "
-                             f"{self.crl_file}: not calling it (a server whose key was lost, or an impostor "
-                             "holding it; the site must issue that server a new certificate)")
+            raise ServerCertificateRevoked(
+                f"the server certificate of {self.address} (serial {serial:x}) is revoked by {self.crl_file}: not "
+                "calling it (a server whose key was lost, or an impostor holding it; the site must issue that server "
+                "a new certificate)")
         self.serial, self._at = serial, time.monotonic()
 
     def _unchecked(self, e: BaseException) -> grpc.aio.AioRpcError:
         REFUSED["unchecked"] += 1
-        return _rpc_error(grpc.StatusCode.UNAVAILABLE,
-                          f"cannot check the server certificate of {self.address} against {self.crl_file}: "
-                          f"{type(e).__name__}: {e}")
+        return ServerCertificateUnchecked(f"cannot check the server certificate of {self.address} against "
+                                          f"{self.crl_file}: {type(e).__name__}: {e}")
 
     async def ensure(self) -> None:
         """Return when the server's certificate is checked and not revoked; else AioRpcError
