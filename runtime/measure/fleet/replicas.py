@@ -133,8 +133,21 @@ def summary(options: FleetOptions, st: dict[str, Any], killed_at: float | None,
                kept_plan=sum(1 for _, before, after in back if before and after == before),
                p50_s=_s(percentile(secs, 50)), p99_s=_s(percentile(secs, 99)), max_s=_s(max(secs) if secs else None),
                within_target=sum(1 for s in secs if s <= REATTACH_TARGET_SECONDS),
-               target_s=REATTACH_TARGET_SECONDS)
+               target_s=REATTACH_TARGET_SECONDS,
+               survivor_during_reattach=_window(samples[-1], killed_at, killed_at + max(secs, default=0.0)))
     return out
+
+
+def _window(samples: list[dict[str, Any]], start: float, end: float) -> dict[str, Any] | None:
+    """The survivor's CPU and CPU wait (in cores) between the samples around ``start`` and ``end``:
+    whether re-attaching was bound by its core."""
+    inside = [s for s in samples if start - 0.5 <= s["t"] <= end + 0.5]
+    if len(inside) < 2 or inside[-1]["t"] <= inside[0]["t"]:
+        return None
+    a, b = inside[0], inside[-1]
+    wall = b["t"] - a["t"]
+    return {"seconds": round(wall, 1), "cpu_cores": round((b["cpu"] - a["cpu"]) / wall, 3),
+            "wait_cores": round((b["wait"] - a["wait"]) / wall, 3)}
 
 
 def _s(v: float | None) -> float | None:
@@ -150,4 +163,6 @@ def markdown(r: dict[str, Any] | None) -> list[str]:
     return [line, f"- replica killed (SIGKILL) {r['kill_after_seconds']:g} s into the measured phase: {r['moved']:,} agents "
                   f"lost their session, {r['reattached']:,} registered again on the survivor (re-attached and re-planned) "
                   f"p50 {r['p50_s']} s, p99 {r['p99_s']} s, max {r['max_s']} s after the kill; {r['within_target']:,} within "
-                  f"{r['target_s']:g} s; {r['kept_plan']:,} kept their plan version"]
+                  f"{r['target_s']:g} s; {r['kept_plan']:,} kept their plan version"
+                  + (f"; the survivor meanwhile ({w['seconds']} s): CPU {w['cpu_cores']} cores, waiting for a CPU "
+                     f"{w['wait_cores']} cores' worth" if (w := r.get("survivor_during_reattach")) else "")]
