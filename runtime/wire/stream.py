@@ -71,6 +71,7 @@ class EdgeStream:
         self._channel: grpc.aio.Channel | None = None
         # the path's own connection to the worker (liveness: probes there queue behind no frame), per epoch
         self._path: grpc.aio.Channel | None = None
+        self._warming: asyncio.Task | None = None  # the path's connection (and its server check) being made
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
         self._pending: dict[int, asyncio.Future] = {}
@@ -194,7 +195,7 @@ class EdgeStream:
             live = self._live
             if self._path is None and live.path:  # with the epoch's first frame: connected before it is needed
                 self._path = self.transport.probe_channel(self.address)
-                self._path.get_state(try_to_connect=True)
+                self._warming = asyncio.get_running_loop().create_task(self._warm(self._path))
             live.sent(seq, frame.tensor.payload_size or len(frame.tensor.buffer))  # outstanding from its first byte (a write may block)
             try:
                 for msg in frame_messages(request, self.transport.chunk_bytes):
@@ -313,6 +314,12 @@ class EdgeStream:
             await time_health_check(channel, live.allowance() or live.options.floor_seconds)
             live.probe_answered(sent_at)
 
+    async def _warm(self, path: grpc.aio.Channel) -> None:
+        """Connect the path now (handshakes, the server's certificate against a CRL), so a probe on it
+        later takes one round trip; a failure here is the probe's to find."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(path.channel_ready(), self.connect_timeout)
+
     @staticmethod
     async def _ask_path(channel: grpc.aio.Channel, live: Liveness) -> None:
         with contextlib.suppress(Exception):  # unanswered: the watchdog's verdict decides
@@ -321,8 +328,9 @@ class EdgeStream:
 
     async def close(self) -> None:
         self.closed = True
-        if self._watchdog is not None:
-            self._watchdog.cancel()
+        for task in (self._watchdog, self._warming):
+            if task is not None:
+                task.cancel()
         for task in list(self._cancels):
             task.cancel()
         call = self._call
