@@ -43,30 +43,37 @@ def test_defaults_detect_within_two_seconds_and_back_off_at_most_two():
     assert max(delays) <= 2.0 and min(delays) >= 0.5
 
 
-def test_a_silent_partition_is_detected_and_every_frame_gets_one_result(capsys):
+@pytest.mark.parametrize("mbps", [0.0, 0.1])
+def test_a_silent_partition_is_detected_and_every_frame_gets_one_result(mbps, capsys):
+    """A measured link, unshaped, or slow (0.1 Mbit/s: a 12.5 KB frame takes 1 s, and three in flight
+    give the estimate's allowance 4.5 s): the path's silence ends the stream at the 1.5 s floor."""
     loaded, x = digits_input()
+    shape = LinkShape.from_ms_mbps(10.0, mbps)
 
     async def go():
-        async with digits_agent(loaded) as (agent, proxy):  # deadline 30 s: far above 2 s
+        async with digits_agent(loaded, shape) as (agent, proxy):  # deadline 30 s: far above 2 s
             before = [await agent.infer(x) for _ in range(3)]
             assert [r.where for r in before] == ["edge"] * 3
             stream = agent._streams[proxy.address]
             proxy.blackhole = True
             cut = time.monotonic()
             during = asyncio.gather(*(agent.infer(x) for _ in range(3)))
+            await until(lambda: len(stream._live.outstanding) == 3, 5.0)
+            allowance = stream._live.allowance()  # the estimate's rule alone
             while stream.is_open and time.monotonic() - cut < 8.0:  # keep-alive alone: 11 s
                 await asyncio.sleep(0.05)
             detected = time.monotonic() - cut
             results = await asyncio.wait_for(during, 30.0)
-            return before, results, detected, stream.is_open, deaths(agent, reason="no_progress")
+            return before, results, detected, stream.is_open, deaths(agent, reason="no_progress"), allowance
 
-    before, results, detected, still_open, died = asyncio.run(go())
+    before, results, detected, still_open, died, allowance = asyncio.run(go())
     assert not still_open, "the dead stream was not declared dead within 8 s (the link-aware rule allows 1.5 s here)"
     assert died == 1  # by the liveness rule, not by keep-alive
     assert len(results) == 3 and all(r.where == "local" for r in results)  # one result each, run on the board
     assert all(r.top1()[0] == before[0].top1()[0] for r in results)
     with capsys.disabled():
-        print(f"\nsilent partition detected after {detected:.2f} s (frames in flight, link measured)")
+        print(f"\nsilent partition detected after {detected:.2f} s (frames in flight, link measured"
+              f"{f', {mbps:g} Mbit/s' if mbps else ''}; the estimate alone would allow {allowance:.2f} s)")
 
 
 @pytest.mark.parametrize("deadline", [30.0, 1.0])
