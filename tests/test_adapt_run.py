@@ -112,7 +112,11 @@ def test_frames_given_up_on_a_collapsed_link_are_counted():
                "times_ms": {"total": 50}, "predicted_ms": 50} for i in range(40)]
     frames += [{"seq": 40 + i, "t": 10.5 + i * 0.25, "where": "local", "split": "output", "plan_version": 1,
                 "times_ms": {"total": 200}, "predicted_ms": 200} for i in range(40)]
-    frames[40].update(split="input", fallback_reason="the link to r:1 collapsed (under 0.01 MB/s): the agent left it")
-    a = analyse({"frames": frames, "steps": [[0.0, 50.0], [10.0, 0.1]]})
-    assert [(ph.get("fallback_frames"), ph.get("given_up_frames")) for ph in a["phases"]] == [(0, 0), (1, 1)]
+    # given up 0.6 s into its wait (runtime.agent.edge labels it with the deadline's reason), and one that waited 2 s
+    frames[40].update(split="input", fallback_reason="deadline: no edge result within 2s",
+                      times_ms={"head": 0.1, "encode": 3.0, "local_tail": 200.0, "total": 800.0})
+    frames[41].update(split="input", fallback_reason="deadline: no edge result within 2s",
+                      times_ms={"head": 0.1, "encode": 3.0, "local_tail": 200.0, "total": 2204.0})
+    a = analyse({"frames": frames, "steps": [[0.0, 50.0], [10.0, 0.1]], "args": {"deadline": 2.0}})
+    assert [(ph.get("fallback_frames"), ph.get("given_up_frames")) for ph in a["phases"]] == [(0, 0), (2, 1)]
     assert any("1 of them given up" in line for line in _targets(a))

@@ -226,6 +226,12 @@ def _config(r: dict) -> str:
     return r["split"]
 
 
+def _waited_ms(r: dict) -> float:
+    """How long a frame that fell back waited for the worker: its total less the board's stages."""
+    t = r["times_ms"]
+    return t.get("total", 0.0) - sum(t.get(k, 0.0) for k in ("board_queue", "head", "tl_encode", "encode", "local_tail"))
+
+
 def analyse(run: dict) -> dict:
     """The issue's targets from a recorded run."""
     frames, steps = sorted(run["frames"], key=lambda r: r["seq"]), run["steps"]
@@ -244,8 +250,11 @@ def analyse(run: dict) -> dict:
             first = next((r for r in inside if _config(r) == new), None)
             ph["plan"] = new
             ph["fallback_frames"] = sum(1 for r in inside if r["where"] == "local" and r["split"] != "output")
-            # frames in flight on a link the agent left on proof of its collapse (runtime.agent.fallbacks give_up)
-            ph["given_up_frames"] = sum(1 for r in inside if "the agent left it" in (r.get("fallback_reason") or ""))
+            # frames in flight on a link the agent left on proof of its collapse (runtime.agent.fallbacks give_up):
+            # their wait ends with the deadline's reason before the deadline, which nothing else does
+            deadline_ms = 1e3 * float(run.get("args", {}).get("deadline", 2.0))
+            ph["given_up_frames"] = sum(1 for r in inside if (r.get("fallback_reason") or "").startswith("deadline")
+                                        and _waited_ms(r) < 0.9 * deadline_ms)
             changed = prev_plan is not None and new != prev_plan  # None: the plan did not change with the link
             ph["first_frame_under_new_plan_s"] = round(_end(first) - start, 2) if changed and first else None
             ph["first_frame_started_under_new_plan_s"] = round(_start(first) - start, 2) if changed and first else None
