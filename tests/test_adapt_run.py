@@ -120,3 +120,22 @@ def test_frames_given_up_on_a_collapsed_link_are_counted():
     a = analyse({"frames": frames, "steps": [[0.0, 50.0], [10.0, 0.1]], "args": {"deadline": 2.0}})
     assert [(ph.get("fallback_frames"), ph.get("given_up_frames")) for ph in a["phases"]] == [(0, 0), (2, 1)]
     assert any("1 of them given up" in line for line in _targets(a))
+
+
+def test_a_recorded_run_is_analysed_again(tmp_path):
+    import json
+
+    from runtime.tools.adapt_run import build_parser, main
+
+    frames = [{"seq": i, "t": 0.5 + i * 0.25, "t_start": 0.5 + i * 0.25, "where": "edge", "split": "input",
+               "plan_version": 1, "times_ms": {"total": 50}, "predicted_ms": 52} for i in range(60)]
+    args = vars(build_parser().parse_args(["--out", "x", "--phases", "50:15"]))
+    run = {"analysis": {"stale": True}, "frames": frames, "timeline": [{"t": 1.0, "set_bps": 6e6, "estimate_bps": 5e6}],
+           "steps": [[0.0, 50.0]], "args": args, "load_average": [[0.5, 0.5, 0.5], [0.4, 0.4, 0.4]], "warmup_s": 15.0,
+           "command": "python -m runtime.tools.adapt_run --out x --phases 50:15"}
+    (tmp_path / "r.json").write_text(json.dumps(run))
+    assert main(["--reanalyse", str(tmp_path / "r.json"), "--out", str(tmp_path / "again")]) == 0
+    md = (tmp_path / "again.md").read_text()
+    assert "`python -m runtime.tools.adapt_run --out x --phases 50:15` (analysed again with" in md
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["analysis"]["phases"][0]["median_rel_error"] == 0.04 and again["frames"] == frames

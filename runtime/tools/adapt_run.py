@@ -361,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=5, help="profile runs per block (default: 5)")
     p.add_argument("--seed", type=int, default=11, help="jitter seed")
     p.add_argument("--agent-log", default="", help="write the agent's log (stderr) to this file")
+    p.add_argument("--reanalyse", default="", help="run nothing: analyse the run recorded in this PREFIX.json again "
+                                                   "and write --out's files")
     p.add_argument("--keep-planner-db", default="", help="copy the planner's SQLite store (every plan issued, with its "
                                                          "fallback table) to this file")
     return p
@@ -372,20 +374,30 @@ def _la(triple: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    load = [os.getloadavg()]
-    with tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
-        run = asyncio.run(record(args, Path(tmp)))
-    load.append(os.getloadavg())
-    run["load_average"] = [[round(x, 2) for x in la] for la in load]
+    command = "python -m runtime.tools.adapt_run " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.reanalyse:  # a recorded run again, under this version's analysis
+        run = json.loads(Path(args.reanalyse).read_text())
+        run.pop("analysis", None)
+        orig = run.get("command") or "python -m runtime.tools.adapt_run --phases " + run["args"]["phases"]
+        cited = f"`{orig}` (analysed again with `{command}`)"
+        out_arg = args.out
+        args = argparse.Namespace(**{**vars(args), **run["args"], "out": out_arg})  # the run's settings
+    else:
+        load = [os.getloadavg()]
+        with tempfile.TemporaryDirectory(prefix="edgesplit-adapt-") as tmp:
+            run = asyncio.run(record(args, Path(tmp)))
+        load.append(os.getloadavg())
+        run["load_average"] = [[round(x, 2) for x in la] for la in load]
+        run["command"] = command
+        cited = f"`{command}`"
     result = analyse(run)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"analysis": result, **run}, indent=1))
     plot(run, out.with_suffix(".png"))
-    command = "python -m runtime.tools.adapt_run " + " ".join(sys.argv[1:] if argv is None else argv)
     board = "none (cgroup v1 unavailable)" if cpuquota.unavailable() else f"{args.board_share:g} of a core"
     md = [f"# Adaptivity run: {args.model}, phases {args.phases} (Mbit/s:s), +-{args.jitter:.0%} jitter", "",
-          f"Command: `{command}`; board CPU: {board}; relay delay {args.delay_ms:g} ms each way; load average "
+          f"Command: {cited}; board CPU: {board}; relay delay {args.delay_ms:g} ms each way; load average "
           f"(1/5/15 min) {_la(run['load_average'][0])} at the start, {_la(run['load_average'][1])} at the end "
           f"(a 2-core machine shared with other jobs); warm-up {run.get('warmup_s')} s.", "",
           f"![timeline]({out.with_suffix('.png').name})", "", "## Targets", "", *_targets(result), "",
