@@ -213,17 +213,29 @@ class WorkerSpeeds:
 
 MAX_OVERHEAD_SECONDS = 1.0  # a reported overhead beyond this is no measurement of the runtime: ignored
 OVERHEAD_TOLERANCE = (0.10, 0.001)  # remake the profile when an overhead moved by over 10 % and 1 ms
-KINDS = ("local", "edge")
+KINDS = ("local", "edge", "hold")  # board per local frame, board per offloaded frame, worker hold beyond its model
+
+
+def hold_extra(stages: Mapping[str, float], breakdown: Mapping[str, float]) -> float | None:
+    """The worker's hold of an offloaded frame (``edge_held``: last byte in to result out, on its clock) beyond
+    what the plan's model holds for it (its decode and edge compute; the tail factor corrects the compute):
+    gRPC handling, the decode's own slowness, its queue. None when the report or the plan holds nothing to compare."""
+    held, tail = stages.get("edge_held"), stages.get("edge_tail")
+    decode = [v for k, v in breakdown.items() if k.startswith("decode:")]
+    if held is None or tail is None or len(decode) != 1:
+        return None
+    return max(0.0, held - tail - decode[0])
 
 
 @dataclass
 class Overhead:
     """The board runtime's own time per frame, outside every stage it times (issue 11: 10-50 ms per local
     frame on a quota-limited board, under 1 ms per offloaded one; no profile holds it): the agent's
-    ``overhead_local`` / ``overhead_edge`` stage medians (runtime.agent.telemetry.runtime_overhead), smoothed
+    ``overhead_local`` / ``overhead_edge`` stage medians (runtime.agent.telemetry.runtime_overhead), and the
+    worker's hold beyond the model (``overhead_hold``, :func:`hold_extra`: 2-3 ms of ResNet-18's 50), smoothed
     as the slowdown factor is (ALPHA; the first sample sets it). :func:`with_overhead` adds the local one to
-    the configuration that runs every block on the board and the edge one to every transfer's encode (each
-    offloading configuration sends once from the board), so both its ranking and its prediction hold them."""
+    the configuration that runs every block on the board and the edge and hold ones to every transfer's encode
+    (each offloading configuration sends once from the board), so both its ranking and its prediction hold them."""
 
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     samples: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
@@ -248,7 +260,7 @@ class Overhead:
 def with_overhead(profile: Profile, applied: Mapping[str, float]) -> Profile:
     """``profile`` with ``applied["local"]`` seconds on its last block (run on the board only by the local
     configuration) and ``applied["edge"]`` on every transfer's encode; ``profile`` itself when both are 0."""
-    local, edge = applied.get("local", 0.0), applied.get("edge", 0.0)
+    local, edge = applied.get("local", 0.0), applied.get("edge", 0.0) + applied.get("hold", 0.0)
     if local <= 0 and edge <= 0:
         return profile
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
+from planner import compute
 from planner.metrics import PlannerMetrics
 from planner.state import AgentState, PlannerState
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -42,7 +43,11 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
     agent gives no sample."""
     plan = report_plan(state, st, t, previous)
     expired = st.tails.expire(time.time())  # a worker factor with no sample for its TTL: the profile stands again
-    expired |= st.apply_overhead(dict(t.stage_seconds))  # the board runtime's own time (any plan: it is the runtime's)
+    stages = dict(t.stage_seconds)
+    extra = compute.hold_extra(stages, plan.breakdown_seconds) if plan is not None and plan.worker_id else None
+    if extra is not None and not plan.next_hops and not plan.parallel.worker_addresses:
+        stages["overhead_hold"] = extra
+    expired |= st.apply_overhead(stages)  # the runtime's own time (board: any plan; worker: the plan's one hop)
     if plan is None or plan.model_id != st.record.model:
         return expired
     tail = observe_tail(state, st, plan, t) or expired
