@@ -34,3 +34,14 @@ def test_fit_splits_a_fixed_cost_per_block_from_a_per_byte_rate():
     assert fit([(1e6, 0.01), (1e6, 0.03)]) == (pytest.approx(1e6 / 0.02), 0.0)  # one size: no line, bytes / rest
     assert fit([(1e6, 0.03), (4e6, 0.01)])[1] == 0.0  # more bytes, less rest: no slope, no fixed cost
     assert fit([(1e6, -0.01), (2e6, -0.02)]) == (0.0, 0.0)  # nothing left to explain: not measurable
+
+
+def test_compute_blocks_are_the_last_convolution_units():
+    loaded = load_model("vgg16")
+    plain = calibration_stage(loaded, ["a:1", "b:2"])
+    with_compute = calibration_stage(loaded, ["a:1", "b:2"], compute_blocks=2)
+    assert with_compute.blocks[:len(plain.blocks)] == plain.blocks
+    extra = with_compute.blocks[len(plain.blocks):]
+    assert [(b.start, b.end) for b in extra] == [("features_25", "features_26"), ("features_27", "features_28")]  # 14x14 convs
+    for b in extra:
+        assert any(layer.kind == "conv" for layer in segment_geometry(loaded.sliced, b.start, b.end))

@@ -4,7 +4,8 @@
 
 Runs a calibration stage on the real workers over the real link: single-split blocks that hold only
 pointwise layers (VGG's ReLUs: many bytes, little compute), each on all workers, a few frames after a
-warm-up. Per block, the measured wall time minus the slowest tile's own worker time (queue, decode,
+warm-up; with ``--compute-blocks N`` (default 2) also the last N single-split blocks with a convolution
+(small maps, real compute: see ``COMPUTE_BLOCKS``). Per block, the measured wall time minus the slowest tile's own worker time (queue, decode,
 compute, as the worker reports it) minus the link's modelled time (RTT + bytes / bandwidth, as
 ``planner.dpfp`` costs it: all bytes on one shared link, or the largest crop and tile on links of
 their own) is what the cost model does not see: the coordinator's
@@ -30,10 +31,16 @@ from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
 from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.models.loader import LoadedModel
 from runtime.parallel.plan import ParallelStage, TiledBlock
-from runtime.parallel.receptive import POINTWISE
+from runtime.parallel.receptive import CONV, POINTWISE
 
 MAX_BLOCKS = 3
-"""Calibration blocks used at most (the first, middle and last pointwise split of the model)."""
+"""Pointwise calibration blocks used at most (the first, middle and last pointwise split of the model)."""
+COMPUTE_BLOCKS = 2
+"""Compute blocks added by default: the last two single-split units with a convolution (the smallest
+maps: few bytes). While the workers compute, each one's gRPC answer, the relays and the coordinator
+wait for a core on a shared machine; a pointwise block, where the workers hardly compute, misses that
+part of the fixed cost per block (measured on VGG-16 with 4 workers on 2 cores: ~3 ms per round with
+pointwise blocks, 10-20 ms within real blocks)."""
 
 
 @dataclass(frozen=True)
@@ -46,11 +53,12 @@ class Calibration:
     block_overhead_seconds: float = 0.0  # fixed cost per block (0: none found)
 
 
-def calibration_stage(loaded: LoadedModel, workers: Sequence[str]) -> ParallelStage:
-    """Single-split blocks of pointwise layers only, on all ``workers`` (InvalidInput if the model has none)."""
+def calibration_stage(loaded: LoadedModel, workers: Sequence[str], compute_blocks: int = 0) -> ParallelStage:
+    """Single-split blocks of pointwise layers only, on all ``workers`` (InvalidInput if the model has none),
+    and the last ``compute_blocks`` single-split blocks with a convolution (see ``COMPUTE_BLOCKS``)."""
     from runtime.parallel.tiled import segment_geometry
 
-    found = []
+    found, compute = [], []
     for i in range(len(loaded.sliced.split_points) - 1):
         try:
             g = segment_geometry(loaded.sliced, i, i + 1)
@@ -58,19 +66,23 @@ def calibration_stage(loaded: LoadedModel, workers: Sequence[str]) -> ParallelSt
             continue
         if all(layer.kind == POINTWISE for layer in g):
             found.append(i)
+        elif any(layer.kind == CONV for layer in g):
+            compute.append(i)
     if not found:
         raise InvalidInput(f"{loaded.name} has no tileable pointwise block to calibrate the coordinator with")
     picks = sorted({found[0], found[len(found) // 2], found[-1]})[:MAX_BLOCKS]
+    picks += compute[len(compute) - compute_blocks:] if compute_blocks > 0 else []
     return ParallelStage(tuple(workers), tuple(TiledBlock(loaded.split(i).name, loaded.split(i + 1).name,
                                                           (1.0,) * len(workers)) for i in picks), model=loaded.name)
 
 
 async def calibrate(loaded: LoadedModel, workers: Sequence[str], rtt_seconds: float, bandwidth_bytes_per_second: float,
-                    frames: int = 3, options: CoordinatorOptions | None = None, shared_link: bool = True) -> Calibration:
+                    frames: int = 3, options: CoordinatorOptions | None = None, shared_link: bool = True,
+                    compute_blocks: int = 0) -> Calibration:
     """Measure the coordinator's per-byte rate against ``workers`` (see the module docstring)."""
-    if not (frames >= 1 and bandwidth_bytes_per_second > 0 and rtt_seconds >= 0):
-        raise InvalidInput("calibration needs frames >= 1, bandwidth > 0 and RTT >= 0")
-    stage = calibration_stage(loaded, workers)
+    if not (frames >= 1 and bandwidth_bytes_per_second > 0 and rtt_seconds >= 0 and 0 <= compute_blocks <= 16):
+        raise InvalidInput("calibration needs frames >= 1, bandwidth > 0, RTT >= 0 and 0..16 compute blocks")
+    stage = calibration_stage(loaded, workers, compute_blocks)
     blocks = tuple(f"{b.start}..{b.end}" for b in stage.blocks)
     samples: list[tuple[int, float]] = []  # (bytes, rest) per block and frame
     for b in stage.blocks:  # each block on its own, from its own input map
@@ -120,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--link-mode", choices=("shared", "per-worker"), default="shared",
                    help="how the planner will cost the link ('edgesplit plan --parallel-link-mode')")
     p.add_argument("--frames", type=int, default=3, help="measured frames per calibration block (after one warm-up)")
+    p.add_argument("--compute-blocks", type=int, default=COMPUTE_BLOCKS,
+                   help="also this many single-split blocks with a convolution (the last ones, smallest maps): the fixed "
+                        "cost per block while the workers compute (0: pointwise blocks only, as before)")
     args = p.parse_args(argv)
     from runtime.models.loader import load_model
 
@@ -130,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.frames >= 1 and rtt_ms >= 0 and mbps > 0):
         p.error("--frames must be >= 1, RTT >= 0 and the rate > 0")
     cal = asyncio.run(calibrate(load_model(args.model), [w.strip() for w in args.workers.split(",") if w.strip()],
-                                rtt_ms / 1e3, mbps * 125_000.0, args.frames, shared_link=args.link_mode == "shared"))
+                                rtt_ms / 1e3, mbps * 125_000.0, args.frames, shared_link=args.link_mode == "shared",
+                                compute_blocks=args.compute_blocks))
     print(f"coordinator: {cal.bytes_per_second / 1e6:.1f} MB/s + {cal.block_overhead_seconds * 1e3:.2f} ms per block "
           f"({cal.bytes} bytes, {cal.rest_seconds * 1e3:.1f} ms not explained by compute and link; blocks "
           f"{', '.join(cal.blocks)}, {cal.frames} frames each)")

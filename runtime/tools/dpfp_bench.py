@@ -199,13 +199,13 @@ async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
     if args.no_calibrate:
         return {"bytes_per_second": 0.0, "blocks": [], "note": "not calibrated (--no-calibrate)"}
     from runtime.agent.parallel import CoordinatorOptions
-    from runtime.agent.parallel_calibrate import calibrate
+    from runtime.agent.parallel_calibrate import COMPUTE_BLOCKS, calibrate
     from runtime.wire.transport import TransportOptions
 
     cal = await calibrate(loaded, addresses, 2 * args.delay_ms / 1e3, args.rate_mbps * 125_000.0, args.frames,
                           CoordinatorOptions(tile_deadline_seconds=300,
                                              transport=TransportOptions(max_message_bytes=256 * MiB)),
-                          shared_link=args.link_mode == "shared")
+                          shared_link=args.link_mode == "shared", compute_blocks=COMPUTE_BLOCKS)
     print(f"coordinator calibrated: {cal.bytes_per_second / 1e6:.1f} MB/s + {cal.block_overhead_seconds * 1e3:.2f} ms "
           f"per block over {', '.join(cal.blocks)}", file=sys.stderr)
     return {"bytes_per_second": cal.bytes_per_second, "block_overhead_seconds": cal.block_overhead_seconds,
