@@ -152,6 +152,10 @@ def test_merge_keeps_each_runs_command_and_load():
     assert list(res["models"]) == ["a", "b"] and res["seconds"] == 20.0 and res["merged_runs"] == 2
     assert res["models"]["b"]["command"] == "edgesplit bench-scenarios --model b"
     assert res["models"]["a"]["load"].startswith("1.00, 1.00, 1.00 at the start")
+    res = report.merge([part("a", "edgesplit bench-scenarios --model a --scenario 20mbit"),
+                        part("a", "edgesplit bench-scenarios --model a --scenario 1.6mbit")])
+    assert list(res["models"]) == ["a", "a (run 2)"]  # both runs kept, each with its own command (and board)
+    assert res["models"]["a (run 2)"]["command"].endswith("--scenario 1.6mbit")
 
 
 def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):

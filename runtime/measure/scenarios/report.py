@@ -92,7 +92,7 @@ def markdown(res: dict) -> str:
     load = res.get("load", {})
     lines = ["# edgesplit bench-scenarios\n", f"Command: `{spec['command']}`  ", f"Machine: {res['machine']}  ",
              (f"Load average (uptime, 1/5/15 min) at the start {load.get('start', '?')}, at the end {load.get('end', '?')}: "
-              if not res.get("merged_runs") else f"{res['merged_runs']} runs, one per model (each model's command and "
+              if not res.get("merged_runs") else f"{res['merged_runs']} runs (each model's command and "
               "load average under its heading): ") + "the machine was shared with other jobs.  ",
              f"Frames per strategy: {spec['frames']} one at a time, then {spec['pipeline_frames'] or spec['frames']} with "
              f"{spec['window']} in flight (bundled photos, the same frames for every strategy), {spec['warmup']} "
@@ -162,13 +162,16 @@ def plot(res: dict, path: Path) -> None:
 
 def merge(parts: list[dict]) -> dict:
     """Runs of one model each (or more) as one result: every model keeps its own command, load average and
-    seconds; the links are each run's own measurement (the first run's shown at the top)."""
+    seconds; the links are each run's own measurement (the first run's shown at the top). A model in several
+    runs (e.g. its scenarios split over two runs) appears once per run, the later ones as "MODEL (run N)",
+    each with its own board calibration."""
     if not parts:
         raise ValueError("nothing to merge")
     models: dict = {}
-    for r in parts:
+    for i, r in enumerate(parts):
         for name, m in r["models"].items():
-            models[name] = {**m, "command": r["spec"]["command"], "machine": r.get("machine", ""),
+            key = name if name not in models else f"{name} (run {i + 1})"
+            models[key] = {**m, "command": r["spec"]["command"], "machine": r.get("machine", ""),
                             "load": f"{r['load']['start']} at the start, {r['load']['end']} at the end",
                             "seconds": r["seconds"]}
     first = parts[0]
