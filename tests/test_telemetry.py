@@ -100,3 +100,13 @@ def test_runtime_overhead_is_the_frames_time_outside_its_timed_stages():
         est.observe(r)
     medians, frames = est.take_report()
     assert (medians["overhead_local"], medians["overhead_edge"], frames) == (pytest.approx(0.030), pytest.approx(0.0015), 3)
+
+
+def test_the_results_way_back_counts_in_the_bandwidth_sample():
+    """15 KB up and 4 KB of logits back over 125 KB/s take 152 ms beyond the RTT: the link is 125 KB/s, not 99."""
+    est = LinkEstimator()
+    est.add_rtt_sample(0.010)
+    r = FrameResult(0, "f", torch.zeros(1, 1000), "edge", "input", "jpeg", 1, wire_bytes=15_000,
+                    times={"transfer_edge": 0.010 + 19_000 / 125_000, "edge_held": 0.0})
+    est.observe(r)
+    assert est.bandwidth_bytes_per_second == pytest.approx(125_000)

@@ -8,12 +8,15 @@
       network = transfer_edge - edge_queue - edge_decode - edge_tail - edge_forward - rtt
       (with ``edge_held``, the worker's time from the frame's last byte to its result leaving, on
       its own clock, in place of the four worker stages: it also covers admission and send waits)
-      sample  = b / network        (only when network > 0 and b >= min_bytes)
+      sample  = (b + r) / network  (only when network > 0 and b >= min_bytes)
 
   Frames under ``min_bytes`` (default 8 KiB) are skipped: on them the transfer takes about one
   round trip plus gRPC's per-message overhead, so ``network`` is mostly timer noise and a single
-  small frame would report an absurd figure. The result message (a few hundred bytes of logits)
-  is ignored. Under a window of concurrent frames ``transfer_edge`` also holds the wait for the
+  small frame would report an absurd figure. ``r`` is the result's bytes as the worker sends them
+  back (the output tensor's; ResNet-18's 1000 fp32 logits are 4 KB, 32 ms at 1 Mbit/s): the network
+  time holds its way back too, and the planner prices that return at the same bandwidth
+  (runtime.contracts.costmodel), so leaving it out made the link look 20 % slower than it was with
+  15 KB JPEG frames and the return was counted twice in predictions (issue 11). Under a window of concurrent frames ``transfer_edge`` also holds the wait for the
   stream's write lock, so the figure is the share of the link one frame gets, slightly below the
   raw link rate.
 * RTT (seconds) from small probes on the same channel (``grpc.health.v1.Health/Check``, which
@@ -126,7 +129,7 @@ class LinkEstimator:
             held = t.get("edge_queue", 0.0) + t.get("edge_decode", 0.0) + t.get("edge_tail", 0.0) + t.get("edge_forward", 0.0)
         network = t["transfer_edge"] - held - self.estimate(key).rtt.value
         if network > 0:
-            self.add_bandwidth_sample(result.wire_bytes / network, key)
+            self.add_bandwidth_sample((result.wire_bytes + result_bytes(result)) / network, key)
 
     def observe_censored(self, key: str, sent_bytes: int, elapsed: float) -> bool:
         """A frame with no result after ``elapsed`` s, ``sent_bytes`` being its own bytes plus those the
@@ -226,6 +229,15 @@ class LinkEstimator:
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames
+
+
+def result_bytes(result: Any) -> int:
+    """Bytes of a frame's result as the worker returns it: its output tensor's (0 when it has none)."""
+    out = getattr(result, "output", None)
+    try:
+        return int(out.numel() * out.element_size())
+    except AttributeError:
+        return 0
 
 
 BOARD_STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine")
