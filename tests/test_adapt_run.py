@@ -139,3 +139,12 @@ def test_a_recorded_run_is_analysed_again(tmp_path):
     assert "`python -m runtime.tools.adapt_run --out x --phases 50:15` (analysed again with" in md
     again = json.loads((tmp_path / "again.json").read_text())
     assert again["analysis"]["phases"][0]["median_rel_error"] == 0.04 and again["frames"] == frames
+
+
+def test_a_step_that_keeps_the_plan_says_so_instead_of_missing_the_target():
+    frames = [{"seq": i, "t": 0.5 + i * 0.25, "where": "edge", "split": "input", "plan_version": 1,
+               "times_ms": {"total": 50}, "predicted_ms": 50} for i in range(80)]
+    a = analyse({"frames": frames, "steps": [[0.0, 50.0], [10.0, 1.0]]})
+    lines = _targets(a)
+    assert any("step down to 1 Mbit/s: no new plan (input stays the best at this rate)" in x for x in lines), lines
+    assert not any("NOT met by its start" in x for x in lines)

@@ -275,16 +275,22 @@ def analyse(run: dict) -> dict:
 def _targets(a: dict) -> list[str]:
     lines = [f"- frames lost {a['lost']}, duplicated {a['duplicated']} (target 0): "
              f"{'met' if a['lost'] == 0 == a['duplicated'] else 'NOT met'}"]
+    prev_plan = None
     for ph in a["phases"]:
         if ph.get("step"):
             bound = 2.0 if ph["step"] == "down" else 5.0
             got, began = ph.get("first_frame_under_new_plan_s"), ph.get("first_frame_started_under_new_plan_s")
             verdict = ("met" if began is not None and began <= bound else "NOT met") + " by its start, " + (
                 "met" if got is not None and got <= bound else "NOT met") + " by its result"
-            lines.append(f"- step {ph['step']} to {ph['mbps']:g} Mbit/s: the first frame under the new plan started "
-                         f"{began} s after the step, its result {got} s (target <= {bound:g} s): {verdict}; "
-                         f"{ph.get('fallback_frames')} frames fell back to the board, {ph.get('given_up_frames')} of "
-                         "them given up on the collapsed link")
+            fell = (f"{ph.get('fallback_frames')} frames fell back to the board, {ph.get('given_up_frames')} of them "
+                    "given up on the collapsed link")
+            if got is None and began is None and ph.get("plan") == prev_plan:
+                lines.append(f"- step {ph['step']} to {ph['mbps']:g} Mbit/s: no new plan ({ph.get('plan')} stays the "
+                             f"best at this rate): nothing to time; {fell}")
+            else:
+                lines.append(f"- step {ph['step']} to {ph['mbps']:g} Mbit/s: the first frame under the new plan started "
+                             f"{began} s after the step, its result {got} s (target <= {bound:g} s): {verdict}; {fell}")
+        prev_plan = ph.get("plan")
         sw, err = ph.get("switches_per_40s_steady"), ph.get("median_rel_error")
         lines.append(f"- {ph['mbps']:g} Mbit/s steady: {sw} switches per 40 s (target <= 1): "
                      f"{'met' if sw is not None and sw <= 1 else 'NOT met'}; median |predicted - measured| "
