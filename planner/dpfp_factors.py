@@ -76,7 +76,7 @@ def _points(unit: dict, where: str) -> Points:
             fraction, factor = float(s["fraction"]), float(s["factor"])
         except (KeyError, TypeError, ValueError):
             raise InvalidInput(f"{where}: every sample needs numeric 'fraction' and 'factor'") from None
-        if not (0 < fraction <= 1.0 and MIN_FACTOR <= factor and factor * fraction <= MAX_TILE_OVER_WHOLE):
+        if not (0 < fraction <= 1.0 and factor >= MIN_FACTOR and factor * fraction <= MAX_TILE_OVER_WHOLE):
             raise InvalidInput(f"{where}: sample fraction {fraction} / factor {factor} out of range (fraction 0..1, "
                                f"factor >= {MIN_FACTOR}, factor x fraction <= {MAX_TILE_OVER_WHOLE})")
         by_fraction.setdefault(round(fraction, 9), []).append(factor)
