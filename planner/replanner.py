@@ -405,10 +405,12 @@ class RePlanner:
                 bw = lk.bandwidth_bytes_per_second
                 self.state.record_link(st, wid, lk.rtt_seconds, bw, now - lk.bandwidth_age_seconds if bw > 0 else now)
                 st.mark("telemetry")
-        if self.config.compute_telemetry and t.stage_seconds and measured.observe_compute(
-                self.state, self.metrics, st, t, self._previous.get(st.record.id)):
-            st.mark("compute")
-        if measured.observe_wire(st, t, now):  # transfers priced with the bytes the agent measured
+        # the model moved (compute factors, runtime overheads, bytes per frame): decide again; a link change in the
+        # same message stays the recorded cause (it is what the agent saw change; the decision uses both)
+        model = self.config.compute_telemetry and bool(t.stage_seconds) and measured.observe_compute(
+            self.state, self.metrics, st, t, self._previous.get(st.record.id))
+        model = measured.observe_wire(st, t, now) or model  # transfers priced with the bytes the agent measured
+        if model and not st.dirty:
             st.mark("compute")
         mono = self.clock()
         if st.dirty and mono - st.last_acted >= 1.0 / self.config.telemetry_max_rate_hz:

@@ -633,3 +633,25 @@ def test_the_workers_hold_beyond_the_model_is_added_to_offloaded_configurations(
         assert now["conv2"] == pytest.approx(before["conv2"] + 0.004)
 
     aio.run(scenario())
+
+
+def test_a_link_change_stays_the_cause_when_the_model_moves_in_the_same_report(aio, planner):
+    """A report that moves the link and the model (an overhead here) is a telemetry switch, not a compute one."""
+    from planner_helpers import SLOW
+
+    async def scenario():
+        v1 = await planner.register()
+        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC)
+        await next_plan(watch)
+
+        async def messages():
+            yield pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=SLOW, rtt_seconds=0.005,
+                               plan_version=v1.version, sent_unix=time.time(), frames=10,
+                               stage_seconds={"overhead_edge": 0.003})
+        await planner.stub.ReportTelemetry(messages(), timeout=RPC)
+        new = await next_plan(watch)
+        watch.cancel()
+        assert planner.ps.service.agents["a1"].overhead.applied["edge"] == pytest.approx(0.003)
+        assert new.split_id == "output" and new.reason.startswith("telemetry"), new.reason
+
+    aio.run(scenario())
