@@ -245,7 +245,9 @@ class SimAgent:
                 wait = await self._ended("ReportTelemetry", call, e, k) or backoff
             finally:
                 call.cancel()
-            if self._broken(await _code(call)):
+            if self._broken(await _code(call)) or (len(self.stubs) > 1 and self._reattaching.locked()):
+                # a broken session, or one whose other stream is re-attaching it now (this one may have
+                # ended INTERNAL, no reason to move by itself): follow it, not a retry on the dead replica
                 await self.reattach(session)
                 continue
             if not self.phase.stopping:
