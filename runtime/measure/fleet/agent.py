@@ -255,10 +255,9 @@ class SimAgent:
 
     async def _report(self, call, worker: str) -> None:
         """Write reports until the run stops, the stream's time is up or the call ends. A call that ended
-        meanwhile (its planner died: UNAVAILABLE) wakes this at once and is not written to: a write into
-        it raced the status and failed INTERNAL "Internal error from Core" (grpc aio marks the call so),
-        which hid why it ended and kept the agent on the dead replica's address until its other stream
-        moved it."""
+        meanwhile (its planner died: UNAVAILABLE) wakes this at once and is not written to (a write that
+        core refuses ends the call INTERNAL "Internal error from Core" in grpc aio; with a replica killed
+        under 10,000 agents most of its telemetry streams still end so: runtime/measure/results/fleet.md)."""
         interval = self.options.telemetry_interval_seconds
         opened = time.monotonic()
         next_due = opened  # the first report goes at once (an agent just registered)
