@@ -10,10 +10,11 @@ against 68 KB for resized crops, both with lz4). The worker adds the rows back u
 mean/std of the model the frame names, with the same float32 arithmetic as ``preprocess``: the decoded
 tensor equals the agent's bit for bit, so the split computes exactly what the unsplit model does.
 
-Why not PNG: on the board's CPU Pillow's PNG (level 1) took 3.5 ms for a 224 x 224 photo on the unrestricted
-side (about 60 ms on an 18x slower board) for 69 KB, against 0.2-0.3 ms and 110 KB here
-(runtime/measure/results/overhead.md has the table): the bytes PNG saves pay for its encode time only
-below about 10 Mbit/s, where every lossless input is slower than the board running the model itself.
+Why not PNG: on the bundled photos (``python -m runtime.measure.scenarios.input_codecs``, recorded in
+runtime/measure/results/overhead.md) Pillow's PNG at level 1 is 69 KB a frame against 110 KB here, but takes
+4.0 ms to encode unrestricted against 0.7 ms (98 ms against 1.4 ms under the emulated board's CPU quota; about
+72 against 12 ms on a board 18x slower throughout). Its 41 KB pay for that only below about 5 Mbit/s; at the
+1.6 Mbit/s IIoT link it would save about 0.15 s a frame (a possible second input codec, not built).
 
 Decoding checks before anything is allocated: the header (:func:`validate_tensor`: shape ``[1, 3, H, W]``,
 ``encoded_size == 3 * H * W``, the lz4 payload within its bound) and the model's input size.
