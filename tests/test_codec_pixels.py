@@ -222,3 +222,13 @@ def test_planner_picks_pixels_when_it_wins_within_the_floor():
     got = best(0.8)
     assert got.hops[0].split == "input" and got.hops[0].transfer.codec == "pixels+lz4", got
     assert best(1.0).hops[0].transfer.codec == "jpeg"
+
+
+def test_input_codecs_benchmark_measures_every_codec(loaded, photos):
+    """The benchmark behind overhead.md's input-codec table (its timings are printed, not asserted)."""
+    from runtime.measure.scenarios.input_codecs import encoders, measure
+
+    res = measure(encoders(loaded.spec), photos[:2], repeats=1)
+    assert list(res) == ["pixels", "pixels+lz4", "jpeg", "fp16+lz4", "png (level 1)", "png (level 6)"]
+    assert res["pixels"]["bytes"] > res["pixels+lz4"]["bytes"] > res["png (level 1)"]["bytes"] > res["jpeg"]["bytes"]
+    assert all(r["encode_ms"] > 0 for r in res.values())
