@@ -222,6 +222,8 @@ class RePlanner:
                 return
             st.dirty = False
             cause = st.cause
+            refresh_cause = "compute" if st.model_moved else cause  # planner.refresh: only for a model that moved
+            st.model_moved = False
             self.state.save_links(st)
             aid = st.record.id
             exclude = st.refused_key if self._refusal_stands(st) else None
@@ -239,12 +241,12 @@ class RePlanner:
                 if await self.parallel.changed(self.state, st, self.executor):  # usable workers changed: DPFP again
                     await self._issue(st, best, f"{cause}: usable workers changed, parallel stage reconsidered", cause)
                     return
-                if self.refresh.due(st, cause, best.config.seconds):
+                if self.refresh.due(st, refresh_cause, best.config.seconds):
                     await self._refresh(st, best)
                     return
                 await self._rank_bands(st, again=not self._confirm_basis(st))
                 return
-            await self._switch(st, best, current, cause)
+            await self._switch(st, best, current, cause, refresh_cause)
 
     def _set_basis(self, st: AgentState, plan: pb.Plan | None = None, around: float = 0.0) -> None:
         """Remember the band of the running plan (``plan``: it, or a copy carrying the bands ranked
@@ -292,15 +294,16 @@ class RePlanner:
             return b.ranked(lk.bandwidth_bytes_per_second)
         return True
 
-    async def _switch(self, st: AgentState, best: Ranked, current: Configuration | None, cause: str) -> None:
+    async def _switch(self, st: AgentState, best: Ranked, current: Configuration | None, cause: str,
+                      refresh_cause: str = "") -> None:
         """Replace the running plan by ``best`` if the hysteresis says so."""
         assert st.plan is not None
         objective = decide.objective(st.record)
         cur = None if current is None else decide.score(current, objective)
         verdict = self.hysteresis.update(st.record.id, cur, decide.score(best.config, objective))
         if not verdict.switch:
-            if current is not None and not self.hysteresis.holding(st.record.id) and self.refresh.due(st, cause,
-                                                                                                 current.seconds):
+            if current is not None and not self.hysteresis.holding(st.record.id) and self.refresh.due(
+                    st, refresh_cause or cause, current.seconds):
                 await self._refresh(st, Ranked(current, st.plan.worker_id, st.plan.worker_address,
                                                tuple((h.worker_id, h.address) for h in st.plan.next_hops)))
             return
@@ -410,8 +413,10 @@ class RePlanner:
         model = self.config.compute_telemetry and bool(t.stage_seconds) and measured.observe_compute(
             self.state, self.metrics, st, t, self._previous.get(st.record.id))
         model = measured.observe_wire(st, t, now) or model  # transfers priced with the bytes the agent measured
-        if model and not st.dirty:
-            st.mark("compute")
+        if model:
+            st.model_moved = True  # a kept plan's prediction may be re-issued for it (planner.refresh), whatever the cause
+            if not st.dirty:
+                st.mark("compute")
         mono = self.clock()
         if st.dirty and mono - st.last_acted >= 1.0 / self.config.telemetry_max_rate_hz:
             st.last_acted = mono

@@ -56,6 +56,7 @@ class AgentState:
     last_acted: float = field(default=-math.inf, init=False)  # monotonic time telemetry last triggered a decision
     dirty: bool = field(default=False, init=False)  # conditions changed since the last decision
     cause: str = field(default="telemetry", init=False)  # what changed them (a metrics label of PLAN_REASONS)
+    model_moved: bool = field(default=False, init=False)  # the model (factors, overheads, bytes) moved since the last decision
     refused_key: PlanKey | None = field(default=None, init=False)  # not proposed again until conditions change
     refused_conditions: dict = field(default_factory=dict, init=False)  # PlannerState.conditions at the refusal
     speed: DeviceSpeed = field(default_factory=DeviceSpeed, init=False)  # measured / profiled device compute

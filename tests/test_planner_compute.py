@@ -655,3 +655,26 @@ def test_a_link_change_stays_the_cause_when_the_model_moves_in_the_same_report(a
         assert new.split_id == "output" and new.reason.startswith("telemetry"), new.reason
 
     aio.run(scenario())
+
+
+def test_a_model_that_moved_refreshes_a_kept_plan_even_when_its_reports_also_moved_the_link(aio, planner):
+    """Under jitter nearly every report moves the link, which stays the recorded cause: the prediction is
+    re-issued for the model that moved all the same (planner.refresh)."""
+    async def scenario():
+        v1 = await planner.register()
+        watch = planner.stub.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC)
+        await next_plan(watch)
+        read = asyncio.ensure_future(next_plan(watch, 5.0))
+        for bw, f in ((1.3 * FAST, 0.6), (1.7 * FAST, 0.7)):
+            async def messages(bw=bw, f=f):
+                yield pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=bw, rtt_seconds=0.005,
+                                   plan_version=v1.version, sent_unix=time.time(), frames=10,
+                                   stage_seconds={"head": f * sum(DEVICE_S[:2])})
+            await planner.stub.ReportTelemetry(messages(), timeout=RPC)
+            await asyncio.sleep(0.4)
+        new = await read
+        watch.cancel()
+        assert new.split_id == "conv2" and "same configuration" in new.reason, new.reason
+        assert new.reason.startswith("telemetry"), new.reason
+
+    aio.run(scenario())
