@@ -133,3 +133,28 @@ def test_no_worker_configured_runs_everything_locally(loaded, frames):
     expected = _expected(loaded, frames[:2])
     assert [r.fallback_reason for r in results] == ["no worker configured"] * 2
     assert all(torch.equal(r.output, e) for r, e in zip(results, expected, strict=True))
+
+
+def test_a_plan_that_sends_nothing_runs_each_frame_as_one_board_job(loaded, frames):
+    """With no worker, head and local tail run in one job on the board thread: a second job would
+    queue the frame's (trivial) tail behind the next frame's head, up to one head time per frame."""
+    async def scenario():
+        agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("int8+lz4")))
+        await agent.start()
+        jobs = []
+        submit = agent.executor.submit
+
+        def counting(fn, *args, **kwargs):
+            jobs.append(fn)
+            return submit(fn, *args, **kwargs)
+
+        agent.executor.submit = counting
+        try:
+            return await _run_all(agent, frames[:4]), len(jobs)
+        finally:
+            await agent.close()
+
+    results, jobs = asyncio.run(scenario())
+    assert jobs == 4
+    assert all(r.where == "local" and "local_tail" in r.times for r in results)
+    assert all(torch.equal(r.output, e) for r, e in zip(results, _expected(loaded, frames[:4]), strict=True))

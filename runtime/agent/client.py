@@ -229,7 +229,8 @@ class Agent:
     def _head_encode(self, plan: ActivePlan, x: torch.Tensor):
         """Head, then (with a TL and a worker) the TL encoder, then the wire codec, straight into the
         stream message the frame travels in (its header is set at send time; no copy of the payload).
-        Returns (h, message, start, head s, codec s, tl_encode s or None); h is the raw head output."""
+        Returns (h, message, start, head s, codec s, tl_encode s or None, (output, tail s) or None);
+        h is the raw head output; the last is set when the plan sends nothing (the tail ran here)."""
         t0 = time.perf_counter()
         with torch.inference_mode():
             h = plan.head(x)
@@ -240,11 +241,15 @@ class Agent:
                 z = plan.encoder(h)
             t_tl = time.perf_counter() - t1
         t2 = time.perf_counter()
-        msg = None
+        msg, tail = None, None
         if plan.stream is not None:
             msg = pb.StreamRequest()
             plan.codec.encode_into(z, msg.frame.tensor)
-        return h, msg, t0, t1 - t0, time.perf_counter() - t2, t_tl
+        t_enc = time.perf_counter() - t2
+        if plan.stream is None:
+            # nothing to send: the tail runs in this board job too, not queued behind the next frame's head
+            tail = self._run_local_tail(plan, h)
+        return h, msg, t0, t1 - t0, t_enc, t_tl, tail
 
     @staticmethod
     def _run_local_tail(plan: ActivePlan, h: torch.Tensor):
@@ -276,7 +281,8 @@ class Agent:
     async def _infer(self, plan: ActivePlan, seq: int, x: torch.Tensor, frame: str) -> FrameResult:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        h, msg, t_start, t_head, t_enc, t_tl = await loop.run_in_executor(self.executor, self._head_encode, plan, x)
+        h, msg, t_start, t_head, t_enc, t_tl, tail = await loop.run_in_executor(
+            self.executor, self._head_encode, plan, x)
         result = FrameResult(seq, frame or f"frame-{seq}", torch.empty(0), "edge", plan.split.name,
                              plan.codec.name, plan.version)
         # board_queue: waiting for the board thread (other frames' head or local tail)
@@ -294,7 +300,9 @@ class Agent:
             result.where, result.fallback_reason = "local", reason
             self.metrics.fallbacks.labels(_reason_label(reason)).inc()
             logger.debug("frame %d runs locally: %s", seq, reason, extra={"frame": seq, "plan": plan.version})
-            result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
+            if tail is None:  # the edge failed: the tail was not run with the head
+                tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
+            result.output, t_tail = tail
             result.times["local_tail"] = t_tail
         elif self.refine_margin > 0 and top1_margin(result.output) < self.refine_margin:
             result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
