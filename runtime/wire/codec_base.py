@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 import lz4.block
 import torch
@@ -11,6 +12,9 @@ import torch
 from runtime.contracts.errors import InvalidInput
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.wire.validation import DEFAULT_MAX_BYTES, validate_tensor
+
+if TYPE_CHECKING:
+    from runtime.models.spec import ModelSpec
 
 
 def _tensor_bytes(x: torch.Tensor) -> memoryview:
@@ -122,3 +126,32 @@ class Codec(ABC):
             return self.nominal_ratio if self.codec != tensor_pb2.CODEC_RAW else 4 / x.element_size()
         msg = self.encode(x)
         return x.numel() * 4 / max(1, len(msg.buffer) + 8 * len(msg.scale))
+
+
+class InputImageCodec(Codec):
+    """A codec of the model's input as the camera's 8-bit image (jpeg, pixels): split 0 only; ``spec``
+    gives the normalisation (mean/std) and the input size. Subclasses code the pixels."""
+
+    def __init__(self, spec: ModelSpec, lz4: bool = False) -> None:
+        super().__init__(lz4)
+        self.spec = spec
+        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
+
+    def _check_shape(self, shape: list[int]) -> None:
+        h, w = self.spec.input_size
+        if shape != [1, 3, h, w]:
+            raise InvalidInput(f"codec {self.name} carries {self.spec.name}'s input image [1, 3, {h}, {w}], got "
+                               f"shape {shape}: use it only at split 0 ('input')")
+
+    def _to_pixels(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        """The de-normalised input as uint8 [3, H, W] (checked); the decoded tensor will be float32."""
+        self._check_shape(list(x.shape))
+        if not x.is_floating_point():
+            raise InvalidInput(f"codec {self.name} needs the float input tensor, got dtype {x.dtype}")
+        msg.dtype = "float32"
+        return (x[0].float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
+
+    def _from_pixels(self, pix: torch.Tensor) -> torch.Tensor:
+        """The model's normalised input [1, 3, H, W] from float pixel values [3, H, W]."""
+        return ((pix - self.mean) / self.std).unsqueeze(0).contiguous()

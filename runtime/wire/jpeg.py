@@ -25,7 +25,7 @@ import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.proto.edgesplit.v1 import tensor_pb2
-from runtime.wire.codec_base import Codec
+from runtime.wire.codec_base import InputImageCodec
 
 if TYPE_CHECKING:
     from runtime.models.spec import ModelSpec
@@ -60,12 +60,7 @@ def check_split(codec: object, split_index: int, split_name: str = "") -> None:
                            f"split {where}; use raw, fp16(+lz4) or int8(+lz4) there")
 
 
-def _norm(spec: ModelSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1),
-            torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1))
-
-
-class JpegCodec(Codec):
+class JpegCodec(InputImageCodec):
     """JPEG of the de-normalised input image; ``spec`` gives mean/std and the input size."""
 
     name = "jpeg"
@@ -74,26 +69,14 @@ class JpegCodec(Codec):
     nominal_ratio = 40.0  # a guess before measuring: camera photos at quality 90 (fp32 bytes / JPEG bytes)
 
     def __init__(self, spec: ModelSpec, quality: int = DEFAULT_QUALITY) -> None:
-        super().__init__(False)
-        self.spec = spec
+        super().__init__(spec)
         self.quality = quality
         self.name = "jpeg" if quality == DEFAULT_QUALITY else f"jpeg{quality}"
-        self.mean, self.std = _norm(spec)
-
-    def _check_shape(self, shape: list[int]) -> None:
-        h, w = self.spec.input_size
-        if shape != [1, 3, h, w]:
-            raise InvalidInput(f"codec {self.name} carries {self.spec.name}'s input image [1, 3, {h}, {w}], got "
-                               f"shape {shape}: use it only at split 0 ({INPUT_SPLIT!r})")
 
     def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
         from PIL import Image
 
-        self._check_shape(list(x.shape))
-        if not x.is_floating_point():
-            raise InvalidInput(f"codec {self.name} needs the float input tensor, got dtype {x.dtype}")
-        msg.dtype = "float32"
-        pix = (x[0].float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
+        pix = self._to_pixels(x, msg)
         buf = io.BytesIO()
         Image.fromarray(pix.permute(1, 2, 0).contiguous().numpy()).save(buf, format="JPEG", quality=self.quality)
         return memoryview(buf.getvalue())
@@ -116,8 +99,7 @@ class JpegCodec(Codec):
         except Exception as e:  # truncated or corrupt scan data
             raise InvalidInput(f"the JPEG could not be decoded ({type(e).__name__}: {e})") from None
         data = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
-        x = data.reshape(h, w, 3).permute(2, 0, 1).to(torch.float32)
-        return ((x - self.mean) / self.std).unsqueeze(0).contiguous()
+        return self._from_pixels(data.reshape(h, w, 3).permute(2, 0, 1).to(torch.float32))
 
 
 def jpeg_codec(name: str, spec: ModelSpec | None) -> JpegCodec:

@@ -28,7 +28,7 @@ import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.proto.edgesplit.v1 import tensor_pb2
-from runtime.wire.codec_base import Codec, _tensor_bytes
+from runtime.wire.codec_base import InputImageCodec, _tensor_bytes
 
 if TYPE_CHECKING:
     from runtime.models.spec import ModelSpec
@@ -47,7 +47,7 @@ def is_input_codec(name: object) -> bool:
     return is_jpeg(name) or is_pixels(name)
 
 
-class PixelsCodec(Codec):
+class PixelsCodec(InputImageCodec):
     """Lossless 8-bit pixels of the de-normalised input; ``spec`` gives mean/std and the input size."""
 
     name = "pixels"
@@ -56,23 +56,10 @@ class PixelsCodec(Codec):
     nominal_ratio = 4.0  # fp32 bytes / uint8 bytes, before lz4
 
     def __init__(self, spec: ModelSpec, lz4: bool = False) -> None:
-        super().__init__(lz4)
-        self.spec = spec
-        self.mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-
-    def _check_shape(self, shape: list[int]) -> None:
-        h, w = self.spec.input_size
-        if shape != [1, 3, h, w]:
-            raise InvalidInput(f"codec {self.name} carries {self.spec.name}'s input image [1, 3, {h}, {w}], got "
-                               f"shape {shape}: use it only at split 0 ('input')")
+        super().__init__(spec, lz4)
 
     def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
-        self._check_shape(list(x.shape))
-        if not x.is_floating_point():
-            raise InvalidInput(f"codec {self.name} needs the float input tensor, got dtype {x.dtype}")
-        msg.dtype = "float32"
-        pix = (x[0].float() * self.std + self.mean).round_().clamp_(0, 255).to(torch.uint8)
+        pix = self._to_pixels(x, msg)
         res = pix.clone()
         res[:, 1:] -= pix[:, :-1]  # uint8 arithmetic wraps modulo 256
         return _tensor_bytes(res)
@@ -81,8 +68,7 @@ class PixelsCodec(Codec):
         shape = list(msg.shape)
         self._check_shape(shape)
         res = torch.frombuffer(payload, dtype=torch.uint8).reshape(shape[1:])
-        pix = torch.cumsum(res, dim=1, dtype=torch.int32).bitwise_and_(255).to(torch.float32)
-        return ((pix - self.mean) / self.std).unsqueeze(0).contiguous()
+        return self._from_pixels(torch.cumsum(res, dim=1, dtype=torch.int32).bitwise_and_(255).to(torch.float32))
 
 
 def pixels_codec(name: str, spec: ModelSpec | None) -> PixelsCodec:
