@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from planner import dpfp as D
 from runtime.contracts.costmodel import Link
-from runtime.contracts.errors import EdgesplitError, InvalidInput
+from runtime.contracts.errors import InvalidInput
 from runtime.contracts.profile import Profile
 from runtime.parallel.plan import ParallelStage, TiledBlock
 
@@ -30,23 +30,6 @@ class Proposal:
     split_names: tuple[str, ...]  # names of the split points first_split .. first_split + units
     plans: dict[str, D.Plan]  # dpfp and the baselines
     stage: ParallelStage  # dpfp's plan, runnable
-
-
-def tileable_end(sliced, first: int, last: int | None = None) -> int:
-    """The last split index ``e >= first + 1`` such that every block first..e can be tiled."""
-    from runtime.parallel.tiled import segment_geometry
-
-    end = first
-    stop = len(sliced.split_points) - 1 if last is None else last
-    while end < stop:
-        try:
-            segment_geometry(sliced, end, end + 1)
-        except EdgesplitError:
-            break
-        end += 1
-    if end == first:
-        raise InvalidInput(f"block {first} of {sliced.name} cannot be tiled (global pool, flatten or linear layer)")
-    return end
 
 
 def stage_from_plan(plan: D.Plan, problem: D.Problem, names: Sequence[str], workers: Sequence[str], codec: str,
@@ -78,7 +61,7 @@ def geometry(model: str, first: str | int = 0, end: str | int | None = None) -> 
     """Load ``model`` (torch; the caller keeps only the result) and take the geometry of blocks
     ``first .. end`` (default: from the input to the last tileable split)."""
     from runtime.models.loader import load_model
-    from runtime.parallel.tiled import segment_geometry
+    from runtime.parallel.tiled import segment_geometry, tileable_end
 
     loaded = load_model(model)
     sliced = loaded.sliced

@@ -21,7 +21,6 @@ import pytest
 import torch
 
 from planner.config import PlannerConfig
-from planner.parallel_plan import tileable_end
 from planner.server import serve as serve_planner
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
@@ -29,6 +28,7 @@ from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
 from runtime.contracts.profile import Block, Profile
 from runtime.models.loader import load_model
+from runtime.parallel.tiled import tileable_end
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.wire.codec import get_codec

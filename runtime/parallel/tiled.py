@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from runtime.contracts.errors import InvalidInput
+from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.models.slicing import LayerInfo, SlicedModel
 from runtime.parallel import receptive as rf
 from runtime.parallel.receptive import Graph, Layer, Region, TileRegions
@@ -95,6 +95,22 @@ def _layer(sliced: SlicedModel, node: fx.Node, info: LayerInfo, shapes: dict[str
             raise _refuse(node, info.kind, f"only a concat along channels (dim 1) keeps the geometry, not dim {dim}")
         return Layer(node.name, rf.CONCAT, inputs, cost=float(out_c))
     raise _refuse(node, info.kind)
+
+
+def tileable_end(sliced: SlicedModel, first: int, last: int | None = None) -> int:
+    """The last split index ``e >= first + 1`` (at most ``last``) such that every block first..e can be
+    tiled; InvalidInput when block ``first`` cannot (global pool, flatten or linear layer)."""
+    end = first
+    stop = len(sliced.split_points) - 1 if last is None else last
+    while end < stop:
+        try:
+            segment_geometry(sliced, end, end + 1)
+        except EdgesplitError:
+            break
+        end += 1
+    if end == first:
+        raise InvalidInput(f"block {first} of {sliced.name} cannot be tiled (global pool, flatten or linear layer)")
+    return end
 
 
 def segment_geometry(sliced: SlicedModel, a: str | int, b: str | int) -> Graph:

@@ -99,32 +99,16 @@ def measure_unit(loaded, index: int, x, runs: int) -> dict:
             "full_seconds": full, "samples": samples}
 
 
-def _tileable_end(sliced, first: int) -> int:
-    """The last split such that every unit from ``first`` to it can be tiled (as the planner's range)."""
-    from runtime.contracts.errors import EdgesplitError, InvalidInput
-    from runtime.parallel.tiled import segment_geometry
-
-    end = first
-    while end < len(sliced.split_points) - 1:
-        try:
-            segment_geometry(sliced, end, end + 1)
-        except EdgesplitError:
-            break
-        end += 1
-    if end == first:
-        raise InvalidInput(f"unit {first} of {sliced.name} cannot be tiled (global pool, flatten or linear layer)")
-    return end
-
-
 def calibrate(model: str, runs: int, first: str = "input", end: str = "") -> dict:
     """Factors of every unit from split ``first`` to ``end`` (default: the last tileable split)."""
     import torch
 
     from runtime.models.loader import load_model
+    from runtime.parallel.tiled import tileable_end
 
     loaded = load_model(model)
     a = loaded.split(first).index
-    b = loaded.split(end).index if end else _tileable_end(loaded.sliced, a)
+    b = loaded.split(end).index if end else tileable_end(loaded.sliced, a)
     units = []
     with torch.inference_mode():
         x = loaded.head(a)(torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0)))
