@@ -104,7 +104,7 @@ class Constraints(_message.Message):
     def __init__(self, raw_input_stays: _Optional[bool] = ..., min_fidelity: _Optional[float] = ..., max_upload_bytes: _Optional[int] = ..., max_device_seconds: _Optional[float] = ..., device_memory_bytes: _Optional[int] = ..., objective: _Optional[str] = ..., exclude_workers: _Optional[_Iterable[str]] = ..., include_workers: _Optional[_Iterable[str]] = ..., pin_blocks: _Optional[_Iterable[_Union[BlockTier, _Mapping]]] = ..., forbid_blocks: _Optional[_Iterable[_Union[BlockTier, _Mapping]]] = ..., max_tier_seconds: _Optional[_Mapping[str, float]] = ..., max_tier_share: _Optional[_Mapping[str, float]] = ..., max_link_upload_bytes: _Optional[_Mapping[str, int]] = ..., max_memory_bytes: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class RegisterAgentRequest(_message.Message):
-    __slots__ = ("agent_id", "model_id", "model_digest", "profile_json", "workers", "tl_ids", "constraints")
+    __slots__ = ("agent_id", "model_id", "model_digest", "profile_json", "workers", "tl_ids", "constraints", "profile_sha256")
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class RegisterAgentRequest(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     TL_IDS_FIELD_NUMBER: _ClassVar[int]
     CONSTRAINTS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_SHA256_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     model_id: str
     model_digest: str
@@ -119,7 +120,8 @@ class RegisterAgentRequest(_message.Message):
     workers: _containers.RepeatedScalarFieldContainer[str]
     tl_ids: _containers.RepeatedScalarFieldContainer[str]
     constraints: Constraints
-    def __init__(self, agent_id: _Optional[str] = ..., model_id: _Optional[str] = ..., model_digest: _Optional[str] = ..., profile_json: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., tl_ids: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ...) -> None: ...
+    profile_sha256: str
+    def __init__(self, agent_id: _Optional[str] = ..., model_id: _Optional[str] = ..., model_digest: _Optional[str] = ..., profile_json: _Optional[str] = ..., workers: _Optional[_Iterable[str]] = ..., tl_ids: _Optional[_Iterable[str]] = ..., constraints: _Optional[_Union[Constraints, _Mapping]] = ..., profile_sha256: _Optional[str] = ...) -> None: ...
 
 class RegisterAgentReply(_message.Message):
     __slots__ = ("plan",)
