@@ -241,7 +241,7 @@ class RePlanner:
                 if await self.parallel.changed(self.state, st, self.executor):  # usable workers changed: DPFP again
                     await self._issue(st, best, f"{cause}: usable workers changed, parallel stage reconsidered", cause)
                     return
-                if self.refresh.due(st, refresh_cause, best.config.seconds):
+                if self.refresh.due(st, refresh_cause, best.config):
                     await self._refresh(st, best)
                     return
                 await self._rank_bands(st, again=not self._confirm_basis(st))
@@ -303,7 +303,7 @@ class RePlanner:
         verdict = self.hysteresis.update(st.record.id, cur, decide.score(best.config, objective))
         if not verdict.switch:
             if current is not None and not self.hysteresis.holding(st.record.id) and self.refresh.due(
-                    st, refresh_cause or cause, current.seconds):
+                    st, refresh_cause or cause, current):
                 await self._refresh(st, Ranked(current, st.plan.worker_id, st.plan.worker_address,
                                                tuple((h.worker_id, h.address) for h in st.plan.next_hops)))
             return

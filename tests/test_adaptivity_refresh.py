@@ -1,0 +1,63 @@
+"""A kept plan's prediction is re-issued when the model moved, compared at the link it was issued with
+(issue 11: planner.refresh.at_issued_link), and the board's overhead skips a configuration's first frames
+(runtime.agent.telemetry)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from planner import refresh
+from runtime.contracts.costmodel import Configuration, Hop, Stage
+from runtime.contracts.profile import Transfer
+from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+
+def issued(rtt: float = 0.020) -> pb.Plan:
+    """Issued at 20 ms RTT, 10 KB in 10 ms: 60 ms predicted."""
+    p = pb.Plan(version=3, split_id="input", worker_id="w1", predicted_seconds=0.060, predicted_bytes=10_000)
+    p.breakdown_seconds.update({"compute:edge": 0.028, "encode:device->edge": 0.001, "rtt:device->edge": rtt,
+                                "transfer:device->edge": 0.010, "decode:device->edge": 0.001})
+    return p
+
+
+def config(edge: float, rtt: float, transfer: float, size: int = 10_000) -> Configuration:
+    hop = Hop("device", "board", "edge", "server", 0, "input", Transfer("jpeg", size, 0.001, 0.001, "jpeg"),
+              0.001, rtt, transfer, 0.001, 0.0)
+    stages = (Stage("device", "board", 0, 0, 0.0, 0.001), Stage("edge", "server", 0, 4, edge, edge + 0.001))
+    return Configuration(edge + 0.002 + rtt + transfer, 10.0, stages, (hop,))
+
+
+def test_a_lower_rtt_and_a_slower_model_do_not_cancel():
+    """RTT 20 -> 5 ms and the worker 15 ms slower: the whole figure is the issued 60 ms, but the model's part
+    moved by 25 %: stale (the agent's lines re-cost the link at 5 ms and would say 45 ms against 60 measured)."""
+    now = config(edge=0.043, rtt=0.005, transfer=0.010)
+    assert now.seconds == pytest.approx(0.060)
+    assert refresh.at_issued_link(issued(), now) == pytest.approx(0.075)
+    assert refresh.stale(0.060, refresh.at_issued_link(issued(), now))
+
+
+def test_a_link_move_alone_is_not_stale():
+    """The same model at another link (RTT 5 ms, half the bandwidth): nothing to re-issue."""
+    now = config(edge=0.028, rtt=0.005, transfer=0.020)
+    assert refresh.at_issued_link(issued(), now) == pytest.approx(0.060)
+    assert not refresh.stale(0.060, refresh.at_issued_link(issued(), now))
+
+
+def test_measured_bytes_still_count_at_the_issued_bandwidth():
+    """Twice the bytes (measured per frame) at the bandwidth of the moment of issue: 10 ms more."""
+    now = config(edge=0.028, rtt=0.005, transfer=0.005, size=20_000)  # at 4x the bandwidth now
+    assert refresh.at_issued_link(issued(), now) == pytest.approx(0.070)
+
+
+def test_due_uses_the_model_part():
+    clock = [100.0]
+    r = refresh.Refresh(hold_seconds=1.0, clock=lambda: clock[0])
+    st = SimpleNamespace(record=SimpleNamespace(id="a1"), plan=issued(), speed=SimpleNamespace(samples=0),
+                         tails=SimpleNamespace(speeds={"w1": SimpleNamespace(samples=2)}))
+    now = config(edge=0.043, rtt=0.005, transfer=0.010)
+    assert not r.due(st, "compute", now)  # stale from now on, not yet held
+    clock[0] += 2.0
+    assert r.due(st, "compute", now)
+    assert not r.due(st, "telemetry", now)  # a link cause alone re-issues nothing
