@@ -109,8 +109,8 @@ def check_worker_request(request: pb.RegisterWorkerRequest, config: PlannerConfi
     return WorkerRequest(wid, address, tier, check_ids(request.tl_ids, "tl_ids"), check_next_tiers(request.next_tiers))
 
 
-def _loads(text: str, where: str, cache: ProfileCache | None) -> Profile:
-    return cache.loads(text, where) if cache is not None else profiles.loads(text, where)
+def _loads(text: str, where: str, cache: ProfileCache | None, key: bytes | None = None) -> Profile:
+    return cache.loads(text, where, key) if cache is not None else profiles.loads(text, where)
 
 
 def parse_worker_profiles(worker_id: str, texts: list[str], cache: ProfileCache | None = None) -> dict[str, Profile]:
@@ -137,16 +137,19 @@ class AgentRequest:
     tl_ids: tuple[str, ...]
 
 
-def check_agent_request(request: pb.RegisterAgentRequest, cache: ProfileCache | None = None) -> AgentRequest:
+def check_agent_request(request: pb.RegisterAgentRequest, cache: ProfileCache | None = None,
+                        text: str | None = None, key: bytes | None = None) -> AgentRequest:
     """A RegisterAgent's ids, its device profile (of the model it names, with the same weights; ``cache``:
-    a document seen before is not parsed again) and its constraints."""
+    a document seen before is not parsed again) and its constraints. ``text``/``key``: the profile
+    document (default ``request.profile_json``) and its ProfileCache key, when the caller has them
+    (a registration that named its profile by hash; a key already computed)."""
     aid = check_id(request.agent_id, "agent_id")
     model = request.model_id
     if not model or len(model) > MAX_ID_CHARS:
         raise InvalidInput(f"model_id must be 1-{MAX_ID_CHARS} characters (the model the agent runs)")
     if len(request.model_digest) > MAX_ID_CHARS:
         raise InvalidInput(f"model_digest is longer than {MAX_ID_CHARS} characters")
-    device = _loads(request.profile_json, "profile_json", cache)
+    device = _loads(request.profile_json if text is None else text, "profile_json", cache, key)
     if device.role != DEVICE:
         raise InvalidInput(f"profile_json was measured as role {device.role!r}; an agent registers the profile "
                            "measured on its own board (role device)")

@@ -25,6 +25,7 @@ from planner.metrics import PlannerMetrics
 from planner.owners import Owners, expire_workers, lease_of, remove_worker
 from planner.replanner import RePlanner
 from planner.state import PlannerState
+from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.contracts.profile import ProfileCache
 from runtime.daemon.auth import current_identity
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -98,20 +99,43 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             raise
 
     async def _register_agent(self, request: pb.RegisterAgentRequest) -> pb.RegisterAgentReply:
-        text = request.profile_json
-        if len(text) <= INLINE_PROFILE_CHARS and self.profiles.peek(ProfileCache.key(text)) is not None:
-            req = requests.check_agent_request(request, self.profiles)  # a profile seen before: no parsing
+        text, key, seen = self._agent_profile(request)
+        if seen:  # a profile seen before (by its text's hash or named by hash): no parsing
+            req = requests.check_agent_request(request, self.profiles, text, key)
         else:  # parsing and checking a new profile runs off the loop
-            req = await asyncio.to_thread(requests.check_agent_request, request, self.profiles)
+            req = await asyncio.to_thread(requests.check_agent_request, request, self.profiles, text, key)
         self._count_profiles()
         rec = self.state.agent_record(req, request)
-        rec.profile = self.profiles.shared(rec.profile)  # one copy of the text per board type, not per agent
+        rec.profile = self.profiles.shared(text, key)  # one copy of the text per board type, not per agent
         plan = await self.replanner.register(rec, req.device)
         self.replanner.gc.check(len(self.state.agents))  # during a ramp: freeze often, keep full GC scans short
         st = self.state.agents.get(rec.id)
         if st is not None and st.written is not None:  # the registration is stored before it is answered
             await st.written
         return pb.RegisterAgentReply(plan=plan)
+
+    def _agent_profile(self, request: pb.RegisterAgentRequest) -> tuple[str, bytes | None, bool]:
+        """The agent's profile text, its cache key (hashed once, here; None above INLINE_PROFILE_CHARS)
+        and whether this planner holds that content checked already. A profile named by ``profile_sha256`` (profile_json
+        empty) must be one this planner parsed and checked itself: otherwise FAILED_PRECONDITION, and
+        the agent sends the document. The hash names content only; it carries no agent's identity."""
+        if request.profile_sha256:
+            if request.profile_json:
+                raise InvalidInput("send profile_json or profile_sha256, not both")
+            named = request.profile_sha256
+            if len(named) != 64 or named.strip("0123456789abcdef"):
+                raise InvalidInput("profile_sha256 must be 64 lowercase hex digits (SHA-256 of profile_json's UTF-8 bytes)")
+            key = bytes.fromhex(named)
+            held = self.profiles.held(key)
+            if held is None:
+                raise PreconditionFailed(f"profile unknown: this planner holds no checked profile {named[:12]}...; "
+                                         "send it in profile_json")
+            return held[1], key, True
+        text = request.profile_json
+        if len(text) > INLINE_PROFILE_CHARS:
+            return text, None, False
+        key = ProfileCache.key(text)
+        return text, key, self.profiles.peek(key) is not None
 
     def _count_profiles(self) -> None:
         hits, misses = self.profiles.hits, self.profiles.misses

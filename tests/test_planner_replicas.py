@@ -245,3 +245,53 @@ def test_a_refused_first_registration_holds_no_lease(postgres, tmp_path):  # noq
         assert "bad-1" not in _holders(store)
     finally:
         kill(proc)
+
+
+def test_a_re_registration_names_its_profile_by_hash_only_when_the_planner_checked_it(aio, tmp_path):
+    """RegisterAgentRequest.profile_sha256 (a re-attach without the ~85 KB document): a planner that
+    never checked that content answers FAILED_PRECONDITION 'profile unknown' (for any agent, even
+    one that sent other content); once one agent sent and the planner checked it, a registration may
+    name it, and gets the same plan and stored profile as with the document. Bad hashes: INVALID_ARGUMENT."""
+    import hashlib
+
+    from tests.planner_helpers import Planner, check_status, rpc_error
+
+    digest = hashlib.sha256(DEVICE_PROFILE.encode()).hexdigest()
+    other = hashlib.sha256(b"a profile never sent").hexdigest()
+
+    def light(agent, sha=digest, text=""):
+        return pb.RegisterAgentRequest(agent_id=agent, model_id=MODEL, model_digest="w1", profile_sha256=sha,
+                                       profile_json=text)
+
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.db")
+        try:
+            await p.stub.RegisterWorker(pb.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:50051", tier="edge",
+                                                                 profiles_json=[EDGE_PROFILE]), timeout=RPC)
+            # not yet checked here: the agent must send the document (a hash names only content checked before)
+            check_status(await rpc_error(p.stub.RegisterAgent(light("a2"), timeout=RPC)),
+                         grpc.StatusCode.FAILED_PRECONDITION, "profile unknown.*send it in profile_json")
+            full = await p.register("a1")  # sends DEVICE_PROFILE: parsed and checked
+            plan = (await p.stub.RegisterAgent(light("a2"), timeout=RPC)).plan
+            assert (plan.split_id, plan.worker_id, plan.codec) == (full.split_id, full.worker_id, full.codec)
+            again = (await p.stub.RegisterAgent(light("a1"), timeout=RPC)).plan
+            assert again.version == full.version  # the same registration: plan kept
+            check_status(await rpc_error(p.stub.RegisterAgent(light("a3", other), timeout=RPC)),
+                         grpc.StatusCode.FAILED_PRECONDITION, "profile unknown")
+            for bad, phrase in ((digest.upper(), "64 lowercase hex"), (digest[:-1], "64 lowercase hex"),
+                                ("z" * 64, "64 lowercase hex")):
+                check_status(await rpc_error(p.stub.RegisterAgent(light("a3", bad), timeout=RPC)),
+                             grpc.StatusCode.INVALID_ARGUMENT, phrase)
+            check_status(await rpc_error(p.stub.RegisterAgent(light("a3", digest, DEVICE_PROFILE), timeout=RPC)),
+                         grpc.StatusCode.INVALID_ARGUMENT, "not both")
+        finally:
+            await p.stop()
+        store = Store(str(tmp_path / "p.db"))
+        try:
+            agents = store.agents()
+            assert agents["a2"].profile == DEVICE_PROFILE == agents["a1"].profile  # stored as the document it names
+            assert "a3" not in agents
+        finally:
+            store.close()
+
+    aio.run(scenario())

@@ -259,10 +259,22 @@ class ProfileCache:
             entry = self._data.get(key)
             return entry[0] if entry is not None else None
 
-    def shared(self, text: str) -> str:
-        """The document held for ``text``'s content (one string object for all who sent it), or ``text``."""
+    def held(self, key: bytes) -> tuple[Profile, str] | None:
+        """The checked profile and its text held for ``key`` (a hit: it moves to the recent end), or None
+        when that content was never checked here, was evicted, or its text is not kept (above
+        MAX_SHARED_CHARS). A key names only content this cache parsed and checked itself."""
         with self._lock:
-            entry = self._data.get(self.key(text))
+            entry = self._data.get(key)
+            if entry is None or not entry[1]:
+                return None
+            self._data.move_to_end(key)
+            return entry
+
+    def shared(self, text: str, key: bytes | None = None) -> str:
+        """The document held for ``text``'s content (one string object for all who sent it), or ``text``
+        (``key``: its :meth:`key`, when the caller has it already)."""
+        with self._lock:
+            entry = self._data.get(key if key is not None else self.key(text))
         return entry[1] if entry is not None and entry[1] == text else text
 
     def loads(self, text: str | bytes, where: str = "profile", key: bytes | None = None) -> Profile:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import hashlib
 import random
 import secrets
 import time
@@ -35,6 +37,13 @@ from runtime.measure.fleet.options import FleetOptions
 from runtime.measure.fleet.stats import Stats
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
+
+
+@functools.lru_cache(maxsize=64)
+def profile_sha256(text: str) -> str:
+    """RegisterAgentRequest.profile_sha256 of a board's document (one per board type)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
 
 LEASE_KEY = LEASE[0][0]  # the header runtime.daemon.planner_client sends
 STREAM_SECONDS = 300.0  # deadline of each WatchPlan / ReportTelemetry stream, as the real agent's default
@@ -82,6 +91,8 @@ class SimAgent:
         self.metadata = ((LEASE_KEY, secrets.token_urlsafe(24)),)
         self.request = ppb.RegisterAgentRequest(agent_id=agent_id, model_id=shared.model, model_digest=shared.digest,
                                                 profile_json=board[1])
+        self.light = ppb.RegisterAgentRequest(agent_id=agent_id, model_id=shared.model, model_digest=shared.digest,
+                                              profile_sha256=profile_sha256(board[1]))  # a re-attach's request
         self.version = 0
         self.plan_key: tuple[str, str, str] = ("", "", "")
         self.high = True  # the bandwidth level it reports now
@@ -147,8 +158,7 @@ class SimAgent:
                 k = (k + 1) % len(self.stubs)
                 stub = self.stubs[k]
                 try:  # a new connection; the streams move to it once registered there, as in a real agent's session
-                    reply = await stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds,
-                                                     metadata=self.metadata)
+                    reply = await self._register_light(stub)
                 except grpc.aio.AioRpcError as e:
                     asked = self.stats.error("RegisterAgent", e, k)  # a retry-after (the planner's registration gate)
                     backoff = asked / 0.5 if asked else min(backoff * 2, BACKOFF_MAX)  # waited at least as asked
@@ -158,6 +168,17 @@ class SimAgent:
                 if reply.plan.version:
                     self._on_plan(reply.plan)
                 return
+
+    async def _register_light(self, stub: ppb_grpc.PlannerStub) -> ppb.RegisterAgentReply:
+        """A re-registration names the profile by its SHA-256 (as runtime.agent.planner_link does); a
+        planner that does not hold it checked answers FAILED_PRECONDITION and gets the document."""
+        try:
+            return await stub.RegisterAgent(self.light, timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
+        except grpc.aio.AioRpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION or "profile unknown" not in (e.details() or ""):
+                raise
+            self.stats.profile_resent += 1
+        return await stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
 
     async def watch(self) -> None:
         backoff = BACKOFF_INITIAL

@@ -133,7 +133,7 @@ def summary(options: FleetOptions, st: dict[str, Any], killed_at: float | None,
                kept_plan=sum(1 for _, before, after in back if before and after == before),
                p50_s=_s(percentile(secs, 50)), p99_s=_s(percentile(secs, 99)), max_s=_s(max(secs) if secs else None),
                within_target=sum(1 for s in secs if s <= REATTACH_TARGET_SECONDS),
-               target_s=REATTACH_TARGET_SECONDS,
+               target_s=REATTACH_TARGET_SECONDS, profile_resent=st.get("profile_resent", 0),
                survivor_during_reattach=_window(samples[-1], killed_at, killed_at + max(secs, default=0.0)))
     return out
 
@@ -163,6 +163,7 @@ def markdown(r: dict[str, Any] | None) -> list[str]:
     return [line, f"- replica killed (SIGKILL) {r['kill_after_seconds']:g} s into the measured phase: {r['moved']:,} agents "
                   f"lost their session, {r['reattached']:,} registered again on the survivor (re-attached and re-planned) "
                   f"p50 {r['p50_s']} s, p99 {r['p99_s']} s, max {r['max_s']} s after the kill; {r['within_target']:,} within "
-                  f"{r['target_s']:g} s; {r['kept_plan']:,} kept their plan version"
+                  f"{r['target_s']:g} s; {r['kept_plan']:,} kept their plan version; re-registered by profile hash, "
+                  f"{r.get('profile_resent', 0):,} had to send the document"
                   + (f"; the survivor meanwhile ({w['seconds']} s): CPU {w['cpu_cores']} cores, waiting for a CPU "
                      f"{w['wait_cores']} cores' worth" if (w := r.get("survivor_during_reattach")) else "")]

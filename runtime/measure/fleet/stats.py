@@ -42,6 +42,7 @@ class Stats:
     # with replicas: agents whose session broke and that registered again (on the next replica)
     reattach_started: list[float] = field(default_factory=list)  # monotonic time each noticed its session broke
     reattached: list[tuple[float, int, int]] = field(default_factory=list)  # (monotonic, plan version before, after)
+    profile_resent: int = 0  # re-attaches by profile hash the replica did not hold: the document sent after all
 
     def error(self, rpc: str, e: BaseException, replica: int = 0) -> float:
         """Count one failed call (to replica number ``replica``); returns the retry-after it asked for (0.0: none)."""
