@@ -87,6 +87,7 @@ def test_runtime_overhead_is_the_frames_time_outside_its_timed_stages():
     from runtime.agent.telemetry import runtime_overhead
 
     est = LinkEstimator()
+    est.overhead_warmup = 0  # every frame counts here (the warm-up: the next test)
     local = FrameResult(1, "f", torch.empty(0), "local", "output", "raw", 1,
                         times={"board_queue": 0.001, "head": 0.200, "encode": 0.0, "local_tail": 0.0, "total": 0.231})
     edge = _frame(2, 0.05)
@@ -100,6 +101,31 @@ def test_runtime_overhead_is_the_frames_time_outside_its_timed_stages():
         est.observe(r)
     medians, frames = est.take_report()
     assert (medians["overhead_local"], medians["overhead_edge"], frames) == (pytest.approx(0.030), pytest.approx(0.0015), 3)
+
+
+def test_a_configurations_first_frames_give_no_overhead_sample():
+    """After start-up and after each switch, the first OVERHEAD_WARMUP frames of a configuration carry one-off
+    costs (111 ms against 8 ms after, in an adapt_run record): a short first report must not set the figure."""
+    from runtime.agent.telemetry import OVERHEAD_WARMUP
+
+    est = LinkEstimator()
+
+    def local(seq: int, other: float) -> FrameResult:
+        return FrameResult(seq, "f", torch.empty(0), "local", "output", "raw", 1,
+                           times={"head": 0.200, "total": 0.200 + other})
+
+    for i in range(OVERHEAD_WARMUP):
+        est.observe(local(i, 0.100))
+    est.observe(local(10, 0.008))
+    medians, frames = est.take_report()
+    assert medians["overhead_local"] == pytest.approx(0.008) and frames == OVERHEAD_WARMUP + 1
+    edge = _frame(20, 0.05)
+    edge.times.update(head=0.0, encode=0.002, total=0.0535)
+    est.observe(edge)  # a switch: the local configuration's first frames are skipped again
+    for i in range(OVERHEAD_WARMUP):
+        est.observe(local(30 + i, 0.100))
+    medians, _ = est.take_report()
+    assert "overhead_local" not in medians and "overhead_edge" not in medians
 
 
 def test_the_results_way_back_counts_in_the_bandwidth_sample():
