@@ -99,6 +99,18 @@ def test_killed_replica_agents_reattach_to_the_survivor_keep_their_plan_and_are_
             kill(p)
 
 
+def _record_requests(link: PlannerLink, sent: dict[str, list[bool]]) -> None:
+    """Record, per registration request the link makes, whether it named its profile by hash only."""
+    make = link._register_request
+
+    def recorded(light: bool = False) -> pb.RegisterAgentRequest:
+        request = make(light)
+        sent.setdefault(link.agent_id, []).append(bool(request.profile_sha256) and not request.profile_json)
+        return request
+
+    link._register_request = recorded  # type: ignore[method-assign]
+
+
 def _holders(store: str) -> dict[str, str]:
     """agent id -> the replica holding its lease, from the store."""
     s = Store(store)
@@ -113,6 +125,9 @@ async def _scenario(procs, store: str) -> None:
     balancer = await Balancer(addresses).start()
     await _register_worker(addresses[0])  # one replica only: the other reads it from the store
     pairs = [_link(balancer, i) for i in range(AGENTS)]
+    sent: dict[str, list[bool]] = {}
+    for _, link in pairs:
+        _record_requests(link, sent)
     try:
         for _, link in pairs:
             await link.start()
@@ -138,6 +153,8 @@ async def _scenario(procs, store: str) -> None:
             return len(attached) == len(moved)
 
         await _until(check, 30, "every agent of the killed replica registered with the survivor")
+        for aid in moved:  # the first registration sent the document; the re-attach named it by SHA-256, accepted
+            assert sent[aid][0] is False and sent[aid][-1] is True, (aid, sent[aid])
         assert set(_holders(store).values()) == {f"replica-{1 - victim}"}  # every agent is on the survivor
         now = await _agents(survivor)
         assert set(now) == {link.agent_id for _, link in pairs}

@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
@@ -144,6 +145,7 @@ class PlannerLink:
         self.options = options
         self.address = options.planner_address
         self.profile_json = profile.to_json()
+        self.profile_sha256 = hashlib.sha256(self.profile_json.encode()).hexdigest()  # re-registrations name it so
         self.agent_id = options.agent_id or agent.agent_id
         constraints = options.constraints
         if constraints is None:
@@ -204,7 +206,12 @@ class PlannerLink:
             planner = PlannerClient(dataclasses.replace(self.options.client_options(), transport=transport))
             try:
                 await planner.connect()
-                reply = await planner.register_agent(self._register_request())
+                try:  # once registered, by the profile's SHA-256; a planner without it checked (or older) asks for it
+                    reply = await planner.register_agent(self._register_request(light=self.registrations > 0))
+                except EdgesplitError as e:
+                    if not self.registrations or e.code.name not in ("FAILED_PRECONDITION", "INVALID_ARGUMENT"):
+                        raise
+                    reply = await planner.register_agent(self._register_request())
                 self.registrations += 1
                 self.connected = True
                 self._backoff.reset()
@@ -261,11 +268,11 @@ class PlannerLink:
                                self.address, wider)
                 self.ping_timeout_ms = wider
 
-    def _register_request(self) -> ppb.RegisterAgentRequest:
+    def _register_request(self, light: bool = False) -> ppb.RegisterAgentRequest:
         return ppb.RegisterAgentRequest(
             agent_id=self.agent_id, model_id=self.agent.loaded.name, model_digest=self.agent.loaded.digest,
-            profile_json=self.profile_json, workers=list(self.options.workers), tl_ids=self._held_tls(),
-            constraints=self.constraints)
+            profile_json="" if light else self.profile_json, profile_sha256=self.profile_sha256 if light else "",
+            workers=list(self.options.workers), tl_ids=self._held_tls(), constraints=self.constraints)
 
     def _held_tls(self) -> list[str]:
         if self.options.tl_ids is not None:
