@@ -87,6 +87,10 @@ def test_replicas_on_postgresql_a_killed_one_s_agents_reattach_to_the_survivor(t
     rep = r["replicas"]
     assert rep["killed"] and rep["moved"] == 30 and rep["reattached"] == 30, rep  # agents 0, 2, 4, ... were on replica 0
     assert rep["kept_plan"] >= 25 and rep["max_s"] is not None  # a stepping agent may be re-planned on the way
+    # re-attaches name the profile by SHA-256 and none had to send it: the survivor held only its own
+    # agents' board types (odd agents, odd boards), but it loads a re-attaching agent's stored record
+    # (its profile, checked by the replica that stored it) before the registration is decided
+    assert rep["profile_resent"] == 0 and r["errors"].get("RegisterAgent FAILED_PRECONDITION", 0) == 0, rep
     assert r["errors"].get("WatchPlan UNAVAILABLE", 0) >= 1  # the kill broke their streams
     # errors are counted by replica and message: every UNAVAILABLE (and any INTERNAL, grpc's report of a
     # write caught by the dead connection) was the killed replica's (r0), none the survivor's
