@@ -213,7 +213,8 @@ class WorkerSpeeds:
 
 MAX_OVERHEAD_SECONDS = 1.0  # a reported overhead beyond this is no measurement of the runtime: ignored
 OVERHEAD_TOLERANCE = (0.10, 0.001)  # remake the profile when an overhead moved by over 10 % and 1 ms
-KINDS = ("local", "edge", "hold")  # board per local frame, board per offloaded frame, worker hold beyond its model
+KINDS = ("local", "edge", "hold", "queue")  # board per local frame, per offloaded frame, worker hold beyond its model,
+# the board queue of a local frame
 
 
 def hold_extra(stages: Mapping[str, float], breakdown: Mapping[str, float]) -> float | None:
@@ -233,7 +234,10 @@ class Overhead:
     frame on a quota-limited board, under 1 ms per offloaded one; no profile holds it): the agent's
     ``overhead_local`` / ``overhead_edge`` stage medians (runtime.agent.telemetry.runtime_overhead), and the
     worker's hold beyond the model (``overhead_hold``, :func:`hold_extra`: 2-3 ms of ResNet-18's 50), smoothed
-    as the slowdown factor is (ALPHA; the first sample sets it). :func:`with_overhead` adds the local one to
+    as the slowdown factor is (ALPHA; the first sample sets it), and the wait of a local frame for the board
+    (``overhead_queue``: the ``board_queue`` median of reports under a local plan, planner.measured.queue_sample;
+    at the camera's rate a quota-limited board can be saturated: 40 ms median and rising in an adapt_run local
+    phase, the prediction 17 % under without it). :func:`with_overhead` adds the local and queue ones to
     the configuration that runs every block on the board and the edge and hold ones to every transfer's encode
     (each offloading configuration sends once from the board), so both its ranking and its prediction hold them."""
 
@@ -258,9 +262,9 @@ class Overhead:
 
 
 def with_overhead(profile: Profile, applied: Mapping[str, float]) -> Profile:
-    """``profile`` with ``applied["local"]`` seconds on its last block (run on the board only by the local
+    """``profile`` with ``applied["local"]`` and ``applied["queue"]`` seconds on its last block (run on the board only by the local
     configuration) and ``applied["edge"]`` on every transfer's encode; ``profile`` itself when both are 0."""
-    local, edge = applied.get("local", 0.0), applied.get("edge", 0.0) + applied.get("hold", 0.0)
+    local, edge = applied.get("local", 0.0) + applied.get("queue", 0.0), applied.get("edge", 0.0) + applied.get("hold", 0.0)
     if local <= 0 and edge <= 0:
         return profile
 

@@ -44,9 +44,13 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
     plan = report_plan(state, st, t, previous)
     expired = st.tails.expire(time.time())  # a worker factor with no sample for its TTL: the profile stands again
     stages = dict(t.stage_seconds)
+    stages.pop("overhead_queue", None)  # the planner's own figure (queue_sample), never the agent's word
     extra = compute.hold_extra(stages, plan.breakdown_seconds) if plan is not None and plan.worker_id else None
     if extra is not None and not plan.next_hops and not plan.parallel.worker_addresses:
         stages["overhead_hold"] = extra
+    queue = queue_sample(stages, plan)
+    if queue is not None:
+        stages["overhead_queue"] = queue
     expired |= st.apply_overhead(stages)  # the runtime's own time (board: any plan; worker: the plan's one hop)
     if plan is None or plan.model_id != st.record.model:
         return expired
@@ -59,6 +63,14 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
         return tail
     logger.debug("agent %s: device compute now %.2fx its profile", st.record.id, st.speed.factor)
     return True
+
+
+def queue_sample(stages: dict[str, float], plan: pb.Plan | None) -> float | None:
+    """A report's ``board_queue`` median when it was measured under a local plan (no worker): the wait of a
+    local frame for the board (planner.compute.Overhead ``queue``); None under any other plan or none."""
+    if plan is None or plan.worker_id or plan.parallel.worker_addresses:
+        return None
+    return stages.get("board_queue")
 
 
 def observe_tail(state: PlannerState, st: AgentState, plan: pb.Plan, t: pb.Telemetry) -> bool:

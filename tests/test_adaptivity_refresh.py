@@ -61,3 +61,21 @@ def test_due_uses_the_model_part():
     clock[0] += 2.0
     assert r.due(st, "compute", now)
     assert not r.due(st, "telemetry", now)  # a link cause alone re-issues nothing
+
+
+def test_a_local_frames_board_queue_is_part_of_the_local_configuration():
+    """A saturated board (the camera's rate at the board's speed): the board_queue median under a local plan is
+    added to the local configuration (planner.compute.Overhead 'queue'); under an offloading plan it is not."""
+    from planner import compute, measured
+    from runtime.contracts.profile import Block, Profile
+
+    local, offload = pb.Plan(version=4, split_id="output"), pb.Plan(version=5, split_id="input", worker_id="w1")
+    stages = {"board_queue": 0.040, "head": 0.240}
+    assert measured.queue_sample(stages, local) == pytest.approx(0.040)
+    assert measured.queue_sample(stages, offload) is None and measured.queue_sample(stages, None) is None
+    o = compute.Overhead()
+    assert o.observe({"overhead_queue": 0.040, "overhead_local": 0.005})
+    o.apply()
+    prof = Profile("board", "device", "m", (Block(0, "a", 0.1, 100), Block(1, "b", 0.1, 10)), 1000)
+    out = compute.with_overhead(prof, o.applied)
+    assert out.blocks[-1].seconds == pytest.approx(0.145) and out.blocks[0].seconds == pytest.approx(0.1)

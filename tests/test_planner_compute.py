@@ -426,7 +426,8 @@ def test_a_real_agents_head_times_set_the_factor(tmp_path):
             snapshot = dataclasses.replace(st.speed) if dataclasses.is_dataclass(st.speed) else copy.copy(st.speed)
             async with grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}") as channel:
                 q = await pb_grpc.PlannerStub(channel).QueryPlan(pb.PlanQuery(agent_id="board-1", top_n=1), timeout=RPC)
-            return snapshot, q.candidates[0], (st.overhead.seconds["local"], st.overhead.applied["local"])
+            return snapshot, q.candidates[0], (st.overhead.seconds["local"],
+                                                st.overhead.applied["local"] + st.overhead.applied["queue"])
         finally:
             if not closed:
                 await link.close()
@@ -580,7 +581,7 @@ def test_the_board_runtimes_own_time_is_added_to_the_configurations_of_its_kind(
         assert before["output"] == pytest.approx(sum(DEVICE_S))
         await report(planner, None, v1.version, frames=10)  # nothing to take
         st = planner.ps.service.agents["a1"]
-        assert st.overhead.applied == {"local": 0.0, "edge": 0.0, "hold": 0.0}
+        assert st.overhead.applied == {"local": 0.0, "edge": 0.0, "hold": 0.0, "queue": 0.0}
         async def messages():
             yield pb.Telemetry(agent_id="a1", worker="w1", plan_version=v1.version, sent_unix=time.time(), frames=10,
                                stage_seconds={"overhead_local": 0.040, "overhead_edge": 0.002})
