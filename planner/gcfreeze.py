@@ -64,6 +64,7 @@ class GcFreezer:
             self.held = gc.get_threshold()
             gc.set_threshold(self.held[0], self.held[1], HELD_OFF)
         self.frozen_at, self.freezes, self.last_freeze = agents, self.freezes + 1, self.clock()
-        logger.info("%d agents: %d objects moved out of the garbage collector's scans in %.0f ms", agents,
-                    gc.get_freeze_count(), (time.perf_counter() - t0) * 1e3)
+        # not gc.get_freeze_count(): it walks every frozen object (~70 ms per 4 million, on the loop)
+        logger.info("%d agents: objects moved out of the garbage collector's scans in %.0f ms", agents,
+                    (time.perf_counter() - t0) * 1e3)
         return True
