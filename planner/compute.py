@@ -44,7 +44,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from runtime.contracts.profile import Profile
+from runtime.contracts.profile import Profile, Transfer
 
 ALPHA = 0.3  # EWMA weight of a new sample
 MIN_FACTOR, MAX_FACTOR = 0.1, 50.0  # the factor's range: 10x faster to 50x slower than profiled
@@ -268,7 +268,7 @@ def with_overhead(profile: Profile, applied: Mapping[str, float]) -> Profile:
     if local <= 0 and edge <= 0:
         return profile
 
-    def enc(transfers: tuple) -> tuple:
+    def enc(transfers: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
         return tuple(dataclasses.replace(t, encode_seconds=t.encode_seconds + edge) for t in transfers) if edge > 0 \
             else transfers
 

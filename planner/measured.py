@@ -46,7 +46,7 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
     stages = dict(t.stage_seconds)
     stages.pop("overhead_queue", None)  # the planner's own figure (queue_sample), never the agent's word
     extra = compute.hold_extra(stages, plan.breakdown_seconds) if plan is not None and plan.worker_id else None
-    if extra is not None and not plan.next_hops and not plan.parallel.worker_addresses:
+    if extra is not None and plan is not None and not plan.next_hops and not plan.parallel.worker_addresses:
         stages["overhead_hold"] = extra
     queue = queue_sample(stages, plan)
     if queue is not None:

@@ -45,7 +45,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -251,7 +251,7 @@ class LinkEstimator:
 
 def result_bytes(result: Any) -> int:
     """Bytes of a frame's result as the worker returns it: its output tensor's (0 when it has none)."""
-    out = getattr(result, "output", None)
+    out: Any = getattr(result, "output", None)
     try:
         return int(out.numel() * out.element_size())
     except AttributeError:
@@ -267,7 +267,7 @@ def runtime_overhead(result: Any) -> float | None:
     ``overhead_edge`` (issue 11: 10-50 ms per local frame on a quota-limited board, which no profile
     holds; the planner adds it to the configurations of that kind, planner.compute.Overhead). None
     when the frame has no total, or ran locally though its plan sent it (a fallback: its wait is no overhead)."""
-    t = result.times
+    t: dict[str, float] = result.times
     if "total" not in t or not (result.where == "edge" or (result.where == "local" and result.split == "output")):
         return None
     return max(0.0, t["total"] - sum(t.get(s, 0.0) for s in BOARD_STAGES))
@@ -295,10 +295,10 @@ class _LinkCollector:
     def __init__(self, estimator: LinkEstimator):
         self.estimator = estimator
 
-    def describe(self) -> list:
+    def describe(self) -> list[Any]:
         return []  # collected at scrape time
 
-    def collect(self):
+    def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
         fams = {k: GaugeMetricFamily(f"edgesplit_agent_link_estimate_{k}", h, labels=["link"]) for k, h in (
