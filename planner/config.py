@@ -50,6 +50,7 @@ class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wir
     telemetry_max_age_seconds: float = field(30.0, "a telemetry report sent (its sent_unix, the agent's clock) longer ago than this is dropped and counted, never acted on late (0: no limit)")
     replan_batch: int = field(256, "agents one periodic pass decides at most; the rest wait for the next pass (a changed worker's agents are spread over passes)")
     gc_freeze_agents: int = field(1000, "from this many agents on, the planner moves its long-lived objects out of the garbage collector's scans (gc.freeze) each time the agents grew by a tenth (holding automatic full collections off while they grow), so a full collection does not stall the event loop for 0.1 s and more at 10,000 agents (0: never)")
+    parallel_tile_factors: tuple[str, ...] = field((), "tile-compute factors files (python -m runtime.tools.dpfp_tilecal, measured inside a worker's quota), one per model: the parallel stages the planner pushes price tiles by them as 'edgesplit plan --parallel-tile-factors' does; a model without one is priced by area (checked at start-up, at most 64 files of 4 MiB)")
     include_return: bool = field(True, "model the result's trip back from the worker in predicted latency")
     max_message_bytes: int = field(16 * 2**20, "gRPC message size limit, both directions (profiles travel in RegisterWorker)")
     grace_seconds: float = field(5.0, "on SIGTERM, how long calls in flight may take to finish")

@@ -112,3 +112,23 @@ def load(path: str | Path) -> TileFactors:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidInput(f"tile factors {p} is not readable JSON: {e}") from None
     return parse(doc, str(p))
+
+
+MAX_FILES = 64
+"""Factors files the planner daemon takes at most (``--parallel-tile-factors``, one per model)."""
+
+
+def load_many(paths: Sequence[str | Path]) -> dict[str, TileFactors]:
+    """Read and check each file (:func:`load`); the result maps each file's model to its factors.
+    Refuses more than :data:`MAX_FILES` files, a file that names no model, and two files for one model."""
+    if len(paths) > MAX_FILES:
+        raise InvalidInput(f"{len(paths)} tile-factors files, at most {MAX_FILES} (one per model)")
+    out: dict[str, TileFactors] = {}
+    for path in paths:
+        tf = load(path)
+        if not tf.model:
+            raise InvalidInput(f"tile factors {path} names no model (write it with python -m runtime.tools.dpfp_tilecal)")
+        if tf.model in out:
+            raise InvalidInput(f"two tile-factors files for model {tf.model!r} (give one per model): {path}")
+        out[tf.model] = tf
+    return out

@@ -16,6 +16,11 @@ the same (a second worker registers, one leaves): :meth:`ParallelPlanner.changed
 candidate set each plan was considered with; on a change it says to issue the plan again when the
 plan has a stage (its workers changed) or when a trial on a copy of the plan would attach one.
 
+Tiles are priced as ``edgesplit plan --parallel-tile-factors`` prices them when the planner was given
+the model's tile-compute factors (``--parallel-tile-factors FILE``, one file per model, measured by
+``python -m runtime.tools.dpfp_tilecal`` inside a worker's quota; :func:`planner.dpfp_factors.load_many`
+checks them at start-up); a model without a file is priced by area.
+
 The model's receptive geometry is taken once per model (the model is loaded for it and dropped;
 at most ``max_models`` geometries are kept) in the caller's executor: this module does nothing on
 the event loop.
@@ -26,10 +31,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 from planner import parallel_plan as PP
+from planner.dpfp_factors import TileFactors
 from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import EdgesplitError
 from runtime.contracts.profile import Profile
@@ -67,11 +73,13 @@ def device_seconds(device: Profile, first: int, end: int) -> float:
 class ParallelPlanner:
     """Owns the geometry cache; proposes and attaches parallel stages."""
 
-    def __init__(self, min_workers: int = 2, min_gain: float = 0.1, max_models: int = 4, codec: str = "raw"):
+    def __init__(self, min_workers: int = 2, min_gain: float = 0.1, max_models: int = 4, codec: str = "raw",
+                 tile_factors: Mapping[str, TileFactors] | None = None):
         self.min_workers = min_workers  # fewer candidate workers: no parallel stage
         self.min_gain = min_gain  # the stage must beat the plan's prediction by this fraction
         self.max_models = max_models  # geometries kept (each is small; taking one loads the model once)
         self.codec = codec  # codec of crops and tiles (raw: exact)
+        self.tile_factors = dict(tile_factors or {})  # model -> measured tile-compute factors (none: by area)
         self._geometry: OrderedDict[str, PP.Geometry | None] = OrderedDict()  # None: the model cannot be tiled
         self._seen: OrderedDict[str, Hashable] = OrderedDict()  # agent id -> workers its plan was considered with
 
@@ -129,7 +137,7 @@ class ParallelPlanner:
         rtt = max(c.link.rtt_seconds for c in candidates)
         bw = min(c.link.bandwidth_bytes_per_second for c in candidates)
         prop = PP.propose([c.profile for c in candidates], Link(rtt, bw), workers=[c.address for c in candidates],
-                          codec=self.codec, geom=g)
+                          codec=self.codec, geom=g, tile_factors=self.tile_factors.get(device.model))
         stage = prop.stage
         if sum(1 for s in stage.blocks[0].shares if s > 0) < 2 and all(
                 sum(1 for s in b.shares if s > 0) < 2 for b in stage.blocks):

@@ -37,6 +37,7 @@ from planner import decide, fallbacks, measured
 from planner.broadcaster import Broadcaster
 from planner.config import PlannerConfig
 from planner.decide import Ranked, plan_key
+from planner.dpfp_factors import load_many as load_tile_factors
 from planner.gcfreeze import GcFreezer
 from planner.hysteresis import Hysteresis
 from planner.inband import Basis, basis_of, in_band
@@ -71,7 +72,8 @@ class RePlanner:
         self.ranker = Ranker(config, state, metrics)
         self.executor, self.cache, self.rank_cache = self.ranker.executor, self.ranker.cache, self.ranker.rank_cache
         self.rank, self.prefetch = self.ranker.rank, self.ranker.prefetch
-        self.parallel = ParallelPlanner()  # parallel stages over several workers (planner.parallel_push)
+        # parallel stages over several workers (planner.parallel_push), tiles priced by the measured factors
+        self.parallel = ParallelPlanner(tile_factors=load_tile_factors(config.parallel_tile_factors))
         self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
         self._basis: dict[str, Basis] = {}  # agent id -> what its plan's bands were ranked with (planner.inband)
         self._banded: dict[str, int] = {}  # agent id -> plan version whose bands were ranked

@@ -94,3 +94,69 @@ def test_tiles_of_a_pushed_stage_feed_the_link_estimate():
     assert feed_link(link, reports) == 1
     assert link.estimate("w1:1").bandwidth.value == pytest.approx(1_000_000 / 0.020)
     assert link.estimate("w2:1").bandwidth.samples == 0 and link.estimate("w3:1").bandwidth.samples == 0
+
+
+def test_pushed_stages_price_tiles_by_the_factors_as_the_plan_cli_does(loaded, tmp_path):
+    """The planner given a model's tile-compute factors (--parallel-tile-factors, planner.dpfp_factors.load_many)
+    proposes the stage ``edgesplit plan --parallel --parallel-tile-factors`` writes for the same profiles and
+    link; without them it prices by area and predicts otherwise."""
+    import json
+    import subprocess
+    import sys
+
+    from planner import dpfp_factors as F
+
+    device = profile(loaded, "board", "device", 10.0)
+    cands = [Candidate(f"w{i}", f"127.0.0.1:{5000 + i}", profile(loaded, f"w{i}", "edge", 1.0 + i),
+                       Link.from_mbps(1, 1000)) for i in range(3)]
+    names = ParallelPlanner().geometry(MODEL).names[1:]
+    factors = tmp_path / "factors.json"
+    factors.write_text(json.dumps({"format": F.FORMAT, "version": 1, "model": MODEL, "runs": 3, "measured_at": "x",
+                                   "units": [{"name": n, "samples": [{"fraction": 0.25, "factor": 1.3},
+                                                                     {"fraction": 0.5, "factor": 1.15}]} for n in names]}))
+    paths = []
+    for c in cands:
+        p = tmp_path / f"{c.worker_id}.json"
+        p.write_text(c.profile.to_json())
+        paths += ["--profile", str(p)]
+    out = tmp_path / "stage.json"
+    res = subprocess.run([sys.executable, "-m", "runtime.cli.main", "plan", "--parallel", "--parallel-link", "1,1000",
+                          "--parallel-workers", ",".join(c.address for c in cands), "--parallel-out", str(out),
+                          "--parallel-tile-factors", str(factors), *paths], capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0, res.stderr
+    cli_stage = ParallelStage.load(out)
+
+    pushed = ParallelPlanner(tile_factors=F.load_many([factors])).propose(device, cands)
+    by_area = ParallelPlanner().propose(device, cands)
+    assert pushed is not None and by_area is not None
+    assert pushed.stage.blocks == cli_stage.blocks and pushed.stage.workers == cli_stage.workers
+    assert pushed.stage_seconds == pytest.approx(cli_stage.predicted_seconds)
+    assert by_area.stage_seconds < pushed.stage_seconds  # small tiles cost more than their area share
+
+    plan = ppb.Plan(agent_id="a", model_id=MODEL, predicted_seconds=pushed.seconds * 2)
+    assert ParallelPlanner(tile_factors=F.load_many([factors])).attach(plan, device, cands)
+    assert [b.predicted_seconds for b in plan.parallel.blocks] == pytest.approx(
+        [b.predicted_seconds for b in cli_stage.blocks])  # the pushed plan carries the CLI's per-block prices
+
+
+def test_the_planners_factors_files_are_checked(tmp_path):
+    import json
+
+    from planner import dpfp_factors as F
+    from planner.config import PlannerConfig
+
+    def write(name: str, model: str):
+        p = tmp_path / name
+        p.write_text(json.dumps({"format": F.FORMAT, "version": 1, "model": model,
+                                 "units": [{"name": "u", "samples": [{"fraction": 0.5, "factor": 1.2}]}]}))
+        return p
+
+    a, b, c = write("a.json", MODEL), write("b.json", "vgg16"), write("c.json", MODEL)
+    assert set(F.load_many([a, b])) == {MODEL, "vgg16"}
+    with pytest.raises(InvalidInput, match="two tile-factors files for model 'resnet18'"):
+        F.load_many([a, c])
+    with pytest.raises(InvalidInput, match="names no model"):
+        F.load_many([write("d.json", "")])
+    with pytest.raises(InvalidInput, match="at most"):
+        F.load_many([a] * (F.MAX_FILES + 1))
+    assert PlannerConfig(parallel_tile_factors=(str(a),)).parallel_tile_factors == (str(a),)
