@@ -26,6 +26,7 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 # agents send frames, workers forward chained frames; operators may do anything
 AUTH_POLICY = {name: frozenset({AGENT, WORKER}) for name in ("Prepare", "Infer", "InferStream", "InferTile")}
 AUTH_POLICY["Probe"] = frozenset({AGENT})  # bandwidth probes: agents measuring their link
+AUTH_POLICY["FetchRegion"] = frozenset({WORKER})  # halo exchange: a worker reads a neighbour's stored tile
 
 
 @dataclass

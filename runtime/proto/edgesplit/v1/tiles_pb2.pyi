@@ -21,7 +21,7 @@ class TileRegion(_message.Message):
     def __init__(self, row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., col_start: _Optional[int] = ..., col_stop: _Optional[int] = ...) -> None: ...
 
 class TileRequest(_message.Message):
-    __slots__ = ("header", "input_height", "input_width", "output", "input", "crop", "output_codec")
+    __slots__ = ("header", "input_height", "input_width", "output", "input", "crop", "output_codec", "keep_output", "parts")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,8 @@ class TileRequest(_message.Message):
     INPUT_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_CODEC_FIELD_NUMBER: _ClassVar[int]
+    KEEP_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    PARTS_FIELD_NUMBER: _ClassVar[int]
     header: _inference_pb2.FrameHeader
     input_height: int
     input_width: int
@@ -36,7 +38,35 @@ class TileRequest(_message.Message):
     input: TileRegion
     crop: _tensor_pb2.Tensor
     output_codec: str
-    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., input: _Optional[_Union[TileRegion, _Mapping]] = ..., crop: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_codec: _Optional[str] = ...) -> None: ...
+    keep_output: bool
+    parts: _containers.RepeatedCompositeFieldContainer[CropPart]
+    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., input: _Optional[_Union[TileRegion, _Mapping]] = ..., crop: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_codec: _Optional[str] = ..., keep_output: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[CropPart, _Mapping]]] = ...) -> None: ...
+
+class CropPart(_message.Message):
+    __slots__ = ("address", "tile", "region")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    tile: TileRegion
+    region: TileRegion
+    def __init__(self, address: _Optional[str] = ..., tile: _Optional[_Union[TileRegion, _Mapping]] = ..., region: _Optional[_Union[TileRegion, _Mapping]] = ...) -> None: ...
+
+class FetchRegionRequest(_message.Message):
+    __slots__ = ("header", "tile", "region")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TILE_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    header: _inference_pb2.FrameHeader
+    tile: TileRegion
+    region: TileRegion
+    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., tile: _Optional[_Union[TileRegion, _Mapping]] = ..., region: _Optional[_Union[TileRegion, _Mapping]] = ...) -> None: ...
+
+class FetchRegionResult(_message.Message):
+    __slots__ = ("part",)
+    PART_FIELD_NUMBER: _ClassVar[int]
+    part: _tensor_pb2.Tensor
+    def __init__(self, part: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class TileResult(_message.Message):
     __slots__ = ("header", "output", "tile", "times")
@@ -51,18 +81,20 @@ class TileResult(_message.Message):
     def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., tile: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[_inference_pb2.StageTimes, _Mapping]] = ...) -> None: ...
 
 class ParallelBlock(_message.Message):
-    __slots__ = ("start_split", "end_split", "shares", "predicted_seconds", "grid_cols")
+    __slots__ = ("start_split", "end_split", "shares", "predicted_seconds", "grid_cols", "halo_input")
     START_SPLIT_FIELD_NUMBER: _ClassVar[int]
     END_SPLIT_FIELD_NUMBER: _ClassVar[int]
     SHARES_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     GRID_COLS_FIELD_NUMBER: _ClassVar[int]
+    HALO_INPUT_FIELD_NUMBER: _ClassVar[int]
     start_split: str
     end_split: str
     shares: _containers.RepeatedScalarFieldContainer[float]
     predicted_seconds: float
     grid_cols: int
-    def __init__(self, start_split: _Optional[str] = ..., end_split: _Optional[str] = ..., shares: _Optional[_Iterable[float]] = ..., predicted_seconds: _Optional[float] = ..., grid_cols: _Optional[int] = ...) -> None: ...
+    halo_input: bool
+    def __init__(self, start_split: _Optional[str] = ..., end_split: _Optional[str] = ..., shares: _Optional[_Iterable[float]] = ..., predicted_seconds: _Optional[float] = ..., grid_cols: _Optional[int] = ..., halo_input: _Optional[bool] = ...) -> None: ...
 
 class ParallelStage(_message.Message):
     __slots__ = ("worker_ids", "worker_addresses", "blocks", "codec")

@@ -39,6 +39,11 @@ class TilesStub:
                 request_serializer=edgesplit_dot_v1_dot_tiles__pb2.TileRequest.SerializeToString,
                 response_deserializer=edgesplit_dot_v1_dot_tiles__pb2.TileResult.FromString,
                 _registered_method=True)
+        self.FetchRegion = channel.unary_unary(
+                '/edgesplit.v1.Tiles/FetchRegion',
+                request_serializer=edgesplit_dot_v1_dot_tiles__pb2.FetchRegionRequest.SerializeToString,
+                response_deserializer=edgesplit_dot_v1_dot_tiles__pb2.FetchRegionResult.FromString,
+                _registered_method=True)
 
 
 class TilesServicer:
@@ -52,6 +57,14 @@ class TilesServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchRegion(self, request, context):
+        """A region of a tile kept by InferTile (keep_output), for a neighbour assembling its crop (halo
+        exchange; worker role only). NOT_FOUND when the tile is not (or no longer) stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TilesServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_TilesServicer_to_server(servicer, server):
                     servicer.InferTile,
                     request_deserializer=edgesplit_dot_v1_dot_tiles__pb2.TileRequest.FromString,
                     response_serializer=edgesplit_dot_v1_dot_tiles__pb2.TileResult.SerializeToString,
+            ),
+            'FetchRegion': grpc.unary_unary_rpc_method_handler(
+                    servicer.FetchRegion,
+                    request_deserializer=edgesplit_dot_v1_dot_tiles__pb2.FetchRegionRequest.FromString,
+                    response_serializer=edgesplit_dot_v1_dot_tiles__pb2.FetchRegionResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +106,33 @@ class Tiles:
             '/edgesplit.v1.Tiles/InferTile',
             edgesplit_dot_v1_dot_tiles__pb2.TileRequest.SerializeToString,
             edgesplit_dot_v1_dot_tiles__pb2.TileResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchRegion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgesplit.v1.Tiles/FetchRegion',
+            edgesplit_dot_v1_dot_tiles__pb2.FetchRegionRequest.SerializeToString,
+            edgesplit_dot_v1_dot_tiles__pb2.FetchRegionResult.FromString,
             options,
             channel_credentials,
             insecure,
