@@ -144,6 +144,10 @@ class LinkEstimate:
     rtt: Figure = field(default_factory=Figure)
     censored: int = 0  # deadline-missed frames whose upper bound said nothing new
     steps: int = 0  # steps declared on bandwidth or RTT
+    # relative variance of the bandwidth samples about the estimate: an EWMA (weight ``alpha``) of
+    # log(sample / estimate)**2, restarted by a step; the squared coefficient of variation of a frame's time
+    # on the link (runtime.contracts.queueing); 0 until a second sample
+    jitter: float = 0.0
 
     def __post_init__(self) -> None:
         self._bw_steps = StepDetector(self.options)
@@ -162,7 +166,10 @@ class LinkEstimate:
             if run is not None:
                 bw.value = _geomean(run)
                 self.steps += 1
+                self.jitter = 0.0
             else:
+                d = math.log(bytes_per_second / bw.value)
+                self.jitter = d * d if bw.samples == 1 else self.options.alpha * d * d + (1 - self.options.alpha) * self.jitter
                 keep = (1 - self.options.alpha) * 0.5 ** (max(0.0, bw.age(now)) / self.options.half_life_seconds)
                 bw.value = (1 - keep) * bytes_per_second + keep * bw.value
         bw.samples += 1

@@ -49,6 +49,7 @@ import grpc
 
 from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prediction import Prediction
+from runtime.agent.prediction import line as prediction_line
 from runtime.agent.prober import ProbeOptions, Prober
 from runtime.agent.telemetry import HEARTBEAT_SECONDS, ReportCadence, link_report, wire_reports
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Overloaded, Unavailable
@@ -438,7 +439,7 @@ class PlannerLink:
         agent = getattr(self, "agent", None)  # its link's estimate now (runtime.agent.prediction)
         if p is None or agent is None or not result.worker:
             return 0.0 if p is None else p.seconds
-        return p.now(agent.link.links.get(result.worker), agent.link.wire.mean(result.split, result.codec))
+        return prediction_line(p, agent.link, result)  # its own bytes, the link now, the link's queue
 
     def _remember(self, address: str, worker_id: str) -> None:
         if not (address and worker_id):

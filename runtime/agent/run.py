@@ -182,6 +182,7 @@ async def _stream_source(agent: Agent, config: AgentConfig, sink: IO[str], fmt, 
 
     index = 0
     pace = Pacer(config.fps, loop.time)
+    agent.link.frame_interval, agent.link.frame_window = pace.period, max(1, config.window)  # the queue terms' workload
     while True:
         if not pace.period:
             await window.acquire()

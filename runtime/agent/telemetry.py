@@ -54,6 +54,7 @@ from runtime.agent.estimator import EstimatorOptions, LinkEstimate, LinkTable
 from runtime.agent.metrics import AgentMetrics
 from runtime.agent.wirebytes import WireTable
 from runtime.contracts.errors import EdgesplitError
+from runtime.contracts.queueing import DEFAULT_WINDOW
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.wire.stream import time_health_check
 
@@ -89,6 +90,11 @@ class LinkEstimator:
         self.overhead_warmup = OVERHEAD_WARMUP
         self._overhead_run: tuple[tuple[str, str, str, str], int] = (("", "", "", ""), 0)  # configuration, frames in it
         self.wire = WireTable(clock)  # bytes per frame and encode time per (split, codec), for the planner
+        # the source's workload (set by the agent's run loop from --fps and --window): its frame interval in
+        # seconds (0: unpaced or unknown) and the frames it keeps in flight; reported to the planner as
+        # ``source_interval`` / ``source_window`` and used by the result lines' queue term (runtime.agent.prediction)
+        self.frame_interval = 0.0
+        self.frame_window = DEFAULT_WINDOW
         if metrics is not None:
             metrics.registry.register(_LinkCollector(self))
 
@@ -244,6 +250,8 @@ class LinkEstimator:
     def take_report(self) -> tuple[dict[str, float], int]:
         """``(median seconds by stage, frames)`` since the previous call; resets both."""
         medians = {stage: statistics.median(v) for stage, v in self._stages.items() if v}
+        if self.frame_interval > 0 and medians:  # the workload, for the planner's queue terms (planner.compute.Workload)
+            medians["source_interval"], medians["source_window"] = self.frame_interval, float(self.frame_window)
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames
