@@ -158,6 +158,7 @@ class SimAgent:
                 k = (k + 1) % len(self.stubs)
                 stub = self.stubs[k]
                 try:  # a new connection; the streams move to it once registered there, as in a real agent's session
+                    sent = time.monotonic()
                     reply = await self._register_light(stub)
                 except grpc.aio.AioRpcError as e:
                     asked = self.stats.error("RegisterAgent", e, k)  # a retry-after (the planner's registration gate)
@@ -165,6 +166,7 @@ class SimAgent:
                     continue
                 self.stub, self.session = stub, self.session + 1
                 self.stats.reattached.append((time.monotonic(), before, reply.plan.version))
+                self.stats.reattach_calls.append((sent, time.monotonic()))
                 if reply.plan.version:
                     self._on_plan(reply.plan)
                 return

@@ -135,6 +135,12 @@ def summary(options: FleetOptions, st: dict[str, Any], killed_at: float | None,
                within_target=sum(1 for s in secs if s <= REATTACH_TARGET_SECONDS),
                target_s=REATTACH_TARGET_SECONDS, profile_resent=st.get("profile_resent", 0),
                survivor_during_reattach=_window(samples[-1], killed_at, killed_at + max(secs, default=0.0)))
+    calls = [(sent - killed_at, done - sent) for sent, done in st.get("reattach_calls", []) if sent >= killed_at]
+    if calls:  # where the time went: the loader's side (kill -> the call sent) and the survivor's (the call)
+        sent_s, call_s = [c[0] for c in calls], [c[1] for c in calls]
+        out["reattach_split"] = {"sent_p50_s": _s(percentile(sent_s, 50)), "sent_max_s": _s(max(sent_s)),
+                                 "call_p50_s": _s(percentile(call_s, 50)), "call_p99_s": _s(percentile(call_s, 99)),
+                                 "call_max_s": _s(max(call_s))}
     return out
 
 
@@ -166,4 +172,7 @@ def markdown(r: dict[str, Any] | None) -> list[str]:
                   f"{r['target_s']:g} s; {r['kept_plan']:,} kept their plan version; re-registered by profile hash, "
                   f"{r.get('profile_resent', 0):,} had to send the document"
                   + (f"; the survivor meanwhile ({w['seconds']} s): CPU {w['cpu_cores']} cores, waiting for a CPU "
-                     f"{w['wait_cores']} cores' worth" if (w := r.get("survivor_during_reattach")) else "")]
+                     f"{w['wait_cores']} cores' worth" if (w := r.get("survivor_during_reattach")) else "")
+                  + (f"; kill -> the successful re-registration sent p50 {c['sent_p50_s']} s, max {c['sent_max_s']} s; that "
+                     f"call p50 {c['call_p50_s']} s, p99 {c['call_p99_s']} s, max {c['call_max_s']} s"
+                     if (c := r.get("reattach_split")) else "")]

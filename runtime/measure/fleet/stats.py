@@ -42,6 +42,9 @@ class Stats:
     # with replicas: agents whose session broke and that registered again (on the next replica)
     reattach_started: list[float] = field(default_factory=list)  # monotonic time each noticed its session broke
     reattached: list[tuple[float, int, int]] = field(default_factory=list)  # (monotonic, plan version before, after)
+    # (monotonic sent, replied) of each successful re-registration call: kill -> sent is the loader's
+    # side (noticing the broken session, the back-off, its own loop), sent -> replied the survivor's
+    reattach_calls: list[tuple[float, float]] = field(default_factory=list)
     profile_resent: int = 0  # re-attaches by profile hash the replica did not hold: the document sent after all
 
     def error(self, rpc: str, e: BaseException, replica: int = 0) -> float:
