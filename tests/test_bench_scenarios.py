@@ -70,8 +70,6 @@ def test_dynamic_trace_summary_counts_deadlines_and_losses():
     assert got["phases"][0]["ran"] == {"input:jpeg (edge)": 1, "input:jpeg (local)": 1, "output:raw (local)": 1}
 
 
-@pytest.mark.timeout(600)
-@pytest.mark.skipif(bool(cgroup_unavailable()), reason=f"needs a writable cgroup v1 cpu controller: {cgroup_unavailable()}")
 class _Checks:
     """A stand-in for fidelity.Checker with fixed agreements per (split, codec): what the planner then chooses
     is the real search's (planner.search via the CLI's ranker)."""
@@ -158,6 +156,8 @@ def test_merge_keeps_each_runs_command_and_load():
     assert res["models"]["a (run 2)"]["command"].endswith("--scenario 1.6mbit")
 
 
+@pytest.mark.timeout(600)
+@pytest.mark.skipif(bool(cgroup_unavailable()), reason=f"needs a writable cgroup v1 cpu controller: {cgroup_unavailable()}")
 def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
     before = _ours()
     tag = f"EDGESPLIT_TEST_TAG={uuid.uuid4().hex}"
@@ -171,6 +171,11 @@ def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
     assert "Command: `edgesplit bench-scenarios --quick" in md and "Machine:" in md
     (model,) = res["models"].values()
     assert 10 < model["calibration"]["slowdown"] < 30  # the quota really slows the board down
+    heads = model["calibration"]["board_heads"]  # every head priced from whole passes under the quota
+    assert heads["prefix_runs"] > 0 and heads["curve_ms"][0] == 0.0
+    assert heads["curve_ms"][-1] == pytest.approx(model["calibration"]["local_p50_ms"])
+    assert all(t["frames"] > 0 and t["head_ms"] > 0 for t in heads["timed"])
+    assert "whole passes under the quota" in md
     frames = res["spec"]["frames"]
     (sc,) = model["scenarios"].values()
     assert sc["link"]["mbps"] > 0 and sc["link"]["rtt_ms"] > 0

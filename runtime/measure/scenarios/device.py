@@ -98,6 +98,50 @@ def codec_frames(spec, xs, name: str) -> list[dict]:
     return out
 
 
+def prefix_heads(loaded, xs, runs: int) -> dict:
+    """Every head at once: ``runs`` passes through the blocks in order (after one untimed), the time from the pass's
+    start to the end of each block. The median per cut prices the head that ends there with the quota's stalls where
+    they fell in a real pass; per-block medians put them in whichever blocks crossed a period's end."""
+    n = len(loaded.sliced.split_points)
+    segs = [loaded.segment(i, i + 1) for i in range(n - 1)]
+    passes = []
+    with torch.inference_mode():
+        for r in range(runs + 1):
+            x, t0, row = xs[r % len(xs)], time.perf_counter(), [0.0]
+            for seg in segs:
+                x = seg(x)
+                row.append((time.perf_counter() - t0) * 1e3)
+            if r:
+                passes.append(row)
+    return {"ms": [statistics.median(p[k] for p in passes) for k in range(n)], "runs": runs}
+
+
+def time_heads(loaded, xs, cands: list[dict], runs: int) -> list[dict]:
+    """Each candidate's head, TL encoder and codec encode on the board, as the agent runs them (``loaded.head``, the
+    TL's encoder, the wire codec), one frame at a time for ``runs`` frames after one untimed: ms per frame."""
+    out = []
+    for c in cands:
+        tl = load_tl(c["tl"], loaded=loaded) if c.get("tl") else None
+        codec = get_codec(c["codec"], model=tl.tl.entropy_model if tl is not None else None, spec=loaded.spec)
+        head = loaded.head(c["split"])
+        got: dict = {**c, "head_ms": [], "tl_ms": [], "encode_ms": []}
+        for r in range(runs + 1):
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                z = head(xs[r % len(xs)])
+                t1 = time.perf_counter()
+                if tl is not None:
+                    z = tl.tl.encoder(z)
+                t2 = time.perf_counter()
+            codec.encode(z)
+            t3 = time.perf_counter()
+            if r:
+                for k, v in (("head_ms", t1 - t0), ("tl_ms", t2 - t1), ("encode_ms", t3 - t2)):
+                    got[k].append(v * 1e3)
+        out.append(got)
+    return out
+
+
 async def run_split(loaded, job: dict, xs) -> dict:
     """One strategy: the frames through an agent at the job's split, codec and TL, one in flight; then, with
     ``window`` > 1, ``pipeline_frames`` frames with that many in flight (frames/s over the pass)."""
@@ -167,13 +211,14 @@ def main(argv: list[str]) -> int:
                          codecs=cfg["codecs"], tls=cfg["tls"], threads=cfg["testbed"]["threads"], progress=False,
                          inputs=cfg.get("profile_inputs", 4), jpeg_fidelity=cfg.get("jpeg_fidelity", True))
     Path(cfg["profile_out"]).write_text(prof.to_json())
+    heads = prefix_heads(loaded, xs, cfg.get("head_runs", 10))
     _time_full(loaded, xs, 1)
     local_s, local_top1 = _time_full(loaded, xs, len(xs))
     jp = jpeg_frames(loaded.spec, xs, cfg["jpeg_quality"])
     Path(cfg["jpeg_out"]).mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(jp):
         (Path(cfg["jpeg_out"]) / f"{i}.jpg").write_bytes(j["jpeg"])
-    print(json.dumps({"calibration": cal, "local": [{"total_ms": t * 1e3, "class_index": c}
+    print(json.dumps({"calibration": cal, "prefix_heads": heads, "local": [{"total_ms": t * 1e3, "class_index": c}
                                                     for t, c in zip(local_s, local_top1, strict=True)],
                       "jpeg": [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp],
                       "input_codecs": {c: codec_frames(loaded.spec, xs, c) for c in cfg["codecs"] if is_pixels(c)}}),
@@ -183,6 +228,9 @@ def main(argv: list[str]) -> int:
         if job.get("quit"):
             break
         try:
+            if "time_heads" in job:
+                print(json.dumps({"heads": time_heads(loaded, xs, job["time_heads"], job["runs"])}), flush=True)
+                continue
             print(json.dumps(asyncio.run(run_split(loaded, job, xs))), flush=True)
         except Exception as e:
             print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile
 from runtime.contracts.profile import load as load_profile
+from runtime.measure.scenarios import board as board_heads
 from runtime.measure.scenarios import costs, dynamic, fidelity
 from runtime.measure.scenarios.device import _readline_json
 from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec
@@ -38,7 +39,7 @@ def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> d
     if conf is None or not conf.hops:
         return None
     h = conf.hops[0]
-    return {"split": point_names[h.cut], "codec": h.transfer.codec, "tl_id": h.transfer.tl_id,
+    return {"split": point_names[h.cut], "codec": h.transfer.codec, "tl_id": h.transfer.tl_id, "transfer": h.transfer.name,
             "predicted_ms": conf.seconds * 1e3, "plan": conf.describe()}
 
 
@@ -112,6 +113,38 @@ def _edge_only_job(names: list[str], edge: Profile, sc, jpeg: list[dict], down: 
             "plan": f"JPEG q{JPEG_QUALITY} of the input (mean {mean_jpeg:,.0f} B), the wire's jpeg codec"}
 
 
+def _board_encodes(measured: Profile, board: dict, local_p50_ms: float) -> tuple[Profile, float]:
+    """The board's profile with the encode times it measured frame by frame; the rest scaled by local p50 / the block
+    sum (the heads are priced after, :mod:`runtime.measure.scenarios.board`). Returns (profile, that factor)."""
+    factor = local_p50_ms / 1e3 / sum(b.seconds for b in measured.blocks)
+    dev = costs.rescale(measured, factor)
+    # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
+    dev = costs.with_input_encode(dev, statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
+    for c, frames in board.get("input_codecs", {}).items():  # pixels+lz4: its encode on the board, frame by frame
+        dev = costs.with_codec_encode(dev, c, statistics.median(f["encode_ms"] for f in frames) / 1e3)
+    return dev, factor
+
+
+def _board_plans(model: str, rank: Ranker, dev: Profile, edge: Profile, spec: RunSpec, points, check, tl_path: str,
+                 child, prefix: dict, local_p50_ms: float, progress) -> tuple[dict, Profile, dict]:
+    """Every strategy's plan per static scenario on the board's measured heads (the same profile for each):
+    the prefix prior, then each picked head timed on the board, planned again (:mod:`board`)."""
+    shapes, names = points
+    heads = board_heads.Heads(prefix["ms"], prefix["runs"], local_p50_ms)
+
+    def plan_all(d: Profile) -> dict:
+        return {s: _plans(rank, d, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names,
+                          check, tl_path) for s in spec.scenarios if not SCENARIOS[s].steps}
+
+    def time_on_board(todo: list[dict]) -> list[dict]:
+        progress(f"{model}: timing {len(todo)} head(s) on the board, {spec.head_runs} frames each: "
+                 + ", ".join(f"{t['split']}:{t['transfer']}" for t in todo))
+        return _ask(child, {"time_heads": todo, "runs": spec.head_runs, "strategy": "board heads"}, JOB_SECONDS)["heads"]
+
+    plans, priced = board_heads.plan_with_board_heads(heads, dev, plan_all, time_on_board, names, tl_path)
+    return plans, priced, heads.summary()
+
+
 def _checker(loaded, spec: RunSpec, frames: FrameMaker, progress: Callable[[str], None]) -> fidelity.Checker:
     t = time.perf_counter()
     xs, what = frames(loaded.spec, spec.fidelity_frames)
@@ -135,6 +168,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     shapes = [tuple(p.out_shape) for p in loaded.sliced.split_points]
     tl = bundled_tl(loaded.name)
     tls = [str(tl)] if tl else []
+    tl_path = str(tl) if tl else ""
     progress(f"{model}: profiling the edge (unrestricted, {spec.testbed.threads} thread)")
     # JPEG fidelity on 4 photos in the profiles only for the dynamic trace's planner; static plans are checked here
     jpeg_fidelity = any(SCENARIOS[s].steps for s in spec.scenarios)
@@ -145,7 +179,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     cfg = {"jpeg_fidelity": jpeg_fidelity, "model": model, "frames": spec.frames, "cgroup": str(cg.path),
            "testbed": {**asdict(spec.testbed), "first_quota_us": spec.testbed.start_quota_us},
            "profile_out": str(tmp / f"{model}-board.json"), "profile_runs": spec.profile_runs,
-           "profile_inputs": spec.profile_inputs,
+           "profile_inputs": spec.profile_inputs, "head_runs": spec.head_runs,
            "codecs": list(spec.codecs), "tls": tls, "jpeg_quality": JPEG_QUALITY, "jpeg_out": str(tmp / f"{model}-jpeg")}
     progress(f"{model}: board child: load, join the cgroup, calibrate the quota, profile, run local")
     child = subprocess.Popen([sys.executable, "-m", "runtime.measure.scenarios.device", json.dumps(cfg)],
@@ -161,15 +195,10 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     local_totals = [r["total_ms"] for r in board["local"]]
     cal = {**cal, "local_p50_ms": statistics.median(local_totals),
            "local_slowdown": statistics.median(local_totals) / cal["free_ms"]}
-    factor = cal["local_p50_ms"] / 1e3 / sum(b.seconds for b in measured.blocks)
-    dev = costs.rescale(measured, factor)
-    # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
-    dev = costs.with_input_encode(dev, statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
-    for c, frames in board.get("input_codecs", {}).items():  # pixels+lz4: its encode on the board, frame by frame
-        dev = costs.with_codec_encode(dev, c, statistics.median(f["encode_ms"] for f in frames) / 1e3)
+    dev, factor = _board_encodes(measured, board, cal["local_p50_ms"])
     ref = [r["class_index"] for r in board["local"]]
-    plans = {s: _plans(rank, dev, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names,
-                       check, str(tl) if tl else "") for s in spec.scenarios if not SCENARIOS[s].steps}
+    plans, dev, cal["board_heads"] = _board_plans(model, rank, dev, edge, spec, (shapes, names), check, tl_path, child,
+                                                  board["prefix_heads"], cal["local_p50_ms"], progress)
     for p in plans.values():
         lite = p["scissionlite"]
         if lite and lite["tl_id"] == costs.REFERENCE_TL:

@@ -64,6 +64,9 @@ class RunSpec:
     # photos profiled per block: bytes after lz4 differ up to 3.4x between the four bundled photos
     # (the committed run of 2026-12-03 used 2, and under-predicted lz4'd early cuts)
     profile_inputs: int = 4
+    # board head times: whole passes timed cut by cut (the prior of every head), then each picked head on its own,
+    # this many frames each (runtime.measure.scenarios.board)
+    head_runs: int = 10
     window: int = 4  # pipelined pass: frames in flight
     pipeline_frames: int = 0  # frames of the pipelined pass (0: as many as ``frames``)
     trace_fps: float = 1.0  # dynamic trace: the agent's camera rate (the whole agent runs under the quota)

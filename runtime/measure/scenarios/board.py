@@ -1,0 +1,95 @@
+"""The board's head times, as every strategy's cost model sees them.
+
+One factor (local p50 / the sum of per-block medians) fixes the whole model's time on the board but not how it
+splits between head and tail: the quota's ~45 ms stalls land in whichever blocks cross a period's end, and in the
+run of 2026-12-03 a 33-of-94-block EfficientNet-Lite0 head was priced at ~250 ms and took ~360 ms with its
+encode. So the harness prices heads from what the board measured:
+
+* a prior for every cut at once: the median, over whole passes through the blocks, of the time from the pass's
+  start to the end of each block (:func:`runtime.measure.scenarios.device.prefix_heads`), scaled so the whole
+  model takes the local run's p50;
+* every head a strategy picks, timed on its own on the board (head, TL encoder, codec encode, as the agent runs
+  them), one frame at a time; the plans are made again with those times, and a newly picked head is timed in
+  turn (at most ``rounds`` times).
+
+The same profile goes to Scission, ScissionLite and edgesplit (each derives its transfers from it)."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from runtime.contracts.profile import Profile
+from runtime.measure.scenarios import costs
+
+PEERS = ("scission", "scissionlite", "edgesplit")  # the strategies whose plans come from a cost model
+
+
+@dataclass
+class Heads:
+    """Board head times: the prefix prior, and the heads timed on their own (cut -> ms per frame)."""
+
+    prefix_ms: list[float]  # prior head time per cut (0 .. n), medians of whole passes
+    prefix_runs: int
+    total_ms: float  # the whole model on the board: the local run's p50
+    head_ms: dict[int, list[float]] = field(default_factory=dict)
+    encode_ms: dict[tuple[int, str], list[float]] = field(default_factory=dict)  # (cut, transfer) -> TL + codec
+    timed: list[dict] = field(default_factory=list)  # what was timed, in order, with sample counts
+
+    def curve(self) -> tuple[list[float], float]:
+        return costs.head_curve(self.prefix_ms, {k: statistics.median(v) for k, v in self.head_ms.items()},
+                                self.total_ms)
+
+    def apply(self, dev: Profile) -> Profile:
+        """``dev`` whose heads cost what the board measured (and the timed encodes theirs)."""
+        out = costs.with_board_heads(dev, self.curve()[0])
+        for (cut, name), ms in self.encode_ms.items():
+            out = costs.with_encode(out, cut, name, statistics.median(ms) / 1e3)
+        return out
+
+    def wanted(self, plans: dict, names: list[str], tl_path: str) -> list[dict]:
+        """The picked heads not timed yet (the input cut has no head; its codecs are timed frame by frame)."""
+        out: dict[tuple[int, str], dict] = {}
+        for p in plans.values():
+            for k in PEERS:
+                job = p.get(k)
+                if not job or job["split"] == names[0]:
+                    continue
+                cut = names.index(job["split"])
+                own = job["tl_id"] and job["tl_id"] != costs.REFERENCE_TL  # ScissionLite's pool: not in its model
+                key = (cut, job["transfer"])
+                if key not in self.encode_ms and key not in out:
+                    out[key] = {"split": job["split"], "cut": cut, "transfer": job["transfer"], "codec": job["codec"],
+                                "tl": tl_path if own else ""}
+        return list(out.values())
+
+    def add(self, got: list[dict]) -> None:
+        for g in got:
+            self.head_ms.setdefault(g["cut"], []).extend(g["head_ms"])
+            self.encode_ms[(g["cut"], g["transfer"])] = [a + b for a, b in zip(g["tl_ms"], g["encode_ms"], strict=True)]
+            self.timed.append({"split": g["split"], "cut": g["cut"], "transfer": g["transfer"],
+                               "head_ms": statistics.median(g["head_ms"]), "prior_ms": self.prefix_ms[g["cut"]],
+                               "encode_ms": statistics.median(self.encode_ms[(g["cut"], g["transfer"])]),
+                               "frames": len(g["head_ms"])})
+
+    def summary(self) -> dict:
+        curve, scale = self.curve()
+        return {"prefix_runs": self.prefix_runs, "prefix_scaled_by": scale, "timed": self.timed,
+                "curve_ms": curve}
+
+
+def plan_with_board_heads(heads: Heads, dev: Profile, plan: Callable[[Profile], dict], time: Callable[[list], list],
+                          names: list[str], tl_path: str, rounds: int = 3) -> tuple[dict, Profile]:
+    """Plan every strategy on ``dev`` with the board's heads; time the picked heads not timed yet (``time``: the
+    board child), plan again; until nothing new is picked or ``rounds`` timings were made. Returns (plans, dev)."""
+    priced = heads.apply(dev)
+    plans = plan(priced)
+    for _ in range(rounds):
+        todo = heads.wanted(plans, names, tl_path)
+        if not todo:
+            break
+        heads.add(time(todo))
+        priced = heads.apply(dev)
+        plans = plan(priced)
+    return plans, priced
