@@ -43,7 +43,7 @@ def at_issued_link(plan: Any, config: Any) -> float:
     issued bandwidth (``predicted_bytes / transfer``), so measured bytes per frame still count; a hop the
     plan holds no terms for keeps its own."""
     issued = plan.breakdown_seconds
-    out = float(config.seconds)
+    out = float(config.seconds) + issued.get("queue:link", 0.0)  # the link's wait as issued too (planner.workload)
     for h in config.hops:
         link = f"{h.src_tier}->{h.dst_tier}"
         rtt, transfer = issued.get(f"rtt:{link}"), issued.get(f"transfer:{link}")
