@@ -13,6 +13,11 @@ failed is skipped for the rest of the frame and tried again on the next one.
 
 :meth:`ParallelCoordinator.run_frame` runs a whole frame: the head up to the first block locally,
 the stage, and the rest of the model locally.
+
+Halo exchange (``TiledBlock.halo``, :mod:`runtime.agent.parallel_halo`): where a block takes its input by
+halo exchange, the previous block's tiles stay on their workers, which fetch only the border rows
+they need from one another; if anything in it fails, the frame's stage runs again with gather and
+scatter (``CoordinatorOptions.halo`` False: never use it).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +35,7 @@ import grpc
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from runtime.agent.parallel_halo import HaloFailed, StoredMap
 from runtime.contracts.errors import EdgesplitError, InvalidInput, TooLarge, from_rpc_error
 from runtime.daemon.metrics_http import STAGE_BUCKETS
 from runtime.models.loader import LoadedModel
@@ -118,6 +125,7 @@ class CoordinatorOptions:
     agent_id: str = "coordinator"  # sent in each tile's header
     wavefront: bool = True  # start a tile once the tiles it reads are in (False: wait for the whole block)
     model_digest: bool = True  # send the weights fingerprint (workers with other weights refuse)
+    halo: bool = True  # exchange halos between workers where the stage's blocks say so (False: always gather)
 
 
 @dataclass
@@ -154,6 +162,8 @@ class TileMetrics:
                                       registry=self.registry)
         self.tile_failures = Counter("edgesplit_agent_tile_failures", "Tile attempts that failed (recomputed "
                                      "elsewhere), by worker and status code", ["worker", "code"], registry=self.registry)
+        self.halo_fallbacks = Counter("edgesplit_agent_halo_fallbacks", "Frames whose halo exchange between workers "
+                                      "failed and whose stage ran again with gather and scatter", registry=self.registry)
 
 
 class ParallelCoordinator:
@@ -179,7 +189,9 @@ class ParallelCoordinator:
         self.first, self.last = loaded.split(stage.blocks[0].start), loaded.split(stage.blocks[-1].end)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="coordinator")
-        self._seq = 0
+        self._seq = random.getrandbits(40)  # frames of two coordinators with one agent id do not share keys
+        self.halo_fallbacks = 0  # frames whose halo exchange failed (run again with gather and scatter)
+        self.last_fallback = ""  # why the last one did
 
     def _stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
         if address not in self._channels:
@@ -222,34 +234,45 @@ class ParallelCoordinator:
 
     # -- one tile -----------------------------------------------------------------------------
 
-    def _request(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor) -> tiles_pb2.TileRequest:
+    def _header(self, i: int) -> pb.FrameHeader:
         block = self.stage.blocks[i]
-        header = pb.FrameHeader(agent_id=self.options.agent_id, seq=self._seq, model_id=self.loaded.name,
-                                split_id=self.loaded.split(block.start).name, end_split=self.loaded.split(block.end).name,
-                                model_digest=self.loaded.digest if self.options.model_digest else "")
-        msg = tiles_pb2.TileRequest(header=header, input_height=in_hw[0], input_width=in_hw[1], output=region_msg(reg.output),
-                                    input=region_msg(reg.input), crop=self.codec.encode(crop), output_codec=self.codec_name)
+        return pb.FrameHeader(agent_id=self.options.agent_id, seq=self._seq, model_id=self.loaded.name,
+                              split_id=self.loaded.split(block.start).name, end_split=self.loaded.split(block.end).name,
+                              model_digest=self.loaded.digest if self.options.model_digest else "")
+
+    def _request(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None,
+                 keep: bool = False, parts: list | None = None) -> tiles_pb2.TileRequest:
+        msg = tiles_pb2.TileRequest(header=self._header(i), input_height=in_hw[0], input_width=in_hw[1],
+                                    output=region_msg(reg.output), input=region_msg(reg.input),
+                                    output_codec=self.codec_name, keep_output=keep)
+        if crop is not None:
+            msg.crop.CopyFrom(self.codec.encode(crop))
+        for address, tile, want in parts or ():
+            msg.parts.add(address=address, tile=region_msg(tile), region=region_msg(want))
         if msg.ByteSize() > self.options.transport.max_message_bytes:
             raise TooLarge(f"tile crop message of {msg.ByteSize()} bytes exceeds the {self.options.transport.max_message_bytes}"
                            "-byte message limit; use more tiles, a smaller codec or a larger --max-message-bytes")
         return msg
 
-    async def _remote(self, address: str, msg: tiles_pb2.TileRequest, report: TileReport) -> torch.Tensor:
+    async def _remote(self, address: str, msg: tiles_pb2.TileRequest, report: TileReport) -> torch.Tensor | None:
+        """The tile computed by ``address`` (None when it keeps it: ``msg.keep_output``)."""
         t0 = report.sent_at = time.perf_counter()
         try:
             res = await self._stub(address).InferTile(msg, timeout=self.options.tile_deadline_seconds)
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         report.answered_at = time.perf_counter()
-        tile = decode_tensor(res.tile, max_bytes=self.options.transport.max_message_bytes * 4)
-        want = (msg.output.row_stop - msg.output.row_start, msg.output.col_stop - msg.output.col_start)
-        if tile.dim() != 4 or tuple(tile.shape[-2:]) != want:
-            raise InvalidInput(f"worker {address} answered a tile of shape {list(tile.shape)} for a {want} region")
+        tile = None
+        if not msg.keep_output:
+            tile = decode_tensor(res.tile, max_bytes=self.options.transport.max_message_bytes * 4)
+            want = (msg.output.row_stop - msg.output.row_start, msg.output.col_stop - msg.output.col_start)
+            if tile.dim() != 4 or tuple(tile.shape[-2:]) != want:
+                raise InvalidInput(f"worker {address} answered a tile of shape {list(tile.shape)} for a {want} region")
         report.seconds = time.perf_counter() - t0
         report.compute_seconds = res.times.tail_seconds
         report.worker_seconds = res.times.queue_seconds + res.times.decode_seconds + res.times.tail_seconds
         report.queue_seconds, report.decode_seconds = res.times.queue_seconds, res.times.decode_seconds
-        report.sent_bytes += len(msg.crop.buffer)
+        report.sent_bytes += len(msg.crop.buffer) if msg.crop.buffer else msg.ByteSize()
         report.received_bytes = len(res.tile.buffer)
         return tile
 
@@ -313,15 +336,35 @@ class ParallelCoordinator:
         if x.dim() != 4 or x.shape[0] != 1:
             raise InvalidInput(f"a parallel stage takes one [1, C, H, W] map, got {list(x.shape)}")
         self._seq += 1
+        if any(self.halo_input(i) for i in range(len(self.segments))):
+            try:
+                return await self._run(x, on_block, halo=True)
+            except (HaloFailed, EdgesplitError, RuntimeError) as e:  # never lose the frame: gather and scatter
+                self.halo_fallbacks += 1
+                self.last_fallback = str(e)
+                self.metrics.halo_fallbacks.inc()
+                logger.warning("halo exchange failed (%s); the stage runs again with gather and scatter", e)
+                self._seq += 1
+        return await self._run(x, on_block, halo=False)
+
+    def halo_input(self, i: int) -> bool:
+        """Does block ``i`` take its input by halo exchange between workers?"""
+        return self.options.halo and 0 < i < len(self.segments) and self.stage.blocks[i].halo
+
+    async def _run(self, x: torch.Tensor, on_block: Callable[[int, list[TileReport]], None] | None,
+                   halo: bool) -> tuple[torch.Tensor, list[TileReport]]:
         healthy = list(self.stage.workers)
         reports: list[TileReport] = []
-        src, tasks = TileMap.ready(x), []
+        src: TileMap | StoredMap = TileMap.ready(x)
+        tasks: list[asyncio.Future] = []
         try:
             for i, seg in enumerate(self.segments):
                 in_hw = src.hw
                 planned = self.bands(i, in_hw)
                 regions = seg.regions(in_hw, [r for _, r in planned])
-                dst = TileMap(seg.out_size(in_hw), [reg.output for reg in regions])
+                keep = halo and self.halo_input(i + 1)
+                tiles = [reg.output for reg in regions]
+                dst = StoredMap(seg.out_size(in_hw), tiles) if keep else TileMap(seg.out_size(in_hw), tiles)
                 block_reports = [TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
                                             cols=(reg.output.cols.start, reg.output.cols.stop))
                                  for (worker, _), reg in zip(planned, regions, strict=True)]
@@ -341,16 +384,45 @@ class ParallelCoordinator:
         return src.full(), reports
 
     async def _map_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, report: TileReport, healthy: list[str],
-                        src: TileMap, dst: TileMap, k: int) -> None:
+                        src: TileMap | StoredMap, dst: TileMap | StoredMap, k: int) -> None:
         try:
-            crop = await src.crop(reg.input)
-            report.ready_at = time.perf_counter()
-            tile = await self._tile(i, in_hw, reg, crop, report, healthy)
-            dst.put(k, tile)
+            keep = isinstance(dst, StoredMap)
+            if isinstance(src, StoredMap):  # halo exchange: the worker assembles its crop from stored tiles
+                parts = await src.parts(reg.input)
+                report.ready_at = time.perf_counter()
+                tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep)
+            else:
+                crop = await src.crop(reg.input)
+                report.ready_at = time.perf_counter()
+                tile = (await self._halo_tile(i, in_hw, reg, crop, None, report, keep) if keep
+                        else await self._tile(i, in_hw, reg, crop, report, healthy))
+            if isinstance(dst, StoredMap):
+                dst.put_at(k, report.ran_on)
+            else:
+                assert tile is not None
+                dst.put(k, tile)
             report.done_at = time.perf_counter()
         except BaseException as e:
             dst.fail(e)  # tiles waiting on this one stop too
             raise
+
+    async def _halo_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None,
+                         parts: list[tuple[str, Region, Region]] | None, report: TileReport, keep: bool) -> torch.Tensor | None:
+        """A tile of a halo exchange (its output kept, or its crop made of stored parts): one attempt on its
+        planned worker; any failure raises HaloFailed (the frame's stage then runs with gather and scatter)."""
+        address = report.planned
+        own = [("" if holder == address else holder, tile, want) for holder, tile, want in parts or ()]
+        try:
+            msg = self._request(i, in_hw, reg, crop, keep, own)
+            tile = await self._remote(address, msg, report)
+        except (EdgesplitError, asyncio.TimeoutError) as e:
+            code = e.code.name if isinstance(e, EdgesplitError) else "DEADLINE_EXCEEDED"
+            report.failures.append(f"{address}: {code}")
+            self.metrics.tile_failures.labels(address, code).inc()
+            raise HaloFailed(f"tile {report.rows}x{report.cols} of block {i} on {address}: {code} {e}") from None
+        report.ran_on = address
+        self.metrics.tile_seconds.labels(address).observe(report.seconds)
+        return tile
 
     async def run_frame(self, image: torch.Tensor,
                         on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:

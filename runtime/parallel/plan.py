@@ -9,7 +9,8 @@ document::
      "workers": ["w0", "w1"],                       # names or HOST:PORT; --parallel-workers maps them
      "codec": "raw",
      "blocks": [{"start": "input", "end": "maxpool2d", "shares": [1, 1], "predicted_seconds": 0.05,
-                 "grid_cols": 1}],                 # 1: row bands; c > 1: a grid of c tiles per row
+                 "grid_cols": 1,                   # 1: row bands; c > 1: a grid of c tiles per row
+                 "halo_input": false}],            # true: input by halo exchange between workers (not block 0)
      "predicted_seconds": 0.2, "strategy": "dpfp"}
 
 Every value read from a file or the wire is bounded (``MAX_*`` below) before use. Pure Python.
@@ -38,6 +39,12 @@ MAX_FILE_BYTES = 1 << 20
 """Largest plan JSON file read (bytes)."""
 
 
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"halo_input must be true or false, got {v!r}")
+    return v
+
+
 def _int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"grid_cols must be an integer, got {v!r}")
@@ -53,6 +60,7 @@ class TiledBlock:
     shares: tuple[float, ...]  # output-row weight per stage worker, in the stage's worker order (0: none)
     predicted_seconds: float = 0.0  # the planner's prediction (0: unknown)
     grid_cols: int = 1  # tiles per row of a 2-D grid (1: full-width row bands; receptive.partition)
+    halo: bool = False  # input by halo exchange between workers: the previous block's tiles stay on them
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,9 @@ class ParallelStage:
             if not (isinstance(b.grid_cols, int) and 1 <= b.grid_cols <= MAX_WORKERS) or used % b.grid_cols:
                 raise InvalidInput(f"block {i} ({b.start}..{b.end}): grid_cols {b.grid_cols!r} must be 1..{MAX_WORKERS} "
                                    f"and divide the {used} workers with a share > 0 (whole rows of tiles)")
+            if not isinstance(b.halo, bool) or (b.halo and i == 0):
+                raise InvalidInput(f"block {i} ({b.start}..{b.end}): halo_input must be a boolean, and false for the "
+                                   "first block (its input comes from the coordinator)")
 
     def with_workers(self, addresses: tuple[str, ...]) -> ParallelStage:
         """The same stage on other workers (``--parallel-workers``), one address per planned worker."""
@@ -102,7 +113,8 @@ class ParallelStage:
         return {"format": FORMAT, "version": VERSION, "model": self.model, "strategy": self.strategy,
                 "workers": list(self.workers), "codec": self.codec, "predicted_seconds": self.predicted_seconds,
                 "blocks": [{"start": b.start, "end": b.end, "shares": list(b.shares),
-                            "predicted_seconds": b.predicted_seconds, "grid_cols": b.grid_cols} for b in self.blocks]}
+                            "predicted_seconds": b.predicted_seconds, "grid_cols": b.grid_cols, "halo_input": b.halo}
+                           for b in self.blocks]}
 
     @classmethod
     def from_json(cls, doc: Any) -> ParallelStage:
@@ -114,7 +126,8 @@ class ParallelStage:
             raise InvalidInput(f"a parallel plan needs 'workers' and 'blocks' lists (at most {MAX_BLOCKS} blocks)")
         try:
             parsed = tuple(TiledBlock(str(b["start"]), str(b["end"]), tuple(float(s) for s in b["shares"][:MAX_WORKERS + 1]),
-                                      float(b.get("predicted_seconds", 0.0)), _int(b.get("grid_cols", 1)))
+                                      float(b.get("predicted_seconds", 0.0)), _int(b.get("grid_cols", 1)),
+                                      _bool(b.get("halo_input", False)))
                            for b in blocks)
             return cls(tuple(str(w) for w in workers[:MAX_WORKERS + 1]), parsed, str(doc.get("codec", "raw")),
                        str(doc.get("model", "")), float(doc.get("predicted_seconds", 0.0)), str(doc.get("strategy", "")))
@@ -138,7 +151,7 @@ class ParallelStage:
         msg.codec = self.codec
         for b in self.blocks:
             msg.blocks.add(start_split=b.start, end_split=b.end, shares=list(b.shares),
-                           predicted_seconds=b.predicted_seconds, grid_cols=b.grid_cols)
+                           predicted_seconds=b.predicted_seconds, grid_cols=b.grid_cols, halo_input=b.halo)
         return msg
 
     @classmethod
@@ -146,5 +159,5 @@ class ParallelStage:
         if len(msg.worker_addresses) > MAX_WORKERS or len(msg.blocks) > MAX_BLOCKS:
             raise InvalidInput(f"a parallel stage holds at most {MAX_WORKERS} workers and {MAX_BLOCKS} blocks")
         blocks = tuple(TiledBlock(b.start_split, b.end_split, tuple(b.shares[:MAX_WORKERS + 1]), b.predicted_seconds,
-                                  max(1, int(b.grid_cols))) for b in msg.blocks)
+                                  max(1, int(b.grid_cols)), bool(b.halo_input)) for b in msg.blocks)
         return cls(tuple(msg.worker_addresses), blocks, msg.codec or "raw", model)

@@ -6,6 +6,10 @@ worker rebuilds the tile's regions itself with :class:`runtime.parallel.tiled.Ti
 the block (``split_id`` .. ``end_split``), the full input size and the output region, refuses a
 crop that is not exactly that region, computes the tile and answers it.
 
+Halo exchange (``runtime.worker.tile_store``): with ``keep_output`` the tile stays in the worker's
+bounded :class:`TileStore` and the answer carries no tile; a request with ``parts`` instead of a
+crop assembles its crop from stored tiles, its own and its neighbours' (``Tiles.FetchRegion``).
+
 Everything is checked before anything is allocated: ids (as frames), the input size against
 ``MAX_SIDE`` and, with the block's channel counts, the decoded crop and the answered tile against
 the worker's ``max_tensor_bytes``. Tiles share the worker's admission (``--max-concurrency``,
@@ -16,12 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import grpc
 import torch
 from prometheus_client import Counter, Histogram
 
-from runtime.contracts.errors import InvalidInput, PreconditionFailed, TooLarge
+from runtime.contracts.errors import InvalidInput, NotFound, PreconditionFailed, TooLarge
 from runtime.daemon.metrics_http import STAGE_BUCKETS
 from runtime.models.loader import LoadedModel
 from runtime.parallel.receptive import Region, TileRegions
@@ -31,6 +36,16 @@ from runtime.proto.edgesplit.v1 import tensor_pb2, tiles_pb2, tiles_pb2_grpc
 from runtime.wire.chain import check_route
 from runtime.wire.codec import decode_tensor, get_codec
 from runtime.worker.service import InferenceService, check_header
+from runtime.worker.tile_store import (
+    FETCH_TIMEOUT_SECONDS,
+    Peers,
+    TileStore,
+    assemble,
+    check_parts,
+    fetch_answer,
+    key_of,
+    region_of,
+)
 
 SERVICE_NAME = tiles_pb2.DESCRIPTOR.services_by_name["Tiles"].full_name
 
@@ -41,11 +56,15 @@ MAX_SEGMENTS = 64
 """Fused blocks kept ready per worker (each holds only geometry and references to the model's layers)."""
 
 
-def region_of(msg: tiles_pb2.TileRegion) -> Region:
-    if msg.row_stop <= msg.row_start or msg.col_stop <= msg.col_start:
-        raise InvalidInput(f"tile region rows [{msg.row_start}, {msg.row_stop}) x cols [{msg.col_start}, "
-                           f"{msg.col_stop}) is empty")
-    return Region.of(msg.row_start, msg.row_stop, msg.col_start, msg.col_stop)
+@dataclass(frozen=True)
+class Prepared:
+    """A checked tile request: the block, the tile's regions and what the crop is made of."""
+
+    seg: TiledSegment
+    regions: TileRegions
+    c_in: int
+    end_split: str  # the block's end, by name (kept tiles are stored under it)
+    parts: list[tuple[str, Region, Region]]  # (address, stored tile, region) when the crop comes in parts
 
 
 class TileSegments:
@@ -77,6 +96,8 @@ def _check_request(req: tiles_pb2.TileRequest) -> tuple[int, int]:
         raise InvalidInput("a tile request cannot be chained (header.next_hops must be empty)")
     if not (1 <= req.input_height <= MAX_SIDE and 1 <= req.input_width <= MAX_SIDE):
         raise InvalidInput(f"input size {req.input_height}x{req.input_width} is out of range; each side 1..{MAX_SIDE}")
+    if req.parts and (req.crop.buffer or req.crop.shape):
+        raise InvalidInput("a tile request carries either a crop or crop parts (halo exchange), not both")
     if req.crop.codec == tensor_pb2.CODEC_ANS:
         raise InvalidInput("tile crops cannot be entropy-coded (codec ans); use raw, fp16 or int8, with or without lz4")
     return int(req.input_height), int(req.input_width)
@@ -85,17 +106,22 @@ def _check_request(req: tiles_pb2.TileRequest) -> tuple[int, int]:
 class TilesService(tiles_pb2_grpc.TilesServicer):
     """Serves InferTile on the worker's admission, executor and loaded models."""
 
-    def __init__(self, inference: InferenceService):
+    def __init__(self, inference: InferenceService, store: TileStore | None = None):
         self.inference = inference
         self.segments = TileSegments()
+        self.store = store or TileStore()  # kept tiles for the halo exchange (bounded; runtime.worker.tile_store)
+        self.peers = Peers(inference.config.transport())  # channels to neighbours, this worker's credentials
         r = inference.metrics.registry
         self.tiles = Counter("edgesplit_worker_tiles", "Tiles of fused blocks computed (spatial parallelism)",
                              ["model"], registry=r)
         self.tile_seconds = Histogram("edgesplit_worker_tile_seconds", "Compute time of one tile of a fused block",
                                       buckets=STAGE_BUCKETS, registry=r)
+        self.halo_parts = Counter("edgesplit_worker_halo_parts", "Crop parts of halo-exchanged tiles, by where they "
+                                  "came from (local: this worker's store; peer: fetched from a neighbour)", ["source"],
+                                  registry=r)
 
-    async def _plan(self, req: tiles_pb2.TileRequest) -> tuple[TiledSegment, TileRegions, int]:
-        """The block, the tile's regions and the output channel count, after every check."""
+    async def _plan(self, req: tiles_pb2.TileRequest) -> Prepared:
+        """The block, the tile's regions and the crop's parts, after every check."""
         in_hw = _check_request(req)
         h = req.header
         check_header(h)  # ids present and bounded, as for frames
@@ -118,36 +144,75 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
                                f"{a.name}..{b.name} at input {in_hw[0]}x{in_hw[1]} reads {regions.input}")
         c_in, c_out = int(a.out_shape[1]), int(b.out_shape[1])
         want = [1, c_in, *regions.input.shape]
-        if list(req.crop.shape) != want or req.crop.dtype != "float32":
+        parts = check_parts(req.parts, regions.input) if req.parts else []
+        if not parts and (list(req.crop.shape) != want or req.crop.dtype != "float32"):
             raise InvalidInput(f"crop is {list(req.crop.shape)} {req.crop.dtype}; this tile needs {want} float32")
         max_bytes = self.inference.config.max_tensor_bytes
-        if c_out * out_region.area * 4 > max_bytes:
-            raise TooLarge(f"the answered tile would take {c_out * out_region.area * 4} bytes, above this worker's "
-                           f"max_tensor_bytes {max_bytes}; cut the block into more tiles")
-        return seg, regions, c_out
+        if c_out * out_region.area * 4 > max_bytes or c_in * regions.input.area * 4 > max_bytes:
+            raise TooLarge(f"the tile ({c_out * out_region.area * 4} bytes) or its crop ({c_in * regions.input.area * 4}) "
+                           f"would exceed this worker's max_tensor_bytes {max_bytes}; cut the block into more tiles")
+        return Prepared(seg, regions, c_in, b.name, parts)
 
-    def _compute(self, seg: TiledSegment, regions: TileRegions, req: tiles_pb2.TileRequest, admitted_at: float):
+    async def _pieces(self, req: tiles_pb2.TileRequest, p: Prepared,
+                      context: grpc.aio.ServicerContext) -> list[tuple[Region, torch.Tensor]]:
+        """The crop's parts: this worker's from its store, the others fetched from the neighbours concurrently."""
+        h = req.header
+        fetch_header = pb.FrameHeader(agent_id=h.agent_id, seq=h.seq, model_id=h.model_id, split_id=h.split_id)
+        remaining = context.time_remaining()
+        timeout = min(FETCH_TIMEOUT_SECONDS, remaining) if remaining is not None else FETCH_TIMEOUT_SECONDS
+        max_bytes = self.inference.config.max_tensor_bytes
+
+        async def one(address: str, tile: Region, want: Region) -> tuple[Region, torch.Tensor]:
+            if not address:
+                try:
+                    part = self.store.region(key_of(h, h.split_id, tile), want)
+                except NotFound as e:
+                    raise PreconditionFailed(f"this worker's own part: {e}") from None
+                if tuple(part.shape) != (1, p.c_in, *want.shape):
+                    raise PreconditionFailed(f"the kept tile {tile} is {list(part.shape)}, not of this block's input")
+                self.halo_parts.labels("local").inc()
+                return want, part
+            t = await self.peers.fetch(address, fetch_header, tile, want, p.c_in, timeout, max_bytes)
+            self.halo_parts.labels("peer").inc()
+            return want, t
+
+        return list(await asyncio.gather(*(one(*part) for part in p.parts)))
+
+    def _compute(self, p: Prepared, pieces: list | None, req: tiles_pb2.TileRequest, admitted_at: float):
         t0 = time.perf_counter()
-        x = decode_tensor(req.crop, max_bytes=self.inference.config.max_tensor_bytes)
+        if pieces:
+            x = assemble(p.regions.input, pieces)
+        else:
+            x = decode_tensor(req.crop, max_bytes=self.inference.config.max_tensor_bytes)
         t1 = time.perf_counter()
         with torch.inference_mode():
-            y = seg.run_tile(x, regions)
+            y = p.seg.run_tile(x, p.regions)
         t2 = time.perf_counter()
-        tile = get_codec(req.output_codec or "raw").encode(y)
+        tile = None if req.keep_output else get_codec(req.output_codec or "raw").encode(y)
         times = pb.StageTimes(queue_seconds=t0 - admitted_at, decode_seconds=t1 - t0, tail_seconds=t2 - t1)
-        return tile, times
+        return y, tile, times, p.end_split
 
     async def InferTile(self, request: tiles_pb2.TileRequest, context: grpc.aio.ServicerContext) -> tiles_pb2.TileResult:
         svc = self.inference
 
         async def prepare():
             get_codec(request.output_codec or "raw")  # InvalidInput with the valid names
-            seg, regions, _ = await self._plan(request)
+            p = await self._plan(request)
+            pieces = await self._pieces(request, p, context) if p.parts else None  # halo exchange
             svc.metrics.received_bytes.inc(len(request.crop.buffer))
-            return seg, regions, time.perf_counter()
+            return p, pieces, time.perf_counter()
 
         # the worker's queue bound and drain cover tiles too; the slot is freed when the compute ends
-        tile, times = await svc.run_admitted(prepare, lambda p: self._compute(p[0], p[1], request, p[2]))
+        y, tile, times, end_split = await svc.run_admitted(prepare, lambda p: self._compute(p[0], p[1], request, p[2]))
         self.tiles.labels(request.header.model_id).inc()
         self.tile_seconds.observe(times.tail_seconds)
+        if tile is None:  # keep_output: the next block's workers fetch what they need of it
+            self.store.put(key_of(request.header, end_split, region_of(request.output)), y)
+            return tiles_pb2.TileResult(header=request.header, output=request.output, times=times)
         return tiles_pb2.TileResult(header=request.header, output=request.output, tile=tile, times=times)
+
+    async def FetchRegion(self, request: tiles_pb2.FetchRegionRequest,
+                          context: grpc.aio.ServicerContext) -> tiles_pb2.FetchRegionResult:
+        """A part of a kept tile, for a neighbour assembling its crop (halo exchange; worker role only)."""
+        check_header(request.header)  # ids present and bounded
+        return fetch_answer(self.store, request, self.inference.config.max_tensor_bytes)

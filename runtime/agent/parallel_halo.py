@@ -1,0 +1,61 @@
+"""The coordinator's side of the halo exchange between workers (RFS/DPFP, issue 13).
+
+Between two fused blocks whose second takes its input by halo exchange (``TiledBlock.halo``), the
+coordinator does not gather the map: each worker keeps its output tile (``keep_output``) and the
+next block's request names, instead of a crop, the parts of the stored tiles its crop covers and
+the workers holding them (``TileRequest.parts``); the worker fetches the border rows/columns from
+its neighbours itself (``Tiles.FetchRegion``, :mod:`runtime.worker.tile_store`).
+
+:class:`StoredMap` stands for such a map: it knows which worker holds each tile and when it is in.
+A halo tile has one attempt on its planned worker; any failure raises :class:`HaloFailed`, and the
+coordinator runs the frame's stage again with today's gather and scatter, where a failed tile is
+recomputed elsewhere (the frame is not lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from runtime.parallel.receptive import Region
+
+
+class HaloFailed(RuntimeError):
+    """A tile of a halo-exchanged block could not be computed or kept where planned."""
+
+
+def intersect(a: Region, b: Region) -> Region | None:
+    r0, r1 = max(a.rows.start, b.rows.start), min(a.rows.stop, b.rows.stop)
+    c0, c1 = max(a.cols.start, b.cols.start), min(a.cols.stop, b.cols.stop)
+    return Region.of(r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None
+
+
+class StoredMap:
+    """A block's output map kept on the workers, tile by tile: which worker holds each tile, and when."""
+
+    def __init__(self, hw: tuple[int, int], tiles: list[Region]):
+        self.hw, self.tiles = hw, tiles
+        self.holders = [""] * len(tiles)
+        self._events = [asyncio.Event() for _ in tiles]
+        self._error: BaseException | None = None
+
+    def put_at(self, k: int, address: str) -> None:
+        self.holders[k] = address
+        self._events[k].set()
+
+    def fail(self, e: BaseException) -> None:
+        self._error = e
+        for ev in self._events:
+            ev.set()
+
+    async def parts(self, want: Region) -> list[tuple[str, Region, Region]]:
+        """(holder, stored tile, part of ``want`` in it) for every tile ``want`` overlaps, once they are in."""
+        out = []
+        for r, ev, k in zip(self.tiles, self._events, range(len(self.tiles)), strict=True):
+            part = intersect(r, want)
+            if part is None:
+                continue
+            await ev.wait()
+            if self._error is not None:
+                raise HaloFailed("a stored tile this crop reads failed") from self._error
+            out.append((self.holders[k], r, part))
+        return out

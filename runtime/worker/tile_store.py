@@ -1,0 +1,219 @@
+"""Halo exchange between workers (RFS/DPFP, issue 13): the worker's store of kept tiles and its peers.
+
+When a parallel stage's next block takes its input by halo exchange (``ParallelBlock.halo_input``),
+the coordinator asks each worker to keep its output tile (``TileRequest.keep_output``) instead of
+answering it, and sends the next block's requests with no crop: only the parts of the previous
+block's stored tiles that the crop covers (``TileRequest.parts``). The worker cuts its own part from
+its :class:`TileStore` and fetches the border rows/columns it lacks from its neighbours
+(``Tiles.FetchRegion``, worker role only) concurrently, then assembles the crop and computes.
+
+:class:`TileStore` is bounded three ways, oldest evicted first: ``max_bytes`` (default
+:data:`DEFAULT_MAX_BYTES`), ``max_tiles`` (:data:`DEFAULT_MAX_TILES`) and a time to live
+(:data:`DEFAULT_TTL_SECONDS`); a tile evicted or expired is answered NOT_FOUND and the coordinator
+falls back to gathering the map itself. Everything runs on the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+
+import grpc
+import torch
+
+from runtime.contracts.errors import (
+    EdgesplitError,
+    InvalidInput,
+    NotFound,
+    PreconditionFailed,
+    TooLarge,
+    from_rpc_error,
+)
+from runtime.parallel.receptive import Region
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
+from runtime.wire.codec import decode_tensor, get_codec
+from runtime.wire.transport import TransportOptions
+
+DEFAULT_MAX_BYTES = 256 * 2**20
+"""Bytes of kept tiles a worker holds at most (a 4-worker VGG-16 frame keeps about 2 MB per worker)."""
+DEFAULT_MAX_TILES = 1024
+"""Kept tiles a worker holds at most."""
+DEFAULT_TTL_SECONDS = 10.0
+"""A kept tile is dropped this long after it was stored (a frame's next block reads it within milliseconds)."""
+MAX_PARTS = 64
+"""Parts one tile request may assemble its crop from."""
+MAX_ADDRESS = 256
+"""Longest peer address (characters)."""
+MAX_PEERS = 64
+"""Channels to neighbour workers kept open (the least recently used is closed beyond this)."""
+FETCH_TIMEOUT_SECONDS = 10.0
+"""A FetchRegion call's deadline when the incoming request has none shorter."""
+
+Key = tuple[str, int, str, str, tuple[int, int, int, int]]  # agent id, seq, model, split, tile region
+
+
+def key_of(h: pb.FrameHeader, split: str, r: Region) -> Key:
+    return (h.agent_id, int(h.seq), h.model_id, split, (r.rows.start, r.rows.stop, r.cols.start, r.cols.stop))
+
+
+class TileStore:
+    """Kept output tiles by (agent, seq, model, split, region); bounded by bytes, count and age."""
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, max_tiles: int = DEFAULT_MAX_TILES,
+                 ttl_seconds: float = DEFAULT_TTL_SECONDS, clock: Callable[[], float] = time.monotonic):
+        if not (max_bytes > 0 and max_tiles > 0 and ttl_seconds > 0):
+            raise InvalidInput(f"tile store limits must be > 0, got {max_bytes} bytes, {max_tiles} tiles, {ttl_seconds} s")
+        self.max_bytes, self.max_tiles, self.ttl_seconds, self.clock = max_bytes, max_tiles, ttl_seconds, clock
+        self._tiles: OrderedDict[Key, tuple[torch.Tensor, float]] = OrderedDict()  # oldest first
+        self.bytes = 0
+        self.evicted = 0  # dropped for room or age before anyone asked (a fallback's likely cause)
+
+    def __len__(self) -> int:
+        return len(self._tiles)
+
+    def _drop_oldest(self) -> None:
+        _, (t, _) = self._tiles.popitem(last=False)
+        self.bytes -= t.numel() * t.element_size()
+        self.evicted += 1
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self._tiles and next(iter(self._tiles.values()))[1] <= now:
+            self._drop_oldest()
+
+    def put(self, key: Key, tile: torch.Tensor) -> None:
+        size = tile.numel() * tile.element_size()
+        if size > self.max_bytes:
+            raise TooLarge(f"a kept tile of {size} bytes exceeds this worker's tile store ({self.max_bytes} bytes); "
+                           "use more tiles or let the coordinator gather this block")
+        self._expire()
+        old = self._tiles.pop(key, None)
+        if old is not None:
+            self.bytes -= old[0].numel() * old[0].element_size()
+        while self._tiles and (self.bytes + size > self.max_bytes or len(self._tiles) >= self.max_tiles):
+            self._drop_oldest()
+        self._tiles[key] = (tile, self.clock() + self.ttl_seconds)
+        self.bytes += size
+
+    def get(self, key: Key) -> torch.Tensor | None:
+        self._expire()
+        item = self._tiles.get(key)
+        return None if item is None else item[0]
+
+    def region(self, key: Key, want: Region) -> torch.Tensor:
+        """The part ``want`` (map coordinates) of the kept tile ``key``; NotFound when not kept."""
+        t = self.get(key)
+        if t is None:
+            raise NotFound(f"tile {key[4]} of {key[2]}@{key[3]} (agent {key[0]!r}, seq {key[1]}) is not kept here "
+                           "(never stored, evicted or expired)")
+        r0, _, c0, _ = key[4]
+        return t[..., want.rows.start - r0: want.rows.stop - r0, want.cols.start - c0: want.cols.stop - c0]
+
+
+def region_of(msg: tiles_pb2.TileRegion) -> Region:
+    if msg.row_stop <= msg.row_start or msg.col_stop <= msg.col_start:
+        raise InvalidInput(f"tile region rows [{msg.row_start}, {msg.row_stop}) x cols [{msg.col_start}, "
+                           f"{msg.col_stop}) is empty")
+    return Region.of(msg.row_start, msg.row_stop, msg.col_start, msg.col_stop)
+
+
+def _inside(inner: Region, outer: Region) -> bool:
+    return (outer.rows.start <= inner.rows.start and inner.rows.stop <= outer.rows.stop
+            and outer.cols.start <= inner.cols.start and inner.cols.stop <= outer.cols.stop)
+
+
+def _overlap(a: Region, b: Region) -> bool:
+    return (a.rows.start < b.rows.stop and b.rows.start < a.rows.stop
+            and a.cols.start < b.cols.stop and b.cols.start < a.cols.stop)
+
+
+def check_parts(parts: Sequence[tiles_pb2.CropPart], crop: Region) -> list[tuple[str, Region, Region]]:
+    """(address, stored tile, region) of each part, after checking that the parts cover ``crop`` exactly."""
+    if len(parts) > MAX_PARTS:
+        raise InvalidInput(f"{len(parts)} crop parts; at most {MAX_PARTS}")
+    out: list[tuple[str, Region, Region]] = []
+    for i, p in enumerate(parts):
+        if len(p.address) > MAX_ADDRESS:
+            raise InvalidInput(f"crop part {i}: address longer than {MAX_ADDRESS} characters")
+        tile, want = region_of(p.tile), region_of(p.region)
+        if not (_inside(want, tile) and _inside(want, crop)):
+            raise InvalidInput(f"crop part {i}: region {want} must lie inside its tile {tile} and the crop {crop}")
+        if any(_overlap(want, o) for _, _, o in out):
+            raise InvalidInput(f"crop part {i}: region {want} overlaps another part")
+        out.append((p.address, tile, want))
+    if sum(w.area for _, _, w in out) != crop.area:
+        raise InvalidInput(f"the crop parts cover {sum(w.area for _, _, w in out)} of the crop's {crop.area} pixels "
+                           f"({crop}); they must cover it exactly")
+    return out
+
+
+def assemble(crop: Region, pieces: Sequence[tuple[Region, torch.Tensor]]) -> torch.Tensor:
+    """The crop [1, C, rows, cols] from its parts (map coordinates); torch work: call it off the loop."""
+    first = pieces[0][1]
+    x = first.new_empty((*first.shape[:-2], *crop.shape))
+    for r, t in pieces:
+        x[..., r.rows.start - crop.rows.start: r.rows.stop - crop.rows.start,
+          r.cols.start - crop.cols.start: r.cols.stop - crop.cols.start] = t
+    return x
+
+
+class Peers:
+    """Channels to neighbour workers (this worker's own credentials), at most MAX_PEERS, and the fetch."""
+
+    def __init__(self, transport: TransportOptions):
+        self.transport = transport
+        self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+
+    def stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
+        ch = self._channels.pop(address, None)
+        if ch is None:
+            ch = self.transport.aio_channel(address)
+        self._channels[address] = ch
+        while len(self._channels) > MAX_PEERS:
+            _, old = self._channels.popitem(last=False)
+            asyncio.get_running_loop().create_task(old.close())
+        return tiles_pb2_grpc.TilesStub(ch)
+
+    async def fetch(self, address: str, header: pb.FrameHeader, tile: Region, want: Region, channels: int,
+                    timeout: float, max_bytes: int) -> torch.Tensor:
+        """``want`` of the tile ``tile`` kept by ``address``; PreconditionFailed when it cannot be had."""
+        req = tiles_pb2.FetchRegionRequest(header=header, tile=_msg(tile), region=_msg(want))
+        try:
+            res = await self.stub(address).FetchRegion(req, timeout=timeout)
+        except grpc.RpcError as e:
+            err = from_rpc_error(e)
+            raise PreconditionFailed(f"halo part {want} from {address}: {err.code.name} {err}") from None
+        expect = [1, channels, *want.shape]
+        if list(res.part.shape) != expect or res.part.dtype != "float32":
+            raise PreconditionFailed(f"halo part from {address} is {list(res.part.shape)} {res.part.dtype}; wanted {expect}")
+        try:
+            return decode_tensor(res.part, max_bytes=max_bytes)
+        except EdgesplitError as e:
+            raise PreconditionFailed(f"halo part from {address} does not decode: {e}") from None
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+def _msg(r: Region) -> tiles_pb2.TileRegion:
+    return tiles_pb2.TileRegion(row_start=r.rows.start, row_stop=r.rows.stop, col_start=r.cols.start, col_stop=r.cols.stop)
+
+
+def fetch_answer(store: TileStore, req: tiles_pb2.FetchRegionRequest, max_bytes: int) -> tiles_pb2.FetchRegionResult:
+    """FetchRegion's answer from ``store``, after checking the request (InvalidInput, NotFound, TooLarge)."""
+    h = req.header
+    if not (h.agent_id and h.model_id and h.split_id):
+        raise InvalidInput("a FetchRegion header needs agent_id, model_id and split_id (the split of the stored map)")
+    tile, want = region_of(req.tile), region_of(req.region)
+    if not _inside(want, tile):
+        raise InvalidInput(f"region {want} is not inside the stored tile {tile}")
+    part = store.region(key_of(h, h.split_id, tile), want)
+    size = part.numel() * part.element_size()
+    if size > max_bytes:
+        raise TooLarge(f"the part is {size} bytes, above this worker's max_tensor_bytes {max_bytes}")
+    return tiles_pb2.FetchRegionResult(part=get_codec("raw").encode(part.contiguous()))
