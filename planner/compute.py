@@ -44,7 +44,9 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from planner.workload import BOARD_WAITS
 from runtime.contracts.profile import Profile, Transfer
+from runtime.contracts.queueing import DEFAULT_WINDOW, MAX_CS2, Wait, expected_wait
 
 ALPHA = 0.3  # EWMA weight of a new sample
 MIN_FACTOR, MAX_FACTOR = 0.1, 50.0  # the factor's range: 10x faster to 50x slower than profiled
@@ -214,9 +216,15 @@ class WorkerSpeeds:
 MAX_OVERHEAD_SECONDS = 1.0  # a reported overhead beyond this is no measurement of the runtime: ignored
 OVERHEAD_TOLERANCE = (0.10, 0.001)  # remake the profile when an overhead moved by over 10 % and 1 ms
 KINDS = ("local", "edge", "hold", "queue")  # board per local frame, per offloaded frame, worker hold beyond its model,
-# the board queue of a local frame
-
-
+# the measured board queue of a local frame (kept QUEUE_TTL seconds; the model stands in for it otherwise)
+QUEUE_TTL = 15.0  # seconds a measured board queue speaks for the board: then the workload's model (board_wait) again
+WORKLOAD_TTL = 60.0  # seconds a reported source interval holds without a new report: then unknown (no queue terms)
+MAX_INTERVAL = 60.0  # a source interval beyond 60 s (under one frame a minute) is no camera: ignored
+MAX_WINDOW = 64  # frames in flight beyond this are no agent's window: ignored
+# Squared coefficient of variation of the board's time per frame (runtime.contracts.queueing): the quota-limited
+# board of the adapt_run records ran ResNet-18's head in 230-290 ms (uniform +-12 %: 0.12**2 / 3 = 0.005), doubled
+# for the quota's scheduling. Only the board's Kingman term below saturation uses it.
+BOARD_CS2 = 0.01
 def hold_extra(stages: Mapping[str, float], breakdown: Mapping[str, float]) -> float | None:
     """The worker's hold of an offloaded frame (``edge_held``: last byte in to result out, on its clock) beyond
     what the plan's model holds for it (its decode and edge compute; the tail factor corrects the compute):
@@ -234,19 +242,34 @@ class Overhead:
     frame on a quota-limited board, under 1 ms per offloaded one; no profile holds it): the agent's
     ``overhead_local`` / ``overhead_edge`` stage medians (runtime.agent.telemetry.runtime_overhead), and the
     worker's hold beyond the model (``overhead_hold``, :func:`hold_extra`: 2-3 ms of ResNet-18's 50), smoothed
-    as the slowdown factor is (ALPHA; the first sample sets it), and the wait of a local frame for the board
-    (``overhead_queue``: the ``board_queue`` median of reports under a local plan, planner.measured.queue_sample;
-    at the camera's rate a quota-limited board can be saturated: 40 ms median and rising in an adapt_run local
-    phase, the prediction 17 % under without it). :func:`with_overhead` adds the local and queue ones to
+    as the slowdown factor is (ALPHA; the first sample sets it). :func:`with_overhead` adds the local one to
     the configuration that runs every block on the board and the edge and hold ones to every transfer's encode
-    (each offloading configuration sends once from the board), so both its ranking and its prediction hold them."""
+    (each offloading configuration sends once from the board), so both its ranking and its prediction hold them.
+
+    The board's queue belongs to the board and to the workload, not to a phase: the agent reports its source's
+    frame interval and window (``source_interval`` / ``source_window``, kept WORKLOAD_TTL seconds), and
+    :func:`with_overhead` prices every configuration's wait for the board from them and that configuration's
+    board time (:func:`board_wait`). Under a local plan the board's measured queue (``overhead_queue``: the
+    ``board_queue`` median, planner.measured.queue_sample) stands in for the local configuration's modelled
+    one while it is fresh (QUEUE_TTL seconds) and measured at the interval in force; older, it is forgotten
+    (it held through a 40 s offloaded phase before, so the next local phase started with an old figure)."""
 
     seconds: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     samples: dict[str, int] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0))
     applied: dict[str, float] = dataclasses.field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
+    interval: float = 0.0  # the source's frame interval (s; 0: unknown or unpaced)
+    window: int = DEFAULT_WINDOW  # the source's frames in flight
+    updated: dict[str, float] = dataclasses.field(default_factory=dict)  # "queue" / "interval" -> clock time
+    queue_interval: float = 0.0  # the interval the measured queue was measured at
+    link_cv2: float = 0.0  # the relative variance of the agent's link's bandwidth samples (its ``link_cv2``)
 
-    def observe(self, stages: Mapping[str, float]) -> bool:
-        """Take one report's overhead medians; True when one it holds now is far from the applied one."""
+    def observe(self, stages: Mapping[str, float], now: float | None = None) -> bool:
+        """Take one report's overhead medians and workload; True when a figure it holds now is far from the applied one."""
+        now = time.monotonic() if now is None else now
+        self._workload(stages, now)
+        if "queue" in self.updated and (now - self.updated["queue"] > QUEUE_TTL or self.queue_interval != self.interval):
+            self.seconds["queue"], self.samples["queue"] = 0.0, 0  # old, or of another workload: the model again
+            del self.updated["queue"]
         for kind in KINDS:
             v = stages.get(f"overhead_{kind}")
             if v is None or not (math.isfinite(v) and 0 <= v <= MAX_OVERHEAD_SECONDS):
@@ -254,27 +277,75 @@ class Overhead:
             old = self.seconds[kind]
             self.seconds[kind] = v if self.samples[kind] == 0 else ALPHA * v + (1 - ALPHA) * old
             self.samples[kind] += 1
+            if kind == "queue":
+                self.updated["queue"], self.queue_interval = now, self.interval
         rel, floor = OVERHEAD_TOLERANCE
-        return any(abs(self.seconds[k] - self.applied[k]) > max(rel * self.applied[k], floor) for k in KINDS)
+        return (any(abs(self.seconds[k] - self.applied[k]) > max(rel * self.applied[k], floor) for k in KINDS)
+                or self.applied.get("queue_measured", 0.0) != float(self.samples["queue"] > 0)
+                or self.applied.get("interval", 0.0) != self.interval or self.applied.get("window") != self.window
+                or abs(self.applied.get("link_cv2", 0.0) - self.link_cv2) > 0.01)
+
+    def _workload(self, stages: Mapping[str, float], now: float) -> None:
+        interval, window = stages.get("source_interval"), stages.get("source_window", float(DEFAULT_WINDOW))
+        if (interval is not None and math.isfinite(interval) and 0 < interval <= MAX_INTERVAL
+                and math.isfinite(window) and 1 <= window <= MAX_WINDOW):
+            self.interval, self.window, self.updated["interval"] = interval, int(window), now
+            cv2 = stages.get("link_cv2")
+            if cv2 is not None and math.isfinite(cv2) and 0 <= cv2 <= MAX_CS2:
+                self.link_cv2 = cv2
+        elif "interval" in self.updated and now - self.updated["interval"] > WORKLOAD_TTL:
+            self.interval, self.window, self.link_cv2 = 0.0, DEFAULT_WINDOW, 0.0  # unknown again
+            del self.updated["interval"]
 
     def apply(self) -> None:
-        self.applied = dict(self.seconds)
+        self.applied = {**self.seconds, "queue_measured": float(self.samples["queue"] > 0), "interval": self.interval,
+                        "window": self.window, "link_cv2": self.link_cv2}
+
+
+def board_wait(service: float, applied: Mapping[str, float]) -> Wait:
+    """A frame's expected wait for the board (runtime.contracts.queueing) when a configuration keeps it ``service``
+    seconds per frame, at the workload in ``applied`` (:meth:`Overhead.apply`); none when the interval is unknown."""
+    window = int(applied.get("window", DEFAULT_WINDOW))
+    return expected_wait(service, applied.get("interval", 0.0), BOARD_CS2, window=window)
 
 
 def with_overhead(profile: Profile, applied: Mapping[str, float]) -> Profile:
-    """``profile`` with ``applied["local"]`` and ``applied["queue"]`` seconds on its last block (run on the board only by the local
-    configuration) and ``applied["edge"]`` on every transfer's encode; ``profile`` itself when both are 0."""
-    local, edge = applied.get("local", 0.0) + applied.get("queue", 0.0), applied.get("edge", 0.0) + applied.get("hold", 0.0)
-    if local <= 0 and edge <= 0:
+    """``profile`` with ``applied["local"]`` seconds and the local configuration's board wait on its last block
+    (run on the board only by the local configuration), and ``applied["edge"]`` (and ``"hold"``) with the board
+    wait of the configuration that sends it on every transfer's encode; ``profile`` itself when all are 0.
+    A board wait is the measured queue (``applied["queue"]``) for the local configuration while one is
+    fresh, else :func:`board_wait` of the configuration's board time (its blocks on the board, with the
+    overhead, and the transfer's encode). The waits added are listed in ``settings[BOARD_WAITS]`` ("output"
+    and "CUT/TRANSFER" -> (seconds, utilisation)) so a plan's breakdown can show them as ``queue:board`` (planner.workload)."""
+    local, edge = applied.get("local", 0.0), applied.get("edge", 0.0) + applied.get("hold", 0.0)
+    interval = applied.get("interval", 0.0)
+    if local <= 0 and edge <= 0 and interval <= 0 and applied.get("queue", 0.0) <= 0:
         return profile
+    waits: dict[str, tuple[float, float]] = {}  # configuration key -> (wait, utilisation) (planner.workload)
+    head = [0.0]
+    for b in profile.blocks:
+        head.append(head[-1] + b.seconds)
 
-    def enc(transfers: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
-        return tuple(dataclasses.replace(t, encode_seconds=t.encode_seconds + edge) for t in transfers) if edge > 0 \
-            else transfers
+    def enc(cut: int, transfers: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
+        out = []
+        for t in transfers:
+            w = board_wait(head[cut] + t.encode_seconds + edge, applied)
+            wait = w.seconds
+            if w.utilisation > 0:
+                waits[f"{cut}/{t.name}"] = (wait, w.utilisation)
+            out.append(dataclasses.replace(t, encode_seconds=t.encode_seconds + edge + wait) if edge + wait > 0 else t)
+        return tuple(out)
 
-    blocks = [dataclasses.replace(b, transfers=enc(profile.transfers_after(b.index + 1))) for b in profile.blocks]
-    if local > 0 and blocks:
-        last = blocks[-1]
-        blocks[-1] = dataclasses.replace(last, seconds=last.seconds + local,
-                                         p95_seconds=None if last.p95_seconds is None else last.p95_seconds + local)
-    return dataclasses.replace(profile, blocks=tuple(blocks), input_transfers=enc(profile.transfers_after(0)))
+    blocks = [dataclasses.replace(b, transfers=enc(b.index + 1, profile.transfers_after(b.index + 1))) for b in profile.blocks]
+    modelled = board_wait(head[-1] + local, applied)
+    queue = applied.get("queue", 0.0) if applied.get("queue_measured") else modelled.seconds
+    if queue > 0 or modelled.utilisation > 0:
+        waits["output"] = (queue, modelled.utilisation)
+    if local + queue > 0 and blocks:
+        last, extra = blocks[-1], local + queue
+        blocks[-1] = dataclasses.replace(last, seconds=last.seconds + extra,
+                                         p95_seconds=None if last.p95_seconds is None else last.p95_seconds + extra)
+    settings = {**profile.settings, BOARD_WAITS: waits, "frame_interval": interval,
+                "frame_window": int(applied.get("window", DEFAULT_WINDOW)), "link_cv2": applied.get("link_cv2", 0.0)}
+    return dataclasses.replace(profile, blocks=tuple(blocks), input_transfers=enc(0, profile.transfers_after(0)),
+                               settings=settings)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from planner import workload
 from planner.cache import IdentityMemo
 from planner.search import search
 from planner.store import AgentRecord, LinkRecord, WorkerRecord
@@ -274,7 +275,9 @@ def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: l
         nxt = ((chain.second.worker_id, chain.second.address),)
         found.extend(Ranked(cfg, chain.first.worker_id, chain.first.address, nxt)
                      for cfg in search(tiers, net, cons, goal, per_worker, include_return, cache.search))
-    found.sort(key=lambda r: (score(r.config, goal), r.config.seconds, len(r.config.hops)))
+    # stable configurations first (utilisation < 1 on board and link at the agent's frame rate), then with the link's wait
+    found.sort(key=lambda r: (*workload.rank_key(r.config, device, score(r.config, goal)), r.config.seconds,
+                              len(r.config.hops)))
     if exclude is not None:
         found = [r for r in found if config_key(device, r) != exclude]
     return found[:top_n], time.perf_counter() - t0
@@ -344,6 +347,7 @@ def to_plan(agent: AgentRecord, device: Profile, r: Ranked, reason: str) -> pb.P
                    predicted_fps=cfg.fps, predicted_bytes=cfg.upload_bytes, reason=reason,
                    created_unix=time.time())
     plan.breakdown_seconds.update(cfg.breakdown())
+    workload.annotate(plan, cfg, device)  # queue:board shown apart, queue:link added
     if not cfg.hops:
         plan.split_id, plan.split_index = "output", device.n_blocks
     else:

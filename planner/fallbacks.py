@@ -69,12 +69,13 @@ async def attach(state: PlannerState, rank: Rank, st: AgentState, plan: pb.Plan)
 
 def lean(entry: pb.Plan) -> pb.Plan:
     """A table entry without what its plan already says (agent and model ids) or its band does (a
-    reason naming the band), nor figures only the running plan reports (creation time, fps, bytes):
-    what the agent switches to (split, codec, TL, worker, route) and its prediction (seconds and
-    their breakdown). Every plan the planner holds carries its table: 13 full entries were 13.6 KB of
-    a plan's 15.2 KB in memory (10,000 plans), lean ones 9.3 KB (and 2.9 KB instead of 4.0 KB
-    serialized)."""
-    for name in ("agent_id", "model_id", "reason", "created_unix", "predicted_fps", "predicted_bytes"):
+    reason naming the band), nor figures only the running plan reports (creation time, fps):
+    what the agent switches to (split, codec, TL, worker, route) and its prediction (seconds, their
+    breakdown, and the bytes per frame they price: a uint64, at most 10 bytes per entry on the wire,
+    with which the agent re-costs the entry's transfer, runtime.agent.prediction). Every plan the
+    planner holds carries its table: 13 full entries were 13.6 KB of a plan's 15.2 KB in memory
+    (10,000 plans), lean ones 9.3 KB (and 2.9 KB instead of 4.0 KB serialized), before the bytes."""
+    for name in ("agent_id", "model_id", "reason", "created_unix", "predicted_fps"):
         entry.ClearField(name)
     return entry
 

@@ -250,8 +250,11 @@ class LinkEstimator:
     def take_report(self) -> tuple[dict[str, float], int]:
         """``(median seconds by stage, frames)`` since the previous call; resets both."""
         medians = {stage: statistics.median(v) for stage, v in self._stages.items() if v}
-        if self.frame_interval > 0 and medians:  # the workload, for the planner's queue terms (planner.compute.Workload)
+        if self.frame_interval > 0 and medians:  # the workload, for the planner's queue terms (planner.compute.Overhead)
             medians["source_interval"], medians["source_window"] = self.frame_interval, float(self.frame_window)
+            est = self.links.get(self.current)
+            if est is not None and est.bandwidth.samples >= 2:  # the link's jitter: its service's variance
+                medians["link_cv2"] = est.jitter
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames

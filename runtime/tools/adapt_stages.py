@@ -13,7 +13,8 @@ device      ``compute:device``                            ``head`` + ``tl_encode
 encode      ``encode:*``                                  ``encode``
 network     ``rtt:*`` + ``transfer:*`` + ``return:*``     ``transfer_edge`` - ``edge_held`` (the worker's
                                                           hold, from its own clock)
-queue       (none: the model has no queue)                ``edge_queue`` + ``board_queue``
+queue       ``queue:board`` + ``queue:link`` (the waits at     ``edge_queue`` + ``board_queue``
+            the agent's frame rate, planner.workload)
 decode      ``decode:*``                                  ``edge_decode``
 edge        ``compute:edge`` (and further tiers)          ``edge_tail``
 other       (none)                                        ``total`` - the stages above (threads, gRPC)
@@ -43,6 +44,8 @@ def predicted_parts(breakdown: dict[str, float]) -> dict[str, float]:
             out["network"] += seconds
         elif kind in ("encode", "decode"):
             out[kind] += seconds
+        elif kind == "queue":  # the board's and the link's waits (planner.workload): the resource's, not the device's
+            out["queue"] += seconds
     return out
 
 
