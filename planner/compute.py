@@ -283,7 +283,7 @@ class Overhead:
         return (any(abs(self.seconds[k] - self.applied[k]) > max(rel * self.applied[k], floor) for k in KINDS)
                 or self.applied.get("queue_measured", 0.0) != float(self.samples["queue"] > 0)
                 or self.applied.get("interval", 0.0) != self.interval or self.applied.get("window") != self.window
-                or abs(self.applied.get("link_cv2", 0.0) - self.link_cv2) > 0.01)
+                or abs(self.applied.get("link_cv2", 0.0) - self.link_cv2) > max(0.5 * self.applied.get("link_cv2", 0.0), 0.01))
 
     def _workload(self, stages: Mapping[str, float], now: float) -> None:
         interval, window = stages.get("source_interval"), stages.get("source_window", float(DEFAULT_WINDOW))
