@@ -32,6 +32,19 @@ is multiplied by the unit's measured factor at that fraction: small tiles of sma
 than their area share (1.2-1.5x a quarter on VGG-16's 14 px maps), large maps' tiles less. A plan's latency is the sum over its blocks: the map is gathered
 at the coordinator between blocks.
 
+Halo exchange between workers (``Problem.halo``): between two blocks, the first's tiles may stay
+on the workers (no gather, no coordinator bytes for them) and the second's workers fetch only the
+border of their input they do not hold from their neighbours, concurrently::
+
+    RTT + halo_round_seconds + sum (shared link; or max, a link per worker) over workers of
+    (input region - its own tile of the previous map) bytes / bandwidth
+
+in place of that block's scatter and its coordinator bytes. The worker's own tile is priced as the
+block's own layout on the previous map (exact when consecutive blocks use the same workers and grid,
+as DPFP's usually do); ``halo_round_seconds`` is the fetch round's fixed cost (0: not costed). The DP
+then carries, per boundary, whether the map there is gathered or kept on the workers; the stage's
+last block is always gathered.
+
 ``dpfp`` minimises over all boundary sets and, per block, the number of workers, in O(L^2) block
 evaluations (each walks its tiles back through the block once per end point). The baselines use the
 same cost model: ``layer_by_layer`` (an exchange after every unit, MoDNN-like), ``fused_all`` (one
@@ -41,7 +54,7 @@ block for the whole chain, DeepThings FTP-like) and ``single_worker``.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from planner.dpfp_factors import Points, TileFactors, factor_at
 from runtime.contracts.costmodel import Link
@@ -73,6 +86,8 @@ class Problem:
     coordinator_bytes_per_second: float = 0.0  # the coordinator's crop/encode/decode/stitch rate (0: not costed)
     block_overhead_seconds: float = 0.0  # the coordinator's fixed cost per fused block (0: not costed)
     grids: bool = True  # may a block be tiled as a 2-D grid (else row bands only)
+    halo: bool = False  # may DPFP exchange halos between workers instead of gathering between blocks
+    halo_round_seconds: float = 0.0  # fixed cost of a block's worker-to-worker fetch round (0: not costed)
     tile_factors: tuple[Points, ...] = ()  # per unit: measured (compute fraction, factor) curve; () or a unit's (): area only
     hw: tuple[tuple[int, int], ...] = field(init=False, repr=False)  # map size at each boundary 0..L
     order: tuple[int, ...] = field(init=False, repr=False)  # workers, fastest first
@@ -89,9 +104,11 @@ class Problem:
             raise InvalidInput("compute times must be >= 0")
         if self.tile_factors and len(self.tile_factors) != len(self.units):
             raise InvalidInput(f"{len(self.tile_factors)} tile-factor curves for {len(self.units)} units")
-        if not (self.coordinator_bytes_per_second >= 0 and self.block_overhead_seconds >= 0):
-            raise InvalidInput(f"coordinator_bytes_per_second and block_overhead_seconds must be >= 0, got "
-                               f"{self.coordinator_bytes_per_second}, {self.block_overhead_seconds}")
+        if not (self.coordinator_bytes_per_second >= 0 and self.block_overhead_seconds >= 0
+                and self.halo_round_seconds >= 0):
+            raise InvalidInput(f"coordinator_bytes_per_second, block_overhead_seconds and halo_round_seconds must be "
+                               f">= 0, got {self.coordinator_bytes_per_second}, {self.block_overhead_seconds}, "
+                               f"{self.halo_round_seconds}")
         hw = [(int(self.in_hw[0]), int(self.in_hw[1]))]
         for u in self.units:
             try:
@@ -141,11 +158,29 @@ class BlockCost:
     cols: int = 1  # tiles per row of a 2-D grid (1: full-width row bands)
     tile_pixels: tuple[int, ...] = ()  # output pixels each worker computes (same order as workers)
     coordinator_seconds: float = 0.0  # the coordinator's per-byte work on everything sent and received
+    halo_seconds: float = 0.0  # the halo fetch round, when the input comes by halo exchange
+    halo_input: bool = False  # the input comes from the previous block's tiles kept on the workers
+    kept_output: bool = False  # the output stays on the workers for the next block's halo exchange
+    # the alternatives the DP chooses between (the gather-and-scatter figures are the fields above)
+    halo_option_seconds: float = float("inf")  # halo fetch round instead of the scatter (inf: not possible)
+    coordinator_in_seconds: float = 0.0  # the coordinator's per-byte work on the crops sent (part of coordinator_seconds)
+    coordinator_out_seconds: float = 0.0  # ... on the tiles received (part of coordinator_seconds)
 
     @property
     def seconds(self) -> float:
         return (self.rtt_seconds + self.scatter_seconds + self.compute_seconds + self.gather_seconds
-                + self.coordinator_seconds)
+                + self.coordinator_seconds + self.halo_seconds)
+
+    def variant(self, halo_input: bool, kept_output: bool) -> BlockCost:
+        """This block with its input by halo exchange and/or its output kept on the workers."""
+        if not (halo_input or kept_output):
+            return self
+        return replace(self, halo_input=halo_input, kept_output=kept_output,
+                       scatter_seconds=0.0 if halo_input else self.scatter_seconds,
+                       halo_seconds=self.halo_option_seconds if halo_input else 0.0,
+                       gather_seconds=0.0 if kept_output else self.gather_seconds,
+                       coordinator_seconds=self.coordinator_seconds - (self.coordinator_in_seconds if halo_input else 0.0)
+                       - (self.coordinator_out_seconds if kept_output else 0.0))
 
 
 @dataclass(frozen=True)
@@ -168,6 +203,34 @@ def _layout(problem: Problem, end: int, n: int, cols: int) -> tuple[tuple[int, .
     return workers, tuple(tile_of[w] for w in workers)
 
 
+def _own_tiles(problem: Problem, first: int, workers: tuple[int, ...], cols: int) -> tuple[Region, ...] | None:
+    """Each worker's tile of the map at boundary ``first`` under the same layout (None: it does not fit)."""
+    by_index = sorted(workers)
+    try:
+        tiles = partition(problem.hw[first], [problem.speed[w] for w in by_index], cols)
+    except ValueError:
+        return None
+    tile_of = dict(zip(by_index, tiles, strict=True))
+    return tuple(tile_of[w] for w in workers)
+
+
+def _halo_option(problem: Problem, first: int, workers: tuple[int, ...], cols: int, regions: Sequence[Region],
+                 total) -> float:
+    """The halo fetch round of a block starting at ``first`` whose input regions are ``regions``."""
+    if first == 0 or not problem.halo:
+        return float("inf")
+    own = _own_tiles(problem, first, workers, cols)
+    if own is None:
+        return float("inf")
+    fetched = []
+    for r, o in zip(regions, own, strict=True):
+        rows = max(0, min(r.rows.stop, o.rows.stop) - max(r.rows.start, o.rows.start))
+        cs = max(0, min(r.cols.stop, o.cols.stop) - max(r.cols.start, o.cols.start))
+        fetched.append((r.area - rows * cs) * problem.channels(first) * problem.bytes_per_element)
+    return (problem.link.rtt_seconds + problem.halo_round_seconds
+            + total(fetched) / problem.link.bandwidth_bytes_per_second)
+
+
 def _walk(problem: Problem, end: int, n: int, cols: int = 1) -> Iterator[BlockCost]:
     """Costs of blocks ``[first, end)`` on the ``n`` fastest workers (``cols`` tiles per grid row),
     for first = end-1 down to 0: each tile is walked back through the units once, accumulating
@@ -187,10 +250,13 @@ def _walk(problem: Problem, end: int, n: int, cols: int = 1) -> Iterator[BlockCo
             compute[i] += unit.seconds[w] * problem.tile_compute(first, compute_fraction(unit.geometry, tr))
             regions[i] = tr.input
         in_bytes = [problem.map_bytes(first, r.rows.size, r.cols.size) for r in regions]
-        coordinator = problem.block_overhead_seconds + ((sum(in_bytes) + sum(out_bytes)) / cbps if cbps > 0 else 0.0)
+        c_in = sum(in_bytes) / cbps if cbps > 0 else 0.0
+        c_out = sum(out_bytes) / cbps if cbps > 0 else 0.0
         yield BlockCost(first, end, workers, tuple(b.rows.size for b in regions_out), tuple(r.rows.size for r in regions),
                         problem.link.rtt_seconds, total(in_bytes) / bw, max(compute), gather, cols,
-                        tuple(b.area for b in regions_out), coordinator)
+                        tuple(b.area for b in regions_out), problem.block_overhead_seconds + c_in + c_out,
+                        halo_option_seconds=_halo_option(problem, first, workers, cols, regions, total),
+                        coordinator_in_seconds=c_in, coordinator_out_seconds=c_out)
 
 
 def _worker_counts(problem: Problem, end: int, workers: int | None) -> range:
@@ -251,26 +317,32 @@ def evaluate(problem: Problem, blocks: Sequence[tuple[int, int]], workers: int |
 def dpfp(problem: Problem, max_workers: int | None = None) -> Plan:
     """Fused-block boundaries and per-block worker counts of least predicted latency.
 
-    ``best[end] = min over first < end, n <= max_workers of best[first] + cost(first, end, n)``."""
+    ``best[end] = min over first < end, n <= max_workers of best[first] + cost(first, end, n)``; with
+    ``problem.halo``, per boundary and per state of the map there (gathered, or kept on the workers)."""
     k = problem.n_workers if max_workers is None else max(1, min(max_workers, problem.n_workers))
     L = problem.n_units
-    best: list[float] = [0.0] + [float("inf")] * L
-    choice: list[BlockCost | None] = [None] * (L + 1)
+    modes = (False, True) if problem.halo else (False,)  # is the map at a boundary kept on the workers?
+    best = {(0, False): 0.0}
+    choice: dict[tuple[int, bool], BlockCost] = {}
     for end in range(1, L + 1):
         for n, cols in _shapes(problem, end, None):
             if n > k:
                 break
             for cost in _walk(problem, end, n, cols):
-                total = best[cost.first] + cost.seconds
-                if total < best[end]:
-                    best[end], choice[end] = total, cost
+                for kept_in in modes:
+                    before = best.get((cost.first, kept_in))
+                    if before is None or (kept_in and cost.halo_option_seconds == float("inf")):
+                        continue
+                    for kept_out in modes if end < L else (False,):
+                        c = cost.variant(kept_in, kept_out)
+                        if before + c.seconds < best.get((end, kept_out), float("inf")):
+                            best[(end, kept_out)], choice[(end, kept_out)] = before + c.seconds, c
     costs: list[BlockCost] = []
-    end = L
-    while end > 0:
-        c = choice[end]
-        assert c is not None
+    at = (L, False)
+    while at[0] > 0:
+        c = choice[at]
         costs.append(c)
-        end = c.first
+        at = (c.first, c.halo_input)
     return _plan("dpfp", costs[::-1])
 
 
@@ -300,7 +372,8 @@ def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Grap
                           in_channels: int, link: Link, first_block: int = 0, shared_link: bool = True,
                           coordinator_bytes_per_second: float = 0.0, grids: bool = True,
                           bytes_per_element: int = 4, block_overhead_seconds: float = 0.0,
-                          tile_factors: TileFactors | None = None) -> Problem:
+                          tile_factors: TileFactors | None = None, halo: bool = False,
+                          halo_round_seconds: float = 0.0) -> Problem:
     """A problem from one profile per worker (same model) and the receptive geometry of each of
     its blocks from ``first_block`` on (``runtime.parallel.tiled.segment_geometry(sliced, i, i+1)``);
     ``tile_factors``: measured tile-compute factors by unit name (``planner.dpfp_factors``; None: by area).
@@ -328,4 +401,5 @@ def problem_from_profiles(profiles: Sequence[Profile], geometries: Sequence[Grap
     curves = tuple(tile_factors.points(u.name) for u in units) if tile_factors is not None else ()
     return Problem(tuple(units), in_hw, in_channels, link, bytes_per_element, shared_link=shared_link,
                    coordinator_bytes_per_second=coordinator_bytes_per_second, grids=grids,
-                   block_overhead_seconds=block_overhead_seconds, tile_factors=curves)
+                   block_overhead_seconds=block_overhead_seconds, tile_factors=curves, halo=halo,
+                   halo_round_seconds=halo_round_seconds)

@@ -41,7 +41,8 @@ def stage_from_plan(plan: D.Plan, problem: D.Problem, names: Sequence[str], work
         shares = [0.0] * problem.n_workers
         for w, rows, pixels in zip(cost.workers, cost.rows, cost.tile_pixels, strict=True):
             shares[w] = float(rows if cost.cols == 1 else pixels)
-        blocks.append(TiledBlock(names[cost.first], names[cost.end], tuple(shares), cost.seconds, cost.cols))
+        blocks.append(TiledBlock(names[cost.first], names[cost.end], tuple(shares), cost.seconds, cost.cols,
+                                 halo=cost.halo_input))
     return ParallelStage(tuple(workers), tuple(blocks), codec, model, plan.seconds, plan.strategy)
 
 
@@ -80,14 +81,17 @@ def geometry(model: str, first: str | int = 0, end: str | int | None = None) -> 
 def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
             workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True,
             coordinator_bytes_per_second: float = 0.0, grids: bool = True, geom: Geometry | None = None,
-            block_overhead_seconds: float = 0.0, tile_factors: D.TileFactors | None = None) -> Proposal:
+            block_overhead_seconds: float = 0.0, tile_factors: D.TileFactors | None = None, halo: bool = False,
+            halo_round_seconds: float = 0.0) -> Proposal:
     """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
     the last tileable split) of the profiles' model, on one worker per profile. ``shared_link``: the
     workers share one link to the coordinator (True) or each has its own (False);
     ``coordinator_bytes_per_second``: the coordinator's measured per-byte rate (0: not costed);
     ``grids``: may blocks be tiled as 2-D grids; ``geom``: the model's geometry, if already taken;
     ``block_overhead_seconds``: the coordinator's measured fixed cost per block (0: not costed);
-    ``tile_factors``: tile-compute factors measured on real tiles (``planner.dpfp_factors``; None: by area)."""
+    ``tile_factors``: tile-compute factors measured on real tiles (``planner.dpfp_factors``; None: by area);
+    ``halo``: may DPFP exchange halos between workers instead of gathering between blocks, each fetch
+    round costing ``halo_round_seconds`` besides its RTT and bytes."""
     if not profiles:
         raise InvalidInput("give at least one edge worker profile (--profile FILE, role edge)")
     model = profiles[0].model
@@ -97,7 +101,8 @@ def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: 
     problem = D.problem_from_profiles(profiles, g.geometries, g.in_hw, g.in_channels, link, first_block=g.first,
                                       shared_link=shared_link, coordinator_bytes_per_second=coordinator_bytes_per_second,
                                       grids=grids, bytes_per_element=BYTES_PER_ELEMENT.get(codec.split("+")[0], 4),
-                                      block_overhead_seconds=block_overhead_seconds, tile_factors=tile_factors)
+                                      block_overhead_seconds=block_overhead_seconds, tile_factors=tile_factors,
+                                      halo=halo, halo_round_seconds=halo_round_seconds)
     plans = {"dpfp": D.dpfp(problem), **D.baselines(problem)}
     names_of_workers = tuple(workers) if workers else tuple(p.machine for p in profiles)
     if len(names_of_workers) != len(profiles):
@@ -116,7 +121,8 @@ def report(p: Proposal) -> list[str]:
              f"{'strategy':<16} {'predicted s':>11} {'reduction':>9} {'speedup':>8} {'workers':>7}  fused blocks"]
     for name, plan in p.plans.items():
         blocks = " | ".join(f"{p.split_names[c.first]}..{p.split_names[c.end]}"
-                            + (f" ({len(c.workers) // c.cols}x{c.cols} grid)" if c.cols > 1 else "") for c in plan.breakdown)
+                            + (f" ({len(c.workers) // c.cols}x{c.cols} grid)" if c.cols > 1 else "")
+                            + (" (halo in)" if c.halo_input else "") for c in plan.breakdown)
         red = 100 * (1 - plan.seconds / single) if single > 0 else 0.0
         speed = single / plan.seconds if plan.seconds > 0 else 0.0
         lines.append(f"{name:<16} {plan.seconds:>11.4f} {red:>8.1f}% {speed:>7.2f}x {plan.workers:>7}  {blocks}")

@@ -210,3 +210,64 @@ def test_problem_from_profiles_of_a_real_model():
     assert all(plan.seconds <= p.seconds for p in D.baselines(problem).values())
     with pytest.raises(InvalidInput, match="measured at"):
         D.problem_from_profiles(profiles, geometries, (224, 224), 3, Link.from_mbps(2, 200))
+
+
+def exhaustive_halo(problem: D.Problem) -> float:
+    """Every set of block boundaries and every choice, at each, of gathering the map or keeping it on the
+    workers (halo exchange into the next block); each block on its best shape for those choices."""
+    L, inf = problem.n_units, float("inf")
+    costs = {}  # (first, end) -> the block's costs over every (workers, grid) shape
+    for end in range(1, L + 1):
+        for n, cols in D._shapes(problem, end, None):
+            for c in D._walk(problem, end, n, cols):
+                costs.setdefault((c.first, end), []).append(c)
+    best = inf
+    for cuts in itertools.product((False, True), repeat=L - 1):
+        ends = [i + 1 for i, cut in enumerate(cuts) if cut] + [L]
+        blocks = list(zip([0, *ends[:-1]], ends, strict=True))
+        for kept in itertools.product((False, True), repeat=len(blocks) - 1):
+            modes = [False, *kept, False]  # the map at each block boundary: kept on the workers?
+            total = 0.0
+            for j, (f, e) in enumerate(blocks):
+                total += min((c.variant(modes[j], modes[j + 1]).seconds for c in costs[(f, e)]
+                              if not modes[j] or c.halo_option_seconds < inf), default=inf)
+            best = min(best, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dp_with_halo_exchange_equals_exhaustive_search(seed):
+    rng = random.Random(100 + seed)
+    base = random_problem(rng, rng.randint(1, 5), rng.randint(1, 3))
+    problem = D.Problem(base.units, base.in_hw, base.in_channels, base.link, halo=True,
+                        halo_round_seconds=rng.choice([0.0, 0.001, 0.01]),
+                        coordinator_bytes_per_second=rng.choice([0.0, 3e8]), block_overhead_seconds=0.002)
+    plan = D.dpfp(problem)
+    assert math.isclose(plan.seconds, exhaustive_halo(problem), rel_tol=1e-12), (seed, plan.blocks)
+    assert math.isclose(plan.seconds, sum(c.seconds for c in plan.breakdown), rel_tol=1e-12)
+    gather_only = D.dpfp(D.Problem(base.units, base.in_hw, base.in_channels, base.link,
+                                   coordinator_bytes_per_second=problem.coordinator_bytes_per_second,
+                                   block_overhead_seconds=0.002))
+    assert plan.seconds <= gather_only.seconds * (1 + 1e-12)  # the halo exchange is an option, never a cost
+    b = plan.breakdown
+    assert not b[0].halo_input and not b[-1].kept_output  # the coordinator scatters first and gathers last
+    for prev, nxt in itertools.pairwise(b):
+        assert prev.kept_output == nxt.halo_input  # a kept map is read only by halo exchange
+
+
+def test_halo_exchange_is_chosen_when_bytes_are_dear_and_not_when_its_round_is():
+    units = tuple(D.Unit(f"u{i}", conv_unit(f"u{i}"), (0.01, 0.01, 0.01, 0.01), 64) for i in range(4))
+    slow = Link(0.001, 12.5e6)  # 100 Mbit/s: a 32x32x64 fp32 map takes 21 ms to move
+
+    def plan(round_s: float) -> D.Plan:
+        return D.dpfp(D.Problem(units, (32, 32), 64, slow, shared_link=False, halo=True, halo_round_seconds=round_s,
+                                block_overhead_seconds=0.0))
+
+    cheap = plan(0.0)
+    assert any(c.halo_input for c in cheap.breakdown) or len(cheap.breakdown) == 1
+    forced = D.evaluate(D.Problem(units, (32, 32), 64, slow, shared_link=False, halo=True), [(0, 2), (2, 4)], 4)
+    first, second = forced.breakdown
+    halo2 = second.variant(True, False)
+    # the halo round fetches only the border rows/columns a tile lacks, not the whole crop
+    assert halo2.halo_seconds < second.scatter_seconds and first.variant(False, True).gather_seconds == 0.0
+    assert all(not c.halo_input for c in plan(10.0).breakdown)  # a 10 s fetch round: never
