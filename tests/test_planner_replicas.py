@@ -312,3 +312,92 @@ def test_a_re_registration_names_its_profile_by_hash_only_when_the_planner_check
             store.close()
 
     aio.run(scenario())
+
+
+
+
+class _Replica(pb_grpc.PlannerServicer):
+    """A planner that records each call (with its connection). A ``failing`` one ends its first
+    ``failing`` telemetry streams INTERNAL "Internal error from Core" after their first report (the
+    status the killed replica's streams end with at the agents: grpc aio's for a write that core
+    refused on a dead connection, runtime/measure/results/fleet.md), and dies (``die``) with the last."""
+
+    def __init__(self, name: str, events: list, failing: int = 0) -> None:
+        self.name, self.events, self.failing = name, events, failing
+        self.die = None
+
+    def _saw(self, rpc: str, light: bool = False) -> None:
+        self.events.append((self.name, rpc, light))
+
+    async def RegisterAgent(self, request, context):
+        self._saw("register", bool(request.profile_sha256) and not request.profile_json)
+        return pb.RegisterAgentReply(plan=pb.Plan(agent_id=request.agent_id, reason="nothing feasible yet"))
+
+    async def WatchPlan(self, request, context):
+        await asyncio.sleep(60)
+        return
+        yield  # a generator: a stream that stays open
+
+    async def ReportTelemetry(self, request_iterator, context):
+        self._saw("telemetry")
+        if self.failing:
+            self.failing -= 1
+            async for _ in request_iterator:  # its first report, then the stream ends INTERNAL
+                if not self.failing:  # and the replica dies with it
+                    await self.die()
+                await context.abort(grpc.StatusCode.INTERNAL, "Internal error from Core")
+        received = 0
+        async for _ in request_iterator:
+            received += 1
+        return pb.TelemetryAck(received=received)
+
+
+def test_an_internal_end_of_a_telemetry_stream_ends_the_session_and_the_agent_registers_anew(aio):
+    """Issue 15: the killed replica's telemetry streams end INTERNAL at the agents, not UNAVAILABLE. The
+    real agent (PlannerLink) never reopens such a stream by itself: an INTERNAL ends the whole session,
+    and the next session registers again (by profile hash) before it reports. Its new channel gets
+    the connection gRPC still holds to a live replica (first INTERNAL: the same replica, alive), and a
+    new one through the planner's address when that replica is dead (second INTERNAL, the replica
+    killed with it: a balancer in front of two replicas, as a Service): the agent registers on the
+    other replica and never calls the dead one again."""
+    events: list = []
+    replicas = [_Replica("a", events, failing=2), _Replica("b", events)]
+
+    async def scenario() -> PlannerLink:
+        servers, addresses = [], []
+        for r in replicas:
+            server = grpc.aio.server(options=TransportOptions().server_options())  # the planner's keep-alive limits
+            pb_grpc.add_PlannerServicer_to_server(r, server)
+            addresses.append(f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}")
+            await server.start()
+            servers.append(server)
+        balancer = await Balancer(addresses).start()
+
+        async def die() -> None:
+            balancer.backends = addresses[1:]  # no new connection reaches it
+            asyncio.get_running_loop().call_later(0.05, lambda: asyncio.ensure_future(servers[0].stop(None)))
+
+        replicas[0].die = die
+        agent = SimAgent(_Loaded(MODEL, "w1"))
+        link = PlannerLink(agent, PlannerLinkOptions(balancer.address, loads(DEVICE_PROFILE), "board-internal",
+                                                     telemetry_interval_seconds=0.2, telemetry_heartbeat_seconds=0,
+                                                     rpc_timeout=5.0, connect_timeout=2.0, backoff_initial=0.05,
+                                                     probe=ProbeOptions(budget_fraction=0.0)))
+        try:
+            await link.start()
+            await _until(lambda: ("b", "telemetry", False) in events, 20, "a telemetry stream on the live replica")
+            await asyncio.sleep(1.0)  # anything more for the dead one would come now
+        finally:
+            await link.close()
+            await balancer.close()
+            for server in servers:
+                await server.stop(None)
+        return link
+
+    link = aio.run(scenario())
+    # the document on a; its stream ends INTERNAL: a new session registers first (a, alive: gRPC's connection
+    # to it is reused), by hash; that stream ends INTERNAL as a dies: the next session registers on b
+    assert events[:6] == [("a", "register", False), ("a", "telemetry", False), ("a", "register", True),
+                          ("a", "telemetry", False), ("b", "register", True), ("b", "telemetry", False)], events
+    assert all(name == "b" for name, *_ in events[4:]), "a call went to the dead replica again"
+    assert link.registrations == 3 and link.session_deaths == 2, (link.registrations, link.session_deaths)

@@ -24,7 +24,9 @@ One task per link. Each connection ("session"):
 
 When the planner cannot be reached or a stream breaks, the agent keeps its last plan and keeps
 serving frames; the link waits (0.5 s doubling to 30 s by default, reset after a successful
-registration) and starts a new session, registering again; a silent partition ends the session by
+registration) and starts a new session on a new channel, registering again first (by profile hash:
+runtime.agent.planner_register; whatever ended the last session, an INTERNAL on a telemetry stream
+included, no stream is reopened on the old channel); a silent partition ends the session by
 keep-alive (1 s + 0.8 s ping timeout, widened after a ping lost behind frames). Every RPC has a deadline: unary
 calls ``rpc_timeout``; the two long-lived streams ``stream_seconds``, after which they are
 reopened within the same session.
@@ -47,6 +49,7 @@ from typing import Any
 
 import grpc
 
+from runtime.agent import planner_register
 from runtime.agent.fallbacks import FallbackSwitcher
 from runtime.agent.prediction import Prediction
 from runtime.agent.prediction import line as prediction_line
@@ -207,12 +210,9 @@ class PlannerLink:
             planner = PlannerClient(dataclasses.replace(self.options.client_options(), transport=transport))
             try:
                 await planner.connect()
-                try:  # once registered, by the profile's SHA-256; a planner without it checked (or older) asks for it
-                    reply = await planner.register_agent(self._register_request(light=self.registrations > 0))
-                except EdgesplitError as e:
-                    if not self.registrations or e.code.name not in ("FAILED_PRECONDITION", "INVALID_ARGUMENT"):
-                        raise
-                    reply = await planner.register_agent(self._register_request())
+                # once registered, by the profile's SHA-256 (runtime.agent.planner_register); any failure of the
+                # session below, INTERNAL included, ends it: the next one is a new channel and registers first
+                reply = await planner_register.register(planner, self._register_request, self.registrations > 0)
                 self.registrations += 1
                 self.connected = True
                 self._backoff.reset()
@@ -270,21 +270,10 @@ class PlannerLink:
                 self.ping_timeout_ms = wider
 
     def _register_request(self, light: bool = False) -> ppb.RegisterAgentRequest:
-        return ppb.RegisterAgentRequest(
-            agent_id=self.agent_id, model_id=self.agent.loaded.name, model_digest=self.agent.loaded.digest,
-            profile_json="" if light else self.profile_json, profile_sha256=self.profile_sha256 if light else "",
-            workers=list(self.options.workers), tl_ids=self._held_tls(), constraints=self.constraints)
-
-    def _held_tls(self) -> list[str]:
-        if self.options.tl_ids is not None:
-            return list(self.options.tl_ids)
-        ids = {self.agent.tl.tl_id} if self.agent.tl is not None else set()
-        if self.agent.tl_dir:
-            from runtime.transfer.artifact import list_tls
-
-            ids |= {m["tl_id"] for m in list_tls(self.agent.tl_dir)
-                    if "error" not in m and m.get("model") == self.agent.loaded.name}
-        return sorted(ids)
+        return planner_register.register_request(self.agent, self.agent_id, self.profile_json, self.profile_sha256,
+                                                 self.options.workers, planner_register.held_tls(self.agent,
+                                                                                                 self.options.tl_ids),
+                                                 self.constraints, light)
 
     async def _session(self, planner: PlannerClient) -> None:
         """Watch plans and send telemetry until either stream fails (then raise)."""
