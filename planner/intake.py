@@ -179,6 +179,11 @@ class Gate:
         self._queued = 0
         self._seconds = 0.005  # smoothed seconds one registration holds its slot
 
+    @property
+    def backlog(self) -> int:
+        """Registrations waiting for a slot now."""
+        return max(0, self._queued - self.running)
+
     @contextlib.asynccontextmanager
     async def turn(self):
         if self._queued >= self.running + self.waiting:

@@ -110,3 +110,46 @@ class RankCache:
 
     def __len__(self) -> int:
         return len(self._lru)
+
+
+BAND_TABLES = 1024  # band tables kept for the planner's own in-band check (RePlanner._rank_bands)
+
+
+@dataclass(frozen=True)
+class BandTable:
+    """A running plan's band table as :func:`planner.fallbacks.attach` ranked it, for the planner's own
+    in-band check (:mod:`planner.inband`): the entries, the band worker's address, and the bandwidth the
+    grid was ranked around."""
+
+    fallbacks: tuple[pb.BandPlan, ...]
+    address: str
+    around: float
+
+
+class BandTables:
+    """Band tables shared by the agents that would rank the same one (issue 15: 5,000 agents re-attaching
+    to a replica each ranked its table again, 26 ranking lookups apiece).
+
+    A table ranks the band worker at ``GRID`` factors around the measured bandwidth; every ranking in
+    it is made at banded link figures (:class:`Bands`), so agents whose key (:func:`rank_key` at the
+    measured bandwidth: device profile, record, the band worker's banded link) is the same get the same
+    entries. Only the band edges (geometric midpoints of grid points a factor 2 apart) and the ranked
+    span follow the exact bandwidth of the agent that ranked it first, within one band step (5 % at the
+    default) of any other's: far inside the grid's own resolution. The tables decide nothing an agent
+    receives; a plan's own table is ranked for it (:meth:`planner.replanner.RePlanner._issue`)."""
+
+    def __init__(self, size: int = BAND_TABLES) -> None:
+        self._lru: LRU[tuple, tuple[tuple[object, ...], BandTable]] = LRU(size)
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple) -> BandTable | None:
+        hit = self._lru.get(key)
+        if hit is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return hit[1]
+
+    def put(self, key: tuple, held: tuple[object, ...], table: BandTable) -> None:
+        self._lru.put(key, (held, table))

@@ -44,6 +44,7 @@ from planner.inband import Basis, basis_of, in_band
 from planner.intake import Intake
 from planner.metrics import PlannerMetrics
 from planner.parallel_push import ParallelPlanner
+from planner.rankcache import BandTable, BandTables, rank_key
 from planner.ranking import Ranker
 from planner.refresh import Refresh
 from planner.state import AgentState, PlannerState, WorkerState
@@ -57,6 +58,8 @@ logger = logging.getLogger(__name__)
 
 Ranking = tuple[list[Ranked], float, Configuration | None]  # best first, seconds it took, the plan's prediction
 GAUGE_SECONDS = 5.0  # how often the periodic pass refreshes the gauges that read every agent
+DEFER_SECONDS = 2.0  # a periodic pass waits at most this long while registrations wait their turn
+DEFER_STEP_SECONDS = 0.05  # ... looking again this often
 
 
 class RePlanner:
@@ -72,6 +75,7 @@ class RePlanner:
         self.ranker = Ranker(config, state, metrics)
         self.executor, self.cache, self.rank_cache = self.ranker.executor, self.ranker.cache, self.ranker.rank_cache
         self.rank, self.prefetch = self.ranker.rank, self.ranker.prefetch
+        self.band_tables = BandTables()  # the planner's own band tables of running plans, shared (planner.rankcache)
         # parallel stages over several workers (planner.parallel_push), tiles priced by the measured factors
         self.parallel = ParallelPlanner(tile_factors=load_tile_factors(config.parallel_tile_factors))
         self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
@@ -84,6 +88,7 @@ class RePlanner:
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._wake = asyncio.Event()  # run the periodic pass now (a worker registered, a plan was refused)
+        self.registering: Callable[[], bool] = lambda: False  # registrations wait their turn (set by the servicer)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -121,6 +126,9 @@ class RePlanner:
                 await asyncio.wait_for(self._wake.wait(), self.config.replan_interval_seconds)
             if self._closing:
                 break
+            deferred = time.monotonic()  # registrations waiting their turn go first (a replica's agents re-attaching)
+            while self.registering() and time.monotonic() - deferred < DEFER_SECONDS and not self._closing:
+                await asyncio.sleep(DEFER_STEP_SECONDS)
             self._wake.clear()
             try:
                 # the gauges that read every agent: every few seconds, not every pass
@@ -282,9 +290,19 @@ class RePlanner:
         probe.CopyFrom(st.plan)
         del probe.fallbacks[:]
         record = dataclasses.replace(st.record, workers=(wid,))
-        await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
-        around = await fallbacks.attach(self.state, self.rank, st, probe)
-        self._set_basis(st, probe, around)
+        cands = [self.ranker.bands.candidate(c) for c in self.ranker.candidates(st, 0.0, measured, record)]
+        key, held = rank_key(st.device, record, cands, 1, None, None)
+        table = self.band_tables.get(key)  # another agent ranked the same table (planner.rankcache.BandTables)
+        if table is None:
+            await self.prefetch(st, [(measured * f, record) for f in fallbacks.GRID])
+            around = await fallbacks.attach(self.state, self.rank, st, probe)
+            table = BandTable(tuple(probe.fallbacks), probe.band_worker_address, around)
+            if around > 0:
+                self.band_tables.put(key, held, table)
+        else:
+            probe.fallbacks.extend(table.fallbacks)
+            probe.band_worker_address = table.address
+        self._set_basis(st, probe, table.around)
 
     def _confirm_basis(self, st: AgentState) -> bool:
         """The running plan was decided again and kept: in-band estimates are measured from now on.
