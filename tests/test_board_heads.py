@@ -60,13 +60,15 @@ def test_a_head_priced_too_low_is_timed_and_the_plan_changes():
     def time(todo: list[dict]) -> list[dict]:
         asked.append(todo)
         ms = {"b0": 700.0, "b1": 760.0, "b2": 790.0}
-        return [{**t, "head_ms": [ms[t["split"]], ms[t["split"]] + 20, ms[t["split"]] - 10], "tl_ms": [0.0] * 3,
-                 "encode_ms": [2.0, 2.0, 2.0]} for t in todo]
+        return [{**c, "head_ms": [ms[c["split"]], ms[c["split"]] + 20, ms[c["split"]] - 10],
+                 "transfers": [{**t, "tl_ms": [0.0] * 3, "encode_ms": [2.0, 2.0, 2.0]} for t in c["transfers"]]}
+                for c in todo]
 
     first = plan(heads.apply(dev))
     assert first["1.6"]["edgesplit"]["split"] == "b0"  # the prior's pick
     plans, priced = board.plan_with_board_heads(heads, dev, plan, time, names, "")
-    assert [(t["split"], t["transfer"]) for t in asked[0]] == [("b0", "raw"), ("b0", "int8")]
+    # one head per cut, each picked transfer's encode on its output (Scission's raw, edgesplit's int8)
+    assert [(c["split"], [t["transfer"] for t in c["transfers"]]) for c in asked[0]] == [("b0", ["raw", "int8"])]
     assert [sorted({t["split"] for t in a}) for a in asked] == [["b0"], ["b2"], ["b1"]]
     # b0 at 700 ms + 5 KB of int8 at 1.6 Mbit/s still beats 800 ms; Scission's raw 20 KB does not: local
     assert plans["1.6"]["edgesplit"]["split"] == "b0" and plans["1.6"]["scission"] is None

@@ -49,29 +49,33 @@ class Heads:
         return out
 
     def wanted(self, plans: dict, names: list[str], tl_path: str) -> list[dict]:
-        """The picked heads not timed yet (the input cut has no head; its codecs are timed frame by frame)."""
-        out: dict[tuple[int, str], dict] = {}
+        """The picked heads (and transfers) not timed yet, one entry per cut (the input cut has no head; its codecs
+        are timed frame by frame)."""
+        out: dict[int, dict] = {}
         for p in plans.values():
             for k in PEERS:
                 job = p.get(k)
                 if not job or job["split"] == names[0]:
                     continue
                 cut = names.index(job["split"])
+                if (cut, job["transfer"]) in self.encode_ms:
+                    continue
                 own = job["tl_id"] and job["tl_id"] != costs.REFERENCE_TL  # ScissionLite's pool: not in its model
-                key = (cut, job["transfer"])
-                if key not in self.encode_ms and key not in out:
-                    out[key] = {"split": job["split"], "cut": cut, "transfer": job["transfer"], "codec": job["codec"],
-                                "tl": tl_path if own else ""}
+                c = out.setdefault(cut, {"split": job["split"], "cut": cut, "transfers": []})
+                if all(t["transfer"] != job["transfer"] for t in c["transfers"]):
+                    c["transfers"].append({"transfer": job["transfer"], "codec": job["codec"],
+                                           "tl": tl_path if own else ""})
         return list(out.values())
 
     def add(self, got: list[dict]) -> None:
         for g in got:
             self.head_ms.setdefault(g["cut"], []).extend(g["head_ms"])
-            self.encode_ms[(g["cut"], g["transfer"])] = [a + b for a, b in zip(g["tl_ms"], g["encode_ms"], strict=True)]
-            self.timed.append({"split": g["split"], "cut": g["cut"], "transfer": g["transfer"],
-                               "head_ms": statistics.median(g["head_ms"]), "prior_ms": self.prefix_ms[g["cut"]],
-                               "encode_ms": statistics.median(self.encode_ms[(g["cut"], g["transfer"])]),
-                               "frames": len(g["head_ms"])})
+            for t in g["transfers"]:
+                ms = [a + b for a, b in zip(t["tl_ms"], t["encode_ms"], strict=True)]
+                self.encode_ms[(g["cut"], t["transfer"])] = ms
+                self.timed.append({"split": g["split"], "cut": g["cut"], "transfer": t["transfer"],
+                                   "head_ms": statistics.median(g["head_ms"]), "prior_ms": self.prefix_ms[g["cut"]],
+                                   "encode_ms": statistics.median(ms), "frames": len(g["head_ms"])})
 
     def summary(self) -> dict:
         curve, scale = self.curve()

@@ -117,28 +117,33 @@ def prefix_heads(loaded, xs, runs: int) -> dict:
 
 
 def time_heads(loaded, xs, cands: list[dict], runs: int) -> list[dict]:
-    """Each candidate's head, TL encoder and codec encode on the board, as the agent runs them (``loaded.head``, the
-    TL's encoder, the wire codec), one frame at a time for ``runs`` frames after one untimed: ms per frame."""
+    """Each candidate head on the board as the agent runs it (``loaded.head``), then each of its transfers' TL encoder
+    and wire codec on that output, one frame at a time for ``runs`` frames after one untimed: ms per frame."""
     out = []
     for c in cands:
-        tl = load_tl(c["tl"], loaded=loaded) if c.get("tl") else None
-        codec = get_codec(c["codec"], model=tl.tl.entropy_model if tl is not None else None, spec=loaded.spec)
         head = loaded.head(c["split"])
-        got: dict = {**c, "head_ms": [], "tl_ms": [], "encode_ms": []}
+        ways = []
+        for t in c["transfers"]:
+            tl = load_tl(t["tl"], loaded=loaded) if t.get("tl") else None
+            ways.append((tl, get_codec(t["codec"], model=tl.tl.entropy_model if tl is not None else None,
+                                       spec=loaded.spec), {**t, "tl_ms": [], "encode_ms": []}))
+        head_ms = []
         for r in range(runs + 1):
+            t0 = time.perf_counter()
             with torch.inference_mode():
-                t0 = time.perf_counter()
-                z = head(xs[r % len(xs)])
-                t1 = time.perf_counter()
-                if tl is not None:
-                    z = tl.tl.encoder(z)
-                t2 = time.perf_counter()
-            codec.encode(z)
-            t3 = time.perf_counter()
+                h = head(xs[r % len(xs)])
             if r:
-                for k, v in (("head_ms", t1 - t0), ("tl_ms", t2 - t1), ("encode_ms", t3 - t2)):
-                    got[k].append(v * 1e3)
-        out.append(got)
+                head_ms.append((time.perf_counter() - t0) * 1e3)
+            for tl, codec, got in ways:
+                t1 = time.perf_counter()
+                with torch.inference_mode():
+                    z = tl.tl.encoder(h) if tl is not None else h
+                t2 = time.perf_counter()
+                codec.encode(z)
+                if r:
+                    got["tl_ms"].append((t2 - t1) * 1e3)
+                    got["encode_ms"].append((time.perf_counter() - t2) * 1e3)
+        out.append({"split": c["split"], "cut": c["cut"], "head_ms": head_ms, "transfers": [g for _, _, g in ways]})
     return out
 
 

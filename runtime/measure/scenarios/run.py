@@ -138,7 +138,7 @@ def _board_plans(model: str, rank: Ranker, dev: Profile, edge: Profile, spec: Ru
 
     def time_on_board(todo: list[dict]) -> list[dict]:
         progress(f"{model}: timing {len(todo)} head(s) on the board, {spec.head_runs} frames each: "
-                 + ", ".join(f"{t['split']}:{t['transfer']}" for t in todo))
+                 + ", ".join(f"{c['split']} ({', '.join(t['transfer'] for t in c['transfers'])})" for c in todo))
         return _ask(child, {"time_heads": todo, "runs": spec.head_runs, "strategy": "board heads"}, JOB_SECONDS)["heads"]
 
     plans, priced = board_heads.plan_with_board_heads(heads, dev, plan_all, time_on_board, names, tl_path)
