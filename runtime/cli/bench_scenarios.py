@@ -8,7 +8,7 @@ import argparse
 import sys
 
 QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2,
-         "fidelity_frames": 16}
+         "fidelity_frames": 16, "head_runs": 3}
 FIDELITY_SEED = 14  # the fidelity frames' crops: the same frames in every run
 
 
@@ -23,6 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--frames", type=int, default=20, help="timed frames per strategy (default: 20)")
     p.add_argument("--warmup", type=int, default=2, help="untimed frames per strategy (default: 2)")
     p.add_argument("--profile-runs", type=int, default=5, help="timed passes per block when profiling (default: 5)")
+    p.add_argument("--head-runs", type=int, default=10,
+                   help="board head pricing: whole passes timed cut by cut, and frames per picked head timed on its own "
+                        "(1..100; default: %(default)s)")
     p.add_argument("--slowdown", type=float, default=18.0, help="board / edge compute ratio to calibrate the quota to (default: 18)")
     p.add_argument("--cgroup-period-us", type=int, default=50_000,
                    help="cfs period of the board's quota; the kernel's smallest quota is 1 ms, so the period bounds the "
@@ -96,12 +99,15 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
         print("error: --window and --frames must be >= 1, --pipeline-frames >= 0, --fidelity-frames 1..10000",
               file=sys.stderr)
         return 2
+    if not 1 <= args.head_runs <= 100:
+        print(f"error: --head-runs must be 1..100, not {args.head_runs}", file=sys.stderr)
+        return 2
     if not 10_000 <= args.cgroup_period_us <= 1_000_000:
         print(f"error: --cgroup-period-us must be 10000..1000000 (cgroup v1 allows 1 ms..1 s; under 10 ms the 1 ms "
               f"minimum quota caps the slowdown at 10x), not {args.cgroup_period_us}", file=sys.stderr)
         return 2
     spec = RunSpec(models=tuple(args.model or ["efficientnet_lite0"]), scenarios=tuple(args.scenario or RunSpec().scenarios),
-                   frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, min_fidelity=args.min_fidelity,
+                   frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, head_runs=args.head_runs, min_fidelity=args.min_fidelity,
                    fidelity_frames=args.fidelity_frames,
                    testbed=Testbed(target_slowdown=args.slowdown, period_us=args.cgroup_period_us), out_dir=args.out,
                    name=args.name, window=args.window, pipeline_frames=args.pipeline_frames,
