@@ -401,3 +401,32 @@ def test_an_internal_end_of_a_telemetry_stream_ends_the_session_and_the_agent_re
                           ("a", "telemetry", False), ("b", "register", True), ("b", "telemetry", False)], events
     assert all(name == "b" for name, *_ in events[4:]), "a call went to the dead replica again"
     assert link.registrations == 3 and link.session_deaths == 2, (link.registrations, link.session_deaths)
+
+
+def test_agents_in_one_link_band_share_their_plans_band_table(aio, tmp_path):
+    """Issue 15 (re-attach cost): a running plan issued before its link was measured gets its band table
+    ranked by the planner at its first estimate (for the in-band check; 26 ranking lookups): agents of
+    one board type whose links fall in the same band share one table, and each gets its own basis
+    from it (a later estimate in band needs no decision)."""
+    from tests.planner_helpers import FAST, Planner
+
+    async def scenario():
+        p = await Planner.start(tmp_path / "p.db")
+        try:
+            replanner = p.ps.service.replanner
+            for aid in ("a1", "a2"):
+                await p.register(aid)
+            for aid, bw in (("a1", FAST), ("a2", FAST * 1.01)):
+                await p.telemetry(bw, agent=aid)
+                await _until(lambda a=aid: a in replanner._basis, 10, f"{aid}'s band basis")
+            assert (replanner.band_tables.hits, replanner.band_tables.misses) == (1, 1)
+            b1, b2 = replanner._basis["a1"], replanner._basis["a2"]
+            assert (b1.low, b1.high, b1.ranked_low) == (b2.low, b2.high, b2.ranked_low)  # one table
+            assert b2.bandwidth == pytest.approx(FAST * 1.01)  # its own estimate, where it was decided
+            before = replanner.metrics.telemetry_in_band._value.get()
+            await p.telemetry(FAST * 1.02, agent="a2")
+            assert replanner.metrics.telemetry_in_band._value.get() == before + 1  # in band: no decision
+        finally:
+            await p.stop()
+
+    aio.run(scenario())
