@@ -210,3 +210,47 @@ def test_the_planner_prefers_plans_that_keep_every_utilisation_below_one_and_sho
     wait = dev.settings[workload.BOARD_WAITS]["output"][0]
     assert wait > 0 and lp.breakdown_seconds["queue:board"] == pytest.approx(wait)
     assert lp.breakdown_seconds["compute:device"] + wait == pytest.approx(0.5) and lp.predicted_seconds == 0.5
+
+
+def test_a_line_is_predicted_from_the_figures_before_its_own_frame():
+    """A frame's own bandwidth sample (taken when its result comes, before its line is written) is no part of
+    its prediction: the estimate as it stood before it is."""
+    est = LinkEstimator(clock=lambda: 10.0)
+    est.use("e:1")
+    for v in (125_000.0, 125_000.0):
+        est.add_bandwidth_sample(v, "e:1")
+    est.add_rtt_sample(0.010, "e:1")
+    p = Prediction.of(plan_1mbit())
+    r = FrameResult(7, "cat", torch.zeros(1, 10), "edge", "input", "jpeg", 3, worker="e:1", wire_bytes=16_700,
+                    times={"transfer_edge": 0.400, "edge_held": 0.050, "total": 0.41})
+    before = line(p, est, r)
+    est.observe(r)  # its sample: 16.7 KB + result in ~0.34 s, far below the estimate
+    assert est.links.get("e:1").bandwidth.value < 110_000
+    assert line(p, est, r) == pytest.approx(before)
+
+
+def local_frame(seq: int, head: float) -> FrameResult:
+    return FrameResult(seq, "f", torch.zeros(1, 10), "local", "output", "raw", 4,
+                       times={"board_queue": 0.0, "head": head, "local_tail": 0.0, "total": head + 0.005})
+
+
+def test_a_local_plan_is_re_costed_at_the_board_and_its_wait_at_the_frame_rate():
+    est = LinkEstimator(clock=lambda: 10.0)
+    p = Prediction.of(ppb.Plan(version=4, split_id="output", predicted_seconds=0.398))
+    assert p.local
+    probe = local_frame(99, 0.2)
+    assert line(p, est, probe) == pytest.approx(0.398)  # the board unmeasured: as issued
+    for i in range(3 + 5):  # the configuration's first 3 frames are start-up (OVERHEAD_WARMUP)
+        est.observe(local_frame(i, 0.215))
+    assert est.board.samples == 5 and est.board.overhead == pytest.approx(0.005)
+    assert line(p, est, probe) == pytest.approx(0.215 + 0.005)  # unpaced: no wait term
+    est.frame_interval, est.frame_window = 0.25, 2
+    assert line(p, est, probe) == pytest.approx(0.220)  # steady board at 86 %: D/D/1, no wait
+    for i in range(8, 40):
+        est.observe(local_frame(i, 0.26 if i % 2 else 0.24))  # 25 % quota, head 240-260 ms: saturated
+    b = est.board
+    assert b.cs2 > 0 and b.service == pytest.approx(0.25, abs=0.012)
+    wait = expected_wait(b.service, 0.25, b.cs2, window=2)
+    assert line(p, est, probe) == pytest.approx(b.service + b.overhead + wait.seconds)
+    if wait.saturated:  # the drop-limited latency
+        assert wait.seconds == pytest.approx(b.service - 0.125)

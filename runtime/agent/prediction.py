@@ -31,9 +31,13 @@ Two terms follow the workload rather than the plan alone (:func:`line`):
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.agent.estimator import Figure
 from runtime.contracts.queueing import DEFAULT_WINDOW, expected_wait
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 
@@ -45,7 +49,8 @@ class Prediction:
     rtt: float = 0.0  # the issued link terms (seconds)
     transfer: float = 0.0
     ret: float = 0.0
-    queue: float = 0.0  # the issued wait for the link (``queue:link``; planner.decide)
+    queue: float = 0.0  # the issued wait for the link (``queue:link``; planner.workload)
+    local: bool = False  # a local plan (every block on the board)
 
     @classmethod
     def of(cls, plan: ppb.Plan) -> Prediction:
@@ -53,7 +58,7 @@ class Prediction:
                                                                                                     "return:"))}
         if (not plan.worker_address or plan.next_hops or plan.parallel.worker_addresses
                 or terms.get("transfer", 0.0) <= 0 or len([k for k in plan.breakdown_seconds if k.startswith("transfer:")]) != 1):
-            return cls(plan.predicted_seconds)
+            return cls(plan.predicted_seconds, local=not plan.worker_address and plan.split_id == "output")
         return cls(plan.predicted_seconds, plan.predicted_bytes, terms.get("rtt", 0.0), terms["transfer"],
                    terms.get("return", 0.0), plan.breakdown_seconds.get("queue:link", 0.0))
 
@@ -72,15 +77,93 @@ class Prediction:
         mean = measured_bytes or size  # the workload's bytes per frame: what keeps the link busy
         wait = expected_wait(mean / bw, interval, getattr(link, "jitter", 0.0), window=window)
         own = frame_bytes if frame_bytes > 0 else size
-        return (self.seconds - self.rtt - self.transfer - self.ret - self.queue
-                + rtt + own / bw + self.ret * issued_bw / bw + wait.seconds)
+        return float(self.seconds - self.rtt - self.transfer - self.ret - self.queue
+                     + rtt + own / bw + self.ret * issued_bw / bw + wait.seconds)
+
+
+BOARD_MIN_SAMPLES = 3  # local frames behind the board's figures before a line re-costs a local plan with them
+MAX_BEFORE = 256  # frames whose "before" figures are kept for their result line (the oldest go first)
+
+
+@dataclass(frozen=True)
+class LinkView:
+    """A link estimate's figures as they stood (runtime.agent.estimator.LinkEstimate's shape)."""
+
+    bandwidth: Figure
+    rtt: Figure
+    jitter: float
+
+
+@dataclass
+class Board:
+    """The local configuration's time on the board per frame, as the agent measured it: the EWMA (weight
+    ALPHA) of ``head + local_tail`` (the board's service), of log(sample / mean)**2 (its cs2), and of the
+    runtime's own time around it (runtime.agent.telemetry.runtime_overhead)."""
+
+    service: float = 0.0
+    cs2: float = 0.0
+    overhead: float = 0.0
+    samples: int = 0
+
+    def add(self, service: float, overhead: float, alpha: float = 0.3) -> None:
+        if not (service > 0 and math.isfinite(service) and math.isfinite(overhead)):
+            return
+        if self.samples == 0:
+            self.service, self.overhead = service, max(0.0, overhead)
+        else:
+            d = math.log(service / self.service)
+            self.cs2 = alpha * d * d + (1 - alpha) * self.cs2
+            self.service = alpha * service + (1 - alpha) * self.service
+            self.overhead = alpha * max(0.0, overhead) + (1 - alpha) * self.overhead
+        self.samples += 1
+
+
+@dataclass(frozen=True)
+class Before:
+    """What the agent held when a frame's own figures had not been taken yet (its bandwidth sample, its board
+    time): a result line is predicted from these, never from the frame it predicts."""
+
+    link: LinkView | None
+    board: Board
+
+
+class History:
+    """:class:`Before` per frame (by seq), the last MAX_BEFORE of them."""
+
+    def __init__(self) -> None:
+        self.frames: OrderedDict[int, Before] = OrderedDict()
+
+    def take(self, seq: int, link: Any, board: Board) -> None:
+        view = None if link is None else LinkView(dataclasses.replace(link.bandwidth), dataclasses.replace(link.rtt),
+                                                   link.jitter)
+        self.frames[seq] = Before(view, dataclasses.replace(board))
+        while len(self.frames) > MAX_BEFORE:
+            self.frames.popitem(last=False)
+
+    def get(self, seq: int) -> Before | None:
+        return self.frames.get(seq)
 
 
 def line(p: Prediction, estimator: Any, result: Any) -> float:
     """The prediction a result line carries for ``result`` (a FrameResult) under ``p``, by ``estimator`` (the
-    agent's runtime.agent.telemetry.LinkEstimator: its link estimate, measured bytes and source interval)."""
+    agent's runtime.agent.telemetry.LinkEstimator: its link estimate and board figures as they stood before
+    this frame's own were taken, measured bytes and source interval).
+
+    A local plan (``p.local``) is re-costed at the board the agent measures, as an offloading one is at the
+    link: the board's service (``head + local_tail``, its EWMA) and the runtime's own time around it, plus the
+    board's expected wait at the source's interval with the service's measured variance (Kingman; drop-limited
+    at a utilisation >= 1: runtime.contracts.queueing). The planner prices the same configuration with its
+    device slowdown factor and the board's queue (planner.compute), re-issued only when 10 % stale and at
+    most every 10 s; at --fps 4 a quota-limited board sits near utilisation 1, where a 10 % slower board
+    turns no wait into a 130 ms one."""
+    before = estimator.history.get(result.seq)
     if not result.worker:
-        return p.seconds
-    return p.now(estimator.links.get(result.worker), estimator.wire.mean(result.split, result.codec),
+        board = before.board if before is not None else estimator.board
+        if not (p.local and result.where == "local" and result.split == "output" and board.samples >= BOARD_MIN_SAMPLES):
+            return p.seconds
+        wait = expected_wait(board.service, estimator.frame_interval, board.cs2, window=estimator.frame_window)
+        return float(board.service + board.overhead + wait.seconds)
+    link = before.link if before is not None and before.link is not None else estimator.links.get(result.worker)
+    return p.now(link, estimator.wire.mean(result.split, result.codec),
                  frame_bytes=int(getattr(result, "wire_bytes", 0) or 0), interval=estimator.frame_interval,
                  window=estimator.frame_window)

@@ -52,6 +52,7 @@ import grpc
 
 from runtime.agent.estimator import EstimatorOptions, LinkEstimate, LinkTable
 from runtime.agent.metrics import AgentMetrics
+from runtime.agent.prediction import Board, History
 from runtime.agent.wirebytes import WireTable
 from runtime.contracts.errors import EdgesplitError
 from runtime.contracts.queueing import DEFAULT_WINDOW
@@ -95,6 +96,8 @@ class LinkEstimator:
         # ``source_interval`` / ``source_window`` and used by the result lines' queue term (runtime.agent.prediction)
         self.frame_interval = 0.0
         self.frame_window = DEFAULT_WINDOW
+        self.board = Board()  # the local configuration's time on the board (runtime.agent.prediction)
+        self.history = History()  # each frame's link and board figures before its own were taken, for its line
         if metrics is not None:
             metrics.registry.register(_LinkCollector(self))
 
@@ -123,10 +126,14 @@ class LinkEstimator:
         """Take one finished frame (a FrameResult): its stage times, and a bandwidth sample if it
         ran on the edge with enough bytes and a positive network time."""
         self._frames += 1
+        worker = getattr(result, "worker", "")
+        self.history.take(result.seq, self.links.get(worker) if worker else None, self.board)
         for stage, seconds in result.times.items():
             self._stages[stage].append(seconds)
         self.wire.observe(result)
-        self.observe_overhead(result)
+        other = self.observe_overhead(result)
+        if other is not None and result.where == "local" and result.split == "output":  # the local plan's board
+            self.board.add(result.times.get("head", 0.0) + result.times.get("local_tail", 0.0), other)
         t = result.times
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
@@ -138,7 +145,7 @@ class LinkEstimator:
         if network > 0:
             self.add_bandwidth_sample((result.wire_bytes + result_bytes(result)) / network, key)
 
-    def observe_overhead(self, result: Any) -> None:
+    def observe_overhead(self, result: Any) -> float | None:
         """The frame's runtime overhead (:func:`runtime_overhead`) as stage ``overhead_local``/``overhead_edge``,
         except for the first ``overhead_warmup`` frames of a configuration (where, split, codec, worker) after
         start-up or a switch: they carry the start-up's and the switch's one-off costs (the first local frame
@@ -147,13 +154,15 @@ class LinkEstimator:
         offloaded phase, so the next local phase was predicted 15-25 % slow."""
         other = runtime_overhead(result)
         if other is None:
-            return
+            return None
         key = (result.where, result.split, result.codec, getattr(result, "worker", ""))
         run, count = self._overhead_run
         count = count + 1 if key == run else 1
         self._overhead_run = (key, count)
-        if count > self.overhead_warmup:
-            self._stages[f"overhead_{result.where}"].append(other)
+        if count <= self.overhead_warmup:
+            return None
+        self._stages[f"overhead_{result.where}"].append(other)
+        return other
 
     def observe_censored(self, key: str, sent_bytes: int, elapsed: float) -> bool:
         """A frame with no result after ``elapsed`` s, ``sent_bytes`` being its own bytes plus those the
