@@ -50,6 +50,9 @@ __all__ = ["AgentState", "PlannerService", "WorkerState"]
 
 logger = logging.getLogger(__name__)
 
+SLOW_REGISTRATION_SECONDS = 5.0  # a registration answered this late (or cancelled) is logged, the first SLOW_LOGGED
+SLOW_LOGGED = 20
+
 
 class PlannerService(PlannerServicer):
     def __init__(self, config: PlannerConfig, store: Store, metrics: PlannerMetrics | None = None,
@@ -65,6 +68,7 @@ class PlannerService(PlannerServicer):
         self._sweeper: asyncio.Task[None] | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._closing = False  # a flag besides cancel(): wait_for may lose a cancellation on Python 3.11
+        self.slow_registrations = 0  # with replicas: registrations answered SLOW_REGISTRATION_SECONDS late, or cancelled
         state.load()
         self.replica = Replica(config, state, replanner, broadcaster) if store.backend.shared else None
 
@@ -141,13 +145,33 @@ class PlannerService(PlannerServicer):
             aid = requests.check_id(request.agent_id, "agent_id")
             # the caller's right to the id first (as the servicer checks it): no lease moves for a stranger
             self.owners.claim("agent", aid, current_identity(), lease_of(context))
-            await self.replica.attach(aid, take=True)
+            t0 = time.monotonic()
+            attached, how = t0, "answered"
             try:
-                return await super().RegisterAgent(request, context)
-            except BaseException:
-                await self.replica.detach_unknown(aid)  # a refused first registration holds no lease
+                await self.replica.attach(aid, take=True)
+                attached = time.monotonic()
+                try:
+                    return await super().RegisterAgent(request, context)
+                except BaseException:
+                    await self.replica.detach_unknown(aid)  # a refused first registration holds no lease
+                    raise
+            except asyncio.CancelledError:
+                how = "cancelled"
                 raise
+            finally:
+                self._slow(aid, how, t0, attached)
         return await super().RegisterAgent(request, context)
+
+    def _slow(self, agent_id: str, how: str, t0: float, attached: float) -> None:
+        """Log (the first few) registrations that took SLOW_REGISTRATION_SECONDS or more here, or were cancelled."""
+        now = time.monotonic()
+        if how != "cancelled" and now - t0 < SLOW_REGISTRATION_SECONDS:
+            return
+        self.slow_registrations += 1
+        if self.slow_registrations <= SLOW_LOGGED:
+            logger.warning("registration of agent %s %s after %.2f s here (its lease and rows: %.2f s; registrations "
+                           "waiting their turn now: %d)", agent_id, how, now - t0,
+                           (attached if attached > t0 else now) - t0, self.registrations.backlog)
 
     async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:
         if self.replica is not None:

@@ -161,6 +161,7 @@ class SimAgent:
                     sent = time.monotonic()
                     reply = await self._register_light(stub)
                 except grpc.aio.AioRpcError as e:
+                    self.stats.reattach_failed.append((f"r{k} {e.code().name}", time.monotonic() - sent))
                     asked = self.stats.error("RegisterAgent", e, k)  # a retry-after (the planner's registration gate)
                     backoff = asked / 0.5 if asked else min(backoff * 2, BACKOFF_MAX)  # waited at least as asked
                     continue

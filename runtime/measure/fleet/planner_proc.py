@@ -102,6 +102,7 @@ class PlannerProcess:
     max_agents: int = 10_000
     cprofile: str = ""  # write the planner's cProfile here (python -m pstats FILE)
     gc_pauses: str = ""  # write its gen-2 collection pauses here (runtime.measure.fleet.gcpauses)
+    keep_log: str = ""  # copy its log (WARNING and above) here when it stops
     address: str = ""
     proc: subprocess.Popen | None = None
     folder: str = ""
@@ -163,5 +164,8 @@ class PlannerProcess:
                     proc.wait(5)
             self.proc = proc  # keep pid/returncode readable
         if self.folder:
+            if self.keep_log:
+                with contextlib.suppress(OSError):
+                    shutil.copyfile(Path(self.folder, "planner.log"), self.keep_log)
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = ""

@@ -48,7 +48,7 @@ class Replicas:
 
     def start(self) -> list[str]:
         o = self.options
-        if o.gc_pauses:
+        if o.gc_pauses or o.replicas > 1:
             Path(o.out_dir).mkdir(parents=True, exist_ok=True)
         extra: tuple[str, ...] = ()
         if o.store:
@@ -63,7 +63,8 @@ class Replicas:
             suffix = f"-{k}" if o.replicas > 1 else ""
             p = PlannerProcess((*o.planner_args, *extra, *ident), o.hold_seconds, max(10_000, o.agents),
                                cprofile=o.cprofile + suffix if o.cprofile else "",
-                               gc_pauses=str(Path(o.out_dir, f"{o.name}_gc{suffix}.json")) if o.gc_pauses else "")
+                               gc_pauses=str(Path(o.out_dir, f"{o.name}_gc{suffix}.json")) if o.gc_pauses else "",
+                               keep_log=str(Path(o.out_dir, f"{o.name}_planner{suffix}.log")) if o.replicas > 1 else "")
             self.planners.append(p)
             p.start()
         return [p.address for p in self.planners]
@@ -135,6 +136,12 @@ def summary(options: FleetOptions, st: dict[str, Any], killed_at: float | None,
                within_target=sum(1 for s in secs if s <= REATTACH_TARGET_SECONDS),
                target_s=REATTACH_TARGET_SECONDS, profile_resent=st.get("profile_resent", 0),
                survivor_during_reattach=_window(samples[-1], killed_at, killed_at + max(secs, default=0.0)))
+    failed: dict[str, list[float]] = {}
+    for code, seconds in st.get("reattach_failed", []):
+        failed.setdefault(code, []).append(seconds)
+    if failed:  # failed re-registration attempts, by replica and code: how long each took
+        out["reattach_failed"] = {c: {"n": len(v), "p50_s": _s(percentile(v, 50)), "max_s": _s(max(v))}
+                                  for c, v in sorted(failed.items())}
     calls = [(sent - killed_at, done - sent) for sent, done in st.get("reattach_calls", []) if sent >= killed_at]
     if calls:  # where the time went: the loader's side (kill -> the call sent) and the survivor's (the call)
         sent_s, call_s = [c[0] for c in calls], [c[1] for c in calls]

@@ -45,6 +45,7 @@ class Stats:
     # (monotonic sent, replied) of each successful re-registration call: kill -> sent is the loader's
     # side (noticing the broken session, the back-off, its own loop), sent -> replied the survivor's
     reattach_calls: list[tuple[float, float]] = field(default_factory=list)
+    reattach_failed: list[tuple[str, float]] = field(default_factory=list)  # (code, seconds) of failed attempts
     profile_resent: int = 0  # re-attaches by profile hash the replica did not hold: the document sent after all
 
     def error(self, rpc: str, e: BaseException, replica: int = 0) -> float:
