@@ -49,6 +49,13 @@ def add_parallel_arguments(p: argparse.ArgumentParser) -> None:
                    help="tile-compute factors by tile size measured on real tiles ('python -m runtime.tools.dpfp_tilecal', "
                         "run where the workers run): the cost model multiplies each tile's area share by them, for DPFP "
                         "and every baseline (default: tiles priced by their area share alone)")
+    g.add_argument("--parallel-halo", action="store_true",
+                   help="let DPFP exchange halos directly between workers where it predicts that cheaper: a block's "
+                        "tiles stay on the workers and the next block's workers fetch only the border rows they lack "
+                        "from their neighbours (default: the coordinator gathers and re-scatters between blocks)")
+    g.add_argument("--parallel-halo-round-ms", type=float, default=0.0, metavar="MS",
+                   help="fixed cost of a block's worker-to-worker fetch round, in ms, besides its RTT and bytes "
+                        "(with --parallel-halo; 0: not costed)")
     g.add_argument("--parallel-no-grids", action="store_true",
                    help="tile every block in full-width row bands (default: a 2-D grid where it cuts halos)")
     g.add_argument("--parallel-first", default="input", metavar="SPLIT",
@@ -74,6 +81,8 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
         raise InvalidInput(f"--parallel-coordinator-mbytes must be 0..1e6 MB/s, got {args.parallel_coordinator_mbytes}")
     if not 0 <= args.parallel_block_overhead_ms < 60_000:
         raise InvalidInput(f"--parallel-block-overhead-ms must be 0..60000, got {args.parallel_block_overhead_ms}")
+    if not 0 <= getattr(args, "parallel_halo_round_ms", 0.0) < 60_000:
+        raise InvalidInput(f"--parallel-halo-round-ms must be 0..60000, got {args.parallel_halo_round_ms}")
     loaded = [profiles.load(p) for p in args.profile or ()]
     edge = [p for p in loaded if p.role != "device"]
     if not edge:
@@ -89,7 +98,9 @@ def cmd_plan_parallel(args: argparse.Namespace) -> int:
     prop = propose(edge, _link(args.parallel_link), args.parallel_first, args.parallel_end, workers,
                    args.parallel_codec, shared_link=args.parallel_link_mode == "shared",
                    coordinator_bytes_per_second=args.parallel_coordinator_mbytes * 1e6, grids=not args.parallel_no_grids,
-                   block_overhead_seconds=args.parallel_block_overhead_ms / 1e3, tile_factors=factors)
+                   block_overhead_seconds=args.parallel_block_overhead_ms / 1e3, tile_factors=factors,
+                   halo=getattr(args, "parallel_halo", False),
+                   halo_round_seconds=getattr(args, "parallel_halo_round_ms", 0.0) / 1e3)
     if args.json:
         print(json.dumps({name: {"seconds": plan.seconds, "workers": plan.workers,
                                  "blocks": [[prop.split_names[f], prop.split_names[e]] for f, e in plan.blocks],

@@ -14,6 +14,7 @@
    subprocess: the runtime never imports it) for the stage and its predicted latency, runs it with
    the coordinator (``runtime.agent.parallel``) on a bundled photo and times the stage (the model
    from the input to the last tileable split; the classifier after it is not part of the stage).
+   ``dpfp_halo``: DPFP with halos exchanged between workers, the fetch round's fixed cost not costed (it is measured).
 4. Writes ``OUT.json`` and ``OUT.md``. Cgroups, processes, relays and temp files are removed at
    the end, also on failure or Ctrl-C. Without cgroup v1 (or root) it exits 2 saying why.
 """
@@ -35,7 +36,8 @@ from pathlib import Path
 
 from runtime.tools import dpfp_timeline
 
-STRATEGIES = ("single_worker", "dpfp", "dpfp_bands_barrier", "layer_by_layer", "fused_all")
+STRATEGIES = ("single_worker", "dpfp", "dpfp_halo", "dpfp_bands_barrier", "layer_by_layer", "fused_all")
+HALO = "dpfp_halo"  # DPFP with the halo exchange between workers (edgesplit plan --parallel-halo)
 PREVIOUS = "dpfp_bands_barrier"  # DPFP as first built: row bands only, uncalibrated, each block waits for the last
 MiB = 2**20
 
@@ -59,13 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=3, help="timed frames per configuration (after one warm-up)")
     p.add_argument("--strategies", default=",".join(STRATEGIES),
                    help=f"strategies to measure ({PREVIOUS}: DPFP as first built, row bands only, no coordinator "
-                        "term, each block waiting for the whole previous one: the same run's A/B of this issue's changes)")
+                        "term, each block waiting for the whole previous one: the same run's A/B of this issue's changes; "
+                        f"{HALO}: DPFP with the halo exchange directly between workers where it predicts it cheaper)")
     p.add_argument("--sequential", action="store_true",
                    help="measure one strategy after the other (default: interleaved, frame i of every strategy in "
                         "turn, so all see the same load on a shared machine)")
     p.add_argument("--window", type=int, default=1,
-                   help="also measure throughput with this many frames in flight through the stage (dpfp and the "
-                        "single worker; frames x window frames); 1: latency only")
+                   help="also measure throughput with this many frames in flight through the stage (dpfp, dpfp_halo "
+                        "and the single worker; frames x window frames); 1: latency only")
     p.add_argument("--codec", default="raw",
                    help="codec of crops and tiles (raw is exact; fp16/int8 shrink the bytes: the max rel. error column "
                         "states the fidelity)")
@@ -114,14 +117,15 @@ def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
 
 def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0,
          block_ms: float = 0.0, factors: Path | None = None) -> dict:
-    previous = strategy == PREVIOUS
+    previous, halo = strategy == PREVIOUS, ["--parallel-halo", "--parallel-halo-round-ms", "0"] if strategy == HALO else []
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
            "--parallel-link-mode", args.link_mode,
            "--parallel-coordinator-mbytes", f"{0.0 if previous else coord_mbytes:.3f}", "--parallel-codec", args.codec,
            "--parallel-block-overhead-ms", f"{0.0 if previous else block_ms:.3f}",
            *(["--parallel-no-grids"] if args.no_grids or previous else []),
            *(["--parallel-tile-factors", str(factors)] if factors and not previous else []),
-           "--parallel-strategy", "dpfp" if previous else strategy, "--parallel-out", str(out), "--parallel-workers", ",".join(names)]
+           *halo, "--parallel-strategy", "dpfp" if previous or halo else strategy, "--parallel-out", str(out),
+           "--parallel-workers", ",".join(names)]
     for _ in range(k):
         cmd += ["--profile", str(profile_path)]
     res = subprocess.run(_cli(*cmd), capture_output=True, text=True, timeout=600)
@@ -265,7 +269,7 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
     try:
         await measure_all(list(ms.values()), args.frames, not args.sequential)
         for strategy, m in ms.items():
-            if args.window > 1 and strategy in ("dpfp", "single_worker"):
+            if args.window > 1 and strategy in ("dpfp", HALO, "single_worker"):
                 await m.window(args.frames * args.window, args.window)
     finally:
         for m in ms.values():
@@ -275,6 +279,7 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
         rows.append(_row(k, strategy, p, ms[strategy].result() if strategy in ms else None, skipped.get(strategy, "")))
         r = rows[-1]
         if strategy in ms:
+            r["halo_fallbacks"] = ms[strategy].coord.halo_fallbacks  # frames run again with gather and scatter
             print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured {r['measured_seconds']:.3f} s",
                   file=sys.stderr)
     return rows
@@ -370,8 +375,10 @@ def _fmt(v, spec: str) -> str:
 
 
 def _blocks(r: dict) -> str:
-    grids = r.get("grid_cols") or [1] * len(r["blocks"])
-    return f"{len(r['blocks'])}" + (f" ({sum(1 for c in grids if c > 1)} grids)" if any(c > 1 for c in grids) else "")
+    grids, halo = r.get("grid_cols") or [1] * len(r["blocks"]), sum(b.get("halo_input", 0) for b in r["stage"]["blocks"])
+    fell = f", {r['halo_fallbacks']} frames fell back to gather" if r.get("halo_fallbacks") else ""
+    return (f"{len(r['blocks'])}" + (f" ({sum(1 for c in grids if c > 1)} grids)" if any(c > 1 for c in grids) else "")
+            + (f", {halo} by halo exchange" if halo else "") + fell)
 
 
 def _breakdown(res: dict) -> list[str]:
@@ -380,14 +387,15 @@ def _breakdown(res: dict) -> list[str]:
            "| K | block | tiling | predicted s | measured s | slowest tile's compute s (worker-reported) |",
            "|---|---|---|---:|---:|---:|"]
     for r in res["rows"]:
-        if r["strategy"] != "dpfp" or not r.get("measured_block_seconds"):
+        if r["strategy"] not in ("dpfp", HALO) or not r.get("measured_block_seconds"):
             continue
         grids = r.get("grid_cols") or [1] * len(r["blocks"])
         slow = r.get("slowest_tile_compute_seconds") or [None] * len(r["blocks"])
-        for (a, b), c, p, m, w in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
-                                      slow, strict=True):
-            tiling = f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands"
-            out.append(f"| {r['workers']} | {a}..{b} | {tiling} | {p:.3f} | {m:.3f} | {_fmt(w, '.3f')} |")
+        for (a, b), c, p, m, w, h in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
+                                         slow, [b.get("halo_input", False) for b in r["stage"]["blocks"]], strict=True):
+            tiling = (f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands") + (", halo in" if h else "")
+            out.append(f"| {r['workers']}{' (halo)' if r['strategy'] == HALO else ''} | {a}..{b} | {tiling} | {p:.3f} | "
+                       f"{m:.3f} | {_fmt(w, '.3f')} |")
     return out
 
 

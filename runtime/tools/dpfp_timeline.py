@@ -62,7 +62,7 @@ def medians(frames: Sequence[tuple[float, Sequence]], blocks: int) -> list[dict[
 
 def markdown(rows: Sequence[dict]) -> list[str]:
     """The table for dpfp_bench's OUT.md (``rows``: result rows with a ``timeline``)."""
-    rows = [r for r in rows if r.get("timeline") and r["strategy"] == "dpfp" and r["workers"] > 1]
+    rows = [r for r in rows if r.get("timeline") and r["strategy"] in ("dpfp", "dpfp_halo") and r["workers"] > 1]
     if not rows:
         return []
     out = ["", "Where each block's time goes (DPFP rows, median over frames; the block's critical tile = the one "
@@ -78,11 +78,12 @@ def markdown(rows: Sequence[dict]) -> list[str]:
                 continue
             for k in total:
                 total[k] += t[k]
-            out.append(_line(r["workers"], f"{a}..{b}", t))
-        out.append(_line(r["workers"], "**all blocks**", total))
+            out.append(_line(r["workers"], f"{a}..{b}", t, r["strategy"]))
+        out.append(_line(r["workers"], "**all blocks**", total, r["strategy"]))
     return out
 
 
-def _line(k: int, name: str, t: dict) -> str:
-    return (f"| {k} | {name} | {t['span'] * 1e3:.1f} | " + " | ".join(f"{t[x] * 1e3:.1f}" for x in TERMS)
+def _line(k: int, name: str, t: dict, strategy: str = "dpfp") -> str:
+    label = f"{k}" + (" (halo)" if strategy == "dpfp_halo" else "")
+    return (f"| {label} | {name} | {t['span'] * 1e3:.1f} | " + " | ".join(f"{t[x] * 1e3:.1f}" for x in TERMS)
             + f" | {t['coordinator_cpu'] * 1e3:.1f} | {t['bytes'] / 1e6:.2f} |")
