@@ -167,3 +167,16 @@ def test_worker_killed_mid_frame_falls_back_to_gather_and_loses_nothing(start_wo
     for y, reports in frames:
         assert _close(y, reference)
         assert all(r.ran_on != victim_addr for r in reports)  # the gather-and-scatter run moved its tiles
+
+
+def test_the_plan_carries_halo_input_and_refuses_it_on_the_first_block():
+    stage = _stage(["w0:1", "w1:1"])
+    assert [b.halo for b in ParallelStage.from_json(stage.to_json()).blocks] == [False, True, True]
+    assert [b.halo for b in ParallelStage.from_proto(stage.to_proto(tiles_pb2.ParallelStage())).blocks] == [False, True, True]
+    doc = stage.to_json()
+    doc["blocks"][0]["halo_input"] = True
+    with pytest.raises(InvalidInput, match="false for the first block"):
+        ParallelStage.from_json(doc)
+    doc["blocks"][0]["halo_input"] = "yes"
+    with pytest.raises(InvalidInput, match="halo_input must be true or false"):
+        ParallelStage.from_json(doc)
