@@ -6,7 +6,9 @@ queued here for a decision. The queue holds each agent once: a newer report for 
 queued (or being decided) is coalesced into that decision (the latest estimate wins, the decision
 reads it; an agent whose decision is running is decided once more after it). A few drain tasks
 take agents in arrival order and decide them, yielding to the event loop between decisions, so
-health checks and plan pushes are never stuck behind a burst of telemetry.
+health checks and plan pushes are never stuck behind a burst of telemetry. While registrations wait
+their turn (a replica's agents re-attaching here: each registration decides its agent), a queued
+decision waits for them, at most ``YIELD_SECONDS`` from its first report.
 
 Overload is shed, not queued: with ``telemetry_max_pending`` agents queued, a report from an agent
 not queued is refused at once (RESOURCE_EXHAUSTED, trailing metadata ``retry-after-ms``: how long
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 RETRY_AFTER_HEADER = "retry-after-ms"
 MIN_RETRY_MS, MAX_RETRY_MS = 100, 30_000
 DRAINERS = 4  # decisions in flight at once (searches share one executor thread; cache hits need none)
+YIELD_SECONDS = 2.0  # while registrations wait their turn, a queued decision waits at most this long for them
+YIELD_STEP_SECONDS = 0.05  # ... looking again this often
 
 
 @dataclass(eq=False)
@@ -67,6 +71,7 @@ class Intake:
         self._ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._decision_seconds = 0.001  # smoothed seconds per decision (for retry-after)
+        self.yield_to: Callable[[], bool] = lambda: False  # registrations are waiting their turn (set by the servicer)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -142,6 +147,9 @@ class Intake:
             if not self._queue:
                 self._ready.clear()
                 await self._ready.wait()
+                continue
+            if self.yield_to() and self.clock() - self.entries[self._queue[0]].since < YIELD_SECONDS:
+                await asyncio.sleep(YIELD_STEP_SECONDS)  # registrations waiting their turn go first (bounded)
                 continue
             aid = self._queue.popleft()
             e = self.entries[aid]

@@ -54,7 +54,8 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.profiles: ProfileCache = state.profiles
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
         self.registrations = Gate(REGISTRATIONS_RUNNING, REGISTRATIONS_WAITING)
-        replanner.registering = lambda: self.registrations.backlog > 0  # its periodic pass lets them go first
+        # a burst of registrations (a replica's agents re-attaching) goes before the periodic pass and telemetry decisions
+        replanner.registering = replanner.intake.yield_to = lambda: self.registrations.backlog > 0
 
     def _owned(self, kind: str, ident: str, context: grpc.aio.ServicerContext | None) -> None:
         """Refuse (PERMISSION_DENIED) a call about ``ident`` from anyone but its owner."""
