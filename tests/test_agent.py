@@ -119,6 +119,42 @@ def test_missed_deadline_runs_locally_and_late_results_are_dropped(loaded, frame
         assert torch.equal(r.output, want)
 
 
+@pytest.mark.timeout(120)
+def test_frames_given_up_on_a_left_link_say_so_not_deadline(loaded, frames):
+    """EdgeStream.give_up (the agent left a collapsed link; runtime.agent.fallbacks): the frames waiting on it
+    run on the board at once, with reason "given up: ..." and metric label given_up, not deadline."""
+    expected = _expected(loaded, frames[:1])
+
+    async def scenario():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_queue=64))
+        agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}"),
+                      AgentOptions(deadline_seconds=30.0))
+        await agent.start()
+        try:
+            given = []
+            for _ in range(20):  # bounded: until one frame was waiting for its result when given up
+                task = asyncio.create_task(agent.infer(frames[0]))
+                while not task.done() and not agent.stream._pending:
+                    await asyncio.sleep(0.0005)
+                n = agent.stream.give_up("the link collapsed: the agent left it") if agent.stream._pending else 0
+                r = await task
+                if n:
+                    given.append(r)
+                    break
+            reg = agent.metrics.registry
+            assert given, "no frame was ever in flight to give up"
+            assert reg.get_sample_value("edgesplit_agent_fallbacks_total", {"reason": "given_up"}) == 1
+            assert reg.get_sample_value("edgesplit_agent_fallbacks_total", {"reason": "deadline"}) == 0
+        finally:
+            await agent.close()
+            await ws.drain_and_stop(1)
+        return given[0]
+
+    r = asyncio.run(scenario())
+    assert r.where == "local" and r.fallback_reason.startswith("given up: the link collapsed")
+    assert torch.equal(r.output, expected[0])
+
+
 @pytest.mark.timeout(60)
 def test_no_worker_configured_runs_everything_locally(loaded, frames):
     async def scenario():

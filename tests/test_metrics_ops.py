@@ -83,7 +83,7 @@ def test_known_label_combinations_exist_before_the_first_event(expositions):
 
 @pytest.mark.timeout(10)
 def test_fallback_reasons_cover_every_label_the_agent_uses():
-    reasons = ["deadline exceeded", "worker refused: x", "worker unavailable: y", "plan runs every layer on the device",
+    reasons = ["deadline exceeded", "given up: the link collapsed", "worker refused: x", "worker unavailable: y", "plan runs every layer on the device",
                "no worker configured", "anything else"]
     assert {reason_label(r) for r in reasons} == set(FALLBACK_REASONS)
 

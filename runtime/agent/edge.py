@@ -17,7 +17,7 @@ from runtime.contracts.errors import CODES_BY_NUMBER, DeadlineExceeded, Edgespli
 from runtime.daemon.tracing import inject_frame, span
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.codec import decode_tensor, wire_bytes
-from runtime.wire.stream import EdgeStream
+from runtime.wire.stream import EdgeStream, GivenUp
 
 
 def read_result(res: pb.InferResult, result: FrameResult, t_send: float) -> None:
@@ -38,6 +38,23 @@ def read_result(res: pb.InferResult, result: FrameResult, t_send: float) -> None
                       "queue": hop.times.queue_seconds, "decode": hop.times.decode_seconds,
                       "tail": hop.times.tail_seconds}
             result.times.update({f"next{i}_{k}": v for k, v in stages.items()})
+
+
+async def _within(fut: asyncio.Future, deadline: float) -> pb.InferResult:
+    """``await fut``, failed with asyncio.TimeoutError at ``deadline`` (``time.monotonic()`` s) if still pending.
+    Not asyncio.wait_for: that waits on a second future chained to ``fut``, one more event-loop pass and
+    callback per frame on the result's way in (runtime/measure/results/overhead.md)."""
+    loop = asyncio.get_running_loop()
+
+    def expire() -> None:
+        if not fut.done():
+            fut.set_exception(asyncio.TimeoutError())
+
+    timer = loop.call_later(max(0.0, deadline - time.monotonic()), expire)
+    try:
+        return await fut
+    finally:
+        timer.cancel()
 
 
 class EdgeSender:
@@ -74,12 +91,15 @@ class EdgeSender:
             self.metrics.inflight.inc()
             try:
                 with span("agent.wait"):
-                    res = await asyncio.wait_for(fut, max(0.0, deadline - time.monotonic()))
+                    res = await _within(fut, deadline)
             finally:
                 self.metrics.inflight.dec()
             read_result(res, result, t_send)
             if "edge_held" in result.times:
                 self.inflight.note_hold(stream.address, result.times["edge_held"])
+        except GivenUp as e:  # the agent left this link (runtime.agent.fallbacks): not the deadline's doing
+            self._censored(stream.address, ahead, time.perf_counter() - t_send)
+            return f"given up: {e}"
         except (asyncio.TimeoutError, DeadlineExceeded) as e:
             if not isinstance(e, DeadlineExceeded):  # sent whole: the worker is told not to compute it
                 stream.abandon(seq)

@@ -10,13 +10,14 @@ from runtime.wire.crl import register_metrics as register_crl_metrics
 STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine", "total")  # label values of stage_seconds
 WHERE = ("edge", "local")  # label values of frames
 # label values of fallbacks (reason_label): deadline, refused and unavailable are
-# failures of the edge; local_plan (the plan runs every layer here) and no_worker are planned local runs
-FALLBACK_REASONS = ("deadline", "refused", "unavailable", "local_plan", "no_worker")
+# failures of the edge; given_up: frames the agent gave up when it left a collapsed link (EdgeStream.give_up);
+# local_plan (the plan runs every layer here) and no_worker are planned local runs
+FALLBACK_REASONS = ("deadline", "given_up", "refused", "unavailable", "local_plan", "no_worker")
 
 
 def reason_label(reason: str) -> str:
     """Bounded label values for the fallback counter (moved here from runtime.agent.client, next to its values)."""
-    for prefix, label in (("deadline", "deadline"), ("worker refused", "refused"),
+    for prefix, label in (("deadline", "deadline"), ("given up", "given_up"), ("worker refused", "refused"),
                           ("worker unavailable", "unavailable"), ("plan runs", "local_plan")):
         if reason.startswith(prefix):
             return label

@@ -260,8 +260,9 @@ def analyse(run: dict) -> dict:
             # frames in flight on a link the agent left on proof of its collapse (runtime.agent.fallbacks give_up):
             # their wait ends with the deadline's reason before the deadline, which nothing else does
             deadline_ms = 1e3 * float(run.get("args", {}).get("deadline", 2.0))
-            ph["given_up_frames"] = sum(1 for r in inside if (r.get("fallback_reason") or "").startswith("deadline")
-                                        and _waited_ms(r) < 0.9 * deadline_ms)
+            ph["given_up_frames"] = sum(1 for r in inside if (r.get("fallback_reason") or "").startswith("given up")
+                                        or ((r.get("fallback_reason") or "").startswith("deadline")  # older records
+                                            and _waited_ms(r) < 0.9 * deadline_ms))
             changed = prev_plan is not None and new != prev_plan  # None: the plan did not change with the link
             ph["first_frame_under_new_plan_s"] = round(_end(first) - start, 2) if changed and first else None
             ph["first_frame_started_under_new_plan_s"] = round(_start(first) - start, 2) if changed and first else None

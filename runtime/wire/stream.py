@@ -24,6 +24,10 @@ from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
 
+class GivenUp(DeadlineExceeded):
+    """A frame's wait ended by ``EdgeStream.give_up`` (its sender left the link), not by its deadline."""
+
+
 MAX_BACKOFF_SECONDS = 2.0  # the agent runs frames locally meanwhile: retry soon, jittered
 BACKOFF_JITTER = 0.5  # each delay drawn from [delay / 2, delay], so agents that lost one worker spread out
 
@@ -255,11 +259,11 @@ class EdgeStream:
 
     def give_up(self, reason: str) -> int:
         """Give up on every frame waiting for a result (the agent left this link: it collapsed): each
-        frame's wait ends with DeadlineExceeded(``reason``) and the worker is told to drop it. Returns how many."""
+        frame's wait ends with GivenUp(``reason``) and the worker is told to drop it. Returns how many."""
         pending = [(seq, fut) for seq, fut in self._pending.items() if not fut.done()]
         for seq, fut in pending:
             self.abandon(seq)
-            fut.set_exception(DeadlineExceeded(reason))
+            fut.set_exception(GivenUp(reason))
         return len(pending)
 
     async def _cancel(self, call: grpc.aio.StreamStreamCall, seq: int) -> None:
@@ -290,9 +294,9 @@ class EdgeStream:
                     call.cancel()
                     return
                 if (probe is None or probe.done()) and live.wants_probe() and self._channel is not None:
-                    probe = asyncio.create_task(self._ask(self._channel, live))
+                    probe = asyncio.create_task(self._ask(self._channel, live, path=False))
                 if (path_probe is None or path_probe.done()) and live.wants_path_probe() and self._path is not None:
-                    path_probe = asyncio.create_task(self._ask_path(self._path, live))
+                    path_probe = asyncio.create_task(self._ask(self._path, live, path=True))
         finally:
             for task in (probe, path_probe):
                 if task is not None:
@@ -308,23 +312,23 @@ class EdgeStream:
             live.excuse(late)
 
     @staticmethod
-    async def _ask(channel: grpc.aio.Channel, live: Liveness) -> None:
+    async def _ask(channel: grpc.aio.Channel, live: Liveness, path: bool) -> None:
+        """One probe: on the frames' own connection (``path`` False: queued behind their bytes, so it may
+        take the link's allowance) or on the path's (queued behind none: the floor)."""
         sent_at = live.clock()
+        timeout = live.options.floor_seconds if path else (live.allowance() or live.options.floor_seconds)
         with contextlib.suppress(Exception):  # unanswered: the watchdog's verdict decides, not this probe
-            await time_health_check(channel, live.allowance() or live.options.floor_seconds)
-            live.probe_answered(sent_at)
+            await time_health_check(channel, timeout)
+            if path:
+                live.path_answered()
+            else:
+                live.probe_answered(sent_at)
 
     async def _warm(self, path: grpc.aio.Channel) -> None:
         """Connect the path now (handshakes, the server's certificate against a CRL), so a probe on it
         later takes one round trip; a failure here is the probe's to find."""
         with contextlib.suppress(Exception):
             await asyncio.wait_for(path.channel_ready(), self.connect_timeout)
-
-    @staticmethod
-    async def _ask_path(channel: grpc.aio.Channel, live: Liveness) -> None:
-        with contextlib.suppress(Exception):  # unanswered: the watchdog's verdict decides
-            await time_health_check(channel, live.options.floor_seconds)
-            live.path_answered()
 
     async def close(self) -> None:
         self.closed = True
