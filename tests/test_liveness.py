@@ -24,10 +24,15 @@ def test_defaults_detect_within_two_seconds_and_back_off_at_most_two():
     from runtime.wire.liveness import LivenessOptions
 
     t = TransportOptions()
-    # frame channels: keep-alive is only the backstop (a slow link's queued frame must not count as a
-    # partition: one 400 KB frame at 1.6 Mbit/s holds a ping 2 s); the liveness watchdog detects
-    assert t.keepalive_time_ms + t.keepalive_timeout_ms <= 11_000
-    assert t.keepalive_timeout_ms >= 5_000
+    # frame channels and the worker's server: keep-alive is only the backstop (a slow link's queued frames
+    # must not count as a partition: eight 602 KB frames at 1.6 Mbit/s hold a ping 24 s); the liveness
+    # watchdog detects. Servers without frames (the planner's) and the agent's widened planner ping: 10 s.
+    assert t.keepalive_timeout_ms >= 30_000
+    assert t.keepalive_time_ms + t.control_backstop_timeout_ms <= 11_000
+    frames, control_server = dict(t.server_options()), dict(t.server_options(frames=False))
+    assert frames["grpc.keepalive_timeout_ms"] == frames["grpc.http2.ping_timeout_ms"] == t.keepalive_timeout_ms
+    assert control_server["grpc.keepalive_timeout_ms"] == control_server["grpc.http2.ping_timeout_ms"] \
+        == t.control_backstop_timeout_ms
     live = LivenessOptions()
     assert live.floor_seconds + live.tick_seconds <= 2.0 and live.idle_probes  # busy and idle streams alike
     assert live.probe_after_seconds < live.floor_seconds  # a live link's probe has time to come back
@@ -254,3 +259,47 @@ def test_a_400_kb_frame_on_1_6_mbit_is_not_taken_for_a_partition(capsys):
         print(f"\n1.6 Mbit/s, {results[0].wire_bytes} B frames: transfer "
               + ", ".join(f"{r.times['transfer_edge']:.2f}" for r in results)
               + f" s, estimate {bandwidth * 8 / 1e6:.2f} Mbit/s, stream kept open ({path_answers} path probes answered)")
+
+
+@pytest.mark.timeout(180)
+def test_frames_queued_longer_than_the_former_10_s_backstop_keep_their_stream(capsys):
+    """Six 401 KB frames at once on 1.6 Mbit/s: the last waits about 12 s behind the others, and so does every
+    keep-alive ping (and the answer to the worker's) sent meanwhile. Under the former 1 s + 10 s backstop the
+    stream ended with "ping timeout" and its frames ran locally; now the path probes vouch for the link."""
+    import torch
+
+    from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
+    from runtime.models.loader import load_model
+    from runtime.tools.netem import DelayProxy, LinkShape
+    from runtime.wire.codec import get_codec
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    torch.set_num_threads(1)
+    loaded = load_model("resnet18")
+    split = loaded.split("add_2")  # 401 KB raw, about 2 s at 1.6 Mbit/s
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+    async def go():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
+        proxy = await DelayProxy(f"127.0.0.1:{ws.port}", LinkShape.from_ms_mbps(33.35, 1.6)).start()
+        agent = Agent(loaded, InitialPlan(split, get_codec("raw"), worker=proxy.address),
+                      AgentOptions(deadline_seconds=60.0, connect_timeout=5.0))
+        try:
+            await agent.start()
+            results = await asyncio.gather(*(agent.infer(x) for _ in range(6)))
+            stream = agent._streams[proxy.address]
+            return results, stream.epoch, stream.is_open, deaths(agent)
+        finally:
+            await agent.close()
+            await proxy.close()
+            await ws.drain_and_stop(0.5)
+
+    results, epoch, is_open, died = asyncio.run(go())
+    assert [r.where for r in results] == ["edge"] * 6, [r.fallback_reason for r in results]
+    assert epoch == 1 and is_open and died == 0  # never declared dead, never reopened
+    last = max(r.times["transfer_edge"] for r in results)
+    assert last > 11.0  # the queue really outlasted the former backstop (1 s + 10 s)
+    with capsys.disabled():
+        print(f"\n6 x {results[0].wire_bytes} B at once on 1.6 Mbit/s: last result after {last:.1f} s, stream kept")

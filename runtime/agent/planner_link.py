@@ -255,14 +255,14 @@ class PlannerLink:
         """After a keep-alive death, before the next session: if edge results kept arriving since, the link
         was not partitioned, the planner's ping waited behind frames on the board's uplink (the planner is
         usually reached over the same link; 400 KB at 1.6 Mbit/s holds a ping 2 s). The next sessions wait
-        twice as long for a ping (up to the frame channels' keepalive_timeout_ms), so a busy slow uplink
+        twice as long for a ping (up to TransportOptions.control_backstop_timeout_ms), so a busy slow uplink
         does not end a session at each frame; a partition is then noticed later (at most 1 s + 10 s). A
         keep-alive death with no edge result since (a partition, or no frames queued) halves it back."""
         at_death, self._edge_frames_at_death = self._edge_frames_at_death, None
         if at_death is not None and self._edge_frames() <= at_death:
             self.ping_timeout_ms = max(self.options.transport.control_keepalive_timeout_ms, self.ping_timeout_ms // 2)
         elif at_death is not None:
-            wider = min(2 * self.ping_timeout_ms, max(self.ping_timeout_ms, self.options.transport.keepalive_timeout_ms))
+            wider = min(2 * self.ping_timeout_ms, max(self.ping_timeout_ms, self.options.transport.control_backstop_timeout_ms))
             if wider > self.ping_timeout_ms:
                 logger.warning("planner %s: a keep-alive ping went unanswered while frames still got through (a "
                                "busy uplink, not a partition); the planner channel now waits %d ms for a ping",

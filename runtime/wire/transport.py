@@ -30,16 +30,20 @@ class TransportOptions:
     # runs): 4.4-4.9 ms as one message against 6.2-6.8 ms as 256 KiB chunks and 6.9 ms as 64 KiB
     # (each message is a write, a read and a wake-up on both sides; runtime/measure/results/overhead.md).
     chunk_bytes: int = 1024 * 1024
-    # keep-alive. Frame channels (agent -> worker, worker -> next tier): only the backstop, 1 s + 10 s. A
-    # ping queues behind the bytes already sent: on a 1.6 Mbit/s link one 400 KB frame holds it 2 s,
-    # and a 1 s timeout broke every stream that carried one. Their streams are watched by `liveness`
-    # instead: a silent partition is declared 1.5 s after the last progress, busy or idle.
-    # Control channels (agent and worker -> planner; `control_channel`) carry small messages only, so
-    # their pings wait behind nothing of their own: 1 s + 0.8 s notices a silent partition within 1.8 s
-    # of the last byte read (runtime.daemon.planner_client; README "Liveness").
+    # keep-alive. Frame channels (agent -> worker, worker -> next tier) and the worker's server: only the
+    # backstop, 1 s + 60 s. A ping (or the answer to the server's) queues behind the frames already sent: on
+    # a 1.6 Mbit/s link one 400 KB frame holds it 2 s, and eight 602 KB frames in flight 24 s, which ended
+    # live streams under the former 10 s ("ping timeout"). Their streams are watched by `liveness` instead:
+    # a silent partition is declared 1.5 s after the last progress, busy (the path's own connection is
+    # probed) or idle. Control channels (agent and worker -> planner; `control_channel`) carry small
+    # messages only, so their pings wait behind nothing of their own: 1 s + 0.8 s notices a silent
+    # partition within 1.8 s of the last byte read (runtime.daemon.planner_client; README "Liveness").
     keepalive_time_ms: int = 1_000  # ping the connection this often (also while idle)
-    keepalive_timeout_ms: int = 10_000  # frame channels: drop the connection when a ping is not answered in time
+    keepalive_timeout_ms: int = 60_000  # frame channels and servers: drop the connection when a ping is not answered in time
     control_keepalive_timeout_ms: int = 800  # control channels: the same, for the planner's channels
+    # servers that take no frames (the planner's), and the most the agent widens its planner ping timeout to
+    # after a ping was lost while its frames still got through (runtime.agent.planner_link)
+    control_backstop_timeout_ms: int = 10_000
     security: SecurityOptions = field(default_factory=SecurityOptions)  # TLS / mTLS / tokens (runtime.wire.security)
     liveness: LivenessOptions = field(default_factory=LivenessOptions)  # link-aware (runtime.wire.liveness)
 
@@ -75,16 +79,19 @@ class TransportOptions:
             ("grpc.http2.ping_timeout_ms", timeout),
         ]
 
-    def server_options(self) -> list[tuple[str, int]]:
+    def server_options(self, frames: bool = True) -> list[tuple[str, int]]:
+        """Server options; ``frames`` False (a server whose clients send no frames: the planner's): keep-alive
+        gives a connection up after ``control_backstop_timeout_ms``, not the frame channels' backstop."""
+        timeout = self.keepalive_timeout_ms if frames else self.control_backstop_timeout_ms
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
             ("grpc.keepalive_time_ms", self.keepalive_time_ms),
-            ("grpc.keepalive_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.keepalive_timeout_ms", timeout),
             # accept the clients' keep-alive pings (same TransportOptions on both ends) without strikes
             ("grpc.http2.min_ping_interval_without_data_ms", min(5_000, self.keepalive_time_ms // 2)),
             ("grpc.http2.max_ping_strikes", 0),
-            ("grpc.http2.ping_timeout_ms", self.keepalive_timeout_ms),
+            ("grpc.http2.ping_timeout_ms", timeout),
             ("grpc.keepalive_permit_without_calls", 1),
         ]
 

@@ -62,7 +62,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
         listen=config.listen, services=(SERVICE_NAME, TILES_SERVICE), transport=config.transport(),
         on_error=lambda _method, code: metrics.errors.labels(code).inc(),
         metrics=metrics.registry, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
-        auth_policy=AUTH_POLICY))
+        auth_policy=AUTH_POLICY, frames=True))
     tiles = TilesService(service)  # RFS/DPFP: tiles of fused blocks, on the same admission and executor
 
     def add_servicers(server) -> None:
