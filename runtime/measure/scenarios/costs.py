@@ -56,7 +56,7 @@ def edgesplit(p: Profile, codecs: tuple[str, ...]) -> Profile:
 
 def rescale(p: Profile, factor: float) -> Profile:
     """Every time in ``p`` x ``factor``. Under a CFS quota the throttling (~45 ms stalls in a 50 ms period) lands
-    in whichever blocks cross a period's end, so per-block medians misplace it: the block sum came to 0.70-1.18 of
+    in whichever blocks cross a period's end, so per-block medians misplace it: the block sum came to 0.55-1.18 of
     the local run's p50 in the runs of 2026-12-03 (0.34-0.65 with the 20 ms period of the first runs). One factor
     fixes the whole model's time, not how it splits between head and tail: the harness prices the heads with
     :func:`with_board_heads` and uses this factor only for the board's codec encode times it did not time."""
