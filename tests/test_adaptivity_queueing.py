@@ -215,23 +215,57 @@ def test_the_planner_prefers_plans_that_keep_every_utilisation_below_one_and_sho
 def test_a_line_is_predicted_from_the_figures_before_its_own_frame():
     """A frame's own bandwidth sample (taken when its result comes, before its line is written) is no part of
     its prediction: the estimate as it stood before it is."""
-    est = LinkEstimator(clock=lambda: 10.0)
+    now = [10.0]
+    est = LinkEstimator(clock=lambda: now[0])
     est.use("e:1")
-    for v in (125_000.0, 125_000.0):
-        est.add_bandwidth_sample(v, "e:1")
     est.add_rtt_sample(0.010, "e:1")
     p = Prediction.of(plan_1mbit())
-    r = FrameResult(7, "cat", torch.zeros(1, 10), "edge", "input", "jpeg", 3, worker="e:1", wire_bytes=16_700,
-                    times={"transfer_edge": 0.400, "edge_held": 0.050, "total": 0.41})
-    before = line(p, est, r)
-    est.observe(r)  # its sample: 16.7 KB + result in ~0.34 s, far below the estimate
-    assert est.links.get("e:1").bandwidth.value < 110_000
-    assert line(p, est, r) == pytest.approx(before)
+
+    def frame(seq: int, transfer: float) -> FrameResult:
+        return FrameResult(seq, "cat", torch.zeros(1, 10), "edge", "input", "jpeg", 3, worker="e:1", wire_bytes=16_700,
+                           times={"transfer_edge": transfer, "edge_held": 0.050, "total": transfer + 0.01})
+
+    est.observe(frame(5, 0.190))  # 16.7 KB in 0.13 s: ~128 KB/s
+    now[0] = 10.25
+    est.observe(frame(6, 0.150))  # faster
+    before = line(p, est, frame(7, 0.400))  # frame 7 arrives at 10.09, after frame 5's result, before frame 6's
+    now[0] = 10.5
+    r = frame(7, 0.400)
+    est.observe(r)  # its own sample: 16.7 KB in ~0.34 s, far below the estimate
+    after = line(p, est, r)
+    assert after != pytest.approx(before)  # the estimate as frame 7 arrived: after frame 5 only
+    frame5 = est.history.at(10.0)
+    assert frame5 is not None and frame5.link.bandwidth.samples == 1
+    assert after == pytest.approx(p.now(frame5.link, est.wire.mean("input", "jpeg"), frame_bytes=16_700))
 
 
 def local_frame(seq: int, head: float) -> FrameResult:
     return FrameResult(seq, "f", torch.zeros(1, 10), "local", "output", "raw", 4,
                        times={"board_queue": 0.0, "head": head, "local_tail": 0.0, "total": head + 0.005})
+
+
+def test_a_local_frames_wait_is_predicted_from_the_board_at_its_arrival():
+    """Lindley's recursion on what the agent knew when the frame arrived: the frame ahead of it took the board
+    at a known time and holds it for the board's measured service."""
+    now = [0.0]
+    est = LinkEstimator(clock=lambda: now[0])
+    est.frame_interval, est.frame_window = 0.25, 2
+    p = Prediction.of(ppb.Plan(version=4, split_id="output", predicted_seconds=0.4))
+    t = 0.0
+    for seq in range(12):  # a board of 0.26 s at a frame every 0.25 s, each frame admitted once the one ahead is done
+        arrival = seq * 0.25
+        start = max(arrival, t)
+        t = start + 0.26
+        now[0] = t + 0.005
+        r = FrameResult(seq, "f", torch.zeros(1, 10), "local", "output", "raw", 4,
+                        times={"board_queue": start - arrival, "head": 0.26, "total": now[0] - arrival})
+        est.observe(r)
+    wait = r.times["board_queue"]
+    assert wait > 0.03
+    # the frame ahead took the board at its recorded start; this one arrived 0.25 s after it, into the 0.26 s
+    got = line(p, est, r)
+    assert got == pytest.approx(est.history.at(r.times and now[0] - r.times["total"]).board.service
+                                + est.history.at(now[0] - r.times["total"]).board.overhead + wait, abs=0.006)
 
 
 def test_a_local_plan_is_re_costed_at_the_board_and_its_wait_at_the_frame_rate():

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,50 +120,93 @@ class Board:
 
 @dataclass(frozen=True)
 class Before:
-    """What the agent held when a frame's own figures had not been taken yet (its bandwidth sample, its board
-    time): a result line is predicted from these, never from the frame it predicts."""
+    """What the agent held at a moment: the link estimate of its current link (``key``) and the board's figures."""
 
+    key: str
     link: LinkView | None
     board: Board
 
 
+@dataclass(frozen=True)
+class Timing:
+    """A frame on the agent's monotonic clock: its arrival (the result's time less its ``total``), when its
+    result came, and when the board took it (its arrival, or the previous frame's result if later)."""
+
+    arrival: float
+    finish: float
+    start: float
+
+
 class History:
-    """:class:`Before` per frame (by seq), the last MAX_BEFORE of them."""
+    """What the agent held after each frame's result (:class:`Before`, by time) and each frame's :class:`Timing`
+    (by seq), the last MAX_BEFORE of each: a result line is predicted from what was known at its frame's
+    arrival, never from the frame itself or a frame that ended after it arrived."""
 
     def __init__(self) -> None:
-        self.frames: OrderedDict[int, Before] = OrderedDict()
+        self.states: deque[tuple[float, Before]] = deque(maxlen=MAX_BEFORE)
+        self.timings: OrderedDict[int, Timing] = OrderedDict()
 
-    def take(self, seq: int, link: Any, board: Board) -> None:
+    def frame(self, seq: int, total: float, now: float) -> None:
+        arrival = now - max(0.0, total)
+        prev = self.timings.get(seq - 1)
+        self.timings[seq] = Timing(arrival, now, max(arrival, prev.finish) if prev is not None else arrival)
+        while len(self.timings) > MAX_BEFORE:
+            self.timings.popitem(last=False)
+
+    def take(self, now: float, key: str, link: Any, board: Board) -> None:
         view = None if link is None else LinkView(dataclasses.replace(link.bandwidth), dataclasses.replace(link.rtt),
                                                    link.jitter)
-        self.frames[seq] = Before(view, dataclasses.replace(board))
-        while len(self.frames) > MAX_BEFORE:
-            self.frames.popitem(last=False)
+        self.states.append((now, Before(key, view, dataclasses.replace(board))))
 
-    def get(self, seq: int) -> Before | None:
-        return self.frames.get(seq)
+    def at(self, t: float) -> Before | None:
+        """The figures as they stood at ``t`` (None: none that old is kept)."""
+        found = None
+        for when, state in self.states:
+            if when > t:
+                break
+            found = state
+        return found
+
+    def board_wait(self, seq: int, service: float) -> float | None:
+        """Frame ``seq``'s wait for the board from the state at its arrival (Lindley's recursion): the frame ahead
+        of it, still on the board when it arrived, took the board at a known time and holds it ``service``
+        seconds; 0 when the board was free; None when the frames' timings are not known."""
+        me, ahead = self.timings.get(seq), self.timings.get(seq - 1)
+        if me is None or ahead is None:
+            return None
+        if ahead.finish <= me.arrival:
+            return 0.0
+        before = self.timings.get(seq - 2)
+        if before is not None and before.finish > me.arrival:
+            return None  # two frames ahead: beyond this recursion (the window is larger than 2)
+        return max(0.0, ahead.start + service - me.arrival)
 
 
 def line(p: Prediction, estimator: Any, result: Any) -> float:
     """The prediction a result line carries for ``result`` (a FrameResult) under ``p``, by ``estimator`` (the
-    agent's runtime.agent.telemetry.LinkEstimator: its link estimate and board figures as they stood before
-    this frame's own were taken, measured bytes and source interval).
+    agent's runtime.agent.telemetry.LinkEstimator): its link estimate and board figures as they stood when the
+    frame arrived (:class:`History`), measured bytes and source interval.
 
     A local plan (``p.local``) is re-costed at the board the agent measures, as an offloading one is at the
     link: the board's service (``head + local_tail``, its EWMA) and the runtime's own time around it, plus the
-    board's expected wait at the source's interval with the service's measured variance (Kingman; drop-limited
-    at a utilisation >= 1: runtime.contracts.queueing). The planner prices the same configuration with its
-    device slowdown factor and the board's queue (planner.compute), re-issued only when 10 % stale and at
-    most every 10 s; at --fps 4 a quota-limited board sits near utilisation 1, where a 10 % slower board
-    turns no wait into a 130 ms one."""
-    before = estimator.history.get(result.seq)
+    frame's wait for the board: from the state at its arrival when the agent knows it (the frame ahead of it
+    took the board at a known time; :meth:`History.board_wait`), else its expected value at the source's
+    interval with the service's measured variance (Kingman; drop-limited at a utilisation >= 1:
+    runtime.contracts.queueing). The planner prices the same configuration with its device slowdown factor
+    and the expected wait (planner.compute), re-issued only when 10 % stale and at most every 10 s; at
+    --fps 4 a quota-limited board sits near utilisation 1, where a 10 % slower board turns no wait into
+    130 ms, and a saturated one's wait runs from 0 to a whole head time frame by frame."""
+    timing = estimator.history.timings.get(result.seq)
+    before = estimator.history.at(timing.arrival) if timing is not None else None
     if not result.worker:
         board = before.board if before is not None else estimator.board
         if not (p.local and result.where == "local" and result.split == "output" and board.samples >= BOARD_MIN_SAMPLES):
             return p.seconds
-        wait = expected_wait(board.service, estimator.frame_interval, board.cs2, window=estimator.frame_window)
-        return float(board.service + board.overhead + wait.seconds)
-    link = before.link if before is not None and before.link is not None else estimator.links.get(result.worker)
+        wait = estimator.history.board_wait(result.seq, board.service)
+        if wait is None:
+            wait = expected_wait(board.service, estimator.frame_interval, board.cs2, window=estimator.frame_window).seconds
+        return float(board.service + board.overhead + wait)
+    link = before.link if before is not None and before.key == result.worker else estimator.links.get(result.worker)
     return p.now(link, estimator.wire.mean(result.split, result.codec),
                  frame_bytes=int(getattr(result, "wire_bytes", 0) or 0), interval=estimator.frame_interval,
                  window=estimator.frame_window)

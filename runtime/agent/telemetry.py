@@ -126,14 +126,19 @@ class LinkEstimator:
         """Take one finished frame (a FrameResult): its stage times, and a bandwidth sample if it
         ran on the edge with enough bytes and a positive network time."""
         self._frames += 1
-        worker = getattr(result, "worker", "")
-        self.history.take(result.seq, self.links.get(worker) if worker else None, self.board)
+        now = self.clock()
+        self.history.frame(result.seq, result.times.get("total", 0.0), now)
         for stage, seconds in result.times.items():
             self._stages[stage].append(seconds)
         self.wire.observe(result)
         other = self.observe_overhead(result)
         if other is not None and result.where == "local" and result.split == "output":  # the local plan's board
             self.board.add(result.times.get("head", 0.0) + result.times.get("local_tail", 0.0), other)
+        self._observe_link(result)
+        worker = getattr(result, "worker", "") or self.current
+        self.history.take(now, worker, self.links.get(worker) if worker else None, self.board)
+
+    def _observe_link(self, result: Any) -> None:
         t = result.times
         if result.where != "edge" or result.wire_bytes < self.min_bytes or "transfer_edge" not in t:
             return
