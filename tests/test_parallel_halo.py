@@ -125,10 +125,12 @@ def _close(y, ref):
     return float((y - ref).abs().max() / ref.abs().max()) <= TOL
 
 
-async def _frames(loaded, stage, image, n=1, on_block=None):
+async def _frames(loaded, stage, image, n=1, on_block=None, in_flight=1):
     coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(tile_deadline_seconds=30))
     try:
         out = [await coord.run_frame(image, on_block=on_block if i == 0 else None) for i in range(n)]
+        if in_flight > 1:  # frames in flight at once: each reads only its own kept tiles
+            out += await asyncio.gather(*(coord.run_frame(image) for _ in range(in_flight)))
         return out, coord.halo_fallbacks, coord.metrics.registry
     finally:
         await coord.close()
@@ -137,8 +139,8 @@ async def _frames(loaded, stage, image, n=1, on_block=None):
 def test_halo_exchange_between_workers_equals_the_unsplit_model(start_worker, loaded, image, reference):
     workers = [start_worker("--torch-threads", "1") for _ in range(2)]
     addresses = [f"127.0.0.1:{port}" for _, port in workers]
-    frames, fallbacks, _ = asyncio.run(asyncio.wait_for(_frames(loaded, _stage(addresses), image, n=2), 180))
-    assert fallbacks == 0
+    frames, fallbacks, _ = asyncio.run(asyncio.wait_for(_frames(loaded, _stage(addresses), image, n=2, in_flight=3), 180))
+    assert fallbacks == 0 and len(frames) == 5
     for y, reports in frames:
         assert _close(y, reference)
         kept = [r for r in reports if r.block < 2]

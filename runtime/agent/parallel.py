@@ -150,6 +150,7 @@ class TileReport:
     done_at: float = 0.0  # the tile was decoded and stitched into the block's output map
     queue_seconds: float = 0.0  # worker-reported: waiting for its executor slot
     decode_seconds: float = 0.0  # worker-reported: decoding the crop
+    seq: int = 0  # the frame's sequence number in the tile's header (frames in flight each have their own)
 
 
 class TileMetrics:
@@ -234,15 +235,15 @@ class ParallelCoordinator:
 
     # -- one tile -----------------------------------------------------------------------------
 
-    def _header(self, i: int) -> pb.FrameHeader:
+    def _header(self, i: int, seq: int) -> pb.FrameHeader:
         block = self.stage.blocks[i]
-        return pb.FrameHeader(agent_id=self.options.agent_id, seq=self._seq, model_id=self.loaded.name,
+        return pb.FrameHeader(agent_id=self.options.agent_id, seq=seq, model_id=self.loaded.name,
                               split_id=self.loaded.split(block.start).name, end_split=self.loaded.split(block.end).name,
                               model_digest=self.loaded.digest if self.options.model_digest else "")
 
-    def _request(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None,
+    def _request(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None, seq: int,
                  keep: bool = False, parts: list | None = None) -> tiles_pb2.TileRequest:
-        msg = tiles_pb2.TileRequest(header=self._header(i), input_height=in_hw[0], input_width=in_hw[1],
+        msg = tiles_pb2.TileRequest(header=self._header(i, seq), input_height=in_hw[0], input_width=in_hw[1],
                                     output=region_msg(reg.output), input=region_msg(reg.input),
                                     output_codec=self.codec_name, keep_output=keep)
         if crop is not None:
@@ -280,7 +281,7 @@ class ParallelCoordinator:
                     report: TileReport, healthy: list[str]) -> torch.Tensor:
         """One tile: on its planned worker, then on each other healthy worker, then locally."""
         try:
-            msg = self._request(i, in_hw, reg, crop)
+            msg = self._request(i, in_hw, reg, crop, report.seq)
         except TooLarge as e:
             report.failures.append(f"{report.planned}: {e.code.name}")
             msg = None
@@ -337,22 +338,22 @@ class ParallelCoordinator:
             raise InvalidInput(f"a parallel stage takes one [1, C, H, W] map, got {list(x.shape)}")
         self._seq += 1
         if any(self.halo_input(i) for i in range(len(self.segments))):
-            try:
-                return await self._run(x, on_block, halo=True)
+            try:  # the frame's seq is taken once: frames in flight must not read each other's kept tiles
+                return await self._run(x, on_block, halo=True, seq=self._seq)
             except (HaloFailed, EdgesplitError, RuntimeError) as e:  # never lose the frame: gather and scatter
                 self.halo_fallbacks += 1
                 self.last_fallback = str(e)
                 self.metrics.halo_fallbacks.inc()
                 logger.warning("halo exchange failed (%s); the stage runs again with gather and scatter", e)
                 self._seq += 1
-        return await self._run(x, on_block, halo=False)
+        return await self._run(x, on_block, halo=False, seq=self._seq)
 
     def halo_input(self, i: int) -> bool:
         """Does block ``i`` take its input by halo exchange between workers?"""
         return self.options.halo and 0 < i < len(self.segments) and self.stage.blocks[i].halo
 
     async def _run(self, x: torch.Tensor, on_block: Callable[[int, list[TileReport]], None] | None,
-                   halo: bool) -> tuple[torch.Tensor, list[TileReport]]:
+                   halo: bool, seq: int) -> tuple[torch.Tensor, list[TileReport]]:
         healthy = list(self.stage.workers)
         reports: list[TileReport] = []
         src: TileMap | StoredMap = TileMap.ready(x)
@@ -366,7 +367,7 @@ class ParallelCoordinator:
                 tiles = [reg.output for reg in regions]
                 dst = StoredMap(seg.out_size(in_hw), tiles) if keep else TileMap(seg.out_size(in_hw), tiles)
                 block_reports = [TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
-                                            cols=(reg.output.cols.start, reg.output.cols.stop))
+                                            cols=(reg.output.cols.start, reg.output.cols.stop), seq=seq)
                                  for (worker, _), reg in zip(planned, regions, strict=True)]
                 jobs = [asyncio.ensure_future(self._map_tile(i, in_hw, reg, rep, healthy, src, dst, k))
                         for k, (reg, rep) in enumerate(zip(regions, block_reports, strict=True))]
@@ -413,7 +414,7 @@ class ParallelCoordinator:
         address = report.planned
         own = [("" if holder == address else holder, tile, want) for holder, tile, want in parts or ()]
         try:
-            msg = self._request(i, in_hw, reg, crop, keep, own)
+            msg = self._request(i, in_hw, reg, crop, report.seq, keep, own)
             tile = await self._remote(address, msg, report)
         except (EdgesplitError, asyncio.TimeoutError) as e:
             code = e.code.name if isinstance(e, EdgesplitError) else "DEADLINE_EXCEEDED"
