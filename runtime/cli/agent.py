@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from runtime.cli.common import add_config_flags, component_config, start_tracing
+from runtime.wire import eventloop
 
 
 def add_parser(sub) -> None:
@@ -32,10 +32,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
         from runtime.agent.parallel_run import ParallelRunOptions, run_parallel
 
         workers = tuple(w.strip() for w in args.parallel_workers.split(",") if w.strip())
-        asyncio.run(run_parallel(config, ParallelRunOptions(args.parallel_plan, workers, args.tile_deadline_seconds,
+        eventloop.run(run_parallel(config, ParallelRunOptions(args.parallel_plan, workers, args.tile_deadline_seconds,
                                                             args.parallel_codec)))
         return 0
     from runtime.agent.run import run_agent
 
-    asyncio.run(run_agent(config))
+    eventloop.run(run_agent(config))
     return 0

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 
 from runtime.cli.common import add_config_flags, component_config, start_tracing
+from runtime.wire import eventloop
 
 
 def add_parser(sub) -> None:
@@ -21,5 +21,5 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     config = component_config(args, "worker")
     start_tracing(config, "worker")
-    asyncio.run(run_worker(config))
+    eventloop.run(run_worker(config))
     return 0

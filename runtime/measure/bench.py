@@ -24,6 +24,7 @@ from runtime.agent.sources import open_source
 from runtime.agent.summary import runtime_overhead
 from runtime.contracts.errors import InvalidInput
 from runtime.models.loader import load_model
+from runtime.wire import eventloop
 from runtime.wire.codec import codec_names, get_codec
 from runtime.worker.process import spawn_worker
 
@@ -120,7 +121,7 @@ def run_bench(args: argparse.Namespace) -> int:
         for split in splits:
             for codec in codecs:
                 print(f"... {loaded.name} split {split.index} ({split.name}) codec {codec}", file=sys.stderr, flush=True)
-                rows.append(asyncio.run(_bench_one(loaded, split, codec, worker.address, args.frames, args.warmup,
+                rows.append(eventloop.run(_bench_one(loaded, split, codec, worker.address, args.frames, args.warmup,
                                                    args.window, tl)))
     finally:
         worker.stop()

@@ -1,0 +1,62 @@
+"""runtime.wire.eventloop: the daemons' and the agent's loop is uvloop where installed, asyncio's on request."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from runtime.wire import eventloop
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def _loop_module() -> str:
+    await asyncio.sleep(0)
+    return type(asyncio.get_running_loop()).__module__.split(".")[0]
+
+
+def test_uvloop_by_default_and_asyncio_on_request(monkeypatch):
+    pytest.importorskip("uvloop")
+    monkeypatch.delenv(eventloop.ENV, raising=False)
+    assert eventloop.loop_name() == "uvloop"
+    assert eventloop.run(_loop_module()) == "uvloop"
+    monkeypatch.setenv(eventloop.ENV, "asyncio")
+    assert eventloop.loop_name() == "asyncio"
+    assert eventloop.run(_loop_module()) == "asyncio"
+
+
+def test_a_real_worker_and_agent_exchange_frames_on_uvloop(monkeypatch):
+    """grpc.aio on uvloop: a worker and an agent in one uvloop-run process, frames answered on the edge."""
+    pytest.importorskip("uvloop")
+    monkeypatch.delenv(eventloop.ENV, raising=False)
+    import torch
+
+    from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
+    from runtime.models.loader import load_model
+    from runtime.wire.codec import get_codec
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    torch.set_num_threads(1)
+    loaded = load_model("digits_cnn")
+    x = torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+
+    async def go():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
+        agent = Agent(loaded, InitialPlan(loaded.split("pool1"), get_codec("raw"), worker=f"127.0.0.1:{ws.port}"),
+                      AgentOptions(deadline_seconds=30.0))
+        try:
+            await agent.start()
+            results = [await agent.infer(x) for _ in range(3)]
+            return await _loop_module(), results
+        finally:
+            await agent.close()
+            await ws.drain_and_stop(0.5)
+
+    loop, results = eventloop.run(go())
+    assert loop == "uvloop"
+    assert [r.where for r in results] == ["edge"] * 3, [r.fallback_reason for r in results]
+    with torch.inference_mode():
+        assert torch.allclose(results[0].output, loaded.full(x))
