@@ -288,3 +288,17 @@ def test_a_local_plan_is_re_costed_at_the_board_and_its_wait_at_the_frame_rate()
     assert line(p, est, probe) == pytest.approx(b.service + b.overhead + wait.seconds)
     if wait.saturated:  # the drop-limited latency
         assert wait.seconds == pytest.approx(b.service - 0.125)
+
+
+def test_the_planner_link_re_costs_a_local_plans_line_at_the_board():
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from runtime.agent.planner_link import PlannerLink
+
+    est = LinkEstimator(clock=lambda: 10.0)
+    link = SimpleNamespace(predictions=OrderedDict(), agent=SimpleNamespace(link=est))
+    PlannerLink._predict(link, ppb.Plan(version=5, split_id="output", predicted_seconds=0.40957))
+    for i in range(8):
+        est.observe(local_frame(i, 0.19))
+    assert PlannerLink.predicted(link, local_frame(50, 0.19)) == pytest.approx(0.19 + 0.005)

@@ -426,9 +426,9 @@ class PlannerLink:
         (0.0: none known, e.g. a plan from the command line)."""
         p = self.predictions.get((result.plan_version, result.split, result.worker))
         agent = getattr(self, "agent", None)  # its link's estimate now (runtime.agent.prediction)
-        if p is None or agent is None or not result.worker:
+        if p is None or agent is None:
             return 0.0 if p is None else p.seconds
-        return prediction_line(p, agent.link, result)  # its own bytes, the link now, the link's queue
+        return prediction_line(p, agent.link, result)  # its own bytes, the link and the board then, their queues
 
     def _remember(self, address: str, worker_id: str) -> None:
         if not (address and worker_id):
