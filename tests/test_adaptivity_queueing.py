@@ -298,7 +298,7 @@ def test_the_planner_link_re_costs_a_local_plans_line_at_the_board():
 
     est = LinkEstimator(clock=lambda: 10.0)
     link = SimpleNamespace(predictions=OrderedDict(), agent=SimpleNamespace(link=est))
-    PlannerLink._predict(link, ppb.Plan(version=5, split_id="output", predicted_seconds=0.40957))
+    PlannerLink._predict(link, ppb.Plan(version=4, split_id="output", predicted_seconds=0.40957))
     for i in range(8):
         est.observe(local_frame(i, 0.19))
     assert PlannerLink.predicted(link, local_frame(50, 0.19)) == pytest.approx(0.19 + 0.005)
