@@ -160,3 +160,30 @@ def test_the_planners_factors_files_are_checked(tmp_path):
     with pytest.raises(InvalidInput, match="at most"):
         F.load_many([a] * (F.MAX_FILES + 1))
     assert PlannerConfig(parallel_tile_factors=(str(a),)).parallel_tile_factors == (str(a),)
+
+
+def test_the_planner_daemon_loads_the_factors_and_refuses_a_bad_file(tmp_path):
+    """edgesplit planner serve --parallel-tile-factors FILE: the re-planner's ParallelPlanner holds them."""
+    import json
+
+    from planner import dpfp_factors as F
+    from planner.config import PlannerConfig
+    from planner.server import serve
+
+    good = tmp_path / "f.json"
+    good.write_text(json.dumps({"format": F.FORMAT, "version": 1, "model": MODEL,
+                                "units": [{"name": "add", "samples": [{"fraction": 0.5, "factor": 1.2}]}]}))
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+
+    async def go():
+        base = dict(listen="127.0.0.1:0", metrics_port=-1)
+        ps = await serve(PlannerConfig(db=str(tmp_path / "a.sqlite"), parallel_tile_factors=(str(good),), **base))
+        try:
+            assert set(ps.service.replanner.parallel.tile_factors) == {MODEL}
+        finally:
+            await ps.drain_and_stop(1.0)
+        with pytest.raises(InvalidInput, match="not readable JSON"):
+            await serve(PlannerConfig(db=str(tmp_path / "b.sqlite"), parallel_tile_factors=(str(bad),), **base))
+
+    asyncio.run(asyncio.wait_for(go(), 60))
