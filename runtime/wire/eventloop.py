@@ -3,7 +3,7 @@
 Measured on the frame path (``edgesplit bench --split 45 --split 10 --codec raw``, both processes on uvloop
 against both on asyncio, alternating, seven pairs of runs in three locked sessions; runtime/measure/results/overhead.md):
 runtime overhead p50 0.1-0.6 ms lower in 13 of 14 comparisons (62 KB 2.47 / 2.62 against 2.96 / 2.84 ms, 803 KB
-4.50 / 4.37 against 4.72 / 4.48 ms in the last two pairs): uvloop's loop pass and wake-ups are C, asyncio's Python.
+4.50 / 4.37 against 4.72 / 4.48 ms in the 19:27 pairs): uvloop's loop pass and wake-ups are C, asyncio's Python.
 
 ``EDGESPLIT_EVENT_LOOP=asyncio`` keeps asyncio's loop (to compare, or where uvloop misbehaves).
 """
