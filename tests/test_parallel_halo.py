@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator, region_msg
-from runtime.contracts.errors import InvalidInput, NotFound, TooLarge
+from runtime.contracts.errors import InvalidInput, NotFound, PermissionDenied, TooLarge
 from runtime.daemon.auth import AuthInterceptor, Identity, Refused
 from runtime.models.loader import load_model
 from runtime.parallel.plan import ParallelStage, TiledBlock
@@ -21,8 +21,9 @@ from runtime.parallel.receptive import Region
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
 from runtime.wire.security import SecurityOptions
+from runtime.wire.transport import TransportOptions
 from runtime.worker.server import AUTH_POLICY
-from runtime.worker.tile_store import TileStore, check_parts, key_of
+from runtime.worker.tile_store import Peers, TileStore, check_parts, key_of
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(240)]
 
@@ -137,7 +138,7 @@ async def _frames(loaded, stage, image, n=1, on_block=None, in_flight=1):
 
 
 def test_halo_exchange_between_workers_equals_the_unsplit_model(start_worker, loaded, image, reference):
-    workers = [start_worker("--torch-threads", "1") for _ in range(2)]
+    workers = [start_worker("--torch-threads", "1", "--halo-peer", "127.0.0.1") for _ in range(2)]
     addresses = [f"127.0.0.1:{port}" for _, port in workers]
     frames, fallbacks, _ = asyncio.run(asyncio.wait_for(_frames(loaded, _stage(addresses), image, n=2, in_flight=3), 180))
     assert fallbacks == 0 and len(frames) == 5
@@ -154,7 +155,7 @@ def test_halo_exchange_between_workers_equals_the_unsplit_model(start_worker, lo
 
 
 def test_worker_killed_mid_frame_falls_back_to_gather_and_loses_nothing(start_worker, loaded, image, reference):
-    (victim, vport), (_, sport) = (start_worker("--torch-threads", "1") for _ in range(2))
+    (victim, vport), (_, sport) = (start_worker("--torch-threads", "1", "--halo-peer", "127.0.0.1") for _ in range(2))
     victim_addr, survivor = f"127.0.0.1:{vport}", f"127.0.0.1:{sport}"
 
     def kill_after_first_block(i, reports):
@@ -169,6 +170,29 @@ def test_worker_killed_mid_frame_falls_back_to_gather_and_loses_nothing(start_wo
     for y, reports in frames:
         assert _close(y, reference)
         assert all(r.ran_on != victim_addr for r in reports)  # the gather-and-scatter run moved its tiles
+
+
+def test_a_worker_dials_only_its_halo_peers_and_the_frame_falls_back(start_worker, loaded, image, reference):
+    """The crop parts' addresses come from the agent: a worker started without --halo-peer (the default)
+    refuses to dial them (its credentials would go to an address of the agent's choosing), PERMISSION_DENIED,
+    and the coordinator runs the stage with gather and scatter instead: the frame is right and not lost."""
+    workers = [start_worker("--torch-threads", "1") for _ in range(2)]
+    addresses = [f"127.0.0.1:{port}" for _, port in workers]
+    frames, fallbacks, registry = asyncio.run(asyncio.wait_for(_frames(loaded, _stage(addresses), image), 180))
+    assert fallbacks == 1 and registry.get_sample_value("edgesplit_agent_halo_fallbacks_total") == 1
+    y, reports = frames[0]
+    assert _close(y, reference) and all(r.received_bytes > 0 for r in reports)  # every block gathered
+
+
+def test_halo_peers_match_an_exact_address_or_a_whole_host():
+    peers = Peers(TransportOptions(), ("10.0.0.5:50051", "127.0.0.1"))
+    peers.check("10.0.0.5:50051")
+    peers.check("127.0.0.1:4242")
+    for bad in ("10.0.0.5:50052", "10.0.0.6:50051", "evil.example:443", "127.0.0.10:1"):
+        with pytest.raises(PermissionDenied, match="halo-peer"):
+            peers.check(bad)
+    with pytest.raises(PermissionDenied, match="halo exchange is off"):
+        Peers(TransportOptions()).check("127.0.0.1:1")
 
 
 def test_the_plan_carries_halo_input_and_refuses_it_on_the_first_block():

@@ -21,7 +21,7 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 # repeatable flags whose field names are plural
-FLAG_NAMES = {"models": "model", "tls": "tl", "next_tiers": "next_tier", "next_hops": "next_hop"}
+FLAG_NAMES = {"models": "model", "tls": "tl", "next_tiers": "next_tier", "next_hops": "next_hop", "halo_peers": "halo_peer"}
 
 
 def components() -> dict[str, tuple[type, str]]:

@@ -43,6 +43,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     planner_refresh_seconds: float = field(30.0, "register again this often (a restarted planner learns the worker back)")
     # worker chaining: run a middle slice of a frame and forward its output to a next-tier worker
     next_tiers: tuple[str, ...] = field((), "workers this one may forward chained frames to, HOST:PORT matched exactly (the first when a frame names none); others are refused PERMISSION_DENIED")
+    halo_peers: tuple[str, ...] = field((), "workers this one may fetch halo parts from (DPFP halo exchange, Tiles.FetchRegion), as HOST:PORT matched exactly or HOST for any port of that host; a tile request naming another is refused PERMISSION_DENIED and its coordinator falls back to gather and scatter. Empty (the default): no halo fetches, so an agent cannot make this worker dial an address of its choosing with the worker's credentials")
     forward_codec: str = field("raw+lz4", "codec of tensors forwarded to a next tier when the frame's hop names none")
     forward_deadline_seconds: float = field(2.0, "a forwarded frame with no next-tier result after this long is answered DEADLINE_EXCEEDED")
     forward_connect_timeout_seconds: float = field(1.0, "how long to wait for a next tier when opening the stream to it")
@@ -57,6 +58,8 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
                 raise InvalidInput(f"{name} must be > 0, got {getattr(self, name)!r}")
         if any(not t.strip() for t in self.next_tiers):
             raise InvalidInput("next_tiers holds an empty address; give each as HOST:PORT")
+        if any(not t.strip() for t in self.halo_peers):
+            raise InvalidInput("halo_peers holds an empty address; give each as HOST:PORT or HOST")
 
     def transport(self) -> TransportOptions:
         return TransportOptions(max_message_bytes=self.max_message_bytes, security=self.security())

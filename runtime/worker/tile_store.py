@@ -27,6 +27,7 @@ from runtime.contracts.errors import (
     EdgesplitError,
     InvalidInput,
     NotFound,
+    PermissionDenied,
     PreconditionFailed,
     TooLarge,
     from_rpc_error,
@@ -160,12 +161,28 @@ def assemble(crop: Region, pieces: Sequence[tuple[Region, torch.Tensor]]) -> tor
     return x
 
 
-class Peers:
-    """Channels to neighbour workers (this worker's own credentials), at most MAX_PEERS, and the fetch."""
+def host_of(address: str) -> str:
+    """HOST of HOST:PORT ("[::1]" of "[::1]:50051")."""
+    return address.rsplit(":", 1)[0]
 
-    def __init__(self, transport: TransportOptions):
+
+class Peers:
+    """Channels to neighbour workers (this worker's own credentials), at most MAX_PEERS, and the fetch.
+
+    Only addresses in ``allowed`` (the worker's ``halo_peers``: HOST:PORT exactly, or HOST for any of its
+    ports) are dialled: the addresses come from the agent's tile request, and the worker presents its own
+    credentials (token or certificate) to whatever it dials."""
+
+    def __init__(self, transport: TransportOptions, allowed: Sequence[str] = ()):
         self.transport = transport
+        self.allowed = frozenset(a.strip() for a in allowed)
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+
+    def check(self, address: str) -> None:
+        """PermissionDenied unless ``address`` is one of the allowed halo peers."""
+        if address not in self.allowed and host_of(address) not in self.allowed:
+            raise PermissionDenied(f"halo part from {address[:MAX_ADDRESS]!r}: not among this worker's --halo-peer "
+                                   f"addresses ({', '.join(sorted(self.allowed)) or 'none: halo exchange is off'})")
 
     def stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
         ch = self._channels.pop(address, None)

@@ -110,7 +110,8 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         self.inference = inference
         self.segments = TileSegments()
         self.store = store or TileStore()  # kept tiles for the halo exchange (bounded; runtime.worker.tile_store)
-        self.peers = Peers(inference.config.transport())  # channels to neighbours, this worker's credentials
+        # channels to neighbours, this worker's credentials, only to its --halo-peer addresses
+        self.peers = Peers(inference.config.transport(), inference.config.halo_peers)
         r = inference.metrics.registry
         self.tiles = Counter("edgesplit_worker_tiles", "Tiles of fused blocks computed (spatial parallelism)",
                              ["model"], registry=r)
@@ -145,6 +146,9 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         c_in, c_out = int(a.out_shape[1]), int(b.out_shape[1])
         want = [1, c_in, *regions.input.shape]
         parts = check_parts(req.parts, regions.input) if req.parts else []
+        for address, _, _ in parts:
+            if address:  # this worker's own parts need no peer
+                self.peers.check(address)
         if not parts and (list(req.crop.shape) != want or req.crop.dtype != "float32"):
             raise InvalidInput(f"crop is {list(req.crop.shape)} {req.crop.dtype}; this tile needs {want} float32")
         max_bytes = self.inference.config.max_tensor_bytes
