@@ -347,9 +347,8 @@ def test_fallback_entries_are_lean_but_keep_what_the_agent_switches_to():
     kept = pb.Plan()
     kept.CopyFrom(entry)
     lean(entry)
-    assert not (entry.agent_id or entry.model_id or entry.reason or entry.created_unix or entry.predicted_fps
-                or entry.predicted_bytes)
-    for name in ("predicted_seconds", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address",
+    assert not (entry.agent_id or entry.model_id or entry.reason or entry.created_unix or entry.predicted_fps)
+    for name in ("predicted_seconds", "predicted_bytes", "split_id", "split_index", "codec", "tl_id", "worker_id", "worker_address",
                  "end_split", "end_split_index", "breakdown_seconds", "next_hops"):
         assert getattr(entry, name) == getattr(kept, name), name
     assert len(entry.SerializeToString()) < len(kept.SerializeToString())
