@@ -338,10 +338,8 @@ async def run(args, tmp: Path, quotas) -> dict:
     workers, relays = [], []
     try:
         for i in range(max(counts)):
-            # --halo-peer: the workers (and their relays) are all on loopback; halo fetches go only there
-            w = spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--max-queue", "64",
-                              "--halo-peer", "127.0.0.1", "--preload", args.model], timeout=300,
-                             log=tmp / f"worker{i}.log")
+            w = spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--max-queue", "64",  # peers on loopback
+                              "--halo-peer", "127.0.0.1", "--preload", args.model], timeout=300, log=tmp / f"worker{i}.log")
             workers.append(w)
             quotas.new(args.share).add(w.proc.pid)
             if args.relays == "none":
