@@ -26,7 +26,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as edgesplit_dot_v1_dot_inf
 from runtime.proto.edgesplit.v1 import tensor_pb2 as edgesplit_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gesplit/v1/tiles.proto\x12\x0c\x65\x64gesplit.v1\x1a\x1c\x65\x64gesplit/v1/inference.proto\x1a\x19\x65\x64gesplit/v1/tensor.proto\"V\n\nTileRegion\x12\x11\n\trow_start\x18\x01 \x01(\r\x12\x10\n\x08row_stop\x18\x02 \x01(\r\x12\x11\n\tcol_start\x18\x03 \x01(\r\x12\x10\n\x08\x63ol_stop\x18\x04 \x01(\r\"\xac\x02\n\x0bTileRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12(\n\x06output\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\'\n\x05input\x18\x05 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04\x63rop\x18\x06 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\x14\n\x0coutput_codec\x18\x07 \x01(\t\x12\x13\n\x0bkeep_output\x18\x08 \x01(\x08\x12%\n\x05parts\x18\t \x03(\x0b\x32\x16.edgesplit.v1.CropPart\"m\n\x08\x43ropPart\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12&\n\x04tile\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12(\n\x06region\x18\x03 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\"\x91\x01\n\x12\x46\x65tchRegionRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12&\n\x04tile\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12(\n\x06region\x18\x03 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\"7\n\x11\x46\x65tchRegionResult\x12\"\n\x04part\x18\x01 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\"\xae\x01\n\nTileResult\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04tile\x18\x03 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\'\n\x05times\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\"\x89\x01\n\rParallelBlock\x12\x13\n\x0bstart_split\x18\x01 \x01(\t\x12\x11\n\tend_split\x18\x02 \x01(\t\x12\x0e\n\x06shares\x18\x03 \x03(\x01\x12\x19\n\x11predicted_seconds\x18\x04 \x01(\x01\x12\x11\n\tgrid_cols\x18\x05 \x01(\r\x12\x12\n\nhalo_input\x18\x06 \x01(\x08\"y\n\rParallelStage\x12\x12\n\nworker_ids\x18\x01 \x03(\t\x12\x18\n\x10worker_addresses\x18\x02 \x03(\t\x12+\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1b.edgesplit.v1.ParallelBlock\x12\r\n\x05\x63odec\x18\x04 \x01(\t2\x9b\x01\n\x05Tiles\x12@\n\tInferTile\x12\x19.edgesplit.v1.TileRequest\x1a\x18.edgesplit.v1.TileResult\x12P\n\x0b\x46\x65tchRegion\x12 .edgesplit.v1.FetchRegionRequest\x1a\x1f.edgesplit.v1.FetchRegionResultb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x65\x64gesplit/v1/tiles.proto\x12\x0c\x65\x64gesplit.v1\x1a\x1c\x65\x64gesplit/v1/inference.proto\x1a\x19\x65\x64gesplit/v1/tensor.proto\"V\n\nTileRegion\x12\x11\n\trow_start\x18\x01 \x01(\r\x12\x10\n\x08row_stop\x18\x02 \x01(\r\x12\x11\n\tcol_start\x18\x03 \x01(\r\x12\x10\n\x08\x63ol_stop\x18\x04 \x01(\r\"\xc0\x02\n\x0bTileRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12\x14\n\x0cinput_height\x18\x02 \x01(\r\x12\x13\n\x0binput_width\x18\x03 \x01(\r\x12(\n\x06output\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\'\n\x05input\x18\x05 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04\x63rop\x18\x06 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\x14\n\x0coutput_codec\x18\x07 \x01(\t\x12\x13\n\x0bkeep_output\x18\x08 \x01(\x08\x12%\n\x05parts\x18\t \x03(\x0b\x32\x16.edgesplit.v1.CropPart\x12\x12\n\nhalo_token\x18\n \x01(\x0c\"m\n\x08\x43ropPart\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12&\n\x04tile\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12(\n\x06region\x18\x03 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\"\xa5\x01\n\x12\x46\x65tchRegionRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12&\n\x04tile\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12(\n\x06region\x18\x03 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\x12\n\nhalo_token\x18\x04 \x01(\x0c\"7\n\x11\x46\x65tchRegionResult\x12\"\n\x04part\x18\x01 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\"\xae\x01\n\nTileResult\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12(\n\x06output\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.TileRegion\x12\"\n\x04tile\x18\x03 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\'\n\x05times\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\"\x89\x01\n\rParallelBlock\x12\x13\n\x0bstart_split\x18\x01 \x01(\t\x12\x11\n\tend_split\x18\x02 \x01(\t\x12\x0e\n\x06shares\x18\x03 \x03(\x01\x12\x19\n\x11predicted_seconds\x18\x04 \x01(\x01\x12\x11\n\tgrid_cols\x18\x05 \x01(\r\x12\x12\n\nhalo_input\x18\x06 \x01(\x08\"y\n\rParallelStage\x12\x12\n\nworker_ids\x18\x01 \x03(\t\x12\x18\n\x10worker_addresses\x18\x02 \x03(\t\x12+\n\x06\x62locks\x18\x03 \x03(\x0b\x32\x1b.edgesplit.v1.ParallelBlock\x12\r\n\x05\x63odec\x18\x04 \x01(\t2\x9b\x01\n\x05Tiles\x12@\n\tInferTile\x12\x19.edgesplit.v1.TileRequest\x1a\x18.edgesplit.v1.TileResult\x12P\n\x0b\x46\x65tchRegion\x12 .edgesplit.v1.FetchRegionRequest\x1a\x1f.edgesplit.v1.FetchRegionResultb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,19 +36,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TILEREGION']._serialized_start=99
   _globals['_TILEREGION']._serialized_end=185
   _globals['_TILEREQUEST']._serialized_start=188
-  _globals['_TILEREQUEST']._serialized_end=488
-  _globals['_CROPPART']._serialized_start=490
-  _globals['_CROPPART']._serialized_end=599
-  _globals['_FETCHREGIONREQUEST']._serialized_start=602
-  _globals['_FETCHREGIONREQUEST']._serialized_end=747
-  _globals['_FETCHREGIONRESULT']._serialized_start=749
-  _globals['_FETCHREGIONRESULT']._serialized_end=804
-  _globals['_TILERESULT']._serialized_start=807
-  _globals['_TILERESULT']._serialized_end=981
-  _globals['_PARALLELBLOCK']._serialized_start=984
-  _globals['_PARALLELBLOCK']._serialized_end=1121
-  _globals['_PARALLELSTAGE']._serialized_start=1123
-  _globals['_PARALLELSTAGE']._serialized_end=1244
-  _globals['_TILES']._serialized_start=1247
-  _globals['_TILES']._serialized_end=1402
+  _globals['_TILEREQUEST']._serialized_end=508
+  _globals['_CROPPART']._serialized_start=510
+  _globals['_CROPPART']._serialized_end=619
+  _globals['_FETCHREGIONREQUEST']._serialized_start=622
+  _globals['_FETCHREGIONREQUEST']._serialized_end=787
+  _globals['_FETCHREGIONRESULT']._serialized_start=789
+  _globals['_FETCHREGIONRESULT']._serialized_end=844
+  _globals['_TILERESULT']._serialized_start=847
+  _globals['_TILERESULT']._serialized_end=1021
+  _globals['_PARALLELBLOCK']._serialized_start=1024
+  _globals['_PARALLELBLOCK']._serialized_end=1161
+  _globals['_PARALLELSTAGE']._serialized_start=1163
+  _globals['_PARALLELSTAGE']._serialized_end=1284
+  _globals['_TILES']._serialized_start=1287
+  _globals['_TILES']._serialized_end=1442
 # @@protoc_insertion_point(module_scope)

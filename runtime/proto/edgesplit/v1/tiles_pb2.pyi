@@ -21,7 +21,7 @@ class TileRegion(_message.Message):
     def __init__(self, row_start: _Optional[int] = ..., row_stop: _Optional[int] = ..., col_start: _Optional[int] = ..., col_stop: _Optional[int] = ...) -> None: ...
 
 class TileRequest(_message.Message):
-    __slots__ = ("header", "input_height", "input_width", "output", "input", "crop", "output_codec", "keep_output", "parts")
+    __slots__ = ("header", "input_height", "input_width", "output", "input", "crop", "output_codec", "keep_output", "parts", "halo_token")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     INPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
@@ -31,6 +31,7 @@ class TileRequest(_message.Message):
     OUTPUT_CODEC_FIELD_NUMBER: _ClassVar[int]
     KEEP_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     PARTS_FIELD_NUMBER: _ClassVar[int]
+    HALO_TOKEN_FIELD_NUMBER: _ClassVar[int]
     header: _inference_pb2.FrameHeader
     input_height: int
     input_width: int
@@ -40,7 +41,8 @@ class TileRequest(_message.Message):
     output_codec: str
     keep_output: bool
     parts: _containers.RepeatedCompositeFieldContainer[CropPart]
-    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., input: _Optional[_Union[TileRegion, _Mapping]] = ..., crop: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_codec: _Optional[str] = ..., keep_output: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[CropPart, _Mapping]]] = ...) -> None: ...
+    halo_token: bytes
+    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., input_height: _Optional[int] = ..., input_width: _Optional[int] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., input: _Optional[_Union[TileRegion, _Mapping]] = ..., crop: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., output_codec: _Optional[str] = ..., keep_output: _Optional[bool] = ..., parts: _Optional[_Iterable[_Union[CropPart, _Mapping]]] = ..., halo_token: _Optional[bytes] = ...) -> None: ...
 
 class CropPart(_message.Message):
     __slots__ = ("address", "tile", "region")
@@ -53,14 +55,16 @@ class CropPart(_message.Message):
     def __init__(self, address: _Optional[str] = ..., tile: _Optional[_Union[TileRegion, _Mapping]] = ..., region: _Optional[_Union[TileRegion, _Mapping]] = ...) -> None: ...
 
 class FetchRegionRequest(_message.Message):
-    __slots__ = ("header", "tile", "region")
+    __slots__ = ("header", "tile", "region", "halo_token")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TILE_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    HALO_TOKEN_FIELD_NUMBER: _ClassVar[int]
     header: _inference_pb2.FrameHeader
     tile: TileRegion
     region: TileRegion
-    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., tile: _Optional[_Union[TileRegion, _Mapping]] = ..., region: _Optional[_Union[TileRegion, _Mapping]] = ...) -> None: ...
+    halo_token: bytes
+    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., tile: _Optional[_Union[TileRegion, _Mapping]] = ..., region: _Optional[_Union[TileRegion, _Mapping]] = ..., halo_token: _Optional[bytes] = ...) -> None: ...
 
 class FetchRegionResult(_message.Message):
     __slots__ = ("part",)

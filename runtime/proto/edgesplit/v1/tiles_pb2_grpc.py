@@ -59,7 +59,8 @@ class TilesServicer:
 
     def FetchRegion(self, request, context):
         """A region of a tile kept by InferTile (keep_output), for a neighbour assembling its crop (halo
-        exchange; worker role only). NOT_FOUND when the tile is not (or no longer) stored.
+        exchange; worker role only). NOT_FOUND when the tile is not (or no longer) stored, or was stored
+        with another halo_token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
