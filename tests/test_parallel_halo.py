@@ -37,24 +37,27 @@ def _key(seq: int, region=(0, 2, 0, 2)) -> tuple:
     return key_of(pb.FrameHeader(agent_id="a", seq=seq, model_id="m"), "s", Region.of(*region))
 
 
+TOKEN = bytes(range(16))  # a frame's halo_token
+
+
 def test_the_tile_store_is_bounded_by_bytes_count_and_age():
     now = [0.0]
     store = TileStore(max_bytes=3 * 64, max_tiles=2, ttl_seconds=5.0, clock=lambda: now[0])
     t = torch.zeros(1, 4, 2, 2)  # 64 bytes
-    store.put(_key(1), t)
-    store.put(_key(2), t)
-    store.put(_key(3), t)  # a third: the oldest goes (count)
-    assert store.get(_key(1)) is None and store.get(_key(3)) is not None and len(store) == 2 and store.evicted == 1
-    store.put(_key(4), torch.zeros(1, 8, 2, 2))  # 128 bytes: room for it alone with one of 64
-    assert store.bytes <= 3 * 64 and store.get(_key(4)) is not None
+    store.put(_key(1), t, TOKEN)
+    store.put(_key(2), t, TOKEN)
+    store.put(_key(3), t, TOKEN)  # a third: the oldest goes (count)
+    assert store.get(_key(1), TOKEN) is None and store.get(_key(3), TOKEN) is not None and len(store) == 2 and store.evicted == 1
+    store.put(_key(4), torch.zeros(1, 8, 2, 2), TOKEN)  # 128 bytes: room for it alone with one of 64
+    assert store.bytes <= 3 * 64 and store.get(_key(4), TOKEN) is not None
     now[0] = 5.0  # past the TTL
-    assert store.get(_key(4)) is None and len(store) == 0 and store.bytes == 0
+    assert store.get(_key(4), TOKEN) is None and len(store) == 0 and store.bytes == 0
     with pytest.raises(TooLarge, match="tile store"):
-        store.put(_key(5), torch.zeros(1, 16, 2, 2))
-    store.put(_key(6, (10, 14, 20, 22)), torch.arange(8.0).reshape(1, 1, 4, 2))
-    assert store.region(_key(6, (10, 14, 20, 22)), Region.of(12, 14, 21, 22)).flatten().tolist() == [5.0, 7.0]
+        store.put(_key(5), torch.zeros(1, 16, 2, 2), TOKEN)
+    store.put(_key(6, (10, 14, 20, 22)), torch.arange(8.0).reshape(1, 1, 4, 2), TOKEN)
+    assert store.region(_key(6, (10, 14, 20, 22)), Region.of(12, 14, 21, 22), TOKEN).flatten().tolist() == [5.0, 7.0]
     with pytest.raises(NotFound, match="not kept here"):
-        store.region(_key(7), Region.of(0, 1, 0, 1))
+        store.region(_key(7), Region.of(0, 1, 0, 1), TOKEN)
     with pytest.raises(InvalidInput):
         TileStore(max_bytes=0)
 
@@ -90,12 +93,14 @@ def test_fetch_region_is_for_workers_only():
     ((0, 2, 0, 2), grpc.StatusCode.NOT_FOUND, "not kept here"),
     ((0, 9, 0, 2), grpc.StatusCode.INVALID_ARGUMENT, "not inside the stored tile"),
     ((3, 3, 0, 2), grpc.StatusCode.INVALID_ARGUMENT, "is empty"),
+    (None, grpc.StatusCode.INVALID_ARGUMENT, "16-byte token"),  # no halo_token
 ])
 def test_fetch_region_refuses_what_is_not_kept_or_outside(worker, region, code, phrase):
     _, port = worker
     req = tiles_pb2.FetchRegionRequest(header=pb.FrameHeader(agent_id="a", seq=1, model_id=MODEL, split_id="add_2"),
                                        tile=region_msg(Region.of(0, 4, 0, 4)), region=tiles_pb2.TileRegion(
-                                           row_start=region[0], row_stop=region[1], col_start=region[2], col_stop=region[3]))
+                                           row_start=region[0], row_stop=region[1], col_start=region[2], col_stop=region[3])
+                                       if region else region_msg(Region.of(0, 2, 0, 2)), halo_token=TOKEN if region else b"")
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch, pytest.raises(grpc.RpcError) as e:
         tiles_pb2_grpc.TilesStub(ch).FetchRegion(req, timeout=30)
     assert e.value.code() == code and phrase in e.value.details()

@@ -26,6 +26,7 @@ import asyncio
 import functools
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -242,10 +243,10 @@ class ParallelCoordinator:
                               model_digest=self.loaded.digest if self.options.model_digest else "")
 
     def _request(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None, seq: int,
-                 keep: bool = False, parts: list | None = None) -> tiles_pb2.TileRequest:
+                 keep: bool = False, parts: list | None = None, token: bytes = b"") -> tiles_pb2.TileRequest:
         msg = tiles_pb2.TileRequest(header=self._header(i, seq), input_height=in_hw[0], input_width=in_hw[1],
                                     output=region_msg(reg.output), input=region_msg(reg.input),
-                                    output_codec=self.codec_name, keep_output=keep)
+                                    output_codec=self.codec_name, keep_output=keep, halo_token=token)
         if crop is not None:
             msg.crop.CopyFrom(self.codec.encode(crop))
         for address, tile, want in parts or ():
@@ -339,7 +340,8 @@ class ParallelCoordinator:
         self._seq += 1
         if any(self.halo_input(i) for i in range(len(self.segments))):
             try:  # the frame's seq is taken once: frames in flight must not read each other's kept tiles
-                return await self._run(x, on_block, halo=True, seq=self._seq)
+                # and its kept tiles are readable only with this frame's random capability (halo_token)
+                return await self._run(x, on_block, halo=True, seq=self._seq, token=secrets.token_bytes(16))
             except (HaloFailed, EdgesplitError, RuntimeError) as e:  # never lose the frame: gather and scatter
                 self.halo_fallbacks += 1
                 self.last_fallback = str(e)
@@ -353,7 +355,7 @@ class ParallelCoordinator:
         return self.options.halo and 0 < i < len(self.segments) and self.stage.blocks[i].halo
 
     async def _run(self, x: torch.Tensor, on_block: Callable[[int, list[TileReport]], None] | None,
-                   halo: bool, seq: int) -> tuple[torch.Tensor, list[TileReport]]:
+                   halo: bool, seq: int, token: bytes = b"") -> tuple[torch.Tensor, list[TileReport]]:
         healthy = list(self.stage.workers)
         reports: list[TileReport] = []
         src: TileMap | StoredMap = TileMap.ready(x)
@@ -369,7 +371,7 @@ class ParallelCoordinator:
                 block_reports = [TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
                                             cols=(reg.output.cols.start, reg.output.cols.stop), seq=seq)
                                  for (worker, _), reg in zip(planned, regions, strict=True)]
-                jobs = [asyncio.ensure_future(self._map_tile(i, in_hw, reg, rep, healthy, src, dst, k))
+                jobs = [asyncio.ensure_future(self._map_tile(i, in_hw, reg, rep, healthy, src, dst, k, token))
                         for k, (reg, rep) in enumerate(zip(regions, block_reports, strict=True))]
                 tasks.extend(jobs)
                 done = asyncio.gather(*jobs)
@@ -385,17 +387,17 @@ class ParallelCoordinator:
         return src.full(), reports
 
     async def _map_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, report: TileReport, healthy: list[str],
-                        src: TileMap | StoredMap, dst: TileMap | StoredMap, k: int) -> None:
+                        src: TileMap | StoredMap, dst: TileMap | StoredMap, k: int, token: bytes) -> None:
         try:
             keep = isinstance(dst, StoredMap)
             if isinstance(src, StoredMap):  # halo exchange: the worker assembles its crop from stored tiles
                 parts = await src.parts(reg.input)
                 report.ready_at = time.perf_counter()
-                tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep)
+                tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep, token)
             else:
                 crop = await src.crop(reg.input)
                 report.ready_at = time.perf_counter()
-                tile = (await self._halo_tile(i, in_hw, reg, crop, None, report, keep) if keep
+                tile = (await self._halo_tile(i, in_hw, reg, crop, None, report, keep, token) if keep
                         else await self._tile(i, in_hw, reg, crop, report, healthy))
             if isinstance(dst, StoredMap):
                 dst.put_at(k, report.ran_on)
@@ -408,13 +410,14 @@ class ParallelCoordinator:
             raise
 
     async def _halo_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None,
-                         parts: list[tuple[str, Region, Region]] | None, report: TileReport, keep: bool) -> torch.Tensor | None:
+                         parts: list[tuple[str, Region, Region]] | None, report: TileReport, keep: bool,
+                         token: bytes) -> torch.Tensor | None:
         """A tile of a halo exchange (its output kept, or its crop made of stored parts): one attempt on its
         planned worker; any failure raises HaloFailed (the frame's stage then runs with gather and scatter)."""
         address = report.planned
         own = [("" if holder == address else holder, tile, want) for holder, tile, want in parts or ()]
         try:
-            msg = self._request(i, in_hw, reg, crop, report.seq, keep, own)
+            msg = self._request(i, in_hw, reg, crop, report.seq, keep, own, token)
             tile = await self._remote(address, msg, report)
         except (EdgesplitError, asyncio.TimeoutError) as e:
             code = e.code.name if isinstance(e, EdgesplitError) else "DEADLINE_EXCEEDED"

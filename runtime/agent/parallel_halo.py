@@ -4,7 +4,8 @@ Between two fused blocks whose second takes its input by halo exchange (``TiledB
 coordinator does not gather the map: each worker keeps its output tile (``keep_output``) and the
 next block's request names, instead of a crop, the parts of the stored tiles its crop covers and
 the workers holding them (``TileRequest.parts``); the worker fetches the border rows/columns from
-its neighbours itself (``Tiles.FetchRegion``, :mod:`runtime.worker.tile_store`).
+its neighbours itself (``Tiles.FetchRegion``, :mod:`runtime.worker.tile_store`). Every such request
+carries the frame's random ``halo_token`` (drawn per frame's stage): the workers read kept tiles only with it.
 
 :class:`StoredMap` stands for such a map: it knows which worker holds each tile and when it is in.
 A halo tile has one attempt on its planned worker; any failure raises :class:`HaloFailed`, and the

@@ -11,11 +11,17 @@ its :class:`TileStore` and fetches the border rows/columns it lacks from its nei
 :data:`DEFAULT_MAX_BYTES`), ``max_tiles`` (:data:`DEFAULT_MAX_TILES`) and a time to live
 (:data:`DEFAULT_TTL_SECONDS`); a tile evicted or expired is answered NOT_FOUND and the coordinator
 falls back to gathering the map itself. Everything runs on the event loop: no locks.
+
+Every kept tile is stored with its frame's capability, ``halo_token`` (:data:`TOKEN_BYTES` random
+bytes the coordinator draws per frame's parallel stage): the key alone (agent id, seq, model, split,
+region) is guessable, so a read (own part or ``FetchRegion``) with another token is answered exactly
+as a tile not kept (NOT_FOUND), compared in constant time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -52,6 +58,8 @@ MAX_PEERS = 64
 """Channels to neighbour workers kept open (the least recently used is closed beyond this)."""
 FETCH_TIMEOUT_SECONDS = 10.0
 """A FetchRegion call's deadline when the incoming request has none shorter."""
+TOKEN_BYTES = 16
+"""Length of a frame's halo_token (128 random bits: secrets.token_bytes)."""
 
 Key = tuple[str, int, str, str, tuple[int, int, int, int]]  # agent id, seq, model, split, tile region
 
@@ -68,7 +76,7 @@ class TileStore:
         if not (max_bytes > 0 and max_tiles > 0 and ttl_seconds > 0):
             raise InvalidInput(f"tile store limits must be > 0, got {max_bytes} bytes, {max_tiles} tiles, {ttl_seconds} s")
         self.max_bytes, self.max_tiles, self.ttl_seconds, self.clock = max_bytes, max_tiles, ttl_seconds, clock
-        self._tiles: OrderedDict[Key, tuple[torch.Tensor, float]] = OrderedDict()  # oldest first
+        self._tiles: OrderedDict[Key, tuple[torch.Tensor, float, bytes]] = OrderedDict()  # oldest first; token
         self.bytes = 0
         self.evicted = 0  # dropped for room or age before anyone asked (a fallback's likely cause)
 
@@ -76,7 +84,7 @@ class TileStore:
         return len(self._tiles)
 
     def _drop_oldest(self) -> None:
-        _, (t, _) = self._tiles.popitem(last=False)
+        _, (t, _, _) = self._tiles.popitem(last=False)
         self.bytes -= t.numel() * t.element_size()
         self.evicted += 1
 
@@ -85,7 +93,9 @@ class TileStore:
         while self._tiles and next(iter(self._tiles.values()))[1] <= now:
             self._drop_oldest()
 
-    def put(self, key: Key, tile: torch.Tensor) -> None:
+    def put(self, key: Key, tile: torch.Tensor, token: bytes) -> None:
+        """Keep ``tile`` under ``key``, readable only with ``token`` (the frame's halo_token)."""
+        check_token(token)
         size = tile.numel() * tile.element_size()
         if size > self.max_bytes:
             raise TooLarge(f"a kept tile of {size} bytes exceeds this worker's tile store ({self.max_bytes} bytes); "
@@ -96,22 +106,33 @@ class TileStore:
             self.bytes -= old[0].numel() * old[0].element_size()
         while self._tiles and (self.bytes + size > self.max_bytes or len(self._tiles) >= self.max_tiles):
             self._drop_oldest()
-        self._tiles[key] = (tile, self.clock() + self.ttl_seconds)
+        self._tiles[key] = (tile, self.clock() + self.ttl_seconds, bytes(token))
         self.bytes += size
 
-    def get(self, key: Key) -> torch.Tensor | None:
+    def get(self, key: Key, token: bytes) -> torch.Tensor | None:
+        """The tile kept under ``key`` with ``token``; None when not kept or kept with another token."""
         self._expire()
         item = self._tiles.get(key)
-        return None if item is None else item[0]
+        if item is None or not hmac.compare_digest(item[2], bytes(token)):
+            return None
+        return item[0]
 
-    def region(self, key: Key, want: Region) -> torch.Tensor:
-        """The part ``want`` (map coordinates) of the kept tile ``key``; NotFound when not kept."""
-        t = self.get(key)
+    def region(self, key: Key, want: Region, token: bytes) -> torch.Tensor:
+        """The part ``want`` (map coordinates) of the kept tile ``key``; NotFound when not kept (or another token)."""
+        t = self.get(key, token)
         if t is None:
             raise NotFound(f"tile {key[4]} of {key[2]}@{key[3]} (agent {key[0]!r}, seq {key[1]}) is not kept here "
                            "(never stored, evicted or expired)")
         r0, _, c0, _ = key[4]
         return t[..., want.rows.start - r0: want.rows.stop - r0, want.cols.start - c0: want.cols.stop - c0]
+
+
+def check_token(token: bytes) -> None:
+    """InvalidInput unless ``token`` is a halo_token of exactly TOKEN_BYTES bytes."""
+    if len(token) != TOKEN_BYTES:
+        raise InvalidInput(f"halo_token is {len(token)} bytes; a request that keeps its output or names crop parts "
+                           f"carries its frame's {TOKEN_BYTES}-byte token (secrets.token_bytes({TOKEN_BYTES}), one "
+                           "per frame's parallel stage, the same in every request of that frame)")
 
 
 def region_of(msg: tiles_pb2.TileRegion) -> Region:
@@ -194,10 +215,10 @@ class Peers:
             asyncio.get_running_loop().create_task(old.close())
         return tiles_pb2_grpc.TilesStub(ch)
 
-    async def fetch(self, address: str, header: pb.FrameHeader, tile: Region, want: Region, channels: int,
-                    timeout: float, max_bytes: int) -> torch.Tensor:
+    async def fetch(self, address: str, header: pb.FrameHeader, token: bytes, tile: Region, want: Region,
+                    channels: int, timeout: float, max_bytes: int) -> torch.Tensor:
         """``want`` of the tile ``tile`` kept by ``address``; PreconditionFailed when it cannot be had."""
-        req = tiles_pb2.FetchRegionRequest(header=header, tile=_msg(tile), region=_msg(want))
+        req = tiles_pb2.FetchRegionRequest(header=header, tile=_msg(tile), region=_msg(want), halo_token=token)
         try:
             res = await self.stub(address).FetchRegion(req, timeout=timeout)
         except grpc.RpcError as e:
@@ -226,10 +247,11 @@ def fetch_answer(store: TileStore, req: tiles_pb2.FetchRegionRequest, max_bytes:
     h = req.header
     if not (h.agent_id and h.model_id and h.split_id):
         raise InvalidInput("a FetchRegion header needs agent_id, model_id and split_id (the split of the stored map)")
+    check_token(req.halo_token)
     tile, want = region_of(req.tile), region_of(req.region)
     if not _inside(want, tile):
         raise InvalidInput(f"region {want} is not inside the stored tile {tile}")
-    part = store.region(key_of(h, h.split_id, tile), want)
+    part = store.region(key_of(h, h.split_id, tile), want, req.halo_token)
     size = part.numel() * part.element_size()
     if size > max_bytes:
         raise TooLarge(f"the part is {size} bytes, above this worker's max_tensor_bytes {max_bytes}")

@@ -42,6 +42,7 @@ from runtime.worker.tile_store import (
     TileStore,
     assemble,
     check_parts,
+    check_token,
     fetch_answer,
     key_of,
     region_of,
@@ -100,6 +101,8 @@ def _check_request(req: tiles_pb2.TileRequest) -> tuple[int, int]:
         raise InvalidInput("a tile request carries either a crop or crop parts (halo exchange), not both")
     if req.crop.codec == tensor_pb2.CODEC_ANS:
         raise InvalidInput("tile crops cannot be entropy-coded (codec ans); use raw, fp16 or int8, with or without lz4")
+    if req.keep_output or req.parts:
+        check_token(req.halo_token)  # the frame's capability for its kept tiles
     return int(req.input_height), int(req.input_width)
 
 
@@ -169,14 +172,14 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         async def one(address: str, tile: Region, want: Region) -> tuple[Region, torch.Tensor]:
             if not address:
                 try:
-                    part = self.store.region(key_of(h, h.split_id, tile), want)
+                    part = self.store.region(key_of(h, h.split_id, tile), want, req.halo_token)
                 except NotFound as e:
                     raise PreconditionFailed(f"this worker's own part: {e}") from None
                 if tuple(part.shape) != (1, p.c_in, *want.shape):
                     raise PreconditionFailed(f"the kept tile {tile} is {list(part.shape)}, not of this block's input")
                 self.halo_parts.labels("local").inc()
                 return want, part
-            t = await self.peers.fetch(address, fetch_header, tile, want, p.c_in, timeout, max_bytes)
+            t = await self.peers.fetch(address, fetch_header, req.halo_token, tile, want, p.c_in, timeout, max_bytes)
             self.halo_parts.labels("peer").inc()
             return want, t
 
@@ -211,7 +214,7 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         self.tiles.labels(request.header.model_id).inc()
         self.tile_seconds.observe(times.tail_seconds)
         if tile is None:  # keep_output: the next block's workers fetch what they need of it
-            self.store.put(key_of(request.header, end_split, region_of(request.output)), y)
+            self.store.put(key_of(request.header, end_split, region_of(request.output)), y, request.halo_token)
             return tiles_pb2.TileResult(header=request.header, output=request.output, times=times)
         return tiles_pb2.TileResult(header=request.header, output=request.output, tile=tile, times=times)
 
