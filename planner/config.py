@@ -56,7 +56,7 @@ class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wir
     grace_seconds: float = field(5.0, "on SIGTERM, how long calls in flight may take to finish")
     port_file: str = field("", "write the bound port to this file once serving (for supervisors and tests)")
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         checks = [
             (self.default_rtt_seconds >= 0, "default_rtt_seconds must be >= 0"),
             (self.default_bandwidth_bytes_per_second >= 0, "default_bandwidth_bytes_per_second must be >= 0"),

@@ -31,7 +31,7 @@ from planner.store import AgentRecord, LinkRecord, WorkerRecord
 from planner.tables import SearchCache
 from runtime.contracts.constraints import resolve
 from runtime.contracts.costmodel import Configuration, Constraints, Link, Network, Tier
-from runtime.contracts.profile import Profile
+from runtime.contracts.profile import Profile, Transfer
 from runtime.contracts.tiers import CLOUD, DEVICE, EDGE
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
@@ -83,13 +83,19 @@ class Ranked:
 
 def search_constraints(c: pb.Constraints, device: Profile, pins: dict[int, str] | None = None) -> Constraints | None:
     """The search's constraints for wire constraints ``c`` (checked at registration), with ``pins``
-    added; None when ``pins`` place a block on another tier than ``c`` does."""
-    cons = resolve(c, device)
+    added; None when ``pins`` place a block on another tier than ``c`` does (never without ``pins``:
+    :func:`agent_constraints`)."""
+    cons = agent_constraints(c, device)
     if not pins:
         return cons
     if any(pins.get(b, t) != t for b, t in cons.pin_blocks.items()):
         return None
     return dataclasses.replace(cons, pin_blocks={**cons.pin_blocks, **pins})
+
+
+def agent_constraints(c: pb.Constraints, device: Profile) -> Constraints:
+    """The search's constraints for wire constraints ``c`` alone (no pins added)."""
+    return resolve(c, device)
 
 
 def _searchable(cons: Constraints, tiers: list[Tier]) -> bool:
@@ -165,7 +171,7 @@ def _own(cache: DecisionCache | None) -> DecisionCache:
 def forwarding(worker: Profile, cache: DecisionCache | None = None) -> Profile:
     """``worker``'s profile as a sender to the next tier: its codec transfers only (a forwarding
     worker sends with a codec and drops Transfer Layers; runtime.worker.forward)."""
-    return _own(cache).profiles.get("forwarding", (worker,), lambda: limit_device(worker, frozenset()))
+    return _own(cache).profiles.get("forwarding", (worker,), lambda: shared_tls(worker, frozenset()))
 
 
 def _receiving(device: Profile, worker: Profile, cache: DecisionCache) -> Profile:
@@ -176,7 +182,7 @@ def _receiving(device: Profile, worker: Profile, cache: DecisionCache) -> Profil
     device's figures are replaced by the edge's own here."""
 
     def make() -> Profile:
-        def patch(own: tuple, theirs: tuple) -> tuple:
+        def patch(own: tuple[Transfer, ...], theirs: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
             dec = {t.name: t.decode_seconds for t in theirs}
             return tuple(dataclasses.replace(t, decode_seconds=dec[t.name]) if t.name in dec else t for t in own)
 
@@ -203,22 +209,31 @@ def chain_inputs(chain: Chain, device: Profile, forward: Profile | None = None,
     return tiers, net
 
 
-def limit_device(device: Profile, tl_ids: frozenset[str],
-                 cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
-    """``device`` limited to TLs held on both ends, optionally to one transfer (cut, codec, TL id) at
-    one cut; None when that transfer is not among them."""
+def shared_tls(device: Profile, tl_ids: frozenset[str]) -> Profile:
+    """``device`` limited to transfers whose TL is held on both ends (``tl_ids``) or that need none."""
+
+    def usable(t: Transfer) -> bool:
+        return not t.tl_id or t.tl_id in tl_ids
+
     p = device
-    usable = lambda t: not t.tl_id or t.tl_id in tl_ids  # noqa: E731
     if any(not usable(t) for b in p.blocks for t in b.transfers) or any(not usable(t) for t in p.input_transfers):
         p = dataclasses.replace(p, input_transfers=tuple(filter(usable, p.input_transfers)),
                                 blocks=tuple(dataclasses.replace(b, transfers=tuple(filter(usable, b.transfers)))
                                              for b in p.blocks))
+    return p
+
+
+def limit_device(device: Profile, tl_ids: frozenset[str],
+                 cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
+    """``device`` limited to TLs held on both ends, optionally to one transfer (cut, codec, TL id) at
+    one cut; None when that transfer is not among them."""
+    p = shared_tls(device, tl_ids)
     if cut_transfer is not None:
         cut, codec, tl_id = cut_transfer
         match = tuple(t for t in p.transfers_after(cut) if t.codec == codec and t.tl_id == tl_id)
         if not match:
-            p = None
-        elif cut == 0:
+            return None
+        if cut == 0:
             p = dataclasses.replace(p, input_transfers=match)
         else:
             blocks = list(p.blocks)
@@ -256,7 +271,7 @@ def rank(agent: AgentRecord, device: Profile, cands: list[Candidate], devices: l
     t0 = time.perf_counter()
     cache = _own(cache)
     goal = objective(agent)
-    cons = search_constraints(agent.constraints, device)
+    cons = agent_constraints(agent.constraints, device)
     local = [Tier(DEVICE, (device,))]
     found = [Ranked(c) for c in search(local, Network({}), cons, goal, 1, include_return, cache.search)] if _searchable(cons, local) else []
     per_worker = top_n + 1 + (exclude is not None)  # room for the local one and an excluded one
@@ -300,17 +315,17 @@ def predict(agent: AgentRecord, device: Profile, plan: pb.Plan, cand: Candidate 
         return _predict_chain(agent, device, plan, dev, include_return, chain, forward, cache)
     if not plan.worker_id:
         tiers = [Tier(DEVICE, (device,))]
-        cons = search_constraints(agent.constraints, device)
+        cons = agent_constraints(agent.constraints, device)
         got = search(tiers, Network({}), cons, goal, 1, include_return, cache.search) if _searchable(cons, tiers) else []
         return got[0] if got else None
     if cand is None or dev is None or cand.address != plan.worker_address:
         return None
     pins = {b: (DEVICE if b < plan.split_index else cand.tier) for b in range(device.n_blocks)}
-    cons = search_constraints(agent.constraints, device, pins)
-    if cons is None:  # the agent's pins put a block elsewhere
+    pinned = search_constraints(agent.constraints, device, pins)
+    if pinned is None:  # the agent's pins put a block elsewhere
         return None
     net = Network({(dev.machine, cand.profile.machine): cand.link})
-    got = search([Tier(DEVICE, (dev,)), Tier(cand.tier, (cand.profile,))], net, cons, goal, 1, include_return,
+    got = search([Tier(DEVICE, (dev,)), Tier(cand.tier, (cand.profile,))], net, pinned, goal, 1, include_return,
                  cache.search)
     return got[0] if got and got[0].hops else None
 

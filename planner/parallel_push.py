@@ -33,6 +33,7 @@ import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from planner import parallel_plan as PP
 from planner.dpfp_factors import TileFactors
@@ -40,6 +41,12 @@ from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import EdgesplitError
 from runtime.contracts.profile import Profile
 from runtime.parallel.plan import ParallelStage
+
+if TYPE_CHECKING:  # annotations only: planner.state imports the re-planner's hooks
+    from concurrent.futures import Executor
+
+    from planner.state import AgentState, PlannerState
+    from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +99,7 @@ class ParallelPlanner:
             self._seen.popitem(last=False)
         return old != key
 
-    async def changed(self, state, st, executor) -> bool:
+    async def changed(self, state: PlannerState, st: AgentState, executor: Executor) -> bool:
         """The re-planner's hook for an agent whose configuration stays: True when its plan should be
         issued again because the workers it may use changed since the plan was considered (the plan has
         a stage, or a trial :meth:`attach` on a copy of it would add one). Never raises."""
@@ -147,7 +154,7 @@ class ParallelPlanner:
         tail = device_seconds(device, end, device.n_blocks)
         return Proposal(stage, head + stage.predicted_seconds + tail, stage.predicted_seconds)
 
-    async def consider(self, state, st, plan, executor) -> bool:
+    async def consider(self, state: PlannerState, st: AgentState, plan: pb.Plan, executor: Executor) -> bool:
         """The re-planner's hook: the candidate workers of agent ``st`` (on the loop), then DPFP and
         :meth:`attach` in ``executor``. Never raises for an unplannable stage (the plan stays as it is)."""
         cands = candidates(state, st)
@@ -161,7 +168,7 @@ class ParallelPlanner:
             logger.exception("agent %s: parallel stage not considered", plan.agent_id)
             return False
 
-    def attach(self, plan, device: Profile, candidates: Sequence[Candidate]) -> bool:
+    def attach(self, plan: pb.Plan, device: Profile, candidates: Sequence[Candidate]) -> bool:
         """Fill ``plan.parallel`` (a ``planner_pb2.Plan``) when the parallel stage is predicted faster
         than ``plan.predicted_seconds`` by ``min_gain``; True if it did."""
         try:
@@ -188,7 +195,7 @@ class ParallelPlanner:
         return True
 
 
-def candidates(state, st) -> list[Candidate]:
+def candidates(state: PlannerState, st: AgentState) -> list[Candidate]:
     """The workers agent ``st`` may use that hold a profile of its model, with a known link (``state``:
     a ``planner.state.PlannerState``, ``st`` its ``AgentState``)."""
     rec = st.record
@@ -199,7 +206,7 @@ def candidates(state, st) -> list[Candidate]:
                    and (not c.include_workers or wid in c.include_workers))
         prof = w.profiles.get(rec.model)
         lk = state.link(st, wid) if allowed and prof is not None else None
-        if lk is None or lk.bandwidth_bytes_per_second <= 0:
+        if lk is None or prof is None or lk.bandwidth_bytes_per_second <= 0:
             continue
         out.append(Candidate(wid, w.record.address, prof, Link(max(lk.rtt_seconds, 0.0), lk.bandwidth_bytes_per_second)))
     return out

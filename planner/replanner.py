@@ -32,6 +32,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from planner import decide, fallbacks, measured
 from planner.broadcaster import Broadcaster
@@ -171,7 +172,8 @@ class RePlanner:
         self.metrics.worker_slowdown_max.set(max((s.applied for st in agents.values() for s in st.tails.speeds.values()),
                                                  default=1.0))
         self.gc.check(len(agents))
-        for memo in (self._basis, self._banded, self._previous, *self.refresh.memos):  # agents no longer held here (another replica took them)
+        memos: tuple[dict[str, Any], ...] = (self._basis, self._banded, self._previous, *self.refresh.memos)
+        for memo in memos:  # agents no longer held here (another replica took them)
             for aid in [a for a in memo if a not in agents]:
                 del memo[aid]
 
@@ -192,7 +194,10 @@ class RePlanner:
             return False
         then, now = st.refused_conditions, self.state.conditions(st)
         tol = max(self.config.switch_gain, 0.01)
-        moved = lambda a, b: abs(a - b) > tol * max(abs(b), 1e-9)  # noqa: E731
+
+        def moved(a: float, b: float) -> bool:
+            return abs(a - b) > tol * max(abs(b), 1e-9)
+
         if then.keys() != now.keys() or any(
                 now[w][0] != then[w][0] or moved(now[w][1], then[w][1]) or moved(now[w][2], then[w][2]) for w in now):
             logger.info("agent %s: conditions changed since it refused %s; that plan may be proposed again",
