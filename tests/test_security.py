@@ -355,3 +355,23 @@ def test_the_local_api_on_loopback_stays_plain_for_an_agent_with_certificates(pk
             await agent.close()
 
     assert asyncio.run(go()).where == "local"
+
+
+def test_an_agent_without_an_id_takes_its_certificates(pki_dir):
+    """An authenticated worker accepts frames only for the caller's own agent_id, so an agent started
+    without --agent-id names the id of its agent certificate; a certificate of another role, or none,
+    leaves hostname-pid."""
+    import os
+    import socket
+
+    from runtime.agent.config import default_agent_id
+    from runtime.wire.security import certificate_identity
+
+    assert certificate_identity(str(pki_dir / "agent-a1.pem")) == ("agent", "a1")
+    assert certificate_identity(str(pki_dir / "worker-w1.pem")) == ("worker", "w1")
+    assert certificate_identity("") is None
+    assert default_agent_id(str(pki_dir / "agent-a1.pem")) == "a1"
+    fallback = f"{socket.gethostname()}-{os.getpid()}"
+    assert default_agent_id(str(pki_dir / "worker-w1.pem")) == default_agent_id() == fallback
+    with pytest.raises(InvalidInput, match="cert_file"):
+        certificate_identity(str(pki_dir / "missing.pem"))

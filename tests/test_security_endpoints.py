@@ -182,3 +182,32 @@ def test_the_agents_local_api_on_a_network_address_refuses_every_way_in_without_
     seen, before, after, where = asyncio.run(go())
     assert seen == {name: code for name, _, code in refused}
     assert before == 0 and after == 1 and where == "local"
+
+
+@pytest.mark.parametrize("mode", ["mtls", "tls+tokens"])
+def test_an_agent_names_only_its_own_agent_id_at_the_worker(site, tmp_path, mode):
+    """SECURITY.md: an agent sends frames for its own agent_id only. On an authenticated worker, agent a1's
+    header naming a2 is refused PERMISSION_DENIED with the flag to fix it (its frames, its cancels and its
+    halo tiles are keyed by that id); its own id, no id, and an operator naming any id are served."""
+
+    async def prepare(security: SecurityOptions, agent_id: str) -> None:
+        async with TransportOptions(security=security).aio_channel(f"127.0.0.1:{handle.port}") as ch:
+            await pb_grpc.InferenceStub(ch).Prepare(pb.PrepareRequest(header=pb.FrameHeader(
+                agent_id=agent_id, model_id="digits_cnn", split_id="pool1")), timeout=RPC)
+
+    async def main():
+        nonlocal handle
+        handle = await start("worker", server_settings(site, mode), tmp_path)
+        try:
+            a1 = client(site, "agent-a1") if mode == "mtls" else client(site, token="agent-a1")
+            op = client(site, "operator-op") if mode == "mtls" else client(site, token="operator-op")
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await prepare(a1, "a2")
+            assert e.value.code() == DENIED and "--agent-id a1" in e.value.details()
+            for security, agent_id in ((a1, "a1"), (a1, ""), (op, "a2")):
+                await prepare(security, agent_id)
+        finally:
+            await handle.drain_and_stop(0.5)
+
+    handle = None
+    asyncio.run(asyncio.wait_for(main(), 120))

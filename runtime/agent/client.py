@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
-import socket
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 
-from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.config import AgentOptions, InitialPlan, default_agent_id
 from runtime.agent.edge import EdgeSender
 from runtime.agent.frame import FrameResult, top1_margin
 from runtime.agent.inflight import InFlight
@@ -59,7 +57,7 @@ class Agent:
         split, codec, worker, tl = plan.split, plan.codec, plan.worker, plan.tl
         self.loaded = loaded
         self.options = options
-        self.agent_id = options.agent_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.agent_id = options.agent_id or default_agent_id(options.transport.security.cert_file)
         self.deadline_seconds = options.deadline_seconds
         self.connect_timeout = options.connect_timeout
         self.reconnect = options.reconnect

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from runtime.contracts.config import field
 from runtime.contracts.errors import InvalidInput
 from runtime.daemon.tracing import TracingSettings
-from runtime.wire.security import SecuritySettings
+from runtime.wire.security import AGENT, SecuritySettings, certificate_identity
 from runtime.wire.transport import TransportOptions
 
 if TYPE_CHECKING:  # annotations only: torch loads when a config is built, not for --help
@@ -23,6 +25,15 @@ if TYPE_CHECKING:  # annotations only: torch loads when a config is built, not f
 _TEXT_CONSTRAINTS = ("pin_blocks", "pin_layers", "forbid_blocks", "max_tier_seconds", "max_tier_share",
                      "max_link_upload_bytes", "max_memory_bytes")  # KEY=VALUE settings, read by runtime.contracts.constraints
 
+
+
+def default_agent_id(cert_file: str = "") -> str:
+    """The agent's id when none is given: the id of its agent certificate (spiffe://edgesplit/agent/ID),
+    which an authenticated worker or planner requires its frames and reports to name; else hostname-pid."""
+    found = certificate_identity(cert_file)
+    if found is not None and found[0] == AGENT:
+        return found[1]
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 @dataclass(frozen=True)
 class InitialPlan:
@@ -73,7 +84,7 @@ class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.
     source: str = field("samples", "frames: samples, synthetic, a folder of PNG/JPEG, a video file, or none (only --serve)")
     frames: int = field(0, "frames to process (0 = one pass over the source; synthetic: 100); finite sources repeat")
     output: str = field("-", "where to write one JSON line per result: a file path, or - for stdout")
-    agent_id: str = field("", "stable id of this device (default: hostname-pid)")
+    agent_id: str = field("", "stable id of this device (default: the id of its agent certificate, spiffe://edgesplit/agent/ID, else hostname-pid); an authenticated worker or planner accepts only the id of the caller's certificate or token")
     window: int = field(4, "frames in flight on the stream, so board compute overlaps transfer and edge compute")
     fps: float = field(0.0, "pace the source as a camera at this many frames per second: a frame that arrives while --window frames are in flight is dropped and counted (0: as fast as frames finish)")
     deadline_seconds: float = field(2.0, "a frame without an edge result after this long runs locally")

@@ -28,10 +28,11 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter
 
+from runtime.contracts.errors import PermissionDenied
 from runtime.daemon.interceptors import end_call, rewrap_handler
 from runtime.daemon.revocation import CRL_RECHECK_SECONDS, Revocations
 from runtime.wire.filewatch import FileWatch
-from runtime.wire.security import OPERATOR, SecurityOptions, load_tokens, parse_spiffe, token_digest
+from runtime.wire.security import AGENT, OPERATOR, SecurityOptions, load_tokens, parse_spiffe, token_digest
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,23 @@ AuthPolicy = Mapping[str, frozenset[str]]
 def current_identity() -> Identity:
     """The caller of the RPC being handled (ANONYMOUS outside one, or on a server without authentication)."""
     return _current.get()
+
+
+def acts_for_agent(agent_id: str) -> bool:
+    """Whether the caller may name ``agent_id`` in a frame: an authenticated agent only its own id (its
+    certificate's or token's subject, as the planner binds it: planner.owners). Workers (forwarding an
+    agent's chained frames, fetching halo parts of its tiles), operators, and every caller of a server
+    without authentication may name any. An empty id names no agent (a Prepare before any frame)."""
+    ident = current_identity()
+    return not (ident.authenticated and ident.role == AGENT and agent_id and agent_id != ident.id)
+
+
+def check_acts_for_agent(agent_id: str) -> None:
+    """PermissionDenied unless :func:`acts_for_agent`."""
+    if not acts_for_agent(agent_id):
+        ident = current_identity()
+        raise PermissionDenied(f"{ident} may send frames only for its own agent_id {ident.id!r}, not {agent_id[:64]!r}; "
+                               f"start the agent with --agent-id {ident.id}")
 
 
 class Refused(Exception):

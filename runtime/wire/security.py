@@ -60,6 +60,27 @@ def parse_spiffe(uri: str) -> tuple[str, str] | None:
     return role, ident
 
 
+def certificate_identity(cert_file: str) -> tuple[str, str] | None:
+    """``(role, id)`` named by the SPIFFE URI of this process's own certificate; None without a
+    certificate or such a URI (a client defaults its id to it: a server binds the caller to it)."""
+    if not cert_file:
+        return None
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(_read(cert_file, MAX_PEM_BYTES, "cert_file"))
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    except ValueError as e:
+        raise InvalidInput(f"cert_file {cert_file} cannot be read: {e}") from None
+    for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+        found = parse_spiffe(uri)
+        if found is not None:
+            return found
+    return None
+
+
 def token_digest(token: str) -> str:
     """What a server's tokens file stores instead of the token itself."""
     return hashlib.sha256(token.strip().encode()).hexdigest()

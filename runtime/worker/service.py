@@ -22,6 +22,7 @@ from runtime.contracts.errors import (
     PreconditionFailed,
     Unavailable,
 )
+from runtime.daemon.auth import check_acts_for_agent
 from runtime.daemon.tracing import span, worker_frame
 from runtime.models import get_spec, list_models
 from runtime.models.loader import LoadedModel, load_model
@@ -158,6 +159,7 @@ class TailCache:
 
 
 def _check_header(h: pb.FrameHeader) -> None:
+    check_acts_for_agent(h.agent_id)  # an agent sends (and cancels) frames for its own id only
     if not h.model_id:
         raise InvalidInput("header.model_id is empty; name a model (see 'edgesplit models')")
     if not h.split_id:

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 from runtime.contracts.errors import EdgesplitError, as_error
+from runtime.daemon.auth import acts_for_agent
 from runtime.daemon.tracing import frame_arrived
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.transport import FrameAssembler
@@ -109,7 +110,8 @@ class StreamSession:
             self.service.cancelled.cancel(self.assembler, self.origin, msg.cancel.seq)
             return None
         if kind == "frame":
-            self.origin = (msg.frame.header.agent_id, msg.frame.header.stream_epoch)
+            if acts_for_agent(msg.frame.header.agent_id):  # else the frame is refused when resolved
+                self.origin = (msg.frame.header.agent_id, msg.frame.header.stream_epoch)
             self.first_at = time.monotonic()
             frame_arrived()  # its worker.receive span starts now (tracing on)
         pending = self.assembler.pending_header
