@@ -17,6 +17,7 @@ from runtime.agent.metrics import AgentMetrics
 from runtime.agent.pacing import Pacer
 from runtime.agent.planner_link import PlannerLink
 from runtime.agent.run import _stream_source
+from runtime.agent.telemetry import LinkEstimator
 from runtime.models.loader import load_model
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 
@@ -40,6 +41,7 @@ class SlowAgent:
     def __init__(self, loaded):
         self.loaded = loaded
         self.metrics = AgentMetrics()
+        self.link = LinkEstimator(self.metrics)  # the run loop sets its workload (frame interval, window) there
         self.calls = 0
 
     async def infer(self, x, name=""):
