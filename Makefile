@@ -52,7 +52,7 @@ test: $(STAMP) proto-check
 lint: $(STAMP)
 	$(VENV)/bin/ruff check runtime planner tests
 	$(VENV)/bin/mypy runtime/contracts runtime/wire planner/measured.py planner/compute.py runtime/agent/telemetry.py \
-		planner/decide.py planner/replanner.py planner/parallel_push.py planner/config.py
+		planner/decide.py planner/replanner.py planner/parallel_push.py planner/config.py runtime/daemon
 	$(VENV)/bin/lint-imports
 
 # The headline benchmark (runtime/measure/scenarios; needs root and cgroup v1 cpu): every strategy on

@@ -61,7 +61,7 @@ class PlannerClient:
         if self._stub is None:
             # short keep-alive: a silent partition closes the connection within 1.8 s (runtime.wire.transport)
             self._channel = self.options.transport.control_channel(self.options.address)
-            self._stub = ppb_grpc.PlannerStub(self._channel)
+            self._stub = ppb_grpc.PlannerStub(self._channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         return self._stub
 
     async def connect(self) -> PlannerClient:
@@ -113,19 +113,24 @@ class PlannerClient:
             raise from_rpc_error(e) from None
 
     async def register_agent(self, request: ppb.RegisterAgentRequest) -> ppb.RegisterAgentReply:
-        return await self.call("RegisterAgent", request)
+        reply: ppb.RegisterAgentReply = await self.call("RegisterAgent", request)
+        return reply
 
     async def register_worker(self, request: ppb.RegisterWorkerRequest) -> ppb.RegisterWorkerReply:
-        return await self.call("RegisterWorker", request)
+        reply: ppb.RegisterWorkerReply = await self.call("RegisterWorker", request)
+        return reply
 
     async def report_plan_status(self, status: ppb.PlanStatus) -> ppb.PlanStatusAck:
-        return await self.call("ReportPlanStatus", status)
+        reply: ppb.PlanStatusAck = await self.call("ReportPlanStatus", status)
+        return reply
 
     async def query_plan(self, query: ppb.PlanQuery) -> ppb.PlanQueryReply:
-        return await self.call("QueryPlan", query)
+        reply: ppb.PlanQueryReply = await self.call("QueryPlan", query)
+        return reply
 
     async def list_agents(self) -> ppb.ListAgentsReply:
-        return await self.call("ListAgents", ppb.ListAgentsRequest())
+        reply: ppb.ListAgentsReply = await self.call("ListAgents", ppb.ListAgentsRequest())
+        return reply
 
     # -- streams ---------------------------------------------------------------------------
 

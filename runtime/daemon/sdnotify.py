@@ -57,7 +57,7 @@ def watchdog_interval(env: dict[str, str] | None = None) -> float | None:
     return int(usec) / 2e6
 
 
-def start_watchdog(env: dict[str, str] | None = None) -> asyncio.Task | None:
+def start_watchdog(env: dict[str, str] | None = None) -> asyncio.Task[None] | None:
     """On the running loop: "WATCHDOG=1" every interval until cancelled. A loop that hangs stops the
     keep-alives and systemd restarts the service."""
     interval = watchdog_interval(env)
@@ -72,7 +72,7 @@ def start_watchdog(env: dict[str, str] | None = None) -> asyncio.Task | None:
     return asyncio.get_running_loop().create_task(keepalive(), name="sd-watchdog")
 
 
-async def stop_watchdog(task: asyncio.Task | None) -> None:
+async def stop_watchdog(task: asyncio.Task[None] | None) -> None:
     if task is not None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

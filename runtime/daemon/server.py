@@ -85,7 +85,7 @@ class Daemon:
                                    "(--insecure)", registry=options.metrics)
         self.port = 0  # the bound port, after start()
         self.metrics_endpoint: MetricsEndpoint | None = None
-        self._watchdog: asyncio.Task | None = None  # systemd WatchdogSec keep-alives (runtime.daemon.sdnotify)
+        self._watchdog: asyncio.Task[None] | None = None  # systemd WatchdogSec keep-alives (runtime.daemon.sdnotify)
 
     @property
     def metrics_port(self) -> int | None:

@@ -213,7 +213,8 @@ def span(name: str, **attributes: Any) -> AbstractContextManager[Any]:
     state = _state
     if state is None:
         return _NULL
-    return state.tracer.start_as_current_span(name, attributes=attributes)
+    manager: AbstractContextManager[Any] = state.tracer.start_as_current_span(name, attributes=attributes)
+    return manager
 
 
 def current_ids() -> tuple[str, str] | None:
