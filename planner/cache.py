@@ -55,7 +55,7 @@ class IdentityMemo:
     """Values made from some input objects, remembered per (kind, identity of each input)."""
 
     def __init__(self, size: int) -> None:
-        self._lru: LRU[tuple, tuple[tuple[object, ...], object]] = LRU(size)
+        self._lru: LRU[tuple[object, ...], tuple[tuple[object, ...], object]] = LRU(size)
 
     def get(self, kind: Hashable, inputs: tuple[object, ...], make: Callable[[], V]) -> V:
         """The value ``make()`` gave for ``inputs`` (the same objects) under ``kind``, made now if none is held."""

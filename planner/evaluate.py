@@ -48,7 +48,7 @@ class Problem:
 class Candidate:
     """One cut vector of one chain on one machine combination, with what :func:`planner.search` builds it from."""
 
-    key: tuple  # sort key: (value, latency, later tiers, cuts)
+    key: tuple[object, ...]  # sort key: (value, latency, later tiers, cuts)
     combo: tuple[Profile, ...]  # the machine of each tier in the chain
     chain: tuple[int, ...]  # indices of the non-empty tiers
     cuts: tuple[int, ...]  # where each later tier starts
@@ -345,6 +345,7 @@ def _best_over_grid(latency: bool, scorer: Scorer, combos: list[Sequence[Columns
         else:  # the lower value, then the lower latency
             better = (v < value) | ((v == value) & (t < total))
             value, total = np.where(better, v, value), np.where(better, t, total)
+        assert which is not None  # more than one combination
         np.copyto(which, c, where=better)
     shape = value.shape
     return Best(value, total, which, combos, lambda p: tuple(int(a) for a in np.unravel_index(p, shape)))

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from planner import decide
 from planner.state import AgentState, PlannerState
@@ -27,6 +27,8 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 # RePlanner.rank(st, top_n, bandwidth=..., record=...) -> (ranked, seconds, current)
 Rank = Callable[..., Awaitable[Any]]
+K = TypeVar("K")  # a configuration's key
+R = TypeVar("R")  # a ranked configuration
 
 GRID = tuple(2.0 ** k for k in range(-8, 5))  # bandwidth factors around the measured one, ascending
 MAX_BANDS = len(GRID)  # at most one band per grid point
@@ -80,14 +82,11 @@ def lean(entry: pb.Plan) -> pb.Plan:
     return entry
 
 
-def _bands(points: list) -> list:
+def _bands(points: Sequence[tuple[float, K, R]]) -> list[tuple[float, float, R]]:
     """[(min, max, ranked)] from ascending (bandwidth, key, ranked) points; max 0 = no upper bound."""
-    bands: list = []
+    starts: list[tuple[float, K, R]] = []  # each band's (min, key, ranked); its max is the next one's min
     for i, (bw, key, r) in enumerate(points):
-        if bands and bands[-1][3] == key:
+        if starts and starts[-1][1] == key:
             continue
-        lo = 0.0 if i == 0 else math.sqrt(points[i - 1][0] * bw)
-        if bands:
-            bands[-1][1] = lo
-        bands.append([lo, 0.0, r, key])
-    return [(lo, hi, r) for lo, hi, r, _ in bands]
+        starts.append((0.0 if i == 0 else math.sqrt(points[i - 1][0] * bw), key, r))
+    return [(lo, starts[j + 1][0] if j + 1 < len(starts) else 0.0, r) for j, (lo, _, r) in enumerate(starts)]

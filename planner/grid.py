@@ -7,6 +7,7 @@ axis j with :func:`axis`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -72,8 +73,9 @@ def smallest(value: np.ndarray, total: np.ndarray, m: int) -> np.ndarray:
 def cell_sum(h: list[np.ndarray], const: float, cells: tuple[np.ndarray, ...]) -> np.ndarray:
     """:func:`grid_sum` at the cut vectors ``cells`` alone (in the same order of additions)."""
     if len(h) == 1:
-        return h[0][cells[0]] + const
-    total = h[0][cells[0]] + (h[1] + const)[cells[1]]
+        first: np.ndarray = h[0][cells[0]] + const
+        return first
+    total: np.ndarray = h[0][cells[0]] + (h[1] + const)[cells[1]]
     for j in range(2, len(h)):
         total = total + h[j][cells[j]]
     return total
@@ -82,7 +84,7 @@ def cell_sum(h: list[np.ndarray], const: float, cells: tuple[np.ndarray, ...]) -
 def max_of(parts: Sequence[np.ndarray | float]) -> np.ndarray:
     """The elementwise max of arrays that broadcast together, as a new array: those of one shape first, then
     one pass each into a single array of the full shape (allocating a grid costs more than a pass over it)."""
-    by_shape: dict[tuple, np.ndarray] = {}
+    by_shape: dict[tuple[int, ...], np.ndarray] = {}
     for p in parts:
         p = np.asarray(p)
         by_shape[p.shape] = np.maximum(by_shape[p.shape], p) if p.shape in by_shape else p
@@ -108,13 +110,13 @@ def floor_within(links: Sequence[LinkCost], prefix: Sequence[np.ndarray], k: int
 
 
 def tier_seconds(prefix: Sequence[np.ndarray], encode: Sequence[np.ndarray], decode: Sequence[np.ndarray], k: int,
-                 n: int, only: set[int] | None = None, at: Place | None = None) -> list:
+                 n: int, only: set[int] | None = None, at: Place | None = None) -> list[Any]:
     """Each non-empty tier's time (compute + its encode and decode) over the grid; ``encode[j]`` and
     ``decode[j]`` are cut j's transfer vectors. With ``only``, the other tiers' entries are None;
     ``at(v, j)`` places a per-cut vector of cut j (default: along axis j of the grid)."""
     if at is None:
         at = lambda v, j: axis(v, j, k)  # noqa: E731
-    out: list = []
+    out: list[Any] = []  # an array, a float (one tier alone) or None (not in ``only``)
     for j in range(k + 1):  # chain[j] runs [start_j, end_j): start_0 = 0, start_j = cut j-1, end_k = n
         if only is not None and j not in only:
             out.append(None)

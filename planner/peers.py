@@ -36,14 +36,14 @@ def _read(path: str | Path) -> dict[str, Any]:
     return d
 
 
-def _num(b: dict, key: str, where: str) -> float:
+def _num(b: dict[str, object], key: str, where: str) -> float:
     v = b.get(key)
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise InvalidInput(f"{where}: {key} must be a number, got {v!r}")
     return float(v)
 
 
-def _block(i: int, b: dict, where: str) -> Block:
+def _block(i: int, b: dict[str, object], where: str) -> Block:
     where = f"{where} block {i}"
     if b.get("block") != i:
         raise InvalidInput(f"{where}: blocks must be numbered 0, 1, ... in order (got {b.get('block')!r})")

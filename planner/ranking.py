@@ -42,7 +42,7 @@ class Ranker:
         self.cache = DecisionCache()  # used by the executor's searches (and _chain_of, on the loop)
         self.bands = Bands(config.rank_band, config.rank_rtt_quantum_seconds)  # links ranked by band
         self.rank_cache = RankCache(config.rank_cache_size)  # rankings shared by agents asking the same (on the loop)
-        self._fits: LRU[tuple, tuple[tuple[object, ...], str]] = LRU(FITS)  # decide.incompatibility, remembered
+        self._fits: LRU[tuple[object, ...], tuple[tuple[object, ...], str]] = LRU(FITS)  # decide.incompatibility, remembered
 
     def candidates(self, st: AgentState, rtt: float = 0.0, bandwidth: float = 0.0,
                    record: AgentRecord | None = None) -> list[decide.Candidate]:
@@ -96,7 +96,7 @@ class Ranker:
 
     def _ranking(self, st: AgentState, top_n: int, rtt: float, bandwidth: float, exclude: PlanKey | None,
                  predict: pb.Plan | None, record: AgentRecord | None,
-                 bands: Bands) -> tuple[tuple, tuple[object, ...], Callable[[], Ranking], Cached | None]:
+                 bands: Bands) -> tuple[tuple[object, ...], tuple[object, ...], Callable[[], Ranking], Cached | None]:
         """(cache key, objects it names, the search to run, the cached ranking: None when there is none)."""
         cands = [bands.candidate(c) for c in self.candidates(st, rtt, bandwidth, record)]
         rec, device = record or st.record, st.device

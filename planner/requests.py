@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from planner import wirebytes
@@ -38,7 +39,7 @@ def check_id(value: str, what: str) -> str:
     return value
 
 
-def check_ids(values, what: str) -> tuple[str, ...]:
+def check_ids(values: Sequence[str], what: str) -> tuple[str, ...]:
     if len(values) > MAX_LIST:
         raise InvalidInput(f"{len(values)} {what} is more than the {MAX_LIST} one request may name")
     out = tuple(check_id(v, what.rstrip("s")) for v in values)
@@ -82,7 +83,7 @@ class WorkerRequest:
     next_tiers: tuple[str, ...] = ()  # addresses it forwards chained frames to
 
 
-def check_next_tiers(values) -> tuple[str, ...]:
+def check_next_tiers(values: Sequence[str]) -> tuple[str, ...]:
     """A worker's --next-tier allowlist: HOST:PORT addresses, each once."""
     if len(values) > MAX_LIST:
         raise InvalidInput(f"{len(values)} next_tiers is more than the {MAX_LIST} one request may name")

@@ -26,13 +26,16 @@ Cells = tuple[np.ndarray, np.ndarray]  # (a, b) index arrays
 
 
 class _Problem(Protocol):
-    n: int  # blocks of the model
+    @property
+    def n(self) -> int: ...  # blocks of the model
 
 
 class Scorer(Protocol):
     """What of :class:`planner.evaluate.Scorer` this module uses."""
 
-    problem: _Problem
+    @property
+    def problem(self) -> _Problem: ...
+
     prefix: list[np.ndarray]
     links: list[LinkCost]
     k: int
@@ -58,7 +61,7 @@ def _row_floor(scorer: Scorer, enc: Sequence[np.ndarray], xfer: Sequence[np.ndar
     right[~np.isfinite(h[1])] = np.inf
     middle_end = p[1] + enc[1]
     middle_end[~np.isfinite(h[1])] = np.inf
-    bound = np.maximum(np.maximum((p[0] - 0.0) + enc[0], xfer[0]), _suffix_min(right))
+    bound: np.ndarray = np.maximum(np.maximum((p[0] - 0.0) + enc[0], xfer[0]), _suffix_min(right))
     bound = np.maximum(bound, _suffix_min(middle_end) - (p[1] - dec[0]))
     bound[~np.isfinite(h[0])] = np.inf
     return bound
@@ -105,7 +108,10 @@ def _kept_cells(scorer: Scorer, cheapest: Sequence[Columns], worst: float) -> Ce
     h, _ = scorer.terms(cheapest)
     rows = np.flatnonzero(_row_floor(scorer, enc, xfer, dec, h) <= worst)
     cells = _rows_grid(rows, size)
-    at = lambda v, j: v[cells[j]]  # noqa: E731
+
+    def at(v: np.ndarray, j: int) -> np.ndarray:
+        return v[cells[j]]
+
     keep = (cells[1] > cells[0]) & np.isfinite(h[1])[None, :]
     for part in [*tier_seconds(scorer.prefix, enc, dec, k, n, at=at), *(at(x, j) for j, x in enumerate(xfer))]:
         keep = keep & (part <= worst)

@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from typing import overload
 
 from planner import compute, decide, requests, wirebytes
 from planner.cache import LRU
@@ -48,7 +49,7 @@ class AgentState:
     record: AgentRecord  # its registration
     device: Profile  # what decisions use: the registered profile scaled by speed.applied
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one decision or registration at a time
-    written: asyncio.Future | None = field(default=None, repr=False)  # its registration's write (store thread)
+    written: asyncio.Future[None] | None = field(default=None, repr=False)  # its registration's write (store thread)
     benchmark: Profile | None = None  # the device profile as registered (default: device)
     plan: pb.Plan | None = field(default=None, init=False)  # what the planner believes runs (the last not refused)
     links: dict[str, LinkRecord] = field(default_factory=dict, init=False)  # worker id -> last estimate
@@ -58,13 +59,13 @@ class AgentState:
     cause: str = field(default="telemetry", init=False)  # what changed them (a metrics label of PLAN_REASONS)
     model_moved: bool = field(default=False, init=False)  # the model (factors, overheads, bytes) moved since the last decision
     refused_key: PlanKey | None = field(default=None, init=False)  # not proposed again until conditions change
-    refused_conditions: dict = field(default_factory=dict, init=False)  # PlannerState.conditions at the refusal
+    refused_conditions: dict[str, tuple[int, float, float]] = field(default_factory=dict, init=False)  # PlannerState.conditions at the refusal
     speed: DeviceSpeed = field(default_factory=DeviceSpeed, init=False)  # measured / profiled device compute
     tails: compute.WorkerSpeeds = field(default_factory=compute.WorkerSpeeds, init=False)  # per worker, its tail compute
     wire: wirebytes.WireFigures = field(default_factory=wirebytes.WireFigures, init=False)  # measured bytes, encode
     overhead: compute.Overhead = field(default_factory=compute.Overhead, init=False)  # the board runtime's own time
     # derived device profiles, the same objects while they live (so the search finds their tables again)
-    _derived: LRU[tuple, Profile] = field(default_factory=lambda: LRU(DERIVED), init=False, repr=False)
+    _derived: LRU[tuple[object, ...], Profile] = field(default_factory=lambda: LRU(DERIVED), init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.benchmark is None:
@@ -107,8 +108,15 @@ class AgentState:
         self.device = compute.with_overhead(device, self.overhead.applied)
         self._derived.clear()
 
+    @overload
+    def device_for(self, tl_ids: frozenset[str]) -> Profile: ...
+
+    @overload
+    def device_for(self, tl_ids: frozenset[str], cut_transfer: tuple[int, str, str] | None) -> Profile | None: ...
+
     def device_for(self, tl_ids: frozenset[str], cut_transfer: tuple[int, str, str] | None = None) -> Profile | None:
-        """The device profile limited to TLs held on both ends, optionally to one transfer at one cut."""
+        """The device profile limited to TLs held on both ends, optionally to one transfer at one cut (None
+        when that transfer is not among them; never without one)."""
         key = (tl_ids, cut_transfer)
         hit = self._derived.get(key)
         if hit is not None:

@@ -59,7 +59,7 @@ def build_table(p: Profile) -> Table:
     cols = np.arange(m) - np.repeat(np.cumsum(counts) - counts, counts)
 
     def cells(attr: str, fill: float, dtype: type = np.float64) -> np.ndarray:
-        out = np.full((n + 1, width), fill, dtype=dtype)
+        out: np.ndarray = np.full((n + 1, width), fill, dtype=dtype)
         values = map(attrgetter(attr), flat)  # None (fidelity not measured) -> nan, tl_id "" -> False
         out[rows, cols] = np.fromiter(values, dtype, m) if attr in NUMERIC else np.array(list(values), dtype=dtype)
         return out
@@ -123,7 +123,8 @@ class LinkCost:
 
     @property
     def total(self) -> np.ndarray:
-        return self.encode + self.rtt + self.xfer + self.decode + self.ret
+        total: np.ndarray = self.encode + self.rtt + self.xfer + self.decode + self.ret
+        return total
 
     @property
     def multi(self) -> bool:
@@ -199,7 +200,10 @@ def link_cost(spec: LinkSpec, network: Network, constraints: Constraints, includ
     choice = np.argmin(cost, axis=1)
     rows = np.arange(n + 1)
     none = ~np.isfinite(cost[rows, choice])
-    pick = lambda m: np.where(none, np.inf, m[rows, choice])  # noqa: E731
+
+    def pick(m: np.ndarray) -> np.ndarray:
+        return np.where(none, np.inf, m[rows, choice])
+
     ret = np.full(n + 1, spec.result_bytes / bw if include_return else 0.0)
     return LinkCost(np.where(none, -1, choice), pick(st.encode), link.rtt_seconds, pick(xfer), pick(dec), ret,
                     st.options, st.encode, xfer, dec)

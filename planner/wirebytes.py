@@ -68,7 +68,7 @@ def plan_tl(plan: pb.Plan | None, split_id: str, codec: str) -> str:
         return ""
     for p in (plan, *(b.plan for b in plan.fallbacks)):
         if p.split_id == split_id and p.codec == codec:
-            return p.tl_id
+            return str(p.tl_id)
     return ""
 
 
