@@ -73,16 +73,18 @@ class FetchRegionResult(_message.Message):
     def __init__(self, part: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ...) -> None: ...
 
 class TileResult(_message.Message):
-    __slots__ = ("header", "output", "tile", "times")
+    __slots__ = ("header", "output", "tile", "times", "peer_bytes")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TILE_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
+    PEER_BYTES_FIELD_NUMBER: _ClassVar[int]
     header: _inference_pb2.FrameHeader
     output: TileRegion
     tile: _tensor_pb2.Tensor
     times: _inference_pb2.StageTimes
-    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., tile: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[_inference_pb2.StageTimes, _Mapping]] = ...) -> None: ...
+    peer_bytes: int
+    def __init__(self, header: _Optional[_Union[_inference_pb2.FrameHeader, _Mapping]] = ..., output: _Optional[_Union[TileRegion, _Mapping]] = ..., tile: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[_inference_pb2.StageTimes, _Mapping]] = ..., peer_bytes: _Optional[int] = ...) -> None: ...
 
 class ParallelBlock(_message.Message):
     __slots__ = ("start_split", "end_split", "shares", "predicted_seconds", "grid_cols", "halo_input")
