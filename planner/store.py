@@ -8,7 +8,7 @@ agent, the smoothed device slowdown factor from its compute telemetry, :mod:`pla
 ``plans`` (every plan ever issued, as serialized ``Plan`` protos; an agent's current plan is its
 highest version that it did not refuse), ``counters`` (the global plan version, which only
 increases, restarts included) and ``leases`` (which planner replica an agent is attached to
-until when, :mod:`planner.leases`). A chained plan's route (``Plan.end_split``, ``next_hops``) is
+until when, with each replica's heartbeat: :mod:`planner.store_leases`). A chained plan's route (``Plan.end_split``, ``next_hops``) is
 part of the stored proto, so it survives a restart as it is.
 
 One schema on two engines (:mod:`planner.store_sql`): an SQLite file (the embedded default) or
@@ -37,6 +37,7 @@ from pathlib import Path
 
 from google.protobuf import json_format
 
+from planner import store_leases
 from planner.store_sql import Backend, Merge, StoreError, open_backend
 from runtime.contracts.errors import PreconditionFailed
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -164,7 +165,7 @@ class Store:
         with b.transaction():
             if b.shared:  # replicas starting together: one creates the schema, the others wait for it
                 b.execute("SELECT pg_advisory_xact_lock(4242)")
-            for stmt in filter(str.strip, _SCHEMA.format(**b.types).split(";")):
+            for stmt in filter(str.strip, (_SCHEMA + store_leases.SCHEMA).format(**b.types).split(";")):
                 b.execute(stmt)
             row = b.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
@@ -374,24 +375,15 @@ class Store:
     # -- leases (planner.leases: which replica an agent is attached to) -------------------------
 
     def acquire_lease(self, agent_id: str, replica: str, seconds: float, take: bool) -> tuple[str, float]:
-        """Hold ``agent_id``'s lease for ``replica`` for ``seconds`` if it is free, lapsed, its own, or
-        ``take``. Returns (the holder before, seconds its lease had left); the holder before is
-        ``replica`` or "" when the lease was free, and when it is another one with time left and not
-        ``take``, nothing changed."""
-        b = self.backend
-        with self._tx():
-            row = b.execute(f"SELECT replica, expires_unix - {b.now_sql} FROM leases WHERE agent_id=?{b.lock_sql}",
-                            (agent_id,)).fetchone()
-            holder, left = (row[0], float(row[1])) if row else ("", 0.0)
-            if holder and holder != replica and left > 0 and not take:
-                return holder, left
-            b.execute(f"INSERT INTO leases (agent_id, replica, expires_unix) VALUES (?, ?, {b.now_sql} + ?) "
-                      "ON CONFLICT (agent_id) DO UPDATE SET replica=excluded.replica, expires_unix=excluded.expires_unix",
-                      (agent_id, replica, seconds))
-        return holder, left
+        """Hold ``agent_id``'s lease for ``replica`` if it is free, lapsed, its own, or ``take``
+        (:func:`planner.store_leases.acquire`). Returns (the holder before, seconds its lease had left);
+        the holder before is ``replica`` or "" when the lease was free, and when it is another one with
+        time left and not ``take``, nothing changed."""
+        return store_leases.acquire(self.backend, {agent_id: take}, replica, seconds)[agent_id]
 
     def renew_leases(self, replica: str, seconds: float, agent_ids: list[str] | None = None) -> set[str]:
-        """Extend the leases ``replica`` still holds (all, or those of ``agent_ids``); returns their agent ids."""
+        """Extend the lease rows ``replica`` still holds (all, or those of ``agent_ids``); returns their agent
+        ids. A replica's leases live by its heartbeat (:meth:`heartbeat`); this is the plan's fence (one row)."""
         b = self.backend
         sql = f"UPDATE leases SET expires_unix = {b.now_sql} + ? WHERE replica = ?"
         if agent_ids is None:
@@ -401,20 +393,27 @@ class Store:
             rows = b.execute(sql + f" AND agent_id IN ({marks}) RETURNING agent_id", (seconds, replica, *agent_ids))
         return {r[0] for r in rows}
 
+    def heartbeat(self, replica: str, seconds: float) -> tuple[set[str], set[str] | None]:
+        """Renew ``replica``'s heartbeat (every lease it holds lives by it); returns (agents taken from it
+        since the last one, every agent it holds or None: only after its heartbeat had lapsed)."""
+        return store_leases.heartbeat(self.backend, replica, seconds)
+
+    def start_replica(self, replica: str, seconds: float) -> None:
+        """``replica`` starts holding nothing; its heartbeat begins."""
+        store_leases.start(self.backend, replica, seconds)
+
+    def forget_dead_replicas(self) -> int:
+        """Remove the heartbeat rows of replicas dead for long (:func:`planner.store_leases.forget_dead`)."""
+        return store_leases.forget_dead(self.backend)
+
     def release_leases(self, replica: str, agent_ids: list[str] | None = None) -> None:
-        """Give up ``replica``'s leases (all, or those of ``agent_ids``): another replica may take them at once."""
-        with self._tx():
-            if agent_ids is None:
-                self.backend.execute("DELETE FROM leases WHERE replica = ?", (replica,))
-            else:
-                self.backend.executemany("DELETE FROM leases WHERE replica = ? AND agent_id = ?",
-                                         [(replica, a) for a in agent_ids])
+        """Give up ``replica``'s leases (all, with its heartbeat, or those of ``agent_ids``): another replica
+        may take them at once."""
+        store_leases.release(self.backend, replica, agent_ids)
 
     def leases(self) -> dict[str, tuple[str, float]]:
         """agent id -> (replica, seconds left; negative: lapsed)."""
-        b = self.backend
-        return {a: (r, float(left)) for a, r, left in
-                b.execute(f"SELECT agent_id, replica, expires_unix - {b.now_sql} FROM leases")}
+        return store_leases.leases(self.backend)
 
 
 _PUT_LINK = ("INSERT INTO links (agent_id, worker_id, rtt_seconds, bandwidth_bytes_per_second, updated_unix) "

@@ -9,9 +9,9 @@ device profile's text is read only for hashes the caller does not hold already (
 board type share one, stored once by SHA-256: :mod:`planner.store`).
 
 Rows are locked in agent-id order (``ORDER BY agent_id FOR UPDATE``), so two batches that share
-agents wait for each other instead of deadlocking; a lease renewal of another replica (one
-UPDATE of its rows) may still meet a batch in the other order: PostgreSQL then aborts one of the
-two, and the caller runs the batch again (:func:`planner.replicas.Replica`).
+agents wait for each other instead of deadlocking; a holder's heartbeat row is read ``FOR SHARE``
+after them (:mod:`planner.store_leases`). Should PostgreSQL still abort a batch as a deadlock, the
+caller runs it again (:func:`planner.replicas.Replica`).
 
 Statements use ``IN (?, ...)`` lists of at most :data:`CHUNK` ids, which both engines accept.
 """
@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 
 from google.protobuf import json_format
 
+from planner import store_leases
 from planner.store import REFUSED, AgentRecord, LinkRecord, PlanRecord, SpeedRecord, Store
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
@@ -42,29 +43,10 @@ def _marks(n: int) -> str:
 
 def acquire_leases(store: Store, asks: dict[str, bool], replica: str, seconds: float) -> dict[str, tuple[str, float]]:
     """Per agent of ``asks`` (agent id -> take), as :meth:`Store.acquire_lease` does for one, in one
-    transaction: its lease is held by ``replica`` for ``seconds`` if it was free, lapsed, its own or
-    taken (``take``: a registration). Returns agent id -> (the holder before, seconds it had left)."""
-    b = store.backend
-    ids = sorted(asks)
-    before: dict[str, tuple[str, float]] = {}
-    with b.transaction():
-        for part in _chunks(ids):
-            for aid, holder, left in b.execute(
-                    f"SELECT agent_id, replica, expires_unix - {b.now_sql} FROM leases WHERE agent_id IN "
-                    f"({_marks(len(part))}) ORDER BY agent_id{b.lock_sql}", tuple(part)):
-                before[aid] = (holder, float(left))
-        grab = [a for a in ids if _free(before.get(a, ("", 0.0)), replica, asks[a])]
-        for part in _chunks(grab):
-            values = ",".join([f"(?, ?, {b.now_sql} + ?)"] * len(part))
-            b.execute(f"INSERT INTO leases (agent_id, replica, expires_unix) VALUES {values} ON CONFLICT (agent_id) "
-                      "DO UPDATE SET replica=excluded.replica, expires_unix=excluded.expires_unix",
-                      tuple(x for a in part for x in (a, replica, seconds)))
-    return {a: before.get(a, ("", 0.0)) for a in ids}
-
-
-def _free(lease: tuple[str, float], replica: str, take: bool) -> bool:
-    holder, left = lease
-    return take or not holder or holder == replica or left <= 0
+    transaction (:func:`planner.store_leases.acquire`): its lease is held by ``replica`` if it was free,
+    lapsed, its own or taken (``take``: a registration). Returns agent id -> (the holder before, seconds
+    it had left)."""
+    return store_leases.acquire(store.backend, asks, replica, seconds, CHUNK)
 
 
 def attach_rows(store: Store, ids: Sequence[str], texts: dict[str, str]) -> dict[str, Rows]:

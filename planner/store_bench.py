@@ -8,7 +8,9 @@ Prints, for ``--agents`` agents with ``--workers`` links each:
   event loop stalls while it runs on the store thread (a 1 ms ticker's worst lateness) compared
   with the same batch written on the loop;
 * ``issue_plan`` as the planner calls it (awaited on the store thread) and on the loop: per-call
-  latency and the loop's worst stall meanwhile.
+  latency and the loop's worst stall meanwhile;
+* a replica keeping ``--agents`` leases alive: every lease row renewed (how it was done until the
+  heartbeat) against its heartbeat (:mod:`planner.store_leases`), per flush.
 
 Results and the exact commands: planner/results/replicas.md.
 """
@@ -122,6 +124,28 @@ async def plan_writes(store: Store, n: int) -> None:
         await wb.close()
 
 
+def lease_renewals(store: Store, agents: int, runs: int) -> None:
+    """A replica holding ``agents`` leases: renewing every lease row against one heartbeat, per flush."""
+    b = store.backend
+    store.start_replica("bench", 5.0)
+    for i in range(0, agents, 500):
+        part = [f"b{j}" for j in range(i, min(agents, i + 500))]
+        with b.transaction():
+            b.execute(f"INSERT INTO leases (agent_id, replica, expires_unix) VALUES {','.join(['(?, ?, 0)'] * len(part))} "
+                      "ON CONFLICT (agent_id) DO NOTHING", tuple(x for a in part for x in (a, "bench")))
+    for name, renew in (("every lease row", lambda: store.renew_leases("bench", 5.0)),
+                        ("heartbeat      ", lambda: store.heartbeat("bench", 5.0))):
+        wall, cpu = [], []
+        for _ in range(runs):
+            t, c = time.perf_counter(), time.process_time()
+            renew()
+            wall.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        print(f"  lease renewal of {agents} agents, {name}: p50 {_ms(wall, 0.5):.2f} ms, max {_ms(wall, 1.0):.2f} ms; "
+              f"this process's CPU p50 {_ms(cpu, 0.5):.2f} ms ({runs} runs)")
+    store.release_leases("bench")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", required=True, help="postgresql://..., sqlite:///PATH or a path (a new, empty database)")
@@ -139,6 +163,7 @@ def main() -> None:
                 store.put_agent(AgentRecord(f"b{i}", "m", "d", PROFILE, ("w0",), (), pb.Constraints(), 1.0, 1.0))
         asyncio.run(flushes(store, args.agents, args.workers, args.runs))
         asyncio.run(plan_writes(store, args.calls))
+        lease_renewals(store, args.agents, max(args.runs, 20))
     finally:
         store.close()
 

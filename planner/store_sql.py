@@ -48,6 +48,7 @@ class Backend(abc.ABC):
     types: ClassVar[dict[str, str]] = {}  # schema placeholders -> this engine's type names
     now_sql = ""  # an SQL expression: the database's clock, seconds since the epoch
     lock_sql = ""  # appended to a SELECT that reads a row it will update in the same transaction
+    share_sql = ""  # appended to a SELECT whose rows must not change until the transaction ends
     connection: Any = None  # the driver's connection (tests look inside the SQLite one)
 
     @abc.abstractmethod
@@ -149,6 +150,7 @@ class PostgresBackend(Backend):
     types: ClassVar[dict[str, str]] = {"real": "DOUBLE PRECISION", "blob": "BYTEA"}  # PostgreSQL's REAL is 4 bytes: not enough for a time
     now_sql = "EXTRACT(EPOCH FROM clock_timestamp())::DOUBLE PRECISION"
     lock_sql = " FOR UPDATE"
+    share_sql = " FOR SHARE"
 
     def __init__(self, url: str):
         try:
