@@ -51,6 +51,8 @@ class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wir
     replan_batch: int = field(256, "agents one periodic pass decides at most; the rest wait for the next pass (a changed worker's agents are spread over passes)")
     gc_freeze_agents: int = field(1000, "from this many agents on, the planner moves its long-lived objects out of the garbage collector's scans (gc.freeze) each time the agents grew by a tenth (holding automatic full collections off while they grow), so a full collection does not stall the event loop for 0.1 s and more at 10,000 agents (0: never)")
     parallel_tile_factors: tuple[str, ...] = field((), "tile-compute factors files (python -m runtime.tools.dpfp_tilecal, measured inside a worker's quota), one per model: the parallel stages the planner pushes price tiles by them as 'edgesplit plan --parallel-tile-factors' does; a model without one is priced by area (checked at start-up, at most 64 files of 4 MiB)")
+    parallel_halo: bool = field(False, "the parallel stages the planner pushes may exchange halos between workers instead of gathering between blocks, as 'edgesplit plan --parallel-halo' does (the agent's workers need --halo-peer; an agent with --no-parallel-halo runs such a stage with gather and scatter)")
+    parallel_halo_round_ms: float = field(0.0, "with parallel_halo: fixed cost of one block's worker-to-worker fetch round beyond its RTT and bytes, in ms, as 'edgesplit plan --parallel-halo-round-ms' (0: not costed; at most 60000)")
     include_return: bool = field(True, "model the result's trip back from the worker in predicted latency")
     max_message_bytes: int = field(16 * 2**20, "gRPC message size limit, both directions (profiles travel in RegisterWorker)")
     grace_seconds: float = field(5.0, "on SIGTERM, how long calls in flight may take to finish")
@@ -85,6 +87,7 @@ class PlannerConfig(SecuritySettings, TracingSettings):  # security: runtime.wir
             (self.telemetry_max_age_seconds >= 0, "telemetry_max_age_seconds must be >= 0 (0: no limit)"),
             (self.replan_batch >= 1, "replan_batch must be >= 1"),
             (self.gc_freeze_agents >= 0, "gc_freeze_agents must be >= 0 (0: never)"),
+            (0 <= self.parallel_halo_round_ms < 60_000, "parallel_halo_round_ms must be in [0, 60000) ms"),
         ]
         for ok, message in checks:
             if not ok:

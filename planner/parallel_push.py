@@ -21,6 +21,12 @@ the model's tile-compute factors (``--parallel-tile-factors FILE``, one file per
 ``python -m runtime.tools.dpfp_tilecal`` inside a worker's quota; :func:`planner.dpfp_factors.load_many`
 checks them at start-up); a model without a file is priced by area.
 
+With ``--parallel-halo`` (``PlannerConfig.parallel_halo``, and ``--parallel-halo-round-ms``) DPFP may
+choose, per block boundary, to keep the map on the workers and exchange halos between them, as
+``edgesplit plan --parallel-halo`` does; such blocks carry ``ParallelBlock.halo_input``. The agent's
+workers must list one another with ``--halo-peer`` (else a halo tile is refused and the agent runs
+the frame with gather and scatter), and an agent started with ``--no-parallel-halo`` never uses it.
+
 The model's receptive geometry is taken once per model (the model is loaded for it and dropped;
 at most ``max_models`` geometries are kept) in the caller's executor: this module does nothing on
 the event loop.
@@ -81,12 +87,15 @@ class ParallelPlanner:
     """Owns the geometry cache; proposes and attaches parallel stages."""
 
     def __init__(self, min_workers: int = 2, min_gain: float = 0.1, max_models: int = 4, codec: str = "raw",
-                 tile_factors: Mapping[str, TileFactors] | None = None):
+                 tile_factors: Mapping[str, TileFactors] | None = None, halo: bool = False,
+                 halo_round_seconds: float = 0.0):
         self.min_workers = min_workers  # fewer candidate workers: no parallel stage
         self.min_gain = min_gain  # the stage must beat the plan's prediction by this fraction
         self.max_models = max_models  # geometries kept (each is small; taking one loads the model once)
         self.codec = codec  # codec of crops and tiles (raw: exact)
         self.tile_factors = dict(tile_factors or {})  # model -> measured tile-compute factors (none: by area)
+        self.halo = halo  # may blocks take their input by halo exchange between workers (edgesplit plan --parallel-halo)
+        self.halo_round_seconds = halo_round_seconds  # a fetch round's fixed cost (--parallel-halo-round-ms; 0: not costed)
         self._geometry: OrderedDict[str, PP.Geometry | None] = OrderedDict()  # None: the model cannot be tiled
         self._seen: OrderedDict[str, Hashable] = OrderedDict()  # agent id -> workers its plan was considered with
 
@@ -144,7 +153,8 @@ class ParallelPlanner:
         rtt = max(c.link.rtt_seconds for c in candidates)
         bw = min(c.link.bandwidth_bytes_per_second for c in candidates)
         prop = PP.propose([c.profile for c in candidates], Link(rtt, bw), workers=[c.address for c in candidates],
-                          codec=self.codec, geom=g, tile_factors=self.tile_factors.get(device.model))
+                          codec=self.codec, geom=g, tile_factors=self.tile_factors.get(device.model), halo=self.halo,
+                          halo_round_seconds=self.halo_round_seconds)
         stage = prop.stage
         if sum(1 for s in stage.blocks[0].shares if s > 0) < 2 and all(
                 sum(1 for s in b.shares if s > 0) < 2 for b in stage.blocks):

@@ -78,7 +78,8 @@ class RePlanner:
         self.rank, self.prefetch = self.ranker.rank, self.ranker.prefetch
         self.band_tables = BandTables()  # the planner's own band tables of running plans, shared (planner.rankcache)
         # parallel stages over several workers (planner.parallel_push), tiles priced by the measured factors
-        self.parallel = ParallelPlanner(tile_factors=load_tile_factors(config.parallel_tile_factors))
+        self.parallel = ParallelPlanner(tile_factors=load_tile_factors(config.parallel_tile_factors),
+                                        halo=config.parallel_halo, halo_round_seconds=config.parallel_halo_round_ms / 1e3)
         self.intake = Intake(config.telemetry_max_pending, config.telemetry_max_age_seconds, metrics, self.decide)
         self._basis: dict[str, Basis] = {}  # agent id -> what its plan's bands were ranked with (planner.inband)
         self._banded: dict[str, int] = {}  # agent id -> plan version whose bands were ranked

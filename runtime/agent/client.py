@@ -92,7 +92,8 @@ class Agent:
         self.edge = EdgeSender(self.link, self.inflight, self.metrics, self.deadline_seconds)
         self.link.use(self.active.worker)
         # a pushed plan's parallel stage (Plan.parallel, RFS/DPFP): while active, frames go through it
-        self.parallel = PushedStage(loaded, CoordinatorOptions(transport=self.transport, agent_id=self.agent_id),
+        self.parallel = PushedStage(loaded, CoordinatorOptions(transport=self.transport, agent_id=self.agent_id,
+                                                               halo=options.parallel_halo),
                                     prepare_timeout_seconds=self.prepare_timeout, link=self.link)
 
     # The active plan's parts, for callers that predate ActivePlan (read-only).
