@@ -138,6 +138,50 @@ MAX_WORKER_SPEEDS = 64  # workers one agent keeps a tail factor for (a sample fo
 WORKER_SPEED_TTL = 60.0  # seconds without a sample after which a worker's tail factor is forgotten
 
 
+LINK_OVERHEAD_TOLERANCE = (0.10, 0.0005)  # remake a worker's profile when its overhead moved by over 10 % and 0.5 ms
+MAX_LINK_OVERHEAD = 1.0  # a reported link overhead beyond 1 s is no measurement of the runtime: ignored
+MAX_LINK_OVERHEAD_SAMPLES = 1e12  # ... nor a sample count beyond this (an age beyond the TTL is simply old)
+
+
+@dataclass
+class LinkOverhead:
+    """One (agent, worker) link's measured overhead per frame (issue 11): the agent's figure (``seconds``:
+    runtime.agent.telemetry.link_overhead, the median of its last 16 offloaded frames: their wait for the board,
+    the worker's decode, queue and hand-offs) with its sample count and the wall-clock time of its last sample,
+    and ``extra``: what it holds beyond the parts the plan it was measured under priced for it (that transfer's
+    decode on the worker, as profiled, and its modelled ``queue:board``), added to the decode of every transfer
+    the worker receives from this agent (:meth:`WorkerSpeeds.profiles`). ``applied``: the extra decisions use
+    (None: none yet)."""
+
+    seconds: float
+    samples: int
+    updated: float
+    extra: float
+    applied: float | None = None
+
+    def moved(self) -> bool:
+        rel, floor = LINK_OVERHEAD_TOLERANCE
+        return self.applied is None or abs(self.extra - self.applied) > max(rel * abs(self.applied), floor)
+
+
+def plausible_overhead(seconds: float, samples: float, age: float) -> bool:
+    """Whether a reported link overhead (seconds, samples behind it, age in seconds) is a measurement."""
+    return (math.isfinite(seconds) and 0 <= seconds <= MAX_LINK_OVERHEAD and math.isfinite(samples)
+            and 1 <= samples <= MAX_LINK_OVERHEAD_SAMPLES and math.isfinite(age) and age >= 0)
+
+
+def with_decode(profile: Profile, extra: float) -> Profile:
+    """``profile`` with ``extra`` seconds on the decode of every transfer it receives (at least 0); itself at 0."""
+    if extra == 0:
+        return profile
+
+    def more(transfers: tuple[Transfer, ...]) -> tuple[Transfer, ...]:
+        return tuple(dataclasses.replace(t, decode_seconds=max(0.0, t.decode_seconds + extra)) for t in transfers)
+
+    blocks = tuple(dataclasses.replace(b, transfers=more(profile.transfers_after(b.index + 1))) for b in profile.blocks)
+    return dataclasses.replace(profile, blocks=blocks, input_transfers=more(profile.transfers_after(0)))
+
+
 class WorkerSpeeds:
     """One agent's tail factor per worker (issue 11: a loaded worker's ResNet-18 tail took 150 ms
     against the 45 ms of its profile, and the planner kept predicting 45): the worker's ``edge_tail``
@@ -149,7 +193,8 @@ class WorkerSpeeds:
     def __init__(self, ttl_seconds: float = WORKER_SPEED_TTL) -> None:
         self.ttl_seconds = ttl_seconds
         self.speeds: dict[str, DeviceSpeed] = {}  # worker id -> factor
-        self._scaled: dict[str, tuple[Mapping[str, Profile], float, Mapping[str, Profile]]] = {}
+        self.overheads: dict[str, LinkOverhead] = {}  # worker id -> the link's measured overhead (LinkOverhead)
+        self._scaled: dict[str, tuple[Mapping[str, Profile], tuple[float, float], Mapping[str, Profile]]] = {}
 
     def observe(self, worker_id: str, stages: Mapping[str, float], profile: Profile, split_index: int,
                 end_index: int = 0) -> str | None:
@@ -177,18 +222,40 @@ class WorkerSpeeds:
         speed = self.speeds.get(worker_id)
         return speed.applied if speed is not None else 1.0
 
+    def overhead(self, worker_id: str, seconds: float, samples: int, updated: float, extra: float) -> bool:
+        """The agent's measured overhead on its link to ``worker_id`` (:class:`LinkOverhead`); True when the
+        ``extra`` decisions use moved (it is applied then). Beyond MAX_WORKER_SPEEDS workers, a new one is dropped."""
+        ov = self.overheads.get(worker_id)
+        if ov is None:
+            if len(self.overheads) >= MAX_WORKER_SPEEDS:
+                return False
+            ov = self.overheads[worker_id] = LinkOverhead(seconds, samples, updated, extra)
+        else:
+            ov.seconds, ov.samples, ov.updated, ov.extra = seconds, samples, updated, extra
+        if not ov.moved():
+            return False
+        ov.applied = ov.extra
+        self._scaled.pop(worker_id, None)
+        return True
+
+    def applied_overhead(self, worker_id: str) -> float:
+        """The extra decode seconds decisions use for ``worker_id`` (0: its link's overhead unknown)."""
+        ov = self.overheads.get(worker_id)
+        return ov.applied if ov is not None and ov.applied is not None else 0.0
+
     def profiles(self, worker_id: str, profiles: Mapping[str, Profile], model: str) -> Mapping[str, Profile]:
         """``profiles`` (a worker's, by model) with ``model``'s block times scaled by this agent's factor for
-        the worker; ``profiles`` itself at 1.0. The same scaled objects while the factor holds (the search's
-        caches and the shared rankings key on them)."""
-        factor = self.applied(worker_id)
-        if factor == 1.0 or model not in profiles:
+        the worker and its decode times raised by the link's measured overhead (:class:`LinkOverhead`);
+        ``profiles`` itself at 1.0 and no overhead. The same objects while both hold (the search's caches and
+        the shared rankings key on them)."""
+        key = (self.applied(worker_id), self.applied_overhead(worker_id))
+        if key == (1.0, 0.0) or model not in profiles:
             return profiles
         hit = self._scaled.get(worker_id)
-        if hit is not None and hit[0] is profiles and hit[1] == factor:
+        if hit is not None and hit[0] is profiles and hit[1] == key:
             return hit[2]
-        out = {**profiles, model: scaled(profiles[model], factor)}
-        self._scaled[worker_id] = (profiles, factor, out)
+        out = {**profiles, model: with_decode(scaled(profiles[model], key[0]), key[1])}
+        self._scaled[worker_id] = (profiles, key, out)
         return out
 
     def restore(self, worker_id: str, factor: float, samples: int, updated: float) -> None:
@@ -205,11 +272,16 @@ class WorkerSpeeds:
         moved = False
         for wid in [w for w, s in self.speeds.items() if now - s.updated > self.ttl_seconds]:
             moved |= self.speeds[wid].applied != 1.0
-            self.forget(wid)
+            self.speeds.pop(wid, None)
+            self._scaled.pop(wid, None)
+        for wid in [w for w, o in self.overheads.items() if now - o.updated > self.ttl_seconds]:
+            moved |= bool(self.overheads.pop(wid).applied)
+            self._scaled.pop(wid, None)
         return moved
 
     def forget(self, worker_id: str) -> None:
         self.speeds.pop(worker_id, None)
+        self.overheads.pop(worker_id, None)
         self._scaled.pop(worker_id, None)
 
 
@@ -284,6 +356,10 @@ class Overhead:
                 or self.applied.get("queue_measured", 0.0) != float(self.samples["queue"] > 0)
                 or self.applied.get("interval", 0.0) != self.interval or self.applied.get("window") != self.window
                 or abs(self.applied.get("link_cv2", 0.0) - self.link_cv2) > max(0.5 * self.applied.get("link_cv2", 0.0), 0.01))
+
+    def forget(self, kind: str) -> None:
+        """``kind``'s figure is unknown again (the hold, once the link's measured overhead holds it: LinkOverhead)."""
+        self.seconds[kind], self.samples[kind] = 0.0, 0
 
     def _workload(self, stages: Mapping[str, float], now: float) -> None:
         interval, window = stages.get("source_interval"), stages.get("source_window", float(DEFAULT_WINDOW))

@@ -45,8 +45,11 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
     expired = st.tails.expire(time.time())  # a worker factor with no sample for its TTL: the profile stands again
     stages = dict(t.stage_seconds)
     stages.pop("overhead_queue", None)  # the planner's own figure (queue_sample), never the agent's word
+    linked = link_overhead(state, st, t, plan)
     extra = compute.hold_extra(stages, plan.breakdown_seconds) if plan is not None and plan.worker_id else None
-    if extra is not None and plan is not None and not plan.next_hops and not plan.parallel.worker_addresses:
+    if linked is not None:  # the link's measured overhead holds the worker's hold: no second term for it
+        st.overhead.forget("hold")
+    elif extra is not None and plan is not None and not plan.next_hops and not plan.parallel.worker_addresses:
         stages["overhead_hold"] = extra
     queue = queue_sample(stages, plan)
     if queue is not None:
@@ -55,6 +58,10 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
     if plan is None or plan.model_id != st.record.model:
         return expired
     tail = observe_tail(state, st, plan, t) or expired
+    if linked is not None and plan.worker_id:
+        tail |= st.tails.overhead(plan.worker_id, *linked)
+        logger.debug("agent %s: link overhead to %s %.1f ms, %.1f ms beyond its decode and board wait", st.record.id,
+                     plan.worker_id, linked[0] * 1e3, linked[3] * 1e3)
     assert st.benchmark is not None
     outcome = st.speed.observe(t.stage_seconds, st.benchmark, plan.split_index)
     if outcome is not None:
@@ -63,6 +70,34 @@ def observe_compute(state: PlannerState, metrics: PlannerMetrics, st: AgentState
         return tail
     logger.debug("agent %s: device compute now %.2fx its profile", st.record.id, st.speed.factor)
     return True
+
+
+def link_overhead(state: PlannerState, st: AgentState, t: pb.Telemetry,
+                  plan: pb.Plan | None) -> tuple[float, int, float, float] | None:
+    """The agent's measured overhead on its link to the plan's worker, as the report states it (stages
+    ``link_overhead``, ``link_overhead_samples``, ``link_overhead_age``: runtime.agent.telemetry.link_overhead):
+    (seconds, samples, wall-clock time of its last sample, extra), ``extra`` being what it holds beyond the parts
+    the plan priced for it: the decode of the plan's transfer on that worker as profiled, and the plan's
+    ``queue:board`` (planner.compute.LinkOverhead). None when the report holds none or none that is a
+    measurement, the report is about another link, or the plan is not one hop to one worker with a profile."""
+    s = t.stage_seconds
+    if plan is None or not plan.worker_id or plan.next_hops or plan.parallel.worker_addresses or "link_overhead" not in s:
+        return None
+    if t.worker not in (plan.worker_id, plan.worker_address):
+        return None
+    seconds, samples, age = s["link_overhead"], s.get("link_overhead_samples", 0.0), s.get("link_overhead_age", 0.0)
+    if not compute.plausible_overhead(seconds, samples, age):
+        return None
+    w = state.workers.get(plan.worker_id)
+    profile = w.profiles.get(plan.model_id) if w is not None else None
+    if profile is None or not 0 <= plan.split_index <= profile.n_blocks:
+        return None
+    decode = [x.decode_seconds for x in profile.transfers_after(plan.split_index)
+              if x.codec == plan.codec and x.tl_id == plan.tl_id]
+    if not decode:
+        return None
+    extra = seconds - decode[0] - plan.breakdown_seconds.get("queue:board", 0.0)
+    return seconds, int(samples), time.time() - age, extra
 
 
 def queue_sample(stages: dict[str, float], plan: pb.Plan | None) -> float | None:

@@ -34,6 +34,13 @@ Bandwidth (bytes/s):
   never a step. On an alarm the estimate jumps to the geometric mean of the samples of the run
   and the CUSUM restarts: the EWMA alone would need ~7 samples to absorb a step.
 
+The relative variance of samples about their mean (the bandwidth's ``jitter``, the board's ``cs2`` in
+runtime.agent.prediction) is one helper, :func:`log_spread`: an EWMA of ``log(sample / mean)**2``.
+
+Overhead (seconds, :class:`Overhead`): per link, the frame's time that none of the model's measured parts
+holds (its board wait, the worker's decode, queue and hand-offs; runtime.agent.telemetry), the median of
+the last ``OVERHEAD_WINDOW`` frames with their count and the time of the last one.
+
 RTT (seconds): the *base* RTT, the smallest of the last ``rtt_window`` probes (queueing only ever
 adds to a probe; see runtime.agent.telemetry). A fall shows at once; a rise would hide behind the
 window's old minimum for ``rtt_window`` probes, so an upward CUSUM on ``log(probe / base)`` (same
@@ -43,6 +50,7 @@ drift, threshold and run) clears the window to the probes of the run when the pa
 from __future__ import annotations
 
 import math
+import statistics
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -122,6 +130,16 @@ def _geomean(xs: list[float]) -> float:
     return math.exp(sum(math.log(x) for x in xs) / len(xs))
 
 
+def log_spread(spread: float, sample: float, mean: float, alpha: float, first: bool = False) -> float:
+    """The EWMA (weight ``alpha``) of ``log(sample / mean)**2``, the relative variance of positive samples about
+    their mean (the squared coefficient of variation of runtime.contracts.queueing); ``first``: the first
+    deviation sets it. ``spread`` unchanged when either figure is not positive."""
+    if not (sample > 0 and mean > 0):
+        return spread
+    d = math.log(sample / mean)
+    return d * d if first else alpha * d * d + (1 - alpha) * spread
+
+
 @dataclass
 class Figure:
     """One estimated quantity: value (0.0 = unknown), samples behind it, time of the last one."""
@@ -133,6 +151,37 @@ class Figure:
     def age(self, now: float) -> float:
         """Seconds since the last sample (inf when there was none)."""
         return now - self.updated
+
+
+OVERHEAD_WINDOW = 16  # frames a link's overhead is the median of (one frame that waited for the GIL is no trend)
+MAX_OVERHEAD_SECONDS = 1.0  # a frame's overhead beyond this is no measurement of the runtime: not taken
+
+
+@dataclass
+class Overhead:
+    """A link's measured overhead per frame (see the module docstring): the median of the last OVERHEAD_WINDOW
+    samples (``value``; 0.0 and ``samples == 0``: unknown), the samples taken and the time of the last one."""
+
+    value: float = 0.0
+    samples: int = 0
+    updated: float = -math.inf
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_WINDOW))
+
+    def add(self, seconds: float, now: float) -> bool:
+        """One frame's overhead; False (not taken) when it is no measurement (negative, not finite, over 1 s)."""
+        if not (math.isfinite(seconds) and 0 <= seconds <= MAX_OVERHEAD_SECONDS):
+            return False
+        self.recent.append(seconds)
+        self.value = statistics.median(self.recent)
+        self.samples += 1
+        self.updated = now
+        return True
+
+    def age(self, now: float) -> float:
+        return now - self.updated
+
+    def copy(self) -> Overhead:
+        return Overhead(self.value, self.samples, self.updated, deque(self.recent, maxlen=OVERHEAD_WINDOW))
 
 
 @dataclass
@@ -148,6 +197,7 @@ class LinkEstimate:
     # log(sample / estimate)**2, restarted by a step; the squared coefficient of variation of a frame's time
     # on the link (runtime.contracts.queueing); 0 until a second sample
     jitter: float = 0.0
+    overhead: Overhead = field(default_factory=Overhead)  # the frame's time no modelled part holds, on this link
 
     def __post_init__(self) -> None:
         self._bw_steps = StepDetector(self.options)
@@ -168,8 +218,7 @@ class LinkEstimate:
                 self.steps += 1
                 self.jitter = 0.0
             else:
-                d = math.log(bytes_per_second / bw.value)
-                self.jitter = d * d if bw.samples == 1 else self.options.alpha * d * d + (1 - self.options.alpha) * self.jitter
+                self.jitter = log_spread(self.jitter, bytes_per_second, bw.value, self.options.alpha, first=bw.samples == 1)
                 keep = (1 - self.options.alpha) * 0.5 ** (max(0.0, bw.age(now)) / self.options.half_life_seconds)
                 bw.value = (1 - keep) * bytes_per_second + keep * bw.value
         bw.samples += 1

@@ -27,17 +27,25 @@ Two terms follow the workload rather than the plan alone (:func:`line`):
   wait of runtime.contracts.queueing (Kingman, paced arrivals, the link's measured jitter as the
   service's variance; capped by the window; drop-limited at ``rho >= 1``). The plan's issued
   ``queue:link`` term (the planner's figure at the issued link) is replaced by the one at ``bw_now``.
+* **The link's overhead.** What a frame spends on its link outside the parts the planner measures and
+  prices by themselves (its wait for the board thread, the worker's decode, queue and hand-offs:
+  runtime.agent.telemetry.link_overhead; 3-5 ms of ResNet-18's 67 on adapt_run's quota-limited board,
+  where the plan held 0.9 ms of decode) is measured per link (runtime.agent.estimator.Overhead: the
+  median of the last 16 frames, with their count and age). From OVERHEAD_MIN_SAMPLES frames on it
+  replaces the plan's issued ``decode:*`` and ``queue:board``, the terms the planner prices it in
+  (planner.compute.LinkOverheads); unknown, the issued terms stand.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any
 
-from runtime.agent.estimator import Figure
+from runtime.agent.estimator import Figure, Overhead, log_spread
 from runtime.contracts.queueing import DEFAULT_WINDOW, expected_wait
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 
@@ -51,36 +59,47 @@ class Prediction:
     ret: float = 0.0
     queue: float = 0.0  # the issued wait for the link (``queue:link``; planner.workload)
     local: bool = False  # a local plan (every block on the board)
+    decode: float = 0.0  # the issued ``decode:*`` (with the planner's figure of the link's overhead in it) ...
+    board_wait: float = 0.0  # ... and ``queue:board``: what the link's measured overhead stands for (:meth:`now`)
 
     @classmethod
     def of(cls, plan: ppb.Plan) -> Prediction:
         terms = {k.partition(":")[0]: v for k, v in plan.breakdown_seconds.items() if k.startswith(("rtt:", "transfer:",
-                                                                                                    "return:"))}
+                                                                                                    "return:", "decode:"))}
         if (not plan.worker_address or plan.next_hops or plan.parallel.worker_addresses
                 or terms.get("transfer", 0.0) <= 0 or len([k for k in plan.breakdown_seconds if k.startswith("transfer:")]) != 1):
             return cls(plan.predicted_seconds, local=not plan.worker_address and plan.split_id == "output")
         return cls(plan.predicted_seconds, plan.predicted_bytes, terms.get("rtt", 0.0), terms["transfer"],
-                   terms.get("return", 0.0), plan.breakdown_seconds.get("queue:link", 0.0))
+                   terms.get("return", 0.0), plan.breakdown_seconds.get("queue:link", 0.0),
+                   decode=terms.get("decode", 0.0), board_wait=plan.breakdown_seconds.get("queue:board", 0.0))
 
     def now(self, link: Any, measured_bytes: float = 0.0, *, frame_bytes: int = 0, interval: float = 0.0,
             window: int = DEFAULT_WINDOW) -> float:
-        """Re-costed at ``link`` (a runtime.agent.estimator.LinkEstimate, or None: as issued); ``measured_bytes``:
-        the agent's mean for the configuration (the plan's bytes when it carries none); ``frame_bytes``: the
-        frame's own bytes on the wire (0: the mean); ``interval``: the source's frame interval in seconds
-        (0: unknown, no queue term); ``window``: frames in flight."""
-        size = self.bytes or measured_bytes
-        if link is None or self.transfer <= 0 or size <= 0 or not link.bandwidth.samples or link.bandwidth.value <= 0:
+        """Re-costed at ``link`` (a runtime.agent.estimator.LinkEstimate or :class:`LinkView`, or None: as issued);
+        ``measured_bytes``: the agent's mean for the configuration (the plan's bytes when it carries none);
+        ``frame_bytes``: the frame's own bytes on the wire (0: the mean); ``interval``: the source's frame
+        interval in seconds (0: unknown, no queue term); ``window``: frames in flight. The link's measured
+        overhead (OVERHEAD_MIN_SAMPLES frames or more) replaces the issued ``decode`` and ``queue:board``."""
+        if link is None or self.transfer <= 0:
             return self.seconds
+        seconds = self.seconds
+        ov = getattr(link, "overhead", None)
+        if ov is not None and ov.samples >= OVERHEAD_MIN_SAMPLES:
+            seconds += ov.value - self.decode - self.board_wait
+        size = self.bytes or measured_bytes
+        if size <= 0 or not link.bandwidth.samples or link.bandwidth.value <= 0:
+            return seconds
         bw = link.bandwidth.value
         issued_bw = size / self.transfer
         rtt = link.rtt.value if link.rtt.value > 0 else self.rtt
         mean = measured_bytes or size  # the workload's bytes per frame: what keeps the link busy
         wait = expected_wait(mean / bw, interval, getattr(link, "jitter", 0.0), window=window)
         own = frame_bytes if frame_bytes > 0 else size
-        return float(self.seconds - self.rtt - self.transfer - self.ret - self.queue
+        return float(seconds - self.rtt - self.transfer - self.ret - self.queue
                      + rtt + own / bw + self.ret * issued_bw / bw + wait.seconds)
 
 
+OVERHEAD_MIN_SAMPLES = 3  # frames behind a link's overhead before a line uses it (runtime.agent.estimator.Overhead)
 BOARD_MIN_SAMPLES = 3  # local frames behind the board's figures before a line re-costs a local plan with them
 MAX_BEFORE = 256  # frames whose "before" figures are kept for their result line (the oldest go first)
 
@@ -92,30 +111,34 @@ class LinkView:
     bandwidth: Figure
     rtt: Figure
     jitter: float
+    overhead: Overhead = dataclasses.field(default_factory=Overhead)
 
 
 @dataclass
 class Board:
     """The local configuration's time on the board per frame, as the agent measured it: the EWMA (weight
-    ALPHA) of ``head + local_tail`` (the board's service), of log(sample / mean)**2 (its cs2), and of the
-    runtime's own time around it (runtime.agent.telemetry.runtime_overhead)."""
+    ALPHA) of ``head + local_tail`` (the board's service), its relative variance (``cs2``: the EWMA of
+    log(sample / mean)**2, runtime.agent.estimator.log_spread, as a link's jitter), and the runtime's own
+    time around it (runtime.agent.telemetry.runtime_overhead); with the samples behind them and the time
+    of the last one (``updated``, the agent's monotonic clock; -inf: none)."""
 
     service: float = 0.0
     cs2: float = 0.0
     overhead: float = 0.0
     samples: int = 0
+    updated: float = -math.inf
 
-    def add(self, service: float, overhead: float, alpha: float = 0.3) -> None:
+    def add(self, service: float, overhead: float, alpha: float = 0.3, now: float | None = None) -> None:
         if not (service > 0 and math.isfinite(service) and math.isfinite(overhead)):
             return
         if self.samples == 0:
             self.service, self.overhead = service, max(0.0, overhead)
         else:
-            d = math.log(service / self.service)
-            self.cs2 = alpha * d * d + (1 - alpha) * self.cs2
+            self.cs2 = log_spread(self.cs2, service, self.service, alpha, first=self.samples == 1)
             self.service = alpha * service + (1 - alpha) * self.service
             self.overhead = alpha * max(0.0, overhead) + (1 - alpha) * self.overhead
         self.samples += 1
+        self.updated = time.monotonic() if now is None else now
 
 
 @dataclass(frozen=True)
@@ -155,7 +178,7 @@ class History:
 
     def take(self, now: float, key: str, link: Any, board: Board) -> None:
         view = None if link is None else LinkView(dataclasses.replace(link.bandwidth), dataclasses.replace(link.rtt),
-                                                   link.jitter)
+                                                   link.jitter, link.overhead.copy())
         self.states.append((now, Before(key, view, dataclasses.replace(board))))
 
     def at(self, t: float) -> Before | None:

@@ -64,7 +64,8 @@ ALPHA = EstimatorOptions.alpha  # EWMA weight of a new sample on a fresh estimat
 RTT_WINDOW = EstimatorOptions.rtt_window  # probes the base RTT is the minimum of
 UNCONFIRMED_LATE = 8.0  # a late frame no probe checked counts only this many times late (see observe_late)
 MAX_STAGE_SAMPLES = 4096  # per stage between reports; beyond that the oldest are dropped
-OVERHEAD_WARMUP = 3  # a configuration's first frames give no overhead sample (see LinkEstimator.observe_overhead)
+OVERHEAD_WARMUP = 3  # a configuration's first frames give no overhead or encode sample (LinkEstimator.observe_overhead)
+LINK_OVERHEAD_MIN_SAMPLES = 3  # frames behind a link's overhead before it is reported (stage ``link_overhead``)
 
 
 class LinkEstimator:
@@ -90,6 +91,7 @@ class LinkEstimator:
         self._frames = 0
         self.overhead_warmup = OVERHEAD_WARMUP
         self._overhead_run: tuple[tuple[str, str, str, str], int] = (("", "", "", ""), 0)  # configuration, frames in it
+        self._warming = False  # the frame observed last is one of its configuration's first ``overhead_warmup``
         self.wire = WireTable(clock)  # bytes per frame and encode time per (split, codec), for the planner
         # the source's workload (set by the agent's run loop from --fps and --window): its frame interval in
         # seconds (0: unpaced or unknown) and the frames it keeps in flight; reported to the planner as
@@ -130,11 +132,13 @@ class LinkEstimator:
         self.history.frame(result.seq, result.times.get("total", 0.0), now)
         for stage, seconds in result.times.items():
             self._stages[stage].append(seconds)
-        self.wire.observe(result)
         other = self.observe_overhead(result)
+        self.wire.observe(result, encode=not self._warming)  # a start-up frame's encode is no figure of the board's
         if other is not None and result.where == "local" and result.split == "output":  # the local plan's board
-            self.board.add(result.times.get("head", 0.0) + result.times.get("local_tail", 0.0), other)
+            self.board.add(result.times.get("head", 0.0) + result.times.get("local_tail", 0.0), other, now=now)
         self._observe_link(result)
+        if other is not None:
+            self.observe_link_overhead(result, now)
         worker = getattr(result, "worker", "") or self.current
         self.history.take(now, worker, self.links.get(worker) if worker else None, self.board)
 
@@ -158,16 +162,28 @@ class LinkEstimator:
         and the planner's estimate, set by its first sample, kept ~60 ms per local frame through a 40 s
         offloaded phase, so the next local phase was predicted 15-25 % slow."""
         other = runtime_overhead(result)
+        self._warming = False
         if other is None:
             return None
         key = (result.where, result.split, result.codec, getattr(result, "worker", ""))
         run, count = self._overhead_run
         count = count + 1 if key == run else 1
         self._overhead_run = (key, count)
-        if count <= self.overhead_warmup:
+        self._warming = count <= self.overhead_warmup
+        if self._warming:
             return None
         self._stages[f"overhead_{result.where}"].append(other)
         return other
+
+    def observe_link_overhead(self, result: Any, now: float) -> bool:
+        """An offloaded frame's time on its link that none of the model's measured parts holds, into that link's
+        :class:`runtime.agent.estimator.Overhead` (:func:`link_overhead`); True when taken. A configuration's
+        first frames give none (:meth:`observe_overhead`)."""
+        seconds = link_overhead(result)
+        key = getattr(result, "worker", "")
+        if seconds is None or not key:
+            return False
+        return self.estimate(key).overhead.add(seconds, now)
 
     def observe_censored(self, key: str, sent_bytes: int, elapsed: float) -> bool:
         """A frame with no result after ``elapsed`` s, ``sent_bytes`` being its own bytes plus those the
@@ -269,6 +285,12 @@ class LinkEstimator:
             est = self.links.get(self.current)
             if est is not None and est.bandwidth.samples >= 2:  # the link's jitter: its service's variance
                 medians["link_cv2"] = est.jitter
+        est = self.links.get(self.current) if self.current else None
+        if medians and est is not None and est.overhead.samples >= LINK_OVERHEAD_MIN_SAMPLES:  # planner.compute.LinkOverheads
+            ov = est.overhead
+            medians["link_overhead"] = ov.value
+            medians["link_overhead_samples"] = float(ov.samples)
+            medians["link_overhead_age"] = max(0.0, ov.age(self.clock()))
         frames, self._frames = self._frames, 0
         self._stages.clear()
         return medians, frames
@@ -296,6 +318,24 @@ def runtime_overhead(result: Any) -> float | None:
     if "total" not in t or not (result.where == "edge" or (result.where == "local" and result.split == "output")):
         return None
     return max(0.0, t["total"] - sum(t.get(s, 0.0) for s in BOARD_STAGES))
+
+
+def link_overhead(result: Any) -> float | None:
+    """An offloaded frame's time that none of the model's measured parts holds (issue 11): its wait for the board
+    (``board_queue``) and the worker's hold beyond its tail (``edge_held - edge_tail``: decode, the worker's
+    queue, admission and hand-offs; the sum of the worker's stages when it sent no hold). What is measured end
+    to end less the parts the planner measures and prices by themselves: the board's head and encode, the
+    link's network time (its bandwidth and RTT), the worker's tail (its factor), the board runtime's own time
+    (``overhead_edge``, :func:`runtime_overhead`). The planner's model holds a decode time and a modelled board
+    wait in their place (runtime.agent.prediction, planner.compute.LinkOverheads). None for a frame that did
+    not run on one worker as its plan said (local, chained, no worker stages)."""
+    t: dict[str, float] = result.times
+    if result.where != "edge" or "edge_tail" not in t or "edge_forward" in t:
+        return None
+    held = t.get("edge_held")
+    if held is None:
+        held = t.get("edge_queue", 0.0) + t.get("edge_decode", 0.0) + t["edge_tail"]
+    return t.get("board_queue", 0.0) + max(0.0, held - t["edge_tail"])
 
 
 def link_report(worker: str, est: LinkEstimate | None, now: float) -> ppb.LinkReport:
