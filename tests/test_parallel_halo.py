@@ -80,12 +80,15 @@ def test_crop_parts_must_cover_the_crop_exactly():
         check_parts([good[0]] * 65, crop)
 
 
-def test_fetch_region_is_for_workers_only():
-    assert AUTH_POLICY["FetchRegion"] == frozenset({"worker"})
+def test_fetch_region_is_for_workers_and_agents():
+    """Workers read their neighbours' kept tiles; an agent its own frame's kept tiles back after a failed
+    exchange (runtime.agent.parallel_recover). Both need the frame's halo_token; no other role may call it."""
+    assert AUTH_POLICY["FetchRegion"] == frozenset({"worker", "agent"})
     auth = AuthInterceptor(SecurityOptions(), AUTH_POLICY)
     auth.authorize("/edgesplit.v1.Tiles/FetchRegion", Identity("worker", "w2", "token"))
+    auth.authorize("/edgesplit.v1.Tiles/FetchRegion", Identity("agent", "a1", "token"))
     with pytest.raises(Refused) as e:
-        auth.authorize("/edgesplit.v1.Tiles/FetchRegion", Identity("agent", "a1", "token"))
+        auth.authorize("/edgesplit.v1.Tiles/FetchRegion", Identity("planner", "p1", "token"))
     assert e.value.code == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -159,7 +162,9 @@ def test_halo_exchange_between_workers_equals_the_unsplit_model(start_worker, lo
     assert _close(y_gather, reference) and all(r.received_bytes > 0 for r in gathered)
 
 
-def test_worker_killed_mid_frame_falls_back_to_gather_and_loses_nothing(start_worker, loaded, image, reference):
+def test_worker_killed_mid_frame_resumes_with_gather_and_loses_nothing(start_worker, loaded, image, reference):
+    """The victim dies after block 0: its kept tile is lost with it, the survivor's is fetched back; only the
+    lost tile of block 0 is computed again (on the survivor), then blocks 1 and 2 by gather and scatter."""
     (victim, vport), (_, sport) = (start_worker("--torch-threads", "1", "--halo-peer", "127.0.0.1") for _ in range(2))
     victim_addr, survivor = f"127.0.0.1:{vport}", f"127.0.0.1:{sport}"
 
@@ -172,21 +177,29 @@ def test_worker_killed_mid_frame_falls_back_to_gather_and_loses_nothing(start_wo
         _frames(loaded, _stage([victim_addr, survivor]), image, n=2, on_block=kill_after_first_block), 200))
     assert fallbacks == 2  # this frame and the next (the victim stays dead)
     assert registry.get_sample_value("edgesplit_agent_halo_fallbacks_total") == 2
+    assert registry.get_sample_value("edgesplit_agent_halo_recovered_tiles_total", {"how": "fetched"}) == 2
     for y, reports in frames:
         assert _close(y, reference)
-        assert all(r.ran_on != victim_addr for r in reports)  # the gather-and-scatter run moved its tiles
+        first = [r for r in reports if r.block == 0]
+        assert len(first) == 3  # its two tiles, and the victim's again: the survivor's was not recomputed
+        assert [r.ran_on for r in first].count(survivor) == 2
+        assert all(r.ran_on == survivor for r in reports if r.block > 0 and r.ran_on)  # nothing more on the victim
 
 
 def test_a_worker_dials_only_its_halo_peers_and_the_frame_falls_back(start_worker, loaded, image, reference):
     """The crop parts' addresses come from the agent: a worker started without --halo-peer (the default)
     refuses to dial them (its credentials would go to an address of the agent's choosing), PERMISSION_DENIED,
-    and the coordinator runs the stage with gather and scatter instead: the frame is right and not lost."""
+    and the coordinator resumes the stage with gather and scatter: block 0's kept tiles are fetched back, the
+    later blocks computed again; the frame is right and not lost."""
     workers = [start_worker("--torch-threads", "1") for _ in range(2)]
     addresses = [f"127.0.0.1:{port}" for _, port in workers]
     frames, fallbacks, registry = asyncio.run(asyncio.wait_for(_frames(loaded, _stage(addresses), image), 180))
     assert fallbacks == 1 and registry.get_sample_value("edgesplit_agent_halo_fallbacks_total") == 1
     y, reports = frames[0]
-    assert _close(y, reference) and all(r.received_bytes > 0 for r in reports)  # every block gathered
+    assert _close(y, reference)
+    assert len([r for r in reports if r.block == 0]) == 2  # kept, and fetched back by the agent: not recomputed
+    assert registry.get_sample_value("edgesplit_agent_halo_recovered_tiles_total", {"how": "fetched"}) == 2
+    assert all(r.received_bytes > 0 for r in reports if r.block > 0 and r.ran_on)  # the later blocks gathered
 
 
 def test_halo_peers_match_an_exact_address_or_a_whole_host():

@@ -23,7 +23,10 @@ def test_terms_add_up_to_each_blocks_span():
         assert sum(r[k] for k in TERMS) == pytest.approx(r["span"])
     assert rows[0]["compute"] == 0.040 and rows[0]["net+grpc"] == pytest.approx(0.057 - 0.043)
     assert rows[1]["wait"] == pytest.approx(-0.004)  # its crop was ready 4 ms before block 0's last tile
-    assert rows[0]["bytes"] == 30
+    assert rows[0]["bytes"] == 30 and rows[0]["peer_bytes"] == 0
+    halo = [tile(0, 100.001, 100.002, 100.050, 100.051, 0.030)]
+    halo[0].peer_bytes = 7  # crop parts its worker fetched from a neighbour: moved, though not through the agent
+    assert frame_terms(t0, halo, 1)[0]["bytes"] == 22 and frame_terms(t0, halo, 1)[0]["peer_bytes"] == 7
     med = medians([(t0, reps), (t0, reps)], 2)
     assert med[0]["span"] == pytest.approx(0.062)
     lines = markdown([{"strategy": "dpfp", "workers": 2, "blocks": [["a", "b"], ["b", "c"]], "timeline": med}])

@@ -16,8 +16,9 @@ the stage, and the rest of the model locally.
 
 Halo exchange (``TiledBlock.halo``, :mod:`runtime.agent.parallel_halo`): where a block takes its input by
 halo exchange, the previous block's tiles stay on their workers, which fetch only the border rows
-they need from one another; if anything in it fails, the frame's stage runs again with gather and
-scatter (``CoordinatorOptions.halo`` False: never use it).
+they need from one another; if anything in it fails, the frame's stage resumes with gather and
+scatter from what is still valid (:func:`runtime.agent.parallel_halo.recover`: kept tiles fetched
+back, only lost or missing tiles computed again; ``CoordinatorOptions.halo`` False: never use it).
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from runtime.agent.parallel_halo import HaloFailed, StoredMap
+from runtime.agent.parallel_maps import TileMap, TileReport
+from runtime.agent.parallel_recover import recover
 from runtime.contracts.errors import EdgesplitError, InvalidInput, TooLarge, from_rpc_error
 from runtime.daemon.metrics_http import STAGE_BUCKETS
 from runtime.models.loader import LoadedModel
@@ -70,52 +73,6 @@ def _block_done(on_block: Callable[[int, list[TileReport]], None] | None, i: int
         on_block(i, reports)
 
 
-class TileMap:
-    """One block's output map, filled tile by tile: a crop waits only for the tiles it overlaps."""
-
-    def __init__(self, hw: tuple[int, int], tiles: list[Region]):
-        self.hw, self.tiles = hw, tiles
-        self._events = [asyncio.Event() for _ in tiles]
-        self._map: torch.Tensor | None = None
-        self._error: BaseException | None = None
-
-    @classmethod
-    def ready(cls, x: torch.Tensor) -> TileMap:
-        m = cls((int(x.shape[-2]), int(x.shape[-1])), [Region.full(int(x.shape[-2]), int(x.shape[-1]))])
-        m._map = x
-        m._events[0].set()
-        return m
-
-    def put(self, k: int, tile: torch.Tensor) -> None:
-        r = self.tiles[k]
-        if tuple(tile.shape[-2:]) != r.shape:
-            raise InvalidInput(f"tile {tuple(tile.shape[-2:])} does not fit region {r} of {self.hw}")
-        with torch.inference_mode(False):  # whatever mode a caller left on the loop thread: always a normal tensor
-            if self._map is None:
-                self._map = tile.new_empty((*tile.shape[:-2], *self.hw))
-            self._map[..., r.rows.start: r.rows.stop, r.cols.start: r.cols.stop] = tile
-        self._events[k].set()
-
-    def fail(self, e: BaseException) -> None:
-        self._error = e
-        for ev in self._events:
-            ev.set()
-
-    async def crop(self, want: Region) -> torch.Tensor:
-        for r, ev in zip(self.tiles, self._events, strict=True):
-            if r.rows.start < want.rows.stop and want.rows.start < r.rows.stop and \
-                    r.cols.start < want.cols.stop and want.cols.start < r.cols.stop:
-                await ev.wait()
-        if self._error is not None or self._map is None:
-            raise RuntimeError("a tile this crop reads failed") from self._error
-        return self._map[..., want.rows.start: want.rows.stop, want.cols.start: want.cols.stop].contiguous()
-
-    def full(self) -> torch.Tensor:
-        if self._map is None or not all(ev.is_set() for ev in self._events) or self._error is not None:
-            raise RuntimeError("the map is not complete")
-        return self._map
-
-
 @dataclass(frozen=True)
 class CoordinatorOptions:
     """How the coordinator talks to the stage's workers."""
@@ -129,31 +86,6 @@ class CoordinatorOptions:
     halo: bool = True  # exchange halos between workers where the stage's blocks say so (False: always gather)
 
 
-@dataclass
-class TileReport:
-    """What happened to one tile of one block."""
-
-    block: int
-    rows: tuple[int, int]  # output rows [start, stop)
-    planned: str  # the worker it was planned on
-    ran_on: str = ""  # where it was computed in the end (an address or "local")
-    seconds: float = 0.0  # coordinator's wall time for the tile where it ran (round trip or local compute)
-    compute_seconds: float = 0.0  # the worker's own compute time (the local compute for "local")
-    worker_seconds: float = 0.0  # all the worker reported: queue + decode + compute (local: the compute)
-    sent_bytes: int = 0
-    received_bytes: int = 0
-    failures: list[str] = field(default_factory=list)  # "ADDRESS: CODE" of each failed attempt
-    cols: tuple[int, int] = (0, 0)  # output columns [start, stop) (the full width for row bands)
-    # timeline (time.perf_counter() on the coordinator; 0 = not reached): where a block's time goes
-    ready_at: float = 0.0  # the tiles this crop reads were in and the crop was cut
-    sent_at: float = 0.0  # the request was encoded and handed to gRPC (last attempt)
-    answered_at: float = 0.0  # the answer arrived (before decoding it)
-    done_at: float = 0.0  # the tile was decoded and stitched into the block's output map
-    queue_seconds: float = 0.0  # worker-reported: waiting for its executor slot
-    decode_seconds: float = 0.0  # worker-reported: decoding the crop
-    seq: int = 0  # the frame's sequence number in the tile's header (frames in flight each have their own)
-
-
 class TileMetrics:
     """Per-worker tile times and failures (label values: the stage's workers and "local")."""
 
@@ -165,7 +97,10 @@ class TileMetrics:
         self.tile_failures = Counter("edgesplit_agent_tile_failures", "Tile attempts that failed (recomputed "
                                      "elsewhere), by worker and status code", ["worker", "code"], registry=self.registry)
         self.halo_fallbacks = Counter("edgesplit_agent_halo_fallbacks", "Frames whose halo exchange between workers "
-                                      "failed and whose stage ran again with gather and scatter", registry=self.registry)
+                                      "failed and whose stage resumed with gather and scatter", registry=self.registry)
+        self.halo_recovered = Counter("edgesplit_agent_halo_recovered_tiles", "After a failed halo exchange, tiles "
+                                      "of the frame's maps fetched back from the workers keeping them (fetched) or "
+                                      "computed again (recomputed)", ["how"], registry=self.registry)
 
 
 class ParallelCoordinator:
@@ -276,6 +211,12 @@ class ParallelCoordinator:
         report.queue_seconds, report.decode_seconds = res.times.queue_seconds, res.times.decode_seconds
         report.sent_bytes += len(msg.crop.buffer) if msg.crop.buffer else msg.ByteSize()
         report.received_bytes = len(res.tile.buffer)
+        crop_bytes = (int(self.loaded.split(msg.header.split_id).out_shape[1]) * 4
+                      * (msg.input.row_stop - msg.input.row_start) * (msg.input.col_stop - msg.input.col_start))
+        if res.peer_bytes > crop_bytes:  # parts cover the crop exactly: more is a worker's error
+            raise InvalidInput(f"worker {address} reported {res.peer_bytes} bytes fetched from its neighbours for a "
+                               f"crop of {crop_bytes} bytes")
+        report.peer_bytes = res.peer_bytes
         return tile
 
     async def _tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor,
@@ -339,14 +280,23 @@ class ParallelCoordinator:
             raise InvalidInput(f"a parallel stage takes one [1, C, H, W] map, got {list(x.shape)}")
         self._seq += 1
         if any(self.halo_input(i) for i in range(len(self.segments))):
-            try:  # the frame's seq is taken once: frames in flight must not read each other's kept tiles
-                # and its kept tiles are readable only with this frame's random capability (halo_token)
-                return await self._run(x, on_block, halo=True, seq=self._seq, token=secrets.token_bytes(16))
+            # the frame's seq is taken once: frames in flight must not read each other's kept tiles,
+            # and its kept tiles are readable only with this frame's random capability (halo_token)
+            seq, token = self._seq, secrets.token_bytes(16)
+            maps: list[TileMap | StoredMap] = []
+            reports: list[TileReport] = []
+            try:
+                return await self._run(x, on_block, halo=True, seq=seq, token=token, maps=maps, reports=reports)
             except (HaloFailed, EdgesplitError, RuntimeError) as e:  # never lose the frame: gather and scatter
                 self.halo_fallbacks += 1
                 self.last_fallback = str(e)
                 self.metrics.halo_fallbacks.inc()
-                logger.warning("halo exchange failed (%s); the stage runs again with gather and scatter", e)
+                logger.warning("halo exchange failed (%s); the stage resumes with gather and scatter from the tiles "
+                               "still valid", e)
+            try:  # the tiles computed and still held are fetched back; only the lost or missing ones run again
+                return await recover(self, maps, seq, token, reports), reports
+            except (EdgesplitError, RuntimeError, asyncio.TimeoutError) as e:
+                logger.warning("resuming the stage failed (%s); it runs again from its first block", e)
                 self._seq += 1
         return await self._run(x, on_block, halo=False, seq=self._seq)
 
@@ -355,10 +305,15 @@ class ParallelCoordinator:
         return self.options.halo and 0 < i < len(self.segments) and self.stage.blocks[i].halo
 
     async def _run(self, x: torch.Tensor, on_block: Callable[[int, list[TileReport]], None] | None,
-                   halo: bool, seq: int, token: bytes = b"") -> tuple[torch.Tensor, list[TileReport]]:
+                   halo: bool, seq: int, token: bytes = b"", maps: list[TileMap | StoredMap] | None = None,
+                   reports: list[TileReport] | None = None) -> tuple[torch.Tensor, list[TileReport]]:
+        """The stage from ``x``; ``maps`` gets each block's input map and the last block's output, as they
+        are made, and ``reports`` each tile's report (both read by :func:`recover` after a failure)."""
         healthy = list(self.stage.workers)
-        reports: list[TileReport] = []
+        reports = [] if reports is None else reports
+        maps = [] if maps is None else maps
         src: TileMap | StoredMap = TileMap.ready(x)
+        maps.append(src)
         tasks: list[asyncio.Future] = []
         try:
             for i, seg in enumerate(self.segments):
@@ -376,11 +331,16 @@ class ParallelCoordinator:
                 tasks.extend(jobs)
                 done = asyncio.gather(*jobs)
                 done.add_done_callback(functools.partial(_block_done, on_block, i, block_reports))
+                reports.extend(block_reports)
+                maps.append(dst)
+                src = dst
                 if not self.options.wavefront:
                     await done
-                reports.extend(block_reports)
-                src = dst
             await asyncio.gather(*tasks)
+        except Exception:
+            if tasks:  # a tile failed: the tiles in flight finish (bounded by the tile deadline), so that
+                await asyncio.wait(tasks)  # recover() finds them gathered or kept, not cancelled half-way
+            raise
         finally:
             for t in tasks:
                 t.cancel()

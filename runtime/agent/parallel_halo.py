@@ -37,10 +37,12 @@ class StoredMap:
         self.hw, self.tiles = hw, tiles
         self.holders = [""] * len(tiles)
         self._events = [asyncio.Event() for _ in tiles]
+        self.done = [False] * len(tiles)  # tile k is kept by holders[k] (a failure sets the events, never this)
         self._error: BaseException | None = None
 
     def put_at(self, k: int, address: str) -> None:
         self.holders[k] = address
+        self.done[k] = True
         self._events[k].set()
 
     def fail(self, e: BaseException) -> None:

@@ -13,6 +13,9 @@ splits the block's measured span (previous block's end to this block's end) into
   worker's encode of its answer);
 - ``stitch``: the answer in to the tile written into the output map (decode + copy, coordinator).
 
+Bytes moved per block: through the coordinator (crops and tiles) and worker to worker (the crop
+parts each worker fetched from its neighbours in a halo exchange, ``TileResult.peer_bytes``).
+
 Medians over frames, per block; a frame's span in total is the sum of its blocks' spans.
 """
 
@@ -44,7 +47,8 @@ def frame_terms(t0: float, reports: Sequence, blocks: int) -> list[dict[str, flo
                "max_compute": max(t.compute_seconds for t in tiles),
                "coordinator_cpu": sum((t.sent_at - t.ready_at) + (t.done_at - t.answered_at) for t in tiles
                                       if t.sent_at and t.answered_at),
-               "bytes": float(sum(t.sent_bytes + t.received_bytes for t in tiles))}
+               "bytes": float(sum(t.sent_bytes + t.received_bytes + t.peer_bytes for t in tiles)),
+               "peer_bytes": float(sum(t.peer_bytes for t in tiles))}
         out.append(row)
         prev_end = crit.done_at
     return out
@@ -68,16 +72,17 @@ def markdown(rows: Sequence[dict]) -> list[str]:
     out = ["", "Where each block's time goes (DPFP rows, median over frames; the block's critical tile = the one "
            "stitched last; span = previous block's end to this block's end = wait + encode + queue + decode + "
            "compute + net+grpc + stitch; coordinator ms = encode + stitch summed over all the block's tiles; "
-           "runtime.tools.dpfp_timeline):", "",
-           "| K | block | span ms | " + " | ".join(f"{t} ms" for t in TERMS) + " | coordinator ms | MB moved |",
-           "|---|---|---:|" + "---:|" * len(TERMS) + "---:|---:|"]
+           "MB moved = through the coordinator + worker to worker, of which w2w = the crop parts workers fetched from "
+           "their neighbours; runtime.tools.dpfp_timeline):", "",
+           "| K | block | span ms | " + " | ".join(f"{t} ms" for t in TERMS) + " | coordinator ms | MB moved | w2w MB |",
+           "|---|---|---:|" + "---:|" * len(TERMS) + "---:|---:|---:|"]
     for r in rows:
-        total = dict.fromkeys(("span", *TERMS, "coordinator_cpu", "bytes"), 0.0)
+        total = dict.fromkeys(("span", *TERMS, "coordinator_cpu", "bytes", "peer_bytes"), 0.0)
         for (a, b), t in zip(r["blocks"], r["timeline"], strict=True):
             if not t:
                 continue
             for k in total:
-                total[k] += t[k]
+                total[k] += t.get(k, 0.0)  # records before peer_bytes have none
             out.append(_line(r["workers"], f"{a}..{b}", t, r["strategy"]))
         out.append(_line(r["workers"], "**all blocks**", total, r["strategy"]))
     return out
@@ -86,4 +91,4 @@ def markdown(rows: Sequence[dict]) -> list[str]:
 def _line(k: int, name: str, t: dict, strategy: str = "dpfp") -> str:
     label = f"{k}" + (" (halo)" if strategy == "dpfp_halo" else "")
     return (f"| {label} | {name} | {t['span'] * 1e3:.1f} | " + " | ".join(f"{t[x] * 1e3:.1f}" for x in TERMS)
-            + f" | {t['coordinator_cpu'] * 1e3:.1f} | {t['bytes'] / 1e6:.2f} |")
+            + f" | {t['coordinator_cpu'] * 1e3:.1f} | {t['bytes'] / 1e6:.2f} | {t.get('peer_bytes', 0.0) / 1e6:.2f} |")

@@ -26,7 +26,9 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
 # agents send frames, workers forward chained frames; operators may do anything
 AUTH_POLICY = {name: frozenset({AGENT, WORKER}) for name in ("Prepare", "Infer", "InferStream", "InferTile")}
 AUTH_POLICY["Probe"] = frozenset({AGENT})  # bandwidth probes: agents measuring their link
-AUTH_POLICY["FetchRegion"] = frozenset({WORKER})  # halo exchange: a worker reads a neighbour's stored tile
+# halo exchange: a worker reads a neighbour's kept tile; an agent its own frame's kept tiles back after a failed exchange
+# (both need the frame's halo_token; an authenticated agent may name only its own agent_id)
+AUTH_POLICY["FetchRegion"] = frozenset({AGENT, WORKER})
 
 
 @dataclass
@@ -34,12 +36,15 @@ class WorkerServer(DaemonHandle):
     daemon: Daemon
     service: InferenceService
     registration: PlannerRegistration | None = None
+    tiles: TilesService | None = None  # its channels to halo neighbours are closed on drain
 
     async def drain_and_stop(self, grace: float) -> None:
         """NOT_SERVING, refuse new frames, let admitted frames finish (up to ``grace``), stop."""
         logger.info("draining: health NOT_SERVING, waiting up to %.1fs for frames in flight", grace)
         await self.daemon.drain(grace, self._quiesce, stop_grace=min(1.0, grace))
         await self.service.next.close()
+        if self.tiles is not None:
+            await self.tiles.peers.close()
         self.service.executor.shutdown(wait=False, cancel_futures=True)
         logger.info("worker stopped")
 
@@ -79,7 +84,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
         else:
             await service.tails.model(model)
     await daemon.start()
-    ws = WorkerServer(daemon, service)
+    ws = WorkerServer(daemon, service, tiles=tiles)
     if config.planner:
         ws.registration = PlannerRegistration(
             PlannerClientOptions(config.planner, config.transport(), rpc_timeout=RPC_TIMEOUT_SECONDS), config.worker_id or socket.gethostname(),

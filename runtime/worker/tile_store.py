@@ -198,6 +198,10 @@ class Peers:
         self.transport = transport
         self.allowed = frozenset(a.strip() for a in allowed)
         self._channels: OrderedDict[str, grpc.aio.Channel] = OrderedDict()
+        self.closed = False  # drained: no channel is opened again
+
+    def __len__(self) -> int:
+        return len(self._channels)
 
     def check(self, address: str) -> None:
         """PermissionDenied unless ``address`` is one of the allowed halo peers."""
@@ -206,6 +210,8 @@ class Peers:
                                    f"addresses ({', '.join(sorted(self.allowed)) or 'none: halo exchange is off'})")
 
     def stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
+        if self.closed:
+            raise PreconditionFailed("this worker is draining: it fetches no halo parts any more")
         ch = self._channels.pop(address, None)
         if ch is None:
             ch = self.transport.aio_channel(address)
@@ -233,9 +239,11 @@ class Peers:
             raise PreconditionFailed(f"halo part from {address} does not decode: {e}") from None
 
     async def close(self) -> None:
-        for ch in self._channels.values():
-            await ch.close()
+        """Close every channel to a neighbour (the worker's drain) and open none again."""
+        self.closed = True
+        channels = list(self._channels.values())
         self._channels.clear()
+        await asyncio.gather(*(ch.close() for ch in channels))
 
 
 def _msg(r: Region) -> tiles_pb2.TileRegion:

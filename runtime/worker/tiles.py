@@ -123,6 +123,9 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         self.halo_parts = Counter("edgesplit_worker_halo_parts", "Crop parts of halo-exchanged tiles, by where they "
                                   "came from (local: this worker's store; peer: fetched from a neighbour)", ["source"],
                                   registry=r)
+        self.halo_bytes = Counter("edgesplit_worker_halo_bytes", "Bytes of crop parts of halo-exchanged tiles (raw "
+                                  "float32), by where they came from (local: this worker's store; peer: fetched from a "
+                                  "neighbour)", ["source"], registry=r)
 
     async def _plan(self, req: tiles_pb2.TileRequest) -> Prepared:
         """The block, the tile's regions and the crop's parts, after every check."""
@@ -178,9 +181,11 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
                 if tuple(part.shape) != (1, p.c_in, *want.shape):
                     raise PreconditionFailed(f"the kept tile {tile} is {list(part.shape)}, not of this block's input")
                 self.halo_parts.labels("local").inc()
+                self.halo_bytes.labels("local").inc(part.numel() * part.element_size())
                 return want, part
             t = await self.peers.fetch(address, fetch_header, req.halo_token, tile, want, p.c_in, timeout, max_bytes)
             self.halo_parts.labels("peer").inc()
+            self.halo_bytes.labels("peer").inc(t.numel() * t.element_size())
             return want, t
 
         return list(await asyncio.gather(*(one(*part) for part in p.parts)))
@@ -202,10 +207,15 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
     async def InferTile(self, request: tiles_pb2.TileRequest, context: grpc.aio.ServicerContext) -> tiles_pb2.TileResult:
         svc = self.inference
 
+        peer_bytes = 0  # crop parts fetched from the neighbours (FetchRegion payloads), for the agent's byte count
+
         async def prepare():
+            nonlocal peer_bytes
             get_codec(request.output_codec or "raw")  # InvalidInput with the valid names
             p = await self._plan(request)
             pieces = await self._pieces(request, p, context) if p.parts else None  # halo exchange
+            peer_bytes = sum(t.numel() * t.element_size() for (address, _, _), (_, t) in zip(p.parts, pieces or [],
+                                                                                             strict=bool(pieces)) if address)
             svc.metrics.received_bytes.inc(len(request.crop.buffer))
             return p, pieces, time.perf_counter()
 
@@ -215,11 +225,13 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         self.tile_seconds.observe(times.tail_seconds)
         if tile is None:  # keep_output: the next block's workers fetch what they need of it
             self.store.put(key_of(request.header, end_split, region_of(request.output)), y, request.halo_token)
-            return tiles_pb2.TileResult(header=request.header, output=request.output, times=times)
-        return tiles_pb2.TileResult(header=request.header, output=request.output, tile=tile, times=times)
+            return tiles_pb2.TileResult(header=request.header, output=request.output, times=times, peer_bytes=peer_bytes)
+        return tiles_pb2.TileResult(header=request.header, output=request.output, tile=tile, times=times,
+                                    peer_bytes=peer_bytes)
 
     async def FetchRegion(self, request: tiles_pb2.FetchRegionRequest,
                           context: grpc.aio.ServicerContext) -> tiles_pb2.FetchRegionResult:
-        """A part of a kept tile, for a neighbour assembling its crop (halo exchange; worker role only)."""
+        """A part of a kept tile: for a neighbour assembling its crop (halo exchange), or the agent's own
+        frame's tile back after a failed exchange (runtime.agent.parallel_recover); the frame's halo_token."""
         check_header(request.header)  # ids present and bounded
         return fetch_answer(self.store, request, self.inference.config.max_tensor_bytes)

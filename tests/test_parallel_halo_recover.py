@@ -1,0 +1,131 @@
+"""A failed halo exchange resumes from what is still valid (runtime.agent.parallel_recover, issue 13),
+the agent may refuse the halo exchange (--no-parallel-halo), halo tiles report the bytes moved worker
+to worker, and a draining worker closes its channels to its neighbours. Real worker processes on
+loopback (helpers and fixtures of tests/test_parallel_halo.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import grpc
+import pytest
+
+from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
+from runtime.parallel.plan import ParallelStage, TiledBlock
+from tests.test_parallel_halo import _close, _frames, _stage, image, loaded, reference  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(240)]
+
+PEERS = ("--torch-threads", "1", "--halo-peer", "127.0.0.1")
+
+
+def _three(addresses) -> ParallelStage:
+    """Blocks 0 and 1 on the first two workers, kept on them; block 2 on all three, by halo exchange."""
+    return ParallelStage(tuple(addresses), (TiledBlock("maxpool", "add_2", (1, 1, 0), grid_cols=2),
+                                            TiledBlock("add_2", "add_4", (2, 1, 0), halo=True),
+                                            TiledBlock("add_4", "add_6", (1, 1, 1), halo=True)))
+
+
+def test_worker_killed_at_a_later_block_reruns_only_its_tiles(start_worker, loaded, image, reference):  # noqa: F811
+    """The victim holds a tile of block 2 only and dies once block 1 is in: blocks 0 and 1 are neither run
+    again nor lost (block 1's kept tiles are fetched back from the two survivors), and only the victim's
+    tile of block 2 is computed again, on a survivor. Before, the whole stage ran again from block 0."""
+    (a, pa), (b, pb), (victim, pv) = (start_worker(*PEERS) for _ in range(3))
+    addresses = [f"127.0.0.1:{p}" for p in (pa, pb, pv)]
+
+    def kill_after_block_1(i, reports):
+        if i == 1:  # no wavefront: block 2's tiles are sent only after this
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+
+    async def go():
+        coord = ParallelCoordinator(loaded, _three(addresses), CoordinatorOptions(tile_deadline_seconds=30, wavefront=False))
+        try:
+            out = [await coord.run_frame(image, on_block=kill_after_block_1 if n == 0 else None) for n in range(2)]
+            return out, coord.halo_fallbacks, coord.metrics.registry
+        finally:
+            await coord.close()
+
+    frames, fallbacks, registry = asyncio.run(asyncio.wait_for(go(), 200))
+    assert fallbacks == 2  # this frame and the next (the victim stays dead)
+    assert registry.get_sample_value("edgesplit_agent_halo_recovered_tiles_total", {"how": "recomputed"}) == 2
+    assert registry.get_sample_value("edgesplit_agent_halo_recovered_tiles_total", {"how": "fetched"}) == 4
+    for y, reports in frames:
+        assert _close(y, reference)
+        assert len([r for r in reports if r.block == 0]) == 2 and len([r for r in reports if r.block == 1]) == 2
+        last = [r for r in reports if r.block == 2]
+        assert len(last) == 4  # three tiles, and the victim's once more
+        again = [r for r in last if r.planned == addresses[2] and r.ran_on]
+        assert len(again) == 1 and again[0].ran_on in addresses[:2]
+        assert all(r.ran_on != addresses[2] for r in reports)
+
+
+def test_the_agent_may_refuse_the_halo_exchange(start_worker, loaded, image, reference):  # noqa: F811
+    """A stage with halo blocks run with CoordinatorOptions(halo=False) (edgesplit agent --no-parallel-halo):
+    every block gathered and scattered by the agent, nothing kept on the workers, the same output."""
+    workers = [start_worker(*PEERS) for _ in range(2)]
+    addresses = [f"127.0.0.1:{port}" for _, port in workers]
+    stage = _stage(addresses)
+    assert any(b.halo for b in stage.blocks)
+
+    async def go(halo: bool):
+        coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(tile_deadline_seconds=30, halo=halo))
+        try:
+            return await coord.run_frame(image), coord.halo_fallbacks
+        finally:
+            await coord.close()
+
+    (y, reports), fallbacks = asyncio.run(asyncio.wait_for(go(False), 120))
+    assert _close(y, reference) and fallbacks == 0
+    assert all(r.received_bytes > 0 and r.peer_bytes == 0 and r.ran_on in addresses for r in reports)
+
+    (y, reports), fallbacks = asyncio.run(asyncio.wait_for(go(True), 120))  # the same stage with it
+    assert _close(y, reference) and fallbacks == 0
+    assert all(r.peer_bytes == 0 for r in reports if r.block == 0)  # block 0 is sent its crops
+    assert all(r.peer_bytes > 0 for r in reports if r.block == 1)  # each band reads its neighbour's half
+    c_in = {1: int(loaded.split("add_2").out_shape[1]), 2: int(loaded.split("add_4").out_shape[1])}
+    for r in reports:  # a part from a neighbour is at most the tile's whole crop (raw float32)
+        assert r.block == 0 or r.peer_bytes <= c_in[r.block] * 4 * 56 * 56
+
+
+def test_the_agent_flag_reaches_the_pushed_stage(loaded):  # noqa: F811
+    from runtime.agent.client import Agent
+    from runtime.agent.config import InitialPlan
+    from runtime.cli.common import component_config
+    from runtime.cli.main import build_parser
+    from runtime.wire.codec import get_codec
+
+    off = component_config(build_parser().parse_args(["agent", "--no-parallel-halo"]), "agent")
+    on = component_config(build_parser().parse_args(["agent"]), "agent")
+    assert not off.parallel_halo and on.parallel_halo  # on by default: the plan decides
+
+    async def go():
+        agents = [Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), c.agent_options()) for c in (off, on)]
+        try:
+            return [a.parallel.options.halo for a in agents]
+        finally:
+            for a in agents:
+                await a.close()
+
+    assert asyncio.run(go()) == [False, True]
+
+
+def test_a_draining_worker_closes_its_channels_to_its_neighbours(tmp_path):
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+
+    async def go():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", metrics_port=-1, halo_peers=("127.0.0.1",)))
+        peers = ws.tiles.peers
+        peers.stub("127.0.0.1:1")
+        peers.stub("127.0.0.1:2")
+        channels = list(peers._channels.values())
+        assert len(peers) == 2 and all(ch.get_state() != grpc.ChannelConnectivity.SHUTDOWN for ch in channels)
+        await ws.drain_and_stop(1.0)
+        assert len(peers) == 0 and peers.closed
+        assert all(ch.get_state() == grpc.ChannelConnectivity.SHUTDOWN for ch in channels)
+        with pytest.raises(Exception, match="draining"):
+            peers.stub("127.0.0.1:1")  # none opened again
+
+    asyncio.run(asyncio.wait_for(go(), 60))
