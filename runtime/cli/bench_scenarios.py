@@ -8,7 +8,7 @@ import argparse
 import sys
 
 QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2,
-         "fidelity_frames": 16, "head_runs": 3}
+         "fidelity_frames": 16, "head_runs": 3, "head_budget_s": 20.0}
 FIDELITY_SEED = 14  # the fidelity frames' crops: the same frames in every run
 
 
@@ -26,6 +26,12 @@ def add_parser(sub) -> None:
     p.add_argument("--head-runs", type=int, default=10,
                    help="board head pricing: whole passes timed cut by cut, and frames per picked head timed on its own "
                         "(1..100; default: %(default)s)")
+    p.add_argument("--head-candidates", type=int, default=3,
+                   help="before the first plans, time on the board each strategy's best N heads per link by the "
+                        "whole-pass prior, not only the heads the plans pick (0..10; 0: picked only; default: %(default)s)")
+    p.add_argument("--head-budget-s", type=float, default=120.0,
+                   help="board seconds at most for those candidate heads, best first; the rest stay on the prior "
+                        "(1..3600; default: %(default)s)")
     p.add_argument("--slowdown", type=float, default=18.0, help="board / edge compute ratio to calibrate the quota to (default: 18)")
     p.add_argument("--cgroup-period-us", type=int, default=50_000,
                    help="cfs period of the board's quota; the kernel's smallest quota is 1 ms, so the period bounds the "
@@ -102,12 +108,17 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
     if not 1 <= args.head_runs <= 100:
         print(f"error: --head-runs must be 1..100, not {args.head_runs}", file=sys.stderr)
         return 2
+    if not 0 <= args.head_candidates <= 10 or not 1 <= args.head_budget_s <= 3600:
+        print(f"error: --head-candidates must be 0..10 and --head-budget-s 1..3600, not {args.head_candidates} and "
+              f"{args.head_budget_s:g}", file=sys.stderr)
+        return 2
     if not 10_000 <= args.cgroup_period_us <= 1_000_000:
         print(f"error: --cgroup-period-us must be 10000..1000000 (cgroup v1 allows 1 ms..1 s; under 10 ms the 1 ms "
               f"minimum quota caps the slowdown at 10x), not {args.cgroup_period_us}", file=sys.stderr)
         return 2
     spec = RunSpec(models=tuple(args.model or ["efficientnet_lite0"]), scenarios=tuple(args.scenario or RunSpec().scenarios),
-                   frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, head_runs=args.head_runs, min_fidelity=args.min_fidelity,
+                   frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, head_runs=args.head_runs,
+                   head_candidates=args.head_candidates, head_budget_s=args.head_budget_s, min_fidelity=args.min_fidelity,
                    fidelity_frames=args.fidelity_frames,
                    testbed=Testbed(target_slowdown=args.slowdown, period_us=args.cgroup_period_us), out_dir=args.out,
                    name=args.name, window=args.window, pipeline_frames=args.pipeline_frames,

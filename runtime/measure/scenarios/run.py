@@ -32,6 +32,9 @@ Ranker = Callable[[Profile, Profile, Link, float], "Configuration | None"]
 FrameMaker = Callable[[object, int], "tuple[object, str]"]
 CHILD_START_SECONDS = 1800.0  # load, calibrate, profile and run local on the board
 JOB_SECONDS = 1800.0  # one strategy's frames
+# the stages kept per frame in the results (the board's stall, cpu.stat's throttled time, beside them): where a
+# frame's time went, e.g. a quota stall after the head that lands in the runtime's overhead, outside the floor
+STAGE_KEYS = ("head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "total")
 
 
 def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> dict | None:
@@ -97,6 +100,8 @@ def _strategy_rows(name: str, got: dict, sc, link: dict, down: int, ref: list[in
     out.update(strategy=name, local_fallbacks=sum(r["where"] != "edge" for r in rows),
                plan=(job or {}).get("plan", ""), split=(job or {}).get("split", ""), codec=(job or {}).get("codec", ""),
                tl=(job or {}).get("tl_id", ""), per_frame_ms=totals, per_frame_floor_ms=floors,
+               per_frame_stages_ms=[{k: round(v, 2) for k, v in r["times_ms"].items() if k in STAGE_KEYS}
+                                    | {"throttled": round(r.get("throttled_ms", 0.0), 1)} for r in rows],
                bound_fps=costs.bound_fps(rows, statistics.median(bytes_), down, sc.mbps))
     if "pipelined" in got:
         out["pipelined"] = got["pipelined"]
@@ -128,20 +133,32 @@ def _board_encodes(measured: Profile, board: dict, local_p50_ms: float) -> tuple
 def _board_plans(model: str, rank: Ranker, dev: Profile, edge: Profile, spec: RunSpec, points, check, tl_path: str,
                  child, prefix: dict, local_p50_ms: float, progress) -> tuple[dict, Profile, dict]:
     """Every strategy's plan per static scenario on the board's measured heads (the same profile for each):
-    the prefix prior, then each picked head timed on the board, planned again (:mod:`board`)."""
+    the prefix prior, each strategy's best few heads by it timed on the board, then each picked head timed on the
+    board, planned again (:mod:`board`)."""
     shapes, names = points
     heads = board_heads.Heads(prefix["ms"], prefix["runs"], local_p50_ms)
+    static = [s for s in spec.scenarios if not SCENARIOS[s].steps]
+    links = [Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps) for s in static]
 
     def plan_all(d: Profile) -> dict:
-        return {s: _plans(rank, d, edge, Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps), spec, shapes, names,
-                          check, tl_path) for s in spec.scenarios if not SCENARIOS[s].steps}
+        return {s: _plans(rank, d, edge, link, spec, shapes, names, check, tl_path) for s, link in zip(static, links, strict=True)}
 
-    def time_on_board(todo: list[dict]) -> list[dict]:
-        progress(f"{model}: timing {len(todo)} head(s) on the board, {spec.head_runs} frames each: "
+    def first_picks(d: Profile) -> list[dict]:
+        peers = {"scission": (costs.scission(d), costs.scission(edge), 0.0),
+                 "scissionlite": (costs.scissionlite(d, shapes), costs.scissionlite(edge, shapes), 0.0),
+                 "edgesplit": (costs.edgesplit(d, spec.codecs), costs.edgesplit(edge, spec.codecs), spec.min_fidelity)}
+        return board_heads.top_heads(peers, links, spec.head_candidates, names, tl_path, heads)
+
+    def time_on_board(todo: list[dict], budget_s: float | None = None) -> list[dict]:
+        progress(f"{model}: timing {len(todo)} head(s) on the board, {spec.head_runs} frames each"
+                 + (f", {budget_s:g} s at most" if budget_s is not None else "") + ": "
                  + ", ".join(f"{c['split']} ({', '.join(t['transfer'] for t in c['transfers'])})" for c in todo))
-        return _ask(child, {"time_heads": todo, "runs": spec.head_runs, "strategy": "board heads"}, JOB_SECONDS)["heads"]
+        return _ask(child, {"time_heads": todo, "runs": spec.head_runs, "budget_s": budget_s,
+                            "strategy": "board heads"}, JOB_SECONDS)["heads"]
 
-    plans, priced = board_heads.plan_with_board_heads(heads, dev, plan_all, time_on_board, names, tl_path)
+    plans, priced = board_heads.plan_with_board_heads(
+        heads, dev, plan_all, time_on_board, names, tl_path,
+        candidates=first_picks if spec.head_candidates > 0 else None, budget_s=spec.head_budget_s)
     return plans, priced, heads.summary()
 
 

@@ -67,6 +67,10 @@ class RunSpec:
     # board head times: whole passes timed cut by cut (the prior of every head), then each picked head on its own,
     # this many frames each (runtime.measure.scenarios.board)
     head_runs: int = 10
+    # before the first plans: each strategy's best heads per static link by the prior, timed on the board too
+    # (0: only the picked ones), within head_budget_s seconds of the board's time (best first; the rest untimed)
+    head_candidates: int = 3
+    head_budget_s: float = 120.0
     window: int = 4  # pipelined pass: frames in flight
     pipeline_frames: int = 0  # frames of the pipelined pass (0: as many as ``frames``)
     trace_fps: float = 1.0  # dynamic trace: the agent's camera rate (the whole agent runs under the quota)
