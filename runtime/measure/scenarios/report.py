@@ -64,11 +64,15 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
 
 def _per_frame(x: dict) -> str:
     """The median over frames of measured / that frame's floor: the board's quota stalls (one 50 ms period) land in
-    the timed compute or in the runtime's own board work, so the medians of the two columns can be frames apart."""
+    the timed compute or in the runtime's own board work, so the medians of the two columns can be frames apart;
+    and how many frames had more than 20 ms above their floor (a stall in the runtime's board work)."""
     tot, flo = x.get("per_frame_ms"), x.get("per_frame_floor_ms")
     if not tot or not flo:
         return ""
-    return f" (median per frame {statistics.median(t / f for t, f in zip(tot, flo, strict=True)):.3f})"
+    stalled = sum(t - f > 20.0 for t, f in zip(tot, flo, strict=True))
+    return (f" (median per frame {statistics.median(t / f for t, f in zip(tot, flo, strict=True)):.3f}"
+            + (f"; {stalled} of {len(tot)} frames over 20 ms above their floor" if "per_frame_stages_ms" in x else "")
+            + ")")
 
 
 def _fidelity(x: dict) -> float:
@@ -85,11 +89,18 @@ def _heads(c: dict) -> str:
     h = c.get("board_heads")
     if not h:
         return ""
-    timed = "; ".join(f"{t['split']} ({t['transfer']}) head {t['head_ms']:.1f} ms against {t['prior_ms']:.1f} ms in "
-                      f"whole passes, encode {t['encode_ms']:.1f} ms, {t['frames']} frames" for t in h["timed"])
+    timed = "; ".join(f"{t['split']} ({t['transfer']}{', candidate' if t.get('why') == 'candidate' else ''}) head "
+                      f"{t['head_ms']:.1f} ms against {t['prior_ms']:.1f} ms in whole passes, encode "
+                      f"{t['encode_ms']:.1f} ms, {t['frames']} frames" for t in h["timed"])
+    skipped = ", ".join(t["split"] for t in h.get("skipped", []))
+    how = ("each strategy's best heads by that prior (candidate) and then each head a strategy picked, timed on its "
+           "own on the board after one quota period idle per frame, and the plans made again"
+           if any("why" in t for t in h["timed"]) else
+           "each head a strategy picked, timed on its own on the board and the plans made again")
     return (f" Heads, the same for every strategy: the time to each cut in {h['prefix_runs']} whole passes under the "
-            f"quota (median per cut), scaled by {h['prefix_scaled_by']:.2f} to the local p50; then each head a strategy "
-            f"picked, timed on its own on the board and the plans made again: {timed or 'none past the input'}.")
+            f"quota (median per cut), scaled by {h['prefix_scaled_by']:.2f} to the local p50; then {how}: "
+            f"{timed or 'none past the input'}" + (f"; candidates left untimed (time budget): {skipped}" if skipped else "")
+            + ".")
 
 
 def _offline(x: dict) -> str:
