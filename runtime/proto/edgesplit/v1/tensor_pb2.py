@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gesplit/v1/tensor.proto\x12\x0c\x65\x64gesplit.v1\"\xfd\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.edgesplit.v1.Codec\x12.\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x19.edgesplit.v1.Compression\x12\r\n\x05scale\x18\x05 \x03(\x02\x12\x12\n\nzero_point\x18\x06 \x03(\x02\x12\x12\n\nquant_axis\x18\x07 \x01(\r\x12\x14\n\x0c\x65ncoded_size\x18\x08 \x01(\x04\x12\x0e\n\x06\x62uffer\x18\t \x01(\x0c\x12\x0e\n\x06\x63hunks\x18\n \x01(\r\x12\x14\n\x0cpayload_size\x18\x0b \x01(\x04*~\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\r\n\tCODEC_ANS\x10\x04\x12\x0e\n\nCODEC_JPEG\x10\x05\x12\x10\n\x0c\x43ODEC_PIXELS\x10\x06*8\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x65\x64gesplit/v1/tensor.proto\x12\x0c\x65\x64gesplit.v1\"\xfd\x01\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\r\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\"\n\x05\x63odec\x18\x03 \x01(\x0e\x32\x13.edgesplit.v1.Codec\x12.\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x19.edgesplit.v1.Compression\x12\r\n\x05scale\x18\x05 \x03(\x02\x12\x12\n\nzero_point\x18\x06 \x03(\x02\x12\x12\n\nquant_axis\x18\x07 \x01(\r\x12\x14\n\x0c\x65ncoded_size\x18\x08 \x01(\x04\x12\x0e\n\x06\x62uffer\x18\t \x01(\x0c\x12\x0e\n\x06\x63hunks\x18\n \x01(\r\x12\x14\n\x0cpayload_size\x18\x0b \x01(\x04*\x8e\x01\n\x05\x43odec\x12\x15\n\x11\x43ODEC_UNSPECIFIED\x10\x00\x12\r\n\tCODEC_RAW\x10\x01\x12\x0e\n\nCODEC_FP16\x10\x02\x12\x0e\n\nCODEC_INT8\x10\x03\x12\r\n\tCODEC_ANS\x10\x04\x12\x0e\n\nCODEC_JPEG\x10\x05\x12\x10\n\x0c\x43ODEC_PIXELS\x10\x06\x12\x0e\n\nCODEC_WEBP\x10\x07*8\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x13\n\x0f\x43OMPRESSION_LZ4\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'edgesplit.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=299
-  _globals['_CODEC']._serialized_end=425
-  _globals['_COMPRESSION']._serialized_start=427
-  _globals['_COMPRESSION']._serialized_end=483
+  _globals['_CODEC']._serialized_start=300
+  _globals['_CODEC']._serialized_end=442
+  _globals['_COMPRESSION']._serialized_start=444
+  _globals['_COMPRESSION']._serialized_end=500
   _globals['_TENSOR']._serialized_start=44
   _globals['_TENSOR']._serialized_end=297
 # @@protoc_insertion_point(module_scope)

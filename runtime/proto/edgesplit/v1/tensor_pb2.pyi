@@ -16,6 +16,7 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CODEC_ANS: _ClassVar[Codec]
     CODEC_JPEG: _ClassVar[Codec]
     CODEC_PIXELS: _ClassVar[Codec]
+    CODEC_WEBP: _ClassVar[Codec]
 
 class Compression(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -28,6 +29,7 @@ CODEC_INT8: Codec
 CODEC_ANS: Codec
 CODEC_JPEG: Codec
 CODEC_PIXELS: Codec
+CODEC_WEBP: Codec
 COMPRESSION_NONE: Compression
 COMPRESSION_LZ4: Compression
 
