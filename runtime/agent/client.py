@@ -31,7 +31,6 @@ from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.daemon.tracing import agent_frame
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT
-from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.chain import Hop
 from runtime.wire.codec import Codec
 from runtime.wire.stream import EdgeStream
@@ -242,8 +241,7 @@ class Agent:
         t2 = time.perf_counter()
         msg, tail = None, None
         if plan.stream is not None:
-            msg = pb.StreamRequest()
-            plan.codec.encode_into(z, msg.frame.tensor)
+            msg = plan.codec.encode_frame(z)  # the payload beside the message until gRPC writes it (wire.framewire)
         t_enc = time.perf_counter() - t2
         if plan.stream is None:
             # nothing to send: the tail runs in this board job too, not queued behind the next frame's head

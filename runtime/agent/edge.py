@@ -17,6 +17,7 @@ from runtime.contracts.errors import CODES_BY_NUMBER, DeadlineExceeded, Edgespli
 from runtime.daemon.tracing import inject_frame, span
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.codec import decode_tensor, wire_bytes
+from runtime.wire.framewire import OutFrame
 from runtime.wire.stream import EdgeStream, GivenUp
 
 
@@ -72,14 +73,17 @@ class EdgeSender:
         if network > 0:
             self.link.observe_censored(address, ahead, network)
 
-    async def run(self, stream: EdgeStream, header: pb.FrameHeader, req: pb.StreamRequest, result: FrameResult) -> str:
-        """Send one frame (``req``: a stream message whose frame holds the encoded tensor, built so on the
-        board thread: no copy of the payload) and wait (bounded) for its result; returns "" or why it
-        must run locally."""
+    async def run(self, stream: EdgeStream, header: pb.FrameHeader, req: pb.StreamRequest | OutFrame,
+                  result: FrameResult) -> str:
+        """Send one frame (``req``: a stream message whose frame holds the encoded tensor, or an OutFrame
+        whose payload stays beside it until gRPC serialises it; built on the board thread: no copy of the
+        payload) and wait (bounded) for its result; returns "" or why it must run locally."""
         seq = header.seq
         req.frame.header.CopyFrom(header)
         inject_frame(req.frame.header)  # the worker's spans join this frame's trace (tracing on; runtime.daemon.tracing)
-        result.wire_bytes, result.worker = wire_bytes(req.frame.tensor), stream.address  # what the profile's bytes count
+        # what the profile's bytes count; an OutFrame counts them without serialising its payload (ByteSize would)
+        result.wire_bytes = req.wire_bytes() if isinstance(req, OutFrame) else wire_bytes(req.frame.tensor)
+        result.worker = stream.address
         ahead = self.inflight.sent(stream.address, seq, result.wire_bytes)  # bytes before ours, ours included
         t_send = time.perf_counter()
         deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up

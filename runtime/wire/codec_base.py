@@ -10,7 +10,9 @@ import lz4.block
 import torch
 
 from runtime.contracts.errors import InvalidInput
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import tensor_pb2
+from runtime.wire.framewire import OutFrame
 from runtime.wire.validation import DEFAULT_MAX_BYTES, validate_tensor
 
 if TYPE_CHECKING:
@@ -64,15 +66,27 @@ class Codec(ABC):
     def encode_into(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> None:
         """Encode ``x`` into ``msg`` (an empty Tensor, e.g. the one inside a stream message: no copy of
         the payload into a second message later)."""
+        payload = self.encode_payload(x, msg)
+        msg.buffer = payload if isinstance(payload, bytes) else payload.tobytes()
+
+    def encode_frame(self, x: torch.Tensor) -> OutFrame:
+        """Encode ``x`` as a frame to send on the stream: every field of its tensor but ``buffer`` in a
+        StreamRequest, the payload beside it, written once when gRPC serialises it (runtime.wire.framewire)."""
+        req = pb.StreamRequest()
+        return OutFrame(req, self.encode_payload(x, req.frame.tensor))
+
+    def encode_payload(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> bytes | memoryview:
+        """Encode ``x``: every field of ``msg`` (an empty Tensor) but ``buffer``, and the payload returned (a
+        view of ``x``'s own bytes where the codec sends them as they are, e.g. raw: no copy)."""
         x = _prepare(x)
         msg.shape.extend(x.shape)
         msg.codec, msg.compression = self.codec, self.compression
         values = self._encode_values(x, msg)  # a buffer of the codec output
         msg.encoded_size = values.nbytes
-        payload = lz4.block.compress(values, mode="default", store_size=False) if self.lz4 else values.tobytes()
-        msg.buffer = payload
+        payload = lz4.block.compress(values, mode="default", store_size=False) if self.lz4 else values
         msg.chunks = 1
         msg.payload_size = len(payload)  # from the local bytes: reading msg.buffer back would copy it
+        return payload
 
     @abstractmethod
     def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:

@@ -19,6 +19,7 @@ from runtime.contracts.errors import DeadlineExceeded, Unavailable, from_rpc_err
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
+from runtime.wire.framewire import OutFrame, serialize_request
 from runtime.wire.liveness import LAG_TOLERANCE_SECONDS, LinkHint, Liveness, death_kind
 from runtime.wire.transport import TransportOptions, frame_messages
 
@@ -39,6 +40,17 @@ class StreamMetrics(Protocol):
     reconnects: Any  # a prometheus Counter: streams opened
     # optional: ``stream_died(reason)``, called once per stream that ended for any cause but its own close
     # (reasons: runtime.wire.liveness.death_kind)
+
+
+INFER_STREAM = "/edgesplit.v1.Inference/InferStream"
+
+
+def open_frame_stream(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    """A new InferStream call on ``channel``: the generated stub's, with a request serializer that also
+    takes OutFrames (their payload written once; runtime.wire.framewire)."""
+    method = channel.stream_stream(INFER_STREAM, request_serializer=serialize_request,
+                                   response_deserializer=pb.InferResult.FromString)
+    return method()
 
 
 async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
@@ -124,8 +136,7 @@ class EdgeStream:
                 self._retry_at = time.monotonic() + self._backoff.next()
                 raise Unavailable(f"worker {self.address} unreachable ({type(e).__name__})") from None
             self._channel = channel
-            # the generated gRPC stubs (inference_pb2_grpc) carry no annotations
-            self._call = pb_grpc.InferenceStub(channel).InferStream()  # type: ignore[no-untyped-call]
+            self._call = open_frame_stream(channel)
             self.epoch += 1
             self._backoff.reset()
             self._reader = asyncio.create_task(self._read(self._call, self.epoch))
@@ -173,11 +184,13 @@ class EdgeStream:
                 asyncio.get_running_loop().create_task(channel.close(grace=None))
         self._channel = self._path = None
 
-    async def send(self, request: pb.InferRequest | pb.StreamRequest, deadline: float | None = None) -> asyncio.Future:
+    async def send(self, request: pb.InferRequest | pb.StreamRequest | OutFrame,
+                   deadline: float | None = None) -> asyncio.Future:
         """Send one frame; returns a future for its result. Raises Unavailable.
 
-        ``request``: an InferRequest, or a StreamRequest with ``frame`` set (sent without copying the
-        payload when it fits one message; see ``frame_messages``).
+        ``request``: an InferRequest, a StreamRequest with ``frame`` set (sent without copying the
+        payload when it fits one message; see ``frame_messages``), or an OutFrame (its payload written
+        once, by the serializer; runtime.wire.framewire).
 
         ``deadline`` (``time.monotonic()`` seconds): past it, the frame is not started, or its
         remaining chunks are not sent and the worker is told to drop it (``FrameCancel``), so an
@@ -185,7 +198,7 @@ class EdgeStream:
         """
         await self._ensure_open()
         call: grpc.aio.StreamStreamCall = self._call  # open: _ensure_open returned
-        frame = request.frame if isinstance(request, pb.StreamRequest) else request
+        frame = request if isinstance(request, pb.InferRequest) else request.frame
         frame.header.stream_epoch = self.epoch
         seq = frame.header.seq
         fut = asyncio.get_running_loop().create_future()

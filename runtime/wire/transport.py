@@ -14,6 +14,7 @@ import grpc
 from runtime.contracts.errors import DeadlineExceeded, InvalidInput, TooLarge
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.budget import ByteBudget
+from runtime.wire.framewire import OutFrame
 from runtime.wire.liveness import LivenessOptions
 from runtime.wire.security import SecurityOptions, aio_channel, sync_channel
 
@@ -96,14 +97,23 @@ class TransportOptions:
         ]
 
 
-def frame_messages(request: pb.InferRequest | pb.StreamRequest, chunk_bytes: int) -> list[pb.StreamRequest]:
+def frame_messages(request: pb.InferRequest | pb.StreamRequest | OutFrame,
+                   chunk_bytes: int) -> list[pb.StreamRequest | OutFrame]:
     """Split one frame into stream messages of at most ``chunk_bytes`` of payload each.
 
-    ``request``: an InferRequest (copied once into the messages, left as it was), or a StreamRequest
-    whose ``frame`` is set (the agent builds its frames so: a frame that fits one message is sent as
-    it is, no copy; a larger one is cut into chunks and its ``frame`` shortened to the first).
+    ``request``: an InferRequest (copied once into the messages, left as it was), a StreamRequest
+    whose ``frame`` is set (a frame that fits one message is sent as it is, no copy; a larger one is cut
+    into chunks and its ``frame`` shortened to the first), or an OutFrame (the agent's frames: its payload
+    written once, by the stream's serializer, when it fits one message; runtime.wire.framewire).
     Every access to a protobuf bytes field copies it, so the payload is read once at most.
     """
+    if isinstance(request, OutFrame):
+        size = len(request.payload)
+        request.frame.tensor.payload_size = size
+        if size <= chunk_bytes:
+            request.frame.tensor.chunks = 1
+            return [request]
+        request = request.message()
     if isinstance(request, pb.StreamRequest):
         msg, first = request, request.frame
         size = first.tensor.payload_size or len(first.tensor.buffer)
@@ -119,7 +129,7 @@ def frame_messages(request: pb.InferRequest | pb.StreamRequest, chunk_bytes: int
         return [msg]
     view = memoryview(first.tensor.buffer)
     first.tensor.buffer = bytes(view[:chunk_bytes])
-    msgs = [msg]
+    msgs: list[pb.StreamRequest | OutFrame] = [msg]
     seq = first.header.seq
     for i in range(1, n):
         msgs.append(pb.StreamRequest(chunk=pb.FrameChunk(seq=seq, index=i, data=bytes(view[i * chunk_bytes : (i + 1) * chunk_bytes]))))
@@ -148,7 +158,8 @@ class FrameAssembler:
         return self._frame.header if self._frame is not None else None
 
     def feed(self, msg: pb.StreamRequest) -> pb.InferRequest | None:
-        """Take one message; return a complete frame when it has arrived, else None.
+        """Take one message; return a complete frame when it has arrived, else None. ``msg`` may be an
+        InFrame (runtime.wire.framewire: its ``buffer`` a view of the received bytes, so ``len`` copies nothing).
 
         Raises InvalidInput or TooLarge; the partial frame is dropped and the assembler is
         ready for the next frame.
@@ -182,7 +193,7 @@ class FrameAssembler:
             if self.budget is not None:
                 self.budget.charge(self, len(frame.tensor.buffer))  # Overloaded when the worker's total is reached
             self._frame = frame
-            self._parts = [frame.tensor.buffer]
+            self._parts = [bytes(frame.tensor.buffer)]  # an InFrame's view: kept as bytes of its own
             self._size = len(frame.tensor.buffer)
             self._next = 1
             return None

@@ -10,12 +10,12 @@ import torch
 
 from runtime.daemon.planner_client import PlannerClientOptions
 from runtime.daemon.server import Daemon, DaemonHandle, DaemonOptions, stop_on_signals
-from runtime.proto.edgesplit.v1 import inference_pb2, inference_pb2_grpc, tiles_pb2_grpc
+from runtime.proto.edgesplit.v1 import inference_pb2, tiles_pb2_grpc
 from runtime.wire.security import AGENT, WORKER
 from runtime.worker.config import WorkerConfig
 from runtime.worker.metrics import WorkerMetrics
 from runtime.worker.registration import RPC_TIMEOUT_SECONDS, PlannerRegistration, advertised_address, load_profiles
-from runtime.worker.service import InferenceService
+from runtime.worker.service import InferenceService, add_inference_servicer
 from runtime.worker.tiles import SERVICE_NAME as TILES_SERVICE
 from runtime.worker.tiles import TilesService
 
@@ -71,7 +71,7 @@ async def serve(config: WorkerConfig) -> WorkerServer:
     tiles = TilesService(service)  # RFS/DPFP: tiles of fused blocks, on the same admission and executor
 
     def add_servicers(server) -> None:
-        inference_pb2_grpc.add_InferenceServicer_to_server(service, server)
+        add_inference_servicer(service, server)  # InferStream's frames read without copies (wire.framewire)
         tiles_pb2_grpc.add_TilesServicer_to_server(tiles, server)
 
     daemon.bind(add_servicers)

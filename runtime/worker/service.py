@@ -34,6 +34,7 @@ from runtime.wire.asyncutil import wait_set
 from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
+from runtime.wire.framewire import parse_request
 from runtime.wire.jpeg import INPUT_IMAGE_CODECS
 from runtime.worker import probe
 from runtime.worker.allowlist import served_models
@@ -433,3 +434,26 @@ class InferenceService(pb_grpc.InferenceServicer):
                 session.sent()
         finally:
             session.close()
+
+
+class _Handlers:
+    """Stands in for a server to take the generated registration's handlers (add_inference_servicer)."""
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        self.service, self.handlers = service, dict(handlers)
+
+
+def add_inference_servicer(service: InferenceService, server) -> None:
+    """``inference_pb2_grpc.add_InferenceServicer_to_server``, but InferStream's requests are read by
+    runtime.wire.framewire.parse_request: a frame's payload stays a view of the bytes gRPC received (no
+    protobuf copies of it; the same messages on the wire). Every other method is the generated one."""
+    taken = _Handlers()
+    pb_grpc.add_InferenceServicer_to_server(service, taken)
+    stream = taken.handlers["InferStream"]
+    taken.handlers["InferStream"] = grpc.stream_stream_rpc_method_handler(
+        stream.stream_stream, request_deserializer=parse_request, response_serializer=stream.response_serializer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(taken.service, taken.handlers),))
+    server.add_registered_method_handlers(taken.service, taken.handlers)
