@@ -61,6 +61,7 @@ class DaemonOptions:
     metrics_port: int = -1  # port of the /metrics endpoint: 0 picks one, below 0 turns it off
     auth_policy: AuthPolicy | None = None  # method name -> roles allowed to call it (runtime.daemon.auth)
     frames: bool = False  # its clients stream frames (the worker): keep-alive waits the frame channels' backstop
+    server_args: tuple[tuple[str, int], ...] = ()  # more gRPC core server arguments (the planner's call backlog)
 
 
 # Called with the grace seconds; returns once the daemon's work in flight is done (or the time is up).
@@ -78,7 +79,7 @@ class Daemon:
         # then spans (only when tracing is on: runtime.daemon.tracing.configure ran before this daemon)
         traced = server_interceptor()
         self.server = grpc.aio.server(
-            options=[*options.transport.server_options(frames=options.frames), NO_REUSEPORT],
+            options=[*options.transport.server_options(frames=options.frames), *options.server_args, NO_REUSEPORT],
             interceptors=[self.auth, *([traced] if traced else []), *options.interceptors,
                           ErrorStatusInterceptor(options.on_error)])
         self.insecure_bind = Gauge("edgesplit_insecure_bind", "1 when serving a network address without TLS "
