@@ -22,6 +22,18 @@ AUTH_POLICY = {"RegisterWorker": frozenset({WORKER}), "RegisterAgent": frozenset
                "ReportTelemetry": frozenset({AGENT}), "WatchPlan": frozenset({AGENT}),
                "ReportPlanStatus": frozenset({AGENT}), "QueryPlan": frozenset({AGENT}), "ListProbeTargets": frozenset({AGENT}),
                "ListAgents": frozenset()}
+# gRPC core's backlog of calls the server has not taken yet (its Python loop takes one at a time). Past
+# grpc.server.max_pending_requests (default 1,000) core rejects new calls at random, all of them past the
+# hard limit (default 3,000), and the caller sees CANCELLED "CANCELLED" with no retry-after: when a
+# replica died, 78-268 of its agents' re-registrations on the survivor ended so, and each such agent
+# lost another 4-8 s (its back-off, a try on the dead address). A survivor takes three calls per agent
+# of the dead replica at once (registration, plan stream, telemetry stream): 15,000 for 5,000 agents.
+# A waiting call holds about 7 KB (41 MB for 6,000 measured), so the hard limit bounds it to ~210 MB;
+# the planner's own gate then sheds registrations with RESOURCE_EXHAUSTED and a retry-after.
+PENDING_CALLS = 20_000  # calls waiting in gRPC core before it rejects new ones at random
+PENDING_CALLS_MAX = 30_000  # ... and all of them
+SERVER_ARGS = (("grpc.server.max_pending_requests", PENDING_CALLS),
+               ("grpc.server.max_pending_requests_hard_limit", PENDING_CALLS_MAX))
 
 
 @dataclass
@@ -50,7 +62,7 @@ async def serve(config: PlannerConfig) -> PlannerServer:
             listen=config.listen, services=(SERVICE_NAME,), transport=config.transport(),
             on_error=lambda _method, code: metrics.errors.labels(code).inc(),
             metrics=metrics.registry, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
-            auth_policy=AUTH_POLICY))
+            auth_policy=AUTH_POLICY, server_args=SERVER_ARGS))
         daemon.bind(lambda server: planner_pb2_grpc.add_PlannerServicer_to_server(service, server))
         await daemon.start()
     except BaseException:
