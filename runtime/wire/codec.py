@@ -30,6 +30,8 @@ Two codecs take the model's spec and work only at split point 0 (``input``):
   it with the spec of the model the frame names.
 * ``pixels`` / ``pixels+lz4`` -- the input image as lossless 8-bit pixels (:mod:`runtime.wire.pixels`): exact
   for inputs made from 8-bit images, 1/4 of fp32's bytes before lz4; built and decoded as ``jpeg`` is.
+* ``webp`` -- the input image as a lossless WebP (:mod:`runtime.wire.webp`): exact as ``pixels``, about half the
+  bytes of ``pixels+lz4`` on photos for a slower encode; built and decoded as ``jpeg`` is.
 
 Every codec puts the whole payload in ``buffer`` (``chunks = 1``); a caller that splits or joins
 chunks does so around :meth:`Codec.encode` / :func:`decode_tensor`.
@@ -229,11 +231,14 @@ def get_codec(name: str, model: EntropyModel | None = None, spec: ModelSpec | No
     ``jpeg``/``jpegQ`` and ``pixels(+lz4)`` need ``spec`` (the model's mean/std and input size) and split 0."""
     from runtime.wire.jpeg import is_jpeg, jpeg_codec  # lazily: it builds on codec_base, not on this module
     from runtime.wire.pixels import is_pixels, pixels_codec
+    from runtime.wire.webp import is_webp, webp_codec
 
     if is_jpeg(name):
         return jpeg_codec(name, spec)
     if is_pixels(name):
         return pixels_codec(name, spec)
+    if is_webp(name):
+        return webp_codec(name, spec)
     if name in MODEL_CODECS:
         if model is None:
             raise InvalidInput(f"codec {name!r} entropy-codes with a transform Transfer Layer's model: use it with "
@@ -243,7 +248,7 @@ def get_codec(name: str, model: EntropyModel | None = None, spec: ModelSpec | No
         return _CODECS[name]
     except (KeyError, TypeError):
         raise InvalidInput(f"unknown codec {name!r}; valid codecs: {', '.join([*_CODECS, *MODEL_CODECS])}, "
-                           "and jpeg/jpegQ, pixels, pixels+lz4 at split 'input'") from None
+                           "and jpeg/jpegQ, pixels, pixels+lz4, webp at split 'input'") from None
 
 
 def codec_at(codec: str | Codec, split_index: int, split_name: str = "", model: EntropyModel | None = None,
@@ -269,6 +274,11 @@ def decode_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES,
                                      "('input') is decoded from pixels")
         lz4 = msg.compression == tensor_pb2.COMPRESSION_LZ4
         return get_codec("pixels+lz4" if lz4 else "pixels", spec=spec)._decode_validated(msg)
+    if msg.codec == tensor_pb2.CODEC_WEBP:
+        if spec is None:
+            raise PreconditionFailed("the tensor is a WebP input image (CODEC_WEBP): only a model's input at split 0 "
+                                     "('input') is decoded from a WebP")
+        return get_codec("webp", spec=spec)._decode_validated(msg)
     if msg.codec == tensor_pb2.CODEC_JPEG:
         if spec is None:
             raise PreconditionFailed("the tensor is a JPEG input image (CODEC_JPEG): only a model's input at split 0 "

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 DEFAULT_QUALITY = 90
 INPUT_SPLIT = "input"  # the one split point a JPEG may cross: index 0
 _NAME = re.compile(r"jpeg(\d{1,3})?")
-INPUT_IMAGE_CODECS = (tensor_pb2.CODEC_JPEG, tensor_pb2.CODEC_PIXELS)  # codecs of the input image: split 0 only
+# codecs of the input image: split 0 only
+INPUT_IMAGE_CODECS = (tensor_pb2.CODEC_JPEG, tensor_pb2.CODEC_PIXELS, tensor_pb2.CODEC_WEBP)
 
 
 def jpeg_quality(name: str) -> int | None:

@@ -41,10 +41,12 @@ def is_pixels(name: object) -> bool:
 
 
 def is_input_codec(name: object) -> bool:
-    """A codec that sends the model's input image (jpeg/jpegQ, pixels, pixels+lz4): split 0 only, needs the spec."""
+    """A codec that sends the model's input image (jpeg/jpegQ, pixels, pixels+lz4, webp): split 0 only, needs the
+    spec."""
     from runtime.wire.jpeg import is_jpeg
+    from runtime.wire.webp import is_webp
 
-    return is_jpeg(name) or is_pixels(name)
+    return is_jpeg(name) or is_pixels(name) or is_webp(name)
 
 
 class PixelsCodec(InputImageCodec):

@@ -48,6 +48,7 @@ CODEC_ENUM_NAMES = {
     tensor_pb2.CODEC_ANS: "CODEC_ANS",
     tensor_pb2.CODEC_JPEG: "CODEC_JPEG",
     tensor_pb2.CODEC_PIXELS: "CODEC_PIXELS",
+    tensor_pb2.CODEC_WEBP: "CODEC_WEBP",
 }
 COMPRESSION_ENUM_NAMES = {
     tensor_pb2.COMPRESSION_NONE: "COMPRESSION_NONE",
@@ -81,7 +82,7 @@ def channel_count(shape: Sequence[int], axis: int) -> int:
 def expected_encoded_size(msg: tensor_pb2.Tensor) -> int:
     """Bytes the codec output must have for this header (assumes codec and dtype are valid).
     CODEC_ANS and CODEC_JPEG have no fixed size: :func:`_check_ans` / :func:`_check_jpeg` bound them."""
-    if msg.codec in (tensor_pb2.CODEC_ANS, tensor_pb2.CODEC_JPEG):
+    if msg.codec in (tensor_pb2.CODEC_ANS, tensor_pb2.CODEC_JPEG, tensor_pb2.CODEC_WEBP):
         return msg.encoded_size
     item = _WIRE_ITEMSIZE[msg.codec] or ITEMSIZE[msg.dtype]
     return numel(msg.shape) * item
@@ -125,7 +126,7 @@ def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTE
         )
     if msg.codec == tensor_pb2.CODEC_ANS:
         _check_ans(msg, n)
-    elif msg.codec == tensor_pb2.CODEC_JPEG:
+    elif msg.codec in (tensor_pb2.CODEC_JPEG, tensor_pb2.CODEC_WEBP):
         _check_jpeg(msg, shape, n)
     elif msg.codec == tensor_pb2.CODEC_PIXELS and (len(shape) != 4 or shape[0] != 1 or shape[1] != 3):
         raise InvalidInput(f"CODEC_PIXELS carries one RGB image: shape must be [1, 3, H, W], got {shape}")
@@ -161,13 +162,15 @@ def jpeg_bound(n: int) -> int:
 
 
 def _check_jpeg(msg: tensor_pb2.Tensor, shape: list[int], n: int) -> None:
+    """An input image's file (CODEC_JPEG, CODEC_WEBP): uncompressed, one RGB image, at most fp32's bytes."""
+    name = CODEC_ENUM_NAMES[msg.codec]
     if msg.compression != tensor_pb2.COMPRESSION_NONE:
-        raise InvalidInput("CODEC_JPEG is already compressed: compression must be COMPRESSION_NONE")
+        raise InvalidInput(f"{name} is already compressed: compression must be COMPRESSION_NONE")
     if len(shape) != 4 or shape[0] != 1 or shape[1] != 3:
-        raise InvalidInput(f"CODEC_JPEG carries one RGB image: shape must be [1, 3, H, W], got {shape}")
+        raise InvalidInput(f"{name} carries one RGB image: shape must be [1, 3, H, W], got {shape}")
     bound = jpeg_bound(n)
     if not 0 < msg.encoded_size <= bound:
-        raise InvalidInput(f"encoded_size={msg.encoded_size} is invalid for CODEC_JPEG of shape {shape}: "
+        raise InvalidInput(f"encoded_size={msg.encoded_size} is invalid for {name} of shape {shape}: "
                            f"must be 1..{bound}")
 
 
