@@ -86,6 +86,11 @@ class CoordinatorOptions:
     halo: bool = True  # exchange halos between workers where the stage's blocks say so (False: always gather)
 
 
+def _check_going(stop: asyncio.Event) -> None:
+    if stop.is_set():
+        raise HaloFailed("another tile of the frame's stage failed: this one is not sent")
+
+
 class TileMetrics:
     """Per-worker tile times and failures (label values: the stage's workers and "local")."""
 
@@ -315,6 +320,7 @@ class ParallelCoordinator:
         src: TileMap | StoredMap = TileMap.ready(x)
         maps.append(src)
         tasks: list[asyncio.Future] = []
+        stop = asyncio.Event()  # a tile failed: the tiles not yet sent are not sent
         try:
             for i, seg in enumerate(self.segments):
                 in_hw = src.hw
@@ -326,7 +332,7 @@ class ParallelCoordinator:
                 block_reports = [TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
                                             cols=(reg.output.cols.start, reg.output.cols.stop), seq=seq)
                                  for (worker, _), reg in zip(planned, regions, strict=True)]
-                jobs = [asyncio.ensure_future(self._map_tile(i, in_hw, reg, rep, healthy, src, dst, k, token))
+                jobs = [asyncio.ensure_future(self._map_tile(i, in_hw, reg, rep, healthy, src, dst, k, token, stop))
                         for k, (reg, rep) in enumerate(zip(regions, block_reports, strict=True))]
                 tasks.extend(jobs)
                 done = asyncio.gather(*jobs)
@@ -338,8 +344,9 @@ class ParallelCoordinator:
                     await done
             await asyncio.gather(*tasks)
         except Exception:
-            if tasks:  # a tile failed: the tiles in flight finish (bounded by the tile deadline), so that
-                await asyncio.wait(tasks)  # recover() finds them gathered or kept, not cancelled half-way
+            stop.set()  # a tile failed: those in flight finish (bounded by the tile deadline), so that recover()
+            if tasks:  # finds them gathered or kept, not cancelled half-way; the rest are not sent
+                await asyncio.wait(tasks)
             raise
         finally:
             for t in tasks:
@@ -347,16 +354,19 @@ class ParallelCoordinator:
         return src.full(), reports
 
     async def _map_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, report: TileReport, healthy: list[str],
-                        src: TileMap | StoredMap, dst: TileMap | StoredMap, k: int, token: bytes) -> None:
+                        src: TileMap | StoredMap, dst: TileMap | StoredMap, k: int, token: bytes,
+                        stop: asyncio.Event) -> None:
         try:
             keep = isinstance(dst, StoredMap)
             if isinstance(src, StoredMap):  # halo exchange: the worker assembles its crop from stored tiles
                 parts = await src.parts(reg.input)
                 report.ready_at = time.perf_counter()
+                _check_going(stop)
                 tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep, token)
             else:
                 crop = await src.crop(reg.input)
                 report.ready_at = time.perf_counter()
+                _check_going(stop)
                 tile = (await self._halo_tile(i, in_hw, reg, crop, None, report, keep, token) if keep
                         else await self._tile(i, in_hw, reg, crop, report, healthy))
             if isinstance(dst, StoredMap):
@@ -366,6 +376,7 @@ class ParallelCoordinator:
                 dst.put(k, tile)
             report.done_at = time.perf_counter()
         except BaseException as e:
+            stop.set()
             dst.fail(e)  # tiles waiting on this one stop too
             raise
 
