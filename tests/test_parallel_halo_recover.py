@@ -14,6 +14,7 @@ import pytest
 from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
 from runtime.parallel.plan import ParallelStage, TiledBlock
 from tests.test_parallel_halo import _close, _frames, _stage, image, loaded, reference  # noqa: F401 (fixtures)
+from tests.test_security_endpoints import site  # noqa: F401 (a fixture)
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(240)]
 
@@ -31,7 +32,7 @@ def test_worker_killed_at_a_later_block_reruns_only_its_tiles(start_worker, load
     """The victim holds a tile of block 2 only and dies once block 1 is in: blocks 0 and 1 are neither run
     again nor lost (block 1's kept tiles are fetched back from the two survivors), and only the victim's
     tile of block 2 is computed again, on a survivor. Before, the whole stage ran again from block 0."""
-    (a, pa), (b, pb), (victim, pv) = (start_worker(*PEERS) for _ in range(3))
+    (_, pa), (_, pb), (victim, pv) = (start_worker(*PEERS) for _ in range(3))
     addresses = [f"127.0.0.1:{p}" for p in (pa, pb, pv)]
 
     def kill_after_block_1(i, reports):
@@ -129,3 +130,41 @@ def test_a_draining_worker_closes_its_channels_to_its_neighbours(tmp_path):
             peers.stub("127.0.0.1:1")  # none opened again
 
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_an_agent_reads_back_only_its_own_frames_kept_tiles(site, tmp_path):  # noqa: F811
+    """FetchRegion's agent role (recovery after a failed exchange) on a worker under TLS + tokens: agent a1
+    naming a2 is PERMISSION_DENIED (kept tiles are keyed by the agent id); naming itself it passes the role
+    check and, with no such tile kept, is NOT_FOUND; a planner's token is refused by the role policy."""
+    from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+    from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
+    from runtime.wire.transport import TransportOptions
+    from tests.test_security_endpoints import client, server_settings, start
+
+    d = site  # a CA, certificates and tokens (tests/test_security_endpoints.py's fixture)
+
+    async def fetch(security, agent_id: str) -> grpc.StatusCode:
+        req = tiles_pb2.FetchRegionRequest(header=pb.FrameHeader(agent_id=agent_id, seq=1, model_id="resnet18",
+                                                                 split_id="add_2"),
+                                           tile=tiles_pb2.TileRegion(row_stop=4, col_stop=4),
+                                           region=tiles_pb2.TileRegion(row_stop=2, col_stop=2), halo_token=bytes(16))
+        async with TransportOptions(security=security).aio_channel(f"127.0.0.1:{handle.port}") as ch:
+            try:
+                await tiles_pb2_grpc.TilesStub(ch).FetchRegion(req, timeout=5)
+            except grpc.aio.AioRpcError as e:
+                return e.code()
+        return grpc.StatusCode.OK
+
+    async def main():
+        nonlocal handle
+        handle = await start("worker", server_settings(d, "tls+tokens"), tmp_path)
+        try:
+            a1, planner = client(d, token="agent-a1"), client(d, token="planner-p1")
+            assert await fetch(a1, "a2") == grpc.StatusCode.PERMISSION_DENIED
+            assert await fetch(a1, "a1") == grpc.StatusCode.NOT_FOUND
+            assert await fetch(planner, "a1") == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            await handle.drain_and_stop(0.5)
+
+    handle = None
+    asyncio.run(asyncio.wait_for(main(), 120))
