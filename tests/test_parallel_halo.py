@@ -193,8 +193,10 @@ def test_a_worker_dials_only_its_halo_peers_and_the_frame_falls_back(start_worke
     later blocks computed again; the frame is right and not lost."""
     workers = [start_worker("--torch-threads", "1") for _ in range(2)]
     addresses = [f"127.0.0.1:{port}" for _, port in workers]
-    frames, fallbacks, registry = asyncio.run(asyncio.wait_for(_frames(loaded, _stage(addresses), image), 180))
+    frames, fallbacks, registry = asyncio.run(asyncio.wait_for(_frames(loaded, _stage(addresses), image, n=2), 180))
     assert fallbacks == 1 and registry.get_sample_value("edgesplit_agent_halo_fallbacks_total") == 1
+    y, reports = frames[1]  # after the refusal the stage gathers every block: no second fallback
+    assert _close(y, reference) and all(r.received_bytes > 0 and not r.failures for r in reports)
     y, reports = frames[0]
     assert _close(y, reference)
     assert len([r for r in reports if r.block == 0]) == 2  # kept, and fetched back by the agent: not recomputed

@@ -134,6 +134,7 @@ class ParallelCoordinator:
         self._seq = random.getrandbits(40)  # frames of two coordinators with one agent id do not share keys
         self.halo_fallbacks = 0  # frames whose halo exchange failed (run again with gather and scatter)
         self.last_fallback = ""  # why the last one did
+        self.halo_refused = False  # a worker refused a halo tile (PERMISSION_DENIED: no --halo-peer): gather from now on
 
     def _stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
         if address not in self._channels:
@@ -298,6 +299,10 @@ class ParallelCoordinator:
                 self.metrics.halo_fallbacks.inc()
                 logger.warning("halo exchange failed (%s); the stage resumes with gather and scatter from the tiles "
                                "still valid", e)
+                if any(f.endswith(": PERMISSION_DENIED") for r in reports for f in r.failures):
+                    self.halo_refused = True  # a configuration (the workers' --halo-peer), not a passing fault
+                    logger.warning("a worker refused the halo exchange (start the workers with --halo-peer naming one "
+                                   "another); this stage gathers and scatters every block from now on")
             try:  # the tiles computed and still held are fetched back; only the lost or missing ones run again
                 return await recover(self, maps, seq, token, reports), reports
             except (EdgesplitError, RuntimeError, asyncio.TimeoutError) as e:
@@ -307,7 +312,7 @@ class ParallelCoordinator:
 
     def halo_input(self, i: int) -> bool:
         """Does block ``i`` take its input by halo exchange between workers?"""
-        return self.options.halo and 0 < i < len(self.segments) and self.stage.blocks[i].halo
+        return self.options.halo and not self.halo_refused and 0 < i < len(self.segments) and self.stage.blocks[i].halo
 
     async def _run(self, x: torch.Tensor, on_block: Callable[[int, list[TileReport]], None] | None,
                    halo: bool, seq: int, token: bytes = b"", maps: list[TileMap | StoredMap] | None = None,
