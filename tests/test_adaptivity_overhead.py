@@ -217,3 +217,27 @@ def test_board_figures_keep_their_age():
     assert b.updated == -math.inf
     b.add(0.2, 0.01, now=3.0)
     assert dataclasses.replace(b).updated == 3.0
+
+
+def test_a_line_re_costs_an_offloading_plan_with_what_its_link_measured_before_the_frame():
+    """The worker's tail (its median on the link for the split), the board's encode with the board runtime's own
+    time, and the link's overhead replace the issued terms, each from 3 frames past the start-up on, from what
+    was known when the frame arrived (runtime.agent.prediction.History): never from the frame itself."""
+    from collections import OrderedDict
+
+    from runtime.agent.planner_link import PlannerLink
+
+    clock = [0.0]
+    est = LinkEstimator(clock=lambda: clock[0], min_bytes=1 << 30)  # no bandwidth sample: the link terms as issued
+    link = SimpleNamespace(predictions=OrderedDict(), agent=SimpleNamespace(link=est))
+    PlannerLink._predict(link, offloading_plan())
+    lines = []
+    for seq in range(7):
+        clock[0] = float(seq)
+        r = edge_frame(seq)
+        est.observe(r)
+        lines.append(PlannerLink.predicted(link, r))
+    assert lines[:6] == pytest.approx([0.060] * 6)  # start-up, then too few frames before each
+    other = 0.065 - (0.002 + 0.0001 + 0.0015 + 0.060)  # the board runtime's own time per frame
+    # overhead 6 ms for decode 1 + board wait 1; tail 38 ms for 35; encode 1.5 ms + runtime for 1
+    assert lines[6] == pytest.approx(0.060 + (0.006 - 0.002) + (0.038 - 0.035) + (0.0015 + other - 0.001))

@@ -39,7 +39,9 @@ runtime.agent.prediction) is one helper, :func:`log_spread`: an EWMA of ``log(sa
 
 Overhead (seconds, :class:`Overhead`): per link, the frame's time that none of the model's measured parts
 holds (its board wait, the worker's decode, queue and hand-offs; runtime.agent.telemetry), the median of
-the last ``OVERHEAD_WINDOW`` frames with their count and the time of the last one.
+the last ``OVERHEAD_WINDOW`` frames with their count and the time of the last one; kept the same way, the
+board runtime's own time of the frames sent on the link (``runtime``) and the worker's tail per split
+(``tails``), which the agent's result lines re-cost the plan with (runtime.agent.prediction).
 
 RTT (seconds): the *base* RTT, the smallest of the last ``rtt_window`` probes (queueing only ever
 adds to a probe; see runtime.agent.telemetry). A fall shows at once; a rise would hide behind the
@@ -166,10 +168,11 @@ class Overhead:
     samples: int = 0
     updated: float = -math.inf
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_WINDOW))
+    limit: float = MAX_OVERHEAD_SECONDS  # a sample beyond this is no measurement
 
     def add(self, seconds: float, now: float) -> bool:
-        """One frame's overhead; False (not taken) when it is no measurement (negative, not finite, over 1 s)."""
-        if not (math.isfinite(seconds) and 0 <= seconds <= MAX_OVERHEAD_SECONDS):
+        """One frame's figure; False (not taken) when it is no measurement (negative, not finite, over ``limit``)."""
+        if not (math.isfinite(seconds) and 0 <= seconds <= self.limit):
             return False
         self.recent.append(seconds)
         self.value = statistics.median(self.recent)
@@ -181,7 +184,11 @@ class Overhead:
         return now - self.updated
 
     def copy(self) -> Overhead:
-        return Overhead(self.value, self.samples, self.updated, deque(self.recent, maxlen=OVERHEAD_WINDOW))
+        return Overhead(self.value, self.samples, self.updated, deque(self.recent, maxlen=OVERHEAD_WINDOW), self.limit)
+
+
+MAX_TAIL_SECONDS = 60.0  # a worker's tail beyond a minute per frame is no measurement
+MAX_TAIL_SPLITS = 8  # splits a link keeps its worker's tail for (the least recent goes)
 
 
 @dataclass
@@ -198,6 +205,16 @@ class LinkEstimate:
     # on the link (runtime.contracts.queueing); 0 until a second sample
     jitter: float = 0.0
     overhead: Overhead = field(default_factory=Overhead)  # the frame's time no modelled part holds, on this link
+    runtime: Overhead = field(default_factory=Overhead)  # the board runtime's own time of the frames sent on it
+    tails: OrderedDict[str, Overhead] = field(default_factory=OrderedDict)  # by split: the worker's tail compute
+
+    def add_tail(self, split: str, seconds: float, now: float) -> bool:
+        """The worker's tail time (its compute after ``split``) of one frame; True when taken."""
+        fig = self.tails.pop(split, None) or Overhead(limit=MAX_TAIL_SECONDS)
+        self.tails[split] = fig
+        while len(self.tails) > MAX_TAIL_SPLITS:
+            self.tails.popitem(last=False)
+        return fig.add(seconds, now)
 
     def __post_init__(self) -> None:
         self._bw_steps = StepDetector(self.options)

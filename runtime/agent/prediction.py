@@ -33,7 +33,15 @@ Two terms follow the workload rather than the plan alone (:func:`line`):
   where the plan held 0.9 ms of decode) is measured per link (runtime.agent.estimator.Overhead: the
   median of the last 16 frames, with their count and age). From OVERHEAD_MIN_SAMPLES frames on it
   replaces the plan's issued ``decode:*`` and ``queue:board``, the terms the planner prices it in
-  (planner.compute.LinkOverheads); unknown, the issued terms stand.
+  (planner.compute.LinkOverhead); unknown, the issued terms stand.
+* **The link's worker and the board's encode.** As a local plan is re-costed at the board the agent measures,
+  an offloading one is at the worker it measures on that link: the issued compute of the receiving tier by
+  the worker's tail after the frame's split (the median of its last 16 frames there), and the issued
+  ``encode:*`` (which holds the planner's figure of the board runtime's own time) by the board's measured
+  encode for that split and codec plus the runtime's own time on the link (medians past the configuration's
+  start-up). The planner follows the same drifts only through its factors, re-issued at most every 10 s
+  (planner.refresh); a worker shared with other jobs moved 38 -> 60 -> 38 ms within one phase (adapt_run
+  fedback9), and lines that kept the issued tail were 15-20 % off.
 """
 
 from __future__ import annotations
@@ -61,6 +69,8 @@ class Prediction:
     local: bool = False  # a local plan (every block on the board)
     decode: float = 0.0  # the issued ``decode:*`` (with the planner's figure of the link's overhead in it) ...
     board_wait: float = 0.0  # ... and ``queue:board``: what the link's measured overhead stands for (:meth:`now`)
+    encode: float = 0.0  # the issued ``encode:*`` (the board runtime's own time in it): measured encode + runtime
+    edge: float = 0.0  # the issued compute of the receiving tier: the worker's measured tail
 
     @classmethod
     def of(cls, plan: ppb.Plan) -> Prediction:
@@ -69,23 +79,40 @@ class Prediction:
         if (not plan.worker_address or plan.next_hops or plan.parallel.worker_addresses
                 or terms.get("transfer", 0.0) <= 0 or len([k for k in plan.breakdown_seconds if k.startswith("transfer:")]) != 1):
             return cls(plan.predicted_seconds, local=not plan.worker_address and plan.split_id == "output")
+        hop = next(k for k in plan.breakdown_seconds if k.startswith("transfer:")).partition(":")[2]
+        b = plan.breakdown_seconds
         return cls(plan.predicted_seconds, plan.predicted_bytes, terms.get("rtt", 0.0), terms["transfer"],
-                   terms.get("return", 0.0), plan.breakdown_seconds.get("queue:link", 0.0),
-                   decode=terms.get("decode", 0.0), board_wait=plan.breakdown_seconds.get("queue:board", 0.0))
+                   terms.get("return", 0.0), b.get("queue:link", 0.0), decode=terms.get("decode", 0.0),
+                   board_wait=b.get("queue:board", 0.0), encode=b.get(f"encode:{hop}", 0.0),
+                   edge=b.get("compute:" + hop.partition("->")[2], 0.0))
+
+    def measured(self, link: Any, split: str, encode: float) -> float:
+        """The change to the issued figure that the link's measured figures make (each from OVERHEAD_MIN_SAMPLES
+        frames on; 0 where unknown): its overhead for the issued decode and board wait, its worker's tail after
+        ``split`` for the issued compute there, and ``encode`` (the board's measured encode, 0: unknown) with the
+        board runtime's own time for the issued encode."""
+        out = 0.0
+        ov = getattr(link, "overhead", None)
+        if ov is not None and ov.samples >= OVERHEAD_MIN_SAMPLES:
+            out += ov.value - self.decode - self.board_wait
+        tail = getattr(link, "tails", {}).get(split)
+        if tail is not None and tail.samples >= OVERHEAD_MIN_SAMPLES and self.edge > 0:
+            out += tail.value - self.edge
+        runtime = getattr(link, "runtime", None)
+        if encode > 0 and runtime is not None and runtime.samples >= OVERHEAD_MIN_SAMPLES and self.encode > 0:
+            out += encode + runtime.value - self.encode
+        return out
 
     def now(self, link: Any, measured_bytes: float = 0.0, *, frame_bytes: int = 0, interval: float = 0.0,
-            window: int = DEFAULT_WINDOW) -> float:
+            window: int = DEFAULT_WINDOW, split: str = "", encode: float = 0.0) -> float:
         """Re-costed at ``link`` (a runtime.agent.estimator.LinkEstimate or :class:`LinkView`, or None: as issued);
         ``measured_bytes``: the agent's mean for the configuration (the plan's bytes when it carries none);
         ``frame_bytes``: the frame's own bytes on the wire (0: the mean); ``interval``: the source's frame
-        interval in seconds (0: unknown, no queue term); ``window``: frames in flight. The link's measured
-        overhead (OVERHEAD_MIN_SAMPLES frames or more) replaces the issued ``decode`` and ``queue:board``."""
+        interval in seconds (0: unknown, no queue term); ``window``: frames in flight; ``split`` and ``encode``:
+        the frame's split and the board's measured encode for it (:meth:`measured`)."""
         if link is None or self.transfer <= 0:
             return self.seconds
-        seconds = self.seconds
-        ov = getattr(link, "overhead", None)
-        if ov is not None and ov.samples >= OVERHEAD_MIN_SAMPLES:
-            seconds += ov.value - self.decode - self.board_wait
+        seconds = self.seconds + self.measured(link, split, encode)
         size = self.bytes or measured_bytes
         if size <= 0 or not link.bandwidth.samples or link.bandwidth.value <= 0:
             return seconds
@@ -112,6 +139,8 @@ class LinkView:
     rtt: Figure
     jitter: float
     overhead: Overhead = dataclasses.field(default_factory=Overhead)
+    runtime: Overhead = dataclasses.field(default_factory=Overhead)
+    tails: dict[str, Overhead] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -148,6 +177,7 @@ class Before:
     key: str
     link: LinkView | None
     board: Board
+    encode: tuple[str, str, float] = ("", "", 0.0)  # (split, codec, the board's measured encode) of the last frame sent
 
 
 @dataclass(frozen=True)
@@ -176,10 +206,11 @@ class History:
         while len(self.timings) > MAX_BEFORE:
             self.timings.popitem(last=False)
 
-    def take(self, now: float, key: str, link: Any, board: Board) -> None:
+    def take(self, now: float, key: str, link: Any, board: Board, encode: tuple[str, str, float] = ("", "", 0.0)) -> None:
         view = None if link is None else LinkView(dataclasses.replace(link.bandwidth), dataclasses.replace(link.rtt),
-                                                   link.jitter, link.overhead.copy())
-        self.states.append((now, Before(key, view, dataclasses.replace(board))))
+                                                   link.jitter, link.overhead.copy(), link.runtime.copy(),
+                                                   {k: v.copy() for k, v in link.tails.items()})
+        self.states.append((now, Before(key, view, dataclasses.replace(board), encode)))
 
     def at(self, t: float) -> Before | None:
         """The figures as they stood at ``t`` (None: none that old is kept)."""
@@ -230,6 +261,7 @@ def line(p: Prediction, estimator: Any, result: Any) -> float:
             wait = expected_wait(board.service, estimator.frame_interval, board.cs2, window=estimator.frame_window).seconds
         return float(board.service + board.overhead + wait)
     link = before.link if before is not None and before.key == result.worker else estimator.links.get(result.worker)
+    encode = before.encode[2] if before is not None and before.encode[:2] == (result.split, result.codec) else 0.0
     return p.now(link, estimator.wire.mean(result.split, result.codec),
                  frame_bytes=int(getattr(result, "wire_bytes", 0) or 0), interval=estimator.frame_interval,
-                 window=estimator.frame_window)
+                 window=estimator.frame_window, split=result.split, encode=encode)

@@ -140,7 +140,15 @@ class LinkEstimator:
         if other is not None:
             self.observe_link_overhead(result, now)
         worker = getattr(result, "worker", "") or self.current
-        self.history.take(now, worker, self.links.get(worker) if worker else None, self.board)
+        self.history.take(now, worker, self.links.get(worker) if worker else None, self.board, self._encode(result))
+
+    def _encode(self, result: Any) -> tuple[str, str, float]:
+        """(split, codec, the board's measured encode: the median of the configuration's recent frames past its
+        start-up, 0.0 under OVERHEAD_MIN_SAMPLES of them) of ``result``'s configuration, for the result lines."""
+        entry = self.wire.entries.get((result.split, result.codec))
+        if entry is None or len(entry.encodes) < LINK_OVERHEAD_MIN_SAMPLES:
+            return (result.split, result.codec, 0.0)
+        return (result.split, result.codec, entry.encode_seconds)
 
     def _observe_link(self, result: Any) -> None:
         t = result.times
@@ -177,13 +185,19 @@ class LinkEstimator:
 
     def observe_link_overhead(self, result: Any, now: float) -> bool:
         """An offloaded frame's time on its link that none of the model's measured parts holds, into that link's
-        :class:`runtime.agent.estimator.Overhead` (:func:`link_overhead`); True when taken. A configuration's
-        first frames give none (:meth:`observe_overhead`)."""
+        :class:`runtime.agent.estimator.Overhead` (:func:`link_overhead`), and its worker's tail and the board
+        runtime's own time into the link's ``tails`` and ``runtime``; True when taken. A configuration's first
+        frames give none (:meth:`observe_overhead`)."""
         seconds = link_overhead(result)
         key = getattr(result, "worker", "")
         if seconds is None or not key:
             return False
-        return self.estimate(key).overhead.add(seconds, now)
+        est = self.estimate(key)
+        other = runtime_overhead(result)
+        if other is not None:
+            est.runtime.add(other, now)
+        est.add_tail(result.split, result.times["edge_tail"], now)
+        return est.overhead.add(seconds, now)
 
     def observe_censored(self, key: str, sent_bytes: int, elapsed: float) -> bool:
         """A frame with no result after ``elapsed`` s, ``sent_bytes`` being its own bytes plus those the
