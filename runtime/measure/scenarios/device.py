@@ -29,6 +29,7 @@ from runtime.transfer.artifact import load_tl
 from runtime.wire import eventloop
 from runtime.wire.codec import get_codec
 from runtime.wire.pixels import is_pixels
+from runtime.wire.webp import is_webp
 
 
 def _time_full(loaded, xs, runs: int) -> tuple[list[float], list[int]]:
@@ -68,15 +69,17 @@ def calibrate(loaded, xs, cgroup: str, tb: dict) -> dict:
             "slowdown": last["slowdown"], "device_ms": last["device_ms"], "rounds": rounds}
 
 
-def jpeg_frames(spec, xs, quality: int) -> list[dict]:
+def jpeg_frames(spec, xs, quality: int, gap_s: float = 0.0) -> list[dict]:
     """Each frame as a camera sends it: pixels (undoing the normalisation) -> JPEG; timed encode and bytes
-    (the board's JPEG encode in edgesplit's cost model; edge-only itself runs the wire's jpeg codec)."""
+    (the board's JPEG encode in edgesplit's cost model; edge-only itself runs the wire's jpeg codec), each after
+    ``gap_s`` idle as in :func:`time_heads`."""
     from PIL import Image
 
     mean = torch.tensor(spec.mean).view(3, 1, 1)
     std = torch.tensor(spec.std).view(3, 1, 1)
     out = []
     for x in xs:
+        time.sleep(gap_s)
         t = time.perf_counter()
         pix = (x[0] * std + mean).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
         buf = io.BytesIO()
@@ -87,12 +90,14 @@ def jpeg_frames(spec, xs, quality: int) -> list[dict]:
     return out
 
 
-def codec_frames(spec, xs, name: str) -> list[dict]:
-    """Each frame through the wire codec ``name`` at the input (e.g. pixels+lz4): timed encode and wire bytes,
-    one frame at a time on the board (its encode time in edgesplit's cost model, as for the JPEG)."""
+def codec_frames(spec, xs, name: str, gap_s: float = 0.0) -> list[dict]:
+    """Each frame through the wire codec ``name`` at the input (pixels+lz4, webp): timed encode and wire bytes,
+    one frame at a time on the board, each after ``gap_s`` idle (its encode time in edgesplit's cost model, as for
+    the JPEG)."""
     codec = get_codec(name, spec=spec)
     out = []
     for x in xs:
+        time.sleep(gap_s)
         t = time.perf_counter()
         msg = codec.encode(x)
         out.append({"encode_ms": (time.perf_counter() - t) * 1e3, "bytes": msg.ByteSize()})
@@ -247,14 +252,15 @@ def main(argv: list[str]) -> int:
     heads = prefix_heads(loaded, xs, cfg.get("head_runs", 10), gap_s)
     _time_full(loaded, xs, 1)
     local_s, local_top1 = _time_full(loaded, xs, len(xs))
-    jp = jpeg_frames(loaded.spec, xs, cfg["jpeg_quality"])
+    jp = jpeg_frames(loaded.spec, xs, cfg["jpeg_quality"], gap_s)
     Path(cfg["jpeg_out"]).mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(jp):
         (Path(cfg["jpeg_out"]) / f"{i}.jpg").write_bytes(j["jpeg"])
     print(json.dumps({"calibration": cal, "prefix_heads": heads, "local": [{"total_ms": t * 1e3, "class_index": c}
                                                     for t, c in zip(local_s, local_top1, strict=True)],
                       "jpeg": [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp],
-                      "input_codecs": {c: codec_frames(loaded.spec, xs, c) for c in cfg["codecs"] if is_pixels(c)}}),
+                      "input_codecs": {c: codec_frames(loaded.spec, xs, c, gap_s) for c in cfg["codecs"]
+                                       if is_pixels(c) or is_webp(c)}}),
           flush=True)
     for line in sys.stdin:
         job = json.loads(line)

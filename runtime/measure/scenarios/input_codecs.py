@@ -21,7 +21,7 @@ import uuid
 
 import torch
 
-WIRE = ("pixels", "pixels+lz4", "jpeg", "fp16+lz4")
+WIRE = ("pixels", "pixels+lz4", "webp", "jpeg", "fp16+lz4")
 PNG_LEVELS = (1, 6)
 
 

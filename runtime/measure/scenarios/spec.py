@@ -79,9 +79,10 @@ class RunSpec:
     # measured on ``fidelity_frames`` frames before the plan runs: 0.99 = at most one point lost
     min_fidelity: float = 0.99
     fidelity_frames: int = 200  # frames of that check (and of every strategy's offline fidelity column)
-    # codecs edgesplit may choose from (jpeg = q90, the edge-only camera's; jpegQ and pixels+lz4, the lossless 8-bit
-    # input image, at the input only), each plan under the fidelity floor
-    codecs: tuple[str, ...] = ("raw", "fp16", "int8+lz4", "pixels+lz4", "jpeg", "jpeg75", "jpeg60", "jpeg50", "jpeg40")
+    # codecs edgesplit may choose from (jpeg = q90, the edge-only camera's; jpegQ, and pixels+lz4 and webp, the
+    # lossless 8-bit input image, at the input only), each plan under the fidelity floor
+    codecs: tuple[str, ...] = ("raw", "fp16", "int8+lz4", "pixels+lz4", "webp", "jpeg", "jpeg75", "jpeg60", "jpeg50",
+                               "jpeg40")
     testbed: Testbed = field(default_factory=Testbed)  # the board and the edge
     out_dir: str = "runtime/measure/results"  # JSON, markdown and PNG go here
     name: str = "scenarios"  # file stem of the results
