@@ -40,8 +40,9 @@ runtime.agent.prediction) is one helper, :func:`log_spread`: an EWMA of ``log(sa
 Overhead (seconds, :class:`Overhead`): per link, the frame's time that none of the model's measured parts
 holds (its board wait, the worker's decode, queue and hand-offs; runtime.agent.telemetry), the median of
 the last ``OVERHEAD_WINDOW`` frames with their count and the time of the last one; kept the same way, the
-board runtime's own time of the frames sent on the link (``runtime``) and the worker's tail per split
-(``tails``), which the agent's result lines re-cost the plan with (runtime.agent.prediction).
+overhead with the board runtime's own time of each frame (``unheld``: all of a frame's time outside its head,
+encode, network and tail) and the worker's tail per split (``tails``), which the agent's result lines re-cost
+the plan with (runtime.agent.prediction).
 
 RTT (seconds): the *base* RTT, the smallest of the last ``rtt_window`` probes (queueing only ever
 adds to a probe; see runtime.agent.telemetry). A fall shows at once; a rise would hide behind the
@@ -205,7 +206,7 @@ class LinkEstimate:
     # on the link (runtime.contracts.queueing); 0 until a second sample
     jitter: float = 0.0
     overhead: Overhead = field(default_factory=Overhead)  # the frame's time no modelled part holds, on this link
-    runtime: Overhead = field(default_factory=Overhead)  # the board runtime's own time of the frames sent on it
+    unheld: Overhead = field(default_factory=Overhead)  # the overhead with the board runtime's own time, per frame
     tails: OrderedDict[str, Overhead] = field(default_factory=OrderedDict)  # by split: the worker's tail compute
 
     def add_tail(self, split: str, seconds: float, now: float) -> bool:

@@ -37,9 +37,11 @@ Two terms follow the workload rather than the plan alone (:func:`line`):
 * **The link's worker and the board's encode.** As a local plan is re-costed at the board the agent measures,
   an offloading one is at the worker it measures on that link: the issued compute of the receiving tier by
   the worker's tail after the frame's split (the median of its last 16 frames there), and the issued
-  ``encode:*`` (which holds the planner's figure of the board runtime's own time) by the board's measured
-  encode for that split and codec plus the runtime's own time on the link (medians past the configuration's
-  start-up). The planner follows the same drifts only through its factors, re-issued at most every 10 s
+  ``encode:*`` (which holds the planner's figure of the board runtime's own time), ``decode:*`` and
+  ``queue:board`` by the board's measured encode for that split and codec plus the link's ``unheld`` time (its
+  overhead with the runtime's own time, the median of their sum per frame: under a CPU quota the runtime's
+  time is 0.3 ms for most frames and 6-8 ms for a third of them, and a median of each apart left lines 5-8 %
+  under the measured latency) (medians past the configuration's start-up). The planner follows the same drifts only through its factors, re-issued at most every 10 s
   (planner.refresh); a worker shared with other jobs moved 38 -> 60 -> 38 ms within one phase (adapt_run
   fedback9), and lines that kept the issued tail were 15-20 % off.
 """
@@ -69,7 +71,7 @@ class Prediction:
     local: bool = False  # a local plan (every block on the board)
     decode: float = 0.0  # the issued ``decode:*`` (with the planner's figure of the link's overhead in it) ...
     board_wait: float = 0.0  # ... and ``queue:board``: what the link's measured overhead stands for (:meth:`now`)
-    encode: float = 0.0  # the issued ``encode:*`` (the board runtime's own time in it): measured encode + runtime
+    encode: float = 0.0  # the issued ``encode:*`` (the board runtime's own time in it): measured encode + unheld
     edge: float = 0.0  # the issued compute of the receiving tier: the worker's measured tail
 
     @classmethod
@@ -88,19 +90,19 @@ class Prediction:
 
     def measured(self, link: Any, split: str, encode: float) -> float:
         """The change to the issued figure that the link's measured figures make (each from OVERHEAD_MIN_SAMPLES
-        frames on; 0 where unknown): its overhead for the issued decode and board wait, its worker's tail after
-        ``split`` for the issued compute there, and ``encode`` (the board's measured encode, 0: unknown) with the
-        board runtime's own time for the issued encode."""
+        frames on; 0 where unknown): its worker's tail after ``split`` for the issued compute there; with
+        ``encode`` (the board's measured encode, 0: unknown), that encode and the link's ``unheld`` time (its
+        overhead with the board runtime's own time, the median of their sum per frame) for the issued encode,
+        decode and board wait; without, its overhead for the issued decode and board wait."""
         out = 0.0
-        ov = getattr(link, "overhead", None)
-        if ov is not None and ov.samples >= OVERHEAD_MIN_SAMPLES:
-            out += ov.value - self.decode - self.board_wait
         tail = getattr(link, "tails", {}).get(split)
         if tail is not None and tail.samples >= OVERHEAD_MIN_SAMPLES and self.edge > 0:
             out += tail.value - self.edge
-        runtime = getattr(link, "runtime", None)
-        if encode > 0 and runtime is not None and runtime.samples >= OVERHEAD_MIN_SAMPLES and self.encode > 0:
-            out += encode + runtime.value - self.encode
+        ov, unheld = getattr(link, "overhead", None), getattr(link, "unheld", None)
+        if encode > 0 and self.encode > 0 and unheld is not None and unheld.samples >= OVERHEAD_MIN_SAMPLES:
+            out += encode + unheld.value - self.encode - self.decode - self.board_wait
+        elif ov is not None and ov.samples >= OVERHEAD_MIN_SAMPLES:
+            out += ov.value - self.decode - self.board_wait
         return out
 
     def now(self, link: Any, measured_bytes: float = 0.0, *, frame_bytes: int = 0, interval: float = 0.0,
@@ -139,7 +141,7 @@ class LinkView:
     rtt: Figure
     jitter: float
     overhead: Overhead = dataclasses.field(default_factory=Overhead)
-    runtime: Overhead = dataclasses.field(default_factory=Overhead)
+    unheld: Overhead = dataclasses.field(default_factory=Overhead)
     tails: dict[str, Overhead] = dataclasses.field(default_factory=dict)
 
 
@@ -208,7 +210,7 @@ class History:
 
     def take(self, now: float, key: str, link: Any, board: Board, encode: tuple[str, str, float] = ("", "", 0.0)) -> None:
         view = None if link is None else LinkView(dataclasses.replace(link.bandwidth), dataclasses.replace(link.rtt),
-                                                   link.jitter, link.overhead.copy(), link.runtime.copy(),
+                                                   link.jitter, link.overhead.copy(), link.unheld.copy(),
                                                    {k: v.copy() for k, v in link.tails.items()})
         self.states.append((now, Before(key, view, dataclasses.replace(board), encode)))
 

@@ -185,9 +185,9 @@ class LinkEstimator:
 
     def observe_link_overhead(self, result: Any, now: float) -> bool:
         """An offloaded frame's time on its link that none of the model's measured parts holds, into that link's
-        :class:`runtime.agent.estimator.Overhead` (:func:`link_overhead`), and its worker's tail and the board
-        runtime's own time into the link's ``tails`` and ``runtime``; True when taken. A configuration's first
-        frames give none (:meth:`observe_overhead`)."""
+        :class:`runtime.agent.estimator.Overhead` (:func:`link_overhead`), with the board runtime's own time into
+        its ``unheld``, and its worker's tail into its ``tails``; True when taken. A configuration's first frames
+        give none (:meth:`observe_overhead`)."""
         seconds = link_overhead(result)
         key = getattr(result, "worker", "")
         if seconds is None or not key:
@@ -195,7 +195,7 @@ class LinkEstimator:
         est = self.estimate(key)
         other = runtime_overhead(result)
         if other is not None:
-            est.runtime.add(other, now)
+            est.unheld.add(seconds + other, now)
         est.add_tail(result.split, result.times["edge_tail"], now)
         return est.overhead.add(seconds, now)
 
