@@ -283,11 +283,13 @@ class RePlanner:
                 self._basis[aid] = basis
 
     async def _rank_bands(self, st: AgentState, again: bool = False) -> None:
-        """The running plan was issued before its link was measured (no bands), or (``again``) was kept
-        with its link outside the span its bands were ranked over: rank its bands now, around the
-        link's current bandwidth, for the planner's own in-band check only (the agent gets bands with
-        its next plan)."""
-        if st.plan is None or (not again and (st.plan.fallbacks or self._banded.get(st.record.id) == st.plan.version)):
+        """The running plan's bands were not ranked here (it was issued before its link was measured, or by
+        another replica or before a restart: the plan carries its bands, but not the bandwidth they were
+        ranked around), or (``again``) it was kept with its link outside the span its bands were ranked
+        over: rank its bands now, around the link's current bandwidth, for the planner's own in-band check
+        only (the agent gets bands with its next plan). Without it, every report of an agent taken over
+        from a dead replica was decided in full (its plan's bands were never ranked here)."""
+        if st.plan is None or (not again and self._banded.get(st.record.id) == st.plan.version):
             return
         wid, measured = fallbacks.band_worker(self.state, st, st.plan)
         if not wid or wid not in self.state.workers:
@@ -376,6 +378,7 @@ class RePlanner:
                 return pb.Plan(agent_id=aid, model_id=rec.model, reason=reason)
             best = ranked[0]
             if st.plan is not None and current is not None and decide.config_key(st.device, best) == plan_key(st.plan):
+                await self._rank_bands(st)  # taken over or resumed from the store: its in-band basis is not here yet
                 return st.plan
             return await self._issue(st, best, "registration" if old is None else "re-registration", "registration")
 

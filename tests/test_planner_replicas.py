@@ -430,3 +430,50 @@ def test_agents_in_one_link_band_share_their_plans_band_table(aio, tmp_path):
             await p.stop()
 
     aio.run(scenario())
+
+
+def test_an_agent_resumed_from_the_store_gets_its_in_band_basis_at_registration(aio, tmp_path):
+    """Issue 15 (re-attach cost): an agent whose plan carries its bands but was issued by another planner
+    (a dead replica; here: the same database before a restart) gets its band basis when its registration
+    keeps that plan, so its next in-band report needs no decision. Before, such an agent's bands were never
+    ranked by the planner holding it: every report it sent was decided in full."""
+    from tests.planner_helpers import SLOW, Planner
+
+    db = tmp_path / "p.db"
+
+    async def first_life() -> pb.Plan:
+        p = await Planner.start(db, hold_seconds=0.0)
+        try:
+            await p.register("a1")  # at the default (fast) link: no bands yet
+            st = p.ps.service.agents["a1"]
+            for _ in range(100):  # a slow link measured: a new plan, issued with its bands
+                await p.telemetry(SLOW)
+                if st.plan.fallbacks:
+                    return st.plan
+                await asyncio.sleep(0.05)
+            raise AssertionError("no banded plan")
+        finally:
+            await p.stop()
+
+    async def second_life(banded: pb.Plan) -> tuple[int, float, float, float, float]:
+        p = await Planner.start(db, hold_seconds=0.0)
+        try:
+            replanner = p.ps.service.replanner
+            await _until(lambda: not replanner.intake.entries and not p.ps.service.agents["a1"].dirty, 10, "resumed")
+            plan = await p.register("a1", worker_profiles=())
+            count = _decisions(p)
+            in_band = replanner.metrics.telemetry_in_band._value.get()
+            await p.telemetry(SLOW * 1.01)
+            await asyncio.sleep(0.3)
+            return plan.version, in_band, replanner.metrics.telemetry_in_band._value.get(), count, _decisions(p)
+        finally:
+            await p.stop()
+
+    def _decisions(p) -> float:
+        return p.ps.service.metrics.registry.get_sample_value("edgesplit_planner_decision_latency_seconds_count") or 0.0
+
+    banded = aio.run(first_life())
+    version, in_band_before, in_band_after, decided_before, decided_after = aio.run(second_life(banded))
+    assert version == banded.version  # the registration kept it
+    assert in_band_after == in_band_before + 1  # the report was in band
+    assert decided_after == decided_before  # and decided nothing
