@@ -160,3 +160,15 @@ def test_time_heads_idles_before_each_frame_and_keeps_to_its_budget():
     assert [(g["split"], len(g["head_ms"]), len(g["transfers"][0]["encode_ms"])) for g in got] == \
         [(names[1], 3, 3), (names[2], 3, 3)]
     assert [g["split"] for g in time_heads(loaded, xs, cands, 1, budget_s=0.0)] == [names[1]]
+
+
+def test_input_codec_priced_with_the_board_frames_encode_and_bytes():
+    """An input codec timed frame by frame on the board (pixels+lz4, webp) is priced with those frames' median encode
+    and bytes; other transfers keep the profile's."""
+    p = _prof("device", [0.1] * 2, 10_000)
+    p = Profile(**{**p.__dict__, "input_transfers": (Transfer("raw", 600_000, codec="raw"),
+                                                      Transfer("webp", 36_255, 0.02, 0.002, codec="webp"))})
+    got = costs.with_codec_encode(p, "webp", 0.003, 49_027)
+    assert [(t.name, t.bytes, t.encode_seconds) for t in got.input_transfers] == [("raw", 600_000, 0.0),
+                                                                                  ("webp", 49_027, 0.003)]
+    assert costs.with_codec_encode(p, "webp", 0.003).input_transfers[1].bytes == 36_255

@@ -125,8 +125,9 @@ def _board_encodes(measured: Profile, board: dict, local_p50_ms: float) -> tuple
     dev = costs.rescale(measured, factor)
     # jpeg (at quality JPEG_QUALITY) at the input: the board's encode time as edge-only measures it, same frames
     dev = costs.with_input_encode(dev, statistics.median(j["encode_ms"] for j in board["jpeg"]) / 1e3)
-    for c, frames in board.get("input_codecs", {}).items():  # pixels+lz4: its encode on the board, frame by frame
-        dev = costs.with_codec_encode(dev, c, statistics.median(f["encode_ms"] for f in frames) / 1e3)
+    for c, frames in board.get("input_codecs", {}).items():  # pixels+lz4, webp: encode on the board, frame by frame
+        dev = costs.with_codec_encode(dev, c, statistics.median(f["encode_ms"] for f in frames) / 1e3,
+                                      round(statistics.median(f["bytes"] for f in frames)))
     return dev, factor
 
 
