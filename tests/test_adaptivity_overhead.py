@@ -241,3 +241,15 @@ def test_a_line_re_costs_an_offloading_plan_with_what_its_link_measured_before_t
     other = 0.065 - (0.002 + 0.0001 + 0.0015 + 0.060)  # the board runtime's own time per frame
     # overhead 6 ms for decode 1 + board wait 1; tail 38 ms for 35; encode 1.5 ms + runtime for 1
     assert lines[6] == pytest.approx(0.060 + (0.006 - 0.002) + (0.038 - 0.035) + (0.0015 + other - 0.001))
+
+
+def test_the_links_overhead_is_exported_per_link():
+    from runtime.agent.metrics import AgentMetrics
+
+    metrics = AgentMetrics()
+    est = LinkEstimator(metrics, clock=lambda: 50.0)
+    for seq in range(3 + OVERHEAD_MIN_SAMPLES):
+        est.observe(edge_frame(seq))
+    get = metrics.registry.get_sample_value
+    assert get("edgesplit_agent_link_estimate_overhead_seconds", {"link": "e:1"}) == pytest.approx(0.006)
+    assert get("edgesplit_agent_link_estimate_overhead_samples", {"link": "e:1"}) == OVERHEAD_MIN_SAMPLES

@@ -369,7 +369,8 @@ def wire_reports(estimator: LinkEstimator) -> list[ppb.WireReport]:
 
 class _LinkCollector:
     """Prometheus figures of every link the agent holds (label ``link``: the worker's address, at most
-    ``EstimatorOptions.max_links``): bandwidth estimate, its age and its sample count, base RTT."""
+    ``EstimatorOptions.max_links``): bandwidth estimate, its age and its sample count, base RTT, the link's
+    measured overhead and its sample count (:func:`link_overhead`)."""
 
     def __init__(self, estimator: LinkEstimator):
         self.estimator = estimator
@@ -384,7 +385,9 @@ class _LinkCollector:
             ("bandwidth_bytes_per_second", "Bandwidth estimate per link (0: unknown)"),
             ("age_seconds", "Seconds since the link's last bandwidth sample (-1: none yet)"),
             ("samples", "Bandwidth samples behind the link's estimate (frames, censored frames, probes)"),
-            ("rtt_seconds", "Base RTT per link (0: unknown)"))}
+            ("rtt_seconds", "Base RTT per link (0: unknown)"),
+            ("overhead_seconds", "Per offloaded frame, the time on the link no modelled part holds (median of 16; 0: unknown)"),
+            ("overhead_samples", "Frames behind the link's overhead figure"))}
         est = self.estimator
         now = est.clock()
         for key in est.links:
@@ -396,6 +399,8 @@ class _LinkCollector:
             fams["age_seconds"].add_metric([key], bw.age(now) if bw.samples else -1.0)
             fams["samples"].add_metric([key], bw.samples)
             fams["rtt_seconds"].add_metric([key], lk.rtt.value)
+            fams["overhead_seconds"].add_metric([key], lk.overhead.value)
+            fams["overhead_samples"].add_metric([key], lk.overhead.samples)
         yield from fams.values()
 
 
