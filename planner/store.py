@@ -7,17 +7,19 @@ of one board type share one row), ``links`` (the last link estimate per agent an
 agent, the smoothed device slowdown factor from its compute telemetry, :mod:`planner.compute`),
 ``plans`` (every plan ever issued, as serialized ``Plan`` protos; an agent's current plan is its
 highest version that it did not refuse), ``counters`` (the global plan version, which only
-increases, restarts included) and ``leases`` (which planner replica an agent is attached to
-until when, with each replica's heartbeat: :mod:`planner.store_leases`). A chained plan's route (``Plan.end_split``, ``next_hops``) is
-part of the stored proto, so it survives a restart as it is.
+increases, restarts included), ``leases``, ``replicas`` and ``handovers`` (which planner replica an
+agent is attached to, each replica's heartbeat, agents taken from a live replica:
+:mod:`planner.store_leases`). A chained plan's route (``Plan.end_split``, ``next_hops``) is part of
+the stored proto, so it survives a restart as it is.
 
 One schema on two engines (:mod:`planner.store_sql`): an SQLite file (the embedded default) or
 PostgreSQL (``--store postgresql://...``, shared by replicas). Schemas 1 (before workers reported
 next tiers) and 2 (a profile text per agent) are migrated in place when a planner opens the store
 (PostgreSQL: under the schema lock, in one transaction); a newer schema is refused with a clear
-error, so a planner of an older edgesplit refuses a migrated store (upgrade every replica). ``device_speed``
-and ``leases`` are tables of their own, created where missing, so they need no migration (and a
-planner without them ignores them).
+error, so a planner of an older edgesplit refuses a migrated store (upgrade every replica). ``device_speed``,
+``leases``, ``replicas`` and ``handovers`` are tables of their own, created where missing, so they need no
+migration (and a planner without them ignores them; replicas of one store must all keep leases the same
+way, :mod:`planner.store_leases`).
 
 Every method here is one transaction, written before it returns. Links, heartbeats and device
 speeds are batched by :mod:`planner.writebehind` and reach :meth:`Store.write_batch` once per

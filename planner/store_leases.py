@@ -26,6 +26,10 @@ the take's transaction, and the heartbeat locks its row ``FOR UPDATE`` before it
 heartbeat that finds its row lapsed reads the leases after every take that saw it lapsed.
 A plan is still written only while its agent's lease row names the replica
 (:meth:`planner.store.Store.issue_plan`): the fence does not depend on any of this.
+
+Every replica of one store must keep leases this way: a planner from before the heartbeat renews its
+lease rows (they stay alive by their own expiry), but its takes write no handover, so a newer replica
+would not learn of them until its next lapse. Upgrade the replicas together, as for a schema migration.
 """
 
 from __future__ import annotations
