@@ -8,7 +8,7 @@ import torch
 
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.codec import decode_tensor, get_codec, wire_bytes
-from runtime.wire.framewire import MIN_ZERO_COPY_BYTES, InFrame, parse_request, serialize_request
+from runtime.wire.framewire import MAX_SCANNED_FIELDS, MIN_ZERO_COPY_BYTES, InFrame, parse_request, serialize_request
 from runtime.wire.transport import FrameAssembler, frame_messages
 
 CODECS = ["raw", "fp16", "int8", "raw+lz4", "fp16+lz4", "int8+lz4"]
@@ -74,6 +74,29 @@ def test_parse_request_refuses_what_protobuf_refuses():
     with pytest.raises(type(want.value)):
         parse_request(data[:-5])  # truncated: protobuf's own error, as before
     assert isinstance(parse_request(b"\x12" + data[1:]), pb.StreamRequest)  # not a frame: protobuf's own reading
+
+
+def test_parse_request_scans_a_bounded_number_of_fields():
+    """A frame padded with many tiny unknown fields is left to protobuf's C parser, not walked in Python: the
+    same message either way, and the scan stops after MAX_SCANNED_FIELDS."""
+    x = torch.randn(1, 16, 112, 112)
+    frame = get_codec("raw").encode_frame(x)
+    _header(frame.frame)
+    msg = pb.StreamRequest.FromString(frame.serialize())
+    padding = b"\xf8\x07\x01" * (MAX_SCANNED_FIELDS + 1)  # field 127, varint 1: unknown to InferRequest
+    inner = msg.frame.SerializeToString() + padding
+    data = b"\x0a" + _varint(len(inner)) + inner
+    got = parse_request(data)
+    assert not isinstance(got, InFrame)  # protobuf's own reading
+    assert got.frame.header == msg.frame.header and got.frame.tensor.buffer == msg.frame.tensor.buffer
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    return bytes(out) + bytes([n])
 
 
 def test_size_checks_see_the_received_length():

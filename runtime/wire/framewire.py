@@ -32,6 +32,10 @@ BUFFER_FIELD = 9  # Tensor.buffer
 # Python steps that save them (whole receive path, parse to decoded tensor, p50 on this VM: 62 KB 17 us
 # protobuf / 30 us here, 201 KB 32 / 32, 401 KB 68 / 38, 803 KB 206-872 / 54; overhead.md)
 MIN_ZERO_COPY_BYTES = 256 * 1024
+# fields scanned in Python per message level before handing the bytes to protobuf's C parser: real frames have
+# under 20 (a tensor's, a header's, a frame's); a crafted one of 4 MB of 2-byte fields would keep the worker's
+# event loop in this loop for seconds
+MAX_SCANNED_FIELDS = 64
 
 
 def _varint(n: int) -> bytes:
@@ -163,8 +167,10 @@ def serialize_request(msg: OutFrame | pb.StreamRequest) -> bytes:
 def _fields(data: memoryview, pos: int, end: int) -> list[tuple[int, int, int, int]]:
     """The fields of one message in data[pos:end]: (field number, start of its tag, start and end of its
     value; a length-delimited value without its length)."""
-    out = []
+    out: list[tuple[int, int, int, int]] = []
     while pos < end:
+        if len(out) >= MAX_SCANNED_FIELDS:
+            raise ValueError(f"more than {MAX_SCANNED_FIELDS} fields: left to protobuf")
         start = pos
         key, pos = _read_varint(data, pos, end)
         field, kind = key >> 3, key & 7
