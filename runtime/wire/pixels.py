@@ -13,8 +13,9 @@ tensor equals the agent's bit for bit, so the split computes exactly what the un
 Why not PNG: on the bundled photos (``python -m runtime.measure.scenarios.input_codecs``, recorded in
 runtime/measure/results/overhead.md) Pillow's PNG at level 1 is 69 KB a frame against 110 KB here, but takes
 4.0 ms to encode unrestricted against 0.7 ms (98 ms against 1.4 ms under the emulated board's CPU quota; about
-72 against 12 ms on a board 18x slower throughout). Its 41 KB pay for that only below about 5 Mbit/s; at the
-1.6 Mbit/s IIoT link it would save about 0.15 s a frame (a possible second input codec, not built).
+72 against 12 ms on a board 18x slower throughout). Its 41 KB pay for that only below about 5 Mbit/s. The second
+lossless input codec is a WebP instead (:mod:`runtime.wire.webp`): 49 KB for 1.8 ms, chosen by the benchmark's
+planner over this one on 1.6-58.8 Mbit/s links for EfficientNet-Lite0, MobileNetV2 and DenseNet-169 (2026-12-03).
 
 Decoding checks before anything is allocated: the header (:func:`validate_tensor`: shape ``[1, 3, H, W]``,
 ``encoded_size == 3 * H * W``, the lz4 payload within its bound) and the model's input size.
