@@ -19,9 +19,12 @@ def test_head_curve_keeps_measured_heads_and_stays_monotone():
     # cut 2 timed on its own at 70 ms: kept; cut 1 (prior 20) stays below it, cut 3 (prior 60) is lifted to it
     curve, _ = costs.head_curve(prior, {2: 70.0}, 80.0)
     assert curve == [0.0, 20.0, 70.0, 70.0, 80.0]
-    # anchors out of order (noise): the later one is lifted to the earlier; the end is the local p50 or above
+    # anchors out of order (noise): pooled to their mean, each a measurement of the same rising curve
     curve, _ = costs.head_curve(prior, {1: 50.0, 2: 30.0}, 80.0)
-    assert curve == [0.0, 50.0, 50.0, 60.0, 80.0]
+    assert curve == [0.0, 40.0, 40.0, 60.0, 80.0]
+    curve, _ = costs.head_curve(prior, {1: 30.0, 2: 70.0, 3: 40.0}, 80.0)
+    assert curve == [0.0, 30.0, 55.0, 55.0, 80.0]
+    assert costs._isotonic([3.0, 1.0, 2.0, 5.0, 4.0]) == [2.0, 2.0, 2.0, 4.5, 4.5]
 
 
 def _prof(role: str, block_s: list[float], mid_bytes: int) -> Profile:

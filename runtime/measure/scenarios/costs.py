@@ -74,10 +74,12 @@ def head_curve(prior_ms: list[float], anchors_ms: dict[int, float], total_ms: fl
     time timed on its own), each unmeasured cut held between the anchors either side. Returns (curve, the scale)."""
     n = len(prior_ms) - 1
     scale = total_ms / prior_ms[n] if prior_ms[n] > 0 else 1.0
-    fixed = {0: 0.0, **{k: v for k, v in anchors_ms.items() if 0 < k < n}, n: total_ms}
-    level = 0.0
-    for k in sorted(fixed):  # measured anchors out of order (noise) are lifted to the one before
-        level = fixed[k] = max(level, fixed[k])
+    inner = sorted((k, v) for k, v in anchors_ms.items() if 0 < k < n)
+    # measured anchors out of order (noise: a head's time under the quota moves in whole periods, and a shorter head
+    # once took a period more than a longer one, 252 against 199 ms) are pooled to their mean, not lifted to the
+    # highest: each is a measurement of the same rising curve
+    levels = _isotonic([v for _, v in inner])
+    fixed = {0: 0.0, **{k: min(max(v, 0.0), total_ms) for (k, _), v in zip(inner, levels, strict=True)}, n: total_ms}
     cuts = sorted(fixed)
     curve, level = [], 0.0
     for k in range(n + 1):
@@ -86,6 +88,19 @@ def head_curve(prior_ms: list[float], anchors_ms: dict[int, float], total_ms: fl
         level = max(level, min(max(prior_ms[k] * scale, lo), hi))
         curve.append(fixed.get(k, level))
     return curve, scale
+
+
+def _isotonic(values: list[float]) -> list[float]:
+    """The non-decreasing sequence nearest ``values`` in squared error (pool adjacent violators: a run that falls
+    becomes its mean)."""
+    pools: list[list[float]] = []  # [sum, count]
+    for v in values:
+        pools.append([v, 1.0])
+        while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+            s, c = pools.pop()
+            pools[-1][0] += s
+            pools[-1][1] += c
+    return [s / c for s, c in pools for _ in range(int(c))]
 
 
 def with_board_heads(p: Profile, curve_ms: list[float]) -> Profile:
