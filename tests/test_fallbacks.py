@@ -70,7 +70,9 @@ def test_a_collapse_and_a_recovery_switch_by_band():
         assert agent.calls == [("output", "", 4, True)]
         await _estimates(sw, (W, 0.9 * MB), (W, 1.2 * MB))  # jitter around the local band's edge: stay
         assert len(agent.calls) == 1
-        await _estimates(sw, (W, 20 * MB))  # back: straight to the fast band's plan
+        await _estimates(sw, (W, 20 * MB))  # back: under the local plan only probes measure the link, so ...
+        assert len(agent.calls) == 1
+        await _estimates(sw, (W, 20 * MB))  # ... a second figure confirms it: straight to the fast band's plan
         assert agent.calls[-1] == ("conv2", W, 4, True)
 
     asyncio.run(scenario())

@@ -48,6 +48,18 @@ RTT (seconds): the *base* RTT, the smallest of the last ``rtt_window`` probes (q
 adds to a probe; see runtime.agent.telemetry). A fall shows at once; a rise would hide behind the
 window's old minimum for ``rtt_window`` probes, so an upward CUSUM on ``log(probe / base)`` (same
 drift, threshold and run) clears the window to the probes of the run when the path got longer.
+That CUSUM also fires when two probes in a row waited on the agent's own CPU (a board under its
+cgroup quota stalls the event loop for tens of ms), so the base can stand above the path's true
+round trip until the next quick probe. Whoever subtracts a round trip from a transfer to get a
+bandwidth figure must not subtract more than the path takes, or the figure overshoots (issue 11:
+a probe of 5.8 KB on a 0.12 MB/s link, less a base RTT inflated to ~45 ms, read ~0.41 MB/s and
+took the agent off its local plan). :attr:`LinkEstimate.rtt_floor` is that safe figure: the
+smallest of the last ``rtt_floor_window`` probes (default 32, at least ``rtt_window``), which no step clears. It is never
+above the base; after a real rise it lags (a subtracted floor then *under*-states the bandwidth,
+the safe side), after a fall it follows at once.
+
+``last_sample``: the last bandwidth sample taken (bytes/s) and ``recent_samples`` the last few, so a
+reader can tell one outlier that moved the EWMA from a link that moved (runtime.agent.fallbacks).
 """
 
 from __future__ import annotations
@@ -78,6 +90,8 @@ class EstimatorOptions:
     censored_step: float = 4.0
     # links held; the least recently sampled is forgotten beyond this
     max_links: int = 64
+    # probes the RTT floor (LinkEstimate.rtt_floor) is the minimum of; no step clears it
+    rtt_floor_window: int = 32
 
     def __post_init__(self) -> None:
         checks = ((0 < self.alpha <= 1, "alpha must be in (0, 1]"),
@@ -86,7 +100,8 @@ class EstimatorOptions:
                   (1 <= self.min_run <= 64, "min_run must be in [1, 64]"),
                   (self.censored_step > 1, "censored_step must be > 1"),
                   (1 <= self.rtt_window <= 1024, "rtt_window must be in [1, 1024]"),
-                  (1 <= self.max_links <= 4096, "max_links must be in [1, 4096]"))
+                  (1 <= self.max_links <= 4096, "max_links must be in [1, 4096]"),
+                  (1 <= self.rtt_floor_window <= 4096, "rtt_floor_window must be in [1, 4096]"))
         for ok, why in checks:
             if not ok:
                 raise ValueError(why)
@@ -188,6 +203,7 @@ class Overhead:
         return Overhead(self.value, self.samples, self.updated, deque(self.recent, maxlen=OVERHEAD_WINDOW), self.limit)
 
 
+RECENT_SAMPLES = 8  # bandwidth samples a link keeps (LinkEstimate.recent_samples)
 MAX_TAIL_SECONDS = 60.0  # a worker's tail beyond a minute per frame is no measurement
 MAX_TAIL_SPLITS = 8  # splits a link keeps its worker's tail for (the least recent goes)
 
@@ -208,6 +224,8 @@ class LinkEstimate:
     overhead: Overhead = field(default_factory=Overhead)  # the frame's time no modelled part holds, on this link
     unheld: Overhead = field(default_factory=Overhead)  # the overhead with the board runtime's own time, per frame
     tails: OrderedDict[str, Overhead] = field(default_factory=OrderedDict)  # by split: the worker's tail compute
+    # the last bandwidth samples taken (newest last; a step's or a bound's figure included), bytes/s
+    recent_samples: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_SAMPLES))
 
     def add_tail(self, split: str, seconds: float, now: float) -> bool:
         """The worker's tail time (its compute after ``split``) of one frame; True when taken."""
@@ -221,12 +239,24 @@ class LinkEstimate:
         self._bw_steps = StepDetector(self.options)
         self._rtt_steps = StepDetector(self.options, down=False)
         self._probes: deque[float] = deque(maxlen=self.options.rtt_window)
+        self._floor: deque[float] = deque(maxlen=max(self.options.rtt_window, self.options.rtt_floor_window))
+
+    @property
+    def last_sample(self) -> float:
+        """The last bandwidth sample taken, bytes/s (0.0: none)."""
+        return self.recent_samples[-1] if self.recent_samples else 0.0
+
+    @property
+    def rtt_floor(self) -> float:
+        """The smallest of the last ``rtt_floor_window`` RTT probes, seconds (0.0: none); see the module docstring."""
+        return min(self._floor) if self._floor else 0.0
 
     def add_bandwidth(self, bytes_per_second: float, now: float) -> float:
         """One bandwidth sample from a completed transfer; returns the new estimate."""
         if not (bytes_per_second > 0 and math.isfinite(bytes_per_second)):
             return self.bandwidth.value
         bw = self.bandwidth
+        self.recent_samples.append(bytes_per_second)
         if bw.samples == 0:
             bw.value = bytes_per_second
         else:
@@ -270,6 +300,7 @@ class LinkEstimate:
         if self.bandwidth.samples and bound * self.options.censored_step < self.bandwidth.value:
             # hard evidence, not noise: the link cannot be as fast as the estimate says; a step at once
             self._bw_steps.reset()
+            self.recent_samples.append(bound)
             self.bandwidth.value, self.bandwidth.updated = bound, now
             self.bandwidth.samples += 1
             self.steps += 1
@@ -291,6 +322,7 @@ class LinkEstimate:
             return False
         if bw.samples and bound > self.options.censored_step * bw.value:
             self._bw_steps.reset()
+            self.recent_samples.append(bound)
             bw.value, bw.updated = bound, now
             bw.samples += 1
             self.steps += 1
@@ -309,6 +341,7 @@ class LinkEstimate:
                 self._probes.extend(run[-self.options.rtt_window:])
                 self.steps += 1
         self._probes.append(seconds)
+        self._floor.append(seconds)
         self.rtt.value = min(self._probes)
         self.rtt.samples += 1
         self.rtt.updated = now

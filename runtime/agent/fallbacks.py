@@ -10,6 +10,18 @@ whose band holds it, under the running plan's version (``Agent.apply_plan(fallba
 planner confirms or refines with a newer plan once its telemetry shows the new bandwidth; a
 newer plan always wins (a fallback is never applied over it).
 
+**Confirmed before leaving on probes alone.** When the running configuration sends no frames on that link
+(a local plan, or another worker), only the prober's samples measure it, and a probe is one call on a
+board whose own CPU stalls can mis-time it (issue 11: fedback12's local plan left for the JPEG plan on
+one probe that read ~0.41 MB/s on a 0.12 MB/s link, and came back 6 s later: 2.25 switches per 40 s).
+There, a figure counts toward a switch only when the estimate *and* the link's last sample
+(runtime.agent.estimator.LinkEstimate.last_sample) are both past the band's edge by the margin, and the
+agent switches on the ``confirm`` -th such figure in a row (default 2; any figure back within the
+margin starts the count again): one outlier moves the EWMA past the edge, but the next probe's
+sample does not follow it. A real step up (1 -> 50 Mbit/s) reads far past the edge on every probe, so
+it costs one probe interval (about 1 s) more. Frames on the link measure it many times a second, so a
+configuration that sends on it switches on the first figure, as before.
+
 An *upper bound* of that link (a frame past its deadline or broken, a late frame a probe confirmed, a
 probe that timed out: :meth:`FallbackSwitcher.on_bound`) below the running band's floor is proof on
 its own: the goodput was under the floor, whatever the jitter, so the agent switches at once to the
@@ -28,6 +40,7 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 logger = logging.getLogger(__name__)
 
 MARGIN = 1.25  # how far past a band's edge a figure must be before the agent leaves it
+CONFIRM = 2  # figures in a row past the edge before leaving a configuration that sends nothing on the link
 
 
 def _config(split: str, worker: str, codec: str) -> tuple[str, str, str]:
@@ -47,11 +60,15 @@ def _warm(loaded: Any, splits: set) -> None:
 class FallbackSwitcher:
     """Holds the running plan's table and switches ``agent`` when its link leaves the band."""
 
-    def __init__(self, agent: Any, margin: float = MARGIN):
+    def __init__(self, agent: Any, margin: float = MARGIN, confirm: int = CONFIRM):
         if margin < 1:
             raise ValueError(f"margin must be >= 1, got {margin}")
+        if not 1 <= confirm <= 16:
+            raise ValueError(f"confirm must be in [1, 16], got {confirm}")
         self.agent = agent
         self.margin = margin
+        self.confirm = confirm
+        self._streak = 0  # figures in a row past the running band's edge, on probes alone (see the module docstring)
         self.plan: ppb.Plan | None = None  # the planner's plan the table came with
         self._task: asyncio.Task | None = None
         self.link = getattr(agent, "link", None)  # a runtime.agent.telemetry.LinkEstimator (None in unit tests)
@@ -62,6 +79,7 @@ class FallbackSwitcher:
         """The planner's plan now in effect (its table replaces the previous one). The heads and tails of
         its entries are built now, off the event loop, so that a switch does not wait for them."""
         self.plan = plan
+        self._streak = 0
         loaded = getattr(self.agent, "loaded", None)
         splits = {b.plan.split_id or b.plan.split_index for b in plan.fallbacks}
         if loaded is None or not splits:
@@ -92,14 +110,32 @@ class FallbackSwitcher:
         if self.agent.plan_version != plan.version or (self._task is not None and not self._task.done()):
             return  # a newer plan, or a switch under way
         running, target = self._running(), self._band(bytes_per_second)
-        if target is None or (running is not None and target is running):
-            return
-        if running is not None:
-            lo, hi = running.min_bandwidth_bytes_per_second, running.max_bandwidth_bytes_per_second
-            if lo / self.margin <= bytes_per_second and (not hi or bytes_per_second <= hi * self.margin):
-                return  # near the edge: stay (jitter across a boundary does not flap)
+        if target is None or (running is not None and target is running) or \
+                (running is not None and self._within(running, bytes_per_second)):
+            self._streak = 0
+            return  # in the band, or near its edge: stay (jitter across a boundary does not flap)
+        if getattr(self.agent.active, "worker", "") != key:  # nothing but probes measures the link: confirm
+            sample = self._last_sample(key, bytes_per_second)
+            if running is not None and self._within(running, sample):
+                self._streak = 0
+                return  # the estimate is past the edge, the last sample is not: one outlier moved the EWMA
+            self._streak += 1
+            if self._streak < self.confirm:
+                return
+        self._streak = 0
         down = running is not None and bytes_per_second < running.min_bandwidth_bytes_per_second
         self._task = asyncio.get_running_loop().create_task(self._switch(plan, target, bytes_per_second, down))
+
+    def _within(self, band: ppb.BandPlan, bw: float) -> bool:
+        """Whether ``bw`` is inside ``band`` widened by the margin on both sides."""
+        lo, hi = band.min_bandwidth_bytes_per_second, band.max_bandwidth_bytes_per_second
+        return lo / self.margin <= bw and (not hi or bw <= hi * self.margin)
+
+    def _last_sample(self, key: str, estimate: float) -> float:
+        """The link's last bandwidth sample (the estimate itself when the link keeps none)."""
+        est = self.link.links.get(key) if self.link is not None else None
+        last = getattr(est, "last_sample", 0.0) if est is not None else 0.0
+        return last if last > 0 else estimate
 
     def on_bound(self, key: str, bound: float) -> None:
         """Link ``key`` carried less than ``bound`` bytes/s (LinkEstimator bound listener, on the event loop):

@@ -18,7 +18,8 @@ agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
 * **Sized to measure**: the payload takes about ``target_seconds`` on the estimated link, between
   ``min_bytes`` and ``max_bytes`` (``first_bytes`` on an unknown link; a slow link gets small
   payloads and so, within the same budget, more frequent probes: a step up shows sooner):
-  sample = bytes / (call time - base RTT).
+  sample = bytes / (call time - RTT floor): the floor (runtime.agent.estimator.LinkEstimate.rtt_floor), not the
+  base RTT, which the agent's own CPU stalls can lift above the path's round trip (issue 11).
   When the call is too quick for that difference to mean anything (under a quarter of the
   call), bytes / call time is taken instead: a lower bound, and the next payload is 4x larger.
   The budget is taken against the larger of the estimate and the last sample (after a step up the
@@ -56,6 +57,7 @@ from typing import Any
 
 import grpc
 
+from runtime.agent.estimator import LinkEstimate
 from runtime.contracts.errors import EdgesplitError
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
@@ -110,6 +112,17 @@ class ProbeOptions:
         for ok, why in checks:
             if not ok:
                 raise ValueError(why)
+
+
+def _base(est: LinkEstimate) -> float:
+    """The round trip a probe's call time is reduced by: the link's RTT *floor*, not its base RTT (issue 11). The
+    base can stand above the path's round trip after two health checks in a row waited on the agent's own CPU
+    (runtime.agent.estimator), and a probe less more than its path's round trip reads faster than the link:
+    under fedback12's local plan one 5.8 KB probe on a 0.12 MB/s link read ~0.41 MB/s and took the agent to an
+    offloading plan it left 6 s later. Less the floor, stalls only lengthen the call: the figure can fall short
+    of the link (safe) but not exceed it."""
+    floor = est.rtt_floor
+    return min(est.rtt.value, floor) if floor > 0 else est.rtt.value
 
 
 class Prober:
@@ -178,7 +191,7 @@ class Prober:
         sample = None
         try:
             await self._time_rtt(channel, address)
-            base = link.estimate(address).rtt.value
+            base = _base(link.estimate(address))
             t0 = time.perf_counter()
             try:
                 await pb_grpc.InferenceStub(channel).Probe(  # type: ignore[no-untyped-call]
@@ -230,7 +243,7 @@ class Prober:
     async def _confirm(self, address: str, bound: float) -> None:
         o, link = self.options, self.agent.link
         size = int(min(o.max_bytes, max(o.min_bytes, bound * o.target_seconds)))
-        base = link.estimate(address).rtt.value
+        base = _base(link.estimate(address))
         # the probe's bytes at the frame's bound, CONFIRM_TIMEOUT_RATIO times over: a link that slow times out
         timeout = min(o.timeout_seconds, max(CONFIRM_MIN_TIMEOUT, CONFIRM_TIMEOUT_RATIO * size / bound + 2 * base))
         self.confirmations += 1

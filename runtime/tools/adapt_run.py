@@ -78,13 +78,21 @@ async def _port(path: Path, proc: asyncio.subprocess.Process, what: str, timeout
 
 def _scrape(port: int, link: str, pattern: str = "") -> float | None:
     """The agent's bandwidth estimate for ``link`` (or the figure ``pattern`` matches) from its metrics."""
+    return _scrape_all(port, [pattern or _link_figure("bandwidth_bytes_per_second", link)])[0]
+
+
+def _link_figure(name: str, link: str) -> str:
+    return r"edgesplit_agent_link_estimate_" + name + r'\{link="' + re.escape(link) + r'"\} (\S+)'
+
+
+def _scrape_all(port: int, patterns: list[str]) -> list[float | None]:
+    """The figures ``patterns`` match in one read of the agent's metrics (None: not there, or no answer)."""
     try:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1.0).read().decode()
     except OSError:
-        return None
-    pattern = pattern or r'edgesplit_agent_link_estimate_bandwidth_bytes_per_second\{link="' + re.escape(link) + r'"\} (\S+)'
-    m = re.search(pattern, text, re.M)
-    return float(m.group(1)) if m else None
+        return [None] * len(patterns)
+    found = [re.search(p, text, re.M) for p in patterns]
+    return [float(m.group(1)) if m else None for m in found]
 
 
 DROPPED = r"^edgesplit_agent_dropped_frames_total (\S+)"  # frames the agent's --fps pacing dropped (runtime.agent.pacing)
@@ -196,9 +204,13 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
                 rate = mbps * 125_000.0 * rng.uniform(1 - args.jitter, 1 + args.jitter)
                 relay.set_shape(rate_bytes_per_second=rate)
                 for _ in range(2):
-                    est = _scrape(metrics_port, relay.address) if metrics_port else None
-                    dropped = _scrape(metrics_port, "", DROPPED) if metrics_port else None
-                    timeline.append({"t": time.monotonic() - t0, "set_bps": rate, "estimate_bps": est, "dropped": dropped})
+                    # one read: the estimate, the base RTT the agent's figures are reduced by (issue 11: lifted by the
+                    # board's CPU stalls it made a probe read ~3x the link), and the frames the pacing dropped
+                    est, rtt, dropped = _scrape_all(metrics_port, [
+                        _link_figure("bandwidth_bytes_per_second", relay.address),
+                        _link_figure("rtt_seconds", relay.address), DROPPED]) if metrics_port else (None, None, None)
+                    timeline.append({"t": time.monotonic() - t0, "set_bps": rate, "estimate_bps": est,
+                                     "rtt_s": rtt, "dropped": dropped})
                     await asyncio.sleep(0.5)
     finally:
         for p in reversed(procs):
