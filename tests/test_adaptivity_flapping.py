@@ -181,3 +181,29 @@ def test_frames_on_the_link_switch_on_the_first_figure():
     sw = _switcher(agent)
     asyncio.run(_feed(agent, sw, [("timed", 0.2), ("timed", 0.05), ("timed", 0.05)]))
     assert agent.calls == [("output", "")]
+
+
+def test_a_probe_that_reads_a_step_up_is_followed_sooner():
+    """The band switch waits for a second figure (above), so a probe that reads a step up is followed after
+    ``confirm_interval_seconds``, not ``min_interval_seconds``: the confirmation costs half a second, not one."""
+    async def scenario():
+        server, target = await _worker()
+        try:
+            async with DelayProxy(target, LinkShape(0.005, RATE)) as relay:
+                agent = SimpleNamespace(link=LinkEstimator(), metrics=AgentMetrics(), transport=TransportOptions(),
+                                        active=SimpleNamespace(worker=""))
+                prober = Prober(agent, ProbeOptions())
+                waits = []
+                for rate in (RATE, RATE, RATE, 50 * RATE):
+                    relay.set_shape(rate_bytes_per_second=rate)
+                    await prober.probe(relay.address)
+                    waits.append(prober._next[relay.address] - agent.link.clock())
+                await prober.close()
+                return waits
+        finally:
+            await server.stop(None)
+
+    waits = asyncio.run(scenario())
+    o = ProbeOptions()
+    assert all(w > 0.9 * o.min_interval_seconds for w in waits[:3]), waits  # steady: the shortest wait or more
+    assert waits[3] <= o.confirm_interval_seconds + 0.05, waits  # the step up: sooner

@@ -24,6 +24,10 @@ agent probes the workers the planner lists (``Planner.ListProbeTargets``) with
   call), bytes / call time is taken instead: a lower bound, and the next payload is 4x larger.
   The budget is taken against the larger of the estimate and the last sample (after a step up the
   estimate lags behind, and the sample is a floor of what the link carries).
+  A figure ``QUICK_RATIO`` (2) or more times the estimate before it looks like a step up, and the agent's
+  band switch waits for a second figure before it leaves a local plan on probes alone
+  (runtime.agent.fallbacks), so the next probe comes after ``confirm_interval_seconds`` (0.5 s) instead
+  of ``min_interval_seconds``, within the same budget.
   A probe with no answer within ``timeout_seconds`` is a censored sample (runtime.agent.estimator).
   A lower bound below the estimate is dropped (it is no evidence of a slower link).
 * **Late frames checked at once** (:meth:`Prober.confirm`, called by the link estimator when a frame is
@@ -68,6 +72,7 @@ logger = logging.getLogger(__name__)
 CONFIRM_RATIO = 2.0  # a probe no faster than this many times a late frame's bound confirms it
 CONFIRM_TIMEOUT_RATIO = 4.0  # a check's deadline: this many times its bytes at the late frame's bound ...
 CONFIRM_MIN_TIMEOUT = 0.25  # ... and at least this (seconds), at most ProbeOptions.timeout_seconds
+QUICK_RATIO = 2.0  # a probe this many times over the estimate is followed by the next one sooner (Prober._wait)
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,8 @@ class Prober:
         size = self._size(address)
         channel = self._channel(address)
         sample = None
+        known = link.links.get(address)
+        before = known.bandwidth.value if known is not None else 0.0  # the estimate this probe is read against
         try:
             await self._time_rtt(channel, address)
             base = _base(link.estimate(address))
@@ -218,7 +225,8 @@ class Prober:
         except (EdgesplitError, asyncio.TimeoutError) as e:
             self._failures[address] = self._failures.get(address, 0) + 1
             logger.debug("probe of %s failed: %s", address, e)
-        self._next[address] = link.clock() + self._wait(address, size)
+        quick = sample is not None and before > 0 and sample >= QUICK_RATIO * before
+        self._next[address] = link.clock() + self._wait(address, size, quick)
         return sample
 
     async def _time_rtt(self, channel: grpc.aio.Channel, address: str) -> None:
@@ -282,7 +290,10 @@ class Prober:
             link.add_lower_bound_sample(figure, address)
             logger.debug("late frame on %s not the link's doing: probe at least %.3g MB/s", address, figure / 1e6)
 
-    def _wait(self, address: str, size: int) -> float:
+    def _wait(self, address: str, size: int, quick: bool = False) -> float:
+        """Seconds until ``address`` may be probed again; ``quick``: the last figure read a step up, and the band
+        switch waits for a second one (runtime.agent.fallbacks), so ``confirm_interval_seconds`` rather than
+        ``min_interval_seconds`` (the budget still holds)."""
         o = self.options
         est = self.agent.link.links.get(address)
         # the budget is a share of what the link carries: at least the estimate, at least the last sample
@@ -291,7 +302,8 @@ class Prober:
         fails = min(self._failures.get(address, 0), 3)
         if bw <= 0:
             return o.unknown_interval_seconds * 2 ** fails
-        return max(o.min_interval_seconds, size / (o.budget_fraction * bw)) * 2 ** fails
+        shortest = min(o.min_interval_seconds, o.confirm_interval_seconds) if quick else o.min_interval_seconds
+        return max(shortest, size / (o.budget_fraction * bw)) * 2 ** fails
 
     async def close(self) -> None:
         if getattr(self.agent, "link", None) is not None and self.agent.link.confirm == self.confirm:
