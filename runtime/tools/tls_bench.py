@@ -143,7 +143,8 @@ async def pipeline(model: str, split: str, codec: str, frames: int, rounds: int)
             for mode, (server, client) in modes.items():
                 workers[mode], port = _spawn_worker(_worker_flags(server), d, mode.replace("+", "_"))
                 plan = InitialPlan(loaded.split(split), get_codec(codec, spec=loaded.spec), worker=f"127.0.0.1:{port}")
-                agents[mode] = Agent(loaded, plan, AgentOptions(deadline_seconds=30.0,
+                # a token's agent may send frames only for its own id (47ce628): the tokens file's "bench"
+                agents[mode] = Agent(loaded, plan, AgentOptions(deadline_seconds=30.0, agent_id="bench" if client.token_file else "",
                                                                 transport=TransportOptions(security=client)))
                 await agents[mode].start()
                 for i in range(10):  # warm-up: the worker loads its tail, the connection settles
