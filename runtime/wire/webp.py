@@ -4,9 +4,11 @@ Like ``pixels`` (:mod:`runtime.wire.pixels`), encoding undoes the normalisation 
 and rounds to uint8 RGB, so the decoded tensor equals the agent's bit for bit for an input made from 8-bit pixels
 (every frame source); the pixels then go out as a lossless WebP written by Pillow at its fastest effort (method 0,
 quality 0). On the four bundled photos (224 x 224) that is 33-68 KB a frame (median 49 KB) against 47-149 KB
-(median 110 KB) for ``pixels+lz4``, for 1.8 ms of encoding unrestricted against 0.7 ms; PNG level 1 takes 69 KB and
-3.1 ms (measured 2026-12-03, ``python -m runtime.measure.scenarios.input_codecs``). A link below about 40 Mbit/s
-gains more from the 60 KB saved than a board loses encoding; the planner weighs both from the profiles.
+(median 110 KB) for ``pixels+lz4``, for 1.8-2.2 ms of encoding unrestricted against 0.4-0.7 ms; PNG level 1 takes
+69 KB and 3.1 ms (``python -m runtime.measure.scenarios.input_codecs --quota-us 3500 --repeats 3``, 2026-12-03 22:59,
+load 1.1). On the emulated board a frame's encode after an idle period took 2-3.5 ms; back to back under that quota
+48 ms (each crossed a 50 ms period). A link below about 40 Mbit/s gains more from the 60 KB saved than a board
+loses encoding; the planner weighs both from the profiles.
 
 Decoding checks before anything is allocated: the header (:func:`validate_tensor`: compression none, shape
 ``[1, 3, H, W]``, ``0 < encoded_size <= 4 * numel``, the buffer that long), the model's input size, then the WebP's
