@@ -229,6 +229,7 @@ def test_input_codecs_benchmark_measures_every_codec(loaded, photos):
     from runtime.measure.scenarios.input_codecs import encoders, measure
 
     res = measure(encoders(loaded.spec), photos[:2], repeats=1)
-    assert list(res) == ["pixels", "pixels+lz4", "jpeg", "fp16+lz4", "png (level 1)", "png (level 6)"]
+    assert list(res) == ["pixels", "pixels+lz4", "webp", "jpeg", "fp16+lz4", "png (level 1)", "png (level 6)"]
     assert res["pixels"]["bytes"] > res["pixels+lz4"]["bytes"] > res["png (level 1)"]["bytes"] > res["jpeg"]["bytes"]
+    assert res["webp"]["bytes"] < res["png (level 1)"]["bytes"]  # lossless, and smaller than PNG on photos
     assert all(r["encode_ms"] > 0 for r in res.values())
