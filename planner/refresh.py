@@ -35,11 +35,6 @@ REFRESH_SAMPLES = 2  # ... re-issued once the factor behind it has this many sam
 REFRESH_SECONDS = 10.0  # ... and at most this often per agent
 
 
-def stale(issued: float, now: float) -> bool:
-    """Whether a predicted latency ``issued`` is more than PREDICTION_REFRESH (and 1 ms) off ``now``."""
-    return issued > 0 and abs(now - issued) > max(PREDICTION_REFRESH * issued, 1e-3)
-
-
 LINK_PARTS = ("rtt:", "transfer:", "return:", "queue:link")  # the link's terms: the agent re-costs them itself
 
 
@@ -66,25 +61,6 @@ def drifted(plan: Any, config: Any) -> bool:
     """Whether ``plan``'s parts drifted by more than PREDICTION_REFRESH of its prediction (and 1 ms) in all."""
     issued = plan.predicted_seconds
     return issued > 0 and drift(plan, config) > max(PREDICTION_REFRESH * issued, 1e-3)
-
-
-def at_issued_link(plan: Any, config: Any) -> float:
-    """``config``'s (a runtime.contracts.costmodel.Configuration) predicted seconds with the link terms of each
-    of its hops (rtt, transfer, return) priced at those ``plan`` was issued with (``Plan.breakdown_seconds``,
-    same keys): the model's part now plus the link as issued. A single hop's transfer is its bytes now at the
-    issued bandwidth (``predicted_bytes / transfer``), so measured bytes per frame still count; a hop the
-    plan holds no terms for keeps its own."""
-    issued = plan.breakdown_seconds
-    out = float(config.seconds) + issued.get("queue:link", 0.0)  # the link's wait as issued too (planner.workload)
-    for h in config.hops:
-        link = f"{h.src_tier}->{h.dst_tier}"
-        rtt, transfer = issued.get(f"rtt:{link}"), issued.get(f"transfer:{link}")
-        if rtt is None or transfer is None:
-            continue
-        if len(config.hops) == 1 and transfer > 0 and plan.predicted_bytes > 0:
-            transfer = h.transfer.bytes * transfer / plan.predicted_bytes
-        out += rtt - h.rtt_seconds + transfer - h.transfer_seconds + issued.get(f"return:{link}", 0.0) - h.return_seconds
-    return out
 
 
 class Refresh:

@@ -1,5 +1,5 @@
-"""A kept plan's prediction is re-issued when the model moved, compared at the link it was issued with
-(issue 11: planner.refresh.at_issued_link), and the board's overhead skips a configuration's first frames
+"""A kept plan's prediction is re-issued when its model parts moved, the link terms left out (issue 11:
+planner.refresh.drifted), and the board's overhead skips a configuration's first frames
 (runtime.agent.telemetry)."""
 
 from __future__ import annotations
@@ -34,21 +34,23 @@ def test_a_lower_rtt_and_a_slower_model_do_not_cancel():
     moved by 25 %: stale (the agent's lines re-cost the link at 5 ms and would say 45 ms against 60 measured)."""
     now = config(edge=0.043, rtt=0.005, transfer=0.010)
     assert now.seconds == pytest.approx(0.060)
-    assert refresh.at_issued_link(issued(), now) == pytest.approx(0.075)
-    assert refresh.stale(0.060, refresh.at_issued_link(issued(), now))
+    assert refresh.drift(issued(), now) == pytest.approx(0.015)
+    assert refresh.drifted(issued(), now)
 
 
 def test_a_link_move_alone_is_not_stale():
     """The same model at another link (RTT 5 ms, half the bandwidth): nothing to re-issue."""
     now = config(edge=0.028, rtt=0.005, transfer=0.020)
-    assert refresh.at_issued_link(issued(), now) == pytest.approx(0.060)
-    assert not refresh.stale(0.060, refresh.at_issued_link(issued(), now))
+    assert refresh.drift(issued(), now) == pytest.approx(0.0)
+    assert not refresh.drifted(issued(), now)
 
 
-def test_measured_bytes_still_count_at_the_issued_bandwidth():
-    """Twice the bytes (measured per frame) at the bandwidth of the moment of issue: 10 ms more."""
+def test_measured_bytes_are_the_links_part_not_the_models():
+    """Twice the bytes (measured per frame) at 4x the bandwidth: a transfer term, which the agent's result lines
+    re-cost with the frame's own bytes at the link now (runtime.agent.prediction), so no model part drifted."""
     now = config(edge=0.028, rtt=0.005, transfer=0.005, size=20_000)  # at 4x the bandwidth now
-    assert refresh.at_issued_link(issued(), now) == pytest.approx(0.070)
+    assert refresh.drift(issued(), now) == pytest.approx(0.0)
+    assert not refresh.drifted(issued(), now)
 
 
 def test_due_uses_the_model_part():
