@@ -176,13 +176,10 @@ MAX_OVERHEAD_SECONDS = 1.0  # a frame's overhead beyond this is no measurement o
 
 
 @dataclass
-class Overhead:
-    """A link's measured overhead per frame (see the module docstring): the median of the last OVERHEAD_WINDOW
-    samples (``value``; 0.0 and ``samples == 0``: unknown), the samples taken and the time of the last one."""
+class Overhead(Figure):
+    """A link's measured overhead per frame (see the module docstring): a :class:`Figure` whose ``value`` is the
+    median of the last OVERHEAD_WINDOW samples (0.0 and ``samples == 0``: unknown)."""
 
-    value: float = 0.0
-    samples: int = 0
-    updated: float = -math.inf
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_WINDOW))
     limit: float = MAX_OVERHEAD_SECONDS  # a sample beyond this is no measurement
 
@@ -195,9 +192,6 @@ class Overhead:
         self.samples += 1
         self.updated = now
         return True
-
-    def age(self, now: float) -> float:
-        return now - self.updated
 
     def copy(self) -> Overhead:
         return Overhead(self.value, self.samples, self.updated, deque(self.recent, maxlen=OVERHEAD_WINDOW), self.limit)

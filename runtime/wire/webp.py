@@ -47,9 +47,6 @@ class WebpCodec(InputImageCodec):
     codec = tensor_pb2.CODEC_WEBP
     nominal_ratio = 12.0  # a guess before measuring: fp32 bytes / WebP bytes of camera photos (about 3x on uint8)
 
-    def __init__(self, spec: ModelSpec) -> None:
-        super().__init__(spec)
-
     def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
         from PIL import Image
 
