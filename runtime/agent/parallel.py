@@ -38,7 +38,7 @@ import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from runtime.agent.parallel_halo import HaloFailed, StoredMap
-from runtime.agent.parallel_maps import TileMap, TileReport
+from runtime.agent.parallel_maps import TileMap, TileReport, region_msg
 from runtime.agent.parallel_recover import recover
 from runtime.contracts.errors import EdgesplitError, InvalidInput, TooLarge, from_rpc_error
 from runtime.daemon.metrics_http import STAGE_BUCKETS
@@ -54,10 +54,6 @@ from runtime.wire.transport import TransportOptions
 
 logger = logging.getLogger(__name__)
 
-
-def region_msg(r: Region) -> tiles_pb2.TileRegion:
-    return tiles_pb2.TileRegion(row_start=r.rows.start, row_stop=r.rows.stop, col_start=r.cols.start,
-                                col_stop=r.cols.stop)
 
 LOCAL = "local"
 

@@ -15,6 +15,7 @@ import torch
 
 from runtime.contracts.errors import InvalidInput
 from runtime.parallel.receptive import Region
+from runtime.proto.edgesplit.v1 import tiles_pb2
 
 
 class TileMap:
@@ -97,3 +98,9 @@ class TileReport:
     decode_seconds: float = 0.0  # worker-reported: decoding the crop
     seq: int = 0  # the frame's sequence number in the tile's header (frames in flight each have their own)
     peer_bytes: int = 0  # halo exchange: crop bytes its worker fetched from neighbours (TileResult.peer_bytes)
+
+
+def region_msg(r: Region) -> tiles_pb2.TileRegion:
+    """``r`` on the wire (the coordinator's tile requests, its fetches of kept tiles)."""
+    return tiles_pb2.TileRegion(row_start=r.rows.start, row_stop=r.rows.stop, col_start=r.cols.start,
+                                col_stop=r.cols.stop)

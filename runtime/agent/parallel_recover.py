@@ -30,7 +30,7 @@ import grpc
 import torch
 
 from runtime.agent.parallel_halo import StoredMap
-from runtime.agent.parallel_maps import TileMap, TileReport
+from runtime.agent.parallel_maps import TileMap, TileReport, region_msg
 from runtime.contracts.errors import EdgesplitError, InvalidInput, from_rpc_error
 from runtime.parallel.receptive import Region, TileRegions
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
@@ -58,10 +58,6 @@ class Coordinator(Protocol):  # what recover needs of runtime.agent.parallel.Par
                     report: TileReport, healthy: list[str]) -> torch.Tensor: ...
 
 
-def _msg(r: Region) -> tiles_pb2.TileRegion:
-    return tiles_pb2.TileRegion(row_start=r.rows.start, row_stop=r.rows.stop, col_start=r.cols.start, col_stop=r.cols.stop)
-
-
 def _lost_workers(reports: Sequence[TileReport]) -> set[str]:
     """Workers whose halo attempt failed as gone or stuck ("ADDRESS: CODE" in a report's failures)."""
     out = set()
@@ -77,7 +73,7 @@ async def fetch_back(coord: Coordinator, b: int, holder: str, tile: Region, seq:
     """Tile ``tile`` of the map at block ``b``'s input, as kept by ``holder`` for frame ``seq``."""
     split = coord.loaded.split(coord.stage.blocks[b - 1].end)
     header = pb.FrameHeader(agent_id=coord.options.agent_id, seq=seq, model_id=coord.loaded.name, split_id=split.name)
-    req = tiles_pb2.FetchRegionRequest(header=header, tile=_msg(tile), region=_msg(tile), halo_token=token)
+    req = tiles_pb2.FetchRegionRequest(header=header, tile=region_msg(tile), region=region_msg(tile), halo_token=token)
     try:
         res = await coord._stub(holder).FetchRegion(req, timeout=coord.options.tile_deadline_seconds)
     except grpc.RpcError as e:
