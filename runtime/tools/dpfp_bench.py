@@ -25,21 +25,27 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from runtime.tools import dpfp_timeline
-
-STRATEGIES = ("single_worker", "dpfp", "dpfp_halo", "dpfp_bands_barrier", "layer_by_layer", "fused_all")
-HALO = "dpfp_halo"  # DPFP with the halo exchange between workers (edgesplit plan --parallel-halo)
-PREVIOUS = "dpfp_bands_barrier"  # DPFP as first built: row bands only, uncalibrated, each block waits for the last
-MiB = 2**20
+from runtime.tools.dpfp_measure import (
+    HALO,
+    PREVIOUS,
+    STRATEGIES,
+    Direct,
+    Measurement,
+    MiB,
+    RelayProcess,
+    calibrate_coordinator,
+    measure_all,
+    plan,
+    profile,
+    result_row,
+)
+from runtime.tools.dpfp_report import machine, markdown
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,163 +98,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    import torch
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
-            "torch": torch.__version__}
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "runtime.cli.main", *args]
-
-
-def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
-    proc = subprocess.Popen(_cli("profile", "--model", model, "--role", "edge", "--machine", "worker", "--runs", str(runs),
-                                 "--warmup", "1", "--codec", "raw", "--inputs", "1", "--threads", "1", "--no-progress",
-                                 "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    quotas.new(share).add(proc.pid)
-    _, err = proc.communicate(timeout=1800)
-    if proc.returncode != 0:
-        raise RuntimeError(f"profile failed: {err.decode()[-2000:]}")
-
-
-def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0,
-         block_ms: float = 0.0, factors: Path | None = None) -> dict:
-    previous, halo = strategy == PREVIOUS, ["--parallel-halo", "--parallel-halo-round-ms", "0"] if strategy == HALO else []
-    cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
-           "--parallel-link-mode", args.link_mode,
-           "--parallel-coordinator-mbytes", f"{0.0 if previous else coord_mbytes:.3f}", "--parallel-codec", args.codec,
-           "--parallel-block-overhead-ms", f"{0.0 if previous else block_ms:.3f}",
-           *(["--parallel-no-grids"] if args.no_grids or previous else []),
-           *(["--parallel-tile-factors", str(factors)] if factors and not previous else []),
-           *halo, "--parallel-strategy", "dpfp" if previous or halo else strategy, "--parallel-out", str(out),
-           "--parallel-workers", ",".join(names)]
-    for _ in range(k):
-        cmd += ["--profile", str(profile_path)]
-    res = subprocess.run(_cli(*cmd), capture_output=True, text=True, timeout=600)
-    if res.returncode != 0:
-        raise RuntimeError(f"edgesplit plan failed: {res.stderr[-2000:]}")
-    return {"table": res.stdout, "stage": json.loads(out.read_text())}
-
-
-class Measurement:
-    """One strategy's stage on one coordinator: latency frames (with each block's wall time), then
-    optionally throughput with several frames in flight."""
-
-    def __init__(self, loaded, stage, image, reference, wavefront: bool = True):
-        from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
-        from runtime.wire.transport import TransportOptions
-
-        self.image, self.reference = image, reference
-        self.coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
-            tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront))
-        self.times: list[float] = []
-        self.tiles: list = []
-        self.blocks: list[list[float]] = []
-        self.frames: list[tuple[float, list]] = []  # (start, that frame's tile reports): the timeline
-        self.err, self.period = 0.0, None
-
-    def _error(self, y) -> float:
-        return float((y - self.reference).abs().max() / self.reference.abs().max())
-
-    async def frame(self, record: bool = True) -> None:
-        marks: list[float] = []
-        t0 = time.perf_counter()
-        y, reports = await self.coord.run_stage(self.image, lambda b, r, m=marks: m.append(time.perf_counter()))
-        if record:
-            self.times.append(time.perf_counter() - t0)
-            self.tiles.extend(reports)
-            self.frames.append((t0, reports))
-            self.blocks.append([b - a for a, b in zip([t0, *marks[:-1]], marks, strict=True)])
-        self.err = max(self.err, self._error(y))
-
-    async def window(self, frames: int, window: int) -> None:
-        gate = asyncio.Semaphore(window)
-
-        async def one():
-            async with gate:
-                return await self.coord.run_stage(self.image)
-
-        t0 = time.perf_counter()
-        outs = await asyncio.gather(*(one() for _ in range(frames)))
-        self.period = (time.perf_counter() - t0) / len(outs)
-        self.err = max(self.err, max(self._error(o) for o, _ in outs))
-
-    def result(self):
-        blocks = self.blocks
-        medians = [statistics.median(b[j] for b in blocks) for j in range(len(blocks[0]))] if blocks else []
-        return self.times, self.tiles, self.err, medians, self.period, self.frames
-
-
-async def measure_all(ms: list[Measurement], frames: int, interleave: bool) -> None:
-    """Latency frames of every strategy: interleaved (frame i of each in turn, so all see the same
-    load on a shared machine) or one strategy after the other; each warms up with one frame first."""
-    for m in ms:
-        await m.frame(record=False)
-    if interleave:
-        for _ in range(frames):
-            for m in ms:
-                await m.frame()
-    else:
-        for m in ms:
-            for _ in range(frames):
-                await m.frame()
-
-
-async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
-    """The coordinator's per-byte rate against all workers through their relays (0: not calibrated)."""
-    if args.no_calibrate:
-        return {"bytes_per_second": 0.0, "blocks": [], "note": "not calibrated (--no-calibrate)"}
-    from runtime.agent.parallel import CoordinatorOptions
-    from runtime.agent.parallel_calibrate import COMPUTE_BLOCKS, calibrate
-    from runtime.wire.transport import TransportOptions
-
-    cal = await calibrate(loaded, addresses, 2 * args.delay_ms / 1e3, args.rate_mbps * 125_000.0, args.frames,
-                          CoordinatorOptions(tile_deadline_seconds=300,
-                                             transport=TransportOptions(max_message_bytes=256 * MiB)),
-                          shared_link=args.link_mode == "shared", compute_blocks=COMPUTE_BLOCKS)
-    print(f"coordinator calibrated: {cal.bytes_per_second / 1e6:.1f} MB/s + {cal.block_overhead_seconds * 1e3:.2f} ms "
-          f"per block over {', '.join(cal.blocks)}", file=sys.stderr)
-    return {"bytes_per_second": cal.bytes_per_second, "block_overhead_seconds": cal.block_overhead_seconds,
-            "blocks": list(cal.blocks), "bytes": cal.bytes,
-            "rest_seconds": cal.rest_seconds, "frames": cal.frames}
-
-
-class Direct:
-    """No relay (``--relays none``): the coordinator talks to the worker itself."""
-
-    def __init__(self, address: str):
-        self.address = address
-
-    async def close(self) -> None:
-        return None
-
-
-class RelayProcess:
-    """``python -m runtime.tools.netem`` as a process of its own (a real link costs the coordinator no CPU)."""
-
-    def __init__(self, target: str, delay_ms: float, rate_mbps: float, log: Path):
-        self.proc = subprocess.Popen([sys.executable, "-m", "runtime.tools.netem", "--target", target, "--delay-ms",
-                                      str(delay_ms), "--rate-mbps", str(rate_mbps), "--log-level", "WARNING"],
-                                     stdout=subprocess.PIPE, stderr=open(log, "wb"), text=True)  # noqa: SIM115
-        line = self.proc.stdout.readline() if self.proc.stdout else ""
-        if "listening on" not in line:
-            self.proc.kill()
-            raise RuntimeError(f"relay to {target} did not start: {line!r}; see {log}")
-        self.address = line.split("listening on ", 1)[1].split(" ", 1)[0]
-
-    async def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-
 async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal: dict, loaded, image,
                     factors: Path | None) -> list[dict]:
     import torch
@@ -276,44 +125,13 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
             await m.coord.close()
     rows = []
     for strategy, p in planned.items():
-        rows.append(_row(k, strategy, p, ms[strategy].result() if strategy in ms else None, skipped.get(strategy, "")))
+        rows.append(result_row(k, strategy, p, ms[strategy].result() if strategy in ms else None, skipped.get(strategy, "")))
         r = rows[-1]
         if strategy in ms:
             r["halo_fallbacks"] = ms[strategy].coord.halo_fallbacks  # frames run again with gather and scatter
             print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured {r['measured_seconds']:.3f} s",
                   file=sys.stderr)
     return rows
-
-
-def _row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> dict:
-    stage = planned["stage"]
-    row = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"], "stage": stage,
-           "blocks": [[b["start"], b["end"]] for b in stage["blocks"]],
-           "grid_cols": [b.get("grid_cols", 1) for b in stage["blocks"]],
-           "predicted_block_seconds": [b["predicted_seconds"] for b in stage["blocks"]],
-           "workers_used": max(sum(1 for s in b["shares"] if s > 0) for b in stage["blocks"]), "skipped": skipped}
-    if measured is not None:
-        times, tiles, err, block_medians, period, frames = measured
-        row.update(measured_block_seconds=block_medians, window_period_seconds=period,
-                   measured_seconds=statistics.median(times), measured_min=min(times), measured_max=max(times),
-                   frames=len(times), max_rel_error=err, tile_failures=sum(len(t.failures) for t in tiles),
-                   local_tiles=sum(1 for t in tiles if t.ran_on == "local"),
-                   slowest_tile_compute_seconds=_slowest_compute(tiles, len(times), len(stage["blocks"])),
-                   timeline=dpfp_timeline.medians(frames, len(stage["blocks"])))
-    return row
-
-
-def _slowest_compute(tiles, frames: int, blocks: int) -> list[float]:
-    """Per block, the median over frames of its slowest tile's compute as the worker reported it."""
-    per: list[list[float]] = [[] for _ in range(blocks)]
-    if not frames or len(tiles) % frames:
-        return []
-    n = len(tiles) // frames
-    for f in range(frames):
-        frame = tiles[f * n: (f + 1) * n]
-        for b in range(blocks):
-            per[b].append(max((t.compute_seconds for t in frame if t.block == b), default=0.0))
-    return [statistics.median(v) for v in per]
 
 
 async def run(args, tmp: Path, quotas) -> dict:
@@ -364,114 +182,6 @@ async def run(args, tmp: Path, quotas) -> dict:
             await r.close()
         for w in workers:
             w.stop(timeout=10)
-
-
-_RELAYS = {"process": "a process each", "inline": "in the coordinator process",
-           "none": "NOT USED in this run (--relays none: straight to the workers; the link figures are only what the planner assumed)"}
-
-
-def _fmt(v, spec: str) -> str:
-    return format(v, spec) if isinstance(v, (int, float)) else "-"
-
-
-def _blocks(r: dict) -> str:
-    grids, halo = r.get("grid_cols") or [1] * len(r["blocks"]), sum(b.get("halo_input", 0) for b in r["stage"]["blocks"])
-    fell = f", {r['halo_fallbacks']} frames fell back to gather" if r.get("halo_fallbacks") else ""
-    return (f"{len(r['blocks'])}" + (f" ({sum(1 for c in grids if c > 1)} grids)" if any(c > 1 for c in grids) else "")
-            + (f", {halo} by halo exchange" if halo else "") + fell)
-
-
-def _breakdown(res: dict) -> list[str]:
-    """Per fused block of each DPFP row: predicted and measured seconds, tiling."""
-    out = ["", "Per fused block (DPFP rows; measured: median time from the previous block's last tile in (or the frame's start) to this block's last tile in; with the wavefront a block's tiles start before the previous block ends, so this may be less than its tiles take):", "",
-           "| K | block | tiling | predicted s | measured s | slowest tile's compute s (worker-reported) |",
-           "|---|---|---|---:|---:|---:|"]
-    for r in res["rows"]:
-        if r["strategy"] not in ("dpfp", HALO) or not r.get("measured_block_seconds"):
-            continue
-        grids = r.get("grid_cols") or [1] * len(r["blocks"])
-        slow = r.get("slowest_tile_compute_seconds") or [None] * len(r["blocks"])
-        for (a, b), c, p, m, w, h in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
-                                         slow, [b.get("halo_input", False) for b in r["stage"]["blocks"]], strict=True):
-            tiling = (f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands") + (", halo in" if h else "")
-            out.append(f"| {r['workers']}{' (halo)' if r['strategy'] == HALO else ''} | {a}..{b} | {tiling} | {p:.3f} | "
-                       f"{m:.3f} | {_fmt(w, '.3f')} |")
-    return out
-
-
-def _throughput(res: dict) -> list[str]:
-    rows = [r for r in res["rows"] if r.get("window_period_seconds")]
-    if not rows:
-        return []
-    base = next((r["window_period_seconds"] for r in rows if r["workers"] == 1 and r["strategy"] == "single_worker"), None)
-    out = ["", f"Throughput with {res['args']['window']} frames in flight through the stage (seconds per frame = wall "
-           f"time of {res['args']['frames'] * res['args']['window']} frames / their number; against the single worker "
-           "with K=1 measured the same way). This is time per frame, not latency:", "",
-           "| K | strategy | s per frame | reduction | speedup |", "|---|---|---:|---:|---:|"]
-    for r in rows:
-        p = r["window_period_seconds"]
-        red = f"{100 * (1 - p / base):.1f}%" if base else "-"
-        spd = f"{base / p:.2f}x" if base else "-"
-        out.append(f"| {r['workers']} | {r['strategy']} | {p:.3f} | {red} | {spd} |")
-    return out
-
-
-def _factors_note(res: dict) -> str:
-    tf = res.get("tile_factors")
-    if not tf:
-        return "each tile priced by its area share of the untiled block (no tile-compute factors)"
-    return (f"each tile's area share times the unit's factor at that share, measured on real tiles by "
-            f"runtime.tools.dpfp_tilecal ({len(tf['units'])} units, median of {tf['runs']} runs per tile shape, "
-            f"{tf['threads']} thread, at {tf['measured_at']}"
-            f"{', inside a worker quota' if not res['args'].get('tile_factors') else ', file ' + res['args']['tile_factors']})")
-
-
-def markdown(res: dict) -> str:
-    a = res["args"]
-    single = {r["workers"]: r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
-    base = single.get(1) or next(iter(single.values()), None)
-    base_pred = next((r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker"), None)
-    cal = res.get("coordinator", {})
-    coord = (f"the coordinator's per-byte rate, measured before planning by runtime.agent.parallel_calibrate over "
-             f"{', '.join(cal['blocks'])}: {cal['bytes_per_second'] / 1e6:.1f} MB/s + "
-             f"{cal.get('block_overhead_seconds', 0.0) * 1e3:.2f} ms per block (in the cost model)"
-             if cal.get("bytes_per_second") else "the coordinator's per-byte work not costed")
-    out = [f"# DPFP benchmark: {a['model']} {res['range'][0]}..{res['range'][1]}", "",
-           f"Command: `{res['command']}`", "",
-           f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, kernel {res['machine']['kernel']}, "
-           f"Python {res['machine']['python']}, torch {res['machine']['torch']}; shared with other jobs: load average "
-           f"{' / '.join(f'{x:.2f}' for x in res.get('load_before', []))} (1/5/15 min) before the run, "
-           f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.", "",
-           f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
-           f"per 10,000 us), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
-           f"quotas. Link: one user-space relay per worker "
-           f"({_RELAYS.get(a.get('relays', 'inline'), '')}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
-           f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
-           f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}; coordinator "
-           f"{'waits for each whole block' if a.get('barrier') else 'wavefront: a tile goes once the tiles it reads are in'}). Times: the stage "
-           f"alone, median of {a['frames']} frames after one warm-up "
-           f"({'one strategy after the other' if a.get('sequential') else 'interleaved: frame i of every strategy in turn'}); "
-           "reduction and speedup against the single worker "
-           "measured with K=1, and against the single worker measured in the same K group (the same minutes of "
-           "machine load); predicted: against the predicted single worker.", "",
-           f"Tile compute: {_factors_note(res)}.", "",
-           "| K | strategy | predicted s | measured s | pred. error | reduction (meas.) | speedup (meas.) | vs single "
-           "worker, same K | reduction (pred.) | max rel. error | fused blocks |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for r in res["rows"]:
-        m = r.get("measured_seconds")
-        red = f"{100 * (1 - m / base):.1f}%" if m and base else "-"
-        spd = f"{base / m:.2f}x" if m and base else "-"
-        same = single.get(r["workers"])
-        same_k = f"{100 * (1 - m / same):.1f}% / {same / m:.2f}x" if m and same else "-"
-        perr = f"{100 * (r['predicted_seconds'] / m - 1):+.0f}%" if m else "-"
-        out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
-                   f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | "
-                   f"{perr} | {red} | {spd} | {same_k} | "
-                   f"{_fmt(100 * (1 - r['predicted_seconds'] / base_pred) if base_pred else None, '.1f')}% | "
-                   f"{_fmt(r.get('max_rel_error'), '.1e')} | "
-                   f"{_blocks(r)} |")
-    return "\n".join(out + _breakdown(res) + dpfp_timeline.markdown(res["rows"]) + _throughput(res)) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

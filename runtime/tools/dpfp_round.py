@@ -58,7 +58,7 @@ async def run(args, quotas) -> list[tuple[str, str, dict]]:
     import torch
 
     from runtime.models.loader import load_model
-    from runtime.tools.dpfp_bench import Direct, RelayProcess
+    from runtime.tools.dpfp_measure import Direct, RelayProcess
     from runtime.worker.process import spawn_worker
 
     loaded = load_model(args.model)

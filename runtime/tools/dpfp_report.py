@@ -1,0 +1,130 @@
+"""dpfp_bench's report: OUT.md from the run's result (strategies' rows, per-block breakdown, where each
+block's time goes, throughput) and the machine it ran on (issue 13)."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from runtime.tools import dpfp_timeline
+from runtime.tools.dpfp_measure import HALO
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    import torch
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+_RELAYS = {"process": "a process each", "inline": "in the coordinator process",
+           "none": "NOT USED in this run (--relays none: straight to the workers; the link figures are only what the planner assumed)"}
+
+
+def _fmt(v, spec: str) -> str:
+    return format(v, spec) if isinstance(v, (int, float)) else "-"
+
+
+def _blocks(r: dict) -> str:
+    grids, halo = r.get("grid_cols") or [1] * len(r["blocks"]), sum(b.get("halo_input", 0) for b in r["stage"]["blocks"])
+    fell = f", {r['halo_fallbacks']} frames fell back to gather" if r.get("halo_fallbacks") else ""
+    return (f"{len(r['blocks'])}" + (f" ({sum(1 for c in grids if c > 1)} grids)" if any(c > 1 for c in grids) else "")
+            + (f", {halo} by halo exchange" if halo else "") + fell)
+
+
+def _breakdown(res: dict) -> list[str]:
+    """Per fused block of each DPFP row: predicted and measured seconds, tiling."""
+    out = ["", "Per fused block (DPFP rows; measured: median time from the previous block's last tile in (or the frame's start) to this block's last tile in; with the wavefront a block's tiles start before the previous block ends, so this may be less than its tiles take):", "",
+           "| K | block | tiling | predicted s | measured s | slowest tile's compute s (worker-reported) |",
+           "|---|---|---|---:|---:|---:|"]
+    for r in res["rows"]:
+        if r["strategy"] not in ("dpfp", HALO) or not r.get("measured_block_seconds"):
+            continue
+        grids = r.get("grid_cols") or [1] * len(r["blocks"])
+        slow = r.get("slowest_tile_compute_seconds") or [None] * len(r["blocks"])
+        for (a, b), c, p, m, w, h in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
+                                         slow, [b.get("halo_input", False) for b in r["stage"]["blocks"]], strict=True):
+            tiling = (f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands") + (", halo in" if h else "")
+            out.append(f"| {r['workers']}{' (halo)' if r['strategy'] == HALO else ''} | {a}..{b} | {tiling} | {p:.3f} | "
+                       f"{m:.3f} | {_fmt(w, '.3f')} |")
+    return out
+
+
+def _throughput(res: dict) -> list[str]:
+    rows = [r for r in res["rows"] if r.get("window_period_seconds")]
+    if not rows:
+        return []
+    base = next((r["window_period_seconds"] for r in rows if r["workers"] == 1 and r["strategy"] == "single_worker"), None)
+    out = ["", f"Throughput with {res['args']['window']} frames in flight through the stage (seconds per frame = wall "
+           f"time of {res['args']['frames'] * res['args']['window']} frames / their number; against the single worker "
+           "with K=1 measured the same way). This is time per frame, not latency:", "",
+           "| K | strategy | s per frame | reduction | speedup |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        p = r["window_period_seconds"]
+        red = f"{100 * (1 - p / base):.1f}%" if base else "-"
+        spd = f"{base / p:.2f}x" if base else "-"
+        out.append(f"| {r['workers']} | {r['strategy']} | {p:.3f} | {red} | {spd} |")
+    return out
+
+
+def _factors_note(res: dict) -> str:
+    tf = res.get("tile_factors")
+    if not tf:
+        return "each tile priced by its area share of the untiled block (no tile-compute factors)"
+    return (f"each tile's area share times the unit's factor at that share, measured on real tiles by "
+            f"runtime.tools.dpfp_tilecal ({len(tf['units'])} units, median of {tf['runs']} runs per tile shape, "
+            f"{tf['threads']} thread, at {tf['measured_at']}"
+            f"{', inside a worker quota' if not res['args'].get('tile_factors') else ', file ' + res['args']['tile_factors']})")
+
+
+def markdown(res: dict) -> str:
+    a = res["args"]
+    single = {r["workers"]: r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
+    base = single.get(1) or next(iter(single.values()), None)
+    base_pred = next((r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker"), None)
+    cal = res.get("coordinator", {})
+    coord = (f"the coordinator's per-byte rate, measured before planning by runtime.agent.parallel_calibrate over "
+             f"{', '.join(cal['blocks'])}: {cal['bytes_per_second'] / 1e6:.1f} MB/s + "
+             f"{cal.get('block_overhead_seconds', 0.0) * 1e3:.2f} ms per block (in the cost model)"
+             if cal.get("bytes_per_second") else "the coordinator's per-byte work not costed")
+    out = [f"# DPFP benchmark: {a['model']} {res['range'][0]}..{res['range'][1]}", "",
+           f"Command: `{res['command']}`", "",
+           f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, kernel {res['machine']['kernel']}, "
+           f"Python {res['machine']['python']}, torch {res['machine']['torch']}; shared with other jobs: load average "
+           f"{' / '.join(f'{x:.2f}' for x in res.get('load_before', []))} (1/5/15 min) before the run, "
+           f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.", "",
+           f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
+           f"per 10,000 us), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
+           f"quotas. Link: one user-space relay per worker "
+           f"({_RELAYS.get(a.get('relays', 'inline'), '')}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
+           f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
+           f"{'row bands only' if a.get('no_grids') else 'row bands or 2-D grids'}; {coord}; coordinator "
+           f"{'waits for each whole block' if a.get('barrier') else 'wavefront: a tile goes once the tiles it reads are in'}). Times: the stage "
+           f"alone, median of {a['frames']} frames after one warm-up "
+           f"({'one strategy after the other' if a.get('sequential') else 'interleaved: frame i of every strategy in turn'}); "
+           "reduction and speedup against the single worker "
+           "measured with K=1, and against the single worker measured in the same K group (the same minutes of "
+           "machine load); predicted: against the predicted single worker.", "",
+           f"Tile compute: {_factors_note(res)}.", "",
+           "| K | strategy | predicted s | measured s | pred. error | reduction (meas.) | speedup (meas.) | vs single "
+           "worker, same K | reduction (pred.) | max rel. error | fused blocks |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in res["rows"]:
+        m = r.get("measured_seconds")
+        red = f"{100 * (1 - m / base):.1f}%" if m and base else "-"
+        spd = f"{base / m:.2f}x" if m and base else "-"
+        same = single.get(r["workers"])
+        same_k = f"{100 * (1 - m / same):.1f}% / {same / m:.2f}x" if m and same else "-"
+        perr = f"{100 * (r['predicted_seconds'] / m - 1):+.0f}%" if m else "-"
+        out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
+                   f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | "
+                   f"{perr} | {red} | {spd} | {same_k} | "
+                   f"{_fmt(100 * (1 - r['predicted_seconds'] / base_pred) if base_pred else None, '.1f')}% | "
+                   f"{_fmt(r.get('max_rel_error'), '.1e')} | "
+                   f"{_blocks(r)} |")
+    return "\n".join(out + _breakdown(res) + dpfp_timeline.markdown(res["rows"]) + _throughput(res)) + "\n"
+
+
