@@ -78,7 +78,7 @@ def measure(n: int, machines: int, repeats: int, objective: str = "latency") -> 
     return statistics.median(warm) * 1e3, statistics.median(cold) * 1e3
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, action="append", help="model sizes (default 25 100 200 400 600 1000)")
     ap.add_argument("--repeats", type=int, default=15)

@@ -50,6 +50,7 @@ class Basis:
 
 
 def band_of(plan: pb.Plan, bandwidth: float) -> pb.BandPlan | None:
+    b: pb.BandPlan
     for b in plan.fallbacks:
         hi = b.max_bandwidth_bytes_per_second or math.inf
         if b.min_bandwidth_bytes_per_second <= bandwidth < hi:

@@ -24,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from planner.metrics import PlannerMetrics
@@ -193,7 +193,7 @@ class Gate:
         return max(0, self._queued - self.running)
 
     @contextlib.asynccontextmanager
-    async def turn(self):
+    async def turn(self) -> AsyncIterator[None]:
         if self._queued >= self.running + self.waiting:
             ms = int(min(MAX_RETRY_MS, max(MIN_RETRY_MS, 1e3 * self._queued * self._seconds / self.running)))
             raise Shed(f"the planner has {self._queued} registrations in progress or waiting; register again in "

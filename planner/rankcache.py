@@ -63,7 +63,7 @@ class Bands:
         return c if link is c.link else Candidate(c.worker_id, c.address, c.tier, c.profile, c.tl_ids, link, c.next_tiers)
 
 
-def _predicted(plan: pb.Plan | None) -> tuple | None:
+def _predicted(plan: pb.Plan | None) -> tuple[object, ...] | None:
     """What of a plan its re-costing reads (its key, addresses and cuts)."""
     if plan is None:
         return None
@@ -72,7 +72,7 @@ def _predicted(plan: pb.Plan | None) -> tuple | None:
 
 
 def rank_key(device: Profile, rec: AgentRecord, cands: list[Candidate], top_n: int, exclude: PlanKey | None,
-             predict: pb.Plan | None) -> tuple[tuple, tuple[object, ...]]:
+             predict: pb.Plan | None) -> tuple[tuple[object, ...], tuple[object, ...]]:
     """(key, objects the key names by identity) of one ranking."""
     held: list[object] = [device]
     workers = []
@@ -93,11 +93,11 @@ class RankCache:
     """The ``size`` most recently used rankings (see the module docstring); hits and misses counted."""
 
     def __init__(self, size: int) -> None:
-        self._lru: LRU[tuple, tuple[tuple[object, ...], list[Ranked], Configuration | None]] = LRU(size)
+        self._lru: LRU[tuple[object, ...], tuple[tuple[object, ...], list[Ranked], Configuration | None]] = LRU(size)
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple) -> tuple[list[Ranked], Configuration | None] | None:
+    def get(self, key: tuple[object, ...]) -> tuple[list[Ranked], Configuration | None] | None:
         hit = self._lru.get(key)
         if hit is None:
             self.misses += 1
@@ -105,7 +105,7 @@ class RankCache:
         self.hits += 1
         return hit[1], hit[2]
 
-    def put(self, key: tuple, held: tuple[object, ...], ranked: list[Ranked], current: Configuration | None) -> None:
+    def put(self, key: tuple[object, ...], held: tuple[object, ...], ranked: list[Ranked], current: Configuration | None) -> None:
         self._lru.put(key, (held, list(ranked), current))
 
     def __len__(self) -> int:
@@ -139,11 +139,11 @@ class BandTables:
     receives; a plan's own table is ranked for it (:meth:`planner.replanner.RePlanner._issue`)."""
 
     def __init__(self, size: int = BAND_TABLES) -> None:
-        self._lru: LRU[tuple, tuple[tuple[object, ...], BandTable]] = LRU(size)
+        self._lru: LRU[tuple[object, ...], tuple[tuple[object, ...], BandTable]] = LRU(size)
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple) -> BandTable | None:
+    def get(self, key: tuple[object, ...]) -> BandTable | None:
         hit = self._lru.get(key)
         if hit is None:
             self.misses += 1
@@ -151,5 +151,5 @@ class BandTables:
         self.hits += 1
         return hit[1]
 
-    def put(self, key: tuple, held: tuple[object, ...], table: BandTable) -> None:
+    def put(self, key: tuple[object, ...], held: tuple[object, ...], table: BandTable) -> None:
         self._lru.put(key, (held, table))

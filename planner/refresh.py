@@ -60,7 +60,7 @@ def drift(plan: Any, config: Any) -> float:
 def drifted(plan: Any, config: Any) -> bool:
     """Whether ``plan``'s parts drifted by more than PREDICTION_REFRESH of its prediction (and 1 ms) in all."""
     issued = plan.predicted_seconds
-    return issued > 0 and drift(plan, config) > max(PREDICTION_REFRESH * issued, 1e-3)
+    return bool(issued > 0 and drift(plan, config) > max(PREDICTION_REFRESH * issued, 1e-3))
 
 
 class Refresh:

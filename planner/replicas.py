@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -39,6 +40,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from planner import requests, store_batch
 from planner.broadcaster import Broadcaster
@@ -70,7 +72,7 @@ class _Ask:
     agent_id: str
     take: bool
     here: bool  # held here when it asked
-    done: asyncio.Future  # -> (holder before, its seconds left, the agent's rows or None)
+    done: asyncio.Future[tuple[str, float, tuple[Any, ...] | None]]  # -> (holder before, its seconds left, the agent's rows or None)
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Replica:
             return
         self._adopt(agent_id, holder, left, rows, take)
 
-    def _adopt(self, agent_id: str, holder: str, left: float, rows: tuple, take: bool) -> None:
+    def _adopt(self, agent_id: str, holder: str, left: float, rows: tuple[Any, ...], take: bool) -> None:
         """Hold the agent as read. Taken by a call other than a registration: decided in the next periodic
         pass (woken now). Taken by its registration: that decides it in a moment, so it is neither marked
         nor does it wake the pass (5,000 agents re-attaching woke it 5,000 times, each pass scanning
@@ -192,7 +194,7 @@ class Replica:
             if found is None:
                 continue
             self.batches += 1
-            orphans = []
+            orphans: list[str] = []
             for a in batch:
                 if not a.done.done():
                     a.done.set_result(found[a.agent_id])
@@ -200,7 +202,11 @@ class Replica:
                                                                       for b in batch):
                     orphans.append(a.agent_id)  # its call was cancelled: give back a lease nobody here serves
             if orphans:
-                await loop.run_in_executor(self._pool, lambda o=orphans: self._store().release_leases(self.id, o))
+                await loop.run_in_executor(self._pool, functools.partial(self._release, orphans))
+
+    def _release(self, agent_ids: list[str]) -> None:
+        """(pool thread) Give back the leases of ``agent_ids``."""
+        self._store().release_leases(self.id, agent_ids)
 
     def _store(self) -> Store:
         """This pool thread's own connection."""
@@ -210,13 +216,13 @@ class Replica:
             self._stores.append(store)
         return store
 
-    def _acquire(self, asks: dict[str, bool], here: set[str]) -> dict[str, tuple[str, float, tuple | None]]:
+    def _acquire(self, asks: dict[str, bool], here: set[str]) -> dict[str, tuple[str, float, tuple[Any, ...] | None]]:
         """(pool thread) Take each lease if free, lapsed, ours or taken (a registration); then the rows of
         the agents taken that are not held here already: (record, current plan, links, device speed),
         None when not stored."""
         store = self._store()
         leases = store_batch.acquire_leases(store, asks, self.id, self.seconds)
-        out: dict[str, tuple[str, float, tuple | None]] = {}
+        out: dict[str, tuple[str, float, tuple[Any, ...] | None]] = {}
         read = []
         for aid, (holder, left) in leases.items():
             out[aid] = (holder, left, None)

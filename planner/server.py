@@ -63,7 +63,8 @@ async def serve(config: PlannerConfig) -> PlannerServer:
             on_error=lambda _method, code: metrics.errors.labels(code).inc(),
             metrics=metrics.registry, metrics_host=config.metrics_host, metrics_port=config.metrics_port,
             auth_policy=AUTH_POLICY, server_args=SERVER_ARGS))
-        daemon.bind(lambda server: planner_pb2_grpc.add_PlannerServicer_to_server(service, server))
+        daemon.bind(lambda server: planner_pb2_grpc.add_PlannerServicer_to_server(  # type: ignore[no-untyped-call]
+            service, server))  # generated, unannotated
         await daemon.start()
     except BaseException:
         store.close()

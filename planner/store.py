@@ -29,6 +29,7 @@ A Store's connection belongs to one thread at a time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import sqlite3
@@ -36,6 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -192,7 +194,7 @@ class Store:
             b.execute("INSERT INTO profiles (hash, text) VALUES (?,?) ON CONFLICT (hash) DO NOTHING", (h, text))
             b.execute("UPDATE agents SET profile=? WHERE profile=?", (h, text))
 
-    def _tx(self):
+    def _tx(self) -> contextlib.AbstractContextManager[Any]:
         return self.backend.transaction()
 
     def close(self) -> None:
@@ -337,7 +339,7 @@ class Store:
         return out
 
     def last_version(self) -> int:
-        return self.backend.execute("SELECT value FROM counters WHERE name='plan_version'").fetchone()[0]
+        return int(self.backend.execute("SELECT value FROM counters WHERE name='plan_version'").fetchone()[0])
 
     def set_plan_status(self, agent_id: str, version: int, status: str, refused_message: str = "") -> bool:
         """Mark a plan applied or refused (a refusal is also recorded on the agent); False: no such plan."""

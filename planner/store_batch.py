@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from google.protobuf import json_format
 
@@ -54,7 +55,7 @@ def attach_rows(store: Store, ids: Sequence[str], texts: dict[str, str]) -> dict
     ``texts``: profile hash -> text already held (updated with the ones read here)."""
     b = store.backend
     ids = sorted(set(ids))
-    agents: dict[str, tuple] = {}
+    agents: dict[str, tuple[Any, ...]] = {}
     for part in _chunks(ids):
         for r in b.execute("SELECT id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
                            f"refused_version, refused_message FROM agents WHERE id IN ({_marks(len(part))})", tuple(part)):
