@@ -3,7 +3,7 @@
     python -m runtime.tools.dpfp_bench --workers 1,2,4 --share 0.4 --delay-ms 2 --rate-mbps 200 \\
         --out runtime/tools/results/dpfp_vgg16
 
-1. Profiles the model once inside a CPU quota of ``--share`` of one core (cgroup v1, 10 ms period,
+1. Profiles the model once inside a CPU quota of ``--share`` of one core (cgroup v1, ``--period-us`` period,
    one torch thread): every emulated worker gets that quota, so the workers are equal and that
    profile is each one's (``edgesplit profile``).
 2. Starts max(``--workers``) worker processes, each in its own quota, and one user-space relay per
@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from runtime.tools.cpuquota import MIN_QUOTA_US, PERIOD_US
 from runtime.tools.dpfp_measure import (
     HALO,
     PREVIOUS,
@@ -43,6 +44,7 @@ from runtime.tools.dpfp_measure import (
     measure_all,
     plan,
     profile,
+    recovered_tiles,
     result_row,
 )
 from runtime.tools.dpfp_report import machine, markdown
@@ -54,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vgg16", help="bundled model")
     p.add_argument("--workers", default="1,2,4", help="worker counts to measure")
     p.add_argument("--share", type=float, default=0.4, help="CPU quota of each worker, in cores")
+    p.add_argument("--period-us", type=int, default=PERIOD_US,
+                   help="cgroup CPU period of every quota (profile, tile factors, workers): a worker runs at full speed "
+                        "for share x period, then waits out the rest of it; the kernel takes quotas of 1000 us or more")
     p.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay of each worker's link")
     p.add_argument("--rate-mbps", type=float, default=200.0, help="rate of each worker's link, each direction")
     p.add_argument("--link-mode", choices=("shared", "per-worker"), default="shared",
@@ -128,7 +133,8 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
         rows.append(result_row(k, strategy, p, ms[strategy].result() if strategy in ms else None, skipped.get(strategy, "")))
         r = rows[-1]
         if strategy in ms:
-            r["halo_fallbacks"] = ms[strategy].coord.halo_fallbacks  # frames run again with gather and scatter
+            r["halo_fallbacks"] = ms[strategy].coord.halo_fallbacks  # frames resumed with gather and scatter
+            r["halo_recovered_tiles"] = recovered_tiles(ms[strategy].coord)  # of those frames' tiles: fetched back, run again
             print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured {r['measured_seconds']:.3f} s",
                   file=sys.stderr)
     return rows
@@ -145,13 +151,13 @@ async def run(args, tmp: Path, quotas) -> dict:
     prof = Path(args.profile) if args.profile else tmp / "worker.json"
     if not args.profile:
         t0 = time.perf_counter()
-        profile(quotas, args.share, args.model, args.profile_runs, prof)
+        profile(quotas, args.share, args.model, args.profile_runs, prof, args.period_us)
         print(f"profiled {args.model} at {args.share:g} core in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     factors = None if args.tile_factors == "none" else Path(args.tile_factors) if args.tile_factors else tmp / "factors.json"
     if factors is not None and not args.tile_factors:
         from runtime.tools.dpfp_tilecal import in_quota
 
-        in_quota(quotas, args.share, args.model, factors, args.tile_factor_runs)
+        in_quota(quotas, args.share, args.model, factors, args.tile_factor_runs, period_us=args.period_us)
     loaded = load_model(args.model)
     workers, relays = [], []
     try:
@@ -159,7 +165,7 @@ async def run(args, tmp: Path, quotas) -> dict:
             w = spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--max-queue", "64",  # peers on loopback
                               "--halo-peer", "127.0.0.1", "--preload", args.model], timeout=300, log=tmp / f"worker{i}.log")
             workers.append(w)
-            quotas.new(args.share).add(w.proc.pid)
+            quotas.new(args.share, args.period_us).add(w.proc.pid)
             if args.relays == "none":
                 relays.append(Direct(w.address))
             elif args.relays == "process":
@@ -185,7 +191,11 @@ async def run(args, tmp: Path, quotas) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    p = _parser()
+    args = p.parse_args(argv)
+    if not 1000 <= args.period_us <= 1_000_000 or round(args.share * args.period_us) < MIN_QUOTA_US:
+        p.error(f"--period-us must be 1000..1000000 and --share x --period-us at least the kernel's {MIN_QUOTA_US} us "
+                f"quota (a share of {args.share:g} core needs {-(-MIN_QUOTA_US // args.share):.0f} us or more)")
     from runtime.tools.cpuquota import QuotaSet, unavailable
 
     why = unavailable()

@@ -26,11 +26,11 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "runtime.cli.main", *args]
 
 
-def profile(quotas, share: float, model: str, runs: int, out: Path) -> None:
+def profile(quotas, share: float, model: str, runs: int, out: Path, period_us: int = 10_000) -> None:
     proc = subprocess.Popen(_cli("profile", "--model", model, "--role", "edge", "--machine", "worker", "--runs", str(runs),
                                  "--warmup", "1", "--codec", "raw", "--inputs", "1", "--threads", "1", "--no-progress",
                                  "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    quotas.new(share).add(proc.pid)
+    quotas.new(share, period_us).add(proc.pid)
     _, err = proc.communicate(timeout=1800)
     if proc.returncode != 0:
         raise RuntimeError(f"profile failed: {err.decode()[-2000:]}")
@@ -168,6 +168,14 @@ class RelayProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(10)
+
+
+def recovered_tiles(coord) -> dict[str, int]:
+    """After failed halo exchanges, the tiles the coordinator fetched back from the workers keeping them and
+    those it computed again, over every frame it ran (``edgesplit_agent_halo_recovered_tiles_total{how}``)."""
+    reg = coord.metrics.registry
+    return {how: int(reg.get_sample_value("edgesplit_agent_halo_recovered_tiles_total", {"how": how}) or 0)
+            for how in ("fetched", "recomputed")}
 
 
 def result_row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> dict:

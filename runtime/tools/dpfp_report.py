@@ -30,9 +30,18 @@ def _fmt(v, spec: str) -> str:
 
 def _blocks(r: dict) -> str:
     grids, halo = r.get("grid_cols") or [1] * len(r["blocks"]), sum(b.get("halo_input", 0) for b in r["stage"]["blocks"])
-    fell = f", {r['halo_fallbacks']} frames fell back to gather" if r.get("halo_fallbacks") else ""
     return (f"{len(r['blocks'])}" + (f" ({sum(1 for c in grids if c > 1)} grids)" if any(c > 1 for c in grids) else "")
-            + (f", {halo} by halo exchange" if halo else "") + fell)
+            + (f", {halo} by halo exchange" if halo else ""))
+
+
+def _faults(r: dict) -> str:
+    """Failed tile attempts (timed frames) and, over every frame the coordinator ran, the halo frames that
+    resumed with gather and scatter and their tiles fetched back / computed again."""
+    if r.get("measured_seconds") is None:
+        return "-"
+    rec = r.get("halo_recovered_tiles") or {}
+    return (f"{r.get('tile_failures', 0)}; {r.get('halo_fallbacks', 0)}: {rec.get('fetched', 0)} / "
+            f"{rec.get('recomputed', 0)}")
 
 
 def _breakdown(res: dict) -> list[str]:
@@ -96,8 +105,8 @@ def markdown(res: dict) -> str:
            f"Python {res['machine']['python']}, torch {res['machine']['torch']}; shared with other jobs: load average "
            f"{' / '.join(f'{x:.2f}' for x in res.get('load_before', []))} (1/5/15 min) before the run, "
            f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.", "",
-           f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * 10000)} us "
-           f"per 10,000 us), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
+           f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * a.get('period_us', 10_000))} us "
+           f"per {a.get('period_us', 10_000):,} us), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
            f"quotas. Link: one user-space relay per worker "
            f"({_RELAYS.get(a.get('relays', 'inline'), '')}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
            f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
@@ -109,9 +118,12 @@ def markdown(res: dict) -> str:
            "measured with K=1, and against the single worker measured in the same K group (the same minutes of "
            "machine load); predicted: against the predicted single worker.", "",
            f"Tile compute: {_factors_note(res)}.", "",
+           "Faults: failed tile attempts in the timed frames; halo frames that resumed with gather and scatter: "
+           "their tiles fetched back from the workers keeping them / computed again (runtime.agent.parallel_recover; "
+           "over every frame run, warm-up and throughput frames included).", "",
            "| K | strategy | predicted s | measured s | pred. error | reduction (meas.) | speedup (meas.) | vs single "
-           "worker, same K | reduction (pred.) | max rel. error | fused blocks |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "worker, same K | reduction (pred.) | max rel. error | fused blocks | faults: failed tiles; fallbacks: fetched / recomputed |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in res["rows"]:
         m = r.get("measured_seconds")
         red = f"{100 * (1 - m / base):.1f}%" if m and base else "-"
@@ -124,7 +136,7 @@ def markdown(res: dict) -> str:
                    f"{perr} | {red} | {spd} | {same_k} | "
                    f"{_fmt(100 * (1 - r['predicted_seconds'] / base_pred) if base_pred else None, '.1f')}% | "
                    f"{_fmt(r.get('max_rel_error'), '.1e')} | "
-                   f"{_blocks(r)} |")
+                   f"{_blocks(r)} | {_faults(r)} |")
     return "\n".join(out + _breakdown(res) + dpfp_timeline.markdown(res["rows"]) + _throughput(res)) + "\n"
 
 

@@ -120,14 +120,15 @@ def calibrate(model: str, runs: int, first: str = "input", end: str = "") -> dic
             "input_hw": list(loaded.input_shape[-2:]), "units": units}
 
 
-def in_quota(quotas, share: float, model: str, out: Path, runs: int = 7, timeout: float = 900) -> dict:
+def in_quota(quotas, share: float, model: str, out: Path, runs: int = 7, timeout: float = 900,
+             period_us: int = 10_000) -> dict:
     """This tool as a process of its own inside a new CPU quota of ``share`` cores (one torch thread,
     as dpfp_bench's workers) from ``quotas`` (``runtime.tools.cpuquota.QuotaSet``); the file it wrote."""
     import subprocess
 
     proc = subprocess.Popen([sys.executable, "-m", "runtime.tools.dpfp_tilecal", "--model", model, "--out", str(out),
                              "--runs", str(runs), "--threads", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    quotas.new(share).add(proc.pid)
+    quotas.new(share, period_us).add(proc.pid)
     so, err = proc.communicate(timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"dpfp_tilecal failed: {err.decode()[-2000:]}")
