@@ -1,0 +1,295 @@
+"""The device agent's own CPU per frame: what the runtime costs the board beside the model and the codec (issue 14).
+
+    python -m runtime.measure.agent_cpu --model mobilenet_v2 --split input --codec webp --frames 40
+    python -m runtime.measure.agent_cpu --model resnet18 --split layer2_1_relu_1 --codec int8+lz4
+
+A real worker runs as a child process on loopback (unrestricted); the agent runs in this process on the
+event loop ``edgesplit agent`` uses (uvloop where installed, runtime.wire.eventloop), with one frame in flight
+and ``--gap-ms`` idle between frames (a camera's spacing). Each thread's CPU time comes from the kernel
+(``/proc/self/task/TID/schedstat``, nanoseconds of run time), read before and after each round of frames, so
+reading it costs nothing per frame. Threads are grouped as the board thread (head, TL encoder, codec encode, the
+message), the event loop thread (send, receive, result handling, telemetry, metrics, logging), gRPC's C-core
+threads, and the rest.
+
+The head, TL encoder and codec encode are then timed on their own, on the board thread, with the same inputs
+(``time.thread_time``: CPU, not wall). The runtime's own CPU per frame is the process's CPU per frame less those,
+and less the background: the CPU the agent burns with its stream open and no frame (timers, keep-alive pings,
+the in-flight watcher), measured for ``--idle-s`` seconds and counted for the frames' wall time.
+
+``--quota-us`` runs the agent under a cgroup v1 CPU quota (runtime.tools.cpuquota; the worker stays free), joined
+after the model is loaded, as the headline benchmark's board does; it reports the group's throttled time per
+frame. Without root or a cgroup v1 cpu hierarchy it says why and stops (exit 2). Figures go to stdout; ``--json``
+writes them all. runtime/measure/results/agent_cpu.md records the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.run import choose_split
+from runtime.agent.sources import open_source
+from runtime.models.loader import load_model
+from runtime.wire import eventloop
+from runtime.wire.codec import get_codec
+
+MAX_FRAMES = 10_000  # frames per round at most (bounded loops)
+MAX_ROUNDS = 100
+MAX_GAP_MS = 5_000.0
+GROUPS = ("board", "loop", "grpc", "other")
+
+
+def thread_cpu() -> dict[int, tuple[str, int]]:
+    """Every thread of this process: tid -> (name, CPU ns so far). Python threads by their Python name, the others
+    by the kernel's (gRPC core names its own)."""
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    out: dict[int, tuple[str, int]] = {}
+    for task in Path("/proc/self/task").iterdir():
+        tid = int(task.name)
+        try:
+            ns = int((task / "schedstat").read_text().split()[0])
+            comm = (task / "comm").read_text().strip()
+        except (OSError, ValueError, IndexError):  # the thread ended meanwhile
+            continue
+        out[tid] = (names.get(tid, comm), ns)
+    return out
+
+
+def group_of(tid: int, name: str, loop_tid: int) -> str:
+    """Which of GROUPS a thread belongs to."""
+    if tid == loop_tid:
+        return "loop"
+    if name.startswith("board"):
+        return "board"
+    if name.startswith(("grpc", "event_engine", "lifeguard", "default-execu", "timer_manager")) or "_poll_wrapper" in name:
+        return "grpc"  # gRPC core's own threads, and grpc.aio's completion-queue poller (a Python thread)
+    return "other"
+
+
+def cpu_delta(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]], loop_tid: int) -> dict[str, float]:
+    """CPU seconds per group between two :func:`thread_cpu` readings (a thread born meanwhile counts from 0;
+    one that ended meanwhile is lost, which the process total below shows)."""
+    out = dict.fromkeys(GROUPS, 0.0)
+    for tid, (name, ns) in after.items():
+        out[group_of(tid, name, loop_tid)] += (ns - before.get(tid, (name, 0))[1]) / 1e9
+    return out
+
+
+def process_cpu() -> float:
+    """This process's CPU seconds so far (every thread, ended ones included; CLOCK_PROCESS_CPUTIME_ID, ns)."""
+    return time.process_time()
+
+
+def throttled_ms(cgroup: Path | None) -> float:
+    """The cgroup's time held by its quota so far, ms (0 without one)."""
+    if cgroup is None:
+        return 0.0
+    for line in (cgroup / "cpu.stat").read_text().splitlines():
+        key, _, value = line.partition(" ")
+        if key == "throttled_time":
+            return int(value) / 1e6
+    return 0.0
+
+
+def compute_alone(agent: Agent, xs: list[torch.Tensor], runs: int) -> dict[str, float]:
+    """Median CPU ms per frame of the head, the TL encoder and the codec encode, each on its own, on the board
+    thread (where the agent runs them), with the agent's inputs; one untimed pass first."""
+    plan = agent.active
+
+    def job() -> dict[str, list[float]]:
+        got: dict[str, list[float]] = {"head": [], "tl_encode": [], "encode": []}
+        for r in range(runs + 1):
+            x = xs[r % len(xs)]
+            t0 = time.thread_time()
+            with torch.inference_mode():
+                h = plan.head(x)
+                t1 = time.thread_time()
+                z = plan.encoder(h) if plan.encoder is not None else h
+            t2 = time.thread_time()
+            plan.codec.encode_frame(z)
+            t3 = time.thread_time()
+            if r:
+                got["head"].append(t1 - t0)
+                got["tl_encode"].append(t2 - t1)
+                got["encode"].append(t3 - t2)
+        return got
+
+    got = agent.executor.submit(job).result()
+    return {k: statistics.median(v) * 1e3 for k, v in got.items()}
+
+
+async def _round(agent: Agent, xs: list[torch.Tensor], frames: int, gap_s: float, loop_tid: int,
+                 cgroup: Path | None) -> dict:
+    """``frames`` frames one at a time, ``gap_s`` apart: CPU per group, wall, throttled time and stage medians."""
+    results = []
+    # the process's window holds the threads' (whose readings cost ~0.1 ms of CPU, once a round)
+    thr0, proc0, cpu0, wall0 = throttled_ms(cgroup), process_cpu(), thread_cpu(), time.perf_counter()
+    for i in range(frames):
+        results.append(await agent.infer(xs[i % len(xs)], frame=str(i)))
+        if gap_s > 0:
+            await asyncio.sleep(gap_s)
+    wall, cpu = time.perf_counter() - wall0, cpu_delta(cpu0, thread_cpu(), loop_tid)
+    proc = process_cpu() - proc0
+    local = [r for r in results if r.where != "edge"]
+    if local:
+        raise RuntimeError(f"{len(local)} of {frames} frames ran locally: {sorted({r.fallback_reason for r in local})}")
+    stages = sorted({k for r in results for k in r.times})
+    return {"frames": frames, "wall_s": wall, "process_s": proc, "threads_s": cpu,
+            "throttled_ms": throttled_ms(cgroup) - thr0,
+            "stage_p50_ms": {k: statistics.median(r.times.get(k, 0.0) for r in results) * 1e3 for k in stages},
+            "wire_bytes_p50": statistics.median(r.wire_bytes for r in results)}
+
+
+async def _idle(seconds: float, loop_tid: int) -> dict:
+    """The agent's CPU with its stream open and no frame for ``seconds``: per group, seconds per second."""
+    proc0, cpu0, wall0 = process_cpu(), thread_cpu(), time.perf_counter()
+    await asyncio.sleep(seconds)
+    wall = time.perf_counter() - wall0
+    cpu = cpu_delta(cpu0, thread_cpu(), loop_tid)
+    return {"wall_s": wall, "process_per_s": (process_cpu() - proc0) / wall, "threads_per_s": {k: v / wall for k, v in cpu.items()}}
+
+
+async def measure(args: argparse.Namespace, loaded, address: str, cgroup: Path | None) -> dict:
+    """The whole measurement against the worker at ``address`` (this process already in ``cgroup``, if any)."""
+    tl = None
+    if args.tl:
+        from runtime.transfer.artifact import load_tl
+
+        tl = load_tl(args.tl, loaded=loaded)
+    split = choose_split(loaded, args.split or (tl.split.name if tl is not None else ""))
+    codec = get_codec(args.codec, model=tl.tl.entropy_model if tl is not None else None, spec=loaded.spec)
+    xs = [f.tensor for f in open_source(loaded.spec, args.source, max(1, args.inputs))]
+    agent = Agent(loaded, InitialPlan(split, codec, worker=address, tl=tl), AgentOptions(deadline_seconds=30.0))
+    loop_tid = threading.get_native_id()
+    try:
+        await agent.start()
+        for i in range(args.warmup):
+            await agent.infer(xs[i % len(xs)])
+        idle = await _idle(args.idle_s, loop_tid) if args.idle_s > 0 else None
+        rounds = [await _round(agent, xs, args.frames, args.gap_ms / 1e3, loop_tid, cgroup) for _ in range(args.rounds)]
+        alone = await asyncio.get_running_loop().run_in_executor(None, compute_alone, agent, xs, args.alone_runs)
+    finally:
+        await agent.close()
+    return summarize(rounds, idle, alone, split.name, codec.name, tl.tl_id if tl is not None else "")
+
+
+def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], split: str, codec: str, tl: str) -> dict:
+    """Per-frame figures: the median over rounds of each round's CPU / frames (ms), and the runtime's own CPU."""
+    def per_frame(get) -> float:
+        return statistics.median(get(r) / r["frames"] * 1e3 for r in rounds)
+
+    compute = alone["head"] + alone["tl_encode"] + alone["encode"]
+    wall_ms = per_frame(lambda r: r["wall_s"])
+    bg = {k: (idle["threads_per_s"][k] if idle else 0.0) for k in GROUPS}
+    bg_process = idle["process_per_s"] if idle else 0.0
+    threads = {k: per_frame(lambda r, k=k: r["threads_s"][k]) for k in GROUPS}
+    process = per_frame(lambda r: r["process_s"])
+    return {
+        "split": split, "codec": codec, "tl": tl, "rounds": rounds, "idle": idle, "compute_alone_ms": alone,
+        "per_frame_ms": {
+            "wall": wall_ms, "process": process, **{f"thread_{k}": v for k, v in threads.items()},
+            "background": bg_process * wall_ms, "throttled": per_frame(lambda r: r["throttled_ms"] / 1e3),
+            "compute_alone": compute,
+            "runtime": process - compute - bg_process * wall_ms,
+            "runtime_board": threads["board"] - compute - bg["board"] * wall_ms,
+            "runtime_loop": threads["loop"] - bg["loop"] * wall_ms,
+            "runtime_grpc": threads["grpc"] - bg["grpc"] * wall_ms,
+        },
+        "rounds_runtime_ms": [(r["process_s"] - bg_process * r["wall_s"]) / r["frames"] * 1e3 - compute for r in rounds],
+        "wire_bytes_p50": statistics.median(r["wire_bytes_p50"] for r in rounds),
+    }
+
+
+def render(out: dict) -> str:
+    p = out["per_frame_ms"]
+    a = out["compute_alone_ms"]
+    lines = [
+        f"agent CPU per frame: split {out['split']} codec {out['codec']}{' TL ' + out['tl'] if out['tl'] else ''}, "
+        f"{out['wire_bytes_p50']:,.0f} B a frame, {len(out['rounds'])} rounds x {out['rounds'][0]['frames']} frames "
+        f"(median of the rounds' per-frame figures)",
+        f"  wall {p['wall']:.3f} ms   process CPU {p['process']:.3f} ms   throttled {p['throttled']:.3f} ms",
+        "  by thread: " + "   ".join(f"{k} {p['thread_' + k]:.3f}" for k in GROUPS),
+        f"  alone on the board thread: head {a['head']:.3f}  tl_encode {a['tl_encode']:.3f}  encode {a['encode']:.3f}"
+        f"  (sum {p['compute_alone']:.3f})",
+        f"  background (stream open, no frame) over the frame's wall time: {p['background']:.3f}",
+        f"  RUNTIME CPU per frame: {p['runtime']:.3f} ms (board thread {p['runtime_board']:.3f}, event loop "
+        f"{p['runtime_loop']:.3f}, gRPC threads {p['runtime_grpc']:.3f}); per round: "
+        + " ".join(f"{v:.3f}" for v in out["rounds_runtime_ms"]),
+    ]
+    return "\n".join(lines)
+
+
+def _args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m runtime.measure.agent_cpu", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="mobilenet_v2", help="a bundled model name or path:function")
+    ap.add_argument("--split", default="input", help="split index or name ('' : the agent's default split)")
+    ap.add_argument("--codec", default="webp", help="wire codec (webp, pixels+lz4, int8+lz4, ...)")
+    ap.add_argument("--tl", default="", help="a Transfer Layer id or manifest (its split unless --split)")
+    ap.add_argument("--source", default="samples", help="frames: samples (the bundled photos) or synthetic")
+    ap.add_argument("--inputs", type=int, default=8, help="distinct input frames, cycled")
+    ap.add_argument("--frames", type=int, default=40, help=f"frames per round, one at a time (1..{MAX_FRAMES})")
+    ap.add_argument("--rounds", type=int, default=5, help=f"rounds (1..{MAX_ROUNDS}); figures are medians over them")
+    ap.add_argument("--warmup", type=int, default=10, help="untimed frames first")
+    ap.add_argument("--gap-ms", type=float, default=0.0, help=f"idle between frames (0..{MAX_GAP_MS:g} ms)")
+    ap.add_argument("--idle-s", type=float, default=2.0, help="seconds of background measured with no frame (0: none)")
+    ap.add_argument("--alone-runs", type=int, default=30, help="runs of the head and the encode timed on their own")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on each side")
+    ap.add_argument("--quota-us", type=int, default=0, help="run the agent under this cgroup CPU quota per period (0: none)")
+    ap.add_argument("--period-us", type=int, default=50_000, help="the quota's period (the headline benchmark's: 50 ms)")
+    ap.add_argument("--json", default="", help="write every figure here")
+    args = ap.parse_args(argv)
+    if not (1 <= args.frames <= MAX_FRAMES and 1 <= args.rounds <= MAX_ROUNDS and 0 <= args.gap_ms <= MAX_GAP_MS
+            and 0 <= args.idle_s <= 60 and 1 <= args.alone_runs <= 1000 and 0 <= args.warmup <= 1000):
+        ap.error("--frames, --rounds, --gap-ms, --idle-s, --alone-runs or --warmup out of range (see --help)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _args(argv)
+    from runtime.tools import cpuquota
+    from runtime.worker.process import spawn_worker
+
+    if args.quota_us:
+        why = cpuquota.unavailable()
+        if why is not None:
+            print(f"no CPU quota here: {why}", file=sys.stderr)
+            return 2
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    worker = spawn_worker(["--torch-threads", str(args.threads), *(["--tl", args.tl] if args.tl else [])])
+    quota = None
+    try:
+        if args.quota_us:
+            quota = cpuquota.CpuQuota(f"edgesplit-agentcpu-{os.getpid()}", args.quota_us / args.period_us,
+                                      period_us=args.period_us)
+            quota.add(os.getpid())  # after torch and the model are loaded (runtime.measure.scenarios.device)
+        out = eventloop.run(measure(args, loaded, worker.address, quota.path if quota else None))
+    finally:
+        if quota is not None:
+            quota.remove()
+        worker.stop()
+    out.update(command="python -m runtime.measure.agent_cpu " + " ".join(sys.argv[1:] if argv is None else argv),
+               model=loaded.name, loop=eventloop.loop_name(), machine=f"{platform.machine()} {os.cpu_count()} cores",
+               quota_us=args.quota_us, period_us=args.period_us if args.quota_us else 0,
+               finished_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    print(render(out))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

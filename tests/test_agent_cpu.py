@@ -1,0 +1,61 @@
+"""runtime.measure.agent_cpu: the agent's own CPU per frame, against a real worker on loopback."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from runtime.measure import agent_cpu
+from runtime.tools import cpuquota
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_thread_groups_name_the_loop_and_the_board():
+    me = threading.get_native_id()
+    cpu = agent_cpu.thread_cpu()
+    assert me in cpu and cpu[me][1] > 0  # this thread has run
+    assert agent_cpu.group_of(me, "MainThread", me) == "loop"
+    assert agent_cpu.group_of(1, "board_0", me) == "board"
+    assert agent_cpu.group_of(2, "Thread-1 (_poll_wrapper)", me) == "grpc"
+    assert agent_cpu.group_of(3, "event_engine", me) == "grpc"
+    assert agent_cpu.group_of(4, "tqdm_monitor", me) == "other"
+
+
+def test_cpu_delta_counts_new_threads_from_zero():
+    before = {1: ("MainThread", 1_000_000), 2: ("board_0", 0)}
+    after = {1: ("MainThread", 3_000_000), 2: ("board_0", 5_000_000), 3: ("event_engine", 1_000_000)}
+    assert agent_cpu.cpu_delta(before, after, 1) == {"board": 0.005, "loop": 0.002, "grpc": 0.001, "other": 0.0}
+
+
+def test_measures_a_real_agent_and_worker(tmp_path, capsys):
+    out = tmp_path / "cpu.json"
+    assert agent_cpu.main(["--model", "digits_cnn", "--split", "pool1", "--codec", "int8+lz4", "--source", "synthetic",
+                           "--frames", "8", "--rounds", "2", "--warmup", "3", "--idle-s", "0.3", "--alone-runs", "5",
+                           "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    p = got["per_frame_ms"]
+    assert got["split"] == "pool1" and got["codec"] == "int8+lz4" and got["wire_bytes_p50"] > 0
+    assert len(got["rounds"]) == 2 and all(r["frames"] == 8 for r in got["rounds"])
+    # every frame ran on the board thread and was sent and answered on the loop thread
+    assert p["thread_board"] > 0 and p["thread_loop"] > 0
+    assert got["compute_alone_ms"]["head"] > 0 and got["compute_alone_ms"]["encode"] > 0
+    # the threads' CPU cannot exceed the process's (the kernel's figures, the same clock)
+    assert sum(p[f"thread_{k}"] for k in agent_cpu.GROUPS) <= p["process"] * 1.01 + 0.01
+    assert p["runtime"] == pytest.approx(p["process"] - p["compute_alone"] - p["background"])
+    assert "RUNTIME CPU per frame" in capsys.readouterr().out
+
+
+def test_quota_without_cgroups_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(cpuquota, "unavailable", lambda root=cpuquota.ROOT: "no cgroup v1 cpu hierarchy (test)")
+    assert agent_cpu.main(["--quota-us", "3500"]) == 2
+    assert "no CPU quota here: no cgroup v1 cpu hierarchy (test)" in capsys.readouterr().err
+
+
+def test_bad_ranges_are_refused():
+    with pytest.raises(SystemExit):
+        agent_cpu.main(["--frames", "0"])
+    with pytest.raises(SystemExit):
+        agent_cpu.main(["--gap-ms", "-1"])
