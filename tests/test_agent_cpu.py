@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from runtime.measure import agent_cpu
-from runtime.tools import cpuquota
+from runtime.measure.scenarios import testbed
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -49,7 +49,7 @@ def test_measures_a_real_agent_and_worker(tmp_path, capsys):
 
 
 def test_quota_without_cgroups_says_why(monkeypatch, capsys):
-    monkeypatch.setattr(cpuquota, "unavailable", lambda root=cpuquota.ROOT: "no cgroup v1 cpu hierarchy (test)")
+    monkeypatch.setattr(testbed, "cgroup_unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
     assert agent_cpu.main(["--quota-us", "3500"]) == 2
     assert "no CPU quota here: no cgroup v1 cpu hierarchy (test)" in capsys.readouterr().err
 

@@ -16,7 +16,7 @@ The head, TL encoder and codec encode are then timed on their own, on the board 
 and less the background: the CPU the agent burns with its stream open and no frame (timers, keep-alive pings,
 the in-flight watcher), measured for ``--idle-s`` seconds and counted for the frames' wall time.
 
-``--quota-us`` runs the agent under a cgroup v1 CPU quota (runtime.tools.cpuquota; the worker stays free), joined
+``--quota-us`` runs the agent under a cgroup v1 CPU quota (the headline benchmark's, runtime.measure.scenarios.testbed; the worker stays free), joined
 after the model is loaded, as the headline benchmark's board does; it reports the group's throttled time per
 frame. Without root or a cgroup v1 cpu hierarchy it says why and stops (exit 2). Figures go to stdout; ``--json``
 writes them all. runtime/measure/results/agent_cpu.md records the runs.
@@ -259,12 +259,12 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
-    from runtime.tools import cpuquota
+    from runtime.measure.scenarios import testbed
     from runtime.worker.process import spawn_worker
 
     if args.quota_us:
-        why = cpuquota.unavailable()
-        if why is not None:
+        why = testbed.cgroup_unavailable()
+        if why:
             print(f"no CPU quota here: {why}", file=sys.stderr)
             return 2
     torch.set_num_threads(args.threads)
@@ -273,9 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     quota = None
     try:
         if args.quota_us:
-            quota = cpuquota.CpuQuota(f"edgesplit-agentcpu-{os.getpid()}", args.quota_us / args.period_us,
-                                      period_us=args.period_us)
-            quota.add(os.getpid())  # after torch and the model are loaded (runtime.measure.scenarios.device)
+            quota = testbed.CpuQuota(f"edgesplit-agentcpu-{os.getpid()}", args.period_us, args.quota_us)
+            (quota.path / "cgroup.procs").write_text(str(os.getpid()))  # after torch and the model are loaded
         out = eventloop.run(measure(args, loaded, worker.address, quota.path if quota else None))
     finally:
         if quota is not None:
