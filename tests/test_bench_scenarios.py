@@ -189,6 +189,8 @@ def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
             for total, floor in zip(r["per_frame_ms"], r["per_frame_floor_ms"], strict=True):
                 # a relay cannot beat the link it emulates (edge-only paces at the mean JPEG size: 5 % slack)
                 assert floor <= total * 1.05 + 1.0, (k, floor, total)
+            for st in r["per_frame_stages_ms"]:  # where the frame's time went, and what it cost the board
+                assert st["board_cpu"] > 0 and st["throttled_periods"] >= 0 and "board_queue" in st, (k, st)
     es = sc["edgesplit"]
     # edgesplit's plan kept its floor on the fidelity frames (or is exact, or local)
     assert es["fidelity_offline"] >= res["spec"]["min_fidelity"], es

@@ -179,12 +179,13 @@ async def run_split(loaded, job: dict, xs) -> dict:
             await agent.infer(xs[i % len(xs)])
         rows = []
         for i, x in enumerate(xs):
-            stalled = _throttled_ms(job.get("cgroup", ""))
+            held, cpu = _quota_held(job.get("cgroup", "")), time.process_time()
             r = await agent.infer(x, frame=str(i))
-            stalled = _throttled_ms(job.get("cgroup", "")) - stalled
+            cpu, after = time.process_time() - cpu, _quota_held(job.get("cgroup", ""))
             rows.append({"where": r.where, "reason": r.fallback_reason, "wire_bytes": r.wire_bytes,
                          "class_index": r.top1()[0], "times_ms": {k: v * 1e3 for k, v in r.times.items()},
-                         "throttled_ms": stalled})
+                         "throttled_ms": after[0] - held[0], "throttled_periods": after[1] - held[1],
+                         "board_cpu_ms": cpu * 1e3})
         out: dict = {"rows": rows}
         if job.get("window", 1) > 1 and job.get("pipeline_frames", 0) > 0:
             out["pipelined"] = await _pipelined(agent, xs, job["window"], job["pipeline_frames"])
@@ -193,15 +194,13 @@ async def run_split(loaded, job: dict, xs) -> dict:
         await agent.close()
 
 
-def _throttled_ms(cgroup: str) -> float:
-    """The board's cgroup's time held by the quota so far, ms (``cpu.stat`` throttled_time; 0 without a group)."""
+def _quota_held(cgroup: str) -> tuple[float, int]:
+    """The board's cgroup's time held by the quota so far, ms, and the periods in which it was held (``cpu.stat``
+    throttled_time, summed over the CPUs its threads ran on, and nr_throttled; zeros without a group)."""
     if not cgroup:
-        return 0.0
-    for line in (Path(cgroup) / "cpu.stat").read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key == "throttled_time":
-            return int(value) / 1e6
-    return 0.0
+        return 0.0, 0
+    stat = dict(line.partition(" ")[::2] for line in (Path(cgroup) / "cpu.stat").read_text().splitlines())
+    return int(stat.get("throttled_time", 0)) / 1e6, int(stat.get("nr_throttled", 0))
 
 
 async def _pipelined(agent: Agent, xs, window: int, frames: int) -> dict:

@@ -65,13 +65,17 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
 def _per_frame(x: dict) -> str:
     """The median over frames of measured / that frame's floor: the board's quota stalls (one 50 ms period) land in
     the timed compute or in the runtime's own board work, so the medians of the two columns can be frames apart;
-    and how many frames had more than 20 ms above their floor (a stall in the runtime's board work)."""
+    and how many frames had more than 20 ms above their floor (a stall in the runtime's board work); and the board's
+    CPU per frame (its process, every thread), to set beside the quota's budget per period."""
     tot, flo = x.get("per_frame_ms"), x.get("per_frame_floor_ms")
     if not tot or not flo:
         return ""
     stalled = sum(t - f > 20.0 for t, f in zip(tot, flo, strict=True))
+    cpu = [st["board_cpu"] for st in x.get("per_frame_stages_ms", []) if "board_cpu" in st]
     return (f" (median per frame {statistics.median(t / f for t, f in zip(tot, flo, strict=True)):.3f}"
             + (f"; {stalled} of {len(tot)} frames over 20 ms above their floor" if "per_frame_stages_ms" in x else "")
+            + (f"; the board's CPU per frame, all its threads: median {statistics.median(cpu):.1f} ms, max "
+               f"{max(cpu):.1f}" if cpu else "")
             + ")")
 
 

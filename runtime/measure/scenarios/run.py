@@ -32,9 +32,11 @@ Ranker = Callable[[Profile, Profile, Link, float], "Configuration | None"]
 FrameMaker = Callable[[object, int], "tuple[object, str]"]
 CHILD_START_SECONDS = 1800.0  # load, calibrate, profile and run local on the board
 JOB_SECONDS = 1800.0  # one strategy's frames
-# the stages kept per frame in the results (the board's stall, cpu.stat's throttled time, beside them): where a
-# frame's time went, e.g. a quota stall after the head that lands in the runtime's overhead, outside the floor
-STAGE_KEYS = ("head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "total")
+# the stages kept per frame in the results (beside them the board's CPU for the frame, all its threads, and the quota's
+# hold on it: cpu.stat's throttled time and throttled periods): where a frame's time went, e.g. a quota stall after
+# the head that lands in the runtime's overhead, outside the floor. board_queue: the hand-off to the board thread
+STAGE_KEYS = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail",
+              "total")
 
 
 def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> dict | None:
@@ -101,7 +103,9 @@ def _strategy_rows(name: str, got: dict, sc, link: dict, down: int, ref: list[in
                plan=(job or {}).get("plan", ""), split=(job or {}).get("split", ""), codec=(job or {}).get("codec", ""),
                tl=(job or {}).get("tl_id", ""), per_frame_ms=totals, per_frame_floor_ms=floors,
                per_frame_stages_ms=[{k: round(v, 2) for k, v in r["times_ms"].items() if k in STAGE_KEYS}
-                                    | {"throttled": round(r.get("throttled_ms", 0.0), 1)} for r in rows],
+                                    | {"throttled": round(r.get("throttled_ms", 0.0), 1),
+                                       "throttled_periods": r.get("throttled_periods", 0),
+                                       "board_cpu": round(r.get("board_cpu_ms", 0.0), 2)} for r in rows],
                bound_fps=costs.bound_fps(rows, statistics.median(bytes_), down, sc.mbps))
     if "pipelined" in got:
         out["pipelined"] = got["pipelined"]
