@@ -80,6 +80,8 @@ class CoordinatorOptions:
     wavefront: bool = True  # start a tile once the tiles it reads are in (False: wait for the whole block)
     model_digest: bool = True  # send the weights fingerprint (workers with other weights refuse)
     halo: bool = True  # exchange halos between workers where the stage's blocks say so (False: always gather)
+    halo_early: bool = True  # send a halo block's tiles once the tiles they read are sent, not answered (the
+    # workers wait for kept tiles themselves; False: after the answers, a round through the coordinator per block)
 
 
 def _check_going(stop: asyncio.Event) -> None:
@@ -329,7 +331,8 @@ class ParallelCoordinator:
                 regions = seg.regions(in_hw, [r for _, r in planned])
                 keep = halo and self.halo_input(i + 1)
                 tiles = [reg.output for reg in regions]
-                dst = StoredMap(seg.out_size(in_hw), tiles) if keep else TileMap(seg.out_size(in_hw), tiles)
+                dst = (StoredMap(seg.out_size(in_hw), tiles, [w for w, _ in planned]) if keep
+                       else TileMap(seg.out_size(in_hw), tiles))
                 block_reports = [TileReport(i, (reg.output.rows.start, reg.output.rows.stop), worker,
                                             cols=(reg.output.cols.start, reg.output.cols.stop), seq=seq)
                                  for (worker, _), reg in zip(planned, regions, strict=True)]
@@ -360,15 +363,15 @@ class ParallelCoordinator:
         try:
             keep = isinstance(dst, StoredMap)
             if isinstance(src, StoredMap):  # halo exchange: the worker assembles its crop from stored tiles
-                parts = await src.parts(reg.input)
+                parts = await (src.early_parts if self.options.halo_early else src.parts)(reg.input)
                 report.ready_at = time.perf_counter()
                 _check_going(stop)
-                tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep, token)
+                tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep, token, dst, k)
             else:
                 crop = await src.crop(reg.input)
                 report.ready_at = time.perf_counter()
                 _check_going(stop)
-                tile = (await self._halo_tile(i, in_hw, reg, crop, None, report, keep, token) if keep
+                tile = (await self._halo_tile(i, in_hw, reg, crop, None, report, keep, token, dst, k) if keep
                         else await self._tile(i, in_hw, reg, crop, report, healthy))
             if isinstance(dst, StoredMap):
                 dst.put_at(k, report.ran_on)
@@ -383,13 +386,15 @@ class ParallelCoordinator:
 
     async def _halo_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None,
                          parts: list[tuple[str, Region, Region]] | None, report: TileReport, keep: bool,
-                         token: bytes) -> torch.Tensor | None:
+                         token: bytes, dst: TileMap | StoredMap | None = None, k: int = 0) -> torch.Tensor | None:
         """A tile of a halo exchange (its output kept, or its crop made of stored parts): one attempt on its
         planned worker; any failure raises HaloFailed (the frame's stage then runs with gather and scatter)."""
         address = report.planned
         own = [("" if holder == address else holder, tile, want) for holder, tile, want in parts or ()]
         try:
             msg = self._request(i, in_hw, reg, crop, report.seq, keep, own, token)
+            if isinstance(dst, StoredMap):
+                dst.sent(k)  # the next block's tiles reading this one may go now (early dispatch)
             tile = await self._remote(address, msg, report)
         except (EdgesplitError, asyncio.TimeoutError) as e:
             code = e.code.name if isinstance(e, EdgesplitError) else "DEADLINE_EXCEEDED"

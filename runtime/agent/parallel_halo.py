@@ -8,6 +8,10 @@ its neighbours itself (``Tiles.FetchRegion``, :mod:`runtime.worker.tile_store`).
 carries the frame's random ``halo_token`` (drawn per frame's stage): the workers read kept tiles only with it.
 
 :class:`StoredMap` stands for such a map: it knows which worker holds each tile and when it is in.
+With early dispatch (``CoordinatorOptions.halo_early``, the default) the next block's request goes
+once the requests of the tiles it reads are sent, naming their planned workers, not once they have
+answered: the workers wait for the kept tiles themselves (``runtime.worker.tile_store``), and a block
+starts without a round through the coordinator.
 A halo tile has one attempt on its planned worker; any failure raises :class:`HaloFailed`, and the
 coordinator runs the frame's stage again with today's gather and scatter, where a failed tile is
 recomputed elsewhere (the frame is not lost).
@@ -33,10 +37,12 @@ def intersect(a: Region, b: Region) -> Region | None:
 class StoredMap:
     """A block's output map kept on the workers, tile by tile: which worker holds each tile, and when."""
 
-    def __init__(self, hw: tuple[int, int], tiles: list[Region]):
+    def __init__(self, hw: tuple[int, int], tiles: list[Region], planned: list[str] | None = None):
         self.hw, self.tiles = hw, tiles
         self.holders = [""] * len(tiles)
+        self.planned = planned or [""] * len(tiles)  # the worker each tile's request goes to (early dispatch)
         self._events = [asyncio.Event() for _ in tiles]
+        self._sent = [asyncio.Event() for _ in tiles]
         self.done = [False] * len(tiles)  # tile k is kept by holders[k] (a failure sets the events, never this)
         self._error: BaseException | None = None
 
@@ -45,10 +51,28 @@ class StoredMap:
         self.done[k] = True
         self._events[k].set()
 
+    def sent(self, k: int) -> None:
+        """Tile k's request is handed to gRPC (its worker will keep the tile under the expected key)."""
+        self._sent[k].set()
+
     def fail(self, e: BaseException) -> None:
         self._error = e
-        for ev in self._events:
+        for ev in (*self._events, *self._sent):
             ev.set()
+
+    async def early_parts(self, want: Region) -> list[tuple[str, Region, Region]]:
+        """As :meth:`parts`, once the requests of the tiles ``want`` overlaps are sent (not answered), with
+        their planned workers as holders."""
+        out = []
+        for r, ev, k in zip(self.tiles, self._sent, range(len(self.tiles)), strict=True):
+            part = intersect(r, want)
+            if part is None:
+                continue
+            await ev.wait()
+            if self._error is not None:
+                raise HaloFailed("a stored tile this crop reads failed") from self._error
+            out.append((self.planned[k], r, part))
+        return out
 
     async def parts(self, want: Region) -> list[tuple[str, Region, Region]]:
         """(holder, stored tile, part of ``want`` in it) for every tile ``want`` overlaps, once they are in."""

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from runtime.tools.cpuquota import MIN_QUOTA_US, PERIOD_US
 from runtime.tools.dpfp_measure import (
+    ACKED,
     HALO,
     PREVIOUS,
     STRATEGIES,
@@ -73,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strategies", default=",".join(STRATEGIES),
                    help=f"strategies to measure ({PREVIOUS}: DPFP as first built, row bands only, no coordinator "
                         "term, each block waiting for the whole previous one: the same run's A/B of this issue's changes; "
-                        f"{HALO}: DPFP with the halo exchange directly between workers where it predicts it cheaper)")
+                        f"{HALO}: DPFP with the halo exchange directly between workers where it predicts it cheaper, "
+                        f"a halo block's tiles sent once those they read are sent (early dispatch); {ACKED}: the same "
+                        "plan, sent once those they read have answered, a round through the coordinator per block)")
     p.add_argument("--sequential", action="store_true",
                    help="measure one strategy after the other (default: interleaved, frame i of every strategy in "
                         "turn, so all see the same load on a shared machine)")
@@ -111,19 +114,21 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
 
     planned, ms, skipped = {}, {}, {}
     for strategy in [x for x in STRATEGIES if x in args.strategies.split(",")]:
-        planned[strategy] = plan(prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json", cal["bytes_per_second"] / 1e6,
-                                 cal.get("block_overhead_seconds", 0.0) * 1e3, factors)
+        planned[strategy] = planned[HALO] if strategy == ACKED and HALO in planned else plan(  # the same plan
+            prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json", cal["bytes_per_second"] / 1e6,
+            cal.get("block_overhead_seconds", 0.0) * 1e3, factors)
         stage = ParallelStage.from_json(planned[strategy]["stage"])
         if stage.predicted_seconds > args.max_predicted_seconds:
             skipped[strategy] = f"predicted above {args.max_predicted_seconds:g} s"
             continue
         with torch.inference_mode():
             reference = loaded.head(stage.blocks[-1].end)(image)
-        ms[strategy] = Measurement(loaded, stage, image, reference, not args.barrier and strategy != PREVIOUS)
+        ms[strategy] = Measurement(loaded, stage, image, reference, not args.barrier and strategy != PREVIOUS,
+                                   halo_early=strategy != ACKED)
     try:
         await measure_all(list(ms.values()), args.frames, not args.sequential)
         for strategy, m in ms.items():
-            if args.window > 1 and strategy in ("dpfp", HALO, "single_worker"):
+            if args.window > 1 and strategy in ("dpfp", HALO, ACKED, "single_worker"):
                 await m.window(args.frames * args.window, args.window)
     finally:
         for m in ms.values():

@@ -16,8 +16,10 @@ from pathlib import Path
 
 from runtime.tools import dpfp_timeline
 
-STRATEGIES = ("single_worker", "dpfp", "dpfp_halo", "dpfp_bands_barrier", "layer_by_layer", "fused_all")
+STRATEGIES = ("single_worker", "dpfp", "dpfp_halo", "dpfp_halo_acked", "dpfp_bands_barrier", "layer_by_layer",
+              "fused_all")
 HALO = "dpfp_halo"  # DPFP with the halo exchange between workers (edgesplit plan --parallel-halo)
+ACKED = "dpfp_halo_acked"  # the same halo plan, each halo block's tiles sent only once those they read have answered
 PREVIOUS = "dpfp_bands_barrier"  # DPFP as first built: row bands only, uncalibrated, each block waits for the last
 MiB = 2**20
 
@@ -38,7 +40,8 @@ def profile(quotas, share: float, model: str, runs: int, out: Path, period_us: i
 
 def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0,
          block_ms: float = 0.0, factors: Path | None = None) -> dict:
-    previous, halo = strategy == PREVIOUS, ["--parallel-halo", "--parallel-halo-round-ms", "0"] if strategy == HALO else []
+    previous = strategy == PREVIOUS
+    halo = ["--parallel-halo", "--parallel-halo-round-ms", "0"] if strategy in (HALO, ACKED) else []
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
            "--parallel-link-mode", args.link_mode,
            "--parallel-coordinator-mbytes", f"{0.0 if previous else coord_mbytes:.3f}", "--parallel-codec", args.codec,
@@ -59,13 +62,14 @@ class Measurement:
     """One strategy's stage on one coordinator: latency frames (with each block's wall time), then
     optionally throughput with several frames in flight."""
 
-    def __init__(self, loaded, stage, image, reference, wavefront: bool = True):
+    def __init__(self, loaded, stage, image, reference, wavefront: bool = True, halo_early: bool = True):
         from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
         from runtime.wire.transport import TransportOptions
 
         self.image, self.reference = image, reference
         self.coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
-            tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront))
+            tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront,
+            halo_early=halo_early))
         self.times: list[float] = []
         self.tiles: list = []
         self.blocks: list[list[float]] = []

@@ -8,7 +8,7 @@ import platform
 from pathlib import Path
 
 from runtime.tools import dpfp_timeline
-from runtime.tools.dpfp_measure import HALO
+from runtime.tools.dpfp_measure import ACKED, HALO
 
 
 def machine() -> dict:
@@ -20,6 +20,7 @@ def machine() -> dict:
             "torch": torch.__version__}
 
 
+_LABEL = {HALO: " (halo)", ACKED: " (halo, acked)"}
 _RELAYS = {"process": "a process each", "inline": "in the coordinator process",
            "none": "NOT USED in this run (--relays none: straight to the workers; the link figures are only what the planner assumed)"}
 
@@ -50,14 +51,14 @@ def _breakdown(res: dict) -> list[str]:
            "| K | block | tiling | predicted s | measured s | slowest tile's compute s (worker-reported) |",
            "|---|---|---|---:|---:|---:|"]
     for r in res["rows"]:
-        if r["strategy"] not in ("dpfp", HALO) or not r.get("measured_block_seconds"):
+        if r["strategy"] not in ("dpfp", HALO, ACKED) or not r.get("measured_block_seconds"):
             continue
         grids = r.get("grid_cols") or [1] * len(r["blocks"])
         slow = r.get("slowest_tile_compute_seconds") or [None] * len(r["blocks"])
         for (a, b), c, p, m, w, h in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
                                          slow, [b.get("halo_input", False) for b in r["stage"]["blocks"]], strict=True):
             tiling = (f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands") + (", halo in" if h else "")
-            out.append(f"| {r['workers']}{' (halo)' if r['strategy'] == HALO else ''} | {a}..{b} | {tiling} | {p:.3f} | "
+            out.append(f"| {r['workers']}{_LABEL.get(r['strategy'], '')} | {a}..{b} | {tiling} | {p:.3f} | "
                        f"{m:.3f} | {_fmt(w, '.3f')} |")
     return out
 

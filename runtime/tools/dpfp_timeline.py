@@ -66,7 +66,8 @@ def medians(frames: Sequence[tuple[float, Sequence]], blocks: int) -> list[dict[
 
 def markdown(rows: Sequence[dict]) -> list[str]:
     """The table for dpfp_bench's OUT.md (``rows``: result rows with a ``timeline``)."""
-    rows = [r for r in rows if r.get("timeline") and r["strategy"] in ("dpfp", "dpfp_halo") and r["workers"] > 1]
+    rows = [r for r in rows if r.get("timeline") and r["strategy"] in ("dpfp", "dpfp_halo", "dpfp_halo_acked")
+            and r["workers"] > 1]
     if not rows:
         return []
     out = ["", "Where each block's time goes (DPFP rows, median over frames; the block's critical tile = the one "
@@ -89,6 +90,6 @@ def markdown(rows: Sequence[dict]) -> list[str]:
 
 
 def _line(k: int, name: str, t: dict, strategy: str = "dpfp") -> str:
-    label = f"{k}" + (" (halo)" if strategy == "dpfp_halo" else "")
+    label = f"{k}" + {"dpfp_halo": " (halo)", "dpfp_halo_acked": " (halo, acked)"}.get(strategy, "")
     return (f"| {label} | {name} | {t['span'] * 1e3:.1f} | " + " | ".join(f"{t[x] * 1e3:.1f}" for x in TERMS)
             + f" | {t['coordinator_cpu'] * 1e3:.1f} | {t['bytes'] / 1e6:.2f} | {t.get('peer_bytes', 0.0) / 1e6:.2f} |")

@@ -16,6 +16,14 @@ Every kept tile is stored with its frame's capability, ``halo_token`` (:data:`TO
 bytes the coordinator draws per frame's parallel stage): the key alone (agent id, seq, model, split,
 region) is guessable, so a read (own part or ``FetchRegion``) with another token is answered exactly
 as a tile not kept (NOT_FOUND), compared in constant time.
+
+Early dispatch (the coordinator's ``CoordinatorOptions.halo_early``): the next block's request may
+reach a worker before the tiles it reads are computed. A request that keeps its output registers
+its key as *expected* (:meth:`TileStore.expect`, at most ``max_tiles`` keys, with the frame's token)
+until it ends; a read of an expected key waits for it (:meth:`TileStore.wait`, bounded by the
+call's deadline and :data:`FETCH_TIMEOUT_SECONDS`), a read of a key neither kept nor expected is
+answered at once as before. So a worker starts block i+1 as soon as it and its neighbours have
+finished block i, without a round through the coordinator.
 """
 
 from __future__ import annotations
@@ -57,7 +65,13 @@ MAX_ADDRESS = 256
 MAX_PEERS = 64
 """Channels to neighbour workers kept open (the least recently used is closed beyond this)."""
 FETCH_TIMEOUT_SECONDS = 10.0
-"""A FetchRegion call's deadline when the incoming request has none shorter."""
+"""A FetchRegion call's deadline when the incoming request has none shorter; also the longest a read of an
+expected tile (early dispatch) waits for it."""
+EXPECT_GRACE_SECONDS = 1.0
+"""How long a request's own crop part that is neither kept nor expected here is waited for (early dispatch: the
+request keeping it may still be on its way); then it is answered as not kept (FAILED_PRECONDITION)."""
+MAX_WAITING = 64
+"""Tile requests that may wait here for their own crop parts (early dispatch) before taking a queue slot."""
 TOKEN_BYTES = 16
 """Length of a frame's halo_token (128 random bits: secrets.token_bytes)."""
 
@@ -79,6 +93,51 @@ class TileStore:
         self._tiles: OrderedDict[Key, tuple[torch.Tensor, float, bytes]] = OrderedDict()  # oldest first; token
         self.bytes = 0
         self.evicted = 0  # dropped for room or age before anyone asked (a fallback's likely cause)
+        self._expected: dict[Key, tuple[bytes, asyncio.Event]] = {}  # tiles being computed here: token, settled
+        self._news = asyncio.Event()  # set (and replaced) whenever a key is expected or settled
+
+    def _notify(self) -> None:
+        self._news.set()
+        self._news = asyncio.Event()
+
+    def expect(self, key: Key, token: bytes) -> bool:
+        """A request that keeps its output under ``key`` is running here: reads of ``key`` wait for it until
+        :meth:`settle`. False (reads are answered at once) when ``max_tiles`` keys are already expected."""
+        check_token(token)
+        if key in self._expected or len(self._expected) >= self.max_tiles:
+            return False
+        self._expected[key] = (bytes(token), asyncio.Event())
+        self._notify()
+        return True
+
+    def settle(self, key: Key) -> None:
+        """The request for ``key`` ended (its tile kept, or it failed): the reads waiting for it go on."""
+        item = self._expected.pop(key, None)
+        if item is not None:
+            item[1].set()
+            self._notify()
+
+    async def wait(self, key: Key, token: bytes, timeout: float, unknown_wait: float = 0.0) -> None:
+        """Until ``key`` is kept or the request expected to keep it ended, at most ``timeout`` seconds; a key
+        neither kept nor expected is waited for ``unknown_wait`` seconds at most (its request may be on its
+        way), one expected with another token not at all. Then read it with :meth:`region` (NotFound if absent)."""
+        now = time.monotonic()
+        deadline, unknown_until = now + max(0.0, timeout), now + min(max(0.0, unknown_wait), max(0.0, timeout))
+        while self.get(key, token) is None:
+            left = deadline - time.monotonic()
+            item = self._expected.get(key)
+            if item is None:
+                left = unknown_until - time.monotonic()
+            if left <= 0:
+                return
+            if item is not None and not hmac.compare_digest(item[0], bytes(token)):
+                return  # another frame's capability: answered as a tile not kept
+            try:
+                await asyncio.wait_for((item[1] if item is not None else self._news).wait(), left)
+            except asyncio.TimeoutError:
+                return
+            if item is not None:
+                return  # settled: kept or failed
 
     def __len__(self) -> int:
         return len(self._tiles)

@@ -9,6 +9,9 @@ crop that is not exactly that region, computes the tile and answers it.
 Halo exchange (``runtime.worker.tile_store``): with ``keep_output`` the tile stays in the worker's
 bounded :class:`TileStore` and the answer carries no tile; a request with ``parts`` instead of a
 crop assembles its crop from stored tiles, its own and its neighbours' (``Tiles.FetchRegion``).
+Such a request may come before the tiles it reads are computed (the coordinator's early dispatch):
+a kept tile's key is expected while its request runs, and reads of it wait (``TileStore.wait``); a
+request waits for its own parts before it takes a queue slot (at most ``MAX_WAITING`` at once).
 
 Everything is checked before anything is allocated: ids (as frames), the input size against
 ``MAX_SIDE`` and, with the block's channel counts, the decoded crop and the answered tile against
@@ -26,7 +29,7 @@ import grpc
 import torch
 from prometheus_client import Counter, Histogram
 
-from runtime.contracts.errors import InvalidInput, NotFound, PreconditionFailed, TooLarge
+from runtime.contracts.errors import InvalidInput, NotFound, Overloaded, PreconditionFailed, TooLarge
 from runtime.daemon.metrics_http import STAGE_BUCKETS
 from runtime.models.loader import LoadedModel
 from runtime.parallel.receptive import Region, TileRegions
@@ -37,7 +40,10 @@ from runtime.wire.chain import check_route
 from runtime.wire.codec import decode_tensor, get_codec
 from runtime.worker.service import InferenceService, check_header
 from runtime.worker.tile_store import (
+    EXPECT_GRACE_SECONDS,
     FETCH_TIMEOUT_SECONDS,
+    MAX_PARTS,
+    MAX_WAITING,
     Peers,
     TileStore,
     assemble,
@@ -113,6 +119,7 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         self.inference = inference
         self.segments = TileSegments()
         self.store = store or TileStore()  # kept tiles for the halo exchange (bounded; runtime.worker.tile_store)
+        self.waiting = 0  # requests waiting for their own crop parts (early dispatch), at most MAX_WAITING
         # channels to neighbours, this worker's credentials, only to its --halo-peer addresses
         self.peers = Peers(inference.config.transport(), inference.config.halo_peers)
         r = inference.metrics.registry
@@ -204,7 +211,41 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         times = pb.StageTimes(queue_seconds=t0 - admitted_at, decode_seconds=t1 - t0, tail_seconds=t2 - t1)
         return y, tile, times, p.end_split
 
+    async def _await_own(self, req: tiles_pb2.TileRequest, timeout: float) -> None:
+        """Early dispatch: this worker's own crop parts may still be computing here (or their request on its
+        way); wait for them before taking a queue slot, so that waiting requests do not hold the slots the
+        tiles they wait for need."""
+        own = [p for p in req.parts[:MAX_PARTS] if not p.address]
+        if not own:
+            return
+        check_header(req.header)
+        check_token(req.halo_token)
+        if self.waiting >= MAX_WAITING:
+            raise Overloaded(f"{MAX_WAITING} tile requests already wait for their crop parts on this worker")
+        self.waiting += 1
+        try:
+            for p in own:
+                await self.store.wait(key_of(req.header, req.header.split_id, region_of(p.tile)), req.halo_token,
+                                      timeout, EXPECT_GRACE_SECONDS)
+        finally:
+            self.waiting -= 1
+
     async def InferTile(self, request: tiles_pb2.TileRequest, context: grpc.aio.ServicerContext) -> tiles_pb2.TileResult:
+        expected = None
+        if request.keep_output:  # reads of this tile wait for it while it is computed (early dispatch)
+            check_header(request.header)
+            key = key_of(request.header, request.header.end_split, region_of(request.output))
+            expected = key if self.store.expect(key, request.halo_token) else None
+        try:
+            remaining = context.time_remaining()
+            await self._await_own(request, min(FETCH_TIMEOUT_SECONDS, remaining) if remaining is not None
+                                  else FETCH_TIMEOUT_SECONDS)
+            return await self._infer_tile(request, context)
+        finally:
+            if expected is not None:
+                self.store.settle(expected)
+
+    async def _infer_tile(self, request: tiles_pb2.TileRequest, context: grpc.aio.ServicerContext) -> tiles_pb2.TileResult:
         svc = self.inference
 
         peer_bytes = 0  # crop parts fetched from the neighbours (FetchRegion payloads), for the agent's byte count
@@ -234,4 +275,9 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
         """A part of a kept tile: for a neighbour assembling its crop (halo exchange), or the agent's own
         frame's tile back after a failed exchange (runtime.agent.parallel_recover); the frame's halo_token."""
         check_header(request.header)  # ids present and bounded
+        check_token(request.halo_token)
+        remaining = context.time_remaining()  # a tile still computing there (early dispatch) is waited for
+        await self.store.wait(key_of(request.header, request.header.split_id, region_of(request.tile)),
+                              request.halo_token, min(FETCH_TIMEOUT_SECONDS, remaining) if remaining is not None
+                              else FETCH_TIMEOUT_SECONDS)
         return fetch_answer(self.store, request, self.inference.config.max_tensor_bytes)

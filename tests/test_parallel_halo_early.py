@@ -1,0 +1,93 @@
+"""Early dispatch of halo blocks (issue 13): the coordinator sends block i+1's tiles once block i's requests
+are sent, not answered, and the workers wait for the kept tiles themselves (TileStore.expect / wait). The
+store's waits are bounded and token-checked; over real worker processes on loopback the output equals the
+unsplit model, later blocks' requests go out before the tiles they read are in, and with halo_early=False
+they do not (the round through the coordinator per block)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
+from runtime.contracts.errors import NotFound
+from runtime.parallel.receptive import Region
+from runtime.worker.tile_store import TileStore
+from tests.test_parallel_halo import TOKEN, _close, _key, _stage, image, loaded, reference  # noqa: F401 (fixtures)
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(240)]
+
+OTHER = bytes(16)  # another frame's token
+
+
+def test_a_read_waits_for_an_expected_tile_and_only_for_it():
+    async def main():
+        store, t = TileStore(), torch.ones(1, 2, 2, 2)
+        assert store.expect(_key(1), TOKEN)
+        waiting = asyncio.ensure_future(store.wait(_key(1), TOKEN, 5.0))
+        await asyncio.sleep(0.05)
+        assert not waiting.done()  # expected, not kept yet
+        store.put(_key(1), t, TOKEN)
+        store.settle(_key(1))
+        await asyncio.wait_for(waiting, 1.0)
+        assert store.region(_key(1), Region.of(0, 1, 0, 2), TOKEN).shape == (1, 2, 1, 2)
+
+        t0 = time.monotonic()  # neither kept nor expected: answered at once, as before early dispatch
+        await store.wait(_key(2), TOKEN, 5.0)
+        assert store.expect(_key(3), TOKEN)
+        await store.wait(_key(3), OTHER, 5.0)  # another frame's token: no wait either
+        assert time.monotonic() - t0 < 1.0
+        failed = asyncio.ensure_future(store.wait(_key(3), TOKEN, 5.0))
+        await asyncio.sleep(0.05)
+        store.settle(_key(3))  # its request failed: the read goes on and finds nothing
+        await asyncio.wait_for(failed, 1.0)
+        with pytest.raises(NotFound):
+            store.region(_key(3), Region.of(0, 1, 0, 1), TOKEN)
+
+        t0 = time.monotonic()  # bounded: an expected tile never settled, an unknown one within the grace
+        assert store.expect(_key(4), TOKEN)
+        await store.wait(_key(4), TOKEN, 0.2)
+        await store.wait(_key(5), TOKEN, 5.0, unknown_wait=0.2)
+        assert 0.3 <= time.monotonic() - t0 < 3.0
+        late = asyncio.ensure_future(store.wait(_key(6), TOKEN, 5.0, unknown_wait=2.0))
+        await asyncio.sleep(0.05)
+        assert store.expect(_key(6), TOKEN)  # its request arrives after the read: waited for
+        await asyncio.sleep(0.05)
+        assert not late.done()
+        store.put(_key(6), t, TOKEN)
+        store.settle(_key(6))
+        await asyncio.wait_for(late, 1.0)
+        assert store.get(_key(6), TOKEN) is not None
+
+        small = TileStore(max_tiles=1)  # at most max_tiles keys expected
+        assert small.expect(_key(7), TOKEN) and not small.expect(_key(8), TOKEN)
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
+async def _run(model, stage, x, early: bool, n: int = 2):
+    coord = ParallelCoordinator(model, stage, CoordinatorOptions(tile_deadline_seconds=30, halo_early=early))
+    try:
+        return [await coord.run_frame(x) for _ in range(n)], coord.halo_fallbacks
+    finally:
+        await coord.close()
+
+
+def _read_before_answered(reports) -> int:
+    """Tiles of a halo block sent before every tile of the previous block had answered."""
+    return sum(1 for r in reports if r.block > 0 and r.sent_at
+               < max(p.answered_at for p in reports if p.block == r.block - 1))
+
+
+def test_early_dispatch_equals_the_unsplit_model_and_skips_the_round(start_worker, loaded, image, reference):  # noqa: F811
+    workers = [start_worker("--torch-threads", "1", "--halo-peer", "127.0.0.1") for _ in range(2)]
+    stage = _stage([f"127.0.0.1:{port}" for _, port in workers])
+    early, fell = asyncio.run(asyncio.wait_for(_run(loaded, stage, image, True), 180))
+    acked, fell_acked = asyncio.run(asyncio.wait_for(_run(loaded, stage, image, False), 180))
+    assert fell == fell_acked == 0
+    assert all(_close(y, reference) for y, _ in early + acked)
+    assert all(_read_before_answered(reports) > 0 for _, reports in early)  # sent while block i still computed
+    assert all(_read_before_answered(reports) == 0 for _, reports in acked)
