@@ -21,7 +21,7 @@ from runtime.agent.config import AgentOptions, InitialPlan, default_agent_id
 from runtime.agent.edge import EdgeSender
 from runtime.agent.frame import FrameResult, top1_margin
 from runtime.agent.inflight import InFlight
-from runtime.agent.metrics import STAGES, AgentMetrics
+from runtime.agent.metrics import AgentMetrics
 from runtime.agent.metrics import reason_label as _reason_label
 from runtime.agent.parallel import CoordinatorOptions
 from runtime.agent.parallel_push import PushedStage
@@ -308,10 +308,12 @@ class Agent:
             self.metrics.refined.inc()
             logger.debug("frame %d: ambiguous edge result, tail re-run on the board", seq)
         result.times["total"] = time.perf_counter() - t0
-        self.metrics.frames.labels(result.where).inc()
+        self.metrics.frames_by[result.where].inc()  # "edge" or "local"
+        by_stage = self.metrics.stage_by  # the STAGES' histograms
         for stage, seconds in result.times.items():
-            if stage in STAGES:
-                self.metrics.stage_seconds.labels(stage).observe(seconds)
+            histogram = by_stage.get(stage)
+            if histogram is not None:
+                histogram.observe(seconds)
         self.link.observe(result)
         return result
 

@@ -68,13 +68,12 @@ class AgentMetrics:
         self.plan_switches = Counter("edgesplit_agent_plan_switches", "Plans applied (switched to)", registry=r)
         self.plan_refusals = Counter("edgesplit_agent_plan_refusals", "Plans refused, by status code of the reason",
                                      ["code"], registry=r)
-        # every known series exists from the start (at 0), so rate() alerts can fire on the first event
-        for where in WHERE:
-            self.frames.labels(where)
+        # every known series exists from the start (at 0), so rate() alerts can fire on the first event; the
+        # per-frame series are kept by label value: labels() per frame took a lock and a lookup each (issue 14)
+        self.frames_by = {where: self.frames.labels(where) for where in WHERE}
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
-        for stage in STAGES:
-            self.stage_seconds.labels(stage)
+        self.stage_by = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
         for code in ERROR_CODES:
             self.plan_refusals.labels(code)
         for reason in ("no_progress", "probe_unanswered", "keepalive"):

@@ -102,11 +102,13 @@ class LinkEstimator:
         self.history = History()  # each frame's link and board figures before its own were taken, for its line
         if metrics is not None:
             metrics.registry.register(_LinkCollector(self))
+            # read at scrape time, not set on every sample (two locked gauge writes a frame; issue 14)
+            metrics.link_bandwidth.set_function(lambda: self.bandwidth_bytes_per_second)
+            metrics.link_rtt.set_function(lambda: self.rtt_seconds)
 
     def use(self, key: str) -> None:
         """The agent now sends to ``key`` (a worker address): the properties and gauges follow it."""
         self.current = key
-        self._publish()
 
     def estimate(self, key: str | None = None) -> LinkEstimate:
         """The estimate of link ``key`` (default: the current one); unknown (no samples) if never measured."""
@@ -138,7 +140,7 @@ class LinkEstimator:
             self.board.add(result.times.get("head", 0.0) + result.times.get("local_tail", 0.0), other, now=now)
         self._observe_link(result)
         if other is not None:
-            self.observe_link_overhead(result, now)
+            self.observe_link_overhead(result, now, other)
         worker = getattr(result, "worker", "") or self.current
         self.history.take(now, worker, self.links.get(worker) if worker else None, self.board, self._encode(result))
 
@@ -183,17 +185,19 @@ class LinkEstimator:
         self._stages[f"overhead_{result.where}"].append(other)
         return other
 
-    def observe_link_overhead(self, result: Any, now: float) -> bool:
+    def observe_link_overhead(self, result: Any, now: float, other: float | None = None) -> bool:
         """An offloaded frame's time on its link that none of the model's measured parts holds, into that link's
         :class:`runtime.agent.estimator.Overhead` (:func:`link_overhead`), with the board runtime's own time into
         its ``unheld``, and its worker's tail into its ``tails``; True when taken. A configuration's first frames
-        give none (:meth:`observe_overhead`)."""
+        give none (:meth:`observe_overhead`). ``other``: the frame's :func:`runtime_overhead` when the caller has
+        it (computed here otherwise)."""
         seconds = link_overhead(result)
         key = getattr(result, "worker", "")
         if seconds is None or not key:
             return False
         est = self.estimate(key)
-        other = runtime_overhead(result)
+        if other is None:
+            other = runtime_overhead(result)
         if other is not None:
             est.unheld.add(seconds + other, now)
         est.add_tail(result.split, result.times["edge_tail"], now)
@@ -212,7 +216,6 @@ class LinkEstimator:
         enough). True when it moved the estimate."""
         est = self.estimate(key)
         taken = est.add_upper_bound(bound, self.clock())
-        self._publish()
         for listener in list(self.bound_listeners):  # first: a switch on proof also gives up the frames in flight
             listener(key, bound)
         if taken:
@@ -239,13 +242,11 @@ class LinkEstimator:
         est = self.estimate(key)
         taken = est.add_lower_bound(bytes_per_second, self.clock())
         if taken:
-            self._publish()
             self._notify(key, est.bandwidth.value)
         return taken
 
     def add_bandwidth_sample(self, bytes_per_second: float, key: str | None = None) -> None:
         value = self.estimate(key).add_bandwidth(bytes_per_second, self.clock())
-        self._publish()
         self._notify(self.current if key is None else key, value)
 
     def _notify(self, key: str, value: float) -> None:
@@ -259,12 +260,7 @@ class LinkEstimator:
         if queued and est.rtt.samples and seconds >= est.rtt.value:
             return
         est.add_rtt(seconds, self.clock())
-        self._publish()
 
-    def _publish(self) -> None:
-        if self.metrics is not None:
-            self.metrics.link_bandwidth.set(self.bandwidth_bytes_per_second)
-            self.metrics.link_rtt.set(self.rtt_seconds)
 
     async def probe_rtt(self, target: Any, timeout: float = 1.0, key: str | None = None,
                         *, queued: bool = False) -> float | None:
@@ -331,7 +327,10 @@ def runtime_overhead(result: Any) -> float | None:
     t: dict[str, float] = result.times
     if "total" not in t or not (result.where == "edge" or (result.where == "local" and result.split == "output")):
         return None
-    return max(0.0, t["total"] - sum(t.get(s, 0.0) for s in BOARD_STAGES))
+    timed = 0.0
+    for stage in BOARD_STAGES:
+        timed += t.get(stage, 0.0)
+    return max(0.0, t["total"] - timed)
 
 
 def link_overhead(result: Any) -> float | None:

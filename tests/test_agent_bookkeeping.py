@@ -1,0 +1,71 @@
+"""The agent's per-frame bookkeeping, made cheaper for weak boards (issue 14), keeps what it reports:
+the link gauges follow the current link when scraped, a result line's "before" figures are the ones
+that stood at the time, and the stage histograms count every timed stage."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from runtime.agent.metrics import STAGES, AgentMetrics
+from runtime.agent.prediction import History
+from runtime.agent.telemetry import LinkEstimator
+
+
+def _frame(seq: int, worker: str = "w:1", nbytes: int = 100_000) -> SimpleNamespace:
+    times = {"board_queue": 0.001, "head": 0.002, "encode": 0.003, "transfer_edge": 0.040, "edge_queue": 0.0,
+             "edge_decode": 0.001, "edge_tail": 0.010, "edge_held": 0.012, "total": 0.050}
+    return SimpleNamespace(seq=seq, times=times, where="edge", split="s1", codec="int8", worker=worker,
+                           wire_bytes=nbytes, output=None)
+
+
+def test_link_gauges_read_the_current_link_at_scrape_time():
+    metrics = AgentMetrics()
+    link = LinkEstimator(metrics)
+    reg = metrics.registry
+    assert reg.get_sample_value("edgesplit_agent_link_bandwidth_bytes_per_second") == 0.0  # unknown
+    link.use("w:1")
+    link.add_rtt_sample(0.004, "w:1")
+    link.add_bandwidth_sample(2e6, "w:1")
+    link.add_bandwidth_sample(9e6, "w:2")  # another link: not the one the gauges show
+    assert reg.get_sample_value("edgesplit_agent_link_bandwidth_bytes_per_second") == 2e6
+    assert reg.get_sample_value("edgesplit_agent_link_rtt_seconds") == 0.004
+    link.use("w:2")
+    assert reg.get_sample_value("edgesplit_agent_link_bandwidth_bytes_per_second") == 9e6
+    assert reg.get_sample_value("edgesplit_agent_link_rtt_seconds") == 0.0  # never probed
+
+
+def test_history_keeps_the_figures_as_they_stood():
+    link = LinkEstimator(clock=lambda: 100.0)
+    link.use("w:1")
+    link.add_rtt_sample(0.004, "w:1")
+    for seq in range(8):
+        link.observe(_frame(seq))
+    est = link.links.get("w:1")
+    _, before = link.history.states[-1]
+    view = before.link
+    assert (view.bandwidth.value, view.bandwidth.samples) == (est.bandwidth.value, est.bandwidth.samples)
+    assert (view.overhead.value, view.overhead.samples) == (est.overhead.value, est.overhead.samples)
+    assert (view.unheld.value, view.unheld.samples) == (est.unheld.value, est.unheld.samples)
+    assert view.tails["s1"].value == est.tails["s1"].value and view.tails["s1"].samples == 5  # past 3 start-up frames
+    old = (view.bandwidth.value, view.overhead.samples, view.tails["s1"].samples, before.board.samples)
+    link.observe(_frame(8, nbytes=10_000))  # later figures do not reach back into a kept state
+    assert (view.bandwidth.value, view.overhead.samples, view.tails["s1"].samples, before.board.samples) == old
+    assert est.overhead.samples == 6
+
+
+def test_history_without_a_link_keeps_the_board():
+    h = History()
+    link = LinkEstimator()
+    h.take(1.0, "", None, link.board)
+    assert h.at(1.0).link is None and h.at(1.0).board is not link.board
+
+
+def test_stage_histograms_are_the_labelled_series():
+    metrics = AgentMetrics()
+    assert set(metrics.stage_by) == set(STAGES) and set(metrics.frames_by) == {"edge", "local"}
+    metrics.stage_by["head"].observe(0.002)
+    metrics.frames_by["edge"].inc()
+    reg = metrics.registry
+    assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "head"}) == 1
+    assert reg.get_sample_value("edgesplit_agent_frames_total", {"where": "edge"}) == 1
+    assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "encode"}) == 0
