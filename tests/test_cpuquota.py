@@ -65,3 +65,12 @@ def test_small_share_needs_a_longer_period(tmp_path):
     q = cpuquota.CpuQuota("y", 0.05, tmp_path, period_us=50_000)  # a plain folder stands in for the hierarchy
     assert (q.path / "cpu.cfs_quota_us").read_text() == "2500"
     assert (q.path / "cpu.cfs_period_us").read_text() == "50000"
+
+
+def test_a_group_switches_its_period_at_the_same_share(tmp_path):
+    q = cpuquota.CpuQuota("z", 0.4, tmp_path)  # a plain folder stands in for the hierarchy
+    q.set_period(2_500)
+    assert (q.path / "cpu.cfs_period_us").read_text() == "2500" and (q.path / "cpu.cfs_quota_us").read_text() == "1000"
+    with pytest.raises(ValueError, match="longer period"):
+        q.set_period(2_000)  # 800 us: the kernel refuses it
+    assert (q.path / "cpu.cfs_period_us").read_text() == "2500"

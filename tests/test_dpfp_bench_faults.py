@@ -37,3 +37,23 @@ def test_period_below_the_kernels_quota_is_refused(argv, capsys):
         dpfp_bench.main(["--workers", "1", *argv])
     assert e.value.code == 2
     assert "--period-us must be" in capsys.readouterr().err
+
+
+def test_several_periods_label_the_rows_and_state_the_quotas():
+    res = {"args": {"share": 0.4, "periods": [10_000, 2_500], "period_us": 10_000},
+           "rows": [{"workers": 4, "period_us": 10_000}, {"workers": 4, "period_us": 2_500}]}
+    dpfp_report._label(res)
+    assert [r["label"] for r in res["rows"]] == ["4 @ 10 ms", "4 @ 2.5 ms"]
+    assert dpfp_report._quota(res["args"]).startswith("cfs_quota 4000 us per 10,000 us / cfs_quota 1000 us per 2,500 us")
+    one = {"args": {"share": 0.4, "period_us": 10_000}, "rows": [{"workers": 1}]}  # runs recorded before --period-us
+    dpfp_report._label(one)
+    assert one["rows"][0]["label"] == "1" and dpfp_report._quota(one["args"]) == "cfs_quota 4000 us per 10,000 us"
+
+
+def test_a_list_of_periods_is_checked_each(capsys):
+    with pytest.raises(SystemExit):
+        dpfp_bench.main(["--workers", "1", "--period-us", "10000,2000"])
+    assert "--period-us must be" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        dpfp_bench.main(["--workers", "1", "--period-us", "10000,fast"])
+    assert "comma-separated" in capsys.readouterr().err

@@ -42,6 +42,14 @@ class CpuQuota:
         (self.path / "cpu.cfs_period_us").write_text(str(period_us))
         (self.path / "cpu.cfs_quota_us").write_text(str(round(share * period_us)))
 
+    def set_period(self, period_us: int) -> None:
+        """The same share in periods of ``period_us`` (a running group may switch between frames)."""
+        if round(self.share * period_us) < MIN_QUOTA_US:
+            raise ValueError(f"a share of {self.share:g} core is below the kernel's {MIN_QUOTA_US} us quota at a "
+                             f"{period_us} us period; use a longer period")
+        (self.path / "cpu.cfs_period_us").write_text(str(period_us))
+        (self.path / "cpu.cfs_quota_us").write_text(str(round(self.share * period_us)))
+
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
 

@@ -57,9 +57,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="vgg16", help="bundled model")
     p.add_argument("--workers", default="1,2,4", help="worker counts to measure")
     p.add_argument("--share", type=float, default=0.4, help="CPU quota of each worker, in cores")
-    p.add_argument("--period-us", type=int, default=PERIOD_US,
+    p.add_argument("--period-us", default=str(PERIOD_US),
                    help="cgroup CPU period of every quota (profile, tile factors, workers): a worker runs at full speed "
-                        "for share x period, then waits out the rest of it; the kernel takes quotas of 1000 us or more")
+                        "for share x period, then waits out the rest of it; the kernel takes quotas of 1000 us or more. "
+                        "Several (10000,2500): the profile and tile factors at the first, and every strategy measured "
+                        "at each, the workers' groups switched between frames (interleaved: the same plans and load)")
     p.add_argument("--delay-ms", type=float, default=2.0, help="one-way delay of each worker's link")
     p.add_argument("--rate-mbps", type=float, default=200.0, help="rate of each worker's link, each direction")
     p.add_argument("--link-mode", choices=("shared", "per-worker"), default="shared",
@@ -107,7 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal: dict, loaded, image,
-                    factors: Path | None) -> list[dict]:
+                    factors: Path | None, groups: list) -> list[dict]:
     import torch
 
     from runtime.parallel.plan import ParallelStage
@@ -123,25 +125,38 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
             continue
         with torch.inference_mode():
             reference = loaded.head(stage.blocks[-1].end)(image)
-        ms[strategy] = Measurement(loaded, stage, image, reference, not args.barrier and strategy != PREVIOUS,
-                                   halo_early=strategy != ACKED)
+        for period in args.periods:
+            ms[strategy, period] = Measurement(loaded, stage, image, reference, not args.barrier and strategy != PREVIOUS,
+                                               halo_early=strategy != ACKED, period_us=period)
+
+    def switch(m: Measurement) -> None:  # the workers' groups to this measurement's period
+        if len(args.periods) > 1:
+            for g in groups:
+                g.set_period(m.period_us)
+
     try:
-        await measure_all(list(ms.values()), args.frames, not args.sequential)
-        for strategy, m in ms.items():
+        await measure_all(list(ms.values()), args.frames, not args.sequential, switch)
+        for (strategy, _), m in ms.items():
             if args.window > 1 and strategy in ("dpfp", HALO, ACKED, "single_worker"):
+                switch(m)
                 await m.window(args.frames * args.window, args.window)
     finally:
+        for g in groups if len(args.periods) > 1 else ():  # the next K group starts at the first period
+            g.set_period(args.periods[0])
         for m in ms.values():
             await m.coord.close()
     rows = []
     for strategy, p in planned.items():
-        rows.append(result_row(k, strategy, p, ms[strategy].result() if strategy in ms else None, skipped.get(strategy, "")))
-        r = rows[-1]
-        if strategy in ms:
-            r["halo_fallbacks"] = ms[strategy].coord.halo_fallbacks  # frames resumed with gather and scatter
-            r["halo_recovered_tiles"] = recovered_tiles(ms[strategy].coord)  # of those frames' tiles: fetched back, run again
-            print(f"K={k} {strategy:<15} predicted {r['predicted_seconds']:.3f} s measured {r['measured_seconds']:.3f} s",
-                  file=sys.stderr)
+        for period in args.periods:
+            m = ms.get((strategy, period))
+            rows.append(result_row(k, strategy, p, m.result() if m else None, skipped.get(strategy, "")))
+            r = rows[-1]
+            r["period_us"] = period
+            if m is not None:
+                r["halo_fallbacks"] = m.coord.halo_fallbacks  # frames resumed with gather and scatter
+                r["halo_recovered_tiles"] = recovered_tiles(m.coord)  # of those frames' tiles: fetched back, run again
+                print(f"K={k} {strategy:<15} {period} us: predicted {r['predicted_seconds']:.3f} s measured "
+                      f"{r['measured_seconds']:.3f} s", file=sys.stderr)
     return rows
 
 
@@ -164,13 +179,14 @@ async def run(args, tmp: Path, quotas) -> dict:
 
         in_quota(quotas, args.share, args.model, factors, args.tile_factor_runs, period_us=args.period_us)
     loaded = load_model(args.model)
-    workers, relays = [], []
+    workers, relays, groups = [], [], []
     try:
         for i in range(max(counts)):
             w = spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--max-queue", "64",  # peers on loopback
                               "--halo-peer", "127.0.0.1", "--preload", args.model], timeout=300, log=tmp / f"worker{i}.log")
             workers.append(w)
-            quotas.new(args.share, args.period_us).add(w.proc.pid)
+            groups.append(quotas.new(args.share, args.period_us))
+            groups[-1].add(w.proc.pid)
             if args.relays == "none":
                 relays.append(Direct(w.address))
             elif args.relays == "process":
@@ -183,7 +199,8 @@ async def run(args, tmp: Path, quotas) -> dict:
         cal = await calibrate_coordinator(args, loaded, [r.address for r in relays])
         rows = []
         for k in counts:
-            rows += await _measure_k(args, k, [r.address for r in relays[:k]], prof, tmp, cal, loaded, image, factors)
+            rows += await _measure_k(args, k, [r.address for r in relays[:k]], prof, tmp, cal, loaded, image, factors,
+                                     groups[:k])
         stage = ParallelStage.from_json(rows[-1]["stage"])
         last = stage.blocks[-1].end
         return {"rows": rows, "range": [stage.blocks[0].start, last], "coordinator": cal,
@@ -198,7 +215,12 @@ async def run(args, tmp: Path, quotas) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = _parser()
     args = p.parse_args(argv)
-    if not 1000 <= args.period_us <= 1_000_000 or round(args.share * args.period_us) < MIN_QUOTA_US:
+    try:
+        args.periods = [int(x) for x in args.period_us.split(",")][:8]
+    except ValueError:
+        p.error(f"--period-us takes microseconds, comma-separated: {args.period_us!r}")
+    args.period_us = args.periods[0]
+    if any(not 1000 <= x <= 1_000_000 or round(args.share * x) < MIN_QUOTA_US for x in args.periods):
         p.error(f"--period-us must be 1000..1000000 and --share x --period-us at least the kernel's {MIN_QUOTA_US} us "
                 f"quota (a share of {args.share:g} core needs {-(-MIN_QUOTA_US // args.share):.0f} us or more)")
     from runtime.tools.cpuquota import QuotaSet, unavailable

@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from runtime.tools import dpfp_timeline
@@ -62,11 +63,12 @@ class Measurement:
     """One strategy's stage on one coordinator: latency frames (with each block's wall time), then
     optionally throughput with several frames in flight."""
 
-    def __init__(self, loaded, stage, image, reference, wavefront: bool = True, halo_early: bool = True):
+    def __init__(self, loaded, stage, image, reference, wavefront: bool = True, halo_early: bool = True,
+                 period_us: int = 10_000):
         from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
         from runtime.wire.transport import TransportOptions
 
-        self.image, self.reference = image, reference
+        self.image, self.reference, self.period_us = image, reference, period_us  # the workers' quota period
         self.coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
             tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront,
             halo_early=halo_early))
@@ -108,19 +110,18 @@ class Measurement:
         return self.times, self.tiles, self.err, medians, self.period, self.frames
 
 
-async def measure_all(ms: list[Measurement], frames: int, interleave: bool) -> None:
+async def measure_all(ms: list[Measurement], frames: int, interleave: bool,
+                      switch: Callable[[Measurement], None] = lambda m: None) -> None:
     """Latency frames of every strategy: interleaved (frame i of each in turn, so all see the same
-    load on a shared machine) or one strategy after the other; each warms up with one frame first."""
+    load on a shared machine) or one strategy after the other; each warms up with one frame first.
+    ``switch(m)`` runs before each of m's frames (the workers' quota period)."""
     for m in ms:
+        switch(m)
         await m.frame(record=False)
-    if interleave:
-        for _ in range(frames):
-            for m in ms:
-                await m.frame()
-    else:
-        for m in ms:
-            for _ in range(frames):
-                await m.frame()
+    order = [m for _ in range(frames) for m in ms] if interleave else [m for m in ms for _ in range(frames)]
+    for m in order:
+        switch(m)
+        await m.frame()
 
 
 async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:

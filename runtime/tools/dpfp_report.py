@@ -58,7 +58,7 @@ def _breakdown(res: dict) -> list[str]:
         for (a, b), c, p, m, w, h in zip(r["blocks"], grids, r["predicted_block_seconds"], r["measured_block_seconds"],
                                          slow, [b.get("halo_input", False) for b in r["stage"]["blocks"]], strict=True):
             tiling = (f"{r['workers_used'] // c}x{c} grid" if c > 1 else "row bands") + (", halo in" if h else "")
-            out.append(f"| {r['workers']}{_LABEL.get(r['strategy'], '')} | {a}..{b} | {tiling} | {p:.3f} | "
+            out.append(f"| {r.get('label', r['workers'])}{_LABEL.get(r['strategy'], '')} | {a}..{b} | {tiling} | {p:.3f} | "
                        f"{m:.3f} | {_fmt(w, '.3f')} |")
     return out
 
@@ -67,16 +67,16 @@ def _throughput(res: dict) -> list[str]:
     rows = [r for r in res["rows"] if r.get("window_period_seconds")]
     if not rows:
         return []
-    base = next((r["window_period_seconds"] for r in rows if r["workers"] == 1 and r["strategy"] == "single_worker"), None)
+    bases = {r.get("period_us"): r["window_period_seconds"] for r in rows if r["workers"] == 1 and r["strategy"] == "single_worker"}
     out = ["", f"Throughput with {res['args']['window']} frames in flight through the stage (seconds per frame = wall "
            f"time of {res['args']['frames'] * res['args']['window']} frames / their number; against the single worker "
            "with K=1 measured the same way). This is time per frame, not latency:", "",
            "| K | strategy | s per frame | reduction | speedup |", "|---|---|---:|---:|---:|"]
     for r in rows:
-        p = r["window_period_seconds"]
+        p, base = r["window_period_seconds"], bases.get(r.get("period_us"))
         red = f"{100 * (1 - p / base):.1f}%" if base else "-"
         spd = f"{base / p:.2f}x" if base else "-"
-        out.append(f"| {r['workers']} | {r['strategy']} | {p:.3f} | {red} | {spd} |")
+        out.append(f"| {r.get('label', r['workers'])} | {r['strategy']} | {p:.3f} | {red} | {spd} |")
     return out
 
 
@@ -90,10 +90,28 @@ def _factors_note(res: dict) -> str:
             f"{', inside a worker quota' if not res['args'].get('tile_factors') else ', file ' + res['args']['tile_factors']})")
 
 
+def _label(res: dict) -> None:
+    """Each row's K label: with several quota periods, "K @ P ms"."""
+    many = len(res["args"].get("periods") or [0]) > 1
+    for r in res["rows"]:
+        r["label"] = f"{r['workers']}" + (f" @ {r.get('period_us', 10_000) / 1000:g} ms" if many else "")
+
+
+def _quota(a: dict) -> str:
+    periods = a.get("periods") or [a.get("period_us", 10_000)]
+    return (" / ".join(f"cfs_quota {round(a['share'] * p)} us per {p:,} us" for p in periods)
+            + ("; the workers' groups switched between frames, profile and tile factors at the first" if len(periods) > 1
+               else ""))
+
+
 def markdown(res: dict) -> str:
     a = res["args"]
-    single = {r["workers"]: r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
-    base = single.get(1) or next(iter(single.values()), None)
+    _label(res)
+    single = {(r["workers"], r.get("period_us")): r.get("measured_seconds") for r in res["rows"]
+              if r["strategy"] == "single_worker"}
+
+    def base_of(p):
+        return single.get((1, p)) or next((v for (_, q), v in single.items() if q == p), None)
     base_pred = next((r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker"), None)
     cal = res.get("coordinator", {})
     coord = (f"the coordinator's per-byte rate, measured before planning by runtime.agent.parallel_calibrate over "
@@ -106,8 +124,7 @@ def markdown(res: dict) -> str:
            f"Python {res['machine']['python']}, torch {res['machine']['torch']}; shared with other jobs: load average "
            f"{' / '.join(f'{x:.2f}' for x in res.get('load_before', []))} (1/5/15 min) before the run, "
            f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.", "",
-           f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core (cfs_quota {round(a['share'] * a.get('period_us', 10_000))} us "
-           f"per {a.get('period_us', 10_000):,} us), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
+           f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core ({_quota(a)}), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
            f"quotas. Link: one user-space relay per worker "
            f"({_RELAYS.get(a.get('relays', 'inline'), '')}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
            f"each direction (planned with --link-mode {a['link_mode']}; codec {a.get('codec', 'raw')}; "
@@ -126,13 +143,13 @@ def markdown(res: dict) -> str:
            "worker, same K | reduction (pred.) | max rel. error | fused blocks | faults: failed tiles; fallbacks: fetched / recomputed |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for r in res["rows"]:
-        m = r.get("measured_seconds")
+        m, base = r.get("measured_seconds"), base_of(r.get("period_us"))
         red = f"{100 * (1 - m / base):.1f}%" if m and base else "-"
         spd = f"{base / m:.2f}x" if m and base else "-"
-        same = single.get(r["workers"])
+        same = single.get((r["workers"], r.get("period_us")))
         same_k = f"{100 * (1 - m / same):.1f}% / {same / m:.2f}x" if m and same else "-"
         perr = f"{100 * (r['predicted_seconds'] / m - 1):+.0f}%" if m else "-"
-        out.append(f"| {r['workers']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
+        out.append(f"| {r['label']} | {r['strategy']} | {r['predicted_seconds']:.3f} | "
                    f"{_fmt(m, '.3f') if m else 'skipped: ' + r['skipped']} | "
                    f"{perr} | {red} | {spd} | {same_k} | "
                    f"{_fmt(100 * (1 - r['predicted_seconds'] / base_pred) if base_pred else None, '.1f')}% | "

@@ -84,12 +84,12 @@ def markdown(rows: Sequence[dict]) -> list[str]:
                 continue
             for k in total:
                 total[k] += t.get(k, 0.0)  # records before peer_bytes have none
-            out.append(_line(r["workers"], f"{a}..{b}", t, r["strategy"]))
-        out.append(_line(r["workers"], "**all blocks**", total, r["strategy"]))
+            out.append(_line(r.get("label", r["workers"]), f"{a}..{b}", t, r["strategy"]))
+        out.append(_line(r.get("label", r["workers"]), "**all blocks**", total, r["strategy"]))
     return out
 
 
-def _line(k: int, name: str, t: dict, strategy: str = "dpfp") -> str:
+def _line(k: int | str, name: str, t: dict, strategy: str = "dpfp") -> str:
     label = f"{k}" + {"dpfp_halo": " (halo)", "dpfp_halo_acked": " (halo, acked)"}.get(strategy, "")
     return (f"| {label} | {name} | {t['span'] * 1e3:.1f} | " + " | ".join(f"{t[x] * 1e3:.1f}" for x in TERMS)
             + f" | {t['coordinator_cpu'] * 1e3:.1f} | {t['bytes'] / 1e6:.2f} | {t.get('peer_bytes', 0.0) / 1e6:.2f} |")
