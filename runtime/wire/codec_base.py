@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import lz4.block
+import numpy as np
 import torch
 
 from runtime.contracts.errors import InvalidInput
@@ -28,11 +29,22 @@ def _tensor_bytes(x: torch.Tensor) -> memoryview:
     return x.reshape(-1).numpy().data.cast("B")
 
 
+# torch dtypes numpy holds too: their tensors are made by numpy (frombuffer, reshape) and handed to torch once
+# (one torch call instead of two: a 1000-value result took 55 us on the agent's loop thread between frames, where
+# torch's dispatch runs cold; 1.69 -> 0.94 us warm; issue 14)
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+                 torch.int8: np.int8, torch.uint8: np.uint8, torch.int16: np.int16, torch.int32: np.int32,
+                 torch.int64: np.int64, torch.bool: np.bool_}
+
+
 def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
     """A writable tensor over ``buf`` (taken over, not copied)."""
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    np_dtype = _NUMPY_DTYPES.get(dtype)
+    if np_dtype is None:
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
+    return torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).reshape(shape))
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
