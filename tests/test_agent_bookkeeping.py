@@ -69,3 +69,40 @@ def test_stage_histograms_are_the_labelled_series():
     assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "head"}) == 1
     assert reg.get_sample_value("edgesplit_agent_frames_total", {"where": "edge"}) == 1
     assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "encode"}) == 0
+
+
+def test_board_jobs_hand_back_results_and_errors():
+    """Agent._on_board (the board thread's hand-off): a frame's result, and an exception raised on the board, reach
+    the frame as run_in_executor delivered them."""
+    import asyncio
+    import dataclasses
+
+    import pytest
+    import torch
+
+    from runtime.agent.client import Agent
+    from runtime.agent.config import InitialPlan
+    from runtime.models.loader import load_model
+    from runtime.wire.codec import get_codec
+
+    loaded = load_model("digits_cnn")
+    x = torch.rand(1, 3, 28, 28)
+
+    class Broken(torch.nn.Module):
+        def forward(self, h):
+            raise RuntimeError("head broke on the board")
+
+    async def main():
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")))
+        try:
+            r = await agent.infer(x)
+            assert r.where == "local" and torch.equal(r.output, loaded.full(x))
+            agent.active = dataclasses.replace(agent.active, head=Broken())
+            with pytest.raises(RuntimeError, match="head broke on the board"):
+                await agent.infer(x)
+            agent.active = dataclasses.replace(agent.active, head=loaded.head("output"))
+            assert torch.equal((await agent.infer(x)).output, loaded.full(x))  # the board thread lives on
+        finally:
+            await agent.close()
+
+    asyncio.run(main())

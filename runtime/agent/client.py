@@ -11,8 +11,9 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import grpc
 import torch
@@ -38,6 +39,19 @@ from runtime.wire.stream import EdgeStream
 __all__ = ["ActivePlan", "Agent", "FrameResult"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def _settle(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
+    """On the loop: the board job's outcome into its future (unless the frame was cancelled meanwhile)."""
+    if fut.cancelled():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
 
 # a frame's output until its result or its local tail sets it (never handed out): one tensor, not torch.empty(0)
 # per frame (12 us of the loop thread's time a frame between frames, where torch's dispatch runs cold; issue 14)
@@ -252,6 +266,23 @@ class Agent:
             tail = self._run_local_tail(plan, h)
         return h, msg, t0, t1 - t0, t_enc, t_tl, tail
 
+    def _on_board(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on the board thread, its result (or exception) on a future of ``loop``: what
+        ``loop.run_in_executor(self.executor, ...)`` does, without the executor future's done-callback and the
+        second, chained loop future (asyncio.wrap_future), several Python calls a frame on both threads (issue 14)."""
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def job() -> None:
+            try:
+                value = fn(*args)
+            except BaseException as e:  # handed to the frame, as run_in_executor does
+                loop.call_soon_threadsafe(_settle, fut, None, e)
+            else:
+                loop.call_soon_threadsafe(_settle, fut, value, None)
+
+        self.executor.submit(job)
+        return fut
+
     @staticmethod
     def _run_local_tail(plan: ActivePlan, h: torch.Tensor):
         t0 = time.perf_counter()
@@ -282,8 +313,7 @@ class Agent:
     async def _infer(self, plan: ActivePlan, seq: int, x: torch.Tensor, frame: str) -> FrameResult:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        h, msg, t_start, t_head, t_enc, t_tl, tail = await loop.run_in_executor(
-            self.executor, self._head_encode, plan, x)
+        h, msg, t_start, t_head, t_enc, t_tl, tail = await self._on_board(loop, self._head_encode, plan, x)
         result = FrameResult(seq, frame or f"frame-{seq}", _NO_OUTPUT, "edge", plan.split.name,
                              plan.codec.name, plan.version)  # its output is set below, on every path
         # board_queue: waiting for the board thread (other frames' head or local tail)
@@ -302,11 +332,11 @@ class Agent:
             self.metrics.fallbacks.labels(_reason_label(reason)).inc()
             logger.debug("frame %d runs locally: %s", seq, reason, extra={"frame": seq, "plan": plan.version})
             if tail is None:  # the edge failed: the tail was not run with the head
-                tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
+                tail = await self._on_board(loop, self._run_local_tail, plan, h)
             result.output, t_tail = tail
             result.times["local_tail"] = t_tail
         elif self.refine_margin > 0 and top1_margin(result.output) < self.refine_margin:
-            result.output, t_tail = await loop.run_in_executor(self.executor, self._run_local_tail, plan, h)
+            result.output, t_tail = await self._on_board(loop, self._run_local_tail, plan, h)
             result.refined = True
             result.times["refine"] = t_tail
             self.metrics.refined.inc()
