@@ -4,6 +4,7 @@ behind. Speed figures are printed by the benchmark, never asserted here."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -43,6 +44,19 @@ def test_peer_profiles_keep_their_rules(tmp_path):
     # codec work is compute: the board's encode (a JPEG) and the edge's decode are in the floor, not the overhead
     assert costs.floor_ms({"head": 10.0, "encode": 3.0, "edge_decode": 2.0, "edge_tail": 5.0, "total": 99.0},
                           0, 0, 1.0, 20.0) == pytest.approx(40.0)
+
+
+def test_rounds_split_the_frames_in_order_without_gaps():
+    from runtime.measure.scenarios.run import round_edges
+
+    assert round_edges(20, 4) == [(0, 5), (5, 10), (10, 15), (15, 20)]
+    assert round_edges(3, 2) == [(0, 2), (2, 3)]
+    assert round_edges(3, 4) == [(0, 1), (1, 2), (2, 3)]  # never an empty round
+    assert round_edges(7, 1) == [(0, 7)]
+    for frames, rounds in ((20, 3), (9, 4), (1, 5)):
+        edges = round_edges(frames, rounds)
+        assert edges[0][0] == 0 and edges[-1][1] == frames and all(lo < hi for lo, hi in edges)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(edges))
 
 
 def test_pipelined_bound_is_the_slowest_stage():
@@ -179,6 +193,7 @@ def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
     frames = res["spec"]["frames"]
     (sc,) = model["scenarios"].values()
     assert sc["link"]["mbps"] > 0 and sc["link"]["rtt_ms"] > 0
+    assert sc["rounds"] == 2 and "rounds of consecutive frames" in md  # quick mode: 3 frames as 2 + 1, order reversed
     for k in STRATEGIES:
         r = sc[k]
         assert r["frames"] == frames and len(r["per_frame_ms"]) == frames, k

@@ -8,7 +8,7 @@ import argparse
 import sys
 
 QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2,
-         "fidelity_frames": 16, "head_runs": 3, "head_budget_s": 20.0}
+         "fidelity_frames": 16, "head_runs": 3, "head_budget_s": 20.0, "rounds": 2}
 FIDELITY_SEED = 14  # the fidelity frames' crops: the same frames in every run
 
 
@@ -21,7 +21,11 @@ def add_parser(sub) -> None:
     p.add_argument("--scenario", action="append", choices=list(SCENARIOS),
                    help="link scenario(s) (default: the static ones; 'dynamic' adds the trace: " + "; ".join(f"{k} = {v.source}" for k, v in SCENARIOS.items()) + ")")
     p.add_argument("--frames", type=int, default=20, help="timed frames per strategy (default: 20)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed frames per strategy (default: 2)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed frames per strategy and round (default: 2)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="the timed frames in this many rounds of consecutive frames, the strategies in turn, their order "
+                        "reversed each round, so a burst of other work on a shared machine lands on several strategies "
+                        "(1..20; 1: each strategy's frames in one block; default: %(default)s)")
     p.add_argument("--profile-runs", type=int, default=5, help="timed passes per block when profiling (default: 5)")
     p.add_argument("--head-runs", type=int, default=10,
                    help="board head pricing: whole passes timed cut by cut, and frames per picked head timed on its own "
@@ -105,6 +109,9 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
         print("error: --window and --frames must be >= 1, --pipeline-frames >= 0, --fidelity-frames 1..10000",
               file=sys.stderr)
         return 2
+    if not 1 <= args.rounds <= 20:
+        print(f"error: --rounds must be 1..20, not {args.rounds}", file=sys.stderr)
+        return 2
     if not 1 <= args.head_runs <= 100:
         print(f"error: --head-runs must be 1..100, not {args.head_runs}", file=sys.stderr)
         return 2
@@ -117,7 +124,7 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
               f"minimum quota caps the slowdown at 10x), not {args.cgroup_period_us}", file=sys.stderr)
         return 2
     spec = RunSpec(models=tuple(args.model or ["efficientnet_lite0"]), scenarios=tuple(args.scenario or RunSpec().scenarios),
-                   frames=args.frames, warmup=args.warmup, profile_runs=args.profile_runs, head_runs=args.head_runs,
+                   frames=args.frames, warmup=args.warmup, rounds=args.rounds, profile_runs=args.profile_runs, head_runs=args.head_runs,
                    head_candidates=args.head_candidates, head_budget_s=args.head_budget_s, min_fidelity=args.min_fidelity,
                    fidelity_frames=args.fidelity_frames,
                    testbed=Testbed(target_slowdown=args.slowdown, period_us=args.cgroup_period_us), out_dir=args.out,

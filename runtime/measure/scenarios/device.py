@@ -166,8 +166,9 @@ def time_heads(loaded, xs, cands: list[dict], runs: int, gap_s: float = 0.0, bud
 
 
 async def run_split(loaded, job: dict, xs) -> dict:
-    """One strategy: the frames through an agent at the job's split, codec and TL, one in flight; then, with
-    ``window`` > 1, ``pipeline_frames`` frames with that many in flight (frames/s over the pass)."""
+    """One strategy: the frames (``frames_from`` to ``frames_to``, a round's; default all) through an agent at the
+    job's split, codec and TL, one in flight, after ``warmup`` untimed ones; then, with ``window`` > 1,
+    ``pipeline_frames`` frames with that many in flight (frames/s over the pass)."""
     tl = load_tl(job["tl"], loaded=loaded) if job.get("tl") else None
     split = next(p for p in loaded.sliced.split_points if p.name == job["split"])
     codec = get_codec(job["codec"], model=tl.tl.entropy_model if tl is not None else None, spec=loaded.spec)
@@ -178,7 +179,8 @@ async def run_split(loaded, job: dict, xs) -> dict:
         for i in range(job["warmup"]):
             await agent.infer(xs[i % len(xs)])
         rows = []
-        for i, x in enumerate(xs):
+        for i in range(job.get("frames_from", 0), job.get("frames_to", len(xs))):  # this round's frames
+            x = xs[i]
             held, cpu = _quota_held(job.get("cgroup", "")), time.process_time()
             r = await agent.infer(x, frame=str(i))
             cpu, after = time.process_time() - cpu, _quota_held(job.get("cgroup", ""))

@@ -39,6 +39,9 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
         lines.append(f"| {k} | {x.get('plan', '') or 'whole model on the board'} | {x['p50_ms']:.1f} | {x['p95_ms']:.1f} | "
                      f"{x['bytes_per_frame']:,.0f} | {x['fidelity']:.3f} | {_offline(x)} | {pred} | {x['floor_p50_ms']:.1f} | "
                      f"{x['overhead_p50_ms']:.1f} ({x['overhead_pct']:.1f} %) | {fps} | {x.get('local_fallbacks', 0)} |")
+    if r.get("rounds", 1) > 1:
+        lines.append(f"\nThe strategies' timed frames ran in {r['rounds']} rounds of consecutive frames, the strategies in "
+                     "turn, their order reversed each round (warm-up frames in each; the pipelined pass in the last).")
     checks = (es.get("fidelity_checks") or [])
     if checks:
         lines.append("\nedgesplit's fidelity checks before it ran (floor: a plan below it is struck, the planner asked "

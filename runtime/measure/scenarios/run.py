@@ -5,6 +5,7 @@ every strategy on the same frames. Everything it creates is removed on exit, err
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -259,21 +260,39 @@ def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, 
     local.update(strategy="local", per_frame_ms=local_totals, bound_fps=1e3 / statistics.median(local_totals),
                  **_offline_fidelity(check, None))
     res = {"link": link, "local": local}
+    for name, job in jobs.items():
+        if job is None:  # the cost model keeps the whole model on the board: that is local
+            res[name] = dict(local, strategy=name, plan="all blocks on the board")
+    runs = [name for name, job in jobs.items() if job is not None]
     relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps)
     cl.add(relay.stop)
-    frames = spec.pipeline_frames or spec.frames
+    got: dict = {name: {"rows": []} for name in runs}
+    edges = round_edges(spec.frames, spec.rounds)
     try:
-        for name, job in jobs.items():
-            if job is None:  # the cost model keeps the whole model on the board: that is local
-                res[name] = dict(local, strategy=name, plan="all blocks on the board")
-                continue
-            progress(f"{model} {sc.name}: {name} ({job['plan']})")
-            got = _ask(child, {**job, "strategy": name, "address": relay.address, "warmup": spec.warmup,
-                               "window": spec.window, "pipeline_frames": frames}, JOB_SECONDS)
-            res[name] = {**_strategy_rows(name, got, sc, link, down, ref, job), **_offline_fidelity(check, job)}
+        for k, (lo, hi) in enumerate(edges):
+            last = k == len(edges) - 1
+            for name in runs if k % 2 == 0 else runs[::-1]:
+                progress(f"{model} {sc.name}: {name} ({jobs[name]['plan']})"
+                         + (f", round {k + 1} of {len(edges)}" if len(edges) > 1 else ""))
+                part = _ask(child, {**jobs[name], "strategy": name, "address": relay.address, "warmup": spec.warmup,
+                                    "frames_from": lo, "frames_to": hi, "window": spec.window if last else 1,
+                                    "pipeline_frames": (spec.pipeline_frames or spec.frames) if last else 0}, JOB_SECONDS)
+                got[name]["rows"].extend(part["rows"])
+                if "pipelined" in part:
+                    got[name]["pipelined"] = part["pipelined"]
     finally:
         relay.stop()
-    return res
+    for name in runs:
+        res[name] = {**_strategy_rows(name, got[name], sc, link, down, ref, jobs[name]),
+                     **_offline_fidelity(check, jobs[name])}
+    return {"link": link, **{k: res[k] for k in ("local", *jobs)}, "rounds": len(edges)}
+
+
+def round_edges(frames: int, rounds: int) -> list[tuple[int, int]]:
+    """``frames`` frames as ``rounds`` runs of consecutive frames (fewer when frames are fewer), as even as can be."""
+    n = max(1, min(rounds, frames))
+    cuts = [round(frames * k / n) for k in range(n + 1)]
+    return list(itertools.pairwise(cuts))
 
 
 def _ask_quit(child: subprocess.Popen) -> None:

@@ -59,7 +59,12 @@ class RunSpec:
     models: tuple[str, ...] = ("efficientnet_lite0",)
     scenarios: tuple[str, ...] = STATIC
     frames: int = 20  # timed frames per strategy (the same frames for every strategy)
-    warmup: int = 2  # untimed frames per strategy first
+    warmup: int = 2  # untimed frames per strategy first (in each round)
+    # the timed frames in this many rounds of consecutive frames, the strategies in turn, their order reversed each
+    # round (A B C, C B A, ...): on a shared machine a burst of other work then lands on several strategies, not on
+    # whichever ran its frames in one block (ResNet-50 at 03:20: the same worker tail 99 ms in edgesplit's block,
+    # 90 ms in edge-only's); 1: each strategy's frames in one block, as before
+    rounds: int = 4
     profile_runs: int = 5  # timed passes per block when profiling (device and edge)
     # photos profiled per block: bytes after lz4 differ up to 3.4x between the four bundled photos
     # (the committed run of 2026-12-03 used 2, and under-predicted lz4'd early cuts)
