@@ -47,3 +47,14 @@ def test_tile_compute_of_a_stage_against_its_untiled_blocks():
     for r in rows:
         assert r["tiles"] == 2 and len(r["tile_seconds"]) == 2 and r["untiled_seconds"] > 0
         assert r["sum_over_untiled"] > 0.5  # two halves, halos included, cannot take much less than the whole
+
+
+def test_an_early_dispatched_halo_tile_counts_from_the_previous_blocks_end():
+    t0 = 100.0
+    reps = [tile(0, 100.001, 100.002, 100.050, 100.051, 0.030),
+            tile(1, 100.002, 100.003, 100.090, 100.091, 0.020)]  # sent at once; its worker waited for block 0's tile
+    reps[1].early = True
+    rows = frame_terms(t0, reps, 2)
+    assert rows[1]["span"] == pytest.approx(0.040) and rows[1]["wait"] == 0.0 and rows[1]["encode"] == 0.0
+    assert rows[1]["net+grpc"] == pytest.approx(0.039 - 0.023)  # answer in - block 0's end - the worker's own times
+    assert sum(rows[1][k] for k in TERMS) == pytest.approx(rows[1]["span"])

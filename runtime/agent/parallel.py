@@ -364,7 +364,7 @@ class ParallelCoordinator:
             keep = isinstance(dst, StoredMap)
             if isinstance(src, StoredMap):  # halo exchange: the worker assembles its crop from stored tiles
                 parts = await (src.early_parts if self.options.halo_early else src.parts)(reg.input)
-                report.ready_at = time.perf_counter()
+                report.ready_at, report.early = time.perf_counter(), self.options.halo_early
                 _check_going(stop)
                 tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep, token, dst, k)
             else:

@@ -98,6 +98,7 @@ class TileReport:
     decode_seconds: float = 0.0  # worker-reported: decoding the crop
     seq: int = 0  # the frame's sequence number in the tile's header (frames in flight each have their own)
     peer_bytes: int = 0  # halo exchange: crop bytes its worker fetched from neighbours (TileResult.peer_bytes)
+    early: bool = False  # halo exchange, early dispatch: sent before the tiles it reads had answered
 
 
 def region_msg(r: Region) -> tiles_pb2.TileRegion:

@@ -14,7 +14,9 @@
    subprocess: the runtime never imports it) for the stage and its predicted latency, runs it with
    the coordinator (``runtime.agent.parallel``) on a bundled photo and times the stage (the model
    from the input to the last tileable split; the classifier after it is not part of the stage).
-   ``dpfp_halo``: DPFP with halos exchanged between workers, the fetch round's fixed cost not costed (it is measured).
+   ``dpfp_halo``: DPFP with halos exchanged between workers, the fetch round's fixed cost not costed (it is measured),
+   each halo block's tiles sent early (the workers wait for the kept tiles); ``dpfp_halo_acked``: the same plan, each
+   halo block's tiles sent once those they read have answered (the A/B of early dispatch).
 4. Writes ``OUT.json`` and ``OUT.md``. Cgroups, processes, relays and temp files are removed at
    the end, also on failure or Ctrl-C. Without cgroup v1 (or root) it exits 2 saying why.
 """

@@ -13,6 +13,12 @@ splits the block's measured span (previous block's end to this block's end) into
   worker's encode of its answer);
 - ``stitch``: the answer in to the tile written into the output map (decode + copy, coordinator).
 
+A halo tile sent before the previous block ended (early dispatch: its worker waits for the kept
+tiles itself) counts from the previous block's end instead: no wait or encode, and ``net+grpc`` is
+the answer in less the previous block's end less the worker's own times. That is what the
+exchange adds after the previous block is in; it may be negative when the worker started before
+the coordinator saw the previous block's last answer.
+
 Bytes moved per block: through the coordinator (crops and tiles) and worker to worker (the crop
 parts each worker fetched from its neighbours in a halo exchange, ``TileResult.peer_bytes``).
 
@@ -37,10 +43,11 @@ def frame_terms(t0: float, reports: Sequence, blocks: int) -> list[dict[str, flo
             continue
         crit = max(tiles, key=lambda t: t.done_at)
         remote = crit.sent_at > 0 and crit.answered_at > 0
-        rtt = crit.answered_at - crit.sent_at if remote else 0.0
+        early = remote and getattr(crit, "early", False) and crit.sent_at < prev_end  # counted from the previous block's end
+        rtt = crit.answered_at - (prev_end if early else crit.sent_at) if remote else 0.0
         worker = crit.queue_seconds + crit.decode_seconds + crit.compute_seconds if remote else 0.0
-        row = {"span": crit.done_at - prev_end, "wait": crit.ready_at - prev_end,
-               "encode": (crit.sent_at - crit.ready_at) if remote else 0.0,
+        row = {"span": crit.done_at - prev_end, "wait": 0.0 if early else crit.ready_at - prev_end,
+               "encode": (crit.sent_at - crit.ready_at) if remote and not early else 0.0,
                "queue": crit.queue_seconds if remote else 0.0, "decode": crit.decode_seconds if remote else 0.0,
                "compute": crit.compute_seconds, "net+grpc": rtt - worker if remote else 0.0,
                "stitch": (crit.done_at - crit.answered_at) if remote else crit.done_at - crit.ready_at - crit.compute_seconds,
