@@ -134,8 +134,8 @@ def _close(y, ref):
     return float((y - ref).abs().max() / ref.abs().max()) <= TOL
 
 
-async def _frames(loaded, stage, image, n=1, on_block=None, in_flight=1):
-    coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(tile_deadline_seconds=30))
+async def _frames(loaded, stage, image, n=1, on_block=None, in_flight=1, early=True):
+    coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(tile_deadline_seconds=30, halo_early=early))
     try:
         out = [await coord.run_frame(image, on_block=on_block if i == 0 else None) for i in range(n)]
         if in_flight > 1:  # frames in flight at once: each reads only its own kept tiles
@@ -164,7 +164,9 @@ def test_halo_exchange_between_workers_equals_the_unsplit_model(start_worker, lo
 
 def test_worker_killed_mid_frame_resumes_with_gather_and_loses_nothing(start_worker, loaded, image, reference):
     """The victim dies after block 0: its kept tile is lost with it, the survivor's is fetched back; only the
-    lost tile of block 0 is computed again (on the survivor), then blocks 1 and 2 by gather and scatter."""
+    lost tile of block 0 is computed again (on the survivor), then blocks 1 and 2 by gather and scatter.
+    Block 1 is sent after block 0's answers (halo_early=False): with early dispatch the survivor may already
+    have fetched the victim's part and computed block 1 when the victim dies (tests/test_parallel_halo_early.py)."""
     (victim, vport), (_, sport) = (start_worker("--torch-threads", "1", "--halo-peer", "127.0.0.1") for _ in range(2))
     victim_addr, survivor = f"127.0.0.1:{vport}", f"127.0.0.1:{sport}"
 
@@ -174,7 +176,7 @@ def test_worker_killed_mid_frame_resumes_with_gather_and_loses_nothing(start_wor
             victim.wait(10)
 
     frames, fallbacks, registry = asyncio.run(asyncio.wait_for(
-        _frames(loaded, _stage([victim_addr, survivor]), image, n=2, on_block=kill_after_first_block), 200))
+        _frames(loaded, _stage([victim_addr, survivor]), image, n=2, on_block=kill_after_first_block, early=False), 200))
     assert fallbacks == 2  # this frame and the next (the victim stays dead)
     assert registry.get_sample_value("edgesplit_agent_halo_fallbacks_total") == 2
     assert registry.get_sample_value("edgesplit_agent_halo_recovered_tiles_total", {"how": "fetched"}) == 2

@@ -7,6 +7,7 @@ they do not (the round through the coordinator per block)."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -91,3 +92,28 @@ def test_early_dispatch_equals_the_unsplit_model_and_skips_the_round(start_worke
     assert all(_close(y, reference) for y, _ in early + acked)
     assert all(_read_before_answered(reports) > 0 for _, reports in early)  # sent while block i still computed
     assert all(_read_before_answered(reports) == 0 for _, reports in acked)
+
+
+def test_a_worker_killed_mid_frame_under_early_dispatch_loses_nothing(start_worker, loaded, image, reference):  # noqa: F811
+    """The victim dies once block 0 is in, while block 1's requests already wait on both workers: the frame
+    resumes from what is still valid and equals the unsplit model; so does the next (the victim stays dead)."""
+    (victim, vport), (_, sport) = (start_worker("--torch-threads", "1", "--halo-peer", "127.0.0.1") for _ in range(2))
+    addresses = [f"127.0.0.1:{vport}", f"127.0.0.1:{sport}"]
+
+    def kill_after_first_block(i, reports):
+        if i == 0:
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(10)
+
+    async def go():
+        coord = ParallelCoordinator(loaded, _stage(addresses), CoordinatorOptions(tile_deadline_seconds=30))
+        try:
+            out = [await coord.run_frame(image, on_block=kill_after_first_block if n == 0 else None) for n in range(2)]
+            return out, coord.halo_fallbacks
+        finally:
+            await coord.close()
+
+    frames, fallbacks = asyncio.run(asyncio.wait_for(go(), 200))
+    assert len(frames) == 2 and fallbacks == 2
+    assert all(_close(y, reference) for y, _ in frames)
+    assert all(r.ran_on != addresses[0] for r in frames[1][1])  # nothing more on the victim
