@@ -35,6 +35,7 @@ from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
 from runtime.wire.framewire import parse_request
+from runtime.wire.handoff import submit
 from runtime.wire.jpeg import INPUT_IMAGE_CODECS
 from runtime.worker import probe
 from runtime.worker.allowlist import served_models
@@ -313,13 +314,13 @@ class InferenceService(pb_grpc.InferenceServicer):
                 self._waiting += 1
                 self.metrics.queue_depth.set(self._waiting)
             admitted_at = time.perf_counter()
-            job = asyncio.get_running_loop().run_in_executor(self.executor, self._compute, tail, req, admitted_at,
-                                                             route.codec if route is not None else None)
-            self._weights[id(job)] = weight
-            if route is None:
-                job.add_done_callback(self._job_done)
-                result = await asyncio.shield(job)
+            if route is None:  # the result straight back to the loop; the slot freed when the compute ends
+                job = submit(self.executor, lambda: self._compute(tail, req, admitted_at), lambda: self._release(weight))
+                result = await job
             else:
+                job = asyncio.get_running_loop().run_in_executor(self.executor, self._compute, tail, req, admitted_at,
+                                                                 route.codec)
+                self._weights[id(job)] = weight
                 result = await self._forward(job, route, req.header)
             self.metrics.frames.labels(tail.model.name, tail.split.name, tail.tl_id or "none").inc()
             return result
