@@ -106,31 +106,3 @@ def test_board_jobs_hand_back_results_and_errors():
             await agent.close()
 
     asyncio.run(main())
-
-
-def test_frames_are_counted_by_every_read_of_the_registry():
-    import pytest
-    from prometheus_client import generate_latest
-
-    from runtime.agent.metrics import FLUSH_FRAMES
-
-    metrics = AgentMetrics()
-    times = {"head": 0.002, "encode": 0.001, "transfer_edge": 0.02, "edge_tail": 0.01, "total": 0.03}
-    for _ in range(3):
-        metrics.frame("edge", times)
-    metrics.frame("local", {"head": 0.002, "local_tail": 0.004, "total": 0.007})
-    reg = metrics.registry
-    assert reg.get_sample_value("edgesplit_agent_frames_total", {"where": "edge"}) == 3  # no batch full yet
-    assert reg.get_sample_value("edgesplit_agent_frames_total", {"where": "local"}) == 1
-    assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "head"}) == 4
-    assert reg.get_sample_value("edgesplit_agent_stage_seconds_sum", {"stage": "local_tail"}) == 0.004
-    assert reg.get_sample_value("edgesplit_agent_stage_seconds_count", {"stage": "edge_tail"}) is None  # not a STAGE
-    later = {"head": 0.002}
-    metrics.frame("edge", later)
-    later["head"] = 5.0  # the caller's dict changing later does not reach a frame already taken
-    assert b'edgesplit_agent_stage_seconds_count{stage="head"} 5.0' in generate_latest(reg)  # a scrape counts it
-    assert reg.get_sample_value("edgesplit_agent_stage_seconds_sum", {"stage": "head"}) == pytest.approx(0.010)
-    for _ in range(FLUSH_FRAMES):  # a full batch is counted without a read
-        metrics.frame("edge", {"total": 0.01})
-    assert not metrics._pending
-    assert metrics.frames_by["edge"]._value.get() == 4 + FLUSH_FRAMES

@@ -342,7 +342,12 @@ class Agent:
             self.metrics.refined.inc()
             logger.debug("frame %d: ambiguous edge result, tail re-run on the board", seq)
         result.times["total"] = time.perf_counter() - t0
-        self.metrics.frame(result.where, result.times)
+        self.metrics.frames_by[result.where].inc()  # "edge" or "local"
+        by_stage = self.metrics.stage_by  # the STAGES' histograms
+        for stage, seconds in result.times.items():
+            histogram = by_stage.get(stage)
+            if histogram is not None:
+                histogram.observe(seconds)
         self.link.observe(result)
         return result
 

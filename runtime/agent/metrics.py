@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Iterator
-from typing import Any
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
@@ -28,32 +24,11 @@ def reason_label(reason: str) -> str:
     return "no_worker"
 
 
-FLUSH_FRAMES = 64  # frames whose count and stage times are folded into the metrics together (and at every scrape)
-
-
-class _Flush:
-    """Yields nothing: registered before the metrics it feeds (a registry collects in registration order), it folds
-    the frames not yet counted into them whenever the registry is read (a scrape, get_sample_value)."""
-
-    def __init__(self, metrics: AgentMetrics):
-        self.metrics = metrics
-
-    def describe(self) -> list[Any]:
-        return []
-
-    def collect(self) -> Iterator[Any]:
-        self.metrics.flush()
-        return iter(())
-
-
 class AgentMetrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         register_crl_metrics(r)  # edgesplit_server_certificate_refused_total (runtime.wire.crl)
-        # frames (where, stage times) not yet in frames / stage_seconds: see frame()
-        self._pending: deque[tuple[str, dict[str, float]]] = deque()
-        r.register(_Flush(self))
         self.frames = Counter("edgesplit_agent_frames", "Frames with a result, by where they ran", ["where"], registry=r)
         self.fallbacks = Counter("edgesplit_agent_fallbacks", "Frames run locally instead of on the edge", ["reason"], registry=r)
         self.refined = Counter("edgesplit_agent_refined_frames", "Edge results too close to call (top-1 margin below "
@@ -104,30 +79,6 @@ class AgentMetrics:
         for reason in ("no_progress", "probe_unanswered", "keepalive"):
             self.stream_deaths.labels("worker", reason)
         self.stream_deaths.labels("planner", "keepalive")
-
-    def frame(self, where: str, times: dict[str, float]) -> None:
-        """One finished frame (where it ran: "edge" or "local"; its stage times in seconds) for ``frames`` and the
-        STAGES' ``stage_seconds``. Counted in batches of FLUSH_FRAMES and whenever the registry is read, so a scrape
-        sees every frame: eight histogram observations and a counter per frame, each with its lock, cost the agent's
-        event loop ~40 us a frame between frames, where the code runs cold; in a batch a few us (issue 14)."""
-        self._pending.append((where, dict(times)))
-        if len(self._pending) >= FLUSH_FRAMES:
-            self.flush()
-
-    def flush(self) -> None:
-        """Count the frames not yet counted (the event loop's thread and a scrape's may both call it: deque.popleft
-        hands each frame to one of them)."""
-        pending, by_stage = self._pending, self.stage_by
-        while pending:
-            try:
-                where, times = pending.popleft()
-            except IndexError:
-                return
-            self.frames_by[where].inc()
-            for stage, seconds in times.items():
-                histogram = by_stage.get(stage)
-                if histogram is not None:
-                    histogram.observe(seconds)
 
     def stream_died(self, reason: str, endpoint: str = "worker") -> None:
         """A stream or connection ended for ``reason`` (runtime.wire.stream.StreamMetrics)."""
