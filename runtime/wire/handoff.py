@@ -6,8 +6,9 @@ thread could take it too.
 ``concurrent.futures.Future``, its condition lock, a ``call_soon_threadsafe`` to copy the state into an
 asyncio future, then one more loop pass for the shield's outer future before the awaiting task runs. Here
 the executor thread schedules the result straight onto the loop: one ``call_soon_threadsafe``, one future.
-Measured on uvloop, job end to the awaiting coroutine running, 5 ms idle before each job (overhead.md):
-p50 of six rounds 58 us run_in_executor + shield, 40 us here.
+Measured on uvloop, job end to the awaiting coroutine running, 5 ms idle before each job, six alternating rounds
+under the bench lock (overhead.md, 04:03): p50 17 us run_in_executor + shield, 11 us here. In
+``edgesplit bench`` the gain is below what three runs resolve (803 KB 2.21 -> 2.18 ms, means of three).
 
 The slot a frame holds is given back (``on_end``) when the compute has really ended, not when its waiter
 stops waiting: a caller that is cancelled or times out cannot pile work up past the queue bound.
