@@ -260,3 +260,17 @@ def test_exported_program_round_trip(tmp_path):
     junk.write_bytes(b"not a zip")
     with pytest.raises(InvalidInput, match=re.escape("torch.export.save")):
         get_spec(str(junk))
+
+
+def test_random_weights_are_the_same_when_built_on_several_threads_at_once():
+    """torch's RNG is one per process: seeded builds on two threads at once must not draw from each other's
+    sequence (a worker loading two models in its executor, two workers in one process), or their weights differ
+    from every other process's and the fingerprint check refuses the frames."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from runtime.models.loader import load_model
+
+    alone = load_model("resnet18").digest
+    with ThreadPoolExecutor(4) as pool:
+        digests = list(pool.map(lambda _: load_model("resnet18").digest, range(4)))
+    assert digests == [alone] * 4

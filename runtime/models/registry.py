@@ -44,6 +44,7 @@ import functools
 import hashlib
 import importlib.util
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -78,6 +79,9 @@ def load_labels() -> tuple[str, ...]:
     return labels
 
 
+_SEEDED_BUILD = threading.Lock()  # one seeded build at a time in a process (see _seeded)
+
+
 def _seeded(build: Callable[[], nn.Module], calibrate: bool = True) -> Callable[[], nn.Module]:
     """Wrap ``build`` so it runs under ``torch.manual_seed(RANDOM_SEED)`` without disturbing
     the caller's RNG state: every call, in every process, gives bit-identical weights.
@@ -85,7 +89,10 @@ def _seeded(build: Callable[[], nn.Module], calibrate: bool = True) -> Callable[
 
     @functools.wraps(build)
     def factory() -> nn.Module:
-        with torch.random.fork_rng(devices=[]):
+        # torch's RNG is one per process: two builds on two threads at once (a worker's executor loading two
+        # models, two workers in one process) would draw from each other's sequence and differ from every other
+        # process's weights (the model fingerprint then refuses them)
+        with _SEEDED_BUILD, torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)
             model = build()
             if calibrate:
