@@ -117,3 +117,45 @@ def test_a_worker_killed_mid_frame_under_early_dispatch_loses_nothing(start_work
     assert len(frames) == 2 and fallbacks == 2
     assert all(_close(y, reference) for y, _ in frames)
     assert all(r.ran_on != addresses[0] for r in frames[1][1])  # nothing more on the victim
+
+
+def test_workers_older_than_early_dispatch_turn_it_off_after_one_frame(monkeypatch, loaded, image, reference):  # noqa: F811
+    """A worker from before early dispatch neither expects a kept tile nor waits for its own crop parts: a halo
+    block sent early finds its part not kept (FAILED_PRECONDITION). The frame is not lost (the stage resumes),
+    and the coordinator sends halo blocks after the answers from then on, so only that one frame pays."""
+    import time as _time
+
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+    from runtime.worker.tiles import TilesService
+
+    async def no_wait(self, req, timeout):  # the old worker: no wait for its own parts
+        return None
+
+    compute = TilesService._compute
+
+    def slow_compute(self, *args):  # each tile takes 30 ms at least: block i+1 always arrives before block i is kept
+        _time.sleep(0.03)
+        return compute(self, *args)
+
+    monkeypatch.setattr(TileStore, "expect", lambda self, key, token: False)
+    monkeypatch.setattr(TilesService, "_await_own", no_wait)
+    monkeypatch.setattr(TilesService, "_compute", slow_compute)
+
+    async def main():
+        servers = [await serve(WorkerConfig(listen="127.0.0.1:0", halo_peers=("127.0.0.1",))) for _ in range(2)]
+        coord = ParallelCoordinator(loaded, _stage([f"127.0.0.1:{s.port}" for s in servers]),
+                                    CoordinatorOptions(tile_deadline_seconds=30, halo_early=True))
+        try:
+            first, _ = await coord.run_frame(image)
+            assert coord.halo_fallbacks == 1 and coord.early_off and not coord.early
+            later = [(await coord.run_frame(image))[0] for _ in range(2)]
+            assert coord.halo_fallbacks == 1  # after the answers: the old workers find their parts
+            return [first, *later]
+        finally:
+            await coord.close()
+            for s in servers:
+                await s.drain_and_stop(1)
+
+    outs = asyncio.run(asyncio.wait_for(main(), 180))
+    assert all(_close(y, reference) for y in outs)

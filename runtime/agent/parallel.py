@@ -133,6 +133,7 @@ class ParallelCoordinator:
         self.halo_fallbacks = 0  # frames whose halo exchange failed (run again with gather and scatter)
         self.last_fallback = ""  # why the last one did
         self.halo_refused = False  # a worker refused a halo tile (PERMISSION_DENIED: no --halo-peer): gather from now on
+        self.early_off = False  # a worker found no tile sent early (one older than early dispatch?): after the answers
 
     def _stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
         if address not in self._channels:
@@ -301,12 +302,23 @@ class ParallelCoordinator:
                     self.halo_refused = True  # a configuration (the workers' --halo-peer), not a passing fault
                     logger.warning("a worker refused the halo exchange (start the workers with --halo-peer naming one "
                                    "another); this stage gathers and scatters every block from now on")
+                elif self.early and any(r.early and f.endswith(": FAILED_PRECONDITION") for r in reports
+                                        for f in r.failures):
+                    self.early_off = True  # workers older than early dispatch answer a part not yet kept so
+                    logger.warning("a worker did not find a tile sent to it early (a worker older than early "
+                                   "dispatch, or one too loaded to wait); this stage sends each halo block after the "
+                                   "previous block's answers from now on")
             try:  # the tiles computed and still held are fetched back; only the lost or missing ones run again
                 return await recover(self, maps, seq, token, reports), reports
             except (EdgesplitError, RuntimeError, asyncio.TimeoutError) as e:
                 logger.warning("resuming the stage failed (%s); it runs again from its first block", e)
                 self._seq += 1
         return await self._run(x, on_block, halo=False, seq=self._seq)
+
+    @property
+    def early(self) -> bool:
+        """Are halo blocks sent once the tiles they read are sent (early dispatch), not answered?"""
+        return self.options.halo_early and not self.early_off
 
     def halo_input(self, i: int) -> bool:
         """Does block ``i`` take its input by halo exchange between workers?"""
@@ -363,8 +375,9 @@ class ParallelCoordinator:
         try:
             keep = isinstance(dst, StoredMap)
             if isinstance(src, StoredMap):  # halo exchange: the worker assembles its crop from stored tiles
-                parts = await (src.early_parts if self.options.halo_early else src.parts)(reg.input)
-                report.ready_at, report.early = time.perf_counter(), self.options.halo_early
+                early = self.early
+                parts = await (src.early_parts if early else src.parts)(reg.input)
+                report.ready_at, report.early = time.perf_counter(), early
                 _check_going(stop)
                 tile = await self._halo_tile(i, in_hw, reg, None, parts, report, keep, token, dst, k)
             else:
