@@ -8,6 +8,7 @@ and building a plan), runtime.agent.edge (EdgeSender: one frame's round trip to 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -32,6 +33,7 @@ from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.daemon.tracing import agent_frame
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import OUTPUT
+from runtime.wire import handoff
 from runtime.wire.chain import Hop
 from runtime.wire.codec import Codec
 from runtime.wire.stream import EdgeStream
@@ -43,14 +45,8 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _settle(fut: asyncio.Future, value: Any, error: BaseException | None) -> None:
-    """On the loop: the board job's outcome into its future (unless the frame was cancelled meanwhile)."""
-    if fut.cancelled():
-        return
-    if error is not None:
-        fut.set_exception(error)
-    else:
-        fut.set_result(value)
+def _nothing() -> None:
+    """No slot to give back when a board job ends (the board thread runs one job at a time)."""
 
 
 # a frame's output until its result or its local tail sets it (never handed out): one tensor, not torch.empty(0)
@@ -266,22 +262,12 @@ class Agent:
             tail = self._run_local_tail(plan, h)
         return h, msg, t0, t1 - t0, t_enc, t_tl, tail
 
-    def _on_board(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """``fn(*args)`` on the board thread, its result (or exception) on a future of ``loop``: what
-        ``loop.run_in_executor(self.executor, ...)`` does, without the executor future's done-callback and the
-        second, chained loop future (asyncio.wrap_future), several Python calls a frame on both threads (issue 14)."""
-        fut: asyncio.Future[T] = loop.create_future()
-
-        def job() -> None:
-            try:
-                value = fn(*args)
-            except BaseException as e:  # handed to the frame, as run_in_executor does
-                loop.call_soon_threadsafe(_settle, fut, None, e)
-            else:
-                loop.call_soon_threadsafe(_settle, fut, value, None)
-
-        self.executor.submit(job)
-        return fut
+    def _on_board(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        """``fn(*args)`` on the board thread, its result (or exception) on a future of the running loop, in one
+        ``call_soon_threadsafe`` (runtime.wire.handoff.submit): what ``loop.run_in_executor(self.executor, ...)``
+        did, without the executor future's done-callback and the second, chained loop future
+        (asyncio.wrap_future), several Python calls a frame on both threads (issue 14)."""
+        return handoff.submit(self.executor, functools.partial(fn, *args), _nothing)
 
     @staticmethod
     def _run_local_tail(plan: ActivePlan, h: torch.Tensor):
@@ -311,9 +297,8 @@ class Agent:
 
     @agent_frame  # the frame's log ids and, when tracing is on, its agent.frame span (runtime.daemon.tracing)
     async def _infer(self, plan: ActivePlan, seq: int, x: torch.Tensor, frame: str) -> FrameResult:
-        loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
-        h, msg, t_start, t_head, t_enc, t_tl, tail = await self._on_board(loop, self._head_encode, plan, x)
+        h, msg, t_start, t_head, t_enc, t_tl, tail = await self._on_board(self._head_encode, plan, x)
         result = FrameResult(seq, frame or f"frame-{seq}", _NO_OUTPUT, "edge", plan.split.name,
                              plan.codec.name, plan.version)  # its output is set below, on every path
         # board_queue: waiting for the board thread (other frames' head or local tail)
@@ -332,11 +317,11 @@ class Agent:
             self.metrics.fallbacks.labels(_reason_label(reason)).inc()
             logger.debug("frame %d runs locally: %s", seq, reason, extra={"frame": seq, "plan": plan.version})
             if tail is None:  # the edge failed: the tail was not run with the head
-                tail = await self._on_board(loop, self._run_local_tail, plan, h)
+                tail = await self._on_board(self._run_local_tail, plan, h)
             result.output, t_tail = tail
             result.times["local_tail"] = t_tail
         elif self.refine_margin > 0 and top1_margin(result.output) < self.refine_margin:
-            result.output, t_tail = await self._on_board(loop, self._run_local_tail, plan, h)
+            result.output, t_tail = await self._on_board(self._run_local_tail, plan, h)
             result.refined = True
             result.times["refine"] = t_tail
             self.metrics.refined.inc()
