@@ -159,3 +159,42 @@ def test_workers_older_than_early_dispatch_turn_it_off_after_one_frame(monkeypat
 
     outs = asyncio.run(asyncio.wait_for(main(), 180))
     assert all(_close(y, reference) for y in outs)
+
+
+def test_requests_waiting_for_their_own_parts_are_bounded():
+    """At most MAX_WAITING tile requests wait on a worker for their own crop parts (early dispatch); the next is
+    answered RESOURCE_EXHAUSTED at once, before it takes a queue slot or waits."""
+    import grpc
+
+    from runtime.proto.edgesplit.v1 import inference_pb2 as ipb
+    from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import serve
+    from runtime.worker.tile_store import MAX_WAITING
+
+    async def main():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0"))
+        try:
+            assert ws.tiles is not None
+            ws.tiles.waiting = MAX_WAITING  # as if 64 requests waited now
+            region = tiles_pb2.TileRegion(row_start=0, row_stop=2, col_start=0, col_stop=2)
+            req = tiles_pb2.TileRequest(
+                header=ipb.FrameHeader(agent_id="a", seq=1, model_id="resnet18", split_id="add_2", end_split="add_4"),
+                input_height=28, input_width=28, output=region, input=region, halo_token=TOKEN,
+                parts=[tiles_pb2.CropPart(tile=region, region=region)])
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
+                stub = tiles_pb2_grpc.TilesStub(ch)
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.InferTile(req, timeout=10)
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "wait for their crop parts" in (e.value.details() or "")
+                assert ws.tiles.waiting == MAX_WAITING and ws.service._admitted == 0  # no slot taken
+                ws.tiles.waiting = MAX_WAITING - 1  # one place left: it waits (its grace), then the request's own checks
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await stub.InferTile(req, timeout=10)
+                assert e.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert ws.tiles.waiting == MAX_WAITING - 1 and ws.service._admitted == 0
+        finally:
+            await ws.drain_and_stop(1)
+
+    asyncio.run(asyncio.wait_for(main(), 60))
