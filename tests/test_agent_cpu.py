@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import pytest
 
 from runtime.measure import agent_cpu
 from runtime.measure.scenarios import testbed
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.timeout(180),
+              pytest.mark.skipif(not Path("/proc/self/schedstat").exists(),
+                                 reason="no /proc/PID/schedstat (Linux with CONFIG_SCHED_INFO): no per-thread CPU")]
 
 
 def test_thread_groups_name_the_loop_and_the_board():
