@@ -268,6 +268,9 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    if not Path("/proc/self/task").is_dir() or not Path("/proc/self/schedstat").exists():
+        print("no per-thread CPU here: needs Linux's /proc/PID/task/TID/schedstat (CONFIG_SCHED_INFO)", file=sys.stderr)
+        return 2
     from runtime.measure.scenarios import testbed
     from runtime.worker.process import spawn_worker
 
