@@ -200,6 +200,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
 
     async def ListProbeTargets(self, request: pb.ProbeTargetsRequest,
                                context: grpc.aio.ServicerContext) -> pb.ProbeTargetsReply:
+        self._owned("agent", request.agent_id, context)  # its workers and measured links are the agent's own
         return probes.probe_targets(self.state, self.state.agent(request.agent_id))
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsReply:
