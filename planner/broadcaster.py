@@ -14,7 +14,13 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from planner.metrics import PlannerMetrics
+from runtime.contracts.errors import Overloaded
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+
+# WatchPlan streams open at once for one agent id (an agent process needs one; a reconnect may briefly
+# hold two). A newer one beyond this ends the oldest (RESOURCE_EXHAUSTED): a stream is a gRPC call, a
+# task and a subscription here, and one agent must not grow them without bound.
+MAX_WATCHERS_PER_AGENT = 4
 
 
 @dataclass(eq=False)
@@ -22,6 +28,7 @@ class Watcher:
     event: asyncio.Event = field(default_factory=asyncio.Event)  # set when there is news
     latest: pb.Plan | None = None  # the newest plan for the agent
     closed: bool = False  # the planner is closing: end the stream
+    evicted: bool = False  # a newer stream of the same agent replaced it (MAX_WATCHERS_PER_AGENT)
 
 
 class Broadcaster:
@@ -29,7 +36,7 @@ class Broadcaster:
 
     def __init__(self, metrics: PlannerMetrics) -> None:
         self.metrics = metrics
-        self._watchers: dict[str, set[Watcher]] = {}
+        self._watchers: dict[str, dict[Watcher, None]] = {}  # agent id -> its streams, oldest first
 
     def watchers(self, agent_id: str) -> set[Watcher]:
         """The streams open for ``agent_id`` now (a copy)."""
@@ -50,13 +57,23 @@ class Broadcaster:
         w = Watcher(latest=current)
         if current is not None:
             w.event.set()
-        self._watchers.setdefault(agent_id, set()).add(w)
+        subs = self._watchers.setdefault(agent_id, {})
+        while len(subs) >= MAX_WATCHERS_PER_AGENT:  # the oldest ends (see MAX_WATCHERS_PER_AGENT)
+            old = next(iter(subs))
+            del subs[old]
+            old.closed = old.evicted = True
+            old.event.set()
+        subs[w] = None
         self.metrics.watchers.inc()
         sent = known_version
         try:
             while True:
                 await w.event.wait()
                 w.event.clear()
+                if w.evicted:
+                    raise Overloaded(f"agent {agent_id!r} opened more WatchPlan streams: at most "
+                                     f"{MAX_WATCHERS_PER_AGENT} WatchPlan streams are kept per agent, the oldest ends; "
+                                     "run one agent process per agent_id")
                 if w.closed:
                     return
                 plan = w.latest
@@ -64,10 +81,10 @@ class Broadcaster:
                     sent = plan.version
                     yield plan
         finally:
-            subs = self._watchers.get(agent_id)
-            if subs is not None:
-                subs.discard(w)
-                if not subs:
+            held = self._watchers.get(agent_id)
+            if held is not None:
+                held.pop(w, None)
+                if not held:
                     del self._watchers[agent_id]
             self.metrics.watchers.dec()
 

@@ -37,3 +37,28 @@ def test_probe_targets_of_another_agent_are_refused(aio, planner):
         check_status(err, grpc.StatusCode.PERMISSION_DENIED, "belongs to another caller")
 
     aio.run(go())
+
+
+def test_watch_plan_streams_per_agent_are_bounded(aio, planner):
+    """Each WatchPlan stream holds a call, a task and a subscription at the planner: one agent opening
+    streams without end must not grow it. Beyond MAX_WATCHERS_PER_AGENT the oldest is ended (a
+    reconnecting agent's half-open stream is the usual oldest), RESOURCE_EXHAUSTED naming the limit."""
+    from planner.broadcaster import MAX_WATCHERS_PER_AGENT
+
+    async def go():
+        s = planner.stub
+        await s.RegisterWorker(worker_request(), timeout=RPC, metadata=OWNER)
+        await s.RegisterAgent(agent_request(), timeout=RPC, metadata=OWNER)
+        calls = []
+        for _ in range(MAX_WATCHERS_PER_AGENT + 3):
+            call = s.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC, metadata=OWNER)
+            assert (await call.read()).version > 0  # subscribed: its first plan came
+            calls.append(call)
+        assert len(planner.ps.service.broadcaster.watchers("a1")) == MAX_WATCHERS_PER_AGENT
+        for call in calls[:3]:  # the three oldest were ended, each with a status that says why
+            err = await rpc_error(call.read())
+            check_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS_PER_AGENT} WatchPlan streams")
+        for call in calls[3:]:
+            call.cancel()
+
+    aio.run(go())
