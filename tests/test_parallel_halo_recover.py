@@ -97,19 +97,20 @@ def test_the_agent_flag_reaches_the_pushed_stage(loaded):  # noqa: F811
     from runtime.cli.main import build_parser
     from runtime.wire.codec import get_codec
 
-    off = component_config(build_parser().parse_args(["agent", "--no-parallel-halo"]), "agent")
+    off = component_config(build_parser().parse_args(["agent", "--no-parallel-halo", "--no-parallel-halo-early"]), "agent")
     on = component_config(build_parser().parse_args(["agent"]), "agent")
     assert not off.parallel_halo and on.parallel_halo  # on by default: the plan decides
+    assert not off.parallel_halo_early and on.parallel_halo_early
 
     async def go():
         agents = [Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), c.agent_options()) for c in (off, on)]
         try:
-            return [a.parallel.options.halo for a in agents]
+            return [(a.parallel.options.halo, a.parallel.options.halo_early) for a in agents]
         finally:
             for a in agents:
                 await a.close()
 
-    assert asyncio.run(go()) == [False, True]
+    assert asyncio.run(go()) == [(False, False), (True, True)]
 
 
 def test_a_draining_worker_closes_its_channels_to_its_neighbours(tmp_path):

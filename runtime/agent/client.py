@@ -106,7 +106,8 @@ class Agent:
         self.link.use(self.active.worker)
         # a pushed plan's parallel stage (Plan.parallel, RFS/DPFP): while active, frames go through it
         self.parallel = PushedStage(loaded, CoordinatorOptions(transport=self.transport, agent_id=self.agent_id,
-                                                               halo=options.parallel_halo),
+                                                               halo=options.parallel_halo,
+                                                               halo_early=options.parallel_halo_early),
                                     prepare_timeout_seconds=self.prepare_timeout, link=self.link)
 
     # The active plan's parts, for callers that predate ActivePlan (read-only).

@@ -69,6 +69,7 @@ class AgentOptions:
     refine_margin: float = 0.0
     tl_dir: str = ""  # where Transfer Layer ids in plans (or --tl) are resolved
     parallel_halo: bool = True  # a parallel stage's halo blocks exchange halos between workers (False: gather and scatter)
+    parallel_halo_early: bool = True  # halo blocks sent once the tiles they read are sent, not answered (early dispatch)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.refine_margin <= 1.0:
@@ -106,6 +107,7 @@ class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.
     telemetry_heartbeat_seconds: float = field(10.0, "a telemetry message at least this often (device compute samples go with it); between heartbeats only when the link estimate leaves +-25 % of the last reported figure or the plan's band (0: one every telemetry_interval_seconds)")
     probe_budget: float = field(0.05, "with --planner: share of a link's estimated capacity that bandwidth probes of links no frame measures may take (0 disables them; at most 0.5)")
     parallel_halo: bool = field(True, "a parallel stage (pushed by the planner, or --parallel-plan) whose blocks take their input by halo exchange has its workers exchange the border rows with one another; --no-parallel-halo: every block gathered and scattered by the agent instead (same result; more bytes through the agent)")
+    parallel_halo_early: bool = field(True, "early dispatch: a halo block's tiles go to the workers once the tiles they read are sent (the workers wait for them), not once those have answered; --no-parallel-halo-early: after the answers, one round through the agent per block (it also turns itself off after a worker older than early dispatch misses a tile)")
     planner_workers: tuple[str, ...] = field((), "worker ids the planner may assign (empty: any that serves the model)")
     raw_input_stays: bool = field(False, "plans must run at least the first block here: raw frames never leave the board")
     min_fidelity: float = field(0.0, "plans use only Transfer Layers with measured top-1 agreement >= this (0: any)")
@@ -175,4 +177,5 @@ class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.
     def agent_options(self) -> AgentOptions:
         return AgentOptions(agent_id=self.agent_id, transport=self.transport(), deadline_seconds=self.deadline_seconds,
                             connect_timeout=self.connect_timeout_seconds, reconnect=self.reconnect_seconds,
-                            refine_margin=self.refine_margin, tl_dir=self.tl_dir, parallel_halo=self.parallel_halo)
+                            refine_margin=self.refine_margin, tl_dir=self.tl_dir, parallel_halo=self.parallel_halo,
+                            parallel_halo_early=self.parallel_halo_early)

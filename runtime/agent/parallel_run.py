@@ -88,7 +88,8 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
     endpoint = MetricsEndpoint(metrics.registry, config.metrics_host, config.metrics_port) if config.metrics_port >= 0 else None
     coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
         codec=opts.codec, tile_deadline_seconds=opts.tile_deadline_seconds, transport=config.transport(),
-        agent_id=config.agent_id or default_agent_id(config.cert_file), halo=config.parallel_halo), metrics)
+        agent_id=config.agent_id or default_agent_id(config.cert_file), halo=config.parallel_halo,
+        halo_early=config.parallel_halo_early), metrics)
     if endpoint is not None:
         print(f"metrics on http://{config.metrics_host}:{endpoint.port}/metrics", file=sys.stderr, flush=True)
     logger.info("parallel stage: %s over %d workers (%s)", " | ".join(f"{b.start}..{b.end}" for b in stage.blocks),
