@@ -37,7 +37,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -240,12 +240,6 @@ class Replica:
             self._attached.pop(agent_id, None)
             await asyncio.get_running_loop().run_in_executor(
                 self._pool, lambda: self._store().release_leases(self.id, [agent_id]))
-
-    async def attached(self, messages: AsyncIterator[pb.Telemetry]) -> AsyncIterator[pb.Telemetry]:
-        """``messages``, each after its agent is attached here."""
-        async for t in messages:
-            await self.attach(t.agent_id, take=False)
-            yield t
 
     def check_stream_end(self, agent_id: str) -> None:
         """At the end of a WatchPlan stream: FAILED_PRECONDITION if it ended because another replica took the agent."""

@@ -173,9 +173,26 @@ class PlannerService(PlannerServicer):
                            "waiting their turn now: %d)", agent_id, how, now - t0,
                            (attached if attached > t0 else now) - t0, self.registrations.backlog)
 
+    async def _attach(self, agent_id: str, context: grpc.aio.ServicerContext, owned: bool = True) -> None:
+        """With replicas: attach ``agent_id`` here (its lease and rows from the store), after the caller's right
+        to the id (``owned``: as the servicer checks it, for QueryPlan only when authenticated): a call naming
+        another agent moves no lease and loads nothing."""
+        if self.replica is None:
+            return
+        requests.check_id(agent_id, "agent_id")
+        if owned:
+            self._owned("agent", agent_id, context)
+        await self.replica.attach(agent_id, take=False)
+
+    async def _attached(self, messages: AsyncIterator[pb.Telemetry],
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Telemetry]:
+        """``messages``, each after its agent is attached here (:meth:`_attach`)."""
+        async for t in messages:
+            await self._attach(t.agent_id, context)
+            yield t
+
     async def WatchPlan(self, request: pb.WatchPlanRequest, context: grpc.aio.ServicerContext) -> AsyncGenerator[pb.Plan, None]:
-        if self.replica is not None:
-            await self.replica.attach(request.agent_id, take=False)
+        await self._attach(request.agent_id, context)
         async with contextlib.aclosing(super().WatchPlan(request, context)) as plans:
             async for plan in plans:
                 yield plan
@@ -184,19 +201,17 @@ class PlannerService(PlannerServicer):
 
     async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
         if self.replica is not None:
-            request_iterator = self.replica.attached(request_iterator)
+            request_iterator = self._attached(request_iterator, context)
         ack = await super().ReportTelemetry(request_iterator, context)
         await self.state.behind.barrier()  # acknowledged means stored: the samples it counts are committed
         return ack
 
     async def ReportPlanStatus(self, request: pb.PlanStatus, context: grpc.aio.ServicerContext) -> pb.PlanStatusAck:
-        if self.replica is not None:
-            await self.replica.attach(request.agent_id, take=False)
+        await self._attach(request.agent_id, context)
         return await super().ReportPlanStatus(request, context)
 
     async def QueryPlan(self, request: pb.PlanQuery, context: grpc.aio.ServicerContext) -> pb.PlanQueryReply:
-        if self.replica is not None:
-            await self.replica.attach(request.agent_id, take=False)
+        await self._attach(request.agent_id, context, owned=current_identity().authenticated)
         return await super().QueryPlan(request, context)
 
     async def ListAgents(self, request: pb.ListAgentsRequest, context: grpc.aio.ServicerContext) -> pb.ListAgentsReply:
@@ -210,6 +225,5 @@ class PlannerService(PlannerServicer):
 
     async def ListProbeTargets(self, request: pb.ProbeTargetsRequest,
                                context: grpc.aio.ServicerContext) -> pb.ProbeTargetsReply:
-        if self.replica is not None:
-            await self.replica.attach(request.agent_id, take=False)
+        await self._attach(request.agent_id, context)
         return await super().ListProbeTargets(request, context)

@@ -3,12 +3,21 @@ loopback, driven through its gRPC stub, showing a caller refused what it must no
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 from planner_helpers import DEVICE_PROFILE, EDGE_PROFILE, MODEL, RPC, check_status, rpc_error
 
+from planner.config import PlannerConfig
+from planner.server import serve
 from runtime.daemon.planner_client import LEASE
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
+from runtime.wire.security import SecurityOptions
+from runtime.wire.transport import TransportOptions
+from tests.postgres_server import postgres  # noqa: F401 - the fixture
+from tests.security_site import site  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -60,5 +69,58 @@ def test_watch_plan_streams_per_agent_are_bounded(aio, planner):
             check_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS_PER_AGENT} WatchPlan streams")
         for call in calls[3:]:
             call.cancel()
+
+    aio.run(go())
+
+
+def _as(site, stem: str) -> TransportOptions:  # noqa: F811 - site is the fixture's value
+    return TransportOptions(security=SecurityOptions(ca_file=str(site / "ca.pem"), cert_file=str(site / f"{stem}.pem"),
+                                                     key_file=str(site / f"{stem}.key")))
+
+
+def test_a_replica_takes_no_lease_for_a_caller_that_does_not_own_the_agent(aio, site, postgres):  # noqa: F811
+    """With replicas, every agent RPC first attaches the agent to the replica it reached (its lease and
+    rows read from the shared store; a free or lapsed lease taken). That must come after the caller's
+    right to the id: agent a2 naming a1 moves no lease, loads nothing, and is refused."""
+    store = postgres.new_database()
+    mtls = dict(ca_file=str(site / "ca.pem"), cert_file=str(site / "worker-w1.pem"), key_file=str(site / "worker-w1.key"))
+
+    async def replica(name: str):
+        return await serve(PlannerConfig(listen="127.0.0.1:0", store=store, replica_id=name,
+                                         default_bandwidth_bytes_per_second=10_000_000.0, **mtls))
+
+    async def go():
+        first = await replica("r1")
+        async with _as(site, "worker-w1").aio_channel(f"127.0.0.1:{first.port}") as ch:
+            await pb_grpc.PlannerStub(ch).RegisterWorker(worker_request(), timeout=RPC)
+        async with _as(site, "agent-a1").aio_channel(f"127.0.0.1:{first.port}") as ch:
+            assert (await pb_grpc.PlannerStub(ch).RegisterAgent(agent_request(), timeout=RPC)).plan.version > 0
+        await first.drain_and_stop(1.0)  # a clean stop frees a1's lease: the next replica may take it over
+        second = await replica("r2")
+        try:
+            async with _as(site, "agent-a2").aio_channel(f"127.0.0.1:{second.port}") as ch:
+                s = pb_grpc.PlannerStub(ch)
+                err = await rpc_error(s.WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC).read())
+                check_status(err, grpc.StatusCode.PERMISSION_DENIED, "only for its own agent id")
+
+                async def one():
+                    yield pb.Telemetry(agent_id="a1", worker="w1", bandwidth_bytes_per_second=1.0, sent_unix=time.time())
+
+                err = await rpc_error(s.ReportTelemetry(one(), timeout=RPC))
+                check_status(err, grpc.StatusCode.PERMISSION_DENIED, "only for its own agent id")
+                for call in (s.ReportPlanStatus(pb.PlanStatus(agent_id="a1", version=1, applied=False), timeout=RPC),
+                             s.QueryPlan(pb.PlanQuery(agent_id="a1"), timeout=RPC),
+                             s.ListProbeTargets(pb.ProbeTargetsRequest(agent_id="a1"), timeout=RPC)):
+                    check_status(await rpc_error(call), grpc.StatusCode.PERMISSION_DENIED, "only for its own agent id")
+            service = second.service
+            assert "a1" not in service.agents and service.replica.takeovers == 0  # nothing attached for a2's calls
+            # the owner's own call still attaches it here (its lease was free)
+            async with _as(site, "agent-a1").aio_channel(f"127.0.0.1:{second.port}") as ch:
+                plans = pb_grpc.PlannerStub(ch).WatchPlan(pb.WatchPlanRequest(agent_id="a1"), timeout=RPC)
+                assert (await plans.read()).version > 0
+                plans.cancel()
+            assert "a1" in service.agents and service.replica.takeovers == 1
+        finally:
+            await second.drain_and_stop(1.0)
 
     aio.run(go())
