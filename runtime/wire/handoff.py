@@ -8,7 +8,9 @@ asyncio future, then one more loop pass for the shield's outer future before the
 the executor thread schedules the result straight onto the loop: one ``call_soon_threadsafe``, one future.
 Measured on uvloop, job end to the awaiting coroutine running, 5 ms idle before each job, six alternating rounds
 under the bench lock (overhead.md, 04:03): p50 17 us run_in_executor + shield, 11 us here. In
-``edgesplit bench`` the gain is below what three runs resolve (803 KB 2.21 -> 2.18 ms, means of three).
+``edgesplit bench`` the gain is below what three runs resolve (803 KB 2.21 -> 2.18 ms, means of three): after a
+thread that computed (torch, 10 ms), waking the loop costs 67 us this way and 83 us the other (04:21), most of it
+the wake-up itself.
 
 The slot a frame holds is given back (``on_end``) when the compute has really ended, not when its waiter
 stops waiting: a caller that is cancelled or times out cannot pile work up past the queue bound.
