@@ -46,6 +46,11 @@ class Binding:
     expires: float  # monotonic time after which the id is free
 
 
+def _shown(ident: str) -> str:
+    """An id as a message shows it: calls reach the owner check before the id's own check, so cut it."""
+    return ident if len(ident) <= 40 else ident[:40] + "..."
+
+
 def lease_of(context: grpc.aio.ServicerContext | None) -> str:
     """The caller's lease header ("" when none)."""
     if context is None:
@@ -96,7 +101,7 @@ class Owners:
             if identity.role != KIND_ROLE[kind] or identity.id != ident:
                 self.refused += 1
                 raise PermissionDenied(f"{identity} may act only for its own {identity.role} id {identity.id!r}, "
-                                       f"not for {kind} {ident!r}")
+                                       f"not for {kind} {_shown(ident)!r}")
             return f"{identity.via}:{identity.role}/{identity.id}"
         return "lease:" + (hashlib.sha256(lease.encode()).hexdigest() if lease else "")
 
@@ -108,7 +113,7 @@ class Owners:
         if current is not None and current.expires > now:
             if owner is not None and current.owner != owner:
                 self.refused += 1
-                raise PermissionDenied(f"{kind} id {ident!r} is registered by another caller; pick another id, or "
+                raise PermissionDenied(f"{kind} id {_shown(ident)!r} is registered by another caller; pick another id, or "
                                        f"wait {current.expires - now:.0f}s for its registration to lapse")
             current.expires = now + self.ttl
             return
@@ -129,7 +134,7 @@ class Owners:
             return  # unbound (registered before a planner restart): the RPC's own checks decide
         if owner is not None and current.owner != owner:
             self.refused += 1
-            raise PermissionDenied(f"{kind} {ident!r} belongs to another caller; a caller reports only for itself")
+            raise PermissionDenied(f"{kind} {_shown(ident)!r} belongs to another caller; a caller reports only for itself")
         current.expires = now + self.ttl
 
     def release(self, kind: str, ident: str) -> None:

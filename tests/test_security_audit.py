@@ -124,3 +124,37 @@ def test_a_replica_takes_no_lease_for_a_caller_that_does_not_own_the_agent(aio, 
             await second.drain_and_stop(1.0)
 
     aio.run(go())
+
+
+def test_a_refusal_never_echoes_an_unbounded_client_string(aio, site, tmp_path):  # noqa: F811
+    """An authenticated agent naming a 1 MB agent_id is refused PERMISSION_DENIED with a short message
+    (the id cut, as check_id cuts it): the status details are a trailer, and neither they nor the log line
+    may carry the client's megabyte back."""
+    mtls = dict(ca_file=str(site / "ca.pem"), cert_file=str(site / "worker-w1.pem"), key_file=str(site / "worker-w1.key"))
+
+    async def go():
+        handle = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite"), **mtls))
+        try:
+            async with _as(site, "agent-a2").aio_channel(f"127.0.0.1:{handle.port}") as ch:
+                s = pb_grpc.PlannerStub(ch)
+                huge = "x" * 2**20
+                for call in (s.ReportPlanStatus(pb.PlanStatus(agent_id=huge, version=1), timeout=RPC),
+                             s.QueryPlan(pb.PlanQuery(agent_id=huge), timeout=RPC),
+                             s.WatchPlan(pb.WatchPlanRequest(agent_id=huge), timeout=RPC).read()):
+                    err = await rpc_error(call)
+                    check_status(err, grpc.StatusCode.PERMISSION_DENIED, "only for its own agent id")
+                    assert len(err.details()) < 1024, len(err.details())
+        finally:
+            await handle.drain_and_stop(1.0)
+
+    aio.run(go())
+
+
+def test_status_details_are_cut_at_the_cap_for_every_daemon():
+    """The one error-to-status mapping (runtime.contracts.errors.to_status) cuts what any message echoes."""
+    from runtime.contracts.errors import MAX_STATUS_CHARS, InvalidInput, to_status
+
+    code, details = to_status(InvalidInput("bad id " + "y" * 10**6))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(details) <= MAX_STATUS_CHARS and details.startswith("bad id yyy") and "characters cut" in details
+    assert to_status(InvalidInput("short"))[1] == "short"

@@ -107,7 +107,17 @@ def as_error(exc: BaseException) -> EdgesplitError:
     return EdgesplitError(f"internal error: {type(exc).__name__}: {exc}", grpc.StatusCode.INTERNAL)
 
 
+# Status details (a trailer) a server sends at most; a longer message is cut. A message that echoed a
+# client's string whole (a megabyte id) went out as a trailer the client refuses (its 16 KiB metadata
+# limit: RESOURCE_EXHAUSTED "Stream removed" instead of the status), after the server had sent it.
+MAX_STATUS_CHARS = 2048
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status (code, details) a server answers ``exc`` with; the one mapping for every daemon."""
+    """The gRPC status (code, details) a server answers ``exc`` with; the one mapping for every daemon.
+    Details beyond MAX_STATUS_CHARS are cut (the cut is said)."""
     err = as_error(exc)
-    return err.code, str(err)
+    message = str(err)
+    if len(message) > MAX_STATUS_CHARS:
+        message = f"{message[:MAX_STATUS_CHARS - 40]}... ({len(message) - MAX_STATUS_CHARS + 40} characters cut)"
+    return err.code, message
