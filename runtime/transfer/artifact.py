@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from runtime.contracts.errors import EdgesplitError, InvalidInput, PreconditionFailed
+from runtime.contracts.files import read_capped
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import SplitPoint
 from runtime.transfer.layers import KINDS, TransferLayer
@@ -29,6 +30,7 @@ from runtime.transfer.layers import KINDS, TransferLayer
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"  # TLs shipped in the package (see bundled_tl)
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
+MAX_MANIFEST_BYTES = 1 << 20  # a TL manifest is ~2 KB; a larger file is refused unread
 _IDENTITY = ("format_version", "model", "model_digest", "split", "input_shape", "kind", "ratio", "finetune_tail")
 
 
@@ -154,9 +156,10 @@ def resolve_path(path_or_id: str | os.PathLike, directory: str | os.PathLike | N
 
 
 def read_manifest(path: Path) -> dict:
+    text = read_capped(path, MAX_MANIFEST_BYTES, "Transfer Layer manifest")  # TooLarge / InvalidInput
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        manifest = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidInput(f"Transfer Layer manifest {str(path)!r} is not valid JSON ({e}); "
                            "re-create it with 'edgesplit tl train'") from None
     if not isinstance(manifest, dict):

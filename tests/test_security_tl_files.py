@@ -1,0 +1,35 @@
+"""Transfer Layer files (runtime.transfer.artifact): the manifest's size is checked against its cap
+before it is read (security audit). (The weights need no cap of their own: safetensors maps the
+file and checks its header; a tensor the TL has no place for is refused from its name and shape,
+its bytes never read: a 512 MiB extra tensor grew the peak RSS by nothing, 2026-12-04.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runtime.contracts.errors import TooLarge
+from runtime.transfer.artifact import BUNDLED_DIR, MAX_MANIFEST_BYTES, read_manifest
+
+pytestmark = pytest.mark.timeout(60)
+
+TL = "tl-d1a2152e9a29"  # the bundled efficientnet_lite0 TL
+
+
+def test_a_manifest_over_its_cap_is_refused_unread(tmp_path):
+    path = tmp_path / f"{TL}.json"
+    manifest = json.loads((BUNDLED_DIR / f"{TL}.json").read_text())
+    manifest["notes"] = "n" * MAX_MANIFEST_BYTES
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(TooLarge, match="at most"):
+        read_manifest(path)
+
+
+def test_a_deeply_nested_manifest_is_invalid_input(tmp_path):
+    from runtime.contracts.errors import InvalidInput
+
+    path = tmp_path / f"{TL}.json"
+    path.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        read_manifest(path)
