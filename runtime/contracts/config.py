@@ -24,6 +24,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from runtime.contracts.errors import InvalidInput
+from runtime.contracts.files import read_capped
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -34,6 +35,9 @@ T = TypeVar("T", bound="DataclassInstance")  # a configuration dataclass
 # <NAME>_PORT and <NAME>_PORT_<N>_<PROTO>[_PROTO|_PORT|_ADDR]. A Service named edgesplit-worker therefore
 # yields EDGESPLIT_WORKER_SERVICE_HOST and the like, which are no settings: skipped when no field has the name.
 _KUBERNETES_SERVICE_KEY = re.compile(r"service_host|service_port(_\w+)?|port|port_\d+_(tcp|udp|sctp)(_(proto|port|addr))?")
+
+
+MAX_CONFIG_BYTES = 1 << 20  # a --config file is read only up to this (a real one is a few KB)
 
 
 def field(default: Any, help: str, **kw: Any) -> Any:
@@ -97,10 +101,13 @@ def load_config(
     values: dict[str, Any] = {}
     if config_file:
         path = Path(config_file)
+        if not path.exists():
+            raise InvalidInput(f"config file {path} does not exist")
+        raw = read_capped(path, MAX_CONFIG_BYTES, "config file")  # TooLarge / InvalidInput (unreadable)
         try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise InvalidInput(f"config file {path} does not exist") from None
+            data = tomllib.loads(raw.decode())
+        except UnicodeDecodeError as e:
+            raise InvalidInput(f"config file {path} is not UTF-8 text: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise InvalidInput(f"config file {path} is not valid TOML: {e}") from None
         table = data.get(section, {})
