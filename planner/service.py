@@ -157,6 +157,10 @@ class PlannerService(PlannerServicer):
                     raise
             except asyncio.CancelledError:
                 how = "cancelled"
+                self._unclaim("agent", aid, self.state.agents)
+                raise
+            except BaseException:
+                self._unclaim("agent", aid, self.state.agents)  # its attachment failed: no binding kept
                 raise
             finally:
                 self._slow(aid, how, t0, attached)

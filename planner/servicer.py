@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 
 import grpc
 
@@ -80,6 +80,20 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             return pb.RegisterWorkerReply()
         req = requests.check_worker_request(request, self.state.config)
         self.owners.claim("worker", req.worker_id, current_identity(), lease_of(context))  # before any heavy work
+        try:
+            return await self._register_worker(request, req)
+        except BaseException:
+            self._unclaim("worker", req.worker_id, self.state.workers)
+            raise
+
+    def _unclaim(self, kind: str, ident: str, held: Mapping[str, object]) -> None:
+        """A registration refused (or cancelled) after its id was claimed: an id not registered here keeps no
+        binding (else refused registrations under fresh ids and leases would grow the bindings without bound)."""
+        if ident not in held:
+            self.owners.release(kind, ident)
+
+    async def _register_worker(self, request: pb.RegisterWorkerRequest,
+                               req: requests.WorkerRequest) -> pb.RegisterWorkerReply:
         texts = list(request.profiles_json)
         held = self.state.workers.get(req.worker_id)
         if held is not None and list(held.record.profiles.values()) == texts:
@@ -92,12 +106,17 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         return pb.RegisterWorkerReply(profiles=len(parsed))
 
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
-        self.owners.claim("agent", requests.check_id(request.agent_id, "agent_id"), current_identity(), lease_of(context))
+        aid = requests.check_id(request.agent_id, "agent_id")
+        self.owners.claim("agent", aid, current_identity(), lease_of(context))
         try:
             async with self.registrations.turn():
                 return await self._register_agent(request)
         except Shed as e:
             context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
+            self._unclaim("agent", aid, self.state.agents)
+            raise
+        except BaseException:
+            self._unclaim("agent", aid, self.state.agents)
             raise
 
     async def _register_agent(self, request: pb.RegisterAgentRequest) -> pb.RegisterAgentReply:

@@ -158,3 +158,31 @@ def test_status_details_are_cut_at_the_cap_for_every_daemon():
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert len(details) <= MAX_STATUS_CHARS and details.startswith("bad id yyy") and "characters cut" in details
     assert to_status(InvalidInput("short"))[1] == "short"
+
+
+def test_refused_registrations_hold_no_id_binding(aio, planner):
+    """An id is bound to its caller before the registration's work (planner.owners); a registration then
+    refused must not keep the binding: on a loopback planner each new lease is a new owner, so refused
+    registrations under fresh ids and leases grew the bindings without bound (max_agents never applies:
+    nothing is registered). A registered agent's binding stays when its re-registration is refused."""
+    async def go():
+        s = planner.stub
+        owners = planner.ps.service.owners
+        for i in range(40):
+            lease = (("edgesplit-lease", f"junk-{i:04d}-" + "z" * 32),)
+            bad = pb.RegisterAgentRequest(agent_id=f"junk{i}", model_id=MODEL, profile_json="{}")
+            check_status(await rpc_error(s.RegisterAgent(bad, timeout=RPC, metadata=lease)),
+                         grpc.StatusCode.INVALID_ARGUMENT, "profile")
+            bad_worker = pb.RegisterWorkerRequest(worker_id=f"junkw{i}", address="127.0.0.1:50051", profiles_json=["{}"])
+            check_status(await rpc_error(s.RegisterWorker(bad_worker, timeout=RPC, metadata=lease)),
+                         grpc.StatusCode.INVALID_ARGUMENT, "profile")
+        assert len(owners.bindings) == 0, len(owners.bindings)
+        await s.RegisterWorker(worker_request(), timeout=RPC, metadata=OWNER)
+        await s.RegisterAgent(agent_request(), timeout=RPC, metadata=OWNER)
+        bad = pb.RegisterAgentRequest(agent_id="a1", model_id=MODEL, profile_json="{}")
+        await rpc_error(s.RegisterAgent(bad, timeout=RPC, metadata=OWNER))
+        assert set(owners.bindings) == {("worker", "w1"), ("agent", "a1")}
+        err = await rpc_error(s.RegisterAgent(agent_request(), timeout=RPC, metadata=STRANGER))
+        check_status(err, grpc.StatusCode.PERMISSION_DENIED, "registered by another caller")
+
+    aio.run(go())
