@@ -181,8 +181,9 @@ class Gate:
     rate). A loop turn then holds the steps of a few registrations, not of every one in flight.
     """
 
-    def __init__(self, running: int, waiting: int) -> None:
+    def __init__(self, running: int, waiting: int, what: str = "registrations", again: str = "register again") -> None:
         self.running, self.waiting = running, waiting
+        self.what, self.again = what, again  # for the refusal's message
         self._slots = asyncio.Semaphore(running)
         self._queued = 0
         self._seconds = 0.005  # smoothed seconds one registration holds its slot
@@ -196,7 +197,7 @@ class Gate:
     async def turn(self) -> AsyncIterator[None]:
         if self._queued >= self.running + self.waiting:
             ms = int(min(MAX_RETRY_MS, max(MIN_RETRY_MS, 1e3 * self._queued * self._seconds / self.running)))
-            raise Shed(f"the planner has {self._queued} registrations in progress or waiting; register again in "
+            raise Shed(f"the planner has {self._queued} {self.what} in progress or waiting; {self.again} in "
                        f"{ms} ms (trailing metadata {RETRY_AFTER_HEADER})", ms)
         self._queued += 1
         try:

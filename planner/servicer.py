@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 INLINE_PROFILE_CHARS = 2**20  # a profile up to this size is hashed on the event loop (a hit then needs no thread)
 REGISTRATIONS_RUNNING = 8  # agent registrations doing their work at once (planner.intake.Gate)
 REGISTRATIONS_WAITING = 2048  # ... and waiting their turn; beyond: RESOURCE_EXHAUSTED + retry-after-ms
+# QueryPlan ranks at the query's exact figures in the search thread all decisions use: at most this many
+# queries there at once, and waiting their turn; beyond: RESOURCE_EXHAUSTED + retry-after-ms
+QUERIES_RUNNING = 1
+QUERIES_WAITING = 8
 
 
 class PlannerServicer(pb_grpc.PlannerServicer):
@@ -54,6 +58,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.profiles: ProfileCache = state.profiles
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
         self.registrations = Gate(REGISTRATIONS_RUNNING, REGISTRATIONS_WAITING)
+        self.queries = Gate(QUERIES_RUNNING, QUERIES_WAITING, "plan queries", "query again")
         # a burst of registrations (a replica's agents re-attaching) goes before the periodic pass and telemetry decisions
         replanner.registering = replanner.intake.yield_to = lambda: self.registrations.backlog > 0
 
@@ -210,7 +215,12 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         st = self.state.agent(request.agent_id)
         top_n, bw, rtt = requests.check_query(request, self.state.config, st.device)
         record = dataclasses.replace(st.record, constraints=request.constraints) if request.HasField("constraints") else None
-        ranked, seconds = await self.replanner.query(st, top_n, rtt, bw, record)
+        try:
+            async with self.queries.turn():
+                ranked, seconds = await self.replanner.query(st, top_n, rtt, bw, record)
+        except Shed as e:
+            context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
+            raise
         reply = pb.PlanQueryReply(decision_seconds=seconds)
         for i, r in enumerate(ranked):
             reply.candidates.append(decide.to_plan(st.record, st.device, r,

@@ -186,3 +186,39 @@ def test_refused_registrations_hold_no_id_binding(aio, planner):
         check_status(err, grpc.StatusCode.PERMISSION_DENIED, "registered by another caller")
 
     aio.run(go())
+
+
+def test_plan_queries_waiting_for_the_search_executor_are_bounded(aio, planner):
+    """QueryPlan ranks at the query's exact link figures (no cache across different figures) in the one
+    search thread every decision of every agent uses: a caller firing queries must not queue searches
+    without bound ahead of those decisions. With the search thread held busy, at most QUERIES_RUNNING +
+    QUERIES_WAITING queries are taken; the rest are refused at once, RESOURCE_EXHAUSTED with
+    retry-after-ms; the taken ones are answered once the thread is free."""
+    import asyncio
+    import threading
+
+    from planner.servicer import QUERIES_RUNNING, QUERIES_WAITING
+
+    async def go():
+        s = planner.stub
+        await s.RegisterWorker(worker_request(), timeout=RPC, metadata=OWNER)
+        await s.RegisterAgent(agent_request(), timeout=RPC, metadata=OWNER)
+        release = threading.Event()
+        busy = planner.ps.service.replanner.ranker.executor.submit(release.wait, RPC)
+        n = QUERIES_RUNNING + QUERIES_WAITING + 12
+        calls = [s.QueryPlan(pb.PlanQuery(agent_id="a1", bandwidth_bytes_per_second=1e6 + i, top_n=1),
+                             timeout=RPC, metadata=OWNER) for i in range(n)]
+        codes = {call: asyncio.ensure_future(call.code()) for call in calls}
+        done, _ = await asyncio.wait(codes.values(), timeout=2.0)  # the refused end at once, the thread still held
+        refused = [call for call, code in codes.items() if code in done]
+        assert len(refused) == n - QUERIES_RUNNING - QUERIES_WAITING, len(refused)
+        for call in refused:
+            assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queries" in await call.details()
+            assert any(k == "retry-after-ms" for k, _ in await call.trailing_metadata())
+        release.set()
+        busy.result(RPC)
+        answered = [await c for c in calls if c not in refused]
+        assert len(answered) == QUERIES_RUNNING + QUERIES_WAITING and all(len(r.candidates) == 1 for r in answered)
+
+    aio.run(go())
