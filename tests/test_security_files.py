@@ -50,3 +50,54 @@ def test_a_config_file_over_its_cap_is_refused_unread(tmp_path):
     ok = tmp_path / "ok.toml"
     ok.write_text("[worker]\nmax_batch = 4\n")
     assert load_config(WorkerConfig, "worker", config_file=str(ok), env={}).max_batch == 4
+
+
+def _png_of_zeros(width: int, height: int) -> bytes:
+    """A valid RGB PNG of ``width`` x ``height`` black pixels, made row by row (a few KB per megapixel)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z = zlib.compressobj(9)
+    row = bytes(1 + 3 * width)  # filter byte 0 + the row's pixels
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_an_image_over_the_pixel_cap_is_refused_before_decoding():
+    """load_image (the agent's local API Submit, image folders) reads the size from the header and refuses
+    an image over MAX_IMAGE_PIXELS before decoding it: a 130 KB PNG of 7,000 x 7,000 pixels would decode
+    to 147 MB (Pillow only warns from 89 M pixels, refuses from 179 M)."""
+    from runtime.contracts.errors import InvalidInput
+    from runtime.models.spec import MAX_IMAGE_PIXELS, load_image
+
+    side = 7000
+    assert side * side > MAX_IMAGE_PIXELS
+    data = _png_of_zeros(side, side)
+    assert len(data) < 1 << 20
+    with pytest.raises(InvalidInput, match="pixels"):
+        load_image(data)
+    assert load_image(_png_of_zeros(64, 48)).size == (64, 48)
+
+
+def test_only_png_and_jpeg_are_decoded():
+    """Pillow opens dozens of formats (some through external programs, e.g. EPS via Ghostscript); the
+    callers promise and send PNG or JPEG, so nothing else is opened."""
+    import io
+
+    from PIL import Image
+
+    from runtime.contracts.errors import InvalidInput
+    from runtime.models.spec import load_image
+
+    for fmt in ("BMP", "GIF", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buf, format=fmt)
+        with pytest.raises(InvalidInput, match="PNG or JPEG"):
+            load_image(buf.getvalue())
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="JPEG")
+    assert load_image(buf.getvalue()).size == (8, 8)

@@ -19,6 +19,10 @@ from runtime.contracts.errors import InvalidInput
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+IMAGE_FORMATS = ("PNG", "JPEG")  # the only formats load_image opens (Pillow knows dozens, some through other programs)
+# Pixels of an image load_image decodes (read from its header first): 40 M (a 7,300 x 5,500 photo, 120 MB as RGB).
+# A small PNG can declare far more (130 KB for 7,000 x 7,000, 147 MB decoded); Pillow only warns from 89 M.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -41,12 +45,20 @@ def load_image(data: bytes | Path):
 
     from PIL import Image
 
+    what = "the data" if isinstance(data, (bytes, bytearray)) else str(data)
     try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data)
-        img.load()
+        img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data, formats=IMAGE_FORMATS)
     except Image.UnidentifiedImageError as e:  # its message names an in-memory buffer object: no use to a caller
-        what = "the data" if isinstance(data, (bytes, bytearray)) else str(data)
-        raise InvalidInput(f"{what} is not an image Pillow can read; send a PNG or JPEG") from e
+        raise InvalidInput(f"{what} is not a PNG or JPEG image; send a PNG or JPEG") from e
+    except Exception as e:
+        raise InvalidInput(f"could not read the image ({type(e).__name__}: {e}); send a PNG or JPEG") from e
+    width, height = img.size  # from the header: nothing decoded yet
+    if width * height > MAX_IMAGE_PIXELS:
+        img.close()
+        raise InvalidInput(f"{what} is {width} x {height} = {width * height:,} pixels; at most {MAX_IMAGE_PIXELS:,} are "
+                           "decoded: scale it down (the model sees a few hundred pixels a side)")
+    try:
+        img.load()
     except Exception as e:
         raise InvalidInput(f"could not decode the image ({type(e).__name__}: {e}); send a PNG or JPEG") from e
     return img.convert("RGB")
