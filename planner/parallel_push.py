@@ -133,6 +133,16 @@ class ParallelPlanner:
         if model in self._geometry:
             self._geometry.move_to_end(model)
             return self._geometry[model]
+        from runtime.models import list_models
+
+        if model not in list_models():
+            # a name from the wire (profiles): only a bundled model is ever loaded here. runtime.models.get_spec reads
+            # 'file.py:factory' and '.pt2' names as files to import or unpickle: never on the planner's host
+            logger.info("model %.128r is no bundled model: the planner takes no geometry of it (no parallel stage)", model)
+            self._geometry[model] = None
+            while len(self._geometry) > self.max_models:
+                self._geometry.popitem(last=False)
+            return None
         try:
             g: PP.Geometry | None = PP.geometry(model)
         except EdgesplitError as e:

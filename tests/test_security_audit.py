@@ -222,3 +222,37 @@ def test_plan_queries_waiting_for_the_search_executor_are_bounded(aio, planner):
         assert len(answered) == QUERIES_RUNNING + QUERIES_WAITING and all(len(r.candidates) == 1 for r in answered)
 
     aio.run(go())
+
+
+def test_a_model_name_from_the_wire_never_imports_a_file_on_the_planner(aio, planner, tmp_path):
+    """The planner loads a model to take its geometry for a parallel stage (planner.parallel_push). The name
+    comes from the agent's and workers' profiles: a name like 'path/to/file.py:factory' (a user model, as
+    runtime.models.get_spec reads it) imported and ran that file on the planner's host. Only bundled models
+    are loaded there; any other name gets no parallel stage, and the plan is issued as before."""
+    import json
+
+    marker = tmp_path / "ran"
+    evil = tmp_path / "evil.py"
+    evil.write_text(f"open({str(marker)!r}, 'w').write('imported')\n\ndef build():\n    return None\n")
+    model = f"{evil}:build"
+    assert len(model) <= 128
+
+    def renamed(text: str) -> str:
+        doc = json.loads(text)
+        doc["model"] = model
+        return json.dumps(doc)
+
+    async def go():
+        s = planner.stub
+        for wid, port in (("w1", 50051), ("w2", 50052)):
+            await s.RegisterWorker(pb.RegisterWorkerRequest(worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
+                                                            profiles_json=[renamed(EDGE_PROFILE)]),
+                                   timeout=RPC, metadata=OWNER)
+        reply = await s.RegisterAgent(pb.RegisterAgentRequest(agent_id="a1", model_id=model, model_digest="w1",
+                                                              profile_json=renamed(DEVICE_PROFILE)),
+                                      timeout=RPC, metadata=OWNER)
+        assert reply.plan.version > 0 and not reply.plan.parallel.worker_addresses
+        await planner.ps.service.tick()
+        assert not marker.exists(), "the planner imported a file named by a model id from the wire"
+
+    aio.run(go())
