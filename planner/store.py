@@ -49,6 +49,9 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 __all__ = ["APPLIED", "ISSUED", "REFUSED", "AgentRecord", "Batch", "LeaseLost", "LinkRecord", "PlanRecord",
            "SpeedRecord", "Store", "StoreError", "WorkerRecord"]
 
+# Plans kept per agent in the plan history (the newest; and always its newest not refused, the plan it runs):
+# each issued plan is a row, and an agent refusing every plan pushed, or flapping, grew them without end.
+MAX_PLAN_HISTORY = 64
 SCHEMA_VERSION = 3  # 2: workers.next_tiers; 3: device profiles stored once by content hash (agents.profile holds it)
 
 # Tables of their own (device_speed, worker_speed, leases) are created where missing and need no new version: a
@@ -336,6 +339,7 @@ class Store:
                 out.created_unix = time.time()
             b.execute("INSERT INTO plans (agent_id, version, plan, reason, created, status) VALUES (?,?,?,?,?,?)",
                       (out.agent_id, version, out.SerializeToString(), out.reason, out.created_unix, ISSUED))
+            b.execute(_PRUNE_PLANS, (out.agent_id, out.agent_id, MAX_PLAN_HISTORY - 1, out.agent_id, REFUSED, version))
         return out
 
     def last_version(self) -> int:
@@ -420,6 +424,11 @@ class Store:
         return store_leases.leases(self.backend)
 
 
+# an agent's plans older than its MAX_PLAN_HISTORY newest (none when it has fewer: the subquery is NULL), but the
+# newest not refused before the one just issued (the plan it runs if that one is refused; on the primary key's index)
+_PRUNE_PLANS = ("DELETE FROM plans WHERE agent_id=? AND version < (SELECT version FROM plans WHERE agent_id=? ORDER BY "
+                "version DESC LIMIT 1 OFFSET ?) AND version <> COALESCE((SELECT MAX(version) FROM plans WHERE agent_id=? "
+                "AND status <> ? AND version < ?), 0)")
 _PUT_LINK = ("INSERT INTO links (agent_id, worker_id, rtt_seconds, bandwidth_bytes_per_second, updated_unix) "
              "VALUES (?,?,?,?,?) ON CONFLICT (agent_id, worker_id) DO UPDATE SET rtt_seconds=excluded.rtt_seconds, "
              "bandwidth_bytes_per_second=excluded.bandwidth_bytes_per_second, updated_unix=excluded.updated_unix")

@@ -256,3 +256,26 @@ def test_a_model_name_from_the_wire_never_imports_a_file_on_the_planner(aio, pla
         assert not marker.exists(), "the planner imported a file named by a model id from the wire"
 
     aio.run(go())
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_the_plan_history_kept_per_agent_is_bounded(backend, tmp_path, request):
+    """Every plan issued is a row of the store's plan history; an agent that keeps plans changing (refusing
+    each plan the planner pushes, flapping telemetry) grew it without end. The store keeps the newest
+    MAX_PLAN_HISTORY plans per agent, and always the newest one not refused (the plan it runs after a restart)."""
+    from planner.store import MAX_PLAN_HISTORY, REFUSED, Store
+
+    store = Store(str(tmp_path / "p.sqlite") if backend == "sqlite" else request.getfixturevalue("postgres").new_database())
+    try:
+        kept = store.issue_plan(pb.Plan(agent_id="a1", split_id="conv2", reason="registration"))
+        store.set_plan_status("a1", kept.version, "applied")
+        other = store.issue_plan(pb.Plan(agent_id="a2", split_id="conv1", reason="registration"))
+        for _ in range(MAX_PLAN_HISTORY + 40):  # a1 refuses every plan after its first
+            p = store.issue_plan(pb.Plan(agent_id="a1", split_id="output", reason="refused before"))
+            store.set_plan_status("a1", p.version, REFUSED, "no")
+        history = store.history("a1", limit=10 * MAX_PLAN_HISTORY)
+        assert len(history) == MAX_PLAN_HISTORY + 1  # the newest MAX_PLAN_HISTORY, and the one it runs
+        assert store.current_plan("a1").plan.version == kept.version
+        assert store.plan("a2", other.version) is not None  # another agent's history is its own
+    finally:
+        store.close()
