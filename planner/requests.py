@@ -32,7 +32,7 @@ _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
 
 
 def check_id(value: str, what: str) -> str:
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):  # fullmatch: '$' alone lets a trailing newline through
         shown = value if len(value) <= 40 else value[:40] + "..."
         raise InvalidInput(f"{what} {shown!r} is not a valid id: 1-{MAX_ID_CHARS} characters of letters, digits and "
                            f"._:@- starting with a letter or digit")
@@ -48,11 +48,18 @@ def check_ids(values: Sequence[str], what: str) -> tuple[str, ...]:
     return out
 
 
+# A worker address is pushed to the agents, which dial it, and logged: a host name, an IPv4 address or a bracketed
+# IPv6 one (with a zone), or a unix: socket path of printable characters without spaces.
+_HOST = re.compile(r"^(?:[A-Za-z0-9._-]+|\[[0-9A-Fa-f:.]+(?:%[A-Za-z0-9._-]+)?\])$")
+_SOCKET = re.compile(r"^unix:[\x21-\x7e]{1,251}$")
+
+
 def check_address(address: str) -> str:
-    if address.startswith("unix:") and 5 < len(address) <= 256:
+    if address.startswith("unix:") and _SOCKET.fullmatch(address):
         return address
     host, _, port = address.rpartition(":")
-    if not host or len(address) > 256 or not port.isdigit() or not 0 < int(port) < 65536:
+    if (not host or len(address) > 256 or not _HOST.fullmatch(host) or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536):
         raise InvalidInput(f"worker address {address[:80]!r} is not HOST:PORT (or unix:/path.sock): give the address "
                            "agents dial, e.g. 10.0.0.5:50051")
     return address

@@ -279,3 +279,38 @@ def test_the_plan_history_kept_per_agent_is_bounded(backend, tmp_path, request):
         assert store.plan("a2", other.version) is not None  # another agent's history is its own
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("address", ["evil\nINFO planner: forged line:80", "host name:50051", "h\x00st:50051",
+                                     "unix:/run/x.sock\nforged", "unix:/run/x y.sock", "[::1]x:80", "exa$mple.com:80"])
+def test_a_worker_address_is_a_host_and_port_or_a_socket_path(aio, planner, address):
+    """A worker's address is pushed to every agent placed on it, which dials it, and written to the planner's
+    log: control characters, spaces and other characters no host name holds are refused INVALID_ARGUMENT
+    (a newline forged log lines)."""
+    async def go():
+        err = await rpc_error(planner.stub.RegisterWorker(worker_request(address=address), timeout=RPC, metadata=OWNER))
+        check_status(err, grpc.StatusCode.INVALID_ARGUMENT, "HOST:PORT")
+        assert "w1" not in planner.ps.service.workers
+
+    aio.run(go())
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5:50051", "edge-1.plant.example:443", "[::1]:50051", "[fe80::1%eth0]:50051",
+                                     "unix:/run/edgesplit/worker.sock", "localhost:1"])
+def test_ordinary_worker_addresses_are_accepted(aio, planner, address):
+    async def go():
+        await planner.stub.RegisterWorker(worker_request(address=address), timeout=RPC, metadata=OWNER)
+        assert planner.ps.service.workers["w1"].record.address == address
+
+    aio.run(go())
+
+
+def test_an_id_with_a_trailing_newline_is_refused(aio, planner):
+    """check_id's pattern ended in '$', which also matches before a final newline: 'w1\\n' was a valid id."""
+    async def go():
+        for address in ("127.0.0.1:50051", "edge\n:50051"):
+            err = await rpc_error(planner.stub.RegisterWorker(worker_request("w1\n", address), timeout=RPC, metadata=OWNER))
+            check_status(err, grpc.StatusCode.INVALID_ARGUMENT, "not a valid id")
+        assert not planner.ps.service.workers
+
+    aio.run(go())
