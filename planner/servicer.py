@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 INLINE_PROFILE_CHARS = 2**20  # a profile up to this size is hashed on the event loop (a hit then needs no thread)
 REGISTRATIONS_RUNNING = 8  # agent registrations doing their work at once (planner.intake.Gate)
 REGISTRATIONS_WAITING = 2048  # ... and waiting their turn; beyond: RESOURCE_EXHAUSTED + retry-after-ms
+REGISTRATIONS_PER_AGENT = 2  # registrations of one agent_id in flight at once (each holds its request: up to 16 MiB)
+REGISTRATION_RETRY_MS = 1000  # retry-after-ms of a registration refused for REGISTRATIONS_PER_AGENT
 # QueryPlan ranks at the query's exact figures in the search thread all decisions use: at most this many
 # queries there at once, and waiting their turn; beyond: RESOURCE_EXHAUSTED + retry-after-ms
 QUERIES_RUNNING = 1
@@ -58,6 +60,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.profiles: ProfileCache = state.profiles
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
         self.registrations = Gate(REGISTRATIONS_RUNNING, REGISTRATIONS_WAITING)
+        self._registering: dict[str, int] = {}  # agent id -> its registrations in flight (REGISTRATIONS_PER_AGENT)
         self.queries = Gate(QUERIES_RUNNING, QUERIES_WAITING, "plan queries", "query again")
         # a burst of registrations (a replica's agents re-attaching) goes before the periodic pass and telemetry decisions
         replanner.registering = replanner.intake.yield_to = lambda: self.registrations.backlog > 0
@@ -113,6 +116,12 @@ class PlannerServicer(pb_grpc.PlannerServicer):
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
         aid = requests.check_id(request.agent_id, "agent_id")
         self.owners.claim("agent", aid, current_identity(), lease_of(context))
+        in_flight = self._registering.get(aid, 0)
+        if in_flight >= REGISTRATIONS_PER_AGENT:  # the caller's own registrations of it are in flight: its binding stays
+            context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(REGISTRATION_RETRY_MS)),))
+            raise Shed(f"{in_flight} registrations of agent {aid!r} are in flight, the most one agent may have; register "
+                       f"again in {REGISTRATION_RETRY_MS} ms (trailing metadata {RETRY_AFTER_HEADER})", REGISTRATION_RETRY_MS)
+        self._registering[aid] = in_flight + 1
         try:
             async with self.registrations.turn():
                 return await self._register_agent(request)
@@ -123,6 +132,10 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         except BaseException:
             self._unclaim("agent", aid, self.state.agents)
             raise
+        finally:
+            left = self._registering.pop(aid) - 1
+            if left:
+                self._registering[aid] = left
 
     async def _register_agent(self, request: pb.RegisterAgentRequest) -> pb.RegisterAgentReply:
         text, key, seen = self._agent_profile(request)

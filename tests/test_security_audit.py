@@ -314,3 +314,36 @@ def test_an_id_with_a_trailing_newline_is_refused(aio, planner):
         assert not planner.ps.service.workers
 
     aio.run(go())
+
+
+def test_registrations_of_one_agent_in_flight_at_once_are_bounded(aio, planner):
+    """Registrations wait their turn (2,048 may wait) each holding its request, up to 16 MiB of profile: one
+    agent sending its own registration many times at once held all of them (2,048 x 16 MiB). At most
+    REGISTRATIONS_PER_AGENT of one agent_id are in flight; more are refused at once, RESOURCE_EXHAUSTED with
+    retry-after-ms, and those in flight are answered (the search thread held busy meanwhile: no timing)."""
+    import asyncio
+    import threading
+
+    from planner.servicer import REGISTRATIONS_PER_AGENT
+
+    async def go():
+        s = planner.stub
+        await s.RegisterWorker(worker_request(), timeout=RPC, metadata=OWNER)
+        release = threading.Event()
+        busy = planner.ps.service.replanner.ranker.executor.submit(release.wait, RPC)
+        calls = [s.RegisterAgent(agent_request(), timeout=RPC, metadata=OWNER) for _ in range(REGISTRATIONS_PER_AGENT + 4)]
+        codes = {call: asyncio.ensure_future(call.code()) for call in calls}
+        done, _ = await asyncio.wait(codes.values(), timeout=2.0)
+        refused = [call for call, code in codes.items() if code in done]
+        assert len(refused) == 4, len(refused)
+        for call in refused:
+            assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "in flight" in await call.details()
+            assert any(k == "retry-after-ms" for k, _ in await call.trailing_metadata())
+        release.set()
+        busy.result(RPC)
+        answered = [await c for c in calls if c not in refused]
+        assert len(answered) == REGISTRATIONS_PER_AGENT and all(r.plan.version > 0 for r in answered)
+        assert ("agent", "a1") in planner.ps.service.owners.bindings  # the refused ones took nothing from it
+
+    aio.run(go())
