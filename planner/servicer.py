@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping
 
 import grpc
 
@@ -37,7 +37,8 @@ INLINE_PROFILE_CHARS = 2**20  # a profile up to this size is hashed on the event
 REGISTRATIONS_RUNNING = 8  # agent registrations doing their work at once (planner.intake.Gate)
 REGISTRATIONS_WAITING = 2048  # ... and waiting their turn; beyond: RESOURCE_EXHAUSTED + retry-after-ms
 REGISTRATIONS_PER_AGENT = 2  # registrations of one agent_id in flight at once (each holds its request: up to 16 MiB)
-REGISTRATION_RETRY_MS = 1000  # retry-after-ms of a registration refused for REGISTRATIONS_PER_AGENT
+REGISTRATIONS_PER_WORKER = 2  # ... of one worker_id (its profiles are parsed in a thread; the others wait holding theirs)
+REGISTRATION_RETRY_MS = 1000  # retry-after-ms of a registration refused for REGISTRATIONS_PER_AGENT / _PER_WORKER
 # QueryPlan ranks at the query's exact figures in the search thread all decisions use: at most this many
 # queries there at once, and waiting their turn; beyond: RESOURCE_EXHAUSTED + retry-after-ms
 QUERIES_RUNNING = 1
@@ -60,7 +61,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.profiles: ProfileCache = state.profiles
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
         self.registrations = Gate(REGISTRATIONS_RUNNING, REGISTRATIONS_WAITING)
-        self._registering: dict[str, int] = {}  # agent id -> its registrations in flight (REGISTRATIONS_PER_AGENT)
+        self._registering: dict[tuple[str, str], int] = {}  # (kind, id) -> its registrations in flight (_in_flight)
         self.queries = Gate(QUERIES_RUNNING, QUERIES_WAITING, "plan queries", "query again")
         # a burst of registrations (a replica's agents re-attaching) goes before the periodic pass and telemetry decisions
         replanner.registering = replanner.intake.yield_to = lambda: self.registrations.backlog > 0
@@ -88,11 +89,12 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             return pb.RegisterWorkerReply()
         req = requests.check_worker_request(request, self.state.config)
         self.owners.claim("worker", req.worker_id, current_identity(), lease_of(context))  # before any heavy work
-        try:
-            return await self._register_worker(request, req)
-        except BaseException:
-            self._unclaim("worker", req.worker_id, self.state.workers)
-            raise
+        with self._in_flight("worker", req.worker_id, REGISTRATIONS_PER_WORKER, context):
+            try:
+                return await self._register_worker(request, req)
+            except BaseException:
+                self._unclaim("worker", req.worker_id, self.state.workers)
+                raise
 
     def _unclaim(self, kind: str, ident: str, held: Mapping[str, object]) -> None:
         """A registration refused (or cancelled) after its id was claimed: an id not registered here keeps no
@@ -116,26 +118,35 @@ class PlannerServicer(pb_grpc.PlannerServicer):
     async def RegisterAgent(self, request: pb.RegisterAgentRequest, context: grpc.aio.ServicerContext) -> pb.RegisterAgentReply:
         aid = requests.check_id(request.agent_id, "agent_id")
         self.owners.claim("agent", aid, current_identity(), lease_of(context))
-        in_flight = self._registering.get(aid, 0)
-        if in_flight >= REGISTRATIONS_PER_AGENT:  # the caller's own registrations of it are in flight: its binding stays
+        with self._in_flight("agent", aid, REGISTRATIONS_PER_AGENT, context):
+            try:
+                async with self.registrations.turn():
+                    return await self._register_agent(request)
+            except Shed as e:
+                context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
+                self._unclaim("agent", aid, self.state.agents)
+                raise
+            except BaseException:
+                self._unclaim("agent", aid, self.state.agents)
+                raise
+
+    @contextlib.contextmanager
+    def _in_flight(self, kind: str, ident: str, limit: int, context: grpc.aio.ServicerContext) -> Iterator[None]:
+        """One more registration of ``kind`` ``ident`` in flight, at most ``limit`` (each holds its request, up to
+        the 16 MiB message limit); beyond, Shed at once. The caller's own are in flight: its binding stays."""
+        key = (kind, ident)
+        n = self._registering.get(key, 0)
+        if n >= limit:
             context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(REGISTRATION_RETRY_MS)),))
-            raise Shed(f"{in_flight} registrations of agent {aid!r} are in flight, the most one agent may have; register "
+            raise Shed(f"{n} registrations of {kind} {ident!r} are in flight, the most one {kind} may have; register "
                        f"again in {REGISTRATION_RETRY_MS} ms (trailing metadata {RETRY_AFTER_HEADER})", REGISTRATION_RETRY_MS)
-        self._registering[aid] = in_flight + 1
+        self._registering[key] = n + 1
         try:
-            async with self.registrations.turn():
-                return await self._register_agent(request)
-        except Shed as e:
-            context.set_trailing_metadata(((RETRY_AFTER_HEADER, str(e.retry_after_ms)),))
-            self._unclaim("agent", aid, self.state.agents)
-            raise
-        except BaseException:
-            self._unclaim("agent", aid, self.state.agents)
-            raise
+            yield
         finally:
-            left = self._registering.pop(aid) - 1
+            left = self._registering.pop(key) - 1
             if left:
-                self._registering[aid] = left
+                self._registering[key] = left
 
     async def _register_agent(self, request: pb.RegisterAgentRequest) -> pb.RegisterAgentReply:
         text, key, seen = self._agent_profile(request)

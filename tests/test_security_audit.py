@@ -347,3 +347,44 @@ def test_registrations_of_one_agent_in_flight_at_once_are_bounded(aio, planner):
         assert ("agent", "a1") in planner.ps.service.owners.bindings  # the refused ones took nothing from it
 
     aio.run(go())
+
+
+def test_registrations_of_one_worker_in_flight_at_once_are_bounded(aio, planner):
+    """RegisterWorker has no gate: each call parses its profiles (up to 16 MiB) in a thread, the rest waiting
+    with their requests held. At most REGISTRATIONS_PER_WORKER of one worker_id are in flight; more are
+    refused at once, RESOURCE_EXHAUSTED with retry-after-ms (the parsing threads held busy: no timing)."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from planner.servicer import REGISTRATIONS_PER_WORKER
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        release = threading.Event()
+        pool = ThreadPoolExecutor(2)
+        old = loop._default_executor
+        loop.set_default_executor(pool)  # the planner's loop is this test's loop: hold its to_thread pool busy
+        held = [pool.submit(release.wait, RPC) for _ in range(2)]
+        try:
+            s = planner.stub
+            calls = [s.RegisterWorker(worker_request(), timeout=RPC, metadata=OWNER)
+                     for _ in range(REGISTRATIONS_PER_WORKER + 3)]
+            codes = {call: asyncio.ensure_future(call.code()) for call in calls}
+            done, _ = await asyncio.wait(codes.values(), timeout=2.0)
+            refused = [call for call, code in codes.items() if code in done]
+            assert len(refused) == 3, len(refused)
+            for call in refused:
+                assert await call.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert "in flight" in await call.details()
+            release.set()
+            answered = [await c for c in calls if c not in refused]
+            assert len(answered) == REGISTRATIONS_PER_WORKER and all(r.profiles == 1 for r in answered)
+        finally:
+            release.set()
+            for f in held:
+                f.result(RPC)
+            loop._default_executor = old
+            pool.shutdown()
+
+    aio.run(go())
