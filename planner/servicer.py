@@ -25,6 +25,7 @@ from planner.metrics import PlannerMetrics
 from planner.owners import Owners, expire_workers, lease_of, remove_worker
 from planner.replanner import RePlanner
 from planner.state import PlannerState
+from planner.streams import telemetry_slots
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.contracts.profile import ProfileCache
 from runtime.daemon.auth import current_identity
@@ -61,6 +62,8 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self.profiles: ProfileCache = state.profiles
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
         self.registrations = Gate(REGISTRATIONS_RUNNING, REGISTRATIONS_WAITING)
+        # ReportTelemetry streams open (planner.streams): per authenticated agent, and in all
+        self.telemetry_streams = telemetry_slots(state.config.max_agents)
         self._registering: dict[tuple[str, str], int] = {}  # (kind, id) -> its registrations in flight (_in_flight)
         self.queries = Gate(QUERIES_RUNNING, QUERIES_WAITING, "plan queries", "query again")
         # a burst of registrations (a replica's agents re-attaching) goes before the periodic pass and telemetry decisions
@@ -196,6 +199,11 @@ class PlannerServicer(pb_grpc.PlannerServicer):
     async def ReportTelemetry(self, request_iterator: AsyncIterator[pb.Telemetry], context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
         """Each report is checked and recorded here; one that could change the plan queues a decision
         (planner.intake: coalesced per agent, refused RESOURCE_EXHAUSTED + retry-after-ms when full)."""
+        with self.telemetry_streams.hold(current_identity(), context):
+            return await self._telemetry(request_iterator, context)
+
+    async def _telemetry(self, request_iterator: AsyncIterator[pb.Telemetry],
+                         context: grpc.aio.ServicerContext) -> pb.TelemetryAck:
         received = 0
         intake = self.replanner.intake
         async for t in request_iterator:

@@ -388,3 +388,49 @@ def test_registrations_of_one_worker_in_flight_at_once_are_bounded(aio, planner)
             pool.shutdown()
 
     aio.run(go())
+
+
+def test_an_agents_open_telemetry_streams_are_bounded(aio, site, tmp_path):  # noqa: F811
+    """A ReportTelemetry stream is a call and a task at the planner from its opening, before any message
+    names an agent: an agent opening streams without end (sending nothing) grew them without bound (3,000
+    accepted in an exploratory run). An authenticated agent keeps at most TELEMETRY_STREAMS_PER_AGENT; a
+    newer one ends its oldest RESOURCE_EXHAUSTED; another agent's streams are its own."""
+    import asyncio
+
+    from planner.streams import TELEMETRY_STREAMS_PER_AGENT
+
+    mtls = dict(ca_file=str(site / "ca.pem"), cert_file=str(site / "worker-w1.pem"), key_file=str(site / "worker-w1.key"))
+
+    async def go():
+        handle = await serve(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "p.sqlite"), **mtls))
+        slots = handle.service.telemetry_streams
+        try:
+            async with _as(site, "agent-a2").aio_channel(f"127.0.0.1:{handle.port}") as ch, \
+                    _as(site, "agent-a1").aio_channel(f"127.0.0.1:{handle.port}") as ch1:
+                stop = asyncio.Event()
+
+                async def nothing():
+                    await stop.wait()
+                    return
+                    yield  # an async generator that sends no message
+
+                other = pb_grpc.PlannerStub(ch1).ReportTelemetry(nothing(), timeout=RPC)
+                calls = []
+                for _ in range(TELEMETRY_STREAMS_PER_AGENT + 2):
+                    calls.append(pb_grpc.PlannerStub(ch).ReportTelemetry(nothing(), timeout=RPC))
+                    for _ in range(500):  # until the planner holds it (its handler started)
+                        if slots.open + slots.ended == len(calls) + 1:
+                            break
+                        await asyncio.sleep(0.01)
+                assert (slots.open, slots.ended) == (TELEMETRY_STREAMS_PER_AGENT + 1, 2)
+                for call in calls[:2]:
+                    check_status(await rpc_error(call), grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                 f"at most {TELEMETRY_STREAMS_PER_AGENT} telemetry streams")
+                assert not other.done() and not any(c.done() for c in calls[2:])
+                stop.set()
+                for call in (other, *calls[2:]):
+                    assert (await call).received == 0
+        finally:
+            await handle.drain_and_stop(1.0)
+
+    aio.run(go())
