@@ -558,3 +558,39 @@ def test_a_local_plan_is_not_refused_for_the_codec_the_agent_kept():
             await agent.close()
 
     assert asyncio.run(scenario()) == (3, "output", "raw")
+
+
+def test_a_pushed_tl_id_is_an_id_never_a_path():
+    """A plan's tl_id is looked up in the agent's --tl-dir: a path or a file name from the planner is refused."""
+    from runtime.agent.plan import pushed_tl_id
+
+    assert pushed_tl_id("") is None and pushed_tl_id("tl-0123456789ab") == "tl-0123456789ab"
+    for bad in ("/etc/passwd.json", "../tl-0123456789ab", "x.safetensors", "a/b", ".tl", "t" * 129, "tl\n"):
+        with pytest.raises(InvalidInput, match="not a Transfer Layer id"):
+            pushed_tl_id(bad)
+
+
+@pytest.mark.timeout(60)
+def test_a_plan_naming_a_tl_file_is_refused_and_the_old_plan_stays(loaded, workers, tmp_path):
+    a, _ = workers
+    evil = tmp_path / "evil.json"
+    evil.write_text("{}")
+
+    async def scenario():
+        fake = FakePlanner(_plan(loaded, 1, "act", "raw", a))
+        server, port = await serve_fake(fake)
+        agent = _agent(loaded, a)
+        await agent.start()
+        link = _link(agent, loaded, port)
+        try:
+            await link.start()
+            await until(lambda: agent.plan_version == 1 and fake.watchers, 20, "plan v1 and a watch")
+            fake.push(_plan(loaded, 2, "act", "raw", a, tl_id=str(evil)))
+            return await until(lambda: fake.status(2), 20, "status of v2"), agent.plan_version
+        finally:
+            await link.close()
+            await agent.close()
+            await server.stop(0)
+
+    status, version = asyncio.run(scenario())
+    assert not status.applied and "not a Transfer Layer id" in status.message and version == 1

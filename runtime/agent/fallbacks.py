@@ -34,6 +34,7 @@ import asyncio
 import logging
 from typing import Any
 
+from runtime.agent.plan import pushed_tl_id
 from runtime.contracts.errors import EdgesplitError
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 
@@ -160,7 +161,7 @@ class FallbackSwitcher:
         p = target.plan
         old = getattr(self.agent.active, "stream", None)
         try:
-            await self.agent.apply_plan(p.split_id or p.split_index, p.codec or self.agent.codec, p.tl_id or None,
+            await self.agent.apply_plan(p.split_id or p.split_index, p.codec or self.agent.codec, pushed_tl_id(p.tl_id),
                                         plan.version, p.worker_address, model_id=plan.model_id, fallback=True)
         except EdgesplitError as e:
             logger.info("fallback for %.3g MB/s not taken: %s", bw / 1e6, e)

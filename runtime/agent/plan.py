@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -24,6 +25,20 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
+_PUSHED_TL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def pushed_tl_id(tl_id: str) -> str | None:
+    """A Transfer Layer id from a pushed plan, checked: an id is looked up in the agent's --tl-dir (and the bundled
+    TLs), so it must be a bare id ("tl-" + 12 hex as 'edgesplit tl train' writes), never a path or a file name
+    (InvalidInput; the plan is refused). "" -> None (no TL)."""
+    if not tl_id:
+        return None
+    if not _PUSHED_TL_ID.fullmatch(tl_id) or tl_id.endswith((".json", ".safetensors")):
+        raise InvalidInput(f"the plan's tl_id {tl_id[:64]!r} is not a Transfer Layer id (letters, digits, '_', '.', "
+                           "'-', at most 128, no path or file name): the agent resolves ids in its --tl-dir only")
+    return tl_id
 
 @dataclass(frozen=True)
 class ActivePlan:

@@ -51,6 +51,7 @@ import grpc
 
 from runtime.agent import planner_register
 from runtime.agent.fallbacks import FallbackSwitcher
+from runtime.agent.plan import pushed_tl_id
 from runtime.agent.prediction import Prediction
 from runtime.agent.prediction import line as prediction_line
 from runtime.agent.prober import ProbeOptions, Prober
@@ -312,7 +313,7 @@ class PlannerLink:
             address = plan.worker_address or ("" if not plan.worker_id else None)
             # A local plan names no codec (nothing crosses a link): keep the current one.
             await self.agent.apply_plan(plan.split_id or plan.split_index, plan.codec or self.agent.codec,
-                                        plan.tl_id or None,
+                                        pushed_tl_id(plan.tl_id),
                                         plan.version, address, model_id=plan.model_id, end_split=plan.end_split,
                                         next_hops=_route(plan))
             if getattr(self.agent, "parallel", None) is not None:  # its parallel stage (RFS/DPFP), or none
