@@ -6,8 +6,10 @@ never on a public interface: the API has no authentication.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +33,9 @@ MAX_IMAGE_BYTES = 32 * 2**20
 class AgentService(agent_pb2_grpc.AgentServicer):
     def __init__(self, agent: Agent):
         self.agent = agent
+        # a submitted image (up to 40 M pixels) is decoded off the event loop, which carries every frame's
+        # stream; one thread: decodes go one at a time, as they did on the loop, so memory stays one image's
+        self.decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-api-decode")
 
     def _input(self, request: agent_pb2.SubmitRequest) -> torch.Tensor:
         kind = request.WhichOneof("input")
@@ -46,7 +51,8 @@ class AgentService(agent_pb2_grpc.AgentServicer):
         raise InvalidInput("SubmitRequest needs 'image' (PNG/JPEG bytes) or 'tensor'")
 
     async def Submit(self, request, context):
-        x = self._input(request)  # an EdgesplitError becomes its status in the daemon's interceptor
+        # an EdgesplitError becomes its status in the daemon's interceptor
+        x = await asyncio.get_running_loop().run_in_executor(self.decoder, self._input, request)
         r = await self.agent.infer(x, "local-api")
         idx, score = r.top1()
         labels = self.agent.loaded.spec.labels
@@ -63,6 +69,7 @@ class AgentService(agent_pb2_grpc.AgentServicer):
 @dataclass
 class LocalApi:
     daemon: Daemon
+    service: AgentService | None = None  # its image decoder thread is ended on stop
 
     @property
     def server(self):
@@ -75,6 +82,8 @@ class LocalApi:
     async def stop(self, grace: float) -> None:
         """Health NOT_SERVING, then stop (calls in flight get ``grace`` seconds)."""
         await self.daemon.drain(grace)
+        if self.service is not None:
+            self.service.decoder.shutdown(wait=False)
 
 
 async def serve_local_api(agent: Agent, address: str) -> LocalApi:
@@ -82,5 +91,6 @@ async def serve_local_api(agent: Agent, address: str) -> LocalApi:
     if is_loopback(address):  # programs on the board: plain (the agent's certificate is a client's, for the worker)
         transport = dataclasses.replace(transport, security=SecurityOptions())
     daemon = Daemon(DaemonOptions(listen=address, services=(SERVICE_NAME,), transport=transport))
-    await daemon.start(lambda server: agent_pb2_grpc.add_AgentServicer_to_server(AgentService(agent), server))
-    return LocalApi(daemon)
+    service = AgentService(agent)
+    await daemon.start(lambda server: agent_pb2_grpc.add_AgentServicer_to_server(service, server))
+    return LocalApi(daemon, service)
