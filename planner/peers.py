@@ -23,6 +23,7 @@ RAW_INPUT_BYTES = 150_000  # Scission: "when the device runs nothing, the raw in
 TL_NAME = "tl:maxpool2x2"
 TL_ID = "scissiontl-maxpool2x2"
 MAX_PEER_FILE_BYTES = 256 * 2**20
+MAX_NETWORK_FILE_BYTES = 16 * 2**20  # a network file (--network): read at most this (a link is ~100 bytes)
 
 
 def _read(path: str | Path) -> dict[str, Any]:
@@ -110,10 +111,11 @@ def import_network(path: str | Path, name: str = "default") -> Network:
 def load_network(path: str | Path) -> Network:
     """A network file: ``{"links": [{"source", "destination", "rtt_ms", "bandwidth_mbps"}, ...]}``."""
     p = Path(path)
+    data = read_capped(p, MAX_NETWORK_FILE_BYTES, "network file")  # TooLarge / InvalidInput
     try:
-        d = json.loads(p.read_text())
-    except OSError as e:
-        raise InvalidInput(f"cannot read network file {p}: {e.strerror}") from None
+        d = json.loads(data)
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise InvalidInput(f"{p}: not a network file ({type(e).__name__})") from None
     except json.JSONDecodeError as e:
         raise InvalidInput(f"{p}: not valid JSON: {e}") from None
     return _links(d.get("links") if isinstance(d, dict) else d, str(p))

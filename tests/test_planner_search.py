@@ -523,3 +523,23 @@ def test_importer_refuses_bad_peer_data(tmp_path):
     profiles = import_profiles(PEERS / "scissiontl_benchmarks.json")
     last = profiles[("tx2_gpu", "densenet169")].blocks[-1]
     assert [t.name for t in last.transfers] == ["raw"]
+
+
+def test_a_network_file_is_read_within_its_cap(tmp_path, monkeypatch):
+    """`edgesplit plan --network FILE`: at most MAX_NETWORK_FILE_BYTES read (TooLarge beyond), non-UTF-8 and deep
+    nesting answered InvalidInput, not a traceback."""
+    from planner import peers
+    from runtime.contracts.errors import InvalidInput, TooLarge
+
+    f = tmp_path / "net.json"
+    f.write_text('{"links": []}')
+    monkeypatch.setattr(peers, "MAX_NETWORK_FILE_BYTES", 8)
+    with pytest.raises(TooLarge, match="network file"):
+        peers.load_network(f)
+    monkeypatch.setattr(peers, "MAX_NETWORK_FILE_BYTES", 2**20)
+    f.write_bytes(b"\xff\xfe{")
+    with pytest.raises(InvalidInput):
+        peers.load_network(f)
+    f.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(InvalidInput):
+        peers.load_network(f)
