@@ -63,26 +63,20 @@ class StoredMap:
     async def early_parts(self, want: Region) -> list[tuple[str, Region, Region]]:
         """As :meth:`parts`, once the requests of the tiles ``want`` overlaps are sent (not answered), with
         their planned workers as holders."""
-        out = []
-        for r, ev, k in zip(self.tiles, self._sent, range(len(self.tiles)), strict=True):
-            part = intersect(r, want)
-            if part is None:
-                continue
-            await ev.wait()
-            if self._error is not None:
-                raise HaloFailed("a stored tile this crop reads failed") from self._error
-            out.append((self.planned[k], r, part))
-        return out
+        return await self._parts(want, self._sent, self.planned)
 
     async def parts(self, want: Region) -> list[tuple[str, Region, Region]]:
         """(holder, stored tile, part of ``want`` in it) for every tile ``want`` overlaps, once they are in."""
+        return await self._parts(want, self._events, self.holders)
+
+    async def _parts(self, want: Region, events: list[asyncio.Event], holders: list[str]) -> list[tuple[str, Region, Region]]:
         out = []
-        for r, ev, k in zip(self.tiles, self._events, range(len(self.tiles)), strict=True):
+        for k, (r, ev) in enumerate(zip(self.tiles, events, strict=True)):
             part = intersect(r, want)
             if part is None:
                 continue
             await ev.wait()
             if self._error is not None:
                 raise HaloFailed("a stored tile this crop reads failed") from self._error
-            out.append((self.holders[k], r, part))
+            out.append((holders[k], r, part))  # read after the wait: a holder is set when its tile is in
         return out
