@@ -45,10 +45,6 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _nothing() -> None:
-    """No slot to give back when a board job ends (the board thread runs one job at a time)."""
-
-
 # a frame's output until its result or its local tail sets it (never handed out): one tensor, not torch.empty(0)
 # per frame (12 us of the loop thread's time a frame between frames, where torch's dispatch runs cold; issue 14)
 _NO_OUTPUT = torch.empty(0)
@@ -268,7 +264,7 @@ class Agent:
         ``call_soon_threadsafe`` (runtime.wire.handoff.submit): what ``loop.run_in_executor(self.executor, ...)``
         did, without the executor future's done-callback and the second, chained loop future
         (asyncio.wrap_future), several Python calls a frame on both threads (issue 14)."""
-        return handoff.submit(self.executor, functools.partial(fn, *args), _nothing)
+        return handoff.submit(self.executor, functools.partial(fn, *args))  # no slot to give back: one job at a time
 
     @staticmethod
     def _run_local_tail(plan: ActivePlan, h: torch.Tensor):

@@ -160,10 +160,9 @@ class LinkEstimator:
         held = t.get("edge_held")  # the worker's whole hold from its receive/send times (runtime.agent.edge), if it told
         if held is None:
             held = t.get("edge_queue", 0.0) + t.get("edge_decode", 0.0) + t.get("edge_tail", 0.0) + t.get("edge_forward", 0.0)
-        est = self.estimate(key)
-        network = t["transfer_edge"] - held - est.rtt.value
-        if network > 0:  # add_bandwidth_sample, with the estimate in hand
-            self._notify(key, est.add_bandwidth((result.wire_bytes + result_bytes(result)) / network, self.clock()))
+        network = t["transfer_edge"] - held - self.estimate(key).rtt.value
+        if network > 0:
+            self.add_bandwidth_sample((result.wire_bytes + result_bytes(result)) / network, key)
 
     def observe_overhead(self, result: Any) -> float | None:
         """The frame's runtime overhead (:func:`runtime_overhead`) as stage ``overhead_local``/``overhead_edge``,

@@ -25,7 +25,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 
-def submit(executor: Executor, fn: Callable[[], Any], on_end: Callable[[], None]) -> asyncio.Future[Any]:
+def submit(executor: Executor, fn: Callable[[], Any], on_end: Callable[[], None] | None = None) -> asyncio.Future[Any]:
     """Run ``fn()`` on ``executor``; the future (of the running loop) gets its result or exception.
     ``on_end()`` runs on the loop once ``fn`` has ended, whether or not anyone still waits (a cancelled
     future drops the result). Raises RuntimeError where the executor is shut down (``on_end`` not called)."""
@@ -46,9 +46,10 @@ def submit(executor: Executor, fn: Callable[[], Any], on_end: Callable[[], None]
     return fut
 
 
-def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None, on_end: Callable[[], None]) -> None:
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None, on_end: Callable[[], None] | None) -> None:
     try:
-        on_end()
+        if on_end is not None:
+            on_end()
     finally:
         if not fut.done():  # else its waiter was cancelled: the result (or error) is dropped
             if error is not None:
