@@ -41,6 +41,7 @@ from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.run import choose_split
 from runtime.agent.sources import open_source
+from runtime.measure.scenarios.device import quota_held
 from runtime.models.loader import load_model
 from runtime.wire import eventloop
 from runtime.wire.codec import get_codec
@@ -93,9 +94,8 @@ def process_cpu() -> float:
 
 
 def throttled_ms(cgroup: Path | None) -> float:
-    """The cgroup's time held by its quota so far, ms (0 without one)."""
-    if cgroup is None:
-        return 0.0
+    """The cgroup's time held by its quota so far, ms (0 without one; the board's reading in bench-scenarios)."""
+    return quota_held(str(cgroup) if cgroup is not None else "")[0]
     for line in (cgroup / "cpu.stat").read_text().splitlines():
         key, _, value = line.partition(" ")
         if key == "throttled_time":

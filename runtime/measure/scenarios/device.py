@@ -181,9 +181,9 @@ async def run_split(loaded, job: dict, xs) -> dict:
         rows = []
         for i in range(job.get("frames_from", 0), job.get("frames_to", len(xs))):  # this round's frames
             x = xs[i]
-            held, cpu = _quota_held(job.get("cgroup", "")), time.process_time()
+            held, cpu = quota_held(job.get("cgroup", "")), time.process_time()
             r = await agent.infer(x, frame=str(i))
-            cpu, after = time.process_time() - cpu, _quota_held(job.get("cgroup", ""))
+            cpu, after = time.process_time() - cpu, quota_held(job.get("cgroup", ""))
             rows.append({"where": r.where, "reason": r.fallback_reason, "wire_bytes": r.wire_bytes,
                          "class_index": r.top1()[0], "times_ms": {k: v * 1e3 for k, v in r.times.items()},
                          "throttled_ms": after[0] - held[0], "throttled_periods": after[1] - held[1],
@@ -196,7 +196,7 @@ async def run_split(loaded, job: dict, xs) -> dict:
         await agent.close()
 
 
-def _quota_held(cgroup: str) -> tuple[float, int]:
+def quota_held(cgroup: str) -> tuple[float, int]:
     """The board's cgroup's time held by the quota so far, ms, and the periods in which it was held (``cpu.stat``
     throttled_time, summed over the CPUs its threads ran on, and nr_throttled; zeros without a group)."""
     if not cgroup:
