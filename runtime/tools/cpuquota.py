@@ -28,27 +28,32 @@ def unavailable(root: Path = ROOT) -> str | None:
     return None
 
 
+def _quota_us(share: float, period_us: int) -> int:
+    """The quota of ``share`` cores per ``period_us`` (ValueError below the kernel's smallest quota)."""
+    if round(share * period_us) < MIN_QUOTA_US:  # the kernel refuses a smaller quota
+        raise ValueError(f"a share of {share:g} core is below the kernel's {MIN_QUOTA_US} us quota at a "
+                         f"{period_us} us period; use a longer period")
+    return round(share * period_us)
+
+
 class CpuQuota:
     def __init__(self, name: str, share: float, root: Path = ROOT, period_us: int = PERIOD_US):
         if not 0.01 <= share <= 64:
             raise ValueError(f"a CPU share must be 0.01..64 cores, got {share}")
-        if round(share * period_us) < MIN_QUOTA_US:  # the kernel refuses a smaller quota
-            raise ValueError(f"a share of {share:g} core is below the kernel's {MIN_QUOTA_US} us quota at a "
-                             f"{period_us} us period; use a longer period")
+        quota = _quota_us(share, period_us)  # checked before the group is made
         self.path = root / name
         self.root = root
         self.share = share
         self.path.mkdir()
-        (self.path / "cpu.cfs_period_us").write_text(str(period_us))
-        (self.path / "cpu.cfs_quota_us").write_text(str(round(share * period_us)))
+        self._write(period_us, quota)
 
     def set_period(self, period_us: int) -> None:
         """The same share in periods of ``period_us`` (a running group may switch between frames)."""
-        if round(self.share * period_us) < MIN_QUOTA_US:
-            raise ValueError(f"a share of {self.share:g} core is below the kernel's {MIN_QUOTA_US} us quota at a "
-                             f"{period_us} us period; use a longer period")
+        self._write(period_us, _quota_us(self.share, period_us))
+
+    def _write(self, period_us: int, quota_us: int) -> None:
         (self.path / "cpu.cfs_period_us").write_text(str(period_us))
-        (self.path / "cpu.cfs_quota_us").write_text(str(round(self.share * period_us)))
+        (self.path / "cpu.cfs_quota_us").write_text(str(quota_us))
 
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
