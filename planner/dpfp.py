@@ -53,7 +53,7 @@ block for the whole chain, DeepThings FTP-like) and ``single_worker``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 from planner.dpfp_factors import Points, TileFactors, factor_at
@@ -215,14 +215,14 @@ def _own_tiles(problem: Problem, first: int, workers: tuple[int, ...], cols: int
 
 
 def _halo_option(problem: Problem, first: int, workers: tuple[int, ...], cols: int, regions: Sequence[Region],
-                 total) -> float:
+                 total: Callable[[Sequence[float]], float]) -> float:
     """The halo fetch round of a block starting at ``first`` whose input regions are ``regions``."""
     if first == 0 or not problem.halo:
         return float("inf")
     own = _own_tiles(problem, first, workers, cols)
     if own is None:
         return float("inf")
-    fetched = []
+    fetched: list[float] = []
     for r, o in zip(regions, own, strict=True):
         rows = max(0, min(r.rows.stop, o.rows.stop) - max(r.rows.start, o.rows.start))
         cs = max(0, min(r.cols.stop, o.cols.stop) - max(r.cols.start, o.cols.start))
@@ -239,7 +239,7 @@ def _walk(problem: Problem, end: int, n: int, cols: int = 1) -> Iterator[BlockCo
     regions = list(regions_out)
     compute = [0.0] * n
     bw = problem.link.bandwidth_bytes_per_second
-    total = sum if problem.shared_link else max
+    total: Callable[[Sequence[float]], float] = sum if problem.shared_link else max
     out_bytes = [problem.map_bytes(end, r.rows.size, r.cols.size) for r in regions_out]
     gather = total(out_bytes) / bw
     cbps = problem.coordinator_bytes_per_second

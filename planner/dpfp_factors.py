@@ -66,7 +66,7 @@ def factor_at(points: Points, fraction: float) -> float:
     return points[-1][1]
 
 
-def _points(unit: dict, where: str) -> Points:
+def _points(unit: dict[str, object], where: str) -> Points:
     samples = unit.get("samples")
     if not isinstance(samples, list) or len(samples) > MAX_SAMPLES:
         raise InvalidInput(f"{where}: 'samples' must be a list of at most {MAX_SAMPLES}")

@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from planner import dpfp as D
+from planner.dpfp_factors import TileFactors
 from runtime.contracts.costmodel import Link
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.profile import Profile
 from runtime.parallel.plan import ParallelStage, TiledBlock
+from runtime.parallel.receptive import Graph
 
 BYTES_PER_ELEMENT = {"raw": 4, "fp16": 2, "int8": 1}
 """Bytes per map element on the wire by codec (lz4 on top: not counted, its ratio depends on the data)."""
@@ -52,7 +54,7 @@ class Geometry:
 
     model: str
     first: int  # split index where the range begins
-    geometries: tuple  # receptive Graph of each block first .. end-1
+    geometries: tuple[Graph, ...]  # receptive Graph of each block first .. end-1
     in_hw: tuple[int, int]  # map size at ``first``
     in_channels: int
     names: tuple[str, ...]  # split names first .. end
@@ -81,7 +83,7 @@ def geometry(model: str, first: str | int = 0, end: str | int | None = None) -> 
 def propose(profiles: Sequence[Profile], link: Link, first: str | int = 0, end: str | int | None = None,
             workers: Sequence[str] | None = None, codec: str = "raw", shared_link: bool = True,
             coordinator_bytes_per_second: float = 0.0, grids: bool = True, geom: Geometry | None = None,
-            block_overhead_seconds: float = 0.0, tile_factors: D.TileFactors | None = None, halo: bool = False,
+            block_overhead_seconds: float = 0.0, tile_factors: TileFactors | None = None, halo: bool = False,
             halo_round_seconds: float = 0.0) -> Proposal:
     """DPFP and the baselines over blocks ``first .. end`` (split points; default: from the input to
     the last tileable split) of the profiles' model, on one worker per profile. ``shared_link``: the

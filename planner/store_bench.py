@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 
 from planner.store import AgentRecord, Batch, LinkRecord, Store
 from planner.writebehind import WriteBehind
@@ -55,12 +57,12 @@ def _batch(agents: int, workers: int, base: float) -> Batch:
     return b
 
 
-async def _lag_while(work) -> tuple[float, float]:
+async def _lag_while(work: Callable[[], Awaitable[object]]) -> tuple[float, float]:
     """(seconds ``work`` took, the worst lateness of a 1 ms ticker meanwhile)."""
     worst = 0.0
     done = False
 
-    async def ticker():
+    async def ticker() -> None:
         nonlocal worst
         while not done:
             t = time.perf_counter()
@@ -85,7 +87,7 @@ async def flushes(store: Store, agents: int, workers: int, runs: int) -> None:
             wb.pending = _batch(agents, workers, 1000.0 + r)
             off.append(await _lag_while(wb.flush))
 
-            async def on_loop(r=r):
+            async def on_loop(r: int = r) -> None:
                 store.write_batch(_batch(agents, workers, 2000.0 + r))
 
             on.append(await _lag_while(on_loop))
@@ -106,12 +108,12 @@ async def plan_writes(store: Store, n: int) -> None:
         for name, on_thread in (("store thread", True), ("on the loop ", False)):
             calls: list[float] = []
 
-            async def write(on_thread=on_thread, calls=calls) -> None:
+            async def write(on_thread: bool = on_thread, calls: list[float] = calls) -> None:
                 for i in range(n):
                     t = time.perf_counter()
                     plan = pb.Plan(agent_id=f"b{i}", split_id="conv2", worker_id="w0", reason="bench")
                     if on_thread:
-                        await wb.write(lambda s, plan=plan: s.issue_plan(plan))
+                        await wb.write(functools.partial(Store.issue_plan, plan=plan))
                     else:
                         store.issue_plan(plan)
                     calls.append(time.perf_counter() - t)
