@@ -228,8 +228,11 @@ def test_input_codecs_benchmark_measures_every_codec(loaded, photos):
     """The benchmark behind overhead.md's input-codec table (its timings are printed, not asserted)."""
     from runtime.measure.scenarios.input_codecs import encoders, measure
 
-    res = measure(encoders(loaded.spec), photos[:2], repeats=1)
-    assert list(res) == ["pixels", "pixels+lz4", "webp", "jpeg", "fp16+lz4", "png (level 1)", "png (level 6)"]
+    res = measure(encoders(loaded.spec, photos[:2]), photos[:2], repeats=1)
+    tensor = " (from the tensor)"
+    assert list(res) == ["pixels", f"pixels{tensor}", "pixels+lz4", f"pixels+lz4{tensor}", "webp", f"webp{tensor}",
+                         "jpeg", f"jpeg{tensor}", "fp16+lz4", "png (level 1)", "png (level 6)"]
+    assert all(res[f"{c}{tensor}"]["bytes"] == res[c]["bytes"] for c in ("pixels", "pixels+lz4", "webp", "jpeg"))
     assert res["pixels"]["bytes"] > res["pixels+lz4"]["bytes"] > res["png (level 1)"]["bytes"] > res["jpeg"]["bytes"]
     assert res["webp"]["bytes"] < res["png (level 1)"]["bytes"]  # lossless, and smaller than PNG on photos
     assert all(r["encode_ms"] > 0 for r in res.values())

@@ -2,7 +2,8 @@
 
 The agent holds the preprocessed input, ``(pixel - mean) / std`` of shape ``[1, 3, H, W]``
 (:func:`runtime.models.spec.preprocess`). Encoding undoes the normalisation with the model's own
-``mean``/``std``, rounds and clips to uint8 RGB and writes a baseline JPEG with Pillow at a quality
+``mean``/``std``, rounds and clips to uint8 RGB (or takes the pixels the input was made from,
+:class:`runtime.wire.codec_base.InputImageCodec`) and writes a baseline JPEG with Pillow at a quality
 (``jpeg`` = 90, ``jpegQ`` for a quality Q in 1..100, e.g. ``jpeg75``; Pillow's default 4:2:0 chroma
 subsampling). The worker decodes it with Pillow and normalises it with the mean/std of the model the
 frame names. Lossy: on the four bundled photos at quality 90 (224 x 224) the decoded pixels differ from
@@ -21,6 +22,7 @@ import io
 import re
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
@@ -74,12 +76,11 @@ class JpegCodec(InputImageCodec):
         self.quality = quality
         self.name = "jpeg" if quality == DEFAULT_QUALITY else f"jpeg{quality}"
 
-    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
+    def _encode_pixels(self, pixels: np.ndarray) -> memoryview:
         from PIL import Image
 
-        pix = self._to_pixels(x, msg)
         buf = io.BytesIO()
-        Image.fromarray(pix.permute(1, 2, 0).contiguous().numpy()).save(buf, format="JPEG", quality=self.quality)
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=self.quality)
         return memoryview(buf.getvalue())
 
     def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:

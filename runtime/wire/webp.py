@@ -2,7 +2,7 @@
 
 Like ``pixels`` (:mod:`runtime.wire.pixels`), encoding undoes the normalisation with the model's own ``mean``/``std``
 and rounds to uint8 RGB, so the decoded tensor equals the agent's bit for bit for an input made from 8-bit pixels
-(every frame source); the pixels then go out as a lossless WebP written by Pillow at its fastest effort (method 0,
+(every frame source; its input holds those pixels and they are sent as they are, :class:`InputImageCodec`); the pixels then go out as a lossless WebP written by Pillow at its fastest effort (method 0,
 quality 0). On the four bundled photos (224 x 224) that is 33-68 KB a frame (median 49 KB) against 47-149 KB
 (median 110 KB) for ``pixels+lz4``, for 1.8-2.2 ms of encoding unrestricted against 0.4-0.7 ms; PNG level 1 takes
 69 KB and 3.1 ms (``python -m runtime.measure.scenarios.input_codecs --quota-us 3500 --repeats 3``, 2026-12-03 22:59,
@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
@@ -47,13 +48,11 @@ class WebpCodec(InputImageCodec):
     codec = tensor_pb2.CODEC_WEBP
     nominal_ratio = 12.0  # a guess before measuring: fp32 bytes / WebP bytes of camera photos (about 3x on uint8)
 
-    def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
+    def _encode_pixels(self, pixels: np.ndarray) -> memoryview:
         from PIL import Image
 
-        pix = self._to_pixels(x, msg)
         buf = io.BytesIO()
-        Image.fromarray(pix.permute(1, 2, 0).contiguous().numpy()).save(buf, format="WEBP", lossless=True,
-                                                                        method=0, quality=0, exact=True)
+        Image.fromarray(pixels).save(buf, format="WEBP", lossless=True, method=0, quality=0, exact=True)
         return memoryview(buf.getvalue())
 
     def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.sources import open_source
 from runtime.measure.profiler import profile_model
 from runtime.models.loader import load_model
+from runtime.models.spec import source_pixels
 from runtime.transfer.artifact import load_tl
 from runtime.wire import eventloop
 from runtime.wire.codec import get_codec
@@ -81,7 +82,9 @@ def jpeg_frames(spec, xs, quality: int, gap_s: float = 0.0) -> list[dict]:
     for x in xs:
         time.sleep(gap_s)
         t = time.perf_counter()
-        pix = (x[0] * std + mean).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+        pix = source_pixels(x)  # as the agent's jpeg codec sends the frame: its source's pixels
+        if pix is None:
+            pix = (x[0] * std + mean).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
         buf = io.BytesIO()
         Image.fromarray(pix).save(buf, format="JPEG", quality=quality)
         enc = time.perf_counter() - t

@@ -1,6 +1,7 @@
 """Ways to send the model's input image, measured unrestricted and on the emulated board in one run: bytes per
-frame and encode time of the wire's input codecs (pixels, pixels+lz4, jpeg, fp16+lz4) and of Pillow's PNG (the
-lossless alternative to pixels+lz4 that was not built), on the bundled photos.
+frame and encode time of the wire's input codecs (pixels, pixels+lz4, webp, jpeg, fp16+lz4; the input ones both
+from the frame's source pixels, as the agent sends them, and from the tensor) and of Pillow's PNG (the lossless
+alternative to pixels+lz4 that was not built), on the bundled photos.
 
     python -m runtime.measure.scenarios.input_codecs [--model efficientnet_lite0] [--quota-us 5000] [--repeats 5]
 
@@ -39,13 +40,20 @@ def _png(spec, level: int):
     return enc
 
 
-def encoders(spec) -> dict:
+def encoders(spec, xs: list) -> dict:
+    """Per name, a frame's encoder returning its bytes. The wire's input codecs send a frame's source pixels as they
+    are (runtime.models.spec.source_pixels, as the agent does); "(from the tensor)" is the same codec on a copy of
+    the frame that holds no pixels, de-normalised back to them (any other tensor's path): same bytes."""
     from runtime.wire.codec import get_codec, wire_bytes
+    from runtime.wire.pixels import is_input_codec
 
+    bare = {id(x): x.clone() for x in xs}  # a clone holds no pixels
     out = {}
     for name in WIRE:
         codec = get_codec(name, spec=spec)
         out[name] = lambda x, c=codec: wire_bytes(c.encode(x))
+        if is_input_codec(name):
+            out[f"{name} (from the tensor)"] = lambda x, c=codec: wire_bytes(c.encode(bare[id(x)]))
     for level in PNG_LEVELS:
         out[f"png (level {level})"] = _png(spec, level)
     return out
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     spec = load_model(args.model).spec
     xs = [f.tensor for f in open_source(spec, "samples", 4)]
-    encs = encoders(spec)
+    encs = encoders(spec, xs)
     free = measure(encs, xs, args.repeats)
     board, why = None, cgroup_unavailable()
     if not why:
