@@ -30,6 +30,8 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     max_loaded_models: int = field(4, "models held in memory at once; a frame or Prepare naming another is RESOURCE_EXHAUSTED")
     max_reassembly_bytes: int = field(256 * 2**20, "bytes held in incomplete chunked frames over all streams; beyond, RESOURCE_EXHAUSTED")
     reassembly_timeout_seconds: float = field(10.0, "an incomplete chunked frame older than this is dropped (DEADLINE_EXCEEDED)")
+    max_streams: int = field(1024, "InferStream calls open at once, every caller together; beyond, a new one is RESOURCE_EXHAUSTED at once")
+    max_streams_per_caller: int = field(4, "InferStream calls one authenticated agent or worker keeps open; a newer one ends its oldest RESOURCE_EXHAUSTED (an agent holds one per worker, two while reconnecting)")
     max_stream_results: int = field(32, "results one stream may hold computed but not yet sent; beyond, the worker stops reading it")
     stalled_stream_seconds: float = field(30.0, "a result the client has not taken within this long (it stopped reading) ends its stream RESOURCE_EXHAUSTED")
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
@@ -56,6 +58,9 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
         for name in ("stalled_stream_seconds", "forward_deadline_seconds", "forward_connect_timeout_seconds", "forward_reconnect_seconds"):
             if not getattr(self, name) > 0:
                 raise InvalidInput(f"{name} must be > 0, got {getattr(self, name)!r}")
+        for name in ("max_streams", "max_streams_per_caller"):
+            if getattr(self, name) < 1:
+                raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)!r}")
         if any(not t.strip() for t in self.next_tiers):
             raise InvalidInput("next_tiers holds an empty address; give each as HOST:PORT")
         if any(not t.strip() for t in self.halo_peers):

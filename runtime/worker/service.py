@@ -22,7 +22,8 @@ from runtime.contracts.errors import (
     PreconditionFailed,
     Unavailable,
 )
-from runtime.daemon.auth import check_acts_for_agent
+from runtime.daemon.auth import check_acts_for_agent, current_identity
+from runtime.daemon.streams import StreamSlots
 from runtime.daemon.tracing import span, worker_frame
 from runtime.models import get_spec, list_models
 from runtime.models.loader import LoadedModel, load_model
@@ -37,6 +38,7 @@ from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
 from runtime.wire.framewire import parse_request
 from runtime.wire.handoff import submit
 from runtime.wire.jpeg import INPUT_IMAGE_CODECS
+from runtime.wire.security import AGENT, WORKER
 from runtime.worker import probe
 from runtime.worker.allowlist import served_models
 from runtime.worker.cancel import CancelledFrames
@@ -208,6 +210,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         self._idle.set()
         self.draining = False
         self._stream_queues: set[asyncio.Queue] = set()  # each open InferStream's result queue (see end_streams)
+        # open InferStreams per authenticated agent or worker and in all (runtime.daemon.streams); operators and
+        # callers of a worker without authentication (loopback only) count in the total
+        self.stream_slots = StreamSlots(
+            "InferStream", config.max_streams_per_caller, config.max_streams, roles=(AGENT, WORKER), where="this worker",
+            per_caller_hint=" (--max-streams-per-caller); run one agent process per identity",
+            total_hint="send frames to another worker or run them locally, or raise --max-streams",
+            on_shed=lambda reason: metrics.streams_shed.labels(reason).inc())
         self.unsent_results = 0  # results of all streams computed or queued and not yet sent (backpressure)
         # bytes in incomplete chunked frames, all streams together (runtime.wire.budget)
         self.reassembly = ByteBudget(config.max_reassembly_bytes, config.reassembly_timeout_seconds)
@@ -426,15 +435,17 @@ class InferenceService(pb_grpc.InferenceServicer):
 
     async def InferStream(self, request_iterator, context: grpc.aio.ServicerContext):
         """One result per frame, in completion order; a bad frame gets an error result, not a dead stream
-        (runtime.worker.streaming)."""
-        session = StreamSession(self, request_iterator, context)
-        session.open()
-        try:
-            while (result := await session.next()) is not None:
-                yield result
-                session.sent()
-        finally:
-            session.close()
+        (runtime.worker.streaming). Counted by ``stream_slots``: a caller's newer stream ends its oldest, and
+        beyond --max-streams a new one is refused RESOURCE_EXHAUSTED before anything is allocated."""
+        with self.stream_slots.hold(current_identity(), context):
+            session = StreamSession(self, request_iterator, context)
+            session.open()
+            try:
+                while (result := await session.next()) is not None:
+                    yield result
+                    session.sent()
+            finally:
+                session.close()
 
 
 class _Handlers:
