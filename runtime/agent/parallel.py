@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import grpc
 import torch
@@ -56,15 +57,16 @@ logger = logging.getLogger(__name__)
 
 
 LOCAL = "local"
+T = TypeVar("T")
 
 
-def _inference(fn: Callable, *args):
+def _inference(fn: Callable[..., T], *args: object) -> T:
     with torch.inference_mode():
         return fn(*args)
 
 
 def _block_done(on_block: Callable[[int, list[TileReport]], None] | None, i: int, reports: list[TileReport],
-                f: asyncio.Future) -> None:
+                f: asyncio.Future[list[None]]) -> None:
     if not f.cancelled() and f.exception() is None and on_block is not None:  # exception(): retrieved, not logged
         on_block(i, reports)
 
@@ -138,7 +140,7 @@ class ParallelCoordinator:
     def _stub(self, address: str) -> tiles_pb2_grpc.TilesStub:
         if address not in self._channels:
             self._channels[address] = self.options.transport.aio_channel(address)  # TLS/tokens and interceptors as configured
-        return tiles_pb2_grpc.TilesStub(self._channels[address])
+        return tiles_pb2_grpc.TilesStub(self._channels[address])  # type: ignore[no-untyped-call]  # generated, unannotated
 
     async def prepare(self, timeout: float = 120.0) -> dict[str, str]:
         """Ask every worker to load the model now (``Inference.Prepare``; the weights fingerprint is
@@ -149,13 +151,14 @@ class ParallelCoordinator:
 
         async def one(address: str) -> str:
             self._stub(address)  # opens the channel
-            stub = pb_grpc.InferenceStub(self._channels[address])
+            stub = pb_grpc.InferenceStub(self._channels[address])  # type: ignore[no-untyped-call]  # generated, unannotated
             try:
                 await stub.Prepare(pb.PrepareRequest(header=header), timeout=timeout)
             except grpc.RpcError as e:
                 err = from_rpc_error(e)
-                logger.warning("worker %s did not prepare %s: %s %s", address, self.loaded.name, err.code.name, err)
-                return err.code.name
+                code: str = err.code.name
+                logger.warning("worker %s did not prepare %s: %s %s", address, self.loaded.name, code, err)
+                return code
             return ""
 
         codes = await asyncio.gather(*(one(w) for w in self.stage.workers))
@@ -167,7 +170,7 @@ class ParallelCoordinator:
         self._channels.clear()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _compute(self, fn: Callable, *args):
+    async def _compute(self, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` in the coordinator's thread, under ``torch.inference_mode`` there. Never hold
         inference mode across an ``await`` on the event loop: it is the loop thread's state, so every task
         that ran meanwhile (another frame stitching its tiles) would make inference tensors, and the next
@@ -183,7 +186,8 @@ class ParallelCoordinator:
                               model_digest=self.loaded.digest if self.options.model_digest else "")
 
     def _request(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor | None, seq: int,
-                 keep: bool = False, parts: list | None = None, token: bytes = b"") -> tiles_pb2.TileRequest:
+                 keep: bool = False, parts: list[tuple[str, Region, Region]] | None = None,
+                 token: bytes = b"") -> tiles_pb2.TileRequest:
         msg = tiles_pb2.TileRequest(header=self._header(i, seq), input_height=in_hw[0], input_width=in_hw[1],
                                     output=region_msg(reg.output), input=region_msg(reg.input),
                                     output_codec=self.codec_name, keep_output=keep, halo_token=token)
@@ -231,9 +235,21 @@ class ParallelCoordinator:
             msg = self._request(i, in_hw, reg, crop, report.seq)
         except TooLarge as e:
             report.failures.append(f"{report.planned}: {e.code.name}")
-            msg = None
-        candidates = [report.planned] + [w for w in healthy if w != report.planned]
-        for address in candidates if msg is not None else ():
+        else:
+            tile = await self._on_workers(i, msg, report, healthy)
+            if tile is not None:
+                return tile
+        t0 = time.perf_counter()
+        tile = await self._compute(self.segments[i].run_tile, crop, reg)
+        report.ran_on, report.seconds = LOCAL, time.perf_counter() - t0
+        report.compute_seconds = report.worker_seconds = report.seconds
+        self.metrics.tile_seconds.labels(LOCAL).observe(report.seconds)
+        return tile
+
+    async def _on_workers(self, i: int, msg: tiles_pb2.TileRequest, report: TileReport,
+                          healthy: list[str]) -> torch.Tensor | None:
+        """The tile from its planned worker, else from each other healthy worker in turn (None: all failed)."""
+        for address in [report.planned] + [w for w in healthy if w != report.planned]:
             if address not in healthy:
                 continue
             try:
@@ -247,15 +263,11 @@ class ParallelCoordinator:
                 if address in healthy:
                     healthy.remove(address)  # not again in this frame
                 continue
+            assert tile is not None  # asked for (keep_output False): _remote decoded it
             report.ran_on = address
             self.metrics.tile_seconds.labels(address).observe(report.seconds)
             return tile
-        t0 = time.perf_counter()
-        tile = await self._compute(self.segments[i].run_tile, crop, reg)
-        report.ran_on, report.seconds = LOCAL, time.perf_counter() - t0
-        report.compute_seconds = report.worker_seconds = report.seconds
-        self.metrics.tile_seconds.labels(LOCAL).observe(report.seconds)
-        return tile
+        return None
 
     # -- the stage ----------------------------------------------------------------------------
 
@@ -334,7 +346,7 @@ class ParallelCoordinator:
         maps = [] if maps is None else maps
         src: TileMap | StoredMap = TileMap.ready(x)
         maps.append(src)
-        tasks: list[asyncio.Future] = []
+        tasks: list[asyncio.Future[None]] = []
         stop = asyncio.Event()  # a tile failed: the tiles not yet sent are not sent
         try:
             for i, seg in enumerate(self.segments):
@@ -367,6 +379,7 @@ class ParallelCoordinator:
         finally:
             for t in tasks:
                 t.cancel()
+        assert isinstance(src, TileMap)  # the last block's tiles come back: halo_input(len(segments)) is False
         return src.full(), reports
 
     async def _map_tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, report: TileReport, healthy: list[str],

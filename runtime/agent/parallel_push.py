@@ -19,16 +19,22 @@ import asyncio
 import logging
 import time
 
+import torch
+
 from runtime.agent.frame import FrameResult
-from runtime.agent.parallel import LOCAL, CoordinatorOptions, ParallelCoordinator, TileMetrics, TileReport
+from runtime.agent.parallel import LOCAL, CoordinatorOptions, ParallelCoordinator, TileMetrics
+from runtime.agent.parallel_maps import TileReport
+from runtime.agent.telemetry import LinkEstimator
 from runtime.contracts.errors import InvalidInput
 from runtime.daemon.tracing import parallel_frame
+from runtime.models.loader import LoadedModel
 from runtime.parallel.plan import ParallelStage
+from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 
 logger = logging.getLogger(__name__)
 
 
-def feed_link(link, reports: list[TileReport]) -> int:
+def feed_link(link: LinkEstimator, reports: list[TileReport]) -> int:
     """Bandwidth samples of a parallel frame's remote tiles into ``link`` (a
     :class:`runtime.agent.telemetry.LinkEstimator`): per tile, its bytes both ways over its network
     time (round trip - the worker's queue, decode and compute - the link's base RTT, 0 if unknown);
@@ -55,8 +61,8 @@ class PushedStage:
     device, the blocks tiled over the workers; a failed worker's tiles are recomputed elsewhere or
     locally, so no frame is lost)."""
 
-    def __init__(self, loaded, options: CoordinatorOptions | None = None, metrics: TileMetrics | None = None,
-                 prepare_timeout_seconds: float = 60.0, link=None):
+    def __init__(self, loaded: LoadedModel, options: CoordinatorOptions | None = None, metrics: TileMetrics | None = None,
+                 prepare_timeout_seconds: float = 60.0, link: LinkEstimator | None = None):
         self.loaded = loaded
         self.link = link  # the agent's LinkEstimator: frames through the stage feed it (None: they do not)
         self.options = options or CoordinatorOptions()
@@ -70,7 +76,7 @@ class PushedStage:
     def active(self) -> bool:
         return self.coord is not None
 
-    async def apply(self, plan) -> None:
+    async def apply(self, plan: ppb.Plan) -> None:
         """Take a ``planner_pb2.Plan``'s stage, or none. InvalidInput (the plan is refused) for a stage
         this model cannot run: other model, unknown split, a block that cannot be tiled."""
         old = self.coord
@@ -93,7 +99,7 @@ class PushedStage:
             asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
 
     @parallel_frame  # log ids and, when tracing is on, the frame's agent.frame span (runtime.daemon.tracing)
-    async def infer(self, seq: int, x, frame: str = ""):
+    async def infer(self, seq: int, x: torch.Tensor, frame: str = "") -> FrameResult:
         """One frame through the active stage: a ``FrameResult`` with where = "parallel"."""
         coord = self.coord
         if coord is None:

@@ -32,9 +32,12 @@ import torch
 from runtime.agent.parallel_halo import StoredMap
 from runtime.agent.parallel_maps import TileMap, TileReport, region_msg
 from runtime.contracts.errors import EdgesplitError, InvalidInput, from_rpc_error
+from runtime.models.loader import LoadedModel
+from runtime.parallel.plan import ParallelStage
 from runtime.parallel.receptive import Region, TileRegions
+from runtime.parallel.tiled import TiledSegment
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
-from runtime.proto.edgesplit.v1 import tiles_pb2
+from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
 from runtime.wire.codec import decode_tensor
 
 logger = logging.getLogger(__name__)
@@ -44,15 +47,15 @@ LOST = ("UNAVAILABLE", "DEADLINE_EXCEEDED")
 
 
 class Coordinator(Protocol):  # what recover needs of runtime.agent.parallel.ParallelCoordinator
-    loaded: Any
-    stage: Any
-    options: Any
+    loaded: LoadedModel
+    stage: ParallelStage
+    options: Any  # CoordinatorOptions and TileMetrics: runtime.agent.parallel imports this module (no cycle)
     metrics: Any
-    segments: list
+    segments: list[TiledSegment]
 
     def bands(self, i: int, in_hw: tuple[int, int]) -> list[tuple[str, Region]]: ...
 
-    def _stub(self, address: str) -> Any: ...
+    def _stub(self, address: str) -> tiles_pb2_grpc.TilesStub: ...
 
     async def _tile(self, i: int, in_hw: tuple[int, int], reg: TileRegions, crop: torch.Tensor,
                     report: TileReport, healthy: list[str]) -> torch.Tensor: ...
@@ -107,7 +110,7 @@ async def _given_back(coord: Coordinator, m: StoredMap, b: int, seq: int, token:
     return [k for k in await asyncio.gather(*(one(k) for k in kept)) if k is not None]
 
 
-async def _map_at(coord: Coordinator, maps: list, b: int, seq: int, token: bytes, healthy: list[str],
+async def _map_at(coord: Coordinator, maps: list[TileMap | StoredMap], b: int, seq: int, token: bytes, healthy: list[str],
                   reports: list[TileReport]) -> torch.Tensor:
     """The whole map at block ``b``'s input (``b`` = the number of blocks: the stage's output)."""
     m = maps[b]
@@ -145,7 +148,7 @@ async def _map_at(coord: Coordinator, maps: list, b: int, seq: int, token: bytes
     return out.full()
 
 
-async def recover(coord: Coordinator, maps: list, seq: int, token: bytes, reports: list[TileReport]) -> torch.Tensor:
+async def recover(coord: Coordinator, maps: list[TileMap | StoredMap], seq: int, token: bytes, reports: list[TileReport]) -> torch.Tensor:
     """The stage's output for frame ``seq`` after its halo exchange failed. ``maps``: the input map of each
     block the failed run reached and the last block's output (:meth:`ParallelCoordinator._run`), their
     tiles marked done where they were gathered or kept; ``reports`` gets a report per tile computed again."""

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from runtime.agent.config import AgentConfig, default_agent_id
-from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator, TileMetrics, TileReport
-from runtime.agent.sources import open_source
+from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator, TileMetrics
+from runtime.agent.parallel_maps import TileReport
+from runtime.agent.sources import Frame, open_source
 from runtime.agent.summary import percentile
 from runtime.contracts.errors import InvalidInput
 from runtime.daemon.logcontext import log_scope
@@ -76,7 +77,8 @@ def load_stage(opts: ParallelRunOptions, model: str) -> ParallelStage:
     return stage.with_workers(opts.workers) if opts.workers else stage
 
 
-async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[str] | None = None) -> list[dict]:
+async def run_parallel(config: AgentConfig, opts: ParallelRunOptions,
+                       out: IO[str] | None = None) -> list[dict[str, Any]]:
     """Process ``config.source`` through the stage; returns the result records."""
     import torch
 
@@ -95,7 +97,7 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
     logger.info("parallel stage: %s over %d workers (%s)", " | ".join(f"{b.start}..{b.end}" for b in stage.blocks),
                 len(stage.workers), ", ".join(stage.workers))
     labels = loaded.spec.labels
-    records: list[dict] = []
+    records: list[dict[str, Any]] = []
     reports: list[TileReport] = []
     totals: list[float] = []
     try:
@@ -106,7 +108,7 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
         with (open(config.output, "w") if config.output not in ("-", "") else nullcontext(sys.stdout)) as sink:
             sink = out or sink
 
-            async def one(seq: int, frame) -> tuple[dict, list[TileReport], float]:
+            async def one(seq: int, frame: Frame) -> tuple[dict[str, Any], list[TileReport], float]:
                 t0 = time.perf_counter()
                 with span("agent.frame", **{"edgesplit.frame.seq": seq}), log_scope(frame=seq):  # tracing on: a root
                     y, tiles = await coord.run_frame(frame.tensor)  # each tile's InferTile a CLIENT span under it
@@ -121,7 +123,7 @@ async def run_parallel(config: AgentConfig, opts: ParallelRunOptions, out: IO[st
 
             # --window frames in flight (the coordinator's work on one overlaps the workers' on another);
             # results are written in frame order
-            pending: collections.deque[asyncio.Task] = collections.deque()
+            pending: collections.deque[asyncio.Task[tuple[dict[str, Any], list[TileReport], float]]] = collections.deque()
             frames = enumerate(open_source(loaded.spec, config.source, config.frames))
             try:
                 while True:

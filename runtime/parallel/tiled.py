@@ -28,7 +28,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.fx as fx
@@ -180,7 +180,8 @@ class TiledSegment:
             elif node.op == "call_module":
                 steps.append(_Step(layer, node, gm.get_submodule(str(node.target))))
             else:
-                steps.append(_Step(layer, node, node.target))  # type: ignore[arg-type]
+                # call_function (segment_geometry admits no call_method): fx's Target is the function
+                steps.append(_Step(layer, node, cast(Callable[..., torch.Tensor], node.target)))
         self._steps = tuple(steps)
         self._gm = gm
 
