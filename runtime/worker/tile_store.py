@@ -278,7 +278,7 @@ class Peers:
         while len(self._channels) > MAX_PEERS:
             _, old = self._channels.popitem(last=False)
             asyncio.get_running_loop().create_task(old.close())
-        return tiles_pb2_grpc.TilesStub(ch)
+        return tiles_pb2_grpc.TilesStub(ch)  # type: ignore[no-untyped-call]  # generated, unannotated
 
     async def fetch(self, address: str, header: pb.FrameHeader, token: bytes, tile: Region, want: Region,
                     channels: int, timeout: float, max_bytes: int) -> torch.Tensor:

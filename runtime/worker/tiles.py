@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import grpc
@@ -81,7 +82,7 @@ class TileSegments:
         self._segments: dict[tuple[str, str, str], TiledSegment] = {}
         self._lock = asyncio.Lock()
 
-    async def get(self, loaded: LoadedModel, a: str, b: str, executor) -> TiledSegment:
+    async def get(self, loaded: LoadedModel, a: str, b: str, executor: Executor | None) -> TiledSegment:
         key = (loaded.name, a, b)
         seg = self._segments.get(key)
         if seg is not None:
@@ -197,7 +198,8 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
 
         return list(await asyncio.gather(*(one(*part) for part in p.parts)))
 
-    def _compute(self, p: Prepared, pieces: list | None, req: tiles_pb2.TileRequest, admitted_at: float):
+    def _compute(self, p: Prepared, pieces: list[tuple[Region, torch.Tensor]] | None, req: tiles_pb2.TileRequest,
+                 admitted_at: float) -> tuple[torch.Tensor, tensor_pb2.Tensor | None, pb.StageTimes, str]:
         t0 = time.perf_counter()
         if pieces:
             x = assemble(p.regions.input, pieces)
@@ -250,7 +252,7 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
 
         peer_bytes = 0  # crop parts fetched from the neighbours (FetchRegion payloads), for the agent's byte count
 
-        async def prepare():
+        async def prepare() -> tuple[Prepared, list[tuple[Region, torch.Tensor]] | None, float]:
             nonlocal peer_bytes
             get_codec(request.output_codec or "raw")  # InvalidInput with the valid names
             p = await self._plan(request)
@@ -261,7 +263,10 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
             return p, pieces, time.perf_counter()
 
         # the worker's queue bound and drain cover tiles too; the slot is freed when the compute ends
-        y, tile, times, end_split = await svc.run_admitted(prepare, lambda p: self._compute(p[0], p[1], request, p[2]))
+        # (InferenceService.run_admitted is unannotated: its result is the compute's)
+        computed: tuple[torch.Tensor, tensor_pb2.Tensor | None, pb.StageTimes, str] = await svc.run_admitted(  # type: ignore[no-untyped-call]
+            prepare, lambda p: self._compute(p[0], p[1], request, p[2]))
+        y, tile, times, end_split = computed
         self.tiles.labels(request.header.model_id).inc()
         self.tile_seconds.observe(times.tail_seconds)
         if tile is None:  # keep_output: the next block's workers fetch what they need of it
