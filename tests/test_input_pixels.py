@@ -106,3 +106,21 @@ def test_round_trip_from_pixels_is_exact(loaded, frames, name):
     codec = get_codec(name, spec=loaded.spec)
     for x in frames:
         assert torch.equal(codec.decode(codec.encode(x)), x)
+
+
+def test_the_agent_sends_an_input_frame_from_its_pixels_without_calling_the_head(loaded, frames, monkeypatch):
+    """client._head_encode at split 'input': the head (the empty graph) is not called, and the codec gets the frame
+    itself, pixels and all: the bytes a frame travels in are the codec's from the pixels."""
+    from types import SimpleNamespace
+
+    from runtime.agent.client import Agent
+
+    def no_head(x):
+        raise AssertionError("the input split's head was called")
+
+    codec = get_codec("webp", spec=loaded.spec)
+    plan = SimpleNamespace(split=SimpleNamespace(name="input"), head=no_head, encoder=None, stream=object(), codec=codec)
+    monkeypatch.setattr(InputImageCodec, "_to_pixels", lambda *a: pytest.fail("the frame was de-normalised"))
+    h, msg, *_, tail = Agent._head_encode(None, plan, frames[0])  # type: ignore[arg-type]
+    assert h is frames[0] and tail is None
+    assert bytes(msg.payload) == codec.encode(frames[0]).buffer

@@ -32,7 +32,7 @@ from runtime.agent.telemetry import LinkEstimator
 from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.daemon.tracing import agent_frame
 from runtime.models.loader import LoadedModel
-from runtime.models.slicing import OUTPUT
+from runtime.models.slicing import INPUT, OUTPUT
 from runtime.wire import handoff
 from runtime.wire.chain import Hop
 from runtime.wire.codec import Codec
@@ -241,8 +241,11 @@ class Agent:
         Returns (h, message, start, head s, codec s, tl_encode s or None, (output, tail s) or None);
         h is the raw head output; the last is set when the plan sends nothing (the tail ran here)."""
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            h = plan.head(x)
+        if plan.split.name == INPUT:  # the head there is the empty graph, x itself: not called (nor inference_mode
+            h = x                     # entered), 0.1 ms of a frame's board time after the board sat idle (issue 14)
+        else:
+            with torch.inference_mode():
+                h = plan.head(x)
         t1 = time.perf_counter()
         z, t_tl = h, None
         if plan.encoder is not None and plan.stream is not None:
