@@ -89,7 +89,7 @@ class QuotaSet:
     def __enter__(self) -> QuotaSet:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         errors = []
         for q in self.groups:
             try:

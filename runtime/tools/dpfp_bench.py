@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from runtime.tools.cpuquota import MIN_QUOTA_US, PERIOD_US
 from runtime.tools.dpfp_measure import (
@@ -42,6 +43,7 @@ from runtime.tools.dpfp_measure import (
     Direct,
     Measurement,
     MiB,
+    Relay,
     RelayProcess,
     calibrate_coordinator,
     measure_all,
@@ -51,6 +53,12 @@ from runtime.tools.dpfp_measure import (
     result_row,
 )
 from runtime.tools.dpfp_report import machine, markdown
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.models.loader import LoadedModel
+    from runtime.tools.cpuquota import CpuQuota, QuotaSet
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,13 +118,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal: dict, loaded, image,
-                    factors: Path | None, groups: list) -> list[dict]:
+async def _measure_k(args: argparse.Namespace, k: int, names: list[str], prof: Path, tmp: Path, cal: dict[str, Any],
+                    loaded: LoadedModel, image: torch.Tensor, factors: Path | None,
+                    groups: list[CpuQuota]) -> list[dict[str, Any]]:
     import torch
 
     from runtime.parallel.plan import ParallelStage
 
-    planned, ms, skipped = {}, {}, {}
+    planned: dict[str, dict[str, Any]] = {}
+    ms: dict[tuple[str, int], Measurement] = {}
+    skipped: dict[str, str] = {}
     for strategy in [x for x in STRATEGIES if x in args.strategies.split(",")]:
         planned[strategy] = planned[HALO] if strategy == ACKED and HALO in planned else plan(  # the same plan
             prof, k, strategy, args, names, tmp / f"{k}-{strategy}.json", cal["bytes_per_second"] / 1e6,
@@ -147,27 +158,27 @@ async def _measure_k(args, k: int, names: list[str], prof: Path, tmp: Path, cal:
             g.set_period(args.periods[0])
         for m in ms.values():
             await m.coord.close()
-    rows = []
+    rows: list[dict[str, Any]] = []
     for strategy, p in planned.items():
         for period in args.periods:
-            m = ms.get((strategy, period))
-            rows.append(result_row(k, strategy, p, m.result() if m else None, skipped.get(strategy, "")))
+            got = ms.get((strategy, period))
+            rows.append(result_row(k, strategy, p, got.result() if got else None, skipped.get(strategy, "")))
             r = rows[-1]
             r["period_us"] = period
-            if m is not None:
-                r["halo_fallbacks"] = m.coord.halo_fallbacks  # frames resumed with gather and scatter
-                r["halo_recovered_tiles"] = recovered_tiles(m.coord)  # of those frames' tiles: fetched back, run again
+            if got is not None:
+                r["halo_fallbacks"] = got.coord.halo_fallbacks  # frames resumed with gather and scatter
+                r["halo_recovered_tiles"] = recovered_tiles(got.coord)  # of those frames' tiles: fetched back, run again
                 print(f"K={k} {strategy:<15} {period} us: predicted {r['predicted_seconds']:.3f} s measured "
                       f"{r['measured_seconds']:.3f} s", file=sys.stderr)
     return rows
 
 
-async def run(args, tmp: Path, quotas) -> dict:
+async def run(args: argparse.Namespace, tmp: Path, quotas: QuotaSet) -> dict[str, Any]:
 
     from runtime.models.loader import load_model
     from runtime.parallel.plan import ParallelStage
     from runtime.tools.netem import DelayProxy, LinkShape
-    from runtime.worker.process import spawn_worker
+    from runtime.worker.process import WorkerProcess, spawn_worker
 
     counts = sorted({int(x) for x in args.workers.split(",")})
     prof = Path(args.profile) if args.profile else tmp / "worker.json"
@@ -181,7 +192,9 @@ async def run(args, tmp: Path, quotas) -> dict:
 
         in_quota(quotas, args.share, args.model, factors, args.tile_factor_runs, period_us=args.period_us)
     loaded = load_model(args.model)
-    workers, relays, groups = [], [], []
+    workers: list[WorkerProcess] = []
+    relays: list[Relay] = []
+    groups: list[CpuQuota] = []
     try:
         for i in range(max(counts)):
             w = spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--max-queue", "64",  # peers on loopback
@@ -199,7 +212,7 @@ async def run(args, tmp: Path, quotas) -> dict:
 
         image = next(iter(open_source(loaded.spec, "samples", 1))).tensor
         cal = await calibrate_coordinator(args, loaded, [r.address for r in relays])
-        rows = []
+        rows: list[dict[str, Any]] = []
         for k in counts:
             rows += await _measure_k(args, k, [r.address for r in relays[:k]], prof, tmp, cal, loaded, image, factors,
                                      groups[:k])

@@ -6,6 +6,7 @@ its calibration, the emulated links (one relay per worker) and each strategy's r
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import statistics
@@ -14,8 +15,18 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from runtime.tools import dpfp_timeline
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.agent.parallel import ParallelCoordinator
+    from runtime.agent.parallel_maps import TileReport
+    from runtime.models.loader import LoadedModel
+    from runtime.parallel.plan import ParallelStage
+    from runtime.tools.cpuquota import QuotaSet
 
 STRATEGIES = ("single_worker", "dpfp", "dpfp_halo", "dpfp_halo_acked", "dpfp_bands_barrier", "layer_by_layer",
               "fused_all")
@@ -24,12 +35,18 @@ ACKED = "dpfp_halo_acked"  # the same halo plan, each halo block's tiles sent on
 PREVIOUS = "dpfp_bands_barrier"  # DPFP as first built: row bands only, uncalibrated, each block waits for the last
 MiB = 2**20
 
+Frames = list[tuple[float, list["TileReport"]]]
+"""(start, that frame's tile reports) per frame: the timeline's input."""
+Measured = tuple[list[float], list["TileReport"], float, list[float], "float | None", Frames]
+""":meth:`Measurement.result`: frame times, tile reports, largest relative error, per-block medians, the
+window's period (None: not run), the frames."""
+
 
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "runtime.cli.main", *args]
 
 
-def profile(quotas, share: float, model: str, runs: int, out: Path, period_us: int = 10_000) -> None:
+def profile(quotas: QuotaSet, share: float, model: str, runs: int, out: Path, period_us: int = 10_000) -> None:
     proc = subprocess.Popen(_cli("profile", "--model", model, "--role", "edge", "--machine", "worker", "--runs", str(runs),
                                  "--warmup", "1", "--codec", "raw", "--inputs", "1", "--threads", "1", "--no-progress",
                                  "--out", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -39,8 +56,8 @@ def profile(quotas, share: float, model: str, runs: int, out: Path, period_us: i
         raise RuntimeError(f"profile failed: {err.decode()[-2000:]}")
 
 
-def plan(profile_path: Path, k: int, strategy: str, args, names: list[str], out: Path, coord_mbytes: float = 0.0,
-         block_ms: float = 0.0, factors: Path | None = None) -> dict:
+def plan(profile_path: Path, k: int, strategy: str, args: argparse.Namespace, names: list[str], out: Path,
+         coord_mbytes: float = 0.0, block_ms: float = 0.0, factors: Path | None = None) -> dict[str, Any]:
     previous = strategy == PREVIOUS
     halo = ["--parallel-halo", "--parallel-halo-round-ms", "0"] if strategy in (HALO, ACKED) else []
     cmd = ["plan", "--parallel", "--parallel-link", f"{2 * args.delay_ms},{args.rate_mbps}",
@@ -63,8 +80,8 @@ class Measurement:
     """One strategy's stage on one coordinator: latency frames (with each block's wall time), then
     optionally throughput with several frames in flight."""
 
-    def __init__(self, loaded, stage, image, reference, wavefront: bool = True, halo_early: bool = True,
-                 period_us: int = 10_000):
+    def __init__(self, loaded: LoadedModel, stage: ParallelStage, image: torch.Tensor, reference: torch.Tensor,
+                 wavefront: bool = True, halo_early: bool = True, period_us: int = 10_000):
         from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
         from runtime.wire.transport import TransportOptions
 
@@ -73,18 +90,23 @@ class Measurement:
             tile_deadline_seconds=300, transport=TransportOptions(max_message_bytes=256 * MiB), wavefront=wavefront,
             halo_early=halo_early))
         self.times: list[float] = []
-        self.tiles: list = []
+        self.tiles: list[TileReport] = []
         self.blocks: list[list[float]] = []
-        self.frames: list[tuple[float, list]] = []  # (start, that frame's tile reports): the timeline
-        self.err, self.period = 0.0, None
+        self.frames: Frames = []  # (start, that frame's tile reports): the timeline
+        self.err = 0.0
+        self.period: float | None = None
 
-    def _error(self, y) -> float:
+    def _error(self, y: torch.Tensor) -> float:
         return float((y - self.reference).abs().max() / self.reference.abs().max())
 
     async def frame(self, record: bool = True) -> None:
         marks: list[float] = []
         t0 = time.perf_counter()
-        y, reports = await self.coord.run_stage(self.image, lambda b, r, m=marks: m.append(time.perf_counter()))
+
+        def on_block(block: int, done: list[TileReport]) -> None:
+            marks.append(time.perf_counter())
+
+        y, reports = await self.coord.run_stage(self.image, on_block)
         if record:
             self.times.append(time.perf_counter() - t0)
             self.tiles.extend(reports)
@@ -95,7 +117,7 @@ class Measurement:
     async def window(self, frames: int, window: int) -> None:
         gate = asyncio.Semaphore(window)
 
-        async def one():
+        async def one() -> tuple[torch.Tensor, list[TileReport]]:
             async with gate:
                 return await self.coord.run_stage(self.image)
 
@@ -104,7 +126,7 @@ class Measurement:
         self.period = (time.perf_counter() - t0) / len(outs)
         self.err = max(self.err, max(self._error(o) for o, _ in outs))
 
-    def result(self):
+    def result(self) -> Measured:
         blocks = self.blocks
         medians = [statistics.median(b[j] for b in blocks) for j in range(len(blocks[0]))] if blocks else []
         return self.times, self.tiles, self.err, medians, self.period, self.frames
@@ -124,7 +146,7 @@ async def measure_all(ms: list[Measurement], frames: int, interleave: bool,
         await m.frame()
 
 
-async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
+async def calibrate_coordinator(args: argparse.Namespace, loaded: LoadedModel, addresses: list[str]) -> dict[str, Any]:
     """The coordinator's per-byte rate against all workers through their relays (0: not calibrated)."""
     if args.no_calibrate:
         return {"bytes_per_second": 0.0, "blocks": [], "note": "not calibrated (--no-calibrate)"}
@@ -141,6 +163,15 @@ async def calibrate_coordinator(args, loaded, addresses: list[str]) -> dict:
     return {"bytes_per_second": cal.bytes_per_second, "block_overhead_seconds": cal.block_overhead_seconds,
             "blocks": list(cal.blocks), "bytes": cal.bytes,
             "rest_seconds": cal.rest_seconds, "frames": cal.frames}
+
+
+class Relay(Protocol):
+    """A worker's link as the coordinator sees it: the address to call, closed after the run."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def close(self) -> None: ...
 
 
 class Direct:
@@ -175,7 +206,7 @@ class RelayProcess:
             self.proc.wait(10)
 
 
-def recovered_tiles(coord) -> dict[str, int]:
+def recovered_tiles(coord: ParallelCoordinator) -> dict[str, int]:
     """After failed halo exchanges, the tiles the coordinator fetched back from the workers keeping them and
     those it computed again, over every frame it ran (``edgesplit_agent_halo_recovered_tiles_total{how}``)."""
     reg = coord.metrics.registry
@@ -183,9 +214,10 @@ def recovered_tiles(coord) -> dict[str, int]:
             for how in ("fetched", "recomputed")}
 
 
-def result_row(k: int, strategy: str, planned: dict, measured, skipped: str = "") -> dict:
+def result_row(k: int, strategy: str, planned: dict[str, Any], measured: Measured | None,
+               skipped: str = "") -> dict[str, Any]:
     stage = planned["stage"]
-    row = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"], "stage": stage,
+    row: dict[str, Any] = {"workers": k, "strategy": strategy, "predicted_seconds": stage["predicted_seconds"], "stage": stage,
            "blocks": [[b["start"], b["end"]] for b in stage["blocks"]],
            "grid_cols": [b.get("grid_cols", 1) for b in stage["blocks"]],
            "predicted_block_seconds": [b["predicted_seconds"] for b in stage["blocks"]],
@@ -201,7 +233,7 @@ def result_row(k: int, strategy: str, planned: dict, measured, skipped: str = ""
     return row
 
 
-def _slowest_compute(tiles, frames: int, blocks: int) -> list[float]:
+def _slowest_compute(tiles: list[TileReport], frames: int, blocks: int) -> list[float]:
     """Per block, the median over frames of its slowest tile's compute as the worker reported it."""
     per: list[list[float]] = [[] for _ in range(blocks)]
     if not frames or len(tiles) % frames:

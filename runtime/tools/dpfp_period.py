@@ -20,6 +20,10 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.tools.cpuquota import QuotaSet
 
 CHILD = """
 import json, sys, time
@@ -45,12 +49,13 @@ print(json.dumps(out))
 """
 
 
-def measure(quotas, share: float, period_us: int, work_ms: list[float], seconds: float) -> dict[str, list[float]]:
+def measure(quotas: QuotaSet, share: float, period_us: int, work_ms: list[float], seconds: float) -> dict[str, list[float]]:
     proc = subprocess.Popen([sys.executable, "-c", CHILD, ",".join(map(str, work_ms)), str(seconds)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     quotas.new(share, period_us).add(proc.pid)
     out, _ = proc.communicate("go\n", timeout=60 + 4 * seconds * len(work_ms))
-    return json.loads(out)
+    ratios: dict[str, list[float]] = json.loads(out)
+    return ratios
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,12 +6,13 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
+from typing import Any
 
 from runtime.tools import dpfp_timeline
 from runtime.tools.dpfp_measure import ACKED, HALO
 
 
-def machine() -> dict:
+def machine() -> dict[str, Any]:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     import torch
@@ -25,17 +26,17 @@ _RELAYS = {"process": "a process each", "inline": "in the coordinator process",
            "none": "NOT USED in this run (--relays none: straight to the workers; the link figures are only what the planner assumed)"}
 
 
-def _fmt(v, spec: str) -> str:
+def _fmt(v: object, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
-def _blocks(r: dict) -> str:
+def _blocks(r: dict[str, Any]) -> str:
     grids, halo = r.get("grid_cols") or [1] * len(r["blocks"]), sum(b.get("halo_input", 0) for b in r["stage"]["blocks"])
     return (f"{len(r['blocks'])}" + (f" ({sum(1 for c in grids if c > 1)} grids)" if any(c > 1 for c in grids) else "")
             + (f", {halo} by halo exchange" if halo else ""))
 
 
-def _faults(r: dict) -> str:
+def _faults(r: dict[str, Any]) -> str:
     """Failed tile attempts (timed frames) and, over every frame the coordinator ran, the halo frames that
     resumed with gather and scatter and their tiles fetched back / computed again."""
     if r.get("measured_seconds") is None:
@@ -45,7 +46,7 @@ def _faults(r: dict) -> str:
             f"{rec.get('recomputed', 0)}")
 
 
-def _breakdown(res: dict) -> list[str]:
+def _breakdown(res: dict[str, Any]) -> list[str]:
     """Per fused block of each DPFP row: predicted and measured seconds, tiling."""
     out = ["", "Per fused block (DPFP rows; measured: median time from the previous block's last tile in (or the frame's start) to this block's last tile in; with the wavefront a block's tiles start before the previous block ends, so this may be less than its tiles take):", "",
            "| K | block | tiling | predicted s | measured s | slowest tile's compute s (worker-reported) |",
@@ -63,7 +64,7 @@ def _breakdown(res: dict) -> list[str]:
     return out
 
 
-def _throughput(res: dict) -> list[str]:
+def _throughput(res: dict[str, Any]) -> list[str]:
     rows = [r for r in res["rows"] if r.get("window_period_seconds")]
     if not rows:
         return []
@@ -80,7 +81,7 @@ def _throughput(res: dict) -> list[str]:
     return out
 
 
-def _factors_note(res: dict) -> str:
+def _factors_note(res: dict[str, Any]) -> str:
     tf = res.get("tile_factors")
     if not tf:
         return "each tile priced by its area share of the untiled block (no tile-compute factors)"
@@ -90,27 +91,27 @@ def _factors_note(res: dict) -> str:
             f"{', inside a worker quota' if not res['args'].get('tile_factors') else ', file ' + res['args']['tile_factors']})")
 
 
-def _label(res: dict) -> None:
+def _label(res: dict[str, Any]) -> None:
     """Each row's K label: with several quota periods, "K @ P ms"."""
     many = len(res["args"].get("periods") or [0]) > 1
     for r in res["rows"]:
         r["label"] = f"{r['workers']}" + (f" @ {r.get('period_us', 10_000) / 1000:g} ms" if many else "")
 
 
-def _quota(a: dict) -> str:
+def _quota(a: dict[str, Any]) -> str:
     periods = a.get("periods") or [a.get("period_us", 10_000)]
     return (" / ".join(f"cfs_quota {round(a['share'] * p)} us per {p:,} us" for p in periods)
             + ("; the workers' groups switched between frames, profile and tile factors at the first" if len(periods) > 1
                else ""))
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict[str, Any]) -> str:
     a = res["args"]
     _label(res)
-    single = {(r["workers"], r.get("period_us")): r.get("measured_seconds") for r in res["rows"]
-              if r["strategy"] == "single_worker"}
+    single: dict[tuple[int, int | None], float | None] = {
+        (r["workers"], r.get("period_us")): r.get("measured_seconds") for r in res["rows"] if r["strategy"] == "single_worker"}
 
-    def base_of(p):
+    def base_of(p: int | None) -> float | None:
         return single.get((1, p)) or next((v for (_, q), v in single.items() if q == p), None)
     base_pred = next((r["predicted_seconds"] for r in res["rows"] if r["strategy"] == "single_worker"), None)
     cal = res.get("coordinator", {})

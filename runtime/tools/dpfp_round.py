@@ -23,11 +23,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.agent.parallel_maps import TileReport
+    from runtime.models.loader import LoadedModel
+    from runtime.tools.cpuquota import QuotaSet
 
 MiB = 2**20
 
 
-async def _block(loaded, addresses: list[str], x, start: str, end: str, frames: int) -> dict:
+async def _block(loaded: LoadedModel, addresses: list[str], x: torch.Tensor, start: str, end: str,
+                 frames: int) -> dict[str, float]:
     from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator
     from runtime.parallel.plan import ParallelStage, TiledBlock
     from runtime.tools import dpfp_timeline
@@ -38,7 +47,7 @@ async def _block(loaded, addresses: list[str], x, start: str, end: str, frames: 
                           model=loaded.name)
     coord = ParallelCoordinator(loaded, stage, CoordinatorOptions(
         tile_deadline_seconds=60, transport=TransportOptions(max_message_bytes=256 * MiB)))
-    runs = []
+    runs: list[tuple[float, list[TileReport]]] = []
     try:
         await coord.prepare()
         for f in range(frames + 2):
@@ -54,11 +63,11 @@ async def _block(loaded, addresses: list[str], x, start: str, end: str, frames: 
     return {"span": m["span"], "net": m["net+grpc"], "mean_net": net, "compute": m["compute"], "spread": spread}
 
 
-async def run(args, quotas) -> list[tuple[str, str, dict]]:
+async def run(args: argparse.Namespace, quotas: QuotaSet | None) -> list[tuple[str, str, dict[str, float]]]:
     import torch
 
     from runtime.models.loader import load_model
-    from runtime.tools.dpfp_measure import Direct, RelayProcess
+    from runtime.tools.dpfp_measure import Direct, Relay, RelayProcess
     from runtime.worker.process import spawn_worker
 
     loaded = load_model(args.model)
@@ -68,14 +77,14 @@ async def run(args, quotas) -> list[tuple[str, str, dict]]:
     tmp = Path(tempfile.mkdtemp(prefix="edgesplit-round-"))
     workers = [spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--preload", args.model],
                             timeout=300) for _ in range(args.workers)]
-    rows = []
+    rows: list[tuple[str, str, dict[str, float]]] = []
     try:
         for quota in ("none", f"{args.share:g} core") if quotas is not None else ("none",):
-            if quota != "none":
+            if quota != "none" and quotas is not None:  # listed only with quotas
                 for w in workers:
                     quotas.new(args.share, args.period_us).add(w.proc.pid)
             for relay in ("direct", "relay process"):
-                links = [Direct(w.address) if relay == "direct" else
+                links: list[Relay] = [Direct(w.address) if relay == "direct" else
                          RelayProcess(w.address, args.delay_ms, args.rate_mbps, tmp / f"relay{i}.log")
                          for i, w in enumerate(workers)]
                 try:

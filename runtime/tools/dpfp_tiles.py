@@ -15,14 +15,21 @@ this and a real stage's per-tile compute is contention for the machine's cores.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.models.loader import LoadedModel
+    from runtime.parallel.plan import ParallelStage
 
 
-def best(fn, runs: int) -> float:
-    times = []
+def best(fn: Callable[[], object], runs: int) -> float:
+    times: list[float] = []
     for _ in range(runs):
         t0 = time.perf_counter()
         fn()
@@ -30,7 +37,7 @@ def best(fn, runs: int) -> float:
     return min(times)
 
 
-def measure(stage, loaded, runs: int) -> list[dict]:
+def measure(stage: ParallelStage, loaded: LoadedModel, runs: int) -> list[dict[str, Any]]:
     import torch
 
     from runtime.parallel.receptive import partition
@@ -38,7 +45,7 @@ def measure(stage, loaded, runs: int) -> list[dict]:
 
     with torch.inference_mode():
         x = loaded.head(stage.blocks[0].start)(torch.randn(loaded.input_shape, generator=torch.Generator().manual_seed(0)))
-        rows = []
+        rows: list[dict[str, Any]] = []
         for b in stage.blocks:
             seg = TiledSegment(loaded.sliced, loaded.split(b.start).name, loaded.split(b.end).name)
             in_hw = (int(x.shape[-2]), int(x.shape[-1]))
@@ -46,11 +53,11 @@ def measure(stage, loaded, runs: int) -> list[dict]:
             tiles = partition(seg.out_size(in_hw), shares, b.grid_cols)
             regions = seg.regions(in_hw, tiles)
             whole = seg.regions(in_hw, partition(seg.out_size(in_hw), [1.0]))[0]
-            full = best(lambda s=seg, w=whole, m=x: s.run_tile(m, w), runs)
-            per = []
+            full = best(functools.partial(seg.run_tile, x, whole), runs)
+            per: list[float] = []
             for reg in regions:
                 crop = x[..., reg.input.rows.start: reg.input.rows.stop, reg.input.cols.start: reg.input.cols.stop].contiguous()
-                per.append(best(lambda s=seg, c=crop, r=reg: s.run_tile(c, r), runs))
+                per.append(best(functools.partial(seg.run_tile, crop, reg), runs))
             rows.append({"block": f"{b.start}..{b.end}", "tiles": len(regions), "grid_cols": b.grid_cols,
                          "untiled_seconds": full, "tile_seconds": per, "sum_over_untiled": sum(per) / full,
                          "slowest_over_ideal": max(per) / (full / len(regions))})

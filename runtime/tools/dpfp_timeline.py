@@ -29,13 +29,18 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.agent.parallel_maps import TileReport
 
 TERMS = ("wait", "encode", "queue", "decode", "compute", "net+grpc", "stitch")
 
 
-def frame_terms(t0: float, reports: Sequence, blocks: int) -> list[dict[str, float]]:
+def frame_terms(t0: float, reports: Sequence[TileReport], blocks: int) -> list[dict[str, float]]:
     """One frame's per-block split (``reports``: that frame's TileReports, ``t0``: its start)."""
-    out, prev_end = [], t0
+    out: list[dict[str, float]] = []
+    prev_end = t0
     for b in range(blocks):
         tiles = [t for t in reports if t.block == b and t.done_at]
         if not tiles:
@@ -43,7 +48,7 @@ def frame_terms(t0: float, reports: Sequence, blocks: int) -> list[dict[str, flo
             continue
         crit = max(tiles, key=lambda t: t.done_at)
         remote = crit.sent_at > 0 and crit.answered_at > 0
-        early = remote and getattr(crit, "early", False) and crit.sent_at < prev_end  # counted from the previous block's end
+        early = remote and crit.early and crit.sent_at < prev_end  # counted from the previous block's end
         rtt = crit.answered_at - (prev_end if early else crit.sent_at) if remote else 0.0
         worker = crit.queue_seconds + crit.decode_seconds + crit.compute_seconds if remote else 0.0
         row = {"span": crit.done_at - prev_end, "wait": 0.0 if early else crit.ready_at - prev_end,
@@ -61,7 +66,7 @@ def frame_terms(t0: float, reports: Sequence, blocks: int) -> list[dict[str, flo
     return out
 
 
-def medians(frames: Sequence[tuple[float, Sequence]], blocks: int) -> list[dict[str, float]]:
+def medians(frames: Sequence[tuple[float, Sequence[TileReport]]], blocks: int) -> list[dict[str, float]]:
     """Per block, the median of each term over ``frames`` ((start, reports) pairs)."""
     per = [frame_terms(t0, reps, blocks) for t0, reps in frames]
     out = []
@@ -71,7 +76,7 @@ def medians(frames: Sequence[tuple[float, Sequence]], blocks: int) -> list[dict[
     return out
 
 
-def markdown(rows: Sequence[dict]) -> list[str]:
+def markdown(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The table for dpfp_bench's OUT.md (``rows``: result rows with a ``timeline``)."""
     rows = [r for r in rows if r.get("timeline") and r["strategy"] in ("dpfp", "dpfp_halo", "dpfp_halo_acked")
             and r["workers"] > 1]
@@ -96,7 +101,7 @@ def markdown(rows: Sequence[dict]) -> list[str]:
     return out
 
 
-def _line(k: int | str, name: str, t: dict, strategy: str = "dpfp") -> str:
+def _line(k: int | str, name: str, t: dict[str, float], strategy: str = "dpfp") -> str:
     label = f"{k}" + {"dpfp_halo": " (halo)", "dpfp_halo_acked": " (halo, acked)"}.get(strategy, "")
     return (f"| {label} | {name} | {t['span'] * 1e3:.1f} | " + " | ".join(f"{t[x] * 1e3:.1f}" for x in TERMS)
             + f" | {t['coordinator_cpu'] * 1e3:.1f} | {t['bytes'] / 1e6:.2f} | {t.get('peer_bytes', 0.0) / 1e6:.2f} |")
