@@ -58,6 +58,7 @@ lint: $(STAMP)
 		runtime/agent/parallel_maps.py runtime/agent/parallel_push.py runtime/agent/parallel_recover.py runtime/agent/parallel_run.py \
 		runtime/worker/tiles.py runtime/worker/tile_store.py runtime/cli/plan_parallel.py \
 		runtime/tools/dpfp_bench.py runtime/tools/dpfp_measure.py runtime/tools/dpfp_period.py runtime/tools/dpfp_report.py runtime/tools/dpfp_round.py runtime/tools/dpfp_tilecal.py runtime/tools/dpfp_tiles.py runtime/tools/dpfp_timeline.py runtime/tools/cpuquota.py \
+		runtime/tools/netem.py runtime/tools/pki.py runtime/tools/abuse_check.py runtime/tools/abuse_tls.py runtime/tools/tls_bench.py runtime/tools/trace_bench.py runtime/tools/adapt_run.py runtime/tools/adapt_stages.py \
 		planner/grid.py planner/ranking.py planner/tables.py planner/cache.py planner/evaluate.py planner/peers.py planner/fallbacks.py planner/wirebytes.py planner/rowbound.py planner/state.py planner/requests.py planner/hysteresis.py planner/search.py planner/probes.py planner/gcfreeze.py planner/metrics.py planner/broadcaster.py \
 		planner/service.py planner/servicer.py planner/owners.py planner/intake.py planner/replicas.py planner/server.py planner/store.py planner/store_sql.py planner/store_batch.py planner/store_leases.py planner/writebehind.py planner/rankcache.py planner/refresh.py planner/inband.py planner/bench.py planner/workload.py planner/plot.py planner/streams.py
 	$(VENV)/bin/lint-imports

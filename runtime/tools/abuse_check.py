@@ -18,7 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -29,6 +31,10 @@ from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
+
+if TYPE_CHECKING:
+    from runtime.worker.config import WorkerConfig
+    from runtime.worker.server import WorkerServer
 
 RPC = 30.0
 
@@ -43,7 +49,7 @@ def _profile(role: str, blocks: int) -> str:
     return Profile(machine="m", role=role, model="tinynet", blocks=bl, input_bytes=1000).to_json()
 
 
-async def _code(coro) -> str:
+async def _code(coro: Awaitable[object]) -> str:
     try:
         await coro
         return "OK"
@@ -77,7 +83,8 @@ async def profiles(tmp: Path) -> None:
         "4,097 blocks (limit 4,096)": _profile("device", 4097),
     }
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-        stub, health = ppb_grpc.PlannerStub(ch), health_pb2_grpc.HealthStub(ch)
+        stub = ppb_grpc.PlannerStub(ch)  # type: ignore[no-untyped-call]  # generated, unannotated
+        health = health_pb2_grpc.HealthStub(ch)
         for name, text in cases.items():
             req = ppb.RegisterAgentRequest(agent_id="x", model_id="tinynet", profile_json=text)
             print(f"profile: {name:<32} -> {await _code(stub.RegisterAgent(req, timeout=RPC))}")
@@ -98,7 +105,7 @@ async def profiles(tmp: Path) -> None:
     proc.wait(10)
 
 
-async def _hijack(stub) -> None:
+async def _hijack(stub: ppb_grpc.PlannerStub) -> None:
     """Re-register a worker id and report plan status for an agent, as another process (another lease)."""
     owner, stranger = (("edgesplit-lease", "o" * 43),), (("edgesplit-lease", "s" * 43),)
     worker = ppb.RegisterWorkerRequest(worker_id="w1", address="127.0.0.1:50051", tier="edge",
@@ -117,7 +124,7 @@ async def _hijack(stub) -> None:
           f"{listed.get('a1', '(none)')}")
 
 
-async def _never_reads(stub, ws, cfg) -> None:
+async def _never_reads(stub: pb_grpc.InferenceStub, ws: WorkerServer, cfg: WorkerConfig) -> None:
     """A client that writes frames and never reads a result: bounded, then its stream is ended."""
     call = stub.InferStream(timeout=RPC)
     bad = pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(agent_id="x"),
@@ -144,7 +151,7 @@ async def _never_reads(stub, ws, cfg) -> None:
           f"{int(ws.service.metrics.streams._value.get())} open streams; reading again: {n} results, then {code}")
 
 
-async def _prepare_all(stub, ws, cfg, label: str) -> None:
+async def _prepare_all(stub: pb_grpc.InferenceStub, ws: WorkerServer, cfg: WorkerConfig, label: str) -> None:
     codes = []
     for model in ("digits_cnn", "resnet18", "mobilenet_v2", "efficientnet_lite0", "vgg16", "densenet169"):
         hdr = pb.FrameHeader(model_id=model, split_id="output")
@@ -160,7 +167,7 @@ async def worker() -> None:
     ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, stalled_stream_seconds=5.0))
     cfg = ws.service.config
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}", options=[("grpc.http2.bdp_probe", 0)]) as ch:
-        stub = pb_grpc.InferenceStub(ch)
+        stub = pb_grpc.InferenceStub(ch)  # type: ignore[no-untyped-call]  # generated, unannotated
         before = rss_mb()
         calls = [stub.InferStream(timeout=RPC) for _ in range(40)]
         piece = bytes(4 * 2**20)
@@ -182,7 +189,8 @@ async def worker() -> None:
     await ws.drain_and_stop(0.5)
     ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, preload=("digits_cnn",)))
     async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
-        await _prepare_all(pb_grpc.InferenceStub(ch), ws, ws.service.config, "--preload digits_cnn")
+        stub = pb_grpc.InferenceStub(ch)  # type: ignore[no-untyped-call]  # generated, unannotated
+        await _prepare_all(stub, ws, ws.service.config, "--preload digits_cnn")
     await ws.drain_and_stop(0.5)
 
 

@@ -36,18 +36,18 @@ def _site(d: Path) -> None:
 
 
 def _client(d: Path, stem: str = "", crl: bool = False) -> SecurityOptions:
-    cert = {"cert_file": str(d / f"{stem}.pem"), "key_file": str(d / f"{stem}.key")} if stem else {}
-    return SecurityOptions(ca_file=str(d / "ca.pem"), crl_file=str(d / "crl.pem") if crl else "", **cert)
+    return SecurityOptions(ca_file=str(d / "ca.pem"), crl_file=str(d / "crl.pem") if crl else "",
+                           cert_file=str(d / f"{stem}.pem") if stem else "", key_file=str(d / f"{stem}.key") if stem else "")
 
 
 async def _prepare(port: int, security: SecurityOptions) -> str:
     try:
         async with TransportOptions(security=security).aio_channel(f"127.0.0.1:{port}") as ch:
-            await pb_grpc.InferenceStub(ch).Prepare(
+            await pb_grpc.InferenceStub(ch).Prepare(  # type: ignore[no-untyped-call]  # generated, unannotated
                 pb.PrepareRequest(header=pb.FrameHeader(model_id="digits_cnn", split_id="pool1")), timeout=RPC)
         return "OK"
     except grpc.aio.AioRpcError as e:
-        return e.code().name
+        return str(e.code().name)  # grpc is untyped
 
 
 async def tls(d: Path) -> None:

@@ -27,6 +27,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from runtime.tools import adapt_stages, cpuquota
 from runtime.tools.netem import DelayProxy, LinkShape
@@ -36,7 +37,7 @@ SETTLE = 5.0  # seconds after a step that are not "steady"
 WARM_FRAMES = 8  # the warm-up ends once this many frames in a row, over SETTLE seconds, ran one configuration
 
 
-def settled(frames: list[dict], now: float, estimate: float | None, quiet: float = SETTLE,
+def settled(frames: list[dict[str, Any]], now: float, estimate: float | None, quiet: float = SETTLE,
             count: int = WARM_FRAMES) -> bool:
     """Whether the agent has started for good: it measured its link (``estimate`` > 0), runs a planner's plan
     (version > 0), and its last ``count`` frames, the first of them ``quiet`` s or more ago, ran one
@@ -60,7 +61,7 @@ def _phases(text: str) -> list[tuple[float, float]]:
     return [(float(a), float(b)) for a, b in (p.split(":") for p in text.split(","))]
 
 
-async def _run(cmd: list[str], quota: cpuquota.CpuQuota | None = None, **kw) -> asyncio.subprocess.Process:
+async def _run(cmd: list[str], quota: cpuquota.CpuQuota | None = None, **kw: Any) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(*cmd, **kw)
     if quota is not None:
         quota.add(proc.pid)
@@ -98,7 +99,7 @@ def _scrape_all(port: int, patterns: list[str]) -> list[float | None]:
 DROPPED = r"^edgesplit_agent_dropped_frames_total (\S+)"  # frames the agent's --fps pacing dropped (runtime.agent.pacing)
 
 
-async def record(args: argparse.Namespace, tmp: Path) -> dict:
+async def record(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     phases = _phases(args.phases)
     rng = random.Random(args.seed)
     why_not = cpuquota.unavailable()
@@ -156,9 +157,15 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict:
     return run
 
 
-async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota | None = None) -> dict:
+async def _drive(args: argparse.Namespace, phases: list[tuple[float, float]], rng: random.Random, relay: DelayProxy,
+                 agent: asyncio.subprocess.Process, procs: list[asyncio.subprocess.Process],
+                 join: cpuquota.CpuQuota | None = None) -> dict[str, Any]:
     """``join``: the board's quota, which the agent enters once it has started (torch loaded, plan link up)."""
-    frames, timeline, t0 = [], [], time.monotonic()
+    assert agent.stdout is not None and agent.stderr is not None  # started with both piped (record)
+    stdout, stderr = agent.stdout, agent.stderr
+    frames: list[dict[str, Any]] = []
+    timeline: list[dict[str, Any]] = []
+    t0 = time.monotonic()
     wall0 = time.time()  # result lines carry wall-clock stamps (started_unix, finished_unix)
     metrics_port = None
 
@@ -166,7 +173,7 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
 
     async def read_stderr() -> None:
         nonlocal metrics_port
-        async for line in agent.stderr:
+        async for line in stderr:
             if log is not None:
                 log.write(line)
             m = re.search(rb"metrics on http://[^:]+:(\d+)/", line)
@@ -176,7 +183,7 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
                     join.add(agent.pid)
 
     async def read_stdout() -> None:
-        async for line in agent.stdout:
+        async for line in stdout:
             with contextlib.suppress(ValueError):
                 r = json.loads(line)
                 r["t"] = time.monotonic() - t0  # when its line came (lines come in frame order)
@@ -185,7 +192,7 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
                 frames.append(r)
 
     readers = [asyncio.create_task(read_stderr()), asyncio.create_task(read_stdout())]
-    steps = []
+    steps: list[tuple[float, float]] = []
     warmed = 0.0
     try:
         # the first plan (probes, then offloading): at least --warmup s, then until the agent runs one
@@ -227,41 +234,44 @@ async def _drive(args, phases, rng, relay, agent, procs, join: cpuquota.CpuQuota
     return {"frames": frames, "timeline": timeline, "steps": steps, "args": vars(args), "warmup_s": round(warmed, 2)}
 
 
-def _start(r: dict) -> float:
+def _start(r: dict[str, Any]) -> float:
     """When the frame arrived, run-relative (the line's time for lines without stamps)."""
-    return r.get("t_start", r["t"])
+    t: float = r.get("t_start", r["t"])
+    return t
 
 
-def _end(r: dict) -> float:
+def _end(r: dict[str, Any]) -> float:
     """When the frame's result was ready, run-relative."""
-    return r.get("t_end", r["t"])
+    t: float = r.get("t_end", r["t"])
+    return t
 
 
-def _config(r: dict) -> str:
+def _config(r: dict[str, Any]) -> str:
     """The configuration a frame ran under: its split ("output": the plan runs on the board). A frame
     of an offloading plan that fell back to the board (deadline, broken stream) still ran under it."""
-    return r["split"]
+    split: str = r["split"]
+    return split
 
 
-def _waited_ms(r: dict) -> float:
+def _waited_ms(r: dict[str, Any]) -> float:
     """How long a frame that fell back waited for the worker: its total less the board's stages."""
-    t = r["times_ms"]
+    t: dict[str, float] = r["times_ms"]
     return t.get("total", 0.0) - sum(t.get(k, 0.0) for k in ("board_queue", "head", "tl_encode", "encode", "local_tail"))
 
 
-def analyse(run: dict) -> dict:
+def analyse(run: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets from a recorded run."""
     frames, steps = sorted(run["frames"], key=lambda r: r["seq"]), run["steps"]
     seqs = [r["seq"] for r in frames]
     lost = (seqs[-1] - seqs[0] + 1 - len(set(seqs))) if seqs else 0
-    out = {"frames": len(frames), "lost": lost, "duplicated": len(seqs) - len(set(seqs)), "phases": []}
+    out: dict[str, Any] = {"frames": len(frames), "lost": lost, "duplicated": len(seqs) - len(set(seqs)), "phases": []}
     plans = {(v, split): parts for v, split, parts in run.get("breakdowns", [])}
     ends = [t for t, _ in steps[1:]] + [max((_start(r) for r in frames), default=0.0) + 1e-3]
     prev, prev_plan = None, None
     for (start, mbps), end in zip(steps, ends, strict=True):
         inside = [r for r in frames if start <= _start(r) < end]
         steady = [r for r in inside if _start(r) >= start + SETTLE]
-        ph = {"mbps": mbps, "start_s": round(start, 2), "seconds": round(end - start, 2), "frames": len(inside)}
+        ph: dict[str, Any] = {"mbps": mbps, "start_s": round(start, 2), "seconds": round(end - start, 2), "frames": len(inside)}
         drops = [p["dropped"] for p in run.get("timeline", []) if p.get("dropped") is not None and start <= p["t"] < end]
         ph["dropped_frames"] = int(drops[-1] - drops[0]) if len(drops) > 1 else None  # by the pacer: no room in the window
         if steady:
@@ -292,7 +302,7 @@ def analyse(run: dict) -> dict:
     return out
 
 
-def _targets(a: dict) -> list[str]:
+def _targets(a: dict[str, Any]) -> list[str]:
     lines = [f"- frames lost {a['lost']}, duplicated {a['duplicated']} (target 0): "
              f"{'met' if a['lost'] == 0 == a['duplicated'] else 'NOT met'}"]
     prev_plan = None
@@ -319,7 +329,7 @@ def _targets(a: dict) -> list[str]:
     return lines
 
 
-def plot(run: dict, path: Path) -> None:
+def plot(run: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")

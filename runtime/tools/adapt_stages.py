@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
+from typing import Any
 
 STAGES = ("device", "encode", "network", "queue", "decode", "edge", "other")
 
@@ -88,7 +89,7 @@ def plan_breakdowns(db: Path, agent_id: str) -> dict[tuple[int, str], dict[str, 
     return out
 
 
-def by_stage(frames: list[dict], plans: dict[tuple[int, str], dict[str, float]]) -> dict[str, dict[str, float]]:
+def by_stage(frames: list[dict[str, Any]], plans: dict[tuple[int, str], dict[str, float]]) -> dict[str, dict[str, float]]:
     """Medians (ms) of predicted and measured per stage over ``frames`` that ran where their plan said
     (no fallback) and whose plan is known: {stage: {"predicted_ms", "measured_ms"}}, plus "frames"."""
     pairs = [(plans[(r["plan_version"], r["split"])], measured_parts(r["times_ms"])) for r in frames
@@ -103,7 +104,7 @@ def by_stage(frames: list[dict], plans: dict[tuple[int, str], dict[str, float]])
     return out
 
 
-def table(phases: list[dict]) -> list[str]:
+def table(phases: list[dict[str, Any]]) -> list[str]:
     """Markdown: one row per stage, predicted/measured per steady phase."""
     rows = [ph for ph in phases if ph.get("stages")]
     if not rows:

@@ -48,7 +48,7 @@ class LinkShape:
     delay_seconds: float = 0.0  # one way
     rate_bytes_per_second: float = 0.0  # 0 = unlimited
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if not (self.delay_seconds >= 0 and self.rate_bytes_per_second >= 0):
             raise ValueError(f"delay and rate must be >= 0, got {self.delay_seconds} s and "
                              f"{self.rate_bytes_per_second} B/s")
@@ -70,7 +70,7 @@ class _Direction:
 
     def __init__(self, proxy: DelayProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
         self.proxy, self.reader, self.writer, self.name = proxy, reader, writer, name
-        self.queue: asyncio.Queue = asyncio.Queue()  # bounded in bytes by _read
+        self.queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()  # (deliver at, bytes), None: end; bounded in bytes by _read
         self.link_free = 0.0  # loop time at which the link finishes serialising what it was given
         self.queued_bytes = 0  # read and not yet written (<= proxy.buffer_bytes)
         self.room = asyncio.Event()  # set by the writer whenever bytes leave
@@ -144,7 +144,7 @@ class DelayProxy:
         self.blackhole = False  # True: swallow every byte from now on, both ways (a silent partition)
         self.swallowed_bytes = 0  # bytes dropped while blackholed
         self._server: asyncio.base_events.Server | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._directions: set[_Direction] = set()
         self.port = 0
 
@@ -185,7 +185,7 @@ class DelayProxy:
     async def __aenter__(self) -> DelayProxy:
         return await self.start()
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -28,8 +28,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+
+import grpc
 
 from runtime.daemon.server import Daemon, DaemonOptions
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
@@ -41,7 +44,8 @@ from runtime.wire.transport import TransportOptions
 
 
 class Echo(pb_grpc.InferenceServicer):
-    async def InferStream(self, request_iterator, context):
+    async def InferStream(self, request_iterator: AsyncIterator[pb.StreamRequest],
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.InferResult]:
         async for msg in request_iterator:
             yield pb.InferResult(header=pb.FrameHeader(seq=msg.frame.header.seq))
 
@@ -67,11 +71,11 @@ def make_modes(d: Path) -> dict[str, tuple[SecurityOptions, SecurityOptions]]:
 
 async def one_run(server: SecurityOptions, client: SecurityOptions, payload: int, frames: int) -> list[float]:
     daemon = Daemon(DaemonOptions(listen="127.0.0.1:0", transport=TransportOptions(security=server), reflection=False))
-    await daemon.start(lambda s: pb_grpc.add_InferenceServicer_to_server(Echo(), s))
+    await daemon.start(lambda s: pb_grpc.add_InferenceServicer_to_server(Echo(), s))  # type: ignore[no-untyped-call]  # generated, unannotated
     times: list[float] = []
     try:
         async with TransportOptions(security=client).aio_channel(f"127.0.0.1:{daemon.port}") as ch:
-            call = pb_grpc.InferenceStub(ch).InferStream(timeout=120.0)
+            call = pb_grpc.InferenceStub(ch).InferStream(timeout=120.0)  # type: ignore[no-untyped-call]  # generated, unannotated
             data = bytes(payload)
             for seq in range(frames + 10):  # the first 10 warm the connection up
                 msg = pb.StreamRequest(frame=pb.InferRequest(header=pb.FrameHeader(seq=seq),

@@ -35,7 +35,7 @@ from runtime.worker.server import serve
 class _Result:
     def __init__(self) -> None:
         self.times = pb.StageTimes(queue_seconds=1e-5, decode_seconds=1e-5, tail_seconds=1e-4)
-        self.hops: list = []
+        self.hops: list[pb.HopTimes] = []
 
 
 async def _hook_cost(calls: int) -> float:
