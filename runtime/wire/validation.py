@@ -88,12 +88,34 @@ def expected_encoded_size(msg: tensor_pb2.Tensor) -> int:
     return numel(msg.shape) * item
 
 
+#: headers that passed (codec, compression, dtype, shape, encoded_size, quant_axis, scale and zero_point
+#: counts, max_bytes) -> their encoded size: a stream's frames and results repeat one header, whose checks
+#: then cost one lookup (~4 us instead of ~12 warm, 29 us in a frame on the agent; issue 14). The payload's
+#: size and an int8 header's scale values are checked on every message. Bounded: past the cap, no more are kept.
+_PASSED: dict[tuple[object, ...], int] = {}
+MAX_PASSED = 256
+
+
 def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
     """Check a wire tensor's header; raise :class:`InvalidInput` or :class:`TooLarge`.
 
     Works on a complete message and on the first chunk of a chunked one (``chunks > 1``:
     ``buffer`` may then hold any prefix of the ``payload_size`` bytes).
     """
+    key = (msg.codec, msg.compression, msg.dtype, tuple(msg.shape), msg.encoded_size, msg.quant_axis,
+           len(msg.scale), len(msg.zero_point), max_bytes)
+    expected = _PASSED.get(key)
+    if expected is None:
+        expected = _check_header(msg, max_bytes)
+        if len(_PASSED) < MAX_PASSED:
+            _PASSED[key] = expected
+    elif msg.codec == tensor_pb2.CODEC_INT8:
+        _check_int8(msg, list(msg.shape))  # the values: the key holds only their counts
+    _check_payload(msg, expected)
+
+
+def _check_header(msg: tensor_pb2.Tensor, max_bytes: int) -> int:
+    """Every check of :func:`validate_tensor` but the payload's size; returns the encoded size expected."""
     if msg.codec not in CODEC_ENUM_NAMES:
         raise InvalidInput(
             f"codec={msg.codec} is not supported; allowed: "
@@ -143,7 +165,7 @@ def validate_tensor(msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTE
             f"scale/zero_point are set ({len(msg.scale)}/{len(msg.zero_point)} values) "
             "but only CODEC_INT8 uses them"
         )
-    _check_payload(msg, expected)
+    return expected
 
 
 def _check_ans(msg: tensor_pb2.Tensor, n: int) -> None:
