@@ -2,7 +2,9 @@
 
 The agent records each frame it sends (:meth:`InFlight.sent`: its send time and the bytes ahead of
 it, its own included) until its result, deadline or failure (:meth:`InFlight.done`). A watcher
-looks every ``period`` seconds: a frame still in flight ``late_factor`` times longer than the link's
+looks every ``period`` seconds once a frame has been in flight ``min_late_seconds`` (no frame can be late
+sooner, so the many frames answered within that are never looked at: a timer armed at the send and
+cancelled with the last answer, not a task and a wake-up every 50 ms; issue 14): a frame still in flight ``late_factor`` times longer than the link's
 estimate says its bytes should take (bytes ahead / bandwidth + base RTT + the longest of the worker's
 holds of the last ``HOLDS`` answered frames: a starved worker is not a slow link), and at least
 ``min_late_seconds``, is an upper bound of the bandwidth before its deadline: the bytes ahead did
@@ -17,7 +19,6 @@ a few hundred milliseconds instead of a deadline.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import defaultdict, deque
 from typing import Any
@@ -40,7 +41,8 @@ class InFlight:
         # the worker's holds (last byte in -> result out, from its own clock) of the latest answered frames,
         # per address (runtime.agent.edge reports them): time the link is not to blame for
         self._holds: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=HOLDS))
-        self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the watcher's next look, while frames are in flight
+        self._count = 0  # frames in flight, all links
         self.late = 0  # frames taken as early upper bounds
 
     def note_hold(self, address: str, seconds: float) -> None:
@@ -60,14 +62,20 @@ class InFlight:
         """Frame ``seq`` of ``nbytes`` is being sent; returns the bytes ahead of it, its own included."""
         self._bytes[address] += nbytes
         ahead = self._bytes[address]
-        self._frames[address][seq] = [time.perf_counter(), ahead, False]
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._watch())
+        frames = self._frames[address]
+        self._count += seq not in frames
+        frames[seq] = [time.perf_counter(), ahead, False]
+        if self._timer is None:  # the first look when this frame could first be late (an earlier one stays)
+            self._timer = asyncio.get_running_loop().call_later(self.min_late_seconds, self._fire)
         return ahead
 
     def done(self, address: str, seq: int, nbytes: int) -> None:
         self._bytes[address] -= nbytes
-        self._frames[address].pop(seq, None)
+        if self._frames[address].pop(seq, None) is not None:
+            self._count -= 1
+        if not self._count and self._timer is not None:  # none left to look at
+            self._timer.cancel()
+            self._timer = None
 
     def look(self, now: float) -> int:
         """One look at every frame in flight; returns how many were taken as late."""
@@ -89,14 +97,14 @@ class InFlight:
         self.late += taken
         return taken
 
-    async def _watch(self) -> None:
-        while any(self._frames.values()):
+    def _fire(self) -> None:
+        """The watcher: a look, and the next one ``period`` later while frames are in flight."""
+        self._timer = None
+        if self._count:
             self.look(time.perf_counter())
-            await asyncio.sleep(self.period)
+            self._timer = asyncio.get_running_loop().call_later(self.period, self._fire)
 
     async def close(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
