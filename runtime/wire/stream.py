@@ -66,6 +66,11 @@ async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
     return time.perf_counter() - t0
 
 
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class EdgeStream:
     """One bidirectional stream to a worker; reopened with exponential back-off after a failure."""
 
@@ -76,6 +81,11 @@ class EdgeStream:
         self.link_hint = link_hint
         self._live = Liveness(None, transport.liveness)  # replaced for each epoch
         self._watchdog: asyncio.Task | None = None
+        # the watchdog's sleep (_nap): when it is due to wake (live.clock() time), and its timer, moved sooner
+        # when an answer or a new frame brings a probe's instant forward (_sooner), so it never wakes on a tick
+        self._wake_at = 0.0
+        self._wake: asyncio.TimerHandle | None = None
+        self._napping: asyncio.Future | None = None
         self.transport = transport
         self.metrics = metrics
         self.connect_timeout = connect_timeout
@@ -93,6 +103,9 @@ class EdgeStream:
         self._pending: dict[int, asyncio.Future] = {}
         self._open_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
+        # tasks holding or waiting for _write_lock (send, _cancel): at 0 an acquire() returns at once (a lock
+        # just released to a waiter not yet running reads unlocked, yet acquire() would queue behind it)
+        self._writers = 0
         self._cancels: set[asyncio.Task] = set()  # FrameCancel writes in flight (abandon)
         self.closed = False  # after close(): never reopened; frames still holding it run locally
         self.users = 0  # frames that captured a plan using this stream and have not finished
@@ -153,7 +166,10 @@ class EdgeStream:
                 if res.header.stream_epoch != epoch:
                     continue
                 if self._call is call:
-                    self._live.answered(res.header.seq)
+                    live = self._live
+                    live.answered(res.header.seq)
+                    if self._wake_at > live.progress_at + live.options.probe_after_seconds:
+                        self._sooner(live)  # asleep past the next probe's instant (after a probe, until the verdict)
                 fut = self._pending.pop(res.header.seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(res)  # a result for an abandoned frame is dropped here
@@ -204,16 +220,23 @@ class EdgeStream:
         fut = asyncio.get_running_loop().create_future()
         self._pending[seq] = fut
         written = 0
+        lock = self._write_lock
+        busy = self._writers > 0 or lock.locked()
+        self._writers += 1
         try:
-            if deadline is not None:
-                await asyncio.wait_for(self._write_lock.acquire(), max(0.0, deadline - time.monotonic()))
-            else:
-                await self._write_lock.acquire()
+            if deadline is not None and busy:  # frames ahead of it hold or wait for the lock: wait, bounded
+                await asyncio.wait_for(lock.acquire(), max(0.0, deadline - time.monotonic()))
+            elif deadline is not None and time.monotonic() > deadline:
+                raise DeadlineExceeded(f"frame {seq}: deadline passed before it was sent")
+            else:  # free (the usual case): taken at once, no task (wait_for's cost ~23 us a frame; issue 14)
+                await lock.acquire()
             live = self._live
             if self._path is None and live.path:  # with the epoch's first frame: connected before it is needed
                 self._path = self.transport.probe_channel(self.address)
                 self._warming = asyncio.get_running_loop().create_task(self._warm(self._path))
             live.sent(seq, frame.tensor.payload_size or len(frame.tensor.buffer))  # outstanding from its first byte (a write may block)
+            if self._wake_at > live.progress_at + live.options.probe_after_seconds:
+                self._sooner(live)  # the first frame after idle: probes are due from now (idle ones may be off)
             try:
                 for msg in frame_messages(request, self.transport.chunk_bytes):
                     if deadline is not None and time.monotonic() > deadline:
@@ -222,13 +245,14 @@ class EdgeStream:
                             live.abandon(seq)
                         else:
                             live.forget(seq)
+                            self._sooner(live)  # fewer bytes outstanding: the verdict may be due sooner
                         if written:
                             await call.write(pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
                         raise DeadlineExceeded(f"frame {seq}: deadline passed after {written} of its messages")
                     await call.write(msg)
                     written += 1
             finally:
-                self._write_lock.release()
+                lock.release()
         except asyncio.TimeoutError:
             self._pending.pop(seq, None)
             raise DeadlineExceeded(f"frame {seq}: deadline passed while frames ahead of it were sent") from None
@@ -239,6 +263,8 @@ class EdgeStream:
             self._pending.pop(seq, None)
             self._broken(call, f"write failed: {type(e).__name__}")
             raise Unavailable(f"could not send frame {seq}: {e}") from None
+        finally:
+            self._writers -= 1
         return fut
 
     async def prepare(self, header: pb.FrameHeader, timeout: float) -> pb.PrepareResult:
@@ -280,6 +306,7 @@ class EdgeStream:
         return len(pending)
 
     async def _cancel(self, call: grpc.aio.StreamStreamCall, seq: int) -> None:
+        self._writers += 1
         try:
             async with self._write_lock:
                 stale = self._call is not call  # reopened meanwhile: the old stream's frames are gone
@@ -287,6 +314,8 @@ class EdgeStream:
                     await call.write(pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
         except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
             pass  # the stream is going away: nothing will be computed for it anyway
+        finally:
+            self._writers -= 1
 
     async def _watch(self, call: grpc.aio.StreamStreamCall, live: Liveness) -> None:
         """Declare the stream dead by the liveness rules (runtime.wire.liveness): with no answer for a
@@ -315,17 +344,36 @@ class EdgeStream:
                 if task is not None:
                     task.cancel()
 
-    @staticmethod
-    async def _nap(live: Liveness, seconds: float) -> None:
-        """Sleep ``seconds``; a late wake-up (this loop stalled) is excused, not counted against the peer."""
-        t0 = live.clock()
-        await asyncio.sleep(seconds)
-        late = live.clock() - t0 - seconds
+    async def _nap(self, live: Liveness, seconds: float) -> None:
+        """Sleep ``seconds``, or until :meth:`_sooner` moves the wake-up forward; a late wake-up (this loop
+        stalled) is excused, not counted against the peer."""
+        loop = asyncio.get_running_loop()
+        fut = self._napping = loop.create_future()
+        self._wake_at = live.clock() + seconds
+        self._wake = loop.call_later(seconds, _resolve, fut)
+        try:
+            await fut
+        finally:
+            self._wake.cancel()
+            self._napping = None
+        late = live.clock() - self._wake_at
+        self._wake_at = 0.0
         if late > LAG_TOLERANCE_SECONDS:
             live.excuse(late)
 
-    @staticmethod
-    async def _ask(channel: grpc.aio.Channel, live: Liveness, path: bool) -> None:
+    def _sooner(self, live: Liveness) -> None:
+        """Something brought a probe or the verdict forward: the sleeping watchdog wakes at that instant."""
+        fut = self._napping
+        if fut is None or fut.done() or live is not self._live:
+            return
+        at = live.clock() + live.next_check()
+        if at < self._wake_at:
+            if self._wake is not None:
+                self._wake.cancel()
+            self._wake_at = at
+            self._wake = asyncio.get_running_loop().call_later(max(0.0, at - live.clock()), _resolve, fut)
+
+    async def _ask(self, channel: grpc.aio.Channel, live: Liveness, path: bool) -> None:
         """One probe: on the frames' own connection (``path`` False: queued behind their bytes, so it may
         take the link's allowance) or on the path's (queued behind none: the floor)."""
         sent_at = live.clock()
@@ -336,6 +384,7 @@ class EdgeStream:
                 live.path_answered()
             else:
                 live.probe_answered(sent_at)
+                self._sooner(live)  # the next probe is due probe_after from now, before the verdict it sleeps to
 
     async def _warm(self, path: grpc.aio.Channel) -> None:
         """Connect the path now (handshakes, the server's certificate against a CRL), so a probe on it

@@ -1,0 +1,91 @@
+"""EdgeStream.send's write lock (issue 14): taken at once when no frame holds or waits for it (no
+asyncio.wait_for and its task per frame), and waited for within the frame's deadline when one does."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from runtime.agent.metrics import AgentMetrics
+from runtime.contracts.errors import DeadlineExceeded
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.wire import stream as stream_mod
+from runtime.wire.stream import EdgeStream
+from runtime.wire.transport import TransportOptions
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class _Call:
+    """An open stream for send's purposes: it records what is written; ``gate`` (if set) holds each write."""
+
+    def __init__(self) -> None:
+        self.written: list[int] = []
+        self.gate: asyncio.Event | None = None
+
+    async def write(self, msg: pb.StreamRequest) -> None:
+        if self.gate is not None:
+            await self.gate.wait()
+        self.written.append(msg.frame.header.seq)
+
+
+def _frame(seq: int) -> pb.InferRequest:
+    req = pb.InferRequest(header=pb.FrameHeader(seq=seq, agent_id="a"))
+    req.tensor.buffer = b"x" * 100
+    return req
+
+
+def _stream() -> tuple[EdgeStream, _Call]:
+    stream = EdgeStream("127.0.0.1:1", TransportOptions(), AgentMetrics(), 1.0, 1.0)
+    call = _Call()
+    stream._call = call  # type: ignore[assignment]
+    return stream, call
+
+
+def test_a_free_lock_is_taken_without_wait_for(monkeypatch):
+    def no_wait_for(*args, **kwargs):
+        raise AssertionError("wait_for used with the write lock free")
+
+    async def scenario():
+        stream, call = _stream()
+        monkeypatch.setattr(stream_mod.asyncio, "wait_for", no_wait_for)
+        for seq in (1, 2, 3):
+            await stream.send(_frame(seq), deadline=time.monotonic() + 5.0)
+        return call.written, stream._writers, stream._write_lock.locked()
+
+    assert asyncio.run(scenario()) == ([1, 2, 3], 0, False)
+
+
+def test_a_frame_already_past_its_deadline_is_not_started():
+    async def scenario():
+        stream, call = _stream()
+        with pytest.raises(DeadlineExceeded, match="before it was sent"):
+            await stream.send(_frame(4), deadline=time.monotonic() - 0.01)
+        return call.written, 4 in stream._pending, stream._writers
+
+    assert asyncio.run(scenario()) == ([], False, 0)
+
+
+def test_a_frame_behind_another_waits_within_its_deadline():
+    """Frame 5's write is held; frame 6 finds the lock taken and gives up at its own deadline, and frame 7,
+    with time enough, is written after frame 5 (the lock handed on in order)."""
+    async def scenario():
+        stream, call = _stream()
+        call.gate = asyncio.Event()
+        first = asyncio.create_task(stream.send(_frame(5), deadline=time.monotonic() + 5.0))
+        await asyncio.sleep(0.01)  # frame 5 holds the lock, its write waiting on the gate
+        t0 = time.monotonic()
+        with pytest.raises(DeadlineExceeded, match="frames ahead"):
+            await stream.send(_frame(6), deadline=t0 + 0.1)
+        waited = time.monotonic() - t0
+        third = asyncio.create_task(stream.send(_frame(7), deadline=time.monotonic() + 5.0))
+        await asyncio.sleep(0.01)
+        call.gate.set()
+        await asyncio.gather(first, third)
+        return call.written, waited, stream._writers
+
+    written, waited, writers = asyncio.run(scenario())
+    assert written == [5, 7] and writers == 0
+    assert 0.05 < waited < 5.0
