@@ -48,7 +48,9 @@ def test_measures_a_real_agent_and_worker(tmp_path, capsys):
     # the threads' CPU cannot exceed the process's (the kernel's figures, the same clock)
     assert sum(p[f"thread_{k}"] for k in agent_cpu.GROUPS) <= p["process"] * 1.01 + 0.01
     assert p["runtime"] == pytest.approx(p["process"] - p["compute_alone"] - p["background"])
-    assert "RUNTIME CPU per frame" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "RUNTIME CPU per frame" in printed
+    assert "idle, stream open, no frame" in printed and got["idle"]["process_per_s"] > 0  # the background itself
 
 
 def test_quota_without_cgroups_says_why(monkeypatch, capsys):

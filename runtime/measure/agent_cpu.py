@@ -96,11 +96,6 @@ def process_cpu() -> float:
 def throttled_ms(cgroup: Path | None) -> float:
     """The cgroup's time held by its quota so far, ms (0 without one; the board's reading in bench-scenarios)."""
     return quota_held(str(cgroup) if cgroup is not None else "")[0]
-    for line in (cgroup / "cpu.stat").read_text().splitlines():
-        key, _, value = line.partition(" ")
-        if key == "throttled_time":
-            return int(value) / 1e6
-    return 0.0
 
 
 def compute_alone(agent: Agent, xs: list[torch.Tensor], runs: int, gap_s: float = 0.0) -> dict[str, float]:
@@ -233,6 +228,10 @@ def render(out: dict) -> str:
         f"{p['runtime_loop']:.3f}, gRPC threads {p['runtime_grpc']:.3f}); per round: "
         + " ".join(f"{v:.3f}" for v in out["rounds_runtime_ms"]),
     ]
+    idle = out["idle"]
+    if idle:  # the background itself: timers, probes and pings with the stream open and no frame
+        lines.append(f"  idle, stream open, no frame ({idle['wall_s']:.1f} s): process {idle['process_per_s'] * 1e3:.3f} ms/s "
+                     "(" + "   ".join(f"{k} {idle['threads_per_s'][k] * 1e3:.3f}" for k in GROUPS) + ")")
     return "\n".join(lines)
 
 
