@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("bench", help="loopback benchmark: latency by stage, bytes per frame and overhead per codec")
     p.add_argument("--model", default="efficientnet_lite0", help="model (default: efficientnet_lite0)")
     p.add_argument("--split", action="append", help="split point(s) (default: the model's default); repeatable")

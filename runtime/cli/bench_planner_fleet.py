@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from runtime.measure.fleet.options import FleetOptions
+
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
 QUICK_OUT = "/tmp/edgesplit-fleet-quick"
 
@@ -44,7 +48,7 @@ _FLAGS = (  # flag, field, type, help (the default comes from FleetOptions)
 )
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     d = FleetOptions()
     p = sub.add_parser("bench-planner-fleet", help="planner load: simulated agents over real gRPC against a planner subprocess",
                        description=__doc__)

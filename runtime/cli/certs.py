@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+from typing import TYPE_CHECKING
 
 from runtime.wire.security import ROLES
 
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("certs", help="create a site CA, per-role certificates and bearer tokens (mTLS quick start)")
     csub = p.add_subparsers(dest="certs_command", required=True)
     ca = csub.add_parser("ca", help="create a site CA: OUT/ca.pem and OUT/ca.key (keep the key offline)")

@@ -6,10 +6,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable
-from typing import Any, get_type_hints
+from typing import TYPE_CHECKING, Any, TypeVar, get_type_hints
 
 from runtime.contracts.config import load_config
 from runtime.contracts.costmodel import OBJECTIVES
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    from runtime.wire.transport import TransportOptions
+
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+    """What ``edgesplit``'s root parser passes each verb's ``add_parser``."""
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -19,6 +27,8 @@ class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         text = action.help or ""
         return text if "(default" in text else super()._get_help_string(action)
 
+
+T = TypeVar("T", bound="DataclassInstance")  # a settings dataclass
 
 # repeatable flags whose field names are plural
 FLAG_NAMES = {"models": "model", "tls": "tl", "next_tiers": "next_tier", "next_hops": "next_hop", "halo_peers": "halo_peer"}
@@ -39,7 +49,12 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + FLAG_NAMES.get(f.name, f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if f.default is not dataclasses.MISSING:
+            default: object = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:  # as before (MISSING() failed), with the reason
+            raise TypeError(f"{cls.__name__}.{f.name} has no default: every setting needs one")
         # argparse %-formats help strings: a literal % (as in "10 %") must be doubled
         help_text = f.metadata.get("help", "")
         if "(default" not in help_text:  # a help that says its default in words keeps only those
@@ -55,15 +70,15 @@ def add_config_flags(p: argparse.ArgumentParser, cls: type) -> None:
             p.add_argument(flag, dest=f.name, type=conv, metavar=f.name.upper(), help=help_text)
 
 
-def config_from_args(args: argparse.Namespace, cls: type, section: str):
+def config_from_args(args: argparse.Namespace, cls: type[T], section: str) -> T:
     """The effective ``cls`` settings: defaults < the --config file's [section] < env < flags given."""
     overrides = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     return load_config(cls, section, config_file=args.config, overrides=overrides)
 
 
-def component_config(args: argparse.Namespace, component: str):
-    """The effective settings of ``component`` ("worker" or "agent")."""
+def component_config(args: argparse.Namespace, component: str) -> Any:
+    """The effective settings of ``component`` ("worker", "agent" or "planner": its class, hence Any)."""
     cls, section = components()[component]
     return config_from_args(args, cls, section)
 
@@ -78,7 +93,7 @@ def start_tracing(config: Any, component: str) -> bool:
     return configure(config, f"edgesplit-{component}")
 
 
-def add_constraint_arguments(p, names: str, overriding: bool = False) -> None:
+def add_constraint_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, names: str, overriding: bool = False) -> None:
     """The Scission constraint flags, shared by ``edgesplit plan`` and ``edgesplit planner query``.
     ``names``: what --include/--exclude name ("machine" or "worker"); ``overriding``: every default is
     None (a flag given replaces the registered value, one left out keeps it)."""
@@ -110,7 +125,7 @@ def add_client_security_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crl-file", default="", help="CRL (signed by --ca-file's CA): refuse a daemon whose certificate it revokes")
 
 
-def client_transport(args: argparse.Namespace):
+def client_transport(args: argparse.Namespace) -> TransportOptions:
     """TransportOptions carrying the client security flags of :func:`add_client_security_flags`."""
     from runtime.wire.security import SecurityOptions
     from runtime.wire.transport import TransportOptions

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from runtime.cli.common import add_client_security_flags, client_transport
 
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("health-check", help="ask a daemon's gRPC health service; exit 0 only when SERVING")
     p.add_argument("address", help="HOST:PORT or unix:/path.sock")
     p.add_argument("--service", default="", help="service name to check (default: the whole server)")

@@ -5,12 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from planner.peers import import_network, import_profiles, network_to_json
 from runtime.cli.common import DefaultsHelpFormatter
 
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: Subparsers) -> None:
     fmt = DefaultsHelpFormatter
     p = sub.add_parser("import-peers", formatter_class=fmt,
                        help="convert Scission/ScissionTL benchmark data into edgesplit profile and network files")

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from runtime.cli.logs import add_log_flags, add_log_flags_to_subcommands, setup_logging
 from runtime.contracts.errors import EdgesplitError
@@ -54,10 +55,12 @@ class _VersionAction(argparse.Action):
     """``--version``: reads the package metadata only when asked (importlib.metadata costs ~0.15 s,
     too much for every ``health-check`` probe)."""
 
-    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, default: Any = argparse.SUPPRESS,
+                 help: str | None = None):
         super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
 
-    def __call__(self, parser, namespace, values, option_string=None):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
         from importlib import metadata
 
         try:
@@ -92,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
-        return args.func(args)
+        code: int = args.func(args)  # the verb's cmd_* function
+        return code
     except BrokenPipeError:  # output piped into `head` that exited: not an error of ours
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush does not raise again

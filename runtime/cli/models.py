@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("models", help="list bundled models, or a model's valid split points")
     p.add_argument("model", nargs="?", help="bundled name or path/to/file.py:factory")
     p.add_argument("--json", action="store_true", help="machine-readable output")

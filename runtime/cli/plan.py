@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from planner.peers import import_network, import_profiles, load_network
 from planner.search import search
@@ -15,9 +17,15 @@ from runtime.contracts.costmodel import Configuration, Constraints, Link, Networ
 from runtime.contracts.errors import InvalidInput
 from runtime.contracts.tiers import DEVICE, TIERS
 
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
-def _pairs(values: list[str], flag: str, conv) -> dict:
-    out = {}
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _pairs(values: Sequence[str] | None, flag: str, conv: tuple[Callable[[str], K], Callable[[str], V]]) -> dict[K, V]:
+    out: dict[K, V] = {}
     for v in values or ():
         key, sep, val = v.partition("=")
         if not sep:
@@ -29,8 +37,8 @@ def _pairs(values: list[str], flag: str, conv) -> dict:
     return out
 
 
-def _links(values: list[str]) -> dict:
-    out = {}
+def _links(values: Sequence[str] | None) -> dict[tuple[str, str], Link]:
+    out: dict[tuple[str, str], Link] = {}
     for v in values or ():
         parts = v.split(",")
         if len(parts) != 4:
@@ -45,7 +53,7 @@ def _links(values: list[str]) -> dict:
 def load_inputs(args: argparse.Namespace) -> tuple[list[Tier], Network]:
     """Profiles grouped into tiers by role (device, edge, cloud), and the network."""
     loaded: list[profiles.Profile] = [profiles.load(p) for p in args.profile or ()]
-    links: dict = {}
+    links: dict[tuple[str, str], Link] = {}
     if args.peers:
         if not args.model:
             raise InvalidInput("--peers needs --model (e.g. vgg19)")
@@ -59,7 +67,7 @@ def load_inputs(args: argparse.Namespace) -> tuple[list[Tier], Network]:
     links.update(_links(args.link))
     if not loaded:
         raise InvalidInput("give profiles with --profile FILE (from 'edgesplit profile') or --peers FILE --model M")
-    by_role: dict[str, list] = {}
+    by_role: dict[str, list[profiles.Profile]] = {}
     for p in loaded:
         by_role.setdefault(p.role, []).append(p)
     if DEVICE not in by_role:
@@ -86,7 +94,7 @@ def constraints_from(args: argparse.Namespace, tiers: list[Tier]) -> Constraints
         min_fidelity=args.min_fidelity)
 
 
-def to_json(c: Configuration, rank: int) -> dict:
+def to_json(c: Configuration, rank: int) -> dict[str, Any]:
     return {
         "rank": rank, "seconds": c.seconds, "fps": c.fps, "upload_bytes": c.upload_bytes, "plan": c.describe(),
         "stages": [{"tier": s.tier, "machine": s.machine, "blocks": [s.first_block, s.end_block],
@@ -129,7 +137,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0 if ranked else 1
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     fmt = DefaultsHelpFormatter
     p = sub.add_parser("plan", formatter_class=fmt,
                        help="rank split configurations from profile files and a network description (no daemon)")

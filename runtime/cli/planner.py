@@ -10,6 +10,8 @@ import argparse
 import asyncio
 import json
 import sys
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from planner.config import PlannerConfig
 from runtime.cli.common import (
@@ -21,6 +23,10 @@ from runtime.cli.common import (
     start_tracing,
 )
 from runtime.contracts.config import to_toml
+
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
+    from runtime.proto.edgesplit.v1 import planner_pb2
 
 SECTION = "planner"
 
@@ -48,21 +54,23 @@ def cmd_print_config(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(args: argparse.Namespace, method: str, request):
+def _call(args: argparse.Namespace, method: str, request: Any) -> Any:
     """The one gRPC call to the planner (``query`` and ``agents``): ``method`` of its Planner service,
-    to ``--planner`` within ``--timeout``, with the client security flags."""
+    to ``--planner`` within ``--timeout``, with the client security flags; its reply (that method's message)."""
     from runtime.daemon.planner_client import call_planner
 
     return call_planner(args.planner, method, request, args.timeout, client_transport(args))
 
 
-def _plan_dict(plan) -> dict:
+def _plan_dict(plan: planner_pb2.Plan) -> dict[str, Any]:
     from google.protobuf import json_format
 
-    return json_format.MessageToDict(plan, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    d: dict[str, Any] = json_format.MessageToDict(plan, preserving_proto_field_name=True,
+                                                  always_print_fields_with_no_presence=True)
+    return d
 
 
-def _route(plan) -> tuple[str, str]:
+def _route(plan: planner_pb2.Plan) -> tuple[str, str]:
     """(workers, split) cells of a plan: a chain shows each worker and where each slice ends."""
     workers = " > ".join([plan.worker_id or "(local)", *(h.worker_id for h in plan.next_hops)])
     ends = [plan.end_split, *(h.end_split for h in plan.next_hops[:-1])] if plan.next_hops else []
@@ -75,7 +83,7 @@ _QUERY_TEXT = {"pin_blocks": "pin_block", "pin_layers": "pin_layer", "forbid_blo
 _QUERY_PLAIN = ("raw_input_stays", "min_fidelity", "objective", "include", "exclude")
 
 
-def query_constraints(args: argparse.Namespace):
+def query_constraints(args: argparse.Namespace) -> planner_pb2.Constraints | None:
     """The constraints a query's flags give (None: none given, the agent's registered ones hold)."""
     from runtime.contracts.constraints import check_fields, from_text
     from runtime.proto.edgesplit.v1 import planner_pb2 as pb
@@ -140,14 +148,15 @@ def cmd_agents(args: argparse.Namespace) -> int:
 class _ServeByDefault(argparse.ArgumentParser):
     """A command group whose arguments, when they start with a flag (not -h/--help), go to ``serve``."""
 
-    def parse_known_args(self, args=None, namespace=None):
+    def parse_known_args(self, args: Iterable[str] | None = None,
+                         namespace: Any = None) -> tuple[Any, list[str]]:
         args = list(sys.argv[1:] if args is None else args)
         if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
             args.insert(0, "serve")
         return super().parse_known_args(args, namespace)
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     """The ``planner`` command group, added to ``edgesplit``'s subparsers."""
     p = sub.add_parser("planner", help="the planner: ranks split configurations and pushes plans to agents",
                        description="'edgesplit planner --listen HOST:PORT [flags]' is short for "

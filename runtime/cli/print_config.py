@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from runtime.cli.common import add_config_flags, component_config, components
 from runtime.contracts.config import to_toml
 
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("print-config", help="show the effective configuration (defaults < TOML < env < flags)")
     csub = p.add_subparsers(dest="component", required=True)
     for name, (cls, _section) in components().items():

@@ -5,17 +5,23 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
+from typing import TYPE_CHECKING
 
 from runtime.contracts.tiers import TIERS
 
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
+    from runtime.contracts.profile import Profile
 
-def summary(profile) -> str:
+
+def summary(profile: Profile) -> str:
     """A short table: block, name, median ms and bytes per frame of each transfer named in every block."""
     names = [t.name for t in profile.input_transfers if not t.tl_id]
     lines = [f"{profile.model} on {profile.machine} ({profile.role}): {profile.n_blocks} blocks, "
              f"{sum(b.seconds for b in profile.blocks) * 1e3:.2f} ms in all (sum of medians)",
              f"{'block':>5}  {'name':<28}{'ms':>9}" + "".join(f"{n:>14}" for n in names)]
-    rows = [("-", "input", None, {t.name: t.bytes for t in profile.input_transfers})]
+    rows: list[tuple[str, str, float | None, dict[str, int]]] = [
+        ("-", "input", None, {t.name: t.bytes for t in profile.input_transfers})]
     rows += [(str(b.index), b.name, b.seconds, {t.name: t.bytes for t in b.transfers}) for b in profile.blocks]
     for index, name, seconds, sizes in rows:
         ms = f"{seconds * 1e3:9.3f}" if seconds is not None else f"{'':>9}"
@@ -30,7 +36,8 @@ def summary(profile) -> str:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from runtime.measure.profiler import DEFAULT_CODECS, profile_model
+    from runtime.measure.defaults import DEFAULT_CODECS
+    from runtime.measure.profiler import profile_model
 
     profile = profile_model(args.model, args.role, machine=args.machine, runs=args.runs, warmup=args.warmup,
                             codecs=args.codec or DEFAULT_CODECS, tls=args.tl or (), threads=args.threads,
@@ -45,7 +52,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     """The ``profile`` command, added to ``edgesplit``'s subparsers."""
     from runtime.measure.defaults import DEFAULT_CODECS
 

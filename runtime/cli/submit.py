@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
 # The agent refuses larger images (runtime.agent.local_api.MAX_IMAGE_BYTES); checked before reading.
 MAX_IMAGE_BYTES = 32 * 2**20
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("submit", help="send images to an agent's local API (agent --serve) and print the results")
     p.add_argument("address", help="the agent's --serve address: unix:/run/edgesplit/agent.sock or 127.0.0.1:PORT")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
@@ -38,7 +42,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     failed = 0
     with grpc.insecure_channel(args.address) as channel:
-        stub = agent_pb2_grpc.AgentStub(channel)
+        stub = agent_pb2_grpc.AgentStub(channel)  # type: ignore[no-untyped-call]  # generated, unannotated
         for path in args.images:
             try:
                 r = stub.Submit(agent_pb2.SubmitRequest(image=_read(path)), timeout=args.timeout)

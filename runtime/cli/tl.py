@@ -6,6 +6,11 @@ import argparse
 import json
 import shlex
 import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
+    from runtime.transfer.layers import TransferLayer
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -47,13 +52,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _size_label(tl, manifest: dict | None = None) -> str:
+def _size_label(tl: TransferLayer, manifest: dict[str, Any] | None = None) -> str:
     """``x16`` for a bottleneck; ``step 1 (2.07 abs)`` for a transform TL."""
     if tl.kind == "transform":
         rel = getattr(tl, "step_setting", None)
         if rel is None and manifest:
             rel = ((manifest.get("training") or {}).get("transform") or {}).get("step")
-        return (f"step {rel:g} " if isinstance(rel, (int, float)) else "step ") + f"({tl.encoder.step[0].item():.4g} abs)"
+        return (f"step {rel:g} " if isinstance(rel, (int, float)) else "step ") + f"({tl.encoder.get_buffer('step')[0].item():.4g} abs)"
     return f"x{tl.ratio}"
 
 
@@ -217,7 +222,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     """The ``tl`` command group, added to ``edgesplit``'s subparsers."""
     p = sub.add_parser("tl", help="Transfer Layers: train, evaluate and list TL artifacts")
     tsub = p.add_subparsers(dest="tl_command", required=True)
@@ -227,7 +232,7 @@ def add_parser(sub) -> None:
     _add_sweep(tsub)
 
 
-def _add_train(tsub) -> None:
+def _add_train(tsub: Subparsers) -> None:
     from runtime.transfer.kinds import KINDS, RATIOS
 
     t = tsub.add_parser("train", help="train a TL by distillation from the unsplit model and save it")
@@ -260,7 +265,7 @@ def _add_train(tsub) -> None:
     t.set_defaults(func=cmd_train)
 
 
-def _add_eval(tsub) -> None:
+def _add_eval(tsub: Subparsers) -> None:
     e = tsub.add_parser("eval", help="fidelity, bytes per frame and encode/decode time on hold-out crops")
     e.add_argument("--tl", required=True, help="the artifact's .json (or .safetensors) path")
     e.add_argument("--images", type=int, default=0,
@@ -282,14 +287,14 @@ def _add_eval(tsub) -> None:
     e.set_defaults(func=cmd_eval)
 
 
-def _add_list(tsub) -> None:
+def _add_list(tsub: Subparsers) -> None:
     ls = tsub.add_parser("list", help="TL artifacts in a directory")
     ls.add_argument("dir", help="directory written by 'edgesplit tl train --out'")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ls.set_defaults(func=cmd_list)
 
 
-def _add_sweep(tsub) -> None:
+def _add_sweep(tsub: Subparsers) -> None:
     from runtime.transfer.kinds import KINDS, RATIOS
 
     sw = tsub.add_parser("sweep", help="bytes per frame vs fidelity for no TL / reference / bottleneck x codecs")

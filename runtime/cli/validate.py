@@ -17,17 +17,26 @@ import argparse
 import asyncio
 import statistics
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from planner.search import search
 from runtime.cli.common import DefaultsHelpFormatter
 from runtime.contracts.costmodel import Constraints, Link, Network, Tier
-from runtime.contracts.profile import Profile
+from runtime.contracts.profile import Profile, Transfer
 from runtime.contracts.tiers import DEVICE, EDGE
+
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
+    from runtime.models.loader import LoadedModel
+    from runtime.models.slicing import SplitPoint
 
 
 def _only(p: Profile, codec: str) -> Profile:
-    keep = lambda ts: tuple(t for t in ts if t.name == codec)  # noqa: E731
+    def keep(ts: Sequence[Transfer]) -> tuple[Transfer, ...]:
+        return tuple(t for t in ts if t.name == codec)
+
     return replace(p, blocks=tuple(replace(b, transfers=keep(b.transfers)) for b in p.blocks),
                    input_transfers=keep(p.input_transfers))
 
@@ -42,13 +51,15 @@ def predict(device: Profile, edge: Profile, link: Link, cut: int) -> float:
     return best[0].seconds
 
 
-async def _measure(loaded, splits, codec, address, frames, warmup):
+async def _measure(loaded: LoadedModel, splits: list[SplitPoint], codec: str, address: str, frames: int,
+                   warmup: int) -> dict[int, dict[str, Any]]:
     from runtime.measure.bench import _bench_one
 
-    rows = {}
+    rows: dict[int, dict[str, Any]] = {}
     for sp in splits:
         print(f"... {loaded.name} split {sp.index} ({sp.name})", file=sys.stderr, flush=True)
-        rows[sp.index] = await _bench_one(loaded, sp, codec, address, frames, warmup, 1)
+        rows[sp.index] = await _bench_one(  # type: ignore[no-untyped-call]  # runtime.measure.bench is not typed
+            loaded, sp, codec, address, frames, warmup, 1)
     return rows
 
 
@@ -95,7 +106,7 @@ def run(model: str, codec: str, frames: int, warmup: int, runs: int) -> list[str
     return lines
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     p = sub.add_parser("plan-check", formatter_class=DefaultsHelpFormatter,
                        help="predicted vs measured end-to-end latency for every split (worker on loopback)")
     p.add_argument("--model", action="append", help="model(s) to check (default: efficientnet_lite0, resnet18)")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
 
 from runtime.cli.common import add_config_flags, component_config, start_tracing
 from runtime.wire import eventloop
 
+if TYPE_CHECKING:
+    from runtime.cli.common import Subparsers
 
-def add_parser(sub) -> None:
+
+def add_parser(sub: Subparsers) -> None:
     from runtime.worker.config import WorkerConfig
 
     p = sub.add_parser("worker", help="run the edge worker daemon")
