@@ -58,6 +58,7 @@ ATTACH_BATCH = 512  # agents attached in one batch of statements (planner.store_
 MAX_TEXTS = 256  # profile texts by hash kept for attachments (board types; more: forgotten and read again)
 MAX_LOST = 10_000  # agents remembered as taken over (their stream's end names it); the oldest are forgotten
 FORGET_EVERY = 600  # renewals between two sweeps of dead replicas' heartbeat rows (planner.store_leases.forget_dead)
+# and of orphaned profile texts (Store.prune_profiles)
 
 
 def default_replica_id() -> str:
@@ -262,6 +263,7 @@ class Replica:
             out = Renewal(*store.heartbeat(me, seconds), seq)
             if sweep:
                 store.forget_dead_replicas()
+                store.prune_profiles()  # orphaned profile texts, a bounded pass (planner.store PRUNE_PROFILES)
             times = store.worker_times()
             out.gone = set(known) - set(times)
             for wid, t in times.items():

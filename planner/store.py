@@ -3,7 +3,8 @@
 Tables: ``workers`` (address, tier, TL ids, one profile document per model, the next tiers it
 forwards to), ``agents`` (model, digest, the SHA-256 of its device profile, allowed workers, TL ids,
 constraints, the last refusal), ``profiles`` (each device profile text once, by its SHA-256: agents
-of one board type share one row), ``links`` (the last link estimate per agent and worker), ``device_speed`` (per
+of one board type share one row; a text no agent names any more is deleted: :meth:`Store.put_agent`,
+:meth:`Store.prune_profiles`), ``links`` (the last link estimate per agent and worker), ``device_speed`` (per
 agent, the smoothed device slowdown factor from its compute telemetry, :mod:`planner.compute`),
 ``plans`` (every plan ever issued, as serialized ``Plan`` protos; an agent's current plan is its
 highest version that it did not refuse), ``counters`` (the global plan version, which only
@@ -85,6 +86,7 @@ CREATE TABLE IF NOT EXISTS leases (
     agent_id TEXT PRIMARY KEY, replica TEXT NOT NULL, expires_unix {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS profiles (hash TEXT PRIMARY KEY, text TEXT NOT NULL);
 """
+PRUNE_PROFILES = 256  # orphaned profile texts deleted per pass (at open, and each replica's periodic sweep)
 
 ISSUED, APPLIED, REFUSED = "issued", "applied", "refused"
 
@@ -157,7 +159,6 @@ class Store:
         self.backend = where if isinstance(where, Backend) else open_backend(str(where))
         self.path = self.backend.describe()  # for logs: never the password
         self.db = self.backend.connection  # the driver's connection (tests look inside SQLite's)
-        self._profiles: set[str] = set()  # profile hashes this store wrote or found stored (never deleted)
         try:
             self._create()
         except sqlite3.DatabaseError as e:
@@ -186,6 +187,8 @@ class Store:
                 raise StoreError(f"{self.path}: planner database schema {row[0]} is not {SCHEMA_VERSION}; "
                                  "use the edgesplit version that wrote it, or start with a new --db file / --store database")
             b.execute("INSERT INTO counters (name, value) VALUES ('plan_version', 0) ON CONFLICT (name) DO NOTHING")
+            b.execute("CREATE INDEX IF NOT EXISTS agents_profile ON agents (profile)")  # after 2 -> 3: hashes, not texts
+        self.prune_profiles()
 
     def _hash_profiles(self) -> None:
         """Schema 2 -> 3 (in the opening transaction): each distinct device profile text moves to ``profiles``
@@ -234,12 +237,19 @@ class Store:
     # -- agents ------------------------------------------------------------------------------
 
     def put_agent(self, a: AgentRecord) -> None:
-        """The agent's row; its device profile text once per content (``profiles``), the row holds its hash."""
-        h = profile_hash(a.profile)
-        with self._tx():
-            if h not in self._profiles:
-                self.backend.execute("INSERT INTO profiles (hash, text) VALUES (?,?) ON CONFLICT (hash) DO NOTHING",
-                                     (h, a.profile))
+        """The agent's row; its device profile text once per content (``profiles``), the row holds its hash; the
+        text it named before is deleted afterwards if no agent names it. Replicas: the profile row is read ``FOR
+        SHARE`` (or written, so locked) before the agent's row, so a deletion (:meth:`drop_orphan_profiles`: ``FOR
+        UPDATE`` first) waits and sees this row, or ends first and the text is written again."""
+        h, b = profile_hash(a.profile), self.backend
+        with self._tx():  # one statement when the text is stored: it is locked and the agent's old hash read
+            row = b.execute("SELECT a.profile FROM profiles p LEFT JOIN agents a ON a.id=? WHERE p.hash=?"
+                            + (b.share_sql + " OF p" if b.share_sql else ""), (a.id, h)).fetchone()
+            if row is None:
+                b.execute("INSERT INTO profiles (hash, text) VALUES (?,?) ON CONFLICT (hash) DO UPDATE SET "
+                          "hash=excluded.hash", (h, a.profile))  # DO UPDATE: the row is locked either way
+                row = b.execute("SELECT profile FROM agents WHERE id=?", (a.id,)).fetchone()
+            old = row[0] if row is not None else None
             self.backend.execute(
                 "INSERT INTO agents (id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
                 "refused_version, refused_message) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
@@ -249,7 +259,27 @@ class Store:
                 (a.id, a.model, a.digest, h, json.dumps(list(a.workers)), json.dumps(list(a.tl_ids)),
                  json_format.MessageToJson(a.constraints, indent=None), a.registered, a.last_seen,
                  a.refused_version, a.refused_message))
-        self._profiles.add(h)  # committed: the next agent of this board type writes its row only
+        if old is not None and old != h:  # re-registered with another profile: its old text may be orphaned (two
+            self.drop_orphan_profiles([old])  # registrations of one agent at once may miss one: prune_profiles's)
+
+    def drop_orphan_profiles(self, hashes: list[str]) -> int:
+        """Delete the profile texts of ``hashes`` that no agent names; returns how many went. Their rows are
+        locked first (in hash order: no deadlock between two of these), so the check sees every agent row
+        written under a share lock on them (:meth:`put_agent`)."""
+        b, marks = self.backend, ",".join("?" * len(hashes))
+        with self._tx():
+            if b.lock_sql:
+                b.execute(f"SELECT hash FROM profiles WHERE hash IN ({marks}) ORDER BY hash{b.lock_sql}", hashes)
+            cur = b.execute(f"DELETE FROM profiles WHERE hash IN ({marks}) AND NOT EXISTS (SELECT 1 FROM agents "
+                            "WHERE agents.profile = profiles.hash)", hashes)
+            return int(cur.rowcount)
+
+    def prune_profiles(self, limit: int = PRUNE_PROFILES) -> int:
+        """One bounded pass over orphaned profile texts (left by a planner before they were deleted, or by a crash
+        between an agent's new row and the deletion): at most ``limit`` deleted; returns how many."""
+        found = [r[0] for r in self.backend.execute("SELECT hash FROM profiles p WHERE NOT EXISTS (SELECT 1 FROM agents "
+                                                    "a WHERE a.profile = p.hash) ORDER BY hash LIMIT ?", (limit,))]
+        return self.drop_orphan_profiles(found) if found else 0
 
     def agents(self, agent_id: str | None = None) -> dict[str, AgentRecord]:
         """Every agent, or only ``agent_id`` (an empty dict when it is not stored)."""
