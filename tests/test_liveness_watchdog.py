@@ -117,3 +117,34 @@ def _frame(seq: int):
     req = pb.InferRequest(header=pb.FrameHeader(seq=seq, agent_id="a"))
     req.tensor.buffer = b"x" * 100
     return req
+
+
+def test_a_busy_streams_path_is_probed_every_probe_after_while_it_answers(monkeypatch):
+    """Frames outstanding, no result (a slow link): each answer on the path brings the next path probe forward
+    (probe_after after it), so the path keeps floor - probe_after to answer, as with the 0.25 s tick."""
+    async def scenario():
+        probes: list[float] = []
+        path_probes: list[float] = []
+        path = object()
+
+        async def answered(channel, timeout):
+            (path_probes if channel is path else probes).append(time.monotonic())
+            await asyncio.sleep(0.01 if channel is path else 10)  # the stream's own probe waits behind the frames
+            return 0.01
+
+        monkeypatch.setattr(stream_mod, "time_health_check", answered)
+        stream = EdgeStream("127.0.0.1:1", TransportOptions(), AgentMetrics(), 1.0, 1.0)
+        stream._call = call = object()  # type: ignore[assignment]
+        stream._channel = object()  # type: ignore[assignment]
+        stream._path = path  # type: ignore[assignment]
+        live = stream._live = Liveness(None, LivenessOptions(), path=True)
+        live.sent(1, 400_000)
+        stream._watchdog = asyncio.create_task(stream._watch(call, live))  # type: ignore[arg-type]
+        await asyncio.sleep(2.8)
+        stream._watchdog.cancel()
+        return path_probes, live.reason
+
+    path_probes, reason = asyncio.run(scenario())
+    gaps = [b - a for a, b in itertools.pairwise(path_probes)]
+    assert len(path_probes) >= 3 and reason == ""  # the path answers: a slow link is not declared dead
+    assert all(0.45 < g < 0.8 for g in gaps), gaps

@@ -384,7 +384,7 @@ class EdgeStream:
                 live.path_answered()
             else:
                 live.probe_answered(sent_at)
-                self._sooner(live)  # the next probe is due probe_after from now, before the verdict it sleeps to
+            self._sooner(live)  # the next probe is due probe_after from now, before the verdict it sleeps to
 
     async def _warm(self, path: grpc.aio.Channel) -> None:
         """Connect the path now (handshakes, the server's certificate against a CRL), so a probe on it
