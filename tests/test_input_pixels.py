@@ -124,3 +124,23 @@ def test_the_agent_sends_an_input_frame_from_its_pixels_without_calling_the_head
     h, msg, *_, tail = Agent._head_encode(None, plan, frames[0])  # type: ignore[arg-type]
     assert h is frames[0] and tail is None
     assert bytes(msg.payload) == codec.encode(frames[0]).buffer
+
+
+def test_pixels_are_held_beside_the_tensor_not_pickled_with_it(loaded):
+    """torch.save / torch.load (weights_only) of a preprocessed tensor work as for any tensor; the entry goes with it."""
+    import gc
+    import io
+
+    from runtime.models import spec as spec_module
+
+    x = preprocess(loaded.spec, Image.new("RGB", (224, 224), (1, 2, 3)))
+    buf = io.BytesIO()
+    torch.save(x, buf)
+    buf.seek(0)
+    y = torch.load(buf)
+    assert torch.equal(y, x) and source_pixels(y) is None
+    key = id(x)
+    assert key in spec_module._HELD
+    del x
+    gc.collect()
+    assert key not in spec_module._HELD

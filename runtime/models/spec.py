@@ -8,6 +8,7 @@ Normalisation convention: ``mean``/``std`` apply to pixel values in [0, 255]:
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,22 +112,27 @@ def normalise(spec: ModelSpec, pixels: np.ndarray) -> torch.Tensor:
     if not x.is_inference():  # an inference tensor has no version counter to check them against
         kept = pixels if not pixels.flags.writeable else pixels.copy()
         kept.flags.writeable = False
-        setattr(x, _PIXELS, (kept, x._version))
+        _hold(x, kept)
     return x
 
 
-# The attribute of a preprocessed tensor that holds its source pixels and the tensor's version counter then (issue 14:
-# an input codec sends a frame's pixels as they are, instead of de-normalising, rounding and transposing the tensor
-# back to them; 0.2-0.3 ms a MobileNetV2 frame on the board thread, the same bytes).
-_PIXELS = "_edgesplit_pixels"
+# The source pixels of the tensors normalise made and holds, by id(tensor): (a weak reference to the tensor, its
+# pixels, its version counter then). Issue 14: an input codec sends a frame's pixels as they are, instead of
+# de-normalising, rounding and transposing the tensor back to them (1.0 ms of a MobileNetV2 webp frame's board thread,
+# the same bytes). Beside the tensor, not on it: a tensor's attributes would be pickled with it (torch.save, and
+# torch.load's weights_only refuses a numpy array). The entry goes when the tensor does (the reference's callback).
+_HELD: dict[int, tuple[weakref.ref[torch.Tensor], np.ndarray, int]] = {}
+
+
+def _hold(x: torch.Tensor, pixels: np.ndarray) -> None:
+    key = id(x)
+    _HELD[key] = (weakref.ref(x, lambda _ref: _HELD.pop(key, None)), pixels, x._version)
 
 
 def source_pixels(x: torch.Tensor) -> np.ndarray | None:
     """The uint8 (H, W, 3) pixels ``x`` was made from by :func:`preprocess`, or None: for any other tensor (an
-    operation's result, a copy, a slice: attributes do not travel) and for one changed in place since (its version
-    counter moved)."""
-    held = getattr(x, _PIXELS, None)
-    if held is None:
+    operation's result, a copy, a slice) and for one changed in place since (its version counter moved)."""
+    held = _HELD.get(id(x))
+    if held is None or held[0]() is not x or x._version != held[2]:
         return None
-    pixels, version = held
-    return pixels if x._version == version else None
+    return held[1]
