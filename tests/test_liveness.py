@@ -28,6 +28,10 @@ def test_defaults_detect_within_two_seconds_and_back_off_at_most_two():
     # must not count as a partition: eight 602 KB frames at 1.6 Mbit/s hold a ping 24 s); the liveness
     # watchdog detects. Servers without frames (the planner's) and the agent's widened planner ping: 10 s.
     assert t.keepalive_timeout_ms >= 30_000
+    # ... and pings only after 10 s without a byte read (issue 14: each second cost an idle agent ~1.2 ms/s)
+    assert dict(t.channel_options())["grpc.keepalive_time_ms"] == t.frame_keepalive_time_ms == 10_000
+    assert dict(t.server_options())["grpc.keepalive_time_ms"] == t.frame_keepalive_time_ms
+    assert dict(t.server_options(frames=False))["grpc.keepalive_time_ms"] == t.keepalive_time_ms
     assert t.keepalive_time_ms + t.control_backstop_timeout_ms <= 11_000
     frames, control_server = dict(t.server_options()), dict(t.server_options(frames=False))
     assert frames["grpc.keepalive_timeout_ms"] == frames["grpc.http2.ping_timeout_ms"] == t.keepalive_timeout_ms
@@ -42,6 +46,7 @@ def test_defaults_detect_within_two_seconds_and_back_off_at_most_two():
     # last byte read to the verdict
     assert t.keepalive_time_ms + t.control_keepalive_timeout_ms <= 2_000
     control = dict(t.channel_options(control=True))
+    assert control["grpc.keepalive_time_ms"] == t.keepalive_time_ms
     assert control["grpc.keepalive_timeout_ms"] == control["grpc.http2.ping_timeout_ms"] == t.control_keepalive_timeout_ms
     server = dict(t.server_options())
     assert server["grpc.http2.min_ping_interval_without_data_ms"] <= t.keepalive_time_ms  # the pings are welcome

@@ -27,7 +27,7 @@ statically configured agent's first frames), and with a large one (a slow link);
 is never killed by it, since its path answers (tests/test_liveness.py: 401 KB at 1.6 Mbit/s, never
 measured). The second rule catches what the path cannot: a connection that died alone (a middlebox
 dropping its state) while a new connection works; with no estimate that case is left to keep-alive
-(1 s + 60 s on frame channels), "unknown is unknown".
+(10 s + 60 s on frame channels), "unknown is unknown".
 
 The allowance uses the link's estimate as it was at the last progress (``hint`` read when the clock
 restarts), never one taken during the stall: a frame that misses its deadline during a partition
@@ -82,7 +82,7 @@ class LivenessOptions:
     # with no answer this long, ask the peer (a probe on the same connection and, frames outstanding, one
     # on the path's own connection); a live link has floor - probe_after for the answer
     probe_after_seconds: float = 0.5
-    idle_probes: bool = True  # probe an idle stream too (False: keep-alive alone watches it, 61 s)
+    idle_probes: bool = True  # probe an idle stream too (False: keep-alive alone watches it, 70 s)
     # frames outstanding: probe the peer on a connection of its own too, and declare the stream dead when
     # that path is silent for the floor, estimate or not (False: the estimate's allowance alone; a link
     # never measured then relies on its frames' deadlines and keep-alive)

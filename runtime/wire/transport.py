@@ -31,15 +31,21 @@ class TransportOptions:
     # runs): 4.4-4.9 ms as one message against 6.2-6.8 ms as 256 KiB chunks and 6.9 ms as 64 KiB
     # (each message is a write, a read and a wake-up on both sides; runtime/measure/results/overhead.md).
     chunk_bytes: int = 1024 * 1024
-    # keep-alive. Frame channels (agent -> worker, worker -> next tier) and the worker's server: only the
-    # backstop, 1 s + 60 s. A ping (or the answer to the server's) queues behind the frames already sent: on
+    # keep-alive. Frame channels (agent -> worker, worker -> next tier, and the probes' own connections) and the
+    # worker's server: only the backstop, 10 s + 60 s. A ping (or the answer to the server's) queues behind the frames already sent: on
     # a 1.6 Mbit/s link one 400 KB frame holds it 2 s, and eight 602 KB frames in flight 24 s, which ended
     # live streams under the former 10 s ("ping timeout"). Their streams are watched by `liveness` instead:
     # a silent partition is declared 1.5 s after the last progress, busy (the path's own connection is
     # probed) or idle. Control channels (agent and worker -> planner; `control_channel`) carry small
     # messages only, so their pings wait behind nothing of their own: 1 s + 0.8 s notices a silent
     # partition within 1.8 s of the last byte read (runtime.daemon.planner_client; README "Liveness").
-    keepalive_time_ms: int = 1_000  # ping the connection this often (also while idle)
+    keepalive_time_ms: int = 1_000  # control channels and the planner's server: ping the connection this often (also idle)
+    # frame channels, probe channels and the worker's server: ping after this long without a byte read (gRPC
+    # resets the timer on each read). Was 1 s: with the probe channel's and the server's pings, ~50 wake-ups of
+    # gRPC's threads a second on an idle agent (8 at 10 s); with idle stream probes off, under the board quota,
+    # its gRPC threads' CPU went 1.7-2.4 -> 0.8-0.9 ms/s (issue 14, runtime/measure/results/agent_idle_cpu.md).
+    # The liveness watchdog, not keep-alive, detects a dead stream (1.5 s)
+    frame_keepalive_time_ms: int = 10_000
     keepalive_timeout_ms: int = 60_000  # frame channels and servers: drop the connection when a ping is not answered in time
     control_keepalive_timeout_ms: int = 800  # control channels: the same, for the planner's channels
     # servers that take no frames (the planner's), and the most the agent widens its planner ping timeout to
@@ -72,7 +78,7 @@ class TransportOptions:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_time_ms", self.keepalive_time_ms if control else self.frame_keepalive_time_ms),
             ("grpc.keepalive_timeout_ms", timeout),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
@@ -87,9 +93,9 @@ class TransportOptions:
         return [
             ("grpc.max_send_message_length", self.max_message_bytes),
             ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.keepalive_time_ms", self.keepalive_time_ms),
+            ("grpc.keepalive_time_ms", self.frame_keepalive_time_ms if frames else self.keepalive_time_ms),
             ("grpc.keepalive_timeout_ms", timeout),
-            # accept the clients' keep-alive pings (same TransportOptions on both ends) without strikes
+            # accept the clients' keep-alive pings (a control channel's every second, too) without strikes
             ("grpc.http2.min_ping_interval_without_data_ms", min(5_000, self.keepalive_time_ms // 2)),
             ("grpc.http2.max_ping_strikes", 0),
             ("grpc.http2.ping_timeout_ms", timeout),
