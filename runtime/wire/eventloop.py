@@ -6,11 +6,26 @@ runtime overhead p50 0.1-0.6 ms lower in 13 of 14 comparisons (62 KB 2.47 / 2.62
 4.50 / 4.37 against 4.72 / 4.48 ms in the 19:27 pairs): uvloop's loop pass and wake-ups are C, asyncio's Python.
 
 ``EDGESPLIT_EVENT_LOOP=asyncio`` keeps asyncio's loop (to compare, or where uvloop misbehaves).
+
+``run`` also sets glibc's allocator (:func:`tune_malloc`) so that buffers of a frame's size and a model's
+activations reuse memory the process already has instead of new pages. With glibc's defaults, blocks above its
+adaptive mmap threshold are mapped and unmapped each time, and freed heap above twice that threshold is given
+back: every frame then faults fresh pages in (each costs ~2.5 us on this VM, zeroing included). Measured
+(runtime/measure/results/overhead.md, 16:33-16:45 UTC 2026-12-04): ``edgesplit bench --split 10 --codec raw``
+took ~3,560 minor faults a frame (agent and worker) with the defaults and none with these settings; in four
+alternating pairs the end-to-end p50 went from 36.7 to 28.6 ms at 803 KB (lower in 3 of 4) and 41.3 to 28.7 ms
+at 62 KB (4 of 4; the board head 21.1 -> 10.5 ms), the local full model 32.4 -> 23.3 ms. The runtime overhead
+moved less (803 KB 3.11 -> 2.84 ms, 62 KB 2.53 -> 2.38; over 13 pairs in three runs the 803 KB figure was lower
+in 7, so not resolved there). In a two-process echo of the frame path, an 803 KB frame's serialisation faulted
+164 pages in (0.4-0.6 ms against 0.1 ms warm) and the round trip fell from 2.76 to 1.63 ms.
+``EDGESPLIT_MALLOC=default`` leaves glibc's defaults, as does a process started with its own
+``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` / ``GLIBC_TUNABLES``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -18,6 +33,16 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 ENV = "EDGESPLIT_EVENT_LOOP"  # "asyncio" or "uvloop" (the default when installed)
+MALLOC_ENV = "EDGESPLIT_MALLOC"  # "default": leave glibc's allocator as it is
+# blocks up to this come from the heap, not a mapping of their own: above the 8 MiB message cap
+# (TransportOptions.max_message_bytes), so no frame's buffer is mapped and unmapped per frame
+MMAP_THRESHOLD_BYTES = 16 * 2**20
+# freed heap is given back to the system only above this (per arena): a few frames' buffers at the cap stay
+# mapped for the next frame. Memory is kept only up to what the process once used at its peak.
+TRIM_THRESHOLD_BYTES = 128 * 2**20
+_M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
+_M_MMAP_THRESHOLD = -3
+_USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "GLIBC_TUNABLES")
 
 
 def loop_name() -> str:
@@ -31,8 +56,25 @@ def loop_name() -> str:
     return "uvloop"
 
 
+def tune_malloc() -> bool:
+    """Set glibc's mmap and trim thresholds (MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES) for this process;
+    False where it left them: ``EDGESPLIT_MALLOC=default``, the user's own malloc settings, or a C library
+    without glibc's ``mallopt`` (musl's does nothing and says so; macOS has none)."""
+    if os.environ.get(MALLOC_ENV, "").strip().lower() == "default" or any(k in os.environ for k in _USER_SETTINGS):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    mapped = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    return bool(mapped) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the loop ``loop_name`` names."""
+    """``asyncio.run(main)`` on the loop ``loop_name`` names, with glibc's allocator set (``tune_malloc``)."""
+    tune_malloc()
     if loop_name() == "uvloop":
         import uvloop
 
