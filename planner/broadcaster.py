@@ -45,7 +45,8 @@ class Broadcaster:
         self.metrics = metrics
         self._watchers: dict[str, dict[Watcher, None]] = {}  # agent id -> its streams, oldest first
         self.slots = StreamSlots("WatchPlan", MAX_WATCHERS_PER_AGENT, None, where="the planner",
-                                 per_caller_hint="; run one agent process per agent_id")
+                                 per_caller_hint="; run one agent process per agent_id",
+                                 on_shed=metrics.on_stream_shed("WatchPlan"))
 
     def watchers(self, agent_id: str) -> set[Watcher]:
         """The streams open for ``agent_id`` now (a copy)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from runtime.daemon.metrics_http import ERROR_CODES
+from runtime.daemon.streams import SHED_REASONS as STREAM_SHED_REASONS
 
 # A decision on a small profile takes tens of microseconds; a 600-block one, tens of milliseconds.
 DECISION_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -17,6 +20,7 @@ SHED_REASONS = ("full", "stale")  # refused: the decision queue is full; dropped
 CACHE_RESULTS = ("hit", "miss")
 
 PLAN_REASONS = ("registration", "telemetry", "compute", "infeasible", "worker", "refusal", "restart")
+STREAMS = ("telemetry", "WatchPlan")  # the planner's long-lived streams under runtime.daemon.streams limits
 COMPUTE_OUTCOMES = ("used", "ignored")  # a device compute sample from telemetry was smoothed in, or implausible
 
 
@@ -27,6 +31,10 @@ class PlannerMetrics:
         self.agents = Gauge("edgesplit_planner_agents", "Registered agents", registry=r)
         self.workers = Gauge("edgesplit_planner_workers", "Registered workers", registry=r)
         self.watchers = Gauge("edgesplit_planner_watchers", "Open WatchPlan streams", registry=r)
+        self.streams_shed = Counter("edgesplit_planner_streams_shed", "Long-lived streams ended or refused by the stream "
+                                    "limits (runtime.daemon.streams), by stream (telemetry, WatchPlan) and reason "
+                                    "(oldest_ended: a caller's newer stream took its place; total_refused: the "
+                                    "planner held its total)", ["stream", "reason"], registry=r)
         self.plan_changes = Counter("edgesplit_planner_plan_changes", "Plans issued, by what caused them",
                                     ["reason"], registry=r)
         self.decision_seconds = Histogram("edgesplit_planner_decision_seconds",
@@ -88,5 +96,12 @@ class PlannerMetrics:
             self.profile_cache.labels(result)
         for code in ERROR_CODES:
             self.errors.labels(code)
+        for stream in STREAMS:
+            for why in STREAM_SHED_REASONS:
+                self.streams_shed.labels(stream, why)
         self.device_slowdown_max.set(1.0)
         self.worker_slowdown_max.set(1.0)
+
+    def on_stream_shed(self, stream: str) -> Callable[[str], None]:
+        """A :class:`runtime.daemon.streams.StreamSlots` ``on_shed`` that counts ``stream``'s ends and refusals."""
+        return lambda reason: self.streams_shed.labels(stream, reason).inc()

@@ -63,7 +63,7 @@ class PlannerServicer(pb_grpc.PlannerServicer):
         self._counted = (0, 0)  # profile cache hits and misses already in the metrics
         self.registrations = Gate(REGISTRATIONS_RUNNING, REGISTRATIONS_WAITING)
         # ReportTelemetry streams open (planner.streams): per authenticated agent, and in all
-        self.telemetry_streams = telemetry_slots(state.config.max_agents)
+        self.telemetry_streams = telemetry_slots(state.config.max_agents, metrics.on_stream_shed("telemetry"))
         self._registering: dict[tuple[str, str], int] = {}  # (kind, id) -> its registrations in flight (_in_flight)
         self.queries = Gate(QUERIES_RUNNING, QUERIES_WAITING, "plan queries", "query again")
         # a burst of registrations (a replica's agents re-attaching) goes before the periodic pass and telemetry decisions

@@ -12,6 +12,8 @@ thousands of agents under one lease) count only towards the total; beyond it a n
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from runtime.daemon.streams import StreamSlots
 from runtime.wire.security import AGENT
 
@@ -22,9 +24,10 @@ TELEMETRY_STREAMS_SPARE = 1024  # ... (operators, tools, a loopback fleet)
 __all__ = ["StreamSlots", "telemetry_slots"]
 
 
-def telemetry_slots(max_agents: int) -> StreamSlots:
+def telemetry_slots(max_agents: int, on_shed: Callable[[str], None] | None = None) -> StreamSlots:
     """The planner's ReportTelemetry streams: TELEMETRY_STREAMS_PER_AGENT per authenticated agent, and in all
-    ``max_agents`` x TELEMETRY_STREAMS_PER_AGENT_SLOT + TELEMETRY_STREAMS_SPARE."""
+    ``max_agents`` x TELEMETRY_STREAMS_PER_AGENT_SLOT + TELEMETRY_STREAMS_SPARE; ``on_shed`` is told each end
+    or refusal (a metric)."""
     return StreamSlots("telemetry", TELEMETRY_STREAMS_PER_AGENT,
                        max_agents * TELEMETRY_STREAMS_PER_AGENT_SLOT + TELEMETRY_STREAMS_SPARE, roles=(AGENT,),
-                       where="the planner", per_caller_hint="; run one agent process per identity")
+                       where="the planner", per_caller_hint="; run one agent process per identity", on_shed=on_shed)

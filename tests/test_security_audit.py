@@ -69,6 +69,9 @@ def test_watch_plan_streams_per_agent_are_bounded(aio, planner):
             check_status(err, grpc.StatusCode.RESOURCE_EXHAUSTED, f"at most {MAX_WATCHERS_PER_AGENT} WatchPlan streams")
         for call in calls[3:]:
             call.cancel()
+        shed = planner.ps.service.metrics.registry.get_sample_value
+        assert shed("edgesplit_planner_streams_shed_total", {"stream": "WatchPlan", "reason": "oldest_ended"}) == 3
+        assert shed("edgesplit_planner_streams_shed_total", {"stream": "telemetry", "reason": "oldest_ended"}) == 0
 
     aio.run(go())
 
@@ -423,6 +426,8 @@ def test_an_agents_open_telemetry_streams_are_bounded(aio, site, tmp_path):  # n
                             break
                         await asyncio.sleep(0.01)
                 assert (slots.open, slots.ended) == (TELEMETRY_STREAMS_PER_AGENT + 1, 2)
+                assert handle.service.metrics.registry.get_sample_value(
+                    "edgesplit_planner_streams_shed_total", {"stream": "telemetry", "reason": "oldest_ended"}) == 2
                 for call in calls[:2]:
                     check_status(await rpc_error(call), grpc.StatusCode.RESOURCE_EXHAUSTED,
                                  f"at most {TELEMETRY_STREAMS_PER_AGENT} telemetry streams")
