@@ -46,7 +46,8 @@ class LoaderSpec:
 
 
 def channel(address: str, index: int) -> grpc.aio.Channel:
-    options = [*TransportOptions().channel_options(), ("grpc.use_local_subchannel_pool", 1),
+    # an agent's planner channel (runtime.daemon.planner_client: a control channel, keep-alive every 1 s)
+    options = [*TransportOptions().channel_options(control=True), ("grpc.use_local_subchannel_pool", 1),
                ("edgesplit.fleet_channel", index)]  # distinct args: never shared with another channel
     return grpc.aio.insecure_channel(address, options=options)
 
