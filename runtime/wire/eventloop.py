@@ -12,12 +12,14 @@ activations reuse memory the process already has instead of new pages. With glib
 adaptive mmap threshold are mapped and unmapped each time, and freed heap above twice that threshold is given
 back: every frame then faults fresh pages in (each costs ~2.5 us on this VM, zeroing included). Measured
 (runtime/measure/results/overhead.md, 16:33-16:45 UTC 2026-12-04): ``edgesplit bench --split 10 --codec raw``
-took ~3,560 minor faults a frame (agent and worker) with the defaults and none with these settings; in four
-alternating pairs the end-to-end p50 went from 36.7 to 28.6 ms at 803 KB (lower in 3 of 4) and 41.3 to 28.7 ms
-at 62 KB (4 of 4; the board head 21.1 -> 10.5 ms), the local full model 32.4 -> 23.3 ms. The runtime overhead
-moved less (803 KB 3.11 -> 2.84 ms, 62 KB 2.53 -> 2.38; over 13 pairs in three runs the 803 KB figure was lower
-in 7, so not resolved there). In a two-process echo of the frame path, an 803 KB frame's serialisation faulted
-164 pages in (0.4-0.6 ms against 0.1 ms warm) and the round trip fell from 2.76 to 1.63 ms.
+took ~3,560 minor faults a frame (agent and worker) with the defaults and none with these settings. In ten
+alternating pairs (two runs, 16:43 and 16:54) the compute moved most: the board head at split 45 21.1 -> 10.5 and
+18.5 -> 10.7 ms (10 of 10 lower), the local full model 32.4 -> 23.3 and 30.3 -> 24.0 ms (9 of 10); end-to-end p50
+at 62 KB 41.3 -> 28.7 and 35.4 -> 29.3 ms (10 of 10), at 803 KB (a light head, the tail's share varies more)
+36.7 -> 28.6 and 31.9 -> 29.5 ms (6 of 10). The runtime overhead did not move (803 KB lower in 10 of 19 pairs
+over four runs). In a two-process echo of the frame path, an 803 KB frame's serialisation faulted 164 pages in
+(0.4-0.6 ms against 0.1 ms warm) and the round trip fell from 2.76 to 1.63 ms; the bench's overhead shows no such
+step (its processes' heaps, which the models keep large, may hold that memory already: not checked).
 ``EDGESPLIT_MALLOC=default`` leaves glibc's defaults, as does a process started with its own
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` / ``MALLOC_TOP_PAD_`` / ``GLIBC_TUNABLES``.
 """
