@@ -171,9 +171,13 @@ def test_an_agent_reads_back_only_its_own_frames_kept_tiles(site, tmp_path):  # 
     asyncio.run(asyncio.wait_for(main(), 120))
 
 
-def test_every_worker_killed_mid_frame_the_agent_finishes_it(start_worker, loaded, image, reference):  # noqa: F811
+@pytest.mark.parametrize("early", [False, True])
+def test_every_worker_killed_mid_frame_the_agent_finishes_it(start_worker, loaded, image, reference, early):  # noqa: F811
     """Both workers die once block 0 is kept on them: nothing can be fetched back, no worker is left, and
-    the coordinator computes the lost tiles and the later blocks itself; the frame is right and not lost."""
+    the coordinator computes the lost tiles and the later blocks itself; the frame is right and not lost.
+    Block 1 is sent after block 0's answers with halo_early=False, the state this describes; with early dispatch
+    a worker may already have computed a block-1 tile before the kill (it failed so in CI on 2026-12-04, with
+    faster compute): then the frame is still right and not lost, but which later tiles ran where is a race."""
     workers = [start_worker(*PEERS) for _ in range(2)]
     addresses = [f"127.0.0.1:{port}" for _, port in workers]
 
@@ -184,9 +188,10 @@ def test_every_worker_killed_mid_frame_the_agent_finishes_it(start_worker, loade
                 proc.wait(10)
 
     frames, fallbacks, registry = asyncio.run(asyncio.wait_for(
-        _frames(loaded, _stage(addresses), image, on_block=kill_all), 200))
+        _frames(loaded, _stage(addresses), image, on_block=kill_all, early=early), 200))
     y, reports = frames[0]
     assert _close(y, reference) and fallbacks == 1
     assert registry.get_sample_value("edgesplit_agent_halo_recovered_tiles_total", {"how": "fetched"}) is None
     assert len([r for r in reports if r.block == 0 and r.ran_on == "local"]) == 2  # both lost tiles of block 0
-    assert all(r.ran_on in ("", "local") for r in reports if r.block > 0)  # every later tile on the agent
+    if not early:  # with early dispatch, later blocks' tiles may have run on a worker before the kill
+        assert all(r.ran_on in ("", "local") for r in reports if r.block > 0)  # every later tile on the agent
