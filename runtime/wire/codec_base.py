@@ -91,10 +91,15 @@ class Codec(ABC):
     def encode_payload(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> bytes | memoryview:
         """Encode ``x``: every field of ``msg`` (an empty Tensor) but ``buffer``, and the payload returned (a
         view of ``x``'s own bytes where the codec sends them as they are, e.g. raw: no copy)."""
-        x = _prepare(x)
-        msg.shape.extend(x.shape)
+        prepared = _prepare(x)
+        msg.shape.extend(prepared.shape)
         msg.codec, msg.compression = self.codec, self.compression
-        return self._payload(self._encode_values(x, msg), msg)
+        return self._payload(self._encode_input(x, prepared, msg), msg)
+
+    def _encode_input(self, x: torch.Tensor, prepared: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
+        """The codec's values of ``prepared`` (``x`` detached, on the CPU, contiguous: a new tensor, so anything
+        held beside ``x`` itself is read from ``x``, :class:`InputImageCodec`)."""
+        return self._encode_values(prepared, msg)
 
     def _payload(self, values: memoryview, msg: tensor_pb2.Tensor) -> bytes | memoryview:
         """The payload of the codec's ``values`` (lz4-compressed where the codec says), its sizes set in ``msg``."""
@@ -181,16 +186,13 @@ class InputImageCodec(Codec):
             raise InvalidInput(f"codec {self.name} carries {self.spec.name}'s input image [1, 3, {h}, {w}], got "
                                f"shape {shape}: use it only at split 0 ('input')")
 
-    def encode_payload(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> bytes | memoryview:
-        pixels = source_pixels(x) if isinstance(x, torch.Tensor) else None
+    def _encode_input(self, x: torch.Tensor, prepared: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
+        pixels = source_pixels(x)
         if pixels is None:
-            return super().encode_payload(x, msg)
-        shape = list(x.shape)
-        self._check_shape(shape)  # a tensor source_pixels answers for holds pixels of its own (H, W)
-        msg.shape.extend(shape)
-        msg.codec, msg.compression = self.codec, self.compression
+            return self._encode_values(prepared, msg)
+        self._check_shape(list(prepared.shape))  # a tensor source_pixels answers for holds pixels of its own (H, W)
         msg.dtype = "float32"
-        return self._payload(self._encode_pixels(pixels), msg)
+        return self._encode_pixels(pixels)
 
     def _encode_values(self, x: torch.Tensor, msg: tensor_pb2.Tensor) -> memoryview:
         return self._encode_pixels(self._to_pixels(x, msg))
