@@ -1,7 +1,8 @@
 """``edgesplit planner serve|query|agents|print-config``: run the planner and ask it questions.
 
 ``edgesplit planner --listen HOST:PORT [serve flags]`` (the issue's form) is ``edgesplit planner
-serve --listen HOST:PORT [serve flags]``.
+serve --listen HOST:PORT [serve flags]``; flags may come before a subcommand too
+(``edgesplit planner --db X print-config``).
 """
 
 from __future__ import annotations
@@ -146,21 +147,38 @@ def cmd_agents(args: argparse.Namespace) -> int:
 
 
 class _ServeByDefault(argparse.ArgumentParser):
-    """A command group whose arguments, when they start with a flag (not -h/--help), go to ``serve``."""
+    """A command group whose arguments, when they start with a flag (not -h/--help), name their subcommand
+    later or not at all: ``planner --db X print-config`` is ``planner print-config --db X``, and with no
+    subcommand among the words (``planner --listen HOST:PORT``) the flags go to ``serve``."""
 
     def parse_known_args(self, args: Iterable[str] | None = None,
                          namespace: Any = None) -> tuple[Any, list[str]]:
         args = list(sys.argv[1:] if args is None else args)
         if args and args[0].startswith("-") and args[0] not in ("-h", "--help"):
-            args.insert(0, "serve")
+            at = self._subcommand_at(args)
+            args.insert(0, "serve" if at is None else args.pop(at))
         return super().parse_known_args(args, namespace)
+
+    def _subcommand_at(self, args: list[str]) -> int | None:
+        """Where in ``args`` the first word that is not a flag's value is, if it names a subcommand."""
+        subs = next(a for a in self._actions if isinstance(a, argparse._SubParsersAction)).choices
+        takes_value = {opt: action.nargs != 0 for parser in subs.values() for action in parser._actions
+                       for opt in action.option_strings}
+        i = 0
+        while i < len(args) and args[i].startswith("-") and args[i] != "--":
+            flag = args[i]
+            # --flag=VALUE is one word; an abbreviated flag is read as the flags it abbreviates (argparse's allow_abbrev)
+            kinds = {takes_value[flag]} if flag in takes_value else {v for o, v in takes_value.items() if o.startswith(flag)}
+            i += 2 if "=" not in flag and kinds != {False} else 1
+        return i if i < len(args) and args[i] in subs else None
 
 
 def add_parser(sub: Subparsers) -> None:
     """The ``planner`` command group, added to ``edgesplit``'s subparsers."""
     p = sub.add_parser("planner", help="the planner: ranks split configurations and pushes plans to agents",
                        description="'edgesplit planner --listen HOST:PORT [flags]' is short for "
-                       "'edgesplit planner serve --listen HOST:PORT [flags]'.")
+                       "'edgesplit planner serve --listen HOST:PORT [flags]'; flags may also come "
+                       "before a subcommand ('edgesplit planner --db X print-config').")
     p.__class__ = _ServeByDefault  # add_parser builds every subparser from one class; this one adds no state
     psub = p.add_subparsers(dest="planner_command", required=True, parser_class=argparse.ArgumentParser)
 
