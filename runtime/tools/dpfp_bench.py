@@ -17,6 +17,9 @@
    ``dpfp_halo``: DPFP with halos exchanged between workers, the fetch round's fixed cost not costed (it is measured),
    each halo block's tiles sent early (the workers wait for the kept tiles); ``dpfp_halo_acked``: the same plan, each
    halo block's tiles sent once those they read have answered (the A/B of early dispatch).
+   The coordinator runs on the agent's event loop with glibc's allocator set as the daemons set it
+   (``runtime.wire.eventloop.run``: uvloop, ``tune_malloc``; ``EDGESPLIT_EVENT_LOOP=asyncio`` and
+   ``EDGESPLIT_MALLOC=default`` leave them, to compare; the result records both).
 4. Writes ``OUT.json`` and ``OUT.md``. Cgroups, processes, relays and temp files are removed at
    the end, also on failure or Ctrl-C. Without cgroup v1 (or root) it exits 2 saying why.
 """
@@ -24,7 +27,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import signal
@@ -53,6 +55,7 @@ from runtime.tools.dpfp_measure import (
     result_row,
 )
 from runtime.tools.dpfp_report import machine, markdown
+from runtime.wire import eventloop
 
 if TYPE_CHECKING:
     import torch
@@ -246,9 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up like Ctrl-C
     load_before = os.getloadavg()
+    tuned = eventloop.tune_malloc()  # eventloop.run sets it again: the same settings
     with tempfile.TemporaryDirectory(prefix="edgesplit-dpfp-") as d, QuotaSet(f"edgesplit-dpfp-{os.getpid()}") as q:
-        res = asyncio.run(run(args, Path(d), q))
+        res = eventloop.run(run(args, Path(d), q))
     res.update(load_before=list(load_before), load_after=list(os.getloadavg()), args=vars(args), machine=machine(),
+               event_loop=eventloop.loop_name(), malloc="tuned" if tuned else "defaults",
                command="python -m runtime.tools.dpfp_bench " + " ".join(argv if argv is not None else sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -10,13 +10,14 @@ two warm-ups, in four settings: without and with each worker in a CPU quota of `
 span and, from the tiles' timelines (``runtime.tools.dpfp_timeline``), the critical tile's network
 + gRPC time (round trip less the worker's own queue, decode and compute), the mean of that over the
 block's tiles, the critical tile's compute and the spread between the first and last answer.
-Without cgroup v1 (or root) the quota settings are skipped.
+Without cgroup v1 (or root) the quota settings are skipped. The coordinator runs as the agent does
+(``runtime.wire.eventloop.run``: uvloop and glibc's allocator set; ``EDGESPLIT_EVENT_LOOP=asyncio`` /
+``EDGESPLIT_MALLOC=default`` leave them, to compare).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import sys
@@ -24,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from runtime.wire import eventloop
 
 if TYPE_CHECKING:
     import torch
@@ -122,11 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     why = unavailable()
     if why:
         print(f"dpfp_round: no CPU quotas ({why}); only the settings without them", file=sys.stderr)
-        rows = asyncio.run(run(args, None))
+        rows = eventloop.run(run(args, None))
     else:
         with QuotaSet(f"edgesplit-round-{os.getpid()}") as q:
-            rows = asyncio.run(run(args, q))
-    print(f"{args.model} block {args.block} on {args.workers} workers, {args.frames} frames each; load average "
+            rows = eventloop.run(run(args, q))
+    print(f"{args.model} block {args.block} on {args.workers} workers, {args.frames} frames each; coordinator on "
+          f"{eventloop.loop_name()}, allocator {'tuned' if eventloop.tune_malloc() else 'glibc defaults'}; load average "
           f"{' / '.join(f'{v:.2f}' for v in load)} before, {' / '.join(f'{v:.2f}' for v in os.getloadavg())} after")
     print("| quota | link | span ms | critical tile net+gRPC ms | mean net+gRPC ms | critical tile compute ms | answers spread ms |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -19,7 +19,8 @@ would refuse (``planner.dpfp_factors``: below 0.05, or a tile over 20x the whole
 the machine during a timed run) is timed again, up to ``MAX_RETIMES`` times (a unit's ``retimed`` says
 how often); one still out of range fails the tool (exit 3) and no file is written. Run it
 where the workers run (``dpfp_bench`` runs it inside a worker's CPU quota) with the workers'
-``--torch-threads``. ``edgesplit plan --parallel --parallel-tile-factors FACTORS.json`` uses it for
+``--torch-threads``; glibc's allocator is set as the workers' daemons set it
+(``runtime.wire.eventloop.tune_malloc``; ``EDGESPLIT_MALLOC=default`` leaves glibc's defaults). ``edgesplit plan --parallel --parallel-tile-factors FACTORS.json`` uses it for
 DPFP and every baseline. The file records the sample count (runs) of every figure and when it was
 measured.
 """
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--runs must be 1..1000 and --threads 1..256")
     import torch
 
+    from runtime.wire.eventloop import tune_malloc
+
+    tune_malloc()  # the workers' daemons run with it (eventloop.run)
     torch.set_num_threads(args.threads)
     from runtime.contracts.errors import EdgesplitError
 

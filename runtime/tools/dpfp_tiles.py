@@ -9,7 +9,9 @@ the other, the minimum of ``--runs`` runs each (so other work on the machine sho
 possible). Prints per block: the untiled time, the sum of the tiles (halo recomputation and
 per-tile overheads: the work the workers do together), the slowest tile, and the slowest tile
 against an ideal 1/K share of the untiled time. No workers, no link, no quotas: what remains between
-this and a real stage's per-tile compute is contention for the machine's cores.
+this and a real stage's per-tile compute is contention for the machine's cores. glibc's allocator is set as
+the workers set it (``runtime.wire.eventloop.tune_malloc``; ``EDGESPLIT_MALLOC=default`` leaves its defaults,
+to compare).
 """
 
 from __future__ import annotations
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from runtime.models.loader import load_model
     from runtime.parallel.plan import ParallelStage
+    from runtime.wire.eventloop import tune_malloc
 
+    tuned = tune_malloc()  # as the workers' daemons run
     torch.set_num_threads(args.threads)
     stage = ParallelStage.load(Path(args.plan))
     loaded = load_model(stage.model)
@@ -91,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     crit = sum(max(r["tile_seconds"]) for r in rows)
     print(f"{'all blocks':<28} {'':>5} {full * 1e3:>10.1f} {sum(sum(r['tile_seconds']) for r in rows) * 1e3:>12.1f} "
           f"{'':>11} {crit * 1e3:>10.1f}   -> compute-only reduction bound {100 * (1 - crit / full):.1f}%")
+    print(f"glibc allocator: {'tuned as the daemons (tune_malloc)' if tuned else 'its defaults'}")
     print(json.dumps(rows), file=sys.stderr)
     return 0
 
