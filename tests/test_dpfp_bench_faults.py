@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from runtime.agent.parallel import TileMetrics
@@ -57,3 +59,42 @@ def test_a_list_of_periods_is_checked_each(capsys):
     with pytest.raises(SystemExit):
         dpfp_bench.main(["--workers", "1", "--period-us", "10000,fast"])
     assert "comma-separated" in capsys.readouterr().err
+
+
+def test_report_loads_records_made_before_link_mode_and_stage(tmp_path, capsys):
+    """Records of the first sessions lack ``args.link_mode`` (only a shared link was costed) and each row's
+    ``stage``: the loader fills them as those runs ran, and the report renders."""
+    row = {"workers": 2, "strategy": "dpfp", "predicted_seconds": 0.4, "blocks": [["input", "features_4"], ["features_4", "features_30"]],
+           "workers_used": 2, "skipped": "", "measured_seconds": 0.5, "frames": 3, "max_rel_error": 0.0}
+    single = {**row, "workers": 1, "strategy": "single_worker", "predicted_seconds": 0.7, "blocks": [["input", "features_30"]],
+              "workers_used": 1, "measured_seconds": 0.8}
+    old = {"rows": [single, row], "range": ["input", "features_30"], "command": "python -m runtime.tools.dpfp_bench",
+           "machine": {"cpu": "x", "cores": 2, "kernel": "k", "python": "3", "torch": "2"},
+           "args": {"model": "vgg16", "workers": "1,2", "share": 0.4, "delay_ms": 2.0, "rate_mbps": 200.0, "frames": 3}}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(old))
+    with pytest.raises(KeyError):
+        dpfp_report.markdown(json.loads(path.read_text()))  # as recorded, without the loader
+    res = dpfp_report.load(path)
+    assert res["args"]["link_mode"] == "shared" and res["args"]["relays"] == "inline"
+    assert res["event_loop"] == "asyncio" and res["malloc"] == "defaults"
+    assert res["rows"][1]["stage"] == {"predicted_seconds": 0.4, "blocks": [{"start": "input", "end": "features_4"},
+                                                                         {"start": "features_4", "end": "features_30"}]}
+    assert dpfp_report.main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "--link-mode shared" in text and "load average not recorded" in text and "glibc's allocator at its defaults" in text
+    assert "| 2 | dpfp | 0.400 | 0.500 |" in text and "37.5% | 1.60x" in text
+    new = {**old, "args": {**old["args"], "link_mode": "per-worker"}, "event_loop": "uvloop", "malloc": "tuned",
+           "load_before": [1.0, 1.0, 1.0], "load_after": [2.0, 1.0, 1.0]}
+    path.write_text(json.dumps(new))
+    text = dpfp_report.markdown(dpfp_report.load(path))
+    assert "--link-mode per-worker" in text and "uvloop's event loop, glibc's allocator tuned" in text
+    assert "1.00 / 1.00 / 1.00 (1/5/15 min) before the run" in text
+
+
+def test_report_refuses_what_is_not_a_result(tmp_path, capsys):
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"format": "edgesplit-profile"}))
+    assert dpfp_report.main([str(path)]) == 2
+    assert "not a dpfp_bench result" in capsys.readouterr().err
+    assert dpfp_report.main([str(tmp_path / "missing.json")]) == 2

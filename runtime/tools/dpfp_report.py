@@ -1,15 +1,63 @@
 """dpfp_bench's report: OUT.md from the run's result (strategies' rows, per-block breakdown, where each
-block's time goes, throughput) and the machine it ran on (issue 13)."""
+block's time goes, throughput) and the machine it ran on (issue 13).
+
+    python -m runtime.tools.dpfp_report RESULT.json [--out RESULT.md]
+
+writes a recorded result's report again (to standard output by default), older records included (see :func:`load`).
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import platform
+import sys
 from pathlib import Path
 from typing import Any
 
 from runtime.tools import dpfp_timeline
 from runtime.tools.dpfp_measure import ACKED, HALO
+
+OLD_DEFAULTS = {"link_mode": "shared", "relays": "inline", "event_loop": "asyncio", "malloc": "defaults"}
+"""What a record made before a field existed ran with: dpfp_bench's --link-mode default and the only mode before it
+(one shared link costed), relays in the coordinator's process (before --relays), and the coordinator on asyncio's
+loop with glibc's allocator defaults (before it ran on runtime.wire.eventloop.run)."""
+
+
+def load(path: Path) -> dict[str, Any]:
+    """A dpfp_bench result file, with what older records lack filled in as they ran: ``args.link_mode`` and
+    ``args.relays`` and the coordinator's loop and allocator from :data:`OLD_DEFAULTS`, and a row without its
+    ``stage`` (recorded before rows kept it) given one from its blocks and predicted time (no halo, no grids)."""
+    res: dict[str, Any] = json.loads(path.read_text())
+    if not isinstance(res, dict) or not isinstance(res.get("rows"), list) or not isinstance(res.get("args"), dict):
+        raise ValueError(f"{path}: not a dpfp_bench result (no rows and args)")
+    for key in ("link_mode", "relays"):
+        res["args"].setdefault(key, OLD_DEFAULTS[key])
+    for key in ("event_loop", "malloc"):
+        res.setdefault(key, OLD_DEFAULTS[key])
+    for r in res["rows"]:
+        if "stage" not in r:
+            r["stage"] = {"predicted_seconds": r["predicted_seconds"],
+                          "blocks": [{"start": a, "end": b} for a, b in r["blocks"]]}
+    return res
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m runtime.tools.dpfp_report", description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("result", help="a dpfp_bench result (OUT.json)")
+    p.add_argument("--out", default="", help="write the report here instead of standard output")
+    args = p.parse_args(argv)
+    try:
+        text = markdown(load(Path(args.result)))
+    except (OSError, ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        print(f"dpfp_report: cannot read {args.result}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def machine() -> dict[str, Any]:
@@ -122,9 +170,13 @@ def markdown(res: dict[str, Any]) -> str:
     out = [f"# DPFP benchmark: {a['model']} {res['range'][0]}..{res['range'][1]}", "",
            f"Command: `{res['command']}`", "",
            f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores, kernel {res['machine']['kernel']}, "
-           f"Python {res['machine']['python']}, torch {res['machine']['torch']}; shared with other jobs: load average "
+           f"Python {res['machine']['python']}, torch {res['machine']['torch']}; shared with other jobs: "
+           + ("load average not recorded." if not res.get("load_before") else "load average "
            f"{' / '.join(f'{x:.2f}' for x in res.get('load_before', []))} (1/5/15 min) before the run, "
-           f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.", "",
+           f"{' / '.join(f'{x:.2f}' for x in res.get('load_after', []))} after.") + " Coordinator on "
+           f"{res.get('event_loop', OLD_DEFAULTS['event_loop'])}'s event loop, glibc's allocator "
+           f"{'tuned (tune_malloc)' if res.get('malloc') == 'tuned' else 'at its defaults'} (the workers' daemons "
+           "tune it from 75bc352 on).", "",
            f"Each worker: its own cgroup v1 CPU quota of {a['share']:g} core ({_quota(a)}), one torch thread; the coordinator (stitching, encoding) and the relays run outside the "
            f"quotas. Link: one user-space relay per worker "
            f"({_RELAYS.get(a.get('relays', 'inline'), '')}), {a['delay_ms']:g} ms one way, {a['rate_mbps']:g} Mbit/s "
@@ -159,3 +211,5 @@ def markdown(res: dict[str, Any]) -> str:
     return "\n".join(out + _breakdown(res) + dpfp_timeline.markdown(res["rows"]) + _throughput(res)) + "\n"
 
 
+if __name__ == "__main__":
+    sys.exit(main())
