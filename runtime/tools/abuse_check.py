@@ -4,8 +4,8 @@
 
 Each line: the abuse, the status the daemon answered, and the figure that shows the bound (held
 bytes, resident memory, health latency meanwhile, time to end a stalled stream, calls that reached a
-handler). Needs no root; takes ~60 s; the planner runs as a child process; the certificates are made
-here (runtime.tools.pki).
+handler, streams ended or refused past the InferStream caps: runtime.tools.abuse_streams). Needs no
+root; takes ~60 s; the planner runs as a child process; the certificates are made here (runtime.tools.pki).
 """
 
 from __future__ import annotations
@@ -195,12 +195,15 @@ async def worker() -> None:
 
 
 def main() -> None:
+    from runtime.tools.abuse_streams import streams
     from runtime.tools.abuse_tls import tls
 
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(profiles(Path(tmp)))
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(tls(Path(tmp)))
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(streams(Path(tmp)))
     asyncio.run(worker())
 
 
