@@ -106,3 +106,68 @@ def test_board_jobs_hand_back_results_and_errors():
             await agent.close()
 
     asyncio.run(main())
+
+
+def test_history_is_kept_only_while_a_reader_wants_it():
+    """Only a planner link's result lines read the history; with it off the estimates are the same."""
+    on, off = LinkEstimator(clock=lambda: 100.0), LinkEstimator(clock=lambda: 100.0)
+    off.keep_history = False
+    for link in (on, off):
+        link.use("w:1")
+        for seq in range(8):
+            link.observe(_frame(seq))
+    assert not off.history.states and not off.history.timings
+    assert len(on.history.states) == 8 and len(on.history.timings) == 8
+    a, b = on.links.get("w:1"), off.links.get("w:1")
+    assert (a.bandwidth, a.overhead.value, a.unheld.value, a.tails["s1"].value) == (
+        b.bandwidth, b.overhead.value, b.unheld.value, b.tails["s1"].value)
+    assert on.take_report() == off.take_report()
+
+
+def test_an_agent_keeps_the_history_once_a_planner_link_reads_it():
+    import asyncio
+
+    from conftest import REPO, TINY_NET
+    from test_planner_chain import tiny_profile
+
+    from runtime.agent.client import Agent
+    from runtime.agent.config import AgentOptions, InitialPlan
+    from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
+    from runtime.models.loader import load_model
+    from runtime.wire.codec import get_codec
+
+    loaded = load_model(str(REPO / TINY_NET))
+
+    async def scenario() -> None:
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")), AgentOptions(agent_id="a1"))
+        try:
+            assert agent.link.keep_history is False  # no reader: not kept (issue 14)
+            PlannerLink(agent, PlannerLinkOptions("127.0.0.1:1", tiny_profile(loaded, "device", "board"), "a1"))
+            assert agent.link.keep_history is True
+        finally:
+            await agent.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_overheads_median_taken_when_read_is_the_windows_median():
+    import random
+    import statistics
+
+    from runtime.agent.estimator import OVERHEAD_WINDOW, Overhead
+
+    rng = random.Random(7)
+    ov, xs = Overhead(), []
+    for i in range(3 * OVERHEAD_WINDOW):
+        x = rng.uniform(0.0, 0.05)
+        assert ov.add(x, float(i))
+        xs.append(x)
+        if i % 3 == 0:  # read now and then: never a stale figure
+            assert ov.value == statistics.median(xs[-OVERHEAD_WINDOW:])
+    assert ov.value == statistics.median(xs[-OVERHEAD_WINDOW:]) and ov.samples == 3 * OVERHEAD_WINDOW
+    given = Overhead(0.25, 3, 1.0)  # a value given stands until the next sample
+    assert given.value == 0.25 and given == Overhead(0.25, 3, 1.0)
+    given.add(0.01, 2.0)
+    assert given.value == 0.01
+    copy = ov.copy()
+    assert copy.value == ov.value and copy == ov

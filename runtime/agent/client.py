@@ -77,6 +77,7 @@ class Agent:
         self.metrics = metrics or AgentMetrics()
         self.transport = options.transport
         self.link = LinkEstimator(self.metrics)
+        self.link.keep_history = False  # read only by a planner link's result lines: it turns it on (PlannerLink)
         # One thread: the board's compute (head, encode, local tail) runs one frame at a time.
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="board")
         self.plans = PlanBuilder(loaded, self.agent_id, self.tl_dir, self.prepare_timeout, self._new_stream)

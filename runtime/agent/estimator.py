@@ -183,12 +183,29 @@ class Overhead(Figure):
     recent: deque[float] = field(default_factory=lambda: deque(maxlen=OVERHEAD_WINDOW))
     limit: float = MAX_OVERHEAD_SECONDS  # a sample beyond this is no measurement
 
+    # ``value`` is the window's median, taken when read, not on every sample: three windows take a sample a frame
+    # and are read only by a report, a scrape or a planner link's result line (issue 14). A value given (the
+    # constructor, :meth:`copy`) stands until the next sample.
+    _value = 0.0  # (not annotated: no dataclass fields)
+    _stale = False
+
+    @property  # type: ignore[misc]  # over Figure's field: dataclasses' __init__ sets it through the setter
+    def value(self) -> float:
+        if self._stale:
+            self._value = statistics.median(self.recent) if self.recent else 0.0
+            self._stale = False
+        return self._value
+
+    @value.setter
+    def value(self, v: float) -> None:
+        self._value, self._stale = v, False
+
     def add(self, seconds: float, now: float) -> bool:
         """One frame's figure; False (not taken) when it is no measurement (negative, not finite, over ``limit``)."""
         if not (math.isfinite(seconds) and 0 <= seconds <= self.limit):
             return False
         self.recent.append(seconds)
-        self.value = statistics.median(self.recent)
+        self._stale = True
         self.samples += 1
         self.updated = now
         return True

@@ -147,6 +147,9 @@ class PlannerLink:
             logger.warning("device profile was measured on weights %s, the agent has %s", profile.model_digest,
                            agent.loaded.digest)
         self.agent = agent
+        link = getattr(agent, "link", None)
+        if link is not None:  # this link's result lines re-cost each frame from the figures before it
+            link.keep_history = True  # (runtime.agent.prediction.History; off in an agent with no planner)
         self.options = options
         self.address = options.planner_address
         self.profile_json = profile.to_json()

@@ -100,6 +100,9 @@ class LinkEstimator:
         self.frame_window = DEFAULT_WINDOW
         self.board = Board()  # the local configuration's time on the board (runtime.agent.prediction)
         self.history = History()  # each frame's link and board figures before its own were taken, for its line
+        # whether observe() keeps that history: only the planner link's result lines read it (runtime.agent.prediction);
+        # the agent turns it off until a planner link attaches (~25 us a frame on the loop, issue 14)
+        self.keep_history = True
         if metrics is not None:
             metrics.registry.register(_LinkCollector(self))
             # read at scrape time, not set on every sample (two locked gauge writes a frame; issue 14)
@@ -131,7 +134,8 @@ class LinkEstimator:
         ran on the edge with enough bytes and a positive network time."""
         self._frames += 1
         now = self.clock()
-        self.history.frame(result.seq, result.times.get("total", 0.0), now)
+        if self.keep_history:
+            self.history.frame(result.seq, result.times.get("total", 0.0), now)
         for stage, seconds in result.times.items():
             self._stages[stage].append(seconds)
         other = self.observe_overhead(result)
@@ -141,8 +145,9 @@ class LinkEstimator:
         self._observe_link(result)
         if other is not None:
             self.observe_link_overhead(result, now, other)
-        worker = getattr(result, "worker", "") or self.current
-        self.history.take(now, worker, self.links.get(worker) if worker else None, self.board, self._encode(result))
+        if self.keep_history:
+            worker = getattr(result, "worker", "") or self.current
+            self.history.take(now, worker, self.links.get(worker) if worker else None, self.board, self._encode(result))
 
     def _encode(self, result: Any) -> tuple[str, str, float]:
         """(split, codec, the board's measured encode: the median of the configuration's recent frames past its
