@@ -53,14 +53,21 @@ def open_frame_stream(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
     return method()
 
 
-async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
-    """Seconds one ``grpc.health.v1.Health/Check`` takes on ``channel``. Raises EdgesplitError."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+# a HealthCheckRequest with no service (the server's overall health) is zero bytes on the wire
+EMPTY_HEALTH_CHECK = b""
 
-    stub = health_pb2_grpc.HealthStub(channel)
+
+async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
+    """Seconds one ``grpc.health.v1.Health/Check`` takes on ``channel``. Raises EdgesplitError.
+
+    The request goes as its bytes and the answer is not parsed (only its arrival counts): one method object
+    per call, where the generated stub made two and a request message. Per probe on loopback, the loop thread's
+    CPU went 390-525 -> 275-490 us (lower in 5 of 6 pairs, micro-benchmark; ~2 probes a second idle; issue 14)."""
+    check = channel.unary_unary(HEALTH_CHECK)
     t0 = time.perf_counter()
     try:
-        await stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        await check(EMPTY_HEALTH_CHECK, timeout=timeout)
     except grpc.aio.AioRpcError as e:
         raise from_rpc_error(e) from None
     return time.perf_counter() - t0
@@ -115,6 +122,11 @@ class EdgeStream:
     @property
     def is_open(self) -> bool:
         return self._call is not None
+
+    @property
+    def liveness(self) -> Liveness:
+        """The current epoch's liveness bookkeeping (runtime.wire.liveness; a new one each time the stream opens)."""
+        return self._live
 
     def hold(self) -> None:
         """A frame starts using this stream (its plan names it)."""
