@@ -51,6 +51,31 @@ def test_measures_a_real_agent_and_worker(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "RUNTIME CPU per frame" in printed
     assert "idle, stream open, no frame" in printed and got["idle"]["process_per_s"] > 0  # the background itself
+    # frames answered within probe_after: the background counted is the window with the idle probes paused
+    assert got["background_window"] == "quiet" and "idle, probes paused" in printed
+    assert p["background"] == pytest.approx(got["background_quiet"]["process_per_s"] * p["wall"])
+
+
+def _window(rate: float) -> dict:
+    return {"wall_s": 1.0, "process_per_s": rate, "threads_per_s": dict.fromkeys(agent_cpu.GROUPS, rate / 4)}
+
+
+def test_the_background_counted_is_the_one_the_frames_ran_beside():
+    idle, quiet = _window(0.005), {**_window(0.002), "probe_after_s": 0.5}
+    alone = {"head": 1.0, "tl_encode": 0.0, "encode": 2.0}
+
+    def rounds(wall_s: float) -> list[dict]:
+        return [{"frames": 10, "wall_s": 10 * wall_s, "process_s": 0.05, "throttled_ms": 0.0,
+                 "threads_s": dict.fromkeys(agent_cpu.GROUPS, 0.01), "wire_bytes_p50": 100}]
+
+    fast = agent_cpu.summarize(rounds(0.1), idle, alone, "s", "c", "", quiet)  # answered within 0.5 s: no probe ran
+    assert fast["background_window"] == "quiet"
+    assert fast["per_frame_ms"]["background"] == pytest.approx(0.002 * 100)
+    assert fast["per_frame_ms"]["runtime"] == pytest.approx(5.0 - 3.0 - 0.2)
+    slow = agent_cpu.summarize(rounds(0.6), idle, alone, "s", "c", "", quiet)  # probes ran between these frames
+    assert slow["background_window"] == "idle" and slow["per_frame_ms"]["background"] == pytest.approx(0.005 * 600)
+    assert agent_cpu.summarize(rounds(0.1), idle, alone, "s", "c", "")["background_window"] == "idle"
+    assert agent_cpu.summarize(rounds(0.1), None, alone, "s", "c", "")["background_window"] == "none"
 
 
 def test_quota_without_cgroups_says_why(monkeypatch, capsys):

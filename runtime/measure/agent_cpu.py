@@ -14,7 +14,10 @@ threads, and the rest.
 The head, TL encoder and codec encode are then timed on their own, on the board thread, with the same inputs
 (``time.thread_time``: CPU, not wall). The runtime's own CPU per frame is the process's CPU per frame less those,
 and less the background: the CPU the agent burns with its stream open and no frame (timers, keep-alive pings,
-the in-flight watcher), measured for ``--idle-s`` seconds and counted for the frames' wall time.
+the in-flight watcher), measured for ``--idle-s`` seconds and counted for the frames' wall time. Idle, the stream's
+liveness probes an idle peer every ``probe_after`` (0.5 s, runtime.wire.liveness); frames answered sooner than that
+never let those probes run, so the background counted then is a second window with the stream's idle probes paused
+(the idle window's full rate, probes included, made the runtime figure ~0.2 ms a frame too low at 50 ms gaps).
 
 ``--quota-us`` runs the agent under a cgroup v1 CPU quota (the headline benchmark's, runtime.measure.scenarios.testbed; the worker stays free), joined
 after the model is loaded, as the headline benchmark's board does; it reports the group's throttled time per
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import platform
@@ -160,6 +164,22 @@ async def _idle(seconds: float, loop_tid: int) -> dict:
     return {"wall_s": wall, "process_per_s": (process_cpu() - proc0) / wall, "threads_per_s": {k: v / wall for k, v in cpu.items()}}
 
 
+async def _background(agent: Agent, seconds: float, loop_tid: int) -> dict | None:
+    """:func:`_idle` with the stream's idle probes paused (None without a stream): the background while frames
+    come back within ``probe_after``, when those probes never run. A probe already sent is let finish first."""
+    stream = agent.active.stream
+    if stream is None or not stream.liveness.options.idle_probes:
+        return None
+    live = stream.liveness
+    saved = live.options
+    live.options = dataclasses.replace(saved, idle_probes=False)
+    try:
+        await asyncio.sleep(0.05)  # an answer on its way (one loopback round trip)
+        return {**await _idle(seconds, loop_tid), "probe_after_s": saved.probe_after_seconds}
+    finally:
+        live.options = saved
+
+
 async def measure(args: argparse.Namespace, loaded, address: str, cgroup: Path | None) -> dict:
     """The whole measurement against the worker at ``address`` (this process already in ``cgroup``, if any)."""
     tl = None
@@ -178,26 +198,33 @@ async def measure(args: argparse.Namespace, loaded, address: str, cgroup: Path |
             await agent.infer(xs[i % len(xs)])
         idle = await _idle(args.idle_s, loop_tid) if args.idle_s > 0 else None
         rounds = [await _round(agent, xs, args.frames, args.gap_ms / 1e3, loop_tid, cgroup) for _ in range(args.rounds)]
+        quiet = await _background(agent, args.idle_s, loop_tid) if args.idle_s > 0 else None
         alone = await asyncio.get_running_loop().run_in_executor(None, compute_alone, agent, xs, args.alone_runs,
                                                                  args.alone_gap_ms / 1e3)
     finally:
         await agent.close()
-    return summarize(rounds, idle, alone, split.name, codec.name, tl.tl_id if tl is not None else "")
+    return summarize(rounds, idle, alone, split.name, codec.name, tl.tl_id if tl is not None else "", quiet)
 
 
-def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], split: str, codec: str, tl: str) -> dict:
-    """Per-frame figures: the median over rounds of each round's CPU / frames (ms), and the runtime's own CPU."""
+def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], split: str, codec: str, tl: str,
+              quiet: dict | None = None) -> dict:
+    """Per-frame figures: the median over rounds of each round's CPU / frames (ms), and the runtime's own CPU.
+    The background counted is ``quiet`` (idle probes paused, :func:`_background`) when every round's frames came
+    back within its ``probe_after_s`` (the probes never ran), else ``idle``'s; ``background_window`` says which."""
     def per_frame(get) -> float:
         return statistics.median(get(r) / r["frames"] * 1e3 for r in rounds)
 
     compute = alone["head"] + alone["tl_encode"] + alone["encode"]
     wall_ms = per_frame(lambda r: r["wall_s"])
-    bg = {k: (idle["threads_per_s"][k] if idle else 0.0) for k in GROUPS}
-    bg_process = idle["process_per_s"] if idle else 0.0
+    slowest_s = max(r["wall_s"] / r["frames"] for r in rounds)
+    use = quiet if quiet is not None and slowest_s < quiet["probe_after_s"] else idle
+    bg = {k: (use["threads_per_s"][k] if use else 0.0) for k in GROUPS}
+    bg_process = use["process_per_s"] if use else 0.0
     threads = {k: per_frame(lambda r, k=k: r["threads_s"][k]) for k in GROUPS}
     process = per_frame(lambda r: r["process_s"])
     return {
         "split": split, "codec": codec, "tl": tl, "rounds": rounds, "idle": idle, "compute_alone_ms": alone,
+        "background_quiet": quiet, "background_window": "none" if use is None else ("quiet" if use is quiet else "idle"),
         "per_frame_ms": {
             "wall": wall_ms, "process": process, **{f"thread_{k}": v for k, v in threads.items()},
             "background": bg_process * wall_ms, "throttled": per_frame(lambda r: r["throttled_ms"] / 1e3),
@@ -223,7 +250,8 @@ def render(out: dict) -> str:
         "  by thread: " + "   ".join(f"{k} {p['thread_' + k]:.3f}" for k in GROUPS),
         f"  alone on the board thread: head {a['head']:.3f}  tl_encode {a['tl_encode']:.3f}  encode {a['encode']:.3f}"
         f"  (sum {p['compute_alone']:.3f})",
-        f"  background (stream open, no frame) over the frame's wall time: {p['background']:.3f}",
+        f"  background (stream open, no frame{', idle probes paused' if out['background_window'] == 'quiet' else ''}) "
+        f"over the frame's wall time: {p['background']:.3f}",
         f"  RUNTIME CPU per frame: {p['runtime']:.3f} ms (board thread {p['runtime_board']:.3f}, event loop "
         f"{p['runtime_loop']:.3f}, gRPC threads {p['runtime_grpc']:.3f}); per round: "
         + " ".join(f"{v:.3f}" for v in out["rounds_runtime_ms"]),
@@ -232,6 +260,10 @@ def render(out: dict) -> str:
     if idle:  # the background itself: timers, probes and pings with the stream open and no frame
         lines.append(f"  idle, stream open, no frame ({idle['wall_s']:.1f} s): process {idle['process_per_s'] * 1e3:.3f} ms/s "
                      "(" + "   ".join(f"{k} {idle['threads_per_s'][k] * 1e3:.3f}" for k in GROUPS) + ")")
+    quiet = out["background_quiet"]
+    if quiet:  # the same with the idle probes paused: what runs beside frames answered within probe_after
+        lines.append(f"  idle, probes paused ({quiet['wall_s']:.1f} s): process {quiet['process_per_s'] * 1e3:.3f} ms/s "
+                     "(" + "   ".join(f"{k} {quiet['threads_per_s'][k] * 1e3:.3f}" for k in GROUPS) + ")")
     return "\n".join(lines)
 
 
