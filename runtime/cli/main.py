@@ -29,10 +29,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from runtime.cli import GRPC_EXPERIMENTS_DEFAULT, GRPC_EXPERIMENTS_ENV
 from runtime.cli.logs import add_log_flags, add_log_flags_to_subcommands, setup_logging
 from runtime.contracts.errors import EdgesplitError
 
 logger = logging.getLogger("edgesplit")
+GRPC_EPILOG = (f"gRPC: every command runs with {GRPC_EXPERIMENTS_ENV}={GRPC_EXPERIMENTS_DEFAULT} (gRPC's EventEngine "
+               f"client and listener off: one thread wake-up fewer per message) unless {GRPC_EXPERIMENTS_ENV} is set; "
+               f"set it empty for gRPC's own defaults.")
 
 # The verbs' modules in runtime.cli, in the order 'edgesplit --help' lists them. A verb's module is
 # imported only when the parser is built; its heavy imports (torch, the models) wait for its command.
@@ -41,7 +45,8 @@ VERBS = ("models", "worker", "agent", "submit", "print_config", "health_check", 
 
 
 def build_parser(verbs: Sequence[str] = VERBS) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgesplit", description="Split DNN inference between IIoT boards and edge servers.")
+    parser = argparse.ArgumentParser(prog="edgesplit", description="Split DNN inference between IIoT boards and edge servers.",
+                                     epilog=GRPC_EPILOG)
     parser.add_argument("--version", action=_VersionAction, help="print the installed version and exit")
     add_log_flags(parser, root=True)
     sub = parser.add_subparsers(dest="command", required=True)
