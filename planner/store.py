@@ -31,10 +31,8 @@ A Store's connection belongs to one thread at a time.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sqlite3
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +41,13 @@ from typing import Any
 from google.protobuf import json_format
 
 from planner import store_leases
+from planner.store_profiles import profile_hash
 from planner.store_sql import Backend, Merge, StoreError, open_backend
 from runtime.contracts.errors import PreconditionFailed
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 
 __all__ = ["APPLIED", "ISSUED", "REFUSED", "AgentRecord", "Batch", "LeaseLost", "LinkRecord", "PlanRecord",
-           "SpeedRecord", "Store", "StoreError", "WorkerRecord"]
+           "SpeedRecord", "Store", "StoreError", "WorkerRecord", "profile_hash"]
 
 # Plans kept per agent in the plan history (the newest; and always its newest not refused, the plan it runs):
 # each issued plan is a row, and an agent refusing every plan pushed, or flapping, grew them without end.
@@ -86,6 +85,11 @@ CREATE TABLE IF NOT EXISTS leases (
     agent_id TEXT PRIMARY KEY, replica TEXT NOT NULL, expires_unix {real} NOT NULL);
 CREATE TABLE IF NOT EXISTS profiles (hash TEXT PRIMARY KEY, text TEXT NOT NULL);
 """
+# an agent's row: + "DO NOTHING" (its first) or + _UPDATE_AGENT (``registered``, its first time, is kept)
+_PUT_AGENT = ("INSERT INTO agents (id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
+              "refused_version, refused_message) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) ")
+_UPDATE_AGENT = "DO UPDATE SET " + ", ".join(f"{c}=excluded.{c}" for c in (
+    "model", "digest", "profile", "workers", "tl_ids", "constraints", "last_seen", "refused_version", "refused_message"))
 PRUNE_PROFILES = 256  # orphaned profile texts deleted per pass (at open, and each replica's periodic sweep)
 
 ISSUED, APPLIED, REFUSED = "issued", "applied", "refused"
@@ -237,30 +241,29 @@ class Store:
     # -- agents ------------------------------------------------------------------------------
 
     def put_agent(self, a: AgentRecord) -> None:
-        """The agent's row; its device profile text once per content (``profiles``), the row holds its hash; the
-        text it named before is deleted afterwards if no agent names it. Replicas: the profile row is read ``FOR
-        SHARE`` (or written, so locked) before the agent's row, so a deletion (:meth:`drop_orphan_profiles`: ``FOR
-        UPDATE`` first) waits and sees this row, or ends first and the text is written again."""
+        """The agent's row; its profile text once per content (``profiles``), the row holds its hash; the text it
+        named before is deleted afterwards if no agent names it. Replicas: the agent's row is read ``FOR UPDATE`` (a
+        first row is inserted only if none is there, else read so): two registrations of one agent take turns, the
+        second deletes the text the first wrote if orphaned; the profile row is read ``FOR SHARE`` (or written) first:
+        a deletion (:meth:`drop_orphan_profiles`, ``FOR UPDATE`` first) waits and sees the agent's row, or ends first
+        and the text is written again. SQLite has one writer at a time."""
         h, b = profile_hash(a.profile), self.backend
-        with self._tx():  # one statement when the text is stored: it is locked and the agent's old hash read
-            row = b.execute("SELECT a.profile FROM profiles p LEFT JOIN agents a ON a.id=? WHERE p.hash=?"
-                            + (b.share_sql + " OF p" if b.share_sql else ""), (a.id, h)).fetchone()
-            if row is None:
+        values = (a.id, a.model, a.digest, h, json.dumps(list(a.workers)), json.dumps(list(a.tl_ids)),
+                  json_format.MessageToJson(a.constraints, indent=None), a.registered, a.last_seen,
+                  a.refused_version, a.refused_message)
+        with self._tx():  # one statement when the agent and its text are stored: both locked, the old hash read
+            old, stored = b.execute(f"SELECT (SELECT profile FROM agents WHERE id=?{b.lock_sql}), "
+                                    f"(SELECT hash FROM profiles WHERE hash=?{b.share_sql})", (a.id, h)).fetchone()
+            if stored is None:
                 b.execute("INSERT INTO profiles (hash, text) VALUES (?,?) ON CONFLICT (hash) DO UPDATE SET "
                           "hash=excluded.hash", (h, a.profile))  # DO UPDATE: the row is locked either way
-                row = b.execute("SELECT profile FROM agents WHERE id=?", (a.id,)).fetchone()
-            old = row[0] if row is not None else None
-            self.backend.execute(
-                "INSERT INTO agents (id, model, digest, profile, workers, tl_ids, constraints, registered, last_seen, "
-                "refused_version, refused_message) VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
-                "model=excluded.model, digest=excluded.digest, profile=excluded.profile, workers=excluded.workers, "
-                "tl_ids=excluded.tl_ids, constraints=excluded.constraints, last_seen=excluded.last_seen, "
-                "refused_version=excluded.refused_version, refused_message=excluded.refused_message",
-                (a.id, a.model, a.digest, h, json.dumps(list(a.workers)), json.dumps(list(a.tl_ids)),
-                 json_format.MessageToJson(a.constraints, indent=None), a.registered, a.last_seen,
-                 a.refused_version, a.refused_message))
-        if old is not None and old != h:  # re-registered with another profile: its old text may be orphaned (two
-            self.drop_orphan_profiles([old])  # registrations of one agent at once may miss one: prune_profiles's)
+            if old is None:  # its first row, unless another registration wrote one meanwhile: then read that locked
+                if b.execute(_PUT_AGENT + "DO NOTHING", values).rowcount == 1:
+                    return
+                old = b.execute(f"SELECT profile FROM agents WHERE id=?{b.lock_sql}", (a.id,)).fetchone()[0]
+            b.execute(_PUT_AGENT + _UPDATE_AGENT, values)
+        if old != h:  # re-registered with another profile: its old text may be orphaned
+            self.drop_orphan_profiles([old])
 
     def drop_orphan_profiles(self, hashes: list[str]) -> int:
         """Delete the profile texts of ``hashes`` that no agent names; returns how many went. Their rows are
@@ -473,26 +476,6 @@ _PUT_SPEED = ("INSERT INTO device_speed (agent_id, slowdown, samples, updated_un
 _PUT_WORKER_SPEED = ("INSERT INTO worker_speed (agent_id, worker_id, slowdown, samples, updated_unix) VALUES (?,?,?,?,?) "
                      "ON CONFLICT (agent_id, worker_id) DO UPDATE SET slowdown=excluded.slowdown, "
                      "samples=excluded.samples, updated_unix=excluded.updated_unix")
-
-
-_HASHED: dict[int, tuple[str, str]] = {}  # id(text) -> (text, hash): the planner shares one text per board type
-_HASHED_MAX = 256
-_HASHED_LOCK = threading.Lock()
-
-
-def profile_hash(text: str) -> str:
-    """The key a device profile is stored under: SHA-256 of its UTF-8 bytes, hex. The same string
-    object (ProfileCache.shared: one per board type) is hashed once, not on every agent's write."""
-    held = _HASHED.get(id(text))
-    if held is not None and held[0] is text:
-        return held[1]
-    h = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    if len(text) > 4096:  # only documents worth it; the entry keeps the text alive, so its id stays its own
-        with _HASHED_LOCK:  # the store thread and the attachment threads
-            if len(_HASHED) >= _HASHED_MAX:
-                _HASHED.clear()
-            _HASHED[id(text)] = (text, h)
-    return h
 
 
 class LeaseLost(PreconditionFailed):

@@ -121,3 +121,61 @@ def test_a_deletion_waits_for_an_agent_row_being_written_under_its_text(tmp_path
     finally:
         one.close()
         two.close()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("first", [False, True], ids=["re-registration", "first-registration"])
+def test_two_registrations_of_one_agent_at_once_leave_no_orphan(store, first):
+    """Review: replicas registering one agent at the same moment with two new profiles. Both wait behind a
+    third transaction (holding the agent's row locked, or inserting its first row); when it ends they run.
+    Only the profile the agent names at the end is stored: the later registration read the earlier one's hash
+    under the row lock and deleted its text. (Before, both read the hash from before them and deleted only that
+    one: the earlier one's text stayed until a prune.) SQLite runs one writer at a time: the same outcome."""
+    import threading
+
+    if not first:
+        store.put_agent(_agent("a1", 0))
+    b = store.backend
+    watch, ready, go = b.clone(), threading.Barrier(3, timeout=30), threading.Event()  # watch: a connection of its own
+    errors: list[BaseException] = []
+
+    def register(board: int) -> None:
+        s = Store(b.clone())  # in its thread: SQLite's connections stay in theirs
+        try:
+            ready.wait()
+            go.wait(30)
+            s.put_agent(_agent("a1", board))
+        except BaseException as e:  # reported by the test
+            errors.append(e)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=register, args=(board,)) for board in (1, 2)]
+    for t in threads:
+        t.start()
+    try:
+        ready.wait()
+        with b.transaction():
+            if first:  # its first row, uncommitted: both registrations find none, then wait at their insert
+                b.execute("INSERT INTO profiles (hash, text) VALUES (?,?)", (profile_hash(_profile(0)), _profile(0)))
+                b.execute("INSERT INTO agents (id, model, digest, profile, workers, tl_ids, constraints, registered, "
+                          "last_seen) VALUES ('a1','m','d',?,'[]','[]','{}',1,1)", (profile_hash(_profile(0)),))
+            else:
+                b.execute("SELECT id FROM agents WHERE id='a1'" + b.lock_sql)
+            go.set()
+            if b.lock_sql:  # PostgreSQL: until both wait on a lock (bounded); SQLite: both wait at BEGIN IMMEDIATE
+                waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type='Lock' AND datname=current_database()"
+                for _ in range(1000):
+                    if watch.execute(waiting).fetchone()[0] == 2:
+                        break
+                    threading.Event().wait(0.01)
+                else:
+                    raise AssertionError("the two registrations did not both wait within 10 s")
+        for t in threads:
+            t.join(30)
+        assert not errors and not any(t.is_alive() for t in threads)
+        final = store.agents()["a1"].profile
+        assert final in (_profile(1), _profile(2)) and _hashes(store) == {profile_hash(final)}
+    finally:
+        go.set()
+        watch.close()
