@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 TINY_NET = "tests/data/tiny_net.py:build"  # relative to REPO, the cwd of every process
 
-# The planner fixtures (aio, planner) live with the planner helpers; registered here so test
-# modules use them without importing names that pytest then injects.
-pytest_plugins = ["planner_helpers"]
+# The planner fixtures (aio, planner) live with the planner helpers, the store on both engines (store,
+# store_where) in store_fixtures; registered here so test modules use them without importing names
+# that pytest then injects.
+pytest_plugins = ["planner_helpers", "store_fixtures"]
 
 START_TIMEOUT = 60.0  # seconds for a daemon to bind and report SERVING
 

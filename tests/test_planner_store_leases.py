@@ -16,14 +16,6 @@ from tests.postgres_server import postgres  # noqa: F401 - the fixture
 pytestmark = pytest.mark.timeout(120)
 
 
-@pytest.fixture(params=("sqlite", "postgresql"))
-def store(request, tmp_path):
-    where = str(tmp_path / "s.sqlite") if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
-    s = Store(where)
-    yield s
-    s.close()
-
-
 def _rows(s: Store) -> dict[str, tuple[str, float]]:
     """The lease rows as stored: agent -> (replica, the row's own expiry)."""
     return {a: (r, float(t)) for a, r, t in s.backend.execute("SELECT agent_id, replica, expires_unix FROM leases")}

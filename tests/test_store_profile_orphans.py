@@ -12,14 +12,6 @@ from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from tests.postgres_server import postgres  # noqa: F401 - the fixture
 
 
-@pytest.fixture(params=("sqlite", "postgresql"))
-def store(request, tmp_path):
-    where = str(tmp_path / "s.sqlite") if request.param == "sqlite" else request.getfixturevalue("postgres").new_database()
-    s = Store(where)
-    yield s
-    s.close()
-
-
 def _profile(board: int) -> str:
     return f'{{"machine": "board-{board}", "role": "device", "model": "m", "blocks": []}}'
 

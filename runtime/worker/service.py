@@ -7,8 +7,10 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import grpc
 import torch
@@ -48,6 +50,9 @@ from runtime.worker.metrics import WorkerMetrics
 from runtime.worker.streaming import StreamSession
 
 logger = logging.getLogger(__name__)
+
+P = TypeVar("P")  # run_admitted: what prepare() gives compute
+R = TypeVar("R")  # run_admitted: what compute returns
 
 MAX_ID_LEN = 256
 
@@ -241,7 +246,7 @@ class InferenceService(pb_grpc.InferenceServicer):
         if self._admitted == 0:
             self._idle.set()
 
-    async def run_admitted(self, prepare, compute):
+    async def run_admitted(self, prepare: Callable[[], Awaitable[P]], compute: Callable[[P], R]) -> R:
         """For other servicers on this worker (runtime.worker.tiles): take a queue slot, await ``prepare()``,
         run ``compute(prepared)`` on the executor; the slot is freed when the compute really ends."""
         self._admit()

@@ -263,10 +263,7 @@ class TilesService(tiles_pb2_grpc.TilesServicer):
             return p, pieces, time.perf_counter()
 
         # the worker's queue bound and drain cover tiles too; the slot is freed when the compute ends
-        # (InferenceService.run_admitted is unannotated: its result is the compute's)
-        computed: tuple[torch.Tensor, tensor_pb2.Tensor | None, pb.StageTimes, str] = await svc.run_admitted(  # type: ignore[no-untyped-call]
-            prepare, lambda p: self._compute(p[0], p[1], request, p[2]))
-        y, tile, times, end_split = computed
+        y, tile, times, end_split = await svc.run_admitted(prepare, lambda p: self._compute(p[0], p[1], request, p[2]))
         self.tiles.labels(request.header.model_id).inc()
         self.tile_seconds.observe(times.tail_seconds)
         if tile is None:  # keep_output: the next block's workers fetch what they need of it
