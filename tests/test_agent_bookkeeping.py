@@ -171,3 +171,34 @@ def test_an_overheads_median_taken_when_read_is_the_windows_median():
     assert given.value == 0.01
     copy = ov.copy()
     assert copy.value == ov.value and copy == ov
+
+
+def test_the_stage_histograms_write_what_prometheus_clients_histogram_writes():
+    """runtime.agent.metrics.StageHistograms replaced prometheus_client's Histogram on the frame path (issue 14):
+    the same samples in both expositions, bucket edges included, creation times aside."""
+    import random
+    import re
+
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    from runtime.daemon.metrics_http import STAGE_BUCKETS
+
+    reg = CollectorRegistry()
+    hist = Histogram("edgesplit_agent_stage_seconds", "Per-frame time by stage", ["stage"], buckets=STAGE_BUCKETS,
+                     registry=reg)
+    metrics = AgentMetrics()
+    for stage in STAGES:
+        hist.labels(stage)
+    rng = random.Random(1)
+    for v in [0.0, 0.0001, 0.00025, 5.0, 7.0] + [rng.expovariate(30) for _ in range(500)]:  # edges, beyond, between
+        stage = rng.choice(STAGES)
+        hist.labels(stage).observe(v)
+        metrics.stage_by[stage].observe(v)
+
+    def ours(text: str) -> list[str]:
+        lines = [line for line in text.splitlines() if "stage_seconds" in line]
+        return [re.sub(r"(_created\{[^}]*\}) \S+", r"\1 T", line) for line in lines]
+
+    for write in (generate_latest, openmetrics):
+        assert ours(write(metrics.registry).decode()) == ours(write(reg).decode())

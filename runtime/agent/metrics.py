@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import time
+from bisect import bisect_left
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.utils import floatToGoString
 
 from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
 from runtime.wire.crl import register_metrics as register_crl_metrics
@@ -13,6 +19,55 @@ WHERE = ("edge", "local")  # label values of frames
 # failures of the edge; given_up: frames the agent gave up when it left a collapsed link (EdgeStream.give_up);
 # local_plan (the plan runs every layer here) and no_worker are planned local runs
 FALLBACK_REASONS = ("deadline", "given_up", "refused", "unavailable", "local_plan", "no_worker")
+
+
+class StageHistogram:
+    """One stage's series of ``edgesplit_agent_stage_seconds``: bucket counts and a sum, kept by the event loop
+    with no lock (one writer) and read at scrape time by :class:`StageHistograms`. prometheus_client's observe
+    took two locked increments and a Python loop over the buckets, five stages a frame (issue 14)."""
+
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]):
+        self.bounds = bounds  # ascending, +Inf last
+        self.counts = [0] * len(bounds)  # per bucket, not cumulative
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(self.bounds, seconds)] += 1  # the first bucket with seconds <= its bound, as Histogram
+        self.sum += seconds
+
+
+class StageHistograms:
+    """``edgesplit_agent_stage_seconds{stage}``, a histogram per stage with the buckets ``buckets`` (+Inf added):
+    the samples prometheus_client's Histogram writes (``_bucket``, ``_count``, ``_sum``, ``_created``)."""
+
+    name = "edgesplit_agent_stage_seconds"
+    documentation = "Per-frame time by stage"
+
+    def __init__(self, stages: tuple[str, ...], buckets: tuple[float, ...], registry: CollectorRegistry):
+        bounds = (*sorted(buckets), float("inf"))
+        self.les = [floatToGoString(b) for b in bounds]  # the ``le`` labels, as prometheus_client writes them
+        self.by_stage = {stage: StageHistogram(bounds) for stage in stages}
+        registry.register(self)
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import HistogramMetricFamily
+
+        fam = HistogramMetricFamily(self.name, self.documentation, labels=["stage"])
+        for stage, h in self.by_stage.items():
+            counts, total = list(h.counts), h.sum  # one reading (the loop may add a frame meanwhile)
+            cumulative, buckets = 0, []
+            for le, n in zip(self.les, counts, strict=True):
+                cumulative += n
+                buckets.append((le, cumulative))
+            fam.add_metric([stage], buckets, total)
+            fam.add_sample(f"{self.name}_created", {"stage": stage}, h.created)
+        yield fam
 
 
 def reason_label(reason: str) -> str:
@@ -33,9 +88,7 @@ class AgentMetrics:
         self.fallbacks = Counter("edgesplit_agent_fallbacks", "Frames run locally instead of on the edge", ["reason"], registry=r)
         self.refined = Counter("edgesplit_agent_refined_frames", "Edge results too close to call (top-1 margin below "
                                "refine_margin) whose tail was re-run on the board", registry=r)
-        self.stage_seconds = Histogram(
-            "edgesplit_agent_stage_seconds", "Per-frame time by stage", ["stage"], buckets=STAGE_BUCKETS, registry=r
-        )
+        self.stage_seconds = StageHistograms(STAGES, STAGE_BUCKETS, r)  # per stage: stage_by
         self.sent_bytes = Counter("edgesplit_agent_sent_bytes", "Payload bytes sent to the worker", registry=r)
         self.raw_bytes = Counter("edgesplit_agent_raw_bytes", "Bytes of the split's output as the head computed it "
                                  "(before a Transfer Layer and the codec), of the same frames as sent_bytes: "
@@ -73,7 +126,7 @@ class AgentMetrics:
         self.frames_by = {where: self.frames.labels(where) for where in WHERE}
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
-        self.stage_by = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        self.stage_by = self.stage_seconds.by_stage  # every STAGE's series from the start, as the others
         for code in ERROR_CODES:
             self.plan_refusals.labels(code)
         for reason in ("no_progress", "probe_unanswered", "keepalive"):
