@@ -6,13 +6,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
-QUICK = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2,
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+    from runtime.cli.common import Subparsers
+    from runtime.contracts.costmodel import Configuration, Link
+    from runtime.contracts.profile import Profile
+    from runtime.models.spec import ModelSpec
+    from runtime.tools.tl.data import Source
+
+QUICK: dict[str, Any] = {"models": ["resnet18"], "scenarios": ["20mbit"], "frames": 3, "warmup": 1, "profile_runs": 2, "profile_inputs": 2,
          "fidelity_frames": 16, "head_runs": 3, "head_budget_s": 20.0, "rounds": 2}
 FIDELITY_SEED = 14  # the fidelity frames' crops: the same frames in every run
 
 
-def add_parser(sub) -> None:
+def add_parser(sub: Subparsers) -> None:
     from runtime.measure.scenarios.spec import SCENARIOS
 
     p = sub.add_parser("bench-scenarios", help="headline benchmark: strategies x emulated links, board under a CPU quota "
@@ -57,7 +70,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=cmd_bench_scenarios)
 
 
-def _rank(dev, edge, link, min_fidelity):
+def _rank(dev: Profile, edge: Profile, link: Link, min_fidelity: float) -> Configuration | None:
     from planner.search import search
     from runtime.contracts.costmodel import Constraints, Network, Tier
 
@@ -67,11 +80,12 @@ def _rank(dev, edge, link, min_fidelity):
     return ranked[0] if ranked else None
 
 
-def _fidelity_frames(model_spec, n: int):
+def _fidelity_frames(model_spec: ModelSpec, n: int) -> tuple[torch.Tensor, str]:
     """``n`` seeded random resized crops (scale 0.25-1, h-flip) of scikit-image's photos, or of the bundled ones."""
     from runtime.contracts.errors import InvalidInput
     from runtime.tools.tl.data import augmented_crops, image_paths, skimage_images
 
+    photos: Sequence[Source]
     try:
         train, held = skimage_images()
         photos, what = [*train, *held], "scikit-image's 16 bundled photos"
@@ -131,8 +145,9 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
                    name=args.name, window=args.window, pipeline_frames=args.pipeline_frames,
                    command="edgesplit " + " ".join(sys.argv[1:]))
     if args.quick:
-        spec = replace(spec, **{k: tuple(v) if isinstance(v, list) else v for k, v in QUICK.items()})
-    def write(res: dict) -> list:
+        quick: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in QUICK.items()}
+        spec = replace(spec, **quick)
+    def write(res: dict[str, Any]) -> list[Path]:
         res["machine"] = report.machine()
         return report.write(res, spec.out_dir, args.name)
 

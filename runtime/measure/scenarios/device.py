@@ -13,19 +13,25 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.frame import FrameResult
 from runtime.agent.sources import open_source
 from runtime.measure.profiler import profile_model
-from runtime.models.loader import load_model
-from runtime.models.spec import source_pixels
+from runtime.measure.scenarios import calibrate as calibration
+from runtime.measure.scenarios.testbed import CGROUP_ROOT
+from runtime.models.loader import LoadedModel, load_model
+from runtime.models.spec import ModelSpec, source_pixels
 from runtime.transfer.artifact import load_tl
 from runtime.wire import eventloop
 from runtime.wire.codec import get_codec
@@ -33,7 +39,8 @@ from runtime.wire.pixels import is_pixels
 from runtime.wire.webp import is_webp
 
 
-def _time_full(loaded, xs, runs: int) -> tuple[list[float], list[int]]:
+def _time_full(loaded: LoadedModel, xs: list[torch.Tensor], runs: int) -> tuple[list[float], list[int]]:
+    """``runs`` whole-model passes back to back (frame ``i % len(xs)``), as the local strategy runs: seconds, top-1."""
     times, top1 = [], []
     with torch.inference_mode():
         for i in range(runs):
@@ -44,33 +51,43 @@ def _time_full(loaded, xs, runs: int) -> tuple[list[float], list[int]]:
     return times, top1
 
 
-def _join(cgroup: str, quota_us: int | None = None) -> None:
+def _join(cgroup: str | Path, quota_us: int | None = None) -> None:
+    """Move this process (every thread) into ``cgroup``, setting its quota first when given."""
     if quota_us is not None:
         (Path(cgroup) / "cpu.cfs_quota_us").write_text(str(quota_us))
-    (Path(cgroup) / "cgroup.procs").write_text(str(__import__("os").getpid()))
+    (Path(cgroup) / "cgroup.procs").write_text(str(os.getpid()))
 
 
-def calibrate(loaded, xs, cgroup: str, tb: dict) -> dict:
-    """Scale the quota until full-model time under it / free time is within tolerance of the target."""
-    _time_full(loaded, xs, 2)
-    free = statistics.median(_time_full(loaded, xs, tb["calibrate_runs"])[0])
-    quota = tb["first_quota_us"]
-    _join(cgroup, quota)
-    rounds = []
-    for _ in range(tb["calibrate_rounds"]):
-        _time_full(loaded, xs, 1)
-        dev = statistics.median(_time_full(loaded, xs, tb["calibrate_runs"])[0])
-        rounds.append({"quota_us": quota, "device_ms": dev * 1e3, "slowdown": dev / free})
-        if abs(dev / free / tb["target_slowdown"] - 1) <= tb["tolerance"]:
-            break
-        quota = max(1000, int(quota * (dev / free) / tb["target_slowdown"]))
-        (Path(cgroup) / "cpu.cfs_quota_us").write_text(str(quota))
-    last = rounds[-1]
-    return {"free_ms": free * 1e3, "quota_us": last["quota_us"], "period_us": tb["period_us"],
-            "slowdown": last["slowdown"], "device_ms": last["device_ms"], "rounds": rounds}
+class Board:
+    """The passes :mod:`runtime.measure.scenarios.calibrate` asks for: unrestricted (this process back in the root
+    group) or under the quota (in the board's group, one untimed pass first), each as the local run times them."""
+
+    def __init__(self, loaded: LoadedModel, xs: list[torch.Tensor], cgroup: str):
+        self.loaded, self.xs, self.cgroup = loaded, xs, cgroup
+        self.top1: list[int] = []  # the last board passes' top-1 (the local run's reference)
+
+    def set_quota(self, quota_us: int) -> None:
+        (Path(self.cgroup) / "cpu.cfs_quota_us").write_text(str(quota_us))
+
+    def free(self, n: int) -> list[float]:
+        _join(CGROUP_ROOT)
+        _time_full(self.loaded, self.xs, 1)
+        return [t * 1e3 for t in _time_full(self.loaded, self.xs, n)[0]]
+
+    def board(self, n: int) -> list[float]:
+        _join(self.cgroup)
+        _time_full(self.loaded, self.xs, 1)
+        times, self.top1 = _time_full(self.loaded, self.xs, n)
+        return [t * 1e3 for t in times]
 
 
-def jpeg_frames(spec, xs, quality: int, gap_s: float = 0.0) -> list[dict]:
+def settings(tb: dict[str, Any], frames: int) -> calibration.Settings:
+    return calibration.Settings(target=tb["target_slowdown"], tolerance=tb["tolerance"], period_us=tb["period_us"],
+                                first_quota_us=tb["first_quota_us"], rounds=tb["calibrate_rounds"],
+                                runs=tb["calibrate_runs"], frames=frames, local_rounds=tb["local_rounds"])
+
+
+def jpeg_frames(spec: ModelSpec, xs: list[torch.Tensor], quality: int, gap_s: float = 0.0) -> list[dict[str, Any]]:
     """Each frame as a camera sends it: pixels (undoing the normalisation) -> JPEG; timed encode and bytes
     (the board's JPEG encode in edgesplit's cost model; edge-only itself runs the wire's jpeg codec), each after
     ``gap_s`` idle as in :func:`time_heads`."""
@@ -93,7 +110,7 @@ def jpeg_frames(spec, xs, quality: int, gap_s: float = 0.0) -> list[dict]:
     return out
 
 
-def codec_frames(spec, xs, name: str, gap_s: float = 0.0) -> list[dict]:
+def codec_frames(spec: ModelSpec, xs: list[torch.Tensor], name: str, gap_s: float = 0.0) -> list[dict[str, Any]]:
     """Each frame through the wire codec ``name`` at the input (pixels+lz4, webp): timed encode and wire bytes,
     one frame at a time on the board, each after ``gap_s`` idle (its encode time in edgesplit's cost model, as for
     the JPEG)."""
@@ -107,7 +124,7 @@ def codec_frames(spec, xs, name: str, gap_s: float = 0.0) -> list[dict]:
     return out
 
 
-def prefix_heads(loaded, xs, runs: int, gap_s: float = 0.0) -> dict:
+def prefix_heads(loaded: LoadedModel, xs: list[torch.Tensor], runs: int, gap_s: float = 0.0) -> dict[str, Any]:
     """Every head at once: ``runs`` passes through the blocks in order (after one untimed), each after ``gap_s`` idle
     (one quota period: a frame's head starts with the period's whole budget, :func:`time_heads`), the time from the
     pass's start to the end of each block. The median per cut prices the head that ends there with the quota's stalls
@@ -127,7 +144,8 @@ def prefix_heads(loaded, xs, runs: int, gap_s: float = 0.0) -> dict:
     return {"ms": [statistics.median(p[k] for p in passes) for k in range(n)], "runs": runs, "gap_s": gap_s}
 
 
-def time_heads(loaded, xs, cands: list[dict], runs: int, gap_s: float = 0.0, budget_s: float | None = None) -> list[dict]:
+def time_heads(loaded: LoadedModel, xs: list[torch.Tensor], cands: list[dict[str, Any]], runs: int, gap_s: float = 0.0,
+               budget_s: float | None = None) -> list[dict[str, Any]]:
     """Each candidate head on the board as the agent runs it (``loaded.head``), then each of its transfers' TL encoder
     and wire codec on that output, one frame at a time for ``runs`` frames after one untimed: ms per frame.
 
@@ -137,7 +155,8 @@ def time_heads(loaded, xs, cands: list[dict], runs: int, gap_s: float = 0.0, bud
     that found it spent waited for the next period (MobileNetV2's features_0_0: 23.9 ms against 1.0 ms in whole
     passes, 2026-12-03). With ``budget_s``, no candidate is started once that many seconds have passed (the ones
     timed are returned; the caller lists the rest)."""
-    out, start = [], time.monotonic()
+    out: list[dict[str, Any]] = []
+    start = time.monotonic()
     for c in cands:
         if budget_s is not None and out and time.monotonic() - start > budget_s:
             break
@@ -168,7 +187,7 @@ def time_heads(loaded, xs, cands: list[dict], runs: int, gap_s: float = 0.0, bud
     return out
 
 
-async def run_split(loaded, job: dict, xs) -> dict:
+async def run_split(loaded: LoadedModel, job: dict[str, Any], xs: list[torch.Tensor]) -> dict[str, Any]:
     """One strategy: the frames (``frames_from`` to ``frames_to``, a round's; default all) through an agent at the
     job's split, codec and TL, one in flight, after ``warmup`` untimed ones; then, with ``window`` > 1,
     ``pipeline_frames`` frames with that many in flight (frames/s over the pass)."""
@@ -191,7 +210,7 @@ async def run_split(loaded, job: dict, xs) -> dict:
                          "class_index": r.top1()[0], "times_ms": {k: v * 1e3 for k, v in r.times.items()},
                          "throttled_ms": after[0] - held[0], "throttled_periods": after[1] - held[1],
                          "board_cpu_ms": cpu * 1e3})
-        out: dict = {"rows": rows}
+        out: dict[str, Any] = {"rows": rows}
         if job.get("window", 1) > 1 and job.get("pipeline_frames", 0) > 0:
             out["pipelined"] = await _pipelined(agent, xs, job["window"], job["pipeline_frames"])
         return out
@@ -208,11 +227,11 @@ def quota_held(cgroup: str) -> tuple[float, int]:
     return int(stat.get("throttled_time", 0)) / 1e6, int(stat.get("nr_throttled", 0))
 
 
-async def _pipelined(agent: Agent, xs, window: int, frames: int) -> dict:
+async def _pipelined(agent: Agent, xs: list[torch.Tensor], window: int, frames: int) -> dict[str, Any]:
     """``frames`` frames, ``window`` in flight at a time (a new one starts as one ends)."""
     gate = asyncio.Semaphore(window)
 
-    async def one(i: int):
+    async def one(i: int) -> FrameResult:
         async with gate:
             return await agent.infer(xs[i % len(xs)], frame=f"p{i}")
 
@@ -223,12 +242,13 @@ async def _pipelined(agent: Agent, xs, window: int, frames: int) -> dict:
             "local_fallbacks": sum(r.where != "edge" for r in results)}
 
 
-def _readline_json(proc, timeout: float) -> dict:
+def _readline_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
     """The child's next JSON line (the runner's side of the protocol); RuntimeError when it dies or is late."""
     import selectors
 
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as sel:
+        assert proc.stdout is not None
         sel.register(proc.stdout, selectors.EVENT_READ)
         while time.monotonic() < deadline:
             if sel.select(min(1.0, deadline - time.monotonic())):
@@ -236,7 +256,8 @@ def _readline_json(proc, timeout: float) -> dict:
                 if not line:
                     raise RuntimeError(f"the board child exited (code {proc.poll()})")
                 if line.startswith("{"):
-                    return json.loads(line)
+                    got: dict[str, Any] = json.loads(line)
+                    return got
             elif proc.poll() is not None:
                 raise RuntimeError(f"the board child exited (code {proc.returncode})")
     raise RuntimeError(f"the board child did not answer within {timeout:g} s")
@@ -247,21 +268,22 @@ def main(argv: list[str]) -> int:
     torch.set_num_threads(cfg["testbed"]["threads"])
     loaded = load_model(cfg["model"])
     xs = [f.tensor for f in open_source(loaded.spec, "samples", cfg["frames"])]
-    cal = calibrate(loaded, xs, cfg["cgroup"], cfg["testbed"])
+    board = Board(loaded, xs, cfg["cgroup"])
+    # the quota, calibrated on the local run itself: the local strategy's frames are its last run (calibrate.py)
+    cal = calibration.calibrate(settings(cfg["testbed"], len(xs)), board.free, board.board, board.set_quota)
+    local_ms, local_top1 = cal["local_ms"], board.top1
     prof = profile_model(loaded, "device", machine="board", runs=cfg["profile_runs"], warmup=1,
                          codecs=cfg["codecs"], tls=cfg["tls"], threads=cfg["testbed"]["threads"], progress=False,
                          inputs=cfg.get("profile_inputs", 4), jpeg_fidelity=cfg.get("jpeg_fidelity", True))
     Path(cfg["profile_out"]).write_text(prof.to_json())
     gap_s = cfg["testbed"]["period_us"] / 1e6  # one quota period idle before each timed head (time_heads)
     heads = prefix_heads(loaded, xs, cfg.get("head_runs", 10), gap_s)
-    _time_full(loaded, xs, 1)
-    local_s, local_top1 = _time_full(loaded, xs, len(xs))
     jp = jpeg_frames(loaded.spec, xs, cfg["jpeg_quality"], gap_s)
     Path(cfg["jpeg_out"]).mkdir(parents=True, exist_ok=True)
     for i, j in enumerate(jp):
         (Path(cfg["jpeg_out"]) / f"{i}.jpg").write_bytes(j["jpeg"])
-    print(json.dumps({"calibration": cal, "prefix_heads": heads, "local": [{"total_ms": t * 1e3, "class_index": c}
-                                                    for t, c in zip(local_s, local_top1, strict=True)],
+    print(json.dumps({"calibration": cal, "prefix_heads": heads, "local": [{"total_ms": t, "class_index": c}
+                                                    for t, c in zip(local_ms, local_top1, strict=True)],
                       "jpeg": [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp],
                       "input_codecs": {c: codec_frames(loaded.spec, xs, c, gap_s) for c in cfg["codecs"]
                                        if is_pixels(c) or is_webp(c)}}),
@@ -271,15 +293,21 @@ def main(argv: list[str]) -> int:
         if job.get("quit"):
             break
         try:
-            if "time_heads" in job:
-                print(json.dumps({"heads": time_heads(loaded, xs, job["time_heads"], job["runs"], gap_s,
-                                                      job.get("budget_s"))}), flush=True)
-                continue
-            # the agent's own loop (uvloop where installed, as `edgesplit agent` runs it)
-            print(json.dumps(eventloop.run(run_split(loaded, {**job, "cgroup": cfg["cgroup"]}, xs))), flush=True)
+            print(json.dumps(_answer(loaded, xs, job, cfg["cgroup"], gap_s, board, cal)), flush=True)
         except Exception as e:
             print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
     return 0
+
+
+def _answer(loaded: LoadedModel, xs: list[torch.Tensor], job: dict[str, Any], cgroup: str, gap_s: float,
+            board: Board, cal: dict[str, Any]) -> dict[str, Any]:
+    """One job of the runner's: heads to time, the local passes again (``recheck``), or a strategy's frames."""
+    if "time_heads" in job:
+        return {"heads": time_heads(loaded, xs, job["time_heads"], job["runs"], gap_s, job.get("budget_s"))}
+    if job.get("recheck"):
+        return {"recheck": calibration.recheck(cal, board.free, board.board, len(xs))}
+    # the agent's own loop (uvloop where installed, as `edgesplit agent` runs it)
+    return eventloop.run(run_split(loaded, {**job, "cgroup": cgroup}, xs))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@ import json
 import platform
 import statistics
 from pathlib import Path
+from typing import Any
 
+from runtime.measure.scenarios import calibrate as calibration
 from runtime.measure.scenarios.spec import STRATEGIES
 
 FAITHFUL = 0.99  # "at most one point of fidelity lost": top-1 agreement with the unsplit model
@@ -22,7 +24,7 @@ def machine() -> str:
     return f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def _static_table(model: str, s: str, r: dict) -> list[str]:
+def _static_table(model: str, s: str, r: dict[str, Any]) -> list[str]:
     es = r["edgesplit"]
     best_any = min(STRATEGIES, key=lambda k: r[k]["floor_p50_ms"])
     best = _best_faithful_floor(r)
@@ -65,7 +67,7 @@ def _static_table(model: str, s: str, r: dict) -> list[str]:
     return lines
 
 
-def _per_frame(x: dict) -> str:
+def _per_frame(x: dict[str, Any]) -> str:
     """The median over frames of measured / that frame's floor: the board's quota stalls (one 50 ms period) land in
     the timed compute or in the runtime's own board work, so the medians of the two columns can be frames apart;
     and how many frames had more than 20 ms above their floor (a stall in the runtime's board work); and the board's
@@ -82,16 +84,16 @@ def _per_frame(x: dict) -> str:
             + ")")
 
 
-def _fidelity(x: dict) -> float:
+def _fidelity(x: dict[str, Any]) -> float:
     return float(x.get("fidelity_offline", x["fidelity"]))
 
 
-def _best_faithful_floor(r: dict) -> str:
+def _best_faithful_floor(r: dict[str, Any]) -> str:
     """The strategy with the lowest measured floor among those within one point of the unsplit model (local is)."""
     return min((k for k in STRATEGIES if _fidelity(r[k]) >= FAITHFUL), key=lambda k: r[k]["floor_p50_ms"])
 
 
-def _heads(c: dict) -> str:
+def _heads(c: dict[str, Any]) -> str:
     """How the board's heads were priced (runs since the board-heads calibration; older results say nothing)."""
     h = c.get("board_heads")
     if not h:
@@ -110,12 +112,36 @@ def _heads(c: dict) -> str:
             + ".")
 
 
-def _offline(x: dict) -> str:
+def _board(c: dict[str, Any], spec: dict[str, Any]) -> str:
+    """The board's quota and slowdown: calibrated on the local run itself (runtime.measure.scenarios.calibrate), the
+    same passes again after the strategies (older results: the calibration's passes and the local run after
+    profiling). The warnings are :func:`calibration.warnings`, each on its own line after the paragraph."""
+    head = f"Board: cgroup v1 quota {c['quota_us']} us per {c['period_us']} us period, 1 torch thread"
+    if c.get("target") is None:
+        return (f"{head}: full model {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms unrestricted = "
+                f"**{c['slowdown']:.1f}x slower** (target {spec['testbed']['target_slowdown']:g}x), measured in this run"
+                + (f"; the local run (same quota, right after profiling): p50 {c['local_p50_ms']:.1f} ms = "
+                   f"**{c['local_slowdown']:.1f}x**" if "local_p50_ms" in c else "") + ".")
+    rounds = ", ".join(f"{r['kind']} ({r['passes']} passes) {r['quota_us']} us {r['slowdown']:.1f}x" for r in c["rounds"])
+    again = c.get("recheck")
+    text = (f"{head}, calibrated on the local run itself: the local run ({len(c['local_ms'])} whole-model passes back "
+            f"to back, the frames every strategy runs) p50 {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms "
+            f"unrestricted (median of {c['free_passes']} passes) = **{c['slowdown']:.1f}x slower** (target "
+            f"{c['target']:g}x, tolerance {100 * c['tolerance']:.0f} %), measured in this run; the coarse calibration "
+            + (f"{c['coarse_slowdown']:.1f}x" if c.get("coarse_slowdown") is not None else "not run")
+            + f"; rounds (quota -> slowdown): {rounds}"
+            + (f"; the same passes again after the strategies, same quota: p50 {again['device_ms']:.1f} ms = "
+               f"**{again['slowdown']:.1f}x** ({again['slowdown_free_now']:.1f}x against {again['free_now_ms']:.1f} ms "
+               "unrestricted timed then)" if again else "") + ".")
+    return text
+
+
+def _offline(x: dict[str, Any]) -> str:
     v = x.get("fidelity_offline")
     return "-" if v is None else f"{v:.3f} ({x['fidelity_offline_frames']})"
 
 
-def _dynamic(model: str, s: str, r: dict) -> list[str]:
+def _dynamic(model: str, s: str, r: dict[str, Any]) -> list[str]:
     steps = " -> ".join(f"{m:g} Mbit/s for {t:g} s" for m, t in r["steps"])
     lines = [f"### {model}, {s} (dynamic trace)\n",
              f"Steps: {steps}, {r['rtt_ms']:g} ms RTT; board at {r['board_share']:.4f} of a core "
@@ -140,7 +166,7 @@ def _dynamic(model: str, s: str, r: dict) -> list[str]:
     return [*lines, ""]
 
 
-def markdown(res: dict) -> str:
+def markdown(res: dict[str, Any]) -> str:
     spec = res["spec"]
     load = res.get("load", {})
     lines = ["# edgesplit bench-scenarios\n", f"Command: `{spec['command']}`  ", f"Machine: {res['machine']}  ",
@@ -158,18 +184,14 @@ def markdown(res: dict) -> str:
                      f"{lk['rtt_ms']:.1f} ms" + (f" (**> 5 % off: {', '.join(lk['off'])}**)" if lk["off"] else " (within 5 %)"))
     for model, m in res["models"].items():
         c = m["calibration"]
-        lines.append(f"\n## {model}\n\nBoard: cgroup v1 quota {c['quota_us']} us per {c['period_us']} us period, 1 torch "
-                     f"thread: full model {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms unrestricted = "
-                     f"**{c['slowdown']:.1f}x slower** (target {spec['testbed']['target_slowdown']:g}x), measured in this run"
-                     + (f"; the local run (same quota, right after profiling): p50 {c['local_p50_ms']:.1f} ms = "
-                        f"**{c['local_slowdown']:.1f}x**" if "local_p50_ms" in c else "") + ". "
+        lines.append(f"\n## {model}\n\n{_board(c, spec)} "
                      f"The board's block profile (measured under the quota) was scaled by {c.get('profile_rescaled_by', 1):.2f} "
                      + ("to the local run's p50" if "local_p50_ms" in c else "to that full-model time")
                      + (" (per-block medians miss the throttling)." if not c.get("board_heads") else
                         " for the codec encodes not timed on their own.") + _heads(c)
                      + (f" Fidelity (N frames): {m['fidelity_frames']['what']}." if m.get("fidelity_frames") else "")
                      + (f" This model's run: `{m['command']}`, load average {m['load']}." if m.get("command") else "")
-                     + "\n")
+                     + "\n" + "".join(f"\n- **board: {w}**\n" for w in calibration.warnings(c, spec["testbed"])))
         for s, r in m["scenarios"].items():
             lines.extend(_dynamic(model, s, r) if r.get("dynamic") else _static_table(model, s, r))
     lines.append("floor = compute (board: head, TL encoder, codec encode, e.g. the JPEG; edge: decode, tail) + (bytes up + "
@@ -187,7 +209,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
+def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,14 +236,14 @@ def plot(res: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def merge(parts: list[dict]) -> dict:
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Runs of one model each (or more) as one result: every model keeps its own command, load average and
     seconds; the links are each run's own measurement (the first run's shown at the top). A model in several
     runs (e.g. its scenarios split over two runs) appears once per run, the later ones as "MODEL (run N)",
     each with its own board calibration."""
     if not parts:
         raise ValueError("nothing to merge")
-    models: dict = {}
+    models: dict[str, Any] = {}
     for i, r in enumerate(parts):
         for name, m in r["models"].items():
             key = name if name not in models else f"{name} (run {i + 1})"
@@ -236,7 +258,7 @@ def merge(parts: list[dict]) -> dict:
             "load": {"start": loads[0]["start"], "end": loads[-1]["end"]}, "merged_runs": len(parts)}
 
 
-def write(res: dict, out_dir: str, stem: str) -> list[Path]:
+def write(res: dict[str, Any], out_dir: str, stem: str) -> list[Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile
@@ -27,10 +28,15 @@ from runtime.measure.scenarios.device import _readline_json
 from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec
 from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
 
+if TYPE_CHECKING:
+    import torch
+
+    from runtime.models.spec import ModelSpec
+
 # (device profile, edge profile, link, min fidelity) -> the best configuration, or None
 Ranker = Callable[[Profile, Profile, Link, float], "Configuration | None"]
 # (model spec, n) -> (n frames [n, 3, H, W] for the fidelity checks, a description of them)
-FrameMaker = Callable[[object, int], "tuple[object, str]"]
+FrameMaker = Callable[["ModelSpec", int], "tuple[torch.Tensor, str]"]
 CHILD_START_SECONDS = 1800.0  # load, calibrate, profile and run local on the board
 JOB_SECONDS = 1800.0  # one strategy's frames
 # the stages kept per frame in the results (beside them the board's CPU for the frame, all its threads, and the quota's
@@ -210,11 +216,11 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     cl.add(lambda: (child.poll() is None and (child.kill(), child.wait())))
     board = _readline_json(child, CHILD_START_SECONDS)
     cal = board["calibration"]
-    progress(f"{model}: quota {cal['quota_us']}/{cal['period_us']} us -> slowdown {cal['slowdown']:.1f}x "
-             f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms)")
+    progress(f"{model}: quota {cal['quota_us']}/{cal['period_us']} us -> the local run's slowdown {cal['slowdown']:.1f}x "
+             f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms; "
+             + ", ".join(f"{r['kind']} {r['quota_us']} us {r['slowdown']:.1f}x" for r in cal["rounds"]) + ")")
     measured = load_profile(cfg["profile_out"])
-    # scaled to the local run's median (the board's frames right after profiling, as many as --frames), not to
-    # the calibration's last 5 passes: on a shared machine the same quota gave 651 ms there and 356 ms here
+    # the local run is the calibration's last (runtime.measure.scenarios.calibrate): its passes, its slowdown
     local_totals = [r["total_ms"] for r in board["local"]]
     cal = {**cal, "local_p50_ms": statistics.median(local_totals),
            "local_slowdown": statistics.median(local_totals) / cal["free_ms"]}
@@ -242,6 +248,10 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
         out["scenarios"][s] = _scenario(model, spec, child, worker.address, sc, links[s], jobs, local_totals, ref,
                                         sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress, check)
         out["scenarios"][s]["edgesplit"]["fidelity_checks"] = checks
+    progress(f"{model}: the local passes again, same quota (has the board drifted during the strategies?)")
+    out["calibration"]["recheck"] = again = _ask(child, {"recheck": True, "strategy": "local recheck"}, JOB_SECONDS)["recheck"]
+    progress(f"{model}: local again {again['device_ms']:.1f} ms = {again['slowdown']:.1f}x (the local run: "
+             f"{cal['local_slowdown']:.1f}x)")
     _ask_quit(child)
     worker.stop()
     profiles = (tmp / f"{model}-device.json", tmp / f"{model}-edge.json")
@@ -307,7 +317,7 @@ def _ask_quit(child: subprocess.Popen) -> None:
 
 
 def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
-        partial: Callable[[dict], None] | None = None, frames: FrameMaker | None = None) -> dict:
+        partial: Callable[[dict], object] | None = None, frames: FrameMaker | None = None) -> dict:
     """Every model x scenario x strategy; the results as one JSON-able dict (``partial`` gets them
     after each model, so a long run that is stopped keeps what it measured). ``frames`` makes the fidelity
     checks' frames (default: the bundled photos, repeated)."""

@@ -41,8 +41,9 @@ class Testbed:
     # board reached 15x. 50 ms allows 2 % (100 ms is jittery); a frame spans many periods either way.
     period_us: int = 50_000
     first_quota_us: int = 0  # quota tried first (0: period / target slowdown); then scaled by measured/target
-    calibrate_rounds: int = 4  # quota adjustments at most
-    calibrate_runs: int = 5  # full-model passes timed per calibration round
+    calibrate_rounds: int = 4  # coarse quota adjustments at most (runtime.measure.scenarios.calibrate)
+    calibrate_runs: int = 5  # full-model passes timed per coarse round (and free passes before each round)
+    local_rounds: int = 3  # local runs at most (each the run's --frames passes): the quota is re-aimed between them
     tolerance: float = 0.12  # accept a measured slowdown within this fraction of the target
     threads: int = 1  # torch threads on each side (the device's group holds one core's share)
 
