@@ -58,8 +58,7 @@ async def _measure(loaded: LoadedModel, splits: list[SplitPoint], codec: str, ad
     rows: dict[int, dict[str, Any]] = {}
     for sp in splits:
         print(f"... {loaded.name} split {sp.index} ({sp.name})", file=sys.stderr, flush=True)
-        rows[sp.index] = await _bench_one(  # type: ignore[no-untyped-call]  # runtime.measure.bench is not typed
-            loaded, sp, codec, address, frames, warmup, 1)
+        rows[sp.index] = await _bench_one(loaded, sp, codec, address, frames, warmup, 1)
     return rows
 
 

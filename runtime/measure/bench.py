@@ -14,6 +14,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,12 +30,19 @@ from runtime.wire import eventloop
 from runtime.wire.codec import codec_names, get_codec
 from runtime.worker.process import spawn_worker
 
+if TYPE_CHECKING:
+    from runtime.agent.frame import FrameResult
+    from runtime.models.loader import LoadedModel
+    from runtime.models.slicing import SplitPoint
+    from runtime.transfer.artifact import LoadedTL
 
-def _median(values):
+
+def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=None):
+async def _bench_one(loaded: LoadedModel, split: SplitPoint, codec: str, address: str, frames: int, warmup: int,
+                     window: int, tl: LoadedTL | None = None) -> dict[str, Any]:
     model = tl.tl.entropy_model if tl is not None else None
     plan = InitialPlan(split, get_codec(codec, model=model, spec=loaded.spec), worker=address, tl=tl)
     agent = Agent(loaded, plan, AgentOptions(deadline_seconds=30.0))
@@ -42,7 +51,7 @@ async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=N
     results = []
     sem = asyncio.Semaphore(window)
 
-    async def one(i):
+    async def one(i: int) -> FrameResult:
         async with sem:
             return await agent.infer(inputs[i % len(inputs)])
 
@@ -56,7 +65,9 @@ async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=N
     if len(edge) != len(results):
         reasons = {r.fallback_reason for r in results if r.where != "edge"}
         raise RuntimeError(f"{len(results) - len(edge)} frames ran locally during the benchmark: {reasons}")
-    stage = lambda k: _median([r.times[k] * 1e3 for r in edge])  # noqa: E731
+    def stage(k: str) -> float:
+        return _median([r.times[k] * 1e3 for r in edge])
+
     return {
         "tl": tl.tl_id if tl is not None else "",
         "split": split.name, "split_index": split.index, "shape": list(split.out_shape), "codec": codec,
@@ -72,7 +83,7 @@ async def _bench_one(loaded, split, codec, address, frames, warmup, window, tl=N
     }
 
 
-def overhead_parts(edge) -> dict:
+def overhead_parts(edge: Sequence[FrameResult]) -> dict[str, float]:
     """The runtime overhead split by where it goes (p50 ms of each part; the parts' medians need not add up
     to the overhead's): the agent's hand-offs (board thread -> event loop -> gRPC, and the result's decode and
     bookkeeping after it arrives), codec work (encode, TL encoder, the worker's decode), gRPC both ways (the
@@ -91,7 +102,7 @@ def overhead_parts(edge) -> dict:
     return {k: _median([v * 1e3 for v in vs]) for k, vs in parts.items()}
 
 
-def _local_full_ms(loaded, n=20):
+def _local_full_ms(loaded: LoadedModel, n: int = 20) -> float:
     x = next(iter(open_source(loaded.spec, "synthetic", 1))).tensor
     times = []
     with torch.inference_mode():

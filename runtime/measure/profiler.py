@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -42,10 +43,17 @@ from runtime.wire.codec import get_codec, wire_bytes  # wire_bytes: the one defi
 from runtime.wire.jpeg import is_jpeg, jpeg_quality
 from runtime.wire.pixels import is_input_codec
 
+if TYPE_CHECKING:
+    from runtime.models.spec import ModelSpec
+    from runtime.proto.edgesplit.v1 import tensor_pb2
+    from runtime.transfer.artifact import LoadedTL
+    from runtime.wire.codec_base import Codec
+
 logger = logging.getLogger(__name__)
+T = TypeVar("T")  # what a timed function takes
 
 
-def _times(fn: Callable, xs: Sequence, runs: int, warmup: int) -> list[float]:
+def _times(fn: Callable[[T], object], xs: Sequence[T], runs: int, warmup: int) -> list[float]:
     """Seconds of ``runs`` calls of ``fn`` cycling over ``xs``, after ``warmup`` untimed calls."""
     for i in range(warmup):
         fn(xs[i % len(xs)])
@@ -58,7 +66,8 @@ def _times(fn: Callable, xs: Sequence, runs: int, warmup: int) -> list[float]:
     return out
 
 
-def _chain_times(segs: Sequence[Callable], xs: Sequence, runs: int, warmup: int) -> list[list[float]]:
+def _chain_times(segs: Sequence[Callable[[torch.Tensor], torch.Tensor]], xs: Sequence[torch.Tensor], runs: int,
+                 warmup: int) -> list[list[float]]:
     """Per block, the seconds of ``runs`` passes through all blocks in order (after ``warmup``).
 
     Timing each block inside a whole pass, rather than one block many times over, keeps caches
@@ -101,7 +110,7 @@ def param_bytes(gm: torch.fx.GraphModule) -> int:
 
 
 def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, warmup: int,
-               tl=None, fidelity: float | None = None, spec=None) -> list[Transfer]:
+               tl: LoadedTL | None = None, fidelity: float | None = None, spec: ModelSpec | None = None) -> list[Transfer]:
     """One :class:`Transfer` per codec for the tensors ``ys`` (through ``tl``'s encoder/decoder if given).
     Input-image codecs (jpeg, pixels) are measured only with ``spec`` (at the input cut, where ``ys`` are the
     model's inputs)."""
@@ -118,11 +127,7 @@ def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, war
         except InvalidInput as e:  # e.g. a lossy codec on an integer tensor
             logger.warning("codec %s skipped: %s", name, e)
             continue
-        if tl is None:
-            enc, dec = codec.encode, codec.decode
-        else:
-            enc = lambda y, c=codec: c.encode(tl.tl.encoder(y))  # noqa: E731
-            dec = lambda m, c=codec: tl.tl.decoder(c.decode(m))  # noqa: E731
+        enc, dec = (codec.encode, codec.decode) if tl is None else _through(tl, codec)
         out.append(Transfer(
             name=f"{tl.tl_id}+{name}" if tl is not None else name,
             bytes=statistics.median_low(wire_bytes(m) for m in msgs),
@@ -130,6 +135,12 @@ def _transfers(ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int, war
             decode_seconds=statistics.median(_times(dec, msgs, runs, warmup)),
             codec=name, tl_id=tl.tl_id if tl is not None else "", fidelity=fidelity))
     return out
+
+
+def _through(tl: LoadedTL, codec: Codec) -> tuple[Callable[[torch.Tensor], object],
+                                                  Callable[[tensor_pb2.Tensor], object]]:
+    """Encode through ``tl``'s encoder then ``codec``; decode through ``codec`` then ``tl``'s decoder."""
+    return (lambda y: codec.encode(tl.tl.encoder(y))), (lambda m: tl.tl.decoder(codec.decode(m)))
 
 
 def input_fidelity(loaded: LoadedModel, xs: Sequence[torch.Tensor], codec_name: str) -> float:
@@ -140,7 +151,7 @@ def input_fidelity(loaded: LoadedModel, xs: Sequence[torch.Tensor], codec_name: 
     return sum(agree) / len(agree)
 
 
-def _input_transfers(loaded: LoadedModel, xs: Sequence[torch.Tensor], codecs: Sequence[str], arts: Sequence,
+def _input_transfers(loaded: LoadedModel, xs: Sequence[torch.Tensor], codecs: Sequence[str], arts: Sequence[LoadedTL],
                      runs: int, warmup: int, fidelity: bool = True) -> list[Transfer]:
     """The transfers of the input cut: codecs (JPEG among them, with its measured fidelity unless not
     ``fidelity``: then None, left to the caller) and TLs."""
@@ -150,7 +161,7 @@ def _input_transfers(loaded: LoadedModel, xs: Sequence[torch.Tensor], codecs: Se
     return [*out, *_tl_transfers(arts, 0, xs, codecs, runs, warmup)]
 
 
-def _load_tls(loaded: LoadedModel, paths: Sequence[str]) -> list:
+def _load_tls(loaded: LoadedModel, paths: Sequence[str]) -> list[LoadedTL]:
     """The TL artifacts of ``paths`` made for ``loaded`` (others are skipped with a warning)."""
     from runtime.transfer.artifact import load_tl, read_manifest, resolve_path
 
@@ -164,12 +175,12 @@ def _load_tls(loaded: LoadedModel, paths: Sequence[str]) -> list:
     return arts
 
 
-def _fidelity(manifest: dict) -> float | None:
+def _fidelity(manifest: dict[str, Any]) -> float | None:
     v = (manifest.get("fidelity") or {}).get("top1_agreement")
     return float(v) if isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 1 else None
 
 
-def _tl_transfers(arts: Sequence, k: int, ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int,
+def _tl_transfers(arts: Sequence[LoadedTL], k: int, ys: Sequence[torch.Tensor], codecs: Sequence[str], runs: int,
                   warmup: int) -> list[Transfer]:
     """Transfers through each TL artifact made for split point ``k``."""
     return [t for a in arts if a.split.index == k

@@ -21,7 +21,7 @@ class LoadedModel:
     digest: str  # fingerprint of the weights, sent with every frame
     _heads: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
     _tails: dict[str, torch.nn.Module] = field(default_factory=dict, repr=False)
-    _segments: dict[tuple[str, str], torch.nn.Module] = field(default_factory=dict, repr=False)
+    _segments: dict[tuple[str, str], torch.fx.GraphModule] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -50,7 +50,7 @@ class LoadedModel:
                 self._tails[sp.name] = self.sliced.tail(sp.name)
             return self._tails[sp.name]
 
-    def segment(self, a: str | int, b: str | int) -> torch.nn.Module:
+    def segment(self, a: str | int, b: str | int) -> torch.fx.GraphModule:
         """Module from the tensor at split point ``a`` to the one at ``b`` (``a < b``), cached."""
         key = (self.split(a).name, self.split(b).name)
         with self._lock:

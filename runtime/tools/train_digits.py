@@ -18,7 +18,9 @@ import math
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +46,7 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: in
 
 
 def train(epochs: int, batch_size: int, lr: float, weight_decay: float, shift: int, seed: int,
-          log=print) -> tuple[digits.DigitsCNN, dict]:
+          log: Callable[[str], object] = print) -> tuple[digits.DigitsCNN, dict[str, Any]]:
     from runtime.models.registry import get_spec
 
     spec = get_spec("digits_cnn")
@@ -69,7 +71,7 @@ def train(epochs: int, batch_size: int, lr: float, weight_decay: float, shift: i
                 xb = _shift(x_train[idx], gen, shift, background)
                 loss = F.cross_entropy(model(xb), y_train[idx])
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                torch.autograd.backward(loss)  # loss.backward(), typed
                 opt.step()
                 sched.step()
                 loss_sum += float(loss.detach()) * len(idx)

@@ -175,13 +175,16 @@ class SimAgent:
     async def _register_light(self, stub: ppb_grpc.PlannerStub) -> ppb.RegisterAgentReply:
         """A re-registration names the profile by its SHA-256 (as runtime.agent.planner_link does); a
         planner that does not hold it checked answers FAILED_PRECONDITION and gets the document."""
+        reply: ppb.RegisterAgentReply  # the generated stub is unannotated
         try:
-            return await stub.RegisterAgent(self.light, timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
+            reply = await stub.RegisterAgent(self.light, timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
+            return reply
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.FAILED_PRECONDITION or "profile unknown" not in (e.details() or ""):
                 raise
             self.stats.profile_resent += 1
-        return await stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
+        reply = await stub.RegisterAgent(self.request, timeout=self.options.rpc_timeout_seconds, metadata=self.metadata)
+        return reply
 
     async def watch(self) -> None:
         backoff = BACKOFF_INITIAL
@@ -212,7 +215,7 @@ class SimAgent:
             if not self.phase.stopping:
                 await asyncio.sleep(wait)
 
-    async def _ended(self, rpc: str, call, e: Exception, k: int) -> float:
+    async def _ended(self, rpc: str, call: grpc.aio.Call, e: Exception, k: int) -> float:
         """Count a stream (on replica ``k``) that failed with ``e``, by the call's own status when it has
         ended (its retry-after, 0.0 when none); the details say which of the two was counted."""
         if call.done():
@@ -277,7 +280,7 @@ class SimAgent:
             if not self.phase.stopping:
                 await asyncio.sleep(wait)
 
-    async def _report(self, call, worker: str) -> None:
+    async def _report(self, call: grpc.aio.StreamUnaryCall, worker: str) -> None:
         """Write reports until the run stops, the stream's time is up or the call ends. A call that ended
         meanwhile (its planner died: UNAVAILABLE) wakes this at once and is not written to (a write that
         core refuses ends the call INTERNAL "Internal error from Core" in grpc aio; with a replica killed
@@ -330,7 +333,7 @@ class SimAgent:
         self.stats.missed_by[f"board-{self.board} {'up' if self.high else 'down'}"] += 1
 
 
-async def _code(call) -> grpc.StatusCode | None:
+async def _code(call: grpc.aio.Call) -> grpc.StatusCode | None:
     """The status of a call that has ended (None while it runs)."""
     if not call.done():
         return None

@@ -26,7 +26,7 @@ def main() -> None:
     young: list[float] = []
     started = [0.0]
 
-    def timed(phase: str, info: dict) -> None:
+    def timed(phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             started[0] = time.perf_counter()
             return

@@ -72,7 +72,7 @@ async def _run(spec: LoaderSpec, conn: Any) -> Stats:
     rng = random.Random(o.seed * 1000 + spec.index)
     # o.channels connections to each replica; an agent's stubs: its own connection to each, its replica first
     channels = [channel(a, r * o.channels + i) for r, a in enumerate(spec.addresses) for i in range(o.channels)]
-    stubs = [ppb_grpc.PlannerStub(c) for c in channels]
+    stubs = [ppb_grpc.PlannerStub(c) for c in channels]  # type: ignore[no-untyped-call]  # generated, unannotated
     n_rep = len(spec.addresses)
 
     def stubs_of(i: int) -> list[ppb_grpc.PlannerStub]:
@@ -87,8 +87,8 @@ async def _run(spec: LoaderSpec, conn: Any) -> Stats:
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + o.register_timeout_seconds
     gate = asyncio.Semaphore(o.register_concurrency)
-    tasks: list[asyncio.Task] = []  # telemetry and steps: they end by themselves once the phase stops
-    watches: list[asyncio.Task] = []  # blocked reading their streams: cancelled at the end
+    tasks: list[asyncio.Task[None]] = []  # telemetry and steps: they end by themselves once the phase stops
+    watches: list[asyncio.Task[None]] = []  # blocked reading their streams: cancelled at the end
 
     async def start(i: int, a: SimAgent) -> bool:
         async with gate:

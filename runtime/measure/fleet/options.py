@@ -47,7 +47,7 @@ class FleetOptions:
     seed: int = 1  # random phases and jitter
     command: str = ""  # the command line, recorded with the results
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         positive = ("telemetry_interval_seconds", "step_period_seconds", "high_bandwidth", "low_bandwidth",
                     "duration_seconds", "register_timeout_seconds", "push_timeout_seconds", "health_interval_seconds",
                     "rpc_timeout_seconds", "worker_reregister_seconds")
@@ -80,10 +80,7 @@ class FleetOptions:
         return self.loaders or max(1, min(8, math.ceil(self.agents / 2500)))
 
 
-QUICK = dict(agents=200, duration_seconds=15.0, settle_seconds=2.0, step_period_seconds=5.0, step_fraction=0.1,
-             register_timeout_seconds=40.0, name="fleet_quick")
-
-
 def quick(options: FleetOptions) -> FleetOptions:
     """CI mode (<= 60 s on this machine): 200 agents, 15 s measured, steps every 5 s."""
-    return replace(options, **QUICK)
+    return replace(options, agents=200, duration_seconds=15.0, settle_seconds=2.0, step_period_seconds=5.0,
+                   step_fraction=0.1, register_timeout_seconds=40.0, name="fleet_quick")

@@ -104,7 +104,7 @@ class PlannerProcess:
     gc_pauses: str = ""  # write its gen-2 collection pauses here (runtime.measure.fleet.gcpauses)
     keep_log: str = ""  # copy its log (WARNING and above) here when it stops
     address: str = ""
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen[bytes] | None = None
     folder: str = ""
     samples: list[Sample] = field(default_factory=list)
 

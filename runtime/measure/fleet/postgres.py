@@ -51,7 +51,7 @@ class TempPostgres:
         self.data = os.path.join(self.dir, "data")
         self.started = False
 
-    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    def _run(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.as_user, *args], capture_output=True, text=True, timeout=timeout)
 
     def start(self) -> TempPostgres:

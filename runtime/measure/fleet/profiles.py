@@ -37,7 +37,7 @@ def _bundled(role: str) -> dict[str, Any]:
 
 
 def _scaled(doc: dict[str, Any], factor: float, machine: str) -> dict[str, Any]:
-    out = json.loads(json.dumps(doc))
+    out: dict[str, Any] = json.loads(json.dumps(doc))
     out["machine"] = machine
     out["source"] = f"{doc.get('source', '')}; compute times x{factor:g} (edgesplit bench-planner-fleet board type)"
 

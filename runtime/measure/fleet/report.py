@@ -27,7 +27,8 @@ def _cpu_share(samples: list[dict[str, Any]], a: float, b: float) -> float | Non
     if not before or not after or after[0]["t"] <= before[-1]["t"]:
         return None
     x, y = before[-1], after[0]
-    return round((y["cpu"] - x["cpu"]) / (y["t"] - x["t"]), 3)
+    cores: float = (y["cpu"] - x["cpu"]) / (y["t"] - x["t"])
+    return round(cores, 3)
 
 
 def _wait_share(samples: list[dict[str, Any]], a: float, b: float) -> float | None:
@@ -37,7 +38,8 @@ def _wait_share(samples: list[dict[str, Any]], a: float, b: float) -> float | No
     if not before or not after or after[0]["t"] <= before[-1]["t"]:
         return None
     x, y = before[-1], after[0]
-    return round((y.get("wait", 0.0) - x.get("wait", 0.0)) / (y["t"] - x["t"]), 3)
+    cores: float = (y.get("wait", 0.0) - x.get("wait", 0.0)) / (y["t"] - x["t"])
+    return round(cores, 3)
 
 
 def _health(health: list[tuple[float, float]], a: float, b: float) -> dict[str, Any]:

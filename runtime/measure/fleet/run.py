@@ -20,6 +20,7 @@ import secrets
 import time
 from collections import Counter
 from collections.abc import Callable
+from multiprocessing.process import BaseProcess
 from typing import Any
 
 import grpc
@@ -39,6 +40,7 @@ from runtime.wire.stream import time_health_check
 HEALTH_TIMEOUT_SECONDS = 5.0  # a health check slower than this counts as failed
 SAMPLE_SECONDS = 0.5  # the planner's CPU and RSS are read this often
 Progress = Callable[[str], None]
+Leases = dict[str, tuple[tuple[str, str], ...]]  # worker id -> its registration metadata (its lease)
 
 
 def _split_cores(pinning: bool) -> tuple[list[int], list[int]]:
@@ -55,7 +57,7 @@ def run(options: FleetOptions, progress: Progress = print) -> dict[str, Any]:
     planner_cpus, loader_cpus = _split_cores(options.pin)
     fleet_planners = Replicas(options)
     load_before = os.getloadavg()
-    procs: list[multiprocessing.Process] = []
+    procs: list[BaseProcess] = []
     pinned, folder = False, ""
     try:
         addresses = fleet_planners.start()
@@ -88,20 +90,20 @@ def run(options: FleetOptions, progress: Progress = print) -> dict[str, Any]:
 
 
 async def _drive(options: FleetOptions, planners: Replicas, boards: Fleet, cpus: tuple[int, ...],
-                 procs: list[multiprocessing.Process], progress: Progress) -> dict[str, Any]:
+                 procs: list[BaseProcess], progress: Progress) -> dict[str, Any]:
     planner = planners.survivor
     health_channels = [loader.channel(p.address, -1 - k) for k, p in enumerate(planners.planners)]
     try:
         for ch in health_channels:
             await _wait_serving(ch)
-        stubs = [ppb_grpc.PlannerStub(ch) for ch in health_channels]
+        stubs = [ppb_grpc.PlannerStub(ch) for ch in health_channels]  # type: ignore[no-untyped-call]  # generated, unannotated
         workers = tuple(f"fleet-worker-{k}" for k in range(options.workers))
-        leases = {w: ((LEASE_KEY, secrets.token_urlsafe(24)),) for w in workers}
+        leases: Leases = {w: ((LEASE_KEY, secrets.token_urlsafe(24)),) for w in workers}
         for stub in stubs:  # every replica hears them at once (the others would read them from the store)
             await _register_workers(stub, workers, leases, boards, options)
         baseline = planner.sample()
         health: list[tuple[float, float]] = []  # (monotonic, seconds); -1 = failed
-        health_errors: Counter = Counter()
+        health_errors: Counter[str] = Counter()
         driver_lag: list[tuple[float, float]] = []
         stop = asyncio.Event()  # the loops end at their next turn even when a gRPC call ate their cancellation
         stop_first = asyncio.Event()  # the first replica's health checks (it may be killed)
@@ -129,8 +131,8 @@ async def _drive(options: FleetOptions, planners: Replicas, boards: Fleet, cpus:
 
 
 async def _load(options: FleetOptions, planners: Replicas, boards: Fleet, workers: tuple[str, ...],
-                cpus: tuple[int, ...], procs: list[multiprocessing.Process], progress: Progress,
-                stop_first: asyncio.Event, background: list[asyncio.Task]) -> dict[str, Any]:
+                cpus: tuple[int, ...], procs: list[BaseProcess], progress: Progress,
+                stop_first: asyncio.Event, background: list[asyncio.Task[None]]) -> dict[str, Any]:
     n, k = options.agents, options.loader_count
     ctx = multiprocessing.get_context("spawn")
     pipes = []
@@ -165,7 +167,7 @@ async def _load(options: FleetOptions, planners: Replicas, boards: Fleet, worker
     return dict(stats=stats, t_spawn=t_spawn, t_registered=t_registered, measure_start=start, measure_end=end)
 
 
-async def _recv(conn: Any, proc: multiprocessing.Process, timeout: float) -> Any:
+async def _recv(conn: Any, proc: BaseProcess, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while not conn.poll():
         if not proc.is_alive():
@@ -188,7 +190,7 @@ async def _wait_serving(channel: grpc.aio.Channel, timeout: float = 30.0) -> Non
             await asyncio.sleep(0.1)
 
 
-async def _register_workers(stub: ppb_grpc.PlannerStub, workers: tuple[str, ...], leases: dict, boards: Fleet,
+async def _register_workers(stub: ppb_grpc.PlannerStub, workers: tuple[str, ...], leases: Leases, boards: Fleet,
                             options: FleetOptions) -> None:
     for k, w in enumerate(workers):
         request = ppb.RegisterWorkerRequest(worker_id=w, address=f"127.0.0.1:{20000 + k}", tier="edge",
@@ -196,7 +198,8 @@ async def _register_workers(stub: ppb_grpc.PlannerStub, workers: tuple[str, ...]
         await stub.RegisterWorker(request, timeout=options.rpc_timeout_seconds * 3, metadata=leases[w])
 
 
-async def _workers_loop(stubs, workers, leases, boards: Fleet, options: FleetOptions, stop: asyncio.Event) -> None:
+async def _workers_loop(stubs: list[ppb_grpc.PlannerStub], workers: tuple[str, ...], leases: Leases, boards: Fleet,
+                        options: FleetOptions, stop: asyncio.Event) -> None:
     """Workers register again every ``worker_reregister_seconds``, as real workers do (errors only
     logged: a killed replica's refusals too)."""
     while not stop.is_set():
@@ -206,7 +209,7 @@ async def _workers_loop(stubs, workers, leases, boards: Fleet, options: FleetOpt
                 await _register_workers(stub, workers, leases, boards, options)
 
 
-async def _health_loop(channel: grpc.aio.Channel, options: FleetOptions, out: list, errors: Counter,
+async def _health_loop(channel: grpc.aio.Channel, options: FleetOptions, out: list[tuple[float, float]], errors: Counter[str],
                        stop: asyncio.Event, stop_this: asyncio.Event | None = None) -> None:
     while not stop.is_set() and not (stop_this is not None and stop_this.is_set()):
         t0 = time.monotonic()

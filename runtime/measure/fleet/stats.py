@@ -21,9 +21,9 @@ class Stats:
     register_seconds: list[float] = field(default_factory=list)  # each successful RegisterAgent call
     first_register: float = math.inf  # monotonic (system-wide on Linux, so comparable across processes)
     last_register: float = 0.0
-    errors: Counter = field(default_factory=Counter)  # "RPC CODE" -> count
+    errors: Counter[str] = field(default_factory=Counter)  # "RPC CODE" -> count
     # "rK RPC CODE: details" -> count (K: the replica the call went to; details cut to DETAIL_CHARS)
-    error_details: Counter = field(default_factory=Counter)
+    error_details: Counter[str] = field(default_factory=Counter)
     retry_after: int = 0  # RESOURCE_EXHAUSTED answers that carried retry-after-ms (honoured)
     retry_after_seconds: float = 0.0  # total time waited for them
     telemetry_sent: int = 0
@@ -35,7 +35,7 @@ class Stats:
     step_to_push: list[float] = field(default_factory=list)  # seconds from the step's report to its new plan
     step_to_created: list[float] = field(default_factory=list)  # ... to the plan's created_unix (the planner's side)
     steps_missed: int = 0  # no new plan before the next step, the push timeout or the end
-    missed_by: Counter = field(default_factory=Counter)  # "board-K down|up" -> missed steps
+    missed_by: Counter[str] = field(default_factory=Counter)  # "board-K down|up" -> missed steps
     cpu_seconds: float = 0.0  # this loader process's own CPU (getrusage)
     wait_seconds: float = 0.0  # its threads' time runnable but waiting for a CPU (schedstat)
     loop_lag: list[tuple[float, float]] = field(default_factory=list)  # (monotonic, how late a 100 ms timer fired)

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from runtime.contracts.errors import InvalidInput
-from runtime.models.registry import IMAGE_SUFFIXES, SAMPLES_DIR, ModelSpec, load_image
+from runtime.models.spec import IMAGE_SUFFIXES, SAMPLES_DIR, ModelSpec, load_image
 
 HOLDOUT_SEED_OFFSET = 1_000_003  # hold-out crops draw from a different seed stream
 
@@ -61,7 +61,7 @@ class SkimageImage:
     def open(self) -> Image.Image:
         import skimage.data as sd
 
-        arr = sd.stereo_motorcycle()[0] if self.key == "motorcycle" else getattr(sd, self.key)()
+        arr = sd.stereo_motorcycle()[0] if self.key == "motorcycle" else getattr(sd, self.key)()  # type: ignore[no-untyped-call]  # skimage is unannotated
         return Image.fromarray(np.asarray(arr, dtype=np.uint8)).convert("RGB")
 
 
@@ -81,6 +81,7 @@ DIGITS_CLASSES = 10
 DIGITS_HOLDOUT = 1000  # the test split of runtime.models.digits: 100 per class
 
 Source = Path | SkimageImage | DigitsSplit
+Data = str | Path | Sequence[str | Path] | None  # what --data names: see train_holdout
 
 
 def skimage_images() -> tuple[list[SkimageImage], list[SkimageImage]]:
@@ -93,23 +94,25 @@ def skimage_images() -> tuple[list[SkimageImage], list[SkimageImage]]:
     return train, [SkimageImage(k) for k in SKIMAGE_IMAGES if k in SKIMAGE_HOLDOUT]
 
 
-def train_holdout(data=None) -> tuple[list[Source], list[Source]]:
+def train_holdout(data: Data = None) -> tuple[list[Source], list[Source]]:
     """(training, hold-out) images for ``data``: None/"samples", "skimage", "digits", a folder, a file
     or a list."""
     if isinstance(data, str) and data == "skimage":
-        return skimage_images()  # type: ignore[return-value]
+        train, holdout = skimage_images()
+        return list(train), list(holdout)
     if isinstance(data, str) and data in DIGITS_NAMES:
         from runtime.models import digits
 
         digits.mnist5k()  # InvalidInput naming the extra now, not after the model is traced
         return [DigitsSplit("train")], [DigitsSplit("test")]
-    return split_holdout(image_paths(data))  # type: ignore[return-value]
+    train_paths, holdout_paths = split_holdout(image_paths(data))
+    return list(train_paths), list(holdout_paths)
 
 
 def image_paths(data: str | Path | Sequence[str | Path] | None = None) -> list[Path]:
     """The images named by ``data``: None (the bundled samples), a folder, or a list of files."""
     if data is None or data == "" or data == "samples":
-        folder: Path | None = SAMPLES_DIR
+        folder: Path = SAMPLES_DIR
     elif isinstance(data, (str, Path)):
         folder = Path(data)
         if folder.is_file():
@@ -133,9 +136,9 @@ def split_holdout(paths: Sequence[Path]) -> tuple[list[Path], list[Path]]:
     return [p for p in paths if p not in held], held
 
 
-def _digits(paths: Sequence) -> DigitsSplit | None:
+def _digits(paths: Sequence[str | Path | Source]) -> DigitsSplit | None:
     if any(isinstance(p, DigitsSplit) for p in paths):
-        if len(paths) != 1:
+        if len(paths) != 1 or not isinstance(paths[0], DigitsSplit):
             raise InvalidInput("the digits data cannot be mixed with other images")
         return paths[0]
     return None
@@ -172,9 +175,9 @@ def _random_resized_crop(img: Image.Image, rng: np.random.Generator, size: tuple
         cw = ch = min(iw, ih)
         left, top = (iw - cw) // 2, (ih - ch) // 2
     h, w = size
-    out = img.resize((w, h), Image.BILINEAR, box=(left, top, left + cw, top + ch))
+    out = img.resize((w, h), Image.Resampling.BILINEAR, box=(left, top, left + cw, top + ch))
     if rng.random() < 0.5:
-        out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return out
 
 
@@ -194,7 +197,8 @@ def augmented_crops(spec: ModelSpec, paths: Sequence[str | Path | Source], n: in
         rng = np.random.default_rng(seed)
         idx = np.concatenate([rng.permutation(len(x)) for _ in range(-(-n // len(x)))])[:n]
         return x[torch.from_numpy(idx)].contiguous()
-    images = [p.open() if isinstance(p, SkimageImage) else load_image(Path(p)) for p in paths]
+    images = [p.open() if isinstance(p, SkimageImage) else load_image(Path(p)) for p in paths
+              if not isinstance(p, DigitsSplit)]  # (_digits: none here)
     rng = np.random.default_rng(seed)
     out = torch.empty((n, 3, *spec.input_size), dtype=torch.float32)
     for i in range(n):
@@ -211,7 +215,7 @@ def holdout_crops(spec: ModelSpec, paths: Sequence[Source], n: int, seed: int = 
     return augmented_crops(spec, paths, n, seed + HOLDOUT_SEED_OFFSET)
 
 
-def default_holdout_images(data=None) -> int:
+def default_holdout_images(data: Data = None) -> int:
     """Hold-out size when none is asked for: every labelled test digit, else 32 crops."""
     return DIGITS_HOLDOUT if isinstance(data, str) and data in DIGITS_NAMES else 32
 

@@ -17,6 +17,8 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,13 @@ from runtime.models.slicing import SplitPoint
 from runtime.tools.tl import data as tl_data
 from runtime.transfer.layers import TransferLayer
 from runtime.wire.codec import MODEL_CODECS, get_codec
+
+if TYPE_CHECKING:
+    from runtime.wire.codec_base import Codec
+    from runtime.wire.entropy import EntropyModel
+
+T = TypeVar("T")
+Stage = Callable[[torch.Tensor], torch.Tensor]  # a TL's encoder or decoder, a model's tail
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +59,7 @@ def features_and_outputs(loaded: LoadedModel, split: SplitPoint, x: torch.Tensor
     return torch.cat(hs), torch.cat(ys)
 
 
-def _agreement_kl(yt: torch.Tensor, y: torch.Tensor) -> dict:
+def _agreement_kl(yt: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     kl = F.kl_div(F.log_softmax(yt, 1), F.log_softmax(y, 1), log_target=True, reduction="batchmean")
     return {"top1_agreement": float((yt.argmax(1) == y.argmax(1)).float().mean()), "kl_divergence": float(kl)}
 
@@ -70,8 +79,8 @@ def tl_outputs(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint,
 
 
 @torch.no_grad()
-def codec_outputs(encoder, decoder, tail, codec: str, h: torch.Tensor,
-                  model=None) -> tuple[torch.Tensor, list[int]]:
+def codec_outputs(encoder: Stage, decoder: Stage, tail: Stage, codec: str, h: torch.Tensor,
+                  model: EntropyModel | None = None) -> tuple[torch.Tensor, list[int]]:
     """Outputs (N, K) with ``codec`` on the wire, frame by frame (batch 1, as sent): head features
     ``h`` -> encoder -> codec encode -> codec decode -> decoder -> tail; and each frame's serialized
     ``Tensor`` message size in bytes. ``model``: the TL's entropy model (codec ``ans``)."""
@@ -87,7 +96,7 @@ def codec_outputs(encoder, decoder, tail, codec: str, h: torch.Tensor,
 
 @torch.no_grad()
 def fidelity(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, x: torch.Tensor,
-             features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+             features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, Any]:
     """Fidelity without a codec on inputs ``x`` (``features``: their precomputed head features and
     unsplit outputs, see :func:`features_and_outputs`)."""
     h, y = features if features is not None else features_and_outputs(loaded, split, x)
@@ -100,7 +109,7 @@ def top1_accuracy(outputs: torch.Tensor, labels: torch.Tensor) -> float:
     return int((outputs.argmax(1) == labels).sum()) / len(labels)
 
 
-def median_ms(fn, xs) -> float:
+def median_ms(fn: Callable[[T], object], xs: Sequence[T]) -> float:
     """Median wall time of ``fn(x)`` over ``xs`` in ms, after one untimed warm-up call."""
     fn(xs[0])
     times = []
@@ -112,7 +121,7 @@ def median_ms(fn, xs) -> float:
 
 
 @torch.no_grad()
-def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
+def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict[str, Any]:
     """Bytes per frame and encode/decode ms (1 thread, batch 1, median) over the features ``h``.
     Without the TL, codec ``ans`` (which needs the TL) is compared with int8+lz4."""
     enc = get_codec(codec, model=tl.entropy_model)
@@ -144,7 +153,7 @@ def costs(tl: TransferLayer, h: torch.Tensor, codec: str = "int8+lz4") -> dict:
     }
 
 
-def refine_figures(yc: torch.Tensor, y: torch.Tensor, margin: float) -> dict:
+def refine_figures(yc: torch.Tensor, y: torch.Tensor, margin: float) -> dict[str, float]:
     """What the agent's ``refine_margin`` would deliver: results ``yc`` (after TL and codec) whose
     top-1 softmax margin is below ``margin`` are replaced by the exact ``y`` (the board re-runs the
     tail on the raw head output). Returns the refined share and the delivered agreement."""
@@ -154,7 +163,7 @@ def refine_figures(yc: torch.Tensor, y: torch.Tensor, margin: float) -> dict:
     return {"margin": margin, "refined_share": float(low.float().mean()), "top1_agreement": float(agree.float().mean())}
 
 
-def _codec_ms(enc, zs) -> dict:
+def _codec_ms(enc: Codec, zs: Sequence[torch.Tensor]) -> dict[str, float]:
     """Median ms of the wire codec's encode and decode of the TL's output (1 thread, batch 1)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -173,7 +182,8 @@ def default_codec(tl: TransferLayer) -> str:
 
 @torch.no_grad()
 def evaluate(tl: TransferLayer, loaded: LoadedModel, split: SplitPoint, *, images: int = 32, seed: int = 0,
-             data=None, codec: str | None = None, timing: bool = True, refine_margin: float = 0.0) -> dict:
+             data: tl_data.Data = None, codec: str | None = None, timing: bool = True,
+             refine_margin: float = 0.0) -> dict[str, Any]:
     """Fidelity (without and with ``codec``), accuracy on a labelled hold-out and, with ``timing``,
     bytes and ms, on ``images`` hold-out images.
 

@@ -17,15 +17,20 @@ import statistics
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from runtime.contracts.errors import InvalidInput
 from runtime.tools.tl import data as tl_data
-from runtime.tools.tl.evaluate import codec_outputs, features_and_outputs, median_ms, tail_of, top1_accuracy
+from runtime.tools.tl.evaluate import Stage, codec_outputs, features_and_outputs, median_ms, tail_of, top1_accuracy
 from runtime.transfer.layers import TransferLayer
 from runtime.wire.codec import get_codec
+
+if TYPE_CHECKING:
+    from runtime.models.loader import LoadedModel
+    from runtime.wire.entropy import EntropyModel
 
 CODECS = ("raw", "fp16", "int8+lz4")  # a transform TL is measured with "ans" too
 CODEC_LABEL = {"raw": "fp32 (raw)"}
@@ -36,8 +41,8 @@ ACCURACY_COLUMNS = ("top-1 accuracy", "accuracy drop (pp)")  # appended on a lab
 
 
 @torch.no_grad()
-def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor,
-            labels: torch.Tensor | None = None, model=None) -> dict:
+def measure(encoder: Stage, decoder: Stage, tail: Stage, codec: str, h: torch.Tensor, y: torch.Tensor,
+            labels: torch.Tensor | None = None, model: EntropyModel | None = None) -> dict[str, Any]:
     """One row: every frame of ``h`` through encoder, codec, decoder and ``tail``; vs outputs ``y``
     (and, given ``labels``, top-1 accuracy against them). ``model``: a transform TL's entropy model."""
     enc = get_codec(codec, model=model)
@@ -50,21 +55,21 @@ def measure(encoder, decoder, tail, codec: str, h: torch.Tensor, y: torch.Tensor
         encode_ms = median_ms(lambda f: enc.encode(encoder(f)), frames)
     finally:
         torch.set_num_threads(threads)
-    row = {"codec": codec, "bytes": statistics.mean(sizes), "top1": float((yt.argmax(1) == y.argmax(1)).float().mean()),
+    row: dict[str, Any] = {"codec": codec, "bytes": statistics.mean(sizes), "top1": float((yt.argmax(1) == y.argmax(1)).float().mean()),
            "kl": float(kl), "encode_ms": encode_ms}
     if labels is not None:
         row["accuracy"] = top1_accuracy(yt, labels)
     return row
 
 
-def _step_of(tl) -> float | None:
+def _step_of(tl: TransferLayer | None) -> float | None:
     """A transform TL's ``--step`` (in channel standard deviations), else None."""
     if tl is None or tl.kind != "transform":
         return None
     return getattr(tl, "step_setting", None)
 
 
-def _head_ms(head, x: torch.Tensor) -> float:
+def _head_ms(head: Stage, x: torch.Tensor) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -77,8 +82,8 @@ def _head_ms(head, x: torch.Tensor) -> float:
 def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("reference", "bottleneck"),
           ratios: Sequence[int] = (8, 16, 32), codecs: Sequence[str] = CODECS, steps: int = 150,
           batch_size: int = 16, lr: float = 1e-3, pool_size: int = 256, kl_weight: float = 1.0,
-          init: str = "random", quant_steps: Sequence[float] = (0.5, 1.0, 2.0), data=None, images: int = 64, seed: int = 0, out: str | Path | None = None,
-          progress: bool = False, loaded=None) -> dict:
+          init: str = "random", quant_steps: Sequence[float] = (0.5, 1.0, 2.0), data: tl_data.Data = None, images: int = 64, seed: int = 0,
+          out: str | Path | None = None, progress: bool = False, loaded: LoadedModel | None = None) -> dict[str, Any]:
     """Measure every (split, TL, ratio, codec) row; returns ``{"rows", "holdout", "train", "seconds",
     "accuracy", "training"}``. On a labelled hold-out (``data="digits"``) every row has an
     ``accuracy`` and ``result["accuracy"]`` is the unsplit model's; else it is None."""
@@ -96,9 +101,9 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
     x = tl_data.holdout_crops(loaded.spec, holdout, images, seed)
     labels = tl_data.holdout_labels(loaded.spec, holdout, images)
     unsplit_accuracy = None
-    training = {"steps": steps, "batch_size": batch_size, "lr": lr, "pool_size": pool_size, "kl_weight": kl_weight,
+    training: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr, "pool_size": pool_size, "kl_weight": kl_weight,
                 "seed": seed, **({"init": init} if init != "random" else {})}
-    rows: list[dict] = []
+    rows: list[dict[str, Any]] = []
     for s in splits:
         split = loaded.split(s)
         h, y = features_and_outputs(loaded, split, x)
@@ -113,30 +118,30 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
             variants.append(("reference", 4, TransferLayer("reference", split.out_shape).eval()))
         if "bottleneck" in kinds:
             for r in ratios:
-                tl, _ = train_tl(loaded, split, "bottleneck", r, steps=steps, batch_size=batch_size, lr=lr,
+                bottleneck, _ = train_tl(loaded, split, "bottleneck", r, steps=steps, batch_size=batch_size, lr=lr,
                                  seed=seed, data=data, progress=progress, holdout_images=1, pool_size=pool_size,
                                  kl_weight=kl_weight, init=init)
-                variants.append(("bottleneck", r, tl))
+                variants.append(("bottleneck", r, bottleneck))
         if "transform" in kinds:
             for q in quant_steps:
-                tl, _ = train_tl(loaded, split, "transform", steps=0, batch_size=batch_size, seed=seed, data=data,
+                transform, _ = train_tl(loaded, split, "transform", steps=0, batch_size=batch_size, seed=seed, data=data,
                                  progress=progress, holdout_images=1, pool_size=pool_size, step=q)
-                variants.append(("transform", None, tl))
+                variants.append(("transform", None, transform))
         for kind, ratio, tl in variants:
-            tl_rows = []
-            model = tl.entropy_model if tl is not None else None
-            for c in [*codecs, *(["ans"] if model is not None and "ans" not in codecs else [])]:
+            tl_rows: list[dict[str, Any]] = []
+            entropy = tl.entropy_model if tl is not None else None
+            for c in [*codecs, *(["ans"] if entropy is not None and "ans" not in codecs else [])]:
                 if tl is None:
                     m = measure(torch.nn.Identity(), torch.nn.Identity(), loaded.tail(split.name), c, h, y, labels)
                 else:
-                    m = measure(tl.encoder, tl.decoder, tail_of(tl, loaded, split), c, h, y, labels, model=model)
+                    m = measure(tl.encoder, tl.decoder, tail_of(tl, loaded, split), c, h, y, labels, model=entropy)
                 if kind == "none" and c == "raw":
                     raw_bytes = m["bytes"]
                 tl_rows.append({"split": split.name, "split_index": split.index, "kind": kind, "ratio": ratio,
                                 "step": _step_of(tl), "head_ms": head_ms, **m})
             if tl is not None and (tl.trainable or tl.kind == "transform") and out is not None:
-                fid = {"top1_agreement": tl_rows[0]["top1"], "kl_divergence": tl_rows[0]["kl"],
-                       "holdout": tl_data.holdout_description(holdout, images, seed)}
+                fid: dict[str, Any] = {"top1_agreement": tl_rows[0]["top1"], "kl_divergence": tl_rows[0]["kl"],
+                                       "holdout": tl_data.holdout_description(holdout, images, seed)}
                 if labels is not None:
                     fid["accuracy"] = {"images": images, "unsplit": unsplit_accuracy,
                                        "split_tl": tl_rows[0]["accuracy"], "split_tl_codec": tl_rows[-1]["accuracy"],
@@ -147,16 +152,16 @@ def sweep(model: str, splits: Sequence[str], *, kinds: Sequence[str] = ("referen
                         bytes_per_frame={"codec": best["codec"], f"tl_{best['codec']}": round(best["bytes"], 1)},
                         training={**training, "data": tl_data.describe(train, holdout)})
             rows.extend(tl_rows)
-        for r in rows:
-            if r["split"] == split.name:
-                r["raw_fp32_bytes"] = raw_bytes if raw_bytes is not None else 4 * math.prod(split.out_shape)
+        for row in rows:
+            if row["split"] == split.name:
+                row["raw_fp32_bytes"] = raw_bytes if raw_bytes is not None else 4 * math.prod(split.out_shape)
     return {"rows": rows, "model": loaded.name, "train": ", ".join(p.name for p in train),
             "holdout": (tl_data.holdout_description(holdout, images, seed) if labels is not None
                         else f"{images} seeded crops of {', '.join(p.name for p in holdout)} (never trained on)"),
             "seconds": time.perf_counter() - t0, "accuracy": unsplit_accuracy, "training": training}
 
 
-def _fmt_row(r: dict, unsplit_accuracy: float | None = None) -> list[str]:
+def _fmt_row(r: dict[str, Any], unsplit_accuracy: float | None = None) -> list[str]:
     extra = ([f"{r['accuracy']:.3f}", f"{100 * (unsplit_accuracy - r['accuracy']):.1f}"]
              if unsplit_accuracy is not None else [])
     return [f"{r['split_index']} `{r['split']}`", "no TL" if r["kind"] == "none" else r["kind"],
@@ -167,7 +172,7 @@ def _fmt_row(r: dict, unsplit_accuracy: float | None = None) -> list[str]:
             f"{100 * r['encode_ms'] / r['head_ms']:.1f}", *extra]
 
 
-def write_table(result: dict, path: str | Path, command: str) -> None:
+def write_table(result: dict[str, Any], path: str | Path, command: str) -> None:
     """A markdown table of every row, the command that made it at the top."""
     rows = result["rows"]
     acc = result.get("accuracy")
@@ -192,7 +197,7 @@ def write_table(result: dict, path: str | Path, command: str) -> None:
     Path(path).write_text("\n".join(lines) + "\n")
 
 
-def write_plot(result: dict, path: str | Path) -> None:
+def write_plot(result: dict[str, Any], path: str | Path) -> None:
     """Top-1 agreement against bytes per frame (log x): a panel per split, marker per TL kind,
     colour per codec; bottleneck points are labelled with their ratio."""
     try:
@@ -201,6 +206,7 @@ def write_plot(result: dict, path: str | Path) -> None:
         raise InvalidInput("--plot needs matplotlib: pip install 'edgesplit[train]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     rows = result["rows"]
     splits = list(dict.fromkeys((r["split_index"], r["split"]) for r in rows))
@@ -223,9 +229,9 @@ def write_plot(result: dict, path: str | Path) -> None:
         ax.set_xlabel("bytes per frame on the wire (log)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("top-1 agreement with the unsplit model")
-    handles = [plt.Line2D([], [], ls="", marker=m, color="grey", label="no TL" if k == "none" else f"{k} TL")
+    handles = [Line2D([], [], ls="", marker=m, color="grey", label="no TL" if k == "none" else f"{k} TL")
                for k, m in markers.items() if any(r["kind"] == k for r in rows)]
-    handles += [plt.Line2D([], [], ls="", marker="o", color=colours[c], label=CODEC_LABEL.get(c, c)) for c in codecs]
+    handles += [Line2D([], [], ls="", marker="o", color=colours[c], label=CODEC_LABEL.get(c, c)) for c in codecs]
     axes[0][-1].legend(handles=handles, fontsize=7, loc="lower right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)

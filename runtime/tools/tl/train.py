@@ -23,6 +23,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +49,9 @@ def _pool(loaded: LoadedModel, split: SplitPoint, x: torch.Tensor) -> tuple[torc
 
 def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, ratio: int | None = None, *,
              steps: int = 200, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-             data: str | Sequence[str] | None = None, finetune_tail: bool = False, progress: bool = True,
+             data: tl_data.Data = None, finetune_tail: bool = False, progress: bool = True,
              kl_weight: float = 1.0, pool_size: int = 256, holdout_images: int = 16,
-             init: str = "random", step: float = 1.0) -> tuple[TransferLayer, dict]:
+             init: str = "random", step: float = 1.0) -> tuple[TransferLayer, dict[str, Any]]:
     """Build and train a TL for ``loaded`` at ``split``; returns ``(tl, report)``.
 
     The report holds the settings, the loss curve (first / last / every step), the wall time and
@@ -128,8 +129,8 @@ def train_tl(loaded: LoadedModel, split: SplitPoint | str | int, kind: str, rati
     return tl, report
 
 
-def _training_pool(loaded, split, train_paths, *, steps, batch_size, seed,
-                   pool_size) -> tuple[torch.Tensor, torch.Tensor]:
+def _training_pool(loaded: LoadedModel, split: SplitPoint, train_paths: Sequence[tl_data.Source], *, steps: int,
+                   batch_size: int, seed: int, pool_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Head features and unsplit outputs of the training crops: ``pool_size`` of them, no more than
     ``steps * batch_size`` (all of ``pool_size`` when ``steps`` is 0) nor 512 MiB of features."""
     per_item = 4 * math.prod(split.out_shape[1:])
@@ -138,7 +139,8 @@ def _training_pool(loaded, split, train_paths, *, steps, batch_size, seed,
     return _pool(loaded, split, x)
 
 
-def _fit(tl, tail, params, pool, *, steps, batch_size, lr, seed, kl_weight, progress) -> list[float]:
+def _fit(tl: TransferLayer, tail: torch.nn.Module, params: list[torch.nn.Parameter], pool: tuple[torch.Tensor, torch.Tensor],
+         *, steps: int, batch_size: int, lr: float, seed: int, kl_weight: float, progress: bool) -> list[float]:
     feats, teacher = pool
     n = feats.shape[0]
     var = feats.var().clamp_min(1e-12)
@@ -164,7 +166,7 @@ def _fit(tl, tail, params, pool, *, steps, batch_size, lr, seed, kl_weight, prog
             kl = F.kl_div(F.log_softmax(y, 1), lt, log_target=True, reduction="batchmean")
             loss = mse + kl_weight * kl
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)  # loss.backward(), typed
             opt.step()
             losses.append(float(loss.detach()))
             if bar is not None:
