@@ -202,3 +202,33 @@ def test_the_stage_histograms_write_what_prometheus_clients_histogram_writes():
 
     for write in (generate_latest, openmetrics):
         assert ours(write(metrics.registry).decode()) == ours(write(reg).decode())
+
+
+def test_the_loop_kept_counters_and_gauge_write_what_prometheus_client_writes():
+    """sent and raw bytes and the frames in flight, kept by the event loop without a lock (issue 14)."""
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    reg = CollectorRegistry()
+    metrics = AgentMetrics()
+    theirs = {name: Counter(name, getattr(metrics, attr).documentation, registry=reg)
+              for name, attr in (("edgesplit_agent_sent_bytes", "sent_bytes"), ("edgesplit_agent_raw_bytes", "raw_bytes"))}
+    inflight = Gauge("edgesplit_agent_inflight_frames", "Frames sent and not yet answered", registry=reg)
+    for sent, raw in ((49_027, 602_112), (14_286, 602_112), (3, 7)):
+        theirs["edgesplit_agent_sent_bytes"].inc(sent)
+        theirs["edgesplit_agent_raw_bytes"].inc(raw)
+        metrics.sent_bytes.inc(sent)
+        metrics.raw_bytes.inc(raw)
+    inflight.inc()
+    inflight.inc()
+    metrics.inflight_frames += 2
+    names = re.compile(r"^(# (HELP|TYPE) )?edgesplit_agent_(sent_bytes|raw_bytes|inflight_frames)[_ {]")
+
+    def ours(text: str) -> list[str]:
+        return [re.sub(r"^(\S+_created) \S+$", r"\1 T", line) for line in text.splitlines() if names.match(line)]
+
+    for write in (generate_latest, openmetrics):
+        assert ours(write(metrics.registry).decode()) == ours(write(reg).decode())
+    assert metrics.registry.get_sample_value("edgesplit_agent_sent_bytes_total") == 49_027 + 14_286 + 3

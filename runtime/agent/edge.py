@@ -90,14 +90,15 @@ class EdgeSender:
         try:
             with span("agent.send"):
                 fut = await stream.send(req, deadline)  # DeadlineExceeded: not (fully) sent, the worker told to drop it
-            self.metrics.sent_bytes.inc(result.wire_bytes)
-            self.metrics.raw_bytes.inc(result.raw_bytes)  # the same frames: raw / sent is the compression ratio
-            self.metrics.inflight.inc()
+            metrics = self.metrics
+            metrics.sent_bytes.inc(result.wire_bytes)
+            metrics.raw_bytes.inc(result.raw_bytes)  # the same frames: raw / sent is the compression ratio
+            metrics.inflight_frames += 1  # the gauge reads it when scraped
             try:
                 with span("agent.wait"):
                     res = await _within(fut, deadline)
             finally:
-                self.metrics.inflight.dec()
+                metrics.inflight_frames -= 1
             read_result(res, result, t_send)
             if "edge_held" in result.times:
                 self.inflight.note_hold(stream.address, result.times["edge_held"])
