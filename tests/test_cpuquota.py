@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -74,3 +75,37 @@ def test_a_group_switches_its_period_at_the_same_share(tmp_path):
     with pytest.raises(ValueError, match="longer period"):
         q.set_period(2_000)  # 800 us: the kernel refuses it
     assert (q.path / "cpu.cfs_period_us").read_text() == "2500"
+
+
+def test_one_thread_in_a_quota_and_the_busiest_thread():
+    """dpfp_round's third setting: only a worker's compute thread in the quota, found as its busiest thread."""
+    why = cpuquota.unavailable()
+    if why:
+        pytest.skip(f"CPU quotas unavailable: {why}")
+    from runtime.tools.dpfp_round import busiest_thread, thread_cpu
+
+    code = ("import threading, time\n"
+            "def spin():\n    t = time.time() + 20\n    while time.time() < t: pass\n"
+            "threading.Thread(target=spin, daemon=True).start()\ntime.sleep(20)\n")
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        before = thread_cpu(child.pid)
+        deadline = time.monotonic() + 10
+        while len(thread_cpu(child.pid)) < 2 and time.monotonic() < deadline:  # the spinning thread started
+            time.sleep(0.05)
+        time.sleep(0.5)
+        spinner = busiest_thread(child.pid, before)
+        assert spinner != child.pid  # not the main thread, which sleeps
+        with cpuquota.QuotaSet(f"edgesplit-test-thread-{os.getpid()}") as qs:
+            q = qs.new(0.25)
+            q.add(child.pid)
+            qs.release(child.pid)  # back to the root group, every thread
+            assert str(child.pid) not in (q.path / "cgroup.procs").read_text().split()
+            q.add_thread(spinner)
+            assert (q.path / "tasks").read_text().split() == [str(spinner)]  # the main thread stays out
+            path = q.path
+        assert not path.exists()
+        assert child.poll() is None
+    finally:
+        child.kill()
+        child.wait(10)

@@ -58,6 +58,10 @@ class CpuQuota:
     def add(self, pid: int) -> None:
         (self.path / "cgroup.procs").write_text(str(pid))
 
+    def add_thread(self, tid: int) -> None:
+        """Only this thread into the group (cgroup v1 ``tasks``); its process's other threads stay where they are."""
+        (self.path / "tasks").write_text(str(tid))
+
     def remove(self) -> None:
         if not self.path.exists():
             return
@@ -85,6 +89,10 @@ class QuotaSet:
         q = CpuQuota(f"{self.prefix}-{len(self.groups)}", share, self.root, period_us)
         self.groups.append(q)
         return q
+
+    def release(self, pid: int) -> None:
+        """Every thread of ``pid`` back to the root group (unlimited); its group stays until the set's end."""
+        (self.root / "cgroup.procs").write_text(str(pid))
 
     def __enter__(self) -> QuotaSet:
         return self

@@ -4,9 +4,11 @@
 
 Starts ``--workers`` worker processes (one torch thread each) and runs one fused block of VGG-16 (or
 ``--model``) as a 2x2 grid (row bands for fewer than 4 workers) over them, ``--frames`` frames after
-two warm-ups, in four settings: without and with each worker in a CPU quota of ``--share`` core
-(cgroup v1, ``--period-us``), each straight to the workers and through one relay process per worker
-(``runtime.tools.netem``, ``--delay-ms`` one way, ``--rate-mbps``). For each it prints the block's
+two warm-ups, in six settings: without a quota, with each worker in a CPU quota of ``--share`` core
+(cgroup v1, ``--period-us``), and with only each worker's busiest thread in such a quota (its compute
+thread: the one that used the most CPU in the settings before; the worker's gRPC threads run free, so
+an answer never waits for the worker's next quota period); each straight to the workers and through one
+relay process per worker (``runtime.tools.netem``, ``--delay-ms`` one way, ``--rate-mbps``). For each it prints the block's
 span and, from the tiles' timelines (``runtime.tools.dpfp_timeline``), the critical tile's network
 + gRPC time (round trip less the worker's own queue, decode and compute), the mean of that over the
 block's tiles, the critical tile's compute and the spread between the first and last answer.
@@ -66,6 +68,24 @@ async def _block(loaded: LoadedModel, addresses: list[str], x: torch.Tensor, sta
     return {"span": m["span"], "net": m["net+grpc"], "mean_net": net, "compute": m["compute"], "spread": spread}
 
 
+def thread_cpu(pid: int) -> dict[int, int]:
+    """CPU clock ticks (user + system) of each thread of ``pid`` so far (/proc/PID/task/TID/stat)."""
+    out: dict[int, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(task.name)] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return out
+
+
+def busiest_thread(pid: int, before: dict[int, int]) -> int:
+    """The thread of ``pid`` that used the most CPU since ``before`` (:func:`thread_cpu`): a worker's compute thread."""
+    now = thread_cpu(pid)
+    return max(now, key=lambda tid: now[tid] - before.get(tid, 0))
+
+
 async def run(args: argparse.Namespace, quotas: QuotaSet | None) -> list[tuple[str, str, dict[str, float]]]:
     import torch
 
@@ -81,11 +101,17 @@ async def run(args: argparse.Namespace, quotas: QuotaSet | None) -> list[tuple[s
     workers = [spawn_worker(["--torch-threads", "1", "--max-message-bytes", str(256 * MiB), "--preload", args.model],
                             timeout=300) for _ in range(args.workers)]
     rows: list[tuple[str, str, dict[str, float]]] = []
+    before = {w.proc.pid: thread_cpu(w.proc.pid) for w in workers}
+    settings = ("none", f"{args.share:g} core", f"{args.share:g} core, compute thread")
     try:
-        for quota in ("none", f"{args.share:g} core") if quotas is not None else ("none",):
-            if quota != "none" and quotas is not None:  # listed only with quotas
+        for quota in settings if quotas is not None else ("none",):
+            if quota == settings[1] and quotas is not None:  # listed only with quotas
                 for w in workers:
                     quotas.new(args.share, args.period_us).add(w.proc.pid)
+            elif quota == settings[2] and quotas is not None:
+                for w in workers:
+                    quotas.release(w.proc.pid)
+                    quotas.new(args.share, args.period_us).add_thread(busiest_thread(w.proc.pid, before[w.proc.pid]))
             for relay in ("direct", "relay process"):
                 links: list[Relay] = [Direct(w.address) if relay == "direct" else
                          RelayProcess(w.address, args.delay_ms, args.rate_mbps, tmp / f"relay{i}.log")
