@@ -3,7 +3,8 @@
 Prints, for ``--agents`` agents with ``--workers`` links each:
 
 * the writes made before an RPC is answered (registration ``put_agent``, ``issue_plan``), p50/p99,
-  on the calling thread (the event loop);
+  on the calling thread (the event loop); then each agent registered again, with the same profile and
+  with a new one;
 * one write-behind flush of every agent's links and heartbeat (one transaction), and how long the
   event loop stalls while it runs on the store thread (a 1 ms ticker's worst lateness) compared
   with the same batch written on the loop;
@@ -46,6 +47,14 @@ def immediate(store: Store, n: int) -> None:
         plan.append(time.perf_counter() - t)
     print(f"  put_agent  p50 {_ms(reg, 0.5):.3f} ms  p99 {_ms(reg, 0.99):.3f} ms  ({n} calls)")
     print(f"  issue_plan p50 {_ms(plan, 0.5):.3f} ms  p99 {_ms(plan, 0.99):.3f} ms")
+    for what, new_text in (("same profile", False), ("new profile", True)):
+        again = []
+        for i in range(n):  # registered again: the old profile text is deleted when its last agent moves off it
+            text = PROFILE.replace("bench", f"b{i}") if new_text else PROFILE
+            t = time.perf_counter()
+            store.put_agent(AgentRecord(f"b{i}", "m", "d", text, ("w0",), (), pb.Constraints(), 1.0, 1.0))
+            again.append(time.perf_counter() - t)
+        print(f"  put_agent again, {what}: p50 {_ms(again, 0.5):.3f} ms  p99 {_ms(again, 0.99):.3f} ms")
 
 
 def _batch(agents: int, workers: int, base: float) -> Batch:
