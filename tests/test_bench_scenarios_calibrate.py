@@ -42,9 +42,12 @@ def settings(**kw: float) -> cal.Settings:
 def test_the_local_run_is_timed_again_at_a_re_aimed_quota_when_the_board_drifted():
     # coarse rounds at 1x, then the board 25 % faster (yesterday's 17.5x calibration, 14.0x local run)
     b = FakeBoard([1.0, 1.0, 0.75])
-    got = cal.calibrate(settings(), b.free, b.board, b.set_quota)
+    got = cal.calibrate(settings(), b.free, b.board, b.set_quota, lambda: b.log.append(("profile",)))
     kinds = [r["kind"] for r in got["rounds"]]
     assert kinds == ["coarse", "coarse", "local", "local"]
+    # the board is profiled after the coarse rounds; the local run comes last, nearest the strategies
+    assert [e[2] for e in b.log if e[0] == "board"] == [5, 5, 20, 20]
+    assert [e[0] for e in b.log if e[0] != "set"] == ["board", "board", "profile", "board", "board"]
     assert got["rounds"][2]["slowdown"] == pytest.approx(13.5, rel=1e-3)  # the first local run missed: 25 % off
     assert got["within"] and got["slowdown"] == pytest.approx(18.0)
     assert len(got["local_ms"]) == 20 and all(r["passes"] == 20 for r in got["rounds"] if r["kind"] == "local")

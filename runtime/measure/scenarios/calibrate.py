@@ -13,8 +13,8 @@ that gave 16.6x / 17.5x in calibration and 14.5x / 14.0x in the local run (Mobil
 * a pass's time comes in whole quota periods (50 ms): 5 passes' median moves in steps of 10-17 % of a 300-500 ms
   model.
 
-So the quota is set in two steps: coarse rounds of ``runs`` passes move it to the target, then the local run itself
-(``frames`` passes, the ones the report shows) is the check: outside the tolerance, the quota is moved by its
+So the quota is set in two steps: coarse rounds of ``runs`` passes move it to the target; the board is profiled;
+then the local run itself (``frames`` passes, the ones the report shows, right before the strategies) is the check: outside the tolerance, the quota is moved by its
 ratio and the local run timed again, ``local_rounds`` times at most, every attempt kept in the results. The free
 (unrestricted) time is the median of every free pass so far, timed before each round, so one noisy block does not
 set it. The board can still drift after the local run: the runner times the same passes once more after the
@@ -56,11 +56,13 @@ def next_quota(quota_us: int, slowdown: float, target: float, period_us: int) ->
     return max(MIN_QUOTA_US, min(period_us, round(quota_us * slowdown / target)))
 
 
-def calibrate(s: Settings, free: Passes, board: Passes, set_quota: Callable[[int], None]) -> dict[str, Any]:
-    """Coarse rounds, then the local run until it is within the tolerance (or ``local_rounds`` runs were made).
-    ``free(n)``/``board(n)``: n passes unrestricted / under the quota last set by ``set_quota``. The quota is
-    never changed after the run whose figures are returned. Returns the results' ``calibration`` dict: the local
-    run's passes (``local_ms``), its slowdown and quota, and every round."""
+def calibrate(s: Settings, free: Passes, board: Passes, set_quota: Callable[[int], None],
+              between: Callable[[], object] | None = None) -> dict[str, Any]:
+    """Coarse rounds, ``between()`` (the board's profile: the local run comes last, nearest the strategies), then
+    the local run until it is within the tolerance (or ``local_rounds`` runs were made). ``free(n)``/``board(n)``:
+    n passes unrestricted / under the quota last set by ``set_quota``. The quota is never changed after the run
+    whose figures are returned. Returns the results' ``calibration`` dict: the local run's passes (``local_ms``),
+    its slowdown and quota, and every round."""
     free_ms: list[float] = []
     rounds: list[dict[str, Any]] = []
     quota = s.first_quota_us
@@ -82,6 +84,8 @@ def calibrate(s: Settings, free: Passes, board: Passes, set_quota: Callable[[int
         set_quota(quota)
         if within(coarse, s.target, s.tolerance):
             break
+    if between is not None:
+        between()
     local: list[float] = []
     slow = 0.0
     for i in range(s.local_rounds):

@@ -269,25 +269,27 @@ def main(argv: list[str]) -> int:
     loaded = load_model(cfg["model"])
     xs = [f.tensor for f in open_source(loaded.spec, "samples", cfg["frames"])]
     board = Board(loaded, xs, cfg["cgroup"])
-    # the quota, calibrated on the local run itself: the local strategy's frames are its last run (calibrate.py)
-    cal = calibration.calibrate(settings(cfg["testbed"], len(xs)), board.free, board.board, board.set_quota)
-    local_ms, local_top1 = cal["local_ms"], board.top1
-    prof = profile_model(loaded, "device", machine="board", runs=cfg["profile_runs"], warmup=1,
-                         codecs=cfg["codecs"], tls=cfg["tls"], threads=cfg["testbed"]["threads"], progress=False,
-                         inputs=cfg.get("profile_inputs", 4), jpeg_fidelity=cfg.get("jpeg_fidelity", True))
-    Path(cfg["profile_out"]).write_text(prof.to_json())
     gap_s = cfg["testbed"]["period_us"] / 1e6  # one quota period idle before each timed head (time_heads)
-    heads = prefix_heads(loaded, xs, cfg.get("head_runs", 10), gap_s)
-    jp = jpeg_frames(loaded.spec, xs, cfg["jpeg_quality"], gap_s)
-    Path(cfg["jpeg_out"]).mkdir(parents=True, exist_ok=True)
-    for i, j in enumerate(jp):
-        (Path(cfg["jpeg_out"]) / f"{i}.jpg").write_bytes(j["jpeg"])
-    print(json.dumps({"calibration": cal, "prefix_heads": heads, "local": [{"total_ms": t, "class_index": c}
-                                                    for t, c in zip(local_ms, local_top1, strict=True)],
-                      "jpeg": [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp],
-                      "input_codecs": {c: codec_frames(loaded.spec, xs, c, gap_s) for c in cfg["codecs"]
-                                       if is_pixels(c) or is_webp(c)}}),
-          flush=True)
+    out: dict[str, Any] = {}
+
+    def profile() -> None:  # between the coarse rounds and the local run, under the coarse quota
+        prof = profile_model(loaded, "device", machine="board", runs=cfg["profile_runs"], warmup=1,
+                             codecs=cfg["codecs"], tls=cfg["tls"], threads=cfg["testbed"]["threads"], progress=False,
+                             inputs=cfg.get("profile_inputs", 4), jpeg_fidelity=cfg.get("jpeg_fidelity", True))
+        Path(cfg["profile_out"]).write_text(prof.to_json())
+        out["prefix_heads"] = prefix_heads(loaded, xs, cfg.get("head_runs", 10), gap_s)
+        jp = jpeg_frames(loaded.spec, xs, cfg["jpeg_quality"], gap_s)
+        Path(cfg["jpeg_out"]).mkdir(parents=True, exist_ok=True)
+        for i, j in enumerate(jp):
+            (Path(cfg["jpeg_out"]) / f"{i}.jpg").write_bytes(j["jpeg"])
+        out["jpeg"] = [{"encode_ms": j["encode_s"] * 1e3, "bytes": j["bytes"]} for j in jp]
+        out["input_codecs"] = {c: codec_frames(loaded.spec, xs, c, gap_s) for c in cfg["codecs"]
+                               if is_pixels(c) or is_webp(c)}
+
+    # the quota, calibrated on the local run itself: the local strategy's frames are its last run (calibrate.py)
+    cal = calibration.calibrate(settings(cfg["testbed"], len(xs)), board.free, board.board, board.set_quota, profile)
+    out["local"] = [{"total_ms": t, "class_index": c} for t, c in zip(cal["local_ms"], board.top1, strict=True)]
+    print(json.dumps({"calibration": cal, **out}), flush=True)
     for line in sys.stdin:
         job = json.loads(line)
         if job.get("quit"):

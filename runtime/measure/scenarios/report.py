@@ -125,7 +125,7 @@ def _board(c: dict[str, Any], spec: dict[str, Any]) -> str:
     rounds = ", ".join(f"{r['kind']} ({r['passes']} passes) {r['quota_us']} us {r['slowdown']:.1f}x" for r in c["rounds"])
     again = c.get("recheck")
     text = (f"{head}, calibrated on the local run itself: the local run ({len(c['local_ms'])} whole-model passes back "
-            f"to back, the frames every strategy runs) p50 {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms "
+            f"to back after the profile, the frames every strategy runs) p50 {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms "
             f"unrestricted (median of {c['free_passes']} passes) = **{c['slowdown']:.1f}x slower** (target "
             f"{c['target']:g}x, tolerance {100 * c['tolerance']:.0f} %), measured in this run; the coarse calibration "
             + (f"{c['coarse_slowdown']:.1f}x" if c.get("coarse_slowdown") is not None else "not run")
