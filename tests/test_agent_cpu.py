@@ -89,3 +89,19 @@ def test_bad_ranges_are_refused():
         agent_cpu.main(["--frames", "0"])
     with pytest.raises(SystemExit):
         agent_cpu.main(["--gap-ms", "-1"])
+
+
+def test_pausing_the_idle_probes_leaves_the_stream_alive():
+    """The background window pauses the stream's idle probes (nothing asks the peer meanwhile); the pause is not
+    counted against the peer when they resume, or the stream would be declared dead (seen: 'idle, and no answer
+    to a probe for 3.5s')."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from runtime.wire.liveness import Liveness, LivenessOptions
+
+    live = Liveness(None, LivenessOptions(floor_seconds=0.2, probe_after_seconds=0.1))
+    agent = SimpleNamespace(active=SimpleNamespace(stream=SimpleNamespace(liveness=live)))
+    quiet = asyncio.run(agent_cpu._background(agent, 0.3, threading.get_native_id()))
+    assert quiet is not None and quiet["probe_after_s"] == 0.1 and quiet["wall_s"] >= 0.3
+    assert live.options.idle_probes and live.verdict() == "" and live.stalled() < 0.1

@@ -166,17 +166,21 @@ async def _idle(seconds: float, loop_tid: int) -> dict:
 
 async def _background(agent: Agent, seconds: float, loop_tid: int) -> dict | None:
     """:func:`_idle` with the stream's idle probes paused (None without a stream): the background while frames
-    come back within ``probe_after``, when those probes never run. A probe already sent is let finish first."""
+    come back within ``probe_after``, when those probes never run. A probe already sent is let finish first; the
+    pause is then excused (runtime.wire.liveness.Liveness.excuse), or the stream, silent for longer than the
+    floor because nothing asked, would be declared dead when the probes resume."""
     stream = agent.active.stream
     if stream is None or not stream.liveness.options.idle_probes:
         return None
     live = stream.liveness
     saved = live.options
     live.options = dataclasses.replace(saved, idle_probes=False)
+    paused = live.clock()
     try:
         await asyncio.sleep(0.05)  # an answer on its way (one loopback round trip)
         return {**await _idle(seconds, loop_tid), "probe_after_s": saved.probe_after_seconds}
     finally:
+        live.excuse(live.clock() - paused)
         live.options = saved
 
 
