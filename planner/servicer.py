@@ -159,7 +159,11 @@ class PlannerServicer(pb_grpc.PlannerServicer):
             req = await asyncio.to_thread(requests.check_agent_request, request, self.profiles, text, key)
         self._count_profiles()
         rec = self.state.agent_record(req, request)
-        rec.profile = self.profiles.shared(text, key)  # one copy of the text per board type, not per agent
+        shared = self.profiles.shared(text, key)  # one copy of the text per board type, not per agent
+        if key is not None:  # its hash travels with it: the store does not hash it again
+            rec.hold_profile(shared, key.hex())
+        else:
+            rec.profile = shared
         plan = await self.replanner.register(rec, req.device)
         self.replanner.gc.check(len(self.state.agents))  # during a ramp: freeze often, keep full GC scans short
         st = self.state.agents.get(rec.id)

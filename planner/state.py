@@ -22,7 +22,7 @@ from planner.compute import DeviceSpeed
 from planner.config import PlannerConfig
 from planner.decide import Candidate, PlanKey
 from planner.metrics import PlannerMetrics
-from planner.store import AgentRecord, LinkRecord, PlanRecord, SpeedRecord, Store, WorkerRecord, profile_hash
+from planner.store import AgentRecord, LinkRecord, PlanRecord, SpeedRecord, Store, WorkerRecord
 from planner.writebehind import WriteBehind
 from runtime.contracts import profile as profiles
 from runtime.contracts.costmodel import Link
@@ -210,9 +210,9 @@ class PlannerState:
                  speed: SpeedRecord | None) -> AgentState:
         """An agent's state as the store left it, marked to be decided again (a worker may have changed)."""
         aid = rec.id
-        key = bytes.fromhex(profile_hash(rec.profile))  # hashed once per shared text (planner.store), not twice per agent
+        key = bytes.fromhex(rec.profile_sha256())  # the store's key for it (read with the record): not hashed here
         st = AgentState(rec, self.profiles.loads(rec.profile, f"stored profile of agent {aid}", key))
-        rec.profile = self.profiles.shared(rec.profile, key)  # one copy of the text per board type
+        rec.hold_profile(self.profiles.shared(rec.profile, key), key.hex())  # one copy of the text per board type
         st.plan = plan.plan if plan is not None else None
         st.links = links
         if speed is not None and self.config.compute_telemetry:

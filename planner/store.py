@@ -120,6 +120,18 @@ class AgentRecord:
     last_seen: float = 0.0
     refused_version: int = 0
     refused_message: str = ""
+    _hashed: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)  # (profile, its hash)
+
+    def profile_sha256(self) -> str:
+        """The key ``profile`` is stored under (:func:`profile_hash`), hashed once per text this record holds."""
+        held = self._hashed
+        if held is None or held[0] is not self.profile:  # set with another text since: that one's hash
+            held = self._hashed = (self.profile, profile_hash(self.profile))
+        return held[1]
+
+    def hold_profile(self, text: str, sha256: str) -> None:
+        """``profile`` := ``text``, whose SHA-256 (hex) the caller has already (a ProfileCache key): not hashed again."""
+        self.profile, self._hashed = text, (text, sha256)
 
 
 @dataclass
@@ -247,7 +259,7 @@ class Store:
         second deletes the text the first wrote if orphaned; the profile row is read ``FOR SHARE`` (or written) first:
         a deletion (:meth:`drop_orphan_profiles`, ``FOR UPDATE`` first) waits and sees the agent's row, or ends first
         and the text is written again. SQLite has one writer at a time."""
-        h, b = profile_hash(a.profile), self.backend
+        h, b = a.profile_sha256(), self.backend
         values = (a.id, a.model, a.digest, h, json.dumps(list(a.workers)), json.dumps(list(a.tl_ids)),
                   json_format.MessageToJson(a.constraints, indent=None), a.registered, a.last_seen,
                   a.refused_version, a.refused_message)
@@ -287,12 +299,13 @@ class Store:
     def agents(self, agent_id: str | None = None) -> dict[str, AgentRecord]:
         """Every agent, or only ``agent_id`` (an empty dict when it is not stored)."""
         sql = ("SELECT a.id, a.model, a.digest, p.text, a.workers, a.tl_ids, a.constraints, a.registered, a.last_seen, "
-               "a.refused_version, a.refused_message FROM agents a JOIN profiles p ON p.hash = a.profile")
+               "a.refused_version, a.refused_message, a.profile FROM agents a JOIN profiles p ON p.hash = a.profile")
         rows = self.backend.execute(sql + " WHERE a.id = ?", (agent_id,)) if agent_id else self.backend.execute(sql)
         out = {}
         for r in rows:
-            out[r[0]] = AgentRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
-                                    json_format.Parse(r[6], pb.Constraints()), r[7], r[8], r[9], r[10])
+            out[r[0]] = rec = AgentRecord(r[0], r[1], r[2], r[3], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
+                                          json_format.Parse(r[6], pb.Constraints()), r[7], r[8], r[9], r[10])
+            rec.hold_profile(r[3], r[11])  # the row's key: not hashed again
         return out
 
     def touch_agent(self, agent_id: str, last_seen: float) -> None:

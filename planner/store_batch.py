@@ -72,6 +72,7 @@ def attach_rows(store: Store, ids: Sequence[str], texts: dict[str, str]) -> dict
             continue
         rec = AgentRecord(r[0], r[1], r[2], texts[r[3]], tuple(json.loads(r[4])), tuple(json.loads(r[5])),
                           json_format.Parse(r[6], pb.Constraints()), r[7], r[8], r[9], r[10])
+        rec.hold_profile(texts[r[3]], r[3])  # the row's key: not hashed again
         out[aid] = (rec, plans.get(aid), links.get(aid, {}), speeds.get(aid))
     return out
 
