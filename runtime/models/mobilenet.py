@@ -58,9 +58,10 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # use_res_connect is a plain Python bool fixed at construction: fx-traceable.
+        y: torch.Tensor = self.conv(x)
         if self.use_res_connect:
-            return x + self.conv(x)
-        return self.conv(x)
+            return x + y
+        return y
 
 
 # (expansion t, output channels c, repeats n, first stride s), from the paper's Table 2.
@@ -114,7 +115,8 @@ class MobileNetV2(nn.Module):
         x = self.features(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
-        return self.classifier(x)
+        y: torch.Tensor = self.classifier(x)
+        return y
 
 
 def mobilenet_v2(num_classes: int = 1000) -> MobileNetV2:

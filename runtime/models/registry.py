@@ -47,6 +47,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,7 +142,8 @@ def _bundled() -> dict[str, ModelSpec]:
     labels = load_labels()
     rand = f"random, seed {RANDOM_SEED}"
 
-    def spec(name, build, weights, description, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def spec(name: str, build: Callable[[], nn.Module], weights: str, description: str,
+             mean: tuple[float, float, float] = IMAGENET_MEAN, std: tuple[float, float, float] = IMAGENET_STD) -> ModelSpec:
         return ModelSpec(name=name, factory=build, input_size=DEFAULT_INPUT_SIZE, mean=mean,
                          std=std, labels=labels, weights=weights, description=description)
 
@@ -225,10 +227,12 @@ def state_dict_digest(model: nn.Module) -> str:
 # ----------------------------------------------------------------------------- user models
 
 
-def _user_attr(module, attr: str, default, kind: str, n: int | None, source: str):
+def _user_attr(module: object, attr: str, default: Any, kind: str, n: int | None, source: str) -> Any:
+    """``module.attr`` as a tuple of ``kind`` ("int", "float" or "str"; ``n`` of them when given), or ``default``."""
     value = getattr(module, attr, None)
     if value is None:
         return default
+    out: tuple[Any, ...]
     try:
         if kind == "int":
             out = tuple(int(v) for v in value)

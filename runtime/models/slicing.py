@@ -110,6 +110,14 @@ def _result_node(output: fx.Node) -> fx.Node | None:
     return arg if isinstance(arg, fx.Node) else None
 
 
+def _returned(output: fx.Node, model: str) -> fx.Node:
+    """:func:`_result_node` of a model whose split points were found (so it returns a single tensor)."""
+    result = _result_node(output)
+    if result is None:
+        raise InvalidInput(f"model {model!r} must return a single tensor")
+    return result
+
+
 def eval_mode(module: torch.nn.Module) -> None:
     """eval() where allowed: a torch.export program's module refuses it (its mode was fixed when it
     was exported: export from a model in eval mode)."""
@@ -182,7 +190,7 @@ class SlicedModel:
         out = next(n for n in self.nodes if n.op == "output")
         result = _result_node(out)
         out_meta = result.meta.get("tensor_meta") if result is not None else None
-        if not isinstance(out_meta, TensorMetadata):
+        if result is None or not isinstance(out_meta, TensorMetadata):
             raise InvalidInput(f"model {self.name!r} must return a single tensor")
         # "output": everything runs on the device; what crosses is the model output.
         last = SplitPoint(len(points), OUTPUT, OUTPUT, tuple(out_meta.shape), out_meta.dtype, pos[out])
@@ -213,7 +221,7 @@ class SlicedModel:
         if sp.name == INPUT:
             return self._input
         node = self.nodes[sp.position]
-        return _result_node(node) if node.op == "output" else node
+        return _returned(node, self.name) if node.op == "output" else node
 
     def head(self, key: str | int) -> fx.GraphModule:
         """Module from the model input to the tensor at the split point."""
@@ -244,7 +252,7 @@ class SlicedModel:
 
         for n in self.nodes[start:]:
             if n.op == "output":
-                g.output(lookup(_result_node(n)))
+                g.output(lookup(_returned(n, self.name)))
                 break
             env[n] = g.node_copy(n, lookup)
         return self._module(g)

@@ -12,12 +12,16 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
 from runtime.contracts.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 SAMPLES_DIR = Path(__file__).resolve().parent / "samples"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -41,16 +45,16 @@ class ModelSpec:
     description: str = ""
 
 
-def load_image(data: bytes | Path):
+def load_image(data: bytes | Path) -> Image.Image:
     """Decode a PNG/JPEG from bytes or a path to an RGB PIL image; InvalidInput when it is not one."""
     import io
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     what = "the data" if isinstance(data, (bytes, bytearray)) else str(data)
     try:
         img = Image.open(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data, formats=IMAGE_FORMATS)
-    except Image.UnidentifiedImageError as e:  # its message names an in-memory buffer object: no use to a caller
+    except UnidentifiedImageError as e:  # its message names an in-memory buffer object: no use to a caller
         raise InvalidInput(f"{what} is not a PNG or JPEG image; send a PNG or JPEG") from e
     except Exception as e:
         raise InvalidInput(f"could not read the image ({type(e).__name__}: {e}); send a PNG or JPEG") from e
@@ -66,7 +70,7 @@ def load_image(data: bytes | Path):
     return img.convert("RGB")
 
 
-def preprocess(spec: ModelSpec, image) -> torch.Tensor:
+def preprocess(spec: ModelSpec, image: Image.Image) -> torch.Tensor:
     """A PIL image as the model's input: float32 tensor of shape (1, 3, H, W).
 
     RGB conversion; bilinear resize so the short side is ``round(H * 256 / 224)``; centre crop
@@ -76,7 +80,7 @@ def preprocess(spec: ModelSpec, image) -> torch.Tensor:
     return normalise(spec, image_pixels(spec, image))
 
 
-def image_pixels(spec: ModelSpec, image) -> np.ndarray:
+def image_pixels(spec: ModelSpec, image: Image.Image) -> np.ndarray:
     """The 8-bit RGB pixels :func:`preprocess` normalises: resized and centre-cropped, uint8 (H, W, 3), read-only."""
     from PIL import Image
 
@@ -89,7 +93,7 @@ def image_pixels(spec: ModelSpec, image) -> np.ndarray:
     else:
         nw, nh = max(1, round(iw * short / ih)), short
     if (nw, nh) != (iw, ih):
-        img = img.resize((nw, nh), Image.BILINEAR)
+        img = img.resize((nw, nh), Image.Resampling.BILINEAR)
     # Centre crop (pad with black if the crop is larger than the image, as torchvision does).
     left = round((nw - w) / 2.0)
     top = round((nh - h) / 2.0)

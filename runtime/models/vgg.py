@@ -71,7 +71,8 @@ class VGG(nn.Module):
         x = self.features(x)
         x = self.avgpool(x)
         x = torch.flatten(x, 1)
-        return self.classifier(x)
+        y: torch.Tensor = self.classifier(x)
+        return y
 
 
 def vgg16(num_classes: int = 1000) -> VGG:
