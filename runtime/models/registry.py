@@ -54,13 +54,13 @@ from torch import nn
 
 from runtime.contracts.errors import InvalidInput, NotFound
 from runtime.models.slicing import eval_mode
-from runtime.models.spec import (  # noqa: F401 (re-exported: the registry is where callers look)
-    IMAGE_SUFFIXES,
-    SAMPLES_DIR,
-    ModelSpec,
-    load_image,
-    preprocess,
-)
+
+# Re-exported, each as itself (explicitly: strict mypy): the registry is where callers look.
+from runtime.models.spec import IMAGE_SUFFIXES as IMAGE_SUFFIXES
+from runtime.models.spec import SAMPLES_DIR as SAMPLES_DIR
+from runtime.models.spec import ModelSpec as ModelSpec
+from runtime.models.spec import load_image as load_image
+from runtime.models.spec import preprocess as preprocess
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD: tuple[float, float, float] = (0.229 * 255, 0.224 * 255, 0.225 * 255)
