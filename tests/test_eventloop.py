@@ -106,3 +106,30 @@ def test_tune_malloc_reuses_frame_buffers_instead_of_faulting_new_pages():
     assert faults_default > 20 * 196, faults_default  # the case it exists for (the test measures something)
     mine, _ = _faults({"MALLOC_TRIM_THRESHOLD_": "131072"})  # the user's own setting is left alone
     assert mine == "False"
+
+
+def test_every_cli_command_and_the_board_child_tune_the_allocator_before_their_work(monkeypatch):
+    """A profile, a local baseline or a bench's own compute must allocate as the daemons do: the headline
+    benchmark's board child timed its calibration, local run and profile with glibc's defaults (MobileNetV2's full
+    model 1.4x slower) while its strategies ran tuned. Both entries call tune_malloc before anything else."""
+    import runtime.cli.main as cli
+    import runtime.measure.scenarios.device as device
+
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "tune_malloc", lambda: calls.append("cli") or True)
+    assert cli.main(["models"]) == 0
+    assert calls == ["cli"]
+
+    class Stop(Exception):
+        pass
+
+    def no_model(name):
+        calls.append("load")
+        raise Stop
+
+    monkeypatch.setattr(device.eventloop, "tune_malloc", lambda: calls.append("device") or True)
+    monkeypatch.setattr(device, "load_model", no_model)
+    monkeypatch.setattr(device.torch, "set_num_threads", lambda n: None)  # this process keeps its threads
+    with pytest.raises(Stop):
+        device.main(['{"model": "mobilenet_v2", "testbed": {"threads": 1}}'])
+    assert calls == ["cli", "device", "load"]

@@ -32,6 +32,7 @@ from typing import Any
 from runtime.cli import GRPC_EXPERIMENTS_DEFAULT, GRPC_EXPERIMENTS_ENV
 from runtime.cli.logs import add_log_flags, add_log_flags_to_subcommands, setup_logging
 from runtime.contracts.errors import EdgesplitError
+from runtime.wire.eventloop import tune_malloc
 
 logger = logging.getLogger("edgesplit")
 GRPC_EPILOG = (f"gRPC: every command runs with {GRPC_EXPERIMENTS_ENV}={GRPC_EXPERIMENTS_DEFAULT} (gRPC's EventEngine "
@@ -99,6 +100,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser_for(argv)
     args = parser.parse_args(argv)
     setup_logging(args.log_level, args.log_format)
+    # every command allocates as the daemons do (runtime.wire.eventloop.run sets it too): a profile, a local
+    # baseline or a bench's own compute timed with glibc's defaults would fault fresh pages in that the agent
+    # and the worker never fault (MobileNetV2's full model 23-26 ms against 17 unrestricted); EDGESPLIT_MALLOC=default
+    tune_malloc()
     try:
         code: int = args.func(args)  # the verb's cmd_* function
         return code
