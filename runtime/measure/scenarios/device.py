@@ -268,6 +268,11 @@ def main(argv: list[str]) -> int:
     # run and the board's profile, which glibc's defaults made 1.4x slower for MobileNetV2: fresh pages per frame)
     eventloop.tune_malloc()
     cfg = json.loads(argv[0])
+    # glibc's allocator as the agent sets it (eventloop.run does, in the first strategy job): the calibration, the
+    # local run and the profile ran with the defaults before, every pass faulting fresh pages in, and the strategies
+    # and the recheck after with it set. MobileNetV2 at 4718 us, 20:04 UTC: 301/303 and 354/350 ms a pass set,
+    # 404/402 and 401/376 ms by default (10-pass blocks in turn); local 451-496 ms, recheck 250 ms in two runs.
+    eventloop.tune_malloc()
     torch.set_num_threads(cfg["testbed"]["threads"])
     loaded = load_model(cfg["model"])
     xs = [f.tensor for f in open_source(loaded.spec, "samples", cfg["frames"])]
