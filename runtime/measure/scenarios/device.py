@@ -264,9 +264,6 @@ def _readline_json(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any
 
 
 def main(argv: list[str]) -> int:
-    # the allocator the agent runs with (eventloop.run sets it per job, too late for the calibration, the local
-    # run and the board's profile, which glibc's defaults made 1.4x slower for MobileNetV2: fresh pages per frame)
-    eventloop.tune_malloc()
     cfg = json.loads(argv[0])
     # glibc's allocator as the agent sets it (eventloop.run does, in the first strategy job): the calibration, the
     # local run and the profile ran with the defaults before, every pass faulting fresh pages in, and the strategies
