@@ -39,11 +39,12 @@ from runtime.wire.pixels import is_pixels
 from runtime.wire.webp import is_webp
 
 
-def _time_full(loaded: LoadedModel, xs: list[torch.Tensor], runs: int) -> tuple[list[float], list[int]]:
-    """``runs`` whole-model passes back to back (frame ``i % len(xs)``), as the local strategy runs: seconds, top-1."""
+def _time_full(loaded: LoadedModel, xs: list[torch.Tensor], runs: int, start: int = 0) -> tuple[list[float], list[int]]:
+    """``runs`` whole-model passes back to back (frame ``(start + i) % len(xs)``), as the local strategy runs:
+    seconds, top-1."""
     times, top1 = [], []
     with torch.inference_mode():
-        for i in range(runs):
+        for i in range(start, start + runs):
             t = time.perf_counter()
             y = loaded.full(xs[i % len(xs)])
             times.append(time.perf_counter() - t)
@@ -79,6 +80,21 @@ class Board:
         _time_full(self.loaded, self.xs, 1)
         times, self.top1 = _time_full(self.loaded, self.xs, n)
         return [t * 1e3 for t in times]
+
+    def local(self, lo: int, hi: int, warmup: int) -> dict[str, Any]:
+        """The local strategy in a round: frames ``lo``..``hi`` through ``loaded.full`` under the quota, back to back
+        as :meth:`board` times the calibration's local run, after ``warmup`` untimed passes (as the strategies' jobs
+        warm up); the same rows' fields the strategies' jobs return where they apply (ms, top-1, the quota's hold)."""
+        _join(self.cgroup)
+        _time_full(self.loaded, self.xs, warmup)
+        rows = []
+        for i in range(lo, hi):
+            held, cpu = quota_held(self.cgroup), time.process_time()
+            (t,), (top1,) = _time_full(self.loaded, self.xs, 1, start=i)
+            cpu, after = time.process_time() - cpu, quota_held(self.cgroup)
+            rows.append({"total_ms": t * 1e3, "class_index": top1, "throttled_ms": after[0] - held[0],
+                         "throttled_periods": after[1] - held[1], "board_cpu_ms": cpu * 1e3})
+        return {"rows": rows}
 
 
 def settings(tb: dict[str, Any], frames: int) -> calibration.Settings:
@@ -308,11 +324,14 @@ def main(argv: list[str]) -> int:
 
 def _answer(loaded: LoadedModel, xs: list[torch.Tensor], job: dict[str, Any], cgroup: str, gap_s: float,
             board: Board, cal: dict[str, Any]) -> dict[str, Any]:
-    """One job of the runner's: heads to time, the local passes again (``recheck``), or a strategy's frames."""
+    """One job of the runner's: heads to time, the local passes again (``recheck``), the local strategy's frames in a
+    round (``local``), or another strategy's frames."""
     if "time_heads" in job:
         return {"heads": time_heads(loaded, xs, job["time_heads"], job["runs"], gap_s, job.get("budget_s"))}
     if job.get("recheck"):
         return {"recheck": calibration.recheck(cal, board.free, board.board, len(xs))}
+    if job.get("local"):  # the local strategy's frames in a round (runtime.measure.scenarios.run.time_rounds)
+        return board.local(job.get("frames_from", 0), job.get("frames_to", len(xs)), job.get("warmup", 1))
     # the agent's own loop (uvloop where installed, as `edgesplit agent` runs it)
     return eventloop.run(run_split(loaded, {**job, "cgroup": cgroup}, xs))
 

@@ -43,7 +43,10 @@ def _static_table(model: str, s: str, r: dict[str, Any]) -> list[str]:
                      f"{x['overhead_p50_ms']:.1f} ({x['overhead_pct']:.1f} %) | {fps} | {x.get('local_fallbacks', 0)} |")
     if r.get("rounds", 1) > 1:
         lines.append(f"\nThe strategies' timed frames ran in {r['rounds']} rounds of consecutive frames, the strategies in "
-                     "turn, their order reversed each round (warm-up frames in each; the pipelined pass in the last).")
+                     + ("turn, local's whole-model passes on the board among them, "
+                        if r["local"].get("timed_in_rounds") else "turn, ")
+                     + "their order reversed each round (warm-up frames in each; the pipelined pass in the last).")
+    lines.append(_local_timing(r["local"]))
     checks = (es.get("fidelity_checks") or [])
     if checks:
         lines.append("\nedgesplit's fidelity checks before it ran (floor: a plan below it is struck, the planner asked "
@@ -65,6 +68,17 @@ def _static_table(model: str, s: str, r: dict[str, Any]) -> list[str]:
                  f"({100 * r[best_any]['floor_p50_ms'] / es['p50_ms']:.0f} %); "
                  f"edgesplit measured / its own floor = {es['p50_ms'] / es['floor_p50_ms']:.3f}{_per_frame(es)}.\n")
     return lines
+
+
+def _local_timing(x: dict[str, Any]) -> str:
+    """Where the local row's frames were timed: in the rounds, the calibration's local run beside it (both against the
+    calibration's free time), or (older results) the calibration's local run alone, before every strategy."""
+    if not x.get("timed_in_rounds"):
+        return ("\nlocal: its passes timed once, before every strategy (this run predates local in the rounds: the "
+                "board may have drifted between them and the others).")
+    return (f"\nlocal: timed in the rounds, p50 {x['p50_ms']:.1f} ms = **{x['slowdown']:.1f}x** the calibration's free "
+            f"time ({x['free_ms']:.1f} ms); the calibration's local run (before every strategy, the quota's check): "
+            f"p50 {x['calibration_p50_ms']:.1f} ms = {x['calibration_slowdown']:.1f}x.")
 
 
 def _per_frame(x: dict[str, Any]) -> str:
@@ -125,7 +139,10 @@ def _board(c: dict[str, Any], spec: dict[str, Any]) -> str:
     rounds = ", ".join(f"{r['kind']} ({r['passes']} passes) {r['quota_us']} us {r['slowdown']:.1f}x" for r in c["rounds"])
     again = c.get("recheck")
     text = (f"{head}, calibrated on the local run itself: the local run ({len(c['local_ms'])} whole-model passes back "
-            f"to back after the profile, the frames every strategy runs) p50 {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms "
+            "to back after the profile, "
+            + ("the frames every strategy runs; the local rows below are timed again in each scenario's rounds"
+               if c.get("local_in_rounds") else "the frames every strategy runs")
+            + f") p50 {c['device_ms']:.1f} ms against {c['free_ms']:.1f} ms "
             f"unrestricted (median of {c['free_passes']} passes) = **{c['slowdown']:.1f}x slower** (target "
             f"{c['target']:g}x, tolerance {100 * c['tolerance']:.0f} %), measured in this run; the coarse calibration "
             + (f"{c['coarse_slowdown']:.1f}x" if c.get("coarse_slowdown") is not None else "not run")

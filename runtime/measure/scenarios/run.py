@@ -1,7 +1,8 @@
-"""The runner: per model, profile the edge, start the board child (cgroup, calibration, device profile,
-local and JPEG frames), rank each peer's plan per scenario (the ranking is handed in by the CLI
+"""The runner: per model, profile the edge, start the board child (cgroup, calibration on the local passes,
+device profile, JPEG frames), rank each peer's plan per scenario (the ranking is handed in by the CLI
 layer: the runtime does not import the planner), start the worker, and per scenario a relay; then
-every strategy on the same frames. Everything it creates is removed on exit, error and Ctrl-C."""
+every strategy on the same frames, local among them, in interleaved rounds. Everything it creates is
+removed on exit, error and Ctrl-C."""
 
 from __future__ import annotations
 
@@ -220,7 +221,8 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
              f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms; "
              + ", ".join(f"{r['kind']} {r['quota_us']} us {r['slowdown']:.1f}x" for r in cal["rounds"]) + ")")
     measured = load_profile(cfg["profile_out"])
-    # the local run is the calibration's last (runtime.measure.scenarios.calibrate): its passes, its slowdown
+    # the calibration's last local run (runtime.measure.scenarios.calibrate): the check on the quota, and the p50 the
+    # heads are priced by; the local strategy's rows are timed again in each scenario's rounds (time_rounds)
     local_totals = [r["total_ms"] for r in board["local"]]
     cal = {**cal, "local_p50_ms": statistics.median(local_totals),
            "local_slowdown": statistics.median(local_totals) / cal["free_ms"]}
@@ -239,13 +241,13 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
                            *[a for t in dict.fromkeys(tls) for a in ("--tl", t)]])
     cl.add(worker.stop)
     down = names and loaded.sliced.split_points[-1].fp32_bytes
-    out = {"calibration": {**cal, "profile_rescaled_by": factor}, "local_ms": local_totals, "scenarios": {},
+    out = {"calibration": {**cal, "profile_rescaled_by": factor, "local_in_rounds": True}, "local_ms": local_totals, "scenarios": {},
            "fidelity_frames": {"frames": check.frames, "what": check.describe}}
     for s in (s for s in spec.scenarios if not SCENARIOS[s].steps):
         sc = SCENARIOS[s]
         checks = plans[s].pop("edgesplit_checks")
         jobs = {**plans[s], "edge-only": _edge_only_job(names, edge, sc, board["jpeg"], down)}
-        out["scenarios"][s] = _scenario(model, spec, child, worker.address, sc, links[s], jobs, local_totals, ref,
+        out["scenarios"][s] = _scenario(model, spec, child, worker.address, sc, links[s], jobs, cal, ref,
                                         sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress, check)
         out["scenarios"][s]["edgesplit"]["fidelity_checks"] = checks
     progress(f"{model}: the local passes again, same quota (has the board drifted during the strategies?)")
@@ -263,39 +265,73 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     return out
 
 
-def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, jobs: dict, local_totals, ref,
+def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, jobs: dict, cal: dict, ref,
               local_predicted_ms: float, down: int, cl: Cleanup, progress, check: fidelity.Checker) -> dict:
-    """Every strategy on one static link (one relay to the worker)."""
-    local = costs.summarise(local_totals, local_totals, [0] * len(ref), ref, ref, local_predicted_ms)
-    local.update(strategy="local", per_frame_ms=local_totals, bound_fps=1e3 / statistics.median(local_totals),
-                 **_offline_fidelity(check, None))
-    res = {"link": link, "local": local}
-    for name, job in jobs.items():
-        if job is None:  # the cost model keeps the whole model on the board: that is local
-            res[name] = dict(local, strategy=name, plan="all blocks on the board")
-    runs = [name for name, job in jobs.items() if job is not None]
+    """Every strategy on one static link (one relay to the worker), local among them in the rounds."""
     relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps)
     cl.add(relay.stop)
-    got: dict = {name: {"rows": []} for name in runs}
-    edges = round_edges(spec.frames, spec.rounds)
     try:
-        for k, (lo, hi) in enumerate(edges):
-            last = k == len(edges) - 1
-            for name in runs if k % 2 == 0 else runs[::-1]:
-                progress(f"{model} {sc.name}: {name} ({jobs[name]['plan']})"
-                         + (f", round {k + 1} of {len(edges)}" if len(edges) > 1 else ""))
-                part = _ask(child, {**jobs[name], "strategy": name, "address": relay.address, "warmup": spec.warmup,
-                                    "frames_from": lo, "frames_to": hi, "window": spec.window if last else 1,
-                                    "pipeline_frames": (spec.pipeline_frames or spec.frames) if last else 0}, JOB_SECONDS)
-                got[name]["rows"].extend(part["rows"])
-                if "pipelined" in part:
-                    got[name]["pipelined"] = part["pipelined"]
+        got, n = time_rounds(lambda job: _ask(child, job, JOB_SECONDS), spec, jobs, relay.address,
+                             lambda what: progress(f"{model} {sc.name}: {what}"))
     finally:
         relay.stop()
-    for name in runs:
-        res[name] = {**_strategy_rows(name, got[name], sc, link, down, ref, jobs[name]),
-                     **_offline_fidelity(check, jobs[name])}
-    return {"link": link, **{k: res[k] for k in ("local", *jobs)}, "rounds": len(edges)}
+    return scenario_rows(got, jobs, sc, link, down, ref, cal, local_predicted_ms, check, n)
+
+
+def time_rounds(ask: Callable[[dict], dict], spec: RunSpec, jobs: dict, address: str,
+                progress: Callable[[str], None]) -> tuple[dict, int]:
+    """Each strategy's frames in ``spec.rounds`` rounds of consecutive frames, the strategies in turn, their order
+    reversed each round: local (whole-model passes on the board, :meth:`device.Board.local`) is one of them, so it is
+    timed on the same board as the rest when the host drifts. A job that is None (the plan keeps every block on the
+    board) is not run: its row is local's. Returns (each run's rows, and pipelined pass where made; the rounds)."""
+    runs = ["local", *(name for name, job in jobs.items() if job is not None)]
+    got: dict = {name: {"rows": []} for name in runs}
+    edges = round_edges(spec.frames, spec.rounds)
+    for k, (lo, hi) in enumerate(edges):
+        last = k == len(edges) - 1
+        for name in runs if k % 2 == 0 else runs[::-1]:
+            step = f", round {k + 1} of {len(edges)}" if len(edges) > 1 else ""
+            if name == "local":
+                progress(f"local (whole-model passes on the board){step}")
+                part = ask({"local": True, "strategy": "local", "warmup": spec.warmup, "frames_from": lo,
+                            "frames_to": hi})
+            else:
+                progress(f"{name} ({jobs[name]['plan']}){step}")
+                part = ask({**jobs[name], "strategy": name, "address": address, "warmup": spec.warmup,
+                            "frames_from": lo, "frames_to": hi, "window": spec.window if last else 1,
+                            "pipeline_frames": (spec.pipeline_frames or spec.frames) if last else 0})
+            got[name]["rows"].extend(part["rows"])
+            if "pipelined" in part:
+                got[name]["pipelined"] = part["pipelined"]
+    return got, len(edges)
+
+
+def local_row(rows: list[dict], ref: list[int], cal: dict, predicted_ms: float) -> dict:
+    """The local strategy's row from its in-round passes; beside it the calibration's local run (timed once, before
+    every strategy), both as slowdowns against the calibration's free time."""
+    totals = [r["total_ms"] for r in rows]
+    out = costs.summarise(totals, totals, [0] * len(rows), [r["class_index"] for r in rows], ref, predicted_ms)
+    p50 = statistics.median(totals)
+    out.update(strategy="local", per_frame_ms=totals, bound_fps=1e3 / p50, timed_in_rounds=True,
+               slowdown=p50 / cal["free_ms"], free_ms=cal["free_ms"],
+               calibration_p50_ms=cal["local_p50_ms"], calibration_slowdown=cal["local_slowdown"],
+               per_frame_stages_ms=[{"total": round(r["total_ms"], 2), "throttled": round(r["throttled_ms"], 1),
+                                     "throttled_periods": r["throttled_periods"],
+                                     "board_cpu": round(r["board_cpu_ms"], 2)} for r in rows])
+    return out
+
+
+def scenario_rows(got: dict, jobs: dict, sc, link: dict, down: int, ref: list[int], cal: dict,
+                  local_predicted_ms: float, check: fidelity.Checker, n_rounds: int) -> dict:
+    """The scenario's rows from :func:`time_rounds`' passes; a strategy whose plan keeps every block on the board
+    (job None) gets local's row under its name."""
+    res = {"local": {**local_row(got["local"]["rows"], ref, cal, local_predicted_ms), **_offline_fidelity(check, None)}}
+    for name, job in jobs.items():
+        if job is None:
+            res[name] = dict(res["local"], strategy=name, plan="all blocks on the board")
+        else:
+            res[name] = {**_strategy_rows(name, got[name], sc, link, down, ref, job), **_offline_fidelity(check, job)}
+    return {"link": link, **{k: res[k] for k in ("local", *jobs)}, "rounds": n_rounds}
 
 
 def round_edges(frames: int, rounds: int) -> list[tuple[int, int]]:
