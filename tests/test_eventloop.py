@@ -133,3 +133,32 @@ def test_every_cli_command_and_the_board_child_tune_the_allocator_before_their_w
     with pytest.raises(Stop):
         device.main(['{"model": "mobilenet_v2", "testbed": {"threads": 1}}'])
     assert calls == ["cli", "device", "load"]
+
+
+def test_a_loop_runs_jobs_one_after_another_on_one_loop_and_cancels_what_each_left():
+    """eventloop.Loop: a benchmark's jobs share one event loop (a closed loop per job made grpc.aio's poller print
+    'Event loop is closed' for an earlier job's late events), and a task a job leaves running is cancelled before the
+    next job starts, as asyncio.run would (it must not take the next job's CPU)."""
+    seen: list[object] = []
+    left: list[asyncio.Task[None]] = []
+
+    async def job(leave: bool) -> int:
+        seen.append(asyncio.get_running_loop())
+        if leave:
+            left.append(asyncio.get_running_loop().create_task(asyncio.sleep(3600)))
+        else:
+            assert left[0].cancelled()  # cancelled when the first job ended, before this one started
+        await asyncio.sleep(0)
+        return len(seen)
+
+    with eventloop.Loop() as loop:
+        assert loop.run(job(True)) == 1
+        assert loop.run(job(False)) == 2
+        with pytest.raises(ZeroDivisionError):
+            loop.run(_fails())
+    assert seen[0] is seen[1]
+    assert seen[0].is_closed()
+
+
+async def _fails() -> None:
+    raise ZeroDivisionError

@@ -129,11 +129,13 @@ def run_bench(args: argparse.Namespace) -> int:
     worker = spawn_worker(["--torch-threads", str(args.threads), "--max-queue", "64", *(["--tl", args.tl] if tl else [])])
     rows = []
     try:
-        for split in splits:
-            for codec in codecs:
-                print(f"... {loaded.name} split {split.index} ({split.name}) codec {codec}", file=sys.stderr, flush=True)
-                rows.append(eventloop.run(_bench_one(loaded, split, codec, worker.address, args.frames, args.warmup,
-                                                   args.window, tl)))
+        with eventloop.Loop() as loop:  # one loop for every row (eventloop.Loop says why)
+            for split in splits:
+                for codec in codecs:
+                    print(f"... {loaded.name} split {split.index} ({split.name}) codec {codec}", file=sys.stderr,
+                          flush=True)
+                    rows.append(loop.run(_bench_one(loaded, split, codec, worker.address, args.frames, args.warmup,
+                                                    args.window, tl)))
     finally:
         worker.stop()
     local_ms = _local_full_ms(loaded)

@@ -74,6 +74,49 @@ def tune_malloc() -> bool:
     return bool(mapped) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
+class Loop:
+    """One event loop for a process that runs several coroutines one after another (a benchmark's jobs, one per
+    strategy or codec), on the loop :func:`run` picks, with glibc's allocator set.
+
+    ``run`` once per job would give each job a new loop. With gRPC's EventEngine off (the CLI's default,
+    runtime/cli/__init__.py), grpc.aio's poller then delivers the late events of an earlier job's calls (a closed
+    channel's last completions) to that job's closed loop: "RuntimeError: Event loop is closed" tracebacks, harmless
+    but printed. Here every job runs on the one loop; after each, the tasks it left are cancelled and awaited, as
+    ``asyncio.run`` does, so nothing of one job runs into the next (a benchmark's board would pay for it)."""
+
+    def __init__(self) -> None:
+        tune_malloc()
+        if loop_name() == "uvloop":
+            import uvloop
+
+            self._runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+        else:
+            self._runner = asyncio.Runner()
+
+    def run(self, main: Coroutine[Any, Any, T]) -> T:
+        try:
+            return self._runner.run(main)
+        finally:
+            self._runner.run(_cancel_left_tasks())
+
+    def close(self) -> None:
+        self._runner.close()
+
+    def __enter__(self) -> Loop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+async def _cancel_left_tasks() -> None:
+    me = asyncio.current_task()
+    left = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
+    for task in left:
+        task.cancel()
+    await asyncio.gather(*left, return_exceptions=True)
+
+
 def run(main: Coroutine[Any, Any, T]) -> T:
     """``asyncio.run(main)`` on the loop ``loop_name`` names, with glibc's allocator set (``tune_malloc``)."""
     tune_malloc()

@@ -311,19 +311,20 @@ def main(argv: list[str]) -> int:
     cal = calibration.calibrate(settings(cfg["testbed"], len(xs)), board.free, board.board, board.set_quota, profile)
     out["local"] = [{"total_ms": t, "class_index": c} for t, c in zip(cal["local_ms"], board.top1, strict=True)]
     print(json.dumps({"calibration": cal, **out}), flush=True)
-    for line in sys.stdin:
-        job = json.loads(line)
-        if job.get("quit"):
-            break
-        try:
-            print(json.dumps(_answer(loaded, xs, job, cfg["cgroup"], gap_s, board, cal)), flush=True)
-        except Exception as e:
-            print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+    with eventloop.Loop() as loop:  # one loop for every job (eventloop.Loop says why)
+        for line in sys.stdin:
+            job = json.loads(line)
+            if job.get("quit"):
+                break
+            try:
+                print(json.dumps(_answer(loaded, xs, job, cfg["cgroup"], gap_s, board, cal, loop)), flush=True)
+            except Exception as e:
+                print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
     return 0
 
 
 def _answer(loaded: LoadedModel, xs: list[torch.Tensor], job: dict[str, Any], cgroup: str, gap_s: float,
-            board: Board, cal: dict[str, Any]) -> dict[str, Any]:
+            board: Board, cal: dict[str, Any], loop: eventloop.Loop) -> dict[str, Any]:
     """One job of the runner's: heads to time, the local passes again (``recheck``), the local strategy's frames in a
     round (``local``), or another strategy's frames."""
     if "time_heads" in job:
@@ -333,7 +334,7 @@ def _answer(loaded: LoadedModel, xs: list[torch.Tensor], job: dict[str, Any], cg
     if job.get("local"):  # the local strategy's frames in a round (runtime.measure.scenarios.run.time_rounds)
         return board.local(job.get("frames_from", 0), job.get("frames_to", len(xs)), job.get("warmup", 1))
     # the agent's own loop (uvloop where installed, as `edgesplit agent` runs it)
-    return eventloop.run(run_split(loaded, {**job, "cgroup": cgroup}, xs))
+    return loop.run(run_split(loaded, {**job, "cgroup": cgroup}, xs))
 
 
 if __name__ == "__main__":
