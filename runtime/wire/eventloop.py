@@ -118,11 +118,7 @@ async def _cancel_left_tasks() -> None:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run(main)`` on the loop ``loop_name`` names, with glibc's allocator set (``tune_malloc``)."""
-    tune_malloc()
-    if loop_name() == "uvloop":
-        import uvloop
-
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main)
-    return asyncio.run(main)
+    """``asyncio.run(main)`` on the loop ``loop_name`` names, with glibc's allocator set (``tune_malloc``): one
+    :class:`Loop`, closed after ``main``."""
+    with Loop() as loop:
+        return loop.run(main)

@@ -52,10 +52,8 @@ def _time_full(loaded: LoadedModel, xs: list[torch.Tensor], runs: int, start: in
     return times, top1
 
 
-def _join(cgroup: str | Path, quota_us: int | None = None) -> None:
-    """Move this process (every thread) into ``cgroup``, setting its quota first when given."""
-    if quota_us is not None:
-        (Path(cgroup) / "cpu.cfs_quota_us").write_text(str(quota_us))
+def _join(cgroup: str | Path) -> None:
+    """Move this process (every thread) into ``cgroup``."""
     (Path(cgroup) / "cgroup.procs").write_text(str(os.getpid()))
 
 
