@@ -133,10 +133,23 @@ def compute_alone(agent: Agent, xs: list[torch.Tensor], runs: int, gap_s: float 
     return {k: statistics.median(v) * 1e3 for k, v in got.items()}
 
 
+def probes_sent(agent: Agent) -> dict[str, int]:
+    """The active stream's liveness probes sent so far, by kind (runtime.wire.stream ``probes_sent``: on the stream,
+    Health/Check on the frames' connection, on the path; "held": of the first two, those sent while a frame held
+    the stream with nothing outstanding, i.e. its head computing); {} for a stream that does not count them."""
+    stream = agent.active.stream
+    return dict(getattr(stream, "probes_sent", {})) if stream is not None else {}
+
+
+def _probes_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before.get(k, 0) for k in after}
+
+
 async def _round(agent: Agent, xs: list[torch.Tensor], frames: int, gap_s: float, loop_tid: int,
                  cgroup: Path | None) -> dict:
     """``frames`` frames one at a time, ``gap_s`` apart: CPU per group, wall, throttled time and stage medians."""
     results = []
+    probes0 = probes_sent(agent)
     # the process's window holds the threads' (whose readings cost ~0.1 ms of CPU, once a round)
     thr0, proc0, cpu0, wall0 = throttled_ms(cgroup), process_cpu(), thread_cpu(), time.perf_counter()
     for i in range(frames):
@@ -145,23 +158,28 @@ async def _round(agent: Agent, xs: list[torch.Tensor], frames: int, gap_s: float
             await asyncio.sleep(gap_s)
     wall, cpu = time.perf_counter() - wall0, cpu_delta(cpu0, thread_cpu(), loop_tid)
     proc = process_cpu() - proc0
+    probes = _probes_delta(probes0, probes_sent(agent))
     local = [r for r in results if r.where != "edge"]
     if local:
         raise RuntimeError(f"{len(local)} of {frames} frames ran locally: {sorted({r.fallback_reason for r in local})}")
     stages = sorted({k for r in results for k in r.times})
     return {"frames": frames, "wall_s": wall, "process_s": proc, "threads_s": cpu,
-            "throttled_ms": throttled_ms(cgroup) - thr0,
+            "throttled_ms": throttled_ms(cgroup) - thr0, "probes": probes,
             "stage_p50_ms": {k: statistics.median(r.times.get(k, 0.0) for r in results) * 1e3 for k in stages},
             "wire_bytes_p50": statistics.median(r.wire_bytes for r in results)}
 
 
-async def _idle(seconds: float, loop_tid: int) -> dict:
-    """The agent's CPU with its stream open and no frame for ``seconds``: per group, seconds per second."""
+async def _idle(seconds: float, loop_tid: int, agent: Agent | None = None) -> dict:
+    """The agent's CPU with its stream open and no frame for ``seconds``: per group, seconds per second (and the
+    liveness probes sent meanwhile, by kind)."""
+    probes0 = probes_sent(agent) if agent is not None else {}
     proc0, cpu0, wall0 = process_cpu(), thread_cpu(), time.perf_counter()
     await asyncio.sleep(seconds)
     wall = time.perf_counter() - wall0
     cpu = cpu_delta(cpu0, thread_cpu(), loop_tid)
-    return {"wall_s": wall, "process_per_s": (process_cpu() - proc0) / wall, "threads_per_s": {k: v / wall for k, v in cpu.items()}}
+    probes = _probes_delta(probes0, probes_sent(agent)) if agent is not None else {}
+    return {"wall_s": wall, "process_per_s": (process_cpu() - proc0) / wall, "threads_per_s": {k: v / wall for k, v in cpu.items()},
+            "probes": probes}
 
 
 async def _background(agent: Agent, seconds: float, loop_tid: int) -> dict | None:
@@ -200,7 +218,7 @@ async def measure(args: argparse.Namespace, loaded, address: str, cgroup: Path |
         await agent.start()
         for i in range(args.warmup):
             await agent.infer(xs[i % len(xs)])
-        idle = await _idle(args.idle_s, loop_tid) if args.idle_s > 0 else None
+        idle = await _idle(args.idle_s, loop_tid, agent) if args.idle_s > 0 else None
         rounds = [await _round(agent, xs, args.frames, args.gap_ms / 1e3, loop_tid, cgroup) for _ in range(args.rounds)]
         quiet = await _background(agent, args.idle_s, loop_tid) if args.idle_s > 0 else None
         alone = await asyncio.get_running_loop().run_in_executor(None, compute_alone, agent, xs, args.alone_runs,
@@ -240,6 +258,8 @@ def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], sp
         },
         "rounds_runtime_ms": [(r["process_s"] - bg_process * r["wall_s"]) / r["frames"] * 1e3 - compute for r in rounds],
         "wire_bytes_p50": statistics.median(r["wire_bytes_p50"] for r in rounds),
+        "probes_per_frame": {k: sum(r["probes"].get(k, 0) for r in rounds) / sum(r["frames"] for r in rounds)
+                             for k in rounds[0].get("probes", {})},
     }
 
 
@@ -264,6 +284,11 @@ def render(out: dict) -> str:
     if idle:  # the background itself: timers, probes and pings with the stream open and no frame
         lines.append(f"  idle, stream open, no frame ({idle['wall_s']:.1f} s): process {idle['process_per_s'] * 1e3:.3f} ms/s "
                      "(" + "   ".join(f"{k} {idle['threads_per_s'][k] * 1e3:.3f}" for k in GROUPS) + ")")
+    if idle and idle.get("probes"):
+        lines.append("  idle liveness probes a second: " + "   ".join(
+            f"{k} {v / idle['wall_s']:.2f}" for k, v in idle["probes"].items()))
+    if out.get("probes_per_frame"):  # "held": sent while a frame's head computed (nothing outstanding yet)
+        lines.append("  liveness probes per frame: " + "   ".join(f"{k} {v:.3f}" for k, v in out["probes_per_frame"].items()))
     quiet = out["background_quiet"]
     if quiet:  # the same with the idle probes paused: what runs beside frames answered within probe_after
         lines.append(f"  idle, probes paused ({quiet['wall_s']:.1f} s): process {quiet['process_per_s'] * 1e3:.3f} ms/s "

@@ -3,6 +3,13 @@ matched to frames by sequence number and stream epoch.
 
 Shared by both roles that send frames: the device agent (to its edge worker) and a worker that
 runs a middle slice and forwards to its next tier (runtime.worker.forward). It imports neither.
+
+The idle liveness probe (runtime.wire.liveness) goes as a ``StreamProbe`` message on the open stream, echoed
+by the worker's stream reader (runtime.worker.streaming), when the worker said in the stream's initial
+metadata that it answers them (runtime.wire.streamprobe); otherwise, and while frames are outstanding, as a unary
+grpc.health.v1 Health/Check on the same connection, as before (issue 14: a write on the open stream where the
+Health/Check was a new call, a task and six completion-queue operations). Each echo is a round-trip sample
+(``EdgeStream.rtt``: count, last, smallest, age; ``on_rtt`` receives each).
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
@@ -21,6 +29,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
 from runtime.wire.framewire import OutFrame, serialize_request
 from runtime.wire.liveness import LAG_TOLERANCE_SECONDS, LinkHint, Liveness, death_kind
+from runtime.wire.streamprobe import RttRecord, advertised
 from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
@@ -43,7 +52,6 @@ class StreamMetrics(Protocol):
 
 
 INFER_STREAM = "/edgesplit.v1.Inference/InferStream"
-
 
 def open_frame_stream(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
     """A new InferStream call on ``channel``: the generated stub's, with a request serializer that also
@@ -118,6 +126,16 @@ class EdgeStream:
         self.users = 0  # frames that captured a plan using this stream and have not finished
         self._idle = asyncio.Event()
         self._idle.set()
+        # stream probes (module docstring): whether this epoch's worker answers them, the one in flight
+        # (id, live.clock() and perf_counter() when sent), and what they measured
+        self.stream_probes = False
+        self._probe_id = 0
+        self._probe_out: tuple[int, float, float] | None = None
+        self.rtt = RttRecord()
+        self.on_rtt: Callable[[float], None] | None = None  # called with each echo's round trip (seconds)
+        # liveness probes sent: on the stream, as Health/Check on the frames' connection, on the path; and how many
+        # of the first two went while a frame held the stream with nothing outstanding (its head computing)
+        self.probes_sent = {"stream": 0, "health": 0, "path": 0, "held": 0}
 
     @property
     def is_open(self) -> bool:
@@ -164,6 +182,7 @@ class EdgeStream:
             self._call = open_frame_stream(channel)
             self.epoch += 1
             self._backoff.reset()
+            self.stream_probes, self._probe_out = False, None  # until this worker says so (_read)
             self._reader = asyncio.create_task(self._read(self._call, self.epoch))
             self._live = Liveness(self.link_hint, self.transport.liveness, path=True)
             self._watchdog = asyncio.create_task(self._watch(self._call, self._live))
@@ -174,8 +193,13 @@ class EdgeStream:
     async def _read(self, call: grpc.aio.StreamStreamCall, epoch: int) -> None:
         reason = "stream closed by the worker"
         try:
+            metadata = await call.initial_metadata()  # before any result: a worker that answers probes says so
+            if self._call is call:
+                self.stream_probes = advertised(metadata)
             async for res in call:
                 if res.header.stream_epoch != epoch:
+                    if res.HasField("probe"):  # an echo (no header): not a frame's result
+                        self._echoed(call, res.probe.id)
                     continue
                 if self._call is call:
                     live = self._live
@@ -191,6 +215,22 @@ class EdgeStream:
             reason = "agent closing"
         finally:
             self._broken(call, reason)
+
+    def _echoed(self, call: grpc.aio.StreamStreamCall, probe_id: int) -> None:
+        """The worker echoed a stream probe: progress (it queued behind every byte sent before it), and a
+        round-trip sample when nothing was outstanding."""
+        out = self._probe_out
+        if self._call is not call or out is None or out[0] != probe_id:
+            return  # a stale echo (an earlier epoch, or a probe already given up on)
+        self._probe_out = None
+        live = self._live
+        seconds = time.perf_counter() - out[2]
+        if not live.outstanding:
+            self.rtt.add(seconds, time.monotonic())
+            if self.on_rtt is not None:
+                self.on_rtt(seconds)
+        live.probe_answered(out[1])
+        self._sooner(live)  # the next probe is due probe_after from now
 
     def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str, kind: str = "") -> None:
         if self._call is not call:
@@ -348,13 +388,43 @@ class EdgeStream:
                     call.cancel()
                     return
                 if (probe is None or probe.done()) and live.wants_probe() and self._channel is not None:
-                    probe = asyncio.create_task(self._ask(self._channel, live, path=False))
+                    probe = self._probe(call, live)
                 if (path_probe is None or path_probe.done()) and live.wants_path_probe() and self._path is not None:
+                    self.probes_sent["path"] += 1
                     path_probe = asyncio.create_task(self._ask(self._path, live, path=True))
         finally:
             for task in (probe, path_probe):
                 if task is not None:
                     task.cancel()
+
+    def _probe(self, call: grpc.aio.StreamStreamCall, live: Liveness) -> asyncio.Task | None:
+        """The probe on the frames' connection: a stream probe when idle and the worker answers them (one at a
+        time: none while one is unanswered, the verdict decides), else a Health/Check."""
+        if self.stream_probes and not live.outstanding and self._probe_out is not None:
+            return None
+        if self.users > 0 and not live.outstanding:
+            self.probes_sent["held"] += 1  # a frame holds the stream, nothing sent yet: its head is computing
+        if self.stream_probes and not live.outstanding:
+            self._probe_id += 1
+            self._probe_out = (self._probe_id, live.clock(), time.perf_counter())
+            self.probes_sent["stream"] += 1
+            return asyncio.create_task(self._write_probe(call, self._probe_id))
+        self.probes_sent["health"] += 1
+        assert self._channel is not None
+        return asyncio.create_task(self._ask(self._channel, live, path=False))
+
+    async def _write_probe(self, call: grpc.aio.StreamStreamCall, probe_id: int) -> None:
+        """Write one stream probe (behind any frame being written); a failed write is the stream's end."""
+        self._writers += 1
+        try:
+            async with self._write_lock:
+                stale = self._call is not call  # reopened meanwhile: the new epoch probes for itself
+                if not stale:
+                    await call.write(pb.StreamRequest(probe=pb.StreamProbe(id=probe_id)))
+        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as e:
+            self._broken(call, f"write failed: {type(e).__name__}")
+        finally:
+            self._writers -= 1
 
     async def _nap(self, live: Liveness, seconds: float) -> None:
         """Sleep ``seconds``, or until :meth:`_sooner` moves the wake-up forward; a late wake-up (this loop

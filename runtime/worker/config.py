@@ -24,6 +24,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     tls: tuple[str, ...] = field((), "Transfer Layer artifacts (.json written by 'edgesplit tl train') whose decoders this worker serves")
     max_concurrency: int = field(1, "frames computed at once (tail executor threads)")
     max_queue: int = field(8, "frames allowed to wait for a free slot; beyond this RESOURCE_EXHAUSTED at once")
+    inline_compute_seconds: float = field(0.05, "run a frame's decode and tail on the event loop's thread (no executor hand-off, ~0.1-0.3 ms a frame) while it is the only frame admitted, at most one InferStream is open and its tail's last compute took at most this long; another caller waits at most this long meanwhile. 0 turns it off")
     torch_threads: int = field(0, "torch intra-op threads per tail (0 = torch default)")
     max_tensor_bytes: int = field(DEFAULT_MAX_BYTES, "largest decoded tensor or payload accepted, in bytes")
     max_batch: int = field(8, "largest batch dimension of a frame (a bigger one is INVALID_ARGUMENT)")
@@ -33,6 +34,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     max_streams: int = field(1024, "InferStream calls open at once, every caller together; beyond, a new one is RESOURCE_EXHAUSTED at once")
     max_streams_per_caller: int = field(4, "InferStream calls one authenticated agent or worker keeps open; a newer one ends its oldest RESOURCE_EXHAUSTED (an agent holds one per worker, two while reconnecting)")
     max_stream_results: int = field(32, "results one stream may hold computed but not yet sent; beyond, the worker stops reading it")
+    max_stream_probes_per_second: float = field(20.0, "stream liveness probes (StreamProbe) one InferStream may send a second, as many at once; beyond, the stream ends RESOURCE_EXHAUSTED (an agent sends ~2 a second idle; 0: none answered, and none advertised)")
     stalled_stream_seconds: float = field(30.0, "a result the client has not taken within this long (it stopped reading) ends its stream RESOURCE_EXHAUSTED")
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
     grace_seconds: float = field(10.0, "on SIGTERM, how long frames in flight may take to finish")
@@ -55,9 +57,13 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
         from runtime.wire.codec import get_codec  # torch: only when a config is built, not for --help
 
         get_codec(self.forward_codec)  # InvalidInput with the valid names ("ans" needs a TL: not for forwarding)
+        if not 0 <= self.max_stream_probes_per_second <= 1000:
+            raise InvalidInput(f"max_stream_probes_per_second must be in [0, 1000], got {self.max_stream_probes_per_second!r}")
         for name in ("stalled_stream_seconds", "forward_deadline_seconds", "forward_connect_timeout_seconds", "forward_reconnect_seconds"):
             if not getattr(self, name) > 0:
                 raise InvalidInput(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.inline_compute_seconds >= 0:
+            raise InvalidInput(f"inline_compute_seconds must be >= 0, got {self.inline_compute_seconds!r}")
         for name in ("max_streams", "max_streams_per_caller"):
             if getattr(self, name) < 1:
                 raise InvalidInput(f"{name} must be >= 1, got {getattr(self, name)!r}")

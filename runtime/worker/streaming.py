@@ -4,19 +4,37 @@ result per frame in completion order (a bad frame gets an error result, not a de
 Each result carries the frame's receive times and the time it left, on the worker's monotonic clock
 (InferResult.received_first_seconds / received_last_seconds / sent_seconds), so the agent can take the
 worker's hold off its round trip and get a bandwidth sample from every frame (issue 11).
+
+A ``StreamProbe`` on the stream (issue 14) is answered with an InferResult holding only the probe, queued
+behind the results before it: the agent's idle liveness probe, one write on the open stream where a unary
+Health/Check was a new call. The worker says it answers them in the stream's initial metadata
+(runtime.wire.streamprobe, sent as the stream opens); an agent that sees no such key keeps Health/Check.
+Limits (SECURITY.md): a probe message over ``MAX_STREAM_PROBE_BYTES`` ends the stream INVALID_ARGUMENT, and
+probes beyond ``--max-stream-probes-per-second`` (a bucket of as many, refilled at that rate) end it
+RESOURCE_EXHAUSTED; neither is buffered (an agent sends one at a time, about two a second idle).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
+import grpc
+
 from runtime.contracts.errors import EdgesplitError, as_error
 from runtime.daemon.auth import acts_for_agent
+from runtime.daemon.interceptors import end_call
 from runtime.daemon.tracing import frame_arrived
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
+from runtime.wire.streamprobe import (
+    DEFAULT_STREAM_PROBES_PER_SECOND,
+    MAX_STREAM_PROBE_BYTES,
+    STREAM_PROBE_METADATA,
+    ProbeBucket,
+)
 from runtime.wire.transport import FrameAssembler
 from runtime.worker.backpressure import ResultSlots, StallGuard
 
@@ -39,12 +57,19 @@ class StreamSession:
         self.first_at = 0.0  # monotonic time the open frame's first message arrived
         self._read_task: asyncio.Task | None = None
         self.stall: StallGuard | None = None  # ends the stream when the client stops reading (runtime.worker.backpressure)
+        rate = float(getattr(service.config, "max_stream_probes_per_second", DEFAULT_STREAM_PROBES_PER_SECOND))
+        self.probes = ProbeBucket(rate)  # StreamProbe messages answered (the rate cap)
+        self.probes_answered = 0
+        self.advertise = rate > 0  # say in the initial metadata that probes are answered
+        self._rpc_task: asyncio.Task | None = None  # the RPC's task, ended by a refused probe
+        self.ended = False  # a refused probe ended the stream
 
     def open(self) -> None:
         """Start reading the stream (``close`` must follow, whatever happens); called in the RPC's task."""
         self.service.metrics.streams.inc()
         self.stall = StallGuard(self.service.config.stalled_stream_seconds, self.context,
                                 self.service.metrics.stalled_streams.inc)
+        self._rpc_task = asyncio.current_task()
         self._read_task = asyncio.create_task(self._reader())
         self.service._stream_queues.add(self.out)
 
@@ -86,13 +111,39 @@ class StreamSession:
         result.received_first_seconds, result.received_last_seconds = first, last
         await self.out.put(result)
 
+    async def _probe(self, msg: pb.StreamRequest) -> None:
+        """Answer a StreamProbe behind the results already queued (a result slot, like any result), or end
+        the stream: a probe over the size cap, or beyond the rate cap, is refused, never buffered."""
+        size = msg.ByteSize()
+        if size > MAX_STREAM_PROBE_BYTES:
+            self._end(grpc.StatusCode.INVALID_ARGUMENT, f"a stream probe of {size} bytes is over the limit of "
+                      f"{MAX_STREAM_PROBE_BYTES} bytes: send only its id")
+        elif not self.probes.take():
+            self._end(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      f"more than {self.probes.rate:g} stream probes a second (--max-stream-probes-per-second): the "
+                      "worker ended this stream; probe at most once per answer, or open a new stream")
+        else:
+            self.probes_answered += 1
+            await self.slots.put(self.out, pb.InferResult(probe=msg.probe))
+
+    def _end(self, code: grpc.StatusCode, message: str) -> None:
+        peer = self.context.peer() if self.context is not None else "?"
+        logger.warning("ending the stream from %s: %s", peer, message)
+        self.ended = True  # the reader stops: nothing more from this stream is taken
+        end_call(self.context, self._rpc_task, code, message)
+
     async def _refuse(self, header: pb.FrameHeader, err: EdgesplitError) -> None:
         await self.slots.put(self.out, self.service._error_result(header, err))
 
     async def _reader(self) -> None:
+        if self.advertise and self.context is not None:  # before any result: the agent knows before it probes
+            with contextlib.suppress(Exception):  # the call already ended or sent its metadata: nothing to say
+                await self.context.send_initial_metadata((STREAM_PROBE_METADATA,))
         try:
             async for msg in self.requests:
                 frame = await self._feed(msg)
+                if self.ended:
+                    break
                 if frame is not None:
                     await self.slots.take()
                     task = asyncio.create_task(self._one(frame, self.first_at, time.monotonic()))
@@ -106,6 +157,9 @@ class StreamSession:
     async def _feed(self, msg: pb.StreamRequest) -> pb.InferRequest | None:
         """One message into the assembler: the frame it completes, or None (errors answered here)."""
         kind = msg.WhichOneof("kind")
+        if kind == "probe":
+            await self._probe(msg)
+            return None
         if kind == "cancel":  # the sender gave up on a frame (runtime.worker.cancel)
             self.service.cancelled.cancel(self.assembler, self.origin, msg.cancel.seq)
             return None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from runtime.proto.edgesplit.v1 import tensor_pb2 as edgesplit_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gesplit/v1/inference.proto\x12\x0c\x65\x64gesplit.v1\x1a\x19\x65\x64gesplit/v1/tensor.proto\"\xd3\x02\n\x0b\x46rameHeader\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0cstream_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x10\n\x08split_id\x18\x05 \x01(\t\x12\x14\n\x0cplan_version\x18\x06 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x07 \x01(\t\x12\r\n\x05tl_id\x18\x08 \x01(\t\x12\x11\n\tend_split\x18\t \x01(\t\x12$\n\tnext_hops\x18\n \x03(\x0b\x32\x11.edgesplit.v1.Hop\x12\x42\n\rtrace_context\x18\x0b \x03(\x0b\x32+.edgesplit.v1.FrameHeader.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tend_split\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\"_\n\x0cInferRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\"6\n\nFrameChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1a\n\x0b\x46rameCancel\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x9c\x01\n\rStreamRequest\x12+\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1a.edgesplit.v1.InferRequestH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.FrameChunkH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.edgesplit.v1.FrameCancelH\x00\x42\x06\n\x04kind\"j\n\nStageTimes\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x14\n\x0ctail_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x66orward_seconds\x18\x04 \x01(\x01\"\xb1\x01\n\x08HopTimes\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08split_id\x18\x02 \x01(\t\x12\x11\n\tend_split\x18\x03 \x01(\t\x12\'\n\x05times\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\x12\x16\n\x0e\x65ncode_seconds\x18\x05 \x01(\x01\x12\x1a\n\x12round_trip_seconds\x18\x06 \x01(\x01\x12\x12\n\nwire_bytes\x18\x07 \x01(\x04\"\xa1\x02\n\x0bInferResult\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\'\n\x05times\x18\x03 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12$\n\x04hops\x18\x06 \x03(\x0b\x32\x16.edgesplit.v1.HopTimes\x12\x1e\n\x16received_first_seconds\x18\x07 \x01(\x01\x12\x1d\n\x15received_last_seconds\x18\x08 \x01(\x01\x12\x14\n\x0csent_seconds\x18\t \x01(\x01\";\n\x0ePrepareRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\"\x87\x01\n\rPrepareResult\x12\x13\n\x0binput_shape\x18\x01 \x03(\r\x12\x13\n\x0binput_dtype\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\r\n\x05tl_id\x18\x05 \x01(\t\x12\x11\n\tnext_tier\x18\x06 \x01(\t\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"$\n\nProbeReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x32\x9b\x02\n\tInference\x12\x44\n\x07Prepare\x12\x1c.edgesplit.v1.PrepareRequest\x1a\x1b.edgesplit.v1.PrepareResult\x12>\n\x05Infer\x12\x1a.edgesplit.v1.InferRequest\x1a\x19.edgesplit.v1.InferResult\x12I\n\x0bInferStream\x12\x1b.edgesplit.v1.StreamRequest\x1a\x19.edgesplit.v1.InferResult(\x01\x30\x01\x12=\n\x05Probe\x12\x1a.edgesplit.v1.ProbeRequest\x1a\x18.edgesplit.v1.ProbeReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65\x64gesplit/v1/inference.proto\x12\x0c\x65\x64gesplit.v1\x1a\x19\x65\x64gesplit/v1/tensor.proto\"\xd3\x02\n\x0b\x46rameHeader\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x14\n\x0cstream_epoch\x18\x02 \x01(\x04\x12\x0b\n\x03seq\x18\x03 \x01(\x04\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x10\n\x08split_id\x18\x05 \x01(\t\x12\x14\n\x0cplan_version\x18\x06 \x01(\x04\x12\x14\n\x0cmodel_digest\x18\x07 \x01(\t\x12\r\n\x05tl_id\x18\x08 \x01(\t\x12\x11\n\tend_split\x18\t \x01(\t\x12$\n\tnext_hops\x18\n \x03(\x0b\x32\x11.edgesplit.v1.Hop\x12\x42\n\rtrace_context\x18\x0b \x03(\x0b\x32+.edgesplit.v1.FrameHeader.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x11\n\tend_split\x18\x02 \x01(\t\x12\r\n\x05\x63odec\x18\x03 \x01(\t\"_\n\x0cInferRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12$\n\x06tensor\x18\x02 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\"6\n\nFrameChunk\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1a\n\x0b\x46rameCancel\x12\x0b\n\x03seq\x18\x01 \x01(\x04\"\x19\n\x0bStreamProbe\x12\n\n\x02id\x18\x01 \x01(\x04\"\xc8\x01\n\rStreamRequest\x12+\n\x05\x66rame\x18\x01 \x01(\x0b\x32\x1a.edgesplit.v1.InferRequestH\x00\x12)\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x18.edgesplit.v1.FrameChunkH\x00\x12+\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x19.edgesplit.v1.FrameCancelH\x00\x12*\n\x05probe\x18\x04 \x01(\x0b\x32\x19.edgesplit.v1.StreamProbeH\x00\x42\x06\n\x04kind\"j\n\nStageTimes\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\x02 \x01(\x01\x12\x14\n\x0ctail_seconds\x18\x03 \x01(\x01\x12\x17\n\x0f\x66orward_seconds\x18\x04 \x01(\x01\"\xb1\x01\n\x08HopTimes\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x10\n\x08split_id\x18\x02 \x01(\t\x12\x11\n\tend_split\x18\x03 \x01(\t\x12\'\n\x05times\x18\x04 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\x12\x16\n\x0e\x65ncode_seconds\x18\x05 \x01(\x01\x12\x1a\n\x12round_trip_seconds\x18\x06 \x01(\x01\x12\x12\n\nwire_bytes\x18\x07 \x01(\x04\"\xcb\x02\n\x0bInferResult\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\x12$\n\x06output\x18\x02 \x01(\x0b\x32\x14.edgesplit.v1.Tensor\x12\'\n\x05times\x18\x03 \x01(\x0b\x32\x18.edgesplit.v1.StageTimes\x12\x0c\n\x04\x63ode\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t\x12$\n\x04hops\x18\x06 \x03(\x0b\x32\x16.edgesplit.v1.HopTimes\x12\x1e\n\x16received_first_seconds\x18\x07 \x01(\x01\x12\x1d\n\x15received_last_seconds\x18\x08 \x01(\x01\x12\x14\n\x0csent_seconds\x18\t \x01(\x01\x12(\n\x05probe\x18\n \x01(\x0b\x32\x19.edgesplit.v1.StreamProbe\";\n\x0ePrepareRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x19.edgesplit.v1.FrameHeader\"\x87\x01\n\rPrepareResult\x12\x13\n\x0binput_shape\x18\x01 \x03(\r\x12\x13\n\x0binput_dtype\x18\x02 \x01(\t\x12\x14\n\x0cmodel_digest\x18\x03 \x01(\t\x12\x14\n\x0cload_seconds\x18\x04 \x01(\x01\x12\r\n\x05tl_id\x18\x05 \x01(\t\x12\x11\n\tnext_tier\x18\x06 \x01(\t\"\x1f\n\x0cProbeRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\"$\n\nProbeReply\x12\x16\n\x0ereceived_bytes\x18\x01 \x01(\x04\x32\x9b\x02\n\tInference\x12\x44\n\x07Prepare\x12\x1c.edgesplit.v1.PrepareRequest\x1a\x1b.edgesplit.v1.PrepareResult\x12>\n\x05Infer\x12\x1a.edgesplit.v1.InferRequest\x1a\x19.edgesplit.v1.InferResult\x12I\n\x0bInferStream\x12\x1b.edgesplit.v1.StreamRequest\x1a\x19.edgesplit.v1.InferResult(\x01\x30\x01\x12=\n\x05Probe\x12\x1a.edgesplit.v1.ProbeRequest\x1a\x18.edgesplit.v1.ProbeReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -46,22 +46,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAMECHUNK']._serialized_end=624
   _globals['_FRAMECANCEL']._serialized_start=626
   _globals['_FRAMECANCEL']._serialized_end=652
-  _globals['_STREAMREQUEST']._serialized_start=655
-  _globals['_STREAMREQUEST']._serialized_end=811
-  _globals['_STAGETIMES']._serialized_start=813
-  _globals['_STAGETIMES']._serialized_end=919
-  _globals['_HOPTIMES']._serialized_start=922
-  _globals['_HOPTIMES']._serialized_end=1099
-  _globals['_INFERRESULT']._serialized_start=1102
-  _globals['_INFERRESULT']._serialized_end=1391
-  _globals['_PREPAREREQUEST']._serialized_start=1393
-  _globals['_PREPAREREQUEST']._serialized_end=1452
-  _globals['_PREPARERESULT']._serialized_start=1455
-  _globals['_PREPARERESULT']._serialized_end=1590
-  _globals['_PROBEREQUEST']._serialized_start=1592
-  _globals['_PROBEREQUEST']._serialized_end=1623
-  _globals['_PROBEREPLY']._serialized_start=1625
-  _globals['_PROBEREPLY']._serialized_end=1661
-  _globals['_INFERENCE']._serialized_start=1664
-  _globals['_INFERENCE']._serialized_end=1947
+  _globals['_STREAMPROBE']._serialized_start=654
+  _globals['_STREAMPROBE']._serialized_end=679
+  _globals['_STREAMREQUEST']._serialized_start=682
+  _globals['_STREAMREQUEST']._serialized_end=882
+  _globals['_STAGETIMES']._serialized_start=884
+  _globals['_STAGETIMES']._serialized_end=990
+  _globals['_HOPTIMES']._serialized_start=993
+  _globals['_HOPTIMES']._serialized_end=1170
+  _globals['_INFERRESULT']._serialized_start=1173
+  _globals['_INFERRESULT']._serialized_end=1504
+  _globals['_PREPAREREQUEST']._serialized_start=1506
+  _globals['_PREPAREREQUEST']._serialized_end=1565
+  _globals['_PREPARERESULT']._serialized_start=1568
+  _globals['_PREPARERESULT']._serialized_end=1703
+  _globals['_PROBEREQUEST']._serialized_start=1705
+  _globals['_PROBEREQUEST']._serialized_end=1736
+  _globals['_PROBEREPLY']._serialized_start=1738
+  _globals['_PROBEREPLY']._serialized_end=1774
+  _globals['_INFERENCE']._serialized_start=1777
+  _globals['_INFERENCE']._serialized_end=2060
 # @@protoc_insertion_point(module_scope)

@@ -74,15 +74,23 @@ class FrameCancel(_message.Message):
     seq: int
     def __init__(self, seq: _Optional[int] = ...) -> None: ...
 
+class StreamProbe(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
 class StreamRequest(_message.Message):
-    __slots__ = ("frame", "chunk", "cancel")
+    __slots__ = ("frame", "chunk", "cancel", "probe")
     FRAME_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     frame: InferRequest
     chunk: FrameChunk
     cancel: FrameCancel
-    def __init__(self, frame: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[_Union[FrameChunk, _Mapping]] = ..., cancel: _Optional[_Union[FrameCancel, _Mapping]] = ...) -> None: ...
+    probe: StreamProbe
+    def __init__(self, frame: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[_Union[FrameChunk, _Mapping]] = ..., cancel: _Optional[_Union[FrameCancel, _Mapping]] = ..., probe: _Optional[_Union[StreamProbe, _Mapping]] = ...) -> None: ...
 
 class StageTimes(_message.Message):
     __slots__ = ("queue_seconds", "decode_seconds", "tail_seconds", "forward_seconds")
@@ -115,7 +123,7 @@ class HopTimes(_message.Message):
     def __init__(self, address: _Optional[str] = ..., split_id: _Optional[str] = ..., end_split: _Optional[str] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., encode_seconds: _Optional[float] = ..., round_trip_seconds: _Optional[float] = ..., wire_bytes: _Optional[int] = ...) -> None: ...
 
 class InferResult(_message.Message):
-    __slots__ = ("header", "output", "times", "code", "message", "hops", "received_first_seconds", "received_last_seconds", "sent_seconds")
+    __slots__ = ("header", "output", "times", "code", "message", "hops", "received_first_seconds", "received_last_seconds", "sent_seconds", "probe")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     TIMES_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +133,7 @@ class InferResult(_message.Message):
     RECEIVED_FIRST_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_LAST_SECONDS_FIELD_NUMBER: _ClassVar[int]
     SENT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
     header: FrameHeader
     output: _tensor_pb2.Tensor
     times: StageTimes
@@ -134,7 +143,8 @@ class InferResult(_message.Message):
     received_first_seconds: float
     received_last_seconds: float
     sent_seconds: float
-    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[HopTimes, _Mapping]]] = ..., received_first_seconds: _Optional[float] = ..., received_last_seconds: _Optional[float] = ..., sent_seconds: _Optional[float] = ...) -> None: ...
+    probe: StreamProbe
+    def __init__(self, header: _Optional[_Union[FrameHeader, _Mapping]] = ..., output: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., times: _Optional[_Union[StageTimes, _Mapping]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., hops: _Optional[_Iterable[_Union[HopTimes, _Mapping]]] = ..., received_first_seconds: _Optional[float] = ..., received_last_seconds: _Optional[float] = ..., sent_seconds: _Optional[float] = ..., probe: _Optional[_Union[StreamProbe, _Mapping]] = ...) -> None: ...
 
 class PrepareRequest(_message.Message):
     __slots__ = ("header",)
