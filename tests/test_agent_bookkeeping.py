@@ -232,3 +232,30 @@ def test_the_loop_kept_counters_and_gauge_write_what_prometheus_client_writes():
     for write in (generate_latest, openmetrics):
         assert ours(write(metrics.registry).decode()) == ours(write(reg).decode())
     assert metrics.registry.get_sample_value("edgesplit_agent_sent_bytes_total") == 49_027 + 14_286 + 3
+
+
+def test_the_loop_kept_frames_counter_writes_what_prometheus_client_writes():
+    """edgesplit_agent_frames_total{where}, kept by the event loop without a lock (issue 14): the same samples as
+    prometheus_client's labelled Counter in both expositions (creation times aside), a label named later too."""
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+
+    reg = CollectorRegistry()
+    theirs = Counter("edgesplit_agent_frames", "Frames with a result, by where they ran", ["where"], registry=reg)
+    metrics = AgentMetrics()
+    for where in ("edge", "local"):
+        theirs.labels(where)
+    for where in ["edge"] * 5 + ["local"] * 2:
+        theirs.labels(where).inc()
+        metrics.frames_by[where].inc()
+    theirs.labels("other").inc(3)
+    metrics.frames.labels("other").inc(3)
+
+    def ours(text: str) -> list[str]:
+        return [re.sub(r"(_created\{[^}]*\}) \S+", r"\1 T", line) for line in text.splitlines() if "agent_frames" in line]
+
+    for write in (generate_latest, openmetrics):
+        assert ours(write(metrics.registry).decode()) == ours(write(reg).decode())
+    assert metrics.registry.get_sample_value("edgesplit_agent_frames_total", {"where": "edge"}) == 5

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import itertools
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +49,13 @@ T = TypeVar("T")
 # a frame's output until its result or its local tail sets it (never handed out): one tensor, not torch.empty(0)
 # per frame (12 us of the loop thread's time a frame between frames, where torch's dispatch runs cold; issue 14)
 _NO_OUTPUT = torch.empty(0)
+
+# The longest a frame's board work (head, TL encoder, codec encode; the tail when nothing is sent) may hold the event
+# loop when it runs there (Agent._board_inline): the stall the stream's liveness takes as this process's own
+# (runtime.wire.liveness.LAG_TOLERANCE_SECONDS). Handing the work to the board thread and back costs two thread
+# wake-ups and the executor's queue: 0.1-0.2 ms of CPU a frame here, ~15 ms of wall time on a board over its quota
+# (issue 14; runtime/measure/results/agent_cpu.md).
+INLINE_BOARD_SECONDS = 0.02
 
 
 class Agent:
@@ -97,6 +105,14 @@ class Agent:
         self._retiring: set[asyncio.Task] = set()
         self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)
         self._seq = itertools.count()
+        # A frame's board work runs on this loop's thread, not handed to the board thread and back, when it is the
+        # agent's only frame, the board thread is idle and the plan's last frame took at most this long on the board
+        # (_board_inline; 0: never)
+        self.inline_board_seconds = INLINE_BOARD_SECONDS
+        self._frames = 0  # frames between infer's start and their result
+        self._board_jobs = 0  # jobs handed to the board thread and not yet ended
+        self._board_last: tuple[ActivePlan | None, float] = (None, math.inf)  # (plan, its last frame's board seconds)
+        self.board_handoffs = 0  # jobs handed to the board thread so far (tests count them)
         self.inflight = InFlight(self.link)  # frames sent and not yet answered, per link; late ones are evidence
         self._probe_channels: dict[str, grpc.aio.Channel] = {}  # RTT probes' own connection (probe_rtt)
         self.edge = EdgeSender(self.link, self.inflight, self.metrics, self.deadline_seconds)
@@ -188,6 +204,7 @@ class Agent:
 
     def _switch(self, current: ActivePlan, plan: ActivePlan, fresh: bool) -> None:
         self.active = plan  # the switch: frames that start from here on use the new plan
+        self._board_last = (None, math.inf)  # its first frame goes to the board thread (_board_inline)
         if fresh:
             self._streams[plan.stream.address] = plan.stream
         if current.stream is not None and current.stream is not plan.stream:
@@ -268,7 +285,21 @@ class Agent:
         ``call_soon_threadsafe`` (runtime.wire.handoff.submit): what ``loop.run_in_executor(self.executor, ...)``
         did, without the executor future's done-callback and the second, chained loop future
         (asyncio.wrap_future), several Python calls a frame on both threads (issue 14)."""
-        return handoff.submit(self.executor, functools.partial(fn, *args))  # no slot to give back: one job at a time
+        self._board_jobs += 1
+        self.board_handoffs += 1
+        return handoff.submit(self.executor, functools.partial(fn, *args), self._board_ended)
+
+    def _board_ended(self) -> None:
+        self._board_jobs -= 1
+
+    def _board_inline(self, plan: ActivePlan) -> bool:
+        """Whether this frame's board work runs on the loop's thread: it is the only frame in the agent (several in
+        flight overlap the board with the link and the worker, and the loop must take their results meanwhile), no
+        job of an earlier frame is still on the board thread (one at a time), and this plan's previous frame took at
+        most ``inline_board_seconds`` there (a long head would hold the loop: probes, the local API and the planner
+        link wait on it). A plan's first frame goes to the board thread."""
+        last, seconds = self._board_last
+        return self._frames == 1 and not self._board_jobs and last is plan and seconds <= self.inline_board_seconds
 
     @staticmethod
     def _run_local_tail(plan: ActivePlan, h: torch.Tensor):
@@ -290,16 +321,23 @@ class Agent:
         stream = plan.stream
         if stream is not None:
             stream.hold()
+        self._frames += 1
         try:
             return await self._infer(plan, seq, x, frame)
         finally:
+            self._frames -= 1
             if stream is not None:
                 stream.release()
 
     @agent_frame  # the frame's log ids and, when tracing is on, its agent.frame span (runtime.daemon.tracing)
     async def _infer(self, plan: ActivePlan, seq: int, x: torch.Tensor, frame: str) -> FrameResult:
         t0 = time.perf_counter()
-        h, msg, t_start, t_head, t_enc, t_tl, tail = await self._on_board(self._head_encode, plan, x)
+        if self._board_inline(plan):
+            board = self._head_encode(plan, x)
+        else:
+            board = await self._on_board(self._head_encode, plan, x)
+        h, msg, t_start, t_head, t_enc, t_tl, tail = board
+        self._board_last = (plan, t_head + t_enc + (t_tl or 0.0) + (tail[1] if tail is not None else 0.0))
         result = FrameResult(seq, frame or f"frame-{seq}", _NO_OUTPUT, "edge", plan.split.name,
                              plan.codec.name, plan.version)  # its output is set below, on every path
         # board_queue: waiting for the board thread (other frames' head or local tail)

@@ -93,6 +93,49 @@ class LoopCounter:
         yield CounterMetricFamily(self.name, self.documentation, value=self.value, created=self.created)
 
 
+class LabelledLoopCounter:
+    """A counter with one label whose series the event loop adds to with no lock (one writer), written at scrape
+    time as prometheus_client's labelled Counter writes them (``NAME_total{LABEL}``, ``NAME_created{LABEL}``):
+    ``labels(value)`` gives a series' :class:`LoopCounter`-like handle, as prometheus_client's does. Series exist
+    from the start for ``values``; others are added when first named (issue 14: a frame's ``frames`` increment
+    took a locked update)."""
+
+    def __init__(self, name: str, documentation: str, label: str, values: tuple[str, ...], registry: CollectorRegistry):
+        self.name, self.documentation, self.label = name, documentation, label
+        self.series: dict[str, _Series] = {value: _Series() for value in values}
+        registry.register(self)
+
+    def labels(self, value: str) -> _Series:
+        series = self.series.get(value)
+        if series is None:
+            series = self.series[value] = _Series()
+        return series
+
+    def describe(self) -> list[Any]:
+        return []  # collected at scrape time
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily(self.name, self.documentation, labels=[self.label])
+        for value, series in list(self.series.items()):
+            fam.add_metric([value], series.value, created=series.created)
+        yield fam
+
+
+class _Series:
+    """One series of a :class:`LabelledLoopCounter`."""
+
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
 def reason_label(reason: str) -> str:
     """Bounded label values for the fallback counter (moved here from runtime.agent.client, next to its values)."""
     for prefix, label in (("deadline", "deadline"), ("given up", "given_up"), ("worker refused", "refused"),
@@ -107,7 +150,8 @@ class AgentMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         register_crl_metrics(r)  # edgesplit_server_certificate_refused_total (runtime.wire.crl)
-        self.frames = Counter("edgesplit_agent_frames", "Frames with a result, by where they ran", ["where"], registry=r)
+        self.frames = LabelledLoopCounter("edgesplit_agent_frames", "Frames with a result, by where they ran", "where",
+                                          WHERE, r)
         self.fallbacks = Counter("edgesplit_agent_fallbacks", "Frames run locally instead of on the edge", ["reason"], registry=r)
         self.refined = Counter("edgesplit_agent_refined_frames", "Edge results too close to call (top-1 margin below "
                                "refine_margin) whose tail was re-run on the board", registry=r)
@@ -148,7 +192,7 @@ class AgentMetrics:
                                      ["code"], registry=r)
         # every known series exists from the start (at 0), so rate() alerts can fire on the first event; the
         # per-frame series are kept by label value: labels() per frame took a lock and a lookup each (issue 14)
-        self.frames_by = {where: self.frames.labels(where) for where in WHERE}
+        self.frames_by = self.frames.series  # by WHERE (kept by the loop: LabelledLoopCounter)
         for reason in FALLBACK_REASONS:
             self.fallbacks.labels(reason)
         self.stage_by = self.stage_seconds.by_stage  # every STAGE's series from the start, as the others

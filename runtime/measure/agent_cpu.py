@@ -9,7 +9,9 @@ and ``--gap-ms`` idle between frames (a camera's spacing). Each thread's CPU tim
 (``/proc/self/task/TID/schedstat``, nanoseconds of run time), read before and after each round of frames, so
 reading it costs nothing per frame. Threads are grouped as the board thread (head, TL encoder, codec encode, the
 message), the event loop thread (send, receive, result handling, telemetry, metrics, logging), gRPC's C-core
-threads, and the rest.
+threads, and the rest. A lone frame's board work runs on the event loop's thread once its plan's board time is known
+to be short (runtime.agent.client.Agent._board_inline): then it is counted in the loop's figure, not the board's, and
+the runtime's own figure is the process's (or board + loop) less the compute.
 
 The head, TL encoder and codec encode are then timed on their own, on the board thread, with the same inputs
 (``time.thread_time``: CPU, not wall). The runtime's own CPU per frame is the process's CPU per frame less those,

@@ -1,0 +1,118 @@
+"""The board work of a lone frame runs on the event loop's thread (issue 14: no hand-off to the board thread and
+back, two thread wake-ups a frame); several frames in flight, a plan's first frame and a long head still go to the
+board thread. Counted through Agent.board_handoffs (every job handed to the board thread), not timed."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from runtime.agent.client import Agent
+from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.sources import open_source
+from runtime.models.loader import load_model
+from runtime.wire.codec import get_codec
+from runtime.worker.config import WorkerConfig
+from runtime.worker.server import serve
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
+
+SPLIT = "add"  # an early resnet18 split: a short head, most compute on the worker
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model("resnet18")
+
+
+@pytest.fixture(scope="module")
+def frames(loaded):
+    return [f.tensor for f in open_source(loaded.spec, "synthetic", 6)]
+
+
+def _run(loaded, frames, body, inline_seconds: float = 60.0):
+    """``body(agent)`` against a real worker on loopback; the threads the agent's head ran on are recorded."""
+    async def scenario():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_queue=64))
+        agent = Agent(loaded, InitialPlan(loaded.split(SPLIT), get_codec("raw"), worker=f"127.0.0.1:{ws.port}"),
+                      AgentOptions(deadline_seconds=30))
+        agent.inline_board_seconds = inline_seconds  # the machine's speed out of the test (a head of any length)
+        head_encode = agent._head_encode
+        threads: list[str] = []
+
+        def recording(plan, x):
+            threads.append("loop" if threading.get_ident() == loop_thread else "board")
+            return head_encode(plan, x)
+
+        agent._head_encode = recording  # type: ignore[method-assign]  # where each frame's board work ran
+        loop_thread = threading.get_ident()
+        await agent.start()
+        try:
+            return await body(agent), threads
+        finally:
+            await agent.close()
+            await ws.server.stop(0)
+
+    return asyncio.run(scenario())
+
+
+def _expected(loaded, xs):
+    with torch.inference_mode():
+        return [loaded.full(x) for x in xs]
+
+
+@pytest.mark.timeout(120)
+def test_lone_frames_run_their_head_on_the_loop(loaded, frames):
+    async def body(agent):
+        return [await agent.infer(x) for x in frames]  # one at a time
+
+    results, threads = _run(loaded, frames, body)
+    assert [r.where for r in results] == ["edge"] * len(frames)
+    # the plan's first frame goes to the board thread (its board time unknown); every later one stays on the loop
+    assert threads == ["board"] + ["loop"] * (len(frames) - 1)
+    for r, e in zip(results, _expected(loaded, frames), strict=True):
+        assert torch.allclose(r.output, e, atol=1e-4)
+
+
+@pytest.mark.timeout(120)
+def test_frames_in_flight_together_use_the_board_thread(loaded, frames):
+    async def body(agent):
+        await agent.infer(frames[0])  # the plan's board time is known from here on
+        before = agent.board_handoffs
+        results = await asyncio.gather(*(agent.infer(x) for x in frames))
+        return results, agent.board_handoffs - before
+
+    (results, handoffs), threads = _run(loaded, frames, body)
+    assert [r.where for r in results] == ["edge"] * len(frames)
+    # the first of the batch starts alone (the loop runs its head before the next one starts); the others overlap
+    assert handoffs == len(frames) - 1 and threads[1:].count("board") == len(frames) - 1
+    assert sorted(r.seq for r in results) == list(range(1, len(frames) + 1))
+
+
+@pytest.mark.timeout(120)
+def test_a_head_longer_than_the_bound_stays_on_the_board_thread(loaded, frames):
+    async def body(agent):
+        return [await agent.infer(x) for x in frames[:3]], agent.board_handoffs
+
+    (results, handoffs), threads = _run(loaded, frames, body, inline_seconds=0.0)
+    assert handoffs == 3 and threads == ["board"] * 3
+    assert [r.where for r in results] == ["edge"] * 3
+
+
+@pytest.mark.timeout(120)
+def test_a_new_plan_starts_on_the_board_thread(loaded, frames):
+    async def body(agent):
+        await agent.infer(frames[0])
+        await agent.infer(frames[1])  # on the loop
+        before = agent.board_handoffs
+        await agent.apply_plan(SPLIT, "raw", version=2)
+        r1 = await agent.infer(frames[2])
+        r2 = await agent.infer(frames[3])
+        return (r1, r2), agent.board_handoffs - before
+
+    ((r1, r2), handoffs), threads = _run(loaded, frames, body)
+    assert (r1.plan_version, r2.plan_version) == (2, 2)
+    assert handoffs == 1 and threads == ["board", "loop", "board", "loop"]  # each plan's first frame only
