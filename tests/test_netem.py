@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sys
 import time
 
 import pytest
@@ -172,3 +173,54 @@ def test_command_line_relays_and_stops_on_sigterm(reaper, tmp_path):
     assert all(0.020 <= rt < 0.020 + 0.25 for rt in rts), rts
     assert code == 0
     assert main(["--target", "nowhere"]) == 2
+
+
+def test_read_size_scales_with_the_rate_between_its_floor_and_cap():
+    from runtime.tools.netem import MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+
+    def size(mbps: float, **kw) -> int:
+        return DelayProxy("127.0.0.1:1", LinkShape.from_ms_mbps(1, mbps), **kw).read_bytes()
+
+    assert size(0.1) == size(1.6) == size(58.8) == MIN_CHUNK_BYTES  # the scenarios' links: 16 KiB, as before
+    assert MIN_CHUNK_BYTES < size(200) == 25_000 < MAX_CHUNK_BYTES  # about 1 ms of the rate
+    assert size(1000) == size(0) == MAX_CHUNK_BYTES  # capped; unlimited takes the cap
+    assert size(1000, chunk_bytes=16 * 1024) == 16 * 1024  # a set size whatever the rate
+    assert size(1000, buffer_bytes=MIN_CHUNK_BYTES * 2) == MIN_CHUNK_BYTES * 2  # never beyond the buffer
+    proxy = DelayProxy("127.0.0.1:1", LinkShape.from_ms_mbps(1, 1000))
+    proxy.set_shape(rate_bytes_per_second=1.6 * 125_000)
+    assert proxy.read_bytes() == MIN_CHUNK_BYTES  # follows a rate changed at run time
+    with pytest.raises(ValueError):
+        DelayProxy("127.0.0.1:1", buffer_bytes=MIN_CHUNK_BYTES - 1)
+    with pytest.raises(ValueError):
+        DelayProxy("127.0.0.1:1", chunk_bytes=-1)
+    assert main(["--target", "127.0.0.1:1", "--chunk-kb", "-1"]) == 2
+
+
+@pytest.mark.parametrize("loop_name", ["asyncio", "uvloop"])
+def test_a_sub_millisecond_delay_is_held_not_rounded_to_the_loops_milliseconds(loop_name):
+    """0.5 ms each way: the loops' timers keep whole ms (uvloop rounds a 0.5 ms sleep to none, so the old relay
+    gave ~0.3 ms round trips on uvloop); the relay's timerfd holds each byte at least the delay, on either loop."""
+    from runtime.tools.netem import _PreciseTimer
+
+    async def scenario():
+        if sys.platform.startswith("linux"):
+            timer = _PreciseTimer(asyncio.get_running_loop())
+            assert timer.fd >= 0  # the kernel's timer, not the loop's
+            when = time.monotonic() + 0.0003
+            await timer.sleep_until(when)
+            assert time.monotonic() >= when
+            timer.close()
+        server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+        target = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            async with DelayProxy(target, LinkShape(delay_seconds=0.0005)) as proxy:
+                return await _round_trips(proxy.address, 20)
+        finally:
+            server.close()
+
+    if loop_name == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        rts = uvloop.run(scenario())
+    else:
+        rts = asyncio.run(scenario())
+    assert all(0.001 <= rt < 0.001 + 0.25 for rt in rts), rts

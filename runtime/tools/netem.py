@@ -21,7 +21,11 @@ old rate. Each direction holds at most ``buffer_bytes`` (a bounded router queue)
 the relay stops reading, and TCP flow control pushes back on the sender. End of stream is
 passed on once the bytes before it were delivered; a reset on either side closes both.
 
-Imports nothing from the rest of edgesplit: it is a tool, usable with any TCP service.
+Bytes are read in pieces of about 1 ms of the rate (16-64 KiB, :meth:`DelayProxy.read_bytes`) and held until their
+instant by the kernel's timer (a timerfd, not the event loop's millisecond timers), so a 0.5 ms delay is 0.5 ms.
+The command runs on the daemons' event loop (``runtime.wire.eventloop``: uvloop, glibc's allocator set;
+``EDGESPLIT_EVENT_LOOP=asyncio`` for asyncio's). Measured against the set values and per MB of CPU:
+runtime/tools/results/netem_relay.md (``python -m runtime.tools.netem_bench``). Usable with any TCP service.
 """
 
 from __future__ import annotations
@@ -29,14 +33,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
+import os
 import signal
 import sys
+import time
 from dataclasses import dataclass
+
+from runtime.wire import eventloop
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 16 * 1024  # bytes read at a time; the granularity of pacing
+MIN_CHUNK_BYTES = 16 * 1024  # bytes read at a time at most, at low rates: the granularity of pacing
+MAX_CHUNK_BYTES = 64 * 1024  # the most read at a time (rate-scaled chunks stop here)
+CHUNK_SECONDS = 1e-3  # rate-scaled chunks hold about this much of the rate (see DelayProxy.read_bytes)
+DEFAULT_CHUNK_BYTES = 0  # 0: rate-scaled; a number: that many bytes whatever the rate
 DEFAULT_BUFFER_BYTES = 256 * 1024  # per direction and connection
 CONNECT_TIMEOUT_SECONDS = 5.0
 
@@ -65,20 +77,100 @@ def _split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+class _PreciseTimer:
+    """Waits until a ``time.monotonic()`` instant with the kernel's precision: a Linux timerfd (CLOCK_MONOTONIC, set
+    to the absolute instant) that the event loop watches like a socket. The loops' own timers keep milliseconds:
+    asyncio's epoll wait is rounded up to the next ms (+0.47-0.59 ms late a sleep, measured), uvloop rounds the delay
+    to whole ms (a 0.5 ms sleep returns at once); on a 0.5 ms one-way delay either is off by about its size
+    (runtime/tools/results/netem_relay.md). Where no timerfd can be made (not Linux) it falls back to asyncio.sleep."""
+
+    _libc: ctypes.CDLL | None = None
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.fd = -1
+        self._waiter: asyncio.Future[None] | None = None
+        libc = self._load()
+        if libc is not None:
+            fd = int(libc.timerfd_create(_CLOCK_MONOTONIC, os.O_NONBLOCK | os.O_CLOEXEC))
+            if fd >= 0:
+                try:
+                    loop.add_reader(fd, self._fired)
+                except (NotImplementedError, OSError, ValueError):  # a loop that cannot watch it
+                    os.close(fd)
+                else:
+                    self.fd = fd
+
+    @classmethod
+    def _load(cls) -> ctypes.CDLL | None:
+        if cls._libc is None and sys.platform.startswith("linux"):
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                libc.timerfd_create.argtypes = (ctypes.c_int, ctypes.c_int)
+                libc.timerfd_settime.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.POINTER(_ITimerSpec), ctypes.c_void_p)
+                cls._libc = libc
+            except (OSError, AttributeError):
+                return None
+        return cls._libc
+
+    async def sleep_until(self, when: float) -> None:
+        wait = when - time.monotonic()
+        if wait <= 0:
+            return
+        if self.fd < 0 or self._libc is None:
+            await asyncio.sleep(wait)
+            return
+        sec = int(when)
+        spec = _ITimerSpec(_TimeSpec(0, 0), _TimeSpec(sec, max(1, int((when - sec) * 1e9))))
+        if self._libc.timerfd_settime(self.fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None) != 0:
+            await asyncio.sleep(wait)
+            return
+        self._waiter = self.loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _fired(self) -> None:
+        with contextlib.suppress(BlockingIOError, InterruptedError):
+            os.read(self.fd, 8)  # the expiry count; the fd is readable until it is read
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+
+class _TimeSpec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _ITimerSpec(ctypes.Structure):
+    _fields_ = [("it_interval", _TimeSpec), ("it_value", _TimeSpec)]
+
+
+_CLOCK_MONOTONIC = 1  # <time.h>; time.monotonic() reads this clock on Linux
+_TFD_TIMER_ABSTIME = 1  # <sys/timerfd.h>
+
+
 class _Direction:
-    """One way of one connection: read, schedule, hold, write."""
+    """One way of one connection: read, schedule, hold, write. Times are ``time.monotonic()`` (uvloop's loop.time()
+    is the loop's cached milliseconds)."""
 
     def __init__(self, proxy: DelayProxy, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str):
         self.proxy, self.reader, self.writer, self.name = proxy, reader, writer, name
         self.queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()  # (deliver at, bytes), None: end; bounded in bytes by _read
-        self.link_free = 0.0  # loop time at which the link finishes serialising what it was given
+        self.link_free = 0.0  # monotonic time at which the link finishes serialising what it was given
         self.queued_bytes = 0  # read and not yet written (<= proxy.buffer_bytes)
         self.room = asyncio.Event()  # set by the writer whenever bytes leave
 
     async def pump(self) -> None:
         """Relay until end of stream (passed on) or an error (raised, so the connection closes)."""
-        loop = asyncio.get_running_loop()
-        tasks = [asyncio.create_task(self._read(loop)), asyncio.create_task(self._write(loop))]
+        timer = _PreciseTimer(asyncio.get_running_loop())
+        tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write(timer))]
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for t in done:
@@ -87,10 +179,11 @@ class _Direction:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            timer.close()
 
-    async def _read(self, loop: asyncio.AbstractEventLoop) -> None:
-        chunk = self.proxy.chunk_bytes
+    async def _read(self) -> None:
         while True:
+            chunk = self.proxy.read_bytes()
             while self.queued_bytes + chunk > self.proxy.buffer_bytes:  # full: stop reading, TCP pushes back
                 self.room.clear()
                 await self.room.wait()
@@ -102,12 +195,12 @@ class _Direction:
                 self.proxy.swallowed_bytes += len(data)
                 continue
             shape = self.proxy.shape
-            start = max(loop.time(), self.link_free)
+            start = max(time.monotonic(), self.link_free)
             self.link_free = start + (len(data) / shape.rate_bytes_per_second if shape.rate_bytes_per_second else 0.0)
             self.queued_bytes += len(data)
             self.queue.put_nowait((self.link_free + shape.delay_seconds, data))
 
-    async def _write(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _write(self, timer: _PreciseTimer) -> None:
         while True:
             item = await self.queue.get()
             if item is None:
@@ -115,9 +208,7 @@ class _Direction:
                     self.writer.write_eof()
                 return
             deliver_at, data = item
-            wait = deliver_at - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            await timer.sleep_until(deliver_at)
             self.writer.write(data)
             await self.writer.drain()
             self.queued_bytes -= len(data)
@@ -131,13 +222,14 @@ class DelayProxy:
     def __init__(self, target: str, shape: LinkShape = LinkShape(), listen: str = "127.0.0.1:0", *,
                  buffer_bytes: int = DEFAULT_BUFFER_BYTES, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  connect_timeout: float = CONNECT_TIMEOUT_SECONDS):
-        if chunk_bytes <= 0 or buffer_bytes < chunk_bytes:
-            raise ValueError(f"need 0 < chunk_bytes <= buffer_bytes, got {chunk_bytes} and {buffer_bytes}")
+        if chunk_bytes < 0 or buffer_bytes < max(chunk_bytes, MIN_CHUNK_BYTES):
+            raise ValueError(f"need 0 <= chunk_bytes <= buffer_bytes and buffer_bytes >= {MIN_CHUNK_BYTES}, got "
+                             f"{chunk_bytes} and {buffer_bytes}")
         self.target = _split_address(target)
         self.listen = _split_address(listen)
         self.shape = shape
         self.buffer_bytes = buffer_bytes
-        self.chunk_bytes = chunk_bytes
+        self.chunk_bytes = chunk_bytes  # 0: rate-scaled (read_bytes)
         self.connect_timeout = connect_timeout
         self.relayed_bytes = {"up": 0, "down": 0}  # delivered to the target / back to clients
         self.connections = 0  # accepted so far
@@ -156,6 +248,19 @@ class DelayProxy:
     def buffered_bytes(self) -> int:
         """Bytes held in the relay now, over all connections and directions."""
         return sum(d.queued_bytes for d in self._directions)
+
+    def read_bytes(self) -> int:
+        """The most bytes one read takes, which the relay then paces as one piece: ``chunk_bytes`` where set, else
+        about CHUNK_SECONDS of the current rate, at least MIN_CHUNK_BYTES and at most MAX_CHUNK_BYTES (the most when
+        the rate is unlimited), never more than ``buffer_bytes``. At 1.6-58.8 Mbit/s that is 16 KiB; at 1 Gbit/s
+        64 KiB, a quarter of the loop passes per MB (runtime/tools/results/netem_relay.md). A piece is delivered
+        whole once it finished serialising, so a larger one arrives in coarser steps (64 KiB is 0.5 ms at 1 Gbit/s);
+        the last byte of a transfer arrives when it would with any size."""
+        if self.chunk_bytes:
+            return self.chunk_bytes
+        rate = self.shape.rate_bytes_per_second
+        size = MAX_CHUNK_BYTES if not rate else min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, int(rate * CHUNK_SECONDS)))
+        return min(size, self.buffer_bytes)
 
     def set_shape(self, delay_seconds: float | None = None, rate_bytes_per_second: float | None = None) -> None:
         """Change the delay and/or the rate (0 = unlimited) for bytes arriving from now on."""
@@ -241,13 +346,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rate cap in Mbit/s, each direction; 0 = unlimited (default: %(default)s)")
     p.add_argument("--buffer-kb", type=int, default=DEFAULT_BUFFER_BYTES // 1024,
                    help="bytes held per direction and connection, in KiB (default: %(default)s)")
+    p.add_argument("--chunk-kb", type=int, default=DEFAULT_CHUNK_BYTES // 1024,
+                   help=f"bytes read and paced as one piece, in KiB; 0 = about {CHUNK_SECONDS * 1e3:g} ms of the rate, "
+                        f"{MIN_CHUNK_BYTES // 1024}-{MAX_CHUNK_BYTES // 1024} KiB (default: %(default)s)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     return p
 
 
 async def _serve(args: argparse.Namespace) -> None:
+    chunk = args.chunk_kb * 1024
     proxy = DelayProxy(args.target, LinkShape.from_ms_mbps(args.delay_ms, args.rate_mbps), args.listen,
-                       buffer_bytes=max(args.buffer_kb * 1024, DEFAULT_CHUNK_BYTES))
+                       buffer_bytes=max(args.buffer_kb * 1024, chunk, MIN_CHUNK_BYTES), chunk_bytes=chunk)
     await proxy.start()
     rate = f"{args.rate_mbps:g} Mbit/s" if args.rate_mbps else "unlimited rate"
     print(f"edgesplit netem listening on {proxy.address} -> {args.target} ({args.delay_ms:g} ms one way, {rate})",
@@ -266,10 +375,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _split_address(args.target)
         LinkShape.from_ms_mbps(args.delay_ms, args.rate_mbps)
+        if args.chunk_kb < 0:
+            raise ValueError(f"--chunk-kb must be >= 0, got {args.chunk_kb}")
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    asyncio.run(_serve(args))
+    eventloop.run(_serve(args))
     return 0
 
 
