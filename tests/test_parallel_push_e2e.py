@@ -90,6 +90,10 @@ def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_i
             stage = agent.parallel.coord.stage
             results = [await agent.infer(x, f"f{i}") for i, x in enumerate(frames)]
             sampled = {w: agent.link.estimate(w).bandwidth.samples for w in stage.workers}  # tiles feed the link
+            # per-worker tile times on the agent's own metrics (its endpoint serves agent.metrics.registry)
+            tile_counts = {w: agent.metrics.registry.get_sample_value("edgesplit_agent_tile_seconds_count",
+                                                                      {"worker": w}) for w in stage.workers}
+            assert all(n is not None and n > 0 for n in tile_counts.values()), tile_counts
             info = next(a for a in (await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents
                         if a.agent_id == AGENT)
             return results, info, stage, sampled

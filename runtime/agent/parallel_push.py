@@ -66,7 +66,10 @@ class PushedStage:
         self.loaded = loaded
         self.link = link  # the agent's LinkEstimator: frames through the stage feed it (None: they do not)
         self.options = options or CoordinatorOptions()
-        self.metrics = metrics or TileMetrics()
+        # per-worker tile times and failures: by default in the agent's own registry (the one its LinkEstimator
+        # counts into), so edgesplit_agent_tile_seconds{worker} is on the agent's metrics endpoint
+        agent_metrics = link.metrics if link is not None else None
+        self.metrics = metrics or TileMetrics(agent_metrics.registry if agent_metrics is not None else None)
         self.prepare_timeout_seconds = prepare_timeout_seconds
         self.coord: ParallelCoordinator | None = None
         self.version = 0  # the plan version whose stage is active
