@@ -118,6 +118,36 @@ def test_worker_killed_mid_frame_loses_nothing(start_worker, loaded, image, refe
     assert all(r.ran_on != victim_addr for r in reports2)
 
 
+def test_worker_killed_while_computing_its_tile_loses_nothing(start_worker, loaded, image, reference):
+    """The kill lands while the victim's block-0 tile is in flight (the victim is stopped first, so it cannot have
+    answered): the call fails at once (not at its 30 s deadline) and the tile is computed elsewhere."""
+    (victim, vport), (_, sport) = (start_worker("--torch-threads", "1") for _ in range(2))
+    victim_addr, survivor = f"127.0.0.1:{vport}", f"127.0.0.1:{sport}"
+
+    async def go():
+        coord = ParallelCoordinator(loaded, _stage([victim_addr, survivor]), CoordinatorOptions(tile_deadline_seconds=30))
+        try:
+            assert await coord.prepare(timeout=60) == {}  # both hold the model: the frame's first calls are tiles
+            victim.send_signal(signal.SIGSTOP)
+            frame = asyncio.create_task(coord.run_frame(image))
+            await asyncio.sleep(1.0)  # the head (stem) ran and block 0's tiles were sent; the victim's hangs
+            assert not frame.done()
+            victim.send_signal(signal.SIGKILL)
+            await asyncio.to_thread(victim.wait, 10)
+            return await frame
+        finally:
+            await coord.close()
+
+    y, reports = _run(go())
+    assert _close(y, reference)
+    first = next(r for r in reports if r.planned == victim_addr)
+    assert first.block == 0 and first.ran_on in (survivor, LOCAL), first
+    assert len(first.failures) == 1 and first.failures[0].startswith(f"{victim_addr}: ")
+    assert "DEADLINE_EXCEEDED" not in first.failures[0]  # the broken call failed; it did not wait out its deadline
+    print("victim's tile:", first.failures, "->", first.ran_on)
+    assert all(r.ran_on != victim_addr for r in reports)
+
+
 def test_worker_that_stops_answering_misses_its_deadline(start_worker, loaded, image, reference):
     (frozen, fport), (_, sport) = (start_worker("--torch-threads", "1") for _ in range(2))
     frozen_addr, survivor = f"127.0.0.1:{fport}", f"127.0.0.1:{sport}"
