@@ -5,10 +5,11 @@
   positive linear stand-in of the chain, have exactly the bounding box ``back_propagate`` computes.
 * Exactness: tiles run on their crops (halo included, padded only at the true border) and stitched
   equal the unsplit computation, for random chains with real max/avg pools and for segments of the
-  bundled VGG-16, ResNet-18/50, MobileNetV2 and DenseNet-169, with 2, 3, 4 row tiles and 2x2 grids
-  on odd input sizes. Tolerance: max abs diff <= TOL x max |reference| (the conv kernels may
-  accumulate in another order on a smaller input; measured <= 1e-6 for VGG-16, ResNet-18 and
-  DenseNet-169, 0 for ResNet-50 layer1 and MobileNetV2; run with -s to see the figures).
+  bundled VGG-16, ResNet-18/50 (ResNet-50's layer1, and layer2's strided bottleneck), MobileNetV2 and
+  DenseNet-169, with 2, 3, 4 row tiles and 2x2 grids on odd input sizes. Tolerance: max abs diff
+  <= TOL x max |reference| (the conv kernels may accumulate in another order on a smaller input;
+  measured <= 1e-6 for VGG-16, ResNet-18, ResNet-50 layer2 and DenseNet-169, 0 for ResNet-50 layer1
+  and MobileNetV2; run with -s to see the figures).
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ CASES = [
     ("resnet18", (131, 101), "input", "layer2_1_relu_1"),  # stem + layer1 + layer2 (downsampling residual)
     ("resnet18", (131, 101), "layer2_1_relu_1", "layer4_1_relu_1"),  # layer3 + layer4
     ("resnet50", (67, 53), "maxpool", "layer1_2_relu_2"),  # layer1: three bottlenecks
+    ("resnet50", (67, 53), "layer1_2_relu_2", "layer2_1_relu_2"),  # layer2's strided bottleneck (1x1 downsample)
     ("mobilenet_v2", (131, 101), "input", "features_18_2"),  # all 17 inverted residuals (depthwise convs)
     ("densenet169", (67, 53), "features_pool0", "features_transition1_pool"),  # dense block: concat, avg pool
 ]
