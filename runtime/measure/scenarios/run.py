@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile
@@ -26,18 +26,23 @@ from runtime.contracts.profile import load as load_profile
 from runtime.measure.scenarios import board as board_heads
 from runtime.measure.scenarios import costs, dynamic, fidelity
 from runtime.measure.scenarios.device import _readline_json
-from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec
+from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec, Scenario
 from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
 
 if TYPE_CHECKING:
     import torch
 
+    from runtime.models.loader import LoadedModel
     from runtime.models.spec import ModelSpec
 
 # (device profile, edge profile, link, min fidelity) -> the best configuration, or None
 Ranker = Callable[[Profile, Profile, Link, float], "Configuration | None"]
 # (model spec, n) -> (n frames [n, 3, H, W] for the fidelity checks, a description of them)
 FrameMaker = Callable[["ModelSpec", int], "tuple[torch.Tensor, str]"]
+# A JSON object: a job for the board child and its answer, a plan's job, a measured link, a result row. The values
+# are read back from the child's stdout (json.loads: Any) and written to the results file as they are.
+Json = dict[str, Any]
+Progress = Callable[[str], None]
 CHILD_START_SECONDS = 1800.0  # load, calibrate, profile and run local on the board
 JOB_SECONDS = 1800.0  # one strategy's frames
 # the stages kept per frame in the results (beside them the board's CPU for the frame, all its threads, and the quota's
@@ -47,7 +52,7 @@ STAGE_KEYS = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "ed
               "total")
 
 
-def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> dict | None:
+def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> Json | None:
     """The split, codec and TL a configuration runs; None when it keeps every block on the board."""
     if conf is None or not conf.hops:
         return None
@@ -56,13 +61,13 @@ def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> d
             "predicted_ms": conf.seconds * 1e3, "plan": conf.describe()}
 
 
-def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec, shapes, names,
-           check: fidelity.Checker, tl_path: str) -> dict:
+def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec, shapes: list[tuple[int, ...]],
+           names: list[str], check: fidelity.Checker, tl_path: str) -> Json:
     """Each peer's plan by its own cost model; edgesplit's checked against its fidelity floor on the
     checker's frames first (:func:`fidelity.verified`)."""
     peers = {"scission": (costs.scission(dev), costs.scission(edge), 0.0),
              "scissionlite": (costs.scissionlite(dev, shapes), costs.scissionlite(edge, shapes), 0.0)}
-    out = {k: _job(rank(d, e, link, f), len(names), names) for k, (d, e, f) in peers.items()}
+    out: Json = {k: _job(rank(d, e, link, f), len(names), names) for k, (d, e, f) in peers.items()}
     conf, _, checks = fidelity.verified(rank, costs.edgesplit(dev, spec.codecs), costs.edgesplit(edge, spec.codecs),
                                         link, spec.min_fidelity, check, tl_path)
     out["edgesplit"] = _job(conf, len(names), names)
@@ -70,7 +75,7 @@ def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec,
     return out
 
 
-def _offline_fidelity(check: fidelity.Checker, job: dict | None) -> dict:
+def _offline_fidelity(check: fidelity.Checker, job: Json | None) -> Json:
     """A strategy's agreement on the checker's frames (1 for raw fp32 without a TL, and for local)."""
     if job is None or fidelity.exact(job["codec"], job["tl_id"]):
         value = 1.0
@@ -79,7 +84,7 @@ def _offline_fidelity(check: fidelity.Checker, job: dict | None) -> dict:
     return {"fidelity_offline": value, "fidelity_offline_frames": check.frames}
 
 
-def _reference_tl(loaded, split_name: str, out_dir: Path) -> str:
+def _reference_tl(loaded: LoadedModel, split_name: str, out_dir: Path) -> str:
     from runtime.transfer.artifact import save_tl
     from runtime.transfer.layers import TransferLayer
 
@@ -88,7 +93,7 @@ def _reference_tl(loaded, split_name: str, out_dir: Path) -> str:
     return str(path)
 
 
-def _ask(child: subprocess.Popen, job: dict, timeout: float) -> dict:
+def _ask(child: subprocess.Popen[str], job: Json, timeout: float) -> Json:
     assert child.stdin is not None
     child.stdin.write(json.dumps(job) + "\n")
     child.stdin.flush()
@@ -98,9 +103,12 @@ def _ask(child: subprocess.Popen, job: dict, timeout: float) -> dict:
     return got
 
 
-def _strategy_rows(name: str, got: dict, sc, link: dict, down: int, ref: list[int], job: dict | None) -> dict:
+def _strategy_rows(name: str, got: Json, sc: Scenario, down: int, ref: list[int], job: Json | None) -> Json:
     rows = got["rows"]
-    totals, floors, bytes_, top1 = [], [], [], []
+    totals: list[float] = []
+    floors: list[float] = []
+    bytes_: list[float] = []
+    top1: list[int] = []
     for r in rows:
         totals.append(r["times_ms"]["total"])
         floors.append(costs.floor_ms(r["times_ms"], r["wire_bytes"], down, sc.mbps, sc.rtt_ms))
@@ -120,7 +128,7 @@ def _strategy_rows(name: str, got: dict, sc, link: dict, down: int, ref: list[in
     return out
 
 
-def _edge_only_job(names: list[str], edge: Profile, sc, jpeg: list[dict], down: int) -> dict:
+def _edge_only_job(names: list[str], edge: Profile, sc: Scenario, jpeg: list[Json], down: int) -> Json:
     """The frame as a camera sends it: the wire's jpeg codec at split 'input' (the agent encodes on the
     board, the worker decodes on the edge), through the same relay as every other strategy."""
     mean_jpeg = statistics.mean(j["bytes"] for j in jpeg)
@@ -130,7 +138,7 @@ def _edge_only_job(names: list[str], edge: Profile, sc, jpeg: list[dict], down: 
             "plan": f"JPEG q{JPEG_QUALITY} of the input (mean {mean_jpeg:,.0f} B), the wire's jpeg codec"}
 
 
-def _board_encodes(measured: Profile, board: dict, local_p50_ms: float) -> tuple[Profile, float]:
+def _board_encodes(measured: Profile, board: Json, local_p50_ms: float) -> tuple[Profile, float]:
     """The board's profile with the encode times it measured frame by frame; the rest scaled by local p50 / the block
     sum (the heads are priced after, :mod:`runtime.measure.scenarios.board`). Returns (profile, that factor)."""
     factor = local_p50_ms / 1e3 / sum(b.seconds for b in measured.blocks)
@@ -143,8 +151,10 @@ def _board_encodes(measured: Profile, board: dict, local_p50_ms: float) -> tuple
     return dev, factor
 
 
-def _board_plans(model: str, rank: Ranker, dev: Profile, edge: Profile, spec: RunSpec, points, check, tl_path: str,
-                 child, prefix: dict, local_p50_ms: float, progress) -> tuple[dict, Profile, dict]:
+def _board_plans(model: str, rank: Ranker, dev: Profile, edge: Profile, spec: RunSpec,
+                 points: tuple[list[tuple[int, ...]], list[str]], check: fidelity.Checker, tl_path: str,
+                 child: subprocess.Popen[str], prefix: Json, local_p50_ms: float,
+                 progress: Progress) -> tuple[Json, Profile, Json]:
     """Every strategy's plan per static scenario on the board's measured heads (the same profile for each):
     the prefix prior, each strategy's best few heads by it timed on the board, then each picked head timed on the
     board, planned again (:mod:`board`)."""
@@ -153,21 +163,22 @@ def _board_plans(model: str, rank: Ranker, dev: Profile, edge: Profile, spec: Ru
     static = [s for s in spec.scenarios if not SCENARIOS[s].steps]
     links = [Link.from_mbps(SCENARIOS[s].rtt_ms, SCENARIOS[s].mbps) for s in static]
 
-    def plan_all(d: Profile) -> dict:
+    def plan_all(d: Profile) -> Json:
         return {s: _plans(rank, d, edge, link, spec, shapes, names, check, tl_path) for s, link in zip(static, links, strict=True)}
 
-    def first_picks(d: Profile) -> list[dict]:
+    def first_picks(d: Profile) -> list[Json]:
         peers = {"scission": (costs.scission(d), costs.scission(edge), 0.0),
                  "scissionlite": (costs.scissionlite(d, shapes), costs.scissionlite(edge, shapes), 0.0),
                  "edgesplit": (costs.edgesplit(d, spec.codecs), costs.edgesplit(edge, spec.codecs), spec.min_fidelity)}
         return board_heads.top_heads(peers, links, spec.head_candidates, names, tl_path, heads)
 
-    def time_on_board(todo: list[dict], budget_s: float | None = None) -> list[dict]:
+    def time_on_board(todo: list[Json], budget_s: float | None = None) -> list[Json]:
         progress(f"{model}: timing {len(todo)} head(s) on the board, {spec.head_runs} frames each"
                  + (f", {budget_s:g} s at most" if budget_s is not None else "") + ": "
                  + ", ".join(f"{c['split']} ({', '.join(t['transfer'] for t in c['transfers'])})" for c in todo))
-        return _ask(child, {"time_heads": todo, "runs": spec.head_runs, "budget_s": budget_s,
-                            "strategy": "board heads"}, JOB_SECONDS)["heads"]
+        timed: list[Json] = _ask(child, {"time_heads": todo, "runs": spec.head_runs, "budget_s": budget_s,
+                                         "strategy": "board heads"}, JOB_SECONDS)["heads"]
+        return timed
 
     plans, priced = board_heads.plan_with_board_heads(
         heads, dev, plan_all, time_on_board, names, tl_path,
@@ -175,7 +186,7 @@ def _board_plans(model: str, rank: Ranker, dev: Profile, edge: Profile, spec: Ru
     return plans, priced, heads.summary()
 
 
-def _checker(loaded, spec: RunSpec, frames: FrameMaker, progress: Callable[[str], None]) -> fidelity.Checker:
+def _checker(loaded: LoadedModel, spec: RunSpec, frames: FrameMaker, progress: Progress) -> fidelity.Checker:
     t = time.perf_counter()
     xs, what = frames(loaded.spec, spec.fidelity_frames)
     check = fidelity.Checker(loaded, xs, what)
@@ -183,8 +194,36 @@ def _checker(loaded, spec: RunSpec, frames: FrameMaker, progress: Callable[[str]
     return check
 
 
-def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dict, tmp: Path, cl: Cleanup,
-               progress: Callable[[str], None], frames: FrameMaker) -> dict:
+def _start_board(model: str, spec: RunSpec, cg: CpuQuota, tmp: Path, cl: Cleanup, progress: Progress,
+                 tls: list[str], jpeg_fidelity: bool) -> tuple[subprocess.Popen[str], Json, Profile]:
+    """The board child: it loads the model, joins the cgroup, calibrates the quota, profiles and runs local.
+    Returns (the child, what it reported, the board's profile as it measured it)."""
+    profile_out = tmp / f"{model}-board.json"
+    cfg = {"jpeg_fidelity": jpeg_fidelity, "model": model, "frames": spec.frames, "cgroup": str(cg.path),
+           "testbed": {**asdict(spec.testbed), "first_quota_us": spec.testbed.start_quota_us},
+           "profile_out": str(profile_out), "profile_runs": spec.profile_runs,
+           "profile_inputs": spec.profile_inputs, "head_runs": spec.head_runs,
+           "codecs": list(spec.codecs), "tls": tls, "jpeg_quality": JPEG_QUALITY, "jpeg_out": str(tmp / f"{model}-jpeg")}
+    progress(f"{model}: board child: load, join the cgroup, calibrate the quota, profile, run local")
+    child = subprocess.Popen([sys.executable, "-m", "runtime.measure.scenarios.device", json.dumps(cfg)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cl.add(lambda: _kill(child))
+    board = _readline_json(child, CHILD_START_SECONDS)
+    cal = board["calibration"]
+    progress(f"{model}: quota {cal['quota_us']}/{cal['period_us']} us -> the local run's slowdown {cal['slowdown']:.1f}x "
+             f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms; "
+             + ", ".join(f"{r['kind']} {r['quota_us']} us {r['slowdown']:.1f}x" for r in cal["rounds"]) + ")")
+    return child, board, load_profile(str(profile_out))
+
+
+def _kill(child: subprocess.Popen[str]) -> None:
+    if child.poll() is None:
+        child.kill()
+        child.wait()
+
+
+def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dict[str, Json], tmp: Path, cl: Cleanup,
+               progress: Progress, frames: FrameMaker) -> Json:
     import torch
 
     from runtime.measure.profiler import profile_model
@@ -206,26 +245,12 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
                          tls=tls, threads=spec.testbed.threads, progress=False, inputs=spec.profile_inputs,
                          jpeg_fidelity=jpeg_fidelity)
     check = _checker(loaded, spec, frames, progress)
-    cfg = {"jpeg_fidelity": jpeg_fidelity, "model": model, "frames": spec.frames, "cgroup": str(cg.path),
-           "testbed": {**asdict(spec.testbed), "first_quota_us": spec.testbed.start_quota_us},
-           "profile_out": str(tmp / f"{model}-board.json"), "profile_runs": spec.profile_runs,
-           "profile_inputs": spec.profile_inputs, "head_runs": spec.head_runs,
-           "codecs": list(spec.codecs), "tls": tls, "jpeg_quality": JPEG_QUALITY, "jpeg_out": str(tmp / f"{model}-jpeg")}
-    progress(f"{model}: board child: load, join the cgroup, calibrate the quota, profile, run local")
-    child = subprocess.Popen([sys.executable, "-m", "runtime.measure.scenarios.device", json.dumps(cfg)],
-                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    cl.add(lambda: (child.poll() is None and (child.kill(), child.wait())))
-    board = _readline_json(child, CHILD_START_SECONDS)
-    cal = board["calibration"]
-    progress(f"{model}: quota {cal['quota_us']}/{cal['period_us']} us -> the local run's slowdown {cal['slowdown']:.1f}x "
-             f"({cal['free_ms']:.1f} -> {cal['device_ms']:.1f} ms; "
-             + ", ".join(f"{r['kind']} {r['quota_us']} us {r['slowdown']:.1f}x" for r in cal["rounds"]) + ")")
-    measured = load_profile(cfg["profile_out"])
+    child, board, measured = _start_board(model, spec, cg, tmp, cl, progress, tls, jpeg_fidelity)
     # the calibration's last local run (runtime.measure.scenarios.calibrate): the check on the quota, and the p50 the
     # heads are priced by; the local strategy's rows are timed again in each scenario's rounds (time_rounds)
     local_totals = [r["total_ms"] for r in board["local"]]
-    cal = {**cal, "local_p50_ms": statistics.median(local_totals),
-           "local_slowdown": statistics.median(local_totals) / cal["free_ms"]}
+    cal = {**board["calibration"], "local_p50_ms": statistics.median(local_totals),
+           "local_slowdown": statistics.median(local_totals) / board["calibration"]["free_ms"]}
     dev, factor = _board_encodes(measured, board, cal["local_p50_ms"])
     ref = [r["class_index"] for r in board["local"]]
     plans, dev, cal["board_heads"] = _board_plans(model, rank, dev, edge, spec, (shapes, names), check, tl_path, child,
@@ -240,9 +265,9 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     worker = spawn_worker(["--torch-threads", str(spec.testbed.threads), "--max-queue", "8",
                            *[a for t in dict.fromkeys(tls) for a in ("--tl", t)]])
     cl.add(worker.stop)
-    down = names and loaded.sliced.split_points[-1].fp32_bytes
-    out = {"calibration": {**cal, "profile_rescaled_by": factor, "local_in_rounds": True}, "local_ms": local_totals, "scenarios": {},
-           "fidelity_frames": {"frames": check.frames, "what": check.describe}}
+    down = loaded.sliced.split_points[-1].fp32_bytes if names else 0
+    out: Json = {"calibration": {**cal, "profile_rescaled_by": factor, "local_in_rounds": True}, "local_ms": local_totals,
+                 "scenarios": {}, "fidelity_frames": {"frames": check.frames, "what": check.describe}}
     for s in (s for s in spec.scenarios if not SCENARIOS[s].steps):
         sc = SCENARIOS[s]
         checks = plans[s].pop("edgesplit_checks")
@@ -265,8 +290,9 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     return out
 
 
-def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, jobs: dict, cal: dict, ref,
-              local_predicted_ms: float, down: int, cl: Cleanup, progress, check: fidelity.Checker) -> dict:
+def _scenario(model: str, spec: RunSpec, child: subprocess.Popen[str], worker_address: str, sc: Scenario, link: Json,
+              jobs: dict[str, Json | None], cal: Json, ref: list[int], local_predicted_ms: float, down: int, cl: Cleanup,
+              progress: Progress, check: fidelity.Checker) -> Json:
     """Every strategy on one static link (one relay to the worker), local among them in the rounds."""
     relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps)
     cl.add(relay.stop)
@@ -278,26 +304,26 @@ def _scenario(model, spec: RunSpec, child, worker_address: str, sc, link: dict, 
     return scenario_rows(got, jobs, sc, link, down, ref, cal, local_predicted_ms, check, n)
 
 
-def time_rounds(ask: Callable[[dict], dict], spec: RunSpec, jobs: dict, address: str,
-                progress: Callable[[str], None]) -> tuple[dict, int]:
+def time_rounds(ask: Callable[[Json], Json], spec: RunSpec, jobs: dict[str, Json | None], address: str,
+                progress: Progress) -> tuple[dict[str, Json], int]:
     """Each strategy's frames in ``spec.rounds`` rounds of consecutive frames, the strategies in turn, their order
     reversed each round: local (whole-model passes on the board, :meth:`device.Board.local`) is one of them, so it is
     timed on the same board as the rest when the host drifts. A job that is None (the plan keeps every block on the
     board) is not run: its row is local's. Returns (each run's rows, and pipelined pass where made; the rounds)."""
-    runs = ["local", *(name for name, job in jobs.items() if job is not None)]
-    got: dict = {name: {"rows": []} for name in runs}
+    runs: list[tuple[str, Json | None]] = [("local", None), *((n, j) for n, j in jobs.items() if j is not None)]
+    got: dict[str, Json] = {name: {"rows": []} for name, _ in runs}
     edges = round_edges(spec.frames, spec.rounds)
     for k, (lo, hi) in enumerate(edges):
         last = k == len(edges) - 1
-        for name in runs if k % 2 == 0 else runs[::-1]:
+        for name, job in runs if k % 2 == 0 else runs[::-1]:
             step = f", round {k + 1} of {len(edges)}" if len(edges) > 1 else ""
-            if name == "local":
+            if job is None:  # local
                 progress(f"local (whole-model passes on the board){step}")
                 part = ask({"local": True, "strategy": "local", "warmup": spec.warmup, "frames_from": lo,
                             "frames_to": hi})
             else:
-                progress(f"{name} ({jobs[name]['plan']}){step}")
-                part = ask({**jobs[name], "strategy": name, "address": address, "warmup": spec.warmup,
+                progress(f"{name} ({job['plan']}){step}")
+                part = ask({**job, "strategy": name, "address": address, "warmup": spec.warmup,
                             "frames_from": lo, "frames_to": hi, "window": spec.window if last else 1,
                             "pipeline_frames": (spec.pipeline_frames or spec.frames) if last else 0})
             got[name]["rows"].extend(part["rows"])
@@ -306,7 +332,7 @@ def time_rounds(ask: Callable[[dict], dict], spec: RunSpec, jobs: dict, address:
     return got, len(edges)
 
 
-def local_row(rows: list[dict], ref: list[int], cal: dict, predicted_ms: float) -> dict:
+def local_row(rows: list[Json], ref: list[int], cal: Json, predicted_ms: float) -> Json:
     """The local strategy's row from its in-round passes; beside it the calibration's local run (timed once, before
     every strategy), both as slowdowns against the calibration's free time."""
     totals = [r["total_ms"] for r in rows]
@@ -321,8 +347,8 @@ def local_row(rows: list[dict], ref: list[int], cal: dict, predicted_ms: float) 
     return out
 
 
-def scenario_rows(got: dict, jobs: dict, sc, link: dict, down: int, ref: list[int], cal: dict,
-                  local_predicted_ms: float, check: fidelity.Checker, n_rounds: int) -> dict:
+def scenario_rows(got: dict[str, Json], jobs: dict[str, Json | None], sc: Scenario, link: Json, down: int,
+                  ref: list[int], cal: Json, local_predicted_ms: float, check: fidelity.Checker, n_rounds: int) -> Json:
     """The scenario's rows from :func:`time_rounds`' passes; a strategy whose plan keeps every block on the board
     (job None) gets local's row under its name."""
     res = {"local": {**local_row(got["local"]["rows"], ref, cal, local_predicted_ms), **_offline_fidelity(check, None)}}
@@ -330,7 +356,7 @@ def scenario_rows(got: dict, jobs: dict, sc, link: dict, down: int, ref: list[in
         if job is None:
             res[name] = dict(res["local"], strategy=name, plan="all blocks on the board")
         else:
-            res[name] = {**_strategy_rows(name, got[name], sc, link, down, ref, job), **_offline_fidelity(check, job)}
+            res[name] = {**_strategy_rows(name, got[name], sc, down, ref, job), **_offline_fidelity(check, job)}
     return {"link": link, **{k: res[k] for k in ("local", *jobs)}, "rounds": n_rounds}
 
 
@@ -341,7 +367,7 @@ def round_edges(frames: int, rounds: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(cuts))
 
 
-def _ask_quit(child: subprocess.Popen) -> None:
+def _ask_quit(child: subprocess.Popen[str]) -> None:
     if child.poll() is None and child.stdin is not None:
         child.stdin.write(json.dumps({"quit": True}) + "\n")
         child.stdin.flush()
@@ -352,8 +378,8 @@ def _ask_quit(child: subprocess.Popen) -> None:
             child.wait()
 
 
-def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
-        partial: Callable[[dict], object] | None = None, frames: FrameMaker | None = None) -> dict:
+def run(spec: RunSpec, rank: Ranker, progress: Progress,
+        partial: Callable[[Json], object] | None = None, frames: FrameMaker | None = None) -> Json:
     """Every model x scenario x strategy; the results as one JSON-able dict (``partial`` gets them
     after each model, so a long run that is stopped keeps what it measured). ``frames`` makes the fidelity
     checks' frames (default: the bundled photos, repeated)."""
@@ -367,7 +393,7 @@ def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
         cl.add(lambda: shutil.rmtree(tmp, ignore_errors=True))
         cg = CpuQuota(f"edgesplit-bench-{os.getpid()}", spec.testbed.period_us, spec.testbed.start_quota_us)
         cl.add(cg.remove)
-        links = {}
+        links: dict[str, Json] = {}
         for s in spec.scenarios:
             sc = SCENARIOS[s]
             for key, mbps in ([(s, sc.mbps)] if not sc.steps else [(f"{s}@{m:g}", m) for m, _ in sc.steps]):
@@ -377,7 +403,7 @@ def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
                 progress(f"link {key}: set {mbps:g} Mbit/s {sc.rtt_ms:g} ms RTT; measured {links[key]['mbps']:.2f} "
                          f"Mbit/s {links[key]['rtt_ms']:.1f} ms"
                          + (f"  ** off by > 5 %: {', '.join(links[key]['off'])}" if links[key]["off"] else ""))
-        models: dict = {}
+        models: dict[str, Json] = {}
         for m in spec.models:
             models[m] = _run_model(m, spec, rank, cg, links, tmp, cl, progress, frames)
             if partial is not None:
@@ -385,7 +411,7 @@ def run(spec: RunSpec, rank: Ranker, progress: Callable[[str], None],
     return _result(spec, started, load, models)
 
 
-def _sample_frames(model_spec, n: int):
+def _sample_frames(model_spec: ModelSpec, n: int) -> tuple[torch.Tensor, str]:
     """The bundled photos, repeated to ``n`` frames (four distinct images: the CLI hands in more)."""
     import torch
 
@@ -399,7 +425,7 @@ def _load() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _result(spec: RunSpec, started: float, load: str, models: dict) -> dict:
+def _result(spec: RunSpec, started: float, load: str, models: dict[str, Json]) -> Json:
     return {"spec": asdict(spec), "started": started, "seconds": time.time() - started,
             "load": {"start": load, "end": _load()},
             "scenarios": {s: asdict(SCENARIOS[s]) for s in spec.scenarios}, "models": dict(models)}
