@@ -14,7 +14,12 @@ prediction is at most half a step (2.4 % of the transfer time at the default 5 %
 switch threshold (:mod:`planner.hysteresis`, 10 %).
 
 Profiles and other objects in a key are named by identity; an entry holds them, so no other
-object can take their ids while it lives (as :class:`planner.cache.IdentityMemo` does).
+object can take their ids while it lives (as :class:`planner.cache.IdentityMemo` does;
+tests/test_rankcache.py frees profiles until CPython reuses their ids). Not by the record's profile
+hash: the device profile ranked is the registered one as this agent's measurements scaled it
+(:attr:`planner.state.AgentState.device`: speed, wire bytes, overhead) and each worker's is scaled
+by the agent's tail factor (:meth:`planner.compute.WorkerSpeeds.profiles`), so two agents
+registered with one profile text may rank different profiles.
 """
 
 from __future__ import annotations
