@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from planner.cache import LRU
 from planner.decide import Candidate, PlanKey, Ranked, plan_key
@@ -94,27 +95,35 @@ def rank_key(device: Profile, rec: AgentRecord, cands: list[Candidate], top_n: i
 Ranking = tuple[list[Ranked], float, Configuration | None]
 
 
-class RankCache:
-    """The ``size`` most recently used rankings (see the module docstring); hits and misses counted."""
+V = TypeVar("V")
+
+
+class HeldLRU(Generic[V]):
+    """The ``size`` most recently used values by :func:`rank_key`, each entry holding the objects its key names by
+    identity (see the module docstring); hits and misses counted."""
 
     def __init__(self, size: int) -> None:
-        self._lru: LRU[tuple[object, ...], tuple[tuple[object, ...], list[Ranked], Configuration | None]] = LRU(size)
+        self._lru: LRU[tuple[object, ...], tuple[tuple[object, ...], V]] = LRU(size)
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: tuple[object, ...]) -> tuple[list[Ranked], Configuration | None] | None:
+    def get(self, key: tuple[object, ...]) -> V | None:
         hit = self._lru.get(key)
         if hit is None:
             self.misses += 1
             return None
         self.hits += 1
-        return hit[1], hit[2]
-
-    def put(self, key: tuple[object, ...], held: tuple[object, ...], ranked: list[Ranked], current: Configuration | None) -> None:
-        self._lru.put(key, (held, list(ranked), current))
+        return hit[1]
 
     def __len__(self) -> int:
         return len(self._lru)
+
+
+class RankCache(HeldLRU[tuple[list[Ranked], Configuration | None]]):
+    """The ``size`` most recently used rankings with the running plan re-costed beside them."""
+
+    def put(self, key: tuple[object, ...], held: tuple[object, ...], ranked: list[Ranked], current: Configuration | None) -> None:
+        self._lru.put(key, (held, (list(ranked), current)))
 
 
 BAND_TABLES = 1024  # band tables kept for the planner's own in-band check (RePlanner._rank_bands)
@@ -131,7 +140,7 @@ class BandTable:
     around: float
 
 
-class BandTables:
+class BandTables(HeldLRU[BandTable]):
     """Band tables shared by the agents that would rank the same one (issue 15: 5,000 agents re-attaching
     to a replica each ranked its table again, 26 ranking lookups apiece).
 
@@ -144,17 +153,7 @@ class BandTables:
     receives; a plan's own table is ranked for it (:meth:`planner.replanner.RePlanner._issue`)."""
 
     def __init__(self, size: int = BAND_TABLES) -> None:
-        self._lru: LRU[tuple[object, ...], tuple[tuple[object, ...], BandTable]] = LRU(size)
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, key: tuple[object, ...]) -> BandTable | None:
-        hit = self._lru.get(key)
-        if hit is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        return hit[1]
+        super().__init__(size)
 
     def put(self, key: tuple[object, ...], held: tuple[object, ...], table: BandTable) -> None:
         self._lru.put(key, (held, table))
