@@ -38,14 +38,31 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.flo
                  torch.int64: np.int64, torch.bool: np.bool_}
 
 
-def _from_bytes(buf: bytearray, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
-    """A writable tensor over ``buf`` (taken over, not copied)."""
+Payload = bytes | bytearray | memoryview  # a payload as decoded: a writable copy, or the received bytes (read only)
+
+
+class _Exposed:
+    """An array's memory offered to numpy without its read-only flag (``__array_interface__``), keeping the array
+    (and so the bytes) alive. torch has no read-only tensors and warns for each read-only array it is given (an
+    error where warnings are errors): a decode that shares a received payload is read only by contract instead
+    (Codec.decode ``shared``; fp16 and int8 only read theirs)."""
+
+    def __init__(self, arr: np.ndarray):
+        self.arr = arr
+        self.__array_interface__ = dict(arr.__array_interface__, data=(arr.__array_interface__["data"][0], False))
+
+
+def _from_bytes(buf: Payload, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    """A tensor over ``buf`` (taken over, not copied). Over read-only bytes it must not be written."""
     if len(buf) == 0:
         return torch.empty(shape, dtype=dtype)
     np_dtype = _NUMPY_DTYPES.get(dtype)
     if np_dtype is None:
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
-    return torch.from_numpy(np.frombuffer(buf, dtype=np_dtype).reshape(shape))
+        return torch.frombuffer(buf if not isinstance(buf, bytes | memoryview) else bytearray(buf), dtype=dtype).reshape(shape)
+    arr: np.ndarray = np.frombuffer(buf, dtype=np_dtype)
+    if not arr.flags.writeable:
+        arr = np.asarray(_Exposed(arr))
+    return torch.from_numpy(arr.reshape(shape))
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
@@ -114,6 +131,11 @@ class Codec(ABC):
         """The codec's values as bytes; sets the codec's own fields of ``msg``."""
 
     # -- decoding ---------------------------------------------------------------------------
+    #: the tensor ``_decode_values`` returns is a view of its payload (raw): without ``shared``, the payload is a copy
+    views_payload: bool = False
+    #: ``_decode_values`` only reads its payload (fp16, int8: the tensor is new): it gets the received bytes, no copy
+    reads_payload: bool = False
+
     def decode(self, msg: tensor_pb2.Tensor, *, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.Tensor:
         if msg.codec != self.codec or msg.compression != self.compression:
             raise InvalidInput(
@@ -123,14 +145,19 @@ class Codec(ABC):
         validate_tensor(msg, max_bytes=max_bytes)
         return self._decode_validated(msg)
 
-    def _decode_validated(self, msg: tensor_pb2.Tensor) -> torch.Tensor:
+    def _decode_validated(self, msg: tensor_pb2.Tensor, shared: bool = False) -> torch.Tensor:
+        """The tensor of a checked ``msg``. ``shared``: a codec whose tensor views its payload (raw) may return a
+        view of ``msg.buffer``'s bytes themselves (no copy; read only: the caller must not write into it)."""
         if msg.chunks > 1 and len(msg.buffer) != msg.payload_size:
             raise InvalidInput(
                 f"len(buffer)={len(msg.buffer)} but payload_size={msg.payload_size} over "
                 f"chunks={msg.chunks}: join all chunks into buffer before decoding"
             )
         if self.lz4:
-            payload = self._decompress(msg)
+            payload = self._decompress(msg)  # a new bytearray, writable
+        elif self.reads_payload or (shared and self.views_payload):
+            # no copy (a protobuf message's bytes field is already its own copy; framewire's a view)
+            return self._decode_received(msg.buffer, msg)
         else:
             payload = bytearray(msg.buffer)  # one copy, writable
         return self._decode_values(payload, msg)
@@ -150,7 +177,12 @@ class Codec(ABC):
 
     @abstractmethod
     def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        """The tensor from the (decompressed) payload."""
+        """The tensor from the (decompressed) payload, a writable bytearray."""
+
+    def _decode_received(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        """The tensor from the received bytes themselves (read only), for a codec whose ``reads_payload`` (or
+        ``views_payload`` and a shared decode) says so; the codecs that set them take it without a copy."""
+        return self._decode_values(bytearray(payload), msg)
 
     # -- estimates --------------------------------------------------------------------------
     def estimate_ratio(self, x: torch.Tensor | None = None) -> float:

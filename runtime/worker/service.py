@@ -1,15 +1,14 @@
-"""The Inference servicer: admission control, tail cache, decode + tail in an executor."""
+"""The Inference servicer: admission control, decode + tail in an executor or, for a lone frame, on the event
+loop's thread (``inline_compute_seconds``); the tails themselves: runtime.worker.tailcache."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
@@ -19,7 +18,6 @@ from runtime.contracts.errors import (
     CODE_NUMBERS,
     EdgesplitError,
     InvalidInput,
-    NotFound,
     Overloaded,
     PreconditionFailed,
     Unavailable,
@@ -27,9 +25,6 @@ from runtime.contracts.errors import (
 from runtime.daemon.auth import check_acts_for_agent, current_identity
 from runtime.daemon.streams import StreamSlots
 from runtime.daemon.tracing import span, worker_frame
-from runtime.models import get_spec, list_models
-from runtime.models.loader import LoadedModel, load_model
-from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
@@ -42,12 +37,12 @@ from runtime.wire.handoff import submit
 from runtime.wire.jpeg import INPUT_IMAGE_CODECS
 from runtime.wire.security import AGENT, WORKER
 from runtime.worker import probe
-from runtime.worker.allowlist import served_models
 from runtime.worker.cancel import CancelledFrames
 from runtime.worker.config import WorkerConfig
 from runtime.worker.forward import NextTiers, Route
 from runtime.worker.metrics import WorkerMetrics
 from runtime.worker.streaming import StreamSession
+from runtime.worker.tailcache import Tail, TailCache
 
 logger = logging.getLogger(__name__)
 
@@ -55,116 +50,6 @@ P = TypeVar("P")  # run_admitted: what prepare() gives compute
 R = TypeVar("R")  # run_admitted: what compute returns
 
 MAX_ID_LEN = 256
-
-
-@dataclass
-class Tail:
-    model: LoadedModel
-    split: SplitPoint
-    module: torch.nn.Module
-    decoder: torch.nn.Module | None = None  # a Transfer Layer's decoder, run before the tail
-    tl_id: str = ""
-    encoded_shape: tuple[int, ...] | None = None  # the TL's wire shape (batch 1); None: the split's
-    entropy: object | None = None  # a transform TL's entropy model: decodes CODEC_ANS frames
-    end: SplitPoint | None = None  # chained frames: the slice ends here and is forwarded; None: the whole tail
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return self.encoded_shape or self.split.out_shape
-
-
-class TailCache:
-    """Tails loaded on first use per (model, split) and kept; each model is built once."""
-
-    def __init__(self, config: WorkerConfig, executor: ThreadPoolExecutor, metrics: WorkerMetrics):
-        self._executor = executor
-        self._metrics = metrics
-        self._config = config
-        self._bundled = set(list_models())
-        # user models are addressed by their id ("stem:factory"); only those configured may load
-        self._user: dict[str, str] = {get_spec(s).name: s for s in config.models}
-        self.served = served_models(config, self._bundled | set(self._user))  # what callers may name (--serve-models)
-        self._models: dict[str, LoadedModel] = {}
-        self._tails: dict[tuple[str, str], Tail] = {}
-        self._slices: dict[tuple[str, str, str, str], Tail] = {}  # (model, split, end, TL id): middle slices
-        self._locks: dict[object, asyncio.Lock] = {}  # one per model, tail and slice key: each is built once
-        self.tls: dict[str, Tail] = {}  # by TL id: decoder + tail (see load_tls)
-
-    async def load_tls(self, paths) -> None:
-        """Load Transfer Layer artifacts (their models first); each is checked against the weights here."""
-        from runtime.transfer.artifact import load_tl, read_manifest, resolve_path
-
-        loop = asyncio.get_running_loop()
-        for path in paths:
-            manifest = read_manifest(resolve_path(path))
-            loaded = await self.model(manifest["model"])
-            art = await loop.run_in_executor(self._executor, lambda p=path, m=loaded: load_tl(p, loaded=m))
-            self.tls[art.tl_id] = Tail(loaded, art.split, art.tail, art.tl.decoder, art.tl_id, art.encoded_shape,
-                                       art.tl.entropy_model)
-            logger.info("loaded Transfer Layer %s (%s x%s) for %s@%s", art.tl_id, art.tl.kind, art.tl.ratio,
-                        loaded.name, art.split.name)
-
-    def known(self) -> list[str]:
-        return sorted(self._bundled | set(self._user))
-
-    async def get(self, model_id: str, split_id: str) -> Tail:
-        tail = self._tails.get((model_id, split_id))
-        if tail is not None:
-            return tail
-        loaded = await self.model(model_id)
-        sp = loaded.split(split_id)  # NotFound with the valid range
-        key = (model_id, sp.name)
-        async with self._locks.setdefault(("tail", *key), asyncio.Lock()):  # concurrent first frames wait for one build
-            if key not in self._tails:
-                module = await asyncio.get_running_loop().run_in_executor(self._executor, loaded.tail, sp.name)
-                self._tails[key] = Tail(loaded, sp, module)
-                self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
-                logger.info("loaded tail %s@%s", model_id, sp.name)
-        self._tails[(model_id, split_id)] = self._tails[key]
-        return self._tails[key]
-
-    async def sliced(self, tail: Tail, end: SplitPoint) -> Tail:
-        """``tail`` cut short: [its split, ``end``), for a chained frame; built once per (model, split, end, TL)."""
-        key = (tail.model.name, tail.split.name, end.name, tail.tl_id)
-        async with self._locks.setdefault(("slice", *key), asyncio.Lock()):
-            if key not in self._slices:
-                loop = asyncio.get_running_loop()
-                module = await loop.run_in_executor(self._executor, tail.model.segment, tail.split.name, end.name)
-                self._slices[key] = dataclasses.replace(tail, module=module, end=end)
-                self._metrics.loaded_tails.set(len(self._tails) + len(self._slices))
-                logger.info("loaded slice %s@%s..%s", tail.model.name, tail.split.name, end.name)
-        return self._slices[key]
-
-    async def model(self, model_id: str) -> LoadedModel:
-        """The loaded model, built once on first use; NotFound unless bundled or configured."""
-        if model_id in self._models:
-            return self._models[model_id]
-        if model_id in self._bundled:
-            source = model_id
-        elif model_id in self._user:
-            source = self._user[model_id]
-        else:
-            raise NotFound(
-                f"model {model_id!r} is not served here; bundled: {', '.join(sorted(self._bundled))}"
-                + (f"; user models: {', '.join(sorted(self._user))}" if self._user else "")
-                + ". Start the worker with --model path/to/file.py:factory to serve a user model"
-            )
-        self.served.check(model_id)  # PERMISSION_DENIED unless --serve-models (or the configuration) names it
-        lock = self._locks.setdefault(model_id, asyncio.Lock())
-        async with lock:
-            if model_id not in self._models and len(self._models) >= self._config.max_loaded_models:
-                raise Overloaded(f"this worker holds {len(self._models)} models ({', '.join(sorted(self._models))}), "
-                                 f"its --max-loaded-models; send {model_id!r} to another worker or run it locally")
-            if model_id not in self._models:
-                loop = asyncio.get_running_loop()
-                try:
-                    self._models[model_id] = await loop.run_in_executor(self._executor, load_model, source)
-                except EdgesplitError:
-                    raise
-                except Exception as e:
-                    logger.exception("could not load model %s", model_id)
-                    raise PreconditionFailed(f"model {model_id!r} failed to load on this worker: {e}") from e
-        return self._models[model_id]
 
 
 def _check_header(h: pb.FrameHeader) -> None:
@@ -328,7 +213,9 @@ class InferenceService(pb_grpc.InferenceServicer):
                 self._waiting += 1
                 self.metrics.queue_depth.set(self._waiting)
             admitted_at = time.perf_counter()
-            if route is None:  # the result straight back to the loop; the slot freed when the compute ends
+            if route is None and self._inline(tail, weight):  # on this thread: no hand-off either way
+                result = self._compute(tail, req, admitted_at)  # the slot freed below (job is None)
+            elif route is None:  # the result straight back to the loop; the slot freed when the compute ends
                 job = submit(self.executor, lambda: self._compute(tail, req, admitted_at), lambda: self._release(weight))
                 result = await job
             else:
@@ -366,6 +253,15 @@ class InferenceService(pb_grpc.InferenceServicer):
         result.hops.extend(res.hops)  # the stages after the next tier, as it reported them
         return result
 
+    def _inline(self, tail: Tail, weight: int) -> bool:
+        """Whether this frame's decode + tail run on the event loop's thread (``inline_compute_seconds``): only
+        while it is the one frame admitted and at most one InferStream is open, and its tail's last compute took
+        at most that long. Anything arriving meanwhile (another stream's first frame, a Health or Probe call)
+        waits at most that long, as behind a busy executor thread; the executor's two hand-offs are saved."""
+        cap = self.config.inline_compute_seconds
+        return (cap > 0 and self._admitted == weight and len(self._stream_queues) <= 1
+                and tail.compute_seconds is not None and tail.compute_seconds <= cap)
+
     def _job_done(self, job: asyncio.Future) -> None:
         self._release(self._weights.pop(id(job), 1))
         if not job.cancelled():
@@ -381,16 +277,19 @@ class InferenceService(pb_grpc.InferenceServicer):
         self.cancelled.check(req.header)  # DeadlineExceeded: its sender gave up on it while it waited
         self.metrics.inflight.inc()
         try:
-            x = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes, model=tail.entropy,
-                              spec=tail.model.spec)
+            shared = tail.writes_input is False  # a raw payload as a view of the received bytes (read only)
+            x_in = decode_tensor(req.tensor, max_bytes=self.config.max_tensor_bytes, model=tail.entropy,
+                                 spec=tail.model.spec, shared=shared)
+            version = x_in._version  # bumped by any in-place write into it or a view of it
             with torch.inference_mode():
-                if tail.decoder is not None:  # TL decoding counts as decode: wire -> feature at the split
-                    x = tail.decoder(x)
+                x = tail.decoder(x_in) if tail.decoder is not None else x_in  # TL decoding counts as decode
                 t1 = time.perf_counter()
                 y = tail.module(x)
             t2 = time.perf_counter()
+            self._check_written(tail, x_in._version != version, shared)
         finally:
             self.metrics.inflight.dec()
+        tail.compute_seconds = t2 - t0
         self.metrics.queue_seconds.observe(t0 - admitted_at)
         self.metrics.decode_seconds.observe(t1 - t0)
         self.metrics.tail_seconds.observe(t2 - t1)
@@ -401,6 +300,16 @@ class InferenceService(pb_grpc.InferenceServicer):
             self.metrics.forward_encode_seconds.observe(t_enc)
             return times, msg, t_enc
         return pb.InferResult(header=req.header, output=encode_output(y), times=times)
+
+    @staticmethod
+    def _check_written(tail: Tail, written: bool, shared: bool) -> None:
+        """Learn from a frame decoded to a copy whether the tail writes its input (a traced graph does the same
+        every frame); a tail that wrote into a shared frame after all is decoded to a copy from then on."""
+        if tail.writes_input is None or (written and not tail.writes_input):
+            if written and shared:
+                logger.warning("the tail %s@%s wrote into its input, received bytes; its frames are copied from now "
+                               "on", tail.model.name, tail.split.name)
+            tail.writes_input = written
 
     def _error_result(self, header: pb.FrameHeader | None, err: EdgesplitError) -> pb.InferResult:
         self.metrics.errors.labels(err.code.name).inc()
