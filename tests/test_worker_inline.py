@@ -294,3 +294,26 @@ def test_inline_compute_off(net, monkeypatch):
     spec, loaded, _, keeps = net
     threads = _inline_worker(spec, loaded, keeps, 0.0, monkeypatch, second_stream=False)
     assert all(t.startswith("tail") for t in threads), threads
+
+
+def test_inline_needs_a_known_short_compute_one_frame_and_one_stream(net):
+    _, loaded, _, keeps = net
+    svc = service_mod.InferenceService(WorkerConfig(inline_compute_seconds=0.05), service_mod.WorkerMetrics())
+    try:
+        tail = service_mod.Tail(loaded, keeps, torch.nn.Identity())
+        svc._admitted = 1
+        assert not svc._inline(tail, 1)  # no compute time yet: unknown is not short
+        tail.compute_seconds = 0.02  # per batch element
+        assert svc._inline(tail, 1)
+        svc._admitted = 3
+        assert not svc._inline(tail, 1)  # other frames admitted
+        assert not svc._inline(tail, 3)  # a batch of 3: about 0.06 s
+        svc._admitted = 2
+        assert svc._inline(tail, 2)
+        svc._stream_queues.update({asyncio.Queue(), asyncio.Queue()})
+        assert not svc._inline(tail, 2)  # two streams open
+        svc._stream_queues.clear()
+        svc.config = WorkerConfig(inline_compute_seconds=0)
+        assert not svc._inline(tail, 2)  # off
+    finally:
+        svc.executor.shutdown()

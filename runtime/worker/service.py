@@ -256,11 +256,11 @@ class InferenceService(pb_grpc.InferenceServicer):
     def _inline(self, tail: Tail, weight: int) -> bool:
         """Whether this frame's decode + tail run on the event loop's thread (``inline_compute_seconds``): only
         while it is the one frame admitted and at most one InferStream is open, and its tail's last compute took
-        at most that long. Anything arriving meanwhile (another stream's first frame, a Health or Probe call)
+        at most that long (per batch element, times this frame's batch). Anything arriving meanwhile (another stream's first frame, a Health or Probe call)
         waits at most that long, as behind a busy executor thread; the executor's two hand-offs are saved."""
         cap = self.config.inline_compute_seconds
         return (cap > 0 and self._admitted == weight and len(self._stream_queues) <= 1
-                and tail.compute_seconds is not None and tail.compute_seconds <= cap)
+                and tail.compute_seconds is not None and tail.compute_seconds * weight <= cap)
 
     def _job_done(self, job: asyncio.Future) -> None:
         self._release(self._weights.pop(id(job), 1))
@@ -289,7 +289,7 @@ class InferenceService(pb_grpc.InferenceServicer):
             self._check_written(tail, x_in._version != version, shared)
         finally:
             self.metrics.inflight.dec()
-        tail.compute_seconds = t2 - t0
+        tail.compute_seconds = (t2 - t0) / max(1, x_in.shape[0] if x_in.dim() else 1)  # per batch element
         self.metrics.queue_seconds.observe(t0 - admitted_at)
         self.metrics.decode_seconds.observe(t1 - t0)
         self.metrics.tail_seconds.observe(t2 - t1)

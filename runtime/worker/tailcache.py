@@ -35,7 +35,7 @@ class Tail:
     # whether decode + tail wrote into the decoded input (its version counter moved): None until a frame, decoded
     # to a copy, has shown it; False: raw frames are decoded as views of the received bytes (no copy)
     writes_input: bool | None = None
-    compute_seconds: float | None = None  # the last frame's decode + tail (for the inline compute); None: none yet
+    compute_seconds: float | None = None  # the last frame's decode + tail per batch element (inline compute); None: none yet
 
     @property
     def input_shape(self) -> tuple[int, ...]:
