@@ -169,6 +169,8 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
             await writer.drain()
     except (asyncio.IncompleteReadError, ConnectionError):
         pass
+    except asyncio.CancelledError:  # the measurement's loop ends with this connection open (direct: no relay closed it)
+        pass
     finally:
         writer.close()
 
