@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from planner.parallel_push import Candidate, ParallelPlanner, device_seconds
 from runtime.agent.parallel_push import PushedStage
@@ -187,3 +188,30 @@ def test_the_planner_daemon_loads_the_factors_and_refuses_a_bad_file(tmp_path):
             await serve(PlannerConfig(db=str(tmp_path / "b.sqlite"), parallel_tile_factors=(str(bad),), **base))
 
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_a_frames_tile_times_are_kept_per_stage_worker_and_summarized_per_worker(loaded):
+    """PushedStage's frames carry each tile's round trip by the worker that computed it, bounded by the
+    stage's workers (and "local"), and failed attempts by worker; the agent's summary prints them."""
+    from runtime.agent.client import FrameResult
+    from runtime.agent.parallel_maps import TileReport
+    from runtime.agent.parallel_push import tile_times
+    from runtime.agent.summary import summarize
+
+    a, b = "127.0.0.1:5000", "127.0.0.1:5001"
+    reports = [TileReport(0, (0, 4), a, ran_on=a, seconds=0.010), TileReport(0, (4, 8), b, ran_on=b, seconds=0.030),
+               TileReport(1, (0, 4), a, ran_on="local", seconds=0.050, failures=[f"{a}: UNAVAILABLE", f"{b}: DEADLINE_EXCEEDED"]),
+               TileReport(1, (4, 8), b, ran_on="10.9.9.9:1", seconds=9.0, failures=["10.9.9.9:1: INTERNAL"]),
+               TileReport(1, (8, 9), b)]  # a stray address (never one of the stage's) and a tile never computed
+    seconds, failed = tile_times(reports, (a, b))
+    assert seconds == {a: [0.010], b: [0.030], "local": [0.050]} and failed == {a: 1, b: 1}
+
+    x = torch.zeros(1, 10)
+    frames = [FrameResult(i, f"f{i}", x, "parallel", "s", "raw", tile_seconds=seconds, tile_failures=failed)
+              for i in range(3)] + [FrameResult(3, "f3", x, "local", "output", "raw")]
+    text = summarize(frames, loaded.split("output"), "raw", MODEL)
+    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines()[text.splitlines().index(
+        "parallel stage tiles by worker (round trip)") + 2:]}
+    assert rows == {a: ["3", "3", "10.00", "10.00"], b: ["3", "3", "30.00", "30.00"], "local": ["3", "0", "50.00", "50.00"]}
+    assert frames[0].to_json(None)["tile_ms"] == {a: [10.0], b: [30.0], "local": [50.0]}
+    assert "parallel stage tiles" not in summarize(frames[3:], loaded.split("output"), "raw", MODEL)

@@ -26,6 +26,7 @@ from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
+from runtime.agent.summary import summarize
 from runtime.contracts.profile import Block, Profile
 from runtime.models.loader import load_model
 from runtime.parallel.tiled import tileable_end
@@ -96,15 +97,25 @@ def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_i
             assert all(n is not None and n > 0 for n in tile_counts.values()), tile_counts
             info = next(a for a in (await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents
                         if a.agent_id == AGENT)
-            return results, info, stage, sampled
+            return results, info, stage, sampled, tile_counts
         finally:
             await link.close()
             await agent.close()
             await channel.close()
             await ps.drain_and_stop(1.0)
 
-    results, info, stage, sampled = asyncio.run(scenario())
+    results, info, stage, sampled, tile_counts = asyncio.run(scenario())
     assert all(n > 0 for n in sampled.values()), sampled
+    # the agent's summary: each worker of the stage with the tiles it computed (as many as the metrics counted)
+    # and their round trip
+    text = summarize(results, loaded.split("output"), "raw", loaded.name)
+    lines = text.splitlines()
+    rows = {ln.split()[0]: ln.split()[1:] for ln in lines[lines.index("parallel stage tiles by worker (round trip)") + 2:]}
+    for w in stage.workers:
+        tiles, failed, p50, p95 = rows[w]
+        assert int(tiles) == tile_counts[w] == sum(len(r.tile_seconds.get(w, ())) for r in results) > 0, (w, text)
+        assert 0 < float(p50) <= float(p95) and int(failed) == 0, (w, text)
+    assert set(rows) <= {*stage.workers, "local"}
     assert set(stage.workers) == {f"127.0.0.1:{p}" for p in ports}
     assert list(info.plan.parallel.worker_ids) == list(WORKERS) and "parallel stage" in info.plan.reason
     assert any(sum(1 for s in b.shares if s > 0) == 2 for b in stage.blocks)  # both workers compute tiles

@@ -25,6 +25,10 @@ class FrameResult:
     refined: bool = False  # an ambiguous edge result replaced by the board's exact tail (see refine_margin)
     worker: str = ""  # address of the worker the frame was sent to ("" when none): its link's key in self.link
     predicted_seconds: float = 0.0  # the plan's predicted latency (0: no prediction; set by the planner link)
+    # a frame through a parallel stage: per worker that computed tiles of it (the stage's workers, "local"),
+    # each tile's round trip in seconds, and per stage worker its failed tile attempts (runtime.agent.parallel_push)
+    tile_seconds: dict[str, list[float]] = field(default_factory=dict)
+    tile_failures: dict[str, int] = field(default_factory=dict)
 
     def top1(self) -> tuple[int, float]:
         probs = torch.softmax(self.output.reshape(-1).float(), dim=0)
@@ -48,6 +52,8 @@ class FrameResult:
             "refined": self.refined,
             "times_ms": {k: round(v * 1e3, 3) for k, v in self.times.items()},
             "predicted_ms": round(self.predicted_seconds * 1e3, 3) if self.predicted_seconds else None,
+            **({"tile_ms": {w: [round(v * 1e3, 3) for v in vs] for w, vs in self.tile_seconds.items()},
+                "tile_failures": self.tile_failures} if self.tile_seconds or self.tile_failures else {}),
         }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 
 import torch
 
@@ -50,6 +51,22 @@ def feed_link(link: LinkEstimator, reports: list[TileReport]) -> int:
             link.add_bandwidth_sample(size / network, r.ran_on)
             taken += 1
     return taken
+
+
+def tile_times(reports: list[TileReport], workers: Collection[str]) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """A frame's tile round trips by the worker that computed them (one of ``workers``, the stage's, or
+    "local"; a tile never computed is left out) and its failed tile attempts by worker (``workers`` only):
+    ``FrameResult.tile_seconds`` / ``tile_failures``, which the agent's summary prints per worker."""
+    seconds: dict[str, list[float]] = {}
+    failed: dict[str, int] = {}
+    for r in reports:
+        if r.ran_on == LOCAL or r.ran_on in workers:
+            seconds.setdefault(r.ran_on, []).append(r.seconds)
+        for f in r.failures:  # "ADDRESS: CODE"
+            w = f.split(": ", 1)[0]
+            if w in workers:
+                failed[w] = failed.get(w, 0) + 1
+    return seconds, failed
 
 
 class PushedStage:
@@ -114,6 +131,7 @@ class PushedStage:
         result.wire_bytes = sum(r.sent_bytes + r.received_bytes for r in reports)
         result.times["total"] = time.perf_counter() - t0
         result.times["tiles_max"] = max((r.seconds for r in reports), default=0.0)
+        result.tile_seconds, result.tile_failures = tile_times(reports, coord.stage.workers)
         if self.link is not None:
             self.link.observe(result)  # the frame and its stage times (where = "parallel": no sample of its own)
             feed_link(self.link, reports)

@@ -24,7 +24,7 @@ from runtime.agent.config import AgentConfig, default_agent_id
 from runtime.agent.parallel import CoordinatorOptions, ParallelCoordinator, TileMetrics
 from runtime.agent.parallel_maps import TileReport
 from runtime.agent.sources import Frame, open_source
-from runtime.agent.summary import percentile
+from runtime.agent.summary import percentile, tile_table
 from runtime.contracts.errors import InvalidInput
 from runtime.daemon.logcontext import log_scope
 from runtime.daemon.metrics_http import MetricsEndpoint
@@ -54,20 +54,15 @@ def _tile_json(r: TileReport) -> dict[str, Any]:
 
 def tile_summary(reports: Sequence[TileReport]) -> str:
     """Per worker: tiles, failed attempts, p50/p95 tile round trip and worker compute (ms)."""
-    by: dict[str, list[TileReport]] = {}
+    seconds: dict[str, list[float]] = {}
+    compute: dict[str, list[float]] = {}
     failed: dict[str, int] = {}
     for r in reports:
-        by.setdefault(r.ran_on, []).append(r)
+        seconds.setdefault(r.ran_on, []).append(r.seconds)
+        compute.setdefault(r.ran_on, []).append(r.compute_seconds)
         for f in r.failures:
             failed[f.split(": ", 1)[0]] = failed.get(f.split(": ", 1)[0], 0) + 1
-    lines = [f"{'worker':<24} {'tiles':>6} {'failed':>6} {'p50 ms':>8} {'p95 ms':>8} {'compute p50':>11}"]
-    for w in sorted(set(by) | set(failed)):
-        rs = by.get(w, [])
-        s = [r.seconds * 1e3 for r in rs] or [0.0]
-        c = [r.compute_seconds * 1e3 for r in rs] or [0.0]
-        lines.append(f"{w:<24} {len(rs):>6} {failed.get(w, 0):>6} {percentile(s, 50):>8.2f} {percentile(s, 95):>8.2f} "
-                     f"{percentile(c, 50):>11.2f}")
-    return "\n".join(lines)
+    return tile_table(seconds, failed, compute)
 
 
 def load_stage(opts: ParallelRunOptions, model: str) -> ParallelStage:

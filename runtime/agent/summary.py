@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from runtime.agent.client import FrameResult
 from runtime.models.slicing import SplitPoint
@@ -35,6 +35,36 @@ def stage_stats(results: Sequence[FrameResult]) -> dict[str, dict[str, float]]:
             overhead = runtime_overhead(r)
             stages.setdefault("overhead", []).append(overhead * 1e3)
     return {k: {"p50": percentile(v, 50), "p95": percentile(v, 95), "n": len(v)} for k, v in stages.items()}
+
+
+def tile_table(seconds: Mapping[str, Sequence[float]], failed: Mapping[str, int],
+               compute: Mapping[str, Sequence[float]] | None = None) -> str:
+    """Per worker of a parallel stage (sorted): tiles it computed, its failed attempts, p50/p95 tile round
+    trip (ms; 0 when it computed none) and, given ``compute``, the p50 of its own compute (ms)."""
+    lines = [f"{'worker':<24} {'tiles':>6} {'failed':>6} {'p50 ms':>8} {'p95 ms':>8}"
+             + (f" {'compute p50':>11}" if compute is not None else "")]
+    for w in sorted(set(seconds) | set(failed)):
+        s = [v * 1e3 for v in seconds.get(w, ())]
+        n, s = len(s), s or [0.0]
+        line = f"{w:<24} {n:>6} {failed.get(w, 0):>6} {percentile(s, 50):>8.2f} {percentile(s, 95):>8.2f}"
+        if compute is not None:
+            line += f" {percentile([v * 1e3 for v in compute.get(w, ())] or [0.0], 50):>11.2f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _tile_lines(results: Sequence[FrameResult]) -> list[str]:
+    """The per-worker tile times of the frames that went through a parallel stage (none: no lines)."""
+    seconds: dict[str, list[float]] = {}
+    failed: dict[str, int] = {}
+    for r in results:
+        for w, vs in r.tile_seconds.items():
+            seconds.setdefault(w, []).extend(vs)
+        for w, n in r.tile_failures.items():
+            failed[w] = failed.get(w, 0) + n
+    if not seconds and not failed:
+        return []
+    return ["parallel stage tiles by worker (round trip)", tile_table(seconds, failed)]
 
 
 def _bytes_line(results: Sequence[FrameResult], split: SplitPoint) -> str | None:
@@ -81,4 +111,5 @@ def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, mod
         if stage in stats:
             s = stats[stage]
             lines.append(f"{stage:<14}{s['p50']:>10.2f}{s['p95']:>10.2f}{s['n']:>6}")
+    lines += _tile_lines(results)
     return "\n".join(lines)
