@@ -11,7 +11,9 @@ document::
      "blocks": [{"start": "input", "end": "maxpool2d", "shares": [1, 1], "predicted_seconds": 0.05,
                  "grid_cols": 1,                   # 1: row bands; c > 1: a grid of c tiles per row
                  "halo_input": false}],            # true: input by halo exchange between workers (not block 0)
-     "predicted_seconds": 0.2, "strategy": "dpfp"}
+     "predicted_seconds": 0.2, "strategy": "dpfp",
+     "tail_worker": "", "tail_worker_id": ""}      # "": the agent runs the rest after the last block; else
+                                                    # HOST:PORT (and id) of the worker that does (an edge frame)
 
 Every value read from a file or the wire is bounded (``MAX_*`` below) before use. Pure Python.
 """
@@ -45,6 +47,12 @@ def _bool(v: Any) -> bool:
     return v
 
 
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise TypeError(f"tail_worker and tail_worker_id must be strings, got {v!r}")
+    return v
+
+
 def _int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
         raise TypeError(f"grid_cols must be an integer, got {v!r}")
@@ -73,6 +81,8 @@ class ParallelStage:
     model: str = ""  # the model the blocks belong to ("" = not stated)
     predicted_seconds: float = 0.0  # the planner's prediction for the whole stage (0: unknown)
     strategy: str = ""  # what proposed it: dpfp, layer_by_layer, fused_all, single_worker, or by hand
+    tail_worker: str = ""  # HOST:PORT of the worker that runs the rest after the last block ("": the agent does)
+    tail_worker_id: str = ""  # its id (the planner's name for it; "" when not known)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "workers", tuple(self.workers))
@@ -81,7 +91,7 @@ class ParallelStage:
             raise InvalidInput(f"a parallel stage needs 1..{MAX_WORKERS} workers, got {len(self.workers)}")
         if not 1 <= len(self.blocks) <= MAX_BLOCKS:
             raise InvalidInput(f"a parallel stage needs 1..{MAX_BLOCKS} blocks, got {len(self.blocks)}")
-        for name in (*self.workers, self.codec, self.model, self.strategy):
+        for name in (*self.workers, self.codec, self.model, self.strategy, self.tail_worker, self.tail_worker_id):
             if not isinstance(name, str) or len(name) > MAX_NAME:
                 raise InvalidInput(f"{name!r} is not a string of at most {MAX_NAME} characters")
         for i, b in enumerate(self.blocks):
@@ -105,7 +115,8 @@ class ParallelStage:
         if len(addresses) != len(self.workers):
             raise InvalidInput(f"the plan has {len(self.workers)} workers ({', '.join(self.workers)}); "
                                f"{len(addresses)} addresses were given")
-        return ParallelStage(addresses, self.blocks, self.codec, self.model, self.predicted_seconds, self.strategy)
+        return ParallelStage(addresses, self.blocks, self.codec, self.model, self.predicted_seconds, self.strategy,
+                             self.tail_worker, self.tail_worker_id)
 
     # -- JSON ---------------------------------------------------------------------------------
 
@@ -114,7 +125,8 @@ class ParallelStage:
                 "workers": list(self.workers), "codec": self.codec, "predicted_seconds": self.predicted_seconds,
                 "blocks": [{"start": b.start, "end": b.end, "shares": list(b.shares),
                             "predicted_seconds": b.predicted_seconds, "grid_cols": b.grid_cols, "halo_input": b.halo}
-                           for b in self.blocks]}
+                           for b in self.blocks],
+                "tail_worker": self.tail_worker, "tail_worker_id": self.tail_worker_id}
 
     @classmethod
     def from_json(cls, doc: Any) -> ParallelStage:
@@ -130,7 +142,8 @@ class ParallelStage:
                                       _bool(b.get("halo_input", False)))
                            for b in blocks)
             return cls(tuple(str(w) for w in workers[:MAX_WORKERS + 1]), parsed, str(doc.get("codec", "raw")),
-                       str(doc.get("model", "")), float(doc.get("predicted_seconds", 0.0)), str(doc.get("strategy", "")))
+                       str(doc.get("model", "")), float(doc.get("predicted_seconds", 0.0)), str(doc.get("strategy", "")),
+                       _str(doc.get("tail_worker", "")), _str(doc.get("tail_worker_id", "")))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise InvalidInput(f"malformed parallel plan: {e!r}") from None
 
@@ -149,6 +162,7 @@ class ParallelStage:
         msg.worker_ids.extend(self.workers)
         msg.worker_addresses.extend(self.workers)
         msg.codec = self.codec
+        msg.tail_worker_id, msg.tail_worker_address = self.tail_worker_id, self.tail_worker
         for b in self.blocks:
             msg.blocks.add(start_split=b.start, end_split=b.end, shares=list(b.shares),
                            predicted_seconds=b.predicted_seconds, grid_cols=b.grid_cols, halo_input=b.halo)
@@ -160,4 +174,5 @@ class ParallelStage:
             raise InvalidInput(f"a parallel stage holds at most {MAX_WORKERS} workers and {MAX_BLOCKS} blocks")
         blocks = tuple(TiledBlock(b.start_split, b.end_split, tuple(b.shares[:MAX_WORKERS + 1]), b.predicted_seconds,
                                   max(1, int(b.grid_cols)), bool(b.halo_input)) for b in msg.blocks)
-        return cls(tuple(msg.worker_addresses), blocks, msg.codec or "raw", model)
+        return cls(tuple(msg.worker_addresses), blocks, msg.codec or "raw", model,
+                   tail_worker=msg.tail_worker_address, tail_worker_id=msg.tail_worker_id)

@@ -103,13 +103,17 @@ class ParallelBlock(_message.Message):
     def __init__(self, start_split: _Optional[str] = ..., end_split: _Optional[str] = ..., shares: _Optional[_Iterable[float]] = ..., predicted_seconds: _Optional[float] = ..., grid_cols: _Optional[int] = ..., halo_input: _Optional[bool] = ...) -> None: ...
 
 class ParallelStage(_message.Message):
-    __slots__ = ("worker_ids", "worker_addresses", "blocks", "codec")
+    __slots__ = ("worker_ids", "worker_addresses", "blocks", "codec", "tail_worker_id", "tail_worker_address")
     WORKER_IDS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ADDRESSES_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
+    TAIL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    TAIL_WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     worker_ids: _containers.RepeatedScalarFieldContainer[str]
     worker_addresses: _containers.RepeatedScalarFieldContainer[str]
     blocks: _containers.RepeatedCompositeFieldContainer[ParallelBlock]
     codec: str
-    def __init__(self, worker_ids: _Optional[_Iterable[str]] = ..., worker_addresses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[ParallelBlock, _Mapping]]] = ..., codec: _Optional[str] = ...) -> None: ...
+    tail_worker_id: str
+    tail_worker_address: str
+    def __init__(self, worker_ids: _Optional[_Iterable[str]] = ..., worker_addresses: _Optional[_Iterable[str]] = ..., blocks: _Optional[_Iterable[_Union[ParallelBlock, _Mapping]]] = ..., codec: _Optional[str] = ..., tail_worker_id: _Optional[str] = ..., tail_worker_address: _Optional[str] = ...) -> None: ...
