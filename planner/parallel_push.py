@@ -6,8 +6,12 @@ a profile of its model (at least ``min_workers``) and whose link from the agent 
 (:meth:`PlannerState.link`: measured, or the configured assumption; a worker without a bandwidth
 is left out, as for any offload). DPFP (:mod:`planner.dpfp`) plans the stage on those links (one
 link shared by the workers, the slowest of them: the agent's own uplink carries every tile), and
-the whole frame is predicted as the device's head up to the stage + the stage + the device's tail
-after it (the agent runs both). When that beats the plan's own prediction by ``min_gain``, the
+the whole frame is predicted as the device's head up to the stage + the stage + the rest after it.
+The rest runs where it is predicted fastest: on the device, or on a candidate worker whose link the
+agent measured (an assumed link is never priced for it) as its RTT + the map at the stage's end
+(in the stage's codec) and the model's output over its bandwidth + its profile's blocks after the
+stage (:func:`tail_on_worker`); such a worker goes into ``ParallelStage.tail_worker_id/_address``
+and the agent sends it the stitched map (and runs the rest itself if it fails). When that beats the plan's own prediction by ``min_gain``, the
 stage goes into ``Plan.parallel`` (with the prediction in its blocks) and the plan's
 ``predicted_seconds`` becomes the parallel prediction; otherwise the plan is left as it is.
 
@@ -38,7 +42,7 @@ import asyncio
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from planner import parallel_plan as PP
@@ -63,19 +67,41 @@ next decision runs one trial DPFP, then it is remembered again)."""
 
 @dataclass(frozen=True)
 class Candidate:
-    """A worker a parallel stage may use: id, address, its profile of the model, the agent's link to it."""
+    """A worker a parallel stage may use: id, address, its profile of the model, the agent's link to it
+    (measured, or the planner's assumption), and that link as measured (None: not measured; such a worker
+    never runs the rest of the model after the stage)."""
 
     worker_id: str
     address: str
     profile: Profile
     link: Link
+    measured: Link | None = None
 
 
 @dataclass(frozen=True)
 class Proposal:
-    stage: ParallelStage  # worker addresses; shares per worker
-    seconds: float  # the whole frame: device head + stage + device tail
+    stage: ParallelStage  # worker addresses; shares per worker; tail_worker: who runs the rest ("": the device)
+    seconds: float  # the whole frame: device head + stage + tail (head_seconds + stage_seconds + tail_seconds)
     stage_seconds: float
+    head_seconds: float = 0.0  # the device up to the stage
+    tail_seconds: float = 0.0  # the rest after the stage: on the device, or on tail_worker with its transfers
+    tail_worker: Candidate | None = None  # the worker that runs the rest (None: the device)
+
+
+def tail_on_worker(device: Profile, c: Candidate, end: int, bytes_per_element: int) -> float | None:
+    """The rest of the model from split ``end`` on candidate ``c``: its measured RTT + the map at ``end``
+    (encoded at ``bytes_per_element``) and the model's output (fp32) over its measured bandwidth + its
+    profile's blocks ``end``..n. None when it cannot be priced: no measured link (never assumed fast), a
+    profile of other blocks than the device's, or no map size at ``end`` in the device's profile."""
+    lk, n = c.measured, device.n_blocks
+    if lk is None or lk.rtt_seconds <= 0 or c.profile.n_blocks != n or not 0 < end < n:
+        return None
+    map_bytes = device.blocks[end - 1].output_bytes * bytes_per_element // 4
+    result_bytes = device.blocks[n - 1].output_bytes
+    if map_bytes <= 0 or result_bytes <= 0:
+        return None
+    return (lk.rtt_seconds + (map_bytes + result_bytes) / lk.bandwidth_bytes_per_second
+            + device_seconds(c.profile, end, n))
 
 
 def device_seconds(device: Profile, first: int, end: int) -> float:
@@ -171,8 +197,15 @@ class ParallelPlanner:
             return None  # DPFP keeps it on one worker: that is an ordinary offload, the search's business
         end = g.first + len(g.geometries)
         head = device_seconds(device, 0, g.first)
-        tail = device_seconds(device, end, device.n_blocks)
-        return Proposal(stage, head + stage.predicted_seconds + tail, stage.predicted_seconds)
+        tail, where = device_seconds(device, end, device.n_blocks), None
+        per_element = PP.BYTES_PER_ELEMENT.get(self.codec.split("+")[0], 4)
+        for c in candidates:  # the rest on a worker when that is faster than on the device, transfers included
+            t = tail_on_worker(device, c, end, per_element)
+            if t is not None and t < tail:
+                tail, where = t, c
+        if where is not None:
+            stage = replace(stage, tail_worker=where.address, tail_worker_id=where.worker_id)
+        return Proposal(stage, head + stage.predicted_seconds + tail, stage.predicted_seconds, head, tail, where)
 
     async def consider(self, state: PlannerState, st: AgentState, plan: pb.Plan, executor: Executor) -> bool:
         """The re-planner's hook: the candidate workers of agent ``st`` (on the loop), then DPFP and
@@ -206,7 +239,8 @@ class ParallelPlanner:
         prop.stage.to_proto(plan.parallel)
         del plan.parallel.worker_ids[:]
         plan.parallel.worker_ids.extend(c.worker_id for c in candidates)
-        plan.reason = (f"{plan.reason}; parallel stage over {len(candidates)} workers predicted "
+        rest = f", the rest on {prop.tail_worker.worker_id}" if prop.tail_worker is not None else ""
+        plan.reason = (f"{plan.reason}; parallel stage over {len(candidates)} workers{rest} predicted "
                        f"{prop.seconds * 1e3:.1f} ms (was {current * 1e3:.1f} ms)")
         plan.predicted_seconds = prop.seconds
         logger.info("agent %s: parallel stage %s over %s, %.1f ms predicted (plan alone %.1f ms)", plan.agent_id,
@@ -228,5 +262,9 @@ def candidates(state: PlannerState, st: AgentState) -> list[Candidate]:
         lk = state.link(st, wid) if allowed and prof is not None else None
         if lk is None or prof is None or lk.bandwidth_bytes_per_second <= 0:
             continue
-        out.append(Candidate(wid, w.record.address, prof, Link(max(lk.rtt_seconds, 0.0), lk.bandwidth_bytes_per_second)))
+        m = state.measured_link(st, wid)
+        measured = (Link(m.rtt_seconds, m.bandwidth_bytes_per_second)
+                    if m is not None and m.rtt_seconds > 0 and m.bandwidth_bytes_per_second > 0 else None)
+        out.append(Candidate(wid, w.record.address, prof, Link(max(lk.rtt_seconds, 0.0), lk.bandwidth_bytes_per_second),
+                             measured))
     return out
