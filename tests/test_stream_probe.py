@@ -202,3 +202,29 @@ def test_probe_bucket_and_advertised():
     assert bucket.take() and not bucket.take()
     assert not ProbeBucket(0.0).take()
     assert advertised([(STREAM_PROBE_KEY, "1")]) and not advertised([("other", "1")]) and not advertised(None)
+
+
+def test_probes_sent_while_a_frame_holds_the_stream_are_counted():
+    """A frame holding the stream with nothing sent yet (its head computing on the board): the idle probes still
+    go (they keep the 1.5 s bound), and agent_cpu counts them as "held"."""
+
+    async def go():
+        ws = await _worker()
+        stream, _ = _stream(f"127.0.0.1:{ws.port}")
+        try:
+            await stream._ensure_open()
+            await until(lambda: stream.stream_probes, 2.0)
+            await asyncio.sleep(0.7)
+            before = dict(stream.probes_sent)
+            stream.hold()
+            await asyncio.sleep(1.2)
+            stream.release()
+            return before, dict(stream.probes_sent), stream.is_open
+        finally:
+            await stream.close()
+            await ws.drain_and_stop(0.5)
+
+    before, after, alive = asyncio.run(go())
+    assert alive
+    assert after["held"] - before["held"] >= 1 and before["held"] == 0, (before, after)
+    assert after["held"] - before["held"] <= after["stream"] - before["stream"]

@@ -12,7 +12,10 @@ sent, so a timeout short enough to notice a partition quickly (2 s) kills every 
 and an idle stream when no progress for floor (nothing queues on it: a probe answers in a round trip).
 
 *Progress* is anything the peer sends back on the stream's connection: a result, or the answer to a
-probe sent on that connection (it queues behind the same bytes, so its answer proves they moved). The
+probe sent on that connection (it queues behind the same bytes, so its answer proves they moved). On an idle
+stream whose worker advertised it, that probe is a ``StreamProbe`` message on the stream itself, echoed by the
+worker (runtime.wire.streamprobe; issue 14: one write where a unary Health/Check was a new call); otherwise, and
+with frames outstanding, a Health/Check on the same connection. The rules and the floor are the same for both. The
 *path* is a second connection to the same peer (``TransportOptions.probe_channel``: a TCP connection of
 its own, opened with the stream's first frame), on which nothing bulky is ever sent: a probe there
 (grpc.health.v1 Health/Check) queues behind no frame in the sender, so its answer within the floor
