@@ -121,7 +121,8 @@ class Agent:
         self.parallel = PushedStage(loaded, CoordinatorOptions(transport=self.transport, agent_id=self.agent_id,
                                                                halo=options.parallel_halo,
                                                                halo_early=options.parallel_halo_early),
-                                    prepare_timeout_seconds=self.prepare_timeout, link=self.link)
+                                    prepare_timeout_seconds=self.prepare_timeout, link=self.link,
+                                    edge=self.edge, new_stream=self._new_stream)  # its tail worker's frames
 
     # The active plan's parts, for callers that predate ActivePlan (read-only).
     split = property(lambda self: self.active.split)

@@ -12,7 +12,8 @@ the coordinator when none is left (or when its crop would exceed the message lim
 failed is skipped for the rest of the frame and tried again on the next one.
 
 :meth:`ParallelCoordinator.run_frame` runs a whole frame: the head up to the first block locally,
-the stage, and the rest of the model locally.
+the stage, and the rest of the model locally or through the caller's ``tail`` (the pushed stage's
+tail worker, :mod:`runtime.agent.parallel_push`).
 
 Halo exchange (``TiledBlock.halo``, :mod:`runtime.agent.parallel_halo`): where a block takes its input by
 halo exchange, the previous block's tiles stay on their workers, which fetch only the border rows
@@ -29,7 +30,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -51,6 +52,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tiles_pb2, tiles_pb2_grpc
 from runtime.wire.codec import decode_tensor, get_codec
+from runtime.wire.framewire import OutFrame
 from runtime.wire.transport import TransportOptions
 
 logger = logging.getLogger(__name__)
@@ -431,11 +433,22 @@ class ParallelCoordinator:
         self.metrics.tile_seconds.labels(address).observe(report.seconds)
         return tile
 
-    async def run_frame(self, image: torch.Tensor,
-                        on_block: Callable[[int, list[TileReport]], None] | None = None) -> tuple[torch.Tensor, list[TileReport]]:
-        """A whole frame: head to the first block locally, the stage, the rest of the model locally."""
+    async def run_frame(self, image: torch.Tensor, on_block: Callable[[int, list[TileReport]], None] | None = None,
+                        tail: Callable[[torch.Tensor], Awaitable[torch.Tensor]] | None = None,
+                        ) -> tuple[torch.Tensor, list[TileReport]]:
+        """A whole frame: head to the first block locally, the stage, then the rest of the model: ``tail(map)``
+        when given (the stitched map at the last block's end; e.g. sent to the stage's tail worker, which
+        falls back to :meth:`local_tail` itself), else :meth:`local_tail`."""
         x = image if self.first.index == 0 else await self._compute(self.loaded.head(self.first.name), image)
         y, reports = await self.run_stage(x, on_block)
         if self.last.name != "output":
-            y = await self._compute(self.loaded.tail(self.last.name), y)
+            y = await (tail or self.local_tail)(y)
         return y, reports
+
+    async def local_tail(self, y: torch.Tensor) -> torch.Tensor:
+        """The rest of the model after the stage's last block, on the coordinator."""
+        return await self._compute(self.loaded.tail(self.last.name), y)
+
+    async def encode_frame(self, y: torch.Tensor) -> OutFrame:
+        """``y`` encoded in the stage's codec as an edge frame (the coordinator's thread)."""
+        return await self._compute(self.codec.encode_frame, y)

@@ -11,26 +11,38 @@ answered is one bandwidth sample of that worker's link (keyed by its address, as
 is), its bytes both ways over its round trip less the worker's own times and the link's base RTT.
 The tiles of a block travel at the same time over the coordinator's one uplink, so a sample is the
 share of the link one tile got (as for a window of edge frames), not the raw link rate.
+
+The rest after the stage (``ParallelStage.tail_worker``, set when the planner predicts it faster on a
+worker than on the board): the stitched map at the last block's end goes to that worker as an
+ordinary edge frame (``FrameHeader.split_id`` = that split, the stage's codec) on a stream of its own,
+sent and awaited by the agent's :class:`runtime.agent.edge.EdgeSender` within the agent's frame
+deadline. If it fails (refused, unreachable, late) the agent runs the rest itself and the frame's
+``fallback_reason`` says why: the frame is not lost. A frame's ``worker`` and ``times`` say where the
+rest ran (``edge_tail`` and ``transfer_edge`` on the worker; ``local_tail`` on the board).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 
+from runtime.agent.edge import EdgeSender
 from runtime.agent.frame import FrameResult
 from runtime.agent.parallel import LOCAL, CoordinatorOptions, ParallelCoordinator, TileMetrics
 from runtime.agent.parallel_maps import TileReport
 from runtime.agent.telemetry import LinkEstimator
-from runtime.contracts.errors import InvalidInput
+from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.daemon.tracing import parallel_frame
 from runtime.models.loader import LoadedModel
 from runtime.parallel.plan import ParallelStage
+from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.wire.stream import EdgeStream
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +91,13 @@ class PushedStage:
     locally, so no frame is lost)."""
 
     def __init__(self, loaded: LoadedModel, options: CoordinatorOptions | None = None, metrics: TileMetrics | None = None,
-                 prepare_timeout_seconds: float = 60.0, link: LinkEstimator | None = None):
+                 prepare_timeout_seconds: float = 60.0, link: LinkEstimator | None = None,
+                 edge: EdgeSender | None = None, new_stream: Callable[[str], EdgeStream] | None = None):
         self.loaded = loaded
+        # the rest after the stage on its tail worker: the agent's sender and its way to open a stream (None: the
+        # rest always runs here)
+        self.edge, self.new_stream = edge, new_stream
+        self.tail_stream: EdgeStream | None = None  # the active stage's stream to its tail worker
         self.link = link  # the agent's LinkEstimator: frames through the stage feed it (None: they do not)
         self.options = options or CoordinatorOptions()
         # per-worker tile times and failures: by default in the agent's own registry (the one its LinkEstimator
@@ -102,6 +119,7 @@ class PushedStage:
         old = self.coord
         if not plan.HasField("parallel") or not plan.parallel.blocks:
             self.coord = None
+            self._use_tail(None)
         else:
             if plan.model_id and plan.model_id != self.loaded.name:
                 raise InvalidInput(f"the plan's parallel stage is for {plan.model_id!r}, the agent runs {self.loaded.name!r}")
@@ -111,12 +129,63 @@ class PushedStage:
             if refused:
                 logger.warning("plan v%d: workers not ready for the parallel stage: %s (their tiles run elsewhere)",
                                plan.version, refused)
+            self._use_tail(await self._tail_stream(stage, coord))
             self.coord = coord
             logger.info("plan v%d: parallel stage %s over %s", plan.version,
                         " | ".join(f"{b.start}..{b.end}" for b in stage.blocks), ", ".join(stage.workers))
         self.version, self.predicted_seconds = plan.version, plan.predicted_seconds
         if old is not None and old is not self.coord:
             asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
+
+    async def _tail_stream(self, stage: ParallelStage, coord: ParallelCoordinator) -> EdgeStream | None:
+        """A stream to the stage's tail worker, the worker asked to load the rest (None: the rest runs here)."""
+        if not stage.tail_worker or coord.last.name == "output":
+            return None
+        if self.edge is None or self.new_stream is None:
+            logger.warning("the parallel stage names tail worker %s, but this agent sends no frames to workers: "
+                           "the rest runs here", stage.tail_worker)
+            return None
+        old = self.tail_stream
+        stream = old if old is not None and old.address == stage.tail_worker else self.new_stream(stage.tail_worker)
+        try:
+            await stream.prepare(self._header(coord, 0), self.prepare_timeout_seconds)
+        except EdgesplitError as e:  # not fatal: each frame tries it and runs the rest here if it fails
+            logger.warning("tail worker %s did not prepare %s@%s: %s %s", stage.tail_worker, self.loaded.name,
+                           coord.last.name, e.code.name, e)
+        return stream
+
+    def _use_tail(self, stream: EdgeStream | None) -> None:
+        old, self.tail_stream = self.tail_stream, stream
+        if old is not None and old is not stream:
+            asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
+
+    def _header(self, coord: ParallelCoordinator, seq: int) -> pb.FrameHeader:
+        return pb.FrameHeader(agent_id=self.options.agent_id, seq=seq, model_id=self.loaded.name,
+                              split_id=coord.last.name, plan_version=self.version,
+                              model_digest=self.loaded.digest if self.options.model_digest else "")
+
+    async def _tail(self, coord: ParallelCoordinator, stream: EdgeStream, result: FrameResult,
+                    y: torch.Tensor) -> torch.Tensor:
+        """The rest of the frame from the stitched map ``y`` on the tail worker, else here (``result`` says which)."""
+        assert self.edge is not None
+        t0 = time.perf_counter()
+        stream.hold()
+        try:
+            msg = await coord.encode_frame(y)
+            result.times["encode"] = time.perf_counter() - t0
+            reason = await self.edge.run(stream, self._header(coord, result.seq), msg, result)
+        except EdgesplitError as e:
+            reason = f"tail worker failed: {e}"
+        finally:
+            stream.release()
+        if not reason:
+            return result.output
+        result.fallback_reason, result.worker = reason, ""
+        logger.warning("frame %d: the rest after the parallel stage runs here: %s", result.seq, reason)
+        t1 = time.perf_counter()
+        out = await coord.local_tail(y)
+        result.times["local_tail"] = time.perf_counter() - t1
+        return out
 
     @parallel_frame  # log ids and, when tracing is on, the frame's agent.frame span (runtime.daemon.tracing)
     async def infer(self, seq: int, x: torch.Tensor, frame: str = "") -> FrameResult:
@@ -125,10 +194,12 @@ class PushedStage:
         if coord is None:
             raise InvalidInput("no parallel stage is active")
         t0 = time.perf_counter()
-        y, reports = await coord.run_frame(x)
-        result = FrameResult(seq, frame or f"frame-{seq}", y, "parallel", coord.stage.blocks[0].start,
+        result = FrameResult(seq, frame or f"frame-{seq}", x, "parallel", coord.stage.blocks[0].start,
                              coord.codec_name, self.version, predicted_seconds=self.predicted_seconds)
-        result.wire_bytes = sum(r.sent_bytes + r.received_bytes for r in reports)
+        stream = self.tail_stream
+        tail = functools.partial(self._tail, coord, stream, result) if stream is not None else None
+        result.output, reports = await coord.run_frame(x, tail=tail)
+        result.wire_bytes += sum(r.sent_bytes + r.received_bytes for r in reports)
         result.times["total"] = time.perf_counter() - t0
         result.times["tiles_max"] = max((r.seconds for r in reports), default=0.0)
         result.tile_seconds, result.tile_failures = tile_times(reports, coord.stage.workers)
@@ -138,6 +209,9 @@ class PushedStage:
         return result
 
     async def close(self) -> None:
+        if self.tail_stream is not None:
+            await self.tail_stream.close()
+            self.tail_stream = None
         if self.coord is not None:
             await self.coord.close()
             self.coord = None
