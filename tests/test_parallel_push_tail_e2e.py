@@ -4,23 +4,31 @@ Two real worker processes serving ResNet-18 and a real :class:`runtime.agent.cli
 stage tiles the model's tileable range on worker A and names worker B its tail worker
 (``ParallelStage.tail_worker``). Each frame's stitched map goes to B as an edge frame on the agent's
 stream; the output equals the unsplit model's. With B killed, the agent runs the rest itself: the frame
-is kept, its ``fallback_reason`` says why.
+is kept, its ``fallback_reason`` says why. And a real planner that names the tail worker once the
+agent has measured its link to it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
+import grpc
 import pytest
 import torch
 
+from planner.config import PlannerConfig
+from planner.server import serve as serve_planner
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
+from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
+from runtime.contracts.profile import Block, Profile
 from runtime.models.loader import load_model
 from runtime.parallel.plan import ParallelStage, TiledBlock
 from runtime.parallel.tiled import tileable_end
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.wire.codec import get_codec
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(180)]
@@ -73,3 +81,71 @@ def test_the_rest_runs_on_the_tail_worker_and_locally_once_it_is_gone(loaded, st
     assert gone.where == "parallel" and gone.fallback_reason and gone.worker == ""
     assert "local_tail" in gone.times and "edge_tail" not in gone.times
     assert close_to(gone.output, expected[2])
+
+
+def make_profile(loaded, role: str, machine: str) -> Profile:
+    """Tileable blocks 2 s on the board, 0.2 s on a worker; the rest 0.5 s a block on the board (a weak
+    board's classifier), 1 ms on a worker."""
+    end = tileable_end(loaded.sliced, 0)
+    board = role == "device"
+    blocks = tuple(Block(i, sp.name, (2.0 if board else 0.2) if i < end else (0.5 if board else 0.001), sp.fp32_bytes)
+                   for i, sp in enumerate(loaded.sliced.split_points[1:]))
+    return Profile(machine=machine, role=role, model=loaded.name, model_digest=loaded.digest, blocks=blocks,
+                   input_bytes=loaded.sliced.split_points[0].fp32_bytes)
+
+
+def test_the_planner_names_a_tail_worker_only_once_the_agents_link_to_it_is_measured(loaded, start_worker, tmp_path):
+    """Worker A first: an ordinary offload, whose frames measure the agent's link to A. B registers: the
+    planner's DPFP over both puts the rest on A (measured), never on B (its link only assumed)."""
+    ports = [start_worker("--preload", MODEL, "--torch-threads", "1")[1] for _ in range(2)]
+    x = next(iter(open_source(loaded.spec, "synthetic", 1))).tensor
+    with torch.inference_mode():
+        want = loaded.full(x)
+    conf = dict(hold_seconds=0.5, replan_interval_seconds=0.1, telemetry_max_rate_hz=5.0, default_rtt_seconds=0.001,
+                default_bandwidth_bytes_per_second=50e6, metrics_port=-1, compute_telemetry=False)
+
+    async def register(stub, wid: str, port: int) -> None:
+        await stub.RegisterWorker(ppb.RegisterWorkerRequest(
+            worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
+            profiles_json=[make_profile(loaded, "edge", wid).to_json()]), timeout=10.0)
+
+    async def scenario():
+        ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **conf))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
+        stub = ppb_grpc.PlannerStub(channel)
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
+                      AgentOptions(agent_id="board-q", deadline_seconds=30.0, connect_timeout=2.0))
+        link = PlannerLink(agent, PlannerLinkOptions(
+            f"127.0.0.1:{ps.port}", make_profile(loaded, "device", "board"), "board-q", workers=("edge-a", "edge-b"),
+            telemetry_interval_seconds=0.3, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
+        state = ps.service.state
+        try:
+            await register(stub, "edge-a", ports[0])
+            await link.start()
+            deadline = time.monotonic() + 30
+            while not (state.agents.get("board-q") and state.measured_link(state.agents["board-q"], "edge-a")
+                       and state.measured_link(state.agents["board-q"], "edge-a").rtt_seconds > 0):
+                assert time.monotonic() < deadline, "the agent's link to edge-a was never measured"
+                await agent.infer(x)  # an offload to edge-a: its frames measure the link
+                await asyncio.sleep(0.05)
+            assert not agent.parallel.active
+            await register(stub, "edge-b", ports[1])
+            deadline = time.monotonic() + 30
+            while not agent.parallel.active:
+                assert time.monotonic() < deadline, "no plan with a parallel stage after the second worker"
+                await asyncio.sleep(0.05)
+            stage = agent.parallel.coord.stage
+            b_link = state.measured_link(state.agents["board-q"], "edge-b")  # what the plan was made with
+            result = await agent.infer(x, "f0")
+            return stage, result, b_link
+        finally:
+            await link.close()
+            await agent.close()
+            await channel.close()
+            await ps.drain_and_stop(1.0)
+
+    stage, result, b_link = asyncio.run(scenario())
+    a = f"127.0.0.1:{ports[0]}"
+    assert (stage.tail_worker, stage.tail_worker_id) == (a, "edge-a") and b_link is None
+    assert result.where == "parallel" and not result.fallback_reason and result.worker == a
+    assert "edge_tail" in result.times and close_to(result.output, want)
