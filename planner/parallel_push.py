@@ -16,7 +16,8 @@ stage goes into ``Plan.parallel`` (with the prediction in its blocks) and the pl
 ``predicted_seconds`` becomes the parallel prediction; otherwise the plan is left as it is.
 
 A plan is reconsidered when the workers the agent may use change while its configuration stays
-the same (a second worker registers, one leaves): :meth:`ParallelPlanner.changed` remembers the
+the same (a second worker registers, one leaves, the agent's link to one becomes measured or expires:
+only then may it run the rest): :meth:`ParallelPlanner.changed` remembers the
 candidate set each plan was considered with; on a change it says to issue the plan again when the
 plan has a stage (its workers changed) or when a trial on a copy of the plan would attach one.
 
@@ -127,7 +128,7 @@ class ParallelPlanner:
 
     def _remember(self, agent_id: str, cands: Sequence[Candidate]) -> bool:
         """Record the candidate set of ``agent_id``'s plan; True when it differs from the one remembered."""
-        key = tuple((c.worker_id, c.address) for c in cands)
+        key = tuple((c.worker_id, c.address, c.measured is not None) for c in cands)  # measured: may run the rest
         old = self._seen.pop(agent_id, None)
         self._seen[agent_id] = key
         while len(self._seen) > MAX_REMEMBERED:

@@ -3,6 +3,7 @@ plan formats (JSON, tiles.proto) and in the planner's cost (planner.parallel_pus
 
 from __future__ import annotations
 
+import asyncio
 import json
 from types import SimpleNamespace
 
@@ -134,3 +135,29 @@ def test_the_planners_candidates_carry_only_measured_links_and_only_workers_with
     got = candidates(state, st)
     assert [c.worker_id for c in got] == ["w0", "w1"]  # w2 has no profile of the model
     assert got[0].measured == Link(0.002, 50e6) and got[1].measured is None
+
+
+def test_a_link_becoming_measured_has_the_stage_planned_again(loaded):
+    """A stage attached while the links were only assumed is reconsidered once the agent measures one
+    (its frames' tiles feed the link): only then may a worker run the rest."""
+    prof = profile(loaded, "w", "edge", 1.0)
+    measured: dict[str, LinkRecord | None] = {"w0": None, "w1": None}
+    state = SimpleNamespace(
+        workers={wid: SimpleNamespace(profiles={MODEL: prof}, record=SimpleNamespace(address=f"h:{i}"))
+                 for i, wid in enumerate(measured)},
+        link=lambda st, wid: measured[wid] or LinkRecord(0.001, 125e6, 0.0),
+        measured_link=lambda st, wid: measured[wid])
+    plan = ppb.Plan(agent_id="a", model_id=MODEL)
+    plan.parallel.blocks.add(start_split="input", end_split="layer1", shares=[1.0, 1.0])
+    st = SimpleNamespace(record=SimpleNamespace(id="a", workers=(), constraints=ppb.Constraints(), model=MODEL),
+                         plan=plan, device=profile(loaded, "board", "device", 10.0))
+    pp = ParallelPlanner()
+    pp._remember("a", candidates(state, st))  # what consider() does when the plan is issued
+
+    async def changed() -> bool:
+        return await pp.changed(state, st, None)  # a plan with a stage: no trial, the executor is not used
+
+    assert not asyncio.run(changed())  # nothing new
+    measured["w1"] = LinkRecord(0.002, 50e6, 1.0)
+    assert asyncio.run(changed())  # w1's link measured: the stage is planned again (w1 may run the rest)
+    assert not asyncio.run(changed())
