@@ -17,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from runtime.daemon import children
 from runtime.tools import dpfp_timeline
 
 if TYPE_CHECKING:
@@ -198,12 +199,7 @@ class RelayProcess:
         self.address = line.split("listening on ", 1)[1].split(" ", 1)[0]
 
     async def close(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
+        children.stop(self.proc)
 
 
 def recovered_tiles(coord: ParallelCoordinator) -> dict[str, int]:

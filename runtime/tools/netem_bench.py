@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from runtime.daemon import children
+
 START_SECONDS = 20.0
 IO_TIMEOUT_SECONDS = 120.0
 MiB = 2**20
@@ -104,7 +106,7 @@ class RelayChild:
             [sys.executable, "-m", "runtime.tools.netem", "--target", target, "--delay-ms", f"{link.rtt_ms / 2:.4f}",
              "--rate-mbps", f"{link.mbps:.6f}", *chunk, "--log-level", "WARNING"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=variant.root or None)
-        line = _readline(self.proc, START_SECONDS)
+        line = children.readline(self.proc, START_SECONDS)
         if "listening on " not in line:
             self.stop()
             raise RuntimeError(f"the relay did not start: {line!r}")
@@ -122,24 +124,7 @@ class RelayChild:
         return total / 1e9
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def _readline(proc: subprocess.Popen[str], timeout: float) -> str:
-    import selectors
-
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            return ""
-    return proc.stdout.readline()
+        children.stop(self.proc)
 
 
 async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

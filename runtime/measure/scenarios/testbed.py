@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from runtime.daemon import children
+
 logger = logging.getLogger(__name__)
 
 CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
@@ -74,32 +76,14 @@ class Relay:
             [sys.executable, "-m", "runtime.tools.netem", "--listen", "127.0.0.1:0", "--target", target,
              "--delay-ms", f"{delay_ms:.4f}", "--rate-mbps", f"{rate_mbps:.6f}", "--log-level", "WARNING"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = _readline(self.proc, RELAY_START_SECONDS)
+        line = children.readline(self.proc, RELAY_START_SECONDS)
         if "listening on " not in line:
             self.stop()
             raise RuntimeError(f"the relay did not start: {line!r}")
         self.address = line.split("listening on ")[1].split()[0]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _readline(proc: subprocess.Popen, timeout: float) -> str:
-    """One line of the child's stdout, or "" after ``timeout`` seconds (select on the pipe)."""
-    import selectors
-
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ)
-        if not sel.select(timeout):
-            return ""
-    return proc.stdout.readline()
+        children.stop(self.proc, 5)
 
 
 async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
