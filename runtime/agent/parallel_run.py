@@ -69,6 +69,9 @@ def load_stage(opts: ParallelRunOptions, model: str) -> ParallelStage:
     stage = ParallelStage.load(opts.plan)
     if stage.model and stage.model != model:
         raise InvalidInput(f"the parallel plan is for {stage.model!r}, the agent runs {model!r} (--model)")
+    if stage.tail_worker:
+        logger.warning("the plan names %s for the rest of the model after the stage; `edgesplit agent --parallel-plan` "
+                       "runs the rest on this board (a planner's pushed stage sends it there)", stage.tail_worker)
     return stage.with_workers(opts.workers) if opts.workers else stage
 
 
