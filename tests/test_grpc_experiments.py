@@ -26,15 +26,16 @@ def hook(name, *a, **k):
         seen.append(os.environ.get("GRPC_EXPERIMENTS"))
     return real(name, *a, **k)
 builtins.__import__ = hook
-import runtime.cli.main
+import importlib
+importlib.import_module(sys.argv[1] if len(sys.argv) > 1 else "runtime.cli.main")
 builtins.__import__ = real
-print(json.dumps({"at_grpc_import": seen, "grpc": "grpc" in sys.modules}))
+print(json.dumps({"at_grpc_import": seen, "grpc": "grpc" in sys.modules, "env": os.environ.get("GRPC_EXPERIMENTS")}))
 '''
 
 
-def first_import(**env: str) -> dict:
+def first_import(module: str = "runtime.cli.main", **env: str) -> dict:
     base = {k: v for k, v in child_env().items() if k != runtime.cli.GRPC_EXPERIMENTS_ENV}
-    out = subprocess.run([sys.executable, "-c", FIRST_IMPORT], cwd=REPO, env={**base, **env}, capture_output=True,
+    out = subprocess.run([sys.executable, "-c", FIRST_IMPORT, module], cwd=REPO, env={**base, **env}, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -42,8 +43,20 @@ def first_import(**env: str) -> dict:
 
 def test_the_cli_sets_the_default_before_grpc_is_first_imported():
     got = first_import()
-    assert got == {"at_grpc_import": ["-event_engine_client,-event_engine_listener"], "grpc": True}
+    assert got == {"at_grpc_import": ["-event_engine_client,-event_engine_listener"], "grpc": True,
+                   "env": "-event_engine_client,-event_engine_listener"}
     assert runtime.cli.GRPC_EXPERIMENTS_DEFAULT == "-event_engine_client,-event_engine_listener"
+
+
+@pytest.mark.parametrize("module", ["runtime.tools.netem", "runtime.measure.agent_cpu", "runtime.tools.dpfp_bench"])
+def test_tools_and_measurements_run_as_the_daemons_do(module):
+    """`python -m runtime.tools.X` / `runtime.measure.X` do not import the CLI: their packages apply the same default,
+    so what they measure runs with the daemons' gRPC (before: EventEngine on in the tool, off in the CLI's children)."""
+    default = "-event_engine_client,-event_engine_listener"
+    got = first_import(module)
+    assert got["env"] == default and got["at_grpc_import"] == ([default] if got["grpc"] else []), got
+    got = first_import(module, GRPC_EXPERIMENTS="")
+    assert got["env"] == "" and got["at_grpc_import"] == ([""] if got["grpc"] else []), got
 
 
 @pytest.mark.parametrize("value", ["", "event_engine_client,event_engine_listener", "-event_engine_client"])

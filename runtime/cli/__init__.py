@@ -6,15 +6,14 @@ defaults to :data:`GRPC_EXPERIMENTS_DEFAULT`, gRPC's EventEngine client and list
 and written by gRPC's iomgr TCP path on the thread that polls the completion queue (grpc.aio's poller), one
 thread wake-up fewer per message each way. A ``GRPC_EXPERIMENTS`` the user set is left as it is; set it empty
 (``GRPC_EXPERIMENTS=``) for gRPC's own defaults. gRPC reads the variable once, when it is first imported, so
-it must be set here, not later. Measured (runtime/measure/results/overhead.md, 2026-12-04, ``edgesplit bench
+it must be set here, not later (runtime.contracts.grpcenv; the tools' and measurements' packages apply it too). Measured (runtime/measure/results/overhead.md, 2026-12-04, ``edgesplit bench
 --split 45 --split 10 --codec raw``, alternating pairs): the 803 KB frame's runtime overhead lower in 15 of 18
 pairs over four runs (one tie; median 2.66 -> 2.50 ms against the parent commit), gRPC both ways 0.1-0.4 ms lower,
 62 KB 2.18 -> 2.01 ms; TLS and mTLS tests pass with it.
 """
 
-import os
+from runtime.contracts.grpcenv import GRPC_EXPERIMENTS_DEFAULT, GRPC_EXPERIMENTS_ENV, apply
 
-GRPC_EXPERIMENTS_ENV = "GRPC_EXPERIMENTS"
-GRPC_EXPERIMENTS_DEFAULT = "-event_engine_client,-event_engine_listener"
+__all__ = ["GRPC_EXPERIMENTS_DEFAULT", "GRPC_EXPERIMENTS_ENV"]
 
-os.environ.setdefault(GRPC_EXPERIMENTS_ENV, GRPC_EXPERIMENTS_DEFAULT)
+apply()
