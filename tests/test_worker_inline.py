@@ -291,8 +291,11 @@ def test_two_open_streams_compute_on_the_executor_and_both_are_answered(net, mon
 
 
 def test_inline_compute_off(net, monkeypatch):
+    # off by default: the agents' late-frame check (runtime/agent/prober.py) expects the worker's loop to answer a
+    # probe while a frame computes
+    assert WorkerConfig().inline_compute_seconds == 0
     spec, loaded, _, keeps = net
-    threads = _inline_worker(spec, loaded, keeps, 0.0, monkeypatch, second_stream=False)
+    threads = _inline_worker(spec, loaded, keeps, WorkerConfig().inline_compute_seconds, monkeypatch, second_stream=False)
     assert all(t.startswith("tail") for t in threads), threads
 
 

@@ -24,7 +24,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
     tls: tuple[str, ...] = field((), "Transfer Layer artifacts (.json written by 'edgesplit tl train') whose decoders this worker serves")
     max_concurrency: int = field(1, "frames computed at once (tail executor threads)")
     max_queue: int = field(8, "frames allowed to wait for a free slot; beyond this RESOURCE_EXHAUSTED at once")
-    inline_compute_seconds: float = field(0.05, "run a frame's decode and tail on the event loop's thread (no executor hand-off and back) while it is the only frame admitted, at most one InferStream is open and its tail's last compute, per batch element times the frame's batch, took at most this long; meanwhile another caller's call waits behind it (2-4 such computes with frames back to back). 0 turns it off")
+    inline_compute_seconds: float = field(0.0, "run a frame's decode and tail on the event loop's thread (no executor hand-off and back) while it is the only frame admitted, at most one InferStream is open and its tail's last compute, per batch element times the frame's batch, took at most this long; meanwhile another caller's call waits behind it (2-4 such computes with frames back to back), and so do the agents' probes, whose late-frame check reads a slow answer as a slow link. 0 (the default) turns it off; e.g. 0.05 for a worker serving one agent whose frames are not timed")
     torch_threads: int = field(0, "torch intra-op threads per tail (0 = torch default)")
     max_tensor_bytes: int = field(DEFAULT_MAX_BYTES, "largest decoded tensor or payload accepted, in bytes")
     max_batch: int = field(8, "largest batch dimension of a frame (a bigger one is INVALID_ARGUMENT)")
