@@ -44,6 +44,12 @@ async def _worker(**kw):
     return await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, **kw))
 
 
+def _shed(ws) -> dict[str, float]:
+    """edgesplit_worker_streams_shed_total by reason, as the worker's registry exposes it."""
+    return {s.labels["reason"]: s.value for m in ws.service.metrics.streams_shed.collect() for s in m.samples
+            if s.name.endswith("_total")}
+
+
 def _stream(address: str) -> tuple[EdgeStream, Metrics]:
     metrics = Metrics()
     return EdgeStream(address, TransportOptions(), metrics, connect_timeout=2.0, reconnect=0.5,
@@ -165,11 +171,12 @@ def test_the_worker_ends_a_probe_flood_resource_exhausted():
         try:
             flood = await _flood(ws, [pb.StreamRequest(probe=pb.StreamProbe(id=i + 1)) for i in range(60)])
             within = await _flood(ws, [pb.StreamRequest(probe=pb.StreamProbe(id=i + 1)) for i in range(4)])
-            return flood, within
+            return flood, within, _shed(ws)
         finally:
             await ws.drain_and_stop(0.5)
 
-    (keys, echoes, code, details), (_, within_echoes, within_code, _) = asyncio.run(go())
+    (keys, echoes, code, details), (_, within_echoes, within_code, _), shed = asyncio.run(go())
+    assert shed == {"oldest_ended": 0, "total_refused": 0, "probe_rate": 1, "probe_size": 0}, shed  # counted, not only logged
     assert STREAM_PROBE_KEY in keys
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
     assert "--max-stream-probes-per-second" in details
@@ -185,11 +192,12 @@ def test_the_worker_refuses_an_oversized_probe():
     async def go():
         ws = await _worker()
         try:
-            return await _flood(ws, [request])
+            return await _flood(ws, [request]), _shed(ws)
         finally:
             await ws.drain_and_stop(0.5)
 
-    _, echoes, code, details = asyncio.run(go())
+    (_, echoes, code, details), shed = asyncio.run(go())
+    assert shed["probe_size"] == 1 and shed["probe_rate"] == 0, shed
     assert code == grpc.StatusCode.INVALID_ARGUMENT and echoes == 0, (code, details)
     assert "64 bytes" in details
 

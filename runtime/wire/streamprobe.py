@@ -23,6 +23,9 @@ from collections.abc import Callable, Iterable
 STREAM_PROBE_KEY = "edgesplit-stream-probe"
 STREAM_PROBE_METADATA = (STREAM_PROBE_KEY, "1")
 MAX_STREAM_PROBE_BYTES = 64  # a StreamRequest holding a probe (an id: at most 13 bytes) larger than this is refused
+# edgesplit_worker_streams_shed_total reasons of a stream a worker ended for its probes (runtime.worker.metrics)
+PROBE_RATE = "probe_rate"  # over --max-stream-probes-per-second
+PROBE_SIZE = "probe_size"  # a probe message over MAX_STREAM_PROBE_BYTES
 DEFAULT_STREAM_PROBES_PER_SECOND = 20.0  # an agent sends at most ~2 a second (one per answer, 0.5 s after it)
 
 

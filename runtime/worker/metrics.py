@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
 from runtime.daemon.streams import SHED_REASONS
 from runtime.wire.crl import register_metrics as register_crl_metrics
+from runtime.wire.streamprobe import PROBE_RATE, PROBE_SIZE
 
 
 class WorkerMetrics:
@@ -27,7 +28,9 @@ class WorkerMetrics:
         self.streams = Gauge("edgesplit_worker_open_streams", "Open InferStream calls", registry=r)
         self.streams_shed = Counter("edgesplit_worker_streams_shed", "InferStream calls ended or refused by the stream "
                                     "limits, by reason (oldest_ended: a caller's newer stream took its place, "
-                                    "--max-streams-per-caller; total_refused: --max-streams were open)", ["reason"], registry=r)
+                                    "--max-streams-per-caller; total_refused: --max-streams were open; probe_rate: "
+                                    "over --max-stream-probes-per-second; probe_size: a stream probe over its size "
+                                    "cap)", ["reason"], registry=r)
         self.stalled_streams = Counter("edgesplit_worker_stalled_streams", "Streams ended because a result waited "
                                        "--stalled-stream-seconds to be sent (the client stopped reading)", registry=r)
         # worker chaining (label next_tier: one of the configured --next-tier addresses, so bounded)
@@ -49,7 +52,7 @@ class WorkerMetrics:
                                      ["endpoint", "reason"], registry=r)
         self.probe_bytes = Counter("edgesplit_worker_probe_bytes", "Bandwidth probe payload bytes received from agents",
                                    registry=r)
-        for reason in SHED_REASONS:
+        for reason in (*SHED_REASONS, PROBE_RATE, PROBE_SIZE):
             self.streams_shed.labels(reason)
         for code in ERROR_CODES:  # every series exists from the start, so rate() alerts can fire on the first error
             self.errors.labels(code)

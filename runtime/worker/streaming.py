@@ -32,6 +32,8 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.streamprobe import (
     DEFAULT_STREAM_PROBES_PER_SECOND,
     MAX_STREAM_PROBE_BYTES,
+    PROBE_RATE,
+    PROBE_SIZE,
     STREAM_PROBE_METADATA,
     ProbeBucket,
 )
@@ -116,19 +118,20 @@ class StreamSession:
         the stream: a probe over the size cap, or beyond the rate cap, is refused, never buffered."""
         size = msg.ByteSize()
         if size > MAX_STREAM_PROBE_BYTES:
-            self._end(grpc.StatusCode.INVALID_ARGUMENT, f"a stream probe of {size} bytes is over the limit of "
+            self._end(PROBE_SIZE, grpc.StatusCode.INVALID_ARGUMENT, f"a stream probe of {size} bytes is over the limit of "
                       f"{MAX_STREAM_PROBE_BYTES} bytes: send only its id")
         elif not self.probes.take():
-            self._end(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            self._end(PROBE_RATE, grpc.StatusCode.RESOURCE_EXHAUSTED,
                       f"more than {self.probes.rate:g} stream probes a second (--max-stream-probes-per-second): the "
                       "worker ended this stream; probe at most once per answer, or open a new stream")
         else:
             self.probes_answered += 1
             await self.slots.put(self.out, pb.InferResult(probe=msg.probe))
 
-    def _end(self, code: grpc.StatusCode, message: str) -> None:
+    def _end(self, reason: str, code: grpc.StatusCode, message: str) -> None:
         peer = self.context.peer() if self.context is not None else "?"
         logger.warning("ending the stream from %s: %s", peer, message)
+        self.service.metrics.streams_shed.labels(reason).inc()  # refused probes are data, not only a log line
         self.ended = True  # the reader stops: nothing more from this stream is taken
         end_call(self.context, self._rpc_task, code, message)
 
