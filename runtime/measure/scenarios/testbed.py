@@ -13,7 +13,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import Any, NoReturn
 
 from runtime.daemon import children
 
@@ -93,7 +96,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             b = await reader.readexactly(1)
             if b == b"B":
                 n = int.from_bytes(await reader.readexactly(8), "big")
-                first = None
+                first: tuple[float, int] | None = None
                 got = 0
                 while got < n:
                     data = await reader.read(min(65536, n - got))
@@ -102,6 +105,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                     first = first or (time.perf_counter(), len(data))
                     got += len(data)
                 last = time.perf_counter()
+                assert first is not None  # n > 0: one read at least
                 rate = (n - first[1]) / max(last - first[0], 1e-9)  # bytes after the first read, over the time
                 writer.write(int(rate).to_bytes(8, "big"))
             else:
@@ -113,7 +117,7 @@ async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _measure(delay_ms: float, rate_mbps: float, probes: int, bulk_bytes: int) -> dict:
+async def _measure(delay_ms: float, rate_mbps: float, probes: int, bulk_bytes: int) -> dict[str, float]:
     server = await asyncio.start_server(_echo, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
@@ -121,7 +125,7 @@ async def _measure(delay_ms: float, rate_mbps: float, probes: int, bulk_bytes: i
         try:
             host, p = relay.address.rsplit(":", 1)
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, int(p)), 5)
-            rtts = []
+            rtts: list[float] = []
             for _ in range(probes):
                 t = time.perf_counter()
                 writer.write(b"p")
@@ -140,7 +144,7 @@ async def _measure(delay_ms: float, rate_mbps: float, probes: int, bulk_bytes: i
     return {"rtt_ms": statistics.median(rtts) * 1e3, "mbps": rate * 8 / 1e6}
 
 
-def measure_link(delay_ms: float, rate_mbps: float, probes: int = 5, seconds: float = 1.5) -> dict:
+def measure_link(delay_ms: float, rate_mbps: float, probes: int = 5, seconds: float = 1.5) -> dict[str, Any]:
     """Achieved RTT (median of 1-byte echoes) and bandwidth (at the receiver, ~``seconds`` of bulk data)
     through a relay with these settings, beside the set values; ``off`` names what is > 5 % off."""
     bulk = int(max(64 * 1024, rate_mbps * 125_000 * seconds))
@@ -154,21 +158,24 @@ def measure_link(delay_ms: float, rate_mbps: float, probes: int = 5, seconds: fl
             "bulk_bytes": bulk, "off": off}
 
 
+_Handler = Callable[[int, FrameType | None], Any] | int | None  # what signal.signal returns
+
+
 class Cleanup:
     """Everything a run creates, undone in reverse order on exit, error or Ctrl-C (SIGTERM too)."""
 
     def __init__(self) -> None:
-        self._undo: list = []
-        self._old_term = None
+        self._undo: list[Callable[[], object]] = []
+        self._old_term: _Handler = None
 
-    def add(self, fn) -> None:
+    def add(self, fn: Callable[[], object]) -> None:
         self._undo.append(fn)
 
     def __enter__(self) -> Cleanup:
         self._old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         while self._undo:
             fn = self._undo.pop()
             try:
@@ -178,5 +185,5 @@ class Cleanup:
         signal.signal(signal.SIGTERM, self._old_term)
 
 
-def _raise_interrupt(signum, frame) -> None:
+def _raise_interrupt(signum: int, frame: FrameType | None) -> NoReturn:
     raise KeyboardInterrupt(f"signal {signum}")
