@@ -107,9 +107,6 @@ class RawCodec(Codec):
             return _from_bytes(payload, torch.int16, shape).view(torch.bfloat16)
         return _from_bytes(payload, DTYPES[msg.dtype], shape)
 
-    def _decode_received(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        return self._decode_values(payload, msg)
-
 
 def _require_float(x: torch.Tensor, name: str) -> torch.Tensor:
     if not x.is_floating_point():
@@ -132,9 +129,6 @@ class Fp16Codec(Codec):
 
     def _decode_values(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
         return _from_bytes(payload, torch.float16, list(msg.shape)).float()
-
-    def _decode_received(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        return self._decode_values(payload, msg)
 
 
 class Int8Codec(Codec):
@@ -189,9 +183,6 @@ class Int8Codec(Codec):
         out = q.to(torch.float32).reshape(before, c, -1)
         return out.mul_(scale).add_(zero).reshape(shape)
 
-    def _decode_received(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        return self._decode_values(payload, msg)
-
 
 class AnsCodec(Codec):
     """``ans``: integer coefficients coded with an :class:`runtime.wire.entropy.EntropyModel`."""
@@ -211,7 +202,7 @@ class AnsCodec(Codec):
         r = self.model.range
         return memoryview(self.model.encode(torch.clamp(torch.round(x), -r, r)))
 
-    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
+    def _decode_values(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
         shape = list(msg.shape)
         if len(shape) != 4 or tuple(shape[1:]) != self.model.shape:
             raise InvalidInput(f"ans tensor shape {shape} does not match this model's coefficients "

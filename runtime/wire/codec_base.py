@@ -153,11 +153,13 @@ class Codec(ABC):
                 f"len(buffer)={len(msg.buffer)} but payload_size={msg.payload_size} over "
                 f"chunks={msg.chunks}: join all chunks into buffer before decoding"
             )
+        payload: Payload
         if self.lz4:
             payload = self._decompress(msg)  # a new bytearray, writable
         elif self.reads_payload or (shared and self.views_payload):
-            # no copy (a protobuf message's bytes field is already its own copy; framewire's a view)
-            return self._decode_received(msg.buffer, msg)
+            # the received bytes themselves, read only (a protobuf message's bytes field is already its own copy;
+            # framewire's a view): no copy
+            payload = msg.buffer
         else:
             payload = bytearray(msg.buffer)  # one copy, writable
         return self._decode_values(payload, msg)
@@ -176,13 +178,9 @@ class Codec(ABC):
         return out
 
     @abstractmethod
-    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        """The tensor from the (decompressed) payload, a writable bytearray."""
-
-    def _decode_received(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
-        """The tensor from the received bytes themselves (read only), for a codec whose ``reads_payload`` (or
-        ``views_payload`` and a shared decode) says so; the codecs that set them take it without a copy."""
-        return self._decode_values(bytearray(payload), msg)
+    def _decode_values(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
+        """The tensor from the (decompressed) payload: a writable bytearray, or the received bytes themselves (read
+        only) for a codec whose ``reads_payload`` (or ``views_payload`` and a shared decode) says it takes them."""
 
     # -- estimates --------------------------------------------------------------------------
     def estimate_ratio(self, x: torch.Tensor | None = None) -> float:

@@ -124,7 +124,7 @@ class EntropyModel:
         words: np.ndarray = enc.get_compressed()  # uint32 words
         return words.astype("<u4", copy=False).tobytes()
 
-    def decode(self, payload: bytes | bytearray, n: int) -> torch.Tensor:
+    def decode(self, payload: bytes | bytearray | memoryview, n: int) -> torch.Tensor:
         """Coded words -> float32 coefficients ``(n, C, H, W)``; InvalidInput when the words do not
         decode to exactly ``n`` frames of symbols."""
         if len(payload) % 4:

@@ -27,7 +27,7 @@ import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.proto.edgesplit.v1 import tensor_pb2
-from runtime.wire.codec_base import InputImageCodec
+from runtime.wire.codec_base import InputImageCodec, Payload
 
 if TYPE_CHECKING:
     from runtime.models.spec import ModelSpec
@@ -83,7 +83,7 @@ class JpegCodec(InputImageCodec):
         Image.fromarray(pixels).save(buf, format="JPEG", quality=self.quality)
         return memoryview(buf.getvalue())
 
-    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
+    def _decode_values(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
         from PIL import Image
 
         shape = list(msg.shape)

@@ -31,7 +31,7 @@ import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.proto.edgesplit.v1 import tensor_pb2
-from runtime.wire.codec_base import InputImageCodec
+from runtime.wire.codec_base import InputImageCodec, Payload
 
 if TYPE_CHECKING:
     from runtime.models.spec import ModelSpec
@@ -70,7 +70,7 @@ class PixelsCodec(InputImageCodec):
         np.subtract(planes[:, 1:], planes[:, :-1], out=res[:, 1:])  # uint8 arithmetic wraps modulo 256
         return res.data.cast("B")
 
-    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
+    def _decode_values(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
         shape = list(msg.shape)
         self._check_shape(shape)
         res = torch.frombuffer(payload, dtype=torch.uint8).reshape(shape[1:])

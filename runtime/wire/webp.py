@@ -27,7 +27,7 @@ import torch
 
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.proto.edgesplit.v1 import tensor_pb2
-from runtime.wire.codec_base import InputImageCodec
+from runtime.wire.codec_base import InputImageCodec, Payload
 
 if TYPE_CHECKING:
     from runtime.models.spec import ModelSpec
@@ -55,7 +55,7 @@ class WebpCodec(InputImageCodec):
         Image.fromarray(pixels).save(buf, format="WEBP", lossless=True, method=0, quality=0, exact=True)
         return memoryview(buf.getvalue())
 
-    def _decode_values(self, payload: bytearray, msg: tensor_pb2.Tensor) -> torch.Tensor:
+    def _decode_values(self, payload: Payload, msg: tensor_pb2.Tensor) -> torch.Tensor:
         from PIL import Image
 
         shape = list(msg.shape)
