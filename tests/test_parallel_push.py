@@ -78,6 +78,26 @@ def test_the_agent_takes_a_pushed_stage_and_refuses_one_it_cannot_run(loaded):
     asyncio.run(go())
 
 
+def test_a_replaced_tail_stream_is_closed_when_the_stage_closes(loaded):
+    """A replaced tail stream waits 30 s for its frames, but no longer than the agent: close() closes it."""
+    class Stream:
+        closed = 0
+
+        async def close(self) -> None:
+            self.closed += 1
+
+    async def go():
+        pushed = PushedStage(loaded, prepare_timeout_seconds=1.0)
+        first, second = Stream(), Stream()
+        pushed._use_tail(first)
+        pushed._use_tail(second)  # a new plan's tail worker: the first is replaced, frames may still hold it
+        assert first.closed == 0 and pushed.tail_stream is second
+        await pushed.close()
+        return first.closed, second.closed
+
+    assert asyncio.run(go()) == (1, 1)
+
+
 def test_tiles_of_a_pushed_stage_feed_the_link_estimate():
     from runtime.agent.parallel import TileReport
     from runtime.agent.parallel_push import feed_link

@@ -23,7 +23,6 @@ rest ran (``edge_tail`` and ``transfer_edge`` on the worker; ``local_tail`` on t
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 import time
@@ -42,6 +41,7 @@ from runtime.models.loader import LoadedModel
 from runtime.parallel.plan import ParallelStage
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
+from runtime.wire.asyncutil import CloseLater
 from runtime.wire.stream import EdgeStream
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,7 @@ class PushedStage:
         self.coord: ParallelCoordinator | None = None
         self.version = 0  # the plan version whose stage is active
         self.predicted_seconds = 0.0
+        self._replaced = CloseLater(30.0)  # replaced coordinators and tail streams: closed once frames on them end
 
     @property
     def active(self) -> bool:
@@ -135,7 +136,7 @@ class PushedStage:
                         " | ".join(f"{b.start}..{b.end}" for b in stage.blocks), ", ".join(stage.workers))
         self.version, self.predicted_seconds = plan.version, plan.predicted_seconds
         if old is not None and old is not self.coord:
-            asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
+            self._replaced.add(old)
 
     async def _tail_stream(self, stage: ParallelStage, coord: ParallelCoordinator) -> EdgeStream | None:
         """A stream to the stage's tail worker, the worker asked to load the rest (None: the rest runs here)."""
@@ -157,7 +158,7 @@ class PushedStage:
     def _use_tail(self, stream: EdgeStream | None) -> None:
         old, self.tail_stream = self.tail_stream, stream
         if old is not None and old is not stream:
-            asyncio.get_running_loop().call_later(30.0, lambda: asyncio.ensure_future(old.close()))  # frames in flight
+            self._replaced.add(old)
 
     def _header(self, coord: ParallelCoordinator, seq: int) -> pb.FrameHeader:
         return pb.FrameHeader(agent_id=self.options.agent_id, seq=seq, model_id=self.loaded.name,
@@ -209,6 +210,7 @@ class PushedStage:
         return result
 
     async def close(self) -> None:
+        await self._replaced.close_now()
         if self.tail_stream is not None:
             await self.tail_stream.close()
             self.tail_stream = None

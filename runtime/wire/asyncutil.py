@@ -6,6 +6,7 @@ import asyncio
 import logging
 import math
 import random
+from typing import Protocol
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +38,53 @@ async def wait_set(event: asyncio.Event, timeout: float) -> bool:
         return True
     except asyncio.TimeoutError:
         return False
+
+
+class Closeable(Protocol):
+    async def close(self) -> None: ...
+
+
+class CloseLater:
+    """Close what was replaced once the work that may still hold it is done: each object given to :meth:`add` is
+    closed ``after`` seconds later (frames in flight on an old stream or coordinator finish meanwhile), or at once
+    by :meth:`close_now` (the owner closing), so none is left open when its owner is closed. A close that raises
+    is logged, not lost in an unretrieved task."""
+
+    def __init__(self, after: float = 30.0):
+        if not (math.isfinite(after) and after >= 0):
+            raise ValueError(f"close-later delay must be a finite number of seconds >= 0, got {after!r}")
+        self.after = after
+        self._waiting: list[tuple[Closeable, asyncio.TimerHandle]] = []  # not closed yet, with the timer that will
+        self._closing: set[asyncio.Task] = set()  # closes started by a timer, held until they end
+
+    def __len__(self) -> int:
+        """Objects not yet closed (waiting for their time or closing)."""
+        return len(self._waiting) + len(self._closing)
+
+    def add(self, obj: Closeable) -> None:
+        """Close ``obj`` ``after`` seconds from now (on the running loop)."""
+        loop = asyncio.get_running_loop()
+        self._waiting.append((obj, loop.call_later(self.after, self._due, obj)))
+
+    def _due(self, obj: Closeable) -> None:
+        self._waiting = [(o, h) for o, h in self._waiting if o is not obj]
+        task = asyncio.get_running_loop().create_task(_close_logged(obj))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def close_now(self) -> None:
+        """Close every object still waiting, now, and wait for the closes already started."""
+        waiting, self._waiting = self._waiting, []
+        for _, handle in waiting:
+            handle.cancel()
+        await asyncio.gather(*(_close_logged(o) for o, _ in waiting), *list(self._closing))
+
+
+async def _close_logged(obj: Closeable) -> None:
+    try:
+        await obj.close()
+    except Exception:  # one object's failed close must not stop the others'
+        logger.warning("closing %r failed", obj, exc_info=True)
 
 
 class Backoff:
