@@ -37,7 +37,7 @@ def test_measures_a_real_agent_and_worker(tmp_path, capsys):
     out = tmp_path / "cpu.json"
     assert agent_cpu.main(["--model", "digits_cnn", "--split", "pool1", "--codec", "int8+lz4", "--source", "synthetic",
                            "--frames", "8", "--rounds", "2", "--warmup", "3", "--idle-s", "0.3", "--alone-runs", "5",
-                           "--json", str(out)]) == 0
+                           "--json", str(out), "--markdown"]) == 0
     got = json.loads(out.read_text())
     p = got["per_frame_ms"]
     assert got["split"] == "pool1" and got["codec"] == "int8+lz4" and got["wire_bytes_p50"] > 0
@@ -50,8 +50,12 @@ def test_measures_a_real_agent_and_worker(tmp_path, capsys):
     # the threads' CPU cannot exceed the process's (the kernel's figures, the same clock)
     assert sum(p[f"thread_{k}"] for k in agent_cpu.GROUPS) <= p["process"] * 1.01 + 0.01
     assert p["runtime"] == pytest.approx(p["process"] - p["compute_alone"] - p["background"])
+    # board + loop beside the parts: the same figure whichever thread ran the frames' board work
+    assert p["thread_board_loop"] == pytest.approx(p["thread_board"] + p["thread_loop"])
+    assert p["runtime_board_loop"] == pytest.approx(p["runtime_board"] + p["runtime_loop"])
     printed = capsys.readouterr().out
-    assert "RUNTIME CPU per frame" in printed
+    assert "RUNTIME CPU per frame" in printed and f"(board + loop {p['runtime_board_loop']:.3f}:" in printed
+    assert "| wall | process | thread_board_loop |" in printed and f"| {p['thread_board_loop']:.3f} |" in printed
     assert "idle, stream open, no frame" in printed and got["idle"]["process_per_s"] > 0  # the background itself
     # frames answered within probe_after: the background counted is the window with the idle probes paused
     assert got["background_window"] == "quiet" and "idle, probes paused" in printed
@@ -74,10 +78,31 @@ def test_the_background_counted_is_the_one_the_frames_ran_beside():
     assert fast["background_window"] == "quiet"
     assert fast["per_frame_ms"]["background"] == pytest.approx(0.002 * 100)
     assert fast["per_frame_ms"]["runtime"] == pytest.approx(5.0 - 3.0 - 0.2)
+    # board + loop: 1 + 1 ms a frame, less the compute (3) and those two threads' background (2 x 0.0005 x 100 ms)
+    assert fast["per_frame_ms"]["thread_board_loop"] == pytest.approx(2.0)
+    assert fast["per_frame_ms"]["runtime_board_loop"] == pytest.approx(2.0 - 3.0 - 0.1)
     slow = agent_cpu.summarize(rounds(0.6), idle, alone, "s", "c", "", quiet)  # probes ran between these frames
     assert slow["background_window"] == "idle" and slow["per_frame_ms"]["background"] == pytest.approx(0.005 * 600)
     assert agent_cpu.summarize(rounds(0.1), idle, alone, "s", "c", "")["background_window"] == "idle"
     assert agent_cpu.summarize(rounds(0.1), None, alone, "s", "c", "")["background_window"] == "none"
+
+
+def test_an_older_result_without_the_board_loop_figures_reads_the_same():
+    """Result files written before board + loop was reported (runtime/measure/results/agent_cpu.json's sets) get
+    it from their parts; the parts themselves are unchanged."""
+    old = {"wall": 73.4, "process": 3.33, "thread_board": 0.0, "thread_loop": 3.07, "thread_grpc": 0.23,
+           "thread_other": 0.0, "background": 0.21, "throttled": 0.74, "compute_alone": 2.04, "runtime": 1.08,
+           "runtime_board": -2.04, "runtime_loop": 2.99, "runtime_grpc": 0.17}  # set n22_q50, rep 4
+    p = agent_cpu.with_combined(old)
+    assert p["thread_board_loop"] == pytest.approx(3.07) and p["runtime_board_loop"] == pytest.approx(0.95)
+    assert {k: p[k] for k in old} == old
+    recorded = json.loads((Path(agent_cpu.__file__).parent / "results" / "agent_cpu.json").read_text())
+    for run in recorded:  # every recorded run reads, and its combined figure is its parts' sum
+        q = agent_cpu.with_combined(run["per_frame_ms"])
+        assert q["thread_board_loop"] == pytest.approx(q["thread_board"] + q["thread_loop"])
+    table = agent_cpu.markdown({"per_frame_ms": old}).splitlines()
+    assert len(table) == 3 and table[0].startswith("| wall | process | thread_board_loop | thread_board |")
+    assert "| 73.400 | 3.330 | 3.070 | 0.000 |" in table[2]
 
 
 def test_quota_without_cgroups_says_why(monkeypatch, capsys):

@@ -10,8 +10,9 @@ and ``--gap-ms`` idle between frames (a camera's spacing). Each thread's CPU tim
 reading it costs nothing per frame. Threads are grouped as the board thread (head, TL encoder, codec encode, the
 message), the event loop thread (send, receive, result handling, telemetry, metrics, logging), gRPC's C-core
 threads, and the rest. A lone frame's board work runs on the event loop's thread once its plan's board time is known
-to be short (runtime.agent.client.Agent._board_inline): then it is counted in the loop's figure, not the board's, and
-the runtime's own figure is the process's (or board + loop) less the compute.
+to be short (runtime.agent.client.Agent._board_inline): then it is counted in the loop's figure, not the board's. So
+the tool also reports board + loop (``thread_board_loop``, ``runtime_board_loop``), the figure that compares across
+runs whichever thread the board work ran on; the runtime's own figure is the process's less the compute.
 
 The head, TL encoder and codec encode are then timed on their own, on the board thread, with the same inputs
 (``time.thread_time``: CPU, not wall). The runtime's own CPU per frame is the process's CPU per frame less those,
@@ -24,7 +25,8 @@ never let those probes run, so the background counted then is a second window wi
 ``--quota-us`` runs the agent under a cgroup v1 CPU quota (the headline benchmark's, runtime.measure.scenarios.testbed; the worker stays free), joined
 after the model is loaded, as the headline benchmark's board does; it reports the group's throttled time per
 frame. Without root or a cgroup v1 cpu hierarchy it says why and stops (exit 2). Figures go to stdout; ``--json``
-writes them all. runtime/measure/results/agent_cpu.md records the runs.
+writes them all; ``--markdown`` also prints them as a markdown table row (FIGURES' columns).
+runtime/measure/results/agent_cpu.md records the runs.
 """
 
 from __future__ import annotations
@@ -56,6 +58,27 @@ MAX_FRAMES = 10_000  # frames per round at most (bounded loops)
 MAX_ROUNDS = 100
 MAX_GAP_MS = 5_000.0
 GROUPS = ("board", "loop", "grpc", "other")
+
+# The per-frame figures (ms, the median over rounds of each round's figure / its frames): JSON key, what it is.
+# A key added later is missing from older result files (runtime/measure/results/agent_cpu.json): with_combined()
+# fills it from the parts, so those files read the same.
+FIGURES = (
+    ("wall", "wall time per frame, the gap between frames included"),
+    ("process", "the process's CPU (every thread, ended ones too)"),
+    ("thread_board_loop", "board + loop threads' CPU: the agent's own threads, wherever a frame's board work ran"),
+    ("thread_board", "the board thread's CPU (head, TL encoder, codec encode, when handed to it)"),
+    ("thread_loop", "the event loop thread's CPU (send, receive, results, telemetry; a lone frame's board work too)"),
+    ("thread_grpc", "gRPC's own threads' CPU (C-core, grpc.aio's poller)"),
+    ("thread_other", "every other thread's CPU"),
+    ("throttled", "time the CPU quota held the process (0 without --quota-us)"),
+    ("compute_alone", "head + TL encoder + codec encode, timed alone on the board thread"),
+    ("background", "the idle background's CPU rate times the frame's wall time"),
+    ("runtime", "the runtime's own CPU: process - compute_alone - background"),
+    ("runtime_board_loop", "thread_board_loop - compute_alone - the board and loop threads' background"),
+    ("runtime_board", "thread_board - compute_alone - its background (negative when the board work ran on the loop)"),
+    ("runtime_loop", "thread_loop - its background (includes the board work that ran on the loop)"),
+    ("runtime_grpc", "thread_grpc - its background"),
+)
 
 
 def thread_cpu() -> dict[int, tuple[str, int]]:
@@ -256,6 +279,8 @@ def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], sp
             "runtime": process - compute - bg_process * wall_ms,
             "runtime_board": threads["board"] - compute - bg["board"] * wall_ms,
             "runtime_loop": threads["loop"] - bg["loop"] * wall_ms,
+            "thread_board_loop": threads["board"] + threads["loop"],
+            "runtime_board_loop": threads["board"] + threads["loop"] - compute - (bg["board"] + bg["loop"]) * wall_ms,
             "runtime_grpc": threads["grpc"] - bg["grpc"] * wall_ms,
         },
         "rounds_runtime_ms": [(r["process_s"] - bg_process * r["wall_s"]) / r["frames"] * 1e3 - compute for r in rounds],
@@ -265,21 +290,40 @@ def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], sp
     }
 
 
+def with_combined(per_frame: dict[str, float]) -> dict[str, float]:
+    """``per_frame`` (a result's "per_frame_ms", of this version or an older one) with the board + loop figures,
+    filled from their parts where an older file lacks them."""
+    p = dict(per_frame)
+    p.setdefault("thread_board_loop", p["thread_board"] + p["thread_loop"])
+    if "runtime_board" in p and "runtime_loop" in p:
+        p.setdefault("runtime_board_loop", p["runtime_board"] + p["runtime_loop"])
+    return p
+
+
+def markdown(out: dict) -> str:
+    """The per-frame figures as a markdown table (FIGURES' keys as columns, ms), header and one row."""
+    p = with_combined(out["per_frame_ms"])
+    keys = [k for k, _ in FIGURES if k in p]
+    return "\n".join(["| " + " | ".join(keys) + " |", "|" + "---:|" * len(keys),
+                      "| " + " | ".join(f"{p[k]:.3f}" for k in keys) + " |"])
+
+
 def render(out: dict) -> str:
-    p = out["per_frame_ms"]
+    p = with_combined(out["per_frame_ms"])
     a = out["compute_alone_ms"]
     lines = [
         f"agent CPU per frame: split {out['split']} codec {out['codec']}{' TL ' + out['tl'] if out['tl'] else ''}, "
         f"{out['wire_bytes_p50']:,.0f} B a frame, {len(out['rounds'])} rounds x {out['rounds'][0]['frames']} frames "
         f"(median of the rounds' per-frame figures)",
         f"  wall {p['wall']:.3f} ms   process CPU {p['process']:.3f} ms   throttled {p['throttled']:.3f} ms",
-        "  by thread: " + "   ".join(f"{k} {p['thread_' + k]:.3f}" for k in GROUPS),
+        "  by thread: " + "   ".join(f"{k} {p['thread_' + k]:.3f}" for k in GROUPS)
+        + f"   (board + loop {p['thread_board_loop']:.3f})",
         f"  alone on the board thread: head {a['head']:.3f}  tl_encode {a['tl_encode']:.3f}  encode {a['encode']:.3f}"
         f"  (sum {p['compute_alone']:.3f})",
         f"  background (stream open, no frame{', idle probes paused' if out['background_window'] == 'quiet' else ''}) "
         f"over the frame's wall time: {p['background']:.3f}",
-        f"  RUNTIME CPU per frame: {p['runtime']:.3f} ms (board thread {p['runtime_board']:.3f}, event loop "
-        f"{p['runtime_loop']:.3f}, gRPC threads {p['runtime_grpc']:.3f}); per round: "
+        f"  RUNTIME CPU per frame: {p['runtime']:.3f} ms (board + loop {p['runtime_board_loop']:.3f}: board thread "
+        f"{p['runtime_board']:.3f}, event loop {p['runtime_loop']:.3f}; gRPC threads {p['runtime_grpc']:.3f}); per round: "
         + " ".join(f"{v:.3f}" for v in out["rounds_runtime_ms"]),
     ]
     idle = out["idle"]
@@ -298,9 +342,17 @@ def render(out: dict) -> str:
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown, and the epilog's table of figures kept as written."""
+
+
 def _args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m runtime.measure.agent_cpu", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_HelpFormatter,
+                                 epilog="per-frame figures (ms; JSON per_frame_ms, --markdown's columns):\n"
+                                 + "\n".join(f"  {k:<19} {text}" for k, text in FIGURES)
+                                 + "\nA lone frame's board work may run on the loop thread: compare board + loop, not "
+                                 "the two apart.")
     ap.add_argument("--model", default="mobilenet_v2", help="a bundled model name or path:function")
     ap.add_argument("--split", default="input", help="split index or name ('' : the agent's default split)")
     ap.add_argument("--codec", default="webp", help="wire codec (webp, pixels+lz4, int8+lz4, ...)")
@@ -319,6 +371,7 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quota-us", type=int, default=0, help="run the agent under this cgroup CPU quota per period (0: none)")
     ap.add_argument("--period-us", type=int, default=50_000, help="the quota's period (the headline benchmark's: 50 ms)")
     ap.add_argument("--json", default="", help="write every figure here")
+    ap.add_argument("--markdown", action="store_true", help="also print the per-frame figures as a markdown table")
     args = ap.parse_args(argv)
     if not (1 <= args.frames <= MAX_FRAMES and 1 <= args.rounds <= MAX_ROUNDS and 0 <= args.gap_ms <= MAX_GAP_MS
             and 0 <= args.idle_s <= 60 and 1 <= args.alone_runs <= 1000 and 0 <= args.warmup <= 1000
@@ -359,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
                quota_us=args.quota_us, period_us=args.period_us if args.quota_us else 0,
                finished_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
     print(render(out))
+    if args.markdown:
+        print(markdown(out))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
     return 0
