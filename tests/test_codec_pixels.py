@@ -15,23 +15,19 @@ import lz4.block
 import pytest
 import torch
 from PIL import Image
+from worker_calls import infer_each, infer_request
 
 from runtime.agent.config import InitialPlan
 from runtime.agent.sources import open_source
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.models.loader import load_model
 from runtime.models.spec import preprocess
-from runtime.proto.edgesplit.v1 import inference_pb2 as pb
-from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.wire.codec import codec_at, decode_tensor, get_codec, validate_tensor, wire_bytes
-from runtime.worker.config import WorkerConfig
-from runtime.worker.server import serve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 MODEL = "efficientnet_lite0"
-RPC_TIMEOUT = 60.0
 NAMES = ("pixels", "pixels+lz4")
 
 
@@ -137,27 +133,6 @@ def test_header_checks_before_decoding():
 # -- a real worker ---------------------------------------------------------------------------------
 
 
-async def _worker_call(reqs: list[pb.InferRequest]) -> list:
-    ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_concurrency=1))
-    out = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
-            stub = pb_grpc.InferenceStub(ch)
-            for r in reqs:
-                try:
-                    out.append(await stub.Infer(r, timeout=RPC_TIMEOUT))
-                except grpc.aio.AioRpcError as e:
-                    out.append(e)
-    finally:
-        await ws.drain_and_stop(1)
-    return out
-
-
-def _req(loaded, tensor, split="input", seq=0) -> pb.InferRequest:
-    h = pb.FrameHeader(agent_id="t", stream_epoch=1, seq=seq, model_id=MODEL, split_id=split, model_digest=loaded.digest)
-    return pb.InferRequest(header=h, tensor=tensor)
-
-
 def test_worker_decodes_exactly_and_refuses_bad_input(loaded, photos):
     good = get_codec("pixels+lz4", spec=loaded.spec).encode(photos[1])
     n = 3 * 224 * 224
@@ -168,12 +143,12 @@ def test_worker_decodes_exactly_and_refuses_bad_input(loaded, photos):
         "size_mismatch": (_msg(b"\x00" * n, encoded_size=n + 3), "encoded_size"),
         "shape_not_model": (_msg(b"\x00" * (3 * 200 * 200), shape=(1, 3, 200, 200)), "does not fit split"),
     }
-    reqs = [_req(loaded, good, seq=0)] + [_req(loaded, m, seq=i + 1) for i, (m, _) in enumerate(cases.values())]
+    reqs = [infer_request(loaded, good)] + [infer_request(loaded, m, seq=i + 1) for i, (m, _) in enumerate(cases.values())]
     with torch.inference_mode():
         feat = loaded.head(5)(photos[1])
     bad_split = _msg(bytes(feat.numel()), shape=tuple(feat.shape))  # pixels claiming to be split 5's tensor
-    reqs.append(_req(loaded, bad_split, split=loaded.split(5).name, seq=99))
-    res = asyncio.run(_worker_call(reqs))
+    reqs.append(infer_request(loaded, bad_split, split=loaded.split(5).name, seq=99))
+    res = asyncio.run(infer_each(reqs))
     with torch.inference_mode():
         assert torch.equal(decode_tensor(res[0].output), loaded.full(photos[1]))
     for r, (name, (_, phrase)) in zip(res[1:-1], cases.items(), strict=True):

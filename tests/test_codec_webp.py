@@ -15,17 +15,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from worker_calls import infer_each, infer_request
 
 from runtime.agent.config import InitialPlan
 from runtime.agent.sources import open_source
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.models.loader import load_model
-from runtime.proto.edgesplit.v1 import inference_pb2 as pb
-from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.wire.codec import codec_at, decode_tensor, get_codec, validate_tensor, wire_bytes
-from runtime.worker.config import WorkerConfig
-from runtime.worker.server import serve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
@@ -106,31 +103,10 @@ def test_bad_payloads_refused_before_decoding(loaded, photos):
             validate_tensor(msg)
 
 
-async def _worker_call(reqs: list[pb.InferRequest]) -> list:
-    ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_concurrency=1))
-    out = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
-            stub = pb_grpc.InferenceStub(ch)
-            for r in reqs:
-                try:
-                    out.append(await stub.Infer(r, timeout=60.0))
-                except grpc.aio.AioRpcError as e:
-                    out.append(e)
-    finally:
-        await ws.drain_and_stop(1)
-    return out
-
-
 def test_worker_computes_the_unsplit_result_and_refuses_a_lossy_webp(loaded, photos):
-    def req(tensor, seq):
-        h = pb.FrameHeader(agent_id="t", stream_epoch=1, seq=seq, model_id=MODEL, split_id="input",
-                           model_digest=loaded.digest)
-        return pb.InferRequest(header=h, tensor=tensor)
-
     lossy = _msg(_file(np.zeros((224, 224, 3), np.uint8), quality=90))
-    good, bad = asyncio.run(_worker_call([req(get_codec("webp", spec=loaded.spec).encode(photos[2]), 0),
-                                          req(lossy, 1)]))
+    good, bad = asyncio.run(infer_each([infer_request(loaded, get_codec("webp", spec=loaded.spec).encode(photos[2])),
+                                        infer_request(loaded, lossy, seq=1)]))
     with torch.inference_mode():
         assert torch.equal(decode_tensor(good.output), loaded.full(photos[2]))
     assert isinstance(bad, grpc.aio.AioRpcError) and bad.code() == grpc.StatusCode.INVALID_ARGUMENT

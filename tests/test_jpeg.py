@@ -15,23 +15,19 @@ import grpc
 import pytest
 import torch
 from PIL import Image
+from worker_calls import infer_each, infer_request
 
 from runtime.agent.config import InitialPlan
 from runtime.agent.sources import open_source
 from runtime.contracts.errors import InvalidInput, PreconditionFailed
 from runtime.models.loader import load_model
-from runtime.proto.edgesplit.v1 import inference_pb2 as pb
-from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
 from runtime.wire.codec import codec_at, decode_tensor, get_codec, validate_tensor
 from runtime.wire.jpeg import jpeg_quality
-from runtime.worker.config import WorkerConfig
-from runtime.worker.server import serve
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # see conftest
 
 MODEL = "efficientnet_lite0"  # real ImageNet weights: top-1 on the photos means something
-RPC_TIMEOUT = 60.0
 
 
 @pytest.fixture(scope="module")
@@ -117,27 +113,6 @@ def test_header_checks_before_decoding():
 # -- a real worker ---------------------------------------------------------------------------------
 
 
-async def _worker_call(reqs: list[pb.InferRequest]) -> list:
-    ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1, max_concurrency=1))
-    out = []
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
-            stub = pb_grpc.InferenceStub(ch)
-            for r in reqs:
-                try:
-                    out.append(await stub.Infer(r, timeout=RPC_TIMEOUT))
-                except grpc.aio.AioRpcError as e:
-                    out.append(e)
-    finally:
-        await ws.drain_and_stop(1)
-    return out
-
-
-def _req(loaded, tensor, split="input", seq=0) -> pb.InferRequest:
-    h = pb.FrameHeader(agent_id="t", stream_epoch=1, seq=seq, model_id=MODEL, split_id=split, model_digest=loaded.digest)
-    return pb.InferRequest(header=h, tensor=tensor)
-
-
 def test_worker_decodes_and_refuses(loaded, photos):
     good = get_codec("jpeg", spec=loaded.spec).encode(photos[1])
     truncated = _msg(good.buffer[: len(good.buffer) // 2])
@@ -151,14 +126,14 @@ def test_worker_decodes_and_refuses(loaded, photos):
         "shape_not_model": (_msg(_jpeg_bytes((200, 200)), shape=(1, 3, 200, 200)), grpc.StatusCode.INVALID_ARGUMENT,
                             "does not fit split"),
     }
-    reqs = [_req(loaded, good, seq=0)] + [_req(loaded, m, seq=i + 1) for i, (m, _, _) in enumerate(cases.values())]
+    reqs = [infer_request(loaded, good)] + [infer_request(loaded, m, seq=i + 1) for i, (m, _, _) in enumerate(cases.values())]
     with torch.inference_mode():
         feat = loaded.head(5)(photos[1])
     sp5 = loaded.split(5)
     bad_split = good.__deepcopy__()
     bad_split.shape[:] = list(feat.shape)  # a JPEG claiming to be the feature tensor at split 5
-    reqs.append(_req(loaded, bad_split, split=sp5.name, seq=99))
-    res = asyncio.run(_worker_call(reqs))
+    reqs.append(infer_request(loaded, bad_split, split=sp5.name, seq=99))
+    res = asyncio.run(infer_each(reqs))
     out = decode_tensor(res[0].output)
     with torch.inference_mode():
         assert int(out.argmax()) == int(loaded.full(decode_tensor(good, spec=loaded.spec)).argmax())
