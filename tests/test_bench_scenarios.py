@@ -215,6 +215,10 @@ def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
     es = sc["edgesplit"]
     # edgesplit's plan kept its floor on the fidelity frames (or is exact, or local)
     assert es["fidelity_offline"] >= res["spec"]["min_fidelity"], es
+    if es.get("split") or es.get("plan_trial"):  # a split plan: its trial recorded (run or not, and why)
+        rec = es["plan_trial"]
+        assert rec["chosen"] and rec["why"] and rec["frames"] <= frames and "edgesplit's plan trial" in md, rec
+        assert all(c["frames"] == rec["frames"] and c["p50_ms"] > 0 for c in rec["candidates"] if rec["ran"]), rec
     assert "fidelity (N frames)" in md
     assert _left_behind(before) == set(), "a cgroup was left behind"
     assert _tagged(tag) == [], "a process of the run (worker, relay, board child) was left behind"

@@ -49,6 +49,17 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument("--head-budget-s", type=float, default=120.0,
                    help="board seconds at most for those candidate heads, best first; the rest stay on the prior "
                         "(1..3600; default: %(default)s)")
+    p.add_argument("--plan-trial-frames", type=int, default=8,
+                   help="before each static link's rounds, edgesplit's best plans within --plan-trial-margin of its "
+                        "best's prediction (3 at most), and local when within it too, run this many frames each through "
+                        "the real agent, worker and relay; edgesplit runs the one measured fastest, local included "
+                        "(Scission and ScissionLite keep their cost models' plans; 0..50, 0: off; default: %(default)s)")
+    p.add_argument("--plan-trial-margin", type=float, default=0.25,
+                   help="a plan (or local) joins the trial when the best's predicted gain over it is within this "
+                        "fraction (0..0.9; default: %(default)s, the headline's measured prediction errors)")
+    p.add_argument("--plan-trial-budget-s", type=float, default=60.0,
+                   help="predicted board seconds at most for a link's trial, best first; the rest are not run "
+                        "(1..3600; default: %(default)s)")
     p.add_argument("--slowdown", type=float, default=18.0, help="board / edge compute ratio to calibrate the quota to (default: 18)")
     p.add_argument("--cgroup-period-us", type=int, default=50_000,
                    help="cfs period of the board's quota; the kernel's smallest quota is 1 ms, so the period bounds the "
@@ -133,6 +144,12 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
         print(f"error: --head-candidates must be 0..10 and --head-budget-s 1..3600, not {args.head_candidates} and "
               f"{args.head_budget_s:g}", file=sys.stderr)
         return 2
+    if not 0 <= args.plan_trial_frames <= 50 or not 0 <= args.plan_trial_margin <= 0.9 \
+            or not 1 <= args.plan_trial_budget_s <= 3600:
+        print(f"error: --plan-trial-frames must be 0..50, --plan-trial-margin 0..0.9 and --plan-trial-budget-s "
+              f"1..3600, not {args.plan_trial_frames}, {args.plan_trial_margin:g} and {args.plan_trial_budget_s:g}",
+              file=sys.stderr)
+        return 2
     if not 10_000 <= args.cgroup_period_us <= 1_000_000:
         print(f"error: --cgroup-period-us must be 10000..1000000 (cgroup v1 allows 1 ms..1 s; under 10 ms the 1 ms "
               f"minimum quota caps the slowdown at 10x), not {args.cgroup_period_us}", file=sys.stderr)
@@ -140,7 +157,8 @@ def cmd_bench_scenarios(args: argparse.Namespace) -> int:
     spec = RunSpec(models=tuple(args.model or ["efficientnet_lite0"]), scenarios=tuple(args.scenario or RunSpec().scenarios),
                    frames=args.frames, warmup=args.warmup, rounds=args.rounds, profile_runs=args.profile_runs, head_runs=args.head_runs,
                    head_candidates=args.head_candidates, head_budget_s=args.head_budget_s, min_fidelity=args.min_fidelity,
-                   fidelity_frames=args.fidelity_frames,
+                   fidelity_frames=args.fidelity_frames, plan_trial_frames=args.plan_trial_frames,
+                   plan_trial_margin=args.plan_trial_margin, plan_trial_budget_s=args.plan_trial_budget_s,
                    testbed=Testbed(target_slowdown=args.slowdown, period_us=args.cgroup_period_us), out_dir=args.out,
                    name=args.name, window=args.window, pipeline_frames=args.pipeline_frames,
                    command="edgesplit " + " ".join(sys.argv[1:]))

@@ -53,6 +53,8 @@ def _static_table(model: str, s: str, r: dict[str, Any]) -> list[str]:
                      "again; a JPEG below it bounds the other qualities, the highest measured too): "
                      + "; ".join(f"{c['transfer']} at {c['split']} {c['fidelity']:.3f} on {c['frames']}"
                                  + {True: " (kept)", False: " (struck)"}.get(c.get("kept"), " (bound)") for c in checks))
+    if es.get("plan_trial"):
+        lines.append("\n" + _trial(es["plan_trial"], r["local"]["p50_ms"]))
     fastest = min(STRATEGIES, key=lambda k: r[k]["p50_ms"])
     faithful = [k for k in STRATEGIES if r[k].get("fidelity_offline", r[k]["fidelity"]) >= FAITHFUL]
     within = min(faithful, key=lambda k: r[k]["p50_ms"]) if faithful else "none"
@@ -68,6 +70,27 @@ def _static_table(model: str, s: str, r: dict[str, Any]) -> list[str]:
                  f"({100 * r[best_any]['floor_p50_ms'] / es['p50_ms']:.0f} %); "
                  f"edgesplit measured / its own floor = {es['p50_ms'] / es['floor_p50_ms']:.3f}{_per_frame(es)}.\n")
     return lines
+
+
+def _trial(rec: dict[str, Any], local_p50_ms: float) -> str:
+    """edgesplit's plan trial (runtime.measure.scenarios.trial): what was trialled, measured and chosen; when local
+    won, the split plans' lowest floor it measured beside local's in-round p50."""
+    if not rec.get("ran"):
+        return f"edgesplit's plan trial: not run ({rec.get('why', '')})."
+    splits = [c["floor_p50_ms"] for c in rec["candidates"] if not c["local"]]
+    low, won_local = (min(splits) if splits else 0.0), rec["chosen"] == "local"
+    parts = "; ".join(f"{c['plan'] if not c['local'] else 'local (every block on the board)'}: predicted "
+                      f"{c['predicted_ms']:.0f} ms, measured p50 {c['p50_ms']:.1f} (floor {c['floor_p50_ms']:.1f}, "
+                      f"board CPU {c['board_cpu_p50_ms']:.1f} ms a frame)" for c in rec["candidates"])
+    skipped = "; ".join(f"{s['plan']} ({s['why']})" for s in rec.get("skipped", []))
+    return (f"edgesplit's plan trial before the rounds ({rec['frames']} frames each through the agent, worker and "
+            f"relay, local as whole-model passes, {rec.get('rounds', 2)} rounds; plans within "
+            f"{100 * rec['margin']:.0f} % of the best's prediction, {rec['budget_s']:g} s budget; {rec.get('seconds', 0):.0f} s): {parts}"
+            + (f"; not run: {skipped}" if skipped else "") + f". Chosen: **{rec['chosen']}**, {rec['why']}."
+            + (f" edgesplit runs every block on the board (the planner may choose all-local): its row is local's. "
+               f"Against the lowest floor of a split plan in the trial ({low:.1f} ms), local's in-round p50 would allow "
+               f"{local_p50_ms / low:.2f}x; edgesplit's 1.00x is {100 * low / local_p50_ms:.0f} % of it."
+               if won_local and low else ""))
 
 
 def _local_timing(x: dict[str, Any]) -> str:

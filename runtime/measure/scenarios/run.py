@@ -24,7 +24,7 @@ from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile
 from runtime.contracts.profile import load as load_profile
 from runtime.measure.scenarios import board as board_heads
-from runtime.measure.scenarios import costs, dynamic, fidelity
+from runtime.measure.scenarios import costs, dynamic, fidelity, trial
 from runtime.measure.scenarios.device import _readline_json
 from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec, Scenario
 from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
@@ -52,25 +52,16 @@ STAGE_KEYS = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "ed
               "total")
 
 
-def _job(conf: Configuration | None, n_points: int, point_names: list[str]) -> Json | None:
-    """The split, codec and TL a configuration runs; None when it keeps every block on the board."""
-    if conf is None or not conf.hops:
-        return None
-    h = conf.hops[0]
-    return {"split": point_names[h.cut], "codec": h.transfer.codec, "tl_id": h.transfer.tl_id, "transfer": h.transfer.name,
-            "predicted_ms": conf.seconds * 1e3, "plan": conf.describe()}
-
-
 def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec, shapes: list[tuple[int, ...]],
            names: list[str], check: fidelity.Checker, tl_path: str) -> Json:
     """Each peer's plan by its own cost model; edgesplit's checked against its fidelity floor on the
     checker's frames first (:func:`fidelity.verified`)."""
     peers = {"scission": (costs.scission(dev), costs.scission(edge), 0.0),
              "scissionlite": (costs.scissionlite(dev, shapes), costs.scissionlite(edge, shapes), 0.0)}
-    out: Json = {k: _job(rank(d, e, link, f), len(names), names) for k, (d, e, f) in peers.items()}
+    out: Json = {k: trial.job(rank(d, e, link, f), names) for k, (d, e, f) in peers.items()}
     conf, _, checks = fidelity.verified(rank, costs.edgesplit(dev, spec.codecs), costs.edgesplit(edge, spec.codecs),
                                         link, spec.min_fidelity, check, tl_path)
-    out["edgesplit"] = _job(conf, len(names), names)
+    out["edgesplit"] = trial.job(conf, names)
     out["edgesplit_checks"] = checks  # taken out before the jobs run (the plan may be local: no job)
     return out
 
@@ -262,6 +253,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
             tls.append(lite["tl"])
         if p["edgesplit"] and p["edgesplit"]["tl_id"]:
             p["edgesplit"]["tl"] = str(tl)
+    tried = _trial_candidates(rank, dev, edge, spec, names, check, tl_path, progress)
     worker = spawn_worker(["--torch-threads", str(spec.testbed.threads), "--max-queue", "8",
                            *[a for t in dict.fromkeys(tls) for a in ("--tl", t)]])
     cl.add(worker.stop)
@@ -273,7 +265,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
         checks = plans[s].pop("edgesplit_checks")
         jobs = {**plans[s], "edge-only": _edge_only_job(names, edge, sc, board["jpeg"], down)}
         out["scenarios"][s] = _scenario(model, spec, child, worker.address, sc, links[s], jobs, cal, ref,
-                                        sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress, check)
+                                        sum(b.seconds for b in dev.blocks) * 1e3, down, cl, progress, check, tried[s])
         out["scenarios"][s]["edgesplit"]["fidelity_checks"] = checks
     progress(f"{model}: the local passes again, same quota (has the board drifted during the strategies?)")
     out["calibration"]["recheck"] = again = _ask(child, {"recheck": True, "strategy": "local recheck"}, JOB_SECONDS)["recheck"]
@@ -290,18 +282,51 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
     return out
 
 
+def _trial_candidates(rank: Ranker, dev: Profile, edge: Profile, spec: RunSpec, names: list[str],
+                      check: fidelity.Checker, tl_path: str, progress: Progress) -> dict[str, tuple[list[Json], list[Json]]]:
+    """Per static link, edgesplit's plans for its trial (:func:`trial.candidates`, on the board-priced profile) and
+    the fidelity checks they needed; none when the trial is off."""
+    out: dict[str, tuple[list[Json], list[Json]]] = {}
+    for s in (s for s in spec.scenarios if not SCENARIOS[s].steps):
+        sc = SCENARIOS[s]
+        out[s] = trial.candidates(rank, costs.edgesplit(dev, spec.codecs), edge, Link.from_mbps(sc.rtt_ms, sc.mbps),
+                                  spec.min_fidelity, check, tl_path, names, spec.plan_trial_margin,
+                                  spec.plan_trial_plans) if spec.plan_trial_frames > 0 else ([], [])
+        for j in out[s][0]:
+            if j["tl_id"]:
+                j["tl"] = tl_path
+        progress(f"{s}: edgesplit's plans within {100 * spec.plan_trial_margin:g} % of its best: "
+                 + (", ".join(f"{j['split']}:{j['transfer']} {j['predicted_ms']:.0f} ms" for j in out[s][0]) or "none"))
+    return out
+
+
 def _scenario(model: str, spec: RunSpec, child: subprocess.Popen[str], worker_address: str, sc: Scenario, link: Json,
               jobs: dict[str, Json | None], cal: Json, ref: list[int], local_predicted_ms: float, down: int, cl: Cleanup,
-              progress: Progress, check: fidelity.Checker) -> Json:
-    """Every strategy on one static link (one relay to the worker), local among them in the rounds."""
+              progress: Progress, check: fidelity.Checker, tried: tuple[list[Json], list[Json]] = ([], [])) -> Json:
+    """Every strategy on one static link (one relay to the worker), local among them in the rounds; before them,
+    edgesplit's plan trial (:mod:`trial`) when it has candidates: edgesplit runs the plan measured fastest."""
     relay = Relay(worker_address, sc.rtt_ms / 2, sc.mbps)
     cl.add(relay.stop)
+    rec: Json | None = None
+    ask = lambda job: _ask(child, job, JOB_SECONDS)  # noqa: E731
+    say = lambda what: progress(f"{model} {sc.name}: {what}")  # noqa: E731
     try:
-        got, n = time_rounds(lambda job: _ask(child, job, JOB_SECONDS), spec, jobs, relay.address,
-                             lambda what: progress(f"{model} {sc.name}: {what}"))
+        best = jobs.get("edgesplit")
+        if tried[0] and best is not None:
+            chosen, rec = trial.run(ask, [best, *tried[0][1:]], local_predicted_ms, relay.address,
+                                    min(spec.plan_trial_frames, spec.frames), spec.warmup, spec.plan_trial_margin,
+                                    spec.plan_trial_budget_s,
+                                    lambda r: costs.floor_ms(r["times_ms"], r["wire_bytes"], down, sc.mbps, sc.rtt_ms),
+                                    say)
+            rec["checks"] = tried[1]
+            jobs = {**jobs, "edgesplit": chosen}
+        got, n = time_rounds(ask, spec, jobs, relay.address, say)
     finally:
         relay.stop()
-    return scenario_rows(got, jobs, sc, link, down, ref, cal, local_predicted_ms, check, n)
+    out = scenario_rows(got, jobs, sc, link, down, ref, cal, local_predicted_ms, check, n)
+    if rec is not None:
+        out["edgesplit"]["plan_trial"] = rec
+    return out
 
 
 def time_rounds(ask: Callable[[Json], Json], spec: RunSpec, jobs: dict[str, Json | None], address: str,

@@ -77,6 +77,15 @@ class RunSpec:
     # (0: only the picked ones), within head_budget_s seconds of the board's time (best first; the rest untimed)
     head_candidates: int = 3
     head_budget_s: float = 120.0
+    # edgesplit's plan trial (runtime.measure.scenarios.trial): before each static link's rounds, its best plans within
+    # plan_trial_margin of the best's prediction (plan_trial_plans at most) and local when within it too, this many
+    # frames each through the real agent, worker and relay; edgesplit runs the one measured fastest (0: off). Bounded
+    # by plan_trial_budget_s of predicted board time per link (best first). The margin covers the committed
+    # headline's prediction errors (2026-12-04: plans -10.6 .. +13.1 %, local -24 .. +13 %)
+    plan_trial_frames: int = 8
+    plan_trial_margin: float = 0.25
+    plan_trial_budget_s: float = 60.0
+    plan_trial_plans: int = 3
     window: int = 4  # pipelined pass: frames in flight
     pipeline_frames: int = 0  # frames of the pipelined pass (0: as many as ``frames``)
     trace_fps: float = 1.0  # dynamic trace: the agent's camera rate (the whole agent runs under the quota)
