@@ -8,7 +8,6 @@ import logging
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import grpc
@@ -33,7 +32,7 @@ from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
 from runtime.wire.framewire import parse_request
-from runtime.wire.handoff import submit
+from runtime.wire.handoff import ComputeThreads, submit
 from runtime.wire.jpeg import INPUT_IMAGE_CODECS
 from runtime.wire.security import AGENT, WORKER
 from runtime.worker import probe
@@ -88,7 +87,9 @@ class InferenceService(pb_grpc.InferenceServicer):
     def __init__(self, config: WorkerConfig, metrics: WorkerMetrics):
         self.config = config
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="tail")
+        # decode + tail (and model loads): dedicated threads, a frame's result posted straight to the loop
+        self.executor = ComputeThreads(config.max_concurrency, "tail", on_shutdown=lambda: Unavailable(
+            "worker is shutting down; send this frame to another worker or run it locally"))
         self.tails = TailCache(config, self.executor, metrics)
         self.next = NextTiers(config, metrics)  # worker chaining: where middle slices are forwarded
         self.cancelled = CancelledFrames(metrics)  # frames their sender gave up on (StreamRequest.cancel)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,7 @@ class Tail:
 class TailCache:
     """Tails loaded on first use per (model, split) and kept; each model is built once."""
 
-    def __init__(self, config: WorkerConfig, executor: ThreadPoolExecutor, metrics: WorkerMetrics):
+    def __init__(self, config: WorkerConfig, executor: Executor, metrics: WorkerMetrics):
         self._executor = executor
         self._metrics = metrics
         self._config = config
