@@ -15,6 +15,7 @@ import grpc
 import pytest
 import torch
 from conftest import REPO, TINY_NET, free_port
+from polling import until
 
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
@@ -79,17 +80,6 @@ def _profile(loaded) -> Profile:
 def _check_output(r, expected) -> None:
     tol = TOL[r.codec] if r.where == "edge" else 1e-5
     assert torch.allclose(r.output, expected, atol=tol, rtol=tol), (r.seq, r.where, r.codec, r.split)
-
-
-async def until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 class Pump:

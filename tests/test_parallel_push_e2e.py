@@ -14,11 +14,11 @@ every frame's output equals the unsplit model's.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import grpc
 import pytest
 import torch
+from polling import until
 
 from planner.config import PlannerConfig
 from planner.server import serve as serve_planner
@@ -56,14 +56,6 @@ def make_profile(loaded, role: str, machine: str) -> Profile:
                    for i, sp in enumerate(loaded.sliced.split_points[1:]))
     return Profile(machine=machine, role=role, model=loaded.name, model_digest=loaded.digest, blocks=blocks,
                    input_bytes=loaded.sliced.split_points[0].fp32_bytes)
-
-
-async def until(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_it(loaded, start_worker, tmp_path):

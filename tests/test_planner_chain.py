@@ -23,6 +23,7 @@ import grpc
 import pytest
 import torch
 from conftest import REPO, TINY_NET
+from polling import until
 
 from planner import decide
 from planner.config import PlannerConfig
@@ -158,20 +159,6 @@ def test_the_worker_to_worker_hop_uses_codecs_only():
 # -- the daemon over gRPC ----------------------------------------------------------------------------
 
 
-async def _until(predicate, timeout: float, what: str):
-    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
 async def _start_planner(db, **kw):
     cfg = dict(listen="127.0.0.1:0", db=str(db), default_rtt_seconds=AE.rtt_seconds,
                default_bandwidth_bytes_per_second=AE.bandwidth_bytes_per_second,
@@ -227,7 +214,7 @@ def test_daemon_switches_to_a_chain_with_hysteresis_and_keeps_it_across_a_restar
                                    rtt_seconds=AC.rtt_seconds, sent_unix=time.time())
 
             await stub.ReportTelemetry(messages(), timeout=RPC)
-            v2 = await _until(lambda: _chained(stub), 10, "the chained plan")
+            v2 = await until(lambda: _chained(stub), 10, "the chained plan")
             q = await stub.QueryPlan(pb.PlanQuery(agent_id="a1", top_n=2), timeout=RPC)
             await asyncio.to_thread(_cli, "agents", "--planner", f"127.0.0.1:{ps.port}")
             history = ps.service.store.history("a1")
@@ -392,7 +379,7 @@ def test_agent_runs_the_chain_the_planner_pushes(loaded, tmp_path):
                                                   cloud.registration.registered.wait()), 20)
             assert ps.service.workers[EDGE].record.next_tiers == (cloud_addr,)
             await link.start()
-            await _until(lambda: agent.plan_version > 0, 30, "the first plan")
+            await until(lambda: agent.plan_version > 0, 30, "the first plan")
             active = agent.active
             results = [await agent.infer(x) for x in frames]
             async with grpc.aio.insecure_channel(planner) as channel:

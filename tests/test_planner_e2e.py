@@ -21,6 +21,7 @@ does not move the decision; the premise itself is checked with ``QueryPlan``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import time
 
@@ -28,6 +29,7 @@ import grpc
 import pytest
 import torch
 from conftest import REPO, TINY_NET, cli, wait_for, wait_serving
+from polling import until as poll_until
 
 from planner.config import PlannerConfig
 from planner.server import serve as serve_planner
@@ -43,6 +45,8 @@ from runtime.tools.netem import DelayProxy, LinkShape
 from runtime.wire.codec import get_codec
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(90)]
+
+until = functools.partial(poll_until, interval=0.05)  # every 50 ms: some conditions are RPCs (agent_info)
 
 AGENT = "board-1"
 WORKER = "edge-1"
@@ -114,20 +118,6 @@ async def register_worker(stub, loaded, address: str) -> None:
     await stub.RegisterWorker(ppb.RegisterWorkerRequest(
         worker_id=WORKER, address=address, tier="edge",
         profiles_json=[make_profile(loaded, "edge", WORKER).to_json()]), timeout=RPC)
-
-
-async def until(predicate, timeout: float, what: str):
-    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 async def agent_info(stub) -> ppb.AgentInfo | None:

@@ -22,6 +22,7 @@ import time
 
 import grpc
 import pytest
+from polling import until
 
 from planner.store import Store
 from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
@@ -39,14 +40,6 @@ AGENTS = int(os.environ.get("EDGESPLIT_REPLICA_AGENTS", "12"))
 # every simulated agent of this process sends the same lease header: one caller holding all the ids
 FLAGS = ("--default-bandwidth-bytes-per-second", "10000000", "--registration-ttl-seconds", "600",
          "--max-ids-per-identity", "100000")
-
-
-async def _until(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 async def _steady(pairs, quiet: float = 3.0, timeout: float = 60.0) -> None:
@@ -131,8 +124,8 @@ async def _scenario(procs, store: str) -> None:
     try:
         for _, link in pairs:
             await link.start()
-        await _until(lambda: all(a.plan_version and a.active.worker for a, _ in pairs), 60,
-                     "every agent on a plan with the worker (agents on the second replica after it read the worker)")
+        await until(lambda: all(a.plan_version and a.active.worker for a, _ in pairs), 60,
+                    "every agent on a plan with the worker (agents on the second replica after it read the worker)")
         await _steady(pairs)
         holders = _holders(store)
         held = [{aid for aid, r in holders.items() if r == f"replica-{i}"} for i in range(2)]
@@ -152,7 +145,7 @@ async def _scenario(procs, store: str) -> None:
                     attached[link.agent_id] = time.monotonic() - killed
             return len(attached) == len(moved)
 
-        await _until(check, 30, "every agent of the killed replica registered with the survivor")
+        await until(check, 30, "every agent of the killed replica registered with the survivor")
         for aid in moved:  # the first registration sent the document; the re-attach named it by SHA-256, accepted
             assert sent[aid][0] is False and sent[aid][-1] is True, (aid, sent[aid])
         assert set(_holders(store).values()) == {f"replica-{1 - victim}"}  # every agent is on the survivor
@@ -314,8 +307,6 @@ def test_a_re_registration_names_its_profile_by_hash_only_when_the_planner_check
     aio.run(scenario())
 
 
-
-
 class _Replica(pb_grpc.PlannerServicer):
     """A planner that records each call (with its connection). A ``failing`` one ends its first
     ``failing`` telemetry streams INTERNAL "Internal error from Core" after their first report (the
@@ -385,7 +376,7 @@ def test_an_internal_end_of_a_telemetry_stream_ends_the_session_and_the_agent_re
                                                      probe=ProbeOptions(budget_fraction=0.0)))
         try:
             await link.start()
-            await _until(lambda: ("b", "telemetry", False) in events, 20, "a telemetry stream on the live replica")
+            await until(lambda: ("b", "telemetry", False) in events, 20, "a telemetry stream on the live replica")
             await asyncio.sleep(1.0)  # anything more for the dead one would come now
         finally:
             await link.close()
@@ -418,7 +409,7 @@ def test_agents_in_one_link_band_share_their_plans_band_table(aio, tmp_path):
                 await p.register(aid)
             for aid, bw in (("a1", FAST), ("a2", FAST * 1.01)):
                 await p.telemetry(bw, agent=aid)
-                await _until(lambda a=aid: a in replanner._basis, 10, f"{aid}'s band basis")
+                await until(lambda a=aid: a in replanner._basis, 10, f"{aid}'s band basis")
             assert (replanner.band_tables.hits, replanner.band_tables.misses) == (1, 1)
             b1, b2 = replanner._basis["a1"], replanner._basis["a2"]
             assert (b1.low, b1.high, b1.ranked_low) == (b2.low, b2.high, b2.ranked_low)  # one table
@@ -459,7 +450,7 @@ def test_an_agent_resumed_from_the_store_gets_its_in_band_basis_at_registration(
         p = await Planner.start(db, hold_seconds=0.0)
         try:
             replanner = p.ps.service.replanner
-            await _until(lambda: not replanner.intake.entries and not p.ps.service.agents["a1"].dirty, 10, "resumed")
+            await until(lambda: not replanner.intake.entries and not p.ps.service.agents["a1"].dirty, 10, "resumed")
             plan = await p.register("a1", worker_profiles=())
             count = _decisions(p)
             in_band = replanner.metrics.telemetry_in_band._value.get()
