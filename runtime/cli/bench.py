@@ -19,7 +19,8 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument("--window", type=int, default=1, help="frames in flight (default: 1, for clean stage times)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on each side (default: 1)")
     p.add_argument("--json", metavar="FILE", help="also write the figures as JSON here")
-    p.add_argument("--tl", default="", help="Transfer Layer artifact .json: benchmark its split with it (default: none)")
+    p.add_argument("--tl", default="", help="Transfer Layer artifact .json (or a bundled TL's id): benchmark its split with it "
+                   "(default: none)")
     p.set_defaults(func=cmd_bench)
 
 

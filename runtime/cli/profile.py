@@ -69,7 +69,8 @@ def add_parser(sub: Subparsers) -> None:
     p.add_argument("--codec", action="append", metavar="CODEC",
                    help=f"wire codec to measure (repeatable; default: {', '.join(DEFAULT_CODECS)})")
     p.add_argument("--tl", action="append", metavar="TL_JSON",
-                   help="Transfer Layer artifact .json to measure with each codec (repeatable; default: none)")
+                   help="Transfer Layer artifact .json (or a bundled TL's id) to measure with each codec "
+                   "(repeatable; default: none)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--inputs", type=int, default=4, help="bundled sample photos used as inputs (default: 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")

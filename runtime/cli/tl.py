@@ -267,7 +267,8 @@ def _add_train(tsub: Subparsers) -> None:
 
 def _add_eval(tsub: Subparsers) -> None:
     e = tsub.add_parser("eval", help="fidelity, bytes per frame and encode/decode time on hold-out crops")
-    e.add_argument("--tl", required=True, help="the artifact's .json (or .safetensors) path")
+    e.add_argument("--tl", required=True, help="the artifact's .json (or .safetensors) path, or a bundled TL's id "
+                   "(tl-d1a2152e9a29: EfficientNet-Lite0 split 45, transform)")
     e.add_argument("--images", type=int, default=0,
                    help="hold-out images (default: 32 crops; with --data digits all 1,000 labelled test digits)")
     e.add_argument("--seed", type=int, default=0, help="hold-out crop seed (default: 0)")
