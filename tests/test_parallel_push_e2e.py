@@ -14,6 +14,8 @@ every frame's output equals the unsplit model's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 import pytest
@@ -58,6 +60,37 @@ def make_profile(loaded, role: str, machine: str) -> Profile:
                    input_bytes=loaded.sliced.split_points[0].fp32_bytes)
 
 
+@contextlib.asynccontextmanager
+async def pushing_planner(loaded, config: PlannerConfig, agent_id: str = AGENT, workers: tuple[str, ...] = WORKERS,
+                          profile: Callable[..., Profile] = make_profile, telemetry_interval: float = 0.5,
+                          **agent_options) -> AsyncIterator[tuple]:
+    """A planner serving ``config`` in this event loop, a stub on it, and an agent (local at first, no worker) with a
+    :class:`PlannerLink` to it naming ``workers`` and a board ``profile``; the link is not started (the test
+    registers its workers first). Yields (planner server, stub, agent, link); closes them all on the way out."""
+    ps = await serve_planner(config)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
+    agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
+                  AgentOptions(agent_id=agent_id, deadline_seconds=30.0, connect_timeout=2.0, **agent_options))
+    link = PlannerLink(agent, PlannerLinkOptions(
+        f"127.0.0.1:{ps.port}", profile(loaded, "device", "board"), agent_id, workers=workers,
+        telemetry_interval_seconds=telemetry_interval, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1,
+        backoff_max=0.5))
+    try:
+        yield ps, ppb_grpc.PlannerStub(channel), agent, link
+    finally:
+        await link.close()
+        await agent.close()
+        await channel.close()
+        await ps.drain_and_stop(1.0)
+
+
+async def register(stub, loaded, worker_id: str, port: int, profile: Callable[..., Profile] = make_profile) -> None:
+    """Worker ``worker_id`` on 127.0.0.1:``port`` registers with its edge ``profile``."""
+    await stub.RegisterWorker(ppb.RegisterWorkerRequest(
+        worker_id=worker_id, address=f"127.0.0.1:{port}", tier="edge",
+        profiles_json=[profile(loaded, "edge", worker_id).to_json()]), timeout=RPC)
+
+
 def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_it(loaded, start_worker, tmp_path):
     ports = [start_worker("--preload", MODEL, "--torch-threads", "1")[1] for _ in WORKERS]
     frames = [f.tensor for f in open_source(loaded.spec, "synthetic", 4)]
@@ -65,19 +98,10 @@ def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_i
         expected = [loaded.full(x) for x in frames]
 
     async def scenario():
-        ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **PLANNER))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
-        stub = ppb_grpc.PlannerStub(channel)
-        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
-                      AgentOptions(agent_id=AGENT, deadline_seconds=30.0, connect_timeout=2.0))
-        link = PlannerLink(agent, PlannerLinkOptions(
-            f"127.0.0.1:{ps.port}", make_profile(loaded, "device", "board"), AGENT, workers=WORKERS,
-            telemetry_interval_seconds=0.5, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
-        try:
+        config = PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **PLANNER)
+        async with pushing_planner(loaded, config) as (_, stub, agent, link):
             for wid, port in zip(WORKERS, ports, strict=True):
-                await stub.RegisterWorker(ppb.RegisterWorkerRequest(
-                    worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
-                    profiles_json=[make_profile(loaded, "edge", wid).to_json()]), timeout=RPC)
+                await register(stub, loaded, wid, port)
             await link.start()
             await until(lambda: agent.parallel.active, 20, "a plan with a parallel stage")
             stage = agent.parallel.coord.stage
@@ -90,11 +114,6 @@ def test_the_planner_pushes_a_parallel_stage_and_the_agent_runs_frames_through_i
             info = next(a for a in (await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents
                         if a.agent_id == AGENT)
             return results, info, stage, sampled, tile_counts
-        finally:
-            await link.close()
-            await agent.close()
-            await channel.close()
-            await ps.drain_and_stop(1.0)
 
     results, info, stage, sampled, tile_counts = asyncio.run(scenario())
     assert all(n > 0 for n in sampled.values()), sampled
@@ -125,36 +144,19 @@ def test_a_second_worker_registering_brings_a_parallel_stage(loaded, start_worke
     with torch.inference_mode():
         want = loaded.full(x)
 
-    async def register(stub, wid: str, port: int) -> None:
-        await stub.RegisterWorker(ppb.RegisterWorkerRequest(
-            worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
-            profiles_json=[make_profile(loaded, "edge", wid).to_json()]), timeout=RPC)
-
     async def scenario():
-        ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **PLANNER))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
-        stub = ppb_grpc.PlannerStub(channel)
-        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
-                      AgentOptions(agent_id=AGENT, deadline_seconds=30.0, connect_timeout=2.0))
-        link = PlannerLink(agent, PlannerLinkOptions(
-            f"127.0.0.1:{ps.port}", make_profile(loaded, "device", "board"), AGENT, workers=WORKERS,
-            telemetry_interval_seconds=0.5, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
-        try:
-            await register(stub, WORKERS[0], ports[0])
+        config = PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **PLANNER)
+        async with pushing_planner(loaded, config) as (_, stub, agent, link):
+            await register(stub, loaded, WORKERS[0], ports[0])
             await link.start()
             await until(lambda: agent.plan_version >= 1, 20, "a first plan")
             first = agent.plan_version
             assert not agent.parallel.active  # one worker: no parallel stage
-            await register(stub, WORKERS[1], ports[1])
+            await register(stub, loaded, WORKERS[1], ports[1])
             await until(lambda: agent.parallel.active, 20, "a plan with a parallel stage after the second worker")
             stage = agent.parallel.coord.stage
             result = await agent.infer(x, "f0")
             return first, stage, result
-        finally:
-            await link.close()
-            await agent.close()
-            await channel.close()
-            await ps.drain_and_stop(1.0)
 
     first, stage, result = asyncio.run(scenario())
     assert set(stage.workers) == {f"127.0.0.1:{p}" for p in ports} and result.plan_version > first

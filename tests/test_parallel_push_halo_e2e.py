@@ -19,23 +19,25 @@ import dataclasses
 import re
 import urllib.request
 
-import grpc
 import pytest
 import torch
 from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-from planner.server import serve as serve_planner
-from runtime.agent.client import Agent
-from runtime.agent.config import AgentOptions, InitialPlan
-from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
 from runtime.cli.main import build_parser
 from runtime.cli.planner import _config
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
-from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
-from runtime.wire.codec import get_codec
-from tests.test_parallel_push_e2e import MODEL, PLANNER, RPC, WORKERS, loaded, make_profile, until  # noqa: F401
+from tests.test_parallel_push_e2e import (  # noqa: F401 (loaded: a fixture)
+    MODEL,
+    PLANNER,
+    RPC,
+    WORKERS,
+    loaded,
+    pushing_planner,
+    register,
+    until,
+)
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(240)]
 
@@ -79,20 +81,10 @@ def run_pushed(loaded, workers, tmp_path, agent_id: str, planner_flags=HALO_FLAG
     frames = [f.tensor for f in open_source(loaded.spec, "synthetic", 3)]
 
     async def scenario():
-        ps = await serve_planner(planner_config(tmp_path, *planner_flags))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
-        stub = ppb_grpc.PlannerStub(channel)
-        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
-                      AgentOptions(agent_id=agent_id, deadline_seconds=30.0, connect_timeout=2.0,
-                                   parallel_halo=parallel_halo))
-        link = PlannerLink(agent, PlannerLinkOptions(
-            f"127.0.0.1:{ps.port}", make_profile(loaded, "device", "board"), agent_id, workers=WORKERS,
-            telemetry_interval_seconds=0.5, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
-        try:
+        async with pushing_planner(loaded, planner_config(tmp_path, *planner_flags), agent_id,
+                                   parallel_halo=parallel_halo) as (_, stub, agent, link):
             for wid, (port, _) in zip(WORKERS, workers, strict=True):
-                await stub.RegisterWorker(ppb.RegisterWorkerRequest(
-                    worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
-                    profiles_json=[make_profile(loaded, "edge", wid).to_json()]), timeout=RPC)
+                await register(stub, loaded, wid, port)
             await link.start()
             await until(lambda: agent.parallel.active, 30, "a plan with a parallel stage")
             coord = agent.parallel.coord
@@ -100,11 +92,6 @@ def run_pushed(loaded, workers, tmp_path, agent_id: str, planner_flags=HALO_FLAG
             info = next(a for a in (await stub.ListAgents(ppb.ListAgentsRequest(), timeout=RPC)).agents
                         if a.agent_id == agent_id)
             return results, coord.stage, coord.halo_fallbacks, coord.last_fallback, info.plan
-        finally:
-            await link.close()
-            await agent.close()
-            await channel.close()
-            await ps.drain_and_stop(1.0)
 
     results, stage, fallbacks, why, plan = asyncio.run(asyncio.wait_for(scenario(), 200))
     with torch.inference_mode():

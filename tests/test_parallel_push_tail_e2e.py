@@ -13,23 +13,20 @@ from __future__ import annotations
 import asyncio
 import time
 
-import grpc
 import pytest
 import torch
 
 from planner.config import PlannerConfig
-from planner.server import serve as serve_planner
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
-from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.sources import open_source
 from runtime.contracts.profile import Block, Profile
 from runtime.models.loader import load_model
 from runtime.parallel.plan import ParallelStage, TiledBlock
 from runtime.parallel.tiled import tileable_end
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
-from runtime.proto.edgesplit.v1 import planner_pb2_grpc as ppb_grpc
 from runtime.wire.codec import get_codec
+from tests.test_parallel_push_e2e import PLANNER, pushing_planner, register
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.timeout(180)]
 
@@ -101,26 +98,13 @@ def test_the_planner_names_a_tail_worker_only_once_the_agents_link_to_it_is_meas
     x = next(iter(open_source(loaded.spec, "synthetic", 1))).tensor
     with torch.inference_mode():
         want = loaded.full(x)
-    conf = dict(hold_seconds=0.5, replan_interval_seconds=0.1, telemetry_max_rate_hz=5.0, default_rtt_seconds=0.001,
-                default_bandwidth_bytes_per_second=50e6, metrics_port=-1, compute_telemetry=False)
-
-    async def register(stub, wid: str, port: int) -> None:
-        await stub.RegisterWorker(ppb.RegisterWorkerRequest(
-            worker_id=wid, address=f"127.0.0.1:{port}", tier="edge",
-            profiles_json=[make_profile(loaded, "edge", wid).to_json()]), timeout=10.0)
 
     async def scenario():
-        ps = await serve_planner(PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **conf))
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{ps.port}")
-        stub = ppb_grpc.PlannerStub(channel)
-        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")),
-                      AgentOptions(agent_id="board-q", deadline_seconds=30.0, connect_timeout=2.0))
-        link = PlannerLink(agent, PlannerLinkOptions(
-            f"127.0.0.1:{ps.port}", make_profile(loaded, "device", "board"), "board-q", workers=("edge-a", "edge-b"),
-            telemetry_interval_seconds=0.3, rpc_timeout=5.0, connect_timeout=1.0, backoff_initial=0.1, backoff_max=0.5))
-        state = ps.service.state
-        try:
-            await register(stub, "edge-a", ports[0])
+        config = PlannerConfig(listen="127.0.0.1:0", db=str(tmp_path / "planner.sqlite"), **PLANNER)
+        async with pushing_planner(loaded, config, "board-q", ("edge-a", "edge-b"), make_profile,
+                                   telemetry_interval=0.3) as (ps, stub, agent, link):
+            state = ps.service.state
+            await register(stub, loaded, "edge-a", ports[0], make_profile)
             await link.start()
             deadline = time.monotonic() + 30
             while not (state.agents.get("board-q") and state.measured_link(state.agents["board-q"], "edge-a")
@@ -129,7 +113,7 @@ def test_the_planner_names_a_tail_worker_only_once_the_agents_link_to_it_is_meas
                 await agent.infer(x)  # an offload to edge-a: its frames measure the link
                 await asyncio.sleep(0.05)
             assert not agent.parallel.active
-            await register(stub, "edge-b", ports[1])
+            await register(stub, loaded, "edge-b", ports[1], make_profile)
             deadline = time.monotonic() + 30
             while not agent.parallel.active:
                 assert time.monotonic() < deadline, "no plan with a parallel stage after the second worker"
@@ -138,11 +122,6 @@ def test_the_planner_names_a_tail_worker_only_once_the_agents_link_to_it_is_meas
             b_link = state.measured_link(state.agents["board-q"], "edge-b")  # what the plan was made with
             result = await agent.infer(x, "f0")
             return stage, result, b_link
-        finally:
-            await link.close()
-            await agent.close()
-            await channel.close()
-            await ps.drain_and_stop(1.0)
 
     stage, result, b_link = asyncio.run(scenario())
     a = f"127.0.0.1:{ports[0]}"

@@ -1,0 +1,165 @@
+"""The agent's board thread (runtime.agent.board.BoardThread): a frame's board work handed to it and its result,
+or its exception, back on the event loop; a frame cancelled or an agent closed while a job is on it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import threading
+
+import pytest
+import torch
+
+from runtime.agent.board import BoardThread
+from runtime.agent.client import Agent
+from runtime.agent.config import InitialPlan
+from runtime.models.loader import load_model
+from runtime.wire.codec import get_codec
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model("digits_cnn")
+
+
+class Gate(torch.nn.Module):
+    """A head that blocks on the board thread until released, then is the model's own."""
+
+    def __init__(self, head):
+        super().__init__()
+        self.head, self.entered, self.release = head, threading.Event(), threading.Event()
+        self.thread = ""
+
+    def forward(self, x):
+        self.thread = threading.current_thread().name
+        self.entered.set()
+        assert self.release.wait(10.0)
+        return self.head(x)
+
+
+async def _entered(gate: Gate) -> None:
+    for _ in range(500):  # bounded: 5 s
+        if gate.entered.is_set():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the head never started on the board thread")
+
+
+def test_hand_delivers_results_and_exceptions_and_runs_on_end_on_the_loop():
+    board = BoardThread("t-board")
+
+    def broken():
+        raise ValueError("head broke")
+
+    async def main():
+        loop_thread = threading.get_ident()
+        ended: list[int] = []
+        value = await board.hand(lambda: threading.current_thread().name, lambda: ended.append(threading.get_ident()))
+        with pytest.raises(ValueError, match="head broke"):
+            await board.hand(broken, lambda: ended.append(threading.get_ident()))
+        return value, ended, loop_thread
+
+    try:
+        value, ended, loop_thread = asyncio.run(main())
+    finally:
+        board.shutdown(wait=True)
+    assert value == "t-board"
+    assert ended == [loop_thread, loop_thread]
+    with pytest.raises(RuntimeError, match="shut down"):
+        board.submit(int)
+
+
+def test_submit_is_an_executors():
+    board = BoardThread()
+    try:
+        assert board.submit(lambda a, b=0: a + b, 2, b=3).result(5.0) == 5
+        with pytest.raises(ZeroDivisionError):
+            board.submit(lambda: 1 / 0).result(5.0)
+    finally:
+        board.shutdown(wait=True)
+    assert board._thread is not None and not board._thread.is_alive()
+
+
+def test_an_exception_in_the_head_reaches_the_caller_and_the_board_lives_on(loaded):
+    x = torch.rand(1, 3, 28, 28)
+
+    class Broken(torch.nn.Module):
+        def forward(self, h):
+            raise RuntimeError("head broke on the board")
+
+    async def main():
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")))
+        agent.inline_board_seconds = 0.0  # every frame on the board thread
+        try:
+            agent.active = dataclasses.replace(agent.active, head=Broken())
+            with pytest.raises(RuntimeError, match="head broke on the board"):
+                await agent.infer(x)
+            assert agent._board_jobs == 0 and agent._frames == 0
+            agent.active = dataclasses.replace(agent.active, head=loaded.head("output"))
+            r = await agent.infer(x)
+            return r, agent.board_handoffs
+        finally:
+            await agent.close()
+
+    r, handoffs = asyncio.run(main())
+    assert torch.equal(r.output, loaded.full(x)) and handoffs == 2
+
+
+def test_a_cancelled_frame_leaves_its_job_to_end_and_the_next_frame_runs(loaded):
+    x = torch.rand(1, 3, 28, 28)
+
+    async def main():
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")))
+        gate = Gate(loaded.head("output"))
+        try:
+            agent.active = dataclasses.replace(agent.active, head=gate)
+            task = asyncio.create_task(agent.infer(x))
+            await _entered(gate)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            busy = agent._board_jobs  # the job still runs on the board: its slot is held
+            gate.release.set()
+            for _ in range(500):  # bounded: 5 s for the job to end and hand its slot back
+                if not agent._board_jobs:
+                    break
+                await asyncio.sleep(0.01)
+            after = agent._board_jobs
+            r = await agent.infer(x)
+            return busy, after, r, gate.thread
+        finally:
+            gate.release.set()
+            await agent.close()
+
+    busy, after, r, thread = asyncio.run(main())
+    assert (busy, after) == (1, 0)
+    assert thread == "board" and r.where == "local" and torch.equal(r.output, loaded.full(x))
+
+
+def test_close_with_a_frame_on_the_board_thread(loaded):
+    """close() does not wait for the board's job; the frame in flight still gets its result once the job ends, the
+    thread then ends, and a frame after close is refused."""
+    x = torch.rand(1, 3, 28, 28)
+
+    async def main():
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")))
+        gate = Gate(loaded.head("output"))
+        agent.active = dataclasses.replace(agent.active, head=gate)
+        task = asyncio.create_task(agent.infer(x))
+        await _entered(gate)
+        await asyncio.wait_for(agent.close(), 5.0)  # returns with the job still on the board
+        closed_before_job = not task.done()
+        gate.release.set()
+        r = await asyncio.wait_for(task, 5.0)
+        thread = agent.executor._thread
+        assert thread is not None
+        await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
+        agent.inline_board_seconds = 0.0  # (a lone short frame would run on the loop)
+        with pytest.raises(RuntimeError, match="shut down"):
+            await agent.infer(x)
+        return closed_before_job, r, thread.is_alive()
+
+    closed_before_job, r, alive = asyncio.run(main())
+    assert closed_before_job and not alive
+    assert r.where == "local" and torch.equal(r.output, loaded.full(x))
+
