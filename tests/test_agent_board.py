@@ -163,3 +163,23 @@ def test_close_with_a_frame_on_the_board_thread(loaded):
     assert closed_before_job and not alive
     assert r.where == "local" and torch.equal(r.output, loaded.full(x))
 
+
+def test_the_streams_idle_probe_echoes_feed_the_rtt_histogram(loaded):
+    """EdgeStream.on_rtt (each idle stream probe's round trip, tests/test_stream_probe.py) is read by the agent:
+    edgesplit_agent_stream_rtt_seconds."""
+    async def main():
+        agent = Agent(loaded, InitialPlan(loaded.split("output"), get_codec("raw")))
+        try:
+            stream = agent._new_stream("127.0.0.1:1")  # not opened: the hook is set when the stream is made
+            assert stream.on_rtt is not None
+            stream.on_rtt(0.0007)
+            stream.on_rtt(0.003)
+            return agent.metrics.registry
+        finally:
+            await agent.close()
+
+    reg = asyncio.run(main())
+    name = "edgesplit_agent_stream_rtt_seconds"
+    assert reg.get_sample_value(f"{name}_count") == 2
+    assert reg.get_sample_value(f"{name}_bucket", {"le": "0.001"}) == 1
+    assert abs(reg.get_sample_value(f"{name}_sum") - 0.0037) < 1e-9

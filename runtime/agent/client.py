@@ -140,8 +140,10 @@ class Agent:
         return 0 if self.active.fallback else self.active.version
 
     def _new_stream(self, address: str) -> EdgeStream:
-        return EdgeStream(address, self.transport, self.metrics, self.connect_timeout, self.reconnect,
-                          link_hint=lambda: self._link_hint(address))
+        stream = EdgeStream(address, self.transport, self.metrics, self.connect_timeout, self.reconnect,
+                            link_hint=lambda: self._link_hint(address))
+        stream.on_rtt = self.metrics.stream_rtt.observe  # its idle probes' echoes: edgesplit_agent_stream_rtt_seconds
+        return stream
 
     def _link_hint(self, address: str) -> tuple[float, float]:
         """(bandwidth B/s, RTT s) of the link to ``address`` for the stream's liveness (0.0: unknown)."""

@@ -7,7 +7,7 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.utils import floatToGoString
 
 from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
@@ -165,6 +165,11 @@ class AgentMetrics:
         self.inflight.set_function(lambda: self.inflight_frames)
         self.stream_up = Gauge("edgesplit_agent_stream_up", "1 while a stream to the worker is open", registry=r)
         self.reconnects = Counter("edgesplit_agent_stream_opens", "Streams opened to the worker", registry=r)
+        # the idle stream probes' echoes (runtime.wire.stream EdgeStream.on_rtt): ~2 a second while no frame is out
+        self.stream_rtt = Histogram("edgesplit_agent_stream_rtt_seconds", "Round trips of the liveness probes on the "
+                                    "frame stream to the worker, timed only while no frame was outstanding (nothing "
+                                    "queued ahead of them): the link's idle RTT plus both gRPC stacks and the "
+                                    "worker's stream reader", buckets=STAGE_BUCKETS, registry=r)
         self.stream_deaths = Counter("edgesplit_agent_stream_deaths", "Streams and connections that died, by endpoint "
                                      "(worker: a frame stream; planner: the planner session) and reason (no_progress: "
                                      "frames outstanding and nothing back for max(1.5 s, 1.5 x their bytes / bandwidth + "
