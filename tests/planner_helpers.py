@@ -14,6 +14,7 @@ import pytest
 from planner.config import PlannerConfig
 from planner.server import serve
 from runtime.contracts.profile import Block, Profile
+from runtime.daemon.planner_client import LEASE
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 
@@ -48,6 +49,19 @@ def profile(machine: str, role: str, seconds=DEVICE_S, names=NAMES, model=MODEL,
 
 DEVICE_PROFILE = profile("board", "device")
 EDGE_PROFILE = profile("xeon", "edge", EDGE_S)
+
+OWNER = LEASE  # the lease metadata PlannerClient sends: the legitimate processes'
+STRANGER = (("edgesplit-lease", "s" * 43),)  # another process's lease
+
+
+def worker_request(worker_id="w1", address="127.0.0.1:50051") -> pb.RegisterWorkerRequest:
+    """Worker ``worker_id`` at ``address`` registering with EDGE_PROFILE."""
+    return pb.RegisterWorkerRequest(worker_id=worker_id, address=address, tier="edge", profiles_json=[EDGE_PROFILE])
+
+
+def agent_request(agent_id="a1") -> pb.RegisterAgentRequest:
+    """Agent ``agent_id`` registering MODEL (weights "w1") with DEVICE_PROFILE."""
+    return pb.RegisterAgentRequest(agent_id=agent_id, model_id=MODEL, model_digest="w1", profile_json=DEVICE_PROFILE)
 
 
 # -- plumbing --------------------------------------------------------------------------------------

@@ -8,13 +8,22 @@ import time
 
 import grpc
 import pytest
-from planner_helpers import DEVICE_PROFILE, EDGE_PROFILE, MODEL, RPC, Planner, check_status, rpc_error
+from planner_helpers import (
+    EDGE_PROFILE,
+    OWNER,
+    RPC,
+    STRANGER,
+    Planner,
+    agent_request,
+    check_status,
+    rpc_error,
+    worker_request,
+)
 
 from planner.config import PlannerConfig
 from planner.owners import Owners
 from planner.server import serve
 from runtime.daemon.auth import ANONYMOUS, Identity
-from runtime.daemon.planner_client import LEASE
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 from runtime.tools import pki
@@ -23,18 +32,6 @@ from runtime.wire.transport import TransportOptions
 
 pytestmark = pytest.mark.timeout(120)
 
-OWNER = LEASE  # what PlannerClient sends: the legitimate processes' lease
-STRANGER = (("edgesplit-lease", "s" * 43),)
-
-
-def worker_request(address="127.0.0.1:50051", worker_id="w1") -> pb.RegisterWorkerRequest:
-    return pb.RegisterWorkerRequest(worker_id=worker_id, address=address, tier="edge", profiles_json=[EDGE_PROFILE])
-
-
-def agent_request(agent_id="a1") -> pb.RegisterAgentRequest:
-    return pb.RegisterAgentRequest(agent_id=agent_id, model_id=MODEL, model_digest="w1", profile_json=DEVICE_PROFILE)
-
-
 def test_worker_id_hijack_is_refused_and_the_plan_keeps_the_real_worker(aio, planner):
     async def go():
         s = planner.stub
@@ -42,7 +39,7 @@ def test_worker_id_hijack_is_refused_and_the_plan_keeps_the_real_worker(aio, pla
         plan = (await s.RegisterAgent(agent_request(), timeout=RPC, metadata=OWNER)).plan
         assert plan.worker_id == "w1" and plan.worker_address == "127.0.0.1:50051"
         for md in (STRANGER, None):  # another lease, or none at all
-            err = await rpc_error(s.RegisterWorker(worker_request("127.0.0.1:6666"), timeout=RPC, metadata=md))
+            err = await rpc_error(s.RegisterWorker(worker_request(address="127.0.0.1:6666"), timeout=RPC, metadata=md))
             check_status(err, grpc.StatusCode.PERMISSION_DENIED, "registered by another caller")
         await planner.ps.service.tick()
         assert planner.ps.service.workers["w1"].record.address == "127.0.0.1:50051"
@@ -112,7 +109,7 @@ def test_an_expired_worker_is_dropped_and_no_plan_points_at_it(aio, tmp_path):
                 await p.ps.service.tick()
                 await asyncio.sleep(0.1)
             assert p.ps.service.agents["a1"].plan.worker_id == ""  # runs on the board, not on a ghost
-            await s.RegisterWorker(worker_request("127.0.0.1:7777"), timeout=RPC, metadata=STRANGER)  # id free again
+            await s.RegisterWorker(worker_request(address="127.0.0.1:7777"), timeout=RPC, metadata=STRANGER)  # id free again
         finally:
             await p.stop()
 
@@ -140,7 +137,7 @@ def test_under_mtls_a_worker_registers_only_its_own_id(aio, tmp_path):
                     return await getattr(pb_grpc.PlannerStub(ch), method)(request, timeout=RPC)
 
             await call("worker-w1", "RegisterWorker", worker_request())
-            err = await rpc_error(call("worker-w2", "RegisterWorker", worker_request("127.0.0.1:6666")))
+            err = await rpc_error(call("worker-w2", "RegisterWorker", worker_request(address="127.0.0.1:6666")))
             check_status(err, grpc.StatusCode.PERMISSION_DENIED, "only for its own worker id 'w2'")
             err = await rpc_error(call("agent-a1", "RegisterWorker", worker_request()))
             check_status(err, grpc.StatusCode.PERMISSION_DENIED, "may be called by")

@@ -7,11 +7,21 @@ import time
 
 import grpc
 import pytest
-from planner_helpers import DEVICE_PROFILE, EDGE_PROFILE, MODEL, RPC, check_status, rpc_error
+from planner_helpers import (
+    DEVICE_PROFILE,
+    EDGE_PROFILE,
+    MODEL,
+    OWNER,
+    RPC,
+    STRANGER,
+    agent_request,
+    check_status,
+    rpc_error,
+    worker_request,
+)
 
 from planner.config import PlannerConfig
 from planner.server import serve
-from runtime.daemon.planner_client import LEASE
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc
 from runtime.wire.security import SecurityOptions
@@ -20,18 +30,6 @@ from tests.postgres_server import postgres  # noqa: F401 - the fixture
 from tests.security_site import site  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.timeout(120)
-
-OWNER = LEASE  # what PlannerClient sends: the legitimate processes' lease
-STRANGER = (("edgesplit-lease", "s" * 43),)
-
-
-def worker_request(worker_id="w1", address="127.0.0.1:50051") -> pb.RegisterWorkerRequest:
-    return pb.RegisterWorkerRequest(worker_id=worker_id, address=address, tier="edge", profiles_json=[EDGE_PROFILE])
-
-
-def agent_request(agent_id="a1") -> pb.RegisterAgentRequest:
-    return pb.RegisterAgentRequest(agent_id=agent_id, model_id=MODEL, model_digest="w1", profile_json=DEVICE_PROFILE)
-
 
 def test_probe_targets_of_another_agent_are_refused(aio, planner):
     """ListProbeTargets names the workers an agent may be placed on and its measured bandwidth to each:
