@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,21 @@ def _returned(output: fx.Node, model: str) -> fx.Node:
     if result is None:
         raise InvalidInput(f"model {model!r} must return a single tensor")
     return result
+
+
+def _after_cut(g: fx.Graph, env: dict[fx.Node, fx.Node], cut: str) -> Callable[[fx.Node], fx.Node]:
+    """How the nodes after the cut ``cut`` find their inputs in ``g``: their copies in ``env`` (the crossing tensor's
+    placeholder and the nodes copied so far). A parameter read (get_attr) from before the cut is copied on first
+    use; any other node from before it crosses the cut, which a valid split point rules out (InvalidInput)."""
+
+    def lookup(n: fx.Node) -> fx.Node:
+        if n not in env:
+            if n.op != "get_attr":  # cannot happen for a valid split point
+                raise InvalidInput(f"split {cut!r} is not a valid cut: {n.name} crosses it")
+            env[n] = g.node_copy(n)
+        return env[n]
+
+    return lookup
 
 
 def eval_mode(module: torch.nn.Module) -> None:
@@ -242,14 +257,7 @@ class SlicedModel:
         start = self.nodes.index(crossing) + 1
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {crossing: g.placeholder("x")}
-
-        def lookup(a: fx.Node) -> fx.Node:
-            if a not in env:
-                if a.op != "get_attr":  # cannot happen for a valid split point
-                    raise InvalidInput(f"split {sp.name!r} is not a valid cut: {a.name} crosses it")
-                env[a] = g.node_copy(a)
-            return env[a]
-
+        lookup = _after_cut(g, env, sp.name)
         for n in self.nodes[start:]:
             if n.op == "output":
                 g.output(lookup(_returned(n, self.name)))
@@ -276,14 +284,7 @@ class SlicedModel:
         crossing = self.nodes[start - 1]
         g = fx.Graph()
         env: dict[fx.Node, fx.Node] = {crossing: g.placeholder("x")}
-
-        def lookup(n: fx.Node) -> fx.Node:
-            if n not in env:
-                if n.op != "get_attr":  # cannot happen for a valid split point
-                    raise InvalidInput(f"split {self.split(a).name!r} is not a valid cut: {n.name} crosses it")
-                env[n] = g.node_copy(n)
-            return env[n]
-
+        lookup = _after_cut(g, env, self.split(a).name)
         for n in self.nodes[start: stop + 1]:
             env[n] = g.node_copy(n, lookup)
         g.output(env[self.nodes[stop]])
