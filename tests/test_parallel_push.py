@@ -117,24 +117,19 @@ def test_tiles_of_a_pushed_stage_feed_the_link_estimate():
     assert link.estimate("w2:1").bandwidth.samples == 0 and link.estimate("w3:1").bandwidth.samples == 0
 
 
-def test_pushed_stages_price_tiles_by_the_factors_as_the_plan_cli_does(loaded, tmp_path):
-    """The planner given a model's tile-compute factors (--parallel-tile-factors, planner.dpfp_factors.load_many)
-    proposes the stage ``edgesplit plan --parallel --parallel-tile-factors`` writes for the same profiles and
-    link; without them it prices by area and predicts otherwise."""
-    import json
+def board_and_three_workers(loaded) -> tuple[Profile, list[Candidate]]:
+    """A board 10x slower than worker w0 (w1 2x, w2 3x), each worker on its own 1 ms, 1 Gbit/s link."""
+    cands = [Candidate(f"w{i}", f"127.0.0.1:{5000 + i}", profile(loaded, f"w{i}", "edge", 1.0 + i),
+                       Link.from_mbps(1, 1000)) for i in range(3)]
+    return profile(loaded, "board", "device", 10.0), cands
+
+
+def plan_cli_stage(cands: list[Candidate], tmp_path, *flags: str) -> ParallelStage:
+    """The stage ``edgesplit plan --parallel --parallel-link 1,1000 FLAGS`` writes for ``cands``' profiles (each
+    written to a file) and addresses."""
     import subprocess
     import sys
 
-    from planner import dpfp_factors as F
-
-    device = profile(loaded, "board", "device", 10.0)
-    cands = [Candidate(f"w{i}", f"127.0.0.1:{5000 + i}", profile(loaded, f"w{i}", "edge", 1.0 + i),
-                       Link.from_mbps(1, 1000)) for i in range(3)]
-    names = ParallelPlanner().geometry(MODEL).names[1:]
-    factors = tmp_path / "factors.json"
-    factors.write_text(json.dumps({"format": F.FORMAT, "version": 1, "model": MODEL, "runs": 3, "measured_at": "x",
-                                   "units": [{"name": n, "samples": [{"fraction": 0.25, "factor": 1.3},
-                                                                     {"fraction": 0.5, "factor": 1.15}]} for n in names]}))
     paths = []
     for c in cands:
         p = tmp_path / f"{c.worker_id}.json"
@@ -143,9 +138,26 @@ def test_pushed_stages_price_tiles_by_the_factors_as_the_plan_cli_does(loaded, t
     out = tmp_path / "stage.json"
     res = subprocess.run([sys.executable, "-m", "runtime.cli.main", "plan", "--parallel", "--parallel-link", "1,1000",
                           "--parallel-workers", ",".join(c.address for c in cands), "--parallel-out", str(out),
-                          "--parallel-tile-factors", str(factors), *paths], capture_output=True, text=True, timeout=200)
+                          *flags, *paths], capture_output=True, text=True, timeout=200)
     assert res.returncode == 0, res.stderr
-    cli_stage = ParallelStage.load(out)
+    return ParallelStage.load(out)
+
+
+def test_pushed_stages_price_tiles_by_the_factors_as_the_plan_cli_does(loaded, tmp_path):
+    """The planner given a model's tile-compute factors (--parallel-tile-factors, planner.dpfp_factors.load_many)
+    proposes the stage ``edgesplit plan --parallel --parallel-tile-factors`` writes for the same profiles and
+    link; without them it prices by area and predicts otherwise."""
+    import json
+
+    from planner import dpfp_factors as F
+
+    device, cands = board_and_three_workers(loaded)
+    names = ParallelPlanner().geometry(MODEL).names[1:]
+    factors = tmp_path / "factors.json"
+    factors.write_text(json.dumps({"format": F.FORMAT, "version": 1, "model": MODEL, "runs": 3, "measured_at": "x",
+                                   "units": [{"name": n, "samples": [{"fraction": 0.25, "factor": 1.3},
+                                                                     {"fraction": 0.5, "factor": 1.15}]} for n in names]}))
+    cli_stage = plan_cli_stage(cands, tmp_path, "--parallel-tile-factors", str(factors))
 
     pushed = ParallelPlanner(tile_factors=F.load_many([factors])).propose(device, cands)
     by_area = ParallelPlanner().propose(device, cands)

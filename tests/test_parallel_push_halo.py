@@ -5,37 +5,26 @@ writes for the same profiles and link, and the settings reach the re-planner's P
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 
 import pytest
 
-from planner.parallel_push import Candidate, ParallelPlanner
-from runtime.contracts.costmodel import Link
+from planner.parallel_push import ParallelPlanner
 from runtime.contracts.errors import InvalidInput
 from runtime.parallel.plan import ParallelStage
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
-from tests.test_parallel_push import MODEL, loaded, profile  # noqa: F401 (loaded: a fixture)
+from tests.test_parallel_push import (  # noqa: F401 (loaded: a fixture)
+    MODEL,
+    board_and_three_workers,
+    loaded,
+    plan_cli_stage,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def test_pushed_halo_stage_equals_the_plan_clis(loaded, tmp_path):  # noqa: F811
-    device = profile(loaded, "board", "device", 10.0)
-    cands = [Candidate(f"w{i}", f"127.0.0.1:{5000 + i}", profile(loaded, f"w{i}", "edge", 1.0 + i),
-                       Link.from_mbps(1, 1000)) for i in range(3)]
-    paths = []
-    for c in cands:
-        p = tmp_path / f"{c.worker_id}.json"
-        p.write_text(c.profile.to_json())
-        paths += ["--profile", str(p)]
-    out = tmp_path / "stage.json"
-    res = subprocess.run([sys.executable, "-m", "runtime.cli.main", "plan", "--parallel", "--parallel-link", "1,1000",
-                          "--parallel-workers", ",".join(c.address for c in cands), "--parallel-out", str(out),
-                          "--parallel-halo", "--parallel-halo-round-ms", "2", *paths],
-                         capture_output=True, text=True, timeout=200)
-    assert res.returncode == 0, res.stderr
-    cli_stage = ParallelStage.load(out)
+    device, cands = board_and_three_workers(loaded)
+    cli_stage = plan_cli_stage(cands, tmp_path, "--parallel-halo", "--parallel-halo-round-ms", "2")
 
     pushed = ParallelPlanner(halo=True, halo_round_seconds=0.002).propose(device, cands)
     assert pushed is not None
