@@ -124,7 +124,10 @@ def test_the_planner_names_a_tail_worker_only_once_the_agents_link_to_it_is_meas
             return stage, result, b_link
 
     stage, result, b_link = asyncio.run(scenario())
-    a = f"127.0.0.1:{ports[0]}"
-    assert (stage.tail_worker, stage.tail_worker_id) == (a, "edge-a") and b_link is None
-    assert result.where == "parallel" and not result.fallback_reason and result.worker == a
+    a, b = (f"127.0.0.1:{p}" for p in ports)
+    # the rest goes to a worker whose link is measured: A; B only once a probe measured its link too (a probe can
+    # land between the plan and the read of b_link above, 1 run in ~7: then either may take the rest)
+    b_measured = b_link is not None and b_link.rtt_seconds > 0 and b_link.bandwidth_bytes_per_second > 0
+    assert (stage.tail_worker, stage.tail_worker_id) in ([(a, "edge-a"), (b, "edge-b")] if b_measured else [(a, "edge-a")])
+    assert result.where == "parallel" and not result.fallback_reason and result.worker == stage.tail_worker
     assert "edge_tail" in result.times and close_to(result.output, want)
