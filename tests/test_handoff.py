@@ -186,3 +186,37 @@ def test_a_cancelled_plain_job_does_not_run():
             ex.shutdown()
 
     asyncio.run(main())
+
+
+def test_then_gets_the_result_or_error_in_the_callback_and_nothing_is_left_unretrieved():
+    """``post(fn, then=...)``: ``then`` runs on the loop with (result, None) or (None, error); an error it took is
+    not reported as never retrieved when the future is dropped unawaited (the worker's stream path)."""
+    import gc
+
+    seen: list[tuple[object, object]] = []
+    reported: list[dict] = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+        ex = ComputeThreads(1)
+        try:
+            done = asyncio.Event()
+
+            def then(value, error):
+                seen.append((value, type(error)))
+                if len(seen) == 2:
+                    done.set()
+
+            ex.post(lambda: 7, then=then)
+            ex.post(lambda: 1 // 0, then=then)
+            await asyncio.wait_for(done.wait(), 10)
+            await asyncio.sleep(0.01)
+            gc.collect()
+            await asyncio.sleep(0.01)
+        finally:
+            ex.shutdown()
+
+    asyncio.run(main())
+    assert seen == [(7, type(None)), (None, ZeroDivisionError)]
+    assert reported == []

@@ -184,3 +184,52 @@ def test_a_stream_cancelled_mid_compute_keeps_its_slot_until_the_compute_ends(ne
     held, idle, admitted = asyncio.run(main())
     assert held == 1  # the stream is gone, the compute is not: its slot stays taken
     assert idle and admitted == 0
+
+
+def test_a_streams_frames_skip_the_task_once_their_tail_is_loaded(net, monkeypatch):
+    """``InferenceService.start`` (no task per frame) takes a stream's frames once their tail is loaded; the first
+    frame (the tail to load) and a frame refused by the checks get the same answers as through ``process``."""
+    spec, loaded, sp = net
+    processed: list[int] = []
+    real = service_mod.InferenceService.process
+
+    async def process(self, req):
+        processed.append(req.header.seq)
+        return await real(self, req)
+
+    monkeypatch.setattr(service_mod.InferenceService, "process", process)
+    frames = [_frame(loaded, sp, seq) for seq in (1, 2, 3, 4)]
+    bad = frames[2][0]
+    del bad.tensor.shape[:]
+    bad.tensor.shape.extend([1, 7])  # refused by the shape check: an error result, the stream goes on
+
+    async def main():
+        ws = await serve(WorkerConfig(listen="127.0.0.1:0", models=(spec,), torch_threads=1))
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ws.port}") as ch:
+                got: asyncio.Queue[None] = asyncio.Queue()
+
+                async def requests():
+                    for req, _ in frames:
+                        yield pb.StreamRequest(frame=req)
+                        await got.get()
+
+                results = []
+                async for res in pb_grpc.InferenceStub(ch).InferStream(requests(), timeout=60):
+                    results.append(res)
+                    got.put_nowait(None)
+            registry = ws.service.metrics.registry
+            counted = registry.get_sample_value("edgesplit_worker_frames_total",
+                                                {"model": loaded.name, "split": sp.name, "tl": "none"})
+            return results, counted, ws.service._admitted
+        finally:
+            await ws.drain_and_stop(1)
+
+    results, counted, admitted = asyncio.run(main())
+    assert processed == [1]  # the first frame loads the tail; the rest go straight to the compute threads
+    assert [r.header.seq for r in results] == [1, 2, 3, 4]
+    assert results[2].code == CODE_NUMBERS[grpc.StatusCode.INVALID_ARGUMENT] and "does not fit" in results[2].message
+    for i in (0, 1, 3):
+        assert results[i].code == 0 and torch.equal(decode_tensor(results[i].output), frames[i][1])
+        assert 0 < results[i].received_first_seconds <= results[i].received_last_seconds <= results[i].sent_seconds
+    assert counted == 3 and admitted == 0

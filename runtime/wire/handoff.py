@@ -44,12 +44,16 @@ def submit(executor: Executor, fn: Callable[[], Any], on_end: Callable[[], None]
         return executor.post(fn, on_end)
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[Any] = loop.create_future()
-    job = _Posted(loop, fut, fn, on_end)
+    job = _Posted(loop, fut, fn, on_end, None)
     executor.submit(job.run)
     return fut
 
 
-def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None, on_end: Callable[[], None] | None) -> None:
+Then = Callable[[Any, BaseException | None], None]  # post's ``then``: (result, None) or (None, the error)
+
+
+def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None, on_end: Callable[[], None] | None,
+            then: Then | None = None) -> None:
     try:
         if on_end is not None:
             on_end()
@@ -57,8 +61,12 @@ def _settle(fut: asyncio.Future[Any], value: Any, error: BaseException | None, o
         if not fut.done():  # else its waiter was cancelled: the result (or error) is dropped
             if error is not None:
                 fut.set_exception(error)
+                if then is not None:
+                    fut.exception()  # ``then`` takes it: not "never retrieved" when nobody awaits the future
             else:
                 fut.set_result(value)
+        if then is not None:
+            then(value, error)
 
 
 class _Job(Protocol):
@@ -70,11 +78,11 @@ class _Job(Protocol):
 class _Posted:
     """A job whose result goes to an asyncio future: ``call_soon_threadsafe`` is the last thing it does."""
 
-    __slots__ = ("fn", "fut", "loop", "on_end")
+    __slots__ = ("fn", "fut", "loop", "on_end", "then")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], fn: Callable[[], Any],
-                 on_end: Callable[[], None] | None):
-        self.loop, self.fut, self.fn, self.on_end = loop, fut, fn, on_end
+                 on_end: Callable[[], None] | None, then: Then | None):
+        self.loop, self.fut, self.fn, self.on_end, self.then = loop, fut, fn, on_end, then
 
     def run(self) -> None:
         value: Any = None
@@ -84,12 +92,12 @@ class _Posted:
         except BaseException as e:  # handed to the waiter, as run_in_executor would
             error = e
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the process is ending, nobody waits
-            self.loop.call_soon_threadsafe(_settle, self.fut, value, error, self.on_end)
+            self.loop.call_soon_threadsafe(_settle, self.fut, value, error, self.on_end, self.then)
 
     def cancel(self, error: BaseException) -> None:
         """Never started (the threads were shut down): the waiter gets ``error``, the slot is given back."""
         with contextlib.suppress(RuntimeError):
-            self.loop.call_soon_threadsafe(_settle, self.fut, None, error, self.on_end)
+            self.loop.call_soon_threadsafe(_settle, self.fut, None, error, self.on_end, self.then)
 
 
 class _Call:
@@ -159,11 +167,14 @@ class ComputeThreads(Executor):
         self._shut = False
         weakref.finalize(self, self._jobs.put, None)  # dropped without shutdown: its threads end
 
-    def post(self, fn: Callable[[], Any], on_end: Callable[[], None] | None = None) -> asyncio.Future[Any]:
-        """``submit(self, fn, on_end)`` of this module: the running loop's future gets ``fn()``'s result or error."""
+    def post(self, fn: Callable[[], Any], on_end: Callable[[], None] | None = None,
+             then: Then | None = None) -> asyncio.Future[Any]:
+        """``submit(self, fn, on_end)`` of this module: the running loop's future gets ``fn()``'s result or error.
+        ``then(result, error)`` runs on the loop right after (the same callback, no task to wake; it must not
+        raise), whether or not the future is still awaited: a caller with nothing to await passes it alone."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
-        self._put(_Posted(loop, fut, fn, on_end))
+        self._put(_Posted(loop, fut, fn, on_end, then))
         return fut
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:

@@ -23,7 +23,9 @@ from runtime.contracts.errors import (
 )
 from runtime.daemon.auth import check_acts_for_agent, current_identity
 from runtime.daemon.streams import StreamSlots
+from runtime.daemon.tracing import enabled as tracing_enabled
 from runtime.daemon.tracing import span, worker_frame
+from runtime.models.slicing import SplitPoint
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.proto.edgesplit.v1 import tensor_pb2
@@ -32,7 +34,7 @@ from runtime.wire.budget import ByteBudget
 from runtime.wire.chain import MAX_HOPS, check_route
 from runtime.wire.codec import Codec, decode_tensor, encode_output, wire_bytes
 from runtime.wire.framewire import parse_request
-from runtime.wire.handoff import ComputeThreads, submit
+from runtime.wire.handoff import ComputeThreads, Then, submit
 from runtime.wire.jpeg import INPUT_IMAGE_CODECS
 from runtime.wire.security import AGENT, WORKER
 from runtime.worker import probe
@@ -162,27 +164,39 @@ class InferenceService(pb_grpc.InferenceServicer):
         """The tail (or, with ``end_split``, the middle slice) a header names, after every check that
         does not need the tensor."""
         _check_header(h)
-        if h.tl_id:
-            tail = self.tails.tls.get(h.tl_id)
-            if tail is None:
-                raise PreconditionFailed(
-                    f"frame was encoded with Transfer Layer {h.tl_id!r}, which this worker does not hold; "
-                    "start the worker with that TL artifact (--tl PATH) or send frames without a TL"
-                )
-            if h.model_id != tail.model.name or h.split_id not in (tail.split.name, str(tail.split.index)):
-                raise PreconditionFailed(
-                    f"Transfer Layer {h.tl_id} belongs to {tail.model.name}@{tail.split.name}, but the frame "
-                    f"names {h.model_id}@{h.split_id}; use the TL trained for this model and split"
-                )
-        else:
+        tail = self._named(h)
+        if tail is None:
             tail = await self.tails.get(h.model_id, h.split_id)
+        end = self._route_end(h, tail)
+        return tail if end is None else await self.tails.sliced(tail, end)
+
+    def _named(self, h: pb.FrameHeader) -> Tail | None:
+        """The TL's tail a header names (PreconditionFailed: not held, or another model's), or the tail already
+        loaded for its model and split; None: not loaded yet (``tails.get`` loads it)."""
+        if not h.tl_id:
+            return self.tails.loaded(h.model_id, h.split_id)
+        tail = self.tails.tls.get(h.tl_id)
+        if tail is None:
+            raise PreconditionFailed(
+                f"frame was encoded with Transfer Layer {h.tl_id!r}, which this worker does not hold; "
+                "start the worker with that TL artifact (--tl PATH) or send frames without a TL"
+            )
+        if h.model_id != tail.model.name or h.split_id not in (tail.split.name, str(tail.split.index)):
+            raise PreconditionFailed(
+                f"Transfer Layer {h.tl_id} belongs to {tail.model.name}@{tail.split.name}, but the frame "
+                f"names {h.model_id}@{h.split_id}; use the TL trained for this model and split"
+            )
+        return tail
+
+    @staticmethod
+    def _route_end(h: pb.FrameHeader, tail: Tail) -> SplitPoint | None:
+        """Where this worker's slice ends (None: the whole tail), after the weights' digest check."""
         if h.model_digest and h.model_digest != tail.model.digest:
             raise PreconditionFailed(
                 f"model {h.model_id!r} weights differ: agent has {h.model_digest}, worker has {tail.model.digest}; "
                 "deploy the same weights on both"
             )
-        end = check_route(tail.model, tail.split, h.end_split, h.next_hops)  # NotFound / InvalidInput
-        return tail if end is None else await self.tails.sliced(tail, end)
+        return check_route(tail.model, tail.split, h.end_split, h.next_hops)  # NotFound / InvalidInput
 
     @worker_frame  # the frame's log ids and, when tracing is on, its worker.frame span (runtime.daemon.tracing)
     async def process(self, req: pb.InferRequest) -> pb.InferResult:
@@ -192,28 +206,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         a caller that cancels or times out cannot pile work up past the queue bound, and a
         drain waits for every job actually running.
         """
-        shape = req.tensor.shape
-        weight = min(max(shape[0] if shape else 1, 1), self.config.max_batch,  # admission by batch size
-                     self.config.max_concurrency + self.config.max_queue)
+        weight = self._weight(req)
         self._admit(weight)
         job = None
         try:
             tail = await self.resolve(req.header)
             route = self.next.route(req.header, tail.end) if tail.end is not None else None
-            _check_shape(tail, list(req.tensor.shape), req.tensor.dtype, self.config.max_batch)
-            if req.tensor.codec == tensor_pb2.CODEC_ANS and tail.entropy is None:
-                raise PreconditionFailed(
-                    "the frame is entropy-coded (codec ans), which needs the transform Transfer Layer that coded "
-                    f"it; this frame names {('TL ' + tail.tl_id) if tail.tl_id else 'no TL'}: send tl_id with it"
-                )
-            if req.tensor.codec in INPUT_IMAGE_CODECS and (tail.split.index != 0 or tail.decoder is not None):
-                raise PreconditionFailed(f"the frame is an input image (codec jpeg or pixels), which only split 0 ('input') "
-                                         f"without a TL takes; this frame names split {tail.split.name!r}")
-            self.metrics.received_bytes.inc(req.tensor.payload_size or len(req.tensor.buffer))  # reading buffer copies it
-            with self._count_lock:
-                self._waiting += 1
-                self.metrics.queue_depth.set(self._waiting)
-            admitted_at = time.perf_counter()
+            admitted_at = self._accept(tail, req)
             if route is None and self._inline(tail, weight):  # on this thread: no hand-off either way
                 result = self._compute(tail, req, admitted_at)  # the slot freed below (job is None)
             elif route is None:  # the result straight back to the loop; the slot freed when the compute ends
@@ -229,6 +228,61 @@ class InferenceService(pb_grpc.InferenceServicer):
         finally:
             if job is None:
                 self._release(weight)
+
+    def start(self, req: pb.InferRequest, then: Then) -> asyncio.Future[pb.InferResult] | None:
+        """``process`` for a stream's frame in the common case, without a task (runtime.worker.streaming): its tail
+        already loaded, not chained, tracing and inline compute off. Admits, checks and hands the decode + tail to
+        the compute threads at once; ``then(result, error)`` runs on the loop in the callback that ends the compute
+        (the slot given back, the frame counted), where a task would wake up first. Raises EdgesplitError as
+        ``process`` does. None: not the common case, nothing done; ``process`` it."""
+        h = req.header
+        if h.end_split or self.config.inline_compute_seconds > 0 or tracing_enabled():
+            return None
+        if (self.tails.tls.get(h.tl_id) if h.tl_id else self.tails.loaded(h.model_id, h.split_id)) is None:
+            return None  # a tail to load, or a TL not held (process says so)
+        weight = self._weight(req)
+        self._admit(weight)
+        try:  # process' checks, in its order
+            _check_header(h)
+            tail = self._named(h)
+            end = self._route_end(h, tail) if tail is not None else None
+            if tail is None or end is not None:  # not reached without end_split; process decides
+                self._release(weight)
+                return None
+            admitted_at = self._accept(tail, req)
+        except BaseException:
+            self._release(weight)
+            raise
+
+        def ended(result: pb.InferResult | None, error: BaseException | None) -> None:
+            self._release(weight)
+            if error is None:
+                self.metrics.frames.labels(tail.model.name, tail.split.name, tail.tl_id or "none").inc()
+            then(result, error)
+
+        return self.executor.post(lambda: self._compute(tail, req, admitted_at), then=ended)
+
+    def _weight(self, req: pb.InferRequest) -> int:
+        shape = req.tensor.shape
+        return min(max(shape[0] if shape else 1, 1), self.config.max_batch,  # admission by batch size
+                   self.config.max_concurrency + self.config.max_queue)
+
+    def _accept(self, tail: Tail, req: pb.InferRequest) -> float:
+        """The checks that need the tensor's header, the frame counted as received and waiting: its admission time."""
+        _check_shape(tail, list(req.tensor.shape), req.tensor.dtype, self.config.max_batch)
+        if req.tensor.codec == tensor_pb2.CODEC_ANS and tail.entropy is None:
+            raise PreconditionFailed(
+                "the frame is entropy-coded (codec ans), which needs the transform Transfer Layer that coded "
+                f"it; this frame names {('TL ' + tail.tl_id) if tail.tl_id else 'no TL'}: send tl_id with it"
+            )
+        if req.tensor.codec in INPUT_IMAGE_CODECS and (tail.split.index != 0 or tail.decoder is not None):
+            raise PreconditionFailed(f"the frame is an input image (codec jpeg or pixels), which only split 0 ('input') "
+                                     f"without a TL takes; this frame names split {tail.split.name!r}")
+        self.metrics.received_bytes.inc(req.tensor.payload_size or len(req.tensor.buffer))  # reading buffer copies it
+        with self._count_lock:
+            self._waiting += 1
+            self.metrics.queue_depth.set(self._waiting)
+        return time.perf_counter()
 
     async def _forward(self, job: asyncio.Future, route: Route, header: pb.FrameHeader) -> pb.InferResult:
         """Wait for the slice, send its output to the next tier and answer with the final result.

@@ -52,7 +52,7 @@ class StreamSession:
         self.context = context  # the RPC's ServicerContext: a stalled stream is ended with a status through it
         self.assembler = FrameAssembler(service.config.max_tensor_bytes, service.reassembly)
         self.out: asyncio.Queue[pb.InferResult | None] = asyncio.Queue()
-        self.tasks: set[asyncio.Task] = set()
+        self.tasks: set[asyncio.Future] = set()  # frames not yet answered: their tasks or compute jobs
         self.slots = ResultSlots(service.config.max_stream_results, service)  # backpressure (runtime.worker.backpressure)
         self.origin = ("", 0)  # agent id and stream epoch of this stream's frames (what a cancel refers to)
         self.dropped_seq: int | None = None  # the last frame refused part-way; its late chunks are ignored
@@ -100,18 +100,38 @@ class StreamSession:
         self.slots.close()
         self.service.metrics.streams.dec()
 
-    async def _one(self, frame: pb.InferRequest, first: float, last: float) -> None:
-        service = self.service
+    def _start(self, frame: pb.InferRequest, first: float, last: float) -> None:
+        """Run a complete frame: handed to the compute threads from here in the common case (``service.start``:
+        no task, its result queued in the callback that ends the compute), else in a task of its own."""
         try:
-            result = await service.process(frame)
-        except EdgesplitError as e:
-            result = service._error_result(frame.header, e)
+            job = self.service.start(frame, lambda result, error: self._answer(frame, first, last, result, error))
+        except Exception as e:  # refused before the compute: answered at once
+            self._answer(frame, first, last, None, e)
+            return
+        if job is None:
+            job = asyncio.create_task(self._one(frame, first, last))
+        self.tasks.add(job)
+        job.add_done_callback(self.tasks.discard)
+
+    async def _one(self, frame: pb.InferRequest, first: float, last: float) -> None:
+        try:
+            result = await self.service.process(frame)
         except Exception as e:
+            self._answer(frame, first, last, None, e)
+        else:
+            self._answer(frame, first, last, result, None)
+
+    def _answer(self, frame: pb.InferRequest, first: float, last: float, result: pb.InferResult | None,
+                error: BaseException | None) -> None:
+        """Queue a frame's result, or the error result for what it raised (a bug: INTERNAL, logged)."""
+        if result is None or error is not None:
             h = frame.header
-            logger.exception("frame %d failed", h.seq, extra={"frame": h.seq, "agent": h.agent_id, "plan": h.plan_version})
-            result = service._error_result(h, as_error(e))
+            if not isinstance(error, EdgesplitError):
+                logger.error("frame %d failed", h.seq, exc_info=error,
+                             extra={"frame": h.seq, "agent": h.agent_id, "plan": h.plan_version})
+            result = self.service._error_result(h, as_error(error or RuntimeError("no result")))
         result.received_first_seconds, result.received_last_seconds = first, last
-        await self.out.put(result)
+        self.out.put_nowait(result)  # unbounded: the slot taken before the frame bounds it
 
     async def _probe(self, msg: pb.StreamRequest) -> None:
         """Answer a StreamProbe behind the results already queued (a result slot, like any result), or end
@@ -149,9 +169,7 @@ class StreamSession:
                     break
                 if frame is not None:
                     await self.slots.take()
-                    task = asyncio.create_task(self._one(frame, self.first_at, time.monotonic()))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                    self._start(frame, self.first_at, time.monotonic())
         finally:
             if self.tasks:
                 await asyncio.gather(*self.tasks, return_exceptions=True)

@@ -76,6 +76,10 @@ class TailCache:
     def known(self) -> list[str]:
         return sorted(self._bundled | set(self._user))
 
+    def loaded(self, model_id: str, split_id: str) -> Tail | None:
+        """The tail of ``get`` if it is loaded already (None: ``get`` would load it)."""
+        return self._tails.get((model_id, split_id))
+
     async def get(self, model_id: str, split_id: str) -> Tail:
         tail = self._tails.get((model_id, split_id))
         if tail is not None:
