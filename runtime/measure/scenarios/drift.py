@@ -3,6 +3,10 @@ quota, in turn, each block's median wall time and thread CPU per pass (the evide
 
     python -m runtime.measure.scenarios.drift --model mobilenet_v2 --quota-us 4769 --passes 12 --blocks 6
 
+Each block and mode prints the passes' wall time under the quota (p10/p50/p90, mean, min, max), the thread CPU a
+pass costs there (p50) and the slowdown against that block's free passes. ``--period-us`` sets the cfs period (the
+quota's time step); scale ``--quota-us`` with it to keep the same share.
+
 Modes per block (``--modes``, in turn): ``b2b`` passes back to back (the local run's way), ``gap`` one quota period
 idle before each pass (a frame's head's way), ``pin0``/``pin1`` back to back pinned to that CPU, ``b2b-hi`` back to
 back with the group's cpu.shares at the maximum (it wins the CPU whenever its quota allows). ``--busy N`` runs N
@@ -66,12 +70,15 @@ def run(model: str, quota_us: int, period_us: int, passes: int, blocks: int, mod
                 os.sched_setaffinity(0, {int(mode[3:])} if mode.startswith("pin") else everywhere)
                 (cg.path / "cpu.shares").write_text(str(HIGH_SHARES if mode == "b2b-hi" else 1024))
                 wall, cpu = _passes(loaded, xs, passes, period_us / 1e6 if mode == "gap" else 0.0)
+                deciles = statistics.quantiles(wall, n=10, method="inclusive") if len(wall) > 1 else wall * 9
                 row = {"block": b, "mode": mode, "free_ms": free, "wall_p50_ms": statistics.median(wall),
+                       "wall_p10_ms": deciles[0], "wall_p90_ms": deciles[-1],
                        "wall_mean_ms": statistics.mean(wall), "cpu_p50_ms": statistics.median(cpu),
                        "slowdown": statistics.median(wall) / free}
                 out.append(row)
-                print(f"block {b} {mode}: free {free:.1f} ms; under the quota p50 {row['wall_p50_ms']:.0f} ms "
-                      f"(mean {row['wall_mean_ms']:.0f}, min {min(wall):.0f}, max {max(wall):.0f}), thread CPU p50 "
+                print(f"block {b} {mode}: free {free:.1f} ms; under the quota p10/p50/p90 {row['wall_p10_ms']:.0f}/"
+                      f"{row['wall_p50_ms']:.0f}/{row['wall_p90_ms']:.0f} ms (mean {row['wall_mean_ms']:.0f}, "
+                      f"min {min(wall):.0f}, max {max(wall):.0f}), thread CPU p50 "
                       f"{row['cpu_p50_ms']:.1f} ms; slowdown {row['slowdown']:.1f}x", flush=True)
     finally:
         for lp in loops:
