@@ -186,6 +186,7 @@ def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
                           env={**os.environ, tag.split("=")[0]: tag.split("=")[1]})
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((tmp_path / "quick.json").read_text())
+    assert "... resnet18 20mbit: edgesplit's plans within" in proc.stderr  # the trial's progress names the model
     assert (tmp_path / "quick.png").stat().st_size > 0
     md = (tmp_path / "quick.md").read_text()
     assert "Command: `edgesplit bench-scenarios --quick" in md and "Machine:" in md

@@ -253,7 +253,7 @@ def _run_model(model: str, spec: RunSpec, rank: Ranker, cg: CpuQuota, links: dic
             tls.append(lite["tl"])
         if p["edgesplit"] and p["edgesplit"]["tl_id"]:
             p["edgesplit"]["tl"] = str(tl)
-    tried = _trial_candidates(rank, dev, edge, spec, names, check, tl_path, progress)
+    tried = _trial_candidates(rank, dev, edge, spec, names, check, tl_path, lambda what: progress(f"{model} {what}"))
     worker = spawn_worker(["--torch-threads", str(spec.testbed.threads), "--max-queue", "8",
                            *[a for t in dict.fromkeys(tls) for a in ("--tl", t)]])
     cl.add(worker.stop)
