@@ -1,5 +1,6 @@
-"""The agent's board thread (runtime.agent.board.BoardThread): a frame's board work handed to it and its result,
-or its exception, back on the event loop; a frame cancelled or an agent closed while a job is on it."""
+"""The agent's board thread (Agent.executor, runtime.wire.handoff.submit): a frame's board work handed to it and its
+result, or its exception, back on the event loop; a frame cancelled or an agent closed while a job is on it; the
+stream probes' RTT echoes in the agent's histogram."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import threading
 import pytest
 import torch
 
-from runtime.agent.board import BoardThread
 from runtime.agent.client import Agent
 from runtime.agent.config import InitialPlan
 from runtime.models.loader import load_model
@@ -43,41 +43,6 @@ async def _entered(gate: Gate) -> None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("the head never started on the board thread")
-
-
-def test_hand_delivers_results_and_exceptions_and_runs_on_end_on_the_loop():
-    board = BoardThread("t-board")
-
-    def broken():
-        raise ValueError("head broke")
-
-    async def main():
-        loop_thread = threading.get_ident()
-        ended: list[int] = []
-        value = await board.hand(lambda: threading.current_thread().name, lambda: ended.append(threading.get_ident()))
-        with pytest.raises(ValueError, match="head broke"):
-            await board.hand(broken, lambda: ended.append(threading.get_ident()))
-        return value, ended, loop_thread
-
-    try:
-        value, ended, loop_thread = asyncio.run(main())
-    finally:
-        board.shutdown(wait=True)
-    assert value == "t-board"
-    assert ended == [loop_thread, loop_thread]
-    with pytest.raises(RuntimeError, match="shut down"):
-        board.submit(int)
-
-
-def test_submit_is_an_executors():
-    board = BoardThread()
-    try:
-        assert board.submit(lambda a, b=0: a + b, 2, b=3).result(5.0) == 5
-        with pytest.raises(ZeroDivisionError):
-            board.submit(lambda: 1 / 0).result(5.0)
-    finally:
-        board.shutdown(wait=True)
-    assert board._thread is not None and not board._thread.is_alive()
 
 
 def test_an_exception_in_the_head_reaches_the_caller_and_the_board_lives_on(loaded):
@@ -133,7 +98,7 @@ def test_a_cancelled_frame_leaves_its_job_to_end_and_the_next_frame_runs(loaded)
 
     busy, after, r, thread = asyncio.run(main())
     assert (busy, after) == (1, 0)
-    assert thread == "board" and r.where == "local" and torch.equal(r.output, loaded.full(x))
+    assert thread.startswith("board") and r.where == "local" and torch.equal(r.output, loaded.full(x))
 
 
 def test_close_with_a_frame_on_the_board_thread(loaded):
@@ -151,11 +116,10 @@ def test_close_with_a_frame_on_the_board_thread(loaded):
         closed_before_job = not task.done()
         gate.release.set()
         r = await asyncio.wait_for(task, 5.0)
-        thread = agent.executor._thread
-        assert thread is not None
+        (thread,) = agent.executor._threads  # its one worker
         await asyncio.get_running_loop().run_in_executor(None, thread.join, 5.0)
         agent.inline_board_seconds = 0.0  # (a lone short frame would run on the loop)
-        with pytest.raises(RuntimeError, match="shut down"):
+        with pytest.raises(RuntimeError, match=r"after (interpreter )?shutdown"):
             await agent.infer(x)
         return closed_before_job, r, thread.is_alive()
 

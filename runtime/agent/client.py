@@ -14,12 +14,12 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import grpc
 import torch
 
-from runtime.agent.board import BoardThread
 from runtime.agent.config import AgentOptions, InitialPlan, default_agent_id
 from runtime.agent.edge import EdgeSender
 from runtime.agent.frame import FrameResult, top1_margin
@@ -34,6 +34,7 @@ from runtime.contracts.errors import EdgesplitError, InvalidInput
 from runtime.daemon.tracing import agent_frame
 from runtime.models.loader import LoadedModel
 from runtime.models.slicing import INPUT, OUTPUT
+from runtime.wire import handoff
 from runtime.wire.chain import Hop
 from runtime.wire.codec import Codec
 from runtime.wire.stream import EdgeStream
@@ -85,8 +86,9 @@ class Agent:
         self.transport = options.transport
         self.link = LinkEstimator(self.metrics)
         self.link.keep_history = False  # read only by a planner link's result lines: it turns it on (PlannerLink)
-        # One thread: the board's compute (head, encode, local tail) runs one frame at a time (runtime.agent.board)
-        self.executor = BoardThread("board")
+        # One thread: the board's compute (head, encode, local tail) runs one frame at a time. (A dedicated thread on
+        # a queue.SimpleQueue was measured against it, 2026-12-05: not kept; runtime/measure/results/overhead.md.)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="board")
         self.plans = PlanBuilder(loaded, self.agent_id, self.tl_dir, self.prepare_timeout, self._new_stream)
         # Transfer Layer (a runtime.transfer.artifact.LoadedTL): its encoder runs after the head, on
         # the board thread, timed as stage "tl_encode"; local fallback still uses the raw head output.
@@ -284,12 +286,12 @@ class Agent:
 
     def _on_board(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """``fn(*args)`` on the board thread, its result (or exception) on a future of the running loop, in one
-        ``call_soon_threadsafe`` (runtime.agent.board.BoardThread.hand): no executor's future, condition lock and
-        idle semaphore between the job's end and the thread's next wait (issue 14)."""
-        fut = self.executor.hand(functools.partial(fn, *args), self._board_ended)
+        ``call_soon_threadsafe`` (runtime.wire.handoff.submit): what ``loop.run_in_executor(self.executor, ...)``
+        did, without the executor future's done-callback and the second, chained loop future
+        (asyncio.wrap_future), several Python calls a frame on both threads (issue 14)."""
         self._board_jobs += 1
         self.board_handoffs += 1
-        return fut
+        return handoff.submit(self.executor, functools.partial(fn, *args), self._board_ended)
 
     def _board_ended(self) -> None:
         self._board_jobs -= 1
