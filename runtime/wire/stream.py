@@ -201,14 +201,19 @@ class EdgeStream:
                     if res.HasField("probe"):  # an echo (no header): not a frame's result
                         self._echoed(call, res.probe.id)
                     continue
-                if self._call is call:
-                    live = self._live
-                    live.answered(res.header.seq)
-                    if self._wake_at > live.progress_at + live.options.probe_after_seconds:
-                        self._sooner(live)  # asleep past the next probe's instant (after a probe, until the verdict)
-                fut = self._pending.pop(res.header.seq, None)
+                seq = res.header.seq
+                fut = self._pending.pop(seq, None)
                 if fut is not None and not fut.done():
                     fut.set_result(res)  # a result for an abandoned frame is dropped here
+                    # the frame's task runs first, then this reader's liveness record and its next read (grpc.aio's
+                    # receive op, a new future), which sat in the frame's path (issue 14: 803 KB overhead median
+                    # 2.01 -> 1.93 ms, lower in 4 of 6 pairs; runtime/measure/results/overhead.md 2026-12-05 q3)
+                    await asyncio.sleep(0)
+                if self._call is call:  # (still this epoch's stream: it may have broken meanwhile)
+                    live = self._live
+                    live.answered(seq)
+                    if self._wake_at > live.progress_at + live.options.probe_after_seconds:
+                        self._sooner(live)  # asleep past the next probe's instant (after a probe, until the verdict)
         except grpc.aio.AioRpcError as e:
             reason = f"stream failed: {e.code().name} {e.details()}"
         except asyncio.CancelledError:
