@@ -165,7 +165,7 @@ class AgentMetrics:
         self.inflight.set_function(lambda: self.inflight_frames)
         self.stream_up = Gauge("edgesplit_agent_stream_up", "1 while a stream to the worker is open", registry=r)
         self.reconnects = Counter("edgesplit_agent_stream_opens", "Streams opened to the worker", registry=r)
-        # the idle stream probes' echoes (runtime.wire.stream EdgeStream.on_rtt): ~2 a second while no frame is out
+        # the idle stream probes' echoes (runtime.wire.stream EdgeStream.on_rtt): about one a second while idle
         self.stream_rtt = Histogram("edgesplit_agent_stream_rtt_seconds", "Round trips of the liveness probes on the "
                                     "frame stream to the worker, timed only while no frame was outstanding (nothing "
                                     "queued ahead of them): the link's idle RTT plus both gRPC stacks and the "
