@@ -1,6 +1,7 @@
 """A frame's compute handed to a thread and its result handed back to the event loop in one step
-(issue 14's runtime overhead): the worker's decode + tail (runtime.worker.service); the agent's board
-thread could take it too.
+(issue 14's runtime overhead): the worker's decode + tail (runtime.worker.service, on :class:`ComputeThreads`);
+the agent's board executor (runtime.agent.client, through :func:`submit`: a dedicated board thread was measured
+and not kept, overhead.md 2026-12-05 q3).
 
 ``loop.run_in_executor`` + ``asyncio.shield`` (what ``InferenceService.process`` used) returns through a
 ``concurrent.futures.Future``, its condition lock, a ``call_soon_threadsafe`` to copy the state into an
