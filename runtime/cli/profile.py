@@ -31,7 +31,7 @@ def summary(profile: Profile) -> str:
     tls += [(f"block {b.index}", t) for b in profile.blocks for t in b.transfers if t.tl_id]
     for where, t in tls:
         lines.append(f"{where}: {t.name} {t.bytes:,} B, encode {t.encode_seconds * 1e3:.3f} ms, "
-                     f"decode {t.decode_seconds * 1e3:.3f} ms, top-1 agreement {t.fidelity}")
+                     f"decode {t.decode_seconds * 1e3:.3f} ms, top-1 agreement " + (f"{t.fidelity:.4g}" if t.fidelity is not None else "not measured"))
     return "\n".join(lines)
 
 
