@@ -96,6 +96,9 @@ def from_rpc_error(err: grpc.RpcError) -> EdgesplitError:
     """Map a client-side ``grpc.RpcError`` (sync or aio) into the hierarchy."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
+    if details and "Hostname Verification Check failed" in details:  # grpc's words when the name does not match
+        details += (" (the server's certificate does not carry the name dialled; dial the name it was issued for, "
+                    "or pass --server-name NAME with that name)")
     return from_status(code, details or code.name)
 
 
