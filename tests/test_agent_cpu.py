@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,15 @@ def test_measures_a_real_agent_and_worker(tmp_path, capsys):
     # the threads' CPU cannot exceed the process's (the kernel's figures, the same clock)
     assert sum(p[f"thread_{k}"] for k in agent_cpu.GROUPS) <= p["process"] * 1.01 + 0.01
     assert p["runtime"] == pytest.approx(p["process"] - p["compute_alone"] - p["background"])
+    # each frame's board job timed in the frames: its CPU, and the runtime beside it
+    assert all(r["compute_in_frames_s"] > 0 for r in got["rounds"]) and p["compute_in_frames"] > 0
+    assert p["runtime_beside"] == pytest.approx(p["process"] - p["compute_in_frames"] - p["background"])
+    assert p["compute_in_frames"] <= p["thread_board_loop"] * 1.01 + 0.01  # it ran on one of those two threads
     # board + loop beside the parts: the same figure whichever thread ran the frames' board work
     assert p["thread_board_loop"] == pytest.approx(p["thread_board"] + p["thread_loop"])
     assert p["runtime_board_loop"] == pytest.approx(p["runtime_board"] + p["runtime_loop"])
     printed = capsys.readouterr().out
+    assert "RUNTIME CPU per frame" in printed and f"the runtime beside them {p['runtime_beside']:.3f}" in printed
     assert "RUNTIME CPU per frame" in printed and f"(board + loop {p['runtime_board_loop']:.3f}:" in printed
     assert "| wall | process | thread_board_loop |" in printed and f"| {p['thread_board_loop']:.3f} |" in printed
     assert "idle, stream open, no frame" in printed and got["idle"]["process_per_s"] > 0  # the background itself
@@ -132,3 +138,35 @@ def test_pausing_the_idle_probes_leaves_the_stream_alive():
     quiet = asyncio.run(agent_cpu._background(agent, 0.3, threading.get_native_id()))
     assert quiet is not None and quiet["probe_after_s"] == 0.1 and quiet["wall_s"] >= 0.3
     assert live.options.idle_probes and live.verdict() == "" and live.stalled() < 0.1
+
+
+def test_the_frames_board_jobs_are_timed_and_the_tools_own_reads_taken_off():
+    """time_board_jobs records each board job's CPU on the thread that ran it; a window less the tool's readings."""
+    calls = []
+
+    class FakeAgent:
+        def _head_encode(self, plan, x):
+            calls.append((plan, x))
+            t = time.thread_time()
+            while time.thread_time() - t < 0.002:  # 2 ms of this thread's CPU, bounded by the clock
+                pass
+            return "board"
+
+    agent = FakeAgent()
+    got = agent_cpu.time_board_jobs(agent)
+    assert agent._head_encode("plan", 1) == "board" and calls == [("plan", 1)]
+    assert len(got) == 1 and 0.002 <= got[0] < 0.5
+    cpu, own = agent_cpu.read_threads()
+    assert threading.get_native_id() in cpu and own > 0
+    groups, proc = agent_cpu._untool({"board": 0.1, "loop": 0.3, "grpc": 0.2, "other": 0.0}, 1.0, 0.2)
+    assert groups == pytest.approx({"board": 0.1, "loop": 0.2, "grpc": 0.2, "other": 0.0}) and proc == pytest.approx(0.8)
+    # never below zero
+    assert agent_cpu._untool(dict.fromkeys(agent_cpu.GROUPS, 0.0), 0.0, 0.2) == (dict.fromkeys(agent_cpu.GROUPS, 0.0), 0.0)
+    rounds = [{"frames": 10, "wall_s": 1.0, "process_s": 0.05, "throttled_ms": 0.0, "compute_in_frames_s": 0.03,
+               "threads_s": dict.fromkeys(agent_cpu.GROUPS, 0.01), "wire_bytes_p50": 100}]
+    p = agent_cpu.summarize(rounds, None, {"head": 1.0, "tl_encode": 0.0, "encode": 1.0}, "s", "c", "")["per_frame_ms"]
+    assert p["compute_in_frames"] == pytest.approx(3.0) and p["runtime_beside"] == pytest.approx(5.0 - 3.0)
+    assert p["runtime"] == pytest.approx(5.0 - 2.0)
+    older = [{k: v for k, v in rounds[0].items() if k != "compute_in_frames_s"}]  # a file from before: no figure
+    assert "runtime_beside" not in agent_cpu.summarize(older, None, {"head": 1.0, "tl_encode": 0.0, "encode": 1.0},
+                                                       "s", "c", "")["per_frame_ms"]

@@ -72,8 +72,10 @@ FIGURES = (
     ("thread_other", "every other thread's CPU"),
     ("throttled", "time the CPU quota held the process (0 without --quota-us)"),
     ("compute_alone", "head + TL encoder + codec encode, timed alone on the board thread"),
+    ("compute_in_frames", "head + TL encoder + codec encode as they ran in the frames (the board job's own CPU)"),
     ("background", "the idle background's CPU rate times the frame's wall time"),
     ("runtime", "the runtime's own CPU: process - compute_alone - background"),
+    ("runtime_beside", "the runtime's CPU beside the frames' own compute: process - compute_in_frames - background"),
     ("runtime_board_loop", "thread_board_loop - compute_alone - the board and loop threads' background"),
     ("runtime_board", "thread_board - compute_alone - its background (negative when the board work ran on the loop)"),
     ("runtime_loop", "thread_loop - its background (includes the board work that ran on the loop)"),
@@ -117,6 +119,22 @@ def cpu_delta(before: dict[int, tuple[str, int]], after: dict[int, tuple[str, in
     return out
 
 
+def read_threads() -> tuple[dict[int, tuple[str, int]], float]:
+    """:func:`thread_cpu` and the CPU seconds the reading itself took on the calling thread (the event loop's:
+    ~0.35 ms with ten threads, 2026-12-05). A window between two readings holds the process's CPU for both and,
+    on the loop thread, about one reading's (the part of the first after the loop's own line, the part of the
+    second before it): :func:`_untool` takes them off, or a 1 s idle window counted ~0.7 ms/s of the tool's own
+    /proc reads as the agent's background."""
+    t0 = time.thread_time()
+    cpu = thread_cpu()
+    return cpu, time.thread_time() - t0
+
+
+def _untool(cpu: dict[str, float], proc: float, own_s: float) -> tuple[dict[str, float], float]:
+    """A window's CPU per group and process CPU less the tool's own readings (``own_s``: both readings' cost)."""
+    return {**cpu, "loop": max(0.0, cpu["loop"] - own_s / 2)}, max(0.0, proc - own_s)
+
+
 def process_cpu() -> float:
     """This process's CPU seconds so far (every thread, ended ones included; CLOCK_PROCESS_CPUTIME_ID, ns)."""
     return time.process_time()
@@ -158,6 +176,27 @@ def compute_alone(agent: Agent, xs: list[torch.Tensor], runs: int, gap_s: float 
     return {k: statistics.median(v) * 1e3 for k, v in got.items()}
 
 
+def time_board_jobs(agent: Agent) -> list[float]:
+    """Have ``agent`` append each frame's board job CPU (head, TL encoder, codec encode, as ``Agent._head_encode``
+    runs them in the frame, on whichever thread: ``time.thread_time``) to the list returned. Against
+    :func:`compute_alone` it tells the model's own CPU in the frames (cold caches after the worker, the loop and,
+    under a quota, every throttled period) from the runtime's beside it (2026-12-05: MobileNetV2's head at
+    features_7_conv_3 under 1.32 ms / 20 ms took 0.3-1.5 ms more in the frames than alone). Two clock reads a
+    frame, on the board job's thread."""
+    got: list[float] = []
+    head_encode = agent._head_encode
+
+    def timed(plan, x):  # Agent._head_encode's own arguments
+        t0 = time.thread_time()
+        try:
+            return head_encode(plan, x)
+        finally:
+            got.append(time.thread_time() - t0)
+
+    agent._head_encode = timed  # type: ignore[method-assign]  # this tool's own agent: the frames call it by name
+    return got
+
+
 def probes_sent(agent: Agent) -> dict[str, int]:
     """The active stream's liveness probes sent so far, by kind (runtime.wire.stream ``probes_sent``: on the stream,
     Health/Check on the frames' connection, on the path; "held": of the first two, those sent while a frame held
@@ -171,24 +210,30 @@ def _probes_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, in
 
 
 async def _round(agent: Agent, xs: list[torch.Tensor], frames: int, gap_s: float, loop_tid: int,
-                 cgroup: Path | None) -> dict:
-    """``frames`` frames one at a time, ``gap_s`` apart: CPU per group, wall, throttled time and stage medians."""
+                 cgroup: Path | None, board_cpu: list[float] | None = None) -> dict:
+    """``frames`` frames one at a time, ``gap_s`` apart: CPU per group, wall, throttled time and stage medians;
+    with ``board_cpu`` (each frame's board job CPU seconds, appended by :func:`time_board_jobs`) their sum too."""
     results = []
     probes0 = probes_sent(agent)
-    # the process's window holds the threads' (whose readings cost ~0.1 ms of CPU, once a round)
-    thr0, proc0, cpu0, wall0 = throttled_ms(cgroup), process_cpu(), thread_cpu(), time.perf_counter()
+    n0 = len(board_cpu) if board_cpu is not None else 0
+    # the process's window holds the threads' readings (~0.35 ms of CPU each, once a round): taken off (_untool)
+    thr0, proc0 = throttled_ms(cgroup), process_cpu()
+    cpu0, own0 = read_threads()
+    wall0 = time.perf_counter()
     for i in range(frames):
         results.append(await agent.infer(xs[i % len(xs)], frame=str(i)))
         if gap_s > 0:
             await asyncio.sleep(gap_s)
-    wall, cpu = time.perf_counter() - wall0, cpu_delta(cpu0, thread_cpu(), loop_tid)
-    proc = process_cpu() - proc0
+    wall = time.perf_counter() - wall0
+    cpu1, own1 = read_threads()
+    cpu, proc = _untool(cpu_delta(cpu0, cpu1, loop_tid), process_cpu() - proc0, own0 + own1)
     probes = _probes_delta(probes0, probes_sent(agent))
     local = [r for r in results if r.where != "edge"]
     if local:
         raise RuntimeError(f"{len(local)} of {frames} frames ran locally: {sorted({r.fallback_reason for r in local})}")
     stages = sorted({k for r in results for k in r.times})
-    return {"frames": frames, "wall_s": wall, "process_s": proc, "threads_s": cpu,
+    board = {"compute_in_frames_s": sum(board_cpu[n0:])} if board_cpu is not None else {}
+    return {"frames": frames, "wall_s": wall, "process_s": proc, "threads_s": cpu, **board,
             "throttled_ms": throttled_ms(cgroup) - thr0, "probes": probes,
             "stage_p50_ms": {k: statistics.median(r.times.get(k, 0.0) for r in results) * 1e3 for k in stages},
             "wire_bytes_p50": statistics.median(r.wire_bytes for r in results)}
@@ -198,12 +243,15 @@ async def _idle(seconds: float, loop_tid: int, agent: Agent | None = None) -> di
     """The agent's CPU with its stream open and no frame for ``seconds``: per group, seconds per second (and the
     liveness probes sent meanwhile, by kind)."""
     probes0 = probes_sent(agent) if agent is not None else {}
-    proc0, cpu0, wall0 = process_cpu(), thread_cpu(), time.perf_counter()
+    proc0 = process_cpu()
+    cpu0, own0 = read_threads()
+    wall0 = time.perf_counter()
     await asyncio.sleep(seconds)
     wall = time.perf_counter() - wall0
-    cpu = cpu_delta(cpu0, thread_cpu(), loop_tid)
+    cpu1, own1 = read_threads()
+    cpu, proc = _untool(cpu_delta(cpu0, cpu1, loop_tid), process_cpu() - proc0, own0 + own1)
     probes = _probes_delta(probes0, probes_sent(agent)) if agent is not None else {}
-    return {"wall_s": wall, "process_per_s": (process_cpu() - proc0) / wall, "threads_per_s": {k: v / wall for k, v in cpu.items()},
+    return {"wall_s": wall, "process_per_s": proc / wall, "threads_per_s": {k: v / wall for k, v in cpu.items()},
             "probes": probes}
 
 
@@ -239,12 +287,14 @@ async def measure(args: argparse.Namespace, loaded, address: str, cgroup: Path |
     xs = [f.tensor for f in open_source(loaded.spec, args.source, max(1, args.inputs))]
     agent = Agent(loaded, InitialPlan(split, codec, worker=address, tl=tl), AgentOptions(deadline_seconds=30.0))
     loop_tid = threading.get_native_id()
+    board_cpu = time_board_jobs(agent)
     try:
         await agent.start()
         for i in range(args.warmup):
             await agent.infer(xs[i % len(xs)])
         idle = await _idle(args.idle_s, loop_tid, agent) if args.idle_s > 0 else None
-        rounds = [await _round(agent, xs, args.frames, args.gap_ms / 1e3, loop_tid, cgroup) for _ in range(args.rounds)]
+        rounds = [await _round(agent, xs, args.frames, args.gap_ms / 1e3, loop_tid, cgroup, board_cpu)
+                  for _ in range(args.rounds)]
         quiet = await _background(agent, args.idle_s, loop_tid) if args.idle_s > 0 else None
         alone = await asyncio.get_running_loop().run_in_executor(None, compute_alone, agent, xs, args.alone_runs,
                                                                  args.alone_gap_ms / 1e3)
@@ -269,6 +319,11 @@ def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], sp
     bg_process = use["process_per_s"] if use else 0.0
     threads = {k: per_frame(lambda r, k=k: r["threads_s"][k]) for k in GROUPS}
     process = per_frame(lambda r: r["process_s"])
+    # the frames' own board jobs, where the rounds timed them (older result files: not there)
+    in_frames = ({"compute_in_frames": per_frame(lambda r: r["compute_in_frames_s"])}
+                 if all("compute_in_frames_s" in r for r in rounds) else {})
+    if in_frames:
+        in_frames["runtime_beside"] = process - in_frames["compute_in_frames"] - bg_process * wall_ms
     return {
         "split": split, "codec": codec, "tl": tl, "rounds": rounds, "idle": idle, "compute_alone_ms": alone,
         "background_quiet": quiet, "background_window": "none" if use is None else ("quiet" if use is quiet else "idle"),
@@ -282,6 +337,7 @@ def summarize(rounds: list[dict], idle: dict | None, alone: dict[str, float], sp
             "thread_board_loop": threads["board"] + threads["loop"],
             "runtime_board_loop": threads["board"] + threads["loop"] - compute - (bg["board"] + bg["loop"]) * wall_ms,
             "runtime_grpc": threads["grpc"] - bg["grpc"] * wall_ms,
+            **in_frames,
         },
         "rounds_runtime_ms": [(r["process_s"] - bg_process * r["wall_s"]) / r["frames"] * 1e3 - compute for r in rounds],
         "wire_bytes_p50": statistics.median(r["wire_bytes_p50"] for r in rounds),
@@ -322,6 +378,9 @@ def render(out: dict) -> str:
         f"  (sum {p['compute_alone']:.3f})",
         f"  background (stream open, no frame{', idle probes paused' if out['background_window'] == 'quiet' else ''}) "
         f"over the frame's wall time: {p['background']:.3f}",
+        *([f"  in the frames (each frame's board job, its own CPU): head + TL encoder + encode "
+           f"{p['compute_in_frames']:.3f} (alone {p['compute_alone']:.3f}); the runtime beside them "
+           f"{p['runtime_beside']:.3f}"] if "compute_in_frames" in p else []),
         f"  RUNTIME CPU per frame: {p['runtime']:.3f} ms (board + loop {p['runtime_board_loop']:.3f}: board thread "
         f"{p['runtime_board']:.3f}, event loop {p['runtime_loop']:.3f}; gRPC threads {p['runtime_grpc']:.3f}); per round: "
         + " ".join(f"{v:.3f}" for v in out["rounds_runtime_ms"]),
