@@ -9,7 +9,7 @@ import pytest
 from runtime.contracts.costmodel import Link
 from runtime.contracts.profile import Block, Profile, Transfer
 from runtime.measure.scenarios import board, costs
-from runtime.measure.scenarios.run import _job
+from runtime.measure.scenarios.trial import job
 
 
 def test_head_curve_keeps_measured_heads_and_stays_monotone():
@@ -57,8 +57,8 @@ def test_a_head_priced_too_low_is_timed_and_the_plan_changes():
     asked: list[list[dict]] = []
 
     def plan(d: Profile) -> dict:
-        return {"1.6": {"scission": _job(_rank(costs.scission(d), costs.scission(edge), link, 0.0), 5, names),
-                        "edgesplit": _job(_rank(d, edge, link, 0.0), 5, names)}}
+        return {"1.6": {"scission": job(_rank(costs.scission(d), costs.scission(edge), link, 0.0), names),
+                        "edgesplit": job(_rank(d, edge, link, 0.0), names)}}
 
     def time(todo: list[dict]) -> list[dict]:
         asked.append(todo)
@@ -120,7 +120,7 @@ def test_candidates_are_timed_before_the_first_plans_within_the_budget():
     calls: list[tuple[list[str], float | None]] = []
 
     def plan(d: Profile) -> dict:
-        return {"1.6": {"edgesplit": _job(_rank(d, edge, link, 0.0), 5, names)}}
+        return {"1.6": {"edgesplit": job(_rank(d, edge, link, 0.0), names)}}
 
     def candidates(d: Profile) -> list[dict]:
         return board.top_heads({"edgesplit": (d, edge, 0.0)}, [link], 3, names, "", heads)
