@@ -49,7 +49,10 @@ def run(model: str, quota_us: int, period_us: int, passes: int, blocks: int, mod
     from runtime.agent.sources import open_source
     from runtime.measure.scenarios.testbed import CGROUP_ROOT, CpuQuota
     from runtime.models.loader import load_model
+    from runtime.wire import eventloop
 
+    eventloop.tune_malloc()  # glibc's allocator as the board child and the agent set it (device.main): without it
+    # every pass faults fresh pages in, and the free pass ran 20-24 ms here against bench-scenarios' 15.5-16.9 (q5)
     torch.set_num_threads(1)
     loaded = load_model(model)
     xs = [f.tensor for f in open_source(loaded.spec, "samples", 20)]
