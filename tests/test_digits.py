@@ -132,6 +132,7 @@ def test_tl_eval_reports_accuracy_and_writes_it_back(model, test_set, artifact, 
     assert main(["tl", "eval", "--tl", str(path), "--data", "digits", "--images", "20"]) == 0
     out = capsys.readouterr().out
     assert "top-1 accuracy, split + TL + int8+lz4" in out and "unsplit" in out
+    assert "bytes/frame: the tensor's payload" in out  # not the frame on the wire (the agent counts that)
     assert path.read_text() == text
     assert main(["tl", "list", str(path.parent)]) == 0
     assert tl_id in capsys.readouterr().out

@@ -118,6 +118,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(f"bytes/frame raw fp32 at split, no TL    {b['raw_fp32_at_split']:>10,}")
     plain = "int8+lz4" if c == "ans" else c
     print(f"bytes/frame {plain} at split, no TL     {b[plain + '_at_split_without_tl']:>10,.0f}")
+    print("  (bytes/frame: the tensor's payload; a frame on the wire adds its header, as edgesplit bench's counts)")
     print(f"encode ms (board, 1 thread, median)     {b['encode_ms']:>10.3f}")
     print(f"decode ms (edge, 1 thread, median)      {b['decode_ms']:>10.3f}")
     print(f"codec {c} encode / decode ms           {b['codec_encode_ms']:>7.3f} / {b['codec_decode_ms']:.3f}")
