@@ -238,16 +238,13 @@ class InferenceService(pb_grpc.InferenceServicer):
         h = req.header
         if h.end_split or self.config.inline_compute_seconds > 0 or tracing_enabled():
             return None
-        if (self.tails.tls.get(h.tl_id) if h.tl_id else self.tails.loaded(h.model_id, h.split_id)) is None:
-            return None  # a tail to load, or a TL not held (process says so)
         weight = self._weight(req)
         self._admit(weight)
-        try:  # process' checks, in its order
+        try:  # process' checks, in its order (a TL not held: the same PreconditionFailed)
             _check_header(h)
             tail = self._named(h)
-            end = self._route_end(h, tail) if tail is not None else None
-            if tail is None or end is not None:  # not reached without end_split; process decides
-                self._release(weight)
+            if tail is None or self._route_end(h, tail) is not None:  # a tail to load (process loads it); a
+                self._release(weight)  # route's end is not reached without end_split
                 return None
             admitted_at = self._accept(tail, req)
         except BaseException:
