@@ -6,7 +6,6 @@ removed on exit, error and Ctrl-C."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ from runtime.contracts.profile import load as load_profile
 from runtime.measure.scenarios import board as board_heads
 from runtime.measure.scenarios import costs, dynamic, fidelity, trial
 from runtime.measure.scenarios.device import _readline_json
-from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec, Scenario
+from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec, Scenario, round_edges
 from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
 
 if TYPE_CHECKING:
@@ -383,13 +382,6 @@ def scenario_rows(got: dict[str, Json], jobs: dict[str, Json | None], sc: Scenar
         else:
             res[name] = {**_strategy_rows(name, got[name], sc, down, ref, job), **_offline_fidelity(check, job)}
     return {"link": link, **{k: res[k] for k in ("local", *jobs)}, "rounds": n_rounds}
-
-
-def round_edges(frames: int, rounds: int) -> list[tuple[int, int]]:
-    """``frames`` frames as ``rounds`` runs of consecutive frames (fewer when frames are fewer), as even as can be."""
-    n = max(1, min(rounds, frames))
-    cuts = [round(frames * k / n) for k in range(n + 1)]
-    return list(itertools.pairwise(cuts))
 
 
 def _ask_quit(child: subprocess.Popen[str]) -> None:

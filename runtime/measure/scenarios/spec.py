@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 STRATEGIES = ("local", "edge-only", "scission", "scissionlite", "edgesplit")
@@ -102,3 +103,10 @@ class RunSpec:
     out_dir: str = "runtime/measure/results"  # JSON, markdown and PNG go here
     name: str = "scenarios"  # file stem of the results
     command: str = ""  # the command line, recorded with the results
+
+
+def round_edges(frames: int, rounds: int) -> list[tuple[int, int]]:
+    """``frames`` frames as ``rounds`` runs of consecutive frames (fewer when frames are fewer), as even as can be."""
+    n = max(1, min(rounds, frames))
+    cuts = [round(frames * k / n) for k in range(n + 1)]
+    return list(itertools.pairwise(cuts))

@@ -35,6 +35,7 @@ from typing import Any
 from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile, Transfer
 from runtime.measure.scenarios import costs, fidelity
+from runtime.measure.scenarios.spec import round_edges
 
 Json = dict[str, Any]
 Ranker = Callable[[Profile, Profile, Link, float], "Configuration | None"]
@@ -109,11 +110,6 @@ def _name(j: Json) -> str:
     return f"{j['split']}:{j['transfer']}"
 
 
-def _edges(frames: int) -> list[tuple[int, int]]:
-    n = max(1, min(ROUNDS, frames))
-    return [(frames * k // n, frames * (k + 1) // n) for k in range(n)]
-
-
 def run(ask: Callable[[Json], Json], cands: list[Json], local_predicted_ms: float, address: str, frames: int,
         warmup: int, margin: float, budget_s: float, floor: Callable[[Json], float],
         progress: Callable[[str], None]) -> tuple[Json | None, Json]:
@@ -143,7 +139,7 @@ def run(ask: Callable[[Json], Json], cands: list[Json], local_predicted_ms: floa
         return best, {**rec, "chosen": _name(best), "why": why}
     rows: dict[str, list[Json]] = {e[0]: [] for e in kept}
     t0 = time.monotonic()
-    for k, (lo, hi) in enumerate(_edges(frames)):
+    for k, (lo, hi) in enumerate(round_edges(frames, ROUNDS)):
         for name, j, _ in kept if k % 2 == 0 else kept[::-1]:
             progress(f"edgesplit's plan trial, round {k + 1}: {name}")
             if j is None:
@@ -157,7 +153,7 @@ def run(ask: Callable[[Json], Json], cands: list[Json], local_predicted_ms: floa
         rec["candidates"].append(_measured(name, j, pred, rows[name], floor))
     won = min(rec["candidates"], key=lambda c: c["p50_ms"])
     chosen = next(j for name, j, _ in kept if name == won["plan"])
-    rec.update(ran=True, rounds=len(_edges(frames)), seconds=time.monotonic() - t0, chosen=won["plan"],
+    rec.update(ran=True, rounds=len(round_edges(frames, ROUNDS)), seconds=time.monotonic() - t0, chosen=won["plan"],
                why="the lowest measured p50" + ("" if chosen is best else
                                                 f" (the plan predicted best, {_name(best)}, measured higher)"))
     return chosen, rec
