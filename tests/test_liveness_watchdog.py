@@ -11,7 +11,7 @@ import time
 import pytest
 
 from runtime.agent.metrics import AgentMetrics
-from runtime.wire import stream as stream_mod
+from runtime.wire import stream_watch as stream_mod  # time_health_check, as the watchdog calls it
 from runtime.wire.liveness import Liveness, LivenessOptions
 from runtime.wire.stream import EdgeStream
 from runtime.wire.transport import TransportOptions

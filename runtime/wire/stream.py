@@ -4,12 +4,10 @@ matched to frames by sequence number and stream epoch.
 Shared by both roles that send frames: the device agent (to its edge worker) and a worker that
 runs a middle slice and forwards to its next tier (runtime.worker.forward). It imports neither.
 
-The idle liveness probe (runtime.wire.liveness) goes as a ``StreamProbe`` message on the open stream, echoed
-by the worker's stream reader (runtime.worker.streaming), when the worker said in the stream's initial
-metadata that it answers them (runtime.wire.streamprobe); otherwise, and while frames are outstanding, as a unary
-grpc.health.v1 Health/Check on the same connection, as before (issue 14: a write on the open stream where the
-Health/Check was a new call, a task and six completion-queue operations). Each echo is a round-trip sample
-(``EdgeStream.rtt``: count, last, smallest, age; ``on_rtt`` receives each).
+Here: opening the stream (and its back-off), its reader (results to their frames' futures), its writer (a
+frame's messages, a frame given up on: ``abandon``, ``give_up``), how a stream ends (``_broken``, ``close``).
+The liveness watchdog that probes a silent worker and declares its stream dead is ``StreamWatch``
+(runtime.wire.stream_watch), a part of EdgeStream kept in its own module.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import grpc
@@ -28,11 +25,14 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
 from runtime.wire.framewire import OutFrame, serialize_request
-from runtime.wire.liveness import LAG_TOLERANCE_SECONDS, LinkHint, Liveness, death_kind
-from runtime.wire.streamprobe import RttRecord, advertised
+from runtime.wire.liveness import LinkHint, Liveness, death_kind
+from runtime.wire.stream_watch import StreamWatch
+from runtime.wire.stream_watch import time_health_check as time_health_check  # its callers import it from here
+from runtime.wire.streamprobe import advertised
 from runtime.wire.transport import TransportOptions, frame_messages
 
 logger = logging.getLogger(__name__)
+
 
 class GivenUp(DeadlineExceeded):
     """A frame's wait ended by ``EdgeStream.give_up`` (its sender left the link), not by its deadline."""
@@ -61,46 +61,16 @@ def open_frame_stream(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
     return method()
 
 
-HEALTH_CHECK = "/grpc.health.v1.Health/Check"
-# a HealthCheckRequest with no service (the server's overall health) is zero bytes on the wire
-EMPTY_HEALTH_CHECK = b""
-
-
-async def time_health_check(channel: grpc.aio.Channel, timeout: float) -> float:
-    """Seconds one ``grpc.health.v1.Health/Check`` takes on ``channel``. Raises EdgesplitError.
-
-    The request goes as its bytes and the answer is not parsed (only its arrival counts): one method object
-    per call, where the generated stub made two and a request message. Per probe on loopback, the loop thread's
-    CPU went 390-525 -> 275-490 us (lower in 5 of 6 pairs, micro-benchmark; ~2 probes a second idle; issue 14)."""
-    check = channel.unary_unary(HEALTH_CHECK)
-    t0 = time.perf_counter()
-    try:
-        await check(EMPTY_HEALTH_CHECK, timeout=timeout)
-    except grpc.aio.AioRpcError as e:
-        raise from_rpc_error(e) from None
-    return time.perf_counter() - t0
-
-
-def _resolve(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-class EdgeStream:
+class EdgeStream(StreamWatch):
     """One bidirectional stream to a worker; reopened with exponential back-off after a failure."""
 
     def __init__(self, address: str, transport: TransportOptions, metrics: StreamMetrics,
                  connect_timeout: float, reconnect: float, link_hint: LinkHint | None = None):
+        super().__init__()  # the watchdog's own state (StreamWatch)
         self.address = address
         # the link's (bandwidth, RTT) estimate, for link-aware liveness (runtime.wire.liveness); None: keep-alive only
         self.link_hint = link_hint
         self._live = Liveness(None, transport.liveness)  # replaced for each epoch
-        self._watchdog: asyncio.Task | None = None
-        # the watchdog's sleep (_nap): when it is due to wake (live.clock() time), and its timer, moved sooner
-        # when an answer or a new frame brings a probe's instant forward (_sooner), so it never wakes on a tick
-        self._wake_at = 0.0
-        self._wake: asyncio.TimerHandle | None = None
-        self._napping: asyncio.Future | None = None
         self.transport = transport
         self.metrics = metrics
         self.connect_timeout = connect_timeout
@@ -126,16 +96,6 @@ class EdgeStream:
         self.users = 0  # frames that captured a plan using this stream and have not finished
         self._idle = asyncio.Event()
         self._idle.set()
-        # stream probes (module docstring): whether this epoch's worker answers them, the one in flight
-        # (id, live.clock() and perf_counter() when sent), and what they measured
-        self.stream_probes = False
-        self._probe_id = 0
-        self._probe_out: tuple[int, float, float] | None = None
-        self.rtt = RttRecord()
-        self.on_rtt: Callable[[float], None] | None = None  # called with each echo's round trip (seconds)
-        # liveness probes sent: on the stream, as Health/Check on the frames' connection, on the path; and how many
-        # of the first two went while a frame held the stream with nothing outstanding (its head computing)
-        self.probes_sent = {"stream": 0, "health": 0, "path": 0, "held": 0}
 
     @property
     def is_open(self) -> bool:
@@ -220,22 +180,6 @@ class EdgeStream:
             reason = "agent closing"
         finally:
             self._broken(call, reason)
-
-    def _echoed(self, call: grpc.aio.StreamStreamCall, probe_id: int) -> None:
-        """The worker echoed a stream probe: progress (it queued behind every byte sent before it), and a
-        round-trip sample when nothing was outstanding."""
-        out = self._probe_out
-        if self._call is not call or out is None or out[0] != probe_id:
-            return  # a stale echo (an earlier epoch, or a probe already given up on)
-        self._probe_out = None
-        live = self._live
-        seconds = time.perf_counter() - out[2]
-        if not live.outstanding:
-            self.rtt.add(seconds, time.monotonic())
-            if self.on_rtt is not None:
-                self.on_rtt(seconds)
-        live.probe_answered(out[1])
-        self._sooner(live)  # the next probe is due probe_after from now
 
     def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str, kind: str = "") -> None:
         if self._call is not call:
@@ -373,111 +317,6 @@ class EdgeStream:
             pass  # the stream is going away: nothing will be computed for it anyway
         finally:
             self._writers -= 1
-
-    async def _watch(self, call: grpc.aio.StreamStreamCall, live: Liveness) -> None:
-        """Declare the stream dead by the liveness rules (runtime.wire.liveness): with no answer for a
-        while, ask the peer with a probe on the same connection (queued behind the same bytes) and, frames
-        outstanding, one on the path's own connection (queued behind none); time this loop could not run
-        (the watchdog woke late) is not counted against the peer."""
-        probe: asyncio.Task | None = None
-        path_probe: asyncio.Task | None = None
-        try:
-            while self._call is call:
-                await self._nap(live, live.next_check())  # wakes when a probe or the verdict is due
-                why = live.verdict()
-                if why:  # an answer may be waiting in this loop: one more short look before the verdict
-                    await self._nap(live, LAG_TOLERANCE_SECONDS)
-                    why = live.verdict()
-                if why and self._call is call:
-                    self._broken(call, why, live.reason)
-                    call.cancel()
-                    return
-                if (probe is None or probe.done()) and live.wants_probe() and self._channel is not None:
-                    probe = self._probe(call, live)
-                if (path_probe is None or path_probe.done()) and live.wants_path_probe() and self._path is not None:
-                    self.probes_sent["path"] += 1
-                    path_probe = asyncio.create_task(self._ask(self._path, live, path=True))
-        finally:
-            for task in (probe, path_probe):
-                if task is not None:
-                    task.cancel()
-
-    def _probe(self, call: grpc.aio.StreamStreamCall, live: Liveness) -> asyncio.Task | None:
-        """The probe on the frames' connection: a stream probe when idle and the worker answers them (one at a
-        time: none while one is unanswered, the verdict decides), else a Health/Check."""
-        if self.stream_probes and not live.outstanding and self._probe_out is not None:
-            return None
-        if self.users > 0 and not live.outstanding:
-            self.probes_sent["held"] += 1  # a frame holds the stream, nothing sent yet: its head is computing
-        if self.stream_probes and not live.outstanding:
-            self._probe_id += 1
-            self._probe_out = (self._probe_id, live.clock(), time.perf_counter())
-            self.probes_sent["stream"] += 1
-            return asyncio.create_task(self._write_probe(call, self._probe_id))
-        self.probes_sent["health"] += 1
-        assert self._channel is not None
-        return asyncio.create_task(self._ask(self._channel, live, path=False))
-
-    async def _write_probe(self, call: grpc.aio.StreamStreamCall, probe_id: int) -> None:
-        """Write one stream probe (behind any frame being written); a failed write is the stream's end."""
-        self._writers += 1
-        try:
-            async with self._write_lock:
-                stale = self._call is not call  # reopened meanwhile: the new epoch probes for itself
-                if not stale:
-                    await call.write(pb.StreamRequest(probe=pb.StreamProbe(id=probe_id)))
-        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as e:
-            self._broken(call, f"write failed: {type(e).__name__}")
-        finally:
-            self._writers -= 1
-
-    async def _nap(self, live: Liveness, seconds: float) -> None:
-        """Sleep ``seconds``, or until :meth:`_sooner` moves the wake-up forward; a late wake-up (this loop
-        stalled) is excused, not counted against the peer."""
-        loop = asyncio.get_running_loop()
-        fut = self._napping = loop.create_future()
-        self._wake_at = live.clock() + seconds
-        self._wake = loop.call_later(seconds, _resolve, fut)
-        try:
-            await fut
-        finally:
-            self._wake.cancel()
-            self._napping = None
-        late = live.clock() - self._wake_at
-        self._wake_at = 0.0
-        if late > LAG_TOLERANCE_SECONDS:
-            live.excuse(late)
-
-    def _sooner(self, live: Liveness) -> None:
-        """Something brought a probe or the verdict forward: the sleeping watchdog wakes at that instant."""
-        fut = self._napping
-        if fut is None or fut.done() or live is not self._live:
-            return
-        at = live.clock() + live.next_check()
-        if at < self._wake_at:
-            if self._wake is not None:
-                self._wake.cancel()
-            self._wake_at = at
-            self._wake = asyncio.get_running_loop().call_later(max(0.0, at - live.clock()), _resolve, fut)
-
-    async def _ask(self, channel: grpc.aio.Channel, live: Liveness, path: bool) -> None:
-        """One probe: on the frames' own connection (``path`` False: queued behind their bytes, so it may
-        take the link's allowance) or on the path's (queued behind none: the floor)."""
-        sent_at = live.clock()
-        timeout = live.options.floor_seconds if path else (live.allowance() or live.options.floor_seconds)
-        with contextlib.suppress(Exception):  # unanswered: the watchdog's verdict decides, not this probe
-            await time_health_check(channel, timeout)
-            if path:
-                live.path_answered()
-            else:
-                live.probe_answered(sent_at)
-            self._sooner(live)  # the next probe is due probe_after from now, before the verdict it sleeps to
-
-    async def _warm(self, path: grpc.aio.Channel) -> None:
-        """Connect the path now (handshakes, the server's certificate against a CRL), so a probe on it
-        later takes one round trip; a failure here is the probe's to find."""
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(path.channel_ready(), self.connect_timeout)
 
     async def close(self) -> None:
         self.closed = True
