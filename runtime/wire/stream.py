@@ -40,6 +40,10 @@ class GivenUp(DeadlineExceeded):
 
 MAX_BACKOFF_SECONDS = 2.0  # the agent runs frames locally meanwhile: retry soon, jittered
 BACKOFF_JITTER = 0.5  # each delay drawn from [delay / 2, delay], so agents that lost one worker spread out
+# why a stream ended, when no gRPC status says it: this side closed it (``close``; a forwarding worker's too), or the
+# worker ended the call itself with status OK (its drain ends every open stream so)
+CLOSED_HERE = "agent closing"
+CLOSED_BY_WORKER = "stream closed by the worker"
 
 
 class StreamMetrics(Protocol):
@@ -151,7 +155,7 @@ class EdgeStream(StreamWatch):
             logger.info("stream %d open to %s", self.epoch, self.address)
 
     async def _read(self, call: grpc.aio.StreamStreamCall, epoch: int) -> None:
-        reason = "stream closed by the worker"
+        reason = CLOSED_BY_WORKER
         try:
             metadata = await call.initial_metadata()  # before any result: a worker that answers probes says so
             if self._call is call:
@@ -174,17 +178,19 @@ class EdgeStream(StreamWatch):
                     live.answered(seq)
                     if self._wake_at > live.progress_at + live.options.probe_after_seconds:
                         self._sooner(live)  # asleep past the next probe's instant (after a probe, until the verdict)
+            if self.closed:  # the worker's answer to close()'s half-close, read before close() cancelled the call
+                reason = CLOSED_HERE
         except grpc.aio.AioRpcError as e:
             reason = f"stream failed: {e.code().name} {e.details()}"
         except asyncio.CancelledError:
-            reason = "agent closing"
+            reason = CLOSED_HERE
         finally:
             self._broken(call, reason)
 
     def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str, kind: str = "") -> None:
         if self._call is not call:
             return
-        level = logging.INFO if reason == "agent closing" or self.closed else logging.WARNING
+        level = logging.INFO if reason == CLOSED_HERE or self.closed else logging.WARNING
         logger.log(level, "stream %d to %s ended: %s", self.epoch, self.address, reason)
         died = getattr(self.metrics, "stream_died", None)  # optional in StreamMetrics
         if level == logging.WARNING and died is not None:
