@@ -26,7 +26,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2_grpc as pb_grpc
 from runtime.wire.asyncutil import Backoff, wait_set
 from runtime.wire.framewire import OutFrame, serialize_request
 from runtime.wire.liveness import LinkHint, Liveness, death_kind
-from runtime.wire.stream_watch import StreamWatch
+from runtime.wire.stream_watch import WRITE_ERRORS, StreamWatch
 from runtime.wire.stream_watch import time_health_check as time_health_check  # its callers import it from here
 from runtime.wire.streamprobe import advertised
 from runtime.wire.transport import TransportOptions, frame_messages
@@ -92,7 +92,7 @@ class EdgeStream(StreamWatch):
         self._pending: dict[int, asyncio.Future] = {}
         self._open_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
-        # tasks holding or waiting for _write_lock (send, _cancel): at 0 an acquire() returns at once (a lock
+        # tasks holding or waiting for _write_lock (send, _write_control): at 0 an acquire() returns at once (a lock
         # just released to a waiter not yet running reads unlocked, yet acquire() would queue behind it)
         self._writers = 0
         self._cancels: set[asyncio.Task] = set()  # FrameCancel writes in flight (abandon)
@@ -266,7 +266,7 @@ class EdgeStream(StreamWatch):
         except DeadlineExceeded:
             self._pending.pop(seq, None)
             raise
-        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as e:
+        except WRITE_ERRORS as e:
             self._pending.pop(seq, None)
             self._broken(call, f"write failed: {type(e).__name__}")
             raise Unavailable(f"could not send frame {seq}: {e}") from None
@@ -313,14 +313,19 @@ class EdgeStream(StreamWatch):
         return len(pending)
 
     async def _cancel(self, call: grpc.aio.StreamStreamCall, seq: int) -> None:
+        with contextlib.suppress(*WRITE_ERRORS):  # the stream is going away: nothing will be computed for it anyway
+            await self._write_control(call, pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
+
+    async def _write_control(self, call: grpc.aio.StreamStreamCall, msg: pb.StreamRequest) -> None:
+        """Write one control message (a FrameCancel, a StreamProbe) on ``call``, behind any frame being written;
+        nothing if the stream was reopened meanwhile (the old stream's frames are gone, and the new epoch probes
+        for itself). Raises what the write raised (WRITE_ERRORS: the stream is going away)."""
         self._writers += 1
         try:
             async with self._write_lock:
-                stale = self._call is not call  # reopened meanwhile: the old stream's frames are gone
+                stale = self._call is not call  # reopened meanwhile
                 if not stale:
-                    await call.write(pb.StreamRequest(cancel=pb.FrameCancel(seq=seq)))
-        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError):
-            pass  # the stream is going away: nothing will be computed for it anyway
+                    await call.write(msg)
         finally:
             self._writers -= 1
 

@@ -27,6 +27,9 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.liveness import LAG_TOLERANCE_SECONDS, Liveness
 from runtime.wire.streamprobe import RttRecord
 
+# what a write on a stream call raises once the stream is going away (ended, cancelled, or its channel closed)
+WRITE_ERRORS = (grpc.RpcError, asyncio.InvalidStateError, RuntimeError)
+
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 # a HealthCheckRequest with no service (the server's overall health) is zero bytes on the wire
 EMPTY_HEALTH_CHECK = b""
@@ -55,15 +58,13 @@ def _resolve(fut: asyncio.Future) -> None:
 class StreamWatch:
     """The watchdog half of EdgeStream (module docstring); EdgeStream sets the attributes declared below."""
 
-    # the stream's, read here: this epoch's call and liveness record, its channels, the frames holding it, the
-    # write lock frames and probes share (and how many tasks hold or wait for it), how long a connect may take
+    # the stream's, read here: this epoch's call and liveness record, its channels, the frames holding it, how long
+    # a connect may take
     _call: grpc.aio.StreamStreamCall | None
     _live: Liveness
     _channel: grpc.aio.Channel | None
     _path: grpc.aio.Channel | None
     users: int
-    _write_lock: asyncio.Lock
-    _writers: int
     connect_timeout: float
 
     def __init__(self) -> None:
@@ -86,6 +87,9 @@ class StreamWatch:
 
     def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str, kind: str = "") -> None:
         raise NotImplementedError  # EdgeStream's: the stream ended for ``reason``
+
+    async def _write_control(self, call: grpc.aio.StreamStreamCall, msg: pb.StreamRequest) -> None:
+        raise NotImplementedError  # EdgeStream's: one message on ``call`` behind the frames, under its write lock
 
     def _echoed(self, call: grpc.aio.StreamStreamCall, probe_id: int) -> None:
         """The worker echoed a stream probe: progress (it queued behind every byte sent before it), and a
@@ -149,16 +153,10 @@ class StreamWatch:
 
     async def _write_probe(self, call: grpc.aio.StreamStreamCall, probe_id: int) -> None:
         """Write one stream probe (behind any frame being written); a failed write is the stream's end."""
-        self._writers += 1
         try:
-            async with self._write_lock:
-                stale = self._call is not call  # reopened meanwhile: the new epoch probes for itself
-                if not stale:
-                    await call.write(pb.StreamRequest(probe=pb.StreamProbe(id=probe_id)))
-        except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as e:
+            await self._write_control(call, pb.StreamRequest(probe=pb.StreamProbe(id=probe_id)))
+        except WRITE_ERRORS as e:
             self._broken(call, f"write failed: {type(e).__name__}")
-        finally:
-            self._writers -= 1
 
     async def _nap(self, live: Liveness, seconds: float) -> None:
         """Sleep ``seconds``, or until :meth:`_sooner` moves the wake-up forward; a late wake-up (this loop
