@@ -10,6 +10,7 @@ import threading
 import pytest
 import torch
 
+from runtime.agent.boardplace import BoardPlacement
 from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.sources import open_source
@@ -116,3 +117,32 @@ def test_a_new_plan_starts_on_the_board_thread(loaded, frames):
     ((r1, r2), handoffs), threads = _run(loaded, frames, body)
     assert (r1.plan_version, r2.plan_version) == (2, 2)
     assert handoffs == 1 and threads == ["board", "loop", "board", "loop"]  # each plan's first frame only
+
+
+@pytest.mark.timeout(120)
+def test_stalled_hand_offs_bring_a_long_head_onto_the_loop(loaded, frames):
+    """A head over the inline bound still runs on the loop's thread once the hand-offs back are measured to stall
+    (here: any hand-off counts as one), and one frame in ``recheck`` goes through the board thread to re-measure."""
+    async def body(agent):
+        agent.board_place = BoardPlacement(stall_seconds=0.0, stalled_inline_seconds=60.0, recheck=4)
+        results = [await agent.infer(frames[i % len(frames)]) for i in range(8)]
+        return results, agent.board_place.stalled
+
+    (results, stalled), threads = _run(loaded, frames, body, inline_seconds=1e-9)  # every real head is longer
+    assert stalled and [r.where for r in results] == ["edge"] * 8
+    # two hand-offs measured first (the plan's first frame, then one more: two are needed), then the loop, every
+    # 4th of those frames back through the board thread
+    assert threads == ["board", "board", "loop", "loop", "loop", "board", "loop", "loop"]
+    assert ["board_return" in r.times for r in results] == [t == "board" for t in threads]
+    assert all(r.times["board_return"] >= 0 for r in results if "board_return" in r.times)
+
+
+@pytest.mark.timeout(120)
+def test_hand_offs_that_do_not_stall_keep_a_long_head_on_the_board_thread(loaded, frames):
+    async def body(agent):
+        agent.board_place = BoardPlacement(stall_seconds=60.0)  # no real hand-off takes a minute
+        return [await agent.infer(x) for x in frames[:4]], agent.board_place
+
+    (results, place), threads = _run(loaded, frames, body, inline_seconds=1e-9)
+    assert threads == ["board"] * 4 and not place.stalled and len(place.handoffs) == 4
+    assert all("board_return" in r.times for r in results)

@@ -121,7 +121,7 @@ def test_the_agent_sends_an_input_frame_from_its_pixels_without_calling_the_head
     codec = get_codec("webp", spec=loaded.spec)
     plan = SimpleNamespace(split=SimpleNamespace(name="input"), head=no_head, encoder=None, stream=object(), codec=codec)
     monkeypatch.setattr(InputImageCodec, "_to_pixels", lambda *a: pytest.fail("the frame was de-normalised"))
-    h, msg, *_, tail = Agent._head_encode(None, plan, frames[0])  # type: ignore[arg-type]
+    h, msg, *_, tail, _ = Agent._head_encode(None, plan, frames[0])  # type: ignore[arg-type]
     assert h is frames[0] and tail is None
     assert bytes(msg.payload) == codec.encode(frames[0]).buffer
 

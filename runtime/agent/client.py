@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import grpc
 import torch
 
+from runtime.agent.boardplace import INLINE_BOARD_SECONDS, BoardPlacement
 from runtime.agent.config import AgentOptions, InitialPlan, default_agent_id
 from runtime.agent.edge import EdgeSender
 from runtime.agent.frame import FrameResult, top1_margin
@@ -50,12 +51,6 @@ T = TypeVar("T")
 # per frame (12 us of the loop thread's time a frame between frames, where torch's dispatch runs cold; issue 14)
 _NO_OUTPUT = torch.empty(0)
 
-# The longest a frame's board work (head, TL encoder, codec encode; the tail when nothing is sent) may hold the event
-# loop when it runs there (Agent._board_inline): the stall the stream's liveness takes as this process's own
-# (runtime.wire.liveness.LAG_TOLERANCE_SECONDS). Handing the work to the board thread and back costs two thread
-# wake-ups and the executor's queue: 0.1-0.2 ms of CPU a frame here, ~15 ms of wall time on a board over its quota
-# (issue 14; runtime/measure/results/agent_cpu.md).
-INLINE_BOARD_SECONDS = 0.02
 
 
 class Agent:
@@ -107,9 +102,11 @@ class Agent:
         self._retired: list[EdgeStream] = []  # streams a switch left behind (closed once idle)
         self._seq = itertools.count()
         # A frame's board work runs on this loop's thread, not handed to the board thread and back, when it is the
-        # agent's only frame, the board thread is idle and the plan's last frame took at most this long on the board
-        # (_board_inline; 0: never)
+        # agent's only frame, the board thread is idle and the plan's last frame took at most this long on the board,
+        # or longer while the hand-offs back are measured to stall (_board_inline, runtime.agent.boardplace; 0: never).
+        # The bound is the stall the stream's liveness takes as this process's own (runtime.wire.liveness)
         self.inline_board_seconds = INLINE_BOARD_SECONDS
+        self.board_place = BoardPlacement()
         self._frames = 0  # frames between infer's start and their result
         self._board_jobs = 0  # jobs handed to the board thread and not yet ended
         self._board_last: tuple[ActivePlan | None, float] = (None, math.inf)  # (plan, its last frame's board seconds)
@@ -260,8 +257,8 @@ class Agent:
     def _head_encode(self, plan: ActivePlan, x: torch.Tensor):
         """Head, then (with a TL and a worker) the TL encoder, then the wire codec, straight into the
         stream message the frame travels in (its header is set at send time; no copy of the payload).
-        Returns (h, message, start, head s, codec s, tl_encode s or None, (output, tail s) or None);
-        h is the raw head output; the last is set when the plan sends nothing (the tail ran here)."""
+        Returns (h, message, start, head s, codec s, tl_encode s or None, (output, tail s) or None, end); h is the
+        raw head output; the 7th is set when the plan sends nothing (the tail ran here); start and end: perf_counter."""
         t0 = time.perf_counter()
         if plan.split.name == INPUT:  # the head there is the empty graph, x itself: not called (nor inference_mode
             h = x                     # entered), 0.1 ms of a frame's board time after the board sat idle (issue 14)
@@ -282,7 +279,7 @@ class Agent:
         if plan.stream is None:
             # nothing to send: the tail runs in this board job too, not queued behind the next frame's head
             tail = self._run_local_tail(plan, h)
-        return h, msg, t0, t1 - t0, t_enc, t_tl, tail
+        return h, msg, t0, t1 - t0, t_enc, t_tl, tail, time.perf_counter()
 
     def _on_board(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
         """``fn(*args)`` on the board thread, its result (or exception) on a future of the running loop, in one
@@ -303,7 +300,8 @@ class Agent:
         most ``inline_board_seconds`` there (a long head would hold the loop: probes, the local API and the planner
         link wait on it). A plan's first frame goes to the board thread."""
         last, seconds = self._board_last
-        return self._frames == 1 and not self._board_jobs and last is plan and seconds <= self.inline_board_seconds
+        return (self._frames == 1 and not self._board_jobs and last is plan
+                and self.board_place.inline(seconds, self.inline_board_seconds))
 
     @staticmethod
     def _run_local_tail(plan: ActivePlan, h: torch.Tensor):
@@ -336,16 +334,21 @@ class Agent:
     @agent_frame  # the frame's log ids and, when tracing is on, its agent.frame span (runtime.daemon.tracing)
     async def _infer(self, plan: ActivePlan, seq: int, x: torch.Tensor, frame: str) -> FrameResult:
         t0 = time.perf_counter()
-        if self._board_inline(plan):
-            board = self._head_encode(plan, x)
-        else:
+        handed = not self._board_inline(plan)
+        if handed:
             board = await self._on_board(self._head_encode, plan, x)
-        h, msg, t_start, t_head, t_enc, t_tl, tail = board
+            back = time.perf_counter() - board[-1]  # the board job's end -> this frame running on the loop again
+        else:
+            board = self._head_encode(plan, x)
+        h, msg, t_start, t_head, t_enc, t_tl, tail, _ = board
         self._board_last = (plan, t_head + t_enc + (t_tl or 0.0) + (tail[1] if tail is not None else 0.0))
         result = FrameResult(seq, frame or f"frame-{seq}", _NO_OUTPUT, "edge", plan.split.name,
                              plan.codec.name, plan.version)  # its output is set below, on every path
         # board_queue: waiting for the board thread (other frames' head or local tail)
         result.times.update(board_queue=t_start - t0, head=t_head, encode=t_enc)
+        if handed:
+            result.times["board_return"] = back
+            self.board_place.handed_back(back)
         result.raw_bytes = h.numel() * h.element_size()
         if t_tl is not None:
             result.times["tl_encode"] = t_tl

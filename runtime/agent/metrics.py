@@ -13,7 +13,8 @@ from prometheus_client.utils import floatToGoString
 from runtime.daemon.metrics_http import ERROR_CODES, STAGE_BUCKETS
 from runtime.wire.crl import register_metrics as register_crl_metrics
 
-STAGES = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "local_tail", "refine", "total")  # label values of stage_seconds
+STAGES = ("board_queue", "head", "tl_encode", "encode", "board_return", "transfer_edge", "local_tail", "refine",
+          "total")  # label values of stage_seconds
 WHERE = ("edge", "local")  # label values of frames
 # label values of fallbacks (reason_label): deadline, refused and unavailable are
 # failures of the edge; given_up: frames the agent gave up when it left a collapsed link (EdgeStream.give_up);

@@ -105,7 +105,8 @@ def summarize(results: Sequence[FrameResult], split: SplitPoint, codec: str, mod
             lines.append(f"  split {point.index} ({name}) codec {cfg_codec}, plan v{'/v'.join(map(str, versions))}: "
                          f"{len(group)} frames; {line}")
     lines.append(f"{'stage':<14}{'p50 ms':>10}{'p95 ms':>10}{'n':>6}")
-    order = ["board_queue", "head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail", "edge_forward", "local_tail", "overhead", "total"]
+    order = ["board_queue", "head", "tl_encode", "encode", "board_return", "transfer_edge", "edge_queue", "edge_decode",
+             "edge_tail", "edge_forward", "local_tail", "overhead", "total"]
     stats = stage_stats(results)
     for stage in order:
         if stage in stats:
