@@ -46,9 +46,10 @@ CHILD_START_SECONDS = 1800.0  # load, calibrate, profile and run local on the bo
 JOB_SECONDS = 1800.0  # one strategy's frames
 # the stages kept per frame in the results (beside them the board's CPU for the frame, all its threads, and the quota's
 # hold on it: cpu.stat's throttled time and throttled periods): where a frame's time went, e.g. a quota stall after
-# the head that lands in the runtime's overhead, outside the floor. board_queue: the hand-off to the board thread
-STAGE_KEYS = ("board_queue", "head", "tl_encode", "encode", "transfer_edge", "edge_queue", "edge_decode", "edge_tail",
-              "total")
+# the head that lands in the runtime's overhead, outside the floor. board_queue: the hand-off to the board thread;
+# board_return: the way back from it to the loop (absent when the frame's board work ran on the loop's thread)
+STAGE_KEYS = ("board_queue", "head", "tl_encode", "encode", "board_return", "transfer_edge", "edge_queue", "edge_decode",
+              "edge_tail", "total")
 
 
 def _plans(rank: Ranker, dev: Profile, edge: Profile, link: Link, spec: RunSpec, shapes: list[tuple[int, ...]],
