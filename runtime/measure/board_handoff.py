@@ -3,7 +3,7 @@
     python -m runtime.measure.board_handoff --quota-us 3300 --period-us 50000 --job-ms 9 --frames 30 --rounds 2
 
 Each mode runs in a child process in a fresh cgroup v1 ``cpu`` group with the quota (the headline's emulated board,
-``runtime.tools.cpuquota``; removed at the end, on an error and on Ctrl-C too): ``--frames`` jobs of ``--job-ms`` of
+``runtime.measure.scenarios.testbed``; removed at the end, on an error and on Ctrl-C too): ``--frames`` jobs of ``--job-ms`` of
 CPU (a torch matmul loop, one torch thread, calibrated unrestricted first), ``--gap-ms`` idle after each (a frame's
 link and worker time), and after each job:
 
@@ -32,6 +32,7 @@ import time
 from typing import Any
 
 MODES = ("thread", "pinned", "inline")
+GROUP_PREFIX = "edgesplit-handoff-"
 STALL_MS = 20.0  # a hand-back over this waited for the quota (a free CPU: 0.07-0.2 ms)
 CHILD_TIMEOUT_S = 600.0
 
@@ -147,24 +148,29 @@ def main(argv: list[str] | None = None) -> int:
         mode, cgroup, reps = args.child.split(",")
         print(json.dumps(_child(mode, cgroup, int(reps), args.frames, args.gap_ms / 1e3)))
         return 0
-    from runtime.tools import cpuquota
+    from runtime.measure.scenarios import testbed
 
-    if args.quota_us and (why := cpuquota.unavailable()):
+    if args.quota_us and (why := testbed.cgroup_unavailable()):
         print(f"cannot run under a CPU quota: {why}", file=sys.stderr)
         return 2
     reps = _reps_for(args.job_ms)
     runs: list[dict[str, Any]] = []
-    with cpuquota.QuotaSet(f"edgesplit-handoff-{os.getpid()}") as groups:
+    groups: list[testbed.CpuQuota] = []
+    try:
         for rnd in range(args.rounds):
             for mode in MODES:
                 path = ""
                 if args.quota_us:
-                    q = groups.new(args.quota_us / args.period_us, args.period_us)
-                    path = str(q.path)
+                    groups.append(testbed.CpuQuota(f"{GROUP_PREFIX}{os.getpid()}-{len(groups)}", args.period_us,
+                                                   args.quota_us))
+                    path = str(groups[-1].path)
                 cmd = [sys.executable, "-m", "runtime.measure.board_handoff", "--frames", str(args.frames),
                        "--gap-ms", str(args.gap_ms), "--child", f"{mode},{path},{reps}"]
                 out = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=True)
                 runs.append({"mode": mode, "round": rnd, **json.loads(out.stdout.strip().splitlines()[-1])})
+    finally:  # an error and Ctrl-C too (the child got the SIGINT as well)
+        for g in groups:
+            g.remove()
     summary = summarise(runs)
     print(f"quota {args.quota_us} us / {args.period_us} us, jobs of {args.job_ms:g} ms CPU ({reps} matmuls), "
           f"{args.gap_ms:g} ms idle after each, {args.frames} frames x {args.rounds} rounds per mode")
