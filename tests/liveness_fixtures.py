@@ -1,6 +1,7 @@
-"""Shared set-up of the liveness tests (tests/test_liveness.py, tests/test_liveness_idle.py): a real
-worker on loopback behind the project's relay (runtime.tools.netem.DelayProxy, which can swallow every
-byte: ``proxy.blackhole = True``), and a real Agent running digits_cnn split at pool1 through it."""
+"""Shared set-up of the liveness and stream tests (tests/test_liveness.py, tests/test_liveness_idle.py,
+tests/test_stream_close.py, tests/test_stream_probe.py): a real worker on loopback behind the project's relay
+(runtime.tools.netem.DelayProxy, which can swallow every byte: ``proxy.blackhole = True``), a real Agent running
+digits_cnn split at pool1 through it, and what an EdgeStream reports to (:class:`StreamMetrics`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,23 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
 from runtime.tools.netem import DelayProxy, LinkShape
+
+
+class StreamMetrics:
+    """What an EdgeStream reports (its ``metrics``), on a registry of its own: the up gauge, the opens counter, and
+    each death's reason in ``deaths``, in order."""
+
+    def __init__(self):
+        r = CollectorRegistry()
+        self.stream_up = Gauge("up", "", registry=r)
+        self.reconnects = Counter("opens", "", registry=r)
+        self.deaths: list[str] = []
+
+    def stream_died(self, reason: str) -> None:
+        self.deaths.append(reason)
 
 
 def deaths(agent, endpoint: str = "worker", reason: str | None = None) -> float:

@@ -11,8 +11,7 @@ import asyncio
 import time
 
 import pytest
-from liveness_fixtures import deaths, digits_agent, digits_input, until
-from prometheus_client import Counter, Gauge
+from liveness_fixtures import StreamMetrics, deaths, digits_agent, digits_input, until
 
 from runtime.contracts.profile import Block, Profile
 from runtime.tools.netem import DelayProxy, LinkShape
@@ -24,21 +23,6 @@ pytestmark = pytest.mark.timeout(120)
 NOTICE_BOUND = 5.0  # seconds: a loaded CI machine's margin over the rules; keep-alive alone takes 70 s on frame channels
 
 
-class Metrics:
-    """What an EdgeStream reports, on a registry of its own."""
-
-    def __init__(self):
-        from prometheus_client import CollectorRegistry
-
-        r = CollectorRegistry()
-        self.stream_up = Gauge("up", "", registry=r)
-        self.reconnects = Counter("opens", "", registry=r)
-        self.deaths: list[str] = []
-
-    def stream_died(self, reason: str) -> None:
-        self.deaths.append(reason)
-
-
 def test_an_idle_never_measured_stream_notices_a_silent_partition(capsys):
     """A stream open and idle, its link never measured (no bandwidth estimate): probes on the same
     connection find the partition; keep-alive on frame channels would take 70 s."""
@@ -48,7 +32,7 @@ def test_an_idle_never_measured_stream_notices_a_silent_partition(capsys):
     async def go():
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
         proxy = await DelayProxy(f"127.0.0.1:{ws.port}").start()
-        metrics = Metrics()
+        metrics = StreamMetrics()
         stream = EdgeStream(proxy.address, TransportOptions(), metrics, connect_timeout=2.0, reconnect=0.5,
                             link_hint=lambda: (0.0, 0.0))
         try:
@@ -81,7 +65,7 @@ def test_a_stalled_sender_loop_is_not_taken_for_a_silent_peer(capsys):
     async def go():
         ws = await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
         proxy = await DelayProxy(f"127.0.0.1:{ws.port}").start()
-        metrics = Metrics()
+        metrics = StreamMetrics()
         stream = EdgeStream(proxy.address, TransportOptions(), metrics, connect_timeout=2.0, reconnect=0.5)
         try:
             await stream._ensure_open()
@@ -137,7 +121,7 @@ def test_reconnect_back_off_is_capped_at_two_seconds_with_jitter():
     async def go():
         proxy = await DelayProxy("127.0.0.1:9").start()  # never reached: the relay swallows everything
         proxy.blackhole = True
-        metrics = Metrics()
+        metrics = StreamMetrics()
         stream = EdgeStream(proxy.address, TransportOptions(), metrics, connect_timeout=0.05, reconnect=0.5)
         delays = []
         try:

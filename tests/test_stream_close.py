@@ -9,8 +9,7 @@ import asyncio
 import logging
 
 import pytest
-from liveness_fixtures import until
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from liveness_fixtures import StreamMetrics, until
 
 from runtime.wire.stream import EdgeStream
 from runtime.wire.transport import TransportOptions
@@ -20,17 +19,6 @@ pytestmark = pytest.mark.timeout(60)
 LOGGER = "runtime.wire.stream"
 
 
-class Metrics:
-    def __init__(self):
-        r = CollectorRegistry()
-        self.stream_up = Gauge("up", "", registry=r)
-        self.reconnects = Counter("opens", "", registry=r)
-        self.deaths: list[str] = []
-
-    def stream_died(self, reason: str) -> None:
-        self.deaths.append(reason)
-
-
 async def _worker():
     from runtime.worker.config import WorkerConfig
     from runtime.worker.server import serve
@@ -38,9 +26,9 @@ async def _worker():
     return await serve(WorkerConfig(listen="127.0.0.1:0", torch_threads=1))
 
 
-async def _opened(port: int) -> tuple[EdgeStream, Metrics]:
+async def _opened(port: int) -> tuple[EdgeStream, StreamMetrics]:
     """A stream open to the worker, its reader waiting for a result (the worker's initial metadata read)."""
-    metrics = Metrics()
+    metrics = StreamMetrics()
     stream = EdgeStream(f"127.0.0.1:{port}", TransportOptions(), metrics, connect_timeout=2.0, reconnect=0.5)
     await stream._ensure_open()
     await until(lambda: stream.stream_probes, 2.0)

@@ -12,8 +12,7 @@ import time
 
 import grpc
 import pytest
-from liveness_fixtures import until
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from liveness_fixtures import StreamMetrics, until
 
 from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.tools.netem import DelayProxy
@@ -24,17 +23,6 @@ from runtime.wire.transport import TransportOptions
 pytestmark = pytest.mark.timeout(120)
 
 NOTICE_BOUND = 5.0  # seconds: a loaded machine's margin over the 1.5 s rule (keep-alive alone: 70 s)
-
-
-class Metrics:
-    def __init__(self):
-        r = CollectorRegistry()
-        self.stream_up = Gauge("up", "", registry=r)
-        self.reconnects = Counter("opens", "", registry=r)
-        self.deaths: list[str] = []
-
-    def stream_died(self, reason: str) -> None:
-        self.deaths.append(reason)
 
 
 async def _worker(**kw):
@@ -50,8 +38,8 @@ def _shed(ws) -> dict[str, float]:
             if s.name.endswith("_total")}
 
 
-def _stream(address: str) -> tuple[EdgeStream, Metrics]:
-    metrics = Metrics()
+def _stream(address: str) -> tuple[EdgeStream, StreamMetrics]:
+    metrics = StreamMetrics()
     return EdgeStream(address, TransportOptions(), metrics, connect_timeout=2.0, reconnect=0.5,
                       link_hint=lambda: (0.0, 0.0)), metrics
 
