@@ -146,3 +146,30 @@ def test_hand_offs_that_do_not_stall_keep_a_long_head_on_the_board_thread(loaded
     (results, place), threads = _run(loaded, frames, body, inline_seconds=1e-9)
     assert threads == ["board"] * 4 and not place.stalled and len(place.handoffs) == 4
     assert all("board_return" in r.times for r in results)
+
+
+@pytest.mark.timeout(120)
+def test_a_probe_being_timed_keeps_a_long_head_off_the_loop(loaded, frames):
+    """While the prober times a call on the loop (runtime.agent.prober: its RTT checks and its payload), a lone
+    frame's head over the plain inline bound goes through the board thread even with the hand-offs stalled: held
+    for the head (up to 0.5 s), the loop would take the probe's answer up that much later and the probe would read
+    the link that much slower (a 50 ms probe under a 0.3 s head: ~7x). Once the probe is done, the stall rule again."""
+    from runtime.agent.prober import ProbeOptions, Prober
+
+    async def body(agent):
+        agent.board_place = BoardPlacement(stall_seconds=0.0, stalled_inline_seconds=60.0, recheck=1000)
+        results = [await agent.infer(x) for x in frames[:3]]  # board, board (two hand-offs: stalled), loop
+        prober = Prober(agent, ProbeOptions())
+        probing = asyncio.create_task(prober.probe(agent.active.worker))
+        await asyncio.sleep(0)  # the probe's first health check is on the wire, timed
+        assert agent.link.timing == 1
+        results.append(await agent.infer(frames[3]))  # started while the probe is timed
+        sample = await probing
+        assert agent.link.timing == 0
+        results.append(await agent.infer(frames[4]))
+        await prober.close()
+        return results, sample
+
+    (results, sample), threads = _run(loaded, frames, body, inline_seconds=1e-9)  # every real head is longer
+    assert [r.where for r in results] == ["edge"] * 5 and sample is not None
+    assert threads == ["board", "board", "loop", "board", "loop"]

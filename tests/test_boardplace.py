@@ -53,3 +53,13 @@ def test_a_negative_measurement_counts_as_none():
     place = BoardPlacement()
     place.handed_back(-1.0)
     assert list(place.handoffs) == [0.0]
+
+
+def test_no_hold_past_the_plain_bound_while_a_call_is_timed():
+    place = BoardPlacement(stall_seconds=0.005, recheck=3)
+    place.handed_back(0.05)
+    place.handed_back(0.05)
+    assert place.stalled and not place.inline(0.1, 0.02, hold=False)
+    assert place.inline(0.01, 0.02, hold=False)  # within the plain bound: as on a free CPU
+    # the refused frame is not counted toward the recheck: the next two still run on the loop, the third does not
+    assert [place.inline(0.1, 0.02) for _ in range(3)] == [True, True, False]

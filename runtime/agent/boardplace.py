@@ -15,7 +15,10 @@ stall (the lower median of the last :data:`HANDOFF_WINDOW` over :data:`HANDOFF_S
 of them), runs a lone frame's board work of up to :data:`STALLED_INLINE_SECONDS` on the loop's thread. The loop
 is then held for the head (the liveness watchdog excuses a held loop, runtime.wire.liveness), and every
 :data:`HANDOFF_RECHECK_FRAMES`-th such frame still goes through the board thread, so that a quota lifted (or a
-stall gone) is seen again. Frames in flight together always use the board thread: it is what overlaps them.
+stall gone) is seen again. Frames in flight together always use the board thread: it is what overlaps them. So
+does a lone frame while the prober is timing a call on the loop (runtime.agent.prober's RTT checks and payloads,
+``LinkEstimator.timing``): held for the head, the loop would take the answer up late and the probe would read the
+link slower than it is (a 50 ms probe under a 0.3 s head: ~7x).
 """
 
 from __future__ import annotations
@@ -66,14 +69,16 @@ class BoardPlacement:
                 logger.info("hand-offs from the board thread back to the loop take %.2f ms again: board work over "
                             "the inline bound goes to the board thread", lower)
 
-    def inline(self, board_seconds: float, inline_seconds: float) -> bool:
+    def inline(self, board_seconds: float, inline_seconds: float, hold: bool = True) -> bool:
         """Whether a lone frame runs its board work on the loop's thread, its plan's last frame having taken
-        ``board_seconds`` there; ``inline_seconds``: the bound for a board whose hand-offs do not stall (0: never)."""
+        ``board_seconds`` there; ``inline_seconds``: the bound for a board whose hand-offs do not stall (0: never);
+        ``hold``: whether the loop may be held past that bound now (not while a network call is timed on it: the
+        prober's probes, which a held loop would read slower than the link)."""
         if inline_seconds <= 0:
             return False
         if board_seconds <= inline_seconds:
             return True
-        if not self._stalled or board_seconds > self.stalled_inline_seconds:
+        if not hold or not self._stalled or board_seconds > self.stalled_inline_seconds:
             return False
         self._since_check += 1
         if self._since_check >= self.recheck:  # this one through the board thread: is the hand-off still slow?

@@ -298,10 +298,11 @@ class Agent:
         flight overlap the board with the link and the worker, and the loop must take their results meanwhile), no
         job of an earlier frame is still on the board thread (one at a time), and this plan's previous frame took at
         most ``inline_board_seconds`` there (a long head would hold the loop: probes, the local API and the planner
-        link wait on it). A plan's first frame goes to the board thread."""
+        link wait on it). A plan's first frame goes to the board thread. Longer board work runs on the loop too while
+        the hand-offs back stall, except while the prober is timing a call there (runtime.agent.boardplace)."""
         last, seconds = self._board_last
         return (self._frames == 1 and not self._board_jobs and last is plan
-                and self.board_place.inline(seconds, self.inline_board_seconds))
+                and self.board_place.inline(seconds, self.inline_board_seconds, hold=not self.link.timing))
 
     @staticmethod
     def _run_local_tail(plan: ActivePlan, h: torch.Tensor):

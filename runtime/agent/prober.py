@@ -196,6 +196,7 @@ class Prober:
         sample = None
         known = link.links.get(address)
         before = known.bandwidth.value if known is not None else 0.0  # the estimate this probe is read against
+        link.timing += 1  # timed on this loop: no frame's long board work holds it meanwhile (Agent._board_inline)
         try:
             await self._time_rtt(channel, address)
             base = _base(link.estimate(address))
@@ -225,6 +226,8 @@ class Prober:
         except (EdgesplitError, asyncio.TimeoutError) as e:
             self._failures[address] = self._failures.get(address, 0) + 1
             logger.debug("probe of %s failed: %s", address, e)
+        finally:
+            link.timing -= 1
         quick = sample is not None and before > 0 and sample >= QUICK_RATIO * before
         self._next[address] = link.clock() + self._wait(address, size, quick)
         return sample
@@ -255,6 +258,7 @@ class Prober:
         # the probe's bytes at the frame's bound, CONFIRM_TIMEOUT_RATIO times over: a link that slow times out
         timeout = min(o.timeout_seconds, max(CONFIRM_MIN_TIMEOUT, CONFIRM_TIMEOUT_RATIO * size / bound + 2 * base))
         self.confirmations += 1
+        link.timing += 1  # as in probe()
         t0 = time.perf_counter()
         try:
             await pb_grpc.InferenceStub(self._channel(address)).Probe(  # type: ignore[no-untyped-call]
@@ -273,6 +277,7 @@ class Prober:
             return
         finally:
             self._spent(size)
+            link.timing -= 1
         elapsed = time.perf_counter() - t0
         network = elapsed - base
         timed = network > 0.25 * elapsed  # else mostly round trip: bytes / call time is a lower bound only

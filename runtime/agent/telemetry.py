@@ -87,6 +87,9 @@ class LinkEstimator:
         # set by the prober (runtime.agent.prober.Prober.confirm): a late frame's bound is checked by a probe
         # before it counts; None: taken only when UNCONFIRMED_LATE times late (runtime.agent.inflight)
         self.confirm: Callable[[str, float], None] | None = None
+        # network calls the prober is timing on this loop now: meanwhile no frame's long board work holds the loop,
+        # which would lengthen them (Agent._board_inline, runtime.agent.boardplace)
+        self.timing = 0
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
         self.overhead_warmup = OVERHEAD_WARMUP
