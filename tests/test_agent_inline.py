@@ -150,10 +150,11 @@ def test_hand_offs_that_do_not_stall_keep_a_long_head_on_the_board_thread(loaded
 
 @pytest.mark.timeout(120)
 def test_a_probe_being_timed_keeps_a_long_head_off_the_loop(loaded, frames):
-    """While the prober times a call on the loop (runtime.agent.prober: its RTT checks and its payload), a lone
-    frame's head over the plain inline bound goes through the board thread even with the hand-offs stalled: held
-    for the head (up to 0.5 s), the loop would take the probe's answer up that much later and the probe would read
-    the link that much slower (a 50 ms probe under a 0.3 s head: ~7x). Once the probe is done, the stall rule again."""
+    """While the prober times a call on the loop (runtime.agent.prober: its RTT checks and its payload; likewise
+    Agent.probe_rtt), a lone frame's head over the plain inline bound goes through the board thread even with the
+    hand-offs stalled: held for the head (up to 0.5 s), the loop would take the answer up that much later and the
+    probe would read the link that much slower (a 50 ms probe under a 0.3 s head: ~7x). Once the probe is done, the
+    stall rule again."""
     from runtime.agent.prober import ProbeOptions, Prober
 
     async def body(agent):
@@ -168,8 +169,12 @@ def test_a_probe_being_timed_keeps_a_long_head_off_the_loop(loaded, frames):
         assert agent.link.timing == 0
         results.append(await agent.infer(frames[4]))
         await prober.close()
-        return results, sample
+        rtt = asyncio.create_task(agent.probe_rtt())  # the planner link's RTT check of the plan's worker: timed too
+        await asyncio.sleep(0)
+        assert agent.link.timing == 1
+        results.append(await agent.infer(frames[5]))
+        return results, sample, await rtt
 
-    (results, sample), threads = _run(loaded, frames, body, inline_seconds=1e-9)  # every real head is longer
-    assert [r.where for r in results] == ["edge"] * 5 and sample is not None
-    assert threads == ["board", "board", "loop", "board", "loop"]
+    (results, sample, rtt), threads = _run(loaded, frames, body, inline_seconds=1e-9)  # every real head is longer
+    assert [r.where for r in results] == ["edge"] * 6 and sample is not None and rtt is not None
+    assert threads == ["board", "board", "loop", "board", "loop", "board"]

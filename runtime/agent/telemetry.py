@@ -87,8 +87,8 @@ class LinkEstimator:
         # set by the prober (runtime.agent.prober.Prober.confirm): a late frame's bound is checked by a probe
         # before it counts; None: taken only when UNCONFIRMED_LATE times late (runtime.agent.inflight)
         self.confirm: Callable[[str, float], None] | None = None
-        # network calls the prober is timing on this loop now: meanwhile no frame's long board work holds the loop,
-        # which would lengthen them (Agent._board_inline, runtime.agent.boardplace)
+        # network calls timed on this loop now (the prober's, probe_rtt's): meanwhile no frame's long board work holds
+        # the loop, which would lengthen them (Agent._board_inline, runtime.agent.boardplace)
         self.timing = 0
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._frames = 0
@@ -278,6 +278,7 @@ class LinkEstimator:
         ``target``: a ``grpc.aio.Channel``, or an object with ``async probe_rtt(timeout)`` (the
         agent's EdgeStream, which probes over the channel its frames use).
         """
+        self.timing += 1  # timed on this loop, as the prober's calls
         try:
             if isinstance(target, grpc.aio.Channel):
                 seconds = await time_health_check(target, timeout)
@@ -285,6 +286,8 @@ class LinkEstimator:
                 seconds = await target.probe_rtt(timeout)
         except (EdgesplitError, grpc.RpcError):
             return None
+        finally:
+            self.timing -= 1
         if seconds is None:
             return None
         self.add_rtt_sample(seconds, key, queued=queued)
