@@ -93,6 +93,7 @@ def images(n: int) -> list[torch.Tensor]:
 def test_one_frame_is_one_trace_across_agent_and_two_workers(aio, spans):
     results = aio.run(chain_frames(images(2)))
     assert [r.where for r in results] == ["edge", "edge"], [r.fallback_reason for r in results]
+    assert "board_return" in results[0].times  # the plan's first frame went to the board thread
     traces = by_trace(spans.get_finished_spans())
     frames = {tid: ss for tid, ss in traces.items() if any(s.name == "agent.frame" for s in ss)}
     assert len(frames) == 2  # each frame its own trace
@@ -115,6 +116,8 @@ def test_one_frame_is_one_trace_across_agent_and_two_workers(aio, spans):
                 children.setdefault(s.parent.span_id, set()).add(s.name)
         assert {"agent.board_queue", "agent.head", "agent.encode", "agent.send", "agent.wait",
                 "worker.frame"} <= children[root.context.span_id]
+        # the way back from the board thread, for a frame handed to it (the plan's first: its board time unknown)
+        assert ("agent.board_return" in children[root.context.span_id]) == ("board_return" in r.times)
         assert {"worker.receive", "worker.queue", "worker.decode", "worker.tail", "worker.forward.encode",
                 "worker.forward"} <= children[edge_span.context.span_id]
         assert {"worker.receive", "worker.queue", "worker.decode", "worker.tail"} <= children[cloud_span.context.span_id]

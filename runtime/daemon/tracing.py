@@ -295,7 +295,7 @@ async def _worker_span(state: _State, fn: Callable[..., Awaitable[Any]], self: A
     return result
 
 
-AGENT_STAGES = ("board_queue", "head", "tl_encode", "encode")  # before the send, in order (FrameResult.times)
+AGENT_STAGES = ("board_queue", "head", "tl_encode", "encode", "board_return")  # before the send, in order (FrameResult.times)
 AGENT_AFTER = ("local_tail", "refine")  # after the result or the fallback decision
 
 

@@ -10,7 +10,8 @@ and ``--gap-ms`` idle between frames (a camera's spacing). Each thread's CPU tim
 reading it costs nothing per frame. Threads are grouped as the board thread (head, TL encoder, codec encode, the
 message), the event loop thread (send, receive, result handling, telemetry, metrics, logging), gRPC's C-core
 threads, and the rest. A lone frame's board work runs on the event loop's thread once its plan's board time is known
-to be short (runtime.agent.client.Agent._board_inline): then it is counted in the loop's figure, not the board's. So
+to be short, or once the hand-offs back from the board thread are measured to stall (under ``--quota-us`` they do;
+runtime.agent.boardplace): then it is counted in the loop's figure, not the board's, and a run may mix the two. So
 the tool also reports board + loop (``thread_board_loop``, ``runtime_board_loop``), the figure that compares across
 runs whichever thread the board work ran on; the runtime's own figure is the process's less the compute.
 
