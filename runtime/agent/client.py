@@ -52,7 +52,6 @@ T = TypeVar("T")
 _NO_OUTPUT = torch.empty(0)
 
 
-
 class Agent:
     """Runs the head on the board and the tail on the edge (or locally when it must).
 
