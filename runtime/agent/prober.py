@@ -196,38 +196,36 @@ class Prober:
         sample = None
         known = link.links.get(address)
         before = known.bandwidth.value if known is not None else 0.0  # the estimate this probe is read against
-        link.timing += 1  # timed on this loop: no frame's long board work holds it meanwhile (Agent._board_inline)
-        try:
-            await self._time_rtt(channel, address)
-            base = _base(link.estimate(address))
-            t0 = time.perf_counter()
+        with link.timed():  # no frame's long board work holds this loop meanwhile (Agent._board_inline)
             try:
-                await pb_grpc.InferenceStub(channel).Probe(  # type: ignore[no-untyped-call]
-                    pb.ProbeRequest(payload=self._payload[:size]), timeout=o.timeout_seconds)
-            finally:
-                self._spent(size)
-            elapsed = time.perf_counter() - t0
-            network = elapsed - base
-            if network > 0.25 * elapsed:
-                sample = size / network
-                self._grow.pop(address, None)
-                link.add_bandwidth_sample(sample, address)
-            else:  # mostly round trip: bytes / call time bounds the link from below; next time 4x the bytes
-                sample = size / elapsed
-                self._grow[address] = 4 * size
-                link.add_lower_bound_sample(sample, address)  # below the estimate it says nothing
-            self._last[address] = sample
-            self._failures.pop(address, None)
-        except grpc.aio.AioRpcError as e:
-            if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                link.observe_censored(address, size, o.timeout_seconds)
-            self._failures[address] = self._failures.get(address, 0) + 1
-            logger.debug("probe of %s failed: %s", address, e.code().name)
-        except (EdgesplitError, asyncio.TimeoutError) as e:
-            self._failures[address] = self._failures.get(address, 0) + 1
-            logger.debug("probe of %s failed: %s", address, e)
-        finally:
-            link.timing -= 1
+                await self._time_rtt(channel, address)
+                base = _base(link.estimate(address))
+                t0 = time.perf_counter()
+                try:
+                    await pb_grpc.InferenceStub(channel).Probe(  # type: ignore[no-untyped-call]
+                        pb.ProbeRequest(payload=self._payload[:size]), timeout=o.timeout_seconds)
+                finally:
+                    self._spent(size)
+                elapsed = time.perf_counter() - t0
+                network = elapsed - base
+                if network > 0.25 * elapsed:
+                    sample = size / network
+                    self._grow.pop(address, None)
+                    link.add_bandwidth_sample(sample, address)
+                else:  # mostly round trip: bytes / call time bounds the link from below; next time 4x the bytes
+                    sample = size / elapsed
+                    self._grow[address] = 4 * size
+                    link.add_lower_bound_sample(sample, address)  # below the estimate it says nothing
+                self._last[address] = sample
+                self._failures.pop(address, None)
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    link.observe_censored(address, size, o.timeout_seconds)
+                self._failures[address] = self._failures.get(address, 0) + 1
+                logger.debug("probe of %s failed: %s", address, e.code().name)
+            except (EdgesplitError, asyncio.TimeoutError) as e:
+                self._failures[address] = self._failures.get(address, 0) + 1
+                logger.debug("probe of %s failed: %s", address, e)
         quick = sample is not None and before > 0 and sample >= QUICK_RATIO * before
         self._next[address] = link.clock() + self._wait(address, size, quick)
         return sample
@@ -258,11 +256,11 @@ class Prober:
         # the probe's bytes at the frame's bound, CONFIRM_TIMEOUT_RATIO times over: a link that slow times out
         timeout = min(o.timeout_seconds, max(CONFIRM_MIN_TIMEOUT, CONFIRM_TIMEOUT_RATIO * size / bound + 2 * base))
         self.confirmations += 1
-        link.timing += 1  # as in probe()
         t0 = time.perf_counter()
         try:
-            await pb_grpc.InferenceStub(self._channel(address)).Probe(  # type: ignore[no-untyped-call]
-                pb.ProbeRequest(payload=self._payload[:size]), timeout=timeout)
+            with link.timed():  # as in probe()
+                await pb_grpc.InferenceStub(self._channel(address)).Probe(  # type: ignore[no-untyped-call]
+                    pb.ProbeRequest(payload=self._payload[:size]), timeout=timeout)
         except grpc.aio.AioRpcError as e:
             if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 logger.debug("check of a late frame on %s failed: %s", address, e.code().name)
@@ -277,7 +275,6 @@ class Prober:
             return
         finally:
             self._spent(size)
-            link.timing -= 1
         elapsed = time.perf_counter() - t0
         network = elapsed - base
         timed = network > 0.25 * elapsed  # else mostly round trip: bytes / call time is a lower bound only

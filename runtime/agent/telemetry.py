@@ -42,6 +42,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections import defaultdict, deque
@@ -270,6 +271,15 @@ class LinkEstimator:
         est.add_rtt(seconds, self.clock())
 
 
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """A network call timed on this loop meanwhile (``timing``): no frame's long board work holds it then."""
+        self.timing += 1
+        try:
+            yield
+        finally:
+            self.timing -= 1
+
     async def probe_rtt(self, target: Any, timeout: float = 1.0, key: str | None = None,
                         *, queued: bool = False) -> float | None:
         """Time one small unary call and add it to link ``key``'s RTT; returns the sample, or None
@@ -278,16 +288,14 @@ class LinkEstimator:
         ``target``: a ``grpc.aio.Channel``, or an object with ``async probe_rtt(timeout)`` (the
         agent's EdgeStream, which probes over the channel its frames use).
         """
-        self.timing += 1  # timed on this loop, as the prober's calls
         try:
-            if isinstance(target, grpc.aio.Channel):
-                seconds = await time_health_check(target, timeout)
-            else:
-                seconds = await target.probe_rtt(timeout)
+            with self.timed():  # as the prober's calls
+                if isinstance(target, grpc.aio.Channel):
+                    seconds = await time_health_check(target, timeout)
+                else:
+                    seconds = await target.probe_rtt(timeout)
         except (EdgesplitError, grpc.RpcError):
             return None
-        finally:
-            self.timing -= 1
         if seconds is None:
             return None
         self.add_rtt_sample(seconds, key, queued=queued)
