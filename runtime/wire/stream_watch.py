@@ -15,6 +15,7 @@ probe in flight, the samples) and reads the stream's connection state, which Edg
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import time
@@ -55,7 +56,7 @@ def _resolve(fut: asyncio.Future) -> None:
         fut.set_result(None)
 
 
-class StreamWatch:
+class StreamWatch(abc.ABC):
     """The watchdog half of EdgeStream (module docstring); EdgeStream sets the attributes declared below."""
 
     # the stream's, read here: this epoch's call and liveness record, its channels, the frames holding it, how long
@@ -85,11 +86,13 @@ class StreamWatch:
         # of the first two went while a frame held the stream with nothing outstanding (its head computing)
         self.probes_sent = {"stream": 0, "health": 0, "path": 0, "held": 0}
 
+    @abc.abstractmethod
     def _broken(self, call: grpc.aio.StreamStreamCall | None, reason: str, kind: str = "") -> None:
-        raise NotImplementedError  # EdgeStream's: the stream ended for ``reason``
+        """The stream ended for ``reason`` (EdgeStream's)."""
 
+    @abc.abstractmethod
     async def _write_control(self, call: grpc.aio.StreamStreamCall, msg: pb.StreamRequest) -> None:
-        raise NotImplementedError  # EdgeStream's: one message on ``call`` behind the frames, under its write lock
+        """One message on ``call`` behind the frames, under its write lock (EdgeStream's)."""
 
     def _echoed(self, call: grpc.aio.StreamStreamCall, probe_id: int) -> None:
         """The worker echoed a stream probe: progress (it queued behind every byte sent before it), and a
