@@ -2,7 +2,10 @@
 
 A worker runs as a child process on loopback; the agent runs in this process with one frame
 in flight, so every stage time is clean. Overhead = end-to-end - (head + tail compute): what
-the runtime itself adds (encode, decode, gRPC, scheduling).
+the runtime itself adds (encode, decode, gRPC, scheduling) and the bytes' trip over loopback. Beside it, each row's
+loopback floor (:mod:`runtime.measure.loopback_floor`: the same bytes each way between two processes over a plain
+TCP socket, with the row's head and tail as the idle times) and the overhead over compute + transfer (overhead
+less that floor: issue 14's measure, as the headline's scenarios subtract bytes / bandwidth + RTT).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from runtime.agent.run import choose_split
 from runtime.agent.sources import open_source
 from runtime.agent.summary import runtime_overhead
 from runtime.contracts.errors import InvalidInput
+from runtime.measure import loopback_floor
 from runtime.models.loader import load_model
 from runtime.wire import eventloop
 from runtime.wire.codec import codec_names, get_codec
@@ -80,7 +84,23 @@ async def _bench_one(loaded: LoadedModel, split: SplitPoint, codec: str, address
                                     - r.times["edge_queue"]) * 1e3 for r in edge]),
         "throughput_fps": len(edge) / wall,
         "overhead_parts_p50_ms": overhead_parts(edge),
+        "result_bytes": edge[0].output.numel() * edge[0].output.element_size() + RESULT_HEADER_BYTES,
     }
+
+
+RESULT_HEADER_BYTES = 128  # a result's header, times and shape beside its tensor (the loopback floor's answer)
+
+
+def add_floor(row: dict[str, Any], frames: int) -> None:
+    """The row's loopback floor (its bytes up, its result's down, its head + encode as the idle before a send and its
+    decode + tail as the hold before the answer) and its overhead over compute + transfer, p50 ms."""
+    p = row["p50_ms"]
+    idle = (p["head"] + p.get("tl_encode", 0.0) + p["encode"]) / 1e3
+    hold = (p["edge_decode"] + p["edge_tail"]) / 1e3
+    floors = loopback_floor.measure(round(row["bytes_per_frame"]), row["result_bytes"], idle_s=idle, hold_s=hold,
+                                    frames=frames)
+    row["loopback_floor_p50_ms"] = _median([f * 1e3 for f in floors])
+    row["overhead_over_floor_p50_ms"] = row["overhead_p50_ms"] - row["loopback_floor_p50_ms"]
 
 
 def overhead_parts(edge: Sequence[FrameResult]) -> dict[str, float]:
@@ -138,6 +158,8 @@ def run_bench(args: argparse.Namespace) -> int:
                                                     args.window, tl)))
     finally:
         worker.stop()
+    for row in rows:  # with the worker gone: the link alone
+        add_floor(row, args.frames)
     local_ms = _local_full_ms(loaded)
     cmd = "edgesplit bench " + " ".join(a for a in sys.argv[2:])
     print(f"\n`{cmd.strip()}` on {platform.machine()} {torch.get_num_threads()} torch thread(s) per side, "
@@ -155,12 +177,16 @@ def run_bench(args: argparse.Namespace) -> int:
     print("\nAll times are p50 in ms. overhead = total - (head + edge tail) - queueing; network = transfer+edge - "
           "(edge queue + decode + tail).")
     print("\nWhere the overhead goes (p50 ms of each part; runtime.measure.bench.overhead_parts):\n")
-    print("| split | codec | bytes/frame | agent hand-offs | codec work | gRPC both ways | worker hand-offs | overhead |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| split | codec | bytes/frame | agent hand-offs | codec work | gRPC both ways | worker hand-offs | overhead "
+          "| loopback floor | over compute + transfer |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         o = r["overhead_parts_p50_ms"]
         print(f"| {r['split_index']} | {r['codec']} | {r['bytes_per_frame']:,.0f} | {o['agent']:.2f} | {o['codec']:.2f} "
-              f"| {o['grpc']:.2f} | {o['worker']:.2f} | {r['overhead_p50_ms']:.2f} |")
+              f"| {o['grpc']:.2f} | {o['worker']:.2f} | {r['overhead_p50_ms']:.2f} | {r['loopback_floor_p50_ms']:.2f} "
+              f"| {r['overhead_over_floor_p50_ms']:.2f} |")
+    print("\nloopback floor = the same bytes each way between two processes over a plain TCP socket, the row's head and "
+          "tail as idle (runtime.measure.loopback_floor); over compute + transfer = overhead - loopback floor.")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"command": cmd, "model": loaded.name, "local_full_ms": local_ms, "rows": rows}, f, indent=1)
