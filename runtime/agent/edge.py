@@ -19,6 +19,7 @@ from runtime.proto.edgesplit.v1 import inference_pb2 as pb
 from runtime.wire.codec import decode_tensor, wire_bytes
 from runtime.wire.framewire import OutFrame
 from runtime.wire.stream import EdgeStream, GivenUp
+from runtime.wire.transport import link_chunk_bytes
 
 
 def read_result(res: pb.InferResult, result: FrameResult, t_send: float) -> None:
@@ -66,6 +67,11 @@ class EdgeSender:
         self.inflight = inflight
         self.metrics = metrics
         self.deadline_seconds = deadline_seconds
+    def _chunk_bytes(self, stream: EdgeStream) -> int:
+        """Payload bytes per message on this stream's link (runtime.wire.transport.link_chunk_bytes)."""
+        est = self.link.links.get(stream.address)
+        return link_chunk_bytes(stream.transport.chunk_bytes, est.bandwidth.value if est is not None else 0.0)
+
     def _censored(self, address: str, ahead: int, elapsed: float) -> None:
         """No result after ``elapsed`` s: the link did not carry ``ahead`` bytes in the time left once the
         worker's recent hold is taken off (a starved worker is not a slow link; runtime.agent.estimator)."""
@@ -89,7 +95,8 @@ class EdgeSender:
         deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up
         try:
             with span("agent.send"):
-                fut = await stream.send(req, deadline)  # DeadlineExceeded: not (fully) sent, the worker told to drop it
+                fut = await stream.send(req, deadline, self._chunk_bytes(stream))  # DeadlineExceeded: not (fully)
+                # sent, the worker told to drop it
             metrics = self.metrics
             metrics.sent_bytes.inc(result.wire_bytes)
             metrics.raw_bytes.inc(result.raw_bytes)  # the same frames: raw / sent is the compression ratio

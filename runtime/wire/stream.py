@@ -208,7 +208,7 @@ class EdgeStream(StreamWatch):
         self._channel = self._path = None
 
     async def send(self, request: pb.InferRequest | pb.StreamRequest | OutFrame,
-                   deadline: float | None = None) -> asyncio.Future:
+                   deadline: float | None = None, chunk_bytes: int = 0) -> asyncio.Future:
         """Send one frame; returns a future for its result. Raises Unavailable.
 
         ``request``: an InferRequest, a StreamRequest with ``frame`` set (sent without copying the
@@ -218,6 +218,7 @@ class EdgeStream(StreamWatch):
         ``deadline`` (``time.monotonic()`` seconds): past it, the frame is not started, or its
         remaining chunks are not sent and the worker is told to drop it (``FrameCancel``), so an
         abandoned frame stops taking the link from the frames behind it; raises DeadlineExceeded.
+        ``chunk_bytes``: payload bytes per message (the transport's ``chunk_bytes`` the most; 0: that).
         """
         await self._ensure_open()
         call: grpc.aio.StreamStreamCall = self._call  # open: _ensure_open returned
@@ -245,7 +246,8 @@ class EdgeStream(StreamWatch):
             if self._wake_at > live.progress_at + live.options.probe_after_seconds:
                 self._sooner(live)  # the first frame after idle: probes are due from now (idle ones may be off)
             try:
-                for msg in frame_messages(request, self.transport.chunk_bytes):
+                cap = self.transport.chunk_bytes
+                for msg in frame_messages(request, min(chunk_bytes, cap) if chunk_bytes > 0 else cap):
                     if deadline is not None and time.monotonic() > deadline:
                         # bytes already written still queue on the link: waited for until a probe proves them through
                         if written:

@@ -2,7 +2,8 @@
 
 A frame whose payload is larger than ``chunk_bytes`` travels as one ``StreamRequest.frame``
 carrying the first piece, followed at once by ``chunks - 1`` ``StreamRequest.chunk`` messages.
-No message therefore meets the gRPC receive limit, whatever the tensor size.
+No message therefore meets the gRPC receive limit, whatever the tensor size. The agent sizes a frame's messages by
+its link (:func:`link_chunk_bytes`), ``chunk_bytes`` the most.
 """
 
 from __future__ import annotations
@@ -19,6 +20,23 @@ from runtime.wire.liveness import LivenessOptions
 from runtime.wire.security import SecurityOptions, aio_channel, sync_channel
 
 MiB = 2**20
+KiB = 2**10
+# a frame's messages on a link the agent has measured: what the link carries in CHUNK_SECONDS, so a frame past its
+# deadline stops taking the link within about that (its remaining messages are not sent; the worker is told to drop it)
+CHUNK_SECONDS = 0.25
+MIN_CHUNK_BYTES = 64 * KiB  # and never smaller (0.33 s at 1.6 Mbit/s; a message costs a write and a read wake-up)
+UNMEASURED_CHUNK_BYTES = 256 * KiB  # a link not measured yet: unknown is not fast
+
+
+def link_chunk_bytes(cap: int, bytes_per_second: float) -> int:
+    """Payload bytes per stream message of a frame on a link that carries ``bytes_per_second`` (0.0: not measured):
+    what it carries in :data:`CHUNK_SECONDS`, at least :data:`MIN_CHUNK_BYTES`, ``cap`` the most; an unmeasured link
+    :data:`UNMEASURED_CHUNK_BYTES`. On loopback or a LAN a frame up to ``cap`` is one message: 803 KB frames as 256 KiB
+    chunks ran 0.7 ms slower in 3 of 3 pairs (overhead 2.67-2.73 against 1.92-1.99 ms; runtime/measure/results/
+    overhead.md); at 1.6 Mbit/s a 1 MiB message would hold the link 5.2 s past a frame's deadline."""
+    if bytes_per_second <= 0:
+        return min(cap, UNMEASURED_CHUNK_BYTES)
+    return min(cap, max(MIN_CHUNK_BYTES, int(bytes_per_second * CHUNK_SECONDS)))
 
 
 @dataclass(frozen=True)
@@ -26,7 +44,8 @@ class TransportOptions:
     """gRPC channel/server settings; one object instead of raw option tuples."""
 
     max_message_bytes: int = 8 * MiB  # send and receive limit per message, both ends
-    # payload bytes per stream message (< max_message_bytes). 1 MiB: frames up to 1 MiB go as one message.
+    # the most payload bytes per stream message (< max_message_bytes; the agent sends fewer on a slow or unmeasured
+    # link: link_chunk_bytes). 1 MiB: frames up to 1 MiB go as one message on a fast link.
     # Measured on loopback (EfficientNet-Lite0 conv2d_2 raw, 803 KB, runtime overhead p50, alternating
     # runs): 4.4-4.9 ms as one message against 6.2-6.8 ms as 256 KiB chunks and 6.9 ms as 64 KiB
     # (each message is a write, a read and a wake-up on both sides; runtime/measure/results/overhead.md).
