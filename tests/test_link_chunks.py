@@ -26,13 +26,18 @@ def test_chunk_follows_the_link_within_its_bounds():
     assert link_chunk_bytes(MiB, 1.6e6 / 8) == MIN_CHUNK_BYTES  # 1.6 Mbit/s: 50 KB in 0.25 s, the floor
     assert link_chunk_bytes(MiB, 800e6) == MiB  # loopback: the cap
     assert link_chunk_bytes(8 * 1024, 800e6) == 8 * 1024  # a cap under the floor wins
+    from runtime.wire.transport import TransportOptions
+    from runtime.worker.config import WorkerConfig
+
+    assert link_chunk_bytes(TransportOptions().chunk_bytes, 800e6) == 4 * MiB  # frames up to 4 MiB: one message
+    assert WorkerConfig().transport().chunk_bytes == MiB  # the worker's forwards: no link estimate, 1 MiB as before
 
 
 def test_agent_config_checks_its_chunk_cap():
     from runtime.agent.config import AgentConfig
     from runtime.contracts.errors import InvalidInput
 
-    assert AgentConfig(worker="127.0.0.1:1", model="resnet18").chunk_bytes == MiB
+    assert AgentConfig(worker="127.0.0.1:1", model="resnet18").chunk_bytes == 4 * MiB
     for bad in (0, 1000, 8 * MiB):
         with pytest.raises(InvalidInput, match="chunk_bytes must be"):
             AgentConfig(worker="127.0.0.1:1", model="resnet18", chunk_bytes=bad)
@@ -66,7 +71,7 @@ def test_agent_sends_one_message_on_a_fast_link_and_chunks_on_a_slow_one(monkeyp
 
     async def frames(address: str, n: int) -> tuple[list[int], float]:
         agent = Agent(loaded, InitialPlan(loaded.split("add_2"), get_codec("raw"), worker=address),
-                      AgentOptions(deadline_seconds=30.0))  # the transport's default cap, 1 MiB
+                      AgentOptions(deadline_seconds=30.0))  # the transport's default cap, 4 MiB
         counts.clear()
         try:
             await agent.start()

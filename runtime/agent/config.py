@@ -101,8 +101,9 @@ class AgentConfig(SecuritySettings, TracingSettings):  # security: runtime.wire.
     metrics_host: str = field("127.0.0.1", "address the metrics endpoint binds to")
     serve: str = field("", "also serve the local API here (127.0.0.1:PORT or unix:/path.sock) and keep running")
     max_message_bytes: int = field(8 * 2**20, "gRPC message size limit, both directions")
-    chunk_bytes: int = field(2**20, "the most payload bytes per stream message; a measured link gets what it carries "
-                             "in 0.25 s (at least 64 KiB), an unmeasured one 256 KiB")
+    chunk_bytes: int = field(4 * 2**20, "the most payload bytes per stream message (below the worker's "
+                             "max_message_bytes); a measured link gets what it carries in 0.25 s (at least 64 KiB), "
+                             "an unmeasured one 256 KiB")
     summary: bool = field(True, "print a latency/bytes summary to stderr at the end")
     planner: str = field("", "planner address HOST:PORT: register, follow its plans, send telemetry (empty: none)")
     profile: str = field("", "device profile JSON of the model on this board ('edgesplit profile'); required with --planner")

@@ -44,12 +44,13 @@ class TransportOptions:
     """gRPC channel/server settings; one object instead of raw option tuples."""
 
     max_message_bytes: int = 8 * MiB  # send and receive limit per message, both ends
-    # the most payload bytes per stream message (< max_message_bytes; the agent sends fewer on a slow or unmeasured
-    # link: link_chunk_bytes). 1 MiB: frames up to 1 MiB go as one message on a fast link.
-    # Measured on loopback (EfficientNet-Lite0 conv2d_2 raw, 803 KB, runtime overhead p50, alternating
-    # runs): 4.4-4.9 ms as one message against 6.2-6.8 ms as 256 KiB chunks and 6.9 ms as 64 KiB
-    # (each message is a write, a read and a wake-up on both sides; runtime/measure/results/overhead.md).
-    chunk_bytes: int = 1024 * 1024
+    # the most payload bytes per stream message (< max_message_bytes, whose 8 MiB the worker's must match; the agent
+    # sends fewer on a slow or unmeasured link: link_chunk_bytes). Each message is a write, a read and a wake-up on
+    # both sides; on loopback (EfficientNet-Lite0 raw, runtime overhead p50, alternating, overhead.md): 803 KB
+    # 4.4-4.9 ms as one message against 6.2-6.8 as 256 KiB chunks (2026-12-03) and 1.92-1.99 against 2.67-2.73
+    # (2026-12-05); 1.2 MB (conv2d_4) 2.04 / 2.11 / 2.57 ms with a 4 MiB cap against 2.73 / 2.68 / 2.76 as two
+    # 1 MiB messages (3 of 3 pairs, 07:06 UTC). So frames up to 4 MiB go as one message on a fast link.
+    chunk_bytes: int = 4 * MiB
     # keep-alive. Frame channels (agent -> worker, worker -> next tier, and the probes' own connections) and the
     # worker's server: only the backstop, 10 s + 60 s. A ping (or the answer to the server's) queues behind the frames already sent: on
     # a 1.6 Mbit/s link one 400 KB frame holds it 2 s, and eight 602 KB frames in flight 24 s, which ended

@@ -10,7 +10,9 @@ from runtime.contracts.tiers import EDGE
 from runtime.daemon.tracing import TracingSettings
 from runtime.wire.limits import DEFAULT_MAX_BYTES
 from runtime.wire.security import SecuritySettings
-from runtime.wire.transport import TransportOptions
+from runtime.wire.transport import MiB, TransportOptions
+
+FORWARD_CHUNK_BYTES = MiB  # the most payload bytes per message a worker forwards to its next tier
 
 
 @dataclass(frozen=True)
@@ -73,4 +75,7 @@ class WorkerConfig(SecuritySettings, TracingSettings):  # security: runtime.wire
             raise InvalidInput("halo_peers holds an empty address; give each as HOST:PORT or HOST")
 
     def transport(self) -> TransportOptions:
-        return TransportOptions(max_message_bytes=self.max_message_bytes, security=self.security())
+        # chunk_bytes: what it forwards to a next tier goes in messages of 1 MiB at most (it keeps no link estimate
+        # to size them by, as the agent does: runtime.wire.transport.link_chunk_bytes)
+        return TransportOptions(max_message_bytes=self.max_message_bytes, chunk_bytes=FORWARD_CHUNK_BYTES,
+                                security=self.security())
