@@ -33,6 +33,25 @@ def test_chunk_follows_the_link_within_its_bounds():
     assert WorkerConfig().transport().chunk_bytes == MiB  # the worker's forwards: no link estimate, 1 MiB as before
 
 
+def test_an_old_bandwidth_figure_sizes_nothing():
+    import time
+    from types import SimpleNamespace
+
+    from runtime.agent.edge import CHUNK_FIGURE_MAX_AGE_SECONDS, EdgeSender
+    from runtime.agent.telemetry import LinkEstimator
+    from runtime.wire.transport import TransportOptions
+
+    link = LinkEstimator()
+    sender = EdgeSender(link, None, None, 2.0)  # type: ignore[arg-type]  # only the link is read here
+    stream = SimpleNamespace(address="w:1", transport=TransportOptions())
+    assert sender._chunk_bytes(stream) == UNMEASURED_CHUNK_BYTES  # never measured
+    now = time.monotonic()
+    link.add_bandwidth_sample(800e6, "w:1")
+    assert sender._chunk_bytes(stream) == 4 * MiB  # fresh and fast: the cap
+    link.estimate("w:1").bandwidth.updated = now - CHUNK_FIGURE_MAX_AGE_SECONDS - 1
+    assert sender._chunk_bytes(stream) == UNMEASURED_CHUNK_BYTES  # old: unknown again, not fast
+
+
 def test_agent_config_checks_its_chunk_cap():
     from runtime.agent.config import AgentConfig
     from runtime.contracts.errors import InvalidInput

@@ -59,6 +59,9 @@ async def _within(fut: asyncio.Future, deadline: float) -> pb.InferResult:
         timer.cancel()
 
 
+CHUNK_FIGURE_MAX_AGE_SECONDS = 60.0  # a link's bandwidth figure older than this sizes no frame's messages
+
+
 class EdgeSender:
     """Sends frames on their plan's stream and waits, within ``deadline_seconds``, for their results."""
 
@@ -68,9 +71,11 @@ class EdgeSender:
         self.metrics = metrics
         self.deadline_seconds = deadline_seconds
     def _chunk_bytes(self, stream: EdgeStream) -> int:
-        """Payload bytes per message on this stream's link (runtime.wire.transport.link_chunk_bytes)."""
+        """Payload bytes per message on this stream's link (runtime.wire.transport.link_chunk_bytes); a bandwidth
+        figure older than CHUNK_FIGURE_MAX_AGE_SECONDS sizes nothing (the link is taken as unmeasured)."""
         est = self.link.links.get(stream.address)
-        return link_chunk_bytes(stream.transport.chunk_bytes, est.bandwidth.value if est is not None else 0.0)
+        fresh = est is not None and est.bandwidth.age(self.link.clock()) <= CHUNK_FIGURE_MAX_AGE_SECONDS
+        return link_chunk_bytes(stream.transport.chunk_bytes, est.bandwidth.value if fresh and est is not None else 0.0)
 
     def _censored(self, address: str, ahead: int, elapsed: float) -> None:
         """No result after ``elapsed`` s: the link did not carry ``ahead`` bytes in the time left once the
