@@ -10,6 +10,12 @@ re-priced, the rest as profiled:
   ran it under (``tl_id``, resolved when the report arrives; "" for none);
 * encode: the same transfer's ``encode_seconds`` when no Transfer Layer is involved (with one, the
   agent times the TL encoder apart, ``tl_encode``, and the profile's figure stays);
+* the same codec at another quality (``jpeg50`` beside a measured ``jpeg40``: one family, the name less its
+  trailing digits), at the same cut and TL, never sent: its profile bytes scaled by the measured / profiled ratio of
+  the family's nearest measured quality. A photo's JPEG says little of the board's frames at any quality: priced as
+  profiled, each unsent quality looked cheaper than the measured one (MobileNetV2's noise frames 12.9 KB at q40
+  against the profile's 5.4 KB, q75 3.6-10.5 KB in the profile), so at 0.1 Mbit/s the planner moved up one quality
+  at a time as each was measured, and a frame at q75 (24 KB) missed its deadline (the dynamic trace, 2026-12-05);
 * a figure counts from ``MIN_SAMPLES`` frames; one older than ``TTL_SECONDS`` is forgotten and the
   profile stands again; the profile decisions use is remade only when a figure moved by more than
   ``TOLERANCE`` from the one it was made with (every remake empties the search's table cache).
@@ -34,6 +40,7 @@ MIN_SAMPLES = 3  # frames behind a figure before it prices anything
 TTL_SECONDS = 300.0  # a figure with no sample for this long is forgotten
 TOLERANCE = 0.10  # remake the re-priced profile when a figure moved by more than this (relative)
 MAX_FIGURES = 64  # (split, codec, TL) figures kept per agent
+UNNUMBERED_QUALITY = {"jpeg": 90}  # a codec named without its quality: the wire's default (runtime.wire.jpeg)
 
 
 def check(t: pb.Telemetry) -> None:
@@ -120,12 +127,15 @@ def patched(profile: Profile, applied: dict[Key, tuple[float, float]]) -> Profil
             by_cut.setdefault(cut_of[split], {})[(codec, tl)] = figs
 
     def fix(transfers: tuple[Transfer, ...], figs: dict[tuple[str, str], tuple[float, float]]) -> tuple[Transfer, ...]:
+        ratios = _family_ratios(transfers, figs)
         out = []
         for t in transfers:
             f = figs.get((t.codec, t.tl_id))
             if f is not None:
                 enc = f[1] if f[1] > 0 and not t.tl_id else t.encode_seconds
                 t = dataclasses.replace(t, bytes=max(1, round(f[0])), encode_seconds=enc)
+            elif (family := ratios.get((_family(t.codec), t.tl_id))) is not None:
+                t = dataclasses.replace(t, bytes=max(1, round(t.bytes * _nearest(family, _quality(t.codec)))))
             out.append(t)
         return tuple(out)
 
@@ -136,3 +146,29 @@ def patched(profile: Profile, applied: dict[Key, tuple[float, float]]) -> Profil
     blocks = tuple(dataclasses.replace(b, transfers=fix(profile.transfers_after(b.index + 1), by_cut[b.index + 1]))
                    if b.index + 1 in by_cut else b for b in profile.blocks)
     return dataclasses.replace(profile, input_transfers=inputs, blocks=blocks)
+
+
+def _family(codec: str) -> str:
+    """A codec's family: its name less a trailing quality (``jpeg40`` -> ``jpeg``; ``int8+lz4`` is its own)."""
+    return codec.rstrip("0123456789")
+
+
+def _quality(codec: str) -> int:
+    digits = codec[len(_family(codec)):]
+    return int(digits) if digits else UNNUMBERED_QUALITY.get(codec, 0)
+
+
+def _family_ratios(transfers: tuple[Transfer, ...], figs: dict[tuple[str, str], tuple[float, float]]
+                   ) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """Per (codec family, TL) at one cut: (quality, measured / profiled bytes) of each measured transfer."""
+    ratios: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for t in transfers:
+        f = figs.get((t.codec, t.tl_id))
+        if f is not None and t.bytes > 0:
+            ratios.setdefault((_family(t.codec), t.tl_id), []).append((_quality(t.codec), f[0] / t.bytes))
+    return ratios
+
+
+def _nearest(family: list[tuple[int, float]], quality: int) -> float:
+    """The ratio of the measured quality nearest ``quality`` (the larger ratio of two as near)."""
+    return max(family, key=lambda qr: (-abs(qr[0] - quality), qr[1]))[1]

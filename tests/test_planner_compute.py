@@ -560,6 +560,40 @@ def test_patched_prices_codec_and_encode_of_the_measured_transfer_only():
     assert out.blocks[1:] == p.blocks[1:] and patched(p, {}) is p
 
 
+def test_patched_scales_the_unsent_qualities_of_a_measured_codec():
+    """A JPEG quality never sent is priced by the family's nearest measured quality's measured / profiled ratio
+    (the dynamic trace's climb q40 -> q50 -> q60 -> q75 at 0.1 Mbit/s, each looking cheaper until sent)."""
+    from planner.wirebytes import patched
+    from runtime.contracts.profile import Transfer
+
+    base = loads(DEVICE_PROFILE)
+    q = {n: Transfer(f"jpeg{n}", b, encode_seconds=0.001, codec=f"jpeg{n}") for n, b in
+         ((40, 5_400), (50, 6_000), (60, 7_000), (75, 10_500), (90, 20_000))}
+    raw = Transfer("raw", 600_000, codec="raw")
+    tl = Transfer("tl-x+jpeg50", 4_000, codec="jpeg50", tl_id="tl-x")  # another TL: not the measured family
+    p = dataclasses.replace(base, input_transfers=(*q.values(), raw, tl))
+    out = {t.name: t for t in patched(p, {("input", "jpeg40", ""): (12_900, 0.009)}).input_transfers}
+    ratio = 12_900 / 5_400
+    assert out["jpeg40"].bytes == 12_900 and out["jpeg40"].encode_seconds == 0.009
+    assert [out[f"jpeg{n}"].bytes for n in (50, 60, 75, 90)] == [round(b * ratio) for b in (6_000, 7_000, 10_500, 20_000)]
+    assert all(out[f"jpeg{n}"].encode_seconds == 0.001 for n in (50, 60, 75, 90))  # encode: only as measured
+    assert out["raw"].bytes == 600_000 and out["tl-x+jpeg50"].bytes == 4_000
+    # two measured: each unsent quality takes its nearest one's ratio
+    out = {t.name: t for t in patched(p, {("input", "jpeg40", ""): (10_800, 0.0),
+                                          ("input", "jpeg90", ""): (30_000, 0.0)}).input_transfers}
+    assert out["jpeg50"].bytes == 12_000 and out["jpeg60"].bytes == 14_000  # nearer q40: x2
+    assert out["jpeg75"].bytes == round(10_500 * 1.5)  # nearer q90: x1.5
+    # "jpeg" is the wire's default quality, 90
+    from planner.wirebytes import UNNUMBERED_QUALITY
+    from runtime.wire.jpeg import DEFAULT_QUALITY
+
+    assert UNNUMBERED_QUALITY["jpeg"] == DEFAULT_QUALITY
+    p = dataclasses.replace(base, input_transfers=(q[40], Transfer("jpeg", 20_000, codec="jpeg"), q[75]))
+    out = {t.name: t for t in patched(p, {("input", "jpeg40", ""): (10_800, 0.0),
+                                          ("input", "jpeg", ""): (30_000, 0.0)}).input_transfers}
+    assert out["jpeg75"].bytes == round(10_500 * 1.5)
+
+
 def test_bad_wire_reports_are_refused(aio, planner):
     async def scenario():
         v1 = await planner.register()
