@@ -51,7 +51,7 @@ test: $(STAMP) proto-check
 # import contracts (import-linter: the runtime never imports the planner; layers flow one way).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check runtime planner tests
-	$(VENV)/bin/mypy runtime/contracts runtime/wire runtime/models planner/measured.py planner/compute.py runtime/agent/telemetry.py \
+	$(VENV)/bin/mypy runtime/contracts runtime/wire runtime/models planner/measured.py planner/compute.py runtime/agent/telemetry.py runtime/agent/telemetry_report.py \
 		planner/decide.py planner/replanner.py planner/parallel_push.py planner/config.py runtime/daemon \
 		planner/dpfp.py planner/dpfp_factors.py planner/parallel_plan.py planner/store_bench.py \
 		runtime/parallel runtime/agent/parallel.py runtime/agent/parallel_calibrate.py runtime/agent/parallel_halo.py \

@@ -1,5 +1,5 @@
 """The agent's telemetry cadence (issue 15): a steady agent reports once per heartbeat, a link that
-moves out of its band is reported at once (runtime.agent.telemetry.ReportCadence), end to end
+moves out of its band is reported at once (runtime.agent.telemetry_report.ReportCadence), end to end
 with a real planner over gRPC: the step's report reaches it and a new plan comes back."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from planner.config import PlannerConfig
 from planner.server import serve
 from runtime.agent.planner_link import PlannerLink, PlannerLinkOptions
 from runtime.agent.prober import ProbeOptions
-from runtime.agent.telemetry import LinkEstimator, ReportCadence
+from runtime.agent.telemetry import LinkEstimator
+from runtime.agent.telemetry_report import ReportCadence
 from runtime.contracts.profile import loads
 from runtime.proto.edgesplit.v1 import planner_pb2 as pb
 from runtime.proto.edgesplit.v1 import planner_pb2_grpc as pb_grpc

@@ -60,7 +60,7 @@ def test_small_frames_and_local_frames_give_no_bandwidth_sample():
 
 def test_bytes_per_frame_and_encode_time_are_reported_per_split_and_codec():
     """runtime.agent.wirebytes: what the planner prices transfers with (Telemetry.wire)."""
-    from runtime.agent.telemetry import wire_reports
+    from runtime.agent.telemetry_report import wire_reports
 
     now = [100.0]
     est = LinkEstimator(clock=lambda: now[0])

@@ -12,7 +12,7 @@ One task per link. Each connection ("session"):
    the agent cannot apply (a Transfer Layer on a worker-to-worker hop, a slice that does not
    exist, a next tier the worker refuses at Prepare) refuses the plan and the last good one stays.
 3. ``ReportTelemetry`` carries a message when the link moved and at every heartbeat
-   (:class:`runtime.agent.telemetry.ReportCadence`): at once (a new session's first report, or the
+   (:class:`runtime.agent.telemetry_report.ReportCadence`): at once (a new session's first report, or the
    bandwidth estimate leaving +-25 % of the last reported figure or the running plan's band), and
    otherwise once per ``telemetry_heartbeat_seconds`` (``edgesplit agent``'s default 10 s; 0: one
    every ``telemetry_interval_seconds``, moved or not), never more than one per
@@ -55,7 +55,7 @@ from runtime.agent.plan import pushed_tl_id
 from runtime.agent.prediction import Prediction
 from runtime.agent.prediction import line as prediction_line
 from runtime.agent.prober import ProbeOptions, Prober
-from runtime.agent.telemetry import HEARTBEAT_SECONDS, ReportCadence, link_report, wire_reports
+from runtime.agent.telemetry_report import HEARTBEAT_SECONDS, ReportCadence, link_report, wire_reports
 from runtime.contracts.errors import DeadlineExceeded, EdgesplitError, InvalidInput, Overloaded, Unavailable
 from runtime.daemon.planner_client import PlannerClient, PlannerClientOptions
 from runtime.proto.edgesplit.v1 import planner_pb2 as ppb
@@ -87,9 +87,9 @@ class PlannerLinkOptions:
     # shortest time between two telemetry messages (across reconnects too)
     telemetry_interval_seconds: float = 1.0
     # a telemetry message at least this often (compute samples, a link that did not move); between
-    # heartbeats one only when the link estimate moves out of its band (runtime.agent.telemetry.ReportCadence).
+    # heartbeats one only when the link estimate moves out of its band (runtime.agent.telemetry_report.ReportCadence).
     # 0: a message every telemetry_interval_seconds, moved or not (the cadence before issue 15); default
-    # runtime.agent.telemetry.HEARTBEAT_SECONDS (10 s), as the agent command's
+    # runtime.agent.telemetry_report.HEARTBEAT_SECONDS (10 s), as the agent command's
     telemetry_heartbeat_seconds: float = HEARTBEAT_SECONDS
     # Transfer Layers the agent holds; None: the loaded one and those found in the agent's tl_dir
     tl_ids: tuple[str, ...] | None = None
