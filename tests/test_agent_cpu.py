@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from runtime.daemon import cgroup
 from runtime.measure import agent_cpu
-from runtime.measure.scenarios import testbed
 
 pytestmark = [pytest.mark.timeout(180),
               pytest.mark.skipif(not Path("/proc/self/schedstat").exists(),
@@ -112,7 +112,7 @@ def test_an_older_result_without_the_board_loop_figures_reads_the_same():
 
 
 def test_quota_without_cgroups_says_why(monkeypatch, capsys):
-    monkeypatch.setattr(testbed, "cgroup_unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
+    monkeypatch.setattr(cgroup, "unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
     assert agent_cpu.main(["--quota-us", "3500"]) == 2
     assert "no CPU quota here: no cgroup v1 cpu hierarchy (test)" in capsys.readouterr().err
 

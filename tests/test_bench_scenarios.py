@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from runtime.daemon.cgroup import ROOT, unavailable
 from runtime.measure.scenarios import costs
 from runtime.measure.scenarios.spec import STRATEGIES
-from runtime.measure.scenarios.testbed import CGROUP_ROOT, cgroup_unavailable
 
 
 def _ours() -> set[str]:
-    return {p.name for p in CGROUP_ROOT.glob("edgesplit-bench-*")} if CGROUP_ROOT.exists() else set()
+    return {p.name for p in ROOT.glob("edgesplit-bench-*")} if ROOT.exists() else set()
 
 
 def _left_behind(before: set[str]) -> set[str]:
@@ -177,7 +177,7 @@ def test_merge_keeps_each_runs_command_and_load():
 
 
 @pytest.mark.timeout(600)
-@pytest.mark.skipif(bool(cgroup_unavailable()), reason=f"needs a writable cgroup v1 cpu controller: {cgroup_unavailable()}")
+@pytest.mark.skipif(bool(unavailable()), reason=f"needs a writable cgroup v1 cpu controller: {unavailable()}")
 def test_quick_run_measures_every_strategy_and_cleans_up(tmp_path):
     before = _ours()
     tag = f"EDGESPLIT_TEST_TAG={uuid.uuid4().hex}"

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from runtime.daemon import cgroup
 from runtime.measure import board_handoff
-from runtime.measure.scenarios import testbed
 
 
 def _run(tmp_path, *extra: str) -> dict:
@@ -29,11 +29,11 @@ def test_unrestricted_run_reports_every_mode(tmp_path):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.skipif(bool(testbed.cgroup_unavailable()), reason=f"needs a CPU quota: {testbed.cgroup_unavailable()}")
+@pytest.mark.skipif(bool(cgroup.unavailable()), reason=f"needs a CPU quota: {cgroup.unavailable()}")
 def test_quota_run_removes_its_cgroups(tmp_path):
     got = _run(tmp_path, "--quota-us", "10000", "--period-us", "20000")  # half a core: quick
     assert got["summary"]["thread"]["frames"] == 3
-    assert not list(testbed.CGROUP_ROOT.glob(f"{board_handoff.GROUP_PREFIX}*"))
+    assert not list(cgroup.ROOT.glob(f"{board_handoff.GROUP_PREFIX}*"))
 
 
 def test_summary_counts_stalls_over_a_period_wait():

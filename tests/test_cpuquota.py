@@ -1,4 +1,4 @@
-"""runtime.tools.cpuquota: groups are created with the quota asked for and always removed."""
+"""runtime.daemon.cgroup and runtime.tools.cpuquota: groups are created with the quota asked for and always removed."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import time
 
 import pytest
 
+from runtime.daemon import cgroup
 from runtime.tools import cpuquota
 
 pytestmark = pytest.mark.timeout(60)
 
 
 def test_quota_set_limits_and_removes_its_groups():
-    why = cpuquota.unavailable()
+    why = cgroup.unavailable()
     if why:
         pytest.skip(f"CPU quotas unavailable: {why}")
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -35,8 +36,8 @@ def test_quota_set_limits_and_removes_its_groups():
 
 
 def test_quota_set_removes_groups_on_error():
-    if cpuquota.unavailable():
-        pytest.skip(f"CPU quotas unavailable: {cpuquota.unavailable()}")
+    if cgroup.unavailable():
+        pytest.skip(f"CPU quotas unavailable: {cgroup.unavailable()}")
     paths = []
     with pytest.raises(RuntimeError), cpuquota.QuotaSet(f"edgesplit-test-err-{os.getpid()}") as qs:
         paths.append(qs.new(0.5).path)
@@ -45,15 +46,15 @@ def test_quota_set_removes_groups_on_error():
 
 
 def test_bad_share_and_missing_hierarchy(tmp_path):
-    assert "no cgroup v1" in cpuquota.unavailable(tmp_path)
+    assert "no cgroup v1" in cgroup.unavailable(tmp_path)
     with pytest.raises(ValueError, match=r"0\.01\.\.64"):
-        cpuquota.CpuQuota("x", 0.0, tmp_path)
+        cgroup.CpuQuota.for_share("x", 0.0, tmp_path)
 
 
 def test_bench_says_why_it_cannot_run(monkeypatch, capsys):
     from runtime.tools import dpfp_bench
 
-    monkeypatch.setattr(cpuquota, "unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
+    monkeypatch.setattr(cgroup, "unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
     assert dpfp_bench.main(["--workers", "1"]) == 2
     assert "no cgroup v1 cpu hierarchy (test); not run" in capsys.readouterr().err
 
@@ -62,14 +63,14 @@ def test_small_share_needs_a_longer_period(tmp_path):
     """0.05 core is 500 us per 10 ms, below the kernel's 1 ms quota: refused with what to do; a 50 ms period
     holds it (2,500 us)."""
     with pytest.raises(ValueError, match="longer period"):
-        cpuquota.CpuQuota("x", 0.05, tmp_path)
-    q = cpuquota.CpuQuota("y", 0.05, tmp_path, period_us=50_000)  # a plain folder stands in for the hierarchy
+        cgroup.CpuQuota.for_share("x", 0.05, tmp_path)
+    q = cgroup.CpuQuota.for_share("y", 0.05, tmp_path, period_us=50_000)  # a plain folder stands in for the hierarchy
     assert (q.path / "cpu.cfs_quota_us").read_text() == "2500"
     assert (q.path / "cpu.cfs_period_us").read_text() == "50000"
 
 
 def test_a_group_switches_its_period_at_the_same_share(tmp_path):
-    q = cpuquota.CpuQuota("z", 0.4, tmp_path)  # a plain folder stands in for the hierarchy
+    q = cgroup.CpuQuota.for_share("z", 0.4, tmp_path)  # a plain folder stands in for the hierarchy
     q.set_period(2_500)
     assert (q.path / "cpu.cfs_period_us").read_text() == "2500" and (q.path / "cpu.cfs_quota_us").read_text() == "1000"
     with pytest.raises(ValueError, match="longer period"):
@@ -79,7 +80,7 @@ def test_a_group_switches_its_period_at_the_same_share(tmp_path):
 
 def test_one_thread_in_a_quota_and_the_busiest_thread():
     """dpfp_round's third setting: only a worker's compute thread in the quota, found as its busiest thread."""
-    why = cpuquota.unavailable()
+    why = cgroup.unavailable()
     if why:
         pytest.skip(f"CPU quotas unavailable: {why}")
     from runtime.tools.dpfp_round import busiest_thread, thread_cpu

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.daemon import cgroup
 from runtime.tools import cpuquota, dpfp_period
 
 pytestmark = pytest.mark.timeout(120)
@@ -16,7 +17,7 @@ def test_periods_below_the_kernels_quota_are_refused(capsys):
 
 
 def test_says_why_without_quotas(monkeypatch, capsys):
-    monkeypatch.setattr(cpuquota, "unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
+    monkeypatch.setattr(cgroup, "unavailable", lambda: "no cgroup v1 cpu hierarchy (test)")
     assert dpfp_period.main(["--periods", "10000"]) == 2
     assert "no CPU quotas (no cgroup v1 cpu hierarchy (test)); not run" in capsys.readouterr().err
 
@@ -24,8 +25,8 @@ def test_says_why_without_quotas(monkeypatch, capsys):
 def test_a_quota_runs_at_its_share_on_average():
     """Over 1 s, CPU / wall of a busy process in a 0.4-core quota is near 0.4 (units of 5 ms: their mean wall /
     CPU is 1/share within a wide margin: the machine is shared); each unit's ratio is at least 1."""
-    if cpuquota.unavailable():
-        pytest.skip(f"CPU quotas unavailable: {cpuquota.unavailable()}")
+    if cgroup.unavailable():
+        pytest.skip(f"CPU quotas unavailable: {cgroup.unavailable()}")
     import os
 
     with cpuquota.QuotaSet(f"edgesplit-test-period-{os.getpid()}") as q:

@@ -23,7 +23,7 @@ liveness probes an idle peer every ``probe_after`` (0.5 s, runtime.wire.liveness
 never let those probes run, so the background counted then is a second window with the stream's idle probes paused
 (the idle window's full rate, probes included, made the runtime figure ~0.2 ms a frame too low at 50 ms gaps).
 
-``--quota-us`` runs the agent under a cgroup v1 CPU quota (the headline benchmark's, runtime.measure.scenarios.testbed; the worker stays free), joined
+``--quota-us`` runs the agent under a cgroup v1 CPU quota (the headline benchmark's, runtime.daemon.cgroup; the worker stays free), joined
 after the model is loaded, as the headline benchmark's board does; it reports the group's throttled time per
 frame. Without root or a cgroup v1 cpu hierarchy it says why and stops (exit 2). Figures go to stdout; ``--json``
 writes them all; ``--markdown`` also prints them as a markdown table row (FIGURES' columns).
@@ -446,11 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     if not Path("/proc/self/task").is_dir() or not Path("/proc/self/schedstat").exists():
         print("no per-thread CPU here: needs Linux's /proc/PID/task/TID/schedstat (CONFIG_SCHED_INFO)", file=sys.stderr)
         return 2
-    from runtime.measure.scenarios import testbed
+    from runtime.daemon.cgroup import CpuQuota, unavailable
     from runtime.worker.process import spawn_worker
 
     if args.quota_us:
-        why = testbed.cgroup_unavailable()
+        why = unavailable()
         if why:
             print(f"no CPU quota here: {why}", file=sys.stderr)
             return 2
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     quota = None
     try:
         if args.quota_us:
-            quota = testbed.CpuQuota(f"edgesplit-agentcpu-{os.getpid()}", args.period_us, args.quota_us)
+            quota = CpuQuota(f"edgesplit-agentcpu-{os.getpid()}", args.period_us, args.quota_us)
             (quota.path / "cgroup.procs").write_text(str(os.getpid()))  # after torch and the model are loaded
         out = eventloop.run(measure(args, loaded, worker.address, quota.path if quota else None))
     finally:

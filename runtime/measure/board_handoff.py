@@ -3,7 +3,7 @@
     python -m runtime.measure.board_handoff --quota-us 3300 --period-us 50000 --job-ms 9 --frames 30 --rounds 2
 
 Each mode runs in a child process in a fresh cgroup v1 ``cpu`` group with the quota (the headline's emulated board,
-``runtime.measure.scenarios.testbed``; removed at the end, on an error and on Ctrl-C too): ``--frames`` jobs of ``--job-ms`` of
+``runtime.daemon.cgroup``; removed at the end, on an error and on Ctrl-C too): ``--frames`` jobs of ``--job-ms`` of
 CPU (a torch matmul loop, one torch thread, calibrated unrestricted first), ``--gap-ms`` idle after each (a frame's
 link and worker time), and after each job:
 
@@ -148,21 +148,20 @@ def main(argv: list[str] | None = None) -> int:
         mode, cgroup, reps = args.child.split(",")
         print(json.dumps(_child(mode, cgroup, int(reps), args.frames, args.gap_ms / 1e3)))
         return 0
-    from runtime.measure.scenarios import testbed
+    from runtime.daemon.cgroup import CpuQuota, unavailable
 
-    if args.quota_us and (why := testbed.cgroup_unavailable()):
+    if args.quota_us and (why := unavailable()):
         print(f"cannot run under a CPU quota: {why}", file=sys.stderr)
         return 2
     reps = _reps_for(args.job_ms)
     runs: list[dict[str, Any]] = []
-    groups: list[testbed.CpuQuota] = []
+    groups: list[CpuQuota] = []
     try:
         for rnd in range(args.rounds):
             for mode in MODES:
                 path = ""
                 if args.quota_us:
-                    groups.append(testbed.CpuQuota(f"{GROUP_PREFIX}{os.getpid()}-{len(groups)}", args.period_us,
-                                                   args.quota_us))
+                    groups.append(CpuQuota(f"{GROUP_PREFIX}{os.getpid()}-{len(groups)}", args.period_us, args.quota_us))
                     path = str(groups[-1].path)
                 cmd = [sys.executable, "-m", "runtime.measure.board_handoff", "--frames", str(args.frames),
                        "--gap-ms", str(args.gap_ms), "--child", f"{mode},{path},{reps}"]

@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from runtime.daemon import cgroup
 from runtime.tools import adapt_stages, cpuquota
 from runtime.tools.netem import DelayProxy, LinkShape
 
@@ -61,7 +62,7 @@ def _phases(text: str) -> list[tuple[float, float]]:
     return [(float(a), float(b)) for a, b in (p.split(":") for p in text.split(","))]
 
 
-async def _run(cmd: list[str], quota: cpuquota.CpuQuota | None = None, **kw: Any) -> asyncio.subprocess.Process:
+async def _run(cmd: list[str], quota: cgroup.CpuQuota | None = None, **kw: Any) -> asyncio.subprocess.Process:
     proc = await asyncio.create_subprocess_exec(*cmd, **kw)
     if quota is not None:
         quota.add(proc.pid)
@@ -102,7 +103,7 @@ DROPPED = r"^edgesplit_agent_dropped_frames_total (\S+)"  # frames the agent's -
 async def record(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     phases = _phases(args.phases)
     rng = random.Random(args.seed)
-    why_not = cpuquota.unavailable()
+    why_not = cgroup.unavailable()
     quotas = contextlib.ExitStack()
     board = None
     if why_not is None and args.board_share > 0:
@@ -159,7 +160,7 @@ async def record(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 
 async def _drive(args: argparse.Namespace, phases: list[tuple[float, float]], rng: random.Random, relay: DelayProxy,
                  agent: asyncio.subprocess.Process, procs: list[asyncio.subprocess.Process],
-                 join: cpuquota.CpuQuota | None = None) -> dict[str, Any]:
+                 join: cgroup.CpuQuota | None = None) -> dict[str, Any]:
     """``join``: the board's quota, which the agent enters once it has started (torch loaded, plan link up)."""
     assert agent.stdout is not None and agent.stderr is not None  # started with both piped (record)
     stdout, stderr = agent.stdout, agent.stderr
@@ -371,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delay-ms", type=float, default=5.0, help="one-way delay of the relay (default: 5)")
     p.add_argument("--board-share", type=float, default=0.25,
                    help="CPU share of one core for the board (cgroup v1; 0: none; default: 0.25)")
-    p.add_argument("--board-period-us", type=int, default=cpuquota.PERIOD_US,
+    p.add_argument("--board-period-us", type=int, default=cgroup.PERIOD_US,
                    help="cgroup cfs period of the board's quota; a share under 0.1 core needs a longer one (the "
                         "kernel's smallest quota is 1 ms) (default: %(default)s)")
     p.add_argument("--worker-threads", type=int, default=1,
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"analysis": result, **run}, indent=1))
     plot(run, out.with_suffix(".png"))
-    board = "none (cgroup v1 unavailable)" if cpuquota.unavailable() else f"{args.board_share:g} of a core"
+    board = "none (cgroup v1 unavailable)" if cgroup.unavailable() else f"{args.board_share:g} of a core"
     md = [f"# Adaptivity run: {args.model}, phases {args.phases} (Mbit/s:s), +-{args.jitter:.0%} jitter", "",
           f"Command: {cited}; board CPU: {board}; relay delay {args.delay_ms:g} ms each way; load average "
           f"(1/5/15 min) {_la(run['load_average'][0])} at the start, {_la(run['load_average'][1])} at the end "

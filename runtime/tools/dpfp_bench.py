@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from runtime.tools.cpuquota import MIN_QUOTA_US, PERIOD_US
+from runtime.daemon.cgroup import MIN_QUOTA_US, PERIOD_US
 from runtime.tools.dpfp_measure import (
     ACKED,
     HALO,
@@ -60,8 +60,9 @@ from runtime.wire import eventloop
 if TYPE_CHECKING:
     import torch
 
+    from runtime.daemon.cgroup import CpuQuota
     from runtime.models.loader import LoadedModel
-    from runtime.tools.cpuquota import CpuQuota, QuotaSet
+    from runtime.tools.cpuquota import QuotaSet
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -241,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 1000 <= x <= 1_000_000 or round(args.share * x) < MIN_QUOTA_US for x in args.periods):
         p.error(f"--period-us must be 1000..1000000 and --share x --period-us at least the kernel's {MIN_QUOTA_US} us "
                 f"quota (a share of {args.share:g} core needs {-(-MIN_QUOTA_US // args.share):.0f} us or more)")
-    from runtime.tools.cpuquota import QuotaSet, unavailable
+    from runtime.daemon.cgroup import unavailable
+    from runtime.tools.cpuquota import QuotaSet
 
     why = unavailable()
     if why:

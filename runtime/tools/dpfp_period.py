@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             and all(1000 <= x <= 1_000_000 and args.share * x >= 1000 for x in periods)):
         p.error("--share 0..1, --seconds 0..60, --work-ms 0..1000 each, --periods 1000..1000000 each with a quota "
                 "(share x period) of at least the kernel's 1000 us")
-    from runtime.tools.cpuquota import QuotaSet, unavailable
+    from runtime.daemon.cgroup import unavailable
+    from runtime.tools.cpuquota import QuotaSet
 
     why = unavailable()
     if why:

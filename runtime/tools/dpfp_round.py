@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--workers 1..16, --frames 1..1000, --share 0..4, --period-us 1000..1000000")
     if "," not in args.block:
         p.error("--block takes START,END")
-    from runtime.tools.cpuquota import QuotaSet, unavailable
+    from runtime.daemon.cgroup import unavailable
+    from runtime.tools.cpuquota import QuotaSet
 
     load = os.getloadavg()
     why = unavailable()

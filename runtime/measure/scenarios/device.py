@@ -27,9 +27,9 @@ from runtime.agent.client import Agent
 from runtime.agent.config import AgentOptions, InitialPlan
 from runtime.agent.frame import FrameResult
 from runtime.agent.sources import open_source
+from runtime.daemon.cgroup import ROOT as CGROUP_ROOT
 from runtime.measure.profiler import profile_model
 from runtime.measure.scenarios import calibrate as calibration
-from runtime.measure.scenarios.testbed import CGROUP_ROOT
 from runtime.models.loader import LoadedModel, load_model
 from runtime.models.spec import ModelSpec, source_pixels
 from runtime.transfer.artifact import load_tl

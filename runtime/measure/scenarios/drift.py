@@ -47,7 +47,7 @@ def run(model: str, quota_us: int, period_us: int, passes: int, blocks: int, mod
     import torch
 
     from runtime.agent.sources import open_source
-    from runtime.measure.scenarios.testbed import CGROUP_ROOT, CpuQuota
+    from runtime.daemon.cgroup import ROOT, CpuQuota
     from runtime.models.loader import load_model
     from runtime.wire import eventloop
 
@@ -65,7 +65,7 @@ def run(model: str, quota_us: int, period_us: int, passes: int, blocks: int, mod
     try:
         _passes(loaded, xs, 2, 0.0)
         for b in range(blocks):
-            (CGROUP_ROOT / "cgroup.procs").write_text(str(os.getpid()))
+            (ROOT / "cgroup.procs").write_text(str(os.getpid()))
             os.sched_setaffinity(0, everywhere)
             free = statistics.median(_passes(loaded, xs, passes, 0.0)[0])
             (cg.path / "cgroup.procs").write_text(str(os.getpid()))
@@ -87,7 +87,7 @@ def run(model: str, quota_us: int, period_us: int, passes: int, blocks: int, mod
         for lp in loops:
             lp.kill()
             lp.wait()
-        (CGROUP_ROOT / "cgroup.procs").write_text(str(os.getpid()))
+        (ROOT / "cgroup.procs").write_text(str(os.getpid()))
         cg.remove()
     return out
 

@@ -77,7 +77,7 @@ def measure(encs: dict, xs: list, repeats: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from runtime.agent.sources import open_source
-    from runtime.measure.scenarios.testbed import CGROUP_ROOT, CpuQuota, cgroup_unavailable
+    from runtime.daemon.cgroup import ROOT, CpuQuota, unavailable
     from runtime.models.loader import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -93,14 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     xs = [f.tensor for f in open_source(spec, "samples", 4)]
     encs = encoders(spec, xs)
     free = measure(encs, xs, args.repeats)
-    board, why = None, cgroup_unavailable()
+    board, why = None, unavailable()
     if not why:
         quota = CpuQuota(f"edgesplit-input-codecs-{uuid.uuid4().hex[:8]}", args.period_us, args.quota_us)
         try:
             (quota.path / "cgroup.procs").write_text(str(os.getpid()))
             board = measure(encs, xs, args.repeats)
         finally:
-            (CGROUP_ROOT / "cgroup.procs").write_text(str(os.getpid()))
+            (ROOT / "cgroup.procs").write_text(str(os.getpid()))
             quota.remove()
     print(f"{args.model}, 4 bundled photos, 1 torch thread; board: "
           + (f"cfs quota {args.quota_us}/{args.period_us} us" if board else f"not measured ({why})"))

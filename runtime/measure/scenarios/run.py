@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 from runtime.contracts.costmodel import Configuration, Link
 from runtime.contracts.profile import Profile
 from runtime.contracts.profile import load as load_profile
+from runtime.daemon.cgroup import CpuQuota, unavailable
 from runtime.measure.scenarios import board as board_heads
 from runtime.measure.scenarios import costs, dynamic, fidelity, trial
 from runtime.measure.scenarios.device import _readline_json
 from runtime.measure.scenarios.spec import JPEG_QUALITY, SCENARIOS, RunSpec, Scenario, round_edges
-from runtime.measure.scenarios.testbed import Cleanup, CpuQuota, Relay, cgroup_unavailable, measure_link
+from runtime.measure.scenarios.testbed import Cleanup, Relay, measure_link
 
 if TYPE_CHECKING:
     import torch
@@ -402,7 +403,7 @@ def run(spec: RunSpec, rank: Ranker, progress: Progress,
     after each model, so a long run that is stopped keeps what it measured). ``frames`` makes the fidelity
     checks' frames (default: the bundled photos, repeated)."""
     frames = frames or _sample_frames
-    why = cgroup_unavailable()
+    why = unavailable()
     if why:
         raise RuntimeError(f"cannot emulate the board: {why}; run as root on a host with cgroup v1 cpu")
     started, load = time.time(), _load()

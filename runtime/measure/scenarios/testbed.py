@@ -1,20 +1,18 @@
-"""The testbed's pieces, each removed on success, failure and Ctrl-C: a cgroup v1 CPU quota for the
-board, link relays (``runtime.tools.netem`` as child processes) and the measurement of the link a
-relay actually gives (RTT and receiver-side bandwidth, through a twin relay process with the same settings)."""
+"""The testbed's pieces, each removed on success, failure and Ctrl-C: link relays (``runtime.tools.netem`` as
+child processes), the measurement of the link a relay actually gives (RTT and receiver-side bandwidth, through a
+twin relay process with the same settings), and :class:`Cleanup`, which undoes them. The board's cgroup v1 CPU
+quota is :class:`runtime.daemon.cgroup.CpuQuota`, the one runtime.tools uses too."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 import signal
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
 
@@ -22,53 +20,7 @@ from runtime.daemon import children
 
 logger = logging.getLogger(__name__)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup/cpu")
 RELAY_START_SECONDS = 20.0
-MIN_QUOTA_US = 1000  # the kernel refuses a cfs quota below 1 ms
-
-
-def cgroup_unavailable() -> str:
-    """Why a cgroup v1 CPU quota cannot be made here ("" when it can)."""
-    if not (CGROUP_ROOT / "cpu.cfs_quota_us").exists():
-        return f"no cgroup v1 cpu controller at {CGROUP_ROOT}"
-    if not os.access(CGROUP_ROOT, os.W_OK):
-        return f"{CGROUP_ROOT} is not writable (needs root)"
-    return ""
-
-
-class CpuQuota:
-    """``/sys/fs/cgroup/cpu/<name>`` with a cfs quota; processes join by writing their pid."""
-
-    def __init__(self, name: str, period_us: int, quota_us: int):
-        self.path = CGROUP_ROOT / name
-        if quota_us < MIN_QUOTA_US:
-            raise ValueError(f"cfs quota must be >= {MIN_QUOTA_US} us, got {quota_us}")
-        self.path.mkdir()
-        try:
-            (self.path / "cpu.cfs_period_us").write_text(str(period_us))
-            (self.path / "cpu.cfs_quota_us").write_text(str(quota_us))
-        except OSError:
-            self.path.rmdir()
-            raise
-
-    @property
-    def procs(self) -> list[int]:
-        return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
-
-    def remove(self) -> None:
-        """Move any process left back to the root group, then remove the group (bounded retries)."""
-        if not self.path.exists():
-            return
-        for _ in range(50):
-            for pid in self.procs:
-                with contextlib.suppress(OSError):
-                    (CGROUP_ROOT / "cgroup.procs").write_text(str(pid))
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
-        logger.warning("could not remove %s", self.path)
 
 
 class Relay:
