@@ -45,6 +45,32 @@ def test_rtt_is_the_smallest_recent_probe_and_follows_a_lasting_change():
     assert link.rtt_seconds == 0.040
 
 
+def test_stage_samples_are_reported_under_the_plan_they_ran_under_only():
+    """The planner reads a report's head against the plan its version names: a frame of the plan before (observed
+    before the switch, or finishing after it) gives no stage sample under the next one."""
+    import torch
+
+    from runtime.agent.frame import FrameResult
+
+    def frame(seq: int, head: float) -> FrameResult:
+        r = FrameResult(seq, "f", torch.empty(0), "local", "maxpool", "raw")
+        r.times = {"head": head, "total": head}
+        return r
+
+    link = LinkEstimator()
+    link.observe(frame(0, 0.308), 0, 0)  # under the agent's own split, before the planner's first plan
+    stages, frames = link.take_report(1)  # reported once plan 1 is in force: its head is not plan 1's
+    assert "head" not in stages and frames == 1
+    link.observe(frame(1, 2.9), 1, 1)
+    link.observe(frame(2, 0.3), 0, 1)  # an older plan's frame finishing after the switch
+    assert link.take_report(1)[0]["head"] == 2.9
+    link.observe(frame(3, 2.5), 1, 1)
+    link.observe(frame(4, 0.1), 2, 2)  # plan 2 now: plan 1's samples go
+    assert link.take_report(2)[0]["head"] == 0.1
+    link.observe(frame(5, 0.4))  # no plan named (tests, the parallel path): kept
+    assert link.take_report()[0]["head"] == 0.4
+
+
 def test_small_frames_and_local_frames_give_no_bandwidth_sample():
     link = LinkEstimator()
     link.add_rtt_sample(BASE_RTT)

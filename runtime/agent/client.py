@@ -379,7 +379,8 @@ class Agent:
             histogram = by_stage.get(stage)
             if histogram is not None:
                 histogram.observe(seconds)
-        self.link.observe(result)
+        # its stages count only under the plan telemetry names now (the planner reads a head against that plan)
+        self.link.observe(result, 0 if plan.fallback else plan.version, self.telemetry_plan_version)
         return result
 
     async def close(self) -> None:

@@ -458,7 +458,7 @@ class PlannerLink:
         figures of one worker are never reported under another's id)."""
         await self.agent.probe_rtt(self.options.probe_timeout)
         link = self.agent.link
-        stages, frames = link.take_report()
+        stages, frames = link.take_report(self.agent.telemetry_plan_version)
         now = link.clock()
         worker, address = self._main_link(now)
         main = link_report(worker or address, link.links.get(address) if address else None, now)

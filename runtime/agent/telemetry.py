@@ -94,6 +94,7 @@ class LinkEstimator:
         # the loop, which would lengthen them (Agent._board_inline, runtime.agent.boardplace)
         self.timing = 0
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
+        self._stages_plan: int | None = None  # the plan version the stage samples were taken under (None: unguarded)
         self._frames = 0
         self.overhead_warmup = OVERHEAD_WARMUP
         self._overhead_run: tuple[tuple[str, str, str, str], int] = (("", "", "", ""), 0)  # configuration, frames in it
@@ -135,15 +136,19 @@ class LinkEstimator:
         est = self.links.get(self.current)
         return est.rtt.value if est is not None else 0.0
 
-    def observe(self, result: Any) -> None:
+    def observe(self, result: Any, plan: int | None = None, now_plan: int | None = None) -> None:
         """Take one finished frame (a FrameResult): its stage times, and a bandwidth sample if it
-        ran on the edge with enough bytes and a positive network time."""
+        ran on the edge with enough bytes and a positive network time. ``plan``: the plan version the frame ran
+        under as telemetry names it, ``now_plan`` the one the agent's reports name now (runtime.agent.client
+        ``telemetry_plan_version``): a frame of another plan gives no stage sample (see :meth:`_follow_plan`)."""
         self._frames += 1
         now = self.clock()
         if self.keep_history:
             self.history.frame(result.seq, result.times.get("total", 0.0), now)
-        for stage, seconds in result.times.items():
-            self._stages[stage].append(seconds)
+        self._follow_plan(now_plan)
+        if plan is None or now_plan is None or plan == now_plan:
+            for stage, seconds in result.times.items():
+                self._stages[stage].append(seconds)
         other = self.observe_overhead(result)
         self.wire.observe(result, encode=not self._warming)  # a start-up frame's encode is no figure of the board's
         if other is not None and result.where == "local" and result.split == "output":  # the local plan's board
@@ -308,8 +313,19 @@ class LinkEstimator:
         """Frames observed since the last :meth:`take_report`."""
         return self._frames
 
-    def take_report(self) -> tuple[dict[str, float], int]:
-        """``(median seconds by stage, frames)`` since the previous call; resets both."""
+    def _follow_plan(self, now_plan: int | None) -> None:
+        """Keep the stage samples of one plan only: the planner reads a report's head against the plan its version
+        names, so the samples of the plan before are dropped when the agent's plan changes (a frame's 308 ms head
+        under the first plan, reported under the next, a local plan, read as a board 6x faster than profiled: the
+        dynamic trace, 2026-12-05). ``None``: the caller names no plan, nothing is dropped."""
+        if now_plan is not None and now_plan != self._stages_plan:
+            self._stages.clear()
+            self._stages_plan = now_plan
+
+    def take_report(self, now_plan: int | None = None) -> tuple[dict[str, float], int]:
+        """``(median seconds by stage, frames)`` since the previous call; resets both. ``now_plan``: the plan version
+        the report names (stage samples of another plan are dropped, :meth:`_follow_plan`)."""
+        self._follow_plan(now_plan)
         medians = {stage: statistics.median(v) for stage, v in self._stages.items() if v}
         if self.frame_interval > 0 and medians:  # the workload, for the planner's queue terms (planner.compute.Overhead)
             medians["source_interval"], medians["source_window"] = self.frame_interval, float(self.frame_window)
