@@ -70,6 +70,7 @@ class EdgeSender:
         self.inflight = inflight
         self.metrics = metrics
         self.deadline_seconds = deadline_seconds
+
     def _chunk_bytes(self, stream: EdgeStream) -> int:
         """Payload bytes per message on this stream's link (runtime.wire.transport.link_chunk_bytes); a bandwidth
         figure older than CHUNK_FIGURE_MAX_AGE_SECONDS sizes nothing (the link is taken as unmeasured)."""
@@ -100,8 +101,8 @@ class EdgeSender:
         deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up
         try:
             with span("agent.send"):
-                fut = await stream.send(req, deadline, self._chunk_bytes(stream))  # DeadlineExceeded: not (fully)
-                # sent, the worker told to drop it
+                # DeadlineExceeded: not (fully) sent, the worker told to drop it
+                fut = await stream.send(req, deadline, self._chunk_bytes(stream))
             metrics = self.metrics
             metrics.sent_bytes.inc(result.wire_bytes)
             metrics.raw_bytes.inc(result.raw_bytes)  # the same frames: raw / sent is the compression ratio
