@@ -302,3 +302,58 @@ def test_the_planner_link_re_costs_a_local_plans_line_at_the_board():
     for i in range(8):
         est.observe(local_frame(i, 0.19))
     assert PlannerLink.predicted(link, local_frame(50, 0.19)) == pytest.approx(0.19 + 0.005)
+
+
+def _overfull_link(n: int, correct: bool = True) -> tuple[LinkEstimator, list[FrameResult], list[float]]:
+    """12.9 KB frames once a second up a link that carries 12.5 KB/s each way (4 KB of logits back, 20 ms RTT, the
+    worker holding each 0.1 s): each frame waits 32 ms longer than the one before for the bytes ahead of it (the
+    dynamic trace's 0.1 Mbit/s step, DenseNet-169 as JPEG). Returns the estimator, the frames and their waits."""
+    now = [0.0]
+    est = LinkEstimator(clock=lambda: now[0])
+    est.use("e:1")
+    est.add_rtt_sample(0.020, "e:1")
+    est.frame_interval, est.frame_window = 1.0, 2
+    rate, up, down, held, rtt = 12_500.0, 12_900, 4_000, 0.1, 0.020
+    free, frames, waits = 0.0, [], []
+    for seq in range(n):
+        sent = 100.0 + seq
+        start = max(sent, free)
+        free = start + up / rate
+        finish = free + held + down / rate + rtt
+        now[0] = finish + 0.001
+        r = FrameResult(seq, "f", torch.zeros(1, down // 4), "edge", "input", "jpeg40", 3, worker="e:1",
+                        wire_bytes=up, sent_at=sent if correct else 0.0,
+                        times={"transfer_edge": finish - sent, "edge_held": held, "total": finish - sent + 0.001})
+        est.observe(r)
+        frames.append(r)
+        waits.append(start - sent)
+    return est, frames, waits
+
+
+def test_a_frames_wait_behind_the_one_ahead_on_the_link_is_not_taken_for_a_slower_link():
+    """A frame sent while the bytes ahead of it were still on the link waited for them: that wait is the link's
+    queue, not its rate. Taken for the rate, the estimate fell from 12.0 to 9.5 KB/s in the dynamic trace while the
+    link carried 12.5 (runtime.agent.telemetry)."""
+    est, _, waits = _overfull_link(14)
+    assert waits[-1] == pytest.approx(13 * 0.032)
+    assert est.bandwidth_bytes_per_second == pytest.approx(12_500, rel=0.01)
+    naive, _, _ = _overfull_link(14, correct=False)  # frames with no send time: their wait counts as transfer
+    assert naive.bandwidth_bytes_per_second < 11_500
+
+
+def test_a_result_line_holds_the_frames_own_wait_behind_the_one_ahead_on_the_link():
+    """Lindley's recursion on the link (runtime.agent.prediction.History.send): each frame's wait from the frame
+    sent before it, its wait and its bytes at the bandwidth known then; one expected wait for every frame (the
+    drop-limited one of a link busy over 100 % of the time) priced the same 0 to 0.4 s as 0.57 s and more."""
+    est, frames, waits = _overfull_link(14)
+    p = Prediction.of(plan_1mbit())
+    assert est.history.link_wait(1) is None  # the link not measured yet when it was sent
+    for r, wait in zip(frames[2:], waits[2:], strict=True):
+        assert est.history.link_wait(r.seq) == pytest.approx(wait, abs=0.002)
+    first, last = line(p, est, frames[2]), line(p, est, frames[-1])
+    assert last - first == pytest.approx(waits[-1] - waits[2], abs=0.003)
+    # a frame with no known frame ahead on its link (the first, another link's) gets the expected wait
+    assert est.history.link_wait(0) is None and est.history.send(99, "e:2", 500.0, 12_900, 12_500.0) == 0.0
+    bw = est.links.get("e:1").bandwidth.value
+    assert p.now(est.links.get("e:1"), 12_900, frame_bytes=12_900, interval=1.0, window=2) == pytest.approx(
+        p.now(est.links.get("e:1"), 12_900, frame_bytes=12_900, link_wait=expected_wait(12_900 / bw, 1.0, est.links.get("e:1").jitter, window=2).seconds))

@@ -97,7 +97,7 @@ class EdgeSender:
         result.wire_bytes = req.wire_bytes() if isinstance(req, OutFrame) else wire_bytes(req.frame.tensor)
         result.worker = stream.address
         ahead = self.inflight.sent(stream.address, seq, result.wire_bytes)  # bytes before ours, ours included
-        t_send = time.perf_counter()
+        t_send = result.sent_at = time.perf_counter()
         deadline = time.monotonic() + self.deadline_seconds  # covers the send too: a frame stuck behind others gives up
         try:
             with span("agent.send"):

@@ -24,6 +24,7 @@ class FrameResult:
     times: dict[str, float] = field(default_factory=dict)  # seconds by stage
     refined: bool = False  # an ambiguous edge result replaced by the board's exact tail (see refine_margin)
     worker: str = ""  # address of the worker the frame was sent to ("" when none): its link's key in self.link
+    sent_at: float = 0.0  # time.perf_counter() when it was handed to its link (0.0: never sent; runtime.agent.edge)
     predicted_seconds: float = 0.0  # the plan's predicted latency (0: no prediction; set by the planner link)
     # a frame through a parallel stage: per worker that computed tiles of it (the stage's workers, "local"),
     # each tile's round trip in seconds, and per stage worker its failed tile attempts (runtime.agent.parallel_push)

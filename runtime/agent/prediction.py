@@ -26,7 +26,9 @@ Two terms follow the workload rather than the plan alone (:func:`line`):
   ``rho = (bytes / bw_now) / T`` of the time, and a frame waits for the one before it with the expected
   wait of runtime.contracts.queueing (Kingman, paced arrivals, the link's measured jitter as the
   service's variance; capped by the window; drop-limited at ``rho >= 1``). The plan's issued
-  ``queue:link`` term (the planner's figure at the issued link) is replaced by the one at ``bw_now``.
+  ``queue:link`` term (the planner's figure at the issued link) is replaced by the one at ``bw_now``; by the
+  frame's own wait where the agent knows the frame sent on the link before it (:meth:`History.send`: its send,
+  wait and bytes at ``bw_now``, as the board's wait is known from the frame ahead of it).
 * **The link's overhead.** What a frame spends on its link outside the parts the planner measures and
   prices by themselves (its wait for the board thread, the worker's decode, queue and hand-offs:
   runtime.agent.telemetry.link_overhead; 3-5 ms of ResNet-18's 67 on adapt_run's quota-limited board,
@@ -106,12 +108,13 @@ class Prediction:
         return out
 
     def now(self, link: Any, measured_bytes: float = 0.0, *, frame_bytes: int = 0, interval: float = 0.0,
-            window: int = DEFAULT_WINDOW, split: str = "", encode: float = 0.0) -> float:
+            window: int = DEFAULT_WINDOW, split: str = "", encode: float = 0.0, link_wait: float | None = None) -> float:
         """Re-costed at ``link`` (a runtime.agent.estimator.LinkEstimate or :class:`LinkView`, or None: as issued);
         ``measured_bytes``: the agent's mean for the configuration (the plan's bytes when it carries none);
         ``frame_bytes``: the frame's own bytes on the wire (0: the mean); ``interval``: the source's frame
         interval in seconds (0: unknown, no queue term); ``window``: frames in flight; ``split`` and ``encode``:
-        the frame's split and the board's measured encode for it (:meth:`measured`)."""
+        the frame's split and the board's measured encode for it (:meth:`measured`); ``link_wait``: the frame's own
+        wait behind the frames ahead on the link when the agent knows it (:meth:`History.send`), for the expected one."""
         if link is None or self.transfer <= 0:
             return self.seconds
         seconds = self.seconds + self.measured(link, split, encode)
@@ -122,10 +125,11 @@ class Prediction:
         issued_bw = size / self.transfer
         rtt = link.rtt.value if link.rtt.value > 0 else self.rtt
         mean = measured_bytes or size  # the workload's bytes per frame: what keeps the link busy
-        wait = expected_wait(mean / bw, interval, getattr(link, "jitter", 0.0), window=window)
+        if link_wait is None:
+            link_wait = expected_wait(mean / bw, interval, getattr(link, "jitter", 0.0), window=window).seconds
         own = frame_bytes if frame_bytes > 0 else size
         return float(seconds - self.rtt - self.transfer - self.ret - self.queue
-                     + rtt + own / bw + self.ret * issued_bw / bw + wait.seconds)
+                     + rtt + own / bw + self.ret * issued_bw / bw + link_wait)
 
 
 OVERHEAD_MIN_SAMPLES = 3  # frames behind a link's overhead before a line uses it (runtime.agent.estimator.Overhead)
@@ -198,6 +202,17 @@ class Timing:
     start: float
 
 
+@dataclass(frozen=True)
+class Send:
+    """A frame handed to a link: the link, when (time.perf_counter()), its bytes, and its wait behind the frames
+    ahead of it there (:meth:`History.send`)."""
+
+    key: str
+    at: float
+    nbytes: int
+    wait: float | None  # None: the link's bandwidth was not known when it was sent
+
+
 class History:
     """What the agent held after each frame's result (:class:`Before`, by time) and each frame's :class:`Timing`
     (by seq), the last MAX_BEFORE of each: a result line is predicted from what was known at its frame's
@@ -206,6 +221,7 @@ class History:
     def __init__(self) -> None:
         self.states: deque[tuple[float, Before]] = deque(maxlen=MAX_BEFORE)
         self.timings: OrderedDict[int, Timing] = OrderedDict()
+        self.sends: OrderedDict[int, Send] = OrderedDict()
 
     def frame(self, seq: int, total: float, now: float) -> None:
         arrival = now - max(0.0, total)
@@ -213,6 +229,37 @@ class History:
         self.timings[seq] = Timing(arrival, now, max(arrival, prev.finish) if prev is not None else arrival)
         while len(self.timings) > MAX_BEFORE:
             self.timings.popitem(last=False)
+
+    def send(self, seq: int, key: str, at: float, nbytes: int, bandwidth: float) -> float | None:
+        """Frame ``seq``, handed to link ``key`` at ``at`` with ``nbytes``: its wait behind the frames ahead on that
+        link from what was known when it was sent (Lindley's recursion): the frame sent on that link before it left
+        its bytes there from its own send and wait on, ``nbytes / bandwidth`` seconds (``bandwidth``: the link's
+        estimate then, bytes/s). The link is one queue per direction: a frame's result does not hold the next frame's
+        bytes up. None without an estimate (the send is kept: the frames after it wait for it, its own wait taken
+        from the frames ahead of it at their bandwidth); 0.0 when no frame ahead on the link is known. A link offered slightly more than it carries (12.9 KB JPEG frames once a second at 0.1 Mbit/s) queues a
+        little more each frame until the pacing drops one: 0 to 0.57 s, which one expected wait for every frame
+        priced as 0.57-1.4 s (the dynamic trace, DenseNet-169, 3795672)."""
+        wait: float | None = None
+        if bandwidth > 0 and math.isfinite(bandwidth):
+            chain: list[Send] = []  # the frames ahead on the link back to the latest whose wait is known, newest first
+            for ahead in reversed(self.sends.values()):
+                if ahead.key == key and ahead.at < at:
+                    chain.append(ahead)
+                    if ahead.wait is not None:
+                        break
+            free = 0.0  # when the bytes of the frame before it had left the link
+            for ahead in reversed(chain):
+                free = (ahead.at + ahead.wait if ahead.wait is not None else max(ahead.at, free)) + ahead.nbytes / bandwidth
+            wait = max(0.0, free - at)
+        self.sends[seq] = Send(key, at, nbytes, wait)
+        while len(self.sends) > MAX_BEFORE:
+            self.sends.popitem(last=False)
+        return wait
+
+    def link_wait(self, seq: int) -> float | None:
+        """Frame ``seq``'s wait for its link (:meth:`send`); None when not known."""
+        sent = self.sends.get(seq)
+        return sent.wait if sent is not None else None
 
     def take(self, now: float, key: str, link: Any, board: Board, encode: tuple[str, str, float] = ("", "", 0.0)) -> None:
         """The figures after a frame: each as a :class:`Figure` (value, samples, time), which is all a line reads;
@@ -275,4 +322,5 @@ def line(p: Prediction, estimator: Any, result: Any) -> float:
     encode = before.encode[2] if before is not None and before.encode[:2] == (result.split, result.codec) else 0.0
     return p.now(link, estimator.wire.mean(result.split, result.codec),
                  frame_bytes=int(getattr(result, "wire_bytes", 0) or 0), interval=estimator.frame_interval,
-                 window=estimator.frame_window, split=result.split, encode=encode)
+                 window=estimator.frame_window, split=result.split, encode=encode,
+                 link_wait=estimator.history.link_wait(result.seq))

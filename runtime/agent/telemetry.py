@@ -16,9 +16,14 @@
   back (the output tensor's; ResNet-18's 1000 fp32 logits are 4 KB, 32 ms at 1 Mbit/s): the network
   time holds its way back too, and the planner prices that return at the same bandwidth
   (runtime.contracts.costmodel), so leaving it out made the link look 20 % slower than it was with
-  15 KB JPEG frames and the return was counted twice in predictions (issue 11). Under a window of concurrent frames ``transfer_edge`` also holds the wait for the
-  stream's write lock, so the figure is the share of the link one frame gets, slightly below the
-  raw link rate.
+  15 KB JPEG frames and the return was counted twice in predictions (issue 11).
+* A frame sent while the bytes of the one ahead were still on the link waits for them: its ``network``
+  holds that wait, which is the link's queue, not its rate. The answered frame ahead tells when its last
+  byte left the bottleneck (its send time plus ``transfer_edge``, less its hold, one round trip and its
+  result's bytes at the estimate), and the wait of a frame sent before then is taken off its ``network``.
+  A link offered slightly more than it carries (DenseNet-169's 12.9 KB JPEG frames once a second on
+  0.1 Mbit/s, the dynamic trace) queues a little more each frame; without this its estimate fell from
+  12.0 to 9.5 KB/s over 14 frames while the link carried 12.5, and the result lines' queue term with it.
 * RTT (seconds) from small probes on the same channel (``grpc.health.v1.Health/Check``, which
   every worker serves): same connection, same HTTP/2 path, negligible server work. The estimate is
   the *base* RTT, the smallest of the last ``rtt_window`` probes (default 8), not their average:
@@ -96,6 +101,9 @@ class LinkEstimator:
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._stages_plan: int | None = None  # the plan version the stage samples were taken under (None: unguarded)
         self._frames = 0
+        # per link, when (time.perf_counter()) the bytes of the latest answered frame had left the link's bottleneck,
+        # as its result tells (:meth:`_observe_link`): a frame sent before then waited for them
+        self._uplink_free: dict[str, float] = {}
         self.overhead_warmup = OVERHEAD_WARMUP
         self._overhead_run: tuple[tuple[str, str, str, str], int] = (("", "", "", ""), 0)  # configuration, frames in it
         self._warming = False  # the frame observed last is one of its configuration's first ``overhead_warmup``
@@ -158,7 +166,17 @@ class LinkEstimator:
             self.observe_link_overhead(result, now, other)
         if self.keep_history:
             worker = getattr(result, "worker", "") or self.current
+            if result.where == "edge" and getattr(result, "sent_at", 0.0) > 0:
+                self._history_send(result, worker, now)
             self.history.take(now, worker, self.links.get(worker) if worker else None, self.board, self._encode(result))
+
+    def _history_send(self, result: Any, worker: str, now: float) -> None:
+        """The frame's send into the history (runtime.agent.prediction.History.send), at the link's bandwidth as
+        it stood when the frame arrived (what its result line is predicted from; none then: no wait known)."""
+        before = self.history.at(now - result.times.get("total", 0.0))
+        link = before.link if before is not None and before.key == worker else None
+        bw = link.bandwidth.value if link is not None and link.bandwidth.samples else 0.0  # 0: not known then
+        self.history.send(result.seq, worker, result.sent_at, result.wire_bytes, bw)
 
     def _encode(self, result: Any) -> tuple[str, str, float]:
         """(split, codec, the board's measured encode: the median of the configuration's recent frames past its
@@ -176,9 +194,17 @@ class LinkEstimator:
         held = t.get("edge_held")  # the worker's whole hold from its receive/send times (runtime.agent.edge), if it told
         if held is None:
             held = t.get("edge_queue", 0.0) + t.get("edge_decode", 0.0) + t.get("edge_tail", 0.0) + t.get("edge_forward", 0.0)
-        network = t["transfer_edge"] - held - self.estimate(key).rtt.value
-        if network > 0:
-            self.add_bandwidth_sample((result.wire_bytes + result_bytes(result)) / network, key)
+        rtt = self.estimate(key).rtt.value
+        network = t["transfer_edge"] - held - rtt  # its bytes up and down, and its wait behind the frame ahead
+        sent = getattr(result, "sent_at", 0.0)
+        wait = max(0.0, self._uplink_free.get(key, 0.0) - sent) if sent > 0 else 0.0
+        down = result_bytes(result)
+        if network - wait > 0:
+            self.add_bandwidth_sample((result.wire_bytes + down) / (network - wait), key)
+        bw = self.estimate(key).bandwidth.value
+        if sent > 0 and bw > 0:  # when its last byte left the link's bottleneck: the next frame's bytes wait till then
+            free = sent + t["transfer_edge"] - held - rtt - down / bw
+            self._uplink_free[key] = max(self._uplink_free.get(key, 0.0), free)
 
     def observe_overhead(self, result: Any) -> float | None:
         """The frame's runtime overhead (:func:`runtime_overhead`) as stage ``overhead_local``/``overhead_edge``,
