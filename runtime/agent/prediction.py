@@ -236,9 +236,10 @@ class History:
         its bytes there from its own send and wait on, ``nbytes / bandwidth`` seconds (``bandwidth``: the link's
         estimate then, bytes/s). The link is one queue per direction: a frame's result does not hold the next frame's
         bytes up. None without an estimate (the send is kept: the frames after it wait for it, its own wait taken
-        from the frames ahead of it at their bandwidth); 0.0 when no frame ahead on the link is known. A link offered slightly more than it carries (12.9 KB JPEG frames once a second at 0.1 Mbit/s) queues a
-        little more each frame until the pacing drops one: 0 to 0.57 s, which one expected wait for every frame
-        priced as 0.57-1.4 s (the dynamic trace, DenseNet-169, 3795672)."""
+        from the frames ahead of it at their bandwidth); 0.0 when no frame ahead on the link is known. A link
+        offered slightly more than it carries (12.9 KB JPEG frames once a second at 0.1 Mbit/s) queues a little
+        more each frame until the pacing drops one: 0 to 0.57 s, which one expected wait for every frame priced
+        as 0.57-1.4 s (the dynamic trace, DenseNet-169, 3795672)."""
         wait: float | None = None
         if bandwidth > 0 and math.isfinite(bandwidth):
             chain: list[Send] = []  # the frames ahead on the link back to the latest whose wait is known, newest first
@@ -271,13 +272,12 @@ class History:
         self.states.append((now, Before(key, view, Board(b.service, b.cs2, b.overhead, b.samples, b.updated), encode)))
 
     def at(self, t: float) -> Before | None:
-        """The figures as they stood at ``t`` (None: none that old is kept)."""
-        found = None
-        for when, state in self.states:
-            if when > t:
-                break
-            found = state
-        return found
+        """The figures as they stood at ``t`` (None: none that old is kept). From the newest back: a frame's
+        arrival is a few results old, and each frame's line and its send (:meth:`send`) ask for it."""
+        for when, state in reversed(self.states):
+            if when <= t:
+                return state
+        return None
 
     def board_wait(self, seq: int, service: float) -> float | None:
         """Frame ``seq``'s wait for the board from the state at its arrival (Lindley's recursion): the frame ahead

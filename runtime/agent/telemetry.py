@@ -167,13 +167,13 @@ class LinkEstimator:
         if self.keep_history:
             worker = getattr(result, "worker", "") or self.current
             if result.where == "edge" and getattr(result, "sent_at", 0.0) > 0:
-                self._history_send(result, worker, now)
+                self._history_send(result, worker)
             self.history.take(now, worker, self.links.get(worker) if worker else None, self.board, self._encode(result))
 
-    def _history_send(self, result: Any, worker: str, now: float) -> None:
+    def _history_send(self, result: Any, worker: str) -> None:
         """The frame's send into the history (runtime.agent.prediction.History.send), at the link's bandwidth as
         it stood when the frame arrived (what its result line is predicted from; none then: no wait known)."""
-        before = self.history.at(now - result.times.get("total", 0.0))
+        before = self.history.at(self.history.timings[result.seq].arrival)  # History.frame took its arrival
         link = before.link if before is not None and before.key == worker else None
         bw = link.bandwidth.value if link is not None and link.bandwidth.samples else 0.0  # 0: not known then
         self.history.send(result.seq, worker, result.sent_at, result.wire_bytes, bw)
