@@ -237,6 +237,9 @@ class LinkEstimate:
     tails: OrderedDict[str, Overhead] = field(default_factory=OrderedDict)  # by split: the worker's tail compute
     # the last bandwidth samples taken (newest last; a step's or a bound's figure included), bytes/s
     recent_samples: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_SAMPLES))
+    # when (time.perf_counter()) the bytes of the latest answered frame had left the link's bottleneck, as its result
+    # tells (runtime.agent.telemetry LinkEstimator._observe_link): a frame sent before then waited for them; 0: none
+    uplink_free: float = 0.0
 
     def add_tail(self, split: str, seconds: float, now: float) -> bool:
         """The worker's tail time (its compute after ``split``) of one frame; True when taken."""

@@ -101,9 +101,6 @@ class LinkEstimator:
         self._stages: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=MAX_STAGE_SAMPLES))
         self._stages_plan: int | None = None  # the plan version the stage samples were taken under (None: unguarded)
         self._frames = 0
-        # per link, when (time.perf_counter()) the bytes of the latest answered frame had left the link's bottleneck,
-        # as its result tells (:meth:`_observe_link`): a frame sent before then waited for them
-        self._uplink_free: dict[str, float] = {}
         self.overhead_warmup = OVERHEAD_WARMUP
         self._overhead_run: tuple[tuple[str, str, str, str], int] = (("", "", "", ""), 0)  # configuration, frames in it
         self._warming = False  # the frame observed last is one of its configuration's first ``overhead_warmup``
@@ -194,17 +191,16 @@ class LinkEstimator:
         held = t.get("edge_held")  # the worker's whole hold from its receive/send times (runtime.agent.edge), if it told
         if held is None:
             held = t.get("edge_queue", 0.0) + t.get("edge_decode", 0.0) + t.get("edge_tail", 0.0) + t.get("edge_forward", 0.0)
-        rtt = self.estimate(key).rtt.value
-        network = t["transfer_edge"] - held - rtt  # its bytes up and down, and its wait behind the frame ahead
+        est = self.estimate(key)
+        network = t["transfer_edge"] - held - est.rtt.value  # its bytes up and down, and its wait behind the frame ahead
         sent = getattr(result, "sent_at", 0.0)
-        wait = max(0.0, self._uplink_free.get(key, 0.0) - sent) if sent > 0 else 0.0
+        wait = max(0.0, est.uplink_free - sent) if sent > 0 else 0.0
         down = result_bytes(result)
         if network - wait > 0:
             self.add_bandwidth_sample((result.wire_bytes + down) / (network - wait), key)
-        bw = self.estimate(key).bandwidth.value
+        bw = est.bandwidth.value
         if sent > 0 and bw > 0:  # when its last byte left the link's bottleneck: the next frame's bytes wait till then
-            free = sent + t["transfer_edge"] - held - rtt - down / bw
-            self._uplink_free[key] = max(self._uplink_free.get(key, 0.0), free)
+            est.uplink_free = max(est.uplink_free, sent + network - down / bw)
 
     def observe_overhead(self, result: Any) -> float | None:
         """The frame's runtime overhead (:func:`runtime_overhead`) as stage ``overhead_local``/``overhead_edge``,
